@@ -1,0 +1,79 @@
+//! `pagesync-bench`: side-by-side benchmarks. `cargo run --release -p pagesync-bench -- all`
+//! writes `BENCHMARKS.md` and `bench/results.json`; `-- NAME` runs one group; `--quick` runs a
+//! short smoke version of everything (CI uses it; its figures are not checked).
+#![forbid(unsafe_code)]
+
+mod journal;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use report::{Machine, Pair, Report};
+
+/// Settings shared by every benchmark group.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub quick: bool,
+    /// Interleaved repetitions of each pair.
+    pub reps: usize,
+}
+
+type Group = (&'static str, fn(&Config) -> Vec<Pair>);
+
+const GROUPS: &[Group] = &[("journal", journal::run)];
+
+fn usage() -> String {
+    let names: Vec<&str> = GROUPS.iter().map(|(n, _)| *n).collect();
+    format!("usage: pagesync-bench [--quick] [--out DIR] all|{}", names.join("|"))
+}
+
+fn main() -> ExitCode {
+    let mut quick = false;
+    let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut which = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--out" => match args.next() {
+                Some(dir) => out = PathBuf::from(dir),
+                None => return fail(&usage()),
+            },
+            "-h" | "--help" => {
+                println!("{}", usage());
+                return ExitCode::SUCCESS;
+            }
+            name if which.is_none() => which = Some(name.to_owned()),
+            _ => return fail(&usage()),
+        }
+    }
+    let which = which.unwrap_or_else(|| "all".into());
+    let selected: Vec<&Group> = GROUPS.iter().filter(|(n, _)| which == "all" || *n == which).collect();
+    if selected.is_empty() {
+        return fail(&format!("unknown benchmark {which:?}\n{}", usage()));
+    }
+    let cfg = Config { quick, reps: if quick { 3 } else { 7 } };
+    let mut pairs = Vec::new();
+    for (name, run) in selected {
+        eprintln!("running {name} ...");
+        pairs.extend(run(&cfg));
+    }
+    let report = Report { machine: Machine::detect(), quick, pairs };
+    let md = report.markdown();
+    print!("{md}");
+    let json = serde_json::to_string_pretty(&report).expect("BUG: the report serializes");
+    let _ = std::fs::create_dir_all(out.join("bench"));
+    let writes = [(out.join("BENCHMARKS.md"), md), (out.join("bench").join("results.json"), json)];
+    for (path, text) in writes {
+        if let Err(e) = std::fs::write(&path, text) {
+            return fail(&format!("cannot write {}: {e}", path.display()));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("{msg}");
+    ExitCode::FAILURE
+}

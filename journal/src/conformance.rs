@@ -1,0 +1,136 @@
+//! The conformance suite every `Journal` backend must pass. A backend's test file calls
+//! [`conformance_tests!`](crate::conformance_tests) with a [`Backend`] constructor, which expands
+//! to one `#[test]` per property.
+
+use crate::{Journal, JournalError, Lsn, LsnRange, codec::MAX_ENTRY_BYTES};
+
+/// Makes fresh journals of one backend, and reopens them where the backend persists.
+pub trait Backend {
+    type J: Journal;
+    /// A new, empty journal.
+    fn create(&mut self) -> Self::J;
+    /// Drops `journal` and opens it again from its storage; `None` for backends that do not
+    /// persist across a reopen (memory).
+    fn reopen(&mut self, journal: Self::J) -> Option<Self::J>;
+}
+
+fn lsn(n: u64) -> Lsn {
+    Lsn::new(n).expect("BUG: test LSNs are non-zero")
+}
+
+/// Deterministic payloads of varied sizes, including empty ones.
+pub fn payload(n: u64) -> Vec<u8> {
+    let len = (n * 37 % 300) as usize + if n.is_multiple_of(7) { 9000 } else { 0 };
+    (0..len).map(|i| (i as u64 ^ n.wrapping_mul(0x9e37)) as u8).collect()
+}
+
+fn append_n<J: Journal>(j: &mut J, from: u64, count: u64) {
+    for n in from..from + count {
+        assert_eq!(j.append(&payload(n)).expect("append"), lsn(n));
+    }
+}
+
+fn assert_holds<J: Journal>(j: &J, range: LsnRange) {
+    assert_eq!(j.range(), range);
+    for l in range.iter() {
+        assert_eq!(j.read(l).expect("read"), payload(l.get()), "entry {l}");
+    }
+}
+
+pub fn new_journal_is_empty<B: Backend>(b: &mut B) {
+    let j = b.create();
+    assert_eq!(j.range(), LsnRange::new_empty());
+    assert!(matches!(j.read(Lsn::FIRST), Err(JournalError::OutOfRange { .. })));
+}
+
+pub fn appends_are_dense_and_readable<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    append_n(&mut j, 1, 50);
+    assert_holds(&j, LsnRange::inclusive(lsn(1), lsn(50)));
+    assert!(matches!(j.read(lsn(51)), Err(JournalError::OutOfRange { .. })));
+}
+
+pub fn batches_append_atomically_in_order<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    assert_eq!(j.append_batch(&[]).expect("empty batch"), LsnRange::new_empty());
+    let batch: Vec<Vec<u8>> = (1..=20).map(payload).collect();
+    let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+    assert_eq!(j.append_batch(&refs).expect("batch"), LsnRange::inclusive(lsn(1), lsn(20)));
+    append_n(&mut j, 21, 3);
+    assert_holds(&j, LsnRange::inclusive(lsn(1), lsn(23)));
+}
+
+pub fn read_range_returns_entries_in_order<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    append_n(&mut j, 1, 10);
+    let got = j.read_range(LsnRange::inclusive(lsn(3), lsn(7))).expect("read_range");
+    assert_eq!(got, (3..=7).map(payload).collect::<Vec<_>>());
+    assert!(j.read_range(LsnRange::empty_at(lsn(4))).expect("empty").is_empty());
+    let past_end = j.read_range(LsnRange::inclusive(lsn(8), lsn(11)));
+    assert!(matches!(past_end, Err(JournalError::OutOfRange { .. })));
+}
+
+pub fn oversized_entry_is_refused_and_changes_nothing<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    append_n(&mut j, 1, 2);
+    let huge = vec![0u8; MAX_ENTRY_BYTES + 1];
+    let err = j.append_batch(&[&payload(3), &huge]).expect_err("over the limit");
+    assert!(matches!(err, JournalError::EntryTooLarge { .. }), "{err}");
+    assert_holds(&j, LsnRange::inclusive(lsn(1), lsn(2)));
+    append_n(&mut j, 3, 1);
+}
+
+pub fn remove_prefix_keeps_next<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    append_n(&mut j, 1, 30);
+    j.remove_prefix(lsn(10)).expect("remove_prefix");
+    assert_holds(&j, LsnRange::inclusive(lsn(11), lsn(30)));
+    assert!(matches!(j.read(lsn(10)), Err(JournalError::OutOfRange { .. })));
+    j.remove_prefix(lsn(5)).expect("removing less is a no-op");
+    assert_holds(&j, LsnRange::inclusive(lsn(11), lsn(30)));
+    j.remove_prefix(lsn(1000)).expect("remove everything");
+    assert_eq!(j.range(), LsnRange::empty_at(lsn(31)));
+    append_n(&mut j, 31, 5);
+    assert_holds(&j, LsnRange::inclusive(lsn(31), lsn(35)));
+}
+
+pub fn reopen_preserves_entries_and_trim_point<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    append_n(&mut j, 1, 40);
+    let Some(mut j) = b.reopen(j) else { return };
+    assert_holds(&j, LsnRange::inclusive(lsn(1), lsn(40)));
+    j.remove_prefix(lsn(25)).expect("remove_prefix");
+    let mut j = b.reopen(j).expect("persistent backend");
+    assert_holds(&j, LsnRange::inclusive(lsn(26), lsn(40)));
+    append_n(&mut j, 41, 3);
+    j.remove_prefix(lsn(43)).expect("remove everything");
+    let mut j = b.reopen(j).expect("persistent backend");
+    assert_eq!(j.range(), LsnRange::empty_at(lsn(44)));
+    append_n(&mut j, 44, 2);
+    let j = b.reopen(j).expect("persistent backend");
+    assert_holds(&j, LsnRange::inclusive(lsn(44), lsn(45)));
+}
+
+/// Expands to one `#[test]` per conformance property. `$backend` is an expression that
+/// builds a fresh [`Backend`].
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:expr) => {
+        $crate::conformance_tests!(@each $backend;
+            new_journal_is_empty,
+            appends_are_dense_and_readable,
+            batches_append_atomically_in_order,
+            read_range_returns_entries_in_order,
+            oversized_entry_is_refused_and_changes_nothing,
+            remove_prefix_keeps_next,
+            reopen_preserves_entries_and_trim_point);
+    };
+    (@each $backend:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::conformance::$name(&mut $backend);
+            }
+        )*
+    };
+}

@@ -1,0 +1,520 @@
+//! The file backend: a directory of append-only segment files, fsynced before `append` returns.
+//!
+//! Layout (byte diagrams in `docs/design.md`):
+//! - `JOURNAL`: the marker. Magic, version, the journal id and the trim point (`trimmed_through`),
+//!   checksummed. Rewritten atomically (temp file, fsync, rename, fsync directory).
+//! - `<first LSN, 20 digits>.seg`: a 40-byte header then frames (see `codec`), rolled by size.
+//!
+//! Crash model:
+//! - An append writes its frames with one `pwrite` and one `fdatasync`; it is acknowledged only
+//!   after both. A crash before that may leave a torn tail in the last segment. On open, the
+//!   first invalid frame of the last segment is treated as a torn tail (and truncated) when
+//!   nothing but that frame or zeros follows it; any other invalid frame is corruption, reported
+//!   with the journal, segment and LSN, and nothing is truncated.
+//! - A new segment's header is fsynced (file and directory) before any frame goes into it, so a
+//!   last segment with a torn header holds no acknowledged entry and is removed on open.
+//! - `remove_prefix` records the trim point in `JOURNAL` before deleting any segment; segments
+//!   left behind by a crash in between are deleted on the next open.
+//! - After a failed `fdatasync` the journal refuses further appends until it is reopened: the
+//!   kernel may have dropped the dirty pages, so the file's contents are unknown until re-read.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::codec::{self, FRAME_HEADER_BYTES, FrameError};
+use crate::{Journal, JournalError, JournalId, Lsn, LsnRange, Result};
+
+const MARKER_FILE: &str = "JOURNAL";
+const MARKER_TMP: &str = "JOURNAL.tmp";
+const MARKER_MAGIC: &[u8; 16] = b"PAGESYNC-JOURNAL";
+const MARKER_BYTES: usize = 16 + 4 + 4 + 16 + 8 + 4;
+const FORMAT_VERSION: u32 = 1;
+
+const SEGMENT_MAGIC: &[u8; 8] = b"PGSJSEG\x01";
+/// magic 8 | journal id 16 | first LSN 8 | reserved 4 | crc32c 4
+pub const SEGMENT_HEADER_BYTES: usize = 40;
+const SEGMENT_SUFFIX: &str = ".seg";
+
+/// Tunables of a file journal.
+#[derive(Clone, Debug)]
+pub struct FileJournalOptions {
+    /// A segment is closed and a new one started once it holds this many bytes. 64 MiB keeps the
+    /// number of files small for long histories while prefix removal still frees space in steps
+    /// far below a typical disk.
+    pub max_segment_bytes: u64,
+}
+
+impl Default for FileJournalOptions {
+    fn default() -> Self {
+        FileJournalOptions { max_segment_bytes: 64 << 20 }
+    }
+}
+
+#[derive(Debug)]
+struct Segment {
+    first: Lsn,
+    path: PathBuf,
+    file: File,
+    /// Byte offset of each frame; `offsets[i]` holds LSN `first + i`.
+    offsets: Vec<u64>,
+    len_bytes: u64,
+}
+
+impl Segment {
+    fn next(&self) -> Lsn {
+        LsnRange::from_count(self.first, self.offsets.len() as u64).next()
+    }
+}
+
+/// A journal stored as segment files in one directory.
+#[derive(Debug)]
+pub struct FileJournal {
+    id: JournalId,
+    dir: PathBuf,
+    opts: FileJournalOptions,
+    segments: Vec<Segment>,
+    range: LsnRange,
+    /// Set when an fsync failed: appends are refused until the journal is reopened.
+    poisoned: bool,
+}
+
+fn io_err(id: JournalId, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
+    let path = path.to_path_buf();
+    move |source| JournalError::Io { journal: id, op, path, source }
+}
+
+fn segment_name(first: Lsn) -> String {
+    format!("{:020}{SEGMENT_SUFFIX}", first.get())
+}
+
+fn sync_dir(id: JournalId, dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(id, "fsync directory", dir))
+}
+
+fn encode_marker(id: JournalId, trimmed_through: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MARKER_BYTES);
+    out.extend_from_slice(MARKER_MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(&trimmed_through.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&out).to_le_bytes());
+    out
+}
+
+/// Parses `JOURNAL` into `(id, trimmed_through)`, or says why it is not ours.
+fn decode_marker(bytes: &[u8]) -> std::result::Result<(JournalId, u64), String> {
+    if bytes.len() != MARKER_BYTES || &bytes[..16] != MARKER_MAGIC {
+        return Err("the JOURNAL file does not start with the pagesync magic".into());
+    }
+    let (body, crc) = bytes.split_at(MARKER_BYTES - 4);
+    if crc32c::crc32c(body).to_le_bytes() != crc {
+        return Err("the JOURNAL file fails its checksum".into());
+    }
+    let version = u32::from_le_bytes(body[16..20].try_into().expect("BUG: 4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(format!("format version {version}, this build reads {FORMAT_VERSION}"));
+    }
+    let id = JournalId::from_bytes(body[24..40].try_into().expect("BUG: 16 bytes"));
+    Ok((id, u64::from_le_bytes(body[40..48].try_into().expect("BUG: 8 bytes"))))
+}
+
+fn encode_segment_header(id: JournalId, first: Lsn) -> [u8; SEGMENT_HEADER_BYTES] {
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    h[..8].copy_from_slice(SEGMENT_MAGIC);
+    h[8..24].copy_from_slice(id.as_bytes());
+    h[24..32].copy_from_slice(&first.get().to_le_bytes());
+    let crc = crc32c::crc32c(&h[..36]);
+    h[36..].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+fn check_segment_header(h: &[u8], id: JournalId, first: Lsn) -> std::result::Result<(), String> {
+    let h = h.get(..SEGMENT_HEADER_BYTES).ok_or("shorter than a segment header")?;
+    if crc32c::crc32c(&h[..36]).to_le_bytes() != h[36..] || &h[..8] != SEGMENT_MAGIC {
+        return Err("segment header fails its checksum".into());
+    }
+    if h[8..24] != id.as_bytes()[..] {
+        return Err("segment belongs to another journal".into());
+    }
+    let found = u64::from_le_bytes(h[24..32].try_into().expect("BUG: 8 bytes"));
+    if found != first.get() {
+        return Err(format!("header says first LSN {found}, file name says {first}"));
+    }
+    Ok(())
+}
+
+impl FileJournal {
+    /// Creates a new, empty journal in `dir`, which must be missing or empty.
+    pub fn create(dir: impl AsRef<Path>, id: JournalId, opts: FileJournalOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        fs::create_dir_all(dir).map_err(io_err(id, "create directory", dir))?;
+        if dir.join(MARKER_FILE).exists() {
+            return Err(JournalError::AlreadyExists { path: dir.to_path_buf() });
+        }
+        let mut entries = fs::read_dir(dir).map_err(io_err(id, "list directory", dir))?;
+        if entries.next().is_some() {
+            let reason = "the directory is not empty and has no JOURNAL marker".into();
+            return Err(JournalError::Foreign { path: dir.to_path_buf(), reason });
+        }
+        write_marker(id, dir, 0)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(id, parent)?;
+        }
+        Ok(FileJournal {
+            id,
+            dir: dir.to_path_buf(),
+            opts,
+            segments: Vec::new(),
+            range: LsnRange::new_empty(),
+            poisoned: false,
+        })
+    }
+
+    /// Opens an existing journal, verifying every frame and truncating a torn tail.
+    pub fn open(dir: impl AsRef<Path>, opts: FileJournalOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let (id, trimmed_through) = read_marker(dir)?;
+        let mut journal = FileJournal {
+            id,
+            dir: dir.to_path_buf(),
+            opts,
+            segments: Vec::new(),
+            range: LsnRange::empty_at(Lsn::new(trimmed_through + 1).expect("BUG: n + 1 > 0")),
+            poisoned: false,
+        };
+        journal.load_segments(trimmed_through)?;
+        Ok(journal)
+    }
+
+    /// Opens the journal in `dir`, creating it if the directory is missing or empty. Fails if
+    /// the directory holds another journal.
+    pub fn open_or_create(dir: impl AsRef<Path>, id: JournalId, opts: FileJournalOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.join(MARKER_FILE).exists() {
+            return Self::create(dir, id, opts);
+        }
+        let journal = Self::open(dir, opts)?;
+        if journal.id != id {
+            let reason = format!("it holds journal {}, not {id}", journal.id);
+            return Err(JournalError::Foreign { path: dir.to_path_buf(), reason });
+        }
+        Ok(journal)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bytes on disk in segment files.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len_bytes).sum()
+    }
+
+    /// Lists the segment files, verifies them in order and builds the frame index.
+    fn load_segments(&mut self, trimmed_through: u64) -> Result<()> {
+        let mut firsts = self.list_segment_files()?;
+        firsts.sort();
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = self.dir.join(segment_name(first));
+            let next_first = self.segments.last().map(Segment::next);
+            if let Some(expected) = next_first.filter(|&e| e != first) {
+                let reason = format!("segment starts at LSN {first}, expected {expected}");
+                return Err(self.corrupt_segment(&path, reason));
+            }
+            match self.load_segment(&path, first, i + 1 == count)? {
+                Some(seg) => self.segments.push(seg),
+                None => remove_file(self.id, &path)?,
+            }
+        }
+        if let Some(first) = self.segments.first().map(|s| s.first) {
+            if first.get() > trimmed_through + 1 {
+                let reason = format!(
+                    "entries {}..{first} are missing: the trim point says they were never removed",
+                    trimmed_through + 1
+                );
+                return Err(self.corrupt_segment(&self.segments[0].path, reason));
+            }
+            let next = self.segments.last().map(Segment::next).expect("BUG: non-empty");
+            self.range = LsnRange::from_count(first, next.get() - first.get());
+        }
+        if let Some(t) = Lsn::new(trimmed_through) {
+            // Also when every segment is gone, the marker promises entries up to `t` existed.
+            self.range = match self.range.trim_prefix(t) {
+                r if r.next() <= t => LsnRange::empty_at(t.next()),
+                r => r,
+            };
+            self.delete_trimmed_segments()?;
+        }
+        Ok(())
+    }
+
+    fn list_segment_files(&self) -> Result<Vec<Lsn>> {
+        let entries = fs::read_dir(&self.dir).map_err(io_err(self.id, "list directory", &self.dir))?;
+        let mut firsts = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(self.id, "list directory", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == MARKER_FILE {
+                continue;
+            }
+            if name == MARKER_TMP {
+                remove_file(self.id, &entry.path())?;
+                continue;
+            }
+            match parse_segment_name(&name) {
+                Some(first) => firsts.push(first),
+                None => {
+                    let reason = format!("unexpected file {name:?} in the journal directory");
+                    return Err(JournalError::Foreign { path: self.dir.clone(), reason });
+                }
+            }
+        }
+        Ok(firsts)
+    }
+
+    /// Reads and verifies one segment. `None` means "a torn, empty last segment: remove it".
+    fn load_segment(&self, path: &Path, first: Lsn, is_last: bool) -> Result<Option<Segment>> {
+        let bytes = fs::read(path).map_err(io_err(self.id, "read segment", path))?;
+        if let Err(reason) = check_segment_header(&bytes, self.id, first) {
+            if is_last && bytes.len() <= SEGMENT_HEADER_BYTES {
+                return Ok(None);
+            }
+            return Err(self.corrupt_segment(path, reason));
+        }
+        let mut offsets = Vec::new();
+        let mut pos = SEGMENT_HEADER_BYTES;
+        let mut lsn = first;
+        while pos < bytes.len() {
+            match codec::decode_frame(&bytes[pos..], lsn) {
+                Ok(payload) => {
+                    offsets.push(pos as u64);
+                    pos += codec::frame_len(payload.len());
+                    lsn = lsn.next();
+                }
+                Err(e) if is_last && is_torn_tail(&bytes[pos..], &e) => break,
+                Err(e) => return Err(self.corrupt(path, lsn, e.to_string())),
+            }
+        }
+        let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io_err(
+            self.id,
+            "open segment",
+            path,
+        ))?;
+        if pos < bytes.len() {
+            file.set_len(pos as u64).map_err(io_err(self.id, "truncate torn tail", path))?;
+            file.flush().map_err(io_err(self.id, "truncate torn tail", path))?;
+            file.sync_all().map_err(io_err(self.id, "fsync", path))?;
+        }
+        Ok(Some(Segment { first, path: path.to_path_buf(), file, offsets, len_bytes: pos as u64 }))
+    }
+
+    fn corrupt(&self, path: &Path, lsn: Lsn, reason: String) -> JournalError {
+        JournalError::Corrupt { journal: self.id, location: path.display().to_string(), lsn, reason }
+    }
+
+    fn corrupt_segment(&self, path: &Path, reason: String) -> JournalError {
+        JournalError::CorruptSegment { journal: self.id, location: path.display().to_string(), reason }
+    }
+
+    /// Deletes whole segments that hold only LSNs before `range.first()`.
+    fn delete_trimmed_segments(&mut self) -> Result<()> {
+        let keep_from = self.range.first();
+        let mut removed = false;
+        while let Some(seg) = self.segments.first() {
+            if seg.next() > keep_from {
+                break;
+            }
+            let seg = self.segments.remove(0);
+            remove_file(self.id, &seg.path)?;
+            removed = true;
+        }
+        if removed {
+            sync_dir(self.id, &self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new segment at `first`, durable (file and directory entry) before it is used.
+    fn roll(&mut self, first: Lsn) -> Result<()> {
+        let path = self.dir.join(segment_name(first));
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(
+            self.id,
+            "create segment",
+            &path,
+        ))?;
+        let header = encode_segment_header(self.id, first);
+        file.write_all_at(&header, 0).map_err(io_err(self.id, "write segment header", &path))?;
+        file.sync_all().map_err(io_err(self.id, "fsync", &path))?;
+        sync_dir(self.id, &self.dir)?;
+        let len_bytes = SEGMENT_HEADER_BYTES as u64;
+        self.segments.push(Segment { first, path, file, offsets: Vec::new(), len_bytes });
+        Ok(())
+    }
+
+    fn needs_roll(&self, batch_bytes: u64) -> bool {
+        match self.segments.last() {
+            None => true,
+            Some(seg) => {
+                seg.len_bytes > SEGMENT_HEADER_BYTES as u64
+                    && seg.len_bytes + batch_bytes > self.opts.max_segment_bytes
+            }
+        }
+    }
+
+    fn segment_of(&self, lsn: Lsn) -> &Segment {
+        let i = self.segments.partition_point(|s| s.first <= lsn);
+        &self.segments[i.checked_sub(1).expect("BUG: caller checked the range")]
+    }
+}
+
+/// True when the undecodable bytes at the end of the last segment look like an interrupted
+/// append: a frame cut short, a payload that fails its checksum while running exactly to the end
+/// of the file, or nothing but zeros (blocks allocated but never written). A header that fails
+/// its own checksum is corruption, unless only zeros follow.
+fn is_torn_tail(rest: &[u8], err: &FrameError) -> bool {
+    match err {
+        FrameError::Truncated { .. } => true,
+        FrameError::BadPayload => {
+            codec::decode_header(rest).is_ok_and(|h| codec::frame_len(h.len) == rest.len())
+        }
+        FrameError::BadHeader | FrameError::TooLong { .. } | FrameError::WrongLsn { .. } => {
+            rest.iter().all(|&b| b == 0)
+        }
+    }
+}
+
+fn parse_segment_name(name: &str) -> Option<Lsn> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Lsn::new(digits.parse().ok()?)
+}
+
+fn remove_file(id: JournalId, path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(io_err(id, "remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn read_marker(dir: &Path) -> Result<(JournalId, u64)> {
+    let meta = match fs::metadata(dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(JournalError::Missing { path: dir.to_path_buf() });
+        }
+        other => other,
+    };
+    let foreign = |reason: String| JournalError::Foreign { path: dir.to_path_buf(), reason };
+    if !meta.is_ok_and(|m| m.is_dir()) {
+        return Err(foreign("it is not a readable directory".into()));
+    }
+    let bytes = match fs::read(dir.join(MARKER_FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(foreign("it has no JOURNAL marker file".into()));
+        }
+        Err(e) => return Err(foreign(format!("its JOURNAL marker cannot be read: {e}"))),
+    };
+    decode_marker(&bytes).map_err(foreign)
+}
+
+/// Atomically replaces `JOURNAL`: temp file, fsync, rename, fsync directory.
+fn write_marker(id: JournalId, dir: &Path, trimmed_through: u64) -> Result<()> {
+    let tmp = dir.join(MARKER_TMP);
+    let mut f = File::create(&tmp).map_err(io_err(id, "create", &tmp))?;
+    f.write_all(&encode_marker(id, trimmed_through)).map_err(io_err(id, "write", &tmp))?;
+    f.sync_all().map_err(io_err(id, "fsync", &tmp))?;
+    let marker = dir.join(MARKER_FILE);
+    fs::rename(&tmp, &marker).map_err(io_err(id, "rename", &marker))?;
+    sync_dir(id, dir)
+}
+
+impl Journal for FileJournal {
+    fn id(&self) -> JournalId {
+        self.id
+    }
+
+    fn range(&self) -> LsnRange {
+        self.range
+    }
+
+    fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
+        if self.poisoned {
+            return Err(JournalError::Backend {
+                journal: self.id,
+                message: "an earlier fsync failed; reopen the journal before appending".into(),
+            });
+        }
+        for p in payloads {
+            crate::check_entry_len(self.id, p)?;
+        }
+        let first = self.range.next();
+        let batch = LsnRange::from_count(first, payloads.len() as u64);
+        if payloads.is_empty() {
+            return Ok(batch);
+        }
+        let total: usize = payloads.iter().map(|p| codec::frame_len(p.len())).sum();
+        if self.needs_roll(total as u64) {
+            self.roll(first)?;
+        }
+        let mut buf = Vec::with_capacity(total);
+        let mut rel_offsets = Vec::with_capacity(payloads.len());
+        for (lsn, p) in batch.iter().zip(payloads) {
+            rel_offsets.push(buf.len() as u64);
+            codec::encode_frame(&mut buf, lsn, p);
+        }
+        let id = self.id;
+        let seg = self.segments.last_mut().expect("BUG: roll() guarantees a segment");
+        let start = seg.len_bytes;
+        if let Err(e) = seg.file.write_all_at(&buf, start) {
+            // Nothing was acknowledged; cut whatever part of the batch reached the file.
+            let _ = seg.file.set_len(start);
+            return Err(io_err(id, "append", &seg.path)(e));
+        }
+        if let Err(e) = seg.file.sync_data() {
+            self.poisoned = true;
+            return Err(io_err(id, "fsync", &seg.path)(e));
+        }
+        seg.offsets.extend(rel_offsets.iter().map(|o| start + o));
+        seg.len_bytes = start + buf.len() as u64;
+        self.range = self.range.extend(payloads.len() as u64);
+        Ok(batch)
+    }
+
+    fn read(&self, lsn: Lsn) -> Result<Vec<u8>> {
+        if !self.range.contains(lsn) {
+            return Err(JournalError::OutOfRange { journal: self.id, lsn, range: self.range });
+        }
+        let seg = self.segment_of(lsn);
+        let offset = seg.offsets[(lsn.get() - seg.first.get()) as usize];
+        let mut header = [0u8; FRAME_HEADER_BYTES];
+        let read_err = || io_err(self.id, "read", &seg.path);
+        seg.file.read_exact_at(&mut header, offset).map_err(read_err())?;
+        let h = codec::decode_header(&header).map_err(|e| self.corrupt(&seg.path, lsn, e.to_string()))?;
+        let mut payload = vec![0u8; h.len];
+        seg.file.read_exact_at(&mut payload, offset + FRAME_HEADER_BYTES as u64).map_err(read_err())?;
+        codec::verify(&h, lsn, &payload).map_err(|e| self.corrupt(&seg.path, lsn, e.to_string()))?;
+        Ok(payload)
+    }
+
+    fn read_range(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {
+        crate::check_in_range(self.id, self.range, range)?;
+        range.iter().map(|lsn| self.read(lsn)).collect()
+    }
+
+    fn remove_prefix(&mut self, up_to: Lsn) -> Result<()> {
+        let trimmed = self.range.trim_prefix(up_to);
+        if trimmed == self.range {
+            return Ok(());
+        }
+        let through = trimmed.first().prev().expect("BUG: a trimmed range starts after LSN 1");
+        write_marker(self.id, &self.dir, through.get())?;
+        self.range = trimmed;
+        self.delete_trimmed_segments()
+    }
+}

@@ -1,0 +1,84 @@
+//! pagesync journals: dense, LSN-addressed, checksummed logs of opaque entries.
+//!
+//! A document's storage journal and each client's timeline journal are `Journal`s. Backends:
+//! [`MemoryJournal`] and [`FileJournal`] (segment files with fsync). The trait is synchronous
+//! and small on purpose: SQLite's VFS calls into it synchronously.
+//!
+//! Invariants:
+//! - an LSN, once returned by `append`, names the same bytes until `remove_prefix` passes it;
+//! - `append` returns only when the entries are durable for the backend (fsync for files);
+//! - a read returns the exact appended bytes or an error, never other bytes.
+//!
+//! This crate links no SQLite, no async runtime, and reads no clock.
+#![forbid(unsafe_code)]
+
+pub mod codec;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod error;
+#[cfg(unix)]
+pub mod file;
+mod id;
+mod lsn;
+mod memory;
+
+pub use error::{JournalError, Result};
+#[cfg(unix)]
+pub use file::{FileJournal, FileJournalOptions};
+pub use id::{JournalId, ParseIdError};
+pub use lsn::{Lsn, LsnRange};
+pub use memory::MemoryJournal;
+
+/// A durable, dense log of entries addressed by `Lsn`.
+pub trait Journal {
+    fn id(&self) -> JournalId;
+
+    /// The LSNs currently readable; `next()` is the LSN the next append gets.
+    fn range(&self) -> LsnRange;
+
+    /// Appends one entry and returns its LSN once it is durable.
+    fn append(&mut self, payload: &[u8]) -> Result<Lsn> {
+        Ok(self.append_batch(&[payload])?.first())
+    }
+
+    /// Appends entries as one group commit: one durability barrier for all of them. Either all
+    /// are appended or, on error, none is acknowledged.
+    fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange>;
+
+    /// The payload of the entry at `lsn`.
+    fn read(&self, lsn: Lsn) -> Result<Vec<u8>>;
+
+    /// The payloads of every entry in `range`, in order. The range must lie within `range()`.
+    fn read_range(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {
+        range.iter().map(|lsn| self.read(lsn)).collect()
+    }
+
+    /// Forgets every entry with an LSN `<= up_to`. The journal's `next()` does not change, also
+    /// when every entry is removed. Backends may keep removed bytes on disk until a whole
+    /// segment can go, but they are never readable again.
+    fn remove_prefix(&mut self, up_to: Lsn) -> Result<()>;
+}
+
+/// Checks a payload against the entry size limit.
+pub(crate) fn check_entry_len(journal: JournalId, payload: &[u8]) -> Result<()> {
+    if payload.len() > codec::MAX_ENTRY_BYTES {
+        return Err(JournalError::EntryTooLarge {
+            journal,
+            len_bytes: payload.len(),
+            max_bytes: codec::MAX_ENTRY_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The `OutOfRange` error when `range` does not lie within `have`.
+pub(crate) fn check_in_range(journal: JournalId, have: LsnRange, range: LsnRange) -> Result<()> {
+    let outside = [Some(range.first()), range.last()]
+        .into_iter()
+        .flatten()
+        .find(|&lsn| !range.is_empty() && !have.contains(lsn));
+    match outside {
+        Some(lsn) => Err(JournalError::OutOfRange { journal, lsn, range: have }),
+        None => Ok(()),
+    }
+}

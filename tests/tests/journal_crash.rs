@@ -1,0 +1,239 @@
+//! Crash and corruption tests of the file journal: torn tails cut at every byte, bit flips
+//! anywhere, interrupted segment rolls and prefix removals, foreign directories.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use pagesync_journal::file::SEGMENT_HEADER_BYTES;
+use pagesync_journal::{FileJournal, FileJournalOptions, Journal, JournalError, JournalId, Lsn, LsnRange};
+
+const ID: JournalId = JournalId::from_bytes([0xab; 16]);
+const ENTRIES: u64 = 30;
+
+fn opts() -> FileJournalOptions {
+    FileJournalOptions { max_segment_bytes: 512 }
+}
+
+fn lsn(n: u64) -> Lsn {
+    Lsn::new(n).expect("non-zero")
+}
+
+fn small_payload(n: u64) -> Vec<u8> {
+    (0..(n * 13 % 90 + 1)).map(|i| (i * 31 + n) as u8).collect()
+}
+
+/// A journal of `ENTRIES` small entries over several segments. Returns the directory, the
+/// last segment's path and that segment's length before the final append.
+fn build(root: &Path) -> (PathBuf, PathBuf, u64) {
+    let dir = root.join("j");
+    let mut j = FileJournal::create(&dir, ID, opts()).expect("create");
+    for n in 1..ENTRIES {
+        j.append(&small_payload(n)).expect("append");
+    }
+    let (count, len) = last_segment(&dir);
+    j.append(&small_payload(ENTRIES)).expect("append");
+    // The final entry starts where the last segment ended, or after the header of a new one.
+    let start = if last_segment(&dir).0 == count { len } else { SEGMENT_HEADER_BYTES as u64 };
+    (dir.clone(), segments(&dir).pop().expect("a segment"), start)
+}
+
+/// The number of segments and the length of the last one.
+fn last_segment(dir: &Path) -> (usize, u64) {
+    let segs = segments(dir);
+    let len = segs.last().map_or(0, |p| fs::metadata(p).expect("stat").len());
+    (segs.len(), len)
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).expect("mkdir");
+    for e in fs::read_dir(from).expect("list") {
+        let e = e.expect("entry");
+        fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+    }
+}
+
+fn assert_prefix(j: &FileJournal, last: u64) {
+    assert_eq!(j.range(), LsnRange::inclusive(lsn(1), lsn(last)));
+    for n in 1..=last {
+        assert_eq!(j.read(lsn(n)).expect("read"), small_payload(n), "entry {n}");
+    }
+}
+
+#[test]
+fn torn_final_entry_is_truncated_at_every_byte_offset() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, last_seg, start) = build(root.path());
+    let full = fs::metadata(&last_seg).expect("stat").len();
+    assert!(segments(&dir).len() > 2, "the test needs several segments");
+    let frame = pagesync_journal::codec::frame_len(small_payload(ENTRIES).len());
+    assert_eq!(full - start, frame as u64, "the cut range is exactly the final frame");
+    for cut in start..full {
+        let case = root.path().join(format!("cut{cut}"));
+        copy_dir(&dir, &case);
+        let seg = case.join(last_seg.file_name().expect("name"));
+        fs::OpenOptions::new().write(true).open(&seg).expect("open").set_len(cut).expect("cut");
+        let mut j = FileJournal::open(&case, opts()).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        assert_prefix(&j, ENTRIES - 1);
+        // The journal is writable again, at the LSN the torn entry had.
+        assert_eq!(j.append(b"again").expect("append"), lsn(ENTRIES));
+        drop(j);
+        let j = FileJournal::open(&case, opts()).expect("reopen");
+        assert_eq!(j.read(lsn(ENTRIES)).expect("read"), b"again");
+        fs::remove_dir_all(&case).expect("cleanup");
+    }
+}
+
+#[test]
+fn bit_flips_anywhere_give_an_error_or_a_clean_tail_truncation() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, _, _) = build(root.path());
+    let mut files: Vec<PathBuf> = segments(&dir);
+    files.push(dir.join("JOURNAL"));
+    let (mut errors, mut truncations, mut cases) = (0, 0, 0);
+    for file in &files {
+        let len = fs::metadata(file).expect("stat").len() as usize;
+        for pos in 0..len {
+            cases += 1;
+            let case = root.path().join("flip");
+            copy_dir(&dir, &case);
+            let target = case.join(file.file_name().expect("name"));
+            let mut bytes = fs::read(&target).expect("read");
+            bytes[pos] ^= 1 << (pos % 8);
+            fs::write(&target, &bytes).expect("write");
+            match FileJournal::open(&case, opts()) {
+                Err(_) => errors += 1,
+                Ok(j) => {
+                    let last = j.range().last().expect("non-empty").get();
+                    assert!(
+                        last >= ENTRIES - 1,
+                        "flip at {}:{pos} lost acknowledged entries",
+                        file.display()
+                    );
+                    if last < ENTRIES {
+                        truncations += 1;
+                    }
+                    for n in 1..=last {
+                        if let Ok(got) = j.read(lsn(n)) {
+                            assert_eq!(
+                                got,
+                                small_payload(n),
+                                "flip at {}:{pos} gave wrong data",
+                                file.display()
+                            );
+                        }
+                    }
+                }
+            }
+            fs::remove_dir_all(&case).expect("cleanup");
+        }
+    }
+    // Every flip lands in checksummed bytes, so none may go unnoticed.
+    assert_eq!(errors + truncations, cases, "some flips were silently accepted");
+    assert!(truncations > 0 && errors > 0);
+}
+
+#[test]
+fn corruption_in_the_middle_names_journal_segment_and_lsn() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, _, _) = build(root.path());
+    let first = segments(&dir).remove(0);
+    let mut bytes = fs::read(&first).expect("read");
+    // Segment header, frame 1, frame 2 header, then 1 byte into entry 2 payload.
+    let frame = pagesync_journal::codec::FRAME_HEADER_BYTES;
+    let pos = 40 + frame + small_payload(1).len() + frame + 1;
+    bytes[pos] ^= 0x10;
+    fs::write(&first, &bytes).expect("write");
+    let err = FileJournal::open(&dir, opts()).expect_err("corruption must be reported");
+    match &err {
+        JournalError::Corrupt { journal, location, lsn: at, .. } => {
+            assert_eq!(*journal, ID);
+            assert_eq!(*at, lsn(2));
+            assert!(location.ends_with("00000000000000000001.seg"), "{location}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&ID.to_string()) && text.contains("LSN 2"), "{text}");
+}
+
+#[test]
+fn torn_segment_roll_is_discarded() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, _, _) = build(root.path());
+    let torn = dir.join(format!("{:020}.seg", ENTRIES + 1));
+    fs::write(&torn, b"PGSJSEG").expect("write partial header");
+    let mut j = FileJournal::open(&dir, opts()).expect("open");
+    assert_prefix(&j, ENTRIES);
+    assert!(!torn.exists(), "the torn segment is removed");
+    assert_eq!(j.append(b"next").expect("append"), lsn(ENTRIES + 1));
+}
+
+#[test]
+fn interrupted_prefix_removal_finishes_on_open() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, _, _) = build(root.path());
+    let backup = root.path().join("backup");
+    copy_dir(&dir, &backup);
+    let mut j = FileJournal::open(&dir, opts()).expect("open");
+    j.remove_prefix(lsn(20)).expect("remove_prefix");
+    let removed: Vec<PathBuf> =
+        segments(&backup).into_iter().filter(|p| !dir.join(p.file_name().expect("name")).exists()).collect();
+    assert!(!removed.is_empty(), "whole segments were deleted");
+    drop(j);
+    // Crash between writing the trim point and deleting the segments: they come back.
+    for p in &removed {
+        fs::copy(p, dir.join(p.file_name().expect("name"))).expect("restore");
+    }
+    let j = FileJournal::open(&dir, opts()).expect("open");
+    assert_eq!(j.range(), LsnRange::inclusive(lsn(21), lsn(ENTRIES)));
+    assert!(matches!(j.read(lsn(20)), Err(JournalError::OutOfRange { .. })));
+    assert_eq!(j.read(lsn(21)).expect("read"), small_payload(21));
+    assert!(removed.iter().all(|p| !dir.join(p.file_name().expect("name")).exists()));
+}
+
+#[test]
+fn missing_and_foreign_directories_are_clear_errors() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let missing = FileJournal::open(root.path().join("nope"), opts()).expect_err("missing");
+    assert!(matches!(missing, JournalError::Missing { .. }), "{missing}");
+    assert!(missing.to_string().contains("does not exist"));
+
+    let foreign = root.path().join("foreign");
+    fs::create_dir(&foreign).expect("mkdir");
+    fs::write(foreign.join("notes.txt"), b"hello").expect("write");
+    let err = FileJournal::open(&foreign, opts()).expect_err("foreign");
+    assert!(matches!(err, JournalError::Foreign { .. }), "{err}");
+    let err = FileJournal::create(&foreign, ID, opts()).expect_err("not empty");
+    assert!(matches!(err, JournalError::Foreign { .. }), "{err}");
+
+    let (dir, _, _) = build(root.path());
+    let other = JournalId::from_bytes([1; 16]);
+    let err = FileJournal::open_or_create(&dir, other, opts()).expect_err("other journal");
+    assert!(err.to_string().contains(&ID.to_string()), "{err}");
+    fs::write(dir.join("stray.bin"), b"x").expect("write");
+    let err = FileJournal::open(&dir, opts()).expect_err("stray file");
+    assert!(err.to_string().contains("stray.bin"), "{err}");
+}
+
+#[test]
+fn missing_middle_segments_are_reported() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, _, _) = build(root.path());
+    let segs = segments(&dir);
+    fs::remove_file(&segs[1]).expect("remove");
+    let err = FileJournal::open(&dir, opts()).expect_err("gap");
+    assert!(matches!(err, JournalError::CorruptSegment { .. }), "{err}");
+    fs::remove_file(&segs[0]).expect("remove");
+    let err = FileJournal::open(&dir, opts()).expect_err("missing head");
+    assert!(err.to_string().contains("missing"), "{err}");
+}
