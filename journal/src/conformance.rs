@@ -70,6 +70,18 @@ pub fn read_range_returns_entries_in_order<B: Backend>(b: &mut B) {
     assert!(matches!(past_end, Err(JournalError::OutOfRange { .. })));
 }
 
+pub fn read_part_reads_within_one_entry<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    append_n(&mut j, 1, 8);
+    let whole = payload(7);
+    let mut buf = vec![0u8; 100];
+    j.read_part(lsn(7), 50, &mut buf).expect("read_part");
+    assert_eq!(buf, whole[50..150]);
+    let mut past = vec![0u8; 10];
+    assert!(j.read_part(lsn(7), whole.len() - 5, &mut past).is_err(), "past the entry's end");
+    assert!(j.read_part(lsn(9), 0, &mut past).is_err(), "past the journal's end");
+}
+
 pub fn oversized_entry_is_refused_and_changes_nothing<B: Backend>(b: &mut B) {
     let mut j = b.create();
     append_n(&mut j, 1, 2);
@@ -121,6 +133,7 @@ macro_rules! conformance_tests {
             appends_are_dense_and_readable,
             batches_append_atomically_in_order,
             read_range_returns_entries_in_order,
+            read_part_reads_within_one_entry,
             oversized_entry_is_refused_and_changes_nothing,
             remove_prefix_keeps_next,
             reopen_preserves_entries_and_trim_point);

@@ -502,6 +502,22 @@ impl Journal for FileJournal {
         Ok(payload)
     }
 
+    fn read_part(&self, lsn: Lsn, offset: usize, buf: &mut [u8]) -> Result<()> {
+        if !self.range.contains(lsn) {
+            return Err(JournalError::OutOfRange { journal: self.id, lsn, range: self.range });
+        }
+        let seg = self.segment_of(lsn);
+        let i = (lsn.get() - seg.first.get()) as usize;
+        let frame = seg.offsets[i];
+        let end = seg.offsets.get(i + 1).copied().unwrap_or(seg.len_bytes);
+        let payload_len = (end - frame) as usize - FRAME_HEADER_BYTES;
+        if offset.checked_add(buf.len()).is_none_or(|e| e > payload_len) {
+            return Err(crate::part_out_of_bounds(self.id, lsn, payload_len));
+        }
+        let at = frame + (FRAME_HEADER_BYTES + offset) as u64;
+        seg.file.read_exact_at(buf, at).map_err(io_err(self.id, "read", &seg.path))
+    }
+
     fn read_range(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {
         crate::check_in_range(self.id, self.range, range)?;
         range.iter().map(|lsn| self.read(lsn)).collect()

@@ -53,10 +53,27 @@ pub trait Journal {
         range.iter().map(|lsn| self.read(lsn)).collect()
     }
 
+    /// Copies `buf.len()` bytes of the entry at `lsn`, starting `offset` bytes into its payload.
+    /// Used to fetch one page out of a large entry. Backends may skip the checksum here (the
+    /// file backend verified every frame when it opened); the bounds are always checked.
+    fn read_part(&self, lsn: Lsn, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let payload = self.read(lsn)?;
+        let part = offset.checked_add(buf.len()).and_then(|end| payload.get(offset..end));
+        buf.copy_from_slice(part.ok_or_else(|| part_out_of_bounds(self.id(), lsn, payload.len()))?);
+        Ok(())
+    }
+
     /// Forgets every entry with an LSN `<= up_to`. The journal's `next()` does not change, also
     /// when every entry is removed. Backends may keep removed bytes on disk until a whole
     /// segment can go, but they are never readable again.
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()>;
+}
+
+pub(crate) fn part_out_of_bounds(journal: JournalId, lsn: Lsn, len: usize) -> JournalError {
+    JournalError::Backend {
+        journal,
+        message: format!("partial read past the end of entry {lsn} ({len} bytes)"),
+    }
 }
 
 /// Checks a payload against the entry size limit.

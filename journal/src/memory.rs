@@ -50,6 +50,17 @@ impl Journal for MemoryJournal {
         Ok(self.entries[(lsn.get() - self.first.get()) as usize].clone())
     }
 
+    fn read_part(&self, lsn: Lsn, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let range = self.range();
+        if !range.contains(lsn) {
+            return Err(JournalError::OutOfRange { journal: self.id, lsn, range });
+        }
+        let payload = &self.entries[(lsn.get() - self.first.get()) as usize];
+        let part = offset.checked_add(buf.len()).and_then(|end| payload.get(offset..end));
+        buf.copy_from_slice(part.ok_or_else(|| crate::part_out_of_bounds(self.id, lsn, payload.len()))?);
+        Ok(())
+    }
+
     fn read_range(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {
         crate::check_in_range(self.id, self.range(), range)?;
         range.iter().map(|lsn| self.read(lsn)).collect()

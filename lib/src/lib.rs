@@ -1,2 +1,31 @@
-//! pagesync core. Filled by the core issue.
+//! pagesync core: SQLite over a page-journal VFS, the deterministic reducer, and the client and
+//! server documents. Sans-io: no sockets, no clock reads, no threads; time and seeds come in as
+//! arguments.
+//!
+//! - [`store::PageStore`]: the database file as pages in the storage journal (+ overlay).
+//! - `vfs` (private): the SQLite VFS over the page store; the only unsafe code.
+//! - [`db::Database`]: a connection over a page store, with deterministic `random()`, clock and
+//!   an authorizer for app SQL.
+//! - [`reducer`]: the `Reducer` trait and the SQL reducer.
+//! - [`server::ServerDocument`], [`client::ClientDocument`].
+#![deny(unsafe_code)]
+
+pub mod client;
+pub mod db;
+pub mod error;
+pub mod ids;
+pub mod mutation;
+pub mod page;
+pub mod reducer;
+pub mod server;
+pub mod storage;
+pub mod store;
+mod vfs;
+
+pub use client::{ClientDocument, MutationState, Rows, Submitted};
+pub use error::{Error, Result};
+pub use ids::{DocId, TimelineId};
+pub use mutation::{Mutation, SqlMutation, Statement, Value};
 pub use pagesync_journal as journal;
+pub use reducer::{Reducer, Rejection, SqlReducer};
+pub use server::{ServerDocument, StepLimits, StepOutcome};

@@ -1,2 +1,76 @@
 //! Shared helpers for pagesync's integration tests (the tests live in `tests/tests/`).
 #![forbid(unsafe_code)]
+
+use pagesync::journal::{Journal, JournalId, MemoryJournal};
+use pagesync::{ClientDocument, ServerDocument, SqlMutation, Value};
+
+/// A seeded SplitMix64: every random choice in a test comes from one, so a seed reproduces it.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+pub fn memory_journal(n: u128) -> Box<dyn Journal + Send> {
+    Box::new(MemoryJournal::new(JournalId::from_u128(n)))
+}
+
+/// An encoded SQL mutation body of one statement.
+pub fn sql(s: &str, params: Vec<Value>) -> Vec<u8> {
+    SqlMutation::one(s, params).encode()
+}
+
+/// Sends a client's pending timeline to the server (as the protocol will).
+pub fn push(client: &ClientDocument, server: &mut ServerDocument) {
+    let range = client.pending_range();
+    if range.is_empty() {
+        return;
+    }
+    let entries = client.read_pending(range).expect("read pending");
+    server.receive(client.timeline_id(), range.first(), entries);
+}
+
+/// Sends the server's storage entries the client does not have yet.
+pub fn pull(client: &mut ClientDocument, server: &ServerDocument) {
+    let have = client.storage_range().next();
+    let range = server.storage_range().intersect(&pagesync::journal::LsnRange::inclusive(
+        have,
+        server.storage_range().last().unwrap_or(have),
+    ));
+    if range.is_empty() {
+        return;
+    }
+    let entries = server.read_storage(range).expect("read storage");
+    client.receive_storage(range.first(), &entries).expect("receive storage");
+}
+
+/// Steps the server until its queue is empty.
+pub fn drain(server: &mut ServerDocument, now_ms: i64) {
+    while server.step(now_ms).expect("step").is_some() {}
+}
+
+/// Every committed page of a replica.
+pub fn pages_of(db: &pagesync::db::Database) -> Vec<pagesync::page::Page> {
+    db.store().committed_pages().expect("pages")
+}
+
+pub fn integrity_ok(db: &pagesync::db::Database) -> bool {
+    db.conn().query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)).expect("integrity_check")
+        == "ok"
+}

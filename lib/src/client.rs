@@ -1,0 +1,261 @@
+//! `ClientDocument`: one client's replica of a document.
+//!
+//! State = the server's pages (a local copy of the storage journal, same LSNs) + an optimistic
+//! overlay made by re-running the pending mutations of this client's timeline on top.
+//!
+//! - `mutate` runs a mutation on the optimistic state at once and appends it to the timeline
+//!   journal; it is durable (never lost) when `mutate` returns.
+//! - `receive_storage` rebases: drop the overlay, apply the server's entries, drop the timeline
+//!   prefix the server applied, re-run the rest. Its cost depends on the pending mutations and
+//!   the new entries, not on the length of the history.
+//! - The state of each mutation (pending, confirmed, rejected with the server's message) is read
+//!   from the replicated `_pagesync_timelines` and `_pagesync_rejections` tables, so it survives
+//!   restarts with nothing else to persist.
+
+use std::collections::VecDeque;
+
+use pagesync_journal::{Journal, Lsn, LsnRange};
+
+use crate::db::Database;
+use crate::error::{Error, Result};
+use crate::ids::TimelineId;
+use crate::mutation::{Mutation, Value};
+use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation};
+use crate::store::PageStore;
+
+/// Where a mutation stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MutationState {
+    /// Not applied by the server yet (as far as this client has heard).
+    Pending,
+    /// Applied by the server.
+    Confirmed,
+    /// Applied by the server as a rejection: it changed nothing.
+    Rejected(Rejection),
+}
+
+/// What a local `mutate` returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    /// The mutation's LSN in this client's timeline: its id.
+    pub lsn: Lsn,
+    /// How it went on the optimistic local state. The server decides; a local failure usually
+    /// means the server will reject it too, with the same message.
+    pub local: Result<(), Rejection>,
+}
+
+/// Query results: column names and rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rows {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<Value>>,
+}
+
+pub struct ClientDocument<R: Reducer = SqlReducer> {
+    db: Database,
+    reducer: R,
+    timeline_id: TimelineId,
+    timeline: Box<dyn Journal + Send>,
+    /// Decoded copy of the timeline's entries (all pending).
+    pending: VecDeque<(Lsn, Mutation)>,
+    /// The highest LSN of ours the server has applied.
+    applied: Option<Lsn>,
+}
+
+impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientDocument")
+            .field("timeline", &self.timeline_id)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl ClientDocument<SqlReducer> {
+    pub fn open(storage: Box<dyn Journal + Send>, timeline: Box<dyn Journal + Send>) -> Result<Self> {
+        Self::with_reducer(storage, timeline, SqlReducer)
+    }
+}
+
+impl<R: Reducer> ClientDocument<R> {
+    /// Opens the replica from its journals; pending mutations are re-run at once.
+    pub fn with_reducer(
+        storage: Box<dyn Journal + Send>,
+        timeline: Box<dyn Journal + Send>,
+        reducer: R,
+    ) -> Result<Self> {
+        let db = Database::open(PageStore::open(storage)?)?;
+        let timeline_id = TimelineId(*timeline.id().as_bytes());
+        let mut doc =
+            ClientDocument { db, reducer, timeline_id, timeline, pending: VecDeque::new(), applied: None };
+        doc.applied = doc.read_applied()?;
+        if let Some(a) = doc.applied {
+            doc.timeline.remove_prefix(a)?;
+        }
+        let range = doc.timeline.range();
+        for (lsn, bytes) in range.iter().zip(doc.timeline.read_range(range)?) {
+            doc.pending.push_back((lsn, Mutation::decode(&bytes)?));
+        }
+        doc.replay_pending()?;
+        Ok(doc)
+    }
+
+    pub fn timeline_id(&self) -> TimelineId {
+        self.timeline_id
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// The storage LSNs this replica holds: what to tell the server in `Subscribe`.
+    pub fn storage_range(&self) -> LsnRange {
+        self.db.store().journal().range()
+    }
+
+    /// The timeline entries not yet applied by the server: what to send up.
+    pub fn pending_range(&self) -> LsnRange {
+        self.timeline.range()
+    }
+
+    pub fn read_pending(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {
+        Ok(self.timeline.read_range(range)?)
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Reads the applied LSN of this timeline from the replicated system table.
+    fn read_applied(&self) -> Result<Option<Lsn>> {
+        let conn = self.db.conn();
+        let exists: bool = conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = '_pagesync_timelines')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Ok(None);
+        }
+        let lsn: Option<i64> = conn
+            .query_row(
+                "SELECT applied_lsn FROM _pagesync_timelines WHERE timeline = ?1",
+                [&self.timeline_id.0[..]],
+                |r| r.get(0),
+            )
+            .map(Some)
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
+        Ok(lsn.and_then(|l| Lsn::new(l as u64)))
+    }
+
+    /// Runs a mutation locally, at once, and appends it durably to the timeline. `time_ms` and
+    /// `seed` come from the caller (the core reads no clock and no randomness).
+    pub fn mutate(&mut self, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
+        let mutation = Mutation { client_time_ms: time_ms, seed, body };
+        let bytes = mutation.encode()?;
+        let conn = self.db.conn();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let local = match apply_mutation(&self.db, &mut self.reducer, &mutation, time_ms) {
+            Ok(local) => local,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        };
+        if let Some(Rejection { code, message }) = local.as_ref().err().filter(|r| r.code == "refused") {
+            // Refused statements can never apply anywhere: say so now, keep nothing.
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(Error::Refused(format!("{code}: {message}")));
+        }
+        let lsn = match self.timeline.append(&bytes) {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        };
+        conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
+        self.pending.push_back((lsn, mutation));
+        Ok(Submitted { lsn, local })
+    }
+
+    /// Applies storage entries from the server, in LSN order starting at `first`, and rebases
+    /// the pending mutations on top. Entries this replica already holds are skipped; a gap is
+    /// an error naming the LSN expected.
+    pub fn receive_storage(&mut self, first: Lsn, entries: &[Vec<u8>]) -> Result<()> {
+        let next = self.storage_range().next();
+        let range = LsnRange::from_count(first, entries.len() as u64);
+        if first > next {
+            return Err(Error::Gap { expected: next, got: first });
+        }
+        let new: Vec<(Lsn, &Vec<u8>)> = range.iter().zip(entries).filter(|(l, _)| *l >= next).collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        let mut applied = self.applied;
+        {
+            let mut store = self.db.store();
+            store.discard_overlay();
+            for (lsn, payload) in new {
+                let header = store.apply_remote(lsn, payload)?;
+                let ours = header.applied.iter().filter(|a| a.timeline == self.timeline_id).map(|a| a.lsn);
+                applied = applied.max(ours.max());
+            }
+        }
+        if let Some(a) = applied.filter(|a| Some(*a) > self.applied) {
+            self.timeline.remove_prefix(a)?;
+            self.pending.retain(|(l, _)| *l > a);
+            self.applied = Some(a);
+        }
+        self.replay_pending()
+    }
+
+    /// Re-runs every pending mutation on the current state, in one transaction.
+    fn replay_pending(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let conn = self.db.conn();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        for (_, m) in &self.pending {
+            if let Err(e) = apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e);
+            }
+        }
+        conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))
+    }
+
+    /// Where mutation `lsn` of this client's timeline stands.
+    pub fn state(&self, lsn: Lsn) -> Result<MutationState> {
+        if self.applied.is_none_or(|a| lsn > a) {
+            return Ok(MutationState::Pending);
+        }
+        let rejection = self.db.conn().query_row(
+            "SELECT code, message FROM _pagesync_rejections WHERE timeline = ?1 AND lsn = ?2",
+            rusqlite::params![&self.timeline_id.0[..], lsn.get() as i64],
+            |r| Ok(Rejection::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        );
+        match rejection {
+            Ok(r) => Ok(MutationState::Rejected(r)),
+            Err(rusqlite::Error::QueryReturnedNoRows) => Ok(MutationState::Confirmed),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs a read-only query on the optimistic state.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        let mut stmt = self.db.conn().prepare_cached(sql)?;
+        if !stmt.readonly() {
+            return Err(Error::NotReadOnly { sql: sql.to_owned() });
+        }
+        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+        let n = columns.len();
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push((0..n).map(|i| row.get_ref(i).map(Value::from)).collect::<rusqlite::Result<_>>()?);
+        }
+        Ok(Rows { columns, rows: out })
+    }
+}

@@ -1,0 +1,56 @@
+//! The core's errors. SQLite result codes are named in one place (`sqlite_code`).
+
+use pagesync_journal::{JournalError, Lsn};
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("mutation of {len_bytes} bytes exceeds the limit of {max_bytes} bytes")]
+    MutationTooLarge { len_bytes: usize, max_bytes: usize },
+    #[error("malformed mutation: {0}")]
+    Malformed(String),
+    #[error("the database uses {found}-byte pages; pagesync requires {}", crate::page::PAGE_SIZE)]
+    PageSize { found: i64 },
+    #[error("query() runs read-only statements; use execute() for writes: {sql}")]
+    NotReadOnly { sql: String },
+    #[error("storage entry {got} arrived but {expected} is next: the missing range must be sent first")]
+    Gap { expected: Lsn, got: Lsn },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A stable, human-readable name for a SQLite error, used as a rejection code.
+pub fn sqlite_code(e: &rusqlite::Error) -> String {
+    use rusqlite::ffi::ErrorCode as C;
+    let rusqlite::Error::SqliteFailure(f, _) = e else {
+        return "error".into();
+    };
+    let name = match f.code {
+        C::ConstraintViolation => "constraint",
+        C::AuthorizationForStatementDenied => "refused",
+        C::TypeMismatch => "mismatch",
+        C::TooBig => "too_big",
+        C::DatabaseBusy | C::DatabaseLocked => "busy",
+        C::ReadOnly => "readonly",
+        C::DiskFull => "disk_full",
+        C::SystemIoFailure => "io",
+        C::DatabaseCorrupt => "corrupt",
+        C::OutOfMemory => "nomem",
+        C::OperationInterrupted => "interrupted",
+        C::SchemaChanged => "schema",
+        C::ApiMisuse => "misuse",
+        C::ParameterOutOfRange => "range",
+        _ => "error",
+    };
+    name.into()
+}

@@ -1,0 +1,108 @@
+//! Mutations: what clients append to their timelines and the server replays.
+//!
+//! Every mutation carries the client's clock and a seed: the reducer never reads a clock or a
+//! random source of its own, so replaying the same mutations gives byte-identical pages.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The largest encoded mutation accepted. 1 MiB: far above any single-row or batch write an
+/// app sends interactively, small enough that one client cannot stall a server step.
+pub const MAX_MUTATION_BYTES: usize = 1 << 20;
+
+/// The envelope every reducer's mutations travel in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mutation {
+    /// The client's wall clock when the mutation was made; the server clamps it.
+    pub client_time_ms: i64,
+    /// Seeds `random()` and `randomblob()` for this mutation.
+    pub seed: u64,
+    /// The reducer's own encoding (for the SQL reducer: `SqlMutation`).
+    pub body: Vec<u8>,
+}
+
+impl Mutation {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let bytes = postcard::to_stdvec(self).expect("BUG: a Mutation always serializes");
+        if bytes.len() > MAX_MUTATION_BYTES {
+            return Err(Error::MutationTooLarge { len_bytes: bytes.len(), max_bytes: MAX_MUTATION_BYTES });
+        }
+        Ok(bytes)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Mutation> {
+        if bytes.len() > MAX_MUTATION_BYTES {
+            return Err(Error::MutationTooLarge { len_bytes: bytes.len(), max_bytes: MAX_MUTATION_BYTES });
+        }
+        postcard::from_bytes(bytes).map_err(|e| Error::Malformed(e.to_string()))
+    }
+}
+
+/// A SQL parameter or result value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Value {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl From<rusqlite::types::ValueRef<'_>> for Value {
+    fn from(v: rusqlite::types::ValueRef<'_>) -> Value {
+        use rusqlite::types::ValueRef as V;
+        match v {
+            V::Null => Value::Null,
+            V::Integer(i) => Value::Integer(i),
+            V::Real(f) => Value::Real(f),
+            V::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+            V::Blob(b) => Value::Blob(b.to_vec()),
+        }
+    }
+}
+
+impl rusqlite::ToSql for Value {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput as O, ValueRef as V};
+        Ok(match self {
+            Value::Null => O::Borrowed(V::Null),
+            Value::Integer(i) => O::Borrowed(V::Integer(*i)),
+            Value::Real(f) => O::Borrowed(V::Real(*f)),
+            Value::Text(t) => O::Borrowed(V::Text(t.as_bytes())),
+            Value::Blob(b) => O::Borrowed(V::Blob(b)),
+        })
+    }
+}
+
+macro_rules! value_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for Value {
+            fn from(x: $t) -> Value { Value::$v(x.into()) }
+        }
+    )*};
+}
+value_from!(i64 => Integer, i32 => Integer, f64 => Real, String => Text, &str => Text, Vec<u8> => Blob);
+
+/// One SQL statement (or, without parameters, several separated by `;`) and its parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+/// The SQL reducer's mutation body: statements run in order, all or nothing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SqlMutation {
+    pub statements: Vec<Statement>,
+}
+
+impl SqlMutation {
+    pub fn one(sql: impl Into<String>, params: Vec<Value>) -> SqlMutation {
+        SqlMutation { statements: vec![Statement { sql: sql.into(), params }] }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("BUG: a SqlMutation always serializes")
+    }
+}

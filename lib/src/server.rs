@@ -1,0 +1,329 @@
+//! `ServerDocument`: the authoritative copy of one document.
+//!
+//! It takes timeline ranges from many clients (idempotently), and each `step` applies a batch of
+//! them in one SQLite transaction, one SAVEPOINT per mutation, then appends one storage entry:
+//! the changed pages, the page count and the applied `(timeline, lsn, time)` list. The entry is
+//! durable before `step` returns, and only then may it be sent to anyone.
+//!
+//! Invariants:
+//! - a mutation is applied at most once: `_pagesync_timelines` holds the applied LSN per
+//!   timeline, updated in the step's transaction, and `receive` drops LSNs at or below it;
+//! - mutations of one timeline are applied in LSN order, without gaps;
+//! - a failed step (I/O) leaves the committed state and the queues as they were.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use pagesync_journal::{Journal, Lsn, LsnRange};
+
+use crate::db::Database;
+use crate::error::{Error, Result};
+use crate::ids::TimelineId;
+use crate::mutation::{MAX_MUTATION_BYTES, Mutation};
+use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation};
+use crate::storage::Applied;
+use crate::store::PageStore;
+
+/// The system tables, created by the server's first step.
+pub const SYSTEM_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS _pagesync_timelines(
+    timeline BLOB PRIMARY KEY, applied_lsn INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _pagesync_rejections(
+    timeline BLOB NOT NULL, lsn INTEGER NOT NULL, code TEXT NOT NULL, message TEXT NOT NULL,
+    PRIMARY KEY (timeline, lsn)) WITHOUT ROWID;
+";
+
+/// How far ahead of the server's clock a client's clock may run; later times are clamped.
+/// A minute covers ordinary clock drift without letting a client date rows into the future.
+pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
+
+/// Bounds on one step, so one storage entry (and the wait for it) stays small.
+#[derive(Clone, Copy, Debug)]
+pub struct StepLimits {
+    /// Mutations per step. 1,000: large enough to amortize the fsync under load, small enough
+    /// that a step takes milliseconds.
+    pub max_mutations: usize,
+    /// Encoded mutation bytes per step. 4 MiB: a few large mutations fill a step alone.
+    pub max_bytes: usize,
+}
+
+impl Default for StepLimits {
+    fn default() -> Self {
+        StepLimits { max_mutations: 1_000, max_bytes: 4 << 20 }
+    }
+}
+
+/// What `receive` did with a range of timeline entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The LSN the server wants next from this timeline. When it is below the first LSN sent,
+    /// there is a gap and the client must resend from here.
+    pub next_expected: Lsn,
+    /// How many entries were new.
+    pub accepted: u64,
+}
+
+/// The result of one step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepOutcome {
+    pub lsn: Lsn,
+    pub applied: usize,
+    pub rejected: usize,
+}
+
+pub struct ServerDocument<R: Reducer = SqlReducer> {
+    db: Database,
+    reducer: R,
+    limits: StepLimits,
+    applied: HashMap<TimelineId, Lsn>,
+    queues: BTreeMap<TimelineId, VecDeque<(Lsn, Vec<u8>)>>,
+    /// Where the next round-robin pick starts, so busy timelines cannot starve others.
+    rr_cursor: Option<TimelineId>,
+}
+
+impl<R: Reducer> std::fmt::Debug for ServerDocument<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerDocument")
+            .field("db", &self.db)
+            .field("timelines", &self.applied.len())
+            .finish()
+    }
+}
+
+impl ServerDocument<SqlReducer> {
+    pub fn open(storage: Box<dyn Journal + Send>) -> Result<Self> {
+        Self::with_reducer(storage, SqlReducer, StepLimits::default())
+    }
+}
+
+impl<R: Reducer> ServerDocument<R> {
+    /// Opens the document over its storage journal; an empty journal gets its first entry (the
+    /// system tables) at once.
+    pub fn with_reducer(storage: Box<dyn Journal + Send>, reducer: R, limits: StepLimits) -> Result<Self> {
+        let db = Database::open(PageStore::open(storage)?)?;
+        let mut doc = ServerDocument {
+            db,
+            reducer,
+            limits,
+            applied: HashMap::new(),
+            queues: BTreeMap::new(),
+            rr_cursor: None,
+        };
+        if doc.db.store().page_count() == 0 {
+            doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} COMMIT;"))?;
+            doc.db.store().commit_overlay(&[])?;
+        }
+        doc.load_applied()?;
+        Ok(doc)
+    }
+
+    fn load_applied(&mut self) -> Result<()> {
+        let mut stmt = self.db.conn().prepare("SELECT timeline, applied_lsn FROM _pagesync_timelines")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+        self.applied.clear();
+        for row in rows {
+            let (tl, lsn) = row?;
+            let tl: [u8; 16] =
+                tl.try_into().map_err(|_| Error::Malformed("timeline id is not 16 bytes".into()))?;
+            if let Some(lsn) = Lsn::new(lsn as u64) {
+                self.applied.insert(TimelineId(tl), lsn);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// The storage journal's range: what a subscriber can be sent.
+    pub fn storage_range(&self) -> LsnRange {
+        self.db.store().journal().range()
+    }
+
+    /// Reads storage entries to send (already durable).
+    pub fn read_storage(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {
+        Ok(self.db.store().journal().read_range(range)?)
+    }
+
+    /// The highest LSN applied from `timeline`.
+    pub fn applied_lsn(&self, timeline: TimelineId) -> Option<Lsn> {
+        self.applied.get(&timeline).copied()
+    }
+
+    /// Mutations received and not yet applied.
+    pub fn queued(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// Takes timeline entries `first, first+1, ...`. Entries already applied or queued are
+    /// ignored; entries after a gap are not taken (`next_expected` says where to resume).
+    pub fn receive(&mut self, timeline: TimelineId, first: Lsn, entries: Vec<Vec<u8>>) -> Received {
+        let queue = self.queues.entry(timeline).or_default();
+        let done = queue.back().map(|(l, _)| *l).or(self.applied.get(&timeline).copied());
+        let mut expected = done.map_or(Lsn::FIRST, Lsn::next);
+        let mut accepted = 0;
+        for (lsn, entry) in LsnRange::from_count(first, entries.len() as u64).iter().zip(entries) {
+            if lsn < expected {
+                continue;
+            }
+            if lsn > expected {
+                break;
+            }
+            queue.push_back((lsn, entry));
+            expected = expected.next();
+            accepted += 1;
+        }
+        if queue.is_empty() {
+            self.queues.remove(&timeline);
+        }
+        Received { next_expected: expected, accepted }
+    }
+
+    /// Picks the next batch round-robin across timelines, within the step limits.
+    fn pick_batch(&mut self) -> Vec<(TimelineId, Lsn, Vec<u8>)> {
+        let mut order: Vec<TimelineId> = self.queues.keys().copied().collect();
+        if let Some(c) = self.rr_cursor {
+            let at = order.partition_point(|t| *t <= c);
+            order.rotate_left(at);
+        }
+        let mut taken: HashMap<TimelineId, usize> = HashMap::new();
+        let (mut batch, mut bytes) = (Vec::new(), 0usize);
+        'rounds: loop {
+            let mut progressed = false;
+            for tl in &order {
+                let n = taken.entry(*tl).or_default();
+                let Some((lsn, m)) = self.queues.get(tl).and_then(|q| q.get(*n)) else { continue };
+                if batch.len() >= self.limits.max_mutations
+                    || (bytes > 0 && bytes + m.len() > self.limits.max_bytes)
+                {
+                    break 'rounds;
+                }
+                bytes += m.len();
+                batch.push((*tl, *lsn, m.clone()));
+                *n += 1;
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.rr_cursor = batch.last().map(|(tl, _, _)| *tl);
+        batch
+    }
+
+    /// Applies one batch and appends it as one durable storage entry. `now_ms` is the server's
+    /// clock, passed in. `Ok(None)` when nothing was queued.
+    pub fn step(&mut self, now_ms: i64) -> Result<Option<StepOutcome>> {
+        let batch = self.pick_batch();
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
+        match self.apply_batch(&batch, clamp) {
+            Ok(outcome) => {
+                for (tl, lsn, _) in &batch {
+                    let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
+                    q.pop_front();
+                    if q.is_empty() {
+                        self.queues.remove(tl);
+                    }
+                    self.applied.insert(*tl, *lsn);
+                }
+                Ok(Some(outcome))
+            }
+            Err(e) => {
+                // Back to the last durable state; the batch stays queued for the next step.
+                let _ = self.db.conn().execute_batch("ROLLBACK");
+                self.db.store().rollback_failed_step()?;
+                self.load_applied()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Re-applies a recorded step (from another replica's storage entry): the same mutations in
+    /// the same order with the recorded clocks. Used to verify determinism and to rebuild a
+    /// document from its mutations.
+    pub fn replay_step(&mut self, recorded: &[(Applied, Vec<u8>)]) -> Result<StepOutcome> {
+        let batch: Vec<(TimelineId, Lsn, Vec<u8>)> =
+            recorded.iter().map(|(a, bytes)| (a.timeline, a.lsn, bytes.clone())).collect();
+        let outcome = self.apply_batch(&batch, |_, i| recorded[i].0.time_ms);
+        if outcome.is_err() {
+            let _ = self.db.conn().execute_batch("ROLLBACK");
+            self.db.store().rollback_failed_step()?;
+        }
+        for (a, _) in recorded {
+            self.applied.insert(a.timeline, a.lsn);
+        }
+        outcome
+    }
+
+    /// Runs `VACUUM` (outside any mutation: it cannot run in a transaction) and records the
+    /// rewritten pages as one storage entry. Returns its LSN, if anything changed.
+    pub fn vacuum(&mut self) -> Result<Option<Lsn>> {
+        if let Err(e) = self.db.conn().execute_batch("VACUUM") {
+            let e = self.db.explain(e);
+            self.db.store().rollback_failed_step()?;
+            return Err(e);
+        }
+        match self.db.store().commit_overlay(&[]) {
+            Ok(lsn) => Ok(lsn),
+            Err(e) => {
+                self.db.store().rollback_failed_step()?;
+                Err(e.into())
+            }
+        }
+    }
+
+    fn apply_batch(
+        &mut self,
+        batch: &[(TimelineId, Lsn, Vec<u8>)],
+        time_of: impl Fn(i64, usize) -> i64,
+    ) -> Result<StepOutcome> {
+        self.db.conn().execute_batch("BEGIN IMMEDIATE")?;
+        let mut applied = Vec::with_capacity(batch.len());
+        let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
+        let mut rejected = 0;
+        for (i, (tl, lsn, bytes)) in batch.iter().enumerate() {
+            let (time_ms, result) = self.apply_one(bytes, |client_ms| time_of(client_ms, i))?;
+            if let Err(r) = result {
+                rejected += 1;
+                self.db.conn().execute(
+                    "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
+                    rusqlite::params![&tl.0[..], lsn.get() as i64, r.code, r.message],
+                )?;
+            }
+            applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
+            last.insert(*tl, *lsn);
+        }
+        for (tl, lsn) in &last {
+            self.db
+                .conn()
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)",
+                )?
+                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64])?;
+        }
+        self.db.conn().execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
+        let lsn = self.db.store().commit_overlay(&applied)?.expect("BUG: a step with mutations records them");
+        Ok(StepOutcome { lsn, applied: applied.len(), rejected })
+    }
+
+    /// Decodes and applies one mutation; returns the time it ran with and its outcome.
+    fn apply_one(
+        &mut self,
+        bytes: &[u8],
+        time_of: impl Fn(i64) -> i64,
+    ) -> Result<(i64, Result<(), Rejection>)> {
+        let m = match Mutation::decode(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                let code = if bytes.len() > MAX_MUTATION_BYTES { "too_big" } else { "malformed" };
+                return Ok((time_of(0), Err(Rejection::new(code, e.to_string()))));
+            }
+        };
+        let time_ms = time_of(m.client_time_ms);
+        let result = apply_mutation(&self.db, &mut self.reducer, &m, time_ms)?;
+        Ok((time_ms, result))
+    }
+}

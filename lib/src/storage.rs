@@ -1,0 +1,163 @@
+//! The storage journal entry: one reducer step on the server.
+//!
+//! ```text
+//! version u8 = 1 | page_count u32 | n_applied u32 | n_pages u32
+//! applied: n_applied x (timeline [16] | lsn u64 | time_ms i64)
+//! page_idx: n_pages x u32, strictly ascending, each <= page_count
+//! pages:    n_pages x 4096 bytes
+//! ```
+//!
+//! Little endian. Pages are stored uncompressed so a reader can fetch one page by offset
+//! (`page_offset`) without decoding the entry; compression happens on the wire.
+
+use pagesync_journal::Lsn;
+
+use crate::ids::TimelineId;
+use crate::page::{PAGE_SIZE, Page, PageIdx};
+
+const VERSION: u8 = 1;
+const HEADER_BYTES: usize = 13;
+const APPLIED_BYTES: usize = 32;
+
+/// One mutation applied by a step: its timeline, its LSN there, and the clock it ran with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    pub timeline: TimelineId,
+    pub lsn: Lsn,
+    /// The clamped client time the mutation ran with; replay uses it.
+    pub time_ms: i64,
+}
+
+/// A decoded storage entry (the page bytes stay in the payload; see `page_offset`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryHeader {
+    pub page_count: u32,
+    pub applied: Vec<Applied>,
+    pub pages: Vec<PageIdx>,
+}
+
+impl EntryHeader {
+    /// Byte offset of the `i`-th page's bytes in the payload.
+    pub fn page_offset(&self, i: usize) -> usize {
+        HEADER_BYTES + APPLIED_BYTES * self.applied.len() + 4 * self.pages.len() + PAGE_SIZE * i
+    }
+}
+
+/// Why a storage entry could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed storage entry: {0}")]
+pub struct EntryError(pub String);
+
+/// Encodes a step. `pages` must be sorted by index, each within `page_count`.
+pub fn encode(page_count: u32, applied: &[Applied], pages: &[(PageIdx, &Page)]) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(HEADER_BYTES + APPLIED_BYTES * applied.len() + (4 + PAGE_SIZE) * pages.len());
+    out.push(VERSION);
+    out.extend_from_slice(&page_count.to_le_bytes());
+    out.extend_from_slice(&(applied.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for a in applied {
+        out.extend_from_slice(&a.timeline.0);
+        out.extend_from_slice(&a.lsn.get().to_le_bytes());
+        out.extend_from_slice(&a.time_ms.to_le_bytes());
+    }
+    for (idx, _) in pages {
+        out.extend_from_slice(&idx.get().to_le_bytes());
+    }
+    for (_, page) in pages {
+        out.extend_from_slice(&page[..]);
+    }
+    out
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], EntryError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| EntryError(format!("truncated at byte {}", self.pos)))?;
+        let s = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32, EntryError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("BUG: 4 bytes")))
+    }
+
+    fn u64(&mut self) -> Result<u64, EntryError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("BUG: 8 bytes")))
+    }
+}
+
+/// Decodes and validates an entry's header; checks the payload holds every page.
+pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
+    let mut r = Reader { bytes: payload, pos: 0 };
+    let version = r.take(1)?[0];
+    if version != VERSION {
+        return Err(EntryError(format!("version {version}, this build reads {VERSION}")));
+    }
+    let page_count = r.u32()?;
+    let (n_applied, n_pages) = (r.u32()? as usize, r.u32()? as usize);
+    // Bound the counts by the payload before allocating, so a corrupt count cannot.
+    let need = n_applied
+        .checked_mul(APPLIED_BYTES)
+        .and_then(|a| n_pages.checked_mul(4 + PAGE_SIZE).and_then(|p| p.checked_add(a)))
+        .and_then(|b| b.checked_add(HEADER_BYTES));
+    if need != Some(payload.len()) {
+        return Err(EntryError(format!(
+            "{n_applied} mutations and {n_pages} pages do not fit a payload of {} bytes",
+            payload.len()
+        )));
+    }
+    let mut applied = Vec::with_capacity(n_applied);
+    for _ in 0..n_applied {
+        let timeline = TimelineId(r.take(16)?.try_into().expect("BUG: 16 bytes"));
+        let lsn = Lsn::new(r.u64()?).ok_or_else(|| EntryError("applied LSN 0".into()))?;
+        let time_ms = r.u64()? as i64;
+        applied.push(Applied { timeline, lsn, time_ms });
+    }
+    let mut pages = Vec::with_capacity(n_pages);
+    for _ in 0..n_pages {
+        let n = r.u32()?;
+        let idx = PageIdx::new(n).filter(|_| n <= page_count);
+        let idx = idx.ok_or_else(|| EntryError(format!("page {n} outside 1..={page_count}")))?;
+        if pages.last().is_some_and(|&prev| prev >= idx) {
+            return Err(EntryError("page numbers are not strictly ascending".into()));
+        }
+        pages.push(idx);
+    }
+    Ok(EntryHeader { page_count, applied, pages })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_page_offsets() {
+        let p1 = [1u8; PAGE_SIZE];
+        let p3 = [3u8; PAGE_SIZE];
+        let applied = [Applied { timeline: TimelineId([9; 16]), lsn: Lsn::FIRST, time_ms: -5 }];
+        let pages = [(PageIdx::new(1).expect("1"), &p1), (PageIdx::new(3).expect("3"), &p3)];
+        let bytes = encode(4, &applied, &pages);
+        let h = decode(&bytes).expect("decode");
+        assert_eq!(h.page_count, 4);
+        assert_eq!(h.applied, applied);
+        assert_eq!(&bytes[h.page_offset(1)..h.page_offset(2)], &p3[..]);
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn pages_beyond_the_count_or_unsorted_are_rejected() {
+        let p = [0u8; PAGE_SIZE];
+        let two = PageIdx::new(2).expect("2");
+        assert!(decode(&encode(1, &[], &[(two, &p)])).is_err());
+        assert!(decode(&encode(3, &[], &[(two, &p), (two, &p)])).is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! `PageStore`: the database file SQLite sees, made of pages held in the storage journal.
+//!
+//! Three layers, read top-down:
+//! 1. the overlay: pages SQLite wrote that are not in the journal yet (a server step in
+//!    progress, or a client's optimistic local state);
+//! 2. a bounded LRU cache of committed pages;
+//! 3. the page index `PageIdx -> (Lsn, offset)` over the storage journal: a read is one
+//!    `read_part` of one page, O(1) in the length of the history.
+//!
+//! The committed page count is tracked, never recomputed.
+//!
+//! Invariants:
+//! - the index holds, for every committed page, the newest entry that wrote it;
+//! - SQLite sees a file change counter (header bytes 24..28 and 92..96) that changes whenever
+//!   pages change underneath it (`reported_counter`), so its page cache is never stale;
+//! - pages cut into an entry are byte-identical to what SQLite wrote (the counter is rewritten
+//!   on reads only, and only where it differs from the stored one).
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use lru::LruCache;
+use pagesync_journal::{Journal, JournalError, Lsn};
+
+use crate::page::{PAGE_SIZE, Page, PageIdx, ZERO_PAGE};
+use crate::storage::{self, Applied, EntryError};
+
+/// Committed pages kept in memory beyond SQLite's own cache. 256 pages (1 MiB): SQLite's page
+/// cache (2 MiB by default) holds the hot set; this layer saves journal reads after a rebase
+/// or a cache flush, and stays small for servers with many open documents.
+pub const PAGE_CACHE_PAGES: usize = 256;
+
+/// Where a committed page lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Loc {
+    lsn: Lsn,
+    offset: u32,
+}
+
+/// Errors reading or writing pages.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("storage entry {lsn}: {source}")]
+    Entry { lsn: Lsn, source: EntryError },
+    #[error("SQLite wrote {len} bytes at offset {offset}: pages must be {PAGE_SIZE} bytes, page-aligned")]
+    NotAPage { offset: u64, len: usize },
+    #[error("storage entry {got} arrived, expected {expected}")]
+    OutOfOrder { expected: Lsn, got: Lsn },
+}
+
+/// The database file of one document.
+pub struct PageStore {
+    journal: Box<dyn Journal + Send>,
+    index: Vec<Option<Loc>>,
+    page_count: u32,
+    cache: LruCache<u32, Arc<Page>>,
+    overlay: HashMap<u32, Box<Page>>,
+    /// The file size in pages as SQLite last set it (overlay included).
+    overlay_page_count: u32,
+    /// The change counter SQLite is shown; see the module invariants.
+    reported_counter: u32,
+    /// The last I/O error, kept so the document can report it with its cause after SQLite
+    /// turns it into a bare `SQLITE_IOERR`.
+    last_error: Option<StoreError>,
+}
+
+impl std::fmt::Debug for PageStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageStore")
+            .field("journal", &self.journal.id())
+            .field("range", &self.journal.range())
+            .field("page_count", &self.page_count)
+            .field("overlay_pages", &self.overlay.len())
+            .finish()
+    }
+}
+
+fn counter_of(page1: &Page) -> u32 {
+    u32::from_be_bytes(page1[24..28].try_into().expect("BUG: 4 bytes"))
+}
+
+impl PageStore {
+    /// Opens the store over a storage journal, indexing every entry it holds.
+    pub fn open(journal: Box<dyn Journal + Send>) -> Result<PageStore, StoreError> {
+        let mut store = PageStore {
+            journal,
+            index: Vec::new(),
+            page_count: 0,
+            cache: LruCache::new(NonZeroUsize::new(PAGE_CACHE_PAGES).expect("BUG: non-zero")),
+            overlay: HashMap::new(),
+            overlay_page_count: 0,
+            reported_counter: 0,
+            last_error: None,
+        };
+        for lsn in store.journal.range().iter() {
+            let payload = store.journal.read(lsn)?;
+            let header = storage::decode(&payload).map_err(|source| StoreError::Entry { lsn, source })?;
+            store.index_entry(lsn, &header);
+        }
+        store.overlay_page_count = store.page_count;
+        store.reported_counter = store.committed_counter()?;
+        Ok(store)
+    }
+
+    pub fn journal(&self) -> &dyn Journal {
+        &*self.journal
+    }
+
+    /// Committed pages.
+    pub fn page_count(&self) -> u32 {
+        self.page_count
+    }
+
+    /// True when SQLite wrote pages (or resized the file) since the last commit or discard.
+    pub fn has_overlay(&self) -> bool {
+        !self.overlay.is_empty() || self.overlay_page_count != self.page_count
+    }
+
+    pub fn take_last_error(&mut self) -> Option<StoreError> {
+        self.last_error.take()
+    }
+
+    fn index_entry(&mut self, lsn: Lsn, header: &storage::EntryHeader) {
+        self.index.resize(header.page_count as usize, None);
+        for (i, idx) in header.pages.iter().enumerate() {
+            let offset = u32::try_from(header.page_offset(i)).expect("BUG: entries are < 4 GiB");
+            self.index[idx.get() as usize - 1] = Some(Loc { lsn, offset });
+            self.cache.pop(&idx.get());
+        }
+        self.page_count = header.page_count;
+    }
+
+    fn committed_counter(&mut self) -> Result<u32, StoreError> {
+        if self.page_count == 0 {
+            return Ok(0);
+        }
+        Ok(counter_of(&*self.committed_page(PageIdx::FIRST)?))
+    }
+
+    /// A committed page (never the overlay).
+    fn committed_page(&mut self, idx: PageIdx) -> Result<Arc<Page>, StoreError> {
+        if let Some(p) = self.cache.get(&idx.get()) {
+            return Ok(p.clone());
+        }
+        let loc = self.index.get(idx.get() as usize - 1).copied().flatten();
+        let page = match loc {
+            None => Arc::new(ZERO_PAGE),
+            Some(loc) => {
+                let mut page = Box::new([0u8; PAGE_SIZE]);
+                self.journal.read_part(loc.lsn, loc.offset as usize, &mut page[..])?;
+                Arc::from(page)
+            }
+        };
+        self.cache.put(idx.get(), page.clone());
+        Ok(page)
+    }
+
+    /// The page as SQLite should see it now: overlay first, then committed.
+    fn current_page(&mut self, idx: PageIdx) -> Result<Option<Page>, StoreError> {
+        if idx.get() > self.overlay_page_count {
+            return Ok(None);
+        }
+        if let Some(p) = self.overlay.get(&idx.get()) {
+            return Ok(Some(**p));
+        }
+        if idx.get() > self.page_count {
+            return Ok(Some(ZERO_PAGE));
+        }
+        Ok(Some(*self.committed_page(idx)?))
+    }
+
+    /// SQLite's `xRead`. Returns `false` for a short read (past the end; the rest is zeroed).
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<bool, StoreError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let idx = PageIdx::containing(at);
+            let in_page = (at - idx.offset()) as usize;
+            let n = (PAGE_SIZE - in_page).min(buf.len() - done);
+            let Some(page) = self.current_page(idx)? else {
+                buf[done..].fill(0);
+                return Ok(false);
+            };
+            buf[done..done + n].copy_from_slice(&page[in_page..in_page + n]);
+            done += n;
+        }
+        self.patch_counter(offset, buf);
+        Ok(true)
+    }
+
+    /// Shows SQLite `reported_counter` in the change counter and version-valid-for fields.
+    fn patch_counter(&self, offset: u64, buf: &mut [u8]) {
+        let counter = self.reported_counter.to_be_bytes();
+        for field in [24u64, 92] {
+            for (k, byte) in counter.iter().enumerate() {
+                let pos = field + k as u64;
+                if pos >= offset && pos < offset + buf.len() as u64 {
+                    buf[(pos - offset) as usize] = *byte;
+                }
+            }
+        }
+    }
+
+    /// SQLite's `xWrite`: whole, aligned pages only.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        if data.len() != PAGE_SIZE || !offset.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(StoreError::NotAPage { offset, len: data.len() });
+        }
+        let idx = PageIdx::containing(offset);
+        let page: Box<Page> = Box::new(data.try_into().expect("BUG: length checked"));
+        if idx == PageIdx::FIRST {
+            // SQLite bumped the counter it was shown; keep showing what it wrote.
+            self.reported_counter = counter_of(&page);
+        }
+        self.overlay.insert(idx.get(), page);
+        self.overlay_page_count = self.overlay_page_count.max(idx.get());
+        Ok(())
+    }
+
+    /// SQLite's `xTruncate`.
+    pub fn truncate(&mut self, size: u64) -> Result<(), StoreError> {
+        if !size.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(StoreError::NotAPage { offset: size, len: 0 });
+        }
+        let pages = u32::try_from(size / PAGE_SIZE as u64).expect("BUG: SQLite files are < 2^32 pages");
+        self.overlay.retain(|&i, _| i <= pages);
+        self.overlay_page_count = pages;
+        Ok(())
+    }
+
+    /// SQLite's `xFileSize`.
+    pub fn size_bytes(&self) -> u64 {
+        self.overlay_page_count as u64 * PAGE_SIZE as u64
+    }
+
+    pub fn set_last_error(&mut self, e: StoreError) {
+        self.last_error = Some(e);
+    }
+
+    /// Cuts the overlay into one storage entry with `applied`, appends it durably, and makes it
+    /// the committed state. Pages equal to their committed version are left out. Returns the
+    /// entry's LSN, or `None` when there was nothing to record.
+    pub fn commit_overlay(&mut self, applied: &[Applied]) -> Result<Option<Lsn>, StoreError> {
+        let mut changed: Vec<(u32, Box<Page>)> = Vec::with_capacity(self.overlay.len());
+        for (i, page) in std::mem::take(&mut self.overlay) {
+            let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
+            let same = i <= self.page_count && *self.committed_page(idx)? == *page;
+            if !same {
+                changed.push((i, page));
+            }
+        }
+        changed.sort_unstable_by_key(|(i, _)| *i);
+        if changed.is_empty() && applied.is_empty() && self.overlay_page_count == self.page_count {
+            return Ok(None);
+        }
+        let pages: Vec<(PageIdx, &Page)> =
+            changed.iter().map(|(i, p)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
+        let payload = storage::encode(self.overlay_page_count, applied, &pages);
+        let lsn = self.journal.append(&payload)?;
+        let header = storage::decode(&payload).expect("BUG: we just encoded it");
+        self.index_entry(lsn, &header);
+        for (i, page) in changed {
+            self.cache.put(i, Arc::from(page));
+        }
+        Ok(Some(lsn))
+    }
+
+    /// Drops the overlay: SQLite's uncommitted or optimistic writes are forgotten, and SQLite
+    /// is shown a new change counter so it rereads its cache.
+    pub fn discard_overlay(&mut self) {
+        self.overlay.clear();
+        self.overlay_page_count = self.page_count;
+        self.reported_counter = self.reported_counter.wrapping_add(1);
+    }
+
+    /// Drops the overlay after a failed server step and shows SQLite the committed change
+    /// counter again. SQLite last wrote a higher one (every write transaction bumps it), so it
+    /// still notices the change, and the server's stored pages stay exactly those a replay
+    /// produces.
+    pub fn rollback_failed_step(&mut self) -> Result<(), StoreError> {
+        self.overlay.clear();
+        self.overlay_page_count = self.page_count;
+        self.reported_counter = self.committed_counter()?;
+        Ok(())
+    }
+
+    /// Appends an entry received from the server (the client side), at the next LSN. The
+    /// overlay must have been discarded first.
+    pub fn apply_remote(&mut self, lsn: Lsn, payload: &[u8]) -> Result<storage::EntryHeader, StoreError> {
+        assert!(!self.has_overlay(), "BUG: discard the overlay before applying remote pages");
+        let expected = self.journal.range().next();
+        if lsn != expected {
+            return Err(StoreError::OutOfOrder { expected, got: lsn });
+        }
+        let header = storage::decode(payload).map_err(|source| StoreError::Entry { lsn, source })?;
+        self.journal.append(payload)?;
+        self.index_entry(lsn, &header);
+        self.overlay_page_count = self.page_count;
+        self.reported_counter = self.reported_counter.wrapping_add(1);
+        Ok(header)
+    }
+
+    /// Every committed page, for comparing replicas byte for byte.
+    pub fn committed_pages(&mut self) -> Result<Vec<Page>, StoreError> {
+        (1..=self.page_count)
+            .map(|i| Ok(*self.committed_page(PageIdx::new(i).expect("BUG: i >= 1"))?))
+            .collect()
+    }
+}

@@ -1,0 +1,207 @@
+//! Client and server documents end to end, in process: states, rejections, refusals, restarts.
+
+use pagesync::journal::{FileJournal, FileJournalOptions, JournalId, Lsn};
+use pagesync::{ClientDocument, Error, MutationState, ServerDocument, Value};
+use pagesync_tests::{drain, integrity_ok, memory_journal, pages_of, pull, push, sql};
+
+const T0: i64 = 1_700_000_000_000;
+
+fn setup() -> (ServerDocument, ClientDocument) {
+    let server = ServerDocument::open(memory_journal(1)).expect("server");
+    let client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    (server, client)
+}
+
+#[test]
+fn local_write_is_instant_then_confirmed() {
+    let (mut server, mut client) = setup();
+    let a =
+        client.mutate(sql("CREATE TABLE t(x INTEGER PRIMARY KEY, y TEXT)", vec![]), T0, 1).expect("mutate");
+    let b = client.mutate(sql("INSERT INTO t(y) VALUES (?1)", vec!["hello".into()]), T0, 2).expect("mutate");
+    assert_eq!(b.local, Ok(()));
+    let rows = client.query("SELECT y FROM t", &[]).expect("query");
+    assert_eq!(rows.rows, vec![vec![Value::Text("hello".into())]]);
+    assert_eq!(client.state(a.lsn).expect("state"), MutationState::Pending);
+
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(a.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(client.state(b.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(client.pending_count(), 0);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+    assert!(integrity_ok(client.database()));
+}
+
+#[test]
+fn rejected_mutation_carries_the_server_message_and_changes_nothing() {
+    let (mut server, mut client) = setup();
+    client
+        .mutate(sql("CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER CHECK (bal >= 0))", vec![]), T0, 1)
+        .expect("ddl");
+    client.mutate(sql("INSERT INTO acct VALUES (1, 10)", vec![]), T0, 2).expect("insert");
+    let bad =
+        client.mutate(sql("UPDATE acct SET bal = bal - 50 WHERE id = 1", vec![]), T0, 3).expect("queued");
+    assert!(bad.local.is_err(), "the CHECK fails locally too");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    match client.state(bad.lsn).expect("state") {
+        MutationState::Rejected(r) => {
+            assert_eq!(r.code, "constraint");
+            assert!(r.message.contains("CHECK constraint failed"), "{}", r.message);
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    let bal = client.query("SELECT bal FROM acct", &[]).expect("query");
+    assert_eq!(bal.rows, vec![vec![Value::Integer(10)]]);
+}
+
+#[test]
+fn statements_that_cannot_replay_are_refused_with_a_reason() {
+    let (mut server, mut client) = setup();
+    pull(&mut client, &server); // the system tables arrive with the first entry
+    for (stmt, needle) in [
+        ("ATTACH 'x.db' AS x", "ATTACH"),
+        ("PRAGMA journal_mode = WAL", "journal_mode"),
+        ("PRAGMA page_size = 8192", "page_size"),
+        ("SELECT load_extension('evil')", "load_extension"),
+        ("INSERT INTO _pagesync_timelines VALUES (x'00', 1)", "_pagesync_timelines"),
+        ("BEGIN", "transaction"),
+    ] {
+        match client.mutate(sql(stmt, vec![]), T0, 1) {
+            Err(Error::Refused(msg)) => {
+                assert!(msg.to_lowercase().contains(&needle.to_lowercase()), "{stmt}: {msg}")
+            }
+            other => panic!("{stmt}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(client.pending_count(), 0, "refused mutations are not queued");
+
+    // A client that skips the local check gets the same refusal from the server.
+    let forged = pagesync::Mutation {
+        client_time_ms: T0,
+        seed: 0,
+        body: sql("DELETE FROM _pagesync_timelines", vec![]),
+    };
+    let tl = pagesync::TimelineId::from_u128(99);
+    server.receive(tl, Lsn::FIRST, vec![forged.encode().expect("encode")]);
+    let outcome = server.step(T0).expect("step").expect("applied");
+    assert_eq!(outcome.rejected, 1);
+    let code: String = server
+        .database()
+        .conn()
+        .query_row("SELECT code FROM _pagesync_rejections", [], |r| r.get(0))
+        .expect("rejection recorded");
+    assert_eq!(code, "refused");
+}
+
+#[test]
+fn clock_and_randomness_are_the_mutations_own() {
+    let (mut server, mut client) = setup();
+    client.mutate(sql("CREATE TABLE r(t TEXT, a INTEGER, b BLOB)", vec![]), T0, 1).expect("ddl");
+    client
+        .mutate(sql("INSERT INTO r VALUES (datetime('now'), random(), randomblob(8))", vec![]), T0, 42)
+        .expect("ins");
+    let local = client.query("SELECT * FROM r", &[]).expect("query").rows;
+    assert_eq!(local[0][0], Value::Text("2023-11-14 22:13:20".into()));
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(
+        client.query("SELECT * FROM r", &[]).expect("query").rows,
+        local,
+        "server computed the same values"
+    );
+}
+
+#[test]
+fn client_time_ahead_of_the_server_is_clamped() {
+    let (mut server, mut client) = setup();
+    client.mutate(sql("CREATE TABLE r(t INTEGER)", vec![]), T0, 1).expect("ddl");
+    let far = T0 + 86_400_000;
+    client
+        .mutate(sql("INSERT INTO r VALUES (unixepoch('now', 'subsec') * 1000)", vec![]), far, 1)
+        .expect("ins");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    let rows = client.query("SELECT CAST(t AS INTEGER) FROM r", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Integer(T0 + pagesync::server::MAX_CLOCK_AHEAD_MS)]]);
+}
+
+#[test]
+fn duplicates_and_replays_are_applied_once() {
+    let (mut server, mut client) = setup();
+    client.mutate(sql("CREATE TABLE c(n INTEGER)", vec![]), T0, 1).expect("ddl");
+    for _ in 0..5 {
+        client.mutate(sql("INSERT INTO c VALUES (1)", vec![]), T0, 1).expect("ins");
+    }
+    push(&client, &mut server);
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    push(&client, &mut server); // after it was applied: ignored
+    let range = client.pending_range();
+    let entries = client.read_pending(range).expect("read");
+    let gap = server.receive(client.timeline_id(), Lsn::new(100).expect("lsn"), entries);
+    assert_eq!(gap.accepted, 0);
+    assert_eq!(gap.next_expected, Lsn::new(7).expect("lsn"));
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    let n = client.query("SELECT count(*) FROM c", &[]).expect("query").rows;
+    assert_eq!(n, vec![vec![Value::Integer(5)]]);
+}
+
+#[test]
+fn offline_work_survives_a_client_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = FileJournalOptions::default;
+    let open = |dir: &std::path::Path| {
+        let storage = FileJournal::open_or_create(dir.join("storage"), JournalId::from_u128(10), opts())
+            .expect("storage");
+        let timeline =
+            FileJournal::open_or_create(dir.join("timeline"), JournalId::from_u128(11), opts()).expect("tl");
+        ClientDocument::open(Box::new(storage), Box::new(timeline)).expect("client")
+    };
+    let mut server = ServerDocument::open(memory_journal(1)).expect("server");
+    let mut client = open(dir.path());
+    client.mutate(sql("CREATE TABLE n(v TEXT)", vec![]), T0, 1).expect("ddl");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    client.mutate(sql("INSERT INTO n VALUES ('offline 1')", vec![]), T0, 2).expect("ins");
+    let last = client.mutate(sql("INSERT INTO n VALUES ('offline 2')", vec![]), T0, 3).expect("ins");
+    drop(client);
+
+    let mut client = open(dir.path());
+    assert_eq!(client.pending_count(), 2);
+    assert_eq!(client.state(last.lsn).expect("state"), MutationState::Pending);
+    let rows = client.query("SELECT v FROM n ORDER BY v", &[]).expect("query").rows;
+    assert_eq!(rows.len(), 2, "pending writes show after restart");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(last.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
+#[test]
+fn vacuum_shrinks_the_file_and_replicates() {
+    let (mut server, mut client) = setup();
+    client.mutate(sql("CREATE TABLE big(b BLOB)", vec![]), T0, 1).expect("ddl");
+    client
+        .mutate(sql("WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < 500) INSERT INTO big SELECT randomblob(3000) FROM s", vec![]), T0, 2)
+        .expect("fill");
+    client.mutate(sql("DELETE FROM big WHERE rowid > 10", vec![]), T0, 3).expect("delete");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    let before = server.database().store().page_count();
+    server.vacuum().expect("vacuum").expect("vacuum changed pages");
+    let after = server.database().store().page_count();
+    assert!(after * 10 < before, "VACUUM truncated the file: {before} -> {after} pages");
+    pull(&mut client, &server);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+    assert!(integrity_ok(client.database()) && integrity_ok(server.database()));
+    let n = client.query("SELECT count(*) FROM big", &[]).expect("query").rows;
+    assert_eq!(n, vec![vec![Value::Integer(10)]]);
+}
