@@ -124,7 +124,7 @@ fn run(seed: u64, ops: usize) {
     }
     assert!(integrity_ok(w.server.database()));
     let (mut confirmed, mut rejected) = (0, 0);
-    for ((tl, lsn), _) in &w.sent {
+    for (tl, lsn) in w.sent.keys() {
         let c = w.clients.iter().find(|c| c.timeline_id() == *tl).expect("client");
         match c.state(*lsn).expect("state") {
             MutationState::Confirmed => confirmed += 1,
