@@ -11,3 +11,14 @@ ensure_rust_components() {
 ensure_nextest() {
   cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 }
+
+# The wasm32 target and clang-19/llvm-ar-19, which sqlite-wasm-rs compiles SQLite with.
+ensure_wasm_toolchain() {
+  rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+  if ! command -v clang-19 >/dev/null 2>&1 || ! command -v llvm-ar-19 >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 llvm-19
+  fi
+}
