@@ -3,6 +3,7 @@
 //! short smoke version of everything (CI uses it; its figures are not checked).
 #![forbid(unsafe_code)]
 
+mod core;
 mod journal;
 mod report;
 
@@ -21,7 +22,7 @@ pub struct Config {
 
 type Group = (&'static str, fn(&Config) -> Vec<Pair>);
 
-const GROUPS: &[Group] = &[("journal", journal::run)];
+const GROUPS: &[Group] = &[("journal", journal::run), ("core", core::run)];
 
 fn usage() -> String {
     let names: Vec<&str> = GROUPS.iter().map(|(n, _)| *n).collect();

@@ -33,7 +33,6 @@ impl Stats {
 #[serde(rename_all = "snake_case")]
 pub enum Better {
     Higher,
-    #[allow(dead_code, reason = "for latency and time figures")]
     Lower,
 }
 
@@ -58,8 +57,10 @@ pub struct Pair {
 #[derive(Clone, Copy, Debug)]
 pub enum Target {
     RatioAtLeast(f64),
-    #[allow(dead_code, reason = "for latency and time figures")]
     RatioAtMost(f64),
+    /// An absolute target on our median, in the pair's unit.
+    OursAtLeast(f64),
+    OursAtMost(f64),
 }
 
 impl Pair {
@@ -79,6 +80,8 @@ impl Pair {
         let (target, target_met) = match target {
             Some(Target::RatioAtLeast(t)) => (Some(format!("ratio >= {t}")), Some(ratio >= t)),
             Some(Target::RatioAtMost(t)) => (Some(format!("ratio <= {t}")), Some(ratio <= t)),
+            Some(Target::OursAtLeast(t)) => (Some(format!("pagesync >= {t} {unit}")), Some(ours.median >= t)),
+            Some(Target::OursAtMost(t)) => (Some(format!("pagesync <= {t} {unit}")), Some(ours.median <= t)),
             None => (None, None),
         };
         let (group, name, unit, peer_name) =

@@ -1,0 +1,172 @@
+//! The core, in process: local writes against stock SQLite, the server's batched apply, and a
+//! rebase of many pending mutations over a long history.
+
+use std::time::{Duration, Instant};
+
+use pagesync::journal::{FileJournal, FileJournalOptions, Journal, JournalId, MemoryJournal};
+use pagesync::{ClientDocument, ServerDocument, SqlMutation, SqlReducer, StepLimits, TimelineId, Value};
+use rusqlite::Connection;
+
+use crate::Config;
+use crate::report::{Better, Pair, Target, interleave, per_second};
+
+const T0: i64 = 1_700_000_000_000;
+const SCHEMA: &str = "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL)";
+const INSERT: &str = "INSERT INTO t(v) VALUES (?1)";
+
+fn row(i: u64) -> Vec<u8> {
+    SqlMutation::one(INSERT, vec![Value::Text(format!("row {i} {}", "x".repeat(40)))]).encode()
+}
+
+fn file_journal(dir: &std::path::Path, name: &str, id: u128) -> Box<dyn Journal + Send> {
+    let j = FileJournal::create(dir.join(name), JournalId::from_u128(id), FileJournalOptions::default());
+    Box::new(j.expect("create journal"))
+}
+
+fn mem(id: u128) -> Box<dyn Journal + Send> {
+    Box::new(MemoryJournal::new(JournalId::from_u128(id)))
+}
+
+pub fn run(cfg: &Config) -> Vec<Pair> {
+    vec![local_write(cfg), server_apply(cfg), rebase(cfg)]
+}
+
+fn micros_per_op(n: u64, elapsed: Duration) -> f64 {
+    elapsed.as_secs_f64() * 1e6 / n as f64
+}
+
+/// A single-row mutation on a client (file journals, fdatasync per write) against a one-row
+/// transaction in stock SQLite, WAL mode with `synchronous = FULL` (fsync per commit).
+fn local_write(cfg: &Config) -> Pair {
+    let n = if cfg.quick { 50 } else { 400 };
+    let ours = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = ClientDocument::open(file_journal(dir.path(), "s", 1), file_journal(dir.path(), "t", 2))
+            .expect("client");
+        c.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
+        let start = Instant::now();
+        for i in 0..n {
+            c.mutate(row(i), T0, i).expect("mutate");
+        }
+        micros_per_op(n, start.elapsed())
+    };
+    let peer = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = Connection::open(dir.path().join("stock.sqlite")).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").expect("pragmas");
+        conn.execute_batch(SCHEMA).expect("schema");
+        let start = Instant::now();
+        for i in 0..n {
+            conn.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
+        }
+        micros_per_op(n, start.elapsed())
+    };
+    let (a, b) = interleave(cfg.reps, ours, peer);
+    let peer_name = "stock SQLite, WAL, synchronous=FULL, 1-row txn";
+    Pair::new("core", "local single-row write", "us/write", Better::Lower, a, peer_name, b, Some(Target::RatioAtMost(1.5)))
+}
+
+/// The server applying queued single-row mutations in batched steps (file journal, one fsync
+/// per step) against stock SQLite running the same inserts in 1,000-row transactions.
+fn server_apply(cfg: &Config) -> Pair {
+    let n = if cfg.quick { 2_000 } else { 20_000 };
+    let bodies: Vec<Vec<u8>> = (0..n).map(row).collect();
+    let ours = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = ServerDocument::with_reducer(file_journal(dir.path(), "s", 1), SqlReducer, StepLimits::default())
+            .expect("server");
+        let tl = TimelineId::from_u128(5);
+        let mutation = |body: &Vec<u8>| pagesync::Mutation { client_time_ms: T0, seed: 0, body: body.clone() };
+        let schema = pagesync::Mutation { client_time_ms: T0, seed: 0, body: SqlMutation::one(SCHEMA, vec![]).encode() };
+        let mut entries = vec![schema.encode().expect("encode")];
+        entries.extend(bodies.iter().map(|b| mutation(b).encode().expect("encode")));
+        s.receive(tl, pagesync::journal::Lsn::FIRST, entries);
+        let start = Instant::now();
+        while s.step(T0).expect("step").is_some() {}
+        per_second(n, start.elapsed())
+    };
+    let peer = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = Connection::open(dir.path().join("stock.sqlite")).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").expect("pragmas");
+        conn.execute_batch(SCHEMA).expect("schema");
+        let start = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+            conn.execute_batch("BEGIN").expect("begin");
+            for i in chunk {
+                conn.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
+            }
+            conn.execute_batch("COMMIT").expect("commit");
+        }
+        per_second(n, start.elapsed())
+    };
+    let (a, b) = interleave(cfg.reps, ours, peer);
+    let peer_name = "stock SQLite, same inserts, 1,000 per txn";
+    Pair::new(
+        "core",
+        "server batched apply, single-row mutations",
+        "mutations/s",
+        Better::Higher,
+        a,
+        peer_name,
+        b,
+        Some(Target::OursAtLeast(50_000.0)),
+    )
+}
+
+/// A client with 1,000 pending mutations receives one new entry on top of a 15,000-entry
+/// history and rebases. The peer re-runs the same 1,000 mutations on stock SQLite in one
+/// transaction: the floor any rebase must pay.
+fn rebase(cfg: &Config) -> Pair {
+    let (history, pending) = if cfg.quick { (1_500, 100) } else { (15_000, 1_000) };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = StepLimits { max_mutations: 1, ..StepLimits::default() };
+    let mut server = ServerDocument::with_reducer(mem(1), SqlReducer, limits).expect("server");
+    let mut other = ClientDocument::open(mem(2), mem(3)).expect("writer");
+    other.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
+    for i in 0..history {
+        other.mutate(row(i), T0, i).expect("mutate");
+    }
+    let mut a = ClientDocument::open(file_journal(dir.path(), "s", 4), file_journal(dir.path(), "t", 5)).expect("a");
+    deliver(&mut other, &mut server, &mut a);
+    assert!(a.storage_range().len() > history, "BUG: the history was not built");
+    for i in 0..pending {
+        a.mutate(row(i), T0, i).expect("pending");
+    }
+    let mut k = history;
+    let mut ours = || {
+        k += 1;
+        other.mutate(row(k), T0, k).expect("mutate");
+        let range = other.pending_range();
+        server.receive(other.timeline_id(), range.first(), other.read_pending(range).expect("read"));
+        let outcome = server.step(T0).expect("step").expect("applied");
+        let entry = server.read_storage(pagesync::journal::LsnRange::inclusive(outcome.lsn, outcome.lsn));
+        let entry = entry.expect("read");
+        let start = Instant::now();
+        a.receive_storage(outcome.lsn, &entry).expect("rebase");
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let stock = Connection::open(dir.path().join("stock.sqlite")).expect("open");
+    stock.execute_batch(SCHEMA).expect("schema");
+    let peer = || {
+        let start = Instant::now();
+        stock.execute_batch("BEGIN").expect("begin");
+        for i in 0..pending {
+            stock.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
+        }
+        stock.execute_batch("ROLLBACK").expect("rollback");
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let (x, y) = interleave(cfg.reps, &mut ours, peer);
+    assert_eq!(a.pending_count(), pending as usize, "BUG: the pending mutations stayed pending");
+    let name = format!("rebase {pending} pending over {history} entries");
+    Pair::new("core", &name, "ms", Better::Lower, x, "stock SQLite re-running them", y, Some(Target::OursAtMost(50.0)))
+}
+
+fn deliver(writer: &mut ClientDocument, server: &mut ServerDocument, reader: &mut ClientDocument) {
+    let range = writer.pending_range();
+    server.receive(writer.timeline_id(), range.first(), writer.read_pending(range).expect("read"));
+    while server.step(T0).expect("step").is_some() {}
+    let all = server.storage_range();
+    reader.receive_storage(all.first(), &server.read_storage(all).expect("read")).expect("receive");
+}
