@@ -63,7 +63,16 @@ fn local_write(cfg: &Config) -> Pair {
     };
     let (a, b) = interleave(cfg.reps, ours, peer);
     let peer_name = "stock SQLite, WAL, synchronous=FULL, 1-row txn";
-    Pair::new("core", "local single-row write", "us/write", Better::Lower, a, peer_name, b, Some(Target::RatioAtMost(1.5)))
+    Pair::new(
+        "core",
+        "local single-row write",
+        "us/write",
+        Better::Lower,
+        a,
+        peer_name,
+        b,
+        Some(Target::RatioAtMost(1.5)),
+    )
 }
 
 /// The server applying queued single-row mutations in batched steps (file journal, one fsync
@@ -73,11 +82,17 @@ fn server_apply(cfg: &Config) -> Pair {
     let bodies: Vec<Vec<u8>> = (0..n).map(row).collect();
     let ours = || {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = ServerDocument::with_reducer(file_journal(dir.path(), "s", 1), SqlReducer, StepLimits::default())
-            .expect("server");
+        let mut s =
+            ServerDocument::with_reducer(file_journal(dir.path(), "s", 1), SqlReducer, StepLimits::default())
+                .expect("server");
         let tl = TimelineId::from_u128(5);
-        let mutation = |body: &Vec<u8>| pagesync::Mutation { client_time_ms: T0, seed: 0, body: body.clone() };
-        let schema = pagesync::Mutation { client_time_ms: T0, seed: 0, body: SqlMutation::one(SCHEMA, vec![]).encode() };
+        let mutation =
+            |body: &Vec<u8>| pagesync::Mutation { client_time_ms: T0, seed: 0, body: body.clone() };
+        let schema = pagesync::Mutation {
+            client_time_ms: T0,
+            seed: 0,
+            body: SqlMutation::one(SCHEMA, vec![]).encode(),
+        };
         let mut entries = vec![schema.encode().expect("encode")];
         entries.extend(bodies.iter().map(|b| mutation(b).encode().expect("encode")));
         s.receive(tl, pagesync::journal::Lsn::FIRST, entries);
@@ -127,7 +142,8 @@ fn rebase(cfg: &Config) -> Pair {
     for i in 0..history {
         other.mutate(row(i), T0, i).expect("mutate");
     }
-    let mut a = ClientDocument::open(file_journal(dir.path(), "s", 4), file_journal(dir.path(), "t", 5)).expect("a");
+    let mut a =
+        ClientDocument::open(file_journal(dir.path(), "s", 4), file_journal(dir.path(), "t", 5)).expect("a");
     deliver(&mut other, &mut server, &mut a);
     assert!(a.storage_range().len() > history, "BUG: the history was not built");
     for i in 0..pending {
@@ -160,7 +176,16 @@ fn rebase(cfg: &Config) -> Pair {
     let (x, y) = interleave(cfg.reps, &mut ours, peer);
     assert_eq!(a.pending_count(), pending as usize, "BUG: the pending mutations stayed pending");
     let name = format!("rebase {pending} pending over {history} entries");
-    Pair::new("core", &name, "ms", Better::Lower, x, "stock SQLite re-running them", y, Some(Target::OursAtMost(50.0)))
+    Pair::new(
+        "core",
+        &name,
+        "ms",
+        Better::Lower,
+        x,
+        "stock SQLite re-running them",
+        y,
+        Some(Target::OursAtMost(50.0)),
+    )
 }
 
 fn deliver(writer: &mut ClientDocument, server: &mut ServerDocument, reader: &mut ClientDocument) {

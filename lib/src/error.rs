@@ -23,6 +23,10 @@ pub enum Error {
     PageSize { found: i64 },
     #[error("query() runs read-only statements; use execute() for writes: {sql}")]
     NotReadOnly { sql: String },
+    /// A statement (`INSERT OR ROLLBACK`, `RAISE(ROLLBACK, ...)`) ended the whole transaction,
+    /// not just its mutation's savepoint. The caller restarts its batch without the mutation.
+    #[error("the mutation ended its transaction: {0}")]
+    TransactionLost(crate::reducer::Rejection),
     #[error("storage entry {got} arrived but {expected} is next: the missing range must be sent first")]
     Gap { expected: Lsn, got: Lsn },
 }

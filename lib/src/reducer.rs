@@ -78,8 +78,10 @@ const SAVEPOINT: &str = "_pagesync_mutation";
 
 /// Runs one encoded mutation in a SAVEPOINT inside the caller's transaction. `time_ms` is the
 /// clock it sees (the server's clamped value, or the client's own). On rejection, the
-/// mutation's changes are rolled back and the rest of the transaction stands. An `Err` is an
-/// infrastructure failure (I/O), not a rejection: the caller must abandon the transaction.
+/// mutation's changes are rolled back and the rest of the transaction stands. An `Err` is
+/// either `TransactionLost` (the mutation's statement rolled back the whole transaction; the
+/// caller restarts its batch without it) or an infrastructure failure (I/O): the caller must
+/// abandon the transaction.
 pub fn apply_mutation(
     db: &Database,
     reducer: &mut dyn Reducer,
@@ -89,22 +91,19 @@ pub fn apply_mutation(
     let conn = db.conn();
     conn.execute_batch(&format!("SAVEPOINT {SAVEPOINT}"))?;
     let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply(c, &mutation.body));
-    let outcome = match outcome {
-        Err(mut r) => {
-            if let Some(reason) = db.take_refusal() {
-                r = Rejection::new("refused", reason);
-            }
-            if let Some(io) = db.store().take_last_error() {
-                conn.execute_batch(&format!("ROLLBACK TO {SAVEPOINT}; RELEASE {SAVEPOINT}"))?;
-                return Err(io.into());
-            }
-            conn.execute_batch(&format!("ROLLBACK TO {SAVEPOINT}; RELEASE {SAVEPOINT}"))?;
-            Err(r)
-        }
-        Ok(()) => {
-            conn.execute_batch(&format!("RELEASE {SAVEPOINT}"))?;
-            Ok(())
-        }
+    let Err(mut rejection) = outcome else {
+        conn.execute_batch(&format!("RELEASE {SAVEPOINT}"))?;
+        return Ok(Ok(()));
     };
-    Ok(outcome)
+    if let Some(reason) = db.take_refusal() {
+        rejection = Rejection::new("refused", reason);
+    }
+    if let Some(io) = db.store().take_last_error() {
+        return Err(io.into());
+    }
+    if conn.is_autocommit() {
+        return Err(Error::TransactionLost(rejection));
+    }
+    conn.execute_batch(&format!("ROLLBACK TO {SAVEPOINT}; RELEASE {SAVEPOINT}"))?;
+    Ok(Err(rejection))
 }

@@ -95,6 +95,11 @@ impl ServerDocument<SqlReducer> {
     }
 }
 
+/// The client time of an encoded mutation, or 0 when it does not decode.
+fn decoded_time(bytes: &[u8]) -> i64 {
+    Mutation::decode(bytes).map_or(0, |m| m.client_time_ms)
+}
+
 impl<R: Reducer> ServerDocument<R> {
     /// Opens the document over its storage journal; an empty journal gets its first entry (the
     /// system tables) at once.
@@ -275,23 +280,52 @@ impl<R: Reducer> ServerDocument<R> {
         }
     }
 
+    /// Applies `batch` in one transaction. A mutation that ends the transaction itself is
+    /// marked rejected and the batch restarts without it: at most one restart per mutation,
+    /// and a replay takes the same path, so the pages stay deterministic.
     fn apply_batch(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
         time_of: impl Fn(i64, usize) -> i64,
     ) -> Result<StepOutcome> {
-        self.db.conn().execute_batch("BEGIN IMMEDIATE")?;
+        let mut lost: HashMap<usize, Rejection> = HashMap::new();
+        loop {
+            match self.try_apply_batch(batch, &time_of, &lost) {
+                Err((Some(i), Error::TransactionLost(r))) => {
+                    assert!(lost.insert(i, r).is_none(), "BUG: a skipped mutation ran again");
+                }
+                Err((_, e)) => return Err(e),
+                Ok(outcome) => return Ok(outcome),
+            }
+        }
+    }
+
+    /// One attempt at a batch; an error says which mutation caused it, if one did.
+    fn try_apply_batch(
+        &mut self,
+        batch: &[(TimelineId, Lsn, Vec<u8>)],
+        time_of: &impl Fn(i64, usize) -> i64,
+        lost: &HashMap<usize, Rejection>,
+    ) -> std::result::Result<StepOutcome, (Option<usize>, Error)> {
+        let conn_err = |e: rusqlite::Error| (None, Error::from(e));
+        self.db.conn().execute_batch("BEGIN IMMEDIATE").map_err(conn_err)?;
         let mut applied = Vec::with_capacity(batch.len());
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
         let mut rejected = 0;
         for (i, (tl, lsn, bytes)) in batch.iter().enumerate() {
-            let (time_ms, result) = self.apply_one(bytes, |client_ms| time_of(client_ms, i))?;
+            let (time_ms, result) = match lost.get(&i) {
+                Some(r) => (time_of(decoded_time(bytes), i), Err(r.clone())),
+                None => self.apply_one(bytes, |client_ms| time_of(client_ms, i)).map_err(|e| (Some(i), e))?,
+            };
             if let Err(r) = result {
                 rejected += 1;
-                self.db.conn().execute(
-                    "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
-                    rusqlite::params![&tl.0[..], lsn.get() as i64, r.code, r.message],
-                )?;
+                self.db
+                    .conn()
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
+                    )
+                    .and_then(|mut st| st.execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code, r.message]))
+                    .map_err(conn_err)?;
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
             last.insert(*tl, *lsn);
@@ -301,11 +335,13 @@ impl<R: Reducer> ServerDocument<R> {
                 .conn()
                 .prepare_cached(
                     "INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)",
-                )?
-                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64])?;
+                )
+                .and_then(|mut st| st.execute(rusqlite::params![&tl.0[..], lsn.get() as i64]))
+                .map_err(conn_err)?;
         }
-        self.db.conn().execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
-        let lsn = self.db.store().commit_overlay(&applied)?.expect("BUG: a step with mutations records them");
+        self.db.conn().execute_batch("COMMIT").map_err(|e| (None, self.db.explain(e)))?;
+        let lsn = self.db.store().commit_overlay(&applied).map_err(|e| (None, e.into()))?;
+        let lsn = lsn.expect("BUG: a step with mutations records them");
         Ok(StepOutcome { lsn, applied: applied.len(), rejected })
     }
 

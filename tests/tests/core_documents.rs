@@ -205,3 +205,60 @@ fn vacuum_shrinks_the_file_and_replicates() {
     let n = client.query("SELECT count(*) FROM big", &[]).expect("query").rows;
     assert_eq!(n, vec![vec![Value::Integer(10)]]);
 }
+
+/// The README's example, verbatim but for `now_ms`/`seed` and error plumbing.
+#[test]
+fn readme_example() -> Result<(), pagesync::Error> {
+    use pagesync::journal::{Journal, JournalId, MemoryJournal};
+    use pagesync::{ClientDocument, MutationState, ServerDocument, SqlMutation};
+    let (now_ms, seed) = (T0, 7);
+
+    let journal = |n| -> Box<dyn Journal + Send> { Box::new(MemoryJournal::new(JournalId::from_u128(n))) };
+    let mut server = ServerDocument::open(journal(1))?;
+    let mut client = ClientDocument::open(journal(2), journal(3))?; // storage, timeline
+    let body = SqlMutation::one("CREATE TABLE t(x TEXT)", vec![]).encode();
+    let done = client.mutate(body, now_ms, seed)?; // local, instant, durable
+    // Move the timeline up and the storage down (the protocol issue automates this):
+    let up = client.pending_range();
+    server.receive(client.timeline_id(), up.first(), client.read_pending(up)?);
+    server.step(now_ms)?;
+    let down = server.storage_range();
+    client.receive_storage(down.first(), &server.read_storage(down)?)?;
+    assert_eq!(client.state(done.lsn)?, MutationState::Confirmed);
+    Ok(())
+}
+
+/// `INSERT OR ROLLBACK` and `RAISE(ROLLBACK, ...)` end the whole transaction, not just the
+/// mutation's savepoint. Such a mutation is rejected alone; the rest of its step, the document
+/// and the client's rebase carry on.
+#[test]
+fn a_mutation_that_rolls_back_the_transaction_is_rejected_alone() {
+    let (mut server, mut client) = setup();
+    client.mutate(sql("CREATE TABLE u(k INTEGER PRIMARY KEY)", vec![]), T0, 1).expect("ddl");
+    client
+        .mutate(sql("CREATE TRIGGER no13 BEFORE INSERT ON u WHEN new.k = 13 BEGIN SELECT RAISE(ROLLBACK, 'unlucky'); END", vec![]), T0, 1)
+        .expect("trigger");
+    client.mutate(sql("INSERT INTO u VALUES (1)", vec![]), T0, 1).expect("ins");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    let dup = client.mutate(sql("INSERT OR ROLLBACK INTO u VALUES (1)", vec![]), T0, 1).expect("queued");
+    let ok = client.mutate(sql("INSERT INTO u VALUES (2)", vec![]), T0, 1).expect("ins");
+    let unlucky = client.mutate(sql("INSERT INTO u VALUES (13)", vec![]), T0, 1).expect("queued");
+    let last = client.mutate(sql("INSERT INTO u VALUES (3)", vec![]), T0, 1).expect("ins");
+    assert!(dup.local.is_err() && unlucky.local.is_err());
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    for (lsn, needle) in [(dup.lsn, "UNIQUE"), (unlucky.lsn, "unlucky")] {
+        match client.state(lsn).expect("state") {
+            MutationState::Rejected(r) => assert!(r.message.contains(needle), "{r}"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+    assert_eq!(client.state(ok.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(client.state(last.lsn).expect("state"), MutationState::Confirmed);
+    let rows = client.query("SELECT k FROM u ORDER BY k", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Integer(1)], vec![Value::Integer(2)], vec![Value::Integer(3)]]);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
