@@ -7,8 +7,23 @@
 use std::fmt;
 
 /// A log sequence number: the position of one entry in one journal, starting at 1.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+/// Serialized as a plain `u64`; deserializing 0 is an error.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "u64", into = "u64")]
 pub struct Lsn(u64);
+
+impl TryFrom<u64> for Lsn {
+    type Error = &'static str;
+    fn try_from(n: u64) -> Result<Lsn, Self::Error> {
+        Lsn::new(n).ok_or("LSN 0 does not exist: LSNs start at 1")
+    }
+}
+
+impl From<Lsn> for u64 {
+    fn from(l: Lsn) -> u64 {
+        l.0
+    }
+}
 
 impl Lsn {
     /// The first LSN of every journal.

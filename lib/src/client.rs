@@ -22,6 +22,7 @@ use crate::ids::TimelineId;
 use crate::mutation::{Mutation, Value};
 use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation};
 use crate::store::PageStore;
+use crate::wire::WireEntry;
 
 /// Where a mutation stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,31 +191,51 @@ impl<R: Reducer> ClientDocument<R> {
     /// the pending mutations on top. Entries this replica already holds are skipped; a gap is
     /// an error naming the LSN expected.
     pub fn receive_storage(&mut self, first: Lsn, entries: &[Vec<u8>]) -> Result<()> {
+        self.receive_with(first, entries.len(), |i, _| Ok(entries[i].clone()))
+    }
+
+    /// Like `receive_storage`, for entries in wire form (compressed, possibly XOR deltas
+    /// against this replica's pages just before each entry).
+    pub fn receive_wire(&mut self, first: Lsn, entries: &[WireEntry]) -> Result<()> {
+        self.receive_with(first, entries.len(), |i, store| {
+            Ok(entries[i].resolve(|idx| store.previous_version(idx))??)
+        })
+    }
+
+    fn receive_with(
+        &mut self,
+        first: Lsn,
+        count: usize,
+        mut payload: impl FnMut(usize, &mut PageStore) -> Result<Vec<u8>>,
+    ) -> Result<()> {
         let next = self.storage_range().next();
-        let range = LsnRange::from_count(first, entries.len() as u64);
         if first > next {
             return Err(Error::Gap { expected: next, got: first });
         }
-        let new: Vec<(Lsn, &Vec<u8>)> = range.iter().zip(entries).filter(|(l, _)| *l >= next).collect();
-        if new.is_empty() {
+        let range = LsnRange::from_count(first, count as u64);
+        if range.next() <= next {
             return Ok(());
         }
         let mut applied = self.applied;
-        {
+        let outcome = (|| {
             let mut store = self.db.store();
             store.discard_overlay();
-            for (lsn, payload) in new {
-                let header = store.apply_remote(lsn, payload)?;
+            for (i, lsn) in range.iter().enumerate().filter(|(_, l)| *l >= next) {
+                let bytes = payload(i, &mut store)?;
+                let header = store.apply_remote(lsn, &bytes)?;
                 let ours = header.applied.iter().filter(|a| a.timeline == self.timeline_id).map(|a| a.lsn);
                 applied = applied.max(ours.max());
             }
-        }
+            Ok::<(), Error>(())
+        })();
+        // Whatever was applied stays applied; the pending work goes back on top either way.
         if let Some(a) = applied.filter(|a| Some(*a) > self.applied) {
             self.timeline.remove_prefix(a)?;
             self.pending.retain(|(l, _)| *l > a);
             self.applied = Some(a);
         }
-        self.replay_pending()
+        self.replay_pending()?;
+        outcome
     }
 
     /// Re-runs every pending mutation on the current state, in one transaction. A mutation

@@ -27,6 +27,8 @@ pub enum Error {
     /// not just its mutation's savepoint. The caller restarts its batch without the mutation.
     #[error("the mutation ended its transaction: {0}")]
     TransactionLost(crate::reducer::Rejection),
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
     #[error("storage entry {got} arrived but {expected} is next: the missing range must be sent first")]
     Gap { expected: Lsn, got: Lsn },
 }

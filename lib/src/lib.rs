@@ -16,11 +16,13 @@ pub mod error;
 pub mod ids;
 pub mod mutation;
 pub mod page;
+pub mod protocol;
 pub mod reducer;
 pub mod server;
 pub mod storage;
 pub mod store;
 mod vfs;
+pub mod wire;
 
 pub use client::{ClientDocument, MutationState, Rows, Submitted};
 pub use error::{Error, Result};

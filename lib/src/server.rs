@@ -22,6 +22,7 @@ use crate::mutation::{MAX_MUTATION_BYTES, Mutation};
 use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation};
 use crate::storage::Applied;
 use crate::store::PageStore;
+use crate::wire::WireEntry;
 
 /// The system tables, created by the server's first step.
 pub const SYSTEM_SCHEMA: &str = "
@@ -35,6 +36,11 @@ CREATE TABLE IF NOT EXISTS _pagesync_rejections(
 /// How far ahead of the server's clock a client's clock may run; later times are clamped.
 /// A minute covers ordinary clock drift without letting a client date rows into the future.
 pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
+
+/// Recent entries kept in wire form (often as deltas) for subscribers that are up to date.
+/// 256 entries covers the last second of a busy document; older entries are read from the
+/// journal and sent whole.
+pub const RECENT_WIRE_ENTRIES: usize = 256;
 
 /// Bounds on one step, so one storage entry (and the wait for it) stays small.
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +84,8 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     queues: BTreeMap<TimelineId, VecDeque<(Lsn, Vec<u8>)>>,
     /// Where the next round-robin pick starts, so busy timelines cannot starve others.
     rr_cursor: Option<TimelineId>,
+    /// The newest entries in wire form, oldest first.
+    recent: VecDeque<(Lsn, WireEntry)>,
 }
 
 impl<R: Reducer> std::fmt::Debug for ServerDocument<R> {
@@ -112,10 +120,12 @@ impl<R: Reducer> ServerDocument<R> {
             applied: HashMap::new(),
             queues: BTreeMap::new(),
             rr_cursor: None,
+            recent: VecDeque::new(),
         };
         if doc.db.store().page_count() == 0 {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} COMMIT;"))?;
-            doc.db.store().commit_overlay(&[])?;
+            let committed = doc.db.store().commit_overlay(&[])?;
+            doc.remember(committed);
         }
         doc.load_applied()?;
         Ok(doc)
@@ -150,9 +160,39 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(self.db.store().journal().read_range(range)?)
     }
 
+    /// Keeps a new entry's wire form: the XOR delta when it compresses smaller, else whole.
+    fn remember(&mut self, committed: Option<crate::store::Committed>) {
+        let Some(c) = committed else { return };
+        let (full, delta) = (WireEntry::full(&c.payload), WireEntry::delta(&c.delta));
+        let best = if delta.data.len() < full.data.len() { delta } else { full };
+        if self.recent.len() == RECENT_WIRE_ENTRIES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((c.lsn, best));
+    }
+
+    /// Storage entries in wire form, for a receiver that holds everything before `range`.
+    pub fn read_wire(&self, range: LsnRange) -> Result<Vec<WireEntry>> {
+        let cached_from = self.recent.front().map(|(l, _)| *l);
+        range
+            .iter()
+            .map(|lsn| match cached_from.filter(|&f| lsn >= f) {
+                Some(f) => Ok(self.recent[(lsn.get() - f.get()) as usize].1.clone()),
+                None => Ok(WireEntry::full(&self.db.store().journal().read(lsn)?)),
+            })
+            .collect()
+    }
+
     /// The highest LSN applied from `timeline`.
     pub fn applied_lsn(&self, timeline: TimelineId) -> Option<Lsn> {
         self.applied.get(&timeline).copied()
+    }
+
+    /// The next LSN this document needs from `timeline`: everything before it is applied or
+    /// queued.
+    pub fn next_expected(&self, timeline: TimelineId) -> Lsn {
+        let queued = self.queues.get(&timeline).and_then(|q| q.back()).map(|(l, _)| *l);
+        queued.or(self.applied.get(&timeline).copied()).map_or(Lsn::FIRST, Lsn::next)
     }
 
     /// Mutations received and not yet applied.
@@ -271,8 +311,13 @@ impl<R: Reducer> ServerDocument<R> {
             self.db.store().rollback_failed_step()?;
             return Err(e);
         }
-        match self.db.store().commit_overlay(&[]) {
-            Ok(lsn) => Ok(lsn),
+        let committed = self.db.store().commit_overlay(&[]);
+        match committed {
+            Ok(committed) => {
+                let lsn = committed.as_ref().map(|c| c.lsn);
+                self.remember(committed);
+                Ok(lsn)
+            }
             Err(e) => {
                 self.db.store().rollback_failed_step()?;
                 Err(e.into())
@@ -340,8 +385,9 @@ impl<R: Reducer> ServerDocument<R> {
                 .map_err(conn_err)?;
         }
         self.db.conn().execute_batch("COMMIT").map_err(|e| (None, self.db.explain(e)))?;
-        let lsn = self.db.store().commit_overlay(&applied).map_err(|e| (None, e.into()))?;
-        let lsn = lsn.expect("BUG: a step with mutations records them");
+        let committed = self.db.store().commit_overlay(&applied).map_err(|e| (None, e.into()))?;
+        let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
+        self.remember(committed);
         Ok(StepOutcome { lsn, applied: applied.len(), rejected })
     }
 

@@ -38,6 +38,16 @@ struct Loc {
     offset: u32,
 }
 
+/// A storage entry just made durable.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub lsn: Lsn,
+    pub payload: Vec<u8>,
+    /// The payload with every page XORed with its previous version: mostly zeros, so it
+    /// compresses to a fraction of a page for a small change.
+    pub delta: Vec<u8>,
+}
+
 /// Errors reading or writing pages.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -243,30 +253,41 @@ impl PageStore {
 
     /// Cuts the overlay into one storage entry with `applied`, appends it durably, and makes it
     /// the committed state. Pages equal to their committed version are left out. Returns the
-    /// entry's LSN, or `None` when there was nothing to record.
-    pub fn commit_overlay(&mut self, applied: &[Applied]) -> Result<Option<Lsn>, StoreError> {
-        let mut changed: Vec<(u32, Box<Page>)> = Vec::with_capacity(self.overlay.len());
+    /// entry's LSN and its delta form (see `wire`), or `None` when there was nothing to record.
+    pub fn commit_overlay(&mut self, applied: &[Applied]) -> Result<Option<Committed>, StoreError> {
+        let mut changed: Vec<(u32, Box<Page>, Arc<Page>)> = Vec::with_capacity(self.overlay.len());
         for (i, page) in std::mem::take(&mut self.overlay) {
             let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
-            let same = i <= self.page_count && *self.committed_page(idx)? == *page;
-            if !same {
-                changed.push((i, page));
+            let old = self.previous_version(idx)?;
+            if *old != *page {
+                changed.push((i, page, old));
             }
         }
-        changed.sort_unstable_by_key(|(i, _)| *i);
+        changed.sort_unstable_by_key(|(i, _, _)| *i);
         if changed.is_empty() && applied.is_empty() && self.overlay_page_count == self.page_count {
             return Ok(None);
         }
         let pages: Vec<(PageIdx, &Page)> =
-            changed.iter().map(|(i, p)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
+            changed.iter().map(|(i, p, _)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
         let payload = storage::encode(self.overlay_page_count, applied, &pages);
         let lsn = self.journal.append(&payload)?;
         let header = storage::decode(&payload).expect("BUG: we just encoded it");
+        let olds: Vec<&Page> = changed.iter().map(|(_, _, old)| &**old).collect();
+        let delta = crate::wire::xor_pages(&header, payload.clone(), &olds);
         self.index_entry(lsn, &header);
-        for (i, page) in changed {
+        for (i, page, _) in changed {
             self.cache.put(i, Arc::from(page));
         }
-        Ok(Some(lsn))
+        Ok(Some(Committed { lsn, payload, delta }))
+    }
+
+    /// The committed version of a page that a client at the current LSN holds: zeros past the
+    /// committed page count.
+    pub fn previous_version(&mut self, idx: PageIdx) -> Result<Arc<Page>, StoreError> {
+        if idx.get() > self.page_count {
+            return Ok(Arc::new(ZERO_PAGE));
+        }
+        self.committed_page(idx)
     }
 
     /// Drops the overlay: SQLite's uncommitted or optimistic writes are forgotten, and SQLite

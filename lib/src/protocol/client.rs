@@ -1,0 +1,284 @@
+//! `ClientSession`: the client side of one connection, multiplexing many documents (the
+//! LinkManager role), sans-io.
+//!
+//! Per document it keeps where the upload stands (`up_acked`: the server holds everything
+//! before it; `up_sent`: the next LSN to send) and whether a storage acknowledgement is due.
+//! Losses are repaired by timeouts (`RETRANSMIT_MS` rewinds the upload to `up_acked`;
+//! `KEEPALIVE_MS` of silence re-subscribes, which makes the server resend from what the client
+//! holds). Acknowledgements never rewind anything, so pipelined batches are not resent.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use pagesync_journal::{Lsn, LsnRange};
+
+use super::{KEEPALIVE_MS, MAX_BATCH_BYTES, Message, PROTOCOL_VERSION, RETRANSMIT_MS, UPLOAD_WINDOW_BYTES};
+use crate::client::{ClientDocument, Submitted};
+use crate::error::{Error, Result};
+use crate::ids::DocId;
+
+struct Link {
+    doc: ClientDocument,
+    subscribed: bool,
+    sub_sent_ms: i64,
+    up_acked: Lsn,
+    up_sent: Lsn,
+    /// Sent and unacknowledged: (first LSN after the batch, bytes).
+    up_inflight: VecDeque<(Lsn, usize)>,
+    up_sent_ms: i64,
+    ack_due: bool,
+    last_heard_ms: i64,
+    /// The last error the server reported for this document.
+    error: Option<(String, String)>,
+}
+
+/// What a client knows about one document's sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocStatus {
+    pub pending: usize,
+    pub storage_next: Lsn,
+    /// The server's last error for this document: (code, message).
+    pub error: Option<(String, String)>,
+}
+
+pub struct ClientSession {
+    token: String,
+    links: BTreeMap<DocId, Link>,
+    connected: bool,
+    hello_due: bool,
+    cursor: Option<DocId>,
+    now_ms: i64,
+    /// The last connection-level error from the server: (code, message).
+    conn_error: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("docs", &self.links.len())
+            .field("connected", &self.connected)
+            .finish()
+    }
+}
+
+impl ClientSession {
+    pub fn new(token: impl Into<String>) -> ClientSession {
+        ClientSession {
+            token: token.into(),
+            links: BTreeMap::new(),
+            connected: false,
+            hello_due: false,
+            cursor: None,
+            now_ms: 0,
+            conn_error: None,
+        }
+    }
+
+    /// Adds a document to sync over this session.
+    pub fn add_document(&mut self, id: DocId, doc: ClientDocument) {
+        let first = doc.pending_range().first();
+        let link = Link {
+            doc,
+            subscribed: false,
+            sub_sent_ms: 0,
+            up_acked: first,
+            up_sent: first,
+            up_inflight: VecDeque::new(),
+            up_sent_ms: 0,
+            ack_due: false,
+            last_heard_ms: self.now_ms,
+            error: None,
+        };
+        self.links.insert(id, link);
+    }
+
+    pub fn document(&self, id: DocId) -> Option<&ClientDocument> {
+        self.links.get(&id).map(|l| &l.doc)
+    }
+
+    /// Takes the document out of the session (e.g. to close it).
+    pub fn remove_document(&mut self, id: DocId) -> Option<ClientDocument> {
+        self.links.remove(&id).map(|l| l.doc)
+    }
+
+    pub fn status(&self, id: DocId) -> Option<DocStatus> {
+        self.links.get(&id).map(|l| DocStatus {
+            pending: l.doc.pending_count(),
+            storage_next: l.doc.storage_range().next(),
+            error: l.error.clone(),
+        })
+    }
+
+    pub fn connection_error(&self) -> Option<&(String, String)> {
+        self.conn_error.as_ref()
+    }
+
+    /// Runs a mutation locally; it is sent when the link allows.
+    pub fn mutate(&mut self, id: DocId, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
+        let link =
+            self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
+        link.doc.mutate(body, time_ms, seed)
+    }
+
+    /// The transport is up: start with Hello, re-subscribe everything, resend what is unacked.
+    pub fn connected(&mut self, now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.connected = true;
+        self.hello_due = true;
+        for l in self.links.values_mut() {
+            let first = l.doc.pending_range().first();
+            (l.subscribed, l.up_acked, l.up_sent, l.ack_due, l.last_heard_ms) =
+                (false, first, first, false, now_ms);
+            l.up_inflight.clear();
+        }
+    }
+
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Handles one message from the server. An `Err` is local trouble (the document's journals);
+    /// protocol errors from the server are recorded in `status` / `connection_error`.
+    pub fn handle_message(&mut self, now_ms: i64, msg: Message) -> Result<()> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if let Message::Error { doc: None, code, message } = &msg {
+            self.conn_error = Some((code.clone(), message.clone()));
+            return Ok(());
+        }
+        let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)) else { return Ok(()) };
+        link.last_heard_ms = now_ms;
+        match msg {
+            Message::MutationsAck { next_expected, .. } => {
+                if next_expected > link.up_acked {
+                    link.up_acked = next_expected;
+                    link.up_sent = link.up_sent.max(next_expected);
+                    link.up_inflight.retain(|(end, _)| *end > next_expected);
+                }
+            }
+            Message::Storage { first, entries, .. } => {
+                let have = link.doc.storage_range().next();
+                if first > have {
+                    // A gap: ask again from what we hold, at most once per retransmit period.
+                    if now_ms >= link.sub_sent_ms + RETRANSMIT_MS {
+                        link.subscribed = false;
+                    }
+                    return Ok(());
+                }
+                link.doc.receive_wire(first, &entries)?;
+                link.ack_due = true;
+                let confirmed = link.doc.pending_range().first();
+                link.up_acked = link.up_acked.max(confirmed);
+                link.up_sent = link.up_sent.max(confirmed);
+            }
+            Message::Error { code, message, .. } => link.error = Some((code, message)),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Decodes and handles a frame; a frame that does not decode is a connection error.
+    pub fn handle_frame(&mut self, now_ms: i64, frame: &[u8]) -> Result<()> {
+        match Message::decode(frame) {
+            Ok(msg) => self.handle_message(now_ms, msg),
+            Err(e) => {
+                self.conn_error = Some((super::codes::MALFORMED.into(), e.to_string()));
+                Ok(())
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.connected {
+            return;
+        }
+        for l in self.links.values_mut() {
+            if !l.up_inflight.is_empty() && now_ms >= l.up_sent_ms + RETRANSMIT_MS {
+                l.up_inflight.clear();
+                l.up_sent = l.up_acked;
+            }
+            if now_ms >= l.last_heard_ms + KEEPALIVE_MS {
+                l.subscribed = false;
+                l.last_heard_ms = now_ms;
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<i64> {
+        if !self.connected {
+            return None;
+        }
+        let links = self.links.values();
+        links
+            .map(|l| {
+                let keepalive = l.last_heard_ms + KEEPALIVE_MS;
+                if l.up_inflight.is_empty() { keepalive } else { keepalive.min(l.up_sent_ms + RETRANSMIT_MS) }
+            })
+            .min()
+    }
+
+    /// The next message to send: Hello first, then round-robin over documents.
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        if !self.connected {
+            return None;
+        }
+        if self.hello_due {
+            self.hello_due = false;
+            return Some(Message::Hello { version: PROTOCOL_VERSION, token: self.token.clone() });
+        }
+        let ids: Vec<DocId> = self.links.keys().copied().collect();
+        let start = self.cursor.map_or(0, |c| ids.partition_point(|i| *i <= c));
+        for k in 0..ids.len() {
+            let id = ids[(start + k) % ids.len()];
+            let link = self.links.get_mut(&id).expect("BUG: id from keys");
+            if let Some(msg) = next_message(id, link, self.now_ms) {
+                self.cursor = Some(id);
+                return Some(msg);
+            }
+        }
+        None
+    }
+}
+
+fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
+    if !l.subscribed {
+        l.subscribed = true;
+        l.sub_sent_ms = now_ms;
+        let storage_next = l.doc.storage_range().next();
+        return Some(Message::Subscribe { doc: id, timeline: l.doc.timeline_id(), storage_next });
+    }
+    if l.ack_due {
+        l.ack_due = false;
+        return Some(Message::StorageAck { doc: id, next: l.doc.storage_range().next() });
+    }
+    upload_batch(id, l, now_ms)
+}
+
+/// The next `Mutations` message, within the upload window and the batch size.
+fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
+    let pending = l.doc.pending_range();
+    let inflight: usize = l.up_inflight.iter().map(|(_, b)| b).sum();
+    let window = UPLOAD_WINDOW_BYTES.saturating_sub(inflight);
+    let first = l.up_sent.max(pending.first());
+    if first >= pending.next() || window == 0 {
+        return None;
+    }
+    let (mut entries, mut bytes, mut lsn) = (Vec::new(), 0, first);
+    while lsn < pending.next() && bytes < MAX_BATCH_BYTES.min(window) {
+        let Ok(mut one) = l.doc.read_pending(LsnRange::inclusive(lsn, lsn)) else { break };
+        let e = one.remove(0);
+        bytes += e.len();
+        entries.push(e);
+        lsn = lsn.next();
+    }
+    if entries.is_empty() {
+        return None;
+    }
+    l.up_sent = lsn;
+    l.up_inflight.push_back((lsn, bytes));
+    l.up_sent_ms = now_ms;
+    Some(Message::Mutations { doc: id, timeline: l.doc.timeline_id(), first, entries })
+}

@@ -1,0 +1,143 @@
+//! The sync protocol, sans-io: messages, their codec, and the two state machines
+//! ([`ClientSession`], [`ServerSession`]) that drivers (tokio, the browser, the simulator) feed
+//! with bytes and time.
+//!
+//! Reliability: every message is idempotent and carries absolute positions (LSNs), never
+//! deltas of counters, so duplicates change nothing and losses are repaired by retransmission
+//! on timeout. A receiver that sees a gap asks again from what it has. A reconnect starts with
+//! `Subscribe { storage_next }` and a `MutationsAck { next_expected }` in reply, so each side
+//! resumes from what the other already holds.
+
+mod client;
+mod server;
+
+pub use client::{ClientSession, DocStatus};
+pub use server::{ConnId, ServerSession};
+
+use pagesync_journal::Lsn;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{DocId, TimelineId};
+use crate::wire::WireEntry;
+
+/// Bumped on any incompatible change to the messages below.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame either side accepts: one maximal storage entry plus headroom.
+pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
+
+/// A `Mutations` or `Storage` message is cut once its entries pass this many bytes, so one
+/// document cannot hold the connection for long (fairness is per message, round-robin).
+pub const MAX_BATCH_BYTES: usize = 256 << 10;
+
+/// Bytes of storage sent to one document's subscriber and not yet acknowledged. 1 MiB keeps a
+/// loopback link busy while bounding what a slow client costs the server.
+pub const DOC_WINDOW_BYTES: usize = 1 << 20;
+
+/// Bytes of timeline entries a client sends ahead of the server's acknowledgement, per
+/// document.
+pub const UPLOAD_WINDOW_BYTES: usize = 1 << 20;
+
+/// Unacknowledged data is resent after this long. Loopback and LAN round trips are far below;
+/// a lossy WAN link recovers within a second.
+pub const RETRANSMIT_MS: i64 = 200;
+
+/// A connected client re-subscribes to a document it has heard nothing about for this long,
+/// which repairs any lost `Subscribe` or acknowledgement.
+pub const KEEPALIVE_MS: i64 = 1_000;
+
+/// Documents one connection may subscribe to. Bounds the server's per-connection state.
+pub const MAX_DOCS_PER_CONNECTION: usize = 10_000;
+
+/// Machine-readable error codes in `Message::Error`.
+pub mod codes {
+    pub const VERSION: &str = "version";
+    pub const MALFORMED: &str = "malformed";
+    pub const TOO_LARGE: &str = "too_large";
+    pub const NOT_HELLO: &str = "hello_required";
+    pub const DOCUMENT: &str = "document";
+    pub const LIMIT: &str = "limit";
+}
+
+/// Everything that crosses a connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Message {
+    /// First message of a connection, client to server.
+    Hello { version: u32, token: String },
+    /// Client: "I hold storage before `storage_next`; send me the rest, and tell me where my
+    /// timeline stands".
+    Subscribe { doc: DocId, timeline: TimelineId, storage_next: Lsn },
+    /// Client: timeline entries `first, first+1, ...`.
+    Mutations { doc: DocId, timeline: TimelineId, first: Lsn, entries: Vec<Vec<u8>> },
+    /// Server: the next timeline LSN it needs (everything before is applied or queued).
+    MutationsAck { doc: DocId, timeline: TimelineId, next_expected: Lsn },
+    /// Server: storage entries `first, first+1, ...` in wire form.
+    Storage { doc: DocId, first: Lsn, entries: Vec<WireEntry> },
+    /// Client: it holds storage before `next`.
+    StorageAck { doc: DocId, next: Lsn },
+    /// Either side: something went wrong; `doc` is `None` for the whole connection.
+    Error { doc: Option<DocId>, code: String, message: String },
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    TooLarge { len: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl Message {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("BUG: messages always serialize")
+    }
+
+    /// Decodes one frame. Never panics; allocation is bounded by the frame's own length.
+    pub fn decode(frame: &[u8]) -> Result<Message, DecodeError> {
+        if frame.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::TooLarge { len: frame.len() });
+        }
+        let (msg, rest) =
+            postcard::take_from_bytes(frame).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Malformed(format!("{} trailing bytes", rest.len())));
+        }
+        Ok(msg)
+    }
+
+    /// The document a message concerns, if any.
+    pub fn doc(&self) -> Option<DocId> {
+        match self {
+            Message::Hello { .. } => None,
+            Message::Subscribe { doc, .. }
+            | Message::Mutations { doc, .. }
+            | Message::MutationsAck { doc, .. }
+            | Message::Storage { doc, .. }
+            | Message::StorageAck { doc, .. } => Some(*doc),
+            Message::Error { doc, .. } => *doc,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_reject_trailing_bytes() {
+        let m = Message::Mutations {
+            doc: DocId::from_u128(1),
+            timeline: TimelineId::from_u128(2),
+            first: Lsn::FIRST,
+            entries: vec![vec![1, 2, 3]],
+        };
+        let mut bytes = m.encode();
+        assert_eq!(Message::decode(&bytes), Ok(m));
+        bytes.push(0);
+        assert!(matches!(Message::decode(&bytes), Err(DecodeError::Malformed(_))));
+        assert!(Message::decode(&[]).is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! `ServerSession`: the server side of every connection, sans-io.
+//!
+//! One `ServerSession` serves all connections of a server (the driver names them by `ConnId`)
+//! and owns the open documents, because documents are shared between connections: a step on
+//! one document makes storage to send on every connection subscribed to it. The per-connection
+//! state (subscriptions, windows, outbox) lives inside it.
+//!
+//! Sending is pull-based: `poll_transmit` picks the next connection round-robin, and within it
+//! the next document round-robin, and builds at most `MAX_BATCH_BYTES` of storage for it while
+//! that subscriber's unacknowledged bytes stay under `DOC_WINDOW_BYTES`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use pagesync_journal::{Lsn, LsnRange};
+
+use super::{
+    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, Message, PROTOCOL_VERSION,
+    RETRANSMIT_MS, codes,
+};
+use crate::error::Result;
+use crate::ids::{DocId, TimelineId};
+use crate::server::ServerDocument;
+
+/// A connection, as named by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// Opens (or creates) a document's storage for the session.
+pub type Opener = Box<dyn FnMut(DocId) -> Result<ServerDocument> + Send>;
+
+#[derive(Debug)]
+struct Sub {
+    /// The next storage LSN to send.
+    sent_next: Lsn,
+    /// The client holds everything before this.
+    acked_next: Lsn,
+    /// Sent and unacknowledged: (first LSN after the batch, bytes).
+    inflight: VecDeque<(Lsn, usize)>,
+    last_send_ms: i64,
+}
+
+impl Sub {
+    fn inflight_bytes(&self) -> usize {
+        self.inflight.iter().map(|(_, b)| b).sum()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    hello: bool,
+    subs: BTreeMap<DocId, Sub>,
+    outbox: VecDeque<Message>,
+    cursor: Option<DocId>,
+    /// Set after a connection-level error: send the outbox, then the driver closes.
+    closing: bool,
+}
+
+pub struct ServerSession {
+    opener: Opener,
+    docs: HashMap<DocId, ServerDocument>,
+    conns: BTreeMap<ConnId, Conn>,
+    cursor: Option<ConnId>,
+    now_ms: i64,
+}
+
+impl std::fmt::Debug for ServerSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSession")
+            .field("docs", &self.docs.len())
+            .field("conns", &self.conns.len())
+            .finish()
+    }
+}
+
+fn error(doc: Option<DocId>, code: &str, message: impl Into<String>) -> Message {
+    Message::Error { doc, code: code.into(), message: message.into() }
+}
+
+impl ServerSession {
+    pub fn new(opener: Opener) -> ServerSession {
+        ServerSession { opener, docs: HashMap::new(), conns: BTreeMap::new(), cursor: None, now_ms: 0 }
+    }
+
+    pub fn connect(&mut self, conn: ConnId) {
+        self.conns.insert(conn, Conn::default());
+    }
+
+    pub fn disconnect(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+    }
+
+    /// True once the connection had a fatal error and its outbox is empty: close it.
+    pub fn should_close(&self, conn: ConnId) -> bool {
+        self.conns.get(&conn).is_some_and(|c| c.closing && c.outbox.is_empty())
+    }
+
+    pub fn document(&self, doc: DocId) -> Option<&ServerDocument> {
+        self.docs.get(&doc)
+    }
+
+    pub fn documents(&self) -> impl Iterator<Item = (&DocId, &ServerDocument)> {
+        self.docs.iter()
+    }
+
+    /// Decodes a frame and handles it; a frame that does not decode closes the connection
+    /// with an error saying why.
+    pub fn handle_frame(&mut self, conn: ConnId, now_ms: i64, frame: &[u8]) {
+        match Message::decode(frame) {
+            Ok(msg) => self.handle_message(conn, now_ms, msg),
+            Err(e) => {
+                let code = if matches!(e, DecodeError::TooLarge { .. }) {
+                    codes::TOO_LARGE
+                } else {
+                    codes::MALFORMED
+                };
+                self.fail(conn, error(None, code, e.to_string()));
+            }
+        }
+    }
+
+    fn fail(&mut self, conn: ConnId, msg: Message) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.outbox.push_back(msg);
+            c.closing = true;
+        }
+    }
+
+    pub fn handle_message(&mut self, conn: ConnId, now_ms: i64, msg: Message) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.closing {
+            return;
+        }
+        match msg {
+            Message::Hello { version, .. } if version == PROTOCOL_VERSION => c.hello = true,
+            Message::Hello { version, .. } => {
+                let text = format!(
+                    "client speaks protocol v{version}, this server v{PROTOCOL_VERSION}: upgrade the older side"
+                );
+                self.fail(conn, error(None, codes::VERSION, text));
+            }
+            _ if !c.hello => {
+                self.fail(conn, error(None, codes::NOT_HELLO, "the first message must be Hello"))
+            }
+            Message::Subscribe { doc, timeline, storage_next } => {
+                self.subscribe(conn, doc, timeline, storage_next)
+            }
+            Message::Mutations { doc, timeline, first, entries } => {
+                if let Some(d) = self.open(conn, doc) {
+                    let received = d.receive(timeline, first, entries);
+                    let ack = Message::MutationsAck { doc, timeline, next_expected: received.next_expected };
+                    self.push(conn, ack);
+                }
+            }
+            Message::StorageAck { doc, next } => {
+                if let Some(sub) = c.subs.get_mut(&doc) {
+                    sub.acked_next = sub.acked_next.max(next);
+                    sub.sent_next = sub.sent_next.max(sub.acked_next);
+                    let acked = sub.acked_next;
+                    sub.inflight.retain(|(end, _)| *end > acked);
+                }
+            }
+            Message::Error { .. } => {}
+            other => {
+                let text = format!("a client may not send {}", kind(&other));
+                self.fail(conn, error(other.doc(), codes::MALFORMED, text));
+            }
+        }
+    }
+
+    fn push(&mut self, conn: ConnId, msg: Message) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.outbox.push_back(msg);
+        }
+    }
+
+    /// The open document, opening it on first use; on failure the client is told.
+    fn open(&mut self, conn: ConnId, doc: DocId) -> Option<&mut ServerDocument> {
+        if !self.docs.contains_key(&doc) {
+            match (self.opener)(doc) {
+                Ok(d) => {
+                    self.docs.insert(doc, d);
+                }
+                Err(e) => {
+                    self.push(
+                        conn,
+                        error(Some(doc), codes::DOCUMENT, format!("cannot open document {doc}: {e}")),
+                    );
+                    return None;
+                }
+            }
+        }
+        self.docs.get_mut(&doc)
+    }
+
+    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn) {
+        let over_limit = self
+            .conns
+            .get(&conn)
+            .is_some_and(|c| !c.subs.contains_key(&doc) && c.subs.len() >= MAX_DOCS_PER_CONNECTION);
+        if over_limit {
+            let text = format!("a connection may subscribe to at most {MAX_DOCS_PER_CONNECTION} documents");
+            return self.push(conn, error(Some(doc), codes::LIMIT, text));
+        }
+        let Some(d) = self.open(conn, doc) else { return };
+        let have = d.storage_range().next();
+        if storage_next > have {
+            let text = format!(
+                "the client holds storage up to LSN {storage_next} but the server only up to {have}: it was synced with another server"
+            );
+            return self.push(conn, error(Some(doc), codes::DOCUMENT, text));
+        }
+        let next_expected = d.next_expected(timeline);
+        let sub = Sub {
+            sent_next: storage_next,
+            acked_next: storage_next,
+            inflight: VecDeque::new(),
+            last_send_ms: 0,
+        };
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.subs.insert(doc, sub);
+            c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected });
+        }
+    }
+
+    /// Steps documents with queued mutations and schedules retransmissions.
+    pub fn handle_timeout(&mut self, now_ms: i64) -> Result<()> {
+        self.now_ms = self.now_ms.max(now_ms);
+        for d in self.docs.values_mut() {
+            while d.queued() > 0 {
+                d.step(self.now_ms)?;
+            }
+        }
+        for c in self.conns.values_mut() {
+            for sub in c.subs.values_mut() {
+                if !sub.inflight.is_empty() && now_ms >= sub.last_send_ms + RETRANSMIT_MS {
+                    sub.inflight.clear();
+                    sub.sent_next = sub.acked_next;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// When `handle_timeout` should run next.
+    pub fn poll_timeout(&self) -> Option<i64> {
+        if self.docs.values().any(|d| d.queued() > 0) {
+            return Some(self.now_ms);
+        }
+        let subs = self.conns.values().flat_map(|c| c.subs.values());
+        subs.filter(|s| !s.inflight.is_empty()).map(|s| s.last_send_ms + RETRANSMIT_MS).min()
+    }
+
+    /// The next message to send, and its connection. Fair: round-robin over connections, and
+    /// over documents within a connection.
+    pub fn poll_transmit(&mut self) -> Option<(ConnId, Message)> {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        let start = self.cursor.map_or(0, |c| ids.partition_point(|i| *i <= c));
+        for k in 0..ids.len() {
+            let id = ids[(start + k) % ids.len()];
+            if let Some(msg) = self.next_for(id) {
+                self.cursor = Some(id);
+                return Some((id, msg));
+            }
+        }
+        None
+    }
+
+    fn next_for(&mut self, id: ConnId) -> Option<Message> {
+        let now_ms = self.now_ms;
+        let c = self.conns.get_mut(&id)?;
+        if let Some(m) = c.outbox.pop_front() {
+            return Some(m);
+        }
+        if c.closing {
+            return None;
+        }
+        let docs: Vec<DocId> = c.subs.keys().copied().collect();
+        let start = c.cursor.map_or(0, |d| docs.partition_point(|x| *x <= d));
+        for k in 0..docs.len() {
+            let doc = docs[(start + k) % docs.len()];
+            let (Some(d), Some(sub)) = (self.docs.get(&doc), c.subs.get_mut(&doc)) else { continue };
+            if let Some(msg) = storage_batch(doc, d, sub, now_ms) {
+                c.cursor = Some(doc);
+                return Some(msg);
+            }
+        }
+        None
+    }
+}
+
+/// The next `Storage` message for one subscriber, within its window and the batch size.
+fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> Option<Message> {
+    let avail = d.storage_range();
+    let window = DOC_WINDOW_BYTES.saturating_sub(sub.inflight_bytes());
+    if sub.sent_next >= avail.next() || window == 0 {
+        return None;
+    }
+    let first = sub.sent_next.max(avail.first());
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    let mut lsn = first;
+    while lsn < avail.next() && bytes < MAX_BATCH_BYTES.min(window) {
+        let e = match d.read_wire(LsnRange::inclusive(lsn, lsn)) {
+            Ok(mut one) => one.remove(0),
+            Err(err) if entries.is_empty() => {
+                return Some(error(
+                    Some(doc),
+                    codes::DOCUMENT,
+                    format!("cannot read storage entry {lsn}: {err}"),
+                ));
+            }
+            Err(_) => break, // send what was read; the next batch reports the error
+        };
+        bytes += e.data.len();
+        entries.push(e);
+        lsn = lsn.next();
+    }
+    sub.sent_next = lsn;
+    sub.inflight.push_back((lsn, bytes));
+    sub.last_send_ms = now_ms;
+    Some(Message::Storage { doc, first, entries })
+}
+
+fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::Subscribe { .. } => "Subscribe",
+        Message::Mutations { .. } => "Mutations",
+        Message::MutationsAck { .. } => "MutationsAck",
+        Message::Storage { .. } => "Storage",
+        Message::StorageAck { .. } => "StorageAck",
+        Message::Error { .. } => "Error",
+    }
+}

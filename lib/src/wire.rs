@@ -1,0 +1,99 @@
+//! Storage entries on the wire: LZ4-compressed, either whole or as an XOR delta of every page
+//! against its previous version (the version the receiver holds when it is exactly one entry
+//! behind). A one-row change then costs a few hundred bytes instead of several pages.
+//!
+//! Format: `kind u8 (0 = full, 1 = delta) | raw_len u32 | lz4 block`. Decoding checks `raw_len`
+//! against `MAX_ENTRY_BYTES` before allocating, so a forged length cannot exhaust memory.
+
+use serde::{Deserialize, Serialize};
+
+use crate::page::{PAGE_SIZE, Page};
+use crate::storage::{self, EntryHeader};
+use pagesync_journal::codec::MAX_ENTRY_BYTES;
+
+/// One storage entry as sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireEntry {
+    /// True when pages are XORed with their previous versions.
+    pub delta: bool,
+    /// `raw_len u32 LE | lz4 block` of the (possibly XORed) payload.
+    pub data: Vec<u8>,
+}
+
+/// Why a wire entry could not be turned back into a storage entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    #[error("wire entry declares {len} bytes, above the limit of {MAX_ENTRY_BYTES}")]
+    TooLarge { len: usize },
+    #[error("wire entry does not decompress: {0}")]
+    Corrupt(String),
+    #[error("wire entry: {0}")]
+    Entry(#[from] storage::EntryError),
+}
+
+/// XORs the page bytes of `payload` with `olds` (one per page of `header`, in order).
+pub fn xor_pages(header: &EntryHeader, mut payload: Vec<u8>, olds: &[&Page]) -> Vec<u8> {
+    assert_eq!(olds.len(), header.pages.len(), "BUG: one previous version per page");
+    for (i, old) in olds.iter().enumerate() {
+        let at = header.page_offset(i);
+        payload[at..at + PAGE_SIZE].iter_mut().zip(old.iter()).for_each(|(b, o)| *b ^= o);
+    }
+    payload
+}
+
+fn compress(raw: &[u8]) -> Vec<u8> {
+    let mut out = (raw.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&lz4_flex::block::compress(raw));
+    out
+}
+
+impl WireEntry {
+    pub fn full(payload: &[u8]) -> WireEntry {
+        WireEntry { delta: false, data: compress(payload) }
+    }
+
+    pub fn delta(delta_payload: &[u8]) -> WireEntry {
+        WireEntry { delta: true, data: compress(delta_payload) }
+    }
+
+    /// The compressed payload, bounded by `MAX_ENTRY_BYTES`.
+    pub fn decompress(&self) -> Result<Vec<u8>, WireError> {
+        let Some((len, block)) = self.data.split_first_chunk::<4>() else {
+            return Err(WireError::Corrupt("shorter than its length prefix".into()));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > MAX_ENTRY_BYTES {
+            return Err(WireError::TooLarge { len });
+        }
+        let mut out = vec![0u8; len];
+        let n = lz4_flex::block::decompress_into(block, &mut out)
+            .map_err(|e| WireError::Corrupt(e.to_string()))?;
+        if n != len {
+            return Err(WireError::Corrupt(format!("decompressed to {n} bytes, declared {len}")));
+        }
+        Ok(out)
+    }
+
+    /// The storage entry's payload. For a delta, `previous` gives the receiver's version of each
+    /// page (which must be the state just before this entry).
+    pub fn resolve(
+        &self,
+        mut previous: impl FnMut(crate::page::PageIdx) -> Result<std::sync::Arc<Page>, crate::store::StoreError>,
+    ) -> Result<Result<Vec<u8>, WireError>, crate::store::StoreError> {
+        let raw = match self.decompress() {
+            Ok(raw) => raw,
+            Err(e) => return Ok(Err(e)),
+        };
+        let header = match storage::decode(&raw) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        if !self.delta {
+            return Ok(Ok(raw));
+        }
+        let olds = header.pages.iter().map(|&idx| previous(idx)).collect::<Result<Vec<_>, _>>()?;
+        let refs: Vec<&Page> = olds.iter().map(|p| &**p).collect();
+        Ok(Ok(xor_pages(&header, raw, &refs)))
+    }
+}
