@@ -151,12 +151,10 @@ impl ClientSession {
         let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)) else { return Ok(()) };
         link.last_heard_ms = now_ms;
         match msg {
-            Message::MutationsAck { next_expected, .. } => {
-                if next_expected > link.up_acked {
-                    link.up_acked = next_expected;
-                    link.up_sent = link.up_sent.max(next_expected);
-                    link.up_inflight.retain(|(end, _)| *end > next_expected);
-                }
+            Message::MutationsAck { next_expected, .. } if next_expected > link.up_acked => {
+                link.up_acked = next_expected;
+                link.up_sent = link.up_sent.max(next_expected);
+                link.up_inflight.retain(|(end, _)| *end > next_expected);
             }
             Message::Storage { first, entries, .. } => {
                 let have = link.doc.storage_range().next();
