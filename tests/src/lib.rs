@@ -74,3 +74,50 @@ pub fn integrity_ok(db: &pagesync::db::Database) -> bool {
     db.conn().query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0)).expect("integrity_check")
         == "ok"
 }
+
+pub mod sim;
+
+/// A journal whose durable state outlives the document that opened it, so a simulated crash
+/// can reopen it. Every append of the backends is durable, so a crash keeps all of it.
+#[derive(Debug, Clone)]
+pub struct SharedJournal(pub std::sync::Arc<std::sync::Mutex<MemoryJournal>>);
+
+impl SharedJournal {
+    pub fn new(n: u128) -> SharedJournal {
+        SharedJournal(std::sync::Arc::new(std::sync::Mutex::new(MemoryJournal::new(JournalId::from_u128(n)))))
+    }
+
+    pub fn boxed(&self) -> Box<dyn Journal + Send> {
+        Box::new(self.clone())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryJournal> {
+        self.0.lock().expect("journal lock poisoned")
+    }
+}
+
+impl Journal for SharedJournal {
+    fn id(&self) -> JournalId {
+        self.lock().id()
+    }
+    fn range(&self) -> pagesync::journal::LsnRange {
+        self.lock().range()
+    }
+    fn append_batch(&mut self, payloads: &[&[u8]]) -> pagesync::journal::Result<pagesync::journal::LsnRange> {
+        self.lock().append_batch(payloads)
+    }
+    fn read(&self, lsn: pagesync::journal::Lsn) -> pagesync::journal::Result<Vec<u8>> {
+        self.lock().read(lsn)
+    }
+    fn read_part(
+        &self,
+        lsn: pagesync::journal::Lsn,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> pagesync::journal::Result<()> {
+        self.lock().read_part(lsn, offset, buf)
+    }
+    fn remove_prefix(&mut self, up_to: pagesync::journal::Lsn) -> pagesync::journal::Result<()> {
+        self.lock().remove_prefix(up_to)
+    }
+}

@@ -145,6 +145,12 @@ impl ClientSession {
     pub fn handle_message(&mut self, now_ms: i64, msg: Message) -> Result<()> {
         self.now_ms = self.now_ms.max(now_ms);
         if let Message::Error { doc: None, code, message } = &msg {
+            if code == super::codes::NOT_HELLO && self.connected {
+                // Our Hello was lost or overtaken: say it again, and everything after it.
+                self.hello_due = true;
+                self.links.values_mut().for_each(|l| l.subscribed = false);
+                return Ok(());
+            }
             self.conn_error = Some((code.clone(), message.clone()));
             return Ok(());
         }

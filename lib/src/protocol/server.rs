@@ -140,7 +140,9 @@ impl ServerSession {
                 self.fail(conn, error(None, codes::VERSION, text));
             }
             _ if !c.hello => {
-                self.fail(conn, error(None, codes::NOT_HELLO, "the first message must be Hello"))
+                // Not fatal: on a lossy transport the Hello may be late. The message is ignored
+                // and the client, told so, says Hello again and re-subscribes.
+                c.outbox.push_back(error(None, codes::NOT_HELLO, "the first message must be Hello"))
             }
             Message::Subscribe { doc, timeline, storage_next } => {
                 self.subscribe(conn, doc, timeline, storage_next)
