@@ -78,6 +78,7 @@ struct Client {
     next_ledger: i64,
 }
 
+#[derive(Clone, Copy, Debug)]
 enum Dest {
     Server(ConnId),
     Client(usize, ConnId),
@@ -122,6 +123,16 @@ impl Stats {
         self.partitions += o.partitions;
         self.confirmed_transfers += o.confirmed_transfers;
         self.rejected_transfers += o.rejected_transfers;
+    }
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("seed", &self.seed)
+            .field("now", &self.now)
+            .field("cfg", &self.cfg)
+            .finish()
     }
 }
 
@@ -217,11 +228,7 @@ impl Sim {
         for _ in 0..copies {
             let delay = if self.faulty { 1 + self.rng.below(self.cfg.max_delay_ms as u64) as i64 } else { 1 };
             self.seq += 1;
-            let d = match dest {
-                Dest::Server(c) => Dest::Server(c),
-                Dest::Client(i, c) => Dest::Client(i, c),
-            };
-            self.in_flight.insert(self.seq, (d, bytes.clone()));
+            self.in_flight.insert(self.seq, (dest, bytes.clone()));
             self.queue.push(Reverse((self.now + delay, self.seq)));
         }
     }
