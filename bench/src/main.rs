@@ -6,6 +6,7 @@
 mod core;
 mod journal;
 mod report;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,7 +23,7 @@ pub struct Config {
 
 type Group = (&'static str, fn(&Config) -> Vec<Pair>);
 
-const GROUPS: &[Group] = &[("journal", journal::run), ("core", core::run)];
+const GROUPS: &[Group] = &[("journal", journal::run), ("core", core::run), ("sync", sync::run)];
 
 fn usage() -> String {
     let names: Vec<&str> = GROUPS.iter().map(|(n, _)| *n).collect();
