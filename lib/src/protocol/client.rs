@@ -20,6 +20,9 @@ struct Link {
     doc: ClientDocument,
     subscribed: bool,
     sub_sent_ms: i64,
+    /// Subscribed, but the server has not said yet what it holds of our timeline: uploading
+    /// now could resend what it already has.
+    awaiting_ack: bool,
     up_acked: Lsn,
     up_sent: Lsn,
     /// Sent and unacknowledged: (first LSN after the batch, bytes).
@@ -80,6 +83,7 @@ impl ClientSession {
             doc,
             subscribed: false,
             sub_sent_ms: 0,
+            awaiting_ack: false,
             up_acked: first,
             up_sent: first,
             up_inflight: VecDeque::new(),
@@ -157,7 +161,11 @@ impl ClientSession {
         let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)) else { return Ok(()) };
         link.last_heard_ms = now_ms;
         match msg {
-            Message::MutationsAck { next_expected, .. } if next_expected > link.up_acked => {
+            Message::MutationsAck { next_expected, .. } => {
+                link.awaiting_ack = false;
+                if next_expected <= link.up_acked {
+                    return Ok(());
+                }
                 link.up_acked = next_expected;
                 link.up_sent = link.up_sent.max(next_expected);
                 link.up_inflight.retain(|(end, _)| *end > next_expected);
@@ -250,6 +258,7 @@ impl ClientSession {
 fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     if !l.subscribed {
         l.subscribed = true;
+        l.awaiting_ack = true;
         l.sub_sent_ms = now_ms;
         let storage_next = l.doc.storage_range().next();
         return Some(Message::Subscribe { doc: id, timeline: l.doc.timeline_id(), storage_next });
@@ -257,6 +266,9 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     if l.ack_due {
         l.ack_due = false;
         return Some(Message::StorageAck { doc: id, next: l.doc.storage_range().next() });
+    }
+    if l.awaiting_ack {
+        return None;
     }
     upload_batch(id, l, now_ms)
 }

@@ -1,0 +1,148 @@
+//! The sans-io sessions over a perfect in-memory link: resume after reconnect without resending,
+//! fairness across documents, byte batches and windows, version mismatch.
+
+use pagesync::protocol::{
+    ClientSession, ConnId, MAX_BATCH_BYTES, Message, PROTOCOL_VERSION, ServerSession, UPLOAD_WINDOW_BYTES,
+    codes,
+};
+use pagesync::{ClientDocument, DocId, ServerDocument};
+use pagesync_tests::{memory_journal, sql};
+
+const T0: i64 = 1_700_000_000_000;
+const C: ConnId = ConnId(1);
+
+fn server() -> ServerSession {
+    ServerSession::new(Box::new(|d: DocId| ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))))
+}
+
+fn client(docs: &[DocId]) -> ClientSession {
+    let mut s = ClientSession::new("");
+    for (i, d) in docs.iter().enumerate() {
+        let n = 100 + 2 * i as u128;
+        s.add_document(*d, ClientDocument::open(memory_journal(n), memory_journal(n + 1)).expect("doc"));
+    }
+    s
+}
+
+/// Counts of what crossed the link, by kind.
+#[derive(Default, Debug)]
+struct Traffic {
+    mutation_entries: usize,
+    storage_entries: usize,
+}
+
+/// Exchanges messages until both sides are quiet. `deliver_to_client = false` drops the
+/// server's replies (as if the link died before they arrived).
+fn exchange(s: &mut ServerSession, c: &mut ClientSession, now: i64, deliver_to_client: bool) -> Traffic {
+    let mut t = Traffic::default();
+    for _ in 0..1_000 {
+        let mut moved = false;
+        while let Some(m) = c.poll_transmit() {
+            if let Message::Mutations { entries, .. } = &m {
+                t.mutation_entries += entries.len();
+            }
+            s.handle_frame(C, now, &m.encode());
+            moved = true;
+        }
+        s.handle_timeout(now).expect("step");
+        while let Some((_, m)) = s.poll_transmit() {
+            if let Message::Storage { entries, .. } = &m {
+                t.storage_entries += entries.len();
+            }
+            if deliver_to_client {
+                c.handle_frame(now, &m.encode()).expect("apply");
+            }
+            moved = true;
+        }
+        if !moved {
+            return t;
+        }
+    }
+    panic!("the link never went quiet");
+}
+
+#[test]
+fn reconnect_resumes_without_resending() {
+    let doc = DocId::from_u128(1);
+    let (mut s, mut c) = (server(), client(&[doc]));
+    s.connect(C);
+    c.connected(0);
+    exchange(&mut s, &mut c, 0, true);
+    for i in 0..50 {
+        c.mutate(doc, sql("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)", vec![]), T0, i)
+            .expect("mutate");
+    }
+    // The server gets and applies all 50, but its replies are lost with the connection.
+    let first = exchange(&mut s, &mut c, 1, false);
+    assert_eq!(first.mutation_entries, 50);
+    s.disconnect(C);
+    c.disconnected();
+    assert_eq!(c.status(doc).expect("status").pending, 50, "the client has not heard back");
+
+    s.connect(C);
+    c.connected(2);
+    let second = exchange(&mut s, &mut c, 2, true);
+    assert_eq!(second.mutation_entries, 0, "nothing the server already had was resent");
+    assert_eq!(second.storage_entries, first.storage_entries, "the storage it missed, once");
+    assert_eq!(c.status(doc).expect("status").pending, 0);
+    let third = exchange(&mut s, &mut c, 3, true);
+    assert_eq!((third.mutation_entries, third.storage_entries), (0, 0));
+}
+
+#[test]
+fn documents_share_the_link_fairly_in_byte_batches() {
+    let (busy, quiet) = (DocId::from_u128(1), DocId::from_u128(2));
+    let (mut s, mut c) = (server(), client(&[busy, quiet]));
+    s.connect(C);
+    c.connected(0);
+    exchange(&mut s, &mut c, 0, true);
+    let big = "x".repeat(10_000);
+    c.mutate(busy, sql("CREATE TABLE t(x)", vec![]), T0, 0).expect("ddl");
+    for i in 0..300 {
+        c.mutate(busy, sql("INSERT INTO t VALUES (?1)", vec![big.clone().into()]), T0, i).expect("mutate");
+    }
+    c.mutate(quiet, sql("CREATE TABLE q(x)", vec![]), T0, 0).expect("ddl");
+    let mut order = Vec::new();
+    let mut uploaded = 0;
+    while let Some(m) = c.poll_transmit() {
+        if let Message::Mutations { doc, entries, .. } = &m {
+            let bytes: usize = entries.iter().map(Vec::len).sum();
+            assert!(bytes < MAX_BATCH_BYTES + 20_000, "a batch of {bytes} bytes");
+            uploaded += bytes;
+            order.push(*doc);
+        }
+    }
+    assert!(order.len() > 2, "the busy document needs several batches: {order:?}");
+    assert!(order[..2].contains(&quiet), "the quiet document waited behind the busy one: {order:?}");
+    assert!(uploaded <= UPLOAD_WINDOW_BYTES + MAX_BATCH_BYTES, "sent {uploaded} bytes without an ack");
+    assert!(uploaded < 300 * 10_000, "the window stopped the upload before the acks");
+}
+
+#[test]
+fn a_version_mismatch_is_a_clear_error_and_closes() {
+    let mut s = server();
+    s.connect(C);
+    s.handle_message(C, 0, Message::Hello { version: PROTOCOL_VERSION + 1, token: String::new() });
+    match s.poll_transmit() {
+        Some((_, Message::Error { doc: None, code, message })) => {
+            assert_eq!(code, codes::VERSION);
+            assert!(message.contains("upgrade"), "{message}");
+        }
+        other => panic!("expected a version error, got {other:?}"),
+    }
+    assert!(s.should_close(C));
+}
+
+#[test]
+fn garbage_and_oversized_frames_are_refused_with_a_reason() {
+    let mut s = server();
+    s.connect(C);
+    s.handle_frame(C, 0, &[0xff; 64]);
+    match s.poll_transmit() {
+        Some((_, Message::Error { code, .. })) => assert_eq!(code, codes::MALFORMED),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert!(s.should_close(C));
+    let big = vec![0u8; pagesync::protocol::MAX_FRAME_BYTES + 1];
+    assert!(matches!(Message::decode(&big), Err(pagesync::protocol::DecodeError::TooLarge { .. })));
+}
