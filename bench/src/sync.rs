@@ -69,7 +69,7 @@ impl Trio {
                     moved = true;
                 }
             }
-            self.server.handle_timeout(now).expect("step");
+            self.server.handle_timeout(now);
             while let Some((conn, m)) = self.server.poll_transmit() {
                 let frame = m.encode();
                 let c = if conn == A { &mut self.a } else { &mut self.b };

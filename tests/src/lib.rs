@@ -121,3 +121,44 @@ impl Journal for SharedJournal {
         self.lock().remove_prefix(up_to)
     }
 }
+
+/// A journal whose appends fail like a full disk while `full` is set.
+#[derive(Debug, Clone)]
+pub struct FlakyJournal {
+    pub inner: SharedJournal,
+    pub full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Journal for FlakyJournal {
+    fn id(&self) -> JournalId {
+        self.inner.id()
+    }
+    fn range(&self) -> pagesync::journal::LsnRange {
+        self.inner.range()
+    }
+    fn append_batch(&mut self, payloads: &[&[u8]]) -> pagesync::journal::Result<pagesync::journal::LsnRange> {
+        if self.full.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(pagesync::journal::JournalError::Io {
+                journal: self.id(),
+                op: "append",
+                path: "flaky".into(),
+                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+            });
+        }
+        self.inner.append_batch(payloads)
+    }
+    fn read(&self, lsn: pagesync::journal::Lsn) -> pagesync::journal::Result<Vec<u8>> {
+        self.inner.read(lsn)
+    }
+    fn read_part(
+        &self,
+        lsn: pagesync::journal::Lsn,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> pagesync::journal::Result<()> {
+        self.inner.read_part(lsn, offset, buf)
+    }
+    fn remove_prefix(&mut self, up_to: pagesync::journal::Lsn) -> pagesync::journal::Result<()> {
+        self.inner.remove_prefix(up_to)
+    }
+}

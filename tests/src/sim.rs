@@ -241,6 +241,9 @@ impl Sim {
                 progressed = true;
                 if let Message::Error { code, message, .. } = &msg {
                     self.last_server_error = Some(format!("{code}: {message}"));
+                    if code == pagesync::protocol::codes::STORAGE {
+                        self.fail(format!("a server step failed: {message}"));
+                    }
                 }
                 if let Some(i) = self.clients.iter().position(|c| c.conn == Some(conn)) {
                     if self.faulty && self.clients[i].partitioned_until > self.now {
@@ -407,9 +410,7 @@ impl Sim {
             let now = self.now;
             self.clients[i].session.handle_timeout(now);
         }
-        if let Err(e) = self.server.handle_timeout(self.now) {
-            self.fail(format!("server step failed: {e}"));
-        }
+        self.server.handle_timeout(self.now);
         self.flush();
     }
 

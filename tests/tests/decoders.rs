@@ -186,7 +186,7 @@ fn garbage_on_one_connection_does_not_hurt_another() {
             };
             server.handle_frame(conn, 0, &m);
         }
-        server.handle_timeout(0).expect("steps keep working");
+        server.handle_timeout(0);
         while server.poll_transmit().is_some() {}
         server.disconnect(conn);
     }
@@ -202,7 +202,7 @@ fn garbage_on_one_connection_does_not_hurt_another() {
         while let Some(m) = client.poll_transmit() {
             server.handle_frame(good, now, &m.encode());
         }
-        server.handle_timeout(now).expect("step");
+        server.handle_timeout(now);
         while let Some((c, m)) = server.poll_transmit() {
             if c == good {
                 client.handle_frame(now, &m.encode()).expect("client applies");

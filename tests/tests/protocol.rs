@@ -44,7 +44,7 @@ fn exchange(s: &mut ServerSession, c: &mut ClientSession, now: i64, deliver_to_c
             s.handle_frame(C, now, &m.encode());
             moved = true;
         }
-        s.handle_timeout(now).expect("step");
+        s.handle_timeout(now);
         while let Some((_, m)) = s.poll_transmit() {
             if let Message::Storage { entries, .. } = &m {
                 t.storage_entries += entries.len();
@@ -145,4 +145,39 @@ fn garbage_and_oversized_frames_are_refused_with_a_reason() {
     assert!(s.should_close(C));
     let big = vec![0u8; pagesync::protocol::MAX_FRAME_BYTES + 1];
     assert!(matches!(Message::decode(&big), Err(pagesync::protocol::DecodeError::TooLarge { .. })));
+}
+
+/// A document whose disk is full: its writers are told, nothing is lost, another document on
+/// the same server carries on, and once space is back the queued mutations apply.
+#[test]
+fn a_full_disk_on_one_document_is_reported_and_retried() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (sick, healthy) = (DocId::from_u128(1), DocId::from_u128(2));
+    let full = Arc::new(AtomicBool::new(false));
+    let flag = full.clone();
+    let mut s = ServerSession::new(Box::new(move |d: DocId| {
+        let inner = pagesync_tests::SharedJournal::new(u128::from_be_bytes(d.0));
+        let full = if d == sick { flag.clone() } else { Arc::new(AtomicBool::new(false)) };
+        ServerDocument::open(Box::new(pagesync_tests::FlakyJournal { inner, full }))
+    }));
+    let mut c = client(&[sick, healthy]);
+    s.connect(C);
+    c.connected(0);
+    exchange(&mut s, &mut c, 0, true);
+    full.store(true, Ordering::Relaxed);
+    for d in [sick, healthy] {
+        c.mutate(d, sql("CREATE TABLE t(x)", vec![]), T0, 0).expect("mutate");
+    }
+    exchange(&mut s, &mut c, 1, true);
+    let (code, message) = c.status(sick).expect("status").error.expect("the writer was told");
+    assert_eq!(code, codes::STORAGE);
+    assert!(message.contains("retry"), "{message}");
+    assert_eq!(c.status(sick).expect("status").pending, 1, "still pending, not lost");
+    assert_eq!(c.status(healthy).expect("status").pending, 0, "the other document carried on");
+    assert_eq!(s.poll_timeout(), Some(1 + pagesync::protocol::STEP_RETRY_MS), "no busy retry");
+
+    full.store(false, Ordering::Relaxed);
+    exchange(&mut s, &mut c, 1 + pagesync::protocol::STEP_RETRY_MS, true);
+    assert_eq!(c.status(sick).expect("status").pending, 0, "applied once the disk had room");
 }

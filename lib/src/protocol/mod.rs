@@ -12,7 +12,7 @@ mod client;
 mod server;
 
 pub use client::{ClientSession, DocStatus};
-pub use server::{ConnId, ServerSession};
+pub use server::{ConnId, STEP_RETRY_MS, ServerSession};
 
 use pagesync_journal::Lsn;
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,7 @@ pub mod codes {
     pub const NOT_HELLO: &str = "hello_required";
     pub const DOCUMENT: &str = "document";
     pub const LIMIT: &str = "limit";
+    pub const STORAGE: &str = "storage";
 }
 
 /// Everything that crosses a connection.

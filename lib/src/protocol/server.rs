@@ -55,9 +55,15 @@ struct Conn {
     closing: bool,
 }
 
+/// After a failed step (a full disk, a broken journal), the document waits this long before
+/// trying again, so a persistent fault costs one attempt per second, not a busy loop.
+pub const STEP_RETRY_MS: i64 = 1_000;
+
 pub struct ServerSession {
     opener: Opener,
     docs: HashMap<DocId, ServerDocument>,
+    /// Documents whose last step failed, and when to try again.
+    retry_at: HashMap<DocId, i64>,
     conns: BTreeMap<ConnId, Conn>,
     cursor: Option<ConnId>,
     now_ms: i64,
@@ -78,7 +84,14 @@ fn error(doc: Option<DocId>, code: &str, message: impl Into<String>) -> Message 
 
 impl ServerSession {
     pub fn new(opener: Opener) -> ServerSession {
-        ServerSession { opener, docs: HashMap::new(), conns: BTreeMap::new(), cursor: None, now_ms: 0 }
+        ServerSession {
+            opener,
+            docs: HashMap::new(),
+            retry_at: HashMap::new(),
+            conns: BTreeMap::new(),
+            cursor: None,
+            now_ms: 0,
+        }
     }
 
     pub fn connect(&mut self, conn: ConnId) {
@@ -225,12 +238,29 @@ impl ServerSession {
         }
     }
 
-    /// Steps documents with queued mutations and schedules retransmissions.
-    pub fn handle_timeout(&mut self, now_ms: i64) -> Result<()> {
+    /// Steps documents with queued mutations and schedules retransmissions. A document whose
+    /// step fails keeps its queue, tells its subscribers why, and retries after
+    /// `STEP_RETRY_MS`; other documents carry on.
+    pub fn handle_timeout(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        for d in self.docs.values_mut() {
+        let mut failed = Vec::new();
+        for (id, d) in self.docs.iter_mut() {
+            if self.retry_at.get(id).is_some_and(|t| *t > self.now_ms) {
+                continue;
+            }
+            self.retry_at.remove(id);
             while d.queued() > 0 {
-                d.step(self.now_ms)?;
+                if let Err(e) = d.step(self.now_ms) {
+                    failed.push((*id, e.to_string()));
+                    break;
+                }
+            }
+        }
+        for (doc, why) in failed {
+            self.retry_at.insert(doc, self.now_ms + STEP_RETRY_MS);
+            let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
+            for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
+                c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
             }
         }
         for c in self.conns.values_mut() {
@@ -241,16 +271,18 @@ impl ServerSession {
                 }
             }
         }
-        Ok(())
     }
 
     /// When `handle_timeout` should run next.
     pub fn poll_timeout(&self) -> Option<i64> {
-        if self.docs.values().any(|d| d.queued() > 0) {
-            return Some(self.now_ms);
-        }
+        let steps = self
+            .docs
+            .iter()
+            .filter(|(_, d)| d.queued() > 0)
+            .map(|(id, _)| self.retry_at.get(id).copied().unwrap_or(self.now_ms));
         let subs = self.conns.values().flat_map(|c| c.subs.values());
-        subs.filter(|s| !s.inflight.is_empty()).map(|s| s.last_send_ms + RETRANSMIT_MS).min()
+        let resends = subs.filter(|s| !s.inflight.is_empty()).map(|s| s.last_send_ms + RETRANSMIT_MS);
+        steps.chain(resends).min()
     }
 
     /// The next message to send, and its connection. Fair: round-robin over connections, and
