@@ -23,6 +23,18 @@ fn file_journal(dir: &std::path::Path, name: &str, id: u128) -> Box<dyn Journal 
     Box::new(j.expect("create journal"))
 }
 
+/// Stock SQLite at the durability of a pagesync write: WAL, fsync on every commit.
+fn stock_db(dir: &std::path::Path) -> Connection {
+    let conn = Connection::open(dir.join("stock.sqlite")).expect("open");
+    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").expect("pragmas");
+    conn.execute_batch(SCHEMA).expect("schema");
+    conn
+}
+
+fn stock_insert(conn: &Connection, i: u64) {
+    conn.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
+}
+
 fn mem(id: u128) -> Box<dyn Journal + Send> {
     Box::new(MemoryJournal::new(JournalId::from_u128(id)))
 }
@@ -52,12 +64,10 @@ fn local_write(cfg: &Config) -> Pair {
     };
     let peer = || {
         let dir = tempfile::tempdir().expect("tempdir");
-        let conn = Connection::open(dir.path().join("stock.sqlite")).expect("open");
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").expect("pragmas");
-        conn.execute_batch(SCHEMA).expect("schema");
+        let conn = stock_db(dir.path());
         let start = Instant::now();
         for i in 0..n {
-            conn.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
+            stock_insert(&conn, i);
         }
         micros_per_op(n, start.elapsed())
     };
@@ -102,14 +112,12 @@ fn server_apply(cfg: &Config) -> Pair {
     };
     let peer = || {
         let dir = tempfile::tempdir().expect("tempdir");
-        let conn = Connection::open(dir.path().join("stock.sqlite")).expect("open");
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;").expect("pragmas");
-        conn.execute_batch(SCHEMA).expect("schema");
+        let conn = stock_db(dir.path());
         let start = Instant::now();
         for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
             conn.execute_batch("BEGIN").expect("begin");
             for i in chunk {
-                conn.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
+                stock_insert(&conn, *i);
             }
             conn.execute_batch("COMMIT").expect("commit");
         }
@@ -162,13 +170,12 @@ fn rebase(cfg: &Config) -> Pair {
         a.receive_storage(outcome.lsn, &entry).expect("rebase");
         start.elapsed().as_secs_f64() * 1e3
     };
-    let stock = Connection::open(dir.path().join("stock.sqlite")).expect("open");
-    stock.execute_batch(SCHEMA).expect("schema");
+    let stock = stock_db(dir.path());
     let peer = || {
         let start = Instant::now();
         stock.execute_batch("BEGIN").expect("begin");
         for i in 0..pending {
-            stock.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
+            stock_insert(&stock, i);
         }
         stock.execute_batch("ROLLBACK").expect("rollback");
         start.elapsed().as_secs_f64() * 1e3

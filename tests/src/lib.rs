@@ -78,13 +78,21 @@ pub fn integrity_ok(db: &pagesync::db::Database) -> bool {
 pub mod sim;
 
 /// A journal whose durable state outlives the document that opened it, so a simulated crash
-/// can reopen it. Every append of the backends is durable, so a crash keeps all of it.
+/// can reopen it. Every append of the backends is durable, so a crash keeps all of it. While
+/// `disk_full` is set, appends fail as on a full disk.
 #[derive(Debug, Clone)]
-pub struct SharedJournal(pub std::sync::Arc<std::sync::Mutex<MemoryJournal>>);
+pub struct SharedJournal {
+    journal: std::sync::Arc<std::sync::Mutex<MemoryJournal>>,
+    pub disk_full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl SharedJournal {
     pub fn new(n: u128) -> SharedJournal {
-        SharedJournal(std::sync::Arc::new(std::sync::Mutex::new(MemoryJournal::new(JournalId::from_u128(n)))))
+        let journal = MemoryJournal::new(JournalId::from_u128(n));
+        SharedJournal {
+            journal: std::sync::Arc::new(std::sync::Mutex::new(journal)),
+            disk_full: Default::default(),
+        }
     }
 
     pub fn boxed(&self) -> Box<dyn Journal + Send> {
@@ -92,7 +100,7 @@ impl SharedJournal {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryJournal> {
-        self.0.lock().expect("journal lock poisoned")
+        self.journal.lock().expect("journal lock poisoned")
     }
 }
 
@@ -104,6 +112,14 @@ impl Journal for SharedJournal {
         self.lock().range()
     }
     fn append_batch(&mut self, payloads: &[&[u8]]) -> pagesync::journal::Result<pagesync::journal::LsnRange> {
+        if self.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(pagesync::journal::JournalError::Io {
+                journal: self.id(),
+                op: "append",
+                path: "shared".into(),
+                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+            });
+        }
         self.lock().append_batch(payloads)
     }
     fn read(&self, lsn: pagesync::journal::Lsn) -> pagesync::journal::Result<Vec<u8>> {
@@ -119,46 +135,5 @@ impl Journal for SharedJournal {
     }
     fn remove_prefix(&mut self, up_to: pagesync::journal::Lsn) -> pagesync::journal::Result<()> {
         self.lock().remove_prefix(up_to)
-    }
-}
-
-/// A journal whose appends fail like a full disk while `full` is set.
-#[derive(Debug, Clone)]
-pub struct FlakyJournal {
-    pub inner: SharedJournal,
-    pub full: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Journal for FlakyJournal {
-    fn id(&self) -> JournalId {
-        self.inner.id()
-    }
-    fn range(&self) -> pagesync::journal::LsnRange {
-        self.inner.range()
-    }
-    fn append_batch(&mut self, payloads: &[&[u8]]) -> pagesync::journal::Result<pagesync::journal::LsnRange> {
-        if self.full.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(pagesync::journal::JournalError::Io {
-                journal: self.id(),
-                op: "append",
-                path: "flaky".into(),
-                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
-            });
-        }
-        self.inner.append_batch(payloads)
-    }
-    fn read(&self, lsn: pagesync::journal::Lsn) -> pagesync::journal::Result<Vec<u8>> {
-        self.inner.read(lsn)
-    }
-    fn read_part(
-        &self,
-        lsn: pagesync::journal::Lsn,
-        offset: usize,
-        buf: &mut [u8],
-    ) -> pagesync::journal::Result<()> {
-        self.inner.read_part(lsn, offset, buf)
-    }
-    fn remove_prefix(&mut self, up_to: pagesync::journal::Lsn) -> pagesync::journal::Result<()> {
-        self.inner.remove_prefix(up_to)
     }
 }

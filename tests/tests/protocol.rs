@@ -157,9 +157,11 @@ fn a_full_disk_on_one_document_is_reported_and_retried() {
     let full = Arc::new(AtomicBool::new(false));
     let flag = full.clone();
     let mut s = ServerSession::new(Box::new(move |d: DocId| {
-        let inner = pagesync_tests::SharedJournal::new(u128::from_be_bytes(d.0));
-        let full = if d == sick { flag.clone() } else { Arc::new(AtomicBool::new(false)) };
-        ServerDocument::open(Box::new(pagesync_tests::FlakyJournal { inner, full }))
+        let mut journal = pagesync_tests::SharedJournal::new(u128::from_be_bytes(d.0));
+        if d == sick {
+            journal.disk_full = flag.clone();
+        }
+        ServerDocument::open(journal.boxed())
     }));
     let mut c = client(&[sick, healthy]);
     s.connect(C);
