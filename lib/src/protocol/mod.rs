@@ -58,6 +58,7 @@ pub mod codes {
     pub const DOCUMENT: &str = "document";
     pub const LIMIT: &str = "limit";
     pub const STORAGE: &str = "storage";
+    pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
 }
 
 /// Everything that crosses a connection.

@@ -225,6 +225,14 @@ impl ServerSession {
             );
             return self.push(conn, error(Some(doc), codes::DOCUMENT, text));
         }
+        let oldest = d.storage_range().first();
+        if storage_next < oldest {
+            // Only after compaction, which does not exist yet; then a snapshot is the answer.
+            let text = format!(
+                "history before LSN {oldest} was compacted and snapshots are not supported yet: re-create the replica"
+            );
+            return self.push(conn, error(Some(doc), codes::SNAPSHOT_REQUIRED, text));
+        }
         let next_expected = d.next_expected(timeline);
         let sub = Sub {
             sent_next: storage_next,
