@@ -1,2 +1,271 @@
-//! pagesync native client: Rust API and the `pagesync` CLI. Not built yet (see the server issue).
+//! pagesync native client: the Rust API over websockets.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let client = pagesync_client::Client::connect("ws://127.0.0.1:8787/v1/sync", "", "./data")?;
+//! let doc = client.open("0123456789abcdef0123456789abcdef".parse()?)?;
+//! doc.execute("CREATE TABLE IF NOT EXISTS t(x TEXT)", vec![])?; // local, instant, durable
+//! doc.sync(std::time::Duration::from_secs(5)).await?;          // pushed and confirmed
+//! # Ok(()) }
+//! ```
+//!
+//! A background task owns the connection: it reconnects with bounded exponential backoff and
+//! jitter, and drives the sans-io `ClientSession`. Local journals live under the data
+//! directory, one folder per document, so writes made offline survive a restart and sync on
+//! the next connection.
 #![forbid(unsafe_code)]
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
+use pagesync::protocol::{ClientSession, DocStatus};
+use pagesync::{ClientDocument, DocId, MutationState, Rows, SqlMutation, Submitted, Value};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+/// First reconnect delay; doubles per failure up to `MAX_BACKOFF`.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest wait between reconnect attempts: a restarted server is found within seconds.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error(transparent)]
+    Core(#[from] pagesync::Error),
+    #[error(transparent)]
+    Journal(#[from] pagesync::journal::JournalError),
+    #[error("timed out after {0:?} with {1} mutations still pending (is the server reachable?)")]
+    SyncTimeout(Duration, usize),
+    #[error("the server reported: {code}: {message}")]
+    Server { code: String, message: String },
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+struct Shared {
+    session: Mutex<ClientSession>,
+    wake: Notify,
+    data_dir: PathBuf,
+    connected: Mutex<bool>,
+}
+
+impl Shared {
+    fn session(&self) -> MutexGuard<'_, ClientSession> {
+        self.session.lock().expect("BUG: session lock poisoned")
+    }
+}
+
+/// A connection to one server, shared by every document opened through it.
+pub struct Client {
+    shared: Arc<Shared>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("data_dir", &self.shared.data_dir).finish()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// OS-seeded randomness from std (the core takes seeds as arguments; drivers supply them).
+fn random_u64() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish()
+}
+
+impl Client {
+    /// Starts the connection in the background; works offline until the server answers.
+    /// Must be called within a tokio runtime.
+    pub fn connect(url: &str, token: &str, data_dir: impl AsRef<Path>) -> Result<Client> {
+        let data_dir = data_dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&data_dir).map_err(|source| pagesync::journal::JournalError::Io {
+            journal: JournalId::from_u128(0),
+            op: "create data directory",
+            path: data_dir.clone(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            session: Mutex::new(ClientSession::new(token)),
+            wake: Notify::new(),
+            data_dir,
+            connected: Mutex::new(false),
+        });
+        let driver = tokio::spawn(drive(url.to_owned(), shared.clone()));
+        Ok(Client { shared, driver })
+    }
+
+    /// Opens (or creates) a document's local replica and starts syncing it.
+    pub fn open(&self, doc: DocId) -> Result<Document> {
+        if !self.shared.session().has_document(doc) {
+            let dir = self.shared.data_dir.join(doc.to_string());
+            let storage = FileJournal::open_or_create(
+                dir.join("storage"),
+                doc.journal_id(),
+                FileJournalOptions::default(),
+            )?;
+            let tl_dir = dir.join("timeline");
+            let timeline = match FileJournal::open(&tl_dir, FileJournalOptions::default()) {
+                Ok(j) => j,
+                Err(
+                    pagesync::journal::JournalError::Missing { .. }
+                    | pagesync::journal::JournalError::Foreign { .. },
+                ) if !tl_dir.join("JOURNAL").exists() => {
+                    let id = JournalId::from_u128(((random_u64() as u128) << 64) | random_u64() as u128);
+                    FileJournal::create(&tl_dir, id, FileJournalOptions::default())?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let replica = ClientDocument::open(Box::new(storage), Box::new(timeline))?;
+            self.shared.session().add_document(doc, replica);
+            self.shared.wake.notify_one();
+        }
+        Ok(Document { id: doc, shared: self.shared.clone() })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        *self.shared.connected.lock().expect("BUG: lock poisoned")
+    }
+}
+
+/// One open document.
+#[derive(Clone)]
+pub struct Document {
+    id: DocId,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Document {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Document").field("id", &self.id).finish()
+    }
+}
+
+impl Document {
+    pub fn id(&self) -> DocId {
+        self.id
+    }
+
+    /// Runs SQL locally at once and queues it for the server. Durable when this returns.
+    pub fn execute(&self, sql: &str, params: Vec<Value>) -> Result<Submitted> {
+        let body = SqlMutation::one(sql, params).encode();
+        let done = self.shared.session().mutate(self.id, body, now_ms(), random_u64())?;
+        self.shared.wake.notify_one();
+        Ok(done)
+    }
+
+    /// A read-only query on the local (optimistic) state.
+    pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        let s = self.shared.session();
+        Ok(s.document(self.id).expect("BUG: open documents stay open").query(sql, params)?)
+    }
+
+    pub fn state(&self, lsn: pagesync::journal::Lsn) -> Result<MutationState> {
+        let s = self.shared.session();
+        Ok(s.document(self.id).expect("BUG: open documents stay open").state(lsn)?)
+    }
+
+    pub fn status(&self) -> DocStatus {
+        self.shared.session().status(self.id).expect("BUG: open documents stay open")
+    }
+
+    /// Applied (confirmed or rejected) count and the rejections with the server's messages.
+    pub fn summary(&self) -> Result<(u64, Vec<(pagesync::journal::Lsn, pagesync::Rejection)>)> {
+        let s = self.shared.session();
+        let d = s.document(self.id).expect("BUG: open documents stay open");
+        Ok((d.applied_lsn().map_or(0, |l| l.get()), d.rejections()?))
+    }
+
+    /// Waits until every local mutation is applied by the server and this replica holds the
+    /// server's latest storage as of then.
+    pub async fn sync(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status();
+            if let Some((code, message)) = st.error.clone() {
+                return Err(ClientError::Server { code, message });
+            }
+            if st.pending == 0 && *self.shared.connected.lock().expect("BUG") && self.caught_up() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::SyncTimeout(timeout, st.pending));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// True once the server acknowledged this connection's subscription and the replica holds
+    /// the storage the server reported then.
+    fn caught_up(&self) -> bool {
+        self.shared.session().caught_up(self.id)
+    }
+}
+
+async fn drive(url: String, shared: Arc<Shared>) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Ok((ws, _)) => {
+                backoff = MIN_BACKOFF;
+                run_connection(ws, &shared).await;
+            }
+            Err(e) => tracing::debug!("cannot connect to {url}: {e}"),
+        }
+        *shared.connected.lock().expect("BUG") = false;
+        shared.session().disconnected();
+        let jitter = Duration::from_millis(random_u64() % (backoff.as_millis() as u64 / 2 + 1));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn run_connection(
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    shared: &Shared,
+) {
+    let (mut sink, mut stream) = ws.split();
+    shared.session().connected(now_ms());
+    *shared.connected.lock().expect("BUG") = true;
+    loop {
+        let out: Vec<Vec<u8>> = {
+            let mut s = shared.session();
+            std::iter::from_fn(|| s.poll_transmit()).map(|m| m.encode()).collect()
+        };
+        for frame in out {
+            if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                return;
+            }
+        }
+        let timeout = shared.session().poll_timeout().map_or(1_000, |t| (t - now_ms()).clamp(0, 1_000));
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(WsMessage::Binary(b))) => {
+                    if let Err(e) = shared.session().handle_frame(now_ms(), &b) {
+                        tracing::warn!("applying a frame failed: {e}");
+                    }
+                }
+                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => shared.session().handle_timeout(now_ms()),
+        }
+    }
+}

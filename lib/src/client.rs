@@ -287,6 +287,30 @@ impl<R: Reducer> ClientDocument<R> {
         }
     }
 
+    /// The highest LSN of this timeline the server has applied (confirmed or rejected).
+    pub fn applied_lsn(&self) -> Option<Lsn> {
+        self.applied
+    }
+
+    /// Every rejection the server recorded for this timeline, in LSN order.
+    pub fn rejections(&self) -> Result<Vec<(Lsn, Rejection)>> {
+        if self.applied.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self.db.conn().prepare_cached(
+            "SELECT lsn, code, message FROM _pagesync_rejections WHERE timeline = ?1 ORDER BY lsn",
+        )?;
+        let rows = stmt.query_map([&self.timeline_id.0[..]], |r| {
+            Ok((r.get::<_, i64>(0)?, Rejection::new(r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (lsn, r) = row?;
+            out.push((Lsn::new(lsn as u64).ok_or_else(|| Error::Malformed("rejection at LSN 0".into()))?, r));
+        }
+        Ok(out)
+    }
+
     /// Runs a read-only query on the optimistic state.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         let mut stmt = self.db.conn().prepare_cached(sql)?;

@@ -54,7 +54,7 @@ fn samples() -> Samples {
         Message::Hello { version: PROTOCOL_VERSION, token: "token".into() },
         Message::Subscribe { doc, timeline, storage_next: lsn },
         Message::Mutations { doc, timeline, first: lsn, entries: mutations.clone() },
-        Message::MutationsAck { doc, timeline, next_expected: lsn },
+        Message::MutationsAck { doc, timeline, next_expected: lsn, storage_next: lsn },
         Message::Storage { doc, first: lsn, entries: wire.clone() },
         Message::StorageAck { doc, next: lsn },
         Message::Error { doc: Some(doc), code: "x".into(), message: "y".into() },

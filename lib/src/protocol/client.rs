@@ -30,6 +30,8 @@ struct Link {
     up_sent_ms: i64,
     ack_due: bool,
     last_heard_ms: i64,
+    /// The server's storage head as last reported.
+    server_storage_next: Lsn,
     /// The last error the server reported for this document.
     error: Option<(String, String)>,
 }
@@ -90,6 +92,7 @@ impl ClientSession {
             up_sent_ms: 0,
             ack_due: false,
             last_heard_ms: self.now_ms,
+            server_storage_next: Lsn::FIRST,
             error: None,
         };
         self.links.insert(id, link);
@@ -97,6 +100,19 @@ impl ClientSession {
 
     pub fn document(&self, id: DocId) -> Option<&ClientDocument> {
         self.links.get(&id).map(|l| &l.doc)
+    }
+
+    /// Connected, the server acknowledged the subscription, and this replica holds at least
+    /// the storage the server had when it last reported.
+    pub fn caught_up(&self, id: DocId) -> bool {
+        self.connected
+            && self.links.get(&id).is_some_and(|l| {
+                l.subscribed && !l.awaiting_ack && l.doc.storage_range().next() >= l.server_storage_next
+            })
+    }
+
+    pub fn has_document(&self, id: DocId) -> bool {
+        self.links.contains_key(&id)
     }
 
     /// Takes the document out of the session (e.g. to close it).
@@ -161,8 +177,9 @@ impl ClientSession {
         let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)) else { return Ok(()) };
         link.last_heard_ms = now_ms;
         match msg {
-            Message::MutationsAck { next_expected, .. } => {
+            Message::MutationsAck { next_expected, storage_next, .. } => {
                 link.awaiting_ack = false;
+                link.server_storage_next = link.server_storage_next.max(storage_next);
                 if next_expected <= link.up_acked {
                     return Ok(());
                 }

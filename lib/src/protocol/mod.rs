@@ -12,7 +12,7 @@ mod client;
 mod server;
 
 pub use client::{ClientSession, DocStatus};
-pub use server::{ConnId, STEP_RETRY_MS, ServerSession};
+pub use server::{ConnId, Opener, STEP_RETRY_MS, ServerSession};
 
 use pagesync_journal::Lsn;
 use serde::{Deserialize, Serialize};
@@ -72,8 +72,9 @@ pub enum Message {
     Subscribe { doc: DocId, timeline: TimelineId, storage_next: Lsn },
     /// Client: timeline entries `first, first+1, ...`.
     Mutations { doc: DocId, timeline: TimelineId, first: Lsn, entries: Vec<Vec<u8>> },
-    /// Server: the next timeline LSN it needs (everything before is applied or queued).
-    MutationsAck { doc: DocId, timeline: TimelineId, next_expected: Lsn },
+    /// Server: the next timeline LSN it needs (everything before is applied or queued), and
+    /// the storage LSN it will write next (so the client knows when it has caught up).
+    MutationsAck { doc: DocId, timeline: TimelineId, next_expected: Lsn, storage_next: Lsn },
     /// Server: storage entries `first, first+1, ...` in wire form.
     Storage { doc: DocId, first: Lsn, entries: Vec<WireEntry> },
     /// Client: it holds storage before `next`.

@@ -163,7 +163,13 @@ impl ServerSession {
             Message::Mutations { doc, timeline, first, entries } => {
                 if let Some(d) = self.open(conn, doc) {
                     let received = d.receive(timeline, first, entries);
-                    let ack = Message::MutationsAck { doc, timeline, next_expected: received.next_expected };
+                    let storage_next = d.storage_range().next();
+                    let ack = Message::MutationsAck {
+                        doc,
+                        timeline,
+                        next_expected: received.next_expected,
+                        storage_next,
+                    };
                     self.push(conn, ack);
                 }
             }
@@ -242,7 +248,7 @@ impl ServerSession {
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(doc, sub);
-            c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected });
+            c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
         }
     }
 

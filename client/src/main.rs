@@ -1,0 +1,178 @@
+//! `pagesync`: the command-line client. Works offline; `sync` pushes and waits.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use pagesync::{DocId, MutationState, Value};
+use pagesync_client::Client;
+
+#[derive(Parser, Debug)]
+#[command(name = "pagesync", about = "Local SQLite that syncs with a pagesync server")]
+struct Args {
+    /// Server websocket URL.
+    #[arg(long, global = true, default_value = "ws://127.0.0.1:8787/v1/sync")]
+    server: String,
+    /// Where local replicas live.
+    #[arg(long, global = true, default_value = "./pagesync-client-data")]
+    data: PathBuf,
+    /// Document id: 32 hex digits or a UUID.
+    #[arg(long, global = true)]
+    doc: Option<String>,
+    /// Access token (or PAGESYNC_TOKEN).
+    #[arg(long, global = true, env = "PAGESYNC_TOKEN", default_value = "")]
+    token: String,
+    /// How long to wait for the server, in milliseconds.
+    #[arg(long, global = true, default_value_t = 3_000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a write locally and push it (it stays queued if the server is unreachable).
+    Exec {
+        sql: String,
+        /// Parameters ?1, ?2, ...: integers, reals, `null`, or text.
+        params: Vec<String>,
+        /// Do not wait for the server.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Run a read-only query on the local replica (after a short sync).
+    Query {
+        sql: String,
+        params: Vec<String>,
+        /// Print rows as JSON objects instead of TSV.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Pending, confirmed and rejected counts, with the server's message for each rejection.
+    Status,
+    /// Push local writes and wait until the server confirmed them; non-zero exit on timeout.
+    Sync,
+}
+
+fn parse_param(p: &str) -> Value {
+    if p == "null" {
+        Value::Null
+    } else if let Ok(i) = p.parse::<i64>() {
+        Value::Integer(i)
+    } else if let Ok(f) = p.parse::<f64>() {
+        Value::Real(f)
+    } else {
+        Value::Text(p.to_owned())
+    }
+}
+
+fn to_json(v: &Value) -> serde_json::Value {
+    match v {
+        Value::Null => serde_json::Value::Null,
+        Value::Integer(i) => (*i).into(),
+        Value::Real(f) => (*f).into(),
+        Value::Text(t) => t.clone().into(),
+        Value::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect::<String>().into(),
+    }
+}
+
+fn to_tsv(v: &Value) -> String {
+    match v {
+        Value::Null => "NULL".into(),
+        Value::Integer(i) => i.to_string(),
+        Value::Real(f) => f.to_string(),
+        Value::Text(t) => t.replace('\t', "\\t").replace('\n', "\\n"),
+        Value::Blob(b) => format!("x'{}'", b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let doc_text =
+        args.doc.clone().ok_or_else(|| anyhow::anyhow!("--doc ID is required (32 hex digits or a UUID)"))?;
+    let doc_id: DocId = doc_text.parse()?;
+    let client = Client::connect(&args.server, &args.token, &args.data)?;
+    let doc = client.open(doc_id)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    match args.command {
+        Command::Exec { sql, params, offline } => {
+            let done = doc.execute(&sql, params.iter().map(|p| parse_param(p)).collect())?;
+            if let Err(r) = &done.local {
+                eprintln!("warning: failed locally ({r}); queued for the server, which decides");
+            }
+            if !offline && let Err(e) = doc.sync(timeout).await {
+                eprintln!("mutation {} is pending: {e}", done.lsn);
+                return Ok(ExitCode::SUCCESS);
+            }
+            match doc.state(done.lsn)? {
+                MutationState::Rejected(r) => {
+                    eprintln!("mutation {} rejected by the server: {r}", done.lsn);
+                    Ok(ExitCode::FAILURE)
+                }
+                state => {
+                    println!("mutation {}: {}", done.lsn, format!("{state:?}").to_lowercase());
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Query { sql, params, json, offline } => {
+            if !offline && let Err(e) = doc.sync(timeout).await {
+                eprintln!("warning: showing local data: {e}");
+            }
+            let rows = doc.query(&sql, &params.iter().map(|p| parse_param(p)).collect::<Vec<_>>())?;
+            if json {
+                for row in &rows.rows {
+                    let obj: serde_json::Map<String, serde_json::Value> =
+                        rows.columns.iter().cloned().zip(row.iter().map(to_json)).collect();
+                    println!("{}", serde_json::Value::Object(obj));
+                }
+            } else {
+                println!("{}", rows.columns.join("\t"));
+                for row in &rows.rows {
+                    println!("{}", row.iter().map(to_tsv).collect::<Vec<_>>().join("\t"));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let _ = doc.sync(Duration::from_millis(args.timeout_ms.min(1_000))).await;
+            let st = doc.status();
+            let (applied, rejections) = doc.summary()?;
+            println!("pending\t{}", st.pending);
+            println!("confirmed\t{}", applied - rejections.len() as u64);
+            println!("rejected\t{}", rejections.len());
+            for (lsn, r) in rejections {
+                println!("rejected {lsn}\t{}\t{}", r.code, r.message);
+            }
+            if let Some((code, message)) = st.error {
+                println!("server error\t{code}\t{message}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sync => match doc.sync(timeout).await {
+            Ok(()) => {
+                println!("synced");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}

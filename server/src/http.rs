@@ -1,0 +1,102 @@
+//! One TCP connection: HTTP (`/healthz`, `/metrics`) or a websocket at `/v1/sync`, on the same
+//! port. The request line is peeked, not consumed, so the websocket handshake sees it whole.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::{SinkExt, StreamExt};
+use pagesync::protocol::MAX_FRAME_BYTES;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::{Hub, Metrics};
+
+/// Largest HTTP request head read for the plain routes; anything longer is refused.
+const MAX_REQUEST_HEAD_BYTES: usize = 16 << 10;
+
+pub async fn serve_connection(stream: TcpStream, hub: Hub, metrics: Arc<Metrics>) {
+    let mut head = [0u8; 512];
+    let n = match stream.peek(&mut head).await {
+        Ok(n) => n,
+        Err(_) => return,
+    };
+    let line = String::from_utf8_lossy(&head[..n]);
+    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+    match path.as_str() {
+        "/v1/sync" => serve_websocket(stream, hub, metrics).await,
+        "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n".into()).await,
+        "/metrics" => respond(stream, "200 OK", "text/plain; version=0.0.4", metrics.render()).await,
+        _ => {
+            respond(
+                stream,
+                "404 Not Found",
+                "text/plain",
+                "routes: /v1/sync (websocket), /healthz, /metrics\n".into(),
+            )
+            .await
+        }
+    }
+}
+
+async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: String) {
+    // Read the request head before answering, so the client is not reset mid-send.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST_HEAD_BYTES {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn serve_websocket(stream: TcpStream, hub: Hub, metrics: Arc<Metrics>) {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
+        Ok(ws) => ws,
+        Err(e) => {
+            tracing::debug!("websocket handshake failed: {e}");
+            return;
+        }
+    };
+    metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+    let (conn, mut outgoing) = hub.connect();
+    let (mut sink, mut incoming) = ws.split();
+    let writer_metrics = metrics.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = outgoing.recv().await {
+            writer_metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+            writer_metrics.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
+            if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await; // the server closed this connection
+    });
+    while let Some(msg) = incoming.next().await {
+        let bytes = match msg {
+            Ok(WsMessage::Binary(b)) => b.to_vec(),
+            Ok(WsMessage::Text(t)) => t.as_bytes().to_vec(), // not a frame: the session says so
+            Ok(WsMessage::Close(_)) | Err(_) => break,
+            Ok(_) => continue, // ping / pong
+        };
+        metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+        metrics.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        hub.frame(conn, bytes);
+    }
+    hub.disconnect(conn);
+    writer.abort();
+    metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+}

@@ -1,0 +1,126 @@
+//! End to end over real sockets and real files: `pagesync-server` (in process, on a loopback
+//! port) and two `pagesync-client`s with their own data directories.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pagesync::{DocId, MutationState, Value};
+use pagesync_client::Client;
+use pagesync_server::{Metrics, ServerConfig, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Running {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(root: &Path, addr: SocketAddr) -> Running {
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cfg = ServerConfig { listen: addr, root: root.to_path_buf(), max_connections: 100 };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
+        let _ = stopped.await;
+    }));
+    Running { addr, stop, task }
+}
+
+impl Running {
+    fn url(&self) -> String {
+        format!("ws://{}/v1/sync", self.addr)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("join").expect("server ran");
+    }
+}
+
+async fn rows(doc: &pagesync_client::Document, sql: &str, want: usize) -> Vec<Vec<Value>> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = doc.query(sql, &[]).map(|r| r.rows).unwrap_or_default();
+        if r.len() >= want || tokio::time::Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_converge_and_offline_writes_survive_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr")).await;
+    let url = server.url();
+    let doc_id = DocId::from_u128(0xabc);
+    let a = Client::connect(&url, "", dir.path().join("a")).expect("a");
+    let b = Client::connect(&url, "", dir.path().join("b")).expect("b");
+    let (da, db) = (a.open(doc_id).expect("open"), b.open(doc_id).expect("open"));
+
+    da.execute(
+        "CREATE TABLE todo(id INTEGER PRIMARY KEY, title TEXT NOT NULL CHECK (length(title) > 0))",
+        vec![],
+    )
+    .expect("ddl");
+    da.execute("INSERT INTO todo(title) VALUES (?1)", vec!["from a".into()]).expect("insert");
+    da.sync(WAIT).await.expect("a synced");
+    assert_eq!(rows(&db, "SELECT title FROM todo", 1).await, vec![vec![Value::Text("from a".into())]]);
+
+    // A bad write is rejected by the server, with its message, and hurts nothing else.
+    let bad = db.execute("INSERT INTO todo(title) VALUES ('')", vec![]).expect("queued");
+    db.sync(WAIT).await.expect("b synced");
+    match db.state(bad.lsn).expect("state") {
+        MutationState::Rejected(r) => assert!(r.message.contains("CHECK constraint failed"), "{r}"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+
+    // The server goes away; B keeps writing offline, and even restarts.
+    let addr = server.addr;
+    server.stop().await;
+    let offline =
+        db.execute("INSERT INTO todo(title) VALUES ('written offline')", vec![]).expect("offline write");
+    assert_eq!(db.state(offline.lsn).expect("state"), MutationState::Pending);
+    drop((db, b));
+    let b = Client::connect(&url, "", dir.path().join("b")).expect("b again");
+    let db = b.open(doc_id).expect("reopen");
+    assert_eq!(db.status().pending, 1, "the offline write survived the client restart");
+
+    // The server comes back on the same port and data: everything flows.
+    let server = start(&dir.path().join("server"), addr).await;
+    db.sync(WAIT).await.expect("b synced after the restart");
+    assert_eq!(db.state(offline.lsn).expect("state"), MutationState::Confirmed);
+    let seen = rows(&da, "SELECT title FROM todo ORDER BY id", 2).await;
+    assert_eq!(seen, vec![vec![Value::Text("from a".into())], vec![Value::Text("written offline".into())]]);
+    server.stop().await;
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_share_the_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path(), "127.0.0.1:0".parse().expect("addr")).await;
+    let client = Client::connect(&server.url(), "", dir.path().join("c")).expect("client");
+    let doc = client.open(DocId::from_u128(1)).expect("open");
+    doc.execute("CREATE TABLE t(x)", vec![]).expect("ddl");
+    doc.sync(WAIT).await.expect("synced");
+    let health = http_get(server.addr, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
+    let metrics = http_get(server.addr, "/metrics").await;
+    assert!(metrics.contains("pagesync_open_documents 1"), "{metrics}");
+    assert!(metrics.contains("pagesync_connections_open 1"), "{metrics}");
+    assert!(http_get(server.addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    server.stop().await;
+}
