@@ -218,7 +218,7 @@ fn readme_example() -> Result<(), pagesync::Error> {
     let mut client = ClientDocument::open(journal(2), journal(3))?; // storage, timeline
     let body = SqlMutation::one("CREATE TABLE t(x TEXT)", vec![]).encode();
     let done = client.mutate(body, now_ms, seed)?; // local, instant, durable
-    // Move the timeline up and the storage down (the protocol issue automates this):
+    // Move the timeline up and the storage down (the sessions do this over a network):
     let up = client.pending_range();
     server.receive(client.timeline_id(), up.first(), client.read_pending(up)?);
     server.step(now_ms)?;
