@@ -17,16 +17,34 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-fn start(port: u16, data: &std::path::Path) -> Child {
+/// The server process; killed (SIGKILL) and reaped when dropped, also when a test panics.
+struct ServerProcess(Child);
+
+impl ServerProcess {
+    fn sigkill(&mut self) {
+        self.0.kill().expect("SIGKILL"); // std's Child::kill sends SIGKILL on unix
+        self.0.wait().expect("reaped");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(port: u16, data: &std::path::Path) -> ServerProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--journal", &format!("file://{}", data.display())])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn pagesync-server");
+    let server = ServerProcess(child);
     for _ in 0..500 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return child;
+            return server;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -60,8 +78,7 @@ async fn sigkill_mid_stream_loses_no_confirmed_write_and_applies_pending_once() 
                 assert!(tokio::time::Instant::now() < deadline, "nothing was confirmed");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            server.kill().expect("SIGKILL"); // std's Child::kill sends SIGKILL on unix
-            server.wait().expect("reaped");
+            server.sigkill();
         }
     }
     // What the client saw confirmed before the crash (nothing can confirm while it is down).
@@ -71,7 +88,7 @@ async fn sigkill_mid_stream_loses_no_confirmed_write_and_applies_pending_once() 
     assert!(!confirmed.is_empty(), "some writes were confirmed before the kill");
     assert!(doc.status().pending > 0, "some writes were still pending at the kill");
 
-    let mut server = start(port, &dir.path().join("server"));
+    let _server = start(port, &dir.path().join("server"));
     doc.sync(WAIT).await.expect("synced after the restart");
     // A fresh client reads the server's state independently.
     let fresh = Client::connect(&url, "", dir.path().join("fresh")).expect("fresh");
@@ -89,6 +106,4 @@ async fn sigkill_mid_stream_loses_no_confirmed_write_and_applies_pending_once() 
     for s in &confirmed {
         assert_eq!(doc.state(lsns[*s as usize]).expect("state"), MutationState::Confirmed);
     }
-    server.kill().expect("stop");
-    let _ = server.wait();
 }
