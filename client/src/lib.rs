@@ -192,6 +192,22 @@ impl Document {
         Ok((d.applied_lsn().map_or(0, |l| l.get()), d.rejections()?))
     }
 
+    /// Writes the server's state this replica holds to `path` as a plain `.sqlite` file
+    /// (atomically: a temporary file, then a rename). Pending local writes are not included.
+    pub fn export(&self, path: &Path) -> std::io::Result<u64> {
+        let bytes = {
+            let s = self.shared.session();
+            s.document(self.id)
+                .expect("BUG: open documents stay open")
+                .export()
+                .map_err(std::io::Error::other)?
+        };
+        let tmp = path.with_extension("sqlite.tmp");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(bytes.len() as u64)
+    }
+
     /// Waits until every local mutation is applied by the server and this replica holds the
     /// server's latest storage as of then.
     pub async fn sync(&self, timeout: Duration) -> Result<()> {

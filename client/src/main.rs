@@ -56,6 +56,8 @@ enum Command {
     Status,
     /// Push local writes and wait until the server confirmed them; non-zero exit on timeout.
     Sync,
+    /// Sync, then write the document to FILE as a plain .sqlite file.
+    Export { file: PathBuf },
 }
 
 fn parse_param(p: &str) -> Value {
@@ -162,6 +164,14 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             if let Some((code, message)) = st.error {
                 println!("server error\t{code}\t{message}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { file } => {
+            if let Err(e) = doc.sync(timeout).await {
+                eprintln!("warning: exporting the local replica as last synced: {e}");
+            }
+            let bytes = doc.export(&file)?;
+            println!("wrote {} ({bytes} bytes)", file.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Sync => match doc.sync(timeout).await {

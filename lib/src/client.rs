@@ -287,6 +287,12 @@ impl<R: Reducer> ClientDocument<R> {
         }
     }
 
+    /// The server's state this replica holds, as a plain `.sqlite` file (pending local writes
+    /// are not in it).
+    pub fn export(&self) -> Result<Vec<u8>> {
+        Ok(self.db.store().export()?)
+    }
+
     /// The highest LSN of this timeline the server has applied (confirmed or rejected).
     pub fn applied_lsn(&self) -> Option<Lsn> {
         self.applied

@@ -183,6 +183,11 @@ impl<R: Reducer> ServerDocument<R> {
             .collect()
     }
 
+    /// The document as a plain `.sqlite` file, as of the last durable step.
+    pub fn export(&self) -> Result<Vec<u8>> {
+        Ok(self.db.store().export()?)
+    }
+
     /// The highest LSN applied from `timeline`.
     pub fn applied_lsn(&self, timeline: TimelineId) -> Option<Lsn> {
         self.applied.get(&timeline).copied()

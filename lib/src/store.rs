@@ -325,6 +325,16 @@ impl PageStore {
         Ok(header)
     }
 
+    /// The committed database as a plain SQLite file: every committed page, in order. Page 1
+    /// carries the true header, so any SQLite opens it.
+    pub fn export(&mut self) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::with_capacity(self.page_count as usize * PAGE_SIZE);
+        for i in 1..=self.page_count {
+            out.extend_from_slice(&self.committed_page(PageIdx::new(i).expect("BUG: i >= 1"))?[..]);
+        }
+        Ok(out)
+    }
+
     /// Every committed page, for comparing replicas byte for byte.
     pub fn committed_pages(&mut self) -> Result<Vec<Page>, StoreError> {
         (1..=self.page_count)

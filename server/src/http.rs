@@ -16,7 +16,12 @@ use crate::{Hub, Metrics};
 /// Largest HTTP request head read for the plain routes; anything longer is refused.
 const MAX_REQUEST_HEAD_BYTES: usize = 16 << 10;
 
-pub async fn serve_connection(stream: TcpStream, hub: Hub, metrics: Arc<Metrics>) {
+pub async fn serve_connection(
+    stream: TcpStream,
+    hub: Hub,
+    metrics: Arc<Metrics>,
+    root: Arc<std::path::PathBuf>,
+) {
     let mut head = [0u8; 512];
     let n = match stream.peek(&mut head).await {
         Ok(n) => n,
@@ -26,21 +31,33 @@ pub async fn serve_connection(stream: TcpStream, hub: Hub, metrics: Arc<Metrics>
     let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
     match path.as_str() {
         "/v1/sync" => serve_websocket(stream, hub, metrics).await,
-        "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n".into()).await,
+        "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
         "/metrics" => respond(stream, "200 OK", "text/plain; version=0.0.4", metrics.render()).await,
+        p if p.starts_with("/v1/docs/") && p.ends_with("/export") => export(stream, hub, &root, p).await,
         _ => {
-            respond(
-                stream,
-                "404 Not Found",
-                "text/plain",
-                "routes: /v1/sync (websocket), /healthz, /metrics\n".into(),
-            )
-            .await
+            let routes = "routes: /v1/sync (websocket), /healthz, /metrics, /v1/docs/{id}/export\n";
+            respond(stream, "404 Not Found", "text/plain", routes).await
         }
     }
 }
 
-async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: String) {
+async fn export(stream: TcpStream, hub: Hub, root: &std::path::Path, path: &str) {
+    let id = &path["/v1/docs/".len()..path.len() - "/export".len()];
+    let doc: pagesync::DocId = match id.parse() {
+        Ok(d) => d,
+        Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
+    };
+    if !crate::storage_dir(root, doc).exists() {
+        return respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await;
+    }
+    match hub.export(doc).await {
+        Ok(bytes) => respond(stream, "200 OK", "application/vnd.sqlite3", bytes).await,
+        Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
+    }
+}
+
+async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: impl AsRef<[u8]>) {
+    let body = body.as_ref();
     // Read the request head before answering, so the client is not reset mid-send.
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -55,7 +72,7 @@ async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: 
         body.len()
     );
     let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.write_all(body).await;
     let _ = stream.shutdown().await;
 }
 

@@ -24,6 +24,7 @@ enum HubMsg {
     Connect { conn: ConnId, tx: mpsc::UnboundedSender<Vec<u8>> },
     Frame { conn: ConnId, bytes: Vec<u8> },
     Disconnect { conn: ConnId },
+    Export { doc: pagesync::DocId, reply: oneshot::Sender<Result<Vec<u8>, String>> },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -65,6 +66,13 @@ impl Hub {
         let _ = self.tx.send(HubMsg::Disconnect { conn });
     }
 
+    /// The document as a `.sqlite` file, consistent as of its last durable step.
+    pub async fn export(&self, doc: pagesync::DocId) -> Result<Vec<u8>, String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(HubMsg::Export { doc, reply }).map_err(|_| "the server is shutting down".to_owned())?;
+        rx.await.map_err(|_| "the server is shutting down".to_owned())?
+    }
+
     /// Applies what is queued, then stops the hub.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
@@ -94,6 +102,9 @@ fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<
                 HubMsg::Disconnect { conn } => {
                     session.disconnect(conn);
                     conns.remove(&conn);
+                }
+                HubMsg::Export { doc, reply } => {
+                    let _ = reply.send(session.export(doc).map_err(|e| e.to_string()));
                 }
                 HubMsg::Shutdown(done) => stopping = Some(done),
             }

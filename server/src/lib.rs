@@ -1,7 +1,7 @@
 //! pagesync server: the tokio driver of the sans-io core.
 //!
 //! Shape: an accept loop (bounded by `max_connections`) hands each TCP connection to a task that
-//! serves HTTP (`/healthz`, `/metrics`) or upgrades `/v1/sync` to a websocket. One hub task owns
+//! serves HTTP (`/healthz`, `/metrics`, `/v1/docs/{id}/export`) or upgrades `/v1/sync` to a websocket. One hub task owns
 //! the `ServerSession` (and with it every open document): connection tasks send it frames,
 //! it feeds the session with the wall clock, steps documents on its timer, and routes the
 //! session's outgoing messages back. Entries are durable (fsynced) before the session sends
@@ -99,6 +99,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let root = cfg.root.clone();
     std::fs::create_dir_all(&root)?;
+    let http_root = Arc::new(root.clone());
     let opener = Box::new(move |doc: DocId| {
         let dir = storage_dir(&root, doc);
         let journal = FileJournal::open_or_create(&dir, doc.journal_id(), FileJournalOptions::default())?;
@@ -122,9 +123,9 @@ pub async fn serve(
                     tracing::warn!(%peer, "refusing a connection: {} connections are open (--max-connections)", cfg.max_connections);
                     continue;
                 };
-                let (hub, metrics) = (hub.clone(), metrics.clone());
+                let (hub, metrics, root) = (hub.clone(), metrics.clone(), http_root.clone());
                 tokio::spawn(async move {
-                    http::serve_connection(stream, hub, metrics).await;
+                    http::serve_connection(stream, hub, metrics, root).await;
                     drop(permit);
                 });
             }

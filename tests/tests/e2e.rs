@@ -100,21 +100,36 @@ async fn two_clients_converge_and_offline_writes_survive_restarts() {
     server.stop().await;
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> String {
+async fn http_get_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read");
     out
 }
 
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    String::from_utf8_lossy(&http_get_bytes(addr, path).await).into_owned()
+}
+
+/// Opens an exported file with stock SQLite and reads the table back.
+fn read_export(bytes: &[u8], file: &Path) -> Vec<String> {
+    std::fs::write(file, bytes).expect("write export");
+    let conn = rusqlite::Connection::open(file).expect("stock SQLite opens the export");
+    let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity");
+    assert_eq!(ok, "ok");
+    let mut stmt = conn.prepare("SELECT x FROM t ORDER BY x").expect("prepare");
+    stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_and_metrics_share_the_port() {
+async fn http_routes_share_the_port_and_export_is_a_plain_sqlite_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start(dir.path(), "127.0.0.1:0".parse().expect("addr")).await;
     let client = Client::connect(&server.url(), "", dir.path().join("c")).expect("client");
     let doc = client.open(DocId::from_u128(1)).expect("open");
     doc.execute("CREATE TABLE t(x)", vec![]).expect("ddl");
+    doc.execute("INSERT INTO t VALUES ('exported')", vec![]).expect("insert");
     doc.sync(WAIT).await.expect("synced");
     let health = http_get(server.addr, "/healthz").await;
     assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
@@ -122,5 +137,21 @@ async fn health_and_metrics_share_the_port() {
     assert!(metrics.contains("pagesync_open_documents 1"), "{metrics}");
     assert!(metrics.contains("pagesync_connections_open 1"), "{metrics}");
     assert!(http_get(server.addr, "/nope").await.starts_with("HTTP/1.1 404"));
+
+    let response = http_get_bytes(server.addr, &format!("/v1/docs/{}/export", doc.id())).await;
+    let body_at = response.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    assert!(response.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(
+        read_export(&response[body_at..], &dir.path().join("server.sqlite")),
+        vec!["exported".to_owned()]
+    );
+    let missing = http_get(server.addr, &format!("/v1/docs/{}/export", DocId::from_u128(404))).await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+    assert!(http_get(server.addr, "/v1/docs/not-an-id/export").await.starts_with("HTTP/1.1 400"));
+
+    let local = dir.path().join("client.sqlite");
+    doc.export(&local).expect("client export");
+    let bytes = std::fs::read(&local).expect("read");
+    assert_eq!(read_export(&bytes, &dir.path().join("copy.sqlite")), vec!["exported".to_owned()]);
     server.stop().await;
 }

@@ -111,6 +111,15 @@ impl ServerSession {
         self.docs.get(&doc)
     }
 
+    /// Opens `doc` if needed and exports it as a `.sqlite` file.
+    pub fn export(&mut self, doc: DocId) -> Result<Vec<u8>> {
+        if !self.docs.contains_key(&doc) {
+            let d = (self.opener)(doc)?;
+            self.docs.insert(doc, d);
+        }
+        self.docs[&doc].export()
+    }
+
     pub fn documents(&self) -> impl Iterator<Item = (&DocId, &ServerDocument)> {
         self.docs.iter()
     }
