@@ -214,7 +214,8 @@ impl Document {
         let deadline = Instant::now() + timeout;
         loop {
             let st = self.status();
-            if let Some((code, message)) = st.error.clone() {
+            let conn_error = self.shared.session().connection_error().cloned();
+            if let Some((code, message)) = st.error.clone().or(conn_error) {
                 return Err(ClientError::Server { code, message });
             }
             if st.pending == 0 && *self.shared.connected.lock().expect("BUG") && self.caught_up() {

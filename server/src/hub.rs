@@ -40,11 +40,11 @@ fn now_ms() -> i64 {
 }
 
 impl Hub {
-    pub fn spawn(opener: pagesync::protocol::Opener, metrics: Arc<Metrics>) -> Hub {
+    pub fn spawn(session: ServerSession, metrics: Arc<Metrics>) -> Hub {
         let (tx, rx) = std_mpsc::channel();
         std::thread::Builder::new()
             .name("pagesync-hub".into())
-            .spawn(move || run(ServerSession::new(opener), rx, metrics))
+            .spawn(move || run(session, rx, metrics))
             .expect("BUG: cannot spawn the hub thread");
         Hub { tx, next_conn: Arc::new(AtomicU64::new(1)) }
     }

@@ -11,6 +11,7 @@
 //! storage journal (see `docs/design.md`).
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod http;
 mod hub;
 
@@ -36,6 +37,8 @@ pub struct ServerConfig {
     /// Root directory of the `file://` journal store.
     pub root: PathBuf,
     pub max_connections: usize,
+    /// HS256 secret; `None` means no auth (then only loopback addresses may be served).
+    pub auth_secret: Option<Vec<u8>>,
 }
 
 /// Counters for `/metrics` (Prometheus text).
@@ -105,7 +108,12 @@ pub async fn serve(
         let journal = FileJournal::open_or_create(&dir, doc.journal_id(), FileJournalOptions::default())?;
         pagesync::ServerDocument::open(Box::new(journal))
     });
-    let hub = Hub::spawn(opener, metrics.clone());
+    let mut session = pagesync::protocol::ServerSession::new(opener);
+    if let Some(secret) = cfg.auth_secret.clone() {
+        session =
+            session.with_auth(Box::new(move |token: &str, now_ms: i64| auth::verify(&secret, token, now_ms)));
+    }
+    let hub = Hub::spawn(session, metrics.clone());
     let permits = Arc::new(Semaphore::new(cfg.max_connections));
     tokio::pin!(shutdown);
     loop {

@@ -21,9 +21,13 @@ struct Running {
 }
 
 async fn start(root: &Path, addr: SocketAddr) -> Running {
+    start_with(root, addr, None).await
+}
+
+async fn start_with(root: &Path, addr: SocketAddr, auth_secret: Option<Vec<u8>>) -> Running {
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig { listen: addr, root: root.to_path_buf(), max_connections: 100 };
+    let cfg = ServerConfig { listen: addr, root: root.to_path_buf(), max_connections: 100, auth_secret };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
         let _ = stopped.await;
@@ -153,5 +157,56 @@ async fn http_routes_share_the_port_and_export_is_a_plain_sqlite_file() {
     doc.export(&local).expect("client export");
     let bytes = std::fs::read(&local).expect("read");
     assert_eq!(read_export(&bytes, &dir.path().join("copy.sqlite")), vec!["exported".to_owned()]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_limit_documents_and_writes() {
+    use pagesync_server::auth::{Claims, mint};
+    let secret = b"0123456789abcdef0123456789abcdef-secret".to_vec();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_with(dir.path(), "127.0.0.1:0".parse().expect("addr"), Some(secret.clone())).await;
+    let (ours, theirs) = (DocId::from_u128(0xaa), DocId::from_u128(0xbb));
+    let exp = 4_000_000_000;
+    let token = |doc: DocId, write: bool| mint(&secret, &Claims { doc: doc.to_string(), write, exp });
+    let refused = |e: pagesync_client::ClientError| match e {
+        pagesync_client::ClientError::Server { code, message } => (code, message),
+        other => panic!("expected a server refusal, got {other}"),
+    };
+    let short = Duration::from_secs(3);
+
+    // A writer with the right token works.
+    let writer = Client::connect(&server.url(), &token(ours, true), dir.path().join("w")).expect("writer");
+    let doc = writer.open(ours).expect("open");
+    doc.execute("CREATE TABLE t(x)", vec![]).expect("ddl");
+    doc.sync(WAIT).await.expect("a write token writes");
+
+    // No token: refused at Hello, with a message that says what to do.
+    let anon = Client::connect(&server.url(), "", dir.path().join("anon")).expect("anon");
+    let (code, message) = refused(anon.open(ours).expect("open").sync(short).await.expect_err("no token"));
+    assert_eq!(code, "unauthorized");
+    assert!(message.contains("requires a token"), "{message}");
+
+    // A token for another document: that document stays closed to it.
+    let other = Client::connect(&server.url(), &token(theirs, true), dir.path().join("o")).expect("other");
+    let (code, _) = refused(other.open(ours).expect("open").sync(short).await.expect_err("wrong doc"));
+    assert_eq!(code, "forbidden");
+
+    // A read-only token reads, and its writes are refused with a clear error.
+    let reader = Client::connect(&server.url(), &token(ours, false), dir.path().join("r")).expect("reader");
+    let rdoc = reader.open(ours).expect("open");
+    rdoc.sync(WAIT).await.expect("a read token reads");
+    assert!(rdoc.query("SELECT * FROM t", &[]).is_ok(), "the schema arrived");
+    rdoc.execute("INSERT INTO t VALUES (1)", vec![]).expect("local write");
+    let (code, message) = refused(rdoc.sync(short).await.expect_err("read-only"));
+    assert_eq!(code, "forbidden");
+    assert!(message.contains("read-only"), "{message}");
+
+    // A forged token (another secret) is refused too.
+    let forged = mint(b"not the server's secret, 32 bytes+", &Claims { doc: "*".into(), write: true, exp });
+    let f = Client::connect(&server.url(), &forged, dir.path().join("f")).expect("forged");
+    let (code, message) = refused(f.open(ours).expect("open").sync(short).await.expect_err("forged"));
+    assert_eq!(code, "unauthorized");
+    assert!(message.contains("signature"), "{message}");
     server.stop().await;
 }

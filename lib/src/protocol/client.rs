@@ -178,6 +178,9 @@ impl ClientSession {
         link.last_heard_ms = now_ms;
         match msg {
             Message::MutationsAck { next_expected, storage_next, .. } => {
+                // The server accepted our Hello and subscription: older refusals are moot.
+                self.conn_error = None;
+                link.error = None;
                 link.awaiting_ack = false;
                 link.server_storage_next = link.server_storage_next.max(storage_next);
                 if next_expected <= link.up_acked {

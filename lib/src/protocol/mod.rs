@@ -12,7 +12,7 @@ mod client;
 mod server;
 
 pub use client::{ClientSession, DocStatus};
-pub use server::{ConnId, Opener, STEP_RETRY_MS, ServerSession};
+pub use server::{Authenticator, ConnId, Grant, Opener, STEP_RETRY_MS, ServerSession};
 
 use pagesync_journal::Lsn;
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,8 @@ pub mod codes {
     pub const LIMIT: &str = "limit";
     pub const STORAGE: &str = "storage";
     pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 /// Everything that crosses a connection.

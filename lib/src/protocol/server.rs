@@ -25,6 +25,28 @@ use crate::server::ServerDocument;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ConnId(pub u64);
 
+/// What a connection's token allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// `None`: every document. `Some(p)`: ids that start with `p` (a full id: exactly one).
+    pub doc_prefix: Option<String>,
+    pub write: bool,
+}
+
+impl Grant {
+    /// Everything: for servers without auth (loopback only).
+    pub fn all() -> Grant {
+        Grant { doc_prefix: None, write: true }
+    }
+
+    pub fn allows(&self, doc: DocId) -> bool {
+        self.doc_prefix.as_ref().is_none_or(|p| doc.to_string().starts_with(p.as_str()))
+    }
+}
+
+/// Checks a `Hello` token at `now_ms`: the grant, or why it is refused.
+pub type Authenticator = Box<dyn Fn(&str, i64) -> std::result::Result<Grant, String> + Send>;
+
 /// Opens (or creates) a document's storage for the session.
 pub type Opener = Box<dyn FnMut(DocId) -> Result<ServerDocument> + Send>;
 
@@ -48,6 +70,8 @@ impl Sub {
 #[derive(Debug, Default)]
 struct Conn {
     hello: bool,
+    /// Set by a successful `Hello`.
+    grant: Option<Grant>,
     subs: BTreeMap<DocId, Sub>,
     outbox: VecDeque<Message>,
     cursor: Option<DocId>,
@@ -61,6 +85,7 @@ pub const STEP_RETRY_MS: i64 = 1_000;
 
 pub struct ServerSession {
     opener: Opener,
+    auth: Option<Authenticator>,
     docs: HashMap<DocId, ServerDocument>,
     /// Documents whose last step failed, and when to try again.
     retry_at: HashMap<DocId, i64>,
@@ -86,12 +111,20 @@ impl ServerSession {
     pub fn new(opener: Opener) -> ServerSession {
         ServerSession {
             opener,
+            auth: None,
             docs: HashMap::new(),
             retry_at: HashMap::new(),
             conns: BTreeMap::new(),
             cursor: None,
             now_ms: 0,
         }
+    }
+
+    /// Requires every connection to present a token this accepts. Without it, every
+    /// connection may read and write every document.
+    pub fn with_auth(mut self, auth: Authenticator) -> ServerSession {
+        self.auth = Some(auth);
+        self
     }
 
     pub fn connect(&mut self, conn: ConnId) {
@@ -154,7 +187,16 @@ impl ServerSession {
             return;
         }
         match msg {
-            Message::Hello { version, .. } if version == PROTOCOL_VERSION => c.hello = true,
+            Message::Hello { version, token } if version == PROTOCOL_VERSION => {
+                let grant = self.auth.as_ref().map_or(Ok(Grant::all()), |auth| auth(&token, now_ms));
+                match grant {
+                    Ok(g) => {
+                        c.hello = true;
+                        c.grant = Some(g);
+                    }
+                    Err(why) => self.fail(conn, error(None, codes::UNAUTHORIZED, why)),
+                }
+            }
             Message::Hello { version, .. } => {
                 let text = format!(
                     "client speaks protocol v{version}, this server v{PROTOCOL_VERSION}: upgrade the older side"
@@ -165,6 +207,16 @@ impl ServerSession {
                 // Not fatal: on a lossy transport the Hello may be late. The message is ignored
                 // and the client, told so, says Hello again and re-subscribes.
                 c.outbox.push_back(error(None, codes::NOT_HELLO, "the first message must be Hello"))
+            }
+            Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
+                if !c.grant.as_ref().is_some_and(|g| g.allows(doc)) =>
+            {
+                let text = format!("your token does not grant access to document {doc}");
+                c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
+            }
+            Message::Mutations { doc, .. } if !c.grant.as_ref().is_some_and(|g| g.write) => {
+                let text = format!("your token is read-only: writes to {doc} are refused");
+                c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
             Message::Subscribe { doc, timeline, storage_next } => {
                 self.subscribe(conn, doc, timeline, storage_next)

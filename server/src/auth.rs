@@ -1,0 +1,143 @@
+//! HS256 tokens (JWT compact form) naming the documents a client may use and whether it may
+//! write. Claims: `{"doc": "<id>" | "<hex prefix>*", "write": bool, "exp": <unix seconds>}`.
+//!
+//! `mint` is what `pagesync-server token` prints; `verify` is what the server checks on
+//! `Hello`. The signature is compared in constant time (`Mac::verify_slice`).
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use hmac::{Hmac, KeyInit, Mac};
+use pagesync::protocol::Grant;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+/// A secret shorter than this is refused: HS256 wants at least 256 bits of key.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// A document id, or a prefix of hex digits followed by `*`.
+    pub doc: String,
+    #[serde(default)]
+    pub write: bool,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: i64,
+}
+
+fn mac(secret: &[u8]) -> Hmac<Sha256> {
+    <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("BUG: HMAC takes keys of any length")
+}
+
+/// Reads a secret file, refusing short secrets with a message that says what to do.
+pub fn load_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the auth secret {}: {e}", path.display()))?;
+    let secret = bytes.trim_ascii().to_vec();
+    if secret.len() < MIN_SECRET_BYTES {
+        anyhow::bail!(
+            "the auth secret in {} has {} bytes; use at least {MIN_SECRET_BYTES} (e.g. `head -c 48 /dev/urandom | base64 > {}`)",
+            path.display(),
+            secret.len(),
+            path.display()
+        );
+    }
+    Ok(secret)
+}
+
+pub fn mint(secret: &[u8], claims: &Claims) -> String {
+    let body = serde_json::to_vec(claims).expect("BUG: claims serialize");
+    let signing_input = format!("{}.{}", B64.encode(HEADER), B64.encode(body));
+    let mut m = mac(secret);
+    m.update(signing_input.as_bytes());
+    format!("{signing_input}.{}", B64.encode(m.finalize().into_bytes()))
+}
+
+/// Checks a token's signature and expiry and turns its claims into a grant.
+pub fn verify(secret: &[u8], token: &str, now_ms: i64) -> Result<Grant, String> {
+    if token.is_empty() {
+        return Err("this server requires a token: pass --token or set PAGESYNC_TOKEN".into());
+    }
+    let mut parts = token.split('.');
+    let (Some(h), Some(b), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return Err("malformed token: expected three dot-separated parts".into());
+    };
+    let header = B64.decode(h).map_err(|_| "malformed token header".to_owned())?;
+    if header != HEADER.as_bytes() {
+        return Err("unsupported token: only HS256 tokens from `pagesync-server token` are accepted".into());
+    }
+    let sig = B64.decode(sig).map_err(|_| "malformed token signature".to_owned())?;
+    let mut m = mac(secret);
+    m.update(format!("{h}.{b}").as_bytes());
+    m.verify_slice(&sig).map_err(|_| "invalid token signature (minted with another secret?)".to_owned())?;
+    let body = B64.decode(b).map_err(|_| "malformed token claims".to_owned())?;
+    let claims: Claims = serde_json::from_slice(&body).map_err(|e| format!("malformed token claims: {e}"))?;
+    if claims.exp * 1000 <= now_ms {
+        return Err(format!("the token expired at {} (unix seconds); mint a new one", claims.exp));
+    }
+    let doc_prefix = match claims.doc.strip_suffix('*') {
+        Some(prefix) => prefix.to_ascii_lowercase(),
+        None => claims
+            .doc
+            .parse::<pagesync::DocId>()
+            .map_err(|e| format!("token names no valid document: {e}"))?
+            .to_string(),
+    };
+    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write })
+}
+
+/// Parses a TTL such as `90s`, `30m`, `1h`, `7d` into seconds.
+pub fn parse_ttl(s: &str) -> anyhow::Result<i64> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = n.parse().map_err(|_| anyhow::anyhow!("bad TTL {s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
+    let scale = match unit {
+        "s" | "" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => anyhow::bail!("bad TTL unit in {s:?}: use s, m, h or d"),
+    };
+    Ok(n * scale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn minted_tokens_verify_and_grant_what_they_name() {
+        let claims = Claims { doc: "ab*".into(), write: false, exp: 2_000_000_000 };
+        let token = mint(SECRET, &claims);
+        let grant = verify(SECRET, &token, 1_000).expect("valid");
+        assert!(!grant.write);
+        assert!(grant.allows("ab00000000000000000000000000000f".parse().expect("id")));
+        assert!(!grant.allows("cd00000000000000000000000000000f".parse().expect("id")));
+    }
+
+    #[test]
+    fn forged_expired_and_malformed_tokens_are_refused() {
+        let claims = Claims { doc: "*".into(), write: true, exp: 10 };
+        let token = mint(SECRET, &claims);
+        assert!(verify(SECRET, &token, 11_000).expect_err("expired").contains("expired"));
+        assert!(
+            verify(b"another secret, also 32 bytes long!", &token, 0)
+                .expect_err("forged")
+                .contains("signature")
+        );
+        assert!(verify(SECRET, "a.b", 0).is_err());
+        assert!(verify(SECRET, "", 0).expect_err("empty").contains("requires a token"));
+        let mut tampered = token.clone();
+        tampered.replace_range(40..41, if &token[40..41] == "A" { "B" } else { "A" });
+        assert!(verify(SECRET, &tampered, 0).is_err());
+    }
+
+    #[test]
+    fn ttls_parse() {
+        assert_eq!(parse_ttl("1h").expect("1h"), 3_600);
+        assert_eq!(parse_ttl("90s").expect("90s"), 90);
+        assert!(parse_ttl("1y").is_err());
+    }
+}
