@@ -83,10 +83,12 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// OS-seeded randomness from std (the core takes seeds as arguments; drivers supply them).
+/// Randomness for timeline ids and mutation seeds (the core takes seeds as arguments; drivers
+/// supply them). The entropy is `RandomState`'s SipHash keys, which std seeds from the OS once
+/// per thread and varies per call; hashing the clock only adds a little more.
 fn random_u64() -> u64 {
     let mut h = RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish()
 }
 
