@@ -5,6 +5,7 @@
 
 mod core;
 mod journal;
+mod net;
 mod report;
 mod sync;
 
@@ -23,7 +24,8 @@ pub struct Config {
 
 type Group = (&'static str, fn(&Config) -> Vec<Pair>);
 
-const GROUPS: &[Group] = &[("journal", journal::run), ("core", core::run), ("sync", sync::run)];
+const GROUPS: &[Group] =
+    &[("journal", journal::run), ("core", core::run), ("sync", sync::run), ("net", net::run)];
 
 fn usage() -> String {
     let names: Vec<&str> = GROUPS.iter().map(|(n, _)| *n).collect();
