@@ -101,8 +101,10 @@ async fn raw_relay() -> (Socket, Socket) {
     tokio::spawn(async move {
         // Handshake each as it arrives: the client connects B only once A's handshake is done.
         let (sa, _) = listener.accept().await.expect("accept");
+        sa.set_nodelay(true).expect("nodelay");
         let mut wa = tokio_tungstenite::accept_async(sa).await.expect("ws");
         let (sb, _) = listener.accept().await.expect("accept");
+        sb.set_nodelay(true).expect("nodelay");
         let mut wb = tokio_tungstenite::accept_async(sb).await.expect("ws");
         while let Some(Ok(m)) = wa.next().await {
             if wb.send(m).await.is_err() {
@@ -111,8 +113,9 @@ async fn raw_relay() -> (Socket, Socket) {
         }
     });
     let url = format!("ws://{addr}");
-    let (a, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("a");
-    let (b, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("b");
+    // TCP_NODELAY on every socket, as pagesync's server and client set it.
+    let (a, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.expect("a");
+    let (b, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await.expect("b");
     (a, b)
 }
 

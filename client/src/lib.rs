@@ -240,7 +240,8 @@ impl Document {
 async fn drive(url: String, shared: Arc<Shared>) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        match tokio_tungstenite::connect_async(url.as_str()).await {
+        // `true`: TCP_NODELAY, so a one-row write is not held back by Nagle's algorithm.
+        match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await {
             Ok((ws, _)) => {
                 backoff = MIN_BACKOFF;
                 run_connection(ws, &shared).await;

@@ -127,6 +127,8 @@ pub async fn serve(
                         continue;
                     }
                 };
+                // Small frames must leave at once: Nagle plus delayed ACKs would add ~40 ms.
+                let _ = stream.set_nodelay(true);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     tracing::warn!(%peer, "refusing a connection: {} connections are open (--max-connections)", cfg.max_connections);
                     continue;
