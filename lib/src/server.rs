@@ -269,26 +269,17 @@ impl<R: Reducer> ServerDocument<R> {
             return Ok(None);
         }
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
-        match self.apply_batch(&batch, clamp) {
-            Ok(outcome) => {
-                for (tl, lsn, _) in &batch {
-                    let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
-                    q.pop_front();
-                    if q.is_empty() {
-                        self.queues.remove(tl);
-                    }
-                    self.applied.insert(*tl, *lsn);
-                }
-                Ok(Some(outcome))
+        // On error `apply_batch` restored the last durable state and the batch stays queued.
+        let outcome = self.apply_batch(&batch, clamp)?;
+        for (tl, lsn, _) in &batch {
+            let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
+            q.pop_front();
+            if q.is_empty() {
+                self.queues.remove(tl);
             }
-            Err(e) => {
-                // Back to the last durable state; the batch stays queued for the next step.
-                let _ = self.db.conn().execute_batch("ROLLBACK");
-                self.db.store().rollback_failed_step()?;
-                self.load_applied()?;
-                Err(e)
-            }
+            self.applied.insert(*tl, *lsn);
         }
+        Ok(Some(outcome))
     }
 
     /// Re-applies a recorded step (from another replica's storage entry): the same mutations in
@@ -297,15 +288,11 @@ impl<R: Reducer> ServerDocument<R> {
     pub fn replay_step(&mut self, recorded: &[(Applied, Vec<u8>)]) -> Result<StepOutcome> {
         let batch: Vec<(TimelineId, Lsn, Vec<u8>)> =
             recorded.iter().map(|(a, bytes)| (a.timeline, a.lsn, bytes.clone())).collect();
-        let outcome = self.apply_batch(&batch, |_, i| recorded[i].0.time_ms);
-        if outcome.is_err() {
-            let _ = self.db.conn().execute_batch("ROLLBACK");
-            self.db.store().rollback_failed_step()?;
-        }
+        let outcome = self.apply_batch(&batch, |_, i| recorded[i].0.time_ms)?;
         for (a, _) in recorded {
             self.applied.insert(a.timeline, a.lsn);
         }
-        outcome
+        Ok(outcome)
     }
 
     /// Runs `VACUUM` (outside any mutation: it cannot run in a transaction) and records the
@@ -344,7 +331,13 @@ impl<R: Reducer> ServerDocument<R> {
                 Err((Some(i), Error::TransactionLost(r))) => {
                     assert!(lost.insert(i, r).is_none(), "BUG: a skipped mutation ran again");
                 }
-                Err((_, e)) => return Err(e),
+                Err((_, e)) => {
+                    // Back to the last durable state, for every caller (step and replay).
+                    let _ = self.db.conn().execute_batch("ROLLBACK");
+                    self.db.store().rollback_failed_step()?;
+                    self.load_applied()?;
+                    return Err(e);
+                }
                 Ok(outcome) => return Ok(outcome),
             }
         }
