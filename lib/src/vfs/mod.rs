@@ -334,6 +334,20 @@ unsafe fn handle<'a>(file: *mut ffi::sqlite3_file) -> &'a mut Handle {
     unsafe { &mut *(*file.cast::<File>()).handle }
 }
 
+/// Runs `op` on the page store; on failure keeps the cause for the document (SQLite only sees
+/// `err_rc`) and returns `Err(err_rc)`.
+fn on_store<T>(
+    store: &Mutex<PageStore>,
+    err_rc: c_int,
+    op: impl FnOnce(&mut PageStore) -> Result<T, crate::store::StoreError>,
+) -> Result<T, c_int> {
+    let mut store = store.lock().expect("BUG: page store lock poisoned");
+    op(&mut store).map_err(|e| {
+        store.set_last_error(e);
+        err_rc
+    })
+}
+
 unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite closes each file once; we free the handle and clear the pointer.
     unsafe {
@@ -354,15 +368,8 @@ unsafe extern "C" fn x_read(
     let (h, buf) = unsafe { (handle(file), std::slice::from_raw_parts_mut(buf.cast::<u8>(), amt as usize)) };
     match &h.kind {
         FileKind::Main(store) => {
-            let mut store = store.lock().expect("BUG: page store lock poisoned");
-            match store.read(offset as u64, buf) {
-                Ok(true) => ffi::SQLITE_OK,
-                Ok(false) => ffi::SQLITE_IOERR_SHORT_READ,
-                Err(e) => {
-                    store.set_last_error(e);
-                    ffi::SQLITE_IOERR_READ
-                }
-            }
+            let full = on_store(store, ffi::SQLITE_IOERR_READ, |s| s.read(offset as u64, buf));
+            full.map_or_else(|rc| rc, |full| if full { ffi::SQLITE_OK } else { ffi::SQLITE_IOERR_SHORT_READ })
         }
         FileKind::Memory(data) => {
             let data = data.lock().expect("BUG: lock poisoned");
@@ -384,16 +391,8 @@ unsafe extern "C" fn x_write(
     // SAFETY: an open file; `buf` has `amt` readable bytes.
     let (h, buf) = unsafe { (handle(file), std::slice::from_raw_parts(buf.cast::<u8>(), amt as usize)) };
     match &h.kind {
-        FileKind::Main(store) => {
-            let mut store = store.lock().expect("BUG: page store lock poisoned");
-            match store.write(offset as u64, buf) {
-                Ok(()) => ffi::SQLITE_OK,
-                Err(e) => {
-                    store.set_last_error(e);
-                    ffi::SQLITE_IOERR_WRITE
-                }
-            }
-        }
+        FileKind::Main(store) => on_store(store, ffi::SQLITE_IOERR_WRITE, |s| s.write(offset as u64, buf))
+            .map_or_else(|rc| rc, |()| ffi::SQLITE_OK),
         FileKind::Memory(data) => {
             let mut data = data.lock().expect("BUG: lock poisoned");
             let end = offset as usize + buf.len();
@@ -410,16 +409,8 @@ unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_in
     // SAFETY: an open file.
     let h = unsafe { handle(file) };
     match &h.kind {
-        FileKind::Main(store) => {
-            let mut store = store.lock().expect("BUG: page store lock poisoned");
-            match store.truncate(size as u64) {
-                Ok(()) => ffi::SQLITE_OK,
-                Err(e) => {
-                    store.set_last_error(e);
-                    ffi::SQLITE_IOERR_TRUNCATE
-                }
-            }
-        }
+        FileKind::Main(store) => on_store(store, ffi::SQLITE_IOERR_TRUNCATE, |s| s.truncate(size as u64))
+            .map_or_else(|rc| rc, |()| ffi::SQLITE_OK),
         FileKind::Memory(data) => {
             data.lock().expect("BUG: lock poisoned").truncate(size as usize);
             ffi::SQLITE_OK
