@@ -22,3 +22,26 @@ ensure_wasm_toolchain() {
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 llvm-19
   fi
 }
+
+# moto's S3 server, for the object-store backend's tests. Installs it when missing, starts it on
+# a free loopback port, and exports the standard AWS_* variables that point object_store at it.
+# PAGESYNC_REQUIRE_S3=1 makes the S3 tests fail (rather than skip) if S3 is not reachable.
+start_moto() {
+  if ! command -v moto_server >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[s3]==5.2.5' flask flask-cors
+    hash -r
+  fi
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  mkdir -p target
+  moto_server -H 127.0.0.1 -p "$port" > target/moto.log 2>&1 &
+  MOTO_PID=$!
+  trap 'kill $MOTO_PID 2>/dev/null || true' EXIT
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
+  export AWS_REGION=us-east-1 PAGESYNC_REQUIRE_S3=1
+  echo "moto S3 server on $AWS_ENDPOINT_URL (log: target/moto.log)"
+}

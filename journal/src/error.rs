@@ -32,6 +32,9 @@ pub enum JournalError {
     #[error("journal {journal}: {op} failed on {path}: {source}")]
     Io { journal: JournalId, op: &'static str, path: PathBuf, source: std::io::Error },
 
+    #[error("journal {journal}: {message}")]
+    Fenced { journal: JournalId, message: String },
+
     #[error("journal {journal}: the storage backend failed: {message}")]
     Backend { journal: JournalId, message: String },
 }

@@ -1,7 +1,8 @@
 //! pagesync journals: dense, LSN-addressed, checksummed logs of opaque entries.
 //!
 //! A document's storage journal and each client's timeline journal are `Journal`s. Backends:
-//! [`MemoryJournal`] and [`FileJournal`] (segment files with fsync). The trait is synchronous
+//! [`MemoryJournal`], [`FileJournal`] (segment files with fsync) and, with the feature
+//! `s3`, [`ObjectJournal`] (one object per batch, on S3 or a directory). The trait is synchronous
 //! and small on purpose: SQLite's VFS calls into it synchronously.
 //!
 //! Invariants:
@@ -9,7 +10,7 @@
 //! - `append` returns only when the entries are durable for the backend (fsync for files);
 //! - a read returns the exact appended bytes or an error, never other bytes.
 //!
-//! This crate links no SQLite, no async runtime, and reads no clock.
+//! This crate links no SQLite and reads no clock; only the `s3` feature brings an async runtime.
 #![forbid(unsafe_code)]
 
 pub mod codec;
@@ -21,6 +22,8 @@ pub mod file;
 mod id;
 mod lsn;
 mod memory;
+#[cfg(feature = "s3")]
+pub mod object;
 
 pub use error::{JournalError, Result};
 #[cfg(unix)]
@@ -28,6 +31,8 @@ pub use file::{FileJournal, FileJournalOptions};
 pub use id::{JournalId, ParseIdError};
 pub use lsn::{Lsn, LsnRange};
 pub use memory::MemoryJournal;
+#[cfg(feature = "s3")]
+pub use object::{ObjectBackend, ObjectJournal, ObjectStats};
 
 /// A durable, dense log of entries addressed by `Lsn`.
 pub trait Journal {

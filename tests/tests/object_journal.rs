@@ -1,0 +1,111 @@
+//! The object-store backend beyond the conformance suite: fencing between two writers, damaged
+//! objects, and how many requests a cold open costs.
+
+use std::sync::atomic::Ordering;
+
+use pagesync_journal::{Journal, JournalError, JournalId, Lsn, ObjectBackend};
+
+const ID: JournalId = JournalId::from_bytes([9; 16]);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime")
+}
+
+fn lsn(n: u64) -> Lsn {
+    Lsn::new(n).expect("non-zero")
+}
+
+/// Two writers open the same journal; both try the next LSN. Exactly one wins, the loser is
+/// fenced for good, and what is stored is the winner's entry.
+fn two_writers_are_fenced(url: &str) {
+    let rt = runtime();
+    let a_backend = ObjectBackend::from_url(url, rt.handle().clone()).expect("backend");
+    let b_backend = ObjectBackend::from_url(url, rt.handle().clone()).expect("backend");
+    let mut a = a_backend.open_or_create("doc", ID).expect("open a");
+    a.append(b"first").expect("append");
+    let mut b = b_backend.open_or_create("doc", ID).expect("open b");
+    assert_eq!(b.range().next(), lsn(2));
+    assert_eq!(a.append(b"from a").expect("a wins LSN 2"), lsn(2));
+    let err = b.append(b"from b").expect_err("b lost LSN 2");
+    assert!(matches!(err, JournalError::Fenced { .. }), "{err}");
+    assert!(err.to_string().contains("owned by another"), "{err}");
+    let again = b.append(b"retry").expect_err("a fenced writer stays fenced");
+    assert!(matches!(again, JournalError::Fenced { .. }), "{again}");
+    let fresh = ObjectBackend::from_url(url, rt.handle().clone()).expect("backend");
+    let c = fresh.open_or_create("doc", ID).expect("reopen");
+    assert_eq!(c.read(lsn(2)).expect("read"), b"from a");
+    assert_eq!(c.range().next(), lsn(3));
+}
+
+#[test]
+fn two_writers_local() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    two_writers_are_fenced(&format!("file://{}", dir.path().display()));
+}
+
+#[test]
+fn two_writers_s3() {
+    let Some(url) = pagesync_tests::s3_url("fence") else { return };
+    two_writers_are_fenced(&url);
+}
+
+#[test]
+fn a_flipped_byte_is_reported_with_the_lsn() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let backend = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let mut j = backend.open_or_create("doc", ID).expect("open");
+    j.append_batch(&[b"one", b"two", b"three"]).expect("batch");
+    j.append(b"four").expect("append");
+    drop(j);
+    let path = dir.path().join("doc").join(format!("{:020}.batch", 1));
+    let mut bytes = std::fs::read(&path).expect("read object");
+    let last = bytes.len() - 1; // inside the payload of LSN 3
+    bytes[last] ^= 0x10;
+    std::fs::write(&path, bytes).expect("write object");
+    let fresh = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let j = fresh.open_or_create("doc", ID).expect("open reads only the last batch");
+    assert_eq!(j.read(lsn(4)).expect("untouched batch"), b"four");
+    let err = j.read(lsn(1)).expect_err("damaged batch");
+    assert!(matches!(err, JournalError::Corrupt { lsn: l, .. } if l == lsn(3)), "{err}");
+    assert!(err.to_string().contains("00000000000000000001.batch"), "{err}");
+}
+
+#[test]
+fn a_foreign_journal_is_refused() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let backend = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    backend.open_or_create("doc", ID).expect("open").append(b"x").expect("append");
+    let err = backend.open_or_create("doc", JournalId::from_bytes([1; 16])).expect_err("other id");
+    assert!(matches!(err, JournalError::Foreign { .. }), "{err}");
+}
+
+/// A cold open lists once and fetches only the last batch; reading the whole history then
+/// fetches every other batch exactly once.
+#[test]
+fn a_cold_open_downloads_each_object_once() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let backend = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let mut j = backend.open_or_create("doc", ID).expect("open");
+    for n in 0..20u32 {
+        j.append_batch(&[&n.to_le_bytes(), b"second"]).expect("batch");
+    }
+    drop(j);
+    let cold = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let j = cold.open_or_create("doc", ID).expect("open");
+    let stats = cold.stats();
+    assert_eq!(stats.lists.load(Ordering::Relaxed), 1);
+    // JOURNAL, TRIM (absent) and the last batch.
+    assert_eq!(stats.gets.load(Ordering::Relaxed), 3);
+    for round in 0..2 {
+        for l in j.range().iter() {
+            j.read(l).expect("read");
+        }
+        assert_eq!(stats.gets.load(Ordering::Relaxed), 3 + 19, "round {round}");
+    }
+}
