@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use pagesync::{DocId, Value};
 use pagesync_client::{Client, Document};
-use pagesync_server::{Metrics, ServerConfig, serve};
+use pagesync_server::{Metrics, ServerConfig, Store, serve};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -40,12 +40,7 @@ async fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig {
-        listen: addr,
-        root: dir.path().join("server"),
-        max_connections: 100,
-        auth_secret: None,
-    };
+    let cfg = ServerConfig::new(addr, Store::Files(dir.path().join("server")));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
         let _ = stopped.await;

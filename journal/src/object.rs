@@ -146,7 +146,8 @@ impl ObjectBackend {
                 retry_timeout: std::time::Duration::from_secs(30),
                 ..Default::default()
             };
-            let s3 = b.with_retry(retry).build().map_err(|e| format!("cannot configure S3 for {url}: {e}"))?;
+            let s3 =
+                b.with_retry(retry).build().map_err(|e| format!("cannot configure S3 for {url}: {e}"))?;
             (Arc::new(s3), prefix.to_owned())
         } else if let Some(dir) = url.strip_prefix("file://") {
             std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
@@ -155,12 +156,19 @@ impl ObjectBackend {
                 .with_fsync(true);
             (Arc::new(fs), String::new())
         } else {
-            return Err(format!("unsupported object store URL {url:?}: use s3://BUCKET/PREFIX or file:///DIR"));
+            return Err(format!(
+                "unsupported object store URL {url:?}: use s3://BUCKET/PREFIX or file:///DIR"
+            ));
         };
         Ok(ObjectBackend::new(store, &root, rt, url))
     }
 
-    pub fn new(store: Arc<dyn ObjectStore>, root: &str, rt: tokio::runtime::Handle, url: &str) -> ObjectBackend {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        root: &str,
+        rt: tokio::runtime::Handle,
+        url: &str,
+    ) -> ObjectBackend {
         let cache = Cache { lru: lru::LruCache::unbounded(), bytes: 0, max_bytes: DEFAULT_CACHE_BYTES };
         ObjectBackend {
             store,
@@ -194,6 +202,11 @@ impl ObjectBackend {
     /// creating it when nothing is there yet.
     pub fn open_or_create(&self, rel: &str, id: JournalId) -> Result<ObjectJournal> {
         ObjectJournal::open(self.clone(), self.dir(rel), id)
+    }
+
+    /// Whether a journal was ever created at `rel` (its marker exists).
+    pub fn exists(&self, rel: &str, id: JournalId) -> Result<bool> {
+        Ok(self.get(id, &self.dir(rel).join(MARKER_KEY))?.is_some())
     }
 
     fn get(&self, journal: JournalId, key: &Path) -> Result<Option<Vec<u8>>> {
@@ -366,7 +379,9 @@ impl ObjectJournal {
         let first = j.batches.first().map_or(next, |f| (*f).max(trimmed_through + 1));
         let next = Lsn::new(next.max(trimmed_through + 1)).expect("BUG: at least 1");
         j.range = match Lsn::new(first) {
-            Some(f) if f < next => LsnRange::inclusive(f, Lsn::new(next.get() - 1).expect("BUG: next > f >= 1")),
+            Some(f) if f < next => {
+                LsnRange::inclusive(f, Lsn::new(next.get() - 1).expect("BUG: next > f >= 1"))
+            }
             _ => LsnRange::empty_at(next),
         };
         Ok(j)
@@ -375,11 +390,7 @@ impl ObjectJournal {
     /// (first, last LSN) of every batch, given the journal's next LSN.
     fn batch_ends(&self, next: u64) -> Vec<(u64, u64)> {
         let firsts: Vec<u64> = self.batches.iter().copied().collect();
-        firsts
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (*f, firsts.get(i + 1).copied().unwrap_or(next) - 1))
-            .collect()
+        firsts.iter().enumerate().map(|(i, f)| (*f, firsts.get(i + 1).copied().unwrap_or(next) - 1)).collect()
     }
 
     pub fn backend(&self) -> &ObjectBackend {
@@ -415,7 +426,9 @@ impl ObjectJournal {
     }
 
     fn decode(&self, first: u64, key: &Path, bytes: Vec<u8>) -> Result<Batch> {
-        let h = bytes.get(..BATCH_HEADER_BYTES).ok_or_else(|| self.corrupt(first, key, "truncated header".into()))?;
+        let h = bytes
+            .get(..BATCH_HEADER_BYTES)
+            .ok_or_else(|| self.corrupt(first, key, "truncated header".into()))?;
         if &h[..8] != BATCH_MAGIC || h[36..40] != crc(&h[..36]) {
             return Err(self.corrupt(first, key, "bad batch header".into()));
         }
@@ -453,7 +466,8 @@ impl ObjectJournal {
         let expected_end = self.batches.range(first + 1..).next().copied().unwrap_or(self.range.next().get());
         if first + batch.payloads.len() as u64 != expected_end {
             let key = batch_key(&self.dir, first);
-            let why = format!("holds {} entries, the next batch starts at {expected_end}", batch.payloads.len());
+            let why =
+                format!("holds {} entries, the next batch starts at {expected_end}", batch.payloads.len());
             return Err(self.corrupt(first, &key, why));
         }
         Ok((batch, (lsn.get() - first) as usize))

@@ -50,11 +50,14 @@ pub struct StepLimits {
     pub max_mutations: usize,
     /// Encoded mutation bytes per step. 4 MiB: a few large mutations fill a step alone.
     pub max_bytes: usize,
+    /// One mutation's encoded size; larger ones are rejected with `too_big`. At most
+    /// `MAX_MUTATION_BYTES`, which no client can exceed anyway.
+    pub max_mutation_bytes: usize,
 }
 
 impl Default for StepLimits {
     fn default() -> Self {
-        StepLimits { max_mutations: 1_000, max_bytes: 4 << 20 }
+        StepLimits { max_mutations: 1_000, max_bytes: 4 << 20, max_mutation_bytes: MAX_MUTATION_BYTES }
     }
 }
 
@@ -144,6 +147,10 @@ impl<R: Reducer> ServerDocument<R> {
             }
         }
         Ok(())
+    }
+
+    pub fn limits(&self) -> StepLimits {
+        self.limits
     }
 
     pub fn database(&self) -> &Database {
@@ -395,6 +402,11 @@ impl<R: Reducer> ServerDocument<R> {
         bytes: &[u8],
         time_of: impl Fn(i64) -> i64,
     ) -> Result<(i64, Result<(), Rejection>)> {
+        if bytes.len() > self.limits.max_mutation_bytes {
+            let max = self.limits.max_mutation_bytes;
+            let why = format!("the mutation is {} bytes, over this server's limit of {max}", bytes.len());
+            return Ok((time_of(0), Err(Rejection::new("too_big", why))));
+        }
         let m = match Mutation::decode(bytes) {
             Ok(m) => m,
             Err(e) => {

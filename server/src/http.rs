@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::{SinkExt, StreamExt};
-use pagesync::protocol::MAX_FRAME_BYTES;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -20,7 +19,8 @@ pub async fn serve_connection(
     stream: TcpStream,
     hub: Hub,
     metrics: Arc<Metrics>,
-    root: Arc<std::path::PathBuf>,
+    store: crate::Store,
+    max_frame_bytes: usize,
 ) {
     let mut head = [0u8; 512];
     let n = match stream.peek(&mut head).await {
@@ -30,10 +30,10 @@ pub async fn serve_connection(
     let line = String::from_utf8_lossy(&head[..n]);
     let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
     match path.as_str() {
-        "/v1/sync" => serve_websocket(stream, hub, metrics).await,
+        "/v1/sync" => serve_websocket(stream, hub, metrics, max_frame_bytes).await,
         "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
         "/metrics" => respond(stream, "200 OK", "text/plain; version=0.0.4", metrics.render()).await,
-        p if p.starts_with("/v1/docs/") && p.ends_with("/export") => export(stream, hub, &root, p).await,
+        p if p.starts_with("/v1/docs/") && p.ends_with("/export") => export(stream, hub, store, p).await,
         _ => {
             let routes = "routes: /v1/sync (websocket), /healthz, /metrics, /v1/docs/{id}/export\n";
             respond(stream, "404 Not Found", "text/plain", routes).await
@@ -41,14 +41,22 @@ pub async fn serve_connection(
     }
 }
 
-async fn export(stream: TcpStream, hub: Hub, root: &std::path::Path, path: &str) {
+async fn export(stream: TcpStream, hub: Hub, store: crate::Store, path: &str) {
     let id = &path["/v1/docs/".len()..path.len() - "/export".len()];
     let doc: pagesync::DocId = match id.parse() {
         Ok(d) => d,
         Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
     };
-    if !crate::storage_dir(root, doc).exists() {
-        return respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await;
+    // Blocking (S3 requests wait on the runtime): off the async workers.
+    match tokio::task::spawn_blocking(move || store.exists(doc)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            return respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await;
+        }
+        Ok(Err(e)) => {
+            return respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await;
+        }
+        Err(e) => return respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }
     match hub.export(doc).await {
         Ok(bytes) => respond(stream, "200 OK", "application/vnd.sqlite3", bytes).await,
@@ -76,10 +84,10 @@ async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: 
     let _ = stream.shutdown().await;
 }
 
-async fn serve_websocket(stream: TcpStream, hub: Hub, metrics: Arc<Metrics>) {
+async fn serve_websocket(stream: TcpStream, hub: Hub, metrics: Arc<Metrics>, max_frame_bytes: usize) {
     let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_FRAME_BYTES))
-        .max_frame_size(Some(MAX_FRAME_BYTES));
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes));
     let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
         Ok(ws) => ws,
         Err(e) => {

@@ -121,6 +121,7 @@ fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<
             conns.remove(&conn); // dropping the sender closes the websocket
         }
         metrics.open_documents.store(session.documents().count() as u64, Ordering::Relaxed);
+        metrics.session.lock().expect("BUG: metrics lock poisoned").clone_from(session.stats());
     }
     if let Some(done) = stopping {
         let _ = done.send(());

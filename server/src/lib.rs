@@ -17,11 +17,12 @@ mod hub;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use pagesync::DocId;
-use pagesync::journal::{FileJournal, FileJournalOptions};
+use pagesync::journal::{FileJournal, FileJournalOptions, Journal, ObjectBackend, ObjectStats};
+use pagesync::protocol::{STEP_MICROS_BUCKETS, ServerSession, SessionOptions, SessionStats};
+use pagesync::{DocId, ServerDocument, SqlReducer, StepLimits};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -31,44 +32,207 @@ pub use hub::Hub;
 /// keeps a flood of sockets from exhausting file descriptors.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Where documents are kept.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// `file://DIR`: file journals (segment files, fsync per step).
+    Files(PathBuf),
+    /// `s3://BUCKET/PREFIX` (or `object+file:///DIR`): one object per step, fenced.
+    Objects(ObjectBackend),
+}
+
+impl Store {
+    /// Parses `--journal`: `file://DIR` (or a bare path), `s3://BUCKET/PREFIX` with the
+    /// standard `AWS_*` environment, or `object+file:///DIR` for object-store semantics on a
+    /// local directory. `rt` drives the object store's requests.
+    pub fn parse(url: &str, rt: tokio::runtime::Handle) -> anyhow::Result<Store> {
+        if url.starts_with("s3://") {
+            return Ok(Store::Objects(ObjectBackend::from_url(url, rt).map_err(anyhow::Error::msg)?));
+        }
+        if let Some(rest) = url.strip_prefix("object+") {
+            return Ok(Store::Objects(ObjectBackend::from_url(rest, rt).map_err(anyhow::Error::msg)?));
+        }
+        if let Some(path) = url.strip_prefix("file://") {
+            return Ok(Store::Files(PathBuf::from(path)));
+        }
+        if url.contains("://") {
+            anyhow::bail!(
+                "unsupported journal URL {url:?}: use file://DIR, s3://BUCKET/PREFIX or object+file:///DIR"
+            );
+        }
+        Ok(Store::Files(PathBuf::from(url)))
+    }
+
+    /// For logs: where the documents are.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Files(root) => format!("file://{}", root.display()),
+            Store::Objects(b) => b.url().to_owned(),
+        }
+    }
+
+    /// The group-commit interval that suits the store: none for local files (an fsync is
+    /// cheap), 100 ms for object stores, where every step is a billed request of tens of
+    /// milliseconds (at 1,000 mutations/s that is about 10 puts per 1,000 mutations).
+    pub fn default_commit_interval_ms(&self) -> i64 {
+        match self {
+            Store::Files(_) => 0,
+            Store::Objects(_) => 100,
+        }
+    }
+
+    /// Opens (or creates) a document's storage journal. Blocking: call it off the runtime.
+    pub fn open_journal(&self, doc: DocId) -> pagesync::Result<Box<dyn Journal + Send>> {
+        Ok(match self {
+            Store::Files(root) => Box::new(FileJournal::open_or_create(
+                storage_dir(root, doc),
+                doc.journal_id(),
+                FileJournalOptions::default(),
+            )?),
+            Store::Objects(b) => Box::new(b.open_or_create(&storage_key(doc), doc.journal_id())?),
+        })
+    }
+
+    /// Whether the document has ever been written. Blocking: call it off the runtime.
+    pub fn exists(&self, doc: DocId) -> pagesync::Result<bool> {
+        match self {
+            Store::Files(root) => Ok(storage_dir(root, doc).exists()),
+            Store::Objects(b) => Ok(b.exists(&storage_key(doc), doc.journal_id())?),
+        }
+    }
+}
+
+/// Limits a server enforces, each with a flag.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Connections served at once; more are refused.
+    pub max_connections: usize,
+    /// One websocket message; larger ones close the connection with an error.
+    pub max_frame_bytes: usize,
+    /// One mutation; larger ones are rejected (the document and connection carry on).
+    pub max_mutation_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_frame_bytes: pagesync::protocol::MAX_FRAME_BYTES,
+            max_mutation_bytes: pagesync::mutation::MAX_MUTATION_BYTES,
+        }
+    }
+}
+
+/// How long a document nobody subscribes to stays open: a minute.
+pub const DEFAULT_IDLE_CLOSE_MS: i64 = 60_000;
+
+/// Documents stepped in parallel. Steps are mostly waiting on fsync or S3, so more threads than
+/// cores pays off; eight keeps the burst of threads small.
+pub const DEFAULT_STEP_THREADS: usize = 8;
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
-    /// Root directory of the `file://` journal store.
-    pub root: PathBuf,
-    pub max_connections: usize,
+    pub store: Store,
+    pub limits: Limits,
     /// HS256 secret; `None` means no auth (then only loopback addresses may be served).
     pub auth_secret: Option<Vec<u8>>,
+    /// Group commit; `None` takes the store's default.
+    pub commit_interval_ms: Option<i64>,
+    pub idle_close_ms: i64,
 }
 
-/// Counters for `/metrics` (Prometheus text).
+impl ServerConfig {
+    /// Defaults for everything but the address and the store.
+    pub fn new(listen: SocketAddr, store: Store) -> ServerConfig {
+        ServerConfig {
+            listen,
+            store,
+            limits: Limits::default(),
+            auth_secret: None,
+            commit_interval_ms: None,
+            idle_close_ms: DEFAULT_IDLE_CLOSE_MS,
+        }
+    }
+}
+
+/// Counters for `/metrics` (Prometheus text). The connection counters are updated by the
+/// connection tasks; the session's and the object store's are copied in by the hub.
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connections_total: AtomicU64,
     pub connections_open: AtomicU64,
+    pub connections_refused: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub open_documents: AtomicU64,
-    pub steps_failed: AtomicU64,
+    pub session: Mutex<SessionStats>,
+    pub objects: Mutex<Option<Arc<ObjectStats>>>,
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
 }
 
 impl Metrics {
     pub fn render(&self) -> String {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
         let rows = [
             ("pagesync_connections_total", "counter", "Connections accepted", g(&self.connections_total)),
             ("pagesync_connections_open", "gauge", "Connections open now", g(&self.connections_open)),
+            (
+                "pagesync_connections_refused_total",
+                "counter",
+                "Connections refused at --max-connections",
+                g(&self.connections_refused),
+            ),
             ("pagesync_frames_in_total", "counter", "Websocket frames received", g(&self.frames_in)),
             ("pagesync_frames_out_total", "counter", "Websocket frames sent", g(&self.frames_out)),
             ("pagesync_bytes_in_total", "counter", "Websocket payload bytes received", g(&self.bytes_in)),
             ("pagesync_bytes_out_total", "counter", "Websocket payload bytes sent", g(&self.bytes_out)),
             ("pagesync_open_documents", "gauge", "Documents open in memory", g(&self.open_documents)),
         ];
-        let mut out = String::new();
         for (name, kind, help, v) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+            metric(&mut out, name, kind, help, v);
+        }
+        let s = self.session.lock().expect("BUG: metrics lock poisoned").clone();
+        let rows = [
+            ("pagesync_steps_total", "Storage entries written (steps)", s.steps),
+            ("pagesync_steps_failed_total", "Steps that failed and will be retried", s.steps_failed),
+            ("pagesync_mutations_applied_total", "Mutations applied", s.mutations_applied),
+            ("pagesync_mutations_rejected_total", "Mutations rejected (with a reason)", s.mutations_rejected),
+            ("pagesync_documents_opened_total", "Documents opened", s.documents_opened),
+            ("pagesync_documents_closed_total", "Idle documents closed", s.documents_closed),
+        ];
+        for (name, help, v) in rows {
+            metric(&mut out, name, "counter", help, v);
+        }
+        let name = "pagesync_step_duration_seconds";
+        out.push_str(&format!("# HELP {name} Time to apply and persist one step\n# TYPE {name} histogram\n"));
+        let mut cumulative = 0;
+        for (i, le) in STEP_MICROS_BUCKETS.iter().enumerate() {
+            cumulative += s.step_micros[i];
+            out.push_str(&format!("{name}_bucket{{le=\"{}\"}} {cumulative}\n", *le as f64 / 1e6));
+        }
+        cumulative += s.step_micros[STEP_MICROS_BUCKETS.len()];
+        out.push_str(&format!("{name}_bucket{{le=\"+Inf\"}} {cumulative}\n"));
+        out.push_str(&format!("{name}_sum {}\n{name}_count {cumulative}\n", s.step_micros_sum as f64 / 1e6));
+        if let Some(o) = self.objects.lock().expect("BUG: metrics lock poisoned").as_ref() {
+            let rows = [
+                ("pagesync_s3_puts_total", "Object store PUT requests", g(&o.puts)),
+                ("pagesync_s3_gets_total", "Object store GET requests", g(&o.gets)),
+                ("pagesync_s3_lists_total", "Object store LIST requests", g(&o.lists)),
+                ("pagesync_s3_deletes_total", "Object store DELETE requests", g(&o.deletes)),
+                ("pagesync_s3_errors_total", "Object store requests that failed", g(&o.errors)),
+                ("pagesync_s3_bytes_put_total", "Bytes written to the object store", g(&o.bytes_put)),
+                ("pagesync_s3_bytes_got_total", "Bytes read from the object store", g(&o.bytes_got)),
+            ];
+            for (name, help, v) in rows {
+                metric(&mut out, name, "counter", help, v);
+            }
         }
         out
     }
@@ -80,17 +244,10 @@ pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     root.join(&id[..2]).join(&id).join("storage")
 }
 
-/// Parses `--journal`: `file://DIR` or a bare path.
-pub fn parse_journal_url(url: &str) -> anyhow::Result<PathBuf> {
-    if let Some(path) = url.strip_prefix("file://") {
-        return Ok(PathBuf::from(path));
-    }
-    if url.contains("://") {
-        anyhow::bail!(
-            "unsupported journal URL {url:?}: this build supports file://DIR (s3:// is not built yet)"
-        );
-    }
-    Ok(PathBuf::from(url))
+/// The key prefix of a document's storage journal in an object store.
+pub fn storage_key(doc: DocId) -> String {
+    let id = doc.to_string();
+    format!("{}/{id}/storage", &id[..2])
 }
 
 /// Serves on an already bound listener until `shutdown` resolves.
@@ -100,21 +257,33 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let root = cfg.root.clone();
-    std::fs::create_dir_all(&root)?;
-    let http_root = Arc::new(root.clone());
+    if let Store::Files(root) = &cfg.store {
+        std::fs::create_dir_all(root)?;
+    }
+    if let Store::Objects(b) = &cfg.store {
+        *metrics.objects.lock().expect("BUG: metrics lock poisoned") = Some(b.stats().clone());
+    }
+    let store = cfg.store.clone();
+    let step_limits =
+        StepLimits { max_mutation_bytes: cfg.limits.max_mutation_bytes, ..StepLimits::default() };
     let opener = Box::new(move |doc: DocId| {
-        let dir = storage_dir(&root, doc);
-        let journal = FileJournal::open_or_create(&dir, doc.journal_id(), FileJournalOptions::default())?;
-        pagesync::ServerDocument::open(Box::new(journal))
+        ServerDocument::with_reducer(store.open_journal(doc)?, SqlReducer, step_limits)
     });
-    let mut session = pagesync::protocol::ServerSession::new(opener);
+    let options = SessionOptions {
+        commit_interval_ms: cfg.commit_interval_ms.unwrap_or(cfg.store.default_commit_interval_ms()),
+        step_threads: DEFAULT_STEP_THREADS,
+        idle_close_ms: Some(cfg.idle_close_ms),
+    };
+    let started = std::time::Instant::now();
+    let mut session = ServerSession::new(opener)
+        .with_options(options)
+        .with_clock(Box::new(move || started.elapsed().as_micros() as u64));
     if let Some(secret) = cfg.auth_secret.clone() {
         session =
             session.with_auth(Box::new(move |token: &str, now_ms: i64| auth::verify(&secret, token, now_ms)));
     }
     let hub = Hub::spawn(session, metrics.clone());
-    let permits = Arc::new(Semaphore::new(cfg.max_connections));
+    let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -130,12 +299,14 @@ pub async fn serve(
                 // Small frames must leave at once: Nagle plus delayed ACKs would add ~40 ms.
                 let _ = stream.set_nodelay(true);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "refusing a connection: {} connections are open (--max-connections)", cfg.max_connections);
+                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "refusing a connection: {} connections are open (--max-connections)", cfg.limits.max_connections);
                     continue;
                 };
-                let (hub, metrics, root) = (hub.clone(), metrics.clone(), http_root.clone());
+                let (hub, metrics, store) = (hub.clone(), metrics.clone(), cfg.store.clone());
+                let max_frame = cfg.limits.max_frame_bytes;
                 tokio::spawn(async move {
-                    http::serve_connection(stream, hub, metrics, root).await;
+                    http::serve_connection(stream, hub, metrics, store, max_frame).await;
                     drop(permit);
                 });
             }

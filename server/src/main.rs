@@ -1,4 +1,4 @@
-//! `pagesync-server`: serve documents over websockets, journals on local disk.
+//! `pagesync-server`: serve documents over websockets, journals on local disk or S3.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pagesync_server::{DEFAULT_MAX_CONNECTIONS, Metrics, ServerConfig, auth, parse_journal_url, serve};
+use pagesync_server::{
+    DEFAULT_IDLE_CLOSE_MS, DEFAULT_MAX_CONNECTIONS, Limits, Metrics, ServerConfig, Store, auth, serve,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "pagesync-server", about = "Serve pagesync documents over websockets (ws://HOST/v1/sync)")]
@@ -16,15 +18,37 @@ struct Args {
     /// Address to listen on. Without --auth-secret-file only loopback addresses are allowed.
     #[arg(long, default_value = "127.0.0.1:8787")]
     listen: SocketAddr,
-    /// Where documents are kept: file://DIR.
+    /// Where documents are kept: file://DIR, s3://BUCKET/PREFIX (endpoint, region and
+    /// credentials from the AWS_* environment), or object+file:///DIR.
     #[arg(long, default_value = "file://./pagesync-data")]
     journal: String,
     /// Connections served at once; more are refused.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Largest websocket message accepted; a larger one closes its connection with an error.
+    #[arg(long, default_value_t = pagesync::protocol::MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+    /// Largest mutation accepted; a larger one is rejected (at most 1 MiB).
+    #[arg(long, default_value_t = pagesync::mutation::MAX_MUTATION_BYTES, value_parser = mutation_limit)]
+    max_mutation_bytes: usize,
+    /// Group commit: a document steps this long after its first queued mutation arrived.
+    /// Default: 0 for file://, 100 for s3:// (fewer, larger puts).
+    #[arg(long)]
+    commit_interval_ms: Option<i64>,
+    /// Seconds before a document nobody subscribes to is closed.
+    #[arg(long, default_value_t = DEFAULT_IDLE_CLOSE_MS / 1000)]
+    idle_close_secs: i64,
     /// File holding the HS256 secret (at least 32 bytes). Every client then needs a token.
     #[arg(long, global = true)]
     auth_secret_file: Option<std::path::PathBuf>,
+}
+
+fn mutation_limit(s: &str) -> Result<usize, String> {
+    let max = pagesync::mutation::MAX_MUTATION_BYTES;
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("expected a byte count from 1 to {max}")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,21 +90,26 @@ async fn main() -> anyhow::Result<()> {
             args.listen
         );
     }
-    let root = parse_journal_url(&args.journal)?;
+    let store = Store::parse(&args.journal, tokio::runtime::Handle::current())?;
     let auth_note = if secret.is_some() { "tokens required" } else { "no auth: loopback only" };
+    let where_ = store.describe();
     let cfg = ServerConfig {
-        listen: args.listen,
-        root: root.clone(),
-        max_connections: args.max_connections,
+        limits: Limits {
+            max_connections: args.max_connections,
+            max_frame_bytes: args.max_frame_bytes,
+            max_mutation_bytes: args.max_mutation_bytes,
+        },
         auth_secret: secret,
+        commit_interval_ms: args.commit_interval_ms,
+        idle_close_ms: args.idle_close_secs.saturating_mul(1000),
+        ..ServerConfig::new(args.listen, store)
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     tracing::info!(
-        "pagesync-server listening on ws://{}/v1/sync, documents in {} ({auth_note})",
+        "pagesync-server listening on ws://{}/v1/sync, documents in {where_} ({auth_note})",
         listener.local_addr()?,
-        root.display()
     );
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();

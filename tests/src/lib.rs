@@ -155,7 +155,8 @@ pub fn s3_url(prefix: &str) -> Option<String> {
     };
     let host = endpoint.trim_start_matches("http://").trim_end_matches('/').to_owned();
     let bucket = format!("pagesync-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-    let mut s = std::net::TcpStream::connect(&host).unwrap_or_else(|e| panic!("cannot reach S3 at {host}: {e}"));
+    let mut s =
+        std::net::TcpStream::connect(&host).unwrap_or_else(|e| panic!("cannot reach S3 at {host}: {e}"));
     write!(s, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         .expect("send CreateBucket");
     let mut reply = String::new();

@@ -1,5 +1,6 @@
 //! End to end over real sockets and real files: `pagesync-server` (in process, on a loopback
-//! port) and two `pagesync-client`s with their own data directories.
+//! port) and two `pagesync-client`s with their own data directories. The tests that keep data
+//! across server restarts run once on file journals and once on S3 (moto).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use pagesync::{DocId, MutationState, Value};
 use pagesync_client::Client;
-use pagesync_server::{Metrics, ServerConfig, serve};
+use pagesync_server::{Metrics, ServerConfig, Store, serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -20,14 +21,31 @@ struct Running {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-async fn start(root: &Path, addr: SocketAddr) -> Running {
-    start_with(root, addr, None).await
+/// Where a test's server keeps documents: `server/` in the test's directory, or a fresh S3
+/// bucket (`None` when no S3 endpoint is configured: the test is skipped).
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Files,
+    S3,
 }
 
-async fn start_with(root: &Path, addr: SocketAddr, auth_secret: Option<Vec<u8>>) -> Running {
+fn store_url(backend: Backend, dir: &Path) -> Option<String> {
+    match backend {
+        Backend::Files => Some(format!("file://{}", dir.join("server").display())),
+        Backend::S3 => pagesync_tests::s3_url("e2e"),
+    }
+}
+
+async fn start(url: &str, addr: SocketAddr) -> Running {
+    start_with(url, addr, None).await
+}
+
+async fn start_with(url: &str, addr: SocketAddr, auth_secret: Option<Vec<u8>>) -> Running {
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig { listen: addr, root: root.to_path_buf(), max_connections: 100, auth_secret };
+    let store = Store::parse(url, tokio::runtime::Handle::current()).expect("store");
+    let mut cfg = ServerConfig::new(addr, store);
+    cfg.auth_secret = auth_secret;
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
         let _ = stopped.await;
@@ -59,8 +77,18 @@ async fn rows(doc: &pagesync_client::Document, sql: &str, want: usize) -> Vec<Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_converge_and_offline_writes_survive_restarts() {
+    two_clients_converge(Backend::Files).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_converge_and_offline_writes_survive_restarts_on_s3() {
+    two_clients_converge(Backend::S3).await;
+}
+
+async fn two_clients_converge(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr")).await;
+    let Some(store) = store_url(backend, dir.path()) else { return };
+    let server = start(&store, "127.0.0.1:0".parse().expect("addr")).await;
     let url = server.url();
     let doc_id = DocId::from_u128(0xabc);
     let a = Client::connect(&url, "", dir.path().join("a")).expect("a");
@@ -96,7 +124,7 @@ async fn two_clients_converge_and_offline_writes_survive_restarts() {
     assert_eq!(db.status().pending, 1, "the offline write survived the client restart");
 
     // The server comes back on the same port and data: everything flows.
-    let server = start(&dir.path().join("server"), addr).await;
+    let server = start(&store, addr).await;
     db.sync(WAIT).await.expect("b synced after the restart");
     assert_eq!(db.state(offline.lsn).expect("state"), MutationState::Confirmed);
     let seen = rows(&da, "SELECT title FROM todo ORDER BY id", 2).await;
@@ -128,8 +156,18 @@ fn read_export(bytes: &[u8], file: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_routes_share_the_port_and_export_is_a_plain_sqlite_file() {
+    http_routes(Backend::Files).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_routes_share_the_port_and_export_is_a_plain_sqlite_file_on_s3() {
+    http_routes(Backend::S3).await;
+}
+
+async fn http_routes(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = start(dir.path(), "127.0.0.1:0".parse().expect("addr")).await;
+    let Some(store) = store_url(backend, dir.path()) else { return };
+    let server = start(&store, "127.0.0.1:0".parse().expect("addr")).await;
     let client = Client::connect(&server.url(), "", dir.path().join("c")).expect("client");
     let doc = client.open(DocId::from_u128(1)).expect("open");
     doc.execute("CREATE TABLE t(x)", vec![]).expect("ddl");
@@ -165,7 +203,8 @@ async fn tokens_limit_documents_and_writes() {
     use pagesync_server::auth::{Claims, mint};
     let secret = b"0123456789abcdef0123456789abcdef-secret".to_vec();
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = start_with(dir.path(), "127.0.0.1:0".parse().expect("addr"), Some(secret.clone())).await;
+    let store = store_url(Backend::Files, dir.path()).expect("files");
+    let server = start_with(&store, "127.0.0.1:0".parse().expect("addr"), Some(secret.clone())).await;
     let (ours, theirs) = (DocId::from_u128(0xaa), DocId::from_u128(0xbb));
     let exp = 4_000_000_000;
     let token = |doc: DocId, write: bool| mint(&secret, &Claims { doc: doc.to_string(), write, exp });

@@ -12,7 +12,10 @@ mod client;
 mod server;
 
 pub use client::{ClientSession, DocStatus};
-pub use server::{Authenticator, ConnId, Grant, Opener, STEP_RETRY_MS, ServerSession};
+pub use server::{
+    Authenticator, Clock, ConnId, Grant, Opener, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession,
+    SessionOptions, SessionStats,
+};
 
 use pagesync_journal::Lsn;
 use serde::{Deserialize, Serialize};

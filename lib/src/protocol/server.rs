@@ -9,7 +9,7 @@
 //! the next document round-robin, and builds at most `MAX_BATCH_BYTES` of storage for it while
 //! that subscriber's unacknowledged bytes stay under `DOC_WINDOW_BYTES`.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use pagesync_journal::{Lsn, LsnRange};
 
@@ -19,7 +19,7 @@ use super::{
 };
 use crate::error::Result;
 use crate::ids::{DocId, TimelineId};
-use crate::server::ServerDocument;
+use crate::server::{ServerDocument, StepOutcome};
 
 /// A connection, as named by the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -83,12 +83,95 @@ struct Conn {
 /// trying again, so a persistent fault costs one attempt per second, not a busy loop.
 pub const STEP_RETRY_MS: i64 = 1_000;
 
+/// How a `ServerSession` schedules its documents.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionOptions {
+    /// A document with queued mutations steps this long after the first of them arrived, so
+    /// that more share one storage entry (group commit). 0 steps at once, which suits local
+    /// disks; object stores, where each write costs a request and tens of milliseconds, want
+    /// more. A full step's worth of mutations steps at once regardless.
+    pub commit_interval_ms: i64,
+    /// Documents stepped at once, each on a thread of its own, so one document's slow write
+    /// does not hold up the others. 1 steps them one by one on the caller's thread.
+    pub step_threads: usize,
+    /// A document with no subscriber and no queued work is closed after this long, and then
+    /// costs nothing but its storage. `None` keeps documents open.
+    pub idle_close_ms: Option<i64>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions { commit_interval_ms: 0, step_threads: 1, idle_close_ms: None }
+    }
+}
+
+/// Upper bounds, in microseconds, of the step-duration histogram's buckets.
+pub const STEP_MICROS_BUCKETS: [u64; 10] =
+    [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000];
+
+/// Counters of a `ServerSession`, for metrics.
+#[derive(Clone, Debug, Default)]
+pub struct SessionStats {
+    pub steps: u64,
+    pub steps_failed: u64,
+    pub mutations_applied: u64,
+    pub mutations_rejected: u64,
+    pub documents_opened: u64,
+    pub documents_closed: u64,
+    /// Steps by duration: `step_micros[i]` counts those within `STEP_MICROS_BUCKETS[i]`
+    /// (cumulative counts are the caller's job); the last slot counts the longer ones. Only
+    /// kept when the session has a clock (`with_clock`).
+    pub step_micros: [u64; STEP_MICROS_BUCKETS.len() + 1],
+    pub step_micros_sum: u64,
+}
+
+impl SessionStats {
+    fn record(&mut self, outcome: &StepOutcome, micros: Option<u64>) {
+        self.steps += 1;
+        self.mutations_applied += (outcome.applied - outcome.rejected) as u64;
+        self.mutations_rejected += outcome.rejected as u64;
+        if let Some(us) = micros {
+            self.step_micros[STEP_MICROS_BUCKETS.partition_point(|b| *b < us)] += 1;
+            self.step_micros_sum += us;
+        }
+    }
+}
+
+/// A monotonic clock in microseconds, used only to time steps for metrics.
+pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// What stepping one document did: each step's outcome and duration, and the error that
+/// stopped it, if any.
+type Stepped = (DocId, Vec<(StepOutcome, Option<u64>)>, Option<String>);
+
+/// Steps `d` until its queue is empty or a step fails.
+fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&Clock>) -> Stepped {
+    let mut done = Vec::new();
+    while d.queued() > 0 {
+        let start = clock.map(|c| c());
+        match d.step(now_ms) {
+            Ok(Some(o)) => done.push((o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))),
+            Ok(None) => break,
+            Err(e) => return (id, done, Some(e.to_string())),
+        }
+    }
+    (id, done, None)
+}
+
 pub struct ServerSession {
     opener: Opener,
     auth: Option<Authenticator>,
+    options: SessionOptions,
+    clock: Option<Clock>,
+    stats: SessionStats,
     docs: HashMap<DocId, ServerDocument>,
     /// Documents whose last step failed, and when to try again.
     retry_at: HashMap<DocId, i64>,
+    /// When the oldest queued mutation of a document arrived.
+    queued_since: HashMap<DocId, i64>,
+    /// When a document was last named by a message, for closing idle ones.
+    last_used: HashMap<DocId, i64>,
+    next_idle_sweep_ms: i64,
     conns: BTreeMap<ConnId, Conn>,
     cursor: Option<ConnId>,
     now_ms: i64,
@@ -112,8 +195,14 @@ impl ServerSession {
         ServerSession {
             opener,
             auth: None,
+            options: SessionOptions::default(),
+            clock: None,
+            stats: SessionStats::default(),
             docs: HashMap::new(),
             retry_at: HashMap::new(),
+            queued_since: HashMap::new(),
+            last_used: HashMap::new(),
+            next_idle_sweep_ms: 0,
             conns: BTreeMap::new(),
             cursor: None,
             now_ms: 0,
@@ -125,6 +214,21 @@ impl ServerSession {
     pub fn with_auth(mut self, auth: Authenticator) -> ServerSession {
         self.auth = Some(auth);
         self
+    }
+
+    pub fn with_options(mut self, options: SessionOptions) -> ServerSession {
+        self.options = SessionOptions { step_threads: options.step_threads.max(1), ..options };
+        self
+    }
+
+    /// Times steps with `clock` (monotonic microseconds) for the histogram in `stats`.
+    pub fn with_clock(mut self, clock: Clock) -> ServerSession {
+        self.clock = Some(clock);
+        self
+    }
+
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
     }
 
     pub fn connect(&mut self, conn: ConnId) {
@@ -146,9 +250,11 @@ impl ServerSession {
 
     /// Opens `doc` if needed and exports it as a `.sqlite` file.
     pub fn export(&mut self, doc: DocId) -> Result<Vec<u8>> {
+        self.last_used.insert(doc, self.now_ms);
         if !self.docs.contains_key(&doc) {
             let d = (self.opener)(doc)?;
             self.docs.insert(doc, d);
+            self.stats.documents_opened += 1;
         }
         self.docs[&doc].export()
     }
@@ -224,7 +330,11 @@ impl ServerSession {
             Message::Mutations { doc, timeline, first, entries } => {
                 if let Some(d) = self.open(conn, doc) {
                     let received = d.receive(timeline, first, entries);
+                    let queued = d.queued() > 0;
                     let storage_next = d.storage_range().next();
+                    if queued {
+                        self.queued_since.entry(doc).or_insert(now_ms);
+                    }
                     let ack = Message::MutationsAck {
                         doc,
                         timeline,
@@ -258,10 +368,12 @@ impl ServerSession {
 
     /// The open document, opening it on first use; on failure the client is told.
     fn open(&mut self, conn: ConnId, doc: DocId) -> Option<&mut ServerDocument> {
+        self.last_used.insert(doc, self.now_ms);
         if !self.docs.contains_key(&doc) {
             match (self.opener)(doc) {
                 Ok(d) => {
                     self.docs.insert(doc, d);
+                    self.stats.documents_opened += 1;
                 }
                 Err(e) => {
                     self.push(
@@ -313,31 +425,76 @@ impl ServerSession {
         }
     }
 
-    /// Steps documents with queued mutations and schedules retransmissions. A document whose
-    /// step fails keeps its queue, tells its subscribers why, and retries after
-    /// `STEP_RETRY_MS`; other documents carry on.
+    /// When a document with queued work should step: after the commit interval, or at once
+    /// when a full step is queued, but not before a failed step's retry time.
+    fn step_due(&self, id: DocId, d: &ServerDocument) -> Option<i64> {
+        if d.queued() == 0 {
+            return None;
+        }
+        let since = self.queued_since.get(&id).copied().unwrap_or(self.now_ms);
+        let batch_ready = d.queued() >= d.limits().max_mutations;
+        let due = if batch_ready { since } else { since + self.options.commit_interval_ms };
+        Some(due.max(self.retry_at.get(&id).copied().unwrap_or(i64::MIN)))
+    }
+
+    /// Steps documents with queued mutations that are due, closes idle documents, and
+    /// schedules retransmissions. A document whose step fails keeps its queue, tells its
+    /// subscribers why, and retries after `STEP_RETRY_MS`; other documents carry on.
     pub fn handle_timeout(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let mut failed = Vec::new();
-        for (id, d) in self.docs.iter_mut() {
-            if self.retry_at.get(id).is_some_and(|t| *t > self.now_ms) {
-                continue;
+        let now = self.now_ms;
+        let due: HashSet<DocId> = self
+            .docs
+            .iter()
+            .filter(|(id, d)| self.step_due(**id, d).is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        let clock = self.clock.as_ref();
+        let mut work: Vec<(DocId, &mut ServerDocument)> =
+            self.docs.iter_mut().filter(|(id, _)| due.contains(id)).map(|(id, d)| (*id, d)).collect();
+        let threads = self.options.step_threads.min(work.len());
+        let results: Vec<Stepped> = if threads <= 1 {
+            work.into_iter().map(|(id, d)| step_document(id, d, now, clock)).collect()
+        } else {
+            let per_thread = work.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = work
+                    .chunks_mut(per_thread)
+                    .map(|chunk| {
+                        s.spawn(move || {
+                            chunk
+                                .iter_mut()
+                                .map(|(id, d)| step_document(*id, d, now, clock))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        for (doc, steps, failed) in results {
+            for (outcome, micros) in &steps {
+                self.stats.record(outcome, *micros);
             }
-            self.retry_at.remove(id);
-            while d.queued() > 0 {
-                if let Err(e) = d.step(self.now_ms) {
-                    failed.push((*id, e.to_string()));
-                    break;
+            self.retry_at.remove(&doc);
+            match failed {
+                None => {
+                    self.queued_since.remove(&doc);
+                }
+                Some(why) => {
+                    self.stats.steps_failed += 1;
+                    self.retry_at.insert(doc, now + STEP_RETRY_MS);
+                    let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
+                    for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
+                        c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
+                    }
                 }
             }
         }
-        for (doc, why) in failed {
-            self.retry_at.insert(doc, self.now_ms + STEP_RETRY_MS);
-            let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
-            for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
-                c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
-            }
-        }
+        self.close_idle();
         for c in self.conns.values_mut() {
             for sub in c.subs.values_mut() {
                 if !sub.inflight.is_empty() && now_ms >= sub.last_send_ms + RETRANSMIT_MS {
@@ -348,13 +505,35 @@ impl ServerSession {
         }
     }
 
-    /// When `handle_timeout` should run next.
-    pub fn poll_timeout(&self) -> Option<i64> {
-        let steps = self
+    /// Closes documents that no connection subscribes to, with nothing queued, unused for
+    /// `idle_close_ms`. Runs at most once a second: it looks at every subscription.
+    fn close_idle(&mut self) {
+        let Some(idle_ms) = self.options.idle_close_ms else { return };
+        if self.now_ms < self.next_idle_sweep_ms {
+            return;
+        }
+        self.next_idle_sweep_ms = self.now_ms + 1_000;
+        let subscribed: HashSet<DocId> = self.conns.values().flat_map(|c| c.subs.keys().copied()).collect();
+        let now = self.now_ms;
+        let idle: Vec<DocId> = self
             .docs
             .iter()
-            .filter(|(_, d)| d.queued() > 0)
-            .map(|(id, _)| self.retry_at.get(id).copied().unwrap_or(self.now_ms));
+            .filter(|(id, d)| d.queued() == 0 && !subscribed.contains(id))
+            .filter(|(id, _)| self.last_used.get(id).is_none_or(|t| now >= t + idle_ms))
+            .map(|(id, _)| *id)
+            .collect();
+        for doc in idle {
+            self.docs.remove(&doc);
+            self.last_used.remove(&doc);
+            self.retry_at.remove(&doc);
+            self.queued_since.remove(&doc);
+            self.stats.documents_closed += 1;
+        }
+    }
+
+    /// When `handle_timeout` should run next.
+    pub fn poll_timeout(&self) -> Option<i64> {
+        let steps = self.docs.iter().filter_map(|(id, d)| self.step_due(*id, d));
         let subs = self.conns.values().flat_map(|c| c.subs.values());
         let resends = subs.filter(|s| !s.inflight.is_empty()).map(|s| s.last_send_ms + RETRANSMIT_MS);
         steps.chain(resends).min()
