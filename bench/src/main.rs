@@ -7,6 +7,7 @@ mod core;
 mod journal;
 mod net;
 mod report;
+mod s3;
 mod sync;
 
 use std::path::PathBuf;
@@ -24,8 +25,13 @@ pub struct Config {
 
 type Group = (&'static str, fn(&Config) -> Vec<Pair>);
 
-const GROUPS: &[Group] =
-    &[("journal", journal::run), ("core", core::run), ("sync", sync::run), ("net", net::run)];
+const GROUPS: &[Group] = &[
+    ("journal", journal::run),
+    ("core", core::run),
+    ("sync", sync::run),
+    ("net", net::run),
+    ("s3", s3::run),
+];
 
 fn usage() -> String {
     let names: Vec<&str> = GROUPS.iter().map(|(n, _)| *n).collect();

@@ -2,8 +2,6 @@
 //! restarted on the same data. Every mutation a client saw confirmed is still there, and every
 //! pending one is applied exactly once.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use pagesync::{DocId, MutationState, Value};
@@ -13,50 +11,17 @@ const WRITES: i64 = 400;
 const KILL_AFTER: i64 = 200;
 const WAIT: Duration = Duration::from_secs(20);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
+mod support;
 
-/// The server process; killed (SIGKILL) and reaped when dropped, also when a test panics.
-struct ServerProcess(Child);
-
-impl ServerProcess {
-    fn sigkill(&mut self) {
-        self.0.kill().expect("SIGKILL"); // std's Child::kill sends SIGKILL on unix
-        self.0.wait().expect("reaped");
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(port: u16, data: &std::path::Path) -> ServerProcess {
-    let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--journal", &format!("file://{}", data.display())])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pagesync-server");
-    let server = ServerProcess(child);
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return server;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("pagesync-server did not start on port {port}");
-}
+use support::{free_port, start};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_confirmed_write_and_applies_pending_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
-    let mut server = start(port, &dir.path().join("server"));
+    let journal = format!("file://{}", dir.path().join("server").display());
+    let mut server = start(port, &journal);
     let client = Client::connect(&url, "", dir.path().join("client")).expect("client");
     let doc = client.open(DocId::from_u128(0x5151)).expect("open");
     doc.execute("CREATE TABLE w(seq INTEGER NOT NULL)", vec![]).expect("ddl");
@@ -88,7 +53,7 @@ async fn sigkill_mid_stream_loses_no_confirmed_write_and_applies_pending_once() 
     assert!(!confirmed.is_empty(), "some writes were confirmed before the kill");
     assert!(doc.status().pending > 0, "some writes were still pending at the kill");
 
-    let _server = start(port, &dir.path().join("server"));
+    let _server = start(port, &journal);
     doc.sync(WAIT).await.expect("synced after the restart");
     // A fresh client reads the server's state independently.
     let fresh = Client::connect(&url, "", dir.path().join("fresh")).expect("fresh");

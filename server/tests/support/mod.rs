@@ -1,0 +1,47 @@
+//! Shared by the server's integration tests: the real `pagesync-server` binary as a child
+//! process, and S3 buckets on moto.
+#![allow(dead_code)] // each test binary uses part of it
+
+pub mod s3;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// The server process; killed (SIGKILL) and reaped when dropped, also when a test panics.
+pub struct ServerProcess(pub Child);
+
+impl ServerProcess {
+    pub fn sigkill(&mut self) {
+        self.0.kill().expect("SIGKILL"); // std's Child::kill sends SIGKILL on unix
+        self.0.wait().expect("reaped");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn start(port: u16, journal: &str) -> ServerProcess {
+    let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--journal", journal])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pagesync-server");
+    let server = ServerProcess(child);
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("pagesync-server did not start on port {port}");
+}
