@@ -106,15 +106,19 @@ async fn two_servers_on_one_document_one_keeps_writing_the_other_reports_the_con
 
     // The bucket holds one dense history: every LSN once, none of b's writes.
     let rt = tokio::runtime::Handle::current();
-    let entries = tokio::task::spawn_blocking(move || {
+    let applied = tokio::task::spawn_blocking(move || {
         let backend = ObjectBackend::from_url(&journal, rt).expect("backend");
         let j =
             backend.open_or_create(&pagesync_server::storage_key(doc_id), doc_id.journal_id()).expect("open");
-        j.range().iter().map(|l| j.read(l).expect("every LSN reads back")).count()
+        let entries = j.range().iter().map(|l| j.read(l).expect("every LSN reads back"));
+        let headers = entries.map(|e| pagesync::storage::decode(&e).expect("a storage entry"));
+        headers.flat_map(|h| h.applied).map(|a| (a.timeline, a.lsn)).collect::<Vec<_>>()
     })
     .await
     .expect("join");
-    assert!(entries >= 3, "schema, a's first and second batches: {entries} entries");
+    let unique: std::collections::HashSet<_> = applied.iter().collect();
+    assert_eq!(unique.len(), applied.len(), "no mutation stored twice");
+    assert_eq!(applied.len(), 11, "the schema and a's ten writes, nothing of b's");
     let rows = a.query("SELECT count(*) FROM w WHERE who = 'a'", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Integer(10)]]);
 }
