@@ -89,6 +89,7 @@ impl Database {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags_and_vfs("main.db", flags, vfs.name())?;
+        crate::vfs::disable_lookaside(&conn);
         let mut db = Database {
             conn,
             _vfs: vfs,

@@ -117,6 +117,25 @@ impl Registration {
     }
 }
 
+/// Turns off SQLite's per-connection lookaside allocator (about 120 KiB per connection by
+/// default). A server keeps thousands of documents open, each with its own connection, and
+/// lookaside is a small speed-up for one busy connection. Call right after opening; if
+/// lookaside memory is already in use SQLite refuses, and the connection keeps it.
+pub(crate) fn disable_lookaside(conn: &rusqlite::Connection) {
+    // SAFETY: the handle is valid for the duration of the call (we borrow the connection), and
+    // SQLITE_DBCONFIG_LOOKASIDE takes exactly (void*, int, int); a null buffer with zero sizes
+    // disables lookaside.
+    unsafe {
+        ffi::sqlite3_db_config(
+            conn.handle(),
+            ffi::SQLITE_DBCONFIG_LOOKASIDE,
+            std::ptr::null_mut::<c_void>(),
+            0,
+            0,
+        );
+    }
+}
+
 /// Frees a VFS allocated by `register`.
 ///
 /// # Safety
