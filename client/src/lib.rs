@@ -51,6 +51,8 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 struct Shared {
     session: Mutex<ClientSession>,
     wake: Notify,
+    /// Bumped whenever a replica may have changed: a local write or a frame from the server.
+    changed: tokio::sync::watch::Sender<u64>,
     data_dir: PathBuf,
     connected: Mutex<bool>,
 }
@@ -58,6 +60,10 @@ struct Shared {
 impl Shared {
     fn session(&self) -> MutexGuard<'_, ClientSession> {
         self.session.lock().expect("BUG: session lock poisoned")
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
     }
 }
 
@@ -106,6 +112,7 @@ impl Client {
         let shared = Arc::new(Shared {
             session: Mutex::new(ClientSession::new(token)),
             wake: Notify::new(),
+            changed: tokio::sync::watch::Sender::new(0),
             data_dir,
             connected: Mutex::new(false),
         });
@@ -169,7 +176,20 @@ impl Document {
         let body = SqlMutation::one(sql, params).encode();
         let done = self.shared.session().mutate(self.id, body, now_ms(), random_u64())?;
         self.shared.wake.notify_one();
+        self.shared.bump();
         Ok(done)
+    }
+
+    /// A live query: `next()` gives the rows now, then again each time they change (after a
+    /// local write or data from the server), skipping changes that leave them as they were.
+    pub fn subscribe(&self, sql: &str, params: Vec<Value>) -> Subscription {
+        Subscription {
+            doc: self.clone(),
+            sql: sql.to_owned(),
+            params,
+            changed: self.shared.changed.subscribe(),
+            last: None,
+        }
     }
 
     /// A read-only query on the local (optimistic) state.
@@ -237,6 +257,37 @@ impl Document {
     }
 }
 
+/// A live query from [`Document::subscribe`].
+#[derive(Debug)]
+pub struct Subscription {
+    doc: Document,
+    sql: String,
+    params: Vec<Value>,
+    changed: tokio::sync::watch::Receiver<u64>,
+    last: Option<Vec<Vec<Value>>>,
+}
+
+impl Subscription {
+    /// The query's rows: at once the first time, then when they differ from the last ones
+    /// returned. An error (bad SQL) is returned as it happens; the subscription stays usable.
+    pub async fn next(&mut self) -> Result<Rows> {
+        loop {
+            if self.last.is_some() {
+                // Only fails when the `Client` was dropped; then nothing changes any more.
+                if self.changed.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            self.changed.borrow_and_update();
+            let rows = self.doc.query(&self.sql, &self.params)?;
+            if self.last.as_ref() != Some(&rows.rows) {
+                self.last = Some(rows.rows.clone());
+                return Ok(rows);
+            }
+        }
+    }
+}
+
 async fn drive(url: String, shared: Arc<Shared>) {
     let mut backoff = MIN_BACKOFF;
     loop {
@@ -280,6 +331,7 @@ async fn run_connection(
                     if let Err(e) = shared.session().handle_frame(now_ms(), &b) {
                         tracing::warn!("applying a frame failed: {e}");
                     }
+                    shared.bump();
                 }
                 Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}

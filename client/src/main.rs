@@ -58,6 +58,85 @@ enum Command {
     Sync,
     /// Sync, then write the document to FILE as a plain .sqlite file.
     Export { file: PathBuf },
+    /// Interactive SQL. Statements end with `;`. Reads (SELECT, WITH, PRAGMA, EXPLAIN, VALUES)
+    /// run on the local replica; anything else is a write, applied locally at once and synced
+    /// in the background. `.status`, `.sync` and `.quit` do what they say.
+    Repl,
+}
+
+/// Whether a statement only reads: those run as queries, everything else as a mutation.
+fn is_read(sql: &str) -> bool {
+    let first = sql.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or("");
+    ["select", "with", "pragma", "explain", "values"].iter().any(|k| first.eq_ignore_ascii_case(k))
+}
+
+fn print_rows(rows: &pagesync::Rows) {
+    println!("{}", rows.columns.join("\t"));
+    for row in &rows.rows {
+        println!("{}", row.iter().map(to_tsv).collect::<Vec<_>>().join("\t"));
+    }
+}
+
+fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
+    let st = doc.status();
+    let (applied, rejections) = doc.summary()?;
+    println!("pending\t{}", st.pending);
+    println!("confirmed\t{}", applied - rejections.len() as u64);
+    println!("rejected\t{}", rejections.len());
+    for (lsn, r) in rejections {
+        println!("rejected {lsn}\t{}\t{}", r.code, r.message);
+    }
+    if let Some((code, message)) = st.error {
+        println!("server error\t{code}\t{message}");
+    }
+    Ok(())
+}
+
+async fn repl(doc: &pagesync_client::Document, timeout: Duration) -> anyhow::Result<ExitCode> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut stmt = String::new();
+    eprintln!("pagesync repl on {}: end statements with ';', .status, .sync, .quit", doc.id());
+    while let Some(line) = lines.next_line().await? {
+        let trimmed = line.trim();
+        if stmt.is_empty() && trimmed.starts_with('.') {
+            match trimmed {
+                ".quit" | ".exit" => break,
+                ".status" => print_status(doc)?,
+                ".sync" => match doc.sync(timeout).await {
+                    Ok(()) => println!("synced"),
+                    Err(e) => println!("error: {e}"),
+                },
+                other => println!("error: unknown command {other} (.status, .sync, .quit)"),
+            }
+            continue;
+        }
+        stmt.push_str(&line);
+        stmt.push('\n');
+        if !trimmed.ends_with(';') {
+            continue;
+        }
+        let sql = std::mem::take(&mut stmt);
+        if is_read(&sql) {
+            match doc.query(&sql, &[]) {
+                Ok(rows) => print_rows(&rows),
+                Err(e) => println!("error: {e}"),
+            }
+        } else {
+            match doc.execute(&sql, vec![]) {
+                Ok(done) => match &done.local {
+                    Ok(()) => println!("mutation {}: applied locally, syncing", done.lsn),
+                    Err(r) => println!("mutation {}: failed locally ({r}); the server decides", done.lsn),
+                },
+                Err(e) => println!("error: {e}"),
+            }
+        }
+    }
+    // Leave only once the writes reached the server, when it is reachable.
+    if let Err(e) = doc.sync(timeout).await {
+        eprintln!("leaving with writes pending: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_param(p: &str) -> Value {
@@ -144,26 +223,13 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                     println!("{}", serde_json::Value::Object(obj));
                 }
             } else {
-                println!("{}", rows.columns.join("\t"));
-                for row in &rows.rows {
-                    println!("{}", row.iter().map(to_tsv).collect::<Vec<_>>().join("\t"));
-                }
+                print_rows(&rows);
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
             let _ = doc.sync(Duration::from_millis(args.timeout_ms.min(1_000))).await;
-            let st = doc.status();
-            let (applied, rejections) = doc.summary()?;
-            println!("pending\t{}", st.pending);
-            println!("confirmed\t{}", applied - rejections.len() as u64);
-            println!("rejected\t{}", rejections.len());
-            for (lsn, r) in rejections {
-                println!("rejected {lsn}\t{}\t{}", r.code, r.message);
-            }
-            if let Some((code, message)) = st.error {
-                println!("server error\t{code}\t{message}");
-            }
+            print_status(&doc)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { file } => {
@@ -174,6 +240,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!("wrote {} ({bytes} bytes)", file.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Repl => repl(&doc, timeout).await,
         Command::Sync => match doc.sync(timeout).await {
             Ok(()) => {
                 println!("synced");

@@ -249,3 +249,28 @@ async fn tokens_limit_documents_and_writes() {
     assert!(message.contains("signature"), "{message}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_rerun_on_local_and_remote_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = store_url(Backend::Files, dir.path()).expect("files");
+    let server = start(&store, "127.0.0.1:0".parse().expect("addr")).await;
+    let doc_id = DocId::from_u128(0x5b);
+    let a = Client::connect(&server.url(), "", dir.path().join("a")).expect("a");
+    let b = Client::connect(&server.url(), "", dir.path().join("b")).expect("b");
+    let (da, db) = (a.open(doc_id).expect("open"), b.open(doc_id).expect("open"));
+    da.execute("CREATE TABLE n(x INTEGER)", vec![]).expect("ddl");
+    da.sync(WAIT).await.expect("synced");
+    db.sync(WAIT).await.expect("synced");
+    let mut live = db.subscribe("SELECT count(*) FROM n", vec![]);
+    assert_eq!(next(&mut live).await, vec![vec![Value::Integer(0)]], "the rows at once");
+    db.execute("INSERT INTO n VALUES (1)", vec![]).expect("local write");
+    assert_eq!(next(&mut live).await, vec![vec![Value::Integer(1)]], "a local write");
+    da.execute("INSERT INTO n VALUES (2)", vec![]).expect("remote write");
+    assert_eq!(next(&mut live).await, vec![vec![Value::Integer(2)]], "a write from another client");
+    server.stop().await;
+}
+
+async fn next(live: &mut pagesync_client::Subscription) -> Vec<Vec<Value>> {
+    tokio::time::timeout(WAIT, live.next()).await.expect("a change in time").expect("rows").rows
+}
