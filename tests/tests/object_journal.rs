@@ -11,6 +11,27 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime")
 }
 
+/// Object-store semantics on a temporary directory; each `backend()` is a fresh process's view
+/// (its own cache and counters) of the same objects.
+struct Local {
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+impl Local {
+    fn new() -> Local {
+        Local { rt: runtime(), dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.dir.path().display())
+    }
+
+    fn backend(&self) -> ObjectBackend {
+        ObjectBackend::from_url(&self.url(), self.rt.handle().clone()).expect("backend")
+    }
+}
+
 fn lsn(n: u64) -> Lsn {
     Lsn::new(n).expect("non-zero")
 }
@@ -39,8 +60,8 @@ fn two_writers_are_fenced(url: &str) {
 
 #[test]
 fn two_writers_local() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    two_writers_are_fenced(&format!("file://{}", dir.path().display()));
+    let local = Local::new();
+    two_writers_are_fenced(&local.url());
 }
 
 #[test]
@@ -51,20 +72,18 @@ fn two_writers_s3() {
 
 #[test]
 fn a_flipped_byte_is_reported_with_the_lsn() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("file://{}", dir.path().display());
-    let backend = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let local = Local::new();
+    let backend = local.backend();
     let mut j = backend.open_or_create("doc", ID).expect("open");
     j.append_batch(&[b"one", b"two", b"three"]).expect("batch");
     j.append(b"four").expect("append");
     drop(j);
-    let path = dir.path().join("doc").join(format!("{:020}.batch", 1));
+    let path = local.dir.path().join("doc").join(format!("{:020}.batch", 1));
     let mut bytes = std::fs::read(&path).expect("read object");
     let last = bytes.len() - 1; // inside the payload of LSN 3
     bytes[last] ^= 0x10;
     std::fs::write(&path, bytes).expect("write object");
-    let fresh = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let fresh = local.backend();
     let j = fresh.open_or_create("doc", ID).expect("open reads only the last batch");
     assert_eq!(j.read(lsn(4)).expect("untouched batch"), b"four");
     let err = j.read(lsn(1)).expect_err("damaged batch");
@@ -74,10 +93,8 @@ fn a_flipped_byte_is_reported_with_the_lsn() {
 
 #[test]
 fn a_foreign_journal_is_refused() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("file://{}", dir.path().display());
-    let backend = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let local = Local::new();
+    let backend = local.backend();
     backend.open_or_create("doc", ID).expect("open").append(b"x").expect("append");
     let err = backend.open_or_create("doc", JournalId::from_bytes([1; 16])).expect_err("other id");
     assert!(matches!(err, JournalError::Foreign { .. }), "{err}");
@@ -87,16 +104,14 @@ fn a_foreign_journal_is_refused() {
 /// fetches every other batch exactly once.
 #[test]
 fn a_cold_open_downloads_each_object_once() {
-    let rt = runtime();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("file://{}", dir.path().display());
-    let backend = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let local = Local::new();
+    let backend = local.backend();
     let mut j = backend.open_or_create("doc", ID).expect("open");
     for n in 0..20u32 {
         j.append_batch(&[&n.to_le_bytes(), b"second"]).expect("batch");
     }
     drop(j);
-    let cold = ObjectBackend::from_url(&url, rt.handle().clone()).expect("backend");
+    let cold = local.backend();
     let j = cold.open_or_create("doc", ID).expect("open");
     let stats = cold.stats();
     assert_eq!(stats.lists.load(Ordering::Relaxed), 1);
