@@ -18,7 +18,7 @@ fn row(i: u64) -> Vec<u8> {
     SqlMutation::one(INSERT, vec![Value::Text(format!("row {i} {}", "x".repeat(40)))]).encode()
 }
 
-fn file_journal(dir: &std::path::Path, name: &str, id: u128) -> Box<dyn Journal + Send> {
+fn file_journal(dir: &std::path::Path, name: &str, id: u128) -> Box<dyn Journal> {
     let j = FileJournal::create(dir.join(name), JournalId::from_u128(id), FileJournalOptions::default());
     Box::new(j.expect("create journal"))
 }
@@ -35,7 +35,7 @@ fn stock_insert(conn: &Connection, i: u64) {
     conn.execute(INSERT, [format!("row {i} {}", "x".repeat(40))]).expect("insert");
 }
 
-fn mem(id: u128) -> Box<dyn Journal + Send> {
+fn mem(id: u128) -> Box<dyn Journal> {
     Box::new(MemoryJournal::new(JournalId::from_u128(id)))
 }
 

@@ -13,7 +13,7 @@ use crate::report::{Better, Pair, Target, interleave, per_second};
 const T0: i64 = 1_700_000_000_000;
 const DOC: DocId = DocId([7; 16]);
 
-fn mem(n: u128) -> Box<dyn Journal + Send> {
+fn mem(n: u128) -> Box<dyn Journal> {
     Box::new(MemoryJournal::new(JournalId::from_u128(n)))
 }
 

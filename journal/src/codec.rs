@@ -115,6 +115,20 @@ pub fn decode_frame(bytes: &[u8], expected: Lsn) -> Result<&[u8], FrameError> {
     Ok(payload)
 }
 
+/// True when the undecodable bytes at the end of a log look like an interrupted
+/// append: a frame cut short, a payload that fails its checksum while running exactly to the end
+/// of the file, or nothing but zeros (blocks allocated but never written). A header that fails
+/// its own checksum is corruption, unless only zeros follow.
+pub fn is_torn_tail(rest: &[u8], err: &FrameError) -> bool {
+    match err {
+        FrameError::Truncated { .. } => true,
+        FrameError::BadPayload => decode_header(rest).is_ok_and(|h| frame_len(h.len) == rest.len()),
+        FrameError::BadHeader | FrameError::TooLong { .. } | FrameError::WrongLsn { .. } => {
+            rest.iter().all(|&b| b == 0)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

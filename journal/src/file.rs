@@ -23,7 +23,7 @@ use std::io::{ErrorKind, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::codec::{self, FRAME_HEADER_BYTES, FrameError};
+use crate::codec::{self, FRAME_HEADER_BYTES};
 use crate::{Journal, JournalError, JournalId, Lsn, LsnRange, Result};
 
 const MARKER_FILE: &str = "JOURNAL";
@@ -295,7 +295,7 @@ impl FileJournal {
                     pos += codec::frame_len(payload.len());
                     lsn = lsn.next();
                 }
-                Err(e) if is_last && is_torn_tail(&bytes[pos..], &e) => break,
+                Err(e) if is_last && codec::is_torn_tail(&bytes[pos..], &e) => break,
                 Err(e) => return Err(self.corrupt(path, lsn, e.to_string())),
             }
         }
@@ -368,22 +368,6 @@ impl FileJournal {
     fn segment_of(&self, lsn: Lsn) -> &Segment {
         let i = self.segments.partition_point(|s| s.first <= lsn);
         &self.segments[i.checked_sub(1).expect("BUG: caller checked the range")]
-    }
-}
-
-/// True when the undecodable bytes at the end of the last segment look like an interrupted
-/// append: a frame cut short, a payload that fails its checksum while running exactly to the end
-/// of the file, or nothing but zeros (blocks allocated but never written). A header that fails
-/// its own checksum is corruption, unless only zeros follow.
-fn is_torn_tail(rest: &[u8], err: &FrameError) -> bool {
-    match err {
-        FrameError::Truncated { .. } => true,
-        FrameError::BadPayload => {
-            codec::decode_header(rest).is_ok_and(|h| codec::frame_len(h.len) == rest.len())
-        }
-        FrameError::BadHeader | FrameError::TooLong { .. } | FrameError::WrongLsn { .. } => {
-            rest.iter().all(|&b| b == 0)
-        }
     }
 }
 

@@ -19,6 +19,7 @@ pub mod conformance;
 mod error;
 #[cfg(unix)]
 pub mod file;
+pub mod handles;
 mod id;
 mod lsn;
 mod memory;
@@ -28,14 +29,28 @@ pub mod object;
 pub use error::{JournalError, Result};
 #[cfg(unix)]
 pub use file::{FileJournal, FileJournalOptions};
+pub use handles::{HandleJournal, RandomAccess};
 pub use id::{JournalId, ParseIdError};
 pub use lsn::{Lsn, LsnRange};
 pub use memory::MemoryJournal;
 #[cfg(feature = "s3")]
 pub use object::{ObjectBackend, ObjectJournal, ObjectStats};
 
+/// `Send` on native targets, nothing on wasm32, where a journal may hold browser handles
+/// (`JsValue`s are not `Send`) and everything runs on one thread anyway. A supertrait of
+/// [`Journal`], so `Box<dyn Journal>` is `Send` exactly where threads exist.
+#[cfg(not(target_arch = "wasm32"))]
+pub trait MaybeSend: Send {}
+#[cfg(not(target_arch = "wasm32"))]
+impl<T: Send + ?Sized> MaybeSend for T {}
+/// See the native definition.
+#[cfg(target_arch = "wasm32")]
+pub trait MaybeSend {}
+#[cfg(target_arch = "wasm32")]
+impl<T: ?Sized> MaybeSend for T {}
+
 /// A durable, dense log of entries addressed by `Lsn`.
-pub trait Journal {
+pub trait Journal: MaybeSend {
     fn id(&self) -> JournalId;
 
     /// The LSNs currently readable; `next()` is the LSN the next append gets.

@@ -56,7 +56,7 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     db: Database,
     reducer: R,
     timeline_id: TimelineId,
-    timeline: Box<dyn Journal + Send>,
+    timeline: Box<dyn Journal>,
     /// Decoded copy of the timeline's entries (all pending).
     pending: VecDeque<(Lsn, Mutation)>,
     /// The highest LSN of ours the server has applied.
@@ -73,18 +73,14 @@ impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
 }
 
 impl ClientDocument<SqlReducer> {
-    pub fn open(storage: Box<dyn Journal + Send>, timeline: Box<dyn Journal + Send>) -> Result<Self> {
+    pub fn open(storage: Box<dyn Journal>, timeline: Box<dyn Journal>) -> Result<Self> {
         Self::with_reducer(storage, timeline, SqlReducer)
     }
 }
 
 impl<R: Reducer> ClientDocument<R> {
     /// Opens the replica from its journals; pending mutations are re-run at once.
-    pub fn with_reducer(
-        storage: Box<dyn Journal + Send>,
-        timeline: Box<dyn Journal + Send>,
-        reducer: R,
-    ) -> Result<Self> {
+    pub fn with_reducer(storage: Box<dyn Journal>, timeline: Box<dyn Journal>, reducer: R) -> Result<Self> {
         let db = Database::open(PageStore::open(storage)?)?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc =

@@ -101,7 +101,7 @@ impl<R: Reducer> std::fmt::Debug for ServerDocument<R> {
 }
 
 impl ServerDocument<SqlReducer> {
-    pub fn open(storage: Box<dyn Journal + Send>) -> Result<Self> {
+    pub fn open(storage: Box<dyn Journal>) -> Result<Self> {
         Self::with_reducer(storage, SqlReducer, StepLimits::default())
     }
 }
@@ -114,7 +114,7 @@ fn decoded_time(bytes: &[u8]) -> i64 {
 impl<R: Reducer> ServerDocument<R> {
     /// Opens the document over its storage journal; an empty journal gets its first entry (the
     /// system tables) at once.
-    pub fn with_reducer(storage: Box<dyn Journal + Send>, reducer: R, limits: StepLimits) -> Result<Self> {
+    pub fn with_reducer(storage: Box<dyn Journal>, reducer: R, limits: StepLimits) -> Result<Self> {
         let db = Database::open(PageStore::open(storage)?)?;
         let mut doc = ServerDocument {
             db,

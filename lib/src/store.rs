@@ -64,7 +64,7 @@ pub enum StoreError {
 
 /// The database file of one document.
 pub struct PageStore {
-    journal: Box<dyn Journal + Send>,
+    journal: Box<dyn Journal>,
     index: Vec<Option<Loc>>,
     page_count: u32,
     cache: LruCache<u32, Arc<Page>>,
@@ -95,7 +95,7 @@ fn counter_of(page1: &Page) -> u32 {
 
 impl PageStore {
     /// Opens the store over a storage journal, indexing every entry it holds.
-    pub fn open(journal: Box<dyn Journal + Send>) -> Result<PageStore, StoreError> {
+    pub fn open(journal: Box<dyn Journal>) -> Result<PageStore, StoreError> {
         let mut store = PageStore {
             journal,
             index: Vec::new(),

@@ -82,7 +82,7 @@ impl Store {
     }
 
     /// Opens (or creates) a document's storage journal. Blocking: call it off the runtime.
-    pub fn open_journal(&self, doc: DocId) -> pagesync::Result<Box<dyn Journal + Send>> {
+    pub fn open_journal(&self, doc: DocId) -> pagesync::Result<Box<dyn Journal>> {
         Ok(match self {
             Store::Files(root) => Box::new(FileJournal::open_or_create(
                 storage_dir(root, doc),

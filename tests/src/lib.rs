@@ -27,7 +27,7 @@ impl Rng {
     }
 }
 
-pub fn memory_journal(n: u128) -> Box<dyn Journal + Send> {
+pub fn memory_journal(n: u128) -> Box<dyn Journal> {
     Box::new(MemoryJournal::new(JournalId::from_u128(n)))
 }
 
@@ -95,7 +95,7 @@ impl SharedJournal {
         }
     }
 
-    pub fn boxed(&self) -> Box<dyn Journal + Send> {
+    pub fn boxed(&self) -> Box<dyn Journal> {
         Box::new(self.clone())
     }
 
@@ -141,3 +141,21 @@ impl Journal for SharedJournal {
 #[path = "../../server/tests/support/s3.rs"]
 mod s3;
 pub use s3::s3_url;
+
+/// A native file reached through `RandomAccess`, as OPFS handles are in the browser.
+pub type NativeFile = (std::fs::File, std::path::PathBuf);
+
+/// The two files of a handle journal, `a` and `b` in `dir`, created empty when missing.
+pub fn handle_files(dir: &std::path::Path) -> [NativeFile; 2] {
+    ["a", "b"].map(|name| {
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .expect("open handle journal file");
+        (file, path)
+    })
+}

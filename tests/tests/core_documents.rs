@@ -213,7 +213,7 @@ fn readme_example() -> Result<(), pagesync::Error> {
     use pagesync::{ClientDocument, MutationState, ServerDocument, SqlMutation};
     let (now_ms, seed) = (T0, 7);
 
-    let journal = |n| -> Box<dyn Journal + Send> { Box::new(MemoryJournal::new(JournalId::from_u128(n))) };
+    let journal = |n| -> Box<dyn Journal> { Box::new(MemoryJournal::new(JournalId::from_u128(n))) };
     let mut server = ServerDocument::open(journal(1))?;
     let mut client = ClientDocument::open(journal(2), journal(3))?; // storage, timeline
     let body = SqlMutation::one("CREATE TABLE t(x TEXT)", vec![]).encode();

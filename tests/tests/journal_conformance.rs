@@ -1,7 +1,8 @@
 //! The journal conformance suite, run against every native backend.
 
 use pagesync_journal::conformance::Backend;
-use pagesync_journal::{FileJournal, FileJournalOptions, JournalId, MemoryJournal};
+use pagesync_journal::{FileJournal, FileJournalOptions, HandleJournal, JournalId, MemoryJournal};
+use pagesync_tests::NativeFile;
 
 const ID: JournalId = JournalId::from_bytes([7; 16]);
 
@@ -40,6 +41,43 @@ impl Backend for Files {
         drop(journal);
         Some(FileJournal::open(dir, self.opts.clone()).expect("reopen"))
     }
+}
+
+/// Handle journals on two native files, as the browser keeps them in OPFS. `compact_min_bytes`
+/// 0 compacts on every `remove_prefix` that leaves more removed bytes than live ones.
+struct Handles {
+    dir: tempfile::TempDir,
+    compact_min_bytes: u64,
+}
+
+impl Handles {
+    fn new(compact_min_bytes: u64) -> Handles {
+        Handles { dir: tempfile::tempdir().expect("tempdir"), compact_min_bytes }
+    }
+}
+
+impl Backend for Handles {
+    type J = HandleJournal<NativeFile>;
+    fn create(&mut self) -> Self::J {
+        let mut j = HandleJournal::create(pagesync_tests::handle_files(self.dir.path()), ID).expect("create");
+        j.set_compact_min_bytes(self.compact_min_bytes);
+        j
+    }
+    fn reopen(&mut self, journal: Self::J) -> Option<Self::J> {
+        let mut j = HandleJournal::open(journal.into_files()).expect("reopen");
+        j.set_compact_min_bytes(self.compact_min_bytes);
+        Some(j)
+    }
+}
+
+mod handles_default {
+    use super::*;
+    pagesync_journal::conformance_tests!(Handles::new(pagesync_journal::handles::COMPACT_MIN_BYTES));
+}
+
+mod handles_compacting {
+    use super::*;
+    pagesync_journal::conformance_tests!(Handles::new(0));
 }
 
 mod memory {

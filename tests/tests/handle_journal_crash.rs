@@ -1,0 +1,156 @@
+//! Crash and corruption tests of the handle journal (the browser's OPFS layout), on native
+//! files: a power cut at every write and flush of an append and of a compacting prefix removal,
+//! torn tails cut at every byte, and bit flips anywhere.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use pagesync_journal::{HandleJournal, Journal, JournalId, Lsn, LsnRange, RandomAccess};
+use pagesync_tests::{NativeFile, handle_files};
+
+const ID: JournalId = JournalId::from_bytes([0x5a; 16]);
+
+fn lsn(n: u64) -> Lsn {
+    Lsn::new(n).expect("non-zero")
+}
+
+fn payload(n: u64) -> Vec<u8> {
+    (0..(n * 29 % 200 + 1)).map(|i| (i * 7 + n) as u8).collect()
+}
+
+/// A native file that loses power after a number of operations shared by both files: the
+/// write that crosses the limit lands only half, and every later operation fails.
+struct CrashFile {
+    inner: NativeFile,
+    /// Operations left before the cut; `u32::MAX` for no cut.
+    ops_left: Arc<AtomicU32>,
+}
+
+impl CrashFile {
+    fn tick(&self) -> std::io::Result<bool> {
+        match self.ops_left.load(Ordering::SeqCst) {
+            0 => Err(std::io::Error::other("power cut")),
+            n => {
+                self.ops_left.store(n - 1, Ordering::SeqCst);
+                Ok(n > 1)
+            }
+        }
+    }
+}
+
+impl RandomAccess for CrashFile {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.inner.size()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&mut self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        if self.tick()? {
+            return self.inner.write_all_at(data, offset);
+        }
+        self.inner.write_all_at(&data[..data.len() / 2], offset)?;
+        Err(std::io::Error::other("power cut"))
+    }
+    fn truncate(&mut self, len: u64) -> std::io::Result<()> {
+        self.tick()?;
+        self.inner.truncate(len)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tick()?;
+        self.inner.flush()
+    }
+}
+
+fn assert_holds(j: &impl Journal, range: LsnRange) {
+    assert_eq!(j.range(), range);
+    for l in range.iter() {
+        assert_eq!(j.read(l).expect("read"), payload(l.get()), "entry {l}");
+    }
+}
+
+#[test]
+fn power_cut_at_every_step_of_compaction_and_append_keeps_acknowledged_entries() {
+    let mut cut_at = 0;
+    loop {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut j = HandleJournal::create(handle_files(dir.path()), ID).expect("create");
+        for n in 1..=40 {
+            j.append(&payload(n)).expect("append");
+        }
+        drop(j);
+        let ops_left = Arc::new(AtomicU32::new(cut_at));
+        let files = handle_files(dir.path()).map(|inner| CrashFile { inner, ops_left: ops_left.clone() });
+        let mut j = HandleJournal::open(files).expect("open before the cut");
+        j.set_compact_min_bytes(0);
+        let trimmed = j.remove_prefix(lsn(30)).is_ok();
+        let appended = trimmed && j.append(&payload(41)).is_ok();
+        let finished = ops_left.load(Ordering::SeqCst) != 0;
+        drop(j);
+
+        let j = HandleJournal::open(handle_files(dir.path())).expect("reopen after the cut");
+        let last = if appended { 41 } else { j.range().next().get() - 1 };
+        assert!((40..=41).contains(&last), "cut {cut_at}: entries 41.. can only be the one append");
+        let first = j.range().first().get();
+        assert!(first == 1 || first == 31, "cut {cut_at}: trim point {first} is neither before nor after");
+        if trimmed {
+            assert_eq!(first, 31, "cut {cut_at}: an acknowledged trim came back");
+        }
+        assert_holds(&j, LsnRange::inclusive(lsn(first), lsn(last)));
+        if finished {
+            assert!(cut_at > 4, "the compaction and append took only {cut_at} operations");
+            break;
+        }
+        cut_at += 1;
+    }
+}
+
+#[test]
+fn torn_final_entry_is_truncated_at_every_byte_offset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut j = HandleJournal::create(handle_files(dir.path()), ID).expect("create");
+    for n in 1..=10 {
+        j.append(&payload(n)).expect("append");
+    }
+    let before = j.disk_bytes();
+    j.append(&payload(11)).expect("append");
+    let after = j.disk_bytes();
+    drop(j);
+    let full = std::fs::read(dir.path().join("a")).expect("read");
+    for cut in before..after {
+        std::fs::write(dir.path().join("a"), &full[..cut as usize]).expect("write");
+        let j = HandleJournal::open(handle_files(dir.path())).expect("open a torn journal");
+        assert_holds(&j, LsnRange::inclusive(lsn(1), lsn(10)));
+    }
+}
+
+#[test]
+fn bit_flips_anywhere_give_an_error_or_a_clean_tail_truncation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut j = HandleJournal::create(handle_files(dir.path()), ID).expect("create");
+    for n in 1..=6 {
+        j.append(&payload(n)).expect("append");
+    }
+    j.remove_prefix(lsn(2)).expect("trim");
+    drop(j);
+    let full = std::fs::read(dir.path().join("a")).expect("read");
+    for byte in 0..full.len() {
+        let mut bad = full.clone();
+        bad[byte] ^= 0x10;
+        std::fs::write(dir.path().join("a"), &bad).expect("write");
+        let Ok(j) = HandleJournal::open(handle_files(dir.path())) else { continue };
+        // Opened: the damage must be a stale trim slot or the final entry, cut cleanly, and
+        // every entry still readable must be an error or the exact bytes.
+        let range = j.range();
+        assert!(range.next() >= lsn(6), "byte {byte}: more than the final entry was lost");
+        assert!(range.first() <= lsn(3), "byte {byte}: entries were hidden");
+        for l in range.iter() {
+            if let Ok(p) = j.read(l) {
+                assert_eq!(p, payload(l.get()), "byte {byte}: entry {l} read wrong data");
+            }
+        }
+    }
+}
