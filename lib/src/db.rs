@@ -79,6 +79,9 @@ impl std::fmt::Debug for Database {
 }
 
 impl Database {
+    // On wasm32 a journal may hold browser handles, so the store is not `Send`; there is one
+    // thread there, and the `Arc` only shares the store with the VFS registration.
+    #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     pub fn open(store: PageStore) -> Result<Database> {
         let store = Arc::new(Mutex::new(store));
         let clock_ms = Arc::new(AtomicI64::new(0));

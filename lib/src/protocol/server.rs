@@ -144,6 +144,39 @@ pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
 /// stopped it, if any.
 type Stepped = (DocId, Vec<(StepOutcome, Option<u64>)>, Option<String>);
 
+/// Steps `work` on `threads` scoped threads (native only: wasm has no threads, and its
+/// journals are not `Send`).
+#[cfg(not(target_arch = "wasm32"))]
+fn step_in_parallel(
+    work: &mut [(DocId, &mut ServerDocument)],
+    threads: usize,
+    now: i64,
+    clock: Option<&Clock>,
+) -> Vec<Stepped> {
+    let per_thread = work.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = work
+            .chunks_mut(per_thread)
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    })
+}
+
+#[cfg(target_arch = "wasm32")]
+fn step_in_parallel(
+    work: &mut [(DocId, &mut ServerDocument)],
+    _threads: usize,
+    now: i64,
+    clock: Option<&Clock>,
+) -> Vec<Stepped> {
+    work.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect()
+}
+
 /// Steps `d` until its queue is empty or a step fails.
 fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&Clock>) -> Stepped {
     let mut done = Vec::new();
@@ -456,24 +489,7 @@ impl ServerSession {
         let results: Vec<Stepped> = if threads <= 1 {
             work.into_iter().map(|(id, d)| step_document(id, d, now, clock)).collect()
         } else {
-            let per_thread = work.len().div_ceil(threads);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = work
-                    .chunks_mut(per_thread)
-                    .map(|chunk| {
-                        s.spawn(move || {
-                            chunk
-                                .iter_mut()
-                                .map(|(id, d)| step_document(*id, d, now, clock))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            })
+            step_in_parallel(&mut work, threads, now, clock)
         };
         for (doc, steps, failed) in results {
             for (outcome, micros) in &steps {

@@ -1,0 +1,236 @@
+//! [`Replica`]: one document in the browser, exported to JavaScript.
+
+use pagesync::journal::{HandleJournal, Journal, JournalId, MemoryJournal};
+use pagesync::protocol::ClientSession;
+use pagesync::{ClientDocument, DocId, MutationState, SqlMutation};
+use wasm_bindgen::prelude::*;
+
+use crate::opfs;
+use crate::value::{params_from_js, to_js};
+
+fn js_error(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn set(obj: &js_sys::Object, key: &str, value: impl Into<JsValue>) {
+    // Setting a property on a plain object cannot fail.
+    let _ = js_sys::Reflect::set(obj, &JsValue::from_str(key), &value.into());
+}
+
+fn pair(code: &str, message: &str) -> js_sys::Object {
+    let o = js_sys::Object::new();
+    set(&o, "code", code);
+    set(&o, "message", message);
+    o
+}
+
+/// True for the error OPFS gives when another worker holds a sync access handle on the file.
+fn is_locked(e: &JsValue) -> bool {
+    e.dyn_ref::<js_sys::Error>().is_some_and(|e| e.name() == "NoModificationAllowedError")
+}
+
+/// The journals of a document in OPFS, under `pagesync/<doc id>/`.
+async fn opfs_journals(
+    doc: DocId,
+    timeline_id: JournalId,
+) -> Result<(Box<dyn Journal>, Box<dyn Journal>), JsValue> {
+    let dir = doc.to_string();
+    let path = ["pagesync", dir.as_str()];
+    let storage = opfs::open_pair(&path, "storage").await?;
+    let timeline = opfs::open_pair(&path, "timeline").await?;
+    let storage = HandleJournal::open_or_create(storage, doc.journal_id())
+        .map_err(|e| JsValue::from_str(&e.to_string()))?;
+    let timeline = HandleJournal::open_or_create(timeline, timeline_id)
+        .map_err(|e| JsValue::from_str(&e.to_string()))?;
+    Ok((Box::new(storage), Box::new(timeline)))
+}
+
+/// One document's local replica and its sync session. See the crate documentation.
+#[wasm_bindgen]
+#[derive(Debug)]
+pub struct Replica {
+    session: ClientSession,
+    doc: DocId,
+    storage_kind: &'static str,
+    /// Moves whenever the replica may have changed (a local write, a frame from the server):
+    /// subscriptions re-run when it does.
+    version: u32,
+}
+
+#[wasm_bindgen]
+impl Replica {
+    /// Opens document `doc_id` (32 hex digits). With `persist`, its journals live in OPFS and
+    /// survive reloads; without OPFS (not in a worker, or an old browser) they fall back to
+    /// memory with a console warning. `timeline_seed`: 16 random bytes, used only when this
+    /// browser has no timeline for the document yet.
+    pub async fn open(
+        doc_id: String,
+        token: String,
+        persist: bool,
+        timeline_seed: Vec<u8>,
+    ) -> Result<Replica, JsError> {
+        let doc: DocId = doc_id.parse().map_err(|e| js_error(format!("document id {doc_id:?}: {e}")))?;
+        let seed: [u8; 16] =
+            timeline_seed.try_into().map_err(|_| JsError::new("timeline_seed must be 16 random bytes"))?;
+        let timeline_id = JournalId::from_bytes(seed);
+        let memory = || -> (Box<dyn Journal>, Box<dyn Journal>) {
+            (Box::new(MemoryJournal::new(doc.journal_id())), Box::new(MemoryJournal::new(timeline_id)))
+        };
+        let (storage, timeline, storage_kind) = if !persist {
+            let (s, t) = memory();
+            (s, t, "memory")
+        } else {
+            match opfs_journals(doc, timeline_id).await {
+                Ok((s, t)) => (s, t, "opfs"),
+                Err(e) if is_locked(&e) => {
+                    return Err(JsError::new(&format!(
+                        "document {doc} is open in another tab or worker of this origin (its OPFS files are locked)"
+                    )));
+                }
+                Err(e) => {
+                    let why = e.as_string().unwrap_or_else(|| format!("{e:?}"));
+                    web_sys::console::warn_1(&JsValue::from_str(&format!(
+                        "pagesync: OPFS is not available ({why}); document {doc} is kept in memory and \
+                         unsynced writes are lost on reload"
+                    )));
+                    let (s, t) = memory();
+                    (s, t, "memory")
+                }
+            }
+        };
+        let replica = ClientDocument::open(storage, timeline).map_err(js_error)?;
+        let mut session = ClientSession::new(token);
+        session.add_document(doc, replica);
+        Ok(Replica { session, doc, storage_kind, version: 0 })
+    }
+
+    /// `"opfs"` or `"memory"`.
+    #[wasm_bindgen(js_name = storageKind)]
+    pub fn storage_kind(&self) -> String {
+        self.storage_kind.to_owned()
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    fn document(&self) -> &ClientDocument {
+        self.session.document(self.doc).expect("BUG: the replica's document is always in its session")
+    }
+
+    /// Runs a write locally, at once, and queues it for the server. Returns
+    /// `{ id, localError }`: the mutation's id (its timeline LSN) and, when it failed on the
+    /// local state, the error the server will most likely give too.
+    pub fn exec(&mut self, sql: String, params: JsValue, now_ms: f64, seed: u64) -> Result<JsValue, JsError> {
+        let params = params_from_js(&params).map_err(|e| JsError::new(&e))?;
+        let body = SqlMutation::one(sql, params).encode();
+        let submitted = self.session.mutate(self.doc, body, now_ms as i64, seed).map_err(js_error)?;
+        self.version = self.version.wrapping_add(1);
+        let out = js_sys::Object::new();
+        set(&out, "id", submitted.lsn.get() as f64);
+        let local = submitted.local.err().map(|r| JsValue::from(pair(&r.code, &r.message)));
+        set(&out, "localError", local.unwrap_or(JsValue::NULL));
+        Ok(out.into())
+    }
+
+    /// Runs a read-only query on the local state (server state plus pending writes). Rows are
+    /// objects keyed by column name.
+    pub fn query(&self, sql: String, params: JsValue) -> Result<js_sys::Array, JsError> {
+        let params = params_from_js(&params).map_err(|e| JsError::new(&e))?;
+        let rows = self.document().query(&sql, &params).map_err(js_error)?;
+        let out = js_sys::Array::new();
+        for row in &rows.rows {
+            let o = js_sys::Object::new();
+            for (name, v) in rows.columns.iter().zip(row) {
+                set(&o, name, to_js(v));
+            }
+            out.push(&o);
+        }
+        Ok(out)
+    }
+
+    /// Where mutation `id` stands: `{ state: "pending" | "confirmed" | "rejected", code?, message? }`.
+    pub fn state(&self, id: f64) -> Result<JsValue, JsError> {
+        let lsn =
+            pagesync::journal::Lsn::new(id as u64).ok_or_else(|| JsError::new("mutation ids start at 1"))?;
+        let out = js_sys::Object::new();
+        match self.document().state(lsn).map_err(js_error)? {
+            MutationState::Pending => set(&out, "state", "pending"),
+            MutationState::Confirmed => set(&out, "state", "confirmed"),
+            MutationState::Rejected(r) => {
+                set(&out, "state", "rejected");
+                set(&out, "code", r.code);
+                set(&out, "message", r.message);
+            }
+        }
+        Ok(out.into())
+    }
+
+    /// `{ pending, confirmed, rejected: [{ id, code, message }], error, connected, caughtUp,
+    /// storageKind }`. `error` is the server's last error for this document or connection.
+    pub fn status(&self) -> Result<JsValue, JsError> {
+        let doc = self.document();
+        let rejections = doc.rejections().map_err(js_error)?;
+        let applied = doc.applied_lsn().map_or(0, |l| l.get());
+        let out = js_sys::Object::new();
+        set(&out, "pending", doc.pending_count() as f64);
+        set(&out, "confirmed", (applied - rejections.len() as u64) as f64);
+        let rejected = js_sys::Array::new();
+        for (lsn, r) in &rejections {
+            let o = pair(&r.code, &r.message);
+            set(&o, "id", lsn.get() as f64);
+            rejected.push(&o);
+        }
+        set(&out, "rejected", rejected);
+        let status = self.session.status(self.doc).expect("BUG: the document is in its session");
+        let error = status.error.as_ref().or(self.session.connection_error());
+        set(&out, "error", error.map_or(JsValue::NULL, |(c, m)| pair(c, m).into()));
+        set(&out, "connected", self.session.is_connected());
+        set(&out, "caughtUp", self.session.caught_up(self.doc));
+        set(&out, "storageKind", self.storage_kind);
+        Ok(out.into())
+    }
+
+    /// The server's state held here as a `.sqlite` file (pending writes are not in it).
+    pub fn export(&self) -> Result<Vec<u8>, JsError> {
+        self.document().export().map_err(js_error)
+    }
+
+    /// The WebSocket is open.
+    pub fn connected(&mut self, now_ms: f64) {
+        self.session.connected(now_ms as i64);
+    }
+
+    /// The WebSocket closed.
+    pub fn disconnected(&mut self) {
+        self.session.disconnected();
+    }
+
+    /// One binary frame from the server.
+    pub fn receive(&mut self, now_ms: f64, frame: &[u8]) -> Result<(), JsError> {
+        let result = self.session.handle_frame(now_ms as i64, frame).map_err(js_error);
+        self.version = self.version.wrapping_add(1);
+        result
+    }
+
+    /// The frames to send now.
+    #[wasm_bindgen(js_name = pollTransmit)]
+    pub fn poll_transmit(&mut self) -> js_sys::Array {
+        let out = js_sys::Array::new();
+        while let Some(msg) = self.session.poll_transmit() {
+            out.push(&js_sys::Uint8Array::from(&msg.encode()[..]));
+        }
+        out
+    }
+
+    #[wasm_bindgen(js_name = handleTimeout)]
+    pub fn handle_timeout(&mut self, now_ms: f64) {
+        self.session.handle_timeout(now_ms as i64);
+    }
+
+    /// When to call `handleTimeout` next (milliseconds, same clock as `now_ms`), if at all.
+    #[wasm_bindgen(js_name = pollTimeout)]
+    pub fn poll_timeout(&self) -> Option<f64> {
+        self.session.poll_timeout().map(|t| t as f64)
+    }
+}

@@ -1,0 +1,90 @@
+//! In headless Chromium, inside a dedicated worker (OPFS sync access handles exist only there):
+//! the journal conformance suite on OPFS files, and a replica that keeps its writes across a
+//! reopen. Run by `scripts/test-browser` through `wasm-bindgen-test-runner`.
+#![cfg(target_arch = "wasm32")]
+
+use pagesync::journal::conformance::{self, Backend};
+use pagesync::journal::{HandleJournal, JournalId};
+use pagesync_wasm::{OpfsFile, Replica, open_pair, remove_document};
+use wasm_bindgen::JsValue;
+use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
+
+wasm_bindgen_test_configure!(run_in_dedicated_worker);
+
+const ID: JournalId = JournalId::from_bytes([9; 16]);
+
+/// Hands out one pre-opened pair of OPFS files: each conformance property creates one journal.
+struct Opfs {
+    files: Option<[OpfsFile; 2]>,
+    compact_min_bytes: u64,
+}
+
+impl Backend for Opfs {
+    type J = HandleJournal<OpfsFile>;
+    fn create(&mut self) -> Self::J {
+        let files = self.files.take().expect("one journal per property");
+        let mut j = HandleJournal::create(files, ID).expect("create on OPFS");
+        j.set_compact_min_bytes(self.compact_min_bytes);
+        j
+    }
+    fn reopen(&mut self, journal: Self::J) -> Option<Self::J> {
+        let mut j = HandleJournal::open(journal.into_files()).expect("reopen on OPFS");
+        j.set_compact_min_bytes(self.compact_min_bytes);
+        Some(j)
+    }
+}
+
+async fn fresh(name: &str, compact_min_bytes: u64) -> Opfs {
+    let path = ["pagesync-test", name];
+    remove_document(&path).await.expect("clear the test directory");
+    let files = open_pair(&path, "j").await.expect("open OPFS files");
+    Opfs { files: Some(files), compact_min_bytes }
+}
+
+macro_rules! opfs_conformance {
+    ($($name:ident),*) => {$(
+        #[wasm_bindgen_test]
+        async fn $name() {
+            for compact in [pagesync::journal::handles::COMPACT_MIN_BYTES, 0] {
+                let mut backend = fresh(stringify!($name), compact).await;
+                conformance::$name(&mut backend);
+            }
+        }
+    )*};
+}
+
+opfs_conformance!(
+    new_journal_is_empty,
+    appends_are_dense_and_readable,
+    batches_append_atomically_in_order,
+    read_range_returns_entries_in_order,
+    read_part_reads_within_one_entry,
+    oversized_entry_is_refused_and_changes_nothing,
+    remove_prefix_keeps_next,
+    reopen_preserves_entries_and_trim_point
+);
+
+const DOC: &str = "0000000000000000000000000000abcd";
+
+#[wasm_bindgen_test]
+async fn replica_keeps_pending_writes_across_a_reopen_and_refuses_a_second_opener() {
+    remove_document(&["pagesync", DOC]).await.expect("clear");
+    let mut r = Replica::open(DOC.into(), String::new(), true, vec![1; 16]).await.expect("open");
+    assert_eq!(r.storage_kind(), "opfs");
+    r.exec("CREATE TABLE t(x TEXT NOT NULL)".into(), JsValue::NULL, 1.0, 1).expect("create");
+    let params = js_sys::Array::of1(&JsValue::from_str("kept"));
+    r.exec("INSERT INTO t VALUES (?)".into(), params.into(), 2.0, 2).expect("insert");
+    let locked = Replica::open(DOC.into(), String::new(), true, vec![2; 16]).await;
+    let message = format!("{:?}", JsValue::from(locked.expect_err("a second opener is refused")));
+    assert!(message.contains("open in another tab"), "{message}");
+    drop(r);
+
+    let r = Replica::open(DOC.into(), String::new(), true, vec![3; 16]).await.expect("reopen");
+    let rows = r.query("SELECT x FROM t".into(), JsValue::NULL).expect("query");
+    assert_eq!(rows.length(), 1);
+    let x = js_sys::Reflect::get(&rows.get(0), &"x".into()).expect("column x");
+    assert_eq!(x.as_string().as_deref(), Some("kept"));
+    let status = r.status().expect("status");
+    let pending = js_sys::Reflect::get(&status, &"pending".into()).expect("pending");
+    assert_eq!(pending.as_f64(), Some(2.0), "both writes are still pending: no server has seen them");
+}
