@@ -23,6 +23,30 @@ ensure_wasm_toolchain() {
   fi
 }
 
+# wasm-bindgen-cli, at exactly the version of the wasm-bindgen crate (4-6 minutes to build, so
+# only when missing or at another version). Gives wasm-bindgen and wasm-bindgen-test-runner.
+ensure_wasm_bindgen() {
+  local want=0.2.130
+  if ! wasm-bindgen --version 2>/dev/null | grep -q " $want"; then
+    # Not --locked: its lockfile pins a webpki-roots release that crates.io no longer serves.
+    cargo install wasm-bindgen-cli --version "$want"
+  fi
+}
+
+# Debian's Chromium and chromedriver (the wasm-bindgen tests), and playwright-core from npm (the
+# page-level tests), which drives that Chromium: no browser download.
+ensure_browser() {
+  if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+  fi
+  if [ ! -d wasm/tests/page/node_modules/playwright-core ]; then
+    (cd wasm/tests/page && npm ci --no-audit --no-fund --silent)
+  fi
+}
+
 # moto's S3 server, for the object-store backend's tests. Installs it when missing, starts it on
 # a free loopback port, and exports the standard AWS_* variables that point object_store at it.
 # PAGESYNC_REQUIRE_S3=1 makes the S3 tests fail (rather than skip) if S3 is not reachable.

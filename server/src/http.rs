@@ -1,6 +1,7 @@
 //! One TCP connection: HTTP (`/healthz`, `/metrics`) or a websocket at `/v1/sync`, on the same
 //! port. The request line is peeked, not consumed, so the websocket handshake sees it whole.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -15,13 +16,17 @@ use crate::{Hub, Metrics};
 /// Largest HTTP request head read for the plain routes; anything longer is refused.
 const MAX_REQUEST_HEAD_BYTES: usize = 16 << 10;
 
-pub async fn serve_connection(
-    stream: TcpStream,
-    hub: Hub,
-    metrics: Arc<Metrics>,
-    store: crate::Store,
-    max_frame_bytes: usize,
-) {
+/// What a connection may be routed to.
+pub struct Routes {
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    pub store: crate::Store,
+    pub max_frame_bytes: usize,
+    pub web_root: Option<PathBuf>,
+}
+
+pub async fn serve_connection(stream: TcpStream, routes: Routes) {
+    let Routes { hub, metrics, store, max_frame_bytes, web_root } = routes;
     let mut head = [0u8; 512];
     let n = match stream.peek(&mut head).await {
         Ok(n) => n,
@@ -34,10 +39,39 @@ pub async fn serve_connection(
         "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
         "/metrics" => respond(stream, "200 OK", "text/plain; version=0.0.4", metrics.render()).await,
         p if p.starts_with("/v1/docs/") && p.ends_with("/export") => export(stream, hub, store, p).await,
-        _ => {
-            let routes = "routes: /v1/sync (websocket), /healthz, /metrics, /v1/docs/{id}/export\n";
-            respond(stream, "404 Not Found", "text/plain", routes).await
-        }
+        p => match web_root {
+            Some(root) => static_file(stream, &root, p).await,
+            None => {
+                let routes = "routes: /v1/sync (websocket), /healthz, /metrics, /v1/docs/{id}/export\n";
+                respond(stream, "404 Not Found", "text/plain", routes).await
+            }
+        },
+    }
+}
+
+/// Serves a file below `root` (`/` is `index.html`). Paths with `..` or hidden components are
+/// refused, so nothing outside `root` is reachable.
+async fn static_file(stream: TcpStream, root: &Path, path: &str) {
+    let path = path.split(['?', '#']).next().unwrap_or("/");
+    let rel = if path.ends_with('/') { format!("{path}index.html") } else { path.to_owned() };
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.iter().any(|p| p.starts_with('.') || p.contains('\\')) {
+        return respond(stream, "400 Bad Request", "text/plain", "bad path\n").await;
+    }
+    let file = parts.iter().fold(root.to_path_buf(), |dir, p| dir.join(p));
+    let content_type = match file.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript",
+        Some("wasm") => "application/wasm",
+        Some("css") => "text/css",
+        Some("json") => "application/json",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        _ => "application/octet-stream",
+    };
+    match tokio::fs::read(&file).await {
+        Ok(body) => respond(stream, "200 OK", content_type, body).await,
+        Err(_) => respond(stream, "404 Not Found", "text/plain", format!("no file {path}\n")).await,
     }
 }
 

@@ -140,6 +140,9 @@ pub struct ServerConfig {
     /// Group commit; `None` takes the store's default.
     pub commit_interval_ms: Option<i64>,
     pub idle_close_ms: i64,
+    /// A directory served as static files on every path the server does not own (the
+    /// browser demo: `target/web`). `None` serves nothing.
+    pub web_root: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -152,6 +155,7 @@ impl ServerConfig {
             auth_secret: None,
             commit_interval_ms: None,
             idle_close_ms: DEFAULT_IDLE_CLOSE_MS,
+            web_root: None,
         }
     }
 }
@@ -303,10 +307,15 @@ pub async fn serve(
                     tracing::warn!(%peer, "refusing a connection: {} connections are open (--max-connections)", cfg.limits.max_connections);
                     continue;
                 };
-                let (hub, metrics, store) = (hub.clone(), metrics.clone(), cfg.store.clone());
-                let max_frame = cfg.limits.max_frame_bytes;
+                let routes = http::Routes {
+                    hub: hub.clone(),
+                    metrics: metrics.clone(),
+                    store: cfg.store.clone(),
+                    max_frame_bytes: cfg.limits.max_frame_bytes,
+                    web_root: cfg.web_root.clone(),
+                };
                 tokio::spawn(async move {
-                    http::serve_connection(stream, hub, metrics, store, max_frame).await;
+                    http::serve_connection(stream, routes).await;
                     drop(permit);
                 });
             }

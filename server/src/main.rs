@@ -38,6 +38,10 @@ struct Args {
     /// Seconds before a document nobody subscribes to is closed.
     #[arg(long, default_value_t = DEFAULT_IDLE_CLOSE_MS / 1000)]
     idle_close_secs: i64,
+    /// Serve this directory as static files on the paths the server does not own (the browser
+    /// demo: `--web target/web` after `scripts/build-web`).
+    #[arg(long)]
+    web: Option<std::path::PathBuf>,
     /// File holding the HS256 secret (at least 32 bytes). Every client then needs a token.
     #[arg(long, global = true)]
     auth_secret_file: Option<std::path::PathBuf>,
@@ -102,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         auth_secret: secret,
         commit_interval_ms: args.commit_interval_ms,
         idle_close_ms: args.idle_close_secs.saturating_mul(1000),
+        web_root: args.web.clone(),
         ..ServerConfig::new(args.listen, store)
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -1,0 +1,92 @@
+// The demo todo app: every write is a local SQL mutation, synced through the server.
+import { Database } from "./pagesync.js";
+
+const params = new URLSearchParams(location.search);
+const docId = params.get("doc") ?? "00000000000000000000000000000001";
+const offlineKey = `pagesync-demo-offline-${docId}`;
+const $ = (id) => document.getElementById(id);
+
+const SCHEMA = `CREATE TABLE IF NOT EXISTS todos (
+  id INTEGER PRIMARY KEY,
+  title TEXT NOT NULL CHECK (length(title) BETWEEN 1 AND 60),
+  done INTEGER NOT NULL DEFAULT 0
+)`;
+
+let pendingIds = new Set();
+
+async function main() {
+  const offline = localStorage.getItem(offlineKey) === "1";
+  $("offline").checked = offline;
+  const db = await Database.open(docId, { token: params.get("token") ?? "", online: !offline });
+  window.pagesyncDb = db; // for tests and the console
+  if (db.storageKind !== "opfs") $("error").textContent = "OPFS is not available: writes are kept in memory only.";
+
+  const first = await db.query("SELECT count(*) AS n FROM sqlite_schema WHERE name = 'todos'");
+  if (first[0].n === 0) await db.exec(SCHEMA);
+
+  db.subscribe("SELECT id, title, done FROM todos ORDER BY id", [], (rows, err) => {
+    if (err) return void ($("error").textContent = err.message);
+    render(rows ?? []);
+  });
+  db.onStatus(showStatus);
+  showStatus(await db.status());
+
+  $("add").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const title = $("title").value;
+    $("title").value = "";
+    try {
+      await db.exec("INSERT INTO todos (title) VALUES (?)", [title]);
+    } catch (err) {
+      $("error").textContent = err.message;
+    }
+  });
+  $("offline").addEventListener("change", async () => {
+    localStorage.setItem(offlineKey, $("offline").checked ? "1" : "0");
+    await db.setOnline(!$("offline").checked);
+  });
+  $("todos").addEventListener("change", async (e) => {
+    const id = Number(e.target.dataset.id);
+    if (id) await db.exec("UPDATE todos SET done = ? WHERE id = ?", [e.target.checked ? 1 : 0, id]);
+  });
+}
+
+function render(rows) {
+  const list = $("todos");
+  list.replaceChildren(
+    ...rows.map((row) => {
+      const li = document.createElement("li");
+      li.className = row.done ? "done" : "";
+      li.dataset.title = row.title;
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.checked = !!row.done;
+      box.dataset.id = row.id;
+      const span = document.createElement("span");
+      span.textContent = row.title;
+      li.append(box, span);
+      return li;
+    }),
+  );
+}
+
+function showStatus(s) {
+  const state = s.connected ? (s.caughtUp ? "in sync" : "syncing") : "offline";
+  $("sync").className = s.connected ? "online" : "";
+  $("sync-text").textContent = `${state} · ${s.pending} pending · ${s.confirmed} confirmed · ${s.rejected.length} rejected`;
+  $("sync").dataset.pending = s.pending;
+  $("sync").dataset.state = state;
+  $("rejected").replaceChildren(
+    ...s.rejected.map((r) => {
+      const div = document.createElement("div");
+      div.textContent = `write #${r.id} rejected by the server: ${r.message}`;
+      return div;
+    }),
+  );
+  if (s.error && s.error.code !== "storage") $("error").textContent = `${s.error.code}: ${s.error.message}`;
+}
+
+main().catch((e) => {
+  $("error").textContent = e.message;
+  console.error(e);
+});

@@ -1,0 +1,168 @@
+// pagesync's dedicated worker: owns one document's Replica (SQLite, the VFS, the OPFS journals)
+// and its WebSocket. The page talks to it through pagesync.js with {id, op, args} messages.
+// Replies are {id, result} or {id, error}; pushed events are {event: "rows" | "settled" | "status"}.
+import init, { Replica } from "./pkg/pagesync_wasm.js";
+
+let replica = null;
+let config = null; // { url, token, online }
+let socket = null;
+let timer = null;
+let retryMs = 0;
+let lastVersion = -1;
+const subscriptions = new Map(); // id -> { sql, params, json }
+const waiting = new Set(); // mutation ids whose state someone awaits
+
+const RETRY_MIN_MS = 250;
+const RETRY_MAX_MS = 10_000;
+
+function randomSeed() {
+  const words = crypto.getRandomValues(new Uint32Array(2));
+  return (BigInt(words[0]) << 32n) | BigInt(words[1]);
+}
+
+function flush() {
+  if (!socket || socket.readyState !== WebSocket.OPEN) return;
+  for (const frame of replica.pollTransmit()) socket.send(frame);
+}
+
+function schedule() {
+  clearTimeout(timer);
+  const at = replica.pollTimeout();
+  if (at === undefined) return;
+  timer = setTimeout(() => {
+    replica.handleTimeout(Date.now());
+    flush();
+    schedule();
+  }, Math.max(0, at - Date.now()));
+}
+
+// Re-runs subscriptions and settles awaited mutations when the replica changed.
+function changed() {
+  const version = replica.version();
+  if (version === lastVersion) return;
+  lastVersion = version;
+  for (const [sub, s] of subscriptions) {
+    let message;
+    try {
+      const rows = replica.query(s.sql, s.params);
+      const json = JSON.stringify(rows, (_, v) => (typeof v === "bigint" ? v.toString() : v));
+      if (json === s.json) continue;
+      s.json = json;
+      message = { event: "rows", sub, rows };
+    } catch (e) {
+      message = { event: "rows", sub, error: String(e.message ?? e) };
+    }
+    postMessage(message);
+  }
+  for (const id of [...waiting]) {
+    const state = replica.state(id);
+    if (state.state !== "pending") {
+      waiting.delete(id);
+      postMessage({ event: "settled", id, state });
+    }
+  }
+  postMessage({ event: "status", status: replica.status() });
+}
+
+function connect() {
+  if (!config.online || socket) return;
+  const ws = new WebSocket(config.url);
+  ws.binaryType = "arraybuffer";
+  socket = ws;
+  ws.onopen = () => {
+    retryMs = 0;
+    replica.connected(Date.now());
+    flush();
+    schedule();
+    lastVersion = -1;
+    changed();
+  };
+  ws.onmessage = (e) => {
+    if (!(e.data instanceof ArrayBuffer)) return;
+    try {
+      replica.receive(Date.now(), new Uint8Array(e.data));
+    } catch (err) {
+      console.error("pagesync: applying a frame from the server failed:", err);
+    }
+    flush();
+    schedule();
+    changed();
+  };
+  ws.onclose = () => {
+    if (socket !== ws) return;
+    socket = null;
+    replica.disconnected();
+    clearTimeout(timer);
+    lastVersion = -1;
+    changed();
+    if (!config.online) return;
+    // Bounded exponential backoff with jitter.
+    retryMs = Math.min(RETRY_MAX_MS, Math.max(RETRY_MIN_MS, retryMs * 2));
+    setTimeout(connect, retryMs / 2 + Math.random() * (retryMs / 2));
+  };
+}
+
+function setOnline(online) {
+  config.online = online;
+  if (online) connect();
+  else if (socket) {
+    const ws = socket;
+    socket = null;
+    ws.close();
+    replica.disconnected();
+    lastVersion = -1;
+    changed();
+  }
+}
+
+const ops = {
+  async open(docId, options) {
+    await init();
+    config = { url: options.url, token: options.token ?? "", online: options.online !== false };
+    const seed = crypto.getRandomValues(new Uint8Array(16));
+    replica = await Replica.open(docId, config.token, options.persist !== false, seed);
+    connect();
+    return { storageKind: replica.storageKind() };
+  },
+  exec(sql, params) {
+    const out = replica.exec(sql, params ?? [], Date.now(), randomSeed());
+    waiting.add(out.id);
+    flush();
+    schedule();
+    queueMicrotask(changed);
+    return out;
+  },
+  query(sql, params) {
+    return replica.query(sql, params ?? []);
+  },
+  subscribe(sub, sql, params) {
+    subscriptions.set(sub, { sql, params: params ?? [], json: null });
+    lastVersion = -1;
+    queueMicrotask(changed);
+  },
+  unsubscribe(sub) {
+    subscriptions.delete(sub);
+  },
+  status() {
+    return replica.status();
+  },
+  state(id) {
+    return replica.state(id);
+  },
+  setOnline(online) {
+    setOnline(online);
+  },
+  export() {
+    return replica.export();
+  },
+};
+
+onmessage = async (e) => {
+  const { id, op, args } = e.data;
+  try {
+    const result = await ops[op](...(args ?? []));
+    postMessage({ id, result });
+  } catch (err) {
+    postMessage({ id, error: String(err?.message ?? err) });
+  }
+};
