@@ -76,6 +76,9 @@ function showStatus(s) {
   $("sync-text").textContent = `${state} · ${s.pending} pending · ${s.confirmed} confirmed · ${s.rejected.length} rejected`;
   $("sync").dataset.pending = s.pending;
   $("sync").dataset.state = state;
+  const db = window.pagesyncDb;
+  if (db) $("sync").dataset.role = db.role;
+  if (db) $("sync-text").textContent += db.role === "owner" ? " · this tab runs the document" : " · through another tab";
   $("rejected").replaceChildren(
     ...s.rejected.map((r) => {
       const div = document.createElement("div");

@@ -1,5 +1,11 @@
-// pagesync for web pages: `Database` runs one document in a dedicated worker (worker.js), where
+// pagesync for web pages. `Database` runs one document in a dedicated worker (worker.js), where
 // SQLite, the OPFS journals and the WebSocket live, and forwards calls to it.
+//
+// One owner per document per origin: the tab holding the Web Lock `pagesync:<doc>` runs the
+// worker; other tabs reach it over the BroadcastChannel `pagesync:<doc>` with the same API. When
+// the owner closes, the next tab in the lock's queue starts its own worker on the same OPFS
+// files and announces itself; the others re-send what was in flight (a write in flight at that
+// moment fails with a clear error instead, since it may or may not have been applied).
 //
 //   const db = await Database.open(docId, { url: "ws://127.0.0.1:8787/v1/sync", token });
 //   const m = await db.exec("INSERT INTO todos(title) VALUES (?)", ["milk"]);
@@ -7,39 +13,75 @@
 //   await m.settled;    // { state: "confirmed" } or { state: "rejected", code, message }
 //   await db.query("SELECT * FROM todos");            // rows as objects
 //   const stop = db.subscribe("SELECT * FROM todos", [], (rows) => render(rows));
-//   await db.status();  // { pending, confirmed, rejected: [{ id, code, message }], error, ... }
+//   await db.status();  // { pending, confirmed, rejected: [{ id, code, message }], ... }
+
+const CALL_TIMEOUT_MS = 30_000;
+const OPEN_RETRIES = 40; // the previous owner's worker may take a moment to release OPFS
 
 export class Database {
-  #worker;
+  #docId;
+  #options;
+  #tab = crypto.randomUUID();
   #next = 1;
-  #calls = new Map();
-  #subs = new Map();
-  #settled = new Map();
+  #calls = new Map(); // id -> { op, args, resolve, reject, timer }
+  #subs = new Map(); // sub id -> { sql, params, callback }
+  #settled = new Map(); // mutation id -> resolve
   #statusListeners = new Set();
   #closed = false;
+  #channel = null;
+  #worker = null; // set while this tab owns the document
+  #workerCalls = new Map(); // worker call id -> { resolve, reject }
+  #owner = null; // the owning tab's id, once known
+  #releaseLock = null;
+  /** "owner" when this tab runs the worker, "follower" when another tab does. */
+  role = "pending";
+  storageKind = null;
 
-  constructor(worker) {
-    this.#worker = worker;
-    worker.onmessage = (e) => this.#receive(e.data);
-    worker.onerror = (e) => this.#fail(`the pagesync worker failed: ${e.message ?? e}`);
+  constructor(docId, options) {
+    this.#docId = docId;
+    this.#options = {
+      url: options.url ?? `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/sync`,
+      token: options.token ?? "",
+      persist: options.persist ?? true,
+      online: options.online ?? true,
+      workerUrl: options.workerUrl ?? new URL("./worker.js", import.meta.url),
+    };
   }
 
   /**
    * Opens a document (32 hex digits). Options: `url` (the server's /v1/sync WebSocket), `token`,
    * `persist` (default true: OPFS, surviving reloads), `online` (default true).
+   * Resolves once this tab owns the document or has heard from the tab that does.
    */
   static async open(docId, options = {}) {
-    const url = options.workerUrl ?? new URL("./worker.js", import.meta.url);
-    const db = new Database(new Worker(url, { type: "module" }));
-    const info = await db.#call("open", docId, {
-      url: options.url ?? `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/sync`,
-      token: options.token ?? "",
-      persist: options.persist ?? true,
-      online: options.online ?? true,
+    const db = new Database(docId, options);
+    if (!globalThis.navigator?.locks || !globalThis.BroadcastChannel) {
+      await db.#becomeOwner(); // no way to share: this tab opens it alone
+      return db;
+    }
+    db.#spawnWorker();
+    db.#channel = new BroadcastChannel(`pagesync:${docId}`);
+    db.#channel.onmessage = (e) => db.#onChannel(e.data);
+    addEventListener("pagehide", () => db.#channel?.postMessage({ type: "bye", tab: db.#tab }));
+    const ready = new Promise((resolve, reject) => {
+      db.#whenReady = { resolve, reject };
     });
-    db.storageKind = info.storageKind;
+    navigator.locks.request(`pagesync:${docId}`, () => {
+      if (db.#closed) return undefined;
+      return new Promise((release) => {
+        db.#releaseLock = release;
+        db.#becomeOwner().then(() => db.#whenReady?.resolve(), (e) => {
+          db.#whenReady?.reject(e);
+          release();
+        });
+      });
+    });
+    db.#channel.postMessage({ type: "hello", tab: db.#tab });
+    await ready;
     return db;
   }
+
+  #whenReady = null;
 
   /** Runs a write at once on the local state and queues it for the server. */
   async exec(sql, params = []) {
@@ -55,8 +97,8 @@ export class Database {
 
   /** Calls `callback(rows)` now and whenever the result changes. Returns an unsubscribe function. */
   subscribe(sql, params, callback) {
-    const sub = this.#next++;
-    this.#subs.set(sub, callback);
+    const sub = `${this.#tab}:${this.#next++}`;
+    this.#subs.set(sub, { sql, params: params ?? [], callback });
     this.#call("subscribe", sub, sql, params ?? []).catch((e) => callback(null, e));
     return () => {
       this.#subs.delete(sub);
@@ -90,40 +132,156 @@ export class Database {
     return this.#call("export");
   }
 
+  /** Closes this tab's handle; if it owned the document, another tab takes over. */
   close() {
     this.#closed = true;
-    this.#worker.terminate();
-    this.#fail("the database was closed");
+    this.#channel?.postMessage({ type: "bye", tab: this.#tab });
+    this.#channel?.close();
+    this.#worker?.terminate();
+    this.#worker = null;
+    this.#releaseLock?.();
+    for (const id of [...this.#calls.keys()]) this.#finish(id, new Error("the database was closed"));
   }
+
+  // ---- ownership ----
+
+  // Every tab starts its worker (script and wasm) at once, and followers keep theirs warm: a tab
+  // that takes over may have no server to load anything from.
+  #spawnWorker() {
+    const worker = new Worker(this.#options.workerUrl, { type: "module" });
+    worker.onmessage = (e) => this.#onWorker(e.data);
+    worker.onerror = (e) => {
+      const why = `the pagesync worker failed: ${e.message ?? "it could not be loaded"}`;
+      for (const call of this.#workerCalls.values()) call.reject(new Error(why));
+      this.#workerCalls.clear();
+    };
+    this.#worker = worker;
+    this.#toWorker("init", []).catch(() => {}); // a failure shows again at open
+  }
+
+  async #becomeOwner() {
+    if (!this.#worker) this.#spawnWorker();
+    const { workerUrl, ...options } = this.#options;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const info = await this.#toWorker("open", [this.#docId, options]);
+        this.storageKind = info.storageKind;
+        break;
+      } catch (e) {
+        // The previous owner's worker may not have let go of the OPFS files yet.
+        if (!/open in another tab/.test(e.message) || attempt >= OPEN_RETRIES) throw e;
+        await new Promise((r) => setTimeout(r, 50 + attempt * 25));
+      }
+    }
+    this.role = "owner";
+    this.#owner = this.#tab;
+    this.#channel?.postMessage({ type: "owner", tab: this.#tab });
+    this.#resendInFlight();
+  }
+
+  // In-flight calls went to an owner that is gone: re-send what is safe to repeat.
+  #resendInFlight() {
+    for (const [sub, s] of this.#subs) this.#send({ id: 0, op: "subscribe", args: [sub, s.sql, s.params] });
+    for (const [id, call] of this.#calls) {
+      if (call.op === "exec") {
+        this.#finish(id, new Error("the tab that ran this document closed while this write was in flight; "
+          + "it may or may not have been applied: check db.status() before writing it again"));
+      } else {
+        this.#send({ id, op: call.op, args: call.args });
+      }
+    }
+  }
+
+  #onChannel(msg) {
+    const owner = this.role === "owner";
+    if (msg.type === "owner") {
+      // Re-announcements of the same owner (answers to other tabs' hellos) change nothing.
+      if (msg.tab === this.#owner || owner) return;
+      const first = this.#owner === null;
+      this.role = "follower";
+      this.#owner = msg.tab;
+      this.#resendInFlight();
+      if (first) this.#whenReady?.resolve();
+    } else if (msg.type === "hello" && owner) {
+      this.#channel.postMessage({ type: "owner", tab: this.#tab });
+    } else if (msg.type === "call" && owner) {
+      this.#toWorker(msg.op, msg.args).then(
+        (result) => this.#channel.postMessage({ type: "reply", to: msg.tab, id: msg.id, result }),
+        (e) => this.#channel.postMessage({ type: "reply", to: msg.tab, id: msg.id, error: e.message }),
+      );
+    } else if (msg.type === "bye" && owner) {
+      this.#worker.postMessage({ id: 0, op: "forgetTab", args: [msg.tab] });
+    } else if (msg.type === "reply" && msg.to === this.#tab) {
+      this.#finish(msg.id, "error" in msg ? new Error(msg.error) : null, msg.result);
+    } else if (msg.type === "event") {
+      this.#onEvent(msg.event);
+    }
+  }
+
+  // ---- calls ----
 
   #call(op, ...args) {
     if (this.#closed) return Promise.reject(new Error("the database was closed"));
     const id = this.#next++;
     return new Promise((resolve, reject) => {
-      this.#calls.set(id, { resolve, reject });
+      const timer = setTimeout(
+        () => this.#finish(id, new Error(`no tab answered ${op} within ${CALL_TIMEOUT_MS / 1000} s`)),
+        CALL_TIMEOUT_MS,
+      );
+      this.#calls.set(id, { op, args, resolve, reject, timer });
+      this.#send({ id, op, args });
+    });
+  }
+
+  #send({ id, op, args }) {
+    if (this.role === "owner") {
+      this.#toWorker(op, args).then(
+        (result) => this.#finish(id, null, result),
+        (e) => this.#finish(id, e),
+      );
+    } else if (this.#owner !== null && this.#channel) {
+      this.#channel.postMessage({ type: "call", tab: this.#tab, id, op, args });
+    } // else: queued in #calls, sent when an owner announces itself
+  }
+
+  #finish(id, error, result) {
+    const call = this.#calls.get(id);
+    if (!call) return;
+    this.#calls.delete(id);
+    clearTimeout(call.timer);
+    if (error) call.reject(error);
+    else call.resolve(result);
+  }
+
+  #toWorker(op, args) {
+    const id = this.#next++;
+    return new Promise((resolve, reject) => {
+      this.#workerCalls.set(id, { resolve, reject });
       this.#worker.postMessage({ id, op, args });
     });
   }
 
-  #fail(message) {
-    for (const { reject } of this.#calls.values()) reject(new Error(message));
-    this.#calls.clear();
+  #onWorker(msg) {
+    if (msg.event) {
+      this.#onEvent(msg);
+      this.#channel?.postMessage({ type: "event", event: msg });
+      return;
+    }
+    const call = this.#workerCalls.get(msg.id);
+    if (!call) return;
+    this.#workerCalls.delete(msg.id);
+    if ("error" in msg) call.reject(new Error(msg.error));
+    else call.resolve(msg.result);
   }
 
-  #receive(msg) {
+  #onEvent(msg) {
     if (msg.event === "rows") {
-      this.#subs.get(msg.sub)?.(msg.rows ?? null, msg.error ? new Error(msg.error) : undefined);
+      this.#subs.get(msg.sub)?.callback(msg.rows ?? null, msg.error ? new Error(msg.error) : undefined);
     } else if (msg.event === "settled") {
       this.#settled.get(msg.id)?.(msg.state);
       this.#settled.delete(msg.id);
     } else if (msg.event === "status") {
       for (const listener of this.#statusListeners) listener(msg.status);
-    } else {
-      const call = this.#calls.get(msg.id);
-      if (!call) return;
-      this.#calls.delete(msg.id);
-      if ("error" in msg) call.reject(new Error(msg.error));
-      else call.resolve(msg.result);
     }
   }
 }

@@ -1,5 +1,6 @@
 // pagesync's dedicated worker: owns one document's Replica (SQLite, the VFS, the OPFS journals)
-// and its WebSocket. The page talks to it through pagesync.js with {id, op, args} messages.
+// and its WebSocket. The owning tab's pagesync.js talks to it with {id, op, args} messages, for
+// itself and for the other tabs of the origin (subscription ids carry the tab's id).
 // Replies are {id, result} or {id, error}; pushed events are {event: "rows" | "settled" | "status"}.
 import init, { Replica } from "./pkg/pagesync_wasm.js";
 
@@ -116,7 +117,12 @@ function setOnline(online) {
 }
 
 const ops = {
+  // Loads the wasm module ahead of need (a tab that takes over later may be offline).
+  async init() {
+    await init();
+  },
   async open(docId, options) {
+    if (replica) throw new Error("this worker already runs a document");
     await init();
     config = { url: options.url, token: options.token ?? "", online: options.online !== false };
     const seed = crypto.getRandomValues(new Uint8Array(16));
@@ -142,6 +148,10 @@ const ops = {
   },
   unsubscribe(sub) {
     subscriptions.delete(sub);
+  },
+  // A tab that reached this worker through its owner went away: drop its subscriptions.
+  forgetTab(tab) {
+    for (const sub of [...subscriptions.keys()]) if (sub.startsWith(`${tab}:`)) subscriptions.delete(sub);
   },
   status() {
     return replica.status();

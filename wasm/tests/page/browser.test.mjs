@@ -1,91 +1,36 @@
 // Page-level tests of the browser build: headless Debian chromium driven by playwright-core,
 // against a real pagesync-server (which serves target/web) and the native `pagesync` CLI.
-// Run by scripts/test-browser, which builds everything first. Environment:
-//   PAGESYNC_BIN   directory holding pagesync-server and pagesync
-//   PAGESYNC_WEB   the built bundle (target/web)
-//   PAGESYNC_ARTIFACTS  where the screenshot and figures go
+// Run by scripts/test-browser, which builds everything first (environment: see harness.mjs).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { spawn, execFileSync } from "node:child_process";
-import { mkdtempSync, mkdirSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import net from "node:net";
 import { chromium } from "playwright-core";
+import {
+  add, artifacts, chromiumArgs, chromiumPath, cliRows, cli as runCli, freePort, logPage, randomDoc, startServer,
+  tempDir, titles, waitSynced, waitTitles,
+} from "./harness.mjs";
 
-const bin = process.env.PAGESYNC_BIN ?? "target/debug";
-const web = process.env.PAGESYNC_WEB ?? "target/web";
-const artifacts = process.env.PAGESYNC_ARTIFACTS ?? "target/browser-artifacts";
-const work = mkdtempSync(join(tmpdir(), "pagesync-browser-"));
-const doc = [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, "0")).join("");
-
+const work = tempDir("browser");
+const doc = randomDoc();
 let port, server, browser, base;
 const figures = {};
-
-function freePort() {
-  return new Promise((resolve) => {
-    const s = net.createServer().listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function startServer() {
-  server = spawn(join(bin, "pagesync-server"), [
-    "--listen", `127.0.0.1:${port}`, "--journal", `file://${join(work, "server")}`, "--web", web,
-  ], { stdio: ["ignore", "inherit", "inherit"] });
-  for (let i = 0; i < 200; i++) {
-    try {
-      if ((await fetch(`${base}/healthz`)).ok) return;
-    } catch {}
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error("pagesync-server did not start");
-}
-
-function cli(...args) {
-  return execFileSync(join(bin, "pagesync"), [
-    "--server", `ws://127.0.0.1:${port}/v1/sync`, "--data", join(work, "cli"), "--doc", doc, ...args,
-  ], { encoding: "utf8" });
-}
+const cli = (...args) => runCli(port, join(work, "cli"), doc, ...args);
 
 async function openApp(context) {
   const page = await context.newPage();
-  page.on("console", (m) => m.type() === "error" && console.log(`[page] ${m.text()}`));
-  page.on("pageerror", (e) => console.log(`[page error] ${e.message}`));
+  logPage(page, "page");
   await page.goto(`${base}/?doc=${doc}`);
   await waitSynced(page);
   return page;
-}
-
-const titles = (page) => page.$$eval("#todos li", (lis) => lis.map((li) => li.dataset.title));
-const waitSynced = (page) =>
-  page.waitForFunction(() => {
-    const s = document.getElementById("sync");
-    return s.dataset.state === "in sync" && s.dataset.pending === "0";
-  }, null, { timeout: 20_000 });
-const waitTitles = (page, want) =>
-  page.waitForFunction((want) => {
-    const have = [...document.querySelectorAll("#todos li")].map((li) => li.dataset.title);
-    return want.every((t) => have.includes(t));
-  }, want, { timeout: 20_000 });
-
-async function add(page, title) {
-  await page.fill("[data-testid=title]", title);
-  await page.click("[data-testid=add]");
 }
 
 before(async () => {
   port = await freePort();
   base = `http://127.0.0.1:${port}`;
   mkdirSync(artifacts, { recursive: true });
-  await startServer();
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  });
+  server = await startServer(port, join(work, "server"));
+  browser = await chromium.launch({ executablePath: chromiumPath, args: chromiumArgs });
 });
 
 after(async () => {
@@ -125,7 +70,7 @@ test("offline edits survive a reload as pending, then reach the other context an
   await pageB.uncheck("[data-testid=offline]");
   await waitTitles(pageA, ["bread"]);
   await waitSynced(pageB);
-  const rows = JSON.parse(`[${cli("query", "--json", "SELECT title FROM todos ORDER BY id").trim().split("\n").join(",")}]`);
+  const rows = cliRows(port, join(work, "cli"), doc, "query", "--json", "SELECT title FROM todos ORDER BY id");
   assert.deepEqual(rows.map((r) => r.title).sort(), ["bread", "eggs", "milk"]);
 });
 
@@ -145,7 +90,7 @@ test("a rejected mutation shows the server's error", async () => {
 test("a 10 MB document opens from OPFS after a reload", async () => {
   const context = await browser.newContext();
   const page = await context.newPage();
-  const big = [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, "0")).join("");
+  const big = randomDoc();
   await page.goto(`${base}/healthz`); // any page of the origin: the module is imported below
   const open = (docId) => page.evaluate(async (docId) => {
     const { Database } = await import("/pagesync.js");
