@@ -1,6 +1,6 @@
 //! pagesync in the browser: the part that runs inside a dedicated worker.
 //!
-//! [`Replica`] is one document's local replica: SQLite over the page VFS, its storage and
+//! `Replica` is one document's local replica: SQLite over the page VFS, its storage and
 //! timeline journals in OPFS (as [`HandleJournal`](pagesync::journal::HandleJournal)s over
 //! `FileSystemSyncAccessHandle`s, opened before SQLite needs them), and the same sans-io
 //! `ClientSession` the native client runs. JavaScript (`wasm/js/worker.js`) owns the WebSocket
