@@ -44,11 +44,15 @@ pub struct FileJournalOptions {
     /// number of files small for long histories while prefix removal still frees space in steps
     /// far below a typical disk.
     pub max_segment_bytes: u64,
+    /// Open without changing anything on disk, for inspection beside a running writer
+    /// (`pagesync-server verify`): a torn tail or a leftover file is reported by
+    /// [`FileJournal::repairs`] instead of repaired, and appends and trims are refused.
+    pub read_only: bool,
 }
 
 impl Default for FileJournalOptions {
     fn default() -> Self {
-        FileJournalOptions { max_segment_bytes: 64 << 20 }
+        FileJournalOptions { max_segment_bytes: 64 << 20, read_only: false }
     }
 }
 
@@ -78,6 +82,8 @@ pub struct FileJournal {
     range: LsnRange,
     /// Set when an fsync failed: appends are refused until the journal is reopened.
     poisoned: bool,
+    /// What opening found to repair (done, unless read-only): torn tails, leftover files.
+    repairs: Vec<String>,
 }
 
 fn io_err(id: JournalId, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
@@ -170,6 +176,7 @@ impl FileJournal {
             segments: Vec::new(),
             range: LsnRange::new_empty(),
             poisoned: false,
+            repairs: Vec::new(),
         })
     }
 
@@ -184,6 +191,7 @@ impl FileJournal {
             segments: Vec::new(),
             range: LsnRange::empty_at(Lsn::new(trimmed_through + 1).expect("BUG: n + 1 > 0")),
             poisoned: false,
+            repairs: Vec::new(),
         };
         journal.load_segments(trimmed_through)?;
         Ok(journal)
@@ -208,6 +216,21 @@ impl FileJournal {
         &self.dir
     }
 
+    /// What `open` found to repair after a crash: a torn final entry, a torn empty segment,
+    /// segments left behind by an interrupted trim, a leftover temporary marker. Repaired
+    /// unless the journal was opened read-only.
+    pub fn repairs(&self) -> &[String] {
+        &self.repairs
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.opts.read_only {
+            let message = format!("{} was opened read-only", self.dir.display());
+            return Err(JournalError::Backend { journal: self.id, message });
+        }
+        Ok(())
+    }
+
     /// Bytes on disk in segment files.
     pub fn disk_bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len_bytes).sum()
@@ -227,7 +250,12 @@ impl FileJournal {
             }
             match self.load_segment(&path, first, i + 1 == count)? {
                 Some(seg) => self.segments.push(seg),
-                None => remove_file(self.id, &path)?,
+                None => {
+                    self.repairs.push(format!("{}: a torn, empty last segment", path.display()));
+                    if !self.opts.read_only {
+                        remove_file(self.id, &path)?;
+                    }
+                }
             }
         }
         if let Some(first) = self.segments.first().map(|s| s.first) {
@@ -262,7 +290,9 @@ impl FileJournal {
                 continue;
             }
             if name == MARKER_TMP {
-                remove_file(self.id, &entry.path())?;
+                if !self.opts.read_only {
+                    remove_file(self.id, &entry.path())?;
+                }
                 continue;
             }
             match parse_segment_name(&name) {
@@ -277,7 +307,7 @@ impl FileJournal {
     }
 
     /// Reads and verifies one segment. `None` means "a torn, empty last segment: remove it".
-    fn load_segment(&self, path: &Path, first: Lsn, is_last: bool) -> Result<Option<Segment>> {
+    fn load_segment(&mut self, path: &Path, first: Lsn, is_last: bool) -> Result<Option<Segment>> {
         let bytes = fs::read(path).map_err(io_err(self.id, "read segment", path))?;
         if let Err(reason) = check_segment_header(&bytes, self.id, first) {
             if is_last && bytes.len() <= SEGMENT_HEADER_BYTES {
@@ -299,12 +329,17 @@ impl FileJournal {
                 Err(e) => return Err(self.corrupt(path, lsn, e.to_string())),
             }
         }
-        let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io_err(
+        let read_only = self.opts.read_only;
+        let mut file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(io_err(
             self.id,
             "open segment",
             path,
         ))?;
         if pos < bytes.len() {
+            let cut = bytes.len() - pos;
+            self.repairs.push(format!("{}: a torn final entry at LSN {lsn} ({cut} bytes)", path.display()));
+        }
+        if pos < bytes.len() && !read_only {
             file.set_len(pos as u64).map_err(io_err(self.id, "truncate torn tail", path))?;
             file.flush().map_err(io_err(self.id, "truncate torn tail", path))?;
             file.sync_all().map_err(io_err(self.id, "fsync", path))?;
@@ -329,6 +364,10 @@ impl FileJournal {
                 break;
             }
             let seg = self.segments.remove(0);
+            if self.opts.read_only {
+                self.repairs.push(format!("{}: left behind by an interrupted trim", seg.path.display()));
+                continue;
+            }
             remove_file(self.id, &seg.path)?;
             removed = true;
         }
@@ -428,6 +467,7 @@ impl Journal for FileJournal {
     }
 
     fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
+        self.check_writable()?;
         if self.poisoned {
             return Err(JournalError::Backend {
                 journal: self.id,
@@ -512,6 +552,7 @@ impl Journal for FileJournal {
         if trimmed == self.range {
             return Ok(());
         }
+        self.check_writable()?;
         let through = trimmed.first().prev().expect("BUG: a trimmed range starts after LSN 1");
         write_marker(self.id, &self.dir, through.get())?;
         self.range = trimmed;

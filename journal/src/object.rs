@@ -209,6 +209,17 @@ impl ObjectBackend {
         Ok(self.get(id, &self.dir(rel).join(MARKER_KEY))?.is_some())
     }
 
+    /// The names of the "directories" directly below `rel` (one LIST with a delimiter).
+    pub fn list_dirs(&self, rel: &str) -> Result<Vec<String>> {
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let dir = self.dir(rel);
+        let listed = self.rt.block_on(self.store.list_with_delimiter(Some(&dir))).map_err(|e| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            backend_err(JournalId::from_u128(0), format!("LIST {dir} failed: {e}"))
+        })?;
+        Ok(listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect())
+    }
+
     fn get(&self, journal: JournalId, key: &Path) -> Result<Option<Vec<u8>>> {
         self.stats.gets.fetch_add(1, Ordering::Relaxed);
         let got = self.rt.block_on(async { self.store.get(key).await?.bytes().await });

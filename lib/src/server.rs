@@ -53,11 +53,21 @@ pub struct StepLimits {
     /// One mutation's encoded size; larger ones are rejected with `too_big`. At most
     /// `MAX_MUTATION_BYTES`, which no client can exceed anyway.
     pub max_mutation_bytes: usize,
+    /// The database's size limit, in bytes (rounded down to whole pages): a mutation that
+    /// would grow the document past it is rejected with `doc_full`, and the document stays
+    /// usable (deletes and updates that do not grow it still apply). `None`: no limit. Set
+    /// through SQLite's `max_page_count`, so replays under the same limit stay deterministic.
+    pub max_doc_bytes: Option<u64>,
 }
 
 impl Default for StepLimits {
     fn default() -> Self {
-        StepLimits { max_mutations: 1_000, max_bytes: 4 << 20, max_mutation_bytes: MAX_MUTATION_BYTES }
+        StepLimits {
+            max_mutations: 1_000,
+            max_bytes: 4 << 20,
+            max_mutation_bytes: MAX_MUTATION_BYTES,
+            max_doc_bytes: None,
+        }
     }
 }
 
@@ -129,6 +139,10 @@ impl<R: Reducer> ServerDocument<R> {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} COMMIT;"))?;
             let committed = doc.db.store().commit_overlay(&[])?;
             doc.remember(committed);
+        }
+        if let Some(max) = limits.max_doc_bytes {
+            let pages = (max / crate::page::PAGE_SIZE as u64).max(1);
+            doc.db.conn().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
         }
         doc.load_applied()?;
         Ok(doc)
@@ -336,6 +350,7 @@ impl<R: Reducer> ServerDocument<R> {
         loop {
             match self.try_apply_batch(batch, &time_of, &lost) {
                 Err((Some(i), Error::TransactionLost(r))) => {
+                    let r = self.explain_full(r);
                     assert!(lost.insert(i, r).is_none(), "BUG: a skipped mutation ran again");
                 }
                 Err((_, e)) => {
@@ -416,6 +431,18 @@ impl<R: Reducer> ServerDocument<R> {
         };
         let time_ms = time_of(m.client_time_ms);
         let result = apply_mutation(&self.db, &mut self.reducer, &m, time_ms)?;
-        Ok((time_ms, result))
+        Ok((time_ms, result.map_err(|r| self.explain_full(r))))
+    }
+
+    /// SQLite says "database or disk is full" when `max_page_count` stops a mutation: say which
+    /// limit it hit.
+    fn explain_full(&self, r: Rejection) -> Rejection {
+        match self.limits.max_doc_bytes {
+            Some(max) if r.message.contains("database or disk is full") => Rejection::new(
+                "doc_full",
+                format!("the mutation would grow the document past this server's limit of {max} bytes"),
+            ),
+            _ => r,
+        }
     }
 }

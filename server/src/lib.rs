@@ -14,6 +14,7 @@
 pub mod auth;
 mod http;
 mod hub;
+pub mod ops;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -111,6 +112,9 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// One mutation; larger ones are rejected (the document and connection carry on).
     pub max_mutation_bytes: usize,
+    /// One document's database size; a mutation that would grow it past this is rejected
+    /// with `doc_full`. `None`: no limit.
+    pub max_doc_bytes: Option<u64>,
 }
 
 impl Default for Limits {
@@ -119,6 +123,7 @@ impl Default for Limits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_frame_bytes: pagesync::protocol::MAX_FRAME_BYTES,
             max_mutation_bytes: pagesync::mutation::MAX_MUTATION_BYTES,
+            max_doc_bytes: None,
         }
     }
 }
@@ -268,8 +273,11 @@ pub async fn serve(
         *metrics.objects.lock().expect("BUG: metrics lock poisoned") = Some(b.stats().clone());
     }
     let store = cfg.store.clone();
-    let step_limits =
-        StepLimits { max_mutation_bytes: cfg.limits.max_mutation_bytes, ..StepLimits::default() };
+    let step_limits = StepLimits {
+        max_mutation_bytes: cfg.limits.max_mutation_bytes,
+        max_doc_bytes: cfg.limits.max_doc_bytes,
+        ..StepLimits::default()
+    };
     let opener = Box::new(move |doc: DocId| {
         ServerDocument::with_reducer(store.open_journal(doc)?, SqlReducer, step_limits)
     });

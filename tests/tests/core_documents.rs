@@ -262,3 +262,42 @@ fn a_mutation_that_rolls_back_the_transaction_is_rejected_alone() {
     assert_eq!(rows, vec![vec![Value::Integer(1)], vec![Value::Integer(2)], vec![Value::Integer(3)]]);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
+
+#[test]
+fn a_document_at_its_size_limit_rejects_growth_and_stays_usable() {
+    let limits = pagesync::StepLimits { max_doc_bytes: Some(256 << 10), ..Default::default() };
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(1), pagesync::SqlReducer, limits).expect("server");
+    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    client.mutate(sql("CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)", vec![]), T0, 1).expect("ddl");
+    let mut writes = Vec::new();
+    for i in 0..40 {
+        let insert = sql("INSERT INTO blobs VALUES (?1, zeroblob(10000))", vec![Value::Integer(i)]);
+        writes.push(client.mutate(insert, T0, 10 + i as u64).expect("local write").lsn);
+    }
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    let states: Vec<MutationState> = writes.iter().map(|l| client.state(*l).expect("state")).collect();
+    let confirmed = states.iter().filter(|s| **s == MutationState::Confirmed).count();
+    assert!((15..40).contains(&confirmed), "{confirmed} of 40 10 kB rows fit in 256 KiB");
+    match &states[39] {
+        MutationState::Rejected(r) => {
+            assert_eq!(r.code, "doc_full");
+            assert!(r.message.contains("limit of 262144 bytes"), "{}", r.message);
+        }
+        other => panic!("expected doc_full, got {other:?}"),
+    }
+    let size = server.database().store().size_bytes();
+    assert!(size <= 256 << 10, "the document grew to {size} bytes");
+    // Still usable: a delete applies, and then growth fits again.
+    client.mutate(sql("DELETE FROM blobs WHERE id < 10", vec![]), T0, 100).expect("delete");
+    let again =
+        client.mutate(sql("INSERT INTO blobs VALUES (1000, zeroblob(10000))", vec![]), T0, 101).expect("w");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(again.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+    assert!(integrity_ok(server.database()));
+}

@@ -27,7 +27,7 @@ struct Files {
 impl Files {
     fn new(max_segment_bytes: u64) -> Files {
         let dir = tempfile::tempdir().expect("tempdir");
-        Files { dir, opts: FileJournalOptions { max_segment_bytes } }
+        Files { dir, opts: FileJournalOptions { max_segment_bytes, ..FileJournalOptions::default() } }
     }
 }
 

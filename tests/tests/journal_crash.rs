@@ -11,7 +11,7 @@ const ID: JournalId = JournalId::from_bytes([0xab; 16]);
 const ENTRIES: u64 = 30;
 
 fn opts() -> FileJournalOptions {
-    FileJournalOptions { max_segment_bytes: 512 }
+    FileJournalOptions { max_segment_bytes: 512, ..FileJournalOptions::default() }
 }
 
 fn lsn(n: u64) -> Lsn {
