@@ -180,6 +180,19 @@ impl Document {
         Ok(done)
     }
 
+    /// Brings the document's schema up to date: each (version, SQL) this replica has not
+    /// applied yet is submitted as a migration, which runs exactly once per document, whichever
+    /// client's copy reaches the server first. Ship the same list with every client and call
+    /// this after `open`. Returns the migrations submitted.
+    pub fn migrate(&self, migrations: &[(u32, &str)]) -> Result<Vec<Submitted>> {
+        let done = self.shared.session().migrate(self.id, migrations, now_ms(), random_u64())?;
+        if !done.is_empty() {
+            self.shared.wake.notify_one();
+            self.shared.bump();
+        }
+        Ok(done)
+    }
+
     /// A live query: `next()` gives the rows now, then again each time they change (after a
     /// local write or data from the server), skipping changes that leave them as they were.
     pub fn subscribe(&self, sql: &str, params: Vec<Value>) -> Subscription {

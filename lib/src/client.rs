@@ -19,8 +19,8 @@ use pagesync_journal::{Journal, Lsn, LsnRange};
 use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::ids::TimelineId;
-use crate::mutation::{Mutation, Value};
-use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation};
+use crate::mutation::{Mutation, SqlMutation, Value, migration_key};
+use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation, once_applied};
 use crate::store::PageStore;
 use crate::wire::WireEntry;
 
@@ -181,6 +181,22 @@ impl<R: Reducer> ClientDocument<R> {
         conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
         self.pending.push_back((lsn, mutation));
         Ok(Submitted { lsn, local })
+    }
+
+    /// Submits the migrations (version, SQL) that have not applied to this replica yet, in
+    /// order, as `once` mutations: each runs exactly once per document, whichever client's copy
+    /// reaches the server first; the other copies apply as no-ops. Ship the same list with
+    /// every client and call this at startup.
+    pub fn migrate(&mut self, migrations: &[(u32, &str)], time_ms: i64, seed: u64) -> Result<Vec<Submitted>> {
+        let mut out = Vec::new();
+        for (i, (version, sql)) in migrations.iter().enumerate() {
+            if once_applied(self.db.conn(), &migration_key(*version))? {
+                continue;
+            }
+            let body = SqlMutation::migration(*version, *sql).encode();
+            out.push(self.mutate(body, time_ms, seed.wrapping_add(i as u64))?);
+        }
+        Ok(out)
     }
 
     /// Applies storage entries from the server, in LSN order starting at `first`, and rebases

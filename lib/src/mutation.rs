@@ -95,14 +95,29 @@ pub struct Statement {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SqlMutation {
     pub statements: Vec<Statement>,
+    /// Run at most once per document: once a mutation with this key has applied, later ones
+    /// with the same key (from any client) apply as no-ops. Migrations use `migration:<n>`.
+    pub once: Option<String>,
 }
 
 impl SqlMutation {
     pub fn one(sql: impl Into<String>, params: Vec<Value>) -> SqlMutation {
-        SqlMutation { statements: vec![Statement { sql: sql.into(), params }] }
+        SqlMutation { statements: vec![Statement { sql: sql.into(), params }], once: None }
+    }
+
+    /// Migration `version` of an app's schema: `sql` (one or more statements) runs exactly
+    /// once per document, whichever client brings it first.
+    pub fn migration(version: u32, sql: impl Into<String>) -> SqlMutation {
+        let statements = vec![Statement { sql: sql.into(), params: Vec::new() }];
+        SqlMutation { statements, once: Some(migration_key(version)) }
     }
 
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("BUG: a SqlMutation always serializes")
     }
+}
+
+/// The `once` key of migration `version`.
+pub fn migration_key(version: u32) -> String {
+    format!("migration:{version}")
 }

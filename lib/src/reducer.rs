@@ -38,6 +38,13 @@ impl std::fmt::Display for Rejection {
 /// `randomblob()` are already deterministic).
 pub trait Reducer: Send {
     fn apply(&mut self, conn: &Connection, body: &[u8]) -> Result<(), Rejection>;
+
+    /// A key that makes this mutation apply at most once per document (see
+    /// [`SqlMutation::once`]); `apply_mutation` keeps the keys in `_pagesync_once`.
+    fn once_key(&self, body: &[u8]) -> Option<String> {
+        let _ = body;
+        None
+    }
 }
 
 /// The built-in reducer: bodies are `SqlMutation`s.
@@ -54,6 +61,23 @@ impl Reducer for SqlReducer {
         }
         Ok(())
     }
+
+    fn once_key(&self, body: &[u8]) -> Option<String> {
+        postcard::from_bytes::<SqlMutation>(body).ok()?.once
+    }
+}
+
+/// Whether a mutation with `once` key `key` has applied to this database.
+pub fn once_applied(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = '_pagesync_once')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(false);
+    }
+    conn.query_row("SELECT EXISTS(SELECT 1 FROM _pagesync_once WHERE key = ?1)", [key], |r| r.get(0))
 }
 
 /// Runs one statement with parameters, or, without parameters, every statement in `sql`.
@@ -73,6 +97,9 @@ fn run_statement(conn: &Connection, sql: &str, params: &[crate::mutation::Value]
     Ok(())
 }
 
+/// The keys of `once` mutations that have applied (migrations among them).
+pub const ONCE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS _pagesync_once(key TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL) WITHOUT ROWID;";
+
 /// Savepoint name for one mutation; `_pagesync_` names are refused to app SQL.
 const SAVEPOINT: &str = "_pagesync_mutation";
 
@@ -90,8 +117,23 @@ pub fn apply_mutation(
 ) -> Result<Result<(), Rejection>, Error> {
     let conn = db.conn();
     conn.execute_batch(&format!("SAVEPOINT {SAVEPOINT}"))?;
+    let once = reducer.once_key(&mutation.body);
+    if let Some(key) = &once
+        && once_applied(conn, key)?
+    {
+        conn.execute_batch(&format!("RELEASE {SAVEPOINT}"))?;
+        return Ok(Ok(()));
+    }
     let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply(c, &mutation.body));
     let Err(mut rejection) = outcome else {
+        if let Some(key) = &once {
+            // Unguarded: the system table is ours. Created here for documents older than it.
+            conn.execute_batch(ONCE_SCHEMA)?;
+            conn.execute(
+                "INSERT INTO _pagesync_once(key, applied_ms) VALUES (?1, ?2)",
+                rusqlite::params![key, time_ms],
+            )?;
+        }
         conn.execute_batch(&format!("RELEASE {SAVEPOINT}"))?;
         return Ok(Ok(()));
     };

@@ -19,7 +19,7 @@ use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::ids::TimelineId;
 use crate::mutation::{MAX_MUTATION_BYTES, Mutation};
-use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation};
+use crate::reducer::{ONCE_SCHEMA, Reducer, Rejection, SqlReducer, apply_mutation};
 use crate::storage::Applied;
 use crate::store::PageStore;
 use crate::wire::WireEntry;
@@ -136,7 +136,7 @@ impl<R: Reducer> ServerDocument<R> {
             recent: VecDeque::new(),
         };
         if doc.db.store().page_count() == 0 {
-            doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} COMMIT;"))?;
+            doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} {ONCE_SCHEMA} COMMIT;"))?;
             let committed = doc.db.store().commit_overlay(&[])?;
             doc.remember(committed);
         }

@@ -325,6 +325,7 @@ impl Sim {
                         stmt("UPDATE acct SET bal = bal + ?1 WHERE id = ?2", vec![amount.into(), to.into()]),
                         stmt("INSERT INTO ledger(client, n) VALUES (?1, ?2)", vec![c.into(), n.into()]),
                     ],
+                    once: None,
                 };
                 return (body.encode(), Some(n));
             }

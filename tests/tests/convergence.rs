@@ -28,6 +28,7 @@ fn transfer(from: i64, to: i64, amount: i64) -> Vec<u8> {
             st("UPDATE acct SET bal = bal - ?1 WHERE id = ?2", from),
             st("UPDATE acct SET bal = bal + ?1 WHERE id = ?2", to),
         ],
+        once: None,
     }
     .encode()
 }

@@ -301,3 +301,60 @@ fn a_document_at_its_size_limit_rejects_growth_and_stays_usable() {
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
     assert!(integrity_ok(server.database()));
 }
+
+#[test]
+fn a_migration_shipped_by_two_clients_at_once_runs_once() {
+    let mut server = ServerDocument::open(memory_journal(1)).expect("server");
+    let mut a = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client a");
+    let mut b = ClientDocument::open(memory_journal(4), memory_journal(5)).expect("client b");
+    let migrations = [
+        (1, "CREATE TABLE todo(id INTEGER PRIMARY KEY, title TEXT); CREATE TABLE ran(v INTEGER)"),
+        (2, "ALTER TABLE todo ADD COLUMN done INTEGER NOT NULL DEFAULT 0; INSERT INTO ran VALUES (2)"),
+    ];
+    // Both clients start offline and bring the same migrations, plus a write that needs them.
+    let mut submitted = Vec::new();
+    for (c, client) in [&mut a, &mut b].into_iter().enumerate() {
+        let ran = client.migrate(&migrations, T0, 1).expect("migrate");
+        assert_eq!(ran.len(), 2, "a fresh replica submits every migration");
+        assert!(ran.iter().all(|s| s.local.is_ok()));
+        assert!(client.migrate(&migrations, T0, 9).expect("again").is_empty(), "already applied locally");
+        let insert = sql("INSERT INTO todo(title, done) VALUES (?1, 0)", vec![format!("from {c}").into()]);
+        submitted.extend(ran.into_iter().map(|s| s.lsn));
+        submitted.push(client.mutate(insert, T0, 5).expect("insert").lsn);
+    }
+    push(&a, &mut server);
+    push(&b, &mut server);
+    drain(&mut server, T0);
+    pull(&mut a, &server);
+    pull(&mut b, &server);
+    for client in [&a, &b] {
+        let ran = client.query("SELECT count(*) FROM ran", &[]).expect("query");
+        assert_eq!(ran.rows, vec![vec![Value::Integer(1)]], "migration 2 ran once");
+        let todos = client.query("SELECT count(*) FROM todo WHERE done = 0", &[]).expect("query");
+        assert_eq!(todos.rows, vec![vec![Value::Integer(2)]], "both writes applied on the migrated schema");
+        assert_eq!(client.pending_count(), 0);
+    }
+    for (i, lsn) in submitted.iter().enumerate() {
+        let client = if i < 3 { &a } else { &b };
+        assert_eq!(client.state(*lsn).expect("state"), MutationState::Confirmed, "mutation {i}");
+    }
+    // A client that arrives later sees the migrations as applied and submits nothing.
+    let mut late = ClientDocument::open(memory_journal(6), memory_journal(7)).expect("late");
+    pull(&mut late, &server);
+    assert!(late.migrate(&migrations, T0, 1).expect("migrate").is_empty());
+    assert_eq!(pages_of(a.database()), pages_of(server.database()));
+    assert_eq!(pages_of(b.database()), pages_of(server.database()));
+}
+
+#[test]
+fn apps_cannot_forge_a_migration_record() {
+    let (mut server, mut client) = setup();
+    client.mutate(sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("ddl");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server); // the replica now holds the system tables
+    match client.mutate(sql("INSERT INTO _pagesync_once VALUES ('migration:1', 0)", vec![]), T0, 2) {
+        Err(Error::Refused(m)) => assert!(m.contains("_pagesync_once"), "{m}"),
+        other => panic!("a write to _pagesync_once must be refused, got {other:?}"),
+    }
+}

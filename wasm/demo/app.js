@@ -6,11 +6,12 @@ const docId = params.get("doc") ?? "00000000000000000000000000000001";
 const offlineKey = `pagesync-demo-offline-${docId}`;
 const $ = (id) => document.getElementById(id);
 
-const SCHEMA = `CREATE TABLE IF NOT EXISTS todos (
+// Migrations: version 1 first. Each runs once per document, whichever tab or client brings it.
+const MIGRATIONS = [`CREATE TABLE todos (
   id INTEGER PRIMARY KEY,
   title TEXT NOT NULL CHECK (length(title) BETWEEN 1 AND 60),
   done INTEGER NOT NULL DEFAULT 0
-)`;
+)`];
 
 let pendingIds = new Set();
 
@@ -21,8 +22,7 @@ async function main() {
   window.pagesyncDb = db; // for tests and the console
   if (db.storageKind !== "opfs") $("error").textContent = "OPFS is not available: writes are kept in memory only.";
 
-  const first = await db.query("SELECT count(*) AS n FROM sqlite_schema WHERE name = 'todos'");
-  if (first[0].n === 0) await db.exec(SCHEMA);
+  await db.migrate(MIGRATIONS);
 
   db.subscribe("SELECT id, title, done FROM todos ORDER BY id", [], (rows, err) => {
     if (err) return void ($("error").textContent = err.message);

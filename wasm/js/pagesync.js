@@ -11,6 +11,7 @@
 //   const m = await db.exec("INSERT INTO todos(title) VALUES (?)", ["milk"]);
 //   m.id;               // the mutation's id
 //   await m.settled;    // { state: "confirmed" } or { state: "rejected", code, message }
+//   await db.migrate(["CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT)"]); // once per doc
 //   await db.query("SELECT * FROM todos");            // rows as objects
 //   const stop = db.subscribe("SELECT * FROM todos", [], (rows) => render(rows));
 //   await db.status();  // { pending, confirmed, rejected: [{ id, code, message }], ... }
@@ -88,6 +89,15 @@ export class Database {
     const { id, localError } = await this.#call("exec", sql, params);
     const settled = new Promise((resolve) => this.#settled.set(id, resolve));
     return { id, localError, settled };
+  }
+
+  /**
+   * Brings the schema up to date: `migrations` is an array of SQL strings (version 1 first).
+   * Each runs exactly once per document, whichever tab or client brings it first. Ship the
+   * same list everywhere and call this after `open`. Resolves to the migrations submitted.
+   */
+  migrate(migrations) {
+    return this.#call("migrate", migrations);
   }
 
   /** A read-only query on the local state; rows are objects keyed by column name. */

@@ -138,6 +138,21 @@ const ops = {
     queueMicrotask(changed);
     return out;
   },
+  // Migrations: an array of SQL strings, version i + 1 at index i.
+  migrate(migrations) {
+    const submitted = [];
+    migrations.forEach((sql, i) => {
+      const out = replica.migrate(i + 1, sql, Date.now(), randomSeed());
+      if (out) {
+        waiting.add(out.id);
+        submitted.push(out);
+      }
+    });
+    flush();
+    schedule();
+    queueMicrotask(changed);
+    return submitted;
+  },
   query(sql, params) {
     return replica.query(sql, params ?? []);
   },

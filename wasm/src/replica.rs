@@ -24,6 +24,15 @@ fn pair(code: &str, message: &str) -> js_sys::Object {
     o
 }
 
+/// `{ id, localError }` for a submitted mutation.
+fn submitted_js(s: pagesync::Submitted) -> JsValue {
+    let out = js_sys::Object::new();
+    set(&out, "id", s.lsn.get() as f64);
+    let local = s.local.err().map(|r| JsValue::from(pair(&r.code, &r.message)));
+    set(&out, "localError", local.unwrap_or(JsValue::NULL));
+    out.into()
+}
+
 /// True for the error OPFS gives when another worker holds a sync access handle on the file.
 fn is_locked(e: &JsValue) -> bool {
     e.dyn_ref::<js_sys::Error>().is_some_and(|e| e.name() == "NoModificationAllowedError")
@@ -126,11 +135,20 @@ impl Replica {
         let body = SqlMutation::one(sql, params).encode();
         let submitted = self.session.mutate(self.doc, body, now_ms as i64, seed).map_err(js_error)?;
         self.version = self.version.wrapping_add(1);
-        let out = js_sys::Object::new();
-        set(&out, "id", submitted.lsn.get() as f64);
-        let local = submitted.local.err().map(|r| JsValue::from(pair(&r.code, &r.message)));
-        set(&out, "localError", local.unwrap_or(JsValue::NULL));
-        Ok(out.into())
+        Ok(submitted_js(submitted))
+    }
+
+    /// Submits migration `version` (its SQL runs exactly once per document, whichever client
+    /// brings it first) unless this replica has it already. Returns `{ id, localError }` as
+    /// `exec` does, or `null` when there was nothing to submit.
+    pub fn migrate(&mut self, version: u32, sql: String, now_ms: f64, seed: u64) -> Result<JsValue, JsError> {
+        let submitted = self
+            .session
+            .migrate(self.doc, &[(version, sql.as_str())], now_ms as i64, seed)
+            .map_err(js_error)?;
+        let Some(s) = submitted.into_iter().next() else { return Ok(JsValue::NULL) };
+        self.version = self.version.wrapping_add(1);
+        Ok(submitted_js(s))
     }
 
     /// Runs a read-only query on the local state (server state plus pending writes). Rows are

@@ -139,6 +139,19 @@ impl ClientSession {
         link.doc.mutate(body, time_ms, seed)
     }
 
+    /// Submits the migrations this replica has not applied yet (see `ClientDocument::migrate`).
+    pub fn migrate(
+        &mut self,
+        id: DocId,
+        migrations: &[(u32, &str)],
+        time_ms: i64,
+        seed: u64,
+    ) -> Result<Vec<Submitted>> {
+        let link =
+            self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
+        link.doc.migrate(migrations, time_ms, seed)
+    }
+
     /// The transport is up: start with Hello, re-subscribe everything, resend what is unacked.
     pub fn connected(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);

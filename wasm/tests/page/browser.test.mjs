@@ -72,6 +72,9 @@ test("offline edits survive a reload as pending, then reach the other context an
   await waitSynced(pageB);
   const rows = cliRows(port, join(work, "cli"), doc, "query", "--json", "SELECT title FROM todos ORDER BY id");
   assert.deepEqual(rows.map((r) => r.title).sort(), ["bread", "eggs", "milk"]);
+  // Both contexts shipped the demo's migration; it ran once.
+  const once = cliRows(port, join(work, "cli"), doc, "query", "--json", "SELECT key FROM _pagesync_once");
+  assert.deepEqual(once, [{ key: "migration:1" }]);
 });
 
 test("a rejected mutation shows the server's error", async () => {
