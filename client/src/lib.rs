@@ -244,14 +244,35 @@ impl Document {
     }
 
     /// Waits until every local mutation is applied by the server and this replica holds the
-    /// server's latest storage as of then.
+    /// server's latest storage as of then. Gives up after `timeout` without progress (a long
+    /// initial sync that keeps receiving entries does not time out).
     pub async fn sync(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        self.sync_with_progress(timeout, |_| {}).await
+    }
+
+    /// `sync`, calling `progress` whenever the counts move (for a progress bar).
+    pub async fn sync_with_progress(
+        &self,
+        timeout: Duration,
+        mut progress: impl FnMut(SyncProgress),
+    ) -> Result<()> {
+        let mut deadline = Instant::now() + timeout;
+        let mut last = None;
         loop {
             let st = self.status();
             let conn_error = self.shared.session().connection_error().cloned();
             if let Some((code, message)) = st.error.clone().or(conn_error) {
                 return Err(ClientError::Server { code, message });
+            }
+            let now = SyncProgress {
+                entries: st.storage_next.get() - 1,
+                server_entries: st.server_storage_next.get().max(st.storage_next.get()) - 1,
+                pending: st.pending,
+            };
+            if last != Some(now) {
+                progress(now);
+                deadline = Instant::now() + timeout;
+                last = Some(now);
             }
             if st.pending == 0 && *self.shared.connected.lock().expect("BUG") && self.caught_up() {
                 return Ok(());
@@ -268,6 +289,14 @@ impl Document {
     fn caught_up(&self) -> bool {
         self.shared.session().caught_up(self.id)
     }
+}
+
+/// Where a sync stands: storage entries held here and at the server, local writes pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncProgress {
+    pub entries: u64,
+    pub server_entries: u64,
+    pub pending: usize,
 }
 
 /// A live query from [`Document::subscribe`].

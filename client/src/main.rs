@@ -139,6 +139,46 @@ async fn repl(doc: &pagesync_client::Document, timeout: Duration) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
+/// `doc.sync`, drawing a progress bar on stderr for a sync that takes a while: when stderr is a
+/// terminal, or always with `PAGESYNC_PROGRESS=1`.
+async fn sync_shown(
+    doc: &pagesync_client::Document,
+    timeout: Duration,
+) -> Result<(), pagesync_client::ClientError> {
+    use std::io::{IsTerminal, Write};
+    let forced = std::env::var_os("PAGESYNC_PROGRESS").is_some_and(|v| v == "1");
+    if !forced && !std::io::stderr().is_terminal() {
+        return doc.sync(timeout).await;
+    }
+    let start = std::time::Instant::now();
+    let mut drawn = false;
+    let result = doc
+        .sync_with_progress(timeout, |p| {
+            if !forced && start.elapsed() < Duration::from_millis(250) {
+                return;
+            }
+            eprint!("\r{}", progress_bar(p));
+            let _ = std::io::stderr().flush();
+            drawn = true;
+        })
+        .await;
+    if drawn {
+        eprintln!();
+    }
+    result
+}
+
+/// `syncing [##########----------] 512/1024 entries, 3 writes pending`
+fn progress_bar(p: pagesync_client::SyncProgress) -> String {
+    const WIDTH: u64 = 30;
+    if p.server_entries == 0 {
+        return format!("syncing: waiting for the server, {} writes pending ", p.pending);
+    }
+    let filled = (p.entries * WIDTH).checked_div(p.server_entries).unwrap_or(WIDTH).min(WIDTH);
+    let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '-' }).collect();
+    format!("syncing [{bar}] {}/{} entries, {} writes pending ", p.entries, p.server_entries, p.pending)
+}
+
 fn parse_param(p: &str) -> Value {
     if p == "null" {
         Value::Null
@@ -196,7 +236,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             if let Err(r) = &done.local {
                 eprintln!("warning: failed locally ({r}); queued for the server, which decides");
             }
-            if !offline && let Err(e) = doc.sync(timeout).await {
+            if !offline && let Err(e) = sync_shown(&doc, timeout).await {
                 eprintln!("mutation {} is pending: {e}", done.lsn);
                 return Ok(ExitCode::SUCCESS);
             }
@@ -212,7 +252,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Query { sql, params, json, offline } => {
-            if !offline && let Err(e) = doc.sync(timeout).await {
+            if !offline && let Err(e) = sync_shown(&doc, timeout).await {
                 eprintln!("warning: showing local data: {e}");
             }
             let rows = doc.query(&sql, &params.iter().map(|p| parse_param(p)).collect::<Vec<_>>())?;
@@ -233,7 +273,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { file } => {
-            if let Err(e) = doc.sync(timeout).await {
+            if let Err(e) = sync_shown(&doc, timeout).await {
                 eprintln!("warning: exporting the local replica as last synced: {e}");
             }
             let bytes = doc.export(&file)?;
@@ -241,7 +281,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Repl => repl(&doc, timeout).await,
-        Command::Sync => match doc.sync(timeout).await {
+        Command::Sync => match sync_shown(&doc, timeout).await {
             Ok(()) => {
                 println!("synced");
                 Ok(ExitCode::SUCCESS)

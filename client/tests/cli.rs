@@ -117,3 +117,41 @@ fn two_cli_clients_converge_offline_writes_sync_and_rejections_are_explained() {
     assert_eq!(rows, "x\nfrom a\noffline\nfrom the repl\n");
     server.stop();
 }
+
+#[test]
+fn a_long_sync_draws_progress_and_export_writes_a_sqlite_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, addr) = Server::start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr"));
+    let writer = dir.path().join("writer");
+    let mut script = String::from("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);\n");
+    for k in 0..40 {
+        script.push_str(&format!("INSERT INTO t VALUES ({k}, hex(zeroblob(2000)));\n"));
+    }
+    ok(&cli(addr, &writer, &["repl"], Some(&script)));
+
+    let reader = dir.path().join("reader");
+    let file = dir.path().join("out.sqlite");
+    let out = Command::new(env!("CARGO_BIN_EXE_pagesync"))
+        .args(["--server", &format!("ws://{addr}/v1/sync"), "--doc", DOC, "--data"])
+        .arg(&reader)
+        .arg("export")
+        .arg(&file)
+        .env("PAGESYNC_PROGRESS", "1")
+        .output()
+        .expect("pagesync export");
+    let stdout = ok(&out);
+    assert!(stdout.contains("wrote"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let frames: Vec<&str> = stderr.split('\r').filter(|f| f.starts_with("syncing [")).collect();
+    assert!(!frames.is_empty(), "no progress drawn: {stderr:?}");
+    let last = frames.last().expect("a frame").trim_end();
+    let counts = last.split("] ").nth(1).and_then(|r| r.split(' ').next()).expect("n/m");
+    let (have, total) = counts.split_once('/').expect("n/m");
+    assert_eq!(have, total, "the last frame shows the sync complete: {last}");
+    assert!(total.parse::<u64>().expect("number") >= 2, "{last}");
+    assert!(last.contains("[##############################]"), "{last}");
+    let bytes = std::fs::read(&file).expect("exported file");
+    assert_eq!(&bytes[..16], b"SQLite format 3\0");
+    assert!(bytes.len() > 80_000, "40 rows of 4 kB text: {} bytes", bytes.len());
+    server.stop();
+}

@@ -41,6 +41,8 @@ struct Link {
 pub struct DocStatus {
     pub pending: usize,
     pub storage_next: Lsn,
+    /// The server's storage head as it last reported it (`Lsn::FIRST` before it has).
+    pub server_storage_next: Lsn,
     /// The server's last error for this document: (code, message).
     pub error: Option<(String, String)>,
 }
@@ -124,6 +126,7 @@ impl ClientSession {
         self.links.get(&id).map(|l| DocStatus {
             pending: l.doc.pending_count(),
             storage_next: l.doc.storage_range().next(),
+            server_storage_next: l.server_storage_next,
             error: l.error.clone(),
         })
     }
