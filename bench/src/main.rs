@@ -3,6 +3,7 @@
 //! short smoke version of everything (CI uses it; its figures are not checked).
 #![forbid(unsafe_code)]
 
+mod bulk;
 mod core;
 mod journal;
 mod net;
@@ -30,6 +31,7 @@ const GROUPS: &[Group] = &[
     ("core", core::run),
     ("sync", sync::run),
     ("net", net::run),
+    ("bulk", bulk::run),
     ("s3", s3::run),
 ];
 

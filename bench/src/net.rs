@@ -15,8 +15,8 @@ use tokio_tungstenite::tungstenite::Message as Ws;
 use crate::Config;
 use crate::report::{Better, Pair, Target, per_second};
 
-const DOC: DocId = DocId([9; 16]);
-const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const DOC: DocId = DocId([9; 16]);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 pub fn run(cfg: &Config) -> Vec<Pair> {
     let rt =
@@ -28,15 +28,16 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
     })
 }
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    a: Document,
-    b: Document,
+pub(crate) struct Setup {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub a: Document,
+    pub b: Document,
     _clients: (Client, Client),
-    stop: tokio::sync::oneshot::Sender<()>,
+    pub stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn setup() -> Setup {
+pub(crate) async fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -52,15 +53,15 @@ async fn setup() -> Setup {
     a.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", vec![]).expect("ddl");
     a.sync(WAIT).await.expect("sync");
     b.sync(WAIT).await.expect("sync");
-    Setup { _dir: dir, a, b, _clients: (ca, cb), stop }
+    Setup { dir, url, a, b, _clients: (ca, cb), stop }
 }
 
-fn row(i: u64) -> Vec<Value> {
+pub(crate) fn row(i: u64) -> Vec<Value> {
     vec![Value::Text(format!("row {i} {}", "x".repeat(40)))]
 }
 
 /// Waits until B's replica holds at least `next` storage.
-async fn b_reaches(b: &Document, rows: i64) {
+pub(crate) async fn b_reaches(b: &Document, rows: i64) {
     let deadline = Instant::now() + WAIT;
     loop {
         let n = b.query("SELECT count(*) FROM t", &[]).expect("count").rows[0][0].clone();
@@ -90,7 +91,7 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 /// A raw relay: frames sent on the first socket arrive on the second, through a forwarding
 /// server task, as pagesync's frames go A -> server -> B.
-async fn raw_relay() -> (Socket, Socket) {
+pub(crate) async fn raw_relay() -> (Socket, Socket) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -114,7 +115,7 @@ async fn raw_relay() -> (Socket, Socket) {
     (a, b)
 }
 
-async fn raw_throughput(n: u64, frame_bytes: usize) -> f64 {
+pub(crate) async fn raw_throughput(n: u64, frame_bytes: usize) -> f64 {
     let (mut a, mut b) = raw_relay().await;
     let frame = vec![0x5a_u8; frame_bytes];
     let start = Instant::now();

@@ -1,0 +1,199 @@
+//! Bulk workloads over real loopback websockets and real files:
+//! - 100-row mutations A -> server -> B, against a raw websocket relay of the same frames;
+//! - cold start: a new client syncs a large document (100 MB; 8 MB with `--quick`), against a
+//!   raw websocket transfer of the same bytes, and the time to its first query;
+//! - reads on that synced replica (point lookups, a full scan), against the same database
+//!   exported as a plain SQLite file and read with stock SQLite.
+
+use std::time::Instant;
+
+use pagesync::Value;
+use pagesync_client::Client;
+
+use crate::Config;
+use crate::net::{DOC, WAIT, b_reaches, raw_throughput, row, setup};
+use crate::report::{Better, Pair, Target, per_second};
+
+const ROWS_PER_MUTATION: usize = 100;
+/// Rows and bytes per bulk-load mutation of the large document: 4 MB of incompressible blobs.
+const LOAD_ROWS: usize = 1_000;
+const LOAD_ROW_BYTES: usize = 4_000;
+
+pub fn run(cfg: &Config) -> Vec<Pair> {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut pairs = vec![hundred_rows(cfg).await];
+        pairs.extend(cold_start_and_reads(cfg).await);
+        pairs
+    })
+}
+
+fn hundred_row_insert() -> String {
+    let values: Vec<String> = (1..=ROWS_PER_MUTATION).map(|i| format!("(?{i})")).collect();
+    format!("INSERT INTO t(v) VALUES {}", values.join(", "))
+}
+
+fn hundred_row_params(m: u64) -> Vec<Value> {
+    (0..ROWS_PER_MUTATION as u64).flat_map(|i| row(m * 1000 + i)).collect()
+}
+
+async fn ours_hundred_rows(n: u64) -> f64 {
+    let s = setup().await;
+    let sql = hundred_row_insert();
+    let start = Instant::now();
+    for m in 0..n {
+        s.a.execute(&sql, hundred_row_params(m)).expect("write");
+    }
+    b_reaches(&s.b, (n * ROWS_PER_MUTATION as u64) as i64).await;
+    let rate = per_second(n, start.elapsed());
+    let _ = s.stop.send(());
+    rate
+}
+
+async fn hundred_rows(cfg: &Config) -> Pair {
+    let n = if cfg.quick { 30 } else { 500 };
+    let frame_bytes =
+        pagesync::SqlMutation::one(hundred_row_insert(), hundred_row_params(0)).encode().len() + 64;
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        ours.push(ours_hundred_rows(n).await);
+        peer.push(raw_throughput(n, frame_bytes).await);
+    }
+    Pair::new(
+        "bulk",
+        "A -> server -> B over websockets, 100-row mutations",
+        "mutations/s",
+        Better::Higher,
+        ours,
+        &format!("raw websocket relay, same frame count and size ({frame_bytes} bytes)"),
+        peer,
+        Some(Target::RatioAtLeast(0.5)),
+    )
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            _ => e.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
+async fn cold_start_and_reads(cfg: &Config) -> Vec<Pair> {
+    let megabytes = if cfg.quick { 8 } else { 100 };
+    let s = setup().await;
+    s.a.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, v BLOB)", vec![]).expect("ddl");
+    let load = format!(
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {LOAD_ROWS}) \
+         INSERT INTO big(v) SELECT randomblob({LOAD_ROW_BYTES}) FROM c"
+    );
+    let loads = megabytes * 1_000_000 / (LOAD_ROWS * LOAD_ROW_BYTES);
+    for _ in 0..loads {
+        s.a.execute(&load, vec![]).expect("bulk load");
+        s.a.sync(WAIT * 4).await.expect("sync the load");
+    }
+    let doc_bytes = dir_bytes(&s.dir.path().join("server"));
+    let rows = (loads * LOAD_ROWS) as i64;
+    let reps = cfg.reps.min(3);
+    let (mut ours, mut peer, mut first_query_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut replica = None;
+    for rep in 0..reps {
+        let data = s.dir.path().join(format!("cold-{rep}"));
+        let start = Instant::now();
+        let client = Client::connect(&s.url, "", &data).expect("client");
+        let doc = client.open(DOC).expect("open");
+        doc.sync(WAIT * 4).await.expect("cold sync");
+        let n = doc.query("SELECT count(*) FROM big", &[]).expect("first query").rows[0][0].clone();
+        let took = start.elapsed();
+        assert_eq!(n, Value::Integer(rows), "the new client holds the whole document");
+        ours.push(doc_bytes as f64 / 1e6 / took.as_secs_f64());
+        first_query_ms.push(took.as_secs_f64() * 1e3);
+        let frames = doc_bytes.div_ceil(1 << 20);
+        peer.push(raw_throughput(frames, 1 << 20).await * (1 << 20) as f64 / 1e6);
+        replica = Some((client, doc, data));
+    }
+    let mut pairs = vec![Pair::new(
+        "bulk",
+        &format!("cold start: a new client syncs a {} MB document", doc_bytes / 1_000_000),
+        "MB/s",
+        Better::Higher,
+        ours,
+        "raw websocket transfer of the same bytes in 1 MiB frames",
+        peer,
+        Some(Target::RatioAtLeast(0.5)),
+    )];
+    let (_client, doc, data) = replica.expect("BUG: at least one repetition");
+    let first = crate::report::Stats::of(first_query_ms);
+    eprintln!("cold start: time to the first query {:.0} ms (median of {})", first.median, first.samples);
+    pairs.extend(reads(cfg, &doc, &data.join("export.sqlite"), rows));
+    let _ = s.stop.send(());
+    pairs
+}
+
+/// Point lookups and full scans on the synced replica against the same database as a plain file.
+fn reads(cfg: &Config, doc: &pagesync_client::Document, file: &std::path::Path, rows: i64) -> Vec<Pair> {
+    doc.export(file).expect("export");
+    let plain = rusqlite::Connection::open(file).expect("open the plain file");
+    let lookups = if cfg.quick { 2_000 } else { 20_000 };
+    let mut rng = pagesync_tests::Rng(7);
+    let ids: Vec<i64> = (0..lookups).map(|_| 1 + rng.below(rows as u64) as i64).collect();
+    let lookup = "SELECT length(v) FROM big WHERE id = ?1";
+    let scan = "SELECT sum(length(v)) FROM big";
+    let (ours, peer) = crate::report::interleave(
+        cfg.reps,
+        || {
+            let start = Instant::now();
+            for id in &ids {
+                doc.query(lookup, &[Value::Integer(*id)]).expect("lookup");
+            }
+            per_second(lookups, start.elapsed())
+        },
+        || {
+            let mut stmt = plain.prepare_cached(lookup).expect("prepare");
+            let start = Instant::now();
+            for id in &ids {
+                let _: i64 = stmt.query_row([id], |r| r.get(0)).expect("lookup");
+            }
+            per_second(lookups, start.elapsed())
+        },
+    );
+    let mb = rows as f64 * LOAD_ROW_BYTES as f64 / 1e6;
+    let (scan_ours, scan_peer) = crate::report::interleave(
+        cfg.reps,
+        || timed_mb(mb, || doc.query(scan, &[]).expect("scan")),
+        || timed_mb(mb, || plain.query_row(scan, [], |r| r.get::<_, i64>(0)).expect("scan")),
+    );
+    let peer_name = "stock SQLite on the same database as a plain file";
+    vec![
+        Pair::new(
+            "bulk",
+            "point lookups on a synced replica",
+            "lookups/s",
+            Better::Higher,
+            ours,
+            peer_name,
+            peer,
+            Some(Target::RatioAtLeast(0.83)),
+        ),
+        Pair::new(
+            "bulk",
+            "full scan of a synced replica",
+            "MB/s",
+            Better::Higher,
+            scan_ours,
+            peer_name,
+            scan_peer,
+            Some(Target::RatioAtLeast(0.83)),
+        ),
+    ]
+}
+
+fn timed_mb<T>(mb: f64, f: impl FnOnce() -> T) -> f64 {
+    let start = Instant::now();
+    std::hint::black_box(f());
+    mb / start.elapsed().as_secs_f64().max(1e-9)
+}
