@@ -81,7 +81,9 @@ impl ClientDocument<SqlReducer> {
 impl<R: Reducer> ClientDocument<R> {
     /// Opens the replica from its journals; pending mutations are re-run at once.
     pub fn with_reducer(storage: Box<dyn Journal>, timeline: Box<dyn Journal>, reducer: R) -> Result<Self> {
-        let db = Database::open(PageStore::open(storage)?)?;
+        let mut store = PageStore::open(storage)?;
+        store.enable_schema_epochs()?;
+        let db = Database::open(store)?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc =
             ClientDocument { db, reducer, timeline_id, timeline, pending: VecDeque::new(), applied: None };

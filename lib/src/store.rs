@@ -14,7 +14,14 @@
 //! - SQLite sees a file change counter (header bytes 24..28 and 92..96) that changes whenever
 //!   pages change underneath it (`reported_counter`), so its page cache is never stale;
 //! - pages cut into an entry are byte-identical to what SQLite wrote (the counter is rewritten
-//!   on reads only, and only where it differs from the stored one).
+//!   on reads only, and only where it differs from the stored one);
+//! - on a client (`enable_schema_epochs`), SQLite also sees a schema cookie (bytes 40..44) that
+//!   changes whenever pages change underneath it (`reported_schema`). The change counter makes
+//!   SQLite drop its page cache, but it keeps its parsed schema while the cookie is unchanged,
+//!   and an optimistic local schema can carry the same cookie as the server's (two `CREATE
+//!   TABLE`s each): without this, SQLite would read the server's pages through the local
+//!   schema. Client pages are never sent anywhere, so the patched cookie stays local; the
+//!   server never patches it, so its pages stay exactly what a replay produces.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -73,6 +80,8 @@ pub struct PageStore {
     overlay_page_count: u32,
     /// The change counter SQLite is shown; see the module invariants.
     reported_counter: u32,
+    /// The schema cookie SQLite is shown, on clients only; see the module invariants.
+    reported_schema: Option<u32>,
     /// The last I/O error, kept so the document can report it with its cause after SQLite
     /// turns it into a bare `SQLITE_IOERR`.
     last_error: Option<StoreError>,
@@ -93,6 +102,10 @@ fn counter_of(page1: &Page) -> u32 {
     u32::from_be_bytes(page1[24..28].try_into().expect("BUG: 4 bytes"))
 }
 
+fn schema_cookie_of(page1: &Page) -> u32 {
+    u32::from_be_bytes(page1[40..44].try_into().expect("BUG: 4 bytes"))
+}
+
 impl PageStore {
     /// Opens the store over a storage journal, indexing every entry it holds.
     pub fn open(journal: Box<dyn Journal>) -> Result<PageStore, StoreError> {
@@ -104,6 +117,7 @@ impl PageStore {
             overlay: HashMap::new(),
             overlay_page_count: 0,
             reported_counter: 0,
+            reported_schema: None,
             last_error: None,
         };
         for lsn in store.journal.range().iter() {
@@ -135,6 +149,11 @@ impl PageStore {
     }
 
     fn index_entry(&mut self, lsn: Lsn, header: &storage::EntryHeader) {
+        // Pages cut off by a shrink must not come back from the cache if the file grows again
+        // without rewriting them (a page equal to zeros is left out of an entry).
+        for gone in header.page_count as usize + 1..=self.index.len() {
+            self.cache.pop(&(gone as u32));
+        }
         self.index.resize(header.page_count as usize, None);
         for (i, idx) in header.pages.iter().enumerate() {
             let offset = u32::try_from(header.page_offset(i)).expect("BUG: entries are < 4 GiB");
@@ -202,11 +221,30 @@ impl PageStore {
         Ok(true)
     }
 
-    /// Shows SQLite `reported_counter` in the change counter and version-valid-for fields.
+    /// For a client's replica: show SQLite a schema cookie that moves whenever pages change
+    /// underneath it (see the module invariants). Never on a server.
+    pub fn enable_schema_epochs(&mut self) -> Result<(), StoreError> {
+        let real =
+            if self.page_count == 0 { 0 } else { schema_cookie_of(&*self.committed_page(PageIdx::FIRST)?) };
+        self.reported_schema = Some(real);
+        Ok(())
+    }
+
+    /// Both pages changed underneath SQLite: show it new values so it drops its caches.
+    fn bump_reported(&mut self) {
+        self.reported_counter = self.reported_counter.wrapping_add(1);
+        self.reported_schema = self.reported_schema.map(|c| c.wrapping_add(1));
+    }
+
+    /// Shows SQLite `reported_counter` in the change counter and version-valid-for fields, and
+    /// on clients `reported_schema` in the schema cookie.
     fn patch_counter(&self, offset: u64, buf: &mut [u8]) {
         let counter = self.reported_counter.to_be_bytes();
-        for field in [24u64, 92] {
-            for (k, byte) in counter.iter().enumerate() {
+        let schema = self.reported_schema.map(u32::to_be_bytes);
+        let fields = [(24u64, Some(counter)), (92, Some(counter)), (40, schema)];
+        for (field, value) in fields {
+            let Some(value) = value else { continue };
+            for (k, byte) in value.iter().enumerate() {
                 let pos = field + k as u64;
                 if pos >= offset && pos < offset + buf.len() as u64 {
                     buf[(pos - offset) as usize] = *byte;
@@ -225,6 +263,9 @@ impl PageStore {
         if idx == PageIdx::FIRST {
             // SQLite bumped the counter it was shown; keep showing what it wrote.
             self.reported_counter = counter_of(&page);
+            if self.reported_schema.is_some() {
+                self.reported_schema = Some(schema_cookie_of(&page));
+            }
         }
         self.overlay.insert(idx.get(), page);
         self.overlay_page_count = self.overlay_page_count.max(idx.get());
@@ -295,7 +336,7 @@ impl PageStore {
     pub fn discard_overlay(&mut self) {
         self.overlay.clear();
         self.overlay_page_count = self.page_count;
-        self.reported_counter = self.reported_counter.wrapping_add(1);
+        self.bump_reported();
     }
 
     /// Drops the overlay after a failed server step and shows SQLite the committed change
@@ -321,7 +362,7 @@ impl PageStore {
         self.journal.append(payload)?;
         self.index_entry(lsn, &header);
         self.overlay_page_count = self.page_count;
-        self.reported_counter = self.reported_counter.wrapping_add(1);
+        self.bump_reported();
         Ok(header)
     }
 

@@ -358,3 +358,29 @@ fn apps_cannot_forge_a_migration_record() {
         other => panic!("a write to _pagesync_once must be refused, got {other:?}"),
     }
 }
+
+#[test]
+fn a_local_schema_with_the_servers_schema_cookie_is_not_mistaken_for_it() {
+    // The server's first entry creates its system tables; a client that has created as many
+    // tables locally carries the same schema cookie. SQLite must still reload the schema when
+    // the server's pages replace the local ones.
+    let (mut server, mut client) = setup();
+    let system_tables: i64 = server
+        .database()
+        .conn()
+        .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
+        .expect("count");
+    let ddl: Vec<String> = (0..system_tables).map(|i| format!("CREATE TABLE local{i}(x)")).collect();
+    client.mutate(sql(&ddl.join("; "), vec![]), T0, 1).expect("local ddl");
+    client.mutate(sql("INSERT INTO local0 VALUES (42)", vec![]), T0, 2).expect("insert");
+    pull(&mut client, &server); // the server's system tables only: the local DDL is still pending
+    assert_eq!(client.pending_count(), 2);
+    assert!(integrity_ok(client.database()));
+    let rows = client.query("SELECT x FROM local0", &[]).expect("the local table is still there");
+    assert_eq!(rows.rows, vec![vec![Value::Integer(42)]]);
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.pending_count(), 0);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
