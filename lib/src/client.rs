@@ -21,8 +21,29 @@ use crate::error::{Error, Result};
 use crate::ids::TimelineId;
 use crate::mutation::{Mutation, SqlMutation, Value, migration_key};
 use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation, once_applied};
-use crate::store::PageStore;
+use std::sync::Arc;
+
+use crate::page::{Page, PageIdx, ZERO_PAGE};
+use crate::storage::EntryHeader;
+use crate::store::{PageStore, StoreError};
 use crate::wire::WireEntry;
+
+/// A page as of the newest of `staged` (entries resolved but not yet in the store), or `None`
+/// when none of them decides it: walking newest first, an entry that holds the page gives it,
+/// and one whose file ends before the page means the page is gone (zeros).
+fn staged_version(staged: &[(EntryHeader, Vec<u8>)], idx: PageIdx) -> Option<Arc<Page>> {
+    for (header, bytes) in staged.iter().rev() {
+        if let Some(i) = header.pages.iter().position(|p| *p == idx) {
+            let at = header.page_offset(i);
+            let page: Page = bytes[at..at + crate::page::PAGE_SIZE].try_into().expect("BUG: a whole page");
+            return Some(Arc::new(page));
+        }
+        if idx.get() > header.page_count {
+            return Some(Arc::new(ZERO_PAGE));
+        }
+    }
+    None
+}
 
 /// Where a mutation stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,16 +232,19 @@ impl<R: Reducer> ClientDocument<R> {
     /// Like `receive_storage`, for entries in wire form (compressed, possibly XOR deltas
     /// against this replica's pages just before each entry).
     pub fn receive_wire(&mut self, first: Lsn, entries: &[WireEntry]) -> Result<()> {
-        self.receive_with(first, entries.len(), |i, store| {
-            Ok(entries[i].resolve(|idx| store.previous_version(idx))??)
-        })
+        self.receive_with(first, entries.len(), |i, previous| Ok(entries[i].resolve(previous)??))
     }
 
+    /// Resolves the new entries (a delta sees the pages of the entries before it in the same
+    /// message), appends them all with one durability barrier, then rebases.
     fn receive_with(
         &mut self,
         first: Lsn,
         count: usize,
-        mut payload: impl FnMut(usize, &mut PageStore) -> Result<Vec<u8>>,
+        mut payload: impl FnMut(
+            usize,
+            &mut dyn FnMut(PageIdx) -> Result<Arc<Page>, StoreError>,
+        ) -> Result<Vec<u8>>,
     ) -> Result<()> {
         let next = self.storage_range().next();
         if first > next {
@@ -234,9 +258,17 @@ impl<R: Reducer> ClientDocument<R> {
         let outcome = (|| {
             let mut store = self.db.store();
             store.discard_overlay();
+            let mut staged: Vec<(EntryHeader, Vec<u8>)> = Vec::new();
             for (i, lsn) in range.iter().enumerate().filter(|(_, l)| *l >= next) {
-                let bytes = payload(i, &mut store)?;
-                let header = store.apply_remote(lsn, &bytes)?;
+                let mut previous =
+                    |idx| staged_version(&staged, idx).map_or_else(|| store.previous_version(idx), Ok);
+                let bytes = payload(i, &mut previous)?;
+                let header =
+                    crate::storage::decode(&bytes).map_err(|source| StoreError::Entry { lsn, source })?;
+                staged.push((header, bytes));
+            }
+            let payloads: Vec<&[u8]> = staged.iter().map(|(_, b)| b.as_slice()).collect();
+            for header in store.apply_remote_batch(next, &payloads)? {
                 let ours = header.applied.iter().filter(|a| a.timeline == self.timeline_id).map(|a| a.lsn);
                 applied = applied.max(ours.max());
             }

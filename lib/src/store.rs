@@ -353,17 +353,35 @@ impl PageStore {
     /// Appends an entry received from the server (the client side), at the next LSN. The
     /// overlay must have been discarded first.
     pub fn apply_remote(&mut self, lsn: Lsn, payload: &[u8]) -> Result<storage::EntryHeader, StoreError> {
+        let mut headers = self.apply_remote_batch(lsn, &[payload])?;
+        Ok(headers.pop().expect("BUG: one entry in, one header out"))
+    }
+
+    /// Appends consecutive entries received from the server, starting at `first`, with one
+    /// durability barrier for all of them. The overlay must have been discarded first.
+    pub fn apply_remote_batch(
+        &mut self,
+        first: Lsn,
+        payloads: &[&[u8]],
+    ) -> Result<Vec<storage::EntryHeader>, StoreError> {
         assert!(!self.has_overlay(), "BUG: discard the overlay before applying remote pages");
         let expected = self.journal.range().next();
-        if lsn != expected {
-            return Err(StoreError::OutOfOrder { expected, got: lsn });
+        if first != expected {
+            return Err(StoreError::OutOfOrder { expected, got: first });
         }
-        let header = storage::decode(payload).map_err(|source| StoreError::Entry { lsn, source })?;
-        self.journal.append(payload)?;
-        self.index_entry(lsn, &header);
+        let range = pagesync_journal::LsnRange::from_count(first, payloads.len() as u64);
+        let headers = range
+            .iter()
+            .zip(payloads)
+            .map(|(lsn, p)| storage::decode(p).map_err(|source| StoreError::Entry { lsn, source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.journal.append_batch(payloads)?;
+        for (lsn, header) in range.iter().zip(&headers) {
+            self.index_entry(lsn, header);
+        }
         self.overlay_page_count = self.page_count;
         self.bump_reported();
-        Ok(header)
+        Ok(headers)
     }
 
     /// The committed database as a plain SQLite file: every committed page, in order. Page 1
