@@ -13,6 +13,7 @@
 //!   restarts with nothing else to persist.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use pagesync_journal::{Journal, Lsn, LsnRange};
 
@@ -20,10 +21,8 @@ use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::ids::TimelineId;
 use crate::mutation::{Mutation, SqlMutation, Value, migration_key};
-use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation, once_applied};
-use std::sync::Arc;
-
 use crate::page::{Page, PageIdx, ZERO_PAGE};
+use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation, once_applied};
 use crate::storage::EntryHeader;
 use crate::store::{PageStore, StoreError};
 use crate::wire::WireEntry;

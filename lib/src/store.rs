@@ -350,13 +350,6 @@ impl PageStore {
         Ok(())
     }
 
-    /// Appends an entry received from the server (the client side), at the next LSN. The
-    /// overlay must have been discarded first.
-    pub fn apply_remote(&mut self, lsn: Lsn, payload: &[u8]) -> Result<storage::EntryHeader, StoreError> {
-        let mut headers = self.apply_remote_batch(lsn, &[payload])?;
-        Ok(headers.pop().expect("BUG: one entry in, one header out"))
-    }
-
     /// Appends consecutive entries received from the server, starting at `first`, with one
     /// durability barrier for all of them. The overlay must have been discarded first.
     pub fn apply_remote_batch(

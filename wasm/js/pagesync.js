@@ -34,6 +34,7 @@ export class Database {
   #workerCalls = new Map(); // worker call id -> { resolve, reject }
   #owner = null; // the owning tab's id, once known
   #releaseLock = null;
+  #whenReady = null; // settles `open`: once this tab owns the document or has heard from the owner
   /** "owner" when this tab runs the worker, "follower" when another tab does. */
   role = "pending";
   storageKind = null;
@@ -81,8 +82,6 @@ export class Database {
     await ready;
     return db;
   }
-
-  #whenReady = null;
 
   /** Runs a write at once on the local state and queues it for the server. */
   async exec(sql, params = []) {

@@ -30,8 +30,14 @@ impl Drop for ServerProcess {
 }
 
 pub fn start(port: u16, journal: &str) -> ServerProcess {
+    start_with(port, journal, &[])
+}
+
+/// `start` with extra flags.
+pub fn start_with(port: u16, journal: &str, extra: &[&str]) -> ServerProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--journal", journal])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
