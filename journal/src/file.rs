@@ -223,12 +223,16 @@ impl FileJournal {
         &self.repairs
     }
 
+    /// Appends and trims are refused read-only, and after a failed fsync until reopened.
     fn check_writable(&self) -> Result<()> {
-        if self.opts.read_only {
-            let message = format!("{} was opened read-only", self.dir.display());
-            return Err(JournalError::Backend { journal: self.id, message });
-        }
-        Ok(())
+        let message = if self.opts.read_only {
+            format!("{} was opened read-only", self.dir.display())
+        } else if self.poisoned {
+            "an earlier fsync failed; reopen the journal before appending".into()
+        } else {
+            return Ok(());
+        };
+        Err(JournalError::Backend { journal: self.id, message })
     }
 
     /// Bytes on disk in segment files.
@@ -468,12 +472,6 @@ impl Journal for FileJournal {
 
     fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
         self.check_writable()?;
-        if self.poisoned {
-            return Err(JournalError::Backend {
-                journal: self.id,
-                message: "an earlier fsync failed; reopen the journal before appending".into(),
-            });
-        }
         for p in payloads {
             crate::check_entry_len(self.id, p)?;
         }

@@ -148,12 +148,7 @@ impl<R: Reducer> ClientDocument<R> {
     /// Reads the applied LSN of this timeline from the replicated system table.
     fn read_applied(&self) -> Result<Option<Lsn>> {
         let conn = self.db.conn();
-        let exists: bool = conn.query_row(
-            "SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = '_pagesync_timelines')",
-            [],
-            |r| r.get(0),
-        )?;
-        if !exists {
+        if !crate::db::table_exists(conn, "_pagesync_timelines")? {
             return Ok(None);
         }
         let lsn: Option<i64> = conn

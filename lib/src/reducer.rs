@@ -69,12 +69,7 @@ impl Reducer for SqlReducer {
 
 /// Whether a mutation with `once` key `key` has applied to this database.
 pub fn once_applied(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = '_pagesync_once')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !exists {
+    if !crate::db::table_exists(conn, "_pagesync_once")? {
         return Ok(false);
     }
     conn.query_row("SELECT EXISTS(SELECT 1 FROM _pagesync_once WHERE key = ?1)", [key], |r| r.get(0))

@@ -16,6 +16,9 @@ use crate::{Hub, Metrics};
 /// Largest HTTP request head read for the plain routes; anything longer is refused.
 const MAX_REQUEST_HEAD_BYTES: usize = 16 << 10;
 
+/// How long a new connection may take to send its request line.
+const REQUEST_LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What a connection may be routed to.
 pub struct Routes {
     pub hub: Hub,
@@ -27,12 +30,7 @@ pub struct Routes {
 
 pub async fn serve_connection(stream: TcpStream, routes: Routes) {
     let Routes { hub, metrics, store, max_frame_bytes, web_root } = routes;
-    let mut head = [0u8; 512];
-    let n = match stream.peek(&mut head).await {
-        Ok(n) => n,
-        Err(_) => return,
-    };
-    let line = String::from_utf8_lossy(&head[..n]);
+    let Some(line) = peek_request_line(&stream).await else { return };
     let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
     match path.as_str() {
         "/v1/sync" => serve_websocket(stream, hub, metrics, max_frame_bytes).await,
@@ -72,6 +70,24 @@ async fn static_file(stream: TcpStream, root: &Path, path: &str) {
     match tokio::fs::read(&file).await {
         Ok(body) => respond(stream, "200 OK", content_type, body).await,
         Err(_) => respond(stream, "404 Not Found", "text/plain", format!("no file {path}\n")).await,
+    }
+}
+
+/// Peeks (does not consume) until the request line is complete: a client may send it in
+/// several segments. `None` when the peer closes, errs, or takes longer than
+/// `REQUEST_LINE_TIMEOUT` for its first line.
+async fn peek_request_line(stream: &TcpStream) -> Option<String> {
+    let mut head = [0u8; 512];
+    let deadline = tokio::time::Instant::now() + REQUEST_LINE_TIMEOUT;
+    loop {
+        let n = stream.peek(&mut head).await.ok().filter(|n| *n > 0)?;
+        if head[..n].windows(2).any(|w| w == b"\r\n") || n == head.len() {
+            return Some(String::from_utf8_lossy(&head[..n]).into_owned());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
 }
 

@@ -21,9 +21,8 @@ fn static_files_are_served_with_their_types_and_nothing_outside_the_root() {
     std::fs::write(web.join("index.html"), "<h1>demo</h1>").expect("write");
     std::fs::write(web.join("pkg/app.wasm"), b"\0asm").expect("write");
     std::fs::write(dir.path().join("secret.txt"), "do not serve").expect("write");
-    let port = support::free_port();
     let journal = format!("file://{}", dir.path().join("data").display());
-    let _server = support::start_with(port, &journal, &["--web", web.to_str().expect("utf-8 path")]);
+    let (_server, port) = support::start_on_any_port(&journal, &["--web", web.to_str().expect("utf-8 path")]);
 
     let index = get(port, "/?doc=00");
     assert!(index.starts_with("HTTP/1.1 200"), "{index}");

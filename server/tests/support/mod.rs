@@ -33,6 +33,32 @@ pub fn start(port: u16, journal: &str) -> ServerProcess {
     start_with(port, journal, &[])
 }
 
+/// Starts a server on a port the kernel picks (no race with other tests for a free port) and
+/// returns it with that port, read from the server's "listening on" log line.
+pub fn start_on_any_port(journal: &str, extra: &[&str]) -> (ServerProcess, u16) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(["--listen", "127.0.0.1:0", "--journal", journal])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pagesync-server");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let server = ServerProcess(child);
+    for line in lines.by_ref() {
+        let line = line.expect("read the server's log");
+        if let Some(rest) = line.split("listening on ws://127.0.0.1:").nth(1) {
+            let port = rest.split('/').next().and_then(|p| p.parse().ok()).expect("a port in the log line");
+            // Keep draining the log so the server never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (server, port);
+        }
+    }
+    panic!("pagesync-server exited before listening");
+}
+
 /// `start` with extra flags.
 pub fn start_with(port: u16, journal: &str, extra: &[&str]) -> ServerProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
