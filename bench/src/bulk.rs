@@ -29,23 +29,29 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
     })
 }
 
-fn hundred_row_insert() -> String {
-    let values: Vec<String> = (1..=ROWS_PER_MUTATION).map(|i| format!("(?{i})")).collect();
+fn multi_row_insert(rows: usize) -> String {
+    let values: Vec<String> = (1..=rows).map(|i| format!("(?{i})")).collect();
     format!("INSERT INTO t(v) VALUES {}", values.join(", "))
 }
 
-fn hundred_row_params(m: u64) -> Vec<Value> {
-    (0..ROWS_PER_MUTATION as u64).flat_map(|i| row(m * 1000 + i)).collect()
+fn multi_row_params(m: u64, rows: usize) -> Vec<Value> {
+    (0..rows as u64).flat_map(|i| row(m * 1000 + i)).collect()
 }
 
-async fn ours_hundred_rows(n: u64) -> f64 {
+/// The frame a mutation of `rows` rows costs: the encoded mutation plus message overhead.
+fn frame_bytes(rows: usize) -> usize {
+    pagesync::SqlMutation::one(multi_row_insert(rows), multi_row_params(0, rows)).encode().len() + 64
+}
+
+/// Mutations per second A -> server -> B, each inserting `rows` rows.
+async fn ours_rows(n: u64, rows: usize) -> f64 {
     let s = setup().await;
-    let sql = hundred_row_insert();
+    let sql = multi_row_insert(rows);
     let start = Instant::now();
     for m in 0..n {
-        s.a.execute(&sql, hundred_row_params(m)).expect("write");
+        s.a.execute(&sql, multi_row_params(m, rows)).expect("write");
     }
-    b_reaches(&s.b, (n * ROWS_PER_MUTATION as u64) as i64).await;
+    b_reaches(&s.b, (n * rows as u64) as i64).await;
     let rate = per_second(n, start.elapsed());
     let _ = s.stop.send(());
     rate
@@ -53,13 +59,13 @@ async fn ours_hundred_rows(n: u64) -> f64 {
 
 async fn hundred_rows(cfg: &Config) -> Pair {
     let n = if cfg.quick { 30 } else { 500 };
-    let frame_bytes =
-        pagesync::SqlMutation::one(hundred_row_insert(), hundred_row_params(0)).encode().len() + 64;
+    let frame_bytes = frame_bytes(ROWS_PER_MUTATION);
     let (mut ours, mut peer) = (Vec::new(), Vec::new());
     for _ in 0..cfg.reps {
-        ours.push(ours_hundred_rows(n).await);
+        ours.push(ours_rows(n, ROWS_PER_MUTATION).await);
         peer.push(raw_throughput(n, frame_bytes).await);
     }
+    batch_chart(cfg).await;
     Pair::new(
         "bulk",
         "A -> server -> B over websockets, 100-row mutations",
@@ -70,6 +76,33 @@ async fn hundred_rows(cfg: &Config) -> Pair {
         peer,
         Some(Target::RatioAtLeast(0.5)),
     )
+}
+
+/// Rows per second against rows per mutation, for the chart (median of up to 3 runs each).
+async fn batch_chart(cfg: &Config) {
+    let n = if cfg.quick { 30 } else { 300 };
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for rows in [1, 10, 100] {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.reps.min(3) {
+            a.push(ours_rows(n, rows).await * rows as f64);
+            b.push(raw_throughput(n, frame_bytes(rows)).await * rows as f64);
+        }
+        ours.push((rows as f64, crate::report::Stats::of(a).median));
+        raw.push((rows as f64, crate::report::Stats::of(b).median));
+    }
+    cfg.charts.borrow_mut().push(crate::chart::Chart {
+        name: "throughput-by-batch".into(),
+        title: "Rows per second A -> server -> B against rows per mutation".into(),
+        x_label: "rows per mutation (log scale)".into(),
+        y_label: "rows per second (log scale)".into(),
+        log_x: true,
+        log_y: true,
+        series: vec![
+            crate::chart::Series { name: "pagesync".into(), points: ours },
+            crate::chart::Series { name: "raw websocket relay, same frames".into(), points: raw },
+        ],
+    });
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod bulk;
+mod chart;
 mod core;
 mod journal;
 mod net;
@@ -22,6 +23,8 @@ pub struct Config {
     pub quick: bool,
     /// Interleaved repetitions of each pair.
     pub reps: usize,
+    /// Charts the groups collect while they run; written to `bench/charts/`.
+    pub charts: std::cell::RefCell<Vec<chart::Chart>>,
 }
 
 type Group = (&'static str, fn(&Config) -> Vec<Pair>);
@@ -65,18 +68,23 @@ fn main() -> ExitCode {
     if selected.is_empty() {
         return fail(&format!("unknown benchmark {which:?}\n{}", usage()));
     }
-    let cfg = Config { quick, reps: if quick { 3 } else { 7 } };
+    let cfg = Config { quick, reps: if quick { 3 } else { 7 }, charts: Default::default() };
     let mut pairs = Vec::new();
     for (name, run) in selected {
         eprintln!("running {name} ...");
         pairs.extend(run(&cfg));
     }
-    let report = Report { machine: Machine::detect(), quick, pairs };
+    let charts = cfg.charts.take();
+    let chart_links = charts.iter().map(|c| (c.name.clone(), c.title.clone())).collect();
+    let report = Report { machine: Machine::detect(), quick, pairs, charts: chart_links };
     let md = report.markdown();
     print!("{md}");
     let json = serde_json::to_string_pretty(&report).expect("BUG: the report serializes");
-    let _ = std::fs::create_dir_all(out.join("bench"));
-    let writes = [(out.join("BENCHMARKS.md"), md), (out.join("bench").join("results.json"), json)];
+    let _ = std::fs::create_dir_all(out.join("bench").join("charts"));
+    let mut writes = vec![(out.join("BENCHMARKS.md"), md), (out.join("bench").join("results.json"), json)];
+    for c in &charts {
+        writes.push((out.join("bench").join("charts").join(format!("{}.svg", c.name)), c.svg()));
+    }
     for (path, text) in writes {
         if let Err(e) = std::fs::write(&path, text) {
             return fail(&format!("cannot write {}: {e}", path.display()));

@@ -180,6 +180,21 @@ async fn latency(cfg: &Config) -> Vec<Pair> {
         raw.push(took.as_secs_f64() * 1e3);
         tokio::time::sleep(Duration::from_millis(10).saturating_sub(took)).await;
     }
+    cfg.charts.borrow_mut().push(crate::chart::Chart {
+        name: "latency-cdf".into(),
+        title: "Propagation latency at 100 mutations/s, A -> server -> B (CDF)".into(),
+        x_label: "milliseconds (log scale)".into(),
+        y_label: "fraction of mutations".into(),
+        log_x: true,
+        log_y: false,
+        series: vec![
+            crate::chart::Series { name: "pagesync".into(), points: crate::chart::cdf(ours.clone()) },
+            crate::chart::Series {
+                name: "raw websocket relay".into(),
+                points: crate::chart::cdf(raw.clone()),
+            },
+        ],
+    });
     let pct = |xs: &mut Vec<f64>, p: f64| {
         xs.sort_by(f64::total_cmp);
         xs[((xs.len() as f64 - 1.0) * p).round() as usize]

@@ -145,6 +145,8 @@ pub struct Report {
     pub machine: Machine,
     pub quick: bool,
     pub pairs: Vec<Pair>,
+    /// (file stem, title) of each chart in `bench/charts/`.
+    pub charts: Vec<(String, String)>,
 }
 
 impl Report {
@@ -184,6 +186,12 @@ impl Report {
                 p.ratio,
                 target
             );
+        }
+        if !self.charts.is_empty() {
+            let _ = writeln!(s, "\n## Charts\n");
+            for (name, title) in &self.charts {
+                let _ = writeln!(s, "![{title}](bench/charts/{name}.svg)\n");
+            }
         }
         s
     }
