@@ -144,36 +144,35 @@ pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
 /// stopped it, if any.
 type Stepped = (DocId, Vec<(StepOutcome, Option<u64>)>, Option<String>);
 
-/// Steps `work` on `threads` scoped threads (native only: wasm has no threads, and its
-/// journals are not `Send`).
-#[cfg(not(target_arch = "wasm32"))]
-fn step_in_parallel(
-    work: &mut [(DocId, &mut ServerDocument)],
+/// Steps every document in `work`: on up to `threads` scoped threads, or one by one on this
+/// thread when `threads` is 1. Always one by one on wasm, which has no threads and whose
+/// journals are not `Send`.
+fn step_documents(
+    mut work: Vec<(DocId, &mut ServerDocument)>,
     threads: usize,
     now: i64,
     clock: Option<&Clock>,
 ) -> Vec<Stepped> {
-    let per_thread = work.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = work
-            .chunks_mut(per_thread)
-            .map(|chunk| {
-                s.spawn(move || {
-                    chunk.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect::<Vec<_>>()
+    #[cfg(not(target_arch = "wasm32"))]
+    if threads > 1 {
+        let per_thread = work.len().div_ceil(threads);
+        return std::thread::scope(|s| {
+            let handles: Vec<_> = work
+                .chunks_mut(per_thread)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect::<Vec<_>>()
+                    })
                 })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    })
-}
-
-#[cfg(target_arch = "wasm32")]
-fn step_in_parallel(
-    work: &mut [(DocId, &mut ServerDocument)],
-    _threads: usize,
-    now: i64,
-    clock: Option<&Clock>,
-) -> Vec<Stepped> {
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+    }
+    #[cfg(target_arch = "wasm32")]
+    let _ = threads;
     work.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect()
 }
 
@@ -483,14 +482,10 @@ impl ServerSession {
             .map(|(id, _)| *id)
             .collect();
         let clock = self.clock.as_ref();
-        let mut work: Vec<(DocId, &mut ServerDocument)> =
+        let work: Vec<(DocId, &mut ServerDocument)> =
             self.docs.iter_mut().filter(|(id, _)| due.contains(id)).map(|(id, d)| (*id, d)).collect();
         let threads = self.options.step_threads.min(work.len());
-        let results: Vec<Stepped> = if threads <= 1 {
-            work.into_iter().map(|(id, d)| step_document(id, d, now, clock)).collect()
-        } else {
-            step_in_parallel(&mut work, threads, now, clock)
-        };
+        let results = step_documents(work, threads, now, clock);
         for (doc, steps, failed) in results {
             for (outcome, micros) in &steps {
                 self.stats.record(outcome, *micros);
