@@ -261,8 +261,8 @@ impl<R: Reducer> ClientDocument<R> {
                     crate::storage::decode(&bytes).map_err(|source| StoreError::Entry { lsn, source })?;
                 staged.push((header, bytes));
             }
-            let payloads: Vec<&[u8]> = staged.iter().map(|(_, b)| b.as_slice()).collect();
-            for header in store.apply_remote_batch(next, &payloads)? {
+            store.apply_remote_batch(next, &staged)?;
+            for (header, _) in &staged {
                 let ours = header.applied.iter().filter(|a| a.timeline == self.timeline_id).map(|a| a.lsn);
                 applied = applied.max(ours.max());
             }

@@ -351,30 +351,26 @@ impl PageStore {
     }
 
     /// Appends consecutive entries received from the server, starting at `first`, with one
-    /// durability barrier for all of them. The overlay must have been discarded first.
+    /// durability barrier for all of them; each comes with its decoded header. The overlay must
+    /// have been discarded first.
     pub fn apply_remote_batch(
         &mut self,
         first: Lsn,
-        payloads: &[&[u8]],
-    ) -> Result<Vec<storage::EntryHeader>, StoreError> {
+        entries: &[(storage::EntryHeader, Vec<u8>)],
+    ) -> Result<(), StoreError> {
         assert!(!self.has_overlay(), "BUG: discard the overlay before applying remote pages");
         let expected = self.journal.range().next();
         if first != expected {
             return Err(StoreError::OutOfOrder { expected, got: first });
         }
-        let range = pagesync_journal::LsnRange::from_count(first, payloads.len() as u64);
-        let headers = range
-            .iter()
-            .zip(payloads)
-            .map(|(lsn, p)| storage::decode(p).map_err(|source| StoreError::Entry { lsn, source }))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.journal.append_batch(payloads)?;
-        for (lsn, header) in range.iter().zip(&headers) {
+        let payloads: Vec<&[u8]> = entries.iter().map(|(_, p)| p.as_slice()).collect();
+        let range = self.journal.append_batch(&payloads)?;
+        for (lsn, (header, _)) in range.iter().zip(entries) {
             self.index_entry(lsn, header);
         }
         self.overlay_page_count = self.page_count;
         self.bump_reported();
-        Ok(headers)
+        Ok(())
     }
 
     /// The committed database as a plain SQLite file: every committed page, in order. Page 1
