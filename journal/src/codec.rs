@@ -28,6 +28,22 @@ pub fn encode_frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends one frame per payload, LSNs `first`, `first + 1`, ..., and returns where each frame
+/// starts in `out`.
+pub fn encode_frames(out: &mut Vec<u8>, first: Lsn, payloads: &[&[u8]]) -> Vec<usize> {
+    out.reserve(payloads.iter().map(|p| frame_len(p.len())).sum());
+    let mut lsn = first;
+    payloads
+        .iter()
+        .map(|p| {
+            let at = out.len();
+            encode_frame(out, lsn, p);
+            lsn = lsn.next();
+            at
+        })
+        .collect()
+}
+
 /// The frame bytes an entry with this payload occupies.
 pub fn frame_len(payload_len: usize) -> usize {
     FRAME_HEADER_BYTES + payload_len

@@ -484,12 +484,8 @@ impl Journal for FileJournal {
         if self.needs_roll(total as u64) {
             self.roll(first)?;
         }
-        let mut buf = Vec::with_capacity(total);
-        let mut rel_offsets = Vec::with_capacity(payloads.len());
-        for (lsn, p) in batch.iter().zip(payloads) {
-            rel_offsets.push(buf.len() as u64);
-            codec::encode_frame(&mut buf, lsn, p);
-        }
+        let mut buf = Vec::new();
+        let rel_offsets = codec::encode_frames(&mut buf, first, payloads);
         let id = self.id;
         let seg = self.segments.last_mut().expect("BUG: roll() guarantees a segment");
         let start = seg.len_bytes;
@@ -502,7 +498,7 @@ impl Journal for FileJournal {
             self.poisoned = true;
             return Err(io_err(id, "fsync", &seg.path)(e));
         }
-        seg.offsets.extend(rel_offsets.iter().map(|o| start + o));
+        seg.offsets.extend(rel_offsets.iter().map(|o| start + *o as u64));
         seg.len_bytes = start + buf.len() as u64;
         self.range = self.range.extend(payloads.len() as u64);
         Ok(batch)

@@ -372,23 +372,16 @@ impl<F: RandomAccess + crate::MaybeSend> Journal for HandleJournal<F> {
             crate::check_entry_len(self.id, p)?;
         }
         let first = self.range.next();
-        let mut buf = Vec::with_capacity(payloads.iter().map(|p| codec::frame_len(p.len())).sum());
-        let mut offsets = Vec::with_capacity(payloads.len());
-        let mut lsn = first;
-        for p in payloads {
-            offsets.push(self.end + buf.len() as u64);
-            codec::encode_frame(&mut buf, lsn, p);
-            lsn = lsn.next();
-        }
+        let mut buf = Vec::new();
+        let starts = codec::encode_frames(&mut buf, first, payloads);
         let f = &mut self.files[self.live];
         if let Err(e) = f.write_all_at(&buf, self.end).and_then(|()| f.flush()) {
             self.failed = true;
             return Err(io_err(self.id, "append", f)(e));
         }
-        // Entries past a trim point that ran ahead of the frames (everything removed, then
-        // appends) sit after frames that are no longer readable; offsets stay dense from base.
+        // Offsets stay dense from the base LSN, trimmed frames included.
         debug_assert_eq!(self.offsets.len() as u64, first.get() - self.base.get());
-        self.offsets.extend(offsets);
+        self.offsets.extend(starts.iter().map(|at| self.end + *at as u64));
         self.end += buf.len() as u64;
         self.range = self.range.extend(payloads.len() as u64);
         Ok(LsnRange::from_count(first, payloads.len() as u64))

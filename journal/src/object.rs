@@ -530,11 +530,9 @@ impl Journal for ObjectJournal {
         bytes.extend_from_slice(&(payloads.len() as u32).to_le_bytes());
         let c = crc(&bytes);
         bytes.extend_from_slice(&c);
-        let mut offsets = Vec::with_capacity(payloads.len());
-        for (lsn, p) in batch.iter().zip(payloads) {
-            offsets.push((bytes.len() + FRAME_HEADER_BYTES, p.len()));
-            codec::encode_frame(&mut bytes, lsn, p);
-        }
+        let starts = codec::encode_frames(&mut bytes, first, payloads);
+        let offsets: Vec<(usize, usize)> =
+            starts.iter().zip(payloads).map(|(at, p)| (at + FRAME_HEADER_BYTES, p.len())).collect();
         let key = batch_key(&self.dir, first.get());
         match self.backend.put(&key, bytes.clone(), PutMode::Create) {
             Ok(()) => {}

@@ -191,12 +191,12 @@ fn is_system(name: &str) -> bool {
     name.len() >= SYSTEM_PREFIX.len() && name[..SYSTEM_PREFIX.len()].eq_ignore_ascii_case(SYSTEM_PREFIX)
 }
 
-/// Why app SQL may not do `action`, or `None` if it may.
 /// Whether the database has a table (or other schema object) named `name`.
 pub fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row("SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = ?1)", [name], |r| r.get(0))
 }
 
+/// Why app SQL may not do `action`, or `None` if it may.
 fn refusal_reason(action: &AuthAction<'_>) -> Option<String> {
     use AuthAction as A;
     let deterministic = "it cannot be replayed deterministically on the server";
