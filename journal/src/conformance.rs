@@ -123,12 +123,13 @@ pub fn reopen_preserves_entries_and_trim_point<B: Backend>(b: &mut B) {
     assert_holds(&j, LsnRange::inclusive(lsn(44), lsn(45)));
 }
 
-/// Expands to one `#[test]` per conformance property. `$backend` is an expression that
-/// builds a fresh [`Backend`].
+/// Calls `$callback!` with the names of every conformance property, after `$args`: the one
+/// list of properties, for harnesses that need their own test attribute (the browser's
+/// `wasm_bindgen_test`). `$callback` must be in scope where this is invoked.
 #[macro_export]
-macro_rules! conformance_tests {
-    ($backend:expr) => {
-        $crate::conformance_tests!(@each $backend;
+macro_rules! conformance_properties {
+    ($callback:ident ! ($($args:tt)*)) => {
+        $callback!($($args)*
             new_journal_is_empty,
             appends_are_dense_and_readable,
             batches_append_atomically_in_order,
@@ -137,6 +138,16 @@ macro_rules! conformance_tests {
             oversized_entry_is_refused_and_changes_nothing,
             remove_prefix_keeps_next,
             reopen_preserves_entries_and_trim_point);
+    };
+}
+
+/// Expands to one `#[test]` per conformance property. `$backend` is an expression that
+/// builds a fresh [`Backend`].
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:expr) => {
+        use $crate::conformance_tests as __pagesync_conformance_tests;
+        $crate::conformance_properties!(__pagesync_conformance_tests!(@each $backend;));
     };
     (@each $backend:expr; $($name:ident),*) => {
         $(

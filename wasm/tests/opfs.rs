@@ -53,16 +53,7 @@ macro_rules! opfs_conformance {
     )*};
 }
 
-opfs_conformance!(
-    new_journal_is_empty,
-    appends_are_dense_and_readable,
-    batches_append_atomically_in_order,
-    read_range_returns_entries_in_order,
-    read_part_reads_within_one_entry,
-    oversized_entry_is_refused_and_changes_nothing,
-    remove_prefix_keeps_next,
-    reopen_preserves_entries_and_trim_point
-);
+pagesync::journal::conformance_properties!(opfs_conformance!());
 
 const DOC: &str = "0000000000000000000000000000abcd";
 
