@@ -20,9 +20,7 @@ const LOAD_ROWS: usize = 1_000;
 const LOAD_ROW_BYTES: usize = 4_000;
 
 pub fn run(cfg: &Config) -> Vec<Pair> {
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(async {
+    crate::runtime().block_on(async {
         let mut pairs = vec![hundred_rows(cfg).await];
         pairs.extend(cold_start_and_reads(cfg).await);
         pairs

@@ -27,6 +27,11 @@ pub struct Config {
     pub charts: std::cell::RefCell<Vec<chart::Chart>>,
 }
 
+/// The runtime the network groups run in: two workers, as many as the machines have cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
 type Group = (&'static str, fn(&Config) -> Vec<Pair>);
 
 const GROUPS: &[Group] = &[

@@ -19,9 +19,7 @@ pub(crate) const DOC: DocId = DocId([9; 16]);
 pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 pub fn run(cfg: &Config) -> Vec<Pair> {
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(async {
+    crate::runtime().block_on(async {
         let mut pairs = vec![throughput(cfg).await];
         pairs.extend(latency(cfg).await);
         pairs

@@ -24,9 +24,7 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
         eprintln!("s3: skipped (no AWS_ENDPOINT_URL; scripts/test starts moto and sets it)");
         return Vec::new();
     }
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    rt.block_on(async {
+    crate::runtime().block_on(async {
         let secs = if cfg.quick { 1 } else { 5 };
         let grouped = puts_per_thousand(None, secs).await;
         let eager = puts_per_thousand(Some(0), secs).await;
