@@ -174,7 +174,7 @@ fn progress_bar(p: pagesync_client::SyncProgress) -> String {
     if p.server_entries == 0 {
         return format!("syncing: waiting for the server, {} writes pending ", p.pending);
     }
-    let filled = (p.entries * WIDTH).checked_div(p.server_entries).unwrap_or(WIDTH).min(WIDTH);
+    let filled = (p.entries * WIDTH / p.server_entries).min(WIDTH);
     let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '-' }).collect();
     format!("syncing [{bar}] {}/{} entries, {} writes pending ", p.entries, p.server_entries, p.pending)
 }
