@@ -542,7 +542,7 @@ impl Journal for FileJournal {
     }
 
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()> {
-        let trimmed = self.range.trim_prefix(up_to);
+        let trimmed = self.range.remove_through(up_to);
         if trimmed == self.range {
             return Ok(());
         }

@@ -413,6 +413,17 @@ impl<F: RandomAccess + crate::MaybeSend> Journal for HandleJournal<F> {
     }
 
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()> {
+        if up_to >= self.range.next() {
+            // A restart later: the other file gets a header based at `up_to + 1` and no frames.
+            self.check_writable()?;
+            let before = self.range;
+            self.range = LsnRange::empty_at(up_to.next());
+            let compacted = self.compact();
+            if compacted.is_err() {
+                self.range = before;
+            }
+            return compacted;
+        }
         let trimmed = self.range.trim_prefix(up_to);
         let first = trimmed.first();
         if first <= self.range.first() {

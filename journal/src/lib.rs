@@ -83,8 +83,10 @@ pub trait Journal: MaybeSend {
         Ok(())
     }
 
-    /// Forgets every entry with an LSN `<= up_to`. The journal's `next()` does not change, also
-    /// when every entry is removed. Backends may keep removed bytes on disk until a whole
+    /// Forgets every entry with an LSN `<= up_to`. Up to the last entry, `next()` does not
+    /// change, also when every entry is removed. Past it, the journal restarts later: it is
+    /// empty and `next()` becomes `up_to + 1` (a replica that installs a snapshot taken at
+    /// `up_to` continues from there). Backends may keep removed bytes on disk until a whole
     /// segment can go, but they are never readable again.
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()>;
 }

@@ -155,6 +155,12 @@ impl LsnRange {
         }
     }
 
+    /// What `Journal::remove_prefix(up_to)` leaves: the range without the LSNs `<= up_to`, and
+    /// when `up_to` is past the end, empty at `up_to + 1`.
+    pub fn remove_through(&self, up_to: Lsn) -> LsnRange {
+        if up_to >= self.next() { LsnRange::empty_at(up_to.next()) } else { self.trim_prefix(up_to) }
+    }
+
     /// The LSNs in both ranges. Empty (at the later start) when they do not overlap.
     pub fn intersect(&self, other: &LsnRange) -> LsnRange {
         let first = self.first().max(other.first());

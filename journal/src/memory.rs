@@ -67,8 +67,8 @@ impl Journal for MemoryJournal {
     }
 
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()> {
-        let trimmed = self.range().trim_prefix(up_to);
-        let drop = (trimmed.first().get() - self.first.get()) as usize;
+        let trimmed = self.range().remove_through(up_to);
+        let drop = ((trimmed.first().get() - self.first.get()) as usize).min(self.entries.len());
         self.entries.drain(..drop);
         self.first = trimmed.first();
         Ok(())

@@ -576,7 +576,7 @@ impl Journal for ObjectJournal {
     }
 
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()> {
-        let target = up_to.get().min(self.range.next().get() - 1);
+        let target = up_to.get();
         if target <= self.trimmed_through {
             return Ok(());
         }
@@ -590,7 +590,7 @@ impl Journal for ObjectJournal {
             .put(&trim_key, t, PutMode::Overwrite)
             .map_err(|e| backend_err(self.id, format!("PUT {trim_key} failed: {e}")))?;
         self.trimmed_through = target;
-        let next = self.range.next();
+        let next = self.range.next().max(up_to.next());
         self.range = match Lsn::new(target + 1) {
             Some(f) if f < next => LsnRange::inclusive(f, self.range.last().expect("BUG: f < next")),
             _ => LsnRange::empty_at(next),
