@@ -115,7 +115,9 @@ impl<R: Reducer> ClientDocument<R> {
         for (lsn, bytes) in range.iter().zip(doc.timeline.read_range(range)?) {
             doc.pending.push_back((lsn, Mutation::decode(&bytes)?));
         }
-        doc.replay_pending()?;
+        if !doc.db.store().is_restarting() {
+            doc.replay_pending()?;
+        }
         Ok(doc)
     }
 
@@ -145,6 +147,17 @@ impl<R: Reducer> ClientDocument<R> {
         self.pending.len()
     }
 
+    /// Refuses reads and writes while the replica downloads a checkpoint: it has no state.
+    fn check_not_restarting(&self) -> Result<()> {
+        if self.db.store().is_restarting() { Err(Error::Restarting) } else { Ok(()) }
+    }
+
+    /// True while the replica downloads a checkpoint after falling behind the server's
+    /// history; `query` and `mutate` fail with `Error::Restarting` until it is complete.
+    pub fn is_restarting(&self) -> bool {
+        self.db.store().is_restarting()
+    }
+
     /// Reads the applied LSN of this timeline from the replicated system table.
     fn read_applied(&self) -> Result<Option<Lsn>> {
         let conn = self.db.conn();
@@ -165,6 +178,7 @@ impl<R: Reducer> ClientDocument<R> {
     /// Runs a mutation locally, at once, and appends it durably to the timeline. `time_ms` and
     /// `seed` come from the caller (the core reads no clock and no randomness).
     pub fn mutate(&mut self, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
+        self.check_not_restarting()?;
         let mutation = Mutation { client_time_ms: time_ms, seed, body };
         let bytes = mutation.encode()?;
         let conn = self.db.conn();
@@ -241,41 +255,59 @@ impl<R: Reducer> ClientDocument<R> {
         ) -> Result<Vec<u8>>,
     ) -> Result<()> {
         let next = self.storage_range().next();
-        if first > next {
-            return Err(Error::Gap { expected: next, got: first });
-        }
         let range = LsnRange::from_count(first, count as u64);
         if range.next() <= next {
             return Ok(());
         }
+        // Past our end, the batch must start a checkpoint: the replica restarts there.
+        let restart = first > next;
         let mut applied = self.applied;
         let outcome = (|| {
             let mut store = self.db.store();
             store.discard_overlay();
             let mut staged: Vec<(EntryHeader, Vec<u8>)> = Vec::new();
-            for (i, lsn) in range.iter().enumerate().filter(|(_, l)| *l >= next) {
-                let mut previous =
-                    |idx| staged_version(&staged, idx).map_or_else(|| store.previous_version(idx), Ok);
+            for (i, lsn) in range.iter().enumerate().filter(|(_, l)| restart || *l >= next) {
+                let mut previous = |idx| match staged_version(&staged, idx) {
+                    Some(page) => Ok(page),
+                    None if restart => Ok(Arc::new(ZERO_PAGE)),
+                    None => store.previous_version(idx),
+                };
                 let bytes = payload(i, &mut previous)?;
                 let header =
                     crate::storage::decode(&bytes).map_err(|source| StoreError::Entry { lsn, source })?;
+                if restart && i == 0 && header.checkpoint.is_none_or(|p| p.index != 1) {
+                    return Err(Error::Gap { expected: next, got: first });
+                }
                 staged.push((header, bytes));
             }
-            store.apply_remote_batch(next, &staged)?;
+            let checkpointed = staged.iter().any(|(h, _)| h.checkpoint.is_some());
             for (header, _) in &staged {
                 let ours = header.applied.iter().filter(|a| a.timeline == self.timeline_id).map(|a| a.lsn);
                 applied = applied.max(ours.max());
             }
-            Ok::<(), Error>(())
+            store.apply_remote_batch(if restart { first } else { next }, staged)?;
+            // A replica needs no history: keep the journal from the newest checkpoint on.
+            let first_held = store.journal().range().first();
+            if let Some(cp) = store.checkpoints().last().copied().filter(|c| c.first > first_held) {
+                store.trim_to(cp)?;
+            }
+            Ok::<bool, Error>(checkpointed && !store.is_restarting())
         })();
+        if matches!(outcome, Ok(true)) {
+            // After a restart the entries that applied our mutations are gone: the replicated
+            // table says how far the server got.
+            applied = applied.max(self.read_applied()?);
+        }
         // Whatever was applied stays applied; the pending work goes back on top either way.
         if let Some(a) = applied.filter(|a| Some(*a) > self.applied) {
             self.timeline.remove_prefix(a)?;
             self.pending.retain(|(l, _)| *l > a);
             self.applied = Some(a);
         }
-        self.replay_pending()?;
-        outcome
+        if !self.db.store().is_restarting() {
+            self.replay_pending()?;
+        }
+        outcome.map(|_| ())
     }
 
     /// Re-runs every pending mutation on the current state, in one transaction. A mutation
@@ -359,6 +391,7 @@ impl<R: Reducer> ClientDocument<R> {
 
     /// Runs a read-only query on the optimistic state.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
+        self.check_not_restarting()?;
         let mut stmt = self.db.conn().prepare_cached(sql)?;
         if !stmt.readonly() {
             return Err(Error::NotReadOnly { sql: sql.to_owned() });

@@ -31,6 +31,12 @@ pub enum Error {
     Wire(#[from] crate::wire::WireError),
     #[error("storage entry {got} arrived but {expected} is next: the missing range must be sent first")]
     Gap { expected: Lsn, got: Lsn },
+    /// The replica was further behind than the server keeps history, and is receiving a
+    /// checkpoint of the whole document; it has nothing to read or write on until then.
+    #[error(
+        "this replica is downloading a checkpoint of the document (it was behind the history the server keeps): try again once it has synced"
+    )]
+    Restarting,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

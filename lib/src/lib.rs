@@ -30,4 +30,5 @@ pub use ids::{DocId, TimelineId};
 pub use mutation::{Mutation, SqlMutation, Statement, Value};
 pub use pagesync_journal as journal;
 pub use reducer::{Reducer, Rejection, SqlReducer};
-pub use server::{ServerDocument, StepLimits, StepOutcome};
+pub use server::{Compaction, ServerDocument, StepLimits, StepOutcome};
+pub use store::Checkpoint;

@@ -21,7 +21,7 @@ use crate::ids::TimelineId;
 use crate::mutation::{MAX_MUTATION_BYTES, Mutation};
 use crate::reducer::{ONCE_SCHEMA, Reducer, Rejection, SqlReducer, apply_mutation};
 use crate::storage::Applied;
-use crate::store::PageStore;
+use crate::store::{Checkpoint, PageStore};
 use crate::wire::WireEntry;
 
 /// The system tables, created by the server's first step.
@@ -58,6 +58,24 @@ pub struct StepLimits {
     /// usable (deletes and updates that do not grow it still apply). `None`: no limit. Set
     /// through SQLite's `max_page_count`, so replays under the same limit stay deterministic.
     pub max_doc_bytes: Option<u64>,
+}
+
+/// When a document writes checkpoints and how much history it keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compaction {
+    /// A checkpoint is written once the entries since the last one hold this many bytes, or
+    /// the document's size if that is larger (so a checkpoint never costs more than the
+    /// history it lets go). 64 MiB by default.
+    pub checkpoint_after_bytes: u64,
+    /// History kept for point-in-time restore: the journal is trimmed to the newest checkpoint
+    /// at least this old. 7 days by default; 0 keeps only the newest checkpoint and its tail.
+    pub retention_ms: i64,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction { checkpoint_after_bytes: 64 << 20, retention_ms: 7 * 24 * 3_600_000 }
+    }
 }
 
 impl Default for StepLimits {
@@ -99,6 +117,7 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     rr_cursor: Option<TimelineId>,
     /// The newest entries in wire form, oldest first.
     recent: VecDeque<(Lsn, WireEntry)>,
+    compaction: Option<Compaction>,
 }
 
 impl<R: Reducer> std::fmt::Debug for ServerDocument<R> {
@@ -114,6 +133,17 @@ impl ServerDocument<SqlReducer> {
     pub fn open(storage: Box<dyn Journal>) -> Result<Self> {
         Self::with_reducer(storage, SqlReducer, StepLimits::default())
     }
+}
+
+/// Keeps a new entry's wire form: the XOR delta when it compresses smaller, else whole.
+fn remember(recent: &mut VecDeque<(Lsn, WireEntry)>, committed: Option<crate::store::Committed>) {
+    let Some(c) = committed else { return };
+    let (full, delta) = (WireEntry::full(&c.payload), WireEntry::delta(&c.delta));
+    let best = if delta.data.len() < full.data.len() { delta } else { full };
+    if recent.len() == RECENT_WIRE_ENTRIES {
+        recent.pop_front();
+    }
+    recent.push_back((c.lsn, best));
 }
 
 /// The client time of an encoded mutation, or 0 when it does not decode.
@@ -134,11 +164,13 @@ impl<R: Reducer> ServerDocument<R> {
             queues: BTreeMap::new(),
             rr_cursor: None,
             recent: VecDeque::new(),
+            compaction: None,
         };
         if doc.db.store().page_count() == 0 {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} {ONCE_SCHEMA} COMMIT;"))?;
-            let committed = doc.db.store().commit_overlay(&[])?;
-            doc.remember(committed);
+            // Time 0: the document's creation precedes every step.
+            let committed = doc.db.store().commit_overlay(&[], 0)?;
+            remember(&mut doc.recent, committed);
         }
         if let Some(max) = limits.max_doc_bytes {
             let pages = (max / crate::page::PAGE_SIZE as u64).max(1);
@@ -181,15 +213,44 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(self.db.store().journal().read_range(range)?)
     }
 
-    /// Keeps a new entry's wire form: the XOR delta when it compresses smaller, else whole.
-    fn remember(&mut self, committed: Option<crate::store::Committed>) {
-        let Some(c) = committed else { return };
-        let (full, delta) = (WireEntry::full(&c.payload), WireEntry::delta(&c.delta));
-        let best = if delta.data.len() < full.data.len() { delta } else { full };
-        if self.recent.len() == RECENT_WIRE_ENTRIES {
-            self.recent.pop_front();
+    /// Turns on checkpoints and retention (off by default: the history is kept whole).
+    pub fn set_compaction(&mut self, compaction: Option<Compaction>) {
+        self.compaction = compaction;
+    }
+
+    /// The checkpoint the journal starts with, if it was trimmed: a subscriber behind it
+    /// restarts there.
+    pub fn base_checkpoint(&self) -> Option<Checkpoint> {
+        let store = self.db.store();
+        let first = store.journal().range().first();
+        store.checkpoints().first().copied().filter(|c| c.first == first)
+    }
+
+    /// Writes a checkpoint when enough history has built up, then trims the journal to the
+    /// newest checkpoint that is older than the retention window. `now_ms` is the server's
+    /// clock. Returns whether anything was written or removed.
+    pub fn compact(&mut self, now_ms: i64) -> Result<bool> {
+        let Some(policy) = self.compaction else { return Ok(false) };
+        let mut store = self.db.store();
+        let doc_bytes = u64::from(store.page_count()) * crate::page::PAGE_SIZE as u64;
+        let mut changed = false;
+        if store.bytes_since_checkpoint() >= policy.checkpoint_after_bytes.max(doc_bytes) {
+            store.write_checkpoint(now_ms, |c| remember(&mut self.recent, Some(c)))?;
+            changed = true;
         }
-        self.recent.push_back((c.lsn, best));
+        let first = store.journal().range().first();
+        let horizon = now_ms.saturating_sub(policy.retention_ms);
+        let newest_old = store.checkpoints().iter().rev().find(|c| c.time_ms <= horizon).copied();
+        if let Some(cp) = newest_old.filter(|c| c.first > first) {
+            store.trim_to(cp)?;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// A storage entry in wire form, whole: for a receiver that restarts at a checkpoint.
+    pub fn read_wire_full(&self, lsn: Lsn) -> Result<WireEntry> {
+        Ok(WireEntry::full(&self.db.store().journal().read(lsn)?))
     }
 
     /// Storage entries in wire form, for a receiver that holds everything before `range`.
@@ -284,14 +345,19 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Applies one batch and appends it as one durable storage entry. `now_ms` is the server's
     /// clock, passed in. `Ok(None)` when nothing was queued.
+    /// Compaction (`set_compaction`) runs first, when it is due.
     pub fn step(&mut self, now_ms: i64) -> Result<Option<StepOutcome>> {
+        if self.queues.is_empty() {
+            return Ok(None);
+        }
+        self.compact(now_ms)?;
         let batch = self.pick_batch();
         if batch.is_empty() {
             return Ok(None);
         }
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
         // On error `apply_batch` restored the last durable state and the batch stays queued.
-        let outcome = self.apply_batch(&batch, clamp)?;
+        let outcome = self.apply_batch(&batch, clamp, now_ms)?;
         for (tl, lsn, _) in &batch {
             let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
             q.pop_front();
@@ -304,12 +370,16 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// Re-applies a recorded step (from another replica's storage entry): the same mutations in
-    /// the same order with the recorded clocks. Used to verify determinism and to rebuild a
-    /// document from its mutations.
-    pub fn replay_step(&mut self, recorded: &[(Applied, Vec<u8>)]) -> Result<StepOutcome> {
+    /// the same order with the recorded clocks (`entry_time_ms` is the entry's). Used to verify
+    /// determinism and to rebuild a document from its mutations.
+    pub fn replay_step(
+        &mut self,
+        recorded: &[(Applied, Vec<u8>)],
+        entry_time_ms: i64,
+    ) -> Result<StepOutcome> {
         let batch: Vec<(TimelineId, Lsn, Vec<u8>)> =
             recorded.iter().map(|(a, bytes)| (a.timeline, a.lsn, bytes.clone())).collect();
-        let outcome = self.apply_batch(&batch, |_, i| recorded[i].0.time_ms)?;
+        let outcome = self.apply_batch(&batch, |_, i| recorded[i].0.time_ms, entry_time_ms)?;
         for (a, _) in recorded {
             self.applied.insert(a.timeline, a.lsn);
         }
@@ -318,17 +388,17 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Runs `VACUUM` (outside any mutation: it cannot run in a transaction) and records the
     /// rewritten pages as one storage entry. Returns its LSN, if anything changed.
-    pub fn vacuum(&mut self) -> Result<Option<Lsn>> {
+    pub fn vacuum(&mut self, now_ms: i64) -> Result<Option<Lsn>> {
         if let Err(e) = self.db.conn().execute_batch("VACUUM") {
             let e = self.db.explain(e);
             self.db.store().rollback_failed_step()?;
             return Err(e);
         }
-        let committed = self.db.store().commit_overlay(&[]);
+        let committed = self.db.store().commit_overlay(&[], now_ms);
         match committed {
             Ok(committed) => {
                 let lsn = committed.as_ref().map(|c| c.lsn);
-                self.remember(committed);
+                remember(&mut self.recent, committed);
                 Ok(lsn)
             }
             Err(e) => {
@@ -345,10 +415,11 @@ impl<R: Reducer> ServerDocument<R> {
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
         time_of: impl Fn(i64, usize) -> i64,
+        entry_time_ms: i64,
     ) -> Result<StepOutcome> {
         let mut lost: HashMap<usize, Rejection> = HashMap::new();
         loop {
-            match self.try_apply_batch(batch, &time_of, &lost) {
+            match self.try_apply_batch(batch, &time_of, &lost, entry_time_ms) {
                 Err((Some(i), Error::TransactionLost(r))) => {
                     let r = self.explain_full(r);
                     assert!(lost.insert(i, r).is_none(), "BUG: a skipped mutation ran again");
@@ -371,6 +442,7 @@ impl<R: Reducer> ServerDocument<R> {
         batch: &[(TimelineId, Lsn, Vec<u8>)],
         time_of: &impl Fn(i64, usize) -> i64,
         lost: &HashMap<usize, Rejection>,
+        entry_time_ms: i64,
     ) -> std::result::Result<StepOutcome, (Option<usize>, Error)> {
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
         self.db.conn().execute_batch("BEGIN IMMEDIATE").map_err(conn_err)?;
@@ -405,9 +477,10 @@ impl<R: Reducer> ServerDocument<R> {
                 .map_err(conn_err)?;
         }
         self.db.conn().execute_batch("COMMIT").map_err(|e| (None, self.db.explain(e)))?;
-        let committed = self.db.store().commit_overlay(&applied).map_err(|e| (None, e.into()))?;
+        let committed =
+            self.db.store().commit_overlay(&applied, entry_time_ms).map_err(|e| (None, e.into()))?;
         let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
-        self.remember(committed);
+        remember(&mut self.recent, committed);
         Ok(StepOutcome { lsn, applied: applied.len(), rejected })
     }
 

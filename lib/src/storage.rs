@@ -1,11 +1,16 @@
 //! The storage journal entry: one reducer step on the server.
 //!
 //! ```text
-//! version u8 = 1 | page_count u32 | n_applied u32 | n_pages u32
+//! version u8 = 2 | page_count u32 | n_applied u32 | n_pages u32
+//! time_ms i64 | part u32 | parts u32
 //! applied: n_applied x (timeline [16] | lsn u64 | time_ms i64)
 //! page_idx: n_pages x u32, strictly ascending, each <= page_count
 //! pages:    n_pages x 4096 bytes
 //! ```
+//!
+//! `time_ms` is the server's clock when it wrote the entry (restore by time reads it). `part`
+//! and `parts` are 0 for a step; a checkpoint is `parts` consecutive entries, part 1..=parts,
+//! that together hold every page of the document (see `PageStore::write_checkpoint`).
 //!
 //! Little endian. Pages are stored uncompressed so a reader can fetch one page by offset
 //! (`page_offset`) without decoding the entry; compression happens on the wire.
@@ -15,8 +20,8 @@ use pagesync_journal::Lsn;
 use crate::ids::TimelineId;
 use crate::page::{PAGE_SIZE, Page, PageIdx};
 
-const VERSION: u8 = 1;
-const HEADER_BYTES: usize = 13;
+const VERSION: u8 = 2;
+const HEADER_BYTES: usize = 29;
 const APPLIED_BYTES: usize = 32;
 
 /// One mutation applied by a step: its timeline, its LSN there, and the clock it ran with.
@@ -28,10 +33,33 @@ pub struct Applied {
     pub time_ms: i64,
 }
 
+/// Which part of a checkpoint an entry is: `index` in `1..=count`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Part {
+    /// The LSN of the checkpoint's first part, when this part is at `lsn`.
+    pub fn first_lsn(&self, lsn: Lsn) -> Lsn {
+        Lsn::new(lsn.get() - u64::from(self.index - 1)).expect("BUG: parts are numbered from the first")
+    }
+
+    /// The LSN of the checkpoint's last part, when this part is at `lsn`.
+    pub fn last_lsn(&self, lsn: Lsn) -> Lsn {
+        Lsn::new(lsn.get() + u64::from(self.count - self.index)).expect("BUG: past a valid LSN")
+    }
+}
+
 /// A decoded storage entry (the page bytes stay in the payload; see `page_offset`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryHeader {
     pub page_count: u32,
+    /// The server's clock when it wrote the entry.
+    pub time_ms: i64,
+    /// Set on the parts of a checkpoint.
+    pub checkpoint: Option<Part>,
     pub applied: Vec<Applied>,
     pub pages: Vec<PageIdx>,
 }
@@ -48,14 +76,24 @@ impl EntryHeader {
 #[error("malformed storage entry: {0}")]
 pub struct EntryError(pub String);
 
-/// Encodes a step. `pages` must be sorted by index, each within `page_count`.
-pub fn encode(page_count: u32, applied: &[Applied], pages: &[(PageIdx, &Page)]) -> Vec<u8> {
+/// Encodes an entry. `pages` must be sorted by index, each within `page_count`.
+pub fn encode(
+    page_count: u32,
+    time_ms: i64,
+    checkpoint: Option<Part>,
+    applied: &[Applied],
+    pages: &[(PageIdx, &Page)],
+) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(HEADER_BYTES + APPLIED_BYTES * applied.len() + (4 + PAGE_SIZE) * pages.len());
     out.push(VERSION);
     out.extend_from_slice(&page_count.to_le_bytes());
     out.extend_from_slice(&(applied.len() as u32).to_le_bytes());
     out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    out.extend_from_slice(&time_ms.to_le_bytes());
+    let part = checkpoint.map_or((0, 0), |p| (p.index, p.count));
+    out.extend_from_slice(&part.0.to_le_bytes());
+    out.extend_from_slice(&part.1.to_le_bytes());
     for a in applied {
         out.extend_from_slice(&a.timeline.0);
         out.extend_from_slice(&a.lsn.get().to_le_bytes());
@@ -102,6 +140,12 @@ pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
     }
     let page_count = r.u32()?;
     let (n_applied, n_pages) = (r.u32()? as usize, r.u32()? as usize);
+    let time_ms = r.u64()? as i64;
+    let checkpoint = match (r.u32()?, r.u32()?) {
+        (0, 0) => None,
+        (index, count) if (1..=count).contains(&index) => Some(Part { index, count }),
+        (index, count) => return Err(EntryError(format!("checkpoint part {index} of {count}"))),
+    };
     // Bound the counts by the payload before allocating, so a corrupt count cannot.
     let need = n_applied
         .checked_mul(APPLIED_BYTES)
@@ -130,7 +174,7 @@ pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
         }
         pages.push(idx);
     }
-    Ok(EntryHeader { page_count, applied, pages })
+    Ok(EntryHeader { page_count, time_ms, checkpoint, applied, pages })
 }
 
 #[cfg(test)]
@@ -143,9 +187,10 @@ mod tests {
         let p3 = [3u8; PAGE_SIZE];
         let applied = [Applied { timeline: TimelineId([9; 16]), lsn: Lsn::FIRST, time_ms: -5 }];
         let pages = [(PageIdx::new(1).expect("1"), &p1), (PageIdx::new(3).expect("3"), &p3)];
-        let bytes = encode(4, &applied, &pages);
+        let part = Some(Part { index: 2, count: 3 });
+        let bytes = encode(4, 77, part, &applied, &pages);
         let h = decode(&bytes).expect("decode");
-        assert_eq!(h.page_count, 4);
+        assert_eq!((h.page_count, h.time_ms, h.checkpoint), (4, 77, part));
         assert_eq!(h.applied, applied);
         assert_eq!(&bytes[h.page_offset(1)..h.page_offset(2)], &p3[..]);
         for cut in 0..bytes.len() {
@@ -157,7 +202,13 @@ mod tests {
     fn pages_beyond_the_count_or_unsorted_are_rejected() {
         let p = [0u8; PAGE_SIZE];
         let two = PageIdx::new(2).expect("2");
-        assert!(decode(&encode(1, &[], &[(two, &p)])).is_err());
-        assert!(decode(&encode(3, &[], &[(two, &p), (two, &p)])).is_err());
+        assert!(decode(&encode(1, 0, None, &[], &[(two, &p)])).is_err());
+        assert!(decode(&encode(3, 0, None, &[], &[(two, &p), (two, &p)])).is_err());
+        for (index, count) in [(0, 1), (2, 1), (1, 0)] {
+            let mut bytes = encode(3, 0, None, &[], &[(two, &p)]);
+            bytes[21..25].copy_from_slice(&u32::to_le_bytes(index));
+            bytes[25..29].copy_from_slice(&u32::to_le_bytes(count));
+            assert!(decode(&bytes).is_err(), "part {index} of {count}");
+        }
     }
 }

@@ -9,8 +9,17 @@
 //!
 //! The committed page count is tracked, never recomputed.
 //!
+//! Checkpoints: `write_checkpoint` appends every page of the document again, in parts (each a
+//! storage entry marked part i of n). Once a checkpoint is complete, everything before its
+//! first part can be removed (`trim_to`) and the state is unchanged. The parts of a checkpoint
+//! are indexed only when its last part is in: until then reads see the state before it, so a
+//! checkpoint (or a restore written as one) switches the document atomically, and one cut
+//! short by a crash is ignored. A replica restarted at a checkpoint (`apply_remote_batch` past
+//! its end) has no state until the checkpoint's last part arrives (`is_restarting`).
+//!
 //! Invariants:
 //! - the index holds, for every committed page, the newest entry that wrote it;
+//! - the journal starts at LSN 1 or at the first part of a checkpoint;
 //! - SQLite sees a file change counter (header bytes 24..28 and 92..96) that changes whenever
 //!   pages change underneath it (`reported_counter`), so its page cache is never stale;
 //! - pages cut into an entry are byte-identical to what SQLite wrote (the counter is rewritten
@@ -45,6 +54,32 @@ struct Loc {
     offset: u32,
 }
 
+/// Pages per checkpoint part: 1,024 pages make 4 MiB entries, far below the entry limit, and
+/// few enough parts that a checkpoint of a large document costs few appends.
+pub const CHECKPOINT_PART_PAGES: u32 = 1024;
+
+/// A complete checkpoint in the storage journal: every page of the document as of `last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The LSN of its first part: removing everything before it keeps the state.
+    pub first: Lsn,
+    pub last: Lsn,
+    /// The server's clock when it was written.
+    pub time_ms: i64,
+}
+
+/// The parts of a checkpoint `[first, last]` of `page_count` pages: `(part, pages)`.
+pub fn checkpoint_parts(
+    page_count: u32,
+) -> impl Iterator<Item = (storage::Part, std::ops::RangeInclusive<u32>)> {
+    let count = page_count.div_ceil(CHECKPOINT_PART_PAGES).max(1);
+    (1..=count).map(move |index| {
+        let start = (index - 1) * CHECKPOINT_PART_PAGES + 1;
+        let end = (index * CHECKPOINT_PART_PAGES).min(page_count);
+        (storage::Part { index, count }, start..=end)
+    })
+}
+
 /// A storage entry just made durable.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -67,6 +102,12 @@ pub enum StoreError {
     NotAPage { offset: u64, len: usize },
     #[error("storage entry {got} arrived, expected {expected}")]
     OutOfOrder { expected: Lsn, got: Lsn },
+    #[error(
+        "the storage journal starts at LSN {first}, which is not the first part of a checkpoint: the history before it is missing"
+    )]
+    NoBase { first: Lsn },
+    #[error("cannot remove the history before LSN {first}: page {page} still lives in entry {lsn}")]
+    TrimWouldLosePages { first: Lsn, page: u32, lsn: Lsn },
 }
 
 /// The database file of one document.
@@ -85,6 +126,14 @@ pub struct PageStore {
     /// The last I/O error, kept so the document can report it with its cause after SQLite
     /// turns it into a bare `SQLITE_IOERR`.
     last_error: Option<StoreError>,
+    /// The parts of a checkpoint whose last part is not in yet, not indexed.
+    arriving: Vec<(Lsn, storage::EntryHeader)>,
+    /// Complete checkpoints in the journal, oldest first.
+    checkpoints: Vec<Checkpoint>,
+    /// Payload bytes of the entries after the newest complete checkpoint (or the journal's start).
+    bytes_since_checkpoint: u64,
+    /// False while a replica restarted at a checkpoint waits for its last part.
+    has_base: bool,
 }
 
 impl std::fmt::Debug for PageStore {
@@ -109,6 +158,13 @@ fn schema_cookie_of(page1: &Page) -> u32 {
 impl PageStore {
     /// Opens the store over a storage journal, indexing every entry it holds.
     pub fn open(journal: Box<dyn Journal>) -> Result<PageStore, StoreError> {
+        Self::open_until(journal, None)
+    }
+
+    /// Opens the store as of entry `last` (`None`: the newest), for reading the document at a
+    /// point in its history. Such a store must not be written.
+    pub fn open_until(journal: Box<dyn Journal>, last: Option<Lsn>) -> Result<PageStore, StoreError> {
+        let first = journal.range().first();
         let mut store = PageStore {
             journal,
             index: Vec::new(),
@@ -119,11 +175,19 @@ impl PageStore {
             reported_counter: 0,
             reported_schema: None,
             last_error: None,
+            arriving: Vec::new(),
+            checkpoints: Vec::new(),
+            bytes_since_checkpoint: 0,
+            has_base: first == Lsn::FIRST,
         };
-        for lsn in store.journal.range().iter() {
+        for lsn in store.journal.range().iter().take_while(|l| last.is_none_or(|last| *l <= last)) {
             let payload = store.journal.read(lsn)?;
             let header = storage::decode(&payload).map_err(|source| StoreError::Entry { lsn, source })?;
-            store.index_entry(lsn, &header);
+            let starts_a_checkpoint = header.checkpoint.is_some_and(|p| p.index == 1);
+            if lsn == first && first > Lsn::FIRST && !starts_a_checkpoint {
+                return Err(StoreError::NoBase { first });
+            }
+            store.index_entry(lsn, header, payload.len());
         }
         store.overlay_page_count = store.page_count;
         store.reported_counter = store.committed_counter()?;
@@ -148,7 +212,40 @@ impl PageStore {
         self.last_error.take()
     }
 
-    fn index_entry(&mut self, lsn: Lsn, header: &storage::EntryHeader) {
+    /// Indexes a new entry; the parts of a checkpoint wait for its last part (see the module
+    /// docs).
+    fn index_entry(&mut self, lsn: Lsn, header: storage::EntryHeader, len: usize) {
+        let Some(part) = header.checkpoint else {
+            self.arriving.clear();
+            self.bytes_since_checkpoint += len as u64;
+            return self.index_pages(lsn, &header);
+        };
+        let continues = self.arriving.last().is_some_and(|(l, h)| {
+            l.next() == lsn
+                && h.checkpoint.is_some_and(|p| p.index + 1 == part.index && p.count == part.count)
+        });
+        if part.index == 1 {
+            self.arriving.clear();
+        } else if !continues {
+            // A part without the ones before it: a checkpoint cut short, then resumed by
+            // nothing. It changes nothing; forget it.
+            self.arriving.clear();
+            return;
+        }
+        let time_ms = header.time_ms;
+        self.arriving.push((lsn, header));
+        if part.index == part.count {
+            let first = part.first_lsn(lsn);
+            for (l, h) in std::mem::take(&mut self.arriving) {
+                self.index_pages(l, &h);
+            }
+            self.checkpoints.push(Checkpoint { first, last: lsn, time_ms });
+            self.bytes_since_checkpoint = 0;
+            self.has_base = true;
+        }
+    }
+
+    fn index_pages(&mut self, lsn: Lsn, header: &storage::EntryHeader) {
         // Pages cut off by a shrink must not come back from the cache if the file grows again
         // without rewriting them (a page equal to zeros is left out of an entry).
         for gone in header.page_count as usize + 1..=self.index.len() {
@@ -295,7 +392,11 @@ impl PageStore {
     /// Cuts the overlay into one storage entry with `applied`, appends it durably, and makes it
     /// the committed state. Pages equal to their committed version are left out. Returns the
     /// entry's LSN and its delta form (see `wire`), or `None` when there was nothing to record.
-    pub fn commit_overlay(&mut self, applied: &[Applied]) -> Result<Option<Committed>, StoreError> {
+    pub fn commit_overlay(
+        &mut self,
+        applied: &[Applied],
+        time_ms: i64,
+    ) -> Result<Option<Committed>, StoreError> {
         let mut changed: Vec<(u32, Box<Page>, Arc<Page>)> = Vec::with_capacity(self.overlay.len());
         for (i, page) in std::mem::take(&mut self.overlay) {
             let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
@@ -310,12 +411,12 @@ impl PageStore {
         }
         let pages: Vec<(PageIdx, &Page)> =
             changed.iter().map(|(i, p, _)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
-        let payload = storage::encode(self.overlay_page_count, applied, &pages);
+        let payload = storage::encode(self.overlay_page_count, time_ms, None, applied, &pages);
         let lsn = self.journal.append(&payload)?;
         let header = storage::decode(&payload).expect("BUG: we just encoded it");
         let olds: Vec<&Page> = changed.iter().map(|(_, _, old)| &**old).collect();
         let delta = crate::wire::xor_pages(&header, payload.clone(), &olds);
-        self.index_entry(lsn, &header);
+        self.index_entry(lsn, header, payload.len());
         for (i, page, _) in changed {
             self.cache.put(i, Arc::from(page));
         }
@@ -352,24 +453,105 @@ impl PageStore {
 
     /// Appends consecutive entries received from the server, starting at `first`, with one
     /// durability barrier for all of them; each comes with its decoded header. The overlay must
-    /// have been discarded first.
+    /// have been discarded first. Entries past this store's end are taken when they start with
+    /// the first part of a checkpoint: the store restarts there (`is_restarting`).
     pub fn apply_remote_batch(
         &mut self,
         first: Lsn,
-        entries: &[(storage::EntryHeader, Vec<u8>)],
+        entries: Vec<(storage::EntryHeader, Vec<u8>)>,
     ) -> Result<(), StoreError> {
         assert!(!self.has_overlay(), "BUG: discard the overlay before applying remote pages");
         let expected = self.journal.range().next();
-        if first != expected {
+        let restarts = entries.first().is_some_and(|(h, _)| h.checkpoint.is_some_and(|p| p.index == 1));
+        if first > expected && restarts {
+            self.restart_at(first)?;
+        } else if first != expected {
             return Err(StoreError::OutOfOrder { expected, got: first });
         }
         let payloads: Vec<&[u8]> = entries.iter().map(|(_, p)| p.as_slice()).collect();
         let range = self.journal.append_batch(&payloads)?;
-        for (lsn, (header, _)) in range.iter().zip(entries) {
-            self.index_entry(lsn, header);
+        for (lsn, (header, payload)) in range.iter().zip(entries) {
+            self.index_entry(lsn, header, payload.len());
         }
         self.overlay_page_count = self.page_count;
         self.bump_reported();
+        Ok(())
+    }
+
+    /// Forgets every page and entry; the journal continues at `first`, where a checkpoint
+    /// starts.
+    fn restart_at(&mut self, first: Lsn) -> Result<(), StoreError> {
+        self.journal.remove_prefix(first.prev().expect("BUG: past the end of a journal is > 1"))?;
+        self.index.clear();
+        self.cache.clear();
+        self.page_count = 0;
+        self.overlay_page_count = 0;
+        self.arriving.clear();
+        self.checkpoints.clear();
+        self.bytes_since_checkpoint = 0;
+        self.has_base = false;
+        Ok(())
+    }
+
+    /// True while this replica, restarted at a checkpoint, waits for the checkpoint's last
+    /// part: it holds no state to read.
+    pub fn is_restarting(&self) -> bool {
+        !self.has_base
+    }
+
+    /// Complete checkpoints in the journal, oldest first.
+    pub fn checkpoints(&self) -> &[Checkpoint] {
+        &self.checkpoints
+    }
+
+    /// Payload bytes appended since the newest complete checkpoint (or the journal's start).
+    pub fn bytes_since_checkpoint(&self) -> u64 {
+        self.bytes_since_checkpoint
+    }
+
+    /// Appends a checkpoint: every committed page again, in parts of [`CHECKPOINT_PART_PAGES`],
+    /// each durable before the next. It changes no page. `each` gets every part as committed
+    /// (its delta form is all zeros). The overlay must be empty.
+    pub fn write_checkpoint(
+        &mut self,
+        time_ms: i64,
+        mut each: impl FnMut(Committed),
+    ) -> Result<(), StoreError> {
+        assert!(!self.has_overlay(), "BUG: a checkpoint is of committed pages");
+        for (part, pages) in checkpoint_parts(self.page_count) {
+            let pages: Vec<(PageIdx, Arc<Page>)> = pages
+                .map(|i| {
+                    let idx = PageIdx::new(i).expect("BUG: i >= 1");
+                    Ok((idx, self.committed_page(idx)?))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            let refs: Vec<(PageIdx, &Page)> = pages.iter().map(|(i, p)| (*i, &**p)).collect();
+            let payload = storage::encode(self.page_count, time_ms, Some(part), &[], &refs);
+            let lsn = self.journal.append(&payload)?;
+            let header = storage::decode(&payload).expect("BUG: we just encoded it");
+            let delta = crate::wire::xor_pages(
+                &header,
+                payload.clone(),
+                &refs.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+            );
+            self.index_entry(lsn, header, payload.len());
+            each(Committed { lsn, payload, delta });
+        }
+        Ok(())
+    }
+
+    /// Removes every entry before `checkpoint` (one of `checkpoints()`), which holds every
+    /// page as of its last part; the state does not change.
+    pub fn trim_to(&mut self, checkpoint: Checkpoint) -> Result<(), StoreError> {
+        let Some(up_to) = checkpoint.first.prev() else { return Ok(()) };
+        for (i, loc) in self.index.iter().enumerate() {
+            if let Some(loc) = loc.filter(|l| l.lsn < checkpoint.first) {
+                let (first, page) = (checkpoint.first, i as u32 + 1);
+                return Err(StoreError::TrimWouldLosePages { first, page, lsn: loc.lsn });
+            }
+        }
+        self.journal.remove_prefix(up_to)?;
+        self.checkpoints.retain(|c| c.first >= checkpoint.first);
         Ok(())
     }
 

@@ -196,7 +196,7 @@ fn vacuum_shrinks_the_file_and_replicates() {
     push(&client, &mut server);
     drain(&mut server, T0);
     let before = server.database().store().page_count();
-    server.vacuum().expect("vacuum").expect("vacuum changed pages");
+    server.vacuum(0).expect("vacuum").expect("vacuum changed pages");
     let after = server.database().store().page_count();
     assert!(after * 10 < before, "VACUUM truncated the file: {before} -> {after} pages");
     pull(&mut client, &server);

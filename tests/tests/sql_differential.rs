@@ -94,7 +94,7 @@ fn run_script(name: &str) {
                 stock.execute_batch("VACUUM").expect("stock vacuum");
                 push(&client, &mut server);
                 drain(&mut server, T0);
-                server.vacuum().expect("vacuum");
+                server.vacuum(0).expect("vacuum");
                 pull(&mut client, &server);
             }
             Block::Query(q) => {

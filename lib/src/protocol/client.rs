@@ -207,15 +207,18 @@ impl ClientSession {
                 link.up_inflight.retain(|(end, _)| *end > next_expected);
             }
             Message::Storage { first, entries, .. } => {
-                let have = link.doc.storage_range().next();
-                if first > have {
-                    // A gap: ask again from what we hold, at most once per retransmit period.
-                    if now_ms >= link.sub_sent_ms + RETRANSMIT_MS {
-                        link.subscribed = false;
+                // Past what we hold, only a checkpoint's first part is taken (the replica
+                // restarts there); anything else is a gap.
+                match link.doc.receive_wire(first, &entries) {
+                    Err(crate::Error::Gap { .. }) => {
+                        // Ask again from what we hold, at most once per retransmit period.
+                        if now_ms >= link.sub_sent_ms + RETRANSMIT_MS {
+                            link.subscribed = false;
+                        }
+                        return Ok(());
                     }
-                    return Ok(());
+                    result => result?,
                 }
-                link.doc.receive_wire(first, &entries)?;
                 link.ack_due = true;
                 let confirmed = link.doc.pending_range().first();
                 link.up_acked = link.up_acked.max(confirmed);

@@ -59,6 +59,9 @@ struct Sub {
     /// Sent and unacknowledged: (first LSN after the batch, bytes).
     inflight: VecDeque<(Lsn, usize)>,
     last_send_ms: i64,
+    /// Entries up to here go whole: the subscriber restarts at the checkpoint they end, and
+    /// holds no pages to apply a delta to.
+    full_until: Option<Lsn>,
 }
 
 impl Sub {
@@ -436,11 +439,10 @@ impl ServerSession {
             );
             return self.push(conn, error(Some(doc), codes::DOCUMENT, text));
         }
-        let oldest = d.storage_range().first();
-        if storage_next < oldest {
-            // Only after compaction, which does not exist yet; then a snapshot is the answer.
+        if storage_next < d.storage_range().first() && d.base_checkpoint().is_none() {
+            let oldest = d.storage_range().first();
             let text = format!(
-                "history before LSN {oldest} was compacted and snapshots are not supported yet: re-create the replica"
+                "history before LSN {oldest} is gone and the journal does not start with a checkpoint: the server's storage is damaged"
             );
             return self.push(conn, error(Some(doc), codes::SNAPSHOT_REQUIRED, text));
         }
@@ -450,6 +452,7 @@ impl ServerSession {
             acked_next: storage_next,
             inflight: VecDeque::new(),
             last_send_ms: 0,
+            full_until: None,
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(doc, sub);
@@ -595,12 +598,21 @@ fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> 
     if sub.sent_next >= avail.next() || window == 0 {
         return None;
     }
+    if sub.sent_next < avail.first() {
+        // Behind the history kept: restart the subscriber at the checkpoint the journal starts
+        // with (there is one: `subscribe` checked, and trimming keeps it so).
+        sub.full_until = d.base_checkpoint().map(|c| c.last);
+    }
     let first = sub.sent_next.max(avail.first());
     let mut entries = Vec::new();
     let mut bytes = 0;
     let mut lsn = first;
     while lsn < avail.next() && bytes < MAX_BATCH_BYTES.min(window) {
-        let e = match d.read_wire(LsnRange::inclusive(lsn, lsn)) {
+        let read = match sub.full_until {
+            Some(until) if lsn <= until => d.read_wire_full(lsn).map(|e| vec![e]),
+            _ => d.read_wire(LsnRange::inclusive(lsn, lsn)),
+        };
+        let e = match read {
             Ok(mut one) => one.remove(0),
             Err(err) if entries.is_empty() => {
                 return Some(error(
