@@ -81,6 +81,8 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     pending: VecDeque<(Lsn, Mutation)>,
     /// The highest LSN of ours the server has applied.
     applied: Option<Lsn>,
+    /// Restarts at a checkpoint since this replica was opened.
+    restarts: u64,
 }
 
 impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
@@ -105,8 +107,15 @@ impl<R: Reducer> ClientDocument<R> {
         store.enable_schema_epochs()?;
         let db = Database::open(store)?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
-        let mut doc =
-            ClientDocument { db, reducer, timeline_id, timeline, pending: VecDeque::new(), applied: None };
+        let mut doc = ClientDocument {
+            db,
+            reducer,
+            timeline_id,
+            timeline,
+            pending: VecDeque::new(),
+            applied: None,
+            restarts: 0,
+        };
         doc.applied = doc.read_applied()?;
         if let Some(a) = doc.applied {
             doc.timeline.remove_prefix(a)?;
@@ -156,6 +165,11 @@ impl<R: Reducer> ClientDocument<R> {
     /// history; `query` and `mutate` fail with `Error::Restarting` until it is complete.
     pub fn is_restarting(&self) -> bool {
         self.db.store().is_restarting()
+    }
+
+    /// How often this replica restarted at a checkpoint since it was opened.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
     }
 
     /// Reads the applied LSN of this timeline from the replicated system table.
@@ -240,6 +254,12 @@ impl<R: Reducer> ClientDocument<R> {
     /// Like `receive_storage`, for entries in wire form (compressed, possibly XOR deltas
     /// against this replica's pages just before each entry).
     pub fn receive_wire(&mut self, first: Lsn, entries: &[WireEntry]) -> Result<()> {
+        let next = self.storage_range().next();
+        if first > next && entries.first().is_some_and(|e| e.delta) {
+            // A delta sent to a subscriber that was further along, whose earlier frames were
+            // lost: not a restart (those come whole) but a gap.
+            return Err(Error::Gap { expected: next, got: first });
+        }
         self.receive_with(first, entries.len(), |i, previous| Ok(entries[i].resolve(previous)??))
     }
 
@@ -269,7 +289,8 @@ impl<R: Reducer> ClientDocument<R> {
             for (i, lsn) in range.iter().enumerate().filter(|(_, l)| restart || *l >= next) {
                 let mut previous = |idx| match staged_version(&staged, idx) {
                     Some(page) => Ok(page),
-                    None if restart => Ok(Arc::new(ZERO_PAGE)),
+                    // A restart holds nothing to apply a delta to: the server sends it whole.
+                    None if restart => Err(StoreError::OutOfOrder { expected: next, got: first }),
                     None => store.previous_version(idx),
                 };
                 let bytes = payload(i, &mut previous)?;
@@ -293,6 +314,9 @@ impl<R: Reducer> ClientDocument<R> {
             }
             Ok::<bool, Error>(checkpointed && !store.is_restarting())
         })();
+        if restart && outcome.is_ok() {
+            self.restarts += 1;
+        }
         if matches!(outcome, Ok(true)) {
             // After a restart the entries that applied our mutations are gone: the replicated
             // table says how far the server got.

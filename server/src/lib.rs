@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use pagesync::journal::{FileJournal, FileJournalOptions, Journal, ObjectBackend, ObjectStats};
 use pagesync::protocol::{STEP_MICROS_BUCKETS, ServerSession, SessionOptions, SessionStats};
-use pagesync::{DocId, ServerDocument, SqlReducer, StepLimits};
+use pagesync::{Compaction, DocId, ServerDocument, SqlReducer, StepLimits};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -148,6 +148,8 @@ pub struct ServerConfig {
     /// A directory served as static files on every path the server does not own (the
     /// browser demo: `target/web`). `None` serves nothing.
     pub web_root: Option<PathBuf>,
+    /// Checkpoints and retention for every document; `None` keeps every entry forever.
+    pub compaction: Option<Compaction>,
 }
 
 impl ServerConfig {
@@ -161,6 +163,7 @@ impl ServerConfig {
             commit_interval_ms: None,
             idle_close_ms: DEFAULT_IDLE_CLOSE_MS,
             web_root: None,
+            compaction: Some(Compaction::default()),
         }
     }
 }
@@ -278,8 +281,11 @@ pub async fn serve(
         max_doc_bytes: cfg.limits.max_doc_bytes,
         ..StepLimits::default()
     };
+    let compaction = cfg.compaction;
     let opener = Box::new(move |doc: DocId| {
-        ServerDocument::with_reducer(store.open_journal(doc)?, SqlReducer, step_limits)
+        let mut d = ServerDocument::with_reducer(store.open_journal(doc)?, SqlReducer, step_limits)?;
+        d.set_compaction(compaction);
+        Ok(d)
     });
     let options = SessionOptions {
         commit_interval_ms: cfg.commit_interval_ms.unwrap_or(cfg.store.default_commit_interval_ms()),

@@ -46,6 +46,14 @@ struct Args {
     /// demo: `--web target/web` after `scripts/build-web`).
     #[arg(long)]
     web: Option<std::path::PathBuf>,
+    /// History kept for point-in-time restore (`restore`, `export --at`): 90s, 30m, 12h, 7d.
+    /// Older entries are folded into a checkpoint.
+    #[arg(long, default_value = "7d")]
+    retention: String,
+    /// A document writes a checkpoint (every page once more) when the entries since the last
+    /// one hold this many bytes, or its own size if that is larger.
+    #[arg(long, default_value_t = pagesync::Compaction::default().checkpoint_after_bytes)]
+    checkpoint_after_bytes: u64,
     /// File holding the HS256 secret (at least 32 bytes). Every client then needs a token.
     #[arg(long, global = true)]
     auth_secret_file: Option<std::path::PathBuf>,
@@ -80,6 +88,93 @@ enum Cmd {
         #[arg(long)]
         doc: Option<String>,
     },
+    /// Write a document as of a point in its history as a plain .sqlite file.
+    Export {
+        #[arg(long)]
+        doc: String,
+        /// lsn:N, or an RFC 3339 time (2026-11-24T09:30:00Z). Default: the newest entry.
+        #[arg(long)]
+        at: Option<String>,
+        /// The file to write.
+        out: std::path::PathBuf,
+    },
+    /// Bring back a document as it was at a point in its history: into a new document
+    /// (--to), or into itself (--in-place; clients follow). Stop the server first.
+    Restore {
+        #[arg(long)]
+        doc: String,
+        /// lsn:N, or an RFC 3339 time (2026-11-24T09:30:00Z).
+        #[arg(long)]
+        at: String,
+        /// The new document's id.
+        #[arg(long, conflicts_with = "in_place", required_unless_present = "in_place")]
+        to: Option<String>,
+        /// Restore the document itself; asks to confirm unless --yes.
+        #[arg(long)]
+        in_place: bool,
+        /// Do not ask before restoring in place.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+fn parse_doc(s: &str) -> anyhow::Result<pagesync::DocId> {
+    s.parse().map_err(|e| anyhow::anyhow!("--doc {s:?}: {e}"))
+}
+
+fn parse_at(s: &str) -> anyhow::Result<pagesync_server::ops::At> {
+    s.parse().map_err(|e: String| anyhow::anyhow!("--at {e}"))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `export` and `restore`, which work on the store without a server. Blocking.
+fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Result<()> {
+    use pagesync_server::ops::{self, At, RestoreTo};
+    let store = Store::parse(journal, rt)?;
+    match cmd {
+        Cmd::Export { doc, at, out } => {
+            let at = at.as_deref().map_or(Ok(At::Time(i64::MAX)), parse_at)?;
+            let (lsn, bytes) = ops::export_at(&store, parse_doc(doc)?, at).map_err(anyhow::Error::msg)?;
+            std::fs::write(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+            println!("wrote {} ({} bytes) as of entry {lsn}", out.display(), bytes.len());
+        }
+        Cmd::Restore { doc, at, to, in_place, yes } => {
+            let (doc, at) = (parse_doc(doc)?, parse_at(at)?);
+            let to = match to {
+                Some(new) => RestoreTo::New(parse_doc(new)?),
+                None => {
+                    if !*in_place {
+                        anyhow::bail!("restore needs --to NEW_ID or --in-place");
+                    }
+                    if !yes && !confirm(doc)? {
+                        anyhow::bail!("not confirmed: nothing was changed");
+                    }
+                    RestoreTo::InPlace
+                }
+            };
+            let r = ops::restore(&store, doc, at, to, now_ms()).map_err(anyhow::Error::msg)?;
+            println!(
+                "restored {doc} as of entry {} into {}: {} pages, entries {}",
+                r.from, r.doc, r.pages, r.range
+            );
+        }
+        Cmd::Token { .. } | Cmd::Verify { .. } => unreachable!("BUG: handled before"),
+    }
+    Ok(())
+}
+
+/// Asks on the terminal before an in-place restore.
+fn confirm(doc: pagesync::DocId) -> anyhow::Result<bool> {
+    use std::io::BufRead;
+    eprintln!(
+        "This rewrites document {doc} for every client. The server must be stopped.\nType the document id to confirm:"
+    );
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim() == doc.to_string())
 }
 
 /// `verify`: one line per document, then a summary. Returns the number of faults.
@@ -141,6 +236,10 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(cmd @ (Cmd::Export { .. } | Cmd::Restore { .. })) = args.command {
+        let (journal, rt) = (args.journal.clone(), tokio::runtime::Handle::current());
+        return tokio::task::spawn_blocking(move || offline(&journal, &cmd, rt)).await?;
+    }
     if secret.is_none() && !args.listen.ip().is_loopback() {
         anyhow::bail!(
             "refusing to listen on {} without auth: pass --auth-secret-file, or listen on a loopback address",
@@ -161,6 +260,12 @@ async fn main() -> anyhow::Result<()> {
         commit_interval_ms: args.commit_interval_ms,
         idle_close_ms: args.idle_close_secs.saturating_mul(1000),
         web_root: args.web.clone(),
+        compaction: Some(pagesync::Compaction {
+            checkpoint_after_bytes: args.checkpoint_after_bytes,
+            retention_ms: auth::parse_ttl(&args.retention)
+                .map_err(|e| anyhow::anyhow!("--retention: {e}"))?
+                .saturating_mul(1000),
+        }),
         ..ServerConfig::new(args.listen, store)
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -1,11 +1,16 @@
 //! Operator commands that work on a store directly, beside or without a running server:
-//! `verify` checks every document (checksums, replay, SQLite's `integrity_check`) and changes
-//! nothing.
+//! - `verify` checks every document (checksums, replay, SQLite's `integrity_check`) and changes
+//!   nothing;
+//! - `export_at` reads a document as of any point in its retained history;
+//! - `restore` writes a document's state at a point into a new document, or appends it to the
+//!   same one as a checkpoint (clients switch to it atomically). Restoring in place needs the
+//!   server stopped: `file://` journals have no second-writer fence.
 
 use pagesync::DocId;
 use pagesync::db::Database;
-use pagesync::journal::{FileJournal, FileJournalOptions, Journal, JournalError, LsnRange};
-use pagesync::store::PageStore;
+use pagesync::journal::{FileJournal, FileJournalOptions, Journal, JournalError, Lsn, LsnRange, MemoryJournal};
+use pagesync::page::{Page, PageIdx};
+use pagesync::store::{PageStore, checkpoint_parts};
 
 use crate::{Store, storage_dir, storage_key};
 
@@ -51,12 +56,10 @@ pub fn list_documents(store: &Store) -> anyhow::Result<Vec<DocId>> {
     Ok(docs)
 }
 
-/// Checks one document without changing anything: opens its storage journal read-only (a torn
-/// tail or a leftover of an interrupted trim is a fault here, not repaired), reads and checks
-/// every entry, replays them all into pages, and runs `PRAGMA integrity_check`. The error
-/// names the journal, the file or object, and the LSN where the journal layer can tell.
-pub fn verify_document(store: &Store, doc: DocId) -> Result<Verified, String> {
-    let journal: Box<dyn Journal> = match store {
+/// Opens a document's storage journal without changing anything; a journal that needs repair
+/// (a torn tail, a leftover of an interrupted trim) is an error here.
+fn open_read_only(store: &Store, doc: DocId) -> Result<Box<dyn Journal>, String> {
+    Ok(match store {
         Store::Files(root) => {
             let opts = FileJournalOptions { read_only: true, ..FileJournalOptions::default() };
             let j = FileJournal::open(storage_dir(root, doc), opts).map_err(|e| e.to_string())?;
@@ -76,7 +79,15 @@ pub fn verify_document(store: &Store, doc: DocId) -> Result<Verified, String> {
             }
             store.open_journal(doc).map_err(|e| e.to_string())?
         }
-    };
+    })
+}
+
+/// Checks one document without changing anything: opens its storage journal read-only (a torn
+/// tail or a leftover of an interrupted trim is a fault here, not repaired), reads and checks
+/// every entry, replays them all into pages, and runs `PRAGMA integrity_check`. The error
+/// names the journal, the file or object, and the LSN where the journal layer can tell.
+pub fn verify_document(store: &Store, doc: DocId) -> Result<Verified, String> {
+    let journal = open_read_only(store, doc)?;
     if journal.id() != doc.journal_id() {
         return Err(format!(
             "the storage journal is {}, not the document's {}",
@@ -98,4 +109,165 @@ pub fn verify_document(store: &Store, doc: DocId) -> Result<Verified, String> {
         return Err(format!("integrity_check: {}", rows.join("; ")));
     }
     Ok(Verified { range, pages })
+}
+
+/// A point in a document's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// After storage entry N.
+    Lsn(Lsn),
+    /// After the last entry the server wrote at or before this time (ms since the Unix epoch).
+    Time(i64),
+}
+
+impl std::str::FromStr for At {
+    type Err = String;
+
+    /// `lsn:N`, or an RFC 3339 time such as `2026-11-24T09:30:00Z`.
+    fn from_str(s: &str) -> Result<At, String> {
+        if let Some(n) = s.strip_prefix("lsn:") {
+            let lsn = n.parse().ok().and_then(Lsn::new);
+            return lsn.map(At::Lsn).ok_or_else(|| format!("{s:?}: expected lsn:N with N >= 1"));
+        }
+        let t = humantime::parse_rfc3339_weak(s)
+            .map_err(|e| format!("{s:?}: expected lsn:N or an RFC 3339 time (2026-11-24T09:30:00Z): {e}"))?;
+        let ms = t.duration_since(std::time::UNIX_EPOCH).map_err(|_| format!("{s:?} is before 1970"))?;
+        Ok(At::Time(ms.as_millis() as i64))
+    }
+}
+
+/// The entry a point names, checked against the history kept: from the end of the checkpoint
+/// the journal starts with (or LSN 1) to the newest entry.
+fn resolve(journal: &dyn Journal, at: At) -> Result<Lsn, String> {
+    let range = journal.range();
+    let Some(last) = range.last() else { return Err("the document has no entries".into()) };
+    let store_err = |e: &dyn std::fmt::Display| format!("reading the journal: {e}");
+    let header = |lsn: Lsn| {
+        let payload = journal.read(lsn).map_err(|e| store_err(&e))?;
+        pagesync::storage::decode(&payload).map_err(|e| format!("entry {lsn}: {e}"))
+    };
+    let first = header(range.first())?;
+    let oldest = first.checkpoint.map_or(range.first(), |p| p.last_lsn(range.first()));
+    let lsn = match at {
+        At::Lsn(lsn) => lsn,
+        At::Time(ms) => {
+            // Entry times never go backwards: binary search for the last at or before `ms`.
+            let (mut lo, mut hi) = (oldest.get(), last.get());
+            if header(oldest)?.time_ms > ms {
+                return Err(format!(
+                    "{} is before the oldest point kept ({}, entry {oldest})",
+                    show_time(ms),
+                    show_time(header(oldest)?.time_ms)
+                ));
+            }
+            while lo < hi {
+                let mid = lo + (hi - lo).div_ceil(2);
+                let l = Lsn::new(mid).expect("BUG: mid >= 1");
+                if header(l)?.time_ms <= ms { lo = mid } else { hi = mid - 1 }
+            }
+            Lsn::new(lo).expect("BUG: lo >= 1")
+        }
+    };
+    if lsn < oldest || lsn > last {
+        return Err(format!("entry {lsn} is outside the history kept: {oldest}..={last}"));
+    }
+    Ok(lsn)
+}
+
+fn show_time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A document as of `at`, as a plain `.sqlite` file, and the entry it ends with.
+pub fn export_at(store: &Store, doc: DocId, at: At) -> Result<(Lsn, Vec<u8>), String> {
+    let journal = open_read_only(store, doc)?;
+    let lsn = resolve(&*journal, at)?;
+    let mut pages = PageStore::open_until(journal, Some(lsn)).map_err(|e| e.to_string())?;
+    Ok((lsn, pages.export().map_err(|e| e.to_string())?))
+}
+
+/// Where `restore` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestoreTo {
+    /// A new document, which must not exist yet.
+    New(DocId),
+    /// The same document: its pages go back to the point, as one checkpoint appended after its
+    /// newest entry, so clients follow. Which mutations were applied (and why some were
+    /// rejected) stays as it is now, so nothing is applied twice and no client waits for
+    /// mutations the server no longer expects; the undone mutations stay undone.
+    InPlace,
+}
+
+/// What `restore` wrote.
+#[derive(Debug)]
+pub struct Restored {
+    pub from: Lsn,
+    pub doc: DocId,
+    /// The entries written: one checkpoint.
+    pub range: LsnRange,
+    pub pages: u32,
+}
+
+/// Restores `doc` as of `at` (see [`RestoreTo`]). `now_ms` stamps the new entries. The server
+/// must not be writing the target meanwhile.
+pub fn restore(store: &Store, doc: DocId, at: At, to: RestoreTo, now_ms: i64) -> Result<Restored, String> {
+    let (from, image) = export_at(store, doc, at)?;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let (target, image) = match to {
+        RestoreTo::New(new) => {
+            if store.exists(new).map_err(|x| e(&x))? {
+                return Err(format!("document {new} already exists: pick a new id, or restore --in-place"));
+            }
+            (new, image)
+        }
+        RestoreTo::InPlace => (doc, with_current_positions(store, doc, image, now_ms)?),
+    };
+    let mut journal = store.open_journal(target).map_err(|x| e(&x))?;
+    let pages: Vec<&Page> = image.chunks_exact(pagesync::page::PAGE_SIZE).map(|c| c.try_into().expect("BUG: a page")).collect();
+    let count = pages.len() as u32;
+    let mut range = LsnRange::empty_at(journal.range().next());
+    for (part, idxs) in checkpoint_parts(count) {
+        let part_pages: Vec<(PageIdx, &Page)> =
+            idxs.map(|i| (PageIdx::new(i).expect("BUG: i >= 1"), pages[i as usize - 1])).collect();
+        let payload = pagesync::storage::encode(count, now_ms, Some(part), &[], &part_pages);
+        let lsn = journal.append(&payload).map_err(|x| e(&x))?;
+        range = if range.is_empty() { LsnRange::inclusive(lsn, lsn) } else { range.extend(1) };
+    }
+    Ok(Restored { from, doc: target, range, pages: count })
+}
+
+/// `image` with the current contents of the system tables that say which mutations were
+/// applied or rejected (see [`RestoreTo::InPlace`]).
+fn with_current_positions(store: &Store, doc: DocId, image: Vec<u8>, now_ms: i64) -> Result<Vec<u8>, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let (_, current) = export_at(store, doc, At::Time(i64::MAX))?;
+    let open = |image: &[u8]| -> Result<Database, String> {
+        let mut j = MemoryJournal::new(doc.journal_id());
+        let pages: Vec<&Page> =
+            image.chunks_exact(pagesync::page::PAGE_SIZE).map(|c| c.try_into().expect("BUG: a page")).collect();
+        let all: Vec<(PageIdx, &Page)> =
+            pages.iter().enumerate().map(|(i, p)| (PageIdx::new(i as u32 + 1).expect("BUG: >= 1"), *p)).collect();
+        j.append(&pagesync::storage::encode(pages.len() as u32, 0, None, &[], &all)).map_err(|x| e(&x))?;
+        Database::open(PageStore::open(Box::new(j)).map_err(|x| e(&x))?).map_err(|x| e(&x))
+    };
+    let now = open(&current)?;
+    let then = open(&image)?;
+    let conn = then.conn();
+    conn.execute_batch("BEGIN; DELETE FROM _pagesync_timelines; DELETE FROM _pagesync_rejections;").map_err(|x| e(&x))?;
+    for table in ["_pagesync_timelines", "_pagesync_rejections"] {
+        let mut read = now.conn().prepare(&format!("SELECT * FROM {table}")).map_err(|x| e(&x))?;
+        let n = read.column_count();
+        let marks = vec!["?"; n].join(", ");
+        let mut write = conn.prepare(&format!("INSERT INTO {table} VALUES ({marks})")).map_err(|x| e(&x))?;
+        let mut rows = read.query([]).map_err(|x| e(&x))?;
+        while let Some(row) = rows.next().map_err(|x| e(&x))? {
+            let values: Vec<rusqlite::types::Value> = (0..n).map(|i| row.get(i)).collect::<Result<_, _>>().map_err(|x| e(&x))?;
+            write.execute(rusqlite::params_from_iter(values)).map_err(|x| e(&x))?;
+        }
+    }
+    conn.execute_batch("COMMIT").map_err(|x| e(&x))?;
+    let mut store = then.store();
+    store.commit_overlay(&[], now_ms).map_err(|x| e(&x))?;
+    store.export().map_err(|x| e(&x))
 }

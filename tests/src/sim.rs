@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use pagesync::journal::Lsn;
 use pagesync::protocol::{ClientSession, ConnId, Message, ServerSession};
-use pagesync::{ClientDocument, DocId, MutationState, ServerDocument, SqlMutation, Statement, Value};
+use pagesync::{
+    ClientDocument, Compaction, DocId, MutationState, ServerDocument, SqlMutation, Statement, Value,
+};
 
 use crate::{Rng, SharedJournal};
 
@@ -43,6 +45,9 @@ pub struct Config {
     pub max_delay_ms: i64,
     /// Virtual time with faults, before the network heals.
     pub faulty_ms: i64,
+    /// The server's checkpoints and retention, when on: small enough that documents
+    /// checkpoint every few steps and clients that fall behind restart at a checkpoint.
+    pub compaction: Option<Compaction>,
 }
 
 impl Config {
@@ -56,6 +61,10 @@ impl Config {
             dup_pct: r.below(10),
             max_delay_ms: 1 + r.below(40) as i64,
             faulty_ms: 3_000 + r.below(4_000) as i64,
+            compaction: (r.below(3) > 0).then(|| Compaction {
+                checkpoint_after_bytes: 4096 * (2 + r.below(16)),
+                retention_ms: [0, 500, 3_000][r.below(3) as usize],
+            }),
         }
     }
 }
@@ -113,6 +122,10 @@ pub struct Stats {
     pub partitions: u64,
     pub confirmed_transfers: u64,
     pub rejected_transfers: u64,
+    /// Clients that fell behind the server's history and restarted at a checkpoint.
+    pub client_restarts: u64,
+    /// Mutations refused while a client downloaded a checkpoint.
+    pub restarting_refusals: u64,
 }
 
 impl Stats {
@@ -123,6 +136,8 @@ impl Stats {
         self.partitions += o.partitions;
         self.confirmed_transfers += o.confirmed_transfers;
         self.rejected_transfers += o.rejected_transfers;
+        self.client_restarts += o.client_restarts;
+        self.restarting_refusals += o.restarting_refusals;
     }
 }
 
@@ -136,7 +151,10 @@ impl std::fmt::Debug for Sim {
     }
 }
 
-fn open_server(journals: Arc<Mutex<HashMap<DocId, SharedJournal>>>) -> ServerSession {
+fn open_server(
+    journals: Arc<Mutex<HashMap<DocId, SharedJournal>>>,
+    compaction: Option<Compaction>,
+) -> ServerSession {
     ServerSession::new(Box::new(move |doc: DocId| {
         let j = journals
             .lock()
@@ -144,7 +162,9 @@ fn open_server(journals: Arc<Mutex<HashMap<DocId, SharedJournal>>>) -> ServerSes
             .entry(doc)
             .or_insert_with(|| SharedJournal::new(u128::from_be_bytes(doc.0)))
             .clone();
-        ServerDocument::open(j.boxed())
+        let mut d = ServerDocument::open(j.boxed())?;
+        d.set_compaction(compaction);
+        Ok(d)
     }))
 }
 
@@ -190,7 +210,7 @@ impl Sim {
             seed,
             rng: Rng(seed),
             now: 0,
-            server: open_server(server_journals.clone()),
+            server: open_server(server_journals.clone(), cfg.compaction),
             server_journals,
             clients,
             docs,
@@ -355,6 +375,8 @@ impl Sim {
                 let seed = self.rng.next_u64();
                 match self.clients[i].session.mutate(doc, body, T0 + self.now, seed) {
                     Ok(s) => self.clients[i].made.push(Made { doc, lsn: s.lsn, ledger }),
+                    // Downloading a checkpoint: the app is told to try again; nothing was made.
+                    Err(pagesync::Error::Restarting) => self.stats.restarting_refusals += 1,
                     Err(e) => self.fail(format!("client {i} mutate: {e}")),
                 }
             }
@@ -371,6 +393,7 @@ impl Sim {
                 // Client crash: everything in memory is gone; the journals stay.
                 let ms = 10 + self.rng.below(300) as i64;
                 self.disconnect(i, ms);
+                self.stats.client_restarts += self.restarts_of(i);
                 self.clients[i].session = open_client(&self.clients[i].journals);
                 self.stats.client_crashes += 1;
             }
@@ -380,7 +403,7 @@ impl Sim {
                     let ms = 10 + self.rng.below(500) as i64;
                     self.disconnect(c, ms);
                 }
-                self.server = open_server(self.server_journals.clone());
+                self.server = open_server(self.server_journals.clone(), self.cfg.compaction);
                 self.stats.server_crashes += 1;
             }
         }
@@ -460,8 +483,15 @@ impl Sim {
             })
     }
 
+    /// Restarts at a checkpoint by client `i`'s documents since it was opened.
+    fn restarts_of(&self, i: usize) -> u64 {
+        let s = &self.clients[i].session;
+        self.docs.iter().filter_map(|d| s.document(*d)).map(|d| d.restarts()).sum()
+    }
+
     /// Checks every invariant after convergence.
     pub fn check(&mut self) {
+        self.stats.client_restarts += (0..self.clients.len()).map(|i| self.restarts_of(i)).sum::<u64>();
         for doc in &self.docs {
             let server =
                 self.server.document(*doc).unwrap_or_else(|| self.fail(format!("{doc} not on the server")));

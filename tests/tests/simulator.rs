@@ -33,6 +33,7 @@ fn run_shard(shard: u64) {
         assert!(stats.server_crashes > 0 && stats.client_crashes > 0, "{stats:?}");
         assert!(stats.disconnects > 0 && stats.partitions > 0, "{stats:?}");
         assert!(stats.confirmed_transfers > 0 && stats.rejected_transfers > 0, "{stats:?}");
+        assert!(stats.client_restarts > 0, "no client ever restarted at a checkpoint: {stats:?}");
     }
 }
 
