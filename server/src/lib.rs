@@ -33,6 +33,10 @@ pub use hub::Hub;
 /// keeps a flood of sockets from exhausting file descriptors.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
+/// Segment size of a document's storage journal on `file://`: one checkpoint part. Trimming
+/// frees whole segments, so this is how much trimmed history may stay on disk.
+pub const STORAGE_SEGMENT_BYTES: u64 = 4 << 20;
+
 /// Where documents are kept.
 #[derive(Clone, Debug)]
 pub enum Store {
@@ -88,7 +92,10 @@ impl Store {
             Store::Files(root) => Box::new(FileJournal::open_or_create(
                 storage_dir(root, doc),
                 doc.journal_id(),
-                FileJournalOptions::default(),
+                FileJournalOptions {
+                    max_segment_bytes: STORAGE_SEGMENT_BYTES,
+                    ..FileJournalOptions::default()
+                },
             )?),
             Store::Objects(b) => Box::new(b.open_or_create(&storage_key(doc), doc.journal_id())?),
         })

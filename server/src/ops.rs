@@ -8,7 +8,9 @@
 
 use pagesync::DocId;
 use pagesync::db::Database;
-use pagesync::journal::{FileJournal, FileJournalOptions, Journal, JournalError, Lsn, LsnRange, MemoryJournal};
+use pagesync::journal::{
+    FileJournal, FileJournalOptions, Journal, JournalError, Lsn, LsnRange, MemoryJournal,
+};
 use pagesync::page::{Page, PageIdx};
 use pagesync::store::{PageStore, checkpoint_parts};
 
@@ -224,7 +226,8 @@ pub fn restore(store: &Store, doc: DocId, at: At, to: RestoreTo, now_ms: i64) ->
         RestoreTo::InPlace => (doc, with_current_positions(store, doc, image, now_ms)?),
     };
     let mut journal = store.open_journal(target).map_err(|x| e(&x))?;
-    let pages: Vec<&Page> = image.chunks_exact(pagesync::page::PAGE_SIZE).map(|c| c.try_into().expect("BUG: a page")).collect();
+    let pages: Vec<&Page> =
+        image.chunks_exact(pagesync::page::PAGE_SIZE).map(|c| c.try_into().expect("BUG: a page")).collect();
     let count = pages.len() as u32;
     let mut range = LsnRange::empty_at(journal.range().next());
     for (part, idxs) in checkpoint_parts(count) {
@@ -244,17 +247,23 @@ fn with_current_positions(store: &Store, doc: DocId, image: Vec<u8>, now_ms: i64
     let (_, current) = export_at(store, doc, At::Time(i64::MAX))?;
     let open = |image: &[u8]| -> Result<Database, String> {
         let mut j = MemoryJournal::new(doc.journal_id());
-        let pages: Vec<&Page> =
-            image.chunks_exact(pagesync::page::PAGE_SIZE).map(|c| c.try_into().expect("BUG: a page")).collect();
-        let all: Vec<(PageIdx, &Page)> =
-            pages.iter().enumerate().map(|(i, p)| (PageIdx::new(i as u32 + 1).expect("BUG: >= 1"), *p)).collect();
+        let pages: Vec<&Page> = image
+            .chunks_exact(pagesync::page::PAGE_SIZE)
+            .map(|c| c.try_into().expect("BUG: a page"))
+            .collect();
+        let all: Vec<(PageIdx, &Page)> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (PageIdx::new(i as u32 + 1).expect("BUG: >= 1"), *p))
+            .collect();
         j.append(&pagesync::storage::encode(pages.len() as u32, 0, None, &[], &all)).map_err(|x| e(&x))?;
         Database::open(PageStore::open(Box::new(j)).map_err(|x| e(&x))?).map_err(|x| e(&x))
     };
     let now = open(&current)?;
     let then = open(&image)?;
     let conn = then.conn();
-    conn.execute_batch("BEGIN; DELETE FROM _pagesync_timelines; DELETE FROM _pagesync_rejections;").map_err(|x| e(&x))?;
+    conn.execute_batch("BEGIN; DELETE FROM _pagesync_timelines; DELETE FROM _pagesync_rejections;")
+        .map_err(|x| e(&x))?;
     for table in ["_pagesync_timelines", "_pagesync_rejections"] {
         let mut read = now.conn().prepare(&format!("SELECT * FROM {table}")).map_err(|x| e(&x))?;
         let n = read.column_count();
@@ -262,7 +271,8 @@ fn with_current_positions(store: &Store, doc: DocId, image: Vec<u8>, now_ms: i64
         let mut write = conn.prepare(&format!("INSERT INTO {table} VALUES ({marks})")).map_err(|x| e(&x))?;
         let mut rows = read.query([]).map_err(|x| e(&x))?;
         while let Some(row) = rows.next().map_err(|x| e(&x))? {
-            let values: Vec<rusqlite::types::Value> = (0..n).map(|i| row.get(i)).collect::<Result<_, _>>().map_err(|x| e(&x))?;
+            let values: Vec<rusqlite::types::Value> =
+                (0..n).map(|i| row.get(i)).collect::<Result<_, _>>().map_err(|x| e(&x))?;
             write.execute(rusqlite::params_from_iter(values)).map_err(|x| e(&x))?;
         }
     }
