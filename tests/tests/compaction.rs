@@ -1,0 +1,143 @@
+//! Checkpoints, trimming and restarts at the page-store and document level: a checkpoint
+//! switches pages atomically at its last part, one cut short changes nothing, a replica
+//! restarted at a checkpoint has no state until it is complete (also across a reopen), a
+//! journal that starts anywhere else is refused, and retention trims only what is old enough.
+
+use pagesync::journal::{Journal, JournalId, Lsn, MemoryJournal};
+use pagesync::page::{PAGE_SIZE, Page, PageIdx};
+use pagesync::storage::{self, Part};
+use pagesync::store::{PageStore, StoreError};
+use pagesync::{Compaction, ServerDocument};
+use pagesync_tests::{SharedJournal, drain, sql};
+
+fn lsn(n: u64) -> Lsn {
+    Lsn::new(n).expect("lsn")
+}
+
+fn page(fill: u8) -> Page {
+    [fill; PAGE_SIZE]
+}
+
+/// A storage entry of `page_count` pages holding `pages` (index, fill byte).
+fn entry(page_count: u32, part: Option<(u32, u32)>, pages: &[(u32, u8)]) -> Vec<u8> {
+    let bodies: Vec<(PageIdx, Page)> =
+        pages.iter().map(|(i, f)| (PageIdx::new(*i).expect("idx"), page(*f))).collect();
+    let refs: Vec<(PageIdx, &Page)> = bodies.iter().map(|(i, p)| (*i, p)).collect();
+    let part = part.map(|(index, count)| Part { index, count });
+    storage::encode(page_count, 0, part, &[], &refs)
+}
+
+fn read_fill(store: &mut PageStore, idx: u32) -> u8 {
+    let mut buf = vec![0u8; PAGE_SIZE];
+    store.read(u64::from(idx - 1) * PAGE_SIZE as u64, &mut buf).expect("read");
+    buf[100]
+}
+
+fn apply(store: &mut PageStore, first: u64, payload: Vec<u8>) -> Result<(), StoreError> {
+    let header = storage::decode(&payload).expect("decode");
+    store.apply_remote_batch(lsn(first), vec![(header, payload)])
+}
+
+#[test]
+fn a_checkpoints_pages_switch_at_its_last_part() {
+    let mut store = PageStore::open(Box::new(MemoryJournal::new(JournalId::from_u128(1)))).expect("open");
+    apply(&mut store, 1, entry(2, None, &[(1, 0xa), (2, 0xb)])).expect("step");
+    // A restore written as a checkpoint: part 1 of 2 changes page 1, part 2 page 2.
+    apply(&mut store, 2, entry(2, Some((1, 2)), &[(1, 0xc)])).expect("part 1");
+    assert_eq!((read_fill(&mut store, 1), read_fill(&mut store, 2)), (0xa, 0xb), "nothing yet");
+    apply(&mut store, 3, entry(2, Some((2, 2)), &[(2, 0xd)])).expect("part 2");
+    assert_eq!((read_fill(&mut store, 1), read_fill(&mut store, 2)), (0xc, 0xd), "both at once");
+    let cp = *store.checkpoints().last().expect("a complete checkpoint");
+    assert_eq!((cp.first, cp.last), (lsn(2), lsn(3)));
+    store.trim_to(cp).expect("trim");
+    assert_eq!(store.journal().range().first(), lsn(2));
+    assert_eq!((read_fill(&mut store, 1), read_fill(&mut store, 2)), (0xc, 0xd), "trimming changes nothing");
+}
+
+#[test]
+fn a_checkpoint_cut_short_changes_nothing() {
+    let shared = SharedJournal::new(2);
+    let mut store = PageStore::open(shared.boxed()).expect("open");
+    apply(&mut store, 1, entry(2, None, &[(1, 0xa), (2, 0xb)])).expect("step");
+    apply(&mut store, 2, entry(2, Some((1, 2)), &[(1, 0xc)])).expect("part 1 of 2, then a crash");
+    apply(&mut store, 3, entry(2, None, &[(2, 0xe)])).expect("the next step");
+    assert_eq!((read_fill(&mut store, 1), read_fill(&mut store, 2)), (0xa, 0xe));
+    assert!(store.checkpoints().is_empty());
+    let mut reopened = PageStore::open(shared.boxed()).expect("reopen");
+    assert_eq!((read_fill(&mut reopened, 1), read_fill(&mut reopened, 2)), (0xa, 0xe));
+    // A part 2 with no part 1 before it is ignored too.
+    apply(&mut reopened, 4, entry(2, Some((2, 2)), &[(1, 0xf)])).expect("a stray part");
+    assert_eq!(read_fill(&mut reopened, 1), 0xa);
+    assert!(reopened.checkpoints().is_empty());
+}
+
+#[test]
+fn a_replica_restarted_at_a_checkpoint_has_no_state_until_its_last_part() {
+    let shared = SharedJournal::new(3);
+    let mut store = PageStore::open(shared.boxed()).expect("open");
+    apply(&mut store, 1, entry(1, None, &[(1, 0xa)])).expect("step");
+    let err = apply(&mut store, 50, entry(2, None, &[(1, 0xb)])).expect_err("a step past the end is a gap");
+    assert!(matches!(err, StoreError::OutOfOrder { .. }), "{err}");
+    apply(&mut store, 50, entry(2, Some((1, 2)), &[(1, 0xc)])).expect("restart at 50");
+    assert!(store.is_restarting());
+    assert_eq!(store.journal().range(), pagesync::journal::LsnRange::inclusive(lsn(50), lsn(50)));
+    // A crash here: the reopened replica is still waiting.
+    let mut store = PageStore::open(shared.boxed()).expect("reopen mid-restart");
+    assert!(store.is_restarting());
+    assert_eq!(store.page_count(), 0);
+    apply(&mut store, 51, entry(2, Some((2, 2)), &[(2, 0xd)])).expect("part 2");
+    assert!(!store.is_restarting());
+    assert_eq!((read_fill(&mut store, 1), read_fill(&mut store, 2)), (0xc, 0xd));
+}
+
+#[test]
+fn a_journal_that_starts_without_a_checkpoint_is_refused() {
+    let mut j = MemoryJournal::new(JournalId::from_u128(4));
+    for _ in 0..3 {
+        j.append(&entry(1, None, &[(1, 0xa)])).expect("append");
+    }
+    j.remove_prefix(lsn(1)).expect("trim");
+    let err = PageStore::open(Box::new(j)).expect_err("history missing");
+    assert!(matches!(err, StoreError::NoBase { first } if first == lsn(2)), "{err}");
+    assert!(err.to_string().contains("not the first part of a checkpoint"), "{err}");
+}
+
+#[test]
+fn retention_trims_only_to_checkpoints_older_than_the_window() {
+    let journal = SharedJournal::new(5);
+    let mut doc = ServerDocument::open(journal.boxed()).expect("open");
+    doc.set_compaction(Some(Compaction { checkpoint_after_bytes: 0, retention_ms: 10_000 }));
+    let tl = pagesync::TimelineId([7; 16]);
+    let mut n = 0u64;
+    let mut step_at = |doc: &mut ServerDocument, t: i64| {
+        n += 1;
+        let m = pagesync::Mutation {
+            client_time_ms: t,
+            seed: n,
+            body: sql("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)", vec![]),
+        };
+        doc.receive(tl, lsn(n), vec![m.encode().expect("encode")]);
+        drain(doc, t);
+    };
+    // A step checkpoints first once the history since the last checkpoint outgrows the
+    // document (the byte threshold is 0). None is 10 s old yet.
+    for t in [0, 1_000, 2_000, 3_000, 4_000] {
+        step_at(&mut doc, t);
+    }
+    let written = doc.database().store().checkpoints().to_vec();
+    assert!(written.len() >= 2, "checkpoints were written: {written:?}");
+    assert_eq!(doc.storage_range().first(), lsn(1), "nothing is 10 s old yet");
+    step_at(&mut doc, 12_500);
+    // Trimmed to the newest checkpoint written at or before 2,500 ms.
+    let expected = written.iter().rev().find(|c| c.time_ms <= 2_500).expect("an old checkpoint");
+    let first = doc.storage_range().first();
+    assert_eq!(first, expected.first);
+    let header = storage::decode(&journal.read(first).expect("read")).expect("decode");
+    assert_eq!((header.checkpoint.map(|p| p.index), header.time_ms), (Some(1), expected.time_ms));
+    assert!(doc.database().store().checkpoints().iter().all(|c| c.first >= first));
+    let count: i64 =
+        doc.database().conn().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count");
+    assert_eq!(count, 6, "trimming kept the state");
+    let reopened = ServerDocument::open(journal.boxed()).expect("reopen from the checkpoint");
+    assert_eq!(pagesync_tests::pages_of(reopened.database()), pagesync_tests::pages_of(doc.database()));
+}
