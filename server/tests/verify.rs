@@ -104,3 +104,65 @@ fn verify_passes_sound_documents_and_names_document_journal_and_lsn_of_every_fli
     assert!(fault.contains(&victim.to_string()) && fault.contains("LSN"), "{fault}");
     assert!(out.contains("2 ok, 1 faulty"), "{out}");
 }
+
+fn server_cmd(root: &Path, args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(args)
+        .args(["--journal", &format!("file://{}", root.display())])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pagesync-server");
+    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    let out = child.wait_with_output().expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn rows_in(file: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(file).expect("open the export");
+    conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count")
+}
+
+#[test]
+fn export_and_restore_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("data");
+    let doc = DocId::from_u128(0xd0c);
+    // Entries: 1 the system tables, 2 the table, 3..=22 one row each.
+    write_document(&root, doc, 20);
+    let (d, new) = (doc.to_string(), DocId::from_u128(0x2e7).to_string());
+    let out = |name: &str| dir.path().join(name);
+    let path = |name: &str| out(name).display().to_string();
+
+    let (ok, text) = server_cmd(&root, &["export", "--doc", &d, "--at", "lsn:12", &path("at12.sqlite")], "");
+    assert!(ok, "{text}");
+    assert!(text.contains("as of entry 12"), "{text}");
+    assert_eq!(rows_in(&out("at12.sqlite")), 10);
+
+    let (ok, text) = server_cmd(&root, &["export", "--doc", &d, "--at", "yesterday", &path("x.sqlite")], "");
+    assert!(!ok && text.contains("expected lsn:N or an RFC 3339 time"), "{text}");
+    let (ok, text) = server_cmd(&root, &["export", "--doc", &d, "--at", "lsn:99", &path("x.sqlite")], "");
+    assert!(!ok && text.contains("outside the history kept: 1..=22"), "{text}");
+
+    let (ok, text) = server_cmd(&root, &["restore", "--doc", &d, "--at", "lsn:12", "--to", &new], "");
+    assert!(ok, "{text}");
+    let (ok, text) = server_cmd(&root, &["export", "--doc", &new, &path("new.sqlite")], "");
+    assert!(ok, "{text}");
+    assert_eq!(rows_in(&out("new.sqlite")), 10);
+
+    let (ok, text) = server_cmd(&root, &["restore", "--doc", &d, "--at", "lsn:12", "--in-place"], "no\n");
+    assert!(!ok && text.contains("not confirmed: nothing was changed"), "{text}");
+    server_cmd(&root, &["export", "--doc", &d, &path("still.sqlite")], "");
+    assert_eq!(rows_in(&out("still.sqlite")), 20, "an unconfirmed restore changes nothing");
+
+    let (ok, text) =
+        server_cmd(&root, &["restore", "--doc", &d, "--at", "lsn:12", "--in-place"], &format!("{d}\n"));
+    assert!(ok, "{text}");
+    server_cmd(&root, &["export", "--doc", &d, &path("restored.sqlite")], "");
+    assert_eq!(rows_in(&out("restored.sqlite")), 10);
+    let (ok, text) = verify_binary(&root);
+    assert!(ok && text.contains("2 ok, 0 faulty"), "{text}");
+}
