@@ -180,6 +180,17 @@ impl Document {
         Ok(done)
     }
 
+    /// Group commit: runs each `(sql, params)` locally as its own mutation, in order, and makes
+    /// them all durable with one fsync. Each is confirmed or rejected on its own; a refused
+    /// statement fails the call and none is kept. For apps that write many rows at once.
+    pub fn execute_many(&self, writes: Vec<(&str, Vec<Value>)>) -> Result<Vec<Submitted>> {
+        let bodies = writes.into_iter().map(|(sql, params)| SqlMutation::one(sql, params).encode()).collect();
+        let done = self.shared.session().mutate_many(self.id, bodies, now_ms(), random_u64())?;
+        self.shared.wake.notify_one();
+        self.shared.bump();
+        Ok(done)
+    }
+
     /// Brings the document's schema up to date: each (version, SQL) this replica has not
     /// applied yet is submitted as a migration, which runs exactly once per document, whichever
     /// client's copy reaches the server first. Ship the same list with every client and call

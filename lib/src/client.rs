@@ -44,6 +44,12 @@ fn staged_version(staged: &[(EntryHeader, Vec<u8>)], idx: PageIdx) -> Option<Arc
     None
 }
 
+/// Refused statements can never apply anywhere: the caller says so at once and keeps nothing.
+fn refusal(local: &std::result::Result<(), Rejection>) -> Option<Error> {
+    let r = local.as_ref().err().filter(|r| r.code == "refused")?;
+    Some(Error::Refused(format!("{}: {}", r.code, r.message)))
+}
+
 /// Where a mutation stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MutationState {
@@ -211,10 +217,9 @@ impl<R: Reducer> ClientDocument<R> {
                 return Err(e);
             }
         };
-        if let Some(Rejection { code, message }) = local.as_ref().err().filter(|r| r.code == "refused") {
-            // Refused statements can never apply anywhere: say so now, keep nothing.
+        if let Some(e) = refusal(&local) {
             let _ = conn.execute_batch("ROLLBACK");
-            return Err(Error::Refused(format!("{code}: {message}")));
+            return Err(e);
         }
         let lsn = match self.timeline.append(&bytes) {
             Ok(lsn) => lsn,
@@ -226,6 +231,55 @@ impl<R: Reducer> ClientDocument<R> {
         conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
         self.pending.push_back((lsn, mutation));
         Ok(Submitted { lsn, local })
+    }
+
+    /// Group commit: runs several mutations locally in one transaction, each in its own
+    /// savepoint as `mutate` runs one, and appends them to the timeline with one durability
+    /// barrier. Each stays its own mutation, confirmed or rejected on its own; the seeds are
+    /// `seed, seed + 1, ...`. A statement the authorizer refuses fails the call and nothing is
+    /// kept. In the rare case a mutation ends the local transaction itself, they are submitted
+    /// one by one with `mutate` instead.
+    pub fn mutate_many(&mut self, bodies: Vec<Vec<u8>>, time_ms: i64, seed: u64) -> Result<Vec<Submitted>> {
+        self.check_not_restarting()?;
+        let mutations: Vec<Mutation> = bodies
+            .into_iter()
+            .enumerate()
+            .map(|(i, body)| Mutation { client_time_ms: time_ms, seed: seed.wrapping_add(i as u64), body })
+            .collect();
+        let encoded = mutations.iter().map(Mutation::encode).collect::<Result<Vec<_>>>()?;
+        let conn = self.db.conn();
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let mut locals = Vec::with_capacity(mutations.len());
+        for m in &mutations {
+            match apply_mutation(&self.db, &mut self.reducer, m, time_ms) {
+                Ok(local) => match refusal(&local) {
+                    Some(e) => {
+                        let _ = conn.execute_batch("ROLLBACK");
+                        return Err(e);
+                    }
+                    None => locals.push(local),
+                },
+                Err(Error::TransactionLost(_)) => {
+                    // Everything before it was rolled back with it: start over, one by one.
+                    return mutations.into_iter().map(|m| self.mutate(m.body, time_ms, m.seed)).collect();
+                }
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
+            }
+        }
+        let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
+        let range = match self.timeline.append_batch(&refs) {
+            Ok(range) => range,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+        };
+        conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
+        self.pending.extend(range.iter().zip(mutations));
+        Ok(range.iter().zip(locals).map(|(lsn, local)| Submitted { lsn, local }).collect())
     }
 
     /// Submits the migrations (version, SQL) that have not applied to this replica yet, in

@@ -384,3 +384,60 @@ fn a_local_schema_with_the_servers_schema_cookie_is_not_mistaken_for_it() {
     assert_eq!(client.pending_count(), 0);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
+
+#[test]
+fn a_group_commit_keeps_each_mutation_its_own() {
+    let (mut server, mut client) = setup();
+    client
+        .mutate(sql("CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER CHECK (bal >= 0))", vec![]), T0, 1)
+        .expect("ddl");
+    let batch = vec![
+        sql("INSERT INTO acct VALUES (1, 10)", vec![]),
+        sql("UPDATE acct SET bal = bal - 50 WHERE id = 1", vec![]),
+        sql("INSERT INTO acct VALUES (2, 5)", vec![]),
+    ];
+    let done = client.mutate_many(batch, T0, 10).expect("group commit");
+    let lsns: Vec<u64> = done.iter().map(|s| s.lsn.get()).collect();
+    assert_eq!(lsns, [2, 3, 4]);
+    assert!(done[0].local.is_ok() && done[1].local.is_err() && done[2].local.is_ok(), "{done:?}");
+    let rows = client.query("SELECT id, bal FROM acct ORDER BY id", &[]).expect("query");
+    assert_eq!(rows.rows.len(), 2, "the failing one changed nothing locally, the others applied");
+
+    // A refused statement fails the whole call, and nothing of it is kept.
+    let refused = client.mutate_many(
+        vec![sql("INSERT INTO acct VALUES (3, 1)", vec![]), sql("ATTACH 'x' AS y", vec![])],
+        T0,
+        20,
+    );
+    assert!(matches!(refused, Err(Error::Refused(_))), "{refused:?}");
+    assert_eq!(client.pending_count(), 4);
+    assert_eq!(
+        client.query("SELECT count(*) FROM acct", &[]).expect("q").rows,
+        vec![vec![Value::Integer(2)]]
+    );
+
+    // One that ends the local transaction itself: submitted one by one instead.
+    let lost = client
+        .mutate_many(
+            vec![
+                sql("INSERT INTO acct VALUES (4, 1)", vec![]),
+                sql("INSERT OR ROLLBACK INTO acct VALUES (1, 0)", vec![]),
+            ],
+            T0,
+            30,
+        )
+        .expect("submitted");
+    assert_eq!(lost.iter().map(|s| s.lsn.get()).collect::<Vec<_>>(), [5, 6]);
+
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    let states: Vec<MutationState> =
+        (2..=6).map(|l| client.state(Lsn::new(l).expect("lsn")).expect("state")).collect();
+    assert_eq!(states[0], MutationState::Confirmed);
+    assert!(matches!(&states[1], MutationState::Rejected(r) if r.message.contains("CHECK")), "{states:?}");
+    assert_eq!(states[2], MutationState::Confirmed);
+    assert_eq!(states[3], MutationState::Confirmed);
+    assert!(matches!(&states[4], MutationState::Rejected(_)), "{states:?}");
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}

@@ -142,6 +142,20 @@ impl ClientSession {
         link.doc.mutate(body, time_ms, seed)
     }
 
+    /// Runs several mutations locally with one durability barrier (see
+    /// `ClientDocument::mutate_many`); they are sent when the link allows.
+    pub fn mutate_many(
+        &mut self,
+        id: DocId,
+        bodies: Vec<Vec<u8>>,
+        time_ms: i64,
+        seed: u64,
+    ) -> Result<Vec<Submitted>> {
+        let link =
+            self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
+        link.doc.mutate_many(bodies, time_ms, seed)
+    }
+
     /// Submits the migrations this replica has not applied yet (see `ClientDocument::migrate`).
     pub fn migrate(
         &mut self,
