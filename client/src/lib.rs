@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
 use pagesync::protocol::{ClientSession, DocStatus};
 use pagesync::{ClientDocument, DocId, MutationState, Rows, SqlMutation, Submitted, Value};
@@ -360,6 +360,10 @@ async fn drive(url: String, shared: Arc<Shared>) {
     }
 }
 
+/// Frames taken from the socket at once when they have already arrived: bounded, so one
+/// burst cannot hold the session lock for long.
+const MAX_FRAMES_AT_ONCE: usize = 64;
+
 async fn run_connection(
     ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     shared: &Shared,
@@ -381,10 +385,28 @@ async fn run_connection(
         tokio::select! {
             msg = stream.next() => match msg {
                 Some(Ok(WsMessage::Binary(b))) => {
-                    if let Err(e) = shared.session().handle_frame(now_ms(), &b) {
+                    // Take what else has already arrived, so storage is applied (and pending
+                    // writes rebased) once for all of it.
+                    let mut frames = vec![b.to_vec()];
+                    let mut closed = false;
+                    while frames.len() < MAX_FRAMES_AT_ONCE {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(WsMessage::Binary(b)))) => frames.push(b.to_vec()),
+                            Some(Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None) => {
+                                closed = true;
+                                break;
+                            }
+                            Some(Some(Ok(_))) => {}
+                            None => break,
+                        }
+                    }
+                    if let Err(e) = shared.session().handle_frames(now_ms(), &frames) {
                         tracing::warn!("applying a frame failed: {e}");
                     }
                     shared.bump();
+                    if closed {
+                        return;
+                    }
                 }
                 Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}

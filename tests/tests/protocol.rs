@@ -183,3 +183,53 @@ fn a_full_disk_on_one_document_is_reported_and_retried() {
     exchange(&mut s, &mut c, 1 + pagesync::protocol::STEP_RETRY_MS, true);
     assert_eq!(c.status(sick).expect("status").pending, 0, "applied once the disk had room");
 }
+
+#[test]
+fn storage_frames_that_arrive_together_apply_as_one_batch() {
+    let doc = DocId::from_u128(9);
+    let (mut s, mut c) = (server(), client(&[doc]));
+    let mut writer = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    exchange(&mut s, &mut c, 0, true);
+    // Another connection writes three steps' worth; C's storage frames are held back, then
+    // handed over together.
+    let w = ConnId(2);
+    s.connect(w);
+    writer.connected(0);
+    let mut held = Vec::new();
+    for step in 0..3 {
+        writer
+            .mutate(doc, sql("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (1)", vec![]), T0, step)
+            .expect("mutate");
+        for _ in 0..100 {
+            let mut moved = false;
+            while let Some(m) = writer.poll_transmit() {
+                s.handle_frame(w, 1, &m.encode());
+                moved = true;
+            }
+            s.handle_timeout(1);
+            while let Some((conn, m)) = s.poll_transmit() {
+                moved = true;
+                if conn == w {
+                    writer.handle_frame(1, &m.encode()).expect("writer applies");
+                } else if matches!(m, Message::Storage { .. }) {
+                    held.push(m.encode());
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+    assert!(held.len() >= 3, "one storage frame per step: {}", held.len());
+    let before = c.status(doc).expect("status").storage_next;
+    c.handle_frames(2, &held).expect("apply together");
+    let after = c.status(doc).expect("status").storage_next;
+    assert_eq!(after.get() - before.get(), held.len() as u64, "every entry applied");
+    let rows = c.document(doc).expect("open").query("SELECT count(*) FROM t", &[]).expect("query");
+    assert_eq!(rows.rows, vec![vec![pagesync::Value::Integer(3)]]);
+    // A frame that does not decode is a connection error, as one at a time.
+    c.handle_frames(3, &[b"garbage".to_vec()]).expect("no panic");
+    assert!(c.connection_error().is_some_and(|(code, _)| code == codes::MALFORMED));
+}

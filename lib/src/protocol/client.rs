@@ -255,6 +255,37 @@ impl ClientSession {
         }
     }
 
+    /// Handles frames that arrived together. Consecutive `Storage` messages of one document
+    /// are applied as one batch: one durability barrier and one rebase of the pending
+    /// mutations for all of them, so a client that fell behind catches up in fewer, larger
+    /// steps instead of rebasing once per message.
+    pub fn handle_frames(&mut self, now_ms: i64, frames: &[Vec<u8>]) -> Result<()> {
+        let mut merged: Vec<Message> = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let msg = match Message::decode(frame) {
+                Ok(msg) => msg,
+                Err(e) => {
+                    self.conn_error = Some((super::codes::MALFORMED.into(), e.to_string()));
+                    break;
+                }
+            };
+            if let (Some(Message::Storage { doc, first, entries }), Message::Storage { doc: d, first: f, .. }) =
+                (merged.last_mut(), &msg)
+                && doc == d
+                && first.get() + entries.len() as u64 == f.get()
+            {
+                let Message::Storage { entries: more, .. } = msg else { unreachable!("BUG: matched above") };
+                entries.extend(more);
+                continue;
+            }
+            merged.push(msg);
+        }
+        for msg in merged {
+            self.handle_message(now_ms, msg)?;
+        }
+        Ok(())
+    }
+
     pub fn handle_timeout(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
         if !self.connected {
