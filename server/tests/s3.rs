@@ -122,3 +122,70 @@ async fn two_servers_on_one_document_one_keeps_writing_the_other_reports_the_con
     let rows = a.query("SELECT count(*) FROM w WHERE who = 'a'", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Integer(10)]]);
 }
+
+/// Checkpoints and retention on S3 through the real binary and real websockets: with every
+/// step checkpointed and nothing retained, the bucket's history is trimmed; a client that was
+/// offline with writes of its own and a new client both restart at the checkpoint, and the
+/// offline writes apply exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_behind_the_retained_history_restart_at_a_checkpoint_on_s3() {
+    let Some(journal) = support::s3::s3_url("compact") else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let flags = ["--checkpoint-after-bytes", "1", "--retention", "0s", "--commit-interval-ms", "0"];
+    let (_server, port) = support::start_on_any_port(&journal, &flags);
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let doc_id = DocId::from_u128(0xc0c);
+    let ca = Client::connect(&url, "", dir.path().join("a")).expect("a");
+    let a = ca.open(doc_id).expect("open");
+    a.execute("CREATE TABLE t(who TEXT NOT NULL, n INTEGER NOT NULL)", vec![]).expect("ddl");
+    a.sync(WAIT).await.expect("schema synced");
+    {
+        // C syncs the schema, then goes away.
+        let cc = Client::connect(&url, "", dir.path().join("c")).expect("c");
+        cc.open(doc_id).expect("open").sync(WAIT).await.expect("c synced");
+    }
+    {
+        // C offline (nothing listens there): 20 writes of its own.
+        let dead = format!("ws://127.0.0.1:{}/v1/sync", free_port());
+        let cc = Client::connect(&dead, "", dir.path().join("c")).expect("c offline");
+        let c = cc.open(doc_id).expect("open");
+        for n in 0..20 {
+            c.execute("INSERT INTO t VALUES ('c', ?1)", vec![Value::Integer(n)]).expect("offline write");
+        }
+    }
+    for n in 0..60 {
+        a.execute("INSERT INTO t VALUES ('a', ?1)", vec![Value::Integer(n)]).expect("write");
+        if n % 10 == 9 {
+            a.sync(WAIT).await.expect("a synced");
+        }
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(["verify", "--journal", &journal, "--doc", &doc_id.to_string()])
+        .output()
+        .expect("verify");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let first: u64 = text
+        .split("entries [")
+        .nth(1)
+        .and_then(|r| r.split("..").next())
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_else(|| panic!("no entry range in {text}"));
+    assert!(first > 10, "the history was trimmed in the bucket: {text}");
+
+    let cc = Client::connect(&url, "", dir.path().join("c")).expect("c back");
+    let cb = Client::connect(&url, "", dir.path().join("b")).expect("b new");
+    let (c, b) = (cc.open(doc_id).expect("open"), cb.open(doc_id).expect("open"));
+    c.sync(WAIT).await.expect("c synced after restarting");
+    b.sync(WAIT).await.expect("b synced after restarting");
+    a.sync(WAIT).await.expect("a has c's writes");
+    let count = "SELECT who, count(*) FROM t GROUP BY who ORDER BY who";
+    let want = vec![
+        vec![Value::Text("a".into()), Value::Integer(60)],
+        vec![Value::Text("c".into()), Value::Integer(20)],
+    ];
+    for (name, d) in [("a", &a), ("b", &b), ("c", &c)] {
+        assert_eq!(d.query(count, &[]).expect("query").rows, want, "{name}");
+    }
+    assert_eq!(c.status().pending, 0);
+}
