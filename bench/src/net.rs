@@ -22,6 +22,7 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
     crate::runtime().block_on(async {
         let mut pairs = vec![throughput(cfg, 1).await, throughput(cfg, GROUP).await];
         pairs.extend(latency(cfg).await);
+        pairs.extend(latency_at_rate(cfg).await);
         pairs
     })
 }
@@ -216,18 +217,96 @@ async fn latency(cfg: &Config) -> Vec<Pair> {
             },
         ],
     });
-    let pct = |xs: &mut Vec<f64>, p: f64| {
-        xs.sort_by(f64::total_cmp);
-        xs[((xs.len() as f64 - 1.0) * p).round() as usize]
-    };
-    let (p50, p99) = (pct(&mut ours, 0.5), pct(&mut ours, 0.99));
-    let (r50, r99) = (pct(&mut raw, 0.5), pct(&mut raw, 0.99));
-    let pair = |name: &str, x: f64, y: f64, target: f64| {
-        let peer = "one frame through a raw websocket relay";
-        Pair::new("net", name, "ms", Better::Lower, vec![x], peer, vec![y], Some(Target::OursAtMost(target)))
-    };
-    vec![
-        pair("propagation latency p50 at 100/s", p50, r50, 1.0),
-        pair("propagation latency p99 at 100/s", p99, r99, 5.0),
-    ]
+    percentile_pairs("100/s", &mut ours, &mut raw, [Some(1.0), Some(5.0), None])
+}
+
+/// p50, p99 and p999 of `ours` against `raw`, with optional targets for each.
+fn percentile_pairs(rate: &str, ours: &mut [f64], raw: &mut [f64], targets: [Option<f64>; 3]) -> Vec<Pair> {
+    ours.sort_by(f64::total_cmp);
+    raw.sort_by(f64::total_cmp);
+    let pct = |xs: &[f64], p: f64| xs[((xs.len() as f64 - 1.0) * p).round() as usize];
+    [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]
+        .into_iter()
+        .zip(targets)
+        .map(|((label, p), target)| {
+            Pair::new(
+                "net",
+                &format!("propagation latency {label} at {rate}"),
+                "ms",
+                Better::Lower,
+                vec![pct(ours, p)],
+                "frames through a raw websocket relay at the same rate",
+                vec![pct(raw, p)],
+                target.map(Target::OursAtMost),
+            )
+        })
+        .collect()
+}
+
+/// Propagation latency at a steady 10,000 mutations/s: A submits 10 single-row mutations
+/// every millisecond (one group commit each, `execute_many`), and each row's latency runs from
+/// its submission until B holds it. Peer: 10 frames a millisecond through the raw relay.
+async fn latency_at_rate(cfg: &Config) -> Vec<Pair> {
+    const PER_MS: u64 = 10;
+    let ms = if cfg.quick { 200 } else { 2_000 };
+    let s = setup().await;
+    let sent = Arc::new(std::sync::Mutex::new(Vec::<Instant>::with_capacity((ms * PER_MS) as usize)));
+    let (a, sent_by_a) = (s.a.clone(), sent.clone());
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for t in 0..ms {
+            tick.tick().await;
+            let writes = (0..PER_MS).map(|i| ("INSERT INTO t(v) VALUES (?1)", row(t * PER_MS + i))).collect();
+            let now = Instant::now();
+            sent_by_a.lock().expect("lock").extend(std::iter::repeat_n(now, PER_MS as usize));
+            a.execute_many(writes).expect("write");
+        }
+    });
+    let total = (ms * PER_MS) as usize;
+    let mut ours = Vec::with_capacity(total);
+    let deadline = Instant::now() + WAIT;
+    while ours.len() < total {
+        let n = s.b.query("SELECT count(*) FROM t", &[]).expect("count").rows[0][0].clone();
+        let Value::Integer(n) = n else { panic!("count is an integer") };
+        let now = Instant::now();
+        let sent = sent.lock().expect("lock");
+        for at in &sent[ours.len()..(n as usize).min(sent.len())] {
+            ours.push(now.duration_since(*at).as_secs_f64() * 1e3);
+        }
+        drop(sent);
+        assert!(now < deadline, "B holds {n} of {total} rows after {WAIT:?}");
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+    writer.await.expect("writer");
+    let _ = s.stop.send(());
+
+    let (mut a, mut b) = raw_relay().await;
+    let sender = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let start = Instant::now();
+        for _ in 0..ms {
+            tick.tick().await;
+            for _ in 0..PER_MS {
+                let at = start.elapsed().as_nanos() as u64;
+                a.send(Ws::Binary(at.to_le_bytes().to_vec().into())).await.expect("send");
+            }
+        }
+        (a, start)
+    });
+    let mut raw_at = Vec::with_capacity(total);
+    for _ in 0..total {
+        let m = b.next().await.expect("frame").expect("ok");
+        raw_at.push((Instant::now(), m.into_data()));
+    }
+    let (_a, start) = sender.await.expect("sender");
+    let mut raw: Vec<f64> = raw_at
+        .iter()
+        .map(|(got, data)| {
+            let sent = start + Duration::from_nanos(u64::from_le_bytes(data[..8].try_into().expect("8 bytes")));
+            got.duration_since(sent).as_secs_f64() * 1e3
+        })
+        .collect();
+    percentile_pairs("10,000/s", &mut ours, &mut raw, [None, None, None])
 }
