@@ -47,21 +47,30 @@ fn micros_per_op(n: u64, elapsed: Duration) -> f64 {
     elapsed.as_secs_f64() * 1e6 / n as f64
 }
 
+/// Writes per repetition of the local-write workload.
+pub(crate) fn local_writes(cfg: &Config) -> u64 {
+    if cfg.quick { 50 } else { 400 }
+}
+
+/// Microseconds per single-row mutation on a fresh client with file journals: the local-write
+/// workload, also run against libsql (`libsql.rs`).
+pub(crate) fn local_write_micros(n: u64) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = ClientDocument::open(file_journal(dir.path(), "s", 1), file_journal(dir.path(), "t", 2))
+        .expect("client");
+    c.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
+    let start = Instant::now();
+    for i in 0..n {
+        c.mutate(row(i), T0, i).expect("mutate");
+    }
+    micros_per_op(n, start.elapsed())
+}
+
 /// A single-row mutation on a client (file journals, fdatasync per write) against a one-row
 /// transaction in stock SQLite, WAL mode with `synchronous = FULL` (fsync per commit).
 fn local_write(cfg: &Config) -> Pair {
-    let n = if cfg.quick { 50 } else { 400 };
-    let ours = || {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut c = ClientDocument::open(file_journal(dir.path(), "s", 1), file_journal(dir.path(), "t", 2))
-            .expect("client");
-        c.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
-        let start = Instant::now();
-        for i in 0..n {
-            c.mutate(row(i), T0, i).expect("mutate");
-        }
-        micros_per_op(n, start.elapsed())
-    };
+    let n = local_writes(cfg);
+    let ours = || local_write_micros(n);
     let peer = || {
         let dir = tempfile::tempdir().expect("tempdir");
         let conn = stock_db(dir.path());

@@ -7,6 +7,7 @@ mod bulk;
 mod chart;
 mod core;
 mod journal;
+mod libsql;
 mod net;
 mod report;
 mod s3;
@@ -37,6 +38,7 @@ type Group = (&'static str, fn(&Config) -> Vec<Pair>);
 const GROUPS: &[Group] = &[
     ("journal", journal::run),
     ("core", core::run),
+    ("libsql", libsql::run),
     ("sync", sync::run),
     ("net", net::run),
     ("bulk", bulk::run),

@@ -304,7 +304,8 @@ async fn latency_at_rate(cfg: &Config) -> Vec<Pair> {
     let mut raw: Vec<f64> = raw_at
         .iter()
         .map(|(got, data)| {
-            let sent = start + Duration::from_nanos(u64::from_le_bytes(data[..8].try_into().expect("8 bytes")));
+            let sent =
+                start + Duration::from_nanos(u64::from_le_bytes(data[..8].try_into().expect("8 bytes")));
             got.duration_since(sent).as_secs_f64() * 1e3
         })
         .collect();
