@@ -270,11 +270,12 @@ async fn latency_at_rate(cfg: &Config) -> Vec<Pair> {
         let n = s.b.query("SELECT count(*) FROM t", &[]).expect("count").rows[0][0].clone();
         let Value::Integer(n) = n else { panic!("count is an integer") };
         let now = Instant::now();
-        let sent = sent.lock().expect("lock");
-        for at in &sent[ours.len()..(n as usize).min(sent.len())] {
-            ours.push(now.duration_since(*at).as_secs_f64() * 1e3);
+        {
+            let sent = sent.lock().expect("lock");
+            for at in &sent[ours.len()..(n as usize).min(sent.len())] {
+                ours.push(now.duration_since(*at).as_secs_f64() * 1e3);
+            }
         }
-        drop(sent);
         assert!(now < deadline, "B holds {n} of {total} rows after {WAIT:?}");
         tokio::time::sleep(Duration::from_micros(100)).await;
     }

@@ -177,6 +177,8 @@ impl<R: Reducer> ServerDocument<R> {
             doc.db.conn().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
         }
         doc.load_applied()?;
+        // Opening read every entry and the schema; those pages are not the working set.
+        doc.shrink_memory()?;
         Ok(doc)
     }
 
@@ -211,6 +213,18 @@ impl<R: Reducer> ServerDocument<R> {
     /// Reads storage entries to send (already durable).
     pub fn read_storage(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {
         Ok(self.db.store().journal().read_range(range)?)
+    }
+
+    /// Gives back the memory an idle document holds beyond its connection: SQLite's page cache
+    /// and prepared statements, the page store's cache, and the recent entries kept in wire
+    /// form. All of it is rebuilt on demand (pages are read from the journal again, entries
+    /// are sent whole).
+    pub fn shrink_memory(&mut self) -> Result<()> {
+        self.db.conn().flush_prepared_statement_cache();
+        self.db.conn().execute_batch("PRAGMA shrink_memory")?;
+        self.db.store().clear_cache();
+        self.recent = VecDeque::new();
+        Ok(())
     }
 
     /// Turns on checkpoints and retention (off by default: the history is kept whole).

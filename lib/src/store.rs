@@ -493,6 +493,11 @@ impl PageStore {
         Ok(())
     }
 
+    /// Drops the committed pages cached in memory (they are read again from the journal).
+    pub fn clear_cache(&mut self) {
+        self.cache.clear();
+    }
+
     /// True while this replica, restarted at a checkpoint, waits for the checkpoint's last
     /// part: it holds no state to read.
     pub fn is_restarting(&self) -> bool {

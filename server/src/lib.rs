@@ -135,6 +135,11 @@ impl Default for Limits {
     }
 }
 
+/// How long an open document goes unused before it gives back its caches: 5 s. Long enough
+/// that a document in use keeps its hot pages; short enough that thousands of quiet
+/// subscribed documents cost little (see `server/tests/many.rs`).
+pub const DEFAULT_IDLE_SHRINK_MS: i64 = 5_000;
+
 /// How long a document nobody subscribes to stays open: a minute.
 pub const DEFAULT_IDLE_CLOSE_MS: i64 = 60_000;
 
@@ -225,6 +230,11 @@ impl Metrics {
             ("pagesync_mutations_rejected_total", "Mutations rejected (with a reason)", s.mutations_rejected),
             ("pagesync_documents_opened_total", "Documents opened", s.documents_opened),
             ("pagesync_documents_closed_total", "Idle documents closed", s.documents_closed),
+            (
+                "pagesync_documents_shrunk_total",
+                "Idle open documents that gave back their caches",
+                s.documents_shrunk,
+            ),
         ];
         for (name, help, v) in rows {
             metric(&mut out, name, "counter", help, v);
@@ -298,6 +308,7 @@ pub async fn serve(
         commit_interval_ms: cfg.commit_interval_ms.unwrap_or(cfg.store.default_commit_interval_ms()),
         step_threads: DEFAULT_STEP_THREADS,
         idle_close_ms: Some(cfg.idle_close_ms),
+        idle_shrink_ms: Some(DEFAULT_IDLE_SHRINK_MS),
     };
     let started = std::time::Instant::now();
     let mut session = ServerSession::new(opener)

@@ -100,11 +100,15 @@ pub struct SessionOptions {
     /// A document with no subscriber and no queued work is closed after this long, and then
     /// costs nothing but its storage. `None` keeps documents open.
     pub idle_close_ms: Option<i64>,
+    /// An open document unused for this long gives back its caches
+    /// (`ServerDocument::shrink_memory`), so thousands of quiet subscribed documents cost little
+    /// memory each. `None` never shrinks.
+    pub idle_shrink_ms: Option<i64>,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { commit_interval_ms: 0, step_threads: 1, idle_close_ms: None }
+        SessionOptions { commit_interval_ms: 0, step_threads: 1, idle_close_ms: None, idle_shrink_ms: None }
     }
 }
 
@@ -121,6 +125,8 @@ pub struct SessionStats {
     pub mutations_rejected: u64,
     pub documents_opened: u64,
     pub documents_closed: u64,
+    /// Idle documents that gave back their caches.
+    pub documents_shrunk: u64,
     /// Steps by duration: `step_micros[i]` counts those within `STEP_MICROS_BUCKETS[i]`
     /// (cumulative counts are the caller's job); the last slot counts the longer ones. Only
     /// kept when the session has a clock (`with_clock`).
@@ -206,6 +212,9 @@ pub struct ServerSession {
     queued_since: HashMap<DocId, i64>,
     /// When a document was last named by a message, for closing idle ones.
     last_used: HashMap<DocId, i64>,
+    /// For documents that shrank: the `last_used` they shrank at (they shrink again only after
+    /// being used since).
+    shrunk_at: HashMap<DocId, i64>,
     next_idle_sweep_ms: i64,
     conns: BTreeMap<ConnId, Conn>,
     cursor: Option<ConnId>,
@@ -237,6 +246,7 @@ impl ServerSession {
             retry_at: HashMap::new(),
             queued_since: HashMap::new(),
             last_used: HashMap::new(),
+            shrunk_at: HashMap::new(),
             next_idle_sweep_ms: 0,
             conns: BTreeMap::new(),
             cursor: None,
@@ -520,13 +530,15 @@ impl ServerSession {
     }
 
     /// Closes documents that no connection subscribes to, with nothing queued, unused for
-    /// `idle_close_ms`. Runs at most once a second: it looks at every subscription.
+    /// `idle_close_ms`, and shrinks those unused for `idle_shrink_ms`. Runs at most once a
+    /// second: it looks at every subscription.
     fn close_idle(&mut self) {
-        let Some(idle_ms) = self.options.idle_close_ms else { return };
         if self.now_ms < self.next_idle_sweep_ms {
             return;
         }
         self.next_idle_sweep_ms = self.now_ms + 1_000;
+        self.shrink_idle();
+        let Some(idle_ms) = self.options.idle_close_ms else { return };
         let subscribed: HashSet<DocId> = self.conns.values().flat_map(|c| c.subs.keys().copied()).collect();
         let now = self.now_ms;
         let idle: Vec<DocId> = self
@@ -538,10 +550,27 @@ impl ServerSession {
             .collect();
         for doc in idle {
             self.docs.remove(&doc);
+            self.shrunk_at.remove(&doc);
             self.last_used.remove(&doc);
             self.retry_at.remove(&doc);
             self.queued_since.remove(&doc);
             self.stats.documents_closed += 1;
+        }
+    }
+
+    fn shrink_idle(&mut self) {
+        let Some(shrink_ms) = self.options.idle_shrink_ms else { return };
+        let now = self.now_ms;
+        for (id, d) in self.docs.iter_mut().filter(|(_, d)| d.queued() == 0) {
+            let used = self.last_used.get(id).copied().unwrap_or(0);
+            if now < used + shrink_ms || self.shrunk_at.get(id) == Some(&used) {
+                continue;
+            }
+            // A failure leaves caches in place; the document works either way.
+            if d.shrink_memory().is_ok() {
+                self.stats.documents_shrunk += 1;
+            }
+            self.shrunk_at.insert(*id, used);
         }
     }
 
