@@ -8,6 +8,7 @@ mod chart;
 mod core;
 mod journal;
 mod libsql;
+mod many;
 mod net;
 mod report;
 mod s3;
@@ -41,6 +42,7 @@ const GROUPS: &[Group] = &[
     ("libsql", libsql::run),
     ("sync", sync::run),
     ("net", net::run),
+    ("many", many::run),
     ("bulk", bulk::run),
     ("s3", s3::run),
 ];
@@ -51,6 +53,10 @@ fn usage() -> String {
 }
 
 fn main() -> ExitCode {
+    if let Some(dir) = std::env::var_os(many::SERVE_ENV) {
+        many::serve_child(&dir.to_string_lossy());
+        return ExitCode::SUCCESS;
+    }
     let mut quick = false;
     let mut out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut which = None;
