@@ -10,6 +10,8 @@ mod journal;
 mod libsql;
 mod many;
 mod net;
+#[path = "../../server/tests/support/probe.rs"]
+mod probe;
 mod report;
 mod s3;
 mod sync;
@@ -55,6 +57,10 @@ fn usage() -> String {
 fn main() -> ExitCode {
     if let Some(dir) = std::env::var_os(many::SERVE_ENV) {
         many::serve_child(&dir.to_string_lossy());
+        return ExitCode::SUCCESS;
+    }
+    if let Some(docs) = std::env::var_os(many::PEER_ENV) {
+        many::peer_child(&docs.to_string_lossy());
         return ExitCode::SUCCESS;
     }
     let mut quick = false;

@@ -3,7 +3,7 @@
 //! [`serve_child`]) so its resident memory is its own. Two figures:
 //! - memory per idle open document: the server's RSS growth while every document is open and
 //!   subscribed, after they went quiet, divided by the documents. Peer: a plain SQLite
-//!   connection per document (schema loaded), measured the same way in this process;
+//!   connection per document (schema loaded), measured the same way in a child process;
 //! - aggregate mutations/s: every connection sends 10 single-row mutations to each of its
 //!   documents at once, until the server reports them all applied. Peer: stock SQLite applying
 //!   the same inserts to as many database files, one transaction per document (rollback
@@ -21,10 +21,31 @@ use pagesync::{DocId, Mutation, SqlMutation, Statement, TimelineId, Value};
 use tokio_tungstenite::tungstenite::Message as Ws;
 
 use crate::Config;
+use crate::probe::{metric, rss_kib};
 use crate::report::{Better, Pair, Target, per_second};
 
 /// Set in the child's environment: serve documents from this directory.
 pub const SERVE_ENV: &str = "PAGESYNC_BENCH_SERVE";
+/// Set in the child's environment: run the stock SQLite peer over this many documents and
+/// print `KiB-per-document mutations-per-second` (a fresh process, so its heap is its own).
+pub const PEER_ENV: &str = "PAGESYNC_BENCH_SQLITE_PEER";
+
+/// The peer's child process.
+pub fn peer_child(docs: &str) {
+    let (kib, rate) = peer(docs.parse().expect("a document count"));
+    println!("{kib} {rate}");
+}
+
+fn peer_in_child(docs: usize) -> (f64, f64) {
+    let out = Command::new(std::env::current_exe().expect("this binary"))
+        .env(PEER_ENV, docs.to_string())
+        .output()
+        .expect("run the SQLite peer");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the SQLite peer failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut figures = text.split_whitespace().map(|f| f.parse::<f64>().expect("a figure"));
+    (figures.next().expect("KiB"), figures.next().expect("rate"))
+}
 const MUTATIONS_PER_DOC: u64 = 10;
 
 /// The child: a server on a kernel-picked loopback port, printed on stdout; runs until killed.
@@ -63,22 +84,6 @@ fn start(dir: &std::path::Path) -> Server {
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
     Server { port: line.trim().parse().expect("a port"), child }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).expect("value").parse().expect("number")
-}
-
-fn metric(port: u16, name: &str) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).expect("metric present");
-    line[name.len() + 1..].parse().expect("a number")
 }
 
 fn wait_for(port: u16, name: &str, at_least: u64) {
@@ -203,7 +208,7 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
         let (m, r) = ours(conns, per_conn);
         mem.push(m);
         rate.push(r);
-        let (m, r) = peer(docs);
+        let (m, r) = peer_in_child(docs);
         peer_mem.push(m);
         peer_rate.push(r);
     }

@@ -240,6 +240,11 @@ impl<R: Reducer> ServerDocument<R> {
         store.checkpoints().first().copied().filter(|c| c.first == first)
     }
 
+    /// The newest complete checkpoint: a new replica starts there.
+    pub fn newest_checkpoint(&self) -> Option<Checkpoint> {
+        self.db.store().checkpoints().last().copied()
+    }
+
     /// Writes a checkpoint when enough history has built up, then trims the journal to the
     /// newest checkpoint that is older than the retention window. `now_ms` is the server's
     /// clock. Returns whether anything was written or removed.

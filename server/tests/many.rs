@@ -11,6 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION, codes};
 use pagesync::{DocId, TimelineId};
+use support::probe::{metric, rss_kib};
 use support::{free_port, start};
 use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -42,22 +43,6 @@ async fn next_reply(ws: &mut Socket) -> Option<Message> {
             Ok(_) => continue,
         }
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS");
-    line.split_whitespace().nth(1).expect("value").parse().expect("number")
-}
-
-fn metric(port: u16, name: &str) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).expect("metric present");
-    line[name.len() + 1..].parse().expect("a number")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! The sans-io sessions over a perfect in-memory link: resume after reconnect without resending,
 //! fairness across documents, byte batches and windows, version mismatch.
 
+use pagesync::journal::Lsn;
 use pagesync::protocol::{
     ClientSession, ConnId, MAX_BATCH_BYTES, Message, PROTOCOL_VERSION, ServerSession, UPLOAD_WINDOW_BYTES,
     codes,
@@ -232,4 +233,51 @@ fn storage_frames_that_arrive_together_apply_as_one_batch() {
     // A frame that does not decode is a connection error, as one at a time.
     c.handle_frames(3, &[b"garbage".to_vec()]).expect("no panic");
     assert!(c.connection_error().is_some_and(|(code, _)| code == codes::MALFORMED));
+}
+
+#[test]
+fn a_new_replica_starts_at_the_newest_checkpoint_not_the_history() {
+    let doc = DocId::from_u128(11);
+    let mut s = ServerSession::new(Box::new(|d: DocId| {
+        let mut doc = ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))?;
+        // Checkpoints often; a week of retention, so the whole history stays.
+        doc.set_compaction(Some(pagesync::Compaction {
+            checkpoint_after_bytes: 0,
+            retention_ms: 7 * 86_400_000,
+        }));
+        Ok(doc)
+    }));
+    let mut writer = client(&[doc]);
+    s.connect(C);
+    writer.connected(0);
+    for i in 0..40 {
+        writer
+            .mutate(
+                doc,
+                sql("CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (randomblob(500))", vec![]),
+                T0,
+                i,
+            )
+            .expect("mutate");
+        exchange(&mut s, &mut writer, i as i64, true);
+    }
+    let server_doc = s.document(doc).expect("open");
+    let history = server_doc.storage_range();
+    let newest = server_doc.newest_checkpoint().expect("checkpoints were written");
+    assert_eq!(history.first(), Lsn::FIRST, "nothing was trimmed");
+    s.disconnect(C);
+
+    let mut fresh = ClientSession::new("");
+    fresh.add_document(doc, ClientDocument::open(memory_journal(500), memory_journal(501)).expect("doc"));
+    s.connect(C);
+    fresh.connected(100);
+    let traffic = exchange(&mut s, &mut fresh, 100, true);
+    let replica = fresh.document(doc).expect("open");
+    assert_eq!(replica.restarts(), 1, "the new replica restarted at the checkpoint");
+    assert_eq!(traffic.storage_entries as u64, history.next().get() - newest.first.get());
+    assert_eq!(
+        pagesync_tests::pages_of(replica.database()),
+        pagesync_tests::pages_of(s.document(doc).expect("open").database())
+    );
+    assert_eq!(replica.storage_range().first(), newest.first, "it keeps no history");
 }

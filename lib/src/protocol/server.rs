@@ -457,12 +457,17 @@ impl ServerSession {
             return self.push(conn, error(Some(doc), codes::SNAPSHOT_REQUIRED, text));
         }
         let next_expected = d.next_expected(timeline);
+        // A new replica starts at the newest checkpoint rather than replaying the history
+        // before it: the history since the previous checkpoint is at least the document's
+        // size (see `Compaction`), so this is never more bytes.
+        let newest = d.newest_checkpoint().filter(|c| storage_next == Lsn::FIRST && c.first > Lsn::FIRST);
+        let start = newest.map_or(storage_next, |c| c.first);
         let sub = Sub {
-            sent_next: storage_next,
-            acked_next: storage_next,
+            sent_next: start,
+            acked_next: start,
             inflight: VecDeque::new(),
             last_send_ms: 0,
-            full_until: None,
+            full_until: newest.map(|c| c.last),
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(doc, sub);

@@ -2,6 +2,7 @@
 //! process, and S3 buckets on moto.
 #![allow(dead_code)] // each test binary uses part of it
 
+pub mod probe;
 pub mod s3;
 
 use std::net::TcpListener;
