@@ -231,11 +231,10 @@ impl Document {
         self.shared.session().status(self.id).expect("BUG: open documents stay open")
     }
 
-    /// Applied (confirmed or rejected) count and the rejections with the server's messages.
-    pub fn summary(&self) -> Result<(u64, Vec<(pagesync::journal::Lsn, pagesync::Rejection)>)> {
+    /// Confirmed count and the rejections with the server's messages.
+    pub fn outcomes(&self) -> Result<pagesync::Outcomes> {
         let s = self.shared.session();
-        let d = s.document(self.id).expect("BUG: open documents stay open");
-        Ok((d.applied_lsn().map_or(0, |l| l.get()), d.rejections()?))
+        Ok(s.document(self.id).expect("BUG: open documents stay open").outcomes()?)
     }
 
     /// Writes the server's state this replica holds to `path` as a plain `.sqlite` file

@@ -79,11 +79,11 @@ fn print_rows(rows: &pagesync::Rows) {
 
 fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
     let st = doc.status();
-    let (applied, rejections) = doc.summary()?;
+    let outcomes = doc.outcomes()?;
     println!("pending\t{}", st.pending);
-    println!("confirmed\t{}", applied - rejections.len() as u64);
-    println!("rejected\t{}", rejections.len());
-    for (lsn, r) in rejections {
+    println!("confirmed\t{}", outcomes.confirmed);
+    println!("rejected\t{}", outcomes.rejected.len());
+    for (lsn, r) in outcomes.rejected {
         println!("rejected {lsn}\t{}\t{}", r.code, r.message);
     }
     if let Some((code, message)) = st.error {

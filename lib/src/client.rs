@@ -61,6 +61,14 @@ pub enum MutationState {
     Rejected(Rejection),
 }
 
+/// The server's decisions on one client's mutations: how many applied as they were, and the
+/// rejected ones with the server's reasons. The rest are pending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcomes {
+    pub confirmed: u64,
+    pub rejected: Vec<(Lsn, Rejection)>,
+}
+
 /// What a local `mutate` returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Submitted {
@@ -449,6 +457,13 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Every rejection the server recorded for this timeline, in LSN order.
+    /// What the server decided about this client's mutations so far.
+    pub fn outcomes(&self) -> Result<Outcomes> {
+        let rejected = self.rejections()?;
+        let applied = self.applied.map_or(0, Lsn::get);
+        Ok(Outcomes { confirmed: applied - rejected.len() as u64, rejected })
+    }
+
     pub fn rejections(&self) -> Result<Vec<(Lsn, Rejection)>> {
         if self.applied.is_none() {
             return Ok(Vec::new());

@@ -24,7 +24,7 @@ pub mod store;
 mod vfs;
 pub mod wire;
 
-pub use client::{ClientDocument, MutationState, Rows, Submitted};
+pub use client::{ClientDocument, MutationState, Outcomes, Rows, Submitted};
 pub use error::{Error, Result};
 pub use ids::{DocId, TimelineId};
 pub use mutation::{Mutation, SqlMutation, Statement, Value};

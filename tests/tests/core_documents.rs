@@ -439,5 +439,8 @@ fn a_group_commit_keeps_each_mutation_its_own() {
     assert_eq!(states[2], MutationState::Confirmed);
     assert_eq!(states[3], MutationState::Confirmed);
     assert!(matches!(&states[4], MutationState::Rejected(_)), "{states:?}");
+    let outcomes = client.outcomes().expect("outcomes");
+    assert_eq!(outcomes.confirmed, 4, "the DDL and three writes");
+    assert_eq!(outcomes.rejected.iter().map(|(l, _)| l.get()).collect::<Vec<_>>(), [3, 6]);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }

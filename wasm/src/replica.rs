@@ -188,13 +188,12 @@ impl Replica {
     /// storageKind }`. `error` is the server's last error for this document or connection.
     pub fn status(&self) -> Result<JsValue, JsError> {
         let doc = self.document();
-        let rejections = doc.rejections().map_err(js_error)?;
-        let applied = doc.applied_lsn().map_or(0, |l| l.get());
+        let outcomes = doc.outcomes().map_err(js_error)?;
         let out = js_sys::Object::new();
         set(&out, "pending", doc.pending_count() as f64);
-        set(&out, "confirmed", (applied - rejections.len() as u64) as f64);
+        set(&out, "confirmed", outcomes.confirmed as f64);
         let rejected = js_sys::Array::new();
-        for (lsn, r) in &rejections {
+        for (lsn, r) in &outcomes.rejected {
             let o = pair(&r.code, &r.message);
             set(&o, "id", lsn.get() as f64);
             rejected.push(&o);
