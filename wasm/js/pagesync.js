@@ -178,8 +178,9 @@ export class Database {
         break;
       } catch (e) {
         // The previous owner's worker may not have let go of the OPFS files yet.
+        console.warn(`pagesync: opening ${this.#docId} (attempt ${attempt + 1}): ${e.message}`);
         if (!/open in another tab/.test(e.message) || attempt >= OPEN_RETRIES) throw e;
-        await new Promise((r) => setTimeout(r, 50 + attempt * 25));
+        await new Promise((r) => setTimeout(r, Math.min(50 + attempt * 25, 500)));
       }
     }
     this.role = "owner";

@@ -58,7 +58,7 @@ export function cli(port, dataDir, doc, ...args) {
 export const cliRows = (...args) => JSON.parse(`[${cli(...args).trim().split("\n").filter(Boolean).join(",")}]`);
 
 export function logPage(page, name) {
-  page.on("console", (m) => m.type() === "error" && console.log(`[${name}] ${m.text()}`));
+  page.on("console", (m) => ["error", "warning"].includes(m.type()) && console.log(`[${name}] ${m.text()}`));
   page.on("pageerror", (e) => console.log(`[${name} error] ${e.message}`));
 }
 
