@@ -246,23 +246,21 @@ impl ClientSession {
 
     /// Decodes and handles a frame; a frame that does not decode is a connection error.
     pub fn handle_frame(&mut self, now_ms: i64, frame: &[u8]) -> Result<()> {
-        match Message::decode(frame) {
-            Ok(msg) => self.handle_message(now_ms, msg),
-            Err(e) => {
-                self.conn_error = Some((super::codes::MALFORMED.into(), e.to_string()));
-                Ok(())
-            }
-        }
+        self.handle_frames(now_ms, [frame])
     }
 
     /// Handles frames that arrived together. Consecutive `Storage` messages of one document
     /// are applied as one batch: one durability barrier and one rebase of the pending
     /// mutations for all of them, so a client that fell behind catches up in fewer, larger
     /// steps instead of rebasing once per message.
-    pub fn handle_frames(&mut self, now_ms: i64, frames: &[Vec<u8>]) -> Result<()> {
-        let mut merged: Vec<Message> = Vec::with_capacity(frames.len());
+    pub fn handle_frames<F: AsRef<[u8]>>(
+        &mut self,
+        now_ms: i64,
+        frames: impl IntoIterator<Item = F>,
+    ) -> Result<()> {
+        let mut merged: Vec<Message> = Vec::new();
         for frame in frames {
-            let msg = match Message::decode(frame) {
+            let msg = match Message::decode(frame.as_ref()) {
                 Ok(msg) => msg,
                 Err(e) => {
                     self.conn_error = Some((super::codes::MALFORMED.into(), e.to_string()));
