@@ -139,11 +139,14 @@ impl ServerDocument<SqlReducer> {
 fn remember(recent: &mut VecDeque<(Lsn, WireEntry)>, committed: Option<crate::store::Committed>) {
     let Some(c) = committed else { return };
     let (full, delta) = (WireEntry::full(&c.payload), WireEntry::delta(&c.delta));
-    let best = if delta.data.len() < full.data.len() { delta } else { full };
+    remember_wire(recent, c.lsn, if delta.data.len() < full.data.len() { delta } else { full });
+}
+
+fn remember_wire(recent: &mut VecDeque<(Lsn, WireEntry)>, lsn: Lsn, wire: WireEntry) {
     if recent.len() == RECENT_WIRE_ENTRIES {
         recent.pop_front();
     }
-    recent.push_back((c.lsn, best));
+    recent.push_back((lsn, wire));
 }
 
 /// The client time of an encoded mutation, or 0 when it does not decode.
@@ -247,24 +250,25 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Writes a checkpoint when enough history has built up, then trims the journal to the
     /// newest checkpoint that is older than the retention window. `now_ms` is the server's
-    /// clock. Returns whether anything was written or removed.
-    pub fn compact(&mut self, now_ms: i64) -> Result<bool> {
-        let Some(policy) = self.compaction else { return Ok(false) };
+    /// clock.
+    pub fn compact(&mut self, now_ms: i64) -> Result<()> {
+        let Some(policy) = self.compaction else { return Ok(()) };
         let mut store = self.db.store();
         let doc_bytes = u64::from(store.page_count()) * crate::page::PAGE_SIZE as u64;
-        let mut changed = false;
         if store.bytes_since_checkpoint() >= policy.checkpoint_after_bytes.max(doc_bytes) {
-            store.write_checkpoint(now_ms, |c| remember(&mut self.recent, Some(c)))?;
-            changed = true;
+            // A part changes no page: its delta (all zeros) is always the smaller form, so the
+            // whole part is not compressed just to be compared.
+            store.write_checkpoint(now_ms, |c| {
+                remember_wire(&mut self.recent, c.lsn, WireEntry::delta(&c.delta))
+            })?;
         }
         let first = store.journal().range().first();
         let horizon = now_ms.saturating_sub(policy.retention_ms);
         let newest_old = store.checkpoints().iter().rev().find(|c| c.time_ms <= horizon).copied();
         if let Some(cp) = newest_old.filter(|c| c.first > first) {
             store.trim_to(cp)?;
-            changed = true;
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// A storage entry in wire form, whole: for a receiver that restarts at a checkpoint.

@@ -37,7 +37,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use lru::LruCache;
-use pagesync_journal::{Journal, JournalError, Lsn};
+use pagesync_journal::{Journal, JournalError, Lsn, LsnRange};
 
 use crate::page::{PAGE_SIZE, Page, PageIdx, ZERO_PAGE};
 use crate::storage::{self, Applied, EntryError};
@@ -68,10 +68,8 @@ pub struct Checkpoint {
     pub time_ms: i64,
 }
 
-/// The parts of a checkpoint `[first, last]` of `page_count` pages: `(part, pages)`.
-pub fn checkpoint_parts(
-    page_count: u32,
-) -> impl Iterator<Item = (storage::Part, std::ops::RangeInclusive<u32>)> {
+/// The parts of a checkpoint of `page_count` pages: `(part, pages)`.
+fn checkpoint_parts(page_count: u32) -> impl Iterator<Item = (storage::Part, std::ops::RangeInclusive<u32>)> {
     let count = page_count.div_ceil(CHECKPOINT_PART_PAGES).max(1);
     (1..=count).map(move |index| {
         let start = (index - 1) * CHECKPOINT_PART_PAGES + 1;
@@ -522,27 +520,53 @@ impl PageStore {
         time_ms: i64,
         mut each: impl FnMut(Committed),
     ) -> Result<(), StoreError> {
-        assert!(!self.has_overlay(), "BUG: a checkpoint is of committed pages");
         for (part, pages) in checkpoint_parts(self.page_count) {
-            let pages: Vec<(PageIdx, Arc<Page>)> = pages
-                .map(|i| {
-                    let idx = PageIdx::new(i).expect("BUG: i >= 1");
-                    Ok((idx, self.committed_page(idx)?))
-                })
-                .collect::<Result<_, StoreError>>()?;
-            let refs: Vec<(PageIdx, &Page)> = pages.iter().map(|(i, p)| (*i, &**p)).collect();
-            let payload = storage::encode(self.page_count, time_ms, Some(part), &[], &refs);
+            let (payload, pages) = self.checkpoint_part(part, pages, time_ms)?;
             let lsn = self.journal.append(&payload)?;
             let header = storage::decode(&payload).expect("BUG: we just encoded it");
-            let delta = crate::wire::xor_pages(
-                &header,
-                payload.clone(),
-                &refs.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
-            );
+            let olds: Vec<&Page> = pages.iter().map(|p| &**p).collect();
+            let delta = crate::wire::xor_pages(&header, payload.clone(), &olds);
             self.index_entry(lsn, header, payload.len());
             each(Committed { lsn, payload, delta });
         }
         Ok(())
+    }
+
+    /// Appends a checkpoint of this store's committed pages to another journal (a restore
+    /// writing a document's state at one point into a new journal, or after the newest entry
+    /// of its own). Returns the entries written. The overlay must be empty.
+    pub fn copy_checkpoint_to(
+        &mut self,
+        journal: &mut dyn Journal,
+        time_ms: i64,
+    ) -> Result<LsnRange, StoreError> {
+        let first = journal.range().next();
+        let mut parts = 0;
+        for (part, pages) in checkpoint_parts(self.page_count) {
+            journal.append(&self.checkpoint_part(part, pages, time_ms)?.0)?;
+            parts += 1;
+        }
+        Ok(LsnRange::from_count(first, parts))
+    }
+
+    /// One part of a checkpoint of the committed pages: its payload, and the pages in it.
+    fn checkpoint_part(
+        &mut self,
+        part: storage::Part,
+        pages: std::ops::RangeInclusive<u32>,
+        time_ms: i64,
+    ) -> Result<(Vec<u8>, Vec<Arc<Page>>), StoreError> {
+        assert!(!self.has_overlay(), "BUG: a checkpoint is of committed pages");
+        let (idxs, pages): (Vec<PageIdx>, Vec<Arc<Page>>) = pages
+            .map(|i| {
+                let idx = PageIdx::new(i).expect("BUG: i >= 1");
+                Ok((idx, self.committed_page(idx)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?
+            .into_iter()
+            .unzip();
+        let refs: Vec<(PageIdx, &Page)> = idxs.into_iter().zip(pages.iter().map(|p| &**p)).collect();
+        Ok((storage::encode(self.page_count, time_ms, Some(part), &[], &refs), pages))
     }
 
     /// Removes every entry before `checkpoint` (one of `checkpoints()`), which holds every

@@ -11,8 +11,7 @@ use pagesync::db::Database;
 use pagesync::journal::{
     FileJournal, FileJournalOptions, Journal, JournalError, Lsn, LsnRange, MemoryJournal,
 };
-use pagesync::page::{Page, PageIdx};
-use pagesync::store::{PageStore, checkpoint_parts};
+use pagesync::store::PageStore;
 
 use crate::{Store, storage_dir, storage_key};
 
@@ -214,54 +213,43 @@ pub struct Restored {
 /// Restores `doc` as of `at` (see [`RestoreTo`]). `now_ms` stamps the new entries. The server
 /// must not be writing the target meanwhile.
 pub fn restore(store: &Store, doc: DocId, at: At, to: RestoreTo, now_ms: i64) -> Result<Restored, String> {
-    let (from, image) = export_at(store, doc, at)?;
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let (target, image) = match to {
-        RestoreTo::New(new) => {
-            if store.exists(new).map_err(|x| e(&x))? {
-                return Err(format!("document {new} already exists: pick a new id, or restore --in-place"));
-            }
-            (new, image)
+    let journal = open_read_only(store, doc)?;
+    let from = resolve(&*journal, at)?;
+    let mut then = PageStore::open_until(journal, Some(from)).map_err(|x| e(&x))?;
+    let target = match to {
+        RestoreTo::New(new) if store.exists(new).map_err(|x| e(&x))? => {
+            return Err(format!("document {new} already exists: pick a new id, or restore --in-place"));
         }
-        RestoreTo::InPlace => (doc, with_current_positions(store, doc, image, now_ms)?),
+        RestoreTo::New(new) => new,
+        RestoreTo::InPlace => doc,
     };
-    let mut journal = store.open_journal(target).map_err(|x| e(&x))?;
-    let pages: Vec<&Page> =
-        image.chunks_exact(pagesync::page::PAGE_SIZE).map(|c| c.try_into().expect("BUG: a page")).collect();
-    let count = pages.len() as u32;
-    let mut range = LsnRange::empty_at(journal.range().next());
-    for (part, idxs) in checkpoint_parts(count) {
-        let part_pages: Vec<(PageIdx, &Page)> =
-            idxs.map(|i| (PageIdx::new(i).expect("BUG: i >= 1"), pages[i as usize - 1])).collect();
-        let payload = pagesync::storage::encode(count, now_ms, Some(part), &[], &part_pages);
-        let lsn = journal.append(&payload).map_err(|x| e(&x))?;
-        range = if range.is_empty() { LsnRange::inclusive(lsn, lsn) } else { range.extend(1) };
+    let mut out = store.open_journal(target).map_err(|x| e(&x))?;
+    let mut copy = |pages: &mut PageStore| {
+        let range = pages.copy_checkpoint_to(&mut *out, now_ms).map_err(|x| e(&x))?;
+        Ok::<_, String>(Restored { from, doc: target, range, pages: pages.page_count() })
+    };
+    match to {
+        RestoreTo::New(_) => copy(&mut then),
+        RestoreTo::InPlace => copy(&mut with_current_positions(store, doc, &mut then, now_ms)?.store()),
     }
-    Ok(Restored { from, doc: target, range, pages: count })
 }
 
-/// `image` with the current contents of the system tables that say which mutations were
-/// applied or rejected (see [`RestoreTo::InPlace`]).
-fn with_current_positions(store: &Store, doc: DocId, image: Vec<u8>, now_ms: i64) -> Result<Vec<u8>, String> {
+/// The state in `then` with the current contents of the system tables that say which
+/// mutations were applied or rejected (see [`RestoreTo::InPlace`]), as a database in memory.
+fn with_current_positions(
+    store: &Store,
+    doc: DocId,
+    then: &mut PageStore,
+    now_ms: i64,
+) -> Result<Database, String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let (_, current) = export_at(store, doc, At::Time(i64::MAX))?;
-    let open = |image: &[u8]| -> Result<Database, String> {
-        let mut j = MemoryJournal::new(doc.journal_id());
-        let pages: Vec<&Page> = image
-            .chunks_exact(pagesync::page::PAGE_SIZE)
-            .map(|c| c.try_into().expect("BUG: a page"))
-            .collect();
-        let all: Vec<(PageIdx, &Page)> = pages
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (PageIdx::new(i as u32 + 1).expect("BUG: >= 1"), *p))
-            .collect();
-        j.append(&pagesync::storage::encode(pages.len() as u32, 0, None, &[], &all)).map_err(|x| e(&x))?;
-        Database::open(PageStore::open(Box::new(j)).map_err(|x| e(&x))?).map_err(|x| e(&x))
-    };
-    let now = open(&current)?;
-    let then = open(&image)?;
-    let conn = then.conn();
+    let now = Database::open(PageStore::open(open_read_only(store, doc)?).map_err(|x| e(&x))?)
+        .map_err(|x| e(&x))?;
+    let mut j = MemoryJournal::new(doc.journal_id());
+    then.copy_checkpoint_to(&mut j, 0).map_err(|x| e(&x))?;
+    let patched = Database::open(PageStore::open(Box::new(j)).map_err(|x| e(&x))?).map_err(|x| e(&x))?;
+    let conn = patched.conn();
     conn.execute_batch("BEGIN; DELETE FROM _pagesync_timelines; DELETE FROM _pagesync_rejections;")
         .map_err(|x| e(&x))?;
     for table in ["_pagesync_timelines", "_pagesync_rejections"] {
@@ -277,7 +265,6 @@ fn with_current_positions(store: &Store, doc: DocId, image: Vec<u8>, now_ms: i64
         }
     }
     conn.execute_batch("COMMIT").map_err(|x| e(&x))?;
-    let mut store = then.store();
-    store.commit_overlay(&[], now_ms).map_err(|x| e(&x))?;
-    store.export().map_err(|x| e(&x))
+    patched.store().commit_overlay(&[], now_ms).map_err(|x| e(&x))?;
+    Ok(patched)
 }
