@@ -275,10 +275,7 @@ impl FileJournal {
         }
         if let Some(t) = Lsn::new(trimmed_through) {
             // Also when every segment is gone, the marker promises entries up to `t` existed.
-            self.range = match self.range.trim_prefix(t) {
-                r if r.next() <= t => LsnRange::empty_at(t.next()),
-                r => r,
-            };
+            self.range = self.range.remove_through(t);
             self.delete_trimmed_segments()?;
         }
         Ok(())
