@@ -135,11 +135,16 @@ impl ClientSession {
         self.conn_error.as_ref()
     }
 
-    /// Runs a mutation locally; it is sent when the link allows.
-    pub fn mutate(&mut self, id: DocId, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
+    /// An open document, to write to.
+    fn open_document(&mut self, id: DocId) -> Result<&mut ClientDocument> {
         let link =
             self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
-        link.doc.mutate(body, time_ms, seed)
+        Ok(&mut link.doc)
+    }
+
+    /// Runs a mutation locally; it is sent when the link allows.
+    pub fn mutate(&mut self, id: DocId, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
+        self.open_document(id)?.mutate(body, time_ms, seed)
     }
 
     /// Runs several mutations locally with one durability barrier (see
@@ -151,9 +156,7 @@ impl ClientSession {
         time_ms: i64,
         seed: u64,
     ) -> Result<Vec<Submitted>> {
-        let link =
-            self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
-        link.doc.mutate_many(bodies, time_ms, seed)
+        self.open_document(id)?.mutate_many(bodies, time_ms, seed)
     }
 
     /// Submits the migrations this replica has not applied yet (see `ClientDocument::migrate`).
@@ -164,9 +167,7 @@ impl ClientSession {
         time_ms: i64,
         seed: u64,
     ) -> Result<Vec<Submitted>> {
-        let link =
-            self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
-        link.doc.migrate(migrations, time_ms, seed)
+        self.open_document(id)?.migrate(migrations, time_ms, seed)
     }
 
     /// The transport is up: start with Hello, re-subscribe everything, resend what is unacked.
