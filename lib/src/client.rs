@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::ids::TimelineId;
 use crate::mutation::{Mutation, SqlMutation, Value, migration_key};
 use crate::page::{Page, PageIdx, ZERO_PAGE};
-use crate::reducer::{Reducer, Rejection, SqlReducer, apply_mutation, once_applied};
+use crate::reducer::{Reducer, Rejection, RejectionCode, SqlReducer, apply_mutation, once_applied};
 use crate::storage::EntryHeader;
 use crate::store::{PageStore, StoreError};
 use crate::wire::WireEntry;
@@ -46,7 +46,7 @@ fn staged_version(staged: &[(EntryHeader, Vec<u8>)], idx: PageIdx) -> Option<Arc
 
 /// Refused statements can never apply anywhere: the caller says so at once and keeps nothing.
 fn refusal(local: &std::result::Result<(), Rejection>) -> Option<Error> {
-    let r = local.as_ref().err().filter(|r| r.code == "refused")?;
+    let r = local.as_ref().err().filter(|r| r.code == RejectionCode::Refused)?;
     Some(Error::Refused(format!("{}: {}", r.code, r.message)))
 }
 
@@ -436,7 +436,7 @@ impl<R: Reducer> ClientDocument<R> {
         let rejection = self.db.conn().query_row(
             "SELECT code, message FROM _pagesync_rejections WHERE timeline = ?1 AND lsn = ?2",
             rusqlite::params![&self.timeline_id.0[..], lsn.get() as i64],
-            |r| Ok(Rejection::new(r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            |r| Ok(Rejection::new(RejectionCode::parse(&r.get::<_, String>(0)?), r.get::<_, String>(1)?)),
         );
         match rejection {
             Ok(r) => Ok(MutationState::Rejected(r)),
@@ -472,7 +472,8 @@ impl<R: Reducer> ClientDocument<R> {
             "SELECT lsn, code, message FROM _pagesync_rejections WHERE timeline = ?1 ORDER BY lsn",
         )?;
         let rows = stmt.query_map([&self.timeline_id.0[..]], |r| {
-            Ok((r.get::<_, i64>(0)?, Rejection::new(r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            let code = RejectionCode::parse(&r.get::<_, String>(1)?);
+            Ok((r.get::<_, i64>(0)?, Rejection::new(code, r.get::<_, String>(2)?)))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -485,7 +486,17 @@ impl<R: Reducer> ClientDocument<R> {
     /// Runs a read-only query on the optimistic state.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         self.check_not_restarting()?;
-        let mut stmt = self.db.conn().prepare_cached(sql)?;
+        self.db.run_query(|conn| self.run_query(conn, sql, params)).map_err(|e| match e {
+            Error::Sqlite(e) => match self.db.take_refusal() {
+                Some(reason) => Error::Refused(reason),
+                None => Error::Sqlite(e),
+            },
+            e => e,
+        })
+    }
+
+    fn run_query(&self, conn: &rusqlite::Connection, sql: &str, params: &[Value]) -> Result<Rows> {
+        let mut stmt = conn.prepare_cached(sql)?;
         if !stmt.readonly() {
             return Err(Error::NotReadOnly { sql: sql.to_owned() });
         }

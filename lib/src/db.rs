@@ -3,47 +3,60 @@
 //! - `random()` and `randomblob(n)` are replaced by functions drawing from a SplitMix64 stream
 //!   seeded per mutation; `datetime('now')` and friends read the clock the reducer sets (the VFS
 //!   `xCurrentTime`).
-//! - While app SQL runs (`guarded`), an authorizer refuses what cannot be replayed: ATTACH and
-//!   DETACH, `load_extension`, writes to `_pagesync_*`, transaction control, and pragmas that
-//!   change the file format or the connection (page_size, journal_mode, ...). The reason is kept
-//!   so the error says what was refused and why.
+//! - App SQL runs in the sandbox (`crate::sandbox`): while a mutation or a query runs, the
+//!   authorizer allows only what is on the allow-list, the progress handler counts the
+//!   mutation's VM instructions against its budget, `max_page_count` caps what it may add,
+//!   and the VFS caps its temp files. The reason for a refusal or a stop is kept, so the
+//!   rejection says what was refused and why, with a typed code.
+//! - The connection runs in SQLite's defensive mode, with `SQLITE_LIMIT_*` bounds on what one
+//!   statement may build, and no ATTACH.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::functions::FunctionFlags;
-use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::hooks::{AuthContext, Authorization};
+use rusqlite::limits::Limit;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::error::{Error, Result};
 use crate::page::PAGE_SIZE;
-use crate::store::PageStore;
-use crate::vfs::Registration;
+use crate::reducer::{Rejection, RejectionCode};
+use crate::sandbox::{Budget, Mode, PROGRESS_INTERVAL_OPS};
+use crate::store::{PageStore, StoreError};
+use crate::vfs::{Registration, TempBudget};
 
 /// Prefix of the tables pagesync owns inside every replicated database.
 pub const SYSTEM_PREFIX: &str = "_pagesync_";
 
-/// Pragmas an app may read but not set: they change the file format, the journal, or how the
-/// connection behaves in ways a replay would not reproduce.
-const REFUSED_PRAGMAS: &[&str] = &[
-    "page_size",
-    "journal_mode",
-    "locking_mode",
-    "writable_schema",
-    "temp_store",
-    "temp_store_directory",
-    "data_store_directory",
-    "mmap_size",
-    "schema_version",
-    "auto_vacuum",
-    "wal_checkpoint",
-    "wal_autocheckpoint",
-    "query_only",
-    "foreign_keys",
-    "recursive_triggers",
-    "case_sensitive_like",
-    "legacy_alter_table",
-    "trusted_schema",
+/// SQLite's page cache per connection, in KiB (SQLite's default, made explicit: the server's
+/// step cap counts on at most this much unwritten change in the cache).
+const CACHE_KIB: usize = 2_000;
+
+/// The most pages SQLite's cache can hold unwritten: `CACHE_KIB` over the page size, with room
+/// to spare.
+pub(crate) const CACHE_PAGES: usize = CACHE_KIB * 1024 / PAGE_SIZE + 16;
+
+/// Pages past the document's cap that pagesync's own rows (applied LSNs, rejections) may use:
+/// 256 KiB, many thousands of rows.
+const SYSTEM_SLACK_PAGES: u32 = 64;
+
+/// Limits on what one statement may build, whoever wrote it (`sqlite3_limit`); the length of a
+/// value comes from the budget. Each is far above what an app's statement needs.
+const STATEMENT_LIMITS: &[(Limit, i32)] = &[
+    // VACUUM attaches one database of its own; app SQL may attach none (the authorizer).
+    (Limit::SQLITE_LIMIT_ATTACHED, 1),
+    (Limit::SQLITE_LIMIT_SQL_LENGTH, 1 << 20),
+    (Limit::SQLITE_LIMIT_COLUMN, 2_000),
+    (Limit::SQLITE_LIMIT_EXPR_DEPTH, 1_000),
+    (Limit::SQLITE_LIMIT_COMPOUND_SELECT, 500),
+    (Limit::SQLITE_LIMIT_VDBE_OP, 250_000),
+    (Limit::SQLITE_LIMIT_FUNCTION_ARG, 127),
+    (Limit::SQLITE_LIMIT_LIKE_PATTERN_LENGTH, 50_000),
+    (Limit::SQLITE_LIMIT_VARIABLE_NUMBER, 32_766),
+    (Limit::SQLITE_LIMIT_TRIGGER_DEPTH, 100),
+    (Limit::SQLITE_LIMIT_WORKER_THREADS, 0),
 ];
 
 /// A seeded SplitMix64 stream: small, fast, and the same on every target.
@@ -60,6 +73,46 @@ impl Rng {
     }
 }
 
+/// What the sandbox's callbacks share with the database: the mode, the instruction budget,
+/// and why the last guarded run was stopped.
+#[derive(Debug, Default)]
+struct SandboxState {
+    mode: AtomicU8,
+    /// VM instructions left to the running mutation.
+    steps_left: AtomicI64,
+    /// Progress-handler calls in the running mutation (each is `PROGRESS_INTERVAL_OPS` steps).
+    ticks: AtomicI64,
+    exhausted: AtomicBool,
+    refusal: Mutex<Option<String>>,
+}
+
+const MODES: [Mode; 3] = [Mode::System, Mode::Mutation, Mode::Query];
+
+impl SandboxState {
+    fn mode(&self) -> Mode {
+        MODES[self.mode.load(Ordering::Relaxed) as usize]
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        let i = MODES.iter().position(|m| *m == mode).expect("BUG: every mode is listed");
+        self.mode.store(i as u8, Ordering::Relaxed);
+    }
+
+    /// The progress handler: `true` stops the statement.
+    fn tick(&self) -> bool {
+        if self.mode() != Mode::Mutation {
+            return false;
+        }
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+        let left = self.steps_left.fetch_sub(i64::from(PROGRESS_INTERVAL_OPS), Ordering::Relaxed);
+        if left <= i64::from(PROGRESS_INTERVAL_OPS) {
+            self.exhausted.store(true, Ordering::Relaxed);
+            return true;
+        }
+        false
+    }
+}
+
 /// One connection over one page store. Field order matters: the connection drops before the
 /// VFS it uses.
 pub struct Database {
@@ -68,8 +121,13 @@ pub struct Database {
     store: Arc<Mutex<PageStore>>,
     clock_ms: Arc<AtomicI64>,
     rng: Arc<Mutex<Rng>>,
-    guarded: Arc<AtomicBool>,
-    refusal: Arc<Mutex<Option<String>>>,
+    sandbox: Arc<SandboxState>,
+    temp: Arc<TempBudget>,
+    budget: Budget,
+    /// The document's size cap in pages (the server's `--max-doc-bytes`), if any.
+    max_doc_pages: Option<u32>,
+    /// The `max_page_count` in force, so it is set only when it changes.
+    page_cap: Cell<u32>,
 }
 
 impl std::fmt::Debug for Database {
@@ -83,9 +141,11 @@ impl Database {
     // thread there, and the `Arc` only shares the store with the VFS registration.
     #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     pub fn open(store: PageStore) -> Result<Database> {
+        let budget = Budget::default();
         let store = Arc::new(Mutex::new(store));
         let clock_ms = Arc::new(AtomicI64::new(0));
-        let vfs = Registration::register(store.clone(), clock_ms.clone()).map_err(|rc| {
+        let temp = Arc::new(TempBudget::new(budget.max_temp_bytes));
+        let vfs = Registration::register(store.clone(), clock_ms.clone(), temp.clone()).map_err(|rc| {
             Error::Sqlite(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rc), None))
         })?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -99,8 +159,11 @@ impl Database {
             store,
             clock_ms,
             rng: Arc::new(Mutex::new(Rng(0))),
-            guarded: Arc::new(AtomicBool::new(false)),
-            refusal: Arc::new(Mutex::new(None)),
+            sandbox: Arc::default(),
+            temp,
+            budget,
+            max_doc_pages: None,
+            page_cap: Cell::new(0),
         };
         db.configure()?;
         Ok(db)
@@ -108,26 +171,53 @@ impl Database {
 
     fn configure(&mut self) -> Result<()> {
         // Takes effect only on an empty database; then asserted below for existing ones.
-        self.conn.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = MEMORY;")?;
+        self.conn.execute_batch(&format!(
+            "PRAGMA page_size = 4096; PRAGMA journal_mode = MEMORY; PRAGMA cache_size = -{CACHE_KIB};"
+        ))?;
         let page_size: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         if page_size != PAGE_SIZE as i64 {
             return Err(Error::PageSize { found: page_size });
         }
+        use rusqlite::config::DbConfig as C;
+        self.conn.set_db_config(C::SQLITE_DBCONFIG_DEFENSIVE, true)?;
+        self.conn.set_db_config(C::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
+        for (limit, value) in STATEMENT_LIMITS {
+            self.conn.set_limit(*limit, *value)?;
+        }
+        self.set_budget(self.budget)?;
         self.install_functions()?;
-        let (guarded, refusal) = (self.guarded.clone(), self.refusal.clone());
+        let sandbox = self.sandbox.clone();
         self.conn.authorizer(Some(move |ctx: AuthContext<'_>| {
-            if !guarded.load(Ordering::Relaxed) {
-                return Authorization::Allow;
-            }
-            match refusal_reason(&ctx.action) {
+            match crate::sandbox::refusal(sandbox.mode(), &ctx) {
                 None => Authorization::Allow,
                 Some(reason) => {
-                    *refusal.lock().expect("BUG: lock poisoned") = Some(reason);
+                    *sandbox.refusal.lock().expect("BUG: lock poisoned") = Some(reason);
                     Authorization::Deny
                 }
             }
         }))?;
+        let sandbox = self.sandbox.clone();
+        self.conn.progress_handler(PROGRESS_INTERVAL_OPS, Some(move || sandbox.tick()))?;
         Ok(())
+    }
+
+    /// Sets the budget every later mutation runs under.
+    pub fn set_budget(&mut self, budget: Budget) -> Result<()> {
+        self.budget = budget;
+        self.temp.set_max(budget.max_temp_bytes);
+        let value_bytes = i32::try_from(budget.max_value_bytes).unwrap_or(i32::MAX);
+        self.conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, value_bytes)?;
+        Ok(())
+    }
+
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// Caps the database at `max_pages` (`None`: no cap). No mutation can lift it: every
+    /// mutation runs with `max_page_count` at or below it, set outside the sandbox.
+    pub fn set_max_doc_pages(&mut self, max_pages: Option<u32>) {
+        self.max_doc_pages = max_pages;
     }
 
     fn install_functions(&self) -> Result<()> {
@@ -158,20 +248,117 @@ impl Database {
         self.store.lock().expect("BUG: page store lock poisoned")
     }
 
-    /// Runs `f` as app code: with the mutation's clock and seed, under the authorizer.
+    /// Runs `f` as a mutation: with the mutation's clock and seed, in the sandbox, under the
+    /// budget. `max_page_count` is set first (outside the sandbox) to what the mutation may
+    /// grow the database to: the budget's added bytes past its current size, at most the
+    /// document's cap.
     pub fn run_guarded<T>(&self, time_ms: i64, seed: u64, f: impl FnOnce(&Connection) -> T) -> T {
         self.clock_ms.store(time_ms, Ordering::Relaxed);
         *self.rng.lock().expect("BUG: lock poisoned") = Rng(seed);
-        *self.refusal.lock().expect("BUG: lock poisoned") = None;
-        self.guarded.store(true, Ordering::Relaxed);
+        self.reset_verdict();
+        self.set_page_cap(self.growth_cap());
+        crate::vfs::set_last_insert_rowid(&self.conn, 0);
+        let steps = i64::try_from(self.budget.max_vm_steps).unwrap_or(i64::MAX);
+        self.sandbox.steps_left.store(steps, Ordering::Relaxed);
+        self.sandbox.ticks.store(0, Ordering::Relaxed);
+        self.sandbox.set_mode(Mode::Mutation);
         let out = f(&self.conn);
-        self.guarded.store(false, Ordering::Relaxed);
+        self.sandbox.set_mode(Mode::System);
         out
+    }
+
+    /// Runs `f` as a local query: the allow-list, read-only.
+    pub fn run_query<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        self.reset_verdict();
+        self.sandbox.set_mode(Mode::Query);
+        let out = f(&self.conn);
+        self.sandbox.set_mode(Mode::System);
+        out
+    }
+
+    /// VM instructions the last mutation ran, in whole `PROGRESS_INTERVAL_OPS`.
+    pub fn last_vm_steps(&self) -> u64 {
+        self.sandbox.ticks.load(Ordering::Relaxed).max(0) as u64 * PROGRESS_INTERVAL_OPS as u64
+    }
+
+    fn reset_verdict(&self) {
+        *self.sandbox.refusal.lock().expect("BUG: lock poisoned") = None;
+        self.sandbox.exhausted.store(false, Ordering::Relaxed);
+        self.temp.take_exceeded();
+    }
+
+    /// The page count the running mutation may grow the database to.
+    fn growth_cap(&self) -> u32 {
+        let pages = (self.store().size_bytes() / PAGE_SIZE as u64) as u32;
+        let cap = pages.saturating_add(self.budget.max_added_pages()).max(1);
+        self.max_doc_pages.map_or(cap, |doc| cap.min(doc.max(1)))
+    }
+
+    fn set_page_cap(&self, pages: u32) {
+        if self.page_cap.get() == pages {
+            return;
+        }
+        // Outside the sandbox (mode System). SQLite never sets it below the current size.
+        let sql = format!("PRAGMA max_page_count = {pages}");
+        if let Ok(now) = self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0)) {
+            self.page_cap.set(u32::try_from(now).unwrap_or(pages));
+        }
+    }
+
+    /// Lifts the mutation's page cap to the document's (plus room for pagesync's own rows), so
+    /// recording a step never fails for want of a page.
+    pub fn lift_page_cap(&self) {
+        let cap = self.max_doc_pages.map_or(u32::MAX - 1, |doc| doc.saturating_add(SYSTEM_SLACK_PAGES));
+        self.set_page_cap(cap);
+    }
+
+    /// Why the sandbox stopped the last mutation or query, as a rejection, if it did: a
+    /// refusal, the instruction budget, the temp-file cap, or a size cap (told apart from the
+    /// document's `max_doc_bytes`). `code` is what SQLite's result code said.
+    pub fn sandbox_verdict(&self, code: &RejectionCode) -> Option<Rejection> {
+        if let Some(reason) = self.take_refusal() {
+            return Some(Rejection::new(RejectionCode::Refused, reason));
+        }
+        if self.sandbox.exhausted.swap(false, Ordering::Relaxed) {
+            let max = self.budget.max_vm_steps;
+            let why = format!("the mutation ran past its budget of {max} SQLite VM instructions");
+            return Some(Rejection::new(RejectionCode::TooExpensive, why));
+        }
+        if self.temp.take_exceeded() {
+            let max = self.temp.max_bytes();
+            let why = format!(
+                "the mutation needed more than {max} bytes of temporary storage (sorts, statement journals)"
+            );
+            return Some(Rejection::new(RejectionCode::TooBig, why));
+        }
+        match code {
+            RejectionCode::DocFull => Some(self.full_verdict()),
+            _ => None,
+        }
+    }
+
+    /// `SQLITE_FULL` from `max_page_count`: the document's cap or the mutation's own.
+    fn full_verdict(&self) -> Rejection {
+        match self.max_doc_pages {
+            Some(doc) if self.page_cap.get() >= doc => {
+                let max = u64::from(doc) * PAGE_SIZE as u64;
+                let why =
+                    format!("the mutation would grow the document past this server's limit of {max} bytes");
+                Rejection::new(RejectionCode::DocFull, why)
+            }
+            _ => {
+                let max = self.budget.max_added_bytes;
+                Rejection::new(
+                    RejectionCode::TooBig,
+                    format!("the mutation would add more than {max} bytes to the document"),
+                )
+            }
+        }
     }
 
     /// The reason the authorizer gave for its last refusal, if any.
     pub fn take_refusal(&self) -> Option<String> {
-        self.refusal.lock().expect("BUG: lock poisoned").take()
+        self.sandbox.refusal.lock().expect("BUG: lock poisoned").take()
     }
 
     /// Turns a SQLite error into the most useful error: an I/O error carries the page store's
@@ -181,56 +368,16 @@ impl Database {
             return Error::Refused(reason);
         }
         if let Some(cause) = self.store().take_last_error() {
-            return Error::Store(cause);
+            return match cause {
+                StoreError::StepFull { max_pages } => Error::StepFull { max_pages },
+                cause => Error::Store(cause),
+            };
         }
         Error::Sqlite(e)
     }
 }
 
-fn is_system(name: &str) -> bool {
-    name.len() >= SYSTEM_PREFIX.len() && name[..SYSTEM_PREFIX.len()].eq_ignore_ascii_case(SYSTEM_PREFIX)
-}
-
 /// Whether the database has a table (or other schema object) named `name`.
 pub fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row("SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = ?1)", [name], |r| r.get(0))
-}
-
-/// Why app SQL may not do `action`, or `None` if it may.
-fn refusal_reason(action: &AuthAction<'_>) -> Option<String> {
-    use AuthAction as A;
-    let deterministic = "it cannot be replayed deterministically on the server";
-    match *action {
-        A::Attach { filename } => Some(format!("ATTACH {filename:?}: {deterministic}")),
-        A::Detach { .. } => Some(format!("DETACH: {deterministic}")),
-        A::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
-            Some(format!("load_extension(): {deterministic}"))
-        }
-        A::Pragma { pragma_name, pragma_value: Some(_) }
-            if REFUSED_PRAGMAS.iter().any(|p| p.eq_ignore_ascii_case(pragma_name)) =>
-        {
-            Some(format!("PRAGMA {pragma_name} = ...: pagesync fixes this setting"))
-        }
-        A::Transaction { .. } => {
-            Some("BEGIN/COMMIT/ROLLBACK: each mutation already runs in its own transaction".into())
-        }
-        A::Savepoint { savepoint_name, .. } if is_system(savepoint_name) => {
-            Some(format!("savepoint {savepoint_name}: names starting with {SYSTEM_PREFIX} are reserved"))
-        }
-        A::Insert { table_name }
-        | A::Update { table_name, .. }
-        | A::Delete { table_name }
-        | A::CreateTable { table_name }
-        | A::DropTable { table_name }
-        | A::CreateIndex { table_name, .. }
-        | A::DropIndex { table_name, .. }
-        | A::CreateTrigger { table_name, .. }
-        | A::DropTrigger { table_name, .. }
-        | A::AlterTable { table_name, .. }
-            if is_system(table_name) =>
-        {
-            Some(format!("{table_name} is maintained by pagesync and read-only to apps"))
-        }
-        _ => None,
-    }
 }

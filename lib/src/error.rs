@@ -1,4 +1,4 @@
-//! The core's errors. SQLite result codes are named in one place (`sqlite_code`).
+//! The core's errors. SQLite result codes are classified in one place (`RejectionCode::of_sqlite`).
 
 use pagesync_journal::{JournalError, Lsn};
 
@@ -27,6 +27,10 @@ pub enum Error {
     /// not just its mutation's savepoint. The caller restarts its batch without the mutation.
     #[error("the mutation ended its transaction: {0}")]
     TransactionLost(crate::reducer::Rejection),
+    /// The mutation made its step change more pages than one storage entry may hold. The
+    /// server ends the step before it, or rejects it when it is alone.
+    #[error("the step would change more than {max_pages} pages")]
+    StepFull { max_pages: usize },
     #[error(transparent)]
     Wire(#[from] crate::wire::WireError),
     #[error("storage entry {got} arrived but {expected} is next: the missing range must be sent first")]
@@ -40,29 +44,3 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// A stable, human-readable name for a SQLite error, used as a rejection code.
-pub fn sqlite_code(e: &rusqlite::Error) -> String {
-    use rusqlite::ffi::ErrorCode as C;
-    let rusqlite::Error::SqliteFailure(f, _) = e else {
-        return "error".into();
-    };
-    let name = match f.code {
-        C::ConstraintViolation => "constraint",
-        C::AuthorizationForStatementDenied => "refused",
-        C::TypeMismatch => "mismatch",
-        C::TooBig => "too_big",
-        C::DatabaseBusy | C::DatabaseLocked => "busy",
-        C::ReadOnly => "readonly",
-        C::DiskFull => "disk_full",
-        C::SystemIoFailure => "io",
-        C::DatabaseCorrupt => "corrupt",
-        C::OutOfMemory => "nomem",
-        C::OperationInterrupted => "interrupted",
-        C::SchemaChanged => "schema",
-        C::ApiMisuse => "misuse",
-        C::ParameterOutOfRange => "range",
-        _ => "error",
-    };
-    name.into()
-}

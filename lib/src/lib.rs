@@ -7,6 +7,7 @@
 //! - [`db::Database`]: a connection over a page store, with deterministic `random()`, clock and
 //!   an authorizer for app SQL.
 //! - [`reducer`]: the `Reducer` trait and the SQL reducer.
+//! - [`sandbox`]: what app SQL may do (the allow-list) and the budget it runs under.
 //! - [`server::ServerDocument`], [`client::ClientDocument`].
 #![deny(unsafe_code)]
 
@@ -18,6 +19,7 @@ pub mod mutation;
 pub mod page;
 pub mod protocol;
 pub mod reducer;
+pub mod sandbox;
 pub mod server;
 pub mod storage;
 pub mod store;
@@ -29,6 +31,7 @@ pub use error::{Error, Result};
 pub use ids::{DocId, TimelineId};
 pub use mutation::{Mutation, SqlMutation, Statement, Value};
 pub use pagesync_journal as journal;
-pub use reducer::{Reducer, Rejection, SqlReducer};
+pub use reducer::{Reducer, Rejection, RejectionCode, SqlReducer};
+pub use sandbox::Budget;
 pub use server::{Compaction, ServerDocument, StepLimits, StepOutcome};
 pub use store::Checkpoint;

@@ -9,21 +9,122 @@ use rusqlite::Connection;
 use rusqlite::fallible_iterator::FallibleIterator;
 
 use crate::db::Database;
-use crate::error::{Error, sqlite_code};
+use crate::error::Error;
 use crate::mutation::{Mutation, SqlMutation};
+use crate::store::StoreError;
+
+/// Why a mutation was rejected, as a stable code. The string forms (`as_str`) are what the
+/// replicated `_pagesync_rejections` table, the CLI and the JS API carry; they never change.
+/// SQLite errors are classified by their result code, never by message text.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RejectionCode {
+    /// The sandbox refused the SQL (a PRAGMA, a TEMP object, a function, a system table...).
+    Refused,
+    /// A constraint failed (CHECK, NOT NULL, UNIQUE, FOREIGN KEY, `RAISE(ABORT, ..)`).
+    Constraint,
+    /// The mutation ran out of its VM instruction budget.
+    TooExpensive,
+    /// Too large: the encoded mutation, a value, the bytes it adds, its temp files, or the
+    /// pages one step may change.
+    TooBig,
+    /// The document reached the server's `--max-doc-bytes`.
+    DocFull,
+    /// The body did not decode.
+    Malformed,
+    /// A value had the wrong type (`SQLITE_MISMATCH`).
+    Mismatch,
+    /// A parameter index was out of range (`SQLITE_RANGE`).
+    Range,
+    /// Any other SQL error (syntax, no such table, ...).
+    Error,
+    /// A code this build does not know (a newer server's, or an app reducer's own).
+    Other(String),
+}
+
+impl RejectionCode {
+    pub fn as_str(&self) -> &str {
+        match self {
+            RejectionCode::Refused => "refused",
+            RejectionCode::Constraint => "constraint",
+            RejectionCode::TooExpensive => "too_expensive",
+            RejectionCode::TooBig => "too_big",
+            RejectionCode::DocFull => "doc_full",
+            RejectionCode::Malformed => "malformed",
+            RejectionCode::Mismatch => "mismatch",
+            RejectionCode::Range => "range",
+            RejectionCode::Error => "error",
+            RejectionCode::Other(s) => s,
+        }
+    }
+
+    /// The code for a string form; unknown strings are kept as `Other`.
+    pub fn parse(s: &str) -> RejectionCode {
+        match s {
+            "refused" => RejectionCode::Refused,
+            "constraint" => RejectionCode::Constraint,
+            "too_expensive" => RejectionCode::TooExpensive,
+            "too_big" => RejectionCode::TooBig,
+            "doc_full" => RejectionCode::DocFull,
+            "malformed" => RejectionCode::Malformed,
+            "mismatch" => RejectionCode::Mismatch,
+            "range" => RejectionCode::Range,
+            "error" => RejectionCode::Error,
+            other => RejectionCode::Other(other.to_owned()),
+        }
+    }
+
+    /// The code of a SQLite error, by its primary result code.
+    pub fn of_sqlite(e: &rusqlite::Error) -> RejectionCode {
+        use rusqlite::ffi::ErrorCode as C;
+        let rusqlite::Error::SqliteFailure(f, _) = e else {
+            return match e {
+                rusqlite::Error::InvalidParameterCount(..) | rusqlite::Error::InvalidParameterName(_) => {
+                    RejectionCode::Range
+                }
+                _ => RejectionCode::Error,
+            };
+        };
+        match f.code {
+            C::ConstraintViolation => RejectionCode::Constraint,
+            C::AuthorizationForStatementDenied | C::ReadOnly => RejectionCode::Refused,
+            C::TypeMismatch => RejectionCode::Mismatch,
+            C::TooBig => RejectionCode::TooBig,
+            C::DiskFull => RejectionCode::DocFull,
+            C::OperationInterrupted => RejectionCode::TooExpensive,
+            C::ParameterOutOfRange => RejectionCode::Range,
+            _ => RejectionCode::Error,
+        }
+    }
+}
+
+impl std::fmt::Display for RejectionCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Why a mutation was rejected; replicated to its client through `_pagesync_rejections`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
-    /// A short, stable name (`constraint`, `refused`, `malformed`, ...).
-    pub code: String,
+    pub code: RejectionCode,
     /// The message a person can act on.
     pub message: String,
 }
 
 impl Rejection {
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Rejection {
-        Rejection { code: code.into(), message: message.into() }
+    pub fn new(code: RejectionCode, message: impl Into<String>) -> Rejection {
+        Rejection { code, message: message.into() }
+    }
+
+    /// A rejection for a SQLite error: its code and SQLite's message, said once.
+    pub fn of_sqlite(e: &rusqlite::Error) -> Rejection {
+        let message = match e {
+            rusqlite::Error::SqliteFailure(_, Some(msg)) => msg.clone(),
+            rusqlite::Error::SqliteFailure(f, None) => f.to_string(),
+            other => other.to_string(),
+        };
+        Rejection::new(RejectionCode::of_sqlite(e), message)
     }
 }
 
@@ -54,10 +155,9 @@ pub struct SqlReducer;
 impl Reducer for SqlReducer {
     fn apply(&mut self, conn: &Connection, body: &[u8]) -> Result<(), Rejection> {
         let m: SqlMutation = postcard::from_bytes(body)
-            .map_err(|e| Rejection::new("malformed", format!("not a SQL mutation: {e}")))?;
+            .map_err(|e| Rejection::new(RejectionCode::Malformed, format!("not a SQL mutation: {e}")))?;
         for st in &m.statements {
-            run_statement(conn, &st.sql, &st.params)
-                .map_err(|e| Rejection::new(sqlite_code(&e), e.to_string()))?;
+            run_statement(conn, &st.sql, &st.params).map_err(|e| Rejection::of_sqlite(&e))?;
         }
         Ok(())
     }
@@ -86,7 +186,10 @@ fn run_statement(conn: &Connection, sql: &str, params: &[crate::mutation::Value]
         }
         return Ok(());
     }
-    let mut stmt = conn.prepare_cached(sql)?;
+    // The statement cache is the connection's, and a cached statement is not authorized
+    // again: app SQL gets keys of its own, so it can never reuse a statement pagesync
+    // prepared outside the sandbox (say, the one that writes `_pagesync_timelines`).
+    let mut stmt = conn.prepare_cached(&format!("{sql}\n-- app"))?;
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     while rows.next()?.is_some() {}
     Ok(())
@@ -94,6 +197,20 @@ fn run_statement(conn: &Connection, sql: &str, params: &[crate::mutation::Value]
 
 /// The keys of `once` mutations that have applied (migrations among them).
 pub const ONCE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS _pagesync_once(key TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL) WITHOUT ROWID;";
+
+/// On a store with a step cap (the server's), writes SQLite's unwritten pages into the
+/// overlay once the step could be near the cap, so a step over it fails at the mutation that
+/// caused it, never at COMMIT. Far from the cap (the common case) it does nothing.
+fn flush_if_near_step_cap(db: &Database) -> Result<(), Rejection> {
+    let near = {
+        let store = db.store();
+        store.max_overlay_pages().is_some_and(|max| store.overlay_pages() + crate::db::CACHE_PAGES >= max)
+    };
+    if !near {
+        return Ok(());
+    }
+    db.conn().cache_flush().map_err(|e| Rejection::of_sqlite(&e))
+}
 
 /// Savepoint name for one mutation; `_pagesync_` names are refused to app SQL.
 const SAVEPOINT: &str = "_pagesync_mutation";
@@ -120,6 +237,7 @@ pub fn apply_mutation(
         return Ok(Ok(()));
     }
     let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply(c, &mutation.body));
+    let outcome = outcome.and_then(|()| flush_if_near_step_cap(db));
     let Err(mut rejection) = outcome else {
         if let Some(key) = &once {
             // Unguarded: the system table is ours. Created here for documents older than it.
@@ -132,11 +250,16 @@ pub fn apply_mutation(
         conn.execute_batch(&format!("RELEASE {SAVEPOINT}"))?;
         return Ok(Ok(()));
     };
-    if let Some(reason) = db.take_refusal() {
-        rejection = Rejection::new("refused", reason);
+    match db.store().take_last_error() {
+        Some(StoreError::StepFull { max_pages }) => {
+            let _ = db.sandbox_verdict(&rejection.code);
+            return Err(Error::StepFull { max_pages });
+        }
+        Some(io) => return Err(io.into()),
+        None => {}
     }
-    if let Some(io) = db.store().take_last_error() {
-        return Err(io.into());
+    if let Some(verdict) = db.sandbox_verdict(&rejection.code) {
+        rejection = verdict;
     }
     if conn.is_autocommit() {
         return Err(Error::TransactionLost(rejection));

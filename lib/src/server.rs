@@ -19,7 +19,9 @@ use crate::db::Database;
 use crate::error::{Error, Result};
 use crate::ids::TimelineId;
 use crate::mutation::{MAX_MUTATION_BYTES, Mutation};
-use crate::reducer::{ONCE_SCHEMA, Reducer, Rejection, SqlReducer, apply_mutation};
+use crate::page::PAGE_SIZE;
+use crate::reducer::{ONCE_SCHEMA, Reducer, Rejection, RejectionCode, SqlReducer, apply_mutation};
+use crate::sandbox::Budget;
 use crate::storage::Applied;
 use crate::store::{Checkpoint, PageStore};
 use crate::wire::WireEntry;
@@ -36,6 +38,16 @@ CREATE TABLE IF NOT EXISTS _pagesync_rejections(
 /// How far ahead of the server's clock a client's clock may run; later times are clamped.
 /// A minute covers ordinary clock drift without letting a client date rows into the future.
 pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
+
+/// Pages one step may change: what one storage entry (`MAX_ENTRY_BYTES`) holds, less 1 MiB
+/// for its header and applied list. A mutation that would take its step past it ends the step
+/// before it, or, alone in its step, is rejected with `too_big`: no step is ever too large to
+/// commit.
+pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1 << 20)) / (PAGE_SIZE + 4);
+
+/// Of `MAX_STEP_PAGES`, the pages kept for pagesync's own rows after the mutations (applied
+/// LSNs, rejection messages): 1 MiB.
+const STEP_SYSTEM_PAGES: usize = 256;
 
 /// Recent entries kept in wire form (often as deltas) for subscribers that are up to date.
 /// 256 entries covers the last second of a busy document; older entries are read from the
@@ -58,6 +70,12 @@ pub struct StepLimits {
     /// usable (deletes and updates that do not grow it still apply). `None`: no limit. Set
     /// through SQLite's `max_page_count`, so replays under the same limit stay deterministic.
     pub max_doc_bytes: Option<u64>,
+    /// What each mutation may cost (instructions, bytes added, temp bytes, value size).
+    pub budget: Budget,
+    /// VM instructions one step may run: once its mutations have run this many, the step
+    /// ends and the rest wait for the next one, so a step (and the documents waiting behind
+    /// it) is bounded in time. One mutation's budget by default.
+    pub max_step_vm_steps: u64,
 }
 
 /// When a document writes checkpoints and how much history it keeps.
@@ -85,6 +103,8 @@ impl Default for StepLimits {
             max_bytes: 4 << 20,
             max_mutation_bytes: MAX_MUTATION_BYTES,
             max_doc_bytes: None,
+            budget: Budget::default(),
+            max_step_vm_steps: crate::sandbox::DEFAULT_MAX_VM_STEPS,
         }
     }
 }
@@ -158,7 +178,13 @@ impl<R: Reducer> ServerDocument<R> {
     /// Opens the document over its storage journal; an empty journal gets its first entry (the
     /// system tables) at once.
     pub fn with_reducer(storage: Box<dyn Journal>, reducer: R, limits: StepLimits) -> Result<Self> {
-        let db = Database::open(PageStore::open(storage)?)?;
+        let mut db = Database::open(PageStore::open(storage)?)?;
+        db.set_budget(limits.budget)?;
+        let page = PAGE_SIZE as u64;
+        db.set_max_doc_pages(
+            limits.max_doc_bytes.map(|max| u32::try_from((max / page).max(1)).unwrap_or(u32::MAX)),
+        );
+        db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES - STEP_SYSTEM_PAGES));
         let mut doc = ServerDocument {
             db,
             reducer,
@@ -174,10 +200,6 @@ impl<R: Reducer> ServerDocument<R> {
             // Time 0: the document's creation precedes every step.
             let committed = doc.db.store().commit_overlay(&[], 0)?;
             remember(&mut doc.recent, committed);
-        }
-        if let Some(max) = limits.max_doc_bytes {
-            let pages = (max / crate::page::PAGE_SIZE as u64).max(1);
-            doc.db.conn().query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
         }
         doc.load_applied()?;
         // Opening read every entry and the schema; those pages are not the working set.
@@ -380,8 +402,8 @@ impl<R: Reducer> ServerDocument<R> {
         }
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
         // On error `apply_batch` restored the last durable state and the batch stays queued.
-        let outcome = self.apply_batch(&batch, clamp, now_ms)?;
-        for (tl, lsn, _) in &batch {
+        let (outcome, taken) = self.apply_batch(&batch, clamp, now_ms, true)?;
+        for (tl, lsn, _) in &batch[..taken] {
             let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
             q.pop_front();
             if q.is_empty() {
@@ -402,7 +424,14 @@ impl<R: Reducer> ServerDocument<R> {
     ) -> Result<StepOutcome> {
         let batch: Vec<(TimelineId, Lsn, Vec<u8>)> =
             recorded.iter().map(|(a, bytes)| (a.timeline, a.lsn, bytes.clone())).collect();
-        let outcome = self.apply_batch(&batch, |_, i| recorded[i].0.time_ms, entry_time_ms)?;
+        let (outcome, taken) =
+            self.apply_batch(&batch, |_, i| recorded[i].0.time_ms, entry_time_ms, false)?;
+        if taken != batch.len() {
+            return Err(Error::Malformed(format!(
+                "replaying a step of {} mutations applied only {taken}: the replay diverged",
+                batch.len()
+            )));
+        }
         for (a, _) in recorded {
             self.applied.insert(a.timeline, a.lsn);
         }
@@ -431,32 +460,79 @@ impl<R: Reducer> ServerDocument<R> {
         }
     }
 
-    /// Applies `batch` in one transaction. A mutation that ends the transaction itself is
-    /// marked rejected and the batch restarts without it: at most one restart per mutation,
-    /// and a replay takes the same path, so the pages stay deterministic.
+    /// Applies `batch` (or a prefix of it) in one transaction; returns the outcome and how many
+    /// of `batch` it took. A mutation that ends the transaction itself is marked rejected and
+    /// the batch restarts without it: at most one restart per mutation, and a replay takes the
+    /// same path, so the pages stay deterministic. A mutation that would take the step past
+    /// `MAX_STEP_PAGES` ends the batch before it, or is rejected when it comes first. With
+    /// `may_end_early` (a live step, not a replay), the batch also ends once its mutations
+    /// have run `max_step_vm_steps`. A replay takes exactly the recorded batch.
     fn apply_batch(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
         time_of: impl Fn(i64, usize) -> i64,
         entry_time_ms: i64,
-    ) -> Result<StepOutcome> {
+        may_end_early: bool,
+    ) -> Result<(StepOutcome, usize)> {
         let mut lost: HashMap<usize, Rejection> = HashMap::new();
+        let mut len = batch.len();
+        // Instructions spent by mutations that ended the transaction: they count against the
+        // step's budget in the restarts too, so a run of them cannot hold the step for long.
+        let mut burned = 0;
         loop {
-            match self.try_apply_batch(batch, &time_of, &lost, entry_time_ms) {
+            let budget = may_end_early.then(|| self.limits.max_step_vm_steps.saturating_sub(burned));
+            match self.try_apply_batch(&batch[..len], &time_of, &lost, entry_time_ms, budget) {
                 Err((Some(i), Error::TransactionLost(r))) => {
-                    let r = self.explain_full(r);
+                    burned += self.db.last_vm_steps();
+                    self.restore_committed()?;
                     assert!(lost.insert(i, r).is_none(), "BUG: a skipped mutation ran again");
+                }
+                Err((Some(i), Error::StepFull { max_pages })) => {
+                    self.restore_committed()?;
+                    if i > 0 {
+                        len = i;
+                        continue;
+                    }
+                    let why = format!(
+                        "the mutation changes more than {max_pages} pages ({} MiB), more than one step may hold",
+                        (max_pages * PAGE_SIZE) >> 20
+                    );
+                    assert!(
+                        lost.insert(i, Rejection::new(RejectionCode::TooBig, why)).is_none(),
+                        "BUG: ran again"
+                    );
                 }
                 Err((_, e)) => {
                     // Back to the last durable state, for every caller (step and replay).
-                    let _ = self.db.conn().execute_batch("ROLLBACK");
-                    self.db.store().rollback_failed_step()?;
+                    self.restore_committed()?;
                     self.load_applied()?;
                     return Err(e);
                 }
-                Ok(outcome) => return Ok(outcome),
+                Ok(done) => return Ok(done),
             }
         }
+    }
+
+    /// Ends any open transaction and drops the overlay: SQLite sees the last durable state.
+    fn restore_committed(&mut self) -> Result<()> {
+        let _ = self.db.conn().execute_batch("ROLLBACK");
+        self.db.store().rollback_failed_step()?;
+        Ok(())
+    }
+
+    /// Records a rejection in the replicated table, with the caps lifted for pagesync's row.
+    fn record_rejection(&mut self, tl: TimelineId, lsn: Lsn, r: &Rejection) -> rusqlite::Result<()> {
+        self.db.lift_page_cap();
+        self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES));
+        let done = self
+            .db
+            .conn()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut st| st.execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code.as_str(), r.message]));
+        self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES - STEP_SYSTEM_PAGES));
+        done.map(|_| ())
     }
 
     /// One attempt at a batch; an error says which mutation caused it, if one did.
@@ -466,12 +542,13 @@ impl<R: Reducer> ServerDocument<R> {
         time_of: &impl Fn(i64, usize) -> i64,
         lost: &HashMap<usize, Rejection>,
         entry_time_ms: i64,
-    ) -> std::result::Result<StepOutcome, (Option<usize>, Error)> {
+        vm_budget: Option<u64>,
+    ) -> std::result::Result<(StepOutcome, usize), (Option<usize>, Error)> {
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
         self.db.conn().execute_batch("BEGIN IMMEDIATE").map_err(conn_err)?;
         let mut applied = Vec::with_capacity(batch.len());
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
-        let mut rejected = 0;
+        let (mut rejected, mut vm_steps) = (0, 0u64);
         for (i, (tl, lsn, bytes)) in batch.iter().enumerate() {
             let (time_ms, result) = match lost.get(&i) {
                 Some(r) => (time_of(decoded_time(bytes), i), Err(r.clone())),
@@ -479,32 +556,38 @@ impl<R: Reducer> ServerDocument<R> {
             };
             if let Err(r) = result {
                 rejected += 1;
-                self.db
-                    .conn()
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
-                    )
-                    .and_then(|mut st| st.execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code, r.message]))
-                    .map_err(conn_err)?;
+                self.record_rejection(*tl, *lsn, &r).map_err(conn_err)?;
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
             last.insert(*tl, *lsn);
+            vm_steps += if lost.contains_key(&i) { 0 } else { self.db.last_vm_steps() };
+            if vm_budget.is_some_and(|max| vm_steps >= max) {
+                break;
+            }
         }
-        for (tl, lsn) in &last {
-            self.db
-                .conn()
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)",
-                )
-                .and_then(|mut st| st.execute(rusqlite::params![&tl.0[..], lsn.get() as i64]))
-                .map_err(conn_err)?;
-        }
-        self.db.conn().execute_batch("COMMIT").map_err(|e| (None, self.db.explain(e)))?;
+        self.db.lift_page_cap();
+        self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES));
+        let recorded = self.record_applied(&last);
+        self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES - STEP_SYSTEM_PAGES));
+        recorded.map_err(|e| (None, self.db.explain(e)))?;
         let committed =
             self.db.store().commit_overlay(&applied, entry_time_ms).map_err(|e| (None, e.into()))?;
         let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
         remember(&mut self.recent, committed);
-        Ok(StepOutcome { lsn, applied: applied.len(), rejected })
+        Ok((StepOutcome { lsn, applied: applied.len(), rejected }, applied.len()))
+    }
+
+    /// Writes the applied LSN of each timeline and commits the transaction.
+    fn record_applied(&self, last: &BTreeMap<TimelineId, Lsn>) -> rusqlite::Result<()> {
+        for (tl, lsn) in last {
+            self.db
+                .conn()
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)",
+                )?
+                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64])?;
+        }
+        self.db.conn().execute_batch("COMMIT")
     }
 
     /// Decodes and applies one mutation; returns the time it ran with and its outcome.
@@ -516,29 +599,21 @@ impl<R: Reducer> ServerDocument<R> {
         if bytes.len() > self.limits.max_mutation_bytes {
             let max = self.limits.max_mutation_bytes;
             let why = format!("the mutation is {} bytes, over this server's limit of {max}", bytes.len());
-            return Ok((time_of(0), Err(Rejection::new("too_big", why))));
+            return Ok((time_of(0), Err(Rejection::new(RejectionCode::TooBig, why))));
         }
         let m = match Mutation::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
-                let code = if bytes.len() > MAX_MUTATION_BYTES { "too_big" } else { "malformed" };
+                let code = if bytes.len() > MAX_MUTATION_BYTES {
+                    RejectionCode::TooBig
+                } else {
+                    RejectionCode::Malformed
+                };
                 return Ok((time_of(0), Err(Rejection::new(code, e.to_string()))));
             }
         };
         let time_ms = time_of(m.client_time_ms);
         let result = apply_mutation(&self.db, &mut self.reducer, &m, time_ms)?;
-        Ok((time_ms, result.map_err(|r| self.explain_full(r))))
-    }
-
-    /// SQLite says "database or disk is full" when `max_page_count` stops a mutation: say which
-    /// limit it hit.
-    fn explain_full(&self, r: Rejection) -> Rejection {
-        match self.limits.max_doc_bytes {
-            Some(max) if r.message.contains("database or disk is full") => Rejection::new(
-                "doc_full",
-                format!("the mutation would grow the document past this server's limit of {max} bytes"),
-            ),
-            _ => r,
-        }
+        Ok((time_ms, result))
     }
 }

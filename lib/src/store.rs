@@ -106,6 +106,8 @@ pub enum StoreError {
     NoBase { first: Lsn },
     #[error("cannot remove the history before LSN {first}: page {page} still lives in entry {lsn}")]
     TrimWouldLosePages { first: Lsn, page: u32, lsn: Lsn },
+    #[error("one step may change at most {max_pages} pages (one storage entry)")]
+    StepFull { max_pages: usize },
 }
 
 /// The database file of one document.
@@ -132,6 +134,9 @@ pub struct PageStore {
     bytes_since_checkpoint: u64,
     /// False while a replica restarted at a checkpoint waits for its last part.
     has_base: bool,
+    /// The most pages the overlay may hold (a server step's cap, so its entry fits the
+    /// journal); a write of one more fails with `StepFull`.
+    max_overlay_pages: Option<usize>,
 }
 
 impl std::fmt::Debug for PageStore {
@@ -177,6 +182,7 @@ impl PageStore {
             checkpoints: Vec::new(),
             bytes_since_checkpoint: 0,
             has_base: first == Lsn::FIRST,
+            max_overlay_pages: None,
         };
         for lsn in store.journal.range().iter().take_while(|l| last.is_none_or(|last| *l <= last)) {
             let payload = store.journal.read(lsn)?;
@@ -354,6 +360,12 @@ impl PageStore {
             return Err(StoreError::NotAPage { offset, len: data.len() });
         }
         let idx = PageIdx::containing(offset);
+        if let Some(max_pages) = self.max_overlay_pages
+            && self.overlay.len() >= max_pages
+            && !self.overlay.contains_key(&idx.get())
+        {
+            return Err(StoreError::StepFull { max_pages });
+        }
         let page: Box<Page> = Box::new(data.try_into().expect("BUG: length checked"));
         if idx == PageIdx::FIRST {
             // SQLite bumped the counter it was shown; keep showing what it wrote.
@@ -381,6 +393,20 @@ impl PageStore {
     /// SQLite's `xFileSize`.
     pub fn size_bytes(&self) -> u64 {
         self.overlay_page_count as u64 * PAGE_SIZE as u64
+    }
+
+    /// Caps the pages the overlay may hold (`None`: no cap).
+    pub fn set_max_overlay_pages(&mut self, max_pages: Option<usize>) {
+        self.max_overlay_pages = max_pages;
+    }
+
+    pub fn max_overlay_pages(&self) -> Option<usize> {
+        self.max_overlay_pages
+    }
+
+    /// Pages SQLite has written since the last commit (or discard).
+    pub fn overlay_pages(&self) -> usize {
+        self.overlay.len()
     }
 
     pub fn set_last_error(&mut self, e: StoreError) {

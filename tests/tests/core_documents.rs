@@ -48,7 +48,7 @@ fn rejected_mutation_carries_the_server_message_and_changes_nothing() {
     pull(&mut client, &server);
     match client.state(bad.lsn).expect("state") {
         MutationState::Rejected(r) => {
-            assert_eq!(r.code, "constraint");
+            assert_eq!(r.code, pagesync::RejectionCode::Constraint);
             assert!(r.message.contains("CHECK constraint failed"), "{}", r.message);
         }
         other => panic!("expected a rejection, got {other:?}"),
@@ -283,7 +283,7 @@ fn a_document_at_its_size_limit_rejects_growth_and_stays_usable() {
     assert!((15..40).contains(&confirmed), "{confirmed} of 40 10 kB rows fit in 256 KiB");
     match &states[39] {
         MutationState::Rejected(r) => {
-            assert_eq!(r.code, "doc_full");
+            assert_eq!(r.code, pagesync::RejectionCode::DocFull);
             assert!(r.message.contains("limit of 262144 bytes"), "{}", r.message);
         }
         other => panic!("expected doc_full, got {other:?}"),

@@ -28,7 +28,7 @@ fn pair(code: &str, message: &str) -> js_sys::Object {
 fn submitted_js(s: pagesync::Submitted) -> JsValue {
     let out = js_sys::Object::new();
     set(&out, "id", s.lsn.get() as f64);
-    let local = s.local.err().map(|r| JsValue::from(pair(&r.code, &r.message)));
+    let local = s.local.err().map(|r| JsValue::from(pair(r.code.as_str(), &r.message)));
     set(&out, "localError", local.unwrap_or(JsValue::NULL));
     out.into()
 }
@@ -177,7 +177,7 @@ impl Replica {
             MutationState::Confirmed => set(&out, "state", "confirmed"),
             MutationState::Rejected(r) => {
                 set(&out, "state", "rejected");
-                set(&out, "code", r.code);
+                set(&out, "code", r.code.as_str());
                 set(&out, "message", r.message);
             }
         }
@@ -194,7 +194,7 @@ impl Replica {
         set(&out, "confirmed", outcomes.confirmed as f64);
         let rejected = js_sys::Array::new();
         for (lsn, r) in &outcomes.rejected {
-            let o = pair(&r.code, &r.message);
+            let o = pair(r.code.as_str(), &r.message);
             set(&o, "id", lsn.get() as f64);
             rejected.push(&o);
         }

@@ -185,16 +185,16 @@ fn step_documents(
     work.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect()
 }
 
-/// Steps `d` until its queue is empty or a step fails.
+/// Takes one step of `d`. One per turn: a document with a backlog steps again on the next
+/// turn, after the others had theirs, so no document's backlog holds up the rest for longer
+/// than one step (which its limits bound).
 fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&Clock>) -> Stepped {
     let mut done = Vec::new();
-    while d.queued() > 0 {
-        let start = clock.map(|c| c());
-        match d.step(now_ms) {
-            Ok(Some(o)) => done.push((o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))),
-            Ok(None) => break,
-            Err(e) => return (id, done, Some(e.to_string())),
-        }
+    let start = clock.map(|c| c());
+    match d.step(now_ms) {
+        Ok(Some(o)) => done.push((o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))),
+        Ok(None) => {}
+        Err(e) => return (id, done, Some(e.to_string())),
     }
     (id, done, None)
 }
@@ -510,6 +510,8 @@ impl ServerSession {
             }
             self.retry_at.remove(&doc);
             match failed {
+                // A backlog stays due: it steps again on the next turn.
+                None if self.docs.get(&doc).is_some_and(|d| d.queued() > 0) => {}
                 None => {
                     self.queued_since.remove(&doc);
                 }

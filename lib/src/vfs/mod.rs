@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::ffi;
@@ -34,16 +34,69 @@ pub(crate) struct VfsState {
     pub store: Arc<Mutex<PageStore>>,
     /// Milliseconds since the Unix epoch that SQLite's clock reports.
     pub clock_ms: Arc<AtomicI64>,
+    temp: Arc<TempBudget>,
     named: Mutex<HashMap<String, Arc<Mutex<Vec<u8>>>>>,
+}
+
+/// The bytes a connection's temp files (statement journals, sorter spills, temp b-trees) hold
+/// together, and their cap: a write past it fails with `SQLITE_FULL` and sets `exceeded`.
+#[derive(Debug)]
+pub(crate) struct TempBudget {
+    used_bytes: AtomicU64,
+    max_bytes: AtomicU64,
+    exceeded: AtomicBool,
+}
+
+impl TempBudget {
+    pub fn new(max_bytes: u64) -> TempBudget {
+        TempBudget {
+            used_bytes: AtomicU64::new(0),
+            max_bytes: AtomicU64::new(max_bytes),
+            exceeded: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_max(&self, max_bytes: u64) {
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a write was refused since the last call.
+    pub fn take_exceeded(&self) -> bool {
+        self.exceeded.swap(false, Ordering::Relaxed)
+    }
+
+    fn grow(&self, by: u64) -> bool {
+        let used = self.used_bytes.load(Ordering::Relaxed);
+        if used.saturating_add(by) > self.max_bytes.load(Ordering::Relaxed) {
+            self.exceeded.store(true, Ordering::Relaxed);
+            return false;
+        }
+        self.used_bytes.store(used + by, Ordering::Relaxed);
+        true
+    }
+
+    fn shrink(&self, by: u64) {
+        let used = self.used_bytes.load(Ordering::Relaxed);
+        self.used_bytes.store(used.saturating_sub(by), Ordering::Relaxed);
+    }
 }
 
 enum FileKind {
     Main(Arc<Mutex<PageStore>>),
-    Memory(Arc<Mutex<Vec<u8>>>),
+    /// A file in memory; `named` ones outlive their handle (until `xDelete`).
+    Memory {
+        data: Arc<Mutex<Vec<u8>>>,
+        named: bool,
+    },
 }
 
 struct Handle {
     kind: FileKind,
+    temp: Arc<TempBudget>,
     lock: c_int,
 }
 
@@ -67,7 +120,11 @@ unsafe impl Send for Registration {}
 static NEXT_VFS: AtomicU64 = AtomicU64::new(1);
 
 impl Registration {
-    pub fn register(store: Arc<Mutex<PageStore>>, clock_ms: Arc<AtomicI64>) -> Result<Registration, c_int> {
+    pub fn register(
+        store: Arc<Mutex<PageStore>>,
+        clock_ms: Arc<AtomicI64>,
+        temp: Arc<TempBudget>,
+    ) -> Result<Registration, c_int> {
         // SAFETY: sqlite3_initialize is idempotent and thread-safe.
         let rc = unsafe { ffi::sqlite3_initialize() };
         if rc != ffi::SQLITE_OK {
@@ -75,7 +132,7 @@ impl Registration {
         }
         let n = NEXT_VFS.fetch_add(1, Ordering::Relaxed);
         let name = CString::new(format!("pagesync-{n}")).expect("BUG: no NUL in the name");
-        let state = Box::new(VfsState { store, clock_ms, named: Mutex::new(HashMap::new()) });
+        let state = Box::new(VfsState { store, clock_ms, temp, named: Mutex::new(HashMap::new()) });
         let vfs = Box::new(ffi::sqlite3_vfs {
             iVersion: 2,
             szOsFile: std::mem::size_of::<File>() as c_int,
@@ -134,6 +191,13 @@ pub(crate) fn disable_lookaside(conn: &rusqlite::Connection) {
             0,
         );
     }
+}
+
+/// Sets what `last_insert_rowid()` returns, so each mutation starts from the same value (0)
+/// whatever ran on the connection before it.
+pub(crate) fn set_last_insert_rowid(conn: &rusqlite::Connection, rowid: i64) {
+    // SAFETY: the handle is valid for the duration of the call (we borrow the connection).
+    unsafe { ffi::sqlite3_set_last_insert_rowid(conn.handle(), rowid) }
 }
 
 /// Frees a VFS allocated by `register`.
@@ -207,13 +271,15 @@ unsafe extern "C" fn x_open(
     let kind = if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 {
         FileKind::Main(st.store.clone())
     } else {
-        let data = match name {
-            Some(n) => st.named.lock().expect("BUG: lock poisoned").entry(n).or_default().clone(),
-            None => Arc::default(),
-        };
-        FileKind::Memory(data)
+        match name {
+            Some(n) => FileKind::Memory {
+                data: st.named.lock().expect("BUG: lock poisoned").entry(n).or_default().clone(),
+                named: true,
+            },
+            None => FileKind::Memory { data: Arc::default(), named: false },
+        }
     };
-    let handle = Box::into_raw(Box::new(Handle { kind, lock: ffi::SQLITE_LOCK_NONE }));
+    let handle = Box::into_raw(Box::new(Handle { kind, temp: st.temp.clone(), lock: ffi::SQLITE_LOCK_NONE }));
     // SAFETY: `file` points to szOsFile = size_of::<File>() writable bytes.
     unsafe {
         file.cast::<File>().write(File { base: ffi::sqlite3_file { pMethods: &IO_METHODS }, handle });
@@ -227,8 +293,10 @@ unsafe extern "C" fn x_open(
 unsafe extern "C" fn x_delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, _sync_dir: c_int) -> c_int {
     // SAFETY: our VFS, a NUL-terminated name.
     let (st, name) = unsafe { (state(vfs), name_of(name)) };
-    if let Some(n) = name {
-        st.named.lock().expect("BUG: lock poisoned").remove(&n);
+    if let Some(n) = name
+        && let Some(data) = st.named.lock().expect("BUG: lock poisoned").remove(&n)
+    {
+        st.temp.shrink(data.lock().expect("BUG: lock poisoned").len() as u64);
     }
     ffi::SQLITE_OK
 }
@@ -362,17 +430,24 @@ fn on_store<T>(
 ) -> Result<T, c_int> {
     let mut store = store.lock().expect("BUG: page store lock poisoned");
     op(&mut store).map_err(|e| {
+        // A step at its page cap is full, not broken: SQLite rolls back and says so.
+        let rc =
+            if matches!(e, crate::store::StoreError::StepFull { .. }) { ffi::SQLITE_FULL } else { err_rc };
         store.set_last_error(e);
-        err_rc
+        rc
     })
 }
 
 unsafe extern "C" fn x_close(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite closes each file once; we free the handle and clear the pointer.
-    unsafe {
+    let handle = unsafe {
         let f = file.cast::<File>();
-        drop(Box::from_raw((*f).handle));
+        let handle = Box::from_raw((*f).handle);
         (*f).handle = ptr::null_mut();
+        handle
+    };
+    if let FileKind::Memory { data, named: false } = &handle.kind {
+        handle.temp.shrink(data.lock().expect("BUG: lock poisoned").len() as u64);
     }
     ffi::SQLITE_OK
 }
@@ -390,7 +465,7 @@ unsafe extern "C" fn x_read(
             let full = on_store(store, ffi::SQLITE_IOERR_READ, |s| s.read(offset as u64, buf));
             full.map_or_else(|rc| rc, |full| if full { ffi::SQLITE_OK } else { ffi::SQLITE_IOERR_SHORT_READ })
         }
-        FileKind::Memory(data) => {
+        FileKind::Memory { data, .. } => {
             let data = data.lock().expect("BUG: lock poisoned");
             let start = (offset as usize).min(data.len());
             let n = (data.len() - start).min(buf.len());
@@ -412,10 +487,13 @@ unsafe extern "C" fn x_write(
     match &h.kind {
         FileKind::Main(store) => on_store(store, ffi::SQLITE_IOERR_WRITE, |s| s.write(offset as u64, buf))
             .map_or_else(|rc| rc, |()| ffi::SQLITE_OK),
-        FileKind::Memory(data) => {
+        FileKind::Memory { data, .. } => {
             let mut data = data.lock().expect("BUG: lock poisoned");
             let end = offset as usize + buf.len();
             if data.len() < end {
+                if !h.temp.grow((end - data.len()) as u64) {
+                    return ffi::SQLITE_FULL;
+                }
                 data.resize(end, 0);
             }
             data[offset as usize..end].copy_from_slice(buf);
@@ -430,8 +508,10 @@ unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_in
     match &h.kind {
         FileKind::Main(store) => on_store(store, ffi::SQLITE_IOERR_TRUNCATE, |s| s.truncate(size as u64))
             .map_or_else(|rc| rc, |()| ffi::SQLITE_OK),
-        FileKind::Memory(data) => {
-            data.lock().expect("BUG: lock poisoned").truncate(size as usize);
+        FileKind::Memory { data, .. } => {
+            let mut data = data.lock().expect("BUG: lock poisoned");
+            h.temp.shrink((data.len() as u64).saturating_sub(size as u64));
+            data.truncate(size as usize);
             ffi::SQLITE_OK
         }
     }
@@ -447,7 +527,7 @@ unsafe extern "C" fn x_file_size(file: *mut ffi::sqlite3_file, out: *mut i64) ->
     let h = unsafe { handle(file) };
     let size = match &h.kind {
         FileKind::Main(store) => store.lock().expect("BUG: page store lock poisoned").size_bytes(),
-        FileKind::Memory(data) => data.lock().expect("BUG: lock poisoned").len() as u64,
+        FileKind::Memory { data, .. } => data.lock().expect("BUG: lock poisoned").len() as u64,
     };
     // SAFETY: see above.
     unsafe { *out = size as i64 };

@@ -1,0 +1,244 @@
+//! Hostile SQL against the real `pagesync-server` and `pagesync` binaries: a client with an
+//! ordinary write token sends what the sandbox must refuse or stop (connection pragmas, TEMP
+//! triggers, connection-state functions, endless queries, oversized values), as raw frames that
+//! skip the client's own checks and through the CLI. Each gets its typed rejection code; other
+//! clients' rows and constraints are untouched; a write to another document is confirmed within
+//! a second while the budget-exhausting mutations run; nothing wedges the document; and the
+//! client's replica stays byte-identical to the server's.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use pagesync::journal::Lsn;
+use pagesync::protocol::{Message, PROTOCOL_VERSION};
+use pagesync::{DocId, Mutation, SqlMutation, TimelineId};
+use support::start_on_any_port;
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+const DOC_A: &str = "000000000000000000000000000000a1";
+const DOC_B: &str = "000000000000000000000000000000b2";
+/// The raw attacker's timeline.
+const EVIL: TimelineId = TimelineId([0xee; 16]);
+
+/// The `pagesync` CLI, built beside the server binary by the workspace build.
+fn cli_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync");
+    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace)", path.display());
+    path
+}
+
+fn cli(port: u16, data: &Path, doc: &str, args: &[&str]) -> Output {
+    Command::new(cli_binary())
+        .args(["--server", &format!("ws://127.0.0.1:{port}/v1/sync"), "--doc", doc, "--timeout-ms", "20000"])
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .expect("run pagesync")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "pagesync failed: {}", text(out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sends `statements` as raw timeline entries of `EVIL`, one mutation each, in one frame.
+async fn send_raw(port: u16, doc: &str, statements: &[&str]) {
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+    let doc = doc.parse::<DocId>().expect("doc id");
+    let entries = statements
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let body = SqlMutation::one(*s, vec![]).encode();
+            Mutation { client_time_ms: 1_700_000_000_000, seed: i as u64, body }.encode().expect("encode")
+        })
+        .collect();
+    for m in [
+        Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
+        Message::Subscribe { doc, timeline: EVIL, storage_next: Lsn::FIRST },
+        Message::Mutations { doc, timeline: EVIL, first: Lsn::FIRST, entries },
+    ] {
+        ws.send(Ws::Binary(m.encode().into())).await.expect("send");
+    }
+    // Wait until the server has taken them all, then leave.
+    let want = Lsn::new(statements.len() as u64 + 1).expect("lsn");
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("an ack in time");
+        if let Some(Ok(Ws::Binary(b))) = frame
+            && let Ok(Message::MutationsAck { next_expected, .. }) = Message::decode(&b)
+            && next_expected >= want
+        {
+            return;
+        }
+    }
+}
+
+/// The rejection codes recorded for `EVIL`, by LSN, once `n` are in (read through a replica).
+fn evil_rejections(port: u16, data: &Path, n: usize) -> Vec<(u64, String)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sql = format!(
+            "SELECT lsn, code FROM _pagesync_rejections WHERE timeline = x'{}' ORDER BY lsn",
+            "ee".repeat(16)
+        );
+        let out = ok(&cli(port, data, DOC_A, &["query", &sql]));
+        let rows: Vec<(u64, String)> = out
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let (lsn, code) = l.split_once('\t').expect("two columns");
+                (lsn.parse().expect("lsn"), code.to_owned())
+            })
+            .collect();
+        if rows.len() >= n {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "only {} of {n} rejections arrived", rows.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = format!("file://{}", dir.path().join("store").display());
+    let (server, port) = start_on_any_port(&store, &["--max-doc-bytes", "8388608"]);
+    let (alice, bob, carol) = (dir.path().join("alice"), dir.path().join("bob"), dir.path().join("carol"));
+
+    let ddl = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT NOT NULL CHECK (length(body) <= 10))";
+    ok(&cli(port, &alice, DOC_A, &["exec", ddl]));
+    ok(&cli(port, &alice, DOC_A, &["exec", "INSERT INTO notes(body) VALUES ('mine')"]));
+
+    // Through the CLI, the client refuses before anything leaves it.
+    let out = cli(port, &alice, DOC_A, &["exec", "PRAGMA ignore_check_constraints = ON"]);
+    assert!(!out.status.success() && text(&out).contains("refused"), "{}", text(&out));
+
+    // As raw frames, the server refuses them itself.
+    let refused = [
+        "PRAGMA ignore_check_constraints = ON",
+        "PRAGMA max_page_count = 2147483646",
+        "PRAGMA hard_heap_limit = 100000",
+        "PRAGMA cache_size = 1",
+        "PRAGMA reverse_unordered_selects = ON",
+        "CREATE TEMP TRIGGER t AFTER INSERT ON main.notes BEGIN UPDATE notes SET body = 'pwned'; END",
+        "CREATE TEMP TABLE big(x)",
+        "INSERT INTO notes(body) VALUES (changes())",
+        "INSERT INTO notes(body) VALUES (total_changes())",
+    ];
+    send_raw(port, DOC_A, &refused).await;
+    let codes = evil_rejections(port, &alice, refused.len());
+    for ((lsn, code), sql) in codes.iter().zip(refused) {
+        assert_eq!(code, "refused", "mutation {lsn} ({sql})");
+    }
+
+    // Budget-exhausting mutations on A; meanwhile B's writes are confirmed within a second.
+    let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+    let heavy: Vec<&str> = std::iter::repeat_n(endless, 8).collect();
+    let started = Instant::now();
+    let attack = tokio::spawn(async move {
+        // As a second timeline: the first's LSNs 1..9 are taken.
+        let url = format!("ws://127.0.0.1:{port}/v1/sync");
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+        let doc = DOC_A.parse::<DocId>().expect("doc");
+        let timeline = TimelineId([0xdd; 16]);
+        let entries = heavy
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let body = SqlMutation::one(*s, vec![]).encode();
+                Mutation { client_time_ms: 1_700_000_000_000, seed: i as u64, body }.encode().expect("encode")
+            })
+            .collect();
+        for m in [
+            Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
+            Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST },
+            Message::Mutations { doc, timeline, first: Lsn::FIRST, entries },
+        ] {
+            ws.send(Ws::Binary(m.encode().into())).await.expect("send");
+        }
+        ws
+    });
+    let _ws = attack.await.expect("attack sent");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b_started = Instant::now();
+    ok(&cli(port, &bob, DOC_B, &["exec", "CREATE TABLE t(x)"]));
+    let b_ms = b_started.elapsed().as_millis();
+    let out = ok(&cli(port, &bob, DOC_B, &["exec", "INSERT INTO t VALUES (1)"]));
+    assert!(out.contains("confirmed"), "{out}");
+    let sql = format!("SELECT count(*) FROM _pagesync_rejections WHERE timeline = x'{}'", "dd".repeat(16));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok(&cli(port, &alice, DOC_A, &["query", &sql])).lines().nth(1) != Some("8") {
+        assert!(Instant::now() < deadline, "the budget-exhausting mutations were not all rejected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a_ms = started.elapsed().as_millis();
+    eprintln!("8 budget-exhausting mutations on A took {a_ms} ms; a write to B was confirmed in {b_ms} ms");
+    assert!(b_ms < 1_000, "a write to another document took {b_ms} ms");
+    let codes = ok(&cli(
+        port,
+        &alice,
+        DOC_A,
+        &[
+            "query",
+            &format!(
+                "SELECT DISTINCT code FROM _pagesync_rejections WHERE timeline = x'{}'",
+                "dd".repeat(16)
+            ),
+        ],
+    ));
+    assert_eq!(codes.lines().nth(1), Some("too_expensive"), "{codes}");
+
+    // A step over every limit is rejected, not retried forever; the document keeps working.
+    let out = cli(port, &carol, DOC_A, &["exec", "INSERT INTO notes(body) VALUES (zeroblob(80000000))"]);
+    assert!(!out.status.success() && text(&out).contains("too_big"), "{}", text(&out));
+    let out =
+        cli(port, &carol, DOC_A, &["exec", "INSERT INTO notes(body) VALUES ('far too long for the check')"]);
+    assert!(
+        !out.status.success() && text(&out).contains("constraint"),
+        "the CHECK still holds: {}",
+        text(&out)
+    );
+    ok(&cli(port, &carol, DOC_A, &["exec", "INSERT INTO notes(body) VALUES ('carol')"]));
+
+    // Alice's row is hers, and every replica holds the server's bytes.
+    ok(&cli(port, &alice, DOC_A, &["sync"]));
+    let rows = ok(&cli(port, &alice, DOC_A, &["query", "SELECT body FROM notes ORDER BY id"]));
+    assert_eq!(rows, "body\nmine\ncarol\n");
+    let local = dir.path().join("alice.sqlite");
+    ok(&cli(port, &alice, DOC_A, &["export", local.to_str().expect("utf-8 path")]));
+    let remote = reqwest_export(port, DOC_A).await;
+    assert!(
+        std::fs::read(&local).expect("read export") == remote,
+        "alice's replica differs from the server's"
+    );
+
+    let verify = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(["verify", "--journal", &store])
+        .output()
+        .expect("verify");
+    assert!(verify.status.success(), "verify: {}", text(&verify));
+    drop(server);
+}
+
+/// `GET /v1/docs/{id}/export` over a plain TCP connection.
+async fn reqwest_export(port: u16, doc: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let req = format!("GET /v1/docs/{doc}/export HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("request");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("response");
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end") + 4;
+    assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out[..split]));
+    out.split_off(split)
+}

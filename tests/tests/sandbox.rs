@@ -1,0 +1,291 @@
+//! The mutation sandbox, in process: each hostile class of SQL is refused or stopped with a
+//! typed code, on the client's optimistic run and on the server, and changes nothing for anyone
+//! else. `server/tests/hostile_sql.rs` runs the same classes through the real binaries.
+
+use std::time::Instant;
+
+use pagesync::journal::Lsn;
+use pagesync::server::MAX_STEP_PAGES;
+use pagesync::{
+    Budget, ClientDocument, Error, Mutation, MutationState, RejectionCode, ServerDocument, SqlReducer,
+    StepLimits, TimelineId, Value,
+};
+use pagesync_tests::{drain, integrity_ok, memory_journal, pages_of, pull, push, sql};
+
+const T0: i64 = 1_700_000_000_000;
+
+fn setup() -> (ServerDocument, ClientDocument) {
+    let server = ServerDocument::open(memory_journal(1)).expect("server");
+    let client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    (server, client)
+}
+
+/// Sends `statements` to the server as a raw timeline entry, as a hostile client that skips
+/// its own local checks would, and returns the server's verdict.
+fn raw_verdict(
+    server: &mut ServerDocument,
+    timeline: u128,
+    lsn: u64,
+    body: Vec<u8>,
+) -> Option<(String, String)> {
+    let tl = TimelineId(timeline.to_le_bytes());
+    let m = Mutation { client_time_ms: T0, seed: 7, body }.encode().expect("encode");
+    server.receive(tl, Lsn::new(lsn).expect("lsn"), vec![m]);
+    drain(server, T0);
+    server
+        .database()
+        .conn()
+        .query_row(
+            "SELECT code, message FROM _pagesync_rejections WHERE timeline = ?1 AND lsn = ?2",
+            rusqlite::params![&tl.0[..], lsn as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ok()
+}
+
+fn schema(client: &mut ClientDocument, server: &mut ServerDocument) {
+    let ddl = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT NOT NULL CHECK (length(body) <= 10))";
+    client.mutate(sql(ddl, vec![]), T0, 1).expect("ddl");
+    push(client, server);
+    drain(server, T0);
+    pull(client, server);
+}
+
+#[test]
+fn connection_pragmas_are_refused_everywhere() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let hostile = [
+        "PRAGMA ignore_check_constraints = ON",
+        "PRAGMA max_page_count = 2147483646",
+        "PRAGMA hard_heap_limit = 100000",
+        "PRAGMA soft_heap_limit = 1000",
+        "PRAGMA cache_size = 1",
+        "PRAGMA reverse_unordered_selects = ON",
+        "PRAGMA secure_delete = ON",
+        "PRAGMA defer_foreign_keys = ON",
+        "PRAGMA foreign_keys = ON",
+        "PRAGMA recursive_triggers = ON",
+        "PRAGMA writable_schema = ON",
+        "PRAGMA cell_size_check = ON",
+        "PRAGMA automatic_index = OFF",
+        "PRAGMA threads = 4",
+        "PRAGMA optimize",
+        "PRAGMA integrity_check",
+        "PRAGMA compile_options",
+        "SELECT * FROM pragma_compile_options",
+        "SELECT cache_size FROM pragma_cache_size",
+        "PRAGMA data_version",
+        "PRAGMA page_size = 8192",
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA temp_store = MEMORY",
+    ];
+    for (i, sql_text) in hostile.iter().enumerate() {
+        let local = client.mutate(sql(sql_text, vec![]), T0, 10 + i as u64);
+        assert!(matches!(local, Err(Error::Refused(_))), "{sql_text}: the client accepted it: {local:?}");
+        let verdict = raw_verdict(&mut server, 99, 1 + i as u64, sql(sql_text, vec![]));
+        let (code, message) = verdict.unwrap_or_else(|| panic!("{sql_text}: the server applied it"));
+        assert_eq!(code, "refused", "{sql_text}: {message}");
+    }
+    // The CHECK still holds for everyone, on the client and on the server.
+    let long = client.mutate(sql("INSERT INTO notes(body) VALUES ('far too long a note')", vec![]), T0, 90);
+    assert_eq!(long.expect("queued").local.map_err(|r| r.code), Err(RejectionCode::Constraint));
+    let verdict = raw_verdict(
+        &mut server,
+        98,
+        1,
+        sql("INSERT INTO notes(body) VALUES ('far too long a note')", vec![]),
+    );
+    assert_eq!(verdict.map(|v| v.0).as_deref(), Some("constraint"));
+    // Harmless pragmas work.
+    let ok = client.mutate(sql("PRAGMA user_version = 7", vec![]), T0, 91).expect("user_version");
+    assert_eq!(ok.local, Ok(()));
+    let info =
+        client.query("SELECT name FROM pragma_table_info('notes') ORDER BY cid", &[]).expect("table_info");
+    assert_eq!(info.rows.len(), 2);
+    assert!(integrity_ok(server.database()));
+}
+
+#[test]
+fn temp_objects_and_connection_state_are_refused() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let hostile = [
+        "CREATE TEMP TABLE t(x)",
+        "CREATE TABLE temp.t(x)",
+        "CREATE TEMP VIEW v AS SELECT 1",
+        "CREATE TEMP TRIGGER tr AFTER INSERT ON main.notes BEGIN UPDATE notes SET body = 'pwned'; END",
+        "INSERT INTO notes(body) VALUES (changes())",
+        "INSERT INTO notes(body) VALUES (total_changes())",
+        "INSERT INTO notes(body) VALUES (sqlite_version())",
+        "INSERT INTO notes(body) VALUES (load_extension('x'))",
+        "ATTACH 'other.db' AS other",
+        "ANALYZE",
+        "SELECT * FROM dbstat",
+        "BEGIN",
+        "INSERT INTO _pagesync_timelines VALUES (x'00', 1)",
+        "CREATE VIRTUAL TABLE s USING dbstat",
+    ];
+    for (i, sql_text) in hostile.iter().enumerate() {
+        let local = client.mutate(sql(sql_text, vec![]), T0, 10 + i as u64);
+        assert!(matches!(local, Err(Error::Refused(_))), "{sql_text}: the client accepted it: {local:?}");
+        let (code, message) = raw_verdict(&mut server, 99, 1 + i as u64, sql(sql_text, vec![]))
+            .unwrap_or_else(|| panic!("{sql_text}: the server applied it"));
+        assert_eq!(code, "refused", "{sql_text}: {message}");
+    }
+    // A statement pagesync prepares outside the sandbox cannot be borrowed by its text.
+    let own = "INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)";
+    let body = sql(own, vec![Value::Blob(vec![0; 16]), Value::Integer(1_000_000)]);
+    let (code, _) = raw_verdict(&mut server, 97, 1, body).expect("the server applied it");
+    assert_eq!(code, "refused");
+    // Reads of TEMP and connection state are refused in queries too.
+    for q in ["SELECT * FROM temp.sqlite_master", "PRAGMA ignore_check_constraints = ON", "SELECT changes()"]
+    {
+        assert!(matches!(client.query(q, &[]), Err(Error::Refused(_))), "{q}");
+    }
+    // last_insert_rowid() starts at 0 in every mutation: the same on every replica.
+    let m = client
+        .mutate(sql("INSERT INTO notes(id, body) VALUES (last_insert_rowid() + 100, 'a')", vec![]), T0, 80)
+        .expect("insert");
+    assert_eq!(m.local, Ok(()));
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
+    let ids = client.query("SELECT id FROM notes", &[]).expect("query").rows;
+    assert_eq!(ids, vec![vec![Value::Integer(100)]]);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
+#[test]
+fn an_endless_query_is_too_expensive_and_costs_a_bounded_time() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+    let start = Instant::now();
+    let local = client.mutate(sql(endless, vec![]), T0, 5).expect("queued");
+    let local_ms = start.elapsed().as_millis();
+    assert_eq!(local.local.as_ref().map_err(|r| r.code.clone()), Err(RejectionCode::TooExpensive));
+    let ok = client.mutate(sql("INSERT INTO notes(body) VALUES ('fine')", vec![]), T0, 6).expect("ok");
+    push(&client, &mut server);
+    let start = Instant::now();
+    drain(&mut server, T0);
+    let server_ms = start.elapsed().as_millis();
+    pull(&mut client, &server);
+    match client.state(local.lsn).expect("state") {
+        MutationState::Rejected(r) => assert_eq!(r.code, RejectionCode::TooExpensive, "{r}"),
+        other => panic!("expected too_expensive, got {other:?}"),
+    }
+    assert_eq!(client.state(ok.lsn).expect("state"), MutationState::Confirmed);
+    eprintln!("a budget-exhausting mutation took {local_ms} ms on the client, {server_ms} ms on the server");
+    assert!(server_ms < 20_000, "the budget bounds the time: {server_ms} ms");
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
+#[test]
+fn oversized_values_temp_files_and_growth_are_too_big() {
+    let budget = Budget { max_temp_bytes: 4 << 20, max_added_bytes: 2 << 20, ..Budget::default() };
+    let limits = StepLimits { budget, ..StepLimits::default() };
+    let mut server = ServerDocument::with_reducer(memory_journal(1), SqlReducer, limits).expect("server");
+    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    schema(&mut client, &mut server);
+    client.mutate(sql("CREATE TABLE big(b BLOB)", vec![]), T0, 2).expect("ddl");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    let cases = [
+        ("INSERT INTO big VALUES (zeroblob(80000000))", "string or blob"),
+        (
+            "INSERT INTO big SELECT randomblob(1000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000) SELECT x FROM c)",
+            "add more than 2097152 bytes",
+        ),
+        (
+            "SELECT * FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) SELECT randomblob(200) AS r FROM c) ORDER BY r",
+            "temporary storage",
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let (code, message) =
+            raw_verdict(&mut server, 50, 1 + i as u64, sql(text, vec![])).expect("the server applied it");
+        assert_eq!(code, "too_big", "{text}: {message}");
+        assert!(message.contains(needle), "{text}: {message}");
+    }
+    assert!(server.database().store().size_bytes() < 1 << 20);
+}
+
+#[test]
+fn a_step_too_large_for_one_entry_rejects_its_mutation_and_applies_the_rest() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    // Four mutations of 24 MiB each fill a table with more pages than one step may change.
+    client.mutate(sql("CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB)", vec![]), T0, 2).expect("ddl");
+    let fill = "INSERT INTO big(b) SELECT randomblob(3000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 6000) SELECT x FROM c)";
+    let fills: Vec<Lsn> =
+        (0..4).map(|i| client.mutate(sql(fill, vec![]), T0, 3 + i).expect("fill").lsn).collect();
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    for lsn in &fills {
+        assert_eq!(client.state(*lsn).expect("state"), MutationState::Confirmed);
+    }
+    let pages = server.database().store().page_count() as usize;
+    assert!(pages > MAX_STEP_PAGES, "{pages} pages");
+    // One mutation rewrites all of them; another client's small write shares its step.
+    let rewrite = client.mutate(sql("UPDATE big SET b = zeroblob(3000)", vec![]), T0, 10).expect("queued");
+    push(&client, &mut server);
+    let (code, message) =
+        raw_verdict(&mut server, 77, 1, sql("INSERT INTO notes(body) VALUES ('other')", vec![]))
+            .map_or((String::new(), String::new()), |v| v);
+    assert_eq!(code, "", "the other client's write was rejected: {message}");
+    pull(&mut client, &server);
+    match client.state(rewrite.lsn).expect("state") {
+        MutationState::Rejected(r) => {
+            assert_eq!(r.code, RejectionCode::TooBig, "{r}");
+            assert!(r.message.contains("pages"), "{r}");
+        }
+        other => panic!("expected too_big, got {other:?}"),
+    }
+    assert_eq!(server.queued(), 0, "nothing is retried forever");
+    let rows = client.query("SELECT body FROM notes", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Text("other".into())]]);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
+#[test]
+fn a_hundred_thousand_row_import_in_one_mutation_is_confirmed() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    client
+        .mutate(sql("CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER)", vec![]), T0, 2)
+        .expect("ddl");
+    // 100,000 rows do not fit one mutation's 1 MiB as parameters: an import generates them.
+    let import = "INSERT INTO items SELECT x, 'item ' || x, x % 17 FROM (WITH RECURSIVE c(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM c WHERE x < 99999) SELECT x FROM c)";
+    let m = client.mutate(sql(import, vec![]), T0, 3).expect("import");
+    eprintln!("the import ran {} VM instructions", client.database().last_vm_steps());
+    assert_eq!(m.local, Ok(()));
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
+    let n = client.query("SELECT count(*) FROM items", &[]).expect("count").rows;
+    assert_eq!(n, vec![vec![Value::Integer(100_000)]]);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
+#[test]
+fn rejection_codes_have_stable_strings() {
+    for code in [
+        RejectionCode::Refused,
+        RejectionCode::Constraint,
+        RejectionCode::TooExpensive,
+        RejectionCode::TooBig,
+        RejectionCode::DocFull,
+        RejectionCode::Malformed,
+        RejectionCode::Mismatch,
+        RejectionCode::Range,
+        RejectionCode::Error,
+    ] {
+        assert_eq!(RejectionCode::parse(code.as_str()), code);
+    }
+    assert_eq!(RejectionCode::parse("something_new"), RejectionCode::Other("something_new".into()));
+    assert_eq!(RejectionCode::TooExpensive.as_str(), "too_expensive");
+}
