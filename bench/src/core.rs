@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use pagesync::journal::{FileJournal, FileJournalOptions, Journal, JournalId, MemoryJournal};
-use pagesync::{ClientDocument, ServerDocument, SqlMutation, SqlReducer, StepLimits, TimelineId, Value};
+use pagesync::{
+    Budget, ClientDocument, ServerDocument, SqlMutation, SqlReducer, StepLimits, TimelineId, Value,
+};
 use rusqlite::Connection;
 
 use crate::Config;
@@ -40,7 +42,91 @@ fn mem(id: u128) -> Box<dyn Journal> {
 }
 
 pub fn run(cfg: &Config) -> Vec<Pair> {
-    vec![local_write(cfg), server_apply(cfg), rebase(cfg)]
+    vec![local_write(cfg), budget_cost(cfg), budget_hold(cfg), server_apply(cfg), rebase(cfg)]
+}
+
+/// Microseconds per single-row mutation on a client over memory journals (no fsync, so the
+/// sandbox's own cost is not lost in the disk's) with `budget`.
+fn memory_write_micros(n: u64, budget: Budget) -> f64 {
+    let mut c = ClientDocument::open(mem(1), mem(2)).expect("client");
+    c.set_budget(budget).expect("budget");
+    c.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
+    let start = Instant::now();
+    for i in 0..n {
+        c.mutate(row(i), T0, i).expect("mutate");
+    }
+    micros_per_op(n, start.elapsed())
+}
+
+/// What the mutation budget costs a local single-row write: the default budget (progress
+/// handler, page cap, temp cap) against none at all, memory journals on both sides.
+fn budget_cost(cfg: &Config) -> Pair {
+    let n = local_writes(cfg) * 10;
+    let (a, b) = interleave(
+        cfg.reps,
+        || memory_write_micros(n, Budget::default()),
+        || memory_write_micros(n, Budget::UNLIMITED),
+    );
+    Pair::new(
+        "core",
+        "local single-row write, memory journals, with the mutation budget",
+        "us/write",
+        Better::Lower,
+        a,
+        "the same without any budget (no progress handler, no caps)",
+        b,
+        Some(Target::RatioAtMost(1.03)),
+    )
+}
+
+/// An endless recursive query: it runs until a budget stops it.
+const ENDLESS: &str =
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
+
+/// How long a budget-exhausting mutation holds its document on the server (one step that
+/// rejects it, in milliseconds), against stock SQLite running the same query until a progress
+/// handler stops it after the same number of VM instructions.
+fn budget_hold(cfg: &Config) -> Pair {
+    let ours = || {
+        let mut server = ServerDocument::open(mem(1)).expect("server");
+        let m = pagesync::Mutation {
+            client_time_ms: T0,
+            seed: 1,
+            body: SqlMutation::one(ENDLESS, vec![]).encode(),
+        };
+        server.receive(TimelineId([1; 16]), pagesync::journal::Lsn::FIRST, vec![m.encode().expect("encode")]);
+        let start = Instant::now();
+        let outcome = server.step(T0).expect("step").expect("a step");
+        assert_eq!(outcome.rejected, 1, "the endless query is rejected");
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let peer = || {
+        let mut conn = Connection::open_in_memory().expect("open");
+        let ops = pagesync::sandbox::PROGRESS_INTERVAL_OPS;
+        let mut left = pagesync::sandbox::DEFAULT_MAX_VM_STEPS as i64;
+        conn.progress_handler(
+            ops,
+            Some(move || {
+                left -= i64::from(ops);
+                left <= 0
+            }),
+        )
+        .expect("progress handler");
+        let start = Instant::now();
+        assert!(conn.query_row(ENDLESS, [], |_| Ok(())).is_err(), "interrupted");
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let (a, b) = interleave(cfg.reps, ours, peer);
+    Pair::new(
+        "core",
+        "a budget-exhausting mutation holds its document (one server step)",
+        "ms",
+        Better::Lower,
+        a,
+        "stock SQLite, the same query stopped after the same VM instructions",
+        b,
+        Some(Target::RatioAtMost(1.5)),
+    )
 }
 
 fn micros_per_op(n: u64, elapsed: Duration) -> f64 {

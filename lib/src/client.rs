@@ -484,6 +484,12 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Runs a read-only query on the optimistic state.
+    /// Sets the budget this replica's optimistic runs use; it should match the server's
+    /// (`Budget::default()` unless the server raised it).
+    pub fn set_budget(&mut self, budget: crate::sandbox::Budget) -> Result<()> {
+        self.db.set_budget(budget)
+    }
+
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         self.check_not_restarting()?;
         self.db.run_query(|conn| self.run_query(conn, sql, params)).map_err(|e| match e {

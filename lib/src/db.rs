@@ -201,8 +201,15 @@ impl Database {
         Ok(())
     }
 
-    /// Sets the budget every later mutation runs under.
+    /// Sets the budget every later mutation runs under. `Budget::UNLIMITED` also removes the
+    /// progress handler (for measuring what the budget costs).
     pub fn set_budget(&mut self, budget: Budget) -> Result<()> {
+        if budget.max_vm_steps == u64::MAX {
+            self.conn.progress_handler(0, None::<fn() -> bool>)?;
+        } else if self.budget.max_vm_steps == u64::MAX {
+            let sandbox = self.sandbox.clone();
+            self.conn.progress_handler(PROGRESS_INTERVAL_OPS, Some(move || sandbox.tick()))?;
+        }
         self.budget = budget;
         self.temp.set_max(budget.max_temp_bytes);
         let value_bytes = i32::try_from(budget.max_value_bytes).unwrap_or(i32::MAX);
@@ -298,10 +305,11 @@ impl Database {
         if self.page_cap.get() == pages {
             return;
         }
-        // Outside the sandbox (mode System). SQLite never sets it below the current size.
+        // Outside the sandbox (mode System). SQLite never sets it below the current size, and
+        // caps it at 2^32 - 2; what was asked is kept, so the same ask is not repeated.
         let sql = format!("PRAGMA max_page_count = {pages}");
-        if let Ok(now) = self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0)) {
-            self.page_cap.set(u32::try_from(now).unwrap_or(pages));
+        if self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0)).is_ok() {
+            self.page_cap.set(pages);
         }
     }
 

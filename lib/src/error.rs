@@ -44,3 +44,19 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the storage failed (a journal or page-store error), as opposed to the SQL or
+    /// the input: the work can succeed when retried.
+    pub fn is_io(&self) -> bool {
+        use rusqlite::ffi::ErrorCode as C;
+        match self {
+            Error::Store(_) | Error::Journal(_) => true,
+            Error::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+                f.code,
+                C::SystemIoFailure | C::DatabaseCorrupt | C::OutOfMemory | C::CannotOpen | C::NotADatabase
+            ),
+            _ => false,
+        }
+    }
+}

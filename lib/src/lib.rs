@@ -33,5 +33,5 @@ pub use mutation::{Mutation, SqlMutation, Statement, Value};
 pub use pagesync_journal as journal;
 pub use reducer::{Reducer, Rejection, RejectionCode, SqlReducer};
 pub use sandbox::Budget;
-pub use server::{Compaction, ServerDocument, StepLimits, StepOutcome};
+pub use server::{Compaction, Rejected, ServerDocument, StepLimits, StepOutcome};
 pub use store::Checkpoint;

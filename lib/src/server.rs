@@ -123,8 +123,22 @@ pub struct Received {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepOutcome {
     pub lsn: Lsn,
+    /// Mutations the step took (rejected ones included).
     pub applied: usize,
     pub rejected: usize,
+    /// The rejected mutations, with why.
+    pub rejections: Vec<Rejected>,
+}
+
+/// A mutation a step rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub timeline: TimelineId,
+    pub lsn: Lsn,
+    pub rejection: Rejection,
+    /// Rejected because the step could not be committed with it (it changes more pages than
+    /// a step may hold, or the reducer failed on it), not by its own SQL: worth a warning.
+    pub isolated: bool,
 }
 
 pub struct ServerDocument<R: Reducer = SqlReducer> {
@@ -475,6 +489,7 @@ impl<R: Reducer> ServerDocument<R> {
         may_end_early: bool,
     ) -> Result<(StepOutcome, usize)> {
         let mut lost: HashMap<usize, Rejection> = HashMap::new();
+        let mut isolated: Vec<usize> = Vec::new();
         let mut len = batch.len();
         // Instructions spent by mutations that ended the transaction: they count against the
         // step's budget in the restarts too, so a run of them cannot hold the step for long.
@@ -501,6 +516,18 @@ impl<R: Reducer> ServerDocument<R> {
                         lost.insert(i, Rejection::new(RejectionCode::TooBig, why)).is_none(),
                         "BUG: ran again"
                     );
+                    isolated.push(i);
+                }
+                Err((Some(i), e)) if !e.is_io() && !self.db.store().has_last_error() => {
+                    // The reducer failed on this mutation, not the storage: it is rejected, and
+                    // the same happens on a replay, so the pages stay deterministic.
+                    self.restore_committed()?;
+                    let why = format!("the server could not apply the mutation: {e}");
+                    assert!(
+                        lost.insert(i, Rejection::new(RejectionCode::Error, why)).is_none(),
+                        "BUG: ran again"
+                    );
+                    isolated.push(i);
                 }
                 Err((_, e)) => {
                     // Back to the last durable state, for every caller (step and replay).
@@ -508,7 +535,13 @@ impl<R: Reducer> ServerDocument<R> {
                     self.load_applied()?;
                     return Err(e);
                 }
-                Ok(done) => return Ok(done),
+                Ok((mut outcome, taken)) => {
+                    for r in &mut outcome.rejections {
+                        r.isolated =
+                            isolated.iter().any(|i| batch[*i].0 == r.timeline && batch[*i].1 == r.lsn);
+                    }
+                    return Ok((outcome, taken));
+                }
             }
         }
     }
@@ -548,15 +581,15 @@ impl<R: Reducer> ServerDocument<R> {
         self.db.conn().execute_batch("BEGIN IMMEDIATE").map_err(conn_err)?;
         let mut applied = Vec::with_capacity(batch.len());
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
-        let (mut rejected, mut vm_steps) = (0, 0u64);
+        let (mut rejections, mut vm_steps) = (Vec::new(), 0u64);
         for (i, (tl, lsn, bytes)) in batch.iter().enumerate() {
             let (time_ms, result) = match lost.get(&i) {
                 Some(r) => (time_of(decoded_time(bytes), i), Err(r.clone())),
                 None => self.apply_one(bytes, |client_ms| time_of(client_ms, i)).map_err(|e| (Some(i), e))?,
             };
             if let Err(r) = result {
-                rejected += 1;
                 self.record_rejection(*tl, *lsn, &r).map_err(conn_err)?;
+                rejections.push(Rejected { timeline: *tl, lsn: *lsn, rejection: r, isolated: false });
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
             last.insert(*tl, *lsn);
@@ -574,7 +607,8 @@ impl<R: Reducer> ServerDocument<R> {
             self.db.store().commit_overlay(&applied, entry_time_ms).map_err(|e| (None, e.into()))?;
         let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
         remember(&mut self.recent, committed);
-        Ok((StepOutcome { lsn, applied: applied.len(), rejected }, applied.len()))
+        let rejected = rejections.len();
+        Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections }, applied.len()))
     }
 
     /// Writes the applied LSN of each timeline and commits the transaction.

@@ -212,6 +212,10 @@ impl PageStore {
         !self.overlay.is_empty() || self.overlay_page_count != self.page_count
     }
 
+    pub fn has_last_error(&self) -> bool {
+        self.last_error.is_some()
+    }
+
     pub fn take_last_error(&mut self) -> Option<StoreError> {
         self.last_error.take()
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pagesync::protocol::{ConnId, ServerSession};
+use pagesync::protocol::{ConnId, Event, ServerSession};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Metrics;
@@ -82,6 +82,18 @@ impl Hub {
     }
 }
 
+fn log(event: Event) {
+    match event {
+        Event::StepFailed { doc, error, retry_in_ms } => {
+            tracing::warn!(%doc, retry_in_ms, "a step failed; its mutations stay queued: {error}");
+        }
+        Event::MutationIsolated { doc, step_lsn, timeline, lsn, rejection } => {
+            tracing::warn!(%doc, %step_lsn, %timeline, %lsn, code = rejection.code.as_str(), "mutation rejected because its step could not hold it: {}", rejection.message);
+        }
+        other => tracing::warn!("{other:?}"),
+    }
+}
+
 fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<Metrics>) {
     let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
     let mut stopping = None;
@@ -110,6 +122,9 @@ fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<
             }
         }
         session.handle_timeout(now_ms());
+        while let Some(event) = session.poll_event() {
+            log(event);
+        }
         while let Some((conn, msg)) = session.poll_transmit() {
             if let Some(tx) = conns.get(&conn) {
                 let _ = tx.send(msg.encode());

@@ -122,6 +122,8 @@ pub struct Limits {
     /// One document's database size; a mutation that would grow it past this is rejected
     /// with `doc_full`. `None`: no limit.
     pub max_doc_bytes: Option<u64>,
+    /// What one mutation may cost: VM instructions, bytes added, temp bytes, one value's size.
+    pub budget: pagesync::Budget,
 }
 
 impl Default for Limits {
@@ -131,6 +133,7 @@ impl Default for Limits {
             max_frame_bytes: pagesync::protocol::MAX_FRAME_BYTES,
             max_mutation_bytes: pagesync::mutation::MAX_MUTATION_BYTES,
             max_doc_bytes: None,
+            budget: pagesync::Budget::default(),
         }
     }
 }
@@ -228,6 +231,12 @@ impl Metrics {
             ("pagesync_steps_failed_total", "Steps that failed and will be retried", s.steps_failed),
             ("pagesync_mutations_applied_total", "Mutations applied", s.mutations_applied),
             ("pagesync_mutations_rejected_total", "Mutations rejected (with a reason)", s.mutations_rejected),
+            (
+                "pagesync_mutations_isolated_total",
+                "Mutations rejected because their step could not be committed with them",
+                s.mutations_isolated,
+            ),
+            ("pagesync_events_dropped_total", "Log events dropped at the session's bound", s.events_dropped),
             ("pagesync_documents_opened_total", "Documents opened", s.documents_opened),
             ("pagesync_documents_closed_total", "Idle documents closed", s.documents_closed),
             (
@@ -238,6 +247,11 @@ impl Metrics {
         ];
         for (name, help, v) in rows {
             metric(&mut out, name, "counter", help, v);
+        }
+        let name = "pagesync_rejections_total";
+        out.push_str(&format!("# HELP {name} Mutations rejected, by code\n# TYPE {name} counter\n"));
+        for (code, n) in &s.rejections_by_code {
+            out.push_str(&format!("{name}{{code=\"{code}\"}} {n}\n"));
         }
         let name = "pagesync_step_duration_seconds";
         out.push_str(&format!("# HELP {name} Time to apply and persist one step\n# TYPE {name} histogram\n"));
@@ -296,6 +310,8 @@ pub async fn serve(
     let step_limits = StepLimits {
         max_mutation_bytes: cfg.limits.max_mutation_bytes,
         max_doc_bytes: cfg.limits.max_doc_bytes,
+        budget: cfg.limits.budget,
+        max_step_vm_steps: cfg.limits.budget.max_vm_steps,
         ..StepLimits::default()
     };
     let compaction = cfg.compaction;

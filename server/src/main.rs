@@ -35,6 +35,19 @@ struct Args {
     /// further is rejected with `doc_full` (the document stays usable). Default: no limit.
     #[arg(long)]
     max_doc_bytes: Option<u64>,
+    /// SQLite VM instructions one mutation may run; past it the mutation is rejected with
+    /// `too_expensive`. Clients check the default budget optimistically; the server decides.
+    #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_VM_STEPS)]
+    max_mutation_vm_steps: u64,
+    /// Bytes one mutation may add to its document; past it: `too_big`.
+    #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_ADDED_BYTES)]
+    max_mutation_added_bytes: u64,
+    /// Bytes of temp files (sorts, statement journals) one mutation may hold; past it: `too_big`.
+    #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_TEMP_BYTES)]
+    max_mutation_temp_bytes: u64,
+    /// The largest string or blob a statement may make; past it: `too_big`.
+    #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_VALUE_BYTES)]
+    max_value_bytes: u32,
     /// Group commit: a document steps this long after its first queued mutation arrived.
     /// Default: 0 for file://, 100 for s3:// (fewer, larger puts).
     #[arg(long)]
@@ -255,6 +268,12 @@ async fn main() -> anyhow::Result<()> {
             max_frame_bytes: args.max_frame_bytes,
             max_mutation_bytes: args.max_mutation_bytes,
             max_doc_bytes: args.max_doc_bytes,
+            budget: pagesync::Budget {
+                max_vm_steps: args.max_mutation_vm_steps,
+                max_added_bytes: args.max_mutation_added_bytes,
+                max_temp_bytes: args.max_mutation_temp_bytes,
+                max_value_bytes: args.max_value_bytes,
+            },
         },
         auth_secret: secret,
         commit_interval_ms: args.commit_interval_ms,

@@ -216,11 +216,19 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
     assert_eq!(rows, "body\nmine\ncarol\n");
     let local = dir.path().join("alice.sqlite");
     ok(&cli(port, &alice, DOC_A, &["export", local.to_str().expect("utf-8 path")]));
-    let remote = reqwest_export(port, DOC_A).await;
+    let remote = http_get(port, &format!("/v1/docs/{DOC_A}/export")).await;
     assert!(
         std::fs::read(&local).expect("read export") == remote,
         "alice's replica differs from the server's"
     );
+
+    let metrics = String::from_utf8(http_get(port, "/metrics").await).expect("utf-8 metrics");
+    for line in [
+        "pagesync_rejections_total{code=\"too_expensive\"} 8",
+        "pagesync_rejections_total{code=\"refused\"} 9",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "/metrics lacks {line}:\n{metrics}");
+    }
 
     let verify = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
         .args(["verify", "--journal", &store])
@@ -230,11 +238,11 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
     drop(server);
 }
 
-/// `GET /v1/docs/{id}/export` over a plain TCP connection.
-async fn reqwest_export(port: u16, doc: &str) -> Vec<u8> {
+/// The body of `GET path`, over a plain TCP connection; asserts a 200.
+async fn http_get(port: u16, path: &str) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-    let req = format!("GET /v1/docs/{doc}/export HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("request");
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.expect("response");

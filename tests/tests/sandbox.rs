@@ -232,10 +232,18 @@ fn a_step_too_large_for_one_entry_rejects_its_mutation_and_applies_the_rest() {
     // One mutation rewrites all of them; another client's small write shares its step.
     let rewrite = client.mutate(sql("UPDATE big SET b = zeroblob(3000)", vec![]), T0, 10).expect("queued");
     push(&client, &mut server);
-    let (code, message) =
-        raw_verdict(&mut server, 77, 1, sql("INSERT INTO notes(body) VALUES ('other')", vec![]))
-            .map_or((String::new(), String::new()), |v| v);
-    assert_eq!(code, "", "the other client's write was rejected: {message}");
+    let other = Mutation {
+        client_time_ms: T0,
+        seed: 1,
+        body: sql("INSERT INTO notes(body) VALUES ('other')", vec![]),
+    };
+    server.receive(TimelineId([77; 16]), Lsn::FIRST, vec![other.encode().expect("encode")]);
+    let mut rejections = Vec::new();
+    while let Some(outcome) = server.step(T0).expect("step") {
+        rejections.extend(outcome.rejections);
+    }
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert!(rejections[0].isolated, "reported as a step that could not hold it: {rejections:?}");
     pull(&mut client, &server);
     match client.state(rewrite.lsn).expect("state") {
         MutationState::Rejected(r) => {

@@ -13,8 +13,8 @@ mod server;
 
 pub use client::{ClientSession, DocStatus};
 pub use server::{
-    Authenticator, Clock, ConnId, Grant, Opener, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession,
-    SessionOptions, SessionStats,
+    Authenticator, Clock, ConnId, Event, Grant, MAX_EVENTS, Opener, STEP_MICROS_BUCKETS, STEP_RETRY_MS,
+    ServerSession, SessionOptions, SessionStats,
 };
 
 use pagesync_journal::Lsn;

@@ -19,6 +19,7 @@ use super::{
 };
 use crate::error::Result;
 use crate::ids::{DocId, TimelineId};
+use crate::reducer::Rejection;
 use crate::server::{ServerDocument, StepOutcome};
 
 /// A connection, as named by the driver.
@@ -116,6 +117,23 @@ impl Default for SessionOptions {
 pub const STEP_MICROS_BUCKETS: [u64; 10] =
     [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000];
 
+/// What happened that an operator should hear about; the driver takes them with
+/// `poll_event` and logs them (the session never logs itself).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A step failed on the storage; the document keeps its queue and retries after
+    /// `retry_in_ms`.
+    StepFailed { doc: DocId, error: String, retry_in_ms: i64 },
+    /// A mutation was rejected because its step could not be committed with it (too many
+    /// pages, or the reducer failed on it); the rest of the step applied.
+    MutationIsolated { doc: DocId, step_lsn: Lsn, timeline: TimelineId, lsn: Lsn, rejection: Rejection },
+}
+
+/// Events kept for the driver. 1,024: far more than one turn produces; past it the oldest go
+/// (and are counted in `SessionStats::events_dropped`).
+pub const MAX_EVENTS: usize = 1_024;
+
 /// Counters of a `ServerSession`, for metrics.
 #[derive(Clone, Debug, Default)]
 pub struct SessionStats {
@@ -123,6 +141,11 @@ pub struct SessionStats {
     pub steps_failed: u64,
     pub mutations_applied: u64,
     pub mutations_rejected: u64,
+    /// Rejections by code (`refused`, `too_expensive`, ...).
+    pub rejections_by_code: BTreeMap<String, u64>,
+    /// Mutations rejected because their step could not hold them (`Event::MutationIsolated`).
+    pub mutations_isolated: u64,
+    pub events_dropped: u64,
     pub documents_opened: u64,
     pub documents_closed: u64,
     /// Idle documents that gave back their caches.
@@ -139,6 +162,10 @@ impl SessionStats {
         self.steps += 1;
         self.mutations_applied += (outcome.applied - outcome.rejected) as u64;
         self.mutations_rejected += outcome.rejected as u64;
+        for r in &outcome.rejections {
+            *self.rejections_by_code.entry(r.rejection.code.as_str().to_owned()).or_default() += 1;
+            self.mutations_isolated += u64::from(r.isolated);
+        }
         if let Some(us) = micros {
             self.step_micros[STEP_MICROS_BUCKETS.partition_point(|b| *b < us)] += 1;
             self.step_micros_sum += us;
@@ -219,6 +246,7 @@ pub struct ServerSession {
     conns: BTreeMap<ConnId, Conn>,
     cursor: Option<ConnId>,
     now_ms: i64,
+    events: VecDeque<Event>,
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -251,6 +279,7 @@ impl ServerSession {
             conns: BTreeMap::new(),
             cursor: None,
             now_ms: 0,
+            events: VecDeque::new(),
         }
     }
 
@@ -507,6 +536,16 @@ impl ServerSession {
         for (doc, steps, failed) in results {
             for (outcome, micros) in &steps {
                 self.stats.record(outcome, *micros);
+                for r in outcome.rejections.iter().filter(|r| r.isolated) {
+                    let (timeline, lsn, rejection) = (r.timeline, r.lsn, r.rejection.clone());
+                    self.event(Event::MutationIsolated {
+                        doc,
+                        step_lsn: outcome.lsn,
+                        timeline,
+                        lsn,
+                        rejection,
+                    });
+                }
             }
             self.retry_at.remove(&doc);
             match failed {
@@ -518,6 +557,7 @@ impl ServerSession {
                 Some(why) => {
                     self.stats.steps_failed += 1;
                     self.retry_at.insert(doc, now + STEP_RETRY_MS);
+                    self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
                     let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
                     for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
                         c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
@@ -534,6 +574,19 @@ impl ServerSession {
                 }
             }
         }
+    }
+
+    fn event(&mut self, e: Event) {
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+            self.stats.events_dropped += 1;
+        }
+        self.events.push_back(e);
+    }
+
+    /// The next event for the driver to log.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
     }
 
     /// Closes documents that no connection subscribes to, with nothing queued, unused for
