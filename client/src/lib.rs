@@ -27,6 +27,7 @@ use pagesync::protocol::{ClientSession, DocStatus};
 use pagesync::{ClientDocument, DocId, MutationState, Rows, SqlMutation, Submitted, Value};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// First reconnect delay; doubles per failure up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -42,6 +43,10 @@ pub enum ClientError {
     Journal(#[from] pagesync::journal::JournalError),
     #[error("timed out after {0:?} with {1} mutations still pending (is the server reachable?)")]
     SyncTimeout(Duration, usize),
+    /// The server could not be reached or refused the connection; says why (the HTTP status
+    /// of a refused handshake, a refused TCP connection, ...).
+    #[error("{0}")]
+    Connect(String),
     #[error("the server reported: {code}: {message}")]
     Server { code: String, message: String },
 }
@@ -55,6 +60,8 @@ struct Shared {
     changed: tokio::sync::watch::Sender<u64>,
     data_dir: PathBuf,
     connected: Mutex<bool>,
+    /// Why the last connection attempt failed, if it did.
+    connect_error: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -115,6 +122,7 @@ impl Client {
             changed: tokio::sync::watch::Sender::new(0),
             data_dir,
             connected: Mutex::new(false),
+            connect_error: Mutex::new(None),
         });
         let driver = tokio::spawn(drive(url.to_owned(), shared.clone()));
         Ok(Client { shared, driver })
@@ -288,6 +296,12 @@ impl Document {
                 return Ok(());
             }
             if Instant::now() >= deadline {
+                let connected = *self.shared.connected.lock().expect("BUG");
+                if let Some(why) =
+                    self.shared.connect_error.lock().expect("BUG").clone().filter(|_| !connected)
+                {
+                    return Err(ClientError::Connect(format!("{why} ({} mutations pending)", st.pending)));
+                }
                 return Err(ClientError::SyncTimeout(timeout, st.pending));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -344,18 +358,49 @@ async fn drive(url: String, shared: Arc<Shared>) {
     let mut backoff = MIN_BACKOFF;
     loop {
         // `true`: TCP_NODELAY, so a one-row write is not held back by Nagle's algorithm.
-        match tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await {
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(pagesync::protocol::MAX_FRAME_BYTES))
+            .max_frame_size(Some(pagesync::protocol::MAX_FRAME_BYTES));
+        match tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true).await {
             Ok((ws, _)) => {
                 backoff = MIN_BACKOFF;
+                *shared.connect_error.lock().expect("BUG") = None;
                 run_connection(ws, &shared).await;
             }
-            Err(e) => tracing::debug!("cannot connect to {url}: {e}"),
+            Err(e) => {
+                let why = explain_connect_error(&url, &e);
+                tracing::debug!("{why}");
+                *shared.connect_error.lock().expect("BUG") = Some(why);
+            }
         }
         *shared.connected.lock().expect("BUG") = false;
         shared.session().disconnected();
         let jitter = Duration::from_millis(random_u64() % (backoff.as_millis() as u64 / 2 + 1));
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// What a failed connection attempt means, for a person.
+fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -> String {
+    use tokio_tungstenite::tungstenite::Error as E;
+    match e {
+        E::Http(response) => {
+            let status = response.status();
+            let hint = match status.as_u16() {
+                404 => {
+                    let base = url.split("/v1/").next().unwrap_or(url).trim_end_matches('/');
+                    let base = base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+                    format!(": the sync endpoint is {base}/v1/sync")
+                }
+                401 | 403 => ": the server refused the credentials".into(),
+                _ => String::new(),
+            };
+            format!("the server at {url} answered HTTP {status}{hint}")
+        }
+        E::Io(io) => format!("cannot connect to {url}: {io}"),
+        E::Url(u) => format!("bad server URL {url}: {u}"),
+        other => format!("cannot connect to {url}: {other}"),
     }
 }
 

@@ -353,6 +353,10 @@ impl<R: Reducer> ServerDocument<R> {
         let done = queue.back().map(|(l, _)| *l).or(self.applied.get(&timeline).copied());
         let mut expected = done.map_or(Lsn::FIRST, Lsn::next);
         let mut accepted = 0;
+        if first.get().checked_add(entries.len() as u64).is_none() {
+            // Past the LSN space: nothing in it can be the next entry.
+            return Received { next_expected: expected, accepted };
+        }
         for (lsn, entry) in LsnRange::from_count(first, entries.len() as u64).iter().zip(entries) {
             if lsn < expected {
                 continue;

@@ -24,6 +24,9 @@ pub struct Claims {
     pub write: bool,
     /// Expiry, seconds since the Unix epoch.
     pub exp: i64,
+    /// May read `/metrics`.
+    #[serde(default)]
+    pub metrics: bool,
 }
 
 fn mac(secret: &[u8]) -> Hmac<Sha256> {
@@ -56,6 +59,11 @@ pub fn mint(secret: &[u8], claims: &Claims) -> String {
 
 /// Checks a token's signature and expiry and turns its claims into a grant.
 pub fn verify(secret: &[u8], token: &str, now_ms: i64) -> Result<Grant, String> {
+    grant_of(&verify_claims(secret, token, now_ms)?)
+}
+
+/// Checks a token's signature and expiry; its claims.
+pub fn verify_claims(secret: &[u8], token: &str, now_ms: i64) -> Result<Claims, String> {
     if token.is_empty() {
         return Err("this server requires a token: pass --token or set PAGESYNC_TOKEN".into());
     }
@@ -73,9 +81,14 @@ pub fn verify(secret: &[u8], token: &str, now_ms: i64) -> Result<Grant, String> 
     m.verify_slice(&sig).map_err(|_| "invalid token signature (minted with another secret?)".to_owned())?;
     let body = B64.decode(b).map_err(|_| "malformed token claims".to_owned())?;
     let claims: Claims = serde_json::from_slice(&body).map_err(|e| format!("malformed token claims: {e}"))?;
-    if claims.exp * 1000 <= now_ms {
+    if claims.exp.saturating_mul(1000) <= now_ms {
         return Err(format!("the token expired at {} (unix seconds); mint a new one", claims.exp));
     }
+    Ok(claims)
+}
+
+/// The documents a token's claims grant.
+pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
     let doc_prefix = match claims.doc.strip_suffix('*') {
         Some(prefix) => prefix.to_ascii_lowercase(),
         None => claims
@@ -109,7 +122,7 @@ mod tests {
 
     #[test]
     fn minted_tokens_verify_and_grant_what_they_name() {
-        let claims = Claims { doc: "ab*".into(), write: false, exp: 2_000_000_000 };
+        let claims = Claims { doc: "ab*".into(), write: false, exp: 2_000_000_000, metrics: false };
         let token = mint(SECRET, &claims);
         let grant = verify(SECRET, &token, 1_000).expect("valid");
         assert!(!grant.write);
@@ -119,7 +132,7 @@ mod tests {
 
     #[test]
     fn forged_expired_and_malformed_tokens_are_refused() {
-        let claims = Claims { doc: "*".into(), write: true, exp: 10 };
+        let claims = Claims { doc: "*".into(), write: true, exp: 10, metrics: false };
         let token = mint(SECRET, &claims);
         assert!(verify(SECRET, &token, 11_000).expect_err("expired").contains("expired"));
         assert!(

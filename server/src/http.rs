@@ -1,23 +1,78 @@
-//! One TCP connection: HTTP (`/healthz`, `/metrics`) or a websocket at `/v1/sync`, on the same
-//! port. The request line is peeked, not consumed, so the websocket handshake sees it whole.
+//! One TCP connection: HTTP (`/healthz`, `/metrics`, export, static files) or a websocket at
+//! `/v1/sync`, on the same port.
+//!
+//! Every step has a deadline and a bound, so a silent or slow peer costs a bounded time and
+//! memory: the request head (`HEAD_TIMEOUT`, `MAX_REQUEST_HEAD_BYTES`) is read, not peeked, and
+//! handed to the websocket handshake if the route is `/v1/sync`; the handshake
+//! (`HANDSHAKE_TIMEOUT`); the first message, which must be `Hello` (`HELLO_TIMEOUT`). Only then
+//! does a websocket take one of the `--max-connections` slots (`Admission`). Once in, frames are
+//! read only as fast as the hub handles them (`Inbound`), pings find dead peers, and what the
+//! hub queues for the peer is reported to the session as its backlog (see `hub.rs`).
+//!
+//! With an auth secret, `/metrics` needs a token with the metrics scope and export a token that
+//! may read the document (a bearer header, or `?token=` for browsers); `/healthz` stays open.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pagesync::protocol::{Message, codes};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::{Hub, Metrics};
 
-/// Largest HTTP request head read for the plain routes; anything longer is refused.
-const MAX_REQUEST_HEAD_BYTES: usize = 16 << 10;
+/// Largest HTTP request head (request line and headers); a longer one gets 431.
+pub const MAX_REQUEST_HEAD_BYTES: usize = 16 << 10;
 
-/// How long a new connection may take to send its request line.
-const REQUEST_LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a new connection may take to send its whole request head: long enough for any
+/// real client on a slow link, short enough that a slowloris peer holds a half-open slot for
+/// seconds, not forever.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the websocket handshake's answer may take to write.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a new websocket may take to send `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A websocket ping goes out this often; a peer silent for `DEAD_PEER_TIMEOUT` (no frame, no
+/// pong) is closed.
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Bytes of frames one connection may have waiting for the hub: one largest frame and a
+/// little more. Past it, the connection is not read until the hub catches up.
+fn inbound_bytes_per_connection(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_add(1 << 20)
+}
+
+/// Bytes of frames all connections together may have waiting for the hub: 256 MiB, or one
+/// largest frame if that is more.
+pub fn inbound_bytes_total(max_frame_bytes: usize) -> usize {
+    (256usize << 20).max(inbound_bytes_per_connection(max_frame_bytes))
+}
+
+/// Connections that have not yet said `Hello` (reading their head, handshaking), served at
+/// once; more are closed at accept. They have their own cap so that silent sockets cannot take
+/// the `--max-connections` slots of real clients.
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 1_024;
+
+/// The slots a connection may take: a pending one at accept, a full one after `Hello`.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pub pending: Arc<Semaphore>,
+    pub connections: Arc<Semaphore>,
+    /// Bytes of frames waiting for the hub, across all connections.
+    pub inbound: Arc<Semaphore>,
+}
 
 /// What a connection may be routed to.
 pub struct Routes {
@@ -26,19 +81,50 @@ pub struct Routes {
     pub store: crate::Store,
     pub max_frame_bytes: usize,
     pub web_root: Option<PathBuf>,
+    pub auth_secret: Option<Arc<Vec<u8>>>,
+    pub admission: Admission,
 }
 
-pub async fn serve_connection(stream: TcpStream, routes: Routes) {
-    let Routes { hub, metrics, store, max_frame_bytes, web_root } = routes;
-    let Some(line) = peek_request_line(&stream).await else { return };
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
-    match path.as_str() {
-        "/v1/sync" => serve_websocket(stream, hub, metrics, max_frame_bytes).await,
+/// A parsed request head.
+struct Request {
+    path: String,
+    token: Option<String>,
+}
+
+pub async fn serve_connection(mut stream: TcpStream, routes: Routes, pending: OwnedSemaphorePermit) {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(HeadError::TooLarge)) => {
+            return respond(
+                stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "request head too large\n",
+            )
+            .await;
+        }
+        Ok(Err(HeadError::Closed)) => return,
+        Err(_) => {
+            let why = format!("the request head must arrive within {} s\n", HEAD_TIMEOUT.as_secs());
+            return respond(stream, "408 Request Timeout", "text/plain", why).await;
+        }
+    };
+    let Some(req) = parse_head(&head) else {
+        return respond(stream, "400 Bad Request", "text/plain", "malformed request line\n").await;
+    };
+    match req.path.as_str() {
+        "/v1/sync" => {
+            let stream = Prefixed { head, at: 0, inner: stream };
+            serve_websocket(stream, routes, pending).await
+        }
         "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
-        "/metrics" => respond(stream, "200 OK", "text/plain; version=0.0.4", metrics.render()).await,
-        p if p.starts_with("/v1/docs/") && p.ends_with("/export") => export(stream, hub, store, p).await,
-        p => match web_root {
-            Some(root) => static_file(stream, &root, p).await,
+        "/metrics" => match authorize_metrics(&routes, &req) {
+            Ok(()) => respond(stream, "200 OK", "text/plain; version=0.0.4", routes.metrics.render()).await,
+            Err((status, why)) => respond(stream, status, "text/plain", why).await,
+        },
+        p if p.starts_with("/v1/docs/") => export(stream, &routes, &req).await,
+        p => match &routes.web_root {
+            Some(root) => static_file(stream, root, p).await,
             None => {
                 let routes = "routes: /v1/sync (websocket), /healthz, /metrics, /v1/docs/{id}/export\n";
                 respond(stream, "404 Not Found", "text/plain", routes).await
@@ -47,10 +133,75 @@ pub async fn serve_connection(stream: TcpStream, routes: Routes) {
     }
 }
 
+enum HeadError {
+    Closed,
+    TooLarge,
+}
+
+/// Reads the request head, through its blank line.
+async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(|_| HeadError::Closed)?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(head);
+        }
+        if head.len() > MAX_REQUEST_HEAD_BYTES {
+            return Err(HeadError::TooLarge);
+        }
+    }
+}
+
+fn parse_head(head: &[u8]) -> Option<Request> {
+    let text = std::str::from_utf8(head).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut parts = lines.next()?.split_whitespace();
+    let (_method, target) = (parts.next()?, parts.next()?);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':')
+            && name.trim().eq_ignore_ascii_case("authorization")
+            && let Some(t) = value.trim().strip_prefix("Bearer ")
+        {
+            token = Some(t.trim().to_owned());
+        }
+    }
+    Some(Request { path: path.to_owned(), token })
+}
+
+type Refusal = (&'static str, String);
+
+fn verify(routes: &Routes, req: &Request) -> Result<Option<crate::auth::Claims>, Refusal> {
+    let Some(secret) = &routes.auth_secret else { return Ok(None) };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let token = req.token.as_deref().unwrap_or("");
+    crate::auth::verify_claims(secret, token, now_ms)
+        .map(Some)
+        .map_err(|why| ("401 Unauthorized", format!("{why}\n")))
+}
+
+fn authorize_metrics(routes: &Routes, req: &Request) -> Result<(), Refusal> {
+    match verify(routes, req)? {
+        None => Ok(()),
+        Some(c) if c.metrics => Ok(()),
+        Some(_) => Err((
+            "403 Forbidden",
+            "this token has no metrics scope: mint one with `pagesync-server token --metrics`\n".into(),
+        )),
+    }
+}
+
 /// Serves a file below `root` (`/` is `index.html`). Paths with `..` or hidden components are
 /// refused, so nothing outside `root` is reachable.
 async fn static_file(stream: TcpStream, root: &Path, path: &str) {
-    let path = path.split(['?', '#']).next().unwrap_or("/");
     let rel = if path.ends_with('/') { format!("{path}index.html") } else { path.to_owned() };
     let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
     if parts.iter().any(|p| p.starts_with('.') || p.contains('\\')) {
@@ -73,31 +224,30 @@ async fn static_file(stream: TcpStream, root: &Path, path: &str) {
     }
 }
 
-/// Peeks (does not consume) until the request line is complete: a client may send it in
-/// several segments. `None` when the peer closes, errs, or takes longer than
-/// `REQUEST_LINE_TIMEOUT` for its first line.
-async fn peek_request_line(stream: &TcpStream) -> Option<String> {
-    let mut head = [0u8; 512];
-    let deadline = tokio::time::Instant::now() + REQUEST_LINE_TIMEOUT;
-    loop {
-        let n = stream.peek(&mut head).await.ok().filter(|n| *n > 0)?;
-        if head[..n].windows(2).any(|w| w == b"\r\n") || n == head.len() {
-            return Some(String::from_utf8_lossy(&head[..n]).into_owned());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-}
-
-async fn export(stream: TcpStream, hub: Hub, store: crate::Store, path: &str) {
-    let id = &path["/v1/docs/".len()..path.len() - "/export".len()];
+async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
+    let id = req.path.strip_prefix("/v1/docs/").and_then(|rest| rest.strip_suffix("/export"));
+    let Some(id) = id.filter(|id| !id.is_empty() && !id.contains('/')) else {
+        let why = "export is GET /v1/docs/{id}/export\n";
+        return respond(stream, "404 Not Found", "text/plain", why).await;
+    };
     let doc: pagesync::DocId = match id.parse() {
         Ok(d) => d,
         Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
     };
+    let grant = match verify(routes, req) {
+        Ok(claims) => claims.map(|c| crate::auth::grant_of(&c)),
+        Err((status, why)) => return respond(stream, status, "text/plain", why).await,
+    };
+    match grant {
+        Some(Err(why)) => return respond(stream, "403 Forbidden", "text/plain", format!("{why}\n")).await,
+        Some(Ok(g)) if !g.allows(doc) => {
+            let why = format!("your token does not grant access to document {doc}\n");
+            return respond(stream, "403 Forbidden", "text/plain", why).await;
+        }
+        _ => {}
+    }
     // Blocking (S3 requests wait on the runtime): off the async workers.
+    let store = routes.store.clone();
     match tokio::task::spawn_blocking(move || store.exists(doc)).await {
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => {
@@ -108,70 +258,210 @@ async fn export(stream: TcpStream, hub: Hub, store: crate::Store, path: &str) {
         }
         Err(e) => return respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }
-    match hub.export(doc).await {
+    match routes.hub.export(doc).await {
         Ok(bytes) => respond(stream, "200 OK", "application/vnd.sqlite3", bytes).await,
         Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }
 }
 
+/// Answers and closes. The request head has been read already.
 async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: impl AsRef<[u8]>) {
     let body = body.as_ref();
-    // Read the request head before answering, so the client is not reset mid-send.
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST_HEAD_BYTES {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
     let head = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    let _ = stream.write_all(head.as_bytes()).await;
-    let _ = stream.write_all(body).await;
-    let _ = stream.shutdown().await;
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        stream.shutdown().await
+    };
+    // A peer that does not read the answer does not hold the connection: the body's size at
+    // a slow 64 KiB/s, plus the head deadline.
+    let deadline = HEAD_TIMEOUT + Duration::from_secs((body.len() as u64) >> 16);
+    let _ = tokio::time::timeout(deadline, write).await;
 }
 
-async fn serve_websocket(stream: TcpStream, hub: Hub, metrics: Arc<Metrics>, max_frame_bytes: usize) {
-    let config = WebSocketConfig::default()
+/// The websocket's configuration: frames up to `max_frame_bytes` each way, small buffers so an
+/// idle connection costs little (they grow while a large frame passes).
+pub fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(8 << 10)
+        .write_buffer_size(0)
         .max_message_size(Some(max_frame_bytes))
-        .max_frame_size(Some(max_frame_bytes));
-    let ws = match tokio_tungstenite::accept_async_with_config(stream, Some(config)).await {
-        Ok(ws) => ws,
-        Err(e) => {
-            tracing::debug!("websocket handshake failed: {e}");
-            return;
+        .max_frame_size(Some(max_frame_bytes))
+}
+
+fn millis_since(start: tokio::time::Instant) -> i64 {
+    start.elapsed().as_millis() as i64
+}
+
+async fn serve_websocket(stream: Prefixed, routes: Routes, pending: OwnedSemaphorePermit) {
+    let Routes { hub, metrics, max_frame_bytes, admission, .. } = routes;
+    let config = websocket_config(max_frame_bytes);
+    let accepted = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_tungstenite::accept_async_with_config(stream, Some(config)),
+    );
+    let mut ws = match accepted.await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => return tracing::debug!("websocket handshake failed: {e}"),
+        Err(_) => return tracing::debug!("websocket handshake timed out"),
+    };
+    // The first message must be Hello, in time; only then does the connection take a slot.
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, ws.next()).await {
+        Ok(Some(Ok(WsMessage::Binary(b)))) if matches!(Message::decode(&b), Ok(Message::Hello { .. })) => b,
+        Ok(Some(Ok(WsMessage::Close(_)) | Err(_)) | None) => return,
+        Ok(Some(Ok(_))) => return refuse(ws, codes::NOT_HELLO, "the first message must be Hello").await,
+        Err(_) => {
+            let why = format!("no Hello within {} s", HELLO_TIMEOUT.as_secs());
+            return refuse(ws, codes::NOT_HELLO, &why).await;
         }
     };
+    let Ok(slot) = admission.connections.clone().try_acquire_owned() else {
+        metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("refusing a websocket: every --max-connections slot is taken");
+        return refuse(
+            ws,
+            codes::LIMIT,
+            "the server is at its connection limit (--max-connections); retry later",
+        )
+        .await;
+    };
+    drop(pending);
     metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let (conn, mut outgoing) = hub.connect();
-    let (mut sink, mut incoming) = ws.split();
-    let writer_metrics = metrics.clone();
-    let writer = tokio::spawn(async move {
-        while let Some(frame) = outgoing.recv().await {
-            writer_metrics.frames_out.fetch_add(1, Ordering::Relaxed);
-            writer_metrics.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
-            if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
-                return;
-            }
-        }
-        let _ = sink.close().await; // the server closed this connection
-    });
-    while let Some(msg) = incoming.next().await {
-        let bytes = match msg {
-            Ok(WsMessage::Binary(b)) => b.to_vec(),
-            Ok(WsMessage::Text(t)) => t.as_bytes().to_vec(), // not a frame: the session says so
-            Ok(WsMessage::Close(_)) | Err(_) => break,
-            Ok(_) => continue, // ping / pong
+    let (conn, outgoing) = hub.connect();
+    let (sink, mut incoming) = ws.split();
+    let started = tokio::time::Instant::now();
+    let last_seen = Arc::new(AtomicI64::new(0));
+    let writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), last_seen.clone(), started));
+    let per_conn = Arc::new(Semaphore::new(inbound_bytes_per_connection(max_frame_bytes)));
+    let mut frame = Some(hello.to_vec());
+    loop {
+        let bytes = match frame.take() {
+            Some(b) => b,
+            None => match incoming.next().await {
+                Some(Ok(WsMessage::Binary(b))) => b.to_vec(),
+                Some(Ok(WsMessage::Text(t))) => t.as_bytes().to_vec(), // not a frame: the session says so
+                Some(Ok(WsMessage::Close(_)) | Err(_)) | None => break,
+                Some(Ok(_)) => {
+                    last_seen.store(millis_since(started), Ordering::Relaxed); // ping / pong
+                    continue;
+                }
+            },
         };
+        last_seen.store(millis_since(started), Ordering::Relaxed);
         metrics.frames_in.fetch_add(1, Ordering::Relaxed);
         metrics.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        hub.frame(conn, bytes);
+        // Backpressure: the next frame is read only when this one fits what may wait.
+        let n = u32::try_from(bytes.len().max(1)).unwrap_or(u32::MAX);
+        let (Ok(mine), Ok(all)) = (
+            per_conn.clone().acquire_many_owned(n).await,
+            admission.inbound.clone().acquire_many_owned(n).await,
+        ) else {
+            break;
+        };
+        hub.frame(conn, bytes, (mine, all));
     }
     hub.disconnect(conn);
     writer.abort();
+    drop(slot);
     metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Sends an `Error` frame and closes: for a connection that never got in.
+async fn refuse(mut ws: tokio_tungstenite::WebSocketStream<Prefixed>, code: &str, why: &str) {
+    let msg = Message::Error { doc: None, code: code.into(), message: why.into() };
+    let send = async {
+        ws.send(WsMessage::Binary(msg.encode().into())).await?;
+        ws.close(None).await
+    };
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, send).await;
+}
+
+/// Writes what the hub queued, pings every `PING_INTERVAL`, and closes a peer that has been
+/// silent for `DEAD_PEER_TIMEOUT`.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<Prefixed>, WsMessage>,
+    mut outgoing: crate::hub::ConnReceiver,
+    metrics: Arc<Metrics>,
+    last_seen: Arc<AtomicI64>,
+    started: tokio::time::Instant,
+) {
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            frame = outgoing.recv() => {
+                let Some(frame) = frame else { break };
+                let len = frame.len();
+                metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+                metrics.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+                let sent = sink.send(WsMessage::Binary(frame.into())).await;
+                outgoing.written(len);
+                if sent.is_err() {
+                    return;
+                }
+            }
+            _ = ping.tick() => {
+                let silent_ms = millis_since(started) - last_seen.load(Ordering::Relaxed);
+                if silent_ms > DEAD_PEER_TIMEOUT.as_millis() as i64 {
+                    tracing::debug!("closing a websocket silent for {silent_ms} ms");
+                    break;
+                }
+                if sink.send(WsMessage::Ping(Vec::new().into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.close()).await; // the server closed it
+}
+
+/// A TCP stream whose first bytes (the request head, already read) are served again: the
+/// websocket handshake reads the head it needs from here.
+pub struct Prefixed {
+    head: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = (self.head.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            if self.at == self.head.len() {
+                self.head = Vec::new(); // give the memory back
+                self.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

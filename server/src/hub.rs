@@ -3,26 +3,73 @@
 //! Documents do blocking work (SQLite, fsync), so the hub runs on a thread of its own rather
 //! than on the async runtime. Connection tasks send it frames over a channel; it drains
 //! everything queued before it steps, so mutations arriving together share a step (and an
-//! fsync). Outgoing frames go back over each connection's unbounded channel: what is in flight
-//! is bounded by the protocol's byte windows, not by the channel.
+//! fsync). Outgoing frames go back over each connection's channel, whose unwritten bytes (the
+//! backlog) the hub reports to the session after every frame it queues, and again when the
+//! writer has drained them: the session stops sending to a connection whose peer does not read
+//! (`MAX_SEND_BACKLOG_BYTES`) and closes it after a while. Incoming frames carry semaphore
+//! permits for their bytes, released once handled, so a connection is read only as fast as the
+//! hub handles its frames.
+//!
+//! A panic while handling one connection's frame closes that connection (logged at ERROR); a
+//! panic in a document's step is caught by the session, which closes that document.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pagesync::protocol::{ConnId, Event, ServerSession};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Metrics;
 
 /// The longest the hub sleeps with nothing to do; it also re-reads the clock then.
 const IDLE_WAKE_MS: i64 = 1_000;
 
+/// Permits for an incoming frame's bytes (the connection's and the server's), held until the
+/// hub has handled it.
+pub type FramePermits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// The hub's end of a connection's outgoing channel.
+#[derive(Debug)]
+pub struct ConnSender {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued and not yet written by the connection's writer.
+    backlog: Arc<AtomicUsize>,
+    /// Set when the session was told of a backlog: the writer then says when it has drained.
+    watched: Arc<AtomicBool>,
+}
+
+/// The writer's end: frames to write, and `written` after each.
+#[derive(Debug)]
+pub struct ConnReceiver {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    backlog: Arc<AtomicUsize>,
+    watched: Arc<AtomicBool>,
+    conn: ConnId,
+    hub: std_mpsc::Sender<HubMsg>,
+}
+
+impl ConnReceiver {
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.rx.recv().await
+    }
+
+    /// A frame of `len` bytes was written (or dropped); wakes the hub when the backlog it was
+    /// told of has drained.
+    pub fn written(&self, len: usize) {
+        let before = self.backlog.fetch_sub(len, Ordering::AcqRel);
+        if before == len && self.watched.swap(false, Ordering::AcqRel) {
+            let _ = self.hub.send(HubMsg::Drained { conn: self.conn });
+        }
+    }
+}
+
 enum HubMsg {
-    Connect { conn: ConnId, tx: mpsc::UnboundedSender<Vec<u8>> },
-    Frame { conn: ConnId, bytes: Vec<u8> },
+    Connect { conn: ConnId, tx: ConnSender },
+    Frame { conn: ConnId, bytes: Vec<u8>, _permits: FramePermits },
+    Drained { conn: ConnId },
     Disconnect { conn: ConnId },
     Export { doc: pagesync::DocId, reply: oneshot::Sender<Result<Vec<u8>, String>> },
     Shutdown(oneshot::Sender<()>),
@@ -51,15 +98,18 @@ impl Hub {
 
     /// Registers a connection; its outgoing frames arrive on the returned receiver, which
     /// closes when the server wants the connection closed.
-    pub fn connect(&self) -> (ConnId, mpsc::UnboundedReceiver<Vec<u8>>) {
+    pub fn connect(&self) -> (ConnId, ConnReceiver) {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
-        let _ = self.tx.send(HubMsg::Connect { conn, tx });
-        (conn, rx)
+        let (backlog, watched) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+        let sender = ConnSender { tx, backlog: backlog.clone(), watched: watched.clone() };
+        let _ = self.tx.send(HubMsg::Connect { conn, tx: sender });
+        (conn, ConnReceiver { rx, backlog, watched, conn, hub: self.tx.clone() })
     }
 
-    pub fn frame(&self, conn: ConnId, bytes: Vec<u8>) {
-        let _ = self.tx.send(HubMsg::Frame { conn, bytes });
+    /// Hands the hub a frame; `permits` are released once it is handled.
+    pub fn frame(&self, conn: ConnId, bytes: Vec<u8>, permits: FramePermits) {
+        let _ = self.tx.send(HubMsg::Frame { conn, bytes, _permits: permits });
     }
 
     pub fn disconnect(&self, conn: ConnId) {
@@ -90,12 +140,15 @@ fn log(event: Event) {
         Event::MutationIsolated { doc, step_lsn, timeline, lsn, rejection } => {
             tracing::warn!(%doc, %step_lsn, %timeline, %lsn, code = rejection.code.as_str(), "mutation rejected because its step could not hold it: {}", rejection.message);
         }
+        Event::DocumentFailed { doc, error } => {
+            tracing::error!(%doc, "a step panicked; the document was closed and reopens on next use: {error}");
+        }
         other => tracing::warn!("{other:?}"),
     }
 }
 
 fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<Metrics>) {
-    let mut conns: HashMap<ConnId, mpsc::UnboundedSender<Vec<u8>>> = HashMap::new();
+    let mut conns: HashMap<ConnId, ConnSender> = HashMap::new();
     let mut stopping = None;
     while stopping.is_none() {
         let wait = session.poll_timeout().map_or(IDLE_WAKE_MS, |t| (t - now_ms()).clamp(0, IDLE_WAKE_MS));
@@ -110,13 +163,33 @@ fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<
                     session.connect(conn);
                     conns.insert(conn, tx);
                 }
-                HubMsg::Frame { conn, bytes } => session.handle_frame(conn, now_ms(), &bytes),
+                HubMsg::Frame { conn, bytes, _permits } => {
+                    let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        session.handle_frame(conn, now_ms(), &bytes)
+                    }));
+                    if handled.is_err() {
+                        tracing::error!(?conn, "handling a frame panicked; closing that connection");
+                        metrics.frames_panicked.fetch_add(1, Ordering::Relaxed);
+                        session.disconnect(conn);
+                        conns.remove(&conn);
+                    }
+                }
+                HubMsg::Drained { conn } => {
+                    if let Some(c) = conns.get(&conn) {
+                        session.set_send_backlog(conn, c.backlog.load(Ordering::Acquire));
+                    }
+                }
                 HubMsg::Disconnect { conn } => {
                     session.disconnect(conn);
                     conns.remove(&conn);
                 }
                 HubMsg::Export { doc, reply } => {
-                    let _ = reply.send(session.export(doc).map_err(|e| e.to_string()));
+                    let exported =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.export(doc)));
+                    let _ = reply.send(match exported {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err(format!("exporting {doc} failed with an internal error")),
+                    });
                 }
                 HubMsg::Shutdown(done) => stopping = Some(done),
             }
@@ -126,8 +199,14 @@ fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<
             log(event);
         }
         while let Some((conn, msg)) = session.poll_transmit() {
-            if let Some(tx) = conns.get(&conn) {
-                let _ = tx.send(msg.encode());
+            if let Some(c) = conns.get(&conn) {
+                let frame = msg.encode();
+                let backlog = c.backlog.fetch_add(frame.len(), Ordering::AcqRel) + frame.len();
+                c.watched.store(true, Ordering::Release);
+                if c.tx.send(frame).is_err() {
+                    c.backlog.fetch_sub(backlog, Ordering::AcqRel);
+                }
+                session.set_send_backlog(conn, c.backlog.load(Ordering::Acquire));
             }
         }
         let closing: Vec<ConnId> = conns.keys().copied().filter(|c| session.should_close(*c)).collect();

@@ -195,6 +195,10 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub open_documents: AtomicU64,
+    /// Connections closed at accept because `DEFAULT_MAX_PENDING_CONNECTIONS` were still
+    /// reading their head, handshaking or waiting for `Hello`.
+    pub pending_refused: AtomicU64,
+    pub frames_panicked: AtomicU64,
     pub session: Mutex<SessionStats>,
     pub objects: Mutex<Option<Arc<ObjectStats>>>,
 }
@@ -216,6 +220,12 @@ impl Metrics {
                 "Connections refused at --max-connections",
                 g(&self.connections_refused),
             ),
+            (
+                "pagesync_connections_pending_refused_total",
+                "counter",
+                "Connections closed at accept: too many had not said Hello yet",
+                g(&self.pending_refused),
+            ),
             ("pagesync_frames_in_total", "counter", "Websocket frames received", g(&self.frames_in)),
             ("pagesync_frames_out_total", "counter", "Websocket frames sent", g(&self.frames_out)),
             ("pagesync_bytes_in_total", "counter", "Websocket payload bytes received", g(&self.bytes_in)),
@@ -235,6 +245,16 @@ impl Metrics {
                 "pagesync_mutations_isolated_total",
                 "Mutations rejected because their step could not be committed with them",
                 s.mutations_isolated,
+            ),
+            (
+                "pagesync_documents_failed_total",
+                "Documents closed because a step panicked",
+                s.documents_failed,
+            ),
+            (
+                "pagesync_frames_panicked_total",
+                "Frames whose handling panicked (their connection closed)",
+                g(&self.frames_panicked),
             ),
             ("pagesync_events_dropped_total", "Log events dropped at the session's bound", s.events_dropped),
             ("pagesync_documents_opened_total", "Documents opened", s.documents_opened),
@@ -327,7 +347,9 @@ pub async fn serve(
         idle_shrink_ms: Some(DEFAULT_IDLE_SHRINK_MS),
     };
     let started = std::time::Instant::now();
+    let exists_store = cfg.store.clone();
     let mut session = ServerSession::new(opener)
+        .with_exists(Box::new(move |doc: DocId| exists_store.exists(doc)))
         .with_options(options)
         .with_clock(Box::new(move || started.elapsed().as_micros() as u64));
     if let Some(secret) = cfg.auth_secret.clone() {
@@ -335,7 +357,12 @@ pub async fn serve(
             session.with_auth(Box::new(move |token: &str, now_ms: i64| auth::verify(&secret, token, now_ms)));
     }
     let hub = Hub::spawn(session, metrics.clone());
-    let permits = Arc::new(Semaphore::new(cfg.limits.max_connections));
+    let admission = http::Admission {
+        pending: Arc::new(Semaphore::new(http::DEFAULT_MAX_PENDING_CONNECTIONS)),
+        connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+        inbound: Arc::new(Semaphore::new(http::inbound_bytes_total(cfg.limits.max_frame_bytes))),
+    };
+    let auth_secret = cfg.auth_secret.clone().map(Arc::new);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -345,14 +372,16 @@ pub async fn serve(
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!("accept failed: {e}");
+                        // Out of file descriptors, say: do not spin on it.
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                         continue;
                     }
                 };
                 // Small frames must leave at once: Nagle plus delayed ACKs would add ~40 ms.
                 let _ = stream.set_nodelay(true);
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, "refusing a connection: {} connections are open (--max-connections)", cfg.limits.max_connections);
+                let Ok(pending) = admission.pending.clone().try_acquire_owned() else {
+                    metrics.pending_refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "closing a connection: too many have not said Hello yet");
                     continue;
                 };
                 let routes = http::Routes {
@@ -361,11 +390,10 @@ pub async fn serve(
                     store: cfg.store.clone(),
                     max_frame_bytes: cfg.limits.max_frame_bytes,
                     web_root: cfg.web_root.clone(),
+                    auth_secret: auth_secret.clone(),
+                    admission: admission.clone(),
                 };
-                tokio::spawn(async move {
-                    http::serve_connection(stream, routes).await;
-                    drop(permit);
-                });
+                tokio::spawn(http::serve_connection(stream, routes, pending));
             }
         }
     }

@@ -84,12 +84,16 @@ fn mutation_limit(s: &str) -> Result<usize, String> {
 enum Cmd {
     /// Print a token for clients: `token --doc ID|PREFIX* [--write] --ttl 1h`.
     Token {
-        /// A document id, or a hex prefix followed by `*` (`*` alone: every document).
-        #[arg(long)]
-        doc: String,
+        /// A document id, or a hex prefix followed by `*` (`*` alone: every document). Without
+        /// it the token grants no document (for `--metrics` alone).
+        #[arg(long, required_unless_present = "metrics")]
+        doc: Option<String>,
         /// Allow writes (default: read-only).
         #[arg(long)]
         write: bool,
+        /// Allow reading `/metrics`.
+        #[arg(long)]
+        metrics: bool,
         /// Lifetime: 90s, 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: String,
@@ -230,11 +234,17 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let secret = args.auth_secret_file.as_deref().map(auth::load_secret).transpose()?;
-    if let Some(Cmd::Token { doc, write, ttl }) = &args.command {
+    if let Some(Cmd::Token { doc, write, metrics, ttl }) = &args.command {
         let secret =
             secret.ok_or_else(|| anyhow::anyhow!("token needs --auth-secret-file (the server's secret)"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
-        let claims = auth::Claims { doc: doc.clone(), write: *write, exp: now + auth::parse_ttl(ttl)? };
+        let claims = auth::Claims {
+            // No document: a name no document id can have.
+            doc: doc.clone().unwrap_or_else(|| "none".into()),
+            write: *write,
+            exp: now + auth::parse_ttl(ttl)?,
+            metrics: *metrics,
+        };
         println!("{}", auth::mint(&secret, &claims));
         return Ok(());
     }

@@ -13,8 +13,9 @@ mod server;
 
 pub use client::{ClientSession, DocStatus};
 pub use server::{
-    Authenticator, Clock, ConnId, Event, Grant, MAX_EVENTS, Opener, STEP_MICROS_BUCKETS, STEP_RETRY_MS,
-    ServerSession, SessionOptions, SessionStats,
+    Authenticator, Clock, ConnId, Event, Exists, Grant, MAX_EVENTS, MAX_OUTBOX_MESSAGES,
+    MAX_SEND_BACKLOG_BYTES, Opener, SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession,
+    SessionOptions, SessionStats,
 };
 
 use pagesync_journal::Lsn;
@@ -64,6 +65,12 @@ pub mod codes {
     pub const SNAPSHOT_REQUIRED: &str = "snapshot_required";
     pub const UNAUTHORIZED: &str = "unauthorized";
     pub const FORBIDDEN: &str = "forbidden";
+    /// The document does not exist and the grant may not create it.
+    pub const NOT_FOUND: &str = "not_found";
+    /// The peer stopped reading; the connection is closed.
+    pub const SLOW_READER: &str = "slow_reader";
+    /// The server could not keep serving the document after an internal error.
+    pub const INTERNAL: &str = "internal";
 }
 
 /// Everything that crosses a connection.

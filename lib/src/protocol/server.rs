@@ -81,7 +81,23 @@ struct Conn {
     cursor: Option<DocId>,
     /// Set after a connection-level error: send the outbox, then the driver closes.
     closing: bool,
+    /// Bytes handed to the driver and not yet written to the socket (`set_send_backlog`).
+    backlog_bytes: usize,
+    /// Since when the backlog has been over `MAX_SEND_BACKLOG_BYTES`.
+    blocked_since_ms: Option<i64>,
 }
+
+/// A connection whose driver still holds this many unwritten bytes gets no more storage until
+/// it drains, and no retransmission until it is empty: a peer that does not read costs at most
+/// this plus one frame. 1 MiB: a document window.
+pub const MAX_SEND_BACKLOG_BYTES: usize = 1 << 20;
+
+/// A connection blocked on its backlog this long is closed: its peer is not reading.
+pub const SLOW_READER_CLOSE_MS: i64 = 30_000;
+
+/// Messages queued for one connection (acknowledgements, errors) before it is closed as a peer
+/// that does not read. 4,096: many times what one round of frames produces.
+pub const MAX_OUTBOX_MESSAGES: usize = 4_096;
 
 /// After a failed step (a full disk, a broken journal), the document waits this long before
 /// trying again, so a persistent fault costs one attempt per second, not a busy loop.
@@ -128,6 +144,9 @@ pub enum Event {
     /// A mutation was rejected because its step could not be committed with it (too many
     /// pages, or the reducer failed on it); the rest of the step applied.
     MutationIsolated { doc: DocId, step_lsn: Lsn, timeline: TimelineId, lsn: Lsn, rejection: Rejection },
+    /// A step panicked; the document was closed (its last durable state is intact) and its
+    /// subscribers told. Every other document carries on.
+    DocumentFailed { doc: DocId, error: String },
 }
 
 /// Events kept for the driver. 1,024: far more than one turn produces; past it the oldest go
@@ -145,6 +164,8 @@ pub struct SessionStats {
     pub rejections_by_code: BTreeMap<String, u64>,
     /// Mutations rejected because their step could not hold them (`Event::MutationIsolated`).
     pub mutations_isolated: u64,
+    /// Documents closed because a step panicked.
+    pub documents_failed: u64,
     pub events_dropped: u64,
     pub documents_opened: u64,
     pub documents_closed: u64,
@@ -177,8 +198,18 @@ impl SessionStats {
 pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
 
 /// What stepping one document did: each step's outcome and duration, and the error that
-/// stopped it, if any.
-type Stepped = (DocId, Vec<(StepOutcome, Option<u64>)>, Option<String>);
+/// stopped it, if any (`Failure::Panicked` when the step panicked).
+type Stepped = (DocId, Vec<(StepOutcome, Option<u64>)>, Option<Failure>);
+
+/// Why a document's step did not complete.
+#[derive(Debug)]
+enum Failure {
+    /// An error; the queue stays and the step is retried.
+    Error(String),
+    /// A panic: the document's state cannot be trusted; it is closed (and reopened from its
+    /// journal on next use).
+    Panicked(String),
+}
 
 /// Steps every document in `work`: on up to `threads` scoped threads, or one by one on this
 /// thread when `threads` is 1. Always one by one on wasm, which has no threads and whose
@@ -218,16 +249,33 @@ fn step_documents(
 fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&Clock>) -> Stepped {
     let mut done = Vec::new();
     let start = clock.map(|c| c());
-    match d.step(now_ms) {
-        Ok(Some(o)) => done.push((o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))),
-        Ok(None) => {}
-        Err(e) => return (id, done, Some(e.to_string())),
+    // A panic must not take the other documents (or the thread serving them) down with it.
+    let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.step(now_ms)));
+    match stepped {
+        Ok(Ok(Some(o))) => done.push((o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => return (id, done, Some(Failure::Error(e.to_string()))),
+        Err(panic) => return (id, done, Some(Failure::Panicked(panic_message(&*panic)))),
     }
     (id, done, None)
 }
 
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Whether a document exists in storage (without creating it).
+pub type Exists = Box<dyn FnMut(DocId) -> Result<bool> + Send>;
+
 pub struct ServerSession {
     opener: Opener,
+    /// Tells whether a document exists, so a read-only grant never creates one; without it
+    /// every open may create.
+    exists: Option<Exists>,
     auth: Option<Authenticator>,
     options: SessionOptions,
     clock: Option<Clock>,
@@ -266,6 +314,7 @@ impl ServerSession {
     pub fn new(opener: Opener) -> ServerSession {
         ServerSession {
             opener,
+            exists: None,
             auth: None,
             options: SessionOptions::default(),
             clock: None,
@@ -287,6 +336,13 @@ impl ServerSession {
     /// connection may read and write every document.
     pub fn with_auth(mut self, auth: Authenticator) -> ServerSession {
         self.auth = Some(auth);
+        self
+    }
+
+    /// Lets the session check that a document exists before opening it for a read-only grant,
+    /// which then gets `not_found` instead of creating it.
+    pub fn with_exists(mut self, exists: Exists) -> ServerSession {
+        self.exists = Some(exists);
         self
     }
 
@@ -316,6 +372,21 @@ impl ServerSession {
     /// True once the connection had a fatal error and its outbox is empty: close it.
     pub fn should_close(&self, conn: ConnId) -> bool {
         self.conns.get(&conn).is_some_and(|c| c.closing && c.outbox.is_empty())
+    }
+
+    /// The driver's unwritten bytes for `conn`. Over `MAX_SEND_BACKLOG_BYTES` the connection
+    /// gets no storage; above zero, no retransmission; blocked for `SLOW_READER_CLOSE_MS` it
+    /// is closed.
+    pub fn set_send_backlog(&mut self, conn: ConnId, bytes: usize) {
+        let now = self.now_ms;
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.backlog_bytes = bytes;
+            if bytes <= MAX_SEND_BACKLOG_BYTES {
+                c.blocked_since_ms = None;
+            } else if c.blocked_since_ms.is_none() {
+                c.blocked_since_ms = Some(now);
+            }
+        }
     }
 
     pub fn document(&self, doc: DocId) -> Option<&ServerDocument> {
@@ -398,11 +469,18 @@ impl ServerSession {
                 let text = format!("your token is read-only: writes to {doc} are refused");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
+            Message::Mutations { first, ref entries, .. }
+                if first.get().checked_add(entries.len() as u64).is_none_or(|end| end == u64::MAX) =>
+            {
+                let text = format!("{} entries from LSN {first} run past the LSN space", entries.len());
+                self.fail(conn, error(msg.doc(), codes::MALFORMED, text));
+            }
             Message::Subscribe { doc, timeline, storage_next } => {
-                self.subscribe(conn, doc, timeline, storage_next)
+                let create = c.grant.as_ref().is_some_and(|g| g.write);
+                self.subscribe(conn, doc, timeline, storage_next, create)
             }
             Message::Mutations { doc, timeline, first, entries } => {
-                if let Some(d) = self.open(conn, doc) {
+                if let Some(d) = self.open(conn, doc, true) {
                     let received = d.receive(timeline, first, entries);
                     let queued = d.queued() > 0;
                     let storage_next = d.storage_range().next();
@@ -420,6 +498,8 @@ impl ServerSession {
             }
             Message::StorageAck { doc, next } => {
                 if let Some(sub) = c.subs.get_mut(&doc) {
+                    // An acknowledgement past what was sent is the peer's mistake: ignored.
+                    let next = next.min(sub.sent_next);
                     sub.acked_next = sub.acked_next.max(next);
                     sub.sent_next = sub.sent_next.max(sub.acked_next);
                     let acked = sub.acked_next;
@@ -440,8 +520,28 @@ impl ServerSession {
         }
     }
 
-    /// The open document, opening it on first use; on failure the client is told.
-    fn open(&mut self, conn: ConnId, doc: DocId) -> Option<&mut ServerDocument> {
+    /// The open document, opening it on first use (creating it only when `create`); on
+    /// failure the client is told.
+    fn open(&mut self, conn: ConnId, doc: DocId, create: bool) -> Option<&mut ServerDocument> {
+        if !self.docs.contains_key(&doc)
+            && !create
+            && let Some(exists) = self.exists.as_mut()
+        {
+            match exists(doc) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let text =
+                        format!("document {doc} does not exist, and a read-only token cannot create it");
+                    self.push(conn, error(Some(doc), codes::NOT_FOUND, text));
+                    return None;
+                }
+                Err(e) => {
+                    let text = format!("cannot open document {doc}: {e}");
+                    self.push(conn, error(Some(doc), codes::DOCUMENT, text));
+                    return None;
+                }
+            }
+        }
         self.last_used.insert(doc, self.now_ms);
         if !self.docs.contains_key(&doc) {
             match (self.opener)(doc) {
@@ -461,7 +561,7 @@ impl ServerSession {
         self.docs.get_mut(&doc)
     }
 
-    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn) {
+    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn, create: bool) {
         let over_limit = self
             .conns
             .get(&conn)
@@ -470,7 +570,7 @@ impl ServerSession {
             let text = format!("a connection may subscribe to at most {MAX_DOCS_PER_CONNECTION} documents");
             return self.push(conn, error(Some(doc), codes::LIMIT, text));
         }
-        let Some(d) = self.open(conn, doc) else { return };
+        let Some(d) = self.open(conn, doc, create) else { return };
         let have = d.storage_range().next();
         if storage_next > have {
             let text = format!(
@@ -554,7 +654,8 @@ impl ServerSession {
                 None => {
                     self.queued_since.remove(&doc);
                 }
-                Some(why) => {
+                Some(Failure::Panicked(why)) => self.close_broken(doc, why),
+                Some(Failure::Error(why)) => {
                     self.stats.steps_failed += 1;
                     self.retry_at.insert(doc, now + STEP_RETRY_MS);
                     self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
@@ -567,6 +668,11 @@ impl ServerSession {
         }
         self.close_idle();
         for c in self.conns.values_mut() {
+            // Data still in the driver's queue is not lost: resending it would only queue a
+            // second copy behind the first.
+            if c.backlog_bytes > 0 {
+                continue;
+            }
             for sub in c.subs.values_mut() {
                 if !sub.inflight.is_empty() && now_ms >= sub.last_send_ms + RETRANSMIT_MS {
                     sub.inflight.clear();
@@ -574,6 +680,40 @@ impl ServerSession {
                 }
             }
         }
+        self.close_slow_readers();
+    }
+
+    /// Closes connections whose peer stopped reading: blocked on their backlog for
+    /// `SLOW_READER_CLOSE_MS`, or with `MAX_OUTBOX_MESSAGES` unsent.
+    fn close_slow_readers(&mut self) {
+        let now = self.now_ms;
+        for c in self.conns.values_mut().filter(|c| !c.closing) {
+            let blocked = c.blocked_since_ms.is_some_and(|t| now >= t + SLOW_READER_CLOSE_MS);
+            if blocked || c.outbox.len() >= MAX_OUTBOX_MESSAGES {
+                c.outbox.clear();
+                let text = "the connection is closed: the client stopped reading what the server sends";
+                c.outbox.push_back(error(None, codes::SLOW_READER, text));
+                c.closing = true;
+            }
+        }
+    }
+
+    /// Closes a document whose step panicked: its subscribers are told, and it reopens from
+    /// its journal (the last durable state) on next use. The others carry on.
+    fn close_broken(&mut self, doc: DocId, why: String) {
+        self.stats.documents_failed += 1;
+        self.docs.remove(&doc);
+        self.retry_at.remove(&doc);
+        self.queued_since.remove(&doc);
+        self.shrunk_at.remove(&doc);
+        let text =
+            format!("the server closed document {doc} after an internal error; subscribe again: {why}");
+        for c in self.conns.values_mut() {
+            if c.subs.remove(&doc).is_some() {
+                c.outbox.push_back(error(Some(doc), codes::INTERNAL, text.clone()));
+            }
+        }
+        self.event(Event::DocumentFailed { doc, error: why });
     }
 
     fn event(&mut self, e: Event) {
@@ -639,7 +779,9 @@ impl ServerSession {
         let steps = self.docs.iter().filter_map(|(id, d)| self.step_due(*id, d));
         let subs = self.conns.values().flat_map(|c| c.subs.values());
         let resends = subs.filter(|s| !s.inflight.is_empty()).map(|s| s.last_send_ms + RETRANSMIT_MS);
-        steps.chain(resends).min()
+        let blocked =
+            self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
+        steps.chain(resends).chain(blocked).min()
     }
 
     /// The next message to send, and its connection. Fair: round-robin over connections, and
@@ -664,6 +806,9 @@ impl ServerSession {
             return Some(m);
         }
         if c.closing {
+            return None;
+        }
+        if c.backlog_bytes > MAX_SEND_BACKLOG_BYTES {
             return None;
         }
         let docs: Vec<DocId> = c.subs.keys().copied().collect();
