@@ -23,7 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use pagesync::protocol::{Message, codes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -61,14 +61,58 @@ pub fn inbound_bytes_total(max_frame_bytes: usize) -> usize {
 }
 
 /// Connections that have not yet said `Hello` (reading their head, handshaking), served at
-/// once; more are closed at accept. They have their own cap so that silent sockets cannot take
-/// the `--max-connections` slots of real clients.
+/// once. They have their own cap so that silent sockets cannot take the `--max-connections`
+/// slots of real clients, and at the cap the *oldest* is closed to make room: a real client
+/// gets through its handshake in milliseconds, while silent sockets age out first.
 pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 1_024;
+
+/// The connections that have not said `Hello` yet, oldest first.
+#[derive(Debug)]
+pub struct Pending {
+    slots: std::sync::Mutex<std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>>,
+    next: std::sync::atomic::AtomicU64,
+    max: usize,
+}
+
+/// A pending connection's place; leaves the set on drop. `evicted` resolves when an newer
+/// connection needed the place.
+#[derive(Debug)]
+pub struct PendingSlot {
+    id: u64,
+    set: Arc<Pending>,
+    evicted: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Pending {
+    pub fn new(max: usize) -> Arc<Pending> {
+        Arc::new(Pending { slots: Default::default(), next: Default::default(), max: max.max(1) })
+    }
+
+    /// A place for a new connection; at the cap, the oldest pending one is evicted (returned
+    /// as `true`).
+    pub fn admit(self: &Arc<Self>) -> (PendingSlot, bool) {
+        let (tx, evicted) = tokio::sync::oneshot::channel();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut slots = self.slots.lock().expect("BUG: lock poisoned");
+        let full = slots.len() >= self.max;
+        if full {
+            slots.pop_first(); // dropping the sender wakes the oldest with `evicted`
+        }
+        slots.insert(id, tx);
+        (PendingSlot { id, set: self.clone(), evicted }, full)
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        self.set.slots.lock().expect("BUG: lock poisoned").remove(&self.id);
+    }
+}
 
 /// The slots a connection may take: a pending one at accept, a full one after `Hello`.
 #[derive(Clone, Debug)]
 pub struct Admission {
-    pub pending: Arc<Semaphore>,
+    pub pending: Arc<Pending>,
     pub connections: Arc<Semaphore>,
     /// Bytes of frames waiting for the hub, across all connections.
     pub inbound: Arc<Semaphore>,
@@ -91,38 +135,49 @@ struct Request {
     token: Option<String>,
 }
 
-pub async fn serve_connection(mut stream: TcpStream, routes: Routes, pending: OwnedSemaphorePermit) {
+/// Serves one connection. Until it said `Hello` (or, for plain HTTP, until it is answered) it
+/// holds a pending slot and is closed if a newer connection needs the slot.
+pub async fn serve_connection(stream: TcpStream, routes: Routes, mut slot: PendingSlot) {
+    let admitted = tokio::select! {
+        _ = &mut slot.evicted => return,
+        admitted = route(stream, &routes) => admitted,
+    };
+    drop(slot);
+    if let Some((ws, hello)) = admitted {
+        serve_websocket(ws, hello, routes).await;
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<Prefixed>;
+
+/// Reads the head and answers it; for `/v1/sync`, returns the websocket and its `Hello`.
+async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8>)> {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(head)) => head,
         Ok(Err(HeadError::TooLarge)) => {
-            return respond(
-                stream,
-                "431 Request Header Fields Too Large",
-                "text/plain",
-                "request head too large\n",
-            )
-            .await;
+            let why = "request head too large\n";
+            respond(stream, "431 Request Header Fields Too Large", "text/plain", why).await;
+            return None;
         }
-        Ok(Err(HeadError::Closed)) => return,
+        Ok(Err(HeadError::Closed)) => return None,
         Err(_) => {
             let why = format!("the request head must arrive within {} s\n", HEAD_TIMEOUT.as_secs());
-            return respond(stream, "408 Request Timeout", "text/plain", why).await;
+            respond(stream, "408 Request Timeout", "text/plain", why).await;
+            return None;
         }
     };
     let Some(req) = parse_head(&head) else {
-        return respond(stream, "400 Bad Request", "text/plain", "malformed request line\n").await;
+        respond(stream, "400 Bad Request", "text/plain", "malformed request line\n").await;
+        return None;
     };
     match req.path.as_str() {
-        "/v1/sync" => {
-            let stream = Prefixed { head, at: 0, inner: stream };
-            serve_websocket(stream, routes, pending).await
-        }
+        "/v1/sync" => return handshake(Prefixed { head, at: 0, inner: stream }, routes).await,
         "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
-        "/metrics" => match authorize_metrics(&routes, &req) {
+        "/metrics" => match authorize_metrics(routes, &req) {
             Ok(()) => respond(stream, "200 OK", "text/plain; version=0.0.4", routes.metrics.render()).await,
             Err((status, why)) => respond(stream, status, "text/plain", why).await,
         },
-        p if p.starts_with("/v1/docs/") => export(stream, &routes, &req).await,
+        p if p.starts_with("/v1/docs/") => export(stream, routes, &req).await,
         p => match &routes.web_root {
             Some(root) => static_file(stream, root, p).await,
             None => {
@@ -131,6 +186,7 @@ pub async fn serve_connection(mut stream: TcpStream, routes: Routes, pending: Ow
             }
         },
     }
+    None
 }
 
 enum HeadError {
@@ -296,39 +352,50 @@ fn millis_since(start: tokio::time::Instant) -> i64 {
     start.elapsed().as_millis() as i64
 }
 
-async fn serve_websocket(stream: Prefixed, routes: Routes, pending: OwnedSemaphorePermit) {
-    let Routes { hub, metrics, max_frame_bytes, admission, .. } = routes;
-    let config = websocket_config(max_frame_bytes);
+/// The websocket handshake, then the first message, which must be `Hello`, each in time.
+async fn handshake(stream: Prefixed, routes: &Routes) -> Option<(Socket, Vec<u8>)> {
+    let config = websocket_config(routes.max_frame_bytes);
     let accepted = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         tokio_tungstenite::accept_async_with_config(stream, Some(config)),
     );
     let mut ws = match accepted.await {
         Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => return tracing::debug!("websocket handshake failed: {e}"),
-        Err(_) => return tracing::debug!("websocket handshake timed out"),
-    };
-    // The first message must be Hello, in time; only then does the connection take a slot.
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, ws.next()).await {
-        Ok(Some(Ok(WsMessage::Binary(b)))) if matches!(Message::decode(&b), Ok(Message::Hello { .. })) => b,
-        Ok(Some(Ok(WsMessage::Close(_)) | Err(_)) | None) => return,
-        Ok(Some(Ok(_))) => return refuse(ws, codes::NOT_HELLO, "the first message must be Hello").await,
+        Ok(Err(e)) => {
+            tracing::debug!("websocket handshake failed: {e}");
+            return None;
+        }
         Err(_) => {
-            let why = format!("no Hello within {} s", HELLO_TIMEOUT.as_secs());
-            return refuse(ws, codes::NOT_HELLO, &why).await;
+            tracing::debug!("websocket handshake timed out");
+            return None;
         }
     };
+    match tokio::time::timeout(HELLO_TIMEOUT, ws.next()).await {
+        Ok(Some(Ok(WsMessage::Binary(b)))) if matches!(Message::decode(&b), Ok(Message::Hello { .. })) => {
+            Some((ws, b.to_vec()))
+        }
+        Ok(Some(Ok(WsMessage::Close(_)) | Err(_)) | None) => None,
+        Ok(Some(Ok(_))) => {
+            refuse(ws, codes::NOT_HELLO, "the first message must be Hello").await;
+            None
+        }
+        Err(_) => {
+            let why = format!("no Hello within {} s", HELLO_TIMEOUT.as_secs());
+            refuse(ws, codes::NOT_HELLO, &why).await;
+            None
+        }
+    }
+}
+
+/// A websocket that said `Hello`: it takes a `--max-connections` slot, or is refused.
+async fn serve_websocket(ws: Socket, hello: Vec<u8>, routes: Routes) {
+    let Routes { hub, metrics, max_frame_bytes, admission, .. } = routes;
     let Ok(slot) = admission.connections.clone().try_acquire_owned() else {
         metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
         tracing::warn!("refusing a websocket: every --max-connections slot is taken");
-        return refuse(
-            ws,
-            codes::LIMIT,
-            "the server is at its connection limit (--max-connections); retry later",
-        )
-        .await;
+        let why = "the server is at its connection limit (--max-connections); retry later";
+        return refuse(ws, codes::LIMIT, why).await;
     };
-    drop(pending);
     metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let (conn, outgoing) = hub.connect();
@@ -337,7 +404,7 @@ async fn serve_websocket(stream: Prefixed, routes: Routes, pending: OwnedSemapho
     let last_seen = Arc::new(AtomicI64::new(0));
     let writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), last_seen.clone(), started));
     let per_conn = Arc::new(Semaphore::new(inbound_bytes_per_connection(max_frame_bytes)));
-    let mut frame = Some(hello.to_vec());
+    let mut frame = Some(hello);
     loop {
         let bytes = match frame.take() {
             Some(b) => b,
@@ -371,7 +438,7 @@ async fn serve_websocket(stream: Prefixed, routes: Routes, pending: OwnedSemapho
 }
 
 /// Sends an `Error` frame and closes: for a connection that never got in.
-async fn refuse(mut ws: tokio_tungstenite::WebSocketStream<Prefixed>, code: &str, why: &str) {
+async fn refuse(mut ws: Socket, code: &str, why: &str) {
     let msg = Message::Error { doc: None, code: code.into(), message: why.into() };
     let send = async {
         ws.send(WsMessage::Binary(msg.encode().into())).await?;
@@ -383,7 +450,7 @@ async fn refuse(mut ws: tokio_tungstenite::WebSocketStream<Prefixed>, code: &str
 /// Writes what the hub queued, pings every `PING_INTERVAL`, and closes a peer that has been
 /// silent for `DEAD_PEER_TIMEOUT`.
 async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<tokio_tungstenite::WebSocketStream<Prefixed>, WsMessage>,
+    mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
     mut outgoing: crate::hub::ConnReceiver,
     metrics: Arc<Metrics>,
     last_seen: Arc<AtomicI64>,

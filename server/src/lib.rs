@@ -197,7 +197,7 @@ pub struct Metrics {
     pub open_documents: AtomicU64,
     /// Connections closed at accept because `DEFAULT_MAX_PENDING_CONNECTIONS` were still
     /// reading their head, handshaking or waiting for `Hello`.
-    pub pending_refused: AtomicU64,
+    pub pending_evicted: AtomicU64,
     pub frames_panicked: AtomicU64,
     pub session: Mutex<SessionStats>,
     pub objects: Mutex<Option<Arc<ObjectStats>>>,
@@ -221,10 +221,10 @@ impl Metrics {
                 g(&self.connections_refused),
             ),
             (
-                "pagesync_connections_pending_refused_total",
+                "pagesync_connections_pending_evicted_total",
                 "counter",
-                "Connections closed at accept: too many had not said Hello yet",
-                g(&self.pending_refused),
+                "Connections closed before Hello to make room for newer ones (the half-open cap)",
+                g(&self.pending_evicted),
             ),
             ("pagesync_frames_in_total", "counter", "Websocket frames received", g(&self.frames_in)),
             ("pagesync_frames_out_total", "counter", "Websocket frames sent", g(&self.frames_out)),
@@ -358,7 +358,7 @@ pub async fn serve(
     }
     let hub = Hub::spawn(session, metrics.clone());
     let admission = http::Admission {
-        pending: Arc::new(Semaphore::new(http::DEFAULT_MAX_PENDING_CONNECTIONS)),
+        pending: http::Pending::new(http::DEFAULT_MAX_PENDING_CONNECTIONS),
         connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
         inbound: Arc::new(Semaphore::new(http::inbound_bytes_total(cfg.limits.max_frame_bytes))),
     };
@@ -379,11 +379,11 @@ pub async fn serve(
                 };
                 // Small frames must leave at once: Nagle plus delayed ACKs would add ~40 ms.
                 let _ = stream.set_nodelay(true);
-                let Ok(pending) = admission.pending.clone().try_acquire_owned() else {
-                    metrics.pending_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, "closing a connection: too many have not said Hello yet");
-                    continue;
-                };
+                let (pending, evicted) = admission.pending.admit();
+                if evicted {
+                    metrics.pending_evicted.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "closed the oldest connection that had not said Hello, to admit this one");
+                }
                 let routes = http::Routes {
                     hub: hub.clone(),
                     metrics: metrics.clone(),

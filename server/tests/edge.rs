@@ -1,0 +1,321 @@
+//! The server's edge against the real `pagesync-server` binary, as a hostile client would try
+//! it: authorization on every route, read-only tokens that may not create documents, frames
+//! that once panicked the hub, silent and slow sockets that once locked everyone out, a
+//! subscriber that never reads, a step larger than the websocket library's default cap, and
+//! what a client says when it is pointed at the wrong path.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use pagesync::journal::Lsn;
+use pagesync::protocol::{Message, PROTOCOL_VERSION, codes};
+use pagesync::{DocId, Mutation, SqlMutation, TimelineId};
+use pagesync_server::auth::{Claims, mint};
+use support::probe::rss_kib;
+use support::start_on_any_port;
+use tokio_tungstenite::tungstenite::Message as Ws;
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+const SECRET: &[u8] = b"an edge test secret of at least 32 bytes";
+
+/// `GET path` with optional extra header lines; the status code and body.
+fn get(port: u16, path: &str, headers: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n{headers}\r\n").expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read the answer (the server must not reset the connection)");
+    let text = String::from_utf8_lossy(&out);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line");
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").map_or(out.len(), |p| p + 4);
+    (status, out.split_off(split))
+}
+
+fn token(doc: &str, write: bool, metrics: bool) -> String {
+    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics })
+}
+
+async fn connect(port: u16, token: &str) -> Socket {
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+    send(&mut ws, Message::Hello { version: PROTOCOL_VERSION, token: token.into() }).await;
+    ws
+}
+
+async fn send(ws: &mut Socket, m: Message) {
+    ws.send(Ws::Binary(m.encode().into())).await.expect("send");
+}
+
+/// The next protocol message other than storage; `None` once the server closed.
+async fn next_reply(ws: &mut Socket) -> Option<Message> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("a reply in time")? {
+            Ok(Ws::Binary(b)) => match Message::decode(&b).expect("valid frame") {
+                Message::Storage { .. } => continue,
+                m => return Some(m),
+            },
+            Ok(Ws::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn mutation(sql: &str) -> Vec<u8> {
+    let body = SqlMutation::one(sql, vec![]).encode();
+    Mutation { client_time_ms: 1_700_000_000_000, seed: 1, body }.encode().expect("encode")
+}
+
+/// Writes `sql` to `doc` as timeline `tl` LSN 1 and waits for the ack.
+async fn write(port: u16, token: &str, doc: DocId, tl: u8, sql: &str) {
+    let mut ws = connect(port, token).await;
+    let timeline = TimelineId([tl; 16]);
+    send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST }).await;
+    let entries = vec![mutation(sql)];
+    send(&mut ws, Message::Mutations { doc, timeline, first: Lsn::FIRST, entries }).await;
+    loop {
+        match next_reply(&mut ws).await.expect("open") {
+            Message::MutationsAck { next_expected, .. } if next_expected > Lsn::FIRST => return,
+            Message::Error { code, message, .. } => panic!("{code}: {message}"),
+            _ => {}
+        }
+    }
+}
+
+fn secret_file(dir: &Path) -> String {
+    let path = dir.join("secret");
+    std::fs::write(&path, SECRET).expect("write secret");
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let secret = secret_file(dir.path());
+    let (_server, port) =
+        start_on_any_port(&format!("file://{}", store.display()), &["--auth-secret-file", &secret]);
+    let a = DocId::from_u128(0xa);
+    write(port, &token(&a.to_string(), true, false), a, 1, "CREATE TABLE t(x)").await;
+
+    let export = format!("/v1/docs/{a}/export");
+    let bearer = |t: &str| format!("authorization: Bearer {t}\r\n");
+    assert_eq!(get(port, &export, "").0, 401, "no token");
+    assert_eq!(get(port, &export, &bearer("garbage")).0, 401, "a garbage token");
+    let other = token(&DocId::from_u128(0xb).to_string(), true, false);
+    assert_eq!(get(port, &export, &bearer(&other)).0, 403, "a token for another document");
+    let read_a = token(&a.to_string(), false, false);
+    let (status, body) = get(port, &export, &bearer(&read_a));
+    assert_eq!(status, 200, "a read token for the document");
+    assert!(body.starts_with(b"SQLite format 3\0"), "a database file");
+    assert_eq!(get(port, &format!("{export}?token={read_a}"), "").0, 200, "the token as a query parameter");
+    assert_eq!(get(port, "/v1/docs/export", "").0, 404, "no id: an answer, not a panic");
+    assert_eq!(get(port, "/v1/docs//export", "").0, 404);
+
+    assert_eq!(get(port, "/metrics", "").0, 401, "metrics need a token");
+    assert_eq!(get(port, "/metrics", &bearer(&read_a)).0, 403, "a document token has no metrics scope");
+    let (status, body) = get(port, "/metrics", &bearer(&token("none", false, true)));
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("pagesync_steps_total"));
+    assert_eq!(get(port, "/healthz", "").0, 200, "health stays open");
+
+    // A read-only token for every document cannot create one by subscribing.
+    let mut ws = connect(port, &token("*", false, false)).await;
+    for n in 0..50u128 {
+        let doc = DocId::from_u128(0x1000 + n);
+        send(&mut ws, Message::Subscribe { doc, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST }).await;
+        match next_reply(&mut ws).await.expect("open") {
+            Message::Error { code, .. } => assert_eq!(code, codes::NOT_FOUND),
+            other => panic!("expected not_found, got {other:?}"),
+        }
+    }
+    let docs = walk(&store).into_iter().filter(|p| p.ends_with("storage")).count();
+    assert_eq!(docs, 1, "only the written document exists on disk");
+    // The same token reads the document that exists.
+    send(&mut ws, Message::Subscribe { doc: a, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST }).await;
+    assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.path());
+        if e.path().is_dir() {
+            out.extend(walk(&e.path()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frames_close_only_their_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let a = DocId::from_u128(0xa);
+    write(port, "", a, 1, "CREATE TABLE t(x)").await;
+
+    // Mutations at the end of the LSN space once panicked the hub: now a typed error, and this
+    // connection closes.
+    let mut ws = connect(port, "").await;
+    let timeline = TimelineId([2; 16]);
+    let first = Lsn::new(u64::MAX - 1).expect("lsn");
+    let entries = vec![mutation("INSERT INTO t VALUES (1)"), mutation("INSERT INTO t VALUES (2)")];
+    send(&mut ws, Message::Mutations { doc: a, timeline, first, entries }).await;
+    match next_reply(&mut ws).await {
+        Some(Message::Error { code, .. }) => assert_eq!(code, codes::MALFORMED),
+        other => panic!("expected a malformed error, got {other:?}"),
+    }
+    assert!(next_reply(&mut ws).await.is_none(), "the connection is closed");
+    // An acknowledgement past everything is ignored.
+    let mut ws = connect(port, "").await;
+    send(&mut ws, Message::Subscribe { doc: a, timeline, storage_next: Lsn::FIRST }).await;
+    send(&mut ws, Message::StorageAck { doc: a, next: Lsn::new(u64::MAX).expect("lsn") }).await;
+    // Frames before Hello close the connection before it takes a slot.
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let (mut early, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+    send(&mut early, Message::StorageAck { doc: a, next: Lsn::FIRST }).await;
+    match next_reply(&mut early).await {
+        Some(Message::Error { code, .. }) => assert_eq!(code, codes::NOT_HELLO),
+        other => panic!("expected hello_required, got {other:?}"),
+    }
+
+    // Every other document keeps serving.
+    let b = DocId::from_u128(0xb);
+    write(port, "", b, 3, "CREATE TABLE u(x)").await;
+    write(port, "", a, 4, "INSERT INTO t VALUES (3)").await;
+    assert_eq!(get(port, &format!("/v1/docs/{a}/export"), "").0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_slow_sockets_lock_nobody_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, port) =
+        start_on_any_port(&format!("file://{}", dir.path().display()), &["--max-connections", "20"]);
+    // More silent sockets than --max-connections, websockets that never say Hello, and
+    // slowloris heads, one byte a second.
+    let idle: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("idle")).collect();
+    let mut no_hello = Vec::new();
+    for _ in 0..30 {
+        let url = format!("ws://127.0.0.1:{port}/v1/sync");
+        no_hello.push(tokio_tungstenite::connect_async(url.as_str()).await.expect("handshake").0);
+    }
+    let slow = std::thread::spawn(move || {
+        let mut socks: Vec<TcpStream> =
+            (0..10).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("slow")).collect();
+        for i in 0..8 {
+            for s in &mut socks {
+                let _ = s.write_all(&[b"GET /metrics HTTP/1.1\r\n"[i % 10]]);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        socks
+    });
+    // A real client still gets in, at once.
+    let started = Instant::now();
+    write(port, "", DocId::from_u128(0xc), 1, "CREATE TABLE t(x)").await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "a real client waited {took:?}");
+    // The silent ones are closed after the head deadline (5 s); the websockets without Hello
+    // after theirs.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    for mut s in idle.into_iter().take(10) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = Vec::new();
+        let n = s.read_to_end(&mut buf);
+        assert!(n.is_ok(), "the server closed the idle socket: {n:?}");
+    }
+    for mut ws in no_hello.into_iter().take(5) {
+        match next_reply(&mut ws).await {
+            Some(Message::Error { code, .. }) => assert_eq!(code, codes::NOT_HELLO),
+            None => {}
+            other => panic!("expected hello_required or a close, got {other:?}"),
+        }
+    }
+    for mut s in slow.join().expect("slowloris") {
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "slowloris answered: {text}");
+    }
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_never_read_cost_bounded_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let pid = server.0.id();
+    let doc = DocId::from_u128(0xd);
+    write(port, "", doc, 1, "CREATE TABLE t(b BLOB)").await;
+    // Twenty subscribers that read nothing, then 40 MB of new rows arrive.
+    let mut deaf = Vec::new();
+    for i in 0..20u8 {
+        let mut ws = connect(port, "").await;
+        let timeline = TimelineId([100 + i; 16]);
+        send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST }).await;
+        deaf.push(ws);
+    }
+    let before = rss_kib(pid);
+    let fill = "INSERT INTO t SELECT randomblob(1000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 4000) SELECT x FROM c)";
+    for round in 0..10u8 {
+        write(port, "", doc, 10 + round, fill).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(pid);
+    let grew_mib = after.saturating_sub(before) / 1024;
+    eprintln!("20 subscribers that never read, 40 MB written: server RSS {before} -> {after} KiB");
+    // Each may hold its backlog cap (1 MiB) plus one frame; without the cap, retransmits
+    // queued a window every 200 ms for each.
+    assert!(grew_mib < 200, "server RSS grew {grew_mib} MiB");
+    // Readers still get everything.
+    let out = Command::new(Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync"))
+        .args(["--server", &format!("ws://127.0.0.1:{port}/v1/sync"), "--doc", &doc.to_string()])
+        .arg("--data")
+        .arg(dir.path().join("reader"))
+        .args(["query", "SELECT count(*) FROM t"])
+        .output()
+        .expect("pagesync");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("40000"), "{}", String::from_utf8_lossy(&out.stdout));
+    drop(deaf);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_50_mb_step_reaches_a_new_client_and_wrong_paths_are_explained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, port) = start_on_any_port(
+        &format!("file://{}", dir.path().display()),
+        &["--max-mutation-added-bytes", "67108864", "--max-mutation-vm-steps", "100000000"],
+    );
+    let cli = |args: &[&str], server: &str| {
+        let timeout = if server.ends_with("/v1/sync") { "60000" } else { "2000" };
+        Command::new(Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync"))
+            .args(["--server", server, "--doc", "000000000000000000000000000000e5", "--timeout-ms", timeout])
+            .arg("--data")
+            .arg(dir.path().join(args[0]))
+            .args(&args[1..])
+            .output()
+            .expect("pagesync")
+    };
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let out = cli(&["w", "exec", "CREATE TABLE t(b BLOB)"], &url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let big = "INSERT INTO t SELECT randomblob(1000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 50000) SELECT x FROM c)";
+    let out = cli(&["w", "exec", big], &url);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["r", "query", "SELECT count(*), sum(length(b)) FROM t"], &url);
+    let rows = String::from_utf8_lossy(&out.stdout);
+    assert!(rows.contains("50000\t50000000"), "a new client got: {rows} {}", String::from_utf8_lossy(&out.stderr));
+
+    // Pointed at the wrong path, the client says so.
+    let out = cli(&["x", "sync"], &format!("ws://127.0.0.1:{port}/"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("HTTP 404") && err.contains("/v1/sync"), "{err}");
+}
