@@ -11,6 +11,7 @@
 //! - [`server::ServerDocument`], [`client::ClientDocument`].
 #![deny(unsafe_code)]
 
+mod bytes;
 pub mod client;
 pub mod db;
 pub mod error;

@@ -19,6 +19,7 @@ pub struct Mutation {
     /// Seeds `random()` and `randomblob()` for this mutation.
     pub seed: u64,
     /// The reducer's own encoding (for the SQL reducer: `SqlMutation`).
+    #[serde(with = "crate::bytes")]
     pub body: Vec<u8>,
 }
 
@@ -46,7 +47,7 @@ pub enum Value {
     Integer(i64),
     Real(f64),
     Text(String),
-    Blob(Vec<u8>),
+    Blob(#[serde(with = "crate::bytes")] Vec<u8>),
 }
 
 impl From<rusqlite::types::ValueRef<'_>> for Value {

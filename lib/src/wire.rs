@@ -17,6 +17,7 @@ pub struct WireEntry {
     /// True when pages are XORed with their previous versions.
     pub delta: bool,
     /// `raw_len u32 LE | lz4 block` of the (possibly XORed) payload.
+    #[serde(with = "crate::bytes")]
     pub data: Vec<u8>,
 }
 

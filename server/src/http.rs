@@ -119,7 +119,7 @@ pub struct Admission {
 }
 
 /// What a connection may be routed to.
-pub struct Routes {
+pub(crate) struct Routes {
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
     pub store: crate::Store,
@@ -137,7 +137,7 @@ struct Request {
 
 /// Serves one connection. Until it said `Hello` (or, for plain HTTP, until it is answered) it
 /// holds a pending slot and is closed if a newer connection needs the slot.
-pub async fn serve_connection(stream: TcpStream, routes: Routes, mut slot: PendingSlot) {
+pub(crate) async fn serve_connection(stream: TcpStream, routes: Routes, mut slot: PendingSlot) {
     let admitted = tokio::select! {
         _ = &mut slot.evicted => return,
         admitted = route(stream, &routes) => admitted,
@@ -488,7 +488,7 @@ async fn write_loop(
 
 /// A TCP stream whose first bytes (the request head, already read) are served again: the
 /// websocket handshake reads the head it needs from here.
-pub struct Prefixed {
+pub(crate) struct Prefixed {
     head: Vec<u8>,
     at: usize,
     inner: TcpStream,

@@ -12,7 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
-mod http;
+pub mod http;
 mod hub;
 pub mod ops;
 
@@ -305,6 +305,23 @@ impl Metrics {
 pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     let id = doc.to_string();
     root.join(&id[..2]).join(&id).join("storage")
+}
+
+/// Raises this process's open-file limit to its hard limit (each connection is a file), and
+/// returns the limit in force. Every server and load test wants it; Debian's default soft
+/// limit (1,024) is below `--max-connections`.
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            return Some(hard);
+        }
+        Some(soft)
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 /// The key prefix of a document's storage journal in an object store.

@@ -183,6 +183,11 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
     Ok(())
 }
 
+/// Files a server needs besides its connections: pending connections and open journals.
+fn http_reserve() -> usize {
+    pagesync_server::http::DEFAULT_MAX_PENDING_CONNECTIONS + 256
+}
+
 /// Asks on the terminal before an in-place restore.
 fn confirm(doc: pagesync::DocId) -> anyhow::Result<bool> {
     use std::io::BufRead;
@@ -267,6 +272,13 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!(
             "refusing to listen on {} without auth: pass --auth-secret-file, or listen on a loopback address",
             args.listen
+        );
+    }
+    let files = pagesync_server::raise_open_file_limit();
+    if let Some(n) = files.filter(|n| (*n as usize) < args.max_connections + http_reserve()) {
+        tracing::warn!(
+            "the open-file limit is {n}, below --max-connections ({}) plus what pending connections and journals need",
+            args.max_connections
         );
     }
     let store = Store::parse(&args.journal, tokio::runtime::Handle::current())?;

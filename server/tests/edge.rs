@@ -129,7 +129,8 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     let mut ws = connect(port, &token("*", false, false)).await;
     for n in 0..50u128 {
         let doc = DocId::from_u128(0x1000 + n);
-        send(&mut ws, Message::Subscribe { doc, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST }).await;
+        send(&mut ws, Message::Subscribe { doc, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST })
+            .await;
         match next_reply(&mut ws).await.expect("open") {
             Message::Error { code, .. } => assert_eq!(code, codes::NOT_FOUND),
             other => panic!("expected not_found, got {other:?}"),
@@ -138,7 +139,8 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     let docs = walk(&store).into_iter().filter(|p| p.ends_with("storage")).count();
     assert_eq!(docs, 1, "only the written document exists on disk");
     // The same token reads the document that exists.
-    send(&mut ws, Message::Subscribe { doc: a, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST }).await;
+    send(&mut ws, Message::Subscribe { doc: a, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST })
+        .await;
     assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })));
 }
 
@@ -199,7 +201,8 @@ async fn silent_and_slow_sockets_lock_nobody_out() {
         start_on_any_port(&format!("file://{}", dir.path().display()), &["--max-connections", "20"]);
     // More silent sockets than --max-connections, websockets that never say Hello, and
     // slowloris heads, one byte a second.
-    let idle: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("idle")).collect();
+    let idle: Vec<TcpStream> =
+        (0..100).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("idle")).collect();
     let mut no_hello = Vec::new();
     for _ in 0..30 {
         let url = format!("ws://127.0.0.1:{port}/v1/sync");
@@ -282,7 +285,11 @@ async fn subscribers_that_never_read_cost_bounded_memory() {
         .args(["query", "SELECT count(*) FROM t"])
         .output()
         .expect("pagesync");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("40000"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("40000"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     drop(deaf);
 }
 
@@ -311,7 +318,11 @@ async fn a_50_mb_step_reaches_a_new_client_and_wrong_paths_are_explained() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&["r", "query", "SELECT count(*), sum(length(b)) FROM t"], &url);
     let rows = String::from_utf8_lossy(&out.stdout);
-    assert!(rows.contains("50000\t50000000"), "a new client got: {rows} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        rows.contains("50000\t50000000"),
+        "a new client got: {rows} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Pointed at the wrong path, the client says so.
     let out = cli(&["x", "sync"], &format!("ws://127.0.0.1:{port}/"));

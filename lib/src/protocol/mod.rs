@@ -83,7 +83,13 @@ pub enum Message {
     /// timeline stands".
     Subscribe { doc: DocId, timeline: TimelineId, storage_next: Lsn },
     /// Client: timeline entries `first, first+1, ...`.
-    Mutations { doc: DocId, timeline: TimelineId, first: Lsn, entries: Vec<Vec<u8>> },
+    Mutations {
+        doc: DocId,
+        timeline: TimelineId,
+        first: Lsn,
+        #[serde(with = "crate::bytes::vec")]
+        entries: Vec<Vec<u8>>,
+    },
     /// Server: the next timeline LSN it needs (everything before is applied or queued), and
     /// the storage LSN it will write next (so the client knows when it has caught up).
     MutationsAck { doc: DocId, timeline: TimelineId, next_expected: Lsn, storage_next: Lsn },

@@ -87,10 +87,11 @@ struct Conn {
     blocked_since_ms: Option<i64>,
 }
 
-/// A connection whose driver still holds this many unwritten bytes gets no more storage until
-/// it drains, and no retransmission until it is empty: a peer that does not read costs at most
-/// this plus one frame. 1 MiB: a document window.
-pub const MAX_SEND_BACKLOG_BYTES: usize = 1 << 20;
+/// A connection whose driver still holds this many unwritten bytes (past what the kernel's
+/// socket buffer took) gets no more storage until it drains, and no retransmission until it is
+/// empty: a peer that does not read costs at most this plus one message. 256 KiB: a reader
+/// that keeps up never comes near it, the kernel buffers megabytes ahead of it.
+pub const MAX_SEND_BACKLOG_BYTES: usize = 256 << 10;
 
 /// A connection blocked on its backlog this long is closed: its peer is not reading.
 pub const SLOW_READER_CLOSE_MS: i64 = 30_000;
@@ -777,7 +778,9 @@ impl ServerSession {
     /// When `handle_timeout` should run next.
     pub fn poll_timeout(&self) -> Option<i64> {
         let steps = self.docs.iter().filter_map(|(id, d)| self.step_due(*id, d));
-        let subs = self.conns.values().flat_map(|c| c.subs.values());
+        // A connection with unwritten bytes resends nothing (see `handle_timeout`); the driver
+        // says when it drains.
+        let subs = self.conns.values().filter(|c| c.backlog_bytes == 0).flat_map(|c| c.subs.values());
         let resends = subs.filter(|s| !s.inflight.is_empty()).map(|s| s.last_send_ms + RETRANSMIT_MS);
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
