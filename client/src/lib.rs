@@ -29,6 +29,9 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
+/// How often `open_wait` tries a busy replica again.
+const LOCK_RETRY: Duration = Duration::from_millis(50);
+
 /// First reconnect delay; doubles per failure up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reconnect attempts: a restarted server is found within seconds.
@@ -49,6 +52,11 @@ pub enum ClientError {
     Connect(String),
     #[error("the server reported: {code}: {message}")]
     Server { code: String, message: String },
+    /// Another process has this replica open; it is never written by two at once.
+    #[error("the replica {dir} is open in another process ({holder}); close it, or wait for it to finish")]
+    ReplicaBusy { dir: PathBuf, holder: String },
+    #[error(transparent)]
+    Lock(pagesync::journal::LockError),
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -62,6 +70,8 @@ struct Shared {
     connected: Mutex<bool>,
     /// Why the last connection attempt failed, if it did.
     connect_error: Mutex<Option<String>>,
+    /// The lock on each open replica's directory, held while the client lives.
+    locks: Mutex<Vec<pagesync::journal::DirLock>>,
 }
 
 impl Shared {
@@ -123,15 +133,25 @@ impl Client {
             data_dir,
             connected: Mutex::new(false),
             connect_error: Mutex::new(None),
+            locks: Mutex::new(Vec::new()),
         });
         let driver = tokio::spawn(drive(url.to_owned(), shared.clone()));
         Ok(Client { shared, driver })
     }
 
-    /// Opens (or creates) a document's local replica and starts syncing it.
+    /// Opens (or creates) a document's local replica and starts syncing it. The replica's
+    /// directory is locked for as long as the client lives: if another process has it open,
+    /// this fails at once with `ReplicaBusy`, naming that process (`open_wait` waits).
     pub fn open(&self, doc: DocId) -> Result<Document> {
         if !self.shared.session().has_document(doc) {
             let dir = self.shared.data_dir.join(doc.to_string());
+            let lock = pagesync::journal::DirLock::try_lock(&dir, &pagesync::journal::lock::this_command())
+                .map_err(|e| match e {
+                pagesync::journal::LockError::Held { dir, holder } => {
+                    ClientError::ReplicaBusy { dir, holder }
+                }
+                e => ClientError::Lock(e),
+            })?;
             let storage = FileJournal::open_or_create(
                 dir.join("storage"),
                 doc.journal_id(),
@@ -150,10 +170,25 @@ impl Client {
                 Err(e) => return Err(e.into()),
             };
             let replica = ClientDocument::open(Box::new(storage), Box::new(timeline))?;
+            self.shared.locks.lock().expect("BUG: lock poisoned").push(lock);
             self.shared.session().add_document(doc, replica);
             self.shared.wake.notify_one();
         }
         Ok(Document { id: doc, shared: self.shared.clone() })
+    }
+
+    /// `open`, waiting up to `wait` while another process has the replica open (as SQLite's
+    /// busy timeout does), then failing with `ReplicaBusy`, which names that process.
+    pub async fn open_wait(&self, doc: DocId, wait: Duration) -> Result<Document> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.open(doc) {
+                Err(ClientError::ReplicaBusy { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(LOCK_RETRY).await;
+                }
+                done => return done,
+            }
+        }
     }
 
     pub fn is_connected(&self) -> bool {

@@ -27,6 +27,10 @@ struct Args {
     /// How long to wait for the server, in milliseconds.
     #[arg(long, global = true, default_value_t = 3_000)]
     timeout_ms: u64,
+    /// How long to wait while another process has this replica open (a `repl`, another
+    /// `exec`) before failing with its pid and command.
+    #[arg(long, global = true, default_value_t = 10_000)]
+    wait_ms: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,9 +50,12 @@ enum Command {
     Query {
         sql: String,
         params: Vec<String>,
-        /// Print rows as JSON objects instead of TSV.
-        #[arg(long)]
+        /// Print the rows as a JSON array of objects, keys in the query's column order.
+        #[arg(long, conflicts_with = "json_rows")]
         json: bool,
+        /// Print `{"columns": [...], "rows": [[...], ...]}` (also keeps duplicate column names).
+        #[arg(long)]
+        json_rows: bool,
         #[arg(long)]
         offline: bool,
     },
@@ -191,6 +198,32 @@ fn parse_param(p: &str) -> Value {
     }
 }
 
+/// `[{"col": value, ...}, ...]` with keys in column order (serde_json's map would sort them).
+fn json_objects(rows: &pagesync::Rows) -> String {
+    let objects: Vec<String> = rows
+        .rows
+        .iter()
+        .map(|row| {
+            let fields: Vec<String> = rows
+                .columns
+                .iter()
+                .zip(row)
+                .map(|(c, v)| format!("{}:{}", serde_json::Value::from(c.as_str()), to_json(v)))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        })
+        .collect();
+    format!("[{}]", objects.join(","))
+}
+
+fn json_table(rows: &pagesync::Rows) -> String {
+    let table = serde_json::json!({
+        "columns": rows.columns,
+        "rows": rows.rows.iter().map(|r| r.iter().map(to_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
+    });
+    table.to_string()
+}
+
 fn to_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Null => serde_json::Value::Null,
@@ -228,7 +261,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         args.doc.clone().ok_or_else(|| anyhow::anyhow!("--doc ID is required (32 hex digits or a UUID)"))?;
     let doc_id: DocId = doc_text.parse()?;
     let client = Client::connect(&args.server, &args.token, &args.data)?;
-    let doc = client.open(doc_id)?;
+    let doc = client.open_wait(doc_id, Duration::from_millis(args.wait_ms)).await?;
     let timeout = Duration::from_millis(args.timeout_ms);
     match args.command {
         Command::Exec { sql, params, offline } => {
@@ -251,17 +284,15 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Query { sql, params, json, offline } => {
+        Command::Query { sql, params, json, json_rows, offline } => {
             if !offline && let Err(e) = sync_shown(&doc, timeout).await {
                 eprintln!("warning: showing local data: {e}");
             }
             let rows = doc.query(&sql, &params.iter().map(|p| parse_param(p)).collect::<Vec<_>>())?;
             if json {
-                for row in &rows.rows {
-                    let obj: serde_json::Map<String, serde_json::Value> =
-                        rows.columns.iter().cloned().zip(row.iter().map(to_json)).collect();
-                    println!("{}", serde_json::Value::Object(obj));
-                }
+                println!("{}", json_objects(&rows));
+            } else if json_rows {
+                println!("{}", json_table(&rows));
             } else {
                 print_rows(&rows);
             }

@@ -83,7 +83,7 @@ fn two_cli_clients_converge_offline_writes_sync_and_rejections_are_explained() {
     let seen = ok(&cli(addr, &b, &["query", "SELECT x FROM t"], None));
     assert_eq!(seen, "x\nfrom a\n");
     let json = ok(&cli(addr, &b, &["query", "--json", "SELECT x FROM t"], None));
-    assert_eq!(json.trim(), r#"{"x":"from a"}"#);
+    assert_eq!(json.trim(), r#"[{"x":"from a"}]"#);
 
     // A write the server refuses: non-zero exit and the server's reason.
     let rejected = cli(addr, &b, &["exec", "INSERT INTO t VALUES ('')"], None);

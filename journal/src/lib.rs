@@ -21,6 +21,8 @@ mod error;
 pub mod file;
 pub mod handles;
 mod id;
+#[cfg(unix)]
+pub mod lock;
 mod lsn;
 mod memory;
 #[cfg(feature = "s3")]
@@ -31,6 +33,8 @@ pub use error::{JournalError, Result};
 pub use file::{FileJournal, FileJournalOptions};
 pub use handles::{HandleJournal, RandomAccess};
 pub use id::{JournalId, ParseIdError};
+#[cfg(unix)]
+pub use lock::{DirLock, LockError};
 pub use lsn::{Lsn, LsnRange};
 pub use memory::MemoryJournal;
 #[cfg(feature = "s3")]

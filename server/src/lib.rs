@@ -307,6 +307,18 @@ pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     root.join(&id[..2]).join(&id).join("storage")
 }
 
+/// Takes the `file://` store's lock, or says which process holds it.
+pub fn lock_store(root: &std::path::Path) -> anyhow::Result<pagesync::journal::DirLock> {
+    use pagesync::journal::{DirLock, LockError, lock::this_command};
+    DirLock::try_lock(root, &this_command()).map_err(|e| match e {
+        LockError::Held { dir, holder } => anyhow::anyhow!(
+            "another pagesync-server is serving {} ({holder}); one store has one server at a time: stop it first",
+            dir.display()
+        ),
+        e => e.into(),
+    })
+}
+
 /// Raises this process's open-file limit to its hard limit (each connection is a file), and
 /// returns the limit in force. Every server and load test wants it; Debian's default soft
 /// limit (1,024) is below `--max-connections`.
@@ -337,9 +349,12 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    if let Store::Files(root) = &cfg.store {
-        std::fs::create_dir_all(root)?;
-    }
+    // One server per `file://` store: a second one would write the same journals. The lock
+    // is held until `serve` returns (the kernel drops it if the process dies).
+    let _store_lock = match &cfg.store {
+        Store::Files(root) => Some(lock_store(root)?),
+        Store::Objects(_) => None,
+    };
     if let Store::Objects(b) = &cfg.store {
         *metrics.objects.lock().expect("BUG: metrics lock poisoned") = Some(b.stats().clone());
     }

@@ -172,6 +172,11 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                     RestoreTo::InPlace
                 }
             };
+            // In place rewrites a document a server may be serving: not while one runs.
+            let _lock = match (&to, &store) {
+                (RestoreTo::InPlace, Store::Files(root)) => Some(pagesync_server::lock_store(root)?),
+                _ => None,
+            };
             let r = ops::restore(&store, doc, at, to, now_ms()).map_err(anyhow::Error::msg)?;
             println!(
                 "restored {doc} as of entry {} into {}: {} pages, entries {}",

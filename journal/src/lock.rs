@@ -1,0 +1,107 @@
+//! One owner per directory: an exclusive OS lock (`flock`) on a `LOCK` file inside it, held for
+//! as long as the owner runs. The kernel drops the lock when the process exits, however it
+//! exits, so a crash never leaves a stale lock behind. The file names the holder (pid and
+//! command line) so a second opener can say who has it.
+//!
+//! A client replica (`<data>/<doc>/`) and a `file://` server store take one; nothing is ever
+//! written by two processes at once. Waiting is the caller's business: this crate reads no
+//! clock.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The file inside a locked directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// An exclusive lock on a directory; released on drop (or when the process exits).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+    path: PathBuf,
+}
+
+/// Why a directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// Another process (or another open in this one) holds it.
+    #[error("{dir} is in use by another process ({holder})")]
+    Held { dir: PathBuf, holder: String },
+    /// (`error` is in the message, so it is not also a `source`.)
+    #[error("cannot lock {path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+}
+
+impl DirLock {
+    /// Takes the lock on `dir` (created if missing) without waiting. `who` describes this
+    /// process to the next opener; the pid is added.
+    pub fn try_lock(dir: &Path, who: &str) -> Result<DirLock, LockError> {
+        let path = dir.join(LOCK_FILE);
+        let io = |error| LockError::Io { path: path.clone(), error };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() { "holder unknown".to_owned() } else { holder.to_owned() };
+                return Err(LockError::Held { dir: dir.to_path_buf(), holder });
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // Ours now: say who holds it.
+        let me = format!("pid {}: {who}", std::process::id());
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.write_all(me.as_bytes()).map_err(io)?;
+        Ok(DirLock { _file: file, path })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// This process's command line, for `who`: `pagesync repl`, `pagesync-server --journal ...`.
+pub fn this_command() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    let mut words = args.iter().map(|a| {
+        Path::new(a)
+            .file_name()
+            .filter(|_| a == &args[0])
+            .map_or(a.clone(), |n| n.to_string_lossy().into_owned())
+    });
+    let mut out = words.next().unwrap_or_default();
+    for w in words.take(12) {
+        out.push(' ');
+        out.push_str(&w);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_fails_naming_the_holder_and_a_dropped_one_frees_the_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = DirLock::try_lock(dir.path(), "first opener").expect("lock");
+        match DirLock::try_lock(dir.path(), "second opener") {
+            Err(LockError::Held { holder, .. }) => {
+                assert!(
+                    holder.contains("first opener") && holder.contains(&std::process::id().to_string()),
+                    "{holder}"
+                );
+            }
+            other => panic!("expected Held, got {other:?}"),
+        }
+        drop(first);
+        DirLock::try_lock(dir.path(), "third opener").expect("free again");
+    }
+}
