@@ -580,6 +580,8 @@ impl Journal for ObjectJournal {
         if target <= self.trimmed_through {
             return Ok(());
         }
+        // A fenced writer rewrites nothing, the trim marker included.
+        self.check_writable()?;
         let mut t = Vec::with_capacity(TRIM_BYTES);
         t.extend_from_slice(TRIM_MAGIC);
         t.extend_from_slice(&target.to_le_bytes());
@@ -591,10 +593,7 @@ impl Journal for ObjectJournal {
             .map_err(|e| backend_err(self.id, format!("PUT {trim_key} failed: {e}")))?;
         self.trimmed_through = target;
         let next = self.range.next().max(up_to.next());
-        self.range = match Lsn::new(target + 1) {
-            Some(f) if f < next => LsnRange::inclusive(f, self.range.last().expect("BUG: f < next")),
-            _ => LsnRange::empty_at(next),
-        };
+        self.range = self.range.remove_through(up_to);
         for (first, end) in self.batch_ends(next.get()) {
             if end <= target {
                 self.backend.cache.lock().expect("BUG: cache lock poisoned").remove((self.id, first));

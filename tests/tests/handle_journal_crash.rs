@@ -1,9 +1,10 @@
 //! Crash and corruption tests of the handle journal (the browser's OPFS layout), on native
-//! files: a power cut at every write and flush of an append and of a compacting prefix removal,
-//! torn tails cut at every byte, and bit flips anywhere.
+//! files: a power cut at every write and flush of an append and of a compacting prefix removal
+//! (twice: once keeping every write that completed, once losing every write not yet flushed,
+//! as a real power cut may), torn tails cut at every byte, and bit flips anywhere.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use pagesync_journal::{HandleJournal, Journal, JournalId, Lsn, LsnRange, RandomAccess};
 use pagesync_tests::{NativeFile, handle_files};
@@ -19,11 +20,19 @@ fn payload(n: u64) -> Vec<u8> {
 }
 
 /// A native file that loses power after a number of operations shared by both files: the
-/// write that crosses the limit lands only half, and every later operation fails.
+/// write that crosses the limit lands only half, and every later operation fails. `durable`
+/// is the file as of its last flush: what a power cut that loses unflushed writes leaves.
 struct CrashFile {
     inner: NativeFile,
     /// Operations left before the cut; `u32::MAX` for no cut.
     ops_left: Arc<AtomicU32>,
+    durable: Arc<Mutex<Vec<u8>>>,
+}
+
+fn contents(f: &NativeFile) -> Vec<u8> {
+    let mut buf = vec![0; f.size().expect("size") as usize];
+    f.read_exact_at(&mut buf, 0).expect("read");
+    buf
 }
 
 impl CrashFile {
@@ -61,7 +70,9 @@ impl RandomAccess for CrashFile {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         self.tick()?;
-        self.inner.flush()
+        self.inner.flush()?;
+        *self.durable.lock().expect("lock") = contents(&self.inner);
+        Ok(())
     }
 }
 
@@ -74,6 +85,17 @@ fn assert_holds(j: &impl Journal, range: LsnRange) {
 
 #[test]
 fn power_cut_at_every_step_of_compaction_and_append_keeps_acknowledged_entries() {
+    power_cuts(false);
+}
+
+/// The same, but the cut loses every write since each file's last flush: a journal that
+/// acknowledged before flushing would lose entries here.
+#[test]
+fn power_cut_losing_unflushed_writes_keeps_acknowledged_entries() {
+    power_cuts(true);
+}
+
+fn power_cuts(lose_unflushed: bool) {
     let mut cut_at = 0;
     loop {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -83,13 +105,26 @@ fn power_cut_at_every_step_of_compaction_and_append_keeps_acknowledged_entries()
         }
         drop(j);
         let ops_left = Arc::new(AtomicU32::new(cut_at));
-        let files = handle_files(dir.path()).map(|inner| CrashFile { inner, ops_left: ops_left.clone() });
+        let durables: Vec<Arc<Mutex<Vec<u8>>>> =
+            handle_files(dir.path()).iter().map(|f| Arc::new(Mutex::new(contents(f)))).collect();
+        let files = handle_files(dir.path()).into_iter().zip(&durables).map(|(inner, durable)| CrashFile {
+            inner,
+            ops_left: ops_left.clone(),
+            durable: durable.clone(),
+        });
+        let files: [CrashFile; 2] = files.collect::<Vec<_>>().try_into().ok().expect("two files");
         let mut j = HandleJournal::open(files).expect("open before the cut");
         j.set_compact_min_bytes(0);
         let trimmed = j.remove_prefix(lsn(30)).is_ok();
         let appended = trimmed && j.append(&payload(41)).is_ok();
         let finished = ops_left.load(Ordering::SeqCst) != 0;
         drop(j);
+        // The power goes right after the last operation, or at the cut.
+        if lose_unflushed {
+            for (name, durable) in ["a", "b"].iter().zip(&durables) {
+                std::fs::write(dir.path().join(name), &*durable.lock().expect("lock")).expect("restore");
+            }
+        }
 
         let j = HandleJournal::open(handle_files(dir.path())).expect("reopen after the cut");
         let last = if appended { 41 } else { j.range().next().get() - 1 };

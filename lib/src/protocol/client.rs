@@ -367,7 +367,16 @@ fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     }
     let (mut entries, mut bytes, mut lsn) = (Vec::new(), 0, first);
     while lsn < pending.next() && bytes < MAX_BATCH_BYTES.min(window) {
-        let Ok(mut one) = l.doc.read_pending(LsnRange::inclusive(lsn, lsn)) else { break };
+        let mut one = match l.doc.read_pending(LsnRange::inclusive(lsn, lsn)) {
+            Ok(one) => one,
+            Err(e) => {
+                // A damaged timeline must not stop uploads in silence: the document's status
+                // carries the error, and what was read so far still goes.
+                let text = format!("cannot read pending mutation {lsn} from the local timeline: {e}");
+                l.error = Some(("timeline".into(), text));
+                break;
+            }
+        };
         let e = one.remove(0);
         bytes += e.len();
         entries.push(e);
