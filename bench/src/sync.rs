@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use pagesync::journal::{Journal, JournalId, MemoryJournal};
+use pagesync::journal::{FileJournal, FileJournalOptions, Journal, JournalId, MemoryJournal};
 use pagesync::protocol::{ClientSession, ConnId, Message, ServerSession};
 use pagesync::{ClientDocument, DocId, ServerDocument, SqlMutation, Value};
 
@@ -38,11 +38,20 @@ const B: ConnId = ConnId(2);
 
 impl Trio {
     fn new() -> Trio {
-        let mut server = ServerSession::new(Box::new(|_| ServerDocument::open(mem(1))));
+        Trio::with(mem)
+    }
+
+    /// With journals from `journal(n)`: 1 the server's storage, 2 and 3 A's storage and
+    /// timeline, 4 and 5 B's.
+    fn with(journal: impl Fn(u128) -> Box<dyn Journal> + Send + 'static) -> Trio {
+        let server_storage = std::sync::Mutex::new(Some(journal(1)));
+        let mut server = ServerSession::new(Box::new(move |_| {
+            ServerDocument::open(server_storage.lock().expect("lock").take().expect("opened once"))
+        }));
         let mut a = ClientSession::new("");
         let mut b = ClientSession::new("");
-        a.add_document(DOC, ClientDocument::open(mem(2), mem(3)).expect("a"));
-        b.add_document(DOC, ClientDocument::open(mem(4), mem(5)).expect("b"));
+        a.add_document(DOC, ClientDocument::open(journal(2), journal(3)).expect("a"));
+        b.add_document(DOC, ClientDocument::open(journal(4), journal(5)).expect("b"));
         for (conn, c) in [(A, &mut a), (B, &mut b)] {
             server.connect(conn);
             c.connected(0);
@@ -105,7 +114,57 @@ impl Trio {
 }
 
 pub fn run(cfg: &Config) -> Vec<Pair> {
-    vec![throughput(cfg), downstream_bytes(cfg)]
+    vec![throughput(cfg), round_trips_on_files(cfg), downstream_bytes(cfg)]
+}
+
+/// One single-row mutation per round on real files (fdatasync on every append): A writes,
+/// the server steps, B and A receive the entry. Peer: the disk alone doing the four durable
+/// appends a round needs at the least (A's timeline, the server's storage, B's and A's
+/// storage), each a small `write` + `fdatasync` to its own file.
+fn round_trips_on_files(cfg: &Config) -> Pair {
+    let n = if cfg.quick { 30 } else { 300 };
+    let ours = || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let mut t = Trio::with(move |n| {
+            let path = root.join(n.to_string());
+            let id = JournalId::from_u128(n);
+            Box::new(FileJournal::create(path, id, FileJournalOptions::default()).expect("journal"))
+        });
+        let start = Instant::now();
+        for i in 0..n {
+            t.a.mutate(DOC, row(i), T0, i).expect("mutate");
+            t.pump(i as i64);
+        }
+        assert!(t.b_has_all(), "BUG: B did not receive everything");
+        per_second(n, start.elapsed())
+    };
+    let peer = || {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut files: Vec<std::fs::File> =
+            (0..4).map(|i| std::fs::File::create(dir.path().join(i.to_string())).expect("file")).collect();
+        let record = vec![7u8; 120];
+        let start = Instant::now();
+        for _ in 0..n {
+            for f in &mut files {
+                f.write_all(&record).expect("write");
+                f.sync_data().expect("fdatasync");
+            }
+        }
+        per_second(n, start.elapsed())
+    };
+    let (x, y) = interleave(cfg.reps, ours, peer);
+    Pair::new(
+        "sync",
+        "A -> server -> B and back, one single-row mutation per round, file journals",
+        "rounds/s",
+        Better::Higher,
+        x,
+        "the disk alone: 4 small appends with fdatasync per round",
+        y,
+        None,
+    )
 }
 
 /// Single-row mutations per second from A's `mutate` to B holding them, batched as a client
