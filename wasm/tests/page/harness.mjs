@@ -54,8 +54,8 @@ export function cli(port, dataDir, doc, ...args) {
   ], { encoding: "utf8" });
 }
 
-/** `pagesync query --json` output (one JSON object per line) as an array. */
-export const cliRows = (...args) => JSON.parse(`[${cli(...args).trim().split("\n").filter(Boolean).join(",")}]`);
+/** `pagesync query --json` output: an array of objects, keys in column order. */
+export const cliRows = (...args) => JSON.parse(cli(...args));
 
 export function logPage(page, name) {
   page.on("console", (m) => ["error", "warning"].includes(m.type()) && console.log(`[${name}] ${m.text()}`));
