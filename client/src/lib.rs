@@ -71,7 +71,7 @@ struct Shared {
     /// Why the last connection attempt failed, if it did.
     connect_error: Mutex<Option<String>>,
     /// The lock on each open replica's directory, held while the client lives.
-    locks: Mutex<Vec<pagesync::journal::DirLock>>,
+    locks: Mutex<Vec<(DocId, pagesync::journal::DirLock)>>,
 }
 
 impl Shared {
@@ -97,8 +97,20 @@ impl std::fmt::Debug for Client {
 }
 
 impl Drop for Client {
+    /// Stops the background task and closes every replica at once, releasing their locks: the
+    /// same process (or another) may reopen them right after. The session's mutex is taken
+    /// after the abort, so a task in the middle of applying a frame finishes that first, and
+    /// never touches a replica again (it is gone from the session).
     fn drop(&mut self) {
         self.driver.abort();
+        let ids: Vec<DocId> =
+            self.shared.locks.lock().expect("BUG: lock poisoned").iter().map(|(id, _)| *id).collect();
+        let mut session = self.shared.session();
+        for id in ids {
+            drop(session.remove_document(id));
+        }
+        drop(session);
+        self.shared.locks.lock().expect("BUG: lock poisoned").clear();
     }
 }
 
@@ -170,7 +182,7 @@ impl Client {
                 Err(e) => return Err(e.into()),
             };
             let replica = ClientDocument::open(Box::new(storage), Box::new(timeline))?;
-            self.shared.locks.lock().expect("BUG: lock poisoned").push(lock);
+            self.shared.locks.lock().expect("BUG: lock poisoned").push((doc, lock));
             self.shared.session().add_document(doc, replica);
             self.shared.wake.notify_one();
         }

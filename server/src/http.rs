@@ -152,14 +152,18 @@ type Socket = tokio_tungstenite::WebSocketStream<Prefixed>;
 
 /// Reads the head and answers it; for `/v1/sync`, returns the websocket and its `Hello`.
 async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8>)> {
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(head)) => head,
+    let mut head = Vec::new();
+    match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut head)).await {
+        Ok(Ok(())) => {}
         Ok(Err(HeadError::TooLarge)) => {
             let why = "request head too large\n";
             respond(stream, "431 Request Header Fields Too Large", "text/plain", why).await;
             return None;
         }
         Ok(Err(HeadError::Closed)) => return None,
+        // A socket that never sent a byte gets no answer: closing is cheaper, and thousands of
+        // them timing out together should cost the server as little as possible.
+        Err(_) if head.is_empty() => return None,
         Err(_) => {
             let why = format!("the request head must arrive within {} s\n", HEAD_TIMEOUT.as_secs());
             respond(stream, "408 Request Timeout", "text/plain", why).await;
@@ -194,9 +198,8 @@ enum HeadError {
     TooLarge,
 }
 
-/// Reads the request head, through its blank line.
-async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
-    let mut head = Vec::with_capacity(1024);
+/// Reads the request head into `head`, through its blank line.
+async fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> Result<(), HeadError> {
     let mut chunk = [0u8; 1024];
     loop {
         let n = stream.read(&mut chunk).await.map_err(|_| HeadError::Closed)?;
@@ -205,7 +208,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, HeadError> {
         }
         head.extend_from_slice(&chunk[..n]);
         if head.windows(4).any(|w| w == b"\r\n\r\n") {
-            return Ok(head);
+            return Ok(());
         }
         if head.len() > MAX_REQUEST_HEAD_BYTES {
             return Err(HeadError::TooLarge);

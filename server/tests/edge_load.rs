@@ -127,9 +127,10 @@ async fn the_edge_holds_under_hostile_load() {
         }
     });
 
-    // The normal client's round trips, while all of that goes on.
+    // The normal client's round trips, while all of that goes on (after a second of it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut trips = Vec::new();
-    for i in 0..scaled(200.0).max(20) {
+    for i in 0..scaled(300.0).max(20) {
         let started = Instant::now();
         let w = mine
             .execute("INSERT INTO t(v) VALUES (?1)", vec![Value::Text(format!("row {i}"))])

@@ -19,6 +19,8 @@ use pagesync::{DocId, Mutation, SqlMutation, TimelineId};
 use support::start_on_any_port;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 const DOC_A: &str = "000000000000000000000000000000a1";
 const DOC_B: &str = "000000000000000000000000000000b2";
 /// The raw attacker's timeline.
@@ -50,8 +52,9 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Sends `statements` as raw timeline entries of `EVIL`, one mutation each, in one frame.
-async fn send_raw(port: u16, doc: &str, statements: &[&str]) {
+/// Sends `statements` as raw timeline entries of `timeline`, one mutation each, in one frame,
+/// skipping every check a real client makes. Returns the open socket.
+async fn raw_mutations(port: u16, doc: &str, timeline: TimelineId, statements: &[&str]) -> Socket {
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
     let doc = doc.parse::<DocId>().expect("doc id");
@@ -65,12 +68,17 @@ async fn send_raw(port: u16, doc: &str, statements: &[&str]) {
         .collect();
     for m in [
         Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-        Message::Subscribe { doc, timeline: EVIL, storage_next: Lsn::FIRST },
-        Message::Mutations { doc, timeline: EVIL, first: Lsn::FIRST, entries },
+        Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST },
+        Message::Mutations { doc, timeline, first: Lsn::FIRST, entries },
     ] {
         ws.send(Ws::Binary(m.encode().into())).await.expect("send");
     }
-    // Wait until the server has taken them all, then leave.
+    ws
+}
+
+/// `raw_mutations` as `EVIL`, waiting until the server has taken them all.
+async fn send_raw(port: u16, doc: &str, statements: &[&str]) {
+    let mut ws = raw_mutations(port, doc, EVIL, statements).await;
     let want = Lsn::new(statements.len() as u64 + 1).expect("lsn");
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("an ack in time");
@@ -145,29 +153,9 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
     let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
     let heavy: Vec<&str> = std::iter::repeat_n(endless, 8).collect();
     let started = Instant::now();
-    let attack = tokio::spawn(async move {
-        // As a second timeline: the first's LSNs 1..9 are taken.
-        let url = format!("ws://127.0.0.1:{port}/v1/sync");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
-        let doc = DOC_A.parse::<DocId>().expect("doc");
-        let timeline = TimelineId([0xdd; 16]);
-        let entries = heavy
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let body = SqlMutation::one(*s, vec![]).encode();
-                Mutation { client_time_ms: 1_700_000_000_000, seed: i as u64, body }.encode().expect("encode")
-            })
-            .collect();
-        for m in [
-            Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-            Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST },
-            Message::Mutations { doc, timeline, first: Lsn::FIRST, entries },
-        ] {
-            ws.send(Ws::Binary(m.encode().into())).await.expect("send");
-        }
-        ws
-    });
+    // As a second timeline: the first's LSNs 1..9 are taken.
+    let attack =
+        tokio::spawn(async move { raw_mutations(port, DOC_A, TimelineId([0xdd; 16]), &heavy).await });
     let _ws = attack.await.expect("attack sent");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let b_started = Instant::now();
