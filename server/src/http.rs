@@ -48,6 +48,11 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// The longest one message may take to leave; past it the peer is not reading and the
+/// connection is closed (the session stops sending to it long before: see
+/// `MAX_SEND_BACKLOG_BYTES`).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Bytes of frames one connection may have waiting for the hub: one largest frame and a
 /// little more. Past it, the connection is not read until the hub catches up.
 fn inbound_bytes_per_connection(max_frame_bytes: usize) -> usize {
@@ -405,21 +410,27 @@ async fn serve_websocket(ws: Socket, hello: Vec<u8>, routes: Routes) {
     let (sink, mut incoming) = ws.split();
     let started = tokio::time::Instant::now();
     let last_seen = Arc::new(AtomicI64::new(0));
-    let writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), last_seen.clone(), started));
+    let mut writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), last_seen.clone(), started));
     let per_conn = Arc::new(Semaphore::new(inbound_bytes_per_connection(max_frame_bytes)));
     let mut frame = Some(hello);
     loop {
-        let bytes = match frame.take() {
-            Some(b) => b,
-            None => match incoming.next().await {
-                Some(Ok(WsMessage::Binary(b))) => b.to_vec(),
-                Some(Ok(WsMessage::Text(t))) => t.as_bytes().to_vec(), // not a frame: the session says so
-                Some(Ok(WsMessage::Close(_)) | Err(_)) | None => break,
-                Some(Ok(_)) => {
-                    last_seen.store(millis_since(started), Ordering::Relaxed); // ping / pong
-                    continue;
-                }
+        let next = match frame.take() {
+            Some(b) => Some(Ok(WsMessage::Binary(b.into()))),
+            // The writer ends when the server closes the connection or the peer is dead or
+            // does not read: then the reading stops too, and the socket is dropped.
+            None => tokio::select! {
+                _ = &mut writer => break,
+                next = incoming.next() => next,
             },
+        };
+        let bytes = match next {
+            Some(Ok(WsMessage::Binary(b))) => b.to_vec(),
+            Some(Ok(WsMessage::Text(t))) => t.as_bytes().to_vec(), // not a frame: the session says so
+            Some(Ok(WsMessage::Close(_)) | Err(_)) | None => break,
+            Some(Ok(_)) => {
+                last_seen.store(millis_since(started), Ordering::Relaxed); // ping / pong
+                continue;
+            }
         };
         last_seen.store(millis_since(started), Ordering::Relaxed);
         metrics.frames_in.fetch_add(1, Ordering::Relaxed);
@@ -468,9 +479,10 @@ async fn write_loop(
                 let len = frame.len();
                 metrics.frames_out.fetch_add(1, Ordering::Relaxed);
                 metrics.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
-                let sent = sink.send(WsMessage::Binary(frame.into())).await;
+                // A peer that does not take one message within the deadline is not reading.
+                let sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(WsMessage::Binary(frame.into()))).await;
                 outgoing.written(len);
-                if sent.is_err() {
+                if !matches!(sent, Ok(Ok(()))) {
                     return;
                 }
             }

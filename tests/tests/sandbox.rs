@@ -167,6 +167,12 @@ fn an_endless_query_is_too_expensive_and_costs_a_bounded_time() {
     let local_ms = start.elapsed().as_millis();
     assert_eq!(local.local.as_ref().map_err(|r| r.code.clone()), Err(RejectionCode::TooExpensive));
     let ok = client.mutate(sql("INSERT INTO notes(body) VALUES ('fine')", vec![]), T0, 6).expect("ok");
+    // A write stopped by the budget ends its whole transaction in SQLite: the step restarts
+    // without it, and the rest of the step still applies.
+    let endless_write = "INSERT INTO notes(body) SELECT 'x' FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c)";
+    let write = client.mutate(sql(endless_write, vec![]), T0, 7).expect("queued");
+    assert_eq!(write.local.as_ref().map_err(|r| r.code.clone()), Err(RejectionCode::TooExpensive));
+    let after = client.mutate(sql("INSERT INTO notes(body) VALUES ('after')", vec![]), T0, 8).expect("ok");
     push(&client, &mut server);
     let start = Instant::now();
     drain(&mut server, T0);
@@ -177,6 +183,13 @@ fn an_endless_query_is_too_expensive_and_costs_a_bounded_time() {
         other => panic!("expected too_expensive, got {other:?}"),
     }
     assert_eq!(client.state(ok.lsn).expect("state"), MutationState::Confirmed);
+    match client.state(write.lsn).expect("state") {
+        MutationState::Rejected(r) => assert_eq!(r.code, RejectionCode::TooExpensive, "{r}"),
+        other => panic!("expected too_expensive, got {other:?}"),
+    }
+    assert_eq!(client.state(after.lsn).expect("state"), MutationState::Confirmed);
+    let bodies = client.query("SELECT body FROM notes ORDER BY id", &[]).expect("query").rows;
+    assert_eq!(bodies, vec![vec![Value::Text("fine".into())], vec![Value::Text("after".into())]]);
     eprintln!("a budget-exhausting mutation took {local_ms} ms on the client, {server_ms} ms on the server");
     assert!(server_ms < 20_000, "the budget bounds the time: {server_ms} ms");
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
