@@ -59,6 +59,10 @@ fn main() -> ExitCode {
         many::serve_child(&dir.to_string_lossy());
         return ExitCode::SUCCESS;
     }
+    if std::env::var_os(many::BARE_WS_ENV).is_some() {
+        many::bare_ws_child();
+        return ExitCode::SUCCESS;
+    }
     if let Some(docs) = std::env::var_os(many::PEER_ENV) {
         many::peer_child(&docs.to_string_lossy());
         return ExitCode::SUCCESS;

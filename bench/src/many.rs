@@ -1,6 +1,9 @@
 //! Many documents: 10,000 documents across 1,000 websocket connections (1,000 across 100 with
 //! `--quick`) on one server, which runs as a child process (this binary again, see
-//! [`serve_child`]) so its resident memory is its own. Two figures:
+//! [`serve_child`]) so its resident memory is its own. Three figures:
+//! - memory per idle websocket: the server's RSS growth while 1,000 websockets that said
+//!   `Hello` sit idle, divided by them. Peer: a bare tokio-tungstenite server in a child
+//!   process ([`bare_ws_child`]) holding the same websockets;
 //! - memory per idle open document: the server's RSS growth while every document is open and
 //!   subscribed, after they went quiet, divided by the documents. Peer: a plain SQLite
 //!   connection per document (schema loaded), measured the same way in a child process;
@@ -29,6 +32,25 @@ pub const SERVE_ENV: &str = "PAGESYNC_BENCH_SERVE";
 /// Set in the child's environment: run the stock SQLite peer over this many documents and
 /// print `KiB-per-document mutations-per-second` (a fresh process, so its heap is its own).
 pub const PEER_ENV: &str = "PAGESYNC_BENCH_SQLITE_PEER";
+
+/// Set in the child's environment: run a bare websocket server (tokio-tungstenite's defaults,
+/// reading frames and dropping them) on a kernel-picked port, printed on stdout.
+pub const BARE_WS_ENV: &str = "PAGESYNC_BENCH_BARE_WS";
+
+/// The bare websocket server's child process: the peer for memory per idle websocket.
+pub fn bare_ws_child() {
+    crate::runtime().block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("{}", listener.local_addr().expect("addr").port());
+        loop {
+            let (stream, _) = listener.accept().await.expect("accept");
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(_)) = ws.next().await {}
+            });
+        }
+    });
+}
 
 /// The peer's child process.
 pub fn peer_child(docs: &str) {
@@ -75,8 +97,13 @@ impl Drop for Server {
 }
 
 fn start(dir: &std::path::Path) -> Server {
+    start_child(SERVE_ENV, &dir.to_string_lossy())
+}
+
+/// This binary again as a child with `env` set, which prints its port first.
+fn start_child(env: &str, value: &str) -> Server {
     let mut child = Command::new(std::env::current_exe().expect("this binary"))
-        .env(SERVE_ENV, dir)
+        .env(env, value)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -200,7 +227,59 @@ fn peer(docs: usize) -> (f64, f64) {
     (per_doc, rate)
 }
 
+/// KiB of the child's RSS per websocket that said one frame (`Hello`) and went idle.
+fn idle_websocket_kib(server: &Server, conns: usize) -> f64 {
+    let (port, pid) = (server.port, server.child.id());
+    crate::runtime().block_on(async move {
+        let url = format!("ws://127.0.0.1:{port}/v1/sync");
+        // Warm the server up with one connection, so the first one's setup is not counted.
+        let (mut warm, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+        let hello = Message::Hello { version: PROTOCOL_VERSION, token: String::new() }.encode();
+        warm.send(Ws::Binary(hello.clone().into())).await.expect("hello");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = rss_kib(pid);
+        let mut sockets = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+            ws.send(Ws::Binary(hello.clone().into())).await.expect("hello");
+            sockets.push(ws);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(pid);
+        drop((sockets, warm));
+        after.saturating_sub(before) as f64 / conns as f64
+    })
+}
+
+/// Server memory per idle websocket (after `Hello`), against a bare tokio-tungstenite server
+/// holding the same websockets, each in a child process; 5 interleaved repetitions.
+fn idle_websockets(cfg: &Config) -> Pair {
+    let conns = if cfg.quick { 100 } else { 1_000 };
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps.max(5) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ours.push(idle_websocket_kib(&start(dir.path()), conns));
+        peer.push(idle_websocket_kib(&start_child(BARE_WS_ENV, "1"), conns));
+    }
+    Pair::new(
+        "many",
+        &format!("server memory per idle websocket, {conns} connections after Hello"),
+        "KiB",
+        Better::Lower,
+        ours,
+        "a bare tokio-tungstenite server (default buffers) holding the same websockets",
+        peer,
+        Some(Target::OursAtMost(64.0)),
+    )
+}
+
 pub fn run(cfg: &Config) -> Vec<Pair> {
+    let mut pairs = vec![idle_websockets(cfg)];
+    pairs.extend(documents(cfg));
+    pairs
+}
+
+fn documents(cfg: &Config) -> Vec<Pair> {
     let (conns, per_conn) = if cfg.quick { (100, 10) } else { (1_000, 10) };
     let docs = conns * per_conn;
     let (mut mem, mut rate, mut peer_mem, mut peer_rate) = (vec![], vec![], vec![], vec![]);

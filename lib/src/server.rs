@@ -54,6 +54,10 @@ const STEP_SYSTEM_PAGES: usize = 256;
 /// journal and sent whole.
 pub const RECENT_WIRE_ENTRIES: usize = 256;
 
+/// ... and at most this many bytes of them (the newest is always kept): 4 MiB, so a document
+/// that took a few large steps does not pin their copies in memory.
+pub const RECENT_WIRE_BYTES: usize = 4 << 20;
+
 /// Bounds on one step, so one storage entry (and the wait for it) stays small.
 #[derive(Clone, Copy, Debug)]
 pub struct StepLimits {
@@ -181,6 +185,12 @@ fn remember_wire(recent: &mut VecDeque<(Lsn, WireEntry)>, lsn: Lsn, wire: WireEn
         recent.pop_front();
     }
     recent.push_back((lsn, wire));
+    // Bounded in bytes too: a few large steps must not pin megabytes per document.
+    let mut bytes: usize = recent.iter().map(|(_, w)| w.data.len()).sum();
+    while bytes > RECENT_WIRE_BYTES && recent.len() > 1 {
+        let (_, old) = recent.pop_front().expect("BUG: more than one");
+        bytes -= old.data.len();
+    }
 }
 
 /// The client time of an encoded mutation, or 0 when it does not decode.

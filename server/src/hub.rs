@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pagesync::protocol::{ConnId, Event, ServerSession};
+use pagesync::protocol::{ConnId, Event, ServerSession, StepDone, StepJob};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Metrics;
@@ -67,11 +67,27 @@ impl ConnReceiver {
 }
 
 enum HubMsg {
-    Connect { conn: ConnId, tx: ConnSender },
-    Frame { conn: ConnId, bytes: Vec<u8>, _permits: FramePermits },
-    Drained { conn: ConnId },
-    Disconnect { conn: ConnId },
-    Export { doc: pagesync::DocId, reply: oneshot::Sender<Result<Vec<u8>, String>> },
+    Connect {
+        conn: ConnId,
+        tx: ConnSender,
+    },
+    Frame {
+        conn: ConnId,
+        bytes: Vec<u8>,
+        _permits: FramePermits,
+    },
+    Drained {
+        conn: ConnId,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    Export {
+        doc: pagesync::DocId,
+        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+    },
+    /// A worker finished a document's step.
+    StepDone(Box<StepDone>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -87,11 +103,23 @@ fn now_ms() -> i64 {
 }
 
 impl Hub {
-    pub fn spawn(session: ServerSession, metrics: Arc<Metrics>) -> Hub {
+    /// Starts the hub thread and `step_threads` workers that take documents' steps, so that
+    /// the hub (every connection's frames) and the other documents never wait for one.
+    pub fn spawn(session: ServerSession, metrics: Arc<Metrics>, step_threads: usize) -> Hub {
         let (tx, rx) = std_mpsc::channel();
+        let (jobs, jobs_rx) = std_mpsc::channel::<StepJob>();
+        let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
+        for i in 0..step_threads.max(1) {
+            let (jobs_rx, done) = (jobs_rx.clone(), tx.clone());
+            std::thread::Builder::new()
+                .name(format!("pagesync-step-{i}"))
+                .spawn(move || step_worker(&jobs_rx, &done))
+                .expect("BUG: cannot spawn a step thread");
+        }
+        let session = session.with_external_steps();
         std::thread::Builder::new()
             .name("pagesync-hub".into())
-            .spawn(move || run(session, rx, metrics))
+            .spawn(move || run(session, rx, jobs, metrics))
             .expect("BUG: cannot spawn the hub thread");
         Hub { tx, next_conn: Arc::new(AtomicU64::new(1)) }
     }
@@ -132,6 +160,17 @@ impl Hub {
     }
 }
 
+/// A step thread: takes jobs until the hub is gone.
+fn step_worker(jobs: &std::sync::Mutex<std_mpsc::Receiver<StepJob>>, done: &std_mpsc::Sender<HubMsg>) {
+    loop {
+        let job = jobs.lock().expect("BUG: step queue lock poisoned").recv();
+        let Ok(job) = job else { return };
+        if done.send(HubMsg::StepDone(Box::new(job.run()))).is_err() {
+            return;
+        }
+    }
+}
+
 fn log(event: Event) {
     match event {
         Event::StepFailed { doc, error, retry_in_ms } => {
@@ -147,8 +186,14 @@ fn log(event: Event) {
     }
 }
 
-fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<Metrics>) {
+fn run(
+    mut session: ServerSession,
+    rx: std_mpsc::Receiver<HubMsg>,
+    jobs: std_mpsc::Sender<StepJob>,
+    metrics: Arc<Metrics>,
+) {
     let mut conns: HashMap<ConnId, ConnSender> = HashMap::new();
+    let mut exports: Vec<(pagesync::DocId, ExportReply)> = Vec::new();
     let mut stopping = None;
     while stopping.is_none() {
         let wait = session.poll_timeout().map_or(IDLE_WAKE_MS, |t| (t - now_ms()).clamp(0, IDLE_WAKE_MS));
@@ -183,41 +228,78 @@ fn run(mut session: ServerSession, rx: std_mpsc::Receiver<HubMsg>, metrics: Arc<
                     session.disconnect(conn);
                     conns.remove(&conn);
                 }
-                HubMsg::Export { doc, reply } => {
-                    let exported =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.export(doc)));
-                    let _ = reply.send(match exported {
-                        Ok(r) => r.map_err(|e| e.to_string()),
-                        Err(_) => Err(format!("exporting {doc} failed with an internal error")),
-                    });
-                }
+                HubMsg::Export { doc, reply } => exports.push((doc, reply)),
+                HubMsg::StepDone(done) => session.step_done(*done, now_ms()),
                 HubMsg::Shutdown(done) => stopping = Some(done),
             }
         }
         session.handle_timeout(now_ms());
-        while let Some(event) = session.poll_event() {
-            log(event);
-        }
-        while let Some((conn, msg)) = session.poll_transmit() {
-            if let Some(c) = conns.get(&conn) {
-                let frame = msg.encode();
-                let backlog = c.backlog.fetch_add(frame.len(), Ordering::AcqRel) + frame.len();
-                c.watched.store(true, Ordering::Release);
-                if c.tx.send(frame).is_err() {
-                    c.backlog.fetch_sub(backlog, Ordering::AcqRel);
-                }
-                session.set_send_backlog(conn, c.backlog.load(Ordering::Acquire));
+        while let Some(job) = session.poll_step(now_ms()) {
+            if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
+                // No workers left (only at exit): step it here.
+                session.step_done(job.run(), now_ms());
             }
         }
-        let closing: Vec<ConnId> = conns.keys().copied().filter(|c| session.should_close(*c)).collect();
-        for conn in closing {
-            session.disconnect(conn);
-            conns.remove(&conn); // dropping the sender closes the websocket
-        }
-        metrics.open_documents.store(session.documents().count() as u64, Ordering::Relaxed);
-        metrics.session.lock().expect("BUG: metrics lock poisoned").clone_from(session.stats());
+        answer_exports(&mut session, &mut exports);
+        flush_outgoing(&mut session, &mut conns, &metrics);
     }
+    // Shutdown: every step out on a worker comes back, then whatever is queued is applied.
+    while session.stepping() > 0 {
+        match rx.recv() {
+            Ok(HubMsg::StepDone(done)) => session.step_done(*done, now_ms()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    session.flush(now_ms());
+    flush_outgoing(&mut session, &mut conns, &metrics);
     if let Some(done) = stopping {
         let _ = done.send(());
     }
+}
+
+type ExportReply = oneshot::Sender<Result<Vec<u8>, String>>;
+
+/// Answers the exports whose document is not out on a step (the others wait for it).
+fn answer_exports(session: &mut ServerSession, exports: &mut Vec<(pagesync::DocId, ExportReply)>) {
+    let waiting = std::mem::take(exports);
+    for (doc, reply) in waiting {
+        if session.is_stepping(doc) {
+            exports.push((doc, reply));
+            continue;
+        }
+        let exported = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.export(doc)));
+        let _ = reply.send(match exported {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("exporting {doc} failed with an internal error")),
+        });
+    }
+}
+
+/// Logs the session's events, hands its frames to the connections (reporting each one's
+/// backlog), closes the connections it is done with, and updates the metrics.
+fn flush_outgoing(session: &mut ServerSession, conns: &mut HashMap<ConnId, ConnSender>, metrics: &Metrics) {
+    while let Some(event) = session.poll_event() {
+        log(event);
+    }
+    while let Some((conn, msg)) = session.poll_transmit() {
+        if let Some(c) = conns.get(&conn) {
+            let frame = msg.encode();
+            let len = frame.len();
+            c.backlog.fetch_add(len, Ordering::AcqRel);
+            c.watched.store(true, Ordering::Release);
+            if c.tx.send(frame).is_err() {
+                c.backlog.fetch_sub(len, Ordering::AcqRel);
+            }
+            session.set_send_backlog(conn, c.backlog.load(Ordering::Acquire));
+        }
+    }
+    let closing: Vec<ConnId> = conns.keys().copied().filter(|c| session.should_close(*c)).collect();
+    for conn in closing {
+        session.disconnect(conn);
+        conns.remove(&conn); // dropping the sender closes the websocket
+    }
+    let open = session.documents().count() + session.stepping();
+    metrics.open_documents.store(open as u64, Ordering::Relaxed);
+    metrics.session.lock().expect("BUG: metrics lock poisoned").clone_from(session.stats());
 }

@@ -388,7 +388,7 @@ pub async fn serve(
         session =
             session.with_auth(Box::new(move |token: &str, now_ms: i64| auth::verify(&secret, token, now_ms)));
     }
-    let hub = Hub::spawn(session, metrics.clone());
+    let hub = Hub::spawn(session, metrics.clone(), DEFAULT_STEP_THREADS);
     let admission = http::Admission {
         pending: http::Pending::new(http::DEFAULT_MAX_PENDING_CONNECTIONS),
         connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),

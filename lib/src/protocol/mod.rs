@@ -13,9 +13,9 @@ mod server;
 
 pub use client::{ClientSession, DocStatus};
 pub use server::{
-    Authenticator, Clock, ConnId, Event, Exists, Grant, MAX_EVENTS, MAX_OUTBOX_MESSAGES,
+    Authenticator, Clock, ConnId, Event, Exists, Grant, MAX_DEFERRED_BYTES, MAX_EVENTS, MAX_OUTBOX_MESSAGES,
     MAX_SEND_BACKLOG_BYTES, Opener, SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession,
-    SessionOptions, SessionStats,
+    SessionOptions, SessionStats, StepDone, StepJob,
 };
 
 use pagesync_journal::Lsn;

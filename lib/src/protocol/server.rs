@@ -195,6 +195,9 @@ impl SessionStats {
     }
 }
 
+/// The session's clock, shared with step jobs that run elsewhere.
+type SharedClock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// A monotonic clock in microseconds, used only to time steps for metrics.
 pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
 
@@ -219,7 +222,7 @@ fn step_documents(
     mut work: Vec<(DocId, &mut ServerDocument)>,
     threads: usize,
     now: i64,
-    clock: Option<&Clock>,
+    clock: Option<&SharedClock>,
 ) -> Vec<Stepped> {
     #[cfg(not(target_arch = "wasm32"))]
     if threads > 1 {
@@ -247,7 +250,7 @@ fn step_documents(
 /// Takes one step of `d`. One per turn: a document with a backlog steps again on the next
 /// turn, after the others had theirs, so no document's backlog holds up the rest for longer
 /// than one step (which its limits bound).
-fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&Clock>) -> Stepped {
+fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&SharedClock>) -> Stepped {
     let mut done = Vec::new();
     let start = clock.map(|c| c());
     // A panic must not take the other documents (or the thread serving them) down with it.
@@ -279,7 +282,7 @@ pub struct ServerSession {
     exists: Option<Exists>,
     auth: Option<Authenticator>,
     options: SessionOptions,
-    clock: Option<Clock>,
+    clock: Option<SharedClock>,
     stats: SessionStats,
     docs: HashMap<DocId, ServerDocument>,
     /// Documents whose last step failed, and when to try again.
@@ -296,6 +299,58 @@ pub struct ServerSession {
     cursor: Option<ConnId>,
     now_ms: i64,
     events: VecDeque<Event>,
+    /// Steps run by the driver (`poll_step` / `step_done`) rather than in `handle_timeout`.
+    external_steps: bool,
+    /// Documents out on a step, and the messages for them that wait for their return.
+    stepping: HashMap<DocId, Deferred>,
+}
+
+/// Messages for a document that is out on a step, handled when it comes back.
+#[derive(Debug, Default)]
+struct Deferred {
+    messages: Vec<(ConnId, i64, Message)>,
+    bytes: usize,
+}
+
+/// Bytes of mutations kept for one document while it is out on a step; more are dropped
+/// unacknowledged, and their clients send them again. 16 MiB: many steps' worth.
+pub const MAX_DEFERRED_BYTES: usize = 16 << 20;
+
+/// One document's step, taken out of the session by `poll_step` to run anywhere (a worker
+/// thread), and handed back with `step_done`. The session never waits for it.
+pub struct StepJob {
+    doc: DocId,
+    document: ServerDocument,
+    now_ms: i64,
+    clock: Option<SharedClock>,
+}
+
+impl std::fmt::Debug for StepJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepJob").field("doc", &self.doc).finish()
+    }
+}
+
+/// A finished `StepJob`, for `step_done`.
+#[derive(Debug)]
+pub struct StepDone {
+    doc: DocId,
+    document: ServerDocument,
+    steps: Vec<(StepOutcome, Option<u64>)>,
+    failure: Option<Failure>,
+}
+
+impl StepJob {
+    pub fn doc(&self) -> DocId {
+        self.doc
+    }
+
+    /// Takes the step: blocking work (SQLite, fsync, object-store puts).
+    pub fn run(mut self) -> StepDone {
+        let (doc, steps, failure) =
+            step_document(self.doc, &mut self.document, self.now_ms, self.clock.as_ref());
+        StepDone { doc, document: self.document, steps, failure }
+    }
 }
 
 impl std::fmt::Debug for ServerSession {
@@ -330,6 +385,8 @@ impl ServerSession {
             cursor: None,
             now_ms: 0,
             events: VecDeque::new(),
+            external_steps: false,
+            stepping: HashMap::new(),
         }
     }
 
@@ -337,6 +394,14 @@ impl ServerSession {
     /// connection may read and write every document.
     pub fn with_auth(mut self, auth: Authenticator) -> ServerSession {
         self.auth = Some(auth);
+        self
+    }
+
+    /// Has the driver run steps (`poll_step`, `StepJob::run` on a thread of its own,
+    /// `step_done`) so that no document's step holds up the others or the session; without it
+    /// `handle_timeout` steps due documents itself and waits for them.
+    pub fn with_external_steps(mut self) -> ServerSession {
+        self.external_steps = true;
         self
     }
 
@@ -354,7 +419,7 @@ impl ServerSession {
 
     /// Times steps with `clock` (monotonic microseconds) for the histogram in `stats`.
     pub fn with_clock(mut self, clock: Clock) -> ServerSession {
-        self.clock = Some(clock);
+        self.clock = Some(std::sync::Arc::from(clock));
         self
     }
 
@@ -395,7 +460,10 @@ impl ServerSession {
     }
 
     /// Opens `doc` if needed and exports it as a `.sqlite` file.
+    /// The document as a `.sqlite` file. Not while it is out on a step (`is_stepping`): the
+    /// caller asks again after `step_done`.
     pub fn export(&mut self, doc: DocId) -> Result<Vec<u8>> {
+        assert!(!self.is_stepping(doc), "BUG: export of a document out on a step");
         self.last_used.insert(doc, self.now_ms);
         if !self.docs.contains_key(&doc) {
             let d = (self.opener)(doc)?;
@@ -469,6 +537,11 @@ impl ServerSession {
             Message::Mutations { doc, .. } if !c.grant.as_ref().is_some_and(|g| g.write) => {
                 let text = format!("your token is read-only: writes to {doc} are refused");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
+            }
+            Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
+                if self.stepping.contains_key(&doc) =>
+            {
+                self.defer(conn, now_ms, msg)
             }
             Message::Mutations { first, ref entries, .. }
                 if first.get().checked_add(entries.len() as u64).is_none_or(|end| end == u64::MAX) =>
@@ -623,48 +696,20 @@ impl ServerSession {
     pub fn handle_timeout(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
-        let due: HashSet<DocId> = self
-            .docs
-            .iter()
-            .filter(|(id, d)| self.step_due(**id, d).is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        let clock = self.clock.as_ref();
-        let work: Vec<(DocId, &mut ServerDocument)> =
-            self.docs.iter_mut().filter(|(id, _)| due.contains(id)).map(|(id, d)| (*id, d)).collect();
-        let threads = self.options.step_threads.min(work.len());
-        let results = step_documents(work, threads, now, clock);
-        for (doc, steps, failed) in results {
-            for (outcome, micros) in &steps {
-                self.stats.record(outcome, *micros);
-                for r in outcome.rejections.iter().filter(|r| r.isolated) {
-                    let (timeline, lsn, rejection) = (r.timeline, r.lsn, r.rejection.clone());
-                    self.event(Event::MutationIsolated {
-                        doc,
-                        step_lsn: outcome.lsn,
-                        timeline,
-                        lsn,
-                        rejection,
-                    });
-                }
-            }
-            self.retry_at.remove(&doc);
-            match failed {
-                // A backlog stays due: it steps again on the next turn.
-                None if self.docs.get(&doc).is_some_and(|d| d.queued() > 0) => {}
-                None => {
-                    self.queued_since.remove(&doc);
-                }
-                Some(Failure::Panicked(why)) => self.close_broken(doc, why),
-                Some(Failure::Error(why)) => {
-                    self.stats.steps_failed += 1;
-                    self.retry_at.insert(doc, now + STEP_RETRY_MS);
-                    self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
-                    let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
-                    for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
-                        c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
-                    }
-                }
+        if !self.external_steps {
+            let due: HashSet<DocId> = self
+                .docs
+                .iter()
+                .filter(|(id, d)| self.step_due(**id, d).is_some_and(|t| t <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            let clock = self.clock.as_ref();
+            let work: Vec<(DocId, &mut ServerDocument)> =
+                self.docs.iter_mut().filter(|(id, _)| due.contains(id)).map(|(id, d)| (*id, d)).collect();
+            let threads = self.options.step_threads.min(work.len());
+            let results = step_documents(work, threads, now, clock);
+            for (doc, steps, failed) in results {
+                self.record_steps(doc, &steps, failed);
             }
         }
         self.close_idle();
@@ -715,6 +760,113 @@ impl ServerSession {
             }
         }
         self.event(Event::DocumentFailed { doc, error: why });
+    }
+
+    /// Takes what one document's steps did into the stats, the events and its schedule.
+    fn record_steps(&mut self, doc: DocId, steps: &[(StepOutcome, Option<u64>)], failed: Option<Failure>) {
+        let now = self.now_ms;
+        for (outcome, micros) in steps {
+            self.stats.record(outcome, *micros);
+            for r in outcome.rejections.iter().filter(|r| r.isolated) {
+                let (timeline, lsn, rejection) = (r.timeline, r.lsn, r.rejection.clone());
+                self.event(Event::MutationIsolated { doc, step_lsn: outcome.lsn, timeline, lsn, rejection });
+            }
+        }
+        self.retry_at.remove(&doc);
+        match failed {
+            // A backlog stays due: it steps again on the next turn.
+            None if self.docs.get(&doc).is_some_and(|d| d.queued() > 0) => {}
+            None => {
+                self.queued_since.remove(&doc);
+            }
+            Some(Failure::Panicked(why)) => self.close_broken(doc, why),
+            Some(Failure::Error(why)) => {
+                self.stats.steps_failed += 1;
+                self.retry_at.insert(doc, now + STEP_RETRY_MS);
+                self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
+                let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
+                for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
+                    c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
+                }
+            }
+        }
+    }
+
+    /// The next document due for a step, taken out of the session to step elsewhere (with
+    /// `with_external_steps`). At most `step_threads` are out at once. Messages for it wait
+    /// until `step_done` brings it back.
+    pub fn poll_step(&mut self, now_ms: i64) -> Option<StepJob> {
+        self.now_ms = self.now_ms.max(now_ms);
+        if self.stepping.len() >= self.options.step_threads {
+            return None;
+        }
+        let now = self.now_ms;
+        let doc = self
+            .docs
+            .iter()
+            .find(|(id, d)| self.step_due(**id, d).is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)?;
+        let document = self.docs.remove(&doc).expect("BUG: just found");
+        self.stepping.insert(doc, Deferred::default());
+        Some(StepJob { doc, document, now_ms: now, clock: self.clock.clone() })
+    }
+
+    /// Documents out on a step.
+    pub fn stepping(&self) -> usize {
+        self.stepping.len()
+    }
+
+    /// Whether `doc` is out on a step (its export waits for `step_done`).
+    pub fn is_stepping(&self, doc: DocId) -> bool {
+        self.stepping.contains_key(&doc)
+    }
+
+    /// Brings a stepped document back, records what its step did, and handles the messages
+    /// that waited for it.
+    pub fn step_done(&mut self, done: StepDone, now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let StepDone { doc, document, steps, failure } = done;
+        let deferred = self.stepping.remove(&doc).unwrap_or_default();
+        if !matches!(failure, Some(Failure::Panicked(_))) {
+            self.docs.insert(doc, document);
+        }
+        self.record_steps(doc, &steps, failure);
+        for (conn, at, msg) in deferred.messages {
+            self.handle_message(conn, at, msg);
+        }
+    }
+
+    /// Steps every document with queued mutations until their queues are empty (or a step
+    /// fails), here and now: for a shutdown, after every step job came back.
+    pub fn flush(&mut self, now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let now = self.now_ms;
+        let docs: Vec<DocId> = self.docs.iter().filter(|(_, d)| d.queued() > 0).map(|(id, _)| *id).collect();
+        for doc in docs {
+            while let Some(d) = self.docs.get_mut(&doc).filter(|d| d.queued() > 0) {
+                let (id, steps, failed) = step_document(doc, d, now, self.clock.as_ref());
+                let stop = failed.is_some() || steps.is_empty();
+                self.record_steps(id, &steps, failed);
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Keeps a message for a document that is out on a step.
+    fn defer(&mut self, conn: ConnId, now_ms: i64, msg: Message) {
+        let Some(doc) = msg.doc() else { return };
+        let bytes = match &msg {
+            Message::Mutations { entries, .. } => entries.iter().map(Vec::len).sum(),
+            _ => 0,
+        };
+        let Some(d) = self.stepping.get_mut(&doc) else { return };
+        if bytes > 0 && d.bytes + bytes > MAX_DEFERRED_BYTES {
+            return; // unacknowledged: the client sends it again
+        }
+        d.bytes += bytes;
+        d.messages.push((conn, now_ms, msg));
     }
 
     fn event(&mut self, e: Event) {
