@@ -929,7 +929,10 @@ impl ServerSession {
 
     /// When `handle_timeout` should run next.
     pub fn poll_timeout(&self) -> Option<i64> {
-        let steps = self.docs.iter().filter_map(|(id, d)| self.step_due(*id, d));
+        // With every step thread busy, nothing can start before one comes back (`step_done`,
+        // which the driver is woken for): no step deadline until then.
+        let full = self.external_steps && self.stepping.len() >= self.options.step_threads;
+        let steps = self.docs.iter().filter(|_| !full).filter_map(|(id, d)| self.step_due(*id, d));
         // A connection with unwritten bytes resends nothing (see `handle_timeout`); the driver
         // says when it drains.
         let subs = self.conns.values().filter(|c| c.backlog_bytes == 0).flat_map(|c| c.subs.values());
