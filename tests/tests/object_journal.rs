@@ -52,10 +52,14 @@ fn two_writers_are_fenced(url: &str) {
     assert!(err.to_string().contains("owned by another"), "{err}");
     let again = b.append(b"retry").expect_err("a fenced writer stays fenced");
     assert!(matches!(again, JournalError::Fenced { .. }), "{again}");
+    // Nor may it rewrite the trim marker: the winner's history stays whole.
+    let trim = b.remove_prefix(lsn(2)).expect_err("a fenced writer trims nothing");
+    assert!(matches!(trim, JournalError::Fenced { .. }), "{trim}");
     let fresh = ObjectBackend::from_url(url, rt.handle().clone()).expect("backend");
     let c = fresh.open_or_create("doc", ID).expect("reopen");
     assert_eq!(c.read(lsn(2)).expect("read"), b"from a");
     assert_eq!(c.range().next(), lsn(3));
+    assert_eq!(c.range().first(), lsn(1), "the fenced writer's trim did not land");
 }
 
 #[test]
