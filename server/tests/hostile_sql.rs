@@ -23,6 +23,7 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 const DOC_A: &str = "000000000000000000000000000000a1";
 const DOC_B: &str = "000000000000000000000000000000b2";
+const DOC_C: &str = "000000000000000000000000000000c3";
 /// The raw attacker's timeline.
 const EVIL: TimelineId = TimelineId([0xee; 16]);
 
@@ -149,6 +150,13 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
         assert_eq!(code, "refused", "mutation {lsn} ({sql})");
     }
 
+    // A client of a third document, ready before the attack.
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let client = pagesync_client::Client::connect(&url, "", dir.path().join("dave")).expect("client");
+    let dave = client.open(DOC_C.parse().expect("doc")).expect("open");
+    dave.execute("CREATE TABLE t(x)", vec![]).expect("ddl");
+    dave.sync(Duration::from_secs(20)).await.expect("sync");
+
     // Budget-exhausting mutations on A; meanwhile B's writes are confirmed within a second.
     let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c";
     let heavy: Vec<&str> = std::iter::repeat_n(endless, 8).collect();
@@ -158,6 +166,17 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
         tokio::spawn(async move { raw_mutations(port, DOC_A, TimelineId([0xdd; 16]), &heavy).await });
     let _ws = attack.await.expect("attack sent");
     tokio::time::sleep(Duration::from_millis(100)).await;
+    // Documents step apart: C's writes go on being confirmed at once while A is stepping.
+    let mut trips = Vec::new();
+    for i in 0..10 {
+        let t0 = Instant::now();
+        let w = dave.execute("INSERT INTO t VALUES (?1)", vec![pagesync::Value::Integer(i)]).expect("write");
+        while dave.state(w.lsn).expect("state") != pagesync::MutationState::Confirmed {
+            assert!(t0.elapsed() < Duration::from_secs(10), "C's write {i} was never confirmed");
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        trips.push(t0.elapsed().as_millis());
+    }
     let b_started = Instant::now();
     ok(&cli(port, &bob, DOC_B, &["exec", "CREATE TABLE t(x)"]));
     let b_ms = b_started.elapsed().as_millis();
@@ -170,8 +189,14 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let a_ms = started.elapsed().as_millis();
-    eprintln!("8 budget-exhausting mutations on A took {a_ms} ms; a write to B was confirmed in {b_ms} ms");
+    eprintln!(
+        "8 budget-exhausting mutations on A took {a_ms} ms; meanwhile a new CLI client's write to B was \
+         confirmed in {b_ms} ms and an open client's writes to C in {trips:?} ms"
+    );
+    assert!(a_ms > 800, "the attack ended before the other documents were measured ({a_ms} ms)");
     assert!(b_ms < 1_000, "a write to another document took {b_ms} ms");
+    trips.sort_unstable();
+    assert!(trips[trips.len() / 2] < 50, "writes to another document while A steps: {trips:?} ms");
     let codes = ok(&cli(
         port,
         &alice,
