@@ -233,6 +233,8 @@ fn run(
                 HubMsg::Shutdown(done) => stopping = Some(done),
             }
         }
+        // Before new steps go out: a document that is always due still gets exported.
+        answer_exports(&mut session, &mut exports);
         session.handle_timeout(now_ms());
         while let Some(job) = session.poll_step(now_ms()) {
             if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
@@ -240,7 +242,6 @@ fn run(
                 session.step_done(job.run(), now_ms());
             }
         }
-        answer_exports(&mut session, &mut exports);
         flush_outgoing(&mut session, &mut conns, &metrics);
     }
     // Shutdown: every step out on a worker comes back, then whatever is queued is applied.
