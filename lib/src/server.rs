@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS _pagesync_rejections(
     PRIMARY KEY (timeline, lsn)) WITHOUT ROWID;
 ";
 
+/// Bytes of received, not yet applied mutations one document holds; past it `receive` takes
+/// no more until steps make room (clients resend). 64 MiB: sixteen full steps.
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+
 /// How far ahead of the server's clock a client's clock may run; later times are clamped.
 /// A minute covers ordinary clock drift without letting a client date rows into the future.
 pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
@@ -151,6 +155,8 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     limits: StepLimits,
     applied: HashMap<TimelineId, Lsn>,
     queues: BTreeMap<TimelineId, VecDeque<(Lsn, Vec<u8>)>>,
+    /// Bytes in `queues`, bounded by `MAX_QUEUED_BYTES`.
+    queued_bytes: usize,
     /// Where the next round-robin pick starts, so busy timelines cannot starve others.
     rr_cursor: Option<TimelineId>,
     /// The newest entries in wire form, oldest first.
@@ -215,6 +221,7 @@ impl<R: Reducer> ServerDocument<R> {
             limits,
             applied: HashMap::new(),
             queues: BTreeMap::new(),
+            queued_bytes: 0,
             rr_cursor: None,
             recent: VecDeque::new(),
             compaction: None,
@@ -374,6 +381,12 @@ impl<R: Reducer> ServerDocument<R> {
             if lsn > expected {
                 break;
             }
+            // Flow control: a full queue takes nothing more (the client sends it again
+            // later); an empty one always takes one, so any mutation can get in.
+            if self.queued_bytes > 0 && self.queued_bytes + entry.len() > MAX_QUEUED_BYTES {
+                break;
+            }
+            self.queued_bytes += entry.len();
             queue.push_back((lsn, entry));
             expected = expected.next();
             accepted += 1;
@@ -433,7 +446,8 @@ impl<R: Reducer> ServerDocument<R> {
         let (outcome, taken) = self.apply_batch(&batch, clamp, now_ms, true)?;
         for (tl, lsn, _) in &batch[..taken] {
             let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
-            q.pop_front();
+            let (_, entry) = q.pop_front().expect("BUG: picked from this queue");
+            self.queued_bytes -= entry.len();
             if q.is_empty() {
                 self.queues.remove(tl);
             }

@@ -346,8 +346,9 @@ async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: 
     let _ = tokio::time::timeout(deadline, write).await;
 }
 
-/// The websocket's configuration: frames up to `max_frame_bytes` each way, small buffers so an
-/// idle connection costs little (they grow while a large frame passes).
+/// The websocket's configuration: incoming messages up to `max_frame_bytes` (what the server
+/// sends is not limited by it), small buffers so an idle connection costs little (they grow
+/// while a large frame passes).
 pub fn websocket_config(max_frame_bytes: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(8 << 10)

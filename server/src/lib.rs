@@ -130,7 +130,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_frame_bytes: pagesync::protocol::MAX_FRAME_BYTES,
+            max_frame_bytes: pagesync::protocol::MAX_UPLOAD_FRAME_BYTES,
             max_mutation_bytes: pagesync::mutation::MAX_MUTATION_BYTES,
             max_doc_bytes: None,
             budget: pagesync::Budget::default(),

@@ -25,8 +25,10 @@ struct Args {
     /// Connections served at once; more are refused.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    /// Largest websocket message accepted; a larger one closes its connection with an error.
-    #[arg(long, default_value_t = pagesync::protocol::MAX_FRAME_BYTES)]
+    /// Largest websocket message accepted from a client; a larger one closes its connection.
+    /// The default is the largest a client sends (a batch of mutations); what the server sends
+    /// may be larger (up to a 64 MiB storage entry), and clients accept that.
+    #[arg(long, default_value_t = pagesync::protocol::MAX_UPLOAD_FRAME_BYTES)]
     max_frame_bytes: usize,
     /// Largest mutation accepted; a larger one is rejected (at most 1 MiB).
     #[arg(long, default_value_t = pagesync::mutation::MAX_MUTATION_BYTES, value_parser = mutation_limit)]

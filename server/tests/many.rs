@@ -130,7 +130,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
 
     // A frame over the server's --max-frame-bytes: the websocket layer refuses it and closes.
     let mut huge = connect(port).await;
-    let _ = huge.send(Ws::Binary(vec![0u8; pagesync::protocol::MAX_FRAME_BYTES + 1].into())).await;
+    let _ = huge.send(Ws::Binary(vec![0u8; pagesync::protocol::MAX_UPLOAD_FRAME_BYTES + 1].into())).await;
     assert!(next_reply(&mut huge).await.is_none(), "the oversized frame's connection is closed");
 
     // Text instead of binary: also a clear error.

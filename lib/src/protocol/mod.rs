@@ -34,6 +34,12 @@ pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1
 /// document cannot hold the connection for long (fairness is per message, round-robin).
 pub const MAX_BATCH_BYTES: usize = 256 << 10;
 
+/// The largest frame a client ever sends: a `Mutations` batch is cut past `MAX_BATCH_BYTES`,
+/// so it holds at most that plus one largest mutation, and a little for the message itself.
+/// A server need accept no more from a client (its `--max-frame-bytes` default), which bounds
+/// what one connection's read can take to about 1.3 MiB.
+pub const MAX_UPLOAD_FRAME_BYTES: usize = MAX_BATCH_BYTES + crate::mutation::MAX_MUTATION_BYTES + (64 << 10);
+
 /// Bytes of storage sent to one document's subscriber and not yet acknowledged. 1 MiB keeps a
 /// loopback link busy while bounding what a slow client costs the server.
 pub const DOC_WINDOW_BYTES: usize = 1 << 20;
