@@ -622,7 +622,10 @@ impl<R: Reducer> ServerDocument<R> {
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
             last.insert(*tl, *lsn);
             vm_steps += if lost.contains_key(&i) { 0 } else { self.db.last_vm_steps() };
-            if vm_budget.is_some_and(|max| vm_steps >= max) {
+            // Past the budget the step ends, but not before the mutations already known to end
+            // the transaction: they are recorded now (skipped, so they cost nothing), never
+            // run again in a later step.
+            if vm_budget.is_some_and(|max| vm_steps >= max) && lost.keys().all(|&j| j <= i) {
                 break;
             }
         }

@@ -195,6 +195,23 @@ fn an_endless_query_is_too_expensive_and_costs_a_bounded_time() {
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
 
+/// A budget-exhausting mutation behind another one in a step is rejected in that step: the
+/// restart after it ended the transaction does not leave it for a later step to run again.
+#[test]
+fn a_budget_exhausting_mutation_runs_once() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let endless = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) INSERT INTO notes(body) SELECT 'x' FROM c";
+    for (tl, text) in [(1u8, "INSERT INTO notes(body) VALUES ('first')"), (2, endless)] {
+        let m = Mutation { client_time_ms: T0, seed: 1, body: sql(text, vec![]) }.encode().expect("encode");
+        server.receive(TimelineId([tl; 16]), Lsn::FIRST, vec![m]);
+    }
+    let outcome = server.step(T0).expect("step").expect("a step");
+    assert_eq!((outcome.applied, outcome.rejected), (2, 1), "{outcome:?}");
+    assert_eq!(outcome.rejections[0].rejection.code, RejectionCode::TooExpensive);
+    assert_eq!(server.queued(), 0);
+}
+
 #[test]
 fn oversized_values_temp_files_and_growth_are_too_big() {
     let budget = Budget { max_temp_bytes: 4 << 20, max_added_bytes: 2 << 20, ..Budget::default() };
