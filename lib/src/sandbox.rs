@@ -20,7 +20,8 @@
 //! (`sin`, `exp`, `pow`, ...: libm differs between targets), ANALYZE (plans would depend on
 //! when a connection loaded statistics) and transaction control.
 //!
-//! Queries ([`Mode::Query`]) get the same lists, read-only.
+//! Queries ([`Mode::Query`]) get the same lists; `ClientDocument::query` refuses any statement
+//! that writes (`sqlite3_stmt_readonly`).
 //!
 //! The budget ([`Budget`]) bounds what one mutation may cost, in units that are the same on
 //! every replica: VM instructions (SQLite's progress handler), pages added to the document,
@@ -342,10 +343,10 @@ pub fn refusal(mode: Mode, ctx: &AuthContext<'_>) -> Option<String> {
         return None;
     }
     let db = ctx.database_name;
+    // A query's writes are refused after preparing (`stmt.readonly()`, in `ClientDocument::
+    // query`), not here: a virtual table (R*Tree) prepares its own write statements when a
+    // query first reads it, and never runs them for a read.
     let write = |what: &str| -> Option<String> {
-        if mode == Mode::Query {
-            return Some(format!("{what}: a query is read-only; use a mutation to write"));
-        }
         if !is_main(db) {
             return Some(format!("{what}: only the document's own (main) schema replicates"));
         }

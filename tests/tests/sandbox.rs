@@ -309,6 +309,53 @@ fn a_hundred_thousand_row_import_in_one_mutation_is_confirmed() {
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
 
+/// What ordinary apps do stays allowed: DDL, upserts, RETURNING, JSON, window functions,
+/// FTS5 and R*Tree tables, user_version, table introspection.
+#[test]
+fn ordinary_app_sql_is_allowed() {
+    let (mut server, mut client) = setup();
+    let script = [
+        "CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, name TEXT UNIQUE, tags TEXT, at TEXT DEFAULT CURRENT_TIMESTAMP)",
+        "CREATE INDEX IF NOT EXISTS items_name ON items(name)",
+        "ALTER TABLE items ADD COLUMN qty INTEGER NOT NULL DEFAULT 0",
+        "INSERT INTO items(name, tags) VALUES ('a', json_array('x', 'y')) ON CONFLICT(name) DO UPDATE SET qty = qty + 1",
+        "INSERT INTO items(name, tags) VALUES ('a', '[]') ON CONFLICT(name) DO UPDATE SET qty = qty + 1 RETURNING id",
+        "UPDATE items SET tags = json_insert(tags, '$[#]', 'z'), at = datetime('now', '+1 day') WHERE tags ->> '$[0]' = 'x'",
+        "CREATE VIEW ranked AS SELECT name, row_number() OVER (ORDER BY qty DESC) AS r FROM items",
+        "CREATE TRIGGER items_log AFTER DELETE ON items BEGIN INSERT INTO items(name) VALUES ('deleted ' || old.name); END",
+        "CREATE VIRTUAL TABLE notes USING fts5(body)",
+        "INSERT INTO notes(body) VALUES ('the quick brown fox'), ('lazy dogs')",
+        "CREATE VIRTUAL TABLE boxes USING rtree(id, minx, maxx, miny, maxy)",
+        "INSERT INTO boxes VALUES (1, 0, 10, 0, 10)",
+        "PRAGMA user_version = 3",
+        "INSERT INTO items(name, qty) SELECT 'n' || value, value FROM json_each('[1,2,3]')",
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 5) INSERT INTO items(name) SELECT 'r' || x FROM c",
+        "DELETE FROM items WHERE name = 'r5'",
+        "INSERT INTO items(name, qty) VALUES ('rand', abs(random()) % 10 + length(randomblob(4)))",
+    ];
+    let mut lsns = Vec::new();
+    for (i, text) in script.iter().enumerate() {
+        let m = client.mutate(sql(text, vec![]), T0, i as u64).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(m.local, Ok(()), "{text}");
+        lsns.push(m.lsn);
+    }
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    for (lsn, text) in lsns.iter().zip(script) {
+        assert_eq!(client.state(*lsn).expect("state"), MutationState::Confirmed, "{text}");
+    }
+    let q = |sql: &str| client.query(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).rows;
+    assert_eq!(q("SELECT count(*) FROM notes WHERE notes MATCH 'fox'"), vec![vec![Value::Integer(1)]]);
+    assert_eq!(q("SELECT id FROM boxes WHERE minx >= 0 AND maxx <= 20"), vec![vec![Value::Integer(1)]]);
+    assert_eq!(q("PRAGMA user_version"), vec![vec![Value::Integer(3)]]);
+    assert_eq!(q("SELECT name FROM ranked WHERE r = 1").len(), 1);
+    assert_eq!(q("SELECT count(*) FROM items WHERE name = 'deleted r5'"), vec![vec![Value::Integer(1)]]);
+    assert!(!q("SELECT name FROM pragma_table_info('items')").is_empty());
+    assert!(integrity_ok(server.database()));
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
 #[test]
 fn rejection_codes_have_stable_strings() {
     for code in [

@@ -193,6 +193,38 @@ pub(crate) fn disable_lookaside(conn: &rusqlite::Connection) {
     }
 }
 
+/// A connection's handle, kept by callbacks the connection owns (so it outlives them).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DbHandle(usize);
+
+impl DbHandle {
+    pub fn of(conn: &rusqlite::Connection) -> DbHandle {
+        // SAFETY: only the address is taken; it is dereferenced by `statement_running`, whose
+        // callers are owned by this connection and so never outlive it.
+        DbHandle(unsafe { conn.handle() } as usize)
+    }
+}
+
+/// Whether a statement of the connection is running (stepped, not yet reset): a statement
+/// prepared meanwhile comes from inside it (FTS5 reads `PRAGMA data_version` while it runs),
+/// whereas the SQL reducer prepares app SQL between statements.
+pub(crate) fn statement_running(db: DbHandle) -> bool {
+    let db = db.0 as *mut ffi::sqlite3;
+    // SAFETY: `db` is a live connection (see `DbHandle::of`), used on the thread that is
+    // inside one of its calls (the authorizer runs within `sqlite3_prepare`), so its statement
+    // list is stable while we walk it.
+    unsafe {
+        let mut stmt = ffi::sqlite3_next_stmt(db, ptr::null_mut());
+        while !stmt.is_null() {
+            if ffi::sqlite3_stmt_busy(stmt) != 0 {
+                return true;
+            }
+            stmt = ffi::sqlite3_next_stmt(db, stmt);
+        }
+    }
+    false
+}
+
 /// Sets what `last_insert_rowid()` returns, so each mutation starts from the same value (0)
 /// whatever ran on the connection before it.
 pub(crate) fn set_last_insert_rowid(conn: &rusqlite::Connection, rowid: i64) {
