@@ -112,8 +112,9 @@ pub struct SessionOptions {
     /// disks; object stores, where each write costs a request and tens of milliseconds, want
     /// more. A full step's worth of mutations steps at once regardless.
     pub commit_interval_ms: i64,
-    /// Documents stepped at once, each on a thread of its own, so one document's slow write
-    /// does not hold up the others. 1 steps them one by one on the caller's thread.
+    /// With external steps: documents out on a step at once (the driver runs each on a
+    /// thread of its own, so one document's slow write holds up no other). Without them the
+    /// session steps documents one by one on the caller's thread.
     pub step_threads: usize,
     /// A document with no subscriber and no queued work is closed after this long, and then
     /// costs nothing but its storage. `None` keeps documents open.
@@ -213,38 +214,6 @@ enum Failure {
     /// A panic: the document's state cannot be trusted; it is closed (and reopened from its
     /// journal on next use).
     Panicked(String),
-}
-
-/// Steps every document in `work`: on up to `threads` scoped threads, or one by one on this
-/// thread when `threads` is 1. Always one by one on wasm, which has no threads and whose
-/// journals are not `Send`.
-fn step_documents(
-    mut work: Vec<(DocId, &mut ServerDocument)>,
-    threads: usize,
-    now: i64,
-    clock: Option<&SharedClock>,
-) -> Vec<Stepped> {
-    #[cfg(not(target_arch = "wasm32"))]
-    if threads > 1 {
-        let per_thread = work.len().div_ceil(threads);
-        return std::thread::scope(|s| {
-            let handles: Vec<_> = work
-                .chunks_mut(per_thread)
-                .map(|chunk| {
-                    s.spawn(move || {
-                        chunk.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-    }
-    #[cfg(target_arch = "wasm32")]
-    let _ = threads;
-    work.iter_mut().map(|(id, d)| step_document(*id, d, now, clock)).collect()
 }
 
 /// Takes one step of `d`. One per turn: a document with a backlog steps again on the next
@@ -703,11 +672,15 @@ impl ServerSession {
                 .filter(|(id, d)| self.step_due(**id, d).is_some_and(|t| t <= now))
                 .map(|(id, _)| *id)
                 .collect();
+            // One by one, on this thread: `lib` spawns nothing. A driver that wants documents
+            // stepped apart uses `with_external_steps`.
             let clock = self.clock.as_ref();
-            let work: Vec<(DocId, &mut ServerDocument)> =
-                self.docs.iter_mut().filter(|(id, _)| due.contains(id)).map(|(id, d)| (*id, d)).collect();
-            let threads = self.options.step_threads.min(work.len());
-            let results = step_documents(work, threads, now, clock);
+            let results: Vec<Stepped> = self
+                .docs
+                .iter_mut()
+                .filter(|(id, _)| due.contains(id))
+                .map(|(id, d)| step_document(*id, d, now, clock))
+                .collect();
             for (doc, steps, failed) in results {
                 self.record_steps(doc, &steps, failed);
             }
