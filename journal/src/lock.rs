@@ -68,18 +68,28 @@ impl DirLock {
 }
 
 /// This process's command line, for `who`: `pagesync repl`, `pagesync-server --journal ...`.
+/// The value of a `--token` is left out: the lock file is on disk and shown to other processes.
 pub fn this_command() -> String {
-    let args: Vec<String> = std::env::args().collect();
-    let mut words = args.iter().map(|a| {
-        Path::new(a)
-            .file_name()
-            .filter(|_| a == &args[0])
-            .map_or(a.clone(), |n| n.to_string_lossy().into_owned())
-    });
-    let mut out = words.next().unwrap_or_default();
-    for w in words.take(12) {
+    describe(&std::env::args().collect::<Vec<_>>())
+}
+
+fn describe(args: &[String]) -> String {
+    let mut out = args
+        .first()
+        .map(|a| Path::new(a).file_name().map_or(a.clone(), |n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    let mut secret_next = false;
+    for a in args.iter().skip(1).take(12) {
+        let word = if secret_next {
+            "***"
+        } else if a.starts_with("--token=") {
+            "--token=***"
+        } else {
+            a.as_str()
+        };
+        secret_next = a == "--token";
         out.push(' ');
-        out.push_str(&w);
+        out.push_str(word);
     }
     out
 }
@@ -103,5 +113,12 @@ mod tests {
         }
         drop(first);
         DirLock::try_lock(dir.path(), "third opener").expect("free again");
+    }
+
+    #[test]
+    fn the_command_line_leaves_tokens_out() {
+        let args = ["/usr/bin/pagesync", "--token", "s3cret", "--doc", "ab", "--token=t0ken", "repl"];
+        let d = describe(&args.map(String::from));
+        assert_eq!(d, "pagesync --token *** --doc ab --token=*** repl");
     }
 }
