@@ -511,10 +511,7 @@ impl<R: Reducer> ClientDocument<R> {
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         self.check_not_restarting()?;
         self.db.run_query(|conn| self.run_query(conn, sql, params)).map_err(|e| match e {
-            Error::Sqlite(e) => match self.db.take_refusal() {
-                Some(reason) => Error::Refused(reason),
-                None => Error::Sqlite(e),
-            },
+            Error::Sqlite(e) => self.db.explain(e),
             e => e,
         })
     }

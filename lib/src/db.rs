@@ -12,7 +12,7 @@
 //!   statement may build, and no ATTACH.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::functions::FunctionFlags;
@@ -77,35 +77,37 @@ impl Rng {
 /// and why the last guarded run was stopped.
 #[derive(Debug, Default)]
 struct SandboxState {
+    /// A `Mode` as its discriminant (`mode_of`).
     mode: AtomicU8,
-    /// VM instructions left to the running mutation.
-    steps_left: AtomicI64,
+    /// The running mutation's budget of VM instructions.
+    max_steps: AtomicU64,
     /// Progress-handler calls in the running mutation (each is `PROGRESS_INTERVAL_OPS` steps).
-    ticks: AtomicI64,
+    ticks: AtomicU64,
     exhausted: AtomicBool,
     refusal: Mutex<Option<String>>,
 }
 
-const MODES: [Mode; 3] = [Mode::System, Mode::Mutation, Mode::Query];
-
 impl SandboxState {
     fn mode(&self) -> Mode {
-        MODES[self.mode.load(Ordering::Relaxed) as usize]
+        match self.mode.load(Ordering::Relaxed) {
+            m if m == Mode::Mutation as u8 => Mode::Mutation,
+            m if m == Mode::Query as u8 => Mode::Query,
+            _ => Mode::System,
+        }
     }
 
     fn set_mode(&self, mode: Mode) {
-        let i = MODES.iter().position(|m| *m == mode).expect("BUG: every mode is listed");
-        self.mode.store(i as u8, Ordering::Relaxed);
+        self.mode.store(mode as u8, Ordering::Relaxed);
     }
 
-    /// The progress handler: `true` stops the statement.
+    /// The progress handler: `true` stops the statement once the mutation's instructions
+    /// reach its budget.
     fn tick(&self) -> bool {
         if self.mode() != Mode::Mutation {
             return false;
         }
-        self.ticks.fetch_add(1, Ordering::Relaxed);
-        let left = self.steps_left.fetch_sub(i64::from(PROGRESS_INTERVAL_OPS), Ordering::Relaxed);
-        if left <= i64::from(PROGRESS_INTERVAL_OPS) {
+        let ticks = self.ticks.fetch_add(1, Ordering::Relaxed) + 1;
+        if ticks.saturating_mul(PROGRESS_INTERVAL_OPS as u64) >= self.max_steps.load(Ordering::Relaxed) {
             self.exhausted.store(true, Ordering::Relaxed);
             return true;
         }
@@ -278,8 +280,7 @@ impl Database {
         self.reset_verdict();
         self.set_page_cap(self.growth_cap());
         crate::vfs::set_last_insert_rowid(&self.conn, 0);
-        let steps = i64::try_from(self.budget.max_vm_steps).unwrap_or(i64::MAX);
-        self.sandbox.steps_left.store(steps, Ordering::Relaxed);
+        self.sandbox.max_steps.store(self.budget.max_vm_steps, Ordering::Relaxed);
         self.sandbox.ticks.store(0, Ordering::Relaxed);
         self.sandbox.set_mode(Mode::Mutation);
         let out = f(&self.conn);
@@ -298,7 +299,7 @@ impl Database {
 
     /// VM instructions the last mutation ran, in whole `PROGRESS_INTERVAL_OPS`.
     pub fn last_vm_steps(&self) -> u64 {
-        self.sandbox.ticks.load(Ordering::Relaxed).max(0) as u64 * PROGRESS_INTERVAL_OPS as u64
+        self.sandbox.ticks.load(Ordering::Relaxed) * PROGRESS_INTERVAL_OPS as u64
     }
 
     fn reset_verdict(&self) {
