@@ -581,19 +581,27 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(())
     }
 
-    /// Records a rejection in the replicated table, with the caps lifted for pagesync's row.
-    fn record_rejection(&mut self, tl: TimelineId, lsn: Lsn, r: &Rejection) -> rusqlite::Result<()> {
+    /// Runs `f` (pagesync's own writes) with the caps lifted: the page cap to the document's
+    /// plus slack, the overlay to a whole step; then puts the mutations' overlay cap back.
+    fn with_system_room<T>(&self, f: impl FnOnce() -> T) -> T {
         self.db.lift_page_cap();
         self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES));
-        let done = self
-            .db
-            .conn()
-            .prepare_cached(
-                "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .and_then(|mut st| st.execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code.as_str(), r.message]));
+        let out = f();
         self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES - STEP_SYSTEM_PAGES));
-        done.map(|_| ())
+        out
+    }
+
+    /// Records a rejection in the replicated table.
+    fn record_rejection(&self, tl: TimelineId, lsn: Lsn, r: &Rejection) -> rusqlite::Result<()> {
+        self.with_system_room(|| {
+            self.db
+                .conn()
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code.as_str(), r.message])
+                .map(|_| ())
+        })
     }
 
     /// One attempt at a batch; an error says which mutation caused it, if one did.
@@ -611,9 +619,14 @@ impl<R: Reducer> ServerDocument<R> {
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
         let (mut rejections, mut vm_steps) = (Vec::new(), 0u64);
         for (i, (tl, lsn, bytes)) in batch.iter().enumerate() {
-            let (time_ms, result) = match lost.get(&i) {
-                Some(r) => (time_of(decoded_time(bytes), i), Err(r.clone())),
-                None => self.apply_one(bytes, |client_ms| time_of(client_ms, i)).map_err(|e| (Some(i), e))?,
+            // A mutation known to end the transaction is skipped: it runs no instructions.
+            let (time_ms, result, steps) = match lost.get(&i) {
+                Some(r) => (time_of(decoded_time(bytes), i), Err(r.clone()), 0),
+                None => {
+                    let (time_ms, result) =
+                        self.apply_one(bytes, |client_ms| time_of(client_ms, i)).map_err(|e| (Some(i), e))?;
+                    (time_ms, result, self.db.last_vm_steps())
+                }
             };
             if let Err(r) = result {
                 self.record_rejection(*tl, *lsn, &r).map_err(conn_err)?;
@@ -621,7 +634,7 @@ impl<R: Reducer> ServerDocument<R> {
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
             last.insert(*tl, *lsn);
-            vm_steps += if lost.contains_key(&i) { 0 } else { self.db.last_vm_steps() };
+            vm_steps += steps;
             // Past the budget the step ends, but not before the mutations already known to end
             // the transaction: they are recorded now (skipped, so they cost nothing), never
             // run again in a later step.
@@ -629,11 +642,7 @@ impl<R: Reducer> ServerDocument<R> {
                 break;
             }
         }
-        self.db.lift_page_cap();
-        self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES));
-        let recorded = self.record_applied(&last);
-        self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES - STEP_SYSTEM_PAGES));
-        recorded.map_err(|e| (None, self.db.explain(e)))?;
+        self.with_system_room(|| self.record_applied(&last)).map_err(|e| (None, self.db.explain(e)))?;
         let committed =
             self.db.store().commit_overlay(&applied, entry_time_ms).map_err(|e| (None, e.into()))?;
         let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
