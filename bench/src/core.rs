@@ -50,6 +50,11 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
 fn memory_write_micros(n: u64, budget: Budget) -> f64 {
     let mut c = ClientDocument::open(mem(1), mem(2)).expect("client");
     c.set_budget(budget).expect("budget");
+    write_micros(c, n)
+}
+
+/// Microseconds per single-row mutation, `n` of them, on a fresh client (the schema first).
+fn write_micros(mut c: ClientDocument, n: u64) -> f64 {
     c.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
     let start = Instant::now();
     for i in 0..n {
@@ -142,14 +147,9 @@ pub(crate) fn local_writes(cfg: &Config) -> u64 {
 /// workload, also run against libsql (`libsql.rs`).
 pub(crate) fn local_write_micros(n: u64) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = ClientDocument::open(file_journal(dir.path(), "s", 1), file_journal(dir.path(), "t", 2))
+    let c = ClientDocument::open(file_journal(dir.path(), "s", 1), file_journal(dir.path(), "t", 2))
         .expect("client");
-    c.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
-    let start = Instant::now();
-    for i in 0..n {
-        c.mutate(row(i), T0, i).expect("mutate");
-    }
-    micros_per_op(n, start.elapsed())
+    write_micros(c, n)
 }
 
 /// A single-row mutation on a client (file journals, fdatasync per write) against a one-row
