@@ -1,33 +1,74 @@
 //! `ClientSession`: the client side of one connection, multiplexing many documents (the
 //! LinkManager role), sans-io.
 //!
-//! Per document it keeps where the upload stands (`up_acked`: the server holds everything
-//! before it; `up_sent`: the next LSN to send) and whether a storage acknowledgement is due.
-//! Losses are repaired by timeouts (`RETRANSMIT_MS` rewinds the upload to `up_acked`;
-//! `KEEPALIVE_MS` of silence re-subscribes, which makes the server resend from what the client
-//! holds). Acknowledgements never rewind anything, so pipelined batches are not resent.
+//! Per document it keeps the subscription's state (`SubState`), the upload's `SendWindow` and
+//! whether a storage acknowledgement is due. Losses are repaired by timeouts (`RETRANSMIT_MS`
+//! rewinds the upload to what the server acknowledged; `KEEPALIVE_MS` of silence
+//! re-subscribes, which makes the server resend from what the client holds). Acknowledgements
+//! never rewind anything, so pipelined batches are not resent.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use pagesync_journal::{Lsn, LsnRange};
 
+use super::window::{SendWindow, round_robin};
 use super::{KEEPALIVE_MS, MAX_BATCH_BYTES, Message, PROTOCOL_VERSION, RETRANSMIT_MS, UPLOAD_WINDOW_BYTES};
 use crate::client::{ClientDocument, Submitted};
 use crate::error::{Error, Result};
 use crate::ids::DocId;
 
+/// Where a document's subscription stands on the current connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SubState {
+    /// A `Subscribe` is due.
+    Unsubscribed,
+    /// Sent at `sent_ms`; the server has not said yet what it holds of our timeline, and
+    /// uploading now could resend what it already has.
+    Subscribing { sent_ms: i64 },
+    /// The server answered the `Subscribe` sent at `sent_ms`: uploads flow.
+    Live { sent_ms: i64 },
+}
+
+/// What moves a `SubState`.
+#[derive(Clone, Copy, Debug)]
+enum SubEvent {
+    /// A new connection, or the server lost our Hello: everything is said again.
+    Reset,
+    /// A `Subscribe` went out.
+    Sent { now_ms: i64 },
+    /// The server acknowledged the subscription (`MutationsAck`).
+    Acked,
+    /// Storage arrived past what we hold: ask again, at most once per retransmit period.
+    Gap { now_ms: i64 },
+    /// Nothing heard for `KEEPALIVE_MS`.
+    Silent,
+}
+
+impl SubState {
+    /// Every transition of a subscription, in one place.
+    fn on(self, event: SubEvent) -> SubState {
+        use SubEvent::*;
+        use SubState::*;
+        match (self, event) {
+            (_, Reset | Silent) => Unsubscribed,
+            (_, Sent { now_ms }) => Subscribing { sent_ms: now_ms },
+            (Subscribing { sent_ms } | Live { sent_ms }, Acked) => Live { sent_ms },
+            (Unsubscribed, Acked) => Unsubscribed, // an older subscription's answer
+            (Subscribing { sent_ms } | Live { sent_ms }, Gap { now_ms })
+                if now_ms < sent_ms + RETRANSMIT_MS =>
+            {
+                self
+            }
+            (_, Gap { .. }) => Unsubscribed,
+        }
+    }
+}
+
 struct Link {
     doc: ClientDocument,
-    subscribed: bool,
-    sub_sent_ms: i64,
-    /// Subscribed, but the server has not said yet what it holds of our timeline: uploading
-    /// now could resend what it already has.
-    awaiting_ack: bool,
-    up_acked: Lsn,
-    up_sent: Lsn,
-    /// Sent and unacknowledged: (first LSN after the batch, bytes).
-    up_inflight: VecDeque<(Lsn, usize)>,
-    up_sent_ms: i64,
+    state: SubState,
+    /// The upload of our timeline.
+    up: SendWindow,
     ack_due: bool,
     last_heard_ms: i64,
     /// The server's storage head as last reported.
@@ -85,13 +126,8 @@ impl ClientSession {
         let first = doc.pending_range().first();
         let link = Link {
             doc,
-            subscribed: false,
-            sub_sent_ms: 0,
-            awaiting_ack: false,
-            up_acked: first,
-            up_sent: first,
-            up_inflight: VecDeque::new(),
-            up_sent_ms: 0,
+            state: SubState::Unsubscribed,
+            up: SendWindow::new(first),
             ack_due: false,
             last_heard_ms: self.now_ms,
             server_storage_next: Lsn::FIRST,
@@ -109,7 +145,8 @@ impl ClientSession {
     pub fn caught_up(&self, id: DocId) -> bool {
         self.connected
             && self.links.get(&id).is_some_and(|l| {
-                l.subscribed && !l.awaiting_ack && l.doc.storage_range().next() >= l.server_storage_next
+                matches!(l.state, SubState::Live { .. })
+                    && l.doc.storage_range().next() >= l.server_storage_next
             })
     }
 
@@ -176,10 +213,9 @@ impl ClientSession {
         self.connected = true;
         self.hello_due = true;
         for l in self.links.values_mut() {
-            let first = l.doc.pending_range().first();
-            (l.subscribed, l.up_acked, l.up_sent, l.ack_due, l.last_heard_ms) =
-                (false, first, first, false, now_ms);
-            l.up_inflight.clear();
+            l.state = l.state.on(SubEvent::Reset);
+            l.up = SendWindow::new(l.doc.pending_range().first());
+            (l.ack_due, l.last_heard_ms) = (false, now_ms);
         }
     }
 
@@ -199,7 +235,7 @@ impl ClientSession {
             if code == super::codes::NOT_HELLO && self.connected {
                 // Our Hello was lost or overtaken: say it again, and everything after it.
                 self.hello_due = true;
-                self.links.values_mut().for_each(|l| l.subscribed = false);
+                self.links.values_mut().for_each(|l| l.state = l.state.on(SubEvent::Reset));
                 return Ok(());
             }
             self.conn_error = Some((code.clone(), message.clone()));
@@ -212,32 +248,23 @@ impl ClientSession {
                 // The server accepted our Hello and subscription: older refusals are moot.
                 self.conn_error = None;
                 link.error = None;
-                link.awaiting_ack = false;
+                link.state = link.state.on(SubEvent::Acked);
                 link.server_storage_next = link.server_storage_next.max(storage_next);
-                if next_expected <= link.up_acked {
-                    return Ok(());
-                }
-                link.up_acked = next_expected;
-                link.up_sent = link.up_sent.max(next_expected);
-                link.up_inflight.retain(|(end, _)| *end > next_expected);
+                link.up.ack(next_expected);
             }
             Message::Storage { first, entries, .. } => {
                 // Past what we hold, only a checkpoint's first part is taken (the replica
                 // restarts there); anything else is a gap.
                 match link.doc.receive_wire(first, &entries) {
                     Err(crate::Error::Gap { .. }) => {
-                        // Ask again from what we hold, at most once per retransmit period.
-                        if now_ms >= link.sub_sent_ms + RETRANSMIT_MS {
-                            link.subscribed = false;
-                        }
+                        link.state = link.state.on(SubEvent::Gap { now_ms });
                         return Ok(());
                     }
                     result => result?,
                 }
                 link.ack_due = true;
-                let confirmed = link.doc.pending_range().first();
-                link.up_acked = link.up_acked.max(confirmed);
-                link.up_sent = link.up_sent.max(confirmed);
+                // What the storage confirmed, the server holds.
+                link.up.ack(link.doc.pending_range().first());
             }
             Message::Error { code, message, .. } => link.error = Some((code, message)),
             _ => {}
@@ -291,12 +318,9 @@ impl ClientSession {
             return;
         }
         for l in self.links.values_mut() {
-            if !l.up_inflight.is_empty() && now_ms >= l.up_sent_ms + RETRANSMIT_MS {
-                l.up_inflight.clear();
-                l.up_sent = l.up_acked;
-            }
+            l.up.rewind_if_due(now_ms);
             if now_ms >= l.last_heard_ms + KEEPALIVE_MS {
-                l.subscribed = false;
+                l.state = l.state.on(SubEvent::Silent);
                 l.last_heard_ms = now_ms;
             }
         }
@@ -307,12 +331,7 @@ impl ClientSession {
             return None;
         }
         let links = self.links.values();
-        links
-            .map(|l| {
-                let keepalive = l.last_heard_ms + KEEPALIVE_MS;
-                if l.up_inflight.is_empty() { keepalive } else { keepalive.min(l.up_sent_ms + RETRANSMIT_MS) }
-            })
-            .min()
+        links.flat_map(|l| [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at()]).flatten().min()
     }
 
     /// The next message to send: Hello first, then round-robin over documents.
@@ -324,10 +343,7 @@ impl ClientSession {
             self.hello_due = false;
             return Some(Message::Hello { version: PROTOCOL_VERSION, token: self.token.clone() });
         }
-        let ids: Vec<DocId> = self.links.keys().copied().collect();
-        let start = self.cursor.map_or(0, |c| ids.partition_point(|i| *i <= c));
-        for k in 0..ids.len() {
-            let id = ids[(start + k) % ids.len()];
+        for id in round_robin(self.links.keys().copied(), self.cursor) {
             let link = self.links.get_mut(&id).expect("BUG: id from keys");
             if let Some(msg) = next_message(id, link, self.now_ms) {
                 self.cursor = Some(id);
@@ -339,10 +355,8 @@ impl ClientSession {
 }
 
 fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
-    if !l.subscribed {
-        l.subscribed = true;
-        l.awaiting_ack = true;
-        l.sub_sent_ms = now_ms;
+    if l.state == SubState::Unsubscribed {
+        l.state = l.state.on(SubEvent::Sent { now_ms });
         let storage_next = l.doc.storage_range().next();
         return Some(Message::Subscribe { doc: id, timeline: l.doc.timeline_id(), storage_next });
     }
@@ -350,7 +364,7 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         l.ack_due = false;
         return Some(Message::StorageAck { doc: id, next: l.doc.storage_range().next() });
     }
-    if l.awaiting_ack {
+    if !matches!(l.state, SubState::Live { .. }) {
         return None;
     }
     upload_batch(id, l, now_ms)
@@ -359,9 +373,8 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
 /// The next `Mutations` message, within the upload window and the batch size.
 fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     let pending = l.doc.pending_range();
-    let inflight: usize = l.up_inflight.iter().map(|(_, b)| b).sum();
-    let window = UPLOAD_WINDOW_BYTES.saturating_sub(inflight);
-    let first = l.up_sent.max(pending.first());
+    let window = l.up.room(UPLOAD_WINDOW_BYTES);
+    let first = l.up.next.max(pending.first());
     if first >= pending.next() || window == 0 {
         return None;
     }
@@ -385,8 +398,6 @@ fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     if entries.is_empty() {
         return None;
     }
-    l.up_sent = lsn;
-    l.up_inflight.push_back((lsn, bytes));
-    l.up_sent_ms = now_ms;
+    l.up.sent(lsn, bytes, now_ms);
     Some(Message::Mutations { doc: id, timeline: l.doc.timeline_id(), first, entries })
 }

@@ -10,6 +10,7 @@
 
 mod client;
 mod server;
+mod window;
 
 pub use client::{ClientSession, DocStatus};
 pub use server::{

@@ -8,14 +8,18 @@
 //! Sending is pull-based: `poll_transmit` picks the next connection round-robin, and within it
 //! the next document round-robin, and builds at most `MAX_BATCH_BYTES` of storage for it while
 //! that subscriber's unacknowledged bytes stay under `DOC_WINDOW_BYTES`.
+//!
+//! Stepping is planned here and executed by the driver: `poll_step` hands out a due document
+//! as a `StepJob` (SQLite, fsync, object-store puts), and `step_done` takes it back. The
+//! session itself does no I/O but what the driver's `Opener` does when a document first opens.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use pagesync_journal::{Lsn, LsnRange};
 
+use super::window::{SendWindow, round_robin};
 use super::{
-    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, Message, PROTOCOL_VERSION,
-    RETRANSMIT_MS, codes,
+    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, Message, PROTOCOL_VERSION, codes,
 };
 use crate::error::Result;
 use crate::ids::{DocId, TimelineId};
@@ -53,21 +57,77 @@ pub type Opener = Box<dyn FnMut(DocId) -> Result<ServerDocument> + Send>;
 
 #[derive(Debug)]
 struct Sub {
-    /// The next storage LSN to send.
-    sent_next: Lsn,
-    /// The client holds everything before this.
-    acked_next: Lsn,
-    /// Sent and unacknowledged: (first LSN after the batch, bytes).
-    inflight: VecDeque<(Lsn, usize)>,
-    last_send_ms: i64,
+    /// The storage sent to this subscriber.
+    window: SendWindow,
     /// Entries up to here go whole: the subscriber restarts at the checkpoint they end, and
     /// holds no pages to apply a delta to.
     full_until: Option<Lsn>,
 }
 
-impl Sub {
-    fn inflight_bytes(&self) -> usize {
-        self.inflight.iter().map(|(_, b)| b).sum()
+/// An open document and its schedule: everything the session keeps per document, so that
+/// opening and closing it is one insert and one remove.
+#[derive(Debug)]
+struct OpenDoc {
+    held: Held,
+    /// When the oldest queued mutation arrived.
+    queued_since: Option<i64>,
+    /// After a failed step: when to try again.
+    retry_at: Option<i64>,
+    /// When a message last named it, for closing idle documents.
+    last_used: i64,
+    /// The `last_used` it shrank at: it shrinks again only after being used since.
+    shrunk_at: Option<i64>,
+}
+
+/// Where an open document is.
+#[derive(Debug)]
+enum Held {
+    Here(ServerDocument),
+    /// Out on a step (`poll_step`); messages for it wait for `step_done`.
+    Stepping(Deferred),
+}
+
+impl OpenDoc {
+    fn new(document: ServerDocument, now_ms: i64) -> OpenDoc {
+        OpenDoc {
+            held: Held::Here(document),
+            queued_since: None,
+            retry_at: None,
+            last_used: now_ms,
+            shrunk_at: None,
+        }
+    }
+
+    fn document(&self) -> Option<&ServerDocument> {
+        match &self.held {
+            Held::Here(d) => Some(d),
+            Held::Stepping(_) => None,
+        }
+    }
+
+    fn document_mut(&mut self) -> Option<&mut ServerDocument> {
+        match &mut self.held {
+            Held::Here(d) => Some(d),
+            Held::Stepping(_) => None,
+        }
+    }
+
+    fn is_stepping(&self) -> bool {
+        matches!(self.held, Held::Stepping(_))
+    }
+
+    fn queued(&self) -> usize {
+        self.document().map_or(0, ServerDocument::queued)
+    }
+
+    /// When it should step: after the commit interval, or at once when a full step is queued,
+    /// but not before a failed step's retry time. Never while it is out on a step.
+    fn step_due(&self, commit_interval_ms: i64, now_ms: i64) -> Option<i64> {
+        let d = self.document().filter(|d| d.queued() > 0)?;
+        let since = self.queued_since.unwrap_or(now_ms);
+        let batch_ready = d.queued() >= d.limits().max_mutations;
+        let due = if batch_ready { since } else { since + commit_interval_ms };
+        Some(due.max(self.retry_at.unwrap_or(i64::MIN)))
     }
 }
 
@@ -253,16 +313,7 @@ pub struct ServerSession {
     options: SessionOptions,
     clock: Option<SharedClock>,
     stats: SessionStats,
-    docs: HashMap<DocId, ServerDocument>,
-    /// Documents whose last step failed, and when to try again.
-    retry_at: HashMap<DocId, i64>,
-    /// When the oldest queued mutation of a document arrived.
-    queued_since: HashMap<DocId, i64>,
-    /// When a document was last named by a message, for closing idle ones.
-    last_used: HashMap<DocId, i64>,
-    /// For documents that shrank: the `last_used` they shrank at (they shrink again only after
-    /// being used since).
-    shrunk_at: HashMap<DocId, i64>,
+    docs: HashMap<DocId, OpenDoc>,
     next_idle_sweep_ms: i64,
     conns: BTreeMap<ConnId, Conn>,
     cursor: Option<ConnId>,
@@ -270,8 +321,8 @@ pub struct ServerSession {
     events: VecDeque<Event>,
     /// Steps run by the driver (`poll_step` / `step_done`) rather than in `handle_timeout`.
     external_steps: bool,
-    /// Documents out on a step, and the messages for them that wait for their return.
-    stepping: HashMap<DocId, Deferred>,
+    /// Documents out on a step (`Held::Stepping`).
+    stepping: usize,
 }
 
 /// Messages for a document that is out on a step, handled when it comes back.
@@ -345,17 +396,13 @@ impl ServerSession {
             clock: None,
             stats: SessionStats::default(),
             docs: HashMap::new(),
-            retry_at: HashMap::new(),
-            queued_since: HashMap::new(),
-            last_used: HashMap::new(),
-            shrunk_at: HashMap::new(),
             next_idle_sweep_ms: 0,
             conns: BTreeMap::new(),
             cursor: None,
             now_ms: 0,
             events: VecDeque::new(),
             external_steps: false,
-            stepping: HashMap::new(),
+            stepping: 0,
         }
     }
 
@@ -424,26 +471,36 @@ impl ServerSession {
         }
     }
 
+    /// An open document, unless it is out on a step.
     pub fn document(&self, doc: DocId) -> Option<&ServerDocument> {
-        self.docs.get(&doc)
+        self.docs.get(&doc)?.document()
     }
 
-    /// Opens `doc` if needed and exports it as a `.sqlite` file.
-    /// The document as a `.sqlite` file. Not while it is out on a step (`is_stepping`): the
-    /// caller asks again after `step_done`.
+    /// The document as a `.sqlite` file, opening it if needed. Not while it is out on a step
+    /// (`is_stepping`): the caller asks again after `step_done`.
     pub fn export(&mut self, doc: DocId) -> Result<Vec<u8>> {
         assert!(!self.is_stepping(doc), "BUG: export of a document out on a step");
-        self.last_used.insert(doc, self.now_ms);
-        if !self.docs.contains_key(&doc) {
-            let d = (self.opener)(doc)?;
-            self.docs.insert(doc, d);
-            self.stats.documents_opened += 1;
-        }
-        self.docs[&doc].export()
+        self.open_doc(doc)?.document().expect("BUG: checked above").export()
     }
 
+    /// The open documents, except those out on a step.
     pub fn documents(&self) -> impl Iterator<Item = (&DocId, &ServerDocument)> {
-        self.docs.iter()
+        self.docs.iter().filter_map(|(id, o)| Some((id, o.document()?)))
+    }
+
+    /// `doc`'s entry, opening the document on first use; marks it used.
+    fn open_doc(&mut self, doc: DocId) -> Result<&mut OpenDoc> {
+        let now = self.now_ms;
+        let open = match self.docs.entry(doc) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let d = (self.opener)(doc)?;
+                self.stats.documents_opened += 1;
+                v.insert(OpenDoc::new(d, now))
+            }
+        };
+        open.last_used = now;
+        Ok(open)
     }
 
     /// Decodes a frame and handles it; a frame that does not decode closes the connection
@@ -508,7 +565,7 @@ impl ServerSession {
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
-                if self.stepping.contains_key(&doc) =>
+                if self.docs.get(&doc).is_some_and(OpenDoc::is_stepping) =>
             {
                 self.defer(conn, now_ms, msg)
             }
@@ -523,12 +580,12 @@ impl ServerSession {
                 self.subscribe(conn, doc, timeline, storage_next, create)
             }
             Message::Mutations { doc, timeline, first, entries } => {
-                if let Some(d) = self.open(conn, doc, true) {
+                if let Some(open) = self.open(conn, doc, true) {
+                    let d = open.document_mut().expect("BUG: not stepping, checked above");
                     let received = d.receive(timeline, first, entries);
-                    let queued = d.queued() > 0;
                     let storage_next = d.storage_range().next();
-                    if queued {
-                        self.queued_since.entry(doc).or_insert(now_ms);
+                    if d.queued() > 0 {
+                        open.queued_since.get_or_insert(now_ms);
                     }
                     let ack = Message::MutationsAck {
                         doc,
@@ -542,11 +599,7 @@ impl ServerSession {
             Message::StorageAck { doc, next } => {
                 if let Some(sub) = c.subs.get_mut(&doc) {
                     // An acknowledgement past what was sent is the peer's mistake: ignored.
-                    let next = next.min(sub.sent_next);
-                    sub.acked_next = sub.acked_next.max(next);
-                    sub.sent_next = sub.sent_next.max(sub.acked_next);
-                    let acked = sub.acked_next;
-                    sub.inflight.retain(|(end, _)| *end > acked);
+                    sub.window.ack(next.min(sub.window.next));
                 }
             }
             Message::Error { .. } => {}
@@ -565,7 +618,7 @@ impl ServerSession {
 
     /// The open document, opening it on first use (creating it only when `create`); on
     /// failure the client is told.
-    fn open(&mut self, conn: ConnId, doc: DocId, create: bool) -> Option<&mut ServerDocument> {
+    fn open(&mut self, conn: ConnId, doc: DocId, create: bool) -> Option<&mut OpenDoc> {
         if !self.docs.contains_key(&doc)
             && !create
             && let Some(exists) = self.exists.as_mut()
@@ -585,21 +638,9 @@ impl ServerSession {
                 }
             }
         }
-        self.last_used.insert(doc, self.now_ms);
-        if !self.docs.contains_key(&doc) {
-            match (self.opener)(doc) {
-                Ok(d) => {
-                    self.docs.insert(doc, d);
-                    self.stats.documents_opened += 1;
-                }
-                Err(e) => {
-                    self.push(
-                        conn,
-                        error(Some(doc), codes::DOCUMENT, format!("cannot open document {doc}: {e}")),
-                    );
-                    return None;
-                }
-            }
+        if let Err(e) = self.open_doc(doc) {
+            self.push(conn, error(Some(doc), codes::DOCUMENT, format!("cannot open document {doc}: {e}")));
+            return None;
         }
         self.docs.get_mut(&doc)
     }
@@ -613,7 +654,7 @@ impl ServerSession {
             let text = format!("a connection may subscribe to at most {MAX_DOCS_PER_CONNECTION} documents");
             return self.push(conn, error(Some(doc), codes::LIMIT, text));
         }
-        let Some(d) = self.open(conn, doc, create) else { return };
+        let Some(d) = self.open(conn, doc, create).and_then(|o| o.document()) else { return };
         let have = d.storage_range().next();
         if storage_next > have {
             let text = format!(
@@ -634,29 +675,20 @@ impl ServerSession {
         // size (see `Compaction`), so this is never more bytes.
         let newest = d.newest_checkpoint().filter(|c| storage_next == Lsn::FIRST && c.first > Lsn::FIRST);
         let start = newest.map_or(storage_next, |c| c.first);
-        let sub = Sub {
-            sent_next: start,
-            acked_next: start,
-            inflight: VecDeque::new(),
-            last_send_ms: 0,
-            full_until: newest.map(|c| c.last),
-        };
+        let sub = Sub { window: SendWindow::new(start), full_until: newest.map(|c| c.last) };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(doc, sub);
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
         }
     }
 
-    /// When a document with queued work should step: after the commit interval, or at once
-    /// when a full step is queued, but not before a failed step's retry time.
-    fn step_due(&self, id: DocId, d: &ServerDocument) -> Option<i64> {
-        if d.queued() == 0 {
-            return None;
-        }
-        let since = self.queued_since.get(&id).copied().unwrap_or(self.now_ms);
-        let batch_ready = d.queued() >= d.limits().max_mutations;
-        let due = if batch_ready { since } else { since + self.options.commit_interval_ms };
-        Some(due.max(self.retry_at.get(&id).copied().unwrap_or(i64::MIN)))
+    /// Documents due for a step at `now`.
+    fn due(&self) -> impl Iterator<Item = DocId> + '_ {
+        let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
+        self.docs
+            .iter()
+            .filter(move |(_, o)| o.step_due(interval, now).is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
     }
 
     /// Steps documents with queued mutations that are due, closes idle documents, and
@@ -666,22 +698,12 @@ impl ServerSession {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
         if !self.external_steps {
-            let due: HashSet<DocId> = self
-                .docs
-                .iter()
-                .filter(|(id, d)| self.step_due(**id, d).is_some_and(|t| t <= now))
-                .map(|(id, _)| *id)
-                .collect();
             // One by one, on this thread: `lib` spawns nothing. A driver that wants documents
             // stepped apart uses `with_external_steps`.
-            let clock = self.clock.as_ref();
-            let results: Vec<Stepped> = self
-                .docs
-                .iter_mut()
-                .filter(|(id, _)| due.contains(id))
-                .map(|(id, d)| step_document(*id, d, now, clock))
-                .collect();
-            for (doc, steps, failed) in results {
+            let due: Vec<DocId> = self.due().collect();
+            for doc in due {
+                let Some(d) = self.docs.get_mut(&doc).and_then(OpenDoc::document_mut) else { continue };
+                let (_, steps, failed) = step_document(doc, d, now, self.clock.as_ref());
                 self.record_steps(doc, &steps, failed);
             }
         }
@@ -692,12 +714,7 @@ impl ServerSession {
             if c.backlog_bytes > 0 {
                 continue;
             }
-            for sub in c.subs.values_mut() {
-                if !sub.inflight.is_empty() && now_ms >= sub.last_send_ms + RETRANSMIT_MS {
-                    sub.inflight.clear();
-                    sub.sent_next = sub.acked_next;
-                }
-            }
+            c.subs.values_mut().for_each(|sub| sub.window.rewind_if_due(now));
         }
         self.close_slow_readers();
     }
@@ -722,9 +739,6 @@ impl ServerSession {
     fn close_broken(&mut self, doc: DocId, why: String) {
         self.stats.documents_failed += 1;
         self.docs.remove(&doc);
-        self.retry_at.remove(&doc);
-        self.queued_since.remove(&doc);
-        self.shrunk_at.remove(&doc);
         let text =
             format!("the server closed document {doc} after an internal error; subscribe again: {why}");
         for c in self.conns.values_mut() {
@@ -745,17 +759,16 @@ impl ServerSession {
                 self.event(Event::MutationIsolated { doc, step_lsn: outcome.lsn, timeline, lsn, rejection });
             }
         }
-        self.retry_at.remove(&doc);
+        let Some(open) = self.docs.get_mut(&doc) else { return };
+        open.retry_at = None;
         match failed {
             // A backlog stays due: it steps again on the next turn.
-            None if self.docs.get(&doc).is_some_and(|d| d.queued() > 0) => {}
-            None => {
-                self.queued_since.remove(&doc);
-            }
+            None if open.queued() > 0 => {}
+            None => open.queued_since = None,
             Some(Failure::Panicked(why)) => self.close_broken(doc, why),
             Some(Failure::Error(why)) => {
+                open.retry_at = Some(now + STEP_RETRY_MS);
                 self.stats.steps_failed += 1;
-                self.retry_at.insert(doc, now + STEP_RETRY_MS);
                 self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
                 let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
                 for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
@@ -770,28 +783,27 @@ impl ServerSession {
     /// until `step_done` brings it back.
     pub fn poll_step(&mut self, now_ms: i64) -> Option<StepJob> {
         self.now_ms = self.now_ms.max(now_ms);
-        if self.stepping.len() >= self.options.step_threads {
+        if self.stepping >= self.options.step_threads {
             return None;
         }
-        let now = self.now_ms;
-        let doc = self
-            .docs
-            .iter()
-            .find(|(id, d)| self.step_due(**id, d).is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)?;
-        let document = self.docs.remove(&doc).expect("BUG: just found");
-        self.stepping.insert(doc, Deferred::default());
-        Some(StepJob { doc, document, now_ms: now, clock: self.clock.clone() })
+        let doc = self.due().next()?;
+        let open = self.docs.get_mut(&doc).expect("BUG: just found");
+        let Held::Here(document) = std::mem::replace(&mut open.held, Held::Stepping(Deferred::default()))
+        else {
+            unreachable!("BUG: a document out on a step is never due")
+        };
+        self.stepping += 1;
+        Some(StepJob { doc, document, now_ms: self.now_ms, clock: self.clock.clone() })
     }
 
     /// Documents out on a step.
     pub fn stepping(&self) -> usize {
-        self.stepping.len()
+        self.stepping
     }
 
     /// Whether `doc` is out on a step (its export waits for `step_done`).
     pub fn is_stepping(&self, doc: DocId) -> bool {
-        self.stepping.contains_key(&doc)
+        self.docs.get(&doc).is_some_and(OpenDoc::is_stepping)
     }
 
     /// Brings a stepped document back, records what its step did, and handles the messages
@@ -799,10 +811,13 @@ impl ServerSession {
     pub fn step_done(&mut self, done: StepDone, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
         let StepDone { doc, document, steps, failure } = done;
-        let deferred = self.stepping.remove(&doc).unwrap_or_default();
-        if !matches!(failure, Some(Failure::Panicked(_))) {
-            self.docs.insert(doc, document);
-        }
+        let Some(open) = self.docs.get_mut(&doc).filter(|o| o.is_stepping()) else {
+            panic!("BUG: step_done for {doc}, which is not out on a step")
+        };
+        let Held::Stepping(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
+            unreachable!("BUG: checked above")
+        };
+        self.stepping -= 1;
         self.record_steps(doc, &steps, failure);
         for (conn, at, msg) in deferred.messages {
             self.handle_message(conn, at, msg);
@@ -814,9 +829,11 @@ impl ServerSession {
     pub fn flush(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
-        let docs: Vec<DocId> = self.docs.iter().filter(|(_, d)| d.queued() > 0).map(|(id, _)| *id).collect();
+        let docs: Vec<DocId> = self.docs.iter().filter(|(_, o)| o.queued() > 0).map(|(id, _)| *id).collect();
         for doc in docs {
-            while let Some(d) = self.docs.get_mut(&doc).filter(|d| d.queued() > 0) {
+            while let Some(d) =
+                self.docs.get_mut(&doc).and_then(OpenDoc::document_mut).filter(|d| d.queued() > 0)
+            {
                 let (id, steps, failed) = step_document(doc, d, now, self.clock.as_ref());
                 let stop = failed.is_some() || steps.is_empty();
                 self.record_steps(id, &steps, failed);
@@ -834,7 +851,7 @@ impl ServerSession {
             Message::Mutations { entries, .. } => entries.iter().map(Vec::len).sum(),
             _ => 0,
         };
-        let Some(d) = self.stepping.get_mut(&doc) else { return };
+        let Some(OpenDoc { held: Held::Stepping(d), .. }) = self.docs.get_mut(&doc) else { return };
         if bytes > 0 && d.bytes + bytes > MAX_DEFERRED_BYTES {
             return; // unacknowledged: the client sends it again
         }
@@ -867,36 +884,28 @@ impl ServerSession {
         let Some(idle_ms) = self.options.idle_close_ms else { return };
         let subscribed: HashSet<DocId> = self.conns.values().flat_map(|c| c.subs.keys().copied()).collect();
         let now = self.now_ms;
-        let idle: Vec<DocId> = self
-            .docs
-            .iter()
-            .filter(|(id, d)| d.queued() == 0 && !subscribed.contains(id))
-            .filter(|(id, _)| self.last_used.get(id).is_none_or(|t| now >= t + idle_ms))
-            .map(|(id, _)| *id)
-            .collect();
-        for doc in idle {
-            self.docs.remove(&doc);
-            self.shrunk_at.remove(&doc);
-            self.last_used.remove(&doc);
-            self.retry_at.remove(&doc);
-            self.queued_since.remove(&doc);
-            self.stats.documents_closed += 1;
-        }
+        let before = self.docs.len();
+        self.docs.retain(|id, o| {
+            let idle = o.document().is_some_and(|d| d.queued() == 0) && now >= o.last_used + idle_ms;
+            !idle || subscribed.contains(id)
+        });
+        self.stats.documents_closed += (before - self.docs.len()) as u64;
     }
 
     fn shrink_idle(&mut self) {
         let Some(shrink_ms) = self.options.idle_shrink_ms else { return };
         let now = self.now_ms;
-        for (id, d) in self.docs.iter_mut().filter(|(_, d)| d.queued() == 0) {
-            let used = self.last_used.get(id).copied().unwrap_or(0);
-            if now < used + shrink_ms || self.shrunk_at.get(id) == Some(&used) {
+        for o in self.docs.values_mut() {
+            let used = o.last_used;
+            if now < used + shrink_ms || o.shrunk_at == Some(used) {
                 continue;
             }
+            let Some(d) = o.document_mut().filter(|d| d.queued() == 0) else { continue };
             // A failure leaves caches in place; the document works either way.
             if d.shrink_memory().is_ok() {
                 self.stats.documents_shrunk += 1;
             }
-            self.shrunk_at.insert(*id, used);
+            o.shrunk_at = Some(used);
         }
     }
 
@@ -904,12 +913,13 @@ impl ServerSession {
     pub fn poll_timeout(&self) -> Option<i64> {
         // With every step thread busy, nothing can start before one comes back (`step_done`,
         // which the driver is woken for): no step deadline until then.
-        let full = self.external_steps && self.stepping.len() >= self.options.step_threads;
-        let steps = self.docs.iter().filter(|_| !full).filter_map(|(id, d)| self.step_due(*id, d));
+        let full = self.external_steps && self.stepping >= self.options.step_threads;
+        let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
+        let steps = self.docs.values().filter(|_| !full).filter_map(|o| o.step_due(interval, now));
         // A connection with unwritten bytes resends nothing (see `handle_timeout`); the driver
         // says when it drains.
         let subs = self.conns.values().filter(|c| c.backlog_bytes == 0).flat_map(|c| c.subs.values());
-        let resends = subs.filter(|s| !s.inflight.is_empty()).map(|s| s.last_send_ms + RETRANSMIT_MS);
+        let resends = subs.filter_map(|s| s.window.resend_at());
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
         steps.chain(resends).chain(blocked).min()
@@ -918,10 +928,7 @@ impl ServerSession {
     /// The next message to send, and its connection. Fair: round-robin over connections, and
     /// over documents within a connection.
     pub fn poll_transmit(&mut self) -> Option<(ConnId, Message)> {
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
-        let start = self.cursor.map_or(0, |c| ids.partition_point(|i| *i <= c));
-        for k in 0..ids.len() {
-            let id = ids[(start + k) % ids.len()];
+        for id in round_robin(self.conns.keys().copied(), self.cursor) {
             if let Some(msg) = self.next_for(id) {
                 self.cursor = Some(id);
                 return Some((id, msg));
@@ -942,11 +949,9 @@ impl ServerSession {
         if c.backlog_bytes > MAX_SEND_BACKLOG_BYTES {
             return None;
         }
-        let docs: Vec<DocId> = c.subs.keys().copied().collect();
-        let start = c.cursor.map_or(0, |d| docs.partition_point(|x| *x <= d));
-        for k in 0..docs.len() {
-            let doc = docs[(start + k) % docs.len()];
-            let (Some(d), Some(sub)) = (self.docs.get(&doc), c.subs.get_mut(&doc)) else { continue };
+        for doc in round_robin(c.subs.keys().copied(), c.cursor) {
+            let d = self.docs.get(&doc).and_then(OpenDoc::document);
+            let (Some(d), Some(sub)) = (d, c.subs.get_mut(&doc)) else { continue };
             if let Some(msg) = storage_batch(doc, d, sub, now_ms) {
                 c.cursor = Some(doc);
                 return Some(msg);
@@ -959,16 +964,16 @@ impl ServerSession {
 /// The next `Storage` message for one subscriber, within its window and the batch size.
 fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> Option<Message> {
     let avail = d.storage_range();
-    let window = DOC_WINDOW_BYTES.saturating_sub(sub.inflight_bytes());
-    if sub.sent_next >= avail.next() || window == 0 {
+    let window = sub.window.room(DOC_WINDOW_BYTES);
+    if sub.window.next >= avail.next() || window == 0 {
         return None;
     }
-    if sub.sent_next < avail.first() {
+    if sub.window.next < avail.first() {
         // Behind the history kept: restart the subscriber at the checkpoint the journal starts
         // with (there is one: `subscribe` checked, and trimming keeps it so).
         sub.full_until = d.base_checkpoint().map(|c| c.last);
     }
-    let first = sub.sent_next.max(avail.first());
+    let first = sub.window.next.max(avail.first());
     let mut entries = Vec::new();
     let mut bytes = 0;
     let mut lsn = first;
@@ -992,9 +997,7 @@ fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> 
         entries.push(e);
         lsn = lsn.next();
     }
-    sub.sent_next = lsn;
-    sub.inflight.push_back((lsn, bytes));
-    sub.last_send_ms = now_ms;
+    sub.window.sent(lsn, bytes, now_ms);
     Some(Message::Storage { doc, first, entries })
 }
 
