@@ -20,7 +20,8 @@ pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 pub fn run(cfg: &Config) -> Vec<Pair> {
     crate::runtime().block_on(async {
-        let mut pairs = vec![throughput(cfg, 1).await, throughput(cfg, GROUP).await];
+        let mut pairs = vec![throughput(cfg, Writes::One).await, throughput(cfg, Writes::Many(100)).await];
+        pairs.push(throughput(cfg, Writes::Concurrent).await);
         pairs.extend(latency(cfg).await);
         pairs.extend(latency_at_rate(cfg).await);
         pairs
@@ -74,21 +75,59 @@ pub(crate) async fn b_reaches(b: &Document, rows: i64) {
     }
 }
 
-/// Single-row mutations per group commit in the second throughput pair (`execute_many`).
-const GROUP: u64 = 100;
+/// How A makes its single-row writes durable in a throughput pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Writes {
+    /// One durable `execute` at a time.
+    One,
+    /// `execute_many` of this many: one group commit each.
+    Many(u64),
+    /// Rounds of `ROUND` separate `execute` calls from `WRITERS` threads at once, B waited
+    /// for after each round: the client's group commit shares their fsyncs.
+    Concurrent,
+}
 
-/// A writes `n` single-row mutations, `group` per fsync (1: one durable `execute` each).
-async fn ours_throughput(n: u64, group: u64) -> f64 {
+const WRITERS: u64 = 10;
+const ROUND: u64 = 100;
+
+/// A writes `n` single-row mutations, made durable as `writes` says.
+async fn ours_throughput(n: u64, writes: Writes) -> f64 {
     let s = setup().await;
     let start = Instant::now();
-    for first in (0..n).step_by(group as usize) {
-        if group == 1 {
-            s.a.execute("INSERT INTO t(v) VALUES (?1)", row(first)).expect("write");
-            continue;
+    match writes {
+        Writes::One => {
+            for i in 0..n {
+                s.a.execute("INSERT INTO t(v) VALUES (?1)", row(i)).expect("write");
+            }
         }
-        let writes =
-            (first..(first + group).min(n)).map(|i| ("INSERT INTO t(v) VALUES (?1)", row(i))).collect();
-        s.a.execute_many(writes).expect("write");
+        Writes::Many(group) => {
+            for first in (0..n).step_by(group as usize) {
+                let writes = (first..(first + group).min(n))
+                    .map(|i| ("INSERT INTO t(v) VALUES (?1)", row(i)))
+                    .collect();
+                s.a.execute_many(writes).expect("write");
+            }
+        }
+        Writes::Concurrent => {
+            let per_writer = ROUND / WRITERS;
+            for round in 0..n / ROUND {
+                let writers: Vec<_> = (0..WRITERS)
+                    .map(|w| {
+                        let a = s.a.clone();
+                        tokio::task::spawn_blocking(move || {
+                            for k in 0..per_writer {
+                                let i = round * ROUND + w * per_writer + k;
+                                a.execute("INSERT INTO t(v) VALUES (?1)", row(i)).expect("write");
+                            }
+                        })
+                    })
+                    .collect();
+                for w in writers {
+                    w.await.expect("writer");
+                }
+                b_reaches(&s.b, ((round + 1) * ROUND) as i64).await;
+            }
+        }
     }
     b_reaches(&s.b, n as i64).await;
     let rate = per_second(n, start.elapsed());
@@ -142,27 +181,30 @@ pub(crate) async fn raw_throughput(n: u64, frame_bytes: usize) -> f64 {
     rate
 }
 
-async fn throughput(cfg: &Config, group: u64) -> Pair {
-    let n = if cfg.quick {
-        300
-    } else if group == 1 {
-        5_000
-    } else {
-        50_000
+async fn throughput(cfg: &Config, writes: Writes) -> Pair {
+    let n = match (cfg.quick, writes) {
+        (true, _) => 300,
+        (false, Writes::One) => 5_000,
+        (false, Writes::Concurrent) => 20_000,
+        (false, Writes::Many(_)) => 50_000,
     };
     // A single-row mutation's frame: about the encoded mutation plus message overhead.
     let frame_bytes = pagesync::SqlMutation::one("INSERT INTO t(v) VALUES (?1)", row(0)).encode().len() + 64;
     let (mut ours, mut peer) = (Vec::new(), Vec::new());
     for _ in 0..cfg.reps {
-        ours.push(ours_throughput(n, group).await);
+        ours.push(ours_throughput(n, writes).await);
         peer.push(raw_throughput(n, frame_bytes).await);
     }
-    let what = if group == 1 {
-        "A -> server -> B over websockets, single-row mutations, one durable execute each".to_owned()
-    } else {
-        format!(
+    let what = match writes {
+        Writes::One => {
+            "A -> server -> B over websockets, single-row mutations, one durable execute each".to_owned()
+        }
+        Writes::Many(group) => format!(
             "A -> server -> B over websockets, single-row mutations, {group} per group commit (execute_many)"
-        )
+        ),
+        Writes::Concurrent => format!(
+            "A -> server -> B over websockets, rounds of {ROUND} separate durable execute calls from {WRITERS} threads (automatic group commit)"
+        ),
     };
     Pair::new(
         "net",

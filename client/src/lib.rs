@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
 use pagesync::protocol::{ClientSession, DocStatus};
-use pagesync::{ClientDocument, DocId, MutationState, Rows, SqlMutation, Submitted, Value};
+use pagesync::{ClientDocument, DocId, Mutation, MutationState, Rows, SqlMutation, Submitted, Value};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -72,11 +73,74 @@ struct Shared {
     connect_error: Mutex<Option<String>>,
     /// The lock on each open replica's directory, held while the client lives.
     locks: Mutex<Vec<(DocId, pagesync::journal::DirLock)>>,
+    /// `execute` calls and their group commits.
+    writes: Mutex<WriteQueue>,
+    /// Signalled when a group commit has answered its writes.
+    written: std::sync::Condvar,
+}
+
+/// `execute` calls waiting for a group commit, and the answers of those committed.
+#[derive(Default)]
+struct WriteQueue {
+    next_ticket: u64,
+    waiting: Vec<QueuedWrite>,
+    answers: HashMap<u64, Result<Submitted>>,
+    /// A caller is committing a group: the others wait for it rather than for the session,
+    /// and the next group takes every write that queued meanwhile.
+    committing: bool,
+    stats: WriteStats,
+}
+
+/// How `execute` calls shared their fsyncs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// `execute` calls answered.
+    pub writes: u64,
+    /// Group commits that answered them: each is one local transaction and (per document)
+    /// one fsync. `writes / commits` is how many calls shared each.
+    pub commits: u64,
+}
+
+/// One `execute` call's mutation, and the ticket its answer is filed under.
+struct QueuedWrite {
+    ticket: u64,
+    doc: DocId,
+    mutation: Mutation,
+}
+
+/// Makes `writes` durable together: per document, one local transaction and one fsync for
+/// all of them, each answered on its own. When their shared append fails, each is tried
+/// alone, so each caller gets its own typed error.
+fn commit_group(session: &mut ClientSession, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<Submitted>)> {
+    let mut answered = Vec::with_capacity(writes.len());
+    let mut by_doc: BTreeMap<DocId, Vec<QueuedWrite>> = BTreeMap::new();
+    for w in writes {
+        by_doc.entry(w.doc).or_default().push(w);
+    }
+    for (doc, writes) in by_doc {
+        let mutations = writes.iter().map(|w| w.mutation.clone()).collect();
+        let answers: Vec<Result<Submitted>> = match session.mutate_group(doc, mutations) {
+            Ok(answers) => answers.into_iter().map(|a| a.map_err(ClientError::from)).collect(),
+            Err(_) => writes
+                .iter()
+                .map(|w| {
+                    let m = w.mutation.clone();
+                    session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
+                })
+                .collect(),
+        };
+        answered.extend(writes.iter().map(|w| w.ticket).zip(answers));
+    }
+    answered
 }
 
 impl Shared {
     fn session(&self) -> MutexGuard<'_, ClientSession> {
         self.session.lock().expect("BUG: session lock poisoned")
+    }
+
+    fn write_queue(&self) -> MutexGuard<'_, WriteQueue> {
+        self.writes.lock().expect("BUG: write queue lock poisoned")
     }
 
     fn bump(&self) {
@@ -146,6 +210,8 @@ impl Client {
             connected: Mutex::new(false),
             connect_error: Mutex::new(None),
             locks: Mutex::new(Vec::new()),
+            writes: Mutex::new(WriteQueue::default()),
+            written: std::sync::Condvar::new(),
         });
         let driver = tokio::spawn(drive(url.to_owned(), shared.clone()));
         Ok(Client { shared, driver })
@@ -206,6 +272,11 @@ impl Client {
     pub fn is_connected(&self) -> bool {
         *self.shared.connected.lock().expect("BUG: lock poisoned")
     }
+
+    /// How `execute` calls shared their fsyncs so far.
+    pub fn write_stats(&self) -> WriteStats {
+        self.shared.write_queue().stats
+    }
 }
 
 /// One open document.
@@ -227,12 +298,42 @@ impl Document {
     }
 
     /// Runs SQL locally at once and queues it for the server. Durable when this returns.
+    ///
+    /// Calls from several threads share fsyncs (group commit): while one call makes its write
+    /// durable, the calls that arrive meanwhile queue up, and the next of them commits them all
+    /// with one fsync. Each is still its own mutation, answered, confirmed or rejected alone.
     pub fn execute(&self, sql: &str, params: Vec<Value>) -> Result<Submitted> {
-        let body = SqlMutation::one(sql, params).encode();
-        let done = self.shared.session().mutate(self.id, body, now_ms(), random_u64())?;
-        self.shared.wake.notify_one();
-        self.shared.bump();
-        Ok(done)
+        let mutation = Mutation {
+            client_time_ms: now_ms(),
+            seed: random_u64(),
+            body: SqlMutation::one(sql, params).encode(),
+        };
+        let mut queue = self.shared.write_queue();
+        let ticket = queue.next_ticket;
+        queue.next_ticket += 1;
+        queue.waiting.push(QueuedWrite { ticket, doc: self.id, mutation });
+        loop {
+            if let Some(answer) = queue.answers.remove(&ticket) {
+                return answer;
+            }
+            if queue.committing {
+                queue = self.shared.written.wait(queue).expect("BUG: write queue lock poisoned");
+                continue;
+            }
+            // Lead the next group: every write queued so far, ours among them.
+            queue.committing = true;
+            let writes = std::mem::take(&mut queue.waiting);
+            queue.stats.writes += writes.len() as u64;
+            queue.stats.commits += 1;
+            drop(queue);
+            let answers = commit_group(&mut self.shared.session(), writes);
+            queue = self.shared.write_queue();
+            queue.answers.extend(answers);
+            queue.committing = false;
+            self.shared.written.notify_all();
+            self.shared.wake.notify_one();
+            self.shared.bump();
+        }
     }
 
     /// Group commit: runs each `(sql, params)` locally as its own mutation, in order, and makes

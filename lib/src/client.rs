@@ -266,28 +266,56 @@ impl<R: Reducer> ClientDocument<R> {
     /// kept. In the rare case a mutation ends the local transaction itself, they are submitted
     /// one by one with `mutate` instead.
     pub fn mutate_many(&mut self, bodies: Vec<Vec<u8>>, time_ms: i64, seed: u64) -> Result<Vec<Submitted>> {
-        self.check_not_restarting()?;
-        let mutations: Vec<Mutation> = bodies
+        let mutations = bodies
             .into_iter()
             .enumerate()
             .map(|(i, body)| Mutation { client_time_ms: time_ms, seed: seed.wrapping_add(i as u64), body })
             .collect();
+        self.mutate_together(mutations, true)?.into_iter().collect()
+    }
+
+    /// Group commit of independent writers (the client's `execute` calls that arrived while
+    /// another was being made durable): each mutation runs locally in its own savepoint, with
+    /// its own clock and seed, and all are appended with one durability barrier. Each call
+    /// gets its own answer: a refused statement fails only itself. The outer error is one
+    /// they share (the timeline could not be written), and then none is kept.
+    pub fn mutate_group(&mut self, mutations: Vec<Mutation>) -> Result<Vec<Result<Submitted>>> {
+        self.mutate_together(mutations, false)
+    }
+
+    /// `mutate_many` (`all_or_nothing`: a refusal fails every one) and `mutate_group` (it fails
+    /// only its own).
+    fn mutate_together(
+        &mut self,
+        mutations: Vec<Mutation>,
+        all_or_nothing: bool,
+    ) -> Result<Vec<Result<Submitted>>> {
+        self.check_not_restarting()?;
+        if let [_] = &mutations[..] {
+            let m = mutations.into_iter().next().expect("BUG: one");
+            return Ok(vec![self.mutate(m.body, m.client_time_ms, m.seed)]);
+        }
         let encoded = mutations.iter().map(Mutation::encode).collect::<Result<Vec<_>>>()?;
         let conn = self.db.conn();
         conn.execute_batch("BEGIN IMMEDIATE")?;
-        let mut locals = Vec::with_capacity(mutations.len());
+        // Per mutation: how it went locally, or why it is refused (and not appended).
+        let mut outcomes = Vec::with_capacity(mutations.len());
         for m in &mutations {
-            match apply_mutation(&self.db, &mut self.reducer, m, time_ms) {
+            match apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
                 Ok(local) => match refusal(&local) {
-                    Some(e) => {
+                    Some(e) if all_or_nothing => {
                         let _ = conn.execute_batch("ROLLBACK");
                         return Err(e);
                     }
-                    None => locals.push(local),
+                    // Its savepoint was rolled back: the others stand.
+                    Some(e) => outcomes.push(Err(e)),
+                    None => outcomes.push(Ok(local)),
                 },
                 Err(Error::TransactionLost(_)) => {
                     // Everything before it was rolled back with it: start over, one by one.
-                    return mutations.into_iter().map(|m| self.mutate(m.body, time_ms, m.seed)).collect();
+                    let one_by_one =
+                        mutations.into_iter().map(|m| self.mutate(m.body, m.client_time_ms, m.seed));
+                    return Ok(one_by_one.collect());
                 }
                 Err(e) => {
                     let _ = conn.execute_batch("ROLLBACK");
@@ -295,8 +323,14 @@ impl<R: Reducer> ClientDocument<R> {
                 }
             }
         }
-        let refs: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
-        let range = match self.timeline.append_batch(&refs) {
+        let kept: Vec<&[u8]> =
+            encoded.iter().zip(&outcomes).filter(|(_, o)| o.is_ok()).map(|(e, _)| e.as_slice()).collect();
+        let appended = if kept.is_empty() {
+            Ok(LsnRange::empty_at(self.timeline.range().next()))
+        } else {
+            self.timeline.append_batch(&kept)
+        };
+        let range = match appended {
             Ok(range) => range,
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
@@ -304,8 +338,18 @@ impl<R: Reducer> ClientDocument<R> {
             }
         };
         conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
-        self.pending.extend(range.iter().zip(mutations));
-        Ok(range.iter().zip(locals).map(|(lsn, local)| Submitted { lsn, local }).collect())
+        let mut lsns = range.iter();
+        let answers = mutations
+            .into_iter()
+            .zip(outcomes)
+            .map(|(m, outcome)| {
+                let local = outcome?;
+                let lsn = lsns.next().expect("BUG: one LSN per kept mutation");
+                self.pending.push_back((lsn, m));
+                Ok(Submitted { lsn, local })
+            })
+            .collect();
+        Ok(answers)
     }
 
     /// Submits the migrations (version, SQL) that have not applied to this replica yet, in
@@ -382,11 +426,11 @@ impl<R: Reducer> ClientDocument<R> {
                 staged.push((header, bytes));
             }
             let checkpointed = staged.iter().any(|(h, _)| h.checkpoint.is_some());
-            for (header, _) in &staged {
-                let ours = header.applied.iter().filter(|a| a.timeline == self.timeline_id).map(|a| a.lsn);
-                applied = applied.max(ours.max());
-            }
+            let ours = staged.iter().flat_map(|(h, _)| &h.applied).filter(|a| a.timeline == self.timeline_id);
+            let ours = ours.map(|a| a.lsn).max();
             store.apply_remote_batch(if restart { first } else { next }, staged)?;
+            // Applied once this replica holds the entries: ones that failed to append come again.
+            applied = applied.max(ours);
             // A replica needs no history: keep the journal from the newest checkpoint on.
             let first_held = store.journal().range().first();
             if let Some(cp) = store.checkpoints().last().copied().filter(|c| c.first > first_held) {

@@ -399,11 +399,7 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Picks the next batch round-robin across timelines, within the step limits.
     fn pick_batch(&mut self) -> Vec<(TimelineId, Lsn, Vec<u8>)> {
-        let mut order: Vec<TimelineId> = self.queues.keys().copied().collect();
-        if let Some(c) = self.rr_cursor {
-            let at = order.partition_point(|t| *t <= c);
-            order.rotate_left(at);
-        }
+        let order = crate::protocol::window::round_robin(self.queues.keys().copied(), self.rr_cursor);
         let mut taken: HashMap<TimelineId, usize> = HashMap::new();
         let (mut batch, mut bytes) = (Vec::new(), 0usize);
         'rounds: loop {

@@ -196,6 +196,16 @@ impl ClientSession {
         self.open_document(id)?.mutate_many(bodies, time_ms, seed)
     }
 
+    /// Runs independent writers' mutations locally with one durability barrier (see
+    /// `ClientDocument::mutate_group`); each gets its own answer.
+    pub fn mutate_group(
+        &mut self,
+        id: DocId,
+        mutations: Vec<crate::Mutation>,
+    ) -> Result<Vec<Result<Submitted>>> {
+        self.open_document(id)?.mutate_group(mutations)
+    }
+
     /// Submits the migrations this replica has not applied yet (see `ClientDocument::migrate`).
     pub fn migrate(
         &mut self,

@@ -10,7 +10,7 @@
 
 mod client;
 mod server;
-mod window;
+pub(crate) mod window;
 
 pub use client::{ClientSession, DocStatus};
 pub use server::{

@@ -82,7 +82,7 @@ struct OpenDoc {
 /// Where an open document is.
 #[derive(Debug)]
 enum Held {
-    Here(ServerDocument),
+    Here(Box<ServerDocument>),
     /// Out on a step (`poll_step`); messages for it wait for `step_done`.
     Stepping(Deferred),
 }
@@ -90,7 +90,7 @@ enum Held {
 impl OpenDoc {
     fn new(document: ServerDocument, now_ms: i64) -> OpenDoc {
         OpenDoc {
-            held: Held::Here(document),
+            held: Held::Here(Box::new(document)),
             queued_since: None,
             retry_at: None,
             last_used: now_ms,
@@ -793,7 +793,7 @@ impl ServerSession {
             unreachable!("BUG: a document out on a step is never due")
         };
         self.stepping += 1;
-        Some(StepJob { doc, document, now_ms: self.now_ms, clock: self.clock.clone() })
+        Some(StepJob { doc, document: *document, now_ms: self.now_ms, clock: self.clock.clone() })
     }
 
     /// Documents out on a step.
@@ -814,7 +814,7 @@ impl ServerSession {
         let Some(open) = self.docs.get_mut(&doc).filter(|o| o.is_stepping()) else {
             panic!("BUG: step_done for {doc}, which is not out on a step")
         };
-        let Held::Stepping(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
+        let Held::Stepping(deferred) = std::mem::replace(&mut open.held, Held::Here(Box::new(document))) else {
             unreachable!("BUG: checked above")
         };
         self.stepping -= 1;
