@@ -25,7 +25,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
 use pagesync::protocol::{ClientSession, DocStatus};
-use pagesync::{ClientDocument, DocId, Mutation, MutationState, Rows, SqlMutation, Submitted, Value};
+use pagesync::{
+    ClientDocument, DocId, Durability, Mutation, MutationState, Rows, SqlMutation, Submitted, Value,
+};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -77,6 +79,8 @@ struct Shared {
     writes: Mutex<WriteQueue>,
     /// Signalled when a group commit has answered its writes.
     written: std::sync::Condvar,
+    /// For documents opened from now on (`Client::set_durability`).
+    durability: Mutex<Durability>,
 }
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
@@ -152,6 +156,7 @@ impl Shared {
 pub struct Client {
     shared: Arc<Shared>,
     driver: tokio::task::JoinHandle<()>,
+    syncer: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Client {
@@ -167,9 +172,14 @@ impl Drop for Client {
     /// never touches a replica again (it is gone from the session).
     fn drop(&mut self) {
         self.driver.abort();
+        self.syncer.abort();
         let ids: Vec<DocId> =
             self.shared.locks.lock().expect("BUG: lock poisoned").iter().map(|(id, _)| *id).collect();
         let mut session = self.shared.session();
+        // Under `Durability::Normal`, what is written so far is durable when the client goes.
+        if let Err(e) = session.sync_timelines() {
+            tracing::warn!("making local writes durable at close failed: {e}");
+        }
         for id in ids {
             drop(session.remove_document(id));
         }
@@ -212,9 +222,11 @@ impl Client {
             locks: Mutex::new(Vec::new()),
             writes: Mutex::new(WriteQueue::default()),
             written: std::sync::Condvar::new(),
+            durability: Mutex::new(Durability::Full),
         });
         let driver = tokio::spawn(drive(url.to_owned(), shared.clone()));
-        Ok(Client { shared, driver })
+        let syncer = tokio::spawn(sync_timelines(shared.clone()));
+        Ok(Client { shared, driver, syncer })
     }
 
     /// Opens (or creates) a document's local replica and starts syncing it. The replica's
@@ -247,7 +259,8 @@ impl Client {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let replica = ClientDocument::open(Box::new(storage), Box::new(timeline))?;
+            let mut replica = ClientDocument::open(Box::new(storage), Box::new(timeline))?;
+            replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
             self.shared.locks.lock().expect("BUG: lock poisoned").push((doc, lock));
             self.shared.session().add_document(doc, replica);
             self.shared.wake.notify_one();
@@ -271,6 +284,21 @@ impl Client {
 
     pub fn is_connected(&self) -> bool {
         *self.shared.connected.lock().expect("BUG: lock poisoned")
+    }
+
+    /// When local writes are durable, for every open document and those opened later:
+    /// `Durability::Full` (the default) when `execute` returns; `Durability::Normal` within
+    /// `NORMAL_SYNC_MS`, off the caller's path (a power cut may lose that interval's writes,
+    /// never a write the server confirmed).
+    pub fn set_durability(&self, durability: Durability) -> Result<()> {
+        *self.shared.durability.lock().expect("BUG: lock poisoned") = durability;
+        let mut session = self.shared.session();
+        let ids: Vec<DocId> =
+            self.shared.locks.lock().expect("BUG: lock poisoned").iter().map(|(id, _)| *id).collect();
+        for id in ids {
+            session.set_durability(id, durability)?;
+        }
+        Ok(())
     }
 
     /// How `execute` calls shared their fsyncs so far.
@@ -529,6 +557,22 @@ async fn drive(url: String, shared: Arc<Shared>) {
     }
 }
 
+/// Under `Durability::Normal`, makes local writes durable at least every `NORMAL_SYNC_MS`,
+/// connected or not (the driver also does before it sends them).
+async fn sync_timelines(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(pagesync::NORMAL_SYNC_MS as u64));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut session = shared.session();
+        if session.needs_sync()
+            && let Err(e) = session.sync_timelines()
+        {
+            tracing::warn!("making local writes durable failed: {e}");
+        }
+    }
+}
+
 /// What a failed connection attempt means, for a person.
 fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -> String {
     use tokio_tungstenite::tungstenite::Error as E;
@@ -566,6 +610,12 @@ async fn run_connection(
     loop {
         let out: Vec<Vec<u8>> = {
             let mut s = shared.session();
+            // Under `Durability::Normal`, writes go up once durable: one fsync for all so far.
+            if s.needs_sync()
+                && let Err(e) = s.sync_timelines()
+            {
+                tracing::warn!("making local writes durable failed: {e}");
+            }
             std::iter::from_fn(|| s.poll_transmit()).map(|m| m.encode()).collect()
         };
         for frame in out {

@@ -85,3 +85,31 @@ fn concurrent_executes_share_fsyncs_and_are_answered_one_by_one() {
     let count = d.query("SELECT count(*) FROM t", &[]).expect("query");
     assert_eq!(count.rows, vec![vec![Value::Integer(total as i64)]]);
 }
+
+#[test]
+fn normal_durability_answers_at_once_and_still_confirms_every_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let cfg = ServerConfig::new(addr, Store::Files(dir.path().join("server")));
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
+        let _ = stopped.await;
+    }));
+    let _guard = rt.enter();
+    let client = pagesync_client::Client::connect(&format!("ws://{addr}/v1/sync"), "", dir.path().join("c"))
+        .expect("client");
+    client.set_durability(pagesync::Durability::Normal).expect("normal");
+    let d = client.open("00000000000000000000000000000d0d".parse().expect("doc")).expect("open");
+    d.execute("CREATE TABLE t(x INTEGER)", vec![]).expect("ddl");
+    let lsns: Vec<_> = (0..300)
+        .map(|i| d.execute("INSERT INTO t VALUES (?1)", vec![Value::Integer(i)]).expect("write").lsn)
+        .collect();
+    rt.block_on(d.sync(Duration::from_secs(30))).expect("sync");
+    for lsn in lsns {
+        assert_eq!(d.state(lsn).expect("state"), MutationState::Confirmed, "write {lsn}");
+    }
+    let count = d.query("SELECT count(*) FROM t", &[]).expect("query");
+    assert_eq!(count.rows, vec![vec![Value::Integer(300)]]);
+}

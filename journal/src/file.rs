@@ -17,6 +17,11 @@
 //!   left behind by a crash in between are deleted on the next open.
 //! - After a failed `fdatasync` the journal refuses further appends until it is reopened: the
 //!   kernel may have dropped the dirty pages, so the file's contents are unknown until re-read.
+//!   The batch is cut off the file first: Linux may keep its pages in the cache, marked clean
+//!   but not on disk, so a reopen would read it, and no later `fdatasync` would write it (the
+//!   entries appended after it would follow a hole after a power cut).
+//! - A segment that cannot be started (its header written and synced) is removed again, so
+//!   the next append can create it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
@@ -64,6 +69,9 @@ struct Segment {
     /// Byte offset of each frame; `offsets[i]` holds LSN `first + i`.
     offsets: Vec<u64>,
     len_bytes: u64,
+    /// Bytes known to be on disk: below `len_bytes` after `append_batch_unsynced`, until the
+    /// next `sync`. Only the last segment is ever behind (a roll syncs the old one first).
+    synced_bytes: u64,
 }
 
 impl Segment {
@@ -345,7 +353,15 @@ impl FileJournal {
             file.flush().map_err(io_err(self.id, "truncate torn tail", path))?;
             file.sync_all().map_err(io_err(self.id, "fsync", path))?;
         }
-        Ok(Some(Segment { first, path: path.to_path_buf(), file, offsets, len_bytes: pos as u64 }))
+        let len_bytes = pos as u64;
+        Ok(Some(Segment {
+            first,
+            path: path.to_path_buf(),
+            file,
+            offsets,
+            len_bytes,
+            synced_bytes: len_bytes,
+        }))
     }
 
     fn corrupt(&self, path: &Path, lsn: Lsn, reason: String) -> JournalError {
@@ -380,6 +396,8 @@ impl FileJournal {
 
     /// Starts a new segment at `first`, durable (file and directory entry) before it is used.
     fn roll(&mut self, first: Lsn) -> Result<()> {
+        // Entries are durable in order: the old segment's before any of the new one's.
+        self.sync()?;
         let path = self.dir.join(segment_name(first));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(
             self.id,
@@ -387,11 +405,24 @@ impl FileJournal {
             &path,
         ))?;
         let header = encode_segment_header(self.id, first);
-        file.write_all_at(&header, 0).map_err(io_err(self.id, "write segment header", &path))?;
-        file.sync_all().map_err(io_err(self.id, "fsync", &path))?;
-        sync_dir(self.id, &self.dir)?;
+        let started = file
+            .write_all_at(&header, 0)
+            .map_err(io_err(self.id, "write segment header", &path))
+            .and_then(|()| file.sync_all().map_err(io_err(self.id, "fsync", &path)))
+            .and_then(|()| sync_dir(self.id, &self.dir));
+        if let Err(e) = started {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         let len_bytes = SEGMENT_HEADER_BYTES as u64;
-        self.segments.push(Segment { first, path, file, offsets: Vec::new(), len_bytes });
+        self.segments.push(Segment {
+            first,
+            path,
+            file,
+            offsets: Vec::new(),
+            len_bytes,
+            synced_bytes: len_bytes,
+        });
         Ok(())
     }
 
@@ -468,6 +499,39 @@ impl Journal for FileJournal {
     }
 
     fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
+        let batch = self.append_batch_unsynced(payloads)?;
+        self.sync()?;
+        Ok(batch)
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let id = self.id;
+        let Some(seg) = self.segments.last_mut().filter(|s| s.synced_bytes < s.len_bytes) else {
+            return Ok(());
+        };
+        if let Err(e) = seg.file.sync_data() {
+            // See the crash model: a reopen must not read what may not be on disk. Every
+            // later call fails until the journal is reopened from what is.
+            let _ = seg.file.set_len(seg.synced_bytes);
+            let synced = seg.synced_bytes;
+            seg.offsets.retain(|at| *at < synced);
+            seg.len_bytes = synced;
+            let err = io_err(id, "fsync", &seg.path)(e);
+            let next = seg.next();
+            // Only what is on disk stays readable (nothing can be written until a reopen).
+            self.range = match next.prev().filter(|last| *last >= self.range.first()) {
+                Some(last) => LsnRange::inclusive(self.range.first(), last),
+                None => LsnRange::empty_at(self.range.first()),
+            };
+            self.poisoned = true;
+            return Err(err);
+        }
+        seg.synced_bytes = seg.len_bytes;
+        Ok(())
+    }
+
+    fn append_batch_unsynced(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
         self.check_writable()?;
         for p in payloads {
             crate::check_entry_len(self.id, p)?;
@@ -490,10 +554,6 @@ impl Journal for FileJournal {
             // Nothing was acknowledged; cut whatever part of the batch reached the file.
             let _ = seg.file.set_len(start);
             return Err(io_err(id, "append", &seg.path)(e));
-        }
-        if let Err(e) = seg.file.sync_data() {
-            self.poisoned = true;
-            return Err(io_err(id, "fsync", &seg.path)(e));
         }
         seg.offsets.extend(rel_offsets.iter().map(|o| start + *o as u64));
         seg.len_bytes = start + buf.len() as u64;

@@ -8,6 +8,8 @@
 //! Invariants:
 //! - an LSN, once returned by `append`, names the same bytes until `remove_prefix` passes it;
 //! - `append` returns only when the entries are durable for the backend (fsync for files);
+//!   `append_batch_unsynced` entries become durable at the next `sync`, and a crash before it
+//!   loses them whole, from the end;
 //! - a read returns the exact appended bytes or an error, never other bytes.
 //!
 //! This crate links no SQLite and reads no clock; only the `s3` feature brings an async runtime.
@@ -68,6 +70,19 @@ pub trait Journal: MaybeSend {
     /// Appends entries as one group commit: one durability barrier for all of them. Either all
     /// are appended or, on error, none is acknowledged.
     fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange>;
+
+    /// Appends entries without a durability barrier: readable at once, durable after the next
+    /// `sync` (or durable append). A crash may lose them, whole and from the end, never turn
+    /// them into other bytes. Backends whose every append is durable (memory, object stores,
+    /// browser handles) simply append.
+    fn append_batch_unsynced(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
+        self.append_batch(payloads)
+    }
+
+    /// Makes every entry appended so far durable (see `append_batch_unsynced`).
+    fn sync(&mut self) -> Result<()> {
+        Ok(())
+    }
 
     /// The payload of the entry at `lsn`.
     fn read(&self, lsn: Lsn) -> Result<Vec<u8>>;

@@ -101,7 +101,27 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     applied: Option<Lsn>,
     /// Restarts at a checkpoint since this replica was opened.
     restarts: u64,
+    durability: Durability,
+    /// Timeline entries before this are durable; only those are sent to the server, so it
+    /// never applies a mutation that a power cut could take back from the client.
+    synced_next: Lsn,
 }
+
+/// When a local write is durable, like SQLite's `synchronous`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// A write is durable when `mutate` returns: it survives a power cut. The default.
+    #[default]
+    Full,
+    /// A write is durable at the next `sync_timeline`, which the driver calls before it sends
+    /// mutations up and at least every `NORMAL_SYNC_MS`. A power cut may lose the writes of
+    /// that interval (whole, the newest first), never corrupts the replica, and never loses a
+    /// write the server confirmed: nothing is sent up before it is durable.
+    Normal,
+}
+
+/// Under `Durability::Normal`, the longest a local write stays not durable.
+pub const NORMAL_SYNC_MS: i64 = 100;
 
 impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -133,7 +153,10 @@ impl<R: Reducer> ClientDocument<R> {
             pending: VecDeque::new(),
             applied: None,
             restarts: 0,
+            durability: Durability::Full,
+            synced_next: Lsn::FIRST,
         };
+        doc.synced_next = doc.timeline.range().next();
         doc.applied = doc.read_applied()?;
         doc.trim_timeline(true)?;
         let range = doc.pending_range();
@@ -157,6 +180,54 @@ impl<R: Reducer> ClientDocument<R> {
     /// The storage LSNs this replica holds: what to tell the server in `Subscribe`.
     pub fn storage_range(&self) -> LsnRange {
         self.db.store().journal().range()
+    }
+
+    /// When local writes are durable (`Durability::Full` unless set).
+    pub fn set_durability(&mut self, durability: Durability) -> Result<()> {
+        if durability == Durability::Full {
+            self.sync_timeline()?;
+        }
+        self.durability = durability;
+        Ok(())
+    }
+
+    /// Makes every local write durable (one fsync for all of them): a no-op under `Full`.
+    pub fn sync_timeline(&mut self) -> Result<()> {
+        if self.synced_next < self.timeline.range().next() {
+            self.timeline.sync()?;
+            self.synced_next = self.timeline.range().next();
+        }
+        Ok(())
+    }
+
+    /// Whether local writes wait for `sync_timeline` to be durable (and sent).
+    pub fn needs_sync(&self) -> bool {
+        self.synced_next < self.timeline.range().next()
+    }
+
+    /// The pending entries that are durable: what may be sent up.
+    pub fn sendable_range(&self) -> LsnRange {
+        let pending = self.pending_range();
+        match self.synced_next.prev().filter(|last| *last >= pending.first()) {
+            Some(last) if pending.last().is_some_and(|l| l > last) => {
+                LsnRange::inclusive(pending.first(), last)
+            }
+            Some(_) => pending,
+            None => LsnRange::empty_at(pending.first()),
+        }
+    }
+
+    /// Appends to the timeline, durably unless `Durability::Normal`.
+    fn append_timeline(&mut self, entries: &[&[u8]]) -> Result<LsnRange> {
+        let range = match self.durability {
+            Durability::Full => self.timeline.append_batch(entries)?,
+            Durability::Normal => self.timeline.append_batch_unsynced(entries)?,
+        };
+        if self.durability == Durability::Full {
+            // Entries are durable in order: those before it are now durable too.
+            self.synced_next = range.next();
+        }
+        Ok(range)
     }
 
     /// The timeline entries not yet applied by the server: what to send up.
@@ -234,7 +305,7 @@ impl<R: Reducer> ClientDocument<R> {
             Err(Error::TransactionLost(r)) => {
                 // Its own statement rolled the local transaction back: nothing of it stays
                 // locally, and the server will decide (and most likely reject it the same way).
-                let lsn = self.timeline.append(&bytes)?;
+                let lsn = self.append_timeline(&[&bytes])?.first();
                 self.pending.push_back((lsn, mutation));
                 return Ok(Submitted { lsn, local: Err(r) });
             }
@@ -247,14 +318,14 @@ impl<R: Reducer> ClientDocument<R> {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(e);
         }
-        let lsn = match self.timeline.append(&bytes) {
-            Ok(lsn) => lsn,
+        let lsn = match self.append_timeline(&[&bytes]) {
+            Ok(range) => range.first(),
             Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e.into());
+                let _ = self.db.conn().execute_batch("ROLLBACK");
+                return Err(e);
             }
         };
-        conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
+        self.db.conn().execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
         self.pending.push_back((lsn, mutation));
         Ok(Submitted { lsn, local })
     }
@@ -328,16 +399,16 @@ impl<R: Reducer> ClientDocument<R> {
         let appended = if kept.is_empty() {
             Ok(LsnRange::empty_at(self.timeline.range().next()))
         } else {
-            self.timeline.append_batch(&kept)
+            self.append_timeline(&kept)
         };
         let range = match appended {
             Ok(range) => range,
             Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e.into());
+                let _ = self.db.conn().execute_batch("ROLLBACK");
+                return Err(e);
             }
         };
-        conn.execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
+        self.db.conn().execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
         let mut lsns = range.iter();
         let answers = mutations
             .into_iter()

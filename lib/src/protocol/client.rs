@@ -206,6 +206,28 @@ impl ClientSession {
         self.open_document(id)?.mutate_group(mutations)
     }
 
+    /// Sets when `id`'s local writes are durable (see `Durability`).
+    pub fn set_durability(&mut self, id: DocId, durability: crate::client::Durability) -> Result<()> {
+        self.open_document(id)?.set_durability(durability)
+    }
+
+    /// Whether some document's local writes wait for `sync_timelines`.
+    pub fn needs_sync(&self) -> bool {
+        self.links.values().any(|l| l.doc.needs_sync())
+    }
+
+    /// Makes every document's local writes durable (one fsync each that has new ones), so
+    /// they can be sent. The first error is returned after every document was tried.
+    pub fn sync_timelines(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for l in self.links.values_mut() {
+            if let Err(e) = l.doc.sync_timeline() {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Submits the migrations this replica has not applied yet (see `ClientDocument::migrate`).
     pub fn migrate(
         &mut self,
@@ -382,7 +404,8 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
 
 /// The next `Mutations` message, within the upload window and the batch size.
 fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
-    let pending = l.doc.pending_range();
+    // Only durable entries: see `Durability::Normal`.
+    let pending = l.doc.sendable_range();
     let window = l.up.room(UPLOAD_WINDOW_BYTES);
     let first = l.up.next.max(pending.first());
     if first >= pending.next() || window == 0 {
