@@ -53,7 +53,8 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     assert!(!doc.needs_sync());
 
     for x in 2..=4 {
-        doc.mutate(sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]), T0, 10 + x as u64).expect("write");
+        doc.mutate(sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]), T0, 10 + x as u64)
+            .expect("write");
     }
     assert!(doc.needs_sync());
     assert_eq!(rows(&doc).len(), 4, "unsynced writes are visible locally at once");
@@ -61,8 +62,9 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     // Nothing unsynced goes up: the server sees exactly the two synced mutations.
     let mut session = ClientSession::new("");
     session.add_document(DOC, doc);
-    let mut server =
-        ServerSession::new(Box::new(|d: DocId| ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))));
+    let mut server = ServerSession::new(Box::new(|d: DocId| {
+        ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))
+    }));
     server.connect(ConnId(1));
     session.connected(T0);
     let mut sent = 0;
@@ -94,7 +96,10 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     let doc = replica(dir.path());
     assert_eq!(rows(&doc), vec![vec![Value::Integer(1)]], "the synced write stays, the lost ones are gone");
     assert_eq!(doc.pending_count(), 0, "the server confirmed everything that survived");
-    assert_eq!(doc.state(pagesync::journal::Lsn::new(2).expect("lsn")).expect("state"), MutationState::Confirmed);
+    assert_eq!(
+        doc.state(pagesync::journal::Lsn::new(2).expect("lsn")).expect("state"),
+        MutationState::Confirmed
+    );
     // And the replica goes on: the next write takes the next free LSN.
     let mut doc = doc;
     let w = doc.mutate(sql("INSERT INTO t VALUES (5)", vec![]), T0, 99).expect("write");

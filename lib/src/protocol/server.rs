@@ -814,7 +814,8 @@ impl ServerSession {
         let Some(open) = self.docs.get_mut(&doc).filter(|o| o.is_stepping()) else {
             panic!("BUG: step_done for {doc}, which is not out on a step")
         };
-        let Held::Stepping(deferred) = std::mem::replace(&mut open.held, Held::Here(Box::new(document))) else {
+        let Held::Stepping(deferred) = std::mem::replace(&mut open.held, Held::Here(Box::new(document)))
+        else {
             unreachable!("BUG: checked above")
         };
         self.stepping -= 1;
