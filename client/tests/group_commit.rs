@@ -4,8 +4,13 @@
 //! acknowledged write is confirmed by the server exactly once, and a replica reopened after
 //! the client is gone holds them all.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot::Sender;
+use tokio::task::JoinHandle;
 
 use pagesync::{DocId, MutationState, Value};
 use pagesync_server::{Metrics, ServerConfig, Store, serve};
@@ -13,17 +18,23 @@ use pagesync_server::{Metrics, ServerConfig, Store, serve};
 const THREADS: i64 = 8;
 const WRITES: i64 = 60;
 
-#[test]
-fn concurrent_executes_share_fsyncs_and_are_answered_one_by_one() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A real server with file journals under `dir`: its runtime, address, stop signal and task.
+fn start_server(dir: &std::path::Path) -> (Runtime, SocketAddr, Sender<()>, JoinHandle<anyhow::Result<()>>) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig::new(addr, Store::Files(dir.path().join("server")));
+    let cfg = ServerConfig::new(addr, Store::Files(dir.join("server")));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = rt.spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
         let _ = stopped.await;
     }));
+    (rt, addr, stop, server)
+}
+
+#[test]
+fn concurrent_executes_share_fsyncs_and_are_answered_one_by_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (rt, addr, stop, server) = start_server(dir.path());
     let doc: DocId = "00000000000000000000000000000c0c".parse().expect("doc");
     let url = format!("ws://{addr}/v1/sync");
     let replica = dir.path().join("client");
@@ -89,14 +100,7 @@ fn concurrent_executes_share_fsyncs_and_are_answered_one_by_one() {
 #[test]
 fn normal_durability_answers_at_once_and_still_confirms_every_write() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig::new(addr, Store::Files(dir.path().join("server")));
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    rt.spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
-        let _ = stopped.await;
-    }));
+    let (rt, addr, _stop, _server) = start_server(dir.path());
     let _guard = rt.enter();
     let client = pagesync_client::Client::connect(&format!("ws://{addr}/v1/sync"), "", dir.path().join("c"))
         .expect("client");
