@@ -101,6 +101,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     applied: Option<Lsn>,
     /// Restarts at a checkpoint since this replica was opened.
     restarts: u64,
+    /// The stored state changed and the rebase on top of it failed part-way: the next
+    /// `receive_*` finishes it.
+    rebase_due: bool,
     durability: Durability,
     /// Timeline entries before this are durable; only those are sent to the server, so it
     /// never applies a mutation that a power cut could take back from the client.
@@ -153,6 +156,7 @@ impl<R: Reducer> ClientDocument<R> {
             pending: VecDeque::new(),
             applied: None,
             restarts: 0,
+            rebase_due: false,
             durability: Durability::Full,
             synced_next: Lsn::FIRST,
         };
@@ -177,9 +181,14 @@ impl<R: Reducer> ClientDocument<R> {
         &self.db
     }
 
-    /// The storage LSNs this replica holds: what to tell the server in `Subscribe`.
+    /// The storage LSNs this replica holds: what to tell the server in `Subscribe`. A replica
+    /// restarted at a checkpoint that holds none of its parts yet (their append failed) holds
+    /// nothing it could apply a delta to, so it says it holds nothing: the server then sends
+    /// it the newest checkpoint whole.
     pub fn storage_range(&self) -> LsnRange {
-        self.db.store().journal().range()
+        let store = self.db.store();
+        let range = store.journal().range();
+        if store.is_restarting() && range.is_empty() { LsnRange::new_empty() } else { range }
     }
 
     /// When local writes are durable (`Durability::Full` unless set).
@@ -299,7 +308,7 @@ impl<R: Reducer> ClientDocument<R> {
         let mutation = Mutation { client_time_ms: time_ms, seed, body };
         let bytes = mutation.encode()?;
         let conn = self.db.conn();
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        crate::db::run_cached(conn, "BEGIN IMMEDIATE")?;
         let local = match apply_mutation(&self.db, &mut self.reducer, &mutation, time_ms) {
             Ok(local) => local,
             Err(Error::TransactionLost(r)) => {
@@ -325,7 +334,7 @@ impl<R: Reducer> ClientDocument<R> {
                 return Err(e);
             }
         };
-        self.db.conn().execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
+        crate::db::run_cached(self.db.conn(), "COMMIT").map_err(|e| self.db.explain(e))?;
         self.pending.push_back((lsn, mutation));
         Ok(Submitted { lsn, local })
     }
@@ -368,7 +377,7 @@ impl<R: Reducer> ClientDocument<R> {
         }
         let encoded = mutations.iter().map(Mutation::encode).collect::<Result<Vec<_>>>()?;
         let conn = self.db.conn();
-        conn.execute_batch("BEGIN IMMEDIATE")?;
+        crate::db::run_cached(conn, "BEGIN IMMEDIATE")?;
         // Per mutation: how it went locally, or why it is refused (and not appended).
         let mut outcomes = Vec::with_capacity(mutations.len());
         for m in &mutations {
@@ -408,7 +417,7 @@ impl<R: Reducer> ClientDocument<R> {
                 return Err(e);
             }
         };
-        self.db.conn().execute_batch("COMMIT").map_err(|e| self.db.explain(e))?;
+        crate::db::run_cached(self.db.conn(), "COMMIT").map_err(|e| self.db.explain(e))?;
         let mut lsns = range.iter();
         let answers = mutations
             .into_iter()
@@ -472,20 +481,24 @@ impl<R: Reducer> ClientDocument<R> {
         let next = self.storage_range().next();
         let range = LsnRange::from_count(first, count as u64);
         if range.next() <= next {
-            return Ok(());
+            return if self.rebase_due { self.rebase() } else { Ok(()) };
         }
         // Past our end, the batch must start a checkpoint: the replica restarts there.
         let restart = first > next;
-        let mut applied = self.applied;
+        // The overlay goes: the pending work goes back on top, whatever happens below.
+        self.rebase_due = true;
+        let mut stored = false;
         let outcome = (|| {
             let mut store = self.db.store();
             store.discard_overlay();
+            // A restart holds nothing to apply a delta to (the server sends it whole), nor does
+            // a replica still waiting for a checkpoint's last part.
+            let no_base = restart || store.is_restarting();
             let mut staged: Vec<(EntryHeader, Vec<u8>)> = Vec::new();
             for (i, lsn) in range.iter().enumerate().filter(|(_, l)| restart || *l >= next) {
                 let mut previous = |idx| match staged_version(&staged, idx) {
                     Some(page) => Ok(page),
-                    // A restart holds nothing to apply a delta to: the server sends it whole.
-                    None if restart => Err(StoreError::OutOfOrder { expected: next, got: first }),
+                    None if no_base => Err(StoreError::OutOfOrder { expected: next, got: first }),
                     None => store.previous_version(idx),
                 };
                 let bytes = payload(i, &mut previous)?;
@@ -496,29 +509,27 @@ impl<R: Reducer> ClientDocument<R> {
                 }
                 staged.push((header, bytes));
             }
-            let checkpointed = staged.iter().any(|(h, _)| h.checkpoint.is_some());
-            let ours = staged.iter().flat_map(|(h, _)| &h.applied).filter(|a| a.timeline == self.timeline_id);
-            let ours = ours.map(|a| a.lsn).max();
             store.apply_remote_batch(if restart { first } else { next }, staged)?;
-            // Applied once this replica holds the entries: ones that failed to append come again.
-            applied = applied.max(ours);
+            stored = true;
             // A replica needs no history: keep the journal from the newest checkpoint on.
             let first_held = store.journal().range().first();
             if let Some(cp) = store.checkpoints().last().copied().filter(|c| c.first > first_held) {
                 store.trim_to(cp)?;
             }
-            Ok::<bool, Error>(checkpointed && !store.is_restarting())
+            Ok::<(), Error>(())
         })();
-        if restart && outcome.is_ok() {
-            self.restarts += 1;
-        }
-        if matches!(outcome, Ok(true)) {
-            // After a restart the entries that applied our mutations are gone: the replicated
-            // table says how far the server got.
-            applied = applied.max(self.read_applied()?);
-        }
-        // Whatever was applied stays applied; the pending work goes back on top either way.
-        if let Some(a) = applied.filter(|a| Some(*a) > self.applied) {
+        self.restarts += u64::from(restart && stored);
+        self.rebase()?;
+        outcome
+    }
+
+    /// Drops the pending mutations that the stored state says the server applied, and re-runs
+    /// the rest on top. The replicated `_pagesync_timelines` says how far the server got: only
+    /// what this replica holds counts (an entry that failed to append comes again), and it
+    /// holds also for mutations whose entries are gone behind a checkpoint. Due after every
+    /// change to the stored state; one that fails stays due.
+    fn rebase(&mut self) -> Result<()> {
+        if let Some(a) = self.read_applied()?.filter(|a| Some(*a) > self.applied) {
             self.pending.retain(|(l, _)| *l > a);
             self.applied = Some(a);
             self.trim_timeline(false)?;
@@ -526,7 +537,8 @@ impl<R: Reducer> ClientDocument<R> {
         if !self.db.store().is_restarting() {
             self.replay_pending()?;
         }
-        outcome.map(|_| ())
+        self.rebase_due = false;
+        Ok(())
     }
 
     /// Re-runs every pending mutation on the current state, in one transaction. A mutation

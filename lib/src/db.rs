@@ -399,6 +399,14 @@ impl Database {
     }
 }
 
+/// Runs one of pagesync's own statements (no parameters, no rows: `BEGIN`, `SAVEPOINT`,
+/// `COMMIT`, ...), prepared once per connection rather than parsed on every mutation. Never
+/// app SQL: a cached statement is not authorized again.
+pub(crate) fn run_cached(conn: &Connection, sql: &'static str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.raw_execute()?;
+    Ok(())
+}
+
 /// Whether the database has a table (or other schema object) named `name`.
 pub fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.query_row("SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = ?1)", [name], |r| r.get(0))

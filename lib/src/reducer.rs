@@ -213,7 +213,10 @@ fn flush_if_near_step_cap(db: &Database) -> Result<(), Rejection> {
 }
 
 /// Savepoint name for one mutation; `_pagesync_` names are refused to app SQL.
-const SAVEPOINT: &str = "_pagesync_mutation";
+/// The savepoint around each mutation, as statements prepared once per connection.
+const SAVEPOINT: &str = "SAVEPOINT _pagesync_mutation";
+const RELEASE: &str = "RELEASE _pagesync_mutation";
+const ROLLBACK_TO: &str = "ROLLBACK TO _pagesync_mutation";
 
 /// Runs one encoded mutation in a SAVEPOINT inside the caller's transaction. `time_ms` is the
 /// clock it sees (the server's clamped value, or the client's own). On rejection, the
@@ -227,13 +230,16 @@ pub fn apply_mutation(
     mutation: &Mutation,
     time_ms: i64,
 ) -> Result<Result<(), Rejection>, Error> {
+    // An I/O error that an earlier statement returned as a bare SQLite error is still kept:
+    // it is not this mutation's, whose own is taken below.
+    db.store().take_last_error();
     let conn = db.conn();
-    conn.execute_batch(&format!("SAVEPOINT {SAVEPOINT}"))?;
+    crate::db::run_cached(conn, SAVEPOINT)?;
     let once = reducer.once_key(&mutation.body);
     if let Some(key) = &once
         && once_applied(conn, key)?
     {
-        conn.execute_batch(&format!("RELEASE {SAVEPOINT}"))?;
+        crate::db::run_cached(conn, RELEASE)?;
         return Ok(Ok(()));
     }
     let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply(c, &mutation.body));
@@ -247,7 +253,7 @@ pub fn apply_mutation(
                 rusqlite::params![key, time_ms],
             )?;
         }
-        conn.execute_batch(&format!("RELEASE {SAVEPOINT}"))?;
+        crate::db::run_cached(conn, RELEASE)?;
         return Ok(Ok(()));
     };
     match db.store().take_last_error() {
@@ -264,6 +270,7 @@ pub fn apply_mutation(
     if conn.is_autocommit() {
         return Err(Error::TransactionLost(rejection));
     }
-    conn.execute_batch(&format!("ROLLBACK TO {SAVEPOINT}; RELEASE {SAVEPOINT}"))?;
+    crate::db::run_cached(conn, ROLLBACK_TO)?;
+    crate::db::run_cached(conn, RELEASE)?;
     Ok(Err(rejection))
 }

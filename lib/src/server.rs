@@ -610,7 +610,7 @@ impl<R: Reducer> ServerDocument<R> {
         vm_budget: Option<u64>,
     ) -> std::result::Result<(StepOutcome, usize), (Option<usize>, Error)> {
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
-        self.db.conn().execute_batch("BEGIN IMMEDIATE").map_err(conn_err)?;
+        crate::db::run_cached(self.db.conn(), "BEGIN IMMEDIATE").map_err(conn_err)?;
         let mut applied = Vec::with_capacity(batch.len());
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
         let (mut rejections, mut vm_steps) = (Vec::new(), 0u64);
@@ -657,7 +657,7 @@ impl<R: Reducer> ServerDocument<R> {
                 )?
                 .execute(rusqlite::params![&tl.0[..], lsn.get() as i64])?;
         }
-        self.db.conn().execute_batch("COMMIT")
+        crate::db::run_cached(self.db.conn(), "COMMIT")
     }
 
     /// Decodes and applies one mutation; returns the time it ran with and its outcome.
