@@ -219,9 +219,33 @@ async fn throughput(cfg: &Config, writes: Writes) -> Pair {
 }
 
 /// Propagation latency at a steady 100 mutations/s, from A's `execute` to B holding the row,
-/// against one frame relayed at the same pace. Returns the p50 and p99 pairs.
+/// against one frame relayed at the same pace: `cfg.reps` interleaved repetitions of each, a
+/// percentile per repetition, and the pairs' medians over them. Returns p50, p99 and p999.
 async fn latency(cfg: &Config) -> Vec<Pair> {
     let n = if cfg.quick { 50 } else { 500 };
+    let (mut ours_runs, mut raw_runs) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        ours_runs.push(ours_latency(n).await);
+        raw_runs.push(raw_latency(n).await);
+    }
+    let (ours, raw): (Vec<f64>, Vec<f64>) = (ours_runs.concat(), raw_runs.concat());
+    cfg.charts.borrow_mut().push(crate::chart::Chart {
+        name: "latency-cdf".into(),
+        title: "Propagation latency at 100 mutations/s, A -> server -> B (CDF)".into(),
+        x_label: "milliseconds (log scale)".into(),
+        y_label: "fraction of mutations".into(),
+        log_x: true,
+        log_y: false,
+        series: vec![
+            crate::chart::Series { name: "pagesync".into(), points: crate::chart::cdf(ours) },
+            crate::chart::Series { name: "raw websocket relay".into(), points: crate::chart::cdf(raw) },
+        ],
+    });
+    percentile_pairs("100/s", &ours_runs, &raw_runs, [Some(1.0), Some(5.0), None])
+}
+
+/// `n` propagation latencies at 100/s through pagesync, in milliseconds.
+async fn ours_latency(n: usize) -> Vec<f64> {
     let s = setup().await;
     let mut ours = Vec::with_capacity(n);
     for i in 0..n {
@@ -233,6 +257,11 @@ async fn latency(cfg: &Config) -> Vec<Pair> {
         tokio::time::sleep(Duration::from_millis(10).saturating_sub(took)).await;
     }
     let _ = s.stop.send(());
+    ours
+}
+
+/// `n` latencies at 100/s of one 128-byte frame through the raw relay, in milliseconds.
+async fn raw_latency(n: usize) -> Vec<f64> {
     let (mut a, mut b) = raw_relay().await;
     let frame = vec![0x5a_u8; 128];
     let mut raw = Vec::with_capacity(n);
@@ -244,29 +273,18 @@ async fn latency(cfg: &Config) -> Vec<Pair> {
         raw.push(took.as_secs_f64() * 1e3);
         tokio::time::sleep(Duration::from_millis(10).saturating_sub(took)).await;
     }
-    cfg.charts.borrow_mut().push(crate::chart::Chart {
-        name: "latency-cdf".into(),
-        title: "Propagation latency at 100 mutations/s, A -> server -> B (CDF)".into(),
-        x_label: "milliseconds (log scale)".into(),
-        y_label: "fraction of mutations".into(),
-        log_x: true,
-        log_y: false,
-        series: vec![
-            crate::chart::Series { name: "pagesync".into(), points: crate::chart::cdf(ours.clone()) },
-            crate::chart::Series {
-                name: "raw websocket relay".into(),
-                points: crate::chart::cdf(raw.clone()),
-            },
-        ],
-    });
-    percentile_pairs("100/s", &mut ours, &mut raw, [Some(1.0), Some(5.0), None])
+    raw
 }
 
-/// p50, p99 and p999 of `ours` against `raw`, with optional targets for each.
-fn percentile_pairs(rate: &str, ours: &mut [f64], raw: &mut [f64], targets: [Option<f64>; 3]) -> Vec<Pair> {
-    ours.sort_by(f64::total_cmp);
-    raw.sort_by(f64::total_cmp);
-    let pct = |xs: &[f64], p: f64| xs[((xs.len() as f64 - 1.0) * p).round() as usize];
+/// p50, p99 and p999 pairs: each repetition's percentile of `ours` against the same of `raw`
+/// (so each pair has one value per repetition and reports their median), with optional
+/// targets on our median.
+fn percentile_pairs(rate: &str, ours: &[Vec<f64>], raw: &[Vec<f64>], targets: [Option<f64>; 3]) -> Vec<Pair> {
+    let pct = |xs: &[f64], p: f64| {
+        let mut xs = xs.to_vec();
+        xs.sort_by(f64::total_cmp);
+        xs[((xs.len() as f64 - 1.0) * p).round() as usize]
+    };
     [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]
         .into_iter()
         .zip(targets)
@@ -276,9 +294,9 @@ fn percentile_pairs(rate: &str, ours: &mut [f64], raw: &mut [f64], targets: [Opt
                 &format!("propagation latency {label} at {rate}"),
                 "ms",
                 Better::Lower,
-                vec![pct(ours, p)],
+                ours.iter().map(|run| pct(run, p)).collect(),
                 "frames through a raw websocket relay at the same rate",
-                vec![pct(raw, p)],
+                raw.iter().map(|run| pct(run, p)).collect(),
                 target.map(Target::OursAtMost),
             )
         })
@@ -289,8 +307,20 @@ fn percentile_pairs(rate: &str, ours: &mut [f64], raw: &mut [f64], targets: [Opt
 /// every millisecond (one group commit each, `execute_many`), and each row's latency runs from
 /// its submission until B holds it. Peer: 10 frames a millisecond through the raw relay.
 async fn latency_at_rate(cfg: &Config) -> Vec<Pair> {
-    const PER_MS: u64 = 10;
     let ms = if cfg.quick { 200 } else { 2_000 };
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        ours.push(ours_latency_at_rate(ms).await);
+        raw.push(raw_latency_at_rate(ms).await);
+    }
+    percentile_pairs("10,000/s", &ours, &raw, [None, None, None])
+}
+
+/// Mutations A submits per millisecond in `latency_at_rate`.
+const PER_MS: u64 = 10;
+
+/// Latencies of `ms * PER_MS` rows at 10,000/s through pagesync, in milliseconds.
+async fn ours_latency_at_rate(ms: u64) -> Vec<f64> {
     let s = setup().await;
     let sent = Arc::new(std::sync::Mutex::new(Vec::<Instant>::with_capacity((ms * PER_MS) as usize)));
     let (a, sent_by_a) = (s.a.clone(), sent.clone());
@@ -322,7 +352,12 @@ async fn latency_at_rate(cfg: &Config) -> Vec<Pair> {
     }
     writer.await.expect("writer");
     let _ = s.stop.send(());
+    ours
+}
 
+/// Latencies of `ms * PER_MS` frames at 10,000/s through the raw relay, in milliseconds.
+async fn raw_latency_at_rate(ms: u64) -> Vec<f64> {
+    let total = (ms * PER_MS) as usize;
     let (mut a, mut b) = raw_relay().await;
     let sender = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -343,13 +378,12 @@ async fn latency_at_rate(cfg: &Config) -> Vec<Pair> {
         raw_at.push((Instant::now(), m.into_data()));
     }
     let (_a, start) = sender.await.expect("sender");
-    let mut raw: Vec<f64> = raw_at
+    raw_at
         .iter()
         .map(|(got, data)| {
             let sent =
                 start + Duration::from_nanos(u64::from_le_bytes(data[..8].try_into().expect("8 bytes")));
             got.duration_since(sent).as_secs_f64() * 1e3
         })
-        .collect();
-    percentile_pairs("10,000/s", &mut ours, &mut raw, [None, None, None])
+        .collect()
 }

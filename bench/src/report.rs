@@ -136,6 +136,13 @@ impl Machine {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_else(|| "unknown".into());
+        // Figures from a tree with changes are not that commit's: say so.
+        let dirty = std::process::Command::new("git")
+            .args(["status", "--porcelain", "--untracked-files=no"])
+            .output()
+            .ok()
+            .is_some_and(|o| o.status.success() && !o.stdout.is_empty());
+        let commit = if dirty { format!("{commit} plus uncommitted changes") } else { commit };
         Machine { cores, cpu_model, commit }
     }
 }

@@ -25,17 +25,20 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
         return Vec::new();
     }
     crate::runtime().block_on(async {
-        let secs = if cfg.quick { 1 } else { 5 };
-        let grouped = puts_per_thousand(None, secs).await;
-        let eager = puts_per_thousand(Some(0), secs).await;
+        let secs = if cfg.quick { 1 } else { 3 };
+        let (mut grouped, mut eager) = (Vec::new(), Vec::new());
+        for _ in 0..cfg.reps {
+            grouped.push(puts_per_thousand(None, secs).await);
+            eager.push(puts_per_thousand(Some(0), secs).await);
+        }
         vec![Pair::new(
             "s3",
             "S3 puts per 1,000 single-row mutations at 1,000/s (default group commit, 100 ms)",
             "puts",
             Better::Lower,
-            vec![grouped],
+            grouped,
             "the same, stepping at once (--commit-interval-ms 0)",
-            vec![eager],
+            eager,
             Some(Target::OursAtMost(20.0)),
         )]
     })
