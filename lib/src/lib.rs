@@ -34,5 +34,5 @@ pub use mutation::{Mutation, SqlMutation, Statement, Value};
 pub use pagesync_journal as journal;
 pub use reducer::{Reducer, Rejection, RejectionCode, SqlReducer};
 pub use sandbox::Budget;
-pub use server::{Compaction, Rejected, ServerDocument, StepLimits, StepOutcome};
+pub use server::{CHECKPOINT_PARTS_PER_STEP, Compaction, Rejected, ServerDocument, StepLimits, StepOutcome};
 pub use store::Checkpoint;

@@ -162,7 +162,22 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     /// The newest entries in wire form, oldest first.
     recent: VecDeque<(Lsn, WireEntry)>,
     compaction: Option<Compaction>,
+    /// A checkpoint being written `CHECKPOINT_PARTS_PER_STEP` parts per step.
+    checkpointing: Option<Checkpointing>,
 }
+
+/// Where a checkpoint in progress stands: the page count it began with (which fixes its parts)
+/// and the next part to write.
+#[derive(Clone, Copy, Debug)]
+struct Checkpointing {
+    start_pages: u32,
+    next: u32,
+}
+
+/// Checkpoint parts a step writes before its mutations: 4 parts of 1,024 pages, 16 MiB. A
+/// large document's checkpoint is spread over many steps, so the document keeps confirming
+/// writes while it is written (each step costs at most this much more).
+pub const CHECKPOINT_PARTS_PER_STEP: u32 = 4;
 
 impl<R: Reducer> std::fmt::Debug for ServerDocument<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -225,6 +240,7 @@ impl<R: Reducer> ServerDocument<R> {
             rr_cursor: None,
             recent: VecDeque::new(),
             compaction: None,
+            checkpointing: None,
         };
         if doc.db.store().page_count() == 0 {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} {ONCE_SCHEMA} COMMIT;"))?;
@@ -301,19 +317,28 @@ impl<R: Reducer> ServerDocument<R> {
         self.db.store().checkpoints().last().copied()
     }
 
-    /// Writes a checkpoint when enough history has built up, then trims the journal to the
-    /// newest checkpoint that is older than the retention window. `now_ms` is the server's
-    /// clock.
+    /// Writes the next parts of a checkpoint (one begins when enough history has built up),
+    /// then trims the journal to the newest checkpoint that is older than the retention window.
+    /// `now_ms` is the server's clock.
     pub fn compact(&mut self, now_ms: i64) -> Result<()> {
         let Some(policy) = self.compaction else { return Ok(()) };
         let mut store = self.db.store();
         let doc_bytes = u64::from(store.page_count()) * crate::page::PAGE_SIZE as u64;
-        if store.bytes_since_checkpoint() >= policy.checkpoint_after_bytes.max(doc_bytes) {
+        let due = store.bytes_since_checkpoint() >= policy.checkpoint_after_bytes.max(doc_bytes);
+        let checkpointing =
+            self.checkpointing.or(due.then(|| Checkpointing { start_pages: store.page_count(), next: 1 }));
+        if let Some(c) = checkpointing {
+            let count = crate::store::checkpoint_part_count(c.start_pages);
+            let through = (c.next + CHECKPOINT_PARTS_PER_STEP - 1).min(count);
+            // Given up on a failure: the next step begins a new one (a repeated part would
+            // not continue the parts before it).
+            self.checkpointing = None;
             // A part changes no page: its delta (all zeros) is always the smaller form, so the
             // whole part is not compressed just to be compared.
-            store.write_checkpoint(now_ms, |c| {
+            store.write_checkpoint_parts(c.start_pages, c.next..=through, now_ms, |c| {
                 remember_wire(&mut self.recent, c.lsn, WireEntry::delta(&c.delta))
             })?;
+            self.checkpointing = (through < count).then_some(Checkpointing { next: through + 1, ..c });
         }
         let first = store.journal().range().first();
         let horizon = now_ms.saturating_sub(policy.retention_ms);

@@ -9,8 +9,9 @@
 //! ```
 //!
 //! `time_ms` is the server's clock when it wrote the entry (restore by time reads it). `part`
-//! and `parts` are 0 for a step; a checkpoint is `parts` consecutive entries, part 1..=parts,
-//! that together hold every page of the document (see `PageStore::write_checkpoint`).
+//! and `parts` are 0 for a step; a checkpoint is `parts` entries, part 1..=parts in order,
+//! that together hold every page of the document, with steps possibly between them (see
+//! `PageStore`'s module docs).
 //!
 //! Little endian. Pages are stored uncompressed so a reader can fetch one page by offset
 //! (`page_offset`) without decoding the entry; compression happens on the wire.
@@ -38,18 +39,6 @@ pub struct Applied {
 pub struct Part {
     pub index: u32,
     pub count: u32,
-}
-
-impl Part {
-    /// The LSN of the checkpoint's first part, when this part is at `lsn`.
-    pub fn first_lsn(&self, lsn: Lsn) -> Lsn {
-        Lsn::new(lsn.get() - u64::from(self.index - 1)).expect("BUG: parts are numbered from the first")
-    }
-
-    /// The LSN of the checkpoint's last part, when this part is at `lsn`.
-    pub fn last_lsn(&self, lsn: Lsn) -> Lsn {
-        Lsn::new(lsn.get() + u64::from(self.count - self.index)).expect("BUG: past a valid LSN")
-    }
 }
 
 /// A decoded storage entry (the page bytes stay in the payload; see `page_offset`).

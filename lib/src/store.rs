@@ -17,6 +17,13 @@
 //! short by a crash is ignored. A replica restarted at a checkpoint (`apply_remote_batch` past
 //! its end) has no state until the checkpoint's last part arrives (`is_restarting`).
 //!
+//! Steps may come between the parts of a checkpoint (the server writes a large one a few parts
+//! per step, `write_checkpoint_parts`, so the document keeps confirming writes meanwhile). Each
+//! part holds its pages as of when it was written; a step after it holds the pages it changed.
+//! So the state is every entry from the first part on, applied in LSN order: when the last part
+//! is in, a part's page is indexed only where no later step wrote that page, and the page
+//! count is the last part's (the newest entry).
+//!
 //! Invariants:
 //! - the index holds, for every committed page, the newest entry that wrote it;
 //! - the journal starts at LSN 1 or at the first part of a checkpoint;
@@ -70,12 +77,19 @@ pub struct Checkpoint {
 
 /// The parts of a checkpoint of `page_count` pages: `(part, pages)`.
 fn checkpoint_parts(page_count: u32) -> impl Iterator<Item = (storage::Part, std::ops::RangeInclusive<u32>)> {
-    let count = page_count.div_ceil(CHECKPOINT_PART_PAGES).max(1);
-    (1..=count).map(move |index| {
-        let start = (index - 1) * CHECKPOINT_PART_PAGES + 1;
-        let end = (index * CHECKPOINT_PART_PAGES).min(page_count);
-        (storage::Part { index, count }, start..=end)
-    })
+    let count = checkpoint_part_count(page_count);
+    (1..=count).map(move |index| (storage::Part { index, count }, part_pages(page_count, index)))
+}
+
+/// How many parts a checkpoint of `page_count` pages has.
+pub fn checkpoint_part_count(page_count: u32) -> u32 {
+    page_count.div_ceil(CHECKPOINT_PART_PAGES).max(1)
+}
+
+/// The pages of part `index` of a checkpoint of a document of `page_count` pages.
+fn part_pages(page_count: u32, index: u32) -> std::ops::RangeInclusive<u32> {
+    let start = (index - 1) * CHECKPOINT_PART_PAGES + 1;
+    start..=(index * CHECKPOINT_PART_PAGES).min(page_count)
 }
 
 /// A storage entry just made durable.
@@ -224,13 +238,12 @@ impl PageStore {
     /// docs).
     fn index_entry(&mut self, lsn: Lsn, header: storage::EntryHeader, len: usize) {
         let Some(part) = header.checkpoint else {
-            self.arriving.clear();
+            // Steps between the parts of a checkpoint are indexed at once (see the module docs).
             self.bytes_since_checkpoint += len as u64;
             return self.index_pages(lsn, &header);
         };
-        let continues = self.arriving.last().is_some_and(|(l, h)| {
-            l.next() == lsn
-                && h.checkpoint.is_some_and(|p| p.index + 1 == part.index && p.count == part.count)
+        let continues = self.arriving.last().is_some_and(|(_, h)| {
+            h.checkpoint.is_some_and(|p| p.index + 1 == part.index && p.count == part.count)
         });
         if part.index == 1 {
             self.arriving.clear();
@@ -240,12 +253,14 @@ impl PageStore {
             self.arriving.clear();
             return;
         }
-        let time_ms = header.time_ms;
+        let (time_ms, page_count) = (header.time_ms, header.page_count);
         self.arriving.push((lsn, header));
         if part.index == part.count {
-            let first = part.first_lsn(lsn);
+            let first = self.arriving[0].0;
+            // The last part is the newest entry: its page count is the document's.
+            self.set_page_count(page_count);
             for (l, h) in std::mem::take(&mut self.arriving) {
-                self.index_pages(l, &h);
+                self.index_part_pages(l, &h);
             }
             self.checkpoints.push(Checkpoint { first, last: lsn, time_ms });
             self.bytes_since_checkpoint = 0;
@@ -254,18 +269,36 @@ impl PageStore {
     }
 
     fn index_pages(&mut self, lsn: Lsn, header: &storage::EntryHeader) {
-        // Pages cut off by a shrink must not come back from the cache if the file grows again
-        // without rewriting them (a page equal to zeros is left out of an entry).
-        for gone in header.page_count as usize + 1..=self.index.len() {
-            self.cache.pop(&(gone as u32));
-        }
-        self.index.resize(header.page_count as usize, None);
+        self.set_page_count(header.page_count);
         for (i, idx) in header.pages.iter().enumerate() {
             let offset = u32::try_from(header.page_offset(i)).expect("BUG: entries are < 4 GiB");
             self.index[idx.get() as usize - 1] = Some(Loc { lsn, offset });
             self.cache.pop(&idx.get());
         }
-        self.page_count = header.page_count;
+    }
+
+    /// Indexes a checkpoint part's pages where no later entry wrote them, within the page
+    /// count (a later step may have cut the file shorter).
+    fn index_part_pages(&mut self, lsn: Lsn, header: &storage::EntryHeader) {
+        for (i, idx) in header.pages.iter().enumerate() {
+            let Some(slot) = self.index.get_mut(idx.get() as usize - 1) else { continue };
+            if slot.is_some_and(|l| l.lsn > lsn) {
+                continue;
+            }
+            let offset = u32::try_from(header.page_offset(i)).expect("BUG: entries are < 4 GiB");
+            *slot = Some(Loc { lsn, offset });
+            self.cache.pop(&idx.get());
+        }
+    }
+
+    fn set_page_count(&mut self, page_count: u32) {
+        // Pages cut off by a shrink must not come back from the cache if the file grows again
+        // without rewriting them (a page equal to zeros is left out of an entry).
+        for gone in page_count as usize + 1..=self.index.len() {
+            self.cache.pop(&(gone as u32));
+        }
+        self.index.resize(page_count as usize, None);
+        self.page_count = page_count;
     }
 
     fn committed_counter(&mut self) -> Result<u32, StoreError> {
@@ -545,12 +578,27 @@ impl PageStore {
     /// Appends a checkpoint: every committed page again, in parts of [`CHECKPOINT_PART_PAGES`],
     /// each durable before the next. It changes no page. `each` gets every part as committed
     /// (its delta form is all zeros). The overlay must be empty.
-    pub fn write_checkpoint(
+    pub fn write_checkpoint(&mut self, time_ms: i64, each: impl FnMut(Committed)) -> Result<(), StoreError> {
+        let count = checkpoint_part_count(self.page_count);
+        self.write_checkpoint_parts(self.page_count, 1..=count, time_ms, each)
+    }
+
+    /// Appends parts `indexes` of a checkpoint begun when the document had `start_pages`
+    /// pages (its part count and each part's pages follow from that), each holding its pages
+    /// as they are now; steps may come between calls (see the module docs). A page past the
+    /// current end is left out: the step that cut the file shorter is in the history.
+    pub fn write_checkpoint_parts(
         &mut self,
+        start_pages: u32,
+        indexes: std::ops::RangeInclusive<u32>,
         time_ms: i64,
         mut each: impl FnMut(Committed),
     ) -> Result<(), StoreError> {
-        for (part, pages) in checkpoint_parts(self.page_count) {
+        let count = checkpoint_part_count(start_pages);
+        for index in indexes {
+            let range = part_pages(start_pages, index);
+            let pages = *range.start()..=(*range.end()).min(self.page_count);
+            let part = storage::Part { index, count };
             let (payload, pages) = self.checkpoint_part(part, pages, time_ms)?;
             let lsn = self.journal.append(&payload)?;
             let header = storage::decode(&payload).expect("BUG: we just encoded it");

@@ -147,8 +147,17 @@ fn resolve(journal: &dyn Journal, at: At) -> Result<Lsn, String> {
         let payload = journal.read(lsn).map_err(|e| store_err(&e))?;
         pagesync::storage::decode(&payload).map_err(|e| format!("entry {lsn}: {e}"))
     };
-    let first = header(range.first())?;
-    let oldest = first.checkpoint.map_or(range.first(), |p| p.last_lsn(range.first()));
+    // A journal that starts with a checkpoint has state from its last part on (steps may come
+    // between the parts).
+    let mut oldest = range.first();
+    if header(oldest)?.checkpoint.is_some() {
+        while header(oldest)?.checkpoint.is_none_or(|p| p.index != p.count) {
+            oldest = oldest.next();
+            if oldest > last {
+                return Err("the checkpoint the journal starts with has no last part".into());
+            }
+        }
+    }
     let lsn = match at {
         At::Lsn(lsn) => lsn,
         At::Time(ms) => {

@@ -55,7 +55,7 @@ fn a_checkpoints_pages_switch_at_its_last_part() {
 }
 
 #[test]
-fn a_checkpoint_cut_short_changes_nothing() {
+fn a_checkpoint_cut_short_changes_nothing_and_the_next_starts_over() {
     let shared = SharedJournal::new(2);
     let mut store = PageStore::open(shared.boxed()).expect("open");
     apply(&mut store, 1, entry(2, None, &[(1, 0xa), (2, 0xb)])).expect("step");
@@ -65,10 +65,48 @@ fn a_checkpoint_cut_short_changes_nothing() {
     assert!(store.checkpoints().is_empty());
     let mut reopened = PageStore::open(shared.boxed()).expect("reopen");
     assert_eq!((read_fill(&mut reopened, 1), read_fill(&mut reopened, 2)), (0xa, 0xe));
-    // A part 2 with no part 1 before it is ignored too.
-    apply(&mut reopened, 4, entry(2, Some((2, 2)), &[(1, 0xf)])).expect("a stray part");
-    assert_eq!(read_fill(&mut reopened, 1), 0xa);
-    assert!(reopened.checkpoints().is_empty());
+    // The restarted server begins a new checkpoint at part 1: the old parts are forgotten.
+    apply(&mut reopened, 4, entry(2, Some((1, 2)), &[(1, 0xa)])).expect("a new part 1");
+    apply(&mut reopened, 5, entry(2, Some((2, 2)), &[(2, 0xe)])).expect("its part 2");
+    let cp = *reopened.checkpoints().last().expect("complete");
+    assert_eq!((cp.first, cp.last), (lsn(4), lsn(5)));
+    assert_eq!((read_fill(&mut reopened, 1), read_fill(&mut reopened, 2)), (0xa, 0xe));
+}
+
+#[test]
+fn steps_between_the_parts_of_a_checkpoint_win_over_its_older_pages() {
+    // Part 1 holds pages 1-2 as of LSN 2; a step then changes page 1 and grows the file; part
+    // 2 holds page 3 as of LSN 4; a step shrinks the file to 3 pages... as the server writes
+    // a large checkpoint a few parts per step.
+    let entries = [
+        entry(3, None, &[(1, 0x1), (2, 0x2), (3, 0x3)]),
+        entry(3, Some((1, 2)), &[(1, 0x1), (2, 0x2)]),
+        entry(4, None, &[(1, 0x11), (4, 0x4)]),
+        entry(4, Some((2, 2)), &[(3, 0x3)]),
+    ];
+    let want = [0x11, 0x2, 0x3, 0x4];
+    let shared = SharedJournal::new(6);
+    let mut store = PageStore::open(shared.boxed()).expect("open");
+    for (i, e) in entries.iter().enumerate() {
+        apply(&mut store, i as u64 + 1, e.clone()).expect("apply");
+    }
+    let fills = |s: &mut PageStore| (1..=4).map(|i| read_fill(s, i)).collect::<Vec<u8>>();
+    assert_eq!(fills(&mut store), want, "a replica with the history");
+    let cp = *store.checkpoints().last().expect("complete");
+    assert_eq!((cp.first, cp.last), (lsn(2), lsn(4)));
+    // The journal trimmed to the checkpoint, reopened: the same state from its entries alone.
+    store.trim_to(cp).expect("trim");
+    let mut reopened = PageStore::open(shared.boxed()).expect("reopen");
+    assert_eq!(fills(&mut reopened), want, "reopened from the checkpoint and the step inside it");
+    // A new replica restarted at the checkpoint gets the step between the parts too.
+    let mut fresh = PageStore::open(Box::new(MemoryJournal::new(JournalId::from_u128(7)))).expect("open");
+    apply(&mut fresh, 1, entry(1, None, &[(1, 0x9)])).expect("older history");
+    for (i, e) in entries.iter().enumerate().skip(1) {
+        let lsn = i as u64 + 1 + 40;
+        apply(&mut fresh, lsn, e.clone()).expect("restart and follow");
+        assert_eq!(fresh.is_restarting(), i < 3, "restarting until the last part ({i})");
+    }
+    assert_eq!(fills(&mut fresh), want, "restarted at the checkpoint");
 }
 
 #[test]
@@ -139,5 +177,64 @@ fn retention_trims_only_to_checkpoints_older_than_the_window() {
         doc.database().conn().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count");
     assert_eq!(count, 6, "trimming kept the state");
     let reopened = ServerDocument::open(journal.boxed()).expect("reopen from the checkpoint");
+    assert_eq!(pagesync_tests::pages_of(reopened.database()), pagesync_tests::pages_of(doc.database()));
+}
+
+#[test]
+fn a_large_checkpoint_is_spread_over_steps_that_keep_applying_writes() {
+    let journal = SharedJournal::new(8);
+    let mut doc = ServerDocument::open(journal.boxed()).expect("open");
+    let tl = pagesync::TimelineId([8; 16]);
+    let mut n = 0u64;
+    let mut send = |doc: &mut ServerDocument, body: Vec<u8>| {
+        n += 1;
+        let m = pagesync::Mutation { client_time_ms: 0, seed: n, body };
+        doc.receive(tl, lsn(n), vec![m.encode().expect("encode")]);
+    };
+    send(&mut doc, sql("CREATE TABLE big(x BLOB); CREATE TABLE small(i INTEGER)", vec![]));
+    drain(&mut doc, 0);
+    // About 20 MiB: more than one step's worth of checkpoint parts.
+    for _ in 0..5 {
+        let fill = "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 1000) \
+                    INSERT INTO big SELECT printf('%.4000c', char(65 + i % 26)) FROM s";
+        send(&mut doc, sql(fill, vec![]));
+        drain(&mut doc, 0);
+    }
+    let parts = pagesync::store::checkpoint_part_count(doc.database().store().page_count());
+    assert!(parts > pagesync::CHECKPOINT_PARTS_PER_STEP, "{parts} parts");
+    doc.set_compaction(Some(Compaction { checkpoint_after_bytes: 0, retention_ms: i64::MAX }));
+    // Each step writes a few parts and still applies its write.
+    let mut steps = 0;
+    while doc.database().store().checkpoints().is_empty() {
+        send(&mut doc, sql("INSERT INTO small VALUES (1)", vec![]));
+        let outcome = doc.step(1_000).expect("step").expect("a write was queued");
+        assert_eq!((outcome.applied, outcome.rejected), (1, 0), "step {steps}");
+        steps += 1;
+        assert!(steps <= parts, "the checkpoint never completed");
+    }
+    assert_eq!(steps, parts.div_ceil(pagesync::CHECKPOINT_PARTS_PER_STEP), "parts per step");
+    let cp = *doc.database().store().checkpoints().last().expect("complete");
+    let between = (cp.first.get()..=cp.last.get())
+        .filter(|l| {
+            storage::decode(&journal.read(lsn(*l)).expect("read")).expect("decode").checkpoint.is_none()
+        })
+        .count();
+    assert_eq!(between as u32, steps - 1, "the steps between the parts");
+
+    // A new replica starts at the checkpoint and ends byte-identical to the server.
+    let mut fresh =
+        pagesync::ClientDocument::open(pagesync_tests::memory_journal(9), pagesync_tests::memory_journal(10))
+            .expect("client");
+    let tail = doc.storage_range().intersect(&pagesync::journal::LsnRange::inclusive(
+        cp.first,
+        doc.storage_range().last().expect("entries"),
+    ));
+    fresh.receive_storage(tail.first(), &doc.read_storage(tail).expect("read")).expect("restart");
+    assert_eq!(pagesync_tests::pages_of(fresh.database()), pagesync_tests::pages_of(doc.database()));
+    let count: i64 =
+        fresh.database().conn().query_row("SELECT count(*) FROM small", [], |r| r.get(0)).expect("count");
+    assert_eq!(count, i64::from(steps));
+    // So does the server reopened from its journal.
+    let reopened = ServerDocument::open(journal.boxed()).expect("reopen");
     assert_eq!(pagesync_tests::pages_of(reopened.database()), pagesync_tests::pages_of(doc.database()));
 }
