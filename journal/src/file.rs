@@ -607,6 +607,8 @@ impl Journal for FileJournal {
         let through = trimmed.first().prev().expect("BUG: a trimmed range starts after LSN 1");
         write_marker(self.id, &self.dir, through.get())?;
         self.range = trimmed;
-        self.delete_trimmed_segments()
+        // Trimmed with the marker: a segment that would not delete goes on the next open.
+        let _ = self.delete_trimmed_segments();
+        Ok(())
     }
 }

@@ -22,8 +22,18 @@
 //! - Space is reclaimed by compaction, once the removed bytes outweigh both the live bytes and
 //!   [`COMPACT_MIN_BYTES`]: the live frames are copied into the other file, flushed, and only
 //!   then is its header written (generation + 1) and flushed. A crash before that header is
-//!   durable leaves the old file live; after it, the new one. The old file is then emptied.
-//! - After a failed write or flush the journal refuses appends until it is reopened.
+//!   durable leaves the old file live; after it, the new one. The old file is then emptied (if
+//!   that fails, by the next open: the compaction is done either way).
+//! - `create` writes the trim slots, flushes, and only then writes and flushes the header; a
+//!   failed creation empties the file. A creation cut short leaves no valid header and nothing
+//!   but its own slots, no frame and no other trim point: `open_or_create` creates the journal
+//!   again, which loses nothing (a damaged header beside such files held an empty journal at
+//!   LSN 1, the same).
+//! - After a failed write or flush the journal refuses appends until it is reopened. What the
+//!   failed append wrote is cut off first: after a failed flush those pages may be clean in the
+//!   cache without being durable, so a reopen must not read them, and no later flush writes
+//!   them (entries appended after them would follow a hole after a power cut). A failed
+//!   compaction empties the file it was writing, for the same reason.
 
 use crate::codec::{self, FRAME_HEADER_BYTES};
 use crate::{Journal, JournalError, JournalId, Lsn, LsnRange, Result};
@@ -168,26 +178,26 @@ impl<F: RandomAccess> HandleJournal<F> {
             }
         }
         let header = Header { id, generation: 1, base: Lsn::FIRST };
-        let mut init = encode_header(header).to_vec();
-        init.extend_from_slice(&encode_slot(Lsn::FIRST, 0));
-        init.extend_from_slice(&[0; SLOT_BYTES]);
-        files[0].write_all_at(&init, 0).map_err(io_err(id, "write header", &files[0]))?;
-        files[0].flush().map_err(io_err(id, "flush", &files[0]))?;
+        let mut slots = encode_slot(Lsn::FIRST, 0).to_vec();
+        slots.extend_from_slice(&[0; SLOT_BYTES]);
+        let f = &mut files[0];
+        let written = (|| {
+            f.write_all_at(&slots, HEADER_BYTES as u64)?;
+            f.flush()?;
+            f.write_all_at(&encode_header(header), 0)?;
+            f.flush()
+        })();
+        if let Err(e) = written {
+            // Its header may be in the cache and not on disk: a reopen must not take it.
+            let _ = files[0].truncate(0);
+            return Err(io_err(id, "create", &files[0])(e));
+        }
         Self::open(files)
     }
 
     /// Opens the journal from its two files, verifying every frame and truncating a torn tail.
     pub fn open(files: [F; 2]) -> Result<Self> {
-        let mut headers = [Ok(None), Ok(None)];
-        for (i, f) in files.iter().enumerate() {
-            let len = f.size().map_err(io_err(JournalId::from_u128(0), "size", f))?;
-            if len < HEADER_BYTES as u64 {
-                continue;
-            }
-            let mut b = [0u8; HEADER_BYTES];
-            f.read_exact_at(&mut b, 0).map_err(io_err(JournalId::from_u128(0), "read header", f))?;
-            headers[i] = decode_header(&b);
-        }
+        let headers = read_headers(&files)?;
         let foreign =
             |i: usize, reason: String| JournalError::Foreign { path: files[i].name().into(), reason };
         // A header that does not decode beside a valid one is a compaction cut short before
@@ -228,10 +238,18 @@ impl<F: RandomAccess> HandleJournal<F> {
         Ok(j)
     }
 
-    /// Opens the journal, or creates it when both files are empty.
-    pub fn open_or_create(files: [F; 2], id: JournalId) -> Result<Self> {
-        let empty = files.iter().all(|f| f.size().is_ok_and(|l| l == 0));
-        if empty { Self::create(files, id) } else { Self::open(files) }
+    /// Opens the journal, or creates it when neither file has a valid header and neither holds
+    /// more than a creation writes: both are empty, or a creation was cut short (see the crash
+    /// model).
+    pub fn open_or_create(mut files: [F; 2], id: JournalId) -> Result<Self> {
+        let no_header = read_headers(&files)?.iter().all(|h| !matches!(h, Ok(Some(_))));
+        if no_header && holds_nothing(&files[0])? && holds_nothing(&files[1])? {
+            for f in &mut files {
+                f.truncate(0).map_err(io_err(id, "truncate", f))?;
+            }
+            return Self::create(files, id);
+        }
+        Self::open(files)
     }
 
     /// Gives the files back (to reopen them, or to close them).
@@ -255,8 +273,8 @@ impl<F: RandomAccess> HandleJournal<F> {
         let len = f.size().map_err(io_err(self.id, "size", f))?;
         let mut bytes = vec![0u8; len as usize];
         f.read_exact_at(&mut bytes, 0).map_err(io_err(self.id, "read", f))?;
-        let slots =
-            [HEADER_BYTES, HEADER_BYTES + SLOT_BYTES].map(|at| decode_slot(&bytes[at..at + SLOT_BYTES]));
+        let slot = |at: usize| bytes.get(at..at + SLOT_BYTES).and_then(decode_slot);
+        let slots = [HEADER_BYTES, HEADER_BYTES + SLOT_BYTES].map(slot);
         let Some((slot, (trim_first, seq))) =
             slots.iter().enumerate().filter_map(|(i, s)| s.map(|s| (i, s))).max_by_key(|(_, (_, seq))| *seq)
         else {
@@ -343,6 +361,8 @@ impl<F: RandomAccess> HandleJournal<F> {
             f.flush()
         })();
         if let Err(e) = written {
+            // Its header may be in the cache and not on disk: a reopen must not take it.
+            let _ = f.truncate(0);
             self.failed = true;
             return Err(io_err(self.id, "compact", f)(e));
         }
@@ -352,8 +372,10 @@ impl<F: RandomAccess> HandleJournal<F> {
         (self.live, self.generation, self.base, self.end) =
             (new, header.generation, header.base, self.end - shift);
         (self.slot, self.slot_seq) = (0, 0);
+        // Switched: an old file that fails to empty is emptied by the next open.
         let f = &mut self.files[old];
-        f.truncate(0).and_then(|()| f.flush()).map_err(io_err(self.id, "empty the old file", f))
+        let _ = f.truncate(0).and_then(|()| f.flush());
+        Ok(())
     }
 }
 
@@ -376,6 +398,8 @@ impl<F: RandomAccess + crate::MaybeSend> Journal for HandleJournal<F> {
         let starts = codec::encode_frames(&mut buf, first, payloads);
         let f = &mut self.files[self.live];
         if let Err(e) = f.write_all_at(&buf, self.end).and_then(|()| f.flush()) {
+            // Written but maybe not durable: see the crash model.
+            let _ = f.truncate(self.end);
             self.failed = true;
             return Err(io_err(self.id, "append", f)(e));
         }
@@ -441,10 +465,43 @@ impl<F: RandomAccess + crate::MaybeSend> Journal for HandleJournal<F> {
         self.range = trimmed;
         let dead = self.dead_bytes();
         if dead > 0 && dead >= self.compact_min_bytes && dead >= self.end - FRAMES_AT - dead {
-            self.compact()?;
+            // Trimmed with the slot. A failed compaction refuses appends until the journal is
+            // reopened, and a later trim compacts.
+            let _ = self.compact();
         }
         Ok(())
     }
+}
+
+/// The header of each file: `Ok(None)` for none (shorter than a header, or zeros).
+fn read_headers<F: RandomAccess>(files: &[F; 2]) -> Result<[std::result::Result<Option<Header>, String>; 2]> {
+    let mut headers = [Ok(None), Ok(None)];
+    for (i, f) in files.iter().enumerate() {
+        let len = f.size().map_err(io_err(JournalId::from_u128(0), "size", f))?;
+        if len < HEADER_BYTES as u64 {
+            continue;
+        }
+        let mut b = [0u8; HEADER_BYTES];
+        f.read_exact_at(&mut b, 0).map_err(io_err(JournalId::from_u128(0), "read header", f))?;
+        headers[i] = decode_header(&b);
+    }
+    Ok(headers)
+}
+
+/// Whether a file holds at most what `create` writes before its header: no frame, and the
+/// first trim slot or none.
+fn holds_nothing<F: RandomAccess>(f: &F) -> Result<bool> {
+    let err = || io_err(JournalId::from_u128(0), "read", f);
+    let len = f.size().map_err(err())?;
+    if len > FRAMES_AT {
+        return Ok(false);
+    }
+    let mut bytes = vec![0; len as usize];
+    f.read_exact_at(&mut bytes, 0).map_err(err())?;
+    let slots = bytes.get(HEADER_BYTES..).unwrap_or_default();
+    let mut created = encode_slot(Lsn::FIRST, 0).to_vec();
+    created.extend_from_slice(&[0; SLOT_BYTES]);
+    Ok(slots.iter().all(|&b| b == 0) || created.starts_with(slots))
 }
 
 fn io_err<F: RandomAccess>(

@@ -106,7 +106,9 @@ pub trait Journal: MaybeSend {
     /// change, also when every entry is removed. Past it, the journal restarts later: it is
     /// empty and `next()` becomes `up_to + 1` (a replica that installs a snapshot taken at
     /// `up_to` continues from there). Backends may keep removed bytes on disk until a whole
-    /// segment can go, but they are never readable again.
+    /// segment can go, but they are never readable again. On error nothing was removed: once
+    /// the trim point is durable the call succeeds, and space it failed to free (a file or
+    /// object that would not delete) is freed later.
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()>;
 }
 

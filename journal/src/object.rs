@@ -594,10 +594,11 @@ impl Journal for ObjectJournal {
         self.trimmed_through = target;
         let next = self.range.next().max(up_to.next());
         self.range = self.range.remove_through(up_to);
+        // Trimmed with `TRIM`: a batch that would not delete is ignored on open, and the next
+        // trim deletes it.
         for (first, end) in self.batch_ends(next.get()) {
-            if end <= target {
+            if end <= target && self.backend.delete(self.id, &batch_key(&self.dir, first)).is_ok() {
                 self.backend.cache.lock().expect("BUG: cache lock poisoned").remove((self.id, first));
-                self.backend.delete(self.id, &batch_key(&self.dir, first))?;
                 self.batches.remove(&first);
             }
         }

@@ -48,16 +48,21 @@ pub fn push(client: &ClientDocument, server: &mut ServerDocument) {
 
 /// Sends the server's storage entries the client does not have yet.
 pub fn pull(client: &mut ClientDocument, server: &ServerDocument) {
+    try_pull(client, server).expect("receive storage");
+}
+
+/// `pull`, for a client whose storage may fail.
+pub fn try_pull(client: &mut ClientDocument, server: &ServerDocument) -> pagesync::Result<()> {
     let have = client.storage_range().next();
     let range = server.storage_range().intersect(&pagesync::journal::LsnRange::inclusive(
         have,
         server.storage_range().last().unwrap_or(have),
     ));
     if range.is_empty() {
-        return;
+        return Ok(());
     }
     let entries = server.read_storage(range).expect("read storage");
-    client.receive_storage(range.first(), &entries).expect("receive storage");
+    client.receive_storage(range.first(), &entries)
 }
 
 /// Steps the server until its queue is empty.
@@ -75,6 +80,7 @@ pub fn integrity_ok(db: &pagesync::db::Database) -> bool {
         == "ok"
 }
 
+pub mod disk;
 pub mod sim;
 
 /// A journal whose durable state outlives the document that opened it, so a simulated crash

@@ -2,7 +2,7 @@
 
 use pagesync::journal::{FileJournal, FileJournalOptions, JournalId, Lsn};
 use pagesync::{ClientDocument, Error, MutationState, ServerDocument, Value};
-use pagesync_tests::{drain, integrity_ok, memory_journal, pages_of, pull, push, sql};
+use pagesync_tests::{SharedJournal, drain, integrity_ok, memory_journal, pages_of, pull, push, sql};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -31,6 +31,132 @@ fn local_write_is_instant_then_confirmed() {
     assert_eq!(client.pending_count(), 0);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
     assert!(integrity_ok(client.database()));
+}
+
+#[test]
+fn a_mutation_stays_pending_while_its_confirmation_fails_to_append() {
+    let mut server = ServerDocument::open(memory_journal(1)).expect("server");
+    let storage = SharedJournal::new(2);
+    let mut client = ClientDocument::open(storage.boxed(), memory_journal(3)).expect("client");
+    let a = client.mutate(sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+
+    storage.disk_full.store(true, std::sync::atomic::Ordering::Relaxed);
+    let range = server.storage_range();
+    let entries = server.read_storage(range).expect("read");
+    assert!(client.receive_storage(range.first(), &entries).is_err(), "the append fails");
+    assert_eq!(client.state(a.lsn).expect("state"), MutationState::Pending, "not held, so not applied");
+    assert_eq!(client.applied_lsn(), None);
+    assert_eq!(client.pending_count(), 1);
+    assert_eq!(
+        client.query("SELECT count(*) FROM t", &[]).expect("query").rows,
+        vec![vec![Value::Integer(0)]]
+    );
+
+    storage.disk_full.store(false, std::sync::atomic::Ordering::Relaxed);
+    pull(&mut client, &server);
+    assert_eq!(client.state(a.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(client.pending_count(), 0);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
+/// A read that fails outside any mutation leaves its cause in the page store; a later
+/// mutation's rejection must not be taken for it (the step would fail, as on a broken disk).
+#[test]
+fn an_old_read_error_does_not_fail_a_later_step() {
+    use pagesync_tests::disk::{Disk, FaultRates, Faults, Kind};
+    let faults = Faults::new(FaultRates { read: 1000, ..FaultRates::default() });
+    faults.stop();
+    let disk = Disk::new(Kind::File, JournalId::from_u128(1), "server", 1, &faults);
+    let mut server = ServerDocument::open(disk.open().expect("open")).expect("server");
+    let tl = pagesync::TimelineId::from_u128(9);
+    let ddl = |n: u64, s: &str| pagesync::Mutation { client_time_ms: T0, seed: n, body: sql(s, vec![]) };
+    let m = ddl(1, "CREATE TABLE t(x INTEGER CHECK (x > 0))").encode().expect("encode");
+    server.receive(tl, Lsn::FIRST, vec![m]);
+    drain(&mut server, T0);
+    server.shrink_memory().expect("shrink");
+
+    let m = ddl(2, "INSERT INTO t VALUES (1)").encode().expect("encode");
+    server.receive(tl, Lsn::new(2).expect("2"), vec![m]);
+    faults.resume();
+    server.step(T0).expect_err("every read fails");
+    faults.stop();
+    let m = ddl(3, "INSERT INTO t VALUES (0)").encode().expect("encode");
+    server.receive(tl, Lsn::new(3).expect("3"), vec![m]);
+    let step = server.step(T0).expect("the disk works again").expect("a step");
+    assert_eq!((step.applied, step.rejected), (2, 1), "{step:?}");
+}
+
+/// A server document that checkpoints often and keeps no history, and a writer that makes it
+/// write enough to checkpoint and trim: a replica that was not following restarts at the
+/// checkpoint the journal starts with.
+fn trimmed_server(mut server: ServerDocument) -> ServerDocument {
+    server.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 4096, retention_ms: 0 }));
+    let mut writer = ClientDocument::open(memory_journal(90), memory_journal(91)).expect("writer");
+    writer.mutate(sql("CREATE TABLE IF NOT EXISTS w(b BLOB)", vec![]), T0, 0).expect("ddl");
+    for n in 1..=12 {
+        writer.mutate(sql("INSERT INTO w VALUES (randomblob(3000))", vec![]), T0, n).expect("insert");
+        push(&writer, &mut server);
+        drain(&mut server, T0 + n as i64);
+        pull(&mut writer, &server);
+    }
+    assert!(server.base_checkpoint().is_some_and(|c| c.first > Lsn::FIRST), "trimmed to a checkpoint");
+    server
+}
+
+/// A replica that restarts at a checkpoint and fails to append its first part holds none of it:
+/// it says it holds nothing, so the server sends the checkpoint whole, and it refuses a delta
+/// (it has no pages to apply one to; resolved against zeros it would become an empty file).
+#[test]
+fn a_restart_whose_append_failed_takes_no_delta() {
+    let server = trimmed_server(ServerDocument::open(memory_journal(1)).expect("server"));
+    let storage = SharedJournal::new(2);
+    let mut client = ClientDocument::open(storage.boxed(), memory_journal(3)).expect("client");
+    let range = server.storage_range();
+    let entries = server.read_storage(range).expect("read");
+    storage.disk_full.store(true, std::sync::atomic::Ordering::Relaxed);
+    client.receive_storage(range.first(), &entries).expect_err("the append fails");
+    storage.disk_full.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert!(client.is_restarting());
+    assert_eq!(client.storage_range(), pagesync::journal::LsnRange::new_empty(), "holds nothing");
+
+    let cp = server.base_checkpoint().expect("checkpoint");
+    let parts = server.read_wire(pagesync::journal::LsnRange::inclusive(cp.first, cp.last)).expect("wire");
+    assert!(parts[0].delta, "the server keeps a new checkpoint's parts as deltas");
+    client.receive_wire(cp.first, &parts).expect_err("a delta needs the pages before it");
+    pull(&mut client, &server);
+    assert!(!client.is_restarting());
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+    assert!(integrity_ok(client.database()));
+}
+
+/// A replica restarted at a checkpoint learns from it (`_pagesync_timelines`) which of its
+/// mutations the server applied. When that read fails, the rebase stays due: the next storage
+/// message, even one it holds already, finishes it.
+#[test]
+fn a_rebase_cut_short_after_a_checkpoint_is_finished_later() {
+    use pagesync_tests::disk::{Disk, FaultRates, Faults, Kind};
+    let mut server = ServerDocument::open(memory_journal(1)).expect("server");
+    let faults = Faults::new(FaultRates { read: 1000, ..FaultRates::default() });
+    faults.stop();
+    let storage = Disk::new(Kind::File, JournalId::from_u128(2), "storage", 1, &faults);
+    let mut client = ClientDocument::open(storage.open().expect("open"), memory_journal(3)).expect("client");
+    let a = client.mutate(sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    let server = trimmed_server(server);
+
+    faults.resume();
+    assert!(pagesync_tests::try_pull(&mut client, &server).is_err(), "reads fail after the append");
+    faults.stop();
+    assert!(!client.is_restarting(), "the checkpoint is in");
+    let last = server.storage_range().last().expect("entries");
+    let again = server.read_storage(pagesync::journal::LsnRange::inclusive(last, last)).expect("read");
+    client.receive_storage(last, &again).expect("held already; the rebase finishes");
+    assert_eq!(client.state(a.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(client.pending_count(), 0);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
 
 #[test]

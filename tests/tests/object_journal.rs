@@ -1,5 +1,5 @@
 //! The object-store backend beyond the conformance suite: fencing between two writers, damaged
-//! objects, and how many requests a cold open costs.
+//! objects, how many requests a cold open costs, and a trim whose deletes fail.
 
 use std::sync::atomic::Ordering;
 
@@ -127,4 +127,29 @@ fn a_cold_open_downloads_each_object_once() {
         }
         assert_eq!(stats.gets.load(Ordering::Relaxed), 3 + 19, "round {round}");
     }
+}
+
+/// A trim is made with `TRIM`; batches that then fail to delete are left for the next trim. The
+/// call succeeds: a caller told it failed would think nothing was removed (the page store then
+/// keeps a checkpoint list that no longer matches the journal, and the server refuses
+/// subscribers behind it as if its storage were damaged).
+#[test]
+fn a_trim_whose_deletes_fail_is_a_trim() {
+    use pagesync_tests::disk::{Disk, FaultRates, Faults, Kind};
+    let faults = Faults::new(FaultRates { write: 1000, ..FaultRates::default() });
+    faults.stop();
+    let disk = Disk::new(Kind::Object, ID, "trim", 1, &faults);
+    let mut j = disk.open().expect("create");
+    for n in 1..=4u8 {
+        j.append(&[n]).expect("append");
+    }
+    faults.resume();
+    j.remove_prefix(lsn(2)).expect("trimmed, though no batch would delete");
+    assert_eq!((j.range().first(), j.range().next()), (lsn(3), lsn(5)));
+    faults.stop();
+    j.remove_prefix(lsn(3)).expect("trim again, deleting what was left");
+    drop(j);
+    let j = disk.open().expect("reopen");
+    assert_eq!((j.range().first(), j.range().next()), (lsn(4), lsn(5)));
+    assert_eq!(j.read(lsn(4)).expect("read"), vec![4]);
 }

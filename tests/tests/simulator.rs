@@ -34,6 +34,15 @@ fn run_shard(shard: u64) {
         assert!(stats.disconnects > 0 && stats.partitions > 0, "{stats:?}");
         assert!(stats.confirmed_transfers > 0 && stats.rejected_transfers > 0, "{stats:?}");
         assert!(stats.client_restarts > 0, "no client ever restarted at a checkpoint: {stats:?}");
+        // The storage faults really happened, and the system saw them.
+        assert!(stats.disk_full > 0 && stats.fsync_failures > 0 && stats.read_failures > 0, "{stats:?}");
+        assert!(stats.torn_writes > 0 && stats.torn_tails_dropped > 0, "{stats:?}");
+        assert!(stats.power_cuts > 0 && stats.power_cut_losses > 0 && stats.unsynced_lost > 0, "{stats:?}");
+        assert!(stats.failed_puts > 0 && stats.unknown_puts > 0, "{stats:?}");
+        assert!(stats.slow_appends > 0 && stats.slow_reads > 0 && stats.slow_steps > 0, "{stats:?}");
+        assert!(stats.deferred_frames > 0, "no frame waited for a step: {stats:?}");
+        assert!(stats.step_failures > 0 && stats.local_write_failures > 0, "{stats:?}");
+        assert!(stats.client_apply_failures > 0 && stats.reopens > 0, "{stats:?}");
     }
 }
 
