@@ -312,6 +312,12 @@ impl<R: Reducer> ServerDocument<R> {
         store.checkpoints().first().copied().filter(|c| c.first == first)
     }
 
+    /// The complete checkpoint whose parts span `lsn` (past its first part), if any: a replica
+    /// that resumes there may be restarting at it, with no pages to apply a delta to.
+    pub fn checkpoint_spanning(&self, lsn: Lsn) -> Option<Checkpoint> {
+        self.db.store().checkpoints().iter().copied().find(|c| c.first < lsn && lsn <= c.last)
+    }
+
     /// The newest complete checkpoint: a new replica starts there.
     pub fn newest_checkpoint(&self) -> Option<Checkpoint> {
         self.db.store().checkpoints().last().copied()

@@ -281,3 +281,55 @@ fn a_new_replica_starts_at_the_newest_checkpoint_not_the_history() {
     );
     assert_eq!(replica.storage_range().first(), newest.first, "it keeps no history");
 }
+
+#[test]
+fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
+    let doc = DocId::from_u128(12);
+    let mut s = ServerSession::new(Box::new(|d: DocId| {
+        let mut doc = ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))?;
+        doc.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 0, retention_ms: i64::MAX }));
+        Ok(doc)
+    }));
+    let mut writer = client(&[doc]);
+    s.connect(C);
+    writer.connected(0);
+    // About 6 MiB, so a checkpoint has two parts; rewritten, so the history outgrows the
+    // document and the next write checkpoints it.
+    let fill = "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
+                SELECT i + 1 FROM s WHERE i < 1500) INSERT INTO t SELECT randomblob(4000) FROM s";
+    let rewrite = "UPDATE t SET x = randomblob(4000)";
+    for (i, step) in [fill, rewrite, "INSERT INTO t VALUES (1)"].into_iter().enumerate() {
+        writer.mutate(doc, sql(step, vec![]), T0, i as u64).expect("mutate");
+        exchange(&mut s, &mut writer, i as i64, true);
+    }
+    let newest = s.document(doc).expect("open").newest_checkpoint().expect("a checkpoint");
+    assert!(newest.last > newest.first, "the checkpoint has more than one part: {newest:?}");
+    s.disconnect(C);
+
+    // A new replica restarts at the checkpoint; the link dies after its first part.
+    let mut fresh = ClientSession::new("");
+    fresh.add_document(doc, ClientDocument::open(memory_journal(600), memory_journal(601)).expect("doc"));
+    s.connect(C);
+    fresh.connected(100);
+    while let Some(m) = fresh.poll_transmit() {
+        s.handle_frame(C, 100, &m.encode());
+    }
+    let (_, first) = s.poll_transmit().expect("the ack");
+    fresh.handle_frame(100, &first.encode()).expect("ack");
+    let (_, part) = s.poll_transmit().expect("the first part");
+    assert!(matches!(&part, Message::Storage { entries, .. } if entries.len() == 1), "one part per frame");
+    fresh.handle_frame(100, &part.encode()).expect("part 1");
+    assert!(fresh.document(doc).expect("open").is_restarting());
+    s.disconnect(C);
+
+    // Reconnected, it resumes inside the checkpoint, and completes it.
+    s.connect(C);
+    fresh.connected(2_000);
+    exchange(&mut s, &mut fresh, 2_000, true);
+    let replica = fresh.document(doc).expect("open");
+    assert!(!replica.is_restarting(), "the replica never completed the checkpoint");
+    assert_eq!(
+        pagesync_tests::pages_of(replica.database()),
+        pagesync_tests::pages_of(s.document(doc).expect("open").database())
+    );
+}

@@ -675,7 +675,10 @@ impl ServerSession {
         // size (see `Compaction`), so this is never more bytes.
         let newest = d.newest_checkpoint().filter(|c| storage_next == Lsn::FIRST && c.first > Lsn::FIRST);
         let start = newest.map_or(storage_next, |c| c.first);
-        let sub = Sub { window: SendWindow::new(start), full_until: newest.map(|c| c.last) };
+        // A replica that stopped inside a checkpoint's parts may be restarting at it: the rest
+        // of the checkpoint goes whole too (any replica can take a whole entry).
+        let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
+        let sub = Sub { window: SendWindow::new(start), full_until };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(doc, sub);
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
