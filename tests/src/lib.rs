@@ -85,11 +85,13 @@ pub mod sim;
 
 /// A journal whose durable state outlives the document that opened it, so a simulated crash
 /// can reopen it. Every append of the backends is durable, so a crash keeps all of it. While
-/// `disk_full` is set, appends fail as on a full disk.
+/// `disk_full` is set, appends fail as on a full disk; while `read_errors` is set, whole-entry
+/// reads fail (page reads still work).
 #[derive(Debug, Clone)]
 pub struct SharedJournal {
     journal: std::sync::Arc<std::sync::Mutex<MemoryJournal>>,
     pub disk_full: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub read_errors: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl SharedJournal {
@@ -98,6 +100,7 @@ impl SharedJournal {
         SharedJournal {
             journal: std::sync::Arc::new(std::sync::Mutex::new(journal)),
             disk_full: Default::default(),
+            read_errors: Default::default(),
         }
     }
 
@@ -129,6 +132,14 @@ impl Journal for SharedJournal {
         self.lock().append_batch(payloads)
     }
     fn read(&self, lsn: pagesync::journal::Lsn) -> pagesync::journal::Result<Vec<u8>> {
+        if self.read_errors.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(pagesync::journal::JournalError::Io {
+                journal: self.id(),
+                op: "read",
+                path: "shared".into(),
+                source: std::io::Error::other("injected read error"),
+            });
+        }
         self.lock().read(lsn)
     }
     fn read_part(

@@ -333,3 +333,44 @@ fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
         pagesync_tests::pages_of(s.document(doc).expect("open").database())
     );
 }
+
+#[test]
+fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop() {
+    let doc = DocId::from_u128(13);
+    let journal = pagesync_tests::SharedJournal::new(700);
+    let shared = journal.clone();
+    let mut s = ServerSession::new(Box::new(move |_| ServerDocument::open(shared.boxed())));
+    let mut writer = client(&[doc]);
+    s.connect(C);
+    writer.connected(0);
+    writer.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    exchange(&mut s, &mut writer, 0, true);
+    s.disconnect(C);
+
+    // A new replica, while whole-entry reads fail: one error, then nothing until the period ends.
+    journal.read_errors.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut fresh = ClientSession::new("");
+    fresh.add_document(doc, ClientDocument::open(memory_journal(701), memory_journal(702)).expect("doc"));
+    s.connect(C);
+    fresh.connected(100);
+    while let Some(m) = fresh.poll_transmit() {
+        s.handle_frame(C, 100, &m.encode());
+    }
+    let sent: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).take(100).collect();
+    let errors =
+        sent.iter().filter(|m| matches!(m, Message::Error { code, .. } if code == codes::DOCUMENT)).count();
+    assert_eq!(errors, 1, "{sent:?}");
+    let again = s.poll_timeout().expect("a retry is scheduled");
+    assert!(again > 100, "the retry is in the future: {again}");
+    s.handle_timeout(again);
+    let sent: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).take(100).collect();
+    assert_eq!(sent.len(), 1, "one more attempt: {sent:?}");
+
+    // The storage heals: the replica catches up.
+    journal.read_errors.store(false, std::sync::atomic::Ordering::Relaxed);
+    exchange(&mut s, &mut fresh, again + 1_000, true);
+    assert_eq!(
+        pagesync_tests::pages_of(fresh.document(doc).expect("open").database()),
+        pagesync_tests::pages_of(s.document(doc).expect("open").database())
+    );
+}

@@ -19,7 +19,8 @@ use pagesync_journal::{Lsn, LsnRange};
 
 use super::window::{SendWindow, round_robin};
 use super::{
-    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, Message, PROTOCOL_VERSION, codes,
+    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, Message, PROTOCOL_VERSION,
+    RETRANSMIT_MS, codes,
 };
 use crate::error::Result;
 use crate::ids::{DocId, TimelineId};
@@ -62,6 +63,9 @@ struct Sub {
     /// Entries up to here go whole: the subscriber restarts at the checkpoint they end, and
     /// holds no pages to apply a delta to.
     full_until: Option<Lsn>,
+    /// After a storage read failed (and the subscriber was told): no retry before this, so a
+    /// persistent read error costs one attempt per `RETRANSMIT_MS`, not a busy loop.
+    retry_read_at: Option<i64>,
 }
 
 /// An open document and its schedule: everything the session keeps per document, so that
@@ -678,7 +682,7 @@ impl ServerSession {
         // A replica that stopped inside a checkpoint's parts may be restarting at it: the rest
         // of the checkpoint goes whole too (any replica can take a whole entry).
         let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
-        let sub = Sub { window: SendWindow::new(start), full_until };
+        let sub = Sub { window: SendWindow::new(start), full_until, retry_read_at: None };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(doc, sub);
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
@@ -717,7 +721,10 @@ impl ServerSession {
             if c.backlog_bytes > 0 {
                 continue;
             }
-            c.subs.values_mut().for_each(|sub| sub.window.rewind_if_due(now));
+            for sub in c.subs.values_mut() {
+                sub.window.rewind_if_due(now);
+                sub.retry_read_at = sub.retry_read_at.filter(|t| now < *t);
+            }
         }
         self.close_slow_readers();
     }
@@ -923,7 +930,7 @@ impl ServerSession {
         // A connection with unwritten bytes resends nothing (see `handle_timeout`); the driver
         // says when it drains.
         let subs = self.conns.values().filter(|c| c.backlog_bytes == 0).flat_map(|c| c.subs.values());
-        let resends = subs.filter_map(|s| s.window.resend_at());
+        let resends = subs.flat_map(|s| [s.window.resend_at(), s.retry_read_at]).flatten();
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
         steps.chain(resends).chain(blocked).min()
@@ -969,6 +976,10 @@ impl ServerSession {
 fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> Option<Message> {
     let avail = d.storage_range();
     let window = sub.window.room(DOC_WINDOW_BYTES);
+    if sub.retry_read_at.is_some_and(|t| now_ms < t) {
+        return None;
+    }
+    sub.retry_read_at = None;
     if sub.window.next >= avail.next() || window == 0 {
         return None;
     }
@@ -989,6 +1000,7 @@ fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> 
         let e = match read {
             Ok(mut one) => one.remove(0),
             Err(err) if entries.is_empty() => {
+                sub.retry_read_at = Some(now_ms + RETRANSMIT_MS);
                 return Some(error(
                     Some(doc),
                     codes::DOCUMENT,
