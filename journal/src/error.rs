@@ -35,6 +35,11 @@ pub enum JournalError {
     #[error("journal {journal}: {message}")]
     Fenced { journal: JournalId, message: String },
 
+    /// An earlier write failed in a way that leaves what is on disk unknown (a failed fsync):
+    /// the journal refuses writes until it is reopened, which re-reads what is durable.
+    #[error("journal {journal}: {message}")]
+    Poisoned { journal: JournalId, message: String },
+
     #[error("journal {journal}: the storage backend failed: {message}")]
     Backend { journal: JournalId, message: String },
 }

@@ -233,14 +233,15 @@ impl FileJournal {
 
     /// Appends and trims are refused read-only, and after a failed fsync until reopened.
     fn check_writable(&self) -> Result<()> {
-        let message = if self.opts.read_only {
-            format!("{} was opened read-only", self.dir.display())
-        } else if self.poisoned {
-            "an earlier fsync failed; reopen the journal before appending".into()
-        } else {
-            return Ok(());
-        };
-        Err(JournalError::Backend { journal: self.id, message })
+        if self.opts.read_only {
+            let message = format!("{} was opened read-only", self.dir.display());
+            return Err(JournalError::Backend { journal: self.id, message });
+        }
+        if self.poisoned {
+            let message = "an earlier fsync failed; reopen the journal before appending".into();
+            return Err(JournalError::Poisoned { journal: self.id, message });
+        }
+        Ok(())
     }
 
     /// Bytes on disk in segment files.

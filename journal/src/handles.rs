@@ -320,7 +320,7 @@ impl<F: RandomAccess> HandleJournal<F> {
                 "an earlier write to {} failed; reopen the journal before appending",
                 self.files[self.live].name()
             );
-            return Err(JournalError::Backend { journal: self.id, message });
+            return Err(JournalError::Poisoned { journal: self.id, message });
         }
         Ok(())
     }

@@ -53,6 +53,16 @@ impl From<rusqlite::Error> for Error {
 }
 
 impl Error {
+    /// Whether the journal refuses writes until it is reopened (an earlier write's outcome is
+    /// unknown, or another writer fenced it): retrying on the same handle cannot succeed.
+    pub fn needs_reopen(&self) -> bool {
+        let journal = match self {
+            Error::Journal(e) | Error::Store(StoreError::Journal(e)) => e,
+            _ => return false,
+        };
+        matches!(journal, JournalError::Poisoned { .. } | JournalError::Fenced { .. })
+    }
+
     /// Whether the storage failed (a journal or page-store error), as opposed to the SQL or
     /// the input: the work can succeed when retried.
     pub fn is_io(&self) -> bool {

@@ -428,6 +428,19 @@ impl<R: Reducer> ServerDocument<R> {
         Received { next_expected: expected, accepted }
     }
 
+    /// Takes every queued mutation out, per timeline: (timeline, first LSN, consecutive
+    /// entries). For carrying them over to the document opened again from its journal.
+    pub fn take_queued(&mut self) -> Vec<(TimelineId, Lsn, Vec<Vec<u8>>)> {
+        self.queued_bytes = 0;
+        std::mem::take(&mut self.queues)
+            .into_iter()
+            .filter_map(|(tl, q)| {
+                let first = q.front()?.0;
+                Some((tl, first, q.into_iter().map(|(_, e)| e).collect()))
+            })
+            .collect()
+    }
+
     /// Picks the next batch round-robin across timelines, within the step limits.
     fn pick_batch(&mut self) -> Vec<(TimelineId, Lsn, Vec<u8>)> {
         let order = crate::protocol::window::round_robin(self.queues.keys().copied(), self.rr_cursor);

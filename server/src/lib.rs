@@ -252,6 +252,11 @@ impl Metrics {
                 s.documents_failed,
             ),
             (
+                "pagesync_documents_reopened_total",
+                "Documents opened again from their journal after it refused writes (a failed fsync, a write whose outcome was unknown)",
+                s.documents_reopened,
+            ),
+            (
                 "pagesync_frames_panicked_total",
                 "Frames whose handling panicked (their connection closed)",
                 g(&self.frames_panicked),

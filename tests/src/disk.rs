@@ -478,7 +478,7 @@ impl FileModel {
     fn check_writable(&self) -> pagesync::journal::Result<()> {
         if self.poisoned {
             let message = "an earlier fsync failed; reopen the journal before appending".into();
-            return Err(JournalError::Backend { journal: self.id, message });
+            return Err(JournalError::Poisoned { journal: self.id, message });
         }
         Ok(())
     }

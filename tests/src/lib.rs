@@ -86,12 +86,16 @@ pub mod sim;
 /// A journal whose durable state outlives the document that opened it, so a simulated crash
 /// can reopen it. Every append of the backends is durable, so a crash keeps all of it. While
 /// `disk_full` is set, appends fail as on a full disk; while `read_errors` is set, whole-entry
-/// reads fail (page reads still work).
+/// reads fail (page reads still work). Once `poison_next` is set, the next append fails as a
+/// failed fsync does: that handle refuses every later append until a new one is opened.
 #[derive(Debug, Clone)]
 pub struct SharedJournal {
     journal: std::sync::Arc<std::sync::Mutex<MemoryJournal>>,
     pub disk_full: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub read_errors: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub poison_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// This handle's own: set by the append `poison_next` failed.
+    poisoned: bool,
 }
 
 impl SharedJournal {
@@ -101,11 +105,14 @@ impl SharedJournal {
             journal: std::sync::Arc::new(std::sync::Mutex::new(journal)),
             disk_full: Default::default(),
             read_errors: Default::default(),
+            poison_next: Default::default(),
+            poisoned: false,
         }
     }
 
+    /// A new handle on the same entries (not poisoned).
     pub fn boxed(&self) -> Box<dyn Journal> {
-        Box::new(self.clone())
+        Box::new(SharedJournal { poisoned: false, ..self.clone() })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryJournal> {
@@ -121,6 +128,11 @@ impl Journal for SharedJournal {
         self.lock().range()
     }
     fn append_batch(&mut self, payloads: &[&[u8]]) -> pagesync::journal::Result<pagesync::journal::LsnRange> {
+        if self.poisoned || self.poison_next.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            self.poisoned = true;
+            let message = "an earlier fsync failed; reopen the journal before appending".into();
+            return Err(pagesync::journal::JournalError::Poisoned { journal: self.id(), message });
+        }
         if self.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(pagesync::journal::JournalError::Io {
                 journal: self.id(),

@@ -6,7 +6,7 @@ use pagesync::protocol::{
     ClientSession, ConnId, MAX_BATCH_BYTES, Message, PROTOCOL_VERSION, ServerSession, UPLOAD_WINDOW_BYTES,
     codes,
 };
-use pagesync::{ClientDocument, DocId, ServerDocument};
+use pagesync::{ClientDocument, DocId, MutationState, ServerDocument, Value};
 use pagesync_tests::{memory_journal, sql};
 
 const T0: i64 = 1_700_000_000_000;
@@ -371,6 +371,41 @@ fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop(
     exchange(&mut s, &mut fresh, again + 1_000, true);
     assert_eq!(
         pagesync_tests::pages_of(fresh.document(doc).expect("open").database()),
+        pagesync_tests::pages_of(s.document(doc).expect("open").database())
+    );
+}
+
+#[test]
+fn a_journal_that_refuses_writes_is_opened_again_with_the_queued_mutations() {
+    let doc = DocId::from_u128(14);
+    let journal = pagesync_tests::SharedJournal::new(800);
+    let shared = journal.clone();
+    let mut s = ServerSession::new(Box::new(move |_| ServerDocument::open(shared.boxed())));
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    let first = c.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    exchange(&mut s, &mut c, 0, true);
+    assert_eq!(c.document(doc).expect("open").state(first.lsn).expect("state"), MutationState::Confirmed);
+
+    // The next append fails as a failed fsync does: that handle refuses every later write.
+    journal.poison_next.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes: Vec<_> = (2..=3)
+        .map(|i| c.mutate(doc, sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(i)]), T0, i as u64))
+        .collect::<Result<_, _>>()
+        .expect("mutate");
+    exchange(&mut s, &mut c, 10, true);
+    assert_eq!(s.stats().steps_failed, 1);
+    // After the retry delay the document is opened again, and its acknowledged mutations,
+    // which the client will not send again, are applied.
+    let later = 10 + pagesync::protocol::STEP_RETRY_MS;
+    exchange(&mut s, &mut c, later, true);
+    assert_eq!(s.stats().documents_reopened, 1);
+    for w in &writes {
+        assert_eq!(c.document(doc).expect("open").state(w.lsn).expect("state"), MutationState::Confirmed);
+    }
+    assert_eq!(
+        pagesync_tests::pages_of(c.document(doc).expect("open").database()),
         pagesync_tests::pages_of(s.document(doc).expect("open").database())
     );
 }

@@ -81,6 +81,8 @@ struct OpenDoc {
     last_used: i64,
     /// The `last_used` it shrank at: it shrinks again only after being used since.
     shrunk_at: Option<i64>,
+    /// Its journal refused writes until reopened: the next step opens it again first.
+    reopen: bool,
 }
 
 /// Where an open document is.
@@ -99,6 +101,7 @@ impl OpenDoc {
             retry_at: None,
             last_used: now_ms,
             shrunk_at: None,
+            reopen: false,
         }
     }
 
@@ -232,6 +235,8 @@ pub struct SessionStats {
     pub mutations_isolated: u64,
     /// Documents closed because a step panicked.
     pub documents_failed: u64,
+    /// Documents opened again from their journal after it refused writes.
+    pub documents_reopened: u64,
     pub events_dropped: u64,
     pub documents_opened: u64,
     pub documents_closed: u64,
@@ -273,8 +278,9 @@ type Stepped = (DocId, Vec<(StepOutcome, Option<u64>)>, Option<Failure>);
 /// Why a document's step did not complete.
 #[derive(Debug)]
 enum Failure {
-    /// An error; the queue stays and the step is retried.
-    Error(String),
+    /// An error; the queue stays and the step is retried. With `reopen`, the document's
+    /// journal refuses writes until it is reopened: the retry opens it again first.
+    Error { why: String, reopen: bool },
     /// A panic: the document's state cannot be trusted; it is closed (and reopened from its
     /// journal on next use).
     Panicked(String),
@@ -291,7 +297,9 @@ fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&
     match stepped {
         Ok(Ok(Some(o))) => done.push((o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))),
         Ok(Ok(None)) => {}
-        Ok(Err(e)) => return (id, done, Some(Failure::Error(e.to_string()))),
+        Ok(Err(e)) => {
+            return (id, done, Some(Failure::Error { why: e.to_string(), reopen: e.needs_reopen() }));
+        }
         Err(panic) => return (id, done, Some(Failure::Panicked(panic_message(&*panic)))),
     }
     (id, done, None)
@@ -709,6 +717,7 @@ impl ServerSession {
             // stepped apart uses `with_external_steps`.
             let due: Vec<DocId> = self.due().collect();
             for doc in due {
+                self.reopen_if_needed(doc);
                 let Some(d) = self.docs.get_mut(&doc).and_then(OpenDoc::document_mut) else { continue };
                 let (_, steps, failed) = step_document(doc, d, now, self.clock.as_ref());
                 self.record_steps(doc, &steps, failed);
@@ -776,8 +785,9 @@ impl ServerSession {
             None if open.queued() > 0 => {}
             None => open.queued_since = None,
             Some(Failure::Panicked(why)) => self.close_broken(doc, why),
-            Some(Failure::Error(why)) => {
+            Some(Failure::Error { why, reopen }) => {
                 open.retry_at = Some(now + STEP_RETRY_MS);
+                open.reopen = reopen;
                 self.stats.steps_failed += 1;
                 self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
                 let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
@@ -797,6 +807,7 @@ impl ServerSession {
             return None;
         }
         let doc = self.due().next()?;
+        self.reopen_if_needed(doc);
         let open = self.docs.get_mut(&doc).expect("BUG: just found");
         let Held::Here(document) = std::mem::replace(&mut open.held, Held::Stepping(Deferred::default()))
         else {
@@ -804,6 +815,23 @@ impl ServerSession {
         };
         self.stepping += 1;
         Some(StepJob { doc, document: *document, now_ms: self.now_ms, clock: self.clock.clone() })
+    }
+
+    /// Opens a document again from its journal when its handle refuses writes (a failed fsync,
+    /// an object write whose outcome was unknown), carrying the mutations queued in the old
+    /// handle over: their clients will not send them again (they were acknowledged), and
+    /// `receive` skips those the journal shows applied. When the open fails, the old handle
+    /// stays and the next step tries again.
+    fn reopen_if_needed(&mut self, doc: DocId) {
+        let Some(open) = self.docs.get_mut(&doc).filter(|o| o.reopen) else { return };
+        let Some(old) = open.document_mut() else { return };
+        let Ok(mut fresh) = (self.opener)(doc) else { return };
+        for (timeline, first, entries) in old.take_queued() {
+            fresh.receive(timeline, first, entries);
+        }
+        open.held = Held::Here(Box::new(fresh));
+        open.reopen = false;
+        self.stats.documents_reopened += 1;
     }
 
     /// Documents out on a step.
