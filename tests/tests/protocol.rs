@@ -16,6 +16,12 @@ fn server() -> ServerSession {
     ServerSession::new(Box::new(|d: DocId| ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))))
 }
 
+/// A server whose one document opens a new handle on `journal` each time.
+fn server_over(journal: &pagesync_tests::SharedJournal) -> ServerSession {
+    let journal = journal.clone();
+    ServerSession::new(Box::new(move |_| ServerDocument::open(journal.boxed())))
+}
+
 fn client(docs: &[DocId]) -> ClientSession {
     let mut s = ClientSession::new("");
     for (i, d) in docs.iter().enumerate() {
@@ -338,8 +344,7 @@ fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
 fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop() {
     let doc = DocId::from_u128(13);
     let journal = pagesync_tests::SharedJournal::new(700);
-    let shared = journal.clone();
-    let mut s = ServerSession::new(Box::new(move |_| ServerDocument::open(shared.boxed())));
+    let mut s = server_over(&journal);
     let mut writer = client(&[doc]);
     s.connect(C);
     writer.connected(0);
@@ -379,8 +384,7 @@ fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop(
 fn a_journal_that_refuses_writes_is_opened_again_with_the_queued_mutations() {
     let doc = DocId::from_u128(14);
     let journal = pagesync_tests::SharedJournal::new(800);
-    let shared = journal.clone();
-    let mut s = ServerSession::new(Box::new(move |_| ServerDocument::open(shared.boxed())));
+    let mut s = server_over(&journal);
     let mut c = client(&[doc]);
     s.connect(C);
     c.connected(0);
