@@ -116,7 +116,7 @@ fn start_child(env: &str, value: &str) -> Server {
 fn wait_for(port: u16, name: &str, at_least: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(port, name) < at_least {
-        assert!(Instant::now() < deadline, "{name} never reached {at_least}");
+        assert!(Instant::now() < deadline, "{name} never reached {at_least} (at {})", metric(port, name));
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -83,6 +83,10 @@ struct OpenDoc {
     shrunk_at: Option<i64>,
     /// Its journal refused writes until reopened: the next step opens it again first.
     reopen: bool,
+    /// The storage LSN it writes next, as of its last step: only steps write storage, so a
+    /// subscriber at or past it has nothing to be sent, known without asking the store (a
+    /// lock and a journal call, for every subscription on every `poll_transmit`).
+    head: Lsn,
 }
 
 /// Where an open document is.
@@ -95,7 +99,9 @@ enum Held {
 
 impl OpenDoc {
     fn new(document: ServerDocument, now_ms: i64) -> OpenDoc {
+        let head = document.storage_range().next();
         OpenDoc {
+            head,
             held: Held::Here(Box::new(document)),
             queued_since: None,
             retry_at: None,
@@ -780,6 +786,9 @@ impl ServerSession {
         }
         let Some(open) = self.docs.get_mut(&doc) else { return };
         open.retry_at = None;
+        if let Some(d) = open.document() {
+            open.head = d.storage_range().next();
+        }
         match failed {
             // A backlog stays due: it steps again on the next turn.
             None if open.queued() > 0 => {}
@@ -829,6 +838,7 @@ impl ServerSession {
         for (timeline, first, entries) in old.take_queued() {
             fresh.receive(timeline, first, entries);
         }
+        open.head = fresh.storage_range().next();
         open.held = Held::Here(Box::new(fresh));
         open.reopen = false;
         self.stats.documents_reopened += 1;
@@ -989,8 +999,11 @@ impl ServerSession {
             return None;
         }
         for doc in round_robin(c.subs.keys().copied(), c.cursor) {
-            let d = self.docs.get(&doc).and_then(OpenDoc::document);
-            let (Some(d), Some(sub)) = (d, c.subs.get_mut(&doc)) else { continue };
+            let (Some(open), Some(sub)) = (self.docs.get(&doc), c.subs.get_mut(&doc)) else { continue };
+            if sub.window.next >= open.head {
+                continue;
+            }
+            let Some(d) = open.document() else { continue };
             if let Some(msg) = storage_batch(doc, d, sub, now_ms) {
                 c.cursor = Some(doc);
                 return Some(msg);

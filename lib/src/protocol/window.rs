@@ -9,7 +9,9 @@ use super::RETRANSMIT_MS;
 
 /// One direction of one document's transfer: what was sent, what the peer holds, and the
 /// batches in between. Acknowledgements only move it forward; a batch unacknowledged for
-/// `RETRANSMIT_MS` rewinds it to what the peer holds.
+/// `RETRANSMIT_MS` rewinds it to what the peer holds, and each rewind with no progress since
+/// doubles that wait (up to `MAX_RETRANSMIT_BACKOFF` doublings): a peer that never
+/// acknowledges costs a resend every few seconds, not five a second per document.
 #[derive(Debug)]
 pub(crate) struct SendWindow {
     /// The next LSN to send.
@@ -19,11 +21,16 @@ pub(crate) struct SendWindow {
     /// Sent and unacknowledged: (first LSN after the batch, bytes).
     inflight: VecDeque<(Lsn, usize)>,
     last_send_ms: i64,
+    /// Rewinds since the peer last acknowledged something.
+    rewinds: u32,
 }
+
+/// A window rewound this many times in a row waits `RETRANSMIT_MS << 5` (6.4 s) between resends.
+pub(crate) const MAX_RETRANSMIT_BACKOFF: u32 = 5;
 
 impl SendWindow {
     pub(crate) fn new(start: Lsn) -> SendWindow {
-        SendWindow { next: start, acked: start, inflight: VecDeque::new(), last_send_ms: 0 }
+        SendWindow { next: start, acked: start, inflight: VecDeque::new(), last_send_ms: 0, rewinds: 0 }
     }
 
     /// Bytes that may be sent now, within `limit` unacknowledged bytes.
@@ -40,6 +47,9 @@ impl SendWindow {
 
     /// The peer holds everything before `next`.
     pub(crate) fn ack(&mut self, next: Lsn) {
+        if next > self.acked {
+            self.rewinds = 0;
+        }
         self.acked = self.acked.max(next);
         self.next = self.next.max(self.acked);
         let acked = self.acked;
@@ -48,7 +58,8 @@ impl SendWindow {
 
     /// When unacknowledged batches are due to be sent again, if there are any.
     pub(crate) fn resend_at(&self) -> Option<i64> {
-        (!self.inflight.is_empty()).then_some(self.last_send_ms + RETRANSMIT_MS)
+        let wait = RETRANSMIT_MS << self.rewinds.min(MAX_RETRANSMIT_BACKOFF);
+        (!self.inflight.is_empty()).then_some(self.last_send_ms + wait)
     }
 
     /// Sends again from what the peer holds, if its batches went unacknowledged too long.
@@ -56,6 +67,7 @@ impl SendWindow {
         if self.resend_at().is_some_and(|t| now_ms >= t) {
             self.inflight.clear();
             self.next = self.acked;
+            self.rewinds += 1;
         }
     }
 }
@@ -99,5 +111,27 @@ mod tests {
         assert_eq!(w.next, lsn(9));
         w.rewind_if_due(20 + RETRANSMIT_MS);
         assert_eq!((w.next, w.room(1000), w.resend_at()), (lsn(5), 1000, None));
+    }
+
+    #[test]
+    fn a_peer_that_never_acknowledges_gets_ever_rarer_resends() {
+        let lsn = |n| Lsn::new(n).unwrap();
+        let mut w = SendWindow::new(lsn(1));
+        let mut now = 0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            w.sent(lsn(2), 100, now);
+            let at = w.resend_at().expect("in flight");
+            waits.push(at - now);
+            w.rewind_if_due(at);
+            now = at;
+        }
+        let r = RETRANSMIT_MS;
+        assert_eq!(waits, [r, 2 * r, 4 * r, 8 * r, 16 * r, 32 * r, 32 * r, 32 * r]);
+        // Progress resets the wait.
+        w.sent(lsn(2), 100, now);
+        w.ack(lsn(2));
+        w.sent(lsn(3), 100, now);
+        assert_eq!(w.resend_at(), Some(now + r));
     }
 }
