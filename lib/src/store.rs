@@ -142,6 +142,9 @@ pub struct PageStore {
     last_error: Option<StoreError>,
     /// The parts of a checkpoint whose last part is not in yet, not indexed.
     arriving: Vec<(Lsn, storage::EntryHeader)>,
+    /// Steps since the first arriving part that cut the file shorter: (LSN, page count). A
+    /// part's page past such a cut after it is gone, even if the file grew again.
+    arriving_cuts: Vec<(Lsn, u32)>,
     /// Complete checkpoints in the journal, oldest first.
     checkpoints: Vec<Checkpoint>,
     /// Payload bytes of the entries after the newest complete checkpoint (or the journal's start).
@@ -193,6 +196,7 @@ impl PageStore {
             reported_schema: None,
             last_error: None,
             arriving: Vec::new(),
+            arriving_cuts: Vec::new(),
             checkpoints: Vec::new(),
             bytes_since_checkpoint: 0,
             has_base: first == Lsn::FIRST,
@@ -240,6 +244,9 @@ impl PageStore {
         let Some(part) = header.checkpoint else {
             // Steps between the parts of a checkpoint are indexed at once (see the module docs).
             self.bytes_since_checkpoint += len as u64;
+            if !self.arriving.is_empty() && header.page_count < self.page_count {
+                self.arriving_cuts.push((lsn, header.page_count));
+            }
             return self.index_pages(lsn, &header);
         };
         let continues = self.arriving.last().is_some_and(|(_, h)| {
@@ -247,10 +254,12 @@ impl PageStore {
         });
         if part.index == 1 {
             self.arriving.clear();
+            self.arriving_cuts.clear();
         } else if !continues {
             // A part without the ones before it: a checkpoint cut short, then resumed by
             // nothing. It changes nothing; forget it.
             self.arriving.clear();
+            self.arriving_cuts.clear();
             return;
         }
         let (time_ms, page_count) = (header.time_ms, header.page_count);
@@ -259,8 +268,10 @@ impl PageStore {
             let first = self.arriving[0].0;
             // The last part is the newest entry: its page count is the document's.
             self.set_page_count(page_count);
+            let cuts = std::mem::take(&mut self.arriving_cuts);
             for (l, h) in std::mem::take(&mut self.arriving) {
-                self.index_part_pages(l, &h);
+                let cut = cuts.iter().filter(|(at, _)| *at > l).map(|(_, pages)| *pages).min();
+                self.index_part_pages(l, &h, cut.unwrap_or(u32::MAX));
             }
             self.checkpoints.push(Checkpoint { first, last: lsn, time_ms });
             self.bytes_since_checkpoint = 0;
@@ -278,9 +289,9 @@ impl PageStore {
     }
 
     /// Indexes a checkpoint part's pages where no later entry wrote them, within the page
-    /// count (a later step may have cut the file shorter).
-    fn index_part_pages(&mut self, lsn: Lsn, header: &storage::EntryHeader) {
-        for (i, idx) in header.pages.iter().enumerate() {
+    /// count and up to `cut` (the fewest pages a later step left the file with).
+    fn index_part_pages(&mut self, lsn: Lsn, header: &storage::EntryHeader, cut: u32) {
+        for (i, idx) in header.pages.iter().enumerate().filter(|(_, idx)| idx.get() <= cut) {
             let Some(slot) = self.index.get_mut(idx.get() as usize - 1) else { continue };
             if slot.is_some_and(|l| l.lsn > lsn) {
                 continue;
@@ -548,6 +559,7 @@ impl PageStore {
         self.page_count = 0;
         self.overlay_page_count = 0;
         self.arriving.clear();
+        self.arriving_cuts.clear();
         self.checkpoints.clear();
         self.bytes_since_checkpoint = 0;
         self.has_base = false;

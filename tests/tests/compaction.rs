@@ -181,6 +181,25 @@ fn retention_trims_only_to_checkpoints_older_than_the_window() {
 }
 
 #[test]
+fn a_part_does_not_bring_back_a_page_a_later_step_cut_off() {
+    let mut store = PageStore::open(Box::new(MemoryJournal::new(JournalId::from_u128(11)))).expect("open");
+    let entries = [
+        entry(2, None, &[(1, 0xa), (2, 0xb)]),
+        entry(2, Some((1, 2)), &[(1, 0xa), (2, 0xb)]),
+        // The file is cut to one page, then grows to three without writing page 2 again.
+        entry(1, None, &[(1, 0xc)]),
+        entry(3, None, &[(3, 0xd)]),
+        entry(3, Some((2, 2)), &[(3, 0xd)]),
+    ];
+    for (i, e) in entries.iter().enumerate() {
+        apply(&mut store, i as u64 + 1, e.clone()).expect("apply");
+    }
+    assert!(!store.checkpoints().is_empty(), "complete");
+    let fills: Vec<u8> = (1..=3).map(|i| read_fill(&mut store, i)).collect();
+    assert_eq!(fills, [0xc, 0x0, 0xd], "page 2 stays as the cut left it");
+}
+
+#[test]
 fn a_large_checkpoint_is_spread_over_steps_that_keep_applying_writes() {
     let journal = SharedJournal::new(8);
     let mut doc = ServerDocument::open(journal.boxed()).expect("open");
