@@ -177,9 +177,7 @@ impl Drop for Client {
             self.shared.locks.lock().expect("BUG: lock poisoned").iter().map(|(id, _)| *id).collect();
         let mut session = self.shared.session();
         // Under `Durability::Normal`, what is written so far is durable when the client goes.
-        if let Err(e) = session.sync_timelines() {
-            tracing::warn!("making local writes durable at close failed: {e}");
-        }
+        sync_local_writes(&mut session);
         for id in ids {
             drop(session.remove_document(id));
         }
@@ -564,12 +562,15 @@ async fn sync_timelines(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut session = shared.session();
-        if session.needs_sync()
-            && let Err(e) = session.sync_timelines()
-        {
-            tracing::warn!("making local writes durable failed: {e}");
-        }
+        sync_local_writes(&mut shared.session());
+    }
+}
+
+/// Makes every document's local writes durable (a no-op for those with none waiting); a
+/// failure is logged, and the writes stay pending, unsent, for the next try.
+fn sync_local_writes(session: &mut ClientSession) {
+    if let Err(e) = session.sync_timelines() {
+        tracing::warn!("making local writes durable failed: {e}");
     }
 }
 
@@ -611,11 +612,7 @@ async fn run_connection(
         let out: Vec<Vec<u8>> = {
             let mut s = shared.session();
             // Under `Durability::Normal`, writes go up once durable: one fsync for all so far.
-            if s.needs_sync()
-                && let Err(e) = s.sync_timelines()
-            {
-                tracing::warn!("making local writes durable failed: {e}");
-            }
+            sync_local_writes(&mut s);
             std::iter::from_fn(|| s.poll_transmit()).map(|m| m.encode()).collect()
         };
         for frame in out {

@@ -202,7 +202,7 @@ impl<R: Reducer> ClientDocument<R> {
 
     /// Makes every local write durable (one fsync for all of them): a no-op under `Full`.
     pub fn sync_timeline(&mut self) -> Result<()> {
-        if self.synced_next < self.timeline.range().next() {
+        if self.needs_sync() {
             self.timeline.sync()?;
             self.synced_next = self.timeline.range().next();
         }
@@ -217,13 +217,8 @@ impl<R: Reducer> ClientDocument<R> {
     /// The pending entries that are durable: what may be sent up.
     pub fn sendable_range(&self) -> LsnRange {
         let pending = self.pending_range();
-        match self.synced_next.prev().filter(|last| *last >= pending.first()) {
-            Some(last) if pending.last().is_some_and(|l| l > last) => {
-                LsnRange::inclusive(pending.first(), last)
-            }
-            Some(_) => pending,
-            None => LsnRange::empty_at(pending.first()),
-        }
+        let next = self.synced_next.clamp(pending.first(), pending.next());
+        LsnRange::from_count(pending.first(), next.get() - pending.first().get())
     }
 
     /// Appends to the timeline, durably unless `Durability::Normal`.
