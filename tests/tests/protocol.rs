@@ -22,6 +22,28 @@ fn server_over(journal: &pagesync_tests::SharedJournal) -> ServerSession {
     ServerSession::new(Box::new(move |_| ServerDocument::open(journal.boxed())))
 }
 
+/// A server over `journal` and a connected client whose first mutation, a table, is applied.
+fn with_a_table(
+    doc: DocId,
+    journal: &pagesync_tests::SharedJournal,
+) -> (ServerSession, ClientSession, pagesync::Submitted) {
+    let mut s = server_over(journal);
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    let table = c.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    exchange(&mut s, &mut c, 0, true);
+    (s, c, table)
+}
+
+/// The client's replica of `doc` is byte-identical to the server's.
+fn assert_same_pages(c: &ClientSession, s: &ServerSession, doc: DocId) {
+    assert_eq!(
+        pagesync_tests::pages_of(c.document(doc).expect("open").database()),
+        pagesync_tests::pages_of(s.document(doc).expect("open").database())
+    );
+}
+
 fn client(docs: &[DocId]) -> ClientSession {
     let mut s = ClientSession::new("");
     for (i, d) in docs.iter().enumerate() {
@@ -281,10 +303,7 @@ fn a_new_replica_starts_at_the_newest_checkpoint_not_the_history() {
     let replica = fresh.document(doc).expect("open");
     assert_eq!(replica.restarts(), 1, "the new replica restarted at the checkpoint");
     assert_eq!(traffic.storage_entries as u64, history.next().get() - newest.first.get());
-    assert_eq!(
-        pagesync_tests::pages_of(replica.database()),
-        pagesync_tests::pages_of(s.document(doc).expect("open").database())
-    );
+    assert_same_pages(&fresh, &s, doc);
     assert_eq!(replica.storage_range().first(), newest.first, "it keeps no history");
 }
 
@@ -334,22 +353,14 @@ fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
     exchange(&mut s, &mut fresh, 2_000, true);
     let replica = fresh.document(doc).expect("open");
     assert!(!replica.is_restarting(), "the replica never completed the checkpoint");
-    assert_eq!(
-        pagesync_tests::pages_of(replica.database()),
-        pagesync_tests::pages_of(s.document(doc).expect("open").database())
-    );
+    assert_same_pages(&fresh, &s, doc);
 }
 
 #[test]
 fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop() {
     let doc = DocId::from_u128(13);
     let journal = pagesync_tests::SharedJournal::new(700);
-    let mut s = server_over(&journal);
-    let mut writer = client(&[doc]);
-    s.connect(C);
-    writer.connected(0);
-    writer.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
-    exchange(&mut s, &mut writer, 0, true);
+    let (mut s, _writer, _) = with_a_table(doc, &journal);
     s.disconnect(C);
 
     // A new replica, while whole-entry reads fail: one error, then nothing until the period ends.
@@ -374,22 +385,14 @@ fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop(
     // The storage heals: the replica catches up.
     journal.read_errors.store(false, std::sync::atomic::Ordering::Relaxed);
     exchange(&mut s, &mut fresh, again + 1_000, true);
-    assert_eq!(
-        pagesync_tests::pages_of(fresh.document(doc).expect("open").database()),
-        pagesync_tests::pages_of(s.document(doc).expect("open").database())
-    );
+    assert_same_pages(&fresh, &s, doc);
 }
 
 #[test]
 fn a_journal_that_refuses_writes_is_opened_again_with_the_queued_mutations() {
     let doc = DocId::from_u128(14);
     let journal = pagesync_tests::SharedJournal::new(800);
-    let mut s = server_over(&journal);
-    let mut c = client(&[doc]);
-    s.connect(C);
-    c.connected(0);
-    let first = c.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
-    exchange(&mut s, &mut c, 0, true);
+    let (mut s, mut c, first) = with_a_table(doc, &journal);
     assert_eq!(c.document(doc).expect("open").state(first.lsn).expect("state"), MutationState::Confirmed);
 
     // The next append fails as a failed fsync does: that handle refuses every later write.
@@ -408,8 +411,5 @@ fn a_journal_that_refuses_writes_is_opened_again_with_the_queued_mutations() {
     for w in &writes {
         assert_eq!(c.document(doc).expect("open").state(w.lsn).expect("state"), MutationState::Confirmed);
     }
-    assert_eq!(
-        pagesync_tests::pages_of(c.document(doc).expect("open").database()),
-        pagesync_tests::pages_of(s.document(doc).expect("open").database())
-    );
+    assert_same_pages(&c, &s, doc);
 }
