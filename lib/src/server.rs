@@ -360,6 +360,14 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(WireEntry::full(&self.db.store().journal().read(lsn)?))
     }
 
+    /// A recent entry in wire form (often a delta, for a receiver that holds the entry before
+    /// it), if it is still kept in memory.
+    pub fn recent_wire(&self, lsn: Lsn) -> Option<&WireEntry> {
+        let first = self.recent.front()?.0;
+        let (at, wire) = self.recent.get(usize::try_from(lsn.get().checked_sub(first.get())?).ok()?)?;
+        (*at == lsn).then_some(wire)
+    }
+
     /// Storage entries in wire form, for a receiver that holds everything before `range`.
     pub fn read_wire(&self, range: LsnRange) -> Result<Vec<WireEntry>> {
         let cached_from = self.recent.front().map(|(l, _)| *l);

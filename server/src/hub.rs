@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pagesync::protocol::{ConnId, Event, ServerSession, StepDone, StepJob};
+use pagesync::protocol::{ConnId, DocJob, Event, JobDone, ServerSession};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Metrics;
@@ -86,8 +86,8 @@ enum HubMsg {
         doc: pagesync::DocId,
         reply: oneshot::Sender<Result<Vec<u8>, String>>,
     },
-    /// A worker finished a document's step.
-    StepDone(Box<StepDone>),
+    /// A worker finished a document's job (open, step, read-ahead, export).
+    JobDone(Box<JobDone>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -103,20 +103,21 @@ fn now_ms() -> i64 {
 }
 
 impl Hub {
-    /// Starts the hub thread and `step_threads` workers that take documents' steps, so that
-    /// the hub (every connection's frames) and the other documents never wait for one.
+    /// Starts the hub thread and `step_threads` workers that run documents' jobs (opens, steps,
+    /// reads, exports), so that the hub (every connection's frames) and the other documents
+    /// never wait for one.
     pub fn spawn(session: ServerSession, metrics: Arc<Metrics>, step_threads: usize) -> Hub {
         let (tx, rx) = std_mpsc::channel();
-        let (jobs, jobs_rx) = std_mpsc::channel::<StepJob>();
+        let (jobs, jobs_rx) = std_mpsc::channel::<DocJob>();
         let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
         for i in 0..step_threads.max(1) {
             let (jobs_rx, done) = (jobs_rx.clone(), tx.clone());
             std::thread::Builder::new()
                 .name(format!("pagesync-step-{i}"))
-                .spawn(move || step_worker(&jobs_rx, &done))
+                .spawn(move || job_worker(&jobs_rx, &done))
                 .expect("BUG: cannot spawn a step thread");
         }
-        let session = session.with_external_steps();
+        let session = session.with_external_jobs();
         std::thread::Builder::new()
             .name("pagesync-hub".into())
             .spawn(move || run(session, rx, jobs, metrics))
@@ -160,12 +161,12 @@ impl Hub {
     }
 }
 
-/// A step thread: takes jobs until the hub is gone.
-fn step_worker(jobs: &std::sync::Mutex<std_mpsc::Receiver<StepJob>>, done: &std_mpsc::Sender<HubMsg>) {
+/// A job thread: takes jobs until the hub is gone.
+fn job_worker(jobs: &std::sync::Mutex<std_mpsc::Receiver<DocJob>>, done: &std_mpsc::Sender<HubMsg>) {
     loop {
-        let job = jobs.lock().expect("BUG: step queue lock poisoned").recv();
+        let job = jobs.lock().expect("BUG: job queue lock poisoned").recv();
         let Ok(job) = job else { return };
-        if done.send(HubMsg::StepDone(Box::new(job.run()))).is_err() {
+        if done.send(HubMsg::JobDone(Box::new(job.run()))).is_err() {
             return;
         }
     }
@@ -189,14 +190,16 @@ fn log(event: Event) {
 fn run(
     mut session: ServerSession,
     rx: std_mpsc::Receiver<HubMsg>,
-    jobs: std_mpsc::Sender<StepJob>,
+    jobs: std_mpsc::Sender<DocJob>,
     metrics: Arc<Metrics>,
 ) {
     let mut conns: HashMap<ConnId, ConnSender> = HashMap::new();
-    let mut exports: Vec<(pagesync::DocId, ExportReply)> = Vec::new();
+    let mut exports: HashMap<pagesync::DocId, Vec<ExportReply>> = HashMap::new();
     let mut stopping = None;
     while stopping.is_none() {
-        let wait = session.poll_timeout().map_or(IDLE_WAKE_MS, |t| (t - now_ms()).clamp(0, IDLE_WAKE_MS));
+        let wait = session
+            .poll_timeout()
+            .map_or(IDLE_WAKE_MS, |t| t.saturating_sub(now_ms()).clamp(0, IDLE_WAKE_MS));
         let first = match rx.recv_timeout(Duration::from_millis(wait as u64)) {
             Ok(m) => Some(m),
             Err(std_mpsc::RecvTimeoutError::Timeout) => None,
@@ -228,26 +231,28 @@ fn run(
                     session.disconnect(conn);
                     conns.remove(&conn);
                 }
-                HubMsg::Export { doc, reply } => exports.push((doc, reply)),
-                HubMsg::StepDone(done) => session.step_done(*done, now_ms()),
+                HubMsg::Export { doc, reply } => {
+                    exports.entry(doc).or_default().push(reply);
+                    session.request_export(doc);
+                }
+                HubMsg::JobDone(done) => session.job_done(*done, now_ms()),
                 HubMsg::Shutdown(done) => stopping = Some(done),
             }
         }
-        // Before new steps go out: a document that is always due still gets exported.
         answer_exports(&mut session, &mut exports);
         session.handle_timeout(now_ms());
-        while let Some(job) = session.poll_step(now_ms()) {
+        while let Some(job) = session.poll_job(now_ms()) {
             if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
-                // No workers left (only at exit): step it here.
-                session.step_done(job.run(), now_ms());
+                // No workers left (only at exit): run it here.
+                session.job_done(job.run(), now_ms());
             }
         }
         flush_outgoing(&mut session, &mut conns, &metrics);
     }
     // Shutdown: every step out on a worker comes back, then whatever is queued is applied.
-    while session.stepping() > 0 {
+    while session.jobs_out() > 0 {
         match rx.recv() {
-            Ok(HubMsg::StepDone(done)) => session.step_done(*done, now_ms()),
+            Ok(HubMsg::JobDone(done)) => session.job_done(*done, now_ms()),
             Ok(_) => {}
             Err(_) => break,
         }
@@ -261,19 +266,12 @@ fn run(
 
 type ExportReply = oneshot::Sender<Result<Vec<u8>, String>>;
 
-/// Answers the exports whose document is not out on a step (the others wait for it).
-fn answer_exports(session: &mut ServerSession, exports: &mut Vec<(pagesync::DocId, ExportReply)>) {
-    let waiting = std::mem::take(exports);
-    for (doc, reply) in waiting {
-        if session.is_stepping(doc) {
-            exports.push((doc, reply));
-            continue;
+/// Answers the exports that are done.
+fn answer_exports(session: &mut ServerSession, exports: &mut HashMap<pagesync::DocId, Vec<ExportReply>>) {
+    while let Some((doc, exported)) = session.poll_export() {
+        for reply in exports.remove(&doc).unwrap_or_default() {
+            let _ = reply.send(exported.clone());
         }
-        let exported = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.export(doc)));
-        let _ = reply.send(match exported {
-            Ok(r) => r.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("exporting {doc} failed with an internal error")),
-        });
     }
 }
 
@@ -300,7 +298,7 @@ fn flush_outgoing(session: &mut ServerSession, conns: &mut HashMap<ConnId, ConnS
         session.disconnect(conn);
         conns.remove(&conn); // dropping the sender closes the websocket
     }
-    let open = session.documents().count() + session.stepping();
+    let open = session.document_count();
     metrics.open_documents.store(open as u64, Ordering::Relaxed);
     metrics.session.lock().expect("BUG: metrics lock poisoned").clone_from(session.stats());
 }

@@ -94,6 +94,8 @@ pub struct SharedJournal {
     pub disk_full: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub read_errors: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub poison_next: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The threads that read entries or pages, for tests of who does I/O.
+    pub readers: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<std::thread::ThreadId>>>,
     /// This handle's own: set by the append `poison_next` failed.
     poisoned: bool,
 }
@@ -106,8 +108,13 @@ impl SharedJournal {
             disk_full: Default::default(),
             read_errors: Default::default(),
             poison_next: Default::default(),
+            readers: Default::default(),
             poisoned: false,
         }
+    }
+
+    fn note_reader(&self) {
+        self.readers.lock().expect("readers lock").insert(std::thread::current().id());
     }
 
     /// A new handle on the same entries (not poisoned).
@@ -144,6 +151,7 @@ impl Journal for SharedJournal {
         self.lock().append_batch(payloads)
     }
     fn read(&self, lsn: pagesync::journal::Lsn) -> pagesync::journal::Result<Vec<u8>> {
+        self.note_reader();
         if self.read_errors.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(pagesync::journal::JournalError::Io {
                 journal: self.id(),
@@ -160,6 +168,7 @@ impl Journal for SharedJournal {
         offset: usize,
         buf: &mut [u8],
     ) -> pagesync::journal::Result<()> {
+        self.note_reader();
         self.lock().read_part(lsn, offset, buf)
     }
     fn remove_prefix(&mut self, up_to: pagesync::journal::Lsn) -> pagesync::journal::Result<()> {

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use pagesync::journal::{JournalId, Lsn};
-use pagesync::protocol::{ClientSession, ConnId, Event, Message, ServerSession, SessionOptions, StepDone};
+use pagesync::protocol::{ClientSession, ConnId, Event, JobDone, Message, ServerSession, SessionOptions};
 use pagesync::{
     ClientDocument, Compaction, DocId, Durability, MutationState, NORMAL_SYNC_MS, ServerDocument,
     SqlMutation, Statement, Value,
@@ -140,7 +140,7 @@ pub struct Sim {
     server_disks: BTreeMap<DocId, Disk>,
     faults: Arc<Faults>,
     /// Steps out on the driver's threads: (when it hands them back, document, result).
-    steps: Vec<(i64, DocId, StepDone)>,
+    steps: Vec<(i64, DocId, JobDone)>,
     /// Faults injected into each document's storage during its last step.
     step_faults: BTreeMap<DocId, u64>,
     /// When the server's supervisor restarts it, because a journal refuses appends until
@@ -254,7 +254,7 @@ fn open_server(disks: &BTreeMap<DocId, Disk>, compaction: Option<Compaction>) ->
         Ok(d)
     };
     ServerSession::new(Box::new(opener))
-        .with_external_steps()
+        .with_external_jobs()
         .with_options(SessionOptions { step_threads: STEP_THREADS, ..SessionOptions::default() })
 }
 
@@ -514,7 +514,7 @@ impl Sim {
         match dest {
             Dest::Server(conn) => {
                 let msg = Message::decode(&bytes).unwrap_or_else(|e| self.fail(format!("a frame: {e}")));
-                if msg.doc().is_some_and(|d| self.server.is_stepping(d)) {
+                if msg.doc().is_some_and(|d| self.server.is_away(d)) {
                     self.stats.deferred_frames += 1;
                 }
                 self.server.handle_message(conn, self.now, msg);
@@ -568,7 +568,7 @@ impl Sim {
     /// time has passed.
     fn start_steps(&mut self) {
         let mut jobs = Vec::new();
-        while let Some(job) = self.server.poll_step(self.now) {
+        while let Some(job) = self.server.poll_job(self.now) {
             jobs.push(job);
         }
         // In a fixed order, so that every journal sees its faults in the same order.
@@ -592,7 +592,7 @@ impl Sim {
         self.steps.sort_by_key(|(at, doc, _)| Reverse((*at, *doc)));
         while self.steps.last().is_some_and(|(at, _, _)| *at <= self.now) {
             let (_, _, done) = self.steps.pop().expect("BUG: just checked");
-            self.server.step_done(done, self.now);
+            self.server.job_done(done, self.now);
             self.server_events();
         }
     }

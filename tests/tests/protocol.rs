@@ -413,3 +413,156 @@ fn a_journal_that_refuses_writes_is_opened_again_with_the_queued_mutations() {
     }
     assert_same_pages(&c, &s, doc);
 }
+
+/// Runs the server's due jobs on threads of their own, as the server's pool does; returns how
+/// many ran.
+fn run_jobs(s: &mut ServerSession, now: i64) -> usize {
+    let mut ran = 0;
+    while let Some(job) = s.poll_job(now) {
+        let done = std::thread::spawn(move || job.run()).join().expect("a job thread");
+        s.job_done(done, now);
+        ran += 1;
+    }
+    ran
+}
+
+/// `exchange` with the server's jobs run on other threads (`with_external_jobs`).
+fn exchange_with_jobs(s: &mut ServerSession, c: &mut ClientSession, now: i64) -> usize {
+    let mut jobs = 0;
+    for _ in 0..10_000 {
+        let mut moved = false;
+        while let Some(m) = c.poll_transmit() {
+            s.handle_frame(C, now, &m.encode());
+            moved = true;
+        }
+        s.handle_timeout(now);
+        let ran = run_jobs(s, now);
+        jobs += ran;
+        while let Some((_, m)) = s.poll_transmit() {
+            c.handle_frame(now, &m.encode()).expect("apply");
+            moved = true;
+        }
+        if !moved && ran == 0 && s.poll_timeout().is_none_or(|t| t > now) {
+            return jobs;
+        }
+    }
+    panic!("the link never went quiet");
+}
+
+/// A document with `steps` storage entries after its first, written through its own handle.
+fn history(journal: &pagesync_tests::SharedJournal, steps: u64) {
+    let mut d = ServerDocument::open(journal.boxed()).expect("open");
+    let tl = pagesync::TimelineId::from_u128(99);
+    let m = |n: u64, s: &str| {
+        pagesync::Mutation { client_time_ms: T0, seed: n, body: sql(s, vec![Value::Integer(n as i64)]) }
+            .encode()
+            .expect("encode")
+    };
+    d.receive(tl, Lsn::FIRST, vec![m(1, "CREATE TABLE t(x)")]);
+    d.step(T0).expect("step");
+    for n in 2..=steps + 1 {
+        d.receive(tl, Lsn::new(n).expect("lsn"), vec![m(n, "INSERT INTO t VALUES (?1)")]);
+        d.step(T0).expect("step");
+    }
+}
+
+/// With external jobs the session does no I/O: a new replica far behind (past the entries a
+/// document keeps in memory) is sent entries that jobs read on other threads, and the replica
+/// converges.
+#[test]
+fn a_replica_far_behind_is_served_from_reads_that_jobs_made() {
+    let doc = DocId::from_u128(15);
+    let journal = pagesync_tests::SharedJournal::new(900);
+    history(&journal, 2 * pagesync::server::RECENT_WIRE_ENTRIES as u64);
+    journal.readers.lock().expect("lock").clear();
+    let mut s = server_over(&journal).with_external_jobs();
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    let jobs = exchange_with_jobs(&mut s, &mut c, 0);
+    assert!(jobs >= 2, "an open and at least one read: {jobs} jobs");
+    {
+        let readers = journal.readers.lock().expect("lock");
+        assert!(!readers.is_empty(), "the history was read");
+        assert!(!readers.contains(&std::thread::current().id()), "the session read the journal itself");
+    }
+    assert_same_pages(&c, &s, doc);
+}
+
+/// With external jobs, a read that keeps failing is reported once per `RETRANSMIT_MS` and
+/// tried again by a later job; once the storage heals the replica catches up.
+#[test]
+fn a_failing_read_job_is_reported_and_retried() {
+    let doc = DocId::from_u128(16);
+    let journal = pagesync_tests::SharedJournal::new(910);
+    history(&journal, 2);
+    let mut s = server_over(&journal).with_external_jobs();
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    while let Some(m) = c.poll_transmit() {
+        s.handle_frame(C, 0, &m.encode());
+    }
+    run_jobs(&mut s, 0); // the open
+    journal.read_errors.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut errors = 0;
+    for now in (0..1_000).step_by(10) {
+        s.handle_timeout(now);
+        run_jobs(&mut s, now);
+        while let Some((_, m)) = s.poll_transmit() {
+            errors += usize::from(matches!(&m, Message::Error { code, .. } if code == codes::DOCUMENT));
+        }
+    }
+    // One report per `RETRANSMIT_MS` (200 ms) over a second, give or take the first.
+    assert!((3..=6).contains(&errors), "{errors} read errors reported in a second");
+    journal.read_errors.store(false, std::sync::atomic::Ordering::Relaxed);
+    c.connected(2_000);
+    exchange_with_jobs(&mut s, &mut c, 2_000);
+    assert_same_pages(&c, &s, doc);
+}
+
+/// A document whose open (or step) is out on a job holds up no other: its messages wait, and
+/// another document opens, takes writes and confirms them meanwhile.
+#[test]
+fn a_document_out_on_a_job_holds_up_no_other() {
+    let (slow, quick) = (DocId::from_u128(17), DocId::from_u128(18));
+    let mut s = ServerSession::new(|d: DocId| ServerDocument::open(memory_journal(u128::from_be_bytes(d.0))))
+        .with_external_jobs()
+        .with_options(pagesync::protocol::SessionOptions { step_threads: 4, ..Default::default() });
+    let mut c = client(&[slow, quick]);
+    s.connect(C);
+    c.connected(0);
+    while let Some(m) = c.poll_transmit() {
+        s.handle_frame(C, 0, &m.encode());
+    }
+    let mut held = None;
+    while let Some(job) = s.poll_job(0) {
+        if job.doc() == slow {
+            held = Some(job);
+        } else {
+            let done = job.run();
+            s.job_done(done, 0);
+        }
+    }
+    let held = held.expect("the slow document's open went out");
+    assert!(s.is_away(slow));
+    let w = c.mutate(quick, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    for _ in 0..10 {
+        while let Some(m) = c.poll_transmit() {
+            s.handle_frame(C, 0, &m.encode());
+        }
+        while let Some(job) = s.poll_job(0) {
+            assert_eq!(job.doc(), quick, "the slow document's job is still out");
+            s.job_done(job.run(), 0);
+        }
+        while let Some((_, m)) = s.poll_transmit() {
+            c.handle_frame(0, &m.encode()).expect("apply");
+        }
+    }
+    assert_eq!(c.document(quick).expect("open").state(w.lsn).expect("state"), MutationState::Confirmed);
+    assert!(s.is_away(slow));
+    s.job_done(held.run(), 0);
+    exchange_with_jobs(&mut s, &mut c, 0);
+    assert_same_pages(&c, &s, slow);
+    assert_same_pages(&c, &s, quick);
+}

@@ -9,14 +9,16 @@
 //! resumes from what the other already holds.
 
 mod client;
+mod job;
 mod server;
 pub(crate) mod window;
 
 pub use client::{ClientSession, DocStatus};
+pub use job::{DocJob, Exists, FETCH_BYTES, JobDone, MAX_FETCHED_BYTES, Opener};
 pub use server::{
-    Authenticator, Clock, ConnId, Event, Exists, Grant, MAX_DEFERRED_BYTES, MAX_EVENTS, MAX_OUTBOX_MESSAGES,
-    MAX_SEND_BACKLOG_BYTES, Opener, SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession,
-    SessionOptions, SessionStats, StepDone, StepJob,
+    Authenticator, Clock, ConnId, Event, Grant, MAX_DEFERRED_BYTES, MAX_DEFERRED_TOTAL_BYTES, MAX_EVENTS,
+    MAX_OUTBOX_MESSAGES, MAX_SEND_BACKLOG_BYTES, SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS,
+    ServerSession, SessionOptions, SessionStats,
 };
 
 use pagesync_journal::Lsn;

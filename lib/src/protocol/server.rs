@@ -9,14 +9,19 @@
 //! the next document round-robin, and builds at most `MAX_BATCH_BYTES` of storage for it while
 //! that subscriber's unacknowledged bytes stay under `DOC_WINDOW_BYTES`.
 //!
-//! Stepping is planned here and executed by the driver: `poll_step` hands out a due document
-//! as a `StepJob` (SQLite, fsync, object-store puts), and `step_done` takes it back. The
-//! session itself does no I/O but what the driver's `Opener` does when a document first opens.
+//! Blocking work is planned here and executed by the driver (`job.rs`): `poll_job` hands out a
+//! document's open, step, read-ahead or export as a `DocJob`, and `job_done` takes it back.
+//! Messages for a document out on a job wait for it; every other document carries on. The
+//! session itself does no I/O: `poll_transmit` sends entries from memory (the recent entries a
+//! document keeps, and those a job read ahead), and asks for a job when it needs more.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
-use pagesync_journal::{Lsn, LsnRange};
+use pagesync_journal::Lsn;
 
+use super::job::{
+    DocJob, Exists, Failure, Fetched, JobDone, OpenFailure, Opener, Outcome, Ran, SharedClock, Work,
+};
 use super::window::{SendWindow, round_robin};
 use super::{
     DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, Message, PROTOCOL_VERSION,
@@ -26,6 +31,7 @@ use crate::error::Result;
 use crate::ids::{DocId, TimelineId};
 use crate::reducer::Rejection;
 use crate::server::{ServerDocument, StepOutcome};
+use crate::wire::WireEntry;
 
 /// A connection, as named by the driver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,9 +59,6 @@ impl Grant {
 /// Checks a `Hello` token at `now_ms`: the grant, or why it is refused.
 pub type Authenticator = Box<dyn Fn(&str, i64) -> std::result::Result<Grant, String> + Send>;
 
-/// Opens (or creates) a document's storage for the session.
-pub type Opener = Box<dyn FnMut(DocId) -> Result<ServerDocument> + Send>;
-
 #[derive(Debug)]
 struct Sub {
     /// The storage sent to this subscriber.
@@ -81,52 +84,128 @@ struct OpenDoc {
     last_used: i64,
     /// The `last_used` it shrank at: it shrinks again only after being used since.
     shrunk_at: Option<i64>,
-    /// Its journal refused writes until reopened: the next step opens it again first.
+    /// Its journal refused writes until reopened: the next job opens it again first.
     reopen: bool,
     /// The storage LSN it writes next, as of its last step: only steps write storage, so a
     /// subscriber at or past it has nothing to be sent, known without asking the store (a
     /// lock and a journal call, for every subscription on every `poll_transmit`).
     head: Lsn,
+    /// Entries read ahead for subscribers behind the recent ones, and what to read next.
+    ahead: ReadAhead,
+    /// An export was asked for (`request_export`): the next job does it.
+    export: bool,
 }
 
 /// Where an open document is.
 #[derive(Debug)]
 enum Held {
     Here(Box<ServerDocument>),
-    /// Out on a step (`poll_step`); messages for it wait for `step_done`.
-    Stepping(Deferred),
+    /// Being opened: `create` says whether the open may create it, `out` whether its job was
+    /// handed out. Messages for it wait.
+    Opening {
+        deferred: Deferred,
+        create: bool,
+        out: bool,
+    },
+    /// Out on a job (`poll_job`); messages for it wait for `job_done`.
+    Out(Deferred),
+}
+
+/// Storage entries a job read for subscribers that are behind what the document keeps in
+/// memory, whole (a subscriber that far behind gets no deltas).
+#[derive(Debug, Default)]
+struct ReadAhead {
+    entries: BTreeMap<Lsn, WireEntry>,
+    bytes: usize,
+    /// The lowest LSN a subscriber waits for that is not in memory: the next job reads from it.
+    want: Option<Lsn>,
+    /// The last read failed here: subscribers that need it are told, and the read is tried
+    /// again at `retry_at`.
+    error: Option<(Lsn, String)>,
+    retry_at: Option<i64>,
+}
+
+impl ReadAhead {
+    /// Takes what a job read, and drops entries below `keep_from` (every subscriber holds
+    /// them) and, past `MAX_FETCHED_BYTES`, the lowest of the older ones.
+    fn merge(&mut self, fetched: Fetched, keep_from: Option<Lsn>, now_ms: i64) {
+        let fresh_from = fetched.entries.first().map(|(l, _)| *l);
+        for (lsn, e) in fetched.entries {
+            self.bytes += e.data.len();
+            if let Some(old) = self.entries.insert(lsn, e) {
+                self.bytes -= old.data.len();
+            }
+        }
+        self.retry_at = fetched.error.as_ref().map(|_| now_ms + RETRANSMIT_MS);
+        self.error = fetched.error;
+        let Some(keep_from) = keep_from else {
+            self.clear();
+            return;
+        };
+        while let Some(entry) = self.entries.first_entry() {
+            let lsn = *entry.key();
+            let over = self.bytes > super::job::MAX_FETCHED_BYTES && fresh_from.is_none_or(|f| lsn < f);
+            if lsn >= keep_from && !over {
+                break;
+            }
+            self.bytes -= entry.remove().data.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// A subscriber needs `lsn`, which is not in memory.
+    fn wants(&mut self, lsn: Lsn) {
+        self.want = Some(self.want.map_or(lsn, |w| w.min(lsn)));
+    }
 }
 
 impl OpenDoc {
-    fn new(document: ServerDocument, now_ms: i64) -> OpenDoc {
-        let head = document.storage_range().next();
+    fn new(held: Held, now_ms: i64) -> OpenDoc {
+        let head = match &held {
+            Held::Here(d) => d.storage_range().next(),
+            _ => Lsn::FIRST,
+        };
         OpenDoc {
             head,
-            held: Held::Here(Box::new(document)),
+            held,
             queued_since: None,
             retry_at: None,
             last_used: now_ms,
             shrunk_at: None,
             reopen: false,
+            ahead: ReadAhead::default(),
+            export: false,
         }
     }
 
     fn document(&self) -> Option<&ServerDocument> {
         match &self.held {
             Held::Here(d) => Some(d),
-            Held::Stepping(_) => None,
+            Held::Opening { .. } | Held::Out(_) => None,
         }
     }
 
     fn document_mut(&mut self) -> Option<&mut ServerDocument> {
         match &mut self.held {
             Held::Here(d) => Some(d),
-            Held::Stepping(_) => None,
+            Held::Opening { .. } | Held::Out(_) => None,
         }
     }
 
-    fn is_stepping(&self) -> bool {
-        matches!(self.held, Held::Stepping(_))
+    /// Messages for it wait: it is being opened or is out on a job.
+    fn deferred(&mut self) -> Option<&mut Deferred> {
+        match &mut self.held {
+            Held::Here(_) => None,
+            Held::Opening { deferred, .. } | Held::Out(deferred) => Some(deferred),
+        }
+    }
+
+    fn is_away(&self) -> bool {
+        !matches!(self.held, Held::Here(_))
     }
 
     fn queued(&self) -> usize {
@@ -134,7 +213,7 @@ impl OpenDoc {
     }
 
     /// When it should step: after the commit interval, or at once when a full step is queued,
-    /// but not before a failed step's retry time. Never while it is out on a step.
+    /// but not before a failed step's retry time. Never while it is away.
     fn step_due(&self, commit_interval_ms: i64, now_ms: i64) -> Option<i64> {
         let d = self.document().filter(|d| d.queued() > 0)?;
         let since = self.queued_since.unwrap_or(now_ms);
@@ -142,14 +221,27 @@ impl OpenDoc {
         let due = if batch_ready { since } else { since + commit_interval_ms };
         Some(due.max(self.retry_at.unwrap_or(i64::MIN)))
     }
-}
 
+    /// When its next job is due: its open, its step, a read for a subscriber, or an export.
+    fn job_due(&self, commit_interval_ms: i64, now_ms: i64) -> Option<i64> {
+        match &self.held {
+            Held::Opening { out: false, .. } => return Some(now_ms),
+            Held::Opening { .. } | Held::Out(_) => return None,
+            Held::Here(_) => {}
+        }
+        let read = self.ahead.want.map(|_| self.ahead.retry_at.unwrap_or(now_ms));
+        let export = self.export.then_some(now_ms);
+        [self.step_due(commit_interval_ms, now_ms), read, export].into_iter().flatten().min()
+    }
+}
 #[derive(Debug, Default)]
 struct Conn {
     hello: bool,
     /// Set by a successful `Hello`.
     grant: Option<Grant>,
     subs: BTreeMap<DocId, Sub>,
+    /// Documents being opened with a message of this connection waiting in them.
+    opening: BTreeSet<DocId>,
     outbox: VecDeque<Message>,
     cursor: Option<DocId>,
     /// Set after a connection-level error: send the outbox, then the driver closes.
@@ -271,56 +363,8 @@ impl SessionStats {
     }
 }
 
-/// The session's clock, shared with step jobs that run elsewhere.
-type SharedClock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
-
 /// A monotonic clock in microseconds, used only to time steps for metrics.
 pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
-
-/// What stepping one document did: each step's outcome and duration, and the error that
-/// stopped it, if any (`Failure::Panicked` when the step panicked).
-type Stepped = (DocId, Vec<(StepOutcome, Option<u64>)>, Option<Failure>);
-
-/// Why a document's step did not complete.
-#[derive(Debug)]
-enum Failure {
-    /// An error; the queue stays and the step is retried. With `reopen`, the document's
-    /// journal refuses writes until it is reopened: the retry opens it again first.
-    Error { why: String, reopen: bool },
-    /// A panic: the document's state cannot be trusted; it is closed (and reopened from its
-    /// journal on next use).
-    Panicked(String),
-}
-
-/// Takes one step of `d`. One per turn: a document with a backlog steps again on the next
-/// turn, after the others had theirs, so no document's backlog holds up the rest for longer
-/// than one step (which its limits bound).
-fn step_document(id: DocId, d: &mut ServerDocument, now_ms: i64, clock: Option<&SharedClock>) -> Stepped {
-    let mut done = Vec::new();
-    let start = clock.map(|c| c());
-    // A panic must not take the other documents (or the thread serving them) down with it.
-    let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.step(now_ms)));
-    match stepped {
-        Ok(Ok(Some(o))) => done.push((o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))),
-        Ok(Ok(None)) => {}
-        Ok(Err(e)) => {
-            return (id, done, Some(Failure::Error { why: e.to_string(), reopen: e.needs_reopen() }));
-        }
-        Err(panic) => return (id, done, Some(Failure::Panicked(panic_message(&*panic)))),
-    }
-    (id, done, None)
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned())
-}
-
-/// Whether a document exists in storage (without creating it).
-pub type Exists = Box<dyn FnMut(DocId) -> Result<bool> + Send>;
 
 pub struct ServerSession {
     opener: Opener,
@@ -337,59 +381,34 @@ pub struct ServerSession {
     cursor: Option<ConnId>,
     now_ms: i64,
     events: VecDeque<Event>,
-    /// Steps run by the driver (`poll_step` / `step_done`) rather than in `handle_timeout`.
-    external_steps: bool,
-    /// Documents out on a step (`Held::Stepping`).
-    stepping: usize,
+    /// Jobs run by the driver (`poll_job` / `job_done`) rather than by the session itself.
+    external_jobs: bool,
+    /// Jobs handed out and not yet back (documents `Held::Out`, or opening with `out`).
+    jobs_out: usize,
+    /// Bytes of mutations waiting for documents that are away, over all documents.
+    deferred_bytes: usize,
+    /// Finished exports, for `poll_export`.
+    exported: VecDeque<(DocId, std::result::Result<Vec<u8>, String>)>,
 }
 
-/// Messages for a document that is out on a step, handled when it comes back.
+/// Messages for a document that is away (opening, or out on a job), handled when it is back.
 #[derive(Debug, Default)]
 struct Deferred {
     messages: Vec<(ConnId, i64, Message)>,
     bytes: usize,
 }
 
-/// Bytes of mutations kept for one document while it is out on a step; more are dropped
+/// Bytes of mutations kept for one document while it is away; more are dropped
 /// unacknowledged, and their clients send them again. 16 MiB: many steps' worth.
 pub const MAX_DEFERRED_BYTES: usize = 16 << 20;
 
-/// One document's step, taken out of the session by `poll_step` to run anywhere (a worker
-/// thread), and handed back with `step_done`. The session never waits for it.
-pub struct StepJob {
-    doc: DocId,
-    document: ServerDocument,
-    now_ms: i64,
-    clock: Option<SharedClock>,
-}
+/// ... and over every document at once: 64 MiB. With documents opening on many connections,
+/// this, not the number of documents, bounds what waiting messages cost.
+pub const MAX_DEFERRED_TOTAL_BYTES: usize = 64 << 20;
 
-impl std::fmt::Debug for StepJob {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StepJob").field("doc", &self.doc).finish()
-    }
-}
-
-/// A finished `StepJob`, for `step_done`.
-#[derive(Debug)]
-pub struct StepDone {
-    doc: DocId,
-    document: ServerDocument,
-    steps: Vec<(StepOutcome, Option<u64>)>,
-    failure: Option<Failure>,
-}
-
-impl StepJob {
-    pub fn doc(&self) -> DocId {
-        self.doc
-    }
-
-    /// Takes the step: blocking work (SQLite, fsync, object-store puts).
-    pub fn run(mut self) -> StepDone {
-        let (doc, steps, failure) =
-            step_document(self.doc, &mut self.document, self.now_ms, self.clock.as_ref());
-        StepDone { doc, document: self.document, steps, failure }
-    }
-}
+/// A waiting `Subscribe` counts this many bytes against the bounds above, so that a flood of
+/// them is bounded too.
+const DEFERRED_MESSAGE_BYTES: usize = 256;
 
 impl std::fmt::Debug for ServerSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -405,9 +424,11 @@ fn error(doc: Option<DocId>, code: &str, message: impl Into<String>) -> Message 
 }
 
 impl ServerSession {
-    pub fn new(opener: Opener) -> ServerSession {
+    /// A session that opens documents with `opener` (on the driver's job threads, with
+    /// `with_external_jobs`).
+    pub fn new(opener: impl Fn(DocId) -> Result<ServerDocument> + Send + Sync + 'static) -> ServerSession {
         ServerSession {
-            opener,
+            opener: std::sync::Arc::new(opener),
             exists: None,
             auth: None,
             options: SessionOptions::default(),
@@ -419,8 +440,10 @@ impl ServerSession {
             cursor: None,
             now_ms: 0,
             events: VecDeque::new(),
-            external_steps: false,
-            stepping: 0,
+            external_jobs: false,
+            jobs_out: 0,
+            deferred_bytes: 0,
+            exported: VecDeque::new(),
         }
     }
 
@@ -431,18 +454,22 @@ impl ServerSession {
         self
     }
 
-    /// Has the driver run steps (`poll_step`, `StepJob::run` on a thread of its own,
-    /// `step_done`) so that no document's step holds up the others or the session; without it
-    /// `handle_timeout` steps due documents itself and waits for them.
-    pub fn with_external_steps(mut self) -> ServerSession {
-        self.external_steps = true;
+    /// Has the driver run the blocking work (`poll_job`, `DocJob::run` on a thread of its own,
+    /// `job_done`) so that no document's open, step or read holds up the others or the
+    /// session; without it the session does that work itself, on the caller's thread, when it
+    /// comes up (`handle_message`, `handle_timeout`, `poll_transmit`).
+    pub fn with_external_jobs(mut self) -> ServerSession {
+        self.external_jobs = true;
         self
     }
 
     /// Lets the session check that a document exists before opening it for a read-only grant,
     /// which then gets `not_found` instead of creating it.
-    pub fn with_exists(mut self, exists: Exists) -> ServerSession {
-        self.exists = Some(exists);
+    pub fn with_exists(
+        mut self,
+        exists: impl Fn(DocId) -> Result<bool> + Send + Sync + 'static,
+    ) -> ServerSession {
+        self.exists = Some(std::sync::Arc::new(exists));
         self
     }
 
@@ -489,36 +516,37 @@ impl ServerSession {
         }
     }
 
-    /// An open document, unless it is out on a step.
+    /// An open document, unless it is away (opening, or out on a job).
     pub fn document(&self, doc: DocId) -> Option<&ServerDocument> {
         self.docs.get(&doc)?.document()
     }
 
-    /// The document as a `.sqlite` file, opening it if needed. Not while it is out on a step
-    /// (`is_stepping`): the caller asks again after `step_done`.
-    pub fn export(&mut self, doc: DocId) -> Result<Vec<u8>> {
-        assert!(!self.is_stepping(doc), "BUG: export of a document out on a step");
-        self.open_doc(doc)?.document().expect("BUG: checked above").export()
+    /// Asks for the document as a `.sqlite` file, read by a job (it is opened first if
+    /// needed, never created); the result comes from `poll_export`.
+    pub fn request_export(&mut self, doc: DocId) {
+        let now = self.now_ms;
+        let open = self.docs.entry(doc).or_insert_with(|| {
+            let held = Held::Opening { deferred: Deferred::default(), create: false, out: false };
+            OpenDoc::new(held, now)
+        });
+        open.export = true;
+        open.last_used = now;
+        self.run_here(doc);
     }
 
-    /// The open documents, except those out on a step.
+    /// A finished export: the document, and its file or why it failed.
+    pub fn poll_export(&mut self) -> Option<(DocId, std::result::Result<Vec<u8>, String>)> {
+        self.exported.pop_front()
+    }
+
+    /// The open documents, except those away.
     pub fn documents(&self) -> impl Iterator<Item = (&DocId, &ServerDocument)> {
         self.docs.iter().filter_map(|(id, o)| Some((id, o.document()?)))
     }
 
-    /// `doc`'s entry, opening the document on first use; marks it used.
-    fn open_doc(&mut self, doc: DocId) -> Result<&mut OpenDoc> {
-        let now = self.now_ms;
-        let open = match self.docs.entry(doc) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let d = (self.opener)(doc)?;
-                self.stats.documents_opened += 1;
-                v.insert(OpenDoc::new(d, now))
-            }
-        };
-        open.last_used = now;
-        Ok(open)
+    /// Documents the session holds, open or on their way.
+    pub fn document_count(&self) -> usize {
+        self.docs.len()
     }
 
     /// Decodes a frame and handles it; a frame that does not decode closes the connection
@@ -583,7 +611,13 @@ impl ServerSession {
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
-                if self.docs.get(&doc).is_some_and(OpenDoc::is_stepping) =>
+                if !self.docs.contains_key(&doc) =>
+            {
+                let create = c.grant.as_ref().is_some_and(|g| g.write);
+                self.start_open(conn, now_ms, msg, doc, create)
+            }
+            Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
+                if self.docs.get(&doc).is_some_and(OpenDoc::is_away) =>
             {
                 self.defer(conn, now_ms, msg)
             }
@@ -594,12 +628,11 @@ impl ServerSession {
                 self.fail(conn, error(msg.doc(), codes::MALFORMED, text));
             }
             Message::Subscribe { doc, timeline, storage_next } => {
-                let create = c.grant.as_ref().is_some_and(|g| g.write);
-                self.subscribe(conn, doc, timeline, storage_next, create)
+                self.subscribe(conn, doc, timeline, storage_next)
             }
             Message::Mutations { doc, timeline, first, entries } => {
-                if let Some(open) = self.open(conn, doc, true) {
-                    let d = open.document_mut().expect("BUG: not stepping, checked above");
+                if let Some(open) = self.here(doc) {
+                    let d = open.document_mut().expect("BUG: here");
                     let received = d.receive(timeline, first, entries);
                     let storage_next = d.storage_range().next();
                     if d.queued() > 0 {
@@ -634,45 +667,38 @@ impl ServerSession {
         }
     }
 
-    /// The open document, opening it on first use (creating it only when `create`); on
-    /// failure the client is told.
-    fn open(&mut self, conn: ConnId, doc: DocId, create: bool) -> Option<&mut OpenDoc> {
-        if !self.docs.contains_key(&doc)
-            && !create
-            && let Some(exists) = self.exists.as_mut()
-        {
-            match exists(doc) {
-                Ok(true) => {}
-                Ok(false) => {
-                    let text =
-                        format!("document {doc} does not exist, and a read-only token cannot create it");
-                    self.push(conn, error(Some(doc), codes::NOT_FOUND, text));
-                    return None;
-                }
-                Err(e) => {
-                    let text = format!("cannot open document {doc}: {e}");
-                    self.push(conn, error(Some(doc), codes::DOCUMENT, text));
-                    return None;
-                }
-            }
-        }
-        if let Err(e) = self.open_doc(doc) {
-            self.push(conn, error(Some(doc), codes::DOCUMENT, format!("cannot open document {doc}: {e}")));
-            return None;
-        }
-        self.docs.get_mut(&doc)
+    /// The document, marked used, when it is open and not away.
+    fn here(&mut self, doc: DocId) -> Option<&mut OpenDoc> {
+        let now = self.now_ms;
+        let open = self.docs.get_mut(&doc).filter(|o| !o.is_away())?;
+        open.last_used = now;
+        Some(open)
     }
 
-    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn, create: bool) {
-        let over_limit = self
-            .conns
-            .get(&conn)
-            .is_some_and(|c| !c.subs.contains_key(&doc) && c.subs.len() >= MAX_DOCS_PER_CONNECTION);
+    /// Starts opening `doc` for `conn`'s message, which waits for it. A connection may have at
+    /// most `MAX_DOCS_PER_CONNECTION` documents subscribed or opening.
+    fn start_open(&mut self, conn: ConnId, now_ms: i64, msg: Message, doc: DocId, create: bool) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.subs.len() + c.opening.len() >= MAX_DOCS_PER_CONNECTION {
+            let text =
+                format!("a connection may subscribe to or open at most {MAX_DOCS_PER_CONNECTION} documents");
+            return self.push(conn, error(Some(doc), codes::LIMIT, text));
+        }
+        let held = Held::Opening { deferred: Deferred::default(), create, out: false };
+        self.docs.insert(doc, OpenDoc::new(held, now_ms));
+        self.defer(conn, now_ms, msg);
+        self.run_here(doc);
+    }
+
+    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn) {
+        let over_limit = self.conns.get(&conn).is_some_and(|c| {
+            !c.subs.contains_key(&doc) && c.subs.len() + c.opening.len() >= MAX_DOCS_PER_CONNECTION
+        });
         if over_limit {
             let text = format!("a connection may subscribe to at most {MAX_DOCS_PER_CONNECTION} documents");
             return self.push(conn, error(Some(doc), codes::LIMIT, text));
         }
-        let Some(d) = self.open(conn, doc, create).and_then(|o| o.document()) else { return };
+        let Some(d) = self.here(doc).and_then(|o| o.document()) else { return };
         let have = d.storage_range().next();
         if storage_next > have {
             let text = format!(
@@ -703,32 +729,44 @@ impl ServerSession {
         }
     }
 
-    /// Documents due for a step at `now`.
+    /// Documents with a job due at `now`.
     fn due(&self) -> impl Iterator<Item = DocId> + '_ {
         let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
         self.docs
             .iter()
-            .filter(move |(_, o)| o.step_due(interval, now).is_some_and(|t| t <= now))
+            .filter(move |(_, o)| o.job_due(interval, now).is_some_and(|t| t <= now))
             .map(|(id, _)| *id)
     }
 
-    /// Steps documents with queued mutations that are due, closes idle documents, and
+    /// Without external jobs: runs the jobs that are due, one per document, here and now.
+    fn run_jobs_here(&mut self) {
+        if self.external_jobs {
+            return;
+        }
+        let due: Vec<DocId> = self.due().collect();
+        for doc in due {
+            let job = self.take_job(doc);
+            self.job_done(job.run(), self.now_ms);
+        }
+    }
+
+    /// Without external jobs: runs `doc`'s job now, if one is due.
+    fn run_here(&mut self, doc: DocId) {
+        let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
+        let due = self.docs.get(&doc).and_then(|o| o.job_due(interval, now)).is_some_and(|t| t <= now);
+        if !self.external_jobs && due {
+            let job = self.take_job(doc);
+            self.job_done(job.run(), now);
+        }
+    }
+
+    /// Runs the jobs that are due (without external jobs), closes idle documents, and
     /// schedules retransmissions. A document whose step fails keeps its queue, tells its
     /// subscribers why, and retries after `STEP_RETRY_MS`; other documents carry on.
     pub fn handle_timeout(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
         let now = self.now_ms;
-        if !self.external_steps {
-            // One by one, on this thread: `lib` spawns nothing. A driver that wants documents
-            // stepped apart uses `with_external_steps`.
-            let due: Vec<DocId> = self.due().collect();
-            for doc in due {
-                self.reopen_if_needed(doc);
-                let Some(d) = self.docs.get_mut(&doc).and_then(OpenDoc::document_mut) else { continue };
-                let (_, steps, failed) = step_document(doc, d, now, self.clock.as_ref());
-                self.record_steps(doc, &steps, failed);
-            }
-        }
+        self.run_jobs_here();
         self.close_idle();
         for c in self.conns.values_mut() {
             // Data still in the driver's queue is not lost: resending it would only queue a
@@ -807,85 +845,158 @@ impl ServerSession {
         }
     }
 
-    /// The next document due for a step, taken out of the session to step elsewhere (with
-    /// `with_external_steps`). At most `step_threads` are out at once. Messages for it wait
-    /// until `step_done` brings it back.
-    pub fn poll_step(&mut self, now_ms: i64) -> Option<StepJob> {
+    /// The next job that is due (with `with_external_jobs`): a document to open, step, read
+    /// ahead for its subscribers or export, taken out of the session to run elsewhere. At most
+    /// `step_threads` are out at once. Messages for its document wait until `job_done` brings
+    /// it back; every other document carries on.
+    pub fn poll_job(&mut self, now_ms: i64) -> Option<DocJob> {
         self.now_ms = self.now_ms.max(now_ms);
-        if self.stepping >= self.options.step_threads {
+        if self.jobs_out >= self.options.step_threads {
             return None;
         }
-        let doc = self.due().next()?;
-        self.reopen_if_needed(doc);
-        let open = self.docs.get_mut(&doc).expect("BUG: just found");
-        let Held::Here(document) = std::mem::replace(&mut open.held, Held::Stepping(Deferred::default()))
-        else {
-            unreachable!("BUG: a document out on a step is never due")
+        // Opens first: a client waits on each, and they are cheap next to a step.
+        let opening = self.docs.iter().find(|(_, o)| matches!(o.held, Held::Opening { out: false, .. }));
+        let doc = opening.map(|(id, _)| *id).or_else(|| self.due().next())?;
+        Some(self.take_job(doc))
+    }
+
+    /// Takes `doc`'s due work out of the session, as a job. It must have a job due.
+    fn take_job(&mut self, doc: DocId) -> DocJob {
+        let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
+        let open = self.docs.get_mut(&doc).expect("BUG: a job for a document the session holds");
+        self.jobs_out += 1;
+        let work = match &mut open.held {
+            Held::Opening { out, create, .. } => {
+                assert!(!*out, "BUG: an open handed out twice");
+                *out = true;
+                Work::Open { opener: self.opener.clone(), exists: self.exists.clone(), create: *create }
+            }
+            Held::Here(_) => {
+                let step = open.step_due(interval, now).is_some_and(|t| t <= now);
+                let read_due = open.ahead.retry_at.is_none_or(|t| t <= now);
+                let fetch = if read_due { open.ahead.want.take() } else { None };
+                let Held::Here(document) = std::mem::replace(&mut open.held, Held::Out(Deferred::default()))
+                else {
+                    unreachable!("BUG: matched above")
+                };
+                let reopen = std::mem::take(&mut open.reopen).then(|| self.opener.clone());
+                Work::Run { document, reopen, step, fetch, export: std::mem::take(&mut open.export) }
+            }
+            Held::Out(_) => unreachable!("BUG: a document out on a job is never due"),
         };
-        self.stepping += 1;
-        Some(StepJob { doc, document: *document, now_ms: self.now_ms, clock: self.clock.clone() })
+        DocJob { doc, work, now_ms: now, clock: self.clock.clone() }
     }
 
-    /// Opens a document again from its journal when its handle refuses writes (a failed fsync,
-    /// an object write whose outcome was unknown), carrying the mutations queued in the old
-    /// handle over: their clients will not send them again (they were acknowledged), and
-    /// `receive` skips those the journal shows applied. When the open fails, the old handle
-    /// stays and the next step tries again.
-    fn reopen_if_needed(&mut self, doc: DocId) {
-        let Some(open) = self.docs.get_mut(&doc).filter(|o| o.reopen) else { return };
-        let Some(old) = open.document_mut() else { return };
-        let Ok(mut fresh) = (self.opener)(doc) else { return };
-        for (timeline, first, entries) in old.take_queued() {
-            fresh.receive(timeline, first, entries);
-        }
-        open.head = fresh.storage_range().next();
-        open.held = Held::Here(Box::new(fresh));
-        open.reopen = false;
-        self.stats.documents_reopened += 1;
+    /// Jobs handed out and not yet back.
+    pub fn jobs_out(&self) -> usize {
+        self.jobs_out
     }
 
-    /// Documents out on a step.
-    pub fn stepping(&self) -> usize {
-        self.stepping
+    /// Whether `doc` is away: being opened, or out on a job.
+    pub fn is_away(&self, doc: DocId) -> bool {
+        self.docs.get(&doc).is_some_and(OpenDoc::is_away)
     }
 
-    /// Whether `doc` is out on a step (its export waits for `step_done`).
-    pub fn is_stepping(&self, doc: DocId) -> bool {
-        self.docs.get(&doc).is_some_and(OpenDoc::is_stepping)
-    }
-
-    /// Brings a stepped document back, records what its step did, and handles the messages
-    /// that waited for it.
-    pub fn step_done(&mut self, done: StepDone, now_ms: i64) {
+    /// Brings a job's document back, takes in what the job did, and handles the messages that
+    /// waited for it.
+    pub fn job_done(&mut self, done: JobDone, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let StepDone { doc, document, steps, failure } = done;
-        let Some(open) = self.docs.get_mut(&doc).filter(|o| o.is_stepping()) else {
-            panic!("BUG: step_done for {doc}, which is not out on a step")
+        let JobDone { doc, outcome } = done;
+        let Some(open) = self.docs.get_mut(&doc).filter(|o| o.is_away()) else {
+            panic!("BUG: job_done for {doc}, which is not out on a job")
         };
-        let Held::Stepping(deferred) = std::mem::replace(&mut open.held, Held::Here(Box::new(document)))
-        else {
-            unreachable!("BUG: checked above")
+        self.jobs_out -= 1;
+        let deferred = match outcome {
+            Outcome::Opened(Ok(document)) => {
+                self.stats.documents_opened += 1;
+                open.head = document.storage_range().next();
+                let Held::Opening { deferred, .. } = std::mem::replace(&mut open.held, Held::Here(document))
+                else {
+                    panic!("BUG: an open came back for {doc}, which was not opening")
+                };
+                deferred
+            }
+            Outcome::Opened(Err(failure)) => return self.open_failed(doc, failure),
+            Outcome::Ran(ran) => self.ran(doc, ran),
         };
-        self.stepping -= 1;
-        self.record_steps(doc, &steps, failure);
+        self.deferred_bytes -= deferred.bytes;
+        for (conn, _, _) in &deferred.messages {
+            if let Some(c) = self.conns.get_mut(conn) {
+                c.opening.remove(&doc);
+            }
+        }
         for (conn, at, msg) in deferred.messages {
             self.handle_message(conn, at, msg);
         }
     }
 
+    /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
+    fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
+        let Ran { document, reopened, steps, failure, fetched, exported } = ran;
+        let keep_from = self.conns.values().filter_map(|c| c.subs.get(&doc)).map(|s| s.window.acked).min();
+        let open = self.docs.get_mut(&doc).expect("BUG: checked by the caller");
+        let Held::Out(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
+            panic!("BUG: a job came back for {doc}, which was not out on one")
+        };
+        open.ahead.merge(fetched, keep_from, self.now_ms);
+        self.stats.documents_reopened += u64::from(reopened);
+        if let Some(e) = exported {
+            self.exported.push_back((doc, e));
+        }
+        self.record_steps(doc, &steps, failure);
+        deferred
+    }
+
+    /// An open failed: the document is dropped, and the messages that waited for it get the
+    /// error, except those that may create it when it merely did not exist (they open it
+    /// again, to create it).
+    fn open_failed(&mut self, doc: DocId, failure: OpenFailure) {
+        let Some(OpenDoc { held: Held::Opening { deferred, .. }, export, .. }) = self.docs.remove(&doc)
+        else {
+            panic!("BUG: an open came back for {doc}, which was not opening")
+        };
+        self.deferred_bytes -= deferred.bytes;
+        let (code, text) = match &failure {
+            OpenFailure::NotFound => (
+                codes::NOT_FOUND,
+                format!("document {doc} does not exist, and a read-only token cannot create it"),
+            ),
+            OpenFailure::Error(why) => (codes::DOCUMENT, format!("cannot open document {doc}: {why}")),
+        };
+        if export {
+            let why = match failure {
+                OpenFailure::NotFound => format!("no document {doc}"),
+                OpenFailure::Error(_) => text.clone(),
+            };
+            self.exported.push_back((doc, Err(why)));
+        }
+        for (conn, at, msg) in deferred.messages {
+            let Some(c) = self.conns.get_mut(&conn) else { continue };
+            c.opening.remove(&doc);
+            let creates = c.grant.as_ref().is_some_and(|g| g.write);
+            if matches!(failure, OpenFailure::NotFound) && creates {
+                self.handle_message(conn, at, msg);
+            } else {
+                c.outbox.push_back(error(Some(doc), code, text.clone()));
+            }
+        }
+    }
+
     /// Steps every document with queued mutations until their queues are empty (or a step
-    /// fails), here and now: for a shutdown, after every step job came back.
+    /// fails), here and now: for a shutdown, after every job came back.
     pub fn flush(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let now = self.now_ms;
         let docs: Vec<DocId> = self.docs.iter().filter(|(_, o)| o.queued() > 0).map(|(id, _)| *id).collect();
         for doc in docs {
-            while let Some(d) =
-                self.docs.get_mut(&doc).and_then(OpenDoc::document_mut).filter(|d| d.queued() > 0)
-            {
-                let (id, steps, failed) = step_document(doc, d, now, self.clock.as_ref());
-                let stop = failed.is_some() || steps.is_empty();
-                self.record_steps(id, &steps, failed);
+            while self.docs.get(&doc).is_some_and(|o| o.queued() > 0) {
+                let open = self.docs.get_mut(&doc).expect("BUG: just checked");
+                open.retry_at = None;
+                open.queued_since = Some(self.now_ms.saturating_sub(self.options.commit_interval_ms));
+                let job = self.take_job(doc);
+                let done = job.run();
+                let stop =
+                    matches!(&done.outcome, Outcome::Ran(r) if r.failure.is_some() || r.steps.is_empty());
+                self.job_done(done, now_ms);
                 if stop {
                     break;
                 }
@@ -893,19 +1004,27 @@ impl ServerSession {
         }
     }
 
-    /// Keeps a message for a document that is out on a step.
+    /// Keeps a message for a document that is away. Mutations past the bounds are dropped
+    /// unacknowledged: their clients send them again.
     fn defer(&mut self, conn: ConnId, now_ms: i64, msg: Message) {
         let Some(doc) = msg.doc() else { return };
         let bytes = match &msg {
             Message::Mutations { entries, .. } => entries.iter().map(Vec::len).sum(),
-            _ => 0,
+            _ => DEFERRED_MESSAGE_BYTES,
         };
-        let Some(OpenDoc { held: Held::Stepping(d), .. }) = self.docs.get_mut(&doc) else { return };
-        if bytes > 0 && d.bytes + bytes > MAX_DEFERRED_BYTES {
-            return; // unacknowledged: the client sends it again
+        let total = self.deferred_bytes;
+        let Some(open) = self.docs.get_mut(&doc) else { return };
+        let opening = matches!(open.held, Held::Opening { .. });
+        let Some(d) = open.deferred() else { return };
+        if d.bytes + bytes > MAX_DEFERRED_BYTES || total + bytes > MAX_DEFERRED_TOTAL_BYTES {
+            return;
         }
         d.bytes += bytes;
         d.messages.push((conn, now_ms, msg));
+        self.deferred_bytes += bytes;
+        if opening && let Some(c) = self.conns.get_mut(&conn) {
+            c.opening.insert(doc);
+        }
     }
 
     fn event(&mut self, e: Event) {
@@ -935,7 +1054,8 @@ impl ServerSession {
         let now = self.now_ms;
         let before = self.docs.len();
         self.docs.retain(|id, o| {
-            let idle = o.document().is_some_and(|d| d.queued() == 0) && now >= o.last_used + idle_ms;
+            let idle =
+                o.document().is_some_and(|d| d.queued() == 0) && !o.export && now >= o.last_used + idle_ms;
             !idle || subscribed.contains(id)
         });
         self.stats.documents_closed += (before - self.docs.len()) as u64;
@@ -949,6 +1069,7 @@ impl ServerSession {
             if now < used + shrink_ms || o.shrunk_at == Some(used) {
                 continue;
             }
+            o.ahead.clear();
             let Some(d) = o.document_mut().filter(|d| d.queued() == 0) else { continue };
             // A failure leaves caches in place; the document works either way.
             if d.shrink_memory().is_ok() {
@@ -960,11 +1081,11 @@ impl ServerSession {
 
     /// When `handle_timeout` should run next.
     pub fn poll_timeout(&self) -> Option<i64> {
-        // With every step thread busy, nothing can start before one comes back (`step_done`,
-        // which the driver is woken for): no step deadline until then.
-        let full = self.external_steps && self.stepping >= self.options.step_threads;
+        // With every job thread busy, nothing can start before one comes back (`job_done`,
+        // which the driver is woken for): no job deadline until then.
+        let full = self.external_jobs && self.jobs_out >= self.options.step_threads;
         let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
-        let steps = self.docs.values().filter(|_| !full).filter_map(|o| o.step_due(interval, now));
+        let steps = self.docs.values().filter(|_| !full).filter_map(|o| o.job_due(interval, now));
         // A connection with unwritten bytes resends nothing (see `handle_timeout`); the driver
         // says when it drains.
         let subs = self.conns.values().filter(|c| c.backlog_bytes == 0).flat_map(|c| c.subs.values());
@@ -987,7 +1108,7 @@ impl ServerSession {
     }
 
     fn next_for(&mut self, id: ConnId) -> Option<Message> {
-        let now_ms = self.now_ms;
+        let (now_ms, here) = (self.now_ms, !self.external_jobs);
         let c = self.conns.get_mut(&id)?;
         if let Some(m) = c.outbox.pop_front() {
             return Some(m);
@@ -999,12 +1120,11 @@ impl ServerSession {
             return None;
         }
         for doc in round_robin(c.subs.keys().copied(), c.cursor) {
-            let (Some(open), Some(sub)) = (self.docs.get(&doc), c.subs.get_mut(&doc)) else { continue };
-            if sub.window.next >= open.head {
+            let (Some(open), Some(sub)) = (self.docs.get_mut(&doc), c.subs.get_mut(&doc)) else { continue };
+            if sub.window.next >= open.head || open.is_away() {
                 continue;
             }
-            let Some(d) = open.document() else { continue };
-            if let Some(msg) = storage_batch(doc, d, sub, now_ms) {
+            if let Some(msg) = storage_batch(doc, open, sub, now_ms, here) {
                 c.cursor = Some(doc);
                 return Some(msg);
             }
@@ -1013,8 +1133,11 @@ impl ServerSession {
     }
 }
 
-/// The next `Storage` message for one subscriber, within its window and the batch size.
-fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> Option<Message> {
+/// The next `Storage` message for one subscriber, within its window and the batch size, from
+/// the entries the document holds in memory. An entry that is not there is asked of the next
+/// job (`ReadAhead::want`), or, with `here` (no external jobs), read at once.
+fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, here: bool) -> Option<Message> {
+    let Held::Here(d) = &open.held else { return None };
     let avail = d.storage_range();
     let window = sub.window.room(DOC_WINDOW_BYTES);
     if sub.retry_read_at.is_some_and(|t| now_ms < t) {
@@ -1034,25 +1157,45 @@ fn storage_batch(doc: DocId, d: &ServerDocument, sub: &mut Sub, now_ms: i64) -> 
     let mut bytes = 0;
     let mut lsn = first;
     while lsn < avail.next() && bytes < MAX_BATCH_BYTES.min(window) {
-        let read = match sub.full_until {
-            Some(until) if lsn <= until => d.read_wire_full(lsn).map(|e| vec![e]),
-            _ => d.read_wire(LsnRange::inclusive(lsn, lsn)),
+        let recent = match sub.full_until {
+            Some(until) if lsn <= until => None,
+            _ => d.recent_wire(lsn),
         };
-        let e = match read {
-            Ok(mut one) => one.remove(0),
-            Err(err) if entries.is_empty() => {
-                sub.retry_read_at = Some(now_ms + RETRANSMIT_MS);
-                return Some(error(
-                    Some(doc),
-                    codes::DOCUMENT,
-                    format!("cannot read storage entry {lsn}: {err}"),
-                ));
+        let e = match recent.or_else(|| open.ahead.entries.get(&lsn)) {
+            Some(e) => e.clone(),
+            None if here && open.ahead.error.is_none() => {
+                open.ahead.merge(super::job::read_ahead(d, lsn), Some(lsn), now_ms);
+                continue;
             }
-            Err(_) => break, // send what was read; the next batch reports the error
+            None => {
+                if entries.is_empty()
+                    && let Some((_, why)) = open.ahead.error.as_ref().filter(|(at, _)| *at == lsn)
+                {
+                    // Told once per `RETRANSMIT_MS`; the read is tried again then.
+                    sub.retry_read_at = Some(now_ms + RETRANSMIT_MS);
+                    let text = format!("cannot read storage entry {lsn}: {why}");
+                    let msg = error(Some(doc), codes::DOCUMENT, text);
+                    if here {
+                        open.ahead.error = None;
+                    } else {
+                        open.ahead.wants(lsn);
+                    }
+                    return Some(msg);
+                }
+                open.ahead.wants(lsn);
+                break;
+            }
         };
         bytes += e.data.len();
         entries.push(e);
         lsn = lsn.next();
+    }
+    // Read the rest ahead while this batch travels.
+    if lsn < avail.next() && d.recent_wire(lsn).is_none() && !open.ahead.entries.contains_key(&lsn) {
+        open.ahead.wants(lsn);
+    }
+    if entries.is_empty() {
+        return None;
     }
     sub.window.sent(lsn, bytes, now_ms);
     Some(Message::Storage { doc, first, entries })

@@ -1,0 +1,244 @@
+//! The blocking work on one document, planned by `ServerSession` and run by its driver.
+//!
+//! Everything that waits on a disk or an object store is a [`DocJob`]: opening a document
+//! (and checking that it exists), stepping it (SQLite, fsync, puts; reopening its journal
+//! first when it refused writes), reading storage entries ahead for subscribers that are
+//! behind the entries kept in memory, and exporting it. `ServerSession::poll_job` hands a job
+//! out with the document in it, the driver runs it wherever it likes (`DocJob::run`), and
+//! `ServerSession::job_done` takes the result back. The session never waits for a job, so a
+//! slow disk, a slow object store or a large document holds up that document alone.
+
+use std::sync::Arc;
+
+use pagesync_journal::Lsn;
+
+use super::DOC_WINDOW_BYTES;
+use crate::error::Result;
+use crate::ids::DocId;
+use crate::server::{ServerDocument, StepOutcome};
+use crate::wire::WireEntry;
+
+/// Opens (or creates) a document's storage. Called from the driver's job threads.
+pub type Opener = Arc<dyn Fn(DocId) -> Result<ServerDocument> + Send + Sync>;
+
+/// Whether a document exists in storage (without creating it). Called from job threads.
+pub type Exists = Arc<dyn Fn(DocId) -> Result<bool> + Send + Sync>;
+
+/// The session's clock, shared with jobs that run elsewhere.
+pub(super) type SharedClock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// Bytes of storage entries one job reads for subscribers that are behind: one subscriber's
+/// window, so a catching-up replica gets a full window per job.
+pub const FETCH_BYTES: usize = DOC_WINDOW_BYTES;
+
+/// Bytes of entries read ahead that one document keeps for its subscribers: 4 MiB (four
+/// windows), dropped as its subscribers acknowledge them. With `RECENT_WIRE_BYTES` this is what
+/// a document with subscribers far behind costs in memory.
+pub const MAX_FETCHED_BYTES: usize = 4 << 20;
+
+/// One document's blocking work, taken out of the session by `poll_job`, run anywhere
+/// (`run`, on a worker thread), and handed back with `job_done`.
+pub struct DocJob {
+    pub(super) doc: DocId,
+    pub(super) work: Work,
+    pub(super) now_ms: i64,
+    pub(super) clock: Option<SharedClock>,
+}
+
+pub(super) enum Work {
+    /// Open the document; without `create`, only if `exists` says it is there.
+    Open { opener: Opener, exists: Option<Exists>, create: bool },
+    /// Work on an open document, in this order: reopen its journal (`reopen`), take a step,
+    /// read entries from `fetch` on, export it.
+    Run {
+        document: Box<ServerDocument>,
+        reopen: Option<Opener>,
+        step: bool,
+        fetch: Option<Lsn>,
+        export: bool,
+    },
+}
+
+impl std::fmt::Debug for DocJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.work {
+            Work::Open { .. } => "open",
+            Work::Run { .. } => "run",
+        };
+        f.debug_struct("DocJob").field("doc", &self.doc).field("work", &what).finish()
+    }
+}
+
+/// A finished `DocJob`, for `job_done`.
+#[derive(Debug)]
+pub struct JobDone {
+    pub(super) doc: DocId,
+    pub(super) outcome: Outcome,
+}
+
+#[derive(Debug)]
+pub(super) enum Outcome {
+    Opened(std::result::Result<Box<ServerDocument>, OpenFailure>),
+    Ran(Ran),
+}
+
+/// Why a document could not be opened.
+#[derive(Debug)]
+pub(super) enum OpenFailure {
+    /// It does not exist and the job was not to create it.
+    NotFound,
+    Error(String),
+}
+
+/// What a `Work::Run` did.
+#[derive(Debug)]
+pub(super) struct Ran {
+    pub(super) document: Box<ServerDocument>,
+    /// Its journal was opened again (`reopen`).
+    pub(super) reopened: bool,
+    /// Each step's outcome and duration.
+    pub(super) steps: Vec<(StepOutcome, Option<u64>)>,
+    pub(super) failure: Option<Failure>,
+    pub(super) fetched: Fetched,
+    pub(super) exported: Option<std::result::Result<Vec<u8>, String>>,
+}
+
+/// Entries read ahead, whole, in LSN order, and the error that stopped the read, if any.
+#[derive(Debug, Default)]
+pub(super) struct Fetched {
+    pub(super) entries: Vec<(Lsn, WireEntry)>,
+    pub(super) error: Option<(Lsn, String)>,
+}
+
+/// Why a document's step did not complete.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// An error; the queue stays and the step is retried. With `reopen`, the document's
+    /// journal refuses writes until it is reopened: the retry opens it again first.
+    Error { why: String, reopen: bool },
+    /// A panic: the document's state cannot be trusted; it is closed (and reopened from its
+    /// journal on next use).
+    Panicked(String),
+}
+
+impl DocJob {
+    pub fn doc(&self) -> DocId {
+        self.doc
+    }
+
+    /// Does the work: blocking (SQLite, fsync, object-store requests). A panic in it is caught
+    /// and reported, never propagated.
+    pub fn run(self) -> JobDone {
+        let DocJob { doc, work, now_ms, clock } = self;
+        let outcome = match work {
+            Work::Open { opener, exists, create } => Outcome::Opened(open(doc, &opener, exists, create)),
+            Work::Run { mut document, reopen, step, fetch, export } => {
+                let reopened = reopen.is_some_and(|opener| reopen_journal(doc, &mut document, &opener));
+                let (steps, failure) = if step {
+                    step_document(&mut document, now_ms, clock.as_ref())
+                } else {
+                    (Vec::new(), None)
+                };
+                let broken = matches!(failure, Some(Failure::Panicked(_)));
+                let fetched =
+                    fetch.filter(|_| !broken).map(|from| read_ahead(&document, from)).unwrap_or_default();
+                let exported = export.then(|| {
+                    catch(|| document.export().map_err(|e| e.to_string())).unwrap_or_else(|panic| {
+                        Err(format!("exporting {doc} failed with an internal error: {panic}"))
+                    })
+                });
+                Outcome::Ran(Ran { document, reopened, steps, failure, fetched, exported })
+            }
+        };
+        JobDone { doc, outcome }
+    }
+}
+
+/// Runs `f`, turning a panic into its message.
+fn catch<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| panic_message(&*p))
+}
+
+fn open(
+    doc: DocId,
+    opener: &Opener,
+    exists: Option<Exists>,
+    create: bool,
+) -> std::result::Result<Box<ServerDocument>, OpenFailure> {
+    let opened = catch(|| {
+        if let Some(exists) = exists.filter(|_| !create) {
+            match exists(doc) {
+                Ok(true) => {}
+                Ok(false) => return Err(OpenFailure::NotFound),
+                Err(e) => return Err(OpenFailure::Error(e.to_string())),
+            }
+        }
+        opener(doc).map(Box::new).map_err(|e| OpenFailure::Error(e.to_string()))
+    });
+    opened.unwrap_or_else(|panic| Err(OpenFailure::Error(format!("an internal error: {panic}"))))
+}
+
+/// Opens the document's journal again when its handle refuses writes (a failed fsync, an
+/// object write whose outcome was unknown), carrying the mutations queued in the old handle
+/// over: their clients will not send them again (they were acknowledged), and `receive` skips
+/// those the journal shows applied. When the open fails, the old handle stays and the next
+/// step tries again.
+fn reopen_journal(doc: DocId, document: &mut Box<ServerDocument>, opener: &Opener) -> bool {
+    let Ok(Ok(mut fresh)) = catch(|| opener(doc)) else { return false };
+    for (timeline, first, entries) in document.take_queued() {
+        fresh.receive(timeline, first, entries);
+    }
+    **document = fresh;
+    true
+}
+
+/// Takes one step of `d`. One per job: a document with a backlog steps again on its next
+/// job, after the others had theirs, so no document's backlog holds up the rest for longer
+/// than one step (which its limits bound).
+fn step_document(
+    d: &mut ServerDocument,
+    now_ms: i64,
+    clock: Option<&SharedClock>,
+) -> (Vec<(StepOutcome, Option<u64>)>, Option<Failure>) {
+    let start = clock.map(|c| c());
+    // A panic must not take the other documents (or the thread serving them) down with it.
+    match catch(|| d.step(now_ms)) {
+        Ok(Ok(Some(o))) => (vec![(o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))], None),
+        Ok(Ok(None)) => (Vec::new(), None),
+        Ok(Err(e)) => (Vec::new(), Some(Failure::Error { why: e.to_string(), reopen: e.needs_reopen() })),
+        Err(panic) => (Vec::new(), Some(Failure::Panicked(panic))),
+    }
+}
+
+/// Reads whole entries from `from` on, up to `FETCH_BYTES` (at least one entry).
+pub(super) fn read_ahead(d: &ServerDocument, from: Lsn) -> Fetched {
+    let mut fetched = Fetched::default();
+    let avail = d.storage_range();
+    let (mut lsn, mut bytes) = (from.max(avail.first()), 0);
+    while lsn < avail.next() && bytes < FETCH_BYTES {
+        match catch(|| d.read_wire_full(lsn)) {
+            Ok(Ok(e)) => {
+                bytes += e.data.len();
+                fetched.entries.push((lsn, e));
+            }
+            Ok(Err(e)) => {
+                fetched.error = Some((lsn, e.to_string()));
+                break;
+            }
+            Err(panic) => {
+                fetched.error = Some((lsn, format!("an internal error: {panic}")));
+                break;
+            }
+        }
+        lsn = lsn.next();
+    }
+    fetched
+}
+
+pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
