@@ -253,11 +253,25 @@ impl Client {
                     | pagesync::journal::JournalError::Foreign { .. },
                 ) if !tl_dir.join("JOURNAL").exists() => {
                     let id = JournalId::from_u128(((random_u64() as u128) << 64) | random_u64() as u128);
+                    // Outcomes of an earlier timeline (whose directory is gone) mean nothing now;
+                    // if they cannot be removed, opening them below says so.
+                    let _ = std::fs::remove_dir_all(dir.join("outcomes"));
                     FileJournal::create(&tl_dir, id, FileJournalOptions::default())?
                 }
                 Err(e) => return Err(e.into()),
             };
-            let mut replica = ClientDocument::open(Box::new(storage), Box::new(timeline))?;
+            // The server's rejections of this replica's mutations, kept once the server forgets
+            // them; named after the timeline, so a new timeline starts with none.
+            let outcomes = FileJournal::open_or_create(
+                dir.join("outcomes"),
+                pagesync::journal::Journal::id(&timeline),
+                FileJournalOptions::default(),
+            )?;
+            let mut replica = ClientDocument::open_with_outcomes(
+                Box::new(storage),
+                Box::new(timeline),
+                Box::new(outcomes),
+            )?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
             self.shared.locks.lock().expect("BUG: lock poisoned").push((doc, lock));
             self.shared.session().add_document(doc, replica);

@@ -9,10 +9,12 @@
 //!   prefix the server applied, re-run the rest. Its cost depends on the pending mutations and
 //!   the new entries, not on the length of the history.
 //! - The state of each mutation (pending, confirmed, rejected with the server's message) is read
-//!   from the replicated `_pagesync_timelines` and `_pagesync_rejections` tables, so it survives
-//!   restarts with nothing else to persist.
+//!   from the replicated `_pagesync_timelines` and `_pagesync_rejections` tables. Rejections are
+//!   copied into the replica's own outcome journal as they arrive (`outcomes_through`, told to
+//!   the server in `StorageAck`), so the server may then delete them from the shared table and
+//!   the table stays bounded however many mutations are rejected.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use pagesync_journal::{Journal, Lsn, LsnRange};
@@ -108,6 +110,20 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// Timeline entries before this are durable; only those are sent to the server, so it
     /// never applies a mutation that a power cut could take back from the client.
     synced_next: Lsn,
+    /// The durable copy of the server's rejections of this timeline's mutations: one entry
+    /// per batch of them, as they arrive.
+    outcomes: Box<dyn Journal>,
+    /// What `outcomes` holds.
+    rejected: BTreeMap<Lsn, Rejection>,
+    /// Every rejection at or below this LSN is in `rejected`, durably: the server may forget
+    /// them.
+    outcomes_through: Option<Lsn>,
+}
+
+/// One entry of the outcome journal: rejections as (LSN, code, message).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OutcomeRecord {
+    rejected: Vec<(u64, String, String)>,
 }
 
 /// When a local write is durable, like SQLite's `synchronous`.
@@ -136,14 +152,33 @@ impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
 }
 
 impl ClientDocument<SqlReducer> {
+    /// Opens a replica whose outcome journal is in memory: for replicas whose other journals
+    /// are in memory too. A replica on disk uses `open_with_outcomes`, or the outcomes of
+    /// mutations the server rejected and then forgot are lost on a restart.
     pub fn open(storage: Box<dyn Journal>, timeline: Box<dyn Journal>) -> Result<Self> {
-        Self::with_reducer(storage, timeline, SqlReducer)
+        let outcomes = Box::new(pagesync_journal::MemoryJournal::new(timeline.id()));
+        Self::with_reducer(storage, timeline, outcomes, SqlReducer)
+    }
+
+    /// Opens a replica from its three journals: the storage (the server's entries), the
+    /// timeline (its mutations) and its outcomes (the server's rejections of them).
+    pub fn open_with_outcomes(
+        storage: Box<dyn Journal>,
+        timeline: Box<dyn Journal>,
+        outcomes: Box<dyn Journal>,
+    ) -> Result<Self> {
+        Self::with_reducer(storage, timeline, outcomes, SqlReducer)
     }
 }
 
 impl<R: Reducer> ClientDocument<R> {
     /// Opens the replica from its journals; pending mutations are re-run at once.
-    pub fn with_reducer(storage: Box<dyn Journal>, timeline: Box<dyn Journal>, reducer: R) -> Result<Self> {
+    pub fn with_reducer(
+        storage: Box<dyn Journal>,
+        timeline: Box<dyn Journal>,
+        outcomes: Box<dyn Journal>,
+        reducer: R,
+    ) -> Result<Self> {
         let mut store = PageStore::open(storage)?;
         store.enable_schema_epochs()?;
         let db = Database::open(store)?;
@@ -159,9 +194,14 @@ impl<R: Reducer> ClientDocument<R> {
             rebase_due: false,
             durability: Durability::Full,
             synced_next: Lsn::FIRST,
+            outcomes,
+            rejected: BTreeMap::new(),
+            outcomes_through: None,
         };
         doc.synced_next = doc.timeline.range().next();
+        doc.read_outcomes()?;
         doc.applied = doc.read_applied()?;
+        doc.copy_outcomes()?;
         doc.trim_timeline(true)?;
         let range = doc.pending_range();
         for (lsn, bytes) in range.iter().zip(doc.timeline.read_range(range)?) {
@@ -529,6 +569,7 @@ impl<R: Reducer> ClientDocument<R> {
             self.applied = Some(a);
             self.trim_timeline(false)?;
         }
+        self.copy_outcomes()?;
         if !self.db.store().is_restarting() {
             self.replay_pending()?;
         }
@@ -573,6 +614,9 @@ impl<R: Reducer> ClientDocument<R> {
         if self.applied.is_none_or(|a| lsn > a) {
             return Ok(MutationState::Pending);
         }
+        if let Some(r) = self.rejected.get(&lsn) {
+            return Ok(MutationState::Rejected(r.clone()));
+        }
         let rejection = self.db.conn().query_row(
             "SELECT code, message FROM _pagesync_rejections WHERE timeline = ?1 AND lsn = ?2",
             rusqlite::params![&self.timeline_id.0[..], lsn.get() as i64],
@@ -605,22 +649,66 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     pub fn rejections(&self) -> Result<Vec<(Lsn, Rejection)>> {
-        if self.applied.is_none() {
-            return Ok(Vec::new());
-        }
+        let Some(applied) = self.applied else { return Ok(Vec::new()) };
+        let mut all = self.table_rejections(None, applied)?;
+        all.extend(self.rejected.iter().map(|(l, r)| (*l, r.clone())));
+        Ok(all.into_iter().collect())
+    }
+
+    /// Every rejection at or below this LSN is in the replica's outcome journal: the server
+    /// may delete them from the replicated table (`StorageAck`).
+    pub fn outcomes_through(&self) -> Option<Lsn> {
+        self.outcomes_through
+    }
+
+    /// This timeline's rejections in the replicated table, in `(after, through]`.
+    fn table_rejections(&self, after: Option<Lsn>, through: Lsn) -> Result<BTreeMap<Lsn, Rejection>> {
         let mut stmt = self.db.conn().prepare_cached(
-            "SELECT lsn, code, message FROM _pagesync_rejections WHERE timeline = ?1 ORDER BY lsn",
+            "SELECT lsn, code, message FROM _pagesync_rejections WHERE timeline = ?1 AND lsn > ?2 AND lsn <= ?3",
         )?;
-        let rows = stmt.query_map([&self.timeline_id.0[..]], |r| {
-            let code = RejectionCode::parse(&r.get::<_, String>(1)?);
-            Ok((r.get::<_, i64>(0)?, Rejection::new(code, r.get::<_, String>(2)?)))
-        })?;
-        let mut out = Vec::new();
+        let after = after.map_or(0, Lsn::get) as i64;
+        let rows =
+            stmt.query_map(rusqlite::params![&self.timeline_id.0[..], after, through.get() as i64], |r| {
+                let code = RejectionCode::parse(&r.get::<_, String>(1)?);
+                Ok((r.get::<_, i64>(0)?, Rejection::new(code, r.get::<_, String>(2)?)))
+            })?;
+        let mut out = BTreeMap::new();
         for row in rows {
             let (lsn, r) = row?;
-            out.push((Lsn::new(lsn as u64).ok_or_else(|| Error::Malformed("rejection at LSN 0".into()))?, r));
+            out.insert(Lsn::new(lsn as u64).ok_or_else(|| Error::Malformed("rejection at LSN 0".into()))?, r);
         }
         Ok(out)
+    }
+
+    /// Loads the outcome journal.
+    fn read_outcomes(&mut self) -> Result<()> {
+        let range = self.outcomes.range();
+        for bytes in self.outcomes.read_range(range)? {
+            let record: OutcomeRecord = postcard::from_bytes(&bytes)
+                .map_err(|e| Error::Malformed(format!("an entry of the outcome journal: {e}")))?;
+            for (lsn, code, message) in record.rejected {
+                let lsn = Lsn::new(lsn).ok_or_else(|| Error::Malformed("an outcome at LSN 0".into()))?;
+                self.rejected.insert(lsn, Rejection::new(RejectionCode::parse(&code), message));
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the rejections the server applied since the last copy into the outcome journal
+    /// (one durable append, only when there are any), so the server may forget them.
+    fn copy_outcomes(&mut self) -> Result<()> {
+        let Some(applied) = self.applied.filter(|a| self.outcomes_through < Some(*a)) else { return Ok(()) };
+        let mut new = self.table_rejections(self.outcomes_through, applied)?;
+        new.retain(|l, _| !self.rejected.contains_key(l));
+        if !new.is_empty() {
+            let rejected =
+                new.iter().map(|(l, r)| (l.get(), r.code.as_str().to_owned(), r.message.clone())).collect();
+            let record = postcard::to_stdvec(&OutcomeRecord { rejected }).expect("BUG: a record serializes");
+            self.outcomes.append_batch(&[&record])?;
+            self.rejected.extend(new);
+        }
+        self.outcomes_through = Some(applied);
+        Ok(())
     }
 
     /// Runs a read-only query on the optimistic state.

@@ -164,6 +164,11 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     compaction: Option<Compaction>,
     /// A checkpoint being written `CHECKPOINT_PARTS_PER_STEP` parts per step.
     checkpointing: Option<Checkpointing>,
+    /// Rejections to delete in the next step: their clients copied them
+    /// (`forget_rejections`), through the LSN given per timeline.
+    forget: BTreeMap<TimelineId, Lsn>,
+    /// Through which LSN each timeline's rejections were deleted already.
+    forgotten: HashMap<TimelineId, Lsn>,
 }
 
 /// Where a checkpoint in progress stands: the page count it began with (which fixes its parts)
@@ -235,6 +240,8 @@ impl<R: Reducer> ServerDocument<R> {
             reducer,
             limits,
             applied: HashMap::new(),
+            forget: BTreeMap::new(),
+            forgotten: HashMap::new(),
             queues: BTreeMap::new(),
             queued_bytes: 0,
             rr_cursor: None,
@@ -245,7 +252,7 @@ impl<R: Reducer> ServerDocument<R> {
         if doc.db.store().page_count() == 0 {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} {ONCE_SCHEMA} COMMIT;"))?;
             // Time 0: the document's creation precedes every step.
-            let committed = doc.db.store().commit_overlay(&[], 0)?;
+            let committed = doc.db.store().commit_overlay(&[], &[], 0)?;
             remember(&mut doc.recent, committed);
         }
         doc.load_applied()?;
@@ -490,8 +497,11 @@ impl<R: Reducer> ServerDocument<R> {
             return Ok(None);
         }
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
+        let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
         // On error `apply_batch` restored the last durable state and the batch stays queued.
-        let (outcome, taken) = self.apply_batch(&batch, clamp, now_ms, true)?;
+        let (outcome, taken) = self.apply_batch(&batch, &forget, clamp, now_ms, true)?;
+        self.forget.clear();
+        self.forgotten.extend(forget);
         for (tl, lsn, _) in &batch[..taken] {
             let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
             let (_, entry) = q.pop_front().expect("BUG: picked from this queue");
@@ -505,17 +515,19 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// Re-applies a recorded step (from another replica's storage entry): the same mutations in
-    /// the same order with the recorded clocks (`entry_time_ms` is the entry's). Used to verify
-    /// determinism and to rebuild a document from its mutations.
+    /// the same order with the recorded clocks (`entry_time_ms` is the entry's), deleting the
+    /// same rejections (`forgotten`). Used to verify determinism and to rebuild a document
+    /// from its mutations.
     pub fn replay_step(
         &mut self,
         recorded: &[(Applied, Vec<u8>)],
+        forgotten: &[(TimelineId, Lsn)],
         entry_time_ms: i64,
     ) -> Result<StepOutcome> {
         let batch: Vec<(TimelineId, Lsn, Vec<u8>)> =
             recorded.iter().map(|(a, bytes)| (a.timeline, a.lsn, bytes.clone())).collect();
         let (outcome, taken) =
-            self.apply_batch(&batch, |_, i| recorded[i].0.time_ms, entry_time_ms, false)?;
+            self.apply_batch(&batch, forgotten, |_, i| recorded[i].0.time_ms, entry_time_ms, false)?;
         if taken != batch.len() {
             return Err(Error::Malformed(format!(
                 "replaying a step of {} mutations applied only {taken}: the replay diverged",
@@ -536,7 +548,7 @@ impl<R: Reducer> ServerDocument<R> {
             self.db.store().rollback_failed_step()?;
             return Err(e);
         }
-        let committed = self.db.store().commit_overlay(&[], now_ms);
+        let committed = self.db.store().commit_overlay(&[], &[], now_ms);
         match committed {
             Ok(committed) => {
                 let lsn = committed.as_ref().map(|c| c.lsn);
@@ -560,6 +572,7 @@ impl<R: Reducer> ServerDocument<R> {
     fn apply_batch(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
+        forget: &[(TimelineId, Lsn)],
         time_of: impl Fn(i64, usize) -> i64,
         entry_time_ms: i64,
         may_end_early: bool,
@@ -572,7 +585,7 @@ impl<R: Reducer> ServerDocument<R> {
         let mut burned = 0;
         loop {
             let budget = may_end_early.then(|| self.limits.max_step_vm_steps.saturating_sub(burned));
-            match self.try_apply_batch(&batch[..len], &time_of, &lost, entry_time_ms, budget) {
+            match self.try_apply_batch(&batch[..len], forget, &time_of, &lost, entry_time_ms, budget) {
                 Err((Some(i), Error::TransactionLost(r))) => {
                     burned += self.db.last_vm_steps();
                     self.restore_committed()?;
@@ -656,6 +669,7 @@ impl<R: Reducer> ServerDocument<R> {
     fn try_apply_batch(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
+        forget: &[(TimelineId, Lsn)],
         time_of: &impl Fn(i64, usize) -> i64,
         lost: &HashMap<usize, Rejection>,
         entry_time_ms: i64,
@@ -690,13 +704,40 @@ impl<R: Reducer> ServerDocument<R> {
                 break;
             }
         }
-        self.with_system_room(|| self.record_applied(&last)).map_err(|e| (None, self.db.explain(e)))?;
+        let system = |e| (None, self.db.explain(e));
+        self.with_system_room(|| self.delete_rejections(forget)).map_err(system)?;
+        self.with_system_room(|| self.record_applied(&last)).map_err(system)?;
         let committed =
-            self.db.store().commit_overlay(&applied, entry_time_ms).map_err(|e| (None, e.into()))?;
+            self.db.store().commit_overlay(&applied, forget, entry_time_ms).map_err(|e| (None, e.into()))?;
         let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
         remember(&mut self.recent, committed);
         let rejected = rejections.len();
         Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections }, applied.len()))
+    }
+
+    /// Deletes each timeline's rejections through the LSN given.
+    fn delete_rejections(&self, forget: &[(TimelineId, Lsn)]) -> rusqlite::Result<()> {
+        let mut stmt = self
+            .db
+            .conn()
+            .prepare_cached("DELETE FROM _pagesync_rejections WHERE timeline = ?1 AND lsn <= ?2")?;
+        for (tl, through) in forget {
+            stmt.execute(rusqlite::params![&tl.0[..], through.get() as i64])?;
+        }
+        Ok(())
+    }
+
+    /// A subscriber of `timeline` has copied that timeline's rejections through `through`
+    /// into its own outcome journal (`StorageAck`): the next step deletes them from the
+    /// replicated table (and records that in its entry, so a replay does the same). Bounded
+    /// by what was applied from the timeline; a repeat costs nothing.
+    pub fn forget_rejections(&mut self, timeline: TimelineId, through: Lsn) {
+        let Some(applied) = self.applied.get(&timeline) else { return };
+        let through = through.min(*applied);
+        let done = self.forget.get(&timeline).or(self.forgotten.get(&timeline));
+        if done.is_none_or(|d| *d < through) {
+            self.forget.insert(timeline, through);
+        }
     }
 
     /// Writes the applied LSN of each timeline and commits the transaction.

@@ -1,13 +1,17 @@
 //! The storage journal entry: one reducer step on the server.
 //!
 //! ```text
-//! version u8 = 2 | page_count u32 | n_applied u32 | n_pages u32
+//! version u8 = 3 | page_count u32 | n_applied u32 | n_pages u32 | n_forgotten u32
 //! time_ms i64 | part u32 | parts u32
-//! applied: n_applied x (timeline [16] | lsn u64 | time_ms i64)
-//! page_idx: n_pages x u32, strictly ascending, each <= page_count
-//! pages:    n_pages x 4096 bytes
+//! applied:   n_applied x (timeline [16] | lsn u64 | time_ms i64)
+//! forgotten: n_forgotten x (timeline [16] | lsn u64)
+//! page_idx:  n_pages x u32, strictly ascending, each <= page_count
+//! pages:     n_pages x 4096 bytes
 //! ```
 //!
+//! Version 2 (still read) has no `n_forgotten` and no `forgotten` list. `forgotten` names the
+//! timelines whose rejection rows the step deleted, through which LSN (their clients had
+//! copied them: see `ServerDocument::forget_rejections`), so a replay deletes the same rows.
 //! `time_ms` is the server's clock when it wrote the entry (restore by time reads it). `part`
 //! and `parts` are 0 for a step; a checkpoint is `parts` entries, part 1..=parts in order,
 //! that together hold every page of the document, with steps possibly between them (see
@@ -21,9 +25,12 @@ use pagesync_journal::Lsn;
 use crate::ids::TimelineId;
 use crate::page::{PAGE_SIZE, Page, PageIdx};
 
-const VERSION: u8 = 2;
-const HEADER_BYTES: usize = 29;
+const VERSION: u8 = 3;
+/// Version 2's header: no `n_forgotten`.
+const HEADER_BYTES_V2: usize = 29;
+const HEADER_BYTES: usize = 33;
 const APPLIED_BYTES: usize = 32;
+const FORGOTTEN_BYTES: usize = 24;
 
 /// One mutation applied by a step: its timeline, its LSN there, and the clock it ran with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,13 +57,21 @@ pub struct EntryHeader {
     /// Set on the parts of a checkpoint.
     pub checkpoint: Option<Part>,
     pub applied: Vec<Applied>,
+    /// Timelines whose rejections through an LSN the step deleted.
+    pub forgotten: Vec<(TimelineId, Lsn)>,
     pub pages: Vec<PageIdx>,
+    /// Bytes before the lists (by version).
+    header_bytes: usize,
 }
 
 impl EntryHeader {
     /// Byte offset of the `i`-th page's bytes in the payload.
     pub fn page_offset(&self, i: usize) -> usize {
-        HEADER_BYTES + APPLIED_BYTES * self.applied.len() + 4 * self.pages.len() + PAGE_SIZE * i
+        self.header_bytes
+            + APPLIED_BYTES * self.applied.len()
+            + FORGOTTEN_BYTES * self.forgotten.len()
+            + 4 * self.pages.len()
+            + PAGE_SIZE * i
     }
 }
 
@@ -71,14 +86,20 @@ pub fn encode(
     time_ms: i64,
     checkpoint: Option<Part>,
     applied: &[Applied],
+    forgotten: &[(TimelineId, Lsn)],
     pages: &[(PageIdx, &Page)],
 ) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(HEADER_BYTES + APPLIED_BYTES * applied.len() + (4 + PAGE_SIZE) * pages.len());
+    let mut out = Vec::with_capacity(
+        HEADER_BYTES
+            + APPLIED_BYTES * applied.len()
+            + FORGOTTEN_BYTES * forgotten.len()
+            + (4 + PAGE_SIZE) * pages.len(),
+    );
     out.push(VERSION);
     out.extend_from_slice(&page_count.to_le_bytes());
     out.extend_from_slice(&(applied.len() as u32).to_le_bytes());
     out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(forgotten.len() as u32).to_le_bytes());
     out.extend_from_slice(&time_ms.to_le_bytes());
     let part = checkpoint.map_or((0, 0), |p| (p.index, p.count));
     out.extend_from_slice(&part.0.to_le_bytes());
@@ -87,6 +108,10 @@ pub fn encode(
         out.extend_from_slice(&a.timeline.0);
         out.extend_from_slice(&a.lsn.get().to_le_bytes());
         out.extend_from_slice(&a.time_ms.to_le_bytes());
+    }
+    for (timeline, lsn) in forgotten {
+        out.extend_from_slice(&timeline.0);
+        out.extend_from_slice(&lsn.get().to_le_bytes());
     }
     for (idx, _) in pages {
         out.extend_from_slice(&idx.get().to_le_bytes());
@@ -124,11 +149,13 @@ impl<'a> Reader<'a> {
 pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
     let mut r = Reader { bytes: payload, pos: 0 };
     let version = r.take(1)?[0];
-    if version != VERSION {
-        return Err(EntryError(format!("version {version}, this build reads {VERSION}")));
+    if version != VERSION && version != 2 {
+        return Err(EntryError(format!("version {version}, this build reads 2 and {VERSION}")));
     }
     let page_count = r.u32()?;
     let (n_applied, n_pages) = (r.u32()? as usize, r.u32()? as usize);
+    let n_forgotten = if version == 2 { 0 } else { r.u32()? as usize };
+    let header_bytes = if version == 2 { HEADER_BYTES_V2 } else { HEADER_BYTES };
     let time_ms = r.u64()? as i64;
     let checkpoint = match (r.u32()?, r.u32()?) {
         (0, 0) => None,
@@ -138,11 +165,12 @@ pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
     // Bound the counts by the payload before allocating, so a corrupt count cannot.
     let need = n_applied
         .checked_mul(APPLIED_BYTES)
+        .and_then(|a| n_forgotten.checked_mul(FORGOTTEN_BYTES).and_then(|f| f.checked_add(a)))
         .and_then(|a| n_pages.checked_mul(4 + PAGE_SIZE).and_then(|p| p.checked_add(a)))
-        .and_then(|b| b.checked_add(HEADER_BYTES));
+        .and_then(|b| b.checked_add(header_bytes));
     if need != Some(payload.len()) {
         return Err(EntryError(format!(
-            "{n_applied} mutations and {n_pages} pages do not fit a payload of {} bytes",
+            "{n_applied} mutations, {n_forgotten} forgotten and {n_pages} pages do not fit a payload of {} bytes",
             payload.len()
         )));
     }
@@ -152,6 +180,12 @@ pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
         let lsn = Lsn::new(r.u64()?).ok_or_else(|| EntryError("applied LSN 0".into()))?;
         let time_ms = r.u64()? as i64;
         applied.push(Applied { timeline, lsn, time_ms });
+    }
+    let mut forgotten = Vec::with_capacity(n_forgotten);
+    for _ in 0..n_forgotten {
+        let timeline = TimelineId(r.take(16)?.try_into().expect("BUG: 16 bytes"));
+        let lsn = Lsn::new(r.u64()?).ok_or_else(|| EntryError("forgotten LSN 0".into()))?;
+        forgotten.push((timeline, lsn));
     }
     let mut pages = Vec::with_capacity(n_pages);
     for _ in 0..n_pages {
@@ -163,7 +197,7 @@ pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
         }
         pages.push(idx);
     }
-    Ok(EntryHeader { page_count, time_ms, checkpoint, applied, pages })
+    Ok(EntryHeader { page_count, time_ms, checkpoint, applied, forgotten, pages, header_bytes })
 }
 
 #[cfg(test)]
@@ -177,26 +211,40 @@ mod tests {
         let applied = [Applied { timeline: TimelineId([9; 16]), lsn: Lsn::FIRST, time_ms: -5 }];
         let pages = [(PageIdx::new(1).expect("1"), &p1), (PageIdx::new(3).expect("3"), &p3)];
         let part = Some(Part { index: 2, count: 3 });
-        let bytes = encode(4, 77, part, &applied, &pages);
+        let forgotten = [(TimelineId([8; 16]), Lsn::new(7).expect("7"))];
+        let bytes = encode(4, 77, part, &applied, &forgotten, &pages);
         let h = decode(&bytes).expect("decode");
         assert_eq!((h.page_count, h.time_ms, h.checkpoint), (4, 77, part));
-        assert_eq!(h.applied, applied);
+        assert_eq!((h.applied.as_slice(), h.forgotten.as_slice()), (&applied[..], &forgotten[..]));
         assert_eq!(&bytes[h.page_offset(1)..h.page_offset(2)], &p3[..]);
         for cut in 0..bytes.len() {
             assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
     }
 
+    /// Entries written before the `forgotten` list (version 2) still read, pages and all.
+    #[test]
+    fn version_2_entries_still_decode() {
+        let p1 = [1u8; PAGE_SIZE];
+        let applied = [Applied { timeline: TimelineId([9; 16]), lsn: Lsn::FIRST, time_ms: 5 }];
+        let mut bytes = encode(1, 77, None, &applied, &[], &[(PageIdx::new(1).expect("1"), &p1)]);
+        bytes.drain(13..17);
+        bytes[0] = 2;
+        let h = decode(&bytes).expect("decode");
+        assert_eq!((h.applied.as_slice(), h.forgotten.len()), (&applied[..], 0));
+        assert_eq!(&bytes[h.page_offset(0)..h.page_offset(1)], &p1[..]);
+    }
+
     #[test]
     fn pages_beyond_the_count_or_unsorted_are_rejected() {
         let p = [0u8; PAGE_SIZE];
         let two = PageIdx::new(2).expect("2");
-        assert!(decode(&encode(1, 0, None, &[], &[(two, &p)])).is_err());
-        assert!(decode(&encode(3, 0, None, &[], &[(two, &p), (two, &p)])).is_err());
+        assert!(decode(&encode(1, 0, None, &[], &[], &[(two, &p)])).is_err());
+        assert!(decode(&encode(3, 0, None, &[], &[], &[(two, &p), (two, &p)])).is_err());
         for (index, count) in [(0, 1), (2, 1), (1, 0)] {
-            let mut bytes = encode(3, 0, None, &[], &[(two, &p)]);
-            bytes[21..25].copy_from_slice(&u32::to_le_bytes(index));
-            bytes[25..29].copy_from_slice(&u32::to_le_bytes(count));
+            let mut bytes = encode(3, 0, None, &[], &[], &[(two, &p)]);
+            bytes[25..29].copy_from_slice(&u32::to_le_bytes(index));
+            bytes[29..33].copy_from_slice(&u32::to_le_bytes(count));
             assert!(decode(&bytes).is_err(), "part {index} of {count}");
         }
     }

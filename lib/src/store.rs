@@ -46,6 +46,7 @@ use std::sync::Arc;
 use lru::LruCache;
 use pagesync_journal::{Journal, JournalError, Lsn, LsnRange};
 
+use crate::ids::TimelineId;
 use crate::page::{PAGE_SIZE, Page, PageIdx, ZERO_PAGE};
 use crate::storage::{self, Applied, EntryError};
 
@@ -467,6 +468,7 @@ impl PageStore {
     pub fn commit_overlay(
         &mut self,
         applied: &[Applied],
+        forgotten: &[(TimelineId, Lsn)],
         time_ms: i64,
     ) -> Result<Option<Committed>, StoreError> {
         let mut changed: Vec<(u32, Box<Page>, Arc<Page>)> = Vec::with_capacity(self.overlay.len());
@@ -478,12 +480,13 @@ impl PageStore {
             }
         }
         changed.sort_unstable_by_key(|(i, _, _)| *i);
-        if changed.is_empty() && applied.is_empty() && self.overlay_page_count == self.page_count {
+        let nothing = applied.is_empty() && forgotten.is_empty();
+        if changed.is_empty() && nothing && self.overlay_page_count == self.page_count {
             return Ok(None);
         }
         let pages: Vec<(PageIdx, &Page)> =
             changed.iter().map(|(i, p, _)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
-        let payload = storage::encode(self.overlay_page_count, time_ms, None, applied, &pages);
+        let payload = storage::encode(self.overlay_page_count, time_ms, None, applied, forgotten, &pages);
         let lsn = self.journal.append(&payload)?;
         let header = storage::decode(&payload).expect("BUG: we just encoded it");
         let olds: Vec<&Page> = changed.iter().map(|(_, _, old)| &**old).collect();
@@ -656,7 +659,7 @@ impl PageStore {
             .into_iter()
             .unzip();
         let refs: Vec<(PageIdx, &Page)> = idxs.into_iter().zip(pages.iter().map(|p| &**p)).collect();
-        Ok((storage::encode(self.page_count, time_ms, Some(part), &[], &refs), pages))
+        Ok((storage::encode(self.page_count, time_ms, Some(part), &[], &[], &refs), pages))
     }
 
     /// Removes every entry before `checkpoint` (one of `checkpoints()`), which holds every

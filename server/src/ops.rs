@@ -274,6 +274,6 @@ fn with_current_positions(
         }
     }
     conn.execute_batch("COMMIT").map_err(|x| e(&x))?;
-    patched.store().commit_overlay(&[], now_ms).map_err(|x| e(&x))?;
+    patched.store().commit_overlay(&[], &[], now_ms).map_err(|x| e(&x))?;
     Ok(patched)
 }

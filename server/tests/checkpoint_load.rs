@@ -52,7 +52,9 @@ async fn write_and_confirm(ws: &mut Socket, doc: DocId, lsn: u64, sql: &str) -> 
         let Some(Ok(Ws::Binary(b))) = frame else { continue };
         let Ok(Message::Storage { first: at, entries, .. }) = Message::decode(&b) else { continue };
         let next = Lsn::new(at.get() + entries.len() as u64).expect("lsn");
-        ws.send(Ws::Binary(Message::StorageAck { doc, next }.encode().into())).await.expect("ack");
+        ws.send(Ws::Binary(Message::StorageAck { doc, next, outcomes_through: None }.encode().into()))
+            .await
+            .expect("ack");
         for e in &entries {
             let payload = e.decompress().expect("decompress");
             let header = pagesync::storage::decode(&payload).expect("an entry header");

@@ -177,11 +177,15 @@ async fn hostile_frames_close_only_their_connection() {
     // An acknowledgement past everything is ignored.
     let mut ws = connect(port, "").await;
     send(&mut ws, Message::Subscribe { doc: a, timeline, storage_next: Lsn::FIRST }).await;
-    send(&mut ws, Message::StorageAck { doc: a, next: Lsn::new(u64::MAX).expect("lsn") }).await;
+    send(
+        &mut ws,
+        Message::StorageAck { doc: a, next: Lsn::new(u64::MAX).expect("lsn"), outcomes_through: None },
+    )
+    .await;
     // Frames before Hello close the connection before it takes a slot.
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let (mut early, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
-    send(&mut early, Message::StorageAck { doc: a, next: Lsn::FIRST }).await;
+    send(&mut early, Message::StorageAck { doc: a, next: Lsn::FIRST, outcomes_through: None }).await;
     match next_reply(&mut early).await {
         Some(Message::Error { code, .. }) => assert_eq!(code, codes::NOT_HELLO),
         other => panic!("expected hello_required, got {other:?}"),

@@ -110,7 +110,8 @@ struct Made {
 struct Client {
     session: ClientSession,
     /// Each document's (storage, timeline) journal storage.
-    disks: BTreeMap<DocId, (Disk, Disk)>,
+    /// Per document: storage, timeline, outcomes.
+    disks: BTreeMap<DocId, [Disk; 3]>,
     conn: Option<ConnId>,
     reconnect_at: Option<i64>,
     partitioned_until: i64,
@@ -259,12 +260,12 @@ fn open_server(disks: &BTreeMap<DocId, Disk>, compaction: Option<Compaction>) ->
 }
 
 fn open_client(
-    disks: &BTreeMap<DocId, (Disk, Disk)>,
+    disks: &BTreeMap<DocId, [Disk; 3]>,
     durability: Durability,
 ) -> pagesync::Result<ClientSession> {
     let mut s = ClientSession::new("sim");
-    for (doc, (storage, timeline)) in disks {
-        let mut d = ClientDocument::open(storage.open()?, timeline.open()?)?;
+    for (doc, [storage, timeline, outcomes]) in disks {
+        let mut d = ClientDocument::open_with_outcomes(storage.open()?, timeline.open()?, outcomes.open()?)?;
         d.set_durability(durability)?;
         s.add_document(*doc, d);
     }
@@ -307,7 +308,7 @@ impl Sim {
                             let name = format!("client{c}/{doc}/{what}");
                             Disk::new(kind, JournalId::from_u128(base + n), &name, seed, &faults)
                         };
-                        (*doc, (disk(0, "storage"), disk(1, "timeline")))
+                        (*doc, [disk(0, "storage"), disk(1, "timeline"), disk(2, "outcomes")])
                     })
                     .collect();
                 Client {
@@ -372,8 +373,7 @@ impl Sim {
         self.clients[i].session = ClientSession::new("sim");
         self.clients[i].reopen_at = None;
         if power_cut {
-            let disks: Vec<Disk> =
-                self.clients[i].disks.values().flat_map(|(s, t)| [s.clone(), t.clone()]).collect();
+            let disks: Vec<Disk> = self.clients[i].disks.values().flatten().cloned().collect();
             self.power_cut(&disks);
         }
         self.open_replica(i);
@@ -440,7 +440,7 @@ impl Sim {
     /// After a client's storage failed: a journal that refuses appends until reopened gets the
     /// replica reopened soon (by the app, or the user restarting it).
     fn client_storage_failed(&mut self, i: usize) {
-        let stuck = self.clients[i].disks.values().any(|(s, t)| s.needs_reopen() || t.needs_reopen());
+        let stuck = self.clients[i].disks.values().flatten().any(Disk::needs_reopen);
         if stuck && self.clients[i].reopen_at.is_none() {
             self.clients[i].reopen_at = Some(self.now + 50 + self.rng.below(500) as i64);
         }

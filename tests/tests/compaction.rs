@@ -24,7 +24,7 @@ fn entry(page_count: u32, part: Option<(u32, u32)>, pages: &[(u32, u8)]) -> Vec<
         pages.iter().map(|(i, f)| (PageIdx::new(*i).expect("idx"), page(*f))).collect();
     let refs: Vec<(PageIdx, &Page)> = bodies.iter().map(|(i, p)| (*i, p)).collect();
     let part = part.map(|(index, count)| Part { index, count });
-    storage::encode(page_count, 0, part, &[], &refs)
+    storage::encode(page_count, 0, part, &[], &[], &refs)
 }
 
 fn read_fill(store: &mut PageStore, idx: u32) -> u8 {

@@ -152,7 +152,7 @@ fn assert_replay_is_identical(w: &World, seed: u64) {
         let header = storage::decode(payload).expect("decode");
         let recorded: Vec<_> =
             header.applied.iter().map(|a| (*a, w.sent[&(a.timeline, a.lsn)].clone())).collect();
-        let outcome = replica.replay_step(&recorded, header.time_ms).expect("replay");
+        let outcome = replica.replay_step(&recorded, &header.forgotten, header.time_ms).expect("replay");
         let replayed = replica.read_storage(pagesync::journal::LsnRange::inclusive(outcome.lsn, outcome.lsn));
         assert_eq!(
             replayed.expect("read")[0],

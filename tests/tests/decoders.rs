@@ -56,7 +56,7 @@ fn samples() -> Samples {
         Message::Mutations { doc, timeline, first: lsn, entries: mutations.clone() },
         Message::MutationsAck { doc, timeline, next_expected: lsn, storage_next: lsn },
         Message::Storage { doc, first: lsn, entries: wire.clone() },
-        Message::StorageAck { doc, next: lsn },
+        Message::StorageAck { doc, next: lsn, outcomes_through: Some(lsn) },
         Message::Error { doc: Some(doc), code: "x".into(), message: "y".into() },
     ]
     .iter()

@@ -566,3 +566,81 @@ fn a_document_out_on_a_job_holds_up_no_other() {
     assert_same_pages(&c, &s, slow);
     assert_same_pages(&c, &s, quick);
 }
+
+/// Rejections leave the replicated table once their client copied them into its outcome
+/// journal (`StorageAck`): under a long run of rejections the table stays bounded, the client
+/// still reports every one (after a restart too), and a replay of the storage entries deletes
+/// the same rows.
+#[test]
+fn rejections_are_forgotten_once_their_client_copied_them() {
+    use pagesync_tests::SharedJournal;
+    let doc = DocId::from_u128(19);
+    let mut s = server();
+    let (storage, timeline, outcomes) =
+        (SharedJournal::new(1_000), SharedJournal::new(1_001), SharedJournal::new(1_002));
+    let open = || {
+        ClientDocument::open_with_outcomes(storage.boxed(), timeline.boxed(), outcomes.boxed()).expect("doc")
+    };
+    let mut c = ClientSession::new("");
+    c.add_document(doc, open());
+    s.connect(C);
+    c.connected(0);
+    let mut sent = Vec::new();
+    let mut mutate = |c: &mut ClientSession, sql_text: &str, params: Vec<Value>| {
+        let seed = sent.len() as u64 + 1;
+        let body = sql(sql_text, params);
+        let submitted = c.mutate(doc, body.clone(), T0, seed).expect("mutate");
+        let bytes = pagesync::Mutation { client_time_ms: T0, seed, body }.encode().expect("encode");
+        sent.push((submitted.lsn, bytes));
+        submitted.lsn
+    };
+    mutate(&mut c, "CREATE TABLE t(x INTEGER CHECK (x > 0))", vec![]);
+    exchange(&mut s, &mut c, 0, true);
+    let (rounds, per_round) = (50, 20);
+    let mut most = 0;
+    let mut first_rejected = None;
+    for round in 0..rounds {
+        for i in 0..per_round {
+            let x = if i == 0 { round + 1 } else { 0 };
+            let lsn = mutate(&mut c, "INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]);
+            first_rejected = first_rejected.or((i == 1).then_some(lsn));
+        }
+        exchange(&mut s, &mut c, 0, true);
+        let count: i64 = s
+            .document(doc)
+            .expect("open")
+            .database()
+            .conn()
+            .query_row("SELECT count(*) FROM _pagesync_rejections", [], |r| r.get(0))
+            .expect("count");
+        most = most.max(count);
+    }
+    let rejected = (rounds * (per_round - 1)) as usize;
+    assert!(most <= 2 * per_round, "the table held {most} rejections at once, of {rejected}");
+    let outcomes_now = c.document(doc).expect("open").outcomes().expect("outcomes");
+    assert_eq!(outcomes_now.rejected.len(), rejected);
+    let first = first_rejected.expect("a rejection");
+    let state = c.document(doc).expect("open").state(first).expect("state");
+    assert!(matches!(&state, MutationState::Rejected(r) if r.message.contains("CHECK")), "{state:?}");
+
+    // A restart reads them back from the outcome journal.
+    drop(c);
+    let again = open();
+    assert_eq!(again.outcomes().expect("outcomes"), outcomes_now);
+
+    // A replay of every storage entry deletes the same rows: the same bytes.
+    let server_doc = s.document(doc).expect("open");
+    let entries = server_doc.read_storage(server_doc.storage_range()).expect("read");
+    let bytes_of: std::collections::HashMap<_, _> = sent.into_iter().collect();
+    let mut replica = ServerDocument::open(memory_journal(1_003)).expect("replica");
+    let mut forgetting_entries = 0;
+    for payload in entries.iter().skip(1) {
+        let header = pagesync::storage::decode(payload).expect("decode");
+        forgetting_entries += usize::from(!header.forgotten.is_empty());
+        let recorded: Vec<_> = header.applied.iter().map(|a| (*a, bytes_of[&a.lsn].clone())).collect();
+        let outcome = replica.replay_step(&recorded, &header.forgotten, header.time_ms).expect("replay");
+        let replayed = replica.read_storage(pagesync::journal::LsnRange::inclusive(outcome.lsn, outcome.lsn));
+        assert_eq!(replayed.expect("read")[0], *payload, "entry {} differs on replay", outcome.lsn);
+    }
+    assert!(forgetting_entries >= rounds as usize - 1, "{forgetting_entries} entries forgot rejections");
+}

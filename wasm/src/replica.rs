@@ -39,20 +39,22 @@ fn is_locked(e: &JsValue) -> bool {
 }
 
 /// The journals of a document in OPFS, under `pagesync/<doc id>/`.
-async fn opfs_journals(
-    doc: DocId,
-    timeline_id: JournalId,
-) -> Result<(Box<dyn Journal>, Box<dyn Journal>), JsValue> {
+async fn opfs_journals(doc: DocId, timeline_id: JournalId) -> Result<Journals, JsValue> {
     let dir = doc.to_string();
     let path = ["pagesync", dir.as_str()];
     let storage = opfs::open_pair(&path, "storage").await?;
     let timeline = opfs::open_pair(&path, "timeline").await?;
-    let storage = HandleJournal::open_or_create(storage, doc.journal_id())
-        .map_err(|e| JsValue::from_str(&e.to_string()))?;
-    let timeline = HandleJournal::open_or_create(timeline, timeline_id)
-        .map_err(|e| JsValue::from_str(&e.to_string()))?;
-    Ok((Box::new(storage), Box::new(timeline)))
+    let outcomes = opfs::open_pair(&path, "outcomes").await?;
+    let js = |e: pagesync::journal::JournalError| JsValue::from_str(&e.to_string());
+    let storage = HandleJournal::open_or_create(storage, doc.journal_id()).map_err(js)?;
+    let timeline = HandleJournal::open_or_create(timeline, timeline_id).map_err(js)?;
+    // Named after the timeline actually opened (an existing one keeps its id).
+    let outcomes = HandleJournal::open_or_create(outcomes, timeline.id()).map_err(js)?;
+    Ok((Box::new(storage), Box::new(timeline), Box::new(outcomes)))
 }
+
+/// A replica's storage, timeline and outcome journals.
+type Journals = (Box<dyn Journal>, Box<dyn Journal>, Box<dyn Journal>);
 
 /// One document's local replica and its sync session. See the crate documentation.
 #[wasm_bindgen]
@@ -82,15 +84,18 @@ impl Replica {
         let seed: [u8; 16] =
             timeline_seed.try_into().map_err(|_| JsError::new("timeline_seed must be 16 random bytes"))?;
         let timeline_id = JournalId::from_bytes(seed);
-        let memory = || -> (Box<dyn Journal>, Box<dyn Journal>) {
-            (Box::new(MemoryJournal::new(doc.journal_id())), Box::new(MemoryJournal::new(timeline_id)))
+        let memory = || -> Journals {
+            (
+                Box::new(MemoryJournal::new(doc.journal_id())),
+                Box::new(MemoryJournal::new(timeline_id)),
+                Box::new(MemoryJournal::new(timeline_id)),
+            )
         };
-        let (storage, timeline, storage_kind) = if !persist {
-            let (s, t) = memory();
-            (s, t, "memory")
+        let (journals, storage_kind) = if !persist {
+            (memory(), "memory")
         } else {
             match opfs_journals(doc, timeline_id).await {
-                Ok((s, t)) => (s, t, "opfs"),
+                Ok(journals) => (journals, "opfs"),
                 Err(e) if is_locked(&e) => {
                     return Err(JsError::new(&format!(
                         "document {doc} is open in another tab or worker of this origin (its OPFS files are locked)"
@@ -102,12 +107,12 @@ impl Replica {
                         "pagesync: OPFS is not available ({why}); document {doc} is kept in memory and \
                          unsynced writes are lost on reload"
                     )));
-                    let (s, t) = memory();
-                    (s, t, "memory")
+                    (memory(), "memory")
                 }
             }
         };
-        let replica = ClientDocument::open(storage, timeline).map_err(js_error)?;
+        let (storage, timeline, outcomes) = journals;
+        let replica = ClientDocument::open_with_outcomes(storage, timeline, outcomes).map_err(js_error)?;
         let mut session = ClientSession::new(token);
         session.add_document(doc, replica);
         Ok(Replica { session, doc, storage_kind, version: 0 })

@@ -394,7 +394,8 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     }
     if l.ack_due {
         l.ack_due = false;
-        return Some(Message::StorageAck { doc: id, next: l.doc.storage_range().next() });
+        let (next, outcomes_through) = (l.doc.storage_range().next(), l.doc.outcomes_through());
+        return Some(Message::StorageAck { doc: id, next, outcomes_through });
     }
     if !matches!(l.state, SubState::Live { .. }) {
         return None;

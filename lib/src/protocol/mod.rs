@@ -28,7 +28,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -104,8 +104,9 @@ pub enum Message {
     MutationsAck { doc: DocId, timeline: TimelineId, next_expected: Lsn, storage_next: Lsn },
     /// Server: storage entries `first, first+1, ...` in wire form.
     Storage { doc: DocId, first: Lsn, entries: Vec<WireEntry> },
-    /// Client: it holds storage before `next`.
-    StorageAck { doc: DocId, next: Lsn },
+    /// Client: it holds storage before `next`, and has copied the server's rejections of its
+    /// timeline's mutations through `outcomes_through` (the server may delete those rows).
+    StorageAck { doc: DocId, next: Lsn, outcomes_through: Option<Lsn> },
     /// Either side: something went wrong; `doc` is `None` for the whole connection.
     Error { doc: Option<DocId>, code: String, message: String },
 }

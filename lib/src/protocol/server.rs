@@ -63,6 +63,9 @@ pub type Authenticator = Box<dyn Fn(&str, i64) -> std::result::Result<Grant, Str
 struct Sub {
     /// The storage sent to this subscriber.
     window: SendWindow,
+    /// The timeline its `Subscribe` named: its `StorageAck`s say which of that timeline's
+    /// rejections it has copied.
+    timeline: TimelineId,
     /// Entries up to here go whole: the subscriber restarts at the checkpoint they end, and
     /// holds no pages to apply a delta to.
     full_until: Option<Lsn>,
@@ -647,10 +650,16 @@ impl ServerSession {
                     self.push(conn, ack);
                 }
             }
-            Message::StorageAck { doc, next } => {
-                if let Some(sub) = c.subs.get_mut(&doc) {
-                    // An acknowledgement past what was sent is the peer's mistake: ignored.
-                    sub.window.ack(next.min(sub.window.next));
+            Message::StorageAck { doc, next, outcomes_through } => {
+                let Some(sub) = c.subs.get_mut(&doc) else { return };
+                // An acknowledgement past what was sent is the peer's mistake: ignored.
+                sub.window.ack(next.min(sub.window.next));
+                let timeline = sub.timeline;
+                // A document away misses this one; every acknowledgement says it again.
+                if let (Some(through), Some(d)) =
+                    (outcomes_through, self.docs.get_mut(&doc).and_then(OpenDoc::document_mut))
+                {
+                    d.forget_rejections(timeline, through);
                 }
             }
             Message::Error { .. } => {}
@@ -722,7 +731,7 @@ impl ServerSession {
         // A replica that stopped inside a checkpoint's parts may be restarting at it: the rest
         // of the checkpoint goes whole too (any replica can take a whole entry).
         let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
-        let sub = Sub { window: SendWindow::new(start), full_until, retry_read_at: None };
+        let sub = Sub { window: SendWindow::new(start), timeline, full_until, retry_read_at: None };
         if let Some(c) = self.conns.get_mut(&conn) {
             c.subs.insert(doc, sub);
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
