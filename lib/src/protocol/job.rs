@@ -99,7 +99,8 @@ pub(super) struct Ran {
     /// Each step's outcome and duration.
     pub(super) steps: Vec<(StepOutcome, Option<u64>)>,
     pub(super) failure: Option<Failure>,
-    pub(super) fetched: Fetched,
+    /// What a read ahead found, if the job read.
+    pub(super) fetched: Option<Fetched>,
     pub(super) exported: Option<std::result::Result<Vec<u8>, String>>,
 }
 
@@ -140,8 +141,7 @@ impl DocJob {
                     (Vec::new(), None)
                 };
                 let broken = matches!(failure, Some(Failure::Panicked(_)));
-                let fetched =
-                    fetch.filter(|_| !broken).map(|from| read_ahead(&document, from)).unwrap_or_default();
+                let fetched = fetch.filter(|_| !broken).map(|from| read_ahead(&document, from));
                 let exported = export.then(|| {
                     catch(|| document.export().map_err(|e| e.to_string())).unwrap_or_else(|panic| {
                         Err(format!("exporting {doc} failed with an internal error: {panic}"))

@@ -129,18 +129,21 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    /// Takes what a job read, and drops entries below `keep_from` (every subscriber holds
-    /// them) and, past `MAX_FETCHED_BYTES`, the lowest of the older ones.
-    fn merge(&mut self, fetched: Fetched, keep_from: Option<Lsn>, now_ms: i64) {
-        let fresh_from = fetched.entries.first().map(|(l, _)| *l);
-        for (lsn, e) in fetched.entries {
-            self.bytes += e.data.len();
-            if let Some(old) = self.entries.insert(lsn, e) {
-                self.bytes -= old.data.len();
+    /// Takes what a job read, if it read, and drops entries below `keep_from` (every
+    /// subscriber holds them) and, past `MAX_FETCHED_BYTES`, the lowest of the older ones.
+    fn merge(&mut self, fetched: Option<Fetched>, keep_from: Option<Lsn>, now_ms: i64) {
+        let mut fresh_from = None;
+        if let Some(fetched) = fetched {
+            fresh_from = fetched.entries.first().map(|(l, _)| *l);
+            for (lsn, e) in fetched.entries {
+                self.bytes += e.data.len();
+                if let Some(old) = self.entries.insert(lsn, e) {
+                    self.bytes -= old.data.len();
+                }
             }
+            self.retry_at = fetched.error.as_ref().map(|_| now_ms + RETRANSMIT_MS);
+            self.error = fetched.error;
         }
-        self.retry_at = fetched.error.as_ref().map(|_| now_ms + RETRANSMIT_MS);
-        self.error = fetched.error;
         let Some(keep_from) = keep_from else {
             self.clear();
             return;
@@ -1173,7 +1176,7 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
         let e = match recent.or_else(|| open.ahead.entries.get(&lsn)) {
             Some(e) => e.clone(),
             None if here && open.ahead.error.is_none() => {
-                open.ahead.merge(super::job::read_ahead(d, lsn), Some(lsn), now_ms);
+                open.ahead.merge(Some(super::job::read_ahead(d, lsn)), Some(lsn), now_ms);
                 continue;
             }
             None => {
