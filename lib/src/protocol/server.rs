@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
-use pagesync_journal::Lsn;
+use pagesync_journal::{Lsn, LsnRange};
 
 use super::job::{
     DocJob, Exists, Failure, Fetched, JobDone, OpenFailure, Opener, Outcome, Ran, SharedClock, Work,
@@ -89,10 +89,10 @@ struct OpenDoc {
     shrunk_at: Option<i64>,
     /// Its journal refused writes until reopened: the next job opens it again first.
     reopen: bool,
-    /// The storage LSN it writes next, as of its last step: only steps write storage, so a
-    /// subscriber at or past it has nothing to be sent, known without asking the store (a
-    /// lock and a journal call, for every subscription on every `poll_transmit`).
-    head: Lsn,
+    /// Its storage range as of its last job: only jobs write or trim storage, so what there is
+    /// to send is known without asking the store (a lock and a journal call, for every
+    /// subscription on every `poll_transmit`).
+    stored: LsnRange,
     /// Entries read ahead for subscribers behind the recent ones, and what to read next.
     ahead: ReadAhead,
     /// An export was asked for (`request_export`): the next job does it.
@@ -171,12 +171,12 @@ impl ReadAhead {
 
 impl OpenDoc {
     fn new(held: Held, now_ms: i64) -> OpenDoc {
-        let head = match &held {
-            Held::Here(d) => d.storage_range().next(),
-            _ => Lsn::FIRST,
+        let stored = match &held {
+            Held::Here(d) => d.storage_range(),
+            _ => LsnRange::new_empty(),
         };
         OpenDoc {
-            head,
+            stored,
             held,
             queued_since: None,
             retry_at: None,
@@ -837,7 +837,7 @@ impl ServerSession {
         let Some(open) = self.docs.get_mut(&doc) else { return };
         open.retry_at = None;
         if let Some(d) = open.document() {
-            open.head = d.storage_range().next();
+            open.stored = d.storage_range();
         }
         match failed {
             // A backlog stays due: it steps again on the next turn.
@@ -921,7 +921,7 @@ impl ServerSession {
         let deferred = match outcome {
             Outcome::Opened(Ok(document)) => {
                 self.stats.documents_opened += 1;
-                open.head = document.storage_range().next();
+                open.stored = document.storage_range();
                 let Held::Opening { deferred, .. } = std::mem::replace(&mut open.held, Held::Here(document))
                 else {
                     panic!("BUG: an open came back for {doc}, which was not opening")
@@ -945,8 +945,14 @@ impl ServerSession {
     /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
     fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
         let Ran { document, reopened, steps, failure, fetched, exported } = ran;
-        let keep_from = self.conns.values().filter_map(|c| c.subs.get(&doc)).map(|s| s.window.acked).min();
         let open = self.docs.get_mut(&doc).expect("BUG: checked by the caller");
+        // What its subscribers hold, looked up only when something was read ahead (a walk over
+        // every connection).
+        let keep_from = if fetched.is_some() || !open.ahead.entries.is_empty() {
+            self.conns.values().filter_map(|c| c.subs.get(&doc)).map(|s| s.window.acked).min()
+        } else {
+            None
+        };
         let Held::Out(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
             panic!("BUG: a job came back for {doc}, which was not out on one")
         };
@@ -1133,7 +1139,7 @@ impl ServerSession {
         }
         for doc in round_robin(c.subs.keys().copied(), c.cursor) {
             let (Some(open), Some(sub)) = (self.docs.get_mut(&doc), c.subs.get_mut(&doc)) else { continue };
-            if sub.window.next >= open.head || open.is_away() {
+            if sub.window.next >= open.stored.next() || open.is_away() {
                 continue;
             }
             if let Some(msg) = storage_batch(doc, open, sub, now_ms, here) {
@@ -1150,13 +1156,18 @@ impl ServerSession {
 /// job (`ReadAhead::want`), or, with `here` (no external jobs), read at once.
 fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, here: bool) -> Option<Message> {
     let Held::Here(d) = &open.held else { return None };
-    let avail = d.storage_range();
-    let window = sub.window.room(DOC_WINDOW_BYTES);
+    let (avail, window) = (open.stored, sub.window.room(DOC_WINDOW_BYTES));
     if sub.retry_read_at.is_some_and(|t| now_ms < t) {
         return None;
     }
     sub.retry_read_at = None;
     if sub.window.next >= avail.next() || window == 0 {
+        return None;
+    }
+    // A read is already asked for the entry it needs next: nothing to do until it is back.
+    let next = sub.window.next.max(avail.first());
+    let in_memory = d.recent_wire(next).is_some() || open.ahead.entries.contains_key(&next);
+    if !in_memory && open.ahead.want.is_some_and(|w| w <= next) {
         return None;
     }
     if sub.window.next < avail.first() {
