@@ -72,6 +72,32 @@ struct Sub {
     /// After a storage read failed (and the subscriber was told): no retry before this, so a
     /// persistent read error costs one attempt per `RETRANSMIT_MS`, not a busy loop.
     retry_read_at: Option<i64>,
+    /// The deadline it has in `ServerSession::timers`: the earlier of its resend and its read
+    /// retry.
+    timer: Option<i64>,
+}
+
+impl Sub {
+    /// Brings its entry in `timers` up to date with its window and read retry.
+    fn rearm(&mut self, timers: &mut BTreeSet<(i64, ConnId, DocId)>, conn: ConnId, doc: DocId) {
+        let due = [self.window.resend_at(), self.retry_read_at].into_iter().flatten().min();
+        if due != self.timer {
+            if let Some(t) = self.timer {
+                timers.remove(&(t, conn, doc));
+            }
+            if let Some(t) = due {
+                timers.insert((t, conn, doc));
+            }
+            self.timer = due;
+        }
+    }
+
+    /// Takes its entry out of `timers` (it is going away).
+    fn disarm(&mut self, timers: &mut BTreeSet<(i64, ConnId, DocId)>, conn: ConnId, doc: DocId) {
+        if let Some(t) = self.timer.take() {
+            timers.remove(&(t, conn, doc));
+        }
+    }
 }
 
 /// An open document and its schedule: everything the session keeps per document, so that
@@ -97,6 +123,8 @@ struct OpenDoc {
     ahead: ReadAhead,
     /// An export was asked for (`request_export`): the next job does it.
     export: bool,
+    /// The connections subscribed to it: those to look at when its storage changes.
+    subscribers: BTreeSet<ConnId>,
 }
 
 /// Where an open document is.
@@ -185,6 +213,7 @@ impl OpenDoc {
             reopen: false,
             ahead: ReadAhead::default(),
             export: false,
+            subscribers: BTreeSet::new(),
         }
     }
 
@@ -395,6 +424,22 @@ pub struct ServerSession {
     deferred_bytes: usize,
     /// Finished exports, for `poll_export`.
     exported: VecDeque<(DocId, std::result::Result<Vec<u8>, String>)>,
+    /// Documents that may have a job due (being opened, queued mutations, a read asked for,
+    /// an export, a retry): `poll_job` and `poll_timeout` look only at these, so their cost
+    /// follows the busy documents, not the open ones. Pruned by `handle_timeout`.
+    active: BTreeSet<DocId>,
+    /// Connections that may have something to send: `poll_transmit` looks only at these and
+    /// drops each it finds with nothing. Whatever may give a connection something to send
+    /// (a message from it, a job done on a document it subscribes to, a rewind, a drained
+    /// backlog) puts it back. Once a second every connection is put back, a backstop.
+    ready: BTreeSet<ConnId>,
+    /// Each subscription's next resend or read retry, earliest first: `handle_timeout` takes
+    /// only those that are due. A connection with unwritten bytes resends nothing: its due
+    /// timers wait in `held` until its backlog drains.
+    timers: BTreeSet<(i64, ConnId, DocId)>,
+    held: BTreeSet<ConnId>,
+    /// Documents being opened whose open job has not gone out yet.
+    to_open: BTreeSet<DocId>,
 }
 
 /// Messages for a document that is away (opening, or out on a job), handled when it is back.
@@ -450,6 +495,11 @@ impl ServerSession {
             jobs_out: 0,
             deferred_bytes: 0,
             exported: VecDeque::new(),
+            active: BTreeSet::new(),
+            ready: BTreeSet::new(),
+            timers: BTreeSet::new(),
+            held: BTreeSet::new(),
+            to_open: BTreeSet::new(),
         }
     }
 
@@ -496,10 +546,19 @@ impl ServerSession {
 
     pub fn connect(&mut self, conn: ConnId) {
         self.conns.insert(conn, Conn::default());
+        self.ready.insert(conn);
     }
 
     pub fn disconnect(&mut self, conn: ConnId) {
-        self.conns.remove(&conn);
+        let Some(mut c) = self.conns.remove(&conn) else { return };
+        for (doc, sub) in &mut c.subs {
+            sub.disarm(&mut self.timers, conn, *doc);
+            if let Some(open) = self.docs.get_mut(doc) {
+                open.subscribers.remove(&conn);
+            }
+        }
+        self.ready.remove(&conn);
+        self.held.remove(&conn);
     }
 
     /// True once the connection had a fatal error and its outbox is empty: close it.
@@ -512,10 +571,15 @@ impl ServerSession {
     /// is closed.
     pub fn set_send_backlog(&mut self, conn: ConnId, bytes: usize) {
         let now = self.now_ms;
+        if bytes == 0 && self.held.remove(&conn) {
+            // Its resends were held back while bytes waited.
+            self.resend(conn, now);
+        }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.backlog_bytes = bytes;
             if bytes <= MAX_SEND_BACKLOG_BYTES {
                 c.blocked_since_ms = None;
+                self.ready.insert(conn);
             } else if c.blocked_since_ms.is_none() {
                 c.blocked_since_ms = Some(now);
             }
@@ -531,12 +595,15 @@ impl ServerSession {
     /// needed, never created); the result comes from `poll_export`.
     pub fn request_export(&mut self, doc: DocId) {
         let now = self.now_ms;
+        let to_open = &mut self.to_open;
         let open = self.docs.entry(doc).or_insert_with(|| {
+            to_open.insert(doc);
             let held = Held::Opening { deferred: Deferred::default(), create: false, out: false };
             OpenDoc::new(held, now)
         });
         open.export = true;
         open.last_used = now;
+        self.active.insert(doc);
         self.run_here(doc);
     }
 
@@ -575,11 +642,17 @@ impl ServerSession {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.outbox.push_back(msg);
             c.closing = true;
+            self.ready.insert(conn);
         }
     }
 
     pub fn handle_message(&mut self, conn: ConnId, now_ms: i64, msg: Message) {
         self.now_ms = self.now_ms.max(now_ms);
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        // A reply, or room in a window: it may have something to send.
+        self.ready.insert(conn);
         let Some(c) = self.conns.get_mut(&conn) else { return };
         if c.closing {
             return;
@@ -643,6 +716,7 @@ impl ServerSession {
                     let storage_next = d.storage_range().next();
                     if d.queued() > 0 {
                         open.queued_since.get_or_insert(now_ms);
+                        self.active.insert(doc);
                     }
                     let ack = Message::MutationsAck {
                         doc,
@@ -657,6 +731,8 @@ impl ServerSession {
                 let Some(sub) = c.subs.get_mut(&doc) else { return };
                 // An acknowledgement past what was sent is the peer's mistake: ignored.
                 sub.window.ack(next.min(sub.window.next));
+                // Progress ends the resend backoff: what is left may be due sooner.
+                sub.rearm(&mut self.timers, conn, doc);
                 let timeline = sub.timeline;
                 // A document away misses this one; every acknowledgement says it again.
                 if let (Some(through), Some(d)) =
@@ -698,6 +774,8 @@ impl ServerSession {
         }
         let held = Held::Opening { deferred: Deferred::default(), create, out: false };
         self.docs.insert(doc, OpenDoc::new(held, now_ms));
+        self.active.insert(doc);
+        self.to_open.insert(doc);
         self.defer(conn, now_ms, msg);
         self.run_here(doc);
     }
@@ -734,20 +812,28 @@ impl ServerSession {
         // A replica that stopped inside a checkpoint's parts may be restarting at it: the rest
         // of the checkpoint goes whole too (any replica can take a whole entry).
         let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
-        let sub = Sub { window: SendWindow::new(start), timeline, full_until, retry_read_at: None };
+        let sub =
+            Sub { window: SendWindow::new(start), timeline, full_until, retry_read_at: None, timer: None };
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.subs.insert(doc, sub);
+            if let Some(mut old) = c.subs.insert(doc, sub) {
+                old.disarm(&mut self.timers, conn, doc);
+            }
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
+            if let Some(open) = self.docs.get_mut(&doc) {
+                open.subscribers.insert(conn);
+            }
         }
     }
 
     /// Documents with a job due at `now`.
     fn due(&self) -> impl Iterator<Item = DocId> + '_ {
         let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
-        self.docs
+        self.active
             .iter()
-            .filter(move |(_, o)| o.job_due(interval, now).is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
+            .filter(move |id| {
+                self.docs.get(id).and_then(|o| o.job_due(interval, now)).is_some_and(|t| t <= now)
+            })
+            .copied()
     }
 
     /// Without external jobs: runs the jobs that are due, one per document, here and now.
@@ -780,31 +866,53 @@ impl ServerSession {
         let now = self.now_ms;
         self.run_jobs_here();
         self.close_idle();
-        for c in self.conns.values_mut() {
-            // Data still in the driver's queue is not lost: resending it would only queue a
-            // second copy behind the first.
-            if c.backlog_bytes > 0 {
-                continue;
+        while let Some(&(t, conn, doc)) = self.timers.first().filter(|(t, _, _)| *t <= now) {
+            let backlog = self.conns.get(&conn).map(|c| c.backlog_bytes);
+            if backlog.is_some_and(|b| b == 0) {
+                // Every due timer of the connection at once.
+                self.resend(conn, now);
+            } else if backlog.is_some() {
+                // Data still in the driver's queue is not lost: resending it would only queue
+                // a second copy behind the first. Its resends wait until it drains.
+                self.held.insert(conn);
             }
-            for sub in c.subs.values_mut() {
-                sub.window.rewind_if_due(now);
-                sub.retry_read_at = sub.retry_read_at.filter(|t| now < *t);
+            // Each pass takes this timer out, whatever else it did.
+            if self.timers.remove(&(t, conn, doc))
+                && let Some(sub) = self.conns.get_mut(&conn).and_then(|c| c.subs.get_mut(&doc))
+            {
+                sub.timer = None;
             }
         }
         self.close_slow_readers();
     }
 
+    /// Rewinds `conn`'s windows whose batches went unacknowledged too long and ends its read
+    /// retries that are over; re-arms their timers.
+    fn resend(&mut self, conn: ConnId, now: i64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        for (doc, sub) in &mut c.subs {
+            let (before, retry) = (sub.window.next, sub.retry_read_at);
+            sub.window.rewind_if_due(now);
+            sub.retry_read_at = sub.retry_read_at.filter(|t| now < *t);
+            if sub.window.next != before || sub.retry_read_at != retry {
+                self.ready.insert(conn);
+            }
+            sub.rearm(&mut self.timers, conn, *doc);
+        }
+    }
+
     /// Closes connections whose peer stopped reading: blocked on their backlog for
     /// `SLOW_READER_CLOSE_MS`, or with `MAX_OUTBOX_MESSAGES` unsent.
     fn close_slow_readers(&mut self) {
-        let now = self.now_ms;
-        for c in self.conns.values_mut().filter(|c| !c.closing) {
+        let (now, ready) = (self.now_ms, &mut self.ready);
+        for (id, c) in self.conns.iter_mut().filter(|(_, c)| !c.closing) {
             let blocked = c.blocked_since_ms.is_some_and(|t| now >= t + SLOW_READER_CLOSE_MS);
             if blocked || c.outbox.len() >= MAX_OUTBOX_MESSAGES {
                 c.outbox.clear();
                 let text = "the connection is closed: the client stopped reading what the server sends";
                 c.outbox.push_back(error(None, codes::SLOW_READER, text));
                 c.closing = true;
+                ready.insert(*id);
             }
         }
     }
@@ -816,9 +924,11 @@ impl ServerSession {
         self.docs.remove(&doc);
         let text =
             format!("the server closed document {doc} after an internal error; subscribe again: {why}");
-        for c in self.conns.values_mut() {
-            if c.subs.remove(&doc).is_some() {
+        for (id, c) in &mut self.conns {
+            if let Some(mut sub) = c.subs.remove(&doc) {
+                sub.disarm(&mut self.timers, *id, doc);
                 c.outbox.push_back(error(Some(doc), codes::INTERNAL, text.clone()));
+                self.ready.insert(*id);
             }
         }
         self.event(Event::DocumentFailed { doc, error: why });
@@ -850,8 +960,9 @@ impl ServerSession {
                 self.stats.steps_failed += 1;
                 self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
                 let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
-                for c in self.conns.values_mut().filter(|c| c.subs.contains_key(&doc)) {
+                for (id, c) in self.conns.iter_mut().filter(|(_, c)| c.subs.contains_key(&doc)) {
                     c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
+                    self.ready.insert(*id);
                 }
             }
         }
@@ -867,8 +978,11 @@ impl ServerSession {
             return None;
         }
         // Opens first: a client waits on each, and they are cheap next to a step.
-        let opening = self.docs.iter().find(|(_, o)| matches!(o.held, Held::Opening { out: false, .. }));
-        let doc = opening.map(|(id, _)| *id).or_else(|| self.due().next())?;
+        let (to_open, docs) = (&mut self.to_open, &self.docs);
+        let waiting =
+            |d: &DocId| matches!(docs.get(d).map(|o| &o.held), Some(Held::Opening { out: false, .. }));
+        let opening = std::iter::from_fn(|| to_open.pop_first()).find(waiting);
+        let doc = opening.or_else(|| self.due().next())?;
         Some(self.take_job(doc))
     }
 
@@ -881,6 +995,7 @@ impl ServerSession {
             Held::Opening { out, create, .. } => {
                 assert!(!*out, "BUG: an open handed out twice");
                 *out = true;
+                self.to_open.remove(&doc);
                 Work::Open { opener: self.opener.clone(), exists: self.exists.clone(), create: *create }
             }
             Held::Here(_) => {
@@ -940,6 +1055,11 @@ impl ServerSession {
         for (conn, at, msg) in deferred.messages {
             self.handle_message(conn, at, msg);
         }
+        // Its storage or schedule changed: its subscribers and its next job are worth a look.
+        if let Some(open) = self.docs.get(&doc) {
+            self.ready.extend(open.subscribers.iter().copied());
+            self.active.insert(doc);
+        }
     }
 
     /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
@@ -996,6 +1116,7 @@ impl ServerSession {
                 self.handle_message(conn, at, msg);
             } else {
                 c.outbox.push_back(error(Some(doc), code, text.clone()));
+                self.ready.insert(conn);
             }
         }
     }
@@ -1066,6 +1187,10 @@ impl ServerSession {
             return;
         }
         self.next_idle_sweep_ms = self.now_ms + 1_000;
+        self.ready.extend(self.conns.keys().copied());
+        let (interval, now, docs) = (self.options.commit_interval_ms, self.now_ms, &self.docs);
+        self.active
+            .retain(|id| docs.get(id).is_some_and(|o| o.is_away() || o.job_due(interval, now).is_some()));
         self.shrink_idle();
         let Some(idle_ms) = self.options.idle_close_ms else { return };
         let subscribed: HashSet<DocId> = self.conns.values().flat_map(|c| c.subs.keys().copied()).collect();
@@ -1103,24 +1228,33 @@ impl ServerSession {
         // which the driver is woken for): no job deadline until then.
         let full = self.external_jobs && self.jobs_out >= self.options.step_threads;
         let (interval, now) = (self.options.commit_interval_ms, self.now_ms);
-        let steps = self.docs.values().filter(|_| !full).filter_map(|o| o.job_due(interval, now));
-        // A connection with unwritten bytes resends nothing (see `handle_timeout`); the driver
-        // says when it drains.
-        let subs = self.conns.values().filter(|c| c.backlog_bytes == 0).flat_map(|c| c.subs.values());
-        let resends = subs.flat_map(|s| [s.window.resend_at(), s.retry_read_at]).flatten();
+        // The earliest job, stopping at the first that is due now (under load, the first).
+        let mut steps: Option<i64> = None;
+        if !full {
+            for o in self.active.iter().filter_map(|id| self.docs.get(id)) {
+                if let Some(t) = o.job_due(interval, now) {
+                    steps = Some(steps.map_or(t, |s| s.min(t)));
+                    if t <= now {
+                        break;
+                    }
+                }
+            }
+        }
+        let resends = self.timers.first().map(|(t, _, _)| *t);
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
-        steps.chain(resends).chain(blocked).min()
+        steps.into_iter().chain(resends).chain(blocked).min()
     }
 
     /// The next message to send, and its connection. Fair: round-robin over connections, and
     /// over documents within a connection.
     pub fn poll_transmit(&mut self) -> Option<(ConnId, Message)> {
-        for id in round_robin(self.conns.keys().copied(), self.cursor) {
+        for id in round_robin(self.ready.iter().copied(), self.cursor) {
             if let Some(msg) = self.next_for(id) {
                 self.cursor = Some(id);
                 return Some((id, msg));
             }
+            self.ready.remove(&id);
         }
         None
     }
@@ -1142,7 +1276,12 @@ impl ServerSession {
             if sub.window.next >= open.stored.next() || open.is_away() {
                 continue;
             }
-            if let Some(msg) = storage_batch(doc, open, sub, now_ms, here) {
+            let msg = storage_batch(doc, open, sub, now_ms, here);
+            if open.ahead.want.is_some() {
+                self.active.insert(doc);
+            }
+            if let Some(msg) = msg {
+                sub.rearm(&mut self.timers, id, doc);
                 c.cursor = Some(doc);
                 return Some(msg);
             }
