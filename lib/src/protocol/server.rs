@@ -269,6 +269,7 @@ impl OpenDoc {
         [self.step_due(commit_interval_ms, now_ms), read, export].into_iter().flatten().min()
     }
 }
+
 #[derive(Debug, Default)]
 struct Conn {
     hello: bool,
@@ -426,7 +427,7 @@ pub struct ServerSession {
     exported: VecDeque<(DocId, std::result::Result<Vec<u8>, String>)>,
     /// Documents that may have a job due (being opened, queued mutations, a read asked for,
     /// an export, a retry): `poll_job` and `poll_timeout` look only at these, so their cost
-    /// follows the busy documents, not the open ones. Pruned by `handle_timeout`.
+    /// follows the busy documents, not the open ones. Pruned once a second (`close_idle`).
     active: BTreeSet<DocId>,
     /// Connections that may have something to send: `poll_transmit` looks only at these and
     /// drops each it finds with nothing. Whatever may give a connection something to send
@@ -689,6 +690,13 @@ impl ServerSession {
                 let text = format!("your token is read-only: writes to {doc} are refused");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
+            // Refused before anything is opened or deferred for it.
+            Message::Mutations { first, ref entries, .. }
+                if first.get().checked_add(entries.len() as u64).is_none_or(|end| end == u64::MAX) =>
+            {
+                let text = format!("{} entries from LSN {first} run past the LSN space", entries.len());
+                self.fail(conn, error(msg.doc(), codes::MALFORMED, text));
+            }
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
                 if !self.docs.contains_key(&doc) =>
             {
@@ -699,12 +707,6 @@ impl ServerSession {
                 if self.docs.get(&doc).is_some_and(OpenDoc::is_away) =>
             {
                 self.defer(conn, now_ms, msg)
-            }
-            Message::Mutations { first, ref entries, .. }
-                if first.get().checked_add(entries.len() as u64).is_none_or(|end| end == u64::MAX) =>
-            {
-                let text = format!("{} entries from LSN {first} run past the LSN space", entries.len());
-                self.fail(conn, error(msg.doc(), codes::MALFORMED, text));
             }
             Message::Subscribe { doc, timeline, storage_next } => {
                 self.subscribe(conn, doc, timeline, storage_next)
