@@ -136,6 +136,8 @@ pub struct StepOutcome {
     pub rejected: usize,
     /// The rejected mutations, with why.
     pub rejections: Vec<Rejected>,
+    /// Timelines whose rejections the step deleted (their clients had copied them).
+    pub forgotten: usize,
 }
 
 /// A mutation a step rejected.
@@ -712,7 +714,8 @@ impl<R: Reducer> ServerDocument<R> {
         let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
         remember(&mut self.recent, committed);
         let rejected = rejections.len();
-        Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections }, applied.len()))
+        let forgotten = forget.len();
+        Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections, forgotten }, applied.len()))
     }
 
     /// Deletes each timeline's rejections through the LSN given.

@@ -252,6 +252,16 @@ impl Metrics {
                 s.documents_failed,
             ),
             (
+                "pagesync_rejections_forgotten_total",
+                "Timelines whose rejections a step deleted once their clients had copied them",
+                s.rejections_forgotten,
+            ),
+            (
+                "pagesync_storage_reads_total",
+                "Jobs that read storage entries ahead for subscribers behind the recent ones",
+                s.storage_reads,
+            ),
+            (
                 "pagesync_documents_reopened_total",
                 "Documents opened again from their journal after it refused writes (a failed fsync, a write whose outcome was unknown)",
                 s.documents_reopened,

@@ -224,6 +224,9 @@ stats! {
     reopens,
     /// Transfers whose `mutate` failed, and which applied all the same (once).
     unsure_applied,
+    /// Storage entries (still in the history at the end) that deleted rejections their
+    /// clients had copied.
+    forgetting_entries,
 }
 
 impl std::fmt::Debug for Sim {
@@ -867,6 +870,13 @@ impl Sim {
                 if !crate::integrity_ok(d.database()) {
                     self.fail(format!("client {i} integrity_check failed on {doc}"));
                 }
+            }
+            let history = server.read_storage(server.storage_range());
+            let history = history.unwrap_or_else(|e| self.fail(format!("reading {doc}'s storage: {e}")));
+            for payload in &history {
+                let header = pagesync::storage::decode(payload);
+                let header = header.unwrap_or_else(|e| self.fail(format!("an entry of {doc}: {e}")));
+                self.stats.forgetting_entries += u64::from(!header.forgotten.is_empty());
             }
             let (confirmed, rejected) = self.check_bank(*doc, server);
             self.stats.confirmed_transfers += confirmed;

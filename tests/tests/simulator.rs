@@ -43,6 +43,7 @@ fn run_shard(shard: u64) {
         assert!(stats.deferred_frames > 0, "no frame waited for a step: {stats:?}");
         assert!(stats.step_failures > 0 && stats.local_write_failures > 0, "{stats:?}");
         assert!(stats.client_apply_failures > 0 && stats.reopens > 0, "{stats:?}");
+        assert!(stats.forgetting_entries > 0, "no step forgot copied rejections: {stats:?}");
     }
 }
 

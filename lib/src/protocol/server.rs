@@ -381,11 +381,16 @@ pub struct SessionStats {
     /// kept when the session has a clock (`with_clock`).
     pub step_micros: [u64; STEP_MICROS_BUCKETS.len() + 1],
     pub step_micros_sum: u64,
+    /// Timelines whose rejections a step deleted once their clients had copied them.
+    pub rejections_forgotten: u64,
+    /// Jobs that read storage entries ahead for subscribers.
+    pub storage_reads: u64,
 }
 
 impl SessionStats {
     fn record(&mut self, outcome: &StepOutcome, micros: Option<u64>) {
         self.steps += 1;
+        self.rejections_forgotten += outcome.forgotten as u64;
         self.mutations_applied += (outcome.applied - outcome.rejected) as u64;
         self.mutations_rejected += outcome.rejected as u64;
         for r in &outcome.rejections {
@@ -1078,6 +1083,7 @@ impl ServerSession {
         let Held::Out(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
             panic!("BUG: a job came back for {doc}, which was not out on one")
         };
+        self.stats.storage_reads += u64::from(fetched.is_some());
         open.ahead.merge(fetched, keep_from, self.now_ms);
         self.stats.documents_reopened += u64::from(reopened);
         if let Some(e) = exported {
