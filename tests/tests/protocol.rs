@@ -644,3 +644,31 @@ fn rejections_are_forgotten_once_their_client_copied_them() {
     }
     assert!(forgetting_entries >= rounds as usize - 1, "{forgetting_entries} entries forgot rejections");
 }
+
+/// A connection with unwritten bytes resends nothing and asks for no wake-up on its account
+/// (no busy loop); once its backlog drains, what went unacknowledged is sent again.
+#[test]
+fn resends_wait_for_a_backlog_to_drain() {
+    let doc = DocId::from_u128(20);
+    let journal = pagesync_tests::SharedJournal::new(1_100);
+    history(&journal, 3);
+    let mut s = server_over(&journal);
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    while let Some(m) = c.poll_transmit() {
+        s.handle_frame(C, 0, &m.encode());
+    }
+    let first: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).collect();
+    assert!(first.iter().any(|m| matches!(m, Message::Storage { .. })), "{first:?}");
+    // Nothing is acknowledged, and the driver still holds some of it.
+    s.set_send_backlog(C, 1_000);
+    let due = s.poll_timeout().expect("a resend is scheduled");
+    s.handle_timeout(due);
+    assert!(s.poll_transmit().is_none(), "a resend went out behind unwritten bytes");
+    assert!(s.poll_timeout().is_none_or(|t| t > due), "a wake-up at once: a busy loop");
+    // Drained: the unacknowledged storage goes again.
+    s.set_send_backlog(C, 0);
+    let again: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).collect();
+    assert!(again.iter().any(|m| matches!(m, Message::Storage { .. })), "{again:?}");
+}
