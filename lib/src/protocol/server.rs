@@ -15,7 +15,7 @@
 //! session itself does no I/O: `poll_transmit` sends entries from memory (the recent entries a
 //! document keeps, and those a job read ahead), and asks for a job when it needs more.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use pagesync_journal::{Lsn, LsnRange};
 
@@ -123,7 +123,8 @@ struct OpenDoc {
     ahead: ReadAhead,
     /// An export was asked for (`request_export`): the next job does it.
     export: bool,
-    /// The connections subscribed to it: those to look at when its storage changes.
+    /// The connections subscribed to it (exactly those whose `subs` name it): those to look at
+    /// when its storage changes, it fails, or it could close.
     subscribers: BTreeSet<ConnId>,
 }
 
@@ -928,14 +929,15 @@ impl ServerSession {
     /// its journal (the last durable state) on next use. The others carry on.
     fn close_broken(&mut self, doc: DocId, why: String) {
         self.stats.documents_failed += 1;
-        self.docs.remove(&doc);
+        let subscribers = self.docs.remove(&doc).map(|o| o.subscribers).unwrap_or_default();
         let text =
             format!("the server closed document {doc} after an internal error; subscribe again: {why}");
-        for (id, c) in &mut self.conns {
+        for id in subscribers {
+            let Some(c) = self.conns.get_mut(&id) else { continue };
             if let Some(mut sub) = c.subs.remove(&doc) {
-                sub.disarm(&mut self.timers, *id, doc);
+                sub.disarm(&mut self.timers, id, doc);
                 c.outbox.push_back(error(Some(doc), codes::INTERNAL, text.clone()));
-                self.ready.insert(*id);
+                self.ready.insert(id);
             }
         }
         self.event(Event::DocumentFailed { doc, error: why });
@@ -964,13 +966,15 @@ impl ServerSession {
             Some(Failure::Error { why, reopen }) => {
                 open.retry_at = Some(now + STEP_RETRY_MS);
                 open.reopen = reopen;
-                self.stats.steps_failed += 1;
-                self.event(Event::StepFailed { doc, error: why.clone(), retry_in_ms: STEP_RETRY_MS });
                 let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
-                for (id, c) in self.conns.iter_mut().filter(|(_, c)| c.subs.contains_key(&doc)) {
-                    c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
-                    self.ready.insert(*id);
+                for id in &open.subscribers {
+                    if let Some(c) = self.conns.get_mut(id) {
+                        c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
+                        self.ready.insert(*id);
+                    }
                 }
+                self.stats.steps_failed += 1;
+                self.event(Event::StepFailed { doc, error: why, retry_in_ms: STEP_RETRY_MS });
             }
         }
     }
@@ -1073,13 +1077,9 @@ impl ServerSession {
     fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
         let Ran { document, reopened, steps, failure, fetched, exported } = ran;
         let open = self.docs.get_mut(&doc).expect("BUG: checked by the caller");
-        // What its subscribers hold, looked up only when something was read ahead (a walk over
-        // every connection).
-        let keep_from = if fetched.is_some() || !open.ahead.entries.is_empty() {
-            self.conns.values().filter_map(|c| c.subs.get(&doc)).map(|s| s.window.acked).min()
-        } else {
-            None
-        };
+        // What every subscriber holds: read-ahead below it is no longer needed.
+        let subs = open.subscribers.iter().filter_map(|id| self.conns.get(id)?.subs.get(&doc));
+        let keep_from = subs.map(|s| s.window.acked).min();
         let Held::Out(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
             panic!("BUG: a job came back for {doc}, which was not out on one")
         };
@@ -1201,13 +1201,12 @@ impl ServerSession {
             .retain(|id| docs.get(id).is_some_and(|o| o.is_away() || o.job_due(interval, now).is_some()));
         self.shrink_idle();
         let Some(idle_ms) = self.options.idle_close_ms else { return };
-        let subscribed: HashSet<DocId> = self.conns.values().flat_map(|c| c.subs.keys().copied()).collect();
         let now = self.now_ms;
         let before = self.docs.len();
-        self.docs.retain(|id, o| {
+        self.docs.retain(|_, o| {
             let idle =
                 o.document().is_some_and(|d| d.queued() == 0) && !o.export && now >= o.last_used + idle_ms;
-            !idle || subscribed.contains(id)
+            !idle || !o.subscribers.is_empty()
         });
         self.stats.documents_closed += (before - self.docs.len()) as u64;
     }
@@ -1311,27 +1310,23 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
     if sub.window.next >= avail.next() || window == 0 {
         return None;
     }
-    // A read is already asked for the entry it needs next: nothing to do until it is back.
-    let next = sub.window.next.max(avail.first());
-    let in_memory = d.recent_wire(next).is_some() || open.ahead.entries.contains_key(&next);
-    if !in_memory && open.ahead.want.is_some_and(|w| w <= next) {
-        return None;
-    }
     if sub.window.next < avail.first() {
         // Behind the history kept: restart the subscriber at the checkpoint the journal starts
         // with (there is one: `subscribe` checked, and trimming keeps it so).
         sub.full_until = d.base_checkpoint().map(|c| c.last);
     }
+    let full_until = sub.full_until;
+    let in_memory = |ahead: &ReadAhead, lsn: Lsn| cached(d, ahead, full_until, lsn).is_some();
     let first = sub.window.next.max(avail.first());
+    // A read is already asked for the entry it needs next: nothing to do until it is back.
+    if !in_memory(&open.ahead, first) && open.ahead.want.is_some_and(|w| w <= first) {
+        return None;
+    }
     let mut entries = Vec::new();
     let mut bytes = 0;
     let mut lsn = first;
     while lsn < avail.next() && bytes < MAX_BATCH_BYTES.min(window) {
-        let recent = match sub.full_until {
-            Some(until) if lsn <= until => None,
-            _ => d.recent_wire(lsn),
-        };
-        let e = match recent.or_else(|| open.ahead.entries.get(&lsn)) {
+        let e = match cached(d, &open.ahead, full_until, lsn) {
             Some(e) => e.clone(),
             None if here && open.ahead.error.is_none() => {
                 open.ahead.merge(Some(super::job::read_ahead(d, lsn)), Some(lsn), now_ms);
@@ -1361,7 +1356,7 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
         lsn = lsn.next();
     }
     // Read the rest ahead while this batch travels.
-    if lsn < avail.next() && d.recent_wire(lsn).is_none() && !open.ahead.entries.contains_key(&lsn) {
+    if lsn < avail.next() && !in_memory(&open.ahead, lsn) {
         open.ahead.wants(lsn);
     }
     if entries.is_empty() {
@@ -1369,6 +1364,21 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
     }
     sub.window.sent(lsn, bytes, now_ms);
     Some(Message::Storage { doc, first, entries })
+}
+
+/// Entry `lsn` in memory, in a form a subscriber can take: whole up to `full_until` (it holds
+/// no pages a delta could apply to), else as the document keeps it.
+fn cached<'a>(
+    d: &'a ServerDocument,
+    ahead: &'a ReadAhead,
+    full_until: Option<Lsn>,
+    lsn: Lsn,
+) -> Option<&'a WireEntry> {
+    let recent = match full_until {
+        Some(until) if lsn <= until => None,
+        _ => d.recent_wire(lsn),
+    };
+    recent.or_else(|| ahead.entries.get(&lsn))
 }
 
 fn kind(m: &Message) -> &'static str {
