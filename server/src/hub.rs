@@ -269,8 +269,14 @@ type ExportReply = oneshot::Sender<Result<Vec<u8>, String>>;
 /// Answers the exports that are done.
 fn answer_exports(session: &mut ServerSession, exports: &mut HashMap<pagesync::DocId, Vec<ExportReply>>) {
     while let Some((doc, exported)) = session.poll_export() {
-        for reply in exports.remove(&doc).unwrap_or_default() {
+        // A copy for each waiter but the last, which takes the file itself.
+        let mut replies = exports.remove(&doc).unwrap_or_default();
+        let last = replies.pop();
+        for reply in replies {
             let _ = reply.send(exported.clone());
+        }
+        if let Some(reply) = last {
+            let _ = reply.send(exported);
         }
     }
 }
