@@ -53,6 +53,21 @@ fn client(docs: &[DocId]) -> ClientSession {
     s
 }
 
+/// Hands the server everything `c` has to send now (as connection `C`); whether there was any.
+fn upload(c: &mut ClientSession, s: &mut ServerSession, now: i64) -> bool {
+    let mut any = false;
+    while let Some(m) = c.poll_transmit() {
+        s.handle_frame(C, now, &m.encode());
+        any = true;
+    }
+    any
+}
+
+/// What the server sends now, up to 100 messages (a busy loop shows as 100).
+fn downloads(s: &mut ServerSession) -> Vec<Message> {
+    std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).take(100).collect()
+}
+
 /// Counts of what crossed the link, by kind.
 #[derive(Default, Debug)]
 struct Traffic {
@@ -336,9 +351,7 @@ fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
     fresh.add_document(doc, ClientDocument::open(memory_journal(600), memory_journal(601)).expect("doc"));
     s.connect(C);
     fresh.connected(100);
-    while let Some(m) = fresh.poll_transmit() {
-        s.handle_frame(C, 100, &m.encode());
-    }
+    upload(&mut fresh, &mut s, 100);
     let (_, first) = s.poll_transmit().expect("the ack");
     fresh.handle_frame(100, &first.encode()).expect("ack");
     let (_, part) = s.poll_transmit().expect("the first part");
@@ -369,17 +382,15 @@ fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop(
     fresh.add_document(doc, ClientDocument::open(memory_journal(701), memory_journal(702)).expect("doc"));
     s.connect(C);
     fresh.connected(100);
-    while let Some(m) = fresh.poll_transmit() {
-        s.handle_frame(C, 100, &m.encode());
-    }
-    let sent: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).take(100).collect();
+    upload(&mut fresh, &mut s, 100);
+    let sent: Vec<Message> = downloads(&mut s);
     let errors =
         sent.iter().filter(|m| matches!(m, Message::Error { code, .. } if code == codes::DOCUMENT)).count();
     assert_eq!(errors, 1, "{sent:?}");
     let again = s.poll_timeout().expect("a retry is scheduled");
     assert!(again > 100, "the retry is in the future: {again}");
     s.handle_timeout(again);
-    let sent: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).take(100).collect();
+    let sent: Vec<Message> = downloads(&mut s);
     assert_eq!(sent.len(), 1, "one more attempt: {sent:?}");
 
     // The storage heals: the replica catches up.
@@ -430,11 +441,7 @@ fn run_jobs(s: &mut ServerSession, now: i64) -> usize {
 fn exchange_with_jobs(s: &mut ServerSession, c: &mut ClientSession, now: i64) -> usize {
     let mut jobs = 0;
     for _ in 0..10_000 {
-        let mut moved = false;
-        while let Some(m) = c.poll_transmit() {
-            s.handle_frame(C, now, &m.encode());
-            moved = true;
-        }
+        let mut moved = upload(c, s, now);
         s.handle_timeout(now);
         let ran = run_jobs(s, now);
         jobs += ran;
@@ -500,9 +507,7 @@ fn a_failing_read_job_is_reported_and_retried() {
     let mut c = client(&[doc]);
     s.connect(C);
     c.connected(0);
-    while let Some(m) = c.poll_transmit() {
-        s.handle_frame(C, 0, &m.encode());
-    }
+    upload(&mut c, &mut s, 0);
     run_jobs(&mut s, 0); // the open
     journal.read_errors.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut errors = 0;
@@ -532,9 +537,7 @@ fn a_document_out_on_a_job_holds_up_no_other() {
     let mut c = client(&[slow, quick]);
     s.connect(C);
     c.connected(0);
-    while let Some(m) = c.poll_transmit() {
-        s.handle_frame(C, 0, &m.encode());
-    }
+    upload(&mut c, &mut s, 0);
     let mut held = None;
     while let Some(job) = s.poll_job(0) {
         if job.doc() == slow {
@@ -548,9 +551,7 @@ fn a_document_out_on_a_job_holds_up_no_other() {
     assert!(s.is_away(slow));
     let w = c.mutate(quick, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
     for _ in 0..10 {
-        while let Some(m) = c.poll_transmit() {
-            s.handle_frame(C, 0, &m.encode());
-        }
+        upload(&mut c, &mut s, 0);
         while let Some(job) = s.poll_job(0) {
             assert_eq!(job.doc(), quick, "the slow document's job is still out");
             s.job_done(job.run(), 0);
@@ -656,10 +657,8 @@ fn resends_wait_for_a_backlog_to_drain() {
     let mut c = client(&[doc]);
     s.connect(C);
     c.connected(0);
-    while let Some(m) = c.poll_transmit() {
-        s.handle_frame(C, 0, &m.encode());
-    }
-    let first: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).collect();
+    upload(&mut c, &mut s, 0);
+    let first: Vec<Message> = downloads(&mut s);
     assert!(first.iter().any(|m| matches!(m, Message::Storage { .. })), "{first:?}");
     // Nothing is acknowledged, and the driver still holds some of it.
     s.set_send_backlog(C, 1_000);
@@ -669,6 +668,6 @@ fn resends_wait_for_a_backlog_to_drain() {
     assert!(s.poll_timeout().is_none_or(|t| t > due), "a wake-up at once: a busy loop");
     // Drained: the unacknowledged storage goes again.
     s.set_send_backlog(C, 0);
-    let again: Vec<Message> = std::iter::from_fn(|| s.poll_transmit().map(|(_, m)| m)).collect();
+    let again: Vec<Message> = downloads(&mut s);
     assert!(again.iter().any(|m| matches!(m, Message::Storage { .. })), "{again:?}");
 }
