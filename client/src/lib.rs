@@ -576,7 +576,11 @@ async fn sync_timelines(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        sync_local_writes(&mut shared.session());
+        let mut session = shared.session();
+        sync_local_writes(&mut session);
+        if let Err(e) = session.sync_storage() {
+            tracing::warn!("making received entries durable failed: {e}");
+        }
     }
 }
 

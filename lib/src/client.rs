@@ -151,6 +151,13 @@ impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
     }
 }
 
+impl<R: Reducer> Drop for ClientDocument<R> {
+    fn drop(&mut self) {
+        // A clean close keeps what arrived: the next open need not download it again.
+        let _ = self.sync_storage();
+    }
+}
+
 impl ClientDocument<SqlReducer> {
     /// Opens a replica whose outcome journal is in memory: for replicas whose other journals
     /// are in memory too. A replica on disk uses `open_with_outcomes`, or the outcomes of
@@ -249,6 +256,14 @@ impl<R: Reducer> ClientDocument<R> {
         Ok(())
     }
 
+    /// Makes the server's entries this replica received durable (one fsync for all of them).
+    /// They arrive without a barrier each: the server holds them, so a power cut that takes
+    /// the newest back only means downloading them again. The driver calls this every
+    /// `NORMAL_SYNC_MS`, and the replica before it trims its timeline and when it closes.
+    pub fn sync_storage(&mut self) -> Result<()> {
+        Ok(self.db.store().sync()?)
+    }
+
     /// Whether local writes wait for `sync_timeline` to be durable (and sent).
     pub fn needs_sync(&self) -> bool {
         self.synced_next < self.timeline.range().next()
@@ -290,6 +305,9 @@ impl<R: Reducer> ClientDocument<R> {
         let range = self.timeline.range();
         let done = range.intersect(&LsnRange::inclusive(Lsn::FIRST, a)).len();
         if done > 0 && (always || done >= TIMELINE_TRIM_ENTRIES) {
+            // The entries that say these were applied go first: a power cut must not leave
+            // the mutations gone and the state from before they applied.
+            self.db.store().sync()?;
             self.timeline.remove_prefix(a)?;
         }
         Ok(())

@@ -221,6 +221,12 @@ impl PageStore {
         &*self.journal
     }
 
+    /// Makes every entry appended so far durable (`apply_remote_batch` appends without a
+    /// barrier); a no-op when they are.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        Ok(self.journal.sync()?)
+    }
+
     /// Committed pages.
     pub fn page_count(&self) -> u32 {
         self.page_count
@@ -526,8 +532,10 @@ impl PageStore {
         Ok(())
     }
 
-    /// Appends consecutive entries received from the server, starting at `first`, with one
-    /// durability barrier for all of them; each comes with its decoded header. The overlay must
+    /// Appends consecutive entries received from the server, starting at `first`, without a
+    /// durability barrier (`sync` makes them durable: a replica's copy of the server's entries
+    /// can be downloaded again, so a power cut may lose the newest, whole and from the end);
+    /// each comes with its decoded header. The overlay must
     /// have been discarded first. Entries past this store's end are taken when they start with
     /// the first part of a checkpoint: the store restarts there (`is_restarting`).
     pub fn apply_remote_batch(
@@ -544,7 +552,7 @@ impl PageStore {
             return Err(StoreError::OutOfOrder { expected, got: first });
         }
         let payloads: Vec<&[u8]> = entries.iter().map(|(_, p)| p.as_slice()).collect();
-        let range = self.journal.append_batch(&payloads)?;
+        let range = self.journal.append_batch_unsynced(&payloads)?;
         for (lsn, (header, payload)) in range.iter().zip(entries) {
             self.index_entry(lsn, header, payload.len());
         }
@@ -664,8 +672,10 @@ impl PageStore {
 
     /// Removes every entry before `checkpoint` (one of `checkpoints()`), which holds every
     /// page as of its last part; the state does not change.
+    /// The checkpoint is made durable first.
     pub fn trim_to(&mut self, checkpoint: Checkpoint) -> Result<(), StoreError> {
         let Some(up_to) = checkpoint.first.prev() else { return Ok(()) };
+        self.journal.sync()?;
         for (i, loc) in self.index.iter().enumerate() {
             if let Some(loc) = loc.filter(|l| l.lsn < checkpoint.first) {
                 let (first, page) = (checkpoint.first, i as u32 + 1);

@@ -228,6 +228,17 @@ impl ClientSession {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Makes the server's entries every replica received durable (`ClientDocument::sync_storage`).
+    pub fn sync_storage(&mut self) -> Result<()> {
+        let mut first_error = None;
+        for l in self.links.values_mut() {
+            if let Err(e) = l.doc.sync_storage() {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Submits the migrations this replica has not applied yet (see `ClientDocument::migrate`).
     pub fn migrate(
         &mut self,
