@@ -159,7 +159,7 @@ fn ours(conns: usize, per_conn: usize) -> (f64, f64) {
         for (c, sink) in sinks.iter_mut().enumerate() {
             for d in 0..per_conn {
                 let (doc, timeline) = (doc_of(c, d, per_conn), TimelineId::from_u128(c as u128 + 1));
-                let m = Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST };
+                let m = Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false };
                 sink.send(Ws::Binary(m.encode().into())).await.expect("subscribe");
             }
         }

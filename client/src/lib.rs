@@ -686,9 +686,17 @@ async fn run_connection(
                             None => break,
                         }
                     }
-                    if let Err(e) = shared.session().handle_frames(now_ms(), &frames) {
+                    let mut session = shared.session();
+                    let mismatches = session.digest_mismatches();
+                    if let Err(e) = session.handle_frames(now_ms(), &frames) {
                         tracing::warn!("applying a frame failed: {e}");
                     }
+                    if session.digest_mismatches() > mismatches {
+                        tracing::error!(
+                            "a confirmation by digest did not match this replica's replay (non-determinism); fell back to the server's pages"
+                        );
+                    }
+                    drop(session);
                     shared.bump();
                     if closed {
                         return;

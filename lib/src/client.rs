@@ -25,9 +25,9 @@ use crate::ids::TimelineId;
 use crate::mutation::{Mutation, SqlMutation, Value, migration_key};
 use crate::page::{Page, PageIdx, ZERO_PAGE};
 use crate::reducer::{Reducer, Rejection, RejectionCode, SqlReducer, apply_mutation, once_applied};
-use crate::storage::EntryHeader;
+use crate::storage::{Applied, EntryHeader};
 use crate::store::{PageStore, StoreError};
-use crate::wire::WireEntry;
+use crate::wire::{Confirm, WireEntry, WireKind};
 
 /// A page as of the newest of `staged` (entries resolved but not yet in the store), or `None`
 /// when none of them decides it: walking newest first, an entry that holds the page gives it,
@@ -118,6 +118,10 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// Every rejection at or below this LSN is in `rejected`, durably: the server may forget
     /// them.
     outcomes_through: Option<Lsn>,
+    /// Entries kept from confirmations by digest, and confirmations whose replay gave other
+    /// pages (`receive_confirm`).
+    confirmed_by_digest: u64,
+    digest_mismatches: u64,
 }
 
 /// One entry of the outcome journal: rejections as (LSN, code, message).
@@ -204,6 +208,8 @@ impl<R: Reducer> ClientDocument<R> {
             outcomes,
             rejected: BTreeMap::new(),
             outcomes_through: None,
+            confirmed_by_digest: 0,
+            digest_mismatches: 0,
         };
         doc.synced_next = doc.timeline.range().next();
         doc.read_outcomes()?;
@@ -510,14 +516,114 @@ impl<R: Reducer> ClientDocument<R> {
 
     /// Like `receive_storage`, for entries in wire form (compressed, possibly XOR deltas
     /// against this replica's pages just before each entry).
+    /// A confirmation (`WireKind::Confirm`) is kept by replaying this replica's own mutations
+    /// (`receive_confirm`); one that cannot be kept fails with `Error::ConfirmMismatch` after
+    /// the entries before it are applied, and the entry must come again with its pages.
     pub fn receive_wire(&mut self, first: Lsn, entries: &[WireEntry]) -> Result<()> {
         let next = self.storage_range().next();
-        if first > next && entries.first().is_some_and(|e| e.delta) {
+        if first > next && entries.first().is_some_and(WireEntry::needs_previous) {
             // A delta sent to a subscriber that was further along, whose earlier frames were
             // lost: not a restart (those come whole) but a gap.
             return Err(Error::Gap { expected: next, got: first });
         }
-        self.receive_with(first, entries.len(), |i, previous| Ok(entries[i].resolve(previous)??))
+        let mut at = 0;
+        while at < entries.len() {
+            let lsn = Lsn::new(first.get() + at as u64).expect("BUG: past a valid LSN");
+            let rest = &entries[at..];
+            if let Some(confirm) = rest[0].as_confirm() {
+                self.receive_confirm(lsn, confirm?)?;
+                at += 1;
+                continue;
+            }
+            let run = rest.iter().position(|e| e.kind == WireKind::Confirm).unwrap_or(rest.len());
+            self.receive_with(lsn, run, |i, previous| Ok(rest[i].resolve(previous)??))?;
+            at += run;
+        }
+        Ok(())
+    }
+
+    /// Keeps storage entry `lsn`, which applied this replica's pending mutations
+    /// `confirm.first..=confirm.last` and no others: replays them on the stored state as the
+    /// server's step did (one transaction, a savepoint each, then the same system rows), cuts
+    /// the entry as the server cut it and keeps it when the digests match. The pages never
+    /// crossed the wire. On a mismatch nothing is kept and the pending mutations are re-run
+    /// as before.
+    pub fn receive_confirm(&mut self, lsn: Lsn, confirm: Confirm) -> Result<()> {
+        let next = self.storage_range().next();
+        if lsn < next {
+            return if self.rebase_due { self.rebase() } else { Ok(()) };
+        }
+        if lsn > next || self.db.store().is_restarting() {
+            return Err(Error::Gap { expected: next, got: lsn });
+        }
+        let mismatch = |replayed, why: &str| Error::ConfirmMismatch { lsn, replayed, why: why.to_owned() };
+        let count = confirm.last.get().checked_sub(confirm.first.get()).map(|n| n as usize + 1);
+        let ours = count.filter(|&n| {
+            let expected = self.applied.map_or(Lsn::FIRST, Lsn::next);
+            expected == confirm.first && self.pending.get(n - 1).is_some_and(|(l, _)| *l == confirm.last)
+        });
+        let Some(count) = ours else {
+            return Err(mismatch(false, "it confirms mutations this replica does not hold pending"));
+        };
+        self.rebase_due = true;
+        let replayed = self.replay_confirmed(&confirm, count);
+        if !matches!(replayed, Ok(true)) {
+            self.db.store().discard_overlay();
+        }
+        self.rebase()?;
+        match replayed? {
+            true => {
+                self.confirmed_by_digest += 1;
+                Ok(())
+            }
+            false => {
+                self.digest_mismatches += 1;
+                Err(mismatch(true, "replaying its mutations did not give the server's pages (non-determinism)"))
+            }
+        }
+    }
+
+    /// Replays the first `count` pending mutations as the step `confirm` describes; returns
+    /// whether the entry it cut has the server's digest (and was kept).
+    fn replay_confirmed(&mut self, confirm: &Confirm, count: usize) -> Result<bool> {
+        let shown = {
+            let mut store = self.db.store();
+            store.discard_overlay();
+            store.shown()
+        };
+        let conn = self.db.conn();
+        crate::db::run_cached(conn, "BEGIN IMMEDIATE")?;
+        let mut applied = Vec::with_capacity(count);
+        for (lsn, m) in self.pending.iter().take(count) {
+            match apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
+                Ok(Ok(())) => applied.push(Applied { timeline: self.timeline_id, lsn: *lsn, time_ms: m.client_time_ms }),
+                // The server applied it: a replay that rejects it cannot give its pages.
+                Ok(Err(_)) | Err(Error::TransactionLost(_)) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Ok(false);
+                }
+                Err(e) => {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(e);
+                }
+            }
+        }
+        let last = BTreeMap::from([(self.timeline_id, confirm.last)]);
+        let system = crate::server::delete_rejections(conn, &confirm.forgotten)
+            .and_then(|()| crate::server::record_applied(conn, &last))
+            .and_then(|()| crate::db::run_cached(conn, "COMMIT"));
+        if let Err(e) = system {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(self.db.explain(e));
+        }
+        let kept = self.db.store().commit_replayed(shown, &applied, &confirm.forgotten, confirm.time_ms, &confirm.digest)?;
+        Ok(kept)
+    }
+
+    /// Storage entries this replica kept from a confirmation by digest (`receive_confirm`),
+    /// and confirmations it could not keep because its replay gave other pages.
+    pub fn confirm_stats(&self) -> (u64, u64) {
+        (self.confirmed_by_digest, self.digest_mismatches)
     }
 
     /// Resolves the new entries (a delta sees the pages of the entries before it in the same

@@ -36,6 +36,12 @@ pub enum Error {
     Wire(#[from] crate::wire::WireError),
     #[error("storage entry {got} arrived but {expected} is next: the missing range must be sent first")]
     Gap { expected: Lsn, got: Lsn },
+    /// A confirmation by digest (`wire::Confirm`) could not be kept: the replica's replay of
+    /// its own mutations did not give the server's entry (`replayed`: a determinism failure,
+    /// or a different budget), or it does not hold the mutations it confirms. The entry must
+    /// be sent with its pages.
+    #[error("storage entry {lsn} confirmed by digest could not be kept: {why}")]
+    ConfirmMismatch { lsn: Lsn, replayed: bool, why: String },
     /// The replica was further behind than the server keeps history, and is receiving a
     /// checkpoint of the whole document; it has nothing to read or write on until then.
     #[error(

@@ -162,7 +162,7 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     /// Where the next round-robin pick starts, so busy timelines cannot starve others.
     rr_cursor: Option<TimelineId>,
     /// The newest entries in wire form, oldest first.
-    recent: VecDeque<(Lsn, WireEntry)>,
+    recent: VecDeque<Recent>,
     compaction: Option<Compaction>,
     /// A checkpoint being written `CHECKPOINT_PARTS_PER_STEP` parts per step.
     checkpointing: Option<Checkpointing>,
@@ -201,29 +201,68 @@ impl ServerDocument<SqlReducer> {
     }
 }
 
-/// Keeps a new entry's wire form: the XOR delta when it compresses smaller, else whole.
-fn remember(recent: &mut VecDeque<(Lsn, WireEntry)>, committed: Option<crate::store::Committed>) {
-    let Some(c) = committed else { return };
-    let (full, delta) = (WireEntry::full(&c.payload), WireEntry::delta(&c.delta));
-    remember_wire(recent, c.lsn, if delta.data.len() < full.data.len() { delta } else { full });
+/// A recent entry in wire form, and, when it applied one timeline's mutations alone, its
+/// confirmation for that timeline's client (see `wire::Confirm`).
+struct Recent {
+    lsn: Lsn,
+    wire: WireEntry,
+    confirm: Option<(TimelineId, WireEntry)>,
 }
 
-fn remember_wire(recent: &mut VecDeque<(Lsn, WireEntry)>, lsn: Lsn, wire: WireEntry) {
+impl Recent {
+    fn bytes(&self) -> usize {
+        self.wire.data.len() + self.confirm.as_ref().map_or(0, |(_, c)| c.data.len())
+    }
+}
+
+/// Keeps a new entry's wire form: the XOR delta when it compresses smaller, else whole.
+fn remember(
+    recent: &mut VecDeque<Recent>,
+    committed: Option<crate::store::Committed>,
+    confirm: Option<(TimelineId, WireEntry)>,
+) {
+    let Some(c) = committed else { return };
+    let (full, delta) = (WireEntry::full(&c.payload), WireEntry::delta(&c.delta));
+    let wire = if delta.data.len() < full.data.len() { delta } else { full };
+    remember_wire(recent, Recent { lsn: c.lsn, wire, confirm });
+}
+
+fn remember_wire(recent: &mut VecDeque<Recent>, entry: Recent) {
     if recent.len() == RECENT_WIRE_ENTRIES {
         recent.pop_front();
     }
-    recent.push_back((lsn, wire));
+    recent.push_back(entry);
     // Bounded in bytes too: a few large steps must not pin megabytes per document.
-    let mut bytes: usize = recent.iter().map(|(_, w)| w.data.len()).sum();
+    let mut bytes: usize = recent.iter().map(Recent::bytes).sum();
     while bytes > RECENT_WIRE_BYTES && recent.len() > 1 {
-        let (_, old) = recent.pop_front().expect("BUG: more than one");
-        bytes -= old.data.len();
+        let old = recent.pop_front().expect("BUG: more than one");
+        bytes -= old.bytes();
     }
 }
 
 /// The client time of an encoded mutation, or 0 when it does not decode.
 fn decoded_time(bytes: &[u8]) -> i64 {
     Mutation::decode(bytes).map_or(0, |m| m.client_time_ms)
+}
+
+/// A step's system rows, the first: deletes each timeline's rejections through the LSN given
+/// (its client copied them). A client confirming a step by digest writes them the same way.
+pub(crate) fn delete_rejections(conn: &rusqlite::Connection, forget: &[(TimelineId, Lsn)]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("DELETE FROM _pagesync_rejections WHERE timeline = ?1 AND lsn <= ?2")?;
+    for (tl, through) in forget {
+        stmt.execute(rusqlite::params![&tl.0[..], through.get() as i64])?;
+    }
+    Ok(())
+}
+
+/// A step's system rows, the last: the applied LSN of each timeline.
+pub(crate) fn record_applied(conn: &rusqlite::Connection, last: &BTreeMap<TimelineId, Lsn>) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare_cached("INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)")?;
+    for (tl, lsn) in last {
+        stmt.execute(rusqlite::params![&tl.0[..], lsn.get() as i64])?;
+    }
+    Ok(())
 }
 
 impl<R: Reducer> ServerDocument<R> {
@@ -255,7 +294,7 @@ impl<R: Reducer> ServerDocument<R> {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} {ONCE_SCHEMA} COMMIT;"))?;
             // Time 0: the document's creation precedes every step.
             let committed = doc.db.store().commit_overlay(&[], &[], 0)?;
-            remember(&mut doc.recent, committed);
+            remember(&mut doc.recent, committed, None);
         }
         doc.load_applied()?;
         // Opening read every entry and the schema; those pages are not the working set.
@@ -351,7 +390,7 @@ impl<R: Reducer> ServerDocument<R> {
             // A part changes no page: its delta (all zeros) is always the smaller form, so the
             // whole part is not compressed just to be compared.
             store.write_checkpoint_parts(c.start_pages, c.next..=through, now_ms, |c| {
-                remember_wire(&mut self.recent, c.lsn, WireEntry::delta(&c.delta))
+                remember_wire(&mut self.recent, Recent { lsn: c.lsn, wire: WireEntry::delta(&c.delta), confirm: None })
             })?;
             self.checkpointing = (through < count).then_some(Checkpointing { next: through + 1, ..c });
         }
@@ -372,18 +411,30 @@ impl<R: Reducer> ServerDocument<R> {
     /// A recent entry in wire form (often a delta, for a receiver that holds the entry before
     /// it), if it is still kept in memory.
     pub fn recent_wire(&self, lsn: Lsn) -> Option<&WireEntry> {
-        let first = self.recent.front()?.0;
-        let (at, wire) = self.recent.get(usize::try_from(lsn.get().checked_sub(first.get())?).ok()?)?;
-        (*at == lsn).then_some(wire)
+        self.recent_entry(lsn).map(|r| &r.wire)
+    }
+
+    /// A recent entry's confirmation for the client of `timeline`, if the entry applied that
+    /// timeline's mutations alone (see `wire::Confirm`): for that client, when it holds the
+    /// entry before it.
+    pub fn recent_confirm(&self, lsn: Lsn, timeline: TimelineId) -> Option<&WireEntry> {
+        let (tl, confirm) = self.recent_entry(lsn)?.confirm.as_ref()?;
+        (*tl == timeline).then_some(confirm)
+    }
+
+    fn recent_entry(&self, lsn: Lsn) -> Option<&Recent> {
+        let first = self.recent.front()?.lsn;
+        let r = self.recent.get(usize::try_from(lsn.get().checked_sub(first.get())?).ok()?)?;
+        (r.lsn == lsn).then_some(r)
     }
 
     /// Storage entries in wire form, for a receiver that holds everything before `range`.
     pub fn read_wire(&self, range: LsnRange) -> Result<Vec<WireEntry>> {
-        let cached_from = self.recent.front().map(|(l, _)| *l);
+        let cached_from = self.recent.front().map(|r| r.lsn);
         range
             .iter()
             .map(|lsn| match cached_from.filter(|&f| lsn >= f) {
-                Some(f) => Ok(self.recent[(lsn.get() - f.get()) as usize].1.clone()),
+                Some(f) => Ok(self.recent[(lsn.get() - f.get()) as usize].wire.clone()),
                 None => Ok(WireEntry::full(&self.db.store().journal().read(lsn)?)),
             })
             .collect()
@@ -554,7 +605,7 @@ impl<R: Reducer> ServerDocument<R> {
         match committed {
             Ok(committed) => {
                 let lsn = committed.as_ref().map(|c| c.lsn);
-                remember(&mut self.recent, committed);
+                remember(&mut self.recent, committed, None);
                 Ok(lsn)
             }
             Err(e) => {
@@ -682,13 +733,20 @@ impl<R: Reducer> ServerDocument<R> {
         let mut applied = Vec::with_capacity(batch.len());
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
         let (mut rejections, mut vm_steps) = (Vec::new(), 0u64);
+        // A mutation ran at another time than its client's (clamped): no confirmation.
+        let mut moved_in_time = false;
         for (i, (tl, lsn, bytes)) in batch.iter().enumerate() {
             // A mutation known to end the transaction is skipped: it runs no instructions.
             let (time_ms, result, steps) = match lost.get(&i) {
                 Some(r) => (time_of(decoded_time(bytes), i), Err(r.clone()), 0),
                 None => {
-                    let (time_ms, result) =
-                        self.apply_one(bytes, |client_ms| time_of(client_ms, i)).map_err(|e| (Some(i), e))?;
+                    let (time_ms, result) = self
+                        .apply_one(bytes, |client_ms| {
+                            let at = time_of(client_ms, i);
+                            moved_in_time |= at != client_ms;
+                            at
+                        })
+                        .map_err(|e| (Some(i), e))?;
                     (time_ms, result, self.db.last_vm_steps())
                 }
             };
@@ -707,27 +765,35 @@ impl<R: Reducer> ServerDocument<R> {
             }
         }
         let system = |e| (None, self.db.explain(e));
-        self.with_system_room(|| self.delete_rejections(forget)).map_err(system)?;
-        self.with_system_room(|| self.record_applied(&last)).map_err(system)?;
+        self.with_system_room(|| delete_rejections(self.db.conn(), forget)).map_err(system)?;
+        // The commit writes the pages out: with the room for pagesync's rows too.
+        self.with_system_room(|| {
+            record_applied(self.db.conn(), &last).and_then(|()| crate::db::run_cached(self.db.conn(), "COMMIT"))
+        })
+        .map_err(system)?;
         let committed =
             self.db.store().commit_overlay(&applied, forget, entry_time_ms).map_err(|e| (None, e.into()))?;
-        let lsn = committed.as_ref().expect("BUG: a step with mutations records them").lsn;
-        remember(&mut self.recent, committed);
+        let c = committed.as_ref().expect("BUG: a step with mutations records them");
+        let lsn = c.lsn;
+        // The client of a step that applied its mutations alone, none rejected, each at its
+        // own time, can make these pages itself: it is sent a confirmation instead.
+        let confirm = match (&applied[..], last.len()) {
+            ([first, .., end] | [first @ end], 1) if rejections.is_empty() && !moved_in_time => {
+                let confirm = crate::wire::Confirm {
+                    time_ms: entry_time_ms,
+                    first: first.lsn,
+                    last: end.lsn,
+                    forgotten: forget.to_vec(),
+                    digest: crate::wire::digest(&c.payload),
+                };
+                Some((first.timeline, WireEntry::confirm(&confirm)))
+            }
+            _ => None,
+        };
+        remember(&mut self.recent, committed, confirm);
         let rejected = rejections.len();
         let forgotten = forget.len();
         Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections, forgotten }, applied.len()))
-    }
-
-    /// Deletes each timeline's rejections through the LSN given.
-    fn delete_rejections(&self, forget: &[(TimelineId, Lsn)]) -> rusqlite::Result<()> {
-        let mut stmt = self
-            .db
-            .conn()
-            .prepare_cached("DELETE FROM _pagesync_rejections WHERE timeline = ?1 AND lsn <= ?2")?;
-        for (tl, through) in forget {
-            stmt.execute(rusqlite::params![&tl.0[..], through.get() as i64])?;
-        }
-        Ok(())
     }
 
     /// A subscriber of `timeline` has copied that timeline's rejections through `through`
@@ -743,24 +809,11 @@ impl<R: Reducer> ServerDocument<R> {
         }
     }
 
-    /// Writes the applied LSN of each timeline and commits the transaction.
-    fn record_applied(&self, last: &BTreeMap<TimelineId, Lsn>) -> rusqlite::Result<()> {
-        for (tl, lsn) in last {
-            self.db
-                .conn()
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)",
-                )?
-                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64])?;
-        }
-        crate::db::run_cached(self.db.conn(), "COMMIT")
-    }
-
     /// Decodes and applies one mutation; returns the time it ran with and its outcome.
     fn apply_one(
         &mut self,
         bytes: &[u8],
-        time_of: impl Fn(i64) -> i64,
+        time_of: impl FnOnce(i64) -> i64,
     ) -> Result<(i64, Result<(), Rejection>)> {
         if bytes.len() > self.limits.max_mutation_bytes {
             let max = self.limits.max_mutation_bytes;

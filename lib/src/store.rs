@@ -93,6 +93,13 @@ fn part_pages(page_count: u32, index: u32) -> std::ops::RangeInclusive<u32> {
     start..=(index * CHECKPOINT_PART_PAGES).min(page_count)
 }
 
+/// What SQLite was shown in page 1's patched fields (`PageStore::shown`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shown {
+    counter: u32,
+    schema: Option<u32>,
+}
+
 /// A storage entry just made durable.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -519,6 +526,59 @@ impl PageStore {
         self.overlay.clear();
         self.overlay_page_count = self.page_count;
         self.bump_reported();
+    }
+
+    /// What SQLite is shown in page 1's patched fields now: take it before a replay that
+    /// `commit_replayed` cuts.
+    pub fn shown(&self) -> Shown {
+        Shown { counter: self.reported_counter, schema: self.reported_schema }
+    }
+
+    /// Cuts the overlay (a client's replay of a server step over the committed state) into
+    /// the entry the server cut, and keeps it as the next entry when its digest is `digest`
+    /// (`wire::Confirm`). The server's SQLite was shown page 1's stored change counter,
+    /// version-valid-for and schema cookie, a client's the values in `shown`; SQLite moved
+    /// each by as much on both, so page 1 is cut with the stored values moved by that much.
+    /// The overlay goes either way; returns whether the digest matched.
+    pub fn commit_replayed(
+        &mut self,
+        shown: Shown,
+        applied: &[Applied],
+        forgotten: &[(TimelineId, Lsn)],
+        time_ms: i64,
+        digest: &[u8; crate::wire::DIGEST_BYTES],
+    ) -> Result<bool, StoreError> {
+        let overlay = std::mem::take(&mut self.overlay);
+        let page_count = std::mem::replace(&mut self.overlay_page_count, self.page_count);
+        self.bump_reported();
+        let stored1 = self.previous_version(PageIdx::FIRST)?;
+        let mut changed: Vec<(u32, Box<Page>)> = Vec::with_capacity(overlay.len());
+        for (i, mut page) in overlay {
+            if i == 1 {
+                let fields = [(24, Some(shown.counter)), (92, Some(shown.counter)), (40, shown.schema)];
+                for (at, shown) in fields {
+                    let Some(shown) = shown else { continue };
+                    let field = |p: &Page| u32::from_be_bytes(p[at..at + 4].try_into().expect("BUG: 4 bytes"));
+                    let moved = field(&stored1).wrapping_add(field(&page).wrapping_sub(shown));
+                    page[at..at + 4].copy_from_slice(&moved.to_be_bytes());
+                }
+            }
+            let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
+            if *self.previous_version(idx)? != *page {
+                changed.push((i, page));
+            }
+        }
+        changed.sort_unstable_by_key(|(i, _)| *i);
+        let pages: Vec<(PageIdx, &Page)> =
+            changed.iter().map(|(i, p)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
+        let payload = storage::encode(page_count, time_ms, None, applied, forgotten, &pages);
+        if crate::wire::digest(&payload) != *digest {
+            return Ok(false);
+        }
+        let header = storage::decode(&payload).expect("BUG: we just encoded it");
+        let next = self.journal.range().next();
+        self.apply_remote_batch(next, vec![(header, payload)])?;
+        Ok(true)
     }
 
     /// Drops the overlay after a failed server step and shows SQLite the committed change

@@ -4,6 +4,12 @@
 //!
 //! Format: `kind u8 (0 = full, 1 = delta) | raw_len u32 | lz4 block`. Decoding checks `raw_len`
 //! against `MAX_ENTRY_BYTES` before allocating, so a forged length cannot exhaust memory.
+//!
+//! A third kind (2) confirms by digest: to the client whose mutations, and only those, the
+//! entry applied, the server sends a `Confirm` (what the entry records beside its pages, and a
+//! digest of the whole entry) in place of the pages. The client replays its own pending
+//! mutations as the server's step did, checks the digest and keeps its own pages
+//! (`ClientDocument::receive_wire`); a mismatch falls back to the pages.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,11 +20,47 @@ use pagesync_journal::codec::MAX_ENTRY_BYTES;
 /// One storage entry as sent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireEntry {
-    /// True when pages are XORed with their previous versions.
-    pub delta: bool,
-    /// `raw_len u32 LE | lz4 block` of the (possibly XORed) payload.
+    pub kind: WireKind,
+    /// `Full` and `Delta`: `raw_len u32 LE | lz4 block` of the (possibly XORed) payload.
+    /// `Confirm`: a postcard-encoded `Confirm`.
     #[serde(with = "crate::bytes")]
     pub data: Vec<u8>,
+}
+
+/// How a `WireEntry` carries its storage entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireKind {
+    /// The payload, whole.
+    Full,
+    /// The payload with every page XORed with its previous version: for a receiver that holds
+    /// the entry before it.
+    Delta,
+    /// No pages: for the receiver whose pending mutations the entry applied (and no others),
+    /// which holds the entry before it and makes the pages itself.
+    Confirm,
+}
+
+/// Bytes of the digest in a `Confirm`: the first 16 of the entry's SHA-256.
+pub const DIGEST_BYTES: usize = 16;
+
+/// What a storage entry records beside its pages, for the client whose mutations it applied:
+/// that client replays them (its mutations `first..=last`, each at its own time, as one step),
+/// deletes the same rejections (`forgotten`), writes the same system rows, cuts the entry as
+/// the server did (dated `time_ms`) and keeps it when its digest is `digest`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirm {
+    pub time_ms: i64,
+    pub first: pagesync_journal::Lsn,
+    pub last: pagesync_journal::Lsn,
+    pub forgotten: Vec<(crate::ids::TimelineId, pagesync_journal::Lsn)>,
+    pub digest: [u8; DIGEST_BYTES],
+}
+
+/// The digest a `Confirm` carries: the first `DIGEST_BYTES` of the payload's SHA-256.
+pub fn digest(payload: &[u8]) -> [u8; DIGEST_BYTES] {
+    use sha2::Digest as _;
+    let full = sha2::Sha256::digest(payload);
+    full[..DIGEST_BYTES].try_into().expect("BUG: SHA-256 is 32 bytes")
 }
 
 /// Why a wire entry could not be turned back into a storage entry.
@@ -51,15 +93,33 @@ fn compress(raw: &[u8]) -> Vec<u8> {
 
 impl WireEntry {
     pub fn full(payload: &[u8]) -> WireEntry {
-        WireEntry { delta: false, data: compress(payload) }
+        WireEntry { kind: WireKind::Full, data: compress(payload) }
     }
 
     pub fn delta(delta_payload: &[u8]) -> WireEntry {
-        WireEntry { delta: true, data: compress(delta_payload) }
+        WireEntry { kind: WireKind::Delta, data: compress(delta_payload) }
+    }
+
+    pub fn confirm(confirm: &Confirm) -> WireEntry {
+        WireEntry { kind: WireKind::Confirm, data: postcard::to_stdvec(confirm).expect("BUG: a Confirm serializes") }
+    }
+
+    /// Whether it holds no whole pages: a receiver needs the entry before it.
+    pub fn needs_previous(&self) -> bool {
+        self.kind != WireKind::Full
+    }
+
+    /// The `Confirm` of a `WireKind::Confirm` entry.
+    pub fn as_confirm(&self) -> Option<Result<Confirm, WireError>> {
+        (self.kind == WireKind::Confirm)
+            .then(|| postcard::from_bytes(&self.data).map_err(|e| WireError::Corrupt(e.to_string())))
     }
 
     /// The compressed payload, bounded by `MAX_ENTRY_BYTES`.
     pub fn decompress(&self) -> Result<Vec<u8>, WireError> {
+        if self.kind == WireKind::Confirm {
+            return Err(WireError::Corrupt("a confirmation carries no pages".into()));
+        }
         let Some((len, block)) = self.data.split_first_chunk::<4>() else {
             return Err(WireError::Corrupt("shorter than its length prefix".into()));
         };
@@ -90,7 +150,7 @@ impl WireEntry {
             Ok(h) => h,
             Err(e) => return Ok(Err(e.into())),
         };
-        if !self.delta {
+        if self.kind == WireKind::Full {
             return Ok(Ok(raw));
         }
         let olds = header.pages.iter().map(|&idx| previous(idx)).collect::<Result<Vec<_>, _>>()?;

@@ -257,6 +257,16 @@ impl Metrics {
                 s.rejections_forgotten,
             ),
             (
+                "pagesync_confirms_sent_total",
+                "Entries sent to their author as a confirmation by digest instead of their pages",
+                s.confirms_sent,
+            ),
+            (
+                "pagesync_digest_fallbacks_total",
+                "Subscribers that could not keep a confirmation by digest (their replay gave other pages: non-determinism) and took pages instead",
+                s.digest_fallbacks,
+            ),
+            (
                 "pagesync_storage_reads_total",
                 "Jobs that read storage entries ahead for subscribers behind the recent ones",
                 s.storage_reads,

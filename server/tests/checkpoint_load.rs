@@ -34,7 +34,7 @@ async fn connect(port: u16, doc: DocId, storage_next: Lsn) -> Socket {
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
     for m in [
         Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-        Message::Subscribe { doc, timeline: WRITER, storage_next },
+        Message::Subscribe { doc, timeline: WRITER, storage_next, digests: false },
     ] {
         ws.send(Ws::Binary(m.encode().into())).await.expect("send");
     }

@@ -76,7 +76,7 @@ fn mutation(sql: &str) -> Vec<u8> {
 async fn write(port: u16, token: &str, doc: DocId, tl: u8, sql: &str) {
     let mut ws = connect(port, token).await;
     let timeline = TimelineId([tl; 16]);
-    send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST }).await;
+    send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
     let entries = vec![mutation(sql)];
     send(&mut ws, Message::Mutations { doc, timeline, first: Lsn::FIRST, entries }).await;
     loop {
@@ -129,7 +129,7 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     let mut ws = connect(port, &token("*", false, false)).await;
     for n in 0..50u128 {
         let doc = DocId::from_u128(0x1000 + n);
-        send(&mut ws, Message::Subscribe { doc, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST })
+        send(&mut ws, Message::Subscribe { doc, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST, digests: false })
             .await;
         match next_reply(&mut ws).await.expect("open") {
             Message::Error { code, .. } => assert_eq!(code, codes::NOT_FOUND),
@@ -139,7 +139,7 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     let docs = walk(&store).into_iter().filter(|p| p.ends_with("storage")).count();
     assert_eq!(docs, 1, "only the written document exists on disk");
     // The same token reads the document that exists.
-    send(&mut ws, Message::Subscribe { doc: a, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST })
+    send(&mut ws, Message::Subscribe { doc: a, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST, digests: false })
         .await;
     assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })));
 }
@@ -176,7 +176,7 @@ async fn hostile_frames_close_only_their_connection() {
     assert!(next_reply(&mut ws).await.is_none(), "the connection is closed");
     // An acknowledgement past everything is ignored.
     let mut ws = connect(port, "").await;
-    send(&mut ws, Message::Subscribe { doc: a, timeline, storage_next: Lsn::FIRST }).await;
+    send(&mut ws, Message::Subscribe { doc: a, timeline, storage_next: Lsn::FIRST, digests: false }).await;
     send(
         &mut ws,
         Message::StorageAck { doc: a, next: Lsn::new(u64::MAX).expect("lsn"), outcomes_through: None },
@@ -266,7 +266,7 @@ async fn subscribers_that_never_read_cost_bounded_memory() {
     for i in 0..20u8 {
         let mut ws = connect(port, "").await;
         let timeline = TimelineId([100 + i; 16]);
-        send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST }).await;
+        send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
         deaf.push(ws);
     }
     let before = rss_kib(pid);

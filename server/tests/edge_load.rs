@@ -77,6 +77,7 @@ async fn the_edge_holds_under_hostile_load() {
             doc: busy,
             timeline: TimelineId((i as u128 + 10).to_le_bytes()),
             storage_next: Lsn::FIRST,
+            digests: false,
         };
         ws.send(Ws::Binary(m.encode().into())).await.expect("subscribe");
         deaf.push(ws);

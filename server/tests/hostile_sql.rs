@@ -69,7 +69,7 @@ async fn raw_mutations(port: u16, doc: &str, timeline: TimelineId, statements: &
         .collect();
     for m in [
         Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-        Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST },
+        Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false },
         Message::Mutations { doc, timeline, first: Lsn::FIRST, entries },
     ] {
         ws.send(Ws::Binary(m.encode().into())).await.expect("send");

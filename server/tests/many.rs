@@ -63,7 +63,7 @@ async fn a_thousand_documents_across_a_hundred_connections() {
         for d in 0..DOCS_PER_CONN {
             let doc = DocId::from_u128(1 + c as u128 * DOCS_PER_CONN + d);
             let timeline = TimelineId([c as u8 + 1; 16]);
-            send(ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST }).await;
+            send(ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
         }
     }
     for ws in &mut sockets {
@@ -101,7 +101,7 @@ async fn a_thousand_documents_across_a_hundred_connections() {
     // Still open and working after shrinking: one more subscription is answered.
     let ws = &mut sockets[0];
     let doc = DocId::from_u128(1);
-    send(ws, Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST }).await;
+    send(ws, Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false }).await;
     assert!(matches!(next_reply(ws).await, Some(Message::MutationsAck { .. })));
 }
 
@@ -112,7 +112,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     let _server = start(port, &format!("file://{}", dir.path().display()));
     let doc = DocId::from_u128(0x600d);
     let mut good = connect(port).await;
-    send(&mut good, Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST })
+    send(&mut good, Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false })
         .await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })));
 
@@ -139,7 +139,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     assert!(matches!(next_reply(&mut text).await, Some(Message::Error { .. })));
 
     // The well-behaved connection and its document carry on.
-    let ping = Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST };
+    let ping = Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false };
     send(&mut good, ping).await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })), "still served");
 }

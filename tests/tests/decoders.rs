@@ -8,7 +8,7 @@ use std::alloc::System;
 use cap::Cap;
 use pagesync::journal::{Lsn, codec};
 use pagesync::protocol::{ClientSession, ConnId, Message, PROTOCOL_VERSION, ServerSession};
-use pagesync::wire::WireEntry;
+use pagesync::wire::{Confirm, WireEntry, WireKind};
 use pagesync::{ClientDocument, DocId, Mutation, ServerDocument, TimelineId, storage};
 use pagesync_tests::{Rng, memory_journal, sql};
 
@@ -47,12 +47,16 @@ fn samples() -> Samples {
     let storage = server.read_storage(range).expect("read");
     let mut wire = server.read_wire(range).expect("wire");
     wire.extend(storage.iter().map(|s| WireEntry::full(s)));
+    let lsn = |n| Lsn::new(n).expect("lsn");
+    let forgotten = vec![(TimelineId([4; 16]), lsn(9))];
+    let confirm = Confirm { time_ms: 1_700_000_000_000, first: lsn(3), last: lsn(7), forgotten, digest: [5; 16] };
+    wire.push(WireEntry::confirm(&confirm));
     let doc = DocId::from_u128(9);
     let timeline = client.timeline_id();
     let lsn = Lsn::FIRST;
     let messages = [
         Message::Hello { version: PROTOCOL_VERSION, token: "token".into() },
-        Message::Subscribe { doc, timeline, storage_next: lsn },
+        Message::Subscribe { doc, timeline, storage_next: lsn, digests: true },
         Message::Mutations { doc, timeline, first: lsn, entries: mutations.clone() },
         Message::MutationsAck { doc, timeline, next_expected: lsn, storage_next: lsn },
         Message::Storage { doc, first: lsn, entries: wire.clone() },
@@ -130,9 +134,12 @@ fn mutated_frames_never_panic_nor_allocate_without_bound() {
             }
             1 => {
                 let w = &s.wire[rng.below(s.wire.len() as u64) as usize];
-                let delta = rng.chance(50);
-                let damaged = WireEntry { delta, data: mutate(&mut rng, &w.data) };
-                accepted += matches!(damaged.resolve(zero_previous), Ok(Ok(_))) as usize;
+                let kind = [WireKind::Full, WireKind::Delta, WireKind::Confirm][rng.below(3) as usize];
+                let damaged = WireEntry { kind, data: mutate(&mut rng, &w.data) };
+                accepted += match kind {
+                    WireKind::Confirm => matches!(damaged.as_confirm(), Some(Ok(_))),
+                    _ => matches!(damaged.resolve(zero_previous), Ok(Ok(_))),
+                } as usize;
             }
             2 => {
                 let st = {

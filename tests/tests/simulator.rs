@@ -44,6 +44,7 @@ fn run_shard(shard: u64) {
         assert!(stats.step_failures > 0 && stats.local_write_failures > 0, "{stats:?}");
         assert!(stats.client_apply_failures > 0 && stats.reopens > 0, "{stats:?}");
         assert!(stats.forgetting_entries > 0, "no step forgot copied rejections: {stats:?}");
+        assert!(stats.confirmed_by_digest > 0, "no client kept a confirmation by digest: {stats:?}");
     }
 }
 

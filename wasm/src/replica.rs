@@ -190,7 +190,7 @@ impl Replica {
     }
 
     /// `{ pending, confirmed, rejected: [{ id, code, message }], error, connected, caughtUp,
-    /// storageKind }`. `error` is the server's last error for this document or connection.
+    /// storageKind, confirmedByDigest, digestMismatches }`. `error` is the server's last error for this document or connection.
     pub fn status(&self) -> Result<JsValue, JsError> {
         let doc = self.document();
         let outcomes = doc.outcomes().map_err(js_error)?;
@@ -210,6 +210,8 @@ impl Replica {
         set(&out, "connected", self.session.is_connected());
         set(&out, "caughtUp", self.session.caught_up(self.doc));
         set(&out, "storageKind", self.storage_kind);
+        set(&out, "confirmedByDigest", status.confirmed_by_digest as f64);
+        set(&out, "digestMismatches", status.digest_mismatches as f64);
         Ok(out.into())
     }
 
@@ -230,7 +232,13 @@ impl Replica {
 
     /// One binary frame from the server.
     pub fn receive(&mut self, now_ms: f64, frame: &[u8]) -> Result<(), JsError> {
+        let mismatches = self.session.digest_mismatches();
         let result = self.session.handle_frame(now_ms as i64, frame).map_err(js_error);
+        if self.session.digest_mismatches() > mismatches {
+            // Loudly: it means two replicas ran the same mutations to different pages.
+            let why = self.session.status(self.doc).and_then(|s| s.error).map(|(_, m)| m).unwrap_or_default();
+            web_sys::console::error_1(&format!("pagesync: a confirmation by digest did not match: {why}").into());
+        }
         self.version = self.version.wrapping_add(1);
         result
     }

@@ -75,6 +75,8 @@ struct Link {
     server_storage_next: Lsn,
     /// The last error the server reported for this document.
     error: Option<(String, String)>,
+    /// Subscribe taking confirmations by digest: until one cannot be kept on this connection.
+    digests: bool,
 }
 
 /// What a client knows about one document's sync.
@@ -86,6 +88,11 @@ pub struct DocStatus {
     pub server_storage_next: Lsn,
     /// The server's last error for this document: (code, message).
     pub error: Option<(String, String)>,
+    /// Entries kept from confirmations by digest (their pages never crossed the wire).
+    pub confirmed_by_digest: u64,
+    /// Confirmations whose replay here gave other pages than the server's: a determinism
+    /// failure (or a budget lower than the server's). Each fell back to the pages.
+    pub digest_mismatches: u64,
 }
 
 pub struct ClientSession {
@@ -132,6 +139,7 @@ impl ClientSession {
             last_heard_ms: self.now_ms,
             server_storage_next: Lsn::FIRST,
             error: None,
+            digests: true,
         };
         self.links.insert(id, link);
     }
@@ -165,7 +173,15 @@ impl ClientSession {
             storage_next: l.doc.storage_range().next(),
             server_storage_next: l.server_storage_next,
             error: l.error.clone(),
+            confirmed_by_digest: l.doc.confirm_stats().0,
+            digest_mismatches: l.doc.confirm_stats().1,
         })
+    }
+
+    /// Confirmations by digest whose replay gave other pages, over every document: a
+    /// determinism failure each (see `DocStatus::digest_mismatches`). Log when it grows.
+    pub fn digest_mismatches(&self) -> u64 {
+        self.links.values().map(|l| l.doc.confirm_stats().1).sum()
     }
 
     pub fn connection_error(&self) -> Option<&(String, String)> {
@@ -258,7 +274,7 @@ impl ClientSession {
         for l in self.links.values_mut() {
             l.state = l.state.on(SubEvent::Reset);
             l.up = SendWindow::new(l.doc.pending_range().first());
-            (l.ack_due, l.last_heard_ms) = (false, now_ms);
+            (l.ack_due, l.last_heard_ms, l.digests) = (false, now_ms, true);
         }
     }
 
@@ -301,6 +317,17 @@ impl ClientSession {
                 match link.doc.receive_wire(first, &entries) {
                     Err(crate::Error::Gap { .. }) => {
                         link.state = link.state.on(SubEvent::Gap { now_ms });
+                        return Ok(());
+                    }
+                    Err(e @ crate::Error::ConfirmMismatch { replayed, .. }) => {
+                        // The entries before it are kept; it and the rest come again with
+                        // their pages, on a subscription without confirmations.
+                        link.digests = false;
+                        link.state = SubState::Unsubscribed;
+                        link.ack_due = true;
+                        if replayed {
+                            link.error = Some((super::codes::NONDETERMINISM.into(), e.to_string()));
+                        }
                         return Ok(());
                     }
                     result => result?,
@@ -401,7 +428,8 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     if l.state == SubState::Unsubscribed {
         l.state = l.state.on(SubEvent::Sent { now_ms });
         let storage_next = l.doc.storage_range().next();
-        return Some(Message::Subscribe { doc: id, timeline: l.doc.timeline_id(), storage_next });
+        let (timeline, digests) = (l.doc.timeline_id(), l.digests);
+        return Some(Message::Subscribe { doc: id, timeline, storage_next, digests });
     }
     if l.ack_due {
         l.ack_due = false;

@@ -28,7 +28,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -80,6 +80,9 @@ pub mod codes {
     pub const SLOW_READER: &str = "slow_reader";
     /// The server could not keep serving the document after an internal error.
     pub const INTERNAL: &str = "internal";
+    /// Client-side only, in a document's status: replaying a step confirmed by digest gave
+    /// other pages than the server's (see `Error::ConfirmMismatch`).
+    pub const NONDETERMINISM: &str = "nondeterminism";
 }
 
 /// Everything that crosses a connection.
@@ -89,8 +92,10 @@ pub enum Message {
     /// First message of a connection, client to server.
     Hello { version: u32, token: String },
     /// Client: "I hold storage before `storage_next`; send me the rest, and tell me where my
-    /// timeline stands".
-    Subscribe { doc: DocId, timeline: TimelineId, storage_next: Lsn },
+    /// timeline stands". With `digests`, an entry that applied only this timeline's mutations
+    /// may come as a confirmation by digest (`wire::Confirm`); a client whose replay did not
+    /// match subscribes again without.
+    Subscribe { doc: DocId, timeline: TimelineId, storage_next: Lsn, digests: bool },
     /// Client: timeline entries `first, first+1, ...`.
     Mutations {
         doc: DocId,

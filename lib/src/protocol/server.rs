@@ -66,6 +66,8 @@ struct Sub {
     /// The timeline its `Subscribe` named: its `StorageAck`s say which of that timeline's
     /// rejections it has copied.
     timeline: TimelineId,
+    /// It takes confirmations by digest of the entries that applied its timeline alone.
+    digests: bool,
     /// Entries up to here go whole: the subscriber restarts at the checkpoint they end, and
     /// holds no pages to apply a delta to.
     full_until: Option<Lsn>,
@@ -386,6 +388,11 @@ pub struct SessionStats {
     pub rejections_forgotten: u64,
     /// Jobs that read storage entries ahead for subscribers.
     pub storage_reads: u64,
+    /// Entries sent as confirmations by digest instead of their pages.
+    pub confirms_sent: u64,
+    /// Subscribers that took confirmations and subscribed again without (they could not
+    /// keep one: see `Error::ConfirmMismatch`).
+    pub digest_fallbacks: u64,
 }
 
 impl SessionStats {
@@ -714,8 +721,8 @@ impl ServerSession {
             {
                 self.defer(conn, now_ms, msg)
             }
-            Message::Subscribe { doc, timeline, storage_next } => {
-                self.subscribe(conn, doc, timeline, storage_next)
+            Message::Subscribe { doc, timeline, storage_next, digests } => {
+                self.subscribe(conn, doc, timeline, storage_next, digests)
             }
             Message::Mutations { doc, timeline, first, entries } => {
                 if let Some(open) = self.here(doc) {
@@ -788,7 +795,7 @@ impl ServerSession {
         self.run_here(doc);
     }
 
-    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn) {
+    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn, digests: bool) {
         let over_limit = self.conns.get(&conn).is_some_and(|c| {
             !c.subs.contains_key(&doc) && c.subs.len() + c.opening.len() >= MAX_DOCS_PER_CONNECTION
         });
@@ -820,11 +827,14 @@ impl ServerSession {
         // A replica that stopped inside a checkpoint's parts may be restarting at it: the rest
         // of the checkpoint goes whole too (any replica can take a whole entry).
         let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
-        let sub =
-            Sub { window: SendWindow::new(start), timeline, full_until, retry_read_at: None, timer: None };
+        let window = SendWindow::new(start);
+        let sub = Sub { window, timeline, digests, full_until, retry_read_at: None, timer: None };
         if let Some(c) = self.conns.get_mut(&conn) {
             if let Some(mut old) = c.subs.insert(doc, sub) {
                 old.disarm(&mut self.timers, conn, doc);
+                // It could not keep a confirmation: its replay gave other pages, or it does
+                // not hold the mutations (see `Error::ConfirmMismatch`).
+                self.stats.digest_fallbacks += u64::from(old.digests && !digests);
             }
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
             if let Some(open) = self.docs.get_mut(&doc) {
@@ -1290,6 +1300,10 @@ impl ServerSession {
             if let Some(msg) = msg {
                 sub.rearm(&mut self.timers, id, doc);
                 c.cursor = Some(doc);
+                if let Message::Storage { entries, .. } = &msg {
+                    let confirms = entries.iter().filter(|e| e.kind == crate::wire::WireKind::Confirm);
+                    self.stats.confirms_sent += confirms.count() as u64;
+                }
                 return Some(msg);
             }
         }
@@ -1315,8 +1329,8 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
         // with (there is one: `subscribe` checked, and trimming keeps it so).
         sub.full_until = d.base_checkpoint().map(|c| c.last);
     }
-    let full_until = sub.full_until;
-    let in_memory = |ahead: &ReadAhead, lsn: Lsn| cached(d, ahead, full_until, lsn).is_some();
+    let (full_until, confirms) = (sub.full_until, sub.digests.then_some(sub.timeline));
+    let in_memory = |ahead: &ReadAhead, lsn: Lsn| cached(d, ahead, full_until, None, lsn).is_some();
     let first = sub.window.next.max(avail.first());
     // A read is already asked for the entry it needs next: nothing to do until it is back.
     if !in_memory(&open.ahead, first) && open.ahead.want.is_some_and(|w| w <= first) {
@@ -1326,7 +1340,7 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
     let mut bytes = 0;
     let mut lsn = first;
     while lsn < avail.next() && bytes < MAX_BATCH_BYTES.min(window) {
-        let e = match cached(d, &open.ahead, full_until, lsn) {
+        let e = match cached(d, &open.ahead, full_until, confirms, lsn) {
             Some(e) => e.clone(),
             None if here && open.ahead.error.is_none() => {
                 open.ahead.merge(Some(super::job::read_ahead(d, lsn)), Some(lsn), now_ms);
@@ -1367,16 +1381,19 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
 }
 
 /// Entry `lsn` in memory, in a form a subscriber can take: whole up to `full_until` (it holds
-/// no pages a delta could apply to), else as the document keeps it.
+/// no pages a delta could apply to), else as the document keeps it, or as a confirmation by
+/// digest when it applied only the mutations of `confirms` (the subscriber's timeline, when
+/// it takes them).
 fn cached<'a>(
     d: &'a ServerDocument,
     ahead: &'a ReadAhead,
     full_until: Option<Lsn>,
+    confirms: Option<TimelineId>,
     lsn: Lsn,
 ) -> Option<&'a WireEntry> {
     let recent = match full_until {
         Some(until) if lsn <= until => None,
-        _ => d.recent_wire(lsn),
+        _ => confirms.and_then(|tl| d.recent_confirm(lsn, tl)).or_else(|| d.recent_wire(lsn)),
     };
     recent.or_else(|| ahead.entries.get(&lsn))
 }

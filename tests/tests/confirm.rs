@@ -1,0 +1,180 @@
+//! Confirmation by digest: a step that applied one client's mutations alone reaches that
+//! client as a `Confirm` (what the entry records beside its pages, and a digest); the client
+//! replays its own mutations as the step did and keeps its own pages. Other subscribers get the
+//! pages. Every replica stays byte-identical to the server, schema changes included, and a
+//! replay that gives other pages falls back to the pages, counted on both sides.
+
+use pagesync::journal::Lsn;
+use pagesync::protocol::{ClientSession, ConnId, Message, ServerSession};
+use pagesync::wire::WireKind;
+use pagesync::{ClientDocument, DocId, MutationState, ServerDocument, Value};
+use pagesync_tests::{memory_journal, sql};
+
+const T0: i64 = 1_700_000_000_000;
+const DOC: DocId = DocId([3; 16]);
+
+struct Pair {
+    server: ServerSession,
+    a: ClientSession,
+    b: ClientSession,
+    /// Downloaded entries by kind, per client: (full or delta, confirm).
+    kinds: [(usize, usize); 2],
+    /// Bytes of `Storage` frames A received.
+    a_storage_bytes: usize,
+}
+
+fn replica(n: u128) -> ClientDocument {
+    ClientDocument::open(memory_journal(n), memory_journal(n + 1)).expect("replica")
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let server = ServerSession::new(Box::new(|d: DocId| {
+            ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))
+        }));
+        let (mut a, mut b) = (ClientSession::new(""), ClientSession::new(""));
+        a.add_document(DOC, replica(10));
+        b.add_document(DOC, replica(20));
+        let mut p = Pair { server, a, b, kinds: [(0, 0); 2], a_storage_bytes: 0 };
+        for (i, s) in [&mut p.a, &mut p.b].into_iter().enumerate() {
+            p.server.connect(ConnId(i as u64 + 1));
+            s.connected(T0);
+        }
+        p
+    }
+
+    /// Frames both ways until nobody has anything to send.
+    fn exchange(&mut self, now: i64) {
+        for _ in 0..50 {
+            let mut quiet = true;
+            for (i, s) in [&mut self.a, &mut self.b].into_iter().enumerate() {
+                while let Some(m) = s.poll_transmit() {
+                    quiet = false;
+                    self.server.handle_frame(ConnId(i as u64 + 1), now, &m.encode());
+                }
+            }
+            self.server.handle_timeout(now);
+            while let Some((conn, m)) = self.server.poll_transmit() {
+                quiet = false;
+                let i = conn.0 as usize - 1;
+                let frame = m.encode();
+                if let Message::Storage { entries, .. } = &m {
+                    for e in entries {
+                        match e.kind {
+                            WireKind::Confirm => self.kinds[i].1 += 1,
+                            _ => self.kinds[i].0 += 1,
+                        }
+                    }
+                    if i == 0 {
+                        self.a_storage_bytes += frame.len();
+                    }
+                }
+                let s = if i == 0 { &mut self.a } else { &mut self.b };
+                s.handle_frame(now, &frame).expect("apply");
+            }
+            if quiet {
+                return;
+            }
+        }
+        panic!("the exchange did not settle");
+    }
+
+    fn write(&mut self, on_b: bool, q: &str, params: Vec<Value>, seed: u64) -> Lsn {
+        let s = if on_b { &mut self.b } else { &mut self.a };
+        s.mutate(DOC, sql(q, params), T0 + seed as i64, seed).expect("write").lsn
+    }
+
+    /// Every replica holds the server's pages, byte for byte, and nothing is pending.
+    fn assert_converged(&self) {
+        let theirs = self.server.document(DOC).expect("open").export().expect("export");
+        for s in [&self.a, &self.b] {
+            let doc = s.document(DOC).expect("doc");
+            assert_eq!(doc.pending_count(), 0);
+            assert_eq!(doc.export().expect("export"), theirs, "a replica differs from the server");
+        }
+    }
+}
+
+#[test]
+fn an_authors_own_steps_come_back_as_digests_and_replicas_stay_identical() {
+    let mut p = Pair::new();
+    // Schema changes move the schema cookie, which a client shows SQLite differently.
+    p.write(false, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", vec![], 1);
+    p.exchange(T0);
+    p.assert_converged();
+    let mut lsns = Vec::new();
+    for i in 0..40 {
+        lsns.push(p.write(false, "INSERT INTO t(v) VALUES (?1)", vec![Value::Text(format!("row {i} {}", "x".repeat(i * 7)))], 100 + i as u64));
+        if i == 20 {
+            p.write(false, "CREATE INDEX t_v ON t(v)", vec![], 999);
+        }
+        p.exchange(T0 + i as i64);
+    }
+    p.assert_converged();
+    let a = p.a.status(DOC).expect("status");
+    assert!(a.confirmed_by_digest >= 40, "A kept its own steps from digests: {a:?}");
+    assert_eq!(a.digest_mismatches, 0);
+    assert!(p.kinds[0].1 >= 40 && p.kinds[1].1 == 0, "only the author gets digests: {:?}", p.kinds);
+    assert!(p.kinds[1].0 >= 40, "B gets the pages: {:?}", p.kinds);
+    for lsn in lsns {
+        assert_eq!(p.a.document(DOC).expect("doc").state(lsn).expect("state"), MutationState::Confirmed);
+    }
+    let stats = p.server.stats();
+    assert!(stats.confirms_sent >= 40 && stats.digest_fallbacks == 0, "{stats:?}");
+
+    // A single-row commit costs its author a frame of a few dozen bytes.
+    let before = p.a_storage_bytes;
+    p.write(false, "INSERT INTO t(v) VALUES ('one more')", vec![], 5_000);
+    p.exchange(T0 + 100);
+    let bytes = p.a_storage_bytes - before;
+    assert!(bytes <= 64, "the author downloaded {bytes} bytes for a one-row commit");
+    p.assert_converged();
+}
+
+#[test]
+fn steps_with_other_writers_or_rejections_send_pages() {
+    let mut p = Pair::new();
+    p.write(false, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL)", vec![], 1);
+    p.exchange(T0);
+    let confirms = p.kinds[0].1;
+    // Both write before either is sent: one step applies both timelines.
+    p.write(false, "INSERT INTO t(v) VALUES ('a')", vec![], 2);
+    p.write(true, "INSERT INTO t(v) VALUES ('b')", vec![], 3);
+    p.exchange(T0 + 1);
+    // A rejected mutation: its step carries a rejection row, which the author does not replay.
+    let bad = p.write(false, "INSERT INTO t(v) VALUES (NULL)", vec![], 4);
+    p.exchange(T0 + 2);
+    assert!(matches!(
+        p.a.document(DOC).expect("doc").state(bad).expect("state"),
+        MutationState::Rejected(_)
+    ));
+    assert_eq!(p.kinds[0].1, confirms, "no step since the first was A's alone without a rejection");
+    p.assert_converged();
+}
+
+#[test]
+fn a_replay_that_gives_other_pages_falls_back_to_the_pages() {
+    let mut p = Pair::new();
+    p.write(false, "CREATE TABLE t(x)", vec![], 1);
+    p.exchange(T0);
+    // A runs its mutations under a far smaller budget than the server's: its replay of the
+    // server's step rejects what the server applied, the digest cannot match.
+    let tight = pagesync::sandbox::Budget { max_vm_steps: 2_000, ..Default::default() };
+    let mut doc = p.a.remove_document(DOC).expect("doc");
+    doc.set_budget(tight).expect("budget");
+    p.a.add_document(DOC, doc);
+    let heavy = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 500) INSERT INTO t SELECT x FROM c";
+    let lsn = p.write(false, heavy, vec![], 2);
+    p.exchange(T0 + 1);
+    let a = p.a.status(DOC).expect("status");
+    assert_eq!(a.digest_mismatches, 1, "{a:?}");
+    assert_eq!(p.server.stats().digest_fallbacks, 1);
+    assert_eq!(p.a.document(DOC).expect("doc").state(lsn).expect("state"), MutationState::Confirmed);
+    p.assert_converged();
+    let n = p.a.document(DOC).expect("doc").query("SELECT count(*) FROM t", &[]).expect("query");
+    assert_eq!(n.rows[0][0], Value::Integer(500), "A holds the server's rows");
+    // Later steps still converge (with pages, on this connection).
+    p.write(false, "INSERT INTO t VALUES (1)", vec![], 3);
+    p.exchange(T0 + 2);
+    p.assert_converged();
+}
