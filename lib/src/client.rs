@@ -118,10 +118,19 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// Every rejection at or below this LSN is in `rejected`, durably: the server may forget
     /// them.
     outcomes_through: Option<Lsn>,
-    /// Entries kept from confirmations by digest, and confirmations whose replay gave other
-    /// pages (`receive_confirm`).
-    confirmed_by_digest: u64,
-    digest_mismatches: u64,
+    confirms: ConfirmStats,
+}
+
+/// How a replica fared with confirmations by digest (`ClientDocument::receive_confirm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConfirmStats {
+    /// Entries kept from confirmations: their pages never crossed the wire.
+    pub kept: u64,
+    /// Of those, kept from the optimistic state as it was (no replay).
+    pub kept_as_is: u64,
+    /// Confirmations whose replay gave other pages than the server's: a determinism failure
+    /// (or a budget lower than the server's). Each fell back to the pages.
+    pub mismatches: u64,
 }
 
 /// One entry of the outcome journal: rejections as (LSN, code, message).
@@ -208,8 +217,7 @@ impl<R: Reducer> ClientDocument<R> {
             outcomes,
             rejected: BTreeMap::new(),
             outcomes_through: None,
-            confirmed_by_digest: 0,
-            digest_mismatches: 0,
+            confirms: ConfirmStats::default(),
         };
         doc.synced_next = doc.timeline.range().next();
         doc.read_outcomes()?;
@@ -565,38 +573,50 @@ impl<R: Reducer> ClientDocument<R> {
         let Some(count) = ours else {
             return Err(mismatch(false, "it confirms mutations this replica does not hold pending"));
         };
+        // The optimistic state is the stored state plus exactly these mutations when they
+        // are all that is pending (and no rebase is due): the step's pages are those plus its
+        // system rows. Otherwise they are replayed as the step ran them.
+        let all_pending = count == self.pending.len() && !self.rebase_due;
         self.rebase_due = true;
-        let replayed = self.replay_confirmed(&confirm, count);
-        if !matches!(replayed, Ok(true)) {
+        let mut kept = if all_pending { self.keep_confirmed(&confirm, false, count) } else { Ok(false) };
+        self.confirms.kept_as_is += u64::from(matches!(kept, Ok(true)));
+        if matches!(kept, Ok(false)) {
+            kept = self.keep_confirmed(&confirm, true, count);
+        }
+        if !matches!(kept, Ok(true)) {
             self.db.store().discard_overlay();
         }
         self.rebase()?;
-        match replayed? {
+        match kept? {
             true => {
-                self.confirmed_by_digest += 1;
+                self.confirms.kept += 1;
                 Ok(())
             }
             false => {
-                self.digest_mismatches += 1;
+                self.confirms.mismatches += 1;
                 Err(mismatch(true, "replaying its mutations did not give the server's pages (non-determinism)"))
             }
         }
     }
 
-    /// Replays the first `count` pending mutations as the step `confirm` describes; returns
-    /// whether the entry it cut has the server's digest (and was kept).
-    fn replay_confirmed(&mut self, confirm: &Confirm, count: usize) -> Result<bool> {
-        let shown = {
-            let mut store = self.db.store();
-            store.discard_overlay();
-            store.shown()
-        };
+    /// Makes the step `confirm` describes over the stored state (`replay`: the first `count`
+    /// pending mutations run again, in one transaction; else the optimistic state, which holds
+    /// them already), adds its system rows, and keeps the entry cut from it if its digest is
+    /// the server's. Returns whether it was kept.
+    fn keep_confirmed(&mut self, confirm: &Confirm, replay: bool, count: usize) -> Result<bool> {
+        if replay {
+            self.db.store().discard_overlay();
+        }
         let conn = self.db.conn();
         crate::db::run_cached(conn, "BEGIN IMMEDIATE")?;
         let mut applied = Vec::with_capacity(count);
         for (lsn, m) in self.pending.iter().take(count) {
+            applied.push(Applied { timeline: self.timeline_id, lsn: *lsn, time_ms: m.client_time_ms });
+            if !replay {
+                continue;
+            }
             match apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
-                Ok(Ok(())) => applied.push(Applied { timeline: self.timeline_id, lsn: *lsn, time_ms: m.client_time_ms }),
+                Ok(Ok(())) => {}
                 // The server applied it: a replay that rejects it cannot give its pages.
                 Ok(Err(_)) | Err(Error::TransactionLost(_)) => {
                     let _ = conn.execute_batch("ROLLBACK");
@@ -616,14 +636,13 @@ impl<R: Reducer> ClientDocument<R> {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(self.db.explain(e));
         }
-        let kept = self.db.store().commit_replayed(shown, &applied, &confirm.forgotten, confirm.time_ms, &confirm.digest)?;
-        Ok(kept)
+        let (forgotten, time_ms) = (&confirm.forgotten, confirm.time_ms);
+        Ok(self.db.store().commit_as_step(&applied, forgotten, time_ms, &confirm.digest)?)
     }
 
-    /// Storage entries this replica kept from a confirmation by digest (`receive_confirm`),
-    /// and confirmations it could not keep because its replay gave other pages.
-    pub fn confirm_stats(&self) -> (u64, u64) {
-        (self.confirmed_by_digest, self.digest_mismatches)
+    /// How this replica fared with confirmations by digest since it was opened.
+    pub fn confirm_stats(&self) -> ConfirmStats {
+        self.confirms
     }
 
     /// Resolves the new entries (a delta sees the pages of the entries before it in the same

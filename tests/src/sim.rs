@@ -869,11 +869,11 @@ impl Sim {
             }
             for (i, c) in self.clients.iter().enumerate() {
                 let d = c.session.document(*doc).expect("open");
-                let (kept, mismatched) = d.confirm_stats();
-                if mismatched > 0 {
+                let confirms = d.confirm_stats();
+                if confirms.mismatches > 0 {
                     self.fail(format!("client {i} replayed a confirmed step of {doc} to other pages"));
                 }
-                self.stats.confirmed_by_digest += kept;
+                self.stats.confirmed_by_digest += confirms.kept;
                 if crate::pages_of(d.database()) != server_pages {
                     self.fail(format!("client {i} differs from the server on {doc}"));
                 }

@@ -112,8 +112,9 @@ fn an_authors_own_steps_come_back_as_digests_and_replicas_stay_identical() {
     }
     p.assert_converged();
     let a = p.a.status(DOC).expect("status");
-    assert!(a.confirmed_by_digest >= 40, "A kept its own steps from digests: {a:?}");
-    assert_eq!(a.digest_mismatches, 0);
+    assert!(a.confirms.kept >= 40, "A kept its own steps from digests: {a:?}");
+    assert!(a.confirms.kept_as_is >= 40, "one write per step: its optimistic state is the step's: {a:?}");
+    assert_eq!(a.confirms.mismatches, 0);
     assert!(p.kinds[0].1 >= 40 && p.kinds[1].1 == 0, "only the author gets digests: {:?}", p.kinds);
     assert!(p.kinds[1].0 >= 40, "B gets the pages: {:?}", p.kinds);
     for lsn in lsns {
@@ -121,6 +122,17 @@ fn an_authors_own_steps_come_back_as_digests_and_replicas_stay_identical() {
     }
     let stats = p.server.stats();
     assert!(stats.confirms_sent >= 40 && stats.digest_fallbacks == 0, "{stats:?}");
+
+    // Many writes in one step (each its own local transaction, one with a schema change):
+    // the optimistic state is still the step's pages.
+    let as_is = p.a.status(DOC).expect("status").confirms.kept_as_is;
+    for i in 0..10 {
+        p.write(false, "INSERT INTO t(v) VALUES (?1)", vec![Value::Integer(i)], 2_000 + i as u64);
+    }
+    p.write(false, "CREATE TABLE u(x)", vec![], 2_100);
+    p.exchange(T0 + 50);
+    p.assert_converged();
+    assert_eq!(p.a.status(DOC).expect("status").confirms.kept_as_is, as_is + 1, "eleven writes, one step");
 
     // A single-row commit costs its author a frame of a few dozen bytes.
     let before = p.a_storage_bytes;
@@ -167,7 +179,7 @@ fn a_replay_that_gives_other_pages_falls_back_to_the_pages() {
     let lsn = p.write(false, heavy, vec![], 2);
     p.exchange(T0 + 1);
     let a = p.a.status(DOC).expect("status");
-    assert_eq!(a.digest_mismatches, 1, "{a:?}");
+    assert_eq!(a.confirms.mismatches, 1, "{a:?}");
     assert_eq!(p.server.stats().digest_fallbacks, 1);
     assert_eq!(p.a.document(DOC).expect("doc").state(lsn).expect("state"), MutationState::Confirmed);
     p.assert_converged();

@@ -210,8 +210,8 @@ impl Replica {
         set(&out, "connected", self.session.is_connected());
         set(&out, "caughtUp", self.session.caught_up(self.doc));
         set(&out, "storageKind", self.storage_kind);
-        set(&out, "confirmedByDigest", status.confirmed_by_digest as f64);
-        set(&out, "digestMismatches", status.digest_mismatches as f64);
+        set(&out, "confirmedByDigest", status.confirms.kept as f64);
+        set(&out, "digestMismatches", status.confirms.mismatches as f64);
         Ok(out.into())
     }
 

@@ -88,11 +88,8 @@ pub struct DocStatus {
     pub server_storage_next: Lsn,
     /// The server's last error for this document: (code, message).
     pub error: Option<(String, String)>,
-    /// Entries kept from confirmations by digest (their pages never crossed the wire).
-    pub confirmed_by_digest: u64,
-    /// Confirmations whose replay here gave other pages than the server's: a determinism
-    /// failure (or a budget lower than the server's). Each fell back to the pages.
-    pub digest_mismatches: u64,
+    /// How the replica fared with confirmations by digest.
+    pub confirms: crate::ConfirmStats,
 }
 
 pub struct ClientSession {
@@ -173,15 +170,14 @@ impl ClientSession {
             storage_next: l.doc.storage_range().next(),
             server_storage_next: l.server_storage_next,
             error: l.error.clone(),
-            confirmed_by_digest: l.doc.confirm_stats().0,
-            digest_mismatches: l.doc.confirm_stats().1,
+            confirms: l.doc.confirm_stats(),
         })
     }
 
     /// Confirmations by digest whose replay gave other pages, over every document: a
-    /// determinism failure each (see `DocStatus::digest_mismatches`). Log when it grows.
+    /// determinism failure each (see `ConfirmStats::mismatches`). Log when it grows.
     pub fn digest_mismatches(&self) -> u64 {
-        self.links.values().map(|l| l.doc.confirm_stats().1).sum()
+        self.links.values().map(|l| l.doc.confirm_stats().mismatches).sum()
     }
 
     pub fn connection_error(&self) -> Option<&(String, String)> {
