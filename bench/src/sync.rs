@@ -31,6 +31,11 @@ struct Trio {
     down_bytes_b: usize,
     /// What the same storage entries would cost as whole (LZ4, no delta) wire entries.
     down_bytes_b_full: usize,
+    /// Encoded bytes of `Storage` messages delivered to A (the author: confirmations).
+    down_bytes_a: usize,
+    /// Time A and B spent applying `Storage` messages.
+    apply_a: std::time::Duration,
+    apply_b: std::time::Duration,
 }
 
 const A: ConnId = ConnId(1);
@@ -56,7 +61,16 @@ impl Trio {
             server.connect(conn);
             c.connected(0);
         }
-        let mut t = Trio { server, a, b, down_bytes_b: 0, down_bytes_b_full: 0 };
+        let mut t = Trio {
+            server,
+            a,
+            b,
+            down_bytes_b: 0,
+            down_bytes_b_full: 0,
+            down_bytes_a: 0,
+            apply_a: std::time::Duration::ZERO,
+            apply_b: std::time::Duration::ZERO,
+        };
         t.a.mutate(
             DOC,
             SqlMutation::one("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", vec![]).encode(),
@@ -68,8 +82,10 @@ impl Trio {
         t
     }
 
-    /// Moves messages until nothing is left to send.
+    /// Moves messages until nothing is left to send. The server's clock is `T0 + now`, where
+    /// the clients' are.
     fn pump(&mut self, now: i64) {
+        let now = T0 + now;
         loop {
             let mut moved = false;
             for (conn, c) in [(A, &mut self.a), (B, &mut self.b)] {
@@ -98,7 +114,15 @@ impl Trio {
                     let ours: usize = entries.iter().map(|e| e.data.len()).sum();
                     self.down_bytes_b_full += frame.len() - ours + whole;
                 }
+                let storage = matches!(m, Message::Storage { .. });
+                if storage && conn == A {
+                    self.down_bytes_a += frame.len();
+                }
+                let start = Instant::now();
                 c.handle_frame(now, &frame).expect("apply");
+                if storage {
+                    *(if conn == A { &mut self.apply_a } else { &mut self.apply_b }) += start.elapsed();
+                }
                 moved = true;
             }
             if !moved {
@@ -114,7 +138,49 @@ impl Trio {
 }
 
 pub fn run(cfg: &Config) -> Vec<Pair> {
-    vec![throughput(cfg), round_trips_on_files(cfg), downstream_bytes(cfg)]
+    let mut pairs = vec![throughput(cfg), round_trips_on_files(cfg)];
+    pairs.extend(downstream_bytes(cfg));
+    pairs.push(author_apply(cfg));
+    pairs
+}
+
+/// Rounds of `BIG_ROUND` mutations of a 1 KiB row each: the time the author (A) spends
+/// applying the storage that confirms a round, beside B applying the same storage. A keeps its
+/// own pages (confirmation by digest); B takes them.
+const BIG_ROUND: u64 = 2_000;
+
+fn author_apply(cfg: &Config) -> Pair {
+    let rounds = if cfg.quick { 2 } else { 5 };
+    let mut t = Trio::new();
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.reps {
+        let (a0, b0) = (t.apply_a, t.apply_b);
+        for r in 0..rounds {
+            for i in 0..BIG_ROUND {
+                let k = r * BIG_ROUND + i;
+                let body = SqlMutation::one(
+                    "INSERT INTO t(v) VALUES (?1)",
+                    vec![Value::Text(format!("{k:08} {}", "y".repeat(1_015)))],
+                )
+                .encode();
+                t.a.mutate(DOC, body, T0, k).expect("mutate");
+            }
+            t.pump(r as i64);
+        }
+        assert!(t.b_has_all(), "BUG: B did not receive everything");
+        ours.push((t.apply_a - a0).as_secs_f64() * 1e3 / rounds as f64);
+        peer.push((t.apply_b - b0).as_secs_f64() * 1e3 / rounds as f64);
+    }
+    Pair::new(
+        "sync",
+        "the author's apply of a round of 2,000 mutations of a 1 KiB row, memory journals",
+        "ms per round",
+        Better::Lower,
+        ours,
+        "B applying the same entries (pages, as XOR deltas)",
+        peer,
+        Some(Target::OursAtMost(10.0)),
+    )
 }
 
 /// One single-row mutation per round on real files (fdatasync on every append): A writes,
@@ -230,7 +296,7 @@ fn throughput(cfg: &Config) -> Pair {
 
 /// Bytes of `Storage` frames B receives per single-row commit, when every commit is its own
 /// step (a steady trickle). Peer: the same frames with every entry sent whole (LZ4, no delta).
-fn downstream_bytes(cfg: &Config) -> Pair {
+fn downstream_bytes(cfg: &Config) -> [Pair; 2] {
     let n = if cfg.quick { 50 } else { 500 };
     let mut t = Trio::new();
     // Some rows first, so the table spans several pages as in a real document.
@@ -238,25 +304,37 @@ fn downstream_bytes(cfg: &Config) -> Pair {
         t.a.mutate(DOC, row(i), T0, i).expect("mutate");
     }
     t.pump(0);
-    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    let (mut ours, mut peer, mut author) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.reps {
-        let (before, before_full) = (t.down_bytes_b, t.down_bytes_b_full);
+        let (before, before_full, before_a) = (t.down_bytes_b, t.down_bytes_b_full, t.down_bytes_a);
         for i in 0..n {
             t.a.mutate(DOC, row(1_000 + i), T0, i).expect("mutate");
             t.pump(i as i64);
         }
         ours.push((t.down_bytes_b - before) as f64 / n as f64);
         peer.push((t.down_bytes_b_full - before_full) as f64 / n as f64);
+        author.push((t.down_bytes_a - before_a) as f64 / n as f64);
     }
     let peer_name = "same entries sent whole (LZ4, no XOR delta)";
-    Pair::new(
+    let b = Pair::new(
         "sync",
         "downstream bytes per single-row commit",
         "bytes",
         Better::Lower,
-        ours,
+        ours.clone(),
         peer_name,
         peer,
         Some(Target::OursAtMost(1_500.0)),
-    )
+    );
+    let a = Pair::new(
+        "sync",
+        "the author's download per confirmed single-row commit (confirmation by digest)",
+        "bytes",
+        Better::Lower,
+        author,
+        "another subscriber's download of the same commits (the pages, XOR delta)",
+        ours,
+        Some(Target::OursAtMost(64.0)),
+    );
+    [b, a]
 }

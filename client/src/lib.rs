@@ -387,7 +387,8 @@ impl Document {
                 if left.is_zero() {
                     break;
                 }
-                queue = self.shared.gathered.wait_timeout(queue, left).expect("BUG: write queue lock poisoned").0;
+                queue =
+                    self.shared.gathered.wait_timeout(queue, left).expect("BUG: write queue lock poisoned").0;
             }
             queue.gathering = false;
             let writes = std::mem::take(&mut queue.waiting);

@@ -551,7 +551,7 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Keeps storage entry `lsn`, which applied this replica's pending mutations
-    /// `confirm.first..=confirm.last` and no others: replays them on the stored state as the
+    /// `confirm.first..=confirm.last()` and no others: replays them on the stored state as the
     /// server's step did (one transaction, a savepoint each, then the same system rows), cuts
     /// the entry as the server cut it and keeps it when the digests match. The pages never
     /// crossed the wire. On a mismatch nothing is kept and the pending mutations are re-run
@@ -565,12 +565,12 @@ impl<R: Reducer> ClientDocument<R> {
             return Err(Error::Gap { expected: next, got: lsn });
         }
         let mismatch = |replayed, why: &str| Error::ConfirmMismatch { lsn, replayed, why: why.to_owned() };
-        let count = confirm.last.get().checked_sub(confirm.first.get()).map(|n| n as usize + 1);
-        let ours = count.filter(|&n| {
+        let count = usize::try_from(confirm.more).ok().and_then(|n| n.checked_add(1));
+        let ours = count.zip(confirm.last()).filter(|&(n, last)| {
             let expected = self.applied.map_or(Lsn::FIRST, Lsn::next);
-            expected == confirm.first && self.pending.get(n - 1).is_some_and(|(l, _)| *l == confirm.last)
+            expected == confirm.first && self.pending.get(n - 1).is_some_and(|(l, _)| *l == last)
         });
-        let Some(count) = ours else {
+        let Some((count, _)) = ours else {
             return Err(mismatch(false, "it confirms mutations this replica does not hold pending"));
         };
         // The optimistic state is the stored state plus exactly these mutations when they
@@ -594,7 +594,10 @@ impl<R: Reducer> ClientDocument<R> {
             }
             false => {
                 self.confirms.mismatches += 1;
-                Err(mismatch(true, "replaying its mutations did not give the server's pages (non-determinism)"))
+                Err(mismatch(
+                    true,
+                    "replaying its mutations did not give the server's pages (non-determinism)",
+                ))
             }
         }
     }
@@ -628,7 +631,9 @@ impl<R: Reducer> ClientDocument<R> {
                 }
             }
         }
-        let last = BTreeMap::from([(self.timeline_id, confirm.last)]);
+        let (last_lsn, last_ms) =
+            self.pending.get(count - 1).map(|(l, m)| (*l, m.client_time_ms)).expect("BUG: checked");
+        let last = BTreeMap::from([(self.timeline_id, last_lsn)]);
         let system = crate::server::delete_rejections(conn, &confirm.forgotten)
             .and_then(|()| crate::server::record_applied(conn, &last))
             .and_then(|()| crate::db::run_cached(conn, "COMMIT"));
@@ -636,7 +641,7 @@ impl<R: Reducer> ClientDocument<R> {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(self.db.explain(e));
         }
-        let (forgotten, time_ms) = (&confirm.forgotten, confirm.time_ms);
+        let (forgotten, time_ms) = (&confirm.forgotten, confirm.entry_time_ms(last_ms));
         Ok(self.db.store().commit_as_step(&applied, forgotten, time_ms, &confirm.digest)?)
     }
 

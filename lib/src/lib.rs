@@ -27,7 +27,9 @@ pub mod store;
 mod vfs;
 pub mod wire;
 
-pub use client::{ClientDocument, ConfirmStats, Durability, MutationState, NORMAL_SYNC_MS, Outcomes, Rows, Submitted};
+pub use client::{
+    ClientDocument, ConfirmStats, Durability, MutationState, NORMAL_SYNC_MS, Outcomes, Rows, Submitted,
+};
 pub use error::{Error, Result};
 pub use ids::{DocId, TimelineId};
 pub use mutation::{Mutation, SqlMutation, Statement, Value};

@@ -65,8 +65,11 @@ pub const RECENT_WIRE_BYTES: usize = 4 << 20;
 /// Bounds on one step, so one storage entry (and the wait for it) stays small.
 #[derive(Clone, Copy, Debug)]
 pub struct StepLimits {
-    /// Mutations per step. 1,000: large enough to amortize the fsync under load, small enough
-    /// that a step takes milliseconds.
+    /// Mutations per step. 4,096: large enough to amortize the fsync under load and to take a
+    /// client's burst of writes in one step (which its author then confirms by digest, without
+    /// replaying: see `wire::Confirm`), small enough that a step of small writes takes a few
+    /// milliseconds (`max_bytes` and `max_step_vm_steps` bound the rest). Its applied list
+    /// holds at most 128 KiB of the entry.
     pub max_mutations: usize,
     /// Encoded mutation bytes per step. 4 MiB: a few large mutations fill a step alone.
     pub max_bytes: usize,
@@ -107,7 +110,7 @@ impl Default for Compaction {
 impl Default for StepLimits {
     fn default() -> Self {
         StepLimits {
-            max_mutations: 1_000,
+            max_mutations: 4_096,
             max_bytes: 4 << 20,
             max_mutation_bytes: MAX_MUTATION_BYTES,
             max_doc_bytes: None,
@@ -247,8 +250,12 @@ fn decoded_time(bytes: &[u8]) -> i64 {
 
 /// A step's system rows, the first: deletes each timeline's rejections through the LSN given
 /// (its client copied them). A client confirming a step by digest writes them the same way.
-pub(crate) fn delete_rejections(conn: &rusqlite::Connection, forget: &[(TimelineId, Lsn)]) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached("DELETE FROM _pagesync_rejections WHERE timeline = ?1 AND lsn <= ?2")?;
+pub(crate) fn delete_rejections(
+    conn: &rusqlite::Connection,
+    forget: &[(TimelineId, Lsn)],
+) -> rusqlite::Result<()> {
+    let mut stmt =
+        conn.prepare_cached("DELETE FROM _pagesync_rejections WHERE timeline = ?1 AND lsn <= ?2")?;
     for (tl, through) in forget {
         stmt.execute(rusqlite::params![&tl.0[..], through.get() as i64])?;
     }
@@ -256,9 +263,13 @@ pub(crate) fn delete_rejections(conn: &rusqlite::Connection, forget: &[(Timeline
 }
 
 /// A step's system rows, the last: the applied LSN of each timeline.
-pub(crate) fn record_applied(conn: &rusqlite::Connection, last: &BTreeMap<TimelineId, Lsn>) -> rusqlite::Result<()> {
-    let mut stmt =
-        conn.prepare_cached("INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)")?;
+pub(crate) fn record_applied(
+    conn: &rusqlite::Connection,
+    last: &BTreeMap<TimelineId, Lsn>,
+) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR REPLACE INTO _pagesync_timelines(timeline, applied_lsn) VALUES (?1, ?2)",
+    )?;
     for (tl, lsn) in last {
         stmt.execute(rusqlite::params![&tl.0[..], lsn.get() as i64])?;
     }
@@ -390,7 +401,10 @@ impl<R: Reducer> ServerDocument<R> {
             // A part changes no page: its delta (all zeros) is always the smaller form, so the
             // whole part is not compressed just to be compared.
             store.write_checkpoint_parts(c.start_pages, c.next..=through, now_ms, |c| {
-                remember_wire(&mut self.recent, Recent { lsn: c.lsn, wire: WireEntry::delta(&c.delta), confirm: None })
+                remember_wire(
+                    &mut self.recent,
+                    Recent { lsn: c.lsn, wire: WireEntry::delta(&c.delta), confirm: None },
+                )
             })?;
             self.checkpointing = (through < count).then_some(Checkpointing { next: through + 1, ..c });
         }
@@ -768,7 +782,8 @@ impl<R: Reducer> ServerDocument<R> {
         self.with_system_room(|| delete_rejections(self.db.conn(), forget)).map_err(system)?;
         // The commit writes the pages out: with the room for pagesync's rows too.
         self.with_system_room(|| {
-            record_applied(self.db.conn(), &last).and_then(|()| crate::db::run_cached(self.db.conn(), "COMMIT"))
+            record_applied(self.db.conn(), &last)
+                .and_then(|()| crate::db::run_cached(self.db.conn(), "COMMIT"))
         })
         .map_err(system)?;
         let committed =
@@ -776,13 +791,18 @@ impl<R: Reducer> ServerDocument<R> {
         let c = committed.as_ref().expect("BUG: a step with mutations records them");
         let lsn = c.lsn;
         // The client of a step that applied its mutations alone, none rejected, each at its
-        // own time, can make these pages itself: it is sent a confirmation instead.
+        // own time, can make these pages itself: it is sent a confirmation instead. Only when
+        // the step took every mutation of its that arrived: a client with more pending would
+        // have to replay these (where applying the pages costs less).
+        let took_all = |tl: &TimelineId| self.queues.get(tl).map_or(0, VecDeque::len) == applied.len();
         let confirm = match (&applied[..], last.len()) {
-            ([first, .., end] | [first @ end], 1) if rejections.is_empty() && !moved_in_time => {
+            ([first, .., end] | [first @ end], 1)
+                if rejections.is_empty() && !moved_in_time && took_all(&first.timeline) =>
+            {
                 let confirm = crate::wire::Confirm {
-                    time_ms: entry_time_ms,
                     first: first.lsn,
-                    last: end.lsn,
+                    more: end.lsn.get() - first.lsn.get(),
+                    time_after_ms: entry_time_ms.wrapping_sub(end.time_ms),
                     forgotten: forget.to_vec(),
                     digest: crate::wire::digest(&c.payload),
                 };

@@ -560,7 +560,8 @@ impl PageStore {
         for (i, mut page) in overlay {
             if i == 1 {
                 let shown = self.overlay_shown;
-                let field = |p: &Page, at: usize| u32::from_be_bytes(p[at..at + 4].try_into().expect("BUG: 4 bytes"));
+                let field =
+                    |p: &Page, at: usize| u32::from_be_bytes(p[at..at + 4].try_into().expect("BUG: 4 bytes"));
                 let counter = field(&stored1, 24).wrapping_add(1);
                 let valid_for = field(&stored1, 92).wrapping_add(1);
                 page[24..28].copy_from_slice(&counter.to_be_bytes());

@@ -129,8 +129,16 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     let mut ws = connect(port, &token("*", false, false)).await;
     for n in 0..50u128 {
         let doc = DocId::from_u128(0x1000 + n);
-        send(&mut ws, Message::Subscribe { doc, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST, digests: false })
-            .await;
+        send(
+            &mut ws,
+            Message::Subscribe {
+                doc,
+                timeline: TimelineId([9; 16]),
+                storage_next: Lsn::FIRST,
+                digests: false,
+            },
+        )
+        .await;
         match next_reply(&mut ws).await.expect("open") {
             Message::Error { code, .. } => assert_eq!(code, codes::NOT_FOUND),
             other => panic!("expected not_found, got {other:?}"),
@@ -139,8 +147,16 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     let docs = walk(&store).into_iter().filter(|p| p.ends_with("storage")).count();
     assert_eq!(docs, 1, "only the written document exists on disk");
     // The same token reads the document that exists.
-    send(&mut ws, Message::Subscribe { doc: a, timeline: TimelineId([9; 16]), storage_next: Lsn::FIRST, digests: false })
-        .await;
+    send(
+        &mut ws,
+        Message::Subscribe {
+            doc: a,
+            timeline: TimelineId([9; 16]),
+            storage_next: Lsn::FIRST,
+            digests: false,
+        },
+    )
+    .await;
     assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })));
 }
 

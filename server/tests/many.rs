@@ -101,7 +101,11 @@ async fn a_thousand_documents_across_a_hundred_connections() {
     // Still open and working after shrinking: one more subscription is answered.
     let ws = &mut sockets[0];
     let doc = DocId::from_u128(1);
-    send(ws, Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false }).await;
+    send(
+        ws,
+        Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false },
+    )
+    .await;
     assert!(matches!(next_reply(ws).await, Some(Message::MutationsAck { .. })));
 }
 
@@ -112,8 +116,11 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     let _server = start(port, &format!("file://{}", dir.path().display()));
     let doc = DocId::from_u128(0x600d);
     let mut good = connect(port).await;
-    send(&mut good, Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false })
-        .await;
+    send(
+        &mut good,
+        Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false },
+    )
+    .await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })));
 
     // Garbage: an error saying why, then the server closes that connection.
@@ -139,7 +146,8 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     assert!(matches!(next_reply(&mut text).await, Some(Message::Error { .. })));
 
     // The well-behaved connection and its document carry on.
-    let ping = Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false };
+    let ping =
+        Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false };
     send(&mut good, ping).await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })), "still served");
 }

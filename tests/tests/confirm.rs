@@ -104,7 +104,12 @@ fn an_authors_own_steps_come_back_as_digests_and_replicas_stay_identical() {
     p.assert_converged();
     let mut lsns = Vec::new();
     for i in 0..40 {
-        lsns.push(p.write(false, "INSERT INTO t(v) VALUES (?1)", vec![Value::Text(format!("row {i} {}", "x".repeat(i * 7)))], 100 + i as u64));
+        lsns.push(p.write(
+            false,
+            "INSERT INTO t(v) VALUES (?1)",
+            vec![Value::Text(format!("row {i} {}", "x".repeat(i * 7)))],
+            100 + i as u64,
+        ));
         if i == 20 {
             p.write(false, "CREATE INDEX t_v ON t(v)", vec![], 999);
         }
@@ -156,10 +161,7 @@ fn steps_with_other_writers_or_rejections_send_pages() {
     // A rejected mutation: its step carries a rejection row, which the author does not replay.
     let bad = p.write(false, "INSERT INTO t(v) VALUES (NULL)", vec![], 4);
     p.exchange(T0 + 2);
-    assert!(matches!(
-        p.a.document(DOC).expect("doc").state(bad).expect("state"),
-        MutationState::Rejected(_)
-    ));
+    assert!(matches!(p.a.document(DOC).expect("doc").state(bad).expect("state"), MutationState::Rejected(_)));
     assert_eq!(p.kinds[0].1, confirms, "no step since the first was A's alone without a rejection");
     p.assert_converged();
 }

@@ -123,7 +123,10 @@ fn a_restart_whose_append_failed_takes_no_delta() {
 
     let cp = server.base_checkpoint().expect("checkpoint");
     let parts = server.read_wire(pagesync::journal::LsnRange::inclusive(cp.first, cp.last)).expect("wire");
-    assert!(parts[0].kind == pagesync::wire::WireKind::Delta, "the server keeps a new checkpoint's parts as deltas");
+    assert!(
+        parts[0].kind == pagesync::wire::WireKind::Delta,
+        "the server keeps a new checkpoint's parts as deltas"
+    );
     client.receive_wire(cp.first, &parts).expect_err("a delta needs the pages before it");
     pull(&mut client, &server);
     assert!(!client.is_restarting());

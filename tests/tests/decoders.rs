@@ -49,7 +49,7 @@ fn samples() -> Samples {
     wire.extend(storage.iter().map(|s| WireEntry::full(s)));
     let lsn = |n| Lsn::new(n).expect("lsn");
     let forgotten = vec![(TimelineId([4; 16]), lsn(9))];
-    let confirm = Confirm { time_ms: 1_700_000_000_000, first: lsn(3), last: lsn(7), forgotten, digest: [5; 16] };
+    let confirm = Confirm { first: lsn(3), more: 4, time_after_ms: 3, forgotten, digest: [5; 16] };
     wire.push(WireEntry::confirm(&confirm));
     let doc = DocId::from_u128(9);
     let timeline = client.timeline_id();

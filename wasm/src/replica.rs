@@ -237,7 +237,9 @@ impl Replica {
         if self.session.digest_mismatches() > mismatches {
             // Loudly: it means two replicas ran the same mutations to different pages.
             let why = self.session.status(self.doc).and_then(|s| s.error).map(|(_, m)| m).unwrap_or_default();
-            web_sys::console::error_1(&format!("pagesync: a confirmation by digest did not match: {why}").into());
+            web_sys::console::error_1(
+                &format!("pagesync: a confirmation by digest did not match: {why}").into(),
+            );
         }
         self.version = self.version.wrapping_add(1);
         result

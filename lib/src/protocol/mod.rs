@@ -48,8 +48,9 @@ pub const MAX_UPLOAD_FRAME_BYTES: usize = MAX_BATCH_BYTES + crate::mutation::MAX
 pub const DOC_WINDOW_BYTES: usize = 1 << 20;
 
 /// Bytes of timeline entries a client sends ahead of the server's acknowledgement, per
-/// document.
-pub const UPLOAD_WINDOW_BYTES: usize = 1 << 20;
+/// document. 4 MiB, a step's `max_bytes`: a burst of writes reaches the server whole, to be
+/// applied in one step.
+pub const UPLOAD_WINDOW_BYTES: usize = 4 << 20;
 
 /// Unacknowledged data is resent after this long. Loopback and LAN round trips are far below;
 /// a lossy WAN link recovers within a second.

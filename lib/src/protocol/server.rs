@@ -795,7 +795,14 @@ impl ServerSession {
         self.run_here(doc);
     }
 
-    fn subscribe(&mut self, conn: ConnId, doc: DocId, timeline: TimelineId, storage_next: Lsn, digests: bool) {
+    fn subscribe(
+        &mut self,
+        conn: ConnId,
+        doc: DocId,
+        timeline: TimelineId,
+        storage_next: Lsn,
+        digests: bool,
+    ) {
         let over_limit = self.conns.get(&conn).is_some_and(|c| {
             !c.subs.contains_key(&doc) && c.subs.len() + c.opening.len() >= MAX_DOCS_PER_CONNECTION
         });
