@@ -189,8 +189,13 @@ impl Drop for Client {
         let ids: Vec<DocId> =
             self.shared.locks.lock().expect("BUG: lock poisoned").iter().map(|(id, _)| *id).collect();
         let mut session = self.shared.session();
-        // Under `Durability::Normal`, what is written so far is durable when the client goes.
+        // Under `Durability::Normal`, what is written so far is durable when the client goes,
+        // and so are the server's entries received since the last tick (or they are
+        // downloaded again on the next open).
         sync_local_writes(&mut session);
+        if let Err(e) = session.sync_storage() {
+            tracing::warn!("making received entries durable failed: {e}");
+        }
         for id in ids {
             drop(session.remove_document(id));
         }

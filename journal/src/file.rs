@@ -353,6 +353,11 @@ impl FileJournal {
             file.set_len(pos as u64).map_err(io_err(self.id, "truncate torn tail", path))?;
             file.flush().map_err(io_err(self.id, "truncate torn tail", path))?;
             file.sync_all().map_err(io_err(self.id, "fsync", path))?;
+        } else if is_last && !read_only && pos > SEGMENT_HEADER_BYTES {
+            // What a process that crashed appended without a barrier is in the page cache,
+            // not yet on disk: made durable now, since everything read here counts as synced
+            // (and may be sent on: a power cut must not take it back afterwards).
+            file.sync_data().map_err(io_err(self.id, "fsync", path))?;
         }
         let len_bytes = pos as u64;
         Ok(Some(Segment {

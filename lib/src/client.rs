@@ -164,13 +164,6 @@ impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
     }
 }
 
-impl<R: Reducer> Drop for ClientDocument<R> {
-    fn drop(&mut self) {
-        // A clean close keeps what arrived: the next open need not download it again.
-        let _ = self.sync_storage();
-    }
-}
-
 impl ClientDocument<SqlReducer> {
     /// Opens a replica whose outcome journal is in memory: for replicas whose other journals
     /// are in memory too. A replica on disk uses `open_with_outcomes`, or the outcomes of
@@ -272,8 +265,8 @@ impl<R: Reducer> ClientDocument<R> {
 
     /// Makes the server's entries this replica received durable (one fsync for all of them).
     /// They arrive without a barrier each: the server holds them, so a power cut that takes
-    /// the newest back only means downloading them again. The driver calls this every
-    /// `NORMAL_SYNC_MS`, and the replica before it trims its timeline and when it closes.
+    /// the newest back only means downloading them again. The native client calls this every
+    /// `NORMAL_SYNC_MS` and when it closes, and the replica before it trims its timeline.
     pub fn sync_storage(&mut self) -> Result<()> {
         Ok(self.db.store().sync()?)
     }

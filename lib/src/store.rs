@@ -93,13 +93,6 @@ fn part_pages(page_count: u32, index: u32) -> std::ops::RangeInclusive<u32> {
     start..=(index * CHECKPOINT_PART_PAGES).min(page_count)
 }
 
-/// What SQLite was shown in page 1's patched fields.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shown {
-    counter: u32,
-    schema: Option<u32>,
-}
-
 /// A storage entry just made durable.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -145,10 +138,10 @@ pub struct PageStore {
     reported_counter: u32,
     /// The schema cookie SQLite is shown, on clients only; see the module invariants.
     reported_schema: Option<u32>,
-    /// What SQLite was shown in page 1 when it began writing the overlay (its first write
-    /// into an empty overlay): `commit_as_step` moves the stored fields by as much as SQLite
-    /// moved these.
-    overlay_shown: Shown,
+    /// The schema cookie SQLite was shown when it began writing the overlay (its first write
+    /// into an empty overlay), on clients: `commit_as_step` moves the stored cookie by as much
+    /// as SQLite moved this one.
+    overlay_shown_schema: Option<u32>,
     /// The last I/O error, kept so the document can report it with its cause after SQLite
     /// turns it into a bare `SQLITE_IOERR`.
     last_error: Option<StoreError>,
@@ -206,7 +199,7 @@ impl PageStore {
             overlay_page_count: 0,
             reported_counter: 0,
             reported_schema: None,
-            overlay_shown: Shown { counter: 0, schema: None },
+            overlay_shown_schema: None,
             last_error: None,
             arriving: Vec::new(),
             arriving_cuts: Vec::new(),
@@ -435,7 +428,7 @@ impl PageStore {
         }
         let page: Box<Page> = Box::new(data.try_into().expect("BUG: length checked"));
         if self.overlay.is_empty() {
-            self.overlay_shown = Shown { counter: self.reported_counter, schema: self.reported_schema };
+            self.overlay_shown_schema = self.reported_schema;
         }
         if idx == PageIdx::FIRST {
             // SQLite bumped the counter it was shown; keep showing what it wrote.
@@ -541,7 +534,7 @@ impl PageStore {
     /// as the next entry when its digest is `digest` (`wire::Confirm`). Only page 1's patched
     /// fields differ: the server's SQLite was shown the stored ones and moved the change
     /// counter and version-valid-for by one (a step is one write transaction) and the schema
-    /// cookie by one per schema change; a client's was shown other values (`overlay_shown`)
+    /// cookie by one per schema change; a client's was shown other values (`overlay_shown_schema`)
     /// and may have taken several transactions. So page 1 is cut with the stored counters plus
     /// one and the stored cookie moved as far as the client's moved. The overlay goes either
     /// way; returns whether the digest matched.
@@ -559,14 +552,13 @@ impl PageStore {
         let mut changed: Vec<(u32, Box<Page>)> = Vec::with_capacity(overlay.len());
         for (i, mut page) in overlay {
             if i == 1 {
-                let shown = self.overlay_shown;
                 let field =
                     |p: &Page, at: usize| u32::from_be_bytes(p[at..at + 4].try_into().expect("BUG: 4 bytes"));
                 let counter = field(&stored1, 24).wrapping_add(1);
                 let valid_for = field(&stored1, 92).wrapping_add(1);
                 page[24..28].copy_from_slice(&counter.to_be_bytes());
                 page[92..96].copy_from_slice(&valid_for.to_be_bytes());
-                if let Some(schema) = shown.schema {
+                if let Some(schema) = self.overlay_shown_schema {
                     let cookie = field(&stored1, 40).wrapping_add(field(&page, 40).wrapping_sub(schema));
                     page[40..44].copy_from_slice(&cookie.to_be_bytes());
                 }

@@ -337,9 +337,18 @@ impl RandomAccess for SimFile {
         let mut s = self.lock();
         let latency = self.faults.latency_ms(&mut s.rng, 1, &self.faults.counts.slow_appends);
         self.disk.latency_ms.fetch_add(latency, Ordering::Relaxed);
+        let failed = self.faults.strikes(&mut s.rng, self.faults.rates.flush);
+        if failed && self.disk.opening.load(Ordering::Relaxed) {
+            // The fsync a journal makes of what it found when it opens (what a crashed
+            // process left in the page cache) fails before any of it is written: the open
+            // fails, and a later one tries again. (After a failed fsync Linux may mark the
+            // pages clean and a reopen would read data the disk does not hold; the model
+            // leaves that case out.)
+            self.fault(&self.faults.counts.fsync_failures);
+            return Err(injected("fsync failed"));
+        }
         let ops = std::mem::take(&mut s.unsynced);
         let mut durable = std::mem::take(&mut s.durable);
-        let failed = self.faults.strikes(&mut s.rng, self.faults.rates.flush);
         if failed {
             self.fault(&self.faults.counts.fsync_failures);
             self.disk.flush_failed.store(true, Ordering::Relaxed);
@@ -433,8 +442,10 @@ impl FileModel {
         }
         if pos < bytes.len() {
             j.segment.truncate(pos as u64).map_err(io("truncate torn tail"))?;
-            j.segment.flush().map_err(io("fsync"))?;
         }
+        // As `FileJournal`: what a crashed process appended without a barrier is made durable
+        // before it counts as synced.
+        j.segment.flush().map_err(io("fsync"))?;
         (j.base, j.end, j.synced_end) = (Some(base), pos as u64, pos as u64);
         let frames = LsnRange::from_count(base, j.offsets.len() as u64);
         j.range = Lsn::new(trimmed).map_or(frames, |t| frames.remove_through(t));

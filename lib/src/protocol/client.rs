@@ -231,20 +231,19 @@ impl ClientSession {
     /// Makes every document's local writes durable (one fsync each that has new ones), so
     /// they can be sent. The first error is returned after every document was tried.
     pub fn sync_timelines(&mut self) -> Result<()> {
-        let mut first_error = None;
-        for l in self.links.values_mut() {
-            if let Err(e) = l.doc.sync_timeline() {
-                first_error.get_or_insert(e);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.on_every_replica(ClientDocument::sync_timeline)
     }
 
     /// Makes the server's entries every replica received durable (`ClientDocument::sync_storage`).
     pub fn sync_storage(&mut self) -> Result<()> {
+        self.on_every_replica(ClientDocument::sync_storage)
+    }
+
+    /// Runs `f` on every replica; the first error is returned after every one was tried.
+    fn on_every_replica(&mut self, mut f: impl FnMut(&mut ClientDocument) -> Result<()>) -> Result<()> {
         let mut first_error = None;
         for l in self.links.values_mut() {
-            if let Err(e) = l.doc.sync_storage() {
+            if let Err(e) = f(&mut l.doc) {
                 first_error.get_or_insert(e);
             }
         }
