@@ -267,6 +267,11 @@ impl Metrics {
                 s.digest_fallbacks,
             ),
             (
+                "pagesync_read_ahead_evictions_total",
+                "Documents whose entries read ahead for subscribers were dropped to keep the total under its bound (256 MiB)",
+                s.read_ahead_evictions,
+            ),
+            (
                 "pagesync_storage_reads_total",
                 "Jobs that read storage entries ahead for subscribers behind the recent ones",
                 s.storage_reads,
@@ -402,6 +407,7 @@ pub async fn serve(
         step_threads: DEFAULT_STEP_THREADS,
         idle_close_ms: Some(cfg.idle_close_ms),
         idle_shrink_ms: Some(DEFAULT_IDLE_SHRINK_MS),
+        ..SessionOptions::default()
     };
     let started = std::time::Instant::now();
     let exists_store = cfg.store.clone();

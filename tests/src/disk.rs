@@ -345,6 +345,7 @@ impl RandomAccess for SimFile {
             // pages clean and a reopen would read data the disk does not hold; the model
             // leaves that case out.)
             self.fault(&self.faults.counts.fsync_failures);
+            self.disk.flush_failed.store(true, Ordering::Relaxed);
             return Err(injected("fsync failed"));
         }
         let ops = std::mem::take(&mut s.unsynced);

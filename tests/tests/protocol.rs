@@ -671,3 +671,84 @@ fn resends_wait_for_a_backlog_to_drain() {
     let again: Vec<Message> = downloads(&mut s);
     assert!(again.iter().any(|m| matches!(m, Message::Storage { .. })), "{again:?}");
 }
+
+/// Subscribers far behind on many documents, never acknowledging, cannot grow the server's
+/// read-ahead past `max_read_ahead_bytes` over every document, nor pin it: a read past the
+/// bound evicts other documents' read-ahead, which is read again when needed. A subscriber
+/// that does acknowledge meanwhile gets every document whole, within the bound all along.
+#[test]
+fn read_ahead_over_every_document_is_bounded() {
+    const DOCS: u128 = 6;
+    const CAP: usize = 2 << 20;
+    let journals: std::collections::HashMap<DocId, pagesync_tests::SharedJournal> = (0..DOCS)
+        .map(|i| {
+            let journal = pagesync_tests::SharedJournal::new(950 + i);
+            let mut d = ServerDocument::open(journal.boxed()).expect("open");
+            let tl = pagesync::TimelineId::from_u128(99);
+            let m = |n: u64, s: &str| {
+                pagesync::Mutation { client_time_ms: T0, seed: n, body: sql(s, vec![]) }
+                    .encode()
+                    .expect("encode")
+            };
+            d.receive(tl, Lsn::FIRST, vec![m(1, "CREATE TABLE t(x)")]);
+            d.step(T0).expect("step");
+            // About 3 MiB of entries the serving session has never held in memory.
+            for n in 2..=31 {
+                d.receive(
+                    tl,
+                    Lsn::new(n).expect("lsn"),
+                    vec![m(n, "INSERT INTO t VALUES (randomblob(100000))")],
+                );
+                d.step(T0).expect("step");
+            }
+            (DocId::from_u128(7_000 + i), journal)
+        })
+        .collect();
+    let docs: Vec<DocId> = journals.keys().copied().collect();
+    let opener = move |d: DocId| ServerDocument::open(journals[&d].boxed());
+    let options = pagesync::protocol::SessionOptions { max_read_ahead_bytes: CAP, ..Default::default() };
+    let mut s = ServerSession::new(Box::new(opener)).with_external_jobs().with_options(options);
+    // One document alone may hold its own full read-ahead, and one read lands before eviction.
+    let bound = CAP + pagesync::protocol::MAX_FETCHED_BYTES + pagesync::protocol::FETCH_BYTES;
+
+    // A raw subscriber to every document from the start, which never acknowledges, and a
+    // client that does, both at once.
+    let deaf = ConnId(9);
+    s.connect(deaf);
+    let hello = Message::Hello { version: pagesync::protocol::PROTOCOL_VERSION, token: String::new() };
+    s.handle_message(deaf, 0, hello);
+    for doc in &docs {
+        let timeline = pagesync::TimelineId::from_u128(5);
+        let subscribe = Message::Subscribe { doc: *doc, timeline, storage_next: Lsn::FIRST, digests: false };
+        s.handle_message(deaf, 0, subscribe);
+    }
+    let mut c = client(&docs);
+    s.connect(C);
+    c.connected(0);
+    let mut peak = 0;
+    for round in 0..5_000 {
+        let now = round;
+        let mut moved = upload(&mut c, &mut s, now);
+        s.handle_timeout(now);
+        moved |= run_jobs(&mut s, now) > 0;
+        while let Some((conn, m)) = s.poll_transmit() {
+            if conn == C {
+                c.handle_frame(now, &m.encode()).expect("apply");
+            }
+            moved = true;
+        }
+        peak = peak.max(s.read_ahead_bytes());
+        assert!(s.read_ahead_bytes() <= bound, "read-ahead {} past the bound", s.read_ahead_bytes());
+        if !moved && docs.iter().all(|d| c.status(*d).is_some_and(|st| st.storage_next.get() == 32)) {
+            break;
+        }
+    }
+    for doc in &docs {
+        assert_same_pages(&c, &s, *doc);
+    }
+    assert!(peak > CAP, "the subscribers behind on every document reached the bound: {peak}");
+    assert!(s.stats().read_ahead_evictions > 0, "{:?}", s.stats());
+    s.disconnect(deaf);
+    s.disconnect(C);
+    assert_eq!(s.read_ahead_bytes(), 0, "read-ahead of subscribers that are gone stays");
+}

@@ -327,11 +327,27 @@ pub struct SessionOptions {
     /// (`ServerDocument::shrink_memory`), so thousands of quiet subscribed documents cost little
     /// memory each. `None` never shrinks.
     pub idle_shrink_ms: Option<i64>,
+    /// Bytes of storage entries read ahead for subscribers that are behind, over every
+    /// document (each holds at most `MAX_FETCHED_BYTES`): a read that takes the total past it
+    /// evicts other documents' read-ahead (it is read again when needed), so subscribers far
+    /// behind on many documents (one read token on thousands of large ones, never
+    /// acknowledging) cannot grow the server's memory past it, nor pin it and starve the
+    /// others. `MAX_READ_AHEAD_BYTES` by default.
+    pub max_read_ahead_bytes: usize,
 }
+
+/// The default `SessionOptions::max_read_ahead_bytes`: 256 MiB, 64 documents' full read-ahead.
+pub const MAX_READ_AHEAD_BYTES: usize = 256 << 20;
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { commit_interval_ms: 0, step_threads: 1, idle_close_ms: None, idle_shrink_ms: None }
+        SessionOptions {
+            commit_interval_ms: 0,
+            step_threads: 1,
+            idle_close_ms: None,
+            idle_shrink_ms: None,
+            max_read_ahead_bytes: MAX_READ_AHEAD_BYTES,
+        }
     }
 }
 
@@ -388,6 +404,9 @@ pub struct SessionStats {
     pub rejections_forgotten: u64,
     /// Jobs that read storage entries ahead for subscribers.
     pub storage_reads: u64,
+    /// Documents whose read-ahead was dropped to keep the total under
+    /// `SessionOptions::max_read_ahead_bytes`.
+    pub read_ahead_evictions: u64,
     /// Entries sent as confirmations by digest instead of their pages.
     pub confirms_sent: u64,
     /// Subscribers that took confirmations and subscribed again without (they could not
@@ -436,6 +455,10 @@ pub struct ServerSession {
     jobs_out: usize,
     /// Bytes of mutations waiting for documents that are away, over all documents.
     deferred_bytes: usize,
+    /// Bytes of entries read ahead over every document (`ReadAhead::bytes`), bounded by
+    /// `SessionOptions::max_read_ahead_bytes`, and the documents that hold any.
+    ahead_bytes: usize,
+    ahead_docs: BTreeSet<DocId>,
     /// Finished exports, for `poll_export`.
     exported: VecDeque<(DocId, std::result::Result<Vec<u8>, String>)>,
     /// Documents that may have a job due (being opened, queued mutations, a read asked for,
@@ -508,6 +531,8 @@ impl ServerSession {
             external_jobs: false,
             jobs_out: 0,
             deferred_bytes: 0,
+            ahead_bytes: 0,
+            ahead_docs: BTreeSet::new(),
             exported: VecDeque::new(),
             active: BTreeSet::new(),
             ready: BTreeSet::new(),
@@ -570,6 +595,8 @@ impl ServerSession {
             if let Some(open) = self.docs.get_mut(doc) {
                 open.subscribers.remove(&conn);
             }
+            // What only it was behind on goes now.
+            self.drop_acked_ahead(*doc);
         }
         self.ready.remove(&conn);
         self.held.remove(&conn);
@@ -749,6 +776,7 @@ impl ServerSession {
                 // Progress ends the resend backoff: what is left may be due sooner.
                 sub.rearm(&mut self.timers, conn, doc);
                 let timeline = sub.timeline;
+                self.drop_acked_ahead(doc);
                 // A document away misses this one; every acknowledgement says it again.
                 if let (Some(through), Some(d)) =
                     (outcomes_through, self.docs.get_mut(&doc).and_then(OpenDoc::document_mut))
@@ -861,6 +889,48 @@ impl ServerSession {
             .copied()
     }
 
+    /// Drops `doc`'s entries read ahead that every subscriber now holds, so an acknowledgement
+    /// frees read-ahead at once (with reads held back at `max_read_ahead_bytes`, no job would
+    /// come to free it).
+    fn drop_acked_ahead(&mut self, doc: DocId) {
+        let Some(open) = self.docs.get(&doc).filter(|o| o.ahead.bytes > 0) else { return };
+        let subs = open.subscribers.iter().filter_map(|id| self.conns.get(id)?.subs.get(&doc));
+        let keep_from = subs.map(|s| s.window.acked).min();
+        let now = self.now_ms;
+        self.with_ahead(doc, |ahead| ahead.merge(None, keep_from, now));
+    }
+
+    /// Bytes of entries read ahead over every document (see `max_read_ahead_bytes`).
+    pub fn read_ahead_bytes(&self) -> usize {
+        self.ahead_bytes
+    }
+
+    /// Runs `f` on `doc`'s read-ahead and keeps the session's total up to date.
+    fn with_ahead(&mut self, doc: DocId, f: impl FnOnce(&mut ReadAhead)) {
+        let Some(open) = self.docs.get_mut(&doc) else { return };
+        let before = open.ahead.bytes;
+        f(&mut open.ahead);
+        account_ahead(&mut self.ahead_bytes, &mut self.ahead_docs, doc, before, open.ahead.bytes);
+    }
+
+    /// Past `max_read_ahead_bytes`, drops other documents' read-ahead (the ones after `doc`
+    /// first, round the ring) until the total is back under it. Their subscribers ask for the
+    /// entries again when they need them.
+    fn evict_ahead(&mut self, doc: DocId) {
+        let max = self.options.max_read_ahead_bytes;
+        if self.ahead_bytes <= max {
+            return;
+        }
+        let others = round_robin(self.ahead_docs.iter().copied(), Some(doc));
+        for other in others.into_iter().filter(|d| *d != doc) {
+            if self.ahead_bytes <= max {
+                break;
+            }
+            self.with_ahead(other, ReadAhead::clear);
+            self.stats.read_ahead_evictions += 1;
+        }
+    }
+
     /// Without external jobs: runs the jobs that are due, one per document, here and now.
     fn run_jobs_here(&mut self) {
         if self.external_jobs {
@@ -946,6 +1016,7 @@ impl ServerSession {
     /// its journal (the last durable state) on next use. The others carry on.
     fn close_broken(&mut self, doc: DocId, why: String) {
         self.stats.documents_failed += 1;
+        self.with_ahead(doc, ReadAhead::clear);
         let subscribers = self.docs.remove(&doc).map(|o| o.subscribers).unwrap_or_default();
         let text =
             format!("the server closed document {doc} after an internal error; subscribe again: {why}");
@@ -1034,7 +1105,9 @@ impl ServerSession {
                 else {
                     unreachable!("BUG: matched above")
                 };
-                let reopen = std::mem::take(&mut open.reopen).then(|| self.opener.clone());
+                // Only a step needs the journal reopened (reads work on the old handle): a job
+                // that only reads leaves it due, so a reopen that fails there is not forgotten.
+                let reopen = (step && std::mem::take(&mut open.reopen)).then(|| self.opener.clone());
                 Work::Run { document, reopen, step, fetch, export: std::mem::take(&mut open.export) }
             }
             Held::Out(_) => unreachable!("BUG: a document out on a job is never due"),
@@ -1101,7 +1174,9 @@ impl ServerSession {
             panic!("BUG: a job came back for {doc}, which was not out on one")
         };
         self.stats.storage_reads += u64::from(fetched.is_some());
-        open.ahead.merge(fetched, keep_from, self.now_ms);
+        let now = self.now_ms;
+        self.with_ahead(doc, |ahead| ahead.merge(fetched, keep_from, now));
+        self.evict_ahead(doc);
         self.stats.documents_reopened += u64::from(reopened);
         if let Some(e) = exported {
             self.exported.push_back((doc, e));
@@ -1220,23 +1295,31 @@ impl ServerSession {
         let Some(idle_ms) = self.options.idle_close_ms else { return };
         let now = self.now_ms;
         let before = self.docs.len();
+        let mut freed = 0;
         self.docs.retain(|_, o| {
             let idle =
                 o.document().is_some_and(|d| d.queued() == 0) && !o.export && now >= o.last_used + idle_ms;
-            !idle || !o.subscribers.is_empty()
+            let keep = !idle || !o.subscribers.is_empty();
+            freed += if keep { 0 } else { o.ahead.bytes };
+            keep
         });
+        self.ahead_bytes -= freed;
+        let docs = &self.docs;
+        self.ahead_docs.retain(|d| docs.contains_key(d));
         self.stats.documents_closed += (before - self.docs.len()) as u64;
     }
 
     fn shrink_idle(&mut self) {
         let Some(shrink_ms) = self.options.idle_shrink_ms else { return };
         let now = self.now_ms;
-        for o in self.docs.values_mut() {
+        for (id, o) in self.docs.iter_mut() {
             let used = o.last_used;
             if now < used + shrink_ms || o.shrunk_at == Some(used) {
                 continue;
             }
+            self.ahead_bytes -= o.ahead.bytes;
             o.ahead.clear();
+            self.ahead_docs.remove(id);
             let Some(d) = o.document_mut().filter(|d| d.queued() == 0) else { continue };
             // A failure leaves caches in place; the document works either way.
             if d.shrink_memory().is_ok() {
@@ -1300,7 +1383,10 @@ impl ServerSession {
             if sub.window.next >= open.stored.next() || open.is_away() {
                 continue;
             }
+            let before = open.ahead.bytes;
             let msg = storage_batch(doc, open, sub, now_ms, here);
+            // Without external jobs it reads ahead itself.
+            account_ahead(&mut self.ahead_bytes, &mut self.ahead_docs, doc, before, open.ahead.bytes);
             if open.ahead.want.is_some() {
                 self.active.insert(doc);
             }
@@ -1315,6 +1401,17 @@ impl ServerSession {
             }
         }
         None
+    }
+}
+
+/// Keeps the session's read-ahead total and the documents holding any up to date after
+/// `doc`'s went from `before` to `after` bytes.
+fn account_ahead(total: &mut usize, docs: &mut BTreeSet<DocId>, doc: DocId, before: usize, after: usize) {
+    *total = *total - before + after;
+    if after > 0 {
+        docs.insert(doc);
+    } else {
+        docs.remove(&doc);
     }
 }
 
