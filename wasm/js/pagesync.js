@@ -35,6 +35,7 @@ export class Database {
   #owner = null; // the owning tab's id, once known
   #releaseLock = null;
   #whenReady = null; // settles `open`: once this tab owns the document or has heard from the owner
+  #warm = Promise.resolve(); // the worker's script and wasm loaded (or failing to)
   /** "owner" when this tab runs the worker, "follower" when another tab does. */
   role = "pending";
   storageKind = null;
@@ -80,6 +81,9 @@ export class Database {
     });
     db.#channel.postMessage({ type: "hello", tab: db.#tab });
     await ready;
+    // A follower resolves only once its worker has loaded what it needs, so a tab that
+    // opened online can take over offline (the owner's close while the server is away).
+    await db.#warm;
     return db;
   }
 
@@ -165,7 +169,7 @@ export class Database {
       this.#workerCalls.clear();
     };
     this.#worker = worker;
-    this.#toWorker("init", []).catch(() => {}); // a failure shows again at open
+    this.#warm = this.#toWorker("init", []).catch(() => {}); // a failure shows again at open
   }
 
   async #becomeOwner() {

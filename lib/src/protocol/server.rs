@@ -889,9 +889,9 @@ impl ServerSession {
             .copied()
     }
 
-    /// Drops `doc`'s entries read ahead that every subscriber now holds, so an acknowledgement
-    /// frees read-ahead at once (with reads held back at `max_read_ahead_bytes`, no job would
-    /// come to free it).
+    /// Drops `doc`'s entries read ahead that every subscriber now holds (all of them when it
+    /// has none left), so an acknowledgement frees read-ahead at once, not at the document's
+    /// next job.
     fn drop_acked_ahead(&mut self, doc: DocId) {
         let Some(open) = self.docs.get(&doc).filter(|o| o.ahead.bytes > 0) else { return };
         let subs = open.subscribers.iter().filter_map(|id| self.conns.get(id)?.subs.get(&doc));
