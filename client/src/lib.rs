@@ -192,10 +192,7 @@ impl Drop for Client {
         // Under `Durability::Normal`, what is written so far is durable when the client goes,
         // and so are the server's entries received since the last tick (or they are
         // downloaded again on the next open).
-        sync_local_writes(&mut session);
-        if let Err(e) = session.sync_storage() {
-            tracing::warn!("making received entries durable failed: {e}");
-        }
+        sync_replicas(&mut session);
         for id in ids {
             drop(session.remove_document(id));
         }
@@ -611,11 +608,16 @@ async fn sync_timelines(shared: Arc<Shared>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let mut session = shared.session();
-        sync_local_writes(&mut session);
-        if let Err(e) = session.sync_storage() {
-            tracing::warn!("making received entries durable failed: {e}");
-        }
+        sync_replicas(&mut shared.session());
+    }
+}
+
+/// Makes every replica durable: its local writes (`sync_local_writes`) and the server's
+/// entries it received. For the ticker and the close, not for every turn of the driver.
+fn sync_replicas(session: &mut ClientSession) {
+    sync_local_writes(session);
+    if let Err(e) = session.sync_storage() {
+        tracing::warn!("making received entries durable failed: {e}");
     }
 }
 

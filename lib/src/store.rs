@@ -93,6 +93,22 @@ fn part_pages(page_count: u32, index: u32) -> std::ops::RangeInclusive<u32> {
     start..=(index * CHECKPOINT_PART_PAGES).min(page_count)
 }
 
+/// A page the overlay changed: its number, its new bytes, its committed version.
+type Changed = (u32, Box<Page>, Arc<Page>);
+
+/// A step's storage entry of the pages `take_changed` gave.
+fn encode_changed(
+    page_count: u32,
+    time_ms: i64,
+    applied: &[Applied],
+    forgotten: &[(TimelineId, Lsn)],
+    changed: &[Changed],
+) -> Vec<u8> {
+    let pages: Vec<(PageIdx, &Page)> =
+        changed.iter().map(|(i, p, _)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
+    storage::encode(page_count, time_ms, None, applied, forgotten, &pages)
+}
+
 /// A storage entry just made durable.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -485,22 +501,12 @@ impl PageStore {
         forgotten: &[(TimelineId, Lsn)],
         time_ms: i64,
     ) -> Result<Option<Committed>, StoreError> {
-        let mut changed: Vec<(u32, Box<Page>, Arc<Page>)> = Vec::with_capacity(self.overlay.len());
-        for (i, page) in std::mem::take(&mut self.overlay) {
-            let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
-            let old = self.previous_version(idx)?;
-            if *old != *page {
-                changed.push((i, page, old));
-            }
-        }
-        changed.sort_unstable_by_key(|(i, _, _)| *i);
+        let changed = self.take_changed()?;
         let nothing = applied.is_empty() && forgotten.is_empty();
         if changed.is_empty() && nothing && self.overlay_page_count == self.page_count {
             return Ok(None);
         }
-        let pages: Vec<(PageIdx, &Page)> =
-            changed.iter().map(|(i, p, _)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
-        let payload = storage::encode(self.overlay_page_count, time_ms, None, applied, forgotten, &pages);
+        let payload = encode_changed(self.overlay_page_count, time_ms, applied, forgotten, &changed);
         let lsn = self.journal.append(&payload)?;
         let header = storage::decode(&payload).expect("BUG: we just encoded it");
         let olds: Vec<&Page> = changed.iter().map(|(_, _, old)| &**old).collect();
@@ -510,6 +516,21 @@ impl PageStore {
             self.cache.put(i, Arc::from(page));
         }
         Ok(Some(Committed { lsn, payload, delta }))
+    }
+
+    /// Takes the overlay's pages that differ from their committed versions, in page order,
+    /// each with that version.
+    fn take_changed(&mut self) -> Result<Vec<Changed>, StoreError> {
+        let mut changed = Vec::with_capacity(self.overlay.len());
+        for (i, page) in std::mem::take(&mut self.overlay) {
+            let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
+            let old = self.previous_version(idx)?;
+            if *old != *page {
+                changed.push((i, page, old));
+            }
+        }
+        changed.sort_unstable_by_key(|(i, _, _)| *i);
+        Ok(changed)
     }
 
     /// The committed version of a page that a client at the current LSN holds: zeros past the
@@ -545,33 +566,23 @@ impl PageStore {
         time_ms: i64,
         digest: &[u8; crate::wire::DIGEST_BYTES],
     ) -> Result<bool, StoreError> {
-        let overlay = std::mem::take(&mut self.overlay);
-        let page_count = std::mem::replace(&mut self.overlay_page_count, self.page_count);
-        self.bump_reported();
         let stored1 = self.previous_version(PageIdx::FIRST)?;
-        let mut changed: Vec<(u32, Box<Page>)> = Vec::with_capacity(overlay.len());
-        for (i, mut page) in overlay {
-            if i == 1 {
-                let field =
-                    |p: &Page, at: usize| u32::from_be_bytes(p[at..at + 4].try_into().expect("BUG: 4 bytes"));
-                let counter = field(&stored1, 24).wrapping_add(1);
-                let valid_for = field(&stored1, 92).wrapping_add(1);
-                page[24..28].copy_from_slice(&counter.to_be_bytes());
-                page[92..96].copy_from_slice(&valid_for.to_be_bytes());
-                if let Some(schema) = self.overlay_shown_schema {
-                    let cookie = field(&stored1, 40).wrapping_add(field(&page, 40).wrapping_sub(schema));
-                    page[40..44].copy_from_slice(&cookie.to_be_bytes());
-                }
-            }
-            let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
-            if *self.previous_version(idx)? != *page {
-                changed.push((i, page));
+        if let Some(page) = self.overlay.get_mut(&1) {
+            let field =
+                |p: &Page, at: usize| u32::from_be_bytes(p[at..at + 4].try_into().expect("BUG: 4 bytes"));
+            let counter = field(&stored1, 24).wrapping_add(1);
+            let valid_for = field(&stored1, 92).wrapping_add(1);
+            page[24..28].copy_from_slice(&counter.to_be_bytes());
+            page[92..96].copy_from_slice(&valid_for.to_be_bytes());
+            if let Some(schema) = self.overlay_shown_schema {
+                let cookie = field(&stored1, 40).wrapping_add(field(page, 40).wrapping_sub(schema));
+                page[40..44].copy_from_slice(&cookie.to_be_bytes());
             }
         }
-        changed.sort_unstable_by_key(|(i, _)| *i);
-        let pages: Vec<(PageIdx, &Page)> =
-            changed.iter().map(|(i, p)| (PageIdx::new(*i).expect("BUG: non-zero"), &**p)).collect();
-        let payload = storage::encode(page_count, time_ms, None, applied, forgotten, &pages);
+        let changed = self.take_changed();
+        let page_count = std::mem::replace(&mut self.overlay_page_count, self.page_count);
+        self.bump_reported();
+        let payload = encode_changed(page_count, time_ms, applied, forgotten, &changed?);
         if crate::wire::digest(&payload) != *digest {
             return Ok(false);
         }

@@ -101,6 +101,8 @@ pub struct ClientSession {
     now_ms: i64,
     /// The last connection-level error from the server: (code, message).
     conn_error: Option<(String, String)>,
+    /// Confirmations whose replay gave other pages (`digest_mismatches`).
+    digest_mismatches: u64,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -122,6 +124,7 @@ impl ClientSession {
             cursor: None,
             now_ms: 0,
             conn_error: None,
+            digest_mismatches: 0,
         }
     }
 
@@ -174,10 +177,10 @@ impl ClientSession {
         })
     }
 
-    /// Confirmations by digest whose replay gave other pages, over every document: a
-    /// determinism failure each (see `ConfirmStats::mismatches`). Log when it grows.
+    /// Confirmations by digest whose replay gave other pages, over every document, on this
+    /// session: a determinism failure each (see `ConfirmStats::mismatches`). Log when it grows.
     pub fn digest_mismatches(&self) -> u64 {
-        self.links.values().map(|l| l.doc.confirm_stats().mismatches).sum()
+        self.digest_mismatches
     }
 
     pub fn connection_error(&self) -> Option<&(String, String)> {
@@ -322,6 +325,7 @@ impl ClientSession {
                         link.ack_due = true;
                         if replayed {
                             link.error = Some((super::codes::NONDETERMINISM.into(), e.to_string()));
+                            self.digest_mismatches += 1;
                         }
                         return Ok(());
                     }

@@ -893,11 +893,19 @@ impl ServerSession {
     /// has none left), so an acknowledgement frees read-ahead at once, not at the document's
     /// next job.
     fn drop_acked_ahead(&mut self, doc: DocId) {
-        let Some(open) = self.docs.get(&doc).filter(|o| o.ahead.bytes > 0) else { return };
-        let subs = open.subscribers.iter().filter_map(|id| self.conns.get(id)?.subs.get(&doc));
-        let keep_from = subs.map(|s| s.window.acked).min();
-        let now = self.now_ms;
+        if self.docs.get(&doc).is_none_or(|o| o.ahead.bytes == 0) {
+            return;
+        }
+        let (keep_from, now) = (self.acked_by_all(doc), self.now_ms);
         self.with_ahead(doc, |ahead| ahead.merge(None, keep_from, now));
+    }
+
+    /// What every subscriber of `doc` holds (`None` without subscribers): read-ahead below it
+    /// is no longer needed.
+    fn acked_by_all(&self, doc: DocId) -> Option<Lsn> {
+        let open = self.docs.get(&doc)?;
+        let subs = open.subscribers.iter().filter_map(|id| self.conns.get(id)?.subs.get(&doc));
+        subs.map(|s| s.window.acked).min()
     }
 
     /// Bytes of entries read ahead over every document (see `max_read_ahead_bytes`).
@@ -1166,10 +1174,8 @@ impl ServerSession {
     /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
     fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
         let Ran { document, reopened, steps, failure, fetched, exported } = ran;
+        let keep_from = self.acked_by_all(doc);
         let open = self.docs.get_mut(&doc).expect("BUG: checked by the caller");
-        // What every subscriber holds: read-ahead below it is no longer needed.
-        let subs = open.subscribers.iter().filter_map(|id| self.conns.get(id)?.subs.get(&doc));
-        let keep_from = subs.map(|s| s.window.acked).min();
         let Held::Out(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
             panic!("BUG: a job came back for {doc}, which was not out on one")
         };
@@ -1295,17 +1301,16 @@ impl ServerSession {
         let Some(idle_ms) = self.options.idle_close_ms else { return };
         let now = self.now_ms;
         let before = self.docs.len();
-        let mut freed = 0;
-        self.docs.retain(|_, o| {
+        let (ahead_bytes, ahead_docs) = (&mut self.ahead_bytes, &mut self.ahead_docs);
+        self.docs.retain(|id, o| {
             let idle =
                 o.document().is_some_and(|d| d.queued() == 0) && !o.export && now >= o.last_used + idle_ms;
             let keep = !idle || !o.subscribers.is_empty();
-            freed += if keep { 0 } else { o.ahead.bytes };
+            if !keep {
+                account_ahead(ahead_bytes, ahead_docs, *id, o.ahead.bytes, 0);
+            }
             keep
         });
-        self.ahead_bytes -= freed;
-        let docs = &self.docs;
-        self.ahead_docs.retain(|d| docs.contains_key(d));
         self.stats.documents_closed += (before - self.docs.len()) as u64;
     }
 
@@ -1317,9 +1322,8 @@ impl ServerSession {
             if now < used + shrink_ms || o.shrunk_at == Some(used) {
                 continue;
             }
-            self.ahead_bytes -= o.ahead.bytes;
+            account_ahead(&mut self.ahead_bytes, &mut self.ahead_docs, *id, o.ahead.bytes, 0);
             o.ahead.clear();
-            self.ahead_docs.remove(id);
             let Some(d) = o.document_mut().filter(|d| d.queued() == 0) else { continue };
             // A failure leaves caches in place; the document works either way.
             if d.shrink_memory().is_ok() {
