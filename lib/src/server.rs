@@ -444,11 +444,10 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Storage entries in wire form, for a receiver that holds everything before `range`.
     pub fn read_wire(&self, range: LsnRange) -> Result<Vec<WireEntry>> {
-        let cached_from = self.recent.front().map(|r| r.lsn);
         range
             .iter()
-            .map(|lsn| match cached_from.filter(|&f| lsn >= f) {
-                Some(f) => Ok(self.recent[(lsn.get() - f.get()) as usize].wire.clone()),
+            .map(|lsn| match self.recent_wire(lsn) {
+                Some(wire) => Ok(wire.clone()),
                 None => Ok(WireEntry::full(&self.db.store().journal().read(lsn)?)),
             })
             .collect()
