@@ -180,9 +180,11 @@ fn reads(cfg: &Config, doc: &pagesync_client::Document, file: &std::path::Path, 
             per_second(lookups, start.elapsed())
         },
         || {
-            let mut stmt = plain.prepare_cached(lookup).expect("prepare");
+            // Like for like: each lookup names its SQL, as pagesync's `query` does, and finds
+            // its prepared statement in a cache.
             let start = Instant::now();
             for id in &ids {
+                let mut stmt = plain.prepare_cached(lookup).expect("prepare");
                 let _: i64 = stmt.query_row([id], |r| r.get(0)).expect("lookup");
             }
             per_second(lookups, start.elapsed())
@@ -194,7 +196,7 @@ fn reads(cfg: &Config, doc: &pagesync_client::Document, file: &std::path::Path, 
         || timed_mb(mb, || doc.query(scan, &[]).expect("scan")),
         || timed_mb(mb, || plain.query_row(scan, [], |r| r.get::<_, i64>(0)).expect("scan")),
     );
-    let peer_name = "stock SQLite on the same database as a plain file (locking_mode=EXCLUSIVE)";
+    let peer_name = "stock SQLite on the same database as a plain file (locking_mode=EXCLUSIVE, prepare_cached per query)";
     vec![
         Pair::new(
             "bulk",
@@ -204,7 +206,7 @@ fn reads(cfg: &Config, doc: &pagesync_client::Document, file: &std::path::Path, 
             ours,
             peer_name,
             peer,
-            Some(Target::RatioAtLeast(0.83)),
+            Some(Target::RatioAtLeast(0.9)),
         ),
         Pair::new(
             "bulk",
@@ -214,7 +216,7 @@ fn reads(cfg: &Config, doc: &pagesync_client::Document, file: &std::path::Path, 
             scan_ours,
             peer_name,
             scan_peer,
-            Some(Target::RatioAtLeast(0.83)),
+            Some(Target::RatioAtLeast(0.9)),
         ),
     ]
 }

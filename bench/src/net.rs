@@ -241,7 +241,7 @@ async fn latency(cfg: &Config) -> Vec<Pair> {
             crate::chart::Series { name: "raw websocket relay".into(), points: crate::chart::cdf(raw) },
         ],
     });
-    percentile_pairs("100/s", &ours_runs, &raw_runs, [Some(1.0), Some(5.0), None])
+    percentile_pairs("100/s", &ours_runs, &raw_runs, [Some(1.5), Some(3.0), None])
 }
 
 /// `n` propagation latencies at 100/s through pagesync, in milliseconds.

@@ -365,18 +365,33 @@ impl PageStore {
         Ok(page)
     }
 
-    /// The page as SQLite should see it now: overlay first, then committed.
-    fn current_page(&mut self, idx: PageIdx) -> Result<Option<Page>, StoreError> {
+    /// Copies bytes `in_page..in_page + out.len()` of the page as SQLite should see it now
+    /// (overlay first, then committed) into `out`; `false` past the end of the file.
+    ///
+    /// A whole committed page missing from the cache is read from the journal straight into
+    /// SQLite's buffer and not cached: SQLite's own cache holds the hot set, and a scan would
+    /// only churn this one (one copy, no allocation). A part of a page (page 1's header, read
+    /// at every transaction) goes through the cache.
+    fn read_page_into(&mut self, idx: PageIdx, in_page: usize, out: &mut [u8]) -> Result<bool, StoreError> {
         if idx.get() > self.overlay_page_count {
-            return Ok(None);
+            return Ok(false);
         }
+        let range = in_page..in_page + out.len();
         if let Some(p) = self.overlay.get(&idx.get()) {
-            return Ok(Some(**p));
+            out.copy_from_slice(&p[range]);
+        } else if idx.get() > self.page_count {
+            out.fill(0);
+        } else if let Some(p) = self.cache.peek(&idx.get()) {
+            out.copy_from_slice(&p[range]);
+        } else if out.len() < PAGE_SIZE {
+            out.copy_from_slice(&self.committed_page(idx)?[range]);
+        } else {
+            match self.index.get(idx.get() as usize - 1).copied().flatten() {
+                None => out.fill(0),
+                Some(loc) => self.journal.read_part(loc.lsn, loc.offset as usize, out)?,
+            }
         }
-        if idx.get() > self.page_count {
-            return Ok(Some(ZERO_PAGE));
-        }
-        Ok(Some(*self.committed_page(idx)?))
+        Ok(true)
     }
 
     /// SQLite's `xRead`. Returns `false` for a short read (past the end; the rest is zeroed).
@@ -387,11 +402,10 @@ impl PageStore {
             let idx = PageIdx::containing(at);
             let in_page = (at - idx.offset()) as usize;
             let n = (PAGE_SIZE - in_page).min(buf.len() - done);
-            let Some(page) = self.current_page(idx)? else {
+            if !self.read_page_into(idx, in_page, &mut buf[done..done + n])? {
                 buf[done..].fill(0);
                 return Ok(false);
-            };
-            buf[done..done + n].copy_from_slice(&page[in_page..in_page + n]);
+            }
             done += n;
         }
         self.patch_counter(offset, buf);

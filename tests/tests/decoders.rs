@@ -47,6 +47,21 @@ fn samples() -> Samples {
     let storage = server.read_storage(range).expect("read");
     let mut wire = server.read_wire(range).expect("wire");
     wire.extend(storage.iter().map(|s| WireEntry::full(s)));
+    // Large entries take the other codecs: zstd for pages that compress, stored for noise.
+    let mut noise = pagesync_tests::Rng(5);
+    for random in [false, true] {
+        let pages: Vec<pagesync::page::Page> = (0..8u8)
+            .map(|p| {
+                std::array::from_fn(|i| if random { noise.next_u64() as u8 } else { p ^ (i % 13) as u8 })
+            })
+            .collect();
+        let refs: Vec<_> = pages
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (pagesync::page::PageIdx::new(i as u32 + 1).expect("non-zero"), p))
+            .collect();
+        wire.push(WireEntry::full(&storage::encode(8, T0, None, &[], &[], &refs)));
+    }
     let lsn = |n| Lsn::new(n).expect("lsn");
     let forgotten = vec![(TimelineId([4; 16]), lsn(9))];
     let confirm = Confirm { first: lsn(3), more: 4, time_after_ms: 3, forgotten, digest: [5; 16] };

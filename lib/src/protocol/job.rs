@@ -27,14 +27,17 @@ pub type Exists = Arc<dyn Fn(DocId) -> Result<bool> + Send + Sync>;
 /// The session's clock, shared with jobs that run elsewhere.
 pub(super) type SharedClock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
-/// Bytes of storage entries one job reads for subscribers that are behind: one subscriber's
-/// window, so a catching-up replica gets a full window per job.
-pub const FETCH_BYTES: usize = DOC_WINDOW_BYTES;
+/// Bytes of storage entries one job reads for subscribers that are behind (at least one
+/// entry): 4 MiB, a quarter of a subscriber's window, so the first bytes of a download go out
+/// after a short read and the next read overlaps their sending.
+pub const FETCH_BYTES: usize = 4 << 20;
 
-/// Bytes of entries read ahead that one document keeps for its subscribers: 4 MiB (four
-/// windows), dropped as its subscribers acknowledge them. With `RECENT_WIRE_BYTES` this is what
-/// a document with subscribers far behind costs in memory.
-pub const MAX_FETCHED_BYTES: usize = 4 << 20;
+/// Bytes of entries read ahead that one document keeps for its subscribers: a window and a
+/// read (20 MiB), dropped as its subscribers acknowledge them, and bounded over every document
+/// by `SessionOptions::max_read_ahead_bytes`: room for a window sent and not acknowledged
+/// (kept for a resend) and the next read, so a read is not dropped before it is sent. With
+/// `RECENT_WIRE_BYTES` this is what a document with subscribers far behind costs in memory.
+pub const MAX_FETCHED_BYTES: usize = DOC_WINDOW_BYTES + FETCH_BYTES;
 
 /// One document's blocking work, taken out of the session by `poll_job`, run anywhere
 /// (`run`, on a worker thread), and handed back with `job_done`.

@@ -28,7 +28,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -43,9 +43,12 @@ pub const MAX_BATCH_BYTES: usize = 256 << 10;
 /// what one connection's read can take to about 1.3 MiB.
 pub const MAX_UPLOAD_FRAME_BYTES: usize = MAX_BATCH_BYTES + crate::mutation::MAX_MUTATION_BYTES + (64 << 10);
 
-/// Bytes of storage sent to one document's subscriber and not yet acknowledged. 1 MiB keeps a
-/// loopback link busy while bounding what a slow client costs the server.
-pub const DOC_WINDOW_BYTES: usize = 1 << 20;
+/// Bytes of storage sent to one document's subscriber and not yet acknowledged: 16 MiB, four
+/// of the largest entries (a checkpoint part), so a download streams while the receiver
+/// writes what it has, with no round trip per entry. It costs the server no memory of its
+/// own: what it has not written to a socket is bounded by `MAX_SEND_BACKLOG_BYTES`, what it
+/// read ahead by `MAX_FETCHED_BYTES`.
+pub const DOC_WINDOW_BYTES: usize = 16 << 20;
 
 /// Bytes of timeline entries a client sends ahead of the server's acknowledgement, per
 /// document. 4 MiB, a step's `max_bytes`: a burst of writes reaches the server whole, to be

@@ -339,9 +339,12 @@ unsafe extern "C" fn x_access(
     _flags: c_int,
     res_out: *mut c_int,
 ) -> c_int {
-    // SAFETY: our VFS, a NUL-terminated name, a writable int.
+    // SAFETY: our VFS, a NUL-terminated name or null, a writable int. SQLite asks at every
+    // transaction (is there a hot journal?): looked up without an allocation.
     unsafe {
-        let exists = name_of(name).is_some_and(|n| state(vfs).named.lock().expect("BUG").contains_key(&n));
+        let name = (!name.is_null()).then(|| CStr::from_ptr(name).to_str().ok()).flatten();
+        let exists =
+            name.is_some_and(|n| state(vfs).named.lock().expect("BUG: lock poisoned").contains_key(n));
         *res_out = exists as c_int;
     }
     ffi::SQLITE_OK
