@@ -96,7 +96,7 @@ fn every_wire_codec_decodes_in_the_browser() {
     };
     for (pages, random, codec) in [(2u32, false, 0u8), (16, false, 1), (16, true, 2)] {
         let owned: Vec<Page> = (0..pages)
-            .map(|p| std::array::from_fn(|i| if random { noise() } else { (p as usize ^ i % 11) as u8 }))
+            .map(|p| std::array::from_fn(|i| if random { noise() } else { (p as usize ^ (i % 11)) as u8 }))
             .collect();
         let refs: Vec<(PageIdx, &Page)> = owned
             .iter()
