@@ -145,17 +145,25 @@ fn compress(raw: &[u8]) -> Vec<u8> {
         _ if worth_compressing(raw) => CODEC_ZSTD,
         _ => CODEC_STORED,
     };
-    let mut out = Vec::with_capacity(5 + if codec == CODEC_STORED { raw.len() } else { raw.len() / 2 });
+    // The block first, then a buffer of exactly its size: recent entries are kept in memory
+    // (and counted by their length), so none may carry unused capacity.
+    let compressed;
+    let block = match codec {
+        CODEC_LZ4 => {
+            compressed = lz4_flex::block::compress(raw);
+            &compressed[..]
+        }
+        // Compressing a buffer in memory fails only on allocation failure.
+        CODEC_ZSTD => {
+            compressed = zstd::bulk::compress(raw, ZSTD_LEVEL).expect("BUG: zstd compresses a buffer");
+            &compressed[..]
+        }
+        _ => raw,
+    };
+    let mut out = Vec::with_capacity(5 + block.len());
     out.push(codec);
     out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
-    match codec {
-        CODEC_LZ4 => out.extend_from_slice(&lz4_flex::block::compress(raw)),
-        // Compressing a buffer in memory fails only on allocation failure.
-        CODEC_ZSTD => out.extend_from_slice(
-            &zstd::bulk::compress(raw, ZSTD_LEVEL).expect("BUG: zstd compresses a buffer"),
-        ),
-        _ => out.extend_from_slice(raw),
-    }
+    out.extend_from_slice(block);
     out
 }
 
