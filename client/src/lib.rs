@@ -681,11 +681,11 @@ async fn run_connection(
                 Some(Ok(WsMessage::Binary(b))) => {
                     // Take what else has already arrived, so storage is applied (and pending
                     // writes rebased) once for all of it.
-                    let mut frames = vec![b.to_vec()];
+                    let mut frames = vec![b];
                     let mut closed = false;
                     while frames.len() < MAX_FRAMES_AT_ONCE {
                         match stream.next().now_or_never() {
-                            Some(Some(Ok(WsMessage::Binary(b)))) => frames.push(b.to_vec()),
+                            Some(Some(Ok(WsMessage::Binary(b)))) => frames.push(b),
                             Some(Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None) => {
                                 closed = true;
                                 break;

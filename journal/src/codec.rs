@@ -18,6 +18,13 @@ pub const MAX_ENTRY_BYTES: usize = 64 << 20;
 
 /// Appends one frame to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8]) {
+    encode_frame_header(out, lsn, payload);
+    out.extend_from_slice(payload);
+}
+
+/// Appends the header of `payload`'s frame to `out`, for a writer that writes the payload
+/// from where it is.
+pub fn encode_frame_header(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8]) {
     assert!(payload.len() <= MAX_ENTRY_BYTES, "BUG: callers check MAX_ENTRY_BYTES first");
     let start = out.len();
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -25,7 +32,6 @@ pub fn encode_frame(out: &mut Vec<u8>, lsn: Lsn, payload: &[u8]) {
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     let header_crc = crc32c::crc32c(&out[start..]);
     out.extend_from_slice(&header_crc.to_le_bytes());
-    out.extend_from_slice(payload);
 }
 
 /// Appends one frame per payload, LSNs `first`, `first + 1`, ..., and returns where each frame

@@ -18,9 +18,11 @@ fn lsn(n: u64) -> Lsn {
     Lsn::new(n).expect("BUG: test LSNs are non-zero")
 }
 
-/// Deterministic payloads of varied sizes, including empty ones.
+/// Deterministic payloads of varied sizes, including empty ones and some over 64 KiB (which
+/// a file journal writes from where they are, not through its batch buffer).
 pub fn payload(n: u64) -> Vec<u8> {
-    let len = (n * 37 % 300) as usize + if n.is_multiple_of(7) { 9000 } else { 0 };
+    let large = if n.is_multiple_of(11) { 70_000 } else { 0 };
+    let len = (n * 37 % 300) as usize + if n.is_multiple_of(7) { 9000 } else { 0 } + large;
     (0..len).map(|i| (i as u64 ^ n.wrapping_mul(0x9e37)) as u8).collect()
 }
 

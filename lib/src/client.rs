@@ -194,6 +194,7 @@ impl<R: Reducer> ClientDocument<R> {
     ) -> Result<Self> {
         let mut store = PageStore::open(storage)?;
         store.enable_schema_epochs()?;
+        store.set_read_ahead(true);
         let db = Database::open(store)?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc = ClientDocument {

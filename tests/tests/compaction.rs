@@ -257,3 +257,42 @@ fn a_large_checkpoint_is_spread_over_steps_that_keep_applying_writes() {
     let reopened = ServerDocument::open(journal.boxed()).expect("reopen");
     assert_eq!(pagesync_tests::pages_of(reopened.database()), pagesync_tests::pages_of(doc.database()));
 }
+
+/// A replica's sequential reads take pages that lie side by side in one entry together: each
+/// read still returns its own page, pages in other entries or newer ones are never served
+/// from the run, and a run read before a new entry is not used after it.
+#[test]
+fn sequential_reads_ahead_return_exactly_the_committed_pages() {
+    let mut store = PageStore::open(Box::new(MemoryJournal::new(JournalId::from_u128(40)))).expect("open");
+    store.set_read_ahead(true);
+    // Pages 1..=40 in one entry (fill = page number), then page 7 rewritten by a second.
+    let all: Vec<(u32, u8)> = (1..=40).map(|i| (i, i as u8)).collect();
+    apply(&mut store, 1, entry(40, None, &all)).expect("first");
+    apply(&mut store, 2, entry(40, None, &[(7, 200)])).expect("second");
+    let expect = |i: u32| if i == 7 { 200 } else { i as u8 };
+    for i in 1..=40 {
+        assert_eq!(read_fill(&mut store, i), expect(i), "page {i}, scanning");
+    }
+    // A run taken at page 21 (through 36), then a new entry rewrites page 25 and adds 41.
+    for i in 20..=22 {
+        assert_eq!(read_fill(&mut store, i), expect(i));
+    }
+    apply(&mut store, 3, entry(41, None, &[(25, 250), (41, 41)])).expect("third");
+    for i in 23..=41 {
+        let want = match i {
+            25 => 250,
+            i => expect(i),
+        };
+        assert_eq!(read_fill(&mut store, i), want, "page {i}, after the third entry");
+    }
+    // Backwards and at random, alike.
+    for i in (1..=41).rev() {
+        assert_eq!(
+            read_fill(&mut store, i),
+            match i {
+                25 => 250,
+                i => expect(i),
+            }
+        );
+    }
+}
