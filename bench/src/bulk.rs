@@ -3,7 +3,10 @@
 //! - cold start: a new client syncs a large document (100 MB; 8 MB with `--quick`), against a
 //!   raw websocket transfer of the same bytes, and the time to its first query;
 //! - reads on that synced replica (point lookups, a full scan), against the same database
-//!   exported as a plain SQLite file and read with stock SQLite.
+//!   exported as a plain SQLite file and read with stock SQLite;
+//! - the first query on a 1 GB document (8 MB with `--quick`) by a new client, answered from
+//!   the server's state while the download has only begun, against stock SQLite opening the
+//!   same database as a plain file and running the same query.
 
 use std::time::Instant;
 
@@ -23,6 +26,7 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
     crate::runtime().block_on(async {
         let mut pairs = vec![hundred_rows(cfg).await];
         pairs.extend(cold_start_and_reads(cfg).await);
+        pairs.push(first_query(cfg).await);
         pairs
     })
 }
@@ -101,6 +105,75 @@ async fn batch_chart(cfg: &Config) {
             crate::chart::Series { name: "raw websocket relay, same frames".into(), points: raw },
         ],
     });
+}
+
+/// Milliseconds from `Client::open` of a document the client has never held (the client
+/// already connected) to the rows of a point lookup, on a 1 GB document: the query reads the
+/// server's state, fetching the pages it touches, while the download has only begun.
+async fn first_query(cfg: &Config) -> Pair {
+    let megabytes = if cfg.quick { 8 } else { 1_000 };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server =
+        pagesync_server::ServerConfig::new(addr, pagesync_server::Store::Files(dir.path().join("server")));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = std::sync::Arc::new(pagesync_server::Metrics::default());
+    tokio::spawn(pagesync_server::serve(listener, server, metrics, async move {
+        let _ = stopped.await;
+    }));
+    let url = format!("ws://{addr}/v1/sync");
+    let writer = Client::connect(&url, "", dir.path().join("writer")).expect("writer");
+    let w = writer.open(DOC).expect("open");
+    w.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, v BLOB)", vec![]).expect("ddl");
+    let load = format!(
+        "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < {LOAD_ROWS}) \
+         INSERT INTO big(v) SELECT randomblob({LOAD_ROW_BYTES}) FROM c"
+    );
+    let loads = megabytes * 1_000_000 / (LOAD_ROWS * LOAD_ROW_BYTES);
+    for _ in 0..loads {
+        w.execute(&load, vec![]).expect("bulk load");
+        w.sync(WAIT * 4).await.expect("sync the load");
+    }
+    let rows = (loads * LOAD_ROWS) as u64;
+    let file = dir.path().join("plain.sqlite");
+    w.export(&file).expect("export");
+    drop(writer);
+    let lookup = "SELECT length(v) FROM big WHERE id = ?1";
+    let mut rng = pagesync_tests::Rng(11);
+    let (mut ours, mut peer, mut rep) = (Vec::new(), Vec::new(), 0);
+    for _ in 0..cfg.reps {
+        rep += 1;
+        let n = 1 + rng.below(rows) as i64;
+        let id = Value::Integer(n);
+        let client = Client::connect(&url, "", dir.path().join(format!("reader-{rep}"))).expect("reader");
+        while !client.is_connected() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let start = Instant::now();
+        let doc = client.open(DOC).expect("open");
+        let got = doc.query(lookup, std::slice::from_ref(&id)).expect("first query").rows;
+        ours.push(start.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(got, vec![vec![Value::Integer(LOAD_ROW_BYTES as i64)]], "the first query's rows");
+        assert!(doc.remote_reads().queries == 1, "the first query did not read the server's state");
+        drop((doc, client));
+        let start = Instant::now();
+        let plain = rusqlite::Connection::open(&file).expect("open the plain file");
+        let len: i64 = plain.query_row(lookup, [n], |r| r.get(0)).expect("lookup");
+        peer.push(start.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(len, LOAD_ROW_BYTES as i64);
+    }
+    let _ = stop.send(());
+    Pair::new(
+        "bulk",
+        &format!("first query of a new client on a {megabytes} MB document, from open to rows"),
+        "ms",
+        Better::Lower,
+        ours,
+        "stock SQLite opening the same database as a plain local file, same query",
+        peer,
+        Some(Target::OursAtMost(100.0)),
+    )
 }
 
 async fn cold_start_and_reads(cfg: &Config) -> Vec<Pair> {

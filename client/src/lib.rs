@@ -15,6 +15,8 @@
 //! the next connection.
 #![forbid(unsafe_code)]
 
+mod remote;
+
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
@@ -83,6 +85,8 @@ struct Shared {
     gathered: std::sync::Condvar,
     /// For documents opened from now on (`Client::set_durability`).
     durability: Mutex<Durability>,
+    /// The connection for pages fetched on demand (`remote`), shared by every document.
+    fetcher: Arc<Mutex<remote::Fetcher>>,
 }
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
@@ -237,6 +241,7 @@ impl Client {
             written: std::sync::Condvar::new(),
             gathered: std::sync::Condvar::new(),
             durability: Mutex::new(Durability::Full),
+            fetcher: Arc::new(Mutex::new(remote::Fetcher::new(url, token))),
         });
         let driver = tokio::spawn(drive(url.to_owned(), shared.clone()));
         let syncer = tokio::spawn(sync_timelines(shared.clone()));
@@ -293,7 +298,13 @@ impl Client {
             self.shared.session().add_document(doc, replica);
             self.shared.wake.notify_one();
         }
-        Ok(Document { id: doc, shared: self.shared.clone() })
+        let fresh = self
+            .shared
+            .session()
+            .status(doc)
+            .is_some_and(|st| st.storage_next == pagesync::journal::Lsn::FIRST);
+        let remote = Remote { fresh, ..Remote::default() };
+        Ok(Document { id: doc, shared: self.shared.clone(), remote: Arc::new(Mutex::new(remote)) })
     }
 
     /// `open`, waiting up to `wait` while another process has the replica open (as SQLite's
@@ -340,6 +351,42 @@ impl Client {
 pub struct Document {
     id: DocId,
     shared: Arc<Shared>,
+    remote: Arc<Mutex<Remote>>,
+}
+
+/// A document's queries served from the server while its replica has no state yet.
+#[derive(Default)]
+struct Remote {
+    snapshot: Option<pagesync::remote::RemoteSnapshot>,
+    /// When the last attempt to map or read failed (see `remote::RETRY_AFTER`).
+    failed_at: Option<Instant>,
+    /// The replica was empty when this handle opened it, and has not caught up with the
+    /// server since: it holds a prefix of the history, older than the server's state.
+    fresh: bool,
+    reads: RemoteReads,
+}
+
+/// Queries a document answered from the server's state, before its replica had one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemoteReads {
+    /// Queries answered so.
+    pub queries: u64,
+    /// Page requests they made (one round trip each).
+    pub fetches: u64,
+    /// Pages those requests brought.
+    pub pages: u64,
+}
+
+/// Whether a replica's queries go to the server's state: it has nothing yet (new, or
+/// restarting at a checkpoint), its first download is not over (`fresh`), or it has less
+/// than a snapshot already shown (`at`); and it has no local writes (which only it has).
+fn wants_remote(replica: &ClientDocument, fresh: bool, at: Option<pagesync::journal::Lsn>) -> bool {
+    let next = replica.storage_range().next();
+    replica.pending_count() == 0
+        && (replica.is_restarting()
+            || next == pagesync::journal::Lsn::FIRST
+            || fresh
+            || at.is_some_and(|at| next < at))
 }
 
 impl std::fmt::Debug for Document {
@@ -445,9 +492,83 @@ impl Document {
     }
 
     /// A read-only query on the local (optimistic) state.
+    ///
+    /// While the replica has no state yet (its first download, or a restart at a checkpoint,
+    /// is under way) and the client is connected, the query reads the server's committed
+    /// state instead, fetching the pages it needs (see `pagesync::remote`): a large document
+    /// can be queried at once. Once the replica holds as much as was shown, queries go back to
+    /// it. When the server cannot be asked, the query runs on the replica as it is.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
-        let s = self.shared.session();
-        Ok(s.document(self.id).expect("BUG: open documents stay open").query(sql, params)?)
+        let mut remote = self.remote.lock().expect("BUG: lock poisoned");
+        let connected = *self.shared.connected.lock().expect("BUG: lock poisoned");
+        {
+            let s = self.shared.session();
+            let replica = s.document(self.id).expect("BUG: open documents stay open");
+            let retry = remote.failed_at.is_none_or(|t| t.elapsed() >= remote::RETRY_AFTER);
+            let at = remote.snapshot.as_ref().map(|r| r.at());
+            remote.fresh &= !s.caught_up(self.id);
+            if !(connected && retry && wants_remote(replica, remote.fresh, at)) {
+                remote.snapshot = None;
+                return Ok(replica.query(sql, params)?);
+            }
+        }
+        match self.query_remote(&mut remote, sql, params) {
+            Ok(Some(rows)) => Ok(rows),
+            Ok(None) => {
+                remote.snapshot = None;
+                remote.failed_at = Some(Instant::now());
+                let s = self.shared.session();
+                Ok(s.document(self.id).expect("BUG: open documents stay open").query(sql, params)?)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The query on the server's state: `None` when the server could not be asked (the
+    /// caller falls back to the replica), an error when the query itself failed.
+    fn query_remote(&self, remote: &mut Remote, sql: &str, params: &[Value]) -> Result<Option<Rows>> {
+        if remote.snapshot.is_none() {
+            let map = match self.shared.fetcher.lock().expect("BUG: lock poisoned").map(self.id) {
+                Ok(map) => map,
+                Err(why) => {
+                    tracing::debug!(
+                        "document {}: no page map from the server ({why}); querying the replica",
+                        self.id
+                    );
+                    return Ok(None);
+                }
+            };
+            let source = remote::Source { fetcher: self.shared.fetcher.clone(), doc: self.id };
+            match pagesync::remote::RemoteSnapshot::open(map, Box::new(source)) {
+                Ok(snapshot) => remote.snapshot = Some(snapshot),
+                Err(e) => {
+                    tracing::warn!("document {}: the server's page map cannot be read: {e}", self.id);
+                    return Ok(None);
+                }
+            }
+        }
+        let snapshot = remote.snapshot.as_ref().expect("BUG: opened above");
+        let (fetches, pages) = snapshot.fetched();
+        let result = snapshot.query(sql, params);
+        let (fetches_after, pages_after) = snapshot.fetched();
+        remote.reads.fetches += fetches_after - fetches;
+        remote.reads.pages += pages_after - pages;
+        match result {
+            Ok(rows) => {
+                remote.reads.queries += 1;
+                Ok(Some(rows))
+            }
+            Err(e) if snapshot.failed() => {
+                tracing::debug!("document {}: fetching pages failed ({e}); querying the replica", self.id);
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// What this handle's queries read from the server (see `query`).
+    pub fn remote_reads(&self) -> RemoteReads {
+        self.remote.lock().expect("BUG: lock poisoned").reads
     }
 
     pub fn state(&self, lsn: pagesync::journal::Lsn) -> Result<MutationState> {

@@ -862,24 +862,25 @@ impl<R: Reducer> ClientDocument<R> {
 
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         self.check_not_restarting()?;
-        self.db.run_query(|conn| self.run_query(conn, sql, params)).map_err(|e| match e {
+        self.db.run_query(|conn| query_rows(conn, sql, params)).map_err(|e| match e {
             Error::Sqlite(e) => self.db.explain(e),
             e => e,
         })
     }
+}
 
-    fn run_query(&self, conn: &rusqlite::Connection, sql: &str, params: &[Value]) -> Result<Rows> {
-        let mut stmt = conn.prepare_cached(sql)?;
-        if !stmt.readonly() {
-            return Err(Error::NotReadOnly { sql: sql.to_owned() });
-        }
-        let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
-        let n = columns.len();
-        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            out.push((0..n).map(|i| row.get_ref(i).map(Value::from)).collect::<rusqlite::Result<_>>()?);
-        }
-        Ok(Rows { columns, rows: out })
+/// Runs a read-only statement and collects its rows; anything that writes is refused.
+pub(crate) fn query_rows(conn: &rusqlite::Connection, sql: &str, params: &[Value]) -> Result<Rows> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    if !stmt.readonly() {
+        return Err(Error::NotReadOnly { sql: sql.to_owned() });
     }
+    let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
+    let n = columns.len();
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push((0..n).map(|i| row.get_ref(i).map(Value::from)).collect::<rusqlite::Result<_>>()?);
+    }
+    Ok(Rows { columns, rows: out })
 }

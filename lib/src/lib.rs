@@ -9,6 +9,7 @@
 //! - [`reducer`]: the `Reducer` trait and the SQL reducer.
 //! - [`sandbox`]: what app SQL may do (the allow-list) and the budget it runs under.
 //! - [`server::ServerDocument`], [`client::ClientDocument`].
+//! - [`remote::RemoteSnapshot`]: a document's server state, queried before its download ends.
 #![deny(unsafe_code)]
 
 mod bytes;
@@ -20,6 +21,7 @@ pub mod mutation;
 pub mod page;
 pub mod protocol;
 pub mod reducer;
+pub mod remote;
 pub mod sandbox;
 pub mod server;
 pub mod storage;

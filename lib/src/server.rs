@@ -418,6 +418,19 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// A storage entry in wire form, whole: for a receiver that restarts at a checkpoint.
+    /// Where each committed page lives (see `protocol::PageMap`); `None` past `max_runs`.
+    pub fn page_map(&self, max_runs: usize) -> Option<crate::protocol::PageMap> {
+        let store = self.db.store();
+        let at = store.journal().range().next();
+        let runs = store.page_runs(max_runs)?;
+        Some(crate::protocol::PageMap { at, page_count: store.page_count(), runs })
+    }
+
+    /// Bytes `offset..offset + buf.len()` of entry `lsn`'s payload.
+    pub fn read_part(&self, lsn: Lsn, offset: usize, buf: &mut [u8]) -> Result<()> {
+        Ok(self.db.store().journal().read_part(lsn, offset, buf)?)
+    }
+
     pub fn read_wire_full(&self, lsn: Lsn) -> Result<WireEntry> {
         Ok(WireEntry::full(&self.db.store().journal().read(lsn)?))
     }

@@ -270,6 +270,30 @@ impl PageStore {
         Ok(store)
     }
 
+    /// A store over a state a `protocol::PageMap` describes, read through `journal` (a remote
+    /// snapshot's, which fetches pages): for reads only.
+    pub(crate) fn mapped(
+        journal: Box<dyn Journal>,
+        page_count: u32,
+        runs: &[crate::protocol::PageRun],
+    ) -> PageStore {
+        let mut store = PageStore::open_until(
+            Box::new(pagesync_journal::MemoryJournal::new(pagesync_journal::JournalId::from_u128(0))),
+            None,
+        )
+        .expect("BUG: an empty memory journal opens");
+        store.journal = journal;
+        store.set_page_count(page_count);
+        for r in runs {
+            for i in 0..r.pages {
+                let offset = r.offset + i * PAGE_SIZE as u32;
+                store.index[(r.first_page + i) as usize - 1] = Some(Loc { lsn: r.lsn, offset });
+            }
+        }
+        store.overlay_page_count = page_count;
+        store
+    }
+
     pub fn journal(&self) -> &dyn Journal {
         &*self.journal
     }
@@ -464,6 +488,38 @@ impl PageStore {
         out.copy_from_slice(&run.buf[..PAGE_SIZE]);
         self.run = Some(run);
         Ok(())
+    }
+
+    /// Where every committed page lives, as runs of pages side by side in one entry (see
+    /// `protocol::PageMap`); `None` past `max_runs`, or while a replica restarts (it has no
+    /// state to map).
+    pub fn page_runs(&self, max_runs: usize) -> Option<Vec<crate::protocol::PageRun>> {
+        if !self.has_base {
+            return None;
+        }
+        let mut runs: Vec<crate::protocol::PageRun> = Vec::new();
+        for (i, loc) in self.index.iter().enumerate() {
+            let Some(loc) = loc else { continue };
+            let page = i as u32 + 1;
+            if let Some(r) = runs.last_mut()
+                && r.lsn == loc.lsn
+                && r.first_page + r.pages == page
+                && u64::from(r.offset) + u64::from(r.pages) * PAGE_SIZE as u64 == u64::from(loc.offset)
+            {
+                r.pages += 1;
+                continue;
+            }
+            if runs.len() == max_runs {
+                return None;
+            }
+            runs.push(crate::protocol::PageRun {
+                first_page: page,
+                pages: 1,
+                lsn: loc.lsn,
+                offset: loc.offset,
+            });
+        }
+        Some(runs)
     }
 
     /// Lets sequential reads take `READ_AHEAD_PAGES` at once (a replica: scans of a large

@@ -752,3 +752,91 @@ fn read_ahead_over_every_document_is_bounded() {
     s.disconnect(C);
     assert_eq!(s.read_ahead_bytes(), 0, "read-ahead of subscribers that are gone stays");
 }
+
+/// Sends `m` on connection `conn` and returns what the server answers it, for page requests
+/// (answered by a job the session runs itself here).
+fn ask(s: &mut ServerSession, conn: ConnId, m: Message) -> Vec<Message> {
+    s.handle_frame(conn, T0, &m.encode());
+    s.handle_timeout(T0);
+    std::iter::from_fn(|| s.poll_transmit()).filter(|(c, _)| *c == conn).map(|(_, m)| m).take(100).collect()
+}
+
+/// Pages from the server's session, as a client's fetcher would get them.
+struct FromSession {
+    s: std::sync::Arc<std::sync::Mutex<ServerSession>>,
+    doc: DocId,
+    /// Where page 1 is, to corrupt it as it arrives.
+    tamper: Option<(Lsn, u32)>,
+}
+
+impl pagesync::remote::PageSource for FromSession {
+    fn read(&mut self, lsn: Lsn, offset: u32, buf: &mut [u8]) -> Result<(), String> {
+        let pages = (buf.len() / 4096) as u32;
+        let mut s = self.s.lock().unwrap();
+        match ask(&mut s, ConnId(2), Message::ReadPages { doc: self.doc, id: 9, lsn, offset, pages }).pop() {
+            Some(Message::Pages { data, .. }) if data.len() == buf.len() => {
+                buf.copy_from_slice(&data);
+                if self.tamper == Some((lsn, offset)) {
+                    buf[31] ^= 1; // page 1's database size, as a corrupted or forged answer
+                }
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    }
+}
+
+#[test]
+fn page_requests_read_the_committed_state_bounded_and_never_create_a_document() {
+    let doc = DocId::from_u128(0x9a6e);
+    let journal = pagesync_tests::SharedJournal::new(1);
+    let (mut s, mut c, _) = with_a_table(doc, &journal);
+    for i in 0..200 {
+        c.mutate(doc, sql("INSERT INTO t VALUES (?1)", vec![Value::Text(format!("{i:0>500}"))]), T0, 2)
+            .unwrap();
+    }
+    exchange(&mut s, &mut c, 0, true);
+    const R: ConnId = ConnId(2);
+    s.connect(R);
+    assert!(ask(&mut s, R, Message::Hello { version: PROTOCOL_VERSION, token: String::new() }).is_empty());
+
+    let map = match ask(&mut s, R, Message::MapPages { doc, id: 1 }).as_slice() {
+        [Message::PageMap { id: 1, map, .. }] => map.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(map.at, s.document(doc).unwrap().storage_range().next());
+    assert_eq!(map.runs.iter().map(|r| r.pages).sum::<u32>(), map.page_count);
+
+    // Bounded: no empty or oversized reads, nothing outside the journal.
+    let r = map.runs[0];
+    for pages in [0, pagesync::protocol::MAX_READ_PAGES + 1] {
+        let got = ask(&mut s, R, Message::ReadPages { doc, id: 2, lsn: r.lsn, offset: r.offset, pages });
+        assert!(
+            matches!(got.as_slice(), [Message::Error { code, .. }] if code == codes::MALFORMED),
+            "{got:?}"
+        );
+    }
+    let past = Message::ReadPages { doc, id: 3, lsn: map.at, offset: 0, pages: 1 };
+    assert!(
+        matches!(ask(&mut s, R, past).as_slice(), [Message::Error { code, .. }] if code == codes::STORAGE)
+    );
+
+    // A document that does not exist is not created by a page request, even with a write grant.
+    let mut fresh = server().with_exists(|_| Ok(false));
+    fresh.connect(R);
+    ask(&mut fresh, R, Message::Hello { version: PROTOCOL_VERSION, token: String::new() });
+    let got = ask(&mut fresh, R, Message::MapPages { doc, id: 4 });
+    assert!(matches!(got.as_slice(), [Message::Error { code, .. }] if code == codes::NOT_FOUND), "{got:?}");
+    assert_eq!(fresh.document_count(), 0);
+
+    // A snapshot over those answers reads the server's state; a tampered page 1 is refused.
+    let expected = c.document(doc).unwrap().query("SELECT count(*), max(x) FROM t", &[]).unwrap();
+    let shared = std::sync::Arc::new(std::sync::Mutex::new(s));
+    let source = FromSession { s: shared.clone(), doc, tamper: None };
+    let snapshot = pagesync::remote::RemoteSnapshot::open(map.clone(), Box::new(source)).expect("snapshot");
+    assert_eq!(snapshot.query("SELECT count(*), max(x) FROM t", &[]).unwrap(), expected);
+    assert!(snapshot.query("DELETE FROM t", &[]).is_err(), "a snapshot is read-only");
+    let tampered = FromSession { s: shared, doc, tamper: Some((r.lsn, r.offset)) };
+    let refused = pagesync::remote::RemoteSnapshot::open(map, Box::new(tampered)).map(|_| ()).unwrap_err();
+    assert!(refused.to_string().contains("page 1"), "{refused}");
+}

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use pagesync_journal::Lsn;
 
-use super::DOC_WINDOW_BYTES;
+use super::server::ConnId;
+use super::{DOC_WINDOW_BYTES, MAX_MAP_RUNS, Message, codes};
 use crate::error::Result;
 use crate::ids::DocId;
 use crate::server::{ServerDocument, StepOutcome};
@@ -59,6 +60,8 @@ pub(super) enum Work {
         step: bool,
         fetch: Option<Lsn>,
         export: bool,
+        /// `MapPages` and `ReadPages` to answer, with the connection that asked.
+        asks: Vec<(ConnId, Message)>,
     },
 }
 
@@ -105,6 +108,8 @@ pub(super) struct Ran {
     /// What a read ahead found, if the job read.
     pub(super) fetched: Option<Fetched>,
     pub(super) exported: Option<std::result::Result<Vec<u8>, String>>,
+    /// The answers to `asks`, for the connections that asked.
+    pub(super) answers: Vec<(ConnId, Message)>,
 }
 
 /// Entries read ahead, whole, in LSN order, and the error that stopped the read, if any.
@@ -136,7 +141,7 @@ impl DocJob {
         let DocJob { doc, work, now_ms, clock } = self;
         let outcome = match work {
             Work::Open { opener, exists, create } => Outcome::Opened(open(doc, &opener, exists, create)),
-            Work::Run { mut document, reopen, step, fetch, export } => {
+            Work::Run { mut document, reopen, step, fetch, export, asks } => {
                 let reopened = reopen.is_some_and(|opener| reopen_journal(doc, &mut document, &opener));
                 let (steps, failure) = if step {
                     step_document(&mut document, now_ms, clock.as_ref())
@@ -150,7 +155,8 @@ impl DocJob {
                         Err(format!("exporting {doc} failed with an internal error: {panic}"))
                     })
                 });
-                Outcome::Ran(Ran { document, reopened, steps, failure, fetched, exported })
+                let answers = asks.into_iter().map(|(conn, ask)| (conn, answer(&document, ask))).collect();
+                Outcome::Ran(Ran { document, reopened, steps, failure, fetched, exported, answers })
             }
         };
         JobDone { doc, outcome }
@@ -236,6 +242,35 @@ pub(super) fn read_ahead(d: &ServerDocument, from: Lsn) -> Fetched {
         lsn = lsn.next();
     }
     fetched
+}
+
+/// The answer to a `MapPages` or `ReadPages`: read from the committed state, never from a
+/// step in progress (a job's step is done before it answers).
+fn answer(d: &ServerDocument, ask: Message) -> Message {
+    let failed =
+        |doc, why: String| Message::Error { doc: Some(doc), code: codes::STORAGE.into(), message: why };
+    match ask {
+        Message::MapPages { doc, id } => match catch(|| d.page_map(MAX_MAP_RUNS)) {
+            Ok(Some(map)) => Message::PageMap { doc, id, map },
+            Ok(None) => {
+                let why = format!("document {doc} is spread over more than {MAX_MAP_RUNS} runs: not mapped");
+                Message::Error { doc: Some(doc), code: codes::LIMIT.into(), message: why }
+            }
+            Err(panic) => failed(doc, format!("mapping {doc} failed with an internal error: {panic}")),
+        },
+        Message::ReadPages { doc, id, lsn, offset, pages } => {
+            let mut data = vec![0u8; pages as usize * crate::page::PAGE_SIZE];
+            match catch(|| d.read_part(lsn, offset as usize, &mut data)) {
+                Ok(Ok(())) => Message::Pages { doc, id, lsn, offset, data },
+                Ok(Err(e)) => failed(doc, format!("reading entry {lsn} of {doc}: {e}")),
+                Err(panic) => failed(
+                    doc,
+                    format!("reading entry {lsn} of {doc} failed with an internal error: {panic}"),
+                ),
+            }
+        }
+        other => unreachable!("BUG: only page requests are asks, not {other:?}"),
+    }
 }
 
 pub(super) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

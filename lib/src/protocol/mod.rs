@@ -28,7 +28,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -118,6 +118,52 @@ pub enum Message {
     StorageAck { doc: DocId, next: Lsn, outcomes_through: Option<Lsn> },
     /// Either side: something went wrong; `doc` is `None` for the whole connection.
     Error { doc: Option<DocId>, code: String, message: String },
+    /// Client: where each page of the document's committed state lives now (see
+    /// `PageMap`), to read it on demand before its download ends. Needs a read grant; never
+    /// creates the document.
+    MapPages { doc: DocId, id: u64 },
+    /// Server: the answer to `MapPages { id }`.
+    PageMap { doc: DocId, id: u64, map: PageMap },
+    /// Client: `pages` pages of entry `lsn`, from byte `offset` of its payload (where a
+    /// `PageMap` run says they are). At most `MAX_READ_PAGES`.
+    ReadPages { doc: DocId, id: u64, lsn: Lsn, offset: u32, pages: u32 },
+    /// Server: the answer to `ReadPages { id }`: the bytes asked for, exactly.
+    Pages {
+        doc: DocId,
+        id: u64,
+        lsn: Lsn,
+        offset: u32,
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
+}
+
+/// The most pages one `ReadPages` may ask for: 256 (1 MiB), so one answer is one bounded frame.
+pub const MAX_READ_PAGES: u32 = 256;
+
+/// Runs a `PageMap` may hold: a document whose pages are scattered over more entries than this
+/// is not mapped (its clients wait for the download). 1 Mi runs, 24 MiB.
+pub const MAX_MAP_RUNS: usize = 1 << 20;
+
+/// Where every page of a document's committed state lives in its storage journal, as of the
+/// entry before `at`: runs of pages that lie side by side in one entry. A checkpoint's part is
+/// one run, so a 1 GB document maps in a few hundred runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageMap {
+    /// The state is every entry before this LSN.
+    pub at: Lsn,
+    pub page_count: u32,
+    /// Ascending by `first_page`, not overlapping; pages in no run are zeros.
+    pub runs: Vec<PageRun>,
+}
+
+/// Pages `first_page..first_page + pages` at byte `offset..` of entry `lsn`'s payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub first_page: u32,
+    pub pages: u32,
+    pub lsn: Lsn,
+    pub offset: u32,
 }
 
 /// Why a frame could not be decoded.
@@ -156,7 +202,11 @@ impl Message {
             | Message::Mutations { doc, .. }
             | Message::MutationsAck { doc, .. }
             | Message::Storage { doc, .. }
-            | Message::StorageAck { doc, .. } => Some(*doc),
+            | Message::StorageAck { doc, .. }
+            | Message::MapPages { doc, .. }
+            | Message::PageMap { doc, .. }
+            | Message::ReadPages { doc, .. }
+            | Message::Pages { doc, .. } => Some(*doc),
             Message::Error { doc, .. } => *doc,
         }
     }

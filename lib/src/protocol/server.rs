@@ -24,8 +24,8 @@ use super::job::{
 };
 use super::window::{SendWindow, round_robin};
 use super::{
-    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, Message, PROTOCOL_VERSION,
-    RETRANSMIT_MS, codes,
+    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, MAX_READ_PAGES, Message,
+    PROTOCOL_VERSION, RETRANSMIT_MS, codes,
 };
 use crate::error::Result;
 use crate::ids::{DocId, TimelineId};
@@ -128,6 +128,8 @@ struct OpenDoc {
     /// The connections subscribed to it (exactly those whose `subs` name it): those to look at
     /// when its storage changes, it fails, or it could close.
     subscribers: BTreeSet<ConnId>,
+    /// Page requests for its next job (`ask`).
+    asks: Vec<(ConnId, Message)>,
 }
 
 /// Where an open document is.
@@ -217,6 +219,7 @@ impl OpenDoc {
             ahead: ReadAhead::default(),
             export: false,
             subscribers: BTreeSet::new(),
+            asks: Vec::new(),
         }
     }
 
@@ -268,7 +271,7 @@ impl OpenDoc {
             Held::Here(_) => {}
         }
         let read = self.ahead.want.map(|_| self.ahead.retry_at.unwrap_or(now_ms));
-        let export = self.export.then_some(now_ms);
+        let export = (self.export || !self.asks.is_empty()).then_some(now_ms);
         [self.step_due(commit_interval_ms, now_ms), read, export].into_iter().flatten().min()
     }
 }
@@ -281,6 +284,8 @@ struct Conn {
     subs: BTreeMap<DocId, Sub>,
     /// Documents being opened with a message of this connection waiting in them.
     opening: BTreeSet<DocId>,
+    /// Its page requests waiting for a job (`ask`).
+    asks: usize,
     outbox: VecDeque<Message>,
     cursor: Option<DocId>,
     /// Set after a connection-level error: send the outbox, then the driver closes.
@@ -493,6 +498,15 @@ pub const MAX_DEFERRED_BYTES: usize = 16 << 20;
 /// ... and over every document at once: 64 MiB. With documents opening on many connections,
 /// this, not the number of documents, bounds what waiting messages cost.
 pub const MAX_DEFERRED_TOTAL_BYTES: usize = 64 << 20;
+
+/// Page requests (`MapPages`, `ReadPages`) one connection may have waiting for jobs: a reader
+/// blocked on a page has one; eight leave room for a few readers sharing a connection. Each
+/// answer is at most 1 MiB (`MAX_READ_PAGES`), so this bounds what one connection's requests
+/// hold in its outbox.
+pub const MAX_ASKS_PER_CONNECTION: usize = 8;
+
+/// ... and one document may have waiting over every connection.
+pub const MAX_ASKS_PER_DOC: usize = 256;
 
 /// A waiting `Subscribe` counts this many bytes against the bounds above, so that a flood of
 /// them is bounded too.
@@ -720,7 +734,10 @@ impl ServerSession {
                 // and the client, told so, says Hello again and re-subscribes.
                 c.outbox.push_back(error(None, codes::NOT_HELLO, "the first message must be Hello"))
             }
-            Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
+            Message::Subscribe { doc, .. }
+            | Message::Mutations { doc, .. }
+            | Message::MapPages { doc, .. }
+            | Message::ReadPages { doc, .. }
                 if !c.grant.as_ref().is_some_and(|g| g.allows(doc)) =>
             {
                 let text = format!("your token does not grant access to document {doc}");
@@ -737,6 +754,22 @@ impl ServerSession {
                 let text = format!("{} entries from LSN {first} run past the LSN space", entries.len());
                 self.fail(conn, error(msg.doc(), codes::MALFORMED, text));
             }
+            Message::ReadPages { doc, pages, .. } if pages == 0 || pages > MAX_READ_PAGES => {
+                let text = format!("a read of {pages} pages: from 1 to {MAX_READ_PAGES} at once");
+                c.outbox.push_back(error(Some(doc), codes::MALFORMED, text));
+            }
+            // A page request never creates its document.
+            Message::MapPages { doc, .. } | Message::ReadPages { doc, .. }
+                if !self.docs.contains_key(&doc) =>
+            {
+                self.start_open(conn, now_ms, msg, doc, false)
+            }
+            Message::MapPages { doc, .. } | Message::ReadPages { doc, .. }
+                if self.docs.get(&doc).is_some_and(OpenDoc::is_away) =>
+            {
+                self.defer(conn, now_ms, msg)
+            }
+            Message::MapPages { doc, .. } | Message::ReadPages { doc, .. } => self.ask(conn, doc, msg),
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
                 if !self.docs.contains_key(&doc) =>
             {
@@ -790,6 +823,24 @@ impl ServerSession {
                 self.fail(conn, error(other.doc(), codes::MALFORMED, text));
             }
         }
+    }
+
+    /// Queues a `MapPages` or `ReadPages` for `doc`'s next job (it is here). A connection may
+    /// have `MAX_ASKS_PER_CONNECTION` waiting, a document `MAX_ASKS_PER_DOC`: past either the
+    /// ask is refused with `limit`, so page requests cost the server bounded memory and reads.
+    fn ask(&mut self, conn: ConnId, doc: DocId, msg: Message) {
+        let (Some(c), Some(open)) = (self.conns.get_mut(&conn), self.docs.get_mut(&doc)) else { return };
+        if c.asks >= MAX_ASKS_PER_CONNECTION || open.asks.len() >= MAX_ASKS_PER_DOC {
+            let text = format!(
+                "too many page requests waiting: at most {MAX_ASKS_PER_CONNECTION} per connection, {MAX_ASKS_PER_DOC} per document"
+            );
+            return c.outbox.push_back(error(Some(doc), codes::LIMIT, text));
+        }
+        c.asks += 1;
+        open.asks.push((conn, msg));
+        open.last_used = self.now_ms;
+        self.active.insert(doc);
+        self.run_here(doc);
     }
 
     fn push(&mut self, conn: ConnId, msg: Message) {
@@ -1025,9 +1076,16 @@ impl ServerSession {
     fn close_broken(&mut self, doc: DocId, why: String) {
         self.stats.documents_failed += 1;
         self.with_ahead(doc, ReadAhead::clear);
-        let subscribers = self.docs.remove(&doc).map(|o| o.subscribers).unwrap_or_default();
+        let (subscribers, asks) = self.docs.remove(&doc).map(|o| (o.subscribers, o.asks)).unwrap_or_default();
         let text =
             format!("the server closed document {doc} after an internal error; subscribe again: {why}");
+        for (id, _) in asks {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.asks -= 1;
+                c.outbox.push_back(error(Some(doc), codes::INTERNAL, text.clone()));
+                self.ready.insert(id);
+            }
+        }
         for id in subscribers {
             let Some(c) = self.conns.get_mut(&id) else { continue };
             if let Some(mut sub) = c.subs.remove(&doc) {
@@ -1116,7 +1174,8 @@ impl ServerSession {
                 // Only a step needs the journal reopened (reads work on the old handle): a job
                 // that only reads leaves it due, so a reopen that fails there is not forgotten.
                 let reopen = (step && std::mem::take(&mut open.reopen)).then(|| self.opener.clone());
-                Work::Run { document, reopen, step, fetch, export: std::mem::take(&mut open.export) }
+                let (export, asks) = (std::mem::take(&mut open.export), std::mem::take(&mut open.asks));
+                Work::Run { document, reopen, step, fetch, export, asks }
             }
             Held::Out(_) => unreachable!("BUG: a document out on a job is never due"),
         };
@@ -1173,7 +1232,14 @@ impl ServerSession {
 
     /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
     fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
-        let Ran { document, reopened, steps, failure, fetched, exported } = ran;
+        let Ran { document, reopened, steps, failure, fetched, exported, answers } = ran;
+        for (conn, answer) in answers {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.asks -= 1;
+                c.outbox.push_back(answer);
+                self.ready.insert(conn);
+            }
+        }
         let keep_from = self.acked_by_all(doc);
         let open = self.docs.get_mut(&doc).expect("BUG: checked by the caller");
         let Held::Out(deferred) = std::mem::replace(&mut open.held, Held::Here(document)) else {
@@ -1217,7 +1283,8 @@ impl ServerSession {
         for (conn, at, msg) in deferred.messages {
             let Some(c) = self.conns.get_mut(&conn) else { continue };
             c.opening.remove(&doc);
-            let creates = c.grant.as_ref().is_some_and(|g| g.write);
+            let asks = matches!(msg, Message::MapPages { .. } | Message::ReadPages { .. });
+            let creates = c.grant.as_ref().is_some_and(|g| g.write) && !asks;
             if matches!(failure, OpenFailure::NotFound) && creates {
                 self.handle_message(conn, at, msg);
             } else {
@@ -1515,5 +1582,9 @@ fn kind(m: &Message) -> &'static str {
         Message::Storage { .. } => "Storage",
         Message::StorageAck { .. } => "StorageAck",
         Message::Error { .. } => "Error",
+        Message::MapPages { .. } => "MapPages",
+        Message::PageMap { .. } => "PageMap",
+        Message::ReadPages { .. } => "ReadPages",
+        Message::Pages { .. } => "Pages",
     }
 }

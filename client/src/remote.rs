@@ -1,0 +1,147 @@
+//! Queries before a download ends (see `pagesync::remote`): the pages a query needs are
+//! fetched over a connection of their own.
+//!
+//! The fetch runs on the thread that runs the query, blocking, over a plain websocket that
+//! is not the driver's: the driver's task may be waiting for the session lock the query
+//! holds, and a runtime with one thread may be the one blocked. So a fetch depends on nothing
+//! but the server.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use pagesync::journal::Lsn;
+use pagesync::protocol::{MAX_FRAME_BYTES, Message, PROTOCOL_VERSION, PageMap};
+use pagesync::{DocId, remote::PageSource};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message as WsMessage, WebSocket};
+
+/// How long a fetch waits for the server: connecting, or for an answer.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After a failed fetch, queries stay on the local replica this long before trying the server
+/// again, so an offline client is not slowed by a connection attempt per query.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// One blocking connection for page requests, opened on first use and again after a failure.
+pub(crate) struct Fetcher {
+    url: String,
+    token: String,
+    ws: Option<WebSocket<TcpStream>>,
+    next_id: u64,
+}
+
+impl Fetcher {
+    pub(crate) fn new(url: &str, token: &str) -> Fetcher {
+        Fetcher { url: url.to_owned(), token: token.to_owned(), ws: None, next_id: 0 }
+    }
+
+    fn connect(&mut self) -> Result<&mut WebSocket<TcpStream>, String> {
+        if self.ws.is_none() {
+            let uri: tungstenite::http::Uri =
+                self.url.parse().map_err(|e| format!("bad URL {}: {e}", self.url))?;
+            if uri.scheme_str() != Some("ws") {
+                return Err(format!("pages are fetched over ws:// only, not {}", self.url));
+            }
+            let host = uri.host().ok_or_else(|| format!("no host in {}", self.url))?;
+            let port = uri.port_u16().unwrap_or(80);
+            let addr = (host, port)
+                .to_socket_addrs()
+                .map_err(|e| format!("cannot resolve {host}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{host} has no address"))?;
+            let stream = TcpStream::connect_timeout(&addr, FETCH_TIMEOUT)
+                .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
+            let _ = stream.set_nodelay(true);
+            stream.set_read_timeout(Some(FETCH_TIMEOUT)).map_err(|e| e.to_string())?;
+            stream.set_write_timeout(Some(FETCH_TIMEOUT)).map_err(|e| e.to_string())?;
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(MAX_FRAME_BYTES))
+                .max_frame_size(Some(MAX_FRAME_BYTES));
+            let (mut ws, _) =
+                tungstenite::client::client_with_config(self.url.as_str(), stream, Some(config))
+                    .map_err(|e| format!("websocket handshake with {} failed: {e}", self.url))?;
+            let hello = Message::Hello { version: PROTOCOL_VERSION, token: self.token.clone() };
+            ws.send(WsMessage::Binary(hello.encode().into())).map_err(|e| e.to_string())?;
+            self.ws = Some(ws);
+        }
+        Ok(self.ws.as_mut().expect("BUG: connected above"))
+    }
+
+    /// Sends `ask` (a `MapPages` or `ReadPages` with a fresh id) and waits for its answer; an
+    /// error for the document, or for the connection, is the answer too. Any failure closes
+    /// the connection: the next request opens a new one.
+    fn ask(&mut self, doc: DocId, make: impl FnOnce(u64) -> Message) -> Result<Message, String> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let result = self.exchange(doc, make(id), id);
+        if result.is_err() {
+            self.ws = None;
+        }
+        result
+    }
+
+    fn exchange(&mut self, doc: DocId, ask: Message, id: u64) -> Result<Message, String> {
+        let ws = self.connect()?;
+        ws.send(WsMessage::Binary(ask.encode().into()))
+            .map_err(|e| format!("sending a page request: {e}"))?;
+        let deadline = Instant::now() + FETCH_TIMEOUT;
+        while Instant::now() < deadline {
+            let frame = match ws.read().map_err(|e| format!("waiting for pages: {e}"))? {
+                WsMessage::Binary(b) => b,
+                WsMessage::Close(_) => return Err("the server closed the page connection".into()),
+                _ => continue,
+            };
+            match Message::decode(&frame).map_err(|e| e.to_string())? {
+                Message::PageMap { doc: d, id: i, .. } | Message::Pages { doc: d, id: i, .. }
+                    if d != doc || i != id =>
+                {
+                    continue; // the answer to an earlier request that timed out
+                }
+                m @ (Message::PageMap { .. } | Message::Pages { .. }) => return Ok(m),
+                Message::Error { doc: None, code, message } => return Err(format!("{code}: {message}")),
+                Message::Error { doc: Some(d), code, message } if d == doc => {
+                    return Err(format!("{code}: {message}"));
+                }
+                _ => continue,
+            }
+        }
+        Err(format!("no answer from the server within {FETCH_TIMEOUT:?}"))
+    }
+
+    /// Where each page of `doc`'s committed state lives, as the server says now.
+    pub(crate) fn map(&mut self, doc: DocId) -> Result<PageMap, String> {
+        match self.ask(doc, |id| Message::MapPages { doc, id })? {
+            Message::PageMap { map, .. } => Ok(map),
+            other => Err(format!("expected a page map, got {other:?}")),
+        }
+    }
+}
+
+/// A snapshot's page source: `ReadPages` over a client's fetcher.
+pub(crate) struct Source {
+    pub(crate) fetcher: std::sync::Arc<std::sync::Mutex<Fetcher>>,
+    pub(crate) doc: DocId,
+}
+
+impl PageSource for Source {
+    fn read(&mut self, lsn: Lsn, offset: u32, buf: &mut [u8]) -> Result<(), String> {
+        let pages = u32::try_from(buf.len() / pagesync::page::PAGE_SIZE).map_err(|e| e.to_string())?;
+        let doc = self.doc;
+        let mut fetcher = self.fetcher.lock().expect("BUG: lock poisoned");
+        match fetcher.ask(doc, |id| Message::ReadPages { doc, id, lsn, offset, pages })? {
+            // Exactly the bytes asked for, or nothing.
+            Message::Pages { lsn: l, offset: o, data, .. }
+                if l == lsn && o == offset && data.len() == buf.len() =>
+            {
+                buf.copy_from_slice(&data);
+                Ok(())
+            }
+            Message::Pages { lsn: l, offset: o, data, .. } => Err(format!(
+                "asked for {} bytes of entry {lsn} at {offset}, the server sent {} of entry {l} at {o}",
+                buf.len(),
+                data.len()
+            )),
+            other => Err(format!("expected pages, got {other:?}")),
+        }
+    }
+}
