@@ -285,7 +285,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Query { sql, params, json, json_rows, offline } => {
-            if !offline && let Err(e) = sync_shown(&doc, timeout).await {
+            let st = doc.status();
+            let empty = st.storage_next == pagesync::journal::Lsn::FIRST && st.pending == 0;
+            if !offline && empty {
+                // A replica that holds nothing yet: the query reads the server's state (pages
+                // fetched on demand) rather than waiting for the whole document to download.
+                let deadline = tokio::time::Instant::now() + timeout;
+                while !client.is_connected() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            } else if !offline && let Err(e) = sync_shown(&doc, timeout).await {
                 eprintln!("warning: showing local data: {e}");
             }
             let rows = doc.query(&sql, &params.iter().map(|p| parse_param(p)).collect::<Vec<_>>())?;

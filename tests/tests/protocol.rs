@@ -821,6 +821,21 @@ fn page_requests_read_the_committed_state_bounded_and_never_create_a_document() 
         matches!(ask(&mut s, R, past).as_slice(), [Message::Error { code, .. }] if code == codes::STORAGE)
     );
 
+    // A peer that asks and does not take its answers is refused past a few.
+    let read = |id| Message::ReadPages { doc, id, lsn: r.lsn, offset: r.offset, pages: 1 };
+    for id in 10..20 {
+        s.handle_frame(R, T0, &read(id).encode());
+    }
+    let got: Vec<Message> = std::iter::from_fn(|| s.poll_transmit()).map(|(_, m)| m).collect();
+    let answered = got.iter().filter(|m| matches!(m, Message::Pages { .. })).count();
+    let refused =
+        got.iter().filter(|m| matches!(m, Message::Error { code, .. } if code == codes::LIMIT)).count();
+    assert_eq!((answered, refused), (pagesync::protocol::MAX_ASKS_PER_CONNECTION, 10 - answered), "{got:?}");
+    assert!(
+        matches!(ask(&mut s, R, read(30)).as_slice(), [Message::Pages { id: 30, .. }]),
+        "taken answers free the room"
+    );
+
     // A document that does not exist is not created by a page request, even with a write grant.
     let mut fresh = server().with_exists(|_| Ok(false));
     fresh.connect(R);

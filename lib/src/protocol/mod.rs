@@ -16,9 +16,9 @@ pub(crate) mod window;
 pub use client::{ClientSession, DocStatus};
 pub use job::{DocJob, Exists, FETCH_BYTES, JobDone, MAX_FETCHED_BYTES, Opener};
 pub use server::{
-    Authenticator, Clock, ConnId, Event, Grant, MAX_DEFERRED_BYTES, MAX_DEFERRED_TOTAL_BYTES, MAX_EVENTS,
-    MAX_OUTBOX_MESSAGES, MAX_SEND_BACKLOG_BYTES, SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS,
-    ServerSession, SessionOptions, SessionStats,
+    Authenticator, Clock, ConnId, Event, Grant, MAX_ASKS_PER_CONNECTION, MAX_ASKS_PER_DOC,
+    MAX_DEFERRED_BYTES, MAX_DEFERRED_TOTAL_BYTES, MAX_EVENTS, MAX_OUTBOX_MESSAGES, MAX_SEND_BACKLOG_BYTES,
+    SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession, SessionOptions, SessionStats,
 };
 
 use pagesync_journal::Lsn;
@@ -142,8 +142,10 @@ pub enum Message {
 pub const MAX_READ_PAGES: u32 = 256;
 
 /// Runs a `PageMap` may hold: a document whose pages are scattered over more entries than this
-/// is not mapped (its clients wait for the download). 1 Mi runs, 24 MiB.
-pub const MAX_MAP_RUNS: usize = 1 << 20;
+/// is not mapped (its clients wait for the download). 64 Ki runs, about 1 MiB on the wire; a
+/// checkpointed document needs one run per 4 MiB part (a few hundred for 1 GB), and a run per
+/// entry written since.
+pub const MAX_MAP_RUNS: usize = 1 << 16;
 
 /// Where every page of a document's committed state lives in its storage journal, as of the
 /// entry before `at`: runs of pages that lie side by side in one entry. A checkpoint's part is

@@ -284,8 +284,10 @@ struct Conn {
     subs: BTreeMap<DocId, Sub>,
     /// Documents being opened with a message of this connection waiting in them.
     opening: BTreeSet<DocId>,
-    /// Its page requests waiting for a job (`ask`).
+    /// Its page requests waiting for a job or answered in `answers` (`ask`).
     asks: usize,
+    /// Answers to its page requests, sent after `outbox`.
+    answers: VecDeque<Message>,
     outbox: VecDeque<Message>,
     cursor: Option<DocId>,
     /// Set after a connection-level error: send the outbox, then the driver closes.
@@ -499,11 +501,11 @@ pub const MAX_DEFERRED_BYTES: usize = 16 << 20;
 /// this, not the number of documents, bounds what waiting messages cost.
 pub const MAX_DEFERRED_TOTAL_BYTES: usize = 64 << 20;
 
-/// Page requests (`MapPages`, `ReadPages`) one connection may have waiting for jobs: a reader
-/// blocked on a page has one; eight leave room for a few readers sharing a connection. Each
-/// answer is at most 1 MiB (`MAX_READ_PAGES`), so this bounds what one connection's requests
-/// hold in its outbox.
-pub const MAX_ASKS_PER_CONNECTION: usize = 8;
+/// Page requests (`MapPages`, `ReadPages`) one connection may have waiting for jobs or
+/// answered in its outbox: a reader blocked on a page has one; four leave room for a few
+/// readers sharing a connection. Each answer is at most about 1 MiB (`MAX_READ_PAGES`,
+/// `MAX_MAP_RUNS`), so this bounds what one connection's requests hold in the server.
+pub const MAX_ASKS_PER_CONNECTION: usize = 4;
 
 /// ... and one document may have waiting over every connection.
 pub const MAX_ASKS_PER_DOC: usize = 256;
@@ -826,11 +828,14 @@ impl ServerSession {
     }
 
     /// Queues a `MapPages` or `ReadPages` for `doc`'s next job (it is here). A connection may
-    /// have `MAX_ASKS_PER_CONNECTION` waiting, a document `MAX_ASKS_PER_DOC`: past either the
-    /// ask is refused with `limit`, so page requests cost the server bounded memory and reads.
+    /// have `MAX_ASKS_PER_CONNECTION` waiting or answered and not yet handed to its driver, a
+    /// document `MAX_ASKS_PER_DOC` waiting; past either, or while the connection's driver holds
+    /// more than `MAX_SEND_BACKLOG_BYTES` unwritten, the ask is refused with `limit`. So page
+    /// requests cost the server bounded memory and reads, even from a peer that never reads.
     fn ask(&mut self, conn: ConnId, doc: DocId, msg: Message) {
         let (Some(c), Some(open)) = (self.conns.get_mut(&conn), self.docs.get_mut(&doc)) else { return };
-        if c.asks >= MAX_ASKS_PER_CONNECTION || open.asks.len() >= MAX_ASKS_PER_DOC {
+        let unread = c.backlog_bytes > MAX_SEND_BACKLOG_BYTES;
+        if c.asks >= MAX_ASKS_PER_CONNECTION || open.asks.len() >= MAX_ASKS_PER_DOC || unread {
             let text = format!(
                 "too many page requests waiting: at most {MAX_ASKS_PER_CONNECTION} per connection, {MAX_ASKS_PER_DOC} per document"
             );
@@ -1235,8 +1240,8 @@ impl ServerSession {
         let Ran { document, reopened, steps, failure, fetched, exported, answers } = ran;
         for (conn, answer) in answers {
             if let Some(c) = self.conns.get_mut(&conn) {
-                c.asks -= 1;
-                c.outbox.push_back(answer);
+                // Counted until it goes to the driver (`next_for`).
+                c.answers.push_back(answer);
                 self.ready.insert(conn);
             }
         }
@@ -1441,6 +1446,10 @@ impl ServerSession {
         let (now_ms, here) = (self.now_ms, !self.external_jobs);
         let c = self.conns.get_mut(&id)?;
         if let Some(m) = c.outbox.pop_front() {
+            return Some(m);
+        }
+        if let Some(m) = c.answers.pop_front() {
+            c.asks -= 1;
             return Some(m);
         }
         if c.closing {
