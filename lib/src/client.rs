@@ -195,7 +195,8 @@ impl<R: Reducer> ClientDocument<R> {
         let mut store = PageStore::open(storage)?;
         store.enable_schema_epochs()?;
         store.set_read_ahead(true);
-        let db = Database::open(store)?;
+        let mut db = Database::open(store)?;
+        db.set_exclusive()?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc = ClientDocument {
             db,

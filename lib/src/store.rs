@@ -558,6 +558,11 @@ impl PageStore {
         Ok(())
     }
 
+    /// The change counter SQLite is shown now: it moves whenever pages change underneath it.
+    pub fn reported_counter(&self) -> u32 {
+        self.reported_counter
+    }
+
     /// Both pages changed underneath SQLite: show it new values so it drops its caches.
     fn bump_reported(&mut self) {
         self.reported_counter = self.reported_counter.wrapping_add(1);
