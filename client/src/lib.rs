@@ -500,14 +500,15 @@ impl Document {
     /// it. When the server cannot be asked, the query runs on the replica as it is.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         let mut remote = self.remote.lock().expect("BUG: lock poisoned");
-        let connected = *self.shared.connected.lock().expect("BUG: lock poisoned");
         {
             let s = self.shared.session();
             let replica = s.document(self.id).expect("BUG: open documents stay open");
-            let retry = remote.failed_at.is_none_or(|t| t.elapsed() >= remote::RETRY_AFTER);
             let at = remote.snapshot.as_ref().map(|r| r.at());
-            remote.fresh &= !s.caught_up(self.id);
-            if !(connected && retry && wants_remote(replica, remote.fresh, at)) {
+            remote.fresh &= !(remote.fresh && s.caught_up(self.id));
+            let ask = wants_remote(replica, remote.fresh, at)
+                && remote.failed_at.is_none_or(|t| t.elapsed() >= remote::RETRY_AFTER)
+                && *self.shared.connected.lock().expect("BUG: lock poisoned");
+            if !ask {
                 remote.snapshot = None;
                 return Ok(replica.query(sql, params)?);
             }

@@ -273,11 +273,11 @@ impl Database {
 
     /// Puts the connection in exclusive locking mode: SQLite then takes its file lock once and
     /// keeps it, with its page cache, across transactions, instead of locking, reading the
-    /// change counter and unlocking around each one (a point lookup on a replica went from
-    /// 0.73x to about 0.9x stock SQLite). For a replica, the only connection to its file. The
-    /// price: SQLite no longer sees pages change underneath it on its own, so whenever the
-    /// store shows a new change counter, the next use drops the lock once (`recheck_if_changed`)
-    /// and the transaction after re-reads the counter, as in normal mode.
+    /// change counter and unlocking around each one; the point-lookup benchmark's peer runs
+    /// stock SQLite so too. For a replica, the only connection to its file. The price: SQLite
+    /// no longer sees pages change underneath it on its own, so whenever the store shows a new
+    /// change counter, the next use drops the lock once (`recheck_if_changed`) and the
+    /// transaction after re-reads the counter, as in normal mode.
     pub fn set_exclusive(&mut self) -> Result<()> {
         self.conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE")?;
         let counter = self.store().reported_counter();
@@ -286,13 +286,19 @@ impl Database {
     }
 
     /// In exclusive mode, when the store's change counter moved since SQLite last looked and
-    /// no transaction is open: locking mode normal for one read transaction (which ends by
+    /// no transaction or statement is open: locking mode normal for one read transaction (which ends by
     /// releasing the lock), then exclusive again, so the next transaction starts by checking
     /// the counter and drops a stale cache.
     fn recheck_if_changed(&self) {
         let Some(seen) = &self.exclusive_seen else { return };
         let reported = self.store().reported_counter();
-        if reported == seen.get() || !self.conn.is_autocommit() {
+        // An open transaction, or a statement stepped and not reset, keeps the lock through
+        // the toggle: try again at the next use, as normal mode would check at its next
+        // transaction.
+        let busy = || {
+            !self.conn.is_autocommit() || crate::vfs::statement_running(crate::vfs::DbHandle::of(&self.conn))
+        };
+        if reported == seen.get() || busy() {
             return;
         }
         let recheck = "PRAGMA locking_mode = NORMAL; SELECT 1 FROM sqlite_schema LIMIT 1; PRAGMA locking_mode = EXCLUSIVE";
