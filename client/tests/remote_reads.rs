@@ -3,34 +3,18 @@
 //! they touch, with the same rows as the writer's replica; once its replica has caught up,
 //! queries are local again and give the same rows.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+mod support;
+
 use std::time::{Duration, Instant};
 
-use tokio::runtime::Runtime;
-use tokio::sync::oneshot::Sender;
-use tokio::task::JoinHandle;
-
 use pagesync::{DocId, Value};
-use pagesync_server::{Metrics, ServerConfig, Store, serve};
+use support::start_server;
 
 /// Rows of `ROW_BYTES` random bytes: 48 MiB, large enough that its download takes far longer
 /// than a few page requests.
 const ROWS: i64 = 12_288;
 const ROW_BYTES: i64 = 4_000;
 const ROWS_PER_WRITE: i64 = 1_024;
-
-fn start_server(dir: &std::path::Path) -> (Runtime, SocketAddr, Sender<()>, JoinHandle<anyhow::Result<()>>) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig::new(addr, Store::Files(dir.join("server")));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
-        let _ = stopped.await;
-    }));
-    (rt, addr, stop, server)
-}
 
 const QUERIES: [&str; 4] = [
     "SELECT max(id) FROM t",
