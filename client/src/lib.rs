@@ -381,12 +381,8 @@ pub struct RemoteReads {
 /// restarting at a checkpoint), its first download is not over (`fresh`), or it has less
 /// than a snapshot already shown (`at`); and it has no local writes (which only it has).
 fn wants_remote(replica: &ClientDocument, fresh: bool, at: Option<pagesync::journal::Lsn>) -> bool {
-    let next = replica.storage_range().next();
     replica.pending_count() == 0
-        && (replica.is_restarting()
-            || next == pagesync::journal::Lsn::FIRST
-            || fresh
-            || at.is_some_and(|at| next < at))
+        && (fresh || at.is_some_and(|at| replica.storage_range().next() < at) || replica.lacks_state())
 }
 
 impl std::fmt::Debug for Document {

@@ -335,6 +335,13 @@ impl<R: Reducer> ClientDocument<R> {
         if self.db.store().is_restarting() { Err(Error::Restarting) } else { Ok(()) }
     }
 
+    /// Whether the replica has no state yet: it holds no storage, or restarts at a checkpoint
+    /// whose last part has not arrived. One look at the store.
+    pub fn lacks_state(&self) -> bool {
+        let store = self.db.store();
+        store.is_restarting() || store.journal().range().next() == Lsn::FIRST
+    }
+
     /// True while the replica downloads a checkpoint after falling behind the server's
     /// history; `query` and `mutate` fail with `Error::Restarting` until it is complete.
     pub fn is_restarting(&self) -> bool {

@@ -130,9 +130,9 @@ pub struct Database {
     max_doc_pages: Option<u32>,
     /// The `max_page_count` in force, so it is set only when it changes.
     page_cap: Cell<u32>,
-    /// In exclusive locking mode (`set_exclusive`), the store's change counter SQLite last
-    /// re-checked.
-    exclusive_seen: Option<Cell<u32>>,
+    /// In exclusive locking mode (`set_exclusive`): the store's count of changes underneath
+    /// SQLite, and the count SQLite last re-checked at.
+    exclusive: Option<(Arc<std::sync::atomic::AtomicU64>, Cell<u64>)>,
 }
 
 impl std::fmt::Debug for Database {
@@ -169,7 +169,7 @@ impl Database {
             budget,
             max_doc_pages: None,
             page_cap: Cell::new(0),
-            exclusive_seen: None,
+            exclusive: None,
         };
         db.configure()?;
         Ok(db)
@@ -275,23 +275,25 @@ impl Database {
     /// keeps it, with its page cache, across transactions, instead of locking, reading the
     /// change counter and unlocking around each one; the point-lookup benchmark's peer runs
     /// stock SQLite so too. For a replica, the only connection to its file. The price: SQLite
-    /// no longer sees pages change underneath it on its own, so whenever the store shows a new
-    /// change counter, the next use drops the lock once (`recheck_if_changed`) and the
-    /// transaction after re-reads the counter, as in normal mode.
+    /// no longer sees pages change underneath it on its own, so whenever they do (the store
+    /// counts it, without its lock: `changes_underneath`), the next use drops the lock once
+    /// (`recheck_if_changed`) and the transaction after re-reads the counter, as in normal
+    /// mode. SQLite's own writes need nothing: its cache has them.
     pub fn set_exclusive(&mut self) -> Result<()> {
         self.conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE")?;
-        let counter = self.store().reported_counter();
-        self.exclusive_seen = Some(Cell::new(counter));
+        let changes = self.store().changes_underneath();
+        let seen = changes.load(Ordering::Acquire);
+        self.exclusive = Some((changes, Cell::new(seen)));
         Ok(())
     }
 
-    /// In exclusive mode, when the store's change counter moved since SQLite last looked and
+    /// In exclusive mode, when pages changed underneath SQLite since it last looked and
     /// no transaction or statement is open: locking mode normal for one read transaction (which ends by
     /// releasing the lock), then exclusive again, so the next transaction starts by checking
     /// the counter and drops a stale cache.
     fn recheck_if_changed(&self) {
-        let Some(seen) = &self.exclusive_seen else { return };
-        let reported = self.store().reported_counter();
+        let Some((changes, seen)) = &self.exclusive else { return };
+        let reported = changes.load(Ordering::Acquire);
         // An open transaction, or a statement stepped and not reset, keeps the lock through
         // the toggle: try again at the next use, as normal mode would check at its next
         // transaction.
