@@ -277,6 +277,16 @@ impl Metrics {
                 s.storage_reads,
             ),
             (
+                "pagesync_page_requests_total",
+                "Page requests (a page map, or pages of an entry) answered for clients that query before their download ends",
+                s.page_requests,
+            ),
+            (
+                "pagesync_page_requests_refused_total",
+                "Page requests refused at their bounds (per connection, per document, or to a peer that does not read)",
+                s.page_requests_refused,
+            ),
+            (
                 "pagesync_documents_reopened_total",
                 "Documents opened again from their journal after it refused writes (a failed fsync, a write whose outcome was unknown)",
                 s.documents_reopened,

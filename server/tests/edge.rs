@@ -357,3 +357,61 @@ async fn a_50_mb_step_reaches_a_new_client_and_wrong_paths_are_explained() {
     assert!(!out.status.success());
     assert!(err.contains("HTTP 404") && err.contains("/v1/sync"), "{err}");
 }
+
+/// Page requests (for queries before a download ends) from a hostile client: for documents its
+/// token does not name, out of bounds, and a flood it never reads. Each gets a typed answer,
+/// the flood is refused past its bound, and another client's write is confirmed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_page_requests_are_refused_and_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let doc = DocId::from_u128(0x9a);
+    write(port, "", doc, 1, "CREATE TABLE t(b BLOB)").await;
+    write(port, "", doc, 2, "INSERT INTO t SELECT randomblob(3000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000) SELECT x FROM c)").await;
+
+    let mut ws = connect(port, "").await;
+    send(&mut ws, Message::MapPages { doc, id: 1 }).await;
+    let map = match next_reply(&mut ws).await.expect("open") {
+        Message::PageMap { id: 1, map, .. } => map,
+        other => panic!("{other:?}"),
+    };
+    let run = *map.runs.last().expect("runs");
+    // Out of bounds: too many pages, an entry that does not exist, a document that does not.
+    send(&mut ws, Message::ReadPages { doc, id: 2, lsn: run.lsn, offset: run.offset, pages: 100_000 }).await;
+    assert!(
+        matches!(next_reply(&mut ws).await, Some(Message::Error { code, .. }) if code == codes::MALFORMED)
+    );
+    send(&mut ws, Message::ReadPages { doc, id: 3, lsn: Lsn::new(1 << 40).unwrap(), offset: 0, pages: 1 })
+        .await;
+    assert!(matches!(next_reply(&mut ws).await, Some(Message::Error { code, .. }) if code == codes::STORAGE));
+    let nowhere = DocId::from_u128(0x9b);
+    send(&mut ws, Message::MapPages { doc: nowhere, id: 4 }).await;
+    assert!(
+        matches!(next_reply(&mut ws).await, Some(Message::Error { code, .. }) if code == codes::NOT_FOUND)
+    );
+    assert!(!walk(dir.path()).iter().any(|p| p.display().to_string().contains(&nowhere.to_string())));
+
+    // A flood of the largest reads, never read back: refused past its bound, typed.
+    for id in 0..2_000u64 {
+        let pages = run.pages.min(pagesync::protocol::MAX_READ_PAGES);
+        send(&mut ws, Message::ReadPages { doc, id: 100 + id, lsn: run.lsn, offset: run.offset, pages })
+            .await;
+    }
+    let started = Instant::now();
+    write(port, "", doc, 3, "INSERT INTO t VALUES (x'00')").await;
+    let write_took = started.elapsed();
+    let refused = support::probe::metric(port, "pagesync_page_requests_refused_total");
+    let answered = support::probe::metric(port, "pagesync_page_requests_total");
+    eprintln!("flood: {answered} answered, {refused} refused; another client's write took {write_took:?}");
+    assert!(refused > 0, "a flood of page requests was never refused");
+    assert!(write_took < Duration::from_secs(5), "another client's write took {write_took:?}");
+    let (mut pages, mut limits) = (0, 0);
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), next_reply(&mut ws)).await {
+        match m {
+            Message::Pages { .. } => pages += 1,
+            Message::Error { code, .. } if code == codes::LIMIT => limits += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(pages > 0 && limits > 0, "{pages} answered, {limits} refused");
+}

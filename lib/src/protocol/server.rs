@@ -419,6 +419,9 @@ pub struct SessionStats {
     /// Subscribers that took confirmations and subscribed again without (they could not
     /// keep one: see `Error::ConfirmMismatch`).
     pub digest_fallbacks: u64,
+    /// Page requests (`MapPages`, `ReadPages`) answered, and refused at their bounds.
+    pub page_requests: u64,
+    pub page_requests_refused: u64,
 }
 
 impl SessionStats {
@@ -839,6 +842,7 @@ impl ServerSession {
             let text = format!(
                 "too many page requests waiting: at most {MAX_ASKS_PER_CONNECTION} per connection, {MAX_ASKS_PER_DOC} per document"
             );
+            self.stats.page_requests_refused += 1;
             return c.outbox.push_back(error(Some(doc), codes::LIMIT, text));
         }
         c.asks += 1;
@@ -1238,6 +1242,7 @@ impl ServerSession {
     /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
     fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
         let Ran { document, reopened, steps, failure, fetched, exported, answers } = ran;
+        self.stats.page_requests += answers.len() as u64;
         for (conn, answer) in answers {
             if let Some(c) = self.conns.get_mut(&conn) {
                 // Counted until it goes to the driver (`next_for`).
