@@ -70,17 +70,30 @@ impl Fetcher {
     /// Sends `ask` (a `MapPages` or `ReadPages` with a fresh id) and waits for its answer; an
     /// error for the document, or for the connection, is the answer too. Any failure closes
     /// the connection: the next request opens a new one.
-    fn ask(&mut self, doc: DocId, make: impl FnOnce(u64) -> Message) -> Result<Message, String> {
-        self.next_id += 1;
-        let id = self.next_id;
-        let result = self.exchange(doc, make(id), id);
-        if result.is_err() {
-            self.ws = None;
+    fn ask(&mut self, doc: DocId, make: impl Fn(u64) -> Message) -> Result<Message, String> {
+        // A connection idle for long may have been closed by the server (a silent peer is
+        // closed after 45 s): a failure on one that was already open is tried once more on a
+        // new one.
+        let mut retry = self.ws.is_some();
+        loop {
+            self.next_id += 1;
+            let id = self.next_id;
+            match self.exchange(doc, make(id), id) {
+                Ok(answer) => return answer,
+                Err(why) => {
+                    self.ws = None;
+                    if !retry {
+                        return Err(why);
+                    }
+                    retry = false;
+                }
+            }
         }
-        result
     }
 
-    fn exchange(&mut self, doc: DocId, ask: Message, id: u64) -> Result<Message, String> {
+    /// The server's answer (`Err` inside: its error for the request), or why the connection
+    /// failed (`Err` outside).
+    fn exchange(&mut self, doc: DocId, ask: Message, id: u64) -> Result<Result<Message, String>, String> {
         let ws = self.connect()?;
         ws.send(WsMessage::Binary(ask.encode().into()))
             .map_err(|e| format!("sending a page request: {e}"))?;
@@ -97,10 +110,10 @@ impl Fetcher {
                 {
                     continue; // the answer to an earlier request that timed out
                 }
-                m @ (Message::PageMap { .. } | Message::Pages { .. }) => return Ok(m),
+                m @ (Message::PageMap { .. } | Message::Pages { .. }) => return Ok(Ok(m)),
                 Message::Error { doc: None, code, message } => return Err(format!("{code}: {message}")),
                 Message::Error { doc: Some(d), code, message } if d == doc => {
-                    return Err(format!("{code}: {message}"));
+                    return Ok(Err(format!("{code}: {message}")));
                 }
                 _ => continue,
             }
