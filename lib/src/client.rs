@@ -195,8 +195,7 @@ impl<R: Reducer> ClientDocument<R> {
         let mut store = PageStore::open(storage)?;
         store.enable_schema_epochs()?;
         store.set_read_ahead(true);
-        let mut db = Database::open(store)?;
-        db.set_exclusive()?;
+        let db = Database::open(store)?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc = ClientDocument {
             db,

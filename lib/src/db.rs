@@ -130,9 +130,6 @@ pub struct Database {
     max_doc_pages: Option<u32>,
     /// The `max_page_count` in force, so it is set only when it changes.
     page_cap: Cell<u32>,
-    /// In exclusive locking mode (`set_exclusive`): the store's count of changes underneath
-    /// SQLite, and the count SQLite last re-checked at.
-    exclusive: Option<(Arc<std::sync::atomic::AtomicU64>, Cell<u64>)>,
 }
 
 impl std::fmt::Debug for Database {
@@ -169,7 +166,6 @@ impl Database {
             budget,
             max_doc_pages: None,
             page_cap: Cell::new(0),
-            exclusive: None,
         };
         db.configure()?;
         Ok(db)
@@ -267,47 +263,7 @@ impl Database {
     }
 
     pub fn conn(&self) -> &Connection {
-        self.recheck_if_changed();
         &self.conn
-    }
-
-    /// Puts the connection in exclusive locking mode: SQLite then takes its file lock once and
-    /// keeps it, with its page cache, across transactions, instead of locking, reading the
-    /// change counter and unlocking around each one; the point-lookup benchmark's peer runs
-    /// stock SQLite so too. For a replica, the only connection to its file. The price: SQLite
-    /// no longer sees pages change underneath it on its own, so whenever they do (the store
-    /// counts it, without its lock: `changes_underneath`), the next use drops the lock once
-    /// (`recheck_if_changed`) and the transaction after re-reads the counter, as in normal
-    /// mode. SQLite's own writes need nothing: its cache has them.
-    pub fn set_exclusive(&mut self) -> Result<()> {
-        self.conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE")?;
-        let changes = self.store().changes_underneath();
-        let seen = changes.load(Ordering::Acquire);
-        self.exclusive = Some((changes, Cell::new(seen)));
-        Ok(())
-    }
-
-    /// In exclusive mode, when pages changed underneath SQLite since it last looked and
-    /// no transaction or statement is open: locking mode normal for one read transaction (which ends by
-    /// releasing the lock), then exclusive again, so the next transaction starts by checking
-    /// the counter and drops a stale cache.
-    fn recheck_if_changed(&self) {
-        let Some((changes, seen)) = &self.exclusive else { return };
-        let reported = changes.load(Ordering::Acquire);
-        // An open transaction, or a statement stepped and not reset, keeps the lock through
-        // the toggle: try again at the next use, as normal mode would check at its next
-        // transaction.
-        let busy = || {
-            !self.conn.is_autocommit() || crate::vfs::statement_running(crate::vfs::DbHandle::of(&self.conn))
-        };
-        if reported == seen.get() || busy() {
-            return;
-        }
-        let recheck = "PRAGMA locking_mode = NORMAL; SELECT 1 FROM sqlite_schema LIMIT 1; PRAGMA locking_mode = EXCLUSIVE";
-        // On failure (none is known) the next use tries again.
-        if self.conn.execute_batch(recheck).is_ok() {
-            seen.set(reported);
-        }
     }
 
     pub fn store(&self) -> MutexGuard<'_, PageStore> {
@@ -319,7 +275,6 @@ impl Database {
     /// grow the database to: the budget's added bytes past its current size, at most the
     /// document's cap.
     pub fn run_guarded<T>(&self, time_ms: i64, seed: u64, f: impl FnOnce(&Connection) -> T) -> T {
-        self.recheck_if_changed();
         self.clock_ms.store(time_ms, Ordering::Relaxed);
         *self.rng.lock().expect("BUG: lock poisoned") = Rng(seed);
         self.reset_verdict();
@@ -335,7 +290,6 @@ impl Database {
 
     /// Runs `f` as a local query: the allow-list, read-only.
     pub fn run_query<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
-        self.recheck_if_changed();
         self.reset_verdict();
         self.sandbox.set_mode(Mode::Query);
         let out = f(&self.conn);

@@ -84,7 +84,8 @@ impl RemoteSnapshot {
                 Lsn::FIRST,
                 Lsn::new(at.get().saturating_sub(1)).unwrap_or(Lsn::FIRST),
             ),
-            map: Arc::new(map.clone()),
+            page_count: map.page_count,
+            by_place: map.runs.iter().map(|r| ((r.lsn, r.offset), *r)).collect(),
             source: Mutex::new(source),
             blocks: Mutex::new(LruCache::new(NonZeroUsize::new(CACHED_BLOCKS).expect("BUG: non-zero"))),
             stats: stats.clone(),
@@ -164,7 +165,9 @@ type Blocks = LruCache<(Lsn, u32), Arc<[u8]>>;
 /// The storage journal as far as a map tells: `read_part` of pages it names, fetched by block.
 struct RemoteJournal {
     range: LsnRange,
-    map: Arc<PageMap>,
+    page_count: u32,
+    /// The runs by entry and first byte, to find the one holding a read.
+    by_place: std::collections::BTreeMap<(Lsn, u32), PageRun>,
     source: Mutex<Box<dyn PageSource>>,
     blocks: Mutex<Blocks>,
     stats: Arc<RemoteStats>,
@@ -177,8 +180,9 @@ impl RemoteJournal {
 
     /// The run of entry `lsn` that holds byte `offset`.
     fn run_at(&self, lsn: Lsn, offset: u32) -> Option<&PageRun> {
-        let end = |r: &PageRun| u64::from(r.offset) + u64::from(r.pages) * PAGE_SIZE as u64;
-        self.map.runs.iter().find(|r| r.lsn == lsn && r.offset <= offset && u64::from(offset) < end(r))
+        let (_, r) = self.by_place.range(..=(lsn, offset)).next_back()?;
+        let end = u64::from(r.offset) + u64::from(r.pages) * PAGE_SIZE as u64;
+        (r.lsn == lsn && u64::from(offset) < end).then_some(r)
     }
 
     /// The block holding byte `offset` of entry `lsn`: its first byte, and its bytes.
@@ -201,7 +205,7 @@ impl RemoteJournal {
         };
         self.source.lock().expect("BUG: lock poisoned").read(lsn, start, &mut buf).map_err(fail)?;
         if run.first_page + first == 1 {
-            check_header(&buf[..PAGE_SIZE], self.map.page_count).map_err(fail)?;
+            check_header(&buf[..PAGE_SIZE], self.page_count).map_err(fail)?;
         }
         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
         self.stats.pages.fetch_add(u64::from(pages), Ordering::Relaxed);

@@ -175,9 +175,6 @@ pub struct PageStore {
     overlay_page_count: u32,
     /// The change counter SQLite is shown; see the module invariants.
     reported_counter: u32,
-    /// Counts the times pages changed underneath SQLite (not its own writes), for a connection
-    /// in exclusive locking mode, which must then be told (`Database::set_exclusive`).
-    underneath: Arc<std::sync::atomic::AtomicU64>,
     /// The schema cookie SQLite is shown, on clients only; see the module invariants.
     reported_schema: Option<u32>,
     /// The schema cookie SQLite was shown when it began writing the overlay (its first write
@@ -246,7 +243,6 @@ impl PageStore {
             overlay: HashMap::new(),
             overlay_page_count: 0,
             reported_counter: 0,
-            underneath: Arc::default(),
             reported_schema: None,
             overlay_shown_schema: None,
             last_error: None,
@@ -562,14 +558,8 @@ impl PageStore {
         Ok(())
     }
 
-    /// How many times pages changed underneath SQLite, readable without the store's lock.
-    pub(crate) fn changes_underneath(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.underneath.clone()
-    }
-
     /// Both pages changed underneath SQLite: show it new values so it drops its caches.
     fn bump_reported(&mut self) {
-        self.underneath.fetch_add(1, std::sync::atomic::Ordering::Release);
         self.reported_counter = self.reported_counter.wrapping_add(1);
         self.reported_schema = self.reported_schema.map(|c| c.wrapping_add(1));
     }
@@ -761,7 +751,6 @@ impl PageStore {
         self.overlay.clear();
         self.overlay_page_count = self.page_count;
         self.reported_counter = self.committed_counter()?;
-        self.underneath.fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
