@@ -417,7 +417,6 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(())
     }
 
-    /// A storage entry in wire form, whole: for a receiver that restarts at a checkpoint.
     /// Where each committed page lives (see `protocol::PageMap`); `None` past `max_runs`.
     pub fn page_map(&self, max_runs: usize) -> Option<crate::protocol::PageMap> {
         let store = self.db.store();
@@ -431,6 +430,7 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(self.db.store().journal().read_part(lsn, offset, buf)?)
     }
 
+    /// A storage entry in wire form, whole: for a receiver that restarts at a checkpoint.
     pub fn read_wire_full(&self, lsn: Lsn) -> Result<WireEntry> {
         Ok(WireEntry::full(&self.db.store().journal().read(lsn)?))
     }
