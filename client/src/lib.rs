@@ -770,9 +770,12 @@ fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -
     }
 }
 
-/// Frames taken from the socket at once when they have already arrived: bounded, so one
-/// burst cannot hold the session lock for long.
+/// Frames taken from the socket at once when they have already arrived: bounded in number
+/// and in bytes, so one burst cannot hold the session lock for long, nor hold more than about
+/// 16 MiB (a download window) in memory beside the replica (a storage frame may carry a 4 MiB
+/// checkpoint part, and 64 of them would be 256 MiB).
 const MAX_FRAMES_AT_ONCE: usize = 64;
+const MAX_BYTES_AT_ONCE: usize = 16 << 20;
 
 async fn run_connection(
     ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
@@ -799,11 +802,15 @@ async fn run_connection(
                 Some(Ok(WsMessage::Binary(b))) => {
                     // Take what else has already arrived, so storage is applied (and pending
                     // writes rebased) once for all of it.
+                    let mut bytes = b.len();
                     let mut frames = vec![b];
                     let mut closed = false;
-                    while frames.len() < MAX_FRAMES_AT_ONCE {
+                    while frames.len() < MAX_FRAMES_AT_ONCE && bytes < MAX_BYTES_AT_ONCE {
                         match stream.next().now_or_never() {
-                            Some(Some(Ok(WsMessage::Binary(b)))) => frames.push(b),
+                            Some(Some(Ok(WsMessage::Binary(b)))) => {
+                                bytes += b.len();
+                                frames.push(b);
+                            }
                             Some(Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None) => {
                                 closed = true;
                                 break;
