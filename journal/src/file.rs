@@ -484,7 +484,6 @@ fn read_marker(dir: &Path) -> Result<(JournalId, u64)> {
     decode_marker(&bytes).map_err(foreign)
 }
 
-/// Atomically replaces `JOURNAL`: temp file, fsync, rename, fsync directory.
 /// Payloads this large are written from where they are instead of copied into the batch's
 /// buffer: a 4 MiB checkpoint part costs one `pwrite` of its own, not an allocation and a copy
 /// first (a download of a large document is a stream of them).
@@ -512,6 +511,7 @@ fn write_frames(file: &File, offset: u64, first: Lsn, payloads: &[&[u8]]) -> std
     file.write_all_at(&buf, at)
 }
 
+/// Atomically replaces `JOURNAL`: temp file, fsync, rename, fsync directory.
 fn write_marker(id: JournalId, dir: &Path, trimmed_through: u64) -> Result<()> {
     let tmp = dir.join(MARKER_TMP);
     let mut f = File::create(&tmp).map_err(io_err(id, "create", &tmp))?;
