@@ -235,27 +235,8 @@ impl PageStore {
     /// point in its history. Such a store must not be written.
     pub fn open_until(journal: Box<dyn Journal>, last: Option<Lsn>) -> Result<PageStore, StoreError> {
         let first = journal.range().first();
-        let mut store = PageStore {
-            journal,
-            index: Vec::new(),
-            page_count: 0,
-            cache: LruCache::new(NonZeroUsize::new(PAGE_CACHE_PAGES).expect("BUG: non-zero")),
-            overlay: HashMap::new(),
-            overlay_page_count: 0,
-            reported_counter: 0,
-            reported_schema: None,
-            overlay_shown_schema: None,
-            last_error: None,
-            arriving: Vec::new(),
-            arriving_cuts: Vec::new(),
-            checkpoints: Vec::new(),
-            bytes_since_checkpoint: 0,
-            has_base: first == Lsn::FIRST,
-            max_overlay_pages: None,
-            read_ahead: false,
-            last_read: 0,
-            run: None,
-        };
+        let mut store = PageStore::unindexed(journal);
+        store.has_base = first == Lsn::FIRST;
         for lsn in store.journal.range().iter().take_while(|l| last.is_none_or(|last| *l <= last)) {
             let payload = store.journal.read(lsn)?;
             let header = storage::decode(&payload).map_err(|source| StoreError::Entry { lsn, source })?;
@@ -270,6 +251,31 @@ impl PageStore {
         Ok(store)
     }
 
+    /// A store over `journal` with nothing indexed yet: no pages, no checkpoints, a base.
+    fn unindexed(journal: Box<dyn Journal>) -> PageStore {
+        PageStore {
+            journal,
+            index: Vec::new(),
+            page_count: 0,
+            cache: LruCache::new(NonZeroUsize::new(PAGE_CACHE_PAGES).expect("BUG: non-zero")),
+            overlay: HashMap::new(),
+            overlay_page_count: 0,
+            reported_counter: 0,
+            reported_schema: None,
+            overlay_shown_schema: None,
+            last_error: None,
+            arriving: Vec::new(),
+            arriving_cuts: Vec::new(),
+            checkpoints: Vec::new(),
+            bytes_since_checkpoint: 0,
+            has_base: true,
+            max_overlay_pages: None,
+            read_ahead: false,
+            last_read: 0,
+            run: None,
+        }
+    }
+
     /// A store over a state a `protocol::PageMap` describes, read through `journal` (a remote
     /// snapshot's, which fetches pages): for reads only.
     pub(crate) fn mapped(
@@ -277,12 +283,7 @@ impl PageStore {
         page_count: u32,
         runs: &[crate::protocol::PageRun],
     ) -> PageStore {
-        let mut store = PageStore::open_until(
-            Box::new(pagesync_journal::MemoryJournal::new(pagesync_journal::JournalId::from_u128(0))),
-            None,
-        )
-        .expect("BUG: an empty memory journal opens");
-        store.journal = journal;
+        let mut store = PageStore::unindexed(journal);
         store.set_page_count(page_count);
         for r in runs {
             for i in 0..r.pages {
