@@ -500,7 +500,9 @@ impl Document {
             let s = self.shared.session();
             let replica = s.document(self.id).expect("BUG: open documents stay open");
             let at = remote.snapshot.as_ref().map(|r| r.at());
-            remote.fresh &= !(remote.fresh && s.caught_up(self.id));
+            if remote.fresh && s.caught_up(self.id) {
+                remote.fresh = false;
+            }
             let ask = wants_remote(replica, remote.fresh, at)
                 && remote.failed_at.is_none_or(|t| t.elapsed() >= remote::RETRY_AFTER)
                 && *self.shared.connected.lock().expect("BUG: lock poisoned");
@@ -509,16 +511,14 @@ impl Document {
                 return Ok(replica.query(sql, params)?);
             }
         }
-        match self.query_remote(&mut remote, sql, params) {
-            Ok(Some(rows)) => Ok(rows),
-            Ok(None) => {
-                remote.snapshot = None;
-                remote.failed_at = Some(Instant::now());
-                let s = self.shared.session();
-                Ok(s.document(self.id).expect("BUG: open documents stay open").query(sql, params)?)
-            }
-            Err(e) => Err(e),
+        if let Some(rows) = self.query_remote(&mut remote, sql, params)? {
+            return Ok(rows);
         }
+        // The server could not be asked: the replica as it is.
+        remote.snapshot = None;
+        remote.failed_at = Some(Instant::now());
+        let s = self.shared.session();
+        Ok(s.document(self.id).expect("BUG: open documents stay open").query(sql, params)?)
     }
 
     /// The query on the server's state: `None` when the server could not be asked (the
