@@ -115,21 +115,14 @@ impl Trio {
                     let ours: usize = entries.iter().map(|e| e.data.len()).sum();
                     let lz4: usize = entries
                         .iter()
-                        .map(|e| {
-                            e.decompress()
-                                .map_or(e.data.len(), |raw| 5 + lz4_flex::block::compress(&raw).len())
-                        })
+                        .map(|e| e.decompress().map_or(e.data.len(), |raw| lz4_wire_len(&raw)))
                         .sum();
                     self.down_bytes_b_lz4 += frame.len() - ours + lz4;
                     // The same entries sent whole: LZ4 of the payload from the server's journal.
                     let doc = self.server.document(DOC).expect("open");
                     let range = pagesync::journal::LsnRange::from_count(*first, entries.len() as u64);
-                    let whole: usize = doc
-                        .read_storage(range)
-                        .expect("read")
-                        .iter()
-                        .map(|p| 5 + lz4_flex::block::compress(p).len())
-                        .sum();
+                    let whole: usize =
+                        doc.read_storage(range).expect("read").iter().map(|p| lz4_wire_len(p)).sum();
                     self.down_bytes_b_full += frame.len() - ours + whole;
                 }
                 let storage = matches!(m, Message::Storage { .. });
@@ -162,6 +155,12 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
     pairs.push(batched_bytes(cfg, 1_024, 800.0));
     pairs.push(author_apply(cfg));
     pairs
+}
+
+/// What a raw payload costs as a wire entry in LZ4 (the codec small entries keep): its codec
+/// byte and length, and the block.
+fn lz4_wire_len(raw: &[u8]) -> usize {
+    5 + lz4_flex::block::compress(raw).len()
 }
 
 /// Rows per round in `batched_bytes`.

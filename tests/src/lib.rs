@@ -32,6 +32,16 @@ pub fn memory_journal(n: u128) -> Box<dyn Journal> {
 }
 
 /// An encoded SQL mutation body of one statement.
+/// A server session over memory journals (one per document) whose documents checkpoint as
+/// soon as their history outgrows them and keep every checkpoint.
+pub fn checkpointing_server() -> pagesync::protocol::ServerSession {
+    pagesync::protocol::ServerSession::new(Box::new(|d: pagesync::DocId| {
+        let mut doc = ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))?;
+        doc.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 0, retention_ms: i64::MAX }));
+        Ok(doc)
+    }))
+}
+
 pub fn sql(s: &str, params: Vec<Value>) -> Vec<u8> {
     SqlMutation::one(s, params).encode()
 }

@@ -180,11 +180,7 @@ fn received_entries_torn_off_by_a_power_cut_come_again() {
 #[test]
 fn an_interrupted_cold_start_resumes_without_refetching_what_it_has() {
     const C: ConnId = ConnId(1);
-    let mut s = ServerSession::new(Box::new(|d: DocId| {
-        let mut doc = ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))?;
-        doc.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 0, retention_ms: i64::MAX }));
-        Ok(doc)
-    }));
+    let mut s = pagesync_tests::checkpointing_server();
     let mut writer = ClientSession::new("");
     writer.add_document(DOC, ClientDocument::open(memory_journal(3), memory_journal(4)).expect("writer"));
     s.connect(C);

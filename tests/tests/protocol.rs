@@ -325,11 +325,7 @@ fn a_new_replica_starts_at_the_newest_checkpoint_not_the_history() {
 #[test]
 fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
     let doc = DocId::from_u128(12);
-    let mut s = ServerSession::new(Box::new(|d: DocId| {
-        let mut doc = ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))?;
-        doc.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 0, retention_ms: i64::MAX }));
-        Ok(doc)
-    }));
+    let mut s = pagesync_tests::checkpointing_server();
     let mut writer = client(&[doc]);
     s.connect(C);
     writer.connected(0);
