@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
-use pagesync::protocol::{ClientSession, DocStatus};
+use pagesync::protocol::{ClientSession, DocStatus, Route};
 use pagesync::{
     ClientDocument, DocId, Durability, Mutation, MutationState, Rows, SqlMutation, Submitted, Value,
 };
@@ -68,7 +68,11 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 struct Shared {
     session: Mutex<ClientSession>,
-    wake: Notify,
+    /// Bumped when there may be something to send: every connection's task wakes.
+    wake: tokio::sync::watch::Sender<u64>,
+    /// A document changed route (a redirect, or its server unreachable): the driver looks at
+    /// which connections are wanted.
+    rerouted: Notify,
     /// Bumped whenever a replica may have changed: a local write or a frame from the server.
     changed: tokio::sync::watch::Sender<u64>,
     data_dir: PathBuf,
@@ -221,7 +225,17 @@ fn random_u64() -> u64 {
 impl Client {
     /// Starts the connection in the background; works offline until the server answers.
     /// Must be called within a tokio runtime.
+    ///
+    /// `url` may name several servers of one cluster, separated by commas
+    /// (`ws://a:8787/v1/sync,ws://b:8787/v1/sync`): the client connects to one, and to the
+    /// next when it cannot. A server that does not serve a document redirects it to the one
+    /// that does; the client keeps a connection to each server its documents need.
     pub fn connect(url: &str, token: &str, data_dir: impl AsRef<Path>) -> Result<Client> {
+        let homes: Vec<String> =
+            url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect();
+        let Some(first) = homes.first().cloned() else {
+            return Err(ClientError::Connect(format!("no server URL in {url:?}")));
+        };
         let data_dir = data_dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&data_dir).map_err(|source| pagesync::journal::JournalError::Io {
             journal: JournalId::from_u128(0),
@@ -231,7 +245,8 @@ impl Client {
         })?;
         let shared = Arc::new(Shared {
             session: Mutex::new(ClientSession::new(token)),
-            wake: Notify::new(),
+            wake: tokio::sync::watch::Sender::new(0),
+            rerouted: Notify::new(),
             changed: tokio::sync::watch::Sender::new(0),
             data_dir,
             connected: Mutex::new(false),
@@ -241,9 +256,9 @@ impl Client {
             written: std::sync::Condvar::new(),
             gathered: std::sync::Condvar::new(),
             durability: Mutex::new(Durability::Full),
-            fetcher: Arc::new(Mutex::new(remote::Fetcher::new(url, token))),
+            fetcher: Arc::new(Mutex::new(remote::Fetcher::new(&first, token))),
         });
-        let driver = tokio::spawn(drive(url.to_owned(), shared.clone()));
+        let driver = tokio::spawn(drive(homes, shared.clone()));
         let syncer = tokio::spawn(sync_timelines(shared.clone()));
         Ok(Client { shared, driver, syncer })
     }
@@ -296,7 +311,7 @@ impl Client {
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
             self.shared.locks.lock().expect("BUG: lock poisoned").push((doc, lock));
             self.shared.session().add_document(doc, replica);
-            self.shared.wake.notify_one();
+            self.shared.wake.send_modify(|n| *n += 1);
         }
         let fresh = self
             .shared
@@ -446,7 +461,7 @@ impl Document {
             queue.answers.extend(answers);
             queue.committing = false;
             self.shared.written.notify_all();
-            self.shared.wake.notify_one();
+            self.shared.wake.send_modify(|n| *n += 1);
             self.shared.bump();
         }
     }
@@ -457,7 +472,7 @@ impl Document {
     pub fn execute_many(&self, writes: Vec<(&str, Vec<Value>)>) -> Result<Vec<Submitted>> {
         let bodies = writes.into_iter().map(|(sql, params)| SqlMutation::one(sql, params).encode()).collect();
         let done = self.shared.session().mutate_many(self.id, bodies, now_ms(), random_u64())?;
-        self.shared.wake.notify_one();
+        self.shared.wake.send_modify(|n| *n += 1);
         self.shared.bump();
         Ok(done)
     }
@@ -469,7 +484,7 @@ impl Document {
     pub fn migrate(&self, migrations: &[(u32, &str)]) -> Result<Vec<Submitted>> {
         let done = self.shared.session().migrate(self.id, migrations, now_ms(), random_u64())?;
         if !done.is_empty() {
-            self.shared.wake.notify_one();
+            self.shared.wake.send_modify(|n| *n += 1);
             self.shared.bump();
         }
         Ok(done)
@@ -630,7 +645,7 @@ impl Document {
                 deadline = Instant::now() + timeout;
                 last = Some(now);
             }
-            if st.pending == 0 && *self.shared.connected.lock().expect("BUG") && self.caught_up() {
+            if st.pending == 0 && self.caught_up() {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -692,27 +707,87 @@ impl Subscription {
     }
 }
 
-async fn drive(url: String, shared: Arc<Shared>) {
-    let mut backoff = MIN_BACKOFF;
+/// Connection attempts in a row that may fail before a redirected document goes home.
+const ROUTE_ATTEMPTS: u32 = 2;
+
+/// Keeps a connection up for every route the session wants: home (the URLs the client was
+/// given, tried in turn) and each server a document was redirected to. A route nobody needs
+/// any more is closed.
+async fn drive(homes: Vec<String>, shared: Arc<Shared>) {
+    let mut tasks: HashMap<Route, tokio::task::JoinHandle<()>> = HashMap::new();
+    // Aborted with this task (the client dropped): every connection goes with it.
+    struct AbortAll<'a>(&'a mut HashMap<Route, tokio::task::JoinHandle<()>>);
+    impl Drop for AbortAll<'_> {
+        fn drop(&mut self) {
+            self.0.values().for_each(tokio::task::JoinHandle::abort);
+        }
+    }
+    let tasks = AbortAll(&mut tasks);
     loop {
+        let wanted = shared.session().routes();
+        tasks.0.retain(|route, task| {
+            let keep = wanted.contains(route) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for route in wanted {
+            let (homes, shared) = (&homes, &shared);
+            tasks
+                .0
+                .entry(route.clone())
+                .or_insert_with(|| tokio::spawn(keep_route(route, homes.clone(), shared.clone())));
+        }
+        tokio::select! {
+            _ = shared.rerouted.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// One route's connection, again and again with backoff: home cycles through its URLs; a
+/// redirected route gives up after `ROUTE_ATTEMPTS` failed attempts in a row, and its
+/// documents go home.
+async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
+    let mut backoff = MIN_BACKOFF;
+    let (mut failures, mut next_home) = (0u32, 0usize);
+    loop {
+        let url = route.clone().unwrap_or_else(|| homes[next_home % homes.len()].clone());
         // `true`: TCP_NODELAY, so a one-row write is not held back by Nagle's algorithm.
         let config = WebSocketConfig::default()
             .max_message_size(Some(pagesync::protocol::MAX_FRAME_BYTES))
             .max_frame_size(Some(pagesync::protocol::MAX_FRAME_BYTES));
         match tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true).await {
             Ok((ws, _)) => {
-                backoff = MIN_BACKOFF;
-                *shared.connect_error.lock().expect("BUG") = None;
-                run_connection(ws, &shared).await;
+                (backoff, failures) = (MIN_BACKOFF, 0);
+                if route.is_none() {
+                    *shared.connect_error.lock().expect("BUG") = None;
+                    shared.session().set_home_url(&url);
+                }
+                run_connection(ws, &shared, &route).await;
             }
             Err(e) => {
+                failures += 1;
                 let why = explain_connect_error(&url, &e);
                 tracing::debug!("{why}");
-                *shared.connect_error.lock().expect("BUG") = Some(why);
+                if route.is_none() {
+                    *shared.connect_error.lock().expect("BUG") = Some(why);
+                    next_home += 1;
+                }
             }
         }
-        *shared.connected.lock().expect("BUG") = false;
-        shared.session().disconnected();
+        if route.is_none() {
+            *shared.connected.lock().expect("BUG") = false;
+        }
+        shared.session().disconnected_on(&route);
+        if route.is_some() && failures >= ROUTE_ATTEMPTS {
+            tracing::info!("{url} cannot be reached: its documents go back to {}", homes.join(", "));
+            shared.session().route_failed(&route);
+            shared.rerouted.notify_one();
+            shared.bump();
+            return;
+        }
         let jitter = Duration::from_millis(random_u64() % (backoff.as_millis() as u64 / 2 + 1));
         tokio::time::sleep(backoff + jitter).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -780,16 +855,20 @@ const MAX_BYTES_AT_ONCE: usize = 16 << 20;
 async fn run_connection(
     ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
     shared: &Shared,
+    route: &Route,
 ) {
     let (mut sink, mut stream) = ws.split();
-    shared.session().connected(now_ms());
-    *shared.connected.lock().expect("BUG") = true;
+    let mut wake = shared.wake.subscribe();
+    shared.session().connected_on(route, now_ms());
+    if route.is_none() {
+        *shared.connected.lock().expect("BUG") = true;
+    }
     loop {
         let out: Vec<Vec<u8>> = {
             let mut s = shared.session();
             // Under `Durability::Normal`, writes go up once durable: one fsync for all so far.
             sync_local_writes(&mut s);
-            std::iter::from_fn(|| s.poll_transmit()).map(|m| m.encode()).collect()
+            std::iter::from_fn(|| s.poll_transmit_on(route)).map(|m| m.encode()).collect()
         };
         for frame in out {
             if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
@@ -820,9 +899,12 @@ async fn run_connection(
                         }
                     }
                     let mut session = shared.session();
-                    let mismatches = session.digest_mismatches();
-                    if let Err(e) = session.handle_frames(now_ms(), &frames) {
+                    let (mismatches, redirects) = (session.digest_mismatches(), session.redirects());
+                    if let Err(e) = session.handle_frames_on(route, now_ms(), &frames) {
                         tracing::warn!("applying a frame failed: {e}");
+                    }
+                    if session.redirects() > redirects {
+                        shared.rerouted.notify_one();
                     }
                     if session.digest_mismatches() > mismatches {
                         tracing::error!(
@@ -838,7 +920,7 @@ async fn run_connection(
                 Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
-            _ = shared.wake.notified() => {}
+            _ = wake.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => shared.session().handle_timeout(now_ms()),
         }
     }

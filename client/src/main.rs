@@ -12,7 +12,8 @@ use pagesync_client::Client;
 #[derive(Parser, Debug)]
 #[command(name = "pagesync", about = "Local SQLite that syncs with a pagesync server")]
 struct Args {
-    /// Server websocket URL.
+    /// Server websocket URL; several servers of one cluster may be given, separated by
+    /// commas (the next is tried when one cannot be reached).
     #[arg(long, global = true, default_value = "ws://127.0.0.1:8787/v1/sync")]
     server: String,
     /// Where local replicas live.

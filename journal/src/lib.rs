@@ -40,7 +40,7 @@ pub use lock::{DirLock, LockError};
 pub use lsn::{Lsn, LsnRange};
 pub use memory::MemoryJournal;
 #[cfg(feature = "s3")]
-pub use object::{ObjectBackend, ObjectJournal, ObjectStats};
+pub use object::{ObjectBackend, ObjectInfo, ObjectJournal, ObjectStats};
 
 /// `Send` on native targets, nothing on wasm32, where a journal may hold browser handles
 /// (`JsValue`s are not `Send`) and everything runs on one thread anyway. A supertrait of

@@ -65,6 +65,17 @@ pub struct ObjectStats {
     pub errors: AtomicU64,
 }
 
+/// An object listed by `ObjectBackend::list_objects`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Its name below the listed prefix.
+    pub name: String,
+    /// Changes whenever the object is written again (its ETag, time and size).
+    pub version: String,
+    /// When the store last wrote it, by the store's clock (ms since the Unix epoch).
+    pub modified_ms: i64,
+}
+
 /// One batch object, verified, with the offsets of its payloads.
 #[derive(Debug)]
 struct Batch {
@@ -218,6 +229,61 @@ impl ObjectBackend {
             backend_err(JournalId::from_u128(0), format!("LIST {dir} failed: {e}"))
         })?;
         Ok(listed.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_owned)).collect())
+    }
+
+    /// Writes a small object at `rel` (beside the journals: cluster records), replacing what
+    /// was there.
+    pub fn put_object(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        let key = self.dir(rel);
+        self.put(&key, bytes, PutMode::Overwrite)
+            .map_err(|e| backend_err(JournalId::from_u128(0), format!("PUT {key} failed: {e}")))
+    }
+
+    /// Creates a small object at `rel` only if nothing is there (`PutMode::Create`): `false`
+    /// when another writer created it first. Of many racing creators exactly one gets `true`.
+    pub fn create_object(&self, rel: &str, bytes: Vec<u8>) -> Result<bool> {
+        let key = self.dir(rel);
+        match self.put(&key, bytes, PutMode::Create) {
+            Ok(()) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(backend_err(JournalId::from_u128(0), format!("PUT {key} (create) failed: {e}"))),
+        }
+    }
+
+    /// Reads the small object at `rel`; `None` if there is none.
+    pub fn read_object(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        self.get(JournalId::from_u128(0), &self.dir(rel))
+    }
+
+    /// Deletes the object at `rel` (nothing there is not an error).
+    pub fn delete_object(&self, rel: &str) -> Result<()> {
+        self.delete(JournalId::from_u128(0), &self.dir(rel))
+    }
+
+    /// The objects directly below `rel`, with what tells one version from the next (one LIST).
+    pub fn list_objects(&self, rel: &str) -> Result<Vec<ObjectInfo>> {
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let dir = self.dir(rel);
+        let listed = self.rt.block_on(self.store.list(Some(&dir)).try_collect::<Vec<_>>());
+        let metas = listed.map_err(|e| {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            backend_err(JournalId::from_u128(0), format!("LIST {dir} failed: {e}"))
+        })?;
+        let depth = dir.parts().count();
+        Ok(metas
+            .into_iter()
+            .filter(|m| m.location.parts().count() == depth + 1)
+            .filter_map(|m| {
+                let name = m.location.filename()?.to_owned();
+                let version = format!(
+                    "{}/{}/{}",
+                    m.e_tag.unwrap_or_default(),
+                    m.last_modified.timestamp_micros(),
+                    m.size
+                );
+                Some(ObjectInfo { name, version, modified_ms: m.last_modified.timestamp_millis() })
+            })
+            .collect())
     }
 
     fn get(&self, journal: JournalId, key: &Path) -> Result<Option<Vec<u8>>> {

@@ -48,6 +48,14 @@ pub enum Error {
         "this replica is downloading a checkpoint of the document (it was behind the history the server keeps): try again once it has synced"
     )]
     Restarting,
+    /// Another server of the cluster serves the document (it holds its lease): clients go
+    /// there (`Message::Redirect`).
+    #[error("the document is served by another server: {owner}")]
+    Moved { owner: String },
+    /// This server may not serve documents now (it is not a live member of its cluster, or is
+    /// leaving it); clients try again, here or elsewhere.
+    #[error("this server cannot serve documents now: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -183,6 +183,9 @@ fn log(event: Event) {
         Event::DocumentFailed { doc, error } => {
             tracing::error!(%doc, "a step panicked; the document was closed and reopens on next use: {error}");
         }
+        Event::DocumentMoved { doc, owner } => {
+            tracing::info!(%doc, %owner, "another server holds the document's lease now; closed here, its clients sent there");
+        }
         other => tracing::warn!("{other:?}"),
     }
 }

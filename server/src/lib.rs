@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cluster;
 pub mod http;
 mod hub;
 pub mod ops;
@@ -165,6 +166,17 @@ pub struct ServerConfig {
     pub web_root: Option<PathBuf>,
     /// Checkpoints and retention for every document; `None` keeps every entry forever.
     pub compaction: Option<Compaction>,
+    /// Serve as one of many servers over the store's bucket (`--advertise`); `None` serves
+    /// every document asked for.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `--advertise` and `--lease-ms`: see `cluster`.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// The websocket URL other servers send this server's clients to.
+    pub advertise: String,
+    pub lease_ms: u64,
 }
 
 impl ServerConfig {
@@ -179,6 +191,7 @@ impl ServerConfig {
             idle_close_ms: DEFAULT_IDLE_CLOSE_MS,
             web_root: None,
             compaction: Some(Compaction::default()),
+            cluster: None,
         }
     }
 }
@@ -201,6 +214,7 @@ pub struct Metrics {
     pub frames_panicked: AtomicU64,
     pub session: Mutex<SessionStats>,
     pub objects: Mutex<Option<Arc<ObjectStats>>>,
+    pub cluster: Mutex<Option<Arc<cluster::Cluster>>>,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
@@ -304,6 +318,16 @@ impl Metrics {
                 "Idle open documents that gave back their caches",
                 s.documents_shrunk,
             ),
+            (
+                "pagesync_redirects_total",
+                "Redirects sent: clients asked for a document another server of the cluster holds the lease of",
+                s.redirects,
+            ),
+            (
+                "pagesync_documents_moved_total",
+                "Open documents closed because another server of the cluster holds their lease now",
+                s.documents_moved,
+            ),
         ];
         for (name, help, v) in rows {
             metric(&mut out, name, "counter", help, v);
@@ -332,6 +356,55 @@ impl Metrics {
                 ("pagesync_s3_errors_total", "Object store requests that failed", g(&o.errors)),
                 ("pagesync_s3_bytes_put_total", "Bytes written to the object store", g(&o.bytes_put)),
                 ("pagesync_s3_bytes_got_total", "Bytes read from the object store", g(&o.bytes_got)),
+            ];
+            for (name, help, v) in rows {
+                metric(&mut out, name, "counter", help, v);
+            }
+        }
+        if let Some(c) = self.cluster.lock().expect("BUG: metrics lock poisoned").as_ref() {
+            let gauges = [
+                (
+                    "pagesync_cluster_owned_documents",
+                    "Documents whose lease this server holds",
+                    c.owned() as u64,
+                ),
+                (
+                    "pagesync_cluster_live_servers",
+                    "Live servers of the cluster this server sees, itself included",
+                    c.live_members() as u64,
+                ),
+            ];
+            for (name, help, v) in gauges {
+                metric(&mut out, name, "gauge", help, v);
+            }
+            let st = &c.stats;
+            let rows = [
+                ("pagesync_cluster_renewals_total", "Membership renewals that succeeded", g(&st.renewals)),
+                (
+                    "pagesync_cluster_renewal_failures_total",
+                    "Membership renewals that failed",
+                    g(&st.renewal_failures),
+                ),
+                (
+                    "pagesync_cluster_leases_taken_total",
+                    "Document leases this server took (new documents and takeovers)",
+                    g(&st.leases_taken),
+                ),
+                (
+                    "pagesync_cluster_takeovers_total",
+                    "Document leases taken from a server that was gone",
+                    g(&st.takeovers),
+                ),
+                (
+                    "pagesync_cluster_handovers_total",
+                    "Document leases handed to another server on a graceful shutdown",
+                    g(&st.handovers),
+                ),
+                (
+                    "pagesync_cluster_lapses_total",
+                    "Times this server's membership lapsed and it stopped writing",
+                    g(&st.lapses),
+                ),
             ];
             for (name, help, v) in rows {
                 metric(&mut out, name, "counter", help, v);
@@ -398,7 +471,38 @@ pub async fn serve(
     if let Store::Objects(b) = &cfg.store {
         *metrics.objects.lock().expect("BUG: metrics lock poisoned") = Some(b.stats().clone());
     }
+    let cluster = match (&cfg.cluster, &cfg.store) {
+        (None, _) => None,
+        (Some(_), Store::Files(_)) => anyhow::bail!(
+            "--advertise needs a store every server reaches: s3://BUCKET/PREFIX (or object+file:///DIR on one host)"
+        ),
+        (Some(c), Store::Objects(b)) => {
+            let (b, advertise, lease_ms) = (b.clone(), c.advertise.clone(), c.lease_ms);
+            let joined = tokio::task::spawn_blocking(move || cluster::Cluster::join(b, &advertise, lease_ms))
+                .await??;
+            tracing::info!(id = joined.id(), url = joined.url(), "joined the cluster");
+            Some(Arc::new(joined))
+        }
+    };
+    *metrics.cluster.lock().expect("BUG: metrics lock poisoned") = cluster.clone();
+    let ticker = cluster.clone().map(|c| {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("pagesync-cluster".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(c.period());
+                    if !flag.load(Ordering::Relaxed) {
+                        c.tick();
+                    }
+                }
+            })
+            .expect("BUG: cannot start the cluster thread");
+        (stop, thread)
+    });
     let store = cfg.store.clone();
+    let leases = cluster.clone();
     let step_limits = StepLimits {
         max_mutation_bytes: cfg.limits.max_mutation_bytes,
         max_doc_bytes: cfg.limits.max_doc_bytes,
@@ -408,7 +512,14 @@ pub async fn serve(
     };
     let compaction = cfg.compaction;
     let opener = Box::new(move |doc: DocId| {
-        let mut d = ServerDocument::with_reducer(store.open_journal(doc)?, SqlReducer, step_limits)?;
+        let journal = match &leases {
+            Some(cluster) => {
+                cluster.place(doc)?;
+                Box::new(cluster::Leased { inner: store.open_journal(doc)?, cluster: cluster.clone(), doc })
+            }
+            None => store.open_journal(doc)?,
+        };
+        let mut d = ServerDocument::with_reducer(journal, SqlReducer, step_limits)?;
         d.set_compaction(compaction);
         Ok(d)
     });
@@ -471,5 +582,14 @@ pub async fn serve(
         }
     }
     hub.shutdown().await;
+    if let (Some(c), Some((stop, thread))) = (cluster, ticker) {
+        stop.store(true, Ordering::Relaxed);
+        thread.thread().unpark();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = thread.join();
+            c.leave();
+        })
+        .await;
+    }
     Ok(())
 }

@@ -72,6 +72,15 @@ struct Args {
     /// File holding the HS256 secret (at least 32 bytes). Every client then needs a token.
     #[arg(long, global = true)]
     auth_secret_file: Option<std::path::PathBuf>,
+    /// Serve as one of many servers over the --journal bucket, reached by clients at this URL
+    /// (ws://HOST:PORT): each document is served by one server at a time (its lease holder),
+    /// and the others redirect its clients there. Needs s3:// (or object+file://).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// With --advertise: how long a server that stopped renewing its membership keeps its
+    /// documents before others take them over (it stops writing them after two thirds of it).
+    #[arg(long, default_value_t = pagesync_server::cluster::DEFAULT_LEASE_MS)]
+    lease_ms: u64,
 }
 
 fn mutation_limit(s: &str) -> Result<usize, String> {
@@ -135,6 +144,9 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// List the servers of the cluster on --journal (their records in the bucket) and the
+    /// documents whose lease each holds.
+    Cluster,
 }
 
 fn parse_doc(s: &str) -> anyhow::Result<pagesync::DocId> {
@@ -149,7 +161,7 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// `export` and `restore`, which work on the store without a server. Blocking.
+/// `export`, `restore` and `cluster`, which work on the store without a server. Blocking.
 fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Result<()> {
     use pagesync_server::ops::{self, At, RestoreTo};
     let store = Store::parse(journal, rt)?;
@@ -184,6 +196,23 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                 "restored {doc} as of entry {} into {}: {} pages, entries {}",
                 r.from, r.doc, r.pages, r.range
             );
+        }
+        Cmd::Cluster => {
+            let Store::Objects(backend) = &store else {
+                anyhow::bail!("a cluster lives in an object store: pass --journal s3://BUCKET/PREFIX");
+            };
+            let view = pagesync_server::cluster::view(backend)?;
+            println!("{} servers with a record in {}:", view.members.len(), store.describe());
+            for (id, url, age_ms) in &view.members {
+                let owns = view.leases.iter().filter(|(_, _, h)| h == id).count();
+                println!("  {id}  {url}  renewed {:.1} s ago  holds {owns} leases", *age_ms as f64 / 1000.0);
+            }
+            println!("{} document leases:", view.leases.len());
+            for (doc, epoch, holder) in &view.leases {
+                let state =
+                    if view.members.iter().any(|(id, _, _)| id == holder) { "" } else { "  (server gone)" };
+                println!("  {doc}  epoch {epoch}  held by {holder}{state}");
+            }
         }
         Cmd::Token { .. } | Cmd::Verify { .. } => unreachable!("BUG: handled before"),
     }
@@ -271,7 +300,7 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if let Some(cmd @ (Cmd::Export { .. } | Cmd::Restore { .. })) = args.command {
+    if let Some(cmd @ (Cmd::Export { .. } | Cmd::Restore { .. } | Cmd::Cluster)) = args.command {
         let (journal, rt) = (args.journal.clone(), tokio::runtime::Handle::current());
         return tokio::task::spawn_blocking(move || offline(&journal, &cmd, rt)).await?;
     }
@@ -308,6 +337,10 @@ async fn main() -> anyhow::Result<()> {
         commit_interval_ms: args.commit_interval_ms,
         idle_close_ms: args.idle_close_secs.saturating_mul(1000),
         web_root: args.web.clone(),
+        cluster: args
+            .advertise
+            .clone()
+            .map(|advertise| pagesync_server::ClusterConfig { advertise, lease_ms: args.lease_ms }),
         compaction: Some(pagesync::Compaction {
             checkpoint_after_bytes: args.checkpoint_after_bytes,
             retention_ms: auth::parse_ttl(&args.retention)

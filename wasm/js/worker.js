@@ -65,14 +65,36 @@ function changed() {
   postMessage({ event: "status", status: replica.status() });
 }
 
+// The server a redirect named (the one holding the document's lease), and the connection
+// attempts to it that failed in a row: after REDIRECT_ATTEMPTS, back to config.url, whose server
+// redirects again or serves the document itself.
+let redirectedTo = null;
+let redirectFailures = 0;
+const REDIRECT_ATTEMPTS = 3;
+
+function follow(url) {
+  redirectedTo = url;
+  redirectFailures = 0;
+  retryMs = 0;
+  const ws = socket;
+  socket = null;
+  if (ws) ws.close();
+  replica.disconnected();
+  connect();
+}
+
 function connect() {
   if (!config.online || socket) return;
-  const ws = new WebSocket(config.url);
+  const url = redirectedTo ?? config.url;
+  const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   socket = ws;
+  let opened = false;
   ws.onopen = () => {
+    opened = true;
+    redirectFailures = 0;
     retryMs = 0;
-    replica.connected(Date.now());
+    replica.connected(Date.now(), url);
     flush();
     schedule();
     lastVersion = -1;
@@ -84,6 +106,11 @@ function connect() {
       replica.receive(Date.now(), new Uint8Array(e.data));
     } catch (err) {
       console.error("pagesync: applying a frame from the server failed:", err);
+    }
+    const moved = replica.takeRedirect();
+    if (moved) {
+      follow(moved);
+      return;
     }
     flush();
     schedule();
@@ -97,6 +124,9 @@ function connect() {
     lastVersion = -1;
     changed();
     if (!config.online) return;
+    if (redirectedTo && !opened && ++redirectFailures >= REDIRECT_ATTEMPTS) {
+      redirectedTo = null;
+    }
     // Bounded exponential backoff with jitter.
     retryMs = Math.min(RETRY_MAX_MS, Math.max(RETRY_MIN_MS, retryMs * 2));
     setTimeout(connect, retryMs / 2 + Math.random() * (retryMs / 2));

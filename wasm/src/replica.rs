@@ -220,14 +220,24 @@ impl Replica {
         self.document().export().map_err(js_error)
     }
 
-    /// The WebSocket is open.
-    pub fn connected(&mut self, now_ms: f64) {
+    /// The WebSocket to `url` is open.
+    pub fn connected(&mut self, now_ms: f64, url: &str) {
+        self.session.set_home_url(url);
         self.session.connected(now_ms as i64);
     }
 
     /// The WebSocket closed.
     pub fn disconnected(&mut self) {
         self.session.disconnected();
+    }
+
+    /// Where a `Redirect` sent the document (the server that holds its lease), once: the
+    /// worker connects there instead, and that server is home from then on.
+    #[wasm_bindgen(js_name = takeRedirect)]
+    pub fn take_redirect(&mut self) -> Option<String> {
+        let url = self.session.route_of(self.doc)?.clone()?;
+        self.session.set_home_url(&url);
+        Some(url)
     }
 
     /// One binary frame from the server.

@@ -6,6 +6,12 @@
 //! rewinds the upload to what the server acknowledged; `KEEPALIVE_MS` of silence
 //! re-subscribes, which makes the server resend from what the client holds). Acknowledgements
 //! never rewind anything, so pipelined batches are not resent.
+//!
+//! Routes: a document syncs with the session's home server (the URL its driver was given)
+//! until a `Redirect` names the server that holds its lease; from then on its messages go
+//! over a connection to that server (`poll_transmit_on`), which the driver keeps open beside
+//! the home one (`routes`). A document whose server cannot be reached goes home again
+//! (`route_failed`), and the home server redirects it once more or serves it itself.
 
 use std::collections::BTreeMap;
 
@@ -64,8 +70,22 @@ impl SubState {
     }
 }
 
+/// Which server a document syncs with: `None` is the session's home (the server its driver
+/// connects to first); `Some(url)` a server that a `Redirect` named.
+pub type Route = Option<String>;
+
+/// A connected route: what its connection still has to say.
+#[derive(Debug)]
+struct Conn {
+    hello_due: bool,
+    /// Round-robin position among the route's documents.
+    cursor: Option<DocId>,
+}
+
 struct Link {
     doc: ClientDocument,
+    /// The server it syncs with.
+    route: Route,
     state: SubState,
     /// The upload of our timeline.
     up: SendWindow,
@@ -77,6 +97,15 @@ struct Link {
     error: Option<(String, String)>,
     /// Subscribe taking confirmations by digest: until one cannot be kept on this connection.
     digests: bool,
+}
+
+impl Link {
+    /// A new connection for this document: everything is said again.
+    fn reset(&mut self, now_ms: i64) {
+        self.state = self.state.on(SubEvent::Reset);
+        self.up = SendWindow::new(self.doc.pending_range().first());
+        (self.ack_due, self.last_heard_ms, self.digests) = (false, now_ms, true);
+    }
 }
 
 /// What a client knows about one document's sync.
@@ -95,9 +124,12 @@ pub struct DocStatus {
 pub struct ClientSession {
     token: String,
     links: BTreeMap<DocId, Link>,
-    connected: bool,
-    hello_due: bool,
-    cursor: Option<DocId>,
+    /// The routes connected now.
+    conns: BTreeMap<Route, Conn>,
+    /// The URL the home route is connected to, if the driver said: a redirect there is home.
+    home_url: Option<String>,
+    /// Redirects followed.
+    redirects: u64,
     now_ms: i64,
     /// The last connection-level error from the server: (code, message).
     conn_error: Option<(String, String)>,
@@ -109,7 +141,7 @@ impl std::fmt::Debug for ClientSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientSession")
             .field("docs", &self.links.len())
-            .field("connected", &self.connected)
+            .field("routes", &self.conns.len())
             .finish()
     }
 }
@@ -119,9 +151,9 @@ impl ClientSession {
         ClientSession {
             token: token.into(),
             links: BTreeMap::new(),
-            connected: false,
-            hello_due: false,
-            cursor: None,
+            conns: BTreeMap::new(),
+            home_url: None,
+            redirects: 0,
             now_ms: 0,
             conn_error: None,
             digest_mismatches: 0,
@@ -133,6 +165,7 @@ impl ClientSession {
         let first = doc.pending_range().first();
         let link = Link {
             doc,
+            route: None,
             state: SubState::Unsubscribed,
             up: SendWindow::new(first),
             ack_due: false,
@@ -151,11 +184,11 @@ impl ClientSession {
     /// Connected, the server acknowledged the subscription, and this replica holds at least
     /// the storage the server had when it last reported.
     pub fn caught_up(&self, id: DocId) -> bool {
-        self.connected
-            && self.links.get(&id).is_some_and(|l| {
-                matches!(l.state, SubState::Live { .. })
-                    && l.doc.storage_range().next() >= l.server_storage_next
-            })
+        self.links.get(&id).is_some_and(|l| {
+            self.conns.contains_key(&l.route)
+                && matches!(l.state, SubState::Live { .. })
+                && l.doc.storage_range().next() >= l.server_storage_next
+        })
     }
 
     pub fn has_document(&self, id: DocId) -> bool {
@@ -264,43 +297,110 @@ impl ClientSession {
         self.open_document(id)?.migrate(migrations, time_ms, seed)
     }
 
-    /// The transport is up: start with Hello, re-subscribe everything, resend what is unacked.
+    /// The home transport is up: start with Hello, re-subscribe everything, resend what is
+    /// unacked.
     pub fn connected(&mut self, now_ms: i64) {
+        self.connected_on(&None, now_ms)
+    }
+
+    /// `route`'s transport is up: Hello, then its documents subscribe and resend.
+    pub fn connected_on(&mut self, route: &Route, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        self.connected = true;
-        self.hello_due = true;
-        for l in self.links.values_mut() {
-            l.state = l.state.on(SubEvent::Reset);
-            l.up = SendWindow::new(l.doc.pending_range().first());
-            (l.ack_due, l.last_heard_ms, l.digests) = (false, now_ms, true);
-        }
+        self.conns.insert(route.clone(), Conn { hello_due: true, cursor: None });
+        self.links.values_mut().filter(|l| l.route == *route).for_each(|l| l.reset(now_ms));
     }
 
     pub fn disconnected(&mut self) {
-        self.connected = false;
+        self.disconnected_on(&None)
     }
 
+    pub fn disconnected_on(&mut self, route: &Route) {
+        self.conns.remove(route);
+    }
+
+    /// Whether the home route is connected.
     pub fn is_connected(&self) -> bool {
-        self.connected
+        self.conns.contains_key(&None)
+    }
+
+    /// Tells the session which URL its home connection uses now: a `Redirect` naming it is
+    /// home, and documents routed there come home.
+    pub fn set_home_url(&mut self, url: &str) {
+        self.home_url = Some(url.to_owned());
+        let now = self.now_ms;
+        let there = Some(url.to_owned());
+        self.links.values_mut().filter(|l| l.route == there).for_each(|l| {
+            l.route = None;
+            l.reset(now);
+        });
+    }
+
+    /// Every route a connection is wanted for: home, and each server a document was
+    /// redirected to.
+    pub fn routes(&self) -> std::collections::BTreeSet<Route> {
+        std::iter::once(None).chain(self.links.values().map(|l| l.route.clone())).collect()
+    }
+
+    /// The server a document syncs with.
+    pub fn route_of(&self, id: DocId) -> Option<&Route> {
+        self.links.get(&id).map(|l| &l.route)
+    }
+
+    /// `route`'s server cannot be reached: its documents go home, whose server redirects
+    /// them again or serves them itself (once the unreachable one's lease lapsed).
+    pub fn route_failed(&mut self, route: &Route) {
+        if route.is_none() {
+            return;
+        }
+        self.conns.remove(route);
+        let now = self.now_ms;
+        self.links.values_mut().filter(|l| l.route == *route).for_each(|l| {
+            l.route = None;
+            l.reset(now);
+        });
+    }
+
+    /// Redirects followed so far.
+    pub fn redirects(&self) -> u64 {
+        self.redirects
     }
 
     /// Handles one message from the server. An `Err` is local trouble (the document's journals);
     /// protocol errors from the server are recorded in `status` / `connection_error`.
     pub fn handle_message(&mut self, now_ms: i64, msg: Message) -> Result<()> {
+        self.handle_message_on(&None, now_ms, msg)
+    }
+
+    /// Handles one message that came over `route`'s connection. Messages about a document
+    /// that syncs elsewhere now are stale and dropped.
+    pub fn handle_message_on(&mut self, route: &Route, now_ms: i64, msg: Message) -> Result<()> {
         self.now_ms = self.now_ms.max(now_ms);
         if let Message::Error { doc: None, code, message } = &msg {
-            if code == super::codes::NOT_HELLO && self.connected {
+            if code == super::codes::NOT_HELLO
+                && let Some(conn) = self.conns.get_mut(route)
+            {
                 // Our Hello was lost or overtaken: say it again, and everything after it.
-                self.hello_due = true;
-                self.links.values_mut().for_each(|l| l.state = l.state.on(SubEvent::Reset));
+                conn.hello_due = true;
+                let on_route = self.links.values_mut().filter(|l| l.route == *route);
+                on_route.for_each(|l| l.state = l.state.on(SubEvent::Reset));
                 return Ok(());
             }
             self.conn_error = Some((code.clone(), message.clone()));
             return Ok(());
         }
-        let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)) else { return Ok(()) };
+        let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)).filter(|l| l.route == *route) else {
+            return Ok(());
+        };
         link.last_heard_ms = now_ms;
         match msg {
+            Message::Redirect { url, .. } => {
+                let to = if self.home_url.as_ref() == Some(&url) { None } else { Some(url) };
+                if to != link.route {
+                    link.route = to;
+                    link.reset(now_ms);
+                    self.redirects += 1;
+                }
+            }
             Message::MutationsAck { next_expected, storage_next, .. } => {
                 // The server accepted our Hello and subscription: older refusals are moot.
                 self.conn_error = None;
@@ -355,6 +455,16 @@ impl ClientSession {
         now_ms: i64,
         frames: impl IntoIterator<Item = F>,
     ) -> Result<()> {
+        self.handle_frames_on(&None, now_ms, frames)
+    }
+
+    /// `handle_frames` for frames that came over `route`'s connection.
+    pub fn handle_frames_on<F: AsRef<[u8]>>(
+        &mut self,
+        route: &Route,
+        now_ms: i64,
+        frames: impl IntoIterator<Item = F>,
+    ) -> Result<()> {
         let mut merged: Vec<Message> = Vec::new();
         for frame in frames {
             let msg = match Message::decode(frame.as_ref()) {
@@ -376,17 +486,15 @@ impl ClientSession {
             merged.push(msg);
         }
         for msg in merged {
-            self.handle_message(now_ms, msg)?;
+            self.handle_message_on(route, now_ms, msg)?;
         }
         Ok(())
     }
 
     pub fn handle_timeout(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        if !self.connected {
-            return;
-        }
-        for l in self.links.values_mut() {
+        let conns = &self.conns;
+        for l in self.links.values_mut().filter(|l| conns.contains_key(&l.route)) {
             l.up.rewind_if_due(now_ms);
             if now_ms >= l.last_heard_ms + KEEPALIVE_MS {
                 l.state = l.state.on(SubEvent::Silent);
@@ -396,26 +504,29 @@ impl ClientSession {
     }
 
     pub fn poll_timeout(&self) -> Option<i64> {
-        if !self.connected {
-            return None;
-        }
-        let links = self.links.values();
+        let links = self.links.values().filter(|l| self.conns.contains_key(&l.route));
         links.flat_map(|l| [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at()]).flatten().min()
     }
 
-    /// The next message to send: Hello first, then round-robin over documents.
+    /// The next message to send home: Hello first, then round-robin over documents.
     pub fn poll_transmit(&mut self) -> Option<Message> {
-        if !self.connected {
-            return None;
-        }
-        if self.hello_due {
-            self.hello_due = false;
+        self.poll_transmit_on(&None)
+    }
+
+    /// The next message for `route`'s connection: Hello first, then round-robin over the
+    /// documents that sync there.
+    pub fn poll_transmit_on(&mut self, route: &Route) -> Option<Message> {
+        let conn = self.conns.get_mut(route)?;
+        if conn.hello_due {
+            conn.hello_due = false;
             return Some(Message::Hello { version: PROTOCOL_VERSION, token: self.token.clone() });
         }
-        for id in round_robin(self.links.keys().copied(), self.cursor) {
-            let link = self.links.get_mut(&id).expect("BUG: id from keys");
+        let links = &mut self.links;
+        let on_route = links.iter().filter(|(_, l)| l.route == *route).map(|(id, _)| *id);
+        for id in round_robin(on_route, conn.cursor) {
+            let link = links.get_mut(&id).expect("BUG: id from keys");
             if let Some(msg) = next_message(id, link, self.now_ms) {
-                self.cursor = Some(id);
+                conn.cursor = Some(id);
                 return Some(msg);
             }
         }

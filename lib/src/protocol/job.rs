@@ -93,7 +93,21 @@ pub(super) enum Outcome {
 pub(super) enum OpenFailure {
     /// It does not exist and the job was not to create it.
     NotFound,
+    /// Another server holds its lease: the server at this URL serves it.
+    Moved(String),
+    /// This server may not serve documents now (`Error::Unavailable`).
+    Unavailable(String),
     Error(String),
+}
+
+impl OpenFailure {
+    fn of(e: crate::Error) -> OpenFailure {
+        match e {
+            crate::Error::Moved { owner } => OpenFailure::Moved(owner),
+            crate::Error::Unavailable(why) => OpenFailure::Unavailable(why),
+            e => OpenFailure::Error(e.to_string()),
+        }
+    }
 }
 
 /// What a `Work::Run` did.
@@ -102,6 +116,9 @@ pub(super) struct Ran {
     pub(super) document: Box<ServerDocument>,
     /// Its journal was opened again (`reopen`).
     pub(super) reopened: bool,
+    /// Opening it again found that another server holds its lease now (at this URL): it is
+    /// closed here, and its clients go there.
+    pub(super) moved: Option<String>,
     /// Each step's outcome and duration.
     pub(super) steps: Vec<(StepOutcome, Option<u64>)>,
     pub(super) failure: Option<Failure>,
@@ -142,8 +159,13 @@ impl DocJob {
         let outcome = match work {
             Work::Open { opener, exists, create } => Outcome::Opened(open(doc, &opener, exists, create)),
             Work::Run { mut document, reopen, step, fetch, export, asks } => {
-                let reopened = reopen.is_some_and(|opener| reopen_journal(doc, &mut document, &opener));
-                let (steps, failure) = if step {
+                let reopen = reopen.map(|opener| reopen_journal(doc, &mut document, &opener));
+                let reopened = matches!(reopen, Some(Ok(true)));
+                let moved = match reopen {
+                    Some(Err(OpenFailure::Moved(owner))) => Some(owner),
+                    _ => None,
+                };
+                let (steps, failure) = if step && moved.is_none() {
                     step_document(&mut document, now_ms, clock.as_ref())
                 } else {
                     (Vec::new(), None)
@@ -156,7 +178,7 @@ impl DocJob {
                     })
                 });
                 let answers = asks.into_iter().map(|(conn, ask)| (conn, answer(&document, ask))).collect();
-                Outcome::Ran(Ran { document, reopened, steps, failure, fetched, exported, answers })
+                Outcome::Ran(Ran { document, reopened, moved, steps, failure, fetched, exported, answers })
             }
         };
         JobDone { doc, outcome }
@@ -179,10 +201,10 @@ fn open(
             match exists(doc) {
                 Ok(true) => {}
                 Ok(false) => return Err(OpenFailure::NotFound),
-                Err(e) => return Err(OpenFailure::Error(e.to_string())),
+                Err(e) => return Err(OpenFailure::of(e)),
             }
         }
-        opener(doc).map(Box::new).map_err(|e| OpenFailure::Error(e.to_string()))
+        opener(doc).map(Box::new).map_err(OpenFailure::of)
     });
     opened.unwrap_or_else(|panic| Err(OpenFailure::Error(format!("an internal error: {panic}"))))
 }
@@ -191,14 +213,23 @@ fn open(
 /// object write whose outcome was unknown), carrying the mutations queued in the old handle
 /// over: their clients will not send them again (they were acknowledged), and `receive` skips
 /// those the journal shows applied. When the open fails, the old handle stays and the next
-/// step tries again.
-fn reopen_journal(doc: DocId, document: &mut Box<ServerDocument>, opener: &Opener) -> bool {
-    let Ok(Ok(mut fresh)) = catch(|| opener(doc)) else { return false };
+/// step tries again; when another server holds the document's lease now, that is the answer
+/// (`Err(Moved)`) and nothing more is done here.
+fn reopen_journal(
+    doc: DocId,
+    document: &mut Box<ServerDocument>,
+    opener: &Opener,
+) -> std::result::Result<bool, OpenFailure> {
+    let mut fresh = match catch(|| opener(doc)) {
+        Ok(Ok(fresh)) => fresh,
+        Ok(Err(e)) => return Err(OpenFailure::of(e)),
+        Err(_) => return Ok(false),
+    };
     for (timeline, first, entries) in document.take_queued() {
         fresh.receive(timeline, first, entries);
     }
     **document = fresh;
-    true
+    Ok(true)
 }
 
 /// Takes one step of `d`. One per job: a document with a backlog steps again on its next

@@ -13,7 +13,7 @@ mod job;
 mod server;
 pub(crate) mod window;
 
-pub use client::{ClientSession, DocStatus};
+pub use client::{ClientSession, DocStatus, Route};
 pub use job::{DocJob, Exists, FETCH_BYTES, JobDone, MAX_FETCHED_BYTES, Opener};
 pub use server::{
     Authenticator, Clock, ConnId, Event, Grant, MAX_ASKS_PER_CONNECTION, MAX_ASKS_PER_DOC,
@@ -28,7 +28,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -87,6 +87,9 @@ pub mod codes {
     /// Client-side only, in a document's status: replaying a step confirmed by digest gave
     /// other pages than the server's (see `Error::ConfirmMismatch`).
     pub const NONDETERMINISM: &str = "nondeterminism";
+    /// This server cannot serve the document now (it is leaving its cluster, or lost its
+    /// place in it); the client tries again, at another server if it knows one.
+    pub const UNAVAILABLE: &str = "unavailable";
 }
 
 /// Everything that crosses a connection.
@@ -136,6 +139,10 @@ pub enum Message {
         #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
+    /// Server: another server serves `doc` (it holds the document's lease): sync it with the
+    /// server at `url` (its websocket URL, `ws://host:port/v1/sync`). Every message the
+    /// client sent about `doc` on this connection was dropped; it sends them there again.
+    Redirect { doc: DocId, url: String },
 }
 
 /// The most pages one `ReadPages` may ask for: 256 (1 MiB), so one answer is one bounded frame.
@@ -208,7 +215,8 @@ impl Message {
             | Message::MapPages { doc, .. }
             | Message::PageMap { doc, .. }
             | Message::ReadPages { doc, .. }
-            | Message::Pages { doc, .. } => Some(*doc),
+            | Message::Pages { doc, .. }
+            | Message::Redirect { doc, .. } => Some(*doc),
             Message::Error { doc, .. } => *doc,
         }
     }

@@ -376,6 +376,9 @@ pub enum Event {
     /// A step panicked; the document was closed (its last durable state is intact) and its
     /// subscribers told. Every other document carries on.
     DocumentFailed { doc: DocId, error: String },
+    /// Another server holds the document's lease now (found when its journal was opened
+    /// again); it was closed here and its clients sent to `owner`.
+    DocumentMoved { doc: DocId, owner: String },
 }
 
 /// Events kept for the driver. 1,024: far more than one turn produces; past it the oldest go
@@ -422,6 +425,10 @@ pub struct SessionStats {
     /// Page requests (`MapPages`, `ReadPages`) answered, and refused at their bounds.
     pub page_requests: u64,
     pub page_requests_refused: u64,
+    /// `Redirect`s sent: a client asked for a document another server holds the lease of.
+    pub redirects: u64,
+    /// Open documents closed because another server holds their lease now.
+    pub documents_moved: u64,
 }
 
 impl SessionStats {
@@ -1084,14 +1091,31 @@ impl ServerSession {
     /// its journal (the last durable state) on next use. The others carry on.
     fn close_broken(&mut self, doc: DocId, why: String) {
         self.stats.documents_failed += 1;
-        self.with_ahead(doc, ReadAhead::clear);
-        let (subscribers, asks) = self.docs.remove(&doc).map(|o| (o.subscribers, o.asks)).unwrap_or_default();
         let text =
             format!("the server closed document {doc} after an internal error; subscribe again: {why}");
+        self.close_telling(doc, error(Some(doc), codes::INTERNAL, text));
+        self.event(Event::DocumentFailed { doc, error: why });
+    }
+
+    /// Another server holds `doc`'s lease now: it is closed here (what it had queued is
+    /// dropped; its clients send it again) and its clients are sent to `owner`.
+    fn close_moved(&mut self, doc: DocId, owner: String) {
+        self.stats.documents_moved += 1;
+        let subscribers = self.docs.get(&doc).map_or(0, |o| o.subscribers.len() + o.asks.len());
+        self.stats.redirects += subscribers as u64;
+        self.close_telling(doc, Message::Redirect { doc, url: owner.clone() });
+        self.event(Event::DocumentMoved { doc, owner });
+    }
+
+    /// Closes `doc` at once, sending `tell` to every connection that subscribed to it or
+    /// waits for a page request's answer.
+    fn close_telling(&mut self, doc: DocId, tell: Message) {
+        self.with_ahead(doc, ReadAhead::clear);
+        let (subscribers, asks) = self.docs.remove(&doc).map(|o| (o.subscribers, o.asks)).unwrap_or_default();
         for (id, _) in asks {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.asks -= 1;
-                c.outbox.push_back(error(Some(doc), codes::INTERNAL, text.clone()));
+                c.outbox.push_back(tell.clone());
                 self.ready.insert(id);
             }
         }
@@ -1099,11 +1123,10 @@ impl ServerSession {
             let Some(c) = self.conns.get_mut(&id) else { continue };
             if let Some(mut sub) = c.subs.remove(&doc) {
                 sub.disarm(&mut self.timers, id, doc);
-                c.outbox.push_back(error(Some(doc), codes::INTERNAL, text.clone()));
+                c.outbox.push_back(tell.clone());
                 self.ready.insert(id);
             }
         }
-        self.event(Event::DocumentFailed { doc, error: why });
     }
 
     /// Takes what one document's steps did into the stats, the events and its schedule.
@@ -1241,7 +1264,7 @@ impl ServerSession {
 
     /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
     fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
-        let Ran { document, reopened, steps, failure, fetched, exported, answers } = ran;
+        let Ran { document, reopened, moved, steps, failure, fetched, exported, answers } = ran;
         self.stats.page_requests += answers.len() as u64;
         for (conn, answer) in answers {
             if let Some(c) = self.conns.get_mut(&conn) {
@@ -1264,6 +1287,9 @@ impl ServerSession {
             self.exported.push_back((doc, e));
         }
         self.record_steps(doc, &steps, failure);
+        if let Some(owner) = moved {
+            self.close_moved(doc, owner);
+        }
         deferred
     }
 
@@ -1281,12 +1307,20 @@ impl ServerSession {
                 codes::NOT_FOUND,
                 format!("document {doc} does not exist, and a read-only token cannot create it"),
             ),
+            OpenFailure::Moved(owner) => (codes::DOCUMENT, format!("document {doc} is served by {owner}")),
+            OpenFailure::Unavailable(why) => {
+                (codes::UNAVAILABLE, format!("this server cannot serve document {doc} now: {why}"))
+            }
             OpenFailure::Error(why) => (codes::DOCUMENT, format!("cannot open document {doc}: {why}")),
+        };
+        let tell = match &failure {
+            OpenFailure::Moved(owner) => Message::Redirect { doc, url: owner.clone() },
+            _ => error(Some(doc), code, text.clone()),
         };
         if export {
             let why = match failure {
                 OpenFailure::NotFound => format!("no document {doc}"),
-                OpenFailure::Error(_) => text.clone(),
+                _ => text.clone(),
             };
             self.exported.push_back((doc, Err(why)));
         }
@@ -1298,7 +1332,8 @@ impl ServerSession {
             if matches!(failure, OpenFailure::NotFound) && creates {
                 self.handle_message(conn, at, msg);
             } else {
-                c.outbox.push_back(error(Some(doc), code, text.clone()));
+                self.stats.redirects += u64::from(matches!(tell, Message::Redirect { .. }));
+                c.outbox.push_back(tell.clone());
                 self.ready.insert(conn);
             }
         }
@@ -1600,5 +1635,6 @@ fn kind(m: &Message) -> &'static str {
         Message::PageMap { .. } => "PageMap",
         Message::ReadPages { .. } => "ReadPages",
         Message::Pages { .. } => "Pages",
+        Message::Redirect { .. } => "Redirect",
     }
 }

@@ -1,0 +1,254 @@
+//! Three real `pagesync-server` processes over one moto bucket (`--advertise`): clients
+//! connected to random servers write to 30 documents; one server is killed with SIGKILL mid
+//! traffic, another stopped with SIGTERM. Every document has one writer at a time, every write
+//! is applied exactly once, and the documents of a stopped server are served again by the
+//! others (after its lease for SIGKILL, handed over at once for SIGTERM).
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use pagesync::journal::{Journal, Lsn, ObjectBackend};
+use pagesync::{DocId, MutationState, Value};
+use pagesync_client::{Client, Document};
+use support::probe::metric;
+use support::{ServerProcess, free_port, start_with};
+
+const LEASE_MS: u64 = 3_000;
+const DOCS: u128 = 30;
+const CLIENTS: usize = 10;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn url(port: u16) -> String {
+    format!("ws://127.0.0.1:{port}/v1/sync")
+}
+
+fn start_node(journal: &str) -> (ServerProcess, u16) {
+    let port = free_port();
+    let advertise = format!("ws://127.0.0.1:{port}");
+    let lease = LEASE_MS.to_string();
+    let flags = ["--advertise", &advertise, "--lease-ms", &lease, "--commit-interval-ms", "10"];
+    (start_with(port, journal, &flags), port)
+}
+
+/// Waits until every server sees `n` live servers.
+async fn wait_live(ports: &[u16], n: u64) {
+    let deadline = Instant::now() + WAIT;
+    while !ports.iter().all(|p| metric(*p, "pagesync_cluster_live_servers") == n) {
+        assert!(Instant::now() < deadline, "the servers never saw each other");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One write: the document, its handle, the row, and the mutation's LSN in its timeline.
+struct Write {
+    doc: DocId,
+    handle: Document,
+    who: String,
+    seq: i64,
+    lsn: Lsn,
+}
+
+fn write(doc: &Document, who: &str, seq: i64) -> Write {
+    let params = vec![Value::Text(who.into()), Value::Integer(seq)];
+    let lsn = doc.execute("INSERT INTO w VALUES (?1, ?2)", params).expect("local write").lsn;
+    Write { doc: doc.id(), handle: doc.clone(), who: who.into(), seq, lsn }
+}
+
+/// Writes one row to every document and returns how long each took to be confirmed, for the
+/// documents in `of`, sorted.
+async fn served_again(docs: &[(DocId, Document)], who: &str, of: &HashSet<DocId>) -> Vec<Duration> {
+    let start = Instant::now();
+    let writes: Vec<Write> = docs.iter().map(|(_, d)| write(d, who, 0)).collect();
+    let mut took = vec![None; writes.len()];
+    while took.iter().any(Option::is_none) {
+        assert!(start.elapsed() < WAIT, "documents were not served again: {took:?}");
+        for (i, w) in writes.iter().enumerate() {
+            if took[i].is_none() && w.handle.state(w.lsn).expect("state") == MutationState::Confirmed {
+                took[i] = Some(start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut took: Vec<Duration> =
+        docs.iter().zip(took).filter(|((d, _), _)| of.contains(d)).map(|(_, t)| t.expect("all")).collect();
+    took.sort();
+    took
+}
+
+/// The documents whose lease the server at `port` holds, read from the bucket.
+async fn leases_of(journal: &str, port: u16) -> HashSet<DocId> {
+    let (bucket, rt) = (journal.to_owned(), tokio::runtime::Handle::current());
+    let view = tokio::task::spawn_blocking(move || {
+        pagesync_server::cluster::view(&ObjectBackend::from_url(&bucket, rt).expect("backend")).expect("view")
+    })
+    .await
+    .expect("join");
+    let id =
+        view.members.iter().find(|(_, u, _)| *u == url(port)).map(|(id, _, _)| id.clone()).expect("a record");
+    view.leases.into_iter().filter(|(_, _, holder)| *holder == id).map(|(doc, _, _)| doc).collect()
+}
+
+fn pct(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_servers_serve_each_document_once_and_take_over_from_a_killed_or_stopped_one() {
+    let Some(journal) = support::s3::s3_url("cluster") else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut nodes: Vec<(Option<ServerProcess>, u16)> =
+        (0..3).map(|_| start_node(&journal)).map(|(s, p)| (Some(s), p)).collect();
+    let ports: Vec<u16> = nodes.iter().map(|(_, p)| *p).collect();
+    wait_live(&ports, 3).await;
+
+    // Each client is given the three servers, starting from a different one; each document
+    // is written by two clients.
+    let clients: Vec<Client> = (0..CLIENTS)
+        .map(|c| {
+            let urls: Vec<String> = (0..3).map(|i| url(ports[(c + i) % 3])).collect();
+            Client::connect(&urls.join(","), "", dir.path().join(format!("c{c}"))).expect("client")
+        })
+        .collect();
+    let mut handles: Vec<(usize, DocId, Document)> = Vec::new();
+    for d in 0..DOCS {
+        let doc = DocId::from_u128(0xc1_0000 + d);
+        for c in [d as usize % CLIENTS, (d as usize + CLIENTS / 2) % CLIENTS] {
+            let h = clients[c].open(doc).expect("open");
+            h.execute("CREATE TABLE IF NOT EXISTS w(who TEXT NOT NULL, seq INTEGER NOT NULL)", vec![])
+                .expect("schema");
+            handles.push((c, doc, h));
+        }
+    }
+    let mut writes: Vec<Write> = Vec::new();
+    let round = |writes: &mut Vec<Write>, seq: i64| {
+        for (c, _, h) in &handles {
+            writes.push(write(h, &format!("c{c}"), seq));
+        }
+    };
+    let sync_all = |handles: &[(usize, DocId, Document)]| {
+        let docs: Vec<Document> = handles.iter().map(|(_, _, h)| h.clone()).collect();
+        async move {
+            for h in docs {
+                h.sync(WAIT).await.unwrap_or_else(|e| panic!("{} did not sync: {e}", h.id()));
+            }
+        }
+    };
+    for seq in 1..=5 {
+        round(&mut writes, seq);
+    }
+    sync_all(&handles).await;
+    let owned: Vec<u64> = ports.iter().map(|p| metric(*p, "pagesync_cluster_owned_documents")).collect();
+    assert_eq!(owned.iter().sum::<u64>(), DOCS as u64, "each document has exactly one server: {owned:?}");
+    assert!(owned.iter().all(|n| *n > 0), "documents spread over the servers: {owned:?}");
+    let redirects: u64 = ports.iter().map(|p| metric(*p, "pagesync_redirects_total")).sum();
+    assert!(redirects > 0, "clients were sent to the servers that hold their documents");
+
+    // Kill -9 the server with the most documents, mid traffic.
+    let victim = (0..3).max_by_key(|i| owned[*i]).expect("three");
+    let first_docs: Vec<(DocId, Document)> = {
+        let mut seen = HashSet::new();
+        handles.iter().filter(|(_, d, _)| seen.insert(*d)).map(|(_, d, h)| (*d, h.clone())).collect()
+    };
+    let victims = leases_of(&journal, ports[victim]).await;
+    assert_eq!(victims.len() as u64, owned[victim], "the bucket's leases match the server's count");
+    for seq in 6..=8 {
+        round(&mut writes, seq);
+    }
+    nodes[victim].0.take().expect("running").sigkill();
+    for seq in 9..=10 {
+        round(&mut writes, seq);
+    }
+    let after_kill = served_again(&first_docs, "after-kill", &victims).await;
+    sync_all(&handles).await;
+    let survivors: Vec<u16> = (0..3).filter(|i| *i != victim).map(|i| ports[i]).collect();
+    let takeovers: u64 = survivors.iter().map(|p| metric(*p, "pagesync_cluster_takeovers_total")).sum();
+    assert_eq!(takeovers, owned[victim], "the survivors took over exactly the killed server's documents");
+
+    // SIGTERM another: it hands its documents over; nobody has to take them over.
+    let stopping = survivors[0];
+    let last = survivors[1];
+    let before = metric(last, "pagesync_cluster_takeovers_total");
+    let owned_by_stopping = metric(stopping, "pagesync_cluster_owned_documents");
+    let i = ports.iter().position(|p| *p == stopping).expect("a port");
+    let stopped = leases_of(&journal, stopping).await;
+    let mut server = nodes[i].0.take().expect("running");
+    for seq in 11..=12 {
+        round(&mut writes, seq);
+    }
+    let term = std::process::Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status();
+    assert!(term.expect("kill").success(), "SIGTERM sent");
+    let after_term = served_again(&first_docs, "after-term", &stopped).await;
+    assert!(server.0.wait().expect("exit").success(), "a graceful shutdown exits 0");
+    sync_all(&handles).await;
+    assert_eq!(
+        metric(last, "pagesync_cluster_takeovers_total"),
+        before,
+        "the stopped server's {owned_by_stopping} documents were handed over, not taken over after its lease"
+    );
+    assert_eq!(metric(last, "pagesync_cluster_owned_documents"), DOCS as u64, "one server serves all now");
+    assert_eq!(
+        metric(last, "pagesync_documents_reopened_total"),
+        0,
+        "no journal was ever fenced: no two servers wrote one document"
+    );
+    eprintln!(
+        "served again after SIGKILL: p50 {:?} p99 {:?}; after SIGTERM: p50 {:?} p99 {:?}",
+        pct(&after_kill, 50),
+        pct(&after_kill, 99),
+        pct(&after_term, 50),
+        pct(&after_term, 99)
+    );
+
+    // Every write was confirmed, and every one is in the bucket exactly once, in one dense
+    // history per document.
+    for w in &writes {
+        assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed, "{} {}", w.who, w.seq);
+    }
+    let rt = tokio::runtime::Handle::current();
+    let bucket = journal.clone();
+    let per_doc: BTreeMap<DocId, usize> = tokio::task::spawn_blocking(move || {
+        let backend = ObjectBackend::from_url(&bucket, rt).expect("backend");
+        (0..DOCS)
+            .map(|d| {
+                let doc = DocId::from_u128(0xc1_0000 + d);
+                let j = backend
+                    .open_or_create(&pagesync_server::storage_key(doc), doc.journal_id())
+                    .expect("open");
+                let entries = j.range().iter().map(|l| j.read(l).expect("every LSN reads back"));
+                let headers = entries.map(|e| pagesync::storage::decode(&e).expect("a storage entry"));
+                let applied: Vec<_> = headers.flat_map(|h| h.applied).map(|a| (a.timeline, a.lsn)).collect();
+                let unique: HashSet<_> = applied.iter().collect();
+                assert_eq!(unique.len(), applied.len(), "{doc}: a mutation stored twice");
+                (doc, applied.len())
+            })
+            .collect()
+    })
+    .await
+    .expect("join");
+    for (doc, applied) in &per_doc {
+        let mine = writes.iter().filter(|w| w.doc == *doc).count();
+        // Two schema statements and the two probes (after the kill and after SIGTERM).
+        assert_eq!(*applied, mine + 4, "{doc}: every write applied exactly once");
+    }
+    let check = Client::connect(&url(last), "", dir.path().join("check")).expect("check");
+    for (doc, _) in &first_docs {
+        let h = check.open(*doc).expect("open");
+        h.sync(WAIT).await.expect("a new client syncs through the last server");
+        let rows =
+            h.query("SELECT count(*), count(DISTINCT who || ':' || seq) FROM w", &[]).expect("query").rows;
+        let mine = writes.iter().filter(|w| w.doc == *doc).count() as i64;
+        assert_eq!(rows, vec![vec![Value::Integer(mine + 2), Value::Integer(mine + 2)]], "{doc}");
+    }
+
+    // The operator's view: the last server holds every lease.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(["cluster", "--journal", &journal])
+        .output()
+        .expect("cluster");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("{DOCS} document leases")), "{text}");
+    assert!(text.contains(&url(last)), "{text}");
+}
