@@ -5,6 +5,7 @@
 
 mod bulk;
 mod chart;
+mod cluster;
 mod core;
 mod journal;
 mod libsql;
@@ -47,6 +48,7 @@ const GROUPS: &[Group] = &[
     ("many", many::run),
     ("bulk", bulk::run),
     ("s3", s3::run),
+    ("cluster", cluster::run),
 ];
 
 fn usage() -> String {
@@ -55,6 +57,10 @@ fn usage() -> String {
 }
 
 fn main() -> ExitCode {
+    if let Some(spec) = std::env::var_os(cluster::CLUSTER_ENV) {
+        cluster::serve_child(&spec.to_string_lossy());
+        return ExitCode::SUCCESS;
+    }
     if let Some(dir) = std::env::var_os(many::SERVE_ENV) {
         many::serve_child(&dir.to_string_lossy());
         return ExitCode::SUCCESS;
