@@ -148,8 +148,10 @@ async fn leases_of(journal: &str, port: u16) -> HashSet<DocId> {
     .await
     .expect("join");
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
-    let Some((id, _, _)) = view.members.iter().find(|(_, u, _)| *u == url) else { return HashSet::new() };
-    view.leases.into_iter().filter(|(_, _, holder)| holder == id).map(|(doc, _, _)| doc).collect()
+    let Some(m) = view.members.iter().find(|m| !m.dead && m.url.as_deref() == Some(&url)) else {
+        return HashSet::new();
+    };
+    view.leases.into_iter().filter(|(_, _, holder)| *holder == m.id).map(|(doc, _, _)| doc).collect()
 }
 
 async fn open_all(client: &Client) -> Vec<Document> {

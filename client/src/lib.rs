@@ -91,6 +91,8 @@ struct Shared {
     durability: Mutex<Durability>,
     /// The connection for pages fetched on demand (`remote`), shared by every document.
     fetcher: Arc<Mutex<remote::Fetcher>>,
+    /// The server URLs the client was given (at least one).
+    homes: Vec<String>,
 }
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
@@ -257,6 +259,7 @@ impl Client {
             gathered: std::sync::Condvar::new(),
             durability: Mutex::new(Durability::Full),
             fetcher: Arc::new(Mutex::new(remote::Fetcher::new(&first, token))),
+            homes: homes.clone(),
         });
         let driver = tokio::spawn(drive(homes, shared.clone()));
         let syncer = tokio::spawn(sync_timelines(shared.clone()));
@@ -540,7 +543,17 @@ impl Document {
     /// caller falls back to the replica), an error when the query itself failed.
     fn query_remote(&self, remote: &mut Remote, sql: &str, params: &[Value]) -> Result<Option<Rows>> {
         if remote.snapshot.is_none() {
-            let map = match self.shared.fetcher.lock().expect("BUG: lock poisoned").map(self.id) {
+            // The server this document syncs with: home, or where it was redirected.
+            let url = {
+                let s = self.shared.session();
+                s.route_of(self.id).cloned().flatten().or_else(|| s.home_url().map(str::to_owned))
+            };
+            let url = url.unwrap_or_else(|| self.shared.homes[0].clone());
+            let mut fetcher = self.shared.fetcher.lock().expect("BUG: lock poisoned");
+            fetcher.use_url(&url);
+            let map = fetcher.map(self.id);
+            drop(fetcher);
+            let map = match map {
                 Ok(map) => map,
                 Err(why) => {
                     tracing::debug!(
@@ -550,7 +563,7 @@ impl Document {
                     return Ok(None);
                 }
             };
-            let source = remote::Source { fetcher: self.shared.fetcher.clone(), doc: self.id };
+            let source = remote::Source { fetcher: self.shared.fetcher.clone(), doc: self.id, url };
             match pagesync::remote::RemoteSnapshot::open(map, Box::new(source)) {
                 Ok(snapshot) => remote.snapshot = Some(snapshot),
                 Err(e) => {
@@ -729,6 +742,7 @@ async fn drive(homes: Vec<String>, shared: Arc<Shared>) {
             let keep = wanted.contains(route) && !task.is_finished();
             if !keep {
                 task.abort();
+                shared.session().disconnected_on(route);
             }
             keep
         });

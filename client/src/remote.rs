@@ -35,6 +35,15 @@ impl Fetcher {
         Fetcher { url: url.to_owned(), token: token.to_owned(), ws: None, next_id: 0 }
     }
 
+    /// Asks the server at `url` from now on (a document's route): a new connection if it is
+    /// not the one open.
+    pub(crate) fn use_url(&mut self, url: &str) {
+        if self.url != url {
+            self.url = url.to_owned();
+            self.ws = None;
+        }
+    }
+
     fn connect(&mut self) -> Result<&mut WebSocket<TcpStream>, String> {
         if self.ws.is_none() {
             let uri: tungstenite::http::Uri =
@@ -115,6 +124,11 @@ impl Fetcher {
                 Message::Error { doc: Some(d), code, message } if d == doc => {
                     return Ok(Err(format!("{code}: {message}")));
                 }
+                // Its server is another: the driver's connection learns it too, and the next
+                // query asks there.
+                Message::Redirect { doc: d, url } if d == doc => {
+                    return Ok(Err(format!("document {doc} is served by {url}")));
+                }
                 _ => continue,
             }
         }
@@ -134,6 +148,8 @@ impl Fetcher {
 pub(crate) struct Source {
     pub(crate) fetcher: std::sync::Arc<std::sync::Mutex<Fetcher>>,
     pub(crate) doc: DocId,
+    /// The server the map came from.
+    pub(crate) url: String,
 }
 
 impl PageSource for Source {
@@ -141,6 +157,7 @@ impl PageSource for Source {
         let pages = u32::try_from(buf.len() / pagesync::page::PAGE_SIZE).map_err(|e| e.to_string())?;
         let doc = self.doc;
         let mut fetcher = self.fetcher.lock().expect("BUG: lock poisoned");
+        fetcher.use_url(&self.url);
         match fetcher.ask(doc, |id| Message::ReadPages { doc, id, lsn, offset, pages })? {
             // Exactly the bytes asked for, or nothing.
             Message::Pages { lsn: l, offset: o, data, .. }

@@ -27,7 +27,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
@@ -72,6 +72,7 @@ pub struct ObjectInfo {
     pub name: String,
     /// Changes whenever the object is written again (its ETag, time and size).
     pub version: String,
+    pub size: u64,
     /// When the store last wrote it, by the store's clock (ms since the Unix epoch).
     pub modified_ms: i64,
 }
@@ -260,8 +261,34 @@ impl ObjectBackend {
         self.delete(JournalId::from_u128(0), &self.dir(rel))
     }
 
-    /// The objects directly below `rel`, with what tells one version from the next (one LIST).
-    pub fn list_objects(&self, rel: &str) -> Result<Vec<ObjectInfo>> {
+    /// Deletes the objects at `rels` (S3: one request per 1,000); those already gone are not
+    /// an error.
+    pub fn delete_objects(&self, rels: &[String]) -> Result<()> {
+        if rels.is_empty() {
+            return Ok(());
+        }
+        self.stats.deletes.fetch_add(rels.len().div_ceil(1000) as u64, Ordering::Relaxed);
+        let paths: Vec<object_store::Result<Path>> = rels.iter().map(|r| Ok(self.dir(r))).collect();
+        let stream = futures_util::stream::iter(paths).boxed();
+        let results: Vec<object_store::Result<Path>> =
+            self.rt.block_on(self.store.delete_stream(stream).collect());
+        for r in results {
+            match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let why = format!("DELETE below {} failed: {e}", self.root);
+                    return Err(backend_err(JournalId::from_u128(0), why));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The objects below `rel` (with `recursive`, at any depth; else directly below it), named
+    /// by their path below `rel`, with what tells one version from the next (one LIST, or one
+    /// per 1,000 objects).
+    pub fn list_objects(&self, rel: &str, recursive: bool) -> Result<Vec<ObjectInfo>> {
         self.stats.lists.fetch_add(1, Ordering::Relaxed);
         let dir = self.dir(rel);
         let listed = self.rt.block_on(self.store.list(Some(&dir)).try_collect::<Vec<_>>());
@@ -272,16 +299,17 @@ impl ObjectBackend {
         let depth = dir.parts().count();
         Ok(metas
             .into_iter()
-            .filter(|m| m.location.parts().count() == depth + 1)
-            .filter_map(|m| {
-                let name = m.location.filename()?.to_owned();
-                let version = format!(
-                    "{}/{}/{}",
-                    m.e_tag.unwrap_or_default(),
-                    m.last_modified.timestamp_micros(),
-                    m.size
-                );
-                Some(ObjectInfo { name, version, modified_ms: m.last_modified.timestamp_millis() })
+            .filter(|m| recursive || m.location.parts().count() == depth + 1)
+            .map(|m| {
+                let parts: Vec<String> =
+                    m.location.parts().skip(depth).map(|p| p.as_ref().to_owned()).collect();
+                let (tag, micros) = (m.e_tag.unwrap_or_default(), m.last_modified.timestamp_micros());
+                ObjectInfo {
+                    name: parts.join("/"),
+                    version: format!("{tag}/{micros}/{}", m.size),
+                    size: m.size,
+                    modified_ms: m.last_modified.timestamp_millis(),
+                }
             })
             .collect())
     }

@@ -1,55 +1,62 @@
 //! Many servers over one bucket: membership, document leases and placement. No coordinator:
-//! the object store's conditional create is the only agreement there is.
+//! the object store's conditional create (`PutMode::Create`) is the only agreement there is.
 //!
-//! - **Membership.** Each server writes `cluster/members/<id>` (its advertised URL and a beat
-//!   counter) every third of the lease and lists the prefix as often. A server whose record
-//!   stayed the same for a whole lease, as timed by the observer's own clock, is gone; so is
-//!   one whose record was deleted (a graceful shutdown). No server compares another's clock
-//!   with its own, so clock skew cannot make a live server look dead.
-//! - **Self-fencing.** A server whose last successful renewal was sent more than two thirds of
-//!   a lease ago stops writing every document at once (`may_write` fails, its journals refuse
-//!   appends) and forgets which documents it owned: others may take them over once a whole
-//!   lease passed since they last saw its record change, which is later.
-//! - **Leases.** `cluster/leases/<doc>/<epoch, 20 digits>-<server id>`, created with
-//!   `PutMode::Create`: the highest epoch names the document's server. Taking a document over
-//!   is creating the next epoch; of two servers racing for it, exactly one succeeds. A lease
-//!   needs no renewal of its own: it holds while its server's membership does, so an idle
-//!   server costs a few requests per lease period, however many documents it owns.
-//! - **Placement.** A document without a live leaseholder goes to the live server that
-//!   rendezvous hashing picks (highest `sha256(doc, server id)`), so documents spread and only
-//!   those of a server that leaves move. Others redirect its clients there; the picked server
-//!   takes the lease when they arrive.
+//! - **Membership.** A server renews by *creating* `cluster/members/<id>/<beat>` (its URL), the
+//!   next beat every third of the lease, and lists `cluster/members` as often. Another server is
+//!   live while its highest beat changed within the last lease *as timed by the observer's own
+//!   clock* from when it first saw that beat: no server compares its clock with another's.
+//! - **Burial.** An empty object at a server's next beat is its tombstone. A server found
+//!   silent for a lease is buried before anything of it is taken: the burier creates the
+//!   tombstone at the beat after the last one it saw and lists again to check that it is the
+//!   highest. Exactly one of that create and the silent server's own next renewal succeeds, so a
+//!   buried server can never renew again (it rejoins under a new id, holding nothing).
+//! - **Self-fencing.** A server whose last successful renewal was *sent* more than two thirds
+//!   of a lease ago writes nothing (`may_write`) and forgets its leases. Its last renewal was
+//!   sent before anyone saw it, and is buried a full lease after that, by which time it stopped.
+//! - **Leases.** `cluster/leases/<doc>/<epoch>` holds `{holder, url}`; the highest epoch names
+//!   the document's server. Taking a document is creating the next epoch: of two servers racing
+//!   for it exactly one succeeds. A lease holds while its holder lives, so an idle server costs
+//!   a few requests per lease period however many documents it holds.
+//! - **Placement.** A document without a live holder goes to the live server that rendezvous
+//!   hashing picks (highest `sha256(doc, server id)`), so documents spread and only those of a
+//!   server that leaves move. The others redirect its clients there; it takes the lease when
+//!   they arrive.
 //! - **Last line of defence.** Every storage batch is still created with `PutMode::Create`: if
 //!   two servers ever wrote one document, one of them loses the LSN and reopens.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use pagesync::DocId;
-use pagesync::journal::{Journal, JournalError, JournalId, Lsn, LsnRange, ObjectBackend};
+use pagesync::journal::{Journal, JournalError, JournalId, Lsn, LsnRange, ObjectBackend, ObjectInfo};
 use serde::{Deserialize, Serialize};
 
-/// Where the servers' records are, below the store's root.
+/// The servers' beats: `MEMBERS/<server id>/<beat, 20 digits>`, a record or (empty) a tombstone.
 pub const MEMBERS: &str = "cluster/members";
-/// Where the documents' leases are: `LEASES/<doc>/<epoch>-<server id>`.
+/// The documents' leases: `LEASES/<doc>/<epoch, 20 digits>`.
 pub const LEASES: &str = "cluster/leases";
 
 /// The membership lease by default: 6 s. A server renews every 2 s, stops writing 4 s after
-/// its last renewal went out, and is taken over 6 s after others last saw its record change.
+/// its last renewal went out, and is buried 6 s after others first saw that renewal.
 pub const DEFAULT_LEASE_MS: u64 = 6_000;
 
 /// The shortest lease accepted: renewals every 300 ms are already a lot of requests.
 pub const MIN_LEASE_MS: u64 = 900;
 
-/// A record older than this many leases by the store's clock, on first sight, is a server
-/// long gone (a `kill -9` last week): it is not waited for.
-const STALE_LEASES: i64 = 10;
+/// A server deletes its old beats every this many renewals, in one request.
+const PRUNE_EVERY: u64 = 10;
 
 /// How long a graceful shutdown spends handing its documents over one by one; the rest are
-/// taken over as soon as the others see its record deleted.
+/// taken over as soon as the others see its tombstone.
 const HANDOVER_BUDGET: Duration = Duration::from_secs(3);
+
+/// Documents remembered as served elsewhere, so a client asking again and again for them costs
+/// no request for `MOVED_FOR` (short: a takeover is not held up by it). Past this many, the
+/// memory starts over.
+const MAX_MOVED: usize = 1 << 16;
+const MOVED_FOR: Duration = Duration::from_millis(500);
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -60,39 +67,68 @@ pub struct ClusterStats {
     pub leases_taken: AtomicU64,
     /// Of those, leases taken from a server that was gone.
     pub takeovers: AtomicU64,
+    /// Silent servers this one buried.
+    pub burials: AtomicU64,
     /// Leases given to another server on a graceful shutdown.
     pub handovers: AtomicU64,
     /// Times this server's own membership lapsed (it stopped writing until it renewed).
     pub lapses: AtomicU64,
+    /// Times this server found itself buried and joined again under a new id.
+    pub rejoins: AtomicU64,
 }
 
-/// A server's membership record.
+/// A server's beat.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
     url: String,
-    beat: u64,
     started_ms: i64,
+    /// Drawn at each join: tells this server's own beat from anyone else's.
+    nonce: u64,
+}
+
+/// A document's lease.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Lease {
+    holder: String,
+    url: String,
+}
+
+/// What a lease's holder is, as this server has seen it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Live,
+    /// Its highest beat (this one) has not changed for a lease: it may be buried.
+    Silent(u64),
+    /// Its highest beat is a tombstone.
+    Dead,
 }
 
 /// Another server as this one has seen it.
 #[derive(Debug)]
 struct Seen {
-    url: String,
-    version: String,
-    /// When its record was first seen as it is now, by this server's clock.
+    /// From its first record this server read.
+    url: Option<String>,
+    /// Its highest beat.
+    beat: u64,
+    /// That beat is a tombstone.
+    dead: bool,
+    /// When this server first saw that beat, by its own clock.
     changed: Instant,
-    /// Its record was far older than a lease when first seen.
-    stale: bool,
 }
 
 #[derive(Debug)]
 struct State {
+    id: String,
+    nonce: u64,
+    /// The last beat this server created.
+    beat: u64,
     /// When the last renewal that succeeded was sent.
     renewed: Option<Instant>,
-    beat: u64,
     members: BTreeMap<String, Seen>,
-    /// Documents whose lease this server holds (as far as it knows: cleared on a lapse).
+    /// Documents whose lease this server holds, as far as it knows (forgotten on a lapse).
     owned: BTreeSet<DocId>,
+    /// Documents recently found served elsewhere: when, and where.
+    moved: HashMap<DocId, (Instant, String)>,
     leaving: bool,
 }
 
@@ -100,11 +136,13 @@ struct State {
 #[derive(Debug)]
 pub struct Cluster {
     backend: ObjectBackend,
-    id: String,
     url: String,
     lease: Duration,
     started_ms: i64,
     state: Mutex<State>,
+    /// Bumped whenever this server forgets its leases (a lapse, a burial): the driver then
+    /// closes every open document, whose next open reads its lease again.
+    generation: AtomicU64,
     pub stats: ClusterStats,
 }
 
@@ -112,14 +150,28 @@ fn wall_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// A document's lease object: `(epoch, holder)` from its name.
-fn parse_lease(name: &str) -> Option<(u64, &str)> {
-    let (epoch, holder) = name.split_once('-')?;
-    Some((epoch.parse().ok()?, holder))
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
 }
 
-fn lease_key(doc: DocId, epoch: u64, holder: &str) -> String {
-    format!("{LEASES}/{doc}/{epoch:020}-{holder}")
+fn new_id() -> String {
+    JournalId::from_u128((u128::from(random_u64()) << 64) | u128::from(random_u64())).to_string()
+}
+
+fn beat_key(id: &str, beat: u64) -> String {
+    format!("{MEMBERS}/{id}/{beat:020}")
+}
+
+fn lease_key(doc: DocId, epoch: u64) -> String {
+    format!("{LEASES}/{doc}/{epoch:020}")
+}
+
+/// The highest numbered object among `infos` (names are numbers): (number, its info).
+fn highest(infos: &[ObjectInfo]) -> Option<(u64, &ObjectInfo)> {
+    infos.iter().filter_map(|i| Some((i.name.parse::<u64>().ok()?, i))).max_by_key(|(n, _)| *n)
 }
 
 /// Rendezvous hashing: the score of `server` for `doc`; the highest wins.
@@ -155,23 +207,22 @@ impl Cluster {
     pub fn join(backend: ObjectBackend, advertise: &str, lease_ms: u64) -> anyhow::Result<Cluster> {
         anyhow::ensure!(lease_ms >= MIN_LEASE_MS, "the lease must be at least {MIN_LEASE_MS} ms");
         let url = sync_url(advertise).map_err(anyhow::Error::msg)?;
-        let id = JournalId::from_u128(
-            (u128::from(random_u64()) << 64) | u128::from(random_u64() ^ wall_ms() as u64),
-        )
-        .to_string();
         let cluster = Cluster {
             backend,
-            id,
             url,
             lease: Duration::from_millis(lease_ms),
             started_ms: wall_ms(),
             state: Mutex::new(State {
-                renewed: None,
+                id: new_id(),
+                nonce: random_u64(),
                 beat: 0,
+                renewed: None,
                 members: BTreeMap::new(),
                 owned: BTreeSet::new(),
+                moved: HashMap::new(),
                 leaving: false,
             }),
+            generation: AtomicU64::new(0),
             stats: ClusterStats::default(),
         };
         cluster.renew().map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
@@ -179,8 +230,9 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn id(&self) -> &str {
-        &self.id
+    /// This server's id in the cluster (a new one after a burial).
+    pub fn id(&self) -> String {
+        self.state().id.clone()
     }
 
     pub fn url(&self) -> &str {
@@ -192,11 +244,16 @@ impl Cluster {
         self.lease / 3
     }
 
+    /// Bumped whenever this server forgets its leases: open documents must be closed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("BUG: cluster lock poisoned")
     }
 
-    /// One renewal and one look at the others. Errors are counted and logged; the lease
+    /// One renewal and one look at the others. Errors are counted and logged; the membership
     /// lapses on its own if they go on.
     pub fn tick(&self) {
         if self.state().leaving {
@@ -211,75 +268,115 @@ impl Cluster {
         self.check_lapse();
     }
 
-    fn renew(&self) -> pagesync::journal::Result<()> {
-        let sent = Instant::now();
-        let beat = {
-            let mut st = self.state();
-            st.beat += 1;
-            st.beat
+    /// Creates this server's next beat. If another server created it first, this server was
+    /// buried: it forgets everything and joins again under a new id.
+    fn renew(&self) -> pagesync::Result<()> {
+        let (id, next, nonce) = {
+            let st = self.state();
+            (st.id.clone(), st.beat + 1, st.nonce)
         };
-        let record = Record { url: self.url.clone(), beat, started_ms: self.started_ms };
+        let sent = Instant::now();
+        let record = Record { url: self.url.clone(), started_ms: self.started_ms, nonce };
         let bytes = serde_json::to_vec(&record).expect("BUG: a record always serializes");
-        match self.backend.put_object(&format!("{MEMBERS}/{}", self.id), bytes) {
-            Ok(()) => {
+        let key = beat_key(&id, next);
+        let outcome = self.backend.create_object(&key, bytes).and_then(|made| {
+            // Not made: an earlier try of ours landed after all, or someone buried us.
+            Ok(made
+                || self
+                    .backend
+                    .read_object(&key)?
+                    .is_some_and(|b| serde_json::from_slice::<Record>(&b).is_ok_and(|r| r.nonce == nonce)))
+        });
+        match outcome {
+            Ok(true) => {
                 self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.state();
-                if !st.leaving {
+                if st.id == id {
+                    st.beat = next;
                     st.renewed = Some(st.renewed.map_or(sent, |r| r.max(sent)));
+                }
+                drop(st);
+                if next % PRUNE_EVERY == 0 {
+                    let old: Vec<String> = (next.saturating_sub(PRUNE_EVERY + 1).max(1)..next - 1)
+                        .map(|b| beat_key(&id, b))
+                        .collect();
+                    let _ = self.backend.delete_objects(&old);
                 }
                 Ok(())
             }
+            Ok(false) => {
+                self.forget(&format!("this server ({id}) was buried by another: it was silent for a lease"));
+                let mut st = self.state();
+                (st.id, st.nonce, st.beat, st.renewed) = (new_id(), random_u64(), 0, None);
+                drop(st);
+                self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+                Err(pagesync::Error::Unavailable("rejoining the cluster under a new id".into()))
+            }
             Err(e) => {
                 self.stats.renewal_failures.fetch_add(1, Ordering::Relaxed);
-                Err(e)
+                Err(e.into())
             }
         }
     }
 
-    /// Lists the servers' records and notes which changed since the last look.
-    fn refresh(&self) -> pagesync::journal::Result<()> {
-        let listed = self.backend.list_objects(MEMBERS)?;
+    /// Forgets every lease this server held: its open documents are closed and read their
+    /// lease again before they write.
+    fn forget(&self, why: &str) {
+        let mut st = self.state();
+        st.owned.clear();
+        drop(st);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::error!("{why}: it stopped writing every document");
+    }
+
+    /// Lists every server's beats and notes whose highest beat changed since the last look.
+    fn refresh(&self) -> pagesync::Result<()> {
+        let listed = self.backend.list_objects(MEMBERS, true)?;
         let now = Instant::now();
-        let known: BTreeMap<String, String> =
-            self.state().members.iter().map(|(id, s)| (id.clone(), s.version.clone())).collect();
-        let mut fresh = BTreeMap::new();
+        let mut top: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         for info in &listed {
-            if info.name == self.id {
-                continue;
-            }
-            match known.get(&info.name) {
-                Some(v) if *v == info.version => {}
-                Some(_) => {
-                    fresh.insert(info.name.clone(), (None, info.version.clone(), false));
-                }
-                None => {
-                    // A server not seen before: its URL is in its record.
-                    let Some(bytes) = self.backend.read_object(&format!("{MEMBERS}/{}", info.name))? else {
-                        continue;
-                    };
-                    let Ok(record) = serde_json::from_slice::<Record>(&bytes) else {
-                        tracing::warn!("ignoring a malformed cluster record {MEMBERS}/{}", info.name);
-                        continue;
-                    };
-                    let stale = info.modified_ms < wall_ms() - STALE_LEASES * self.lease.as_millis() as i64;
-                    fresh.insert(info.name.clone(), (Some(record.url), info.version.clone(), stale));
-                }
+            let Some((id, beat)) = info.name.split_once('/') else { continue };
+            let Ok(beat) = beat.parse::<u64>() else { continue };
+            let t = top.entry(id).or_insert((beat, info.size));
+            if beat > t.0 {
+                *t = (beat, info.size);
             }
         }
-        let listed: BTreeSet<&str> = listed.iter().map(|i| i.name.as_str()).collect();
+        // A server not seen before: its URL is in its highest record.
+        let (me, unknown): (String, Vec<(String, u64)>) = {
+            let st = self.state();
+            let unknown = top
+                .iter()
+                .filter(|(id, (_, size))| *size > 0 && st.members.get(**id).is_none_or(|s| s.url.is_none()))
+                .map(|(id, (beat, _))| ((*id).to_owned(), *beat))
+                .collect();
+            (st.id.clone(), unknown)
+        };
+        let mut urls = HashMap::new();
+        for (id, beat) in unknown.into_iter().filter(|(id, _)| *id != me) {
+            if let Some(b) = self.backend.read_object(&beat_key(&id, beat))?
+                && let Ok(r) = serde_json::from_slice::<Record>(&b)
+            {
+                urls.insert(id, r.url);
+            }
+        }
         let mut st = self.state();
-        st.members.retain(|id, _| listed.contains(id.as_str()));
-        for (id, (url, version, stale)) in fresh {
-            match (st.members.get_mut(&id), url) {
-                (Some(seen), _) => {
-                    seen.version = version;
-                    seen.changed = now;
-                    seen.stale = false;
-                }
-                (None, Some(url)) => {
-                    st.members.insert(id, Seen { url, version, changed: now, stale });
-                }
-                (None, None) => {}
+        st.members.retain(|id, _| top.contains_key(id.as_str()));
+        for (id, (beat, size)) in top {
+            if id == me {
+                continue;
+            }
+            let seen = st.members.entry(id.to_owned()).or_insert(Seen {
+                url: None,
+                beat,
+                dead: size == 0,
+                changed: now,
+            });
+            if seen.beat != beat {
+                (seen.beat, seen.dead, seen.changed) = (beat, size == 0, now);
+            }
+            if let Some(url) = urls.remove(id) {
+                seen.url = Some(url);
             }
         }
         Ok(())
@@ -297,34 +394,96 @@ impl Cluster {
         self.may_serve() && self.state().owned.contains(&doc)
     }
 
-    /// A lapsed membership forgets every lease: each must be read again before a write.
+    /// A lapsed membership forgets every lease: each is read again before a write.
     fn check_lapse(&self) {
-        if self.may_serve() {
+        let quiet = {
+            let st = self.state();
+            st.owned.is_empty() || st.leaving
+        };
+        if quiet || self.may_serve() {
             return;
         }
-        let mut st = self.state();
-        if !st.owned.is_empty() {
-            st.owned.clear();
-            drop(st);
-            self.stats.lapses.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                "this server's cluster membership lapsed (no renewal for two thirds of a lease): it stopped writing every document"
-            );
-        }
+        self.stats.lapses.fetch_add(1, Ordering::Relaxed);
+        self.forget("this server's cluster membership lapsed (no renewal for two thirds of a lease)");
     }
 
-    /// The URL of a live server other than this one.
+    /// The URL of `id` if it is a live server other than this one.
     fn live_url(&self, st: &State, id: &str) -> Option<String> {
-        let seen = st.members.get(id)?;
-        (!seen.stale && seen.changed.elapsed() < self.lease).then(|| seen.url.clone())
+        let seen = st.members.get(id).filter(|s| !s.dead && s.changed.elapsed() < self.lease)?;
+        seen.url.clone()
     }
 
-    /// The live server rendezvous hashing picks for `doc` (this one included): (id, url).
+    /// The live server rendezvous hashing picks for `doc` (this one included unless
+    /// `excluding_me`): (id, url).
     fn pick(&self, doc: DocId, excluding_me: bool) -> Option<(String, String)> {
         let st = self.state();
         let others = st.members.keys().filter_map(|id| Some((id.clone(), self.live_url(&st, id)?)));
-        let me = (!excluding_me).then(|| (self.id.clone(), self.url.clone()));
+        let me = (!excluding_me).then(|| (st.id.clone(), self.url.clone()));
         others.chain(me).max_by_key(|(id, _)| score(doc, id))
+    }
+
+    /// Whether `id` is live, silent for a lease (at this beat) or dead, as this server has
+    /// seen it. A server never seen before is looked at once, and is live for a lease from
+    /// then on unless it left a tombstone.
+    fn status(&self, id: &str) -> pagesync::Result<Status> {
+        if let Some(s) = self.state().members.get(id) {
+            return Ok(match s {
+                s if s.dead => Status::Dead,
+                s if s.changed.elapsed() < self.lease => Status::Live,
+                s => Status::Silent(s.beat),
+            });
+        }
+        let listed = self.backend.list_objects(&format!("{MEMBERS}/{id}"), false)?;
+        let Some((beat, info)) = highest(&listed) else { return Ok(Status::Silent(0)) };
+        let dead = info.size == 0;
+        let seen = Seen { url: None, beat, dead, changed: Instant::now() };
+        self.state().members.insert(id.to_owned(), seen);
+        Ok(if dead { Status::Dead } else { Status::Live })
+    }
+
+    /// Buries `holder`, last seen at `beat`: creates its tombstone at the next beat and checks
+    /// that it is the highest. `true`: it is dead, and can never renew again. `false`: it renewed
+    /// (the view now says so).
+    fn bury(&self, holder: &str, beat: u64) -> pagesync::Result<bool> {
+        self.backend.create_object(&beat_key(holder, beat + 1), Vec::new())?;
+        // Whoever made that beat, the highest one now tells.
+        let listed = self.backend.list_objects(&format!("{MEMBERS}/{holder}"), false)?;
+        let (top, info) = highest(&listed).map_or((0, 0), |(n, i)| (n, i.size));
+        let dead = top > beat && info == 0;
+        let mut st = self.state();
+        if let Some(seen) = st.members.get_mut(holder)
+            && seen.beat != top
+        {
+            (seen.beat, seen.dead, seen.changed) = (top, info == 0, Instant::now());
+        }
+        if dead {
+            drop(st);
+            self.stats.burials.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(server = holder, beat = top, "buried a server that was silent for a lease");
+        } else if !st.members.contains_key(holder) && top > 0 {
+            // A server this one had not listed yet: live from now on, for a lease.
+            st.members.insert(
+                holder.to_owned(),
+                Seen { url: None, beat: top, dead: false, changed: Instant::now() },
+            );
+        }
+        Ok(dead)
+    }
+
+    /// Where `doc` was recently found served, if elsewhere.
+    pub fn moved(&self, doc: DocId) -> Option<String> {
+        let st = self.state();
+        st.moved.get(&doc).filter(|(at, _)| at.elapsed() < MOVED_FOR).map(|(_, url)| url.clone())
+    }
+
+    fn note_moved(&self, doc: DocId, owner: &str) -> pagesync::Error {
+        let mut st = self.state();
+        st.owned.remove(&doc);
+        if st.moved.len() >= MAX_MOVED {
+            st.moved.clear();
+        }
+        st.moved.insert(doc, (Instant::now(), owner.to_owned()));
+        pagesync::Error::Moved { owner: owner.to_owned() }
     }
 
     /// Decides where `doc` is served: `Ok` here (this server holds its lease, taking it if
@@ -332,50 +491,73 @@ impl Cluster {
     /// `Err(Unavailable)` nowhere now. Blocking (object-store requests).
     pub fn place(&self, doc: DocId) -> pagesync::Result<()> {
         let unavailable = |why: &str| pagesync::Error::Unavailable(why.to_owned());
+        if let Some(owner) = self.moved(doc) {
+            return Err(pagesync::Error::Moved { owner });
+        }
         for _ in 0..4 {
             if !self.may_serve() {
-                return Err(unavailable("its cluster membership lapsed or it is shutting down"));
+                return Err(unavailable("its cluster membership lapsed, or it is shutting down"));
             }
-            let leases = self.backend.list_objects(&format!("{LEASES}/{doc}"))?;
-            let top = leases.iter().filter_map(|i| parse_lease(&i.name)).max();
-            if let Some((_, holder)) = top {
-                if holder == self.id {
+            let leases = self.backend.list_objects(&format!("{LEASES}/{doc}"), false)?;
+            let top = highest(&leases).map(|(e, _)| e);
+            let holder = match top {
+                None => None,
+                Some(e) => match self.backend.read_object(&lease_key(doc, e))? {
+                    // Malformed: nobody holds it (the next epoch replaces it).
+                    Some(b) => serde_json::from_slice::<Lease>(&b).ok(),
+                    None => continue, // pruned meanwhile: a newer epoch exists
+                },
+            };
+            let me = self.id();
+            let mut silent = None;
+            if let Some(h) = &holder {
+                if h.holder == me {
                     self.state().owned.insert(doc);
                     return Ok(());
                 }
-                if let Some(owner) = self.live_url(&self.state(), holder) {
-                    return Err(pagesync::Error::Moved { owner });
+                match self.status(&h.holder)? {
+                    Status::Live => return Err(self.note_moved(doc, &h.url)),
+                    Status::Silent(beat) => silent = Some(beat),
+                    Status::Dead => {}
                 }
             }
-            let Some((id, url)) = self.pick(doc, false) else {
-                return Err(unavailable("no live server"));
-            };
-            if id != self.id {
-                return Err(pagesync::Error::Moved { owner: url });
+            let Some((id, url)) = self.pick(doc, false) else { return Err(unavailable("no live server")) };
+            if id != me {
+                return Err(self.note_moved(doc, &url));
             }
-            let epoch = top.map_or(1, |(e, _)| e + 1);
-            if self.backend.create_object(&lease_key(doc, epoch, &self.id), self.url.clone().into_bytes())? {
+            if let (Some(h), Some(beat)) = (&holder, silent) {
+                // Its holder was silent for a lease: bury it first, so it can never write again.
+                if !self.bury(&h.holder, beat)? {
+                    continue;
+                }
+            }
+            let epoch = top.map_or(1, |e| e + 1);
+            let lease = Lease { holder: me, url: self.url.clone() };
+            let bytes = serde_json::to_vec(&lease).expect("BUG: a lease always serializes");
+            if self.backend.create_object(&lease_key(doc, epoch), bytes)? {
                 self.stats.leases_taken.fetch_add(1, Ordering::Relaxed);
-                if let Some((_, was)) = top {
+                if let Some(h) = holder {
                     self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(%doc, from = was, epoch, "took over the document's lease from a server that is gone");
+                    tracing::info!(%doc, from = h.holder, epoch, "took over the document's lease from a server that is gone");
                 }
                 self.state().owned.insert(doc);
-                self.remove_leases_before(doc, epoch, &leases);
+                self.prune_leases(doc, epoch, &leases);
                 return Ok(());
             }
-            // Another server took the next epoch first: look again.
+            // Another server took that epoch first: look again.
         }
         Err(unavailable("its lease is contended; try again"))
     }
 
     /// Deletes the lease objects older than `epoch` (best effort: they name no one anymore).
-    fn remove_leases_before(&self, doc: DocId, epoch: u64, leases: &[pagesync::journal::ObjectInfo]) {
-        for info in leases {
-            if parse_lease(&info.name).is_some_and(|(e, _)| e < epoch) {
-                let _ = self.backend.delete_object(&format!("{LEASES}/{doc}/{}", info.name));
-            }
-        }
+    fn prune_leases(&self, doc: DocId, epoch: u64, leases: &[ObjectInfo]) {
+        let old: Vec<String> = leases
+            .iter()
+            .filter_map(|i| i.name.parse::<u64>().ok())
+            .filter(|e| *e < epoch)
+            .map(|e| lease_key(doc, e))
+            .collect();
+        let _ = self.backend.delete_objects(&old);
     }
 
     /// Documents whose lease this server holds.
@@ -391,14 +573,13 @@ impl Cluster {
     }
 
     /// Leaves the cluster on a graceful shutdown, once nothing is written anymore: hands each
-    /// owned document's lease to the server the hash picks next (within `HANDOVER_BUDGET`),
-    /// then deletes this server's record, so the rest are taken over at once rather than a
-    /// lease later. Blocking.
+    /// held lease to the server the hash picks next (within `HANDOVER_BUDGET`), then buries
+    /// itself, so the others take the rest over at once rather than a lease later. Blocking.
     pub fn leave(&self) {
-        let owned: Vec<DocId> = {
+        let (id, beat, owned): (String, u64, Vec<DocId>) = {
             let mut st = self.state();
             st.leaving = true;
-            std::mem::take(&mut st.owned).into_iter().collect()
+            (st.id.clone(), st.beat, std::mem::take(&mut st.owned).into_iter().collect())
         };
         let start = Instant::now();
         let mut handed = 0;
@@ -406,38 +587,39 @@ impl Cluster {
             if start.elapsed() > HANDOVER_BUDGET {
                 break;
             }
-            match self.hand_over(doc) {
+            match self.hand_over(doc, &id) {
                 Ok(true) => handed += 1,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(%doc, "handing the document over failed: {e}"),
             }
         }
-        if let Err(e) = self.backend.delete_object(&format!("{MEMBERS}/{}", self.id)) {
-            tracing::warn!("deleting this server's cluster record failed (others wait a lease): {e}");
+        match self.backend.create_object(&beat_key(&id, beat + 1), Vec::new()) {
+            Ok(_) => {
+                let old: Vec<String> =
+                    (beat.saturating_sub(PRUNE_EVERY).max(1)..=beat).map(|b| beat_key(&id, b)).collect();
+                let _ = self.backend.delete_objects(&old);
+            }
+            Err(e) => tracing::warn!("writing this server's tombstone failed (others wait a lease): {e}"),
         }
         tracing::info!(handed, "left the cluster");
     }
 
-    fn hand_over(&self, doc: DocId) -> pagesync::Result<bool> {
-        let leases = self.backend.list_objects(&format!("{LEASES}/{doc}"))?;
-        let top = leases.iter().filter_map(|i| parse_lease(&i.name)).max();
-        let Some((epoch, holder)) = top.filter(|(_, h)| *h == self.id) else { return Ok(false) };
-        let _ = holder;
+    fn hand_over(&self, doc: DocId, me: &str) -> pagesync::Result<bool> {
+        let leases = self.backend.list_objects(&format!("{LEASES}/{doc}"), false)?;
+        let Some((epoch, _)) = highest(&leases) else { return Ok(false) };
+        let Some(b) = self.backend.read_object(&lease_key(doc, epoch))? else { return Ok(false) };
+        if serde_json::from_slice::<Lease>(&b).ok().is_none_or(|l| l.holder != me) {
+            return Ok(false);
+        }
         let Some((next, url)) = self.pick(doc, true) else { return Ok(false) };
-        let made = self.backend.create_object(&lease_key(doc, epoch + 1, &next), url.into_bytes())?;
+        let bytes = serde_json::to_vec(&Lease { holder: next, url }).expect("BUG: a lease always serializes");
+        let made = self.backend.create_object(&lease_key(doc, epoch + 1), bytes)?;
         if made {
             self.stats.handovers.fetch_add(1, Ordering::Relaxed);
-            self.remove_leases_before(doc, epoch + 1, &leases);
+            self.prune_leases(doc, epoch + 1, &leases);
         }
         Ok(made)
     }
-}
-
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-    h.finish()
 }
 
 /// A document's journal on a cluster server: every write first checks that this server still
@@ -516,31 +698,70 @@ impl Journal for Leased {
     }
 }
 
-/// What `pagesync-server cluster` prints: the servers with records, and each document's lease.
+/// What `pagesync-server cluster` prints: every server with beats in the bucket, and each
+/// document's lease.
 #[derive(Debug)]
 pub struct ClusterView {
-    /// (id, url, ms since its record was written by the store's clock).
-    pub members: Vec<(String, String, i64)>,
+    pub members: Vec<Member>,
     /// (document, epoch, holder id).
     pub leases: Vec<(DocId, u64, String)>,
 }
 
-/// Reads the cluster's records from the store (one LIST per prefix, a GET per server).
+/// A server as the bucket shows it.
+#[derive(Debug)]
+pub struct Member {
+    pub id: String,
+    /// From its newest record (`None`: none is left).
+    pub url: Option<String>,
+    /// Its highest beat is a tombstone: it left, or was buried.
+    pub dead: bool,
+    /// Milliseconds since its highest beat was written, by the store's clock against this
+    /// machine's.
+    pub age_ms: i64,
+}
+
+/// Reads the cluster's records from the store (a LIST per prefix, a GET per server and per
+/// document).
 pub fn view(backend: &ObjectBackend) -> anyhow::Result<ClusterView> {
     let now = wall_ms();
+    let mut by_id: BTreeMap<String, Vec<ObjectInfo>> = BTreeMap::new();
+    for mut info in backend.list_objects(MEMBERS, true)? {
+        let Some((id, beat)) = info.name.split_once('/') else { continue };
+        let id = id.to_owned();
+        info.name = beat.to_owned();
+        by_id.entry(id).or_default().push(info);
+    }
     let mut members = Vec::new();
-    for info in backend.list_objects(MEMBERS)? {
-        let Some(bytes) = backend.read_object(&format!("{MEMBERS}/{}", info.name))? else { continue };
-        let url = serde_json::from_slice::<Record>(&bytes).map_or_else(|_| "(malformed)".into(), |r| r.url);
-        members.push((info.name, url, now - info.modified_ms));
+    for (id, beats) in by_id {
+        let Some((_, info)) = highest(&beats) else { continue };
+        let newest_record = beats
+            .iter()
+            .filter(|i| i.size > 0)
+            .filter_map(|i| Some((i.name.parse::<u64>().ok()?, i)))
+            .max_by_key(|(n, _)| *n);
+        let url = match newest_record {
+            Some((n, _)) => backend
+                .read_object(&beat_key(&id, n))?
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+                .map(|r| r.url),
+            None => None,
+        };
+        members.push(Member { url, dead: info.size == 0, age_ms: now - info.modified_ms, id });
+    }
+    let mut by_doc: BTreeMap<DocId, u64> = BTreeMap::new();
+    for info in backend.list_objects(LEASES, true)? {
+        let Some((doc, epoch)) = info.name.split_once('/') else { continue };
+        let (Ok(doc), Ok(epoch)) = (doc.parse::<DocId>(), epoch.parse::<u64>()) else { continue };
+        let e = by_doc.entry(doc).or_insert(epoch);
+        *e = (*e).max(epoch);
     }
     let mut leases = Vec::new();
-    for doc_dir in backend.list_dirs(LEASES)? {
-        let Ok(doc) = doc_dir.parse::<DocId>() else { continue };
-        let infos = backend.list_objects(&format!("{LEASES}/{doc}"))?;
-        if let Some((epoch, holder)) = infos.iter().filter_map(|i| parse_lease(&i.name)).max() {
-            leases.push((doc, epoch, holder.to_owned()));
-        }
+    for (doc, epoch) in by_doc {
+        let holder = backend
+            .read_object(&lease_key(doc, epoch))?
+            .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
+            .map_or_else(|| "(malformed)".to_owned(), |l| l.holder);
+        leases.push((doc, epoch, holder));
     }
     Ok(ClusterView { members, leases })
 }
@@ -583,33 +804,37 @@ mod tests {
         ObjectBackend::from_url(&format!("file://{}", dir.display()), rt.handle().clone()).unwrap()
     }
 
+    fn docs() -> Vec<DocId> {
+        (0..20u128).map(DocId::from_u128).collect()
+    }
+
     #[test]
-    fn one_lease_per_document_and_takeover_after_the_lease() {
+    fn one_lease_per_document_and_a_silent_server_is_buried_before_a_takeover() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let a = Cluster::join(backend(dir.path(), &rt), "ws://a:1", MIN_LEASE_MS).unwrap();
         let b = Cluster::join(backend(dir.path(), &rt), "ws://b:1", MIN_LEASE_MS).unwrap();
         a.refresh().unwrap();
-        b.refresh().unwrap();
         assert_eq!((a.live_members(), b.live_members()), (2, 2));
         // Every document is served by exactly one of them, and the other redirects there.
-        for n in 0..20u128 {
-            let doc = DocId::from_u128(n);
-            let (ra, rb) = (a.place(doc), b.place(doc));
-            match (ra, rb) {
+        for doc in docs() {
+            match (a.place(doc), b.place(doc)) {
                 (Ok(()), Err(pagesync::Error::Moved { owner })) => assert_eq!(owner, a.url()),
                 (Err(pagesync::Error::Moved { owner }), Ok(())) => assert_eq!(owner, b.url()),
-                other => panic!("document {n}: {other:?}"),
+                other => panic!("{doc}: {other:?}"),
             }
         }
         assert_eq!(a.owned() + b.owned(), 20);
-        // `a` stops renewing: it stops writing before `b` takes its documents.
-        let doc = (0..20u128).map(DocId::from_u128).find(|d| a.may_write(*d)).unwrap();
+        // `a` stops renewing: it stops writing before `b` may take its documents.
+        let doc = docs().into_iter().find(|d| a.may_write(*d)).unwrap();
+        let generation = a.generation();
         std::thread::sleep(Duration::from_millis(MIN_LEASE_MS * 2 / 3 + 50));
         assert!(!a.may_write(doc), "a lapsed membership still writes");
+        assert!(a.generation() > generation, "a lapse closes the open documents");
         assert!(matches!(a.place(doc), Err(pagesync::Error::Unavailable(_))));
         b.renew().unwrap();
         b.refresh().unwrap();
+        b.state().moved.clear();
         assert!(
             matches!(b.place(doc), Err(pagesync::Error::Moved { .. })),
             "taken over before a lease passed"
@@ -617,16 +842,43 @@ mod tests {
         std::thread::sleep(Duration::from_millis(MIN_LEASE_MS / 3 + 50));
         b.renew().unwrap();
         b.refresh().unwrap();
+        b.state().moved.clear();
         b.place(doc).unwrap();
         assert!(b.may_write(doc));
         assert_eq!(b.stats.takeovers.load(Ordering::Relaxed), 1);
-        // `a` comes back: the lease is `b`'s now.
+        assert_eq!(b.stats.burials.load(Ordering::Relaxed), 1);
+        // `a` comes back: its next beat is its tombstone, so it joins again as a new server,
+        // holding nothing; the lease is `b`'s.
+        let old_id = a.id();
+        assert!(a.renew().is_err(), "a buried server cannot renew");
+        assert_ne!(a.id(), old_id);
         a.renew().unwrap();
         a.refresh().unwrap();
+        assert!(!a.may_write(doc));
         match a.place(doc) {
             Err(pagesync::Error::Moved { owner }) => assert_eq!(owner, b.url()),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn servers_with_different_views_never_both_take_a_lease() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // `a` has not seen `b` join: each thinks the hash picks itself for some documents.
+        let a = Cluster::join(backend(dir.path(), &rt), "ws://a:1", DEFAULT_LEASE_MS).unwrap();
+        let b = Cluster::join(backend(dir.path(), &rt), "ws://b:1", DEFAULT_LEASE_MS).unwrap();
+        assert_eq!(a.live_members(), 1);
+        let (ra, rb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| docs().into_iter().map(|d| a.place(d).is_ok()).collect::<Vec<_>>());
+            let tb = s.spawn(|| docs().into_iter().map(|d| b.place(d).is_ok()).collect::<Vec<_>>());
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        for (i, (x, y)) in ra.iter().zip(&rb).enumerate() {
+            assert!(!(x & y), "document {i} is held by both");
+        }
+        let held = view(&backend(dir.path(), &rt)).unwrap().leases;
+        assert_eq!(held.len(), ra.iter().zip(&rb).filter(|(x, y)| **x || **y).count());
     }
 
     #[test]
@@ -636,8 +888,7 @@ mod tests {
         let a = Cluster::join(backend(dir.path(), &rt), "ws://a:1", DEFAULT_LEASE_MS).unwrap();
         let b = Cluster::join(backend(dir.path(), &rt), "ws://b:1", DEFAULT_LEASE_MS).unwrap();
         a.refresh().unwrap();
-        let docs: Vec<DocId> = (0..20u128).map(DocId::from_u128).collect();
-        let mine: Vec<DocId> = docs.iter().copied().filter(|d| a.place(*d).is_ok()).collect();
+        let mine: Vec<DocId> = docs().into_iter().filter(|d| a.place(*d).is_ok()).collect();
         assert!(!mine.is_empty());
         a.leave();
         assert_eq!(a.stats.handovers.load(Ordering::Relaxed), mine.len() as u64);
@@ -646,7 +897,9 @@ mod tests {
             b.place(*doc).unwrap();
         }
         let view = view(&backend(dir.path(), &rt)).unwrap();
-        assert_eq!(view.members.len(), 1, "the leaving server's record is gone");
-        assert!(view.leases.iter().all(|(_, _, holder)| holder == b.id()));
+        let dead: Vec<bool> = view.members.iter().map(|m| m.dead).collect();
+        assert_eq!(dead.iter().filter(|d| **d).count(), 1, "the leaving server left its tombstone: {dead:?}");
+        assert!(view.leases.iter().all(|(_, _, holder)| *holder == b.id()));
+        assert_eq!(b.live_members(), 1, "the others see it gone at once");
     }
 }

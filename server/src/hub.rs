@@ -107,6 +107,18 @@ impl Hub {
     /// reads, exports), so that the hub (every connection's frames) and the other documents
     /// never wait for one.
     pub fn spawn(session: ServerSession, metrics: Arc<Metrics>, step_threads: usize) -> Hub {
+        Hub::spawn_watching(session, metrics, step_threads, None)
+    }
+
+    /// `spawn`, with a counter that says when every open document must be closed: when it
+    /// changes, the hub closes them all and tells their clients the server is `unavailable`
+    /// for them now (a cluster server whose membership lapsed: it may no longer write them).
+    pub fn spawn_watching(
+        session: ServerSession,
+        metrics: Arc<Metrics>,
+        step_threads: usize,
+        generation: Option<Generation>,
+    ) -> Hub {
         let (tx, rx) = std_mpsc::channel();
         let (jobs, jobs_rx) = std_mpsc::channel::<DocJob>();
         let jobs_rx = Arc::new(std::sync::Mutex::new(jobs_rx));
@@ -120,7 +132,7 @@ impl Hub {
         let session = session.with_external_jobs();
         std::thread::Builder::new()
             .name("pagesync-hub".into())
-            .spawn(move || run(session, rx, jobs, metrics))
+            .spawn(move || run(session, rx, jobs, metrics, generation))
             .expect("BUG: cannot spawn the hub thread");
         Hub { tx, next_conn: Arc::new(AtomicU64::new(1)) }
     }
@@ -190,12 +202,17 @@ fn log(event: Event) {
     }
 }
 
+/// Read by the hub every turn: see `Hub::spawn_watching`.
+pub type Generation = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 fn run(
     mut session: ServerSession,
     rx: std_mpsc::Receiver<HubMsg>,
     jobs: std_mpsc::Sender<DocJob>,
     metrics: Arc<Metrics>,
+    generation: Option<Generation>,
 ) {
+    let mut seen_generation = generation.as_ref().map(|g| g());
     let mut conns: HashMap<ConnId, ConnSender> = HashMap::new();
     let mut exports: HashMap<pagesync::DocId, Vec<ExportReply>> = HashMap::new();
     let mut stopping = None;
@@ -241,6 +258,16 @@ fn run(
                 HubMsg::JobDone(done) => session.job_done(*done, now_ms()),
                 HubMsg::Shutdown(done) => stopping = Some(done),
             }
+        }
+        if let Some(g) = generation.as_ref().map(|g| g())
+            && Some(g) != seen_generation
+        {
+            seen_generation = Some(g);
+            let why = "this server lost its place in the cluster for a moment and may no longer write its documents: subscribe again";
+            session.close_all(pagesync::protocol::codes::UNAVAILABLE, why);
+            tracing::warn!(
+                "closed every open document: this server's cluster membership lapsed or was buried"
+            );
         }
         answer_exports(&mut session, &mut exports);
         session.handle_timeout(now_ms());

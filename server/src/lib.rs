@@ -532,15 +532,24 @@ pub async fn serve(
     };
     let started = std::time::Instant::now();
     let exists_store = cfg.store.clone();
+    let moved = cluster.clone();
+    let exists = move |doc: DocId| {
+        // Served elsewhere, as found a moment ago: redirected without a request.
+        if let Some(owner) = moved.as_ref().and_then(|c| c.moved(doc)) {
+            return Err(pagesync::Error::Moved { owner });
+        }
+        exists_store.exists(doc)
+    };
     let mut session = ServerSession::new(opener)
-        .with_exists(Box::new(move |doc: DocId| exists_store.exists(doc)))
+        .with_exists(Box::new(exists))
         .with_options(options)
         .with_clock(Box::new(move || started.elapsed().as_micros() as u64));
     if let Some(secret) = cfg.auth_secret.clone() {
         session =
             session.with_auth(Box::new(move |token: &str, now_ms: i64| auth::verify(&secret, token, now_ms)));
     }
-    let hub = Hub::spawn(session, metrics.clone(), DEFAULT_STEP_THREADS);
+    let generation = cluster.clone().map(|c| Arc::new(move || c.generation()) as hub::Generation);
+    let hub = Hub::spawn_watching(session, metrics.clone(), DEFAULT_STEP_THREADS, generation);
     let admission = http::Admission {
         pending: http::Pending::new(http::DEFAULT_MAX_PENDING_CONNECTIONS),
         connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),

@@ -202,15 +202,20 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                 anyhow::bail!("a cluster lives in an object store: pass --journal s3://BUCKET/PREFIX");
             };
             let view = pagesync_server::cluster::view(backend)?;
-            println!("{} servers with a record in {}:", view.members.len(), store.describe());
-            for (id, url, age_ms) in &view.members {
-                let owns = view.leases.iter().filter(|(_, _, h)| h == id).count();
-                println!("  {id}  {url}  renewed {:.1} s ago  holds {owns} leases", *age_ms as f64 / 1000.0);
+            let (gone, live): (Vec<_>, Vec<_>) = view.members.iter().partition(|m| m.dead);
+            println!("{} servers in {} ({} gone):", live.len(), store.describe(), gone.len());
+            for m in &live {
+                let owns = view.leases.iter().filter(|(_, _, h)| *h == m.id).count();
+                let url = m.url.as_deref().unwrap_or("(no record)");
+                let age = m.age_ms as f64 / 1000.0;
+                println!("  {}  {url}  last beat {age:.1} s ago  holds {owns} leases", m.id);
             }
             println!("{} document leases:", view.leases.len());
             for (doc, epoch, holder) in &view.leases {
-                let state =
-                    if view.members.iter().any(|(id, _, _)| id == holder) { "" } else { "  (server gone)" };
+                let state = match view.members.iter().find(|m| m.id == *holder) {
+                    Some(m) if !m.dead => "",
+                    _ => "  (its server is gone: the next client's server takes it over)",
+                };
                 println!("  {doc}  epoch {epoch}  held by {holder}{state}");
             }
         }

@@ -85,8 +85,12 @@ async fn leases_of(journal: &str, port: u16) -> HashSet<DocId> {
     })
     .await
     .expect("join");
-    let id =
-        view.members.iter().find(|(_, u, _)| *u == url(port)).map(|(id, _, _)| id.clone()).expect("a record");
+    let id = view
+        .members
+        .iter()
+        .find(|m| m.url.as_deref() == Some(&url(port)))
+        .map(|m| m.id.clone())
+        .expect("a record");
     view.leases.into_iter().filter(|(_, _, holder)| *holder == id).map(|(doc, _, _)| doc).collect()
 }
 

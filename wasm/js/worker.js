@@ -71,8 +71,15 @@ function changed() {
 let redirectedTo = null;
 let redirectFailures = 0;
 const REDIRECT_ATTEMPTS = 3;
+// Redirects that come one after another (servers whose views of the cluster differ for a
+// moment) are followed with a growing delay, never in a tight loop.
+let lastFollow = 0;
+let followDelayMs = 0;
 
 function follow(url) {
+  const now = Date.now();
+  followDelayMs = now - lastFollow < 10_000 ? Math.min(RETRY_MAX_MS, Math.max(100, followDelayMs * 2)) : 0;
+  lastFollow = now;
   redirectedTo = url;
   redirectFailures = 0;
   retryMs = 0;
@@ -80,13 +87,35 @@ function follow(url) {
   socket = null;
   if (ws) ws.close();
   replica.disconnected();
-  connect();
+  changed();
+  setTimeout(connect, followDelayMs);
+}
+
+// Back to the configured server (the redirected one cannot be reached, or cannot serve).
+function goHome() {
+  redirectedTo = null;
+  redirectFailures = 0;
+}
+
+function retryLater() {
+  // Bounded exponential backoff with jitter.
+  retryMs = Math.min(RETRY_MAX_MS, Math.max(RETRY_MIN_MS, retryMs * 2));
+  setTimeout(connect, retryMs / 2 + Math.random() * (retryMs / 2));
 }
 
 function connect() {
   if (!config.online || socket) return;
   const url = redirectedTo ?? config.url;
-  const ws = new WebSocket(url);
+  let ws;
+  try {
+    ws = new WebSocket(url);
+  } catch (err) {
+    // A URL the browser refuses (malformed, a blocked port, ws:// from an https:// page).
+    console.error(`pagesync: cannot connect to ${url}:`, err);
+    if (redirectedTo) goHome();
+    retryLater();
+    return;
+  }
   ws.binaryType = "arraybuffer";
   socket = ws;
   let opened = false;
@@ -112,6 +141,12 @@ function connect() {
       follow(moved);
       return;
     }
+    if (redirectedTo && replica.errorCode() === "unavailable") {
+      // The server a redirect named cannot serve the document now: back home.
+      goHome();
+      ws.close();
+      return;
+    }
     flush();
     schedule();
     changed();
@@ -125,11 +160,9 @@ function connect() {
     changed();
     if (!config.online) return;
     if (redirectedTo && !opened && ++redirectFailures >= REDIRECT_ATTEMPTS) {
-      redirectedTo = null;
+      goHome();
     }
-    // Bounded exponential backoff with jitter.
-    retryMs = Math.min(RETRY_MAX_MS, Math.max(RETRY_MIN_MS, retryMs * 2));
-    setTimeout(connect, retryMs / 2 + Math.random() * (retryMs / 2));
+    retryLater();
   };
 }
 

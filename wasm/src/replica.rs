@@ -231,6 +231,12 @@ impl Replica {
         self.session.disconnected();
     }
 
+    /// The code of the server's last error for the document (`unavailable`, ...), if any.
+    #[wasm_bindgen(js_name = errorCode)]
+    pub fn error_code(&self) -> Option<String> {
+        self.session.status(self.doc)?.error.map(|(code, _)| code)
+    }
+
     /// Where a `Redirect` sent the document (the server that holds its lease), once: the
     /// worker connects there instead, and that server is home from then on.
     #[wasm_bindgen(js_name = takeRedirect)]

@@ -360,6 +360,11 @@ impl ClientSession {
         });
     }
 
+    /// The URL the home route is connected to, as the driver said (`set_home_url`).
+    pub fn home_url(&self) -> Option<&str> {
+        self.home_url.as_deref()
+    }
+
     /// Redirects followed so far.
     pub fn redirects(&self) -> u64 {
         self.redirects
@@ -386,6 +391,8 @@ impl ClientSession {
                 return Ok(());
             }
             self.conn_error = Some((code.clone(), message.clone()));
+            // A server a redirect named that will not have us: its documents go home.
+            self.route_failed(route);
             return Ok(());
         }
         let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)).filter(|l| l.route == *route) else {
@@ -394,12 +401,24 @@ impl ClientSession {
         link.last_heard_ms = now_ms;
         match msg {
             Message::Redirect { url, .. } => {
+                if let Err(why) = redirect_allowed(self.home_url.as_deref(), &url) {
+                    let shown: String = url.chars().take(200).collect();
+                    link.error = Some(("redirect".into(), format!("refused a redirect to {shown:?}: {why}")));
+                    return Ok(());
+                }
                 let to = if self.home_url.as_ref() == Some(&url) { None } else { Some(url) };
                 if to != link.route {
                     link.route = to;
                     link.reset(now_ms);
                     self.redirects += 1;
                 }
+            }
+            // A server a redirect named cannot serve it now: home, which redirects again or
+            // serves it.
+            Message::Error { code, message, .. } if code == super::codes::UNAVAILABLE && route.is_some() => {
+                link.route = None;
+                link.reset(now_ms);
+                link.error = Some((code, message));
             }
             Message::MutationsAck { next_expected, storage_next, .. } => {
                 // The server accepted our Hello and subscription: older refusals are moot.
@@ -532,6 +551,28 @@ impl ClientSession {
         }
         None
     }
+}
+
+/// The longest URL a redirect may name.
+pub const MAX_REDIRECT_URL_BYTES: usize = 2048;
+
+/// Whether a client follows a redirect to `url`: a websocket URL of bounded length, and never
+/// from `wss://` down to `ws://` (the token and the mutations would go in the clear).
+fn redirect_allowed(home: Option<&str>, url: &str) -> std::result::Result<(), &'static str> {
+    if url.len() > MAX_REDIRECT_URL_BYTES {
+        return Err("too long");
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err("not a URL");
+    }
+    let secure = url.starts_with("wss://");
+    if !secure && !url.starts_with("ws://") {
+        return Err("not a ws:// or wss:// URL");
+    }
+    if home.is_some_and(|h| h.starts_with("wss://")) && !secure {
+        return Err("it would leave wss:// for ws://");
+    }
+    Ok(())
 }
 
 fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {

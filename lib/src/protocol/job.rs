@@ -172,12 +172,21 @@ impl DocJob {
                 };
                 let broken = matches!(failure, Some(Failure::Panicked(_)));
                 let fetched = fetch.filter(|_| !broken).map(|from| read_ahead(&document, from));
-                let exported = export.then(|| {
-                    catch(|| document.export().map_err(|e| e.to_string())).unwrap_or_else(|panic| {
+                // Served elsewhere now: what this server holds may be behind, so nothing is
+                // answered from it.
+                let exported = export.then(|| match &moved {
+                    Some(owner) => Err(format!("document {doc} is served by {owner}")),
+                    None => catch(|| document.export().map_err(|e| e.to_string())).unwrap_or_else(|panic| {
                         Err(format!("exporting {doc} failed with an internal error: {panic}"))
-                    })
+                    }),
                 });
-                let answers = asks.into_iter().map(|(conn, ask)| (conn, answer(&document, ask))).collect();
+                let answers = asks
+                    .into_iter()
+                    .map(|(conn, ask)| match &moved {
+                        Some(url) => (conn, Message::Redirect { doc, url: url.clone() }),
+                        None => (conn, answer(&document, ask)),
+                    })
+                    .collect();
                 Outcome::Ran(Ran { document, reopened, moved, steps, failure, fetched, exported, answers })
             }
         };

@@ -117,6 +117,13 @@ struct OpenDoc {
     shrunk_at: Option<i64>,
     /// Its journal refused writes until reopened: the next job opens it again first.
     reopen: bool,
+    /// A subscriber holds more than its journal showed when opened (another server wrote it
+    /// since): the next job reopens the journal even without a step. At most once per
+    /// `RELOAD_MS`, from `reloaded_at`.
+    reload: bool,
+    reloaded_at: Option<i64>,
+    /// Closed at once when its job comes back (`close_all`).
+    close_when_back: Option<Message>,
     /// Its storage range as of its last job: only jobs write or trim storage, so what there is
     /// to send is known without asking the store (a lock and a journal call, for every
     /// subscription on every `poll_transmit`).
@@ -216,6 +223,9 @@ impl OpenDoc {
             last_used: now_ms,
             shrunk_at: None,
             reopen: false,
+            reload: false,
+            reloaded_at: None,
+            close_when_back: None,
             ahead: ReadAhead::default(),
             export: false,
             subscribers: BTreeSet::new(),
@@ -271,7 +281,7 @@ impl OpenDoc {
             Held::Here(_) => {}
         }
         let read = self.ahead.want.map(|_| self.ahead.retry_at.unwrap_or(now_ms));
-        let export = (self.export || !self.asks.is_empty()).then_some(now_ms);
+        let export = (self.export || !self.asks.is_empty() || self.reload).then_some(now_ms);
         [self.step_due(commit_interval_ms, now_ms), read, export].into_iter().flatten().min()
     }
 }
@@ -357,6 +367,10 @@ impl Default for SessionOptions {
         }
     }
 }
+
+/// How often a subscriber that holds more than the server's journal showed may make it read
+/// the journal again: 5 s, so a client claiming a future LSN costs one reopen per 5 s.
+pub const RELOAD_MS: i64 = 5_000;
 
 /// Upper bounds, in microseconds, of the step-duration histogram's buckets.
 pub const STEP_MICROS_BUCKETS: [u64; 10] =
@@ -905,9 +919,17 @@ impl ServerSession {
             let text = format!("a connection may subscribe to at most {MAX_DOCS_PER_CONNECTION} documents");
             return self.push(conn, error(Some(doc), codes::LIMIT, text));
         }
-        let Some(d) = self.here(doc).and_then(|o| o.document()) else { return };
+        let now = self.now_ms;
+        let Some(open) = self.here(doc) else { return };
+        let Some(d) = open.document() else { return };
         let have = d.storage_range().next();
         if storage_next > have {
+            // Another server may have written it since this one opened its journal (a write
+            // that landed late, in a cluster): read the journal again, now and then.
+            if open.reloaded_at.is_none_or(|t| now >= t + RELOAD_MS) {
+                (open.reload, open.reopen, open.reloaded_at) = (true, true, Some(now));
+                self.active.insert(doc);
+            }
             let text = format!(
                 "the client holds storage up to LSN {storage_next} but the server only up to {have}: it was synced with another server"
             );
@@ -1107,11 +1129,32 @@ impl ServerSession {
         self.event(Event::DocumentMoved { doc, owner });
     }
 
+    /// Closes every open document, telling their clients `code` and `message`: what is queued
+    /// is dropped (its clients send it again), and each opens again from its journal on next
+    /// use. A document away on a job is closed when the job comes back. For a server that may
+    /// no longer write them (its cluster membership lapsed).
+    pub fn close_all(&mut self, code: &str, message: &str) {
+        let docs: Vec<DocId> = self.docs.keys().copied().collect();
+        for doc in docs {
+            let tell = error(Some(doc), code, message);
+            match self.docs.get_mut(&doc) {
+                Some(open) if open.is_away() => open.close_when_back = Some(tell),
+                Some(_) => self.close_telling(doc, tell),
+                None => {}
+            }
+        }
+    }
+
     /// Closes `doc` at once, sending `tell` to every connection that subscribed to it or
     /// waits for a page request's answer.
     fn close_telling(&mut self, doc: DocId, tell: Message) {
         self.with_ahead(doc, ReadAhead::clear);
-        let (subscribers, asks) = self.docs.remove(&doc).map(|o| (o.subscribers, o.asks)).unwrap_or_default();
+        let Some(open) = self.docs.remove(&doc) else { return };
+        if open.export {
+            self.exported
+                .push_back((doc, Err(format!("document {doc} was closed before it could be exported"))));
+        }
+        let (subscribers, asks) = (open.subscribers, open.asks);
         for (id, _) in asks {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.asks -= 1;
@@ -1205,7 +1248,9 @@ impl ServerSession {
                 };
                 // Only a step needs the journal reopened (reads work on the old handle): a job
                 // that only reads leaves it due, so a reopen that fails there is not forgotten.
-                let reopen = (step && std::mem::take(&mut open.reopen)).then(|| self.opener.clone());
+                let reload = std::mem::take(&mut open.reload);
+                let reopen =
+                    ((step || reload) && std::mem::take(&mut open.reopen)).then(|| self.opener.clone());
                 let (export, asks) = (std::mem::take(&mut open.export), std::mem::take(&mut open.asks));
                 Work::Run { document, reopen, step, fetch, export, asks }
             }
@@ -1254,6 +1299,9 @@ impl ServerSession {
         }
         for (conn, at, msg) in deferred.messages {
             self.handle_message(conn, at, msg);
+        }
+        if let Some(tell) = self.docs.get_mut(&doc).and_then(|o| o.close_when_back.take()) {
+            self.close_telling(doc, tell);
         }
         // Its storage or schedule changed: its subscribers and its next job are worth a look.
         if let Some(open) = self.docs.get(&doc) {
