@@ -313,7 +313,16 @@ impl Client {
             )?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
             self.shared.locks.lock().expect("BUG: lock poisoned").push((doc, lock));
-            self.shared.session().add_document(doc, replica);
+            // The server a redirect named last time: straight there (a hint; a server that
+            // no longer serves it redirects again, one that is gone sends it home).
+            let remembered = std::fs::read_to_string(dir.join(SERVER_FILE)).ok();
+            let mut session = self.shared.session();
+            session.add_document(doc, replica);
+            if let Some(url) = remembered.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+                session.route_to(doc, url);
+            }
+            drop(session);
+            self.shared.rerouted.notify_one();
             self.shared.wake.send_modify(|n| *n += 1);
         }
         let fresh = self
@@ -720,6 +729,33 @@ impl Subscription {
     }
 }
 
+/// In a replica's directory: the URL of the server a redirect named for it, so the next run
+/// goes straight there.
+const SERVER_FILE: &str = "server";
+
+/// Writes down each open document's server (removes the file for those at home).
+fn remember_routes(shared: &Shared) {
+    let ids: Vec<DocId> =
+        shared.locks.lock().expect("BUG: lock poisoned").iter().map(|(id, _)| *id).collect();
+    let routes: Vec<(DocId, Route)> = {
+        let s = shared.session();
+        ids.into_iter().filter_map(|id| Some((id, s.route_of(id)?.clone()))).collect()
+    };
+    for (id, route) in routes {
+        let path = shared.data_dir.join(id.to_string()).join(SERVER_FILE);
+        let result = match route {
+            Some(url) if std::fs::read_to_string(&path).ok().as_deref() != Some(url.as_str()) => {
+                std::fs::write(&path, url)
+            }
+            None if path.exists() => std::fs::remove_file(&path),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::debug!("cannot write down the server of {id}: {e}");
+        }
+    }
+}
+
 /// Connection attempts in a row that may fail before a redirected document goes home.
 const ROUTE_ATTEMPTS: u32 = 2;
 
@@ -754,7 +790,7 @@ async fn drive(homes: Vec<String>, shared: Arc<Shared>) {
                 .or_insert_with(|| tokio::spawn(keep_route(route, homes.clone(), shared.clone())));
         }
         tokio::select! {
-            _ = shared.rerouted.notified() => {}
+            _ = shared.rerouted.notified() => remember_routes(&shared),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
@@ -913,11 +949,11 @@ async fn run_connection(
                         }
                     }
                     let mut session = shared.session();
-                    let (mismatches, redirects) = (session.digest_mismatches(), session.redirects());
+                    let (mismatches, reroutes) = (session.digest_mismatches(), session.reroutes());
                     if let Err(e) = session.handle_frames_on(route, now_ms(), &frames) {
                         tracing::warn!("applying a frame failed: {e}");
                     }
-                    if session.redirects() > redirects {
+                    if session.reroutes() > reroutes {
                         shared.rerouted.notify_one();
                     }
                     if session.digest_mismatches() > mismatches {

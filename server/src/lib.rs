@@ -391,6 +391,16 @@ impl Metrics {
                     g(&st.leases_taken),
                 ),
                 (
+                    "pagesync_cluster_burials_total",
+                    "Servers silent for a lease that this server buried (their next renewal fails)",
+                    g(&st.burials),
+                ),
+                (
+                    "pagesync_cluster_rejoins_total",
+                    "Times this server found itself buried and joined again under a new id, holding nothing",
+                    g(&st.rejoins),
+                ),
+                (
                     "pagesync_cluster_takeovers_total",
                     "Document leases taken from a server that was gone",
                     g(&st.takeovers),

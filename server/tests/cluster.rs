@@ -148,6 +148,18 @@ async fn three_servers_serve_each_document_once_and_take_over_from_a_killed_or_s
     assert!(owned.iter().all(|n| *n > 0), "documents spread over the servers: {owned:?}");
     let redirects: u64 = ports.iter().map(|p| metric(*p, "pagesync_redirects_total")).sum();
     assert!(redirects > 0, "clients were sent to the servers that hold their documents");
+    // Each client wrote down where its redirected documents went, for its next run.
+    let urls: Vec<String> = ports.iter().map(|p| url(*p)).collect();
+    let remembered: Vec<String> = (0..CLIENTS)
+        .flat_map(|c| (0..DOCS).map(move |d| (c, d)))
+        .filter_map(|(c, d)| {
+            let doc = DocId::from_u128(0xc1_0000 + d);
+            std::fs::read_to_string(dir.path().join(format!("c{c}")).join(doc.to_string()).join("server"))
+                .ok()
+        })
+        .collect();
+    assert!(!remembered.is_empty(), "redirected documents remember their server");
+    assert!(remembered.iter().all(|u| urls.contains(u)), "{remembered:?}");
 
     // Kill -9 the server with the most documents, mid traffic.
     let victim = (0..3).max_by_key(|i| owned[*i]).expect("three");

@@ -130,6 +130,8 @@ pub struct ClientSession {
     home_url: Option<String>,
     /// Redirects followed.
     redirects: u64,
+    /// Documents that changed route, for whatever reason (`reroutes`).
+    reroutes: u64,
     now_ms: i64,
     /// The last connection-level error from the server: (code, message).
     conn_error: Option<(String, String)>,
@@ -154,6 +156,7 @@ impl ClientSession {
             conns: BTreeMap::new(),
             home_url: None,
             redirects: 0,
+            reroutes: 0,
             now_ms: 0,
             conn_error: None,
             digest_mismatches: 0,
@@ -327,10 +330,11 @@ impl ClientSession {
     /// home, and documents routed there come home.
     pub fn set_home_url(&mut self, url: &str) {
         self.home_url = Some(url.to_owned());
-        let now = self.now_ms;
+        let (now, reroutes) = (self.now_ms, &mut self.reroutes);
         let there = Some(url.to_owned());
         self.links.values_mut().filter(|l| l.route == there).for_each(|l| {
             l.route = None;
+            *reroutes += 1;
             l.reset(now);
         });
     }
@@ -339,6 +343,19 @@ impl ClientSession {
     /// redirected to.
     pub fn routes(&self) -> std::collections::BTreeSet<Route> {
         std::iter::once(None).chain(self.links.values().map(|l| l.route.clone())).collect()
+    }
+
+    /// Sends a document to the server at `url` (a route remembered from an earlier run), as a
+    /// redirect there would; a URL a redirect could not name is ignored.
+    pub fn route_to(&mut self, id: DocId, url: &str) {
+        let to = if self.home_url.as_deref() == Some(url) { None } else { Some(url.to_owned()) };
+        let allowed = redirect_allowed(self.home_url.as_deref(), url).is_ok();
+        let now = self.now_ms;
+        if let Some(link) = self.links.get_mut(&id).filter(|l| allowed && l.route != to) {
+            link.route = to;
+            self.reroutes += 1;
+            link.reset(now);
+        }
     }
 
     /// The server a document syncs with.
@@ -353,9 +370,10 @@ impl ClientSession {
             return;
         }
         self.conns.remove(route);
-        let now = self.now_ms;
+        let (now, reroutes) = (self.now_ms, &mut self.reroutes);
         self.links.values_mut().filter(|l| l.route == *route).for_each(|l| {
             l.route = None;
+            *reroutes += 1;
             l.reset(now);
         });
     }
@@ -368,6 +386,12 @@ impl ClientSession {
     /// Redirects followed so far.
     pub fn redirects(&self) -> u64 {
         self.redirects
+    }
+
+    /// Route changes so far (redirects, and documents sent home): when it moves, a driver
+    /// looks at which connections it needs.
+    pub fn reroutes(&self) -> u64 {
+        self.reroutes
     }
 
     /// Handles one message from the server. An `Err` is local trouble (the document's journals);
@@ -409,6 +433,7 @@ impl ClientSession {
                 let to = if self.home_url.as_ref() == Some(&url) { None } else { Some(url) };
                 if to != link.route {
                     link.route = to;
+                    self.reroutes += 1;
                     link.reset(now_ms);
                     self.redirects += 1;
                 }
@@ -417,6 +442,7 @@ impl ClientSession {
             // serves it.
             Message::Error { code, message, .. } if code == super::codes::UNAVAILABLE && route.is_some() => {
                 link.route = None;
+                self.reroutes += 1;
                 link.reset(now_ms);
                 link.error = Some((code, message));
             }

@@ -29,8 +29,19 @@ export function freePort() {
 
 /** A pagesync-server on `port`, journals under `dir`; resolves once /healthz answers. */
 export async function startServer(port, dir) {
+  return started(port, ["--journal", `file://${dir}`]);
+}
+
+/** One server of a cluster over the object store in `dir` (`--advertise`). */
+export async function startClusterServer(port, dir) {
+  return started(port, [
+    "--journal", `object+file://${dir}`, "--advertise", `ws://127.0.0.1:${port}`, "--lease-ms", "3000",
+  ]);
+}
+
+async function started(port, flags) {
   const server = spawn(join(bin, "pagesync-server"), [
-    "--listen", `127.0.0.1:${port}`, "--journal", `file://${dir}`, "--web", web,
+    "--listen", `127.0.0.1:${port}`, ...flags, "--web", web,
   ], { stdio: ["ignore", "inherit", "inherit"] });
   for (let i = 0; i < 200; i++) {
     try {
@@ -39,6 +50,14 @@ export async function startServer(port, dir) {
     await new Promise((r) => setTimeout(r, 50));
   }
   throw new Error("pagesync-server did not start");
+}
+
+/** A counter or gauge from the server's /metrics. */
+export async function metric(port, name) {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(`${name} `));
+  if (!line) throw new Error(`no ${name} in /metrics`);
+  return Number(line.slice(name.length + 1));
 }
 
 export async function stopServer(server) {
