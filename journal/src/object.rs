@@ -243,8 +243,19 @@ impl ObjectBackend {
     /// Creates a small object at `rel` only if nothing is there (`PutMode::Create`): `false`
     /// when another writer created it first. Of many racing creators exactly one gets `true`.
     pub fn create_object(&self, rel: &str, bytes: Vec<u8>) -> Result<bool> {
+        self.create_object_within(rel, bytes, None)
+    }
+
+    /// `create_object`, given up after `within` (with the store's own retries inside it). A
+    /// create given up on may still land later: its outcome is unknown.
+    pub fn create_object_within(
+        &self,
+        rel: &str,
+        bytes: Vec<u8>,
+        within: Option<std::time::Duration>,
+    ) -> Result<bool> {
         let key = self.dir(rel);
-        match self.put(&key, bytes, PutMode::Create) {
+        match self.put_within(&key, bytes, PutMode::Create, within) {
             Ok(()) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(backend_err(JournalId::from_u128(0), format!("PUT {key} (create) failed: {e}"))),
@@ -331,10 +342,29 @@ impl ObjectBackend {
     }
 
     fn put(&self, key: &Path, bytes: Vec<u8>, mode: PutMode) -> object_store::Result<()> {
+        self.put_within(key, bytes, mode, None)
+    }
+
+    fn put_within(
+        &self,
+        key: &Path,
+        bytes: Vec<u8>,
+        mode: PutMode,
+        within: Option<std::time::Duration>,
+    ) -> object_store::Result<()> {
         self.stats.puts.fetch_add(1, Ordering::Relaxed);
         let len = bytes.len() as u64;
         let opts = PutOptions { mode, ..Default::default() };
-        let res = self.rt.block_on(self.store.put_opts(key, PutPayload::from(bytes), opts));
+        let put = self.store.put_opts(key, PutPayload::from(bytes), opts);
+        let res = match within {
+            None => self.rt.block_on(put),
+            Some(d) => self.rt.block_on(async { tokio::time::timeout(d, put).await }).unwrap_or_else(|_| {
+                Err(object_store::Error::Generic {
+                    store: "pagesync",
+                    source: format!("no answer within {d:?}: the write may still land").into(),
+                })
+            }),
+        };
         match &res {
             Ok(_) => {
                 self.stats.bytes_put.fetch_add(len, Ordering::Relaxed);

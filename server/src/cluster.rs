@@ -48,6 +48,9 @@ pub const MIN_LEASE_MS: u64 = 900;
 /// A server deletes its old beats every this many renewals, in one request.
 const PRUNE_EVERY: u64 = 10;
 
+/// A server dead for this many leases keeps only its tombstone in the bucket.
+const GC_LEASES: u32 = 10;
+
 /// How long a graceful shutdown spends handing its documents over one by one; the rest are
 /// taken over as soon as the others see its tombstone.
 const HANDOVER_BUDGET: Duration = Duration::from_secs(3);
@@ -91,6 +94,17 @@ struct Record {
 struct Lease {
     holder: String,
     url: String,
+}
+
+/// How a renewal went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Beat {
+    /// Created now.
+    Made,
+    /// An earlier try of ours that landed unanswered.
+    Landed,
+    /// Someone else's: this server was buried.
+    Buried,
 }
 
 /// What a lease's holder is, as this server has seen it.
@@ -226,7 +240,11 @@ impl Cluster {
             stats: ClusterStats::default(),
         };
         cluster.renew().map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
-        cluster.refresh().map_err(|e| anyhow::anyhow!("cannot list the cluster's servers: {e}"))?;
+        if let Err(e) = cluster.refresh() {
+            // Not joining after all: say so, or the others wait a lease for this server.
+            cluster.bury_self();
+            anyhow::bail!("cannot list the cluster's servers: {e}");
+        }
         Ok(cluster)
     }
 
@@ -244,8 +262,10 @@ impl Cluster {
         self.lease / 3
     }
 
-    /// Bumped whenever this server forgets its leases: open documents must be closed.
+    /// Bumped whenever this server forgets its leases (a lapse, found here too, or a burial):
+    /// open documents must be closed.
     pub fn generation(&self) -> u64 {
+        self.check_lapse();
         self.generation.load(Ordering::Acquire)
     }
 
@@ -253,19 +273,37 @@ impl Cluster {
         self.state.lock().expect("BUG: cluster lock poisoned")
     }
 
-    /// One renewal and one look at the others. Errors are counted and logged; the membership
-    /// lapses on its own if they go on.
-    pub fn tick(&self) {
-        if self.state().leaving {
-            return;
+    /// Renews every third of the lease, counted from when the last renewal was sent (a slow
+    /// one does not push the next back), each given up after two thirds of a lease, until
+    /// `stop`. Errors are counted and logged; the membership lapses on its own if they go on.
+    pub fn renew_until(&self, stop: &std::sync::atomic::AtomicBool) {
+        let mut next = Instant::now() + self.period();
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now < next {
+                std::thread::park_timeout(next - now);
+                continue;
+            }
+            next = now + self.period();
+            if self.state().leaving {
+                return;
+            }
+            if let Err(e) = self.renew() {
+                tracing::warn!("renewing this server's cluster membership failed: {e}");
+            }
         }
-        if let Err(e) = self.renew() {
-            tracing::warn!("renewing this server's cluster membership failed: {e}");
+    }
+
+    /// Looks at the others every third of the lease until `stop` (on a thread of its own, so
+    /// a slow list never delays a renewal).
+    pub fn refresh_until(&self, stop: &std::sync::atomic::AtomicBool) {
+        while !stop.load(Ordering::Relaxed) {
+            if let Err(e) = self.refresh() {
+                tracing::warn!("listing the cluster's servers failed: {e}");
+            }
+            self.check_lapse();
+            std::thread::park_timeout(self.period());
         }
-        if let Err(e) = self.refresh() {
-            tracing::warn!("listing the cluster's servers failed: {e}");
-        }
-        self.check_lapse();
     }
 
     /// Creates this server's next beat. If another server created it first, this server was
@@ -279,21 +317,30 @@ impl Cluster {
         let record = Record { url: self.url.clone(), started_ms: self.started_ms, nonce };
         let bytes = serde_json::to_vec(&record).expect("BUG: a record always serializes");
         let key = beat_key(&id, next);
-        let outcome = self.backend.create_object(&key, bytes).and_then(|made| {
-            // Not made: an earlier try of ours landed after all, or someone buried us.
-            Ok(made
-                || self
-                    .backend
-                    .read_object(&key)?
-                    .is_some_and(|b| serde_json::from_slice::<Record>(&b).is_ok_and(|r| r.nonce == nonce)))
+        let within = Some(self.lease * 2 / 3);
+        let outcome = self.backend.create_object_within(&key, bytes, within).and_then(|made| {
+            if made {
+                return Ok(Beat::Made);
+            }
+            // Not made: an earlier try of ours landed after all (when, nobody knows), or
+            // someone buried us.
+            let ours = self
+                .backend
+                .read_object(&key)?
+                .is_some_and(|b| serde_json::from_slice::<Record>(&b).is_ok_and(|r| r.nonce == nonce));
+            Ok(if ours { Beat::Landed } else { Beat::Buried })
         });
         match outcome {
-            Ok(true) => {
+            Ok(beat @ (Beat::Made | Beat::Landed)) => {
                 self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.state();
                 if st.id == id {
                     st.beat = next;
-                    st.renewed = Some(st.renewed.map_or(sent, |r| r.max(sent)));
+                    // Only a beat made now counts from when it was sent: one that landed
+                    // earlier may have been seen (and buried) long ago.
+                    if beat == Beat::Made {
+                        st.renewed = Some(st.renewed.map_or(sent, |r| r.max(sent)));
+                    }
                 }
                 drop(st);
                 if next % PRUNE_EVERY == 0 {
@@ -304,12 +351,8 @@ impl Cluster {
                 }
                 Ok(())
             }
-            Ok(false) => {
-                self.forget(&format!("this server ({id}) was buried by another: it was silent for a lease"));
-                let mut st = self.state();
-                (st.id, st.nonce, st.beat, st.renewed) = (new_id(), random_u64(), 0, None);
-                drop(st);
-                self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+            Ok(Beat::Buried) => {
+                self.rejoin(&id);
                 Err(pagesync::Error::Unavailable("rejoining the cluster under a new id".into()))
             }
             Err(e) => {
@@ -319,14 +362,57 @@ impl Cluster {
         }
     }
 
-    /// Forgets every lease this server held: its open documents are closed and read their
+    /// Forgets every lease this server held, in one critical section with the generation
+    /// (so `hold` cannot slip a lease in between): its open documents are closed and read their
     /// lease again before they write.
     fn forget(&self, why: &str) {
         let mut st = self.state();
         st.owned.clear();
-        drop(st);
         self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(st);
         tracing::error!("{why}: it stopped writing every document");
+    }
+
+    /// This server (as `id`) was buried: it forgets everything and joins again, as a new
+    /// server, holding nothing.
+    fn rejoin(&self, id: &str) {
+        let mut st = self.state();
+        if st.id != id {
+            return;
+        }
+        st.owned.clear();
+        (st.id, st.nonce, st.beat, st.renewed) = (new_id(), random_u64(), 0, None);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        drop(st);
+        self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            "this server ({id}) was buried by another (it was silent for a lease): it stopped writing every document and joins again under a new id"
+        );
+    }
+
+    /// Writes this server's tombstone (leaving, or failing to join): the others see it gone
+    /// at their next list. A renewal of ours that landed unanswered may hold the next beat:
+    /// then the one after.
+    fn bury_self(&self) {
+        let (id, beat) = {
+            let st = self.state();
+            (st.id.clone(), st.beat)
+        };
+        for b in beat + 1..beat + 4 {
+            match self.backend.create_object(&beat_key(&id, b), Vec::new()) {
+                Ok(true) => {
+                    let old: Vec<String> =
+                        (beat.saturating_sub(PRUNE_EVERY).max(1)..b).map(|b| beat_key(&id, b)).collect();
+                    let _ = self.backend.delete_objects(&old);
+                    return;
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::warn!("writing this server's tombstone failed (others wait a lease): {e}");
+                    return;
+                }
+            }
+        }
     }
 
     /// Lists every server's beats and notes whose highest beat changed since the last look.
@@ -354,12 +440,22 @@ impl Cluster {
         };
         let mut urls = HashMap::new();
         for (id, beat) in unknown.into_iter().filter(|(id, _)| *id != me) {
-            if let Some(b) = self.backend.read_object(&beat_key(&id, beat))?
+            // One that cannot be read now is read on the next look.
+            if let Ok(Some(b)) = self.backend.read_object(&beat_key(&id, beat))
                 && let Ok(r) = serde_json::from_slice::<Record>(&b)
             {
                 urls.insert(id, r.url);
             }
         }
+        // Buried while a renewal of ours still looked fine: stop at once.
+        let (my_beat, leaving) = {
+            let st = self.state();
+            (st.beat, st.leaving)
+        };
+        if !leaving && top.get(me.as_str()).is_some_and(|(beat, size)| *size == 0 && *beat > my_beat) {
+            self.rejoin(&me);
+        }
+        let mut long_dead = Vec::new();
         let mut st = self.state();
         st.members.retain(|id, _| top.contains_key(id.as_str()));
         for (id, (beat, size)) in top {
@@ -372,13 +468,29 @@ impl Cluster {
                 dead: size == 0,
                 changed: now,
             });
-            if seen.beat != beat {
+            // Only forward: a burial or a first look may have seen a newer beat than this list.
+            if beat > seen.beat {
                 (seen.beat, seen.dead, seen.changed) = (beat, size == 0, now);
             }
             if let Some(url) = urls.remove(id) {
                 seen.url = Some(url);
             }
+            if seen.dead && seen.changed.elapsed() > self.lease * GC_LEASES {
+                long_dead.push((id.to_owned(), beat));
+            }
         }
+        drop(st);
+        // A server gone for long keeps only its tombstone (which must stay: it is what stops
+        // the server if it ever wakes up).
+        let old: Vec<String> = listed
+            .iter()
+            .filter_map(|i| {
+                let (id, beat) = i.name.split_once('/')?;
+                let beat = beat.parse::<u64>().ok()?;
+                long_dead.iter().any(|(d, top)| d == id && beat < *top).then(|| beat_key(id, beat))
+            })
+            .collect();
+        let _ = self.backend.delete_objects(&old);
         Ok(())
     }
 
@@ -388,10 +500,26 @@ impl Cluster {
         !st.leaving && st.renewed.is_some_and(|t| t.elapsed() < self.lease * 2 / 3)
     }
 
-    /// Whether this server may append to `doc`'s journal now.
-    pub fn may_write(&self, doc: DocId) -> bool {
+    /// Whether this server may append to `doc`'s journal now, for a journal opened after
+    /// `place` answered `generation`: never again once this server forgot its leases since.
+    pub fn may_write(&self, doc: DocId, generation: u64) -> bool {
         self.check_lapse();
-        self.may_serve() && self.state().owned.contains(&doc)
+        if !self.may_serve() {
+            return false;
+        }
+        let st = self.state();
+        self.generation.load(Ordering::Acquire) == generation && st.owned.contains(&doc)
+    }
+
+    /// Records `doc` as held by this server as `me`, unless this server forgot its leases or
+    /// changed its id since `generation` (its lease names a server that no longer is).
+    fn hold(&self, doc: DocId, me: &str, generation: u64) -> pagesync::Result<u64> {
+        let mut st = self.state();
+        if st.id != me || self.generation.load(Ordering::Acquire) != generation {
+            return Err(pagesync::Error::Unavailable("its cluster membership changed meanwhile".into()));
+        }
+        st.owned.insert(doc);
+        Ok(generation)
     }
 
     /// A lapsed membership forgets every lease: each is read again before a write.
@@ -434,8 +562,8 @@ impl Cluster {
             });
         }
         let listed = self.backend.list_objects(&format!("{MEMBERS}/{id}"), false)?;
-        let Some((beat, info)) = highest(&listed) else { return Ok(Status::Silent(0)) };
-        let dead = info.size == 0;
+        // No beats at all: live for a lease all the same (the cautious side).
+        let (beat, dead) = highest(&listed).map_or((0, false), |(beat, info)| (beat, info.size == 0));
         let seen = Seen { url: None, beat, dead, changed: Instant::now() };
         self.state().members.insert(id.to_owned(), seen);
         Ok(if dead { Status::Dead } else { Status::Live })
@@ -489,11 +617,15 @@ impl Cluster {
     /// Decides where `doc` is served: `Ok` here (this server holds its lease, taking it if
     /// nobody live does and the hash picks this server), `Err(Moved)` at another server,
     /// `Err(Unavailable)` nowhere now. Blocking (object-store requests).
-    pub fn place(&self, doc: DocId) -> pagesync::Result<()> {
+    pub fn place(&self, doc: DocId) -> pagesync::Result<u64> {
         let unavailable = |why: &str| pagesync::Error::Unavailable(why.to_owned());
         if let Some(owner) = self.moved(doc) {
             return Err(pagesync::Error::Moved { owner });
         }
+        let (me, generation) = {
+            let st = self.state();
+            (st.id.clone(), self.generation.load(Ordering::Acquire))
+        };
         for _ in 0..4 {
             if !self.may_serve() {
                 return Err(unavailable("its cluster membership lapsed, or it is shutting down"));
@@ -508,12 +640,10 @@ impl Cluster {
                     None => continue, // pruned meanwhile: a newer epoch exists
                 },
             };
-            let me = self.id();
             let mut silent = None;
             if let Some(h) = &holder {
                 if h.holder == me {
-                    self.state().owned.insert(doc);
-                    return Ok(());
+                    return self.hold(doc, &me, generation);
                 }
                 match self.status(&h.holder)? {
                     Status::Live => return Err(self.note_moved(doc, &h.url)),
@@ -532,7 +662,7 @@ impl Cluster {
                 }
             }
             let epoch = top.map_or(1, |e| e + 1);
-            let lease = Lease { holder: me, url: self.url.clone() };
+            let lease = Lease { holder: me.clone(), url: self.url.clone() };
             let bytes = serde_json::to_vec(&lease).expect("BUG: a lease always serializes");
             if self.backend.create_object(&lease_key(doc, epoch), bytes)? {
                 self.stats.leases_taken.fetch_add(1, Ordering::Relaxed);
@@ -540,9 +670,8 @@ impl Cluster {
                     self.stats.takeovers.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(%doc, from = h.holder, epoch, "took over the document's lease from a server that is gone");
                 }
-                self.state().owned.insert(doc);
                 self.prune_leases(doc, epoch, &leases);
-                return Ok(());
+                return self.hold(doc, &me, generation);
             }
             // Another server took that epoch first: look again.
         }
@@ -576,10 +705,10 @@ impl Cluster {
     /// held lease to the server the hash picks next (within `HANDOVER_BUDGET`), then buries
     /// itself, so the others take the rest over at once rather than a lease later. Blocking.
     pub fn leave(&self) {
-        let (id, beat, owned): (String, u64, Vec<DocId>) = {
+        let (id, owned): (String, Vec<DocId>) = {
             let mut st = self.state();
             st.leaving = true;
-            (st.id.clone(), st.beat, std::mem::take(&mut st.owned).into_iter().collect())
+            (st.id.clone(), std::mem::take(&mut st.owned).into_iter().collect())
         };
         let start = Instant::now();
         let mut handed = 0;
@@ -593,14 +722,7 @@ impl Cluster {
                 Err(e) => tracing::warn!(%doc, "handing the document over failed: {e}"),
             }
         }
-        match self.backend.create_object(&beat_key(&id, beat + 1), Vec::new()) {
-            Ok(_) => {
-                let old: Vec<String> =
-                    (beat.saturating_sub(PRUNE_EVERY).max(1)..=beat).map(|b| beat_key(&id, b)).collect();
-                let _ = self.backend.delete_objects(&old);
-            }
-            Err(e) => tracing::warn!("writing this server's tombstone failed (others wait a lease): {e}"),
-        }
+        self.bury_self();
         tracing::info!(handed, "left the cluster");
     }
 
@@ -629,6 +751,9 @@ pub struct Leased {
     pub inner: Box<dyn Journal>,
     pub cluster: std::sync::Arc<Cluster>,
     pub doc: DocId,
+    /// What `place` answered: the journal writes only while the cluster has not forgotten
+    /// its leases since.
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for Leased {
@@ -639,7 +764,7 @@ impl std::fmt::Debug for Leased {
 
 impl Leased {
     fn check(&self) -> pagesync::journal::Result<()> {
-        if self.cluster.may_write(self.doc) {
+        if self.cluster.may_write(self.doc, self.generation) {
             return Ok(());
         }
         Err(JournalError::Fenced {
@@ -819,17 +944,17 @@ mod tests {
         // Every document is served by exactly one of them, and the other redirects there.
         for doc in docs() {
             match (a.place(doc), b.place(doc)) {
-                (Ok(()), Err(pagesync::Error::Moved { owner })) => assert_eq!(owner, a.url()),
-                (Err(pagesync::Error::Moved { owner }), Ok(())) => assert_eq!(owner, b.url()),
+                (Ok(_), Err(pagesync::Error::Moved { owner })) => assert_eq!(owner, a.url()),
+                (Err(pagesync::Error::Moved { owner }), Ok(_)) => assert_eq!(owner, b.url()),
                 other => panic!("{doc}: {other:?}"),
             }
         }
         assert_eq!(a.owned() + b.owned(), 20);
         // `a` stops renewing: it stops writing before `b` may take its documents.
-        let doc = docs().into_iter().find(|d| a.may_write(*d)).unwrap();
         let generation = a.generation();
+        let doc = docs().into_iter().find(|d| a.may_write(*d, generation)).unwrap();
         std::thread::sleep(Duration::from_millis(MIN_LEASE_MS * 2 / 3 + 50));
-        assert!(!a.may_write(doc), "a lapsed membership still writes");
+        assert!(!a.may_write(doc, generation), "a lapsed membership still writes");
         assert!(a.generation() > generation, "a lapse closes the open documents");
         assert!(matches!(a.place(doc), Err(pagesync::Error::Unavailable(_))));
         b.renew().unwrap();
@@ -844,7 +969,7 @@ mod tests {
         b.refresh().unwrap();
         b.state().moved.clear();
         b.place(doc).unwrap();
-        assert!(b.may_write(doc));
+        assert!(b.may_write(doc, b.generation()));
         assert_eq!(b.stats.takeovers.load(Ordering::Relaxed), 1);
         assert_eq!(b.stats.burials.load(Ordering::Relaxed), 1);
         // `a` comes back: its next beat is its tombstone, so it joins again as a new server,
@@ -854,11 +979,33 @@ mod tests {
         assert_ne!(a.id(), old_id);
         a.renew().unwrap();
         a.refresh().unwrap();
-        assert!(!a.may_write(doc));
+        assert!(!a.may_write(doc, a.generation()));
         match a.place(doc) {
             Err(pagesync::Error::Moved { owner }) => assert_eq!(owner, b.url()),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_renewal_that_landed_unanswered_does_not_extend_the_membership() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let a = Cluster::join(backend(dir.path(), &rt), "ws://a:1", MIN_LEASE_MS).unwrap();
+        // An earlier try at the next beat landed, and its answer was lost.
+        let (id, next, nonce) = {
+            let st = a.state();
+            (st.id.clone(), st.beat + 1, st.nonce)
+        };
+        let record = Record { url: a.url().to_owned(), started_ms: 0, nonce };
+        a.backend.create_object(&beat_key(&id, next), serde_json::to_vec(&record).unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(MIN_LEASE_MS * 2 / 3 + 50));
+        assert!(!a.may_serve());
+        a.renew().unwrap();
+        assert_eq!(a.state().beat, next, "the landed beat is taken as ours");
+        assert!(!a.may_serve(), "a beat sent at an unknown time does not count as a renewal now");
+        a.renew().unwrap();
+        assert!(a.may_serve());
+        assert_eq!(a.id(), id);
     }
 
     #[test]

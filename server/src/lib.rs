@@ -495,21 +495,21 @@ pub async fn serve(
         }
     };
     *metrics.cluster.lock().expect("BUG: metrics lock poisoned") = cluster.clone();
+    // Renewals and lists on threads of their own: a slow list never delays a renewal.
     let ticker = cluster.clone().map(|c| {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("pagesync-cluster".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::park_timeout(c.period());
-                    if !flag.load(Ordering::Relaxed) {
-                        c.tick();
-                    }
-                }
-            })
-            .expect("BUG: cannot start the cluster thread");
-        (stop, thread)
+        let spawn = |name: &str, run: fn(&cluster::Cluster, &std::sync::atomic::AtomicBool)| {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || run(&c, &stop))
+                .expect("BUG: cannot start a cluster thread")
+        };
+        let threads = [
+            spawn("pagesync-renew", cluster::Cluster::renew_until),
+            spawn("pagesync-members", cluster::Cluster::refresh_until),
+        ];
+        (stop, threads)
     });
     let store = cfg.store.clone();
     let leases = cluster.clone();
@@ -524,8 +524,9 @@ pub async fn serve(
     let opener = Box::new(move |doc: DocId| {
         let journal = match &leases {
             Some(cluster) => {
-                cluster.place(doc)?;
-                Box::new(cluster::Leased { inner: store.open_journal(doc)?, cluster: cluster.clone(), doc })
+                let generation = cluster.place(doc)?;
+                let inner = store.open_journal(doc)?;
+                Box::new(cluster::Leased { inner, cluster: cluster.clone(), doc, generation })
             }
             None => store.open_journal(doc)?,
         };
@@ -601,11 +602,11 @@ pub async fn serve(
         }
     }
     hub.shutdown().await;
-    if let (Some(c), Some((stop, thread))) = (cluster, ticker) {
+    if let (Some(c), Some((stop, threads))) = (cluster, ticker) {
         stop.store(true, Ordering::Relaxed);
-        thread.thread().unpark();
+        threads.iter().for_each(|t| t.thread().unpark());
         let _ = tokio::task::spawn_blocking(move || {
-            let _ = thread.join();
+            threads.into_iter().for_each(|t| drop(t.join()));
             c.leave();
         })
         .await;

@@ -167,6 +167,10 @@ async fn three_servers_serve_each_document_once_and_take_over_from_a_killed_or_s
         let mut seen = HashSet::new();
         handles.iter().filter(|(_, d, _)| seen.insert(*d)).map(|(_, d, h)| (*d, h.clone())).collect()
     };
+    let fenced = |ports: &[u16]| -> u64 {
+        ports.iter().map(|p| metric(*p, "pagesync_documents_reopened_total")).sum()
+    };
+    assert_eq!(fenced(&ports), 0, "no journal was fenced: no two servers wrote one document");
     let victims = leases_of(&journal, ports[victim]).await;
     assert_eq!(victims.len() as u64, owned[victim], "the bucket's leases match the server's count");
     for seq in 6..=8 {
@@ -187,6 +191,7 @@ async fn three_servers_serve_each_document_once_and_take_over_from_a_killed_or_s
     let last = survivors[1];
     let before = metric(last, "pagesync_cluster_takeovers_total");
     let owned_by_stopping = metric(stopping, "pagesync_cluster_owned_documents");
+    assert_eq!(fenced(&survivors), 0, "no journal was fenced after the takeover either");
     let i = ports.iter().position(|p| *p == stopping).expect("a port");
     let stopped = leases_of(&journal, stopping).await;
     let mut server = nodes[i].0.take().expect("running");
