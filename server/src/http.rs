@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pagesync::protocol::{Message, codes};
+use pagesync::protocol::{ExportError, Message, codes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -137,6 +137,8 @@ pub(crate) struct Routes {
 /// A parsed request head.
 struct Request {
     path: String,
+    /// After `?`, as sent (empty when there was none).
+    query: String,
     token: Option<String>,
 }
 
@@ -236,7 +238,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
             token = Some(t.trim().to_owned());
         }
     }
-    Some(Request { path: path.to_owned(), token })
+    Some(Request { path: path.to_owned(), query: query.to_owned(), token })
 }
 
 type Refusal = (&'static str, String);
@@ -324,15 +326,62 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
     }
     match routes.hub.export(doc).await {
         Ok(bytes) => respond(stream, "200 OK", "application/vnd.sqlite3", bytes).await,
+        // Another server of the cluster holds it: the same request there.
+        Err(ExportError::Moved { owner }) => match http_base(&owner) {
+            Some(base) => {
+                let query = if req.query.is_empty() { String::new() } else { format!("?{}", req.query) };
+                // Printable ASCII only: nothing in a header line can end it.
+                let location: String =
+                    format!("{base}{}{query}", req.path).chars().filter(|c| c.is_ascii_graphic()).collect();
+                let body = format!("document {doc} is served by {base}: {location}\n");
+                respond_with(stream, "307 Temporary Redirect", &[("location", &location)], "text/plain", body)
+                    .await
+            }
+            None => {
+                respond(
+                    stream,
+                    "502 Bad Gateway",
+                    "text/plain",
+                    format!("document {doc} is served by {owner}\n"),
+                )
+                .await
+            }
+        },
+        Err(ExportError::NotFound) => {
+            respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await
+        }
         Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }
 }
 
+/// `ws://host:port/v1/sync` -> `http://host:port` (and `wss` -> `https`).
+fn http_base(sync_url: &str) -> Option<String> {
+    let (scheme, rest) = match sync_url.split_once("://")? {
+        ("ws", rest) => ("http", rest),
+        ("wss", rest) => ("https", rest),
+        _ => return None,
+    };
+    let host = rest.split('/').next().filter(|h| !h.is_empty())?;
+    Some(format!("{scheme}://{host}"))
+}
+
 /// Answers and closes. The request head has been read already.
-async fn respond(mut stream: TcpStream, status: &str, content_type: &str, body: impl AsRef<[u8]>) {
+async fn respond(stream: TcpStream, status: &str, content_type: &str, body: impl AsRef<[u8]>) {
+    respond_with(stream, status, &[], content_type, body).await
+}
+
+/// `respond`, with more header lines.
+async fn respond_with(
+    mut stream: TcpStream,
+    status: &str,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: impl AsRef<[u8]>,
+) {
     let body = body.as_ref();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     let write = async {

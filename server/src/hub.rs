@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pagesync::protocol::{ConnId, DocJob, Event, JobDone, ServerSession};
+use pagesync::protocol::{ConnId, DocJob, Event, ExportError, JobDone, ServerSession};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Metrics;
@@ -84,7 +84,7 @@ enum HubMsg {
     },
     Export {
         doc: pagesync::DocId,
-        reply: oneshot::Sender<Result<Vec<u8>, String>>,
+        reply: ExportReply,
     },
     /// A worker finished a document's job (open, step, read-ahead, export).
     JobDone(Box<JobDone>),
@@ -158,10 +158,11 @@ impl Hub {
     }
 
     /// The document as a `.sqlite` file, consistent as of its last durable step.
-    pub async fn export(&self, doc: pagesync::DocId) -> Result<Vec<u8>, String> {
+    pub async fn export(&self, doc: pagesync::DocId) -> Result<Vec<u8>, ExportError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(HubMsg::Export { doc, reply }).map_err(|_| "the server is shutting down".to_owned())?;
-        rx.await.map_err(|_| "the server is shutting down".to_owned())?
+        let down = || ExportError::Failed("the server is shutting down".to_owned());
+        self.tx.send(HubMsg::Export { doc, reply }).map_err(|_| down())?;
+        rx.await.map_err(|_| down())?
     }
 
     /// Applies what is queued, then stops the hub.
@@ -294,7 +295,7 @@ fn run(
     }
 }
 
-type ExportReply = oneshot::Sender<Result<Vec<u8>, String>>;
+type ExportReply = oneshot::Sender<Result<Vec<u8>, ExportError>>;
 
 /// Answers the exports that are done.
 fn answer_exports(session: &mut ServerSession, exports: &mut HashMap<pagesync::DocId, Vec<ExportReply>>) {

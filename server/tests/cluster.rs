@@ -94,6 +94,17 @@ async fn leases_of(journal: &str, port: u16) -> HashSet<DocId> {
     view.leases.into_iter().filter(|(_, _, holder)| *holder == id).map(|(doc, _, _)| doc).collect()
 }
 
+/// A plain GET: the head as text and the body.
+fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).expect("read");
+    let end = reply.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    (String::from_utf8_lossy(&reply[..end]).into_owned(), reply[end..].to_vec())
+}
+
 fn pct(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
@@ -172,6 +183,19 @@ async fn three_servers_serve_each_document_once_and_take_over_from_a_killed_or_s
     };
     assert_eq!(fenced(&ports), 0, "no journal was fenced: no two servers wrote one document");
     let victims = leases_of(&journal, ports[victim]).await;
+
+    // An export asked of a server that does not hold the document redirects to the one that
+    // does, which answers with the file.
+    let held = *victims.iter().next().expect("the victim holds documents");
+    let other = ports[(victim + 1) % 3];
+    let path = format!("/v1/docs/{held}/export");
+    let (head, _) = http_get(other, &path);
+    assert!(head.starts_with("HTTP/1.1 307"), "{head}");
+    let location = format!("location: http://127.0.0.1:{}{path}", ports[victim]);
+    assert!(head.to_ascii_lowercase().contains(&location), "{head}");
+    let (head, body) = http_get(ports[victim], &path);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.starts_with(b"SQLite format 3\0"), "a SQLite file");
     assert_eq!(victims.len() as u64, owned[victim], "the bucket's leases match the server's count");
     for seq in 6..=8 {
         round(&mut writes, seq);

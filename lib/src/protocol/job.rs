@@ -124,7 +124,7 @@ pub(super) struct Ran {
     pub(super) failure: Option<Failure>,
     /// What a read ahead found, if the job read.
     pub(super) fetched: Option<Fetched>,
-    pub(super) exported: Option<std::result::Result<Vec<u8>, String>>,
+    pub(super) exported: Option<std::result::Result<Vec<u8>, super::ExportError>>,
     /// The answers to `asks`, for the connections that asked.
     pub(super) answers: Vec<(ConnId, Message)>,
 }
@@ -175,10 +175,14 @@ impl DocJob {
                 // Served elsewhere now: what this server holds may be behind, so nothing is
                 // answered from it.
                 let exported = export.then(|| match &moved {
-                    Some(owner) => Err(format!("document {doc} is served by {owner}")),
-                    None => catch(|| document.export().map_err(|e| e.to_string())).unwrap_or_else(|panic| {
-                        Err(format!("exporting {doc} failed with an internal error: {panic}"))
-                    }),
+                    Some(owner) => Err(super::ExportError::Moved { owner: owner.clone() }),
+                    None => {
+                        catch(|| document.export().map_err(|e| super::ExportError::Failed(e.to_string())))
+                            .unwrap_or_else(|panic| {
+                                let why = format!("exporting {doc} failed with an internal error: {panic}");
+                                Err(super::ExportError::Failed(why))
+                            })
+                    }
                 });
                 let answers = asks
                     .into_iter()

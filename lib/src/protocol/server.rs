@@ -368,6 +368,19 @@ impl Default for SessionOptions {
     }
 }
 
+/// Why an export (`request_export`) gave no file.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    #[error("no such document")]
+    NotFound,
+    /// Another server of the cluster holds the document's lease: export it there.
+    #[error("the document is served by {owner}")]
+    Moved { owner: String },
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// How often a subscriber that holds more than the server's journal showed may make it read
 /// the journal again: 5 s, so a client claiming a future LSN costs one reopen per 5 s.
 pub const RELOAD_MS: i64 = 5_000;
@@ -491,7 +504,7 @@ pub struct ServerSession {
     ahead_bytes: usize,
     ahead_docs: BTreeSet<DocId>,
     /// Finished exports, for `poll_export`.
-    exported: VecDeque<(DocId, std::result::Result<Vec<u8>, String>)>,
+    exported: VecDeque<(DocId, std::result::Result<Vec<u8>, ExportError>)>,
     /// Documents that may have a job due (being opened, queued mutations, a read asked for,
     /// an export, a retry): `poll_job` and `poll_timeout` look only at these, so their cost
     /// follows the busy documents, not the open ones. Pruned once a second (`close_idle`).
@@ -689,7 +702,7 @@ impl ServerSession {
     }
 
     /// A finished export: the document, and its file or why it failed.
-    pub fn poll_export(&mut self) -> Option<(DocId, std::result::Result<Vec<u8>, String>)> {
+    pub fn poll_export(&mut self) -> Option<(DocId, std::result::Result<Vec<u8>, ExportError>)> {
         self.exported.pop_front()
     }
 
@@ -1151,8 +1164,8 @@ impl ServerSession {
         self.with_ahead(doc, ReadAhead::clear);
         let Some(open) = self.docs.remove(&doc) else { return };
         if open.export {
-            self.exported
-                .push_back((doc, Err(format!("document {doc} was closed before it could be exported"))));
+            let why = format!("document {doc} was closed before it could be exported");
+            self.exported.push_back((doc, Err(ExportError::Failed(why))));
         }
         let (subscribers, asks) = (open.subscribers, open.asks);
         for (id, _) in asks {
@@ -1366,9 +1379,10 @@ impl ServerSession {
             _ => error(Some(doc), code, text.clone()),
         };
         if export {
-            let why = match failure {
-                OpenFailure::NotFound => format!("no document {doc}"),
-                _ => text.clone(),
+            let why = match &failure {
+                OpenFailure::NotFound => ExportError::NotFound,
+                OpenFailure::Moved(owner) => ExportError::Moved { owner: owner.clone() },
+                _ => ExportError::Failed(text.clone()),
             };
             self.exported.push_back((doc, Err(why)));
         }
