@@ -851,3 +851,92 @@ fn page_requests_read_the_committed_state_bounded_and_never_create_a_document() 
     let refused = pagesync::remote::RemoteSnapshot::open(map, Box::new(tampered)).map(|_| ()).unwrap_err();
     assert!(refused.to_string().contains("page 1"), "{refused}");
 }
+
+/// Pumps `route`'s messages between the client and `s` (as connection `C`) until both are quiet.
+fn exchange_on(s: &mut ServerSession, c: &mut ClientSession, route: &pagesync::protocol::Route, now: i64) {
+    for _ in 0..1_000 {
+        let mut moved = false;
+        while let Some(m) = c.poll_transmit_on(route) {
+            s.handle_frame(C, now, &m.encode());
+            moved = true;
+        }
+        s.handle_timeout(now);
+        while let Some((_, m)) = s.poll_transmit() {
+            c.handle_frames_on(route, now, [m.encode()]).expect("apply");
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+    panic!("the link never went quiet");
+}
+
+#[test]
+fn a_redirect_moves_a_document_and_its_pending_writes_to_the_server_that_holds_it() {
+    let doc = DocId::from_u128(0x4ed);
+    let b_url = "ws://b.example:8787/v1/sync".to_owned();
+    // A does not hold the document: every open says where it is.
+    let to_b = b_url.clone();
+    let mut a = ServerSession::new(Box::new(move |_| Err(pagesync::Error::Moved { owner: to_b.clone() })));
+    let mut b = server();
+    let mut c = client(&[doc]);
+    c.set_home_url("ws://a.example:8787/v1/sync");
+    a.connect(C);
+    c.connected(0);
+    let mut writes = vec![c.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 9).expect("mutate")];
+    for i in 0..3 {
+        writes.push(
+            c.mutate(doc, sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(i)]), T0, i as u64)
+                .expect("mutate"),
+        );
+    }
+    exchange_on(&mut a, &mut c, &None, 0);
+    let there = Some(b_url.clone());
+    assert_eq!(c.route_of(doc), Some(&there), "the client follows the redirect");
+    assert_eq!(c.redirects(), 1);
+    assert!(c.routes().contains(&there), "and wants a connection there");
+    assert!(c.poll_transmit_on(&None).is_none(), "nothing more for the document goes to A");
+    // A late answer from A about the document changes nothing.
+    let stale = Message::MutationsAck {
+        doc,
+        timeline: c.document(doc).unwrap().timeline_id(),
+        next_expected: Lsn::new(9).unwrap(),
+        storage_next: Lsn::new(9).unwrap(),
+    };
+    c.handle_message(0, stale).expect("ignored");
+    assert_eq!(c.status(doc).unwrap().server_storage_next, Lsn::FIRST);
+    // At B, everything pending goes again and is applied once.
+    b.connect(C);
+    c.connected_on(&there, 1);
+    exchange_on(&mut b, &mut c, &there, 1);
+    for w in &writes {
+        assert_eq!(c.document(doc).unwrap().state(w.lsn).expect("state"), MutationState::Confirmed);
+    }
+    assert!(c.caught_up(doc));
+    assert_same_pages(&c, &b, doc);
+    // B stops answering; the route fails and the document goes home.
+    c.route_failed(&there);
+    assert_eq!(c.route_of(doc), Some(&None));
+}
+
+#[test]
+fn redirects_that_would_leak_or_flood_are_refused() {
+    let doc = DocId::from_u128(0x4ee);
+    let mut c = client(&[doc]);
+    c.set_home_url("wss://a.example/v1/sync");
+    c.connected(0);
+    let redirect = |url: &str| Message::Redirect { doc, url: url.to_owned() };
+    for url in [
+        "ws://b.example/v1/sync",
+        "http://b.example/",
+        "wss://b.example/ v1",
+        &format!("wss://{}", "b".repeat(3000)),
+    ] {
+        c.handle_message(0, redirect(url)).expect("handled");
+        assert_eq!(c.route_of(doc), Some(&None), "followed {url:.60}");
+        assert_eq!(c.status(doc).unwrap().error.map(|(code, _)| code).as_deref(), Some("redirect"));
+    }
+    c.handle_message(0, redirect("wss://b.example/v1/sync")).expect("handled");
+    assert_eq!(c.route_of(doc), Some(&Some("wss://b.example/v1/sync".to_owned())));
+}

@@ -419,13 +419,28 @@ impl ClientSession {
             self.route_failed(route);
             return Ok(());
         }
+        // A redirect to a server no document syncs with yet needs a connection more: at most
+        // `MAX_ROUTES` of them, whatever servers say.
+        let routes_full = match &msg {
+            Message::Redirect { url, .. } => {
+                let routes: std::collections::BTreeSet<&String> =
+                    self.links.values().filter_map(|l| l.route.as_ref()).collect();
+                Some(url) != self.home_url.as_ref() && !routes.contains(url) && routes.len() >= MAX_ROUTES
+            }
+            _ => false,
+        };
         let Some(link) = msg.doc().and_then(|d| self.links.get_mut(&d)).filter(|l| l.route == *route) else {
             return Ok(());
         };
         link.last_heard_ms = now_ms;
         match msg {
             Message::Redirect { url, .. } => {
-                if let Err(why) = redirect_allowed(self.home_url.as_deref(), &url) {
+                let allowed = redirect_allowed(self.home_url.as_deref(), &url).and(if routes_full {
+                    Err("it would be one server too many")
+                } else {
+                    Ok(())
+                });
+                if let Err(why) = allowed {
                     let shown: String = url.chars().take(200).collect();
                     link.error = Some(("redirect".into(), format!("refused a redirect to {shown:?}: {why}")));
                     return Ok(());
@@ -578,6 +593,9 @@ impl ClientSession {
         None
     }
 }
+
+/// Servers besides home that one client syncs with at most: a redirect to one more is refused.
+pub const MAX_ROUTES: usize = 64;
 
 /// The longest URL a redirect may name.
 pub const MAX_REDIRECT_URL_BYTES: usize = 2048;
