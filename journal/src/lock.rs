@@ -45,8 +45,17 @@ impl DirLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
+                // The holder writes its name just after it takes the lock: a moment to read it.
                 let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
+                for _ in 0..20 {
+                    holder.clear();
+                    let _ = file.seek(SeekFrom::Start(0));
+                    let _ = file.read_to_string(&mut holder);
+                    if !holder.trim().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
                 let holder = holder.trim();
                 let holder = if holder.is_empty() { "holder unknown".to_owned() } else { holder.to_owned() };
                 return Err(LockError::Held { dir: dir.to_path_buf(), holder });

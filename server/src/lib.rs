@@ -495,6 +495,13 @@ pub async fn serve(
         }
     };
     *metrics.cluster.lock().expect("BUG: metrics lock poisoned") = cluster.clone();
+    // Said once the store is this server's (its lock held, its cluster joined): ready.
+    let auth_note = if cfg.auth_secret.is_some() { "tokens required" } else { "no auth: loopback only" };
+    tracing::info!(
+        "pagesync-server listening on ws://{}/v1/sync, documents in {} ({auth_note})",
+        listener.local_addr()?,
+        cfg.store.describe(),
+    );
     // Renewals and lists on threads of their own: a slow list never delays a renewal.
     let ticker = cluster.clone().map(|c| {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

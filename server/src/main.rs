@@ -323,8 +323,6 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let store = Store::parse(&args.journal, tokio::runtime::Handle::current())?;
-    let auth_note = if secret.is_some() { "tokens required" } else { "no auth: loopback only" };
-    let where_ = store.describe();
     let cfg = ServerConfig {
         limits: Limits {
             max_connections: args.max_connections,
@@ -357,10 +355,6 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-    tracing::info!(
-        "pagesync-server listening on ws://{}/v1/sync, documents in {where_} ({auth_note})",
-        listener.local_addr()?,
-    );
     let shutdown = async {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
