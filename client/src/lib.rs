@@ -26,6 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
+/// Another client with a document open, as presence shows it (`Document::presence`).
+pub use pagesync::protocol::Peer;
 use pagesync::protocol::{ClientSession, DocStatus, Route};
 use pagesync::{
     ClientDocument, DocId, Durability, Mutation, MutationState, Rows, SqlMutation, Submitted, Value,
@@ -683,6 +685,34 @@ impl Document {
         }
     }
 
+    /// Sends `value` (text: JSON, a name, a cursor position) to everyone else who has this
+    /// document open, at once. It is never written anywhere: the server keeps it only while
+    /// this client stays subscribed, shows it to those who open the document later, and this
+    /// client says it again after a reconnect. At most 8 KiB; the server takes at most one per
+    /// 25 ms per document (a newer value not sent yet replaces an older one here).
+    pub fn broadcast(&self, value: &str) -> Result<()> {
+        self.shared.session().broadcast(self.id, value.as_bytes().to_vec())?;
+        self.shared.wake.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Whether the last `broadcast` has gone to the server.
+    pub fn broadcast_sent(&self) -> bool {
+        self.shared.session().broadcast_sent(self.id)
+    }
+
+    /// Who else has this document open now (on this client's server), each with the value it
+    /// broadcast last (empty: none yet), by peer id.
+    pub fn presence(&self) -> Vec<Peer> {
+        self.shared.session().presence(self.id)
+    }
+
+    /// Presence as it changes: `next()` gives the peers at once, then whenever a peer comes,
+    /// goes or broadcasts.
+    pub fn subscribe_presence(&self) -> PresenceSubscription {
+        PresenceSubscription { doc: self.clone(), changed: self.shared.changed.subscribe(), last: None }
+    }
+
     /// True once the server acknowledged this connection's subscription and the replica holds
     /// the storage the server reported then.
     fn caught_up(&self) -> bool {
@@ -696,6 +726,32 @@ pub struct SyncProgress {
     pub entries: u64,
     pub server_entries: u64,
     pub pending: usize,
+}
+
+/// Presence as it changes, from [`Document::subscribe_presence`].
+#[derive(Debug)]
+pub struct PresenceSubscription {
+    doc: Document,
+    changed: tokio::sync::watch::Receiver<u64>,
+    last: Option<Vec<Peer>>,
+}
+
+impl PresenceSubscription {
+    /// The peers: at once the first time, then when they differ from the last ones returned.
+    pub async fn next(&mut self) -> Vec<Peer> {
+        loop {
+            if self.last.is_some() && self.changed.changed().await.is_err() {
+                // The `Client` was dropped: nothing changes any more.
+                std::future::pending::<()>().await;
+            }
+            self.changed.borrow_and_update();
+            let peers = self.doc.presence();
+            if self.last.as_ref() != Some(&peers) {
+                self.last = Some(peers.clone());
+                return peers;
+            }
+        }
+    }
 }
 
 /// A live query from [`Document::subscribe`].

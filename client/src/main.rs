@@ -66,6 +66,21 @@ enum Command {
     Sync,
     /// Sync, then write the document to FILE as a plain .sqlite file.
     Export { file: PathBuf },
+    /// Send TEXT to everyone else with the document open (presence; nothing is stored), then
+    /// stay for --stay-ms so they see it (they see this client leave when it exits).
+    Broadcast {
+        text: String,
+        #[arg(long, default_value_t = 0)]
+        stay_ms: u64,
+    },
+    /// Who else has the document open: one line per peer (id, subject, last broadcast), or
+    /// `--json`; with `--watch`, a new listing whenever it changes, until interrupted.
+    Presence {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        watch: bool,
+    },
     /// Interactive SQL. Statements end with `;`. Reads (SELECT, WITH, PRAGMA, EXPLAIN, VALUES)
     /// run on the local replica; anything else is a write, applied locally at once and synced
     /// in the background. `.status`, `.sync` and `.quit` do what they say.
@@ -322,6 +337,54 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Repl => repl(&doc, timeout).await,
+        Command::Broadcast { text, stay_ms } => {
+            doc.broadcast(&text)?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            while !doc.broadcast_sent() {
+                if tokio::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "error: the broadcast was not sent within {timeout:?} (is the server reachable?)"
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(stay_ms)).await;
+            println!("broadcast sent");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Presence { json, watch } => {
+            if let Err(e) = doc.sync(timeout).await {
+                eprintln!("warning: {e}");
+            }
+            let mut peers = doc.subscribe_presence();
+            loop {
+                let now = peers.next().await;
+                if json {
+                    let list: Vec<serde_json::Value> = now
+                        .iter()
+                        .map(|p| {
+                            serde_json::json!({
+                                "id": p.id,
+                                "subject": p.subject,
+                                "timeline": p.timeline.to_string(),
+                                "value": String::from_utf8_lossy(&p.value),
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(list));
+                } else {
+                    println!("{} here", now.len());
+                    for p in &now {
+                        let subject = if p.subject.is_empty() { "-" } else { &p.subject };
+                        println!("{}\t{subject}\t{}", p.id, String::from_utf8_lossy(&p.value));
+                    }
+                }
+                if !watch {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
         Command::Sync => match sync_shown(&doc, timeout).await {
             Ok(()) => {
                 println!("synced");

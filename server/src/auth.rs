@@ -27,7 +27,14 @@ pub struct Claims {
     /// May read `/metrics`.
     #[serde(default)]
     pub metrics: bool,
+    /// Who the token is for (a user id, a name): shown to the other clients of a document in
+    /// presence, as their peer's `subject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
 }
+
+/// The longest `sub` claim kept; longer ones are cut (at a character boundary).
+pub const MAX_SUBJECT_BYTES: usize = 256;
 
 fn mac(secret: &[u8]) -> Hmac<Sha256> {
     <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("BUG: HMAC takes keys of any length")
@@ -97,7 +104,11 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
             .map_err(|e| format!("token names no valid document: {e}"))?
             .to_string(),
     };
-    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write })
+    let mut subject = claims.sub.clone().unwrap_or_default();
+    while subject.len() > MAX_SUBJECT_BYTES {
+        subject.pop();
+    }
+    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write, subject })
 }
 
 /// Parses a TTL such as `90s`, `30m`, `1h`, `7d` into seconds.
@@ -122,7 +133,8 @@ mod tests {
 
     #[test]
     fn minted_tokens_verify_and_grant_what_they_name() {
-        let claims = Claims { doc: "ab*".into(), write: false, exp: 2_000_000_000, metrics: false };
+        let claims =
+            Claims { doc: "ab*".into(), write: false, exp: 2_000_000_000, metrics: false, sub: None };
         let token = mint(SECRET, &claims);
         let grant = verify(SECRET, &token, 1_000).expect("valid");
         assert!(!grant.write);
@@ -132,7 +144,8 @@ mod tests {
 
     #[test]
     fn forged_expired_and_malformed_tokens_are_refused() {
-        let claims = Claims { doc: "*".into(), write: true, exp: 10, metrics: false };
+        let claims =
+            Claims { doc: "*".into(), write: true, exp: 10, metrics: false, sub: Some("ann".into()) };
         let token = mint(SECRET, &claims);
         assert!(verify(SECRET, &token, 11_000).expect_err("expired").contains("expired"));
         assert!(

@@ -318,6 +318,17 @@ impl Metrics {
                 "Idle open documents that gave back their caches",
                 s.documents_shrunk,
             ),
+            ("pagesync_broadcasts_total", "Presence broadcasts taken from clients", s.broadcasts),
+            (
+                "pagesync_broadcasts_refused_total",
+                "Presence broadcasts refused because their sender broadcast too often",
+                s.broadcasts_refused,
+            ),
+            (
+                "pagesync_presence_sent_total",
+                "Presence messages sent (one per other subscriber for each join, broadcast or leave)",
+                s.presence_sent,
+            ),
             (
                 "pagesync_redirects_total",
                 "Redirects sent: clients asked for a document another server of the cluster holds the lease of",

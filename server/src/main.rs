@@ -108,6 +108,9 @@ enum Cmd {
         /// Lifetime: 90s, 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: String,
+        /// Who the token is for (the `sub` claim): shown to other clients in presence.
+        #[arg(long)]
+        sub: Option<String>,
     },
     /// Check every document (or one) in --journal: every checksum, a replay of every entry,
     /// and SQLite's integrity_check. Changes nothing; exits non-zero on any fault.
@@ -280,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let secret = args.auth_secret_file.as_deref().map(auth::load_secret).transpose()?;
-    if let Some(Cmd::Token { doc, write, metrics, ttl }) = &args.command {
+    if let Some(Cmd::Token { doc, write, metrics, ttl, sub }) = &args.command {
         let secret =
             secret.ok_or_else(|| anyhow::anyhow!("token needs --auth-secret-file (the server's secret)"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
@@ -290,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
             write: *write,
             exp: now + auth::parse_ttl(ttl)?,
             metrics: *metrics,
+            sub: sub.clone(),
         };
         println!("{}", auth::mint(&secret, &claims));
         return Ok(());

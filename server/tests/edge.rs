@@ -39,7 +39,7 @@ fn get(port: u16, path: &str, headers: &str) -> (u16, Vec<u8>) {
 }
 
 fn token(doc: &str, write: bool, metrics: bool) -> String {
-    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics })
+    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics, sub: None })
 }
 
 async fn connect(port: u16, token: &str) -> Socket {
@@ -420,4 +420,101 @@ async fn hostile_page_requests_are_refused_and_bounded() {
     );
     assert!(refused > 0 && refused >= limits, "/metrics: {refused} refused, {limits} seen");
     assert!(pages > 0 && limits > 0, "{pages} answered, {limits} refused");
+}
+
+/// The value a peer named `subject` broadcast last, as `client` sees it (`None`: not there).
+fn seen(doc: &pagesync_client::Document, subject: &str) -> Option<String> {
+    doc.presence()
+        .into_iter()
+        .find(|p| p.subject == subject)
+        .map(|p| String::from_utf8_lossy(&p.value).into_owned())
+}
+
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = format!("file://{}", dir.path().join("store").display());
+    let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret_file(dir.path())]);
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let doc = DocId::from_u128(0x9e5);
+    let named = |sub: &str| {
+        let claims =
+            Claims { doc: "*".into(), write: true, exp: 4_000_000_000, metrics: true, sub: Some(sub.into()) };
+        mint(SECRET, &claims)
+    };
+    let mut clients: Vec<pagesync_client::Client> = ["ann", "bob", "cat"]
+        .iter()
+        .map(|n| pagesync_client::Client::connect(&url, &named(n), dir.path().join(n)).expect("client"))
+        .collect();
+    let mut docs = Vec::new();
+    for c in &clients {
+        let d = c.open(doc).expect("open");
+        d.sync(Duration::from_secs(20)).await.expect("subscribed");
+        docs.push(d);
+    }
+    let metrics_token = named("ops");
+    let metric = |name: &str| -> u64 {
+        let (_, body) = get(port, "/metrics", &format!("authorization: Bearer {metrics_token}\r\n"));
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).expect("metric").to_owned();
+        line[name.len() + 1..].parse().expect("a number")
+    };
+    let steps = metric("pagesync_steps_total");
+    // Everyone sees everyone, by the subject their token names; nothing broadcast yet.
+    until("three peers see each other", || docs.iter().all(|d| d.presence().len() == 2)).await;
+    assert_eq!(seen(&docs[0], "bob").as_deref(), Some(""));
+    // Ann moves her cursor 100 times as fast as she can: the others end up at the last one,
+    // and a client that paces itself is never refused.
+    for i in 0..100 {
+        docs[0].broadcast(&format!("{{\"cursor\":{i}}}")).expect("broadcast");
+    }
+    let last = Some("{\"cursor\":99}".to_owned());
+    until("bob and cat see ann's last cursor", || {
+        seen(&docs[1], "ann") == last && seen(&docs[2], "ann") == last
+    })
+    .await;
+    assert_eq!(metric("pagesync_broadcasts_refused_total"), 0);
+    assert_eq!(metric("pagesync_steps_total"), steps, "presence is never journaled");
+    // Cat leaves: the others are told at once.
+    drop(docs.pop());
+    drop(clients.pop());
+    until("cat is gone for ann and bob", || docs.iter().all(|d| seen(d, "cat").is_none())).await;
+    assert_eq!(seen(&docs[1], "ann"), last, "the others' presence stays");
+
+    // A raw client that floods: refused past one broadcast per 25 ms, too large ones and ones
+    // for a document it did not subscribe to refused, and its connection carries on.
+    let mut ws = connect(port, &named("eve")).await;
+    let timeline = TimelineId::from_u128(0xe7e);
+    send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
+    for i in 0..50u8 {
+        send(&mut ws, Message::Broadcast { doc, value: vec![i] }).await;
+    }
+    send(&mut ws, Message::Broadcast { doc, value: vec![0; pagesync::protocol::MAX_BROADCAST_BYTES + 1] })
+        .await;
+    let other = DocId::from_u128(0x9e6);
+    send(&mut ws, Message::Broadcast { doc: other, value: vec![1] }).await;
+    // Its errors come in the order it sent: the refused broadcasts, then the other two.
+    let (mut limit, mut large, mut unsubscribed) = (0, 0, 0);
+    while unsubscribed == 0 {
+        match next_reply(&mut ws).await.expect("the connection stays open") {
+            Message::Error { code, doc: Some(d), .. } if code == codes::LIMIT && d == doc => limit += 1,
+            Message::Error { code, .. } if code == codes::TOO_LARGE => large += 1,
+            Message::Error { code, doc: Some(d), .. } if code == codes::MALFORMED && d == other => {
+                unsubscribed += 1
+            }
+            _ => {}
+        }
+    }
+    assert!(limit >= 38, "a flood of 50 is mostly refused: {limit}");
+    assert_eq!((large, unsubscribed), (1, 1));
+    assert!(metric("pagesync_broadcasts_refused_total") >= 38, "a flood of 50 is mostly refused");
+    until("eve joined the others' presence", || seen(&docs[0], "eve").is_some()).await;
 }

@@ -31,6 +31,13 @@ async function main() {
   db.onStatus(showStatus);
   showStatus(await db.status());
 
+  // Presence: each context says who it is (a name from the URL, or a made-up one), and shows
+  // who else has the list open. Nothing of it is stored.
+  const me = params.get("name") ?? `guest-${Math.floor(Math.random() * 1000)}`;
+  $("here").dataset.me = me;
+  await db.broadcast({ name: me });
+  db.subscribePresence(showPresence);
+
   $("add").addEventListener("submit", async (e) => {
     e.preventDefault();
     const title = $("title").value;
@@ -68,6 +75,12 @@ function render(rows) {
       return li;
     }),
   );
+}
+
+function showPresence(peers) {
+  const names = peers.map((p) => p.value?.name ?? p.subject ?? `peer ${p.id}`).sort();
+  $("here").dataset.peers = JSON.stringify(names);
+  $("here").textContent = names.length ? `also here: ${names.join(", ")}` : "only you have this list open";
 }
 
 function showStatus(s) {

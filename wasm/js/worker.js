@@ -10,6 +10,7 @@ let socket = null;
 let timer = null;
 let retryMs = 0;
 let lastVersion = -1;
+let lastPresence = -1;
 const subscriptions = new Map(); // id -> { sql, params, json }
 const waiting = new Set(); // mutation ids whose state someone awaits
 
@@ -37,8 +38,27 @@ function schedule() {
   }, Math.max(0, at - Date.now()));
 }
 
+// Tells the tabs who else has the document open, when that changed.
+function presenceChanged() {
+  const version = replica.presenceVersion();
+  if (version === lastPresence) return;
+  lastPresence = version;
+  postMessage({ event: "presence", peers: peers() });
+}
+
+function peers() {
+  return replica.presence().map((p) => {
+    let value = p.value;
+    try {
+      value = value === null ? null : JSON.parse(value);
+    } catch {}
+    return { ...p, value };
+  });
+}
+
 // Re-runs subscriptions and settles awaited mutations when the replica changed.
 function changed() {
+  presenceChanged();
   const version = replica.version();
   if (version === lastVersion) return;
   lastVersion = version;
@@ -233,6 +253,14 @@ const ops = {
   },
   status() {
     return replica.status();
+  },
+  broadcast(value) {
+    replica.broadcast(JSON.stringify(value ?? null));
+    flush();
+    presenceChanged();
+  },
+  presence() {
+    return peers();
   },
   state(id) {
     return replica.state(id);

@@ -231,6 +231,38 @@ impl Replica {
         self.session.disconnected();
     }
 
+    /// Sends `value` (JSON text) to everyone else with the document open: presence, never
+    /// stored.
+    pub fn broadcast(&mut self, value: &str) -> Result<(), JsError> {
+        self.session.broadcast(self.doc, value.as_bytes().to_vec()).map_err(js_error)
+    }
+
+    /// The other clients with the document open: `[{ id, subject, timeline, value }]`, `value`
+    /// being the text each broadcast last (`null`: none yet).
+    pub fn presence(&self) -> js_sys::Array {
+        let out = js_sys::Array::new();
+        for p in self.session.presence(self.doc) {
+            let o = js_sys::Object::new();
+            set(&o, "id", p.id as f64);
+            set(&o, "subject", p.subject.as_str());
+            set(&o, "timeline", p.timeline.to_string().as_str());
+            let value: JsValue = if p.value.is_empty() {
+                JsValue::NULL
+            } else {
+                String::from_utf8_lossy(&p.value).as_ref().into()
+            };
+            set(&o, "value", value);
+            out.push(&o);
+        }
+        out
+    }
+
+    /// Bumped whenever presence changed (a peer came, went or broadcast).
+    #[wasm_bindgen(js_name = presenceVersion)]
+    pub fn presence_version(&self) -> f64 {
+        self.session.presence_changes() as f64
+    }
+
     /// The code of the server's last error for the document (`unavailable`, ...), if any.
     #[wasm_bindgen(js_name = errorCode)]
     pub fn error_code(&self) -> Option<String> {

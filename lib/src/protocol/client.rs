@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 use pagesync_journal::{Lsn, LsnRange};
 
 use super::window::{SendWindow, round_robin};
-use super::{KEEPALIVE_MS, MAX_BATCH_BYTES, Message, PROTOCOL_VERSION, RETRANSMIT_MS, UPLOAD_WINDOW_BYTES};
+use super::{
+    KEEPALIVE_MS, MAX_BATCH_BYTES, Message, PROTOCOL_VERSION, Peer, RETRANSMIT_MS, UPLOAD_WINDOW_BYTES,
+};
 use crate::client::{ClientDocument, Submitted};
 use crate::error::{Error, Result};
 use crate::ids::DocId;
@@ -97,6 +99,15 @@ struct Link {
     error: Option<(String, String)>,
     /// Subscribe taking confirmations by digest: until one cannot be kept on this connection.
     digests: bool,
+    /// Who else has the document open, by peer id (`Message::Presence`); cleared on a reset.
+    presence: BTreeMap<u64, Peer>,
+    /// This client's last broadcast, said again on every new subscription.
+    mine: Option<Vec<u8>>,
+    /// `mine` is due to be sent.
+    broadcast_due: bool,
+    /// When the last broadcast went: the next waits `BROADCAST_PACE_MS`, so the server (which
+    /// refuses more than one per `MIN_BROADCAST_MS`) never drops the latest value.
+    broadcast_at: Option<i64>,
 }
 
 impl Link {
@@ -105,6 +116,9 @@ impl Link {
         self.state = self.state.on(SubEvent::Reset);
         self.up = SendWindow::new(self.doc.pending_range().first());
         (self.ack_due, self.last_heard_ms, self.digests) = (false, now_ms, true);
+        // A new subscription: the server says who is there, and hears from us again.
+        self.presence.clear();
+        self.broadcast_due = self.mine.is_some();
     }
 }
 
@@ -132,6 +146,8 @@ pub struct ClientSession {
     redirects: u64,
     /// Documents that changed route, for whatever reason (`reroutes`).
     reroutes: u64,
+    /// See `presence_changes`.
+    presence_changes: u64,
     now_ms: i64,
     /// The last connection-level error from the server: (code, message).
     conn_error: Option<(String, String)>,
@@ -157,6 +173,7 @@ impl ClientSession {
             home_url: None,
             redirects: 0,
             reroutes: 0,
+            presence_changes: 0,
             now_ms: 0,
             conn_error: None,
             digest_mismatches: 0,
@@ -176,6 +193,10 @@ impl ClientSession {
             server_storage_next: Lsn::FIRST,
             error: None,
             digests: true,
+            presence: BTreeMap::new(),
+            mine: None,
+            broadcast_due: false,
+            broadcast_at: None,
         };
         self.links.insert(id, link);
     }
@@ -383,6 +404,36 @@ impl ClientSession {
         self.home_url.as_deref()
     }
 
+    /// Sends `value` to everyone else with the document open (presence), as soon as the
+    /// document is subscribed, and again after every reconnect; a newer value replaces one not
+    /// sent yet. Never written anywhere.
+    pub fn broadcast(&mut self, id: DocId, value: Vec<u8>) -> Result<()> {
+        if value.len() > super::MAX_BROADCAST_BYTES {
+            let why = format!("a broadcast of {} bytes; at most {}", value.len(), super::MAX_BROADCAST_BYTES);
+            return Err(Error::Malformed(why));
+        }
+        let link =
+            self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
+        (link.mine, link.broadcast_due) = (Some(value), true);
+        self.presence_changes += 1;
+        Ok(())
+    }
+
+    /// Who else has the document open, with what each broadcast last, by peer id.
+    pub fn presence(&self, id: DocId) -> Vec<Peer> {
+        self.links.get(&id).map(|l| l.presence.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Whether this client's last broadcast on `id` has gone out.
+    pub fn broadcast_sent(&self, id: DocId) -> bool {
+        self.links.get(&id).is_some_and(|l| !l.broadcast_due)
+    }
+
+    /// Bumped whenever some document's presence changed (a peer came, went or broadcast).
+    pub fn presence_changes(&self) -> u64 {
+        self.presence_changes
+    }
+
     /// Redirects followed so far.
     pub fn redirects(&self) -> u64 {
         self.redirects
@@ -495,6 +546,14 @@ impl ClientSession {
                 // What the storage confirmed, the server holds.
                 link.up.ack(link.doc.pending_range().first());
             }
+            Message::Presence { peer, .. } => {
+                link.presence.insert(peer.id, peer);
+                self.presence_changes += 1;
+            }
+            Message::PeerLeft { peer, .. } => {
+                link.presence.remove(&peer);
+                self.presence_changes += 1;
+            }
             Message::Error { code, message, .. } => link.error = Some((code, message)),
             _ => {}
         }
@@ -565,7 +624,11 @@ impl ClientSession {
 
     pub fn poll_timeout(&self) -> Option<i64> {
         let links = self.links.values().filter(|l| self.conns.contains_key(&l.route));
-        links.flat_map(|l| [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at()]).flatten().min()
+        let broadcast = |l: &Link| l.broadcast_at.filter(|_| l.broadcast_due).map(|t| t + BROADCAST_PACE_MS);
+        links
+            .flat_map(|l| [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at(), broadcast(l)])
+            .flatten()
+            .min()
     }
 
     /// The next message to send home: Hello first, then round-robin over documents.
@@ -593,6 +656,10 @@ impl ClientSession {
         None
     }
 }
+
+/// A client sends one document's broadcasts at most this often: twice the server's bound, so
+/// that network jitter never brings two within `MIN_BROADCAST_MS` of each other there.
+pub const BROADCAST_PACE_MS: i64 = 2 * super::MIN_BROADCAST_MS;
 
 /// Servers besides home that one client syncs with at most: a redirect to one more is refused.
 pub const MAX_ROUTES: usize = 64;
@@ -633,6 +700,13 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     }
     if !matches!(l.state, SubState::Live { .. }) {
         return None;
+    }
+    if l.broadcast_due
+        && l.broadcast_at.is_none_or(|t| now_ms >= t + BROADCAST_PACE_MS)
+        && let Some(value) = l.mine.clone()
+    {
+        (l.broadcast_due, l.broadcast_at) = (false, Some(now_ms));
+        return Some(Message::Broadcast { doc: id, value });
     }
     upload_batch(id, l, now_ms)
 }

@@ -28,7 +28,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -143,6 +143,41 @@ pub enum Message {
     /// server at `url` (its websocket URL, `ws://host:port/v1/sync`). Every message the
     /// client sent about `doc` on this connection was dropped; it sends them there again.
     Redirect { doc: DocId, url: String },
+    /// Client: an ephemeral value for everyone subscribed to `doc` (presence: who is here,
+    /// what they look at, that they type). Never journaled: the server keeps each
+    /// subscriber's last one only while it is subscribed. At most `MAX_BROADCAST_BYTES`, at
+    /// most one per `MIN_BROADCAST_MS`; only from a subscriber.
+    Broadcast {
+        doc: DocId,
+        #[serde(with = "crate::bytes")]
+        value: Vec<u8>,
+    },
+    /// Server: `peer` is subscribed to `doc`, with its last broadcast: to every other
+    /// subscriber when it subscribes or broadcasts, and to a new subscriber for each peer.
+    Presence { doc: DocId, peer: Peer },
+    /// Server: `peer` is no longer subscribed to `doc` (its connection closed).
+    PeerLeft { doc: DocId, peer: u64 },
+}
+
+/// The largest `Broadcast` value: 8 KiB (a cursor, a selection, a name and a color).
+pub const MAX_BROADCAST_BYTES: usize = 8 << 10;
+
+/// A subscriber's broadcasts on one document come at most this often (40 a second); more are
+/// refused with `limit`, so one peer cannot flood the others.
+pub const MIN_BROADCAST_MS: i64 = 25;
+
+/// Another client with the document open, as presence shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its connection, unique on its server while it lasts.
+    pub id: u64,
+    /// Its token's `sub` claim (empty without one).
+    pub subject: String,
+    /// The timeline its replica writes.
+    pub timeline: TimelineId,
+    /// Its last broadcast (empty: none yet).
+    #[serde(with = "crate::bytes")]
+    pub value: Vec<u8>,
 }
 
 /// The most pages one `ReadPages` may ask for: 256 (1 MiB), so one answer is one bounded frame.
@@ -216,7 +251,10 @@ impl Message {
             | Message::PageMap { doc, .. }
             | Message::ReadPages { doc, .. }
             | Message::Pages { doc, .. }
-            | Message::Redirect { doc, .. } => Some(*doc),
+            | Message::Redirect { doc, .. }
+            | Message::Broadcast { doc, .. }
+            | Message::Presence { doc, .. }
+            | Message::PeerLeft { doc, .. } => Some(*doc),
             Message::Error { doc, .. } => *doc,
         }
     }

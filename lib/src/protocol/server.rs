@@ -24,8 +24,8 @@ use super::job::{
 };
 use super::window::{SendWindow, round_robin};
 use super::{
-    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_DOCS_PER_CONNECTION, MAX_READ_PAGES, Message,
-    PROTOCOL_VERSION, RETRANSMIT_MS, codes,
+    DOC_WINDOW_BYTES, DecodeError, MAX_BATCH_BYTES, MAX_BROADCAST_BYTES, MAX_DOCS_PER_CONNECTION,
+    MAX_READ_PAGES, MIN_BROADCAST_MS, Message, PROTOCOL_VERSION, RETRANSMIT_MS, codes,
 };
 use crate::error::Result;
 use crate::ids::{DocId, TimelineId};
@@ -43,12 +43,14 @@ pub struct Grant {
     /// `None`: every document. `Some(p)`: ids that start with `p` (a full id: exactly one).
     pub doc_prefix: Option<String>,
     pub write: bool,
+    /// Who the token names (its `sub` claim): shown to the other clients in presence.
+    pub subject: String,
 }
 
 impl Grant {
     /// Everything: for servers without auth (loopback only).
     pub fn all() -> Grant {
-        Grant { doc_prefix: None, write: true }
+        Grant { doc_prefix: None, write: true, subject: String::new() }
     }
 
     pub fn allows(&self, doc: DocId) -> bool {
@@ -58,6 +60,23 @@ impl Grant {
 
 /// Checks a `Hello` token at `now_ms`: the grant, or why it is refused.
 pub type Authenticator = Box<dyn Fn(&str, i64) -> std::result::Result<Grant, String> + Send>;
+
+/// A subscriber as presence shows it.
+#[derive(Debug)]
+struct PeerState {
+    subject: String,
+    timeline: TimelineId,
+    value: Vec<u8>,
+    /// When it last broadcast (for `MIN_BROADCAST_MS`).
+    last_ms: Option<i64>,
+}
+
+impl PeerState {
+    fn peer(&self, conn: ConnId) -> super::Peer {
+        let (subject, timeline, value) = (self.subject.clone(), self.timeline, self.value.clone());
+        super::Peer { id: conn.0, subject, timeline, value }
+    }
+}
 
 #[derive(Debug)]
 struct Sub {
@@ -456,6 +475,10 @@ pub struct SessionStats {
     pub redirects: u64,
     /// Open documents closed because another server holds their lease now.
     pub documents_moved: u64,
+    /// Broadcasts taken, and refused at `MIN_BROADCAST_MS`; presence messages sent.
+    pub broadcasts: u64,
+    pub broadcasts_refused: u64,
+    pub presence_sent: u64,
 }
 
 impl SessionStats {
@@ -493,6 +516,8 @@ pub struct ServerSession {
     cursor: Option<ConnId>,
     now_ms: i64,
     events: VecDeque<Event>,
+    /// Who is subscribed to each document, with their last broadcast (`Message::Presence`).
+    presence: HashMap<DocId, BTreeMap<ConnId, PeerState>>,
     /// Jobs run by the driver (`poll_job` / `job_done`) rather than by the session itself.
     external_jobs: bool,
     /// Jobs handed out and not yet back (documents `Held::Out`, or opening with `out`).
@@ -587,6 +612,7 @@ impl ServerSession {
             ahead_bytes: 0,
             ahead_docs: BTreeSet::new(),
             exported: VecDeque::new(),
+            presence: HashMap::new(),
             active: BTreeSet::new(),
             ready: BTreeSet::new(),
             timers: BTreeSet::new(),
@@ -650,6 +676,9 @@ impl ServerSession {
             }
             // What only it was behind on goes now.
             self.drop_acked_ahead(*doc);
+        }
+        for doc in c.subs.keys() {
+            self.leave_presence(*doc, conn);
         }
         self.ready.remove(&conn);
         self.held.remove(&conn);
@@ -856,6 +885,7 @@ impl ServerSession {
                     d.forget_rejections(timeline, through);
                 }
             }
+            Message::Broadcast { doc, value } => self.broadcast(conn, doc, value),
             Message::Error { .. } => {}
             other => {
                 let text = format!("a client may not send {}", kind(&other));
@@ -967,6 +997,7 @@ impl ServerSession {
         let window = SendWindow::new(start);
         let sub = Sub { window, timeline, digests, full_until, retry_read_at: None, timer: None };
         if let Some(c) = self.conns.get_mut(&conn) {
+            let fresh = !c.subs.contains_key(&doc);
             if let Some(mut old) = c.subs.insert(doc, sub) {
                 old.disarm(&mut self.timers, conn, doc);
                 // It could not keep a confirmation: its replay gave other pages, or it does
@@ -977,6 +1008,86 @@ impl ServerSession {
             if let Some(open) = self.docs.get_mut(&doc) {
                 open.subscribers.insert(conn);
             }
+            if fresh {
+                self.join_presence(doc, conn, timeline);
+            }
+        }
+    }
+
+    /// `conn` subscribed to `doc`: it learns who else is here, and they learn of it.
+    fn join_presence(&mut self, doc: DocId, conn: ConnId, timeline: TimelineId) {
+        let subject = self.conns.get(&conn).and_then(|c| c.grant.as_ref()).map(|g| g.subject.clone());
+        let me =
+            PeerState { subject: subject.unwrap_or_default(), timeline, value: Vec::new(), last_ms: None };
+        let peers = self.presence.entry(doc).or_default();
+        let others: Vec<Message> =
+            peers.iter().map(|(id, p)| Message::Presence { doc, peer: p.peer(*id) }).collect();
+        let announce = Message::Presence { doc, peer: me.peer(conn) };
+        peers.insert(conn, me);
+        self.push_all(conn, others);
+        self.tell_peers(doc, conn, &announce);
+    }
+
+    /// `conn` is no longer subscribed to `doc`: the others are told.
+    fn leave_presence(&mut self, doc: DocId, conn: ConnId) {
+        let Some(peers) = self.presence.get_mut(&doc) else { return };
+        if peers.remove(&conn).is_none() {
+            return;
+        }
+        if peers.is_empty() {
+            self.presence.remove(&doc);
+            return;
+        }
+        self.tell_peers(doc, conn, &Message::PeerLeft { doc, peer: conn.0 });
+    }
+
+    /// A subscriber's broadcast: kept as its presence and sent to every other subscriber
+    /// (one frame each), never journaled.
+    fn broadcast(&mut self, conn: ConnId, doc: DocId, value: Vec<u8>) {
+        let now = self.now_ms;
+        let refuse = |code: &str, text: String| error(Some(doc), code, text);
+        let refusal = match self.presence.get(&doc).and_then(|p| p.get(&conn)) {
+            _ if value.len() > MAX_BROADCAST_BYTES => Some(refuse(
+                codes::TOO_LARGE,
+                format!("a broadcast of {} bytes; at most {MAX_BROADCAST_BYTES}", value.len()),
+            )),
+            None => Some(refuse(codes::MALFORMED, format!("subscribe to {doc} before broadcasting to it"))),
+            Some(p) if p.last_ms.is_some_and(|t| now < t + MIN_BROADCAST_MS) => {
+                self.stats.broadcasts_refused += 1;
+                Some(refuse(
+                    codes::LIMIT,
+                    format!("at most one broadcast per {MIN_BROADCAST_MS} ms per document"),
+                ))
+            }
+            Some(_) => None,
+        };
+        if let Some(refusal) = refusal {
+            return self.push(conn, refusal);
+        }
+        let peer = self.presence.get_mut(&doc).and_then(|p| p.get_mut(&conn)).expect("BUG: checked above");
+        (peer.value, peer.last_ms) = (value, Some(now));
+        let message = Message::Presence { doc, peer: peer.peer(conn) };
+        self.stats.broadcasts += 1;
+        self.tell_peers(doc, conn, &message);
+    }
+
+    /// Sends `message` to every subscriber of `doc` but `from`.
+    fn tell_peers(&mut self, doc: DocId, from: ConnId, message: &Message) {
+        let Some(peers) = self.presence.get(&doc) else { return };
+        let to: Vec<ConnId> = peers.keys().copied().filter(|id| *id != from).collect();
+        self.stats.presence_sent += to.len() as u64;
+        for id in to {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.outbox.push_back(message.clone());
+                self.ready.insert(id);
+            }
+        }
+    }
+
+    fn push_all(&mut self, conn: ConnId, messages: Vec<Message>) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.outbox.extend(messages);
+            self.ready.insert(conn);
         }
     }
 
@@ -1163,6 +1274,8 @@ impl ServerSession {
     fn close_telling(&mut self, doc: DocId, tell: Message) {
         self.with_ahead(doc, ReadAhead::clear);
         let Some(open) = self.docs.remove(&doc) else { return };
+        // Every subscriber goes: nobody is left to tell who left.
+        self.presence.remove(&doc);
         if open.export {
             let why = format!("document {doc} was closed before it could be exported");
             self.exported.push_back((doc, Err(ExportError::Failed(why))));
@@ -1698,5 +1811,8 @@ fn kind(m: &Message) -> &'static str {
         Message::ReadPages { .. } => "ReadPages",
         Message::Pages { .. } => "Pages",
         Message::Redirect { .. } => "Redirect",
+        Message::Broadcast { .. } => "Broadcast",
+        Message::Presence { .. } => "Presence",
+        Message::PeerLeft { .. } => "PeerLeft",
     }
 }

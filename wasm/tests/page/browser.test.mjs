@@ -122,3 +122,30 @@ test("a 10 MB document opens from OPFS after a reload", async () => {
   figures.open_10mb_after_reload_ms = Math.round(cold.ms);
   await context.close();
 });
+
+test("two contexts see each other's presence, and one that closes is dropped", async () => {
+  const room = randomDoc();
+  const open = async (name) => {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    logPage(page, name);
+    await page.goto(`${base}/?doc=${room}&name=${name}`);
+    await waitSynced(page);
+    return { context, page };
+  };
+  const sees = (page, names) =>
+    page.waitForFunction((names) => {
+      const here = JSON.parse(document.getElementById("here").dataset.peers ?? "[]");
+      return JSON.stringify(here) === JSON.stringify(names);
+    }, names, { timeout: 20_000 });
+  const carol = await open("carol");
+  const dave = await open("dave");
+  await sees(carol.page, ["dave"]);
+  await sees(dave.page, ["carol"]);
+  // The CLI says who is here too: both contexts, with what each broadcast.
+  const peers = JSON.parse(runCli(port, join(work, "cli-presence"), room, "presence", "--json"));
+  assert.deepEqual(peers.map((p) => JSON.parse(p.value).name).sort(), ["carol", "dave"]);
+  await dave.context.close();
+  await sees(carol.page, []);
+  await carol.context.close();
+});
