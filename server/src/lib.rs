@@ -320,8 +320,13 @@ impl Metrics {
             ),
             ("pagesync_broadcasts_total", "Presence broadcasts taken from clients", s.broadcasts),
             (
+                "pagesync_broadcasts_held_total",
+                "Presence broadcasts that came within 25 ms of their sender's last one: told when that time was up, or replaced by a newer one",
+                s.broadcasts_held,
+            ),
+            (
                 "pagesync_broadcasts_refused_total",
-                "Presence broadcasts refused because their sender broadcast too often",
+                "Presence broadcasts refused at a bound (size, broadcasters per document, bytes per connection or server)",
                 s.broadcasts_refused,
             ),
             (

@@ -145,8 +145,8 @@ pub enum Message {
     Redirect { doc: DocId, url: String },
     /// Client: an ephemeral value for everyone subscribed to `doc` (presence: who is here,
     /// what they look at, that they type). Never journaled: the server keeps each
-    /// subscriber's last one only while it is subscribed. At most `MAX_BROADCAST_BYTES`, at
-    /// most one per `MIN_BROADCAST_MS`; only from a subscriber.
+    /// subscriber's last one only while it is subscribed. At most `MAX_BROADCAST_BYTES`, told
+    /// at most once per `MIN_BROADCAST_MS`; only from a subscriber.
     Broadcast {
         doc: DocId,
         #[serde(with = "crate::bytes")]
@@ -162,8 +162,8 @@ pub enum Message {
 /// The largest `Broadcast` value: 8 KiB (a cursor, a selection, a name and a color).
 pub const MAX_BROADCAST_BYTES: usize = 8 << 10;
 
-/// A subscriber's broadcasts on one document come at most this often (40 a second); more are
-/// refused with `limit`, so one peer cannot flood the others.
+/// A subscriber's broadcasts on one document are told at most this often (40 a second); one
+/// that comes sooner waits (a newer one replacing it), so one peer cannot flood the others.
 pub const MIN_BROADCAST_MS: i64 = 25;
 
 /// Another client with the document open, as presence shows it.

@@ -61,14 +61,19 @@ impl Grant {
 /// Checks a `Hello` token at `now_ms`: the grant, or why it is refused.
 pub type Authenticator = Box<dyn Fn(&str, i64) -> std::result::Result<Grant, String> + Send>;
 
-/// A subscriber as presence shows it.
+/// A subscriber that broadcast, as presence shows it.
 #[derive(Debug)]
 struct PeerState {
     subject: String,
     timeline: TimelineId,
     value: Vec<u8>,
-    /// When it last broadcast (for `MIN_BROADCAST_MS`).
-    last_ms: Option<i64>,
+    /// When its value was last told to the others (for `MIN_BROADCAST_MS`).
+    last_ms: i64,
+    /// The room's version when its value was last told.
+    version: u64,
+    /// A newer value came within `MIN_BROADCAST_MS` of the last one told: it is told when that
+    /// time is up (`presence_timers`), so the latest value always arrives.
+    due: bool,
 }
 
 impl PeerState {
@@ -76,7 +81,58 @@ impl PeerState {
         let (subject, timeline, value) = (self.subject.clone(), self.timeline, self.value.clone());
         super::Peer { id: conn.0, subject, timeline, value }
     }
+
+    /// What it costs the server: its value and a little for the rest.
+    fn bytes(&self) -> usize {
+        self.value.len() + self.subject.len() + 64
+    }
 }
+
+/// One document's presence: the subscribers that broadcast, and the ones that left, each with
+/// the version at which it changed. Every subscription remembers the version it was told up to
+/// (`Sub::presence_seen`) and is sent what changed since when its connection has room, one
+/// frame per peer, the peer's latest state: nothing is queued per subscriber, so presence costs
+/// the server the peers' values whatever the number of subscribers or how slowly they read.
+#[derive(Debug, Default)]
+struct Room {
+    version: u64,
+    peers: BTreeMap<ConnId, PeerState>,
+    /// Peers that left, with the version they left at, for subscribers that have not heard
+    /// yet (the oldest are forgotten past `MAX_PRESENCE_LEFT`).
+    left: BTreeMap<ConnId, u64>,
+}
+
+impl Room {
+    /// The first change after `seen` that is news to `to`: its version, and the message that
+    /// tells it. A subscriber is never told of itself.
+    fn next_after(&self, doc: DocId, seen: u64, to: ConnId) -> Option<(u64, Message)> {
+        if self.version <= seen {
+            return None;
+        }
+        let peer =
+            self.peers.iter().filter(|(id, p)| p.version > seen && **id != to).min_by_key(|(_, p)| p.version);
+        let gone = self.left.iter().filter(|(_, v)| **v > seen).min_by_key(|(_, v)| **v);
+        let presence =
+            |(id, p): (&ConnId, &PeerState)| (p.version, Message::Presence { doc, peer: p.peer(*id) });
+        match (peer, gone) {
+            (Some(p), Some((_, v))) if p.1.version < *v => Some(presence(p)),
+            (Some(p), None) => Some(presence(p)),
+            (_, Some((id, v))) => Some((*v, Message::PeerLeft { doc, peer: id.0 })),
+            (None, None) => None,
+        }
+    }
+}
+
+/// Peers that broadcast on one document at most: a new one past it is refused with `limit`.
+pub const MAX_PRESENCE_PEERS: usize = 256;
+
+/// Departures a room remembers for subscribers that have not heard of them yet.
+const MAX_PRESENCE_LEFT: usize = 1_024;
+
+/// Bytes of presence (values and subjects) one connection may hold over all its documents,
+/// and the server over all: 256 KiB and 64 MiB. A broadcast past either is refused (`limit`).
+pub const MAX_PRESENCE_CONN_BYTES: usize = 256 << 10;
+pub const MAX_PRESENCE_BYTES: usize = 64 << 20;
 
 #[derive(Debug)]
 struct Sub {
@@ -96,6 +152,8 @@ struct Sub {
     /// The deadline it has in `ServerSession::timers`: the earlier of its resend and its read
     /// retry.
     timer: Option<i64>,
+    /// The version of the document's presence it has been told up to (`Room`).
+    presence_seen: u64,
 }
 
 impl Sub {
@@ -475,8 +533,10 @@ pub struct SessionStats {
     pub redirects: u64,
     /// Open documents closed because another server holds their lease now.
     pub documents_moved: u64,
-    /// Broadcasts taken, and refused at `MIN_BROADCAST_MS`; presence messages sent.
+    /// Broadcasts taken, those of them held back by `MIN_BROADCAST_MS` (told later, or
+    /// replaced by a newer one), and those refused at a bound; presence messages sent.
     pub broadcasts: u64,
+    pub broadcasts_held: u64,
     pub broadcasts_refused: u64,
     pub presence_sent: u64,
 }
@@ -517,7 +577,13 @@ pub struct ServerSession {
     now_ms: i64,
     events: VecDeque<Event>,
     /// Who is subscribed to each document, with their last broadcast (`Message::Presence`).
-    presence: HashMap<DocId, BTreeMap<ConnId, PeerState>>,
+    presence: HashMap<DocId, Room>,
+    /// When a broadcast held back by `MIN_BROADCAST_MS` is told: (time, document, broadcaster).
+    presence_timers: BTreeSet<(i64, DocId, ConnId)>,
+    /// Bytes of presence held, over all rooms (`MAX_PRESENCE_BYTES`), and by connection
+    /// (`MAX_PRESENCE_CONN_BYTES`).
+    presence_bytes: usize,
+    presence_conn_bytes: HashMap<ConnId, usize>,
     /// Jobs run by the driver (`poll_job` / `job_done`) rather than by the session itself.
     external_jobs: bool,
     /// Jobs handed out and not yet back (documents `Held::Out`, or opening with `out`).
@@ -613,6 +679,9 @@ impl ServerSession {
             ahead_docs: BTreeSet::new(),
             exported: VecDeque::new(),
             presence: HashMap::new(),
+            presence_timers: BTreeSet::new(),
+            presence_bytes: 0,
+            presence_conn_bytes: HashMap::new(),
             active: BTreeSet::new(),
             ready: BTreeSet::new(),
             timers: BTreeSet::new(),
@@ -680,6 +749,7 @@ impl ServerSession {
         for doc in c.subs.keys() {
             self.leave_presence(*doc, conn);
         }
+        self.presence_conn_bytes.remove(&conn);
         self.ready.remove(&conn);
         self.held.remove(&conn);
     }
@@ -995,9 +1065,12 @@ impl ServerSession {
         // of the checkpoint goes whole too (any replica can take a whole entry).
         let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
         let window = SendWindow::new(start);
-        let sub = Sub { window, timeline, digests, full_until, retry_read_at: None, timer: None };
+        let sub =
+            Sub { window, timeline, digests, full_until, retry_read_at: None, timer: None, presence_seen: 0 };
         if let Some(c) = self.conns.get_mut(&conn) {
-            let fresh = !c.subs.contains_key(&doc);
+            let mut sub = sub;
+            // Told once: a re-subscription on the same connection is not told again.
+            sub.presence_seen = c.subs.get(&doc).map_or(0, |old| old.presence_seen);
             if let Some(mut old) = c.subs.insert(doc, sub) {
                 old.disarm(&mut self.timers, conn, doc);
                 // It could not keep a confirmation: its replay gave other pages, or it does
@@ -1008,86 +1081,102 @@ impl ServerSession {
             if let Some(open) = self.docs.get_mut(&doc) {
                 open.subscribers.insert(conn);
             }
-            if fresh {
-                self.join_presence(doc, conn, timeline);
-            }
         }
     }
 
-    /// `conn` subscribed to `doc`: it learns who else is here, and they learn of it.
-    fn join_presence(&mut self, doc: DocId, conn: ConnId, timeline: TimelineId) {
-        let subject = self.conns.get(&conn).and_then(|c| c.grant.as_ref()).map(|g| g.subject.clone());
-        let me =
-            PeerState { subject: subject.unwrap_or_default(), timeline, value: Vec::new(), last_ms: None };
-        let peers = self.presence.entry(doc).or_default();
-        let others: Vec<Message> =
-            peers.iter().map(|(id, p)| Message::Presence { doc, peer: p.peer(*id) }).collect();
-        let announce = Message::Presence { doc, peer: me.peer(conn) };
-        peers.insert(conn, me);
-        self.push_all(conn, others);
-        self.tell_peers(doc, conn, &announce);
-    }
-
-    /// `conn` is no longer subscribed to `doc`: the others are told.
+    /// `conn` is no longer subscribed to `doc`: if it broadcast, the others are told.
     fn leave_presence(&mut self, doc: DocId, conn: ConnId) {
-        let Some(peers) = self.presence.get_mut(&doc) else { return };
-        if peers.remove(&conn).is_none() {
-            return;
+        let Some(room) = self.presence.get_mut(&doc) else { return };
+        let Some(gone) = room.peers.remove(&conn) else { return };
+        self.presence_bytes -= gone.bytes();
+        if let Some(b) = self.presence_conn_bytes.get_mut(&conn) {
+            *b -= gone.bytes();
         }
-        if peers.is_empty() {
-            self.presence.remove(&doc);
-            return;
+        room.version += 1;
+        room.left.insert(conn, room.version);
+        if room.left.len() > MAX_PRESENCE_LEFT
+            && let Some(oldest) = room.left.iter().min_by_key(|(_, v)| **v).map(|(id, _)| *id)
+        {
+            room.left.remove(&oldest);
         }
-        self.tell_peers(doc, conn, &Message::PeerLeft { doc, peer: conn.0 });
+        self.ready_subscribers(doc);
     }
 
-    /// A subscriber's broadcast: kept as its presence and sent to every other subscriber
-    /// (one frame each), never journaled.
+    /// A subscriber's broadcast: kept as its presence (replacing its last one) and told to every
+    /// other subscriber as its connection has room; never journaled. One that comes within
+    /// `MIN_BROADCAST_MS` of the last one told waits for that time (a newer one replaces it), so
+    /// a flood costs the others at most one frame each per `MIN_BROADCAST_MS`, and the latest
+    /// value always arrives.
     fn broadcast(&mut self, conn: ConnId, doc: DocId, value: Vec<u8>) {
         let now = self.now_ms;
-        let refuse = |code: &str, text: String| error(Some(doc), code, text);
-        let refusal = match self.presence.get(&doc).and_then(|p| p.get(&conn)) {
-            _ if value.len() > MAX_BROADCAST_BYTES => Some(refuse(
-                codes::TOO_LARGE,
-                format!("a broadcast of {} bytes; at most {MAX_BROADCAST_BYTES}", value.len()),
-            )),
-            None => Some(refuse(codes::MALFORMED, format!("subscribe to {doc} before broadcasting to it"))),
-            Some(p) if p.last_ms.is_some_and(|t| now < t + MIN_BROADCAST_MS) => {
-                self.stats.broadcasts_refused += 1;
-                Some(refuse(
-                    codes::LIMIT,
-                    format!("at most one broadcast per {MIN_BROADCAST_MS} ms per document"),
-                ))
-            }
-            Some(_) => None,
+        let subscribed = self.conns.get(&conn).and_then(|c| c.subs.get(&doc).map(|s| (s.timeline, c)));
+        let Some((timeline, c)) = subscribed else {
+            let text = format!("subscribe to {doc} before broadcasting to it");
+            return self.push(conn, error(Some(doc), codes::MALFORMED, text));
         };
-        if let Some(refusal) = refusal {
-            return self.push(conn, refusal);
-        }
-        let peer = self.presence.get_mut(&doc).and_then(|p| p.get_mut(&conn)).expect("BUG: checked above");
-        (peer.value, peer.last_ms) = (value, Some(now));
-        let message = Message::Presence { doc, peer: peer.peer(conn) };
-        self.stats.broadcasts += 1;
-        self.tell_peers(doc, conn, &message);
-    }
-
-    /// Sends `message` to every subscriber of `doc` but `from`.
-    fn tell_peers(&mut self, doc: DocId, from: ConnId, message: &Message) {
-        let Some(peers) = self.presence.get(&doc) else { return };
-        let to: Vec<ConnId> = peers.keys().copied().filter(|id| *id != from).collect();
-        self.stats.presence_sent += to.len() as u64;
-        for id in to {
-            if let Some(c) = self.conns.get_mut(&id) {
-                c.outbox.push_back(message.clone());
-                self.ready.insert(id);
+        let subject = c.grant.as_ref().map(|g| g.subject.clone()).unwrap_or_default();
+        let room = self.presence.entry(doc).or_default();
+        let old = room.peers.get(&conn);
+        let old_bytes = old.map_or(0, PeerState::bytes);
+        let held_back = old.is_some_and(|p| now < p.last_ms + MIN_BROADCAST_MS);
+        let mut new =
+            PeerState { subject, timeline, value, last_ms: now, version: room.version + 1, due: false };
+        let conn_bytes = self.presence_conn_bytes.get(&conn).copied().unwrap_or(0);
+        let refusal = if new.value.len() > MAX_BROADCAST_BYTES {
+            Some((
+                codes::TOO_LARGE,
+                format!("a broadcast of {} bytes; at most {MAX_BROADCAST_BYTES}", new.value.len()),
+            ))
+        } else if old.is_none() && room.peers.len() >= MAX_PRESENCE_PEERS {
+            Some((codes::LIMIT, format!("{MAX_PRESENCE_PEERS} clients already broadcast on {doc}")))
+        } else if conn_bytes - old_bytes + new.bytes() > MAX_PRESENCE_CONN_BYTES
+            || self.presence_bytes - old_bytes + new.bytes() > MAX_PRESENCE_BYTES
+        {
+            Some((codes::LIMIT, "too much presence held: broadcast less, or on fewer documents".to_owned()))
+        } else {
+            None
+        };
+        if let Some((code, text)) = refusal {
+            if room.peers.is_empty() && room.left.is_empty() {
+                self.presence.remove(&doc);
             }
+            self.stats.broadcasts_refused += 1;
+            return self.push(conn, error(Some(doc), code, text));
+        }
+        self.presence_bytes = self.presence_bytes - old_bytes + new.bytes();
+        self.presence_conn_bytes.insert(conn, conn_bytes - old_bytes + new.bytes());
+        self.stats.broadcasts += 1;
+        if held_back {
+            let old = old.expect("BUG: held back only after a broadcast");
+            (new.last_ms, new.version, new.due) = (old.last_ms, old.version, true);
+            self.presence_timers.insert((old.last_ms + MIN_BROADCAST_MS, doc, conn));
+            self.stats.broadcasts_held += 1;
+            room.peers.insert(conn, new);
+            return;
+        }
+        room.version += 1;
+        room.left.remove(&conn);
+        room.peers.insert(conn, new);
+        self.ready_subscribers(doc);
+    }
+
+    /// Tells the broadcasts held back whose time has come.
+    fn tell_held_broadcasts(&mut self) {
+        let now = self.now_ms;
+        while let Some((t, doc, conn)) = self.presence_timers.first().copied().filter(|(t, _, _)| *t <= now) {
+            self.presence_timers.remove(&(t, doc, conn));
+            let Some(room) = self.presence.get_mut(&doc) else { continue };
+            let Some(peer) = room.peers.get_mut(&conn).filter(|p| p.due) else { continue };
+            room.version += 1;
+            (peer.version, peer.last_ms, peer.due) = (room.version, now, false);
+            self.ready_subscribers(doc);
         }
     }
 
-    fn push_all(&mut self, conn: ConnId, messages: Vec<Message>) {
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.outbox.extend(messages);
-            self.ready.insert(conn);
+    /// Every subscriber of `doc` has something to be told.
+    fn ready_subscribers(&mut self, doc: DocId) {
+        if let Some(open) = self.docs.get(&doc) {
+            self.ready.extend(open.subscribers.iter().copied());
         }
     }
 
@@ -1182,6 +1271,7 @@ impl ServerSession {
         let now = self.now_ms;
         self.run_jobs_here();
         self.close_idle();
+        self.tell_held_broadcasts();
         while let Some(&(t, conn, doc)) = self.timers.first().filter(|(t, _, _)| *t <= now) {
             let backlog = self.conns.get(&conn).map(|c| c.backlog_bytes);
             if backlog.is_some_and(|b| b == 0) {
@@ -1275,7 +1365,14 @@ impl ServerSession {
         self.with_ahead(doc, ReadAhead::clear);
         let Some(open) = self.docs.remove(&doc) else { return };
         // Every subscriber goes: nobody is left to tell who left.
-        self.presence.remove(&doc);
+        if let Some(room) = self.presence.remove(&doc) {
+            for (conn, p) in room.peers {
+                self.presence_bytes -= p.bytes();
+                if let Some(b) = self.presence_conn_bytes.get_mut(&conn) {
+                    *b -= p.bytes();
+                }
+            }
+        }
         if open.export {
             let why = format!("document {doc} was closed before it could be exported");
             self.exported.push_back((doc, Err(ExportError::Failed(why))));
@@ -1639,9 +1736,10 @@ impl ServerSession {
             }
         }
         let resends = self.timers.first().map(|(t, _, _)| *t);
+        let held = self.presence_timers.first().map(|(t, _, _)| *t);
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
-        steps.into_iter().chain(resends).chain(blocked).min()
+        steps.into_iter().chain(resends).chain(held).chain(blocked).min()
     }
 
     /// The next message to send, and its connection. Fair: round-robin over connections, and
@@ -1674,6 +1772,14 @@ impl ServerSession {
             return None;
         }
         for doc in round_robin(c.subs.keys().copied(), c.cursor) {
+            if let (Some(room), Some(sub)) = (self.presence.get(&doc), c.subs.get_mut(&doc))
+                && let Some((version, msg)) = room.next_after(doc, sub.presence_seen, id)
+            {
+                sub.presence_seen = version;
+                c.cursor = Some(doc);
+                self.stats.presence_sent += 1;
+                return Some(msg);
+            }
             let (Some(open), Some(sub)) = (self.docs.get_mut(&doc), c.subs.get_mut(&doc)) else { continue };
             if sub.window.next >= open.stored.next() || open.is_away() {
                 continue;
