@@ -11,6 +11,7 @@ mod journal;
 mod libsql;
 mod many;
 mod net;
+mod presence;
 #[path = "../../server/tests/support/probe.rs"]
 mod probe;
 mod report;
@@ -49,6 +50,7 @@ const GROUPS: &[Group] = &[
     ("bulk", bulk::run),
     ("s3", s3::run),
     ("cluster", cluster::run),
+    ("presence", presence::run),
 ];
 
 fn usage() -> String {
