@@ -318,8 +318,12 @@ impl Client {
             // The server a redirect named last time: straight there (a hint; a server that
             // no longer serves it redirects again, one that is gone sends it home).
             let remembered = std::fs::read_to_string(dir.join(SERVER_FILE)).ok();
+            let deleted = dir.join(DELETED_FILE).exists();
             let mut session = self.shared.session();
             session.add_document(doc, replica);
+            if deleted {
+                session.mark_deleted(doc);
+            }
             if let Some(url) = remembered.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
                 session.route_to(doc, url);
             }
@@ -789,6 +793,45 @@ impl Subscription {
 /// goes straight there.
 const SERVER_FILE: &str = "server";
 
+/// In a replica's directory: the server deleted the document. The replica stays readable,
+/// syncs no more and takes no writes, until `forget` removes it.
+const DELETED_FILE: &str = "DELETED";
+
+/// Removes a document's local replica from `data_dir` (after the server deleted it, or to
+/// start over): refuses while a process has it open (`ReplicaBusy`). Its pending writes go
+/// with it.
+pub fn forget(data_dir: impl AsRef<Path>, doc: DocId) -> Result<bool> {
+    let dir = data_dir.as_ref().join(doc.to_string());
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let _lock = pagesync::journal::DirLock::try_lock(&dir, &pagesync::journal::lock::this_command())
+        .map_err(|e| match e {
+            pagesync::journal::LockError::Held { dir, holder } => ClientError::ReplicaBusy { dir, holder },
+            e => ClientError::Lock(e),
+        })?;
+    std::fs::remove_dir_all(&dir).map_err(|source| pagesync::journal::JournalError::Io {
+        journal: JournalId::from_u128(0),
+        op: "remove the replica",
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(true)
+}
+
+/// Writes down which open documents the server deleted, so a later run knows at once.
+fn remember_deleted(shared: &Shared) {
+    let deleted = shared.session().deleted();
+    for id in deleted {
+        let path = shared.data_dir.join(id.to_string()).join(DELETED_FILE);
+        if !path.exists()
+            && let Err(e) = std::fs::write(&path, b"deleted on the server\n")
+        {
+            tracing::warn!("cannot write down that {id} was deleted: {e}");
+        }
+    }
+}
+
 /// Writes down each open document's server (removes the file for those at home).
 fn remember_routes(shared: &Shared) {
     let ids: Vec<DocId> =
@@ -1005,19 +1048,24 @@ async fn run_connection(
                         }
                     }
                     let mut session = shared.session();
-                    let (mismatches, reroutes) = (session.digest_mismatches(), session.reroutes());
+                    let (mismatches, reroutes, deletions) =
+                        (session.digest_mismatches(), session.reroutes(), session.deletions());
                     if let Err(e) = session.handle_frames_on(route, now_ms(), &frames) {
                         tracing::warn!("applying a frame failed: {e}");
                     }
                     if session.reroutes() > reroutes {
                         shared.rerouted.notify_one();
                     }
+                    let deleted = session.deletions() > deletions;
                     if session.digest_mismatches() > mismatches {
                         tracing::error!(
                             "a confirmation by digest did not match this replica's replay (non-determinism); fell back to the server's pages"
                         );
                     }
                     drop(session);
+                    if deleted {
+                        remember_deleted(shared);
+                    }
                     shared.bump();
                     if closed {
                         return;

@@ -81,6 +81,9 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// Remove the local replica of --doc (after the server deleted it, or to start over); its
+    /// pending writes go with it.
+    Forget,
     /// Interactive SQL. Statements end with `;`. Reads (SELECT, WITH, PRAGMA, EXPLAIN, VALUES)
     /// run on the local replica; anything else is a write, applied locally at once and synced
     /// in the background. `.status`, `.sync` and `.quit` do what they say.
@@ -109,7 +112,9 @@ fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
     for (lsn, r) in outcomes.rejected {
         println!("rejected {lsn}\t{}\t{}", r.code, r.message);
     }
-    if let Some((code, message)) = st.error {
+    if st.deleted {
+        println!("deleted\tthe server deleted this document; `pagesync forget` removes the local replica");
+    } else if let Some((code, message)) = st.error {
         println!("server error\t{code}\t{message}");
     }
     Ok(())
@@ -276,6 +281,18 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let doc_text =
         args.doc.clone().ok_or_else(|| anyhow::anyhow!("--doc ID is required (32 hex digits or a UUID)"))?;
     let doc_id: DocId = doc_text.parse()?;
+    if let Command::Forget = args.command {
+        return Ok(match pagesync_client::forget(&args.data, doc_id)? {
+            true => {
+                println!("forgot {doc_id}: its local replica is gone");
+                ExitCode::SUCCESS
+            }
+            false => {
+                eprintln!("no local replica of {doc_id} in {}", args.data.display());
+                ExitCode::FAILURE
+            }
+        });
+    }
     let client = Client::connect(&args.server, &args.token, &args.data)?;
     let doc = client.open_wait(doc_id, Duration::from_millis(args.wait_ms)).await?;
     let timeout = Duration::from_millis(args.timeout_ms);
@@ -337,6 +354,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Repl => repl(&doc, timeout).await,
+        Command::Forget => unreachable!("BUG: handled before connecting"),
         Command::Broadcast { text, stay_ms } => {
             doc.broadcast(&text)?;
             let deadline = tokio::time::Instant::now() + timeout;

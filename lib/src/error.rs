@@ -56,6 +56,10 @@ pub enum Error {
     /// leaving it); clients try again, here or elsewhere.
     #[error("this server cannot serve documents now: {0}")]
     Unavailable(String),
+    /// The document was deleted on the server: it will not be created again, and its
+    /// replicas can only be forgotten.
+    #[error("the document was deleted on the server")]
+    Deleted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -27,6 +27,9 @@ pub struct Claims {
     /// May read `/metrics`.
     #[serde(default)]
     pub metrics: bool,
+    /// May delete documents (`DELETE /v1/docs/{id}`) among those `doc` names.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
     /// Who the token is for (a user id, a name): shown to the other clients of a document in
     /// presence, as their peer's `subject`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,8 +136,14 @@ mod tests {
 
     #[test]
     fn minted_tokens_verify_and_grant_what_they_name() {
-        let claims =
-            Claims { doc: "ab*".into(), write: false, exp: 2_000_000_000, metrics: false, sub: None };
+        let claims = Claims {
+            doc: "ab*".into(),
+            write: false,
+            exp: 2_000_000_000,
+            metrics: false,
+            admin: false,
+            sub: None,
+        };
         let token = mint(SECRET, &claims);
         let grant = verify(SECRET, &token, 1_000).expect("valid");
         assert!(!grant.write);
@@ -144,8 +153,14 @@ mod tests {
 
     #[test]
     fn forged_expired_and_malformed_tokens_are_refused() {
-        let claims =
-            Claims { doc: "*".into(), write: true, exp: 10, metrics: false, sub: Some("ann".into()) };
+        let claims = Claims {
+            doc: "*".into(),
+            write: true,
+            exp: 10,
+            metrics: false,
+            admin: false,
+            sub: Some("ann".into()),
+        };
         let token = mint(SECRET, &claims);
         assert!(verify(SECRET, &token, 11_000).expect_err("expired").contains("expired"));
         assert!(

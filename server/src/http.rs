@@ -136,6 +136,7 @@ pub(crate) struct Routes {
 
 /// A parsed request head.
 struct Request {
+    method: String,
     path: String,
     /// After `?`, as sent (empty when there was none).
     query: String,
@@ -188,6 +189,7 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             Ok(()) => respond(stream, "200 OK", "text/plain; version=0.0.4", routes.metrics.render()).await,
             Err((status, why)) => respond(stream, status, "text/plain", why).await,
         },
+        p if p.starts_with("/v1/docs/") && req.method == "DELETE" => delete(stream, routes, &req).await,
         p if p.starts_with("/v1/docs/") => export(stream, routes, &req).await,
         p => match &routes.web_root {
             Some(root) => static_file(stream, root, p).await,
@@ -227,7 +229,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
     let text = std::str::from_utf8(head).ok()?;
     let mut lines = text.split("\r\n");
     let mut parts = lines.next()?.split_whitespace();
-    let (_method, target) = (parts.next()?, parts.next()?);
+    let (method, target) = (parts.next()?, parts.next()?);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
     for line in lines {
@@ -238,7 +240,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
             token = Some(t.trim().to_owned());
         }
     }
-    Some(Request { path: path.to_owned(), query: query.to_owned(), token })
+    Some(Request { method: method.to_owned(), path: path.to_owned(), query: query.to_owned(), token })
 }
 
 type Refusal = (&'static str, String);
@@ -319,6 +321,10 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
         Ok(Ok(false)) => {
             return respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await;
         }
+        Ok(Err(pagesync::Error::Deleted)) => {
+            let why = format!("document {doc} was deleted\n");
+            return respond(stream, "404 Not Found", "text/plain", why).await;
+        }
         Ok(Err(e)) => {
             return respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await;
         }
@@ -349,6 +355,65 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
         },
         Err(ExportError::NotFound) => {
             respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await
+        }
+        Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
+    }
+}
+
+/// `DELETE /v1/docs/{id}`: deletes the document for everyone (a token with the `admin` claim
+/// for it, when the server has a secret). Its tombstone first, so nobody opens or creates it
+/// again; then its subscribers are told `deleted`; then its storage goes.
+async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
+    let id = req.path.strip_prefix("/v1/docs/").filter(|id| !id.is_empty() && !id.contains('/'));
+    let Some(id) = id else {
+        return respond(stream, "404 Not Found", "text/plain", "delete is DELETE /v1/docs/{id}\n").await;
+    };
+    let doc: pagesync::DocId = match id.parse() {
+        Ok(d) => d,
+        Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
+    };
+    match verify(routes, req) {
+        Err((status, why)) => return respond(stream, status, "text/plain", why).await,
+        Ok(Some(claims)) => {
+            let allowed = crate::auth::grant_of(&claims).is_ok_and(|g| g.allows(doc)) && claims.admin;
+            if !allowed {
+                let why =
+                    format!("deleting {doc} needs a token with the admin claim for it (token --admin)\n");
+                return respond(stream, "403 Forbidden", "text/plain", why).await;
+            }
+        }
+        Ok(None) => {}
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let store = routes.store.clone();
+    match tokio::task::spawn_blocking(move || store.mark_deleted(doc, now_ms)).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            return respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await;
+        }
+        Ok(Err(e)) => {
+            return respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await;
+        }
+        Err(e) => return respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
+    }
+    // A step out on a job finishes first: nothing is written after the storage is gone.
+    if !routes.hub.close_deleted(doc, Duration::from_secs(60)).await {
+        let why = format!("{doc} is deleted, but its storage is still in use: ask again to remove it\n");
+        return respond(stream, "503 Service Unavailable", "text/plain", why).await;
+    }
+    let store = routes.store.clone();
+    match tokio::task::spawn_blocking(move || store.delete_storage(doc)).await {
+        Ok(Ok(())) => respond(stream, "200 OK", "text/plain", format!("deleted {doc}\n")).await,
+        Ok(Err(e)) => {
+            respond(
+                stream,
+                "503 Service Unavailable",
+                "text/plain",
+                format!("{doc} is deleted; removing its storage failed (ask again): {e}\n"),
+            )
+            .await
         }
         Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }

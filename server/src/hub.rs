@@ -86,6 +86,12 @@ enum HubMsg {
         doc: pagesync::DocId,
         reply: ExportReply,
     },
+    /// A document was deleted: close it (`ServerSession::close_deleted`); the reply says
+    /// whether the session let go of it.
+    CloseDeleted {
+        doc: pagesync::DocId,
+        reply: oneshot::Sender<bool>,
+    },
     /// A worker finished a document's job (open, step, read-ahead, export).
     JobDone(Box<JobDone>),
     Shutdown(oneshot::Sender<()>),
@@ -163,6 +169,25 @@ impl Hub {
         let down = || ExportError::Failed("the server is shutting down".to_owned());
         self.tx.send(HubMsg::Export { doc, reply }).map_err(|_| down())?;
         rx.await.map_err(|_| down())?
+    }
+
+    /// Closes a deleted document, telling its subscribers; waits (up to `within`) while a job
+    /// has it out. Whether the session let go of it.
+    pub async fn close_deleted(&self, doc: pagesync::DocId, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            if self.tx.send(HubMsg::CloseDeleted { doc, reply }).is_err() {
+                return false;
+            }
+            match rx.await {
+                Ok(true) => return true,
+                Ok(false) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                _ => return false,
+            }
+        }
     }
 
     /// Applies what is queued, then stops the hub.
@@ -255,6 +280,9 @@ fn run(
                 HubMsg::Export { doc, reply } => {
                     exports.entry(doc).or_default().push(reply);
                     session.request_export(doc);
+                }
+                HubMsg::CloseDeleted { doc, reply } => {
+                    let _ = reply.send(session.close_deleted(doc));
                 }
                 HubMsg::JobDone(done) => session.job_done(*done, now_ms()),
                 HubMsg::Shutdown(done) => stopping = Some(done),

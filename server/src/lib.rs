@@ -87,8 +87,12 @@ impl Store {
         }
     }
 
-    /// Opens (or creates) a document's storage journal. Blocking: call it off the runtime.
+    /// Opens (or creates) a document's storage journal; a deleted document is not created
+    /// again (`Error::Deleted`). Blocking: call it off the runtime.
     pub fn open_journal(&self, doc: DocId) -> pagesync::Result<Box<dyn Journal>> {
+        if self.is_deleted(doc)? {
+            return Err(pagesync::Error::Deleted);
+        }
         Ok(match self {
             Store::Files(root) => Box::new(FileJournal::open_or_create(
                 storage_dir(root, doc),
@@ -102,11 +106,77 @@ impl Store {
         })
     }
 
-    /// Whether the document has ever been written. Blocking: call it off the runtime.
+    /// Whether the document has ever been written (`Error::Deleted` if it was deleted since).
+    /// Blocking: call it off the runtime.
     pub fn exists(&self, doc: DocId) -> pagesync::Result<bool> {
+        if self.is_deleted(doc)? {
+            return Err(pagesync::Error::Deleted);
+        }
         match self {
             Store::Files(root) => Ok(storage_dir(root, doc).exists()),
             Store::Objects(b) => Ok(b.exists(&storage_key(doc), doc.journal_id())?),
+        }
+    }
+
+    /// Whether the document was deleted (its tombstone is there). Blocking.
+    pub fn is_deleted(&self, doc: DocId) -> pagesync::Result<bool> {
+        match self {
+            Store::Files(root) => Ok(tombstone_path(root, doc).exists()),
+            Store::Objects(b) => Ok(b.read_object(&tombstone_key(doc))?.is_some()),
+        }
+    }
+
+    /// Deletes a document: first its tombstone (from then on nobody opens or creates it),
+    /// then every entry of its storage. Whoever serves it must close it between the two
+    /// (`ServerSession::close_deleted`). `Ok(false)`: there was no such document. Blocking.
+    pub fn mark_deleted(&self, doc: DocId, now_ms: i64) -> pagesync::Result<bool> {
+        let existed = match self.exists(doc) {
+            Ok(e) => e,
+            Err(pagesync::Error::Deleted) => true,
+            Err(e) => return Err(e),
+        };
+        if !existed {
+            return Ok(false);
+        }
+        let stone = format!("deleted at {now_ms} ms since the Unix epoch\n").into_bytes();
+        match self {
+            Store::Files(root) => {
+                let path = tombstone_path(root, doc);
+                let io = |e: std::io::Error| {
+                    pagesync::Error::Refused(format!("cannot write {}: {e}", path.display()))
+                };
+                std::fs::write(&path, &stone).map_err(io)?;
+                // Durable before any storage goes: a crash in between leaves it deleted.
+                std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(io)?;
+                if let Some(dir) = path.parent() {
+                    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+                }
+            }
+            Store::Objects(b) => b.put_object(&tombstone_key(doc), stone)?,
+        }
+        Ok(true)
+    }
+
+    /// Removes every entry of a deleted document's storage (its tombstone stays). Blocking.
+    pub fn delete_storage(&self, doc: DocId) -> pagesync::Result<()> {
+        match self {
+            Store::Files(root) => {
+                let dir = storage_dir(root, doc);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(pagesync::Error::Refused(format!("cannot remove {}: {e}", dir.display()))),
+                }
+            }
+            Store::Objects(b) => {
+                let prefix = storage_key(doc);
+                let keys: Vec<String> = b
+                    .list_objects(&prefix, true)?
+                    .into_iter()
+                    .map(|i| format!("{prefix}/{}", i.name))
+                    .collect();
+                Ok(b.delete_objects(&keys)?)
+            }
         }
     }
 }
@@ -438,6 +508,18 @@ impl Metrics {
         }
         out
     }
+}
+
+/// A deleted document's tombstone under a `file://` root: beside where its storage was.
+pub fn tombstone_path(root: &std::path::Path, doc: DocId) -> PathBuf {
+    let id = doc.to_string();
+    root.join(&id[..2]).join(&id).join("DELETED")
+}
+
+/// A deleted document's tombstone in an object store.
+pub fn tombstone_key(doc: DocId) -> String {
+    let id = doc.to_string();
+    format!("{}/{id}/DELETED", &id[..2])
 }
 
 /// Where a document's storage journal lives under `root`.

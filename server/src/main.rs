@@ -111,6 +111,9 @@ enum Cmd {
         /// Who the token is for (the `sub` claim): shown to other clients in presence.
         #[arg(long)]
         sub: Option<String>,
+        /// May delete the documents it names (`DELETE /v1/docs/{id}`).
+        #[arg(long)]
+        admin: bool,
     },
     /// Check every document (or one) in --journal: every checksum, a replay of every entry,
     /// and SQLite's integrity_check. Changes nothing; exits non-zero on any fault.
@@ -147,6 +150,16 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
+    /// Delete a document for good: its tombstone (so no client re-creates it), then its
+    /// storage. With a server running, use `DELETE /v1/docs/{id}` instead (it tells the
+    /// clients); on file:// this refuses while a server holds the store.
+    Delete {
+        #[arg(long)]
+        doc: String,
+        /// Do not ask first.
+        #[arg(long)]
+        yes: bool,
+    },
     /// List the servers of the cluster on --journal (their records in the bucket) and the
     /// documents whose lease each holds.
     Cluster,
@@ -164,7 +177,8 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-/// `export`, `restore` and `cluster`, which work on the store without a server. Blocking.
+/// `export`, `restore`, `delete` and `cluster`, which work on the store without a server.
+/// Blocking.
 fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Result<()> {
     use pagesync_server::ops::{self, At, RestoreTo};
     let store = Store::parse(journal, rt)?;
@@ -200,6 +214,23 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                 r.from, r.doc, r.pages, r.range
             );
         }
+        Cmd::Delete { doc, yes } => {
+            let doc = parse_doc(doc)?;
+            let _lock = match &store {
+                Store::Files(root) => Some(pagesync_server::lock_store(root)?),
+                Store::Objects(_) => None,
+            };
+            if !yes && !confirm_delete(doc)? {
+                anyhow::bail!("not confirmed: nothing was deleted");
+            }
+            if !store.mark_deleted(doc, now_ms())? {
+                anyhow::bail!("no document {doc} in {}", store.describe());
+            }
+            store.delete_storage(doc)?;
+            println!(
+                "deleted {doc}: its storage is gone, and a tombstone keeps clients from creating it again"
+            );
+        }
         Cmd::Cluster => {
             let Store::Objects(backend) = &store else {
                 anyhow::bail!("a cluster lives in an object store: pass --journal s3://BUCKET/PREFIX");
@@ -230,6 +261,15 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
 /// Files a server needs besides its connections: pending connections and open journals.
 fn http_reserve() -> usize {
     pagesync_server::http::DEFAULT_MAX_PENDING_CONNECTIONS + 256
+}
+
+/// Asks on the terminal before a deletion.
+fn confirm_delete(doc: pagesync::DocId) -> anyhow::Result<bool> {
+    use std::io::BufRead;
+    eprintln!("This deletes document {doc} for every client, for good.\nType the document id to confirm:");
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim() == doc.to_string())
 }
 
 /// Asks on the terminal before an in-place restore.
@@ -283,7 +323,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let secret = args.auth_secret_file.as_deref().map(auth::load_secret).transpose()?;
-    if let Some(Cmd::Token { doc, write, metrics, ttl, sub }) = &args.command {
+    if let Some(Cmd::Token { doc, write, metrics, ttl, sub, admin }) = &args.command {
         let secret =
             secret.ok_or_else(|| anyhow::anyhow!("token needs --auth-secret-file (the server's secret)"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
@@ -294,6 +334,7 @@ async fn main() -> anyhow::Result<()> {
             exp: now + auth::parse_ttl(ttl)?,
             metrics: *metrics,
             sub: sub.clone(),
+            admin: *admin,
         };
         println!("{}", auth::mint(&secret, &claims));
         return Ok(());
@@ -309,7 +350,9 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if let Some(cmd @ (Cmd::Export { .. } | Cmd::Restore { .. } | Cmd::Cluster)) = args.command {
+    if let Some(cmd @ (Cmd::Export { .. } | Cmd::Restore { .. } | Cmd::Cluster | Cmd::Delete { .. })) =
+        args.command
+    {
         let (journal, rt) = (args.journal.clone(), tokio::runtime::Handle::current());
         return tokio::task::spawn_blocking(move || offline(&journal, &cmd, rt)).await?;
     }

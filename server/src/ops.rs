@@ -53,8 +53,15 @@ pub fn list_documents(store: &Store) -> anyhow::Result<Vec<DocId>> {
             }
         }
     }
-    docs.sort();
-    Ok(docs)
+    // A deleted document keeps only its tombstone.
+    let mut live = Vec::with_capacity(docs.len());
+    for doc in docs {
+        if !store.is_deleted(doc)? {
+            live.push(doc);
+        }
+    }
+    live.sort();
+    Ok(live)
 }
 
 /// Opens a document's storage journal without changing anything; a journal that needs repair

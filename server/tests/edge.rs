@@ -39,7 +39,7 @@ fn get(port: u16, path: &str, headers: &str) -> (u16, Vec<u8>) {
 }
 
 fn token(doc: &str, write: bool, metrics: bool) -> String {
-    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics, sub: None })
+    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics, admin: false, sub: None })
 }
 
 async fn connect(port: u16, token: &str) -> Socket {
@@ -446,8 +446,14 @@ async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let doc = DocId::from_u128(0x9e5);
     let named = |sub: &str| {
-        let claims =
-            Claims { doc: "*".into(), write: true, exp: 4_000_000_000, metrics: true, sub: Some(sub.into()) };
+        let claims = Claims {
+            doc: "*".into(),
+            write: true,
+            exp: 4_000_000_000,
+            metrics: true,
+            admin: false,
+            sub: Some(sub.into()),
+        };
         mint(SECRET, &claims)
     };
     let mut clients: Vec<pagesync_client::Client> = ["ann", "bob", "cat"]

@@ -208,6 +208,7 @@ impl Replica {
         let error = status.error.as_ref().or(self.session.connection_error());
         set(&out, "error", error.map_or(JsValue::NULL, |(c, m)| pair(c, m).into()));
         set(&out, "connected", self.session.is_connected());
+        set(&out, "deleted", status.deleted);
         set(&out, "caughtUp", self.session.caught_up(self.doc));
         set(&out, "storageKind", self.storage_kind);
         set(&out, "confirmedByDigest", status.confirms.kept as f64);

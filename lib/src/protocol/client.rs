@@ -105,6 +105,8 @@ struct Link {
     mine: Option<Vec<u8>>,
     /// `mine` is due to be sent.
     broadcast_due: bool,
+    /// The server deleted the document: nothing more is sent for it, and no write is taken.
+    deleted: bool,
     /// When the last broadcast went: the next waits `BROADCAST_PACE_MS`, so the server (which
     /// refuses more than one per `MIN_BROADCAST_MS`) never drops the latest value.
     broadcast_at: Option<i64>,
@@ -131,6 +133,8 @@ pub struct DocStatus {
     pub server_storage_next: Lsn,
     /// The server's last error for this document: (code, message).
     pub error: Option<(String, String)>,
+    /// The server deleted the document: it no longer syncs, and takes no writes.
+    pub deleted: bool,
     /// How the replica fared with confirmations by digest.
     pub confirms: crate::ConfirmStats,
 }
@@ -148,6 +152,8 @@ pub struct ClientSession {
     reroutes: u64,
     /// See `presence_changes`.
     presence_changes: u64,
+    /// Documents the server said were deleted, so far (`deletions`).
+    deletions: u64,
     now_ms: i64,
     /// The last connection-level error from the server: (code, message).
     conn_error: Option<(String, String)>,
@@ -174,6 +180,7 @@ impl ClientSession {
             redirects: 0,
             reroutes: 0,
             presence_changes: 0,
+            deletions: 0,
             now_ms: 0,
             conn_error: None,
             digest_mismatches: 0,
@@ -196,6 +203,7 @@ impl ClientSession {
             presence: BTreeMap::new(),
             mine: None,
             broadcast_due: false,
+            deleted: false,
             broadcast_at: None,
         };
         self.links.insert(id, link);
@@ -230,6 +238,7 @@ impl ClientSession {
             storage_next: l.doc.storage_range().next(),
             server_storage_next: l.server_storage_next,
             error: l.error.clone(),
+            deleted: l.deleted,
             confirms: l.doc.confirm_stats(),
         })
     }
@@ -244,11 +253,34 @@ impl ClientSession {
         self.conn_error.as_ref()
     }
 
-    /// An open document, to write to.
+    /// An open document, to write to (not one the server deleted).
     fn open_document(&mut self, id: DocId) -> Result<&mut ClientDocument> {
         let link =
             self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
+        if link.deleted {
+            return Err(Error::Deleted);
+        }
         Ok(&mut link.doc)
+    }
+
+    /// Marks a document deleted (the server said so, now or in an earlier run): it stops
+    /// syncing and takes no more writes.
+    pub fn mark_deleted(&mut self, id: DocId) {
+        if let Some(link) = self.links.get_mut(&id) {
+            link.deleted = true;
+            let text = format!("document {id} was deleted on the server");
+            link.error = Some((super::codes::DELETED.into(), text));
+        }
+    }
+
+    /// How many documents the server said were deleted so far: when it moves, `deleted`.
+    pub fn deletions(&self) -> u64 {
+        self.deletions
+    }
+
+    /// Documents the server said were deleted.
+    pub fn deleted(&self) -> Vec<DocId> {
+        self.links.iter().filter(|(_, l)| l.deleted).map(|(id, _)| *id).collect()
     }
 
     /// Runs a mutation locally; it is sent when the link allows.
@@ -554,7 +586,13 @@ impl ClientSession {
                 link.presence.remove(&peer);
                 self.presence_changes += 1;
             }
-            Message::Error { code, message, .. } => link.error = Some((code, message)),
+            Message::Error { code, message, .. } => {
+                if code == super::codes::DELETED && !link.deleted {
+                    link.deleted = true;
+                    self.deletions += 1;
+                }
+                link.error = Some((code, message));
+            }
             _ => {}
         }
         Ok(())
@@ -687,6 +725,9 @@ fn redirect_allowed(home: Option<&str>, url: &str) -> std::result::Result<(), &'
 }
 
 fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
+    if l.deleted {
+        return None;
+    }
     if l.state == SubState::Unsubscribed {
         l.state = l.state.on(SubEvent::Sent { now_ms });
         let storage_next = l.doc.storage_range().next();

@@ -97,6 +97,8 @@ pub(super) enum OpenFailure {
     Moved(String),
     /// This server may not serve documents now (`Error::Unavailable`).
     Unavailable(String),
+    /// It was deleted: it is not created again.
+    Deleted,
     Error(String),
 }
 
@@ -105,6 +107,7 @@ impl OpenFailure {
         match e {
             crate::Error::Moved { owner } => OpenFailure::Moved(owner),
             crate::Error::Unavailable(why) => OpenFailure::Unavailable(why),
+            crate::Error::Deleted => OpenFailure::Deleted,
             e => OpenFailure::Error(e.to_string()),
         }
     }

@@ -90,6 +90,9 @@ pub mod codes {
     /// This server cannot serve the document now (it is leaving its cluster, or lost its
     /// place in it); the client tries again, at another server if it knows one.
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The document was deleted (`DELETE /v1/docs/{id}`, `pagesync-server delete`): it is not
+    /// served, not created again, and its replicas stop syncing.
+    pub const DELETED: &str = "deleted";
 }
 
 /// Everything that crosses a connection.

@@ -955,6 +955,10 @@ impl ServerSession {
                     d.forget_rejections(timeline, through);
                 }
             }
+            // After a `Subscribe` that waits for its document, in order.
+            Message::Broadcast { doc, .. } if self.docs.get(&doc).is_some_and(OpenDoc::is_away) => {
+                self.defer(conn, now_ms, msg)
+            }
             Message::Broadcast { doc, value } => self.broadcast(conn, doc, value),
             Message::Error { .. } => {}
             other => {
@@ -1359,6 +1363,24 @@ impl ServerSession {
         }
     }
 
+    /// `doc` was deleted (its tombstone is written): closes it, telling its subscribers
+    /// `deleted`. `true` once the session no longer holds it; `false` while a job has it out,
+    /// which closes it when it comes back (ask again then, before deleting its storage).
+    pub fn close_deleted(&mut self, doc: DocId) -> bool {
+        let tell = error(Some(doc), codes::DELETED, format!("document {doc} was deleted"));
+        match self.docs.get_mut(&doc) {
+            None => true,
+            Some(open) if open.is_away() => {
+                open.close_when_back = Some(tell);
+                false
+            }
+            Some(_) => {
+                self.close_telling(doc, tell);
+                true
+            }
+        }
+    }
+
     /// Closes `doc` at once, sending `tell` to every connection that subscribed to it or
     /// waits for a page request's answer.
     fn close_telling(&mut self, doc: DocId, tell: Message) {
@@ -1582,6 +1604,7 @@ impl ServerSession {
             OpenFailure::Unavailable(why) => {
                 (codes::UNAVAILABLE, format!("this server cannot serve document {doc} now: {why}"))
             }
+            OpenFailure::Deleted => (codes::DELETED, format!("document {doc} was deleted")),
             OpenFailure::Error(why) => (codes::DOCUMENT, format!("cannot open document {doc}: {why}")),
         };
         let tell = match &failure {
@@ -1590,7 +1613,7 @@ impl ServerSession {
         };
         if export {
             let why = match &failure {
-                OpenFailure::NotFound => ExportError::NotFound,
+                OpenFailure::NotFound | OpenFailure::Deleted => ExportError::NotFound,
                 OpenFailure::Moved(owner) => ExportError::Moved { owner: owner.clone() },
                 _ => ExportError::Failed(text.clone()),
             };
@@ -1639,6 +1662,7 @@ impl ServerSession {
         let Some(doc) = msg.doc() else { return };
         let bytes = match &msg {
             Message::Mutations { entries, .. } => entries.iter().map(Vec::len).sum(),
+            Message::Broadcast { value, .. } => value.len().max(DEFERRED_MESSAGE_BYTES),
             _ => DEFERRED_MESSAGE_BYTES,
         };
         let total = self.deferred_bytes;
