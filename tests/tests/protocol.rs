@@ -940,3 +940,70 @@ fn redirects_that_would_leak_or_flood_are_refused() {
     c.handle_message(0, redirect("wss://b.example/v1/sync")).expect("handled");
     assert_eq!(c.route_of(doc), Some(&Some("wss://b.example/v1/sync".to_owned())));
 }
+
+/// Everything the server sends to `conn` now, decoded.
+fn sent_to(s: &mut ServerSession, conn: ConnId) -> Vec<Message> {
+    let all: Vec<(ConnId, Message)> = std::iter::from_fn(|| s.poll_transmit()).take(10_000).collect();
+    all.into_iter().filter(|(c, _)| *c == conn).map(|(_, m)| m).collect()
+}
+
+#[test]
+fn presence_is_told_on_demand_held_back_when_too_fast_and_never_to_its_sender() {
+    let doc = DocId::from_u128(0x9e5);
+    let mut s = server();
+    let hello = Message::Hello { version: PROTOCOL_VERSION, token: String::new() };
+    let conns = [ConnId(1), ConnId(2), ConnId(3)];
+    for (i, c) in conns.iter().enumerate() {
+        s.connect(*c);
+        s.handle_message(*c, 0, hello.clone());
+        let timeline = pagesync::TimelineId::from_u128(10 + i as u128);
+        s.handle_message(
+            *c,
+            0,
+            Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false },
+        );
+    }
+    let presence = |ms: &[Message]| -> Vec<(u64, Vec<u8>)> {
+        ms.iter()
+            .filter_map(|m| match m {
+                Message::Presence { peer, .. } => Some((peer.id, peer.value.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut drained = |s: &mut ServerSession| {
+        let all: Vec<(ConnId, Message)> = std::iter::from_fn(|| s.poll_transmit()).take(10_000).collect();
+        conns.map(|c| all.iter().filter(|(to, _)| *to == c).map(|(_, m)| m.clone()).collect::<Vec<_>>())
+    };
+    let quiet = drained(&mut s);
+    assert!(quiet.iter().all(|ms| presence(ms).is_empty()), "nobody broadcast: nothing to tell");
+    // Ten broadcasts at once from conn 1: one version now (what the others are told is the
+    // latest value when they are told), one more when 25 ms are up; conn 1 hears nothing of
+    // itself.
+    for v in 0..10u8 {
+        s.handle_message(conns[0], 0, Message::Broadcast { doc, value: vec![v] });
+    }
+    let now = drained(&mut s);
+    assert!(presence(&now[0]).is_empty(), "never told of itself");
+    assert_eq!(presence(&now[1]), vec![(1, vec![9])]);
+    assert_eq!(presence(&now[2]), vec![(1, vec![9])]);
+    s.handle_timeout(pagesync::protocol::MIN_BROADCAST_MS);
+    let later = drained(&mut s);
+    assert_eq!(presence(&later[1]), vec![(1, vec![9])], "the latest value, once");
+    assert_eq!(s.stats().broadcasts_held, 9);
+    // Conn 2 never broadcast: its leaving is news to nobody. Conn 1's is.
+    s.disconnect(conns[1]);
+    assert!(sent_to(&mut s, conns[2]).is_empty());
+    s.disconnect(conns[0]);
+    let left: Vec<Message> = sent_to(&mut s, conns[2]);
+    assert!(matches!(left.as_slice(), [Message::PeerLeft { peer: 1, .. }]), "{left:?}");
+    // A broadcast without a subscription is refused; too large is refused.
+    s.connect(ConnId(4));
+    s.handle_message(ConnId(4), 0, hello);
+    s.handle_message(ConnId(4), 30, Message::Broadcast { doc, value: vec![1] });
+    let refused = sent_to(&mut s, ConnId(4));
+    assert!(
+        matches!(refused.as_slice(), [Message::Error { code, .. }] if code == codes::MALFORMED),
+        "{refused:?}"
+    );
+}

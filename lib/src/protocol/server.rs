@@ -1096,6 +1096,11 @@ impl ServerSession {
         if let Some(b) = self.presence_conn_bytes.get_mut(&conn) {
             *b -= gone.bytes();
         }
+        // Nobody left to tell: the room goes.
+        if self.docs.get(&doc).is_none_or(|o| o.subscribers.is_empty()) {
+            self.presence.remove(&doc);
+            return;
+        }
         room.version += 1;
         room.left.insert(conn, room.version);
         if room.left.len() > MAX_PRESENCE_LEFT
