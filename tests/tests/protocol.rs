@@ -971,7 +971,7 @@ fn presence_is_told_on_demand_held_back_when_too_fast_and_never_to_its_sender() 
             })
             .collect()
     };
-    let mut drained = |s: &mut ServerSession| {
+    let drained = |s: &mut ServerSession| {
         let all: Vec<(ConnId, Message)> = std::iter::from_fn(|| s.poll_transmit()).take(10_000).collect();
         conns.map(|c| all.iter().filter(|(to, _)| *to == c).map(|(_, m)| m.clone()).collect::<Vec<_>>())
     };
