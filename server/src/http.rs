@@ -333,26 +333,7 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
     match routes.hub.export(doc).await {
         Ok(bytes) => respond(stream, "200 OK", "application/vnd.sqlite3", bytes).await,
         // Another server of the cluster holds it: the same request there.
-        Err(ExportError::Moved { owner }) => match http_base(&owner) {
-            Some(base) => {
-                let query = if req.query.is_empty() { String::new() } else { format!("?{}", req.query) };
-                // Printable ASCII only: nothing in a header line can end it.
-                let location: String =
-                    format!("{base}{}{query}", req.path).chars().filter(|c| c.is_ascii_graphic()).collect();
-                let body = format!("document {doc} is served by {base}: {location}\n");
-                respond_with(stream, "307 Temporary Redirect", &[("location", &location)], "text/plain", body)
-                    .await
-            }
-            None => {
-                respond(
-                    stream,
-                    "502 Bad Gateway",
-                    "text/plain",
-                    format!("document {doc} is served by {owner}\n"),
-                )
-                .await
-            }
-        },
+        Err(ExportError::Moved { owner }) => redirect(stream, &owner, req, doc).await,
         Err(ExportError::NotFound) => {
             respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await
         }
@@ -383,6 +364,20 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
             }
         }
         Ok(None) => {}
+    }
+    // In a cluster the server that holds the document deletes it (and tells its clients).
+    let cluster = routes.metrics.cluster.lock().expect("BUG: metrics lock poisoned").clone();
+    if let Some(cluster) = cluster {
+        match tokio::task::spawn_blocking(move || cluster.place(doc)).await {
+            Ok(Ok(_)) | Ok(Err(pagesync::Error::Deleted)) => {}
+            Ok(Err(pagesync::Error::Moved { owner })) => return redirect(stream, &owner, req, doc).await,
+            Ok(Err(e)) => {
+                return respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await;
+            }
+            Err(e) => {
+                return respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await;
+            }
+        }
     }
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -417,6 +412,20 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
         }
         Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }
+}
+
+/// Another server of the cluster holds `doc`: `307` to the same request there.
+async fn redirect(stream: TcpStream, owner: &str, req: &Request, doc: pagesync::DocId) {
+    let Some(base) = http_base(owner) else {
+        let why = format!("document {doc} is served by {owner}\n");
+        return respond(stream, "502 Bad Gateway", "text/plain", why).await;
+    };
+    let query = if req.query.is_empty() { String::new() } else { format!("?{}", req.query) };
+    // Printable ASCII only: nothing in a header line can end it.
+    let location: String =
+        format!("{base}{}{query}", req.path).chars().filter(|c| c.is_ascii_graphic()).collect();
+    let body = format!("document {doc} is served by {base}: {location}\n");
+    respond_with(stream, "307 Temporary Redirect", &[("location", &location)], "text/plain", body).await
 }
 
 /// `ws://host:port/v1/sync` -> `http://host:port` (and `wss` -> `https`).

@@ -96,9 +96,14 @@ async fn leases_of(journal: &str, port: u16) -> HashSet<DocId> {
 
 /// A plain GET: the head as text and the body.
 fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
+    http_request(port, "GET", path)
+}
+
+/// A request without a body: the head as text and the body.
+fn http_request(port: u16, method: &str, path: &str) -> (String, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).expect("read");
     let end = reply.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
@@ -296,4 +301,22 @@ async fn three_servers_serve_each_document_once_and_take_over_from_a_killed_or_s
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&format!("{DOCS} document leases")), "{text}");
     assert!(text.contains(&url(last)), "{text}");
+
+    // Deleting a document through a server that does not hold it: a new server joins, is sent
+    // the request, and redirects it to the holder, which deletes it; its clients learn it.
+    let (_joiner, joiner) = start_node(&journal);
+    wait_live(&[last, joiner], 2).await;
+    let (gone, gone_handle) = first_docs.first().cloned().expect("a document");
+    let path = format!("/v1/docs/{gone}");
+    let (head, _) = http_request(joiner, "DELETE", &path);
+    assert!(head.starts_with("HTTP/1.1 307"), "{head}");
+    let location = format!("location: http://127.0.0.1:{last}{path}");
+    assert!(head.to_ascii_lowercase().contains(&location), "{head}");
+    let (head, _) = http_request(last, "DELETE", &path);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let deadline = Instant::now() + WAIT;
+    while !gone_handle.status().deleted {
+        assert!(Instant::now() < deadline, "a client of the deleted document learns it");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
