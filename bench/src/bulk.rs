@@ -113,15 +113,8 @@ async fn batch_chart(cfg: &Config) {
 async fn first_query(cfg: &Config) -> Pair {
     let megabytes = if cfg.quick { 8 } else { 1_000 };
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let server =
-        pagesync_server::ServerConfig::new(addr, pagesync_server::Store::Files(dir.path().join("server")));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let metrics = std::sync::Arc::new(pagesync_server::Metrics::default());
-    tokio::spawn(pagesync_server::serve(listener, server, metrics, async move {
-        let _ = stopped.await;
-    }));
+    let store = pagesync_server::Store::Files(dir.path().join("server"));
+    let (addr, _, stop) = crate::serve_here(store, |_| {}).await;
     let url = format!("ws://{addr}/v1/sync");
     let writer = Client::connect(&url, "", dir.path().join("writer")).expect("writer");
     let w = writer.open(DOC).expect("open");

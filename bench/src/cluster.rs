@@ -6,8 +6,7 @@
 //! document written once a second. Skipped when `AWS_ENDPOINT_URL` is not set.
 
 use std::collections::HashSet;
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,15 +63,8 @@ struct Server {
 
 impl Server {
     fn start(journal: &str, lease_ms: u64, port: u16) -> Server {
-        let mut child = Command::new(std::env::current_exe().expect("this binary"))
-            .env(CLUSTER_ENV, format!("{journal} {lease_ms} {port}"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a server child");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
-        Server { port: line.trim().parse().expect("a port"), child: Some(child) }
+        let (child, port) = crate::many::spawn_child(CLUSTER_ENV, &format!("{journal} {lease_ms} {port}"));
+        Server { port, child: Some(child) }
     }
 
     fn url(&self) -> String {

@@ -38,6 +38,24 @@ pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
+/// A `pagesync-server` in this process on a free loopback port, configured by `tweak`: its
+/// address, its metrics, and the sender that stops it.
+pub async fn serve_here(
+    store: pagesync_server::Store,
+    tweak: impl FnOnce(&mut pagesync_server::ServerConfig),
+) -> (std::net::SocketAddr, std::sync::Arc<pagesync_server::Metrics>, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut cfg = pagesync_server::ServerConfig::new(addr, store);
+    tweak(&mut cfg);
+    let metrics = std::sync::Arc::new(pagesync_server::Metrics::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(pagesync_server::serve(listener, cfg, metrics.clone(), async move {
+        let _ = stopped.await;
+    }));
+    (addr, metrics, stop)
+}
+
 type Group = (&'static str, fn(&Config) -> Vec<Pair>);
 
 const GROUPS: &[Group] = &[

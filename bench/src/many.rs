@@ -102,6 +102,12 @@ fn start(dir: &std::path::Path) -> Server {
 
 /// This binary again as a child with `env` set, which prints its port first.
 fn start_child(env: &str, value: &str) -> Server {
+    let (child, port) = spawn_child(env, value);
+    Server { port, child }
+}
+
+/// Starts this binary again with `env` set to `value`: the child and the port it printed first.
+pub(crate) fn spawn_child(env: &str, value: &str) -> (Child, u16) {
     let mut child = Command::new(std::env::current_exe().expect("this binary"))
         .env(env, value)
         .stdout(Stdio::piped())
@@ -110,7 +116,7 @@ fn start_child(env: &str, value: &str) -> Server {
         .expect("start the server child");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("port");
-    Server { port: line.trim().parse().expect("a port"), child }
+    (child, line.trim().parse().expect("a port"))
 }
 
 fn wait_for(port: u16, name: &str, at_least: u64) {

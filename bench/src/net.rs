@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use pagesync::{DocId, Value};
 use pagesync_client::{Client, Document};
-use pagesync_server::{Metrics, ServerConfig, Store, serve};
+use pagesync_server::Store;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -39,13 +39,7 @@ pub(crate) struct Setup {
 
 pub(crate) async fn setup() -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig::new(addr, Store::Files(dir.path().join("server")));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
-        let _ = stopped.await;
-    }));
+    let (addr, _, stop) = crate::serve_here(Store::Files(dir.path().join("server")), |_| {}).await;
     let url = format!("ws://{addr}/v1/sync");
     let ca = Client::connect(&url, "", dir.path().join("a")).expect("a");
     let cb = Client::connect(&url, "", dir.path().join("b")).expect("b");

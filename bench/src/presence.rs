@@ -3,7 +3,6 @@
 //! each value's latency is from its send to its arrival at each subscriber. Peer: a raw
 //! tokio-tungstenite relay that forwards each frame of one socket to 100 others.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -11,7 +10,7 @@ use pagesync::DocId;
 use pagesync::TimelineId;
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION};
-use pagesync_server::{Metrics, ServerConfig, Store, serve};
+use pagesync_server::Store;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -91,13 +90,7 @@ fn receive(
 /// Latencies (ms) of `values` broadcasts through pagesync to `SUBSCRIBERS` subscribers.
 async fn ours_fan_out(values: usize) -> Vec<f64> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let cfg = ServerConfig::new(addr, Store::Files(dir.path().join("server")));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, cfg, Arc::new(Metrics::default()), async move {
-        let _ = stopped.await;
-    }));
+    let (addr, _, stop) = crate::serve_here(Store::Files(dir.path().join("server")), |_| {}).await;
     let url = format!("ws://{addr}/v1/sync");
     let subscribe = |n: u128| Message::Subscribe {
         doc: DOC,

@@ -3,14 +3,12 @@
 //! interval for object stores. Peer: the same server stepping at once (`--commit-interval-ms
 //! 0`). Skipped when `AWS_ENDPOINT_URL` is not set.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pagesync::{DocId, Value};
 use pagesync_client::Client;
-use pagesync_server::{Metrics, ServerConfig, Store, serve};
-use tokio::net::TcpListener;
+use pagesync_server::Store;
 
 use crate::Config;
 use crate::report::{Better, Pair, Target};
@@ -47,16 +45,9 @@ pub fn run(cfg: &Config) -> Vec<Pair> {
 async fn puts_per_thousand(commit_interval_ms: Option<i64>, secs: u64) -> f64 {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = pagesync_tests::s3_url("bench").expect("S3 endpoint");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let store = Store::parse(&url, tokio::runtime::Handle::current()).expect("store");
-    let mut cfg = ServerConfig::new(addr, store);
-    cfg.commit_interval_ms = commit_interval_ms;
-    let metrics = Arc::new(Metrics::default());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(listener, cfg, metrics.clone(), async move {
-        let _ = stopped.await;
-    }));
+    let (addr, metrics, stop) =
+        crate::serve_here(store, |cfg| cfg.commit_interval_ms = commit_interval_ms).await;
     let client = Client::connect(&format!("ws://{addr}/v1/sync"), "", dir.path().join("a")).expect("client");
     let doc = client.open(DOC).expect("open");
     doc.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER)", vec![]).expect("ddl");
