@@ -140,10 +140,7 @@ async fn leases_of(journal: &str, port: u16) -> HashSet<DocId> {
     .await
     .expect("join");
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
-    let Some(m) = view.members.iter().find(|m| !m.dead && m.url.as_deref() == Some(&url)) else {
-        return HashSet::new();
-    };
-    view.leases.into_iter().filter(|(_, _, holder)| *holder == m.id).map(|(doc, _, _)| doc).collect()
+    view.member_at(&url).map(|m| view.held_by(&m.id).into_iter().collect()).unwrap_or_default()
 }
 
 async fn open_all(client: &Client) -> Vec<Document> {

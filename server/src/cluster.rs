@@ -497,6 +497,11 @@ impl Cluster {
     /// Whether this server may serve documents: its membership is fresh and it is not leaving.
     pub fn may_serve(&self) -> bool {
         let st = self.state();
+        self.fresh(&st)
+    }
+
+    /// Not leaving, and the last renewal that succeeded was sent within two thirds of a lease.
+    fn fresh(&self, st: &State) -> bool {
         !st.leaving && st.renewed.is_some_and(|t| t.elapsed() < self.lease * 2 / 3)
     }
 
@@ -698,7 +703,7 @@ impl Cluster {
     pub fn live_members(&self) -> usize {
         let st = self.state();
         let others = st.members.keys().filter(|id| self.live_url(&st, id).is_some()).count();
-        others + usize::from(!st.leaving && st.renewed.is_some_and(|t| t.elapsed() < self.lease * 2 / 3))
+        others + usize::from(self.fresh(&st))
     }
 
     /// Leaves the cluster on a graceful shutdown, once nothing is written anymore: hands each
@@ -830,6 +835,18 @@ pub struct ClusterView {
     pub members: Vec<Member>,
     /// (document, epoch, holder id).
     pub leases: Vec<(DocId, u64, String)>,
+}
+
+impl ClusterView {
+    /// The live server that advertises `url`, if any.
+    pub fn member_at(&self, url: &str) -> Option<&Member> {
+        self.members.iter().find(|m| !m.dead && m.url.as_deref() == Some(url))
+    }
+
+    /// The documents whose lease the server `id` holds.
+    pub fn held_by(&self, id: &str) -> Vec<DocId> {
+        self.leases.iter().filter(|(_, _, holder)| holder == id).map(|(doc, _, _)| *doc).collect()
+    }
 }
 
 /// A server as the bucket shows it.

@@ -107,15 +107,18 @@ impl Store {
     }
 
     /// Whether the document has ever been written (`Error::Deleted` if it was deleted since).
+    /// Its tombstone is looked for only when no storage is there: a document deleted while
+    /// its storage is still being removed is caught by `open_journal`, which every open calls.
     /// Blocking: call it off the runtime.
     pub fn exists(&self, doc: DocId) -> pagesync::Result<bool> {
-        if self.is_deleted(doc)? {
+        let stored = match self {
+            Store::Files(root) => storage_dir(root, doc).exists(),
+            Store::Objects(b) => b.exists(&storage_key(doc), doc.journal_id())?,
+        };
+        if !stored && self.is_deleted(doc)? {
             return Err(pagesync::Error::Deleted);
         }
-        match self {
-            Store::Files(root) => Ok(storage_dir(root, doc).exists()),
-            Store::Objects(b) => Ok(b.exists(&storage_key(doc), doc.journal_id())?),
-        }
+        Ok(stored)
     }
 
     /// Whether the document was deleted (its tombstone is there). Blocking.

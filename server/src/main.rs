@@ -239,7 +239,7 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
             let (gone, live): (Vec<_>, Vec<_>) = view.members.iter().partition(|m| m.dead);
             println!("{} servers in {} ({} gone):", live.len(), store.describe(), gone.len());
             for m in &live {
-                let owns = view.leases.iter().filter(|(_, _, h)| *h == m.id).count();
+                let owns = view.held_by(&m.id).len();
                 let url = m.url.as_deref().unwrap_or("(no record)");
                 let age = m.age_ms as f64 / 1000.0;
                 println!("  {}  {url}  last beat {age:.1} s ago  holds {owns} leases", m.id);

@@ -85,13 +85,7 @@ async fn leases_of(journal: &str, port: u16) -> HashSet<DocId> {
     })
     .await
     .expect("join");
-    let id = view
-        .members
-        .iter()
-        .find(|m| m.url.as_deref() == Some(&url(port)))
-        .map(|m| m.id.clone())
-        .expect("a record");
-    view.leases.into_iter().filter(|(_, _, holder)| *holder == id).map(|(doc, _, _)| doc).collect()
+    view.held_by(&view.member_at(&url(port)).expect("a record").id).into_iter().collect()
 }
 
 /// A plain GET: the head as text and the body.
