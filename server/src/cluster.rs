@@ -160,9 +160,7 @@ pub struct Cluster {
     pub stats: ClusterStats,
 }
 
-fn wall_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+use crate::wall_ms;
 
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};

@@ -247,9 +247,7 @@ type Refusal = (&'static str, String);
 
 fn verify(routes: &Routes, req: &Request) -> Result<Option<crate::auth::Claims>, Refusal> {
     let Some(secret) = &routes.auth_secret else { return Ok(None) };
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now_ms = crate::wall_ms();
     let token = req.token.as_deref().unwrap_or("");
     crate::auth::verify_claims(secret, token, now_ms)
         .map(Some)
@@ -379,9 +377,7 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
             }
         }
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now_ms = crate::wall_ms();
     let store = routes.store.clone();
     match tokio::task::spawn_blocking(move || store.mark_deleted(doc, now_ms)).await {
         Ok(Ok(true)) => {}

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pagesync::protocol::{ConnId, DocJob, Event, ExportError, JobDone, ServerSession};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -104,9 +104,7 @@ pub struct Hub {
     next_conn: Arc<AtomicU64>,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+use crate::wall_ms as now_ms;
 
 impl Hub {
     /// Starts the hub thread and `step_threads` workers that run documents' jobs (opens, steps,

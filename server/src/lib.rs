@@ -513,6 +513,11 @@ impl Metrics {
     }
 }
 
+/// Milliseconds since the Unix epoch by this machine's clock (0 before it).
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// A deleted document's tombstone under a `file://` root: beside where its storage was.
 pub fn tombstone_path(root: &std::path::Path, doc: DocId) -> PathBuf {
     let id = doc.to_string();

@@ -173,9 +173,7 @@ fn parse_at(s: &str) -> anyhow::Result<pagesync_server::ops::At> {
     s.parse().map_err(|e: String| anyhow::anyhow!("--at {e}"))
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+use pagesync_server::wall_ms as now_ms;
 
 /// `export`, `restore`, `delete` and `cluster`, which work on the store without a server.
 /// Blocking.

@@ -401,7 +401,7 @@ impl ClientSession {
     /// Sends a document to the server at `url` (a route remembered from an earlier run), as a
     /// redirect there would; a URL a redirect could not name is ignored.
     pub fn route_to(&mut self, id: DocId, url: &str) {
-        let to = if self.home_url.as_deref() == Some(url) { None } else { Some(url.to_owned()) };
+        let to = route_for(self.home_url.as_deref(), url);
         let allowed = redirect_allowed(self.home_url.as_deref(), url).is_ok();
         let now = self.now_ms;
         if let Some(link) = self.links.get_mut(&id).filter(|l| allowed && l.route != to) {
@@ -528,7 +528,7 @@ impl ClientSession {
                     link.error = Some(("redirect".into(), format!("refused a redirect to {shown:?}: {why}")));
                     return Ok(());
                 }
-                let to = if self.home_url.as_ref() == Some(&url) { None } else { Some(url) };
+                let to = route_for(self.home_url.as_deref(), &url);
                 if to != link.route {
                     link.route = to;
                     self.reroutes += 1;
@@ -701,6 +701,11 @@ pub const BROADCAST_PACE_MS: i64 = 2 * super::MIN_BROADCAST_MS;
 
 /// Servers besides home that one client syncs with at most: a redirect to one more is refused.
 pub const MAX_ROUTES: usize = 64;
+
+/// The route of the server at `url`: home if the home connection uses that URL.
+fn route_for(home: Option<&str>, url: &str) -> Route {
+    (home != Some(url)).then(|| url.to_owned())
+}
 
 /// The longest URL a redirect may name.
 pub const MAX_REDIRECT_URL_BYTES: usize = 2048;
