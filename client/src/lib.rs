@@ -64,6 +64,9 @@ pub enum ClientError {
     ReplicaBusy { dir: PathBuf, holder: String },
     #[error(transparent)]
     Lock(pagesync::journal::LockError),
+    /// The server's history could not be read (unreachable, refused, or not kept).
+    #[error("reading the history: {0}")]
+    History(String),
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -554,16 +557,40 @@ impl Document {
         Ok(s.document(self.id).expect("BUG: open documents stay open").query(sql, params)?)
     }
 
+    /// A page of the document's history, as the server keeps it (see `pagesync::history`):
+    /// every mutation any client sent, who sent it (its token's `sub`), when it was made,
+    /// received and applied, the storage entry, the outcome and the SQL. Needs the server (a
+    /// read grant; an admin one where the server says so). `pagesync::history::read_all`
+    /// pages through all of it.
+    pub async fn history(
+        &self,
+        query: pagesync::history::HistoryQuery,
+    ) -> Result<pagesync::history::HistoryPage> {
+        let url = self.server_url();
+        let (fetcher, doc) = (self.shared.fetcher.clone(), self.id);
+        let read = move || {
+            let mut fetcher = fetcher.lock().expect("BUG: lock poisoned");
+            fetcher.use_url(&url);
+            fetcher.history(doc, query)
+        };
+        match tokio::task::spawn_blocking(read).await {
+            Ok(page) => page.map_err(ClientError::History),
+            Err(e) => Err(ClientError::History(e.to_string())),
+        }
+    }
+
+    /// The server this document syncs with: home, or where it was redirected.
+    fn server_url(&self) -> String {
+        let s = self.shared.session();
+        let url = s.route_of(self.id).cloned().flatten().or_else(|| s.home_url().map(str::to_owned));
+        url.unwrap_or_else(|| self.shared.homes[0].clone())
+    }
+
     /// The query on the server's state: `None` when the server could not be asked (the
     /// caller falls back to the replica), an error when the query itself failed.
     fn query_remote(&self, remote: &mut Remote, sql: &str, params: &[Value]) -> Result<Option<Rows>> {
         if remote.snapshot.is_none() {
-            // The server this document syncs with: home, or where it was redirected.
-            let url = {
-                let s = self.shared.session();
-                s.route_of(self.id).cloned().flatten().or_else(|| s.home_url().map(str::to_owned))
-            };
-            let url = url.unwrap_or_else(|| self.shared.homes[0].clone());
+            let url = self.server_url();
             let mut fetcher = self.shared.fetcher.lock().expect("BUG: lock poisoned");
             fetcher.use_url(&url);
             let map = fetcher.map(self.id);

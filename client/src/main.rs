@@ -81,6 +81,22 @@ enum Command {
         #[arg(long)]
         watch: bool,
     },
+    /// The document's history, from the server: every mutation with who sent it, when it was
+    /// made, received and applied, its outcome and its SQL, oldest first.
+    History {
+        /// Only those applied at or after this time: ms since the Unix epoch, or RFC 3339.
+        #[arg(long)]
+        since: Option<String>,
+        /// Continue after this cursor (a listing's `next`).
+        #[arg(long)]
+        after: Option<String>,
+        /// At most this many (default: all).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// One JSON object: {"records": [...], "next": CURSOR or null}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove the local replica of --doc (after the server deleted it, or to start over); its
     /// pending writes go with it.
     Forget,
@@ -229,7 +245,7 @@ fn json_objects(rows: &pagesync::Rows) -> String {
                 .columns
                 .iter()
                 .zip(row)
-                .map(|(c, v)| format!("{}:{}", serde_json::Value::from(c.as_str()), to_json(v)))
+                .map(|(c, v)| format!("{}:{}", serde_json::Value::from(c.as_str()), v.to_json()))
                 .collect();
             format!("{{{}}}", fields.join(","))
         })
@@ -240,19 +256,9 @@ fn json_objects(rows: &pagesync::Rows) -> String {
 fn json_table(rows: &pagesync::Rows) -> String {
     let table = serde_json::json!({
         "columns": rows.columns,
-        "rows": rows.rows.iter().map(|r| r.iter().map(to_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
+        "rows": rows.rows.iter().map(|r| r.iter().map(Value::to_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
     });
     table.to_string()
-}
-
-fn to_json(v: &Value) -> serde_json::Value {
-    match v {
-        Value::Null => serde_json::Value::Null,
-        Value::Integer(i) => (*i).into(),
-        Value::Real(f) => (*f).into(),
-        Value::Text(t) => t.clone().into(),
-        Value::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect::<String>().into(),
-    }
 }
 
 fn to_tsv(v: &Value) -> String {
@@ -354,6 +360,21 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Repl => repl(&doc, timeout).await,
+        Command::History { since, after, limit, json } => {
+            let query = pagesync::history::HistoryQuery::parse(since.as_deref(), after.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            let mut pager = pagesync::history::Pager::new(query, limit);
+            while let Some(q) = pager.next_query() {
+                pager.take(doc.history(q).await?);
+            }
+            let page = pager.finish();
+            if json {
+                println!("{}", page.to_json());
+            } else {
+                print!("{page}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Forget => unreachable!("BUG: handled before connecting"),
         Command::Broadcast { text, stay_ms } => {
             doc.broadcast(&text)?;

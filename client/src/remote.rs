@@ -76,7 +76,7 @@ impl Fetcher {
         Ok(self.ws.as_mut().expect("BUG: connected above"))
     }
 
-    /// Sends `ask` (a `MapPages` or `ReadPages` with a fresh id) and waits for its answer; an
+    /// Sends `ask` (a `MapPages`, `ReadPages` or `ReadHistory` with a fresh id) and waits for its answer; an
     /// error for the document, or for the connection, is the answer too. Any failure closes
     /// the connection: the next request opens a new one.
     fn ask(&mut self, doc: DocId, make: impl Fn(u64) -> Message) -> Result<Message, String> {
@@ -114,12 +114,16 @@ impl Fetcher {
                 _ => continue,
             };
             match Message::decode(&frame).map_err(|e| e.to_string())? {
-                Message::PageMap { doc: d, id: i, .. } | Message::Pages { doc: d, id: i, .. }
+                Message::PageMap { doc: d, id: i, .. }
+                | Message::Pages { doc: d, id: i, .. }
+                | Message::History { doc: d, id: i, .. }
                     if d != doc || i != id =>
                 {
                     continue; // the answer to an earlier request that timed out
                 }
-                m @ (Message::PageMap { .. } | Message::Pages { .. }) => return Ok(Ok(m)),
+                m @ (Message::PageMap { .. } | Message::Pages { .. } | Message::History { .. }) => {
+                    return Ok(Ok(m));
+                }
                 Message::Error { doc: None, code, message } => return Err(format!("{code}: {message}")),
                 Message::Error { doc: Some(d), code, message } if d == doc => {
                     return Ok(Err(format!("{code}: {message}")));
@@ -133,6 +137,18 @@ impl Fetcher {
             }
         }
         Err(format!("no answer from the server within {FETCH_TIMEOUT:?}"))
+    }
+
+    /// A page of `doc`'s history, as the server lists it.
+    pub(crate) fn history(
+        &mut self,
+        doc: DocId,
+        query: pagesync::history::HistoryQuery,
+    ) -> Result<pagesync::history::HistoryPage, String> {
+        match self.ask(doc, |id| Message::ReadHistory { doc, id, query })? {
+            Message::History { page, .. } => Ok(page),
+            other => Err(format!("expected a history page, got {other:?}")),
+        }
     }
 
     /// Where each page of `doc`'s committed state lives, as the server says now.

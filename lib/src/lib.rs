@@ -16,6 +16,7 @@ mod bytes;
 pub mod client;
 pub mod db;
 pub mod error;
+pub mod history;
 pub mod ids;
 pub mod mutation;
 pub mod page;

@@ -50,6 +50,19 @@ pub enum Value {
     Blob(#[serde(with = "crate::bytes")] Vec<u8>),
 }
 
+impl Value {
+    /// As JSON: blobs as hex strings.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Integer(i) => (*i).into(),
+            Value::Real(f) => (*f).into(),
+            Value::Text(t) => t.clone().into(),
+            Value::Blob(b) => b.iter().map(|x| format!("{x:02x}")).collect::<String>().into(),
+        }
+    }
+}
+
 impl From<rusqlite::types::ValueRef<'_>> for Value {
     fn from(v: rusqlite::types::ValueRef<'_>) -> Value {
         use rusqlite::types::ValueRef as V;

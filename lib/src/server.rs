@@ -17,6 +17,7 @@ use pagesync_journal::{Journal, Lsn, LsnRange};
 
 use crate::db::Database;
 use crate::error::{Error, Result};
+use crate::history::{self, HistoryPage, HistoryQuery, Origin};
 use crate::ids::TimelineId;
 use crate::mutation::{MAX_MUTATION_BYTES, Mutation};
 use crate::page::PAGE_SIZE;
@@ -159,7 +160,8 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     reducer: R,
     limits: StepLimits,
     applied: HashMap<TimelineId, Lsn>,
-    queues: BTreeMap<TimelineId, VecDeque<(Lsn, Vec<u8>)>>,
+    /// Each timeline's mutations received and not yet applied, with who sent them and when.
+    queues: BTreeMap<TimelineId, VecDeque<(Lsn, Vec<u8>, Origin)>>,
     /// Bytes in `queues`, bounded by `MAX_QUEUED_BYTES`.
     queued_bytes: usize,
     /// Where the next round-robin pick starts, so busy timelines cannot starve others.
@@ -174,6 +176,43 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     forget: BTreeMap<TimelineId, Lsn>,
     /// Through which LSN each timeline's rejections were deleted already.
     forgotten: HashMap<TimelineId, Lsn>,
+    /// The history journal (`set_history`), written before every step's storage entry.
+    history: Option<HistoryLog>,
+}
+
+/// A mutation picked for a step: its timeline, its LSN there, its bytes.
+type Picked = (TimelineId, Lsn, Vec<u8>);
+
+/// One attempt at a batch (`try_apply_batch`): what does not change between attempts.
+struct Attempt<'a> {
+    forget: &'a [(TimelineId, Lsn)],
+    /// Mutations known to end the transaction, rejected without running.
+    lost: &'a HashMap<usize, Rejection>,
+    entry_time_ms: i64,
+    vm_budget: Option<u64>,
+    origins: Option<&'a [Origin]>,
+}
+
+/// Opens (or creates) a document's history journal: called at the document's first write.
+pub type HistoryOpener = Box<dyn Fn() -> Result<Box<dyn Journal>> + Send>;
+
+/// A document's history journal (see `history`), opened when first needed.
+struct HistoryLog {
+    open: HistoryOpener,
+    journal: Option<Box<dyn Journal>>,
+    /// Its last entry is known to name a committed storage entry (or to be a void): false
+    /// until checked after opening, and from a step's history append until its storage
+    /// append succeeds.
+    settled: bool,
+}
+
+impl HistoryLog {
+    fn journal(&mut self) -> Result<&mut dyn Journal> {
+        if self.journal.is_none() {
+            self.journal = Some((self.open)()?);
+        }
+        Ok(&mut **self.journal.as_mut().expect("BUG: just opened"))
+    }
 }
 
 /// Where a checkpoint in progress stands: the page count it began with (which fixes its parts)
@@ -300,6 +339,7 @@ impl<R: Reducer> ServerDocument<R> {
             recent: VecDeque::new(),
             compaction: None,
             checkpointing: None,
+            history: None,
         };
         if doc.db.store().page_count() == 0 {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} {ONCE_SCHEMA} COMMIT;"))?;
@@ -413,6 +453,16 @@ impl<R: Reducer> ServerDocument<R> {
         let newest_old = store.checkpoints().iter().rev().find(|c| c.time_ms <= horizon).copied();
         if let Some(cp) = newest_old.filter(|c| c.first > first) {
             store.trim_to(cp)?;
+            drop(store);
+            // The steps before the checkpoint go from the history too.
+            if let Some(h) = &mut self.history {
+                let journal = h.journal()?;
+                if let Some(keep) = history::first_at_or_after(journal, cp.first)?
+                    && let Some(through) = keep.prev().filter(|t| *t >= journal.range().first())
+                {
+                    journal.remove_prefix(through)?;
+                }
+            }
         }
         Ok(())
     }
@@ -479,7 +529,7 @@ impl<R: Reducer> ServerDocument<R> {
     /// The next LSN this document needs from `timeline`: everything before it is applied or
     /// queued.
     pub fn next_expected(&self, timeline: TimelineId) -> Lsn {
-        let queued = self.queues.get(&timeline).and_then(|q| q.back()).map(|(l, _)| *l);
+        let queued = self.queues.get(&timeline).and_then(|q| q.back()).map(|(l, _, _)| *l);
         queued.or(self.applied.get(&timeline).copied()).map_or(Lsn::FIRST, Lsn::next)
     }
 
@@ -491,8 +541,19 @@ impl<R: Reducer> ServerDocument<R> {
     /// Takes timeline entries `first, first+1, ...`. Entries already applied or queued are
     /// ignored; entries after a gap are not taken (`next_expected` says where to resume).
     pub fn receive(&mut self, timeline: TimelineId, first: Lsn, entries: Vec<Vec<u8>>) -> Received {
+        self.receive_from(timeline, first, entries, &Origin::default())
+    }
+
+    /// `receive`, recording who sent the entries and when they arrived (for the history).
+    pub fn receive_from(
+        &mut self,
+        timeline: TimelineId,
+        first: Lsn,
+        entries: Vec<Vec<u8>>,
+        origin: &Origin,
+    ) -> Received {
         let queue = self.queues.entry(timeline).or_default();
-        let done = queue.back().map(|(l, _)| *l).or(self.applied.get(&timeline).copied());
+        let done = queue.back().map(|(l, _, _)| *l).or(self.applied.get(&timeline).copied());
         let mut expected = done.map_or(Lsn::FIRST, Lsn::next);
         let mut accepted = 0;
         if first.get().checked_add(entries.len() as u64).is_none() {
@@ -512,7 +573,7 @@ impl<R: Reducer> ServerDocument<R> {
                 break;
             }
             self.queued_bytes += entry.len();
-            queue.push_back((lsn, entry));
+            queue.push_back((lsn, entry, origin.clone()));
             expected = expected.next();
             accepted += 1;
         }
@@ -522,29 +583,27 @@ impl<R: Reducer> ServerDocument<R> {
         Received { next_expected: expected, accepted }
     }
 
-    /// Takes every queued mutation out, per timeline: (timeline, first LSN, consecutive
-    /// entries). For carrying them over to the document opened again from its journal.
-    pub fn take_queued(&mut self) -> Vec<(TimelineId, Lsn, Vec<Vec<u8>>)> {
+    /// Takes every queued mutation out: (timeline, LSN, entry, origin), each timeline's in
+    /// order. For carrying them over to the document opened again from its journal
+    /// (`receive_from` each).
+    pub fn take_queued(&mut self) -> Vec<(TimelineId, Lsn, Vec<u8>, Origin)> {
         self.queued_bytes = 0;
         std::mem::take(&mut self.queues)
             .into_iter()
-            .filter_map(|(tl, q)| {
-                let first = q.front()?.0;
-                Some((tl, first, q.into_iter().map(|(_, e)| e).collect()))
-            })
+            .flat_map(|(tl, q)| q.into_iter().map(move |(lsn, e, o)| (tl, lsn, e, o)))
             .collect()
     }
 
     /// Picks the next batch round-robin across timelines, within the step limits.
-    fn pick_batch(&mut self) -> Vec<(TimelineId, Lsn, Vec<u8>)> {
+    fn pick_batch(&mut self) -> (Vec<Picked>, Vec<Origin>) {
         let order = crate::protocol::window::round_robin(self.queues.keys().copied(), self.rr_cursor);
         let mut taken: HashMap<TimelineId, usize> = HashMap::new();
-        let (mut batch, mut bytes) = (Vec::new(), 0usize);
+        let (mut batch, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         'rounds: loop {
             let mut progressed = false;
             for tl in &order {
                 let n = taken.entry(*tl).or_default();
-                let Some((lsn, m)) = self.queues.get(tl).and_then(|q| q.get(*n)) else { continue };
+                let Some((lsn, m, origin)) = self.queues.get(tl).and_then(|q| q.get(*n)) else { continue };
                 if batch.len() >= self.limits.max_mutations
                     || (bytes > 0 && bytes + m.len() > self.limits.max_bytes)
                 {
@@ -552,6 +611,7 @@ impl<R: Reducer> ServerDocument<R> {
                 }
                 bytes += m.len();
                 batch.push((*tl, *lsn, m.clone()));
+                origins.push(origin.clone());
                 *n += 1;
                 progressed = true;
             }
@@ -560,7 +620,7 @@ impl<R: Reducer> ServerDocument<R> {
             }
         }
         self.rr_cursor = batch.last().map(|(tl, _, _)| *tl);
-        batch
+        (batch, origins)
     }
 
     /// Applies one batch and appends it as one durable storage entry. `now_ms` is the server's
@@ -570,20 +630,21 @@ impl<R: Reducer> ServerDocument<R> {
         if self.queues.is_empty() {
             return Ok(None);
         }
+        self.settle_history()?;
         self.compact(now_ms)?;
-        let batch = self.pick_batch();
+        let (batch, origins) = self.pick_batch();
         if batch.is_empty() {
             return Ok(None);
         }
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
         let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
         // On error `apply_batch` restored the last durable state and the batch stays queued.
-        let (outcome, taken) = self.apply_batch(&batch, &forget, clamp, now_ms, true)?;
+        let (outcome, taken) = self.apply_batch(&batch, &forget, clamp, now_ms, Some(&origins))?;
         self.forget.clear();
         self.forgotten.extend(forget);
         for (tl, lsn, _) in &batch[..taken] {
             let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
-            let (_, entry) = q.pop_front().expect("BUG: picked from this queue");
+            let (_, entry, _) = q.pop_front().expect("BUG: picked from this queue");
             self.queued_bytes -= entry.len();
             if q.is_empty() {
                 self.queues.remove(tl);
@@ -606,7 +667,7 @@ impl<R: Reducer> ServerDocument<R> {
         let batch: Vec<(TimelineId, Lsn, Vec<u8>)> =
             recorded.iter().map(|(a, bytes)| (a.timeline, a.lsn, bytes.clone())).collect();
         let (outcome, taken) =
-            self.apply_batch(&batch, forgotten, |_, i| recorded[i].0.time_ms, entry_time_ms, false)?;
+            self.apply_batch(&batch, forgotten, |_, i| recorded[i].0.time_ms, entry_time_ms, None)?;
         if taken != batch.len() {
             return Err(Error::Malformed(format!(
                 "replaying a step of {} mutations applied only {taken}: the replay diverged",
@@ -622,6 +683,7 @@ impl<R: Reducer> ServerDocument<R> {
     /// Runs `VACUUM` (outside any mutation: it cannot run in a transaction) and records the
     /// rewritten pages as one storage entry. Returns its LSN, if anything changed.
     pub fn vacuum(&mut self, now_ms: i64) -> Result<Option<Lsn>> {
+        self.settle_history()?;
         if let Err(e) = self.db.conn().execute_batch("VACUUM") {
             let e = self.db.explain(e);
             self.db.store().rollback_failed_step()?;
@@ -647,15 +709,18 @@ impl<R: Reducer> ServerDocument<R> {
     /// same path, so the pages stay deterministic. A mutation that would take the step past
     /// `MAX_STEP_PAGES` ends the batch before it, or is rejected when it comes first. With
     /// `may_end_early` (a live step, not a replay), the batch also ends once its mutations
-    /// have run `max_step_vm_steps`. A replay takes exactly the recorded batch.
+    /// have run `max_step_vm_steps`. A replay takes exactly the recorded batch. A live step
+    /// (`origins`: who sent each mutation) may end early, and records its mutations in the
+    /// history; a replay takes exactly the recorded batch and records nothing.
     fn apply_batch(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
         forget: &[(TimelineId, Lsn)],
         time_of: impl Fn(i64, usize) -> i64,
         entry_time_ms: i64,
-        may_end_early: bool,
+        origins: Option<&[Origin]>,
     ) -> Result<(StepOutcome, usize)> {
+        let may_end_early = origins.is_some();
         let mut lost: HashMap<usize, Rejection> = HashMap::new();
         let mut isolated: Vec<usize> = Vec::new();
         let mut len = batch.len();
@@ -664,7 +729,8 @@ impl<R: Reducer> ServerDocument<R> {
         let mut burned = 0;
         loop {
             let budget = may_end_early.then(|| self.limits.max_step_vm_steps.saturating_sub(burned));
-            match self.try_apply_batch(&batch[..len], forget, &time_of, &lost, entry_time_ms, budget) {
+            let attempt = Attempt { forget, lost: &lost, entry_time_ms, vm_budget: budget, origins };
+            match self.try_apply_batch(&batch[..len], &time_of, attempt) {
                 Err((Some(i), Error::TransactionLost(r))) => {
                     burned += self.db.last_vm_steps();
                     self.restore_committed()?;
@@ -748,12 +814,10 @@ impl<R: Reducer> ServerDocument<R> {
     fn try_apply_batch(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
-        forget: &[(TimelineId, Lsn)],
         time_of: &impl Fn(i64, usize) -> i64,
-        lost: &HashMap<usize, Rejection>,
-        entry_time_ms: i64,
-        vm_budget: Option<u64>,
+        attempt: Attempt<'_>,
     ) -> std::result::Result<(StepOutcome, usize), (Option<usize>, Error)> {
+        let Attempt { forget, lost, entry_time_ms, vm_budget, origins } = attempt;
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
         crate::db::run_cached(self.db.conn(), "BEGIN IMMEDIATE").map_err(conn_err)?;
         let mut applied = Vec::with_capacity(batch.len());
@@ -798,8 +862,16 @@ impl<R: Reducer> ServerDocument<R> {
                 .and_then(|()| crate::db::run_cached(self.db.conn(), "COMMIT"))
         })
         .map_err(system)?;
+        if let Some(origins) = origins {
+            let taken = applied.len();
+            self.record_history(&batch[..taken], &origins[..taken], &rejections, entry_time_ms)
+                .map_err(|e| (None, e))?;
+        }
         let committed =
             self.db.store().commit_overlay(&applied, forget, entry_time_ms).map_err(|e| (None, e.into()))?;
+        if let Some(h) = &mut self.history {
+            h.settled = true;
+        }
         let c = committed.as_ref().expect("BUG: a step with mutations records them");
         let lsn = c.lsn;
         // The client of a step that applied its mutations alone, none rejected, each at its
@@ -826,6 +898,72 @@ impl<R: Reducer> ServerDocument<R> {
         let rejected = rejections.len();
         let forgotten = forget.len();
         Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections, forgotten }, applied.len()))
+    }
+
+    /// Appends the history entry of a step about to commit (the first `applied.len()` of
+    /// `batch`), durably, before its storage entry: until that commits the history is not
+    /// settled (`settle_history` voids the entry if it never does).
+    fn record_history(
+        &mut self,
+        batch: &[(TimelineId, Lsn, Vec<u8>)],
+        origins: &[Origin],
+        rejections: &[Rejected],
+        entry_time_ms: i64,
+    ) -> Result<()> {
+        let storage_lsn = self.storage_range().next();
+        let Some(h) = &mut self.history else { return Ok(()) };
+        let rejected: HashMap<(TimelineId, Lsn), &Rejection> =
+            rejections.iter().map(|r| ((r.timeline, r.lsn), &r.rejection)).collect();
+        let records: Vec<history::StepRecord<'_>> = batch
+            .iter()
+            .zip(origins)
+            .map(|((timeline, lsn, mutation), origin)| history::StepRecord {
+                timeline: *timeline,
+                lsn: *lsn,
+                origin,
+                rejection: rejected.get(&(*timeline, *lsn)).copied(),
+                mutation,
+            })
+            .collect();
+        let entry = history::step_entry(storage_lsn, entry_time_ms, &records);
+        h.settled = false;
+        h.journal()?.append(&entry)?;
+        Ok(())
+    }
+
+    /// Gives the document a history journal: every later step records its mutations there
+    /// (see `history`). Opened at the first write.
+    pub fn set_history(&mut self, open: HistoryOpener) {
+        self.history = Some(HistoryLog { open, journal: None, settled: false });
+    }
+
+    /// Makes sure the history's last entry names a committed storage entry before the storage
+    /// is written again: one naming an entry never committed (its step failed, or the process
+    /// died between the two appends) is voided. Reads one entry after an open or a failure.
+    fn settle_history(&mut self) -> Result<()> {
+        let next = self.storage_range().next();
+        let Some(h) = &mut self.history else { return Ok(()) };
+        if h.settled {
+            return Ok(());
+        }
+        let journal = h.journal()?;
+        if let Some(last) = journal.range().last()
+            && history::storage_lsn_of(journal, last)?.is_some_and(|named| named >= next)
+        {
+            journal.append(&history::void_entry(last))?;
+        }
+        h.settled = true;
+        Ok(())
+    }
+
+    /// Lists the document's history (see `history::read`): the records of committed steps.
+    /// Empty for a document without one.
+    pub fn read_history(&mut self, query: &HistoryQuery) -> Result<HistoryPage> {
+        let next = self.storage_range().next();
+        match &mut self.history {
+            Some(h) => history::read(h.journal()?, next, query),
+            None => Ok(HistoryPage::default()),
+        }
     }
 
     /// A subscriber of `timeline` has copied that timeline's rejections through `through`

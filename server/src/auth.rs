@@ -111,7 +111,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
     while subject.len() > MAX_SUBJECT_BYTES {
         subject.pop();
     }
-    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write, subject })
+    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write, subject, admin: claims.admin })
 }
 
 /// Parses a TTL such as `90s`, `30m`, `1h`, `7d` into seconds.

@@ -190,11 +190,12 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             Err((status, why)) => respond(stream, status, "text/plain", why).await,
         },
         p if p.starts_with("/v1/docs/") && req.method == "DELETE" => delete(stream, routes, &req).await,
+        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => history(stream, routes, &req).await,
         p if p.starts_with("/v1/docs/") => export(stream, routes, &req).await,
         p => match &routes.web_root {
             Some(root) => static_file(stream, root, p).await,
             None => {
-                let routes = "routes: /v1/sync (websocket), /healthz, /metrics, /v1/docs/{id}/export\n";
+                let routes = "routes: /v1/sync (websocket), /healthz, /metrics, /v1/docs/{id}/export, /v1/docs/{id}/history\n";
                 respond(stream, "404 Not Found", "text/plain", routes).await
             }
         },
@@ -337,6 +338,110 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
         }
         Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }
+}
+
+/// How long `GET /v1/docs/{id}/history` waits for its page (an open, a read).
+pub const HISTORY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `GET /v1/docs/{id}/history?since=TIME&after=CURSOR&limit=N`: a page of the document's
+/// history as JSON (see `pagesync::history`). Asked of the session like a websocket client
+/// asks (`Hello` with the request's token, then `ReadHistory`), so the same grant, bounds and
+/// cluster placement apply: a read grant for the document (an admin one with
+/// `--history-admin-only`); another server's document is a `307` there.
+async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
+    let id = req.path.strip_prefix("/v1/docs/").and_then(|rest| rest.strip_suffix("/history"));
+    let Some(id) = id.filter(|id| !id.is_empty() && !id.contains('/')) else {
+        let why = "history is GET /v1/docs/{id}/history?since=TIME&after=CURSOR&limit=N\n";
+        return respond(stream, "404 Not Found", "text/plain", why).await;
+    };
+    let doc: pagesync::DocId = match id.parse() {
+        Ok(d) => d,
+        Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
+    };
+    let query = match history_query(&req.query) {
+        Ok(q) => q,
+        Err(why) => return respond(stream, "400 Bad Request", "text/plain", format!("{why}\n")).await,
+    };
+    let hub = &routes.hub;
+    let (conn, mut out) = hub.connect();
+    // Disconnected however this ends, also when the request is dropped (its pending slot
+    // given to a newer connection).
+    let _conn = Disconnect(hub.clone(), conn);
+    let answer = async {
+        let hello = Message::Hello {
+            version: pagesync::protocol::PROTOCOL_VERSION,
+            token: req.token.clone().unwrap_or_default(),
+        };
+        for msg in [hello, Message::ReadHistory { doc, id: 1, query }] {
+            let bytes = msg.encode();
+            let n = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            let mine = Arc::new(Semaphore::new(n as usize)).acquire_many_owned(n).await;
+            let all = routes.admission.inbound.clone().acquire_many_owned(n).await;
+            let (Ok(mine), Ok(all)) = (mine, all) else { return None };
+            hub.frame(conn, bytes, (mine, all));
+        }
+        while let Some(frame) = out.recv().await {
+            match Message::decode(&frame) {
+                Ok(m @ (Message::History { .. } | Message::Redirect { .. } | Message::Error { .. })) => {
+                    return Some(m);
+                }
+                _ => continue,
+            }
+        }
+        None
+    };
+    let answer = tokio::time::timeout(HISTORY_TIMEOUT, answer).await;
+    let cors = [("access-control-allow-origin", "*")];
+    match answer {
+        Ok(Some(Message::History { page, .. })) => {
+            respond_with(stream, "200 OK", &cors, "application/json", page.to_json().to_string()).await
+        }
+        Ok(Some(Message::Redirect { url, .. })) => redirect(stream, &url, req, doc).await,
+        Ok(Some(Message::Error { code, message, .. })) => {
+            let status = match code.as_str() {
+                codes::UNAUTHORIZED => "401 Unauthorized",
+                codes::FORBIDDEN => "403 Forbidden",
+                codes::NOT_FOUND | codes::DELETED => "404 Not Found",
+                codes::LIMIT => "429 Too Many Requests",
+                codes::UNAVAILABLE => "503 Service Unavailable",
+                _ => "500 Internal Server Error",
+            };
+            respond_with(stream, status, &cors, "text/plain", format!("{code}: {message}\n")).await
+        }
+        Ok(_) => {
+            respond(stream, "503 Service Unavailable", "text/plain", "the server is shutting down\n").await
+        }
+        Err(_) => {
+            let why = format!("no history within {} s\n", HISTORY_TIMEOUT.as_secs());
+            respond(stream, "504 Gateway Timeout", "text/plain", why).await
+        }
+    }
+}
+
+/// Disconnects a hub connection when dropped.
+struct Disconnect(Hub, pagesync::protocol::ConnId);
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        self.0.disconnect(self.1);
+    }
+}
+
+/// `since=TIME&after=CURSOR&limit=N`, each optional.
+fn history_query(query: &str) -> Result<pagesync::history::HistoryQuery, String> {
+    let mut q = pagesync::history::HistoryQuery::default();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = v.replace("%3A", ":").replace("%3a", ":");
+        match k {
+            "since" => q.since_ms = Some(pagesync::history::parse_time(&v)?),
+            "after" => q.after = Some(v.parse()?),
+            "limit" => q.limit = v.parse().map_err(|_| format!("limit={v:?}: expected a count"))?,
+            "token" => {}
+            _ => return Err(format!("unknown parameter {k:?}: since, after, limit")),
+        }
+    }
+    Ok(q)
 }
 
 /// `DELETE /v1/docs/{id}`: deletes the document for everyone (a token with the `admin` claim

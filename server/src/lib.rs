@@ -106,6 +106,22 @@ impl Store {
         })
     }
 
+    /// Opens (or creates) a document's history journal (see `pagesync::history`). Blocking.
+    pub fn open_history(&self, doc: DocId) -> pagesync::Result<Box<dyn Journal>> {
+        let id = pagesync::history::journal_id(doc);
+        Ok(match self {
+            Store::Files(root) => Box::new(FileJournal::open_or_create(
+                history_dir(root, doc),
+                id,
+                FileJournalOptions {
+                    max_segment_bytes: STORAGE_SEGMENT_BYTES,
+                    ..FileJournalOptions::default()
+                },
+            )?),
+            Store::Objects(b) => Box::new(b.open_or_create(&history_key(doc), id)?),
+        })
+    }
+
     /// Whether the document has ever been written (`Error::Deleted` if it was deleted since).
     /// Its tombstone is looked for only when no storage is there: a document deleted while
     /// its storage is still being removed is caught by `open_journal`, which every open calls.
@@ -160,24 +176,30 @@ impl Store {
         Ok(true)
     }
 
-    /// Removes every entry of a deleted document's storage (its tombstone stays). Blocking.
+    /// Removes every entry of a deleted document's storage and history (its tombstone
+    /// stays). Blocking.
     pub fn delete_storage(&self, doc: DocId) -> pagesync::Result<()> {
         match self {
             Store::Files(root) => {
-                let dir = storage_dir(root, doc);
-                match std::fs::remove_dir_all(&dir) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(pagesync::Error::Refused(format!("cannot remove {}: {e}", dir.display()))),
+                for dir in [storage_dir(root, doc), history_dir(root, doc)] {
+                    match std::fs::remove_dir_all(&dir) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            let why = format!("cannot remove {}: {e}", dir.display());
+                            return Err(pagesync::Error::Refused(why));
+                        }
+                    }
                 }
+                Ok(())
             }
             Store::Objects(b) => {
-                let prefix = storage_key(doc);
-                let keys: Vec<String> = b
-                    .list_objects(&prefix, true)?
-                    .into_iter()
-                    .map(|i| format!("{prefix}/{}", i.name))
-                    .collect();
+                let mut keys = Vec::new();
+                for prefix in [storage_key(doc), history_key(doc)] {
+                    keys.extend(
+                        b.list_objects(&prefix, true)?.into_iter().map(|i| format!("{prefix}/{}", i.name)),
+                    );
+                }
                 Ok(b.delete_objects(&keys)?)
             }
         }
@@ -242,6 +264,9 @@ pub struct ServerConfig {
     /// Serve as one of many servers over the store's bucket (`--advertise`); `None` serves
     /// every document asked for.
     pub cluster: Option<ClusterConfig>,
+    /// A document's history (`GET /v1/docs/{id}/history`, `ReadHistory`) needs a token with
+    /// the `admin` claim; otherwise a read grant for the document is enough.
+    pub history_needs_admin: bool,
 }
 
 /// `--advertise` and `--lease-ms`: see `cluster`.
@@ -265,6 +290,7 @@ impl ServerConfig {
             web_root: None,
             compaction: Some(Compaction::default()),
             cluster: None,
+            history_needs_admin: false,
         }
     }
 }
@@ -536,6 +562,18 @@ pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     root.join(&id[..2]).join(&id).join("storage")
 }
 
+/// Where a document's history journal lives under `root`: beside its storage.
+pub fn history_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
+    let id = doc.to_string();
+    root.join(&id[..2]).join(&id).join("history")
+}
+
+/// The key prefix of a document's history journal in an object store.
+pub fn history_key(doc: DocId) -> String {
+    let id = doc.to_string();
+    format!("{}/{id}/history", &id[..2])
+}
+
 /// Takes the `file://` store's lock, or says which process holds it.
 pub fn lock_store(root: &std::path::Path) -> anyhow::Result<pagesync::journal::DirLock> {
     use pagesync::journal::{DirLock, LockError, lock::this_command};
@@ -635,16 +673,30 @@ pub async fn serve(
     };
     let compaction = cfg.compaction;
     let opener = Box::new(move |doc: DocId| {
-        let journal = match &leases {
+        let (journal, generation) = match &leases {
             Some(cluster) => {
                 let generation = cluster.place(doc)?;
                 let inner = store.open_journal(doc)?;
-                Box::new(cluster::Leased { inner, cluster: cluster.clone(), doc, generation })
+                (
+                    Box::new(cluster::Leased { inner, cluster: cluster.clone(), doc, generation }) as _,
+                    generation,
+                )
             }
-            None => store.open_journal(doc)?,
+            None => (store.open_journal(doc)?, 0),
         };
         let mut d = ServerDocument::with_reducer(journal, SqlReducer, step_limits)?;
         d.set_compaction(compaction);
+        // The history is written under the same lease as the storage.
+        let (store, leases) = (store.clone(), leases.clone());
+        d.set_history(Box::new(move || {
+            let inner = store.open_history(doc)?;
+            Ok(match &leases {
+                Some(cluster) => {
+                    Box::new(cluster::Leased { inner, cluster: cluster.clone(), doc, generation })
+                }
+                None => inner,
+            })
+        }));
         Ok(d)
     });
     let options = SessionOptions {
@@ -652,6 +704,7 @@ pub async fn serve(
         step_threads: DEFAULT_STEP_THREADS,
         idle_close_ms: Some(cfg.idle_close_ms),
         idle_shrink_ms: Some(DEFAULT_IDLE_SHRINK_MS),
+        history_needs_admin: cfg.history_needs_admin,
         ..SessionOptions::default()
     };
     let started = std::time::Instant::now();

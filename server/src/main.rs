@@ -81,6 +81,10 @@ struct Args {
     /// documents before others take them over (it stops writing them after two thirds of it).
     #[arg(long, default_value_t = pagesync_server::cluster::DEFAULT_LEASE_MS)]
     lease_ms: u64,
+    /// Show a document's history (`GET /v1/docs/{id}/history`, `pagesync history`) only to
+    /// tokens with the admin claim (`token --admin`); by default a read grant is enough.
+    #[arg(long)]
+    history_admin_only: bool,
 }
 
 fn mutation_limit(s: &str) -> Result<usize, String> {
@@ -159,6 +163,25 @@ enum Cmd {
         /// Do not ask first.
         #[arg(long)]
         yes: bool,
+    },
+    /// List a document's mutations: who sent each (the token's sub), when the client made it,
+    /// when the server received and applied it, the storage entry, the outcome, the SQL.
+    /// Works beside a running server.
+    History {
+        #[arg(long)]
+        doc: String,
+        /// Only those applied at or after this time: ms since the Unix epoch, or RFC 3339.
+        #[arg(long)]
+        since: Option<String>,
+        /// Continue after this cursor (a listing's `next`).
+        #[arg(long)]
+        after: Option<String>,
+        /// At most this many (default: all).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// One JSON object: {"records": [...], "next": CURSOR or null}.
+        #[arg(long)]
+        json: bool,
     },
     /// List the servers of the cluster on --journal (their records in the bucket) and the
     /// documents whose lease each holds.
@@ -249,6 +272,21 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                     _ => "  (its server is gone: the next client's server takes it over)",
                 };
                 println!("  {doc}  epoch {epoch}  held by {holder}{state}");
+            }
+        }
+        Cmd::History { doc, since, after, limit, json } => {
+            let doc = parse_doc(doc)?;
+            let query = pagesync::history::HistoryQuery::parse(since.as_deref(), after.as_deref())
+                .map_err(anyhow::Error::msg)?;
+            let mut pager = pagesync::history::Pager::new(query, *limit);
+            while let Some(q) = pager.next_query() {
+                pager.take(ops::read_history(&store, doc, &q).map_err(anyhow::Error::msg)?);
+            }
+            let page = pager.finish();
+            if *json {
+                println!("{}", page.to_json());
+            } else {
+                print!("{page}");
             }
         }
         Cmd::Token { .. } | Cmd::Verify { .. } => unreachable!("BUG: handled before"),
@@ -348,8 +386,13 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if let Some(cmd @ (Cmd::Export { .. } | Cmd::Restore { .. } | Cmd::Cluster | Cmd::Delete { .. })) =
-        args.command
+    if let Some(
+        cmd @ (Cmd::Export { .. }
+        | Cmd::Restore { .. }
+        | Cmd::Cluster
+        | Cmd::Delete { .. }
+        | Cmd::History { .. }),
+    ) = args.command
     {
         let (journal, rt) = (args.journal.clone(), tokio::runtime::Handle::current());
         return tokio::task::spawn_blocking(move || offline(&journal, &cmd, rt)).await?;
@@ -389,6 +432,7 @@ async fn main() -> anyhow::Result<()> {
             .advertise
             .clone()
             .map(|advertise| pagesync_server::ClusterConfig { advertise, lease_ms: args.lease_ms }),
+        history_needs_admin: args.history_admin_only,
         compaction: Some(pagesync::Compaction {
             checkpoint_after_bytes: args.checkpoint_after_bytes,
             retention_ms: auth::parse_ttl(&args.retention)

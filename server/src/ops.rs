@@ -90,6 +90,37 @@ fn open_read_only(store: &Store, doc: DocId) -> Result<Box<dyn Journal>, String>
     })
 }
 
+/// A page of a document's history (see `pagesync::history`), read without changing anything:
+/// the records of the steps its storage journal holds as committed. Works beside a running
+/// server (an append in progress is not listed yet).
+pub fn read_history(
+    store: &Store,
+    doc: DocId,
+    query: &pagesync::history::HistoryQuery,
+) -> Result<pagesync::history::HistoryPage, String> {
+    let committed_next = open_read_only(store, doc)?.range().next();
+    let id = pagesync::history::journal_id(doc);
+    let history: Box<dyn Journal> = match store {
+        Store::Files(root) => {
+            let dir = crate::history_dir(root, doc);
+            if !dir.exists() {
+                return Ok(Default::default());
+            }
+            // A torn tail (an append in progress) is simply not read.
+            let opts = FileJournalOptions { read_only: true, ..FileJournalOptions::default() };
+            Box::new(FileJournal::open(dir, opts).map_err(|e| e.to_string())?)
+        }
+        Store::Objects(b) => {
+            let key = crate::history_key(doc);
+            if !b.exists(&key, id).map_err(|e| e.to_string())? {
+                return Ok(Default::default());
+            }
+            Box::new(b.open_or_create(&key, id).map_err(|e| e.to_string())?)
+        }
+    };
+    pagesync::history::read(&*history, committed_next, query).map_err(|e| e.to_string())
+}
+
 /// Checks one document without changing anything: opens its storage journal read-only (a torn
 /// tail or a leftover of an interrupted trim is a fault here, not repaired), reads and checks
 /// every entry, replays them all into pages, and runs `PRAGMA integrity_check`. The error

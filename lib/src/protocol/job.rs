@@ -191,7 +191,7 @@ impl DocJob {
                     .into_iter()
                     .map(|(conn, ask)| match &moved {
                         Some(url) => (conn, Message::Redirect { doc, url: url.clone() }),
-                        None => (conn, answer(&document, ask)),
+                        None => (conn, answer(&mut document, ask)),
                     })
                     .collect();
                 Outcome::Ran(Ran { document, reopened, moved, steps, failure, fetched, exported, answers })
@@ -241,8 +241,8 @@ fn reopen_journal(
         Ok(Err(e)) => return Err(OpenFailure::of(e)),
         Err(_) => return Ok(false),
     };
-    for (timeline, first, entries) in document.take_queued() {
-        fresh.receive(timeline, first, entries);
+    for (timeline, lsn, entry, origin) in document.take_queued() {
+        fresh.receive_from(timeline, lsn, vec![entry], &origin);
     }
     **document = fresh;
     Ok(true)
@@ -293,7 +293,7 @@ pub(super) fn read_ahead(d: &ServerDocument, from: Lsn) -> Fetched {
 
 /// The answer to a `MapPages` or `ReadPages`: read from the committed state, never from a
 /// step in progress (a job's step is done before it answers).
-fn answer(d: &ServerDocument, ask: Message) -> Message {
+fn answer(d: &mut ServerDocument, ask: Message) -> Message {
     let failed =
         |doc, why: String| Message::Error { doc: Some(doc), code: codes::STORAGE.into(), message: why };
     match ask {
@@ -316,7 +316,14 @@ fn answer(d: &ServerDocument, ask: Message) -> Message {
                 ),
             }
         }
-        other => unreachable!("BUG: only page requests are asks, not {other:?}"),
+        Message::ReadHistory { doc, id, query } => match catch(|| d.read_history(&query)) {
+            Ok(Ok(page)) => Message::History { doc, id, page },
+            Ok(Err(e)) => failed(doc, format!("reading the history of {doc}: {e}")),
+            Err(panic) => {
+                failed(doc, format!("reading the history of {doc} failed with an internal error: {panic}"))
+            }
+        },
+        other => unreachable!("BUG: only page and history requests are asks, not {other:?}"),
     }
 }
 

@@ -28,7 +28,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -160,6 +160,12 @@ pub enum Message {
     Presence { doc: DocId, peer: Peer },
     /// Server: `peer` is no longer subscribed to `doc` (its connection closed).
     PeerLeft { doc: DocId, peer: u64 },
+    /// Client: a page of `doc`'s history (see `history`): its mutations, who sent each, when,
+    /// and what became of it. Needs a read grant (an admin one where the server says so);
+    /// never creates the document. Answered like a page request (the same bounds).
+    ReadHistory { doc: DocId, id: u64, query: crate::history::HistoryQuery },
+    /// Server: the answer to `ReadHistory { id }`.
+    History { doc: DocId, id: u64, page: crate::history::HistoryPage },
 }
 
 /// The largest `Broadcast` value: 8 KiB (a cursor, a selection, a name and a color).
@@ -257,7 +263,9 @@ impl Message {
             | Message::Redirect { doc, .. }
             | Message::Broadcast { doc, .. }
             | Message::Presence { doc, .. }
-            | Message::PeerLeft { doc, .. } => Some(*doc),
+            | Message::PeerLeft { doc, .. }
+            | Message::ReadHistory { doc, .. }
+            | Message::History { doc, .. } => Some(*doc),
             Message::Error { doc, .. } => *doc,
         }
     }

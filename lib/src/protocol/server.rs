@@ -28,6 +28,7 @@ use super::{
     MAX_READ_PAGES, MIN_BROADCAST_MS, Message, PROTOCOL_VERSION, RETRANSMIT_MS, codes,
 };
 use crate::error::Result;
+use crate::history::Origin;
 use crate::ids::{DocId, TimelineId};
 use crate::reducer::Rejection;
 use crate::server::{ServerDocument, StepOutcome};
@@ -43,14 +44,18 @@ pub struct Grant {
     /// `None`: every document. `Some(p)`: ids that start with `p` (a full id: exactly one).
     pub doc_prefix: Option<String>,
     pub write: bool,
-    /// Who the token names (its `sub` claim): shown to the other clients in presence.
+    /// Who the token names (its `sub` claim): shown to the other clients in presence and
+    /// recorded with its mutations in the history.
     pub subject: String,
+    /// The token's `admin` claim: it may delete the document, and read its history where the
+    /// server keeps that to admins (`SessionOptions::history_needs_admin`).
+    pub admin: bool,
 }
 
 impl Grant {
     /// Everything: for servers without auth (loopback only).
     pub fn all() -> Grant {
-        Grant { doc_prefix: None, write: true, subject: String::new() }
+        Grant { doc_prefix: None, write: true, subject: String::new(), admin: true }
     }
 
     pub fn allows(&self, doc: DocId) -> bool {
@@ -428,6 +433,8 @@ pub struct SessionOptions {
     /// acknowledging) cannot grow the server's memory past it, nor pin it and starve the
     /// others. `MAX_READ_AHEAD_BYTES` by default.
     pub max_read_ahead_bytes: usize,
+    /// `ReadHistory` needs a token with the `admin` claim, not just a read grant.
+    pub history_needs_admin: bool,
 }
 
 /// The default `SessionOptions::max_read_ahead_bytes`: 256 MiB, 64 documents' full read-ahead.
@@ -441,6 +448,7 @@ impl Default for SessionOptions {
             idle_close_ms: None,
             idle_shrink_ms: None,
             max_read_ahead_bytes: MAX_READ_AHEAD_BYTES,
+            history_needs_admin: false,
         }
     }
 }
@@ -876,6 +884,7 @@ impl ServerSession {
             | Message::Mutations { doc, .. }
             | Message::MapPages { doc, .. }
             | Message::ReadPages { doc, .. }
+            | Message::ReadHistory { doc, .. }
                 if !c.grant.as_ref().is_some_and(|g| g.allows(doc)) =>
             {
                 let text = format!("your token does not grant access to document {doc}");
@@ -892,22 +901,34 @@ impl ServerSession {
                 let text = format!("{} entries from LSN {first} run past the LSN space", entries.len());
                 self.fail(conn, error(msg.doc(), codes::MALFORMED, text));
             }
+            Message::ReadHistory { doc, .. }
+                if self.options.history_needs_admin && !c.grant.as_ref().is_some_and(|g| g.admin) =>
+            {
+                let text = format!("this server shows the history of {doc} to admin tokens only");
+                c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
+            }
             Message::ReadPages { doc, pages, .. } if pages == 0 || pages > MAX_READ_PAGES => {
                 let text = format!("a read of {pages} pages: from 1 to {MAX_READ_PAGES} at once");
                 c.outbox.push_back(error(Some(doc), codes::MALFORMED, text));
             }
-            // A page request never creates its document.
-            Message::MapPages { doc, .. } | Message::ReadPages { doc, .. }
+            // A page or history request never creates its document.
+            Message::MapPages { doc, .. }
+            | Message::ReadPages { doc, .. }
+            | Message::ReadHistory { doc, .. }
                 if !self.docs.contains_key(&doc) =>
             {
                 self.start_open(conn, now_ms, msg, doc, false)
             }
-            Message::MapPages { doc, .. } | Message::ReadPages { doc, .. }
+            Message::MapPages { doc, .. }
+            | Message::ReadPages { doc, .. }
+            | Message::ReadHistory { doc, .. }
                 if self.docs.get(&doc).is_some_and(OpenDoc::is_away) =>
             {
                 self.defer(conn, now_ms, msg)
             }
-            Message::MapPages { doc, .. } | Message::ReadPages { doc, .. } => self.ask(conn, doc, msg),
+            Message::MapPages { doc, .. }
+            | Message::ReadPages { doc, .. }
+            | Message::ReadHistory { doc, .. } => self.ask(conn, doc, msg),
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
                 if !self.docs.contains_key(&doc) =>
             {
@@ -923,9 +944,11 @@ impl ServerSession {
                 self.subscribe(conn, doc, timeline, storage_next, digests)
             }
             Message::Mutations { doc, timeline, first, entries } => {
+                let subject = c.grant.as_ref().map_or("", |g| g.subject.as_str());
+                let origin = Origin { subject: subject.into(), received_ms: Some(now_ms) };
                 if let Some(open) = self.here(doc) {
                     let d = open.document_mut().expect("BUG: here");
-                    let received = d.receive(timeline, first, entries);
+                    let received = d.receive_from(timeline, first, entries, &origin);
                     let storage_next = d.storage_range().next();
                     if d.queued() > 0 {
                         open.queued_since.get_or_insert(now_ms);
@@ -1627,7 +1650,10 @@ impl ServerSession {
         for (conn, at, msg) in deferred.messages {
             let Some(c) = self.conns.get_mut(&conn) else { continue };
             c.opening.remove(&doc);
-            let asks = matches!(msg, Message::MapPages { .. } | Message::ReadPages { .. });
+            let asks = matches!(
+                msg,
+                Message::MapPages { .. } | Message::ReadPages { .. } | Message::ReadHistory { .. }
+            );
             let creates = c.grant.as_ref().is_some_and(|g| g.write) && !asks;
             if matches!(failure, OpenFailure::NotFound) && creates {
                 self.handle_message(conn, at, msg);
@@ -1949,5 +1975,7 @@ fn kind(m: &Message) -> &'static str {
         Message::Broadcast { .. } => "Broadcast",
         Message::Presence { .. } => "Presence",
         Message::PeerLeft { .. } => "PeerLeft",
+        Message::ReadHistory { .. } => "ReadHistory",
+        Message::History { .. } => "History",
     }
 }
