@@ -48,19 +48,34 @@ fn deleted(d: &Document) -> bool {
 /// Everything of the document's storage that is left, on files or in the bucket.
 async fn storage_left(journal: &str, doc: DocId) -> Vec<String> {
     if let Some(root) = journal.strip_prefix("file://") {
-        let dir = pagesync_server::storage_dir(std::path::Path::new(root), doc);
-        assert!(pagesync_server::tombstone_path(std::path::Path::new(root), doc).exists(), "a tombstone");
-        return if dir.exists() { vec![dir.display().to_string()] } else { Vec::new() };
+        let root = std::path::Path::new(root);
+        assert!(pagesync_server::tombstone_path(root, doc).exists(), "a tombstone");
+        let dirs = [pagesync_server::storage_dir(root, doc), pagesync_server::history_dir(root, doc)];
+        return dirs.iter().filter(|d| d.exists()).map(|d| d.display().to_string()).collect();
     }
     let (bucket, rt) = (journal.to_owned(), tokio::runtime::Handle::current());
     tokio::task::spawn_blocking(move || {
         let b = ObjectBackend::from_url(&bucket, rt).expect("backend");
         assert!(b.read_object(&pagesync_server::tombstone_key(doc)).expect("get").is_some(), "a tombstone");
-        b.list_objects(&pagesync_server::storage_key(doc), true)
-            .expect("list")
-            .into_iter()
+        [pagesync_server::storage_key(doc), pagesync_server::history_key(doc)]
+            .iter()
+            .flat_map(|prefix| b.list_objects(prefix, true).expect("list"))
             .map(|i| i.name)
             .collect()
+    })
+    .await
+    .expect("join")
+}
+
+/// Whether the document's history journal holds anything, on files or in the bucket.
+async fn history_kept(journal: &str, doc: DocId) -> bool {
+    if let Some(root) = journal.strip_prefix("file://") {
+        return pagesync_server::history_dir(std::path::Path::new(root), doc).exists();
+    }
+    let (bucket, rt) = (journal.to_owned(), tokio::runtime::Handle::current());
+    tokio::task::spawn_blocking(move || {
+        let b = ObjectBackend::from_url(&bucket, rt).expect("backend");
+        !b.list_objects(&pagesync_server::history_key(doc), true).expect("list").is_empty()
     })
     .await
     .expect("join")
@@ -80,6 +95,7 @@ async fn a_deleted_document_is_gone_everywhere_and_never_comes_back(journal: Str
         w.execute("INSERT INTO t VALUES (?1)", vec![Value::Integer(i)]).expect("write");
     }
     w.sync(WAIT).await.expect("synced");
+    assert!(history_kept(&journal, doc).await, "the document has a history to delete");
     // An old replica: synced once, then writes offline (nothing listens on its URL).
     {
         let c = Client::connect(&url, &token(doc, false), dir.path().join("old")).expect("old");
