@@ -8,12 +8,12 @@
 //! parameters). The entry names the storage LSN the step will take and the step's time.
 //!
 //! Because the history entry is written first, a step whose storage append then failed (or a
-//! crash between the two) leaves an entry naming a storage LSN that was never committed. Such
-//! an entry is *voided*: before the document writes storage again, it appends a `Void` naming
-//! it (`ServerDocument` settles its history before every write), so a void always follows the
-//! entry it voids; and a reader skips entries naming a storage LSN past the committed ones
-//! (those of a crash not yet settled). So every listed record is of a step that committed, and
-//! every committed step's mutations are listed.
+//! crash between the two, or a second server that lost the storage entry's LSN to another)
+//! leaves an entry naming a storage entry that says something else, or that was never
+//! written. So a reader checks every history entry against the header of the storage entry it
+//! names (its time and its list of applied mutations, a few bytes read without the pages) and
+//! lists only those that match, each storage entry once. Every listed record is of a step that
+//! committed, and every committed step's mutations are listed.
 //!
 //! The history is trimmed with the storage: when compaction trims the storage journal to a
 //! checkpoint older than the retention window, the history drops the steps before it. Both
@@ -57,13 +57,30 @@ pub struct Origin {
     pub received_ms: Option<i64>,
 }
 
-/// One history journal entry, as stored.
+/// One history journal entry, as stored: a step that is to commit storage entry
+/// `storage_lsn` at `applied_ms` (it did if that entry says so).
 #[derive(Debug, Serialize, Deserialize)]
-enum Stored {
-    /// A step that committed storage entry `storage_lsn` (unless voided) at `applied_ms`.
-    Step { storage_lsn: u64, applied_ms: i64, records: Vec<StoredRecord> },
-    /// The entry at `history_lsn` names a storage entry that was never committed.
-    Void { history_lsn: u64 },
+struct Stored {
+    storage_lsn: u64,
+    applied_ms: i64,
+    records: Vec<StoredRecord>,
+}
+
+impl Stored {
+    /// Whether storage entry `storage_lsn` is the step this entry describes: the same time, the
+    /// same mutations in the same order.
+    fn matches(&self, storage: &dyn Journal) -> Result<bool> {
+        let Some(lsn) = Lsn::new(self.storage_lsn).filter(|l| storage.range().contains(*l)) else {
+            return Ok(false);
+        };
+        let (time_ms, applied) = crate::storage::read_applied(storage, lsn)?;
+        Ok(time_ms == self.applied_ms
+            && applied.len() == self.records.len()
+            && applied
+                .iter()
+                .zip(&self.records)
+                .all(|(a, r)| a.timeline == r.timeline && a.lsn.get() == r.lsn))
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -119,22 +136,7 @@ pub(crate) fn step_entry(storage_lsn: Lsn, applied_ms: i64, records: &[StepRecor
             mutation: r.mutation.to_vec(),
         })
         .collect();
-    encode(&Stored::Step { storage_lsn: storage_lsn.get(), applied_ms, records })
-}
-
-/// The entry that voids the one at `history_lsn`.
-pub(crate) fn void_entry(history_lsn: Lsn) -> Vec<u8> {
-    encode(&Stored::Void { history_lsn: history_lsn.get() })
-}
-
-/// The storage LSN the entry at `lsn` names, `None` for a void. For settling a history.
-pub(crate) fn storage_lsn_of(journal: &dyn Journal, lsn: Lsn) -> Result<Option<Lsn>> {
-    match decode(&journal.read(lsn)?)? {
-        Stored::Step { storage_lsn, .. } => Lsn::new(storage_lsn)
-            .map(Some)
-            .ok_or_else(|| Error::Malformed("a history entry names storage LSN 0".into())),
-        Stored::Void { .. } => Ok(None),
-    }
+    encode(&Stored { storage_lsn: storage_lsn.get(), applied_ms, records })
 }
 
 /// What became of a mutation.
@@ -359,11 +361,12 @@ impl Pager {
     }
 }
 
-/// Lists a history journal: the records of the steps that committed storage entries before
-/// `committed_next`, in the order they were applied. Reads the entries it lists (and finds
-/// where `since_ms` starts by bisection), never the whole journal.
-pub fn read(journal: &dyn Journal, committed_next: Lsn, query: &HistoryQuery) -> Result<HistoryPage> {
-    let range = journal.range();
+/// Lists a history journal: the records of the steps that committed the entries of `storage`
+/// they name, in the order they were applied. Reads the entries it lists and the headers of
+/// the storage entries they name (and finds where `since_ms` starts by bisection), never the
+/// whole journal.
+pub fn read(history: &dyn Journal, storage: &dyn Journal, query: &HistoryQuery) -> Result<HistoryPage> {
+    let range = history.range();
     let mut page = HistoryPage::default();
     let Some(last) = range.last() else { return Ok(page) };
     let (mut at, mut skip) = match query.after {
@@ -371,76 +374,55 @@ pub fn read(journal: &dyn Journal, committed_next: Lsn, query: &HistoryQuery) ->
         _ => (range.first(), 0),
     };
     if let Some(since) = query.since_ms {
-        let first = first_applied_since(journal, at, last, since)?;
+        let first = bisect(history, at, last, |_, applied_ms| applied_ms >= since)?;
         if first > at {
             (at, skip) = (first, 0);
         }
     }
     let (limit, mut bytes) = (query.limit(), 0usize);
-    let mut buffered: std::collections::VecDeque<(Lsn, Stored)> = Default::default();
+    // Each storage entry is listed once: after a race, two history entries may match it.
+    let mut listed: Option<u64> = None;
     let mut next_read = at;
-    loop {
-        if buffered.len() < 2 && next_read <= last {
-            let count = READ_CHUNK.min(last.get() - next_read.get() + 1);
-            for (i, e) in
-                journal.read_range(crate::journal::LsnRange::from_count(next_read, count))?.iter().enumerate()
-            {
-                buffered.push_back((Lsn::new(next_read.get() + i as u64).expect("BUG: past 0"), decode(e)?));
-            }
-            next_read = Lsn::new(next_read.get() + count).expect("BUG: past 0");
-        }
-        let Some((lsn, entry)) = buffered.pop_front() else { break };
-        let voided =
-            matches!(buffered.front(), Some((_, Stored::Void { history_lsn })) if *history_lsn == lsn.get());
-        let Stored::Step { storage_lsn, applied_ms, records } = entry else { continue };
-        if voided || storage_lsn >= committed_next.get() {
-            skip = 0;
-            continue;
-        }
-        let storage_lsn = Lsn::new(storage_lsn).ok_or_else(|| Error::Malformed("storage LSN 0".into()))?;
-        for (index, r) in records.into_iter().enumerate().skip(std::mem::take(&mut skip)) {
-            if query.since_ms.is_some_and(|s| applied_ms < s) {
+    while next_read <= last {
+        let count = READ_CHUNK.min(last.get() - next_read.get() + 1);
+        let chunk = history.read_range(crate::journal::LsnRange::from_count(next_read, count))?;
+        for (i, bytes_of) in chunk.iter().enumerate() {
+            let lsn = Lsn::new(next_read.get() + i as u64).expect("BUG: past 0");
+            let entry = decode(bytes_of)?;
+            let first_index = if lsn == at { std::mem::take(&mut skip) } else { 0 };
+            if listed.is_some_and(|l| entry.storage_lsn <= l) || !entry.matches(storage)? {
                 continue;
             }
-            if page.records.len() >= limit || (bytes > 0 && bytes + r.mutation.len() > MAX_HISTORY_PAGE_BYTES)
-            {
-                page.next = page.records.last().map(|r| r.cursor);
-                return Ok(page);
+            listed = Some(entry.storage_lsn);
+            let storage_lsn = Lsn::new(entry.storage_lsn).expect("BUG: matched a storage entry");
+            for (index, r) in entry.records.into_iter().enumerate().skip(first_index) {
+                if query.since_ms.is_some_and(|s| entry.applied_ms < s) {
+                    continue;
+                }
+                let full = page.records.len() >= limit
+                    || (bytes > 0 && bytes + r.mutation.len() > MAX_HISTORY_PAGE_BYTES);
+                if full {
+                    page.next = page.records.last().map(|r| r.cursor);
+                    return Ok(page);
+                }
+                bytes += r.mutation.len() + r.subject.len() + r.rejected.as_ref().map_or(0, |(_, m)| m.len());
+                let cursor = HistoryCursor { entry: lsn, index: index as u32 };
+                page.records.push(record(cursor, storage_lsn, entry.applied_ms, r)?);
             }
-            bytes += r.mutation.len() + r.subject.len() + r.rejected.as_ref().map_or(0, |(_, m)| m.len());
-            page.records.push(record(
-                HistoryCursor { entry: lsn, index: index as u32 },
-                storage_lsn,
-                applied_ms,
-                r,
-            )?);
         }
+        next_read = Lsn::new(next_read.get() + count).expect("BUG: past 0");
     }
     Ok(page)
 }
 
-/// The first entry in `from..=last` whose step ran at or after `since_ms` (`last + 1` if
-/// none): steps are recorded in the order they ran, by one clock.
-fn first_applied_since(journal: &dyn Journal, from: Lsn, last: Lsn, since_ms: i64) -> Result<Lsn> {
-    bisect(journal, from, last, |_, applied_ms| applied_ms >= since_ms)
-}
-
 /// The first entry in `from..=last` for whose step `past(storage_lsn, applied_ms)` holds
 /// (`last + 1` if none), by bisection: `past` must hold for every step after one it holds for.
-/// A void says nothing of its own: the entry it follows (the one it voids) is asked instead.
 fn bisect(journal: &dyn Journal, from: Lsn, last: Lsn, past: impl Fn(u64, i64) -> bool) -> Result<Lsn> {
     let (mut lo, mut hi) = (from.get(), last.get() + 1);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let mut probe = mid;
-        let is_past = loop {
-            match decode(&journal.read(Lsn::new(probe).expect("BUG: past 0"))?)? {
-                Stored::Step { storage_lsn, applied_ms, .. } => break past(storage_lsn, applied_ms),
-                Stored::Void { .. } if probe > lo => probe -= 1,
-                Stored::Void { .. } => break false,
-            }
-        };
-        if is_past {
+        let entry = decode(&journal.read(Lsn::new(mid).expect("BUG: past 0"))?)?;
+        if past(entry.storage_lsn, entry.applied_ms) {
             hi = mid;
         } else {
             lo = mid + 1;

@@ -200,10 +200,6 @@ pub type HistoryOpener = Box<dyn Fn() -> Result<Box<dyn Journal>> + Send>;
 struct HistoryLog {
     open: HistoryOpener,
     journal: Option<Box<dyn Journal>>,
-    /// Its last entry is known to name a committed storage entry (or to be a void): false
-    /// until checked after opening, and from a step's history append until its storage
-    /// append succeeds.
-    settled: bool,
 }
 
 impl HistoryLog {
@@ -212,6 +208,23 @@ impl HistoryLog {
             self.journal = Some((self.open)()?);
         }
         Ok(&mut **self.journal.as_mut().expect("BUG: just opened"))
+    }
+
+    /// Appends `entry`. When another writer took the LSN (a second server on the same bucket
+    /// wrote its own, which a reader will not list unless its storage entry says so), the
+    /// journal is opened again and the entry goes after it: the storage append that follows
+    /// decides which server owns the document.
+    fn append(&mut self, entry: &[u8]) -> Result<()> {
+        match self.journal()?.append(entry) {
+            Err(pagesync_journal::JournalError::Fenced { .. }) => {
+                self.journal = None;
+                self.journal()?.append(entry)?;
+            }
+            other => {
+                other?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -630,7 +643,6 @@ impl<R: Reducer> ServerDocument<R> {
         if self.queues.is_empty() {
             return Ok(None);
         }
-        self.settle_history()?;
         self.compact(now_ms)?;
         let (batch, origins) = self.pick_batch();
         if batch.is_empty() {
@@ -683,7 +695,6 @@ impl<R: Reducer> ServerDocument<R> {
     /// Runs `VACUUM` (outside any mutation: it cannot run in a transaction) and records the
     /// rewritten pages as one storage entry. Returns its LSN, if anything changed.
     pub fn vacuum(&mut self, now_ms: i64) -> Result<Option<Lsn>> {
-        self.settle_history()?;
         if let Err(e) = self.db.conn().execute_batch("VACUUM") {
             let e = self.db.explain(e);
             self.db.store().rollback_failed_step()?;
@@ -869,9 +880,6 @@ impl<R: Reducer> ServerDocument<R> {
         }
         let committed =
             self.db.store().commit_overlay(&applied, forget, entry_time_ms).map_err(|e| (None, e.into()))?;
-        if let Some(h) = &mut self.history {
-            h.settled = true;
-        }
         let c = committed.as_ref().expect("BUG: a step with mutations records them");
         let lsn = c.lsn;
         // The client of a step that applied its mutations alone, none rejected, each at its
@@ -900,9 +908,9 @@ impl<R: Reducer> ServerDocument<R> {
         Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections, forgotten }, applied.len()))
     }
 
-    /// Appends the history entry of a step about to commit (the first `applied.len()` of
-    /// `batch`), durably, before its storage entry: until that commits the history is not
-    /// settled (`settle_history` voids the entry if it never does).
+    /// Appends the history entry of a step about to commit (`batch`, the mutations it took),
+    /// durably, before its storage entry: a reader lists it only once that entry says the same
+    /// (see `history`).
     fn record_history(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
@@ -925,45 +933,21 @@ impl<R: Reducer> ServerDocument<R> {
                 mutation,
             })
             .collect();
-        let entry = history::step_entry(storage_lsn, entry_time_ms, &records);
-        h.settled = false;
-        h.journal()?.append(&entry)?;
-        Ok(())
+        h.append(&history::step_entry(storage_lsn, entry_time_ms, &records))
     }
 
     /// Gives the document a history journal: every later step records its mutations there
     /// (see `history`). Opened at the first write.
     pub fn set_history(&mut self, open: HistoryOpener) {
-        self.history = Some(HistoryLog { open, journal: None, settled: false });
-    }
-
-    /// Makes sure the history's last entry names a committed storage entry before the storage
-    /// is written again: one naming an entry never committed (its step failed, or the process
-    /// died between the two appends) is voided. Reads one entry after an open or a failure.
-    fn settle_history(&mut self) -> Result<()> {
-        let next = self.storage_range().next();
-        let Some(h) = &mut self.history else { return Ok(()) };
-        if h.settled {
-            return Ok(());
-        }
-        let journal = h.journal()?;
-        if let Some(last) = journal.range().last()
-            && history::storage_lsn_of(journal, last)?.is_some_and(|named| named >= next)
-        {
-            journal.append(&history::void_entry(last))?;
-        }
-        h.settled = true;
-        Ok(())
+        self.history = Some(HistoryLog { open, journal: None });
     }
 
     /// Lists the document's history (see `history::read`): the records of committed steps.
     /// Empty for a document without one.
     pub fn read_history(&mut self, query: &HistoryQuery) -> Result<HistoryPage> {
-        let next = self.storage_range().next();
-        match &mut self.history {
-            Some(h) => history::read(h.journal()?, next, query),
-            None => Ok(HistoryPage::default()),
-        }
+        let Some(h) = &mut self.history else { return Ok(HistoryPage::default()) };
+        let history = h.journal()?;
+        history::read(history, self.db.store().journal(), query)
     }
 
     /// A subscriber of `timeline` has copied that timeline's rejections through `through`

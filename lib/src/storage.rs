@@ -145,6 +145,43 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The time and the applied mutations of entry `lsn` of a storage journal, reading its header
+/// alone (a few bytes, not its pages). For checking what a history entry says of it.
+pub fn read_applied(
+    journal: &dyn pagesync_journal::Journal,
+    lsn: Lsn,
+) -> crate::error::Result<(i64, Vec<Applied>)> {
+    let mut head = vec![0u8; HEADER_BYTES_V2];
+    journal.read_part(lsn, 0, &mut head)?;
+    let (header_bytes, time_at) = match head[0] {
+        2 => (HEADER_BYTES_V2, 13),
+        VERSION => (HEADER_BYTES, 17),
+        v => return Err(crate::Error::Malformed(format!("storage entry {lsn}: version {v}"))),
+    };
+    head.resize(header_bytes, 0);
+    journal.read_part(lsn, HEADER_BYTES_V2, &mut head[HEADER_BYTES_V2..])?;
+    let le32 = |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().expect("BUG: 4 bytes")) as usize;
+    let n_applied = le32(5);
+    if n_applied > pagesync_journal::codec::MAX_ENTRY_BYTES / APPLIED_BYTES {
+        return Err(crate::Error::Malformed(format!("storage entry {lsn}: {n_applied} mutations")));
+    }
+    let time_ms = i64::from_le_bytes(head[time_at..time_at + 8].try_into().expect("BUG: 8 bytes"));
+    let mut list = vec![0u8; n_applied * APPLIED_BYTES];
+    journal.read_part(lsn, header_bytes, &mut list)?;
+    let applied = list
+        .chunks_exact(APPLIED_BYTES)
+        .map(|a| {
+            let lsn = u64::from_le_bytes(a[16..24].try_into().expect("BUG: 8 bytes"));
+            Ok(Applied {
+                timeline: TimelineId(a[..16].try_into().expect("BUG: 16 bytes")),
+                lsn: Lsn::new(lsn).ok_or_else(|| crate::Error::Malformed("applied LSN 0".into()))?,
+                time_ms: i64::from_le_bytes(a[24..32].try_into().expect("BUG: 8 bytes")),
+            })
+        })
+        .collect::<crate::error::Result<Vec<Applied>>>()?;
+    Ok((time_ms, applied))
+}
+
 /// Decodes and validates an entry's header; checks the payload holds every page.
 pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
     let mut r = Reader { bytes: payload, pos: 0 };

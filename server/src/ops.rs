@@ -91,14 +91,14 @@ fn open_read_only(store: &Store, doc: DocId) -> Result<Box<dyn Journal>, String>
 }
 
 /// A page of a document's history (see `pagesync::history`), read without changing anything:
-/// the records of the steps its storage journal holds as committed. Works beside a running
-/// server (an append in progress is not listed yet).
+/// the records of the steps its storage journal holds. Works beside a running server (a step
+/// in progress is not listed yet).
 pub fn read_history(
     store: &Store,
     doc: DocId,
     query: &pagesync::history::HistoryQuery,
 ) -> Result<pagesync::history::HistoryPage, String> {
-    let committed_next = open_read_only(store, doc)?.range().next();
+    let storage = open_read_only(store, doc)?;
     let id = pagesync::history::journal_id(doc);
     let history: Box<dyn Journal> = match store {
         Store::Files(root) => {
@@ -118,7 +118,7 @@ pub fn read_history(
             Box::new(b.open_or_create(&key, id).map_err(|e| e.to_string())?)
         }
     };
-    pagesync::history::read(&*history, committed_next, query).map_err(|e| e.to_string())
+    pagesync::history::read(&*history, &*storage, query).map_err(|e| e.to_string())
 }
 
 /// Checks one document without changing anything: opens its storage journal read-only (a torn

@@ -515,7 +515,9 @@ async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
     let other = DocId::from_u128(0x9e6);
     send(&mut ws, Message::Broadcast { doc: other, value: vec![1] }).await;
     let (mut large, mut unsubscribed) = (0, 0);
-    while unsubscribed == 0 {
+    // In either order: the oversized one waits behind the Subscribe while the document opens,
+    // the other document's is refused at once.
+    while large == 0 || unsubscribed == 0 {
         match next_reply(&mut ws).await.expect("the connection stays open") {
             Message::Error { code, .. } if code == codes::TOO_LARGE => large += 1,
             Message::Error { code, doc: Some(d), .. } if code == codes::MALFORMED && d == other => {

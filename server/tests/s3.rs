@@ -121,6 +121,10 @@ async fn two_servers_on_one_document_one_keeps_writing_the_other_reports_the_con
     assert_eq!(applied.len(), 11, "the schema and a's ten writes, nothing of b's");
     let rows = a.query("SELECT count(*) FROM w WHERE who = 'a'", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Integer(10)]]);
+    // The history lists what the bucket's storage holds: the loser's attempt is not listed.
+    let listed = a.history(pagesync::history::HistoryQuery::default()).await.expect("history").records;
+    let listed: Vec<_> = listed.iter().map(|r| (r.timeline, r.timeline_lsn)).collect();
+    assert_eq!(listed, applied, "the history names exactly the stored mutations");
 }
 
 /// Checkpoints and retention on S3 through the real binary and real websockets: with every

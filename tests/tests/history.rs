@@ -1,8 +1,9 @@
 //! The history journal in the core (`pagesync::history`, `ServerDocument::set_history`):
 //! every mutation of a committed step listed once, with who sent it, its times, its storage
 //! LSN, its outcome and its SQL; paging and `since`; an entry whose storage entry never
-//! committed (a failed append, a crash between the two appends, also when a checkpoint is the
-//! next storage write) is never listed; the history is trimmed with the storage.
+//! committed (a failed append, a crash between the two appends, also when a checkpoint takes
+//! the LSN it named, a second server that lost the LSN) is never listed; the history is
+//! trimmed with the storage.
 
 use pagesync::history::{HistoryCursor, HistoryOutcome, HistoryQuery, Origin};
 use pagesync::journal::{Journal, Lsn};
@@ -145,11 +146,11 @@ fn a_step_whose_storage_append_failed_is_never_listed() {
     assert_eq!(keys(&records), vec![(ALICE, 1), (ALICE, 2)], "listed once, from the step that committed");
     assert_eq!(records[1].storage_lsn, step.lsn);
     assert_eq!((records[1].received_ms, records[1].applied_ms), (3, 5), "received when it first arrived");
-    assert_eq!(history.range().len(), 4, "the failed step's entry was voided, then the step recorded");
+    assert_eq!(history.range().len(), 3, "the failed step's entry stays, never listed");
 }
 
 #[test]
-fn a_crash_between_the_appends_is_settled_before_a_checkpoint_takes_the_storage_lsn() {
+fn a_crash_between_the_appends_is_not_listed_when_a_checkpoint_takes_the_storage_lsn() {
     let (storage, history) = (SharedJournal::new(1), SharedJournal::new(2));
     let mut d = open(&storage, &history);
     d.receive_from(ALICE, Lsn::FIRST, vec![mutation("CREATE TABLE t(x)", vec![], 1)], &from("alice", 1));
