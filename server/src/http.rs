@@ -190,6 +190,16 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             Err((status, why)) => respond(stream, status, "text/plain", why).await,
         },
         p if p.starts_with("/v1/docs/") && req.method == "DELETE" => delete(stream, routes, &req).await,
+        // A page on another origin asks first whether it may send its token.
+        p if p.starts_with("/v1/docs/") && p.ends_with("/history") && req.method == "OPTIONS" => {
+            let cors = [
+                ("access-control-allow-origin", "*"),
+                ("access-control-allow-methods", "GET"),
+                ("access-control-allow-headers", "authorization"),
+                ("access-control-max-age", "600"),
+            ];
+            respond_with(stream, "204 No Content", &cors, "text/plain", "").await
+        }
         p if p.starts_with("/v1/docs/") && p.ends_with("/history") => history(stream, routes, &req).await,
         p if p.starts_with("/v1/docs/") => export(stream, routes, &req).await,
         p => match &routes.web_root {

@@ -152,6 +152,19 @@ export class Database {
     return () => this.#presenceListeners.delete(callback);
   }
 
+  /**
+   * A page of the document's history, from the server: `{ records, next }`, oldest first. Each
+   * record: `{ cursor, storage_lsn, timeline, timeline_lsn, subject, client_ms, received_ms,
+   * applied_ms, outcome: "applied" | "rejected", code, message, statements: [{ sql, params }],
+   * once }`. Options: `since` (a Date, ms since the epoch, or an RFC 3339 string), `after` (a
+   * page's `next`, to continue) and `limit` (at most 10,000; 1,000 by default). Needs the server
+   * (a read grant; an admin one where the server keeps history to admins).
+   */
+  history({ since, after, limit } = {}) {
+    const query = { since: since instanceof Date ? since.getTime() : since, after, limit };
+    return this.#call("history", query);
+  }
+
   /** Where mutation `id` stands (also for writes made before a reload). */
   state(id) {
     return this.#call("state", id);

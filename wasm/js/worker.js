@@ -5,7 +5,7 @@
 import init, { Replica } from "./pkg/pagesync_wasm.js";
 
 let replica = null;
-let config = null; // { url, token, online }
+let config = null; // { url, token, online, doc }
 let socket = null;
 let timer = null;
 let retryMs = 0;
@@ -207,7 +207,7 @@ const ops = {
   async open(docId, options) {
     if (replica) throw new Error("this worker already runs a document");
     await init();
-    config = { url: options.url, token: options.token ?? "", online: options.online !== false };
+    config = { url: options.url, token: options.token ?? "", online: options.online !== false, doc: docId };
     const seed = crypto.getRandomValues(new Uint8Array(16));
     replica = await Replica.open(docId, config.token, options.persist !== false, seed);
     connect();
@@ -270,6 +270,20 @@ const ops = {
   },
   export() {
     return replica.export();
+  },
+  // A page of the document's history from its server (GET /v1/docs/{id}/history): the same
+  // server this worker syncs with, the same token.
+  async history(query) {
+    const sync = new URL(redirectedTo ?? config.url);
+    sync.protocol = sync.protocol === "wss:" ? "https:" : "http:";
+    const url = new URL(`/v1/docs/${config.doc}/history`, sync);
+    for (const key of ["since", "after", "limit"]) {
+      if (query?.[key] !== undefined && query[key] !== null) url.searchParams.set(key, String(query[key]));
+    }
+    const headers = config.token ? { authorization: `Bearer ${config.token}` } : {};
+    const response = await fetch(url, { headers });
+    if (!response.ok) throw new Error(`history: ${response.status} ${(await response.text()).trim()}`);
+    return response.json();
   },
 };
 

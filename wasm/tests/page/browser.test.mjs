@@ -56,6 +56,26 @@ test("two browser contexts edit one document and converge", async () => {
   assert.deepEqual(await titles(pageA), await titles(pageB));
 });
 
+test("the document's history lists both contexts' writes, from either", async () => {
+  const history = await pageB.evaluate(() => window.pagesyncDb.history());
+  const adds = history.records.filter((r) => r.statements[0]?.sql.startsWith("INSERT INTO todos"));
+  assert.deepEqual(adds.map((r) => r.statements[0].params[0]).sort(), ["eggs", "milk"]);
+  assert.equal(new Set(adds.map((r) => r.timeline)).size, 2, "one timeline per context");
+  for (const r of history.records) {
+    assert.equal(r.outcome, "applied");
+    assert.ok(r.client_ms <= r.received_ms && r.received_ms <= r.applied_ms, JSON.stringify(r));
+  }
+  // Paged: one record at a time gives the same list.
+  const paged = [];
+  let after;
+  do {
+    const page = await pageA.evaluate((after) => window.pagesyncDb.history({ after, limit: 1 }), after);
+    paged.push(...page.records);
+    after = page.next ?? undefined;
+  } while (after);
+  assert.deepEqual(paged, history.records);
+});
+
 test("offline edits survive a reload as pending, then reach the other context and the CLI", async () => {
   await pageB.check("[data-testid=offline]");
   await pageB.waitForFunction(() => document.getElementById("sync").dataset.state === "offline");
