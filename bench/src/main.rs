@@ -7,6 +7,7 @@ mod bulk;
 mod chart;
 mod cluster;
 mod core;
+mod history;
 mod journal;
 mod libsql;
 mod many;
@@ -69,6 +70,7 @@ const GROUPS: &[Group] = &[
     ("s3", s3::run),
     ("cluster", cluster::run),
     ("presence", presence::run),
+    ("history", history::run),
 ];
 
 fn usage() -> String {
