@@ -99,7 +99,7 @@ fn build(dir: &std::path::Path, n: u64) -> (ServerDocument, u64) {
     );
     d.step(T0).expect("schema").expect("a step");
     let timelines: Vec<TimelineId> = (0..4).map(|i| TimelineId::from_u128(100 + i)).collect();
-    let mut next = vec![Lsn::FIRST; 4];
+    let mut next = [Lsn::FIRST; 4];
     let (mut sent, mut steps) = (0u64, 0u64);
     while sent < n {
         steps += 1;
