@@ -35,8 +35,9 @@ pub const DEFAULT_HISTORY_LIMIT: u32 = 1_000;
 pub const MAX_HISTORY_LIMIT: u32 = 10_000;
 
 /// Bytes of mutations (and subjects and messages) one page holds at most, past its first
-/// record: 4 MiB, so one page is one bounded frame (a record is at most a 1 MiB mutation).
-pub const MAX_HISTORY_PAGE_BYTES: usize = 4 << 20;
+/// record: 1 MiB, as much as a page request's answer, so a connection's answers waiting to be
+/// written stay bounded the same way (a record is at most a 1 MiB mutation).
+pub const MAX_HISTORY_PAGE_BYTES: usize = 1 << 20;
 
 /// Entries read from the journal at once while listing.
 const READ_CHUNK: u64 = 64;
