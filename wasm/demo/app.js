@@ -84,7 +84,9 @@ function showPresence(peers) {
 }
 
 function showStatus(s) {
-  const state = s.connected ? (s.caughtUp ? "in sync" : "syncing") : "offline";
+  const state = s.deleted ? "deleted" : s.connected ? (s.caughtUp ? "in sync" : "syncing") : "offline";
+  // Deleted on the server: what is here stays readable, and nothing more can be added.
+  for (const el of $("add").elements) el.disabled = s.deleted;
   $("sync").className = s.connected ? "online" : "";
   $("sync-text").textContent = `${state} · ${s.pending} pending · ${s.confirmed} confirmed · ${s.rejected.length} rejected`;
   $("sync").dataset.pending = s.pending;
@@ -99,7 +101,8 @@ function showStatus(s) {
       return div;
     }),
   );
-  if (s.error && s.error.code !== "storage") $("error").textContent = `${s.error.code}: ${s.error.message}`;
+  if (s.deleted) $("error").textContent = "This list was deleted on the server: it is kept here for reading only.";
+  else if (s.error && s.error.code !== "storage") $("error").textContent = `${s.error.code}: ${s.error.message}`;
 }
 
 main().catch((e) => {

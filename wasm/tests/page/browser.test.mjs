@@ -169,3 +169,23 @@ test("two contexts see each other's presence, and one that closes is dropped", a
   await sees(carol.page, []);
   await carol.context.close();
 });
+
+test("a list deleted on the server shows as deleted, stays readable, and takes no more writes", async () => {
+  const gone = randomDoc();
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  logPage(page, "deleted");
+  await page.goto(`${base}/?doc=${gone}`);
+  await waitSynced(page);
+  await add(page, "soon gone");
+  await waitSynced(page);
+  const response = await fetch(`${base}/v1/docs/${gone}`, { method: "DELETE" });
+  assert.equal(response.status, 200, await response.text());
+  await page.waitForFunction(() => document.getElementById("sync").dataset.state === "deleted", null, {
+    timeout: 20_000,
+  });
+  assert.deepEqual(await titles(page), ["soon gone"]);
+  assert.ok(await page.$eval("[data-testid=add]", (b) => b.disabled), "adding is off");
+  assert.match(await page.$eval("#error", (e) => e.textContent), /deleted/);
+  await context.close();
+});
