@@ -188,7 +188,7 @@ fn server_apply(cfg: &Config) -> Pair {
     let ours = || {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut s =
-            ServerDocument::with_reducer(file_journal(dir.path(), "s", 1), SqlReducer, StepLimits::default())
+            ServerDocument::with_reducer(file_journal(dir.path(), "s", 1), SqlReducer::default(), StepLimits::default())
                 .expect("server");
         let tl = TimelineId::from_u128(5);
         let mutation =
@@ -239,7 +239,7 @@ fn rebase(cfg: &Config) -> Pair {
     let (history, pending) = if cfg.quick { (1_500, 100) } else { (15_000, 1_000) };
     let dir = tempfile::tempdir().expect("tempdir");
     let limits = StepLimits { max_mutations: 1, ..StepLimits::default() };
-    let mut server = ServerDocument::with_reducer(mem(1), SqlReducer, limits).expect("server");
+    let mut server = ServerDocument::with_reducer(mem(1), SqlReducer::default(), limits).expect("server");
     let mut other = ClientDocument::open(mem(2), mem(3)).expect("writer");
     other.mutate(SqlMutation::one(SCHEMA, vec![]).encode(), T0, 0).expect("schema");
     for i in 0..history {

@@ -95,7 +95,7 @@ fn build(dir: &std::path::Path, n: u64) -> (ServerDocument, u64) {
         admin,
         Lsn::FIRST,
         vec![setup],
-        &Origin { subject: "admin".into(), received_ms: Some(T0) },
+        &Origin { subject: "admin".into(), received_ms: Some(T0), permit: None },
     );
     d.step(T0).expect("schema").expect("a step");
     let timelines: Vec<TimelineId> = (0..4).map(|i| TimelineId::from_u128(100 + i)).collect();
@@ -106,7 +106,7 @@ fn build(dir: &std::path::Path, n: u64) -> (ServerDocument, u64) {
         let now = T0 + steps as i64;
         for _ in 0..PER_STEP.min(n - sent) {
             let who = (sent % 4) as usize;
-            let origin = Origin { subject: SUBJECTS[who].into(), received_ms: Some(now) };
+            let origin = Origin { subject: SUBJECTS[who].into(), received_ms: Some(now), permit: None };
             d.receive_from(timelines[who], next[who], vec![mutation(sent)], &origin);
             next[who] = next[who].next();
             sent += 1;

@@ -11,6 +11,7 @@ mod history;
 mod journal;
 mod libsql;
 mod many;
+mod mutators;
 mod net;
 mod presence;
 #[path = "../../server/tests/support/probe.rs"]
@@ -71,6 +72,7 @@ const GROUPS: &[Group] = &[
     ("cluster", cluster::run),
     ("presence", presence::run),
     ("history", history::run),
+    ("mutators", mutators::run),
 ];
 
 fn usage() -> String {

@@ -98,6 +98,8 @@ struct Shared {
     fetcher: Arc<Mutex<remote::Fetcher>>,
     /// The server URLs the client was given (at least one).
     homes: Vec<String>,
+    /// Its token's `sub` claim: the subject its mutator calls name.
+    subject: String,
 }
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
@@ -265,6 +267,7 @@ impl Client {
             durability: Mutex::new(Durability::Full),
             fetcher: Arc::new(Mutex::new(remote::Fetcher::new(&first, token))),
             homes: homes.clone(),
+            subject: pagesync::mutators::token_subject(token),
         });
         let driver = tokio::spawn(drive(homes, shared.clone()));
         let syncer = tokio::spawn(sync_timelines(shared.clone()));
@@ -438,11 +441,27 @@ impl Document {
     /// durable, the calls that arrive meanwhile queue up, and the next of them commits them all
     /// with one fsync. Each is still its own mutation, answered, confirmed or rejected alone.
     pub fn execute(&self, sql: &str, params: Vec<Value>) -> Result<Submitted> {
-        let mutation = Mutation {
-            client_time_ms: now_ms(),
-            seed: random_u64(),
-            body: SqlMutation::one(sql, params).encode(),
-        };
+        self.submit(SqlMutation::one(sql, params).encode())
+    }
+
+    /// Calls the server-defined mutator `name` with `args` (see `pagesync::mutators`): run
+    /// locally at once with the definitions the server sent (rejected locally with
+    /// `no_such_mutator` until they arrive), then by the server, which decides. A token may
+    /// allow calls only (`token --call`), and which ones.
+    pub fn call(&self, name: &str, args: Vec<Value>) -> Result<Submitted> {
+        let call = pagesync::mutators::Call { name: name.to_owned(), args, subject: self.shared.subject.clone() };
+        self.submit(call.encode())
+    }
+
+    /// The server's mutator definitions for this document, as last sent (`None`: none yet).
+    pub fn mutators(&self) -> Option<Arc<pagesync::mutators::Mutators>> {
+        let s = self.shared.session();
+        s.document(self.id).and_then(|d| d.mutators().cloned())
+    }
+
+    /// Submits one mutation body through the write queue (group commit).
+    fn submit(&self, body: Vec<u8>) -> Result<Submitted> {
+        let mutation = Mutation { client_time_ms: now_ms(), seed: random_u64(), body };
         let mut queue = self.shared.write_queue();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;

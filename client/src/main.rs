@@ -47,6 +47,16 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Call a server-defined mutator (see `pagesync-server --mutators`): NAME, then its
+    /// arguments (integers, reals, `null`, or text). Runs locally at once, then on the server,
+    /// which decides; exits non-zero when the server rejects it (with the app's message).
+    Call {
+        name: String,
+        args: Vec<String>,
+        /// Do not wait for the server.
+        #[arg(long)]
+        offline: bool,
+    },
     /// Run a read-only query on the local replica (after a short sync).
     Query {
         sql: String,
@@ -134,6 +144,32 @@ fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
         println!("server error\t{code}\t{message}");
     }
     Ok(())
+}
+
+/// After a write: waits for the server (unless `offline`) and says what became of it.
+async fn settle(
+    doc: &pagesync_client::Document,
+    done: pagesync::Submitted,
+    offline: bool,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    if let Err(r) = &done.local {
+        eprintln!("warning: failed locally ({r}); queued for the server, which decides");
+    }
+    if !offline && let Err(e) = sync_shown(doc, timeout).await {
+        eprintln!("mutation {} is pending: {e}", done.lsn);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match doc.state(done.lsn)? {
+        MutationState::Rejected(r) => {
+            eprintln!("mutation {} rejected by the server: {r}", done.lsn);
+            Ok(ExitCode::FAILURE)
+        }
+        state => {
+            println!("mutation {}: {}", done.lsn, format!("{state:?}").to_lowercase());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 async fn repl(doc: &pagesync_client::Document, timeout: Duration) -> anyhow::Result<ExitCode> {
@@ -305,23 +341,18 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
         Command::Exec { sql, params, offline } => {
             let done = doc.execute(&sql, params.iter().map(|p| parse_param(p)).collect())?;
-            if let Err(r) = &done.local {
-                eprintln!("warning: failed locally ({r}); queued for the server, which decides");
-            }
-            if !offline && let Err(e) = sync_shown(&doc, timeout).await {
-                eprintln!("mutation {} is pending: {e}", done.lsn);
-                return Ok(ExitCode::SUCCESS);
-            }
-            match doc.state(done.lsn)? {
-                MutationState::Rejected(r) => {
-                    eprintln!("mutation {} rejected by the server: {r}", done.lsn);
-                    Ok(ExitCode::FAILURE)
-                }
-                state => {
-                    println!("mutation {}: {}", done.lsn, format!("{state:?}").to_lowercase());
-                    Ok(ExitCode::SUCCESS)
+            settle(&doc, done, offline, timeout).await
+        }
+        Command::Call { name, args, offline } => {
+            if !offline {
+                // The definitions come with the subscription: a first call waits for them.
+                let deadline = tokio::time::Instant::now() + timeout;
+                while doc.mutators().is_none() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
+            let done = doc.call(&name, args.iter().map(|p| parse_param(p)).collect())?;
+            settle(&doc, done, offline, timeout).await
         }
         Command::Query { sql, params, json, json_rows, offline } => {
             let st = doc.status();

@@ -119,6 +119,8 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// them.
     outcomes_through: Option<Lsn>,
     confirms: ConfirmStats,
+    /// The server's mutator definitions, as last sent (`set_mutators`).
+    mutators: Option<std::sync::Arc<crate::mutators::Mutators>>,
 }
 
 /// How a replica fared with confirmations by digest (`ClientDocument::receive_confirm`).
@@ -170,7 +172,7 @@ impl ClientDocument<SqlReducer> {
     /// mutations the server rejected and then forgot are lost on a restart.
     pub fn open(storage: Box<dyn Journal>, timeline: Box<dyn Journal>) -> Result<Self> {
         let outcomes = Box::new(pagesync_journal::MemoryJournal::new(timeline.id()));
-        Self::with_reducer(storage, timeline, outcomes, SqlReducer)
+        Self::with_reducer(storage, timeline, outcomes, SqlReducer::default())
     }
 
     /// Opens a replica from its three journals: the storage (the server's entries), the
@@ -180,7 +182,7 @@ impl ClientDocument<SqlReducer> {
         timeline: Box<dyn Journal>,
         outcomes: Box<dyn Journal>,
     ) -> Result<Self> {
-        Self::with_reducer(storage, timeline, outcomes, SqlReducer)
+        Self::with_reducer(storage, timeline, outcomes, SqlReducer::default())
     }
 }
 
@@ -212,6 +214,7 @@ impl<R: Reducer> ClientDocument<R> {
             rejected: BTreeMap::new(),
             outcomes_through: None,
             confirms: ConfirmStats::default(),
+            mutators: None,
         };
         doc.synced_next = doc.timeline.range().next();
         doc.read_outcomes()?;
@@ -756,6 +759,25 @@ impl<R: Reducer> ClientDocument<R> {
             }
         }
         conn.execute_batch("COMMIT").map_err(|e| (None, self.db.explain(e)))
+    }
+
+    /// Puts the server's mutator definitions in force (`None`: none), and runs the pending
+    /// mutations again under them: a call made under old definitions gets the new ones' effect
+    /// (or is rejected locally, `no_such_mutator`, when its mutator is gone; the server decides).
+    pub fn set_mutators(&mut self, mutators: Option<std::sync::Arc<crate::mutators::Mutators>>) -> Result<()> {
+        let same = self.mutators.as_ref().map(|m| m.version()) == mutators.as_ref().map(|m| m.version());
+        self.reducer.set_mutators(mutators.clone());
+        self.mutators = mutators;
+        if same || self.pending.is_empty() || self.db.store().is_restarting() {
+            return Ok(());
+        }
+        self.db.store().discard_overlay();
+        self.replay_pending()
+    }
+
+    /// The mutator definitions in force here (the server's, as last sent).
+    pub fn mutators(&self) -> Option<&std::sync::Arc<crate::mutators::Mutators>> {
+        self.mutators.as_ref()
     }
 
     /// Where mutation `lsn` of this client's timeline stands.

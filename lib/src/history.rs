@@ -56,6 +56,8 @@ pub struct Origin {
     pub subject: std::sync::Arc<str>,
     /// The server's clock when the mutations arrived (`None`: the step's time is used).
     pub received_ms: Option<i64>,
+    /// What the sender's token allows, checked before each mutation runs (`None`: anything).
+    pub permit: Option<std::sync::Arc<crate::mutators::Permit>>,
 }
 
 /// One history journal entry, as stored: a step that is to commit storage entry

@@ -19,6 +19,7 @@ pub mod error;
 pub mod history;
 pub mod ids;
 pub mod mutation;
+pub mod mutators;
 pub mod page;
 pub mod protocol;
 pub mod reducer;

@@ -11,6 +11,7 @@ use rusqlite::fallible_iterator::FallibleIterator;
 use crate::db::Database;
 use crate::error::Error;
 use crate::mutation::{Mutation, SqlMutation};
+use crate::mutators::{Call, Mutators};
 use crate::store::StoreError;
 
 /// Why a mutation was rejected, as a stable code. The string forms (`as_str`) are what the
@@ -38,6 +39,14 @@ pub enum RejectionCode {
     Range,
     /// Any other SQL error (syntax, no such table, ...).
     Error,
+    /// The app's own check said no: a mutator (or any SQL) called `reject(message)`; the
+    /// message is the app's.
+    Denied,
+    /// The caller's token does not allow it (raw SQL with a mutator-only token, a mutator
+    /// outside its grant, another subject's call): the server never ran it.
+    Forbidden,
+    /// No mutator of that name (or not with those arguments) in the definitions in force.
+    NoSuchMutator,
     /// A code this build does not know (a newer server's, or an app reducer's own).
     Other(String),
 }
@@ -54,6 +63,9 @@ impl RejectionCode {
             RejectionCode::Mismatch => "mismatch",
             RejectionCode::Range => "range",
             RejectionCode::Error => "error",
+            RejectionCode::Denied => "denied",
+            RejectionCode::Forbidden => "forbidden",
+            RejectionCode::NoSuchMutator => "no_such_mutator",
             RejectionCode::Other(s) => s,
         }
     }
@@ -70,6 +82,9 @@ impl RejectionCode {
             "mismatch" => RejectionCode::Mismatch,
             "range" => RejectionCode::Range,
             "error" => RejectionCode::Error,
+            "denied" => RejectionCode::Denied,
+            "forbidden" => RejectionCode::Forbidden,
+            "no_such_mutator" => RejectionCode::NoSuchMutator,
             other => RejectionCode::Other(other.to_owned()),
         }
     }
@@ -124,6 +139,10 @@ impl Rejection {
             rusqlite::Error::SqliteFailure(f, None) => f.to_string(),
             other => other.to_string(),
         };
+        // `reject(message)`: the app's own words.
+        if let Some((_, app)) = message.split_once(REJECT_MARK) {
+            return Rejection::new(RejectionCode::Denied, app);
+        }
         Rejection::new(RejectionCode::of_sqlite(e), message)
     }
 }
@@ -134,11 +153,27 @@ impl std::fmt::Display for Rejection {
     }
 }
 
+/// What the error of `reject(message)` starts with, so the rejection carries the app's words.
+pub(crate) const REJECT_MARK: &str = "pagesync-reject: ";
+
 /// Applies mutation bodies to a database. Must be deterministic: no clock, no randomness, no
 /// I/O beyond the connection (the connection's `datetime('now')`, `random()` and
 /// `randomblob()` are already deterministic).
 pub trait Reducer: Send {
     fn apply(&mut self, conn: &Connection, body: &[u8]) -> Result<(), Rejection>;
+
+    /// `apply`, knowing the mutation's time (ms since the Unix epoch, the clock the
+    /// connection's `datetime('now')` reads). `apply_mutation` calls this one.
+    fn apply_at(&mut self, conn: &Connection, body: &[u8], time_ms: i64) -> Result<(), Rejection> {
+        let _ = time_ms;
+        self.apply(conn, body)
+    }
+
+    /// The mutator definitions in force from now on (`None`: none). Reducers without
+    /// mutators ignore them.
+    fn set_mutators(&mut self, mutators: Option<std::sync::Arc<Mutators>>) {
+        let _ = mutators;
+    }
 
     /// A key that makes this mutation apply at most once per document (see
     /// [`SqlMutation::once`]); `apply_mutation` keeps the keys in `_pagesync_once`.
@@ -148,18 +183,33 @@ pub trait Reducer: Send {
     }
 }
 
-/// The built-in reducer: bodies are `SqlMutation`s.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SqlReducer;
+/// The built-in reducer: bodies are `SqlMutation`s, or calls of the mutators in force
+/// (`mutators::Call`).
+#[derive(Debug, Default, Clone)]
+pub struct SqlReducer {
+    mutators: Option<std::sync::Arc<Mutators>>,
+}
 
 impl Reducer for SqlReducer {
     fn apply(&mut self, conn: &Connection, body: &[u8]) -> Result<(), Rejection> {
+        self.apply_at(conn, body, 0)
+    }
+
+    fn apply_at(&mut self, conn: &Connection, body: &[u8], time_ms: i64) -> Result<(), Rejection> {
+        if let Some(call) = Call::decode(body) {
+            let call = call.map_err(|e| Rejection::new(RejectionCode::Malformed, e))?;
+            return run_call(conn, self.mutators.as_deref(), &call, time_ms);
+        }
         let m: SqlMutation = postcard::from_bytes(body)
             .map_err(|e| Rejection::new(RejectionCode::Malformed, format!("not a SQL mutation: {e}")))?;
         for st in &m.statements {
             run_statement(conn, &st.sql, &st.params).map_err(|e| Rejection::of_sqlite(&e))?;
         }
         Ok(())
+    }
+
+    fn set_mutators(&mut self, mutators: Option<std::sync::Arc<Mutators>>) {
+        self.mutators = mutators;
     }
 
     fn once_key(&self, body: &[u8]) -> Option<String> {
@@ -173,6 +223,50 @@ pub fn once_applied(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
         return Ok(false);
     }
     conn.query_row("SELECT EXISTS(SELECT 1 FROM _pagesync_once WHERE key = ?1)", [key], |r| r.get(0))
+}
+
+/// Runs a mutator's statements in order, binding its arguments, `:subject` and `:now` by name.
+fn run_call(conn: &Connection, mutators: Option<&Mutators>, call: &Call, time_ms: i64) -> Result<(), Rejection> {
+    let missing = |why: String| Rejection::new(RejectionCode::NoSuchMutator, why);
+    let Some(set) = mutators else {
+        return Err(missing(format!("no mutators are defined here: {} cannot run", call.name)));
+    };
+    let Some(m) = set.get(&call.name) else {
+        return Err(missing(format!("no mutator {} (definitions {})", call.name, set.version())));
+    };
+    if m.args.len() != call.args.len() {
+        let why = format!("{}({}) takes {} arguments, not {}", m.name, m.args.join(", "), m.args.len(), call.args.len());
+        return Err(missing(why));
+    }
+    let subject = crate::mutation::Value::Text(call.subject.clone());
+    let now = crate::mutation::Value::Integer(time_ms);
+    for sql in &m.statements {
+        let run = || -> rusqlite::Result<()> {
+            // App SQL: cached under keys of its own (see `run_statement`).
+            let mut stmt = conn.prepare_cached(&format!("{sql}\n-- app"))?;
+            for i in 1..=stmt.parameter_count() {
+                let name = stmt.parameter_name(i).unwrap_or("?");
+                let value = match name.strip_prefix([':', '@', '$']) {
+                    Some("subject") => &subject,
+                    Some("now") => &now,
+                    Some(arg) if let Some(j) = m.args.iter().position(|a| a == arg) => &call.args[j],
+                    _ => return Err(rusqlite::Error::InvalidParameterName(name.to_owned())),
+                };
+                stmt.raw_bind_parameter(i, value)?;
+            }
+            let mut rows = stmt.raw_query();
+            while rows.next()?.is_some() {}
+            Ok(())
+        };
+        run().map_err(|e| match e {
+            rusqlite::Error::InvalidParameterName(p) => Rejection::new(
+                RejectionCode::Range,
+                format!("mutator {}: {p} is not one of its arguments (nor :subject, :now)", m.name),
+            ),
+            e => Rejection::of_sqlite(&e),
+        })?;
+    }
+    Ok(())
 }
 
 /// Runs one statement with parameters, or, without parameters, every statement in `sql`.
@@ -242,7 +336,7 @@ pub fn apply_mutation(
         crate::db::run_cached(conn, RELEASE)?;
         return Ok(Ok(()));
     }
-    let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply(c, &mutation.body));
+    let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply_at(c, &mutation.body, time_ms));
     let outcome = outcome.and_then(|()| flush_if_near_step_cap(db));
     let Err(mut rejection) = outcome else {
         if let Some(key) = &once {

@@ -108,6 +108,7 @@ pub const ALLOWED_FUNCTIONS: &[&str] = &[
     "quote",
     "random",
     "randomblob",
+    "reject",
     "replace",
     "round",
     "rtrim",

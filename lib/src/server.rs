@@ -178,7 +178,12 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     forgotten: HashMap<TimelineId, Lsn>,
     /// The history journal (`set_history`), written before every step's storage entry.
     history: Option<HistoryLog>,
+    /// The mutator definitions in force, asked before every step (`set_mutators`).
+    mutators: Option<MutatorSource>,
 }
+
+/// Says which mutator definitions are in force for a document now (a reload changes them).
+pub type MutatorSource = Box<dyn Fn() -> Option<std::sync::Arc<crate::mutators::Mutators>> + Send>;
 
 /// A mutation picked for a step: its timeline, its LSN there, its bytes.
 type Picked = (TimelineId, Lsn, Vec<u8>);
@@ -252,7 +257,7 @@ impl<R: Reducer> std::fmt::Debug for ServerDocument<R> {
 
 impl ServerDocument<SqlReducer> {
     pub fn open(storage: Box<dyn Journal>) -> Result<Self> {
-        Self::with_reducer(storage, SqlReducer, StepLimits::default())
+        Self::with_reducer(storage, SqlReducer::default(), StepLimits::default())
     }
 }
 
@@ -353,6 +358,7 @@ impl<R: Reducer> ServerDocument<R> {
             compaction: None,
             checkpointing: None,
             history: None,
+            mutators: None,
         };
         if doc.db.store().page_count() == 0 {
             doc.db.conn().execute_batch(&format!("BEGIN; {SYSTEM_SCHEMA} {ONCE_SCHEMA} COMMIT;"))?;
@@ -644,6 +650,9 @@ impl<R: Reducer> ServerDocument<R> {
             return Ok(None);
         }
         self.compact(now_ms)?;
+        if let Some(source) = &self.mutators {
+            self.reducer.set_mutators(source());
+        }
         let (batch, origins) = self.pick_batch();
         if batch.is_empty() {
             return Ok(None);
@@ -838,7 +847,14 @@ impl<R: Reducer> ServerDocument<R> {
         let mut moved_in_time = false;
         for (i, (tl, lsn, bytes)) in batch.iter().enumerate() {
             // A mutation known to end the transaction is skipped: it runs no instructions.
-            let (time_ms, result, steps) = match lost.get(&i) {
+            // Outside the sender's grant: rejected without running (a live step only).
+            let forbidden = origins.and_then(|o| {
+                let o = &o[i];
+                let body = Mutation::decode(bytes).ok()?.body;
+                let why = o.permit.as_ref()?.refuse(&body, &o.subject)?;
+                Some(Rejection::new(RejectionCode::Forbidden, why))
+            });
+            let (time_ms, result, steps) = match forbidden.as_ref().or(lost.get(&i)) {
                 Some(r) => (time_of(decoded_time(bytes), i), Err(r.clone()), 0),
                 None => {
                     let (time_ms, result) = self
@@ -934,6 +950,13 @@ impl<R: Reducer> ServerDocument<R> {
             })
             .collect();
         h.append(&history::step_entry(storage_lsn, entry_time_ms, &records))
+    }
+
+    /// Where the document's mutator definitions come from: asked before every step, so a
+    /// reload is in force from the next one.
+    pub fn set_mutators(&mut self, source: MutatorSource) {
+        self.reducer.set_mutators(source());
+        self.mutators = Some(source);
     }
 
     /// Gives the document a history journal: every later step records its mutations there

@@ -16,7 +16,7 @@ pub const MIN_SECRET_BYTES: usize = 32;
 
 const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Default, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// A document id, or a prefix of hex digits followed by `*`.
     pub doc: String,
@@ -34,6 +34,10 @@ pub struct Claims {
     /// presence, as their peer's `subject`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<String>,
+    /// Mutators it may call (`token --call add_todo,toggle`, or `*` for every one); with
+    /// `write` false, the only mutations it may send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<Vec<String>>,
 }
 
 /// The longest `sub` claim kept; longer ones are cut (at a character boundary).
@@ -111,7 +115,10 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
     while subject.len() > MAX_SUBJECT_BYTES {
         subject.pop();
     }
-    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write, subject, admin: claims.admin })
+    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write, subject, admin: claims.admin, calls: claims.call.as_ref().map(|names| {
+            if names.iter().any(|n| n == "*") { Vec::new() } else { names.clone() }
+        }),
+    })
 }
 
 /// Parses a TTL such as `90s`, `30m`, `1h`, `7d` into seconds.
@@ -143,6 +150,7 @@ mod tests {
             metrics: false,
             admin: false,
             sub: None,
+            call: None,
         };
         let token = mint(SECRET, &claims);
         let grant = verify(SECRET, &token, 1_000).expect("valid");
@@ -160,6 +168,7 @@ mod tests {
             metrics: false,
             admin: false,
             sub: Some("ann".into()),
+            call: None,
         };
         let token = mint(SECRET, &claims);
         assert!(verify(SECRET, &token, 11_000).expect_err("expired").contains("expired"));

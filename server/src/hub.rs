@@ -92,6 +92,8 @@ enum HubMsg {
         doc: pagesync::DocId,
         reply: oneshot::Sender<bool>,
     },
+    /// The mutator definitions were reloaded: subscribers get the new ones.
+    MutatorsChanged,
     /// A worker finished a document's job (open, step, read-ahead, export).
     JobDone(Box<JobDone>),
     Shutdown(oneshot::Sender<()>),
@@ -188,6 +190,12 @@ impl Hub {
         }
     }
 
+    /// The mutator definitions were reloaded: every subscriber whose document's changed is
+    /// sent them.
+    pub fn mutators_changed(&self) {
+        let _ = self.tx.send(HubMsg::MutatorsChanged);
+    }
+
     /// Applies what is queued, then stops the hub.
     pub async fn shutdown(&self) {
         let (tx, rx) = oneshot::channel();
@@ -282,6 +290,7 @@ fn run(
                 HubMsg::CloseDeleted { doc, reply } => {
                     let _ = reply.send(session.close_deleted(doc));
                 }
+                HubMsg::MutatorsChanged => session.mutators_changed(),
                 HubMsg::JobDone(done) => session.job_done(*done, now_ms()),
                 HubMsg::Shutdown(done) => stopping = Some(done),
             }

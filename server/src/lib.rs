@@ -267,6 +267,56 @@ pub struct ServerConfig {
     /// A document's history (`GET /v1/docs/{id}/history`, `ReadHistory`) needs a token with
     /// the `admin` claim; otherwise a read grant for the document is enough.
     pub history_needs_admin: bool,
+    /// Server-defined mutators (`--mutators`), reloaded on SIGHUP.
+    pub mutators: Option<Arc<MutatorRegistry>>,
+}
+
+/// The mutator definitions of `--mutators [PREFIX=]FILE` (repeatable): a document takes those
+/// of the longest prefix of its id (a file without one serves every document). Reloaded whole
+/// on SIGHUP: a file that does not parse keeps the previous definitions in force.
+#[derive(Debug)]
+pub struct MutatorRegistry {
+    files: Vec<(String, PathBuf)>,
+    sets: std::sync::RwLock<Vec<(String, Arc<pagesync::mutators::Mutators>)>>,
+}
+
+impl MutatorRegistry {
+    /// Reads `specs` (`FILE` or `PREFIX=FILE`); the error names the file and the line.
+    pub fn load(specs: &[String]) -> anyhow::Result<MutatorRegistry> {
+        let files = specs
+            .iter()
+            .map(|spec| match spec.split_once('=') {
+                Some((prefix, file)) => (prefix.trim_end_matches('*').to_ascii_lowercase(), PathBuf::from(file)),
+                None => (String::new(), PathBuf::from(spec)),
+            })
+            .collect();
+        let registry = MutatorRegistry { files, sets: Default::default() };
+        registry.reload()?;
+        Ok(registry)
+    }
+
+    /// Reads every file again; on an error nothing changes.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let mut sets = Vec::new();
+        for (prefix, file) in &self.files {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("--mutators {}: {e}", file.display()))?;
+            let set = pagesync::mutators::Mutators::parse(&text)
+                .map_err(|e| anyhow::anyhow!("--mutators {}: {e}", file.display()))?;
+            sets.push((prefix.clone(), Arc::new(set)));
+        }
+        // The longest prefix first.
+        sets.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+        *self.sets.write().expect("BUG: mutators lock poisoned") = sets;
+        Ok(())
+    }
+
+    /// The definitions in force for `doc`.
+    pub fn for_doc(&self, doc: DocId) -> Option<Arc<pagesync::mutators::Mutators>> {
+        let id = doc.to_string();
+        let sets = self.sets.read().expect("BUG: mutators lock poisoned");
+        sets.iter().find(|(prefix, _)| id.starts_with(prefix.as_str())).map(|(_, m)| m.clone())
+    }
 }
 
 /// `--advertise` and `--lease-ms`: see `cluster`.
@@ -291,6 +341,7 @@ impl ServerConfig {
             compaction: Some(Compaction::default()),
             cluster: None,
             history_needs_admin: false,
+            mutators: None,
         }
     }
 }
@@ -672,6 +723,7 @@ pub async fn serve(
         ..StepLimits::default()
     };
     let compaction = cfg.compaction;
+    let registry = cfg.mutators.clone();
     let opener = Box::new(move |doc: DocId| {
         let (journal, generation) = match &leases {
             Some(cluster) => {
@@ -684,8 +736,11 @@ pub async fn serve(
             }
             None => (store.open_journal(doc)?, 0),
         };
-        let mut d = ServerDocument::with_reducer(journal, SqlReducer, step_limits)?;
+        let mut d = ServerDocument::with_reducer(journal, SqlReducer::default(), step_limits)?;
         d.set_compaction(compaction);
+        if let Some(registry) = registry.clone() {
+            d.set_mutators(Box::new(move || registry.for_doc(doc)));
+        }
         // The history is written under the same lease as the storage.
         let (store, leases) = (store.clone(), leases.clone());
         d.set_history(Box::new(move || {
@@ -721,12 +776,32 @@ pub async fn serve(
         .with_exists(Box::new(exists))
         .with_options(options)
         .with_clock(Box::new(move || started.elapsed().as_micros() as u64));
+    if let Some(registry) = cfg.mutators.clone() {
+        session = session.with_mutators(Box::new(move |doc| registry.for_doc(doc)));
+    }
     if let Some(secret) = cfg.auth_secret.clone() {
         session =
             session.with_auth(Box::new(move |token: &str, now_ms: i64| auth::verify(&secret, token, now_ms)));
     }
     let generation = cluster.clone().map(|c| Arc::new(move || c.generation()) as hub::Generation);
     let hub = Hub::spawn_watching(session, metrics.clone(), DEFAULT_STEP_THREADS, generation);
+    // SIGHUP reloads the mutator definitions; subscribers get the new ones at once.
+    #[cfg(unix)]
+    if let Some(registry) = cfg.mutators.clone() {
+        let hub = hub.clone();
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match registry.reload() {
+                    Ok(()) => {
+                        tracing::info!("mutators reloaded");
+                        hub.mutators_changed();
+                    }
+                    Err(e) => tracing::warn!("mutators not reloaded, the previous ones stay: {e:#}"),
+                }
+            }
+        });
+    }
     let admission = http::Admission {
         pending: http::Pending::new(http::DEFAULT_MAX_PENDING_CONNECTIONS),
         connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),

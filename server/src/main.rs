@@ -85,6 +85,11 @@ struct Args {
     /// tokens with the admin claim (`token --admin`); by default a read grant is enough.
     #[arg(long)]
     history_admin_only: bool,
+    /// Server-defined mutators: a file of `-- mutator: NAME(ARGS)` blocks, for every document,
+    /// or `PREFIX=FILE` for the documents whose id starts with PREFIX (repeatable; the longest
+    /// prefix wins). Sent to clients; SIGHUP reloads them. See `pagesync::mutators`.
+    #[arg(long)]
+    mutators: Vec<String>,
 }
 
 fn mutation_limit(s: &str) -> Result<usize, String> {
@@ -118,6 +123,10 @@ enum Cmd {
         /// May delete the documents it names (`DELETE /v1/docs/{id}`).
         #[arg(long)]
         admin: bool,
+        /// Mutators it may call, comma separated, or `*` for every one (see --mutators).
+        /// Without --write these are all it may send: no raw SQL.
+        #[arg(long)]
+        call: Option<String>,
     },
     /// Check every document (or one) in --journal: every checksum, a replay of every entry,
     /// and SQLite's integrity_check. Changes nothing; exits non-zero on any fault.
@@ -359,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let secret = args.auth_secret_file.as_deref().map(auth::load_secret).transpose()?;
-    if let Some(Cmd::Token { doc, write, metrics, ttl, sub, admin }) = &args.command {
+    if let Some(Cmd::Token { doc, write, metrics, ttl, sub, admin, call }) = &args.command {
         let secret =
             secret.ok_or_else(|| anyhow::anyhow!("token needs --auth-secret-file (the server's secret)"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
@@ -371,6 +380,7 @@ async fn main() -> anyhow::Result<()> {
             metrics: *metrics,
             sub: sub.clone(),
             admin: *admin,
+            call: call.as_ref().map(|c| c.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect()),
         };
         println!("{}", auth::mint(&secret, &claims));
         return Ok(());
@@ -433,6 +443,10 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .map(|advertise| pagesync_server::ClusterConfig { advertise, lease_ms: args.lease_ms }),
         history_needs_admin: args.history_admin_only,
+        mutators: match args.mutators.is_empty() {
+            true => None,
+            false => Some(Arc::new(pagesync_server::MutatorRegistry::load(&args.mutators)?)),
+        },
         compaction: Some(pagesync::Compaction {
             checkpoint_after_bytes: args.checkpoint_after_bytes,
             retention_ms: auth::parse_ttl(&args.retention)

@@ -18,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 fn token(doc: DocId, admin: bool) -> String {
     let claims =
-        Claims { doc: doc.to_string(), write: true, exp: 4_000_000_000, metrics: false, admin, sub: None };
+        Claims { doc: doc.to_string(), write: true, exp: 4_000_000_000, metrics: false, admin, sub: None, call: None };
     mint(SECRET, &claims)
 }
 

@@ -39,7 +39,7 @@ fn get(port: u16, path: &str, headers: &str) -> (u16, Vec<u8>) {
 }
 
 fn token(doc: &str, write: bool, metrics: bool) -> String {
-    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics, admin: false, sub: None })
+    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics, admin: false, sub: None, call: None })
 }
 
 async fn connect(port: u16, token: &str) -> Socket {
@@ -453,6 +453,7 @@ async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
             metrics: true,
             admin: false,
             sub: Some(sub.into()),
+            call: None,
         };
         mint(SECRET, &claims)
     };

@@ -31,6 +31,7 @@ fn token(doc: DocId, sub: &str, write: bool, admin: bool) -> String {
         metrics: false,
         admin,
         sub: Some(sub.into()),
+        call: None,
     };
     mint(SECRET, &claims)
 }

@@ -208,7 +208,7 @@ async fn tokens_limit_documents_and_writes() {
     let (ours, theirs) = (DocId::from_u128(0xaa), DocId::from_u128(0xbb));
     let exp = 4_000_000_000;
     let token = |doc: DocId, write: bool| {
-        mint(&secret, &Claims { doc: doc.to_string(), write, exp, metrics: false, admin: false, sub: None })
+        mint(&secret, &Claims { doc: doc.to_string(), write, exp, metrics: false, admin: false, sub: None, call: None })
     };
     let refused = |e: pagesync_client::ClientError| match e {
         pagesync_client::ClientError::Server { code, message } => (code, message),
@@ -246,7 +246,7 @@ async fn tokens_limit_documents_and_writes() {
     // A forged token (another secret) is refused too.
     let forged = mint(
         b"not the server's secret, 32 bytes+",
-        &Claims { doc: "*".into(), write: true, exp, metrics: false, admin: false, sub: None },
+        &Claims { doc: "*".into(), write: true, exp, metrics: false, admin: false, sub: None, call: None },
     );
     let f = Client::connect(&server.url(), &forged, dir.path().join("f")).expect("forged");
     let (code, message) = refused(f.open(ours).expect("open").sync(short).await.expect_err("forged"));

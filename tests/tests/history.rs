@@ -23,7 +23,7 @@ fn mutation(sql: &str, params: Vec<Value>, client_ms: i64) -> Vec<u8> {
 }
 
 fn from(subject: &str, received_ms: i64) -> Origin {
-    Origin { subject: subject.into(), received_ms: Some(received_ms) }
+    Origin { subject: subject.into(), received_ms: Some(received_ms), permit: None }
 }
 
 fn all(d: &mut ServerDocument) -> Vec<pagesync::history::HistoryRecord> {

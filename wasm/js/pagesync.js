@@ -96,6 +96,23 @@ export class Database {
   }
 
   /**
+   * Calls the server-defined mutator `name` with `args` (an array), as `exec` runs SQL: at
+   * once on the local state (with the definitions the server sent; until they came it fails
+   * locally with `no_such_mutator`), then on the server, which decides (its `reject` message
+   * comes back as a rejection, `settled` resolving to it).
+   */
+  async call(name, args = []) {
+    const { id, localError } = await this.#call("call", name, args);
+    const settled = new Promise((resolve) => this.#settled.set(id, resolve));
+    return { id, localError, settled };
+  }
+
+  /** The version of the server's mutator definitions in force here, `null` before any came. */
+  mutators() {
+    return this.#call("mutators");
+  }
+
+  /**
    * Brings the schema up to date: `migrations` is an array of SQL strings (version 1 first).
    * Each runs exactly once per document, whichever tab or client brings it first. Ship the
    * same list everywhere and call this after `open`. Resolves to the migrations submitted.

@@ -221,6 +221,17 @@ const ops = {
     queueMicrotask(changed);
     return out;
   },
+  call(name, args) {
+    const out = replica.call(name, args ?? [], Date.now(), randomSeed());
+    waiting.add(out.id);
+    flush();
+    schedule();
+    queueMicrotask(changed);
+    return out;
+  },
+  mutators() {
+    return replica.mutators();
+  },
   // Migrations: an array of SQL strings, version i + 1 at index i.
   migrate(migrations) {
     const submitted = [];

@@ -63,6 +63,8 @@ pub struct Replica {
     session: ClientSession,
     doc: DocId,
     storage_kind: &'static str,
+    /// Its token's `sub` claim: the subject its mutator calls name.
+    subject: String,
     /// Moves whenever the replica may have changed (a local write, a frame from the server):
     /// subscriptions re-run when it does.
     version: u32,
@@ -113,9 +115,10 @@ impl Replica {
         };
         let (storage, timeline, outcomes) = journals;
         let replica = ClientDocument::open_with_outcomes(storage, timeline, outcomes).map_err(js_error)?;
+        let subject = pagesync::mutators::token_subject(&token);
         let mut session = ClientSession::new(token);
         session.add_document(doc, replica);
-        Ok(Replica { session, doc, storage_kind, version: 0 })
+        Ok(Replica { session, doc, storage_kind, subject, version: 0 })
     }
 
     /// `"opfs"` or `"memory"`.
@@ -141,6 +144,23 @@ impl Replica {
         let submitted = self.session.mutate(self.doc, body, now_ms as i64, seed).map_err(js_error)?;
         self.version = self.version.wrapping_add(1);
         Ok(submitted_js(submitted))
+    }
+
+    /// Calls the server-defined mutator `name` with `args` (an array): `{ id, localError }` as
+    /// `exec` (the local run uses the definitions the server sent; until they came it fails
+    /// locally with `no_such_mutator`, and the server decides).
+    pub fn call(&mut self, name: String, args: JsValue, now_ms: f64, seed: u64) -> Result<JsValue, JsError> {
+        let args = params_from_js(&args).map_err(|e| JsError::new(&e))?;
+        let body = pagesync::mutators::Call { name, args, subject: self.subject.clone() }.encode();
+        let submitted = self.session.mutate(self.doc, body, now_ms as i64, seed).map_err(js_error)?;
+        self.version = self.version.wrapping_add(1);
+        Ok(submitted_js(submitted))
+    }
+
+    /// The version of the server's mutator definitions in force here, `null` before any came.
+    pub fn mutators(&self) -> JsValue {
+        let version = self.session.document(self.doc).and_then(|d| d.mutators().map(|m| m.version().to_owned()));
+        version.map_or(JsValue::NULL, |v| JsValue::from_str(&v))
     }
 
     /// Submits migration `version` (its SQL runs exactly once per document, whichever client

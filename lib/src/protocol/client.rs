@@ -152,6 +152,8 @@ pub struct ClientSession {
     reroutes: u64,
     /// See `presence_changes`.
     presence_changes: u64,
+    /// See `mutator_changes`.
+    mutator_changes: u64,
     /// Documents the server said were deleted, so far (`deletions`).
     deletions: u64,
     now_ms: i64,
@@ -180,6 +182,7 @@ impl ClientSession {
             redirects: 0,
             reroutes: 0,
             presence_changes: 0,
+            mutator_changes: 0,
             deletions: 0,
             now_ms: 0,
             conn_error: None,
@@ -466,6 +469,12 @@ impl ClientSession {
         self.presence_changes
     }
 
+    /// Bumped whenever a document's mutator definitions arrived (its pending calls ran again
+    /// under them): a driver that keeps them elsewhere looks again.
+    pub fn mutator_changes(&self) -> u64 {
+        self.mutator_changes
+    }
+
     /// Redirects followed so far.
     pub fn redirects(&self) -> u64 {
         self.redirects
@@ -577,6 +586,19 @@ impl ClientSession {
                 link.ack_due = true;
                 // What the storage confirmed, the server holds.
                 link.up.ack(link.doc.pending_range().first());
+            }
+            Message::Mutators { version, source, .. } => {
+                let parsed = match version.is_empty() {
+                    true => Ok(None),
+                    false => crate::mutators::Mutators::parse(&source).map(|m| Some(std::sync::Arc::new(m))),
+                };
+                match parsed {
+                    Ok(m) => {
+                        link.doc.set_mutators(m)?;
+                        self.mutator_changes += 1;
+                    }
+                    Err(why) => link.error = Some(("mutators".into(), format!("the server's mutators: {why}"))),
+                }
             }
             Message::Presence { peer, .. } => {
                 link.presence.insert(peer.id, peer);

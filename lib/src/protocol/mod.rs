@@ -18,7 +18,8 @@ pub use job::{DocJob, Exists, FETCH_BYTES, JobDone, MAX_FETCHED_BYTES, Opener};
 pub use server::{
     Authenticator, Clock, ConnId, Event, ExportError, Grant, MAX_ASKS_PER_CONNECTION, MAX_ASKS_PER_DOC,
     MAX_DEFERRED_BYTES, MAX_DEFERRED_TOTAL_BYTES, MAX_EVENTS, MAX_OUTBOX_MESSAGES, MAX_SEND_BACKLOG_BYTES,
-    SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession, SessionOptions, SessionStats,
+    MutatorsFor, SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession, SessionOptions,
+    SessionStats,
 };
 
 use pagesync_journal::Lsn;
@@ -28,7 +29,7 @@ use crate::ids::{DocId, TimelineId};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 9;
+pub const PROTOCOL_VERSION: u32 = 10;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -166,6 +167,9 @@ pub enum Message {
     ReadHistory { doc: DocId, id: u64, query: crate::history::HistoryQuery },
     /// Server: the answer to `ReadHistory { id }`.
     History { doc: DocId, id: u64, page: crate::history::HistoryPage },
+    /// Server: the mutator definitions in force for `doc` (see `mutators`), `version` their
+    /// content's: when a client subscribes, and again when they change. Empty: none.
+    Mutators { doc: DocId, version: String, source: String },
 }
 
 /// The largest `Broadcast` value: 8 KiB (a cursor, a selection, a name and a color).
@@ -265,7 +269,8 @@ impl Message {
             | Message::Presence { doc, .. }
             | Message::PeerLeft { doc, .. }
             | Message::ReadHistory { doc, .. }
-            | Message::History { doc, .. } => Some(*doc),
+            | Message::History { doc, .. }
+            | Message::Mutators { doc, .. } => Some(*doc),
             Message::Error { doc, .. } => *doc,
         }
     }

@@ -50,12 +50,25 @@ pub struct Grant {
     /// The token's `admin` claim: it may delete the document, and read its history where the
     /// server keeps that to admins (`SessionOptions::history_needs_admin`).
     pub admin: bool,
+    /// Mutators it may call (its `call` claim): `None` none, `Some([])` every one. With `write`
+    /// false, these are all it may send.
+    pub calls: Option<Vec<String>>,
 }
 
 impl Grant {
     /// Everything: for servers without auth (loopback only).
     pub fn all() -> Grant {
-        Grant { doc_prefix: None, write: true, subject: String::new(), admin: true }
+        Grant { doc_prefix: None, write: true, subject: String::new(), admin: true, calls: Some(Vec::new()) }
+    }
+
+    /// May send mutations at all: raw SQL, or calls of some mutators.
+    pub fn may_write(&self) -> bool {
+        self.write || self.calls.is_some()
+    }
+
+    /// What the step checks each of its mutations against.
+    pub fn permit(&self) -> crate::mutators::Permit {
+        crate::mutators::Permit { raw: self.write, calls: self.calls.clone() }
     }
 
     pub fn allows(&self, doc: DocId) -> bool {
@@ -159,6 +172,8 @@ struct Sub {
     timer: Option<i64>,
     /// The version of the document's presence it has been told up to (`Room`).
     presence_seen: u64,
+    /// The version of the mutator definitions it was sent (`None`: none).
+    mutators: Option<String>,
 }
 
 impl Sub {
@@ -373,6 +388,8 @@ struct Conn {
     hello: bool,
     /// Set by a successful `Hello`.
     grant: Option<Grant>,
+    /// What its grant lets its mutations do, shared by all of them.
+    permit: Option<std::sync::Arc<crate::mutators::Permit>>,
     subs: BTreeMap<DocId, Sub>,
     /// Documents being opened with a message of this connection waiting in them.
     opening: BTreeSet<DocId>,
@@ -569,6 +586,15 @@ impl SessionStats {
 /// A monotonic clock in microseconds, used only to time steps for metrics.
 pub type Clock = Box<dyn Fn() -> u64 + Send + Sync>;
 
+/// The mutator definitions in force for a document now (`None`: none).
+pub type MutatorsFor = Box<dyn Fn(DocId) -> Option<std::sync::Arc<crate::mutators::Mutators>> + Send>;
+
+/// `Message::Mutators` for `doc`: its definitions, or none (empty version and source).
+fn mutators_message(doc: DocId, m: Option<&crate::mutators::Mutators>) -> Message {
+    let (version, source) = m.map_or((String::new(), String::new()), |m| (m.version().to_owned(), m.source().to_owned()));
+    Message::Mutators { doc, version, source }
+}
+
 pub struct ServerSession {
     opener: Opener,
     /// Tells whether a document exists, so a read-only grant never creates one; without it
@@ -577,6 +603,8 @@ pub struct ServerSession {
     auth: Option<Authenticator>,
     options: SessionOptions,
     clock: Option<SharedClock>,
+    /// The mutator definitions in force for a document (`with_mutators`).
+    mutators: Option<MutatorsFor>,
     stats: SessionStats,
     docs: HashMap<DocId, OpenDoc>,
     next_idle_sweep_ms: i64,
@@ -673,6 +701,7 @@ impl ServerSession {
             auth: None,
             options: SessionOptions::default(),
             clock: None,
+            mutators: None,
             stats: SessionStats::default(),
             docs: HashMap::new(),
             next_idle_sweep_ms: 0,
@@ -727,6 +756,31 @@ impl ServerSession {
     pub fn with_options(mut self, options: SessionOptions) -> ServerSession {
         self.options = SessionOptions { step_threads: options.step_threads.max(1), ..options };
         self
+    }
+
+    /// Sends each subscriber the mutator definitions `mutators` says are in force for its
+    /// document (`Message::Mutators`), when it subscribes and after `mutators_changed`.
+    pub fn with_mutators(mut self, mutators: MutatorsFor) -> ServerSession {
+        self.mutators = Some(mutators);
+        self
+    }
+
+    /// The definitions changed (a reload): every subscriber whose document's are not the ones
+    /// it was sent is sent them again (empty when its document has none now).
+    pub fn mutators_changed(&mut self) {
+        let Some(source) = &self.mutators else { return };
+        let mut current: HashMap<DocId, Option<std::sync::Arc<crate::mutators::Mutators>>> = HashMap::new();
+        for (conn, c) in self.conns.iter_mut() {
+            for (doc, sub) in c.subs.iter_mut() {
+                let now = current.entry(*doc).or_insert_with(|| source(*doc));
+                let version = now.as_ref().map(|m| m.version().to_owned());
+                if sub.mutators != version {
+                    c.outbox.push_back(mutators_message(*doc, now.as_deref()));
+                    sub.mutators = version;
+                    self.ready.insert(*conn);
+                }
+            }
+        }
     }
 
     /// Times steps with `clock` (monotonic microseconds) for the histogram in `stats`.
@@ -864,6 +918,7 @@ impl ServerSession {
                 match grant {
                     Ok(g) => {
                         c.hello = true;
+                        c.permit = Some(std::sync::Arc::new(g.permit()));
                         c.grant = Some(g);
                     }
                     Err(why) => self.fail(conn, error(None, codes::UNAUTHORIZED, why)),
@@ -890,7 +945,7 @@ impl ServerSession {
                 let text = format!("your token does not grant access to document {doc}");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
-            Message::Mutations { doc, .. } if !c.grant.as_ref().is_some_and(|g| g.write) => {
+            Message::Mutations { doc, .. } if !c.grant.as_ref().is_some_and(Grant::may_write) => {
                 let text = format!("your token is read-only: writes to {doc} are refused");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
@@ -932,7 +987,7 @@ impl ServerSession {
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
                 if !self.docs.contains_key(&doc) =>
             {
-                let create = c.grant.as_ref().is_some_and(|g| g.write);
+                let create = c.grant.as_ref().is_some_and(Grant::may_write);
                 self.start_open(conn, now_ms, msg, doc, create)
             }
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
@@ -945,7 +1000,7 @@ impl ServerSession {
             }
             Message::Mutations { doc, timeline, first, entries } => {
                 let subject = c.grant.as_ref().map_or("", |g| g.subject.as_str());
-                let origin = Origin { subject: subject.into(), received_ms: Some(now_ms) };
+                let origin = Origin { subject: subject.into(), received_ms: Some(now_ms), permit: c.permit.clone() };
                 if let Some(open) = self.here(doc) {
                     let d = open.document_mut().expect("BUG: here");
                     let received = d.receive_from(timeline, first, entries, &origin);
@@ -1092,8 +1147,18 @@ impl ServerSession {
         // of the checkpoint goes whole too (any replica can take a whole entry).
         let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
         let window = SendWindow::new(start);
-        let sub =
-            Sub { window, timeline, digests, full_until, retry_read_at: None, timer: None, presence_seen: 0 };
+        let defs = self.mutators.as_ref().and_then(|source| source(doc));
+        let mutators = defs.as_ref().map(|m| m.version().to_owned());
+        let sub = Sub {
+            window,
+            timeline,
+            digests,
+            full_until,
+            retry_read_at: None,
+            timer: None,
+            presence_seen: 0,
+            mutators: mutators.clone(),
+        };
         if let Some(c) = self.conns.get_mut(&conn) {
             let mut sub = sub;
             // Told once: a re-subscription on the same connection is not told again.
@@ -1103,6 +1168,10 @@ impl ServerSession {
                 // It could not keep a confirmation: its replay gave other pages, or it does
                 // not hold the mutations (see `Error::ConfirmMismatch`).
                 self.stats.digest_fallbacks += u64::from(old.digests && !digests);
+            }
+            // Its document's mutators, before anything its pending calls depend on.
+            if defs.is_some() {
+                c.outbox.push_back(mutators_message(doc, defs.as_deref()));
             }
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
             if let Some(open) = self.docs.get_mut(&doc) {
@@ -1654,7 +1723,7 @@ impl ServerSession {
                 msg,
                 Message::MapPages { .. } | Message::ReadPages { .. } | Message::ReadHistory { .. }
             );
-            let creates = c.grant.as_ref().is_some_and(|g| g.write) && !asks;
+            let creates = c.grant.as_ref().is_some_and(Grant::may_write) && !asks;
             if matches!(failure, OpenFailure::NotFound) && creates {
                 self.handle_message(conn, at, msg);
             } else {
@@ -1976,6 +2045,7 @@ fn kind(m: &Message) -> &'static str {
         Message::Presence { .. } => "Presence",
         Message::PeerLeft { .. } => "PeerLeft",
         Message::ReadHistory { .. } => "ReadHistory",
+        Message::Mutators { .. } => "Mutators",
         Message::History { .. } => "History",
     }
 }
