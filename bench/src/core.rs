@@ -187,9 +187,12 @@ fn server_apply(cfg: &Config) -> Pair {
     let bodies: Vec<Vec<u8>> = (0..n).map(row).collect();
     let ours = || {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut s =
-            ServerDocument::with_reducer(file_journal(dir.path(), "s", 1), SqlReducer::default(), StepLimits::default())
-                .expect("server");
+        let mut s = ServerDocument::with_reducer(
+            file_journal(dir.path(), "s", 1),
+            SqlReducer::default(),
+            StepLimits::default(),
+        )
+        .expect("server");
         let tl = TimelineId::from_u128(5);
         let mutation =
             |body: &Vec<u8>| pagesync::Mutation { client_time_ms: T0, seed: 0, body: body.clone() };

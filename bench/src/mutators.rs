@@ -15,7 +15,8 @@ use crate::report::{Better, Pair, Target, interleave};
 
 const SCHEMA: &str = "CREATE TABLE todos(id INTEGER PRIMARY KEY, title TEXT NOT NULL, owner TEXT NOT NULL)";
 const INSERT: &str = "INSERT INTO todos(title, owner) VALUES (:title, :subject)";
-const DEFS: &str = "-- mutator: add_todo(title)\nINSERT INTO todos(title, owner) VALUES (:title, :subject);\n";
+const DEFS: &str =
+    "-- mutator: add_todo(title)\nINSERT INTO todos(title, owner) VALUES (:title, :subject);\n";
 const T0: i64 = 1_700_000_000_000;
 
 fn mem(id: u128) -> Box<dyn pagesync::journal::Journal> {
@@ -32,7 +33,8 @@ fn body(i: u64, call: bool) -> Vec<u8> {
     if call {
         Call { name: "add_todo".into(), args: vec![title], subject: "ann".into() }.encode()
     } else {
-        SqlMutation::one(INSERT.replace(":title", "?1").replace(":subject", "?2"), vec![title, "ann".into()]).encode()
+        SqlMutation::one(INSERT.replace(":title", "?1").replace(":subject", "?2"), vec![title, "ann".into()])
+            .encode()
     }
 }
 

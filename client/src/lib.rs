@@ -449,7 +449,8 @@ impl Document {
     /// `no_such_mutator` until they arrive), then by the server, which decides. A token may
     /// allow calls only (`token --call`), and which ones.
     pub fn call(&self, name: &str, args: Vec<Value>) -> Result<Submitted> {
-        let call = pagesync::mutators::Call { name: name.to_owned(), args, subject: self.shared.subject.clone() };
+        let call =
+            pagesync::mutators::Call { name: name.to_owned(), args, subject: self.shared.subject.clone() };
         self.submit(call.encode())
     }
 

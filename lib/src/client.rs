@@ -764,7 +764,10 @@ impl<R: Reducer> ClientDocument<R> {
     /// Puts the server's mutator definitions in force (`None`: none), and runs the pending
     /// mutations again under them: a call made under old definitions gets the new ones' effect
     /// (or is rejected locally, `no_such_mutator`, when its mutator is gone; the server decides).
-    pub fn set_mutators(&mut self, mutators: Option<std::sync::Arc<crate::mutators::Mutators>>) -> Result<()> {
+    pub fn set_mutators(
+        &mut self,
+        mutators: Option<std::sync::Arc<crate::mutators::Mutators>>,
+    ) -> Result<()> {
         let same = self.mutators.as_ref().map(|m| m.version()) == mutators.as_ref().map(|m| m.version());
         self.reducer.set_mutators(mutators.clone());
         self.mutators = mutators;

@@ -249,11 +249,16 @@ impl Database {
             Ok(rng.lock().expect("BUG: lock poisoned").next_u64() as i64)
         })?;
         // `reject(message)`: the mutation is rejected with code `denied` and the app's message.
-        self.conn.create_scalar_function("reject", 1, flags | FunctionFlags::SQLITE_DETERMINISTIC, |ctx| {
-            let message = ctx.get::<String>(0).unwrap_or_else(|_| "rejected".to_owned());
-            let why = format!("{}{message}", crate::reducer::REJECT_MARK);
-            Err::<i64, _>(rusqlite::Error::UserFunctionError(why.into()))
-        })?;
+        self.conn.create_scalar_function(
+            "reject",
+            1,
+            flags | FunctionFlags::SQLITE_DETERMINISTIC,
+            |ctx| {
+                let message = ctx.get::<String>(0).unwrap_or_else(|_| "rejected".to_owned());
+                let why = format!("{}{message}", crate::reducer::REJECT_MARK);
+                Err::<i64, _>(rusqlite::Error::UserFunctionError(why.into()))
+            },
+        )?;
         let rng = self.rng.clone();
         self.conn.create_scalar_function("randomblob", 1, flags, move |ctx| {
             let n = ctx.get::<i64>(0).unwrap_or(1).clamp(1, crate::mutation::MAX_MUTATION_BYTES as i64);

@@ -81,7 +81,11 @@ impl Mutators {
                 && let Some(sig) = head.strip_prefix("mutator:")
             {
                 finish(&mut defs, current.take())?;
-                current = Some((n, parse_signature(sig.trim()).map_err(|e| format!("line {n}: {e}"))?, String::new()));
+                current = Some((
+                    n,
+                    parse_signature(sig.trim()).map_err(|e| format!("line {n}: {e}"))?,
+                    String::new(),
+                ));
                 continue;
             }
             match &mut current {
@@ -251,11 +255,10 @@ impl Permit {
             None => Some("this token may call mutators only, not send SQL".into()),
             Some(Err(_)) => None, // rejected as malformed when it runs
             Some(Ok(call)) => match &self.calls {
-                _ if call.subject != subject => Some(format!(
-                    "the call names subject {:?}, its token {subject:?}",
-                    call.subject
-                )),
-                Some(names) if names.is_empty() || names.iter().any(|n| *n == call.name) => None,
+                _ if call.subject != subject => {
+                    Some(format!("the call names subject {:?}, its token {subject:?}", call.subject))
+                }
+                Some(names) if names.is_empty() || names.contains(&call.name) => None,
                 _ => Some(format!("this token may not call {}", call.name)),
             },
         }

@@ -226,7 +226,12 @@ pub fn once_applied(conn: &Connection, key: &str) -> rusqlite::Result<bool> {
 }
 
 /// Runs a mutator's statements in order, binding its arguments, `:subject` and `:now` by name.
-fn run_call(conn: &Connection, mutators: Option<&Mutators>, call: &Call, time_ms: i64) -> Result<(), Rejection> {
+fn run_call(
+    conn: &Connection,
+    mutators: Option<&Mutators>,
+    call: &Call,
+    time_ms: i64,
+) -> Result<(), Rejection> {
     let missing = |why: String| Rejection::new(RejectionCode::NoSuchMutator, why);
     let Some(set) = mutators else {
         return Err(missing(format!("no mutators are defined here: {} cannot run", call.name)));
@@ -235,7 +240,13 @@ fn run_call(conn: &Connection, mutators: Option<&Mutators>, call: &Call, time_ms
         return Err(missing(format!("no mutator {} (definitions {})", call.name, set.version())));
     };
     if m.args.len() != call.args.len() {
-        let why = format!("{}({}) takes {} arguments, not {}", m.name, m.args.join(", "), m.args.len(), call.args.len());
+        let why = format!(
+            "{}({}) takes {} arguments, not {}",
+            m.name,
+            m.args.join(", "),
+            m.args.len(),
+            call.args.len()
+        );
         return Err(missing(why));
     }
     let subject = crate::mutation::Value::Text(call.subject.clone());

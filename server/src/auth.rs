@@ -115,9 +115,15 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
     while subject.len() > MAX_SUBJECT_BYTES {
         subject.pop();
     }
-    Ok(Grant { doc_prefix: Some(doc_prefix), write: claims.write, subject, admin: claims.admin, calls: claims.call.as_ref().map(|names| {
-            if names.iter().any(|n| n == "*") { Vec::new() } else { names.clone() }
-        }),
+    Ok(Grant {
+        doc_prefix: Some(doc_prefix),
+        write: claims.write,
+        subject,
+        admin: claims.admin,
+        calls: claims
+            .call
+            .as_ref()
+            .map(|names| if names.iter().any(|n| n == "*") { Vec::new() } else { names.clone() }),
     })
 }
 

@@ -286,7 +286,9 @@ impl MutatorRegistry {
         let files = specs
             .iter()
             .map(|spec| match spec.split_once('=') {
-                Some((prefix, file)) => (prefix.trim_end_matches('*').to_ascii_lowercase(), PathBuf::from(file)),
+                Some((prefix, file)) => {
+                    (prefix.trim_end_matches('*').to_ascii_lowercase(), PathBuf::from(file))
+                }
                 None => (String::new(), PathBuf::from(spec)),
             })
             .collect();

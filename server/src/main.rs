@@ -380,7 +380,9 @@ async fn main() -> anyhow::Result<()> {
             metrics: *metrics,
             sub: sub.clone(),
             admin: *admin,
-            call: call.as_ref().map(|c| c.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect()),
+            call: call
+                .as_ref()
+                .map(|c| c.split(',').map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect()),
         };
         println!("{}", auth::mint(&secret, &claims));
         return Ok(());

@@ -17,8 +17,15 @@ const SECRET: &[u8] = b"a deletion test secret of at least 32 bytes";
 const WAIT: Duration = Duration::from_secs(20);
 
 fn token(doc: DocId, admin: bool) -> String {
-    let claims =
-        Claims { doc: doc.to_string(), write: true, exp: 4_000_000_000, metrics: false, admin, sub: None, call: None };
+    let claims = Claims {
+        doc: doc.to_string(),
+        write: true,
+        exp: 4_000_000_000,
+        metrics: false,
+        admin,
+        sub: None,
+        call: None,
+    };
     mint(SECRET, &claims)
 }
 

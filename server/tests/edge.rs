@@ -39,7 +39,10 @@ fn get(port: u16, path: &str, headers: &str) -> (u16, Vec<u8>) {
 }
 
 fn token(doc: &str, write: bool, metrics: bool) -> String {
-    mint(SECRET, &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics, admin: false, sub: None, call: None })
+    mint(
+        SECRET,
+        &Claims { doc: doc.into(), write, exp: 4_000_000_000, metrics, admin: false, sub: None, call: None },
+    )
 }
 
 async fn connect(port: u16, token: &str) -> Socket {

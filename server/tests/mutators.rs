@@ -81,13 +81,15 @@ async fn the_server_decides_what_each_subject_may_change() {
     let defs = dir.path().join("mutators.sql");
     std::fs::write(&defs, MUTATORS).expect("mutators");
     let journal = format!("file://{}", dir.path().join("server").display());
-    let flags = ["--auth-secret-file", &secret.display().to_string(), "--mutators", &defs.display().to_string()];
+    let flags =
+        ["--auth-secret-file", &secret.display().to_string(), "--mutators", &defs.display().to_string()];
     let (server, port) = start_on_any_port(&journal, &flags);
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let doc = DocId::from_u128(0x70d0);
 
     // The app's own tool sets the schema up with a raw-SQL token.
-    let admin = Client::connect(&url, &token(doc, "admin", true, None), dir.path().join("admin")).expect("admin");
+    let admin =
+        Client::connect(&url, &token(doc, "admin", true, None), dir.path().join("admin")).expect("admin");
     let ad = admin.open(doc).expect("open");
     let schema = "CREATE TABLE todos(id INTEGER PRIMARY KEY, title TEXT NOT NULL, owner TEXT NOT NULL, created_ms INTEGER, done INTEGER NOT NULL DEFAULT 0)";
     ad.execute(schema, vec![]).expect("schema");
@@ -95,7 +97,8 @@ async fn the_server_decides_what_each_subject_may_change() {
 
     // Ann may call both mutators and nothing else.
     let both: &[&str] = &["add_todo", "delete_own"];
-    let ann = Client::connect(&url, &token(doc, "ann", false, Some(both)), dir.path().join("ann")).expect("ann");
+    let ann =
+        Client::connect(&url, &token(doc, "ann", false, Some(both)), dir.path().join("ann")).expect("ann");
     let a = ann.open(doc).expect("open");
     a.sync(WAIT).await.expect("synced");
     until("ann has the definitions", || a.mutators().is_some()).await;
@@ -126,7 +129,10 @@ async fn the_server_decides_what_each_subject_may_change() {
     until("bob has the definitions", || b.mutators().is_some()).await;
     let theft = b.call("delete_own", vec![Value::Integer(1)]).expect("call");
     let local = theft.local.as_ref().expect_err("rejected locally");
-    assert_eq!((local.code.clone(), local.message.as_str()), (RejectionCode::Denied, "only its owner may delete a todo"));
+    assert_eq!(
+        (local.code.clone(), local.message.as_str()),
+        (RejectionCode::Denied, "only its owner may delete a todo")
+    );
     b.sync(WAIT).await.expect("synced");
     assert_eq!(rejected(&b, theft.lsn).message, "only its owner may delete a todo");
     // Bob's own todo he may delete.

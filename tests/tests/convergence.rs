@@ -43,8 +43,8 @@ struct World {
 impl World {
     fn new(seed: u64) -> World {
         let limits = StepLimits { max_mutations: 1 + (seed % 7) as usize, ..StepLimits::default() };
-        let server =
-            ServerDocument::with_reducer(memory_journal(1), pagesync::SqlReducer::default(), limits).expect("server");
+        let server = ServerDocument::with_reducer(memory_journal(1), pagesync::SqlReducer::default(), limits)
+            .expect("server");
         let clients = (0..CLIENTS)
             .map(|i| {
                 ClientDocument::open(memory_journal(10 + i as u128), memory_journal(100 + i as u128))

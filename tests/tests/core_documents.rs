@@ -395,8 +395,8 @@ fn a_mutation_that_rolls_back_the_transaction_is_rejected_alone() {
 #[test]
 fn a_document_at_its_size_limit_rejects_growth_and_stays_usable() {
     let limits = pagesync::StepLimits { max_doc_bytes: Some(256 << 10), ..Default::default() };
-    let mut server =
-        ServerDocument::with_reducer(memory_journal(1), pagesync::SqlReducer::default(), limits).expect("server");
+    let mut server = ServerDocument::with_reducer(memory_journal(1), pagesync::SqlReducer::default(), limits)
+        .expect("server");
     let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
     client.mutate(sql("CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)", vec![]), T0, 1).expect("ddl");
     let mut writes = Vec::new();

@@ -208,7 +208,10 @@ async fn tokens_limit_documents_and_writes() {
     let (ours, theirs) = (DocId::from_u128(0xaa), DocId::from_u128(0xbb));
     let exp = 4_000_000_000;
     let token = |doc: DocId, write: bool| {
-        mint(&secret, &Claims { doc: doc.to_string(), write, exp, metrics: false, admin: false, sub: None, call: None })
+        mint(
+            &secret,
+            &Claims { doc: doc.to_string(), write, exp, metrics: false, admin: false, sub: None, call: None },
+        )
     };
     let refused = |e: pagesync_client::ClientError| match e {
         pagesync_client::ClientError::Server { code, message } => (code, message),

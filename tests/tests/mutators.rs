@@ -84,7 +84,10 @@ fn the_server_refuses_what_the_token_does_not_allow_before_running_it() {
     let step = server.step(2_000).expect("step").expect("a step");
     assert_eq!(step.rejected, 3);
     assert!(step.rejections.iter().all(|r| r.rejection.code == RejectionCode::Forbidden), "{step:?}");
-    let rows = server.database().conn().query_row("SELECT group_concat(title) FROM t", [], |r| r.get::<_, String>(0));
+    let rows = server
+        .database()
+        .conn()
+        .query_row("SELECT group_concat(title) FROM t", [], |r| r.get::<_, String>(0));
     assert_eq!(rows.expect("rows"), "tea", "only the allowed call ran");
 }
 

@@ -216,7 +216,8 @@ fn a_budget_exhausting_mutation_runs_once() {
 fn oversized_values_temp_files_and_growth_are_too_big() {
     let budget = Budget { max_temp_bytes: 4 << 20, max_added_bytes: 2 << 20, ..Budget::default() };
     let limits = StepLimits { budget, ..StepLimits::default() };
-    let mut server = ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
     let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
     schema(&mut client, &mut server);
     client.mutate(sql("CREATE TABLE big(b BLOB)", vec![]), T0, 2).expect("ddl");

@@ -159,7 +159,8 @@ impl Replica {
 
     /// The version of the server's mutator definitions in force here, `null` before any came.
     pub fn mutators(&self) -> JsValue {
-        let version = self.session.document(self.doc).and_then(|d| d.mutators().map(|m| m.version().to_owned()));
+        let version =
+            self.session.document(self.doc).and_then(|d| d.mutators().map(|m| m.version().to_owned()));
         version.map_or(JsValue::NULL, |v| JsValue::from_str(&v))
     }
 

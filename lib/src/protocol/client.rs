@@ -597,7 +597,9 @@ impl ClientSession {
                         link.doc.set_mutators(m)?;
                         self.mutator_changes += 1;
                     }
-                    Err(why) => link.error = Some(("mutators".into(), format!("the server's mutators: {why}"))),
+                    Err(why) => {
+                        link.error = Some(("mutators".into(), format!("the server's mutators: {why}")))
+                    }
                 }
             }
             Message::Presence { peer, .. } => {

@@ -591,7 +591,8 @@ pub type MutatorsFor = Box<dyn Fn(DocId) -> Option<std::sync::Arc<crate::mutator
 
 /// `Message::Mutators` for `doc`: its definitions, or none (empty version and source).
 fn mutators_message(doc: DocId, m: Option<&crate::mutators::Mutators>) -> Message {
-    let (version, source) = m.map_or((String::new(), String::new()), |m| (m.version().to_owned(), m.source().to_owned()));
+    let (version, source) =
+        m.map_or((String::new(), String::new()), |m| (m.version().to_owned(), m.source().to_owned()));
     Message::Mutators { doc, version, source }
 }
 
@@ -1000,7 +1001,8 @@ impl ServerSession {
             }
             Message::Mutations { doc, timeline, first, entries } => {
                 let subject = c.grant.as_ref().map_or("", |g| g.subject.as_str());
-                let origin = Origin { subject: subject.into(), received_ms: Some(now_ms), permit: c.permit.clone() };
+                let origin =
+                    Origin { subject: subject.into(), received_ms: Some(now_ms), permit: c.permit.clone() };
                 if let Some(open) = self.here(doc) {
                     let d = open.document_mut().expect("BUG: here");
                     let received = d.receive_from(timeline, first, entries, &origin);
