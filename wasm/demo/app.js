@@ -1,4 +1,6 @@
-// The demo todo app: every write is a local SQL mutation, synced through the server.
+// The demo todo app: every write is a local mutation, synced through the server. With a token
+// that may call mutators (its `call` claim), every write is a call of the server's mutators
+// (wasm/demo/mutators.sql): each todo records its owner, and only the owner may delete it.
 import { Database } from "./pagesync.js";
 
 const params = new URLSearchParams(location.search);
@@ -11,21 +13,41 @@ const MIGRATIONS = [`CREATE TABLE todos (
   id INTEGER PRIMARY KEY,
   title TEXT NOT NULL CHECK (length(title) BETWEEN 1 AND 60),
   done INTEGER NOT NULL DEFAULT 0
-)`];
+)`, "ALTER TABLE todos ADD COLUMN owner TEXT NOT NULL DEFAULT ''"];
+
+// The token's claims (its payload, base64url JSON; the server checks the signature).
+function claims(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part));
+  } catch {
+    return {};
+  }
+}
 
 let pendingIds = new Set();
 
 async function main() {
   const offline = localStorage.getItem(offlineKey) === "1";
   $("offline").checked = offline;
-  const db = await Database.open(docId, { token: params.get("token") ?? "", online: !offline });
+  const token = params.get("token") ?? "";
+  const db = await Database.open(docId, { token, online: !offline });
+  // Calls of the server's mutators, or plain SQL.
+  const calls = Array.isArray(claims(token).call);
   window.pagesyncDb = db; // for tests and the console
   if (db.storageKind !== "opfs") $("error").textContent = "OPFS is not available: writes are kept in memory only.";
 
-  await db.migrate(MIGRATIONS);
+  if (calls) await db.call("setup", []);
+  else await db.migrate(MIGRATIONS);
+  const write = {
+    add: (title) => (calls ? db.call("add_todo", [title]) : db.exec("INSERT INTO todos (title) VALUES (?)", [title])),
+    done: (id, done) => (calls ? db.call("set_done", [id, done]) : db.exec("UPDATE todos SET done = ? WHERE id = ?", [done, id])),
+    remove: (id) => (calls ? db.call("delete_own", [id]) : db.exec("DELETE FROM todos WHERE id = ?", [id])),
+  };
 
-  db.subscribe("SELECT id, title, done FROM todos ORDER BY id", [], (rows, err) => {
-    if (err) return void ($("error").textContent = err.message);
+  db.subscribe("SELECT id, title, done, owner FROM todos ORDER BY id", [], (rows, err) => {
+    // Before the table exists (its setup call still on its way) there is nothing to show.
+    if (err) return void (calls && /no such table/.test(err.message) ? render([]) : ($("error").textContent = err.message));
     render(rows ?? []);
   });
   db.onStatus(showStatus);
@@ -43,7 +65,7 @@ async function main() {
     const title = $("title").value;
     $("title").value = "";
     try {
-      await db.exec("INSERT INTO todos (title) VALUES (?)", [title]);
+      await write.add(title);
     } catch (err) {
       $("error").textContent = err.message;
     }
@@ -54,7 +76,11 @@ async function main() {
   });
   $("todos").addEventListener("change", async (e) => {
     const id = Number(e.target.dataset.id);
-    if (id) await db.exec("UPDATE todos SET done = ? WHERE id = ?", [e.target.checked ? 1 : 0, id]);
+    if (id) await write.done(id, e.target.checked ? 1 : 0);
+  });
+  $("todos").addEventListener("click", async (e) => {
+    const id = Number(e.target.dataset.remove);
+    if (id) await write.remove(id);
   });
 }
 
@@ -71,7 +97,14 @@ function render(rows) {
       box.dataset.id = row.id;
       const span = document.createElement("span");
       span.textContent = row.title;
-      li.append(box, span);
+      const owner = document.createElement("small");
+      owner.textContent = row.owner ? ` (${row.owner})` : "";
+      const remove = document.createElement("button");
+      remove.textContent = "✕";
+      remove.title = "delete";
+      remove.dataset.remove = row.id;
+      remove.dataset.testid = "delete";
+      li.append(box, span, owner, remove);
       return li;
     }),
   );

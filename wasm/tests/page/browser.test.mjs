@@ -3,12 +3,13 @@
 // Run by scripts/test-browser, which builds everything first (environment: see harness.mjs).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 import {
-  add, artifacts, chromiumArgs, chromiumPath, cliRows, cli as runCli, freePort, logPage, randomDoc, startServer,
-  tempDir, titles, waitSynced, waitTitles,
+  add, artifacts, bin, chromiumArgs, chromiumPath, cliRows, cli as runCli, freePort, logPage, randomDoc, startServer,
+  startServerWith, stopServer, tempDir, titles, waitSynced, waitTitles,
 } from "./harness.mjs";
 
 const work = tempDir("browser");
@@ -92,9 +93,9 @@ test("offline edits survive a reload as pending, then reach the other context an
   await waitSynced(pageB);
   const rows = cliRows(port, join(work, "cli"), doc, "query", "--json", "SELECT title FROM todos ORDER BY id");
   assert.deepEqual(rows.map((r) => r.title).sort(), ["bread", "eggs", "milk"]);
-  // Both contexts shipped the demo's migration; it ran once.
-  const once = cliRows(port, join(work, "cli"), doc, "query", "--json", "SELECT key FROM _pagesync_once");
-  assert.deepEqual(once, [{ key: "migration:1" }]);
+  // Both contexts shipped the demo's migrations; each ran once.
+  const once = cliRows(port, join(work, "cli"), doc, "query", "--json", "SELECT key FROM _pagesync_once ORDER BY key");
+  assert.deepEqual(once, [{ key: "migration:1" }, { key: "migration:2" }]);
 });
 
 test("a rejected mutation shows the server's error", async () => {
@@ -188,4 +189,57 @@ test("a list deleted on the server shows as deleted, stays readable, and takes n
   assert.ok(await page.$eval("[data-testid=add]", (b) => b.disabled), "adding is off");
   assert.match(await page.$eval("#error", (e) => e.textContent), /deleted/);
   await context.close();
+});
+
+test("with the server's mutators, each context writes as its own subject and deletes only its own todos", async () => {
+  const dir = tempDir("mutators");
+  const secret = join(dir, "secret");
+  writeFileSync(secret, "a browser mutators test secret of 32+ bytes");
+  const port2 = await freePort();
+  const flags = ["--auth-secret-file", secret, "--mutators", "wasm/demo/mutators.sql"];
+  const server2 = await startServerWith(port2, join(dir, "server"), flags);
+  try {
+    const list = randomDoc();
+    // Tokens that may call every mutator and send no SQL of their own.
+    const mint = (sub) => execFileSync(join(bin, "pagesync-server"), [
+      "--auth-secret-file", secret, "token", "--doc", list, "--call", "*", "--sub", sub, "--ttl", "1h",
+    ], { encoding: "utf8" }).trim();
+    const open = async (sub) => {
+      const context = await browser.newContext();
+      const page = await context.newPage();
+      logPage(page, sub);
+      await page.goto(`http://127.0.0.1:${port2}/?doc=${list}&name=${sub}&token=${mint(sub)}`);
+      await waitSynced(page);
+      return { context, page };
+    };
+    const ann = await open("ann");
+    const bob = await open("bob");
+    await add(ann.page, "ann's");
+    await add(bob.page, "bob's");
+    for (const { page } of [ann, bob]) await waitTitles(page, ["ann's", "bob's"]);
+    const owners = await bob.page.$$eval("#todos li", (lis) => lis.map((li) => li.textContent));
+    assert.ok(owners.some((t) => t.includes("ann's") && t.includes("(ann)")), JSON.stringify(owners));
+    // Bob deletes ann's todo: the app's message, and it stays for both.
+    await bob.page.click("#todos li[data-title=\"ann's\"] [data-testid=delete]");
+    await bob.page.waitForFunction(() => document.getElementById("rejected").textContent.includes("only its owner"),
+      null, { timeout: 20_000 });
+    await waitSynced(bob.page);
+    for (const { page } of [ann, bob]) assert.deepEqual((await titles(page)).sort(), ["ann's", "bob's"]);
+    // His own he may delete: gone for both.
+    await bob.page.click("#todos li[data-title=\"bob's\"] [data-testid=delete]");
+    for (const { page } of [ann, bob]) {
+      await page.waitForFunction(() => ![...document.querySelectorAll("#todos li")].some((li) => li.dataset.title === "bob's"),
+        null, { timeout: 20_000 });
+    }
+    // Raw SQL with a mutator-only token: refused by the server, never run.
+    const raw = await ann.page.evaluate(async () => (await window.pagesyncDb.exec("DELETE FROM todos")).settled);
+    assert.equal(raw.state, "rejected");
+    assert.equal(raw.code, "forbidden");
+    await waitSynced(ann.page);
+    assert.deepEqual(await titles(ann.page), ["ann's"]);
+    await ann.context.close();
+    await bob.context.close();
+  } finally {
+    await stopServer(server2);
+  }
 });

@@ -39,6 +39,11 @@ export async function startClusterServer(port, dir) {
   ]);
 }
 
+/** A pagesync-server on `port` with more flags (auth, mutators, ...). */
+export async function startServerWith(port, dir, flags) {
+  return started(port, ["--journal", `file://${dir}`, ...flags]);
+}
+
 async function started(port, flags) {
   const server = spawn(join(bin, "pagesync-server"), [
     "--listen", `127.0.0.1:${port}`, ...flags, "--web", web,
