@@ -320,6 +320,13 @@ impl Client {
                 Box::new(outcomes),
             )?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
+            // The server's mutators as last sent: pending calls run under them offline too.
+            if let Ok(source) = std::fs::read_to_string(dir.join(MUTATORS_FILE)) {
+                match pagesync::mutators::Mutators::parse(&source) {
+                    Ok(m) => replica.set_mutators(Some(Arc::new(m)))?,
+                    Err(e) => tracing::warn!("{}: {e}", dir.join(MUTATORS_FILE).display()),
+                }
+            }
             self.shared.locks.lock().expect("BUG: lock poisoned").push((doc, lock));
             // The server a redirect named last time: straight there (a hint; a server that
             // no longer serves it redirects again, one that is gone sends it home).
@@ -840,6 +847,10 @@ impl Subscription {
 /// goes straight there.
 const SERVER_FILE: &str = "server";
 
+/// In a replica's directory: the server's mutator definitions for the document, as last sent,
+/// so calls run under them before the server is reached again.
+const MUTATORS_FILE: &str = "mutators.sql";
+
 /// In a replica's directory: the server deleted the document. The replica stays readable,
 /// syncs no more and takes no writes, until `forget` removes it.
 const DELETED_FILE: &str = "DELETED";
@@ -864,6 +875,30 @@ pub fn forget(data_dir: impl AsRef<Path>, doc: DocId) -> Result<bool> {
         source,
     })?;
     Ok(true)
+}
+
+/// Writes down each open document's mutator definitions (as the server last sent them), so a
+/// later run has them at once, offline too. A file that has them already is left alone.
+fn remember_mutators(shared: &Shared) {
+    let held: Vec<(DocId, Option<Arc<pagesync::mutators::Mutators>>)> = {
+        let session = shared.session();
+        session.documents().map(|(id, d)| (id, d.mutators().cloned())).collect()
+    };
+    for (id, m) in held {
+        let path = shared.data_dir.join(id.to_string()).join(MUTATORS_FILE);
+        let written = std::fs::read_to_string(&path).ok();
+        let result = match m {
+            Some(m) if written.as_deref() != Some(m.source()) => {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, m.source()).and_then(|()| std::fs::rename(&tmp, &path))
+            }
+            None if written.is_some() => std::fs::remove_file(&path),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!("cannot write down the mutators of {id}: {e}");
+        }
+    }
 }
 
 /// Writes down which open documents the server deleted, so a later run knows at once.
@@ -1095,8 +1130,12 @@ async fn run_connection(
                         }
                     }
                     let mut session = shared.session();
-                    let (mismatches, reroutes, deletions) =
-                        (session.digest_mismatches(), session.reroutes(), session.deletions());
+                    let (mismatches, reroutes, deletions, mutators) = (
+                        session.digest_mismatches(),
+                        session.reroutes(),
+                        session.deletions(),
+                        session.mutator_changes(),
+                    );
                     if let Err(e) = session.handle_frames_on(route, now_ms(), &frames) {
                         tracing::warn!("applying a frame failed: {e}");
                     }
@@ -1104,6 +1143,7 @@ async fn run_connection(
                         shared.rerouted.notify_one();
                     }
                     let deleted = session.deletions() > deletions;
+                    let new_mutators = session.mutator_changes() > mutators;
                     if session.digest_mismatches() > mismatches {
                         tracing::error!(
                             "a confirmation by digest did not match this replica's replay (non-determinism); fell back to the server's pages"
@@ -1112,6 +1152,9 @@ async fn run_connection(
                     drop(session);
                     if deleted {
                         remember_deleted(shared);
+                    }
+                    if new_mutators {
+                        remember_mutators(shared);
                     }
                     shared.bump();
                     if closed {

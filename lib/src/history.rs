@@ -177,6 +177,9 @@ pub struct HistoryRecord {
     pub statements: Vec<Statement>,
     /// Its run-once key (migrations: `migration:N`).
     pub once: Option<String>,
+    /// A call of a server-defined mutator (see `mutators`): its name and arguments
+    /// (`statements` is empty then).
+    pub call: Option<(String, Vec<crate::Value>)>,
 }
 
 impl HistoryRecord {
@@ -208,6 +211,9 @@ impl HistoryRecord {
             "message": message,
             "statements": statements,
             "once": self.once,
+            "call": self.call.as_ref().map(|(name, args)| {
+                serde_json::json!({ "name": name, "args": args.iter().map(crate::Value::to_json).collect::<Vec<_>>() })
+            }),
         })
     }
 }
@@ -221,6 +227,10 @@ impl std::fmt::Display for HistoryRecord {
         match &self.outcome {
             HistoryOutcome::Applied => write!(f, "applied ")?,
             HistoryOutcome::Rejected { code, message } => write!(f, "rejected ({code}: {message}) ")?,
+        }
+        if let Some((name, args)) = &self.call {
+            let args: Vec<String> = args.iter().map(|a| a.to_json().to_string()).collect();
+            write!(f, "{name}({})", args.join(", "))?;
         }
         for (i, s) in self.statements.iter().enumerate() {
             let sep = if i == 0 { "" } else { "; " };
@@ -441,12 +451,14 @@ fn record(
     r: StoredRecord,
 ) -> Result<HistoryRecord> {
     let timeline_lsn = Lsn::new(r.lsn).ok_or_else(|| Error::Malformed("timeline LSN 0".into()))?;
-    let (client_ms, statements, once) = match Mutation::decode(&r.mutation) {
-        Ok(m) => match postcard::from_bytes::<SqlMutation>(&m.body) {
-            Ok(sql) => (m.client_time_ms, sql.statements, sql.once),
-            Err(_) => (m.client_time_ms, Vec::new(), None),
+    let (client_ms, statements, once, call) = match Mutation::decode(&r.mutation) {
+        Ok(m) => match (crate::mutators::Call::decode(&m.body), postcard::from_bytes::<SqlMutation>(&m.body))
+        {
+            (Some(Ok(c)), _) => (m.client_time_ms, Vec::new(), None, Some((c.name, c.args))),
+            (None, Ok(sql)) => (m.client_time_ms, sql.statements, sql.once, None),
+            _ => (m.client_time_ms, Vec::new(), None, None),
         },
-        Err(_) => (0, Vec::new(), None),
+        Err(_) => (0, Vec::new(), None, None),
     };
     let outcome = match r.rejected {
         None => HistoryOutcome::Applied,
@@ -464,6 +476,7 @@ fn record(
         outcome,
         statements,
         once,
+        call,
     })
 }
 

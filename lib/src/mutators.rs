@@ -265,6 +265,18 @@ impl Permit {
     }
 }
 
+/// The longest subject kept (a token's `sub` claim); longer ones are cut at a character
+/// boundary, by the server and by clients alike.
+pub const MAX_SUBJECT_BYTES: usize = 256;
+
+/// `subject`, cut to `MAX_SUBJECT_BYTES`.
+pub fn cut_subject(mut subject: String) -> String {
+    while subject.len() > MAX_SUBJECT_BYTES {
+        subject.pop();
+    }
+    subject
+}
+
 /// The `sub` claim of a token (`header.payload.signature`, the payload base64url JSON), read
 /// without checking the signature (the server checks it): the subject a client's calls name.
 /// Empty when there is none or the token is not one.
@@ -272,7 +284,7 @@ pub fn token_subject(token: &str) -> String {
     let Some(payload) = token.split('.').nth(1) else { return String::new() };
     let Some(bytes) = base64url(payload) else { return String::new() };
     let claims: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default().to_owned()
+    cut_subject(claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default().to_owned())
 }
 
 fn base64url(s: &str) -> Option<Vec<u8>> {

@@ -40,8 +40,7 @@ pub struct Claims {
     pub call: Option<Vec<String>>,
 }
 
-/// The longest `sub` claim kept; longer ones are cut (at a character boundary).
-pub const MAX_SUBJECT_BYTES: usize = 256;
+pub use pagesync::mutators::MAX_SUBJECT_BYTES;
 
 fn mac(secret: &[u8]) -> Hmac<Sha256> {
     <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("BUG: HMAC takes keys of any length")
@@ -111,10 +110,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
             .map_err(|e| format!("token names no valid document: {e}"))?
             .to_string(),
     };
-    let mut subject = claims.sub.clone().unwrap_or_default();
-    while subject.len() > MAX_SUBJECT_BYTES {
-        subject.pop();
-    }
+    let subject = pagesync::mutators::cut_subject(claims.sub.clone().unwrap_or_default());
     Ok(Grant {
         doc_prefix: Some(doc_prefix),
         write: claims.write,

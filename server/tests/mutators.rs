@@ -172,6 +172,19 @@ async fn the_server_decides_what_each_subject_may_change() {
     a2.sync(WAIT).await.expect("synced");
     assert_eq!(a2.state(t.lsn).expect("state"), MutationState::Confirmed);
 
+    // The history names each call, its subject and what became of it.
+    let history = a2.history(pagesync::history::HistoryQuery::default()).await.expect("history").records;
+    let theft_record = history
+        .iter()
+        .find(|r| {
+            r.subject == "bob"
+                && r.call.as_ref().is_some_and(|(n, args)| n == "delete_own" && args == &[Value::Integer(1)])
+        })
+        .expect("bob's attempt is in the history");
+    assert!(matches!(&theft_record.outcome, pagesync::history::HistoryOutcome::Rejected { code, message }
+        if code == "denied" && message == "only its owner may delete a todo"));
+    assert!(theft_record.to_string().contains("delete_own(1)"), "{theft_record}");
+
     // Every replica holds the same bytes.
     for d in [&a, &b, &c, &ad, &a2] {
         d.sync(WAIT).await.expect("synced");
@@ -187,4 +200,16 @@ async fn the_server_decides_what_each_subject_may_change() {
     }
     let done = a2.query("SELECT done FROM todos WHERE id = 1", &[]).expect("query").rows;
     assert_eq!(done, vec![vec![Value::Integer(1)]]);
+
+    // Offline, a later run has the definitions it was last sent: calls apply locally at once.
+    let version = a2.mutators().expect("defs").version().to_owned();
+    drop((a2, every));
+    let nowhere = format!("ws://127.0.0.1:{}/v1/sync", support::free_port());
+    let offline = Client::connect(&nowhere, &ann_all, dir.path().join("ann-all")).expect("offline");
+    let o = offline.open(doc).expect("open");
+    assert_eq!(o.mutators().map(|m| m.version().to_owned()), Some(version), "remembered");
+    let later = o.call("toggle", vec![Value::Integer(1)]).expect("call");
+    assert!(later.local.is_ok(), "{:?}", later.local);
+    let done = o.query("SELECT done FROM todos WHERE id = 1", &[]).expect("query").rows;
+    assert_eq!(done, vec![vec![Value::Integer(0)]], "applied locally, offline");
 }

@@ -212,6 +212,11 @@ impl ClientSession {
         self.links.insert(id, link);
     }
 
+    /// Every document, with its id.
+    pub fn documents(&self) -> impl Iterator<Item = (DocId, &ClientDocument)> {
+        self.links.iter().map(|(id, l)| (*id, &l.doc))
+    }
+
     pub fn document(&self, id: DocId) -> Option<&ClientDocument> {
         self.links.get(&id).map(|l| &l.doc)
     }
