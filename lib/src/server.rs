@@ -473,14 +473,18 @@ impl<R: Reducer> ServerDocument<R> {
         if let Some(cp) = newest_old.filter(|c| c.first > first) {
             store.trim_to(cp)?;
             drop(store);
-            // The steps before the checkpoint go from the history too.
+            // The steps before the checkpoint go from the history too. Best effort: a history
+            // that cannot be trimmed now (a damaged entry, a failed delete) is kept longer, and
+            // never holds up the document's steps.
             if let Some(h) = &mut self.history {
-                let journal = h.journal()?;
-                if let Some(keep) = history::first_at_or_after(journal, cp.first)?
-                    && let Some(through) = keep.prev().filter(|t| *t >= journal.range().first())
-                {
-                    journal.remove_prefix(through)?;
-                }
+                let _ = h.journal().and_then(|journal| {
+                    if let Some(keep) = history::first_at_or_after(journal, cp.first)?
+                        && let Some(through) = keep.prev().filter(|t| *t >= journal.range().first())
+                    {
+                        journal.remove_prefix(through)?;
+                    }
+                    Ok(())
+                });
             }
         }
         Ok(())
