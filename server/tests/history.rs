@@ -10,7 +10,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use pagesync::history::{HistoryOutcome, HistoryPage, HistoryQuery, HistoryRecord, Pager};
@@ -18,7 +18,7 @@ use pagesync::journal::{FileJournal, FileJournalOptions, Journal, Lsn};
 use pagesync::{DocId, TimelineId, Value};
 use pagesync_client::{Client, Document};
 use pagesync_server::auth::{Claims, mint};
-use support::start_on_any_port;
+use support::{cli_as, start_on_any_port};
 
 const SECRET: &[u8] = b"a history test secret of at least 32 bytes!";
 const WAIT: Duration = Duration::from_secs(20);
@@ -34,20 +34,6 @@ fn token(doc: DocId, sub: &str, write: bool, admin: bool) -> String {
         call: None,
     };
     mint(SECRET, &claims)
-}
-
-/// The `pagesync` CLI, built beside the server binary by the workspace build.
-fn cli(port: u16, data: &Path, doc: DocId, token: &str, args: &[&str]) -> Output {
-    let path = Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync");
-    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace)", path.display());
-    Command::new(path)
-        .args(["--server", &format!("ws://127.0.0.1:{port}/v1/sync"), "--timeout-ms", "20000"])
-        .args(["--doc", &doc.to_string(), "--token", token])
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .expect("run pagesync")
 }
 
 fn server_history(journal: &str, doc: DocId) -> serde_json::Value {
@@ -158,7 +144,7 @@ async fn bank_history(journal: String) {
     // Bob, through the CLI: four withdrawals of 40 from account 2 (the last two overdraw).
     let bob = token(doc, "bob", true, false);
     for i in 0..4 {
-        let out = cli(
+        let out = cli_as(
             port,
             &dir.path().join("bob"),
             doc,
@@ -204,11 +190,11 @@ async fn bank_history(journal: String) {
 
     // The CLI, with a read-only token of a third subject: a read grant is enough.
     let auditor = token(doc, "auditor", false, false);
-    let out = cli(port, &dir.path().join("auditor"), doc, &auditor, &["history", "--json"]);
+    let out = cli_as(port, &dir.path().join("auditor"), doc, &auditor, &["history", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(listed["records"].as_array().expect("records"), &expected, "the CLI lists the same");
-    let text = cli(port, &dir.path().join("auditor"), doc, &auditor, &["history", "--limit", "2"]);
+    let text = cli_as(port, &dir.path().join("auditor"), doc, &auditor, &["history", "--limit", "2"]);
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.contains("alice  applied CREATE TABLE acct") && text.contains("more: --after"), "{text}");
     // HTTP, three at a time; refused without a token or with another document's.
@@ -239,7 +225,7 @@ async fn bank_history(journal: String) {
     let a = alice.open(doc).expect("open");
     a.execute("UPDATE acct SET bal = bal + ?1 WHERE id = 1", vec![Value::Integer(5)]).expect("deposit");
     a.sync(WAIT).await.expect("synced");
-    let refused = cli(port, &dir.path().join("auditor"), doc, &auditor, &["history"]);
+    let refused = cli_as(port, &dir.path().join("auditor"), doc, &auditor, &["history"]);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("admin"),

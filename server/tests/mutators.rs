@@ -6,14 +6,13 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pagesync::{DocId, MutationState, RejectionCode, Value};
 use pagesync_client::{Client, Document};
 use pagesync_server::auth::{Claims, mint};
-use support::start_on_any_port;
+use support::{cli_as, start_on_any_port};
 
 const SECRET: &[u8] = b"a mutators test secret of at least 32 bytes";
 const WAIT: Duration = Duration::from_secs(20);
@@ -39,19 +38,6 @@ fn token(doc: DocId, sub: &str, write: bool, call: Option<&[&str]>) -> String {
         ..Claims::default()
     };
     mint(SECRET, &claims)
-}
-
-fn cli(port: u16, data: &Path, doc: DocId, token: &str, args: &[&str]) -> Output {
-    let path = Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync");
-    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace)", path.display());
-    Command::new(path)
-        .args(["--server", &format!("ws://127.0.0.1:{port}/v1/sync"), "--timeout-ms", "20000"])
-        .args(["--doc", &doc.to_string(), "--token", token])
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .expect("run pagesync")
 }
 
 async fn until(what: &str, done: impl Fn() -> bool) {
@@ -116,9 +102,9 @@ async fn the_server_decides_what_each_subject_may_change() {
 
     // Bob, through the CLI: adds, then tries to delete ann's todo: the app's message.
     let bob = token(doc, "bob", false, Some(both));
-    let out = cli(port, &dir.path().join("bob-cli"), doc, &bob, &["call", "add_todo", "eggs"]);
+    let out = cli_as(port, &dir.path().join("bob-cli"), doc, &bob, &["call", "add_todo", "eggs"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cli(port, &dir.path().join("bob-cli"), doc, &bob, &["call", "delete_own", "1"]);
+    let out = cli_as(port, &dir.path().join("bob-cli"), doc, &bob, &["call", "delete_own", "1"]);
     assert!(!out.status.success());
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("denied") && said.contains("only its owner may delete a todo"), "{said}");

@@ -78,3 +78,24 @@ pub fn start_with(port: u16, journal: &str, extra: &[&str]) -> ServerProcess {
     }
     panic!("pagesync-server did not start on port {port}");
 }
+
+/// Runs the `pagesync` CLI (built beside the server binary by the workspace build) on `doc`
+/// with `token` and its own data directory.
+pub fn cli_as(
+    port: u16,
+    data: &std::path::Path,
+    doc: pagesync::DocId,
+    token: &str,
+    args: &[&str],
+) -> std::process::Output {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync");
+    assert!(path.exists(), "{} is missing: build the workspace (cargo build --workspace)", path.display());
+    Command::new(path)
+        .args(["--server", &format!("ws://127.0.0.1:{port}/v1/sync"), "--timeout-ms", "20000"])
+        .args(["--doc", &doc.to_string(), "--token", token])
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .expect("run pagesync")
+}
