@@ -86,7 +86,7 @@ fn mutation(i: u64) -> Vec<u8> {
 fn build(dir: &std::path::Path, n: u64) -> (ServerDocument, u64) {
     let mut d = ServerDocument::open(file_journal(dir, "storage", 1)).expect("document");
     let history_dir = dir.to_owned();
-    d.set_history(Box::new(move || Ok(file_journal(&history_dir, "history", 2))));
+    d.set_history(Box::new(move |_| Ok(Some(file_journal(&history_dir, "history", 2)))));
     let schema =
         SqlMutation::one("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT CHECK (length(v) < 100))", vec![]);
     let setup = Mutation { client_time_ms: T0, seed: 0, body: schema.encode() }.encode().expect("encode");

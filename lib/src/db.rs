@@ -254,7 +254,14 @@ impl Database {
             1,
             flags | FunctionFlags::SQLITE_DETERMINISTIC,
             |ctx| {
-                let message = ctx.get::<String>(0).unwrap_or_else(|_| "rejected".to_owned());
+                // Only as much as a rejection keeps is copied.
+                let message = match ctx.get_raw(0) {
+                    rusqlite::types::ValueRef::Text(t) => {
+                        let cut = &t[..t.len().min(crate::reducer::MAX_REJECTION_MESSAGE_BYTES)];
+                        String::from_utf8_lossy(cut).into_owned()
+                    }
+                    _ => "rejected".to_owned(),
+                };
                 let why = format!("{}{message}", crate::reducer::REJECT_MARK);
                 Err::<i64, _>(rusqlite::Error::UserFunctionError(why.into()))
             },

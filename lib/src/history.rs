@@ -39,9 +39,6 @@ pub const MAX_HISTORY_LIMIT: u32 = 10_000;
 /// written stay bounded the same way (a record is at most a 1 MiB mutation).
 pub const MAX_HISTORY_PAGE_BYTES: usize = 1 << 20;
 
-/// Entries read from the journal at once while listing.
-const READ_CHUNK: u64 = 64;
-
 /// The history journal's id: the document's id with every bit flipped (the storage journal
 /// has the document's own id).
 pub fn journal_id(doc: DocId) -> JournalId {
@@ -395,13 +392,10 @@ pub fn read(history: &dyn Journal, storage: &dyn Journal, query: &HistoryQuery) 
     let (limit, mut bytes) = (query.limit(), 0usize);
     // Each storage entry is listed once: after a race, two history entries may match it.
     let mut listed: Option<u64> = None;
-    let mut next_read = at;
-    while next_read <= last {
-        let count = READ_CHUNK.min(last.get() - next_read.get() + 1);
-        let chunk = history.read_range(crate::journal::LsnRange::from_count(next_read, count))?;
-        for (i, bytes_of) in chunk.iter().enumerate() {
-            let lsn = Lsn::new(next_read.get() + i as u64).expect("BUG: past 0");
-            let entry = decode(bytes_of)?;
+    // One entry at a time: what a listing holds is bounded by its page, whatever it reads.
+    for lsn in crate::journal::LsnRange::inclusive(at, last).iter() {
+        {
+            let entry = decode(&history.read(lsn)?)?;
             let first_index = if lsn == at { std::mem::take(&mut skip) } else { 0 };
             if listed.is_some_and(|l| entry.storage_lsn <= l) || !entry.matches(storage)? {
                 continue;
@@ -423,7 +417,6 @@ pub fn read(history: &dyn Journal, storage: &dyn Journal, query: &HistoryQuery) 
                 page.records.push(record(cursor, storage_lsn, entry.applied_ms, r)?);
             }
         }
-        next_read = Lsn::new(next_read.get() + count).expect("BUG: past 0");
     }
     Ok(page)
 }
@@ -480,11 +473,17 @@ fn record(
     })
 }
 
-/// The first history entry whose step committed storage entry `storage_first` or later:
-/// the history before it may go when the storage is trimmed to `storage_first`.
-pub(crate) fn first_at_or_after(journal: &dyn Journal, storage_first: Lsn) -> Result<Option<Lsn>> {
-    let range = journal.range();
-    let Some(last) = range.last() else { return Ok(None) };
-    let first = bisect(journal, range.first(), last, |storage_lsn, _| storage_lsn >= storage_first.get())?;
-    Ok((first <= last).then_some(first))
+/// Through which history entry the history may go when the storage is trimmed to
+/// `storage_first`: the entries from the first on that name an earlier storage entry, read in
+/// order (as many as go, and one more). An entry out of order after them (a stale one a racing
+/// server left) stays; no entry naming `storage_first` or later is ever dropped.
+pub(crate) fn trim_point(journal: &dyn Journal, storage_first: Lsn) -> Result<Option<Lsn>> {
+    let mut through = None;
+    for lsn in journal.range().iter() {
+        if decode(&journal.read(lsn)?)?.storage_lsn >= storage_first.get() {
+            break;
+        }
+        through = Some(lsn);
+    }
+    Ok(through)
 }

@@ -233,19 +233,19 @@ impl Call {
 pub struct Permit {
     /// Raw SQL mutations.
     pub raw: bool,
-    /// Mutators it may call: `None` none, `Some([])` every one, else these names.
+    /// Mutators it may call, by name; `*` is every one. `None` or empty: none.
     pub calls: Option<Vec<String>>,
 }
 
 impl Permit {
     /// Everything: servers without auth, and the core's own tests.
     pub fn all() -> Permit {
-        Permit { raw: true, calls: Some(Vec::new()) }
+        Permit { raw: true, calls: Some(vec!["*".into()]) }
     }
 
     /// May send any mutation at all.
     pub fn writes(&self) -> bool {
-        self.raw || self.calls.is_some()
+        self.raw || self.calls.as_ref().is_some_and(|c| !c.is_empty())
     }
 
     /// Why `body` (a SQL reducer body) from `subject` may not run, if it may not.
@@ -258,7 +258,7 @@ impl Permit {
                 _ if call.subject != subject => {
                     Some(format!("the call names subject {:?}, its token {subject:?}", call.subject))
                 }
-                Some(names) if names.is_empty() || names.contains(&call.name) => None,
+                Some(names) if names.iter().any(|n| n == "*" || *n == call.name) => None,
                 _ => Some(format!("this token may not call {}", call.name)),
             },
         }
@@ -348,9 +348,11 @@ mod tests {
         assert!(only.refuse(&sql, "ann").is_some(), "raw SQL with a mutator-only token");
         assert!(only.refuse(&call.encode(), "ann").is_none());
         assert!(only.refuse(&call.encode(), "bob").is_some(), "another subject's call");
-        let other = Call { name: "drop_all".into(), ..call };
+        let other = Call { name: "drop_all".into(), ..call.clone() };
         assert!(only.refuse(&other.encode(), "ann").is_some(), "a mutator outside the grant");
         assert!(Permit::all().refuse(&sql, "").is_none());
+        let none = Permit { raw: false, calls: Some(Vec::new()) };
+        assert!(none.refuse(&call.encode(), "ann").is_some(), "an empty list allows no mutator");
     }
 
     #[test]

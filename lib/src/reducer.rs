@@ -127,9 +127,22 @@ pub struct Rejection {
     pub message: String,
 }
 
+/// The longest rejection message kept: 1 KiB, cut at a character boundary. A message is
+/// replicated (`_pagesync_rejections`) and kept in the history, and `reject(message)` lets a
+/// mutation choose it: without a bound, one small mutation could make a step too large.
+pub const MAX_REJECTION_MESSAGE_BYTES: usize = 1 << 10;
+
 impl Rejection {
     pub fn new(code: RejectionCode, message: impl Into<String>) -> Rejection {
-        Rejection { code, message: message.into() }
+        let mut message = message.into();
+        if message.len() > MAX_REJECTION_MESSAGE_BYTES {
+            let mut end = MAX_REJECTION_MESSAGE_BYTES;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        Rejection { code, message }
     }
 
     /// A rejection for a SQLite error: its code and SQLite's message, said once.
@@ -140,7 +153,7 @@ impl Rejection {
             other => other.to_string(),
         };
         // `reject(message)`: the app's own words.
-        if let Some((_, app)) = message.split_once(REJECT_MARK) {
+        if let Some(app) = message.strip_prefix(REJECT_MARK) {
             return Rejection::new(RejectionCode::Denied, app);
         }
         Rejection::new(RejectionCode::of_sqlite(e), message)

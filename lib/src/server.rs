@@ -198,8 +198,9 @@ struct Attempt<'a> {
     origins: Option<&'a [Origin]>,
 }
 
-/// Opens (or creates) a document's history journal: called at the document's first write.
-pub type HistoryOpener = Box<dyn Fn() -> Result<Box<dyn Journal>> + Send>;
+/// Opens a document's history journal, creating it when asked (`true`: at the document's first
+/// write); `Ok(None)` when it does not exist and was not to be created (a read).
+pub type HistoryOpener = Box<dyn Fn(bool) -> Result<Option<Box<dyn Journal>>> + Send>;
 
 /// A document's history journal (see `history`), opened when first needed.
 struct HistoryLog {
@@ -208,11 +209,25 @@ struct HistoryLog {
 }
 
 impl HistoryLog {
+    /// The journal, created if it does not exist yet.
     fn journal(&mut self) -> Result<&mut dyn Journal> {
         if self.journal.is_none() {
-            self.journal = Some((self.open)()?);
+            let opened = (self.open)(true)?;
+            self.journal =
+                Some(opened.ok_or_else(|| Error::Refused("the history journal was not created".into()))?);
         }
         Ok(&mut **self.journal.as_mut().expect("BUG: just opened"))
+    }
+
+    /// The journal if it exists: a read creates nothing.
+    fn existing(&mut self) -> Result<Option<&mut dyn Journal>> {
+        if self.journal.is_none() {
+            self.journal = (self.open)(false)?;
+        }
+        Ok(match &mut self.journal {
+            Some(j) => Some(&mut **j),
+            None => None,
+        })
     }
 
     /// Appends `entry`. When another writer took the LSN (a second server on the same bucket
@@ -477,9 +492,9 @@ impl<R: Reducer> ServerDocument<R> {
             // that cannot be trimmed now (a damaged entry, a failed delete) is kept longer, and
             // never holds up the document's steps.
             if let Some(h) = &mut self.history {
-                let _ = h.journal().and_then(|journal| {
-                    if let Some(keep) = history::first_at_or_after(journal, cp.first)?
-                        && let Some(through) = keep.prev().filter(|t| *t >= journal.range().first())
+                let _ = h.existing().and_then(|journal| {
+                    if let Some(journal) = journal
+                        && let Some(through) = history::trim_point(journal, cp.first)?
                     {
                         journal.remove_prefix(through)?;
                     }
@@ -973,7 +988,7 @@ impl<R: Reducer> ServerDocument<R> {
     /// Empty for a document without one.
     pub fn read_history(&mut self, query: &HistoryQuery) -> Result<HistoryPage> {
         let Some(h) = &mut self.history else { return Ok(HistoryPage::default()) };
-        let history = h.journal()?;
+        let Some(history) = h.existing()? else { return Ok(HistoryPage::default()) };
         history::read(history, self.db.store().journal(), query)
     }
 

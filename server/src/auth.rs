@@ -116,10 +116,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
         write: claims.write,
         subject,
         admin: claims.admin,
-        calls: claims
-            .call
-            .as_ref()
-            .map(|names| if names.iter().any(|n| n == "*") { Vec::new() } else { names.clone() }),
+        calls: claims.call.clone(),
     })
 }
 

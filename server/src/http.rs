@@ -200,7 +200,19 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             ];
             respond_with(stream, "204 No Content", &cors, "text/plain", "").await
         }
-        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => history(stream, routes, &req).await,
+        p if p.starts_with("/v1/docs/") && p.ends_with("/history") && req.method == "GET" => {
+            history(stream, routes, &req).await
+        }
+        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => {
+            respond_with(
+                stream,
+                "405 Method Not Allowed",
+                &[("allow", "GET")],
+                "text/plain",
+                "history is GET\n",
+            )
+            .await
+        }
         p if p.starts_with("/v1/docs/") => export(stream, routes, &req).await,
         p => match &routes.web_root {
             Some(root) => static_file(stream, root, p).await,
@@ -428,6 +440,23 @@ async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
     }
 }
 
+/// A query value with its `%XX` escapes decoded; `None` if it is not UTF-8 or an escape is
+/// broken.
+fn percent_decode(v: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut bytes = v.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Disconnects a hub connection when dropped.
 struct Disconnect(Hub, pagesync::protocol::ConnId);
 
@@ -442,7 +471,7 @@ fn history_query(query: &str) -> Result<pagesync::history::HistoryQuery, String>
     let mut q = pagesync::history::HistoryQuery::default();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        let v = v.replace("%3A", ":").replace("%3a", ":");
+        let v = percent_decode(v).ok_or_else(|| format!("{k}: not a valid percent-encoded value"))?;
         match k {
             "since" => q.since_ms = Some(pagesync::history::parse_time(&v)?),
             "after" => q.after = Some(v.parse()?),

@@ -122,6 +122,14 @@ impl Store {
         })
     }
 
+    /// Whether the document has a history journal (it took a step). Blocking.
+    pub fn history_exists(&self, doc: DocId) -> pagesync::Result<bool> {
+        match self {
+            Store::Files(root) => Ok(history_dir(root, doc).exists()),
+            Store::Objects(b) => Ok(b.exists(&history_key(doc), pagesync::history::journal_id(doc))?),
+        }
+    }
+
     /// Whether the document has ever been written (`Error::Deleted` if it was deleted since).
     /// Its tombstone is looked for only when no storage is there: a document deleted while
     /// its storage is still being removed is caught by `open_journal`, which every open calls.
@@ -745,14 +753,17 @@ pub async fn serve(
         }
         // The history is written under the same lease as the storage.
         let (store, leases) = (store.clone(), leases.clone());
-        d.set_history(Box::new(move || {
+        d.set_history(Box::new(move |create| {
+            if !create && !store.history_exists(doc)? {
+                return Ok(None);
+            }
             let inner = store.open_history(doc)?;
-            Ok(match &leases {
+            Ok(Some(match &leases {
                 Some(cluster) => {
                     Box::new(cluster::Leased { inner, cluster: cluster.clone(), doc, generation })
                 }
                 None => inner,
-            })
+            }))
         }));
         Ok(d)
     });

@@ -371,6 +371,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Cmd::Token { doc, write, metrics, ttl, sub, admin, call }) = &args.command {
         let secret =
             secret.ok_or_else(|| anyhow::anyhow!("token needs --auth-secret-file (the server's secret)"))?;
+        if call.is_some() && sub.as_deref().is_none_or(str::is_empty) {
+            anyhow::bail!(
+                "--call needs --sub: mutators bind the caller's subject, and tokens without one would all be the same caller"
+            );
+        }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
         let claims = auth::Claims {
             // No document: a name no document id can have.

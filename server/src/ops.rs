@@ -111,11 +111,10 @@ pub fn read_history(
             Box::new(FileJournal::open(dir, opts).map_err(|e| e.to_string())?)
         }
         Store::Objects(b) => {
-            let key = crate::history_key(doc);
-            if !b.exists(&key, id).map_err(|e| e.to_string())? {
+            if !store.history_exists(doc).map_err(|e| e.to_string())? {
                 return Ok(Default::default());
             }
-            Box::new(b.open_or_create(&key, id).map_err(|e| e.to_string())?)
+            Box::new(b.open_or_create(&crate::history_key(doc), id).map_err(|e| e.to_string())?)
         }
     };
     pagesync::history::read(&*history, &*storage, query).map_err(|e| e.to_string())

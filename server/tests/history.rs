@@ -204,7 +204,10 @@ async fn bank_history(journal: String) {
     assert_eq!(get(port, &format!("/v1/docs/{doc}/history"), Some(&other)).0, 403);
     assert_eq!(get(port, &format!("/v1/docs/{doc}/history?since=yesterday"), Some(&auditor)).0, 400);
     let since = records[9].applied_ms;
-    let (status, body) = get(port, &format!("/v1/docs/{doc}/history?since={since}"), Some(&auditor));
+    // As an RFC 3339 time, percent-encoded as a browser sends it.
+    let at = humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(since as u64));
+    let encoded = at.to_string().replace(':', "%3A");
+    let (status, body) = get(port, &format!("/v1/docs/{doc}/history?since={encoded}"), Some(&auditor));
     assert_eq!(status, 200, "{body}");
     let page: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     let later = records.iter().filter(|r| r.applied_ms >= since).count();

@@ -13,7 +13,7 @@ use pagesync_tests::SharedJournal;
 fn open(storage: &SharedJournal, history: &SharedJournal) -> ServerDocument {
     let mut d = ServerDocument::open(storage.boxed()).expect("open");
     let h = history.clone();
-    d.set_history(Box::new(move || Ok(h.boxed())));
+    d.set_history(Box::new(move |_| Ok(Some(h.boxed()))));
     d
 }
 

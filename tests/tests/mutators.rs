@@ -55,6 +55,18 @@ fn a_call_binds_its_arguments_subject_and_time_and_matches_the_server_byte_for_b
     assert_eq!(wrong.local.expect_err("arity").code, RejectionCode::NoSuchMutator);
     let missing = client.mutate(call("nope", vec![], "ann"), 6_000, 4).expect("call");
     assert_eq!(missing.local.expect_err("unknown").code, RejectionCode::NoSuchMutator);
+    // The app chooses the message, not its size: a rejection keeps at most 1 KiB of it.
+    let long = "SELECT reject(hex(zeroblob(100000)))";
+    let big = client.mutate(SqlMutation::one(long, vec![]).encode(), 6_000, 5).expect("mutate");
+    let r = big.local.expect_err("rejected");
+    assert_eq!(r.code, RejectionCode::Denied);
+    assert_eq!(r.message.len(), pagesync::reducer::MAX_REJECTION_MESSAGE_BYTES);
+    // Another error that merely mentions the marker is not the app's rejection.
+    let fake = SqlMutation::one("SELECT * FROM \"pagesync-reject: x\"", vec![]).encode();
+    match client.mutate(fake, 6_000, 6) {
+        Ok(done) => assert_ne!(done.local.expect_err("no such table").code, RejectionCode::Denied),
+        Err(e) => assert!(!e.to_string().contains("denied"), "{e}"),
+    }
     push(&client, &mut server);
     server.step(7_000).expect("step");
     pull(&mut client, &server);

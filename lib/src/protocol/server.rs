@@ -50,20 +50,26 @@ pub struct Grant {
     /// The token's `admin` claim: it may delete the document, and read its history where the
     /// server keeps that to admins (`SessionOptions::history_needs_admin`).
     pub admin: bool,
-    /// Mutators it may call (its `call` claim): `None` none, `Some([])` every one. With `write`
-    /// false, these are all it may send.
+    /// Mutators it may call (its `call` claim; `*` every one). With `write` false, these are
+    /// all it may send.
     pub calls: Option<Vec<String>>,
 }
 
 impl Grant {
     /// Everything: for servers without auth (loopback only).
     pub fn all() -> Grant {
-        Grant { doc_prefix: None, write: true, subject: String::new(), admin: true, calls: Some(Vec::new()) }
+        Grant {
+            doc_prefix: None,
+            write: true,
+            subject: String::new(),
+            admin: true,
+            calls: Some(vec!["*".into()]),
+        }
     }
 
     /// May send mutations at all: raw SQL, or calls of some mutators.
     pub fn may_write(&self) -> bool {
-        self.write || self.calls.is_some()
+        self.write || self.calls.as_ref().is_some_and(|c| !c.is_empty())
     }
 
     /// What the step checks each of its mutations against.
@@ -390,6 +396,10 @@ struct Conn {
     grant: Option<Grant>,
     /// What its grant lets its mutations do, shared by all of them.
     permit: Option<std::sync::Arc<crate::mutators::Permit>>,
+    /// Subscriptions that may be due the definitions in force (`Message::Mutators`): made
+    /// when the connection has room (`next_for`), never queued, so definitions cost no memory
+    /// per subscriber however slowly it reads.
+    mutators_due: BTreeSet<DocId>,
     subs: BTreeMap<DocId, Sub>,
     /// Documents being opened with a message of this connection waiting in them.
     opening: BTreeSet<DocId>,
@@ -769,17 +779,13 @@ impl ServerSession {
     /// The definitions changed (a reload): every subscriber whose document's are not the ones
     /// it was sent is sent them again (empty when its document has none now).
     pub fn mutators_changed(&mut self) {
-        let Some(source) = &self.mutators else { return };
-        let mut current: HashMap<DocId, Option<std::sync::Arc<crate::mutators::Mutators>>> = HashMap::new();
+        if self.mutators.is_none() {
+            return;
+        }
         for (conn, c) in self.conns.iter_mut() {
-            for (doc, sub) in c.subs.iter_mut() {
-                let now = current.entry(*doc).or_insert_with(|| source(*doc));
-                let version = now.as_ref().map(|m| m.version().to_owned());
-                if sub.mutators != version {
-                    c.outbox.push_back(mutators_message(*doc, now.as_deref()));
-                    sub.mutators = version;
-                    self.ready.insert(*conn);
-                }
+            if !c.subs.is_empty() {
+                c.mutators_due.extend(c.subs.keys().copied());
+                self.ready.insert(*conn);
             }
         }
     }
@@ -1149,8 +1155,6 @@ impl ServerSession {
         // of the checkpoint goes whole too (any replica can take a whole entry).
         let full_until = newest.or_else(|| d.checkpoint_spanning(storage_next)).map(|c| c.last);
         let window = SendWindow::new(start);
-        let defs = self.mutators.as_ref().and_then(|source| source(doc));
-        let mutators = defs.as_ref().map(|m| m.version().to_owned());
         let sub = Sub {
             window,
             timeline,
@@ -1159,21 +1163,22 @@ impl ServerSession {
             retry_read_at: None,
             timer: None,
             presence_seen: 0,
-            mutators: mutators.clone(),
+            mutators: None,
         };
         if let Some(c) = self.conns.get_mut(&conn) {
             let mut sub = sub;
             // Told once: a re-subscription on the same connection is not told again.
             sub.presence_seen = c.subs.get(&doc).map_or(0, |old| old.presence_seen);
+            // Definitions likewise: sent when this connection was not sent these yet.
+            sub.mutators = c.subs.get(&doc).and_then(|old| old.mutators.clone());
+            if self.mutators.is_some() {
+                c.mutators_due.insert(doc);
+            }
             if let Some(mut old) = c.subs.insert(doc, sub) {
                 old.disarm(&mut self.timers, conn, doc);
                 // It could not keep a confirmation: its replay gave other pages, or it does
                 // not hold the mutations (see `Error::ConfirmMismatch`).
                 self.stats.digest_fallbacks += u64::from(old.digests && !digests);
-            }
-            // Its document's mutators, before anything its pending calls depend on.
-            if defs.is_some() {
-                c.outbox.push_back(mutators_message(doc, defs.as_deref()));
             }
             c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next: have });
             if let Some(open) = self.docs.get_mut(&doc) {
@@ -1896,6 +1901,16 @@ impl ServerSession {
         }
         if c.backlog_bytes > MAX_SEND_BACKLOG_BYTES {
             return None;
+        }
+        // The definitions in force, before storage that their calls' results come in.
+        while let Some(doc) = c.mutators_due.pop_first() {
+            let Some(sub) = c.subs.get_mut(&doc) else { continue };
+            let defs = self.mutators.as_ref().and_then(|source| source(doc));
+            let version = defs.as_ref().map(|m| m.version().to_owned());
+            if sub.mutators != version {
+                sub.mutators = version;
+                return Some(mutators_message(doc, defs.as_deref()));
+            }
         }
         for doc in round_robin(c.subs.keys().copied(), c.cursor) {
             if let (Some(room), Some(sub)) = (self.presence.get(&doc), c.subs.get_mut(&doc))
