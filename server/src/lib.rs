@@ -113,8 +113,11 @@ impl Store {
             Store::Files(root) => Box::new(FileJournal::open_or_create(
                 history_dir(root, doc),
                 id,
+                // Written once per step: no descriptor held between steps (a server with many
+                // open documents would otherwise need two per document).
                 FileJournalOptions {
                     max_segment_bytes: STORAGE_SEGMENT_BYTES,
+                    close_files: true,
                     ..FileJournalOptions::default()
                 },
             )?),

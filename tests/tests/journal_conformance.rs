@@ -95,6 +95,16 @@ mod file_small_segments {
     pagesync_journal::conformance_tests!(Files::new(2048));
 }
 
+/// Files closed after every write and opened again when used (the server's history journals).
+mod file_closed_between_writes {
+    use super::*;
+    pagesync_journal::conformance_tests!({
+        let mut files = Files::new(2048);
+        files.opts.close_files = true;
+        files
+    });
+}
+
 /// Object-store journals: each `create` gets a fresh key prefix. The runtime drives the
 /// store's requests; the journal blocks on it from the test thread.
 struct Objects {
