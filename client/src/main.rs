@@ -400,7 +400,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             let page = pager.finish();
             if json {
-                println!("{}", page.to_json());
+                println!("{}", page.to_json(doc_id));
             } else {
                 print!("{page}");
             }

@@ -180,8 +180,9 @@ pub struct HistoryRecord {
 }
 
 impl HistoryRecord {
-    /// The record as JSON: times in ms since the Unix epoch, ids in hex, blobs in hex.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The record of a mutation of `doc` as JSON: times in ms since the Unix epoch, ids in
+    /// hex, blobs in hex.
+    pub fn to_json(&self, doc: DocId) -> serde_json::Value {
         let (outcome, code, message) = match &self.outcome {
             HistoryOutcome::Applied => ("applied", None, None),
             HistoryOutcome::Rejected { code, message } => ("rejected", Some(code), Some(message)),
@@ -196,6 +197,7 @@ impl HistoryRecord {
             .collect();
         serde_json::json!({
             "cursor": self.cursor.to_string(),
+            "doc": doc.to_string(),
             "storage_lsn": self.storage_lsn.get(),
             "timeline": self.timeline.to_string(),
             "timeline_lsn": self.timeline_lsn.get(),
@@ -327,9 +329,10 @@ impl std::fmt::Display for HistoryPage {
 }
 
 impl HistoryPage {
-    pub fn to_json(&self) -> serde_json::Value {
-        let records: Vec<_> = self.records.iter().map(HistoryRecord::to_json).collect();
-        serde_json::json!({ "records": records, "next": self.next.map(|c| c.to_string()) })
+    /// The page of `doc`'s history as JSON: `{"doc", "records", "next"}`.
+    pub fn to_json(&self, doc: DocId) -> serde_json::Value {
+        let records: Vec<_> = self.records.iter().map(|r| r.to_json(doc)).collect();
+        serde_json::json!({ "doc": doc.to_string(), "records": records, "next": self.next.map(|c| c.to_string()) })
     }
 }
 

@@ -416,7 +416,7 @@ async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
     let cors = [("access-control-allow-origin", "*")];
     match answer {
         Ok(Some(Message::History { page, .. })) => {
-            respond_with(stream, "200 OK", &cors, "application/json", page.to_json().to_string()).await
+            respond_with(stream, "200 OK", &cors, "application/json", page.to_json(doc).to_string()).await
         }
         Ok(Some(Message::Redirect { url, .. })) => redirect(stream, &url, req, doc).await,
         Ok(Some(Message::Error { code, message, .. })) => {

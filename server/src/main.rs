@@ -293,7 +293,7 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
             }
             let page = pager.finish();
             if *json {
-                println!("{}", page.to_json());
+                println!("{}", page.to_json(doc));
             } else {
                 print!("{page}");
             }

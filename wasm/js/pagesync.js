@@ -171,7 +171,7 @@ export class Database {
 
   /**
    * A page of the document's history, from the server: `{ records, next }`, oldest first. Each
-   * record: `{ cursor, storage_lsn, timeline, timeline_lsn, subject, client_ms, received_ms,
+   * record: `{ cursor, doc, storage_lsn, timeline, timeline_lsn, subject, client_ms, received_ms,
    * applied_ms, outcome: "applied" | "rejected", code, message, statements: [{ sql, params }],
    * once }`. Options: `since` (a Date, ms since the epoch, or an RFC 3339 string), `after` (a
    * page's `next`, to continue) and `limit` (at most 10,000; 1,000 by default). Needs the server
