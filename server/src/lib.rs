@@ -278,6 +278,9 @@ pub struct ServerConfig {
     /// A document's history (`GET /v1/docs/{id}/history`, `ReadHistory`) needs a token with
     /// the `admin` claim; otherwise a read grant for the document is enough.
     pub history_needs_admin: bool,
+    /// Keep every document's history (`--history on`, the default): one more durable append
+    /// per step. Off, nothing is recorded and history requests are answered `not_found`.
+    pub keep_history: bool,
     /// Server-defined mutators (`--mutators`), reloaded on SIGHUP.
     pub mutators: Option<Arc<MutatorRegistry>>,
 }
@@ -354,6 +357,7 @@ impl ServerConfig {
             compaction: Some(Compaction::default()),
             cluster: None,
             history_needs_admin: false,
+            keep_history: true,
             mutators: None,
         }
     }
@@ -737,6 +741,7 @@ pub async fn serve(
     };
     let compaction = cfg.compaction;
     let registry = cfg.mutators.clone();
+    let keep_history = cfg.keep_history;
     let opener = Box::new(move |doc: DocId| {
         let (journal, generation) = match &leases {
             Some(cluster) => {
@@ -756,6 +761,9 @@ pub async fn serve(
         }
         // The history is written under the same lease as the storage.
         let (store, leases) = (store.clone(), leases.clone());
+        if !keep_history {
+            return Ok(d);
+        }
         d.set_history(Box::new(move |create| {
             if !create && !store.history_exists(doc)? {
                 return Ok(None);
@@ -776,6 +784,7 @@ pub async fn serve(
         idle_close_ms: Some(cfg.idle_close_ms),
         idle_shrink_ms: Some(DEFAULT_IDLE_SHRINK_MS),
         history_needs_admin: cfg.history_needs_admin,
+        keep_history: cfg.keep_history,
         ..SessionOptions::default()
     };
     let started = std::time::Instant::now();

@@ -85,6 +85,10 @@ struct Args {
     /// tokens with the admin claim (`token --admin`); by default a read grant is enough.
     #[arg(long)]
     history_admin_only: bool,
+    /// Keep every document's history (who sent each mutation, when, its outcome and SQL): one
+    /// more durable append per step (an fsync on files, a PUT on S3). `off` records nothing.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    history: String,
     /// Server-defined mutators: a file of `-- mutator: NAME(ARGS)` blocks, for every document,
     /// or `PREFIX=FILE` for the documents whose id starts with PREFIX (repeatable; the longest
     /// prefix wins). Sent to clients; SIGHUP reloads them. See `pagesync::mutators`.
@@ -450,6 +454,7 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .map(|advertise| pagesync_server::ClusterConfig { advertise, lease_ms: args.lease_ms }),
         history_needs_admin: args.history_admin_only,
+        keep_history: args.history == "on",
         mutators: match args.mutators.is_empty() {
             true => None,
             false => Some(Arc::new(pagesync_server::MutatorRegistry::load(&args.mutators)?)),

@@ -257,3 +257,21 @@ async fn history_on_s3() {
     let Some(journal) = support::s3::s3_url("history") else { return };
     bank_history(journal).await;
 }
+
+/// `--history off`: nothing is recorded (no history journal), and asking says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_history_records_none_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("server");
+    let (_server, port) = start_on_any_port(&format!("file://{}", root.display()), &["--history", "off"]);
+    let doc = DocId::from_u128(0x0ff);
+    let c = Client::connect(&format!("ws://127.0.0.1:{port}/v1/sync"), "", dir.path().join("c")).expect("client");
+    let d = c.open(doc).expect("open");
+    d.execute("CREATE TABLE t(x)", vec![]).expect("write");
+    d.sync(WAIT).await.expect("synced");
+    assert!(pagesync_server::storage_dir(&root, doc).exists());
+    assert!(!pagesync_server::history_dir(&root, doc).exists(), "no history journal");
+    let (status, body) = get(port, &format!("/v1/docs/{doc}/history"), None);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("keeps no history"), "{body}");
+}

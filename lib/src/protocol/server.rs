@@ -462,6 +462,9 @@ pub struct SessionOptions {
     pub max_read_ahead_bytes: usize,
     /// `ReadHistory` needs a token with the `admin` claim, not just a read grant.
     pub history_needs_admin: bool,
+    /// Documents keep a history (`ServerDocument::set_history`); without, `ReadHistory` is
+    /// answered `not_found`.
+    pub keep_history: bool,
 }
 
 /// The default `SessionOptions::max_read_ahead_bytes`: 256 MiB, 64 documents' full read-ahead.
@@ -476,6 +479,7 @@ impl Default for SessionOptions {
             idle_shrink_ms: None,
             max_read_ahead_bytes: MAX_READ_AHEAD_BYTES,
             history_needs_admin: false,
+            keep_history: true,
         }
     }
 }
@@ -962,6 +966,10 @@ impl ServerSession {
             {
                 let text = format!("{} entries from LSN {first} run past the LSN space", entries.len());
                 self.fail(conn, error(msg.doc(), codes::MALFORMED, text));
+            }
+            Message::ReadHistory { doc, .. } if !self.options.keep_history => {
+                let text = format!("this server keeps no history (--history off): none of {doc}");
+                c.outbox.push_back(error(Some(doc), codes::NOT_FOUND, text));
             }
             Message::ReadHistory { doc, .. }
                 if self.options.history_needs_admin && !c.grant.as_ref().is_some_and(|g| g.admin) =>
