@@ -265,7 +265,8 @@ async fn a_server_without_history_records_none_and_says_so() {
     let root = dir.path().join("server");
     let (_server, port) = start_on_any_port(&format!("file://{}", root.display()), &["--history", "off"]);
     let doc = DocId::from_u128(0x0ff);
-    let c = Client::connect(&format!("ws://127.0.0.1:{port}/v1/sync"), "", dir.path().join("c")).expect("client");
+    let c =
+        Client::connect(&format!("ws://127.0.0.1:{port}/v1/sync"), "", dir.path().join("c")).expect("client");
     let d = c.open(doc).expect("open");
     d.execute("CREATE TABLE t(x)", vec![]).expect("write");
     d.sync(WAIT).await.expect("synced");
