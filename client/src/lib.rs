@@ -587,7 +587,7 @@ impl Document {
     /// A page of the document's history, as the server keeps it (see `pagesync::history`):
     /// every mutation any client sent, who sent it (its token's `sub`), when it was made,
     /// received and applied, the storage entry, the outcome and the SQL. Needs the server (a
-    /// read grant; an admin one where the server says so). `pagesync::history::read_all`
+    /// read grant; an admin one where the server says so). `pagesync::history::Pager`
     /// pages through all of it.
     pub async fn history(
         &self,
