@@ -228,19 +228,22 @@ impl std::fmt::Display for HistoryRecord {
             HistoryOutcome::Rejected { code, message } => write!(f, "rejected ({code}: {message}) ")?,
         }
         if let Some((name, args)) = &self.call {
-            let args: Vec<String> = args.iter().map(|a| a.to_json().to_string()).collect();
-            write!(f, "{name}({})", args.join(", "))?;
+            write!(f, "{name}({})", json_list(args))?;
         }
         for (i, s) in self.statements.iter().enumerate() {
             let sep = if i == 0 { "" } else { "; " };
             write!(f, "{sep}{}", s.sql.replace('\n', " "))?;
             if !s.params.is_empty() {
-                let params: Vec<String> = s.params.iter().map(|p| p.to_json().to_string()).collect();
-                write!(f, " [{}]", params.join(", "))?;
+                write!(f, " [{}]", json_list(&s.params))?;
             }
         }
         Ok(())
     }
+}
+
+/// Values as JSON, comma separated.
+fn json_list(values: &[crate::Value]) -> String {
+    values.iter().map(|v| v.to_json().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// A place in a history: record `index` of the history entry at `entry`. Printed and parsed
@@ -387,7 +390,7 @@ pub fn read(history: &dyn Journal, storage: &dyn Journal, query: &HistoryQuery) 
         _ => (range.first(), 0),
     };
     if let Some(since) = query.since_ms {
-        let first = bisect(history, at, last, |_, applied_ms| applied_ms >= since)?;
+        let first = first_applied_since(history, at, last, since)?;
         if first > at {
             (at, skip) = (first, 0);
         }
@@ -397,41 +400,38 @@ pub fn read(history: &dyn Journal, storage: &dyn Journal, query: &HistoryQuery) 
     let mut listed: Option<u64> = None;
     // One entry at a time: what a listing holds is bounded by its page, whatever it reads.
     for lsn in crate::journal::LsnRange::inclusive(at, last).iter() {
-        {
-            let entry = decode(&history.read(lsn)?)?;
-            let first_index = if lsn == at { std::mem::take(&mut skip) } else { 0 };
-            if listed.is_some_and(|l| entry.storage_lsn <= l) || !entry.matches(storage)? {
-                continue;
+        let entry = decode(&history.read(lsn)?)?;
+        let first_index = if lsn == at { std::mem::take(&mut skip) } else { 0 };
+        // Before `since` (a clock that stepped back), or listed already: no storage read.
+        let early = query.since_ms.is_some_and(|s| entry.applied_ms < s);
+        if early || listed.is_some_and(|l| entry.storage_lsn <= l) || !entry.matches(storage)? {
+            continue;
+        }
+        listed = Some(entry.storage_lsn);
+        let storage_lsn = Lsn::new(entry.storage_lsn).expect("BUG: matched a storage entry");
+        for (index, r) in entry.records.into_iter().enumerate().skip(first_index) {
+            let full = page.records.len() >= limit
+                || (bytes > 0 && bytes + r.mutation.len() > MAX_HISTORY_PAGE_BYTES);
+            if full {
+                page.next = page.records.last().map(|r| r.cursor);
+                return Ok(page);
             }
-            listed = Some(entry.storage_lsn);
-            let storage_lsn = Lsn::new(entry.storage_lsn).expect("BUG: matched a storage entry");
-            for (index, r) in entry.records.into_iter().enumerate().skip(first_index) {
-                if query.since_ms.is_some_and(|s| entry.applied_ms < s) {
-                    continue;
-                }
-                let full = page.records.len() >= limit
-                    || (bytes > 0 && bytes + r.mutation.len() > MAX_HISTORY_PAGE_BYTES);
-                if full {
-                    page.next = page.records.last().map(|r| r.cursor);
-                    return Ok(page);
-                }
-                bytes += r.mutation.len() + r.subject.len() + r.rejected.as_ref().map_or(0, |(_, m)| m.len());
-                let cursor = HistoryCursor { entry: lsn, index: index as u32 };
-                page.records.push(record(cursor, storage_lsn, entry.applied_ms, r)?);
-            }
+            bytes += r.mutation.len() + r.subject.len() + r.rejected.as_ref().map_or(0, |(_, m)| m.len());
+            let cursor = HistoryCursor { entry: lsn, index: index as u32 };
+            page.records.push(record(cursor, storage_lsn, entry.applied_ms, r)?);
         }
     }
     Ok(page)
 }
 
-/// The first entry in `from..=last` for whose step `past(storage_lsn, applied_ms)` holds
-/// (`last + 1` if none), by bisection: `past` must hold for every step after one it holds for.
-fn bisect(journal: &dyn Journal, from: Lsn, last: Lsn, past: impl Fn(u64, i64) -> bool) -> Result<Lsn> {
+/// The first entry in `from..=last` whose step ran at or after `since_ms` (`last + 1` if none),
+/// by bisection: steps are recorded in the order they ran, by one clock.
+fn first_applied_since(journal: &dyn Journal, from: Lsn, last: Lsn, since_ms: i64) -> Result<Lsn> {
     let (mut lo, mut hi) = (from.get(), last.get() + 1);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         let entry = decode(&journal.read(Lsn::new(mid).expect("BUG: past 0"))?)?;
-        if past(entry.storage_lsn, entry.applied_ms) {
+        if entry.applied_ms >= since_ms {
             hi = mid;
         } else {
             lo = mid + 1;
@@ -448,11 +448,13 @@ fn record(
 ) -> Result<HistoryRecord> {
     let timeline_lsn = Lsn::new(r.lsn).ok_or_else(|| Error::Malformed("timeline LSN 0".into()))?;
     let (client_ms, statements, once, call) = match Mutation::decode(&r.mutation) {
-        Ok(m) => match (crate::mutators::Call::decode(&m.body), postcard::from_bytes::<SqlMutation>(&m.body))
-        {
-            (Some(Ok(c)), _) => (m.client_time_ms, Vec::new(), None, Some((c.name, c.args))),
-            (None, Ok(sql)) => (m.client_time_ms, sql.statements, sql.once, None),
-            _ => (m.client_time_ms, Vec::new(), None, None),
+        Ok(m) => match crate::mutators::Call::decode(&m.body) {
+            Some(Ok(c)) => (m.client_time_ms, Vec::new(), None, Some((c.name, c.args))),
+            Some(Err(_)) => (m.client_time_ms, Vec::new(), None, None),
+            None => match postcard::from_bytes::<SqlMutation>(&m.body) {
+                Ok(sql) => (m.client_time_ms, sql.statements, sql.once, None),
+                Err(_) => (m.client_time_ms, Vec::new(), None, None),
+            },
         },
         Err(_) => (0, Vec::new(), None, None),
     };

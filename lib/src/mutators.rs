@@ -243,11 +243,6 @@ impl Permit {
         Permit { raw: true, calls: Some(vec!["*".into()]) }
     }
 
-    /// May send any mutation at all.
-    pub fn writes(&self) -> bool {
-        self.raw || self.calls.as_ref().is_some_and(|c| !c.is_empty())
-    }
-
     /// Why `body` (a SQL reducer body) from `subject` may not run, if it may not.
     pub fn refuse(&self, body: &[u8], subject: &str) -> Option<String> {
         match Call::decode(body) {
