@@ -103,7 +103,7 @@ enum Command {
         /// At most this many (default: all).
         #[arg(long)]
         limit: Option<u32>,
-        /// One JSON object: {"records": [...], "next": CURSOR or null}.
+        /// One JSON object: {"doc": ID, "records": [...], "next": CURSOR or null}.
         #[arg(long)]
         json: bool,
     },

@@ -612,34 +612,41 @@ pub fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// `name` in a document's directory under a `file://` root: `<root>/<2 hex>/<doc>/<name>`.
+fn doc_path(root: &std::path::Path, doc: DocId, name: &str) -> PathBuf {
+    let id = doc.to_string();
+    root.join(&id[..2]).join(&id).join(name)
+}
+
+/// `name` under a document's prefix in an object store: `<2 hex>/<doc>/<name>`.
+fn doc_key(doc: DocId, name: &str) -> String {
+    let id = doc.to_string();
+    format!("{}/{id}/{name}", &id[..2])
+}
+
 /// A deleted document's tombstone under a `file://` root: beside where its storage was.
 pub fn tombstone_path(root: &std::path::Path, doc: DocId) -> PathBuf {
-    let id = doc.to_string();
-    root.join(&id[..2]).join(&id).join("DELETED")
+    doc_path(root, doc, "DELETED")
 }
 
 /// A deleted document's tombstone in an object store.
 pub fn tombstone_key(doc: DocId) -> String {
-    let id = doc.to_string();
-    format!("{}/{id}/DELETED", &id[..2])
+    doc_key(doc, "DELETED")
 }
 
 /// Where a document's storage journal lives under `root`.
 pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
-    let id = doc.to_string();
-    root.join(&id[..2]).join(&id).join("storage")
+    doc_path(root, doc, "storage")
 }
 
 /// Where a document's history journal lives under `root`: beside its storage.
 pub fn history_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
-    let id = doc.to_string();
-    root.join(&id[..2]).join(&id).join("history")
+    doc_path(root, doc, "history")
 }
 
 /// The key prefix of a document's history journal in an object store.
 pub fn history_key(doc: DocId) -> String {
-    let id = doc.to_string();
-    format!("{}/{id}/history", &id[..2])
+    doc_key(doc, "history")
 }
 
 /// Takes the `file://` store's lock, or says which process holds it.
@@ -673,8 +680,7 @@ pub fn raise_open_file_limit() -> Option<u64> {
 
 /// The key prefix of a document's storage journal in an object store.
 pub fn storage_key(doc: DocId) -> String {
-    let id = doc.to_string();
-    format!("{}/{id}/storage", &id[..2])
+    doc_key(doc, "storage")
 }
 
 /// Serves on an already bound listener until `shutdown` resolves.
