@@ -314,14 +314,9 @@ async fn static_file(stream: TcpStream, root: &Path, path: &str) {
 }
 
 async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
-    let id = req.path.strip_prefix("/v1/docs/").and_then(|rest| rest.strip_suffix("/export"));
-    let Some(id) = id.filter(|id| !id.is_empty() && !id.contains('/')) else {
-        let why = "export is GET /v1/docs/{id}/export\n";
-        return respond(stream, "404 Not Found", "text/plain", why).await;
-    };
-    let doc: pagesync::DocId = match id.parse() {
+    let doc = match doc_of_path(&req.path, "/export", "export is GET /v1/docs/{id}/export\n") {
         Ok(d) => d,
-        Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
+        Err((status, why)) => return respond(stream, status, "text/plain", why).await,
     };
     let grant = match verify(routes, req) {
         Ok(claims) => claims.map(|c| crate::auth::grant_of(&c)),
@@ -362,6 +357,16 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
     }
 }
 
+/// The document `/v1/docs/{id}{suffix}` names: `404` with `usage` for a path that is not one,
+/// `400` for an id that does not parse.
+fn doc_of_path(path: &str, suffix: &str, usage: &str) -> Result<pagesync::DocId, Refusal> {
+    let id = path.strip_prefix("/v1/docs/").and_then(|rest| rest.strip_suffix(suffix));
+    let Some(id) = id.filter(|id| !id.is_empty() && !id.contains('/')) else {
+        return Err(("404 Not Found", usage.to_owned()));
+    };
+    id.parse().map_err(|e| ("400 Bad Request", format!("{e}\n")))
+}
+
 /// How long `GET /v1/docs/{id}/history` waits for its page (an open, a read).
 pub const HISTORY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -371,14 +376,10 @@ pub const HISTORY_TIMEOUT: Duration = Duration::from_secs(30);
 /// cluster placement apply: a read grant for the document (an admin one with
 /// `--history-admin-only`); another server's document is a `307` there.
 async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
-    let id = req.path.strip_prefix("/v1/docs/").and_then(|rest| rest.strip_suffix("/history"));
-    let Some(id) = id.filter(|id| !id.is_empty() && !id.contains('/')) else {
-        let why = "history is GET /v1/docs/{id}/history?since=TIME&after=CURSOR&limit=N\n";
-        return respond(stream, "404 Not Found", "text/plain", why).await;
-    };
-    let doc: pagesync::DocId = match id.parse() {
+    let usage = "history is GET /v1/docs/{id}/history?since=TIME&after=CURSOR&limit=N\n";
+    let doc = match doc_of_path(&req.path, "/history", usage) {
         Ok(d) => d,
-        Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
+        Err((status, why)) => return respond(stream, status, "text/plain", why).await,
     };
     let query = match history_query(&req.query) {
         Ok(q) => q,
@@ -487,13 +488,9 @@ fn history_query(query: &str) -> Result<pagesync::history::HistoryQuery, String>
 /// for it, when the server has a secret). Its tombstone first, so nobody opens or creates it
 /// again; then its subscribers are told `deleted`; then its storage goes.
 async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
-    let id = req.path.strip_prefix("/v1/docs/").filter(|id| !id.is_empty() && !id.contains('/'));
-    let Some(id) = id else {
-        return respond(stream, "404 Not Found", "text/plain", "delete is DELETE /v1/docs/{id}\n").await;
-    };
-    let doc: pagesync::DocId = match id.parse() {
+    let doc = match doc_of_path(&req.path, "", "delete is DELETE /v1/docs/{id}\n") {
         Ok(d) => d,
-        Err(e) => return respond(stream, "400 Bad Request", "text/plain", format!("{e}\n")).await,
+        Err((status, why)) => return respond(stream, status, "text/plain", why).await,
     };
     match verify(routes, req) {
         Err((status, why)) => return respond(stream, status, "text/plain", why).await,
