@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use pagesync::journal::ObjectBackend;
@@ -29,15 +28,9 @@ fn token(doc: DocId, admin: bool) -> String {
     mint(SECRET, &claims)
 }
 
-/// An HTTP request: the status code and body.
+/// An HTTP request with a bearer token: the status code and body.
 fn request(port: u16, method: &str, path: &str, token: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n").expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line");
-    (status, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+    support::http_request(port, method, path, Some(token))
 }
 
 async fn until(what: &str, done: impl Fn() -> bool) {

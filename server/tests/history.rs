@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -47,14 +46,7 @@ fn server_history(journal: &str, doc: DocId) -> serde_json::Value {
 
 /// A GET: the status code and body.
 fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n{auth}\r\n").expect("write");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line");
-    (status, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+    support::http_request(port, "GET", path, token)
 }
 
 /// Every record over HTTP, `limit` at a time, following `next`.

@@ -99,3 +99,17 @@ pub fn cli_as(
         .output()
         .expect("run pagesync")
 }
+
+/// One HTTP request to the server on `port` (with a bearer `token` when given): the status code
+/// and the body.
+pub fn http_request(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}\r\n").expect("write");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status line");
+    (status, text.split("\r\n\r\n").nth(1).unwrap_or("").to_owned())
+}
