@@ -270,6 +270,13 @@ async fn subscriptions_rerun_on_local_and_remote_changes() {
     da.execute("CREATE TABLE n(x INTEGER)", vec![]).expect("ddl");
     da.sync(WAIT).await.expect("synced");
     db.sync(WAIT).await.expect("synced");
+    // With nothing of its own pending, `sync` may return on the server's head as it last
+    // reported it, before A's table arrived (seen under CI load): wait for the table.
+    let deadline = std::time::Instant::now() + WAIT;
+    while db.query("SELECT count(*) FROM n", &[]).is_err() {
+        assert!(std::time::Instant::now() < deadline, "B never received A's table");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let mut live = db.subscribe("SELECT count(*) FROM n", vec![]);
     assert_eq!(next(&mut live).await, vec![vec![Value::Integer(0)]], "the rows at once");
     db.execute("INSERT INTO n VALUES (1)", vec![]).expect("local write");
