@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION};
-use pagesync::{DocId, Mutation, SqlMutation, Statement, TimelineId, Value};
+use pagesync::{DocId, Mutation, SqlMutation, Statement, TimelineKey, Value};
 use tokio_tungstenite::tungstenite::Message as Ws;
 
 use crate::Config;
@@ -164,8 +164,8 @@ fn ours(conns: usize, per_conn: usize) -> (f64, f64) {
         let before = rss_kib(server.child.id());
         for (c, sink) in sinks.iter_mut().enumerate() {
             for d in 0..per_conn {
-                let (doc, timeline) = (doc_of(c, d, per_conn), TimelineId::from_u128(c as u128 + 1));
-                let m = Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false };
+                let (doc, key) = (doc_of(c, d, per_conn), TimelineKey::insecure_from_u128(c as u128 + 1));
+                let m = Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false };
                 sink.send(Ws::Binary(m.encode().into())).await.expect("subscribe");
             }
         }
@@ -182,7 +182,8 @@ fn ours(conns: usize, per_conn: usize) -> (f64, f64) {
         let start = Instant::now();
         for (c, sink) in sinks.iter_mut().enumerate() {
             for d in 0..per_conn {
-                let (doc, timeline) = (doc_of(c, d, per_conn), TimelineId::from_u128(c as u128 + 1));
+                let (doc, timeline) =
+                    (doc_of(c, d, per_conn), TimelineKey::insecure_from_u128(c as u128 + 1).id());
                 let entries = (0..MUTATIONS_PER_DOC).map(|i| insert(d as u64 * 100 + i)).collect();
                 // Timeline positions are per document: each starts at LSN 1.
                 let m = Message::Mutations { doc, timeline, first: Lsn::FIRST, entries };

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use pagesync::DocId;
-use pagesync::TimelineId;
+use pagesync::TimelineKey;
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION};
 use pagesync_server::Store;
@@ -94,7 +94,7 @@ async fn ours_fan_out(values: usize) -> Vec<f64> {
     let url = format!("ws://{addr}/v1/sync");
     let subscribe = |n: u128| Message::Subscribe {
         doc: DOC,
-        timeline: TimelineId::from_u128(n),
+        key: TimelineKey::insecure_from_u128(n),
         storage_next: Lsn::FIRST,
         digests: false,
     };

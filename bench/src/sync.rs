@@ -14,7 +14,16 @@ const T0: i64 = 1_700_000_000_000;
 const DOC: DocId = DocId([7; 16]);
 
 fn mem(n: u128) -> Box<dyn Journal> {
-    Box::new(MemoryJournal::new(JournalId::from_u128(n)))
+    Box::new(MemoryJournal::new(journal_id(n)))
+}
+
+/// Journal `n` of a `Trio`: 3 and 5 are A's and B's timelines, whose ids come from their keys.
+fn journal_id(n: u128) -> JournalId {
+    if n == 3 || n == 5 { pagesync_tests::timeline_journal_id(n) } else { JournalId::from_u128(n) }
+}
+
+fn keyed(doc: ClientDocument, n: u128) -> ClientDocument {
+    pagesync_tests::keyed(doc, n)
 }
 
 fn row(i: u64) -> Vec<u8> {
@@ -60,8 +69,8 @@ impl Trio {
         }));
         let mut a = ClientSession::new("");
         let mut b = ClientSession::new("");
-        a.add_document(DOC, ClientDocument::open(journal(2), journal(3)).expect("a"));
-        b.add_document(DOC, ClientDocument::open(journal(4), journal(5)).expect("b"));
+        a.add_document(DOC, keyed(ClientDocument::open(journal(2), journal(3)).expect("a"), 3));
+        b.add_document(DOC, keyed(ClientDocument::open(journal(4), journal(5)).expect("b"), 5));
         for (conn, c) in [(A, &mut a), (B, &mut b)] {
             server.connect(conn);
             c.connected(0);
@@ -264,8 +273,9 @@ fn round_trips_on_files(cfg: &Config) -> Pair {
         let root = dir.path().to_path_buf();
         let mut t = Trio::with(move |n| {
             let path = root.join(n.to_string());
-            let id = JournalId::from_u128(n);
-            Box::new(FileJournal::create(path, id, FileJournalOptions::default()).expect("journal"))
+            Box::new(
+                FileJournal::create(path, journal_id(n), FileJournalOptions::default()).expect("journal"),
+            )
         });
         let start = Instant::now();
         for i in 0..n {

@@ -67,6 +67,12 @@ pub enum ClientError {
     /// The server's history could not be read (unreachable, refused, or not kept).
     #[error("reading the history: {0}")]
     History(String),
+    /// The replica's timeline key is missing, damaged or not its timeline's: without it the
+    /// server takes none of its writes (see `pagesync::TimelineKey`).
+    #[error(
+        "the replica {dir} has no usable timeline key ({why}); move its timeline/ away to start a new one (its unsynced writes stay there)"
+    )]
+    TimelineKey { dir: PathBuf, why: String },
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
@@ -231,6 +237,55 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
+/// The file beside a replica's `timeline/` that holds its key (`pagesync::TimelineKey`).
+const TIMELINE_KEY_FILE: &str = "timeline.key";
+
+/// 32 bytes from the OS's random source (a timeline key: a secret, unlike a timeline id).
+fn random_key() -> [u8; 32] {
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    let from_os = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key));
+    if from_os.is_err() {
+        // No /dev/urandom (not a Unix): std's per-process OS-seeded SipHash keys.
+        for (i, chunk) in key.chunks_mut(8).enumerate() {
+            let mut h = RandomState::new().build_hasher();
+            h.write_usize(i);
+            h.write_u64(random_u64());
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    key
+}
+
+/// Writes the key durably: a temporary file, fsynced, renamed over, the directory fsynced.
+fn write_key(dir: &Path, key: &pagesync::TimelineKey) -> Result<()> {
+    let fail =
+        |e: std::io::Error| ClientError::TimelineKey { dir: dir.to_owned(), why: format!("writing it: {e}") };
+    let tmp = dir.join(format!("{TIMELINE_KEY_FILE}.tmp"));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp).map_err(fail)?;
+    std::io::Write::write_all(&mut file, &key.0).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, dir.join(TIMELINE_KEY_FILE)).map_err(fail)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)
+}
+
+/// The replica's key, which must open `timeline`.
+fn read_key(dir: &Path, timeline: pagesync::TimelineId) -> Result<pagesync::TimelineKey> {
+    let fail = |why: String| ClientError::TimelineKey { dir: dir.to_owned(), why };
+    let bytes =
+        std::fs::read(dir.join(TIMELINE_KEY_FILE)).map_err(|e| fail(format!("{TIMELINE_KEY_FILE}: {e}")))?;
+    let key = pagesync::TimelineKey::from_file_bytes(&bytes)
+        .ok_or_else(|| fail(format!("{TIMELINE_KEY_FILE} holds {} bytes, not 32", bytes.len())))?;
+    if key.id() != timeline {
+        return Err(fail(format!("{TIMELINE_KEY_FILE} opens timeline {}, not {timeline}", key.id())));
+    }
+    Ok(key)
+}
+
 impl Client {
     /// Starts the connection in the background; works offline until the server answers.
     /// Must be called within a tokio runtime.
@@ -299,14 +354,18 @@ impl Client {
                     pagesync::journal::JournalError::Missing { .. }
                     | pagesync::journal::JournalError::Foreign { .. },
                 ) if !tl_dir.join("JOURNAL").exists() => {
-                    let id = JournalId::from_u128(((random_u64() as u128) << 64) | random_u64() as u128);
+                    // The key first, durably: a timeline never exists without it.
+                    let key = pagesync::TimelineKey::from_bytes(random_key());
+                    write_key(&dir, &key)?;
                     // Outcomes of an earlier timeline (whose directory is gone) mean nothing now;
                     // if they cannot be removed, opening them below says so.
                     let _ = std::fs::remove_dir_all(dir.join("outcomes"));
-                    FileJournal::create(&tl_dir, id, FileJournalOptions::default())?
+                    FileJournal::create(&tl_dir, key.id().journal_id(), FileJournalOptions::default())?
                 }
                 Err(e) => return Err(e.into()),
             };
+            let key =
+                read_key(&dir, pagesync::TimelineId(*pagesync::journal::Journal::id(&timeline).as_bytes()))?;
             // The server's rejections of this replica's mutations, kept once the server forgets
             // them; named after the timeline, so a new timeline starts with none.
             let outcomes = FileJournal::open_or_create(
@@ -319,6 +378,7 @@ impl Client {
                 Box::new(timeline),
                 Box::new(outcomes),
             )?;
+            replica.set_timeline_key(key)?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
             // The server's mutators as last sent: pending calls run under them offline too.
             if let Ok(source) = std::fs::read_to_string(dir.join(MUTATORS_FILE)) {

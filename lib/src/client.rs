@@ -21,7 +21,7 @@ use pagesync_journal::{Journal, Lsn, LsnRange};
 
 use crate::db::Database;
 use crate::error::{Error, Result};
-use crate::ids::TimelineId;
+use crate::ids::{TimelineId, TimelineKey};
 use crate::mutation::{Mutation, SqlMutation, Value, migration_key};
 use crate::page::{Page, PageIdx, ZERO_PAGE};
 use crate::reducer::{Reducer, Rejection, RejectionCode, SqlReducer, apply_mutation, once_applied};
@@ -96,6 +96,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     db: Database,
     reducer: R,
     timeline_id: TimelineId,
+    /// The secret the timeline's id derives from, sent when subscribing: without it the server
+    /// takes none of this timeline's mutations (see `TimelineKey`).
+    timeline_key: Option<TimelineKey>,
     timeline: Box<dyn Journal>,
     /// Decoded copy of the timeline's entries (all pending).
     pending: VecDeque<(Lsn, Mutation)>,
@@ -203,6 +206,7 @@ impl<R: Reducer> ClientDocument<R> {
             db,
             reducer,
             timeline_id,
+            timeline_key: None,
             timeline,
             pending: VecDeque::new(),
             applied: None,
@@ -233,6 +237,26 @@ impl<R: Reducer> ClientDocument<R> {
 
     pub fn timeline_id(&self) -> TimelineId {
         self.timeline_id
+    }
+
+    /// Sets the key of this replica's timeline (its journal's id must be `key.id()`), which the
+    /// sync session sends when it subscribes. A replica without one can read and write
+    /// locally, but the server refuses its subscription.
+    pub fn set_timeline_key(&mut self, key: TimelineKey) -> Result<()> {
+        if key.id() != self.timeline_id {
+            return Err(Error::Malformed(format!(
+                "the timeline key opens timeline {}, not this replica's {}",
+                key.id(),
+                self.timeline_id
+            )));
+        }
+        self.timeline_key = Some(key);
+        Ok(())
+    }
+
+    /// The timeline's key, when set (`set_timeline_key`).
+    pub fn timeline_key(&self) -> Option<TimelineKey> {
+        self.timeline_key
     }
 
     pub fn database(&self) -> &Database {

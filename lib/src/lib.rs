@@ -35,7 +35,7 @@ pub use client::{
     ClientDocument, ConfirmStats, Durability, MutationState, NORMAL_SYNC_MS, Outcomes, Rows, Submitted,
 };
 pub use error::{Error, Result};
-pub use ids::{DocId, TimelineId};
+pub use ids::{DocId, TimelineId, TimelineKey};
 pub use mutation::{Mutation, SqlMutation, Statement, Value};
 pub use pagesync_journal as journal;
 pub use reducer::{Reducer, Rejection, RejectionCode, SqlReducer};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION};
-use pagesync::{DocId, Mutation, MutationState, SqlMutation, TimelineId, Value};
+use pagesync::{DocId, Mutation, MutationState, SqlMutation, TimelineId, TimelineKey, Value};
 use support::start_on_any_port;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -21,7 +21,8 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 
 const BIG: &str = "0000000000000000000000000000b166";
 const OTHER: &str = "000000000000000000000000000007e5";
-const WRITER: TimelineId = TimelineId([0x77; 16]);
+const WRITER_KEY: TimelineKey = TimelineKey([0x77; 32]);
+static WRITER: std::sync::LazyLock<TimelineId> = std::sync::LazyLock::new(|| WRITER_KEY.id());
 
 fn encode(lsn: u64, sql: &str) -> Vec<u8> {
     let body = SqlMutation::one(sql, vec![]).encode();
@@ -34,7 +35,7 @@ async fn connect(port: u16, doc: DocId, storage_next: Lsn) -> Socket {
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
     for m in [
         Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-        Message::Subscribe { doc, timeline: WRITER, storage_next, digests: false },
+        Message::Subscribe { doc, key: WRITER_KEY, storage_next, digests: false },
     ] {
         ws.send(Ws::Binary(m.encode().into())).await.expect("send");
     }
@@ -45,7 +46,7 @@ async fn connect(port: u16, doc: DocId, storage_next: Lsn) -> Socket {
 /// the storage head after it. Every `Storage` frame is acknowledged, as a client would.
 async fn write_and_confirm(ws: &mut Socket, doc: DocId, lsn: u64, sql: &str) -> Lsn {
     let first = Lsn::new(lsn).expect("lsn");
-    let m = Message::Mutations { doc, timeline: WRITER, first, entries: vec![encode(lsn, sql)] };
+    let m = Message::Mutations { doc, timeline: *WRITER, first, entries: vec![encode(lsn, sql)] };
     ws.send(Ws::Binary(m.encode().into())).await.expect("send");
     loop {
         let frame = tokio::time::timeout(Duration::from_secs(120), ws.next()).await.expect("a frame in time");
@@ -58,7 +59,7 @@ async fn write_and_confirm(ws: &mut Socket, doc: DocId, lsn: u64, sql: &str) -> 
         for e in &entries {
             let payload = e.decompress().expect("decompress");
             let header = pagesync::storage::decode(&payload).expect("an entry header");
-            if header.applied.iter().any(|a| a.timeline == WRITER && a.lsn == first) {
+            if header.applied.iter().any(|a| a.timeline == *WRITER && a.lsn == first) {
                 return next;
             }
         }

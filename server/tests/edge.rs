@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION, codes};
-use pagesync::{DocId, Mutation, SqlMutation, TimelineId};
+use pagesync::{DocId, Mutation, SqlMutation, TimelineKey};
 use pagesync_server::auth::{Claims, mint};
 use support::probe::rss_kib;
 use support::start_on_any_port;
@@ -78,8 +78,9 @@ fn mutation(sql: &str) -> Vec<u8> {
 /// Writes `sql` to `doc` as timeline `tl` LSN 1 and waits for the ack.
 async fn write(port: u16, token: &str, doc: DocId, tl: u8, sql: &str) {
     let mut ws = connect(port, token).await;
-    let timeline = TimelineId([tl; 16]);
-    send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
+    let key = TimelineKey([tl; 32]);
+    let timeline = key.id();
+    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
     let entries = vec![mutation(sql)];
     send(&mut ws, Message::Mutations { doc, timeline, first: Lsn::FIRST, entries }).await;
     loop {
@@ -134,12 +135,7 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
         let doc = DocId::from_u128(0x1000 + n);
         send(
             &mut ws,
-            Message::Subscribe {
-                doc,
-                timeline: TimelineId([9; 16]),
-                storage_next: Lsn::FIRST,
-                digests: false,
-            },
+            Message::Subscribe { doc, key: TimelineKey([9; 32]), storage_next: Lsn::FIRST, digests: false },
         )
         .await;
         match next_reply(&mut ws).await.expect("open") {
@@ -152,12 +148,7 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     // The same token reads the document that exists.
     send(
         &mut ws,
-        Message::Subscribe {
-            doc: a,
-            timeline: TimelineId([9; 16]),
-            storage_next: Lsn::FIRST,
-            digests: false,
-        },
+        Message::Subscribe { doc: a, key: TimelineKey([9; 32]), storage_next: Lsn::FIRST, digests: false },
     )
     .await;
     assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })));
@@ -184,7 +175,8 @@ async fn hostile_frames_close_only_their_connection() {
     // Mutations at the end of the LSN space once panicked the hub: now a typed error, and this
     // connection closes.
     let mut ws = connect(port, "").await;
-    let timeline = TimelineId([2; 16]);
+    let key = TimelineKey([2; 32]);
+    let timeline = key.id();
     let first = Lsn::new(u64::MAX - 1).expect("lsn");
     let entries = vec![mutation("INSERT INTO t VALUES (1)"), mutation("INSERT INTO t VALUES (2)")];
     send(&mut ws, Message::Mutations { doc: a, timeline, first, entries }).await;
@@ -195,7 +187,7 @@ async fn hostile_frames_close_only_their_connection() {
     assert!(next_reply(&mut ws).await.is_none(), "the connection is closed");
     // An acknowledgement past everything is ignored.
     let mut ws = connect(port, "").await;
-    send(&mut ws, Message::Subscribe { doc: a, timeline, storage_next: Lsn::FIRST, digests: false }).await;
+    send(&mut ws, Message::Subscribe { doc: a, key, storage_next: Lsn::FIRST, digests: false }).await;
     send(
         &mut ws,
         Message::StorageAck { doc: a, next: Lsn::new(u64::MAX).expect("lsn"), outcomes_through: None },
@@ -284,8 +276,8 @@ async fn subscribers_that_never_read_cost_bounded_memory() {
     let mut deaf = Vec::new();
     for i in 0..20u8 {
         let mut ws = connect(port, "").await;
-        let timeline = TimelineId([100 + i; 16]);
-        send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
+        let key = TimelineKey([100 + i; 32]);
+        send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
         deaf.push(ws);
     }
     let before = rss_kib(pid);
@@ -509,8 +501,8 @@ async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
     // and its connection carries on.
     let held = metric("pagesync_broadcasts_held_total");
     let mut ws = connect(port, &named("eve")).await;
-    let timeline = TimelineId::from_u128(0xe7e);
-    send(&mut ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
+    let key = TimelineKey::insecure_from_u128(0xe7e);
+    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
     let flood = Instant::now();
     for i in 0..50u8 {
         send(&mut ws, Message::Broadcast { doc, value: vec![b'a' + i % 26] }).await;
@@ -550,4 +542,86 @@ async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
         held_now = metric("pagesync_broadcasts_held_total") - held;
     }
     assert!(held_now >= expected, "a flood of 50 is held back: {held_now} held, {told} may be told");
+}
+
+/// A timeline's id is public (presence shows it, every storage entry names it), its key is
+/// not: another client, with its own write token, can neither write into a victim's timeline
+/// (taking the LSN the victim's next write needs, which the server would then skip as done)
+/// nor subscribe as it. The victim's writes all land, the attacker's none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_writes_to_another_clients_timeline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = format!("file://{}", dir.path().join("store").display());
+    let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret_file(dir.path())]);
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let doc = DocId::from_u128(0x71e);
+    let named = |sub: &str| {
+        let claims = Claims {
+            doc: "*".into(),
+            write: true,
+            exp: 4_000_000_000,
+            metrics: false,
+            admin: false,
+            sub: Some(sub.into()),
+            call: None,
+        };
+        mint(SECRET, &claims)
+    };
+    let alice_client =
+        pagesync_client::Client::connect(&url, &named("alice"), dir.path().join("alice")).expect("alice");
+    let alice = alice_client.open(doc).expect("open");
+    alice.execute("CREATE TABLE t(v TEXT)", vec![]).expect("ddl");
+    alice.sync(Duration::from_secs(20)).await.expect("sync");
+    alice.broadcast("{}").expect("broadcast");
+    // Mallory learns alice's timeline from presence, as any subscriber can.
+    let mallory_client =
+        pagesync_client::Client::connect(&url, &named("mallory"), dir.path().join("mallory"))
+            .expect("mallory");
+    let mallory = mallory_client.open(doc).expect("open");
+    mallory.sync(Duration::from_secs(20)).await.expect("sync");
+    until("mallory sees alice", || mallory.presence().iter().any(|p| p.subject == "alice")).await;
+    let victim = mallory.presence().into_iter().find(|p| p.subject == "alice").expect("alice").timeline;
+    let key_file = dir.path().join("alice").join(doc.to_string()).join("timeline.key");
+    let key = TimelineKey::from_file_bytes(&std::fs::read(key_file).expect("alice's key")).expect("32 bytes");
+    assert_eq!(victim, key.id(), "presence names alice's timeline");
+
+    // Alice's next write is her LSN 2: mallory tries to take it, unsubscribed and subscribed
+    // under her own key, and subscribing with a made-up key gives a timeline of its own.
+    let evil = mutation("INSERT INTO t VALUES ('evil')");
+    let mut ws = connect(port, &named("mallory")).await;
+    for subscribed in [false, true] {
+        if subscribed {
+            let key = TimelineKey([0x66; 32]);
+            send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+            match next_reply(&mut ws).await {
+                Some(Message::MutationsAck { timeline, .. }) => assert_eq!(timeline, key.id()),
+                other => panic!("expected mallory's own subscription, got {other:?}"),
+            }
+        }
+        let first = Lsn::new(2).expect("lsn");
+        send(&mut ws, Message::Mutations { doc, timeline: victim, first, entries: vec![evil.clone()] }).await;
+        let reply = loop {
+            match next_reply(&mut ws).await {
+                Some(Message::Presence { .. }) => continue,
+                other => break other,
+            }
+        };
+        match reply {
+            Some(Message::Error { code, message, .. }) => {
+                assert_eq!(code, codes::FORBIDDEN, "{message}");
+                assert!(message.contains("key"), "{message}");
+            }
+            other => panic!("expected forbidden, got {other:?}"),
+        }
+    }
+    // Alice's writes all land; mallory's does not, on either replica.
+    alice.execute("INSERT INTO t VALUES ('alice 2')", vec![]).expect("write");
+    alice.sync(Duration::from_secs(20)).await.expect("sync");
+    let want = vec![vec![pagesync::Value::Text("alice 2".into())]];
+    assert_eq!(alice.query("SELECT v FROM t", &[]).expect("query").rows, want);
+    until("mallory's replica has alice's row", || {
+        mallory.query("SELECT v FROM t", &[]).is_ok_and(|r| r.rows == want)
+    })
+    .await;
+    assert_eq!(alice.status().pending, 0, "alice's write was confirmed, not skipped");
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION};
-use pagesync::{DocId, Mutation, MutationState, SqlMutation, TimelineId, Value};
+use pagesync::{DocId, Mutation, MutationState, SqlMutation, TimelineKey, Value};
 use support::probe::rss_kib;
 use support::start_on_any_port;
 use tokio_tungstenite::tungstenite::Message as Ws;
@@ -75,7 +75,7 @@ async fn the_edge_holds_under_hostile_load() {
         let mut ws = hello(port).await;
         let m = Message::Subscribe {
             doc: busy,
-            timeline: TimelineId((i as u128 + 10).to_le_bytes()),
+            key: TimelineKey::insecure_from_u128(i as u128 + 10),
             storage_next: Lsn::FIRST,
             digests: false,
         };
@@ -84,7 +84,10 @@ async fn the_edge_holds_under_hostile_load() {
     }
     let writer = tokio::spawn(async move {
         let mut ws = hello(port).await;
-        let timeline = TimelineId([7; 16]);
+        let key = TimelineKey([7; 32]);
+        let timeline = key.id();
+        let subscribe = Message::Subscribe { doc: busy, key, storage_next: Lsn::FIRST, digests: false };
+        ws.send(Ws::Binary(subscribe.encode().into())).await.expect("subscribe");
         let mut lsn = Lsn::FIRST;
         for i in 0..200u64 {
             let sql = if i == 0 {

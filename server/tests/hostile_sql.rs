@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION};
-use pagesync::{DocId, Mutation, SqlMutation, TimelineId};
+use pagesync::{DocId, Mutation, SqlMutation, TimelineKey};
 use support::start_on_any_port;
 use tokio_tungstenite::tungstenite::Message as Ws;
 
@@ -25,7 +25,9 @@ const DOC_A: &str = "000000000000000000000000000000a1";
 const DOC_B: &str = "000000000000000000000000000000b2";
 const DOC_C: &str = "000000000000000000000000000000c3";
 /// The raw attacker's timeline.
-const EVIL: TimelineId = TimelineId([0xee; 16]);
+const EVIL: TimelineKey = TimelineKey([0xee; 32]);
+/// The second attacking timeline.
+const EVIL2: TimelineKey = TimelineKey([0xdd; 32]);
 
 /// The `pagesync` CLI, built beside the server binary by the workspace build.
 fn cli_binary() -> PathBuf {
@@ -55,7 +57,8 @@ fn ok(out: &Output) -> String {
 
 /// Sends `statements` as raw timeline entries of `timeline`, one mutation each, in one frame,
 /// skipping every check a real client makes. Returns the open socket.
-async fn raw_mutations(port: u16, doc: &str, timeline: TimelineId, statements: &[&str]) -> Socket {
+async fn raw_mutations(port: u16, doc: &str, key: TimelineKey, statements: &[&str]) -> Socket {
+    let timeline = key.id();
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
     let doc = doc.parse::<DocId>().expect("doc id");
@@ -69,7 +72,7 @@ async fn raw_mutations(port: u16, doc: &str, timeline: TimelineId, statements: &
         .collect();
     for m in [
         Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-        Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false },
+        Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false },
         Message::Mutations { doc, timeline, first: Lsn::FIRST, entries },
     ] {
         ws.send(Ws::Binary(m.encode().into())).await.expect("send");
@@ -98,7 +101,7 @@ fn evil_rejections(port: u16, data: &Path, n: usize) -> Vec<(u64, String)> {
     loop {
         let sql = format!(
             "SELECT lsn, code FROM _pagesync_rejections WHERE timeline = x'{}' ORDER BY lsn",
-            "ee".repeat(16)
+            EVIL.id()
         );
         let out = ok(&cli(port, data, DOC_A, &["query", &sql]));
         let rows: Vec<(u64, String)> = out
@@ -165,8 +168,7 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
     let heavy: Vec<&str> = std::iter::repeat_n(endless, 8).collect();
     let started = Instant::now();
     // As a second timeline: the first's LSNs 1..9 are taken.
-    let attack =
-        tokio::spawn(async move { raw_mutations(port, DOC_A, TimelineId([0xdd; 16]), &heavy).await });
+    let attack = tokio::spawn(async move { raw_mutations(port, DOC_A, EVIL2, &heavy).await });
     let _ws = attack.await.expect("attack sent");
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Documents step apart: C's writes go on being confirmed at once while A is stepping.
@@ -185,7 +187,7 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
     let b_ms = b_started.elapsed().as_millis();
     let out = ok(&cli(port, &bob, DOC_B, &["exec", "INSERT INTO t VALUES (1)"]));
     assert!(out.contains("confirmed"), "{out}");
-    let sql = format!("SELECT count(*) FROM _pagesync_rejections WHERE timeline = x'{}'", "dd".repeat(16));
+    let sql = format!("SELECT count(*) FROM _pagesync_rejections WHERE timeline = x'{}'", EVIL2.id());
     // The attack was still going when the other documents were measured (asked of a replica
     // of A as it is, without waiting for A: how long eight budgets take depends on the machine).
     let rejected = watcher.query(&sql, &[]).expect("query").rows[0][0].clone();
@@ -216,10 +218,7 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
         DOC_A,
         &[
             "query",
-            &format!(
-                "SELECT DISTINCT code FROM _pagesync_rejections WHERE timeline = x'{}'",
-                "dd".repeat(16)
-            ),
+            &format!("SELECT DISTINCT code FROM _pagesync_rejections WHERE timeline = x'{}'", EVIL2.id()),
         ],
     ));
     assert_eq!(codes.lines().nth(1), Some("too_expensive"), "{codes}");

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use pagesync::journal::Lsn;
 use pagesync::protocol::{Message, PROTOCOL_VERSION, codes};
-use pagesync::{DocId, TimelineId};
+use pagesync::{DocId, TimelineKey};
 use support::probe::{metric, rss_kib};
 use support::{free_port, start};
 use tokio_tungstenite::tungstenite::Message as Ws;
@@ -62,8 +62,8 @@ async fn a_thousand_documents_across_a_hundred_connections() {
     for (c, ws) in sockets.iter_mut().enumerate() {
         for d in 0..DOCS_PER_CONN {
             let doc = DocId::from_u128(1 + c as u128 * DOCS_PER_CONN + d);
-            let timeline = TimelineId([c as u8 + 1; 16]);
-            send(ws, Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false }).await;
+            let key = TimelineKey([c as u8 + 1; 32]);
+            send(ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
         }
     }
     for ws in &mut sockets {
@@ -101,11 +101,8 @@ async fn a_thousand_documents_across_a_hundred_connections() {
     // Still open and working after shrinking: one more subscription is answered.
     let ws = &mut sockets[0];
     let doc = DocId::from_u128(1);
-    send(
-        ws,
-        Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false },
-    )
-    .await;
+    send(ws, Message::Subscribe { doc, key: TimelineKey([1; 32]), storage_next: Lsn::FIRST, digests: false })
+        .await;
     assert!(matches!(next_reply(ws).await, Some(Message::MutationsAck { .. })));
 }
 
@@ -118,7 +115,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     let mut good = connect(port).await;
     send(
         &mut good,
-        Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false },
+        Message::Subscribe { doc, key: TimelineKey([1; 32]), storage_next: Lsn::FIRST, digests: false },
     )
     .await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })));
@@ -147,7 +144,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
 
     // The well-behaved connection and its document carry on.
     let ping =
-        Message::Subscribe { doc, timeline: TimelineId([1; 16]), storage_next: Lsn::FIRST, digests: false };
+        Message::Subscribe { doc, key: TimelineKey([1; 32]), storage_next: Lsn::FIRST, digests: false };
     send(&mut good, ping).await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })), "still served");
 }

@@ -54,7 +54,11 @@ fn client(dir: &Path, doc: DocId, n: u128) -> ClientSession {
         Box::new(j) as Box<dyn pagesync::journal::Journal>
     };
     let mut s = ClientSession::new("");
-    let d = ClientDocument::open(open("storage", n), open("timeline", n + 1)).expect("client document");
+    let key = pagesync::TimelineKey::insecure_from_u128(n + 1);
+    let timeline = FileJournal::open_or_create(dir.join("timeline"), key.id().journal_id(), opts.clone())
+        .expect("journal");
+    let mut d = ClientDocument::open(open("storage", n), Box::new(timeline)).expect("client document");
+    d.set_timeline_key(key).expect("the key opens the timeline");
     s.add_document(doc, d);
     s
 }

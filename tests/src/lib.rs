@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use pagesync::journal::{Journal, JournalId, MemoryJournal};
-use pagesync::{ClientDocument, ServerDocument, SqlMutation, Value};
+use pagesync::{ClientDocument, ServerDocument, SqlMutation, TimelineKey, Value};
 
 /// A seeded SplitMix64: every random choice in a test comes from one, so a seed reproduces it.
 #[derive(Debug, Clone)]
@@ -29,6 +29,28 @@ impl Rng {
 
 pub fn memory_journal(n: u128) -> Box<dyn Journal> {
     Box::new(MemoryJournal::new(JournalId::from_u128(n)))
+}
+
+/// Test key `n` (`TimelineKey::insecure_from_u128`): the timeline a test's replica `n` writes.
+pub fn timeline_key(n: u128) -> TimelineKey {
+    TimelineKey::insecure_from_u128(n)
+}
+
+/// The id of the timeline `timeline_key(n)` opens, as a journal id.
+pub fn timeline_journal_id(n: u128) -> JournalId {
+    timeline_key(n).id().journal_id()
+}
+
+/// A replica over `storage` and a memory timeline with key `timeline_key(n)`.
+pub fn client_doc(storage: Box<dyn Journal>, n: u128) -> ClientDocument {
+    let timeline = Box::new(MemoryJournal::new(timeline_journal_id(n)));
+    keyed(ClientDocument::open(storage, timeline).expect("replica"), n)
+}
+
+/// `doc` with key `timeline_key(n)` (its timeline journal's id must be `timeline_journal_id(n)`).
+pub fn keyed<R: pagesync::Reducer>(mut doc: ClientDocument<R>, n: u128) -> ClientDocument<R> {
+    doc.set_timeline_key(timeline_key(n)).expect("the timeline opened by its key");
+    doc
 }
 
 /// An encoded SQL mutation body of one statement.
@@ -112,7 +134,16 @@ pub struct SharedJournal {
 
 impl SharedJournal {
     pub fn new(n: u128) -> SharedJournal {
-        let journal = MemoryJournal::new(JournalId::from_u128(n));
+        Self::with_id(JournalId::from_u128(n))
+    }
+
+    /// A timeline journal for `timeline_key(n)`.
+    pub fn timeline(n: u128) -> SharedJournal {
+        Self::with_id(timeline_journal_id(n))
+    }
+
+    pub fn with_id(id: JournalId) -> SharedJournal {
+        let journal = MemoryJournal::new(id);
         SharedJournal {
             journal: std::sync::Arc::new(std::sync::Mutex::new(journal)),
             disk_full: Default::default(),

@@ -264,13 +264,20 @@ fn open_server(disks: &BTreeMap<DocId, Disk>, compaction: Option<Compaction>) ->
         .with_options(SessionOptions { step_threads: STEP_THREADS, ..SessionOptions::default() })
 }
 
+/// The test key (`crate::timeline_key`) of client `c`'s timeline for `doc`.
+fn key_of(c: usize, doc: DocId) -> u128 {
+    u128::from_be_bytes(doc.0) ^ ((c as u128 + 1) << 100)
+}
+
 fn open_client(
+    c: usize,
     disks: &BTreeMap<DocId, [Disk; 3]>,
     durability: Durability,
 ) -> pagesync::Result<ClientSession> {
     let mut s = ClientSession::new("sim");
     for (doc, [storage, timeline, outcomes]) in disks {
         let mut d = ClientDocument::open_with_outcomes(storage.open()?, timeline.open()?, outcomes.open()?)?;
+        d.set_timeline_key(crate::timeline_key(key_of(c, *doc)))?;
         d.set_durability(durability)?;
         s.add_document(*doc, d);
     }
@@ -311,7 +318,13 @@ impl Sim {
                         let base = 10_000 * (c as u128 + 1) + 10 * d as u128;
                         let disk = |n: u128, what: &str| {
                             let name = format!("client{c}/{doc}/{what}");
-                            Disk::new(kind, JournalId::from_u128(base + n), &name, seed, &faults)
+                            // The timeline's id comes from its key (see `open_client`).
+                            let id = if n == 1 {
+                                crate::timeline_journal_id(key_of(c, *doc))
+                            } else {
+                                JournalId::from_u128(base + n)
+                            };
+                            Disk::new(kind, id, &name, seed, &faults)
                         };
                         (*doc, [disk(0, "storage"), disk(1, "timeline"), disk(2, "outcomes")])
                     })
@@ -363,7 +376,7 @@ impl Sim {
     fn open_replica(&mut self, i: usize) {
         let durability = self.cfg.client_durability[i];
         for attempt in 1.. {
-            match open_client(&self.clients[i].disks, durability) {
+            match open_client(i, &self.clients[i].disks, durability) {
                 Ok(s) => return self.clients[i].session = s,
                 Err(e) if is_storage(&e) && attempt < MAX_OPEN_ATTEMPTS => self.stats.open_failures += 1,
                 Err(e) => self.fail(format!("client {i} cannot open its replica: {e}")),

@@ -24,7 +24,7 @@ struct Pair {
 }
 
 fn replica(n: u128) -> ClientDocument {
-    ClientDocument::open(memory_journal(n), memory_journal(n + 1)).expect("replica")
+    pagesync_tests::client_doc(memory_journal(n), n + 1)
 }
 
 impl Pair {

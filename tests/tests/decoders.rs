@@ -9,7 +9,7 @@ use cap::Cap;
 use pagesync::journal::{Lsn, codec};
 use pagesync::protocol::{ClientSession, ConnId, Message, PROTOCOL_VERSION, ServerSession};
 use pagesync::wire::{Confirm, WireEntry, WireKind};
-use pagesync::{ClientDocument, DocId, Mutation, ServerDocument, TimelineId, storage};
+use pagesync::{DocId, Mutation, ServerDocument, TimelineId, storage};
 use pagesync_tests::{Rng, memory_journal, sql};
 
 #[global_allocator]
@@ -32,7 +32,7 @@ struct Samples {
 
 fn samples() -> Samples {
     let mut server = ServerDocument::open(memory_journal(1)).expect("server");
-    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    let mut client = pagesync_tests::client_doc(memory_journal(2), 3);
     client.mutate(sql("CREATE TABLE t(x INTEGER PRIMARY KEY, y TEXT)", vec![]), T0, 1).expect("ddl");
     for i in 0..20 {
         client
@@ -71,7 +71,7 @@ fn samples() -> Samples {
     let lsn = Lsn::FIRST;
     let messages = [
         Message::Hello { version: PROTOCOL_VERSION, token: "token".into() },
-        Message::Subscribe { doc, timeline, storage_next: lsn, digests: true },
+        Message::Subscribe { doc, key: pagesync_tests::timeline_key(3), storage_next: lsn, digests: true },
         Message::Mutations { doc, timeline, first: lsn, entries: mutations.clone() },
         Message::MutationsAck { doc, timeline, next_expected: lsn, storage_next: lsn },
         Message::Storage { doc, first: lsn, entries: wire.clone() },
@@ -216,7 +216,7 @@ fn garbage_on_one_connection_does_not_hurt_another() {
     let good = ConnId(1);
     server.connect(good);
     let mut client = ClientSession::new("");
-    let cdoc = ClientDocument::open(memory_journal(20), memory_journal(21)).expect("client");
+    let cdoc = pagesync_tests::client_doc(memory_journal(20), 21);
     client.add_document(doc, cdoc);
     client.connected(0);
     client.mutate(doc, sql("CREATE TABLE ok(x)", vec![]), T0, 1).expect("mutate");

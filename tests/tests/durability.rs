@@ -19,16 +19,20 @@ const T0: i64 = 1_700_000_000_000;
 const DOC: DocId = DocId([7; 16]);
 
 fn replica(dir: &Path) -> ClientDocument {
-    let open = |name: &str, id: u128| {
+    let open = |name: &str, id: JournalId| {
         let path = dir.join(name);
         let j = if path.exists() {
             FileJournal::open(&path, FileJournalOptions::default())
         } else {
-            FileJournal::create(&path, JournalId::from_u128(id), FileJournalOptions::default())
+            FileJournal::create(&path, id, FileJournalOptions::default())
         };
         Box::new(j.expect("journal"))
     };
-    ClientDocument::open(open("storage", 1), open("timeline", 2)).expect("replica")
+    let timeline = open("timeline", pagesync_tests::timeline_journal_id(2));
+    pagesync_tests::keyed(
+        ClientDocument::open(open("storage", JournalId::from_u128(1)), timeline).expect("replica"),
+        2,
+    )
 }
 
 /// The timeline's one segment file.
@@ -182,7 +186,7 @@ fn an_interrupted_cold_start_resumes_without_refetching_what_it_has() {
     const C: ConnId = ConnId(1);
     let mut s = pagesync_tests::checkpointing_server();
     let mut writer = ClientSession::new("");
-    writer.add_document(DOC, ClientDocument::open(memory_journal(3), memory_journal(4)).expect("writer"));
+    writer.add_document(DOC, pagesync_tests::client_doc(memory_journal(3), 4));
     s.connect(C);
     writer.connected(0);
     // About 16 MiB, so a checkpoint has four parts; rewritten, so the history outgrows the

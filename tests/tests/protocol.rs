@@ -48,7 +48,7 @@ fn client(docs: &[DocId]) -> ClientSession {
     let mut s = ClientSession::new("");
     for (i, d) in docs.iter().enumerate() {
         let n = 100 + 2 * i as u128;
-        s.add_document(*d, ClientDocument::open(memory_journal(n), memory_journal(n + 1)).expect("doc"));
+        s.add_document(*d, pagesync_tests::client_doc(memory_journal(n), n + 1));
     }
     s
 }
@@ -311,7 +311,7 @@ fn a_new_replica_starts_at_the_newest_checkpoint_not_the_history() {
     s.disconnect(C);
 
     let mut fresh = ClientSession::new("");
-    fresh.add_document(doc, ClientDocument::open(memory_journal(500), memory_journal(501)).expect("doc"));
+    fresh.add_document(doc, pagesync_tests::client_doc(memory_journal(500), 501));
     s.connect(C);
     fresh.connected(100);
     let traffic = exchange(&mut s, &mut fresh, 100, true);
@@ -344,7 +344,7 @@ fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
 
     // A new replica restarts at the checkpoint; the link dies after its first part.
     let mut fresh = ClientSession::new("");
-    fresh.add_document(doc, ClientDocument::open(memory_journal(600), memory_journal(601)).expect("doc"));
+    fresh.add_document(doc, pagesync_tests::client_doc(memory_journal(600), 601));
     s.connect(C);
     fresh.connected(100);
     upload(&mut fresh, &mut s, 100);
@@ -375,7 +375,7 @@ fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop(
     // A new replica, while whole-entry reads fail: one error, then nothing until the period ends.
     journal.read_errors.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut fresh = ClientSession::new("");
-    fresh.add_document(doc, ClientDocument::open(memory_journal(701), memory_journal(702)).expect("doc"));
+    fresh.add_document(doc, pagesync_tests::client_doc(memory_journal(701), 702));
     s.connect(C);
     fresh.connected(100);
     upload(&mut fresh, &mut s, 100);
@@ -574,9 +574,10 @@ fn rejections_are_forgotten_once_their_client_copied_them() {
     let doc = DocId::from_u128(19);
     let mut s = server();
     let (storage, timeline, outcomes) =
-        (SharedJournal::new(1_000), SharedJournal::new(1_001), SharedJournal::new(1_002));
+        (SharedJournal::new(1_000), SharedJournal::timeline(1_001), SharedJournal::new(1_002));
     let open = || {
-        ClientDocument::open_with_outcomes(storage.boxed(), timeline.boxed(), outcomes.boxed()).expect("doc")
+        let doc = ClientDocument::open_with_outcomes(storage.boxed(), timeline.boxed(), outcomes.boxed());
+        pagesync_tests::keyed(doc.expect("doc"), 1_001)
     };
     let mut c = ClientSession::new("");
     c.add_document(doc, open());
@@ -714,8 +715,8 @@ fn read_ahead_over_every_document_is_bounded() {
     let hello = Message::Hello { version: pagesync::protocol::PROTOCOL_VERSION, token: String::new() };
     s.handle_message(deaf, 0, hello);
     for doc in &docs {
-        let timeline = pagesync::TimelineId::from_u128(5);
-        let subscribe = Message::Subscribe { doc: *doc, timeline, storage_next: Lsn::FIRST, digests: false };
+        let key = pagesync_tests::timeline_key(5);
+        let subscribe = Message::Subscribe { doc: *doc, key, storage_next: Lsn::FIRST, digests: false };
         s.handle_message(deaf, 0, subscribe);
     }
     let mut c = client(&docs);
@@ -956,12 +957,8 @@ fn presence_is_told_on_demand_held_back_when_too_fast_and_never_to_its_sender() 
     for (i, c) in conns.iter().enumerate() {
         s.connect(*c);
         s.handle_message(*c, 0, hello.clone());
-        let timeline = pagesync::TimelineId::from_u128(10 + i as u128);
-        s.handle_message(
-            *c,
-            0,
-            Message::Subscribe { doc, timeline, storage_next: Lsn::FIRST, digests: false },
-        );
+        let key = pagesync_tests::timeline_key(10 + i as u128);
+        s.handle_message(*c, 0, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false });
     }
     let presence = |ms: &[Message]| -> Vec<(u64, Vec<u8>)> {
         ms.iter()

@@ -208,8 +208,9 @@ const ops = {
     if (replica) throw new Error("this worker already runs a document");
     await init();
     config = { url: options.url, token: options.token ?? "", online: options.online !== false, doc: docId };
-    const seed = crypto.getRandomValues(new Uint8Array(16));
-    replica = await Replica.open(docId, config.token, options.persist !== false, seed);
+    // The timeline's key (a secret the server checks): used when this browser has none yet.
+    const key = crypto.getRandomValues(new Uint8Array(32));
+    replica = await Replica.open(docId, config.token, options.persist !== false, key);
     connect();
     return { storageKind: replica.storageKind() };
   },

@@ -106,6 +106,18 @@ async fn directory(path: &[&str]) -> Result<FileSystemDirectoryHandle, JsValue> 
     Ok(dir)
 }
 
+/// Opens (creating) `<path>/<name>`, one file.
+pub async fn open_file(path: &[&str], name: &str) -> Result<OpfsFile, JsValue> {
+    let dir = directory(path).await?;
+    let opts = FileSystemGetFileOptions::new();
+    opts.set_create(true);
+    let file: FileSystemFileHandle =
+        JsFuture::from(dir.get_file_handle_with_options(name, &opts)).await?.dyn_into()?;
+    let handle: FileSystemSyncAccessHandle =
+        JsFuture::from(file.create_sync_access_handle()).await?.dyn_into()?;
+    Ok(OpfsFile { path: format!("{}/{name}", path.join("/")), handle })
+}
+
 /// Opens (creating) `<path>/<name>.a` and `<path>/<name>.b`: a handle journal's two files.
 pub async fn open_pair(path: &[&str], name: &str) -> Result<[OpfsFile; 2], JsValue> {
     let dir = directory(path).await?;

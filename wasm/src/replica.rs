@@ -1,8 +1,8 @@
 //! [`Replica`]: one document in the browser, exported to JavaScript.
 
-use pagesync::journal::{HandleJournal, Journal, JournalId, MemoryJournal};
+use pagesync::journal::{HandleJournal, Journal, MemoryJournal};
 use pagesync::protocol::ClientSession;
-use pagesync::{ClientDocument, DocId, MutationState, SqlMutation};
+use pagesync::{ClientDocument, DocId, MutationState, SqlMutation, TimelineKey};
 use wasm_bindgen::prelude::*;
 
 use crate::opfs;
@@ -38,19 +38,47 @@ fn is_locked(e: &JsValue) -> bool {
     e.dyn_ref::<js_sys::Error>().is_some_and(|e| e.name() == "NoModificationAllowedError")
 }
 
-/// The journals of a document in OPFS, under `pagesync/<doc id>/`.
-async fn opfs_journals(doc: DocId, timeline_id: JournalId) -> Result<Journals, JsValue> {
+/// The key a document's timeline has in OPFS (`timeline.key`), or `fresh`, written and
+/// flushed first when there is none: a timeline never exists without its key.
+fn opfs_key(file: &mut opfs::OpfsFile, fresh: TimelineKey) -> Result<TimelineKey, JsValue> {
+    use pagesync::journal::RandomAccess;
+    let io = |e: std::io::Error| JsValue::from_str(&e.to_string());
+    match file.size().map_err(io)? {
+        0 => {
+            file.write_all_at(&fresh.0, 0).map_err(io)?;
+            file.flush().map_err(io)?;
+            Ok(fresh)
+        }
+        n if n == TimelineKey::FILE_BYTES as u64 => {
+            let mut bytes = [0u8; TimelineKey::FILE_BYTES];
+            file.read_exact_at(&mut bytes, 0).map_err(io)?;
+            Ok(TimelineKey::from_bytes(bytes))
+        }
+        n => {
+            Err(JsValue::from_str(&format!("timeline.key holds {n} bytes, not 32: this replica is damaged")))
+        }
+    }
+}
+
+/// The journals of a document in OPFS, under `pagesync/<doc id>/`, and its timeline's key.
+async fn opfs_journals(doc: DocId, fresh: TimelineKey) -> Result<(Journals, TimelineKey), JsValue> {
     let dir = doc.to_string();
     let path = ["pagesync", dir.as_str()];
+    let mut key_file = opfs::open_file(&path, "timeline.key").await?;
     let storage = opfs::open_pair(&path, "storage").await?;
     let timeline = opfs::open_pair(&path, "timeline").await?;
     let outcomes = opfs::open_pair(&path, "outcomes").await?;
+    let key = opfs_key(&mut key_file, fresh)?;
     let js = |e: pagesync::journal::JournalError| JsValue::from_str(&e.to_string());
     let storage = HandleJournal::open_or_create(storage, doc.journal_id()).map_err(js)?;
-    let timeline = HandleJournal::open_or_create(timeline, timeline_id).map_err(js)?;
-    // Named after the timeline actually opened (an existing one keeps its id).
+    let timeline = HandleJournal::open_or_create(timeline, key.id().journal_id()).map_err(js)?;
+    if timeline.id() != key.id().journal_id() {
+        return Err(JsValue::from_str(&format!(
+            "the timeline of {doc} in this browser is not the one its key opens (made by an older pagesync?): clear this site's data to start again"
+        )));
+    }
     let outcomes = HandleJournal::open_or_create(outcomes, timeline.id()).map_err(js)?;
-    Ok((Box::new(storage), Box::new(timeline), Box::new(outcomes)))
+    Ok(((Box::new(storage), Box::new(timeline), Box::new(outcomes)), key))
 }
 
 /// A replica's storage, timeline and outcome journals.
@@ -74,30 +102,33 @@ pub struct Replica {
 impl Replica {
     /// Opens document `doc_id` (32 hex digits). With `persist`, its journals live in OPFS and
     /// survive reloads; without OPFS (not in a worker, or an old browser) they fall back to
-    /// memory with a console warning. `timeline_seed`: 16 random bytes, used only when this
-    /// browser has no timeline for the document yet.
+    /// memory with a console warning. `timeline_key`: 32 random bytes (a secret: see
+    /// `pagesync::TimelineKey`), used only when this browser has no timeline for the document
+    /// yet.
     pub async fn open(
         doc_id: String,
         token: String,
         persist: bool,
-        timeline_seed: Vec<u8>,
+        timeline_key: Vec<u8>,
     ) -> Result<Replica, JsError> {
         let doc: DocId = doc_id.parse().map_err(|e| js_error(format!("document id {doc_id:?}: {e}")))?;
-        let seed: [u8; 16] =
-            timeline_seed.try_into().map_err(|_| JsError::new("timeline_seed must be 16 random bytes"))?;
-        let timeline_id = JournalId::from_bytes(seed);
-        let memory = || -> Journals {
-            (
+        let fresh: [u8; 32] =
+            timeline_key.try_into().map_err(|_| JsError::new("timeline_key must be 32 random bytes"))?;
+        let fresh = TimelineKey::from_bytes(fresh);
+        let memory = || -> (Journals, TimelineKey) {
+            let timeline_id = fresh.id().journal_id();
+            let journals: Journals = (
                 Box::new(MemoryJournal::new(doc.journal_id())),
                 Box::new(MemoryJournal::new(timeline_id)),
                 Box::new(MemoryJournal::new(timeline_id)),
-            )
+            );
+            (journals, fresh)
         };
-        let (journals, storage_kind) = if !persist {
+        let ((journals, key), storage_kind) = if !persist {
             (memory(), "memory")
         } else {
-            match opfs_journals(doc, timeline_id).await {
-                Ok(journals) => (journals, "opfs"),
+            match opfs_journals(doc, fresh).await {
+                Ok(opened) => (opened, "opfs"),
                 Err(e) if is_locked(&e) => {
                     return Err(JsError::new(&format!(
                         "document {doc} is open in another tab or worker of this origin (its OPFS files are locked)"
@@ -114,7 +145,9 @@ impl Replica {
             }
         };
         let (storage, timeline, outcomes) = journals;
-        let replica = ClientDocument::open_with_outcomes(storage, timeline, outcomes).map_err(js_error)?;
+        let mut replica =
+            ClientDocument::open_with_outcomes(storage, timeline, outcomes).map_err(js_error)?;
+        replica.set_timeline_key(key).map_err(js_error)?;
         let subject = pagesync::mutators::token_subject(&token);
         let mut session = ClientSession::new(token);
         session.add_document(doc, replica);

@@ -763,10 +763,15 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         return None;
     }
     if l.state == SubState::Unsubscribed {
+        let Some(key) = l.doc.timeline_key() else {
+            // The server would refuse it: no subscription, and the status says why.
+            let text = "this replica has no timeline key (ClientDocument::set_timeline_key): it cannot sync";
+            l.error = Some(("timeline".into(), text.into()));
+            return None;
+        };
         l.state = l.state.on(SubEvent::Sent { now_ms });
         let storage_next = l.doc.storage_range().next();
-        let (timeline, digests) = (l.doc.timeline_id(), l.digests);
-        return Some(Message::Subscribe { doc: id, timeline, storage_next, digests });
+        return Some(Message::Subscribe { doc: id, key, storage_next, digests: l.digests });
     }
     if l.ack_due {
         l.ack_due = false;

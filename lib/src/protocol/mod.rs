@@ -25,11 +25,11 @@ pub use server::{
 use pagesync_journal::Lsn;
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{DocId, TimelineId};
+use crate::ids::{DocId, TimelineId, TimelineKey};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -105,8 +105,9 @@ pub enum Message {
     /// Client: "I hold storage before `storage_next`; send me the rest, and tell me where my
     /// timeline stands". With `digests`, an entry that applied only this timeline's mutations
     /// may come as a confirmation by digest (`wire::Confirm`); a client whose replay did not
-    /// match subscribes again without.
-    Subscribe { doc: DocId, timeline: TimelineId, storage_next: Lsn, digests: bool },
+    /// match subscribes again without. `key` is the timeline's key (its id is `key.id()`):
+    /// the server takes mutations for a timeline only on a connection subscribed with its key.
+    Subscribe { doc: DocId, key: TimelineKey, storage_next: Lsn, digests: bool },
     /// Client: timeline entries `first, first+1, ...`.
     Mutations {
         doc: DocId,

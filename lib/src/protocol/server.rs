@@ -1010,8 +1010,19 @@ impl ServerSession {
             {
                 self.defer(conn, now_ms, msg)
             }
-            Message::Subscribe { doc, timeline, storage_next, digests } => {
-                self.subscribe(conn, doc, timeline, storage_next, digests)
+            Message::Subscribe { doc, key, storage_next, digests } => {
+                self.subscribe(conn, doc, key.id(), storage_next, digests)
+            }
+            // A timeline's id is public (storage entries, presence); its key is not. Only a
+            // connection that subscribed with the key writes to it, so no client can take
+            // another's LSNs (the owner's own mutations would then be skipped as done).
+            Message::Mutations { doc, timeline, .. }
+                if c.subs.get(&doc).is_none_or(|s| s.timeline != timeline) =>
+            {
+                let text = format!(
+                    "mutations for timeline {timeline} of {doc} on a connection that did not subscribe to it with its key: refused"
+                );
+                c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
             Message::Mutations { doc, timeline, first, entries } => {
                 let subject = c.grant.as_ref().map_or("", |g| g.subject.as_str());
