@@ -60,17 +60,19 @@ const DOC: &str = "0000000000000000000000000000abcd";
 #[wasm_bindgen_test]
 async fn replica_keeps_pending_writes_across_a_reopen_and_refuses_a_second_opener() {
     remove_document(&["pagesync", DOC]).await.expect("clear");
-    let mut r = Replica::open(DOC.into(), String::new(), true, vec![1; 16]).await.expect("open");
+    let mut r = Replica::open(DOC.into(), String::new(), true, vec![1; 32]).await.expect("open");
     assert_eq!(r.storage_kind(), "opfs");
     r.exec("CREATE TABLE t(x TEXT NOT NULL)".into(), JsValue::NULL, 1.0, 1).expect("create");
     let params = js_sys::Array::of1(&JsValue::from_str("kept"));
     r.exec("INSERT INTO t VALUES (?)".into(), params.into(), 2.0, 2).expect("insert");
-    let locked = Replica::open(DOC.into(), String::new(), true, vec![2; 16]).await;
+    let locked = Replica::open(DOC.into(), String::new(), true, vec![2; 32]).await;
     let message = format!("{:?}", JsValue::from(locked.expect_err("a second opener is refused")));
     assert!(message.contains("open in another tab"), "{message}");
     drop(r);
 
-    let r = Replica::open(DOC.into(), String::new(), true, vec![3; 16]).await.expect("reopen");
+    // Another fresh key at the reopen: the one kept in OPFS opens the timeline (a new key would
+    // name another timeline, which the journal written under the first refuses).
+    let r = Replica::open(DOC.into(), String::new(), true, vec![3; 32]).await.expect("reopen");
     let rows = r.query("SELECT x FROM t".into(), JsValue::NULL).expect("query");
     assert_eq!(rows.length(), 1);
     let x = js_sys::Reflect::get(&rows.get(0), &"x".into()).expect("column x");
