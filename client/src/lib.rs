@@ -771,6 +771,9 @@ impl Document {
     ) -> Result<()> {
         let mut deadline = Instant::now() + timeout;
         let mut last = None;
+        // The server's head now, not as it last said: entries written since must arrive too.
+        self.shared.session().ask_head(self.id);
+        self.shared.wake.send_modify(|n| *n += 1);
         loop {
             let st = self.status();
             let conn_error = self.shared.session().connection_error().cloned();

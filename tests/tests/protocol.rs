@@ -1004,3 +1004,71 @@ fn presence_is_told_on_demand_held_back_when_too_fast_and_never_to_its_sender() 
         "{refused:?}"
     );
 }
+
+/// A replica with nothing of its own pending is caught up only once it holds what the server
+/// had committed when it was asked (`ask_head`, as `Document::sync` does), not what the server
+/// said last: another client's write confirmed to that client is then always there.
+#[test]
+fn a_head_request_waits_for_entries_written_since_the_last_report() {
+    let doc = DocId::from_u128(0x4ead);
+    let (a_conn, b_conn) = (ConnId(1), ConnId(2));
+    let mut s = server();
+    let mut a = client(&[doc]);
+    let mut b = ClientSession::new("");
+    b.add_document(doc, pagesync_tests::client_doc(memory_journal(200), 201));
+    for (conn, c) in [(a_conn, &mut a), (b_conn, &mut b)] {
+        s.connect(conn);
+        c.connected(0);
+    }
+    // Moves every message until quiet; what the server sends B is held unless `to_b`.
+    let pump = |s: &mut ServerSession, a: &mut ClientSession, b: &mut ClientSession, to_b: bool| {
+        let mut held = Vec::new();
+        for _ in 0..1_000 {
+            let mut moved = false;
+            for (conn, c) in [(a_conn, &mut *a), (b_conn, &mut *b)] {
+                while let Some(m) = c.poll_transmit() {
+                    s.handle_frame(conn, 0, &m.encode());
+                    moved = true;
+                }
+            }
+            s.handle_timeout(0);
+            while let Some((conn, m)) = s.poll_transmit() {
+                moved = true;
+                match conn {
+                    c if c == a_conn => a.handle_frame(0, &m.encode()).expect("a applies"),
+                    _ if to_b => b.handle_frame(0, &m.encode()).expect("b applies"),
+                    _ => held.push(m),
+                }
+            }
+            if !moved {
+                return held;
+            }
+        }
+        panic!("the link never went quiet");
+    };
+    a.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    pump(&mut s, &mut a, &mut b, true);
+    assert!(b.caught_up(doc), "B holds the table");
+    // A's row is confirmed to A; B has not received it yet, and by the head it last heard
+    // of B would call itself caught up.
+    a.mutate(doc, sql("INSERT INTO t VALUES (1)", vec![]), T0, 2).expect("mutate");
+    let mut held = pump(&mut s, &mut a, &mut b, false);
+    assert_eq!(a.status(doc).expect("a").pending, 0, "A's row is confirmed");
+    assert!(b.caught_up(doc), "the stale head (what this test is about)");
+    b.ask_head(doc);
+    assert!(!b.caught_up(doc), "asked: not caught up until the answer");
+    held.extend(pump(&mut s, &mut a, &mut b, false));
+    let (acks, storage): (Vec<Message>, Vec<Message>) =
+        held.into_iter().partition(|m| matches!(m, Message::MutationsAck { .. }));
+    assert_eq!(acks.len(), 1, "one answer to the head request: {acks:?}");
+    for m in &acks {
+        b.handle_frame(0, &m.encode()).expect("b applies the answer");
+    }
+    assert!(!b.caught_up(doc), "answered with a head past what B holds");
+    for m in &storage {
+        b.handle_frame(0, &m.encode()).expect("b applies the entry");
+    }
+    assert!(b.caught_up(doc), "B holds what the server had when it answered");
+    let rows = b.document(doc).expect("b").query("SELECT x FROM t", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Integer(1)]]);
+}

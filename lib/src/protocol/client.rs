@@ -110,6 +110,13 @@ struct Link {
     /// When the last broadcast went: the next waits `BROADCAST_PACE_MS`, so the server (which
     /// refuses more than one per `MIN_BROADCAST_MS`) never drops the latest value.
     broadcast_at: Option<i64>,
+    /// `Subscribe`s and `Mutations` sent on this subscription, and `MutationsAck`s received:
+    /// the server answers each in order, so the `n`th ack answers the `n`th of them.
+    asked: u64,
+    answered: u64,
+    /// A head request (`ask_head`) is due, and then the count its answer needs.
+    head_due: bool,
+    head_ask: Option<u64>,
 }
 
 impl Link {
@@ -118,6 +125,9 @@ impl Link {
         self.state = self.state.on(SubEvent::Reset);
         self.up = SendWindow::new(self.doc.pending_range().first());
         (self.ack_due, self.last_heard_ms, self.digests) = (false, now_ms, true);
+        // A head request not answered yet is asked again on the new subscription.
+        (self.asked, self.answered) = (0, 0);
+        self.head_due |= self.head_ask.take().is_some();
         // A new subscription: the server says who is there, and hears from us again.
         self.presence.clear();
         self.broadcast_due = self.mine.is_some();
@@ -208,6 +218,10 @@ impl ClientSession {
             broadcast_due: false,
             deleted: false,
             broadcast_at: None,
+            asked: 0,
+            answered: 0,
+            head_due: false,
+            head_ask: None,
         };
         self.links.insert(id, link);
     }
@@ -228,7 +242,22 @@ impl ClientSession {
             self.conns.contains_key(&l.route)
                 && matches!(l.state, SubState::Live { .. })
                 && l.doc.storage_range().next() >= l.server_storage_next
+                && !l.head_due
+                && l.head_ask.is_none()
         })
+    }
+
+    /// Asks the server for its storage head now (an empty `Mutations`, answered by a
+    /// `MutationsAck`): until the answer, `caught_up` is false, and after it, true only once
+    /// the replica holds everything the server had committed when it answered. Without it a
+    /// replica with nothing of its own pending would judge itself against the head the server
+    /// last reported, which may predate entries written since.
+    pub fn ask_head(&mut self, id: DocId) {
+        if let Some(l) = self.links.get_mut(&id)
+            && l.head_ask.is_none()
+        {
+            l.head_due = true;
+        }
     }
 
     pub fn has_document(&self, id: DocId) -> bool {
@@ -562,6 +591,10 @@ impl ClientSession {
                 // The server accepted our Hello and subscription: older refusals are moot.
                 self.conn_error = None;
                 link.error = None;
+                link.answered += 1;
+                if link.head_ask.is_some_and(|n| link.answered >= n) {
+                    link.head_ask = None;
+                }
                 link.state = link.state.on(SubEvent::Acked);
                 link.server_storage_next = link.server_storage_next.max(storage_next);
                 link.up.ack(next_expected);
@@ -771,6 +804,7 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         };
         l.state = l.state.on(SubEvent::Sent { now_ms });
         let storage_next = l.doc.storage_range().next();
+        l.asked += 1;
         return Some(Message::Subscribe { doc: id, key, storage_next, digests: l.digests });
     }
     if l.ack_due {
@@ -788,7 +822,20 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         (l.broadcast_due, l.broadcast_at) = (false, Some(now_ms));
         return Some(Message::Broadcast { doc: id, value });
     }
-    upload_batch(id, l, now_ms)
+    upload_batch(id, l, now_ms).or_else(|| {
+        // After any upload: its ack then comes first, and the head's after it.
+        if !l.head_due {
+            return None;
+        }
+        (l.head_due, l.asked) = (false, l.asked + 1);
+        l.head_ask = Some(l.asked);
+        Some(Message::Mutations {
+            doc: id,
+            timeline: l.doc.timeline_id(),
+            first: l.up.next,
+            entries: Vec::new(),
+        })
+    })
 }
 
 /// The next `Mutations` message, within the upload window and the batch size.
@@ -821,5 +868,6 @@ fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         return None;
     }
     l.up.sent(lsn, bytes, now_ms);
+    l.asked += 1;
     Some(Message::Mutations { doc: id, timeline: l.doc.timeline_id(), first, entries })
 }

@@ -956,7 +956,10 @@ impl ServerSession {
                 let text = format!("your token does not grant access to document {doc}");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
-            Message::Mutations { doc, .. } if !c.grant.as_ref().is_some_and(Grant::may_write) => {
+            // An empty one writes nothing (a client asking for the head: see `ask_head`).
+            Message::Mutations { doc, ref entries, .. }
+                if !entries.is_empty() && !c.grant.as_ref().is_some_and(Grant::may_write) =>
+            {
                 let text = format!("your token is read-only: writes to {doc} are refused");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
