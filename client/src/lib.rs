@@ -70,7 +70,7 @@ pub enum ClientError {
     /// The replica's timeline key is missing, damaged or not its timeline's: without it the
     /// server takes none of its writes (see `pagesync::TimelineKey`).
     #[error(
-        "the replica {dir} has no usable timeline key ({why}); move its timeline/ away to start a new one (its unsynced writes stay there)"
+        "the replica {dir} has no usable timeline key ({why}): the server takes none of its writes without it. If the key is lost, move timeline/ out of the replica to start a new timeline (its writes not yet synced can no longer be sent)"
     )]
     TimelineKey { dir: PathBuf, why: String },
 }

@@ -586,7 +586,8 @@ async fn no_client_writes_to_another_clients_timeline() {
     assert_eq!(victim, key.id(), "presence names alice's timeline");
 
     // Alice's next write is her LSN 2: mallory tries to take it, unsubscribed and subscribed
-    // under her own key, and subscribing with a made-up key gives a timeline of its own.
+    // under her own key (refused, nothing taken), and subscribing with a made-up key gives a
+    // timeline of its own.
     let evil = mutation("INSERT INTO t VALUES ('evil')");
     let mut ws = connect(port, &named("mallory")).await;
     for subscribed in [false, true] {
@@ -608,10 +609,10 @@ async fn no_client_writes_to_another_clients_timeline() {
         };
         match reply {
             Some(Message::Error { code, message, .. }) => {
-                assert_eq!(code, codes::FORBIDDEN, "{message}");
+                assert_eq!(code, codes::NOT_SUBSCRIBED, "{message}");
                 assert!(message.contains("key"), "{message}");
             }
-            other => panic!("expected forbidden, got {other:?}"),
+            other => panic!("expected not_subscribed, got {other:?}"),
         }
     }
     // Alice's writes all land; mallory's does not, on either replica.

@@ -1059,7 +1059,7 @@ fn a_head_request_waits_for_entries_written_since_the_last_report() {
     assert!(!b.caught_up(doc), "asked: not caught up until the answer");
     held.extend(pump(&mut s, &mut a, &mut b, false));
     let (acks, storage): (Vec<Message>, Vec<Message>) =
-        held.into_iter().partition(|m| matches!(m, Message::MutationsAck { .. }));
+        held.into_iter().partition(|m| matches!(m, Message::Head { .. }));
     assert_eq!(acks.len(), 1, "one answer to the head request: {acks:?}");
     for m in &acks {
         b.handle_frame(0, &m.encode()).expect("b applies the answer");
@@ -1071,4 +1071,41 @@ fn a_head_request_waits_for_entries_written_since_the_last_report() {
     assert!(b.caught_up(doc), "B holds what the server had when it answered");
     let rows = b.document(doc).expect("b").query("SELECT x FROM t", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Integer(1)]]);
+}
+
+/// The server ends a subscription (it closed the document: an internal error, a lost cluster
+/// lease): the client's next write is refused `not_subscribed`, nothing taken, and the client
+/// subscribes again with its key and resends it. No error stays in its status.
+#[test]
+fn a_subscription_the_server_ended_is_taken_up_again_and_writes_resent() {
+    let doc = DocId::from_u128(0x5e);
+    let journal = pagesync_tests::SharedJournal::new(0x5e);
+    let (mut s, mut c, _) = with_a_table(doc, &journal);
+    s.close_all(codes::INTERNAL, "closed under the client");
+    let mut refused = 0;
+    c.mutate(doc, sql("INSERT INTO t VALUES (1)", vec![]), T0, 2).expect("mutate");
+    for _ in 0..1_000 {
+        let mut moved = false;
+        while let Some(m) = c.poll_transmit() {
+            s.handle_frame(C, 0, &m.encode());
+            moved = true;
+        }
+        s.handle_timeout(0);
+        while let Some((_, m)) = s.poll_transmit() {
+            if matches!(&m, Message::Error { code, .. } if code == codes::NOT_SUBSCRIBED) {
+                refused += 1;
+            }
+            c.handle_frame(0, &m.encode()).expect("apply");
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+    assert_eq!(refused, 1, "the write on the ended subscription was refused once");
+    let st = c.status(doc).expect("status");
+    assert_eq!(st.pending, 0, "resent on the new subscription and confirmed");
+    assert_eq!(st.error, None, "not_subscribed is not left as an error");
+    assert!(c.caught_up(doc));
+    assert_same_pages(&c, &s, doc);
 }

@@ -39,29 +39,38 @@ fn is_locked(e: &JsValue) -> bool {
 }
 
 /// The key a document's timeline has in OPFS (`timeline.key`), or `fresh`, written and
-/// flushed first when there is none: a timeline never exists without its key.
+/// flushed first when there is none: a timeline never exists without its key. A file shorter
+/// than a key is one whose first write did not finish (so no timeline was made with it): it
+/// is written again. (A timeline made under a key that is gone is refused by the caller.)
 fn opfs_key(file: &mut opfs::OpfsFile, fresh: TimelineKey) -> Result<TimelineKey, JsValue> {
     use pagesync::journal::RandomAccess;
     let io = |e: std::io::Error| JsValue::from_str(&e.to_string());
-    match file.size().map_err(io)? {
-        0 => {
-            file.write_all_at(&fresh.0, 0).map_err(io)?;
-            file.flush().map_err(io)?;
-            Ok(fresh)
-        }
-        n if n == TimelineKey::FILE_BYTES as u64 => {
-            let mut bytes = [0u8; TimelineKey::FILE_BYTES];
-            file.read_exact_at(&mut bytes, 0).map_err(io)?;
-            Ok(TimelineKey::from_bytes(bytes))
-        }
-        n => {
-            Err(JsValue::from_str(&format!("timeline.key holds {n} bytes, not 32: this replica is damaged")))
-        }
+    if file.size().map_err(io)? == TimelineKey::FILE_BYTES as u64 {
+        let mut bytes = [0u8; TimelineKey::FILE_BYTES];
+        file.read_exact_at(&mut bytes, 0).map_err(io)?;
+        return Ok(TimelineKey::from_bytes(bytes));
+    }
+    file.truncate(0).map_err(io)?;
+    file.write_all_at(&fresh.0, 0).map_err(io)?;
+    file.flush().map_err(io)?;
+    Ok(fresh)
+}
+
+/// Why the OPFS journals did not open: OPFS itself (then memory will do, with a warning), or
+/// this replica (a timeline its key does not open: memory would hide its unsynced writes).
+enum OpfsError {
+    Unavailable(JsValue),
+    Replica(String),
+}
+
+impl From<JsValue> for OpfsError {
+    fn from(e: JsValue) -> Self {
+        OpfsError::Unavailable(e)
     }
 }
 
 /// The journals of a document in OPFS, under `pagesync/<doc id>/`, and its timeline's key.
-async fn opfs_journals(doc: DocId, fresh: TimelineKey) -> Result<(Journals, TimelineKey), JsValue> {
+async fn opfs_journals(doc: DocId, fresh: TimelineKey) -> Result<(Journals, TimelineKey), OpfsError> {
     let dir = doc.to_string();
     let path = ["pagesync", dir.as_str()];
     let mut key_file = opfs::open_file(&path, "timeline.key").await?;
@@ -73,8 +82,8 @@ async fn opfs_journals(doc: DocId, fresh: TimelineKey) -> Result<(Journals, Time
     let storage = HandleJournal::open_or_create(storage, doc.journal_id()).map_err(js)?;
     let timeline = HandleJournal::open_or_create(timeline, key.id().journal_id()).map_err(js)?;
     if timeline.id() != key.id().journal_id() {
-        return Err(JsValue::from_str(&format!(
-            "the timeline of {doc} in this browser is not the one its key opens (made by an older pagesync?): clear this site's data to start again"
+        return Err(OpfsError::Replica(format!(
+            "the timeline of {doc} in this browser is not the one its key (OPFS pagesync/{doc}/timeline.key) opens, so the server would take none of its writes: made by an older pagesync, or the key was lost; remove this document's OPFS data (its unsynced writes with it) to start again"
         )));
     }
     let outcomes = HandleJournal::open_or_create(outcomes, timeline.id()).map_err(js)?;
@@ -129,12 +138,13 @@ impl Replica {
         } else {
             match opfs_journals(doc, fresh).await {
                 Ok(opened) => (opened, "opfs"),
-                Err(e) if is_locked(&e) => {
+                Err(OpfsError::Replica(why)) => return Err(JsError::new(&why)),
+                Err(OpfsError::Unavailable(e)) if is_locked(&e) => {
                     return Err(JsError::new(&format!(
                         "document {doc} is open in another tab or worker of this origin (its OPFS files are locked)"
                     )));
                 }
-                Err(e) => {
+                Err(OpfsError::Unavailable(e)) => {
                     let why = e.as_string().unwrap_or_else(|| format!("{e:?}"));
                     web_sys::console::warn_1(&JsValue::from_str(&format!(
                         "pagesync: OPFS is not available ({why}); document {doc} is kept in memory and \

@@ -110,14 +110,17 @@ struct Link {
     /// When the last broadcast went: the next waits `BROADCAST_PACE_MS`, so the server (which
     /// refuses more than one per `MIN_BROADCAST_MS`) never drops the latest value.
     broadcast_at: Option<i64>,
-    /// `Subscribe`s and `Mutations` sent on this subscription, and `MutationsAck`s received:
-    /// the server answers each in order, so the `n`th ack answers the `n`th of them.
-    asked: u64,
-    answered: u64,
-    /// A head request (`ask_head`) is due, and then the count its answer needs.
+    /// The last head request (`ask_head`): its id, whether it is still to be sent, and when
+    /// it was sent while its answer has not come (then it is sent again after
+    /// `HEAD_RESEND_MS`, and on a new subscription).
+    head_id: u64,
     head_due: bool,
-    head_ask: Option<u64>,
+    head_sent_ms: Option<i64>,
 }
+
+/// A head request unanswered this long is sent again (the server may have dropped it while
+/// the document was away, past its deferred-message bound).
+const HEAD_RESEND_MS: i64 = 1_000;
 
 impl Link {
     /// A new connection for this document: everything is said again.
@@ -126,8 +129,7 @@ impl Link {
         self.up = SendWindow::new(self.doc.pending_range().first());
         (self.ack_due, self.last_heard_ms, self.digests) = (false, now_ms, true);
         // A head request not answered yet is asked again on the new subscription.
-        (self.asked, self.answered) = (0, 0);
-        self.head_due |= self.head_ask.take().is_some();
+        self.head_due |= self.head_sent_ms.take().is_some();
         // A new subscription: the server says who is there, and hears from us again.
         self.presence.clear();
         self.broadcast_due = self.mine.is_some();
@@ -218,10 +220,9 @@ impl ClientSession {
             broadcast_due: false,
             deleted: false,
             broadcast_at: None,
-            asked: 0,
-            answered: 0,
+            head_id: 0,
             head_due: false,
-            head_ask: None,
+            head_sent_ms: None,
         };
         self.links.insert(id, link);
     }
@@ -243,20 +244,18 @@ impl ClientSession {
                 && matches!(l.state, SubState::Live { .. })
                 && l.doc.storage_range().next() >= l.server_storage_next
                 && !l.head_due
-                && l.head_ask.is_none()
+                && l.head_sent_ms.is_none()
         })
     }
 
-    /// Asks the server for its storage head now (an empty `Mutations`, answered by a
-    /// `MutationsAck`): until the answer, `caught_up` is false, and after it, true only once
-    /// the replica holds everything the server had committed when it answered. Without it a
-    /// replica with nothing of its own pending would judge itself against the head the server
-    /// last reported, which may predate entries written since.
+    /// Asks the server for its storage head now (`HeadAsk`, answered by `Head`): until the
+    /// answer, `caught_up` is false, and after it, true only once the replica holds everything
+    /// the server had committed when it answered. Without it a replica with nothing of its
+    /// own pending would judge itself against the head the server last reported, which may
+    /// predate entries written since. Each call asks anew (an earlier answer may be older).
     pub fn ask_head(&mut self, id: DocId) {
-        if let Some(l) = self.links.get_mut(&id)
-            && l.head_ask.is_none()
-        {
-            l.head_due = true;
+        if let Some(l) = self.links.get_mut(&id) {
+            (l.head_id, l.head_due, l.head_sent_ms) = (l.head_id + 1, true, None);
         }
     }
 
@@ -591,10 +590,6 @@ impl ClientSession {
                 // The server accepted our Hello and subscription: older refusals are moot.
                 self.conn_error = None;
                 link.error = None;
-                link.answered += 1;
-                if link.head_ask.is_some_and(|n| link.answered >= n) {
-                    link.head_ask = None;
-                }
                 link.state = link.state.on(SubEvent::Acked);
                 link.server_storage_next = link.server_storage_next.max(storage_next);
                 link.up.ack(next_expected);
@@ -647,6 +642,16 @@ impl ClientSession {
             Message::PeerLeft { peer, .. } => {
                 link.presence.remove(&peer);
                 self.presence_changes += 1;
+            }
+            // An answer to an older ask (a `sync` since asked again) is not enough.
+            Message::Head { id, storage_next, .. } if id == link.head_id && link.head_sent_ms.is_some() => {
+                link.head_sent_ms = None;
+                link.server_storage_next = link.server_storage_next.max(storage_next);
+            }
+            // The server has no subscription for it here (it closed the document, or never
+            // had one): subscribe again, and what was unanswered goes again.
+            Message::Error { code, .. } if code == super::codes::NOT_SUBSCRIBED => {
+                link.reset(now_ms);
             }
             Message::Error { code, message, .. } => {
                 if code == super::codes::DELETED && !link.deleted {
@@ -726,7 +731,10 @@ impl ClientSession {
         let links = self.links.values().filter(|l| self.conns.contains_key(&l.route));
         let broadcast = |l: &Link| l.broadcast_at.filter(|_| l.broadcast_due).map(|t| t + BROADCAST_PACE_MS);
         links
-            .flat_map(|l| [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at(), broadcast(l)])
+            .flat_map(|l| {
+                let head = l.head_sent_ms.map(|t| t + HEAD_RESEND_MS);
+                [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at(), broadcast(l), head]
+            })
             .flatten()
             .min()
     }
@@ -804,7 +812,6 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         };
         l.state = l.state.on(SubEvent::Sent { now_ms });
         let storage_next = l.doc.storage_range().next();
-        l.asked += 1;
         return Some(Message::Subscribe { doc: id, key, storage_next, digests: l.digests });
     }
     if l.ack_due {
@@ -822,20 +829,11 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         (l.broadcast_due, l.broadcast_at) = (false, Some(now_ms));
         return Some(Message::Broadcast { doc: id, value });
     }
-    upload_batch(id, l, now_ms).or_else(|| {
-        // After any upload: its ack then comes first, and the head's after it.
-        if !l.head_due {
-            return None;
-        }
-        (l.head_due, l.asked) = (false, l.asked + 1);
-        l.head_ask = Some(l.asked);
-        Some(Message::Mutations {
-            doc: id,
-            timeline: l.doc.timeline_id(),
-            first: l.up.next,
-            entries: Vec::new(),
-        })
-    })
+    if l.head_due || l.head_sent_ms.is_some_and(|t| now_ms >= t + HEAD_RESEND_MS) {
+        (l.head_due, l.head_sent_ms) = (false, Some(now_ms));
+        return Some(Message::HeadAsk { doc: id, id: l.head_id });
+    }
+    upload_batch(id, l, now_ms)
 }
 
 /// The next `Mutations` message, within the upload window and the batch size.
@@ -868,6 +866,5 @@ fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         return None;
     }
     l.up.sent(lsn, bytes, now_ms);
-    l.asked += 1;
     Some(Message::Mutations { doc: id, timeline: l.doc.timeline_id(), first, entries })
 }

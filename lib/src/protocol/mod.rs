@@ -94,6 +94,10 @@ pub mod codes {
     /// The document was deleted (`DELETE /v1/docs/{id}`, `pagesync-server delete`): it is not
     /// served, not created again, and its replicas stop syncing.
     pub const DELETED: &str = "deleted";
+    /// `Mutations` or `HeadAsk` on a connection not subscribed to the document (as that
+    /// timeline, for `Mutations`): nothing is taken. A client subscribes again and resends; a
+    /// client without the timeline's key cannot (see `TimelineKey`).
+    pub const NOT_SUBSCRIBED: &str = "not_subscribed";
 }
 
 /// Everything that crosses a connection.
@@ -171,6 +175,12 @@ pub enum Message {
     /// Server: the mutator definitions in force for `doc` (see `mutators`), `version` their
     /// content's: when a client subscribes, and again when they change. Empty: none.
     Mutators { doc: DocId, version: String, source: String },
+    /// Client: "what is your storage head now?" for a document this connection subscribed
+    /// to (`ClientSession::ask_head`, as `Document::sync` does); answered by `Head { id }`.
+    HeadAsk { doc: DocId, id: u64 },
+    /// Server: the answer to `HeadAsk { id }`: `storage_next` as of the ask. Every entry
+    /// before it was sent to this subscriber before this answer.
+    Head { doc: DocId, id: u64, storage_next: Lsn },
 }
 
 /// The largest `Broadcast` value: 8 KiB (a cursor, a selection, a name and a color).
@@ -271,7 +281,9 @@ impl Message {
             | Message::PeerLeft { doc, .. }
             | Message::ReadHistory { doc, .. }
             | Message::History { doc, .. }
-            | Message::Mutators { doc, .. } => Some(*doc),
+            | Message::Mutators { doc, .. }
+            | Message::HeadAsk { doc, .. }
+            | Message::Head { doc, .. } => Some(*doc),
             Message::Error { doc, .. } => *doc,
         }
     }

@@ -951,15 +951,13 @@ impl ServerSession {
             | Message::MapPages { doc, .. }
             | Message::ReadPages { doc, .. }
             | Message::ReadHistory { doc, .. }
+            | Message::HeadAsk { doc, .. }
                 if !c.grant.as_ref().is_some_and(|g| g.allows(doc)) =>
             {
                 let text = format!("your token does not grant access to document {doc}");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
-            // An empty one writes nothing (a client asking for the head: see `ask_head`).
-            Message::Mutations { doc, ref entries, .. }
-                if !entries.is_empty() && !c.grant.as_ref().is_some_and(Grant::may_write) =>
-            {
+            Message::Mutations { doc, .. } if !c.grant.as_ref().is_some_and(Grant::may_write) => {
                 let text = format!("your token is read-only: writes to {doc} are refused");
                 c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
             }
@@ -1019,13 +1017,31 @@ impl ServerSession {
             // A timeline's id is public (storage entries, presence); its key is not. Only a
             // connection that subscribed with the key writes to it, so no client can take
             // another's LSNs (the owner's own mutations would then be skipped as done).
+            // (A subscription the server ended, closing the document, gets the same answer:
+            // its client subscribes again, with the key, and resends.)
             Message::Mutations { doc, timeline, .. }
                 if c.subs.get(&doc).is_none_or(|s| s.timeline != timeline) =>
             {
                 let text = format!(
                     "mutations for timeline {timeline} of {doc} on a connection that did not subscribe to it with its key: refused"
                 );
-                c.outbox.push_back(error(Some(doc), codes::FORBIDDEN, text));
+                c.outbox.push_back(error(Some(doc), codes::NOT_SUBSCRIBED, text));
+            }
+            Message::HeadAsk { doc, .. } if !c.subs.contains_key(&doc) => {
+                let text = format!("a head request for {doc} on a connection not subscribed to it");
+                c.outbox.push_back(error(Some(doc), codes::NOT_SUBSCRIBED, text));
+            }
+            Message::HeadAsk { doc, .. } if self.docs.get(&doc).is_some_and(OpenDoc::is_away) => {
+                self.defer(conn, now_ms, msg)
+            }
+            Message::HeadAsk { doc, id } => {
+                // In the outbox after every entry already sent to this subscriber.
+                let head = self.here(doc).and_then(|o| o.document()).map(|d| d.storage_range().next());
+                let answer = match head {
+                    Some(storage_next) => Message::Head { doc, id, storage_next },
+                    None => error(Some(doc), codes::NOT_SUBSCRIBED, format!("{doc} is not open here")),
+                };
+                self.push(conn, answer);
             }
             Message::Mutations { doc, timeline, first, entries } => {
                 let subject = c.grant.as_ref().map_or("", |g| g.subject.as_str());
@@ -2086,5 +2102,7 @@ fn kind(m: &Message) -> &'static str {
         Message::ReadHistory { .. } => "ReadHistory",
         Message::Mutators { .. } => "Mutators",
         Message::History { .. } => "History",
+        Message::HeadAsk { .. } => "HeadAsk",
+        Message::Head { .. } => "Head",
     }
 }
