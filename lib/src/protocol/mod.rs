@@ -178,8 +178,9 @@ pub enum Message {
     /// Client: "what is your storage head now?" for a document this connection subscribed
     /// to (`ClientSession::ask_head`, as `Document::sync` does); answered by `Head { id }`.
     HeadAsk { doc: DocId, id: u64 },
-    /// Server: the answer to `HeadAsk { id }`: `storage_next` as of the ask. Every entry
-    /// before it was sent to this subscriber before this answer.
+    /// Server: the answer to `HeadAsk { id }`: its storage head (`storage_next`) when it
+    /// handled the ask. The entries before it that this subscriber does not hold yet come in
+    /// `Storage` as usual; the client is caught up once it holds them.
     Head { doc: DocId, id: u64, storage_next: Lsn },
 }
 
