@@ -668,6 +668,10 @@ impl<R: Reducer> ServerDocument<R> {
         if self.queues.is_empty() {
             return Ok(None);
         }
+        // Steps are stamped in the order they run, whatever the clock did since the last one
+        // (stepped back, or another server's in a cluster): the history finds `since` by
+        // bisection on these times.
+        let now_ms = self.db.store().newest_time_ms().map_or(now_ms, |t| now_ms.max(t));
         self.compact(now_ms)?;
         if let Some(source) = &self.mutators {
             self.reducer.set_mutators(source());

@@ -193,6 +193,8 @@ pub struct PageStore {
     checkpoints: Vec<Checkpoint>,
     /// Payload bytes of the entries after the newest complete checkpoint (or the journal's start).
     bytes_since_checkpoint: u64,
+    /// The latest time any entry indexed since opening was stamped with.
+    newest_time_ms: Option<i64>,
     /// False while a replica restarted at a checkpoint waits for its last part.
     has_base: bool,
     /// The most pages the overlay may hold (a server step's cap, so its entry fits the
@@ -268,6 +270,7 @@ impl PageStore {
             arriving_cuts: Vec::new(),
             checkpoints: Vec::new(),
             bytes_since_checkpoint: 0,
+            newest_time_ms: None,
             has_base: true,
             max_overlay_pages: None,
             read_ahead: false,
@@ -327,6 +330,7 @@ impl PageStore {
     /// docs).
     fn index_entry(&mut self, lsn: Lsn, header: storage::EntryHeader, len: usize) {
         self.run = None;
+        self.newest_time_ms = Some(self.newest_time_ms.map_or(header.time_ms, |t| t.max(header.time_ms)));
         let Some(part) = header.checkpoint else {
             // Steps between the parts of a checkpoint are indexed at once (see the module docs).
             self.bytes_since_checkpoint += len as u64;
@@ -816,6 +820,12 @@ impl PageStore {
     /// Complete checkpoints in the journal, oldest first.
     pub fn checkpoints(&self) -> &[Checkpoint] {
         &self.checkpoints
+    }
+
+    /// The latest time an entry of this journal was stamped with (of those read since it was
+    /// opened, and every one appended since): a server stamps its next step no earlier.
+    pub fn newest_time_ms(&self) -> Option<i64> {
+        self.newest_time_ms
     }
 
     /// Payload bytes appended since the newest complete checkpoint (or the journal's start).
