@@ -772,7 +772,7 @@ impl Document {
         let mut deadline = Instant::now() + timeout;
         let mut last = None;
         // The server's head now, not as it last said: entries written since must arrive too.
-        self.shared.session().ask_head(self.id);
+        let ask = self.shared.session().ask_head(self.id);
         self.shared.wake.send_modify(|n| *n += 1);
         loop {
             let st = self.status();
@@ -790,7 +790,7 @@ impl Document {
                 deadline = Instant::now() + timeout;
                 last = Some(now);
             }
-            if st.pending == 0 && self.caught_up() {
+            if st.pending == 0 && self.shared.session().head_answered(self.id) >= ask && self.caught_up() {
                 return Ok(());
             }
             if Instant::now() >= deadline {

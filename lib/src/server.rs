@@ -670,8 +670,12 @@ impl<R: Reducer> ServerDocument<R> {
         }
         // Steps are stamped in the order they run, whatever the clock did since the last one
         // (stepped back, or another server's in a cluster): the history finds `since` by
-        // bisection on these times.
-        let now_ms = self.db.store().newest_time_ms().map_or(now_ms, |t| now_ms.max(t));
+        // bisection on these times. Not past `MAX_CLOCK_AHEAD_MS`: an entry stamped far in the
+        // future (a server with a wrong clock) must not pin every later time to it.
+        let now_ms = match self.db.store().newest_time_ms() {
+            Some(newest) if newest > now_ms && newest - now_ms <= MAX_CLOCK_AHEAD_MS => newest,
+            _ => now_ms,
+        };
         self.compact(now_ms)?;
         if let Some(source) = &self.mutators {
             self.reducer.set_mutators(source());

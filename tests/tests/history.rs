@@ -247,3 +247,19 @@ fn step_times_never_go_back_so_since_finds_every_step() {
     assert_eq!(since(900), 3, "every step at or after 900");
     assert_eq!(since(1_001), 0);
 }
+
+/// Only a small step back is smoothed over (up to `MAX_CLOCK_AHEAD_MS`): an entry stamped far
+/// ahead of the clock (a server with a wrong clock) does not pin every later step to its time.
+#[test]
+fn an_entry_stamped_far_ahead_does_not_pin_later_steps() {
+    let (storage, history) = (SharedJournal::new(33), SharedJournal::new(34));
+    let mut d = open(&storage, &history);
+    let far = pagesync::server::MAX_CLOCK_AHEAD_MS + 1;
+    d.receive_from(ALICE, Lsn::FIRST, vec![mutation("CREATE TABLE t(x)", vec![], 1)], &from("alice", 1));
+    d.step(1_000 + far).expect("step").expect("a step, stamped far ahead");
+    let lsn = |n| Lsn::new(n).expect("lsn");
+    d.receive_from(ALICE, lsn(2), vec![mutation("INSERT INTO t VALUES (1)", vec![], 2)], &from("alice", 2));
+    d.step(1_000).expect("step").expect("a step by the right clock");
+    let applied: Vec<i64> = all(&mut d).iter().map(|r| r.applied_ms).collect();
+    assert_eq!(applied, vec![1_000 + far, 1_000]);
+}

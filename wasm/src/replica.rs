@@ -41,14 +41,24 @@ fn is_locked(e: &JsValue) -> bool {
 /// The key a document's timeline has in OPFS (`timeline.key`), or `fresh`, written and
 /// flushed first when there is none: a timeline never exists without its key. A file shorter
 /// than a key is one whose first write did not finish (so no timeline was made with it): it
-/// is written again. (A timeline made under a key that is gone is refused by the caller.)
-fn opfs_key(file: &mut opfs::OpfsFile, fresh: TimelineKey) -> Result<TimelineKey, JsValue> {
+/// is written again. A longer one is not this format: refused, left as it is. (A timeline
+/// made under a key that is gone is refused by the caller.)
+fn opfs_key(file: &mut opfs::OpfsFile, fresh: TimelineKey) -> Result<TimelineKey, OpfsError> {
     use pagesync::journal::RandomAccess;
-    let io = |e: std::io::Error| JsValue::from_str(&e.to_string());
-    if file.size().map_err(io)? == TimelineKey::FILE_BYTES as u64 {
+    let io = |e: std::io::Error| OpfsError::Unavailable(JsValue::from_str(&e.to_string()));
+    let size = file.size().map_err(io)?;
+    if size == TimelineKey::FILE_BYTES as u64 {
         let mut bytes = [0u8; TimelineKey::FILE_BYTES];
         file.read_exact_at(&mut bytes, 0).map_err(io)?;
         return Ok(TimelineKey::from_bytes(bytes));
+    }
+    if size > TimelineKey::FILE_BYTES as u64 {
+        let why = format!(
+            "{} holds {size} bytes, not {}: not a timeline key",
+            file.name(),
+            TimelineKey::FILE_BYTES
+        );
+        return Err(OpfsError::Replica(why));
     }
     file.truncate(0).map_err(io)?;
     file.write_all_at(&fresh.0, 0).map_err(io)?;

@@ -110,12 +110,13 @@ struct Link {
     /// When the last broadcast went: the next waits `BROADCAST_PACE_MS`, so the server (which
     /// refuses more than one per `MIN_BROADCAST_MS`) never drops the latest value.
     broadcast_at: Option<i64>,
-    /// The last head request (`ask_head`): its id, whether it is still to be sent, and when
-    /// it was sent while its answer has not come (then it is sent again after
-    /// `HEAD_RESEND_MS`, and on a new subscription).
-    head_id: u64,
-    head_due: bool,
-    head_sent_ms: Option<i64>,
+    /// Head requests (`ask_head`): the newest id asked, the newest answered, and the one in
+    /// flight with when it went (sent again after `HEAD_RESEND_MS`, and on a new
+    /// subscription). One is in flight at a time; the next carries the newest id asked, so
+    /// however often `sync` is called, each caller's ask is answered within two round trips.
+    head_asked: u64,
+    head_answered: u64,
+    head_in_flight: Option<(u64, i64)>,
 }
 
 /// A head request unanswered this long is sent again (the server may have dropped it while
@@ -129,7 +130,7 @@ impl Link {
         self.up = SendWindow::new(self.doc.pending_range().first());
         (self.ack_due, self.last_heard_ms, self.digests) = (false, now_ms, true);
         // A head request not answered yet is asked again on the new subscription.
-        self.head_due |= self.head_sent_ms.take().is_some();
+        self.head_in_flight = None;
         // A new subscription: the server says who is there, and hears from us again.
         self.presence.clear();
         self.broadcast_due = self.mine.is_some();
@@ -220,9 +221,9 @@ impl ClientSession {
             broadcast_due: false,
             deleted: false,
             broadcast_at: None,
-            head_id: 0,
-            head_due: false,
-            head_sent_ms: None,
+            head_asked: 0,
+            head_answered: 0,
+            head_in_flight: None,
         };
         self.links.insert(id, link);
     }
@@ -243,20 +244,24 @@ impl ClientSession {
             self.conns.contains_key(&l.route)
                 && matches!(l.state, SubState::Live { .. })
                 && l.doc.storage_range().next() >= l.server_storage_next
-                && !l.head_due
-                && l.head_sent_ms.is_none()
         })
     }
 
-    /// Asks the server for its storage head now (`HeadAsk`, answered by `Head`): until the
-    /// answer, `caught_up` is false, and after it, true only once the replica holds everything
-    /// the server had committed when it answered. Without it a replica with nothing of its
-    /// own pending would judge itself against the head the server last reported, which may
-    /// predate entries written since. Each call asks anew (an earlier answer may be older).
-    pub fn ask_head(&mut self, id: DocId) {
-        if let Some(l) = self.links.get_mut(&id) {
-            (l.head_id, l.head_due, l.head_sent_ms) = (l.head_id + 1, true, None);
-        }
+    /// Asks the server for its storage head now (`HeadAsk`, answered by `Head`); returns the
+    /// ask's id. Once `head_answered` reaches it, `caught_up` means "holds everything the
+    /// server had committed after this call". Without it a replica with nothing of its own
+    /// pending would judge itself against the head the server last reported, which may
+    /// predate entries written since (`Document::sync` asks first).
+    pub fn ask_head(&mut self, id: DocId) -> u64 {
+        self.links.get_mut(&id).map_or(0, |l| {
+            l.head_asked += 1;
+            l.head_asked
+        })
+    }
+
+    /// The newest head request answered (see `ask_head`).
+    pub fn head_answered(&self, id: DocId) -> u64 {
+        self.links.get(&id).map_or(0, |l| l.head_answered)
     }
 
     pub fn has_document(&self, id: DocId) -> bool {
@@ -643,10 +648,11 @@ impl ClientSession {
                 link.presence.remove(&peer);
                 self.presence_changes += 1;
             }
-            // An answer to an older ask (a `sync` since asked again) is not enough.
-            Message::Head { id, storage_next, .. } if id == link.head_id && link.head_sent_ms.is_some() => {
-                link.head_sent_ms = None;
+            // The server's head after ask `id` was made: it answers every ask up to `id`.
+            Message::Head { id, storage_next, .. } if id > link.head_answered && id <= link.head_asked => {
+                link.head_answered = id;
                 link.server_storage_next = link.server_storage_next.max(storage_next);
+                link.head_in_flight = link.head_in_flight.filter(|(sent, _)| *sent > id);
             }
             // The server has no subscription for it here (it closed the document, or never
             // had one): subscribe again, and what was unanswered goes again.
@@ -730,11 +736,13 @@ impl ClientSession {
     pub fn poll_timeout(&self) -> Option<i64> {
         let links = self.links.values().filter(|l| self.conns.contains_key(&l.route));
         let broadcast = |l: &Link| l.broadcast_at.filter(|_| l.broadcast_due).map(|t| t + BROADCAST_PACE_MS);
+        // Only where `next_message` would send it: a deadline it cannot act on would spin.
+        let head = |l: &Link| {
+            let live = matches!(l.state, SubState::Live { .. }) && !l.deleted;
+            l.head_in_flight.filter(|_| live).map(|(_, t)| t + HEAD_RESEND_MS)
+        };
         links
-            .flat_map(|l| {
-                let head = l.head_sent_ms.map(|t| t + HEAD_RESEND_MS);
-                [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at(), broadcast(l), head]
-            })
+            .flat_map(|l| [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at(), broadcast(l), head(l)])
             .flatten()
             .min()
     }
@@ -829,9 +837,13 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         (l.broadcast_due, l.broadcast_at) = (false, Some(now_ms));
         return Some(Message::Broadcast { doc: id, value });
     }
-    if l.head_due || l.head_sent_ms.is_some_and(|t| now_ms >= t + HEAD_RESEND_MS) {
-        (l.head_due, l.head_sent_ms) = (false, Some(now_ms));
-        return Some(Message::HeadAsk { doc: id, id: l.head_id });
+    let head_due = match l.head_in_flight {
+        None => l.head_asked > l.head_answered,
+        Some((_, sent_ms)) => now_ms >= sent_ms + HEAD_RESEND_MS,
+    };
+    if head_due {
+        l.head_in_flight = Some((l.head_asked, now_ms));
+        return Some(Message::HeadAsk { doc: id, id: l.head_asked });
     }
     upload_batch(id, l, now_ms)
 }
