@@ -106,9 +106,8 @@ async fn directory(path: &[&str]) -> Result<FileSystemDirectoryHandle, JsValue> 
     Ok(dir)
 }
 
-/// Opens (creating) `<path>/<name>`, one file.
-pub async fn open_file(path: &[&str], name: &str) -> Result<OpfsFile, JsValue> {
-    let dir = directory(path).await?;
+/// Opens (creating) `name` in `dir` (at `path`) for synchronous access.
+async fn open_in(dir: &FileSystemDirectoryHandle, path: &[&str], name: &str) -> Result<OpfsFile, JsValue> {
     let opts = FileSystemGetFileOptions::new();
     opts.set_create(true);
     let file: FileSystemFileHandle =
@@ -118,21 +117,16 @@ pub async fn open_file(path: &[&str], name: &str) -> Result<OpfsFile, JsValue> {
     Ok(OpfsFile { path: format!("{}/{name}", path.join("/")), handle })
 }
 
+/// Opens (creating) `<path>/<name>`, one file.
+pub async fn open_file(path: &[&str], name: &str) -> Result<OpfsFile, JsValue> {
+    open_in(&directory(path).await?, path, name).await
+}
+
 /// Opens (creating) `<path>/<name>.a` and `<path>/<name>.b`: a handle journal's two files.
 pub async fn open_pair(path: &[&str], name: &str) -> Result<[OpfsFile; 2], JsValue> {
     let dir = directory(path).await?;
-    let mut files = Vec::with_capacity(2);
-    for suffix in ["a", "b"] {
-        let file_name = format!("{name}.{suffix}");
-        let opts = FileSystemGetFileOptions::new();
-        opts.set_create(true);
-        let file: FileSystemFileHandle =
-            JsFuture::from(dir.get_file_handle_with_options(&file_name, &opts)).await?.dyn_into()?;
-        let handle: FileSystemSyncAccessHandle =
-            JsFuture::from(file.create_sync_access_handle()).await?.dyn_into()?;
-        files.push(OpfsFile { path: format!("{}/{file_name}", path.join("/")), handle });
-    }
-    let [a, b]: [OpfsFile; 2] = files.try_into().map_err(|_| JsValue::from_str("BUG: two files"))?;
+    let a = open_in(&dir, path, &format!("{name}.a")).await?;
+    let b = open_in(&dir, path, &format!("{name}.b")).await?;
     Ok([a, b])
 }
 
