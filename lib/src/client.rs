@@ -244,11 +244,7 @@ impl<R: Reducer> ClientDocument<R> {
     /// locally, but the server refuses its subscription.
     pub fn set_timeline_key(&mut self, key: TimelineKey) -> Result<()> {
         if key.id() != self.timeline_id {
-            return Err(Error::Malformed(format!(
-                "the timeline key opens timeline {}, not this replica's {}",
-                key.id(),
-                self.timeline_id
-            )));
+            return Err(Error::WrongTimelineKey { opens: key.id(), timeline: self.timeline_id });
         }
         self.timeline_key = Some(key);
         Ok(())

@@ -60,6 +60,9 @@ pub enum Error {
     /// replicas can only be forgotten.
     #[error("the document was deleted on the server")]
     Deleted,
+    /// `ClientDocument::set_timeline_key` with a key that opens another timeline.
+    #[error("the timeline key opens timeline {opens}, not this replica's {timeline}")]
+    WrongTimelineKey { opens: crate::TimelineId, timeline: crate::TimelineId },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
