@@ -273,17 +273,14 @@ fn write_key(dir: &Path, key: &pagesync::TimelineKey) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(fail)
 }
 
-/// The replica's key, which must open `timeline`.
-fn read_key(dir: &Path, timeline: pagesync::TimelineId) -> Result<pagesync::TimelineKey> {
+/// The replica's key as its file holds it (`ClientDocument::set_timeline_key` checks that it
+/// opens the timeline).
+fn read_key(dir: &Path) -> Result<pagesync::TimelineKey> {
     let fail = |why: String| ClientError::TimelineKey { dir: dir.to_owned(), why };
     let bytes =
         std::fs::read(dir.join(TIMELINE_KEY_FILE)).map_err(|e| fail(format!("{TIMELINE_KEY_FILE}: {e}")))?;
-    let key = pagesync::TimelineKey::from_file_bytes(&bytes)
-        .ok_or_else(|| fail(format!("{TIMELINE_KEY_FILE} holds {} bytes, not 32", bytes.len())))?;
-    if key.id() != timeline {
-        return Err(fail(format!("{TIMELINE_KEY_FILE} opens timeline {}, not {timeline}", key.id())));
-    }
-    Ok(key)
+    pagesync::TimelineKey::from_file_bytes(&bytes)
+        .ok_or_else(|| fail(format!("{TIMELINE_KEY_FILE} holds {} bytes, not 32", bytes.len())))
 }
 
 impl Client {
@@ -364,8 +361,7 @@ impl Client {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let key =
-                read_key(&dir, pagesync::TimelineId(*pagesync::journal::Journal::id(&timeline).as_bytes()))?;
+            let key = read_key(&dir)?;
             // The server's rejections of this replica's mutations, kept once the server forgets
             // them; named after the timeline, so a new timeline starts with none.
             let outcomes = FileJournal::open_or_create(
@@ -378,7 +374,9 @@ impl Client {
                 Box::new(timeline),
                 Box::new(outcomes),
             )?;
-            replica.set_timeline_key(key)?;
+            replica
+                .set_timeline_key(key)
+                .map_err(|e| ClientError::TimelineKey { dir: dir.clone(), why: e.to_string() })?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
             // The server's mutators as last sent: pending calls run under them offline too.
             if let Ok(source) = std::fs::read_to_string(dir.join(MUTATORS_FILE)) {
