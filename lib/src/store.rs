@@ -330,7 +330,7 @@ impl PageStore {
     /// docs).
     fn index_entry(&mut self, lsn: Lsn, header: storage::EntryHeader, len: usize) {
         self.run = None;
-        self.newest_time_ms = Some(self.newest_time_ms.map_or(header.time_ms, |t| t.max(header.time_ms)));
+        self.newest_time_ms = self.newest_time_ms.max(Some(header.time_ms));
         let Some(part) = header.checkpoint else {
             // Steps between the parts of a checkpoint are indexed at once (see the module docs).
             self.bytes_since_checkpoint += len as u64;
