@@ -22,10 +22,6 @@ fn journal_id(n: u128) -> JournalId {
     if n == 3 || n == 5 { pagesync_tests::timeline_journal_id(n) } else { JournalId::from_u128(n) }
 }
 
-fn keyed(doc: ClientDocument, n: u128) -> ClientDocument {
-    pagesync_tests::keyed(doc, n)
-}
-
 fn row(i: u64) -> Vec<u8> {
     SqlMutation::one("INSERT INTO t(v) VALUES (?1)", vec![Value::Text(format!("row {i} {}", "x".repeat(40)))])
         .encode()
@@ -69,8 +65,14 @@ impl Trio {
         }));
         let mut a = ClientSession::new("");
         let mut b = ClientSession::new("");
-        a.add_document(DOC, keyed(ClientDocument::open(journal(2), journal(3)).expect("a"), 3));
-        b.add_document(DOC, keyed(ClientDocument::open(journal(4), journal(5)).expect("b"), 5));
+        a.add_document(
+            DOC,
+            pagesync_tests::keyed(ClientDocument::open(journal(2), journal(3)).expect("a"), 3),
+        );
+        b.add_document(
+            DOC,
+            pagesync_tests::keyed(ClientDocument::open(journal(4), journal(5)).expect("b"), 5),
+        );
         for (conn, c) in [(A, &mut a), (B, &mut b)] {
             server.connect(conn);
             c.connected(0);
