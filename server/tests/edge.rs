@@ -45,6 +45,20 @@ fn token(doc: &str, write: bool, metrics: bool) -> String {
     )
 }
 
+/// A write token for every document (and `/metrics`) whose `sub` is `sub`.
+fn named(sub: &str) -> String {
+    let claims = Claims {
+        doc: "*".into(),
+        write: true,
+        exp: 4_000_000_000,
+        metrics: true,
+        admin: false,
+        sub: Some(sub.into()),
+        call: None,
+    };
+    mint(SECRET, &claims)
+}
+
 async fn connect(port: u16, token: &str) -> Socket {
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
@@ -440,18 +454,6 @@ async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
     let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret_file(dir.path())]);
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let doc = DocId::from_u128(0x9e5);
-    let named = |sub: &str| {
-        let claims = Claims {
-            doc: "*".into(),
-            write: true,
-            exp: 4_000_000_000,
-            metrics: true,
-            admin: false,
-            sub: Some(sub.into()),
-            call: None,
-        };
-        mint(SECRET, &claims)
-    };
     let mut clients: Vec<pagesync_client::Client> = ["ann", "bob", "cat"]
         .iter()
         .map(|n| pagesync_client::Client::connect(&url, &named(n), dir.path().join(n)).expect("client"))
@@ -555,18 +557,6 @@ async fn no_client_writes_to_another_clients_timeline() {
     let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret_file(dir.path())]);
     let url = format!("ws://127.0.0.1:{port}/v1/sync");
     let doc = DocId::from_u128(0x71e);
-    let named = |sub: &str| {
-        let claims = Claims {
-            doc: "*".into(),
-            write: true,
-            exp: 4_000_000_000,
-            metrics: false,
-            admin: false,
-            sub: Some(sub.into()),
-            call: None,
-        };
-        mint(SECRET, &claims)
-    };
     let alice_client =
         pagesync_client::Client::connect(&url, &named("alice"), dir.path().join("alice")).expect("alice");
     let alice = alice_client.open(doc).expect("open");
