@@ -905,13 +905,13 @@ impl<R: Reducer> ClientDocument<R> {
         Ok(())
     }
 
-    /// Runs a read-only query on the optimistic state.
     /// Sets the budget this replica's optimistic runs use; it should match the server's
     /// (`Budget::default()` unless the server raised it).
     pub fn set_budget(&mut self, budget: crate::sandbox::Budget) -> Result<()> {
         self.db.set_budget(budget)
     }
 
+    /// Runs a read-only query on the optimistic state.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         self.check_not_restarting()?;
         self.db.run_query(|conn| query_rows(conn, sql, params)).map_err(|e| match e {
@@ -927,8 +927,9 @@ pub(crate) fn query_rows(conn: &rusqlite::Connection, sql: &str, params: &[Value
     if !stmt.readonly() {
         return Err(Error::NotReadOnly { sql: sql.to_owned() });
     }
-    let columns: Vec<String> = stmt.column_names().map(str::to_owned).collect();
-    let n = columns.len();
+    // Name by name: `column_names` would collect them into a vector of its own first.
+    let n = stmt.column_count();
+    let columns = (0..n).map(|i| stmt.column_name(i).map(str::to_owned)).collect::<rusqlite::Result<_>>()?;
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {

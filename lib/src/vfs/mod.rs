@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::ffi;
@@ -36,6 +36,10 @@ pub(crate) struct VfsState {
     pub clock_ms: Arc<AtomicI64>,
     temp: Arc<TempBudget>,
     named: Mutex<HashMap<String, Arc<Mutex<Vec<u8>>>>>,
+    /// How many files `named` holds, so `xAccess` (twice per transaction: a hot journal? a
+    /// WAL?) answers without a lock or a string while there are none, as almost always (the
+    /// rollback journal is in memory; statement journals and temp files have no name).
+    named_count: AtomicUsize,
 }
 
 /// The bytes a connection's temp files (statement journals, sorter spills, temp b-trees) hold
@@ -132,7 +136,13 @@ impl Registration {
         }
         let n = NEXT_VFS.fetch_add(1, Ordering::Relaxed);
         let name = CString::new(format!("pagesync-{n}")).expect("BUG: no NUL in the name");
-        let state = Box::new(VfsState { store, clock_ms, temp, named: Mutex::new(HashMap::new()) });
+        let state = Box::new(VfsState {
+            store,
+            clock_ms,
+            temp,
+            named: Mutex::new(HashMap::new()),
+            named_count: AtomicUsize::new(0),
+        });
         let vfs = Box::new(ffi::sqlite3_vfs {
             iVersion: 2,
             szOsFile: std::mem::size_of::<File>() as c_int,
@@ -304,10 +314,12 @@ unsafe extern "C" fn x_open(
         FileKind::Main(st.store.clone())
     } else {
         match name {
-            Some(n) => FileKind::Memory {
-                data: st.named.lock().expect("BUG: lock poisoned").entry(n).or_default().clone(),
-                named: true,
-            },
+            Some(n) => {
+                let mut named = st.named.lock().expect("BUG: lock poisoned");
+                let data = named.entry(n).or_default().clone();
+                st.named_count.store(named.len(), Ordering::Relaxed);
+                FileKind::Memory { data, named: true }
+            }
             None => FileKind::Memory { data: Arc::default(), named: false },
         }
     };
@@ -325,9 +337,10 @@ unsafe extern "C" fn x_open(
 unsafe extern "C" fn x_delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, _sync_dir: c_int) -> c_int {
     // SAFETY: our VFS, a NUL-terminated name.
     let (st, name) = unsafe { (state(vfs), name_of(name)) };
-    if let Some(n) = name
-        && let Some(data) = st.named.lock().expect("BUG: lock poisoned").remove(&n)
-    {
+    let Some(n) = name else { return ffi::SQLITE_OK };
+    let mut named = st.named.lock().expect("BUG: lock poisoned");
+    if let Some(data) = named.remove(&n) {
+        st.named_count.store(named.len(), Ordering::Relaxed);
         st.temp.shrink(data.lock().expect("BUG: lock poisoned").len() as u64);
     }
     ffi::SQLITE_OK
@@ -340,11 +353,13 @@ unsafe extern "C" fn x_access(
     res_out: *mut c_int,
 ) -> c_int {
     // SAFETY: our VFS, a NUL-terminated name or null, a writable int. SQLite asks at every
-    // transaction (is there a hot journal?): looked up without an allocation.
+    // transaction (is there a hot journal? a WAL?): no files, no lock; else no allocation.
     unsafe {
-        let name = (!name.is_null()).then(|| CStr::from_ptr(name).to_str().ok()).flatten();
-        let exists =
-            name.is_some_and(|n| state(vfs).named.lock().expect("BUG: lock poisoned").contains_key(n));
+        let st = state(vfs);
+        let exists = st.named_count.load(Ordering::Relaxed) > 0 && {
+            let name = (!name.is_null()).then(|| CStr::from_ptr(name).to_str().ok()).flatten();
+            name.is_some_and(|n| st.named.lock().expect("BUG: lock poisoned").contains_key(n))
+        };
         *res_out = exists as c_int;
     }
     ffi::SQLITE_OK
