@@ -15,8 +15,10 @@
 //   await db.query("SELECT * FROM todos");            // rows as objects
 //   const stop = db.subscribe("SELECT * FROM todos", [], (rows) => render(rows));
 //   await db.status();  // { pending, confirmed, rejected: [{ id, code, message }], ... }
+//   await db.sync();    // every write settled, and everything the server has is here
 
 const CALL_TIMEOUT_MS = 30_000;
+const SYNC_TIMEOUT_MS = 10_000;
 const OPEN_RETRIES = 40; // the previous owner's worker may take a moment to release OPFS
 
 export class Database {
@@ -122,6 +124,16 @@ export class Database {
   }
 
   /** A read-only query on the local state; rows are objects keyed by column name. */
+  /**
+   * Resolves once every write made so far is confirmed or rejected by the server and this
+   * replica holds everything the server had when `sync` was called (it asks the server for
+   * its head, so a write another client made a moment ago counts). Rejects with the server's
+   * error, or when not in sync within `timeoutMs` (default 10 s; offline, it waits for that long).
+   */
+  sync({ timeoutMs = SYNC_TIMEOUT_MS } = {}) {
+    return this.#callWithin(timeoutMs + CALL_TIMEOUT_MS, "sync", timeoutMs);
+  }
+
   query(sql, params = []) {
     return this.#call("query", sql, params);
   }
@@ -287,12 +299,16 @@ export class Database {
   // ---- calls ----
 
   #call(op, ...args) {
+    return this.#callWithin(CALL_TIMEOUT_MS, op, ...args);
+  }
+
+  #callWithin(timeoutMs, op, ...args) {
     if (this.#closed) return Promise.reject(new Error("the database was closed"));
     const id = this.#next++;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(
-        () => this.#finish(id, new Error(`no tab answered ${op} within ${CALL_TIMEOUT_MS / 1000} s`)),
-        CALL_TIMEOUT_MS,
+        () => this.#finish(id, new Error(`no tab answered ${op} within ${timeoutMs / 1000} s`)),
+        timeoutMs,
       );
       this.#calls.set(id, { op, args, resolve, reject, timer });
       this.#send({ id, op, args });

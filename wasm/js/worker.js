@@ -13,6 +13,9 @@ let lastVersion = -1;
 let lastPresence = -1;
 const subscriptions = new Map(); // id -> { sql, params, json }
 const waiting = new Set(); // mutation ids whose state someone awaits
+const syncs = new Set(); // { ask, deadline, timeoutMs, resolve, reject }: `sync` calls under way
+let syncTimer = null;
+const SYNC_POLL_MS = 10;
 
 const RETRY_MIN_MS = 250;
 const RETRY_MAX_MS = 10_000;
@@ -56,8 +59,33 @@ function peers() {
   });
 }
 
+// Ends the `sync` calls whose server head has arrived (every write settled, every entry the
+// server had when asked is here), the server refused, or whose time is up; polls while any wait.
+function checkSyncs() {
+  clearTimeout(syncTimer);
+  if (syncs.size === 0) return;
+  const st = replica.status();
+  const answered = replica.headAnswered();
+  const now = Date.now();
+  for (const s of [...syncs]) {
+    if (st.error) {
+      syncs.delete(s);
+      s.reject(new Error(`${st.error.code}: ${st.error.message}`));
+    } else if (st.pending === 0 && answered >= s.ask && st.caughtUp) {
+      syncs.delete(s);
+      s.resolve();
+    } else if (now >= s.deadline) {
+      syncs.delete(s);
+      const where = st.connected ? "" : ", offline";
+      s.reject(new Error(`not in sync after ${s.timeoutMs} ms (${st.pending} writes pending${where})`));
+    }
+  }
+  if (syncs.size > 0) syncTimer = setTimeout(checkSyncs, SYNC_POLL_MS);
+}
+
 // Re-runs subscriptions and settles awaited mutations when the replica changed.
 function changed() {
+  checkSyncs();
   presenceChanged();
   const version = replica.version();
   if (version === lastVersion) return;
@@ -250,6 +278,17 @@ const ops = {
   },
   query(sql, params) {
     return replica.query(sql, params ?? []);
+  },
+  // Resolves once every write so far is settled by the server and every entry the server had
+  // when asked is here (it asks for its head now rather than trusting the last report).
+  sync(timeoutMs) {
+    const ask = replica.askHead();
+    flush();
+    schedule();
+    return new Promise((resolve, reject) => {
+      syncs.add({ ask, deadline: Date.now() + timeoutMs, timeoutMs, resolve, reject });
+      checkSyncs();
+    });
   },
   subscribe(sub, sql, params) {
     subscriptions.set(sub, { sql, params: params ?? [], json: null });

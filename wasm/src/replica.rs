@@ -290,6 +290,21 @@ impl Replica {
         Ok(out.into())
     }
 
+    /// Asks the server for its storage head as of now (`HeadAsk`, sent by `pollTransmit`, again
+    /// after a second without an answer and on every new subscription); returns the request's
+    /// id. In sync once `headAnswered() >= id`, nothing is pending and `caughtUp`: every write
+    /// the server took before this call is here, not just those it last reported.
+    #[wasm_bindgen(js_name = askHead)]
+    pub fn ask_head(&mut self) -> f64 {
+        self.session.ask_head(self.doc) as f64
+    }
+
+    /// The newest head request the server answered (see `askHead`).
+    #[wasm_bindgen(js_name = headAnswered)]
+    pub fn head_answered(&self) -> f64 {
+        self.session.head_answered(self.doc) as f64
+    }
+
     /// The server's state held here as a `.sqlite` file (pending writes are not in it).
     pub fn export(&self) -> Result<Vec<u8>, JsError> {
         self.document().export().map_err(js_error)

@@ -5,6 +5,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
+import net from "node:net";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 import {
@@ -143,6 +144,62 @@ test("a 10 MB document opens from OPFS after a reload", async () => {
   figures.open_10mb_after_reload_ms = Math.round(cold.ms);
   await context.close();
 });
+
+// A TCP proxy to the server that holds every byte the server sends for `delayMs` (in order):
+// the page hears of a write long after the server committed it.
+function slowDownstream(delayMs) {
+  const sockets = new Set();
+  const proxy = net.createServer((client) => {
+    const upstream = net.connect(port, "127.0.0.1");
+    sockets.add(client).add(upstream);
+    client.pipe(upstream);
+    upstream.on("data", (d) => setTimeout(() => client.destroyed || client.write(d), delayMs));
+    upstream.on("close", () => setTimeout(() => client.destroy(), delayMs));
+    client.on("close", () => upstream.destroy());
+    for (const s of [client, upstream]) s.on("error", () => {});
+  });
+  return new Promise((resolve) => proxy.listen(0, "127.0.0.1", () => resolve({
+    url: `ws://127.0.0.1:${proxy.address().port}/v1/sync`,
+    close: () => { for (const s of sockets) s.destroy(); proxy.close(); },
+  })));
+}
+
+test("sync waits for a write the server took a moment ago, not the head it last reported", async () => {
+  const d = randomDoc();
+  const dir = join(work, "cli-sync");
+  runCli(port, dir, d, "exec", "CREATE TABLE t (n INTEGER)");
+  const proxy = await slowDownstream(400);
+  const context = await browser.newContext();
+  try {
+    await syncsThroughSlowProxy(context, d, dir, proxy.url);
+  } finally {
+    await context.close();
+    proxy.close();
+  }
+});
+
+async function syncsThroughSlowProxy(context, d, dir, url) {
+  const page = await context.newPage();
+  logPage(page, "sync");
+  await page.goto(`${base}/healthz`);
+  await page.evaluate(async ({ d, url }) => {
+    const { Database } = await import("/pagesync.js");
+    window.db = await Database.open(d, { url, persist: false });
+    await window.db.sync();
+  }, { d, url });
+  const count = () => page.evaluate(async () => (await window.db.query("SELECT count(*) AS n FROM t"))[0].n);
+  assert.equal(await count(), 0);
+  for (let n = 1; n <= 3; n++) {
+    // Committed on the server when the CLI returns; the page hears of it 400 ms later.
+    runCli(port, dir, d, "exec", "INSERT INTO t VALUES (1)");
+    await page.evaluate(() => window.db.sync());
+    assert.equal(await count(), n, "sync returned before the server's newest entry arrived");
+  }
+  // Offline, sync gives up with a reason rather than waiting forever.
+  await page.evaluate(() => window.db.setOnline(false));
+  const offline = await page.evaluate(() => window.db.sync({ timeoutMs: 300 }).then(() => "in sync", (e) => e.message));
+  assert.match(offline, /not in sync after 300 ms \(0 writes pending, offline\)/);
+}
 
 test("two contexts see each other's presence, and one that closes is dropped", async () => {
   const room = randomDoc();
