@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod remote;
+mod tls;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -1050,7 +1051,16 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
         let config = WebSocketConfig::default()
             .max_message_size(Some(pagesync::protocol::MAX_FRAME_BYTES))
             .max_frame_size(Some(pagesync::protocol::MAX_FRAME_BYTES));
-        match tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true).await {
+        let connected = match tls::config_for(&url) {
+            Ok(tls) => {
+                let tls = tls.map(tokio_tungstenite::Connector::Rustls);
+                tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(config), true, tls)
+                    .await
+                    .map_err(|e| explain_connect_error(&url, &e))
+            }
+            Err(why) => Err(why),
+        };
+        match connected {
             Ok((ws, _)) => {
                 (backoff, failures) = (MIN_BACKOFF, 0);
                 if route.is_none() {
@@ -1059,9 +1069,8 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
                 }
                 run_connection(ws, &shared, &route).await;
             }
-            Err(e) => {
+            Err(why) => {
                 failures += 1;
-                let why = explain_connect_error(&url, &e);
                 tracing::debug!("{why}");
                 if route.is_none() {
                     *shared.connect_error.lock().expect("BUG") = Some(why);

@@ -13,6 +13,7 @@ use pagesync::journal::Lsn;
 use pagesync::protocol::{MAX_FRAME_BYTES, Message, PROTOCOL_VERSION, PageMap};
 use pagesync::{DocId, remote::PageSource};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::stream::MaybeTlsStream;
 use tokio_tungstenite::tungstenite::{self, Message as WsMessage, WebSocket};
 
 /// How long a fetch waits for the server: connecting, or for an answer.
@@ -26,7 +27,7 @@ pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 pub(crate) struct Fetcher {
     url: String,
     token: String,
-    ws: Option<WebSocket<TcpStream>>,
+    ws: Option<WebSocket<MaybeTlsStream<TcpStream>>>,
     next_id: u64,
 }
 
@@ -44,15 +45,17 @@ impl Fetcher {
         }
     }
 
-    fn connect(&mut self) -> Result<&mut WebSocket<TcpStream>, String> {
+    fn connect(&mut self) -> Result<&mut WebSocket<MaybeTlsStream<TcpStream>>, String> {
         if self.ws.is_none() {
             let uri: tungstenite::http::Uri =
                 self.url.parse().map_err(|e| format!("bad URL {}: {e}", self.url))?;
-            if uri.scheme_str() != Some("ws") {
-                return Err(format!("pages are fetched over ws:// only, not {}", self.url));
-            }
+            let default_port = match uri.scheme_str() {
+                Some("ws") => 80,
+                Some("wss") => 443,
+                _ => return Err(format!("pages are fetched over ws:// or wss:// only, not {}", self.url)),
+            };
             let host = uri.host().ok_or_else(|| format!("no host in {}", self.url))?;
-            let port = uri.port_u16().unwrap_or(80);
+            let port = uri.port_u16().unwrap_or(default_port);
             let addr = (host, port)
                 .to_socket_addrs()
                 .map_err(|e| format!("cannot resolve {host}: {e}"))?
@@ -66,8 +69,9 @@ impl Fetcher {
             let config = WebSocketConfig::default()
                 .max_message_size(Some(MAX_FRAME_BYTES))
                 .max_frame_size(Some(MAX_FRAME_BYTES));
+            let tls = crate::tls::config_for(&self.url)?.map(tungstenite::Connector::Rustls);
             let (mut ws, _) =
-                tungstenite::client::client_with_config(self.url.as_str(), stream, Some(config))
+                tungstenite::client_tls_with_config(self.url.as_str(), stream, Some(config), tls)
                     .map_err(|e| format!("websocket handshake with {} failed: {e}", self.url))?;
             let hello = Message::Hello { version: PROTOCOL_VERSION, token: self.token.clone() };
             ws.send(WsMessage::Binary(hello.encode().into())).map_err(|e| e.to_string())?;

@@ -40,8 +40,21 @@ impl Server {
 }
 
 fn cli_with(addr: SocketAddr, data: &Path, timeout_ms: u64, args: &[&str], stdin: Option<&str>) -> Output {
+    cli_at(&format!("ws://{addr}/v1/sync"), data, timeout_ms, args, stdin, &[])
+}
+
+/// The CLI against the server at `url`, with `env` added to its environment.
+fn cli_at(
+    url: &str,
+    data: &Path,
+    timeout_ms: u64,
+    args: &[&str],
+    stdin: Option<&str>,
+    env: &[(&str, &Path)],
+) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_pagesync"))
-        .args(["--server", &format!("ws://{addr}/v1/sync"), "--doc", DOC])
+        .args(["--server", url, "--doc", DOC])
+        .envs(env.iter().copied())
         .args(["--timeout-ms", &timeout_ms.to_string()])
         .arg("--data")
         .arg(data)
@@ -116,6 +129,108 @@ fn two_cli_clients_converge_offline_writes_sync_and_rejections_are_explained() {
     let rows = ok(&cli(addr, &b, &["query", "SELECT x FROM t ORDER BY rowid"], None));
     assert_eq!(rows, "x\nfrom a\noffline\nfrom the repl\n");
     server.stop();
+}
+
+/// `wss://`: the CLI through a TLS terminator in front of the server (rustls, with a
+/// certificate from a CA made for the test by `openssl` and trusted through `SSL_CERT_FILE`)
+/// writes and reads as over `ws://`, a new replica included (its first query may fetch pages
+/// over a connection of its own); a CLI that does not trust the CA refuses the certificate and
+/// says so.
+#[test]
+fn the_cli_syncs_over_wss_and_refuses_a_certificate_it_does_not_trust() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, addr) = Server::start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr"));
+    let certs = make_certificates(dir.path());
+    let tls_addr = server.rt.block_on(tls_terminator(&certs, addr));
+    let url = format!("wss://{tls_addr}/v1/sync");
+    let trusted = [("SSL_CERT_FILE", certs.ca.as_path())];
+    let over_tls =
+        |name: &str, args: &[&str]| ok(&cli_at(&url, &dir.path().join(name), 10_000, args, None, &trusted));
+    assert!(over_tls("a", &["exec", "CREATE TABLE t (x TEXT)"]).contains("confirmed"));
+    assert!(over_tls("a", &["exec", "INSERT INTO t VALUES ('over tls')"]).contains("confirmed"));
+    // Another replica, straight at the server: the write went through the terminator.
+    assert_eq!(ok(&cli(addr, &dir.path().join("b"), &["query", "SELECT x FROM t"], None)), "x\nover tls\n");
+    assert_eq!(over_tls("c", &["query", "SELECT x FROM t"]), "x\nover tls\n");
+    // The system's roots (or none) do not include the test's CA.
+    let refused = cli_at(&url, &dir.path().join("d"), 1_000, &["sync"], None, &[]);
+    assert!(!refused.status.success(), "a certificate from an unknown CA is refused");
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("certificate"), "the error names the certificate: {why}");
+    server.stop();
+}
+
+struct Certificates {
+    ca: std::path::PathBuf,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+/// A CA and a certificate it signs for 127.0.0.1, made with the `openssl` command.
+fn make_certificates(dir: &Path) -> Certificates {
+    let path = |name: &str| dir.join(name);
+    std::fs::write(
+        path("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("write");
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let steps: [Vec<&str>; 3] = [
+        [&["req", "-x509"][..], &ec, &["-days", "2", "-subj", "/CN=pagesync test CA"]].concat(),
+        [&["req"][..], &ec, &["-subj", "/CN=127.0.0.1"]].concat(),
+        vec!["x509", "-req", "-days", "2", "-CAcreateserial"],
+    ];
+    let files: [&[(&str, &str)]; 3] = [
+        &[("-keyout", "ca.key"), ("-out", "ca.pem")],
+        &[("-keyout", "leaf.key"), ("-out", "leaf.csr")],
+        &[
+            ("-in", "leaf.csr"),
+            ("-CA", "ca.pem"),
+            ("-CAkey", "ca.key"),
+            ("-extfile", "leaf.ext"),
+            ("-out", "leaf.pem"),
+        ],
+    ];
+    for (args, files) in steps.iter().zip(files) {
+        let mut cmd = Command::new("openssl");
+        cmd.args(args);
+        for (flag, name) in files {
+            cmd.arg(flag).arg(path(name));
+        }
+        let out =
+            cmd.output().expect("this test needs the `openssl` command (Debian: apt-get install openssl)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Certificates { ca: path("ca.pem"), cert: path("leaf.pem"), key: path("leaf.key") }
+}
+
+/// Accepts TLS on a port of its own and relays each connection to `upstream` in the clear.
+async fn tls_terminator(certs: &Certificates, upstream: SocketAddr) -> SocketAddr {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(&certs.cert).expect("cert").collect::<Result<Vec<_>, _>>();
+    let key = PrivateKeyDer::from_pem_file(&certs.key).expect("key");
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(chain.expect("cert"), key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
 }
 
 #[test]
