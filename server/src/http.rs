@@ -141,6 +141,8 @@ struct Request {
     /// After `?`, as sent (empty when there was none).
     query: String,
     token: Option<String>,
+    /// It asks for a websocket (`Upgrade: websocket`).
+    websocket: bool,
 }
 
 /// Serves one connection. Until it said `Hello` (or, for plain HTTP, until it is answered) it
@@ -183,7 +185,15 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         return None;
     };
     match req.path.as_str() {
-        "/v1/sync" => return handshake(Prefixed { head, at: 0, inner: stream }, routes).await,
+        "/v1/sync" if req.websocket => {
+            return handshake(Prefixed { head, at: 0, inner: stream }, routes).await;
+        }
+        // A browser or `curl` that found the endpoint: say what it is rather than hang up.
+        "/v1/sync" => {
+            let why = "this is pagesync's sync endpoint, a websocket: connect a pagesync client to ws:// (or \
+                       wss://) on this path\n";
+            respond_with(stream, "426 Upgrade Required", &[("upgrade", "websocket")], "text/plain", why).await
+        }
         "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
         "/metrics" => match authorize_metrics(routes, &req) {
             Ok(()) => respond(stream, "200 OK", "text/plain; version=0.0.4", routes.metrics.render()).await,
@@ -255,15 +265,20 @@ fn parse_head(head: &[u8]) -> Option<Request> {
     let (method, target) = (parts.next()?, parts.next()?);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
+    let mut websocket = false;
     for line in lines {
-        if let Some((name, value)) = line.split_once(':')
-            && name.trim().eq_ignore_ascii_case("authorization")
-            && let Some(t) = value.trim().strip_prefix("Bearer ")
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("authorization")
+            && let Some(t) = value.strip_prefix("Bearer ")
         {
             token = Some(t.trim().to_owned());
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            websocket |= value.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"));
         }
     }
-    Some(Request { method: method.to_owned(), path: path.to_owned(), query: query.to_owned(), token })
+    let (method, path, query) = (method.to_owned(), path.to_owned(), query.to_owned());
+    Some(Request { method, path, query, token, websocket })
 }
 
 type Refusal = (&'static str, String);

@@ -142,6 +142,9 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("pagesync_steps_total"));
     assert_eq!(get(port, "/healthz", "").0, 200, "health stays open");
+    let (status, body) = get(port, "/v1/sync", "");
+    assert_eq!(status, 426, "the sync endpoint without an upgrade says what it is");
+    assert!(String::from_utf8_lossy(&body).contains("websocket"));
 
     // A read-only token for every document cannot create one by subscribing.
     let mut ws = connect(port, &token("*", false, false)).await;
