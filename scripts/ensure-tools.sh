@@ -23,6 +23,16 @@ ensure_wasm_toolchain() {
   fi
 }
 
+# The `openssl` command: the `wss://` test makes its CA and certificate with it.
+ensure_openssl() {
+  if ! command -v openssl >/dev/null 2>&1; then
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssl
+  fi
+}
+
 # wasm-bindgen-cli, at exactly the version of the wasm-bindgen crate (4-6 minutes to build, so
 # only when missing or at another version). Gives wasm-bindgen and wasm-bindgen-test-runner.
 ensure_wasm_bindgen() {
