@@ -44,6 +44,10 @@ const LOCK_RETRY: Duration = Duration::from_millis(50);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reconnect attempts: a restarted server is found within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest a connection attempt (TCP, TLS and the websocket handshake) may take: a server or a
+/// middlebox that accepts and then says nothing must not hold the route (nor keep the client
+/// from its next URL) for the operating system's TCP timeouts.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -1054,9 +1058,12 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
         let connected = match tls::config_for(&url) {
             Ok(tls) => {
                 let tls = tls.map(tokio_tungstenite::Connector::Rustls);
-                tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(config), true, tls)
-                    .await
-                    .map_err(|e| explain_connect_error(&url, &e))
+                let attempt =
+                    tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(config), true, tls);
+                match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                    Ok(done) => done.map_err(|e| explain_connect_error(&url, &e)),
+                    Err(_) => Err(format!("no answer from {url} within {} s", CONNECT_TIMEOUT.as_secs())),
+                }
             }
             Err(why) => Err(why),
         };
