@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 /// The TLS configuration for `url`: for `wss://`, `None` for `ws://`. The roots are loaded
 /// once per process; without any, a `wss://` connection fails saying so.
 pub(crate) fn config_for(url: &str) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
-    if !url.get(..6).is_some_and(|s| s.eq_ignore_ascii_case("wss://")) {
+    if !pagesync::protocol::has_scheme(url, "wss://") {
         return Ok(None);
     }
     static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();

@@ -944,6 +944,15 @@ fn redirects_that_would_leak_or_flood_are_refused() {
     }
     c.handle_message(0, redirect("wss://b.example/v1/sync")).expect("handled");
     assert_eq!(c.route_of(doc), Some(&Some("wss://b.example/v1/sync".to_owned())));
+
+    // A scheme in capitals is the same scheme: no way down to ws:// through `WSS://`.
+    let mut c = client(&[doc]);
+    c.set_home_url("WSS://a.example/v1/sync");
+    c.connected(0);
+    c.handle_message(0, redirect("ws://b.example/v1/sync")).expect("handled");
+    assert_eq!(c.route_of(doc), Some(&None), "followed a redirect from WSS:// to ws://");
+    c.handle_message(0, redirect("Wss://b.example/v1/sync")).expect("handled");
+    assert_eq!(c.route_of(doc), Some(&Some("Wss://b.example/v1/sync".to_owned())));
 }
 
 /// Everything the server sends to `conn` now, decoded.

@@ -797,14 +797,19 @@ fn redirect_allowed(home: Option<&str>, url: &str) -> std::result::Result<(), &'
     if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("not a URL");
     }
-    let secure = url.starts_with("wss://");
-    if !secure && !url.starts_with("ws://") {
+    let secure = has_scheme(url, "wss://");
+    if !secure && !has_scheme(url, "ws://") {
         return Err("not a ws:// or wss:// URL");
     }
-    if home.is_some_and(|h| h.starts_with("wss://")) && !secure {
+    if home.is_some_and(|h| has_scheme(h, "wss://")) && !secure {
         return Err("it would leave wss:// for ws://");
     }
     Ok(())
+}
+
+/// Whether `url` starts with `scheme` (`"wss://"`), in any case: `WSS://` is TLS too.
+pub fn has_scheme(url: &str, scheme: &str) -> bool {
+    url.get(..scheme.len()).is_some_and(|s| s.eq_ignore_ascii_case(scheme))
 }
 
 fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {

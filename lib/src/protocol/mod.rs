@@ -13,7 +13,7 @@ mod job;
 mod server;
 pub(crate) mod window;
 
-pub use client::{ClientSession, DocStatus, Route};
+pub use client::{ClientSession, DocStatus, Route, has_scheme};
 pub use job::{DocJob, Exists, FETCH_BYTES, JobDone, MAX_FETCHED_BYTES, Opener};
 pub use server::{
     Authenticator, Clock, ConnId, Event, ExportError, Grant, MAX_ASKS_PER_CONNECTION, MAX_ASKS_PER_DOC,
