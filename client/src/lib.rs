@@ -44,9 +44,10 @@ const LOCK_RETRY: Duration = Duration::from_millis(50);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reconnect attempts: a restarted server is found within seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Longest a connection attempt (TCP, TLS and the websocket handshake) may take: a server or a
-/// middlebox that accepts and then says nothing must not hold the route (nor keep the client
-/// from its next URL) for the operating system's TCP timeouts.
+/// Longest each part of a connection attempt may take (resolving the host; TCP to one of its
+/// addresses; TLS and the websocket handshake): a server or a middlebox that accepts and then
+/// says nothing must not hold the route (nor keep the client from its next URL) for the
+/// operating system's TCP timeouts.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -1043,6 +1044,42 @@ async fn drive(homes: Vec<String>, shared: Arc<Shared>) {
     }
 }
 
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the websocket to `url`, each part against the clock: resolving the host, then TCP to
+/// each of its addresses in turn (so a first address that drops packets does not hide the
+/// next), then TLS and the websocket handshake together, `CONNECT_TIMEOUT` each.
+async fn connect(url: &str, config: WebSocketConfig) -> std::result::Result<Socket, String> {
+    use tokio::time::timeout;
+    let late = |what: &str| format!("no answer from {url} ({what}) within {} s", CONNECT_TIMEOUT.as_secs());
+    let tls = tls::config_for(url)?.map(tokio_tungstenite::Connector::Rustls);
+    let (host, port) = tls::host_port(url)?;
+    let addrs = timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
+        .await
+        .map_err(|_| late("resolving its host"))?
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let mut why = format!("{host} has no address");
+    let mut tcp = None;
+    for addr in addrs {
+        match timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                tcp = Some(stream);
+                break;
+            }
+            Ok(Err(e)) => why = format!("cannot connect to {url}: {e}"),
+            Err(_) => why = late(&format!("TCP to {addr}")),
+        }
+    }
+    let tcp = tcp.ok_or(why)?;
+    // TCP_NODELAY: a one-row write is not held back by Nagle's algorithm.
+    let _ = tcp.set_nodelay(true);
+    let handshake = tokio_tungstenite::client_async_tls_with_config(url, tcp, Some(config), tls);
+    match timeout(CONNECT_TIMEOUT, handshake).await {
+        Ok(done) => done.map(|(ws, _)| ws).map_err(|e| explain_connect_error(url, &e)),
+        Err(_) => Err(late("the TLS and websocket handshakes")),
+    }
+}
+
 /// One route's connection, again and again with backoff: home cycles through its URLs; a
 /// redirected route gives up after `ROUTE_ATTEMPTS` failed attempts in a row, and its
 /// documents go home.
@@ -1051,24 +1088,11 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
     let (mut failures, mut next_home) = (0u32, 0usize);
     loop {
         let url = route.clone().unwrap_or_else(|| homes[next_home % homes.len()].clone());
-        // `true`: TCP_NODELAY, so a one-row write is not held back by Nagle's algorithm.
         let config = WebSocketConfig::default()
             .max_message_size(Some(pagesync::protocol::MAX_FRAME_BYTES))
             .max_frame_size(Some(pagesync::protocol::MAX_FRAME_BYTES));
-        let connected = match tls::config_for(&url) {
-            Ok(tls) => {
-                let tls = tls.map(tokio_tungstenite::Connector::Rustls);
-                let attempt =
-                    tokio_tungstenite::connect_async_tls_with_config(url.as_str(), Some(config), true, tls);
-                match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-                    Ok(done) => done.map_err(|e| explain_connect_error(&url, &e)),
-                    Err(_) => Err(format!("no answer from {url} within {} s", CONNECT_TIMEOUT.as_secs())),
-                }
-            }
-            Err(why) => Err(why),
-        };
-        match connected {
-            Ok((ws, _)) => {
+        match connect(&url, config).await {
+            Ok(ws) => {
                 (backoff, failures) = (MIN_BACKOFF, 0);
                 if route.is_none() {
                     *shared.connect_error.lock().expect("BUG") = None;
@@ -1160,11 +1184,7 @@ fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -
 const MAX_FRAMES_AT_ONCE: usize = 64;
 const MAX_BYTES_AT_ONCE: usize = 16 << 20;
 
-async fn run_connection(
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    shared: &Shared,
-    route: &Route,
-) {
+async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
     let (mut sink, mut stream) = ws.split();
     let mut wake = shared.wake.subscribe();
     shared.session().connected_on(route, now_ms());

@@ -23,11 +23,59 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// again, so an offline client is not slowed by a connection attempt per query.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// A blocking socket whose reads and writes end by `deadline` (the handshakes') while it is set,
+/// and within `FETCH_TIMEOUT` each after.
+pub(crate) struct Bounded {
+    tcp: TcpStream,
+    deadline: Option<Instant>,
+}
+
+impl Bounded {
+    /// How long the next read or write may wait, while the deadline is set.
+    fn left(&self) -> std::io::Result<Option<Duration>> {
+        let Some(deadline) = self.deadline else { return Ok(None) };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the handshakes took too long"));
+        }
+        Ok(Some(left))
+    }
+
+    /// Past the handshakes: each read and write waits at most `FETCH_TIMEOUT`.
+    fn settle(&mut self) -> std::io::Result<()> {
+        self.deadline = None;
+        self.tcp.set_read_timeout(Some(FETCH_TIMEOUT))?;
+        self.tcp.set_write_timeout(Some(FETCH_TIMEOUT))
+    }
+}
+
+impl std::io::Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(left) = self.left()? {
+            self.tcp.set_read_timeout(Some(left))?;
+        }
+        self.tcp.read(buf)
+    }
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(left) = self.left()? {
+            self.tcp.set_write_timeout(Some(left))?;
+        }
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 /// One blocking connection for page requests, opened on first use and again after a failure.
 pub(crate) struct Fetcher {
     url: String,
     token: String,
-    ws: Option<WebSocket<MaybeTlsStream<TcpStream>>>,
+    ws: Option<WebSocket<MaybeTlsStream<Bounded>>>,
     next_id: u64,
 }
 
@@ -45,27 +93,26 @@ impl Fetcher {
         }
     }
 
-    fn connect(&mut self) -> Result<&mut WebSocket<MaybeTlsStream<TcpStream>>, String> {
+    fn connect(&mut self) -> Result<&mut WebSocket<MaybeTlsStream<Bounded>>, String> {
         if self.ws.is_none() {
-            let uri: tungstenite::http::Uri =
-                self.url.parse().map_err(|e| format!("bad URL {}: {e}", self.url))?;
-            let default_port = match uri.scheme_str() {
-                Some("ws") => 80,
-                Some("wss") => 443,
-                _ => return Err(format!("pages are fetched over ws:// or wss:// only, not {}", self.url)),
-            };
-            let host = uri.host().ok_or_else(|| format!("no host in {}", self.url))?;
-            let port = uri.port_u16().unwrap_or(default_port);
-            let addr = (host, port)
-                .to_socket_addrs()
-                .map_err(|e| format!("cannot resolve {host}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("{host} has no address"))?;
-            let stream = TcpStream::connect_timeout(&addr, FETCH_TIMEOUT)
-                .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
-            let _ = stream.set_nodelay(true);
-            stream.set_read_timeout(Some(FETCH_TIMEOUT)).map_err(|e| e.to_string())?;
-            stream.set_write_timeout(Some(FETCH_TIMEOUT)).map_err(|e| e.to_string())?;
+            let (host, port) = crate::tls::host_port(&self.url)?;
+            let addrs =
+                (host.as_str(), port).to_socket_addrs().map_err(|e| format!("cannot resolve {host}: {e}"))?;
+            let mut why = format!("{host} has no address");
+            let mut tcp = None;
+            for addr in addrs {
+                match TcpStream::connect_timeout(&addr, FETCH_TIMEOUT) {
+                    Ok(stream) => {
+                        tcp = Some(stream);
+                        break;
+                    }
+                    Err(e) => why = format!("cannot connect to {} ({addr}): {e}", self.url),
+                }
+            }
+            let tcp = tcp.ok_or(why)?;
+            let _ = tcp.set_nodelay(true);
+            // The TLS and websocket handshakes end by one deadline, however the peer dribbles.
+            let stream = Bounded { tcp, deadline: Some(Instant::now() + FETCH_TIMEOUT) };
             let config = WebSocketConfig::default()
                 .max_message_size(Some(MAX_FRAME_BYTES))
                 .max_frame_size(Some(MAX_FRAME_BYTES));
@@ -73,6 +120,12 @@ impl Fetcher {
             let (mut ws, _) =
                 tungstenite::client_tls_with_config(self.url.as_str(), stream, Some(config), tls)
                     .map_err(|e| format!("websocket handshake with {} failed: {e}", self.url))?;
+            let settled = match ws.get_mut() {
+                MaybeTlsStream::Plain(s) => s.settle(),
+                MaybeTlsStream::Rustls(s) => s.sock.settle(),
+                _ => return Err("BUG: a stream of another kind".into()),
+            };
+            settled.map_err(|e| e.to_string())?;
             let hello = Message::Hello { version: PROTOCOL_VERSION, token: self.token.clone() };
             ws.send(WsMessage::Binary(hello.encode().into())).map_err(|e| e.to_string())?;
             self.ws = Some(ws);

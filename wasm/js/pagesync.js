@@ -19,6 +19,8 @@
 
 const CALL_TIMEOUT_MS = 30_000;
 const SYNC_TIMEOUT_MS = 10_000;
+// setTimeout takes at most 2^31 - 1 ms; the call's own timer adds CALL_TIMEOUT_MS to a sync's.
+export const MAX_SYNC_TIMEOUT_MS = 2 ** 31 - 1 - CALL_TIMEOUT_MS;
 const OPEN_RETRIES = 40; // the previous owner's worker may take a moment to release OPFS
 
 export class Database {
@@ -123,17 +125,21 @@ export class Database {
     return this.#call("migrate", migrations);
   }
 
-  /** A read-only query on the local state; rows are objects keyed by column name. */
   /**
    * Resolves once every write made so far is confirmed or rejected by the server and this
    * replica holds everything the server had when `sync` was called (it asks the server for
    * its head, so a write another client made a moment ago counts). Rejects with the server's
-   * error, or when not in sync within `timeoutMs` (default 10 s; offline, it waits for that long).
+   * error, or when not in sync within `timeoutMs` (default 10 s, at most `MAX_SYNC_TIMEOUT_MS`;
+   * offline, it waits for that long).
    */
   sync({ timeoutMs = SYNC_TIMEOUT_MS } = {}) {
+    if (typeof timeoutMs !== "number" || !(timeoutMs >= 0 && timeoutMs <= MAX_SYNC_TIMEOUT_MS)) {
+      return Promise.reject(new RangeError(`timeoutMs must be a number of ms from 0 to ${MAX_SYNC_TIMEOUT_MS}`));
+    }
     return this.#callWithin(timeoutMs + CALL_TIMEOUT_MS, "sync", timeoutMs);
   }
 
+  /** A read-only query on the local state; rows are objects keyed by column name. */
   query(sql, params = []) {
     return this.#call("query", sql, params);
   }

@@ -64,20 +64,27 @@ function peers() {
 function checkSyncs() {
   clearTimeout(syncTimer);
   if (syncs.size === 0) return;
-  const st = replica.status();
-  const answered = replica.headAnswered();
   const now = Date.now();
   for (const s of [...syncs]) {
-    if (st.error) {
+    let outcome = null; // [resolve] or [reject, error]
+    try {
+      // Cheap while waiting (no rejections table); the whole status only to say why not.
+      if (replica.errorCode()) {
+        const { error } = replica.status();
+        outcome = [s.reject, new Error(`${error.code}: ${error.message}`)];
+      } else if (replica.inSync(s.ask)) {
+        outcome = [s.resolve];
+      } else if (now >= s.deadline) {
+        const st = replica.status();
+        const where = st.connected ? "" : ", offline";
+        outcome = [s.reject, new Error(`not in sync after ${s.timeoutMs} ms (${st.pending} writes pending${where})`)];
+      }
+    } catch (e) {
+      outcome = [s.reject, e];
+    }
+    if (outcome) {
       syncs.delete(s);
-      s.reject(new Error(`${st.error.code}: ${st.error.message}`));
-    } else if (st.pending === 0 && answered >= s.ask && st.caughtUp) {
-      syncs.delete(s);
-      s.resolve();
-    } else if (now >= s.deadline) {
-      syncs.delete(s);
-      const where = st.connected ? "" : ", offline";
-      s.reject(new Error(`not in sync after ${s.timeoutMs} ms (${st.pending} writes pending${where})`));
+      outcome[0](outcome[1]);
     }
   }
   if (syncs.size > 0) syncTimer = setTimeout(checkSyncs, SYNC_POLL_MS);
@@ -282,6 +289,9 @@ const ops = {
   // Resolves once every write so far is settled by the server and every entry the server had
   // when asked is here (it asks for its head now rather than trusting the last report).
   sync(timeoutMs) {
+    if (typeof timeoutMs !== "number" || !(timeoutMs >= 0 && timeoutMs < 2 ** 31)) {
+      throw new RangeError("timeoutMs must be a number of milliseconds below 2^31");
+    }
     const ask = replica.askHead();
     flush();
     schedule();

@@ -292,17 +292,21 @@ impl Replica {
 
     /// Asks the server for its storage head as of now (`HeadAsk`, sent by `pollTransmit`, again
     /// after a second without an answer and on every new subscription); returns the request's
-    /// id. In sync once `headAnswered() >= id`, nothing is pending and `caughtUp`: every write
-    /// the server took before this call is here, not just those it last reported.
+    /// id for `inSync`: then every write the server took before this call is here, not just
+    /// those it last reported.
     #[wasm_bindgen(js_name = askHead)]
     pub fn ask_head(&mut self) -> f64 {
         self.session.ask_head(self.doc) as f64
     }
 
-    /// The newest head request the server answered (see `askHead`).
-    #[wasm_bindgen(js_name = headAnswered)]
-    pub fn head_answered(&self) -> f64 {
-        self.session.head_answered(self.doc) as f64
+    /// Whether the replica is in sync as of the head request `ask` (see `askHead`): nothing
+    /// pending, the server answered `ask` or a later one, and every entry before that head is
+    /// here. Cheap enough to poll.
+    #[wasm_bindgen(js_name = inSync)]
+    pub fn in_sync(&self, ask: f64) -> bool {
+        self.document().pending_count() == 0
+            && self.session.head_answered(self.doc) as f64 >= ask
+            && self.session.caught_up(self.doc)
     }
 
     /// The server's state held here as a `.sqlite` file (pending writes are not in it).

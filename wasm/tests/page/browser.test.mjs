@@ -195,6 +195,8 @@ async function syncsThroughSlowProxy(context, d, dir, url) {
     await page.evaluate(() => window.db.sync());
     assert.equal(await count(), n, "sync returned before the server's newest entry arrived");
   }
+  const bad = await page.evaluate(() => window.db.sync({ timeoutMs: Infinity }).then(() => "resolved", (e) => e.name));
+  assert.equal(bad, "RangeError", "a timeout setTimeout cannot keep is refused");
   // Offline, sync gives up with a reason rather than waiting forever.
   await page.evaluate(() => window.db.setOnline(false));
   const offline = await page.evaluate(() => window.db.sync({ timeoutMs: 300 }).then(() => "in sync", (e) => e.message));
