@@ -209,16 +209,16 @@ impl WireEntry {
         if len > MAX_ENTRY_BYTES {
             return Err(WireError::TooLarge { len });
         }
+        if codec == CODEC_STORED && block.len() == len {
+            // Copied once, not into a zeroed buffer first: a cold start moves gigabytes this way.
+            return Ok(block.to_vec());
+        }
         let mut out = vec![0u8; len];
         let n = match codec {
             CODEC_LZ4 => lz4_flex::block::decompress_into(block, &mut out)
                 .map_err(|e| WireError::Corrupt(e.to_string()))?,
             CODEC_ZSTD => zstd::bulk::decompress_to_buffer(block, &mut out[..])
                 .map_err(|e| WireError::Corrupt(format!("zstd: {e}")))?,
-            CODEC_STORED if block.len() == len => {
-                out.copy_from_slice(block);
-                len
-            }
             CODEC_STORED => block.len(),
             other => return Err(WireError::Corrupt(format!("unknown codec {other}"))),
         };
