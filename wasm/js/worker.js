@@ -69,8 +69,8 @@ function checkSyncs() {
     let outcome = null; // [resolve] or [reject, error]
     try {
       // Cheap while waiting (no rejections table); the whole status only to say why not.
-      if (replica.errorCode()) {
-        const { error } = replica.status();
+      const error = replica.syncError();
+      if (error) {
         outcome = [s.reject, new Error(`${error.code}: ${error.message}`)];
       } else if (replica.inSync(s.ask)) {
         outcome = [s.resolve];

@@ -279,8 +279,7 @@ impl Replica {
         }
         set(&out, "rejected", rejected);
         let status = self.session.status(self.doc).expect("BUG: the document is in its session");
-        let error = status.error.as_ref().or(self.session.connection_error());
-        set(&out, "error", error.map_or(JsValue::NULL, |(c, m)| pair(c, m).into()));
+        set(&out, "error", self.sync_error());
         set(&out, "connected", self.session.is_connected());
         set(&out, "deleted", status.deleted);
         set(&out, "caughtUp", self.session.caught_up(self.doc));
@@ -297,6 +296,15 @@ impl Replica {
     #[wasm_bindgen(js_name = askHead)]
     pub fn ask_head(&mut self) -> f64 {
         self.session.ask_head(self.doc) as f64
+    }
+
+    /// The server's last error for this document, or else for the connection (a refused token,
+    /// the connection cap, ...): `{ code, message }` or `null`. Cheap enough to poll.
+    #[wasm_bindgen(js_name = syncError)]
+    pub fn sync_error(&self) -> JsValue {
+        let status = self.session.status(self.doc).expect("BUG: the document is in its session");
+        let error = status.error.as_ref().or(self.session.connection_error());
+        error.map_or(JsValue::NULL, |(c, m)| pair(c, m).into())
     }
 
     /// Whether the replica is in sync as of the head request `ask` (see `askHead`): nothing

@@ -271,6 +271,20 @@ test("with the server's mutators, each context writes as its own subject and del
       await waitSynced(page);
       return { context, page };
     };
+    // A token the server refuses: `sync` says so at once rather than waiting out its timeout.
+    const refused = await browser.newContext();
+    const page = await refused.newPage();
+    await page.goto(`http://127.0.0.1:${port2}/healthz`);
+    const why = await page.evaluate(async (doc) => {
+      const { Database } = await import("/pagesync.js");
+      const db = await Database.open(doc, { token: "not a token", persist: false });
+      const t0 = performance.now();
+      const message = await db.sync({ timeoutMs: 20_000 }).then(() => "in sync", (e) => e.message);
+      return { message, ms: performance.now() - t0 };
+    }, list);
+    await refused.close();
+    assert.match(why.message, /^unauthorized: /);
+    assert.ok(why.ms < 10_000, `the refusal took ${why.ms} ms`);
     const ann = await open("ann");
     const bob = await open("bob");
     await add(ann.page, "ann's");
