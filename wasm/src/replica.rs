@@ -79,10 +79,15 @@ impl From<JsValue> for OpfsError {
     }
 }
 
-/// The journals of a document in OPFS, under `pagesync/<doc id>/`, and its timeline's key.
-async fn opfs_journals(doc: DocId, fresh: TimelineKey) -> Result<(Journals, TimelineKey), OpfsError> {
+/// The journals of a document in OPFS, under `pagesync/<doc id>/`, its timeline's key, and the
+/// file of the mutator definitions it last heard.
+async fn opfs_journals(
+    doc: DocId,
+    fresh: TimelineKey,
+) -> Result<(Journals, TimelineKey, opfs::OpfsFile), OpfsError> {
     let dir = doc.to_string();
     let path = ["pagesync", dir.as_str()];
+    let mutators = opfs::open_file(&path, "mutators.sql").await?;
     let mut key_file = opfs::open_file(&path, "timeline.key").await?;
     let storage = opfs::open_pair(&path, "storage").await?;
     let timeline = opfs::open_pair(&path, "timeline").await?;
@@ -97,11 +102,44 @@ async fn opfs_journals(doc: DocId, fresh: TimelineKey) -> Result<(Journals, Time
         )));
     }
     let outcomes = HandleJournal::open_or_create(outcomes, timeline.id()).map_err(js)?;
-    Ok(((Box::new(storage), Box::new(timeline), Box::new(outcomes)), key))
+    Ok(((Box::new(storage), Box::new(timeline), Box::new(outcomes)), key, mutators))
 }
 
 /// A replica's storage, timeline and outcome journals.
 type Journals = (Box<dyn Journal>, Box<dyn Journal>, Box<dyn Journal>);
+
+/// The server's mutator definitions as this browser last heard them (OPFS
+/// `pagesync/<doc>/mutators.sql`): a replica opened offline runs its calls locally at once, as
+/// the native client does with `<data>/<doc>/mutators.sql`. A cache of the server's word,
+/// replaced whenever the server sends others; one that does not parse is ignored with a warning.
+#[derive(Debug)]
+struct MutatorsFile {
+    file: opfs::OpfsFile,
+    /// The source the file holds now.
+    written: String,
+}
+
+impl MutatorsFile {
+    fn read(file: opfs::OpfsFile) -> std::io::Result<MutatorsFile> {
+        use pagesync::journal::RandomAccess;
+        let mut bytes = vec![0u8; file.size()? as usize];
+        file.read_exact_at(&mut bytes, 0)?;
+        Ok(MutatorsFile { file, written: String::from_utf8_lossy(&bytes).into_owned() })
+    }
+
+    /// Writes `source` down, when it is not what the file holds.
+    fn keep(&mut self, source: &str) -> std::io::Result<()> {
+        use pagesync::journal::RandomAccess;
+        if self.written == source {
+            return Ok(());
+        }
+        self.file.truncate(0)?;
+        self.file.write_all_at(source.as_bytes(), 0)?;
+        self.file.flush()?;
+        self.written = source.to_owned();
+        Ok(())
+    }
+}
 
 /// One document's local replica and its sync session. See the crate documentation.
 #[wasm_bindgen]
@@ -115,6 +153,8 @@ pub struct Replica {
     /// Moves whenever the replica may have changed (a local write, a frame from the server):
     /// subscriptions re-run when it does.
     version: u32,
+    /// Where the mutator definitions are kept (OPFS replicas only).
+    mutators_file: Option<MutatorsFile>,
 }
 
 #[wasm_bindgen]
@@ -143,11 +183,15 @@ impl Replica {
             );
             (journals, fresh)
         };
+        let mut mutators_file = None;
         let ((journals, key), storage_kind) = if !persist {
             (memory(), "memory")
         } else {
             match opfs_journals(doc, fresh).await {
-                Ok(opened) => (opened, "opfs"),
+                Ok((journals, key, file)) => {
+                    mutators_file = Some(file);
+                    ((journals, key), "opfs")
+                }
                 Err(OpfsError::Replica(why)) => return Err(JsError::new(&why)),
                 Err(OpfsError::Unavailable(e)) if is_locked(&e) => {
                     return Err(JsError::new(&format!(
@@ -168,10 +212,22 @@ impl Replica {
         let mut replica =
             ClientDocument::open_with_outcomes(storage, timeline, outcomes).map_err(js_error)?;
         replica.set_timeline_key(key).map_err(js_error)?;
+        let mutators_file = match mutators_file.map(MutatorsFile::read).transpose() {
+            Ok(file) => file,
+            Err(e) => return Err(js_error(format!("OPFS pagesync/{doc}/mutators.sql: {e}"))),
+        };
+        if let Some(source) = mutators_file.as_ref().map(|f| f.written.as_str()).filter(|s| !s.is_empty()) {
+            match pagesync::mutators::Mutators::parse(source) {
+                Ok(m) => replica.set_mutators(Some(std::sync::Arc::new(m))).map_err(js_error)?,
+                Err(e) => web_sys::console::warn_1(&JsValue::from_str(&format!(
+                    "pagesync: OPFS pagesync/{doc}/mutators.sql does not parse ({e}); waiting for the server's"
+                ))),
+            }
+        }
         let subject = pagesync::mutators::token_subject(&token);
         let mut session = ClientSession::new(token);
         session.add_document(doc, replica);
-        Ok(Replica { session, doc, storage_kind, subject, version: 0 })
+        Ok(Replica { session, doc, storage_kind, subject, version: 0, mutators_file })
     }
 
     /// `"opfs"` or `"memory"`.
@@ -208,6 +264,21 @@ impl Replica {
         let submitted = self.session.mutate(self.doc, body, now_ms as i64, seed).map_err(js_error)?;
         self.version = self.version.wrapping_add(1);
         Ok(submitted_js(submitted))
+    }
+
+    /// Writes down the server's mutator definitions when they changed (OPFS replicas). A write
+    /// that fails only warns: the server sends them again on the next connection.
+    fn keep_mutators(&mut self) {
+        let (Some(file), Some(doc)) = (self.mutators_file.as_mut(), self.session.document(self.doc)) else {
+            return;
+        };
+        let source = doc.mutators().map_or("", |m| m.source());
+        if let Err(e) = file.keep(source) {
+            let doc = self.doc;
+            web_sys::console::warn_1(&JsValue::from_str(&format!(
+                "pagesync: cannot write down the mutators of {doc} (OPFS mutators.sql): {e}"
+            )));
+        }
     }
 
     /// The version of the server's mutator definitions in force here, `null` before any came.
@@ -392,6 +463,7 @@ impl Replica {
             );
         }
         self.version = self.version.wrapping_add(1);
+        self.keep_mutators();
         result
     }
 

@@ -310,6 +310,18 @@ test("with the server's mutators, each context writes as its own subject and del
     assert.equal(raw.code, "forbidden");
     await waitSynced(ann.page);
     assert.deepEqual(await titles(ann.page), ["ann's"]);
+    // Reloaded offline, the app still knows the server's mutators (kept in OPFS): a call runs
+    // locally at once, then reaches the server when the page is back online.
+    await ann.page.check("[data-testid=offline]");
+    await ann.page.waitForFunction(() => document.getElementById("sync").dataset.state === "offline");
+    await ann.page.reload();
+    await ann.page.waitForFunction(() => document.getElementById("sync").dataset.state === "offline");
+    const offline = await ann.page.evaluate(async () => (await window.pagesyncDb.call("add_todo", ["while offline"])).localError);
+    assert.equal(offline, null, "the call ran locally with the kept definitions");
+    await waitTitles(ann.page, ["ann's", "while offline"]);
+    await ann.page.uncheck("[data-testid=offline]");
+    await waitSynced(ann.page);
+    await waitTitles(bob.page, ["ann's", "while offline"]);
     await ann.context.close();
     await bob.context.close();
   } finally {
