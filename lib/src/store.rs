@@ -34,12 +34,17 @@
 //! - pages cut into an entry are byte-identical to what SQLite wrote (the counter is rewritten
 //!   on reads only, and only where it differs from the stored one);
 //! - on a client (`enable_schema_epochs`), SQLite also sees a schema cookie (bytes 40..44) that
-//!   changes whenever pages change underneath it (`reported_schema`). The change counter makes
-//!   SQLite drop its page cache, but it keeps its parsed schema while the cookie is unchanged,
-//!   and an optimistic local schema can carry the same cookie as the server's (two `CREATE
-//!   TABLE`s each): without this, SQLite would read the server's pages through the local
-//!   schema. Client pages are never sent anywhere, so the patched cookie stays local; the
-//!   server never patches it, so its pages stay exactly what a replay produces.
+//!   changes whenever the schema may have changed underneath it (`reported_schema`): the
+//!   committed cookie moved, a restart or any batch while the store has no base (the parts of
+//!   a checkpoint and the steps between them are no whole state: what SQLite parsed then is
+//!   not to be kept), or an overlay that held a local schema change was dropped or cut into an
+//!   entry. The change counter makes SQLite drop its page cache, but it
+//!   keeps its parsed schema while the cookie is unchanged, and an optimistic local schema can
+//!   carry the same cookie as the server's (two `CREATE TABLE`s each): without this, SQLite
+//!   would read the server's pages through the local schema. Changes of rows only leave it, so
+//!   SQLite keeps its schema and its prepared statements. Client pages are never sent
+//!   anywhere, so the patched cookie stays local; the server never patches it, so its pages
+//!   stay exactly what a replay produces.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -557,16 +562,35 @@ impl PageStore {
     /// For a client's replica: show SQLite a schema cookie that moves whenever pages change
     /// underneath it (see the module invariants). Never on a server.
     pub fn enable_schema_epochs(&mut self) -> Result<(), StoreError> {
-        let real =
-            if self.page_count == 0 { 0 } else { schema_cookie_of(&*self.committed_page(PageIdx::FIRST)?) };
-        self.reported_schema = Some(real);
+        self.reported_schema = Some(self.committed_schema()?);
         Ok(())
     }
 
-    /// Both pages changed underneath SQLite: show it new values so it drops its caches.
-    fn bump_reported(&mut self) {
+    /// The committed state's schema cookie (0 while it has no pages).
+    fn committed_schema(&mut self) -> Result<u32, StoreError> {
+        if self.page_count == 0 {
+            return Ok(0);
+        }
+        Ok(schema_cookie_of(&*self.committed_page(PageIdx::FIRST)?))
+    }
+
+    /// Whether SQLite changed the schema in the overlay (on a client: it moved the cookie it was
+    /// shown when the overlay began), so the schema it parsed goes with the overlay.
+    fn overlay_changed_schema(&self) -> bool {
+        self.reported_schema.is_some()
+            && self.overlay.get(&1).is_some_and(|p| Some(schema_cookie_of(p)) != self.overlay_shown_schema)
+    }
+
+    /// Pages changed underneath SQLite: a new change counter, so it drops its page cache; on a
+    /// client, with `schema` (the schema SQLite parsed may be gone: the committed cookie moved,
+    /// or a local schema change went with the overlay), a new schema cookie too, so it parses
+    /// the schema again and prepares its statements again. Not otherwise: the same schema has
+    /// the same root pages, and every statement would be prepared again for nothing.
+    fn bump_reported(&mut self, schema: bool) {
         self.reported_counter = self.reported_counter.wrapping_add(1);
-        self.reported_schema = self.reported_schema.map(|c| c.wrapping_add(1));
+        if schema {
+            self.reported_schema = self.reported_schema.map(|c| c.wrapping_add(1));
+        }
     }
 
     /// Shows SQLite `reported_counter` in the change counter and version-valid-for fields, and
@@ -701,9 +725,10 @@ impl PageStore {
     /// Drops the overlay: SQLite's uncommitted or optimistic writes are forgotten, and SQLite
     /// is shown a new change counter so it rereads its cache.
     pub fn discard_overlay(&mut self) {
+        let schema = self.overlay_changed_schema();
         self.overlay.clear();
         self.overlay_page_count = self.page_count;
-        self.bump_reported();
+        self.bump_reported(schema);
     }
 
     /// Cuts the overlay (a client's own mutations over the committed state, and the system
@@ -722,6 +747,8 @@ impl PageStore {
         time_ms: i64,
         digest: &[u8; crate::wire::DIGEST_BYTES],
     ) -> Result<bool, StoreError> {
+        // Kept or not, the overlay goes: with a schema change in it, SQLite parses again.
+        let schema = self.overlay_changed_schema();
         let stored1 = self.previous_version(PageIdx::FIRST)?;
         if let Some(page) = self.overlay.get_mut(&1) {
             let field =
@@ -737,7 +764,7 @@ impl PageStore {
         }
         let changed = self.take_changed();
         let page_count = std::mem::replace(&mut self.overlay_page_count, self.page_count);
-        self.bump_reported();
+        self.bump_reported(schema);
         let payload = encode_changed(page_count, time_ms, applied, forgotten, &changed?);
         if crate::wire::digest(&payload) != *digest {
             return Ok(false);
@@ -771,6 +798,13 @@ impl PageStore {
         entries: Vec<(storage::EntryHeader, Vec<u8>)>,
     ) -> Result<(), StoreError> {
         assert!(!self.has_overlay(), "BUG: discard the overlay before applying remote pages");
+        // What SQLite may have parsed: the committed schema, unless the store had no base (a
+        // restart's parts and the steps between them make no whole state to parse).
+        let schema_before = match self.reported_schema {
+            Some(_) if self.has_base => Some(Some(self.committed_schema()?)),
+            Some(_) => Some(None),
+            None => None,
+        };
         let expected = self.journal.range().next();
         let restarts = entries.first().is_some_and(|(h, _)| h.checkpoint.is_some_and(|p| p.index == 1));
         if first > expected && restarts {
@@ -784,7 +818,17 @@ impl PageStore {
             self.index_entry(lsn, header, payload.len());
         }
         self.overlay_page_count = self.page_count;
-        self.bump_reported();
+        // The pages changed: nothing may fail from here on (a cookie that cannot be read
+        // counts as moved).
+        let schema = match schema_before {
+            Some(before) => {
+                restarts
+                    || !self.has_base
+                    || self.committed_schema().map_or(true, |after| before != Some(after))
+            }
+            None => false,
+        };
+        self.bump_reported(schema);
         Ok(())
     }
 

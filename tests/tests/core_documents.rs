@@ -573,3 +573,35 @@ fn a_group_commit_keeps_each_mutation_its_own() {
     assert_eq!(outcomes.rejected.iter().map(|(l, _)| l.get()).collect::<Vec<_>>(), [3, 6]);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
+
+#[test]
+fn rows_from_the_server_leave_sqlites_schema_and_statements_alone() {
+    // A client's SQLite keeps its parsed schema and prepared statements while only rows change
+    // underneath it; a schema change from the server makes it parse again.
+    let (mut server, mut client) = setup();
+    let round = |client: &mut ClientDocument, server: &mut ServerDocument, m: Vec<u8>| {
+        client.mutate(m, T0, 1).expect("mutate");
+        push(client, server);
+        drain(server, T0);
+        pull(client, server);
+    };
+    round(&mut client, &mut server, sql("CREATE TABLE t(x)", vec![]));
+    let count = "SELECT count(*) FROM t";
+    let reprepared = |client: &ClientDocument| {
+        let stmt = client.database().conn().prepare_cached(count).expect("cached");
+        stmt.get_status(rusqlite::StatementStatus::RePrepare)
+    };
+    client.query(count, &[]).expect("query");
+    let before = reprepared(&client);
+    for n in 1..=3 {
+        round(&mut client, &mut server, sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(n)]));
+        assert_eq!(client.query(count, &[]).expect("query").rows, vec![vec![Value::Integer(n)]]);
+    }
+    assert_eq!(reprepared(&client), before, "rows alone made SQLite prepare the statement again");
+    round(&mut client, &mut server, sql("ALTER TABLE t ADD COLUMN y", vec![]));
+    let all = client.query("SELECT * FROM t", &[]).expect("query");
+    assert_eq!(all.columns, ["x", "y"], "the server's schema change is seen");
+    assert_eq!(client.query(count, &[]).expect("query").rows, vec![vec![Value::Integer(3)]]);
+    assert!(reprepared(&client) > before, "the schema change made SQLite prepare again");
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
