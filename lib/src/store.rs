@@ -559,8 +559,8 @@ impl PageStore {
         Ok(true)
     }
 
-    /// For a client's replica: show SQLite a schema cookie that moves whenever pages change
-    /// underneath it (see the module invariants). Never on a server.
+    /// For a client's replica: show SQLite a schema cookie that moves whenever the schema may
+    /// have changed underneath it (see the module invariants). Never on a server.
     pub fn enable_schema_epochs(&mut self) -> Result<(), StoreError> {
         self.reported_schema = Some(self.committed_schema()?);
         Ok(())
