@@ -209,8 +209,14 @@ impl WireEntry {
         if len > MAX_ENTRY_BYTES {
             return Err(WireError::TooLarge { len });
         }
-        if codec == CODEC_STORED && block.len() == len {
+        if codec == CODEC_STORED {
             // Copied once, not into a zeroed buffer first: a cold start moves gigabytes this way.
+            if block.len() != len {
+                return Err(WireError::Corrupt(format!(
+                    "decompressed to {} bytes, declared {len}",
+                    block.len()
+                )));
+            }
             return Ok(block.to_vec());
         }
         let mut out = vec![0u8; len];
@@ -219,7 +225,6 @@ impl WireEntry {
                 .map_err(|e| WireError::Corrupt(e.to_string()))?,
             CODEC_ZSTD => zstd::bulk::decompress_to_buffer(block, &mut out[..])
                 .map_err(|e| WireError::Corrupt(format!("zstd: {e}")))?,
-            CODEC_STORED => block.len(),
             other => return Err(WireError::Corrupt(format!("unknown codec {other}"))),
         };
         if n != len {
