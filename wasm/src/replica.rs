@@ -155,6 +155,8 @@ pub struct Replica {
     version: u32,
     /// Where the mutator definitions are kept (OPFS replicas only).
     mutators_file: Option<MutatorsFile>,
+    /// `ClientSession::mutator_changes` when they were last written down.
+    mutators_seen: u64,
 }
 
 #[wasm_bindgen]
@@ -227,7 +229,7 @@ impl Replica {
         let subject = pagesync::mutators::token_subject(&token);
         let mut session = ClientSession::new(token);
         session.add_document(doc, replica);
-        Ok(Replica { session, doc, storage_kind, subject, version: 0, mutators_file })
+        Ok(Replica { session, doc, storage_kind, subject, version: 0, mutators_file, mutators_seen: 0 })
     }
 
     /// `"opfs"` or `"memory"`.
@@ -266,9 +268,13 @@ impl Replica {
         Ok(submitted_js(submitted))
     }
 
-    /// Writes down the server's mutator definitions when they changed (OPFS replicas). A write
+    /// Writes down the server's mutator definitions when they arrived (OPFS replicas). A write
     /// that fails only warns: the server sends them again on the next connection.
     fn keep_mutators(&mut self) {
+        if self.session.mutator_changes() == self.mutators_seen {
+            return;
+        }
+        self.mutators_seen = self.session.mutator_changes();
         let (Some(file), Some(doc)) = (self.mutators_file.as_mut(), self.session.document(self.doc)) else {
             return;
         };
