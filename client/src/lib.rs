@@ -762,7 +762,10 @@ impl Document {
 
     /// Waits until every local mutation is applied by the server and this replica holds the
     /// server's latest storage as of then. Gives up after `timeout` without progress (a long
-    /// initial sync that keeps receiving entries does not time out).
+    /// initial sync that keeps receiving entries does not time out). Fails at once with the
+    /// server's error, unless it passes on its own (`codes::passes`: `unavailable` while a
+    /// server regains its cluster lease): then the wait goes on, and returns that error only
+    /// if it is still there after `timeout`.
     pub async fn sync(&self, timeout: Duration) -> Result<()> {
         self.sync_with_progress(timeout, |_| {}).await
     }
@@ -780,8 +783,9 @@ impl Document {
         self.shared.wake.send_modify(|n| *n += 1);
         loop {
             let st = self.status();
-            let conn_error = self.shared.session().connection_error().cloned();
-            if let Some((code, message)) = st.error.clone().or(conn_error) {
+            // An error that passes on its own (the server lost its cluster lease for a
+            // moment) keeps the wait going: the client subscribes again by itself.
+            if let Some((code, message)) = self.shared.session().sync_error(self.id).cloned() {
                 return Err(ClientError::Server { code, message });
             }
             let now = SyncProgress {
@@ -803,6 +807,10 @@ impl Document {
                     self.shared.connect_error.lock().expect("BUG").clone().filter(|_| !connected)
                 {
                     return Err(ClientError::Connect(format!("{why} ({} mutations pending)", st.pending)));
+                }
+                if let Some((code, message)) = st.error {
+                    // Still there after `timeout`: it did not pass.
+                    return Err(ClientError::Server { code, message });
                 }
                 return Err(ClientError::SyncTimeout(timeout, st.pending));
             }

@@ -749,6 +749,14 @@ impl<R: Reducer> ClientDocument<R> {
         Ok(())
     }
 
+    /// A rebase that failed (a read fault while reading `_pagesync_timelines`, say) is due
+    /// until one succeeds; without new storage nothing else would try it again, and the
+    /// mutations the stored state already applied would stay pending. The session calls this
+    /// on its timer.
+    pub fn rebase_if_due(&mut self) -> Result<()> {
+        if self.rebase_due { self.rebase() } else { Ok(()) }
+    }
+
     /// Re-runs every pending mutation on the current state, in one transaction. A mutation
     /// that ends the transaction itself is left out and the replay restarts (at most once per
     /// mutation).

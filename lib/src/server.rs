@@ -160,6 +160,10 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     reducer: R,
     limits: StepLimits,
     applied: HashMap<TimelineId, Lsn>,
+    /// `applied` may not match the stored state: reading it again failed (a read fault after
+    /// a failed step). Nothing is received or stepped until a read succeeds: a map read in
+    /// part would take a timeline's applied mutations again.
+    applied_stale: bool,
     /// Each timeline's mutations received and not yet applied, with who sent them and when.
     queues: BTreeMap<TimelineId, VecDeque<(Lsn, Vec<u8>, Origin)>>,
     /// Bytes in `queues`, bounded by `MAX_QUEUED_BYTES`.
@@ -364,6 +368,7 @@ impl<R: Reducer> ServerDocument<R> {
             reducer,
             limits,
             applied: HashMap::new(),
+            applied_stale: true,
             forget: BTreeMap::new(),
             forgotten: HashMap::new(),
             queues: BTreeMap::new(),
@@ -387,19 +392,29 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(doc)
     }
 
+    /// Reads every timeline's applied LSN from the stored state; until one read succeeds whole,
+    /// the map is stale (`applied_stale`).
     fn load_applied(&mut self) -> Result<()> {
+        self.applied_stale = true;
+        let mut applied = HashMap::new();
         let mut stmt = self.db.conn().prepare("SELECT timeline, applied_lsn FROM _pagesync_timelines")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
-        self.applied.clear();
         for row in rows {
             let (tl, lsn) = row?;
             let tl: [u8; 16] =
                 tl.try_into().map_err(|_| Error::Malformed("timeline id is not 16 bytes".into()))?;
             if let Some(lsn) = Lsn::new(lsn as u64) {
-                self.applied.insert(TimelineId(tl), lsn);
+                applied.insert(TimelineId(tl), lsn);
             }
         }
+        drop(stmt);
+        (self.applied, self.applied_stale) = (applied, false);
         Ok(())
+    }
+
+    /// `applied` as stored, read again if a read failed since.
+    fn applied_as_stored(&mut self) -> Result<()> {
+        if self.applied_stale { self.load_applied() } else { Ok(()) }
     }
 
     pub fn limits(&self) -> StepLimits {
@@ -565,7 +580,7 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// The next LSN this document needs from `timeline`: everything before it is applied or
-    /// queued.
+    /// queued. Never too high: while `applied` is stale it can only be behind.
     pub fn next_expected(&self, timeline: TimelineId) -> Lsn {
         let queued = self.queues.get(&timeline).and_then(|q| q.back()).map(|(l, _, _)| *l);
         queued.or(self.applied.get(&timeline).copied()).map_or(Lsn::FIRST, Lsn::next)
@@ -590,6 +605,11 @@ impl<R: Reducer> ServerDocument<R> {
         entries: Vec<Vec<u8>>,
         origin: &Origin,
     ) -> Received {
+        if self.applied_as_stored().is_err() {
+            // Nothing taken (it would be judged against a map that may be wrong): the client
+            // sends it again.
+            return Received { next_expected: first, accepted: 0 };
+        }
         let queue = self.queues.entry(timeline).or_default();
         let done = queue.back().map(|(l, _, _)| *l).or(self.applied.get(&timeline).copied());
         let mut expected = done.map_or(Lsn::FIRST, Lsn::next);
@@ -668,6 +688,7 @@ impl<R: Reducer> ServerDocument<R> {
         if self.queues.is_empty() {
             return Ok(None);
         }
+        self.applied_as_stored()?;
         // Steps are stamped in the order they run, whatever the clock did since the last one
         // (stepped back, or another server's in a cluster): the history finds `since` by
         // bisection on these times. Not past `MAX_CLOCK_AHEAD_MS`: an entry stamped far in the
@@ -712,6 +733,7 @@ impl<R: Reducer> ServerDocument<R> {
         forgotten: &[(TimelineId, Lsn)],
         entry_time_ms: i64,
     ) -> Result<StepOutcome> {
+        self.applied_as_stored()?;
         let batch: Vec<(TimelineId, Lsn, Vec<u8>)> =
             recorded.iter().map(|(a, bytes)| (a.timeline, a.lsn, bytes.clone())).collect();
         let (outcome, taken) =

@@ -314,3 +314,96 @@ async fn three_servers_serve_each_document_once_and_take_over_from_a_killed_or_s
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A TCP relay to `upstream` that can be cut: while cut, every connection through it is
+/// shut down and new ones are closed at once (the server cannot reach S3).
+struct CuttableRelay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CuttableRelay {
+    fn start(upstream: String) -> CuttableRelay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let relay = CuttableRelay { port, cut: Default::default(), open: Default::default() };
+        let (cut, open) = (relay.cut.clone(), relay.open.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { continue };
+                if cut.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(up) = std::net::TcpStream::connect(&upstream) else { continue };
+                let mut kept = open.lock().expect("lock");
+                kept.extend([down.try_clone().expect("clone"), up.try_clone().expect("clone")]);
+                drop(kept);
+                for (mut from, mut to) in
+                    [(down.try_clone().expect("clone"), up.try_clone().expect("clone")), (up, down)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+        if cut {
+            for s in self.open.lock().expect("lock").drain(..) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// A server that cannot reach S3 for a while loses its membership and closes its documents
+/// with `unavailable`: a client waiting in `sync` then (with a write pending) is not failed by
+/// it. It subscribes again by itself, and the sync returns once S3 is back and the write is
+/// applied, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_waits_through_a_server_losing_its_lease_for_a_moment() {
+    let Some(journal) = support::s3::s3_url("lapse") else { return };
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("s3_url checked it");
+    let relay = CuttableRelay::start(endpoint.trim_start_matches("http://").trim_end_matches('/').to_owned());
+    let port = free_port();
+    let (advertise, relayed) = (format!("ws://127.0.0.1:{port}"), format!("http://127.0.0.1:{}", relay.port));
+    let lease = pagesync_server::cluster::MIN_LEASE_MS.to_string();
+    let flags = ["--advertise", &advertise, "--lease-ms", &lease, "--commit-interval-ms", "10"];
+    let _server = support::start_with_env(port, &journal, &flags, &[("AWS_ENDPOINT_URL", &relayed)]);
+    wait_live(&[port], 1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Client::connect(&url(port), "", dir.path()).expect("client");
+    let doc = client.open(DocId::from_u128(0x1a95e)).expect("open");
+    doc.execute("CREATE TABLE w(who TEXT NOT NULL, seq INTEGER NOT NULL)", vec![]).expect("schema");
+    doc.sync(WAIT).await.expect("first sync");
+
+    relay.set_cut(true);
+    let w = write(&doc, "during", 1);
+    let waiting = tokio::spawn({
+        let doc = doc.clone();
+        async move { doc.sync(WAIT).await }
+    });
+    let deadline = Instant::now() + WAIT;
+    while doc.status().error.as_ref().is_none_or(|(code, _)| code != "unavailable") {
+        assert!(Instant::now() < deadline, "the server never closed the document: {:?}", doc.status());
+        assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(metric(port, "pagesync_cluster_lapses_total") >= 1, "the membership lapsed");
+    // Long enough for the client to ask again (and be refused again) while S3 is away.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
+
+    relay.set_cut(false);
+    waiting.await.expect("join").expect("the sync went on through `unavailable` and ended once S3 was back");
+    assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
+    let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Text("during".into()), Value::Integer(1)]], "applied exactly once");
+}

@@ -136,9 +136,16 @@ fn a_restart_whose_append_failed_takes_no_delta() {
 
 /// A replica restarted at a checkpoint learns from it (`_pagesync_timelines`) which of its
 /// mutations the server applied. When that read fails, the rebase stays due: the next storage
-/// message, even one it holds already, finishes it.
+/// message, even one it holds already, finishes it, and so does the session's timer when no
+/// message comes (`rebase_if_due`: without it the mutations stayed pending for good once the
+/// document was quiet, found by the simulator).
 #[test]
 fn a_rebase_cut_short_after_a_checkpoint_is_finished_later() {
+    rebase_cut_short(true);
+    rebase_cut_short(false);
+}
+
+fn rebase_cut_short(by_a_message: bool) {
     use pagesync_tests::disk::{Disk, FaultRates, Faults, Kind};
     let mut server = ServerDocument::open(memory_journal(1)).expect("server");
     let faults = Faults::new(FaultRates { read: 1000, ..FaultRates::default() });
@@ -154,9 +161,14 @@ fn a_rebase_cut_short_after_a_checkpoint_is_finished_later() {
     assert!(pagesync_tests::try_pull(&mut client, &server).is_err(), "reads fail after the append");
     faults.stop();
     assert!(!client.is_restarting(), "the checkpoint is in");
-    let last = server.storage_range().last().expect("entries");
-    let again = server.read_storage(pagesync::journal::LsnRange::inclusive(last, last)).expect("read");
-    client.receive_storage(last, &again).expect("held already; the rebase finishes");
+    assert_eq!(client.pending_count(), 1, "the rebase is cut short");
+    if by_a_message {
+        let last = server.storage_range().last().expect("entries");
+        let again = server.read_storage(pagesync::journal::LsnRange::inclusive(last, last)).expect("read");
+        client.receive_storage(last, &again).expect("held already; the rebase finishes");
+    } else {
+        client.rebase_if_due().expect("the rebase finishes");
+    }
     assert_eq!(client.state(a.lsn).expect("state"), MutationState::Confirmed);
     assert_eq!(client.pending_count(), 0);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));

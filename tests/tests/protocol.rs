@@ -1092,6 +1092,44 @@ fn a_head_request_waits_for_entries_written_since_the_last_report() {
     assert_eq!(rows, vec![vec![Value::Integer(1)]]);
 }
 
+/// The server acknowledges a write it has queued, then closes the document before applying it
+/// (its cluster lease lapsed): the queued write is gone from the server. The client's next
+/// subscription learns what the server holds now and sends the write again, so it is applied
+/// once, not left pending until the client reconnects. Found with a real server whose S3 was
+/// cut (`server/tests/cluster.rs`).
+#[test]
+fn a_write_the_server_acknowledged_and_then_dropped_by_closing_the_document_is_sent_again() {
+    let doc = DocId::from_u128(0x5f);
+    let journal = pagesync_tests::SharedJournal::new(0x5f);
+    let options = pagesync::protocol::SessionOptions { commit_interval_ms: 1_000, ..Default::default() };
+    let mut s = server_over(&journal).with_options(options);
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    c.mutate(doc, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    let settle = |s: &mut ServerSession, c: &mut ClientSession, from: i64| {
+        for now in (from..from + 5_000).step_by(250) {
+            c.handle_timeout(now);
+            exchange(s, c, now, true);
+        }
+    };
+    settle(&mut s, &mut c, 0);
+    assert_eq!(c.status(doc).expect("status").pending, 0);
+
+    c.mutate(doc, sql("INSERT INTO t VALUES (1)", vec![]), T0, 2).expect("mutate");
+    exchange(&mut s, &mut c, 5_000, true);
+    assert_eq!(s.document(doc).expect("open").queued(), 1, "taken and queued, not applied yet");
+    s.close_all(codes::UNAVAILABLE, "this server lost its place in the cluster for a moment");
+    let t = exchange(&mut s, &mut c, 5_000, true);
+    assert_eq!(t.errors, vec![codes::UNAVAILABLE.to_owned()]);
+    settle(&mut s, &mut c, 5_000);
+    let st = c.status(doc).expect("status");
+    assert_eq!((st.pending, st.error), (0, None), "sent again on the new subscription and confirmed");
+    let rows = c.document(doc).expect("open").query("SELECT x FROM t", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Integer(1)]], "applied once");
+    assert_same_pages(&c, &s, doc);
+}
+
 /// The server ends a subscription (it closed the document: an internal error, a lost cluster
 /// lease): the client's next write is refused `not_subscribed`, nothing taken, and the client
 /// subscribes again with its key and resends it. No error stays in its status.

@@ -129,8 +129,10 @@ export class Database {
    * Resolves once every write made so far is confirmed or rejected by the server and this
    * replica holds everything the server had when `sync` was called (it asks the server for
    * its head, so a write another client made a moment ago counts). Rejects with the server's
-   * error, or when not in sync within `timeoutMs` (default 10 s, at most `MAX_SYNC_TIMEOUT_MS`;
-   * offline, it waits for that long).
+   * error (not one that passes on its own, such as `unavailable` while a server regains its
+   * cluster lease: the replica subscribes again and the wait goes on), or when not in sync
+   * within `timeoutMs` (default 10 s, at most `MAX_SYNC_TIMEOUT_MS`; offline, it waits for
+   * that long).
    */
   sync({ timeoutMs = SYNC_TIMEOUT_MS } = {}) {
     if (typeof timeoutMs !== "number" || !(timeoutMs >= 0 && timeoutMs <= MAX_SYNC_TIMEOUT_MS)) {

@@ -76,7 +76,7 @@ function checkSyncs() {
         outcome = [s.resolve];
       } else if (now >= s.deadline) {
         const st = replica.status();
-        const where = st.connected ? "" : ", offline";
+        const where = (st.connected ? "" : ", offline") + (st.error ? `, last error ${st.error.code}: ${st.error.message}` : "");
         outcome = [s.reject, new Error(`not in sync after ${s.timeoutMs} ms (${st.pending} writes pending${where})`)];
       }
     } catch (e) {

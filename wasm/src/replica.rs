@@ -356,7 +356,8 @@ impl Replica {
         }
         set(&out, "rejected", rejected);
         let status = self.session.status(self.doc).expect("BUG: the document is in its session");
-        set(&out, "error", self.sync_error());
+        let error = status.error.as_ref().or(self.session.connection_error());
+        set(&out, "error", error.map_or(JsValue::NULL, |(c, m)| pair(c, m).into()));
         set(&out, "connected", self.session.is_connected());
         set(&out, "deleted", status.deleted);
         set(&out, "caughtUp", self.session.caught_up(self.doc));
@@ -376,12 +377,11 @@ impl Replica {
     }
 
     /// The server's last error for this document, or else for the connection (a refused token,
-    /// the connection cap, ...): `{ code, message }` or `null`. Cheap enough to poll.
+    /// the connection cap, ...), that ends a wait to sync: `{ code, message }` or `null`. One that
+    /// passes on its own (`unavailable`: the client subscribes again) is not. Cheap to poll.
     #[wasm_bindgen(js_name = syncError)]
     pub fn sync_error(&self) -> JsValue {
-        let status = self.session.status(self.doc).expect("BUG: the document is in its session");
-        let error = status.error.as_ref().or(self.session.connection_error());
-        error.map_or(JsValue::NULL, |(c, m)| pair(c, m).into())
+        self.session.sync_error(self.doc).map_or(JsValue::NULL, |(c, m)| pair(c, m).into())
     }
 
     /// Whether the replica is in sync as of the head request `ask` (see `askHead`): nothing

@@ -294,6 +294,13 @@ impl ClientSession {
         self.conn_error.as_ref()
     }
 
+    /// The error that ends a wait for `id` to sync: the document's, else the connection's,
+    /// unless it passes on its own (`codes::passes`; the status still shows it).
+    pub fn sync_error(&self, id: DocId) -> Option<&(String, String)> {
+        let doc = self.links.get(&id).and_then(|l| l.error.as_ref());
+        [doc, self.conn_error.as_ref()].into_iter().flatten().find(|(code, _)| !super::codes::passes(code))
+    }
+
     /// An open document, to write to (not one the server deleted).
     fn open_document(&mut self, id: DocId) -> Result<&mut ClientDocument> {
         let link =
@@ -595,6 +602,13 @@ impl ClientSession {
                 // The server accepted our Hello and subscription: older refusals are moot.
                 self.conn_error = None;
                 link.error = None;
+                if matches!(link.state, SubState::Subscribing { .. }) {
+                    // A new subscription's answer: what the server held queued before it may
+                    // be gone (it closed the document, say for a lapsed cluster lease, and
+                    // dropped mutations it had acknowledged but not applied): upload from
+                    // what it says now, not from what it said then.
+                    link.up = SendWindow::new(link.doc.pending_range().first());
+                }
                 link.state = link.state.on(SubEvent::Acked);
                 link.server_storage_next = link.server_storage_next.max(storage_next);
                 link.up.ack(next_expected);
@@ -723,6 +737,10 @@ impl ClientSession {
 
     pub fn handle_timeout(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
+        for l in self.links.values_mut() {
+            // A failure leaves it due; the next timer tries again.
+            let _ = l.doc.rebase_if_due();
+        }
         let conns = &self.conns;
         for l in self.links.values_mut().filter(|l| conns.contains_key(&l.route)) {
             l.up.rewind_if_due(now_ms);

@@ -98,6 +98,14 @@ pub mod codes {
     /// timeline, for `Mutations`): nothing is taken. A client subscribes again and resends; a
     /// client without the timeline's key cannot (see `TimelineKey`).
     pub const NOT_SUBSCRIBED: &str = "not_subscribed";
+
+    /// Whether an error with `code` passes on its own: the client subscribes (or connects)
+    /// again by itself, so a wait for the document to sync goes on instead of failing
+    /// (a server that lost its cluster lease for a moment, a connection cut for reading
+    /// slowly). Every other code ends the wait: it needs someone to act.
+    pub fn passes(code: &str) -> bool {
+        matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED)
+    }
 }
 
 /// Everything that crosses a connection.

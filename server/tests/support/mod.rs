@@ -62,9 +62,15 @@ pub fn start_on_any_port(journal: &str, extra: &[&str]) -> (ServerProcess, u16) 
 
 /// `start` with extra flags.
 pub fn start_with(port: u16, journal: &str, extra: &[&str]) -> ServerProcess {
+    start_with_env(port, journal, extra, &[])
+}
+
+/// `start_with`, with environment variables set (an S3 endpoint of its own, say).
+pub fn start_with_env(port: u16, journal: &str, extra: &[&str], env: &[(&str, &str)]) -> ServerProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--journal", journal])
         .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
