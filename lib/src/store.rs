@@ -701,15 +701,17 @@ impl PageStore {
     /// Takes the overlay's pages that differ from their committed versions, in page order,
     /// each with that version.
     fn take_changed(&mut self) -> Result<Vec<Changed>, StoreError> {
-        let mut changed = Vec::with_capacity(self.overlay.len());
-        for (i, page) in std::mem::take(&mut self.overlay) {
+        // Read in page order too, not the map's: the same reads in the same order every run.
+        let mut pages: Vec<(u32, Box<Page>)> = std::mem::take(&mut self.overlay).into_iter().collect();
+        pages.sort_unstable_by_key(|(i, _)| *i);
+        let mut changed = Vec::with_capacity(pages.len());
+        for (i, page) in pages {
             let idx = PageIdx::new(i).expect("BUG: overlay keys are page numbers");
             let old = self.previous_version(idx)?;
             if *old != *page {
                 changed.push((i, page, old));
             }
         }
-        changed.sort_unstable_by_key(|(i, _, _)| *i);
         Ok(changed)
     }
 

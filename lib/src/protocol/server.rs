@@ -1494,8 +1494,7 @@ impl ServerSession {
     /// use. A document away on a job is closed when the job comes back. For a server that may
     /// no longer write them (its cluster membership lapsed).
     pub fn close_all(&mut self, code: &str, message: &str) {
-        let docs: Vec<DocId> = self.docs.keys().copied().collect();
-        for doc in docs {
+        for doc in self.doc_ids() {
             let tell = error(Some(doc), code, message);
             match self.docs.get_mut(&doc) {
                 Some(open) if open.is_away() => open.close_when_back = Some(tell),
@@ -1783,8 +1782,7 @@ impl ServerSession {
     /// fails), here and now: for a shutdown, after every job came back.
     pub fn flush(&mut self, now_ms: i64) {
         self.now_ms = self.now_ms.max(now_ms);
-        let docs: Vec<DocId> = self.docs.iter().filter(|(_, o)| o.queued() > 0).map(|(id, _)| *id).collect();
-        for doc in docs {
+        for doc in self.doc_ids() {
             while self.docs.get(&doc).is_some_and(|o| o.queued() > 0) {
                 let open = self.docs.get_mut(&doc).expect("BUG: just checked");
                 open.retry_at = None;
@@ -1870,12 +1868,13 @@ impl ServerSession {
     fn shrink_idle(&mut self) {
         let Some(shrink_ms) = self.options.idle_shrink_ms else { return };
         let now = self.now_ms;
-        for (id, o) in self.docs.iter_mut() {
+        for id in self.doc_ids() {
+            let Some(o) = self.docs.get_mut(&id) else { continue };
             let used = o.last_used;
             if now < used + shrink_ms || o.shrunk_at == Some(used) {
                 continue;
             }
-            account_ahead(&mut self.ahead_bytes, &mut self.ahead_docs, *id, o.ahead.bytes, 0);
+            account_ahead(&mut self.ahead_bytes, &mut self.ahead_docs, id, o.ahead.bytes, 0);
             o.ahead.clear();
             let Some(d) = o.document_mut().filter(|d| d.queued() == 0) else { continue };
             // A failure leaves caches in place; the document works either way.
@@ -1884,6 +1883,15 @@ impl ServerSession {
             }
             o.shrunk_at = Some(used);
         }
+    }
+
+    /// The documents held, in order: what a sweep does to each (messages, reads, steps) then
+    /// happens in the same order every run, whatever the map's hasher (the simulator replays a
+    /// seed exactly; `docs` keeps a random hasher because clients choose the ids).
+    fn doc_ids(&self) -> Vec<DocId> {
+        let mut ids: Vec<DocId> = self.docs.keys().copied().collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// When `handle_timeout` should run next.
