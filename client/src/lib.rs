@@ -764,8 +764,8 @@ impl Document {
     /// server's latest storage as of then. Gives up after `timeout` without progress (a long
     /// initial sync that keeps receiving entries does not time out). Fails at once with the
     /// server's error, unless it passes on its own (`codes::passes`: `unavailable` while a
-    /// server regains its cluster lease): then the wait goes on, and returns that error only
-    /// if it is still there after `timeout`.
+    /// server regains its cluster lease): then the wait goes on, and a timeout returns the
+    /// error still shown, if any.
     pub async fn sync(&self, timeout: Duration) -> Result<()> {
         self.sync_with_progress(timeout, |_| {}).await
     }
@@ -808,8 +808,9 @@ impl Document {
                 {
                     return Err(ClientError::Connect(format!("{why} ({} mutations pending)", st.pending)));
                 }
-                if let Some((code, message)) = st.error {
-                    // Still there after `timeout`: it did not pass.
+                let conn_error = self.shared.session().connection_error().cloned();
+                if let Some((code, message)) = st.error.or(conn_error) {
+                    // Still shown after `timeout`: it did not pass.
                     return Err(ClientError::Server { code, message });
                 }
                 return Err(ClientError::SyncTimeout(timeout, st.pending));
@@ -1270,7 +1271,11 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
                 Some(Ok(_)) => {}
             },
             _ = wake.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => shared.session().handle_timeout(now_ms()),
+            _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => {
+                if shared.session().handle_timeout(now_ms()) {
+                    shared.bump();
+                }
+            }
         }
     }
 }

@@ -752,9 +752,13 @@ impl<R: Reducer> ClientDocument<R> {
     /// A rebase that failed (a read fault while reading `_pagesync_timelines`, say) is due
     /// until one succeeds; without new storage nothing else would try it again, and the
     /// mutations the stored state already applied would stay pending. The session calls this
-    /// on its timer.
-    pub fn rebase_if_due(&mut self) -> Result<()> {
-        if self.rebase_due { self.rebase() } else { Ok(()) }
+    /// on its timer. `Ok(true)` when it ran: the replica's state may have changed.
+    pub fn rebase_if_due(&mut self) -> Result<bool> {
+        if !self.rebase_due {
+            return Ok(false);
+        }
+        self.rebase()?;
+        Ok(true)
     }
 
     /// Re-runs every pending mutation on the current state, in one transaction. A mutation

@@ -607,8 +607,9 @@ impl<R: Reducer> ServerDocument<R> {
     ) -> Received {
         if self.applied_as_stored().is_err() {
             // Nothing taken (it would be judged against a map that may be wrong): the client
-            // sends it again.
-            return Received { next_expected: first, accepted: 0 };
+            // sends it again. Not past `first`: a later batch's answer must not move the
+            // client's acknowledged point beyond this one (the stale map is only ever behind).
+            return Received { next_expected: first.min(self.next_expected(timeline)), accepted: 0 };
         }
         let queue = self.queues.entry(timeline).or_default();
         let done = queue.back().map(|(l, _, _)| *l).or(self.applied.get(&timeline).copied());

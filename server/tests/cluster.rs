@@ -333,11 +333,12 @@ impl CuttableRelay {
         std::thread::spawn(move || {
             for down in listener.incoming() {
                 let Ok(down) = down else { continue };
+                // Under the lock `set_cut` takes: no connection slips in while it cuts.
+                let mut kept = open.lock().expect("lock");
                 if cut.load(Ordering::SeqCst) {
                     continue; // dropped: closed at once
                 }
                 let Ok(up) = std::net::TcpStream::connect(&upstream) else { continue };
-                let mut kept = open.lock().expect("lock");
                 kept.extend([down.try_clone().expect("clone"), up.try_clone().expect("clone")]);
                 drop(kept);
                 for (mut from, mut to) in
@@ -354,9 +355,10 @@ impl CuttableRelay {
     }
 
     fn set_cut(&self, cut: bool) {
+        let mut open = self.open.lock().expect("lock");
         self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
         if cut {
-            for s in self.open.lock().expect("lock").drain(..) {
+            for s in open.drain(..) {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
         }

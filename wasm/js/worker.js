@@ -35,7 +35,7 @@ function schedule() {
   const at = replica.pollTimeout();
   if (at === undefined) return;
   timer = setTimeout(() => {
-    replica.handleTimeout(Date.now());
+    if (replica.handleTimeout(Date.now())) changed();
     flush();
     schedule();
   }, Math.max(0, at - Date.now()));

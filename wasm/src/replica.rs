@@ -483,9 +483,14 @@ impl Replica {
         out
     }
 
+    /// `true` when the replica's state changed (a rebase that had failed ran now).
     #[wasm_bindgen(js_name = handleTimeout)]
-    pub fn handle_timeout(&mut self, now_ms: f64) {
-        self.session.handle_timeout(now_ms as i64);
+    pub fn handle_timeout(&mut self, now_ms: f64) -> bool {
+        let changed = self.session.handle_timeout(now_ms as i64);
+        if changed {
+            self.version = self.version.wrapping_add(1);
+        }
+        changed
     }
 
     /// When to call `handleTimeout` next (milliseconds, same clock as `now_ms`), if at all.

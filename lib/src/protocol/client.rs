@@ -35,6 +35,11 @@ enum SubState {
     Subscribing { sent_ms: i64 },
     /// The server answered the `Subscribe` sent at `sent_ms`: uploads flow.
     Live { sent_ms: i64 },
+    /// The server closed the subscription (`unavailable`: it lost its cluster lease;
+    /// `internal`): a `Subscribe` is due at `until_ms`, not at once, since a server that cannot
+    /// serve the document answers every `Subscribe` so. Answers before it are an older
+    /// subscription's.
+    Closed { until_ms: i64 },
 }
 
 /// What moves a `SubState`.
@@ -50,6 +55,8 @@ enum SubEvent {
     Gap { now_ms: i64 },
     /// Nothing heard for `KEEPALIVE_MS`.
     Silent,
+    /// The server said it closed the subscription.
+    Ended { now_ms: i64 },
 }
 
 impl SubState {
@@ -58,10 +65,14 @@ impl SubState {
         use SubEvent::*;
         use SubState::*;
         match (self, event) {
-            (_, Reset | Silent) => Unsubscribed,
+            (_, Reset) => Unsubscribed,
+            (Closed { until_ms }, Silent) => Closed { until_ms },
+            (_, Silent) => Unsubscribed,
+            (_, Ended { now_ms }) => Closed { until_ms: now_ms + KEEPALIVE_MS },
             (_, Sent { now_ms }) => Subscribing { sent_ms: now_ms },
             (Subscribing { sent_ms } | Live { sent_ms }, Acked) => Live { sent_ms },
-            (Unsubscribed, Acked) => Unsubscribed, // an older subscription's answer
+            (Unsubscribed | Closed { .. }, Acked) => self, // an older subscription's answer
+            (Closed { .. }, Gap { .. }) => self,
             (Subscribing { sent_ms } | Live { sent_ms }, Gap { now_ms })
                 if now_ms < sent_ms + RETRANSMIT_MS =>
             {
@@ -602,16 +613,21 @@ impl ClientSession {
                 // The server accepted our Hello and subscription: older refusals are moot.
                 self.conn_error = None;
                 link.error = None;
-                if matches!(link.state, SubState::Subscribing { .. }) {
-                    // A new subscription's answer: what the server held queued before it may
-                    // be gone (it closed the document, say for a lapsed cluster lease, and
-                    // dropped mutations it had acknowledged but not applied): upload from
-                    // what it says now, not from what it said then.
-                    link.up = SendWindow::new(link.doc.pending_range().first());
+                match link.state {
+                    // An older subscription's answer: what it says the server holds may be gone.
+                    SubState::Unsubscribed | SubState::Closed { .. } => {}
+                    SubState::Subscribing { .. } => {
+                        // A new subscription's answer: what the server held queued before it
+                        // may be gone (it closed the document, say for a lapsed cluster lease,
+                        // and dropped mutations it had acknowledged but not applied): upload
+                        // from what it says now, not from what it said then.
+                        link.up = SendWindow::new(link.doc.pending_range().first());
+                        link.up.ack(next_expected);
+                    }
+                    SubState::Live { .. } => link.up.ack(next_expected),
                 }
                 link.state = link.state.on(SubEvent::Acked);
                 link.server_storage_next = link.server_storage_next.max(storage_next);
-                link.up.ack(next_expected);
             }
             Message::Storage { first, entries, .. } => {
                 // Past what we hold, only a checkpoint's first part is taken (the replica
@@ -672,6 +688,16 @@ impl ClientSession {
             // had one): subscribe again, and what was unanswered goes again.
             Message::Error { code, .. } if code == super::codes::NOT_SUBSCRIBED => {
                 link.reset(now_ms);
+            }
+            // The server closed the document under its subscribers (it lost its cluster lease,
+            // or an internal error): subscribe again after a pause, and upload from what the
+            // new subscription says the server holds.
+            Message::Error { code, message, .. }
+                if code == super::codes::UNAVAILABLE || code == super::codes::INTERNAL =>
+            {
+                link.state = link.state.on(SubEvent::Ended { now_ms });
+                link.up = SendWindow::new(link.doc.pending_range().first());
+                link.error = Some((code, message));
             }
             Message::Error { code, message, .. } => {
                 if code == super::codes::DELETED && !link.deleted {
@@ -735,20 +761,29 @@ impl ClientSession {
         Ok(())
     }
 
-    pub fn handle_timeout(&mut self, now_ms: i64) {
+    /// Runs what is due by `now_ms`. `true` when a document's state changed (a rebase that
+    /// had failed ran now): tell whoever shows it.
+    pub fn handle_timeout(&mut self, now_ms: i64) -> bool {
         self.now_ms = self.now_ms.max(now_ms);
+        let mut changed = false;
         for l in self.links.values_mut() {
-            // A failure leaves it due; the next timer tries again.
-            let _ = l.doc.rebase_if_due();
+            // A failure (the replica's storage) leaves it due: the next timer tries again.
+            changed |= l.doc.rebase_if_due().unwrap_or(false);
         }
         let conns = &self.conns;
         for l in self.links.values_mut().filter(|l| conns.contains_key(&l.route)) {
             l.up.rewind_if_due(now_ms);
+            if let SubState::Closed { until_ms } = l.state
+                && now_ms >= until_ms
+            {
+                l.state = SubState::Unsubscribed;
+            }
             if now_ms >= l.last_heard_ms + KEEPALIVE_MS {
                 l.state = l.state.on(SubEvent::Silent);
                 l.last_heard_ms = now_ms;
             }
         }
+        changed
     }
 
     pub fn poll_timeout(&self) -> Option<i64> {
@@ -760,7 +795,13 @@ impl ClientSession {
             l.head_in_flight.filter(|_| live).map(|(_, t)| t + HEAD_RESEND_MS)
         };
         links
-            .flat_map(|l| [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at(), broadcast(l), head(l)])
+            .flat_map(|l| {
+                let closed = match l.state {
+                    SubState::Closed { until_ms } => Some(until_ms),
+                    _ => None,
+                };
+                [Some(l.last_heard_ms + KEEPALIVE_MS), l.up.resend_at(), broadcast(l), head(l), closed]
+            })
             .flatten()
             .min()
     }

@@ -100,11 +100,13 @@ pub mod codes {
     pub const NOT_SUBSCRIBED: &str = "not_subscribed";
 
     /// Whether an error with `code` passes on its own: the client subscribes (or connects)
-    /// again by itself, so a wait for the document to sync goes on instead of failing
-    /// (a server that lost its cluster lease for a moment, a connection cut for reading
-    /// slowly). Every other code ends the wait: it needs someone to act.
+    /// again by itself, so a wait for the document to sync goes on instead of failing (a
+    /// server that lost its cluster lease for a moment, a document closed after an internal
+    /// error, a connection cut for reading slowly). Every other code ends the wait: it needs
+    /// someone to act. `storage` (a failed step) ends it too: it may be a fence that will not
+    /// pass (another server wrote the document's next entry).
     pub fn passes(code: &str) -> bool {
-        matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED)
+        matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED | INTERNAL)
     }
 }
 
