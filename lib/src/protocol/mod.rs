@@ -100,13 +100,13 @@ pub mod codes {
     pub const NOT_SUBSCRIBED: &str = "not_subscribed";
 
     /// Whether an error with `code` passes on its own: the client subscribes (or connects)
-    /// again by itself, so a wait for the document to sync goes on instead of failing (a
-    /// server that lost its cluster lease for a moment, a document closed after an internal
-    /// error, a connection cut for reading slowly). Every other code ends the wait: it needs
-    /// someone to act. `storage` (a failed step) ends it too: it may be a fence that will not
-    /// pass (another server wrote the document's next entry).
+    /// again by itself, or the server retries, so a wait for the document to sync goes on
+    /// instead of failing (a server that lost its cluster lease for a moment, a step that
+    /// failed on its storage, a document closed after an internal error, a connection cut for
+    /// reading slowly). Every other code ends the wait: it needs someone to act (a step
+    /// fenced by another server that wrote the document is told as `document`).
     pub fn passes(code: &str) -> bool {
-        matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED | INTERNAL)
+        matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED | INTERNAL | STORAGE)
     }
 }
 
