@@ -84,6 +84,19 @@ impl Error {
         matches!(journal, JournalError::Poisoned { .. } | JournalError::Fenced { .. })
     }
 
+    /// Whether the storage failed in a way that may pass (a backend that did not answer, an
+    /// I/O error), not one that stays (a corrupt or foreign journal, a fence).
+    pub fn is_transient_storage(&self) -> bool {
+        let journal = match self {
+            Error::Journal(e) | Error::Store(StoreError::Journal(e)) => e,
+            _ => return false,
+        };
+        matches!(
+            journal,
+            JournalError::Backend { .. } | JournalError::Io { .. } | JournalError::Poisoned { .. }
+        )
+    }
+
     /// Whether another writer fenced the journal (it wrote the next entry first): this
     /// server does not own the document, which retrying here does not change.
     pub fn is_fenced(&self) -> bool {

@@ -2,7 +2,8 @@
 //! connected to random servers write to 30 documents; one server is killed with SIGKILL mid
 //! traffic, another stopped with SIGTERM. Every document has one writer at a time, every write
 //! is applied exactly once, and the documents of a stopped server are served again by the
-//! others (after its lease for SIGKILL, handed over at once for SIGTERM).
+//! others (after its lease for SIGKILL, handed over at once for SIGTERM). And a server whose
+//! S3 goes away for a moment (a TCP relay the test cuts): a client's `sync` waits through it.
 
 mod support;
 
@@ -408,4 +409,44 @@ async fn a_sync_waits_through_a_server_losing_its_lease_for_a_moment() {
     assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
     let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Text("during".into()), Value::Integer(1)]], "applied exactly once");
+}
+
+/// A server (no cluster) that cannot reach S3 when a client first opens a document answers
+/// `unavailable`, not an error that stays: the client's `sync` goes on, the client subscribes
+/// again by itself, and the write lands once S3 is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_that_cannot_be_opened_while_s3_is_away_is_opened_once_it_is_back() {
+    let Some(journal) = support::s3::s3_url("away") else { return };
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("s3_url checked it");
+    let relay = CuttableRelay::start(endpoint.trim_start_matches("http://").trim_end_matches('/').to_owned());
+    let port = free_port();
+    let relayed = format!("http://127.0.0.1:{}", relay.port);
+    let _server = support::start_with_env(port, &journal, &[], &[("AWS_ENDPOINT_URL", &relayed)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client = Client::connect(&url(port), "", dir.path()).expect("client");
+
+    relay.set_cut(true);
+    let doc = client.open(DocId::from_u128(0xa3a7)).expect("open");
+    doc.execute("CREATE TABLE w(who TEXT NOT NULL, seq INTEGER NOT NULL)", vec![]).expect("schema");
+    let w = write(&doc, "away", 1);
+    let waiting = tokio::spawn({
+        let doc = doc.clone();
+        async move { doc.sync(WAIT).await }
+    });
+    let deadline = Instant::now() + WAIT;
+    while doc.status().error.is_none() {
+        assert!(Instant::now() < deadline, "the server never said it could not open the document");
+        assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (code, message) = doc.status().error.expect("shown");
+    assert_eq!(code, "unavailable", "{message}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
+
+    relay.set_cut(false);
+    waiting.await.expect("join").expect("the sync went on and ended once S3 was back");
+    assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
+    let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Text("away".into()), Value::Integer(1)]]);
 }

@@ -385,7 +385,7 @@ fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop(
     upload(&mut fresh, &mut s, 100);
     let sent: Vec<Message> = downloads(&mut s);
     let errors =
-        sent.iter().filter(|m| matches!(m, Message::Error { code, .. } if code == codes::DOCUMENT)).count();
+        sent.iter().filter(|m| matches!(m, Message::Error { code, .. } if code == codes::STORAGE)).count();
     assert_eq!(errors, 1, "{sent:?}");
     let again = s.poll_timeout().expect("a retry is scheduled");
     assert!(again > 100, "the retry is in the future: {again}");
@@ -515,7 +515,7 @@ fn a_failing_read_job_is_reported_and_retried() {
         s.handle_timeout(now);
         run_jobs(&mut s, now);
         while let Some((_, m)) = s.poll_transmit() {
-            errors += usize::from(matches!(&m, Message::Error { code, .. } if code == codes::DOCUMENT));
+            errors += usize::from(matches!(&m, Message::Error { code, .. } if code == codes::STORAGE));
         }
     }
     // One report per `RETRANSMIT_MS` (200 ms) over a second, give or take the first.

@@ -108,6 +108,9 @@ impl OpenFailure {
             crate::Error::Moved { owner } => OpenFailure::Moved(owner),
             crate::Error::Unavailable(why) => OpenFailure::Unavailable(why),
             crate::Error::Deleted => OpenFailure::Deleted,
+            // The storage did not answer (S3 away, a failed read): it may a moment later, and
+            // the client subscribes again by itself; a corrupt journal is an error that stays.
+            e if e.is_transient_storage() => OpenFailure::Unavailable(e.to_string()),
             e => OpenFailure::Error(e.to_string()),
         }
     }

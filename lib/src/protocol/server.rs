@@ -2048,7 +2048,8 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
                     // Told once per `RETRANSMIT_MS`; the read is tried again then.
                     sub.retry_read_at = Some(now_ms + RETRANSMIT_MS);
                     let text = format!("cannot read storage entry {lsn}: {why}");
-                    let msg = error(Some(doc), codes::DOCUMENT, text);
+                    // `storage`: it is retried, so a client's wait to sync goes on.
+                    let msg = error(Some(doc), codes::STORAGE, text);
                     if here {
                         open.ahead.error = None;
                     } else {
