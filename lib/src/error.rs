@@ -97,16 +97,6 @@ impl Error {
         )
     }
 
-    /// Whether another writer fenced the journal (it wrote the next entry first): this
-    /// server does not own the document, which retrying here does not change.
-    pub fn is_fenced(&self) -> bool {
-        let journal = match self {
-            Error::Journal(e) | Error::Store(StoreError::Journal(e)) => e,
-            _ => return false,
-        };
-        matches!(journal, JournalError::Fenced { .. })
-    }
-
     /// Whether the storage failed (a journal or page-store error), as opposed to the SQL or
     /// the input: the work can succeed when retried.
     pub fn is_io(&self) -> bool {

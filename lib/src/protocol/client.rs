@@ -602,11 +602,13 @@ impl ClientSession {
                 }
             }
             // A server a redirect named cannot serve it now: home, which redirects again or
-            // serves it.
+            // serves it, after a pause (home may name the same server at once, and each round
+            // costs both servers an open).
             Message::Error { code, message, .. } if code == super::codes::UNAVAILABLE && route.is_some() => {
                 link.route = None;
                 self.reroutes += 1;
                 link.reset(now_ms);
+                link.state = link.state.on(SubEvent::Ended { now_ms });
                 link.error = Some((code, message));
             }
             Message::MutationsAck { next_expected, storage_next, .. } => {

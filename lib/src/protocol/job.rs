@@ -147,7 +147,7 @@ pub(super) struct Fetched {
 pub(super) enum Failure {
     /// An error; the queue stays and the step is retried. With `reopen`, the document's
     /// journal refuses writes until it is reopened: the retry opens it again first.
-    Error { why: String, reopen: bool, fenced: bool },
+    Error { why: String, reopen: bool },
     /// A panic: the document's state cannot be trusted; it is closed (and reopened from its
     /// journal on next use).
     Panicked(String),
@@ -264,10 +264,7 @@ fn step_document(
     match catch(|| d.step(now_ms)) {
         Ok(Ok(Some(o))) => (vec![(o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))], None),
         Ok(Ok(None)) => (Vec::new(), None),
-        Ok(Err(e)) => (
-            Vec::new(),
-            Some(Failure::Error { why: e.to_string(), reopen: e.needs_reopen(), fenced: e.is_fenced() }),
-        ),
+        Ok(Err(e)) => (Vec::new(), Some(Failure::Error { why: e.to_string(), reopen: e.needs_reopen() })),
         Err(panic) => (Vec::new(), Some(Failure::Panicked(panic))),
     }
 }

@@ -89,7 +89,8 @@ pub mod codes {
     /// other pages than the server's (see `Error::ConfirmMismatch`).
     pub const NONDETERMINISM: &str = "nondeterminism";
     /// This server cannot serve the document now (it is leaving its cluster, or lost its
-    /// place in it); the client tries again, at another server if it knows one.
+    /// place in it, or its storage did not answer when it opened the document); the client
+    /// tries again after a pause, at another server if it knows one.
     pub const UNAVAILABLE: &str = "unavailable";
     /// The document was deleted (`DELETE /v1/docs/{id}`, `pagesync-server delete`): it is not
     /// served, not created again, and its replicas stop syncing.
@@ -103,8 +104,10 @@ pub mod codes {
     /// again by itself, or the server retries, so a wait for the document to sync goes on
     /// instead of failing (a server that lost its cluster lease for a moment, a step that
     /// failed on its storage, a document closed after an internal error, a connection cut for
-    /// reading slowly). Every other code ends the wait: it needs someone to act (a step
-    /// fenced by another server that wrote the document is told as `document`).
+    /// reading slowly). Every other code ends the wait: it needs someone to act. A step
+    /// fenced by another writer is `storage` too: the server reopens the document and tries
+    /// again (in a cluster the lease decides; two servers on one bucket without one take
+    /// turns), and the status shows the conflict meanwhile.
     pub fn passes(code: &str) -> bool {
         matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED | INTERNAL | STORAGE)
     }

@@ -1578,16 +1578,13 @@ impl ServerSession {
             None if open.queued() > 0 => {}
             None => open.queued_since = None,
             Some(Failure::Panicked(why)) => self.close_broken(doc, why),
-            Some(Failure::Error { why, reopen, fenced }) => {
+            Some(Failure::Error { why, reopen }) => {
                 open.retry_at = Some(now + STEP_RETRY_MS);
                 open.reopen = reopen;
                 let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
                 for id in &open.subscribers {
                     if let Some(c) = self.conns.get_mut(id) {
-                        // A fence does not pass on its own (another server writes the
-                        // document); a storage failure does (`codes::passes`).
-                        let code = if fenced { codes::DOCUMENT } else { codes::STORAGE };
-                        c.outbox.push_back(error(Some(doc), code, text.clone()));
+                        c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
                         self.ready.insert(*id);
                     }
                 }
