@@ -84,17 +84,27 @@ impl Error {
         matches!(journal, JournalError::Poisoned { .. } | JournalError::Fenced { .. })
     }
 
-    /// Whether the storage failed in a way that may pass (a backend that did not answer, an
-    /// I/O error), not one that stays (a corrupt or foreign journal, a fence).
+    /// Whether the storage failed in a way that may pass (an object store that did not answer
+    /// or refused, a journal waiting to be reopened, a full disk, a timeout), not one that
+    /// stays (a corrupt or foreign journal, a missing directory, a refused permission). An
+    /// object store's refusals (403, no such bucket) count as passing: they cannot be told
+    /// from an outage here.
     pub fn is_transient_storage(&self) -> bool {
         let journal = match self {
             Error::Journal(e) | Error::Store(StoreError::Journal(e)) => e,
             _ => return false,
         };
-        matches!(
-            journal,
-            JournalError::Backend { .. } | JournalError::Io { .. } | JournalError::Poisoned { .. }
-        )
+        use std::io::ErrorKind as K;
+        match journal {
+            JournalError::Backend { .. } | JournalError::Poisoned { .. } => true,
+            // A full disk, a timeout or an interrupted call may pass; a missing directory or a
+            // refused permission needs someone to act.
+            JournalError::Io { source, .. } => matches!(
+                source.kind(),
+                K::TimedOut | K::Interrupted | K::WouldBlock | K::StorageFull | K::ResourceBusy
+            ),
+            _ => false,
+        }
     }
 
     /// Whether the storage failed (a journal or page-store error), as opposed to the SQL or

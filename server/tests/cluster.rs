@@ -409,6 +409,7 @@ async fn a_sync_waits_through_a_server_losing_its_lease_for_a_moment() {
     assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
     let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Text("during".into()), Value::Integer(1)]], "applied exactly once");
+    assert_eq!(doc.status().error, None, "the status no longer shows the outage");
 }
 
 /// A server (no cluster) that cannot reach S3 when a client first opens a document answers
@@ -449,4 +450,5 @@ async fn a_document_that_cannot_be_opened_while_s3_is_away_is_opened_once_it_is_
     assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
     let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Text("away".into()), Value::Integer(1)]]);
+    assert_eq!(doc.status().error, None, "the status no longer shows the outage");
 }

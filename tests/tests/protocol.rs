@@ -392,11 +392,16 @@ fn a_persistent_read_error_is_reported_once_per_retransmit_period_not_in_a_loop(
     s.handle_timeout(again);
     let sent: Vec<Message> = downloads(&mut s);
     assert_eq!(sent.len(), 1, "one more attempt: {sent:?}");
+    fresh.handle_frame(again, &sent[0].encode()).expect("apply");
+    let shown = fresh.status(doc).expect("status").error.map(|(code, _)| code);
+    assert_eq!(shown.as_deref(), Some(codes::STORAGE), "the replica shows why it waits");
+    assert_eq!(fresh.sync_error(doc), None, "a retried read does not end a wait to sync");
 
-    // The storage heals: the replica catches up.
+    // The storage heals: the replica catches up, and no longer shows the error.
     journal.read_errors.store(false, std::sync::atomic::Ordering::Relaxed);
     exchange(&mut s, &mut fresh, again + 1_000, true);
     assert_same_pages(&fresh, &s, doc);
+    assert_eq!(fresh.status(doc).expect("status").error, None);
 }
 
 #[test]

@@ -656,6 +656,11 @@ impl ClientSession {
                 link.ack_due = true;
                 // What the storage confirmed, the server holds.
                 link.up.ack(link.doc.pending_range().first());
+                // Storage arrived: a failed step or read the server was retrying went through,
+                // so its error no longer describes the document.
+                if link.error.as_ref().is_some_and(|(code, _)| code == super::codes::STORAGE) {
+                    link.error = None;
+                }
             }
             Message::Mutators { version, source, .. } => {
                 let parsed = match version.is_empty() {
