@@ -57,6 +57,8 @@ enum SubEvent {
     Silent,
     /// The server said it closed the subscription.
     Ended { now_ms: i64 },
+    /// The timer ran at `now_ms`.
+    Tick { now_ms: i64 },
 }
 
 impl SubState {
@@ -69,6 +71,8 @@ impl SubState {
             (Closed { until_ms }, Silent) => Closed { until_ms },
             (_, Silent) => Unsubscribed,
             (_, Ended { now_ms }) => Closed { until_ms: now_ms + KEEPALIVE_MS },
+            (Closed { until_ms }, Tick { now_ms }) if now_ms >= until_ms => Unsubscribed,
+            (_, Tick { .. }) => self,
             (_, Sent { now_ms }) => Subscribing { sent_ms: now_ms },
             (Subscribing { sent_ms } | Live { sent_ms }, Acked) => Live { sent_ms },
             (Unsubscribed | Closed { .. }, Acked) => self, // an older subscription's answer
@@ -780,11 +784,7 @@ impl ClientSession {
         let conns = &self.conns;
         for l in self.links.values_mut().filter(|l| conns.contains_key(&l.route)) {
             l.up.rewind_if_due(now_ms);
-            if let SubState::Closed { until_ms } = l.state
-                && now_ms >= until_ms
-            {
-                l.state = SubState::Unsubscribed;
-            }
+            l.state = l.state.on(SubEvent::Tick { now_ms });
             if now_ms >= l.last_heard_ms + KEEPALIVE_MS {
                 l.state = l.state.on(SubEvent::Silent);
                 l.last_heard_ms = now_ms;
