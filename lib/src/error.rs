@@ -77,11 +77,15 @@ impl Error {
     /// Whether the journal refuses writes until it is reopened (an earlier write's outcome is
     /// unknown, or another writer fenced it): retrying on the same handle cannot succeed.
     pub fn needs_reopen(&self) -> bool {
-        let journal = match self {
-            Error::Journal(e) | Error::Store(StoreError::Journal(e)) => e,
-            _ => return false,
-        };
-        matches!(journal, JournalError::Poisoned { .. } | JournalError::Fenced { .. })
+        matches!(self.journal_error(), Some(JournalError::Poisoned { .. } | JournalError::Fenced { .. }))
+    }
+
+    /// The journal's error, directly or through the page store.
+    fn journal_error(&self) -> Option<&JournalError> {
+        match self {
+            Error::Journal(e) | Error::Store(StoreError::Journal(e)) => Some(e),
+            _ => None,
+        }
     }
 
     /// Whether the storage failed in a way that may pass (an object store that did not answer
@@ -90,11 +94,8 @@ impl Error {
     /// object store's refusals (403, no such bucket) count as passing: they cannot be told
     /// from an outage here.
     pub fn is_transient_storage(&self) -> bool {
-        let journal = match self {
-            Error::Journal(e) | Error::Store(StoreError::Journal(e)) => e,
-            _ => return false,
-        };
         use std::io::ErrorKind as K;
+        let Some(journal) = self.journal_error() else { return false };
         match journal {
             JournalError::Backend { .. } | JournalError::Poisoned { .. } => true,
             // A full disk, a timeout or an interrupted call may pass; a missing directory or a
