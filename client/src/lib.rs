@@ -808,8 +808,7 @@ impl Document {
                 {
                     return Err(ClientError::Connect(format!("{why} ({} mutations pending)", st.pending)));
                 }
-                let conn_error = self.shared.session().connection_error().cloned();
-                if let Some((code, message)) = st.error.or(conn_error) {
+                if let Some((code, message)) = self.shared.session().shown_error(self.id).cloned() {
                     // Still shown after `timeout`: it did not pass.
                     return Err(ClientError::Server { code, message });
                 }

@@ -356,8 +356,8 @@ impl Replica {
         }
         set(&out, "rejected", rejected);
         let status = self.session.status(self.doc).expect("BUG: the document is in its session");
-        let error = status.error.as_ref().or(self.session.connection_error());
-        set(&out, "error", error.map_or(JsValue::NULL, |(c, m)| pair(c, m).into()));
+        let error = self.session.shown_error(self.doc).map_or(JsValue::NULL, |(c, m)| pair(c, m).into());
+        set(&out, "error", error);
         set(&out, "connected", self.session.is_connected());
         set(&out, "deleted", status.deleted);
         set(&out, "caughtUp", self.session.caught_up(self.doc));

@@ -309,11 +309,21 @@ impl ClientSession {
         self.conn_error.as_ref()
     }
 
+    /// The error shown for `id`: the document's, else the connection's.
+    pub fn shown_error(&self, id: DocId) -> Option<&(String, String)> {
+        self.errors(id).next()
+    }
+
     /// The error that ends a wait for `id` to sync: the document's, else the connection's,
-    /// unless it passes on its own (`codes::passes`; the status still shows it).
+    /// unless it passes on its own (`codes::passes`; `shown_error` still shows it).
     pub fn sync_error(&self, id: DocId) -> Option<&(String, String)> {
+        self.errors(id).find(|(code, _)| !super::codes::passes(code))
+    }
+
+    /// The document's error, then the connection's, where there are.
+    fn errors(&self, id: DocId) -> impl Iterator<Item = &(String, String)> {
         let doc = self.links.get(&id).and_then(|l| l.error.as_ref());
-        [doc, self.conn_error.as_ref()].into_iter().flatten().find(|(code, _)| !super::codes::passes(code))
+        [doc, self.conn_error.as_ref()].into_iter().flatten()
     }
 
     /// An open document, to write to (not one the server deleted).
