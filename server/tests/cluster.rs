@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pagesync::journal::{Journal, Lsn, ObjectBackend};
+use pagesync::protocol::DocStatus;
 use pagesync::{DocId, MutationState, Value};
 use pagesync_client::{Client, Document};
 use support::probe::metric;
@@ -325,6 +326,17 @@ struct CuttableRelay {
 }
 
 impl CuttableRelay {
+    /// A relay to the S3 endpoint the tests run against (`AWS_ENDPOINT_URL`).
+    fn to_s3() -> CuttableRelay {
+        let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("s3_url checked it");
+        CuttableRelay::start(endpoint.trim_start_matches("http://").trim_end_matches('/').to_owned())
+    }
+
+    /// Its address as an `AWS_ENDPOINT_URL`.
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
     fn start(upstream: String) -> CuttableRelay {
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -366,6 +378,42 @@ impl CuttableRelay {
     }
 }
 
+type Waiting = tokio::task::JoinHandle<pagesync_client::Result<()>>;
+
+/// `doc.sync` on a task of its own, started while S3 is cut.
+fn sync_in_background(doc: &Document) -> Waiting {
+    let doc = doc.clone();
+    tokio::spawn(async move { doc.sync(WAIT).await })
+}
+
+/// Waits until `doc`'s status satisfies `shown`, the background sync still waiting meanwhile.
+async fn wait_for_status(
+    doc: &Document,
+    waiting: &mut Waiting,
+    what: &str,
+    shown: impl Fn(&DocStatus) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    while !shown(&doc.status()) {
+        assert!(Instant::now() < deadline, "{what}: {:?}", doc.status());
+        assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// S3 stays away long enough for the client to ask again (and be refused again), then comes
+/// back: the background sync ends then, with `w` applied exactly once and the status clean.
+async fn s3_back(relay: &CuttableRelay, doc: &Document, waiting: Waiting, w: Write) {
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
+    relay.set_cut(false);
+    waiting.await.expect("join").expect("the sync went on and ended once S3 was back");
+    assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
+    let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Text(w.who.clone()), Value::Integer(w.seq)]], "applied exactly once");
+    assert_eq!(doc.status().error, None, "the status no longer shows the outage");
+}
+
 /// A server that cannot reach S3 for a while loses its membership and closes its documents
 /// with `unavailable`: a client waiting in `sync` then (with a write pending) is not failed by
 /// it. It subscribes again by itself, and the sync returns once S3 is back and the write is
@@ -373,10 +421,9 @@ impl CuttableRelay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_waits_through_a_server_losing_its_lease_for_a_moment() {
     let Some(journal) = support::s3::s3_url("lapse") else { return };
-    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("s3_url checked it");
-    let relay = CuttableRelay::start(endpoint.trim_start_matches("http://").trim_end_matches('/').to_owned());
+    let relay = CuttableRelay::to_s3();
     let port = free_port();
-    let (advertise, relayed) = (format!("ws://127.0.0.1:{port}"), format!("http://127.0.0.1:{}", relay.port));
+    let (advertise, relayed) = (format!("ws://127.0.0.1:{port}"), relay.endpoint());
     let lease = pagesync_server::cluster::MIN_LEASE_MS.to_string();
     let flags = ["--advertise", &advertise, "--lease-ms", &lease, "--commit-interval-ms", "10"];
     let _server = support::start_with_env(port, &journal, &flags, &[("AWS_ENDPOINT_URL", &relayed)]);
@@ -389,27 +436,11 @@ async fn a_sync_waits_through_a_server_losing_its_lease_for_a_moment() {
 
     relay.set_cut(true);
     let w = write(&doc, "during", 1);
-    let waiting = tokio::spawn({
-        let doc = doc.clone();
-        async move { doc.sync(WAIT).await }
-    });
-    let deadline = Instant::now() + WAIT;
-    while doc.status().error.as_ref().is_none_or(|(code, _)| code != "unavailable") {
-        assert!(Instant::now() < deadline, "the server never closed the document: {:?}", doc.status());
-        assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut waiting = sync_in_background(&doc);
+    let closed = |st: &DocStatus| st.error.as_ref().is_some_and(|(code, _)| code == "unavailable");
+    wait_for_status(&doc, &mut waiting, "the server never closed the document", closed).await;
     assert!(metric(port, "pagesync_cluster_lapses_total") >= 1, "the membership lapsed");
-    // Long enough for the client to ask again (and be refused again) while S3 is away.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
-
-    relay.set_cut(false);
-    waiting.await.expect("join").expect("the sync went on through `unavailable` and ended once S3 was back");
-    assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
-    let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
-    assert_eq!(rows, vec![vec![Value::Text("during".into()), Value::Integer(1)]], "applied exactly once");
-    assert_eq!(doc.status().error, None, "the status no longer shows the outage");
+    s3_back(&relay, &doc, waiting, w).await;
 }
 
 /// A server (no cluster) that cannot reach S3 when a client first opens a document answers
@@ -418,11 +449,9 @@ async fn a_sync_waits_through_a_server_losing_its_lease_for_a_moment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_that_cannot_be_opened_while_s3_is_away_is_opened_once_it_is_back() {
     let Some(journal) = support::s3::s3_url("away") else { return };
-    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("s3_url checked it");
-    let relay = CuttableRelay::start(endpoint.trim_start_matches("http://").trim_end_matches('/').to_owned());
+    let relay = CuttableRelay::to_s3();
     let port = free_port();
-    let relayed = format!("http://127.0.0.1:{}", relay.port);
-    let _server = support::start_with_env(port, &journal, &[], &[("AWS_ENDPOINT_URL", &relayed)]);
+    let _server = support::start_with_env(port, &journal, &[], &[("AWS_ENDPOINT_URL", &relay.endpoint())]);
     let dir = tempfile::tempdir().expect("tempdir");
     let client = Client::connect(&url(port), "", dir.path()).expect("client");
 
@@ -430,25 +459,10 @@ async fn a_document_that_cannot_be_opened_while_s3_is_away_is_opened_once_it_is_
     let doc = client.open(DocId::from_u128(0xa3a7)).expect("open");
     doc.execute("CREATE TABLE w(who TEXT NOT NULL, seq INTEGER NOT NULL)", vec![]).expect("schema");
     let w = write(&doc, "away", 1);
-    let waiting = tokio::spawn({
-        let doc = doc.clone();
-        async move { doc.sync(WAIT).await }
-    });
-    let deadline = Instant::now() + WAIT;
-    while doc.status().error.is_none() {
-        assert!(Instant::now() < deadline, "the server never said it could not open the document");
-        assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut waiting = sync_in_background(&doc);
+    let told = |st: &DocStatus| st.error.is_some();
+    wait_for_status(&doc, &mut waiting, "the server never said it could not open the document", told).await;
     let (code, message) = doc.status().error.expect("shown");
     assert_eq!(code, "unavailable", "{message}");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    assert!(!waiting.is_finished(), "sync ended while S3 was cut: {:?}", waiting.await);
-
-    relay.set_cut(false);
-    waiting.await.expect("join").expect("the sync went on and ended once S3 was back");
-    assert_eq!(w.handle.state(w.lsn).expect("state"), MutationState::Confirmed);
-    let rows = doc.query("SELECT who, seq FROM w", &[]).expect("query").rows;
-    assert_eq!(rows, vec![vec![Value::Text("away".into()), Value::Integer(1)]]);
-    assert_eq!(doc.status().error, None, "the status no longer shows the outage");
+    s3_back(&relay, &doc, waiting, w).await;
 }
