@@ -274,7 +274,8 @@ fn reads(cfg: &Config, doc: &pagesync_client::Document, file: &std::path::Path, 
     // Like for like: a replica has one owner, so pagesync's VFS takes no file locks; stock
     // SQLite would otherwise lock and unlock the file around every statement.
     plain.pragma_update(None, "locking_mode", "EXCLUSIVE").expect("exclusive locking");
-    let lookups = if cfg.quick { 2_000 } else { 20_000 };
+    // Enough lookups that a repetition takes tens of milliseconds, not a few.
+    let lookups = if cfg.quick { 20_000 } else { 200_000 };
     let mut rng = pagesync_tests::Rng(7);
     let ids: Vec<i64> = (0..lookups).map(|_| 1 + rng.below(rows as u64) as i64).collect();
     let lookup = "SELECT length(v) FROM big WHERE id = ?1";

@@ -345,10 +345,11 @@ impl Client {
                 }
                 e => ClientError::Lock(e),
             })?;
+            // Read at every miss of SQLite's page cache: through a map, not a `pread` each.
             let storage = FileJournal::open_or_create(
                 dir.join("storage"),
                 doc.journal_id(),
-                FileJournalOptions::default(),
+                FileJournalOptions { map_reads: true, ..FileJournalOptions::default() },
             )?;
             let tl_dir = dir.join("timeline");
             let timeline = match FileJournal::open(&tl_dir, FileJournalOptions::default()) {

@@ -13,7 +13,7 @@
 //! - a read returns the exact appended bytes or an error, never other bytes.
 //!
 //! This crate links no SQLite and reads no clock; only the `s3` feature brings an async runtime.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod codec;
 #[cfg(feature = "conformance")]
@@ -26,6 +26,8 @@ mod id;
 #[cfg(unix)]
 pub mod lock;
 mod lsn;
+#[cfg(unix)]
+mod mapped;
 mod memory;
 #[cfg(feature = "s3")]
 pub mod object;

@@ -200,7 +200,7 @@ impl<R: Reducer> ClientDocument<R> {
         let mut store = PageStore::open(storage)?;
         store.enable_schema_epochs()?;
         store.set_read_ahead(true);
-        let db = Database::open(store)?;
+        let db = Database::open(store, crate::db::ConnMemory::Fast)?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc = ClientDocument {
             db,

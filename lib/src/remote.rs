@@ -97,7 +97,7 @@ impl RemoteSnapshot {
         store
             .read(0, &mut [0u8; PAGE_SIZE])
             .map_err(|e| Error::Malformed(format!("page 1 of the server's state: {e}")))?;
-        let db = Database::open(store)?;
+        let db = Database::open(store, crate::db::ConnMemory::Fast)?;
         Ok(RemoteSnapshot { db, at, stats })
     }
 

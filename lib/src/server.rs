@@ -356,7 +356,7 @@ impl<R: Reducer> ServerDocument<R> {
     /// Opens the document over its storage journal; an empty journal gets its first entry (the
     /// system tables) at once.
     pub fn with_reducer(storage: Box<dyn Journal>, reducer: R, limits: StepLimits) -> Result<Self> {
-        let mut db = Database::open(PageStore::open(storage)?)?;
+        let mut db = Database::open(PageStore::open(storage)?, crate::db::ConnMemory::Lean)?;
         db.set_budget(limits.budget)?;
         let page = PAGE_SIZE as u64;
         db.set_max_doc_pages(

@@ -137,7 +137,7 @@ pub fn verify_document(store: &Store, doc: DocId) -> Result<Verified, String> {
     // Opening the page store reads and checks every entry, and indexes its pages: the replay.
     let store = PageStore::open(journal).map_err(|e| e.to_string())?;
     let pages = store.page_count();
-    let db = Database::open(store).map_err(|e| e.to_string())?;
+    let db = Database::open(store, pagesync::db::ConnMemory::Lean).map_err(|e| e.to_string())?;
     let mut stmt = db.conn().prepare("PRAGMA integrity_check").map_err(|e| e.to_string())?;
     let rows: Vec<String> = stmt
         .query_map([], |r| r.get::<_, String>(0))
@@ -290,11 +290,16 @@ fn with_current_positions(
     now_ms: i64,
 ) -> Result<Database, String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let now = Database::open(PageStore::open(open_read_only(store, doc)?).map_err(|x| e(&x))?)
-        .map_err(|x| e(&x))?;
+    let now = Database::open(
+        PageStore::open(open_read_only(store, doc)?).map_err(|x| e(&x))?,
+        pagesync::db::ConnMemory::Lean,
+    )
+    .map_err(|x| e(&x))?;
     let mut j = MemoryJournal::new(doc.journal_id());
     then.copy_checkpoint_to(&mut j, 0).map_err(|x| e(&x))?;
-    let patched = Database::open(PageStore::open(Box::new(j)).map_err(|x| e(&x))?).map_err(|x| e(&x))?;
+    let patched =
+        Database::open(PageStore::open(Box::new(j)).map_err(|x| e(&x))?, pagesync::db::ConnMemory::Lean)
+            .map_err(|x| e(&x))?;
     let conn = patched.conn();
     conn.execute_batch("BEGIN; DELETE FROM _pagesync_timelines; DELETE FROM _pagesync_rejections;")
         .map_err(|x| e(&x))?;

@@ -105,6 +105,72 @@ mod file_closed_between_writes {
     });
 }
 
+/// Parts read through a memory map of each segment (a client's storage journal).
+mod file_mapped_reads {
+    use super::*;
+    pagesync_journal::conformance_tests!({
+        let mut files = Files::new(2048);
+        files.opts.map_reads = true;
+        files
+    });
+}
+
+/// Mapped reads on files closed after every write: the map goes with the file.
+mod file_mapped_reads_closed_between_writes {
+    use super::*;
+    pagesync_journal::conformance_tests!({
+        let mut files = Files::new(2048);
+        files.opts.map_reads = true;
+        files.opts.close_files = true;
+        files
+    });
+}
+
+/// Every part read through the map equals the same bytes read whole, while the mapped segment
+/// grows past what it held when it was mapped, after a roll, after the segments the map was
+/// made of are trimmed away, and in a segment larger than the map (one entry bigger than a
+/// segment: read with `pread`).
+#[test]
+fn parts_read_through_a_map_are_the_bytes_appended() {
+    use pagesync_journal::{Journal, Lsn};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts =
+        FileJournalOptions { max_segment_bytes: 16 << 10, map_reads: true, ..FileJournalOptions::default() };
+    let mut j = FileJournal::create(dir.path().join("j"), ID, opts.clone()).expect("create");
+    let entry =
+        |n: u64, len: usize| -> Vec<u8> { (0..len).map(|i| (n as usize * 31 + i * 7) as u8).collect() };
+    let check = |j: &FileJournal| {
+        for lsn in j.range().iter() {
+            let whole = j.read(lsn).expect("read");
+            for (at, len) in [(0, whole.len()), (whole.len() / 3, whole.len() / 2), (whole.len() - 1, 1)] {
+                let mut part = vec![0u8; len];
+                j.read_part(lsn, at, &mut part).expect("read_part");
+                assert_eq!(part, whole[at..at + len], "LSN {lsn:?} bytes {at}..{}", at + len);
+            }
+        }
+    };
+    for n in 1..=40 {
+        j.append(&entry(n, 700 + n as usize * 13)).expect("append");
+        // Read after every append: the first read maps the segment, later appends grow it.
+        check(&j);
+    }
+    let segments = || {
+        std::fs::read_dir(dir.path().join("j"))
+            .expect("ls")
+            .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg")))
+            .count()
+    };
+    assert!(segments() > 1, "the entries rolled into several segments");
+    j.append(&entry(41, 40 << 10)).expect("an entry larger than a segment");
+    j.append(&entry(42, 900)).expect("append");
+    check(&j);
+    j.remove_prefix(Lsn::new(30).expect("LSN")).expect("trim");
+    check(&j);
+    drop(j);
+    let j = FileJournal::open(dir.path().join("j"), opts).expect("reopen");
+    check(&j);
+}
+
 /// Object-store journals: each `create` gets a fresh key prefix. The runtime drives the
 /// store's requests; the journal blocks on it from the test thread.
 struct Objects {

@@ -1,0 +1,75 @@
+//! A read-only memory map of a segment file: a page read from a replica's storage journal
+//! (`FileJournalOptions::map_reads`) becomes one copy out of the page cache instead of a
+//! `pread` system call each.
+//!
+//! The one unsafe module of the crate. What makes reading the map sound:
+//! - segment files are append-only: a byte below a file's length is never written again (a
+//!   torn tail is cut on open, before anything is mapped);
+//! - the journal reads only bytes below the file's length: frames it indexed, and an fsync
+//!   failure, the one cut of a file that is in use, drops the frames it cuts from the range
+//!   first (reads are `&self`, the cut `&mut self`);
+//! - one process owns a journal's directory (`DirLock`; a read-only journal never cuts).
+//!
+//! The map may reach past the file's end (it is made once, as large as a segment may grow):
+//! those bytes are never read.
+
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+#[derive(Debug)]
+pub(crate) struct Mapped {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the map is never written through, and unmapped only on drop (with `&mut self`).
+unsafe impl Send for Mapped {}
+// SAFETY: as above: shared references only read.
+unsafe impl Sync for Mapped {}
+
+impl Mapped {
+    /// Maps the first `len` bytes of `file` read-only (`len` may exceed its length).
+    pub(crate) fn new(file: &File, len: usize) -> std::io::Result<Mapped> {
+        if len == 0 {
+            return Err(std::io::Error::other("an empty map"));
+        }
+        // SAFETY: a fresh shared read-only mapping of an open descriptor; no existing memory is
+        // touched, and the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| std::io::Error::other("mmap gave null"))?;
+        Ok(Mapped { ptr, len })
+    }
+
+    /// Copies the bytes at `at..at + out.len()` into `out`; `false` (nothing copied) when they
+    /// lie past the map. The caller guarantees they lie below the file's length (see the
+    /// module docs).
+    pub(crate) fn copy(&self, at: u64, out: &mut [u8]) -> bool {
+        let Ok(at) = usize::try_from(at) else { return false };
+        if at.checked_add(out.len()).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: `at..at + out.len()` lies within the mapping (checked above) and within the
+        // file (the caller), whose bytes there never change (module docs); `out` is a distinct
+        // buffer of that length.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(at), out.as_mut_ptr(), out.len()) };
+        true
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; no reference into it outlives
+        // `self` (`copy` copies out).
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
