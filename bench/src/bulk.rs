@@ -189,12 +189,16 @@ async fn cold_start_and_reads(cfg: &Config) -> Vec<Pair> {
     let Value::Integer(pages) = pages else { panic!("page_count is an integer") };
     let doc_bytes = pages as u64 * pagesync::page::PAGE_SIZE as u64;
     let rows = (loads * LOAD_ROWS) as i64;
-    // At least 5 repetitions of both sides (3 with `--quick`).
+    // At least 5 repetitions of both sides (3 with `--quick`), after one of each not counted.
+    // Each side removes what it wrote once the next has run: on a VM whose host backs guest
+    // memory at first touch, page-cache pages the guest never used cost more to write than
+    // the copy into them, and whichever side happened to get those would pay for it (before
+    // this, every replica stayed on disk and the first repetitions ran at 0.6x the later ones).
     let reps = cfg.reps.min(5);
     let (mut ours, mut peer, mut first_query_ms, mut to_file) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut replica = None;
-    for rep in 0..reps {
+    let mut replica: Option<(Client, pagesync_client::Document, std::path::PathBuf)> = None;
+    for rep in 0..=reps {
         let data = s.dir.path().join(format!("cold-{rep}"));
         let start = Instant::now();
         let client = Client::connect(&s.url, "", &data).expect("client");
@@ -203,12 +207,22 @@ async fn cold_start_and_reads(cfg: &Config) -> Vec<Pair> {
         let n = doc.query("SELECT count(*) FROM big", &[]).expect("first query").rows[0][0].clone();
         let took = start.elapsed();
         assert_eq!(n, Value::Integer(rows), "the new client holds the whole document");
+        let frames = doc_bytes.div_ceil(1 << 20);
+        let raw = raw_throughput(frames, 1 << 20).await * (1 << 20) as f64 / 1e6;
+        let raw_file = s.dir.path().join(format!("raw-{rep}"));
+        let raw_to_file = raw_to_file(frames, 1 << 20, &raw_file).await;
+        std::fs::remove_file(&raw_file).expect("remove the raw copy");
+        if let Some((client, doc, data)) = replica.replace((client, doc, data)) {
+            drop((doc, client));
+            std::fs::remove_dir_all(&data).expect("remove the replica before");
+        }
+        if rep == 0 {
+            continue;
+        }
         ours.push(doc_bytes as f64 / 1e6 / took.as_secs_f64());
         first_query_ms.push(took.as_secs_f64() * 1e3);
-        let frames = doc_bytes.div_ceil(1 << 20);
-        peer.push(raw_throughput(frames, 1 << 20).await * (1 << 20) as f64 / 1e6);
-        to_file.push(raw_to_file(frames, 1 << 20, &s.dir.path().join(format!("raw-{rep}"))).await);
-        replica = Some((client, doc, data));
+        peer.push(raw);
+        to_file.push(raw_to_file);
     }
     let mut pairs = vec![Pair::new(
         "bulk",
@@ -220,15 +234,16 @@ async fn cold_start_and_reads(cfg: &Config) -> Vec<Pair> {
         peer,
         Some(Target::RatioAtLeast(0.5)),
     )];
-    // Like for like: the peer lands the bytes on disk too. On a VM that backs memory on first
-    // touch, writing into new page-cache pages costs more than the transfer itself.
+    // The peer lands the bytes in a file too. Not quite like for like: its fdatasync is timed,
+    // while a replica's download is a cache of the server's entries, made durable by the next
+    // storage sync (within a second) after `sync` has returned.
     pairs.push(Pair::new(
         "bulk",
         &format!("cold start: a new client syncs a {} MB document", doc_bytes / 1_000_000),
         "MB/s",
         Better::Higher,
         ours,
-        "raw websocket transfer of the same bytes in 1 MiB frames, each written to a new file, one fdatasync at the end",
+        "raw websocket transfer of the same bytes in 1 MiB frames, each written to a new file, one fdatasync at the end (pagesync's replica is made durable by its next storage sync, within 1 s, not timed)",
         to_file,
         None,
     ));

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
 /// Another client with a document open, as presence shows it (`Document::presence`).
 pub use pagesync::protocol::Peer;
@@ -782,6 +782,8 @@ impl Document {
         // The server's head now, not as it last said: entries written since must arrive too.
         let ask = self.shared.session().ask_head(self.id);
         self.shared.wake.send_modify(|n| *n += 1);
+        // Woken by every frame applied (and by the timer, for what moves without a frame).
+        let mut changed = self.shared.changed.subscribe();
         loop {
             let st = self.status();
             // An error that passes on its own (the server lost its cluster lease for a
@@ -815,7 +817,7 @@ impl Document {
                 }
                 return Err(ClientError::SyncTimeout(timeout, st.pending));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tokio::time::timeout(Duration::from_millis(5), changed.changed()).await;
         }
     }
 
@@ -1136,15 +1138,29 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
 }
 
 /// Under `Durability::Normal`, makes local writes durable at least every `NORMAL_SYNC_MS`,
-/// connected or not (the driver also does before it sends them).
+/// connected or not (the driver also does before it sends them); and the server's entries
+/// replicas received, every `STORAGE_SYNC_MS`.
 async fn sync_timelines(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(pagesync::NORMAL_SYNC_MS as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut storage_synced = Instant::now();
     loop {
         tick.tick().await;
-        sync_replicas(&mut shared.session());
+        let mut session = shared.session();
+        if storage_synced.elapsed() >= STORAGE_SYNC {
+            storage_synced = Instant::now();
+            sync_replicas(&mut session);
+        } else {
+            sync_local_writes(&mut session);
+        }
     }
 }
+
+/// How often the entries a replica received from the server are made durable (one fsync for
+/// all of them, under the session's lock). Not at every `NORMAL_SYNC_MS`: the server holds them,
+/// so a power cut that takes the newest back costs a download of at most this much again, and
+/// a download is not held up by a flush of what it wrote every tenth of a second.
+const STORAGE_SYNC: Duration = Duration::from_secs(1);
 
 /// Makes every replica durable: its local writes (`sync_local_writes`) and the server's
 /// entries it received. For the ticker and the close, not for every turn of the driver.
@@ -1186,6 +1202,58 @@ fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -
     }
 }
 
+/// Bytes read off the socket and not yet applied, at most (`read_ahead`): 16 MiB, a server's
+/// download window, so a download keeps streaming while the replica writes what came before.
+/// Past it the reader waits, the kernel's socket buffer fills, and TCP holds the server back.
+const MAX_READ_AHEAD_BYTES: usize = 16 << 20;
+
+/// The unit `MAX_READ_AHEAD_BYTES` is counted in (a semaphore's permits).
+const READ_AHEAD_UNIT_BYTES: usize = 4 << 10;
+const READ_AHEAD_UNITS: usize = MAX_READ_AHEAD_BYTES / READ_AHEAD_UNIT_BYTES;
+
+/// A frame read ahead, holding its share of `MAX_READ_AHEAD_BYTES` until it is applied.
+type ReadAhead = (Decoded, tokio::sync::OwnedSemaphorePermit);
+
+/// A frame as `read_ahead` decoded it.
+type Decoded = std::result::Result<pagesync::protocol::Message, pagesync::protocol::DecodeError>;
+
+/// Reads and decodes frames ahead of the session, while it applies the ones before: the copy
+/// out of the kernel, the websocket's framing and decoding (a copy of every entry) overlap
+/// writing the replica, on another core when the runtime has one. Ends (dropping `tx`) when
+/// the socket closes or fails; frames read before that are applied first.
+async fn read_ahead(
+    mut stream: futures_util::stream::SplitStream<Socket>,
+    tx: tokio::sync::mpsc::UnboundedSender<ReadAhead>,
+) {
+    let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_UNITS));
+    loop {
+        let frame = match stream.next().await {
+            Some(Ok(WsMessage::Binary(b))) => b,
+            Some(Ok(WsMessage::Close(_)) | Err(_)) | None => return,
+            Some(Ok(_)) => continue,
+        };
+        // A frame larger than the whole budget (a storage entry may reach `MAX_FRAME_BYTES`)
+        // takes all of it: it waits until everything before it is applied, then goes alone.
+        let units = frame.len().div_ceil(READ_AHEAD_UNIT_BYTES).clamp(1, READ_AHEAD_UNITS);
+        let units = u32::try_from(units).expect("BUG: at most READ_AHEAD_UNITS");
+        let Ok(permit) = budget.clone().acquire_many_owned(units).await else { return };
+        let decoded = pagesync::protocol::Message::decode(&frame);
+        drop(frame);
+        if tx.send((decoded, permit)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Aborts a task when dropped: a connection's reader ends with the connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Frames taken from the socket at once when they have already arrived: bounded in number
 /// and in bytes, so one burst cannot hold the session lock for long, nor hold more than about
 /// 16 MiB (a download window) in memory beside the replica (a storage frame may carry a 4 MiB
@@ -1194,7 +1262,9 @@ const MAX_FRAMES_AT_ONCE: usize = 64;
 const MAX_BYTES_AT_ONCE: usize = 16 << 20;
 
 async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
-    let (mut sink, mut stream) = ws.split();
+    let (mut sink, stream) = ws.split();
+    let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
+    let _reader = AbortOnDrop(tokio::spawn(read_ahead(stream, tx)));
     let mut wake = shared.wake.subscribe();
     shared.session().connected_on(route, now_ms());
     if route.is_none() {
@@ -1214,27 +1284,17 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
         }
         let timeout = shared.session().poll_timeout().map_or(1_000, |t| (t - now_ms()).clamp(0, 1_000));
         tokio::select! {
-            msg = stream.next() => match msg {
-                Some(Ok(WsMessage::Binary(b))) => {
+            read = incoming.recv() => match read {
+                Some(first) => {
                     // Take what else has already arrived, so storage is applied (and pending
-                    // writes rebased) once for all of it.
-                    let mut bytes = b.len();
-                    let mut frames = vec![b];
-                    let mut closed = false;
-                    while frames.len() < MAX_FRAMES_AT_ONCE && bytes < MAX_BYTES_AT_ONCE {
-                        match stream.next().now_or_never() {
-                            Some(Some(Ok(WsMessage::Binary(b)))) => {
-                                bytes += b.len();
-                                frames.push(b);
-                            }
-                            Some(Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None) => {
-                                closed = true;
-                                break;
-                            }
-                            Some(Some(Ok(_))) => {}
-                            None => break,
-                        }
+                    // writes rebased) once for all of it. The permits go back once it is applied.
+                    let (mut bytes, mut taken) = (first.1.num_permits(), vec![first]);
+                    while taken.len() < MAX_FRAMES_AT_ONCE && bytes * READ_AHEAD_UNIT_BYTES < MAX_BYTES_AT_ONCE {
+                        let Ok(next) = incoming.try_recv() else { break };
+                        bytes += next.1.num_permits();
+                        taken.push(next);
                     }
+                    let (frames, _permits): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
                     let mut session = shared.session();
                     let (mismatches, reroutes, deletions, mutators) = (
                         session.digest_mismatches(),
@@ -1242,7 +1302,7 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
                         session.deletions(),
                         session.mutator_changes(),
                     );
-                    if let Err(e) = session.handle_frames_on(route, now_ms(), &frames) {
+                    if let Err(e) = session.handle_decoded_on(route, now_ms(), frames) {
                         tracing::warn!("applying a frame failed: {e}");
                     }
                     if session.reroutes() > reroutes {
@@ -1263,12 +1323,9 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
                         remember_mutators(shared);
                     }
                     shared.bump();
-                    if closed {
-                        return;
-                    }
                 }
-                Some(Ok(WsMessage::Close(_))) | Some(Err(_)) | None => return,
-                Some(Ok(_)) => {}
+                // The socket closed or failed (after every frame read before it was applied).
+                None => return,
             },
             _ = wake.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => {

@@ -26,11 +26,11 @@ mod id;
 #[cfg(unix)]
 pub mod lock;
 mod lsn;
-#[cfg(unix)]
-mod mapped;
 mod memory;
 #[cfg(feature = "s3")]
 pub mod object;
+#[cfg(unix)]
+mod os;
 
 pub use error::{JournalError, Result};
 #[cfg(unix)]
@@ -84,6 +84,11 @@ pub trait Journal: MaybeSend {
     /// Makes every entry appended so far durable (see `append_batch_unsynced`).
     fn sync(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether every entry appended so far is durable: no `sync` is pending.
+    fn is_synced(&self) -> bool {
+        true
     }
 
     /// The payload of the entry at `lsn`.

@@ -27,12 +27,12 @@ use crate::page::{Page, PageIdx, ZERO_PAGE};
 use crate::reducer::{Reducer, Rejection, RejectionCode, SqlReducer, apply_mutation, once_applied};
 use crate::storage::{Applied, EntryHeader};
 use crate::store::{PageStore, StoreError};
-use crate::wire::{Confirm, WireEntry, WireKind};
+use crate::wire::{Confirm, Payload, WireEntry, WireKind};
 
 /// A page as of the newest of `staged` (entries resolved but not yet in the store), or `None`
 /// when none of them decides it: walking newest first, an entry that holds the page gives it,
 /// and one whose file ends before the page means the page is gone (zeros).
-fn staged_version(staged: &[(EntryHeader, Vec<u8>)], idx: PageIdx) -> Option<Arc<Page>> {
+fn staged_version(staged: &[(EntryHeader, Payload)], idx: PageIdx) -> Option<Arc<Page>> {
     for (header, bytes) in staged.iter().rev() {
         if let Some(i) = header.pages.iter().position(|p| *p == idx) {
             let at = header.page_offset(i);
@@ -44,6 +44,16 @@ fn staged_version(staged: &[(EntryHeader, Vec<u8>)], idx: PageIdx) -> Option<Arc
         }
     }
     None
+}
+
+/// Trims a replica's storage journal to its newest checkpoint (everything before it is history
+/// a replica does not need); nothing when it already starts there.
+fn trim_history(store: &mut crate::store::PageStore) -> Result<()> {
+    let first_held = store.journal().range().first();
+    if let Some(cp) = store.checkpoints().last().copied().filter(|c| c.first > first_held) {
+        store.trim_to(cp)?;
+    }
+    Ok(())
 }
 
 /// Refused statements can never apply anywhere: the caller says so at once and keeps nothing.
@@ -109,6 +119,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// The stored state changed and the rebase on top of it failed part-way: the next
     /// `receive_*` finishes it.
     rebase_due: bool,
+    /// A newer checkpoint arrived while the storage journal held entries not yet durable: the
+    /// history before it goes at the next `sync_storage`.
+    trim_due: bool,
     durability: Durability,
     /// Timeline entries before this are durable; only those are sent to the server, so it
     /// never applies a mutation that a power cut could take back from the client.
@@ -212,6 +225,7 @@ impl<R: Reducer> ClientDocument<R> {
             applied: None,
             restarts: 0,
             rebase_due: false,
+            trim_due: false,
             durability: Durability::Full,
             synced_next: Lsn::FIRST,
             outcomes,
@@ -292,7 +306,20 @@ impl<R: Reducer> ClientDocument<R> {
     /// the newest back only means downloading them again. The native client calls this every
     /// `NORMAL_SYNC_MS` and when it closes, and the replica before it trims its timeline.
     pub fn sync_storage(&mut self) -> Result<()> {
-        Ok(self.db.store().sync()?)
+        self.db.store().sync()?;
+        self.trim_if_due()
+    }
+
+    /// Drops the history a newer checkpoint made unneeded, if a trim was put off (`trim_due`):
+    /// the trim makes the entries after the checkpoint durable first, one fsync of everything
+    /// downloaded since the last, so it runs from timers (`ClientSession::handle_timeout`,
+    /// `sync_storage`), not in the middle of applying a download.
+    pub fn trim_if_due(&mut self) -> Result<()> {
+        if self.trim_due {
+            trim_history(&mut self.db.store())?;
+            self.trim_due = false;
+        }
+        Ok(())
     }
 
     /// Whether local writes wait for `sync_timeline` to be durable (and sent).
@@ -543,7 +570,7 @@ impl<R: Reducer> ClientDocument<R> {
     /// the pending mutations on top. Entries this replica already holds are skipped; a gap is
     /// an error naming the LSN expected.
     pub fn receive_storage(&mut self, first: Lsn, entries: &[Vec<u8>]) -> Result<()> {
-        self.receive_with(first, entries.len(), |i, _| Ok(entries[i].clone()))
+        self.receive_with(first, entries.len(), |i, _| Ok(entries[i].clone().into()))
     }
 
     /// Like `receive_storage`, for entries in wire form (compressed, possibly XOR deltas
@@ -551,7 +578,7 @@ impl<R: Reducer> ClientDocument<R> {
     /// A confirmation (`WireKind::Confirm`) is kept by replaying this replica's own mutations
     /// (`receive_confirm`); one that cannot be kept fails with `Error::ConfirmMismatch` after
     /// the entries before it are applied, and the entry must come again with its pages.
-    pub fn receive_wire(&mut self, first: Lsn, entries: &[WireEntry]) -> Result<()> {
+    pub fn receive_wire(&mut self, first: Lsn, mut entries: Vec<WireEntry>) -> Result<()> {
         let next = self.storage_range().next();
         if first > next && entries.first().is_some_and(WireEntry::needs_previous) {
             // A delta sent to a subscriber that was further along, whose earlier frames were
@@ -561,14 +588,14 @@ impl<R: Reducer> ClientDocument<R> {
         let mut at = 0;
         while at < entries.len() {
             let lsn = Lsn::new(first.get() + at as u64).expect("BUG: past a valid LSN");
-            let rest = &entries[at..];
+            let rest = &mut entries[at..];
             if let Some(confirm) = rest[0].as_confirm() {
                 self.receive_confirm(lsn, confirm?)?;
                 at += 1;
                 continue;
             }
             let run = rest.iter().position(|e| e.kind == WireKind::Confirm).unwrap_or(rest.len());
-            self.receive_with(lsn, run, |i, previous| Ok(rest[i].resolve(previous)??))?;
+            self.receive_with(lsn, run, |i, previous| Ok(rest[i].take().resolve(previous)??))?;
             at += run;
         }
         Ok(())
@@ -683,7 +710,7 @@ impl<R: Reducer> ClientDocument<R> {
         mut payload: impl FnMut(
             usize,
             &mut dyn FnMut(PageIdx) -> Result<Arc<Page>, StoreError>,
-        ) -> Result<Vec<u8>>,
+        ) -> Result<Payload>,
     ) -> Result<()> {
         let next = self.storage_range().next();
         let range = LsnRange::from_count(first, count as u64);
@@ -701,7 +728,7 @@ impl<R: Reducer> ClientDocument<R> {
             // A restart holds nothing to apply a delta to (the server sends it whole), nor does
             // a replica still waiting for a checkpoint's last part.
             let no_base = restart || store.is_restarting();
-            let mut staged: Vec<(EntryHeader, Vec<u8>)> = Vec::new();
+            let mut staged: Vec<(EntryHeader, Payload)> = Vec::new();
             for (i, lsn) in range.iter().enumerate().filter(|(_, l)| restart || *l >= next) {
                 let mut previous = |idx| match staged_version(&staged, idx) {
                     Some(page) => Ok(page),
@@ -718,10 +745,14 @@ impl<R: Reducer> ClientDocument<R> {
             }
             store.apply_remote_batch(if restart { first } else { next }, staged)?;
             stored = true;
-            // A replica needs no history: keep the journal from the newest checkpoint on.
-            let first_held = store.journal().range().first();
-            if let Some(cp) = store.checkpoints().last().copied().filter(|c| c.first > first_held) {
-                store.trim_to(cp)?;
+            // A replica needs no history: keep the journal from the newest checkpoint on. The
+            // trim makes everything after it durable first: with entries appended without a
+            // barrier (files), it waits for a timer (`trim_if_due`) instead of flushing a
+            // download half-way through.
+            if store.journal().is_synced() {
+                trim_history(&mut store)?;
+            } else {
+                self.trim_due = true;
             }
             Ok::<(), Error>(())
         })();

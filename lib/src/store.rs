@@ -794,10 +794,10 @@ impl PageStore {
     /// each comes with its decoded header. The overlay must
     /// have been discarded first. Entries past this store's end are taken when they start with
     /// the first part of a checkpoint: the store restarts there (`is_restarting`).
-    pub fn apply_remote_batch(
+    pub fn apply_remote_batch<P: AsRef<[u8]>>(
         &mut self,
         first: Lsn,
-        entries: Vec<(storage::EntryHeader, Vec<u8>)>,
+        entries: Vec<(storage::EntryHeader, P)>,
     ) -> Result<(), StoreError> {
         assert!(!self.has_overlay(), "BUG: discard the overlay before applying remote pages");
         // What SQLite may have parsed: the committed schema, unless the store had no base (a
@@ -814,10 +814,10 @@ impl PageStore {
         } else if first != expected {
             return Err(StoreError::OutOfOrder { expected, got: first });
         }
-        let payloads: Vec<&[u8]> = entries.iter().map(|(_, p)| p.as_slice()).collect();
+        let payloads: Vec<&[u8]> = entries.iter().map(|(_, p)| p.as_ref()).collect();
         let range = self.journal.append_batch_unsynced(&payloads)?;
         for (lsn, (header, payload)) in range.iter().zip(entries) {
-            self.index_entry(lsn, header, payload.len());
+            self.index_entry(lsn, header, payload.as_ref().len());
         }
         self.overlay_page_count = self.page_count;
         // The pages changed: nothing may fail from here on (a cookie that cannot be read

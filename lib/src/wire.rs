@@ -194,6 +194,33 @@ impl WireEntry {
             .then(|| postcard::from_bytes(&self.data).map_err(|e| WireError::Corrupt(e.to_string())))
     }
 
+    /// The payload, in the buffer it arrived in when it was sent uncompressed (incompressible
+    /// pages: a cold start moves gigabytes that way, and this is the copy it no longer makes).
+    pub fn into_payload(self) -> Result<Payload, WireError> {
+        if self.kind != WireKind::Confirm && self.data.first() == Some(&CODEC_STORED) {
+            // Checked by `decompress` without copying: the block is the rest of the buffer.
+            let start = 1 + 4;
+            self.stored_len()?;
+            return Ok(Payload { buf: self.data, start });
+        }
+        self.decompress().map(Payload::from)
+    }
+
+    /// The length a stored entry declares, checked against its block.
+    fn stored_len(&self) -> Result<usize, WireError> {
+        let Some((len, block)) = self.data.get(1..).and_then(|rest| rest.split_first_chunk::<4>()) else {
+            return Err(WireError::Corrupt("shorter than its length prefix".into()));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > MAX_ENTRY_BYTES {
+            return Err(WireError::TooLarge { len });
+        }
+        if block.len() != len {
+            return Err(WireError::Corrupt(format!("decompressed to {} bytes, declared {len}", block.len())));
+        }
+        Ok(len)
+    }
+
     /// The compressed payload, bounded by `MAX_ENTRY_BYTES`.
     pub fn decompress(&self) -> Result<Vec<u8>, WireError> {
         if self.kind == WireKind::Confirm {
@@ -210,13 +237,8 @@ impl WireEntry {
             return Err(WireError::TooLarge { len });
         }
         if codec == CODEC_STORED {
-            // Copied once, not into a zeroed buffer first: a cold start moves gigabytes this way.
-            if block.len() != len {
-                return Err(WireError::Corrupt(format!(
-                    "decompressed to {} bytes, declared {len}",
-                    block.len()
-                )));
-            }
+            // Copied once, not into a zeroed buffer first (`into_payload` does not copy).
+            self.stored_len()?;
             return Ok(block.to_vec());
         }
         let mut out = vec![0u8; len];
@@ -236,10 +258,11 @@ impl WireEntry {
     /// The storage entry's payload. For a delta, `previous` gives the receiver's version of each
     /// page (which must be the state just before this entry).
     pub fn resolve(
-        &self,
+        self,
         mut previous: impl FnMut(crate::page::PageIdx) -> Result<std::sync::Arc<Page>, crate::store::StoreError>,
-    ) -> Result<Result<Vec<u8>, WireError>, crate::store::StoreError> {
-        let raw = match self.decompress() {
+    ) -> Result<Result<Payload, WireError>, crate::store::StoreError> {
+        let kind = self.kind;
+        let raw = match self.into_payload() {
             Ok(raw) => raw,
             Err(e) => return Ok(Err(e)),
         };
@@ -247,12 +270,52 @@ impl WireEntry {
             Ok(h) => h,
             Err(e) => return Ok(Err(e.into())),
         };
-        if self.kind == WireKind::Full {
+        if kind == WireKind::Full {
             return Ok(Ok(raw));
         }
         let olds = header.pages.iter().map(|&idx| previous(idx)).collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&Page> = olds.iter().map(|p| &**p).collect();
-        Ok(Ok(xor_pages(&header, raw, &refs)))
+        Ok(Ok(Payload::from(xor_pages(&header, raw.into_vec(), &refs))))
+    }
+
+    /// Moves the entry out, leaving an empty one of the same kind in its place.
+    pub fn take(&mut self) -> WireEntry {
+        WireEntry { kind: self.kind, data: std::mem::take(&mut self.data) }
+    }
+}
+
+/// A storage entry's payload, kept in the buffer it arrived in when it can be: a stored
+/// (uncompressed) entry is the bytes past the wire's codec byte and length, not a copy of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payload {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Payload {
+    /// The payload as a vector of its own (moves it to the front when it does not start there).
+    pub fn into_vec(mut self) -> Vec<u8> {
+        self.buf.drain(..self.start);
+        self.buf
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(buf: Vec<u8>) -> Payload {
+        Payload { buf, start: 0 }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        self
     }
 }
 
@@ -287,6 +350,9 @@ mod tests {
             let wire = WireEntry::full(raw);
             assert_eq!(wire.data[0], codec, "entry of {} bytes", raw.len());
             assert_eq!(&wire.decompress().expect("decompresses"), raw);
+            let payload = wire.clone().into_payload().expect("payload");
+            assert_eq!(&*payload, &raw[..], "the payload in place is the entry");
+            assert_eq!(&payload.clone().into_vec(), raw, "and so is its own vector");
         }
         assert!(WireEntry::full(&text).data.len() < text.len() / 4, "text compresses");
         assert_eq!(WireEntry::full(&random).data.len(), random.len() + 5, "noise is sent as it is");
@@ -315,6 +381,13 @@ mod tests {
         let mut short = stored.clone();
         short.data.pop();
         assert!(matches!(short.decompress(), Err(WireError::Corrupt(_))));
+        assert!(matches!(short.clone().into_payload(), Err(WireError::Corrupt(_))), "nor kept in place");
+        let mut long = stored.clone();
+        long.data.push(0);
+        assert!(matches!(long.into_payload(), Err(WireError::Corrupt(_))));
+        let mut forged = stored.clone();
+        forged.data[1..5].copy_from_slice(&huge);
+        assert!(matches!(forged.into_payload(), Err(WireError::TooLarge { .. })));
         assert!(matches!(
             WireEntry { kind: WireKind::Full, data: vec![] }.decompress(),
             Err(WireError::Corrupt(_))

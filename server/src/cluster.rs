@@ -808,6 +808,10 @@ impl Journal for Leased {
         self.inner.sync()
     }
 
+    fn is_synced(&self) -> bool {
+        self.inner.is_synced()
+    }
+
     fn read(&self, lsn: Lsn) -> pagesync::journal::Result<Vec<u8>> {
         self.inner.read(lsn)
     }

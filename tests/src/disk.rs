@@ -543,6 +543,10 @@ impl Journal for FileModel {
         Ok(())
     }
 
+    fn is_synced(&self) -> bool {
+        self.synced_end == self.end
+    }
+
     fn append_batch_unsynced(&mut self, payloads: &[&[u8]]) -> pagesync::journal::Result<LsnRange> {
         self.check_writable()?;
         let first = self.range.next();

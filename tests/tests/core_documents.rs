@@ -105,6 +105,41 @@ fn trimmed_server(mut server: ServerDocument) -> ServerDocument {
     server
 }
 
+/// A replica keeps its storage journal from its newest checkpoint on. On files, where entries
+/// arrive without a barrier, the trim (which makes them durable first: one fsync of all that
+/// came since the last) waits for the timer, `trim_if_due`, instead of stopping a download
+/// half-way; a journal whose every append is durable trims at once.
+#[test]
+fn a_replica_drops_the_history_before_its_newest_checkpoint_at_the_timer_on_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = FileJournalOptions::default();
+    let storage =
+        FileJournal::create(dir.path().join("storage"), JournalId::from_u128(2), opts).expect("journal");
+    let mut on_files = ClientDocument::open(Box::new(storage), memory_journal(3)).expect("client");
+    let mut in_memory = ClientDocument::open(memory_journal(4), memory_journal(5)).expect("client");
+    let mut server = ServerDocument::open(memory_journal(1)).expect("server");
+    server.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 4096, retention_ms: 0 }));
+    let mut writer = ClientDocument::open(memory_journal(90), memory_journal(91)).expect("writer");
+    writer.mutate(sql("CREATE TABLE w(b BLOB)", vec![]), T0, 0).expect("ddl");
+    for n in 1..=12 {
+        writer.mutate(sql("INSERT INTO w VALUES (randomblob(3000))", vec![]), T0, n).expect("insert");
+        push(&writer, &mut server);
+        drain(&mut server, T0 + n as i64);
+        for replica in [&mut writer, &mut on_files, &mut in_memory] {
+            pull(replica, &server);
+        }
+    }
+    let trimmed = in_memory.storage_range().first();
+    assert!(trimmed > Lsn::FIRST, "a journal with durable appends trims at once");
+    // (It may have trimmed to an older checkpoint at a moment its journal was durable anyway.)
+    assert!(on_files.storage_range().first() < trimmed, "on files the history waits for the timer");
+    on_files.trim_if_due().expect("trim");
+    assert_eq!(on_files.storage_range().first(), trimmed, "the timer trims to the same checkpoint");
+    assert_eq!(pages_of(on_files.database()), pages_of(server.database()));
+    on_files.trim_if_due().expect("nothing more to trim");
+    assert_eq!(on_files.storage_range().first(), trimmed);
+}
+
 /// A replica that restarts at a checkpoint and fails to append its first part holds none of it:
 /// it says it holds nothing, so the server sends the checkpoint whole, and it refuses a delta
 /// (it has no pages to apply one to; resolved against zeros it would become an empty file).
@@ -127,7 +162,7 @@ fn a_restart_whose_append_failed_takes_no_delta() {
         parts[0].kind == pagesync::wire::WireKind::Delta,
         "the server keeps a new checkpoint's parts as deltas"
     );
-    client.receive_wire(cp.first, &parts).expect_err("a delta needs the pages before it");
+    client.receive_wire(cp.first, parts.clone()).expect_err("a delta needs the pages before it");
     pull(&mut client, &server);
     assert!(!client.is_restarting());
     assert_eq!(pages_of(client.database()), pages_of(server.database()));

@@ -648,7 +648,7 @@ impl ClientSession {
             Message::Storage { first, entries, .. } => {
                 // Past what we hold, only a checkpoint's first part is taken (the replica
                 // restarts there); anything else is a gap.
-                match link.doc.receive_wire(first, &entries) {
+                match link.doc.receive_wire(first, entries) {
                     Err(crate::Error::Gap { .. }) => {
                         link.state = link.state.on(SubEvent::Gap { now_ms });
                         return Ok(());
@@ -756,9 +756,21 @@ impl ClientSession {
         now_ms: i64,
         frames: impl IntoIterator<Item = F>,
     ) -> Result<()> {
+        self.handle_decoded_on(route, now_ms, frames.into_iter().map(|f| Message::decode(f.as_ref())))
+    }
+
+    /// `handle_frames_on` for frames already decoded (`Message::decode`, which needs no
+    /// session: a driver can decode on another thread while this applies the frames before).
+    /// A frame that did not decode is a connection error; the frames after it are dropped.
+    pub fn handle_decoded_on(
+        &mut self,
+        route: &Route,
+        now_ms: i64,
+        decoded: impl IntoIterator<Item = std::result::Result<Message, super::DecodeError>>,
+    ) -> Result<()> {
         let mut merged: Vec<Message> = Vec::new();
-        for frame in frames {
-            let msg = match Message::decode(frame.as_ref()) {
+        for msg in decoded {
+            let msg = match msg {
                 Ok(msg) => msg,
                 Err(e) => {
                     self.conn_error = Some((super::codes::MALFORMED.into(), e.to_string()));
@@ -790,6 +802,7 @@ impl ClientSession {
         for l in self.links.values_mut() {
             // A failure (the replica's storage) leaves it due: the next timer tries again.
             changed |= l.doc.rebase_if_due().unwrap_or(false);
+            let _ = l.doc.trim_if_due();
         }
         let conns = &self.conns;
         for l in self.links.values_mut().filter(|l| conns.contains_key(&l.route)) {
