@@ -1204,7 +1204,9 @@ fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -
 
 /// Bytes read off the socket and not yet applied, at most (`read_ahead`): 16 MiB, a server's
 /// download window, so a download keeps streaming while the replica writes what came before.
-/// Past it the reader waits, the kernel's socket buffer fills, and TCP holds the server back.
+/// Past it the reader waits (holding the one frame it read last: so a connection holds at
+/// most this plus one frame, `MAX_FRAME_BYTES`), the kernel's socket buffer fills, and TCP
+/// holds the server back.
 const MAX_READ_AHEAD_BYTES: usize = 16 << 20;
 
 /// The unit `MAX_READ_AHEAD_BYTES` is counted in (a semaphore's permits).
@@ -1220,7 +1222,8 @@ type Decoded = std::result::Result<pagesync::protocol::Message, pagesync::protoc
 /// Reads and decodes frames ahead of the session, while it applies the ones before: the copy
 /// out of the kernel, the websocket's framing and decoding (a copy of every entry) overlap
 /// writing the replica, on another core when the runtime has one. Ends (dropping `tx`) when
-/// the socket closes or fails; frames read before that are applied first.
+/// the socket closes or fails; frames read before that are still applied (`run_connection`
+/// drains them, also when a send fails first).
 async fn read_ahead(
     mut stream: futures_util::stream::SplitStream<Socket>,
     tx: tokio::sync::mpsc::UnboundedSender<ReadAhead>,
@@ -1279,51 +1282,22 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
         };
         for frame in out {
             if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                // The peer closed (or the socket failed) while frames it sent before may still
+                // be on their way through the reader: an `Error` naming why, a `Redirect`.
+                // Apply them, as a connection read in one loop would have, then end.
+                let drain = async {
+                    while let Some(first) = incoming.recv().await {
+                        apply_read(shared, route, &mut incoming, first);
+                    }
+                };
+                let _ = tokio::time::timeout(DRAIN_AFTER_CLOSE, drain).await;
                 return;
             }
         }
         let timeout = shared.session().poll_timeout().map_or(1_000, |t| (t - now_ms()).clamp(0, 1_000));
         tokio::select! {
             read = incoming.recv() => match read {
-                Some(first) => {
-                    // Take what else has already arrived, so storage is applied (and pending
-                    // writes rebased) once for all of it. The permits go back once it is applied.
-                    let (mut bytes, mut taken) = (first.1.num_permits(), vec![first]);
-                    while taken.len() < MAX_FRAMES_AT_ONCE && bytes * READ_AHEAD_UNIT_BYTES < MAX_BYTES_AT_ONCE {
-                        let Ok(next) = incoming.try_recv() else { break };
-                        bytes += next.1.num_permits();
-                        taken.push(next);
-                    }
-                    let (frames, _permits): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
-                    let mut session = shared.session();
-                    let (mismatches, reroutes, deletions, mutators) = (
-                        session.digest_mismatches(),
-                        session.reroutes(),
-                        session.deletions(),
-                        session.mutator_changes(),
-                    );
-                    if let Err(e) = session.handle_decoded_on(route, now_ms(), frames) {
-                        tracing::warn!("applying a frame failed: {e}");
-                    }
-                    if session.reroutes() > reroutes {
-                        shared.rerouted.notify_one();
-                    }
-                    let deleted = session.deletions() > deletions;
-                    let new_mutators = session.mutator_changes() > mutators;
-                    if session.digest_mismatches() > mismatches {
-                        tracing::error!(
-                            "a confirmation by digest did not match this replica's replay (non-determinism); fell back to the server's pages"
-                        );
-                    }
-                    drop(session);
-                    if deleted {
-                        remember_deleted(shared);
-                    }
-                    if new_mutators {
-                        remember_mutators(shared);
-                    }
-                    shared.bump();
-                }
+                Some(first) => apply_read(shared, route, &mut incoming, first),
                 // The socket closed or failed (after every frame read before it was applied).
                 None => return,
             },
@@ -1335,4 +1309,49 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
             }
         }
     }
+}
+
+/// How long a connection whose socket failed under a send still applies the frames its reader
+/// had read or is reading: those the peer sent before it closed come at once.
+const DRAIN_AFTER_CLOSE: Duration = Duration::from_secs(1);
+
+/// Applies `first` and what else has already been read (so storage is applied, and pending
+/// writes rebased, once for all of it); their share of the read-ahead budget goes back after.
+fn apply_read(
+    shared: &Shared,
+    route: &Route,
+    incoming: &mut tokio::sync::mpsc::UnboundedReceiver<ReadAhead>,
+    first: ReadAhead,
+) {
+    let (mut units, mut taken) = (first.1.num_permits(), vec![first]);
+    while taken.len() < MAX_FRAMES_AT_ONCE && units * READ_AHEAD_UNIT_BYTES < MAX_BYTES_AT_ONCE {
+        let Ok(next) = incoming.try_recv() else { break };
+        units += next.1.num_permits();
+        taken.push(next);
+    }
+    let (frames, _permits): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
+    let mut session = shared.session();
+    let (mismatches, reroutes, deletions, mutators) =
+        (session.digest_mismatches(), session.reroutes(), session.deletions(), session.mutator_changes());
+    if let Err(e) = session.handle_decoded_on(route, now_ms(), frames) {
+        tracing::warn!("applying a frame failed: {e}");
+    }
+    if session.reroutes() > reroutes {
+        shared.rerouted.notify_one();
+    }
+    let deleted = session.deletions() > deletions;
+    let new_mutators = session.mutator_changes() > mutators;
+    if session.digest_mismatches() > mismatches {
+        tracing::error!(
+            "a confirmation by digest did not match this replica's replay (non-determinism); fell back to the server's pages"
+        );
+    }
+    drop(session);
+    if deleted {
+        remember_deleted(shared);
+    }
+    if new_mutators {
+        remember_mutators(shared);
+    }
+    shared.bump();
 }

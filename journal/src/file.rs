@@ -70,7 +70,10 @@ pub struct FileJournalOptions {
     /// each segment instead of a `pread` each: one copy out of the page cache, no system call.
     /// For a replica's storage journal, read at every SQLite page-cache miss. Off by default:
     /// a server holds thousands of journals, and each map is an entry in the process's
-    /// limited table of maps.
+    /// limited table of maps. Only for a journal whose directory the process owns (holding
+    /// its `DirLock`): a file cut by someone else under a map, or a disk that fails a read
+    /// through it, ends the process (SIGBUS) where a `pread` would fail. Ignored with
+    /// `read_only` (its owner, another process, may cut what it has not synced).
     pub map_reads: bool,
 }
 
@@ -723,7 +726,8 @@ impl Journal for FileJournal {
         let at = frame + (FRAME_HEADER_BYTES + offset) as u64;
         // Mapped once as large as the segment may grow, so appends do not outgrow it.
         let map_len = self.opts.max_segment_bytes.max(seg.len_bytes);
-        if self.opts.map_reads && seg.file.copy_mapped(&seg.path, map_len, at, buf) {
+        let mapped = self.opts.map_reads && !self.opts.read_only;
+        if mapped && seg.file.copy_mapped(&seg.path, map_len, at, buf) {
             return Ok(());
         }
         seg.file

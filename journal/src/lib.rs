@@ -10,7 +10,8 @@
 //! - `append` returns only when the entries are durable for the backend (fsync for files);
 //!   `append_batch_unsynced` entries become durable at the next `sync`, and a crash before it
 //!   loses them whole, from the end;
-//! - a read returns the exact appended bytes or an error, never other bytes.
+//! - a read returns the exact appended bytes or an error, never other bytes (with
+//!   `FileJournalOptions::map_reads`, a disk error on a mapped read ends the process instead).
 //!
 //! This crate links no SQLite and reads no clock; only the `s3` feature brings an async runtime.
 #![deny(unsafe_code)]

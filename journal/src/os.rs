@@ -5,10 +5,15 @@
 //! a `pread` system call each. What makes reading the map sound:
 //! - segment files are append-only: a byte below a file's length is never written again (a
 //!   torn tail is cut on open, before anything is mapped);
-//! - the journal reads only bytes below the file's length: frames it indexed, and an fsync
-//!   failure, the one cut of a file that is in use, drops the frames it cuts from the range
-//!   first (reads are `&self`, the cut `&mut self`);
-//! - one process owns a journal's directory (`DirLock`; a read-only journal never cuts).
+//! - the journal reads only bytes below the file's length: frames it indexed. The cuts of a
+//!   file in use drop nothing a read can reach: a failed append's cuts bytes never indexed,
+//!   and a failed fsync's cuts frames it also drops from the range (a read is `&self`, a cut
+//!   `&mut self`, so none runs between);
+//! - one process owns a journal's directory (`DirLock`), and a read-only journal (whose owner
+//!   is another process) never maps.
+//!
+//! What it cannot keep: a disk that fails a read through the map, or a file cut from outside,
+//! raises SIGBUS, which ends the process, where a `pread` would return an error.
 //!
 //! The map may reach past the file's end (it is made once, as large as a segment may grow):
 //! those bytes are never read.

@@ -120,7 +120,8 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// `receive_*` finishes it.
     rebase_due: bool,
     /// A newer checkpoint arrived while the storage journal held entries not yet durable: the
-    /// history before it goes at the next `sync_storage`.
+    /// history before it goes at the next `trim_if_due` (`sync_storage`, and the session's
+    /// `handle_timeout`).
     trim_due: bool,
     durability: Durability,
     /// Timeline entries before this are durable; only those are sent to the server, so it
@@ -304,7 +305,8 @@ impl<R: Reducer> ClientDocument<R> {
     /// Makes the server's entries this replica received durable (one fsync for all of them).
     /// They arrive without a barrier each: the server holds them, so a power cut that takes
     /// the newest back only means downloading them again. The native client calls this every
-    /// `NORMAL_SYNC_MS` and when it closes, and the replica before it trims its timeline.
+    /// second (`STORAGE_SYNC`) and when it closes, and the replica before it trims its
+    /// timeline. It also takes a checkpoint trim that was put off (`trim_if_due`).
     pub fn sync_storage(&mut self) -> Result<()> {
         self.db.store().sync()?;
         self.trim_if_due()
@@ -574,7 +576,9 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Like `receive_storage`, for entries in wire form (compressed, possibly XOR deltas
-    /// against this replica's pages just before each entry).
+    /// against this replica's pages just before each entry). On a journal that appends them
+    /// without a barrier (files), the history before a newer checkpoint stays until
+    /// `trim_if_due`: a driver calls it from its timer (`ClientSession::handle_timeout` does).
     /// A confirmation (`WireKind::Confirm`) is kept by replaying this replica's own mutations
     /// (`receive_confirm`); one that cannot be kept fails with `Error::ConfirmMismatch` after
     /// the entries before it are applied, and the entry must come again with its pages.

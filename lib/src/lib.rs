@@ -3,7 +3,7 @@
 //! arguments.
 //!
 //! - [`store::PageStore`]: the database file as pages in the storage journal (+ overlay).
-//! - `vfs` (private): the SQLite VFS over the page store; the only unsafe code.
+//! - `vfs` (private): the SQLite VFS over the page store; the only unsafe code in this crate.
 //! - [`db::Database`]: a connection over a page store, with deterministic `random()`, clock and
 //!   an authorizer for app SQL.
 //! - [`reducer`]: the `Reducer` trait and the SQL reducer.

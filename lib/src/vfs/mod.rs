@@ -1,4 +1,5 @@
-//! The SQLite VFS: the only unsafe code in pagesync.
+//! The SQLite VFS: the only unsafe code in this crate (the journal crate's `os` module is its
+//! one).
 //!
 //! Each open database registers its own VFS (`pagesync-<n>`) whose app data is a `VfsState`:
 //! - the main database file is the document's `PageStore` (behind a mutex shared with the
