@@ -91,7 +91,15 @@ fn an_old_read_error_does_not_fail_a_later_step() {
 /// A server document that checkpoints often and keeps no history, and a writer that makes it
 /// write enough to checkpoint and trim: a replica that was not following restarts at the
 /// checkpoint the journal starts with.
-fn trimmed_server(mut server: ServerDocument) -> ServerDocument {
+fn trimmed_server(server: ServerDocument) -> ServerDocument {
+    trimmed_server_followed_by(server, &mut [])
+}
+
+/// `trimmed_server`, with `followers` pulling after every step.
+fn trimmed_server_followed_by(
+    mut server: ServerDocument,
+    followers: &mut [&mut ClientDocument],
+) -> ServerDocument {
     server.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 4096, retention_ms: 0 }));
     let mut writer = ClientDocument::open(memory_journal(90), memory_journal(91)).expect("writer");
     writer.mutate(sql("CREATE TABLE IF NOT EXISTS w(b BLOB)", vec![]), T0, 0).expect("ddl");
@@ -100,6 +108,9 @@ fn trimmed_server(mut server: ServerDocument) -> ServerDocument {
         push(&writer, &mut server);
         drain(&mut server, T0 + n as i64);
         pull(&mut writer, &server);
+        for follower in followers.iter_mut() {
+            pull(follower, &server);
+        }
     }
     assert!(server.base_checkpoint().is_some_and(|c| c.first > Lsn::FIRST), "trimmed to a checkpoint");
     server
@@ -117,18 +128,8 @@ fn a_replica_drops_the_history_before_its_newest_checkpoint_at_the_timer_on_file
         FileJournal::create(dir.path().join("storage"), JournalId::from_u128(2), opts).expect("journal");
     let mut on_files = ClientDocument::open(Box::new(storage), memory_journal(3)).expect("client");
     let mut in_memory = ClientDocument::open(memory_journal(4), memory_journal(5)).expect("client");
-    let mut server = ServerDocument::open(memory_journal(1)).expect("server");
-    server.set_compaction(Some(pagesync::Compaction { checkpoint_after_bytes: 4096, retention_ms: 0 }));
-    let mut writer = ClientDocument::open(memory_journal(90), memory_journal(91)).expect("writer");
-    writer.mutate(sql("CREATE TABLE w(b BLOB)", vec![]), T0, 0).expect("ddl");
-    for n in 1..=12 {
-        writer.mutate(sql("INSERT INTO w VALUES (randomblob(3000))", vec![]), T0, n).expect("insert");
-        push(&writer, &mut server);
-        drain(&mut server, T0 + n as i64);
-        for replica in [&mut writer, &mut on_files, &mut in_memory] {
-            pull(replica, &server);
-        }
-    }
+    let server = ServerDocument::open(memory_journal(1)).expect("server");
+    let server = trimmed_server_followed_by(server, &mut [&mut on_files, &mut in_memory]);
     let trimmed = in_memory.storage_range().first();
     assert!(trimmed > Lsn::FIRST, "a journal with durable appends trims at once");
     // (It may have trimmed to an older checkpoint at a moment its journal was durable anyway.)
