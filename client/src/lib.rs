@@ -1139,7 +1139,7 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
 
 /// Under `Durability::Normal`, makes local writes durable at least every `NORMAL_SYNC_MS`,
 /// connected or not (the driver also does before it sends them); and the server's entries
-/// replicas received, every `STORAGE_SYNC_MS`.
+/// replicas received, every `STORAGE_SYNC`.
 async fn sync_timelines(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(pagesync::NORMAL_SYNC_MS as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
