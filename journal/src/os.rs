@@ -79,6 +79,11 @@ impl Drop for Mapped {
     }
 }
 
+/// Writeback hints waiting for the background thread, at most (each holds a duplicated file
+/// descriptor): past it a hint is dropped.
+#[cfg(target_os = "linux")]
+const WRITEBACK_QUEUE: usize = 16;
+
 /// Asks the kernel to start writing `len` bytes of `file` at `offset` to disk (Linux's
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`), on a background thread: submitting the writes
 /// costs about half a millisecond per MiB, which the appending thread (a replica applying a
@@ -90,9 +95,9 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
     {
         use std::sync::{Mutex, OnceLock, mpsc};
         type Request = (File, u64, u64);
-        static WRITER: OnceLock<Option<Mutex<mpsc::Sender<Request>>>> = OnceLock::new();
+        static WRITER: OnceLock<Option<Mutex<mpsc::SyncSender<Request>>>> = OnceLock::new();
         let writer = WRITER.get_or_init(|| {
-            let (tx, rx) = mpsc::channel::<Request>();
+            let (tx, rx) = mpsc::sync_channel::<Request>(WRITEBACK_QUEUE);
             let spawned = std::thread::Builder::new().name("pagesync-writeback".into()).spawn(move || {
                 for (file, offset, len) in rx {
                     let (Ok(offset), Ok(len)) =
@@ -110,8 +115,9 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
             spawned.ok().map(|_| Mutex::new(tx))
         });
         // The descriptor is duplicated: the journal may close or delete the segment meanwhile.
+        // A full queue (a disk slower than the appends) drops the hint: it only saves a wait.
         if let (Some(writer), Ok(file)) = (writer, file.try_clone()) {
-            let _ = writer.lock().map(|tx| tx.send((file, offset, len)));
+            let _ = writer.lock().map(|tx| tx.try_send((file, offset, len)));
         }
     }
     #[cfg(not(target_os = "linux"))]
