@@ -655,6 +655,10 @@ impl Journal for FileJournal {
         self.segments.last().is_none_or(|s| s.synced_bytes == s.len_bytes)
     }
 
+    fn reads_from_memory(&self) -> bool {
+        self.opts.map_reads && !self.opts.read_only
+    }
+
     fn append_batch_unsynced(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
         self.check_writable()?;
         for p in payloads {
@@ -726,8 +730,7 @@ impl Journal for FileJournal {
         let at = frame + (FRAME_HEADER_BYTES + offset) as u64;
         // Mapped once as large as the segment may grow, so appends do not outgrow it.
         let map_len = self.opts.max_segment_bytes.max(seg.len_bytes);
-        let mapped = self.opts.map_reads && !self.opts.read_only;
-        if mapped && seg.file.copy_mapped(&seg.path, map_len, at, buf) {
+        if self.reads_from_memory() && seg.file.copy_mapped(&seg.path, map_len, at, buf) {
             return Ok(());
         }
         seg.file

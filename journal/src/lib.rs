@@ -92,6 +92,12 @@ pub trait Journal: MaybeSend {
         true
     }
 
+    /// Whether `read_part` is a copy out of memory, with no system call (a mapped file): a
+    /// reader gains nothing by reading ahead into a buffer of its own.
+    fn reads_from_memory(&self) -> bool {
+        false
+    }
+
     /// The payload of the entry at `lsn`.
     fn read(&self, lsn: Lsn) -> Result<Vec<u8>>;
 

@@ -213,7 +213,9 @@ impl<R: Reducer> ClientDocument<R> {
     ) -> Result<Self> {
         let mut store = PageStore::open(storage)?;
         store.enable_schema_epochs()?;
-        store.set_read_ahead(true);
+        // Reading ahead saves system calls; from a mapped journal it would only add a copy.
+        let read_ahead = !store.journal().reads_from_memory();
+        store.set_read_ahead(read_ahead);
         let db = Database::open(store, crate::db::ConnMemory::Fast)?;
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc = ClientDocument {

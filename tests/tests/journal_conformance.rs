@@ -166,8 +166,15 @@ fn parts_read_through_a_map_are_the_bytes_appended() {
     check(&j);
     j.remove_prefix(Lsn::new(30).expect("LSN")).expect("trim");
     check(&j);
+    assert!(j.reads_from_memory(), "a reader need not read ahead of a mapped journal");
     drop(j);
-    let j = FileJournal::open(dir.path().join("j"), opts).expect("reopen");
+    let j = FileJournal::open(dir.path().join("j"), opts.clone()).expect("reopen");
+    check(&j);
+    drop(j);
+    // Read-only (another process owns it, and may cut what it has not synced): never mapped.
+    let read_only = FileJournalOptions { read_only: true, ..opts };
+    let j = FileJournal::open(dir.path().join("j"), read_only).expect("open read-only");
+    assert!(!j.reads_from_memory());
     check(&j);
 }
 
