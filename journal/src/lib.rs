@@ -92,8 +92,9 @@ pub trait Journal: MaybeSend {
         true
     }
 
-    /// Whether `read_part` is a copy out of memory, with no system call (a mapped file): a
-    /// reader gains nothing by reading ahead into a buffer of its own.
+    /// Whether `read_part` copies out of a memory map of the backend's files, with no system
+    /// call (a `FileJournal` with `map_reads`): a reader gains nothing by reading ahead into a
+    /// buffer of its own. `false` by default, which keeps a replica's read-ahead.
     fn reads_from_memory(&self) -> bool {
         false
     }
