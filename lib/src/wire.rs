@@ -197,32 +197,16 @@ impl WireEntry {
     /// The payload, in the buffer it arrived in when it was sent uncompressed (incompressible
     /// pages: a cold start moves gigabytes that way, and this is the copy it no longer makes).
     pub fn into_payload(self) -> Result<Payload, WireError> {
-        if self.kind != WireKind::Confirm && self.data.first() == Some(&CODEC_STORED) {
-            // Checked by `decompress` without copying: the block is the rest of the buffer.
-            let start = 1 + 4;
-            self.stored_len()?;
-            return Ok(Payload { buf: self.data, start });
+        if self.parts()?.0 == CODEC_STORED {
+            // The block is the rest of the buffer, past the codec byte and the length.
+            return Ok(Payload { buf: self.data, start: 1 + 4 });
         }
         self.decompress().map(Payload::from)
     }
 
-    /// The length a stored entry declares, checked against its block.
-    fn stored_len(&self) -> Result<usize, WireError> {
-        let Some((len, block)) = self.data.get(1..).and_then(|rest| rest.split_first_chunk::<4>()) else {
-            return Err(WireError::Corrupt("shorter than its length prefix".into()));
-        };
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > MAX_ENTRY_BYTES {
-            return Err(WireError::TooLarge { len });
-        }
-        if block.len() != len {
-            return Err(WireError::Corrupt(format!("decompressed to {} bytes, declared {len}", block.len())));
-        }
-        Ok(len)
-    }
-
-    /// The compressed payload, bounded by `MAX_ENTRY_BYTES`.
-    pub fn decompress(&self) -> Result<Vec<u8>, WireError> {
+    /// The codec, the declared length (at most `MAX_ENTRY_BYTES`) and the block of an entry
+    /// that carries pages; a stored block must be exactly the declared length.
+    fn parts(&self) -> Result<(u8, usize, &[u8]), WireError> {
         if self.kind == WireKind::Confirm {
             return Err(WireError::Corrupt("a confirmation carries no pages".into()));
         }
@@ -236,9 +220,17 @@ impl WireEntry {
         if len > MAX_ENTRY_BYTES {
             return Err(WireError::TooLarge { len });
         }
+        if codec == CODEC_STORED && block.len() != len {
+            return Err(WireError::Corrupt(format!("decompressed to {} bytes, declared {len}", block.len())));
+        }
+        Ok((codec, len, block))
+    }
+
+    /// The compressed payload, bounded by `MAX_ENTRY_BYTES`.
+    pub fn decompress(&self) -> Result<Vec<u8>, WireError> {
+        let (codec, len, block) = self.parts()?;
         if codec == CODEC_STORED {
             // Copied once, not into a zeroed buffer first (`into_payload` does not copy).
-            self.stored_len()?;
             return Ok(block.to_vec());
         }
         let mut out = vec![0u8; len];
