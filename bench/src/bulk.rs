@@ -198,6 +198,7 @@ async fn cold_start_and_reads(cfg: &Config) -> Vec<Pair> {
     let (mut ours, mut peer, mut first_query_ms, mut to_file) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut replica: Option<(Client, pagesync_client::Document, std::path::PathBuf)> = None;
+    let frames = doc_bytes.div_ceil(1 << 20);
     for rep in 0..=reps {
         let data = s.dir.path().join(format!("cold-{rep}"));
         let start = Instant::now();
@@ -207,7 +208,6 @@ async fn cold_start_and_reads(cfg: &Config) -> Vec<Pair> {
         let n = doc.query("SELECT count(*) FROM big", &[]).expect("first query").rows[0][0].clone();
         let took = start.elapsed();
         assert_eq!(n, Value::Integer(rows), "the new client holds the whole document");
-        let frames = doc_bytes.div_ceil(1 << 20);
         let raw = raw_throughput(frames, 1 << 20).await * (1 << 20) as f64 / 1e6;
         let raw_file = s.dir.path().join(format!("raw-{rep}"));
         let raw_to_file = raw_to_file(frames, 1 << 20, &raw_file).await;

@@ -1257,12 +1257,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Frames taken from the socket at once when they have already arrived: bounded in number
-/// and in bytes, so one burst cannot hold the session lock for long, nor hold more than about
-/// 16 MiB (a download window) in memory beside the replica (a storage frame may carry a 4 MiB
-/// checkpoint part, and 64 of them would be 256 MiB).
+/// Frames applied at once when they have already arrived: bounded in number, so one burst
+/// cannot hold the session lock for long. Their bytes are bounded by what may be read ahead at
+/// all (`MAX_READ_AHEAD_BYTES`: a storage frame may carry a 4 MiB checkpoint part, and 64 of
+/// them would be 256 MiB).
 const MAX_FRAMES_AT_ONCE: usize = 64;
-const MAX_BYTES_AT_ONCE: usize = 16 << 20;
 
 async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
     let (mut sink, stream) = ws.split();
@@ -1323,10 +1322,9 @@ fn apply_read(
     incoming: &mut tokio::sync::mpsc::UnboundedReceiver<ReadAhead>,
     first: ReadAhead,
 ) {
-    let (mut units, mut taken) = (first.1.num_permits(), vec![first]);
-    while taken.len() < MAX_FRAMES_AT_ONCE && units * READ_AHEAD_UNIT_BYTES < MAX_BYTES_AT_ONCE {
+    let mut taken = vec![first];
+    while taken.len() < MAX_FRAMES_AT_ONCE {
         let Ok(next) = incoming.try_recv() else { break };
-        units += next.1.num_permits();
         taken.push(next);
     }
     let (frames, _permits): (Vec<_>, Vec<_>) = taken.into_iter().unzip();
