@@ -43,7 +43,7 @@ pub use lock::{DirLock, LockError};
 pub use lsn::{Lsn, LsnRange};
 pub use memory::MemoryJournal;
 #[cfg(feature = "s3")]
-pub use object::{ObjectBackend, ObjectInfo, ObjectJournal, ObjectStats};
+pub use object::{ObjectBackend, ObjectInfo, ObjectJournal, ObjectStats, StoreProblem};
 
 /// `Send` on native targets, nothing on wasm32, where a journal may hold browser handles
 /// (`JsValue`s are not `Send`) and everything runs on one thread anyway. A supertrait of

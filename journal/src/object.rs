@@ -124,6 +124,31 @@ impl Cache {
     }
 }
 
+/// Why a store failed `ObjectBackend::check`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreProblem {
+    /// It answered no, and will until its configuration changes.
+    #[error("{0}")]
+    Refused(String),
+    /// It did not answer, or failed in a way that may pass.
+    #[error("{0}")]
+    Silent(String),
+}
+
+/// What S3 (and its look-alikes) answer when a request is refused for good: the bucket does
+/// not exist, or the credentials are unknown, wrong or not allowed. The object store reports
+/// them as generic errors carrying the response.
+const REFUSALS: [&str; 8] = [
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidBucketName",
+    "AuthorizationHeaderMalformed",
+    "403 Forbidden",
+    "404 Not Found",
+];
+
 /// An object store, a key prefix and a runtime: makes [`ObjectJournal`]s.
 #[derive(Clone, Debug)]
 pub struct ObjectBackend {
@@ -190,6 +215,35 @@ impl ObjectBackend {
             stats: Arc::new(ObjectStats::default()),
             url: url.to_owned(),
         }
+    }
+
+    /// Whether the store answers, asked once at a server's start: the first key of one LIST
+    /// of the prefix. `Refused` when it answered no in a way that will not pass by itself (no
+    /// such bucket, credentials refused, access denied): someone must fix the configuration.
+    /// `Silent` when it did not answer within `wait`, or failed in a way that may pass.
+    /// Blocking, like every call here.
+    pub fn check(&self, wait: std::time::Duration) -> std::result::Result<(), StoreProblem> {
+        self.stats.lists.fetch_add(1, Ordering::Relaxed);
+        let first = self.rt.block_on(async {
+            tokio::time::timeout(wait, async { self.store.list(Some(&self.root)).next().await }).await
+        });
+        let failed = match first {
+            Ok(None | Some(Ok(_))) => return Ok(()),
+            Ok(Some(Err(e))) => e,
+            Err(_) => {
+                return Err(StoreProblem::Silent(format!("no answer from {} within {wait:?}", self.url)));
+            }
+        };
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let text = failed.to_string();
+        let refused = matches!(
+            failed,
+            object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::NotFound { .. }
+        ) || REFUSALS.iter().any(|r| text.contains(r));
+        let what = format!("LIST of {} failed: {text}", self.url);
+        Err(if refused { StoreProblem::Refused(what) } else { StoreProblem::Silent(what) })
     }
 
     /// Bounds the shared batch cache.

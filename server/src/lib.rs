@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use pagesync::journal::{FileJournal, FileJournalOptions, Journal, ObjectBackend, ObjectStats};
 use pagesync::protocol::{STEP_MICROS_BUCKETS, ServerSession, SessionOptions, SessionStats};
@@ -683,6 +684,29 @@ pub fn storage_key(doc: DocId) -> String {
     doc_key(doc, "storage")
 }
 
+/// How long a server's start waits for its object store's first answer.
+const STORE_CHECK_WAIT: Duration = Duration::from_secs(10);
+
+/// Asks the object store once before serving: a store that refuses (no such bucket, refused
+/// credentials) is a configuration to fix, so the server does not start; one that does not
+/// answer may be back soon, so the server starts and says so (its documents are `unavailable`
+/// to clients until the store answers).
+async fn check_objects(b: &ObjectBackend) -> anyhow::Result<()> {
+    let b = b.clone();
+    match tokio::task::spawn_blocking(move || b.check(STORE_CHECK_WAIT)).await? {
+        Ok(()) => Ok(()),
+        Err(pagesync::journal::StoreProblem::Refused(why)) => {
+            anyhow::bail!("the object store refused the server: {why}")
+        }
+        Err(pagesync::journal::StoreProblem::Silent(why)) => {
+            tracing::warn!(
+                "the object store does not answer; serving anyway (documents are unavailable until it does): {why}"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Serves on an already bound listener until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -698,6 +722,7 @@ pub async fn serve(
     };
     if let Store::Objects(b) = &cfg.store {
         *metrics.objects.lock().expect("BUG: metrics lock poisoned") = Some(b.stats().clone());
+        check_objects(b).await?;
     }
     let cluster = match (&cfg.cluster, &cfg.store) {
         (None, _) => None,

@@ -364,13 +364,24 @@ fn verify(journal: &str, doc: Option<&str>, rt: tokio::runtime::Handle) -> anyho
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
+    // The error and its causes on one line, without a backtrace (even under RUST_BACKTRACE):
+    // it is an operator's answer, not a bug report.
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let secret = args.auth_secret_file.as_deref().map(auth::load_secret).transpose()?;
     if let Some(Cmd::Token { doc, write, metrics, ttl, sub, admin, call }) = &args.command {
         let secret =

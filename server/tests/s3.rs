@@ -201,3 +201,60 @@ async fn clients_behind_the_retained_history_restart_at_a_checkpoint_on_s3() {
     }
     assert_eq!(c.status().pending, 0);
 }
+
+/// A server pointed at a bucket that does not exist does not start: it exits non-zero at once
+/// and names the problem on one line, without a backtrace (even under `RUST_BACKTRACE`). One
+/// whose S3 endpoint does not answer starts, and says that it does not.
+#[test]
+fn a_missing_bucket_stops_the_server_and_a_silent_endpoint_does_not() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let Some(journal) = support::s3::s3_url("check") else { return };
+    let bucket = journal.trim_start_matches("s3://").split('/').next().expect("a bucket").to_owned();
+    let missing = format!("s3://{bucket}-missing/p");
+    let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(["--listen", "127.0.0.1:0", "--journal", &missing])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pagesync-server");
+    let mut server = support::ServerProcess(child);
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "a server on {missing} is still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut server.0.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert!(!status.success(), "{err}");
+    assert!(err.starts_with("error: the object store refused the server"), "{err}");
+    assert!(err.contains("NoSuchBucket") && err.contains(&format!("{bucket}-missing")), "{err}");
+    assert!(!err.contains("backtrace"), "{err}");
+
+    // Nothing listens on this port: the store does not answer, and the server serves anyway.
+    let silent = format!("http://127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+        .args(["--listen", "127.0.0.1:0", "--journal", &journal])
+        .env("AWS_ENDPOINT_URL", &silent)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pagesync-server");
+    let mut server = support::ServerProcess(child);
+    let lines = std::io::BufReader::new(server.0.stdout.take().expect("stdout")).lines();
+    let (mut warned, mut listening) = (false, false);
+    for line in lines {
+        let line = line.expect("read the server's log");
+        warned |= line.contains("the object store does not answer; serving anyway");
+        if line.contains("listening on ws://") {
+            listening = true;
+            break;
+        }
+    }
+    assert!(warned && listening, "warned: {warned}, listening: {listening}");
+}
