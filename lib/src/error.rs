@@ -80,6 +80,33 @@ impl Error {
         matches!(self.journal_error(), Some(JournalError::Poisoned { .. } | JournalError::Fenced { .. }))
     }
 
+    /// What a client may be told of this error, met by the server on its own storage or
+    /// state: the kind of failure, never the paths, bucket names, endpoints or messages behind
+    /// it (those are for the server's log: see `protocol::Event::Failed`). The errors made to
+    /// be told (`Unavailable`, `Moved`, `Deleted`, `Restarting`) are told whole.
+    pub fn public(&self) -> String {
+        let kind = match self {
+            Error::Unavailable(_) | Error::Moved { .. } | Error::Deleted | Error::Restarting => {
+                return self.to_string();
+            }
+            _ => match self.journal_error() {
+                Some(
+                    JournalError::Corrupt { .. }
+                    | JournalError::CorruptSegment { .. }
+                    | JournalError::Foreign { .. },
+                ) => "its stored data is damaged",
+                Some(JournalError::Fenced { .. }) => "it is owned by another server",
+                Some(JournalError::Backend { .. }) => "its storage is not answering",
+                Some(JournalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull => {
+                    "its disk is full"
+                }
+                _ if self.is_io() => "its storage failed",
+                _ => "an internal error",
+            },
+        };
+        format!("{kind} {}", crate::protocol::SEE_THE_LOG)
+    }
+
     /// The journal's error, directly or through the page store.
     fn journal_error(&self) -> Option<&JournalError> {
         match self {

@@ -356,10 +356,8 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
             let why = format!("document {doc} was deleted\n");
             return respond(stream, "404 Not Found", "text/plain", why).await;
         }
-        Ok(Err(e)) => {
-            return respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await;
-        }
-        Err(e) => return respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
+        Ok(Err(e)) => return store_failed(stream, "exporting", doc, Ok(e)).await,
+        Err(e) => return store_failed(stream, "exporting", doc, Err(e)).await,
     }
     match routes.hub.export(doc).await {
         Ok(bytes) => respond(stream, "200 OK", "application/vnd.sqlite3", bytes).await,
@@ -368,8 +366,35 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
         Err(ExportError::NotFound) => {
             respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await
         }
+        Err(e @ ExportError::Unavailable(_)) => {
+            respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await
+        }
         Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
     }
+}
+
+/// Answers a failure of the server's own storage, or of the task that asked it: `503` when it
+/// may pass, `500` when not. The client hears its kind (`Error::public`); the log gets the
+/// whole of it (paths, buckets, endpoints are not the client's to see).
+async fn store_failed(
+    stream: TcpStream,
+    doing: &str,
+    doc: pagesync::DocId,
+    failure: Result<pagesync::Error, tokio::task::JoinError>,
+) {
+    let (status, public, detail) = match &failure {
+        Ok(e) => {
+            let passes = e.is_transient_storage() || matches!(e, pagesync::Error::Unavailable(_));
+            let status = if passes { "503 Service Unavailable" } else { "500 Internal Server Error" };
+            (status, e.public(), e.to_string())
+        }
+        Err(e) => {
+            let public = format!("an internal error {}", pagesync::protocol::SEE_THE_LOG);
+            ("500 Internal Server Error", public, e.to_string())
+        }
+    };
+    tracing::warn!(%doc, "{doing} {doc} failed: {detail}");
+    respond(stream, status, "text/plain", format!("{doing} {doc} failed: {public}\n")).await
 }
 
 /// The document `/v1/docs/{id}{suffix}` names: `404` with `usage` for a path that is not one,
@@ -525,12 +550,8 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
         match tokio::task::spawn_blocking(move || cluster.place(doc)).await {
             Ok(Ok(_)) | Ok(Err(pagesync::Error::Deleted)) => {}
             Ok(Err(pagesync::Error::Moved { owner })) => return redirect(stream, &owner, req, doc).await,
-            Ok(Err(e)) => {
-                return respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await;
-            }
-            Err(e) => {
-                return respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await;
-            }
+            Ok(Err(e)) => return store_failed(stream, "deleting", doc, Ok(e)).await,
+            Err(e) => return store_failed(stream, "deleting", doc, Err(e)).await,
         }
     }
     let now_ms = crate::wall_ms();
@@ -540,10 +561,8 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
         Ok(Ok(false)) => {
             return respond(stream, "404 Not Found", "text/plain", format!("no document {doc}\n")).await;
         }
-        Ok(Err(e)) => {
-            return respond(stream, "503 Service Unavailable", "text/plain", format!("{e}\n")).await;
-        }
-        Err(e) => return respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
+        Ok(Err(e)) => return store_failed(stream, "deleting", doc, Ok(e)).await,
+        Err(e) => return store_failed(stream, "deleting", doc, Err(e)).await,
     }
     // A step out on a job finishes first: nothing is written after the storage is gone.
     if !routes.hub.close_deleted(doc, Duration::from_secs(60)).await {
@@ -553,16 +572,9 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
     let store = routes.store.clone();
     match tokio::task::spawn_blocking(move || store.delete_storage(doc)).await {
         Ok(Ok(())) => respond(stream, "200 OK", "text/plain", format!("deleted {doc}\n")).await,
-        Ok(Err(e)) => {
-            respond(
-                stream,
-                "503 Service Unavailable",
-                "text/plain",
-                format!("{doc} is deleted; removing its storage failed (ask again): {e}\n"),
-            )
-            .await
-        }
-        Err(e) => respond(stream, "500 Internal Server Error", "text/plain", format!("{e}\n")).await,
+        // The tombstone is written: asking again removes what is left (503 when it may pass).
+        Ok(Err(e)) => store_failed(stream, "removing the storage of deleted document", doc, Ok(e)).await,
+        Err(e) => store_failed(stream, "removing the storage of deleted document", doc, Err(e)).await,
     }
 }
 

@@ -166,7 +166,7 @@ impl Hub {
     /// The document as a `.sqlite` file, consistent as of its last durable step.
     pub async fn export(&self, doc: pagesync::DocId) -> Result<Vec<u8>, ExportError> {
         let (reply, rx) = oneshot::channel();
-        let down = || ExportError::Failed("the server is shutting down".to_owned());
+        let down = || ExportError::Unavailable("the server is shutting down".to_owned());
         self.tx.send(HubMsg::Export { doc, reply }).map_err(|_| down())?;
         rx.await.map_err(|_| down())?
     }
@@ -230,6 +230,7 @@ fn log(event: Event) {
         Event::DocumentMoved { doc, owner } => {
             tracing::info!(%doc, %owner, "another server holds the document's lease now; closed here, its clients sent there");
         }
+        Event::Failed { doc, doing, error } => tracing::warn!(%doc, "{doing} {doc} failed: {error}"),
         other => tracing::warn!("{other:?}"),
     }
 }

@@ -419,6 +419,16 @@ fn a_journal_that_refuses_writes_is_opened_again_with_the_queued_mutations() {
         .expect("mutate");
     exchange(&mut s, &mut c, 10, true);
     assert_eq!(s.stats().steps_failed, 1);
+    let told = c.status(doc).expect("status").error.expect("the client is told the step failed");
+    assert_eq!(told.0, codes::STORAGE);
+    assert!(told.1.ends_with(pagesync::protocol::SEE_THE_LOG) && !told.1.contains("fsync"), "{told:?}");
+    let logged = std::iter::from_fn(|| s.poll_event())
+        .find_map(|e| match e {
+            pagesync::protocol::Event::StepFailed { error, .. } => Some(error),
+            _ => None,
+        })
+        .expect("the failed step is logged");
+    assert!(logged.contains("an earlier fsync failed"), "{logged}");
     // After the retry delay the document is opened again, and its acknowledged mutations,
     // which the client will not send again, are applied.
     let later = 10 + pagesync::protocol::STEP_RETRY_MS;
@@ -515,16 +525,31 @@ fn a_failing_read_job_is_reported_and_retried() {
     upload(&mut c, &mut s, 0);
     run_jobs(&mut s, 0); // the open
     journal.read_errors.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut errors = 0;
+    let (mut errors, mut logged) = (0, 0);
     for now in (0..1_000).step_by(10) {
         s.handle_timeout(now);
         run_jobs(&mut s, now);
         while let Some((_, m)) = s.poll_transmit() {
-            errors += usize::from(matches!(&m, Message::Error { code, .. } if code == codes::STORAGE));
+            if let Message::Error { code, message, .. } = &m
+                && code == codes::STORAGE
+            {
+                errors += 1;
+                // The client hears the kind of failure; the details are the server's log's.
+                assert!(!message.contains("injected"), "{message}");
+                assert!(message.ends_with(pagesync::protocol::SEE_THE_LOG), "{message}");
+            }
+        }
+        while let Some(e) = s.poll_event() {
+            if let pagesync::protocol::Event::Failed { doc: d, error, .. } = &e {
+                assert_eq!(*d, doc);
+                assert!(error.contains("injected read error"), "{e:?}");
+                logged += 1;
+            }
         }
     }
     // One report per `RETRANSMIT_MS` (200 ms) over a second, give or take the first.
     assert!((3..=6).contains(&errors), "{errors} read errors reported in a second");
+    assert!(logged >= 3, "{logged} read errors logged");
     journal.read_errors.store(false, std::sync::atomic::Ordering::Relaxed);
     c.connected(2_000);
     exchange_with_jobs(&mut s, &mut c, 2_000);

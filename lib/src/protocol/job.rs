@@ -95,23 +95,45 @@ pub(super) enum OpenFailure {
     NotFound,
     /// Another server holds its lease: the server at this URL serves it.
     Moved(String),
-    /// This server may not serve documents now (`Error::Unavailable`).
-    Unavailable(String),
+    /// This server may not serve documents now (`Error::Unavailable`), or its storage does
+    /// not answer.
+    Unavailable(Told),
     /// It was deleted: it is not created again.
     Deleted,
-    Error(String),
+    Error(Told),
+}
+
+/// A failure as the server tells it: `public` to clients (its kind: `Error::public`), `detail`
+/// to its log only.
+#[derive(Clone, Debug)]
+pub(super) struct Told {
+    pub(super) public: String,
+    pub(super) detail: String,
+}
+
+impl Told {
+    pub(super) fn of(e: &crate::Error) -> Told {
+        Told { public: e.public(), detail: e.to_string() }
+    }
+
+    /// A panic: clients hear that there was an internal error, the log gets its message.
+    fn panic(message: String) -> Told {
+        Told { public: format!("an internal error {}", super::SEE_THE_LOG), detail: message }
+    }
 }
 
 impl OpenFailure {
     fn of(e: crate::Error) -> OpenFailure {
         match e {
             crate::Error::Moved { owner } => OpenFailure::Moved(owner),
-            crate::Error::Unavailable(why) => OpenFailure::Unavailable(why),
+            crate::Error::Unavailable(why) => {
+                OpenFailure::Unavailable(Told { public: why.clone(), detail: why })
+            }
             crate::Error::Deleted => OpenFailure::Deleted,
             // The storage did not answer (S3 away, a failed read): it may a moment later, and
             // the client subscribes again by itself; a corrupt journal is an error that stays.
-            e if e.is_transient_storage() => OpenFailure::Unavailable(e.to_string()),
-            e => OpenFailure::Error(e.to_string()),
+            e if e.is_transient_storage() => OpenFailure::Unavailable(Told::of(&e)),
+            e => OpenFailure::Error(Told::of(&e)),
         }
     }
 }
@@ -133,13 +155,16 @@ pub(super) struct Ran {
     pub(super) exported: Option<std::result::Result<Vec<u8>, super::ExportError>>,
     /// The answers to `asks`, for the connections that asked.
     pub(super) answers: Vec<(ConnId, Message)>,
+    /// What failed while exporting or answering (what it was doing, the whole error), for the
+    /// log: those who asked were told its kind only.
+    pub(super) failed: Vec<(&'static str, String)>,
 }
 
 /// Entries read ahead, whole, in LSN order, and the error that stopped the read, if any.
 #[derive(Debug, Default)]
 pub(super) struct Fetched {
     pub(super) entries: Vec<(Lsn, WireEntry)>,
-    pub(super) error: Option<(Lsn, String)>,
+    pub(super) error: Option<(Lsn, Told)>,
 }
 
 /// Why a document's step did not complete.
@@ -147,7 +172,7 @@ pub(super) struct Fetched {
 pub(super) enum Failure {
     /// An error; the queue stays and the step is retried. With `reopen`, the document's
     /// journal refuses writes until it is reopened: the retry opens it again first.
-    Error { why: String, reopen: bool },
+    Error { why: Told, reopen: bool },
     /// A panic: the document's state cannot be trusted; it is closed (and reopened from its
     /// journal on next use).
     Panicked(String),
@@ -180,24 +205,37 @@ impl DocJob {
                 let fetched = fetch.filter(|_| !broken).map(|from| read_ahead(&document, from));
                 // Served elsewhere now: what this server holds may be behind, so nothing is
                 // answered from it.
+                let mut failed = Vec::new();
                 let exported = export.then(|| match &moved {
                     Some(owner) => Err(super::ExportError::Moved { owner: owner.clone() }),
                     None => {
-                        catch(|| document.export().map_err(|e| super::ExportError::Failed(e.to_string())))
-                            .unwrap_or_else(|panic| {
-                                let why = format!("exporting {doc} failed with an internal error: {panic}");
-                                Err(super::ExportError::Failed(why))
-                            })
+                        let told = match catch(|| document.export()) {
+                            Ok(Ok(bytes)) => return Ok(bytes),
+                            Ok(Err(e)) => Told::of(&e),
+                            Err(panic) => Told::panic(panic),
+                        };
+                        failed.push(("exporting", told.detail));
+                        Err(super::ExportError::Failed(format!("exporting {doc} failed: {}", told.public)))
                     }
                 });
                 let answers = asks
                     .into_iter()
                     .map(|(conn, ask)| match &moved {
                         Some(url) => (conn, Message::Redirect { doc, url: url.clone() }),
-                        None => (conn, answer(&mut document, ask)),
+                        None => (conn, answer(&mut document, ask, &mut failed)),
                     })
                     .collect();
-                Outcome::Ran(Ran { document, reopened, moved, steps, failure, fetched, exported, answers })
+                Outcome::Ran(Ran {
+                    document,
+                    reopened,
+                    moved,
+                    steps,
+                    failure,
+                    fetched,
+                    exported,
+                    answers,
+                    failed,
+                })
             }
         };
         JobDone { doc, outcome }
@@ -225,7 +263,7 @@ fn open(
         }
         opener(doc).map(Box::new).map_err(OpenFailure::of)
     });
-    opened.unwrap_or_else(|panic| Err(OpenFailure::Error(format!("an internal error: {panic}"))))
+    opened.unwrap_or_else(|panic| Err(OpenFailure::Error(Told::panic(panic))))
 }
 
 /// Opens the document's journal again when its handle refuses writes (a failed fsync, an
@@ -264,7 +302,7 @@ fn step_document(
     match catch(|| d.step(now_ms)) {
         Ok(Ok(Some(o))) => (vec![(o, start.and_then(|t| clock.map(|c| c().saturating_sub(t))))], None),
         Ok(Ok(None)) => (Vec::new(), None),
-        Ok(Err(e)) => (Vec::new(), Some(Failure::Error { why: e.to_string(), reopen: e.needs_reopen() })),
+        Ok(Err(e)) => (Vec::new(), Some(Failure::Error { why: Told::of(&e), reopen: e.needs_reopen() })),
         Err(panic) => (Vec::new(), Some(Failure::Panicked(panic))),
     }
 }
@@ -281,11 +319,11 @@ pub(super) fn read_ahead(d: &ServerDocument, from: Lsn) -> Fetched {
                 fetched.entries.push((lsn, e));
             }
             Ok(Err(e)) => {
-                fetched.error = Some((lsn, e.to_string()));
+                fetched.error = Some((lsn, Told::of(&e)));
                 break;
             }
             Err(panic) => {
-                fetched.error = Some((lsn, format!("an internal error: {panic}")));
+                fetched.error = Some((lsn, Told::panic(panic)));
                 break;
             }
         }
@@ -294,11 +332,15 @@ pub(super) fn read_ahead(d: &ServerDocument, from: Lsn) -> Fetched {
     fetched
 }
 
-/// The answer to a `MapPages` or `ReadPages`: read from the committed state, never from a
-/// step in progress (a job's step is done before it answers).
-fn answer(d: &mut ServerDocument, ask: Message) -> Message {
-    let failed =
-        |doc, why: String| Message::Error { doc: Some(doc), code: codes::STORAGE.into(), message: why };
+/// The answer to a `MapPages`, `ReadPages` or `ReadHistory`: read from the committed state,
+/// never from a step in progress (a job's step is done before it answers). What fails is told
+/// by its kind, and pushed whole onto `failed` for the log.
+fn answer(d: &mut ServerDocument, ask: Message, failed: &mut Vec<(&'static str, String)>) -> Message {
+    let mut fail = |doc, doing: &'static str, told: Told| {
+        failed.push((doing, told.detail));
+        let message = format!("{doing} {doc} failed: {}", told.public);
+        Message::Error { doc: Some(doc), code: codes::STORAGE.into(), message }
+    };
     match ask {
         Message::MapPages { doc, id } => match catch(|| d.page_map(MAX_MAP_RUNS)) {
             Ok(Some(map)) => Message::PageMap { doc, id, map },
@@ -306,25 +348,20 @@ fn answer(d: &mut ServerDocument, ask: Message) -> Message {
                 let why = format!("document {doc} is spread over more than {MAX_MAP_RUNS} runs: not mapped");
                 Message::Error { doc: Some(doc), code: codes::LIMIT.into(), message: why }
             }
-            Err(panic) => failed(doc, format!("mapping {doc} failed with an internal error: {panic}")),
+            Err(panic) => fail(doc, "mapping", Told::panic(panic)),
         },
         Message::ReadPages { doc, id, lsn, offset, pages } => {
             let mut data = vec![0u8; pages as usize * crate::page::PAGE_SIZE];
             match catch(|| d.read_part(lsn, offset as usize, &mut data)) {
                 Ok(Ok(())) => Message::Pages { doc, id, lsn, offset, data },
-                Ok(Err(e)) => failed(doc, format!("reading entry {lsn} of {doc}: {e}")),
-                Err(panic) => failed(
-                    doc,
-                    format!("reading entry {lsn} of {doc} failed with an internal error: {panic}"),
-                ),
+                Ok(Err(e)) => fail(doc, "reading pages of", Told::of(&e)),
+                Err(panic) => fail(doc, "reading pages of", Told::panic(panic)),
             }
         }
         Message::ReadHistory { doc, id, query } => match catch(|| d.read_history(&query)) {
             Ok(Ok(page)) => Message::History { doc, id, page },
-            Ok(Err(e)) => failed(doc, format!("reading the history of {doc}: {e}")),
-            Err(panic) => {
-                failed(doc, format!("reading the history of {doc} failed with an internal error: {panic}"))
-            }
+            Ok(Err(e)) => fail(doc, "reading the history of", Told::of(&e)),
+            Err(panic) => fail(doc, "reading the history of", Told::panic(panic)),
         },
         other => unreachable!("BUG: only page and history requests are asks, not {other:?}"),
     }

@@ -68,6 +68,10 @@ pub const KEEPALIVE_MS: i64 = 1_000;
 pub const MAX_DOCS_PER_CONNECTION: usize = 10_000;
 
 /// Machine-readable error codes in `Message::Error`.
+/// Ends what a client is told of a failure the server met on its own storage or state, in
+/// place of the details (paths, buckets, endpoints, panic messages), which it logs instead.
+pub const SEE_THE_LOG: &str = "(the server's log has the details)";
+
 pub mod codes {
     pub const VERSION: &str = "version";
     pub const MALFORMED: &str = "malformed";

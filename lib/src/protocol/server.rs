@@ -267,7 +267,7 @@ struct ReadAhead {
     want: Option<Lsn>,
     /// The last read failed here: subscribers that need it are told, and the read is tried
     /// again at `retry_at`.
-    error: Option<(Lsn, String)>,
+    error: Option<(Lsn, super::job::Told)>,
     retry_at: Option<i64>,
 }
 
@@ -493,6 +493,10 @@ pub enum ExportError {
     /// Another server of the cluster holds the document's lease: export it there.
     #[error("the document is served by {owner}")]
     Moved { owner: String },
+    /// The server cannot export it now (its storage does not answer, the document was
+    /// closed meanwhile, the server is shutting down): asking again later may succeed.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -522,6 +526,10 @@ pub enum Event {
     /// Another server holds the document's lease now (found when its journal was opened
     /// again); it was closed here and its clients sent to `owner`.
     DocumentMoved { doc: DocId, owner: String },
+    /// Opening the document, reading its storage, answering a page or history request or
+    /// exporting it (`doing`) failed. Its clients were told the kind of failure only
+    /// (`Error::public`); `error` is the whole of it.
+    Failed { doc: DocId, doing: &'static str, error: String },
 }
 
 /// Events kept for the driver. 1,024: far more than one turn produces; past it the oldest go
@@ -1473,8 +1481,10 @@ impl ServerSession {
     /// its journal (the last durable state) on next use. The others carry on.
     fn close_broken(&mut self, doc: DocId, why: String) {
         self.stats.documents_failed += 1;
-        let text =
-            format!("the server closed document {doc} after an internal error; subscribe again: {why}");
+        let text = format!(
+            "the server closed document {doc} after an internal error; subscribe again {}",
+            super::SEE_THE_LOG
+        );
         self.close_telling(doc, error(Some(doc), codes::INTERNAL, text));
         self.event(Event::DocumentFailed { doc, error: why });
     }
@@ -1538,7 +1548,7 @@ impl ServerSession {
         }
         if open.export {
             let why = format!("document {doc} was closed before it could be exported");
-            self.exported.push_back((doc, Err(ExportError::Failed(why))));
+            self.exported.push_back((doc, Err(ExportError::Unavailable(why))));
         }
         let (subscribers, asks) = (open.subscribers, open.asks);
         for (id, _) in asks {
@@ -1581,7 +1591,8 @@ impl ServerSession {
             Some(Failure::Error { why, reopen }) => {
                 open.retry_at = Some(now + STEP_RETRY_MS);
                 open.reopen = reopen;
-                let text = format!("the server could not apply mutations to {doc} and will retry: {why}");
+                let text =
+                    format!("the server could not apply mutations to {doc} and will retry: {}", why.public);
                 for id in &open.subscribers {
                     if let Some(c) = self.conns.get_mut(id) {
                         c.outbox.push_back(error(Some(doc), codes::STORAGE, text.clone()));
@@ -1589,7 +1600,7 @@ impl ServerSession {
                     }
                 }
                 self.stats.steps_failed += 1;
-                self.event(Event::StepFailed { doc, error: why, retry_in_ms: STEP_RETRY_MS });
+                self.event(Event::StepFailed { doc, error: why.detail, retry_in_ms: STEP_RETRY_MS });
             }
         }
     }
@@ -1698,8 +1709,14 @@ impl ServerSession {
 
     /// Takes in a finished `Work::Run`; gives back the messages that waited for it.
     fn ran(&mut self, doc: DocId, ran: Ran) -> Deferred {
-        let Ran { document, reopened, moved, steps, failure, fetched, exported, answers } = ran;
+        let Ran { document, reopened, moved, steps, failure, fetched, exported, answers, failed } = ran;
         self.stats.page_requests += answers.len() as u64;
+        for (doing, error) in failed {
+            self.event(Event::Failed { doc, doing, error });
+        }
+        if let Some((_, told)) = fetched.as_ref().and_then(|f| f.error.as_ref()) {
+            self.event(Event::Failed { doc, doing: "reading the storage of", error: told.detail.clone() });
+        }
         for (conn, answer) in answers {
             if let Some(c) = self.conns.get_mut(&conn) {
                 // Counted until it goes to the driver (`next_for`).
@@ -1743,11 +1760,16 @@ impl ServerSession {
             ),
             OpenFailure::Moved(owner) => (codes::DOCUMENT, format!("document {doc} is served by {owner}")),
             OpenFailure::Unavailable(why) => {
-                (codes::UNAVAILABLE, format!("this server cannot serve document {doc} now: {why}"))
+                (codes::UNAVAILABLE, format!("this server cannot serve document {doc} now: {}", why.public))
             }
             OpenFailure::Deleted => (codes::DELETED, format!("document {doc} was deleted")),
-            OpenFailure::Error(why) => (codes::DOCUMENT, format!("cannot open document {doc}: {why}")),
+            OpenFailure::Error(why) => {
+                (codes::DOCUMENT, format!("cannot open document {doc}: {}", why.public))
+            }
         };
+        if let OpenFailure::Unavailable(why) | OpenFailure::Error(why) = &failure {
+            self.event(Event::Failed { doc, doing: "opening", error: why.detail.clone() });
+        }
         let tell = match &failure {
             OpenFailure::Moved(owner) => Message::Redirect { doc, url: owner.clone() },
             _ => error(Some(doc), code, text.clone()),
@@ -1756,7 +1778,8 @@ impl ServerSession {
             let why = match &failure {
                 OpenFailure::NotFound | OpenFailure::Deleted => ExportError::NotFound,
                 OpenFailure::Moved(owner) => ExportError::Moved { owner: owner.clone() },
-                _ => ExportError::Failed(text.clone()),
+                OpenFailure::Unavailable(_) => ExportError::Unavailable(text.clone()),
+                OpenFailure::Error(_) => ExportError::Failed(text.clone()),
             };
             self.exported.push_back((doc, Err(why)));
         }
@@ -2044,7 +2067,7 @@ fn storage_batch(doc: DocId, open: &mut OpenDoc, sub: &mut Sub, now_ms: i64, her
                 {
                     // Told once per `RETRANSMIT_MS`; the read is tried again then.
                     sub.retry_read_at = Some(now_ms + RETRANSMIT_MS);
-                    let text = format!("cannot read storage entry {lsn}: {why}");
+                    let text = format!("cannot read storage entry {lsn}: {}", why.public);
                     // `storage`: it is retried, so a client's wait to sync goes on.
                     let msg = error(Some(doc), codes::STORAGE, text);
                     if here {
