@@ -85,7 +85,7 @@ pub struct JobDone {
 #[derive(Debug)]
 pub(super) enum Outcome {
     Opened(std::result::Result<Box<ServerDocument>, OpenFailure>),
-    Ran(Ran),
+    Ran(Box<Ran>),
 }
 
 /// Why a document could not be opened.
@@ -225,7 +225,7 @@ impl DocJob {
                         None => (conn, answer(&mut document, ask, &mut failed)),
                     })
                     .collect();
-                Outcome::Ran(Ran {
+                Outcome::Ran(Box::new(Ran {
                     document,
                     reopened,
                     moved,
@@ -235,7 +235,7 @@ impl DocJob {
                     exported,
                     answers,
                     failed,
-                })
+                }))
             }
         };
         JobDone { doc, outcome }

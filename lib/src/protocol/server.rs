@@ -1686,7 +1686,7 @@ impl ServerSession {
                 deferred
             }
             Outcome::Opened(Err(failure)) => return self.open_failed(doc, failure),
-            Outcome::Ran(ran) => self.ran(doc, ran),
+            Outcome::Ran(ran) => self.ran(doc, *ran),
         };
         self.deferred_bytes -= deferred.bytes;
         for (conn, _, _) in &deferred.messages {
