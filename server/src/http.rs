@@ -48,6 +48,14 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// How long a write in progress when the hub closes its connection may still take.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Pings and pongs a peer may send per `PING_INTERVAL`; past it the connection is closed.
+/// Each ping makes the websocket queue a pong, which a peer that never reads would let pile
+/// up without end; a keepalive needs a few.
+pub const MAX_CONTROL_FRAMES_PER_INTERVAL: u32 = 64;
+
 /// The longest one message may take to leave; past it the peer is not reading and the
 /// connection is closed (the session stops sending to it long before: see
 /// `MAX_SEND_BACKLOG_BYTES`).
@@ -701,6 +709,7 @@ async fn serve_websocket(ws: Socket, hello: Vec<u8>, routes: Routes) {
     let mut writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), last_seen.clone(), started));
     let per_conn = Arc::new(Semaphore::new(inbound_bytes_per_connection(max_frame_bytes)));
     let mut frame = Some(hello);
+    let (mut controls, mut controls_since) = (0u32, tokio::time::Instant::now());
     loop {
         let next = match frame.take() {
             Some(b) => Some(Ok(WsMessage::Binary(b.into()))),
@@ -716,7 +725,19 @@ async fn serve_websocket(ws: Socket, hello: Vec<u8>, routes: Routes) {
             Some(Ok(WsMessage::Text(t))) => t.as_bytes().to_vec(), // not a frame: the session says so
             Some(Ok(WsMessage::Close(_)) | Err(_)) | None => break,
             Some(Ok(_)) => {
-                last_seen.store(millis_since(started), Ordering::Relaxed); // ping / pong
+                // A ping or a pong.
+                if controls_since.elapsed() >= PING_INTERVAL {
+                    (controls, controls_since) = (0, tokio::time::Instant::now());
+                }
+                controls += 1;
+                if controls > MAX_CONTROL_FRAMES_PER_INTERVAL {
+                    tracing::debug!(
+                        "closing a websocket that sent {controls} pings or pongs within {PING_INTERVAL:?}"
+                    );
+                    metrics.control_floods.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                last_seen.store(millis_since(started), Ordering::Relaxed);
                 continue;
             }
         };
@@ -750,7 +771,8 @@ async fn refuse(mut ws: Socket, code: &str, why: &str) {
 }
 
 /// Writes what the hub queued, pings every `PING_INTERVAL`, and closes a peer that has been
-/// silent for `DEAD_PEER_TIMEOUT`.
+/// silent for `DEAD_PEER_TIMEOUT`. Every write has `SEND_TIMEOUT`, and `CLOSE_GRACE` once the
+/// hub is done with the connection.
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
     mut outgoing: crate::hub::ConnReceiver,
@@ -760,30 +782,45 @@ async fn write_loop(
 ) {
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let dead_at = |seen_ms: i64| started + Duration::from_millis(seen_ms.max(0) as u64) + DEAD_PEER_TIMEOUT;
+    let dead = tokio::time::sleep_until(dead_at(0));
+    tokio::pin!(dead);
     loop {
-        tokio::select! {
+        let message = tokio::select! {
             frame = outgoing.recv() => {
                 let Some(frame) = frame else { break };
-                let len = frame.len();
                 metrics.frames_out.fetch_add(1, Ordering::Relaxed);
-                metrics.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
-                // A peer that does not take one message within the deadline is not reading.
-                let sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(WsMessage::Binary(frame.into()))).await;
-                outgoing.written(len);
-                if !matches!(sent, Ok(Ok(()))) {
-                    return;
-                }
+                metrics.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                WsMessage::Binary(frame.into())
             }
-            _ = ping.tick() => {
-                let silent_ms = millis_since(started) - last_seen.load(Ordering::Relaxed);
-                if silent_ms > DEAD_PEER_TIMEOUT.as_millis() as i64 {
-                    tracing::debug!("closing a websocket silent for {silent_ms} ms");
+            _ = ping.tick() => WsMessage::Ping(Vec::new().into()),
+            _ = &mut dead => {
+                let at = dead_at(last_seen.load(Ordering::Relaxed));
+                if at <= tokio::time::Instant::now() {
+                    tracing::debug!("closing a websocket silent for {DEAD_PEER_TIMEOUT:?}");
                     break;
                 }
-                if sink.send(WsMessage::Ping(Vec::new().into())).await.is_err() {
-                    return;
-                }
+                dead.as_mut().reset(at);
+                continue;
             }
+        };
+        let len = if let WsMessage::Binary(b) = &message { b.len() } else { 0 };
+        // A peer that does not take one message within the deadline is not reading. Once the
+        // hub is done with the connection, what it still has to say (a last error) gets
+        // `CLOSE_GRACE`, not the whole deadline: a closed peer's message is not kept.
+        let abandoned = async {
+            outgoing.closed().await;
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        let sent = tokio::select! {
+            sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(message)) => matches!(sent, Ok(Ok(()))),
+            _ = abandoned => false,
+        };
+        if len > 0 {
+            outgoing.written(len);
+        }
+        if !sent {
+            return;
         }
     }
     let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.close()).await; // the server closed it

@@ -39,6 +39,8 @@ pub struct ConnSender {
     backlog: Arc<AtomicUsize>,
     /// Set when the session was told of a backlog: the writer then says when it has drained.
     watched: Arc<AtomicBool>,
+    /// Dropped with this sender: tells the writer at once, even in the middle of a write.
+    _closed: tokio::sync::oneshot::Sender<()>,
 }
 
 /// The writer's end: frames to write, and `written` after each.
@@ -49,11 +51,19 @@ pub struct ConnReceiver {
     watched: Arc<AtomicBool>,
     conn: ConnId,
     hub: std_mpsc::Sender<HubMsg>,
+    closed: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl ConnReceiver {
     pub async fn recv(&mut self) -> Option<Vec<u8>> {
         self.rx.recv().await
+    }
+
+    /// Resolves once the hub is done with the connection (it closed it, or the peer left):
+    /// a write in progress to a peer that does not read is abandoned then, and with it the
+    /// message it held, instead of at the write's own deadline.
+    pub async fn closed(&mut self) {
+        let _ = (&mut self.closed).await;
     }
 
     /// A frame of `len` bytes was written (or dropped); wakes the hub when the backlog it was
@@ -149,9 +159,11 @@ impl Hub {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
         let (backlog, watched) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
-        let sender = ConnSender { tx, backlog: backlog.clone(), watched: watched.clone() };
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
+        let sender =
+            ConnSender { tx, backlog: backlog.clone(), watched: watched.clone(), _closed: closed_tx };
         let _ = self.tx.send(HubMsg::Connect { conn, tx: sender });
-        (conn, ConnReceiver { rx, backlog, watched, conn, hub: self.tx.clone() })
+        (conn, ConnReceiver { rx, backlog, watched, conn, hub: self.tx.clone(), closed })
     }
 
     /// Hands the hub a frame; `permits` are released once it is handled.

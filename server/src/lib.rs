@@ -380,6 +380,8 @@ pub struct Metrics {
     /// reading their head, handshaking or waiting for `Hello`.
     pub pending_evicted: AtomicU64,
     pub frames_panicked: AtomicU64,
+    /// Websockets closed for sending too many pings or pongs (`MAX_CONTROL_FRAMES_PER_INTERVAL`).
+    pub control_floods: AtomicU64,
     pub session: Mutex<SessionStats>,
     pub objects: Mutex<Option<Arc<ObjectStats>>>,
     pub cluster: Mutex<Option<Arc<cluster::Cluster>>>,
@@ -477,6 +479,11 @@ impl Metrics {
                 "pagesync_frames_panicked_total",
                 "Frames whose handling panicked (their connection closed)",
                 g(&self.frames_panicked),
+            ),
+            (
+                "pagesync_control_floods_total",
+                "Websockets closed for sending too many pings or pongs",
+                g(&self.control_floods),
             ),
             ("pagesync_events_dropped_total", "Log events dropped at the session's bound", s.events_dropped),
             ("pagesync_documents_opened_total", "Documents opened", s.documents_opened),

@@ -619,3 +619,29 @@ async fn no_client_writes_to_another_clients_timeline() {
     .await;
     assert_eq!(alice.status().pending, 0, "alice's write was confirmed, not skipped");
 }
+
+/// A peer that floods pings (each makes the server queue a pong) and never reads is closed
+/// once it passes `MAX_CONTROL_FRAMES_PER_INTERVAL`: without that bound, 20 million pings
+/// grew the server by gigabytes of queued pongs and the connection stayed open. Other
+/// clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_closes_its_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let mut ws = connect(port, "").await;
+    let mut sent = 0;
+    for _ in 0..10_000 {
+        if ws.send(Ws::Ping(vec![7u8; 125].into())).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection is still open after {sent} pings");
+    assert_eq!(support::probe::metric(port, "pagesync_control_floods_total"), 1);
+    write(port, "", DocId::from_u128(0xf1), 1, "CREATE TABLE t(x)").await;
+    drop(server);
+}

@@ -1179,3 +1179,80 @@ fn a_subscription_the_server_ended_is_taken_up_again_and_writes_resent() {
     assert!(c.caught_up(doc));
     assert_same_pages(&c, &s, doc);
 }
+
+/// Subscribers that never read cannot hold more of the server's send memory than
+/// `max_send_backlog_bytes` over every connection, however many there are and however large
+/// the entries (each may hold its own backlog bound plus one message): at the bound nothing
+/// more is sent, those that have not drained for `PRESSURE_CLOSE_MS` are closed as slow
+/// readers, and a subscriber that reads then gets the whole document.
+#[test]
+fn subscribers_that_never_read_share_one_bound_on_send_memory() {
+    use pagesync::protocol::{PRESSURE_CLOSE_MS, SessionOptions};
+    const CAP: usize = 1 << 20;
+    const DEAF: u64 = 8;
+    let doc = DocId::from_u128(40);
+    let journal = pagesync_tests::SharedJournal::new(1_400);
+    {
+        // Eight entries of about 300 KB: each larger than a connection's backlog bound.
+        let mut d = ServerDocument::open(journal.boxed()).expect("open");
+        let tl = pagesync::TimelineId::from_u128(99);
+        for n in 1..=9u64 {
+            let text =
+                if n == 1 { "CREATE TABLE t(b BLOB)" } else { "INSERT INTO t VALUES (randomblob(300000))" };
+            let m = pagesync::Mutation { client_time_ms: T0, seed: n, body: sql(text, vec![]) };
+            d.receive(tl, Lsn::new(n).expect("lsn"), vec![m.encode().expect("encode")]);
+            d.step(T0).expect("step");
+        }
+    }
+    let mut s = server_over(&journal)
+        .with_options(SessionOptions { max_send_backlog_bytes: CAP, ..Default::default() });
+    let reader = ConnId(100);
+    let mut conns: Vec<(ConnId, ClientSession)> =
+        (0..DEAF).map(|i| (ConnId(10 + i), client(&[doc]))).collect();
+    conns.push((reader, client(&[doc])));
+    for (id, c) in &mut conns {
+        s.connect(*id);
+        c.connected(0);
+        while let Some(m) = c.poll_transmit() {
+            s.handle_frame(*id, 0, &m.encode());
+        }
+    }
+    let mut backlog: std::collections::HashMap<ConnId, usize> = Default::default();
+    let (mut largest, mut closed_at) = (0, std::collections::HashMap::new());
+    for now in (0..20_000).step_by(50) {
+        s.handle_timeout(now);
+        while let Some((id, m)) = s.poll_transmit() {
+            let frame = m.encode();
+            largest = largest.max(frame.len());
+            if id == reader {
+                let c = &mut conns.last_mut().expect("the reader").1;
+                c.handle_frame(now, &frame).expect("apply");
+                s.set_send_backlog(id, 0); // it reads everything at once
+                while let Some(m) = c.poll_transmit() {
+                    s.handle_frame(reader, now, &m.encode());
+                }
+                continue;
+            }
+            // A deaf connection: nothing it is sent is ever written.
+            let held = backlog.entry(id).or_default();
+            *held += frame.len();
+            s.set_send_backlog(id, *held);
+            if let Message::Error { code, .. } = &m {
+                assert_eq!(code, codes::SLOW_READER);
+                closed_at.insert(id, now);
+            }
+            let total: usize = backlog.values().sum();
+            assert!(total <= CAP + largest, "{total} bytes held by connections that do not read");
+        }
+        for id in backlog.keys().copied().collect::<Vec<_>>() {
+            if s.should_close(id) {
+                s.disconnect(id);
+                backlog.remove(&id);
+            }
+        }
+    }
+    assert_eq!(closed_at.len(), DEAF as usize, "every deaf subscriber was closed: {closed_at:?}");
+    let latest = closed_at.values().max().copied().expect("closed");
+    assert!(latest <= 2 * PRESSURE_CLOSE_MS, "closed at {latest} ms, not for being stalled under pressure");
+    assert_same_pages(&conns.last().expect("the reader").1, &s, doc);
+}

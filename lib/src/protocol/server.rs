@@ -415,6 +415,9 @@ struct Conn {
     backlog_bytes: usize,
     /// Since when the backlog has been over `MAX_SEND_BACKLOG_BYTES`.
     blocked_since_ms: Option<i64>,
+    /// Since when it has had unwritten bytes without draining to none: under send pressure
+    /// (`SessionOptions::max_send_backlog_bytes`), `PRESSURE_CLOSE_MS` of that closes it.
+    unwritten_since_ms: Option<i64>,
 }
 
 /// A connection whose driver still holds this many unwritten bytes (past what the kernel's
@@ -425,6 +428,15 @@ pub const MAX_SEND_BACKLOG_BYTES: usize = 256 << 10;
 
 /// A connection blocked on its backlog this long is closed: its peer is not reading.
 pub const SLOW_READER_CLOSE_MS: i64 = 30_000;
+
+/// While the bytes unwritten over every connection are at `max_send_backlog_bytes`, a
+/// connection that has not drained what it holds for this long is closed as a slow reader:
+/// peers that do not read cannot hold the server's send memory, and with it every other
+/// client's downloads, for `SLOW_READER_CLOSE_MS`.
+pub const PRESSURE_CLOSE_MS: i64 = 5_000;
+
+/// The default `SessionOptions::max_send_backlog_bytes`: 256 MiB.
+pub const MAX_SEND_BACKLOG_TOTAL_BYTES: usize = 256 << 20;
 
 /// Messages queued for one connection (acknowledgements, errors) before it is closed as a peer
 /// that does not read. 4,096: many times what one round of frames produces.
@@ -465,6 +477,13 @@ pub struct SessionOptions {
     /// Documents keep a history (`ServerDocument::set_history`); without, `ReadHistory` is
     /// answered `not_found`.
     pub keep_history: bool,
+    /// Bytes handed to the driver and not yet written, over every connection: at it, no
+    /// connection is sent more (but for its queued replies and errors) until some drain, and
+    /// connections that hold bytes they have not drained for `PRESSURE_CLOSE_MS` are closed.
+    /// Each connection holds at most `MAX_SEND_BACKLOG_BYTES` and one message besides, but
+    /// one message may be a 64 MiB storage entry: this bounds their sum, whatever the number
+    /// of connections. `MAX_SEND_BACKLOG_TOTAL_BYTES` by default.
+    pub max_send_backlog_bytes: usize,
 }
 
 /// The default `SessionOptions::max_read_ahead_bytes`: 256 MiB, 64 documents' full read-ahead.
@@ -480,6 +499,7 @@ impl Default for SessionOptions {
             max_read_ahead_bytes: MAX_READ_AHEAD_BYTES,
             history_needs_admin: false,
             keep_history: true,
+            max_send_backlog_bytes: MAX_SEND_BACKLOG_TOTAL_BYTES,
         }
     }
 }
@@ -669,6 +689,11 @@ pub struct ServerSession {
     /// timers wait in `held` until its backlog drains.
     timers: BTreeSet<(i64, ConnId, DocId)>,
     held: BTreeSet<ConnId>,
+    /// The sum of every connection's `backlog_bytes`, and the connections that were sent
+    /// nothing because it was at `SessionOptions::max_send_backlog_bytes` (ready again once
+    /// it is below).
+    send_backlog_total: usize,
+    starved: BTreeSet<ConnId>,
     /// Documents being opened whose open job has not gone out yet.
     to_open: BTreeSet<DocId>,
 }
@@ -746,6 +771,8 @@ impl ServerSession {
             ready: BTreeSet::new(),
             timers: BTreeSet::new(),
             held: BTreeSet::new(),
+            send_backlog_total: 0,
+            starved: BTreeSet::new(),
             to_open: BTreeSet::new(),
         }
     }
@@ -833,6 +860,21 @@ impl ServerSession {
         self.presence_conn_bytes.remove(&conn);
         self.ready.remove(&conn);
         self.held.remove(&conn);
+        self.starved.remove(&conn);
+        self.send_backlog_total -= c.backlog_bytes;
+        self.wake_starved();
+    }
+
+    /// Whether the bytes unwritten over every connection are at their bound.
+    fn send_pressed(&self) -> bool {
+        self.send_backlog_total >= self.options.max_send_backlog_bytes
+    }
+
+    /// Below the bound again: the connections that were sent nothing may be sent more.
+    fn wake_starved(&mut self) {
+        if !self.send_pressed() && !self.starved.is_empty() {
+            self.ready.append(&mut self.starved);
+        }
     }
 
     /// True once the connection had a fatal error and its outbox is empty: close it.
@@ -842,7 +884,8 @@ impl ServerSession {
 
     /// The driver's unwritten bytes for `conn`. Over `MAX_SEND_BACKLOG_BYTES` the connection
     /// gets no storage; above zero, no retransmission; blocked for `SLOW_READER_CLOSE_MS` it
-    /// is closed.
+    /// is closed. Their sum over every connection is bounded too
+    /// (`SessionOptions::max_send_backlog_bytes`).
     pub fn set_send_backlog(&mut self, conn: ConnId, bytes: usize) {
         let now = self.now_ms;
         if bytes == 0 && self.held.remove(&conn) {
@@ -850,7 +893,9 @@ impl ServerSession {
             self.resend(conn, now);
         }
         if let Some(c) = self.conns.get_mut(&conn) {
+            self.send_backlog_total = self.send_backlog_total - c.backlog_bytes + bytes;
             c.backlog_bytes = bytes;
+            c.unwritten_since_ms = if bytes == 0 { None } else { c.unwritten_since_ms.or(Some(now)) };
             if bytes <= MAX_SEND_BACKLOG_BYTES {
                 c.blocked_since_ms = None;
                 self.ready.insert(conn);
@@ -858,6 +903,7 @@ impl ServerSession {
                 c.blocked_since_ms = Some(now);
             }
         }
+        self.wake_starved();
     }
 
     /// An open document, unless it is away (opening, or out on a job).
@@ -1462,12 +1508,15 @@ impl ServerSession {
     }
 
     /// Closes connections whose peer stopped reading: blocked on their backlog for
-    /// `SLOW_READER_CLOSE_MS`, or with `MAX_OUTBOX_MESSAGES` unsent.
+    /// `SLOW_READER_CLOSE_MS`, with `MAX_OUTBOX_MESSAGES` unsent, or, while the unwritten
+    /// bytes over every connection are at their bound, not drained for `PRESSURE_CLOSE_MS`.
     fn close_slow_readers(&mut self) {
+        let pressed = self.send_pressed();
         let (now, ready) = (self.now_ms, &mut self.ready);
         for (id, c) in self.conns.iter_mut().filter(|(_, c)| !c.closing) {
             let blocked = c.blocked_since_ms.is_some_and(|t| now >= t + SLOW_READER_CLOSE_MS);
-            if blocked || c.outbox.len() >= MAX_OUTBOX_MESSAGES {
+            let stalled = pressed && c.unwritten_since_ms.is_some_and(|t| now >= t + PRESSURE_CLOSE_MS);
+            if blocked || stalled || c.outbox.len() >= MAX_OUTBOX_MESSAGES {
                 c.outbox.clear();
                 let text = "the connection is closed: the client stopped reading what the server sends";
                 c.outbox.push_back(error(None, codes::SLOW_READER, text));
@@ -1939,7 +1988,14 @@ impl ServerSession {
         let held = self.presence_timers.first().map(|(t, _, _)| *t);
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
-        steps.into_iter().chain(resends).chain(held).chain(blocked).min()
+        let pressed = self.send_pressed();
+        let stalled = self
+            .conns
+            .values()
+            .filter(|_| pressed)
+            .filter_map(|c| c.unwritten_since_ms)
+            .map(|t| t + PRESSURE_CLOSE_MS);
+        steps.into_iter().chain(resends).chain(held).chain(blocked).chain(stalled).min()
     }
 
     /// The next message to send, and its connection. Fair: round-robin over connections, and
@@ -1969,6 +2025,10 @@ impl ServerSession {
             return None;
         }
         if c.backlog_bytes > MAX_SEND_BACKLOG_BYTES {
+            return None;
+        }
+        if self.send_backlog_total >= self.options.max_send_backlog_bytes {
+            self.starved.insert(id);
             return None;
         }
         // The definitions in force, before storage that their calls' results come in.
