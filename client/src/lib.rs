@@ -59,10 +59,15 @@ pub enum ClientError {
     Journal(#[from] pagesync::journal::JournalError),
     #[error("timed out after {0:?} with {1} mutations still pending (is the server reachable?)")]
     SyncTimeout(Duration, usize),
-    /// The server could not be reached or refused the connection; says why (the HTTP status
-    /// of a refused handshake, a refused TCP connection, ...).
+    /// The server could not be reached; says why (a refused TCP connection, no answer, ...).
+    /// Trying again later may succeed.
     #[error("{0}")]
     Connect(String),
+    /// The server, or the URL, refuses the connection for good: the handshake answered an HTTP
+    /// error (a wrong path, refused credentials) or the URL is not one a client can use.
+    /// Trying again will not help until something changes.
+    #[error("{0}")]
+    Refused(String),
     #[error("the server reported: {code}: {message}")]
     Server { code: String, message: String },
     /// Another process has this replica open; it is never written by two at once.
@@ -95,7 +100,8 @@ struct Shared {
     data_dir: PathBuf,
     connected: Mutex<bool>,
     /// Why the last connection attempt failed, if it did.
-    connect_error: Mutex<Option<String>>,
+    /// Why the last connection attempt failed, and whether trying again cannot help.
+    connect_error: Mutex<Option<ConnectFailed>>,
     /// The lock on each open replica's directory, held while the client lives.
     locks: Mutex<Vec<(DocId, pagesync::journal::DirLock)>>,
     /// `execute` calls and their group commits.
@@ -806,10 +812,15 @@ impl Document {
             }
             if Instant::now() >= deadline {
                 let connected = *self.shared.connected.lock().expect("BUG");
-                if let Some(why) =
+                if let Some(failed) =
                     self.shared.connect_error.lock().expect("BUG").clone().filter(|_| !connected)
                 {
-                    return Err(ClientError::Connect(format!("{why} ({} mutations pending)", st.pending)));
+                    let why = format!("{} ({} mutations pending)", failed.why, st.pending);
+                    return Err(if failed.lasting {
+                        ClientError::Refused(why)
+                    } else {
+                        ClientError::Connect(why)
+                    });
                 }
                 if let Some((code, message)) = self.shared.session().shown_error(self.id).cloned() {
                     // Still shown after `timeout`: it did not pass.
@@ -1060,11 +1071,12 @@ type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStre
 /// Opens the websocket to `url`, each part against the clock: resolving the host, then TCP to
 /// each of its addresses in turn (so a first address that drops packets does not hide the
 /// next), then TLS and the websocket handshake together, `CONNECT_TIMEOUT` each.
-async fn connect(url: &str, config: WebSocketConfig) -> std::result::Result<Socket, String> {
+async fn connect(url: &str, config: WebSocketConfig) -> std::result::Result<Socket, ConnectFailed> {
     use tokio::time::timeout;
     let late = |what: &str| format!("no answer from {url} ({what}) within {} s", CONNECT_TIMEOUT.as_secs());
-    let tls = tls::config_for(url)?.map(tokio_tungstenite::Connector::Rustls);
-    let (host, port) = tls::host_port(url)?;
+    let lasting = |why: String| ConnectFailed { why, lasting: true };
+    let tls = tls::config_for(url).map_err(lasting)?.map(tokio_tungstenite::Connector::Rustls);
+    let (host, port) = tls::host_port(url).map_err(lasting)?;
     let addrs = timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
         .await
         .map_err(|_| late("resolving its host"))?
@@ -1086,8 +1098,39 @@ async fn connect(url: &str, config: WebSocketConfig) -> std::result::Result<Sock
     let _ = tcp.set_nodelay(true);
     let handshake = tokio_tungstenite::client_async_tls_with_config(url, tcp, Some(config), tls);
     match timeout(CONNECT_TIMEOUT, handshake).await {
-        Ok(done) => done.map(|(ws, _)| ws).map_err(|e| explain_connect_error(url, &e)),
-        Err(_) => Err(late("the TLS and websocket handshakes")),
+        Ok(done) => done.map(|(ws, _)| ws).map_err(|e| ConnectFailed {
+            why: explain_connect_error(url, &e),
+            lasting: refuses_for_good(&e),
+        }),
+        Err(_) => Err(late("the TLS and websocket handshakes").into()),
+    }
+}
+
+/// Why a connection attempt failed, for a person, and whether trying again cannot help.
+#[derive(Clone, Debug)]
+struct ConnectFailed {
+    why: String,
+    lasting: bool,
+}
+
+impl From<String> for ConnectFailed {
+    fn from(why: String) -> ConnectFailed {
+        ConnectFailed { why, lasting: false }
+    }
+}
+
+/// A handshake answered with an HTTP error that asking again will not change (a wrong path,
+/// refused credentials), or a URL the websocket library cannot use; not one that passes (a
+/// timeout, too many requests, a server error).
+fn refuses_for_good(e: &tokio_tungstenite::tungstenite::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as E;
+    match e {
+        E::Http(response) => {
+            let status = response.status();
+            status.is_client_error() && !matches!(status.as_u16(), 408 | 429)
+        }
+        E::Url(_) => true,
+        _ => false,
     }
 }
 
@@ -1111,11 +1154,11 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
                 }
                 run_connection(ws, &shared, &route).await;
             }
-            Err(why) => {
+            Err(failed) => {
                 failures += 1;
-                tracing::debug!("{why}");
+                tracing::debug!("{}", failed.why);
                 if route.is_none() {
-                    *shared.connect_error.lock().expect("BUG") = Some(why);
+                    *shared.connect_error.lock().expect("BUG") = Some(failed);
                     next_home += 1;
                 }
             }

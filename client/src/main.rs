@@ -157,6 +157,18 @@ async fn settle(
         eprintln!("warning: failed locally ({r}); queued for the server, which decides");
     }
     if !offline && let Err(e) = sync_shown(doc, timeout).await {
+        // Unreachable or slow, it is pending and goes up later: success. Refused (a wrong
+        // path, refused credentials, an error that does not pass), it stays queued too, but
+        // nothing will send it until something changes: a script must hear that.
+        let refused = match &e {
+            pagesync_client::ClientError::Refused(_) => true,
+            pagesync_client::ClientError::Server { code, .. } => !pagesync::protocol::codes::passes(code),
+            _ => false,
+        };
+        if refused {
+            eprintln!("mutation {} is queued locally, but the server refused it: {e}", done.lsn);
+            return Ok(ExitCode::FAILURE);
+        }
         eprintln!("mutation {} is pending: {e}", done.lsn);
         return Ok(ExitCode::SUCCESS);
     }
@@ -363,6 +375,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let deadline = tokio::time::Instant::now() + timeout;
                 while !client.is_connected() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if !client.is_connected() {
+                    // Nothing here to show and no server to ask: say why, rather than what
+                    // SQLite makes of an empty database ("no such table").
+                    let why = match doc.sync(Duration::ZERO).await {
+                        Err(e) => e.to_string(),
+                        Ok(()) => "not connected".to_owned(),
+                    };
+                    anyhow::bail!(
+                        "the local replica of {doc_id} holds nothing yet, and the server cannot be reached: {why} (--offline queries the empty replica)"
+                    );
                 }
             } else if !offline && let Err(e) = sync_shown(&doc, timeout).await {
                 eprintln!("warning: showing local data: {e}");

@@ -368,6 +368,20 @@ async fn a_50_mb_step_reaches_a_new_client_and_wrong_paths_are_explained() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("HTTP 404") && err.contains("/v1/sync"), "{err}");
+    // So does a query on a replica that holds nothing yet (not SQLite's "no such table").
+    let out = cli(&["q", "query", "SELECT count(*) FROM t"], &format!("ws://127.0.0.1:{port}/"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("HTTP 404") && err.contains("holds nothing yet"), "{err}");
+    // A write there stays queued, but the exit says the server refused it (a script must know
+    // that nothing will send it); with the server merely away it is pending, and succeeds.
+    let out = cli(&["q", "exec", "INSERT INTO t VALUES (x'00')"], &format!("ws://127.0.0.1:{port}/"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("queued locally, but the server refused it") && err.contains("HTTP 404"), "{err}");
+    let away = format!("ws://127.0.0.1:{}/", support::free_port());
+    let out = cli(&["q", "exec", "INSERT INTO t VALUES (x'01')"], &away);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Page requests (for queries before a download ends) from a hostile client: for documents its
@@ -636,10 +650,9 @@ async fn a_ping_flood_closes_its_connection() {
         }
         sent += 1;
     }
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), async { while let Some(Ok(_)) = ws.next().await {} })
+            .await;
     assert!(closed.is_ok(), "the connection is still open after {sent} pings");
     assert_eq!(support::probe::metric(port, "pagesync_control_floods_total"), 1);
     write(port, "", DocId::from_u128(0xf1), 1, "CREATE TABLE t(x)").await;

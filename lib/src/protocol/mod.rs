@@ -111,9 +111,13 @@ pub mod codes {
     /// reading slowly). Every other code ends the wait: it needs someone to act. A step
     /// fenced by another writer is `storage` too: the server reopens the document and tries
     /// again (in a cluster the lease decides; two servers on one bucket without one take
-    /// turns), and the status shows the conflict meanwhile.
+    /// turns), and the status shows the conflict meanwhile. A confirmation by digest the
+    /// replica could not keep (`nondeterminism`: its replay gave other pages, from a
+    /// determinism failure or a budget other than the server's) passes too: the replica
+    /// subscribes again without confirmations and takes the server's pages; the status keeps
+    /// showing it.
     pub fn passes(code: &str) -> bool {
-        matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED | INTERNAL | STORAGE)
+        matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED | INTERNAL | STORAGE | NONDETERMINISM)
     }
 }
 
