@@ -100,8 +100,33 @@ pub fn verify_claims(secret: &[u8], token: &str, now_ms: i64) -> Result<Claims, 
     Ok(claims)
 }
 
+/// The `doc` claim of a token that names no document (`token --metrics` alone): a name no
+/// document id can have (ids are hex), so it opens none.
+pub const NO_DOC: &str = "none";
+
+/// Whether `doc` is a document claim a token can use: a document id, or a prefix of hex
+/// digits followed by `*`.
+pub fn check_doc_claim(doc: &str) -> Result<(), String> {
+    match doc.strip_suffix('*') {
+        Some(prefix) if prefix.chars().all(|c| c.is_ascii_hexdigit()) && prefix.len() <= 32 => Ok(()),
+        Some(_) => Err("a prefix is at most 32 hex digits followed by `*`".into()),
+        None => doc.parse::<pagesync::DocId>().map(|_| ()).map_err(|e| e.to_string()),
+    }
+}
+
 /// The documents a token's claims grant.
 pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
+    if claims.doc == NO_DOC {
+        // Valid, for what else it allows (metrics); no document matches the prefix.
+        let (write, admin, calls) = (false, false, None);
+        return Ok(Grant {
+            doc_prefix: Some(NO_DOC.into()),
+            write,
+            subject: Default::default(),
+            admin,
+            calls,
+        });
+    }
     let doc_prefix = match claims.doc.strip_suffix('*') {
         Some(prefix) => prefix.to_ascii_lowercase(),
         None => claims

@@ -363,6 +363,30 @@ fn verify(journal: &str, doc: Option<&str>, rt: tokio::runtime::Handle) -> anyho
     Ok(faults)
 }
 
+/// Refuses settings the server could not serve with: it would start, and every client would
+/// only time out.
+fn check_settings(args: &Args) -> anyhow::Result<()> {
+    let upload = pagesync::protocol::MAX_UPLOAD_FRAME_BYTES;
+    if args.max_frame_bytes < upload {
+        anyhow::bail!(
+            "--max-frame-bytes {} is below {upload}, the largest message a client sends (a batch of mutations): clients would be cut off and never sync",
+            args.max_frame_bytes
+        );
+    }
+    if args.max_connections == 0 {
+        anyhow::bail!("--max-connections 0 would refuse every client");
+    }
+    if args.max_mutation_bytes == 0 {
+        anyhow::bail!("--max-mutation-bytes 0 would reject every mutation");
+    }
+    if let Some(web) = &args.web
+        && !web.is_dir()
+    {
+        anyhow::bail!("--web {}: not a directory", web.display());
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
@@ -391,10 +415,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "--call needs --sub: mutators bind the caller's subject, and tokens without one would all be the same caller"
             );
         }
+        if let Some(doc) = doc {
+            // A token that could never open anything is a typo, not a token.
+            auth::check_doc_claim(doc).map_err(|e| anyhow::anyhow!("--doc {doc:?}: {e}"))?;
+        }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
         let claims = auth::Claims {
-            // No document: a name no document id can have.
-            doc: doc.clone().unwrap_or_else(|| "none".into()),
+            doc: doc.clone().unwrap_or_else(|| auth::NO_DOC.into()),
             write: *write,
             exp: now + auth::parse_ttl(ttl)?,
             metrics: *metrics,
@@ -429,6 +456,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let (journal, rt) = (args.journal.clone(), tokio::runtime::Handle::current());
         return tokio::task::spawn_blocking(move || offline(&journal, &cmd, rt)).await?;
     }
+    check_settings(&args)?;
     if secret.is_none() && !args.listen.ip().is_loopback() {
         anyhow::bail!(
             "refusing to listen on {} without auth: pass --auth-secret-file, or listen on a loopback address",

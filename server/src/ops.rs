@@ -8,12 +8,10 @@
 
 use pagesync::DocId;
 use pagesync::db::Database;
-use pagesync::journal::{
-    FileJournal, FileJournalOptions, Journal, JournalError, Lsn, LsnRange, MemoryJournal,
-};
+use pagesync::journal::{FileJournal, FileJournalOptions, Journal, Lsn, LsnRange, MemoryJournal};
 use pagesync::store::PageStore;
 
-use crate::{Store, storage_dir, storage_key};
+use crate::{Store, storage_dir};
 
 /// What `verify` found in a sound document.
 #[derive(Debug)]
@@ -29,7 +27,9 @@ pub fn list_documents(store: &Store) -> anyhow::Result<Vec<DocId>> {
     let mut docs = Vec::new();
     match store {
         Store::Files(root) => {
-            let Ok(shards) = std::fs::read_dir(root) else { return Ok(docs) };
+            // A typo in --journal must not pass as an empty store.
+            let shards = std::fs::read_dir(root)
+                .map_err(|e| anyhow::anyhow!("cannot read the store {}: {e}", root.display()))?;
             for shard in shards {
                 let shard = shard?;
                 if !shard.file_type()?.is_dir() {
@@ -67,6 +67,14 @@ pub fn list_documents(store: &Store) -> anyhow::Result<Vec<DocId>> {
 /// Opens a document's storage journal without changing anything; a journal that needs repair
 /// (a torn tail, a leftover of an interrupted trim) is an error here.
 fn open_read_only(store: &Store, doc: DocId) -> Result<Box<dyn Journal>, String> {
+    match store.exists(doc) {
+        Ok(true) => {}
+        Ok(false) => return Err(format!("no document {doc} in {}", store.describe())),
+        Err(pagesync::Error::Deleted) => {
+            return Err(format!("document {doc} was deleted from {}", store.describe()));
+        }
+        Err(e) => return Err(e.to_string()),
+    }
     Ok(match store {
         Store::Files(root) => {
             let opts = FileJournalOptions { read_only: true, ..FileJournalOptions::default() };
@@ -80,13 +88,8 @@ fn open_read_only(store: &Store, doc: DocId) -> Result<Box<dyn Journal>, String>
             }
             Box::new(j)
         }
-        // An object journal's open writes nothing once its marker exists.
-        Store::Objects(_) => {
-            if !store.exists(doc).map_err(|e| e.to_string())? {
-                return Err(JournalError::Missing { path: storage_key(doc).into() }.to_string());
-            }
-            store.open_journal(doc).map_err(|e| e.to_string())?
-        }
+        // An object journal's open writes nothing once its marker exists (checked above).
+        Store::Objects(_) => store.open_journal(doc).map_err(|e| e.to_string())?,
     })
 }
 

@@ -658,3 +658,47 @@ async fn a_ping_flood_closes_its_connection() {
     write(port, "", DocId::from_u128(0xf1), 1, "CREATE TABLE t(x)").await;
     drop(server);
 }
+
+/// Settings the server could not serve with, and tokens that could never open anything, are
+/// refused when they are given, not met later as clients that only time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_settings_and_tokens_are_refused_up_front() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_pagesync-server");
+    let store = format!("file://{}", dir.path().display());
+    for (flags, says) in [
+        (vec!["--max-frame-bytes", "0"], "--max-frame-bytes 0 is below"),
+        (vec!["--max-connections", "0"], "--max-connections 0"),
+        (vec!["--web", "/no/such/dir"], "not a directory"),
+    ] {
+        let out = Command::new(bin)
+            .args(["--listen", "127.0.0.1:0", "--journal", &store])
+            .args(&flags)
+            .output()
+            .expect("pagesync-server");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{flags:?}: {err}");
+    }
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    let secret = secret.to_str().expect("utf-8");
+    for doc in ["nothex", "abc*x", "0123"] {
+        let out = Command::new(bin)
+            .args(["--auth-secret-file", secret, "token", "--doc", doc, "--ttl", "1h"])
+            .output()
+            .expect("token");
+        assert!(!out.status.success(), "a token minted for --doc {doc}");
+    }
+    // A metrics-only token opens no document: forbidden, like on every other route.
+    let (_server, port) = start_on_any_port(&store, &["--auth-secret-file", secret]);
+    let metrics_only = token("none", false, true);
+    let doc = "00000000000000000000000000000abc";
+    for route in ["export", "history"] {
+        let (status, body) = get(
+            port,
+            &format!("/v1/docs/{doc}/{route}"),
+            &format!("authorization: Bearer {metrics_only}\r\n"),
+        );
+        assert_eq!(status, 403, "{route}: {}", String::from_utf8_lossy(&body));
+    }
+}

@@ -166,3 +166,28 @@ fn export_and_restore_from_the_command_line() {
     let (ok, text) = verify_binary(&root);
     assert!(ok && text.contains("2 ok, 0 faulty"), "{text}");
 }
+
+/// A typo in `--journal` or `--doc` is an error naming it, not "verified 0 documents" (exit 0)
+/// nor the journal layer's "create it with FileJournal::create".
+#[test]
+fn a_store_or_document_that_is_not_there_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = env!("CARGO_BIN_EXE_pagesync-server");
+    let missing = dir.path().join("typo");
+    let out = Command::new(bin)
+        .args(["verify", "--journal", &format!("file://{}", missing.display())])
+        .output()
+        .expect("verify");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot read the store"), "{err}");
+    let store = format!("file://{}", dir.path().display());
+    let doc = "00000000000000000000000000000abc";
+    for args in [vec!["verify", "--doc", doc], vec!["history", "--doc", doc]] {
+        let out = Command::new(bin).args(&args).args(["--journal", &store]).output().expect("run");
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{args:?}: {text}");
+        assert!(text.contains(&format!("no document {doc} in {store}")), "{args:?}: {text}");
+        assert!(!text.contains("FileJournal"), "{args:?}: {text}");
+    }
+}

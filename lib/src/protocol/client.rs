@@ -515,10 +515,10 @@ impl ClientSession {
     pub fn broadcast(&mut self, id: DocId, value: Vec<u8>) -> Result<()> {
         if value.len() > super::MAX_BROADCAST_BYTES {
             let why = format!("a broadcast of {} bytes; at most {}", value.len(), super::MAX_BROADCAST_BYTES);
-            return Err(Error::Malformed(why));
+            return Err(Error::Refused(why));
         }
         let link =
-            self.links.get_mut(&id).ok_or_else(|| Error::Malformed(format!("document {id} is not open")))?;
+            self.links.get_mut(&id).ok_or_else(|| Error::Refused(format!("document {id} is not open")))?;
         (link.mine, link.broadcast_due) = (Some(value), true);
         self.presence_changes += 1;
         Ok(())

@@ -1842,6 +1842,11 @@ impl ServerSession {
             let creates = c.grant.as_ref().is_some_and(Grant::may_write) && !asks;
             if matches!(failure, OpenFailure::NotFound) && creates {
                 self.handle_message(conn, at, msg);
+            } else if matches!(failure, OpenFailure::NotFound) && asks {
+                // A read never creates a document, whatever the token may do.
+                let text = format!("document {doc} does not exist");
+                c.outbox.push_back(error(Some(doc), codes::NOT_FOUND, text));
+                self.ready.insert(conn);
             } else {
                 self.stats.redirects += u64::from(matches!(tell, Message::Redirect { .. }));
                 c.outbox.push_back(tell.clone());
