@@ -151,6 +151,10 @@ struct Request {
     token: Option<String>,
     /// It asks for a websocket (`Upgrade: websocket`).
     websocket: bool,
+    /// Its `Sec-WebSocket-Key` and `Sec-WebSocket-Version`, checked before the handshake so
+    /// that a bad one gets an answer saying what is wrong, not a closed socket.
+    ws_key: bool,
+    ws_version: Option<String>,
 }
 
 /// Serves one connection. Until it said `Hello` (or, for plain HTTP, until it is answered) it
@@ -192,7 +196,30 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         respond(stream, "400 Bad Request", "text/plain", "malformed request line\n").await;
         return None;
     };
+    // Each route's methods; the others get 405 naming them.
+    let allowed: &[&str] = match req.path.as_str() {
+        "/v1/sync" | "/metrics" => &["GET"],
+        "/healthz" => &["GET", "HEAD"],
+        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => &["GET", "OPTIONS"],
+        p if p.starts_with("/v1/docs/") => &["GET", "DELETE"],
+        _ => &["GET"],
+    };
+    if !allowed.contains(&req.method.as_str()) {
+        let allow = allowed.join(", ");
+        let why = format!("{} takes {allow}, not {}\n", req.path, req.method);
+        respond_with(stream, "405 Method Not Allowed", &[("allow", &allow)], "text/plain", why).await;
+        return None;
+    }
     match req.path.as_str() {
+        "/v1/sync" if req.websocket && req.ws_version.as_deref() != Some("13") => {
+            let why = "pagesync speaks websocket version 13 (Sec-WebSocket-Version: 13)\n";
+            let headers = [("sec-websocket-version", "13"), ("upgrade", "websocket")];
+            respond_with(stream, "426 Upgrade Required", &headers, "text/plain", why).await
+        }
+        "/v1/sync" if req.websocket && !req.ws_key => {
+            let why = "a websocket handshake needs a Sec-WebSocket-Key header\n";
+            respond(stream, "400 Bad Request", "text/plain", why).await
+        }
         "/v1/sync" if req.websocket => {
             return handshake(Prefixed { head, at: 0, inner: stream }, routes).await;
         }
@@ -202,6 +229,7 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
                        wss://) on this path\n";
             respond_with(stream, "426 Upgrade Required", &[("upgrade", "websocket")], "text/plain", why).await
         }
+        "/healthz" if req.method == "HEAD" => respond(stream, "200 OK", "text/plain", "").await,
         "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
         "/metrics" => match authorize_metrics(routes, &req) {
             Ok(()) => respond(stream, "200 OK", "text/plain; version=0.0.4", routes.metrics.render()).await,
@@ -218,19 +246,7 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             ];
             respond_with(stream, "204 No Content", &cors, "text/plain", "").await
         }
-        p if p.starts_with("/v1/docs/") && p.ends_with("/history") && req.method == "GET" => {
-            history(stream, routes, &req).await
-        }
-        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => {
-            respond_with(
-                stream,
-                "405 Method Not Allowed",
-                &[("allow", "GET")],
-                "text/plain",
-                "history is GET\n",
-            )
-            .await
-        }
+        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => history(stream, routes, &req).await,
         p if p.starts_with("/v1/docs/") => export(stream, routes, &req).await,
         p => match &routes.web_root {
             Some(root) => static_file(stream, root, p).await,
@@ -248,7 +264,9 @@ enum HeadError {
     TooLarge,
 }
 
-/// Reads the request head into `head`, through its blank line.
+/// Reads the request head into `head`, through its blank line (lines may end in a bare LF, as
+/// RFC 9112 lets a server accept). A head longer than `MAX_REQUEST_HEAD_BYTES` is refused
+/// however it arrives.
 async fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> Result<(), HeadError> {
     let mut chunk = [0u8; 1024];
     loop {
@@ -256,24 +274,42 @@ async fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> Result<(), Hea
         if n == 0 {
             return Err(HeadError::Closed);
         }
+        let searched = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") {
-            return Ok(());
-        }
-        if head.len() > MAX_REQUEST_HEAD_BYTES {
-            return Err(HeadError::TooLarge);
+        let end = head_end(&head[searched..]).map(|e| searched + e);
+        match end {
+            Some(end) if end <= MAX_REQUEST_HEAD_BYTES => return Ok(()),
+            Some(_) => return Err(HeadError::TooLarge),
+            None if head.len() > MAX_REQUEST_HEAD_BYTES => return Err(HeadError::TooLarge),
+            None => {}
         }
     }
 }
 
+/// Where a request head ends (just past its blank line), if it has.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    let lf = bytes.iter().position(|&b| b == b'\n')?;
+    let mut at = lf;
+    loop {
+        // `at` is a line feed: the line after it is empty if the next byte is a line feed, or
+        // a carriage return and then one.
+        match bytes.get(at + 1..) {
+            Some([b'\n', ..]) => return Some(at + 2),
+            Some([b'\r', b'\n', ..]) => return Some(at + 3),
+            _ => {}
+        }
+        at = at + 1 + bytes[at + 1..].iter().position(|&b| b == b'\n')?;
+    }
+}
+
 fn parse_head(head: &[u8]) -> Option<Request> {
-    let text = std::str::from_utf8(head).ok()?;
-    let mut lines = text.split("\r\n");
+    let text = std::str::from_utf8(&head[..head_end(head).unwrap_or(head.len())]).ok()?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let mut parts = lines.next()?.split_whitespace();
     let (method, target) = (parts.next()?, parts.next()?);
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
-    let mut websocket = false;
+    let (mut websocket, mut ws_key, mut ws_version) = (false, false, None);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else { continue };
         let (name, value) = (name.trim(), value.trim());
@@ -283,10 +319,14 @@ fn parse_head(head: &[u8]) -> Option<Request> {
             token = Some(t.trim().to_owned());
         } else if name.eq_ignore_ascii_case("upgrade") {
             websocket |= value.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("sec-websocket-key") {
+            ws_key = !value.is_empty();
+        } else if name.eq_ignore_ascii_case("sec-websocket-version") {
+            ws_version = Some(value.to_owned());
         }
     }
     let (method, path, query) = (method.to_owned(), path.to_owned(), query.to_owned());
-    Some(Request { method, path, query, token, websocket })
+    Some(Request { method, path, query, token, websocket, ws_key, ws_version })
 }
 
 type Refusal = (&'static str, String);

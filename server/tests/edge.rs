@@ -702,3 +702,57 @@ async fn unusable_settings_and_tokens_are_refused_up_front() {
         assert_eq!(status, 403, "{route}: {}", String::from_utf8_lossy(&body));
     }
 }
+
+/// Raw bytes to the server, and its whole answer.
+fn raw(port: u16, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(request).expect("write");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every route answers a method it does not take with 405 naming the ones it does (a `POST`
+/// to `/healthz` or a `PUT` to an export was answered as a `GET`); `HEAD /healthz` has no
+/// body; a head of bare line feeds is read at once; the head bound is exact; and a websocket
+/// handshake the server cannot take is answered with what is wrong, not a closed socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_methods_heads_and_handshakes_get_answers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let doc = "00000000000000000000000000000abc";
+    for (method, path, allow) in [
+        ("POST", "/healthz".to_owned(), "GET, HEAD"),
+        ("DELETE", "/metrics".to_owned(), "GET"),
+        ("PUT", format!("/v1/docs/{doc}/export"), "GET, DELETE"),
+        ("POST", format!("/v1/docs/{doc}/history"), "GET, OPTIONS"),
+        ("POST", "/v1/sync".to_owned(), "GET"),
+    ] {
+        let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 405"), "{method} {path}: {answer}");
+        assert!(answer.contains(&format!("allow: {allow}\r\n")), "{method} {path}: {answer}");
+    }
+    let answer = raw(port, b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\n"), "{answer}");
+    let started = Instant::now();
+    let answer = raw(port, b"GET /healthz HTTP/1.1\nhost: x\n\n");
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(2), "a bare-LF head waited {:?}", started.elapsed());
+    // The bound is on the head, to the byte: one under it is served, one over it is not.
+    let head = |len: usize| {
+        let pad = len - "GET /healthz HTTP/1.1\r\nx: \r\n\r\n".len();
+        format!("GET /healthz HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(pad))
+    };
+    assert!(raw(port, head(16 << 10).as_bytes()).starts_with("HTTP/1.1 200"));
+    assert!(raw(port, head((16 << 10) + 1).as_bytes()).starts_with("HTTP/1.1 431"));
+    let ws = "GET /v1/sync HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n";
+    let answer = raw(
+        port,
+        format!("{ws}sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 8\r\n\r\n")
+            .as_bytes(),
+    );
+    assert!(answer.starts_with("HTTP/1.1 426") && answer.contains("sec-websocket-version: 13"), "{answer}");
+    let answer = raw(port, format!("{ws}sec-websocket-version: 13\r\n\r\n").as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("Sec-WebSocket-Key"), "{answer}");
+}
