@@ -235,8 +235,17 @@ impl ObjectBackend {
             }
         };
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let text = failed.to_string();
-        let refused = matches!(
+        let mut text = failed.to_string();
+        // Without credentials in the environment the store asks the instance metadata service;
+        // off a cloud instance that fails in ways that name only its address.
+        let no_credentials = text.contains("169.254.169.254");
+        if no_credentials {
+            text.push_str(
+                " (no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role provides them)",
+            );
+        }
+        let refused = no_credentials
+            || matches!(
             failed,
             object_store::Error::PermissionDenied { .. }
                 | object_store::Error::Unauthenticated { .. }
