@@ -1239,6 +1239,10 @@ fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -
             };
             format!("the server at {url} answered HTTP {status}{hint}")
         }
+        // A plain server's answer where TLS was expected (rustls says "corrupt message").
+        E::Io(_) | E::Tls(_) if url.starts_with("wss://") && e.to_string().contains("corrupt message") => {
+            format!("cannot connect to {url}: TLS failed ({e}): is the server plain ws://?")
+        }
         E::Io(io) => format!("cannot connect to {url}: {io}"),
         E::Url(u) => format!("bad server URL {url}: {u}"),
         other => format!("cannot connect to {url}: {other}"),

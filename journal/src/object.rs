@@ -246,11 +246,12 @@ impl ObjectBackend {
         }
         let refused = no_credentials
             || matches!(
-            failed,
-            object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. }
-                | object_store::Error::NotFound { .. }
-        ) || REFUSALS.iter().any(|r| text.contains(r));
+                failed,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotFound { .. }
+            )
+            || REFUSALS.iter().any(|r| text.contains(r));
         let what = format!("LIST of {} failed: {text}", self.url);
         Err(if refused { StoreProblem::Refused(what) } else { StoreProblem::Silent(what) })
     }

@@ -183,6 +183,13 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             return None;
         }
         Ok(Err(HeadError::Closed)) => return None,
+        // A TLS client (`wss://`, `https://`) at a plain server: refused at once, so it fails
+        // now with a TLS error instead of waiting out the head deadline.
+        Ok(Err(HeadError::Tls)) => {
+            let why = "this server speaks plain HTTP and ws://, not TLS\n";
+            respond(stream, "400 Bad Request", "text/plain", why).await;
+            return None;
+        }
         // A socket that never sent a byte gets no answer: closing is cheaper, and thousands of
         // them timing out together should cost the server as little as possible.
         Err(_) if head.is_empty() => return None,
@@ -262,6 +269,8 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
 enum HeadError {
     Closed,
     TooLarge,
+    /// The first bytes are a TLS handshake record.
+    Tls,
 }
 
 /// Reads the request head into `head`, through its blank line (lines may end in a bare LF, as
@@ -276,6 +285,9 @@ async fn read_head(stream: &mut TcpStream, head: &mut Vec<u8>) -> Result<(), Hea
         }
         let searched = head.len().saturating_sub(3);
         head.extend_from_slice(&chunk[..n]);
+        if head.starts_with(&[0x16, 0x03]) {
+            return Err(HeadError::Tls);
+        }
         let end = head_end(&head[searched..]).map(|e| searched + e);
         match end {
             Some(end) if end <= MAX_REQUEST_HEAD_BYTES => return Ok(()),

@@ -755,4 +755,9 @@ async fn http_methods_heads_and_handshakes_get_answers() {
     assert!(answer.starts_with("HTTP/1.1 426") && answer.contains("sec-websocket-version: 13"), "{answer}");
     let answer = raw(port, format!("{ws}sec-websocket-version: 13\r\n\r\n").as_bytes());
     assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("Sec-WebSocket-Key"), "{answer}");
+    // A TLS client at this plain server is told at once, not after the head deadline.
+    let started = Instant::now();
+    let answer = raw(port, &[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]);
+    assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("not TLS"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(2), "a TLS hello waited {:?}", started.elapsed());
 }
