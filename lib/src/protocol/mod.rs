@@ -329,4 +329,91 @@ mod tests {
         assert!(matches!(Message::decode(&bytes), Err(DecodeError::Malformed(_))));
         assert!(Message::decode(&[]).is_err());
     }
+
+    /// One of each message, every field set. `kind` is an exhaustive match: a message added
+    /// without a sample here does not compile.
+    fn samples() -> Vec<Message> {
+        let (doc, tl, lsn) =
+            (DocId::from_u128(0x0102), TimelineId::from_u128(0x0304), Lsn::new(5).expect("5"));
+        let entry = WireEntry { kind: crate::wire::WireKind::Delta, data: vec![9, 8, 7] };
+        let run = PageRun { first_page: 1, pages: 2, lsn, offset: 3 };
+        let cursor = crate::history::HistoryCursor { entry: lsn, index: 6 };
+        let query = crate::history::HistoryQuery { since_ms: Some(7), after: Some(cursor), limit: 8 };
+        let page = crate::history::HistoryPage { records: Vec::new(), next: Some(cursor) };
+        let peer = Peer { id: 9, subject: "s".into(), timeline: tl, value: vec![1] };
+        let samples = vec![
+            Message::Hello { version: PROTOCOL_VERSION, token: "t".into() },
+            Message::Subscribe { doc, key: TimelineKey([4; 32]), storage_next: lsn, digests: true },
+            Message::Mutations { doc, timeline: tl, first: lsn, entries: vec![vec![1, 2]] },
+            Message::MutationsAck { doc, timeline: tl, next_expected: lsn, storage_next: lsn },
+            Message::Storage { doc, first: lsn, entries: vec![entry] },
+            Message::StorageAck { doc, next: lsn, outcomes_through: Some(lsn) },
+            Message::Error { doc: Some(doc), code: "c".into(), message: "m".into() },
+            Message::MapPages { doc, id: 1 },
+            Message::PageMap { doc, id: 1, map: PageMap { at: lsn, page_count: 4, runs: vec![run] } },
+            Message::ReadPages { doc, id: 1, lsn, offset: 2, pages: 3 },
+            Message::Pages { doc, id: 1, lsn, offset: 2, data: vec![5, 6] },
+            Message::Redirect { doc, url: "ws://x".into() },
+            Message::Broadcast { doc, value: vec![7] },
+            Message::Presence { doc, peer },
+            Message::PeerLeft { doc, peer: 9 },
+            Message::ReadHistory { doc, id: 1, query },
+            Message::History { doc, id: 1, page },
+            Message::Mutators { doc, version: "v".into(), source: "src".into() },
+            Message::HeadAsk { doc, id: 1 },
+            Message::Head { doc, id: 1, storage_next: lsn },
+        ];
+        let kinds: std::collections::BTreeSet<usize> = samples.iter().map(kind).collect();
+        assert_eq!(kinds.len(), samples.len(), "one sample of each message");
+        samples
+    }
+
+    fn kind(m: &Message) -> usize {
+        match m {
+            Message::Hello { .. } => 0,
+            Message::Subscribe { .. } => 1,
+            Message::Mutations { .. } => 2,
+            Message::MutationsAck { .. } => 3,
+            Message::Storage { .. } => 4,
+            Message::StorageAck { .. } => 5,
+            Message::Error { .. } => 6,
+            Message::MapPages { .. } => 7,
+            Message::PageMap { .. } => 8,
+            Message::ReadPages { .. } => 9,
+            Message::Pages { .. } => 10,
+            Message::Redirect { .. } => 11,
+            Message::Broadcast { .. } => 12,
+            Message::Presence { .. } => 13,
+            Message::PeerLeft { .. } => 14,
+            Message::ReadHistory { .. } => 15,
+            Message::History { .. } => 16,
+            Message::Mutators { .. } => 17,
+            Message::HeadAsk { .. } => 18,
+            Message::Head { .. } => 19,
+        }
+    }
+
+    /// The bytes of every message, pinned to the protocol version: a change to any message's
+    /// encoding (a field added, removed, retyped or reordered; a message added or moved) fails
+    /// here until `PROTOCOL_VERSION` is bumped with it, so an old peer is told `version` at
+    /// `Hello` instead of meeting frames it cannot decode (as happened when `HeadAsk` took an
+    /// id without a bump: an older server closed newer clients as malformed).
+    #[test]
+    fn the_wire_format_changes_only_with_the_protocol_version() {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for m in samples() {
+            let bytes = m.encode();
+            assert_eq!(Message::decode(&bytes).as_ref(), Ok(&m));
+            h.update((bytes.len() as u32).to_le_bytes());
+            h.update(&bytes);
+        }
+        let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            (PROTOCOL_VERSION, digest.as_str()),
+            (12, "9a87a3c1f26e3397bbcd0fb290a043315ccc3610dbbe080657eeec72d7913681"),
+            "the wire format changed: bump PROTOCOL_VERSION (and say why in docs/design.md's Hello row), \
+             then pin the new version and digest here"
+        );
+    }
 }
