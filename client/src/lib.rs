@@ -761,9 +761,18 @@ impl Document {
                 .export()
                 .map_err(std::io::Error::other)?
         };
+        // Whole or not at all, and durable once this returns: written beside, synced, renamed
+        // over, and the rename synced with its directory.
         let tmp = path.with_extension("sqlite.tmp");
-        std::fs::write(&tmp, &bytes)?;
+        let mut file = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut file, &bytes)?;
+        file.sync_all()?;
         std::fs::rename(&tmp, path)?;
+        #[cfg(unix)]
+        {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         Ok(bytes.len() as u64)
     }
 

@@ -162,7 +162,10 @@ async fn settle(
         // nothing will send it until something changes: a script must hear that.
         let refused = match &e {
             pagesync_client::ClientError::Refused(_) => true,
-            pagesync_client::ClientError::Server { code, .. } => !pagesync::protocol::codes::passes(code),
+            // `limit`: a server at its connection limit says "retry later"; the client does.
+            pagesync_client::ClientError::Server { code, .. } => {
+                !pagesync::protocol::codes::passes(code) && code != pagesync::protocol::codes::LIMIT
+            }
             _ => false,
         };
         if refused {

@@ -526,7 +526,8 @@ async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
                 codes::FORBIDDEN => "403 Forbidden",
                 codes::NOT_FOUND | codes::DELETED => "404 Not Found",
                 codes::LIMIT => "429 Too Many Requests",
-                codes::UNAVAILABLE => "503 Service Unavailable",
+                // It may pass (`storage`: a read the server retries): ask again.
+                c if codes::passes(c) => "503 Service Unavailable",
                 _ => "500 Internal Server Error",
             };
             respond_with(stream, status, &cors, "text/plain", format!("{code}: {message}\n")).await

@@ -51,7 +51,8 @@ pub struct ConnReceiver {
     watched: Arc<AtomicBool>,
     conn: ConnId,
     hub: std_mpsc::Sender<HubMsg>,
-    closed: tokio::sync::oneshot::Receiver<()>,
+    /// `None` once it has fired.
+    closed: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl ConnReceiver {
@@ -63,7 +64,11 @@ impl ConnReceiver {
     /// a write in progress to a peer that does not read is abandoned then, and with it the
     /// message it held, instead of at the write's own deadline.
     pub async fn closed(&mut self) {
-        let _ = (&mut self.closed).await;
+        if let Some(closed) = &mut self.closed {
+            let _ = closed.await;
+            // A oneshot must not be polled once it is done: remember instead.
+            self.closed = None;
+        }
     }
 
     /// A frame of `len` bytes was written (or dropped); wakes the hub when the backlog it was
@@ -163,7 +168,7 @@ impl Hub {
         let sender =
             ConnSender { tx, backlog: backlog.clone(), watched: watched.clone(), _closed: closed_tx };
         let _ = self.tx.send(HubMsg::Connect { conn, tx: sender });
-        (conn, ConnReceiver { rx, backlog, watched, conn, hub: self.tx.clone(), closed })
+        (conn, ConnReceiver { rx, backlog, watched, conn, hub: self.tx.clone(), closed: Some(closed) })
     }
 
     /// Hands the hub a frame; `permits` are released once it is handled.

@@ -761,3 +761,28 @@ async fn http_methods_heads_and_handshakes_get_answers() {
     assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("not TLS"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(2), "a TLS hello waited {:?}", started.elapsed());
 }
+
+/// The last words to a connection the server closes arrive, after whatever was queued before
+/// them: a subscription's answers, then the error that ends it. (The writer once polled its
+/// "closed" signal again after it had fired, which panicked the task and lost the error.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_that_closes_a_connection_arrives_after_what_was_queued() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let a = DocId::from_u128(0xa1);
+    write(port, "", a, 1, "CREATE TABLE t(x)").await;
+    for round in 0..20u8 {
+        let mut ws = connect(port, "").await;
+        let key = TimelineKey([round.wrapping_add(40); 32]);
+        send(&mut ws, Message::Subscribe { doc: a, key, storage_next: Lsn::FIRST, digests: false }).await;
+        ws.send(Ws::Binary(vec![0xff; 64].into())).await.expect("send garbage");
+        let mut last = None;
+        while let Some(m) = next_reply(&mut ws).await {
+            last = Some(m);
+        }
+        match last {
+            Some(Message::Error { code, .. }) => assert_eq!(code, codes::MALFORMED, "round {round}"),
+            other => panic!("round {round}: the connection ended without its error: {other:?}"),
+        }
+    }
+}

@@ -109,16 +109,18 @@ pub(super) enum OpenFailure {
 pub(super) struct Told {
     pub(super) public: String,
     pub(super) detail: String,
+    /// It may pass (`Error::is_transient_storage`): asking again later may succeed.
+    pub(super) passes: bool,
 }
 
 impl Told {
     pub(super) fn of(e: &crate::Error) -> Told {
-        Told { public: e.public(), detail: e.to_string() }
+        Told { public: e.public(), detail: e.to_string(), passes: e.is_transient_storage() }
     }
 
     /// A panic: clients hear that there was an internal error, the log gets its message.
     fn panic(message: String) -> Told {
-        Told { public: format!("an internal error {}", super::SEE_THE_LOG), detail: message }
+        Told { public: format!("an internal error {}", super::SEE_THE_LOG), detail: message, passes: false }
     }
 }
 
@@ -127,7 +129,7 @@ impl OpenFailure {
         match e {
             crate::Error::Moved { owner } => OpenFailure::Moved(owner),
             crate::Error::Unavailable(why) => {
-                OpenFailure::Unavailable(Told { public: why.clone(), detail: why })
+                OpenFailure::Unavailable(Told { public: why.clone(), detail: why, passes: true })
             }
             crate::Error::Deleted => OpenFailure::Deleted,
             // The storage did not answer (S3 away, a failed read): it may a moment later, and
@@ -215,7 +217,12 @@ impl DocJob {
                             Err(panic) => Told::panic(panic),
                         };
                         failed.push(("exporting", told.detail));
-                        Err(super::ExportError::Failed(format!("exporting {doc} failed: {}", told.public)))
+                        let why = format!("exporting {doc} failed: {}", told.public);
+                        Err(if told.passes {
+                            super::ExportError::Unavailable(why)
+                        } else {
+                            super::ExportError::Failed(why)
+                        })
                     }
                 });
                 let answers = asks

@@ -67,11 +67,11 @@ pub const KEEPALIVE_MS: i64 = 1_000;
 /// Documents one connection may subscribe to. Bounds the server's per-connection state.
 pub const MAX_DOCS_PER_CONNECTION: usize = 10_000;
 
-/// Machine-readable error codes in `Message::Error`.
 /// Ends what a client is told of a failure the server met on its own storage or state, in
 /// place of the details (paths, buckets, endpoints, panic messages), which it logs instead.
 pub const SEE_THE_LOG: &str = "(the server's log has the details)";
 
+/// Machine-readable error codes in `Message::Error`.
 pub mod codes {
     pub const VERSION: &str = "version";
     pub const MALFORMED: &str = "malformed";
@@ -114,8 +114,8 @@ pub mod codes {
     /// turns), and the status shows the conflict meanwhile. A confirmation by digest the
     /// replica could not keep (`nondeterminism`: its replay gave other pages, from a
     /// determinism failure or a budget other than the server's) passes too: the replica
-    /// subscribes again without confirmations and takes the server's pages; the status keeps
-    /// showing it.
+    /// subscribes again without confirmations and takes the server's pages (the status shows
+    /// it until the new subscription is acknowledged; `digest_mismatches` counts them).
     pub fn passes(code: &str) -> bool {
         matches!(code, UNAVAILABLE | SLOW_READER | NOT_SUBSCRIBED | INTERNAL | STORAGE | NONDETERMINISM)
     }

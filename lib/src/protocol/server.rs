@@ -430,10 +430,16 @@ pub const MAX_SEND_BACKLOG_BYTES: usize = 256 << 10;
 pub const SLOW_READER_CLOSE_MS: i64 = 30_000;
 
 /// While the bytes unwritten over every connection are at `max_send_backlog_bytes`, a
-/// connection that has not drained what it holds for this long is closed as a slow reader:
-/// peers that do not read cannot hold the server's send memory, and with it every other
-/// client's downloads, for `SLOW_READER_CLOSE_MS`.
+/// connection that has not drained what it holds within this long (or, for more than 5 MiB,
+/// at `PRESSURE_MIN_DRAIN_BYTES_PER_MS`), counted from when it began to hold them or from when
+/// the pressure began, whichever is later, is closed as a slow reader: peers that do not read
+/// cannot hold the server's send memory, and with it every other client's downloads, for
+/// `SLOW_READER_CLOSE_MS`, while a reader on a slow link still gets a 64 MiB entry through.
 pub const PRESSURE_CLOSE_MS: i64 = 5_000;
+
+/// The slowest a connection must drain what it holds while the server is short of send
+/// memory: about 1 MiB/s (see `PRESSURE_CLOSE_MS`).
+pub const PRESSURE_MIN_DRAIN_BYTES_PER_MS: i64 = 1_024;
 
 /// The default `SessionOptions::max_send_backlog_bytes`: 256 MiB.
 pub const MAX_SEND_BACKLOG_TOTAL_BYTES: usize = 256 << 20;
@@ -478,8 +484,9 @@ pub struct SessionOptions {
     /// answered `not_found`.
     pub keep_history: bool,
     /// Bytes handed to the driver and not yet written, over every connection: at it, no
-    /// connection is sent more (but for its queued replies and errors) until some drain, and
-    /// connections that hold bytes they have not drained for `PRESSURE_CLOSE_MS` are closed.
+    /// connection is sent more (but for its queued replies and errors), page requests are
+    /// refused, and connections that do not drain what they hold in time are closed (see
+    /// `PRESSURE_CLOSE_MS`).
     /// Each connection holds at most `MAX_SEND_BACKLOG_BYTES` and one message besides, but
     /// one message may be a 64 MiB storage entry: this bounds their sum, whatever the number
     /// of connections. `MAX_SEND_BACKLOG_TOTAL_BYTES` by default.
@@ -694,6 +701,8 @@ pub struct ServerSession {
     /// it is below).
     send_backlog_total: usize,
     starved: BTreeSet<ConnId>,
+    /// Since when `send_backlog_total` has been at its bound.
+    pressed_since_ms: Option<i64>,
     /// Documents being opened whose open job has not gone out yet.
     to_open: BTreeSet<DocId>,
 }
@@ -773,6 +782,7 @@ impl ServerSession {
             held: BTreeSet::new(),
             send_backlog_total: 0,
             starved: BTreeSet::new(),
+            pressed_since_ms: None,
             to_open: BTreeSet::new(),
         }
     }
@@ -862,7 +872,7 @@ impl ServerSession {
         self.held.remove(&conn);
         self.starved.remove(&conn);
         self.send_backlog_total -= c.backlog_bytes;
-        self.wake_starved();
+        self.send_pressure_changed();
     }
 
     /// Whether the bytes unwritten over every connection are at their bound.
@@ -870,11 +880,24 @@ impl ServerSession {
         self.send_backlog_total >= self.options.max_send_backlog_bytes
     }
 
-    /// Below the bound again: the connections that were sent nothing may be sent more.
-    fn wake_starved(&mut self) {
-        if !self.send_pressed() && !self.starved.is_empty() {
-            self.ready.append(&mut self.starved);
+    /// Notes when the pressure began; below the bound again, the connections that were sent
+    /// nothing may be sent more.
+    fn send_pressure_changed(&mut self) {
+        if self.send_pressed() {
+            self.pressed_since_ms.get_or_insert(self.now_ms);
+        } else {
+            self.pressed_since_ms = None;
+            if !self.starved.is_empty() {
+                self.ready.append(&mut self.starved);
+            }
         }
+    }
+
+    /// When a connection holding unwritten bytes is closed for not draining them, while the
+    /// server is short of send memory since `pressed_since` (see `PRESSURE_CLOSE_MS`).
+    fn stall_deadline(c: &Conn, pressed_since: i64) -> Option<i64> {
+        let allowed = PRESSURE_CLOSE_MS.max(c.backlog_bytes as i64 / PRESSURE_MIN_DRAIN_BYTES_PER_MS);
+        c.unwritten_since_ms.map(|t| t.max(pressed_since) + allowed)
     }
 
     /// True once the connection had a fatal error and its outbox is empty: close it.
@@ -903,7 +926,7 @@ impl ServerSession {
                 c.blocked_since_ms = Some(now);
             }
         }
-        self.wake_starved();
+        self.send_pressure_changed();
     }
 
     /// An open document, unless it is away (opening, or out on a job).
@@ -1149,11 +1172,14 @@ impl ServerSession {
     /// Queues a `MapPages` or `ReadPages` for `doc`'s next job (it is here). A connection may
     /// have `MAX_ASKS_PER_CONNECTION` waiting or answered and not yet handed to its driver, a
     /// document `MAX_ASKS_PER_DOC` waiting; past either, or while the connection's driver holds
-    /// more than `MAX_SEND_BACKLOG_BYTES` unwritten, the ask is refused with `limit`. So page
-    /// requests cost the server bounded memory and reads, even from a peer that never reads.
+    /// more than `MAX_SEND_BACKLOG_BYTES` unwritten, or while the unwritten bytes over every
+    /// connection are at their bound (`SessionOptions::max_send_backlog_bytes`), the ask is
+    /// refused with `limit`. So page requests cost the server bounded memory and reads, even
+    /// from many peers that never read.
     fn ask(&mut self, conn: ConnId, doc: DocId, msg: Message) {
+        let pressed = self.send_pressed();
         let (Some(c), Some(open)) = (self.conns.get_mut(&conn), self.docs.get_mut(&doc)) else { return };
-        let unread = c.backlog_bytes > MAX_SEND_BACKLOG_BYTES;
+        let unread = c.backlog_bytes > MAX_SEND_BACKLOG_BYTES || pressed;
         if c.asks >= MAX_ASKS_PER_CONNECTION || open.asks.len() >= MAX_ASKS_PER_DOC || unread {
             let text = format!(
                 "too many page requests waiting: at most {MAX_ASKS_PER_CONNECTION} per connection, {MAX_ASKS_PER_DOC} per document"
@@ -1511,11 +1537,11 @@ impl ServerSession {
     /// `SLOW_READER_CLOSE_MS`, with `MAX_OUTBOX_MESSAGES` unsent, or, while the unwritten
     /// bytes over every connection are at their bound, not drained for `PRESSURE_CLOSE_MS`.
     fn close_slow_readers(&mut self) {
-        let pressed = self.send_pressed();
+        let pressed = self.pressed_since_ms;
         let (now, ready) = (self.now_ms, &mut self.ready);
         for (id, c) in self.conns.iter_mut().filter(|(_, c)| !c.closing) {
             let blocked = c.blocked_since_ms.is_some_and(|t| now >= t + SLOW_READER_CLOSE_MS);
-            let stalled = pressed && c.unwritten_since_ms.is_some_and(|t| now >= t + PRESSURE_CLOSE_MS);
+            let stalled = pressed.and_then(|p| Self::stall_deadline(c, p)).is_some_and(|t| now >= t);
             if blocked || stalled || c.outbox.len() >= MAX_OUTBOX_MESSAGES {
                 c.outbox.clear();
                 let text = "the connection is closed: the client stopped reading what the server sends";
@@ -1993,13 +2019,9 @@ impl ServerSession {
         let held = self.presence_timers.first().map(|(t, _, _)| *t);
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
-        let pressed = self.send_pressed();
-        let stalled = self
-            .conns
-            .values()
-            .filter(|_| pressed)
-            .filter_map(|c| c.unwritten_since_ms)
-            .map(|t| t + PRESSURE_CLOSE_MS);
+        let stalled = self.pressed_since_ms.into_iter().flat_map(|p| {
+            self.conns.values().filter(|c| !c.closing).filter_map(move |c| Self::stall_deadline(c, p))
+        });
         steps.into_iter().chain(resends).chain(held).chain(blocked).chain(stalled).min()
     }
 
