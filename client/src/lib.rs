@@ -752,7 +752,8 @@ impl Document {
     }
 
     /// Writes the server's state this replica holds to `path` as a plain `.sqlite` file
-    /// (atomically: a temporary file, then a rename). Pending local writes are not included.
+    /// (atomically and durably: a temporary file, synced, then a rename, synced). Pending
+    /// local writes are not included.
     pub fn export(&self, path: &Path) -> std::io::Result<u64> {
         let bytes = {
             let s = self.shared.session();
