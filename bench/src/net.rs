@@ -158,36 +158,29 @@ pub(crate) async fn raw_relay() -> (Socket, Socket) {
 }
 
 pub(crate) async fn raw_throughput(n: u64, frame_bytes: usize) -> f64 {
-    let (mut a, mut b) = raw_relay().await;
-    let frame = vec![0x5a_u8; frame_bytes];
-    let start = Instant::now();
-    let sender = tokio::spawn(async move {
-        for _ in 0..n {
-            a.send(Ws::Binary(frame.clone().into())).await.expect("send");
-        }
-        a
-    });
-    for _ in 0..n {
-        b.next().await.expect("frame").expect("ok");
-    }
-    let rate = per_second(n, start.elapsed());
-    drop(sender.await);
-    rate
+    relay_throughput(n, frame_bytes, None).await
 }
 
 /// Like `raw_throughput`, but the sender appends each frame to a file in `dir` and makes it
 /// durable (one `fdatasync`) before it sends it, one frame at a time: the peer of a loop of
 /// durable `execute` calls, each of which fsyncs A's timeline before its mutation goes up.
 pub(crate) async fn raw_durable_throughput(n: u64, frame_bytes: usize, dir: &std::path::Path) -> f64 {
+    let file = std::fs::File::create(dir.join("durable-relay")).expect("create");
+    relay_throughput(n, frame_bytes, Some(file)).await
+}
+
+/// Frames per second through the raw relay, each first made durable in `durable` if given.
+async fn relay_throughput(n: u64, frame_bytes: usize, mut durable: Option<std::fs::File>) -> f64 {
     use std::io::Write;
     let (mut a, mut b) = raw_relay().await;
     let frame = vec![0x5a_u8; frame_bytes];
-    let mut file = std::fs::File::create(dir.join("durable-relay")).expect("create");
     let start = Instant::now();
     let sender = tokio::spawn(async move {
         for _ in 0..n {
-            file.write_all(&frame).expect("write");
-            file.sync_data().expect("fdatasync");
+            if let Some(file) = durable.as_mut() {
+                file.write_all(&frame).expect("write");
+                file.sync_data().expect("fdatasync");
+            }
             a.send(Ws::Binary(frame.clone().into())).await.expect("send");
         }
         a
