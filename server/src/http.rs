@@ -51,10 +51,18 @@ pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a write in progress when the hub closes its connection may still take.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Pings and pongs a peer may send per `PING_INTERVAL`; past it the connection is closed.
-/// Each ping makes the websocket queue a pong, which a peer that never reads would let pile
-/// up without end; a keepalive needs a few.
+/// Small frames that carry no message of their own (pings, pongs, and fragments of a message
+/// under `MIN_FREE_FRAGMENT_BYTES` that do not end it) a peer may send per `PING_INTERVAL`, as
+/// a bucket that holds this many and refills at this rate; past it the connection is closed.
+/// Each ping makes the websocket queue a pong, which a peer that never reads would let pile up
+/// without end, and empty fragments cost parsing without ever reaching the session's bounds; a
+/// keepalive needs a few.
 pub const MAX_CONTROL_FRAMES_PER_INTERVAL: u32 = 64;
+
+/// A fragment of a message this large or larger is not counted against
+/// `MAX_CONTROL_FRAMES_PER_INTERVAL`: it costs the peer about what it costs the server, as an
+/// unfragmented message does.
+pub const MIN_FREE_FRAGMENT_BYTES: u64 = 1 << 10;
 
 /// The longest one message may take to leave; past it the peer is not reading and the
 /// connection is closed (the session stops sending to it long before: see
@@ -228,7 +236,8 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             respond(stream, "400 Bad Request", "text/plain", why).await
         }
         "/v1/sync" if req.websocket => {
-            return handshake(Prefixed { head, at: 0, inner: stream }, routes).await;
+            let guard = FrameGuard::after(head_end(&head).unwrap_or(head.len()), routes.metrics.clone());
+            return handshake(Prefixed { head, at: 0, inner: stream, guard }, routes).await;
         }
         // A browser or `curl` that found the endpoint: say what it is rather than hang up.
         "/v1/sync" => {
@@ -762,7 +771,6 @@ async fn serve_websocket(ws: Socket, hello: Vec<u8>, routes: Routes) {
     let mut writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), last_seen.clone(), started));
     let per_conn = Arc::new(Semaphore::new(inbound_bytes_per_connection(max_frame_bytes)));
     let mut frame = Some(hello);
-    let (mut controls, mut controls_since) = (0u32, tokio::time::Instant::now());
     loop {
         let next = match frame.take() {
             Some(b) => Some(Ok(WsMessage::Binary(b.into()))),
@@ -778,18 +786,7 @@ async fn serve_websocket(ws: Socket, hello: Vec<u8>, routes: Routes) {
             Some(Ok(WsMessage::Text(t))) => t.as_bytes().to_vec(), // not a frame: the session says so
             Some(Ok(WsMessage::Close(_)) | Err(_)) | None => break,
             Some(Ok(_)) => {
-                // A ping or a pong.
-                if controls_since.elapsed() >= PING_INTERVAL {
-                    (controls, controls_since) = (0, tokio::time::Instant::now());
-                }
-                controls += 1;
-                if controls > MAX_CONTROL_FRAMES_PER_INTERVAL {
-                    tracing::debug!(
-                        "closing a websocket that sent {controls} pings or pongs within {PING_INTERVAL:?}"
-                    );
-                    metrics.control_floods.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
+                // A ping or a pong (`Prefixed` bounds how many).
                 last_seen.store(millis_since(started), Ordering::Relaxed);
                 continue;
             }
@@ -880,11 +877,13 @@ async fn write_loop(
 }
 
 /// A TCP stream whose first bytes (the request head, already read) are served again: the
-/// websocket handshake reads the head it needs from here.
+/// websocket handshake reads the head it needs from here. Every byte read passes its
+/// `FrameGuard`.
 pub(crate) struct Prefixed {
     head: Vec<u8>,
     at: usize,
     inner: TcpStream,
+    guard: FrameGuard,
 }
 
 impl AsyncRead for Prefixed {
@@ -893,6 +892,7 @@ impl AsyncRead for Prefixed {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
         if self.at < self.head.len() {
             let n = (self.head.len() - self.at).min(buf.remaining());
             let at = self.at;
@@ -902,9 +902,86 @@ impl AsyncRead for Prefixed {
                 self.head = Vec::new(); // give the memory back
                 self.at = 0;
             }
-            return Poll::Ready(Ok(()));
+        } else {
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        Poll::Ready(self.guard.scan(&buf.filled()[before..]))
+    }
+}
+
+/// Reads the websocket frames' headers as their bytes arrive (the websocket itself does not
+/// say how many frames made a message) and ends the stream when the peer sends more small
+/// frames without a message of their own than `MAX_CONTROL_FRAMES_PER_INTERVAL` allows.
+pub(crate) struct FrameGuard {
+    /// Bytes still to pass before the first frame: the HTTP request head.
+    skip: u64,
+    /// Bytes of the current frame's payload still to pass.
+    payload: u64,
+    header: [u8; 14],
+    have: usize,
+    /// The bucket of small frames: how many it holds, as of when.
+    tokens: f64,
+    as_of: std::time::Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl FrameGuard {
+    fn after(head: usize, metrics: Arc<Metrics>) -> FrameGuard {
+        let tokens = f64::from(MAX_CONTROL_FRAMES_PER_INTERVAL);
+        let as_of = std::time::Instant::now();
+        FrameGuard { skip: head as u64, payload: 0, header: [0; 14], have: 0, tokens, as_of, metrics }
+    }
+
+    fn scan(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while let Some(&byte) = bytes.first() {
+            let passing = if self.skip > 0 { &mut self.skip } else { &mut self.payload };
+            if *passing > 0 {
+                let n = (*passing).min(bytes.len() as u64);
+                *passing -= n;
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            self.header[self.have] = byte;
+            self.have += 1;
+            bytes = &bytes[1..];
+            let [first, second, ..] = self.header;
+            let lengths = match second & 0x7f {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let masks = if second & 0x80 != 0 { 4 } else { 0 };
+            if self.have < 2 || self.have < 2 + lengths + masks {
+                continue;
+            }
+            let length = match lengths {
+                0 => u64::from(second & 0x7f),
+                n => self.header[2..2 + n].iter().fold(0, |acc, &b| acc << 8 | u64::from(b)),
+            };
+            (self.have, self.payload) = (0, length);
+            let (ends_message, opcode) = (first & 0x80 != 0, first & 0x0f);
+            let control = opcode >= 8;
+            let small_fragment = !control && !ends_message && length < MIN_FREE_FRAGMENT_BYTES;
+            if control || small_fragment {
+                self.spend()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one small frame from the bucket, or fails when it is empty.
+    fn spend(&mut self) -> std::io::Result<()> {
+        let most = f64::from(MAX_CONTROL_FRAMES_PER_INTERVAL);
+        let now = std::time::Instant::now();
+        let refill = most * now.duration_since(self.as_of).as_secs_f64() / PING_INTERVAL.as_secs_f64();
+        (self.tokens, self.as_of) = ((self.tokens + refill).min(most), now);
+        if self.tokens < 1.0 {
+            tracing::debug!("closing a websocket that sent more than {most} pings, pongs or small fragments");
+            self.metrics.control_floods.fetch_add(1, Ordering::Relaxed);
+            return Err(std::io::Error::other("too many small websocket frames"));
+        }
+        self.tokens -= 1.0;
+        Ok(())
     }
 }
 

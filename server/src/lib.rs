@@ -482,7 +482,7 @@ impl Metrics {
             ),
             (
                 "pagesync_control_floods_total",
-                "Websockets closed for sending too many pings or pongs",
+                "Websockets closed for sending too many pings, pongs or small fragments",
                 g(&self.control_floods),
             ),
             ("pagesync_events_dropped_total", "Log events dropped at the session's bound", s.events_dropped),

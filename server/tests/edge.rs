@@ -639,23 +639,58 @@ async fn no_client_writes_to_another_clients_timeline() {
 /// grew the server by gigabytes of queued pongs and the connection stayed open. Other
 /// clients are served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_ping_flood_closes_its_connection() {
+async fn floods_of_pings_or_empty_fragments_close_their_connection() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
     let dir = tempfile::tempdir().expect("tempdir");
     let (server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    // A message in 1 KiB fragments passes, however many there are.
+    let doc = DocId::from_u128(0xf1);
+    write(port, "", doc, 1, "CREATE TABLE t(x)").await;
     let mut ws = connect(port, "").await;
-    let mut sent = 0;
-    for _ in 0..10_000 {
-        if ws.send(Ws::Ping(vec![7u8; 125].into())).await.is_err() {
-            break;
-        }
-        sent += 1;
+    let key = TimelineKey([2; 32]);
+    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+    let sql = format!("INSERT INTO t VALUES ('{}')", "x".repeat(200_000));
+    let entries = vec![mutation(&sql)];
+    let frame = Message::Mutations { doc, timeline: key.id(), first: Lsn::FIRST, entries }.encode();
+    let pieces: Vec<&[u8]> = frame.chunks(1024).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let opcode = OpCode::Data(if i == 0 { Data::Binary } else { Data::Continue });
+        let piece = Frame::message(piece.to_vec(), opcode, i + 1 == pieces.len());
+        ws.send(Ws::Frame(piece)).await.expect("fragment");
     }
-    let closed =
-        tokio::time::timeout(Duration::from_secs(10), async { while let Some(Ok(_)) = ws.next().await {} })
-            .await;
-    assert!(closed.is_ok(), "the connection is still open after {sent} pings");
-    assert_eq!(support::probe::metric(port, "pagesync_control_floods_total"), 1);
-    write(port, "", DocId::from_u128(0xf1), 1, "CREATE TABLE t(x)").await;
+    loop {
+        match next_reply(&mut ws).await.expect("open after the fragments") {
+            Message::MutationsAck { next_expected, .. } if next_expected > Lsn::FIRST => break,
+            Message::Error { code, message, .. } => panic!("{code}: {message}"),
+            _ => {}
+        }
+    }
+    // Pings, and empty fragments of a message that never ends (each costs the server a
+    // frame's parsing and never reaches the session), close their connection.
+    let mut pings = connect(port, "").await;
+    let mut fragments = connect(port, "").await;
+    let open = Frame::message(Vec::new(), OpCode::Data(Data::Binary), false);
+    fragments.send(Ws::Frame(open)).await.expect("first fragment");
+    for (flood, what) in [(&mut pings, "pings"), (&mut fragments, "empty fragments")] {
+        let mut sent = 0;
+        for _ in 0..10_000 {
+            let frame = match what {
+                "pings" => Ws::Ping(vec![7u8; 125].into()),
+                _ => Ws::Frame(Frame::message(Vec::new(), OpCode::Data(Data::Continue), false)),
+            };
+            if flood.send(frame).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(_)) = flood.next().await {}
+        });
+        assert!(closed.await.is_ok(), "the connection is still open after {sent} {what}");
+    }
+    assert_eq!(support::probe::metric(port, "pagesync_control_floods_total"), 2);
+    write(port, "", DocId::from_u128(0xf2), 1, "CREATE TABLE t(x)").await;
     drop(server);
 }
 
