@@ -80,8 +80,10 @@ pub fn read_part_reads_within_one_entry<B: Backend>(b: &mut B) {
     j.read_part(lsn(7), 50, &mut buf).expect("read_part");
     assert_eq!(buf, whole[50..150]);
     let mut past = vec![0u8; 10];
-    assert!(j.read_part(lsn(7), whole.len() - 5, &mut past).is_err(), "past the entry's end");
-    assert!(j.read_part(lsn(9), 0, &mut past).is_err(), "past the journal's end");
+    let err = j.read_part(lsn(7), whole.len() - 5, &mut past).expect_err("past the entry's end");
+    assert!(matches!(err, JournalError::PastEntryEnd { .. }), "{err}");
+    let err = j.read_part(lsn(9), 0, &mut past).expect_err("past the journal's end");
+    assert!(matches!(err, JournalError::OutOfRange { .. }), "{err}");
 }
 
 pub fn oversized_entry_is_refused_and_changes_nothing<B: Backend>(b: &mut B) {

@@ -26,6 +26,10 @@ pub enum JournalError {
     #[error("journal {journal}: LSN {lsn} is not in the journal's range {range}")]
     OutOfRange { journal: JournalId, lsn: Lsn, range: LsnRange },
 
+    /// A partial read (`Journal::read_part`) of bytes past the end of its entry.
+    #[error("journal {journal}: partial read past the end of entry {lsn} ({len_bytes} bytes)")]
+    PastEntryEnd { journal: JournalId, lsn: Lsn, len_bytes: usize },
+
     #[error("journal {journal}: entry of {len_bytes} bytes exceeds the limit of {max_bytes}")]
     EntryTooLarge { journal: JournalId, len_bytes: usize, max_bytes: usize },
 

@@ -128,10 +128,7 @@ pub trait Journal: MaybeSend {
 }
 
 pub(crate) fn part_out_of_bounds(journal: JournalId, lsn: Lsn, len: usize) -> JournalError {
-    JournalError::Backend {
-        journal,
-        message: format!("partial read past the end of entry {lsn} ({len} bytes)"),
-    }
+    JournalError::PastEntryEnd { journal, lsn, len_bytes: len }
 }
 
 /// Checks a payload against the entry size limit.

@@ -107,6 +107,20 @@ impl Error {
         format!("{kind} {}", crate::protocol::SEE_THE_LOG)
     }
 
+    /// What a read of storage the journal does not hold asked for (an LSN outside its range,
+    /// bytes past an entry's end), in words a client may be told; `None` for other errors.
+    pub fn absent_read(&self) -> Option<String> {
+        match self.journal_error()? {
+            JournalError::OutOfRange { lsn, range, .. } => {
+                Some(format!("storage entry {lsn} is not held (the entries held are {range})"))
+            }
+            JournalError::PastEntryEnd { lsn, len_bytes, .. } => {
+                Some(format!("the read runs past the end of storage entry {lsn} ({len_bytes} bytes)"))
+            }
+            _ => None,
+        }
+    }
+
     /// The journal's error, directly or through the page store.
     fn journal_error(&self) -> Option<&JournalError> {
         match self {

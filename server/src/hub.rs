@@ -233,22 +233,71 @@ fn job_worker(jobs: &std::sync::Mutex<std_mpsc::Receiver<DocJob>>, done: &std_mp
     }
 }
 
-fn log(event: Event) {
-    match event {
-        Event::StepFailed { doc, error, retry_in_ms } => {
-            tracing::warn!(%doc, retry_in_ms, "a step failed; its mutations stay queued: {error}");
+/// The session's events, written to the log. Failures that repeat (a step retried on storage
+/// that does not answer, a client asking again and again of a document whose storage failed)
+/// are written at most once per `REPEAT_EVERY` for each document and kind, with how many like
+/// them were not, so no client can flood the log.
+#[derive(Default)]
+struct EventLog {
+    /// For each document and kind of failure: when it was last written, and how many since.
+    written: HashMap<(pagesync::DocId, &'static str), (std::time::Instant, u64)>,
+}
+
+const REPEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Kinds of failure remembered at once; past it the memory is forgotten (a few more lines).
+const MAX_REMEMBERED: usize = 4_096;
+
+impl EventLog {
+    /// Whether a failure of `doc` of this `kind` is written now, and how many like it were
+    /// not since the last that was.
+    fn admit(&mut self, doc: pagesync::DocId, kind: &'static str, now: std::time::Instant) -> Option<u64> {
+        if self.written.len() >= MAX_REMEMBERED {
+            self.written.retain(|_, (at, _)| now.duration_since(*at) < REPEAT_EVERY);
+            if self.written.len() >= MAX_REMEMBERED {
+                self.written.clear();
+            }
         }
-        Event::MutationIsolated { doc, step_lsn, timeline, lsn, rejection } => {
-            tracing::warn!(%doc, %step_lsn, %timeline, %lsn, code = rejection.code.as_str(), "mutation rejected because its step could not hold it: {}", rejection.message);
+        match self.written.get_mut(&(doc, kind)) {
+            Some((at, quiet)) if now.duration_since(*at) < REPEAT_EVERY => {
+                *quiet += 1;
+                None
+            }
+            Some((at, quiet)) => {
+                *at = now;
+                Some(std::mem::take(quiet))
+            }
+            None => {
+                self.written.insert((doc, kind), (now, 0));
+                Some(0)
+            }
         }
-        Event::DocumentFailed { doc, error } => {
-            tracing::error!(%doc, "a step panicked; the document was closed and reopens on next use: {error}");
+    }
+
+    fn write(&mut self, event: Event) {
+        let also =
+            |n: u64| if n == 0 { String::new() } else { format!(" (and {n} more like it not logged)") };
+        match event {
+            Event::StepFailed { doc, error, retry_in_ms } => {
+                let Some(quiet) = self.admit(doc, "step", std::time::Instant::now()) else { return };
+                let also = also(quiet);
+                tracing::warn!(%doc, retry_in_ms, "a step failed; its mutations stay queued: {error}{also}");
+            }
+            Event::Failed { doc, doing, error } => {
+                let Some(quiet) = self.admit(doc, doing, std::time::Instant::now()) else { return };
+                tracing::warn!(%doc, "{doing} {doc} failed: {error}{}", also(quiet));
+            }
+            Event::MutationIsolated { doc, step_lsn, timeline, lsn, rejection } => {
+                tracing::warn!(%doc, %step_lsn, %timeline, %lsn, code = rejection.code.as_str(), "mutation rejected because its step could not hold it: {}", rejection.message);
+            }
+            Event::DocumentFailed { doc, error } => {
+                tracing::error!(%doc, "a step panicked; the document was closed and reopens on next use: {error}");
+            }
+            Event::DocumentMoved { doc, owner } => {
+                tracing::info!(%doc, %owner, "another server holds the document's lease now; closed here, its clients sent there");
+            }
+            other => tracing::warn!("{other:?}"),
         }
-        Event::DocumentMoved { doc, owner } => {
-            tracing::info!(%doc, %owner, "another server holds the document's lease now; closed here, its clients sent there");
-        }
-        Event::Failed { doc, doing, error } => tracing::warn!(%doc, "{doing} {doc} failed: {error}"),
-        other => tracing::warn!("{other:?}"),
     }
 }
 
@@ -266,6 +315,7 @@ fn run(
     let mut conns: HashMap<ConnId, ConnSender> = HashMap::new();
     let mut exports: HashMap<pagesync::DocId, Vec<ExportReply>> = HashMap::new();
     let mut stopping = None;
+    let mut events = EventLog::default();
     while stopping.is_none() {
         let wait = session
             .poll_timeout()
@@ -331,7 +381,7 @@ fn run(
                 session.job_done(job.run(), now_ms());
             }
         }
-        flush_outgoing(&mut session, &mut conns, &metrics);
+        flush_outgoing(&mut session, &mut conns, &metrics, &mut events);
     }
     // Shutdown: every step out on a worker comes back, then whatever is queued is applied.
     while session.jobs_out() > 0 {
@@ -342,7 +392,7 @@ fn run(
         }
     }
     session.flush(now_ms());
-    flush_outgoing(&mut session, &mut conns, &metrics);
+    flush_outgoing(&mut session, &mut conns, &metrics, &mut events);
     if let Some(done) = stopping {
         let _ = done.send(());
     }
@@ -367,9 +417,14 @@ fn answer_exports(session: &mut ServerSession, exports: &mut HashMap<pagesync::D
 
 /// Logs the session's events, hands its frames to the connections (reporting each one's
 /// backlog), closes the connections it is done with, and updates the metrics.
-fn flush_outgoing(session: &mut ServerSession, conns: &mut HashMap<ConnId, ConnSender>, metrics: &Metrics) {
+fn flush_outgoing(
+    session: &mut ServerSession,
+    conns: &mut HashMap<ConnId, ConnSender>,
+    metrics: &Metrics,
+    events: &mut EventLog,
+) {
     while let Some(event) = session.poll_event() {
-        log(event);
+        events.write(event);
     }
     while let Some((conn, msg)) = session.poll_transmit() {
         if let Some(c) = conns.get(&conn) {
@@ -391,4 +446,28 @@ fn flush_outgoing(session: &mut ServerSession, conns: &mut HashMap<ConnId, ConnS
     let open = session.document_count();
     metrics.open_documents.store(open as u64, Ordering::Relaxed);
     metrics.session.lock().expect("BUG: metrics lock poisoned").clone_from(session.stats());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_that_repeats_is_logged_once_a_second_with_its_count() {
+        let mut log = EventLog::default();
+        let (a, b) = (pagesync::DocId::from_u128(1), pagesync::DocId::from_u128(2));
+        let start = std::time::Instant::now();
+        assert_eq!(log.admit(a, "reading", start), Some(0));
+        for _ in 0..1_000 {
+            assert_eq!(log.admit(a, "reading", start), None);
+        }
+        assert_eq!(log.admit(a, "mapping", start), Some(0), "another kind");
+        assert_eq!(log.admit(b, "reading", start), Some(0), "another document");
+        assert_eq!(log.admit(a, "reading", start + REPEAT_EVERY), Some(1_000));
+        assert_eq!(log.admit(a, "reading", start + REPEAT_EVERY), None);
+        for doc in 0..10 * MAX_REMEMBERED as u128 {
+            log.admit(pagesync::DocId::from_u128(doc + 100), "reading", start);
+        }
+        assert!(log.written.len() <= MAX_REMEMBERED, "{} remembered", log.written.len());
+    }
 }

@@ -581,8 +581,7 @@ impl Journal for FileModel {
         let (at, end) = self.frame_at(lsn)?;
         let payload_len = (end - at) as usize - FRAME_HEADER_BYTES;
         if offset.checked_add(buf.len()).is_none_or(|e| e > payload_len) {
-            let message = format!("partial read past the end of entry {lsn} ({payload_len} bytes)");
-            return Err(JournalError::Backend { journal: self.id, message });
+            return Err(JournalError::PastEntryEnd { journal: self.id, lsn, len_bytes: payload_len });
         }
         let from = at + (FRAME_HEADER_BYTES + offset) as u64;
         self.segment.read_exact_at(buf, from).map_err(|e| self.io("read", e))

@@ -348,6 +348,7 @@ fn answer(d: &mut ServerDocument, ask: Message, failed: &mut Vec<(&'static str, 
         let message = format!("{doing} {doc} failed: {}", told.public);
         Message::Error { doc: Some(doc), code: codes::STORAGE.into(), message }
     };
+
     match ask {
         Message::MapPages { doc, id } => match catch(|| d.page_map(MAX_MAP_RUNS)) {
             Ok(Some(map)) => Message::PageMap { doc, id, map },
@@ -361,7 +362,16 @@ fn answer(d: &mut ServerDocument, ask: Message, failed: &mut Vec<(&'static str, 
             let mut data = vec![0u8; pages as usize * crate::page::PAGE_SIZE];
             match catch(|| d.read_part(lsn, offset as usize, &mut data)) {
                 Ok(Ok(())) => Message::Pages { doc, id, lsn, offset, data },
-                Ok(Err(e)) => fail(doc, "reading pages of", Told::of(&e)),
+                // A read of what the document does not hold is the asker's mistake (or a map
+                // older than a checkpoint): told, not logged, so asking for nothing cannot
+                // flood the log.
+                Ok(Err(e)) => match e.absent_read() {
+                    Some(what) => {
+                        let message = format!("document {doc} holds no such pages: {what}");
+                        Message::Error { doc: Some(doc), code: codes::OUT_OF_RANGE.into(), message }
+                    }
+                    None => fail(doc, "reading pages of", Told::of(&e)),
+                },
                 Err(panic) => fail(doc, "reading pages of", Told::panic(panic)),
             }
         }

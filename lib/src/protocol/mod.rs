@@ -85,6 +85,10 @@ pub mod codes {
     pub const FORBIDDEN: &str = "forbidden";
     /// The document does not exist and the grant may not create it.
     pub const NOT_FOUND: &str = "not_found";
+    /// A page request (`ReadPages`) for bytes the document's storage does not hold: an LSN
+    /// before its oldest kept entry (trimmed at a newer checkpoint) or after its newest, or
+    /// bytes past the end of the entry. Nothing is read; the client maps the pages again.
+    pub const OUT_OF_RANGE: &str = "out_of_range";
     /// The peer stopped reading; the connection is closed.
     pub const SLOW_READER: &str = "slow_reader";
     /// The server could not keep serving the document after an internal error.
