@@ -627,9 +627,13 @@ impl Document {
     /// is under way) and the client is connected, the query reads the server's committed
     /// state instead, fetching the pages it needs (see `pagesync::remote`): a large document
     /// can be queried at once. Once the replica holds as much as was shown, queries go back to
-    /// it. When the server cannot be asked, the query runs on the replica as it is.
+    /// it. When the server cannot be asked, the query runs on the replica as it is, except on
+    /// a replica that holds nothing of a document the server refuses this client (a token it
+    /// does not take, a document it may not read or that does not exist, or one it cannot
+    /// serve now): that is `ClientError::Server` with the server's code.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         let mut remote = self.remote.lock().expect("BUG: lock poisoned");
+        let empty;
         {
             let s = self.shared.session();
             let replica = s.document(self.id).expect("BUG: open documents stay open");
@@ -644,9 +648,18 @@ impl Document {
                 remote.snapshot = None;
                 return Ok(replica.query(sql, params)?);
             }
+            empty = replica.storage_range().next() == pagesync::journal::Lsn::FIRST;
         }
         if let Some(rows) = self.query_remote(&mut remote, sql, params)? {
             return Ok(rows);
+        }
+        // A replica that holds nothing, of a document the server refuses this client (a
+        // token it does not take, a document it may not open or that is not there, or one it
+        // cannot serve now): what SQLite makes of an empty database ("no such table") would
+        // hide why.
+        let refused = self.shared.fetcher.lock().expect("BUG: lock poisoned").refusal().cloned();
+        if let Some((code, message)) = refused.filter(|_| empty) {
+            return Err(ClientError::Server { code, message });
         }
         // The server could not be asked: the replica as it is.
         remote.snapshot = None;

@@ -77,11 +77,21 @@ pub(crate) struct Fetcher {
     token: String,
     ws: Option<WebSocket<MaybeTlsStream<Bounded>>>,
     next_id: u64,
+    /// The error the server answered the last request with, as `(code, message)`, unless it
+    /// was about the request's size or range (`limit`, `out_of_range`): see `Fetcher::refusal`.
+    refused: Option<(String, String)>,
 }
 
 impl Fetcher {
     pub(crate) fn new(url: &str, token: &str) -> Fetcher {
-        Fetcher { url: url.to_owned(), token: token.to_owned(), ws: None, next_id: 0 }
+        Fetcher { url: url.to_owned(), token: token.to_owned(), ws: None, next_id: 0, refused: None }
+    }
+
+    /// Why the server refused the document to the last request, if it did: `(code, message)`
+    /// (`unauthorized`, `forbidden`, `not_found`, `deleted`, or one that may pass, such as
+    /// `unavailable` or `storage`).
+    pub(crate) fn refusal(&self) -> Option<&(String, String)> {
+        self.refused.as_ref()
     }
 
     /// Asks the server at `url` from now on (a document's route): a new connection if it is
@@ -141,6 +151,7 @@ impl Fetcher {
         // closed after 45 s): a failure on one that was already open is tried once more on a
         // new one.
         let mut retry = self.ws.is_some();
+        self.refused = None;
         loop {
             self.next_id += 1;
             let id = self.next_id;
@@ -181,9 +192,15 @@ impl Fetcher {
                 m @ (Message::PageMap { .. } | Message::Pages { .. } | Message::History { .. }) => {
                     return Ok(Ok(m));
                 }
-                Message::Error { doc: None, code, message } => return Err(format!("{code}: {message}")),
+                Message::Error { doc: None, code, message } => {
+                    let why = format!("{code}: {message}");
+                    self.note_refusal(code, message);
+                    return Err(why);
+                }
                 Message::Error { doc: Some(d), code, message } if d == doc => {
-                    return Ok(Err(format!("{code}: {message}")));
+                    let why = format!("{code}: {message}");
+                    self.note_refusal(code, message);
+                    return Ok(Err(why));
                 }
                 // Its server is another: the driver's connection learns it too, and the next
                 // query asks there.
@@ -194,6 +211,13 @@ impl Fetcher {
             }
         }
         Err(format!("no answer from the server within {FETCH_TIMEOUT:?}"))
+    }
+
+    fn note_refusal(&mut self, code: String, message: String) {
+        use pagesync::protocol::codes;
+        if code != codes::LIMIT && code != codes::OUT_OF_RANGE {
+            self.refused = Some((code, message));
+        }
     }
 
     /// A page of `doc`'s history, as the server lists it.

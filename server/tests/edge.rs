@@ -384,6 +384,46 @@ async fn a_50_mb_step_reaches_a_new_client_and_wrong_paths_are_explained() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A query on a replica that holds nothing, of a document the server refuses (a token it does
+/// not take, another document's, a document a read token may not create), says the server's
+/// refusal, not what SQLite makes of an empty database. A granted one reads the server's rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_on_an_empty_replica_says_why_the_server_refused_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = format!("file://{}", dir.path().join("store").display());
+    let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret_file(dir.path())]);
+    let doc = DocId::from_u128(0xe6);
+    write(port, &named("w"), doc, 1, "CREATE TABLE t(x)").await;
+    let query = |token: &str, doc: &str, data: &str| {
+        Command::new(Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync"))
+            .args(["--server", &format!("ws://127.0.0.1:{port}/v1/sync"), "--doc", doc, "--token", token])
+            .args(["--timeout-ms", "10000", "--data"])
+            .arg(dir.path().join(data))
+            .args(["query", "SELECT count(*) FROM t"])
+            .output()
+            .expect("pagesync")
+    };
+    let here = doc.to_string();
+    let out = query(&token(&here, false, false), &here, "granted");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "count(*)\n0\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nowhere = DocId::from_u128(0xe7).to_string();
+    for (token, doc, says) in [
+        ("not-a-token".to_owned(), &here, "unauthorized"),
+        (token(&nowhere, true, false), &here, "forbidden"),
+        (token(&nowhere, false, false), &nowhere, "not_found"),
+    ] {
+        let out = query(&token, doc, says);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{says}: {err}");
+        assert!(!err.contains("no such table"), "{says}: {err}");
+    }
+}
+
 /// Page requests (for queries before a download ends) from a hostile client: for documents its
 /// token does not name, out of bounds, and a flood it never reads. Each gets a typed answer,
 /// the flood is refused past its bound, and another client's write is confirmed meanwhile.
