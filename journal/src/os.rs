@@ -1,4 +1,5 @@
-//! The crate's one unsafe module: the system calls std does not wrap.
+//! The crate's one unsafe module: the system calls std does not wrap (`mmap`,
+//! `sync_file_range`, `mallopt`).
 //!
 //! `Mapped`, a read-only memory map of a segment file: a page read from a replica's storage
 //! journal (`FileJournalOptions::map_reads`) becomes one copy out of the page cache instead of
@@ -122,4 +123,23 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (file, offset, len);
+}
+
+/// Makes the C allocator serve every allocation of `threshold` bytes or more from a mapping of
+/// its own, given back to the system when it is freed. glibc otherwise raises that threshold
+/// each time such a buffer is freed (up to 32 MiB), after which large buffers (a server's
+/// frames of storage) come from its heap, and freed ones stay in the process: 150 subscribers
+/// that never read a document of 10 MB entries kept a server at 630 MB where 330 MB were in
+/// use. Does nothing where the allocator is not glibc's.
+pub fn map_large_allocations(threshold: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let threshold = libc::c_int::try_from(threshold).unwrap_or(libc::c_int::MAX);
+        // SAFETY: mallopt only sets a parameter of the allocator; it takes no pointers.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, threshold);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = threshold;
 }

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use pagesync::protocol::{ExportError, Message, codes};
+use pagesync::protocol::{ExportError, Message, PRESSURE_IDLE_MS, codes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -50,6 +50,18 @@ pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// How long a write in progress when the hub closes its connection may still take.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How often a closed connection's writer looks whether its socket still takes bytes.
+const CLOSE_POLL: Duration = Duration::from_millis(100);
+
+/// What the reader and the writer of a websocket see of its peer: when it last sent a frame
+/// or pong (milliseconds since `started`), and when its socket last took bytes
+/// (`crate::wall_ms`).
+struct Seen {
+    last_seen: Arc<AtomicI64>,
+    took_bytes_at: Arc<AtomicI64>,
+    started: tokio::time::Instant,
+}
 
 /// Small frames that carry no message of their own (pings, pongs, and fragments of a message
 /// under `MIN_FREE_FRAGMENT_BYTES` that do not end it) a peer may send per `PING_INTERVAL`, as
@@ -237,7 +249,8 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         }
         "/v1/sync" if req.websocket => {
             let guard = FrameGuard::after(head_end(&head).unwrap_or(head.len()), routes.metrics.clone());
-            return handshake(Prefixed { head, at: 0, inner: stream, guard }, routes).await;
+            let took_bytes_at = Arc::new(AtomicI64::new(0));
+            return handshake(Prefixed { head, at: 0, inner: stream, guard, took_bytes_at }, routes).await;
         }
         // A browser or `curl` that found the endpoint: say what it is rather than hang up.
         "/v1/sync" => {
@@ -495,7 +508,7 @@ async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
         Err(why) => return respond(stream, "400 Bad Request", "text/plain", format!("{why}\n")).await,
     };
     let hub = &routes.hub;
-    let (conn, mut out) = hub.connect();
+    let (conn, mut out) = hub.connect(None);
     // Disconnected however this ends, also when the request is dropped (its pending slot
     // given to a newer connection).
     let _conn = Disconnect(hub.clone(), conn);
@@ -764,11 +777,13 @@ async fn serve_websocket(ws: Socket, hello: Vec<u8>, routes: Routes) {
     };
     metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let (conn, outgoing) = hub.connect();
+    let took_bytes_at = ws.get_ref().took_bytes_at.clone();
+    let (conn, outgoing) = hub.connect(Some(took_bytes_at.clone()));
     let (sink, mut incoming) = ws.split();
     let started = tokio::time::Instant::now();
     let last_seen = Arc::new(AtomicI64::new(0));
-    let mut writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), last_seen.clone(), started));
+    let seen = Seen { last_seen: last_seen.clone(), took_bytes_at, started };
+    let mut writer = tokio::spawn(write_loop(sink, outgoing, metrics.clone(), seen));
     let per_conn = Arc::new(Semaphore::new(inbound_bytes_per_connection(max_frame_bytes)));
     let mut frame = Some(hello);
     loop {
@@ -827,9 +842,9 @@ async fn write_loop(
     mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
     mut outgoing: crate::hub::ConnReceiver,
     metrics: Arc<Metrics>,
-    last_seen: Arc<AtomicI64>,
-    started: tokio::time::Instant,
+    seen: Seen,
 ) {
+    let Seen { last_seen, took_bytes_at, started } = seen;
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let dead_at = |seen_ms: i64| started + Duration::from_millis(seen_ms.max(0) as u64) + DEAD_PEER_TIMEOUT;
@@ -858,11 +873,20 @@ async fn write_loop(
         // A peer that does not take one message within the deadline is not reading. Once the
         // hub is done with the connection, what it still has to say (a last error) gets
         // `CLOSE_GRACE`, not the whole deadline: a closed peer's message is not kept.
+        // A peer whose socket has taken nothing for `PRESSURE_IDLE_MS` takes no last words
+        // either: what is held for it is let go within `CLOSE_POLL`.
         let abandoned = async {
             outgoing.closed().await;
-            tokio::time::sleep(CLOSE_GRACE).await;
+            let until = tokio::time::Instant::now() + CLOSE_GRACE;
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep(CLOSE_POLL).await;
+                if crate::wall_ms() - took_bytes_at.load(Ordering::Relaxed) >= PRESSURE_IDLE_MS {
+                    break;
+                }
+            }
         };
         let sent = tokio::select! {
+            biased;
             sent = tokio::time::timeout(SEND_TIMEOUT, sink.send(message)) => matches!(sent, Ok(Ok(()))),
             _ = abandoned => false,
         };
@@ -878,12 +902,14 @@ async fn write_loop(
 
 /// A TCP stream whose first bytes (the request head, already read) are served again: the
 /// websocket handshake reads the head it needs from here. Every byte read passes its
-/// `FrameGuard`.
+/// `FrameGuard`; when the socket last took bytes to send is noted (`crate::wall_ms`) for the
+/// session (`ServerSession::set_send_progress`).
 pub(crate) struct Prefixed {
     head: Vec<u8>,
     at: usize,
     inner: TcpStream,
     guard: FrameGuard,
+    took_bytes_at: Arc<AtomicI64>,
 }
 
 impl AsyncRead for Prefixed {
@@ -991,7 +1017,11 @@ impl AsyncWrite for Prefixed {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let wrote = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        if matches!(wrote, Ok(n) if n > 0) {
+            self.took_bytes_at.store(crate::wall_ms(), Ordering::Relaxed);
+        }
+        Poll::Ready(wrote)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
@@ -41,6 +41,9 @@ pub struct ConnSender {
     watched: Arc<AtomicBool>,
     /// Dropped with this sender: tells the writer at once, even in the middle of a write.
     _closed: tokio::sync::oneshot::Sender<()>,
+    /// When its socket last took bytes to send (`crate::wall_ms`; 0 before it ever did), for
+    /// a connection that has a socket.
+    took_bytes_at: Option<Arc<AtomicI64>>,
 }
 
 /// The writer's end: frames to write, and `written` after each.
@@ -160,13 +163,14 @@ impl Hub {
 
     /// Registers a connection; its outgoing frames arrive on the returned receiver, which
     /// closes when the server wants the connection closed.
-    pub fn connect(&self) -> (ConnId, ConnReceiver) {
+    pub fn connect(&self, took_bytes_at: Option<Arc<AtomicI64>>) -> (ConnId, ConnReceiver) {
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::unbounded_channel();
         let (backlog, watched) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
         let (closed_tx, closed) = tokio::sync::oneshot::channel();
+        let (backlog_, watched_) = (backlog.clone(), watched.clone());
         let sender =
-            ConnSender { tx, backlog: backlog.clone(), watched: watched.clone(), _closed: closed_tx };
+            ConnSender { tx, backlog: backlog_, watched: watched_, _closed: closed_tx, took_bytes_at };
         let _ = self.tx.send(HubMsg::Connect { conn, tx: sender });
         (conn, ConnReceiver { rx, backlog, watched, conn, hub: self.tx.clone(), closed: Some(closed) })
     }
@@ -374,6 +378,9 @@ fn run(
             );
         }
         answer_exports(&mut session, &mut exports);
+        if session.send_pressed() {
+            report_send_progress(&mut session, &conns);
+        }
         session.handle_timeout(now_ms());
         while let Some(job) = session.poll_job(now_ms()) {
             if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
@@ -411,6 +418,17 @@ fn answer_exports(session: &mut ServerSession, exports: &mut HashMap<pagesync::D
         }
         if let Some(reply) = last {
             let _ = reply.send(exported);
+        }
+    }
+}
+
+/// Tells the session when the socket of each connection that holds unwritten bytes last took
+/// some (see `pagesync::protocol::PRESSURE_IDLE_MS`).
+fn report_send_progress(session: &mut ServerSession, conns: &HashMap<ConnId, ConnSender>) {
+    for (conn, c) in conns {
+        let at = c.took_bytes_at.as_ref().map_or(0, |at| at.load(Ordering::Relaxed));
+        if at > 0 && c.backlog.load(Ordering::Acquire) > 0 {
+            session.set_send_progress(*conn, at);
         }
     }
 }

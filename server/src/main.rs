@@ -389,6 +389,9 @@ fn check_settings(args: &Args) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // Frames of storage are the server's large buffers: each is given back when freed.
+    #[cfg(unix)]
+    pagesync::journal::map_large_allocations(4 << 20);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

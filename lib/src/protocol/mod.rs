@@ -18,8 +18,8 @@ pub use job::{DocJob, Exists, FETCH_BYTES, JobDone, MAX_FETCHED_BYTES, Opener};
 pub use server::{
     Authenticator, Clock, ConnId, Event, ExportError, Grant, MAX_ASKS_PER_CONNECTION, MAX_ASKS_PER_DOC,
     MAX_DEFERRED_BYTES, MAX_DEFERRED_TOTAL_BYTES, MAX_EVENTS, MAX_OUTBOX_MESSAGES, MAX_SEND_BACKLOG_BYTES,
-    MAX_SEND_BACKLOG_TOTAL_BYTES, MutatorsFor, PRESSURE_CLOSE_MS, SLOW_READER_CLOSE_MS, STEP_MICROS_BUCKETS,
-    STEP_RETRY_MS, ServerSession, SessionOptions, SessionStats,
+    MAX_SEND_BACKLOG_TOTAL_BYTES, MutatorsFor, PRESSURE_CLOSE_MS, PRESSURE_IDLE_MS, SLOW_READER_CLOSE_MS,
+    STEP_MICROS_BUCKETS, STEP_RETRY_MS, ServerSession, SessionOptions, SessionStats,
 };
 
 use pagesync_journal::Lsn;

@@ -418,6 +418,8 @@ struct Conn {
     /// Since when it has had unwritten bytes without draining to none: under send pressure
     /// (`SessionOptions::max_send_backlog_bytes`), `PRESSURE_CLOSE_MS` of that closes it.
     unwritten_since_ms: Option<i64>,
+    /// When its socket last took bytes, as the driver reports (`set_send_progress`).
+    took_bytes_at_ms: Option<i64>,
 }
 
 /// A connection whose driver still holds this many unwritten bytes (past what the kernel's
@@ -436,6 +438,15 @@ pub const SLOW_READER_CLOSE_MS: i64 = 30_000;
 /// cannot hold the server's send memory, and with it every other client's downloads, for
 /// `SLOW_READER_CLOSE_MS`, while a reader on a slow link still gets a 64 MiB entry through.
 pub const PRESSURE_CLOSE_MS: i64 = 5_000;
+
+/// While the server is short of send memory, a connection holding unwritten bytes whose socket
+/// took none of them for this long is closed as a slow reader, if its driver reports when its
+/// socket takes bytes (`ServerSession::set_send_progress`). A peer that reads, however slowly,
+/// lets its socket take bytes every round trip; one that stopped reading fills the kernel's
+/// buffer at once and then takes nothing. So peers that do not read make way within a second,
+/// not one at a time at `PRESSURE_CLOSE_MS` (150 of them held up a new client's download for
+/// 48 s before).
+pub const PRESSURE_IDLE_MS: i64 = 1_000;
 
 /// The slowest a connection must drain what it holds while the server is short of send
 /// memory: about 1 MiB/s (see `PRESSURE_CLOSE_MS`).
@@ -875,8 +886,10 @@ impl ServerSession {
         self.send_pressure_changed();
     }
 
-    /// Whether the bytes unwritten over every connection are at their bound.
-    fn send_pressed(&self) -> bool {
+    /// Whether the bytes unwritten over every connection are at their bound: then a driver
+    /// that can reports the progress of each connection holding unwritten bytes
+    /// (`set_send_progress`) before `handle_timeout`.
+    pub fn send_pressed(&self) -> bool {
         self.send_backlog_total >= self.options.max_send_backlog_bytes
     }
 
@@ -897,7 +910,17 @@ impl ServerSession {
     /// server is short of send memory since `pressed_since` (see `PRESSURE_CLOSE_MS`).
     fn stall_deadline(c: &Conn, pressed_since: i64) -> Option<i64> {
         let allowed = PRESSURE_CLOSE_MS.max(c.backlog_bytes as i64 / PRESSURE_MIN_DRAIN_BYTES_PER_MS);
-        c.unwritten_since_ms.map(|t| t.max(pressed_since) + allowed)
+        let since = c.unwritten_since_ms?.max(pressed_since);
+        let idle = c.took_bytes_at_ms.map(|t| t.max(since) + PRESSURE_IDLE_MS);
+        Some(idle.map_or(since + allowed, |idle| idle.min(since + allowed)))
+    }
+
+    /// When `conn`'s socket last took bytes of what it holds unwritten (in the session's
+    /// milliseconds): see `PRESSURE_IDLE_MS`.
+    pub fn set_send_progress(&mut self, conn: ConnId, at_ms: i64) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.took_bytes_at_ms = Some(at_ms);
+        }
     }
 
     /// True once the connection had a fatal error and its outbox is empty: close it.
