@@ -161,7 +161,18 @@ pub struct ObjectBackend {
 }
 
 fn backend_err(journal: JournalId, what: String) -> JournalError {
-    JournalError::Backend { journal, message: what }
+    JournalError::Backend { journal, message: one_line(&what) }
+}
+
+/// The store's answer on one line (S3's carries an XML body whose declaration ends a line).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Whether `e` is "not found" because the bucket is not there (S3 answers 404 for both), not
+/// the object: the store is gone, which is no answer about the object.
+fn no_bucket(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. }) && e.to_string().contains("NoSuchBucket")
 }
 
 impl ObjectBackend {
@@ -235,7 +246,7 @@ impl ObjectBackend {
             }
         };
         self.stats.errors.fetch_add(1, Ordering::Relaxed);
-        let mut text = failed.to_string();
+        let mut text = one_line(&failed.to_string());
         // Without credentials in the environment the store asks the instance metadata service;
         // off a cloud instance that fails in ways that name only its address.
         let no_credentials = text.contains("169.254.169.254");
@@ -397,7 +408,7 @@ impl ObjectBackend {
                 self.stats.bytes_got.fetch_add(b.len() as u64, Ordering::Relaxed);
                 Ok(Some(b.to_vec()))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e @ object_store::Error::NotFound { .. }) if !no_bucket(&e) => Ok(None),
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 Err(backend_err(journal, format!("GET {key} failed: {e}")))

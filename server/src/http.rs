@@ -228,6 +228,7 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         "/v1/sync" | "/metrics" => &["GET"],
         "/healthz" => &["GET", "HEAD"],
         p if p.starts_with("/v1/docs/") && p.ends_with("/history") => &["GET", "OPTIONS"],
+        p if p.starts_with("/v1/docs/") && p.ends_with("/export") => &["GET"],
         p if p.starts_with("/v1/docs/") => &["GET", "DELETE"],
         _ => &["GET"],
     };

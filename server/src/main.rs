@@ -250,6 +250,18 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
         }
         Cmd::Delete { doc, yes } => {
             let doc = parse_doc(doc)?;
+            // What is not there is named before anything is asked or written (a mistyped
+            // store is not created, with a lock in it), and a store that fails says so.
+            if let Store::Files(root) = &store
+                && !root.is_dir()
+            {
+                anyhow::bail!("no store at {}: nothing to delete", store.describe());
+            }
+            match store.exists(doc) {
+                Ok(true) | Err(pagesync::Error::Deleted) => {}
+                Ok(false) => anyhow::bail!("no document {doc} in {}", store.describe()),
+                Err(e) => return Err(e.into()),
+            }
             let _lock = match &store {
                 Store::Files(root) => Some(pagesync_server::lock_store(root)?),
                 Store::Objects(_) => None,

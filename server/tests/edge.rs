@@ -809,7 +809,9 @@ async fn http_methods_heads_and_handshakes_get_answers() {
     for (method, path, allow) in [
         ("POST", "/healthz".to_owned(), "GET, HEAD"),
         ("DELETE", "/metrics".to_owned(), "GET"),
-        ("PUT", format!("/v1/docs/{doc}/export"), "GET, DELETE"),
+        ("PUT", format!("/v1/docs/{doc}/export"), "GET"),
+        ("DELETE", format!("/v1/docs/{doc}/export"), "GET"),
+        ("PUT", format!("/v1/docs/{doc}"), "GET, DELETE"),
         ("POST", format!("/v1/docs/{doc}/history"), "GET, OPTIONS"),
         ("POST", "/v1/sync".to_owned(), "GET"),
     ] {

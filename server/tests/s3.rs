@@ -258,3 +258,45 @@ fn a_missing_bucket_stops_the_server_and_a_silent_endpoint_does_not() {
     }
     assert!(warned && listening, "warned: {warned}, listening: {listening}");
 }
+
+/// A bucket removed under a running server is an outage, not a missing document: the HTTP
+/// routes answer 503 (not 404), and the offline tools say the store failed, on one line.
+#[test]
+fn a_bucket_removed_under_the_server_is_an_outage_not_a_missing_document() {
+    use std::io::{Read, Write};
+    use std::process::Command;
+    let Some(journal) = support::s3::s3_url("gone") else { return };
+    let (_server, port) = support::start_on_any_port(&journal, &[]);
+    let bucket = journal.trim_start_matches("s3://").split('/').next().expect("a bucket").to_owned();
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").expect("an endpoint");
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(host).expect("reach S3");
+    write!(s, "DELETE /{bucket} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+        .expect("DeleteBucket");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("DeleteBucket's reply");
+    assert!(reply.starts_with("HTTP/1.1 204"), "DeleteBucket {bucket}: {reply}");
+
+    let doc = DocId::from_u128(0x90e);
+    for (method, path) in [
+        ("GET", format!("/v1/docs/{doc}/export")),
+        ("GET", format!("/v1/docs/{doc}/history")),
+        ("DELETE", format!("/v1/docs/{doc}")),
+    ] {
+        let (status, body) = support::http_request(port, method, &path, None);
+        assert_eq!(status, 503, "{method} {path}: {body}");
+        assert!(!body.contains(&bucket), "{method} {path} names the bucket: {body}");
+    }
+    // `verify` reports a fault per document on stdout; the others fail with one line.
+    for tool in ["history", "verify", "delete"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+            .args([tool, "--journal", &journal, "--doc", &doc.to_string()])
+            .output()
+            .expect("run");
+        let (said, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{tool}: {said}{err}");
+        let told = if tool == "verify" { said.lines().next().unwrap_or("") } else { err.trim_end() };
+        assert!(told.contains("NoSuchBucket") && !told.contains("no document"), "{tool}: {said}{err}");
+        assert_eq!(told.lines().count(), 1, "{tool}: {said}{err}");
+    }
+}

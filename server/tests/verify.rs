@@ -180,9 +180,18 @@ fn a_store_or_document_that_is_not_there_is_named() {
         .expect("verify");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("cannot read the store"), "{err}");
-    let store = format!("file://{}", dir.path().display());
     let doc = "00000000000000000000000000000abc";
-    for args in [vec!["verify", "--doc", doc], vec!["history", "--doc", doc]] {
+    let out = Command::new(bin)
+        .args(["delete", "--yes", "--doc", doc, "--journal", &format!("file://{}", missing.display())])
+        .output()
+        .expect("delete");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no store at"), "{err}");
+    assert!(!missing.exists(), "a mistyped store was created by delete");
+    let store = format!("file://{}", dir.path().display());
+    for args in
+        [vec!["verify", "--doc", doc], vec!["history", "--doc", doc], vec!["delete", "--yes", "--doc", doc]]
+    {
         let out = Command::new(bin).args(&args).args(["--journal", &store]).output().expect("run");
         let text =
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
