@@ -477,6 +477,8 @@ struct Remote {
     snapshot: Option<pagesync::remote::RemoteSnapshot>,
     /// When the last attempt to map or read failed (see `remote::RETRY_AFTER`).
     failed_at: Option<Instant>,
+    /// The server's refusal of that attempt, if it refused the document: `(code, message)`.
+    refused: Option<(String, String)>,
     /// The replica was empty when this handle opened it, and has not caught up with the
     /// server since: it holds a prefix of the history, older than the server's state.
     fresh: bool,
@@ -633,6 +635,13 @@ impl Document {
     /// serve now): that is `ClientError::Server` with the server's code.
     pub fn query(&self, sql: &str, params: &[Value]) -> Result<Rows> {
         let mut remote = self.remote.lock().expect("BUG: lock poisoned");
+        // A replica that holds nothing, of a document the server refuses this client (a token
+        // it does not take, a document it may not open or that is not there, or one it cannot
+        // serve now): what SQLite makes of an empty database ("no such table") would hide why.
+        let refused = |remote: &Remote| {
+            let (code, message) = remote.refused.clone()?;
+            Some(ClientError::Server { code, message })
+        };
         let empty;
         {
             let s = self.shared.session();
@@ -641,29 +650,31 @@ impl Document {
             if remote.fresh && s.caught_up(self.id) {
                 remote.fresh = false;
             }
+            empty = replica.storage_range().next() == pagesync::journal::Lsn::FIRST
+                && replica.pending_count() == 0;
+            let waiting = remote.failed_at.is_some_and(|t| t.elapsed() < remote::RETRY_AFTER);
             let ask = wants_remote(replica, remote.fresh, at)
-                && remote.failed_at.is_none_or(|t| t.elapsed() >= remote::RETRY_AFTER)
+                && !waiting
                 && *self.shared.connected.lock().expect("BUG: lock poisoned");
             if !ask {
                 remote.snapshot = None;
+                if let Some(e) = refused(&remote).filter(|_| empty && waiting) {
+                    return Err(e); // refused a moment ago: asked again after `RETRY_AFTER`
+                }
                 return Ok(replica.query(sql, params)?);
             }
-            empty = replica.storage_range().next() == pagesync::journal::Lsn::FIRST;
         }
         if let Some(rows) = self.query_remote(&mut remote, sql, params)? {
+            remote.refused = None;
             return Ok(rows);
-        }
-        // A replica that holds nothing, of a document the server refuses this client (a
-        // token it does not take, a document it may not open or that is not there, or one it
-        // cannot serve now): what SQLite makes of an empty database ("no such table") would
-        // hide why.
-        let refused = self.shared.fetcher.lock().expect("BUG: lock poisoned").refusal().cloned();
-        if let Some((code, message)) = refused.filter(|_| empty) {
-            return Err(ClientError::Server { code, message });
         }
         // The server could not be asked: the replica as it is.
         remote.snapshot = None;
         remote.failed_at = Some(Instant::now());
+        remote.refused = self.shared.fetcher.lock().expect("BUG: lock poisoned").refusal(self.id);
+        if let Some(e) = refused(&remote).filter(|_| empty) {
+            return Err(e);
+        }
         let s = self.shared.session();
         Ok(s.document(self.id).expect("BUG: open documents stay open").query(sql, params)?)
     }

@@ -77,9 +77,9 @@ pub(crate) struct Fetcher {
     token: String,
     ws: Option<WebSocket<MaybeTlsStream<Bounded>>>,
     next_id: u64,
-    /// The error the server answered the last request with, as `(code, message)`, unless it
-    /// was about the request's size or range (`limit`, `out_of_range`): see `Fetcher::refusal`.
-    refused: Option<(String, String)>,
+    /// The error the server answered the last request with, and its document, unless it was
+    /// about the request's size or range (`limit`, `out_of_range`): see `Fetcher::refusal`.
+    refused: Option<(DocId, String, String)>,
 }
 
 impl Fetcher {
@@ -87,11 +87,12 @@ impl Fetcher {
         Fetcher { url: url.to_owned(), token: token.to_owned(), ws: None, next_id: 0, refused: None }
     }
 
-    /// Why the server refused the document to the last request, if it did: `(code, message)`
+    /// Why the server refused `doc` to the last request, if it did: `(code, message)`
     /// (`unauthorized`, `forbidden`, `not_found`, `deleted`, or one that may pass, such as
     /// `unavailable` or `storage`).
-    pub(crate) fn refusal(&self) -> Option<&(String, String)> {
-        self.refused.as_ref()
+    pub(crate) fn refusal(&self, doc: DocId) -> Option<(String, String)> {
+        let (of, code, message) = self.refused.clone()?;
+        (of == doc).then_some((code, message))
     }
 
     /// Asks the server at `url` from now on (a document's route): a new connection if it is
@@ -194,12 +195,12 @@ impl Fetcher {
                 }
                 Message::Error { doc: None, code, message } => {
                     let why = format!("{code}: {message}");
-                    self.note_refusal(code, message);
+                    self.note_refusal(doc, code, message);
                     return Err(why);
                 }
                 Message::Error { doc: Some(d), code, message } if d == doc => {
                     let why = format!("{code}: {message}");
-                    self.note_refusal(code, message);
+                    self.note_refusal(doc, code, message);
                     return Ok(Err(why));
                 }
                 // Its server is another: the driver's connection learns it too, and the next
@@ -213,10 +214,10 @@ impl Fetcher {
         Err(format!("no answer from the server within {FETCH_TIMEOUT:?}"))
     }
 
-    fn note_refusal(&mut self, code: String, message: String) {
+    fn note_refusal(&mut self, doc: DocId, code: String, message: String) {
         use pagesync::protocol::codes;
         if code != codes::LIMIT && code != codes::OUT_OF_RANGE {
-            self.refused = Some((code, message));
+            self.refused = Some((doc, code, message));
         }
     }
 

@@ -360,7 +360,8 @@ impl ObjectBackend {
             self.rt.block_on(self.store.delete_stream(stream).collect());
         for r in results {
             match r {
-                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Ok(_) => {}
+                Err(e @ object_store::Error::NotFound { .. }) if !no_bucket(&e) => {}
                 Err(e) => {
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     let why = format!("DELETE below {} failed: {e}", self.root);
@@ -455,7 +456,8 @@ impl ObjectBackend {
     fn delete(&self, journal: JournalId, key: &Path) -> Result<()> {
         self.stats.deletes.fetch_add(1, Ordering::Relaxed);
         match self.rt.block_on(self.store.delete(key)) {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e @ object_store::Error::NotFound { .. }) if !no_bucket(&e) => Ok(()),
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 Err(backend_err(journal, format!("DELETE {key} failed: {e}")))

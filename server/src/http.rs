@@ -56,7 +56,7 @@ const CLOSE_POLL: Duration = Duration::from_millis(100);
 
 /// What the reader and the writer of a websocket see of its peer: when it last sent a frame
 /// or pong (milliseconds since `started`), and when its socket last took bytes
-/// (`crate::wall_ms`).
+/// (`crate::mono_ms`).
 struct Seen {
     last_seen: Arc<AtomicI64>,
     took_bytes_at: Arc<AtomicI64>,
@@ -881,7 +881,7 @@ async fn write_loop(
             let until = tokio::time::Instant::now() + CLOSE_GRACE;
             while tokio::time::Instant::now() < until {
                 tokio::time::sleep(CLOSE_POLL).await;
-                if crate::wall_ms() - took_bytes_at.load(Ordering::Relaxed) >= PRESSURE_IDLE_MS {
+                if crate::mono_ms() - took_bytes_at.load(Ordering::Relaxed) >= PRESSURE_IDLE_MS {
                     break;
                 }
             }
@@ -903,7 +903,7 @@ async fn write_loop(
 
 /// A TCP stream whose first bytes (the request head, already read) are served again: the
 /// websocket handshake reads the head it needs from here. Every byte read passes its
-/// `FrameGuard`; when the socket last took bytes to send is noted (`crate::wall_ms`) for the
+/// `FrameGuard`; when the socket last took bytes to send is noted (`crate::mono_ms`) for the
 /// session (`ServerSession::set_send_progress`).
 pub(crate) struct Prefixed {
     head: Vec<u8>,
@@ -1020,7 +1020,7 @@ impl AsyncWrite for Prefixed {
     ) -> Poll<std::io::Result<usize>> {
         let wrote = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
         if matches!(wrote, Ok(n) if n > 0) {
-            self.took_bytes_at.store(crate::wall_ms(), Ordering::Relaxed);
+            self.took_bytes_at.store(crate::mono_ms(), Ordering::Relaxed);
         }
         Poll::Ready(wrote)
     }

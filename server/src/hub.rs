@@ -27,6 +27,9 @@ use crate::Metrics;
 /// The longest the hub sleeps with nothing to do; it also re-reads the clock then.
 const IDLE_WAKE_MS: i64 = 1_000;
 
+/// How often the hub wakes at the least while the server is short of send memory.
+const PRESSED_WAKE_MS: i64 = 100;
+
 /// Permits for an incoming frame's bytes (the connection's and the server's), held until the
 /// hub has handled it.
 pub type FramePermits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
@@ -41,7 +44,7 @@ pub struct ConnSender {
     watched: Arc<AtomicBool>,
     /// Dropped with this sender: tells the writer at once, even in the middle of a write.
     _closed: tokio::sync::oneshot::Sender<()>,
-    /// When its socket last took bytes to send (`crate::wall_ms`; 0 before it ever did), for
+    /// When its socket last took bytes to send (`crate::mono_ms`; 0 before it ever did), for
     /// a connection that has a socket.
     took_bytes_at: Option<Arc<AtomicI64>>,
 }
@@ -239,43 +242,59 @@ fn job_worker(jobs: &std::sync::Mutex<std_mpsc::Receiver<DocJob>>, done: &std_mp
 
 /// The session's events, written to the log. Failures that repeat (a step retried on storage
 /// that does not answer, a client asking again and again of a document whose storage failed)
-/// are written at most once per `REPEAT_EVERY` for each document and kind, with how many like
-/// them were not, so no client can flood the log.
+/// are written at most once per `REPEAT_EVERY` for each document and kind (and those past
+/// `MAX_REMEMBERED` kinds at once, together), with how many like them were not, so no client
+/// can flood the log.
 #[derive(Default)]
 struct EventLog {
     /// For each document and kind of failure: when it was last written, and how many since.
     written: HashMap<(pagesync::DocId, &'static str), (std::time::Instant, u64)>,
+    /// The same for every failure past `MAX_REMEMBERED` kinds.
+    others: Option<(std::time::Instant, u64)>,
+    /// When `written` was last rid of what has not repeated for `REPEAT_EVERY`.
+    swept: Option<std::time::Instant>,
 }
 
 const REPEAT_EVERY: Duration = Duration::from_secs(1);
 
-/// Kinds of failure remembered at once; past it the memory is forgotten (a few more lines).
+/// Kinds of failure (document and kind) remembered at once; the failures of others share one
+/// allowance until some are forgotten.
 const MAX_REMEMBERED: usize = 4_096;
+
+/// Counts `*quiet` one more unless `REPEAT_EVERY` has passed since `*at`: then it is due, with
+/// how many were not written.
+fn due(at: &mut std::time::Instant, quiet: &mut u64, now: std::time::Instant) -> Option<u64> {
+    if now.duration_since(*at) < REPEAT_EVERY {
+        *quiet += 1;
+        return None;
+    }
+    *at = now;
+    Some(std::mem::take(quiet))
+}
 
 impl EventLog {
     /// Whether a failure of `doc` of this `kind` is written now, and how many like it were
     /// not since the last that was.
     fn admit(&mut self, doc: pagesync::DocId, kind: &'static str, now: std::time::Instant) -> Option<u64> {
+        if let Some((at, quiet)) = self.written.get_mut(&(doc, kind)) {
+            return due(at, quiet, now);
+        }
+        let sweep = self.swept.is_none_or(|t| now.duration_since(t) >= REPEAT_EVERY);
+        if self.written.len() >= MAX_REMEMBERED && sweep {
+            self.swept = Some(now);
+            self.written.retain(|_, (at, quiet)| *quiet > 0 || now.duration_since(*at) < REPEAT_EVERY);
+        }
         if self.written.len() >= MAX_REMEMBERED {
-            self.written.retain(|_, (at, _)| now.duration_since(*at) < REPEAT_EVERY);
-            if self.written.len() >= MAX_REMEMBERED {
-                self.written.clear();
-            }
+            return match &mut self.others {
+                Some((at, quiet)) => due(at, quiet, now),
+                None => {
+                    self.others = Some((now, 0));
+                    Some(0)
+                }
+            };
         }
-        match self.written.get_mut(&(doc, kind)) {
-            Some((at, quiet)) if now.duration_since(*at) < REPEAT_EVERY => {
-                *quiet += 1;
-                None
-            }
-            Some((at, quiet)) => {
-                *at = now;
-                Some(std::mem::take(quiet))
-            }
-            None => {
-                self.written.insert((doc, kind), (now, 0));
-                Some(0)
-            }
-        }
+        self.written.insert((doc, kind), (now, 0));
+        Some(0)
     }
 
     fn write(&mut self, event: Event) {
@@ -292,6 +311,10 @@ impl EventLog {
                 tracing::warn!(%doc, "{doing} {doc} failed: {error}{}", also(quiet));
             }
             Event::MutationIsolated { doc, step_lsn, timeline, lsn, rejection } => {
+                // A client may send such mutations one after another.
+                if self.admit(doc, "isolated", std::time::Instant::now()).is_none() {
+                    return;
+                }
                 tracing::warn!(%doc, %step_lsn, %timeline, %lsn, code = rejection.code.as_str(), "mutation rejected because its step could not hold it: {}", rejection.message);
             }
             Event::DocumentFailed { doc, error } => {
@@ -324,6 +347,8 @@ fn run(
         let wait = session
             .poll_timeout()
             .map_or(IDLE_WAKE_MS, |t| t.saturating_sub(now_ms()).clamp(0, IDLE_WAKE_MS));
+        // Under send pressure the sockets' progress is looked at often (`report_send_progress`).
+        let wait = if session.send_pressed() { wait.min(PRESSED_WAKE_MS) } else { wait };
         let first = match rx.recv_timeout(Duration::from_millis(wait as u64)) {
             Ok(m) => Some(m),
             Err(std_mpsc::RecvTimeoutError::Timeout) => None,
@@ -422,13 +447,14 @@ fn answer_exports(session: &mut ServerSession, exports: &mut HashMap<pagesync::D
     }
 }
 
-/// Tells the session when the socket of each connection that holds unwritten bytes last took
-/// some (see `pagesync::protocol::PRESSURE_IDLE_MS`).
+/// Tells the session how long ago the socket of each connection last took bytes (see
+/// `pagesync::protocol::PRESSURE_IDLE_MS`), measured on a clock that never steps.
 fn report_send_progress(session: &mut ServerSession, conns: &HashMap<ConnId, ConnSender>) {
+    let (now, mono) = (now_ms(), crate::mono_ms());
     for (conn, c) in conns {
         let at = c.took_bytes_at.as_ref().map_or(0, |at| at.load(Ordering::Relaxed));
-        if at > 0 && c.backlog.load(Ordering::Acquire) > 0 {
-            session.set_send_progress(*conn, at);
+        if at > 0 {
+            session.set_send_progress(*conn, now, mono - at);
         }
     }
 }
@@ -483,9 +509,11 @@ mod tests {
         assert_eq!(log.admit(b, "reading", start), Some(0), "another document");
         assert_eq!(log.admit(a, "reading", start + REPEAT_EVERY), Some(1_000));
         assert_eq!(log.admit(a, "reading", start + REPEAT_EVERY), None);
-        for doc in 0..10 * MAX_REMEMBERED as u128 {
-            log.admit(pagesync::DocId::from_u128(doc + 100), "reading", start);
-        }
+        // Past the kinds remembered, the others share one allowance.
+        let written = (0..10 * MAX_REMEMBERED as u128)
+            .filter(|doc| log.admit(pagesync::DocId::from_u128(doc + 100), "reading", start).is_some())
+            .count();
         assert!(log.written.len() <= MAX_REMEMBERED, "{} remembered", log.written.len());
+        assert!(written <= MAX_REMEMBERED + 1, "{written} written at once");
     }
 }

@@ -616,6 +616,14 @@ impl Metrics {
 }
 
 /// Milliseconds since the Unix epoch by this machine's clock (0 before it).
+/// Milliseconds on a clock that never steps (since this process first asked), from 1: for
+/// durations, such as how long a socket has taken nothing.
+pub fn mono_ms() -> i64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| std::time::Instant::now() - std::time::Duration::from_millis(1));
+    start.elapsed().as_millis() as i64
+}
+
 pub fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

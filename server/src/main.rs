@@ -399,11 +399,21 @@ fn check_settings(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    // Frames of storage are the server's large buffers: each is given back when freed.
+fn main() -> std::process::ExitCode {
+    // Frames of storage are the server's large buffers: each is given back when freed. Set
+    // before any other thread runs.
     #[cfg(unix)]
     pagesync::journal::map_large_allocations(4 << 20);
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(serve_main()),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

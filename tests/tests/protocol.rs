@@ -1202,7 +1202,9 @@ fn subscribers_that_never_read_share_one_bound_on_send_memory() {
 }
 
 /// When the last of eight subscribers that never read was closed; with `progress`, the driver
-/// reports when each socket took bytes: once, as its first frame was handed to it.
+/// reports when each socket took bytes: once, as its first frame was handed to it. A ninth
+/// reads slowly (its socket takes bytes every 250 ms, and it drains what it holds every
+/// 1.5 s): it is never closed, and gets the whole document.
 fn deaf_subscribers_closed_by(progress: bool) -> i64 {
     use pagesync::protocol::SessionOptions;
     const CAP: usize = 1 << 20;
@@ -1223,9 +1225,10 @@ fn deaf_subscribers_closed_by(progress: bool) -> i64 {
     }
     let mut s = server_over(&journal)
         .with_options(SessionOptions { max_send_backlog_bytes: CAP, ..Default::default() });
-    let reader = ConnId(100);
+    let (reader, slow) = (ConnId(100), ConnId(99));
     let mut conns: Vec<(ConnId, ClientSession)> =
         (0..DEAF).map(|i| (ConnId(10 + i), client(&[doc]))).collect();
+    conns.push((slow, client(&[doc])));
     conns.push((reader, client(&[doc])));
     for (id, c) in &mut conns {
         s.connect(*id);
@@ -1236,11 +1239,31 @@ fn deaf_subscribers_closed_by(progress: bool) -> i64 {
     }
     let mut backlog: std::collections::HashMap<ConnId, usize> = Default::default();
     let (mut largest, mut closed_at) = (0, std::collections::HashMap::new());
+    let mut slow_held = 0;
     for now in (0..20_000).step_by(50) {
+        if slow_held > 0 && progress && now % 250 == 0 {
+            s.set_send_progress(slow, now, 0);
+        }
+        if slow_held > 0 && now % 1_500 == 0 {
+            // It has read what it holds: its acknowledgements, then the drained socket.
+            let c = &mut conns[DEAF as usize].1;
+            while let Some(m) = c.poll_transmit() {
+                s.handle_frame(slow, now, &m.encode());
+            }
+            slow_held = 0;
+            s.set_send_backlog(slow, 0);
+        }
         s.handle_timeout(now);
         while let Some((id, m)) = s.poll_transmit() {
             let frame = m.encode();
             largest = largest.max(frame.len());
+            if id == slow {
+                assert!(!matches!(m, Message::Error { .. }), "the slow reader was told {m:?}");
+                conns[DEAF as usize].1.handle_frame(now, &frame).expect("apply");
+                slow_held += frame.len();
+                s.set_send_backlog(id, slow_held);
+                continue;
+            }
             if id == reader {
                 let c = &mut conns.last_mut().expect("the reader").1;
                 c.handle_frame(now, &frame).expect("apply");
@@ -1254,7 +1277,7 @@ fn deaf_subscribers_closed_by(progress: bool) -> i64 {
             // buffer took of the first frame.
             let held = backlog.entry(id).or_default();
             if progress && *held == 0 {
-                s.set_send_progress(id, now);
+                s.set_send_progress(id, now, 0);
             }
             *held += frame.len();
             s.set_send_backlog(id, *held);
@@ -1274,5 +1297,6 @@ fn deaf_subscribers_closed_by(progress: bool) -> i64 {
     }
     assert_eq!(closed_at.len(), DEAF as usize, "every deaf subscriber was closed: {closed_at:?}");
     assert_same_pages(&conns.last().expect("the reader").1, &s, doc);
+    assert_same_pages(&conns[DEAF as usize].1, &s, doc);
     closed_at.values().max().copied().expect("closed")
 }

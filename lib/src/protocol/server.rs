@@ -440,13 +440,15 @@ pub const SLOW_READER_CLOSE_MS: i64 = 30_000;
 pub const PRESSURE_CLOSE_MS: i64 = 5_000;
 
 /// While the server is short of send memory, a connection holding unwritten bytes whose socket
-/// took none of them for this long is closed as a slow reader, if its driver reports when its
-/// socket takes bytes (`ServerSession::set_send_progress`). A peer that reads, however slowly,
-/// lets its socket take bytes every round trip; one that stopped reading fills the kernel's
-/// buffer at once and then takes nothing. So peers that do not read make way within a second,
-/// not one at a time at `PRESSURE_CLOSE_MS` (150 of them held up a new client's download for
-/// 48 s before).
-pub const PRESSURE_IDLE_MS: i64 = 1_000;
+/// took none of them for this long is closed as a slow reader, if the driver reports when each
+/// socket takes bytes (`ServerSession::set_send_progress`). One that stopped reading fills the
+/// kernel's buffer at once and then takes nothing; one that reads lets it take more as the
+/// buffer drains (a third of it at a time: at 1 MiB/s through a 4 MiB buffer, every second or
+/// so) or pauses while it applies what it read, for less than this. So peers that do not read
+/// make way within seconds, together, not one at a time at `PRESSURE_CLOSE_MS` (150 of them
+/// held up a new client's download for 48 s). The price: under pressure, a reader that stalls
+/// for this long (a lossy link backing off) is closed too, and subscribes again.
+pub const PRESSURE_IDLE_MS: i64 = 2_000;
 
 /// The slowest a connection must drain what it holds while the server is short of send
 /// memory: about 1 MiB/s (see `PRESSURE_CLOSE_MS`).
@@ -910,16 +912,23 @@ impl ServerSession {
     /// server is short of send memory since `pressed_since` (see `PRESSURE_CLOSE_MS`).
     fn stall_deadline(c: &Conn, pressed_since: i64) -> Option<i64> {
         let allowed = PRESSURE_CLOSE_MS.max(c.backlog_bytes as i64 / PRESSURE_MIN_DRAIN_BYTES_PER_MS);
-        let since = c.unwritten_since_ms?.max(pressed_since);
-        let idle = c.took_bytes_at_ms.map(|t| t.max(since) + PRESSURE_IDLE_MS);
-        Some(idle.map_or(since + allowed, |idle| idle.min(since + allowed)))
+        c.unwritten_since_ms.map(|t| t.max(pressed_since) + allowed)
     }
 
-    /// When `conn`'s socket last took bytes of what it holds unwritten (in the session's
-    /// milliseconds): see `PRESSURE_IDLE_MS`.
-    pub fn set_send_progress(&mut self, conn: ConnId, at_ms: i64) {
+    /// When a connection holding unwritten bytes, whose socket takes none of them, may be
+    /// closed while the server is short of send memory since `pressed_since` (see
+    /// `PRESSURE_IDLE_MS`).
+    fn idle_deadline(c: &Conn, pressed_since: i64) -> Option<i64> {
+        let since = c.unwritten_since_ms?.max(pressed_since);
+        c.took_bytes_at_ms.map(|t| t.max(since) + PRESSURE_IDLE_MS)
+    }
+
+    /// At `now_ms`, `conn`'s socket last took bytes to send `idle_ms` ago (measured on a clock
+    /// that does not step): see `PRESSURE_IDLE_MS`.
+    pub fn set_send_progress(&mut self, conn: ConnId, now_ms: i64, idle_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.took_bytes_at_ms = Some(at_ms);
+            c.took_bytes_at_ms = Some(self.now_ms - idle_ms.max(0));
         }
     }
 
@@ -1564,7 +1573,10 @@ impl ServerSession {
         let (now, ready) = (self.now_ms, &mut self.ready);
         for (id, c) in self.conns.iter_mut().filter(|(_, c)| !c.closing) {
             let blocked = c.blocked_since_ms.is_some_and(|t| now >= t + SLOW_READER_CLOSE_MS);
-            let stalled = pressed.and_then(|p| Self::stall_deadline(c, p)).is_some_and(|t| now >= t);
+            let stalled = pressed.is_some_and(|p| {
+                let drained = Self::stall_deadline(c, p).is_some_and(|t| now >= t);
+                drained || Self::idle_deadline(c, p).is_some_and(|t| now >= t)
+            });
             if blocked || stalled || c.outbox.len() >= MAX_OUTBOX_MESSAGES {
                 c.outbox.clear();
                 let text = "the connection is closed: the client stopped reading what the server sends";
@@ -2043,7 +2055,10 @@ impl ServerSession {
         let blocked =
             self.conns.values().filter_map(|c| c.blocked_since_ms).map(|t| t + SLOW_READER_CLOSE_MS);
         let stalled = self.pressed_since_ms.into_iter().flat_map(|p| {
-            self.conns.values().filter(|c| !c.closing).filter_map(move |c| Self::stall_deadline(c, p))
+            self.conns
+                .values()
+                .filter(|c| !c.closing)
+                .flat_map(move |c| Self::stall_deadline(c, p).into_iter().chain(Self::idle_deadline(c, p)))
         });
         steps.into_iter().chain(resends).chain(held).chain(blocked).chain(stalled).min()
     }
