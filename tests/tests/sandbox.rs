@@ -375,3 +375,47 @@ fn rejection_codes_have_stable_strings() {
     assert_eq!(RejectionCode::parse("something_new"), RejectionCode::Other("something_new".into()));
     assert_eq!(RejectionCode::TooExpensive.as_str(), "too_expensive");
 }
+
+/// One call of a pattern match, a search or a replace compares its arguments at up to every
+/// pair of positions: a mutation pays for that by its arguments' lengths before the call runs
+/// (one such `LIKE` over 16 MB held its document for 555 s inside the instruction budget). The
+/// server rejects it `too_expensive` at once, and each still answers as SQLite's own does.
+#[test]
+fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let costly = [
+        "INSERT INTO notes(body) SELECT 'x' WHERE hex(zeroblob(4000000)) LIKE '%' || hex(zeroblob(20000)) || '1'",
+        "INSERT INTO notes(body) SELECT 'x' WHERE hex(zeroblob(4000000)) GLOB '*' || hex(zeroblob(20000)) || '1'",
+        "INSERT INTO notes(body) SELECT 'x' WHERE instr(hex(zeroblob(4000000)), hex(zeroblob(2000000)) || '1') > 0",
+        "INSERT INTO notes(body) SELECT substr(replace(hex(zeroblob(4000000)), hex(zeroblob(2000000)) || '1', 'y'), 1, 1)",
+    ];
+    for (i, text) in costly.iter().enumerate() {
+        let start = Instant::now();
+        let verdict = raw_verdict(&mut server, 90 + i as u128, 1, sql(text, vec![]));
+        let took = start.elapsed();
+        assert_eq!(
+            verdict.as_ref().map(|(code, _)| code.as_str()),
+            Some("too_expensive"),
+            "{text}: {verdict:?}"
+        );
+        assert!(took.as_secs() < 5, "{text} took {took:?}");
+    }
+    // Ordinary uses, answered as stock SQLite answers them, and confirmed.
+    let cases = "SELECT 'Hello' LIKE 'h%', 'a_c' LIKE 'a\\_c' ESCAPE '\\', like('%b%', 'abc'), \
+                 'abc' GLOB 'a*', glob('[a-c]?c', 'abc'), NULL LIKE 'a', 'a' LIKE NULL, \
+                 12345 LIKE '%34%', x'616263' LIKE 'abc', instr('héllo', 'llo'), instr(x'00010203', x'0203'), \
+                 instr(12345, 34), instr(NULL, 'a'), instr('abc', ''), replace('hello', 'l', 'L'), \
+                 replace(12.5, '.', ','), replace('abc', '', 'x'), replace(NULL, 'a', 'b'), replace('aaa', 'a', NULL)";
+    let answers = |conn: &rusqlite::Connection| -> Vec<rusqlite::types::Value> {
+        conn.query_row(cases, [], |r| (0..19).map(|i| r.get(i)).collect()).expect("answers")
+    };
+    let stock = rusqlite::Connection::open_in_memory().expect("stock SQLite");
+    assert_eq!(answers(client.database().conn()), answers(&stock));
+    let m = client.mutate(sql("INSERT INTO notes(body) SELECT 'ok' WHERE 'Hello' LIKE 'h%' AND instr('abc', 'c') = 3 AND replace('a', 'a', 'b') = 'b'", vec![]), T0, 9).expect("queued");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
