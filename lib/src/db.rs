@@ -230,8 +230,10 @@ impl Database {
         use rusqlite::config::DbConfig as C;
         self.conn.set_db_config(C::SQLITE_DBCONFIG_DEFENSIVE, true)?;
         self.conn.set_db_config(C::SQLITE_DBCONFIG_TRUSTED_SCHEMA, false)?;
+        let costly = self.costly.clone();
         for (limit, value) in STATEMENT_LIMITS {
             self.conn.set_limit(*limit, *value)?;
+            costly.lock().expect("BUG: lock poisoned").set_limit(*limit, *value)?;
         }
         self.set_budget(self.budget)?;
         self.install_functions()?;
@@ -276,11 +278,7 @@ impl Database {
         self.temp.set_max(budget.max_temp_bytes);
         let value_bytes = i32::try_from(budget.max_value_bytes).unwrap_or(i32::MAX);
         self.conn.set_limit(Limit::SQLITE_LIMIT_LENGTH, value_bytes)?;
-        let costly = self.costly.lock().expect("BUG: lock poisoned");
-        costly.set_limit(Limit::SQLITE_LIMIT_LENGTH, value_bytes)?;
-        for (limit, value) in STATEMENT_LIMITS {
-            costly.set_limit(*limit, *value)?;
-        }
+        self.costly.lock().expect("BUG: lock poisoned").set_limit(Limit::SQLITE_LIMIT_LENGTH, value_bytes)?;
         Ok(())
     }
 
