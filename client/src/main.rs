@@ -146,6 +146,19 @@ fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the server refused in a way that stays until something changes (a wrong path,
+/// refused credentials, an error that does not pass): a script must hear it. Unreachable,
+/// slow or `limit` (a server at its connection limit says "retry later") is not.
+fn refused_for_good(e: &pagesync_client::ClientError) -> bool {
+    match e {
+        pagesync_client::ClientError::Refused(_) => true,
+        pagesync_client::ClientError::Server { code, .. } => {
+            !pagesync::protocol::codes::passes(code) && code != pagesync::protocol::codes::LIMIT
+        }
+        _ => false,
+    }
+}
+
 /// After a write: waits for the server (unless `offline`) and says what became of it.
 async fn settle(
     doc: &pagesync_client::Document,
@@ -160,15 +173,7 @@ async fn settle(
         // Unreachable or slow, it is pending and goes up later: success. Refused (a wrong
         // path, refused credentials, an error that does not pass), it stays queued too, but
         // nothing will send it until something changes: a script must hear that.
-        let refused = match &e {
-            pagesync_client::ClientError::Refused(_) => true,
-            // `limit`: a server at its connection limit says "retry later"; the client does.
-            pagesync_client::ClientError::Server { code, .. } => {
-                !pagesync::protocol::codes::passes(code) && code != pagesync::protocol::codes::LIMIT
-            }
-            _ => false,
-        };
-        if refused {
+        if refused_for_good(&e) {
             eprintln!("mutation {} is queued locally, but the server refused it: {e}", done.lsn);
             return Ok(ExitCode::FAILURE);
         }
@@ -404,9 +409,16 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
-            let _ = doc.sync(Duration::from_millis(args.timeout_ms.min(1_000))).await;
+            let synced = doc.sync(Duration::from_millis(args.timeout_ms.min(1_000))).await;
             print_status(&doc)?;
-            Ok(ExitCode::SUCCESS)
+            // What the replica holds is printed either way; a refusal also fails the command.
+            match synced {
+                Err(e) if refused_for_good(&e) => {
+                    eprintln!("error: the server refused: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Export { file } => {
             if let Err(e) = sync_shown(&doc, timeout).await {

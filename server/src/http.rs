@@ -259,7 +259,16 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
                        wss://) on this path\n";
             respond_with(stream, "426 Upgrade Required", &[("upgrade", "websocket")], "text/plain", why).await
         }
-        "/healthz" if req.method == "HEAD" => respond(stream, "200 OK", "text/plain", "").await,
+        // The head a GET would have, with its length, and no body (RFC 9110, 9.3.2).
+        "/healthz" if req.method == "HEAD" => {
+            let _ = tokio::time::timeout(HEAD_TIMEOUT, async {
+                let mut stream = stream;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\nconnection: close\r\n\r\n";
+                stream.write_all(head.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+        }
         "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
         "/metrics" => match authorize_metrics(routes, &req) {
             Ok(()) => respond(stream, "200 OK", "text/plain; version=0.0.4", routes.metrics.render()).await,
@@ -416,6 +425,12 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
         Ok(d) => d,
         Err((status, why)) => return respond(stream, status, "text/plain", why).await,
     };
+    // An export answers the current state: a parameter it would ignore (`at=` for a past point)
+    // is refused rather than answered with something the asker did not ask for.
+    let past = "a past point is `pagesync-server export --doc ID --at lsn:N|TIME FILE`, beside the server";
+    if let Err(why) = only_token(&req.query, past) {
+        return respond(stream, "400 Bad Request", "text/plain", why).await;
+    }
     let grant = match verify(routes, req) {
         Ok(claims) => claims.map(|c| crate::auth::grant_of(&c)),
         Err((status, why)) => return respond(stream, status, "text/plain", why).await,
@@ -591,6 +606,23 @@ impl Drop for Disconnect {
     }
 }
 
+/// Refuses any query parameter but `token`, naming it and saying what to do instead.
+fn only_token(query: &str, instead: &str) -> Result<(), String> {
+    let unknown = query
+        .split('&')
+        .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
+        .find(|k| !k.is_empty() && *k != "token");
+    match unknown {
+        Some(k) => Err(format!("unknown parameter {:?}: this route takes only token=; {instead}\n", clip(k))),
+        None => Ok(()),
+    }
+}
+
+/// At most 64 characters of what a client sent, for an error message.
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
 /// `since=TIME&after=CURSOR&limit=N`, each optional.
 fn history_query(query: &str) -> Result<pagesync::history::HistoryQuery, String> {
     let mut q = pagesync::history::HistoryQuery::default();
@@ -602,7 +634,7 @@ fn history_query(query: &str) -> Result<pagesync::history::HistoryQuery, String>
             "after" => q.after = Some(v.parse()?),
             "limit" => q.limit = v.parse().map_err(|_| format!("limit={v:?}: expected a count"))?,
             "token" => {}
-            _ => return Err(format!("unknown parameter {k:?}: since, after, limit")),
+            _ => return Err(format!("unknown parameter {:?}: since, after, limit", clip(k))),
         }
     }
     Ok(q)
@@ -616,6 +648,9 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
         Ok(d) => d,
         Err((status, why)) => return respond(stream, status, "text/plain", why).await,
     };
+    if let Err(why) = only_token(&req.query, "delete takes none") {
+        return respond(stream, "400 Bad Request", "text/plain", why).await;
+    }
     match verify(routes, req) {
         Err((status, why)) => return respond(stream, status, "text/plain", why).await,
         Ok(Some(claims)) => {

@@ -394,15 +394,17 @@ async fn a_query_on_an_empty_replica_says_why_the_server_refused_it() {
     let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret_file(dir.path())]);
     let doc = DocId::from_u128(0xe6);
     write(port, &named("w"), doc, 1, "CREATE TABLE t(x)").await;
-    let query = |token: &str, doc: &str, data: &str| {
+    let run = |token: &str, doc: &str, data: &str, command: &[&str]| {
         Command::new(Path::new(env!("CARGO_BIN_EXE_pagesync-server")).with_file_name("pagesync"))
             .args(["--server", &format!("ws://127.0.0.1:{port}/v1/sync"), "--doc", doc, "--token", token])
             .args(["--timeout-ms", "10000", "--data"])
             .arg(dir.path().join(data))
-            .args(["query", "SELECT count(*) FROM t"])
+            .args(command)
             .output()
             .expect("pagesync")
     };
+    let query =
+        |token: &str, doc: &str, data: &str| run(token, doc, data, &["query", "SELECT count(*) FROM t"]);
     let here = doc.to_string();
     let out = query(&token(&here, false, false), &here, "granted");
     assert_eq!(
@@ -421,7 +423,13 @@ async fn a_query_on_an_empty_replica_says_why_the_server_refused_it() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(says), "{says}: {err}");
         assert!(!err.contains("no such table"), "{says}: {err}");
+        // `status` prints what the replica holds, and fails: a script must hear the refusal.
+        let out = run(&token, doc, says, &["status"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "status, {says}: {err}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("pending\t0"), "status, {says}");
     }
+    assert!(run(&token(&here, false, false), &here, "granted", &["status"]).status.success());
 }
 
 /// Page requests (for queries before a download ends) from a hostile client: for documents its
@@ -819,8 +827,21 @@ async fn http_methods_heads_and_handshakes_get_answers() {
         assert!(answer.starts_with("HTTP/1.1 405"), "{method} {path}: {answer}");
         assert!(answer.contains(&format!("allow: {allow}\r\n")), "{method} {path}: {answer}");
     }
+    // A parameter a route would ignore is refused: `?at=` asked for a past point and got the
+    // current state.
+    for (method, path, what) in [
+        ("GET", format!("/v1/docs/{doc}/export?at=lsn:1"), "\"at\""),
+        ("GET", format!("/v1/docs/{doc}/export?token=&{}", "z".repeat(500)), "\"zzz"),
+        ("DELETE", format!("/v1/docs/{doc}?force=1"), "\"force\""),
+        ("GET", format!("/v1/docs/{doc}/history?at=1"), "\"at\""),
+    ] {
+        let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains(what), "{method} {path}: {answer}");
+        assert!(answer.len() < 400, "the parameter is echoed whole: {answer}");
+    }
     let answer = raw(port, b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\n"), "{answer}");
+    assert!(answer.contains("content-length: 3\r\n"), "HEAD's length is not GET's: {answer}");
     let started = Instant::now();
     let answer = raw(port, b"GET /healthz HTTP/1.1\nhost: x\n\n");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
