@@ -329,6 +329,8 @@ fn to_tsv(v: &Value) -> String {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    #[cfg(unix)]
+    pagesync::journal::exit_quietly_on_closed_pipe();
     let args = Args::parse();
     match run(args).await {
         Ok(code) => code,

@@ -376,9 +376,10 @@ fn rejection_codes_have_stable_strings() {
     assert_eq!(RejectionCode::TooExpensive.as_str(), "too_expensive");
 }
 
-/// One call of a pattern match, a search or a replace compares its arguments at up to every
-/// pair of positions: a mutation pays for that by its arguments' lengths before the call runs
-/// (one such `LIKE` over 16 MB held its document for 555 s inside the instruction budget). The
+/// One call of a pattern match, a search, a replace, a trim or a JSON merge patch compares its
+/// arguments at up to every pair of positions: a mutation pays for that by its arguments'
+/// lengths before the call runs (one such `LIKE` over 16 MB held its document for 555 s inside
+/// the instruction budget). The
 /// server rejects it `too_expensive` at once, and each still answers as SQLite's own does.
 #[test]
 fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
@@ -389,6 +390,11 @@ fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
         "INSERT INTO notes(body) SELECT 'x' WHERE hex(zeroblob(4000000)) GLOB '*' || hex(zeroblob(20000)) || '1'",
         "INSERT INTO notes(body) SELECT 'x' WHERE instr(hex(zeroblob(4000000)), hex(zeroblob(2000000)) || '1') > 0",
         "INSERT INTO notes(body) SELECT substr(replace(hex(zeroblob(4000000)), hex(zeroblob(2000000)) || '1', 'y'), 1, 1)",
+        "INSERT INTO notes(body) SELECT length(trim(printf('%.*c', 200000, 'a'), printf('%.*c', 200000, 'b') || 'a'))",
+        "INSERT INTO notes(body) SELECT length(rtrim(printf('%.*c', 200000, 'a'), printf('%.*c', 200000, 'b') || 'a'))",
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 40000), \
+         a(o) AS (SELECT json_group_object('a' || n, 0) FROM c), b(o) AS (SELECT json_group_object('b' || n, 0) FROM c) \
+         INSERT INTO notes(body) SELECT length(json_patch(a.o, b.o)) FROM a, b",
     ];
     for (i, text) in costly.iter().enumerate() {
         let start = Instant::now();
@@ -406,13 +412,16 @@ fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
                  'abc' GLOB 'a*', glob('[a-c]?c', 'abc'), NULL LIKE 'a', 'a' LIKE NULL, \
                  12345 LIKE '%34%', x'616263' LIKE 'abc', instr('héllo', 'llo'), instr(x'00010203', x'0203'), \
                  instr(12345, 34), instr(NULL, 'a'), instr('abc', ''), replace('hello', 'l', 'L'), \
-                 replace(12.5, '.', ','), replace('abc', '', 'x'), replace(NULL, 'a', 'b'), replace('aaa', 'a', NULL)";
+                 replace(12.5, '.', ','), replace('abc', '', 'x'), replace(NULL, 'a', 'b'), replace('aaa', 'a', NULL), \
+                 trim('xxhixx', 'x'), ltrim('  hi '), rtrim('hi!?!', '!?'), trim('héé', 'é'), trim(NULL, 'a'), \
+                 trim(1200, '0'), json_patch('{\"a\":1,\"b\":{\"c\":2}}', '{\"b\":{\"c\":null,\"d\":3}}'), \
+                 json(jsonb_patch('{\"a\":1}', '{\"a\":[1,2]}')), json_patch('[1]', 'null')";
     let answers = |conn: &rusqlite::Connection| -> Vec<rusqlite::types::Value> {
-        conn.query_row(cases, [], |r| (0..19).map(|i| r.get(i)).collect()).expect("answers")
+        conn.query_row(cases, [], |r| (0..28).map(|i| r.get(i)).collect()).expect("answers")
     };
     let stock = rusqlite::Connection::open_in_memory().expect("stock SQLite");
     assert_eq!(answers(client.database().conn()), answers(&stock));
-    let m = client.mutate(sql("INSERT INTO notes(body) SELECT 'ok' WHERE 'Hello' LIKE 'h%' AND instr('abc', 'c') = 3 AND replace('a', 'a', 'b') = 'b'", vec![]), T0, 9).expect("queued");
+    let m = client.mutate(sql("INSERT INTO notes(body) SELECT 'ok' WHERE 'Hello' LIKE 'h%' AND instr('abc', 'c') = 3 AND replace('a', 'a', 'b') = 'b' AND trim('xax', 'x') = 'a' AND json_patch('{}', '{\"a\":1}') = '{\"a\":1}'", vec![]), T0, 9).expect("queued");
     push(&client, &mut server);
     drain(&mut server, T0);
     pull(&mut client, &server);
