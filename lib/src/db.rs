@@ -115,7 +115,14 @@ struct SandboxState {
     ticks: AtomicU64,
     exhausted: AtomicBool,
     refusal: Mutex<Option<String>>,
+    /// The running mutation wrote a row whose rowid is the largest there is (`MAX_ROWID`).
+    wrote_max_rowid: AtomicBool,
 }
+
+/// After a row with this rowid, SQLite picks the rowids of later inserts at random from its
+/// own generator, which the seed of a mutation does not reach: they would differ between the
+/// client's run and the server's. A mutation that writes it is refused, so no table holds it.
+const MAX_ROWID: i64 = i64::MAX;
 
 impl SandboxState {
     fn mode(&self) -> Mode {
@@ -280,7 +287,24 @@ impl Database {
         }))?;
         let sandbox = self.sandbox.clone();
         self.conn.progress_handler(PROGRESS_INTERVAL_OPS, Some(move || sandbox.tick()))?;
+        let sandbox = self.sandbox.clone();
+        self.conn.update_hook(Some(move |_: rusqlite::hooks::Action, _: &str, _: &str, rowid: i64| {
+            if rowid == MAX_ROWID && sandbox.mode() == Mode::Mutation {
+                sandbox.wrote_max_rowid.store(true, Ordering::Relaxed);
+            }
+        }))?;
         Ok(())
+    }
+
+    /// Refuses the mutation that just ran if it wrote a row with rowid `MAX_ROWID`.
+    pub fn check_rowids(&self) -> std::result::Result<(), Rejection> {
+        if !self.sandbox.wrote_max_rowid.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
+        let why = format!(
+            "a rowid of {MAX_ROWID} is refused: after it SQLite picks rowids at random, differently on every replica"
+        );
+        Err(Rejection::new(RejectionCode::Refused, why))
     }
 
     /// Sets the budget every later mutation runs under. `Budget::UNLIMITED` also removes the
@@ -421,6 +445,7 @@ impl Database {
     fn reset_verdict(&self) {
         *self.sandbox.refusal.lock().expect("BUG: lock poisoned") = None;
         self.sandbox.exhausted.store(false, Ordering::Relaxed);
+        self.sandbox.wrote_max_rowid.store(false, Ordering::Relaxed);
         self.temp.take_exceeded();
     }
 

@@ -428,3 +428,37 @@ fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
     assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
+
+/// After a row with the largest rowid, SQLite picks later rowids from its own random
+/// generator, which no mutation's seed reaches: the client's run and the server's chose
+/// different rowids. A mutation that writes that rowid is refused, on both sides alike.
+#[test]
+fn the_largest_rowid_is_refused_so_rowids_are_never_random() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let hostile = [
+        "INSERT INTO notes(id, body) VALUES (9223372036854775807, 'max')",
+        "INSERT INTO notes(body) VALUES ('a'); UPDATE notes SET id = 9223372036854775807",
+        "CREATE TABLE r(x); INSERT INTO r(rowid, x) VALUES (9223372036854775807, 1)",
+    ];
+    for (i, text) in hostile.iter().enumerate() {
+        let verdict = raw_verdict(&mut server, 70 + i as u128, 1, sql(text, vec![]));
+        let (code, why) = verdict.unwrap_or_else(|| panic!("{text}: accepted"));
+        assert_eq!(code, "refused", "{text}: {why}");
+        assert!(why.contains("9223372036854775807"), "{why}");
+    }
+    // The client refuses it alike, before it is queued; one below it is an ordinary rowid.
+    let refused = client.mutate(sql(hostile[0], vec![]), T0, 2).expect_err("refused locally");
+    assert!(refused.to_string().contains("9223372036854775807"), "{refused}");
+    let ok = client
+        .mutate(sql("INSERT INTO notes(id, body) VALUES (9223372036854775806, 'near')", vec![]), T0, 3)
+        .expect("queued");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(ok.lsn).expect("state"), MutationState::Confirmed);
+    let rows: i64 =
+        server.database().conn().query_row("SELECT count(*) FROM notes", [], |r| r.get(0)).expect("count");
+    assert_eq!(rows, 1);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
