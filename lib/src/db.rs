@@ -117,6 +117,10 @@ struct SandboxState {
     refusal: Mutex<Option<String>>,
     /// The running mutation wrote a row whose rowid is the largest there is (`MAX_ROWID`).
     wrote_max_rowid: AtomicBool,
+    /// The running mutation spent its CPU time (`Database::set_cpu_limit`).
+    cpu_exceeded: AtomicBool,
+    /// An allocation of the running mutation was refused (`vfs::meter`).
+    memory_exceeded: AtomicBool,
 }
 
 /// After a row with this rowid, SQLite picks the rowids of later inserts at random from its
@@ -185,6 +189,8 @@ pub struct Database {
     max_doc_pages: Option<u32>,
     /// The `max_page_count` in force, so it is set only when it changes.
     page_cap: Cell<u32>,
+    /// CPU time one mutation may take (`set_cpu_limit`), if bounded.
+    cpu_limit: Option<std::time::Duration>,
 }
 
 /// What a connection keeps in memory for speed.
@@ -210,6 +216,9 @@ impl Database {
     // thread there, and the `Arc` only shares the store with the VFS registration.
     #[cfg_attr(target_arch = "wasm32", allow(clippy::arc_with_non_send_sync))]
     pub fn open(store: PageStore, memory: ConnMemory) -> Result<Database> {
+        // Before SQLite starts, if it has not: the bound on a mutation's memory.
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::vfs::meter::install();
         let budget = Budget::default();
         let store = Arc::new(Mutex::new(store));
         let clock_ms = Arc::new(AtomicI64::new(0));
@@ -238,6 +247,7 @@ impl Database {
             budget,
             max_doc_pages: None,
             page_cap: Cell::new(0),
+            cpu_limit: None,
         };
         db.configure()?;
         Ok(db)
@@ -326,6 +336,20 @@ impl Database {
 
     pub fn budget(&self) -> Budget {
         self.budget
+    }
+
+    /// Bounds the CPU time of every later mutation (`None`: unbounded): past it, the mutation
+    /// is interrupted and rejected `too_expensive` (`vfs::watchdog`). Where the machine decides
+    /// the verdict, so for the server, whose verdict every replica keeps.
+    pub fn set_cpu_limit(&mut self, limit: Option<std::time::Duration>) {
+        self.cpu_limit = limit;
+    }
+
+    /// Bytes one mutation may make SQLite hold above what it held before (`vfs::meter`):
+    /// `MAX_MUTATION_MEMORY_BYTES`, or sixteen of the largest values if that is more.
+    fn memory_bound(&self) -> i64 {
+        let values = i64::from(self.budget.max_value_bytes).saturating_mul(16);
+        values.max(crate::sandbox::MAX_MUTATION_MEMORY_BYTES)
     }
 
     /// Caps the database at `max_pages` (`None`: no cap). No mutation can lift it: every
@@ -423,7 +447,22 @@ impl Database {
         self.sandbox.max_steps.store(self.budget.max_vm_steps, Ordering::Relaxed);
         self.sandbox.ticks.store(0, Ordering::Relaxed);
         self.sandbox.set_mode(Mode::Mutation);
+        #[cfg(unix)]
+        let _cpu = self.cpu_limit.and_then(|limit| {
+            let (sandbox, interrupt) = (self.sandbox.clone(), self.conn.get_interrupt_handle());
+            let on_expiry = Box::new(move || {
+                sandbox.cpu_exceeded.store(true, Ordering::Relaxed);
+                interrupt.interrupt();
+            });
+            crate::vfs::watchdog::watch(limit, on_expiry)
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        let memory = crate::vfs::meter::Metered::start(self.memory_bound());
         let out = f(&self.conn);
+        #[cfg(not(target_arch = "wasm32"))]
+        if memory.refused() {
+            self.sandbox.memory_exceeded.store(true, Ordering::Relaxed);
+        }
         self.sandbox.set_mode(Mode::System);
         out
     }
@@ -446,6 +485,8 @@ impl Database {
         *self.sandbox.refusal.lock().expect("BUG: lock poisoned") = None;
         self.sandbox.exhausted.store(false, Ordering::Relaxed);
         self.sandbox.wrote_max_rowid.store(false, Ordering::Relaxed);
+        self.sandbox.cpu_exceeded.store(false, Ordering::Relaxed);
+        self.sandbox.memory_exceeded.store(false, Ordering::Relaxed);
         self.temp.take_exceeded();
     }
 
@@ -486,6 +527,16 @@ impl Database {
             let max = self.budget.max_vm_steps;
             let why = format!("the mutation ran past its budget of {max} SQLite VM instructions");
             return Some(Rejection::new(RejectionCode::TooExpensive, why));
+        }
+        if self.sandbox.cpu_exceeded.swap(false, Ordering::Relaxed) {
+            let ms = self.cpu_limit.map_or(0, |l| l.as_millis());
+            let why = format!("the mutation used more than {ms} ms of the server's CPU time");
+            return Some(Rejection::new(RejectionCode::TooExpensive, why));
+        }
+        if self.sandbox.memory_exceeded.swap(false, Ordering::Relaxed) {
+            let max = self.memory_bound();
+            let why = format!("the mutation needed SQLite to hold more than {max} bytes of memory at once");
+            return Some(Rejection::new(RejectionCode::TooBig, why));
         }
         if self.temp.take_exceeded() {
             let max = self.temp.max_bytes();

@@ -29,6 +29,8 @@ pub mod server;
 pub mod storage;
 pub mod store;
 mod vfs;
+#[cfg(not(target_arch = "wasm32"))]
+pub use vfs::meter::install as install_memory_meter;
 pub mod wire;
 
 pub use client::{

@@ -294,6 +294,17 @@ pub const DEFAULT_MAX_TEMP_BYTES: u64 = 64 << 20;
 /// The largest value by default: 16 MiB.
 pub const DEFAULT_MAX_VALUE_BYTES: u32 = 16 << 20;
 
+/// Bytes one mutation may make SQLite hold at once, above what it held when the mutation
+/// began (`db::Database::run_guarded`): 256 MiB, or sixteen of the largest values if that is
+/// more. Over it: `too_big`. Counted by SQLite's allocator, so a mutation near it may pass on
+/// one replica and not on another (what a connection has cached counts): the server decides.
+pub const MAX_MUTATION_MEMORY_BYTES: i64 = 256 << 20;
+
+/// CPU time one mutation may take on the server by default: 1 s, about eight times what the
+/// instruction budget allows the slowest kind of instruction. Past it: `too_expensive`. The
+/// machine decides it (see `vfs::watchdog`), so it bounds the server's runs only.
+pub const DEFAULT_MAX_MUTATION_CPU: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How many VM instructions pass between two calls of the progress handler. Small enough that
 /// an over-budget mutation stops within a millisecond of its budget, large enough that the
 /// handler costs nothing measurable.

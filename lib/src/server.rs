@@ -84,6 +84,9 @@ pub struct StepLimits {
     pub max_doc_bytes: Option<u64>,
     /// What each mutation may cost (instructions, bytes added, temp bytes, value size).
     pub budget: Budget,
+    /// CPU time one mutation may take (`Database::set_cpu_limit`): past it, it is interrupted
+    /// and rejected `too_expensive`. `DEFAULT_MAX_MUTATION_CPU` by default; `None`: unbounded.
+    pub max_mutation_cpu: Option<std::time::Duration>,
     /// VM instructions one step may run: once its mutations have run this many, the step
     /// ends and the rest wait for the next one, so a step (and the documents waiting behind
     /// it) is bounded in time. One mutation's budget by default.
@@ -117,6 +120,7 @@ impl Default for StepLimits {
             max_doc_bytes: None,
             budget: Budget::default(),
             max_step_vm_steps: crate::sandbox::DEFAULT_MAX_VM_STEPS,
+            max_mutation_cpu: Some(crate::sandbox::DEFAULT_MAX_MUTATION_CPU),
         }
     }
 }
@@ -358,6 +362,7 @@ impl<R: Reducer> ServerDocument<R> {
     pub fn with_reducer(storage: Box<dyn Journal>, reducer: R, limits: StepLimits) -> Result<Self> {
         let mut db = Database::open(PageStore::open(storage)?, crate::db::ConnMemory::Lean)?;
         db.set_budget(limits.budget)?;
+        db.set_cpu_limit(limits.max_mutation_cpu);
         let page = PAGE_SIZE as u64;
         db.set_max_doc_pages(
             limits.max_doc_bytes.map(|max| u32::try_from((max / page).max(1)).unwrap_or(u32::MAX)),

@@ -230,6 +230,8 @@ pub struct Limits {
     /// One document's database size; a mutation that would grow it past this is rejected
     /// with `doc_full`. `None`: no limit.
     pub max_doc_bytes: Option<u64>,
+    /// CPU time one mutation may take; past it: `too_expensive`. `None`: unbounded.
+    pub max_mutation_cpu: Option<std::time::Duration>,
     /// What one mutation may cost: VM instructions, bytes added, temp bytes, one value's size.
     pub budget: pagesync::Budget,
 }
@@ -241,6 +243,7 @@ impl Default for Limits {
             max_frame_bytes: pagesync::protocol::MAX_UPLOAD_FRAME_BYTES,
             max_mutation_bytes: pagesync::mutation::MAX_MUTATION_BYTES,
             max_doc_bytes: None,
+            max_mutation_cpu: Some(pagesync::sandbox::DEFAULT_MAX_MUTATION_CPU),
             budget: pagesync::Budget::default(),
         }
     }
@@ -783,6 +786,7 @@ pub async fn serve(
         max_doc_bytes: cfg.limits.max_doc_bytes,
         budget: cfg.limits.budget,
         max_step_vm_steps: cfg.limits.budget.max_vm_steps,
+        max_mutation_cpu: cfg.limits.max_mutation_cpu,
         ..StepLimits::default()
     };
     let compaction = cfg.compaction;

@@ -50,6 +50,11 @@ struct Args {
     /// The largest string or blob a statement may make; past it: `too_big`.
     #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_VALUE_BYTES)]
     max_value_bytes: u32,
+    /// CPU time one mutation may take, in ms; past it: `too_expensive` (the instruction budget
+    /// is the bound clients check too; this one catches instructions that each work through
+    /// a large value). 0: no bound.
+    #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_MUTATION_CPU.as_millis() as u64)]
+    max_mutation_cpu_ms: u64,
     /// Group commit: a document steps this long after its first queued mutation arrived.
     /// Default: 0 for file://, 100 for s3:// (fewer, larger puts).
     #[arg(long)]
@@ -404,6 +409,11 @@ fn main() -> std::process::ExitCode {
     // before any other thread runs.
     #[cfg(unix)]
     pagesync::journal::map_large_allocations(4 << 20);
+    // Before SQLite starts: the bound on what one mutation makes SQLite hold.
+    if !pagesync::install_memory_meter() {
+        eprintln!("error: SQLite started before its allocator could be metered");
+        return std::process::ExitCode::FAILURE;
+    }
     match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime.block_on(serve_main()),
         Err(e) => {
@@ -502,6 +512,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_frame_bytes: args.max_frame_bytes,
             max_mutation_bytes: args.max_mutation_bytes,
             max_doc_bytes: args.max_doc_bytes,
+            max_mutation_cpu: (args.max_mutation_cpu_ms > 0)
+                .then(|| std::time::Duration::from_millis(args.max_mutation_cpu_ms)),
             budget: pagesync::Budget {
                 max_vm_steps: args.max_mutation_vm_steps,
                 max_added_bytes: args.max_mutation_added_bytes,

@@ -2,7 +2,7 @@
 //! typed code, on the client's optimistic run and on the server, and changes nothing for anyone
 //! else. `server/tests/hostile_sql.rs` runs the same classes through the real binaries.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use pagesync::journal::Lsn;
 use pagesync::server::MAX_STEP_PAGES;
@@ -460,5 +460,90 @@ fn the_largest_rowid_is_refused_so_rowids_are_never_random() {
     let rows: i64 =
         server.database().conn().query_row("SELECT count(*) FROM notes", [], |r| r.get(0)).expect("count");
     assert_eq!(rows, 1);
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
+/// The peak resident memory of this process so far, in bytes (`VmHWM`).
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).expect("kB") << 10
+}
+
+/// Work that runs no VM instruction, or one instruction's worth, can still hold memory: a
+/// statement over views that each name other views eight times is copied out view by view
+/// before it runs (1.2 GB from a 30-byte `SELECT`, five layers deep), and one row of many
+/// 16 MB columns holds them all. What a mutation makes SQLite hold is bounded: past it, the
+/// allocation fails and the mutation is rejected `too_big`, the server none the worse.
+#[test]
+fn what_a_mutation_makes_sqlite_hold_is_bounded() {
+    assert!(pagesync::install_memory_meter(), "SQLite started before its allocator could be metered");
+    // Without the bound on CPU time, which would stop the copying of views too, a little later.
+    let limits = StepLimits { max_mutation_cpu: None, ..StepLimits::default() };
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
+    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    schema(&mut client, &mut server);
+    let cases = (0..1000).map(|i| format!("WHEN {i} THEN {i}")).collect::<Vec<_>>().join(" ");
+    let mut ddl = vec!["CREATE TABLE et(a)".to_owned()];
+    for k in 0..8 {
+        ddl.push(format!("CREATE VIEW v1_{k} AS SELECT CASE a {cases} END AS a FROM et"));
+    }
+    for layer in 2..=5 {
+        for k in 0..8 {
+            let from = (0..8).map(|x| format!("v{}_{x} AS x{x}", layer - 1)).collect::<Vec<_>>().join(", ");
+            ddl.push(format!("CREATE VIEW v{layer}_{k} AS SELECT max(x0.a) AS a FROM {from}"));
+        }
+    }
+    assert_eq!(raw_verdict(&mut server, 60, 1, sql(&ddl.join(";\n"), vec![])), None, "the views");
+    let columns = (0..40).map(|i| format!("printf('%.*c', 16000000 + n + {i}, 'x')")).collect::<Vec<_>>();
+    let hostile = [
+        "INSERT INTO notes(body) SELECT count(*) FROM v5_0".to_owned(),
+        format!("INSERT INTO notes(body) SELECT length(concat({})) FROM (SELECT 1 AS n)", columns.join(", ")),
+    ];
+    for (i, text) in hostile.iter().enumerate() {
+        let start = Instant::now();
+        let verdict = raw_verdict(&mut server, 61 + i as u128, 1, sql(text, vec![]));
+        let (code, why) = verdict.unwrap_or_else(|| panic!("case {i}: accepted"));
+        assert_eq!(code, "too_big", "case {i}: {why}");
+        assert!(why.contains("memory"), "case {i}: {why}");
+        assert!(start.elapsed() < Duration::from_secs(20), "case {i} took {:?}", start.elapsed());
+    }
+    let peak = peak_rss();
+    assert!(peak < 700 << 20, "the process held {} MB at its peak", peak >> 20);
+    // The document carries on.
+    let m = client.mutate(sql("INSERT INTO notes(body) VALUES ('after')", vec![]), T0, 2).expect("queued");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
+}
+
+/// One instruction may work through a whole value (a `printf`, a comparison, a `length()` of
+/// 16 MB takes milliseconds), so a mutation well inside its instruction budget ran for 35 s
+/// on the server, holding its document. The server bounds each mutation's CPU time too: past
+/// it, the mutation is interrupted and rejected `too_expensive`.
+#[test]
+fn the_server_bounds_a_mutations_cpu_time() {
+    let limits = StepLimits { max_mutation_cpu: Some(Duration::from_millis(300)), ..StepLimits::default() };
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
+    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    schema(&mut client, &mut server);
+    let slow = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c LIMIT 3000) \
+                INSERT INTO notes(body) SELECT 'x' FROM c WHERE length(printf('%.*c', 16000000 + n, 'x')) < 0";
+    let start = Instant::now();
+    let verdict = raw_verdict(&mut server, 80, 1, sql(slow, vec![]));
+    let took = start.elapsed();
+    let (code, why) = verdict.expect("rejected");
+    assert_eq!(code, "too_expensive", "{why}");
+    assert!(why.contains("300 ms") && why.contains("CPU"), "{why}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // What runs within it is untouched, and the connection is not left interrupted.
+    let m = client.mutate(sql("INSERT INTO notes(body) VALUES ('after')", vec![]), T0, 2).expect("queued");
+    push(&client, &mut server);
+    drain(&mut server, T0);
+    pull(&mut client, &server);
+    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }

@@ -1,5 +1,6 @@
-//! The SQLite VFS: the only unsafe code in this crate (the journal crate's `os` module is its
-//! one).
+//! The SQLite VFS, with the allocator that meters a mutation's memory (`meter`) and the
+//! watchdog on its CPU time (`watchdog`): the only unsafe code in this crate (the journal
+//! crate's `os` module is its one).
 //!
 //! Each open database registers its own VFS (`pagesync-<n>`) whose app data is a `VfsState`:
 //! - the main database file is the document's `PageStore` (behind a mutex shared with the
@@ -24,6 +25,11 @@ use std::sync::{Arc, Mutex};
 use rusqlite::ffi;
 
 use crate::store::PageStore;
+
+#[cfg(not(target_arch = "wasm32"))]
+pub mod meter;
+#[cfg(unix)]
+pub mod watchdog;
 
 /// Longest path SQLite may hand us; ours are short names.
 const MAX_PATHNAME: c_int = 512;
