@@ -462,6 +462,10 @@ impl Database {
         #[cfg(not(target_arch = "wasm32"))]
         if memory.refused() {
             self.sandbox.memory_exceeded.store(true, Ordering::Relaxed);
+            // What it held was mostly small allocations, now free but kept by the allocator.
+            drop(memory);
+            #[cfg(unix)]
+            pagesync_journal::release_free_memory();
         }
         self.sandbox.set_mode(Mode::System);
         out
