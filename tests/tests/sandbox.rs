@@ -547,3 +547,29 @@ fn the_server_bounds_a_mutations_cpu_time() {
     assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
+
+/// A step ends once its mutations have spent one mutation's CPU time, as it ends at one
+/// mutation's instructions: a queue of mutations that each stay inside both bounds but run
+/// instructions that work through large values (4,096 in a step, 1 s each) held a step
+/// thread, and the documents waiting for it, for an hour.
+#[test]
+fn a_step_ends_at_one_mutations_cpu_time() {
+    let (mut server, _) = setup();
+    let slow = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c LIMIT 8) \
+                SELECT count(*) FROM c WHERE length(printf('%.*c', 16000000 + n, 'x')) < 0";
+    let batch: Vec<_> = (0..40)
+        .map(|_| Mutation { client_time_ms: T0, seed: 1, body: sql(slow, vec![]) }.encode().expect("encode"))
+        .collect();
+    server.receive(TimelineId([9; 16]), Lsn::FIRST, batch);
+    let mut steps = Vec::new();
+    while server.queued() > 0 {
+        let start = Instant::now();
+        let outcome = server.step(T0).expect("step").expect("a step");
+        assert_eq!(outcome.rejected, 0, "each stays inside the bounds: {outcome:?}");
+        steps.push((outcome.applied, start.elapsed()));
+    }
+    assert!(steps.len() > 1 && steps[0].0 < 40, "one step ran them all: {steps:?}");
+    assert_eq!(steps.iter().map(|s| s.0).sum::<usize>(), 40);
+    let longest = steps.iter().map(|s| s.1).max().expect("steps");
+    assert!(longest < Duration::from_secs(3), "a step took {longest:?}: {steps:?}");
+}

@@ -79,6 +79,11 @@ fn cpu_ns(clock: libc::clockid_t) -> Option<i64> {
     (rc == 0).then(|| t.tv_sec.saturating_mul(1_000_000_000).saturating_add(t.tv_nsec))
 }
 
+/// The CPU time the calling thread has spent, in nanoseconds.
+pub fn this_thread_cpu_ns() -> Option<i64> {
+    cpu_ns(this_thread_clock()?)
+}
+
 /// Watches the calling thread while it lives: once the thread has spent `cpu` since now,
 /// `on_expiry` runs (on the watchdog's thread, at most once). `None` if the thread's CPU clock
 /// cannot be read, and then nothing is watched.
