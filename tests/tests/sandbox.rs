@@ -43,6 +43,16 @@ fn raw_verdict(
         .ok()
 }
 
+/// Writes `text` on the client, syncs both ways, and checks it confirmed and the pages agree.
+fn confirmed(client: &mut ClientDocument, server: &mut ServerDocument, text: &str, seed: u64) {
+    let m = client.mutate(sql(text, vec![]), T0, seed).expect("queued");
+    push(client, server);
+    drain(server, T0);
+    pull(client, server);
+    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed, "{text}");
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
+
 fn schema(client: &mut ClientDocument, server: &mut ServerDocument) {
     let ddl = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT NOT NULL CHECK (length(body) <= 10))";
     client.mutate(sql(ddl, vec![]), T0, 1).expect("ddl");
@@ -421,12 +431,12 @@ fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
     };
     let stock = rusqlite::Connection::open_in_memory().expect("stock SQLite");
     assert_eq!(answers(client.database().conn()), answers(&stock));
-    let m = client.mutate(sql("INSERT INTO notes(body) SELECT 'ok' WHERE 'Hello' LIKE 'h%' AND instr('abc', 'c') = 3 AND replace('a', 'a', 'b') = 'b' AND trim('xax', 'x') = 'a' AND json_patch('{}', '{\"a\":1}') = '{\"a\":1}'", vec![]), T0, 9).expect("queued");
-    push(&client, &mut server);
-    drain(&mut server, T0);
-    pull(&mut client, &server);
-    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
-    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+    confirmed(
+        &mut client,
+        &mut server,
+        "INSERT INTO notes(body) SELECT 'ok' WHERE 'Hello' LIKE 'h%' AND instr('abc', 'c') = 3 AND replace('a', 'a', 'b') = 'b' AND trim('xax', 'x') = 'a' AND json_patch('{}', '{\"a\":1}') = '{\"a\":1}'",
+        9,
+    );
 }
 
 /// After a row with the largest rowid, SQLite picks later rowids from its own random
@@ -512,11 +522,7 @@ fn what_a_mutation_makes_sqlite_hold_is_bounded() {
     let peak = peak_rss();
     assert!(peak < 700 << 20, "the process held {} MB at its peak", peak >> 20);
     // The document carries on.
-    let m = client.mutate(sql("INSERT INTO notes(body) VALUES ('after')", vec![]), T0, 2).expect("queued");
-    push(&client, &mut server);
-    drain(&mut server, T0);
-    pull(&mut client, &server);
-    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
+    confirmed(&mut client, &mut server, "INSERT INTO notes(body) VALUES ('after')", 2);
 }
 
 /// One instruction may work through a whole value (a `printf`, a comparison, a `length()` of
@@ -540,12 +546,7 @@ fn the_server_bounds_a_mutations_cpu_time() {
     assert!(why.contains("300 ms") && why.contains("CPU"), "{why}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     // What runs within it is untouched, and the connection is not left interrupted.
-    let m = client.mutate(sql("INSERT INTO notes(body) VALUES ('after')", vec![]), T0, 2).expect("queued");
-    push(&client, &mut server);
-    drain(&mut server, T0);
-    pull(&mut client, &server);
-    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Confirmed);
-    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+    confirmed(&mut client, &mut server, "INSERT INTO notes(body) VALUES ('after')", 2);
 }
 
 /// A step ends once its mutations have spent one mutation's CPU time, as it ends at one
