@@ -121,6 +121,8 @@ struct SandboxState {
     cpu_exceeded: AtomicBool,
     /// An allocation of the running mutation was refused (`vfs::meter`).
     memory_exceeded: AtomicBool,
+    /// The running mutation or query was allowed an `ALTER TABLE` (`sandbox::alter_bookkeeping`).
+    altering: AtomicBool,
 }
 
 /// After a row with this rowid, SQLite picks the rowids of later inserts at random from its
@@ -287,8 +289,18 @@ impl Database {
             if vtab_bookkeeping && mode != Mode::System && crate::vfs::statement_running(handle) {
                 return Authorization::Allow;
             }
+            // An ALTER TABLE rewrites the temp schema's text too (always empty here: app SQL
+            // cannot create TEMP objects): allowed once an ALTER was, for the rest of the run.
+            if sandbox.altering.load(Ordering::Relaxed) && crate::sandbox::alter_bookkeeping(&ctx) {
+                return Authorization::Allow;
+            }
             match crate::sandbox::refusal(mode, &ctx) {
-                None => Authorization::Allow,
+                None => {
+                    if matches!(ctx.action, rusqlite::hooks::AuthAction::AlterTable { .. }) {
+                        sandbox.altering.store(true, Ordering::Relaxed);
+                    }
+                    Authorization::Allow
+                }
                 Some(reason) => {
                     *sandbox.refusal.lock().expect("BUG: lock poisoned") = Some(reason);
                     Authorization::Deny
@@ -491,6 +503,7 @@ impl Database {
         self.sandbox.wrote_max_rowid.store(false, Ordering::Relaxed);
         self.sandbox.cpu_exceeded.store(false, Ordering::Relaxed);
         self.sandbox.memory_exceeded.store(false, Ordering::Relaxed);
+        self.sandbox.altering.store(false, Ordering::Relaxed);
         self.temp.take_exceeded();
     }
 

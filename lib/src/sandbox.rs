@@ -201,6 +201,13 @@ pub const ALLOWED_FUNCTIONS: &[&str] = &[
     "bm25",
     "highlight",
     "snippet",
+    // What SQLite's own `ALTER TABLE` (RENAME, RENAME COLUMN, DROP COLUMN) runs to rewrite the
+    // schema's text. Internal: app SQL that names them gets "no such function".
+    "sqlite_rename_column",
+    "sqlite_rename_table",
+    "sqlite_rename_test",
+    "sqlite_rename_quotefix",
+    "sqlite_drop_column",
 ];
 
 /// Functions SQLite has that app SQL may not call, and why. Together with
@@ -348,6 +355,20 @@ fn is_main(db: Option<&str>) -> bool {
     db.is_none_or(|d| d.eq_ignore_ascii_case("main"))
 }
 
+/// What SQLite's own `ALTER TABLE` does besides the main schema: it reads and rewrites the temp
+/// schema's text (`sqlite_temp_master`), which is empty here since app SQL cannot create TEMP
+/// objects. Allowed only after an `ALTER TABLE` was (`db.rs`).
+pub fn alter_bookkeeping(ctx: &AuthContext<'_>) -> bool {
+    let temp_schema = |t: &str| t.eq_ignore_ascii_case("sqlite_temp_master");
+    ctx.database_name.is_some_and(|d| d.eq_ignore_ascii_case("temp"))
+        && match ctx.action {
+            AuthAction::Read { table_name, .. } | AuthAction::Update { table_name, .. } => {
+                temp_schema(table_name)
+            }
+            _ => false,
+        }
+}
+
 /// Why app SQL in `mode` may not do what `ctx` describes, or `None` if it may.
 pub fn refusal(mode: Mode, ctx: &AuthContext<'_>) -> Option<String> {
     use AuthAction as A;
@@ -377,12 +398,19 @@ pub fn refusal(mode: Mode, ctx: &AuthContext<'_>) -> Option<String> {
         | A::CreateIndex { table_name, .. }
         | A::DropIndex { table_name, .. }
         | A::CreateTrigger { table_name, .. }
-        | A::DropTrigger { table_name, .. }
-        | A::AlterTable { table_name, .. } => {
+        | A::DropTrigger { table_name, .. } => {
             if is_system(table_name) {
                 return Some(format!("{table_name} is maintained by pagesync and read-only to apps"));
             }
             write(&format!("writing {table_name}"))
+        }
+        // The schema is its first argument: the last is the column a DROP COLUMN drops.
+        A::AlterTable { database_name, table_name } => {
+            if is_system(table_name) {
+                return Some(format!("{table_name} is maintained by pagesync and read-only to apps"));
+            }
+            (!is_main(Some(database_name)))
+                .then(|| format!("altering {table_name}: only the document's own (main) schema replicates"))
         }
         A::CreateView { view_name } | A::DropView { view_name } => write(&format!("view {view_name}")),
         A::CreateVtable { table_name, module_name } | A::DropVtable { table_name, module_name } => {
