@@ -358,9 +358,9 @@ impl Database {
     }
 
     /// Bytes one mutation may make SQLite hold above what it held before (`vfs::meter`):
-    /// `MAX_MUTATION_MEMORY_BYTES`, or sixteen of the largest values if that is more.
+    /// `MAX_MUTATION_MEMORY_BYTES`, or eight of the largest values if that is more.
     fn memory_bound(&self) -> i64 {
-        let values = i64::from(self.budget.max_value_bytes).saturating_mul(16);
+        let values = i64::from(self.budget.max_value_bytes).saturating_mul(8);
         values.max(crate::sandbox::MAX_MUTATION_MEMORY_BYTES)
     }
 

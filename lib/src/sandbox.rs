@@ -302,10 +302,12 @@ pub const DEFAULT_MAX_TEMP_BYTES: u64 = 64 << 20;
 pub const DEFAULT_MAX_VALUE_BYTES: u32 = 16 << 20;
 
 /// Bytes one mutation may make SQLite hold at once, above what it held when the mutation
-/// began (`db::Database::run_guarded`): 256 MiB, or sixteen of the largest values if that is
+/// began (`db::Database::run_guarded`): 128 MiB, or eight of the largest values if that is
 /// more. Over it: `too_big`. Counted by SQLite's allocator, so a mutation near it may pass on
 /// one replica and not on another (what a connection has cached counts): the server decides.
-pub const MAX_MUTATION_MEMORY_BYTES: i64 = 256 << 20;
+/// A server runs at most one mutation per step thread, so all of them hold at most eight
+/// times this (and their temp files, `DEFAULT_MAX_TEMP_BYTES` each): 1.5 GiB by default.
+pub const MAX_MUTATION_MEMORY_BYTES: i64 = 128 << 20;
 
 /// CPU time one mutation may take on the server by default: 1 s, about eight times what the
 /// instruction budget allows the slowest kind of instruction. Past it: `too_expensive`. The
