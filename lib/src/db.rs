@@ -123,6 +123,8 @@ struct SandboxState {
     memory_exceeded: AtomicBool,
     /// The running mutation or query was allowed an `ALTER TABLE` (`sandbox::alter_bookkeeping`).
     altering: AtomicBool,
+    /// The running mutation was allowed a statement that may grow the schema.
+    schema_grew: AtomicBool,
 }
 
 /// After a row with this rowid, SQLite picks the rowids of later inserts at random from its
@@ -296,8 +298,20 @@ impl Database {
             }
             match crate::sandbox::refusal(mode, &ctx) {
                 None => {
-                    if matches!(ctx.action, rusqlite::hooks::AuthAction::AlterTable { .. }) {
+                    use rusqlite::hooks::AuthAction as A;
+                    if matches!(ctx.action, A::AlterTable { .. }) {
                         sandbox.altering.store(true, Ordering::Relaxed);
+                    }
+                    if matches!(
+                        ctx.action,
+                        A::AlterTable { .. }
+                            | A::CreateTable { .. }
+                            | A::CreateIndex { .. }
+                            | A::CreateTrigger { .. }
+                            | A::CreateView { .. }
+                            | A::CreateVtable { .. }
+                    ) {
+                        sandbox.schema_grew.store(true, Ordering::Relaxed);
                     }
                     Authorization::Allow
                 }
@@ -318,15 +332,29 @@ impl Database {
         Ok(())
     }
 
-    /// Refuses the mutation that just ran if it wrote a row with rowid `MAX_ROWID`.
-    pub fn check_rowids(&self) -> std::result::Result<(), Rejection> {
-        if !self.sandbox.wrote_max_rowid.swap(false, Ordering::Relaxed) {
-            return Ok(());
+    /// Refuses the mutation that just ran if it wrote a row with rowid `MAX_ROWID`, or grew the
+    /// schema past `MAX_SCHEMA_BYTES`.
+    pub fn check_written(&self) -> std::result::Result<(), Rejection> {
+        if self.sandbox.wrote_max_rowid.swap(false, Ordering::Relaxed) {
+            let why = format!(
+                "a rowid of {MAX_ROWID} is refused: after it SQLite picks rowids at random, differently on every replica"
+            );
+            return Err(Rejection::new(RejectionCode::Refused, why));
         }
-        let why = format!(
-            "a rowid of {MAX_ROWID} is refused: after it SQLite picks rowids at random, differently on every replica"
-        );
-        Err(Rejection::new(RejectionCode::Refused, why))
+        if self.sandbox.schema_grew.swap(false, Ordering::Relaxed) {
+            let max = crate::sandbox::MAX_SCHEMA_BYTES;
+            let size: i64 = self
+                .conn
+                .query_row("SELECT coalesce(sum(length(CAST(sql AS BLOB))), 0) FROM sqlite_schema", [], |r| {
+                    r.get(0)
+                })
+                .map_err(|e| Rejection::of_sqlite(&e))?;
+            if size > max {
+                let why = format!("the schema would hold {size} bytes of SQL, more than {max}");
+                return Err(Rejection::new(RejectionCode::TooBig, why));
+            }
+        }
+        Ok(())
     }
 
     /// Sets the budget every later mutation runs under. `Budget::UNLIMITED` also removes the
@@ -504,6 +532,7 @@ impl Database {
         self.sandbox.cpu_exceeded.store(false, Ordering::Relaxed);
         self.sandbox.memory_exceeded.store(false, Ordering::Relaxed);
         self.sandbox.altering.store(false, Ordering::Relaxed);
+        self.sandbox.schema_grew.store(false, Ordering::Relaxed);
         self.temp.take_exceeded();
     }
 

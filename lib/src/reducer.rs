@@ -361,7 +361,7 @@ pub fn apply_mutation(
         return Ok(Ok(()));
     }
     let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply_at(c, &mutation.body, time_ms));
-    let outcome = outcome.and_then(|()| db.check_rowids()).and_then(|()| flush_if_near_step_cap(db));
+    let outcome = outcome.and_then(|()| db.check_written()).and_then(|()| flush_if_near_step_cap(db));
     let Err(mut rejection) = outcome else {
         if let Some(key) = &once {
             // Unguarded: the system table is ours. Created here for documents older than it.

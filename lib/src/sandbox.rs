@@ -309,6 +309,12 @@ pub const DEFAULT_MAX_VALUE_BYTES: u32 = 16 << 20;
 /// times this (and their temp files, `DEFAULT_MAX_TEMP_BYTES` each): 1.5 GiB by default.
 pub const MAX_MUTATION_MEMORY_BYTES: i64 = 128 << 20;
 
+/// The SQL text a document's schema may hold (`sqlite_schema.sql`): 2 MiB, hundreds of tables.
+/// SQLite reads the whole schema again whenever a schema change is rolled back (a rejected
+/// mutation that created a table), outside any budget: with 7 MB of schema that cost 250 ms of
+/// the server's CPU per tiny mutation. A mutation that would grow it past this: `too_big`.
+pub const MAX_SCHEMA_BYTES: i64 = 2 << 20;
+
 /// CPU time one mutation may take on the server by default: 1 s, about eight times what the
 /// instruction budget allows the slowest kind of instruction. Past it: `too_expensive`. The
 /// machine decides it (see `vfs::watchdog`), so it bounds the server's runs only.

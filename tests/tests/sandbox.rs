@@ -586,3 +586,22 @@ fn a_step_ends_at_one_mutations_cpu_time() {
     let longest = steps.iter().map(|s| s.1).max().expect("steps");
     assert!(longest < Duration::from_secs(3), "a step took {longest:?}: {steps:?}");
 }
+
+/// SQLite reads the whole schema again whenever a schema change is rolled back, outside any
+/// budget (7 MB of schema made each tiny rejected `CREATE TABLE` cost the server 250 ms): the
+/// schema's SQL is bounded, and a mutation that would grow it past the bound is `too_big`.
+#[test]
+fn the_schema_is_bounded() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let table = |i: usize| format!("CREATE TABLE s{i}(a CHECK (a != '{}'))", "x".repeat(900_000));
+    assert_eq!(raw_verdict(&mut server, 50, 1, sql(&table(1), vec![])), None);
+    assert_eq!(raw_verdict(&mut server, 51, 1, sql(&table(2), vec![])), None);
+    let (code, why) = raw_verdict(&mut server, 52, 1, sql(&table(3), vec![])).expect("rejected");
+    assert_eq!(code, "too_big", "{why}");
+    assert!(why.contains("schema"), "{why}");
+    // Below the bound, and what does not grow the schema, still apply.
+    assert_eq!(raw_verdict(&mut server, 53, 1, sql("CREATE TABLE small(a)", vec![])), None);
+    assert_eq!(raw_verdict(&mut server, 54, 1, sql("DROP TABLE s1", vec![])), None);
+    assert_eq!(raw_verdict(&mut server, 55, 1, sql(&table(4), vec![])), None);
+}
