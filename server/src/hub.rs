@@ -415,7 +415,8 @@ fn run(
         }
         flush_outgoing(&mut session, &mut conns, &metrics, &mut events);
     }
-    // Shutdown: every step out on a worker comes back, then whatever is queued is applied.
+    // Shutdown: every step out on a worker comes back, then what is queued is applied, for at
+    // most `SHUTDOWN_FLUSH`.
     while session.jobs_out() > 0 {
         match rx.recv() {
             Ok(HubMsg::JobDone(done)) => session.job_done(*done, now_ms()),
@@ -423,12 +424,17 @@ fn run(
             Err(_) => break,
         }
     }
-    session.flush(now_ms());
+    let deadline = std::time::Instant::now() + SHUTDOWN_FLUSH;
+    session.flush_while(now_ms(), || std::time::Instant::now() < deadline);
     flush_outgoing(&mut session, &mut conns, &metrics, &mut events);
     if let Some(done) = stopping {
         let _ = done.send(());
     }
 }
+
+/// How long a shutdown goes on applying queued mutations (each bounded by its CPU time): what
+/// is still queued after it stays unacknowledged, and its clients send it again.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 type ExportReply = oneshot::Sender<Result<Vec<u8>, ExportError>>;
 

@@ -275,3 +275,37 @@ async fn http_get(port: u16, path: &str) -> Vec<u8> {
     assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out[..split]));
     out.split_off(split)
 }
+
+/// A mutation is stopped at the server's bound on CPU time (1 s by default), though it stays
+/// inside the instruction budget (3,000 `printf`s of 16 MB ran 35 s), and a shutdown does not
+/// wait for a queue of them: it applies what is queued for at most `SHUTDOWN_FLUSH`, and the
+/// rest stays unacknowledged for its client to send again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_bound_mutations_are_stopped_and_do_not_hold_a_shutdown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let slow = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c LIMIT 3000) \
+                SELECT count(*) FROM c WHERE length(printf('%.*c', 16000000 + n, 'x')) < 0";
+    let statements = vec![slow; 40];
+    let _ws = raw_mutations(port, DOC_C, EVIL, &statements).await;
+    // The first is rejected at its CPU bound.
+    let data = dir.path().join("reader");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        let out =
+            cli(port, &data, DOC_C, &["query", "SELECT code || ': ' || message FROM _pagesync_rejections"]);
+        let rows = String::from_utf8_lossy(&out.stdout).into_owned();
+        if rows.contains("too_expensive") {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "nothing rejected yet: {}", text(&out));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(first.contains("of the server's CPU time"), "{first}");
+    let started = Instant::now();
+    let term = Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status();
+    assert!(term.expect("kill").success(), "SIGTERM sent");
+    assert!(server.0.wait().expect("exit").success(), "a graceful shutdown exits 0");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "the shutdown waited {took:?} for the queue");
+}

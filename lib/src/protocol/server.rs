@@ -1919,9 +1919,19 @@ impl ServerSession {
     /// Steps every document with queued mutations until their queues are empty (or a step
     /// fails), here and now: for a shutdown, after every job came back.
     pub fn flush(&mut self, now_ms: i64) {
+        self.flush_while(now_ms, || true);
+    }
+
+    /// `flush`, asking `more` before each step: once it says no, what is still queued stays
+    /// unacknowledged, and its clients send it again (a shutdown is bounded in time however
+    /// much hostile work is queued).
+    pub fn flush_while(&mut self, now_ms: i64, mut more: impl FnMut() -> bool) {
         self.now_ms = self.now_ms.max(now_ms);
         for doc in self.doc_ids() {
             while self.docs.get(&doc).is_some_and(|o| o.queued() > 0) {
+                if !more() {
+                    return;
+                }
                 let open = self.docs.get_mut(&doc).expect("BUG: just checked");
                 open.retry_at = None;
                 open.queued_since = Some(self.now_ms.saturating_sub(self.options.commit_interval_ms));
