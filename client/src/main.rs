@@ -9,6 +9,36 @@ use clap::{Parser, Subcommand};
 use pagesync::{DocId, MutationState, Value};
 use pagesync_client::Client;
 
+// `println!` and `print!` that end the process quietly when what reads the output has gone
+// (`pagesync status | head`): Rust ignores SIGPIPE, and the std macros panic then. (SIGPIPE
+// is not restored instead: TLS writes use `writev`, which would then kill the client when a
+// server closes a `wss://` connection.)
+macro_rules! println {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+macro_rules! print {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            stdout_failed(e)
+        }
+    }};
+}
+
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: writing the output: {e}");
+    std::process::exit(1)
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "pagesync", about = "Local SQLite that syncs with a pagesync server")]
 struct Args {
@@ -329,8 +359,6 @@ fn to_tsv(v: &Value) -> String {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    #[cfg(unix)]
-    pagesync::journal::exit_quietly_on_closed_pipe();
     let args = Args::parse();
     match run(args).await {
         Ok(code) => code,

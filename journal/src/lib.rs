@@ -45,7 +45,7 @@ pub use memory::MemoryJournal;
 #[cfg(feature = "s3")]
 pub use object::{ObjectBackend, ObjectInfo, ObjectJournal, ObjectStats, StoreProblem};
 #[cfg(unix)]
-pub use os::{exit_quietly_on_closed_pipe, map_large_allocations, release_free_memory};
+pub use os::{map_large_allocations, release_free_memory};
 
 /// `Send` on native targets, nothing on wasm32, where a journal may hold browser handles
 /// (`JsValue`s are not `Send`) and everything runs on one thread anyway. A supertrait of

@@ -144,18 +144,6 @@ pub fn map_large_allocations(threshold: usize) {
     let _ = threshold;
 }
 
-/// Lets a command-line tool end quietly when what reads its output goes away (`... | head`),
-/// as Unix tools do: Rust ignores `SIGPIPE`, so a `println!` to a closed pipe panics. Only
-/// for processes whose sockets are written with `MSG_NOSIGNAL` (Rust's `TcpStream` on Linux),
-/// so that a peer closing a connection never kills them.
-pub fn exit_quietly_on_closed_pipe() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: sets the disposition of one signal to its default; no handler, no pointers.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
-}
-
 /// Gives the allocator's free memory back to the system (glibc's `malloc_trim`): after a
 /// burst of small allocations was freed (a mutation stopped at its memory bound), which would
 /// otherwise stay in the process. Does nothing where the allocator is not glibc's.

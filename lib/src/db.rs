@@ -85,9 +85,17 @@ const COSTLY: &[(&str, i32, u64)] = &[
 /// instruction takes (13 ns), at about 1.4 ns a comparison here.
 const BYTE_PAIRS_PER_STEP: u64 = 8;
 
+/// The subtype SQLite's JSON functions give JSON text (`'J'`).
+const JSON_SUBTYPE: std::ffi::c_uint = 74;
+
 /// A merge patch compares keys, not bytes: about 7 ns for each pair of entries (of 10 bytes or
 /// so) here, so one instruction for every 128 pairs of bytes.
 const JSON_BYTE_PAIRS_PER_STEP: u64 = 128;
+
+/// What a metered mutation may leave SQLite holding when it ends (mostly its cached statements'
+/// compiled programs) before the connection's statement cache is emptied.
+#[cfg(not(target_arch = "wasm32"))]
+const RETAINED_STATEMENT_BYTES: i64 = 8 << 20;
 
 /// A seeded SplitMix64 stream: small, fast, and the same on every target.
 #[derive(Debug, Clone)]
@@ -125,6 +133,8 @@ struct SandboxState {
     altering: AtomicBool,
     /// The running mutation was allowed a statement that may grow the schema.
     schema_grew: AtomicBool,
+    /// The running mutation renamed a table (`ALTER TABLE ... RENAME TO`).
+    renamed_table: AtomicBool,
 }
 
 /// After a row with this rowid, SQLite picks the rowids of later inserts at random from its
@@ -195,6 +205,11 @@ pub struct Database {
     page_cap: Cell<u32>,
     /// CPU time one mutation may take (`set_cpu_limit`), if bounded.
     cpu_limit: Option<std::time::Duration>,
+    /// Whether mutations' memory is bounded (`meter_memory`).
+    metered: bool,
+    /// The schema's objects named with `SYSTEM_PREFIX` before the running mutation, if it may
+    /// rename a table (`note_system_names`).
+    system_names: Mutex<Option<Vec<String>>>,
 }
 
 /// What a connection keeps in memory for speed.
@@ -252,6 +267,8 @@ impl Database {
             max_doc_pages: None,
             page_cap: Cell::new(0),
             cpu_limit: None,
+            metered: false,
+            system_names: Mutex::new(None),
         };
         db.configure()?;
         Ok(db)
@@ -302,6 +319,10 @@ impl Database {
                     if matches!(ctx.action, A::AlterTable { .. }) {
                         sandbox.altering.store(true, Ordering::Relaxed);
                     }
+                    if matches!(ctx.action, A::Function { function_name } if function_name.eq_ignore_ascii_case("sqlite_rename_table"))
+                    {
+                        sandbox.renamed_table.store(true, Ordering::Relaxed);
+                    }
                     if matches!(
                         ctx.action,
                         A::AlterTable { .. }
@@ -324,20 +345,38 @@ impl Database {
         let sandbox = self.sandbox.clone();
         self.conn.progress_handler(PROGRESS_INTERVAL_OPS, Some(move || sandbox.tick()))?;
         let sandbox = self.sandbox.clone();
-        self.conn.update_hook(Some(move |_: rusqlite::hooks::Action, _: &str, _: &str, rowid: i64| {
-            if rowid == MAX_ROWID && sandbox.mode() == Mode::Mutation {
-                sandbox.wrote_max_rowid.store(true, Ordering::Relaxed);
-            }
-        }))?;
+        // Inserts and updates: a document that held the rowid before this rule may delete it.
+        self.conn.update_hook(Some(
+            move |action: rusqlite::hooks::Action, _: &str, _: &str, rowid: i64| {
+                let writes = !matches!(action, rusqlite::hooks::Action::SQLITE_DELETE);
+                if writes && rowid == MAX_ROWID && sandbox.mode() == Mode::Mutation {
+                    sandbox.wrote_max_rowid.store(true, Ordering::Relaxed);
+                }
+            },
+        ))?;
         Ok(())
     }
 
     /// Refuses the mutation that just ran if it wrote a row with rowid `MAX_ROWID`, or grew the
     /// schema past `MAX_SCHEMA_BYTES`.
     pub fn check_written(&self) -> std::result::Result<(), Rejection> {
+        // It ran to its end: a bound that fired as it ended does not label a later rejection.
+        self.sandbox.cpu_exceeded.store(false, Ordering::Relaxed);
+        self.sandbox.memory_exceeded.store(false, Ordering::Relaxed);
         if self.sandbox.wrote_max_rowid.swap(false, Ordering::Relaxed) {
             let why = format!(
                 "a rowid of {MAX_ROWID} is refused: after it SQLite picks rowids at random, differently on every replica"
+            );
+            return Err(Rejection::new(RejectionCode::Refused, why));
+        }
+        let before = self.system_names.lock().expect("BUG: lock poisoned").take();
+        // The authorizer sees only a renamed table's old name: a table renamed to pagesync's
+        // prefix (`_pagesync_once`, on a document older than it) would forge its rows.
+        if self.sandbox.renamed_table.swap(false, Ordering::Relaxed)
+            && before.is_none_or(|b| self.names_with_system_prefix().map_or(true, |now| now != b))
+        {
+            let why = format!(
+                "a table may not be renamed to a name starting with {SYSTEM_PREFIX}: those are pagesync's"
             );
             return Err(Rejection::new(RejectionCode::Refused, why));
         }
@@ -378,11 +417,38 @@ impl Database {
         self.budget
     }
 
+    /// Before a mutation that may rename a table (its text says `rename`): notes the schema's
+    /// objects named with `SYSTEM_PREFIX`, which `check_written` compares after it.
+    pub fn note_system_names(&self, body: &[u8]) -> Result<()> {
+        let may_rename = body.windows(6).any(|w| w.eq_ignore_ascii_case(b"rename"));
+        let names = if may_rename { Some(self.names_with_system_prefix()?) } else { None };
+        *self.system_names.lock().expect("BUG: lock poisoned") = names;
+        Ok(())
+    }
+
+    fn names_with_system_prefix(&self) -> Result<Vec<String>> {
+        let sql = format!(
+            "SELECT type || ' ' || name || ' ' || tbl_name FROM sqlite_schema \
+             WHERE substr(name, 1, {n}) = '{SYSTEM_PREFIX}' OR substr(tbl_name, 1, {n}) = '{SYSTEM_PREFIX}' ORDER BY 1",
+            n = SYSTEM_PREFIX.len()
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let names = stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<Vec<String>>>()?;
+        Ok(names)
+    }
+
     /// Bounds the CPU time of every later mutation (`None`: unbounded): past it, the mutation
     /// is interrupted and rejected `too_expensive` (`vfs::watchdog`). Where the machine decides
     /// the verdict, so for the server, whose verdict every replica keeps.
     pub fn set_cpu_limit(&mut self, limit: Option<std::time::Duration>) {
         self.cpu_limit = limit;
+    }
+
+    /// Bounds what every later mutation makes SQLite hold (`memory_bound`; `vfs::meter`): past
+    /// it, the mutation is rejected `too_big`. The server's, like `set_cpu_limit`: what a
+    /// mutation allocates depends a little on what the connection has cached.
+    pub fn meter_memory(&mut self, on: bool) {
+        self.metered = on;
     }
 
     /// Bytes one mutation may make SQLite hold above what it held before (`vfs::meter`):
@@ -408,7 +474,13 @@ impl Database {
                 "SELECT {name}({})",
                 (1..=args).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
             );
-            let deterministic = flags | FunctionFlags::SQLITE_DETERMINISTIC;
+            // `json_patch` returns JSON text: with SQLite's JSON subtype, as the built-in does,
+            // so `json_object('k', json_patch(...))` nests an object, not a string.
+            let json_text = name == "json_patch";
+            let mut deterministic = flags | FunctionFlags::SQLITE_DETERMINISTIC;
+            if json_text {
+                deterministic |= FunctionFlags::SQLITE_RESULT_SUBTYPE;
+            }
             self.conn.create_scalar_function(name, args, deterministic, move |ctx| {
                 let len = |i: usize| match ctx.get_raw(i) {
                     rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => b.len() as u64,
@@ -427,7 +499,12 @@ impl Database {
                 let costly = costly.lock().expect("BUG: lock poisoned");
                 let mut stmt = costly.prepare_cached(&sql)?;
                 let values = (0..ctx.len()).map(|i| rusqlite::types::ToSqlOutput::Borrowed(ctx.get_raw(i)));
-                stmt.query_row(rusqlite::params_from_iter(values), |r| r.get::<_, rusqlite::types::Value>(0))
+                let value = stmt.query_row(rusqlite::params_from_iter(values), |r| {
+                    r.get::<_, rusqlite::types::Value>(0)
+                })?;
+                let subtype =
+                    (json_text && matches!(value, rusqlite::types::Value::Text(_))).then_some(JSON_SUBTYPE);
+                Ok((value, subtype))
             })?;
         }
         let rng = self.rng.clone();
@@ -487,8 +564,9 @@ impl Database {
         self.sandbox.max_steps.store(self.budget.max_vm_steps, Ordering::Relaxed);
         self.sandbox.ticks.store(0, Ordering::Relaxed);
         self.sandbox.set_mode(Mode::Mutation);
-        #[cfg(unix)]
-        let _cpu = self.cpu_limit.and_then(|limit| {
+        // Where a thread's CPU clock can be read (not macOS: clients there have no bound).
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        let cpu = self.cpu_limit.and_then(|limit| {
             let (sandbox, interrupt) = (self.sandbox.clone(), self.conn.get_interrupt_handle());
             let on_expiry = Box::new(move || {
                 sandbox.cpu_exceeded.store(true, Ordering::Relaxed);
@@ -497,15 +575,25 @@ impl Database {
             crate::vfs::watchdog::watch(limit, on_expiry)
         });
         #[cfg(not(target_arch = "wasm32"))]
-        let memory = crate::vfs::meter::Metered::start(self.memory_bound());
+        let memory = self.metered.then(|| crate::vfs::meter::Metered::start(self.memory_bound()));
         let out = f(&self.conn);
+        #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+        drop(cpu);
         #[cfg(not(target_arch = "wasm32"))]
-        if memory.refused() {
-            self.sandbox.memory_exceeded.store(true, Ordering::Relaxed);
-            // What it held was mostly small allocations, now free but kept by the allocator.
+        if let Some(memory) = memory {
+            let (refused, held) = (memory.refused(), memory.held());
             drop(memory);
-            #[cfg(unix)]
-            pagesync_journal::release_free_memory();
+            // Its statements stay in the connection's cache, each with its compiled program
+            // (up to `SQLITE_LIMIT_VDBE_OP` instructions): not when they hold this much.
+            if held > RETAINED_STATEMENT_BYTES {
+                self.conn.flush_prepared_statement_cache();
+            }
+            if refused {
+                self.sandbox.memory_exceeded.store(true, Ordering::Relaxed);
+                // What it held was mostly small allocations, now free but kept by the allocator.
+                #[cfg(unix)]
+                pagesync_journal::release_free_memory();
+            }
         }
         self.sandbox.set_mode(Mode::System);
         out
@@ -533,6 +621,7 @@ impl Database {
         self.sandbox.memory_exceeded.store(false, Ordering::Relaxed);
         self.sandbox.altering.store(false, Ordering::Relaxed);
         self.sandbox.schema_grew.store(false, Ordering::Relaxed);
+        self.sandbox.renamed_table.store(false, Ordering::Relaxed);
         self.temp.take_exceeded();
     }
 

@@ -360,6 +360,7 @@ pub fn apply_mutation(
         crate::db::run_cached(conn, RELEASE)?;
         return Ok(Ok(()));
     }
+    db.note_system_names(&mutation.body)?;
     let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply_at(c, &mutation.body, time_ms));
     let outcome = outcome.and_then(|()| db.check_written()).and_then(|()| flush_if_near_step_cap(db));
     let Err(mut rejection) = outcome else {

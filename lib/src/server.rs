@@ -212,9 +212,9 @@ struct Attempt<'a> {
 
 /// The CPU time of the calling thread in nanoseconds, where it can be read.
 fn thread_cpu_ns() -> Option<i64> {
-    #[cfg(unix)]
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     return crate::vfs::watchdog::this_thread_cpu_ns();
-    #[cfg(not(unix))]
+    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
     None
 }
 
@@ -375,6 +375,7 @@ impl<R: Reducer> ServerDocument<R> {
         let mut db = Database::open(PageStore::open(storage)?, crate::db::ConnMemory::Lean)?;
         db.set_budget(limits.budget)?;
         db.set_cpu_limit(limits.max_mutation_cpu);
+        db.meter_memory(true);
         let page = PAGE_SIZE as u64;
         db.set_max_doc_pages(
             limits.max_doc_bytes.map(|max| u32::try_from((max / page).max(1)).unwrap_or(u32::MAX)),

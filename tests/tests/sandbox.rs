@@ -437,9 +437,11 @@ fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
                  replace(12.5, '.', ','), replace('abc', '', 'x'), replace(NULL, 'a', 'b'), replace('aaa', 'a', NULL), \
                  trim('xxhixx', 'x'), ltrim('  hi '), rtrim('hi!?!', '!?'), trim('héé', 'é'), trim(NULL, 'a'), \
                  trim(1200, '0'), json_patch('{\"a\":1,\"b\":{\"c\":2}}', '{\"b\":{\"c\":null,\"d\":3}}'), \
-                 json(jsonb_patch('{\"a\":1}', '{\"a\":[1,2]}')), json_patch('[1]', 'null')";
+                 json(jsonb_patch('{\"a\":1}', '{\"a\":[1,2]}')), json_patch('[1]', 'null'), \
+                 json_object('k', json_patch('{\"a\":1}', '{\"b\":2}')), json_array(json_patch('{}', '{}')), \
+                 json_set('{}', '$.k', json_patch('{\"a\":1}', '{}'))";
     let answers = |conn: &rusqlite::Connection| -> Vec<rusqlite::types::Value> {
-        conn.query_row(cases, [], |r| (0..28).map(|i| r.get(i)).collect()).expect("answers")
+        conn.query_row(cases, [], |r| (0..31).map(|i| r.get(i)).collect()).expect("answers")
     };
     let stock = rusqlite::Connection::open_in_memory().expect("stock SQLite");
     assert_eq!(answers(client.database().conn()), answers(&stock));
@@ -604,4 +606,35 @@ fn the_schema_is_bounded() {
     assert_eq!(raw_verdict(&mut server, 53, 1, sql("CREATE TABLE small(a)", vec![])), None);
     assert_eq!(raw_verdict(&mut server, 54, 1, sql("DROP TABLE s1", vec![])), None);
     assert_eq!(raw_verdict(&mut server, 55, 1, sql(&table(4), vec![])), None);
+}
+
+/// The authorizer sees only the old name of a renamed table: renaming a table to pagesync's
+/// prefix (`_pagesync_once`, on a document older than that table) would forge pagesync's rows.
+/// It is refused; other renames apply.
+#[test]
+fn a_table_cannot_be_renamed_into_pagesyncs_names() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let hostile = [
+        "CREATE TABLE x(key TEXT PRIMARY KEY, applied_ms INT) WITHOUT ROWID; INSERT INTO x VALUES ('k', 1); \
+         ALTER TABLE x RENAME TO _pagesync_once",
+        "CREATE TABLE y(a); CREATE INDEX y_a ON y(a); ALTER TABLE y ReNaMe TO \"_pagesync_mine\"",
+    ];
+    for (i, text) in hostile.iter().enumerate() {
+        let (code, why) = raw_verdict(&mut server, 40 + i as u128, 1, sql(text, vec![])).expect("rejected");
+        // Where `_pagesync_once` exists SQLite itself refuses the first, as a name taken.
+        assert!(code == "refused" || (i == 0 && code == "error"), "{text}: {code} {why}");
+        assert!(why.contains("_pagesync_"), "{why}");
+    }
+    let tables: i64 = server
+        .database()
+        .conn()
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name IN ('x', 'y', 'y_a', '_pagesync_mine')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("schema");
+    assert_eq!(tables, 0, "the refused mutations left nothing behind");
+    confirmed(&mut client, &mut server, "CREATE TABLE z(a); ALTER TABLE z RENAME TO zz", 2);
 }

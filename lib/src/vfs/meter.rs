@@ -11,9 +11,9 @@
 //! `SQLITE_NOMEM`, rolls the statement back, and the mutation is rejected `too_big`.
 //!
 //! Other threads, and this one outside a mutation, pay one thread-local read per call. What a
-//! mutation allocates depends a little on what its connection has cached (a server's cold
-//! document reads pages a client's warm one has), so a mutation near the bound may pass on one
-//! replica and not another: the server's verdict is the one every replica keeps.
+//! mutation allocates depends a little on what its connection has cached (a cold document
+//! reads pages a warm one has), so only the server meters (`Database::meter_memory`), and its
+//! verdict is the one every replica keeps.
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
@@ -104,6 +104,11 @@ impl Metered {
     /// Whether an allocation was refused since `start`.
     pub fn refused(&self) -> bool {
         REFUSED.with(Cell::get)
+    }
+
+    /// Bytes held now above what the thread held at `start`.
+    pub fn held(&self) -> i64 {
+        HELD.with(Cell::get)
     }
 }
 

@@ -28,7 +28,7 @@ use crate::store::PageStore;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod meter;
-#[cfg(unix)]
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
 pub mod watchdog;
 
 /// Longest path SQLite may hand us; ours are short names.

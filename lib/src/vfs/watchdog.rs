@@ -6,7 +6,9 @@
 //! an hour. A thread of its own (`pagesync-watchdog`) reads the CPU clock of each thread that
 //! runs a watched mutation every `TICK`, and calls the mutation's `on_expiry` (which interrupts
 //! its connection: SQLite checks between instructions, and in its sorters) once that thread
-//! has spent the mutation's allowance since it began. Time spent waiting (for a page from
+//! has spent the mutation's allowance since it began, and again at every tick after: SQLite
+//! clears an interrupt when a statement starts with none running, so a mutation of several
+//! statements would otherwise run the rest unbounded. Time spent waiting (for a page from
 //! S3, for a lock) is not counted. Whether a mutation near the bound passes depends on the
 //! machine, so only the server uses it, and its verdict is the one every replica keeps.
 
@@ -16,14 +18,15 @@ use std::time::Duration;
 /// How often the watchdog reads the clocks while a watched mutation runs.
 const TICK: Duration = Duration::from_millis(10);
 
-/// What runs when a mutation has spent its CPU time: set a flag, interrupt its connection.
-pub type OnExpiry = Box<dyn FnOnce() + Send>;
+/// What runs when a mutation has spent its CPU time, at every tick until it ends: set a flag,
+/// interrupt its connection.
+pub type OnExpiry = Box<dyn Fn() + Send>;
 
 struct Watched {
     id: u64,
     clock: libc::clockid_t,
     deadline_ns: i64,
-    on_expiry: Option<OnExpiry>,
+    on_expiry: OnExpiry,
 }
 
 #[derive(Default)]
@@ -48,12 +51,10 @@ fn run(dog: &'static Dog) {
             while guard.1.is_empty() {
                 guard = dog.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
             }
-            for w in guard.1.iter_mut() {
-                if w.on_expiry.is_some() && cpu_ns(w.clock).is_some_and(|now| now >= w.deadline_ns) {
-                    // Under the lock: the mutation's `Watch` is not yet dropped, so it still runs.
-                    if let Some(expire) = w.on_expiry.take() {
-                        expire();
-                    }
+            for w in guard.1.iter() {
+                // Under the lock: the mutation's `Watch` is not yet dropped, so it still runs.
+                if cpu_ns(w.clock).is_some_and(|now| now >= w.deadline_ns) {
+                    (w.on_expiry)();
                 }
             }
         }
@@ -74,9 +75,8 @@ fn cpu_ns(clock: libc::clockid_t) -> Option<i64> {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: reads a clock into `t`; a thread that has exited gives an error, not a read.
     let rc = unsafe { libc::clock_gettime(clock, &mut t) };
-    // `time_t` and `c_long` are i64 where this builds (64-bit Linux); wider targets would need
-    // a conversion here.
-    (rc == 0).then(|| t.tv_sec.saturating_mul(1_000_000_000).saturating_add(t.tv_nsec))
+    #[allow(clippy::useless_conversion)] // `time_t` and `c_long` are i32 on 32-bit targets
+    (rc == 0).then(|| i64::from(t.tv_sec).saturating_mul(1_000_000_000).saturating_add(i64::from(t.tv_nsec)))
 }
 
 /// The CPU time the calling thread has spent, in nanoseconds.
@@ -85,7 +85,7 @@ pub fn this_thread_cpu_ns() -> Option<i64> {
 }
 
 /// Watches the calling thread while it lives: once the thread has spent `cpu` since now,
-/// `on_expiry` runs (on the watchdog's thread, at most once). `None` if the thread's CPU clock
+/// `on_expiry` runs (on the watchdog's thread, at every tick until the watch ends). `None` if the thread's CPU clock
 /// cannot be read, and then nothing is watched.
 pub fn watch(cpu: Duration, on_expiry: OnExpiry) -> Option<Watch> {
     let clock = this_thread_clock()?;
@@ -95,7 +95,7 @@ pub fn watch(cpu: Duration, on_expiry: OnExpiry) -> Option<Watch> {
     let mut guard = dog.watched.lock().unwrap_or_else(|p| p.into_inner());
     guard.0 += 1;
     let id = guard.0;
-    guard.1.push(Watched { id, clock, deadline_ns, on_expiry: Some(on_expiry) });
+    guard.1.push(Watched { id, clock, deadline_ns, on_expiry });
     if guard.1.len() == 1 {
         dog.wake.notify_one();
     }
