@@ -85,7 +85,7 @@ pub struct StepLimits {
     /// What each mutation may cost (instructions, bytes added, temp bytes, value size).
     pub budget: Budget,
     /// CPU time one mutation may take (`Database::set_cpu_limit`): past it, it is interrupted
-    /// and rejected `too_expensive`. A live step also ends once its mutations have spent it.
+    /// and rejected `too_expensive`. A live step also ends once it has run this long.
     /// `DEFAULT_MAX_MUTATION_CPU` by default; `None`: unbounded.
     pub max_mutation_cpu: Option<std::time::Duration>,
     /// VM instructions one step may run: once its mutations have run this many, the step
@@ -204,18 +204,35 @@ struct Attempt<'a> {
     lost: &'a HashMap<usize, Rejection>,
     entry_time_ms: i64,
     vm_budget: Option<u64>,
-    /// A live step's CPU time: the step thread's CPU clock when the batch began, and what the
-    /// batch may spend (`StepLimits::max_mutation_cpu`), over every attempt.
-    cpu_budget: Option<(i64, i64)>,
+    /// A live step's time: when the batch began, and how long it may run
+    /// (`StepLimits::max_mutation_cpu`), over every attempt.
+    time_budget: Option<(StepClock, std::time::Duration)>,
     origins: Option<&'a [Origin]>,
 }
 
-/// The CPU time of the calling thread in nanoseconds, where it can be read.
-fn thread_cpu_ns() -> Option<i64> {
-    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-    return crate::vfs::watchdog::this_thread_cpu_ns();
-    #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
+/// When a live step began: a monotonic clock (read in a few nanoseconds; a thread's CPU clock
+/// took a system call per mutation). None on wasm32, whose `Instant` panics; a browser runs no
+/// server.
+#[cfg(not(target_arch = "wasm32"))]
+type StepClock = std::time::Instant;
+#[cfg(target_arch = "wasm32")]
+type StepClock = ();
+
+fn step_started() -> Option<StepClock> {
+    #[cfg(not(target_arch = "wasm32"))]
+    return Some(std::time::Instant::now());
+    #[cfg(target_arch = "wasm32")]
     None
+}
+
+fn step_ran(started: &StepClock) -> std::time::Duration {
+    #[cfg(not(target_arch = "wasm32"))]
+    return started.elapsed();
+    #[cfg(target_arch = "wasm32")]
+    {
+        let () = started;
+        std::time::Duration::ZERO
+    }
 }
 
 /// Opens a document's history journal, creating it when asked (`true`: at the document's first
@@ -797,7 +814,7 @@ impl<R: Reducer> ServerDocument<R> {
     /// same path, so the pages stay deterministic. A mutation that would take the step past
     /// `MAX_STEP_PAGES` ends the batch before it, or is rejected when it comes first. With
     /// `may_end_early` (a live step, not a replay), the batch also ends once its mutations
-    /// have run `max_step_vm_steps`, or spent `max_mutation_cpu` of the thread's CPU time. A replay takes exactly the recorded batch. A live step
+    /// have run `max_step_vm_steps`, or once it has run for `max_mutation_cpu`. A replay takes exactly the recorded batch. A live step
     /// (`origins`: who sent each mutation) may end early, and records its mutations in the
     /// history; a replay takes exactly the recorded batch and records nothing.
     fn apply_batch(
@@ -816,17 +833,17 @@ impl<R: Reducer> ServerDocument<R> {
         // step's budget in the restarts too, so a run of them cannot hold the step for long.
         let mut burned = 0;
         // Instructions that each work through a large value take far more time than the
-        // instruction budget counts: the batch also ends once it has spent one mutation's CPU
-        // time, so a queue of such mutations holds a step thread for a second at a time.
-        let cpu_budget = self
+        // instruction budget counts: the batch also ends once it has run for one mutation's
+        // CPU time, so a queue of such mutations holds a step thread for a second at a time.
+        let time_budget = self
             .limits
             .max_mutation_cpu
             .filter(|_| may_end_early)
-            .and_then(|max| Some((thread_cpu_ns()?, i64::try_from(max.as_nanos()).unwrap_or(i64::MAX))));
+            .and_then(|max| Some((step_started()?, max)));
         loop {
             let budget = may_end_early.then(|| self.limits.max_step_vm_steps.saturating_sub(burned));
             let attempt =
-                Attempt { forget, lost: &lost, entry_time_ms, vm_budget: budget, cpu_budget, origins };
+                Attempt { forget, lost: &lost, entry_time_ms, vm_budget: budget, time_budget, origins };
             match self.try_apply_batch(&batch[..len], &time_of, attempt) {
                 Err((Some(i), Error::TransactionLost(r))) => {
                     burned += self.db.last_vm_steps();
@@ -914,8 +931,7 @@ impl<R: Reducer> ServerDocument<R> {
         time_of: &impl Fn(i64, usize) -> i64,
         attempt: Attempt<'_>,
     ) -> std::result::Result<(StepOutcome, usize), (Option<usize>, Error)> {
-        let Attempt { forget, lost, entry_time_ms, vm_budget, cpu_budget, origins } = attempt;
-        let cpu_spent = |(start, max): (i64, i64)| thread_cpu_ns().is_some_and(|now| now - start >= max);
+        let Attempt { forget, lost, entry_time_ms, vm_budget, time_budget, origins } = attempt;
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
         crate::db::run_cached(self.db.conn(), "BEGIN IMMEDIATE").map_err(conn_err)?;
         let mut applied = Vec::with_capacity(batch.len());
@@ -955,7 +971,8 @@ impl<R: Reducer> ServerDocument<R> {
             // Past the budget the step ends, but not before the mutations already known to end
             // the transaction: they are recorded now (skipped, so they cost nothing), never
             // run again in a later step.
-            let spent = vm_budget.is_some_and(|max| vm_steps >= max) || cpu_budget.is_some_and(cpu_spent);
+            let spent = vm_budget.is_some_and(|max| vm_steps >= max)
+                || time_budget.as_ref().is_some_and(|(started, max)| step_ran(started) >= *max);
             if spent && lost.keys().all(|&j| j <= i) {
                 break;
             }

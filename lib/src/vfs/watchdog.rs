@@ -18,6 +18,10 @@ use std::time::Duration;
 /// How often the watchdog reads the clocks while a watched mutation runs.
 const TICK: Duration = Duration::from_millis(10);
 
+/// Ticks without a watch before the watchdog sleeps until the next one (1 s): while mutations
+/// come, it ticks on, so starting a watch wakes no thread.
+const PARK_AFTER_IDLE_TICKS: u32 = 100;
+
 /// What runs when a mutation has spent its CPU time, at every tick until it ends: set a flag,
 /// interrupt its connection.
 pub type OnExpiry = Box<dyn Fn() + Send>;
@@ -25,13 +29,24 @@ pub type OnExpiry = Box<dyn Fn() + Send>;
 struct Watched {
     id: u64,
     clock: libc::clockid_t,
-    deadline_ns: i64,
+    limit_ns: i64,
+    /// The thread's CPU time when the watchdog first saw the watch: read there, not by the
+    /// watched thread, whose every mutation would otherwise pay a system call.
+    start_ns: Option<i64>,
     on_expiry: OnExpiry,
+}
+
+/// The watches, the last id given, and whether the watchdog sleeps until a watch comes.
+#[derive(Default)]
+struct Watches {
+    last_id: u64,
+    watched: Vec<Watched>,
+    parked: bool,
 }
 
 #[derive(Default)]
 struct Dog {
-    watched: Mutex<(u64, Vec<Watched>)>,
+    watches: Mutex<Watches>,
     wake: Condvar,
 }
 
@@ -45,16 +60,26 @@ fn dog() -> Option<&'static Dog> {
 }
 
 fn run(dog: &'static Dog) {
+    let mut idle = 0;
     loop {
         {
-            let mut guard = dog.watched.lock().unwrap_or_else(|p| p.into_inner());
-            while guard.1.is_empty() {
-                guard = dog.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
+            let mut guard = dog.watches.lock().unwrap_or_else(|p| p.into_inner());
+            idle = if guard.watched.is_empty() { idle + 1 } else { 0 };
+            if idle > PARK_AFTER_IDLE_TICKS {
+                guard.parked = true;
+                while guard.watched.is_empty() {
+                    guard = dog.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
+                }
+                guard.parked = false;
+                idle = 0;
             }
-            for w in guard.1.iter() {
-                // Under the lock: the mutation's `Watch` is not yet dropped, so it still runs.
-                if cpu_ns(w.clock).is_some_and(|now| now >= w.deadline_ns) {
-                    (w.on_expiry)();
+            for w in guard.watched.iter_mut() {
+                let Some(now) = cpu_ns(w.clock) else { continue };
+                match w.start_ns {
+                    None => w.start_ns = Some(now),
+                    // Under the lock: the mutation's `Watch` is not yet dropped, so it still runs.
+                    Some(start) if now.saturating_sub(start) >= w.limit_ns => (w.on_expiry)(),
+                    Some(_) => {}
                 }
             }
         }
@@ -62,12 +87,22 @@ fn run(dog: &'static Dog) {
     }
 }
 
-/// The CPU clock of the calling thread.
+/// The CPU clock of the calling thread (asked once per thread).
 fn this_thread_clock() -> Option<libc::clockid_t> {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: asks for the CPU clock of this thread, written to `clock`.
-    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
-    (rc == 0).then_some(clock)
+    thread_local! {
+        static CLOCK: std::cell::Cell<Option<Option<libc::clockid_t>>> = const { std::cell::Cell::new(None) };
+    }
+    CLOCK.with(|c| {
+        if let Some(known) = c.get() {
+            return known;
+        }
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: asks for the CPU clock of this thread, written to `clock`.
+        let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        let known = (rc == 0).then_some(clock);
+        c.set(Some(known));
+        known
+    })
 }
 
 /// Nanoseconds on `clock` (a thread's CPU time).
@@ -79,24 +114,19 @@ fn cpu_ns(clock: libc::clockid_t) -> Option<i64> {
     (rc == 0).then(|| i64::from(t.tv_sec).saturating_mul(1_000_000_000).saturating_add(i64::from(t.tv_nsec)))
 }
 
-/// The CPU time the calling thread has spent, in nanoseconds.
-pub fn this_thread_cpu_ns() -> Option<i64> {
-    cpu_ns(this_thread_clock()?)
-}
-
-/// Watches the calling thread while it lives: once the thread has spent `cpu` since now,
-/// `on_expiry` runs (on the watchdog's thread, at every tick until the watch ends). `None` if the thread's CPU clock
-/// cannot be read, and then nothing is watched.
+/// Watches the calling thread while it lives: once the thread has spent `cpu` (counted from
+/// when the watchdog first sees the watch, within a `TICK`), `on_expiry` runs (on the
+/// watchdog's thread, at every tick until the watch ends). `None` if the thread's CPU clock
+/// cannot be read, and then nothing is watched. Costs the caller no system call.
 pub fn watch(cpu: Duration, on_expiry: OnExpiry) -> Option<Watch> {
     let clock = this_thread_clock()?;
-    let start = cpu_ns(clock)?;
     let dog = dog()?;
-    let deadline_ns = start.saturating_add(i64::try_from(cpu.as_nanos()).unwrap_or(i64::MAX));
-    let mut guard = dog.watched.lock().unwrap_or_else(|p| p.into_inner());
-    guard.0 += 1;
-    let id = guard.0;
-    guard.1.push(Watched { id, clock, deadline_ns, on_expiry });
-    if guard.1.len() == 1 {
+    let limit_ns = i64::try_from(cpu.as_nanos()).unwrap_or(i64::MAX);
+    let mut guard = dog.watches.lock().unwrap_or_else(|p| p.into_inner());
+    guard.last_id += 1;
+    let id = guard.last_id;
+    guard.watched.push(Watched { id, clock, limit_ns, start_ns: None, on_expiry });
+    if guard.parked {
         dog.wake.notify_one();
     }
     Some(Watch { id, dog })
@@ -116,7 +146,7 @@ impl std::fmt::Debug for Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut guard = self.dog.watched.lock().unwrap_or_else(|p| p.into_inner());
-        guard.1.retain(|w| w.id != self.id);
+        let mut guard = self.dog.watches.lock().unwrap_or_else(|p| p.into_inner());
+        guard.watched.retain(|w| w.id != self.id);
     }
 }
