@@ -564,7 +564,7 @@ impl Database {
         self.sandbox.max_steps.store(self.budget.max_vm_steps, Ordering::Relaxed);
         self.sandbox.ticks.store(0, Ordering::Relaxed);
         self.sandbox.set_mode(Mode::Mutation);
-        // Where a thread's CPU clock can be read (not macOS: clients there have no bound).
+        // Where a thread's CPU clock can be read (not macOS: a server there has no CPU bound).
         #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
         let cpu = self.cpu_limit.and_then(|limit| {
             let (sandbox, interrupt) = (self.sandbox.clone(), self.conn.get_interrupt_handle());
