@@ -814,9 +814,9 @@ impl<R: Reducer> ServerDocument<R> {
     /// same path, so the pages stay deterministic. A mutation that would take the step past
     /// `MAX_STEP_PAGES` ends the batch before it, or is rejected when it comes first. With
     /// `may_end_early` (a live step, not a replay), the batch also ends once its mutations
-    /// have run `max_step_vm_steps`, or once it has run for `max_mutation_cpu`. A replay takes exactly the recorded batch. A live step
-    /// (`origins`: who sent each mutation) may end early, and records its mutations in the
-    /// history; a replay takes exactly the recorded batch and records nothing.
+    /// have run `max_step_vm_steps`, or once it has run for `max_mutation_cpu`. A live step
+    /// (`origins`: who sent each mutation) records its mutations in the history; a replay
+    /// takes exactly the recorded batch and records nothing.
     fn apply_batch(
         &mut self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
