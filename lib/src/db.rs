@@ -209,7 +209,7 @@ pub struct Database {
     metered: bool,
     /// The schema's objects named with `SYSTEM_PREFIX` before the running mutation, if it may
     /// rename a table (`note_system_names`).
-    system_names: Mutex<Option<Vec<String>>>,
+    system_names: std::cell::RefCell<Option<Vec<String>>>,
 }
 
 /// What a connection keeps in memory for speed.
@@ -268,7 +268,7 @@ impl Database {
             page_cap: Cell::new(0),
             cpu_limit: None,
             metered: false,
-            system_names: Mutex::new(None),
+            system_names: std::cell::RefCell::new(None),
         };
         db.configure()?;
         Ok(db)
@@ -315,24 +315,27 @@ impl Database {
             }
             match crate::sandbox::refusal(mode, &ctx) {
                 None => {
+                    // What the mutation did that `check_written` looks at afterwards.
                     use rusqlite::hooks::AuthAction as A;
-                    if matches!(ctx.action, A::AlterTable { .. }) {
-                        sandbox.altering.store(true, Ordering::Relaxed);
-                    }
-                    if matches!(ctx.action, A::Function { function_name } if function_name.eq_ignore_ascii_case("sqlite_rename_table"))
-                    {
-                        sandbox.renamed_table.store(true, Ordering::Relaxed);
-                    }
-                    if matches!(
-                        ctx.action,
-                        A::AlterTable { .. }
-                            | A::CreateTable { .. }
-                            | A::CreateIndex { .. }
-                            | A::CreateTrigger { .. }
-                            | A::CreateView { .. }
-                            | A::CreateVtable { .. }
-                    ) {
-                        sandbox.schema_grew.store(true, Ordering::Relaxed);
+                    let flag = match ctx.action {
+                        A::AlterTable { .. } => {
+                            sandbox.altering.store(true, Ordering::Relaxed);
+                            Some(&sandbox.schema_grew)
+                        }
+                        A::CreateTable { .. }
+                        | A::CreateIndex { .. }
+                        | A::CreateTrigger { .. }
+                        | A::CreateView { .. }
+                        | A::CreateVtable { .. } => Some(&sandbox.schema_grew),
+                        A::Function { function_name }
+                            if function_name.eq_ignore_ascii_case("sqlite_rename_table") =>
+                        {
+                            Some(&sandbox.renamed_table)
+                        }
+                        _ => None,
+                    };
+                    if let Some(flag) = flag {
+                        flag.store(true, Ordering::Relaxed);
                     }
                     Authorization::Allow
                 }
@@ -369,7 +372,7 @@ impl Database {
             );
             return Err(Rejection::new(RejectionCode::Refused, why));
         }
-        let before = self.system_names.lock().expect("BUG: lock poisoned").take();
+        let before = self.system_names.take();
         // The authorizer sees only a renamed table's old name: a table renamed to pagesync's
         // prefix (`_pagesync_once`, on a document older than it) would forge its rows.
         if self.sandbox.renamed_table.swap(false, Ordering::Relaxed)
@@ -422,7 +425,7 @@ impl Database {
     pub fn note_system_names(&self, body: &[u8]) -> Result<()> {
         let may_rename = body.windows(6).any(|w| w.eq_ignore_ascii_case(b"rename"));
         let names = if may_rename { Some(self.names_with_system_prefix()?) } else { None };
-        *self.system_names.lock().expect("BUG: lock poisoned") = names;
+        self.system_names.replace(names);
         Ok(())
     }
 

@@ -393,6 +393,15 @@ pub fn refusal(mode: Mode, ctx: &AuthContext<'_>) -> Option<String> {
         }
         None
     };
+    // A table's schema is where the action names it: for ALTER TABLE, its first argument (the
+    // last is the column a DROP COLUMN drops).
+    let table = |table_name: &str, schema: Option<&str>| -> Option<String> {
+        if is_system(table_name) {
+            return Some(format!("{table_name} is maintained by pagesync and read-only to apps"));
+        }
+        (!is_main(schema))
+            .then(|| format!("writing {table_name}: only the document's own (main) schema replicates"))
+    };
     match ctx.action {
         A::Select | A::Recursive => None,
         A::Read { table_name, .. } => read(db, table_name),
@@ -406,20 +415,8 @@ pub fn refusal(mode: Mode, ctx: &AuthContext<'_>) -> Option<String> {
         | A::CreateIndex { table_name, .. }
         | A::DropIndex { table_name, .. }
         | A::CreateTrigger { table_name, .. }
-        | A::DropTrigger { table_name, .. } => {
-            if is_system(table_name) {
-                return Some(format!("{table_name} is maintained by pagesync and read-only to apps"));
-            }
-            write(&format!("writing {table_name}"))
-        }
-        // The schema is its first argument: the last is the column a DROP COLUMN drops.
-        A::AlterTable { database_name, table_name } => {
-            if is_system(table_name) {
-                return Some(format!("{table_name} is maintained by pagesync and read-only to apps"));
-            }
-            (!is_main(Some(database_name)))
-                .then(|| format!("altering {table_name}: only the document's own (main) schema replicates"))
-        }
+        | A::DropTrigger { table_name, .. } => table(table_name, db),
+        A::AlterTable { database_name, table_name } => table(table_name, Some(database_name)),
         A::CreateView { view_name } | A::DropView { view_name } => write(&format!("view {view_name}")),
         A::CreateVtable { table_name, module_name } | A::DropVtable { table_name, module_name } => {
             if !named(ALLOWED_VTAB_MODULES, module_name) {

@@ -401,8 +401,8 @@ fn rejection_codes_have_stable_strings() {
 /// One call of a pattern match, a search, a replace, a trim or a JSON merge patch compares its
 /// arguments at up to every pair of positions: a mutation pays for that by its arguments'
 /// lengths before the call runs (one such `LIKE` over 16 MB held its document for 555 s inside
-/// the instruction budget). The
-/// server rejects it `too_expensive` at once, and each still answers as SQLite's own does.
+/// the instruction budget). The server rejects it `too_expensive` at once, and each still
+/// answers as SQLite's own does.
 #[test]
 fn pattern_matches_searches_and_replaces_pay_for_their_lengths() {
     let (mut server, mut client) = setup();
