@@ -261,15 +261,9 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         }
         // The head a GET would have, with its length, and no body (RFC 9110, 9.3.2).
         "/healthz" if req.method == "HEAD" => {
-            let _ = tokio::time::timeout(HEAD_TIMEOUT, async {
-                let mut stream = stream;
-                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 3\r\nconnection: close\r\n\r\n";
-                stream.write_all(head.as_bytes()).await?;
-                stream.shutdown().await
-            })
-            .await;
+            send(stream, &answer_head("200 OK", &[], "text/plain", HEALTHY.len()), b"").await
         }
-        "/healthz" => respond(stream, "200 OK", "text/plain", "ok\n").await,
+        "/healthz" => respond(stream, "200 OK", "text/plain", HEALTHY).await,
         "/metrics" => match authorize_metrics(routes, &req) {
             Ok(()) => respond(stream, "200 OK", "text/plain; version=0.0.4", routes.metrics.render()).await,
             Err((status, why)) => respond(stream, status, "text/plain", why).await,
@@ -729,18 +723,29 @@ async fn respond(stream: TcpStream, status: &str, content_type: &str, body: impl
 
 /// `respond`, with more header lines.
 async fn respond_with(
-    mut stream: TcpStream,
+    stream: TcpStream,
     status: &str,
     headers: &[(&str, &str)],
     content_type: &str,
     body: impl AsRef<[u8]>,
 ) {
     let body = body.as_ref();
+    send(stream, &answer_head(status, headers, content_type, body.len()), body).await
+}
+
+/// What `GET /healthz` answers.
+const HEALTHY: &str = "ok\n";
+
+/// The head of an answer whose body is `len` bytes.
+fn answer_head(status: &str, headers: &[(&str, &str)], content_type: &str, len: usize) -> String {
     let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let head = format!(
-        "HTTP/1.1 {status}\r\n{extra}content-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
+    format!(
+        "HTTP/1.1 {status}\r\n{extra}content-type: {content_type}\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n"
+    )
+}
+
+/// Writes an answer and closes, within a deadline.
+async fn send(mut stream: TcpStream, head: &str, body: &[u8]) {
     let write = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body).await?;
