@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use pagesync::journal::{FileJournal, FileJournalOptions, JournalId};
+use pagesync::journal::{FileJournal, FileJournalOptions};
 /// Another client with a document open, as presence shows it (`Document::presence`).
 pub use pagesync::protocol::Peer;
 use pagesync::protocol::{ClientSession, DocStatus, Route};
@@ -75,6 +75,9 @@ pub enum ClientError {
     ReplicaBusy { dir: PathBuf, holder: String },
     #[error(transparent)]
     Lock(pagesync::journal::LockError),
+    /// A file operation on the client's data directory failed (the error is in the message).
+    #[error("cannot {op} {}: {error}", path.display())]
+    Io { op: &'static str, path: PathBuf, error: std::io::Error },
     /// The server's history could not be read (unreachable, refused, or not kept).
     #[error("reading the history: {0}")]
     History(String),
@@ -195,6 +198,13 @@ impl Shared {
         self.writes.lock().expect("BUG: write queue lock poisoned")
     }
 
+    /// The server `doc` syncs with: home, or where it was redirected.
+    fn server_url(&self, doc: DocId) -> String {
+        let s = self.session();
+        let url = s.route_of(doc).cloned().flatten().or_else(|| s.home_url().map(str::to_owned));
+        url.unwrap_or_else(|| self.homes[0].clone())
+    }
+
     fn bump(&self) {
         self.changed.send_modify(|n| *n += 1);
     }
@@ -309,12 +319,15 @@ impl Client {
         let Some(first) = homes.first().cloned() else {
             return Err(ClientError::Connect(format!("no server URL in {url:?}")));
         };
+        // A URL no connection can use is refused here, not after a connection timeout.
+        for home in &homes {
+            tls::host_port(home).map_err(ClientError::Refused)?;
+        }
         let data_dir = data_dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&data_dir).map_err(|source| pagesync::journal::JournalError::Io {
-            journal: JournalId::from_u128(0),
-            op: "create data directory",
+        std::fs::create_dir_all(&data_dir).map_err(|error| ClientError::Io {
+            op: "create the data directory",
             path: data_dir.clone(),
-            source,
+            error,
         })?;
         let shared = Arc::new(Shared {
             session: Mutex::new(ClientSession::new(token)),
@@ -336,6 +349,16 @@ impl Client {
         let driver = tokio::spawn(drive(homes, shared.clone()));
         let syncer = tokio::spawn(sync_timelines(shared.clone()));
         Ok(Client { shared, driver, syncer })
+    }
+
+    /// A page of `doc`'s history, as `Document::history` reads it, without opening a replica
+    /// of it: nothing is created, here or on the server (a mistyped id is `not_found`).
+    pub async fn history(
+        &self,
+        doc: DocId,
+        query: pagesync::history::HistoryQuery,
+    ) -> Result<pagesync::history::HistoryPage> {
+        read_history(&self.shared, doc, query).await
     }
 
     /// Opens (or creates) a document's local replica and starts syncing it. The replica's
@@ -688,24 +711,12 @@ impl Document {
         &self,
         query: pagesync::history::HistoryQuery,
     ) -> Result<pagesync::history::HistoryPage> {
-        let url = self.server_url();
-        let (fetcher, doc) = (self.shared.fetcher.clone(), self.id);
-        let read = move || {
-            let mut fetcher = fetcher.lock().expect("BUG: lock poisoned");
-            fetcher.use_url(&url);
-            fetcher.history(doc, query)
-        };
-        match tokio::task::spawn_blocking(read).await {
-            Ok(page) => page.map_err(ClientError::History),
-            Err(e) => Err(ClientError::History(e.to_string())),
-        }
+        read_history(&self.shared, self.id, query).await
     }
 
     /// The server this document syncs with: home, or where it was redirected.
     fn server_url(&self) -> String {
-        let s = self.shared.session();
-        let url = s.route_of(self.id).cloned().flatten().or_else(|| s.home_url().map(str::to_owned));
-        url.unwrap_or_else(|| self.shared.homes[0].clone())
+        self.shared.server_url(self.id)
     }
 
     /// The query on the server's state: `None` when the server could not be asked (the
@@ -991,11 +1002,10 @@ pub fn forget(data_dir: impl AsRef<Path>, doc: DocId) -> Result<bool> {
             pagesync::journal::LockError::Held { dir, holder } => ClientError::ReplicaBusy { dir, holder },
             e => ClientError::Lock(e),
         })?;
-    std::fs::remove_dir_all(&dir).map_err(|source| pagesync::journal::JournalError::Io {
-        journal: JournalId::from_u128(0),
+    std::fs::remove_dir_all(&dir).map_err(|error| ClientError::Io {
         op: "remove the replica",
         path: dir.clone(),
-        source,
+        error,
     })?;
     Ok(true)
 }
@@ -1161,7 +1171,7 @@ fn refuses_for_good(e: &tokio_tungstenite::tungstenite::Error) -> bool {
     match e {
         E::Http(response) => {
             let status = response.status();
-            status.is_client_error() && !matches!(status.as_u16(), 408 | 429)
+            (status.is_client_error() && !matches!(status.as_u16(), 408 | 429)) || status.is_success()
         }
         E::Url(_) => true,
         _ => false,
@@ -1263,7 +1273,8 @@ fn explain_connect_error(url: &str, e: &tokio_tungstenite::tungstenite::Error) -
         E::Http(response) => {
             let status = response.status();
             let hint = match status.as_u16() {
-                404 => {
+                // Something answered that is not the sync endpoint (`/healthz`, a web page).
+                200..=299 | 404 => {
                     let base = url.split("/v1/").next().unwrap_or(url).trim_end_matches('/');
                     let base = base.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
                     format!(": the sync endpoint is {base}/v1/sync")
@@ -1326,6 +1337,24 @@ async fn read_ahead(
         if tx.send((decoded, permit)).is_err() {
             return;
         }
+    }
+}
+
+/// Reads a page of `doc`'s history from the server it syncs with, on a blocking thread.
+async fn read_history(
+    shared: &Shared,
+    doc: DocId,
+    query: pagesync::history::HistoryQuery,
+) -> Result<pagesync::history::HistoryPage> {
+    let (url, fetcher) = (shared.server_url(doc), shared.fetcher.clone());
+    let read = move || {
+        let mut fetcher = fetcher.lock().expect("BUG: lock poisoned");
+        fetcher.use_url(&url);
+        fetcher.history(doc, query)
+    };
+    match tokio::task::spawn_blocking(read).await {
+        Ok(page) => page.map_err(ClientError::History),
+        Err(e) => Err(ClientError::History(e.to_string())),
     }
 }
 

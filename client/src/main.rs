@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use pagesync::{DocId, MutationState, Value};
 use pagesync_client::Client;
@@ -71,14 +72,16 @@ enum Command {
     /// Run a write locally and push it (it stays queued if the server is unreachable).
     Exec {
         sql: String,
-        /// Parameters ?1, ?2, ...: integers, reals, `null`, or text.
+        /// Parameters ?1, ?2, ...: `null`; an integer or a real when it reads back exactly as
+        /// typed (`7`, `1.5`; not `007` or `1e3`, which are text); text otherwise, or in
+        /// single quotes (`'7'`).
         params: Vec<String>,
         /// Do not wait for the server.
         #[arg(long)]
         offline: bool,
     },
     /// Call a server-defined mutator (see `pagesync-server --mutators`): NAME, then its
-    /// arguments (integers, reals, `null`, or text). Runs locally at once, then on the server,
+    /// arguments (as `exec` reads its parameters). Runs locally at once, then on the server,
     /// which decides; exits non-zero when the server rejects it (with the app's message).
     Call {
         name: String,
@@ -90,6 +93,7 @@ enum Command {
     /// Run a read-only query on the local replica (after a short sync).
     Query {
         sql: String,
+        /// Parameters ?1, ?2, ..., as `exec` reads them.
         params: Vec<String>,
         /// Print the rows as a JSON array of objects, keys in the query's column order.
         #[arg(long, conflicts_with = "json_rows")]
@@ -97,6 +101,7 @@ enum Command {
         /// Print `{"columns": [...], "rows": [[...], ...]}` (also keeps duplicate column names).
         #[arg(long)]
         json_rows: bool,
+        /// Query the local replica as it is, without asking the server.
         #[arg(long)]
         offline: bool,
     },
@@ -110,14 +115,18 @@ enum Command {
     /// stay for --stay-ms so they see it (they see this client leave when it exits).
     Broadcast {
         text: String,
+        /// How long to stay after sending, in milliseconds (the others see this client leave
+        /// when it exits).
         #[arg(long, default_value_t = 0)]
         stay_ms: u64,
     },
     /// Who else has the document open: one line per peer (id, subject, last broadcast), or
     /// `--json`; with `--watch`, a new listing whenever it changes, until interrupted.
     Presence {
+        /// Print a JSON array of `{"id", "subject", "timeline", "value"}`.
         #[arg(long)]
         json: bool,
+        /// Print a new listing whenever it changes, until interrupted.
         #[arg(long)]
         watch: bool,
     },
@@ -166,12 +175,12 @@ fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
     println!("confirmed\t{}", outcomes.confirmed);
     println!("rejected\t{}", outcomes.rejected.len());
     for (lsn, r) in outcomes.rejected {
-        println!("rejected {lsn}\t{}\t{}", r.code, r.message);
+        println!("rejected {lsn}\t{}\t{}", r.code, tsv_text(&r.message));
     }
     if st.deleted {
         println!("deleted\tthe server deleted this document; `pagesync forget` removes the local replica");
     } else if let Some((code, message)) = st.error {
-        println!("server error\t{code}\t{message}");
+        println!("server error\t{code}\t{}", tsv_text(&message));
     }
     Ok(())
 }
@@ -186,6 +195,14 @@ fn refused_for_good(e: &pagesync_client::ClientError) -> bool {
             !pagesync::protocol::codes::passes(code) && code != pagesync::protocol::codes::LIMIT
         }
         _ => false,
+    }
+}
+
+/// What a refusal says, without "the server reported" after "the server refused".
+fn why_refused(e: &pagesync_client::ClientError) -> String {
+    match e {
+        pagesync_client::ClientError::Server { code, message } => format!("{code}: {message}"),
+        e => e.to_string(),
     }
 }
 
@@ -204,7 +221,11 @@ async fn settle(
         // path, refused credentials, an error that does not pass), it stays queued too, but
         // nothing will send it until something changes: a script must hear that.
         if refused_for_good(&e) {
-            eprintln!("mutation {} is queued locally, but the server refused it: {e}", done.lsn);
+            eprintln!(
+                "mutation {} is queued locally, but the server refused it: {}",
+                done.lsn,
+                why_refused(&e)
+            );
             return Ok(ExitCode::FAILURE);
         }
         eprintln!("mutation {} is pending: {e}", done.lsn);
@@ -309,16 +330,29 @@ fn progress_bar(p: pagesync_client::SyncProgress) -> String {
     format!("syncing [{bar}] {}/{} entries, {} writes pending ", p.entries, p.server_entries, p.pending)
 }
 
+/// A parameter as typed: `null` is NULL; a number only when it reads back exactly as typed
+/// (`7`, `-3`, `1.5`, `2.0`), so nothing typed is changed on the way (`007`, `+1`, `1e3`,
+/// `1.10`, `NaN` or a number too large for 64 bits stay text); anything in single quotes is
+/// text without them (`'7'`, `'null'`).
 fn parse_param(p: &str) -> Value {
-    if p == "null" {
-        Value::Null
-    } else if let Ok(i) = p.parse::<i64>() {
-        Value::Integer(i)
-    } else if let Ok(f) = p.parse::<f64>() {
-        Value::Real(f)
-    } else {
-        Value::Text(p.to_owned())
+    if let Some(text) = p.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')) {
+        return Value::Text(text.to_owned());
     }
+    if p == "null" {
+        return Value::Null;
+    }
+    if let Ok(i) = p.parse::<i64>()
+        && i.to_string() == p
+    {
+        return Value::Integer(i);
+    }
+    if let Ok(f) = p.parse::<f64>()
+        && f.is_finite()
+        && format!("{f:?}") == p
+    {
+        return Value::Real(f);
+    }
+    Value::Text(p.to_owned())
 }
 
 /// `[{"col": value, ...}, ...]` with keys in column order (serde_json's map would sort them).
@@ -352,9 +386,15 @@ fn to_tsv(v: &Value) -> String {
         Value::Null => "NULL".into(),
         Value::Integer(i) => i.to_string(),
         Value::Real(f) => f.to_string(),
-        Value::Text(t) => t.replace('\t', "\\t").replace('\n', "\\n"),
+        Value::Text(t) => tsv_text(t),
         Value::Blob(b) => format!("x'{}'", b.iter().map(|x| format!("{x:02x}")).collect::<String>()),
     }
+}
+
+/// Text as one TSV field: its tabs and line breaks escaped (a message of several lines stays
+/// on its row).
+fn tsv_text(t: &str) -> String {
+    t.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n").replace('\r', "\\r")
 }
 
 #[tokio::main]
@@ -372,7 +412,9 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let doc_text =
         args.doc.clone().ok_or_else(|| anyhow::anyhow!("--doc ID is required (32 hex digits or a UUID)"))?;
-    let doc_id: DocId = doc_text.parse()?;
+    let doc_id: DocId = doc_text
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--doc {doc_text:?} is not a document id (32 hex digits or a UUID)"))?;
     if let Command::Forget = args.command {
         return Ok(match pagesync_client::forget(&args.data, doc_id)? {
             true => {
@@ -386,10 +428,38 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
     }
     let client = Client::connect(&args.server, &args.token, &args.data)?;
+    if let Command::History { since, after, limit, json } = &args.command {
+        // Read from the server alone: no replica is opened, and nothing is created.
+        let query = pagesync::history::HistoryQuery::parse(since.as_deref(), after.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        let mut pager = pagesync::history::Pager::new(query, *limit);
+        while let Some(q) = pager.next_query() {
+            pager.take(client.history(doc_id, q).await?);
+        }
+        let page = pager.finish();
+        if *json {
+            println!("{}", page.to_json(doc_id));
+        } else {
+            print!("{page}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let doc = client.open_wait(doc_id, Duration::from_millis(args.wait_ms)).await?;
     let timeout = Duration::from_millis(args.timeout_ms);
     match args.command {
         Command::Exec { sql, params, offline } => {
+            if !offline && doc.status().storage_next == pagesync::journal::Lsn::FIRST {
+                // A replica that holds nothing yet would run the write on an empty database
+                // ("no such table"): it first takes what the server has, when the server
+                // answers within a second (the write goes in either way).
+                let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(1));
+                while !client.is_connected() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                if client.is_connected() {
+                    let _ = doc.sync(timeout).await;
+                }
+            }
             let done = doc.execute(&sql, params.iter().map(|p| parse_param(p)).collect())?;
             settle(&doc, done, offline, timeout).await
         }
@@ -441,40 +511,31 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Status => {
             let synced = doc.sync(Duration::from_millis(args.timeout_ms.min(1_000))).await;
             print_status(&doc)?;
-            // What the replica holds is printed either way; a refusal also fails the command.
+            // What the replica holds is printed either way; a refusal also fails the command,
+            // and an unreachable server is said (the counts are then this replica's alone).
             match synced {
                 Err(e) if refused_for_good(&e) => {
-                    eprintln!("error: the server refused: {e}");
+                    eprintln!("error: the server refused: {}", why_refused(&e));
                     Ok(ExitCode::FAILURE)
                 }
-                _ => Ok(ExitCode::SUCCESS),
+                Err(e) => {
+                    eprintln!("warning: not synced with the server, showing this replica as it is: {e}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(()) => Ok(ExitCode::SUCCESS),
             }
         }
         Command::Export { file } => {
             if let Err(e) = sync_shown(&doc, timeout).await {
                 eprintln!("warning: exporting the local replica as last synced: {e}");
             }
-            let bytes = doc.export(&file)?;
+            let bytes = doc.export(&file).with_context(|| format!("writing {}", file.display()))?;
             println!("wrote {} ({bytes} bytes)", file.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Repl => repl(&doc, timeout).await,
-        Command::History { since, after, limit, json } => {
-            let query = pagesync::history::HistoryQuery::parse(since.as_deref(), after.as_deref())
-                .map_err(anyhow::Error::msg)?;
-            let mut pager = pagesync::history::Pager::new(query, limit);
-            while let Some(q) = pager.next_query() {
-                pager.take(doc.history(q).await?);
-            }
-            let page = pager.finish();
-            if json {
-                println!("{}", page.to_json(doc_id));
-            } else {
-                print!("{page}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Forget => unreachable!("BUG: handled before connecting"),
+        Command::History { .. } => unreachable!("BUG: handled before opening"),
         Command::Broadcast { text, stay_ms } => {
             doc.broadcast(&text)?;
             let deadline = tokio::time::Instant::now() + timeout;
@@ -533,5 +594,36 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parameter is a number only when it reads back exactly as typed: nothing typed is
+    /// changed on the way (a phone number's leading zero, a version's trailing one).
+    #[test]
+    fn parameters_keep_what_was_typed() {
+        for (typed, want) in [
+            ("7", Value::Integer(7)),
+            ("-3", Value::Integer(-3)),
+            ("1.5", Value::Real(1.5)),
+            ("2.0", Value::Real(2.0)),
+            ("null", Value::Null),
+            ("'7'", Value::Text("7".into())),
+            ("'null'", Value::Text("null".into())),
+            ("''", Value::Text(String::new())),
+        ] {
+            assert_eq!(parse_param(typed), want, "{typed}");
+        }
+        for text in ["007", "+1", "1e3", "1.10", "inf", "NaN", "12345678901234567890", "-0", "1.", "'", "x"] {
+            assert_eq!(parse_param(text), Value::Text(text.into()), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_tsv_field_stays_on_its_row() {
+        assert_eq!(tsv_text("a\tb\nc\\d\re"), "a\\tb\\nc\\\\d\\re");
     }
 }

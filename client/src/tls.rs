@@ -9,15 +9,27 @@ use tokio_tungstenite::tungstenite::http::Uri;
 /// The host and port `url` connects to (the port its scheme implies when it names none), the
 /// host without an IPv6 literal's brackets.
 pub(crate) fn host_port(url: &str) -> Result<(String, u16), String> {
-    let uri: Uri = url.parse().map_err(|e| format!("bad server URL {url}: {e}"))?;
+    let bad =
+        |why: &str| format!("bad server URL {url}: {why} (a server's is ws://HOST:PORT/v1/sync, or wss://)");
+    let uri = url.parse::<Uri>().map_err(|e| bad(&e.to_string()))?;
     let default_port = match uri.scheme_str() {
         Some(s) if s.eq_ignore_ascii_case("ws") => 80,
         Some(s) if s.eq_ignore_ascii_case("wss") => 443,
-        _ => return Err(format!("bad server URL {url}: not ws:// or wss://")),
+        _ => return Err(bad("not ws:// or wss://")),
     };
-    let host = uri.host().ok_or_else(|| format!("bad server URL {url}: no host"))?;
+    let host = uri.host().ok_or_else(|| bad("no host"))?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    Ok((host.to_owned(), uri.port_u16().unwrap_or(default_port)))
+    // A port that is not a number from 1 to 65535 is an error, not the scheme's default.
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let after_host = authority.rsplit_once(']').map_or(authority, |(_, rest)| rest);
+    let port = match after_host.rsplit_once(':') {
+        Some((_, port)) => match port.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(bad(&format!("port {port:?} is not a number from 1 to 65535"))),
+        },
+        None => default_port,
+    };
+    Ok((host.to_owned(), port))
 }
 
 /// The TLS configuration for `url`: for `wss://`, `None` for `ws://`. The roots are loaded

@@ -33,8 +33,10 @@ pub enum JournalError {
     #[error("journal {journal}: entry of {len_bytes} bytes exceeds the limit of {max_bytes}")]
     EntryTooLarge { journal: JournalId, len_bytes: usize, max_bytes: usize },
 
-    #[error("journal {journal}: {op} failed on {path}: {source}")]
-    Io { journal: JournalId, op: &'static str, path: PathBuf, source: std::io::Error },
+    /// The I/O error is in the message, and not also a `source` (which a chain of causes
+    /// would print a second time).
+    #[error("journal {journal}: {op} failed on {path}: {error}")]
+    Io { journal: JournalId, op: &'static str, path: PathBuf, error: std::io::Error },
 
     #[error("journal {journal}: {message}")]
     Fenced { journal: JournalId, message: String },

@@ -171,7 +171,7 @@ pub struct FileJournal {
 
 fn io_err(id: JournalId, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
     let path = path.to_path_buf();
-    move |source| JournalError::Io { journal: id, op, path, source }
+    move |error| JournalError::Io { journal: id, op, path, error }
 }
 
 fn segment_name(first: Lsn) -> String {

@@ -510,5 +510,5 @@ fn io_err<F: RandomAccess>(
     f: &F,
 ) -> impl FnOnce(std::io::Error) -> JournalError {
     let path = f.name().into();
-    move |source| JournalError::Io { journal: id, op, path, source }
+    move |error| JournalError::Io { journal: id, op, path, error }
 }

@@ -59,7 +59,7 @@ fn trim_history(store: &mut crate::store::PageStore) -> Result<()> {
 /// Refused statements can never apply anywhere: the caller says so at once and keeps nothing.
 fn refusal(local: &std::result::Result<(), Rejection>) -> Option<Error> {
     let r = local.as_ref().err().filter(|r| r.code == RejectionCode::Refused)?;
-    Some(Error::Refused(format!("{}: {}", r.code, r.message)))
+    Some(Error::Refused(r.message.clone()))
 }
 
 /// Where a mutation stands.

@@ -22,7 +22,7 @@ pub enum Error {
     Malformed(String),
     #[error("the database uses {found}-byte pages; pagesync requires {}", crate::page::PAGE_SIZE)]
     PageSize { found: i64 },
-    #[error("query() runs read-only statements; use execute() for writes: {sql}")]
+    #[error("a query only reads; a write is a mutation (`execute`, `pagesync exec`): {sql}")]
     NotReadOnly { sql: String },
     /// A statement (`INSERT OR ROLLBACK`, `RAISE(ROLLBACK, ...)`) ended the whole transaction,
     /// not just its mutation's savepoint. The caller restarts its batch without the mutation.
@@ -97,7 +97,7 @@ impl Error {
                 ) => "its stored data is damaged",
                 Some(JournalError::Fenced { .. }) => "it is owned by another server",
                 Some(JournalError::Backend { .. }) => "its storage is not answering",
-                Some(JournalError::Io { source, .. }) if source.kind() == std::io::ErrorKind::StorageFull => {
+                Some(JournalError::Io { error, .. }) if error.kind() == std::io::ErrorKind::StorageFull => {
                     "its disk is full"
                 }
                 _ if self.is_io() => "its storage failed",
@@ -141,8 +141,8 @@ impl Error {
             JournalError::Backend { .. } | JournalError::Poisoned { .. } => true,
             // A full disk, a timeout or an interrupted call may pass; a missing directory or a
             // refused permission needs someone to act.
-            JournalError::Io { source, .. } => matches!(
-                source.kind(),
+            JournalError::Io { error, .. } => matches!(
+                error.kind(),
                 K::TimedOut | K::Interrupted | K::WouldBlock | K::StorageFull | K::ResourceBusy
             ),
             _ => false,

@@ -78,7 +78,10 @@ pub fn verify(secret: &[u8], token: &str, now_ms: i64) -> Result<Grant, String> 
 /// Checks a token's signature and expiry; its claims.
 pub fn verify_claims(secret: &[u8], token: &str, now_ms: i64) -> Result<Claims, String> {
     if token.is_empty() {
-        return Err("this server requires a token: pass --token or set PAGESYNC_TOKEN".into());
+        return Err(
+            "this server requires a token: the `pagesync` client's --token (or PAGESYNC_TOKEN), or `Authorization: Bearer TOKEN` on an HTTP request"
+                .into(),
+        );
     }
     let mut parts = token.split('.');
     let (Some(h), Some(b), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
@@ -147,16 +150,22 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
 
 /// Parses a TTL such as `90s`, `30m`, `1h`, `7d` into seconds.
 pub fn parse_ttl(s: &str) -> anyhow::Result<i64> {
+    let expected = "expected a number and a unit: 90s, 30m, 1h or 7d";
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: i64 = n.parse().map_err(|_| anyhow::anyhow!("bad TTL {s:?}: expected e.g. 90s, 30m, 1h, 7d"))?;
+    let n: i64 = n.parse().map_err(|_| anyhow::anyhow!("{s:?}: {expected}"))?;
     let scale = match unit {
-        "s" | "" => 1,
+        "s" => 1,
         "m" => 60,
         "h" => 3_600,
         "d" => 86_400,
-        _ => anyhow::bail!("bad TTL unit in {s:?}: use s, m, h or d"),
+        // A bare number is refused: 30 could mean any of them.
+        "" => anyhow::bail!("{s:?} has no unit: {expected}"),
+        _ => anyhow::bail!("{s:?}: unknown unit {unit:?}; {expected}"),
     };
-    Ok(n * scale)
+    // In milliseconds too, which is how the server keeps it.
+    n.checked_mul(scale)
+        .filter(|secs| secs.checked_mul(1_000).is_some())
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is too long"))
 }
 
 #[cfg(test)]
@@ -213,5 +222,7 @@ mod tests {
         assert_eq!(parse_ttl("1h").expect("1h"), 3_600);
         assert_eq!(parse_ttl("90s").expect("90s"), 90);
         assert!(parse_ttl("1y").is_err());
+        assert!(parse_ttl("30").expect_err("no unit").to_string().contains("no unit"));
+        assert!(parse_ttl("9999999999999999d").is_err());
     }
 }

@@ -352,8 +352,10 @@ fn parse_head(head: &[u8]) -> Option<Request> {
         let Some((name, value)) = line.split_once(':') else { continue };
         let (name, value) = (name.trim(), value.trim());
         if name.eq_ignore_ascii_case("authorization")
-            && let Some(t) = value.strip_prefix("Bearer ")
+            && let Some((scheme, t)) = value.split_once(' ')
+            && scheme.eq_ignore_ascii_case("bearer")
         {
+            // The scheme's name is case-insensitive (RFC 9110, 11.1).
             token = Some(t.trim().to_owned());
         } else if name.eq_ignore_ascii_case("upgrade") {
             websocket |= value.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"));

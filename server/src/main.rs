@@ -15,8 +15,9 @@ use pagesync_server::{
 struct Args {
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// Address to listen on. Without --auth-secret-file only loopback addresses are allowed.
-    #[arg(long, default_value = "127.0.0.1:8787")]
+    /// Address to listen on (HOST:PORT; a name such as localhost is resolved). Without
+    /// --auth-secret-file only loopback addresses are allowed.
+    #[arg(long, default_value = "127.0.0.1:8787", value_parser = listen_address)]
     listen: SocketAddr,
     /// Where documents are kept: file://DIR, s3://BUCKET/PREFIX (endpoint, region and
     /// credentials from the AWS_* environment), or object+file:///DIR.
@@ -47,20 +48,25 @@ struct Args {
     /// Bytes of temp files (sorts, statement journals) one mutation may hold; past it: `too_big`.
     #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_TEMP_BYTES)]
     max_mutation_temp_bytes: u64,
-    /// The largest string or blob a statement may make; past it: `too_big`.
-    #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_VALUE_BYTES)]
+    /// The largest string or blob a statement may make; past it: `too_big`. From 4096 (a
+    /// page: pagesync's own schema needs more than a few hundred bytes) to 1,000,000,000
+    /// (SQLite's own bound).
+    #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_VALUE_BYTES,
+          value_parser = clap::value_parser!(u32).range(4_096..=1_000_000_000))]
     max_value_bytes: u32,
     /// CPU time one mutation may take, in ms; past it: `too_expensive` (the instruction budget
     /// is the bound clients check too; this one catches instructions that each work through
     /// a large value). 0: no bound.
     #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_MUTATION_CPU.as_millis() as u64)]
     max_mutation_cpu_ms: u64,
-    /// Group commit: a document steps this long after its first queued mutation arrived.
-    /// Default: 0 for file://, 100 for s3:// (fewer, larger puts).
-    #[arg(long)]
+    /// Group commit: a document steps this long after its first queued mutation arrived, at
+    /// most 10,000 (a client waits that long for every write). Default: 0 for file://, 100
+    /// for s3:// (fewer, larger puts).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=10_000))]
     commit_interval_ms: Option<i64>,
-    /// Seconds before a document nobody subscribes to is closed.
-    #[arg(long, default_value_t = DEFAULT_IDLE_CLOSE_MS / 1000)]
+    /// Seconds before a document nobody subscribes to is closed (1 to 86,400).
+    #[arg(long, default_value_t = DEFAULT_IDLE_CLOSE_MS / 1000,
+          value_parser = clap::value_parser!(i64).range(1..=86_400))]
     idle_close_secs: i64,
     /// Serve this directory as static files on the paths the server does not own (the browser
     /// demo: `--web target/web` after `scripts/build-web`).
@@ -99,6 +105,16 @@ struct Args {
     /// prefix wins). Sent to clients; SIGHUP reloads them. See `pagesync::mutators`.
     #[arg(long)]
     mutators: Vec<String>,
+}
+
+/// `HOST:PORT`, the host an address or a name (its first address).
+fn listen_address(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let mut addrs = s.to_socket_addrs().map_err(|e| format!("expected HOST:PORT (127.0.0.1:8787): {e}"))?;
+    addrs.next().ok_or_else(|| format!("{s} has no address"))
 }
 
 fn mutation_limit(s: &str) -> Result<usize, String> {
@@ -424,10 +440,13 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve_main() -> std::process::ExitCode {
+    // Colours only on a terminal: a log written to a file or a collector has no escape codes.
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
     // The error and its causes on one line, without a backtrace (even under RUST_BACKTRACE):
     // it is an operator's answer, not a bug report.
@@ -458,7 +477,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let claims = auth::Claims {
             doc: doc.clone().unwrap_or_else(|| auth::NO_DOC.into()),
             write: *write,
-            exp: now + auth::parse_ttl(ttl)?,
+            exp: now + auth::parse_ttl(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?,
             metrics: *metrics,
             sub: sub.clone(),
             admin: *admin,

@@ -215,7 +215,18 @@ fn resolve(journal: &dyn Journal, at: At) -> Result<Lsn, String> {
                 let l = Lsn::new(mid).expect("BUG: mid >= 1");
                 if header(l)?.time_ms <= ms { lo = mid } else { hi = mid - 1 }
             }
-            Lsn::new(lo).expect("BUG: lo >= 1")
+            let found = Lsn::new(lo).expect("BUG: lo >= 1");
+            // The document's creation is stamped 0 (it precedes every step): a time before its
+            // first step names no state the document had.
+            if found == Lsn::FIRST && header(found)?.time_ms == 0 && found < last {
+                return Err(format!(
+                    "{} is before the document's first write ({}, entry {})",
+                    show_time(ms),
+                    show_time(header(found.next())?.time_ms),
+                    found.next()
+                ));
+            }
+            found
         }
     };
     if lsn < oldest || lsn > last {

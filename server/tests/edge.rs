@@ -761,6 +761,11 @@ async fn unusable_settings_and_tokens_are_refused_up_front() {
     for (flags, says) in [
         (vec!["--max-frame-bytes", "0"], "--max-frame-bytes 0 is below"),
         (vec!["--max-connections", "0"], "--max-connections 0"),
+        // A value too small for pagesync's own schema: every document failed to open.
+        (vec!["--max-value-bytes", "300"], "--max-value-bytes"),
+        // Nothing would be confirmed for a day.
+        (vec!["--commit-interval-ms", "99999999"], "--commit-interval-ms"),
+        (vec!["--retention", "30"], "no unit"),
         (vec!["--web", "/no/such/dir"], "not a directory"),
     ] {
         let out = Command::new(bin)
@@ -785,13 +790,17 @@ async fn unusable_settings_and_tokens_are_refused_up_front() {
     let (_server, port) = start_on_any_port(&store, &["--auth-secret-file", secret]);
     let metrics_only = token("none", false, true);
     let doc = "00000000000000000000000000000abc";
-    for route in ["export", "history"] {
+    // The scheme's name is case-insensitive: `bearer` is read as the token too (a 401 would
+    // say none was given).
+    for (route, scheme) in
+        [("export", "Bearer"), ("history", "Bearer"), ("export", "bearer"), ("history", "BEARER")]
+    {
         let (status, body) = get(
             port,
             &format!("/v1/docs/{doc}/{route}"),
-            &format!("authorization: Bearer {metrics_only}\r\n"),
+            &format!("authorization: {scheme} {metrics_only}\r\n"),
         );
-        assert_eq!(status, 403, "{route}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(status, 403, "{route} with {scheme}: {}", String::from_utf8_lossy(&body));
     }
 }
 

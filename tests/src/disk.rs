@@ -403,7 +403,7 @@ pub struct FileModel {
 impl FileModel {
     fn open(id: JournalId, segment: SimFile, marker: Marker) -> pagesync::journal::Result<FileModel> {
         let io = |op: &'static str| {
-            move |source| JournalError::Io { journal: id, op, path: "sim/segment".into(), source }
+            move |error| JournalError::Io { journal: id, op, path: "sim/segment".into(), error }
         };
         let len = segment.size().map_err(io("size"))?;
         let mut bytes = vec![0; len as usize];
@@ -460,8 +460,8 @@ impl FileModel {
         JournalError::Corrupt { journal: self.id, location: "sim/segment".into(), lsn, reason }
     }
 
-    fn io(&self, op: &'static str, source: std::io::Error) -> JournalError {
-        JournalError::Io { journal: self.id, op, path: "sim/segment".into(), source }
+    fn io(&self, op: &'static str, error: std::io::Error) -> JournalError {
+        JournalError::Io { journal: self.id, op, path: "sim/segment".into(), error }
     }
 
     /// Deletes the segment (unlink, then fsync the directory). It is forgotten first, as

@@ -186,7 +186,7 @@ impl Journal for SharedJournal {
                 journal: self.id(),
                 op: "append",
                 path: "shared".into(),
-                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+                error: std::io::Error::from(std::io::ErrorKind::StorageFull),
             });
         }
         self.lock().append_batch(payloads)
@@ -198,7 +198,7 @@ impl Journal for SharedJournal {
                 journal: self.id(),
                 op: "read",
                 path: "shared".into(),
-                source: std::io::Error::other("injected read error"),
+                error: std::io::Error::other("injected read error"),
             });
         }
         self.lock().read(lsn)
