@@ -330,6 +330,19 @@ fn flush_if_near_step_cap(db: &Database) -> Result<(), Rejection> {
     db.conn().cache_flush().map_err(|e| Rejection::of_sqlite(&e))
 }
 
+/// FTS5 keeps what a mutation adds to its index in memory and writes it out (merging segments
+/// as its settings say) at the next savepoint or at COMMIT. A savepoint opened and released
+/// here, still inside the mutation's bounds (instructions, CPU time, memory, pages), makes it
+/// write them now: the work is the mutation's, rejected with it when too large, never left to
+/// the step's COMMIT, where no mutation could be blamed and the whole step would fail again
+/// and again (or a replica fail to reopen). Not a `_pagesync_` name: those are refused to what
+/// runs in the sandbox, and SQLite prepares a statement again after a schema change.
+fn write_pending_indexes(conn: &Connection) -> Result<(), Rejection> {
+    crate::db::run_cached(conn, "SAVEPOINT pagesync_index_flush")
+        .and_then(|()| crate::db::run_cached(conn, "RELEASE pagesync_index_flush"))
+        .map_err(|e| Rejection::of_sqlite(&e))
+}
+
 /// Savepoint name for one mutation; `_pagesync_` names are refused to app SQL.
 /// The savepoint around each mutation, as statements prepared once per connection.
 const SAVEPOINT: &str = "SAVEPOINT _pagesync_mutation";
@@ -361,7 +374,9 @@ pub fn apply_mutation(
         return Ok(Ok(()));
     }
     db.note_system_names(&mutation.body)?;
-    let outcome = db.run_guarded(time_ms, mutation.seed, |c| reducer.apply_at(c, &mutation.body, time_ms));
+    let outcome = db.run_guarded(time_ms, mutation.seed, |c| {
+        reducer.apply_at(c, &mutation.body, time_ms).and_then(|()| write_pending_indexes(c))
+    });
     let outcome = outcome.and_then(|()| db.check_written()).and_then(|()| flush_if_near_step_cap(db));
     let Err(mut rejection) = outcome else {
         if let Some(key) = &once {

@@ -877,6 +877,32 @@ impl<R: Reducer> ServerDocument<R> {
                     );
                     isolated.push(i);
                 }
+                Err((None, e @ (Error::Sqlite(_) | Error::StepFull { .. })))
+                    if !e.is_io() && !self.db.store().has_last_error() =>
+                {
+                    // The step failed after its mutations ran (at its COMMIT), with none of them
+                    // to blame and not for I/O: the same batch would fail at every retry, and
+                    // the document would never move again. The first mutation goes alone, and
+                    // failing alone it is rejected (a replay takes the same path).
+                    self.restore_committed()?;
+                    if len > 1 {
+                        len = 1;
+                        continue;
+                    }
+                    if lost.contains_key(&0) {
+                        // Not even its rejection commits: the document's own fault.
+                        self.load_applied()?;
+                        return Err(e);
+                    }
+                    let code = if matches!(e, Error::StepFull { .. }) {
+                        RejectionCode::TooBig
+                    } else {
+                        RejectionCode::Error
+                    };
+                    let why = format!("the step could not commit with the mutation in it: {e}");
+                    lost.insert(0, Rejection::new(code, why));
+                    isolated.push(0);
+                }
                 Err((_, e)) => {
                     // Back to the last durable state, for every caller (step and replay).
                     self.restore_committed()?;

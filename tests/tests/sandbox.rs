@@ -638,3 +638,82 @@ fn a_table_cannot_be_renamed_into_pagesyncs_names() {
     assert_eq!(tables, 0, "the refused mutations left nothing behind");
     confirmed(&mut client, &mut server, "CREATE TABLE z(a); ALTER TABLE z RENAME TO zz", 2);
 }
+
+/// A contentless FTS5 table's insert writes little itself: its index waits in memory until the
+/// next savepoint or COMMIT. That write is the mutation's own, inside its bounds: near a
+/// document's size limit it is rejected `doc_full`, where it once failed the step's COMMIT, with
+/// no mutation to blame, at every retry (the document took no write again).
+#[test]
+fn an_fts5_index_write_counts_against_the_mutation_that_caused_it() {
+    let limits = StepLimits { max_doc_bytes: Some(3 << 20), ..StepLimits::default() };
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
+    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    schema(&mut client, &mut server);
+    confirmed(&mut client, &mut server, "CREATE VIRTUAL TABLE ft USING fts5(x, content='')", 2);
+    confirmed(&mut client, &mut server, "CREATE TABLE filler(b BLOB)", 3);
+    confirmed(&mut client, &mut server, "INSERT INTO filler VALUES (zeroblob(2500000))", 4);
+    // About 1 MB of distinct words, each a few bytes of index.
+    let words = "INSERT INTO ft(rowid, x) SELECT 1, group_concat('w' || x, ' ') FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 120000) SELECT x FROM c)";
+    let (code, message) = raw_verdict(&mut server, 60, 1, sql(words, vec![])).expect("rejected");
+    assert_eq!(code, "doc_full", "{message}");
+    // The document takes writes, the client's among them.
+    confirmed(&mut client, &mut server, "INSERT INTO notes(body) VALUES ('after')", 5);
+    assert!(integrity_ok(server.database()));
+}
+
+/// A client's own run of such a mutation fails inside the mutation too: the write stays
+/// pending for the server to decide, and the replica goes on working (its COMMIT, and every
+/// reopen that replays the pending write, once failed "database or disk is full" for good).
+#[test]
+fn a_replica_whose_fts5_index_write_fails_locally_goes_on_working() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    confirmed(&mut client, &mut server, "CREATE VIRTUAL TABLE ft USING fts5(x, content='')", 2);
+    client.set_budget(Budget { max_added_bytes: 1 << 20, ..Budget::default() }).expect("budget");
+    let words = "INSERT INTO ft(rowid, x) SELECT 1, group_concat('w' || x, ' ') FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200000) SELECT x FROM c)";
+    let m = client.mutate(sql(words, vec![]), T0, 3).expect("queued");
+    let local = m.local.expect_err("over the local growth bound");
+    assert_eq!(local.code, RejectionCode::TooBig, "{local}");
+    confirmed(&mut client, &mut server, "INSERT INTO notes(body) VALUES ('next')", 4);
+    let rows = client.query("SELECT count(*) FROM notes", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Integer(1)]]);
+}
+
+/// A step that fails at its COMMIT with no mutation to blame, and not for I/O (here a deferred
+/// foreign key, checked only at COMMIT), is not retried as it was forever: its first mutation
+/// goes alone, and failing alone it is rejected; the others apply.
+#[test]
+fn a_step_that_cannot_commit_rejects_the_mutation_that_stops_it() {
+    let (mut server, _client) = setup();
+    let ddl = "CREATE TABLE parent(id INTEGER PRIMARY KEY); CREATE TABLE child(p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED); CREATE TABLE notes(body TEXT)";
+    assert_eq!(raw_verdict(&mut server, 70, 1, sql(ddl, vec![])), None);
+    // Foreign keys are the connection's setting, which app SQL may not change: set here, on
+    // the server alone, as a stand-in for any check SQLite makes only at COMMIT.
+    server.database().conn().execute_batch("PRAGMA foreign_keys = ON").expect("pragma");
+    let tl = TimelineId(71u128.to_le_bytes());
+    let bodies = [
+        "INSERT INTO notes VALUES ('before')",
+        "INSERT INTO child VALUES (42)",
+        "INSERT INTO notes VALUES ('after')",
+    ];
+    let entries = bodies
+        .iter()
+        .map(|b| Mutation { client_time_ms: T0, seed: 1, body: sql(b, vec![]) }.encode().expect("encode"))
+        .collect();
+    server.receive(tl, Lsn::FIRST, entries);
+    let mut rejections = Vec::new();
+    for _ in 0..10 {
+        match server.step(T0).expect("a step that commits") {
+            Some(outcome) => rejections.extend(outcome.rejections),
+            None => break,
+        }
+    }
+    assert_eq!(server.queued(), 0, "nothing is retried forever");
+    assert_eq!(rejections.len(), 1, "{rejections:?}");
+    assert_eq!(rejections[0].lsn, Lsn::new(2).expect("2"));
+    assert!(rejections[0].rejection.message.contains("FOREIGN KEY"), "{:?}", rejections[0].rejection);
+    let notes: i64 =
+        server.database().conn().query_row("SELECT count(*) FROM notes", [], |r| r.get(0)).expect("count");
+    assert_eq!(notes, 2);
+}
