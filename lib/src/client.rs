@@ -216,7 +216,8 @@ impl<R: Reducer> ClientDocument<R> {
         // Reading ahead saves system calls; from a mapped journal it would only add a copy.
         let read_ahead = !store.journal().reads_from_memory();
         store.set_read_ahead(read_ahead);
-        let db = Database::open(store, crate::db::ConnMemory::Fast)?;
+        let mut db = Database::open(store, crate::db::ConnMemory::Fast)?;
+        db.set_cpu_limit(Some(crate::sandbox::CLIENT_MUTATION_CPU));
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc = ClientDocument {
             db,

@@ -441,8 +441,9 @@ impl Database {
     }
 
     /// Bounds the CPU time of every later mutation (`None`: unbounded): past it, the mutation
-    /// is interrupted and rejected `too_expensive` (`vfs::watchdog`). Where the machine decides
-    /// the verdict, so for the server, whose verdict every replica keeps.
+    /// is interrupted and rejected `too_expensive` (`vfs::watchdog`). The machine decides the
+    /// verdict: the server's is what every replica keeps; a client's (`CLIENT_MUTATION_CPU`)
+    /// only ends its own optimistic run.
     pub fn set_cpu_limit(&mut self, limit: Option<std::time::Duration>) {
         self.cpu_limit = limit;
     }
@@ -668,7 +669,7 @@ impl Database {
         }
         if self.sandbox.cpu_exceeded.swap(false, Ordering::Relaxed) {
             let ms = self.cpu_limit.map_or(0, |l| l.as_millis());
-            let why = format!("the mutation used more than {ms} ms of the server's CPU time");
+            let why = format!("the mutation used more than {ms} ms of CPU time");
             return Some(Rejection::new(RejectionCode::TooExpensive, why));
         }
         if self.sandbox.memory_exceeded.swap(false, Ordering::Relaxed) {

@@ -317,8 +317,17 @@ pub const MAX_SCHEMA_BYTES: i64 = 2 << 20;
 
 /// CPU time one mutation may take on the server by default: 1 s, about eight times what the
 /// instruction budget allows the slowest kind of instruction. Past it: `too_expensive`. The
-/// machine decides it (see `vfs::watchdog`), so it bounds the server's runs only.
+/// machine decides it (see `vfs::watchdog`): the server's verdict is the one replicas keep.
 pub const DEFAULT_MAX_MUTATION_CPU: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// CPU time a client's own run of a mutation may take: twice the server's default. A statement
+/// that works through a whole table in one instruction (`count(*)`, in a trigger another
+/// writer planted) would otherwise hold an honest app's write for as long as its instruction
+/// budget lasts, a minute and more. Stopped, the write stays pending and the server decides;
+/// twice the server's bound, so what the server completes a client rarely stops (when it does,
+/// the client takes the server's pages). Native clients where a thread's CPU clock can be read
+/// (Linux, Android, FreeBSD); not in the browser.
+pub const CLIENT_MUTATION_CPU: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many VM instructions pass between two calls of the progress handler. Small enough that
 /// an over-budget mutation stops within a millisecond of its budget, large enough that the

@@ -717,3 +717,28 @@ fn a_step_that_cannot_commit_rejects_the_mutation_that_stops_it() {
         server.database().conn().query_row("SELECT count(*) FROM notes", [], |r| r.get(0)).expect("count");
     assert_eq!(notes, 2);
 }
+
+/// A client's own run of a mutation is bounded in CPU time too (`CLIENT_MUTATION_CPU`): a
+/// table another writer trapped (a trigger whose every statement works through a large value
+/// or table in one instruction) held an honest app's one-row write for 48 s on its client,
+/// within the instruction budget. Stopped, the write is pending for the server to decide.
+#[test]
+fn a_clients_own_run_is_bounded_in_cpu_time() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    let trap = "CREATE TABLE h(x); CREATE TABLE sink(n); \
+                CREATE TRIGGER trap AFTER INSERT ON h BEGIN \
+                INSERT INTO sink WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c LIMIT 3000) \
+                SELECT length(printf('%.*c', 16000000 + n, 'x')) FROM c; END";
+    confirmed(&mut client, &mut server, trap, 2);
+    let start = Instant::now();
+    let m = client.mutate(sql("INSERT INTO h VALUES (1)", vec![]), T0, 3).expect("queued");
+    let took = start.elapsed();
+    let local = m.local.expect_err("stopped");
+    assert_eq!(local.code, RejectionCode::TooExpensive, "{local}");
+    assert!(local.message.contains("CPU time"), "{local}");
+    assert!(took < pagesync::sandbox::CLIENT_MUTATION_CPU * 3, "took {took:?}");
+    assert_eq!(client.state(m.lsn).expect("state"), MutationState::Pending);
+    let rows = client.query("SELECT count(*) FROM notes", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Integer(0)]]);
+}
