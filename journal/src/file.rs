@@ -655,6 +655,50 @@ impl Journal for FileJournal {
         self.segments.last().is_none_or(|s| s.synced_bytes == s.len_bytes)
     }
 
+    fn can_remove_last(&self) -> bool {
+        !self.opts.read_only && !self.opts.map_reads
+    }
+
+    /// Cuts the newest frame off the last segment (an entry is always in the segment its
+    /// append rolled to, so the newest is in the last) and makes the cut durable. A failure
+    /// leaves the journal refusing writes, the entry unreadable, until it is reopened.
+    fn remove_last(&mut self) -> Result<()> {
+        self.check_writable()?;
+        if self.opts.map_reads {
+            // A reader's map of the segment would fault past the cut.
+            let message = "a journal that maps its files for reads cannot remove its newest entry".into();
+            return Err(JournalError::Backend { journal: self.id, message });
+        }
+        let id = self.id;
+        let Some(last) = self.range.last() else { return Ok(()) };
+        let seg = self.segments.last_mut().expect("BUG: a journal with entries has a segment");
+        let Some(at) = seg.offsets.pop() else {
+            let message = format!("entry {last} is not in the last segment");
+            return Err(JournalError::Backend { journal: id, message });
+        };
+        seg.len_bytes = at;
+        seg.synced_bytes = seg.synced_bytes.min(at);
+        seg.writeback_from = seg.writeback_from.min(at);
+        self.range = match last.prev().filter(|l| *l >= self.range.first()) {
+            Some(prev) => LsnRange::inclusive(self.range.first(), prev),
+            None => LsnRange::empty_at(self.range.first()),
+        };
+        let cut = seg.file.get(&seg.path).and_then(|f| f.set_len(at).and_then(|()| f.sync_data()));
+        if let Err(e) = cut {
+            self.poisoned = true;
+            return Err(io_err(id, "remove the newest entry from", &seg.path)(e));
+        }
+        seg.synced_bytes = at;
+        // A segment left with no frame goes (the next append rolls to it again): a later roll
+        // must not find a file of its name there.
+        if seg.offsets.is_empty() && self.segments.len() > 1 {
+            let seg = self.segments.pop().expect("BUG: just looked");
+            remove_file(id, &seg.path)?;
+            sync_dir(id, &self.dir)?;
+        }
+        Ok(())
+    }
+
     fn reads_from_memory(&self) -> bool {
         self.opts.map_reads && !self.opts.read_only
     }

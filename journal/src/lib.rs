@@ -127,6 +127,21 @@ pub trait Journal: MaybeSend {
     /// the trim point is durable the call succeeds, and space it failed to free (a file or
     /// object that would not delete) is freed later.
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()>;
+
+    /// Whether `remove_last` is supported.
+    fn can_remove_last(&self) -> bool {
+        false
+    }
+
+    /// Removes the newest entry, durably, as if it had never been appended: its LSN is the next
+    /// append's. For a writer that appended it beside another journal's entry and must take it
+    /// back when the other did not become durable (see `pagesync::history`). On error the
+    /// entry is no longer readable (the journal refuses writes until reopened, as after a
+    /// failed fsync), but may still be on disk. Backends that cannot: an error.
+    fn remove_last(&mut self) -> Result<()> {
+        let message = "this backend cannot remove its newest entry".into();
+        Err(JournalError::Backend { journal: self.id(), message })
+    }
 }
 
 pub(crate) fn part_out_of_bounds(journal: JournalId, lsn: Lsn, len: usize) -> JournalError {

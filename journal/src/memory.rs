@@ -66,6 +66,15 @@ impl Journal for MemoryJournal {
         range.iter().map(|lsn| self.read(lsn)).collect()
     }
 
+    fn can_remove_last(&self) -> bool {
+        true
+    }
+
+    fn remove_last(&mut self) -> Result<()> {
+        self.entries.pop_back();
+        Ok(())
+    }
+
     fn remove_prefix(&mut self, up_to: Lsn) -> Result<()> {
         let trimmed = self.range().remove_through(up_to);
         let drop = ((trimmed.first().get() - self.first.get()) as usize).min(self.entries.len());

@@ -7,9 +7,15 @@
 //! and message) and the mutation exactly as its client encoded it (its clock, its SQL and
 //! parameters). The entry names the storage LSN the step will take and the step's time.
 //!
-//! Because the history entry is written first, a step whose storage append then failed (or a
-//! crash between the two, or a second server that lost the storage entry's LSN to another)
-//! leaves an entry naming a storage entry that says something else, or that was never
+//! Where the storage journal can take its newest entry back (files), the two are written
+//! beside each other instead and made durable at once (`ServerDocument::write_history_beside`):
+//! a storage entry that became durable without its history entry (a failed history append, or
+//! a power cut between the two barriers) is taken back before anything reads it, so no
+//! committed step lacks its entry either way (`records_step`).
+//!
+//! Because the history entry is written first (or at once), a step whose storage append then
+//! failed (or a crash between the two, or a second server that lost the storage entry's LSN to
+//! another) leaves an entry naming a storage entry that says something else, or that was never
 //! written. So a reader checks every history entry against the header of the storage entry it
 //! names (its time and its list of applied mutations, a few bytes read without the pages) and
 //! lists only those that match, each storage entry once. Every listed record is of a step that
@@ -381,6 +387,27 @@ impl Pager {
 /// they name, in the order they were applied. Reads the entries it lists and the headers of
 /// the storage entries they name (and finds where `since_ms` starts by bisection), never the
 /// whole journal.
+/// Whether the history holds the entry of storage entry `lsn` (a step): looked for among its
+/// newest entries, which name storage entries in the order steps ran. For a recovery that takes
+/// back a step whose history entry was lost (see the module docs).
+pub fn records_step(history: &dyn Journal, storage: &dyn Journal, lsn: Lsn) -> Result<bool> {
+    let range = history.range();
+    let Some(mut at) = range.last() else { return Ok(false) };
+    loop {
+        let entry = decode(&history.read(at)?)?;
+        if entry.storage_lsn < lsn.get() {
+            return Ok(false);
+        }
+        if entry.storage_lsn == lsn.get() && entry.matches(storage)? {
+            return Ok(true);
+        }
+        match at.prev().filter(|p| *p >= range.first()) {
+            Some(prev) => at = prev,
+            None => return Ok(false),
+        }
+    }
+}
+
 pub fn read(history: &dyn Journal, storage: &dyn Journal, query: &HistoryQuery) -> Result<HistoryPage> {
     let range = history.range();
     let mut page = HistoryPage::default();

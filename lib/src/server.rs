@@ -239,10 +239,18 @@ fn step_ran(started: &StepClock) -> std::time::Duration {
 /// write); `Ok(None)` when it does not exist and was not to be created (a read).
 pub type HistoryOpener = Box<dyn Fn(bool) -> Result<Option<Box<dyn Journal>>> + Send>;
 
+/// Records, durably, that steps from the given storage LSN on write their history entry beside
+/// their storage entry (`ServerDocument::write_history_beside`), before the first that does.
+pub type PairingMark = Box<dyn FnMut(Lsn) -> Result<()> + Send>;
+
 /// A document's history journal (see `history`), opened when first needed.
 struct HistoryLog {
     open: HistoryOpener,
     journal: Option<Box<dyn Journal>>,
+    /// Set when steps write their history entry beside their storage entry rather than before
+    /// it; `marked` once the mark is down.
+    beside: Option<PairingMark>,
+    marked: bool,
 }
 
 impl HistoryLog {
@@ -1011,13 +1019,11 @@ impl<R: Reducer> ServerDocument<R> {
                 .and_then(|()| crate::db::run_cached(self.db.conn(), "COMMIT"))
         })
         .map_err(system)?;
-        if let Some(origins) = origins {
+        let entry = origins.and_then(|origins| {
             let taken = applied.len();
-            self.record_history(&batch[..taken], &origins[..taken], &rejections, entry_time_ms)
-                .map_err(|e| (None, e))?;
-        }
-        let committed =
-            self.db.store().commit_overlay(&applied, forget, entry_time_ms).map_err(|e| (None, e.into()))?;
+            self.history_entry(&batch[..taken], &origins[..taken], &rejections, entry_time_ms)
+        });
+        let committed = self.commit_step(entry, &applied, forget, entry_time_ms).map_err(|e| (None, e))?;
         let c = committed.as_ref().expect("BUG: a step with mutations records them");
         let lsn = c.lsn;
         // The client of a step that applied its mutations alone, none rejected, each at its
@@ -1046,18 +1052,65 @@ impl<R: Reducer> ServerDocument<R> {
         Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections, forgotten }, applied.len()))
     }
 
-    /// Appends the history entry of a step about to commit (`batch`, the mutations it took),
-    /// durably, before its storage entry: a reader lists it only once that entry says the same
-    /// (see `history`).
-    fn record_history(
+    /// Commits a step: its storage entry, and its history entry (`entry`, if the document keeps
+    /// one) durably before it, or beside it (`write_history_beside`). A reader lists a history
+    /// entry only once the storage entry it names says the same (see `history`).
+    fn commit_step(
         &mut self,
+        entry: Option<Vec<u8>>,
+        applied: &[Applied],
+        forget: &[(TimelineId, Lsn)],
+        time_ms: i64,
+    ) -> Result<Option<crate::store::Committed>> {
+        let (Some(entry), Some(h)) = (entry, self.history.as_mut()) else {
+            return Ok(self.db.store().commit_overlay(applied, forget, time_ms)?);
+        };
+        let mut store = self.db.store();
+        if h.beside.is_none() || !store.can_unstage() {
+            drop(store);
+            h.append(&entry)?;
+            return Ok(self.db.store().commit_overlay(applied, forget, time_ms)?);
+        }
+        if !h.marked {
+            let from = store.journal().range().next();
+            (h.beside.as_mut().expect("BUG: just looked"))(from)?;
+            h.marked = true;
+        }
+        let Some(staged) = store.stage_overlay(applied, forget, time_ms)? else {
+            return Err(Error::Malformed("BUG: a step with mutations wrote no storage entry".into()));
+        };
+        let beside = std::thread::scope(|s| {
+            let thread = std::thread::Builder::new().name("pagesync-history".into());
+            let written = thread.spawn_scoped(s, || h.append(&entry)).ok()?;
+            let synced = store.sync_journal();
+            Some((written.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), synced))
+        });
+        // No thread to be had: one after the other.
+        let (written, synced) = beside.unwrap_or_else(|| (h.append(&entry), store.sync_journal()));
+        match (synced, written) {
+            (Ok(()), Ok(())) => Ok(Some(store.finish_staged(staged))),
+            // The journal cut the entry off (and refuses writes until it is opened again).
+            (Err(e), _) => Err(e.into()),
+            // Durable without its history: taken back (or, if that fails, when the document is
+            // opened again), as if the step had never run.
+            (Ok(()), Err(e)) => {
+                store.unstage(staged)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The history entry of a step about to commit (`batch`, the mutations it took), if the
+    /// document keeps a history.
+    fn history_entry(
+        &self,
         batch: &[(TimelineId, Lsn, Vec<u8>)],
         origins: &[Origin],
         rejections: &[Rejected],
         entry_time_ms: i64,
-    ) -> Result<()> {
+    ) -> Option<Vec<u8>> {
+        self.history.as_ref()?;
         let storage_lsn = self.storage_range().next();
-        let Some(h) = &mut self.history else { return Ok(()) };
         let rejected: HashMap<(TimelineId, Lsn), &Rejection> =
             rejections.iter().map(|r| ((r.timeline, r.lsn), &r.rejection)).collect();
         let records: Vec<history::StepRecord<'_>> = batch
@@ -1071,7 +1124,7 @@ impl<R: Reducer> ServerDocument<R> {
                 mutation,
             })
             .collect();
-        h.append(&history::step_entry(storage_lsn, entry_time_ms, &records))
+        Some(history::step_entry(storage_lsn, entry_time_ms, &records))
     }
 
     /// Where the document's mutator definitions come from: asked before every step, so a
@@ -1084,7 +1137,20 @@ impl<R: Reducer> ServerDocument<R> {
     /// Gives the document a history journal: every later step records its mutations there
     /// (see `history`). Opened at the first write.
     pub fn set_history(&mut self, open: HistoryOpener) {
-        self.history = Some(HistoryLog { open, journal: None });
+        self.history = Some(HistoryLog { open, journal: None, beside: None, marked: false });
+    }
+
+    /// Steps write their history entry beside their storage entry, the two appends' barriers
+    /// at once (one fsync's wait rather than two), when the storage journal can take its newest
+    /// entry back: `mark` records from which storage LSN on (before the first such step), so
+    /// that opening the document again takes back a step whose storage entry became durable
+    /// while its history entry did not (`history::records_step`; a crash between the two).
+    /// Such a step was never acknowledged: its clients send its mutations again. Without this,
+    /// the history entry is durable before the storage entry is written.
+    pub fn write_history_beside(&mut self, mark: PairingMark) {
+        if let Some(h) = &mut self.history {
+            h.beside = Some(mark);
+        }
     }
 
     /// Lists the document's history (see `history::read`): the records of committed steps.

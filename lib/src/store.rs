@@ -138,6 +138,14 @@ fn encode_changed(
 }
 
 /// A storage entry just made durable.
+/// An entry appended but not yet part of the committed state (`stage_overlay`).
+#[derive(Debug)]
+pub struct Staged {
+    lsn: Lsn,
+    payload: Vec<u8>,
+    changed: Vec<Changed>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Committed {
     pub lsn: Lsn,
@@ -681,13 +689,59 @@ impl PageStore {
         forgotten: &[(TimelineId, Lsn)],
         time_ms: i64,
     ) -> Result<Option<Committed>, StoreError> {
+        let Some((payload, changed)) = self.take_overlay_entry(applied, forgotten, time_ms)? else {
+            return Ok(None);
+        };
+        let lsn = self.journal.append(&payload)?;
+        Ok(Some(self.finish_staged(Staged { lsn, payload, changed })))
+    }
+
+    /// The entry the overlay makes (and the pages it changes), taking the overlay; `None` when
+    /// it would say nothing.
+    fn take_overlay_entry(
+        &mut self,
+        applied: &[Applied],
+        forgotten: &[(TimelineId, Lsn)],
+        time_ms: i64,
+    ) -> Result<Option<(Vec<u8>, Vec<Changed>)>, StoreError> {
         let changed = self.take_changed()?;
         let nothing = applied.is_empty() && forgotten.is_empty();
         if changed.is_empty() && nothing && self.overlay_page_count == self.page_count {
             return Ok(None);
         }
         let payload = encode_changed(self.overlay_page_count, time_ms, applied, forgotten, &changed);
-        let lsn = self.journal.append(&payload)?;
+        Ok(Some((payload, changed)))
+    }
+
+    /// `commit_overlay` up to the barrier: the entry is appended (readable, `sync_journal`
+    /// makes it durable), and it becomes the committed state at `finish_staged`, or is taken
+    /// back by `unstage` (when what was to become durable beside it did not).
+    pub fn stage_overlay(
+        &mut self,
+        applied: &[Applied],
+        forgotten: &[(TimelineId, Lsn)],
+        time_ms: i64,
+    ) -> Result<Option<Staged>, StoreError> {
+        let Some((payload, changed)) = self.take_overlay_entry(applied, forgotten, time_ms)? else {
+            return Ok(None);
+        };
+        let lsn = self.journal.append_batch_unsynced(&[&payload])?.first();
+        Ok(Some(Staged { lsn, payload, changed }))
+    }
+
+    /// Makes what is staged durable (the journal's barrier).
+    pub fn sync_journal(&mut self) -> Result<(), StoreError> {
+        Ok(self.journal.sync()?)
+    }
+
+    /// Whether a staged entry can be taken back (`unstage`).
+    pub fn can_unstage(&self) -> bool {
+        self.journal.can_remove_last()
+    }
+
+    /// A staged entry, durable now, becomes the committed state.
+    pub fn finish_staged(&mut self, staged: Staged) -> Committed {
+        let Staged { lsn, payload, changed } = staged;
         let header = storage::decode(&payload).expect("BUG: we just encoded it");
         let olds: Vec<&Page> = changed.iter().map(|(_, _, old)| &**old).collect();
         let delta = crate::wire::xor_pages(&header, payload.clone(), &olds);
@@ -695,7 +749,14 @@ impl PageStore {
         for (i, page, _) in changed {
             self.cache.put(i, Arc::from(page));
         }
-        Ok(Some(Committed { lsn, payload, delta }))
+        Committed { lsn, payload, delta }
+    }
+
+    /// Takes a staged entry back off the journal, durably: the committed state stays as it
+    /// was (the overlay it was made of is gone; `rollback_failed_step` next).
+    pub fn unstage(&mut self, staged: Staged) -> Result<(), StoreError> {
+        debug_assert_eq!(self.journal.range().last(), Some(staged.lsn), "BUG: not the newest entry");
+        Ok(self.journal.remove_last()?)
     }
 
     /// Takes the overlay's pages that differ from their committed versions, in page order,

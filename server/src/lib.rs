@@ -134,6 +134,95 @@ impl Store {
         }
     }
 
+    /// Whether the document's steps may write their history entry beside their storage entry
+    /// (`ServerDocument::write_history_beside`): a `file://` store, whose storage journal can
+    /// take its newest entry back. The mark saying from which entry on is a file beside the
+    /// journals (`paired`).
+    pub fn pairs_history(&self) -> bool {
+        matches!(self, Store::Files(_))
+    }
+
+    /// From which storage entry on the document's steps wrote their history entry beside their
+    /// storage entry, if they do. Blocking.
+    pub fn paired_from(&self, doc: DocId) -> pagesync::Result<Option<pagesync::journal::Lsn>> {
+        let Store::Files(root) = self else { return Ok(None) };
+        let path = pairing_path(root, doc);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                text.trim().parse::<u64>().ok().and_then(pagesync::journal::Lsn::new).map(Some).ok_or_else(
+                    || pagesync::Error::Malformed(format!("{}: not a storage LSN: {text:?}", path.display())),
+                )
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(pagesync::Error::Refused(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    /// Records, durably, that steps from storage entry `from` on write their history entry
+    /// beside their storage entry; an earlier mark stands. Blocking.
+    pub fn mark_paired(&self, doc: DocId, from: pagesync::journal::Lsn) -> pagesync::Result<()> {
+        let Store::Files(root) = self else { return Ok(()) };
+        if self.paired_from(doc)?.is_some_and(|p| p <= from) {
+            return Ok(());
+        }
+        let path = pairing_path(root, doc);
+        let tmp = path.with_extension("tmp");
+        let io =
+            |e: std::io::Error| pagesync::Error::Refused(format!("cannot write {}: {e}", path.display()));
+        std::fs::write(
+            &tmp,
+            format!(
+                "{from}
+"
+            ),
+        )
+        .map_err(io)?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        sync_parent(&path).map_err(io)
+    }
+
+    /// Removes the mark of `mark_paired`, durably: before anything writes the document's
+    /// storage without its history (a server with `--history off`, an offline restore), whose
+    /// steps a recovery must never take back. Blocking.
+    pub fn forget_pairing(&self, doc: DocId) -> pagesync::Result<()> {
+        let Store::Files(root) = self else { return Ok(()) };
+        let path = pairing_path(root, doc);
+        let io =
+            |e: std::io::Error| pagesync::Error::Refused(format!("cannot remove {}: {e}", path.display()));
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_parent(&path).map_err(io),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Takes back the document's newest storage entry when it is a step whose history entry
+    /// never became durable: written beside it (from the `mark_paired` LSN on), a crash
+    /// between the two barriers left the storage entry alone. That step was never
+    /// acknowledged (both were durable first), and its clients send its mutations again.
+    /// Returns the entry taken back. Blocking; before anything reads `storage`.
+    pub fn take_back_unpaired_step(
+        &self,
+        doc: DocId,
+        storage: &mut dyn Journal,
+    ) -> pagesync::Result<Option<pagesync::journal::Lsn>> {
+        let Some(from) = self.paired_from(doc)? else { return Ok(None) };
+        let Some(last) = storage.range().last().filter(|l| *l >= from) else { return Ok(None) };
+        let (_, applied) = pagesync::storage::read_applied(storage, last)?;
+        if applied.is_empty() {
+            return Ok(None); // a checkpoint's part or a VACUUM: no history entry of its own
+        }
+        if self.history_exists(doc)? {
+            let history = self.open_history(doc)?;
+            if pagesync::history::records_step(&*history, storage, last)? {
+                return Ok(None);
+            }
+        }
+        storage.remove_last()?;
+        Ok(Some(last))
+    }
+
     /// Whether the document has ever been written (`Error::Deleted` if it was deleted since).
     /// Its tombstone is looked for only when no storage is there: a document deleted while
     /// its storage is still being removed is caught by `open_journal`, which every open calls.
@@ -193,6 +282,7 @@ impl Store {
     pub fn delete_storage(&self, doc: DocId) -> pagesync::Result<()> {
         match self {
             Store::Files(root) => {
+                self.forget_pairing(doc)?;
                 for dir in [storage_dir(root, doc), history_dir(root, doc)] {
                     match std::fs::remove_dir_all(&dir) {
                         Ok(()) => {}
@@ -658,6 +748,19 @@ pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     doc_path(root, doc, "storage")
 }
 
+/// The mark of `Store::mark_paired`: beside the document's journals.
+fn pairing_path(root: &std::path::Path, doc: DocId) -> PathBuf {
+    doc_path(root, doc, "paired")
+}
+
+/// Makes a rename or removal in `path`'s directory durable.
+fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
+        None => Ok(()),
+    }
+}
+
 /// Where a document's history journal lives under `root`: beside its storage.
 pub fn history_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     doc_path(root, doc, "history")
@@ -804,6 +907,20 @@ pub async fn serve(
             }
             None => (store.open_journal(doc)?, 0),
         };
+        let mut journal = journal;
+        // History beside storage (a `file://` store, one server): a step taken back before the
+        // document is read, or the mark gone before steps are written without history.
+        let paired = leases.is_none() && store.pairs_history();
+        if paired && keep_history {
+            if let Some(lsn) = store.take_back_unpaired_step(doc, &mut *journal)? {
+                tracing::warn!(
+                    %doc,
+                    "took back storage entry {lsn}: a crash left it durable without its history entry; it was never acknowledged, and its clients send its mutations again"
+                );
+            }
+        } else if paired {
+            store.forget_pairing(doc)?;
+        }
         let mut d = ServerDocument::with_reducer(journal, SqlReducer::default(), step_limits)?;
         d.set_compaction(compaction);
         if let Some(registry) = registry.clone() {
@@ -814,6 +931,7 @@ pub async fn serve(
         if !keep_history {
             return Ok(d);
         }
+        let marks = store.clone();
         d.set_history(Box::new(move |create| {
             if !create && !store.history_exists(doc)? {
                 return Ok(None);
@@ -826,6 +944,9 @@ pub async fn serve(
                 None => inner,
             }))
         }));
+        if paired {
+            d.write_history_beside(Box::new(move |from| marks.mark_paired(doc, from)));
+        }
         Ok(d)
     });
     let options = SessionOptions {

@@ -284,6 +284,9 @@ pub fn restore(store: &Store, doc: DocId, at: At, to: RestoreTo, now_ms: i64) ->
         RestoreTo::New(new) => new,
         RestoreTo::InPlace => doc,
     };
+    // What it writes has no history entry: no recovery may take it back as a step whose
+    // history entry was lost (see `Store::take_back_unpaired_step`).
+    store.forget_pairing(target).map_err(|x| e(&x))?;
     let mut out = store.open_journal(target).map_err(|x| e(&x))?;
     let mut copy = |pages: &mut PageStore| {
         let range = pages.copy_checkpoint_to(&mut *out, now_ms).map_err(|x| e(&x))?;

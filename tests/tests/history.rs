@@ -263,3 +263,46 @@ fn an_entry_stamped_far_ahead_does_not_pin_later_steps() {
     let applied: Vec<i64> = all(&mut d).iter().map(|r| r.applied_ms).collect();
     assert_eq!(applied, vec![1_000 + far, 1_000]);
 }
+
+/// Written beside the storage entry (`write_history_beside`, on a journal that can take its
+/// newest entry back): when the history append fails after the storage entry became durable,
+/// the storage entry is taken back, on disk too, and the step fails as a whole; its retry
+/// commits both, and the history lists it once.
+#[test]
+fn a_history_append_that_fails_beside_a_durable_storage_entry_takes_the_step_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = pagesync::journal::FileJournalOptions::default;
+    let id = pagesync::journal::JournalId::from_u128(0x51);
+    let storage = pagesync::journal::FileJournal::create(dir.path().join("s"), id, opts()).expect("storage");
+    let mut d = ServerDocument::open(Box::new(storage)).expect("open");
+    let history = SharedJournal::new(0x52);
+    let h = history.clone();
+    d.set_history(Box::new(move |_| Ok(Some(h.boxed()))));
+    let marked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let marks = marked.clone();
+    d.write_history_beside(Box::new(move |from| {
+        marks.lock().expect("lock").push(from);
+        Ok(())
+    }));
+    let tl = TimelineId([5; 16]);
+    d.receive(tl, Lsn::FIRST, vec![mutation("CREATE TABLE t(x)", vec![], 10)]);
+    while d.step(100).expect("step").is_some() {}
+    let before = d.storage_range();
+    assert_eq!(
+        marked.lock().expect("lock").as_slice(),
+        [before.last().expect("an entry")],
+        "marked once, first"
+    );
+    history.disk_full.store(true, std::sync::atomic::Ordering::Relaxed);
+    d.receive(tl, Lsn::new(2).expect("2"), vec![mutation("INSERT INTO t VALUES (1)", vec![], 20)]);
+    assert!(d.step(200).is_err(), "the history append failed");
+    assert_eq!(d.storage_range(), before, "the storage entry is taken back");
+    let on_disk = pagesync::journal::FileJournal::open(dir.path().join("s"), opts()).expect("reopen");
+    assert_eq!(on_disk.range(), before, "on disk too");
+    history.disk_full.store(false, std::sync::atomic::Ordering::Relaxed);
+    while d.step(300).expect("step").is_some() {}
+    let n: i64 = d.database().conn().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count");
+    assert_eq!(n, 1);
+    assert_eq!(keys(&all(&mut d)), [(tl, 1), (tl, 2)]);
+    assert_eq!(marked.lock().expect("lock").len(), 1, "marked once");
+}

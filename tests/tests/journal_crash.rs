@@ -237,3 +237,38 @@ fn missing_middle_segments_are_reported() {
     let err = FileJournal::open(&dir, opts()).expect_err("missing head");
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+/// `remove_last` takes the newest entry back durably, wherever it sits: in the middle of a
+/// segment, or alone in a segment its append rolled to (which goes with it). A reopen finds
+/// the journal one shorter, and the next append takes the removed entry's LSN.
+#[test]
+fn the_newest_entry_can_be_taken_back() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("j");
+    let mut j = FileJournal::create(&dir, ID, opts()).expect("create");
+    assert!(j.can_remove_last());
+    let mut rolled_and_cut = false;
+    for n in 1..=ENTRIES {
+        let before = segments(&dir).len();
+        j.append(&small_payload(n)).expect("append");
+        let rolled = segments(&dir).len() > before;
+        j.remove_last().expect("remove the newest");
+        // (The first segment stays, empty: the next append writes there.)
+        assert_eq!(segments(&dir).len(), before.max(1), "entry {n}: a segment left with no frame goes");
+        rolled_and_cut |= rolled && before > 0;
+        let held = |j: &FileJournal| match n - 1 {
+            0 => assert_eq!(j.range().last(), None),
+            last => assert_prefix(j, last),
+        };
+        held(&j);
+        drop(j);
+        j = FileJournal::open(&dir, opts()).expect("reopen");
+        assert!(j.repairs().is_empty(), "entry {n}: {:?}", j.repairs());
+        held(&j);
+        j.append(&small_payload(n)).expect("append again");
+        assert_prefix(&j, n);
+    }
+    assert!(rolled_and_cut, "no append rolled to a new segment");
+    drop(j);
+    assert_prefix(&FileJournal::open(&dir, opts()).expect("reopen"), ENTRIES);
+}
