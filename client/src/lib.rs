@@ -352,7 +352,8 @@ impl Client {
     }
 
     /// A page of `doc`'s history, as `Document::history` reads it, without opening a replica
-    /// of it: nothing is created, here or on the server (a mistyped id is `not_found`).
+    /// of it: no replica is made here, and no document on the server (a mistyped id is
+    /// `not_found`).
     pub async fn history(
         &self,
         doc: DocId,
@@ -1340,6 +1341,9 @@ async fn read_ahead(
     }
 }
 
+/// Redirects a history read follows.
+const MAX_REDIRECTS: usize = 3;
+
 /// Reads a page of `doc`'s history from the server it syncs with, on a blocking thread.
 async fn read_history(
     shared: &Shared,
@@ -1350,7 +1354,15 @@ async fn read_history(
     let read = move || {
         let mut fetcher = fetcher.lock().expect("BUG: lock poisoned");
         fetcher.use_url(&url);
-        fetcher.history(doc, query)
+        // Asked of a server of a cluster that does not serve it (no replica here has learned
+        // its route): asked again where it is, a few times at most.
+        let mut page = fetcher.history(doc, query);
+        for _ in 0..MAX_REDIRECTS {
+            let Some(url) = page.as_ref().err().and_then(|_| fetcher.take_redirect(doc)) else { break };
+            fetcher.use_url(&url);
+            page = fetcher.history(doc, query);
+        }
+        page
     };
     match tokio::task::spawn_blocking(read).await {
         Ok(page) => page.map_err(ClientError::History),

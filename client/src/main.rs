@@ -75,6 +75,7 @@ enum Command {
         /// Parameters ?1, ?2, ...: `null`; an integer or a real when it reads back exactly as
         /// typed (`7`, `1.5`; not `007` or `1e3`, which are text); text otherwise, or in
         /// single quotes (`'7'`).
+        #[arg(allow_negative_numbers = true)]
         params: Vec<String>,
         /// Do not wait for the server.
         #[arg(long)]
@@ -85,6 +86,7 @@ enum Command {
     /// which decides; exits non-zero when the server rejects it (with the app's message).
     Call {
         name: String,
+        #[arg(allow_negative_numbers = true)]
         args: Vec<String>,
         /// Do not wait for the server.
         #[arg(long)]
@@ -94,6 +96,7 @@ enum Command {
     Query {
         sql: String,
         /// Parameters ?1, ?2, ..., as `exec` reads them.
+        #[arg(allow_negative_numbers = true)]
         params: Vec<String>,
         /// Print the rows as a JSON array of objects, keys in the query's column order.
         #[arg(long, conflicts_with = "json_rows")]
@@ -330,10 +333,10 @@ fn progress_bar(p: pagesync_client::SyncProgress) -> String {
     format!("syncing [{bar}] {}/{} entries, {} writes pending ", p.entries, p.server_entries, p.pending)
 }
 
-/// A parameter as typed: `null` is NULL; a number only when it reads back exactly as typed
-/// (`7`, `-3`, `1.5`, `2.0`), so nothing typed is changed on the way (`007`, `+1`, `1e3`,
-/// `1.10`, `NaN` or a number too large for 64 bits stay text); anything in single quotes is
-/// text without them (`'7'`, `'null'`).
+/// A parameter as typed: `null` is NULL; a number only when it is written in plain digits and
+/// reads back exactly as typed (`7`, `-3`, `1.5`, `2.0`, `0.00005`), so nothing typed is
+/// changed on the way (`007`, `+1`, `1e3`, `1.10`, `NaN` or a number too large for 64 bits
+/// stay text); anything in single quotes is text without them (`'7'`, `'null'`).
 fn parse_param(p: &str) -> Value {
     if let Some(text) = p.strip_prefix('\'').and_then(|t| t.strip_suffix('\'')) {
         return Value::Text(text.to_owned());
@@ -346,9 +349,18 @@ fn parse_param(p: &str) -> Value {
     {
         return Value::Integer(i);
     }
-    if let Ok(f) = p.parse::<f64>()
+    // Plain digits with one point (no exponent, no sign but a leading minus), and what the
+    // value prints as (`Display` never uses an exponent) is what was typed, or that and ".0".
+    let digits = p.strip_prefix('-').unwrap_or(p);
+    let plain = digits.split_once('.').is_some_and(|(whole, fraction)| {
+        !whole.is_empty()
+            && !fraction.is_empty()
+            && whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit())
+    });
+    if plain
+        && let Ok(f) = p.parse::<f64>()
         && f.is_finite()
-        && format!("{f:?}") == p
+        && (f.to_string() == p || format!("{f}.0") == p)
     {
         return Value::Real(f);
     }
@@ -610,6 +622,8 @@ mod tests {
             ("-3", Value::Integer(-3)),
             ("1.5", Value::Real(1.5)),
             ("2.0", Value::Real(2.0)),
+            ("0.00005", Value::Real(0.00005)),
+            ("-0.5", Value::Real(-0.5)),
             ("null", Value::Null),
             ("'7'", Value::Text("7".into())),
             ("'null'", Value::Text("null".into())),
@@ -617,7 +631,23 @@ mod tests {
         ] {
             assert_eq!(parse_param(typed), want, "{typed}");
         }
-        for text in ["007", "+1", "1e3", "1.10", "inf", "NaN", "12345678901234567890", "-0", "1.", "'", "x"] {
+        for text in [
+            "007",
+            "+1",
+            "1e3",
+            "1e-5",
+            "1e16",
+            "1.10",
+            "inf",
+            "NaN",
+            "12345678901234567890",
+            "-0",
+            "1.",
+            ".5",
+            "'",
+            "x",
+            "3.14159265358979323846",
+        ] {
             assert_eq!(parse_param(text), Value::Text(text.into()), "{text}");
         }
     }

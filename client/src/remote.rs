@@ -80,11 +80,25 @@ pub(crate) struct Fetcher {
     /// The error the server answered the last request with, and its document, unless it was
     /// about the request's size or range (`limit`, `out_of_range`): see `Fetcher::refusal`.
     refused: Option<(DocId, String, String)>,
+    /// Where the server said the last request's document is served, if it redirected it.
+    redirect: Option<(DocId, String)>,
 }
 
 impl Fetcher {
     pub(crate) fn new(url: &str, token: &str) -> Fetcher {
-        Fetcher { url: url.to_owned(), token: token.to_owned(), ws: None, next_id: 0, refused: None }
+        Fetcher {
+            url: url.to_owned(),
+            token: token.to_owned(),
+            ws: None,
+            next_id: 0,
+            refused: None,
+            redirect: None,
+        }
+    }
+
+    /// Where the last request's answer said `doc` is served, if it redirected it (taken).
+    pub(crate) fn take_redirect(&mut self, doc: DocId) -> Option<String> {
+        self.redirect.take().filter(|(of, _)| *of == doc).map(|(_, url)| url)
     }
 
     /// Why the server refused `doc` to the last request, if it did: `(code, message)`
@@ -206,7 +220,9 @@ impl Fetcher {
                 // Its server is another: the driver's connection learns it too, and the next
                 // query asks there.
                 Message::Redirect { doc: d, url } if d == doc => {
-                    return Ok(Err(format!("document {doc} is served by {url}")));
+                    let why = format!("document {doc} is served by {url}");
+                    self.redirect = Some((doc, url));
+                    return Ok(Err(why));
                 }
                 _ => continue,
             }

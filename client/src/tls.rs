@@ -21,6 +21,7 @@ pub(crate) fn host_port(url: &str) -> Result<(String, u16), String> {
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     // A port that is not a number from 1 to 65535 is an error, not the scheme's default.
     let authority = uri.authority().map_or("", |a| a.as_str());
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
     let after_host = authority.rsplit_once(']').map_or(authority, |(_, rest)| rest);
     let port = match after_host.rsplit_once(':') {
         Some((_, port)) => match port.parse::<u16>() {
@@ -67,4 +68,33 @@ fn client_config() -> Result<Arc<rustls::ClientConfig>, String> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn hosts_and_ports() {
+        for (url, want) in [
+            ("ws://127.0.0.1:8787/v1/sync", ("127.0.0.1", 8787)),
+            ("ws://127.0.0.1/v1/sync", ("127.0.0.1", 80)),
+            ("wss://example.com/v1/sync", ("example.com", 443)),
+            ("WS://[::1]:9000/v1/sync", ("::1", 9000)),
+            ("ws://[::1]/v1/sync", ("::1", 80)),
+            ("ws://user:pw@127.0.0.1/v1/sync", ("127.0.0.1", 80)),
+            ("ws://user:pw@[::1]:81/v1/sync", ("::1", 81)),
+        ] {
+            let (host, port) = host_port(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!((host.as_str(), port), want, "{url}");
+        }
+        for url in [
+            "http://127.0.0.1:8787/v1/sync",
+            "ws://127.0.0.1:abc/v1/sync",
+            "ws://127.0.0.1:99999/",
+            "ws://h:0/",
+        ] {
+            assert!(host_port(url).is_err(), "{url}");
+        }
+    }
 }

@@ -136,6 +136,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// them.
     outcomes_through: Option<Lsn>,
     confirms: ConfirmStats,
+    /// The last replay of a confirmation was stopped at this client's CPU bound
+    /// (`CLIENT_MUTATION_CPU`), not rejected for what it does.
+    replay_stopped: bool,
     /// The server's mutator definitions, as last sent (`set_mutators`).
     mutators: Option<std::sync::Arc<crate::mutators::Mutators>>,
 }
@@ -237,6 +240,7 @@ impl<R: Reducer> ClientDocument<R> {
             outcomes_through: None,
             confirms: ConfirmStats::default(),
             mutators: None,
+            replay_stopped: false,
         };
         doc.synced_next = doc.timeline.range().next();
         doc.read_outcomes()?;
@@ -650,6 +654,11 @@ impl<R: Reducer> ClientDocument<R> {
                 self.confirms.kept += 1;
                 Ok(())
             }
+            // Stopped at this client's own CPU bound, which the server's run stayed within:
+            // not a difference in what the mutations do.
+            false if std::mem::take(&mut self.replay_stopped) => {
+                Err(mismatch(false, "replaying its mutations took longer than this client's CPU bound"))
+            }
             false => {
                 self.confirms.mismatches += 1;
                 Err(mismatch(
@@ -665,6 +674,7 @@ impl<R: Reducer> ClientDocument<R> {
     /// them already), adds its system rows, and keeps the entry cut from it if its digest is
     /// the server's. Returns whether it was kept.
     fn keep_confirmed(&mut self, confirm: &Confirm, replay: bool, count: usize) -> Result<bool> {
+        self.replay_stopped = false;
         if replay {
             self.db.store().discard_overlay();
         }
@@ -679,7 +689,8 @@ impl<R: Reducer> ClientDocument<R> {
             match apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
                 Ok(Ok(())) => {}
                 // The server applied it: a replay that rejects it cannot give its pages.
-                Ok(Err(_)) | Err(Error::TransactionLost(_)) => {
+                Ok(Err(r)) | Err(Error::TransactionLost(r)) => {
+                    self.replay_stopped = crate::db::stopped_for_cpu_time(&r);
                     let _ = conn.execute_batch("ROLLBACK");
                     return Ok(false);
                 }

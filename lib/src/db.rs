@@ -669,7 +669,7 @@ impl Database {
         }
         if self.sandbox.cpu_exceeded.swap(false, Ordering::Relaxed) {
             let ms = self.cpu_limit.map_or(0, |l| l.as_millis());
-            let why = format!("the mutation used more than {ms} ms of CPU time");
+            let why = format!("the mutation used more than {ms} {CPU_TIME}");
             return Some(Rejection::new(RejectionCode::TooExpensive, why));
         }
         if self.sandbox.memory_exceeded.swap(false, Ordering::Relaxed) {
@@ -728,6 +728,15 @@ impl Database {
         }
         Error::Sqlite(e)
     }
+}
+
+/// How a rejection at the CPU-time bound ends (`stopped_for_cpu_time`).
+const CPU_TIME: &str = "ms of CPU time";
+
+/// Whether `r` is a rejection at the CPU-time bound: a verdict of the machine that ran it,
+/// not of what the mutation does.
+pub fn stopped_for_cpu_time(r: &Rejection) -> bool {
+    r.code == RejectionCode::TooExpensive && r.message.ends_with(CPU_TIME)
 }
 
 /// Runs one of pagesync's own statements (no parameters, no rows: `BEGIN`, `SAVEPOINT`,

@@ -56,7 +56,8 @@ struct Args {
     max_value_bytes: u32,
     /// CPU time one mutation may take, in ms; past it: `too_expensive` (the instruction budget
     /// is the bound clients check too; this one catches instructions that each work through
-    /// a large value). 0: no bound.
+    /// a large value). 0: no bound. Clients stop their own runs at 2,000: above it, what the
+    /// server takes they run to its pages instead.
     #[arg(long, default_value_t = pagesync::sandbox::DEFAULT_MAX_MUTATION_CPU.as_millis() as u64)]
     max_mutation_cpu_ms: u64,
     /// Group commit: a document steps this long after its first queued mutation arrived, at
@@ -113,8 +114,11 @@ fn listen_address(s: &str) -> Result<SocketAddr, String> {
     if let Ok(addr) = s.parse() {
         return Ok(addr);
     }
-    let mut addrs = s.to_socket_addrs().map_err(|e| format!("expected HOST:PORT (127.0.0.1:8787): {e}"))?;
-    addrs.next().ok_or_else(|| format!("{s} has no address"))
+    let addrs: Vec<SocketAddr> =
+        s.to_socket_addrs().map_err(|e| format!("expected HOST:PORT (127.0.0.1:8787): {e}"))?.collect();
+    // IPv4 first: `localhost` is often ::1 first, where a client's default 127.0.0.1 would not
+    // reach the server.
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| format!("{s} has no address"))
 }
 
 fn mutation_limit(s: &str) -> Result<usize, String> {
