@@ -235,6 +235,24 @@ fn step_ran(started: &StepClock) -> std::time::Duration {
     }
 }
 
+/// Runs `write` on a thread of its own while `sync` runs on this one, and both results; `None`
+/// when no thread can be had (nothing ran then).
+#[cfg(not(target_arch = "wasm32"))]
+fn at_once<A: Send, B>(write: impl FnOnce() -> A + Send, sync: impl FnOnce() -> B) -> Option<(A, B)> {
+    std::thread::scope(|s| {
+        let thread = std::thread::Builder::new().name("pagesync-history".into());
+        let written = thread.spawn_scoped(s, write).ok()?;
+        let synced = sync();
+        Some((written.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), synced))
+    })
+}
+
+/// No threads in the browser (which runs no server): never at once.
+#[cfg(target_arch = "wasm32")]
+fn at_once<A, B>(_write: impl FnOnce() -> A, _sync: impl FnOnce() -> B) -> Option<(A, B)> {
+    None
+}
+
 /// Opens a document's history journal, creating it when asked (`true`: at the document's first
 /// write); `Ok(None)` when it does not exist and was not to be created (a read).
 pub type HistoryOpener = Box<dyn Fn(bool) -> Result<Option<Box<dyn Journal>>> + Send>;
@@ -1079,12 +1097,7 @@ impl<R: Reducer> ServerDocument<R> {
         let Some(staged) = store.stage_overlay(applied, forget, time_ms)? else {
             return Err(Error::Malformed("BUG: a step with mutations wrote no storage entry".into()));
         };
-        let beside = std::thread::scope(|s| {
-            let thread = std::thread::Builder::new().name("pagesync-history".into());
-            let written = thread.spawn_scoped(s, || h.append(&entry)).ok()?;
-            let synced = store.sync_journal();
-            Some((written.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), synced))
-        });
+        let beside = at_once(|| h.append(&entry), || store.sync_journal());
         // No thread to be had: one after the other.
         let (written, synced) = beside.unwrap_or_else(|| (h.append(&entry), store.sync_journal()));
         match (synced, written) {

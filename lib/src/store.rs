@@ -124,6 +124,9 @@ fn part_pages(page_count: u32, index: u32) -> std::ops::RangeInclusive<u32> {
 /// A page the overlay changed: its number, its new bytes, its committed version.
 type Changed = (u32, Box<Page>, Arc<Page>);
 
+/// A storage entry's payload and the pages it changes.
+type OverlayEntry = (Vec<u8>, Vec<Changed>);
+
 /// A step's storage entry of the pages `take_changed` gave.
 fn encode_changed(
     page_count: u32,
@@ -703,7 +706,7 @@ impl PageStore {
         applied: &[Applied],
         forgotten: &[(TimelineId, Lsn)],
         time_ms: i64,
-    ) -> Result<Option<(Vec<u8>, Vec<Changed>)>, StoreError> {
+    ) -> Result<Option<OverlayEntry>, StoreError> {
         let changed = self.take_changed()?;
         let nothing = applied.is_empty() && forgotten.is_empty();
         if changed.is_empty() && nothing && self.overlay_page_count == self.page_count {
