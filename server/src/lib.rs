@@ -202,23 +202,53 @@ impl Store {
     /// between the two barriers left the storage entry alone. That step was never
     /// acknowledged (both were durable first), and its clients send its mutations again.
     /// Returns the entry taken back. Blocking; before anything reads `storage`.
+    ///
+    /// Keeping such a step is always safe (as an acknowledgement lost on the way); taking one
+    /// back that was acknowledged is not. So only the one the protocol can leave: a step beside
+    /// which nothing else lacks its history. The step before it (the newest earlier entry that
+    /// applied mutations) must be before the mark or have its history entry; otherwise
+    /// something wrote steps without history under the mark (a binary that knows no mark, a
+    /// copy taken while the server wrote), and nothing is taken back.
     pub fn take_back_unpaired_step(
         &self,
         doc: DocId,
         storage: &mut dyn Journal,
     ) -> pagesync::Result<Option<pagesync::journal::Lsn>> {
+        use pagesync::history::records_step;
+        use pagesync::storage::read_applied;
         let Some(from) = self.paired_from(doc)? else { return Ok(None) };
         let Some(last) = storage.range().last().filter(|l| *l >= from) else { return Ok(None) };
-        let (_, applied) = pagesync::storage::read_applied(storage, last)?;
-        if applied.is_empty() {
+        if read_applied(storage, last)?.1.is_empty() {
             return Ok(None); // a checkpoint's part or a VACUUM: no history entry of its own
         }
-        if self.history_exists(doc)? {
-            let history = self.open_history(doc)?;
-            if pagesync::history::records_step(&*history, storage, last)? {
-                return Ok(None);
+        // The step before it under the mark, past checkpoint parts (their headers alone).
+        let mut before = None;
+        let mut at = last.prev().filter(|p| *p >= from.max(storage.range().first()));
+        for _ in 0..MAX_ENTRIES_BACK {
+            let Some(lsn) = at else { break };
+            if !read_applied(storage, lsn)?.1.is_empty() {
+                before = Some(lsn);
+                break;
             }
+            at = lsn.prev().filter(|p| *p >= from.max(storage.range().first()));
         }
+        if at.is_some() && before.is_none() {
+            return Ok(None); // too far back to tell: kept
+        }
+        let history = match self.history_exists(doc)? {
+            true => Some(self.open_history(doc)?),
+            false => None,
+        };
+        let recorded = |lsn| history.as_ref().map_or(Ok(false), |h| records_step(&**h, storage, lsn));
+        if recorded(last)? {
+            return Ok(None);
+        }
+        if let Some(before) = before
+            && !recorded(before)?
+        {
+            return Ok(None); // steps without history under the mark: not this protocol's doing
+        }
+        drop(history);
         storage.remove_last()?;
         Ok(Some(last))
     }
@@ -748,6 +778,10 @@ pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     doc_path(root, doc, "storage")
 }
 
+/// Storage entries `Store::take_back_unpaired_step` reads back, at most, for the step before
+/// the newest (past a checkpoint's parts).
+const MAX_ENTRIES_BACK: usize = 4_096;
+
 /// The mark of `Store::mark_paired`: beside the document's journals.
 fn pairing_path(root: &std::path::Path, doc: DocId) -> PathBuf {
     doc_path(root, doc, "paired")
@@ -912,11 +946,17 @@ pub async fn serve(
         // document is read, or the mark gone before steps are written without history.
         let paired = leases.is_none() && store.pairs_history();
         if paired && keep_history {
-            if let Some(lsn) = store.take_back_unpaired_step(doc, &mut *journal)? {
-                tracing::warn!(
+            match store.take_back_unpaired_step(doc, &mut *journal) {
+                Ok(None) => {}
+                Ok(Some(lsn)) => tracing::warn!(
                     %doc,
                     "took back storage entry {lsn}: a crash left it durable without its history entry; it was never acknowledged, and its clients send its mutations again"
-                );
+                ),
+                // Kept (as an acknowledgement lost would be): the document opens either way.
+                Err(e) => tracing::warn!(
+                    %doc,
+                    "could not tell whether the newest storage entry lost its history entry in a crash; kept: {e}"
+                ),
             }
         } else if paired {
             store.forget_pairing(doc)?;

@@ -111,3 +111,32 @@ fn a_step_the_mark_does_not_cover_is_never_taken_back() {
     assert_eq!(taken_back, None);
     assert_eq!(rows(&d), ["kept"]);
 }
+
+/// A binary that knows no mark (or a copy of the files taken while the server wrote) can leave
+/// several steps without history under it: only the step whose predecessor has its history
+/// entry is the protocol's to take back, so these are all kept, at every open.
+#[test]
+fn steps_written_without_history_under_the_mark_are_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::Files(dir.path().to_path_buf());
+    let (mut d, _) = open(&store);
+    write(&mut d, 1, "CREATE TABLE t(v TEXT)");
+    drop(d);
+    // As an older binary with `--history off` would: steps, no history, the mark left alone.
+    let storage = store.open_journal(DOC).expect("storage");
+    let mut old =
+        ServerDocument::with_reducer(storage, SqlReducer::default(), StepLimits::default()).expect("old");
+    write(&mut old, 2, "INSERT INTO t VALUES ('a')");
+    write(&mut old, 3, "INSERT INTO t VALUES ('b')");
+    drop(old);
+    for _ in 0..2 {
+        let (d, taken_back) = open(&store);
+        assert_eq!(taken_back, None);
+        assert_eq!(rows(&d), ["a", "b"]);
+    }
+    // Nor without any history journal at all, past the first step under the mark.
+    std::fs::remove_dir_all(history_dir(dir.path(), DOC)).expect("remove the history");
+    let (d, taken_back) = open(&store);
+    assert_eq!(taken_back, None);
+    assert_eq!(rows(&d), ["a", "b"]);
+}
