@@ -169,14 +169,7 @@ impl Store {
         let tmp = path.with_extension("tmp");
         let io =
             |e: std::io::Error| pagesync::Error::Refused(format!("cannot write {}: {e}", path.display()));
-        std::fs::write(
-            &tmp,
-            format!(
-                "{from}
-"
-            ),
-        )
-        .map_err(io)?;
+        std::fs::write(&tmp, format!("{from}\n")).map_err(io)?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         sync_parent(&path).map_err(io)
