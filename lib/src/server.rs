@@ -1160,6 +1160,13 @@ impl<R: Reducer> ServerDocument<R> {
     /// while its history entry did not (`history::records_step`; a crash between the two).
     /// Such a step was never acknowledged: its clients send its mutations again. Without this,
     /// the history entry is durable before the storage entry is written.
+    /// The history journal, opened already (`set_history` opens it at the first write).
+    pub fn set_history_journal(&mut self, journal: Box<dyn Journal>) {
+        if let Some(h) = &mut self.history {
+            h.journal = Some(journal);
+        }
+    }
+
     pub fn write_history_beside(&mut self, mark: PairingMark) {
         if let Some(h) = &mut self.history {
             h.beside = Some(mark);

@@ -194,7 +194,9 @@ impl Store {
     /// never became durable: written beside it (from the `mark_paired` LSN on), a crash
     /// between the two barriers left the storage entry alone. That step was never
     /// acknowledged (both were durable first), and its clients send its mutations again.
-    /// Returns the entry taken back. Blocking; before anything reads `storage`.
+    /// Returns the entry taken back, and the history journal if it was opened to look (the
+    /// document's `HistoryLog` takes it rather than opening it again). Blocking; before
+    /// anything reads `storage`.
     ///
     /// Keeping such a step is always safe (as an acknowledgement lost on the way); taking one
     /// back that was acknowledged is not. So only the one the protocol can leave: a step beside
@@ -206,13 +208,13 @@ impl Store {
         &self,
         doc: DocId,
         storage: &mut dyn Journal,
-    ) -> pagesync::Result<Option<pagesync::journal::Lsn>> {
+    ) -> pagesync::Result<TakenBack> {
         use pagesync::history::records_step;
         use pagesync::storage::read_applied;
-        let Some(from) = self.paired_from(doc)? else { return Ok(None) };
-        let Some(last) = storage.range().last().filter(|l| *l >= from) else { return Ok(None) };
+        let Some(from) = self.paired_from(doc)? else { return Ok((None, None)) };
+        let Some(last) = storage.range().last().filter(|l| *l >= from) else { return Ok((None, None)) };
         if read_applied(storage, last)?.1.is_empty() {
-            return Ok(None); // a checkpoint's part or a VACUUM: no history entry of its own
+            return Ok((None, None)); // a checkpoint's part or a VACUUM: no history entry of its own
         }
         // The step before it under the mark, past checkpoint parts (their headers alone).
         let mut before = None;
@@ -226,7 +228,7 @@ impl Store {
             at = lsn.prev().filter(|p| *p >= from.max(storage.range().first()));
         }
         if at.is_some() && before.is_none() {
-            return Ok(None); // too far back to tell: kept
+            return Ok((None, None)); // too far back to tell: kept
         }
         let history = match self.history_exists(doc)? {
             true => Some(self.open_history(doc)?),
@@ -234,16 +236,15 @@ impl Store {
         };
         let recorded = |lsn| history.as_ref().map_or(Ok(false), |h| records_step(&**h, storage, lsn));
         if recorded(last)? {
-            return Ok(None);
+            return Ok((None, history));
         }
         if let Some(before) = before
             && !recorded(before)?
         {
-            return Ok(None); // steps without history under the mark: not this protocol's doing
+            return Ok((None, history)); // steps without history under the mark: not this protocol's doing
         }
-        drop(history);
         storage.remove_last()?;
-        Ok(Some(last))
+        Ok((Some(last), history))
     }
 
     /// Whether the document has ever been written (`Error::Deleted` if it was deleted since).
@@ -771,6 +772,9 @@ pub fn storage_dir(root: &std::path::Path, doc: DocId) -> PathBuf {
     doc_path(root, doc, "storage")
 }
 
+/// What `Store::take_back_unpaired_step` took back, and the history journal it opened to look.
+pub type TakenBack = (Option<pagesync::journal::Lsn>, Option<Box<dyn Journal>>);
+
 /// Storage entries `Store::take_back_unpaired_step` reads back, at most, for the step before
 /// the newest (past a checkpoint's parts).
 const MAX_ENTRIES_BACK: usize = 4_096;
@@ -938,13 +942,18 @@ pub async fn serve(
         // History beside storage (a `file://` store, one server): a step taken back before the
         // document is read, or the mark gone before steps are written without history.
         let paired = leases.is_none() && store.pairs_history();
+        let mut history_opened = None;
         if paired && keep_history {
             match store.take_back_unpaired_step(doc, &mut *journal) {
-                Ok(None) => {}
-                Ok(Some(lsn)) => tracing::warn!(
-                    %doc,
-                    "took back storage entry {lsn}: a crash left it durable without its history entry; it was never acknowledged, and its clients send its mutations again"
-                ),
+                Ok((taken_back, history)) => {
+                    history_opened = history;
+                    if let Some(lsn) = taken_back {
+                        tracing::warn!(
+                        %doc,
+                        "took back storage entry {lsn}: a crash left it durable without its history entry; it was never acknowledged, and its clients send its mutations again"
+                            );
+                    }
+                }
                 // Kept (as an acknowledgement lost would be): the document opens either way.
                 Err(e) => tracing::warn!(
                     %doc,
@@ -979,6 +988,9 @@ pub async fn serve(
         }));
         if paired {
             d.write_history_beside(Box::new(move |from| marks.mark_paired(doc, from)));
+        }
+        if let Some(history) = history_opened {
+            d.set_history_journal(history);
         }
         Ok(d)
     });

@@ -18,7 +18,7 @@ const T0: i64 = 1_700_000_000_000;
 /// history written beside the storage.
 fn open(store: &Store) -> (ServerDocument, Option<Lsn>) {
     let mut storage = store.open_journal(DOC).expect("storage");
-    let taken_back = store.take_back_unpaired_step(DOC, &mut *storage).expect("recovery");
+    let (taken_back, history_opened) = store.take_back_unpaired_step(DOC, &mut *storage).expect("recovery");
     let mut d =
         ServerDocument::with_reducer(storage, SqlReducer::default(), StepLimits::default()).expect("open");
     let (history, marks) = (store.clone(), store.clone());
@@ -29,6 +29,9 @@ fn open(store: &Store) -> (ServerDocument, Option<Lsn>) {
         Ok(Some(history.open_history(DOC)?))
     }));
     d.write_history_beside(Box::new(move |from| marks.mark_paired(DOC, from)));
+    if let Some(history) = history_opened {
+        d.set_history_journal(history);
+    }
     (d, taken_back)
 }
 
@@ -102,7 +105,7 @@ fn a_step_the_mark_does_not_cover_is_never_taken_back() {
     // A server without history forgot the mark before writing.
     store.forget_pairing(DOC).expect("forget");
     let mut storage = store.open_journal(DOC).expect("storage");
-    assert_eq!(store.take_back_unpaired_step(DOC, &mut *storage).expect("recovery"), None);
+    assert_eq!(store.take_back_unpaired_step(DOC, &mut *storage).expect("recovery").0, None);
     assert_eq!(storage.range().last(), Some(newest));
     drop(storage);
     // A mark put down after the entry (a server with history again) does not reach back.
