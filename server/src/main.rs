@@ -108,7 +108,7 @@ struct Args {
     mutators: Vec<String>,
 }
 
-/// `HOST:PORT`, the host an address or a name (its first address).
+/// `HOST:PORT`, the host an address or a name (its first IPv4 address, else its first).
 fn listen_address(s: &str) -> Result<SocketAddr, String> {
     use std::net::ToSocketAddrs as _;
     if let Ok(addr) = s.parse() {
