@@ -201,6 +201,15 @@ fn refused_for_good(e: &pagesync_client::ClientError) -> bool {
     }
 }
 
+/// Waits, looking every 5 ms, until `done` says so or `within` has passed; whether it did.
+async fn wait_until(within: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    done()
+}
+
 /// What a refusal says, without "the server reported" after "the server refused".
 fn why_refused(e: &pagesync_client::ClientError) -> String {
     match e {
@@ -464,11 +473,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 // A replica that holds nothing yet would run the write on an empty database
                 // ("no such table"): it first takes what the server has, when the server
                 // answers within a second (the write goes in either way).
-                let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(1));
-                while !client.is_connected() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                if client.is_connected() {
+                if wait_until(timeout.min(Duration::from_secs(1)), || client.is_connected()).await {
                     let _ = doc.sync(timeout).await;
                 }
             }
@@ -478,10 +483,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Call { name, args, offline } => {
             if !offline {
                 // The definitions come with the subscription: a first call waits for them.
-                let deadline = tokio::time::Instant::now() + timeout;
-                while doc.mutators().is_none() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                wait_until(timeout, || doc.mutators().is_some()).await;
             }
             let done = doc.call(&name, args.iter().map(|p| parse_param(p)).collect())?;
             settle(&doc, done, offline, timeout).await
@@ -492,11 +494,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             if !offline && empty {
                 // A replica that holds nothing yet: the query reads the server's state (pages
                 // fetched on demand) rather than waiting for the whole document to download.
-                let deadline = tokio::time::Instant::now() + timeout;
-                while !client.is_connected() && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                if !client.is_connected() {
+                if !wait_until(timeout, || client.is_connected()).await {
                     // Nothing here to show and no server to ask: say why, rather than what
                     // SQLite makes of an empty database ("no such table").
                     let why = match doc.sync(Duration::ZERO).await {
