@@ -217,15 +217,17 @@ impl Store {
             return Ok((None, None)); // a checkpoint's part or a VACUUM: no history entry of its own
         }
         // The step before it under the mark, past checkpoint parts (their headers alone).
+        let oldest = from.max(storage.range().first());
+        let earlier = |lsn: pagesync::journal::Lsn| lsn.prev().filter(|p| *p >= oldest);
         let mut before = None;
-        let mut at = last.prev().filter(|p| *p >= from.max(storage.range().first()));
+        let mut at = earlier(last);
         for _ in 0..MAX_ENTRIES_BACK {
             let Some(lsn) = at else { break };
             if !read_applied(storage, lsn)?.1.is_empty() {
                 before = Some(lsn);
                 break;
             }
-            at = lsn.prev().filter(|p| *p >= from.max(storage.range().first()));
+            at = earlier(lsn);
         }
         if at.is_some() && before.is_none() {
             return Ok((None, None)); // too far back to tell: kept
