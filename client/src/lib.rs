@@ -1333,7 +1333,7 @@ async fn read_ahead(
         let units = frame.len().div_ceil(READ_AHEAD_UNIT_BYTES).clamp(1, READ_AHEAD_UNITS);
         let units = u32::try_from(units).expect("BUG: at most READ_AHEAD_UNITS");
         let Ok(permit) = budget.clone().acquire_many_owned(units).await else { return };
-        let decoded = pagesync::protocol::Message::decode(&frame);
+        let decoded = pagesync::protocol::Message::decode_shared(&frame);
         drop(frame);
         if tx.send((decoded, permit)).is_err() {
             return;

@@ -86,6 +86,18 @@ pub fn read_part_reads_within_one_entry<B: Backend>(b: &mut B) {
     assert!(matches!(err, JournalError::OutOfRange { .. }), "{err}");
 }
 
+pub fn read_into_appends_the_payload<B: Backend>(b: &mut B) {
+    let mut j = b.create();
+    append_n(&mut j, 1, 4);
+    let mut out = b"head".to_vec();
+    j.read_into(lsn(3), &mut out).expect("read_into");
+    assert_eq!(out[..4], *b"head", "what the buffer held stays");
+    assert_eq!(out[4..], payload(3));
+    let err = j.read_into(lsn(5), &mut out).expect_err("past the journal's end");
+    assert!(matches!(err, JournalError::OutOfRange { .. }), "{err}");
+    assert_eq!(out.len(), 4 + payload(3).len(), "a failed read leaves the buffer as it was");
+}
+
 pub fn oversized_entry_is_refused_and_changes_nothing<B: Backend>(b: &mut B) {
     let mut j = b.create();
     append_n(&mut j, 1, 2);
@@ -157,6 +169,7 @@ macro_rules! conformance_properties {
             batches_append_atomically_in_order,
             read_range_returns_entries_in_order,
             read_part_reads_within_one_entry,
+            read_into_appends_the_payload,
             oversized_entry_is_refused_and_changes_nothing,
             remove_prefix_keeps_next,
             remove_prefix_past_the_end_restarts_later,

@@ -743,6 +743,12 @@ impl Journal for FileJournal {
     }
 
     fn read(&self, lsn: Lsn) -> Result<Vec<u8>> {
+        let mut payload = Vec::new();
+        self.read_into(lsn, &mut payload)?;
+        Ok(payload)
+    }
+
+    fn read_into(&self, lsn: Lsn, out: &mut Vec<u8>) -> Result<()> {
         if !self.range.contains(lsn) {
             return Err(JournalError::OutOfRange { journal: self.id, lsn, range: self.range });
         }
@@ -753,10 +759,20 @@ impl Journal for FileJournal {
         let file = seg.file.get(&seg.path).map_err(read_err())?;
         file.read_exact_at(&mut header, offset).map_err(read_err())?;
         let h = codec::decode_header(&header).map_err(|e| self.corrupt(&seg.path, lsn, e.to_string()))?;
-        let mut payload = vec![0u8; h.len];
-        file.read_exact_at(&mut payload, offset + FRAME_HEADER_BYTES as u64).map_err(read_err())?;
-        codec::verify(&h, lsn, &payload).map_err(|e| self.corrupt(&seg.path, lsn, e.to_string()))?;
-        Ok(payload)
+        let start = out.len();
+        // Exactly: a reader may keep the buffer, counted by its length.
+        out.reserve_exact(h.len);
+        out.resize(start + h.len, 0);
+        let read = file
+            .read_exact_at(&mut out[start..], offset + FRAME_HEADER_BYTES as u64)
+            .map_err(read_err())
+            .and_then(|()| {
+                codec::verify(&h, lsn, &out[start..]).map_err(|e| self.corrupt(&seg.path, lsn, e.to_string()))
+            });
+        if read.is_err() {
+            out.truncate(start);
+        }
+        read
     }
 
     fn read_part(&self, lsn: Lsn, offset: usize, buf: &mut [u8]) -> Result<()> {

@@ -765,6 +765,15 @@ impl Journal for ObjectJournal {
         Ok(batch.payload(i).to_vec())
     }
 
+    fn read_into(&self, lsn: Lsn, out: &mut Vec<u8>) -> Result<()> {
+        if !self.range.contains(lsn) {
+            return Err(JournalError::OutOfRange { journal: self.id, lsn, range: self.range });
+        }
+        let (batch, i) = self.locate(lsn)?;
+        out.extend_from_slice(batch.payload(i));
+        Ok(())
+    }
+
     fn read_part(&self, lsn: Lsn, offset: usize, buf: &mut [u8]) -> Result<()> {
         if !self.range.contains(lsn) {
             return Err(JournalError::OutOfRange { journal: self.id, lsn, range: self.range });

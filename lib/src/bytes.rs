@@ -43,6 +43,74 @@ impl<'de> Visitor<'de> for BytesVisitor {
     }
 }
 
+/// `bytes::Bytes` as bytes. Decoded inside `shared::within(frame, ..)` (a frame the decoder
+/// reads from), a byte string is a view of that frame, not a copy: a cold start's entries go
+/// from the socket's buffer to the replica's file with no copy of their own in between. A
+/// view keeps the whole frame in memory, so it is for values dropped once applied.
+pub mod shared {
+    use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        static FRAME: RefCell<Option<bytes::Bytes>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `decode` with `frame` as the buffer byte strings it decodes may be views of.
+    pub fn within<T>(frame: &bytes::Bytes, decode: impl FnOnce() -> T) -> T {
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                FRAME.with(|f| f.borrow_mut().take());
+            }
+        }
+        FRAME.with(|f| *f.borrow_mut() = Some(frame.clone()));
+        let _clear = Clear;
+        decode()
+    }
+
+    pub fn serialize<S: Serializer>(v: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
+        // Not `deserialize_byte_buf`: postcard lends the input's own bytes only here.
+        d.deserialize_bytes(SharedVisitor)
+    }
+
+    struct SharedVisitor;
+
+    impl<'de> Visitor<'de> for SharedVisitor {
+        type Value = bytes::Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<bytes::Bytes, E> {
+            let view = FRAME.with(|f| {
+                let f = f.borrow();
+                let frame = f.as_ref()?;
+                let (start, at) = (frame.as_ptr() as usize, v.as_ptr() as usize);
+                let inside = at >= start && at + v.len() <= start + frame.len();
+                inside.then(|| frame.slice_ref(v))
+            });
+            Ok(view.unwrap_or_else(|| bytes::Bytes::copy_from_slice(v)))
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<bytes::Bytes, E> {
+            Ok(bytes::Bytes::copy_from_slice(v))
+        }
+
+        fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<bytes::Bytes, E> {
+            Ok(v.into())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<bytes::Bytes, A::Error> {
+            BytesVisitor.visit_seq(seq).map(Into::into)
+        }
+    }
+}
+
 /// `Vec<Vec<u8>>` as a sequence of byte strings.
 pub mod vec {
     use super::*;

@@ -596,7 +596,7 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// A storage entry in wire form, whole: for a receiver that restarts at a checkpoint.
     pub fn read_wire_full(&self, lsn: Lsn) -> Result<WireEntry> {
-        Ok(WireEntry::full(&self.db.store().journal().read(lsn)?))
+        Ok(WireEntry::full_read(|out| self.db.store().journal().read_into(lsn, out))?)
     }
 
     /// A recent entry in wire form (often a delta, for a receiver that holds the entry before
@@ -625,7 +625,7 @@ impl<R: Reducer> ServerDocument<R> {
             .iter()
             .map(|lsn| match self.recent_wire(lsn) {
                 Some(wire) => Ok(wire.clone()),
-                None => Ok(WireEntry::full(&self.db.store().journal().read(lsn)?)),
+                None => self.read_wire_full(lsn),
             })
             .collect()
     }

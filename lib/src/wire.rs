@@ -30,8 +30,8 @@ pub struct WireEntry {
     /// `Full` and `Delta`: `codec u8 | raw_len u32 LE | block` of the (possibly XORed)
     /// payload (see the module docs).
     /// `Confirm`: a postcard-encoded `Confirm`.
-    #[serde(with = "crate::bytes")]
-    pub data: Vec<u8>,
+    #[serde(with = "crate::bytes::shared")]
+    pub data: bytes::Bytes,
 }
 
 /// How a `WireEntry` carries its storage entry.
@@ -139,12 +139,22 @@ fn worth_compressing(raw: &[u8]) -> bool {
     packed.len() < sample.len() - sample.len() / 16
 }
 
-fn compress(raw: &[u8]) -> Vec<u8> {
-    let codec = match raw.len() {
+/// Bytes of `WireEntry::data` before the block: the codec byte and the raw length.
+const BLOCK_AT: usize = 1 + 4;
+
+fn codec_for(raw: &[u8]) -> u8 {
+    match raw.len() {
         n if n < ZSTD_MIN_BYTES => CODEC_LZ4,
         _ if worth_compressing(raw) => CODEC_ZSTD,
         _ => CODEC_STORED,
-    };
+    }
+}
+
+fn compress(raw: &[u8]) -> Vec<u8> {
+    compress_as(codec_for(raw), raw)
+}
+
+fn compress_as(codec: u8, raw: &[u8]) -> Vec<u8> {
     // The block first, then a buffer of exactly its size: recent entries are kept in memory
     // (and counted by their length), so none may carry unused capacity.
     let compressed;
@@ -160,7 +170,7 @@ fn compress(raw: &[u8]) -> Vec<u8> {
         }
         _ => raw,
     };
-    let mut out = Vec::with_capacity(5 + block.len());
+    let mut out = Vec::with_capacity(BLOCK_AT + block.len());
     out.push(codec);
     out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
     out.extend_from_slice(block);
@@ -169,17 +179,36 @@ fn compress(raw: &[u8]) -> Vec<u8> {
 
 impl WireEntry {
     pub fn full(payload: &[u8]) -> WireEntry {
-        WireEntry { kind: WireKind::Full, data: compress(payload) }
+        WireEntry { kind: WireKind::Full, data: compress(payload).into() }
+    }
+
+    /// `full` of the payload `read` appends to the buffer it is given (a journal's `read_into`):
+    /// an incompressible payload is sent in that buffer, behind the header, with no copy (a
+    /// cold start reads gigabytes of them).
+    pub fn full_read<E>(read: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<WireEntry, E> {
+        let mut data = vec![CODEC_STORED; BLOCK_AT];
+        read(&mut data)?;
+        let raw = &data[BLOCK_AT..];
+        let codec = codec_for(raw);
+        if codec != CODEC_STORED {
+            return Ok(WireEntry { kind: WireKind::Full, data: compress_as(codec, raw).into() });
+        }
+        let len = u32::try_from(raw.len()).expect("BUG: an entry's payload is below MAX_ENTRY_BYTES");
+        data[1..BLOCK_AT].copy_from_slice(&len.to_le_bytes());
+        // `read_into` reserves exactly; a copy that gave more (entries kept in memory are
+        // counted by their length) is trimmed.
+        data.shrink_to_fit();
+        Ok(WireEntry { kind: WireKind::Full, data: data.into() })
     }
 
     pub fn delta(delta_payload: &[u8]) -> WireEntry {
-        WireEntry { kind: WireKind::Delta, data: compress(delta_payload) }
+        WireEntry { kind: WireKind::Delta, data: compress(delta_payload).into() }
     }
 
     pub fn confirm(confirm: &Confirm) -> WireEntry {
         WireEntry {
             kind: WireKind::Confirm,
-            data: postcard::to_stdvec(confirm).expect("BUG: a Confirm serializes"),
+            data: postcard::to_stdvec(confirm).expect("BUG: a Confirm serializes").into(),
         }
     }
 
@@ -199,7 +228,7 @@ impl WireEntry {
     pub fn into_payload(self) -> Result<Payload, WireError> {
         if self.parts()?.0 == CODEC_STORED {
             // The block is the rest of the buffer, past the codec byte and the length.
-            return Ok(Payload { buf: self.data, start: 1 + 4 });
+            return Ok(Payload { buf: self.data, start: BLOCK_AT });
         }
         self.decompress().map(Payload::from)
     }
@@ -280,21 +309,21 @@ impl WireEntry {
 /// (uncompressed) entry is the bytes past the wire's codec byte and length, not a copy of them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payload {
-    buf: Vec<u8>,
+    buf: bytes::Bytes,
     start: usize,
 }
 
 impl Payload {
-    /// The payload as a vector of its own (moves it to the front when it does not start there).
-    pub fn into_vec(mut self) -> Vec<u8> {
-        self.buf.drain(..self.start);
-        self.buf
+    /// The payload as a vector of its own (a copy when the buffer is shared or it does not start
+    /// at the front).
+    pub fn into_vec(self) -> Vec<u8> {
+        self.buf.slice(self.start..).into()
     }
 }
 
 impl From<Vec<u8>> for Payload {
     fn from(buf: Vec<u8>) -> Payload {
-        Payload { buf, start: 0 }
+        Payload { buf: buf.into(), start: 0 }
     }
 }
 
@@ -350,14 +379,30 @@ mod tests {
         assert_eq!(WireEntry::full(&random).data.len(), random.len() + 5, "noise is sent as it is");
     }
 
+    /// An entry read into a buffer of its own (`full_read`) is the entry `full` makes, whatever
+    /// its codec; a failed read is the reader's error.
+    #[test]
+    fn an_entry_read_into_its_own_buffer_is_the_same_entry() {
+        let text = entry(32, |p, i| b"abcdefghij0123"[(i * 7 + p as usize) % 14]);
+        for raw in [entry(1, noise), entry(32, noise), text] {
+            let read = WireEntry::full_read(|out| {
+                out.extend_from_slice(&raw);
+                Ok::<_, ()>(())
+            });
+            let read = read.expect("read");
+            assert_eq!(read, WireEntry::full(&raw), "entry of {} bytes", raw.len());
+        }
+        assert_eq!(WireEntry::full_read(|_| Err("gone")), Err("gone"));
+    }
+
     #[test]
     fn damaged_or_forged_entries_are_refused_without_overrunning_their_length() {
         let text = entry(32, |p, i| b"abcdefghij0123"[(i * 7 + p as usize) % 14]);
         let good = WireEntry::full(&text);
         let with = |f: &dyn Fn(&mut Vec<u8>)| {
-            let mut data = good.data.clone();
+            let mut data = good.data.to_vec();
             f(&mut data);
-            WireEntry { kind: WireKind::Full, data }.decompress()
+            WireEntry { kind: WireKind::Full, data: data.into() }.decompress()
         };
         // A declared length shorter than the frame holds: zstd stops at the buffer's end.
         assert!(matches!(
@@ -370,18 +415,22 @@ mod tests {
         assert!(matches!(with(&|d| d[1..5].copy_from_slice(&huge)), Err(WireError::TooLarge { .. })));
         // Stored bytes must be exactly the declared length.
         let stored = WireEntry::full(&entry(32, noise));
-        let mut short = stored.clone();
-        short.data.pop();
+        let edited = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut data = stored.data.to_vec();
+            f(&mut data);
+            WireEntry { kind: WireKind::Full, data: data.into() }
+        };
+        let short = edited(&|d| {
+            d.pop();
+        });
         assert!(matches!(short.decompress(), Err(WireError::Corrupt(_))));
         assert!(matches!(short.clone().into_payload(), Err(WireError::Corrupt(_))), "nor kept in place");
-        let mut long = stored.clone();
-        long.data.push(0);
+        let long = edited(&|d| d.push(0));
         assert!(matches!(long.into_payload(), Err(WireError::Corrupt(_))));
-        let mut forged = stored.clone();
-        forged.data[1..5].copy_from_slice(&huge);
+        let forged = edited(&|d| d[1..5].copy_from_slice(&huge));
         assert!(matches!(forged.into_payload(), Err(WireError::TooLarge { .. })));
         assert!(matches!(
-            WireEntry { kind: WireKind::Full, data: vec![] }.decompress(),
+            WireEntry { kind: WireKind::Full, data: bytes::Bytes::new() }.decompress(),
             Err(WireError::Corrupt(_))
         ));
     }

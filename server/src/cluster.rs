@@ -816,6 +816,10 @@ impl Journal for Leased {
         self.inner.read(lsn)
     }
 
+    fn read_into(&self, lsn: Lsn, out: &mut Vec<u8>) -> pagesync::journal::Result<()> {
+        self.inner.read_into(lsn, out)
+    }
+
     fn read_range(&self, range: LsnRange) -> pagesync::journal::Result<Vec<Vec<u8>>> {
         self.inner.read_range(range)
     }

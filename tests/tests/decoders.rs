@@ -150,7 +150,7 @@ fn mutated_frames_never_panic_nor_allocate_without_bound() {
             1 => {
                 let w = &s.wire[rng.below(s.wire.len() as u64) as usize];
                 let kind = [WireKind::Full, WireKind::Delta, WireKind::Confirm][rng.below(3) as usize];
-                let damaged = WireEntry { kind, data: mutate(&mut rng, &w.data) };
+                let damaged = WireEntry { kind, data: mutate(&mut rng, &w.data).into() };
                 accepted += match kind {
                     WireKind::Confirm => matches!(damaged.as_confirm(), Some(Ok(_))),
                     _ => matches!(damaged.resolve(zero_previous), Ok(Ok(_))),

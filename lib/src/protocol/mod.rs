@@ -275,6 +275,12 @@ impl Message {
         postcard::to_stdvec(self).expect("BUG: messages always serialize")
     }
 
+    /// `decode`, where the storage entries of a `Storage` message are views of `frame`, not
+    /// copies (`crate::bytes::shared`): for a receiver that applies them and drops them.
+    pub fn decode_shared(frame: &bytes::Bytes) -> Result<Message, DecodeError> {
+        crate::bytes::shared::within(frame, || Message::decode(frame))
+    }
+
     /// Decodes one frame. Never panics; allocation is bounded by the frame's own length.
     pub fn decode(frame: &[u8]) -> Result<Message, DecodeError> {
         if frame.len() > MAX_FRAME_BYTES {
@@ -339,7 +345,7 @@ mod tests {
     fn samples() -> Vec<Message> {
         let (doc, tl, lsn) =
             (DocId::from_u128(0x0102), TimelineId::from_u128(0x0304), Lsn::new(5).expect("5"));
-        let entry = WireEntry { kind: crate::wire::WireKind::Delta, data: vec![9, 8, 7] };
+        let entry = WireEntry { kind: crate::wire::WireKind::Delta, data: vec![9, 8, 7].into() };
         let run = PageRun { first_page: 1, pages: 2, lsn, offset: 3 };
         let cursor = crate::history::HistoryCursor { entry: lsn, index: 6 };
         let query = crate::history::HistoryQuery { since_ms: Some(7), after: Some(cursor), limit: 8 };
@@ -395,6 +401,28 @@ mod tests {
             Message::HeadAsk { .. } => 18,
             Message::Head { .. } => 19,
         }
+    }
+
+    /// `decode_shared` decodes every message as `decode` does, and a storage entry it decodes is
+    /// a view of the frame, not a copy.
+    #[test]
+    fn shared_decoding_gives_the_same_messages_and_views_of_the_frame() {
+        for m in samples() {
+            let frame = bytes::Bytes::from(m.encode());
+            assert_eq!(Message::decode_shared(&frame).as_ref(), Ok(&m));
+            if let Ok(Message::Storage { entries, .. }) = Message::decode_shared(&frame) {
+                let (start, end) = (frame.as_ptr() as usize, frame.as_ptr() as usize + frame.len());
+                let at = entries[0].data.as_ptr() as usize;
+                assert!(start <= at && at + entries[0].data.len() <= end, "a view of the frame");
+            }
+            // Decoded outside `decode_shared`, an entry owns its bytes.
+            if let Ok(Message::Storage { entries, .. }) = Message::decode(&frame) {
+                assert_ne!(entries[0].data.as_ptr(), frame[frame.len() - 3..].as_ptr());
+            }
+        }
+        let mut truncated = samples()[4].encode();
+        truncated.pop();
+        assert!(Message::decode_shared(&truncated.into()).is_err());
     }
 
     /// The bytes of every message, pinned to the protocol version: a change to any message's
