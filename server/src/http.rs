@@ -537,12 +537,9 @@ async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
             let (Ok(mine), Ok(all)) = (mine, all) else { return None };
             hub.frame(conn, bytes, (mine, all));
         }
-        while let Some(frame) = out.recv().await {
-            match Message::decode(&frame) {
-                Ok(m @ (Message::History { .. } | Message::Redirect { .. } | Message::Error { .. })) => {
-                    return Some(m);
-                }
-                _ => continue,
+        while let Some(msg) = out.recv().await {
+            if let m @ (Message::History { .. } | Message::Redirect { .. } | Message::Error { .. }) = msg {
+                return Some(m);
             }
         }
         None
@@ -895,8 +892,9 @@ async fn write_loop(
     tokio::pin!(dead);
     loop {
         let message = tokio::select! {
-            frame = outgoing.recv() => {
-                let Some(frame) = frame else { break };
+            message = outgoing.recv() => {
+                let Some(message) = message else { break };
+                let frame = message.encode();
                 metrics.frames_out.fetch_add(1, Ordering::Relaxed);
                 metrics.bytes_out.fetch_add(frame.len() as u64, Ordering::Relaxed);
                 WsMessage::Binary(frame.into())

@@ -3,8 +3,11 @@
 //! Documents do blocking work (SQLite, fsync), so the hub runs on a thread of its own rather
 //! than on the async runtime. Connection tasks send it frames over a channel; it drains
 //! everything queued before it steps, so mutations arriving together share a step (and an
-//! fsync). Outgoing frames go back over each connection's channel, whose unwritten bytes (the
-//! backlog) the hub reports to the session after every frame it queues, and again when the
+//! fsync). Outgoing messages go back over each connection's channel, encoded by the
+//! connection's writer, not here: a download's megabytes are copied into a frame on the
+//! runtime's threads, so one client pulling a large document at full speed does not take the
+//! thread every document's progress goes through. Their unwritten bytes (the backlog, counted
+//! as encoded) the hub reports to the session after every frame it queues, and again when the
 //! writer has drained them: the session stops sending to a connection whose peer does not read
 //! (`MAX_SEND_BACKLOG_BYTES`) and closes it after a while. Incoming frames carry semaphore
 //! permits for their bytes, released once handled, so a connection is read only as fast as the
@@ -19,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
-use pagesync::protocol::{ConnId, DocJob, Event, ExportError, JobDone, ServerSession};
+use pagesync::protocol::{ConnId, DocJob, Event, ExportError, JobDone, Message, ServerSession};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::Metrics;
@@ -37,7 +40,7 @@ pub type FramePermits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 /// The hub's end of a connection's outgoing channel.
 #[derive(Debug)]
 pub struct ConnSender {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Message>,
     /// Bytes queued and not yet written by the connection's writer.
     backlog: Arc<AtomicUsize>,
     /// Set when the session was told of a backlog: the writer then says when it has drained.
@@ -49,10 +52,10 @@ pub struct ConnSender {
     took_bytes_at: Option<Arc<AtomicI64>>,
 }
 
-/// The writer's end: frames to write, and `written` after each.
+/// The writer's end: messages to encode and write, and `written` after each.
 #[derive(Debug)]
 pub struct ConnReceiver {
-    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    rx: mpsc::UnboundedReceiver<Message>,
     backlog: Arc<AtomicUsize>,
     watched: Arc<AtomicBool>,
     conn: ConnId,
@@ -62,7 +65,7 @@ pub struct ConnReceiver {
 }
 
 impl ConnReceiver {
-    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+    pub async fn recv(&mut self) -> Option<Message> {
         self.rx.recv().await
     }
 
@@ -77,7 +80,7 @@ impl ConnReceiver {
         }
     }
 
-    /// A frame of `len` bytes was written (or dropped); wakes the hub when the backlog it was
+    /// A message of `len` bytes encoded was written (or dropped); wakes the hub when the backlog it was
     /// told of has drained.
     pub fn written(&self, len: usize) {
         let before = self.backlog.fetch_sub(len, Ordering::AcqRel);
@@ -478,11 +481,11 @@ fn flush_outgoing(
     }
     while let Some((conn, msg)) = session.poll_transmit() {
         if let Some(c) = conns.get(&conn) {
-            let frame = msg.encode();
-            let len = frame.len();
+            // Counted, not copied: the writer encodes it.
+            let len = msg.encoded_len();
             c.backlog.fetch_add(len, Ordering::AcqRel);
             c.watched.store(true, Ordering::Release);
-            if c.tx.send(frame).is_err() {
+            if c.tx.send(msg).is_err() {
                 c.backlog.fetch_sub(len, Ordering::AcqRel);
             }
             session.set_send_backlog(conn, c.backlog.load(Ordering::Acquire));

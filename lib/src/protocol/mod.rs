@@ -275,6 +275,11 @@ impl Message {
         postcard::to_stdvec(self).expect("BUG: messages always serialize")
     }
 
+    /// `encode().len()`, counted without encoding (a walk of the message, no copy of its bytes).
+    pub fn encoded_len(&self) -> usize {
+        postcard::experimental::serialized_size(self).expect("BUG: messages always serialize")
+    }
+
     /// `decode`, where the storage entries of a `Storage` message are views of `frame`, not
     /// copies (`crate::bytes::shared`): for a receiver that applies them and drops them.
     pub fn decode_shared(frame: &bytes::Bytes) -> Result<Message, DecodeError> {
@@ -408,6 +413,7 @@ mod tests {
     #[test]
     fn shared_decoding_gives_the_same_messages_and_views_of_the_frame() {
         for m in samples() {
+            assert_eq!(m.encoded_len(), m.encode().len());
             let frame = bytes::Bytes::from(m.encode());
             assert_eq!(Message::decode_shared(&frame).as_ref(), Ok(&m));
             if let Ok(Message::Storage { entries, .. }) = Message::decode_shared(&frame) {
