@@ -195,8 +195,8 @@ impl WireEntry {
         }
         let len = u32::try_from(raw.len()).expect("BUG: an entry's payload is below MAX_ENTRY_BYTES");
         data[1..BLOCK_AT].copy_from_slice(&len.to_le_bytes());
-        // `read_into` reserves exactly; a copy that gave more (entries kept in memory are
-        // counted by their length) is trimmed.
+        // Entries kept in memory are counted by their length: a buffer that grew past it (a
+        // backend without a `read_into` of its own) is trimmed. A `FileJournal`'s is exact.
         data.shrink_to_fit();
         Ok(WireEntry { kind: WireKind::Full, data: data.into() })
     }
@@ -314,10 +314,13 @@ pub struct Payload {
 }
 
 impl Payload {
-    /// The payload as a vector of its own (a copy when the buffer is shared or it does not start
-    /// at the front).
+    /// The payload as a vector of its own: the buffer itself when it is the payload's alone
+    /// (a decompressed one), else a copy (a view of a frame, or past the wire's header).
     pub fn into_vec(self) -> Vec<u8> {
-        self.buf.slice(self.start..).into()
+        match self.start {
+            0 => self.buf.into(),
+            start => self.buf.slice(start..).into(),
+        }
     }
 }
 
@@ -391,6 +394,11 @@ mod tests {
             });
             let read = read.expect("read");
             assert_eq!(read, WireEntry::full(&raw), "entry of {} bytes", raw.len());
+            // A decompressed payload becomes a vector with no copy.
+            let payload = Payload::from(raw.clone());
+            let at = payload.as_ptr();
+            let vec = payload.into_vec();
+            assert_eq!(vec.as_ptr(), at);
         }
         assert_eq!(WireEntry::full_read(|_| Err("gone")), Err("gone"));
     }
