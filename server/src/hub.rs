@@ -40,7 +40,8 @@ pub type FramePermits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 /// The hub's end of a connection's outgoing channel.
 #[derive(Debug)]
 pub struct ConnSender {
-    tx: mpsc::UnboundedSender<Message>,
+    /// Boxed: an idle connection's channel holds a block of slots, and a `Message` is 88 bytes.
+    tx: mpsc::UnboundedSender<Box<Message>>,
     /// Bytes queued and not yet written by the connection's writer.
     backlog: Arc<AtomicUsize>,
     /// Set when the session was told of a backlog: the writer then says when it has drained.
@@ -55,7 +56,7 @@ pub struct ConnSender {
 /// The writer's end: messages to encode and write, and `written` after each.
 #[derive(Debug)]
 pub struct ConnReceiver {
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::UnboundedReceiver<Box<Message>>,
     backlog: Arc<AtomicUsize>,
     watched: Arc<AtomicBool>,
     conn: ConnId,
@@ -66,7 +67,7 @@ pub struct ConnReceiver {
 
 impl ConnReceiver {
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|m| *m)
     }
 
     /// Resolves once the hub is done with the connection (it closed it, or the peer left):
@@ -485,7 +486,7 @@ fn flush_outgoing(
             let len = msg.encoded_len();
             c.backlog.fetch_add(len, Ordering::AcqRel);
             c.watched.store(true, Ordering::Release);
-            if c.tx.send(msg).is_err() {
+            if c.tx.send(Box::new(msg)).is_err() {
                 c.backlog.fetch_sub(len, Ordering::AcqRel);
             }
             session.set_send_backlog(conn, c.backlog.load(Ordering::Acquire));
