@@ -102,11 +102,15 @@ struct Shared {
     changed: tokio::sync::watch::Sender<u64>,
     data_dir: PathBuf,
     connected: Mutex<bool>,
-    /// Why the last connection attempt failed, if it did.
     /// Why the last connection attempt failed, and whether trying again cannot help.
     connect_error: Mutex<Option<ConnectFailed>>,
     /// The lock on each open replica's directory, held while the client lives.
     locks: Mutex<Vec<(DocId, pagesync::journal::DirLock)>>,
+    /// Each connected route's frames, in the order the session made them, for the
+    /// connection's writer (`write_frames`). Whoever polls the session queues what it polled
+    /// before letting go of the session's lock (taken before this one): the connection's task,
+    /// and a group commit that sends before its barrier (`commit_group`).
+    outboxes: Mutex<HashMap<Route, Outbox>>,
     /// `execute` calls and their group commits.
     writes: Mutex<WriteQueue>,
     /// Signalled when a group commit has answered its writes.
@@ -122,6 +126,9 @@ struct Shared {
     /// Its token's `sub` claim: the subject its mutator calls name.
     subject: String,
 }
+
+/// A connection's queue of encoded frames (`Shared::outboxes`).
+type Outbox = tokio::sync::mpsc::UnboundedSender<Vec<u8>>;
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
 #[derive(Default)]
@@ -164,9 +171,14 @@ struct QueuedWrite {
 }
 
 /// Makes `writes` durable together: per document, one local transaction and one fsync for
-/// all of them, each answered on its own. When their shared append fails, each is tried
-/// alone, so each caller gets its own typed error.
-fn commit_group(session: &mut ClientSession, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<Submitted>)> {
+/// all of them, each answered on its own. A replica with a sent mark sends them before that
+/// fsync (`ClientSession::mutate_group_sending`): its connection's frames go to `send`. When
+/// their shared append fails, each is tried alone, so each caller gets its own typed error.
+fn commit_group(
+    session: &mut ClientSession,
+    writes: Vec<QueuedWrite>,
+    send: &mut dyn FnMut(&Route, pagesync::protocol::Message),
+) -> Vec<(u64, Result<Submitted>)> {
     let mut answered = Vec::with_capacity(writes.len());
     let mut by_doc: BTreeMap<DocId, Vec<QueuedWrite>> = BTreeMap::new();
     for w in writes {
@@ -174,16 +186,17 @@ fn commit_group(session: &mut ClientSession, writes: Vec<QueuedWrite>) -> Vec<(u
     }
     for (doc, writes) in by_doc {
         let mutations = writes.iter().map(|w| w.mutation.clone()).collect();
-        let answers: Vec<Result<Submitted>> = match session.mutate_group(doc, mutations) {
-            Ok(answers) => answers.into_iter().map(|a| a.map_err(ClientError::from)).collect(),
-            Err(_) => writes
-                .iter()
-                .map(|w| {
-                    let m = w.mutation.clone();
-                    session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
-                })
-                .collect(),
-        };
+        let answers: Vec<Result<Submitted>> =
+            match session.mutate_group_sending(doc, mutations, now_ms(), send) {
+                Ok(answers) => answers.into_iter().map(|a| a.map_err(ClientError::from)).collect(),
+                Err(_) => writes
+                    .iter()
+                    .map(|w| {
+                        let m = w.mutation.clone();
+                        session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
+                    })
+                    .collect(),
+            };
         answered.extend(writes.iter().map(|w| w.ticket).zip(answers));
     }
     answered
@@ -196,6 +209,19 @@ impl Shared {
 
     fn write_queue(&self) -> MutexGuard<'_, WriteQueue> {
         self.writes.lock().expect("BUG: write queue lock poisoned")
+    }
+
+    /// Taken only while holding the session's lock (see `outboxes`).
+    fn outboxes(&self) -> MutexGuard<'_, HashMap<Route, Outbox>> {
+        self.outboxes.lock().expect("BUG: outbox lock poisoned")
+    }
+
+    /// Queues `message` on `route`'s connection, if it has one (else the session's window
+    /// sends it again once connected). Called with the session's lock held.
+    fn queue_frame(&self, route: &Route, message: pagesync::protocol::Message) {
+        if let Some(outbox) = self.outboxes().get(route) {
+            let _ = outbox.send(message.encode());
+        }
     }
 
     /// The server `doc` syncs with: home, or where it was redirected.
@@ -238,6 +264,10 @@ impl Drop for Client {
         // and so are the server's entries received since the last tick (or they are
         // downloaded again on the next open).
         sync_replicas(&mut session);
+        // Everything sent is durable now: a reopen has nothing to fill.
+        if let Err(e) = session.settle_sent_marks() {
+            tracing::warn!("lowering the sent marks failed (the next open fills what they cover): {e}");
+        }
         for id in ids {
             drop(session.remove_document(id));
         }
@@ -338,6 +368,7 @@ impl Client {
             connected: Mutex::new(false),
             connect_error: Mutex::new(None),
             locks: Mutex::new(Vec::new()),
+            outboxes: Mutex::new(HashMap::new()),
             writes: Mutex::new(WriteQueue::default()),
             written: std::sync::Condvar::new(),
             gathered: std::sync::Condvar::new(),
@@ -394,6 +425,7 @@ impl Client {
                     // Outcomes of an earlier timeline (whose directory is gone) mean nothing now;
                     // if they cannot be removed, opening them below says so.
                     let _ = std::fs::remove_dir_all(dir.join("outcomes"));
+                    let _ = std::fs::remove_dir_all(dir.join("sent"));
                     FileJournal::create(&tl_dir, key.id().journal_id(), FileJournalOptions::default())?
                 }
                 Err(e) => return Err(e.into()),
@@ -415,6 +447,21 @@ impl Client {
                 .set_timeline_key(key)
                 .map_err(|e| ClientError::TimelineKey { dir: dir.clone(), why: e.to_string() })?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
+            // Writes go up before their fsync, under a bound kept here (see
+            // `ClientDocument::send_before_durable`); after a crash, what it covers past the
+            // timeline's end is filled before anything is sent.
+            let mark = FileJournal::open_or_create(
+                dir.join("sent"),
+                replica.timeline_id().journal_id(),
+                FileJournalOptions::default(),
+            )?;
+            let filled = replica.send_before_durable(Box::new(mark))?;
+            if filled > 0 {
+                tracing::warn!(
+                    "{}: {filled} LSNs of the timeline were sent and then lost in a crash; filled with no-ops (the server keeps what it received)",
+                    dir.display()
+                );
+            }
             // The server's mutators as last sent: pending calls run under them offline too.
             if let Ok(source) = std::fs::read_to_string(dir.join(MUTATORS_FILE)) {
                 match pagesync::mutators::Mutators::parse(&source) {
@@ -601,7 +648,10 @@ impl Document {
             queue.stats.writes += writes.len() as u64;
             queue.stats.commits += 1;
             drop(queue);
-            let answers = commit_group(&mut self.shared.session(), writes);
+            let answers = {
+                let mut session = self.shared.session();
+                commit_group(&mut session, writes, &mut |route, m| self.shared.queue_frame(route, m))
+            };
             queue = self.shared.write_queue();
             queue.answers.extend(answers);
             queue.committing = false;
@@ -1370,7 +1420,7 @@ async fn read_history(
     }
 }
 
-/// Aborts a task when dropped: a connection's reader ends with the connection.
+/// Aborts a task when dropped: a connection's reader and writer end with the connection.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -1386,33 +1436,29 @@ impl Drop for AbortOnDrop {
 const MAX_FRAMES_AT_ONCE: usize = 64;
 
 async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
-    let (mut sink, stream) = ws.split();
+    let (sink, stream) = ws.split();
     let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
     let _reader = AbortOnDrop(tokio::spawn(read_ahead(stream, tx)));
+    let (outbox, queued) = tokio::sync::mpsc::unbounded_channel();
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(sink, queued)));
     let mut wake = shared.wake.subscribe();
-    shared.session().connected_on(route, now_ms());
+    {
+        let mut s = shared.session();
+        shared.outboxes().insert(route.clone(), outbox.clone());
+        s.connected_on(route, now_ms());
+    }
     if route.is_none() {
         *shared.connected.lock().expect("BUG") = true;
     }
-    loop {
-        let out: Vec<Vec<u8>> = {
+    let send_failed = loop {
+        {
             let mut s = shared.session();
-            // Under `Durability::Normal`, writes go up once durable: one fsync for all so far.
-            sync_local_writes(&mut s);
-            std::iter::from_fn(|| s.poll_transmit_on(route)).map(|m| m.encode()).collect()
-        };
-        for frame in out {
-            if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
-                // The peer closed (or the socket failed) while frames it sent before may still
-                // be on their way through the reader: an `Error` naming why, a `Redirect`.
-                // Apply them, as a connection read in one loop would have, then end.
-                let drain = async {
-                    while let Some(first) = incoming.recv().await {
-                        apply_read(shared, route, &mut incoming, first);
-                    }
-                };
-                let _ = tokio::time::timeout(DRAIN_AFTER_CLOSE, drain).await;
-                return;
+            // Writes the sent mark does not cover go up once durable: one fsync for all so far.
+            if let Err(e) = s.sync_to_send() {
+                tracing::warn!("making local writes durable failed: {e}");
+            }
+            while let Some(m) = s.poll_transmit_on(route) {
+                let _ = outbox.send(m.encode());
             }
         }
         let timeout = shared.session().poll_timeout().map_or(1_000, |t| (t - now_ms()).clamp(0, 1_000));
@@ -1420,14 +1466,49 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
             read = incoming.recv() => match read {
                 Some(first) => apply_read(shared, route, &mut incoming, first),
                 // The socket closed or failed (after every frame read before it was applied).
-                None => return,
+                None => break false,
             },
+            // A send failed: the peer closed, or the socket did.
+            _ = &mut writer.0 => break true,
             _ = wake.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => {
                 if shared.session().handle_timeout(now_ms()) {
                     shared.bump();
                 }
             }
+        }
+    };
+    if send_failed {
+        // Frames the peer sent before it closed may still be on their way through the reader:
+        // an `Error` naming why, a `Redirect`. Apply them, as a connection read in one loop
+        // would have, then end.
+        let drain = async {
+            while let Some(first) = incoming.recv().await {
+                apply_read(shared, route, &mut incoming, first);
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_AFTER_CLOSE, drain).await;
+    }
+    let mut s = shared.session();
+    shared.outboxes().remove(route);
+    s.disconnected_on(route);
+}
+
+/// Writes a connection's queued frames to its socket in order (`Shared::outboxes`), flushing
+/// once per burst, until a send fails or the queue closes.
+async fn write_frames(
+    mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    while let Some(frame) = queued.recv().await {
+        let mut burst = Some(frame);
+        while let Some(frame) = burst.take().or_else(|| queued.try_recv().ok()) {
+            if sink.feed(WsMessage::Binary(frame.into())).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
         }
     }
 }

@@ -124,9 +124,18 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// `handle_timeout`).
     trim_due: bool,
     durability: Durability,
-    /// Timeline entries before this are durable; only those are sent to the server, so it
-    /// never applies a mutation that a power cut could take back from the client.
+    /// Timeline entries before this are durable. Only those are sent to the server, unless
+    /// the sent mark covers them (`send_before_durable`): a mutation the server applied is
+    /// never one whose LSN a later write of this replica could take.
     synced_next: Lsn,
+    /// The durable bound on the LSNs sent before they were durable (`send_before_durable`):
+    /// a journal of its own, whose newest entry is the bound.
+    sent_mark: Option<Box<dyn Journal>>,
+    /// What `sent_mark` says: entries up to here may be sent before they are durable.
+    send_ahead: Option<Lsn>,
+    /// Set while `mutate_group_deferred` runs: a `Full` write's barrier is the caller's,
+    /// right after it sent the write.
+    defer_barrier: bool,
     /// The durable copy of the server's rejections of this timeline's mutations: one entry
     /// per batch of them, as they arrive.
     outcomes: Box<dyn Journal>,
@@ -155,6 +164,18 @@ pub struct ConfirmStats {
     pub mismatches: u64,
 }
 
+/// The LSN a sent-mark entry holds.
+fn decode_mark(entry: &[u8]) -> Result<Lsn> {
+    let bytes: [u8; 8] = entry.try_into().map_err(|_| Error::Malformed("a sent mark is 8 bytes".into()))?;
+    Lsn::new(u64::from_le_bytes(bytes)).ok_or_else(|| Error::Malformed("a sent mark of LSN 0".into()))
+}
+
+/// The LSN before the sent mark's newest entry, once the mark holds `SENT_MARK_ENTRIES`.
+fn bound_to_trim(mark: &dyn Journal) -> Option<Lsn> {
+    let range = mark.range();
+    (range.len() >= SENT_MARK_ENTRIES).then(|| range.last().and_then(Lsn::prev)).flatten()
+}
+
 /// One entry of the outcome journal: rejections as (LSN, code, message).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct OutcomeRecord {
@@ -176,6 +197,17 @@ pub enum Durability {
 
 /// Under `Durability::Normal`, the longest a local write stays not durable.
 pub const NORMAL_SYNC_MS: i64 = 100;
+
+/// How far past its newest write a replica that sends before durable records that it may
+/// have sent (`ClientDocument::send_before_durable`): one durable append to the sent mark per
+/// this many writes, and after a crash at most this many fills (plus one group's writes).
+pub const SEND_AHEAD_LSNS: u64 = 128;
+
+/// Sent-mark entries kept before the older ones are trimmed (only the newest counts).
+const SENT_MARK_ENTRIES: u64 = 64;
+
+/// Fills appended per batch when a replica reopens after a crash (bounded memory).
+const FILLS_PER_BATCH: u64 = 4_096;
 
 impl<R: Reducer> std::fmt::Debug for ClientDocument<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -235,6 +267,9 @@ impl<R: Reducer> ClientDocument<R> {
             trim_due: false,
             durability: Durability::Full,
             synced_next: Lsn::FIRST,
+            sent_mark: None,
+            send_ahead: None,
+            defer_barrier: false,
             outcomes,
             rejected: BTreeMap::new(),
             outcomes_through: None,
@@ -331,29 +366,116 @@ impl<R: Reducer> ClientDocument<R> {
         Ok(())
     }
 
-    /// Whether local writes wait for `sync_timeline` to be durable (and sent).
+    /// Whether local writes wait for `sync_timeline` to be durable.
     pub fn needs_sync(&self) -> bool {
         self.synced_next < self.timeline.range().next()
     }
 
-    /// The pending entries that are durable: what may be sent up.
+    /// Whether some pending entries may be sent only once `sync_timeline` made them durable:
+    /// those past the sent mark (`send_before_durable`), or all of them without one.
+    pub fn needs_sync_to_send(&self) -> bool {
+        self.sendable_range().next() < self.pending_range().next()
+    }
+
+    /// The pending entries that may be sent up: the durable ones, and those the sent mark
+    /// covers.
     pub fn sendable_range(&self) -> LsnRange {
         let pending = self.pending_range();
-        let next = self.synced_next.clamp(pending.first(), pending.next());
+        let covered = self.send_ahead.map_or(Lsn::FIRST, Lsn::next).min(self.timeline.range().next());
+        let next = self.synced_next.max(covered).clamp(pending.first(), pending.next());
         LsnRange::from_count(pending.first(), next.get() - pending.first().get())
     }
 
-    /// Appends to the timeline, durably unless `Durability::Normal`.
+    /// Appends to the timeline, durably unless `Durability::Normal` or a deferred barrier
+    /// (`mutate_group_deferred`); entries appended without one are covered by the sent mark
+    /// if the replica has one.
     fn append_timeline(&mut self, entries: &[&[u8]]) -> Result<LsnRange> {
-        let range = match self.durability {
-            Durability::Full => self.timeline.append_batch(entries)?,
-            Durability::Normal => self.timeline.append_batch_unsynced(entries)?,
+        let barrier = self.durability == Durability::Full && !self.defer_barrier;
+        let range = match barrier {
+            true => self.timeline.append_batch(entries)?,
+            false => self.timeline.append_batch_unsynced(entries)?,
         };
-        if self.durability == Durability::Full {
+        if barrier {
             // Entries are durable in order: those before it are now durable too.
             self.synced_next = range.next();
+        } else {
+            self.cover_sends();
         }
         Ok(range)
+    }
+
+    /// Lets this replica's writes be sent before they are durable: the sync session sends
+    /// them at once, and the caller's barrier (`ClientSession::mutate_group_sending`, or the
+    /// driver's timer under `Durability::Normal`) runs while they travel, so a write reaches
+    /// the server one fsync sooner. `mark` is a journal of its own, named after the timeline,
+    /// whose newest entry (an LSN, 8 bytes little-endian) bounds every entry sent so far; it
+    /// is made durable before an entry past the old bound goes (`SEND_AHEAD_LSNS` at a time).
+    ///
+    /// A crash can take back timeline entries the server may hold. Opening with the mark fills
+    /// the LSNs between the timeline's end and the bound with `Mutation::fill`s, durably, before
+    /// anything is sent or written: no later write takes an LSN the server may have applied
+    /// (it would take the later one for a copy of the first, and drop it). The server keeps
+    /// what it received there; those writes were never acknowledged (their barrier did not
+    /// return) and their effects arrive with the server's pages. Returns how many LSNs it filled.
+    pub fn send_before_durable(&mut self, mark: Box<dyn Journal>) -> Result<u64> {
+        let bound = match mark.range().last() {
+            Some(last) => Some(decode_mark(&mark.read(last)?)?),
+            None => None,
+        };
+        let mut filled = 0;
+        if let Some(bound) = bound {
+            let fill = Mutation::fill().encode()?;
+            while self.timeline.range().next() <= bound {
+                let left = bound.get() - self.timeline.range().next().get() + 1;
+                let batch = vec![fill.as_slice(); left.min(FILLS_PER_BATCH) as usize];
+                let range = self.timeline.append_batch_unsynced(&batch)?;
+                let applied = self.applied;
+                let fills = range.iter().filter(|lsn| applied.is_none_or(|a| *lsn > a));
+                self.pending.extend(fills.map(|lsn| (lsn, Mutation::fill())));
+                filled += range.len();
+            }
+            self.timeline.sync()?;
+            self.synced_next = self.timeline.range().next();
+        }
+        self.send_ahead = bound;
+        self.sent_mark = Some(mark);
+        Ok(filled)
+    }
+
+    /// Whether writes may be sent before they are durable (`send_before_durable`).
+    pub fn sends_before_durable(&self) -> bool {
+        self.sent_mark.is_some()
+    }
+
+    /// Makes the sent mark cover the timeline's newest entry and `SEND_AHEAD_LSNS` more, once
+    /// the newest is past it: durably, before any of them is sent. If the mark cannot be
+    /// written, nothing more is covered, and entries past it go once durable, as without one.
+    fn cover_sends(&mut self) {
+        let Some(mark) = self.sent_mark.as_mut() else { return };
+        let Some(last) = self.timeline.range().last() else { return };
+        if self.send_ahead.is_some_and(|bound| bound >= last) {
+            return;
+        }
+        let bound = Lsn::new(last.get().saturating_add(SEND_AHEAD_LSNS)).expect("BUG: past a valid LSN");
+        if mark.append(&bound.get().to_le_bytes()).is_ok() {
+            self.send_ahead = Some(bound);
+            if let Some(before) = bound_to_trim(&**mark) {
+                let _ = mark.remove_prefix(before);
+            }
+        }
+    }
+
+    /// Lowers the sent mark to the timeline's newest entry, once every entry is durable: for a
+    /// clean close, after which a reopen fills nothing. A no-op without a mark.
+    pub fn settle_sent_mark(&mut self) -> Result<()> {
+        self.sync_timeline()?;
+        let newest = self.timeline.range().next().prev();
+        let Some(mark) = self.sent_mark.as_mut() else { return Ok(()) };
+        if let Some(newest) = newest.filter(|n| self.send_ahead.is_some_and(|bound| bound > *n)) {
+            mark.append(&newest.get().to_le_bytes())?;
+            self.send_ahead = Some(newest);
+        }
+        Ok(())
     }
 
     /// The timeline entries not yet applied by the server: what to send up.
@@ -488,6 +610,19 @@ impl<R: Reducer> ClientDocument<R> {
     /// they share (the timeline could not be written), and then none is kept.
     pub fn mutate_group(&mut self, mutations: Vec<Mutation>) -> Result<Vec<Result<Submitted>>> {
         self.mutate_together(mutations, false)
+    }
+
+    /// `mutate_group` without the barrier of `Durability::Full`, for the session, which sends
+    /// the mutations (the sent mark covers them) and then calls `sync_timeline` before it
+    /// answers (`ClientSession::mutate_group_sending`).
+    pub(crate) fn mutate_group_deferred(
+        &mut self,
+        mutations: Vec<Mutation>,
+    ) -> Result<Vec<Result<Submitted>>> {
+        self.defer_barrier = true;
+        let answers = self.mutate_group(mutations);
+        self.defer_barrier = false;
+        answers
     }
 
     /// `mutate_many` (`all_or_nothing`: a refusal fails every one) and `mutate_group` (it fails
@@ -635,6 +770,10 @@ impl<R: Reducer> ClientDocument<R> {
         let Some((count, _)) = ours else {
             return Err(mismatch(false, "it confirms mutations this replica does not hold pending"));
         };
+        if self.pending.iter().take(count).any(|(_, m)| m.is_fill()) {
+            // The server applied what it received there, which a crash took from this replica.
+            return Err(mismatch(false, "it confirms mutations a crash took from this replica's timeline"));
+        }
         // The optimistic state is the stored state plus exactly these mutations when they
         // are all that is pending (and no rebase is due): the step's pages are those plus its
         // system rows. Otherwise they are replayed as the step ran them.

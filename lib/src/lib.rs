@@ -34,7 +34,8 @@ pub use vfs::meter::install as install_memory_meter;
 pub mod wire;
 
 pub use client::{
-    ClientDocument, ConfirmStats, Durability, MutationState, NORMAL_SYNC_MS, Outcomes, Rows, Submitted,
+    ClientDocument, ConfirmStats, Durability, MutationState, NORMAL_SYNC_MS, Outcomes, Rows, SEND_AHEAD_LSNS,
+    Submitted,
 };
 pub use error::{Error, Result};
 pub use ids::{DocId, TimelineId, TimelineKey};

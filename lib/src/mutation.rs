@@ -24,6 +24,19 @@ pub struct Mutation {
 }
 
 impl Mutation {
+    /// A no-op in an LSN a power cut took from its client's timeline after the mutation there
+    /// may have been sent (see `ClientDocument::send_before_durable`): its body is empty, which
+    /// no reducer's encoding is, so every replica and the server apply it as nothing, never
+    /// as a rejection. The server keeps the mutation it received at that LSN, if it did.
+    pub fn fill() -> Mutation {
+        Mutation { client_time_ms: 0, seed: 0, body: Vec::new() }
+    }
+
+    /// Whether this is a `fill`.
+    pub fn is_fill(&self) -> bool {
+        self.body.is_empty()
+    }
+
     pub fn encode(&self) -> Result<Vec<u8>> {
         let bytes = postcard::to_stdvec(self).expect("BUG: a Mutation always serializes");
         if bytes.len() > MAX_MUTATION_BYTES {

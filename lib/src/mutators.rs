@@ -245,6 +245,9 @@ impl Permit {
 
     /// Why `body` (a SQL reducer body) from `subject` may not run, if it may not.
     pub fn refuse(&self, body: &[u8], subject: &str) -> Option<String> {
+        if body.is_empty() {
+            return None; // a fill (`Mutation::fill`): it does nothing
+        }
         match Call::decode(body) {
             None if self.raw => None,
             None => Some("this token may call mutators only, not send SQL".into()),

@@ -364,6 +364,9 @@ pub fn apply_mutation(
     // An I/O error that an earlier statement returned as a bare SQLite error is still kept:
     // it is not this mutation's, whose own is taken below.
     db.store().take_last_error();
+    if mutation.is_fill() {
+        return Ok(Ok(()));
+    }
     let conn = db.conn();
     crate::db::run_cached(conn, SAVEPOINT)?;
     let once = reducer.once_key(&mutation.body);

@@ -120,6 +120,108 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     assert_eq!(w.lsn.get(), 3);
 }
 
+/// A replica with a sent mark sends its writes before their fsync. A power cut then takes
+/// back writes the server already holds: reopened, the replica fills their LSNs with no-ops
+/// before anything else, so its next write takes a new LSN (not one the server would drop as
+/// a copy of what it has), and it converges on the server's pages, every write once, with no
+/// confirmation counted as a mismatch.
+#[test]
+fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = |dir: &Path| {
+        let id = pagesync_tests::timeline_journal_id(2);
+        Box::new(
+            FileJournal::open_or_create(dir.join("sent"), id, FileJournalOptions::default()).expect("mark"),
+        )
+    };
+    let mut doc = replica(dir.path());
+    assert_eq!(doc.send_before_durable(mark(dir.path())).expect("mark"), 0, "a new replica fills nothing");
+    let mut server = ServerSession::new(Box::new(|d: DocId| {
+        ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))
+    }));
+    let mut session = ClientSession::new("");
+    session.add_document(DOC, doc);
+    server.connect(ConnId(1));
+    session.connected(T0);
+    let write = |x: i64| pagesync::Mutation {
+        client_time_ms: T0,
+        seed: x as u64,
+        body: sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]),
+    };
+    let ddl =
+        pagesync::Mutation { client_time_ms: T0, seed: 0, body: sql("CREATE TABLE t(x INTEGER)", vec![]) };
+    exchange(&mut session, &mut server, ConnId(1), T0);
+
+    // Durable writes whose frames come out of the write itself, before its barrier.
+    let mut frames = Vec::new();
+    let answers = session
+        .mutate_group_sending(DOC, vec![ddl, write(1)], T0, &mut |_, m| frames.push(m))
+        .expect("write");
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    let sent: usize = frames
+        .iter()
+        .map(|m| if let Message::Mutations { entries, .. } = m { entries.len() } else { 0 })
+        .sum();
+    assert_eq!(sent, 2, "the write sent itself: {frames:?}");
+    assert!(!session.needs_sync(), "and was durable when it answered");
+    for m in frames {
+        server.handle_frame(ConnId(1), T0, &m.encode());
+    }
+    exchange(&mut session, &mut server, ConnId(1), T0);
+    assert_eq!(session.status(DOC).expect("status").pending, 0);
+    let synced_len = std::fs::metadata(segment(dir.path())).expect("stat").len();
+
+    // Two more go up before any fsync (the mark covers them) and the server applies them; the
+    // power cut comes before their fsync and before the server's answer arrives.
+    session.set_durability(DOC, Durability::Normal).expect("normal");
+    for x in [2, 3] {
+        let w = write(x);
+        session.mutate(DOC, w.body, w.client_time_ms, w.seed).expect("write");
+    }
+    assert!(session.needs_sync(), "not durable yet");
+    let mut sent = 0;
+    while let Some(m) = session.poll_transmit() {
+        if let Message::Mutations { entries, .. } = &m {
+            sent += entries.len();
+        }
+        server.handle_frame(ConnId(1), T0 + 1, &m.encode());
+    }
+    assert_eq!(sent, 2, "sent before they were durable");
+    server.handle_timeout(T0 + 1);
+    while server.poll_transmit().is_some() {}
+    let doc = session.remove_document(DOC).expect("doc");
+    std::mem::forget(doc);
+    let seg = segment(dir.path());
+    let len = std::fs::metadata(&seg).expect("stat").len();
+    assert!(len > synced_len + 16, "the unsent writes reached the file ({len} bytes)");
+    let f = std::fs::OpenOptions::new().write(true).open(&seg).expect("open");
+    f.set_len(synced_len + (len - synced_len) / 3).expect("cut");
+    drop(f);
+
+    let mut doc = replica(dir.path());
+    assert_eq!(rows(&doc), vec![vec![Value::Integer(1)]], "the power cut took the two writes back");
+    let filled = doc.send_before_durable(mark(dir.path())).expect("mark");
+    assert_eq!(filled, pagesync::SEND_AHEAD_LSNS, "LSNs 3 up to the mark (2 + SEND_AHEAD_LSNS) filled");
+    let w = doc.mutate(sql("INSERT INTO t VALUES (4)", vec![]), T0 + 2, 4).expect("write");
+    assert_eq!(w.lsn.get(), 3 + pagesync::SEND_AHEAD_LSNS, "past every LSN the server may hold");
+
+    let mut session = ClientSession::new("");
+    session.add_document(DOC, doc);
+    server.disconnect(ConnId(1));
+    server.connect(ConnId(2));
+    session.connected(T0 + 2);
+    exchange(&mut session, &mut server, ConnId(2), T0 + 2);
+    let status = session.status(DOC).expect("status");
+    assert_eq!((status.pending, status.error), (0, None));
+    assert_eq!(session.digest_mismatches(), 0, "a fill's confirmation is not a determinism failure");
+    let doc = session.remove_document(DOC).expect("doc");
+    assert_eq!(doc.state(w.lsn).expect("state"), MutationState::Confirmed);
+    let want: Vec<Vec<Value>> = (1..=4).map(|x| vec![Value::Integer(x)]).collect();
+    assert_eq!(rows(&doc), want, "the server's copies of the lost writes, and the new one: each once");
+    let theirs = server.document(DOC).expect("open on the server").export().expect("export");
+    assert_eq!(doc.export().expect("export"), theirs, "the replica holds the server's pages");
+}
+
 /// Client and server exchange frames until neither has anything to send.
 fn exchange(session: &mut ClientSession, server: &mut ServerSession, conn: ConnId, now: i64) {
     deliver(server, conn, session, now, None);

@@ -383,6 +383,46 @@ impl ClientSession {
         self.open_document(id)?.mutate_group(mutations)
     }
 
+    /// `mutate_group`, sent before its barrier when the replica may (`ClientDocument::
+    /// send_before_durable`): the mutations are appended without one, every message then due
+    /// on `id`'s route (its `Mutations` among them) goes to `send` (the driver queues them on
+    /// that connection, in order), and only then are they made durable, so the fsync runs
+    /// while they travel. The answers come once they are durable; if that fails, none is
+    /// acknowledged, each answer is that error (the server may still apply them, as after a
+    /// crash).
+    pub fn mutate_group_sending(
+        &mut self,
+        id: DocId,
+        mutations: Vec<crate::Mutation>,
+        now_ms: i64,
+        send: &mut dyn FnMut(&Route, Message),
+    ) -> Result<Vec<Result<Submitted>>> {
+        let doc = self.open_document(id)?;
+        if !doc.sends_before_durable() {
+            return doc.mutate_group(mutations);
+        }
+        let answers = doc.mutate_group_deferred(mutations)?;
+        self.now_ms = self.now_ms.max(now_ms);
+        let route = self.links.get(&id).map(|l| l.route.clone()).expect("BUG: opened above");
+        while let Some(message) = self.poll_transmit_on(&route) {
+            send(&route, message);
+        }
+        let doc = self.open_document(id)?;
+        if let Err(e) = doc.sync_timeline() {
+            // Each caller gets the failure; a retry would run them twice.
+            let journal = doc.timeline_id().journal_id();
+            let message = format!("the write could not be made durable: {e}");
+            let failed = || {
+                crate::Error::Journal(pagesync_journal::JournalError::Backend {
+                    journal,
+                    message: message.clone(),
+                })
+            };
+            return Ok(answers.iter().map(|_| Err(failed())).collect());
+        }
+        Ok(answers)
+    }
+
     /// Sets when `id`'s local writes are durable (see `Durability`).
     pub fn set_durability(&mut self, id: DocId, durability: crate::client::Durability) -> Result<()> {
         self.open_document(id)?.set_durability(durability)
@@ -393,10 +433,22 @@ impl ClientSession {
         self.links.values().any(|l| l.doc.needs_sync())
     }
 
-    /// Makes every document's local writes durable (one fsync each that has new ones), so
-    /// they can be sent. The first error is returned after every document was tried.
+    /// Makes every document's local writes durable (one fsync each that has new ones). The
+    /// first error is returned after every document was tried.
     pub fn sync_timelines(&mut self) -> Result<()> {
         self.on_every_replica(ClientDocument::sync_timeline)
+    }
+
+    /// Makes durable the local writes of the documents that may send them only once they are
+    /// (`ClientDocument::needs_sync_to_send`): what a driver calls before it sends.
+    pub fn sync_to_send(&mut self) -> Result<()> {
+        self.on_every_replica(|d| if d.needs_sync_to_send() { d.sync_timeline() } else { Ok(()) })
+    }
+
+    /// Lowers every replica's sent mark once its writes are durable (a clean close:
+    /// `ClientDocument::settle_sent_mark`).
+    pub fn settle_sent_marks(&mut self) -> Result<()> {
+        self.on_every_replica(ClientDocument::settle_sent_mark)
     }
 
     /// Makes the server's entries every replica received durable (`ClientDocument::sync_storage`).
