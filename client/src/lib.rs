@@ -127,8 +127,33 @@ struct Shared {
     subject: String,
 }
 
-/// A connection's queue of encoded frames (`Shared::outboxes`).
-type Outbox = tokio::sync::mpsc::UnboundedSender<Vec<u8>>;
+/// A connection's queue of encoded frames (`Shared::outboxes`), with the bytes in it.
+#[derive(Clone)]
+struct Outbox {
+    frames: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    /// Bytes queued and not yet taken by the socket.
+    unwritten: Arc<std::sync::atomic::AtomicUsize>,
+    /// Signalled when the writer took bytes off the queue.
+    drained: Arc<Notify>,
+}
+
+impl Outbox {
+    fn push(&self, frame: Vec<u8>) {
+        self.unwritten.fetch_add(frame.len(), std::sync::atomic::Ordering::Relaxed);
+        let _ = self.frames.send(frame);
+    }
+
+    /// Whether the socket is so far behind that the connection stops applying what it reads
+    /// (which makes acknowledgements to send) until it catches up: `MAX_UNWRITTEN_BYTES`.
+    fn is_behind(&self) -> bool {
+        self.unwritten.load(std::sync::atomic::Ordering::Relaxed) > MAX_UNWRITTEN_BYTES
+    }
+}
+
+/// Bytes a connection queues for its socket at most before it stops taking in frames (a server
+/// that sends without reading cannot grow a client's queue of acknowledgements without bound):
+/// four upload windows, so uploads never wait on it.
+const MAX_UNWRITTEN_BYTES: usize = 4 * pagesync::protocol::UPLOAD_WINDOW_BYTES;
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
 #[derive(Default)]
@@ -220,7 +245,7 @@ impl Shared {
     /// sends it again once connected). Called with the session's lock held.
     fn queue_frame(&self, route: &Route, message: pagesync::protocol::Message) {
         if let Some(outbox) = self.outboxes().get(route) {
-            let _ = outbox.send(message.encode());
+            outbox.push(message.encode());
         }
     }
 
@@ -1439,8 +1464,10 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
     let (sink, stream) = ws.split();
     let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
     let _reader = AbortOnDrop(tokio::spawn(read_ahead(stream, tx)));
-    let (outbox, queued) = tokio::sync::mpsc::unbounded_channel();
-    let mut writer = AbortOnDrop(tokio::spawn(write_frames(sink, queued)));
+    let (frames, queued) = tokio::sync::mpsc::unbounded_channel();
+    let outbox = Outbox { frames, unwritten: Default::default(), drained: Default::default() };
+    let written = (outbox.unwritten.clone(), outbox.drained.clone());
+    let mut writer = AbortOnDrop(tokio::spawn(write_frames(sink, queued, written)));
     let mut wake = shared.wake.subscribe();
     {
         let mut s = shared.session();
@@ -1458,12 +1485,14 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
                 tracing::warn!("making local writes durable failed: {e}");
             }
             while let Some(m) = s.poll_transmit_on(route) {
-                let _ = outbox.send(m.encode());
+                outbox.push(m.encode());
             }
         }
         let timeout = shared.session().poll_timeout().map_or(1_000, |t| (t - now_ms()).clamp(0, 1_000));
+        let behind = outbox.is_behind();
         tokio::select! {
-            read = incoming.recv() => match read {
+            _ = outbox.drained.notified(), if behind => {}
+            read = incoming.recv(), if !behind => match read {
                 Some(first) => apply_read(shared, route, &mut incoming, first),
                 // The socket closed or failed (after every frame read before it was applied).
                 None => break false,
@@ -1495,14 +1524,17 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
 }
 
 /// Writes a connection's queued frames to its socket in order (`Shared::outboxes`), flushing
-/// once per burst, until a send fails or the queue closes.
+/// once per burst and counting what the socket took off `unwritten`, until a send fails or
+/// the queue closes.
 async fn write_frames(
     mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
     mut queued: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    (unwritten, drained): (Arc<std::sync::atomic::AtomicUsize>, Arc<Notify>),
 ) {
     while let Some(frame) = queued.recv().await {
-        let mut burst = Some(frame);
+        let (mut burst, mut bytes) = (Some(frame), 0);
         while let Some(frame) = burst.take().or_else(|| queued.try_recv().ok()) {
+            bytes += frame.len();
             if sink.feed(WsMessage::Binary(frame.into())).await.is_err() {
                 return;
             }
@@ -1510,6 +1542,8 @@ async fn write_frames(
         if sink.flush().await.is_err() {
             return;
         }
+        unwritten.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+        drained.notify_one();
     }
 }
 

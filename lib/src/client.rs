@@ -625,6 +625,15 @@ impl<R: Reducer> ClientDocument<R> {
         answers
     }
 
+    /// The barrier `mutate_group_deferred` left to its caller: under `Durability::Full`, every
+    /// local write durable now; under `Normal`, none (the timer's `sync_timeline` makes them so).
+    pub(crate) fn deferred_barrier(&mut self) -> Result<()> {
+        match self.durability {
+            Durability::Full => self.sync_timeline(),
+            Durability::Normal => Ok(()),
+        }
+    }
+
     /// `mutate_many` (`all_or_nothing`: a refusal fails every one) and `mutate_group` (it fails
     /// only its own).
     fn mutate_together(

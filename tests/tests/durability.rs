@@ -173,14 +173,17 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
 
     // Two more go up before any fsync (the mark covers them) and the server applies them; the
     // power cut comes before their fsync and before the server's answer arrives.
+    // (`Normal`: the group commit leaves them without a barrier, for the timer.)
     session.set_durability(DOC, Durability::Normal).expect("normal");
-    for x in [2, 3] {
-        let w = write(x);
-        session.mutate(DOC, w.body, w.client_time_ms, w.seed).expect("write");
-    }
+    let mut frames = Vec::new();
+    session.mutate_group_sending(DOC, vec![write(2)], T0 + 1, &mut |_, m| frames.push(m)).expect("write");
+    assert!(session.needs_sync(), "under Normal the group commit leaves its barrier to the timer");
+    let w = write(3);
+    session.mutate(DOC, w.body, w.client_time_ms, w.seed).expect("write");
+    frames.extend(std::iter::from_fn(|| session.poll_transmit()));
     assert!(session.needs_sync(), "not durable yet");
     let mut sent = 0;
-    while let Some(m) = session.poll_transmit() {
+    for m in frames {
         if let Message::Mutations { entries, .. } = &m {
             sent += entries.len();
         }

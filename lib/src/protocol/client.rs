@@ -408,7 +408,7 @@ impl ClientSession {
             send(&route, message);
         }
         let doc = self.open_document(id)?;
-        if let Err(e) = doc.sync_timeline() {
+        if let Err(e) = doc.deferred_barrier() {
             // Each caller gets the failure; a retry would run them twice.
             let journal = doc.timeline_id().journal_id();
             let message = format!("the write could not be made durable: {e}");
