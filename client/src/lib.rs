@@ -150,10 +150,12 @@ impl Outbox {
     }
 }
 
-/// Bytes a connection queues for its socket at most before it stops taking in frames (a server
-/// that sends without reading cannot grow a client's queue of acknowledgements without bound):
-/// four upload windows, so uploads never wait on it.
-const MAX_UNWRITTEN_BYTES: usize = 4 * pagesync::protocol::UPLOAD_WINDOW_BYTES;
+/// Bytes a connection queues for its socket before it stops: past this, it polls the session
+/// for nothing more, applies no frame it reads and runs no timer (whose rewinds and keepalives
+/// would queue more) until the socket has taken them, and a group commit sends nothing early.
+/// A poll stops as soon as it passes, so a connection queues at most this and one message: a
+/// server that sends without reading cannot grow a client's memory.
+const MAX_UNWRITTEN_BYTES: usize = 8 << 20;
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
 #[derive(Default)]
@@ -197,12 +199,14 @@ struct QueuedWrite {
 
 /// Makes `writes` durable together: per document, one local transaction and one fsync for
 /// all of them, each answered on its own. A replica with a sent mark sends them before that
-/// fsync (`ClientSession::mutate_group_sending`): its connection's frames go to `send`. When
-/// their shared append fails, each is tried alone, so each caller gets its own typed error.
+/// fsync (`ClientSession::mutate_group_sending`) onto its connection's queue, unless that
+/// queue is behind (`Outbox::is_behind`): then the connection's task sends them once it
+/// catches up. When their shared append fails, each is tried alone, so each caller gets its
+/// own typed error.
 fn commit_group(
+    shared: &Shared,
     session: &mut ClientSession,
     writes: Vec<QueuedWrite>,
-    send: &mut dyn FnMut(&Route, pagesync::protocol::Message),
 ) -> Vec<(u64, Result<Submitted>)> {
     let mut answered = Vec::with_capacity(writes.len());
     let mut by_doc: BTreeMap<DocId, Vec<QueuedWrite>> = BTreeMap::new();
@@ -211,17 +215,24 @@ fn commit_group(
     }
     for (doc, writes) in by_doc {
         let mutations = writes.iter().map(|w| w.mutation.clone()).collect();
-        let answers: Vec<Result<Submitted>> =
-            match session.mutate_group_sending(doc, mutations, now_ms(), send) {
-                Ok(answers) => answers.into_iter().map(|a| a.map_err(ClientError::from)).collect(),
-                Err(_) => writes
-                    .iter()
-                    .map(|w| {
-                        let m = w.mutation.clone();
-                        session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
-                    })
-                    .collect(),
-            };
+        let behind =
+            session.route_of(doc).is_some_and(|r| shared.outboxes().get(r).is_some_and(Outbox::is_behind));
+        let committed = match behind {
+            true => session.mutate_group(doc, mutations),
+            false => {
+                session.mutate_group_sending(doc, mutations, now_ms(), &mut |r, m| shared.queue_frame(r, m))
+            }
+        };
+        let answers: Vec<Result<Submitted>> = match committed {
+            Ok(answers) => answers.into_iter().map(|a| a.map_err(ClientError::from)).collect(),
+            Err(_) => writes
+                .iter()
+                .map(|w| {
+                    let m = w.mutation.clone();
+                    session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
+                })
+                .collect(),
+        };
         answered.extend(writes.iter().map(|w| w.ticket).zip(answers));
     }
     answered
@@ -673,10 +684,7 @@ impl Document {
             queue.stats.writes += writes.len() as u64;
             queue.stats.commits += 1;
             drop(queue);
-            let answers = {
-                let mut session = self.shared.session();
-                commit_group(&mut session, writes, &mut |route, m| self.shared.queue_frame(route, m))
-            };
+            let answers = commit_group(&self.shared, &mut self.shared.session(), writes);
             queue = self.shared.write_queue();
             queue.answers.extend(answers);
             queue.committing = false;
@@ -1484,7 +1492,9 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
             if let Err(e) = s.sync_to_send() {
                 tracing::warn!("making local writes durable failed: {e}");
             }
-            while let Some(m) = s.poll_transmit_on(route) {
+            while !outbox.is_behind()
+                && let Some(m) = s.poll_transmit_on(route)
+            {
                 outbox.push(m.encode());
             }
         }
@@ -1499,8 +1509,8 @@ async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
             },
             // A send failed: the peer closed, or the socket did.
             _ = &mut writer.0 => break true,
-            _ = wake.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => {
+            _ = wake.changed(), if !behind => {}
+            _ = tokio::time::sleep(Duration::from_millis(timeout as u64)), if !behind => {
                 if shared.session().handle_timeout(now_ms()) {
                     shared.bump();
                 }

@@ -136,6 +136,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// Set while `mutate_group_deferred` runs: a `Full` write's barrier is the caller's,
     /// right after it sent the write.
     defer_barrier: bool,
+    /// The next LSN this replica gives a write: past the timeline's end when a failed
+    /// barrier took entries back that may have been sent (the mark then stays where it is).
+    assigned_next: Lsn,
     /// The durable copy of the server's rejections of this timeline's mutations: one entry
     /// per batch of them, as they arrive.
     outcomes: Box<dyn Journal>,
@@ -162,6 +165,11 @@ pub struct ConfirmStats {
     /// Confirmations whose replay gave other pages than the server's: a determinism failure
     /// (or a budget lower than the server's). Each fell back to the pages.
     pub mismatches: u64,
+}
+
+/// Why a write with an empty body is refused: that body marks a fill (`Mutation::fill`).
+fn empty_body() -> Error {
+    Error::Refused("an empty mutation body is reserved (it marks a fill after a crash)".into())
 }
 
 /// The LSN a sent-mark entry holds.
@@ -270,6 +278,7 @@ impl<R: Reducer> ClientDocument<R> {
             sent_mark: None,
             send_ahead: None,
             defer_barrier: false,
+            assigned_next: Lsn::FIRST,
             outcomes,
             rejected: BTreeMap::new(),
             outcomes_through: None,
@@ -278,6 +287,7 @@ impl<R: Reducer> ClientDocument<R> {
             replay_stopped: false,
         };
         doc.synced_next = doc.timeline.range().next();
+        doc.assigned_next = doc.synced_next;
         doc.read_outcomes()?;
         doc.applied = doc.read_applied()?;
         doc.copy_outcomes()?;
@@ -395,6 +405,7 @@ impl<R: Reducer> ClientDocument<R> {
             true => self.timeline.append_batch(entries)?,
             false => self.timeline.append_batch_unsynced(entries)?,
         };
+        self.assigned_next = self.assigned_next.max(range.next());
         if barrier {
             // Entries are durable in order: those before it are now durable too.
             self.synced_next = range.next();
@@ -436,6 +447,7 @@ impl<R: Reducer> ClientDocument<R> {
             }
             self.timeline.sync()?;
             self.synced_next = self.timeline.range().next();
+            self.assigned_next = self.synced_next;
         }
         self.send_ahead = bound;
         self.sent_mark = Some(mark);
@@ -466,10 +478,18 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Lowers the sent mark to the timeline's newest entry, once every entry is durable: for a
-    /// clean close, after which a reopen fills nothing. A no-op without a mark.
+    /// clean close, after which a reopen fills nothing. A no-op without a mark, and when the
+    /// timeline lost entries that may have been sent (a failed barrier cut them): the mark
+    /// stays, and the next open fills them.
     pub fn settle_sent_mark(&mut self) -> Result<()> {
+        if self.sent_mark.is_none() {
+            return Ok(());
+        }
         self.sync_timeline()?;
-        let newest = self.timeline.range().next().prev();
+        if self.timeline.range().next() != self.assigned_next || !self.timeline.is_synced() {
+            return Ok(());
+        }
+        let newest = self.assigned_next.prev();
         let Some(mark) = self.sent_mark.as_mut() else { return Ok(()) };
         if let Some(newest) = newest.filter(|n| self.send_ahead.is_some_and(|bound| bound > *n)) {
             mark.append(&newest.get().to_le_bytes())?;
@@ -554,6 +574,9 @@ impl<R: Reducer> ClientDocument<R> {
     /// `seed` come from the caller (the core reads no clock and no randomness).
     pub fn mutate(&mut self, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
         self.check_not_restarting()?;
+        if body.is_empty() {
+            return Err(empty_body());
+        }
         let mutation = Mutation { client_time_ms: time_ms, seed, body };
         let bytes = mutation.encode()?;
         let conn = self.db.conn();
@@ -627,11 +650,23 @@ impl<R: Reducer> ClientDocument<R> {
 
     /// The barrier `mutate_group_deferred` left to its caller: under `Durability::Full`, every
     /// local write durable now; under `Normal`, none (the timer's `sync_timeline` makes them so).
+    /// If it fails, the journal keeps only what was durable (and refuses writes until the
+    /// replica is reopened), and so does the optimistic state: the writes it lost are gone
+    /// from this replica (their callers get the error; the server may still apply those that
+    /// were sent, and its pages then bring them back, as after a crash).
     pub(crate) fn deferred_barrier(&mut self) -> Result<()> {
-        match self.durability {
-            Durability::Full => self.sync_timeline(),
-            Durability::Normal => Ok(()),
+        if self.durability == Durability::Normal {
+            return Ok(());
         }
+        let synced = self.sync_timeline();
+        if synced.is_err() {
+            let next = self.timeline.range().next();
+            self.pending.retain(|(lsn, _)| *lsn < next);
+            self.db.store().discard_overlay();
+            self.rebase_due = true;
+            let _ = self.rebase();
+        }
+        synced
     }
 
     /// `mutate_many` (`all_or_nothing`: a refusal fails every one) and `mutate_group` (it fails
@@ -652,6 +687,14 @@ impl<R: Reducer> ClientDocument<R> {
         // Per mutation: how it went locally, or why it is refused (and not appended).
         let mut outcomes = Vec::with_capacity(mutations.len());
         for m in &mutations {
+            if m.is_fill() {
+                if all_or_nothing {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return Err(empty_body());
+                }
+                outcomes.push(Err(empty_body()));
+                continue;
+            }
             match apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
                 Ok(local) => match refusal(&local) {
                     Some(e) if all_or_nothing => {

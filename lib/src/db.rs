@@ -617,6 +617,11 @@ impl Database {
         self.sandbox.ticks.load(Ordering::Relaxed) * PROGRESS_INTERVAL_OPS as u64
     }
 
+    /// Says the last mutation ran no VM instruction (a fill, which runs nothing).
+    pub(crate) fn clear_vm_steps(&self) {
+        self.sandbox.ticks.store(0, Ordering::Relaxed);
+    }
+
     fn reset_verdict(&self) {
         *self.sandbox.refusal.lock().expect("BUG: lock poisoned") = None;
         self.sandbox.exhausted.store(false, Ordering::Relaxed);

@@ -365,6 +365,7 @@ pub fn apply_mutation(
     // it is not this mutation's, whose own is taken below.
     db.store().take_last_error();
     if mutation.is_fill() {
+        db.clear_vm_steps(); // not the mutation before it's, for the step's budget
         return Ok(Ok(()));
     }
     let conn = db.conn();

@@ -225,6 +225,161 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
     assert_eq!(doc.export().expect("export"), theirs, "the replica holds the server's pages");
 }
 
+/// A file timeline whose next `sync` fails as a real one does: the journal then ends at what
+/// was durable and refuses writes (`FileJournal` cuts its file back and is poisoned); here the
+/// file keeps the bytes, which the test cuts itself, as the power cut would.
+struct FailingSync {
+    inner: FileJournal,
+    fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    synced_next: Lsn,
+    cut: Option<pagesync::journal::LsnRange>,
+}
+
+impl pagesync::journal::Journal for FailingSync {
+    fn id(&self) -> JournalId {
+        self.inner.id()
+    }
+    fn range(&self) -> pagesync::journal::LsnRange {
+        self.cut.unwrap_or_else(|| self.inner.range())
+    }
+    fn append_batch(&mut self, payloads: &[&[u8]]) -> pagesync::journal::Result<pagesync::journal::LsnRange> {
+        let range = self.append_batch_unsynced(payloads)?;
+        self.sync()?;
+        Ok(range)
+    }
+    fn append_batch_unsynced(
+        &mut self,
+        payloads: &[&[u8]],
+    ) -> pagesync::journal::Result<pagesync::journal::LsnRange> {
+        if self.cut.is_some() {
+            let message = "refuses writes after a failed fsync".into();
+            return Err(pagesync::journal::JournalError::Backend { journal: self.inner.id(), message });
+        }
+        self.inner.append_batch_unsynced(payloads)
+    }
+    fn sync(&mut self) -> pagesync::journal::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::Relaxed) && self.cut.is_none() {
+            let first = self.inner.range().first();
+            self.cut = Some(match self.synced_next.prev().filter(|l| *l >= first) {
+                Some(last) => pagesync::journal::LsnRange::inclusive(first, last),
+                None => pagesync::journal::LsnRange::empty_at(first),
+            });
+            let message = "fsync: input/output error".into();
+            return Err(pagesync::journal::JournalError::Backend { journal: self.inner.id(), message });
+        }
+        self.inner.sync()?;
+        self.synced_next = self.inner.range().next();
+        Ok(())
+    }
+    fn is_synced(&self) -> bool {
+        self.cut.is_some() || self.inner.is_synced()
+    }
+    fn read(&self, lsn: Lsn) -> pagesync::journal::Result<Vec<u8>> {
+        self.inner.read(lsn)
+    }
+    fn remove_prefix(&mut self, up_to: Lsn) -> pagesync::journal::Result<()> {
+        self.inner.remove_prefix(up_to)
+    }
+}
+
+/// The barrier of writes already sent fails: their callers get the error, the replica's state
+/// goes back to what is durable, and a clean close does not lower the sent mark below them
+/// (the journal ends before them now). Reopened after the power cut, the replica fills them,
+/// its next write takes a new LSN, and the server's copies of the sent ones are kept, once.
+#[test]
+fn a_failed_barrier_after_sending_keeps_the_mark_and_loses_no_later_write() {
+    use pagesync::journal::Journal as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = pagesync_tests::timeline_journal_id(2);
+    let mark = |dir: &Path| {
+        Box::new(
+            FileJournal::open_or_create(dir.join("sent"), id, FileJournalOptions::default()).expect("mark"),
+        )
+    };
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timeline =
+        FileJournal::create(dir.path().join("timeline"), id, FileJournalOptions::default()).expect("tl");
+    let timeline = FailingSync { inner: timeline, fail: fail.clone(), synced_next: Lsn::FIRST, cut: None };
+    let storage = FileJournal::create(
+        dir.path().join("storage"),
+        JournalId::from_u128(1),
+        FileJournalOptions::default(),
+    );
+    let doc = ClientDocument::open(Box::new(storage.expect("storage")), Box::new(timeline)).expect("replica");
+    let mut doc = pagesync_tests::keyed(doc, 2);
+    doc.send_before_durable(mark(dir.path())).expect("mark");
+    let mut server = ServerSession::new(Box::new(|d: DocId| {
+        ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))
+    }));
+    let mut session = ClientSession::new("");
+    session.add_document(DOC, doc);
+    server.connect(ConnId(1));
+    session.connected(T0);
+    exchange(&mut session, &mut server, ConnId(1), T0);
+    let m = |x: i64, sql_text: &str| pagesync::Mutation {
+        client_time_ms: T0,
+        seed: x as u64,
+        body: sql(sql_text, vec![Value::Integer(x)]),
+    };
+    let mut frames = Vec::new();
+    let ddl =
+        pagesync::Mutation { client_time_ms: T0, seed: 0, body: sql("CREATE TABLE t(x INTEGER)", vec![]) };
+    let answers = session
+        .mutate_group_sending(DOC, vec![ddl, m(1, "INSERT INTO t VALUES (?1)")], T0, &mut |_, m| {
+            frames.push(m)
+        })
+        .expect("write");
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    for f in frames.drain(..) {
+        server.handle_frame(ConnId(1), T0, &f.encode());
+    }
+    exchange(&mut session, &mut server, ConnId(1), T0);
+    let synced_len = std::fs::metadata(segment(dir.path())).expect("stat").len();
+
+    fail.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answers = session
+        .mutate_group_sending(DOC, vec![m(2, "INSERT INTO t VALUES (?1)")], T0 + 1, &mut |_, m| {
+            frames.push(m)
+        })
+        .expect("the group as a whole");
+    assert!(matches!(answers[..], [Err(_)]), "not durable, not acknowledged: {answers:?}");
+    assert!(frames.iter().any(|f| matches!(f, Message::Mutations { .. })), "but it was sent: {frames:?}");
+    let doc = session.document(DOC).expect("open");
+    assert_eq!(rows(doc), vec![vec![Value::Integer(1)]], "the replica shows only what is durable");
+    session.settle_sent_marks().expect("a clean close");
+    let marked = FileJournal::open(dir.path().join("sent"), FileJournalOptions::default()).expect("mark");
+    let bound = marked.read(marked.range().last().expect("a mark")).expect("read");
+    let bound = u64::from_le_bytes(bound.try_into().expect("8 bytes"));
+    assert!(bound >= 4, "the mark still covers the sent write (LSN 3): {bound}");
+    drop(marked);
+    // The server applies it; the replica never hears (the process goes, the power too).
+    for f in frames {
+        server.handle_frame(ConnId(1), T0 + 1, &f.encode());
+    }
+    server.handle_timeout(T0 + 1);
+    while server.poll_transmit().is_some() {}
+    std::mem::forget(session.remove_document(DOC));
+    let seg = segment(dir.path());
+    std::fs::OpenOptions::new().write(true).open(&seg).expect("open").set_len(synced_len).expect("cut");
+
+    let mut doc = replica(dir.path());
+    assert!(doc.send_before_durable(mark(dir.path())).expect("mark") > 0, "LSN 3 and on filled");
+    let w = doc.mutate(sql("INSERT INTO t VALUES (3)", vec![]), T0 + 2, 3).expect("write");
+    assert!(w.lsn.get() > 3, "not the LSN of the write the server holds: {}", w.lsn);
+    let mut session = ClientSession::new("");
+    session.add_document(DOC, doc);
+    server.disconnect(ConnId(1));
+    server.connect(ConnId(2));
+    session.connected(T0 + 2);
+    exchange(&mut session, &mut server, ConnId(2), T0 + 2);
+    let doc = session.remove_document(DOC).expect("doc");
+    assert_eq!(doc.state(w.lsn).expect("state"), MutationState::Confirmed);
+    let want: Vec<Vec<Value>> = (1..=3).map(|x| vec![Value::Integer(x)]).collect();
+    assert_eq!(rows(&doc), want, "the sent write applied once, the next one too");
+    let theirs = server.document(DOC).expect("open on the server").export().expect("export");
+    assert_eq!(doc.export().expect("export"), theirs);
+}
+
 /// Client and server exchange frames until neither has anything to send.
 fn exchange(session: &mut ClientSession, server: &mut ServerSession, conn: ConnId, now: i64) {
     deliver(server, conn, session, now, None);
