@@ -106,11 +106,6 @@ struct Shared {
     connect_error: Mutex<Option<ConnectFailed>>,
     /// The lock on each open replica's directory, held while the client lives.
     locks: Mutex<Vec<(DocId, pagesync::journal::DirLock)>>,
-    /// Each connected route's frames, in the order the session made them, for the
-    /// connection's writer (`write_frames`). Whoever polls the session queues what it polled
-    /// before letting go of the session's lock (taken before this one): the connection's task,
-    /// and a group commit that sends before its barrier (`commit_group`).
-    outboxes: Mutex<HashMap<Route, Outbox>>,
     /// `execute` calls and their group commits.
     writes: Mutex<WriteQueue>,
     /// Signalled when a group commit has answered its writes.
@@ -126,36 +121,6 @@ struct Shared {
     /// Its token's `sub` claim: the subject its mutator calls name.
     subject: String,
 }
-
-/// A connection's queue of encoded frames (`Shared::outboxes`), with the bytes in it.
-#[derive(Clone)]
-struct Outbox {
-    frames: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-    /// Bytes queued and not yet taken by the socket.
-    unwritten: Arc<std::sync::atomic::AtomicUsize>,
-    /// Signalled when the writer took bytes off the queue.
-    drained: Arc<Notify>,
-}
-
-impl Outbox {
-    fn push(&self, frame: Vec<u8>) {
-        self.unwritten.fetch_add(frame.len(), std::sync::atomic::Ordering::Relaxed);
-        let _ = self.frames.send(frame);
-    }
-
-    /// Whether the socket is so far behind that the connection stops applying what it reads
-    /// (which makes acknowledgements to send) until it catches up: `MAX_UNWRITTEN_BYTES`.
-    fn is_behind(&self) -> bool {
-        self.unwritten.load(std::sync::atomic::Ordering::Relaxed) > MAX_UNWRITTEN_BYTES
-    }
-}
-
-/// Bytes a connection queues for its socket before it stops: past this, it polls the session
-/// for nothing more, applies no frame it reads and runs no timer (whose rewinds and keepalives
-/// would queue more) until the socket has taken them, and a group commit sends nothing early.
-/// A poll stops as soon as it passes, so a connection queues at most this and one message: a
-/// server that sends without reading cannot grow a client's memory.
-const MAX_UNWRITTEN_BYTES: usize = 8 << 20;
 
 /// `execute` calls waiting for a group commit, and the answers of those committed.
 #[derive(Default)]
@@ -198,16 +163,9 @@ struct QueuedWrite {
 }
 
 /// Makes `writes` durable together: per document, one local transaction and one fsync for
-/// all of them, each answered on its own. A replica with a sent mark sends them before that
-/// fsync (`ClientSession::mutate_group_sending`) onto its connection's queue, unless that
-/// queue is behind (`Outbox::is_behind`): then the connection's task sends them once it
-/// catches up. When their shared append fails, each is tried alone, so each caller gets its
-/// own typed error.
-fn commit_group(
-    shared: &Shared,
-    session: &mut ClientSession,
-    writes: Vec<QueuedWrite>,
-) -> Vec<(u64, Result<Submitted>)> {
+/// all of them, each answered on its own. When their shared append fails, each is tried
+/// alone, so each caller gets its own typed error.
+fn commit_group(session: &mut ClientSession, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<Submitted>)> {
     let mut answered = Vec::with_capacity(writes.len());
     let mut by_doc: BTreeMap<DocId, Vec<QueuedWrite>> = BTreeMap::new();
     for w in writes {
@@ -215,15 +173,7 @@ fn commit_group(
     }
     for (doc, writes) in by_doc {
         let mutations = writes.iter().map(|w| w.mutation.clone()).collect();
-        let behind =
-            session.route_of(doc).is_some_and(|r| shared.outboxes().get(r).is_some_and(Outbox::is_behind));
-        let committed = match behind {
-            true => session.mutate_group(doc, mutations),
-            false => {
-                session.mutate_group_sending(doc, mutations, now_ms(), &mut |r, m| shared.queue_frame(r, m))
-            }
-        };
-        let answers: Vec<Result<Submitted>> = match committed {
+        let answers: Vec<Result<Submitted>> = match session.mutate_group(doc, mutations) {
             Ok(answers) => answers.into_iter().map(|a| a.map_err(ClientError::from)).collect(),
             Err(_) => writes
                 .iter()
@@ -245,19 +195,6 @@ impl Shared {
 
     fn write_queue(&self) -> MutexGuard<'_, WriteQueue> {
         self.writes.lock().expect("BUG: write queue lock poisoned")
-    }
-
-    /// Taken only while holding the session's lock (see `outboxes`).
-    fn outboxes(&self) -> MutexGuard<'_, HashMap<Route, Outbox>> {
-        self.outboxes.lock().expect("BUG: outbox lock poisoned")
-    }
-
-    /// Queues `message` on `route`'s connection, if it has one (else the session's window
-    /// sends it again once connected). Called with the session's lock held.
-    fn queue_frame(&self, route: &Route, message: pagesync::protocol::Message) {
-        if let Some(outbox) = self.outboxes().get(route) {
-            outbox.push(message.encode());
-        }
     }
 
     /// The server `doc` syncs with: home, or where it was redirected.
@@ -300,10 +237,6 @@ impl Drop for Client {
         // and so are the server's entries received since the last tick (or they are
         // downloaded again on the next open).
         sync_replicas(&mut session);
-        // Everything sent is durable now: a reopen has nothing to fill.
-        if let Err(e) = session.settle_sent_marks() {
-            tracing::warn!("lowering the sent marks failed (the next open fills what they cover): {e}");
-        }
         for id in ids {
             drop(session.remove_document(id));
         }
@@ -404,7 +337,6 @@ impl Client {
             connected: Mutex::new(false),
             connect_error: Mutex::new(None),
             locks: Mutex::new(Vec::new()),
-            outboxes: Mutex::new(HashMap::new()),
             writes: Mutex::new(WriteQueue::default()),
             written: std::sync::Condvar::new(),
             gathered: std::sync::Condvar::new(),
@@ -461,7 +393,6 @@ impl Client {
                     // Outcomes of an earlier timeline (whose directory is gone) mean nothing now;
                     // if they cannot be removed, opening them below says so.
                     let _ = std::fs::remove_dir_all(dir.join("outcomes"));
-                    let _ = std::fs::remove_dir_all(dir.join("sent"));
                     FileJournal::create(&tl_dir, key.id().journal_id(), FileJournalOptions::default())?
                 }
                 Err(e) => return Err(e.into()),
@@ -483,21 +414,6 @@ impl Client {
                 .set_timeline_key(key)
                 .map_err(|e| ClientError::TimelineKey { dir: dir.clone(), why: e.to_string() })?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
-            // Writes go up before their fsync, under a bound kept here (see
-            // `ClientDocument::send_before_durable`); after a crash, what it covers past the
-            // timeline's end is filled before anything is sent.
-            let mark = FileJournal::open_or_create(
-                dir.join("sent"),
-                replica.timeline_id().journal_id(),
-                FileJournalOptions::default(),
-            )?;
-            let filled = replica.send_before_durable(Box::new(mark))?;
-            if filled > 0 {
-                tracing::info!(
-                    "{}: after a crash, filled {filled} timeline LSNs the sent mark covered past the timeline's end with no-ops (the server keeps any write it received there)",
-                    dir.display()
-                );
-            }
             // The server's mutators as last sent: pending calls run under them offline too.
             if let Ok(source) = std::fs::read_to_string(dir.join(MUTATORS_FILE)) {
                 match pagesync::mutators::Mutators::parse(&source) {
@@ -684,7 +600,7 @@ impl Document {
             queue.stats.writes += writes.len() as u64;
             queue.stats.commits += 1;
             drop(queue);
-            let answers = commit_group(&self.shared, &mut self.shared.session(), writes);
+            let answers = commit_group(&mut self.shared.session(), writes);
             queue = self.shared.write_queue();
             queue.answers.extend(answers);
             queue.committing = false;
@@ -1453,7 +1369,7 @@ async fn read_history(
     }
 }
 
-/// Aborts a task when dropped: a connection's reader and writer end with the connection.
+/// Aborts a task when dropped: a connection's reader ends with the connection.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -1469,91 +1385,49 @@ impl Drop for AbortOnDrop {
 const MAX_FRAMES_AT_ONCE: usize = 64;
 
 async fn run_connection(ws: Socket, shared: &Shared, route: &Route) {
-    let (sink, stream) = ws.split();
+    let (mut sink, stream) = ws.split();
     let (tx, mut incoming) = tokio::sync::mpsc::unbounded_channel();
     let _reader = AbortOnDrop(tokio::spawn(read_ahead(stream, tx)));
-    let (frames, queued) = tokio::sync::mpsc::unbounded_channel();
-    let outbox = Outbox { frames, unwritten: Default::default(), drained: Default::default() };
-    let written = (outbox.unwritten.clone(), outbox.drained.clone());
-    let mut writer = AbortOnDrop(tokio::spawn(write_frames(sink, queued, written)));
     let mut wake = shared.wake.subscribe();
-    {
-        let mut s = shared.session();
-        shared.outboxes().insert(route.clone(), outbox.clone());
-        s.connected_on(route, now_ms());
-    }
+    shared.session().connected_on(route, now_ms());
     if route.is_none() {
         *shared.connected.lock().expect("BUG") = true;
     }
-    let send_failed = loop {
-        {
+    loop {
+        let out: Vec<Vec<u8>> = {
             let mut s = shared.session();
-            // Writes the sent mark does not cover go up once durable: one fsync for all so far.
-            if let Err(e) = s.sync_to_send() {
-                tracing::warn!("making local writes durable failed: {e}");
-            }
-            while !outbox.is_behind()
-                && let Some(m) = s.poll_transmit_on(route)
-            {
-                outbox.push(m.encode());
+            // Under `Durability::Normal`, writes go up once durable: one fsync for all so far.
+            sync_local_writes(&mut s);
+            std::iter::from_fn(|| s.poll_transmit_on(route)).map(|m| m.encode()).collect()
+        };
+        for frame in out {
+            if sink.send(WsMessage::Binary(frame.into())).await.is_err() {
+                // The peer closed (or the socket failed) while frames it sent before may still
+                // be on their way through the reader: an `Error` naming why, a `Redirect`.
+                // Apply them, as a connection read in one loop would have, then end.
+                let drain = async {
+                    while let Some(first) = incoming.recv().await {
+                        apply_read(shared, route, &mut incoming, first);
+                    }
+                };
+                let _ = tokio::time::timeout(DRAIN_AFTER_CLOSE, drain).await;
+                return;
             }
         }
         let timeout = shared.session().poll_timeout().map_or(1_000, |t| (t - now_ms()).clamp(0, 1_000));
-        let behind = outbox.is_behind();
         tokio::select! {
-            _ = outbox.drained.notified(), if behind => {}
-            read = incoming.recv(), if !behind => match read {
+            read = incoming.recv() => match read {
                 Some(first) => apply_read(shared, route, &mut incoming, first),
                 // The socket closed or failed (after every frame read before it was applied).
-                None => break false,
+                None => return,
             },
-            // A send failed: the peer closed, or the socket did.
-            _ = &mut writer.0 => break true,
-            _ = wake.changed(), if !behind => {}
-            _ = tokio::time::sleep(Duration::from_millis(timeout as u64)), if !behind => {
+            _ = wake.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(timeout as u64)) => {
                 if shared.session().handle_timeout(now_ms()) {
                     shared.bump();
                 }
             }
         }
-    };
-    if send_failed {
-        // Frames the peer sent before it closed may still be on their way through the reader:
-        // an `Error` naming why, a `Redirect`. Apply them, as a connection read in one loop
-        // would have, then end.
-        let drain = async {
-            while let Some(first) = incoming.recv().await {
-                apply_read(shared, route, &mut incoming, first);
-            }
-        };
-        let _ = tokio::time::timeout(DRAIN_AFTER_CLOSE, drain).await;
-    }
-    let mut s = shared.session();
-    shared.outboxes().remove(route);
-    s.disconnected_on(route);
-}
-
-/// Writes a connection's queued frames to its socket in order (`Shared::outboxes`), flushing
-/// once per burst and counting what the socket took off `unwritten`, until a send fails or
-/// the queue closes.
-async fn write_frames(
-    mut sink: futures_util::stream::SplitSink<Socket, WsMessage>,
-    mut queued: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
-    (unwritten, drained): (Arc<std::sync::atomic::AtomicUsize>, Arc<Notify>),
-) {
-    while let Some(frame) = queued.recv().await {
-        let (mut burst, mut bytes) = (Some(frame), 0);
-        while let Some(frame) = burst.take().or_else(|| queued.try_recv().ok()) {
-            bytes += frame.len();
-            if sink.feed(WsMessage::Binary(frame.into())).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-        unwritten.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
-        drained.notify_one();
     }
 }
 

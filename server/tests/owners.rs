@@ -175,57 +175,6 @@ fn a_killed_owner_frees_its_replica_and_its_acknowledged_writes_survive() {
     assert_eq!(server_rows(port, dir.path()), ["acknowledged offline"]);
 }
 
-/// A writer sends its writes before their fsync, under its sent mark. SIGKILLed (no clean
-/// close lowers the mark), its replica is reopened by the next process, which fills what the
-/// mark covers past the timeline's end before writing: every write is on the server once,
-/// and the next one is confirmed (a write given an LSN the server holds would be dropped).
-#[test]
-fn a_killed_writer_s_replica_fills_its_sent_mark_and_loses_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (_server, port) = start_on_any_port(&format!("file://{}", dir.path().join("store").display()), &[]);
-    let alice = dir.path().join("alice");
-    let out = run(&mut cli(port, &alice, &["exec", "CREATE TABLE t(v TEXT)"]));
-    assert!(out.status.success(), "{}", text(&out));
-    let mut repl = cli(port, &alice, &["repl"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("repl");
-    let mut stdin = repl.stdin.take().expect("stdin");
-    let mut stdout = repl.stdout.take().expect("stdout");
-    let (mut seen, mut buf) = (String::new(), [0u8; 256]);
-    for i in 0..3 {
-        writeln!(stdin, "INSERT INTO t VALUES ('before {i}');").expect("write");
-        while seen.matches("applied locally").count() <= i {
-            let n = std::io::Read::read(&mut stdout, &mut buf).expect("repl output");
-            assert!(n > 0, "the repl ended: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    }
-    // Sent (before or after their fsyncs): the server holds them before the kill.
-    let want_before: Vec<String> = (0..3).map(|i| format!("before {i}")).collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while server_rows(port, dir.path()) != want_before {
-        assert!(std::time::Instant::now() < deadline, "the server never got the repl's writes");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    repl.kill().expect("SIGKILL the writer");
-    repl.wait().expect("reaped");
-    let sent = std::fs::read_dir(alice.join(DOC).join("sent")).map(|d| d.count()).unwrap_or(0);
-    assert!(sent > 0, "the replica keeps a sent mark");
-
-    let out = run(&mut cli(port, &alice, &["exec", "INSERT INTO t VALUES ('after')"]));
-    assert!(out.status.success(), "{}", text(&out));
-    let mut want = want_before;
-    want.insert(0, "after".into()); // ORDER BY v
-    assert_eq!(server_rows(port, dir.path()), want, "every write once, the one after the kill too");
-    let out = run(&mut cli(port, &alice, &["query", "SELECT v FROM t ORDER BY v"]));
-    assert!(out.status.success(), "{}", text(&out));
-    let mine: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().skip(1).map(str::to_owned).collect();
-    assert_eq!(mine, want, "the killed writer's replica holds the same");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_in_one_process_cannot_both_open_a_replica() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -385,7 +385,7 @@ impl ClientSession {
 
     /// `mutate_group`, sent before its barrier when the replica may (`ClientDocument::
     /// send_before_durable`): the mutations are appended without one, every message then due
-    /// on `id`'s route (its `Mutations` among them) goes to `send` (the driver queues them on
+    /// on `id`'s route (its `Mutations` among them) goes to `send` (a driver queues them on
     /// that connection, in order), and only then are they made durable, so the fsync runs
     /// while they travel. The answers come once they are durable; if that fails, none is
     /// acknowledged, each answer is that error (the server may still apply them, as after a
