@@ -381,12 +381,6 @@ impl<R: Reducer> ClientDocument<R> {
         self.synced_next < self.timeline.range().next()
     }
 
-    /// Whether some pending entries may be sent only once `sync_timeline` made them durable:
-    /// those past the sent mark (`send_before_durable`), or all of them without one.
-    pub fn needs_sync_to_send(&self) -> bool {
-        self.sendable_range().next() < self.pending_range().next()
-    }
-
     /// The pending entries that may be sent up: the durable ones, and those the sent mark
     /// covers.
     pub fn sendable_range(&self) -> LsnRange {

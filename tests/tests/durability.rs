@@ -136,13 +136,7 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
     };
     let mut doc = replica(dir.path());
     assert_eq!(doc.send_before_durable(mark(dir.path())).expect("mark"), 0, "a new replica fills nothing");
-    let mut server = ServerSession::new(Box::new(|d: DocId| {
-        ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))
-    }));
-    let mut session = ClientSession::new("");
-    session.add_document(DOC, doc);
-    server.connect(ConnId(1));
-    session.connected(T0);
+    let (mut session, mut server) = connected(doc);
     let write = |x: i64| pagesync::Mutation {
         client_time_ms: T0,
         seed: x as u64,
@@ -208,12 +202,7 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
     let w = doc.mutate(sql("INSERT INTO t VALUES (4)", vec![]), T0 + 2, 4).expect("write");
     assert_eq!(w.lsn.get(), 3 + pagesync::SEND_AHEAD_LSNS, "past every LSN the server may hold");
 
-    let mut session = ClientSession::new("");
-    session.add_document(DOC, doc);
-    server.disconnect(ConnId(1));
-    server.connect(ConnId(2));
-    session.connected(T0 + 2);
-    exchange(&mut session, &mut server, ConnId(2), T0 + 2);
+    let mut session = reconnected(&mut server, doc);
     let status = session.status(DOC).expect("status");
     assert_eq!((status.pending, status.error), (0, None));
     assert_eq!(session.digest_mismatches(), 0, "a fill's confirmation is not a determinism failure");
@@ -308,13 +297,7 @@ fn a_failed_barrier_after_sending_keeps_the_mark_and_loses_no_later_write() {
     let doc = ClientDocument::open(Box::new(storage.expect("storage")), Box::new(timeline)).expect("replica");
     let mut doc = pagesync_tests::keyed(doc, 2);
     doc.send_before_durable(mark(dir.path())).expect("mark");
-    let mut server = ServerSession::new(Box::new(|d: DocId| {
-        ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))
-    }));
-    let mut session = ClientSession::new("");
-    session.add_document(DOC, doc);
-    server.connect(ConnId(1));
-    session.connected(T0);
+    let (mut session, mut server) = connected(doc);
     exchange(&mut session, &mut server, ConnId(1), T0);
     let m = |x: i64, sql_text: &str| pagesync::Mutation {
         client_time_ms: T0,
@@ -366,18 +349,38 @@ fn a_failed_barrier_after_sending_keeps_the_mark_and_loses_no_later_write() {
     assert!(doc.send_before_durable(mark(dir.path())).expect("mark") > 0, "LSN 3 and on filled");
     let w = doc.mutate(sql("INSERT INTO t VALUES (3)", vec![]), T0 + 2, 3).expect("write");
     assert!(w.lsn.get() > 3, "not the LSN of the write the server holds: {}", w.lsn);
-    let mut session = ClientSession::new("");
-    session.add_document(DOC, doc);
-    server.disconnect(ConnId(1));
-    server.connect(ConnId(2));
-    session.connected(T0 + 2);
-    exchange(&mut session, &mut server, ConnId(2), T0 + 2);
+    let mut session = reconnected(&mut server, doc);
     let doc = session.remove_document(DOC).expect("doc");
     assert_eq!(doc.state(w.lsn).expect("state"), MutationState::Confirmed);
     let want: Vec<Vec<Value>> = (1..=3).map(|x| vec![Value::Integer(x)]).collect();
     assert_eq!(rows(&doc), want, "the sent write applied once, the next one too");
     let theirs = server.document(DOC).expect("open on the server").export().expect("export");
     assert_eq!(doc.export().expect("export"), theirs);
+}
+
+/// A session holding `doc`, connected (at `T0`, as `ConnId(1)`) to a new server over memory
+/// journals.
+fn connected(doc: ClientDocument) -> (ClientSession, ServerSession) {
+    let mut server = ServerSession::new(Box::new(|d: DocId| {
+        ServerDocument::open(memory_journal(u128::from_be_bytes(d.0)))
+    }));
+    let mut session = ClientSession::new("");
+    session.add_document(DOC, doc);
+    server.connect(ConnId(1));
+    session.connected(T0);
+    (session, server)
+}
+
+/// A reopened replica's new session, on a new connection (`ConnId(2)`, at `T0 + 2`) to
+/// `server`, whose old one (`ConnId(1)`) went: synced until both are quiet.
+fn reconnected(server: &mut ServerSession, doc: ClientDocument) -> ClientSession {
+    let mut session = ClientSession::new("");
+    session.add_document(DOC, doc);
+    server.disconnect(ConnId(1));
+    server.connect(ConnId(2));
+    session.connected(T0 + 2);
+    exchange(&mut session, server, ConnId(2), T0 + 2);
+    session
 }
 
 /// Client and server exchange frames until neither has anything to send.
@@ -423,12 +426,7 @@ fn received_entries_torn_off_by_a_power_cut_come_again() {
     assert_eq!(doc.state(l2).expect("state"), MutationState::Pending, "its confirmation was lost");
     assert_eq!(doc.pending_count(), 2);
     assert_eq!(rows(&doc).len(), 3, "the writes are still there, pending again");
-    let mut session = ClientSession::new("");
-    session.add_document(DOC, doc);
-    server.disconnect(ConnId(1));
-    server.connect(ConnId(2));
-    session.connected(T0 + 2);
-    exchange(&mut session, &mut server, ConnId(2), T0 + 2);
+    let mut session = reconnected(&mut server, doc);
     let doc = session.remove_document(DOC).expect("doc");
     assert_eq!(doc.state(l3).expect("state"), MutationState::Confirmed);
     assert_eq!(doc.pending_count(), 0);

@@ -433,16 +433,10 @@ impl ClientSession {
         self.links.values().any(|l| l.doc.needs_sync())
     }
 
-    /// Makes every document's local writes durable (one fsync each that has new ones). The
-    /// first error is returned after every document was tried.
+    /// Makes every document's local writes durable (one fsync each that has new ones), so
+    /// they can be sent. The first error is returned after every document was tried.
     pub fn sync_timelines(&mut self) -> Result<()> {
         self.on_every_replica(ClientDocument::sync_timeline)
-    }
-
-    /// Makes durable the local writes of the documents that may send them only once they are
-    /// (`ClientDocument::needs_sync_to_send`): what a driver calls before it sends.
-    pub fn sync_to_send(&mut self) -> Result<()> {
-        self.on_every_replica(|d| if d.needs_sync_to_send() { d.sync_timeline() } else { Ok(()) })
     }
 
     /// Lowers every replica's sent mark once its writes are durable (a clean close:
