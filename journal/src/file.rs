@@ -761,10 +761,7 @@ impl Journal for FileJournal {
         let h = codec::decode_header(&header).map_err(|e| self.corrupt(&seg.path, lsn, e.to_string()))?;
         let start = out.len();
         // Exactly: a reader may keep the buffer, counted by its length.
-        out.reserve_exact(h.len);
-        out.resize(start + h.len, 0);
-        let read = file
-            .read_exact_at(&mut out[start..], offset + FRAME_HEADER_BYTES as u64)
+        let read = crate::os::append_read_at(file, out, h.len, offset + FRAME_HEADER_BYTES as u64)
             .map_err(read_err())
             .and_then(|()| {
                 codec::verify(&h, lsn, &out[start..]).map_err(|e| self.corrupt(&seg.path, lsn, e.to_string()))

@@ -80,6 +80,37 @@ impl Drop for Mapped {
     }
 }
 
+/// Appends exactly `len` bytes of `file` from `offset` to `out`, read into its spare capacity
+/// (`pread`), not into bytes zeroed first: a server reading a cold start's entries of megabytes
+/// each would otherwise write every byte twice. On an error `out` is as it was.
+pub(crate) fn append_read_at(file: &File, out: &mut Vec<u8>, len: usize, offset: u64) -> std::io::Result<()> {
+    out.reserve_exact(len);
+    let mut done = 0;
+    while done < len {
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|at| libc::off_t::try_from(at).ok())
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let spare = &mut out.spare_capacity_mut()[done..len];
+        // SAFETY: `spare` is `len - done` writable bytes of `out`'s allocation, which `pread`
+        // fills from the start and no one reads before `set_len` below.
+        let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => done += n as usize,
+        }
+    }
+    // SAFETY: the `len` bytes after the old length were all written by `pread` above.
+    unsafe { out.set_len(out.len() + len) };
+    Ok(())
+}
+
 /// Writeback hints waiting for the background thread, at most (each holds a duplicated file
 /// descriptor): past it a hint is dropped.
 #[cfg(target_os = "linux")]

@@ -260,6 +260,27 @@ pub struct PageRun {
     pub offset: u32,
 }
 
+/// A postcard output into a buffer the caller sized (`Message::encode`).
+struct Presized(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Presized {
+    type Output = Vec<u8>;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
 /// Why a frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -271,8 +292,12 @@ pub enum DecodeError {
 }
 
 impl Message {
+    /// The frame, in a buffer allocated once at its exact size: a storage message of many
+    /// megabytes is copied into it once, where a growing buffer would copy it about twice and
+    /// touch twice the fresh memory.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("BUG: messages always serialize")
+        let out = Presized(Vec::with_capacity(self.encoded_len()));
+        postcard::serialize_with_flavor(self, out).expect("BUG: messages always serialize")
     }
 
     /// `encode().len()`, counted without encoding (a walk of the message, no copy of its bytes).
