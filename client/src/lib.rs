@@ -1226,31 +1226,54 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
 
 /// Under `Durability::Normal`, makes local writes durable at least every `NORMAL_SYNC_MS`,
 /// connected or not (the driver also does before it sends them); and the server's entries
-/// replicas received, every `STORAGE_SYNC`.
+/// replicas received, every `STORAGE_SYNC`, with the session's lock let go while the fsyncs
+/// run (`sync_storage_unlocked`).
 async fn sync_timelines(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(pagesync::NORMAL_SYNC_MS as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut storage_synced = Instant::now();
     loop {
         tick.tick().await;
-        let mut session = shared.session();
+        sync_local_writes(&mut shared.session());
         if storage_synced.elapsed() >= STORAGE_SYNC {
             storage_synced = Instant::now();
-            sync_replicas(&mut session);
-        } else {
-            sync_local_writes(&mut session);
+            sync_storage_unlocked(&shared).await;
         }
     }
 }
 
 /// How often the entries a replica received from the server are made durable (one fsync for
-/// all of them, under the session's lock). Not at every `NORMAL_SYNC_MS`: the server holds them,
-/// so a power cut that takes the newest back costs a download of at most this much again, and
-/// a download is not held up by a flush of what it wrote every tenth of a second.
+/// all of them). Not at every `NORMAL_SYNC_MS`: the server holds them, so a power cut that
+/// takes the newest back costs a download of at most this much again, and a download is not
+/// held up by a flush of what it wrote every tenth of a second.
 const STORAGE_SYNC: Duration = Duration::from_secs(1);
 
+/// Makes the server's entries every replica received durable, waiting for the disk on a
+/// blocking thread with the session's lock let go: an fsync of a second's entries takes
+/// milliseconds (more after a download), and a query, a write or an arriving frame would
+/// otherwise wait behind it. A failure is logged, and the replica's journal refuses writes
+/// until it is opened again, as when `sync_storage` fails.
+async fn sync_storage_unlocked(shared: &Arc<Shared>) {
+    let (detached, taken) = shared.session().detach_storage_syncs();
+    if let Err(e) = taken {
+        tracing::warn!("making received entries durable failed: {e}");
+    }
+    if detached.is_empty() {
+        return;
+    }
+    let run = move || detached.into_iter().map(|(id, sync)| (id, sync.run(), sync)).collect::<Vec<_>>();
+    let Ok(done) = tokio::task::spawn_blocking(run).await else {
+        return; // the runtime is shutting down: the close syncs under the lock
+    };
+    let done = done.into_iter().map(|(id, outcome, sync)| (id, sync, outcome));
+    if let Err(e) = shared.session().finish_storage_syncs(done) {
+        tracing::warn!("making received entries durable failed: {e}");
+    }
+}
+
 /// Makes every replica durable: its local writes (`sync_local_writes`) and the server's
-/// entries it received. For the ticker and the close, not for every turn of the driver.
+/// entries it received, under the lock. For the close (the ticker lets go of the lock:
+/// `sync_storage_unlocked`), not for every turn of the driver.
 fn sync_replicas(session: &mut ClientSession) {
     sync_local_writes(session);
     if let Err(e) = session.sync_storage() {

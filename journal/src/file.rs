@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::codec::{self, FRAME_HEADER_BYTES};
 use crate::os::Mapped;
-use crate::{Journal, JournalError, JournalId, Lsn, LsnRange, Result};
+use crate::{DetachedSync, Journal, JournalError, JournalId, Lsn, LsnRange, Result};
 
 const MARKER_FILE: &str = "JOURNAL";
 const MARKER_TMP: &str = "JOURNAL.tmp";
@@ -165,6 +165,9 @@ pub struct FileJournal {
     range: LsnRange,
     /// Set when an fsync failed: appends are refused until the journal is reopened.
     poisoned: bool,
+    /// Tells this journal's detached barriers from another's (`Journal::detach_sync`): unique
+    /// in the process.
+    instance: u64,
     /// What opening found to repair (done, unless read-only): torn tails, leftover files.
     repairs: Vec<String>,
 }
@@ -172,6 +175,12 @@ pub struct FileJournal {
 fn io_err(id: JournalId, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
     let path = path.to_path_buf();
     move |error| JournalError::Io { journal: id, op, path, error }
+}
+
+/// A number no other `FileJournal` of this process has (`FileJournal::instance`).
+fn next_instance() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn segment_name(first: Lsn) -> String {
@@ -259,6 +268,7 @@ impl FileJournal {
             segments: Vec::new(),
             range: LsnRange::new_empty(),
             poisoned: false,
+            instance: next_instance(),
             repairs: Vec::new(),
         })
     }
@@ -274,6 +284,7 @@ impl FileJournal {
             segments: Vec::new(),
             range: LsnRange::empty_at(Lsn::new(trimmed_through + 1).expect("BUG: n + 1 > 0")),
             poisoned: false,
+            instance: next_instance(),
             repairs: Vec::new(),
         };
         journal.load_segments(trimmed_through)?;
@@ -307,6 +318,27 @@ impl FileJournal {
     }
 
     /// Appends and trims are refused read-only, and after a failed fsync until reopened.
+    /// After a failed fsync of the last segment: cuts it to what is known to be on disk (a
+    /// reopen must not read what may not be; see the crash model), and refuses every later
+    /// call until the journal is reopened from what is.
+    fn failed_sync(&mut self, e: std::io::Error) -> JournalError {
+        let id = self.id;
+        let seg = self.segments.last_mut().expect("BUG: a failed fsync was of a segment");
+        let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(seg.synced_bytes));
+        let synced = seg.synced_bytes;
+        seg.offsets.retain(|at| *at < synced);
+        seg.len_bytes = synced;
+        let err = io_err(id, "fsync", &seg.path)(e);
+        let next = seg.next();
+        // Only what is on disk stays readable (nothing can be written until a reopen).
+        self.range = match next.prev().filter(|last| *last >= self.range.first()) {
+            Some(last) => LsnRange::inclusive(self.range.first(), last),
+            None => LsnRange::empty_at(self.range.first()),
+        };
+        self.poisoned = true;
+        err
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.opts.read_only {
             let message = format!("{} was opened read-only", self.dir.display());
@@ -626,29 +658,44 @@ impl Journal for FileJournal {
 
     fn sync(&mut self) -> Result<()> {
         self.check_writable()?;
-        let id = self.id;
         let Some(seg) = self.segments.last_mut().filter(|s| s.synced_bytes < s.len_bytes) else {
             return Ok(());
         };
         if let Err(e) = seg.file.get(&seg.path).and_then(|f| f.sync_data()) {
-            // See the crash model: a reopen must not read what may not be on disk. Every
-            // later call fails until the journal is reopened from what is.
-            let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(seg.synced_bytes));
-            let synced = seg.synced_bytes;
-            seg.offsets.retain(|at| *at < synced);
-            seg.len_bytes = synced;
-            let err = io_err(id, "fsync", &seg.path)(e);
-            let next = seg.next();
-            // Only what is on disk stays readable (nothing can be written until a reopen).
-            self.range = match next.prev().filter(|last| *last >= self.range.first()) {
-                Some(last) => LsnRange::inclusive(self.range.first(), last),
-                None => LsnRange::empty_at(self.range.first()),
-            };
-            self.poisoned = true;
-            return Err(err);
+            return Err(self.failed_sync(e));
         }
         seg.synced_bytes = seg.len_bytes;
         Ok(())
+    }
+
+    fn detach_sync(&mut self) -> Result<Option<DetachedSync>> {
+        self.check_writable()?;
+        let Some(seg) = self.segments.last().filter(|s| s.synced_bytes < s.len_bytes) else {
+            return Ok(None);
+        };
+        // Opened again, not duplicated: see `DetachedSync`. An error not yet reported to
+        // anyone is reported to a file opened after it, too.
+        let file = File::open(&seg.path).map_err(io_err(self.id, "open", &seg.path))?;
+        Ok(Some(DetachedSync { file, owner: self.instance, segment: seg.first, len_bytes: seg.len_bytes }))
+    }
+
+    fn finish_detached_sync(&mut self, sync: DetachedSync, outcome: std::io::Result<()>) -> Result<()> {
+        if sync.owner != self.instance || self.poisoned {
+            return Ok(());
+        }
+        // A roll to a newer segment synced this one first; so did a `sync` since.
+        let Some(seg) = self.segments.last_mut().filter(|s| s.first == sync.segment) else {
+            return Ok(());
+        };
+        match outcome {
+            Ok(()) => {
+                seg.synced_bytes = seg.synced_bytes.max(sync.len_bytes.min(seg.len_bytes));
+                Ok(())
+            }
+            // What `sync` made durable since stays: its own fsync would have failed too, had
+            // the failure come before it.
+            Err(e) => Err(self.failed_sync(e)),
+        }
     }
 
     fn is_synced(&self) -> bool {

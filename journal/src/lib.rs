@@ -47,6 +47,29 @@ pub use object::{ObjectBackend, ObjectInfo, ObjectJournal, ObjectStats, StorePro
 #[cfg(unix)]
 pub use os::{map_large_allocations, release_free_memory};
 
+/// A journal's barrier taken out of it (`Journal::detach_sync`): an fsync of the file its
+/// newest entries are in, through a descriptor of its own. Of its own, not a duplicate: the
+/// kernel reports a failed write-back once to each open file, so neither the journal's own
+/// `sync` nor this one can take the other's error.
+#[derive(Debug)]
+pub struct DetachedSync {
+    file: std::fs::File,
+    /// Which journal, and which of its files, up to which byte.
+    #[cfg_attr(not(unix), allow(dead_code))]
+    owner: u64,
+    #[cfg_attr(not(unix), allow(dead_code))]
+    segment: Lsn,
+    #[cfg_attr(not(unix), allow(dead_code))]
+    len_bytes: u64,
+}
+
+impl DetachedSync {
+    /// Waits for the entries' bytes to be on disk. Blocking; needs no journal.
+    pub fn run(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
 /// `Send` on native targets, nothing on wasm32, where a journal may hold browser handles
 /// (`JsValue`s are not `Send`) and everything runs on one thread anyway. A supertrait of
 /// [`Journal`], so `Box<dyn Journal>` is `Send` exactly where threads exist.
@@ -92,6 +115,22 @@ pub trait Journal: MaybeSend {
     /// Whether every entry appended so far is durable: no `sync` is pending.
     fn is_synced(&self) -> bool {
         true
+    }
+
+    /// `sync`, split so that its wait runs without the journal: returns the barrier for every
+    /// entry appended so far, for the caller to `run` on any thread (a replica's storage,
+    /// flushed every second, while its readers and writers go on), and to hand back with its
+    /// outcome to `finish_detached_sync`. `None` when nothing is pending, or when the backend
+    /// made its entries durable here (the default: it calls `sync`).
+    fn detach_sync(&mut self) -> Result<Option<DetachedSync>> {
+        self.sync().map(|()| None)
+    }
+
+    /// Records the outcome of a barrier from `detach_sync`: on success its entries are
+    /// durable; on failure the journal acts as when `sync` fails (and returns that error).
+    fn finish_detached_sync(&mut self, sync: DetachedSync, outcome: std::io::Result<()>) -> Result<()> {
+        let _ = (sync, outcome);
+        Ok(())
     }
 
     /// Whether `read_part` copies out of a memory map of the backend's files, with no system

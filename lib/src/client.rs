@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use pagesync_journal::{Journal, Lsn, LsnRange};
+use pagesync_journal::{DetachedSync, Journal, Lsn, LsnRange};
 
 use crate::db::Database;
 use crate::error::{Error, Result};
@@ -361,6 +361,25 @@ impl<R: Reducer> ClientDocument<R> {
     /// timeline. It also takes a checkpoint trim that was put off (`trim_if_due`).
     pub fn sync_storage(&mut self) -> Result<()> {
         self.db.store().sync()?;
+        self.trim_if_due()
+    }
+
+    /// `sync_storage` in two halves, so that its wait holds nothing: the barrier for what was
+    /// received so far (`Journal::detach_sync`; `None` when nothing waits, or when the
+    /// backend made it durable here), to `run` anywhere and hand back to
+    /// `finish_storage_sync`.
+    pub fn detach_storage_sync(&mut self) -> Result<Option<DetachedSync>> {
+        let detached = self.db.store().detach_sync()?;
+        if detached.is_none() {
+            self.trim_if_due()?;
+        }
+        Ok(detached)
+    }
+
+    /// The outcome of a barrier from `detach_storage_sync`, then a trim if one waits (which
+    /// syncs only what was received meanwhile).
+    pub fn finish_storage_sync(&mut self, sync: DetachedSync, outcome: std::io::Result<()>) -> Result<()> {
+        self.db.store().finish_detached_sync(sync, outcome)?;
         self.trim_if_due()
     }
 

@@ -324,6 +324,20 @@ impl PageStore {
         Ok(self.journal.sync()?)
     }
 
+    /// `sync`, whose wait runs without the store (`Journal::detach_sync`).
+    pub fn detach_sync(&mut self) -> Result<Option<crate::journal::DetachedSync>, StoreError> {
+        Ok(self.journal.detach_sync()?)
+    }
+
+    /// The outcome of a barrier from `detach_sync` (`Journal::finish_detached_sync`).
+    pub fn finish_detached_sync(
+        &mut self,
+        sync: crate::journal::DetachedSync,
+        outcome: std::io::Result<()>,
+    ) -> Result<(), StoreError> {
+        Ok(self.journal.finish_detached_sync(sync, outcome)?)
+    }
+
     /// Committed pages.
     pub fn page_count(&self) -> u32 {
         self.page_count

@@ -808,6 +808,18 @@ impl Journal for Leased {
         self.inner.sync()
     }
 
+    fn detach_sync(&mut self) -> pagesync::journal::Result<Option<pagesync::journal::DetachedSync>> {
+        self.inner.detach_sync()
+    }
+
+    fn finish_detached_sync(
+        &mut self,
+        sync: pagesync::journal::DetachedSync,
+        outcome: std::io::Result<()>,
+    ) -> pagesync::journal::Result<()> {
+        self.inner.finish_detached_sync(sync, outcome)
+    }
+
     fn is_synced(&self) -> bool {
         self.inner.is_synced()
     }

@@ -436,6 +436,62 @@ fn received_entries_torn_off_by_a_power_cut_come_again() {
     assert_eq!(doc.export().expect("export"), theirs, "the replica holds the server's pages");
 }
 
+/// The storage barrier a client runs with its session's lock let go
+/// (`ClientSession::detach_storage_syncs`): while it is out the session writes, receives and
+/// answers queries; once it is back, what was received before it survives a power cut, what
+/// came after may be torn off and comes again, and nothing is lost or applied twice.
+#[test]
+fn a_storage_barrier_run_without_the_session_covers_what_was_received_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut session, mut server) = connected(replica(dir.path()));
+    let write = |session: &mut ClientSession, x: i64| {
+        let body = sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]);
+        session.mutate(DOC, body, T0, x as u64).expect("write").lsn
+    };
+    session.mutate(DOC, sql("CREATE TABLE t(x INTEGER)", vec![]), T0, 1).expect("ddl");
+    let l1 = write(&mut session, 1);
+    exchange(&mut session, &mut server, ConnId(1), T0);
+    let storage = segment_of(dir.path(), "storage");
+    let received_len = std::fs::metadata(&storage).expect("stat").len();
+
+    let (detached, taken) = session.detach_storage_syncs();
+    taken.expect("detach");
+    assert_eq!(detached.len(), 1, "one replica received entries since its last barrier");
+    // The barrier is out: the session goes on.
+    let l2 = write(&mut session, 2);
+    exchange(&mut session, &mut server, ConnId(1), T0 + 1);
+    let doc = session.document(DOC).expect("open");
+    assert_eq!(rows(doc).len(), 2);
+    assert_eq!(doc.state(l2).expect("state"), MutationState::Confirmed);
+    let len = std::fs::metadata(&storage).expect("stat").len();
+    assert!(len > received_len + 64, "the later confirmation reached the file unsynced ({len} bytes)");
+    let done: Vec<_> = detached.into_iter().map(|(id, sync)| (id, sync.run(), sync)).collect();
+    session
+        .finish_storage_syncs(done.into_iter().map(|(id, outcome, sync)| (id, sync, outcome)))
+        .expect("finish");
+    let (after, taken) = session.detach_storage_syncs();
+    taken.expect("detach");
+    assert_eq!(after.len(), 1, "what was received while the barrier was out still waits for one");
+
+    // Power cut: what came after the barrier is torn part way; no clean close.
+    let doc = session.remove_document(DOC).expect("doc");
+    std::mem::forget(doc);
+    let f = std::fs::OpenOptions::new().write(true).open(&storage).expect("open");
+    f.set_len(received_len + (len - received_len) / 3).expect("cut");
+    drop(f);
+
+    let doc = replica(dir.path());
+    assert_eq!(doc.state(l1).expect("state"), MutationState::Confirmed, "received before the barrier");
+    assert_eq!(doc.state(l2).expect("state"), MutationState::Pending, "its confirmation came after");
+    let mut session = reconnected(&mut server, doc);
+    let doc = session.remove_document(DOC).expect("doc");
+    assert_eq!(doc.pending_count(), 0);
+    let want: Vec<Vec<Value>> = (1..=2).map(|x| vec![Value::Integer(x)]).collect();
+    assert_eq!(rows(&doc), want, "every write once");
+    let theirs = server.document(DOC).expect("open on the server").export().expect("export");
+    assert_eq!(doc.export().expect("export"), theirs, "the replica holds the server's pages");
+}
+
 /// A new replica's download (a checkpoint of several parts, on real files) dies with the
 /// process part-way. Reopened from its files, the replica keeps every entry it had written,
 /// asks for the rest only, and ends byte-identical to the server: nothing is fetched twice.

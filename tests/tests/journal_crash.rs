@@ -272,3 +272,47 @@ fn the_newest_entry_can_be_taken_back() {
     drop(j);
     assert_prefix(&FileJournal::open(&dir, opts()).expect("reopen"), ENTRIES);
 }
+
+/// A barrier run away from the journal (`detach_sync`): it covers what was appended before
+/// it was taken, not what came after; a roll or a `sync` meanwhile leaves nothing to record;
+/// another journal's barrier changes nothing; and a failed one acts as a failed `sync`: the
+/// journal keeps only what an fsync confirmed, refuses writes, and a reopen finds just that.
+#[test]
+fn a_detached_sync_covers_what_came_before_it_and_a_failed_one_keeps_only_what_is_on_disk() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("j");
+    let big = FileJournalOptions { max_segment_bytes: 1 << 20, ..FileJournalOptions::default() };
+    let mut j = FileJournal::create(&dir, ID, big.clone()).expect("create");
+    assert!(j.detach_sync().expect("detach").is_none(), "nothing waits");
+    j.append(&small_payload(1)).expect("durable append");
+    j.append_batch_unsynced(&[&small_payload(2)]).expect("append");
+    let first = j.detach_sync().expect("detach").expect("entry 2 waits");
+    j.append_batch_unsynced(&[&small_payload(3)]).expect("append during the barrier");
+    first.run().expect("fsync");
+    j.finish_detached_sync(first, Ok(())).expect("finish");
+    assert!(!j.is_synced(), "entry 3 came after the barrier was taken");
+    let second = j.detach_sync().expect("detach").expect("entry 3 waits");
+    j.sync().expect("a sync meanwhile");
+    j.finish_detached_sync(second, Ok(())).expect("finish after a sync");
+    assert!(j.is_synced());
+
+    // Another journal's barrier (one closed and opened again) records nothing here.
+    j.append_batch_unsynced(&[&small_payload(4)]).expect("append");
+    let stale = j.detach_sync().expect("detach").expect("entry 4 waits");
+    drop(j);
+    let mut j = FileJournal::open(&dir, big.clone()).expect("reopen");
+    j.append_batch_unsynced(&[&small_payload(5)]).expect("append");
+    j.finish_detached_sync(stale, Err(std::io::Error::other("not this journal's"))).expect("ignored");
+    j.sync().expect("still writable");
+
+    // A failed barrier: what it covered is cut, and the journal refuses writes.
+    j.append_batch_unsynced(&[&small_payload(6), &small_payload(7)]).expect("append");
+    let failing = j.detach_sync().expect("detach").expect("entries 6 and 7 wait");
+    let err = j.finish_detached_sync(failing, Err(std::io::Error::other("injected: the disk failed")));
+    assert!(matches!(err, Err(JournalError::Io { op: "fsync", .. })), "{err:?}");
+    assert_prefix(&j, 5);
+    assert!(matches!(j.append(&small_payload(6)), Err(JournalError::Poisoned { .. })));
+    drop(j);
+    let j = FileJournal::open(&dir, big).expect("reopen");
+    assert_prefix(&j, 5);
+}

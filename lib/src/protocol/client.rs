@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use pagesync_journal::{Lsn, LsnRange};
+use pagesync_journal::{DetachedSync, Lsn, LsnRange};
 
 use super::window::{SendWindow, round_robin};
 use super::{
@@ -448,6 +448,41 @@ impl ClientSession {
     /// Makes the server's entries every replica received durable (`ClientDocument::sync_storage`).
     pub fn sync_storage(&mut self) -> Result<()> {
         self.on_every_replica(ClientDocument::sync_storage)
+    }
+
+    /// `sync_storage` in two halves, so that its waits hold nothing (not this session): the
+    /// barriers of every replica that has received entries since its last, each to `run`
+    /// on any thread and hand back to `finish_storage_syncs`. Replicas whose backend made
+    /// them durable here are done. The first error is returned after every one was tried.
+    pub fn detach_storage_syncs(&mut self) -> (Vec<(DocId, DetachedSync)>, Result<()>) {
+        let (mut detached, mut first_error) = (Vec::new(), None);
+        for (id, l) in &mut self.links {
+            match l.doc.detach_storage_sync() {
+                Ok(Some(sync)) => detached.push((*id, sync)),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        (detached, first_error.map_or(Ok(()), Err))
+    }
+
+    /// The outcomes of barriers from `detach_storage_syncs`. A replica closed meanwhile is
+    /// skipped: its close made it durable itself. The first error is returned after every
+    /// one was recorded.
+    pub fn finish_storage_syncs(
+        &mut self,
+        done: impl IntoIterator<Item = (DocId, DetachedSync, std::io::Result<()>)>,
+    ) -> Result<()> {
+        let mut first_error = None;
+        for (id, sync, outcome) in done {
+            let Some(l) = self.links.get_mut(&id) else { continue };
+            if let Err(e) = l.doc.finish_storage_sync(sync, outcome) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Runs `f` on every replica; the first error is returned after every one was tried.
