@@ -1225,20 +1225,28 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
 }
 
 /// Under `Durability::Normal`, makes local writes durable at least every `NORMAL_SYNC_MS`,
-/// connected or not (the driver also does before it sends them); and the server's entries
-/// replicas received, every `STORAGE_SYNC`, with the session's lock let go while the fsyncs
-/// run (`sync_storage_unlocked`).
+/// connected or not (the driver also does before it sends them); and, in a task of its own
+/// (so a slow flush of a download holds up no local write), the server's entries replicas
+/// received, every `STORAGE_SYNC`.
 async fn sync_timelines(shared: Arc<Shared>) {
+    let _received = AbortOnDrop(tokio::spawn(sync_received(shared.clone())));
     let mut tick = tokio::time::interval(Duration::from_millis(pagesync::NORMAL_SYNC_MS as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut storage_synced = Instant::now();
     loop {
         tick.tick().await;
         sync_local_writes(&mut shared.session());
-        if storage_synced.elapsed() >= STORAGE_SYNC {
-            storage_synced = Instant::now();
-            sync_storage_unlocked(&shared).await;
-        }
+    }
+}
+
+/// Makes the server's entries replicas received durable every `STORAGE_SYNC`, with the
+/// session's lock let go while the fsyncs run (`sync_storage_unlocked`).
+async fn sync_received(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(STORAGE_SYNC);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is at once
+    loop {
+        tick.tick().await;
+        sync_storage_unlocked(&shared).await;
     }
 }
 
@@ -1392,7 +1400,8 @@ async fn read_history(
     }
 }
 
-/// Aborts a task when dropped: a connection's reader ends with the connection.
+/// Aborts a task when dropped: a connection's reader ends with the connection, and the
+/// received entries' syncer with the ticker (`sync_timelines`).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

@@ -168,6 +168,9 @@ pub struct FileJournal {
     /// Tells this journal's detached barriers from another's (`Journal::detach_sync`): unique
     /// in the process.
     instance: u64,
+    /// Entries taken back (`remove_last`): a barrier detached before a cut may have run
+    /// before the bytes written in its place, so it records nothing.
+    cuts: u64,
     /// What opening found to repair (done, unless read-only): torn tails, leftover files.
     repairs: Vec<String>,
 }
@@ -269,6 +272,7 @@ impl FileJournal {
             range: LsnRange::new_empty(),
             poisoned: false,
             instance: next_instance(),
+            cuts: 0,
             repairs: Vec::new(),
         })
     }
@@ -285,6 +289,7 @@ impl FileJournal {
             range: LsnRange::empty_at(Lsn::new(trimmed_through + 1).expect("BUG: n + 1 > 0")),
             poisoned: false,
             instance: next_instance(),
+            cuts: 0,
             repairs: Vec::new(),
         };
         journal.load_segments(trimmed_through)?;
@@ -317,7 +322,6 @@ impl FileJournal {
         &self.repairs
     }
 
-    /// Appends and trims are refused read-only, and after a failed fsync until reopened.
     /// After a failed fsync of the last segment: cuts it to what is known to be on disk (a
     /// reopen must not read what may not be; see the crash model), and refuses every later
     /// call until the journal is reopened from what is.
@@ -339,6 +343,7 @@ impl FileJournal {
         err
     }
 
+    /// Appends and trims are refused read-only, and after a failed fsync until reopened.
     fn check_writable(&self) -> Result<()> {
         if self.opts.read_only {
             let message = format!("{} was opened read-only", self.dir.display());
@@ -676,11 +681,12 @@ impl Journal for FileJournal {
         // Opened again, not duplicated: see `DetachedSync`. An error not yet reported to
         // anyone is reported to a file opened after it, too.
         let file = File::open(&seg.path).map_err(io_err(self.id, "open", &seg.path))?;
-        Ok(Some(DetachedSync { file, owner: self.instance, segment: seg.first, len_bytes: seg.len_bytes }))
+        let owner = (self.instance, self.cuts);
+        Ok(Some(DetachedSync { file, owner, segment: seg.first, len_bytes: seg.len_bytes }))
     }
 
     fn finish_detached_sync(&mut self, sync: DetachedSync, outcome: std::io::Result<()>) -> Result<()> {
-        if sync.owner != self.instance || self.poisoned {
+        if sync.owner != (self.instance, self.cuts) || self.poisoned {
             return Ok(());
         }
         // A roll to a newer segment synced this one first; so did a `sync` since.
@@ -718,6 +724,7 @@ impl Journal for FileJournal {
         }
         let id = self.id;
         let Some(last) = self.range.last() else { return Ok(()) };
+        self.cuts += 1;
         let seg = self.segments.last_mut().expect("BUG: a journal with entries has a segment");
         let Some(at) = seg.offsets.pop() else {
             let message = format!("entry {last} is not in the last segment");

@@ -54,9 +54,10 @@ pub use os::{map_large_allocations, release_free_memory};
 #[derive(Debug)]
 pub struct DetachedSync {
     file: std::fs::File,
-    /// Which journal, and which of its files, up to which byte.
+    /// Which journal (and how many entries it had taken back), which of its files, up to
+    /// which byte.
     #[cfg_attr(not(unix), allow(dead_code))]
-    owner: u64,
+    owner: (u64, u64),
     #[cfg_attr(not(unix), allow(dead_code))]
     segment: Lsn,
     #[cfg_attr(not(unix), allow(dead_code))]

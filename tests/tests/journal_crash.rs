@@ -274,7 +274,7 @@ fn the_newest_entry_can_be_taken_back() {
 }
 
 /// A barrier run away from the journal (`detach_sync`): it covers what was appended before
-/// it was taken, not what came after; a roll or a `sync` meanwhile leaves nothing to record;
+/// it was taken, not what came after; a roll, a `sync` or a cut meanwhile leaves nothing to record;
 /// another journal's barrier changes nothing; and a failed one acts as a failed `sync`: the
 /// journal keeps only what an fsync confirmed, refuses writes, and a reopen finds just that.
 #[test]
@@ -295,6 +295,16 @@ fn a_detached_sync_covers_what_came_before_it_and_a_failed_one_keeps_only_what_i
     j.sync().expect("a sync meanwhile");
     j.finish_detached_sync(second, Ok(())).expect("finish after a sync");
     assert!(j.is_synced());
+
+    // An entry taken back after the barrier was taken: what is written in its place may have
+    // come after the fsync, so the barrier records nothing.
+    j.append_batch_unsynced(&[&small_payload(9)]).expect("append");
+    let cut = j.detach_sync().expect("detach").expect("entry 4 waits");
+    j.remove_last().expect("take entry 4 back");
+    j.append_batch_unsynced(&[&small_payload(99)]).expect("append in its place");
+    j.finish_detached_sync(cut, Ok(())).expect("finish after a cut");
+    assert!(!j.is_synced(), "the entry in its place came after the barrier");
+    j.remove_last().expect("take it back too");
 
     // Another journal's barrier (one closed and opened again) records nothing here.
     j.append_batch_unsynced(&[&small_payload(4)]).expect("append");
