@@ -171,6 +171,12 @@ pub struct FileJournal {
     /// Entries taken back (`remove_last`): a barrier detached before a cut may have run
     /// before the bytes written in its place, so it records nothing.
     cuts: u64,
+    /// The descriptor detached barriers fsync through (cloned for each), with the first LSN
+    /// of the segment it is of: opened at the first `detach_sync`, and again at each roll
+    /// after that, before the new segment is written. Opened once, not for each barrier: a
+    /// write-back error is reported to every file open when it happens, but to one opened
+    /// later only if nobody has seen it yet.
+    barrier: Option<(Lsn, File)>,
     /// What opening found to repair (done, unless read-only): torn tails, leftover files.
     repairs: Vec<String>,
 }
@@ -273,6 +279,7 @@ impl FileJournal {
             poisoned: false,
             instance: next_instance(),
             cuts: 0,
+            barrier: None,
             repairs: Vec::new(),
         })
     }
@@ -290,6 +297,7 @@ impl FileJournal {
             poisoned: false,
             instance: next_instance(),
             cuts: 0,
+            barrier: None,
             repairs: Vec::new(),
         };
         journal.load_segments(trimmed_through)?;
@@ -341,6 +349,16 @@ impl FileJournal {
         };
         self.poisoned = true;
         err
+    }
+
+    /// A clone of the last segment's barrier descriptor (`barrier`), opened first if it is
+    /// not of that segment.
+    fn barrier_file(&mut self) -> std::io::Result<File> {
+        let seg = self.segments.last().expect("BUG: a barrier is of a segment");
+        if self.barrier.as_ref().is_none_or(|(first, _)| *first != seg.first) {
+            self.barrier = Some((seg.first, File::open(&seg.path)?));
+        }
+        self.barrier.as_ref().expect("BUG: just opened").1.try_clone()
     }
 
     /// Appends and trims are refused read-only, and after a failed fsync until reopened.
@@ -541,6 +559,10 @@ impl FileJournal {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
+        // Detached barriers are in use: theirs is opened before anything is written here.
+        if self.barrier.is_some() {
+            self.barrier = File::open(&path).ok().map(|f| (first, f));
+        }
         let len_bytes = SEGMENT_HEADER_BYTES as u64;
         let file = SegFile::new(Some(file), true);
         self.segments.push(Segment {
@@ -678,29 +700,41 @@ impl Journal for FileJournal {
         let Some(seg) = self.segments.last().filter(|s| s.synced_bytes < s.len_bytes) else {
             return Ok(None);
         };
-        // Opened again, not duplicated: see `DetachedSync`. An error not yet reported to
-        // anyone is reported to a file opened after it, too.
-        let file = File::open(&seg.path).map_err(io_err(self.id, "open", &seg.path))?;
+        let (first, len_bytes) = (seg.first, seg.len_bytes);
+        let file = match self.barrier_file() {
+            Ok(file) => file,
+            // No descriptor to be had (out of them, say): the barrier runs here.
+            Err(_) => return self.sync().map(|()| None),
+        };
         let owner = (self.instance, self.cuts);
-        Ok(Some(DetachedSync { file, owner, segment: seg.first, len_bytes: seg.len_bytes }))
+        Ok(Some(DetachedSync { file, owner, segment: first, len_bytes }))
     }
 
     fn finish_detached_sync(&mut self, sync: DetachedSync, outcome: std::io::Result<()>) -> Result<()> {
-        if sync.owner != (self.instance, self.cuts) || self.poisoned {
+        if sync.owner.0 != self.instance {
+            // An earlier opening's barrier: this one read its files from what the system
+            // held, so a failure is said, not kept quiet (a reopen is what recovers).
+            return outcome.map_err(|e| JournalError::Backend {
+                journal: self.id,
+                message: format!("an fsync of this journal before it was opened again failed: {e}"),
+            });
+        }
+        if self.poisoned {
             return Ok(());
         }
-        // A roll to a newer segment synced this one first; so did a `sync` since.
-        let Some(seg) = self.segments.last_mut().filter(|s| s.first == sync.segment) else {
-            return Ok(());
-        };
+        let seg = self.segments.last_mut().expect("BUG: a barrier was detached from a segment");
         match outcome {
+            // Whatever was cut or rolled since: the error was this barrier's to report (no
+            // barrier opened later would see it). The journal's own fsyncs since stand: had
+            // the failure come before one, it would have failed too.
+            Err(e) => Err(self.failed_sync(e)),
+            // A roll synced the segment first; a cut may have put bytes after the fsync in
+            // place of those it covered.
+            Ok(()) if seg.first != sync.segment || sync.owner.1 != self.cuts => Ok(()),
             Ok(()) => {
                 seg.synced_bytes = seg.synced_bytes.max(sync.len_bytes.min(seg.len_bytes));
                 Ok(())
             }
-            // What `sync` made durable since stays: its own fsync would have failed too, had
-            // the failure come before it.
-            Err(e) => Err(self.failed_sync(e)),
         }
     }
 

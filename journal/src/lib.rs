@@ -48,9 +48,10 @@ pub use object::{ObjectBackend, ObjectInfo, ObjectJournal, ObjectStats, StorePro
 pub use os::{map_large_allocations, release_free_memory};
 
 /// A journal's barrier taken out of it (`Journal::detach_sync`): an fsync of the file its
-/// newest entries are in, through a descriptor of its own. Of its own, not a duplicate: the
-/// kernel reports a failed write-back once to each open file, so neither the journal's own
-/// `sync` nor this one can take the other's error.
+/// newest entries are in, through a descriptor of the journal's barriers, opened apart from
+/// the journal's own: Linux reports a failed write-back to every file open when it happens
+/// (since 4.13), so neither the journal's own `sync` nor a barrier can take the other's
+/// error. A failed barrier fails its journal as a failed `sync` does.
 #[derive(Debug)]
 pub struct DetachedSync {
     file: std::fs::File,

@@ -1,5 +1,6 @@
 //! The crate's one unsafe module: the system calls std does not wrap (`mmap`,
-//! `sync_file_range`, `mallopt`).
+//! `sync_file_range`, `mallopt`), and a `pread` into a buffer's spare capacity
+//! (`append_read_at`), which std's `read_exact_at` cannot do.
 //!
 //! `Mapped`, a read-only memory map of a segment file: a page read from a replica's storage
 //! journal (`FileJournalOptions::map_reads`) becomes one copy out of the page cache instead of
@@ -87,14 +88,19 @@ pub(crate) fn append_read_at(file: &File, out: &mut Vec<u8>, len: usize, offset:
     out.reserve_exact(len);
     let mut done = 0;
     while done < len {
+        // 64-bit offsets on 32-bit Linux too (as std's `read_exact_at`).
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        use libc::{off_t as Offset, pread};
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        use libc::{off64_t as Offset, pread64 as pread};
         let at = offset
             .checked_add(done as u64)
-            .and_then(|at| libc::off_t::try_from(at).ok())
+            .and_then(|at| Offset::try_from(at).ok())
             .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         let spare = &mut out.spare_capacity_mut()[done..len];
         // SAFETY: `spare` is `len - done` writable bytes of `out`'s allocation, which `pread`
         // fills from the start and no one reads before `set_len` below.
-        let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
+        let n = unsafe { pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
         match n {
             0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             n if n < 0 => {

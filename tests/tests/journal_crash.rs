@@ -274,9 +274,10 @@ fn the_newest_entry_can_be_taken_back() {
 }
 
 /// A barrier run away from the journal (`detach_sync`): it covers what was appended before
-/// it was taken, not what came after; a roll, a `sync` or a cut meanwhile leaves nothing to record;
-/// another journal's barrier changes nothing; and a failed one acts as a failed `sync`: the
-/// journal keeps only what an fsync confirmed, refuses writes, and a reopen finds just that.
+/// it was taken, not what came after; a `sync`, a roll or a cut meanwhile leaves it nothing
+/// to record; and a failed one acts as a failed `sync` (whatever came meanwhile): the journal
+/// keeps only what an fsync confirmed, refuses writes, and a reopen finds just that. A failed
+/// barrier of an earlier opening is said, not kept quiet.
 #[test]
 fn a_detached_sync_covers_what_came_before_it_and_a_failed_one_keeps_only_what_is_on_disk() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -287,42 +288,78 @@ fn a_detached_sync_covers_what_came_before_it_and_a_failed_one_keeps_only_what_i
     j.append(&small_payload(1)).expect("durable append");
     j.append_batch_unsynced(&[&small_payload(2)]).expect("append");
     let first = j.detach_sync().expect("detach").expect("entry 2 waits");
-    j.append_batch_unsynced(&[&small_payload(3)]).expect("append during the barrier");
     first.run().expect("fsync");
     j.finish_detached_sync(first, Ok(())).expect("finish");
-    assert!(!j.is_synced(), "entry 3 came after the barrier was taken");
+    assert!(j.is_synced(), "the barrier covered entry 2");
+
+    j.append_batch_unsynced(&[&small_payload(3)]).expect("append");
     let second = j.detach_sync().expect("detach").expect("entry 3 waits");
+    j.append_batch_unsynced(&[&small_payload(4)]).expect("append during the barrier");
+    second.run().expect("fsync");
+    j.finish_detached_sync(second, Ok(())).expect("finish");
+    assert!(!j.is_synced(), "entry 4 came after the barrier was taken");
+    let third = j.detach_sync().expect("detach").expect("entry 4 waits");
     j.sync().expect("a sync meanwhile");
-    j.finish_detached_sync(second, Ok(())).expect("finish after a sync");
+    j.finish_detached_sync(third, Ok(())).expect("finish after a sync");
     assert!(j.is_synced());
 
     // An entry taken back after the barrier was taken: what is written in its place may have
-    // come after the fsync, so the barrier records nothing.
+    // come after the fsync, so the barrier records nothing (same length, same offsets).
     j.append_batch_unsynced(&[&small_payload(9)]).expect("append");
-    let cut = j.detach_sync().expect("detach").expect("entry 4 waits");
-    j.remove_last().expect("take entry 4 back");
+    let cut = j.detach_sync().expect("detach").expect("entry 5 waits");
+    j.remove_last().expect("take entry 5 back");
     j.append_batch_unsynced(&[&small_payload(99)]).expect("append in its place");
+    assert_eq!(small_payload(9).len(), small_payload(99).len());
     j.finish_detached_sync(cut, Ok(())).expect("finish after a cut");
     assert!(!j.is_synced(), "the entry in its place came after the barrier");
     j.remove_last().expect("take it back too");
 
-    // Another journal's barrier (one closed and opened again) records nothing here.
-    j.append_batch_unsynced(&[&small_payload(4)]).expect("append");
-    let stale = j.detach_sync().expect("detach").expect("entry 4 waits");
+    // An earlier opening's barrier: its failure is said, and records nothing here.
+    j.append_batch_unsynced(&[&small_payload(5)]).expect("append");
+    let stale = j.detach_sync().expect("detach").expect("entry 5 waits");
     drop(j);
     let mut j = FileJournal::open(&dir, big.clone()).expect("reopen");
-    j.append_batch_unsynced(&[&small_payload(5)]).expect("append");
-    j.finish_detached_sync(stale, Err(std::io::Error::other("not this journal's"))).expect("ignored");
+    j.append_batch_unsynced(&[&small_payload(6)]).expect("append");
+    let said = j.finish_detached_sync(stale, Err(std::io::Error::other("an earlier opening's")));
+    assert!(matches!(said, Err(JournalError::Backend { .. })), "{said:?}");
     j.sync().expect("still writable");
 
-    // A failed barrier: what it covered is cut, and the journal refuses writes.
-    j.append_batch_unsynced(&[&small_payload(6), &small_payload(7)]).expect("append");
-    let failing = j.detach_sync().expect("detach").expect("entries 6 and 7 wait");
+    // A failed barrier, even after a cut (whose own fsync made entry 7 durable): what no
+    // fsync confirmed is cut, and the journal refuses writes.
+    j.append_batch_unsynced(&[&small_payload(7), &small_payload(8)]).expect("append");
+    let failing = j.detach_sync().expect("detach").expect("entries 7 and 8 wait");
+    j.remove_last().expect("take entry 8 back");
+    j.append_batch_unsynced(&[&small_payload(8)]).expect("append it again");
     let err = j.finish_detached_sync(failing, Err(std::io::Error::other("injected: the disk failed")));
     assert!(matches!(err, Err(JournalError::Io { op: "fsync", .. })), "{err:?}");
-    assert_prefix(&j, 5);
-    assert!(matches!(j.append(&small_payload(6)), Err(JournalError::Poisoned { .. })));
+    assert_prefix(&j, 7);
+    assert!(matches!(j.append(&small_payload(8)), Err(JournalError::Poisoned { .. })));
     drop(j);
     let j = FileJournal::open(&dir, big).expect("reopen");
-    assert_prefix(&j, 5);
+    assert_prefix(&j, 7);
+}
+
+/// A barrier taken before a roll records nothing in the new segment (the roll synced the
+/// old one), and one taken after the roll fsyncs the new segment's file.
+#[test]
+fn a_detached_sync_taken_before_a_roll_records_nothing_in_the_new_segment() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("j");
+    let mut j = FileJournal::create(&dir, ID, opts()).expect("create");
+    j.append_batch_unsynced(&[&small_payload(1)]).expect("append");
+    let before = j.detach_sync().expect("detach").expect("entry 1 waits");
+    let mut n = 1;
+    while segments(&dir).len() < 2 {
+        n += 1;
+        j.append_batch_unsynced(&[&small_payload(n)]).expect("append until a roll");
+    }
+    j.append_batch_unsynced(&[&small_payload(n + 1)]).expect("append in the new segment");
+    before.run().expect("fsync");
+    j.finish_detached_sync(before, Ok(())).expect("finish");
+    assert!(!j.is_synced(), "the new segment's entries came after the barrier");
+    let after = j.detach_sync().expect("detach").expect("the new segment waits");
+    after.run().expect("fsync");
+    j.finish_detached_sync(after, Ok(())).expect("finish");
+    assert!(j.is_synced());
+    assert_prefix(&j, n + 1);
 }
