@@ -335,7 +335,9 @@ impl FileJournal {
     /// call until the journal is reopened from what is.
     fn failed_sync(&mut self, e: std::io::Error) -> JournalError {
         let id = self.id;
-        let seg = self.segments.last_mut().expect("BUG: a failed fsync was of a segment");
+        self.poisoned = true;
+        // A detached barrier's segment may have been trimmed away since: nothing to cut.
+        let Some(seg) = self.segments.last_mut() else { return io_err(id, "fsync", &self.dir)(e) };
         let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(seg.synced_bytes));
         let synced = seg.synced_bytes;
         seg.offsets.retain(|at| *at < synced);
@@ -347,7 +349,6 @@ impl FileJournal {
             Some(last) => LsnRange::inclusive(self.range.first(), last),
             None => LsnRange::empty_at(self.range.first()),
         };
-        self.poisoned = true;
         err
     }
 
@@ -722,17 +723,20 @@ impl Journal for FileJournal {
         if self.poisoned {
             return Ok(());
         }
-        let seg = self.segments.last_mut().expect("BUG: a barrier was detached from a segment");
         match outcome {
-            // Whatever was cut or rolled since: the error was this barrier's to report (no
-            // barrier opened later would see it). The journal's own fsyncs since stand: had
-            // the failure come before one, it would have failed too.
+            // Whatever was cut, rolled or trimmed since: the error was this barrier's to
+            // report (no barrier opened later would see it). The journal's own fsyncs since
+            // stand: had the failure come before one, it would have failed too.
             Err(e) => Err(self.failed_sync(e)),
-            // A roll synced the segment first; a cut may have put bytes after the fsync in
-            // place of those it covered.
-            Ok(()) if seg.first != sync.segment || sync.owner.1 != self.cuts => Ok(()),
             Ok(()) => {
-                seg.synced_bytes = seg.synced_bytes.max(sync.len_bytes.min(seg.len_bytes));
+                // A roll synced the segment first; a cut may have put bytes after the fsync in
+                // place of those it covered; a trim of every entry left no segment.
+                let cuts = self.cuts;
+                let seg =
+                    self.segments.last_mut().filter(|s| s.first == sync.segment && sync.owner.1 == cuts);
+                if let Some(seg) = seg {
+                    seg.synced_bytes = seg.synced_bytes.max(sync.len_bytes.min(seg.len_bytes));
+                }
                 Ok(())
             }
         }

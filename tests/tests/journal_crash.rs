@@ -340,7 +340,8 @@ fn a_detached_sync_covers_what_came_before_it_and_a_failed_one_keeps_only_what_i
 }
 
 /// A barrier taken before a roll records nothing in the new segment (the roll synced the
-/// old one), and one taken after the roll fsyncs the new segment's file.
+/// old one), and one taken after the roll fsyncs the new segment's file; nor does one after
+/// a trim of every entry, which leaves no segment (and a failed one still fails the journal).
 #[test]
 fn a_detached_sync_taken_before_a_roll_records_nothing_in_the_new_segment() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -362,4 +363,17 @@ fn a_detached_sync_taken_before_a_roll_records_nothing_in_the_new_segment() {
     j.finish_detached_sync(after, Ok(())).expect("finish");
     assert!(j.is_synced());
     assert_prefix(&j, n + 1);
+
+    // Every entry trimmed while a barrier is out (no segment is left): it records nothing,
+    // and a failed one still fails the journal.
+    j.append_batch_unsynced(&[&small_payload(n + 2)]).expect("append");
+    let out = j.detach_sync().expect("detach").expect("the newest waits");
+    j.remove_prefix(lsn(n + 2)).expect("trim everything");
+    j.finish_detached_sync(out, Ok(())).expect("finish after the trim");
+    j.append_batch_unsynced(&[&small_payload(n + 3)]).expect("append");
+    let failing = j.detach_sync().expect("detach").expect("the newest waits");
+    j.remove_prefix(lsn(n + 3)).expect("trim everything");
+    let err = j.finish_detached_sync(failing, Err(std::io::Error::other("injected")));
+    assert!(matches!(err, Err(JournalError::Io { op: "fsync", .. })), "{err:?}");
+    assert!(matches!(j.append(&small_payload(1)), Err(JournalError::Poisoned { .. })));
 }
