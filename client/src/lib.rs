@@ -1269,11 +1269,10 @@ async fn sync_storage_unlocked(shared: &Arc<Shared>) {
     if detached.is_empty() {
         return;
     }
-    let run = move || detached.into_iter().map(|(id, sync)| (id, sync.run(), sync)).collect::<Vec<_>>();
-    let Ok(done) = tokio::task::spawn_blocking(run).await else {
+    let Ok(done) = tokio::task::spawn_blocking(move || ClientSession::run_storage_syncs(detached)).await
+    else {
         return; // the runtime is shutting down: the close syncs under the lock
     };
-    let done = done.into_iter().map(|(id, outcome, sync)| (id, sync, outcome));
     if let Err(e) = shared.session().finish_storage_syncs(done) {
         tracing::warn!("making received entries durable failed: {e}");
     }

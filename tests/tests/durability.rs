@@ -51,6 +51,19 @@ fn segment_of(dir: &Path, journal: &str) -> PathBuf {
     segs[0].clone()
 }
 
+/// A power cut's tear of the file at `path`: its first `synced` bytes stay, and of the `len`
+/// it had, `1/part` of what came after them (cut mid-frame: a torn tail).
+fn tear(path: &Path, synced: u64, len: u64, part: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).expect("open");
+    f.set_len(synced + (len - synced) / part).expect("cut");
+}
+
+/// Writes the row `x` through `session` (at `T0`, seed `x`); returns its LSN.
+fn insert(session: &mut ClientSession, x: i64) -> Lsn {
+    let body = sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]);
+    session.mutate(DOC, body, T0, x as u64).expect("write").lsn
+}
+
 fn rows(doc: &ClientDocument) -> Vec<Vec<Value>> {
     doc.query("SELECT x FROM t ORDER BY x", &[]).expect("query").rows
 }
@@ -103,9 +116,7 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     let seg = segment(dir.path());
     let len = std::fs::metadata(&seg).expect("stat").len();
     assert!(len > synced_len + 16, "the unsynced writes reached the file ({len} bytes)");
-    let f = std::fs::OpenOptions::new().write(true).open(&seg).expect("open");
-    f.set_len(synced_len + (len - synced_len) / 5).expect("cut");
-    drop(f);
+    tear(&seg, synced_len, len, 5);
 
     let doc = replica(dir.path());
     assert_eq!(rows(&doc), vec![vec![Value::Integer(1)]], "the synced write stays, the lost ones are gone");
@@ -191,9 +202,7 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
     let seg = segment(dir.path());
     let len = std::fs::metadata(&seg).expect("stat").len();
     assert!(len > synced_len + 16, "the unsent writes reached the file ({len} bytes)");
-    let f = std::fs::OpenOptions::new().write(true).open(&seg).expect("open");
-    f.set_len(synced_len + (len - synced_len) / 3).expect("cut");
-    drop(f);
+    tear(&seg, synced_len, len, 3);
 
     let mut doc = replica(dir.path());
     assert_eq!(rows(&doc), vec![vec![Value::Integer(1)]], "the power cut took the two writes back");
@@ -398,18 +407,14 @@ fn received_entries_torn_off_by_a_power_cut_come_again() {
     session.add_document(DOC, replica(dir.path()));
     server.connect(ConnId(1));
     session.connected(T0);
-    let write = |session: &mut ClientSession, x: i64| {
-        let body = sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]);
-        session.mutate(DOC, body, T0, x as u64).expect("write").lsn
-    };
     session.mutate(DOC, sql("CREATE TABLE t(x INTEGER)", vec![]), T0, 1).expect("ddl");
-    write(&mut session, 1);
+    insert(&mut session, 1);
     exchange(&mut session, &mut server, ConnId(1), T0);
     assert_eq!(session.status(DOC).expect("status").pending, 0);
     session.sync_storage().expect("sync");
     let synced_len = std::fs::metadata(segment_of(dir.path(), "storage")).expect("stat").len();
 
-    let (l2, l3) = (write(&mut session, 2), write(&mut session, 3));
+    let (l2, l3) = (insert(&mut session, 2), insert(&mut session, 3));
     exchange(&mut session, &mut server, ConnId(1), T0 + 1);
     let doc = session.remove_document(DOC).expect("doc");
     assert_eq!(doc.state(l3).expect("state"), MutationState::Confirmed);
@@ -418,9 +423,7 @@ fn received_entries_torn_off_by_a_power_cut_come_again() {
     assert!(len > synced_len + 64, "the confirming entries reached the file unsynced ({len} bytes)");
     // Power cut: no clean close (which would sync), and the unsynced tail torn part way.
     std::mem::forget(doc);
-    let f = std::fs::OpenOptions::new().write(true).open(&seg).expect("open");
-    f.set_len(synced_len + (len - synced_len) / 3).expect("cut");
-    drop(f);
+    tear(&seg, synced_len, len, 3);
 
     let doc = replica(dir.path());
     assert_eq!(doc.state(l2).expect("state"), MutationState::Pending, "its confirmation was lost");
@@ -444,12 +447,8 @@ fn received_entries_torn_off_by_a_power_cut_come_again() {
 fn a_storage_barrier_run_without_the_session_covers_what_was_received_before_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut session, mut server) = connected(replica(dir.path()));
-    let write = |session: &mut ClientSession, x: i64| {
-        let body = sql("INSERT INTO t VALUES (?1)", vec![Value::Integer(x)]);
-        session.mutate(DOC, body, T0, x as u64).expect("write").lsn
-    };
     session.mutate(DOC, sql("CREATE TABLE t(x INTEGER)", vec![]), T0, 1).expect("ddl");
-    let l1 = write(&mut session, 1);
+    let l1 = insert(&mut session, 1);
     exchange(&mut session, &mut server, ConnId(1), T0);
     let storage = segment_of(dir.path(), "storage");
     let received_len = std::fs::metadata(&storage).expect("stat").len();
@@ -458,17 +457,14 @@ fn a_storage_barrier_run_without_the_session_covers_what_was_received_before_it(
     taken.expect("detach");
     assert_eq!(detached.len(), 1, "one replica received entries since its last barrier");
     // The barrier is out: the session goes on.
-    let l2 = write(&mut session, 2);
+    let l2 = insert(&mut session, 2);
     exchange(&mut session, &mut server, ConnId(1), T0 + 1);
     let doc = session.document(DOC).expect("open");
     assert_eq!(rows(doc).len(), 2);
     assert_eq!(doc.state(l2).expect("state"), MutationState::Confirmed);
     let len = std::fs::metadata(&storage).expect("stat").len();
     assert!(len > received_len + 64, "the later confirmation reached the file unsynced ({len} bytes)");
-    let done: Vec<_> = detached.into_iter().map(|(id, sync)| (id, sync.run(), sync)).collect();
-    session
-        .finish_storage_syncs(done.into_iter().map(|(id, outcome, sync)| (id, sync, outcome)))
-        .expect("finish");
+    session.finish_storage_syncs(ClientSession::run_storage_syncs(detached)).expect("finish");
     let (after, taken) = session.detach_storage_syncs();
     taken.expect("detach");
     assert_eq!(after.len(), 1, "what was received while the barrier was out still waits for one");
@@ -477,9 +473,7 @@ fn a_storage_barrier_run_without_the_session_covers_what_was_received_before_it(
     // Power cut: what came after the barrier is torn part way; no clean close.
     let doc = session.remove_document(DOC).expect("doc");
     std::mem::forget(doc);
-    let f = std::fs::OpenOptions::new().write(true).open(&storage).expect("open");
-    f.set_len(received_len + (len - received_len) / 3).expect("cut");
-    drop(f);
+    tear(&storage, received_len, len, 3);
 
     let doc = replica(dir.path());
     assert_eq!(doc.state(l1).expect("state"), MutationState::Confirmed, "received before the barrier");
@@ -489,10 +483,7 @@ fn a_storage_barrier_run_without_the_session_covers_what_was_received_before_it(
     let (again, taken) = session.detach_storage_syncs();
     taken.expect("detach");
     assert_eq!(again.len(), 1, "the entries that came again wait for a barrier");
-    let done: Vec<_> = again.into_iter().map(|(id, sync)| (id, sync.run(), sync)).collect();
-    session
-        .finish_storage_syncs(done.into_iter().map(|(id, outcome, sync)| (id, sync, outcome)))
-        .expect("finish");
+    session.finish_storage_syncs(ClientSession::run_storage_syncs(again)).expect("finish");
     let (none, taken) = session.detach_storage_syncs();
     taken.expect("detach");
     assert!(none.is_empty(), "the barrier covered everything received");

@@ -5,7 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use pagesync_journal::file::SEGMENT_HEADER_BYTES;
-use pagesync_journal::{FileJournal, FileJournalOptions, Journal, JournalError, JournalId, Lsn, LsnRange};
+use pagesync_journal::{
+    DetachedSync, FileJournal, FileJournalOptions, Journal, JournalError, JournalId, Lsn, LsnRange,
+};
 
 const ID: JournalId = JournalId::from_bytes([0xab; 16]);
 const ENTRIES: u64 = 30;
@@ -273,6 +275,12 @@ fn the_newest_entry_can_be_taken_back() {
     assert_prefix(&FileJournal::open(&dir, opts()).expect("reopen"), ENTRIES);
 }
 
+/// Runs a barrier from `detach_sync` and hands it back, successful.
+fn run_barrier(j: &mut FileJournal, sync: DetachedSync) {
+    sync.run().expect("fsync");
+    j.finish_detached_sync(sync, Ok(())).expect("finish");
+}
+
 /// A barrier run away from the journal (`detach_sync`): it covers what was appended before
 /// it was taken, not what came after; a `sync`, a roll or a cut meanwhile leaves it nothing
 /// to record; and a failed one acts as a failed `sync` (whatever came meanwhile): the journal
@@ -288,15 +296,13 @@ fn a_detached_sync_covers_what_came_before_it_and_a_failed_one_keeps_only_what_i
     j.append(&small_payload(1)).expect("durable append");
     j.append_batch_unsynced(&[&small_payload(2)]).expect("append");
     let first = j.detach_sync().expect("detach").expect("entry 2 waits");
-    first.run().expect("fsync");
-    j.finish_detached_sync(first, Ok(())).expect("finish");
+    run_barrier(&mut j, first);
     assert!(j.is_synced(), "the barrier covered entry 2");
 
     j.append_batch_unsynced(&[&small_payload(3)]).expect("append");
     let second = j.detach_sync().expect("detach").expect("entry 3 waits");
     j.append_batch_unsynced(&[&small_payload(4)]).expect("append during the barrier");
-    second.run().expect("fsync");
-    j.finish_detached_sync(second, Ok(())).expect("finish");
+    run_barrier(&mut j, second);
     assert!(!j.is_synced(), "entry 4 came after the barrier was taken");
     let third = j.detach_sync().expect("detach").expect("entry 4 waits");
     j.sync().expect("a sync meanwhile");
@@ -355,12 +361,10 @@ fn a_detached_sync_taken_before_a_roll_records_nothing_in_the_new_segment() {
         j.append_batch_unsynced(&[&small_payload(n)]).expect("append until a roll");
     }
     j.append_batch_unsynced(&[&small_payload(n + 1)]).expect("append in the new segment");
-    before.run().expect("fsync");
-    j.finish_detached_sync(before, Ok(())).expect("finish");
+    run_barrier(&mut j, before);
     assert!(!j.is_synced(), "the new segment's entries came after the barrier");
     let after = j.detach_sync().expect("detach").expect("the new segment waits");
-    after.run().expect("fsync");
-    j.finish_detached_sync(after, Ok(())).expect("finish");
+    run_barrier(&mut j, after);
     assert!(j.is_synced());
     assert_prefix(&j, n + 1);
 

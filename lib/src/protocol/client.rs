@@ -455,17 +455,26 @@ impl ClientSession {
     /// on any thread and hand back to `finish_storage_syncs`. Replicas whose backend made
     /// them durable here are done. The first error is returned after every one was tried.
     pub fn detach_storage_syncs(&mut self) -> (Vec<(DocId, DetachedSync)>, Result<()>) {
-        let (mut detached, mut first_error) = (Vec::new(), None);
-        for (id, l) in &mut self.links {
-            match l.doc.detach_storage_sync() {
-                Ok(Some(sync)) => detached.push((*id, sync)),
-                Ok(None) => {}
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        (detached, first_error.map_or(Ok(()), Err))
+        let mut detached = Vec::new();
+        let outcome = self.on_every_link(|id, doc| {
+            detached.extend(doc.detach_storage_sync()?.map(|sync| (id, sync)));
+            Ok(())
+        });
+        (detached, outcome)
+    }
+
+    /// Runs barriers from `detach_storage_syncs`, each paired with its outcome for
+    /// `finish_storage_syncs`. Blocking, and needs no session: on any thread, holding nothing.
+    pub fn run_storage_syncs(
+        detached: Vec<(DocId, DetachedSync)>,
+    ) -> Vec<(DocId, DetachedSync, std::io::Result<()>)> {
+        detached
+            .into_iter()
+            .map(|(id, sync)| {
+                let outcome = sync.run();
+                (id, sync, outcome)
+            })
+            .collect()
     }
 
     /// The outcomes of barriers from `detach_storage_syncs`. A replica closed meanwhile is
@@ -487,9 +496,14 @@ impl ClientSession {
 
     /// Runs `f` on every replica; the first error is returned after every one was tried.
     fn on_every_replica(&mut self, mut f: impl FnMut(&mut ClientDocument) -> Result<()>) -> Result<()> {
+        self.on_every_link(|_, doc| f(doc))
+    }
+
+    /// `on_every_replica`, with each replica's id.
+    fn on_every_link(&mut self, mut f: impl FnMut(DocId, &mut ClientDocument) -> Result<()>) -> Result<()> {
         let mut first_error = None;
-        for l in self.links.values_mut() {
-            if let Err(e) = f(&mut l.doc) {
+        for (id, l) in &mut self.links {
+            if let Err(e) = f(*id, &mut l.doc) {
                 first_error.get_or_insert(e);
             }
         }
