@@ -167,7 +167,8 @@ fn ours(conns: usize, per_conn: usize) -> (f64, f64) {
         for (c, sink) in sinks.iter_mut().enumerate() {
             for d in 0..per_conn {
                 let (doc, key) = (doc_of(c, d, per_conn), TimelineKey::insecure_from_u128(c as u128 + 1));
-                let m = Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false };
+                let m =
+                    Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true };
                 sink.send(Ws::Binary(m.encode().into())).await.expect("subscribe");
             }
         }

@@ -97,6 +97,7 @@ async fn ours_fan_out(values: usize) -> Vec<f64> {
         key: TimelineKey::insecure_from_u128(n),
         storage_next: Lsn::FIRST,
         digests: false,
+        create: true,
     };
     let hello = Message::Hello { version: PROTOCOL_VERSION, token: String::new() };
     let mut sender = connect(&url).await;

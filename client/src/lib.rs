@@ -210,6 +210,22 @@ impl Shared {
 }
 
 /// A connection to one server, shared by every document opened through it.
+/// How `Client::open_with` opens a document.
+#[derive(Clone, Copy, Debug)]
+pub struct OpenOptions {
+    /// Create the document on the server if it does not exist there (as `open` does).
+    /// Without, a missing document is `not_found`, and the replica's first write creates it.
+    pub create: bool,
+    /// Wait up to this long while another process has the replica open (as `open_wait`).
+    pub wait: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { create: true, wait: Duration::ZERO }
+    }
+}
+
 pub struct Client {
     shared: Arc<Shared>,
     driver: tokio::task::JoinHandle<()>,
@@ -361,10 +377,32 @@ impl Client {
         read_history(&self.shared, doc, query).await
     }
 
-    /// Opens (or creates) a document's local replica and starts syncing it. The replica's
-    /// directory is locked for as long as the client lives: if another process has it open,
-    /// this fails at once with `ReplicaBusy`, naming that process (`open_wait` waits).
+    /// Opens (or creates) a document's local replica and starts syncing it, creating the
+    /// document on the server if it does not exist there. The replica's directory is locked
+    /// for as long as the client lives: if another process has it open, this fails at once
+    /// with `ReplicaBusy`, naming that process (`open_wait` waits; `open_with` can open only a
+    /// document that exists).
     pub fn open(&self, doc: DocId) -> Result<Document> {
+        self.open_as(doc, true)
+    }
+
+    /// `open` as `options` say: without `create`, a document the server does not have is
+    /// answered `not_found` (`Document::sync` fails with it, the status shows it) and nothing
+    /// is created there, until this replica writes to it. For a tool that reads, shows or
+    /// exports a document, so that a mistyped id is said, not made.
+    pub async fn open_with(&self, doc: DocId, options: OpenOptions) -> Result<Document> {
+        let deadline = Instant::now() + options.wait;
+        loop {
+            match self.open_as(doc, options.create) {
+                Err(ClientError::ReplicaBusy { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(LOCK_RETRY).await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    fn open_as(&self, doc: DocId, create: bool) -> Result<Document> {
         if !self.shared.session().has_document(doc) {
             let dir = self.shared.data_dir.join(doc.to_string());
             let lock = pagesync::journal::DirLock::try_lock(&dir, &pagesync::journal::lock::this_command())
@@ -428,6 +466,7 @@ impl Client {
             let deleted = dir.join(DELETED_FILE).exists();
             let mut session = self.shared.session();
             session.add_document(doc, replica);
+            session.set_create(doc, create);
             if deleted {
                 session.mark_deleted(doc);
             }
@@ -436,6 +475,10 @@ impl Client {
             }
             drop(session);
             self.shared.rerouted.notify_one();
+            self.shared.wake.send_modify(|n| *n += 1);
+        } else if create {
+            // Open already, perhaps only to read: from now on it may create.
+            self.shared.session().set_create(doc, true);
             self.shared.wake.send_modify(|n| *n += 1);
         }
         let fresh = self
@@ -450,15 +493,7 @@ impl Client {
     /// `open`, waiting up to `wait` while another process has the replica open (as SQLite's
     /// busy timeout does), then failing with `ReplicaBusy`, which names that process.
     pub async fn open_wait(&self, doc: DocId, wait: Duration) -> Result<Document> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match self.open(doc) {
-                Err(ClientError::ReplicaBusy { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(LOCK_RETRY).await;
-                }
-                done => return done,
-            }
-        }
+        self.open_with(doc, OpenOptions { create: true, wait }).await
     }
 
     pub fn is_connected(&self) -> bool {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use pagesync::{DocId, MutationState, Value};
-use pagesync_client::Client;
+use pagesync_client::{Client, OpenOptions};
 
 // `println!` and `print!` that end the process quietly when what reads the output has gone
 // (`pagesync status | head`): Rust ignores SIGPIPE, and the std macros panic then. (SIGPIPE
@@ -194,11 +194,14 @@ fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
 fn refused_for_good(e: &pagesync_client::ClientError) -> bool {
     match e {
         pagesync_client::ClientError::Refused(_) => true,
-        pagesync_client::ClientError::Server { code, .. } => {
-            !pagesync::protocol::codes::passes(code) && code != pagesync::protocol::codes::LIMIT
-        }
+        pagesync_client::ClientError::Server { code, .. } => refused_code(code),
         _ => false,
     }
+}
+
+/// Whether a server error's code is a refusal that waiting will not change.
+fn refused_code(code: &str) -> bool {
+    !pagesync::protocol::codes::passes(code) && code != pagesync::protocol::codes::LIMIT
 }
 
 /// Waits, looking every 5 ms, until `done` says so or `within` has passed; whether it did.
@@ -465,9 +468,33 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let doc = client.open_wait(doc_id, Duration::from_millis(args.wait_ms)).await?;
+    // Only a command that writes creates the document on the server: a read, a status or an
+    // export of a mistyped id is told `not_found`.
+    let create = matches!(args.command, Command::Exec { .. } | Command::Call { .. } | Command::Repl);
+    let options = OpenOptions { create, wait: Duration::from_millis(args.wait_ms) };
+    let new_replica = !args.data.join(doc_id.to_string()).exists();
+    let doc = client.open_with(doc_id, options).await?;
     let timeout = Duration::from_millis(args.timeout_ms);
-    match args.command {
+    let done = command(args.command, &client, &doc, timeout).await;
+    // A replica made by this command for a document the server refused (a mistyped id, one
+    // outside the token) holds nothing: it goes, so a typo leaves no trace here either.
+    let st = doc.status();
+    let refused = st.error.as_ref().is_some_and(|(code, _)| refused_code(code));
+    if new_replica && refused && st.pending == 0 && st.storage_next == pagesync::journal::Lsn::FIRST {
+        drop((doc, client));
+        let _ = pagesync_client::forget(&args.data, doc_id);
+    }
+    done
+}
+
+/// Runs a command that needs the document's replica.
+async fn command(
+    command: Command,
+    client: &Client,
+    doc: &pagesync_client::Document,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Exec { sql, params, offline } => {
             if !offline && doc.status().storage_next == pagesync::journal::Lsn::FIRST {
                 // A replica that holds nothing yet would run the write on an empty database
@@ -478,7 +505,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
             let done = doc.execute(&sql, params.iter().map(|p| parse_param(p)).collect())?;
-            settle(&doc, done, offline, timeout).await
+            settle(doc, done, offline, timeout).await
         }
         Command::Call { name, args, offline } => {
             if !offline {
@@ -486,7 +513,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 wait_until(timeout, || doc.mutators().is_some()).await;
             }
             let done = doc.call(&name, args.iter().map(|p| parse_param(p)).collect())?;
-            settle(&doc, done, offline, timeout).await
+            settle(doc, done, offline, timeout).await
         }
         Command::Query { sql, params, json, json_rows, offline } => {
             let st = doc.status();
@@ -502,10 +529,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                         Ok(()) => "not connected".to_owned(),
                     };
                     anyhow::bail!(
-                        "the local replica of {doc_id} holds nothing yet, and the server cannot be reached: {why} (--offline queries the empty replica)"
+                        "the local replica of {} holds nothing yet, and the server cannot be reached: {why} (--offline queries the empty replica)",
+                        doc.id()
                     );
                 }
-            } else if !offline && let Err(e) = sync_shown(&doc, timeout).await {
+            } else if !offline && let Err(e) = sync_shown(doc, timeout).await {
                 eprintln!("warning: showing local data: {e}");
             }
             let rows = doc.query(&sql, &params.iter().map(|p| parse_param(p)).collect::<Vec<_>>())?;
@@ -519,8 +547,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
-            let synced = doc.sync(Duration::from_millis(args.timeout_ms.min(1_000))).await;
-            print_status(&doc)?;
+            let synced = doc.sync(timeout.min(Duration::from_secs(1))).await;
+            print_status(doc)?;
             // What the replica holds is printed either way; a refusal also fails the command,
             // and an unreachable server is said (the counts are then this replica's alone).
             match synced {
@@ -536,20 +564,31 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Export { file } => {
-            if let Err(e) = sync_shown(&doc, timeout).await {
+            if let Err(e) = sync_shown(doc, timeout).await {
+                let st = doc.status();
+                if refused_for_good(&e) && st.storage_next == pagesync::journal::Lsn::FIRST && st.pending == 0
+                {
+                    // Nothing here to write, and the server will not say more.
+                    eprintln!("error: the server refused: {}", why_refused(&e));
+                    return Ok(ExitCode::FAILURE);
+                }
                 eprintln!("warning: exporting the local replica as last synced: {e}");
             }
             let bytes = doc.export(&file).with_context(|| format!("writing {}", file.display()))?;
             println!("wrote {} ({bytes} bytes)", file.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Repl => repl(&doc, timeout).await,
+        Command::Repl => repl(doc, timeout).await,
         Command::Forget => unreachable!("BUG: handled before connecting"),
         Command::History { .. } => unreachable!("BUG: handled before opening"),
         Command::Broadcast { text, stay_ms } => {
             doc.broadcast(&text)?;
             let deadline = tokio::time::Instant::now() + timeout;
             while !doc.broadcast_sent() {
+                if let Some((code, message)) = doc.status().error.filter(|(code, _)| refused_code(code)) {
+                    eprintln!("error: the server refused: {code}: {message}");
+                    return Ok(ExitCode::FAILURE);
+                }
                 if tokio::time::Instant::now() >= deadline {
                     eprintln!(
                         "error: the broadcast was not sent within {timeout:?} (is the server reachable?)"
@@ -564,6 +603,10 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Presence { json, watch } => {
             if let Err(e) = doc.sync(timeout).await {
+                if refused_for_good(&e) {
+                    eprintln!("error: the server refused: {}", why_refused(&e));
+                    return Ok(ExitCode::FAILURE);
+                }
                 eprintln!("warning: {e}");
             }
             let mut peers = doc.subscribe_presence();
@@ -594,7 +637,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Sync => match sync_shown(&doc, timeout).await {
+        Command::Sync => match sync_shown(doc, timeout).await {
             Ok(()) => {
                 println!("synced");
                 Ok(ExitCode::SUCCESS)

@@ -275,3 +275,63 @@ fn a_long_sync_draws_progress_and_export_writes_a_sqlite_file() {
     assert!(bytes.len() > 80_000, "40 rows of 4 kB text: {} bytes", bytes.len());
     server.stop();
 }
+
+/// A command that only reads (`query`, `status`, `export`, `sync`, `presence`, `broadcast`)
+/// on a document the server does not have fails naming `not_found`, and leaves no document on
+/// the server and no replica here; `exec` creates it, and a write made offline creates it
+/// when it is synced (the replica holds a write, so it asks to).
+#[test]
+fn a_mistyped_document_is_said_not_made() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("server");
+    let (server, addr) = Server::start(&store, "127.0.0.1:0".parse().expect("addr"));
+    ok(&cli(addr, &dir.path().join("a"), &["exec", "CREATE TABLE t(x)"], None));
+    let run = |doc: &str, data: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pagesync"))
+            .args(["--server", &format!("ws://{addr}/v1/sync"), "--doc", doc, "--timeout-ms", "5000"])
+            .arg("--data")
+            .arg(data)
+            .args(args)
+            .output()
+            .expect("pagesync ran")
+    };
+    let documents = || {
+        let shards = std::fs::read_dir(&store).expect("store").flatten().filter(|e| e.path().is_dir());
+        shards.flat_map(|s| std::fs::read_dir(s.path()).expect("shard").flatten()).count()
+    };
+    assert_eq!(documents(), 1);
+
+    let typo = "0000000000000000000000000000c11b";
+    let reader = dir.path().join("reader");
+    let file = dir.path().join("out.sqlite");
+    let file_arg = file.to_str().expect("utf-8 path");
+    for args in [
+        &["query", "SELECT * FROM t"][..],
+        &["status"],
+        &["export", file_arg],
+        &["sync"],
+        &["presence"],
+        &["broadcast", "hello"],
+    ] {
+        let out = run(typo, &reader, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} on a missing document succeeded: {stderr}");
+        assert!(stderr.contains("not_found") && stderr.contains(typo), "{args:?}: {stderr}");
+        assert_eq!(documents(), 1, "{args:?} made a document on the server");
+        assert!(!reader.join(typo).exists(), "{args:?} left a replica of the missing document");
+    }
+    assert!(!file.exists(), "an export of nothing wrote a file");
+
+    // A write creates it; so does one made offline, once synced.
+    assert!(ok(&run(typo, &reader, &["exec", "CREATE TABLE u(x)"])).contains("confirmed"));
+    assert_eq!(documents(), 2);
+    server.stop();
+    let offline = "0000000000000000000000000000c11c";
+    assert!(ok(&run(offline, &reader, &["exec", "--offline", "CREATE TABLE v(x)"])).contains("pending"));
+    let (server, _) = Server::start(&store, addr);
+    assert_eq!(ok(&run(offline, &reader, &["sync"])).trim(), "synced");
+    assert_eq!(documents(), 3);
+    let rows = ok(&run(offline, &dir.path().join("b"), &["query", "SELECT count(*) AS n FROM v"]));
+    assert_eq!(rows, "n\n0\n");
+    server.stop();
+}

@@ -35,7 +35,7 @@ async fn connect(port: u16, doc: DocId, storage_next: Lsn) -> Socket {
     let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
     for m in [
         Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-        Message::Subscribe { doc, key: WRITER_KEY, storage_next, digests: false },
+        Message::Subscribe { doc, key: WRITER_KEY, storage_next, digests: false, create: true },
     ] {
         ws.send(Ws::Binary(m.encode().into())).await.expect("send");
     }

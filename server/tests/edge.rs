@@ -94,7 +94,8 @@ async fn write(port: u16, token: &str, doc: DocId, tl: u8, sql: &str) {
     let mut ws = connect(port, token).await;
     let key = TimelineKey([tl; 32]);
     let timeline = key.id();
-    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true })
+        .await;
     let entries = vec![mutation(sql)];
     send(&mut ws, Message::Mutations { doc, timeline, first: Lsn::FIRST, entries }).await;
     loop {
@@ -113,7 +114,7 @@ fn secret_file(dir: &Path) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
+async fn every_route_checks_authorization_and_reads_create_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = dir.path().join("store");
     let secret = secret_file(dir.path());
@@ -152,7 +153,13 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
         let doc = DocId::from_u128(0x1000 + n);
         send(
             &mut ws,
-            Message::Subscribe { doc, key: TimelineKey([9; 32]), storage_next: Lsn::FIRST, digests: false },
+            Message::Subscribe {
+                doc,
+                key: TimelineKey([9; 32]),
+                storage_next: Lsn::FIRST,
+                digests: false,
+                create: true,
+            },
         )
         .await;
         match next_reply(&mut ws).await.expect("open") {
@@ -165,10 +172,48 @@ async fn every_route_checks_authorization_and_read_tokens_create_nothing() {
     // The same token reads the document that exists.
     send(
         &mut ws,
-        Message::Subscribe { doc: a, key: TimelineKey([9; 32]), storage_next: Lsn::FIRST, digests: false },
+        Message::Subscribe {
+            doc: a,
+            key: TimelineKey([9; 32]),
+            storage_next: Lsn::FIRST,
+            digests: false,
+            create: true,
+        },
     )
     .await;
     assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })));
+
+    // A token that may write creates a document only by asking to: a subscription without
+    // `create` (a client that reads, shows or exports) to a missing one gets `not_found`,
+    // however often; one that asks creates it.
+    let mut ws = connect(port, &token("*", true, false)).await;
+    let key = TimelineKey([5; 32]);
+    let subscribe =
+        |doc, create| Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create };
+    for n in 0..50u128 {
+        send(&mut ws, subscribe(DocId::from_u128(0x2000 + n), false)).await;
+        match next_reply(&mut ws).await.expect("open") {
+            Message::Error { code, .. } => assert_eq!(code, codes::NOT_FOUND),
+            other => panic!("expected not_found, got {other:?}"),
+        }
+    }
+    let docs = walk(&store).into_iter().filter(|p| p.ends_with("storage")).count();
+    assert_eq!(docs, 1, "no subscription without `create` made a document");
+    // Two subscriptions to one missing document in a row, the first without `create`: the
+    // second creates it while the first is answered.
+    let b = DocId::from_u128(0x3000);
+    send(&mut ws, subscribe(b, false)).await;
+    send(&mut ws, subscribe(b, true)).await;
+    let mut acked = false;
+    while !acked {
+        match next_reply(&mut ws).await.expect("open") {
+            Message::MutationsAck { doc, .. } => acked = doc == b,
+            Message::Error { code, .. } => assert_eq!(code, codes::NOT_FOUND),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let docs = walk(&store).into_iter().filter(|p| p.ends_with("storage")).count();
+    assert_eq!(docs, 2, "the subscription that asked created its document");
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -204,7 +249,8 @@ async fn hostile_frames_close_only_their_connection() {
     assert!(next_reply(&mut ws).await.is_none(), "the connection is closed");
     // An acknowledgement past everything is ignored.
     let mut ws = connect(port, "").await;
-    send(&mut ws, Message::Subscribe { doc: a, key, storage_next: Lsn::FIRST, digests: false }).await;
+    send(&mut ws, Message::Subscribe { doc: a, key, storage_next: Lsn::FIRST, digests: false, create: true })
+        .await;
     send(
         &mut ws,
         Message::StorageAck { doc: a, next: Lsn::new(u64::MAX).expect("lsn"), outcomes_through: None },
@@ -294,7 +340,11 @@ async fn subscribers_that_never_read_cost_bounded_memory() {
     for i in 0..20u8 {
         let mut ws = connect(port, "").await;
         let key = TimelineKey([100 + i; 32]);
-        send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+        send(
+            &mut ws,
+            Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true },
+        )
+        .await;
         deaf.push(ws);
     }
     let before = rss_kib(pid);
@@ -578,7 +628,8 @@ async fn presence_reaches_every_subscriber_drops_leavers_and_refuses_floods() {
     let held = metric("pagesync_broadcasts_held_total");
     let mut ws = connect(port, &named("eve")).await;
     let key = TimelineKey::insecure_from_u128(0xe7e);
-    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true })
+        .await;
     let flood = Instant::now();
     for i in 0..50u8 {
         send(&mut ws, Message::Broadcast { doc, value: vec![b'a' + i % 26] }).await;
@@ -657,7 +708,11 @@ async fn no_client_writes_to_another_clients_timeline() {
     for subscribed in [false, true] {
         if subscribed {
             let key = TimelineKey([0x66; 32]);
-            send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+            send(
+                &mut ws,
+                Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true },
+            )
+            .await;
             match next_reply(&mut ws).await {
                 Some(Message::MutationsAck { timeline, .. }) => assert_eq!(timeline, key.id()),
                 other => panic!("expected mallory's own subscription, got {other:?}"),
@@ -706,7 +761,8 @@ async fn floods_of_pings_or_empty_fragments_close_their_connection() {
     write(port, "", doc, 1, "CREATE TABLE t(x)").await;
     let mut ws = connect(port, "").await;
     let key = TimelineKey([2; 32]);
-    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+    send(&mut ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true })
+        .await;
     let sql = format!("INSERT INTO t VALUES ('{}')", "x".repeat(200_000));
     let entries = vec![mutation(&sql)];
     let frame = Message::Mutations { doc, timeline: key.id(), first: Lsn::FIRST, entries }.encode();
@@ -890,7 +946,11 @@ async fn the_error_that_closes_a_connection_arrives_after_what_was_queued() {
     for round in 0..20u8 {
         let mut ws = connect(port, "").await;
         let key = TimelineKey([round.wrapping_add(40); 32]);
-        send(&mut ws, Message::Subscribe { doc: a, key, storage_next: Lsn::FIRST, digests: false }).await;
+        send(
+            &mut ws,
+            Message::Subscribe { doc: a, key, storage_next: Lsn::FIRST, digests: false, create: true },
+        )
+        .await;
         ws.send(Ws::Binary(vec![0xff; 64].into())).await.expect("send garbage");
         let mut last = None;
         while let Some(m) = next_reply(&mut ws).await {

@@ -78,6 +78,7 @@ async fn the_edge_holds_under_hostile_load() {
             key: TimelineKey::insecure_from_u128(i as u128 + 10),
             storage_next: Lsn::FIRST,
             digests: false,
+            create: true,
         };
         ws.send(Ws::Binary(m.encode().into())).await.expect("subscribe");
         deaf.push(ws);
@@ -86,7 +87,8 @@ async fn the_edge_holds_under_hostile_load() {
         let mut ws = hello(port).await;
         let key = TimelineKey([7; 32]);
         let timeline = key.id();
-        let subscribe = Message::Subscribe { doc: busy, key, storage_next: Lsn::FIRST, digests: false };
+        let subscribe =
+            Message::Subscribe { doc: busy, key, storage_next: Lsn::FIRST, digests: false, create: true };
         ws.send(Ws::Binary(subscribe.encode().into())).await.expect("subscribe");
         let mut lsn = Lsn::FIRST;
         for i in 0..200u64 {

@@ -72,7 +72,7 @@ async fn raw_mutations(port: u16, doc: &str, key: TimelineKey, statements: &[&st
         .collect();
     for m in [
         Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
-        Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false },
+        Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true },
         Message::Mutations { doc, timeline, first: Lsn::FIRST, entries },
     ] {
         ws.send(Ws::Binary(m.encode().into())).await.expect("send");

@@ -63,7 +63,8 @@ async fn a_thousand_documents_across_a_hundred_connections() {
         for d in 0..DOCS_PER_CONN {
             let doc = DocId::from_u128(1 + c as u128 * DOCS_PER_CONN + d);
             let key = TimelineKey([c as u8 + 1; 32]);
-            send(ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false }).await;
+            send(ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true })
+                .await;
         }
     }
     for ws in &mut sockets {
@@ -101,8 +102,17 @@ async fn a_thousand_documents_across_a_hundred_connections() {
     // Still open and working after shrinking: one more subscription is answered.
     let ws = &mut sockets[0];
     let doc = DocId::from_u128(1);
-    send(ws, Message::Subscribe { doc, key: TimelineKey([1; 32]), storage_next: Lsn::FIRST, digests: false })
-        .await;
+    send(
+        ws,
+        Message::Subscribe {
+            doc,
+            key: TimelineKey([1; 32]),
+            storage_next: Lsn::FIRST,
+            digests: false,
+            create: true,
+        },
+    )
+    .await;
     assert!(matches!(next_reply(ws).await, Some(Message::MutationsAck { .. })));
 }
 
@@ -115,7 +125,13 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     let mut good = connect(port).await;
     send(
         &mut good,
-        Message::Subscribe { doc, key: TimelineKey([1; 32]), storage_next: Lsn::FIRST, digests: false },
+        Message::Subscribe {
+            doc,
+            key: TimelineKey([1; 32]),
+            storage_next: Lsn::FIRST,
+            digests: false,
+            create: true,
+        },
     )
     .await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })));
@@ -143,8 +159,13 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     assert!(matches!(next_reply(&mut text).await, Some(Message::Error { .. })));
 
     // The well-behaved connection and its document carry on.
-    let ping =
-        Message::Subscribe { doc, key: TimelineKey([1; 32]), storage_next: Lsn::FIRST, digests: false };
+    let ping = Message::Subscribe {
+        doc,
+        key: TimelineKey([1; 32]),
+        storage_next: Lsn::FIRST,
+        digests: false,
+        create: true,
+    };
     send(&mut good, ping).await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })), "still served");
 }

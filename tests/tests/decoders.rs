@@ -71,7 +71,13 @@ fn samples() -> Samples {
     let lsn = Lsn::FIRST;
     let messages = [
         Message::Hello { version: PROTOCOL_VERSION, token: "token".into() },
-        Message::Subscribe { doc, key: pagesync_tests::timeline_key(3), storage_next: lsn, digests: true },
+        Message::Subscribe {
+            doc,
+            key: pagesync_tests::timeline_key(3),
+            storage_next: lsn,
+            digests: true,
+            create: true,
+        },
         Message::Mutations { doc, timeline, first: lsn, entries: mutations.clone() },
         Message::MutationsAck { doc, timeline, next_expected: lsn, storage_next: lsn },
         Message::Storage { doc, first: lsn, entries: wire.clone() },

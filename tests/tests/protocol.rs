@@ -750,7 +750,8 @@ fn read_ahead_over_every_document_is_bounded() {
     s.handle_message(deaf, 0, hello);
     for doc in &docs {
         let key = pagesync_tests::timeline_key(5);
-        let subscribe = Message::Subscribe { doc: *doc, key, storage_next: Lsn::FIRST, digests: false };
+        let subscribe =
+            Message::Subscribe { doc: *doc, key, storage_next: Lsn::FIRST, digests: false, create: true };
         s.handle_message(deaf, 0, subscribe);
     }
     let mut c = client(&docs);
@@ -1005,7 +1006,11 @@ fn presence_is_told_on_demand_held_back_when_too_fast_and_never_to_its_sender() 
         s.connect(*c);
         s.handle_message(*c, 0, hello.clone());
         let key = pagesync_tests::timeline_key(10 + i as u128);
-        s.handle_message(*c, 0, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false });
+        s.handle_message(
+            *c,
+            0,
+            Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true },
+        );
     }
     let presence = |ms: &[Message]| -> Vec<(u64, Vec<u8>)> {
         ms.iter()

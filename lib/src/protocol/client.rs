@@ -122,6 +122,12 @@ struct Link {
     broadcast_due: bool,
     /// The server deleted the document: nothing more is sent for it, and no write is taken.
     deleted: bool,
+    /// Its `Subscribe` asks the server to create the document if it does not exist (see
+    /// `ClientSession::set_create`); one holding writes not yet confirmed asks either way.
+    create: bool,
+    /// The server answered `not_found` to a `Subscribe` that did not ask to create it: one
+    /// that asks goes as soon as it would (a write was made, or `set_create`).
+    missing: bool,
     /// When the last broadcast went: the next waits `BROADCAST_PACE_MS`, so the server (which
     /// refuses more than one per `MIN_BROADCAST_MS`) never drops the latest value.
     broadcast_at: Option<i64>,
@@ -235,6 +241,8 @@ impl ClientSession {
             mine: None,
             broadcast_due: false,
             deleted: false,
+            create: true,
+            missing: false,
             broadcast_at: None,
             head_asked: 0,
             head_answered: 0,
@@ -277,6 +285,17 @@ impl ClientSession {
     /// The newest head request answered (see `ask_head`).
     pub fn head_answered(&self, id: DocId) -> u64 {
         self.links.get(&id).map_or(0, |l| l.head_answered)
+    }
+
+    /// Whether the document's `Subscribe` asks the server to create it when it does not
+    /// exist (`true` from `add_document`). A replica opened only to read, show or export sets
+    /// `false`, so a mistyped id is answered `not_found` (in `DocStatus::error`) and leaves no
+    /// document behind; a replica holding writes not yet confirmed asks to create either way
+    /// (its writes create it), subscribing again if it was answered `not_found`.
+    pub fn set_create(&mut self, id: DocId, create: bool) {
+        if let Some(l) = self.links.get_mut(&id) {
+            l.create = create;
+        }
     }
 
     pub fn has_document(&self, id: DocId) -> bool {
@@ -723,7 +742,7 @@ impl ClientSession {
             Message::MutationsAck { next_expected, storage_next, .. } => {
                 // The server accepted our Hello and subscription: older refusals are moot.
                 self.conn_error = None;
-                link.error = None;
+                (link.error, link.missing) = (None, false);
                 match link.state {
                     // An older subscription's answer: what it says the server holds may be gone.
                     SubState::Unsubscribed | SubState::Closed { .. } => {}
@@ -820,6 +839,7 @@ impl ClientSession {
                     link.deleted = true;
                     self.deletions += 1;
                 }
+                link.missing = code == super::codes::NOT_FOUND;
                 link.error = Some((code, message));
             }
             _ => {}
@@ -1000,6 +1020,13 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     if l.deleted {
         return None;
     }
+    let create = l.create || l.doc.pending_count() > 0;
+    if l.missing && create {
+        // Answered `not_found` without asking to create: now it asks.
+        l.missing = false;
+        l.error = None;
+        l.reset(now_ms);
+    }
     if l.state == SubState::Unsubscribed {
         let Some(key) = l.doc.timeline_key() else {
             // The server would refuse it: no subscription, and the status says why.
@@ -1009,7 +1036,7 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
         };
         l.state = l.state.on(SubEvent::Sent { now_ms });
         let storage_next = l.doc.storage_range().next();
-        return Some(Message::Subscribe { doc: id, key, storage_next, digests: l.digests });
+        return Some(Message::Subscribe { doc: id, key, storage_next, digests: l.digests, create });
     }
     if l.ack_due {
         l.ack_due = false;

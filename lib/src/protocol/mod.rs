@@ -29,7 +29,7 @@ use crate::ids::{DocId, TimelineId, TimelineKey};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 12;
+pub const PROTOCOL_VERSION: u32 = 13;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -136,7 +136,10 @@ pub enum Message {
     /// may come as a confirmation by digest (`wire::Confirm`); a client whose replay did not
     /// match subscribes again without. `key` is the timeline's key (its id is `key.id()`):
     /// the server takes mutations for a timeline only on a connection subscribed with its key.
-    Subscribe { doc: DocId, key: TimelineKey, storage_next: Lsn, digests: bool },
+    /// With `create`, a token that may write creates the document if it does not exist;
+    /// without, a missing document is answered `not_found` (a read, a status, an export of a
+    /// mistyped id leaves nothing behind). `Mutations` always create.
+    Subscribe { doc: DocId, key: TimelineKey, storage_next: Lsn, digests: bool, create: bool },
     /// Client: timeline entries `first, first+1, ...`.
     Mutations {
         doc: DocId,
@@ -383,7 +386,13 @@ mod tests {
         let peer = Peer { id: 9, subject: "s".into(), timeline: tl, value: vec![1] };
         let samples = vec![
             Message::Hello { version: PROTOCOL_VERSION, token: "t".into() },
-            Message::Subscribe { doc, key: TimelineKey([4; 32]), storage_next: lsn, digests: true },
+            Message::Subscribe {
+                doc,
+                key: TimelineKey([4; 32]),
+                storage_next: lsn,
+                digests: true,
+                create: true,
+            },
             Message::Mutations { doc, timeline: tl, first: lsn, entries: vec![vec![1, 2]] },
             Message::MutationsAck { doc, timeline: tl, next_expected: lsn, storage_next: lsn },
             Message::Storage { doc, first: lsn, entries: vec![entry] },
@@ -474,7 +483,7 @@ mod tests {
         let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (PROTOCOL_VERSION, digest.as_str()),
-            (12, "9a87a3c1f26e3397bbcd0fb290a043315ccc3610dbbe080657eeec72d7913681"),
+            (13, "bbfc340e602c77f4daed7aeae3b46fe0750479314378e48ea47c10ae8f4d40ad"),
             "the wire format changed: bump PROTOCOL_VERSION (and say why in docs/design.md's Hello row), \
              then pin the new version and digest here"
         );

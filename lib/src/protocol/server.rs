@@ -757,6 +757,17 @@ impl std::fmt::Debug for ServerSession {
     }
 }
 
+/// Whether `msg` creates its document when it does not exist: `Mutations`, and a `Subscribe`
+/// that asks to, from a grant that may write.
+fn creates(grant: Option<&Grant>, msg: &Message) -> bool {
+    let asked = match msg {
+        Message::Mutations { .. } => true,
+        Message::Subscribe { create, .. } => *create,
+        _ => false,
+    };
+    asked && grant.is_some_and(Grant::may_write)
+}
+
 fn error(doc: Option<DocId>, code: &str, message: impl Into<String>) -> Message {
     Message::Error { doc, code: code.into(), message: message.into() }
 }
@@ -1112,7 +1123,7 @@ impl ServerSession {
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
                 if !self.docs.contains_key(&doc) =>
             {
-                let create = c.grant.as_ref().is_some_and(Grant::may_write);
+                let create = creates(c.grant.as_ref(), &msg);
                 self.start_open(conn, now_ms, msg, doc, create)
             }
             Message::Subscribe { doc, .. } | Message::Mutations { doc, .. }
@@ -1120,7 +1131,7 @@ impl ServerSession {
             {
                 self.defer(conn, now_ms, msg)
             }
-            Message::Subscribe { doc, key, storage_next, digests } => {
+            Message::Subscribe { doc, key, storage_next, digests, .. } => {
                 self.subscribe(conn, doc, key.id(), storage_next, digests)
             }
             // A timeline's id is public (storage entries, presence); its key is not. Only a
@@ -1900,11 +1911,12 @@ impl ServerSession {
                 msg,
                 Message::MapPages { .. } | Message::ReadPages { .. } | Message::ReadHistory { .. }
             );
-            let creates = c.grant.as_ref().is_some_and(Grant::may_write) && !asks;
-            if matches!(failure, OpenFailure::NotFound) && creates {
+            let may_write = c.grant.as_ref().is_some_and(Grant::may_write);
+            if matches!(failure, OpenFailure::NotFound) && creates(c.grant.as_ref(), &msg) {
                 self.handle_message(conn, at, msg);
-            } else if matches!(failure, OpenFailure::NotFound) && asks {
-                // A read never creates a document, whatever the token may do.
+            } else if matches!(failure, OpenFailure::NotFound) && (asks || may_write) {
+                // A read, or a subscription that did not ask to create, never creates a
+                // document, whatever the token may do.
                 let text = format!("document {doc} does not exist");
                 c.outbox.push_back(error(Some(doc), codes::NOT_FOUND, text));
                 self.ready.insert(conn);
