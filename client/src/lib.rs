@@ -496,6 +496,29 @@ impl Client {
         self.open_with(doc, OpenOptions { create: true, wait }).await
     }
 
+    /// Closes `doc`'s replica and removes it, if it holds nothing: no entry from the server and
+    /// no write of its own (a tool that opened a document the server turned out not to have).
+    /// Done under the replica's lock, so no other process wrote to it meanwhile. Whether it
+    /// was removed; its `Document` handles fail from then on.
+    pub fn discard_if_empty(&self, doc: DocId) -> Result<bool> {
+        let mut session = self.shared.session();
+        let empty = session
+            .status(doc)
+            .is_some_and(|st| st.pending == 0 && st.storage_next == pagesync::journal::Lsn::FIRST);
+        if !empty {
+            return Ok(false);
+        }
+        drop(session.remove_document(doc));
+        let lock = {
+            let mut locks = self.shared.locks.lock().expect("BUG: lock poisoned");
+            let at = locks.iter().position(|(id, _)| *id == doc);
+            at.map(|at| locks.remove(at))
+        };
+        let removed = remove_replica_dir(&self.shared.data_dir.join(doc.to_string()));
+        drop((lock, session));
+        removed.map(|()| true)
+    }
+
     pub fn is_connected(&self) -> bool {
         *self.shared.connected.lock().expect("BUG: lock poisoned")
     }
@@ -1037,12 +1060,22 @@ pub fn forget(data_dir: impl AsRef<Path>, doc: DocId) -> Result<bool> {
             pagesync::journal::LockError::Held { dir, holder } => ClientError::ReplicaBusy { dir, holder },
             e => ClientError::Lock(e),
         })?;
-    std::fs::remove_dir_all(&dir).map_err(|error| ClientError::Io {
-        op: "remove the replica",
-        path: dir.clone(),
-        error,
-    })?;
+    remove_replica_dir(&dir)?;
     Ok(true)
+}
+
+/// Removes a replica's directory, whose lock the caller holds: first renamed aside, so that a
+/// process opening the replica meanwhile (its lock is a file inside) makes a new one rather
+/// than locking and writing into a directory being removed.
+fn remove_replica_dir(dir: &Path) -> Result<()> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = dir.with_file_name(format!(".{name}.removed-{}", std::process::id()));
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |error| ClientError::Io { op, path, error }
+    };
+    std::fs::rename(dir, &aside).map_err(io("move the replica aside", dir))?;
+    std::fs::remove_dir_all(&aside).map_err(io("remove the replica", &aside))
 }
 
 /// Writes down each open document's mutator definitions (as the server last sent them), so a

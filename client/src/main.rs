@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use pagesync::{DocId, MutationState, Value};
-use pagesync_client::{Client, OpenOptions};
+use pagesync_client::{Client, ClientError, OpenOptions};
 
 // `println!` and `print!` that end the process quietly when what reads the output has gone
 // (`pagesync status | head`): Rust ignores SIGPIPE, and the std macros panic then. (SIGPIPE
@@ -478,11 +478,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let done = command(args.command, &client, &doc, timeout).await;
     // A replica made by this command for a document the server refused (a mistyped id, one
     // outside the token) holds nothing: it goes, so a typo leaves no trace here either.
-    let st = doc.status();
-    let refused = st.error.as_ref().is_some_and(|(code, _)| refused_code(code));
-    if new_replica && refused && st.pending == 0 && st.storage_next == pagesync::journal::Lsn::FIRST {
-        drop((doc, client));
-        let _ = pagesync_client::forget(&args.data, doc_id);
+    // (A query's page requests may hear `not_found` before the subscription does.)
+    let refused = doc.status().error.is_some_and(|(code, _)| refused_code(&code))
+        || done.as_ref().err().and_then(|e| e.downcast_ref::<ClientError>()).is_some_and(refused_for_good);
+    if new_replica && refused {
+        let _ = client.discard_if_empty(doc_id);
     }
     done
 }

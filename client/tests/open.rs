@@ -1,7 +1,8 @@
 //! Opening a document that may not exist, against a real server: a replica opened without
 //! `create` is told `not_found` and makes nothing on the server, until it writes; its write
 //! then creates the document (the subscription asks again, to create), and another client
-//! opened the same way reads it.
+//! opened the same way reads it. A replica that holds nothing can be discarded; one that holds
+//! data cannot.
 
 mod support;
 
@@ -44,6 +45,17 @@ fn a_replica_opened_without_create_is_not_found_until_it_writes() {
     rt.block_on(db.sync(Duration::from_secs(10))).expect("b syncs the document that exists");
     let rows = db.query("SELECT x FROM t", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![pagesync::Value::Integer(1)]]);
+
+    // A replica that holds nothing goes with `discard_if_empty`; one holding a write stays.
+    let empty = DocId::from_u128(0x0e12);
+    let de = rt.block_on(a.open_with(empty, only_if_there)).expect("open");
+    assert!(rt.block_on(de.sync(Duration::from_secs(10))).is_err());
+    assert!(a.discard_if_empty(empty).expect("discard"), "an empty replica was kept");
+    assert!(!dir.path().join("a").join(empty.to_string()).exists());
+    assert!(de.execute("CREATE TABLE t(x)", vec![]).is_err(), "a discarded replica took a write");
+    assert!(!a.discard_if_empty(doc).expect("discard"), "a replica holding data was discarded");
+    assert!(dir.path().join("a").join(doc.to_string()).exists());
+    drop(de);
 
     drop((da, db, a, b));
     let _ = stop.send(());

@@ -1305,3 +1305,42 @@ fn deaf_subscribers_closed_by(progress: bool) -> i64 {
     assert_same_pages(&conns[DEAF as usize].1, &s, doc);
     closed_at.values().max().copied().expect("closed")
 }
+
+/// A subscription answered `not_found` is asked again at once only when the next one would
+/// differ: one that did not ask to create the document asks once a write is made; one that
+/// asked (a grant that may not write gets `not_found` all the same) waits for the keepalive,
+/// with no loop of subscriptions and answers in between.
+#[test]
+fn not_found_is_asked_again_at_once_only_by_a_subscription_that_would_create() {
+    let (asked, not_asked) = (DocId::from_u128(0x4f1), DocId::from_u128(0x4f2));
+    let mut c = client(&[asked, not_asked]);
+    c.set_create(not_asked, false);
+    c.connected(0);
+    let not_found =
+        |doc| Message::Error { doc: Some(doc), code: codes::NOT_FOUND.into(), message: "none".into() };
+    let subscribes = |c: &mut ClientSession| {
+        let sent: Vec<Message> = std::iter::from_fn(|| c.poll_transmit()).take(100).collect();
+        sent.into_iter()
+            .filter_map(|m| match m {
+                Message::Subscribe { doc, create, .. } => Some((doc, create)),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut first = subscribes(&mut c);
+    first.sort();
+    assert_eq!(first, vec![(asked, true), (not_asked, false)]);
+    for doc in [asked, not_asked] {
+        c.handle_frame(0, &not_found(doc).encode()).expect("error");
+    }
+    assert_eq!(subscribes(&mut c), vec![], "a not_found was asked again at once");
+    for (doc, why) in [(asked, "asked"), (not_asked, "did not ask")] {
+        let error = c.status(doc).expect("status").error.map(|(code, _)| code);
+        assert_eq!(error.as_deref(), Some(codes::NOT_FOUND), "the one that {why} shows the answer");
+    }
+
+    c.mutate(not_asked, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    c.mutate(asked, sql("CREATE TABLE t(x)", vec![]), T0, 1).expect("mutate");
+    assert_eq!(subscribes(&mut c), vec![(not_asked, true)], "a write asks to create, once");
+    assert_eq!(subscribes(&mut c), vec![]);
+}

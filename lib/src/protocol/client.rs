@@ -125,8 +125,12 @@ struct Link {
     /// Its `Subscribe` asks the server to create the document if it does not exist (see
     /// `ClientSession::set_create`); one holding writes not yet confirmed asks either way.
     create: bool,
+    /// The last `Subscribe` asked to create the document.
+    asked_create: bool,
     /// The server answered `not_found` to a `Subscribe` that did not ask to create it: one
-    /// that asks goes as soon as it would (a write was made, or `set_create`).
+    /// that asks goes as soon as it would (a write was made, or `set_create`). (One that
+    /// asked and got `not_found`, from a grant that may not write, is not asked again before
+    /// the keepalive: the answer would be the same.)
     missing: bool,
     /// When the last broadcast went: the next waits `BROADCAST_PACE_MS`, so the server (which
     /// refuses more than one per `MIN_BROADCAST_MS`) never drops the latest value.
@@ -145,6 +149,17 @@ struct Link {
 const HEAD_RESEND_MS: i64 = 1_000;
 
 impl Link {
+    /// Whether its `Subscribe` asks the server to create a missing document.
+    fn asks_create(&self) -> bool {
+        self.create || self.doc.pending_count() > 0
+    }
+
+    /// Answered `not_found` without asking to create, and now it would ask: a `Subscribe`
+    /// that does is due.
+    fn asks_again(&self) -> bool {
+        self.missing && self.asks_create()
+    }
+
     /// A new connection for this document: everything is said again.
     fn reset(&mut self, now_ms: i64) {
         self.state = self.state.on(SubEvent::Reset);
@@ -242,6 +257,7 @@ impl ClientSession {
             broadcast_due: false,
             deleted: false,
             create: true,
+            asked_create: false,
             missing: false,
             broadcast_at: None,
             head_asked: 0,
@@ -341,7 +357,8 @@ impl ClientSession {
 
     /// The document's error, then the connection's, where there are.
     fn errors(&self, id: DocId) -> impl Iterator<Item = &(String, String)> {
-        let doc = self.links.get(&id).and_then(|l| l.error.as_ref());
+        // A `not_found` about to be asked again, asking to create, is moot already.
+        let doc = self.links.get(&id).filter(|l| !l.asks_again()).and_then(|l| l.error.as_ref());
         [doc, self.conn_error.as_ref()].into_iter().flatten()
     }
 
@@ -839,7 +856,7 @@ impl ClientSession {
                     link.deleted = true;
                     self.deletions += 1;
                 }
-                link.missing = code == super::codes::NOT_FOUND;
+                link.missing = code == super::codes::NOT_FOUND && !link.asked_create;
                 link.error = Some((code, message));
             }
             _ => {}
@@ -1020,10 +1037,7 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
     if l.deleted {
         return None;
     }
-    let create = l.create || l.doc.pending_count() > 0;
-    if l.missing && create {
-        // Answered `not_found` without asking to create: now it asks.
-        l.missing = false;
+    if l.asks_again() {
         l.error = None;
         l.reset(now_ms);
     }
@@ -1035,6 +1049,11 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
             return None;
         };
         l.state = l.state.on(SubEvent::Sent { now_ms });
+        // Its answer says anew whether the document is missing: a `not_found` to an earlier
+        // one that arrives after a `Subscribe` asking to create would otherwise be taken
+        // for this one's.
+        let create = l.asks_create();
+        (l.asked_create, l.missing) = (create, false);
         let storage_next = l.doc.storage_range().next();
         return Some(Message::Subscribe { doc: id, key, storage_next, digests: l.digests, create });
     }
