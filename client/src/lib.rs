@@ -209,7 +209,6 @@ impl Shared {
     }
 }
 
-/// A connection to one server, shared by every document opened through it.
 /// How `Client::open_with` opens a document.
 #[derive(Clone, Copy, Debug)]
 pub struct OpenOptions {
@@ -226,6 +225,7 @@ impl Default for OpenOptions {
     }
 }
 
+/// A connection to one server, shared by every document opened through it.
 pub struct Client {
     shared: Arc<Shared>,
     driver: tokio::task::JoinHandle<()>,
