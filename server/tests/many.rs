@@ -63,8 +63,7 @@ async fn a_thousand_documents_across_a_hundred_connections() {
         for d in 0..DOCS_PER_CONN {
             let doc = DocId::from_u128(1 + c as u128 * DOCS_PER_CONN + d);
             let key = TimelineKey([c as u8 + 1; 32]);
-            send(ws, Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true })
-                .await;
+            send(ws, subscribe(doc, key)).await;
         }
     }
     for ws in &mut sockets {
@@ -102,17 +101,7 @@ async fn a_thousand_documents_across_a_hundred_connections() {
     // Still open and working after shrinking: one more subscription is answered.
     let ws = &mut sockets[0];
     let doc = DocId::from_u128(1);
-    send(
-        ws,
-        Message::Subscribe {
-            doc,
-            key: TimelineKey([1; 32]),
-            storage_next: Lsn::FIRST,
-            digests: false,
-            create: true,
-        },
-    )
-    .await;
+    send(ws, subscribe(doc, TimelineKey([1; 32]))).await;
     assert!(matches!(next_reply(ws).await, Some(Message::MutationsAck { .. })));
 }
 
@@ -123,17 +112,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     let _server = start(port, &format!("file://{}", dir.path().display()));
     let doc = DocId::from_u128(0x600d);
     let mut good = connect(port).await;
-    send(
-        &mut good,
-        Message::Subscribe {
-            doc,
-            key: TimelineKey([1; 32]),
-            storage_next: Lsn::FIRST,
-            digests: false,
-            create: true,
-        },
-    )
-    .await;
+    send(&mut good, subscribe(doc, TimelineKey([1; 32]))).await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })));
 
     // Garbage: an error saying why, then the server closes that connection.
@@ -159,13 +138,12 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     assert!(matches!(next_reply(&mut text).await, Some(Message::Error { .. })));
 
     // The well-behaved connection and its document carry on.
-    let ping = Message::Subscribe {
-        doc,
-        key: TimelineKey([1; 32]),
-        storage_next: Lsn::FIRST,
-        digests: false,
-        create: true,
-    };
+    let ping = subscribe(doc, TimelineKey([1; 32]));
     send(&mut good, ping).await;
     assert!(matches!(next_reply(&mut good).await, Some(Message::MutationsAck { .. })), "still served");
+}
+
+/// A subscription from the first LSN, without confirmations by digest, that may create.
+fn subscribe(doc: DocId, key: TimelineKey) -> Message {
+    Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true }
 }
