@@ -175,6 +175,9 @@ struct Request {
     /// that a bad one gets an answer saying what is wrong, not a closed socket.
     ws_key: bool,
     ws_version: Option<String>,
+    /// Its `Host` and `Origin` headers, as sent.
+    host: Option<String>,
+    origin: Option<String>,
 }
 
 /// Serves one connection. Until it said `Hello` (or, for plain HTTP, until it is answered) it
@@ -223,6 +226,12 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         respond(stream, "400 Bad Request", "text/plain", "malformed request line\n").await;
         return None;
     };
+    if routes.auth_secret.is_none()
+        && let Some(why) = off_loopback(&req)
+    {
+        respond(stream, "403 Forbidden", "text/plain", format!("{why}\n")).await;
+        return None;
+    }
     // Each route's methods; the others get 405 naming them.
     let allowed: &[&str] = match req.path.as_str() {
         "/v1/sync" | "/metrics" => &["GET"],
@@ -348,6 +357,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
     let (mut websocket, mut ws_key, mut ws_version) = (false, false, None);
+    let (mut host, mut origin) = (None, None);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else { continue };
         let (name, value) = (name.trim(), value.trim());
@@ -363,10 +373,57 @@ fn parse_head(head: &[u8]) -> Option<Request> {
             ws_key = !value.is_empty();
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             ws_version = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("host") {
+            host = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("origin") {
+            origin = Some(value.to_owned());
         }
     }
     let (method, path, query) = (method.to_owned(), path.to_owned(), query.to_owned());
-    Some(Request { method, path, query, token, websocket, ws_key, ws_version })
+    Some(Request { method, path, query, token, websocket, ws_key, ws_version, host, origin })
+}
+
+/// Why a server without an auth secret refuses `req`, if it does. Such a server listens on
+/// loopback only, and everything it holds is open to whoever reaches it: so only local
+/// programs and pages on a loopback origin may. A web page elsewhere that the user opened
+/// could otherwise read and write every document through the user's browser (a websocket is
+/// not held to the same-origin policy, and a cross-origin `fetch` of a GET is sent), and a
+/// name that an attacker's DNS points at 127.0.0.1 would reach it as that page's own origin
+/// (DNS rebinding): hence the `Origin` and the `Host` are checked.
+fn off_loopback(req: &Request) -> Option<String> {
+    if let Some(host) = req.host.as_deref().filter(|h| !loopback_authority(h)) {
+        return Some(format!(
+            "this server has no auth secret and answers only requests addressed to a loopback name (localhost, 127.0.0.1, [::1]), not {:?}: give it --auth-secret-file to serve other names",
+            clip(host)
+        ));
+    }
+    let origin = req.origin.as_deref()?;
+    let authority = ["http://", "https://"].iter().find_map(|scheme| {
+        origin.get(..scheme.len()).filter(|s| s.eq_ignore_ascii_case(scheme)).map(|_| &origin[scheme.len()..])
+    });
+    if authority.is_some_and(loopback_authority) {
+        return None;
+    }
+    Some(format!(
+        "this server has no auth secret and serves only pages on a loopback origin (http://localhost:PORT, http://127.0.0.1:PORT), not {:?}: give it --auth-secret-file to serve other origins",
+        clip(origin)
+    ))
+}
+
+/// Whether `authority` (`host[:port]`) names this machine's loopback: `localhost` (or a name
+/// under it, RFC 6761), `127.0.0.0/8` or `[::1]`.
+fn loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        },
+        None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+    };
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 type Refusal = (&'static str, String);

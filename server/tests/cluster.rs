@@ -99,7 +99,7 @@ fn http_get(port: u16, path: &str) -> (String, Vec<u8>) {
 fn http_request(port: u16, method: &str, path: &str) -> (String, Vec<u8>) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("write");
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).expect("read");
     let end = reply.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;

@@ -29,7 +29,7 @@ const SECRET: &[u8] = b"an edge test secret of at least 32 bytes";
 fn get(port: u16, path: &str, headers: &str) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\n{headers}\r\n").expect("write");
+    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n{headers}\r\n").expect("write");
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("read the answer (the server must not reset the connection)");
     let text = String::from_utf8_lossy(&out);
@@ -888,7 +888,7 @@ async fn http_methods_heads_and_handshakes_get_answers() {
         ("POST", format!("/v1/docs/{doc}/history"), "GET, OPTIONS"),
         ("POST", "/v1/sync".to_owned(), "GET"),
     ] {
-        let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes());
+        let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes());
         assert!(answer.starts_with("HTTP/1.1 405"), "{method} {path}: {answer}");
         assert!(answer.contains(&format!("allow: {allow}\r\n")), "{method} {path}: {answer}");
     }
@@ -900,15 +900,15 @@ async fn http_methods_heads_and_handshakes_get_answers() {
         ("DELETE", format!("/v1/docs/{doc}?force=1"), "\"force\""),
         ("GET", format!("/v1/docs/{doc}/history?at=1"), "\"at\""),
     ] {
-        let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes());
+        let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes());
         assert!(answer.starts_with("HTTP/1.1 400") && answer.contains(what), "{method} {path}: {answer}");
         assert!(answer.len() < 400, "the parameter is echoed whole: {answer}");
     }
-    let answer = raw(port, b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    let answer = raw(port, b"HEAD /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\n"), "{answer}");
     assert!(answer.contains("content-length: 3\r\n"), "HEAD's length is not GET's: {answer}");
     let started = Instant::now();
-    let answer = raw(port, b"GET /healthz HTTP/1.1\nhost: x\n\n");
+    let answer = raw(port, b"GET /healthz HTTP/1.1\nhost: localhost\n\n");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
     assert!(started.elapsed() < Duration::from_secs(2), "a bare-LF head waited {:?}", started.elapsed());
     // The bound is on the head, to the byte: one under it is served, one over it is not.
@@ -918,7 +918,7 @@ async fn http_methods_heads_and_handshakes_get_answers() {
     };
     assert!(raw(port, head(16 << 10).as_bytes()).starts_with("HTTP/1.1 200"));
     assert!(raw(port, head((16 << 10) + 1).as_bytes()).starts_with("HTTP/1.1 431"));
-    let ws = "GET /v1/sync HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: upgrade\r\n";
+    let ws = "GET /v1/sync HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: upgrade\r\n";
     let answer = raw(
         port,
         format!("{ws}sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 8\r\n\r\n")
@@ -961,4 +961,55 @@ async fn the_error_that_closes_a_connection_arrives_after_what_was_queued() {
             other => panic!("round {round}: the connection ended without its error: {other:?}"),
         }
     }
+}
+
+/// A server without an auth secret serves local programs and pages on a loopback origin only:
+/// a page elsewhere that the user opened (its `Origin`) and a name an attacker pointed at
+/// 127.0.0.1 (its `Host`: DNS rebinding) get 403 on every route, the websocket included, so
+/// neither reads nor writes a document through the user's browser. With a secret, the token
+/// decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_secret_only_loopback_names_and_origins_are_served() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let a = DocId::from_u128(0xa);
+    write(port, "", a, 1, "CREATE TABLE t(x)").await;
+    let status = |answer: &str| answer.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let routes = [format!("/v1/docs/{a}/export"), format!("/v1/docs/{a}/history"), "/healthz".into()];
+    for route in &routes {
+        for (host, origin, want) in [
+            ("localhost:1", "", "200"),
+            ("127.0.0.1", "origin: http://localhost:3000\r\n", "200"),
+            ("[::1]:8787", "origin: https://app.localhost\r\n", "200"),
+            ("attacker.example", "", "403"),
+            ("127.0.0.1.attacker.example", "", "403"),
+            ("localhost", "origin: http://attacker.example\r\n", "403"),
+            ("localhost", "origin: http://localhost.attacker.example:80\r\n", "403"),
+            ("localhost", "origin: null\r\n", "403"),
+        ] {
+            let answer =
+                raw(port, format!("GET {route} HTTP/1.1\r\nhost: {host}\r\n{origin}\r\n").as_bytes());
+            assert_eq!(status(&answer), want, "{route}, host {host}, {origin}: {answer}");
+        }
+    }
+    let ws = |origin: &'static str| async move {
+        let mut req = format!("ws://127.0.0.1:{port}/v1/sync").into_client_request().expect("request");
+        req.headers_mut().insert("origin", origin.parse().expect("header"));
+        tokio_tungstenite::connect_async(req).await
+    };
+    assert!(ws("http://127.0.0.1:5173").await.is_ok(), "a page on a loopback origin connects");
+    match ws("http://attacker.example").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(answer)) => assert_eq!(answer.status(), 403),
+        other => panic!("a page elsewhere connected: {other:?}"),
+    }
+
+    // With a secret, any origin and name may try: the token decides.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_file(dir.path());
+    let journal = format!("file://{}", dir.path().join("store").display());
+    let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret]);
+    let answer =
+        raw(port, b"GET /healthz HTTP/1.1\r\nhost: pagesync.example\r\norigin: https://app.example\r\n\r\n");
+    assert_eq!(status(&answer), "200", "{answer}");
 }

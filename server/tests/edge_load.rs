@@ -124,7 +124,11 @@ async fn the_edge_holds_under_hostile_load() {
             while socks.len() < routes.len() * n_slow {
                 let route = routes[socks.len() % routes.len()];
                 if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
-                    socks.push((s, format!("GET {route} HTTP/1.1\r\nhost: x\r\n\r\n").into_bytes(), 0));
+                    socks.push((
+                        s,
+                        format!("GET {route} HTTP/1.1\r\nhost: localhost\r\n\r\n").into_bytes(),
+                        0,
+                    ));
                 }
             }
             // One byte each per second; a closed one is replaced.

@@ -267,7 +267,7 @@ async fn hostile_sql_is_refused_or_stopped_and_hurts_nobody_else() {
 async fn http_get(port: u16, path: &str) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("request");
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.expect("response");

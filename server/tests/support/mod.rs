@@ -112,7 +112,7 @@ pub fn http_request(port: u16, method: &str, path: &str, token: Option<&str>) ->
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nhost: x\r\n{auth}\r\n").expect("write");
+    write!(s, "{method} {path} HTTP/1.1\r\nhost: localhost\r\n{auth}\r\n").expect("write");
     let mut out = Vec::new();
     s.read_to_end(&mut out).expect("read");
     let text = String::from_utf8_lossy(&out).into_owned();

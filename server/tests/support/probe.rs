@@ -12,7 +12,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 pub fn metric(port: u16, name: &str) -> u64 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").expect("write");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("write");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read");
     let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).expect("metric present");
