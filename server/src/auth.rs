@@ -128,6 +128,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
             subject: Default::default(),
             admin,
             calls,
+            expires_ms: Some(claims.exp.saturating_mul(1000)),
         });
     }
     let doc_prefix = match claims.doc.strip_suffix('*') {
@@ -145,6 +146,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
         subject,
         admin: claims.admin,
         calls: claims.call.clone(),
+        expires_ms: Some(claims.exp.saturating_mul(1000)),
     })
 }
 

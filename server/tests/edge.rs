@@ -1013,3 +1013,46 @@ async fn without_a_secret_only_loopback_names_and_origins_are_served() {
         raw(port, b"GET /healthz HTTP/1.1\r\nhost: pagesync.example\r\norigin: https://app.example\r\n\r\n");
     assert_eq!(status(&answer), "200", "{answer}");
 }
+
+/// A token is good until it expires, not for as long as its connection lasts: at its `exp`
+/// the server closes the connection `unauthorized`, though the client said nothing since
+/// (a subscription would otherwise go on receiving, and a prefix grant go on opening and
+/// creating documents, for as long as the socket stays up); a new connection with it is
+/// refused at `Hello`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expires_on_a_connection_already_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("store");
+    let secret = secret_file(dir.path());
+    let (_server, port) =
+        start_on_any_port(&format!("file://{}", store.display()), &["--auth-secret-file", &secret]);
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let exp = now_s as i64 + 2;
+    let claims =
+        Claims { doc: "*".into(), write: true, exp, metrics: false, admin: false, sub: None, call: None };
+    let short = mint(SECRET, &claims);
+    let mut ws = connect(port, &short).await;
+    let (doc, key) = (DocId::from_u128(0xe1), TimelineKey([3; 32]));
+    let subscribe = Message::Subscribe { doc, key, storage_next: Lsn::FIRST, digests: false, create: true };
+    send(&mut ws, subscribe.clone()).await;
+    assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })), "served before exp");
+
+    // Nothing more is said; the server closes the connection at exp.
+    let started = Instant::now();
+    match next_reply(&mut ws).await {
+        Some(Message::Error { code, message, .. }) => {
+            assert_eq!(code, codes::UNAUTHORIZED, "{message}");
+            assert!(message.contains("expired"), "{message}");
+        }
+        other => panic!("expected the connection closed as unauthorized, got {other:?}"),
+    }
+    assert!(next_reply(&mut ws).await.is_none(), "the connection stays open after its token expired");
+    assert!(started.elapsed() < Duration::from_secs(10), "closed long after exp: {:?}", started.elapsed());
+
+    let mut again = connect(port, &short).await;
+    send(&mut again, subscribe).await;
+    match next_reply(&mut again).await {
+        Some(Message::Error { code, .. }) => assert_eq!(code, codes::UNAUTHORIZED),
+        other => panic!("an expired token was let in: {other:?}"),
+    }
+}

@@ -53,6 +53,10 @@ pub struct Grant {
     /// Mutators it may call (its `call` claim; `*` every one). With `write` false, these are
     /// all it may send.
     pub calls: Option<Vec<String>>,
+    /// When the token expires (its `exp` claim, in ms): then its connection is closed
+    /// `unauthorized` (`ServerSession::poll_timeout` says when), and any message it sent
+    /// after is refused so. `None`: never.
+    pub expires_ms: Option<i64>,
 }
 
 impl Grant {
@@ -64,7 +68,13 @@ impl Grant {
             subject: String::new(),
             admin: true,
             calls: Some(vec!["*".into()]),
+            expires_ms: None,
         }
+    }
+
+    /// Whether the token it came from has expired at `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_ms.is_some_and(|at| now_ms >= at)
     }
 
     /// May send mutations at all: raw SQL, or calls of some mutators.
@@ -768,6 +778,11 @@ fn creates(grant: Option<&Grant>, msg: &Message) -> bool {
     asked && grant.is_some_and(Grant::may_write)
 }
 
+/// What closes a connection whose token expired.
+fn expired() -> Message {
+    error(None, codes::UNAUTHORIZED, "the token expired while connected; connect again with a new one")
+}
+
 fn error(doc: Option<DocId>, code: &str, message: impl Into<String>) -> Message {
     Message::Error { doc, code: code.into(), message: message.into() }
 }
@@ -1066,6 +1081,8 @@ impl ServerSession {
                 // and the client, told so, says Hello again and re-subscribes.
                 c.outbox.push_back(error(None, codes::NOT_HELLO, "the first message must be Hello"))
             }
+            // A token is good until it expires, not for as long as its connection lasts.
+            _ if c.grant.as_ref().is_some_and(|g| g.expired(now_ms)) => self.fail(conn, expired()),
             Message::Subscribe { doc, .. }
             | Message::Mutations { doc, .. }
             | Message::MapPages { doc, .. }
@@ -1559,6 +1576,19 @@ impl ServerSession {
             }
         }
         self.close_slow_readers();
+        self.close_expired();
+    }
+
+    /// Closes the connections whose token has expired, after what they had queued.
+    fn close_expired(&mut self) {
+        let now = self.now_ms;
+        for (id, c) in self.conns.iter_mut().filter(|(_, c)| !c.closing) {
+            if c.grant.as_ref().is_some_and(|g| g.expired(now)) {
+                c.outbox.push_back(expired());
+                c.closing = true;
+                self.ready.insert(*id);
+            }
+        }
     }
 
     /// Rewinds `conn`'s windows whose batches went unacknowledged too long and ends its read
@@ -2082,7 +2112,9 @@ impl ServerSession {
                 .filter(|c| !c.closing)
                 .flat_map(move |c| Self::stall_deadline(c, p).into_iter().chain(Self::idle_deadline(c, p)))
         });
-        steps.into_iter().chain(resends).chain(held).chain(blocked).chain(stalled).min()
+        let expiries =
+            self.conns.values().filter(|c| !c.closing).filter_map(|c| c.grant.as_ref()?.expires_ms);
+        steps.into_iter().chain(resends).chain(held).chain(blocked).chain(stalled).chain(expiries).min()
     }
 
     /// The next message to send, and its connection. Fair: round-robin over connections, and
