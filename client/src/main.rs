@@ -32,6 +32,22 @@ macro_rules! print {
     }};
 }
 
+// `eprintln!` and `eprint!` that carry on when stderr has gone (`pagesync ... 2>&1 | head -c
+// 10`): the std macros panic then, and there is nobody left to tell.
+macro_rules! eprintln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+macro_rules! eprint {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+
 fn stdout_failed(e: std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);

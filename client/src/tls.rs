@@ -9,8 +9,22 @@ use tokio_tungstenite::tungstenite::http::Uri;
 /// The host and port `url` connects to (the port its scheme implies when it names none), the
 /// host without an IPv6 literal's brackets.
 pub(crate) fn host_port(url: &str) -> Result<(String, u16), String> {
-    let bad =
-        |why: &str| format!("bad server URL {url}: {why} (a server's is ws://HOST:PORT/v1/sync, or wss://)");
+    // A password in the URL is never printed back.
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    let authority_end = url[after_scheme..].find(['/', '?', '#']).map_or(url.len(), |at| after_scheme + at);
+    let userinfo = url[after_scheme..authority_end].rfind('@').map(|at| after_scheme + at);
+    let shown = match userinfo {
+        Some(at) => format!("{}***{}", &url[..after_scheme], &url[at..]),
+        None => url.to_owned(),
+    };
+    let bad = |why: &str| {
+        format!("bad server URL {shown}: {why} (a server's is ws://HOST:PORT/v1/sync, or wss://)")
+    };
+    if userinfo.is_some() {
+        return Err(bad(
+            "a user or password in the URL is not sent; pass a token with --token (or PAGESYNC_TOKEN)",
+        ));
+    }
     let uri = url.parse::<Uri>().map_err(|e| bad(&e.to_string()))?;
     let default_port = match uri.scheme_str() {
         Some(s) if s.eq_ignore_ascii_case("ws") => 80,
@@ -82,8 +96,6 @@ mod tests {
             ("wss://example.com/v1/sync", ("example.com", 443)),
             ("WS://[::1]:9000/v1/sync", ("::1", 9000)),
             ("ws://[::1]/v1/sync", ("::1", 80)),
-            ("ws://user:pw@127.0.0.1/v1/sync", ("127.0.0.1", 80)),
-            ("ws://user:pw@[::1]:81/v1/sync", ("::1", 81)),
         ] {
             let (host, port) = host_port(url).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert_eq!((host.as_str(), port), want, "{url}");
@@ -96,5 +108,13 @@ mod tests {
         ] {
             assert!(host_port(url).is_err(), "{url}");
         }
+        // Credentials in the URL would not be sent: refused, and the password is not shown.
+        for url in
+            ["ws://user:hunter2@127.0.0.1/v1/sync", "ws://user:hunter2@[::1]:81/v1/sync", "wss://hunter2@h/"]
+        {
+            let why = host_port(url).expect_err(url);
+            assert!(!why.contains("hunter2") && why.contains("--token"), "{why}");
+        }
+        assert!(host_port("ws://127.0.0.1/v1/sync?at=x@y").is_ok(), "an @ after the host is not a user");
     }
 }

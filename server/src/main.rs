@@ -477,11 +477,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             // A token that could never open anything is a typo, not a token.
             auth::check_doc_claim(doc).map_err(|e| anyhow::anyhow!("--doc {doc:?}: {e}"))?;
         }
+        let ttl = auth::parse_ttl(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+        if ttl == 0 {
+            anyhow::bail!("--ttl: a token that lives 0 seconds is expired already");
+        }
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
         let claims = auth::Claims {
             doc: doc.clone().unwrap_or_else(|| auth::NO_DOC.into()),
             write: *write,
-            exp: now + auth::parse_ttl(ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?,
+            exp: now.saturating_add(ttl),
             metrics: *metrics,
             sub: sub.clone(),
             admin: *admin,

@@ -835,12 +835,12 @@ async fn unusable_settings_and_tokens_are_refused_up_front() {
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).expect("secret");
     let secret = secret.to_str().expect("utf-8");
-    for doc in ["nothex", "abc*x", "0123"] {
+    for (doc, ttl) in [("nothex", "1h"), ("abc*x", "1h"), ("0123", "1h"), ("0123*", "0s"), ("0123*", "0d")] {
         let out = Command::new(bin)
-            .args(["--auth-secret-file", secret, "token", "--doc", doc, "--ttl", "1h"])
+            .args(["--auth-secret-file", secret, "token", "--doc", doc, "--ttl", ttl])
             .output()
             .expect("token");
-        assert!(!out.status.success(), "a token minted for --doc {doc}");
+        assert!(!out.status.success(), "a token minted for --doc {doc} --ttl {ttl}");
     }
     // A metrics-only token opens no document: forbidden, like on every other route.
     let (_server, port) = start_on_any_port(&store, &["--auth-secret-file", secret]);
