@@ -100,7 +100,20 @@ pub fn verify_claims(secret: &[u8], token: &str, now_ms: i64) -> Result<Claims, 
     if claims.exp.saturating_mul(1000) <= now_ms {
         return Err(format!("the token expired at {} (unix seconds); mint a new one", claims.exp));
     }
+    let NotBefore { nbf } =
+        serde_json::from_slice(&body).map_err(|e| format!("malformed token claims: {e}"))?;
+    if let Some(nbf) = nbf.filter(|nbf| nbf.saturating_mul(1000) > now_ms) {
+        return Err(format!("the token is not valid before {nbf} (unix seconds)"));
+    }
     Ok(claims)
+}
+
+/// A token's `nbf` claim (RFC 7519, 4.1.5): `pagesync-server token` never sets one, but a
+/// token minted elsewhere may, and it is honoured.
+#[derive(serde::Deserialize)]
+struct NotBefore {
+    #[serde(default)]
+    nbf: Option<i64>,
 }
 
 /// The `doc` claim of a token that names no document (`token --metrics` alone): a name no
@@ -214,6 +227,17 @@ mod tests {
         );
         assert!(verify(SECRET, "a.b", 0).is_err());
         assert!(verify(SECRET, "", 0).expect_err("empty").contains("requires a token"));
+        // A `nbf` in the future (set by another minter) is honoured; one in the past is fine.
+        let signed = |body: &str| {
+            let input = format!("{}.{}", B64.encode(HEADER), B64.encode(body));
+            let mut m = mac(SECRET);
+            m.update(input.as_bytes());
+            format!("{input}.{}", B64.encode(m.finalize().into_bytes()))
+        };
+        let early = signed(r#"{"doc":"*","exp":4000000000,"nbf":3000000000}"#);
+        assert!(verify(SECRET, &early, 2_000_000_000_000).expect_err("nbf").contains("not valid before"));
+        assert!(verify(SECRET, &early, 3_000_000_000_000).is_ok());
+        assert!(verify(SECRET, &signed(r#"{"doc":"*","exp":4000000000,"nbf":"x"}"#), 0).is_err());
         let mut tampered = token.clone();
         tampered.replace_range(40..41, if &token[40..41] == "A" { "B" } else { "A" });
         assert!(verify(SECRET, &tampered, 0).is_err());
