@@ -354,7 +354,24 @@ fn parse_head(head: &[u8]) -> Option<Request> {
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let mut parts = lines.next()?.split_whitespace();
     let (method, target) = (parts.next()?, parts.next()?);
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    // The absolute form (`GET http://host/path`), which a server must accept (RFC 9112,
+    // 3.2.2): its authority stands for the `Host` header.
+    let scheme = ["http://", "https://"]
+        .into_iter()
+        .find(|s| target.get(..s.len()).is_some_and(|t| t.eq_ignore_ascii_case(s)));
+    let (absolute_host, target) = match scheme {
+        Some(scheme) => {
+            let rest = &target[scheme.len()..];
+            let at = rest.find(['/', '?']).unwrap_or(rest.len());
+            let path = match &rest[at..] {
+                p if p.starts_with('/') => p.to_owned(),
+                p => format!("/{p}"),
+            };
+            (Some(rest[..at].to_owned()), std::borrow::Cow::Owned(path))
+        }
+        None => (None, std::borrow::Cow::Borrowed(target)),
+    };
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
     let (mut websocket, mut ws_key, mut ws_version) = (false, false, None);
     let (mut host, mut origin) = (None, None);
@@ -378,6 +395,9 @@ fn parse_head(head: &[u8]) -> Option<Request> {
         } else if name.eq_ignore_ascii_case("origin") {
             origin = Some(value.to_owned());
         }
+    }
+    if absolute_host.is_some() {
+        host = absolute_host;
     }
     let (method, path, query) = (method.to_owned(), path.to_owned(), query.to_owned());
     Some(Request { method, path, query, token, websocket, ws_key, ws_version, host, origin })

@@ -993,6 +993,13 @@ async fn without_a_secret_only_loopback_names_and_origins_are_served() {
             assert_eq!(status(&answer), want, "{route}, host {host}, {origin}: {answer}");
         }
     }
+    // The absolute form is taken (RFC 9112), its authority standing for the Host.
+    let absolute = |authority: &str| {
+        let request = format!("GET http://{authority}/healthz?x=1 HTTP/1.1\r\nhost: localhost\r\n\r\n");
+        status(&raw(port, request.as_bytes()))
+    };
+    assert_eq!(absolute("127.0.0.1:1"), "200");
+    assert_eq!(absolute("attacker.example"), "403", "the Host header stood for the target's authority");
     let ws = |origin: &'static str| async move {
         let mut req = format!("ws://127.0.0.1:{port}/v1/sync").into_client_request().expect("request");
         req.headers_mut().insert("origin", origin.parse().expect("header"));
