@@ -678,6 +678,9 @@ impl Drop for Disconnect {
 
 /// Refuses any query parameter but `token`, naming it and saying what to do instead.
 fn only_token(query: &str, instead: &str) -> Result<(), String> {
+    if query.split('&').filter(|kv| kv.starts_with("token=")).count() > 1 {
+        return Err("token= is given twice\n".into());
+    }
     let unknown = query
         .split('&')
         .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
@@ -696,8 +699,14 @@ fn clip(s: &str) -> String {
 /// `since=TIME&after=CURSOR&limit=N`, each optional.
 fn history_query(query: &str) -> Result<pagesync::history::HistoryQuery, String> {
     let mut q = pagesync::history::HistoryQuery::default();
+    let mut seen = Vec::new();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        // Which of two would count is a guess: neither.
+        if seen.contains(&k) {
+            return Err(format!("{:?} is given twice", clip(k)));
+        }
+        seen.push(k);
         let v = percent_decode(v).ok_or_else(|| format!("{k}: not a valid percent-encoded value"))?;
         match k {
             "since" => q.since_ms = Some(pagesync::history::parse_time(&v)?),

@@ -899,6 +899,9 @@ async fn http_methods_heads_and_handshakes_get_answers() {
         ("GET", format!("/v1/docs/{doc}/export?token=&{}", "z".repeat(500)), "\"zzz"),
         ("DELETE", format!("/v1/docs/{doc}?force=1"), "\"force\""),
         ("GET", format!("/v1/docs/{doc}/history?at=1"), "\"at\""),
+        // Which of two would count is a guess: neither.
+        ("GET", format!("/v1/docs/{doc}/history?limit=1&limit=2"), "\"limit\" is given twice"),
+        ("GET", format!("/v1/docs/{doc}/export?token=a&token=b"), "token= is given twice"),
     ] {
         let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes());
         assert!(answer.starts_with("HTTP/1.1 400") && answer.contains(what), "{method} {path}: {answer}");
