@@ -1259,12 +1259,17 @@ async fn keep_route(route: Route, homes: Vec<String>, shared: Arc<Shared>) {
             .max_frame_size(Some(pagesync::protocol::MAX_FRAME_BYTES));
         match connect(&url, config).await {
             Ok(ws) => {
-                (backoff, failures) = (MIN_BACKOFF, 0);
+                failures = 0;
                 if route.is_none() {
                     *shared.connect_error.lock().expect("BUG") = None;
                     shared.session().set_home_url(&url);
                 }
                 run_connection(ws, &shared, &route).await;
+                // A connection the server refused (a token that expired while it was open, or
+                // one it does not take) is backed off like one that could not be made.
+                if !shared.session().refused_for_good() {
+                    backoff = MIN_BACKOFF;
+                }
             }
             Err(failed) => {
                 failures += 1;

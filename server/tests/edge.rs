@@ -1066,3 +1066,42 @@ async fn a_token_expires_on_a_connection_already_open() {
         other => panic!("an expired token was let in: {other:?}"),
     }
 }
+
+/// A client whose token expires while it is connected backs off: closed `unauthorized` at
+/// `exp`, it is refused at `Hello` on every attempt after, and it does not connect again at
+/// once each time (the backoff used to start over at every handshake the server took, which
+/// made about seven connections a second, forever); its document says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_token_expired_backs_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_file(dir.path());
+    let journal = format!("file://{}", dir.path().join("store").display());
+    let (_server, port) = start_on_any_port(&journal, &["--auth-secret-file", &secret]);
+    let now_ms =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis();
+    let exp = (now_ms() / 1000) as i64 + 2;
+    let claims =
+        Claims { doc: "*".into(), write: true, exp, metrics: false, admin: false, sub: None, call: None };
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let client =
+        pagesync_client::Client::connect(&url, &mint(SECRET, &claims), dir.path().join("c")).expect("client");
+    let doc = client.open(DocId::from_u128(0xe2)).expect("open");
+    doc.execute("CREATE TABLE t(x)", vec![]).expect("write");
+    doc.sync(Duration::from_secs(10)).await.expect("synced before exp");
+
+    let connections = || {
+        let (_, body) =
+            get(port, "/metrics", &format!("authorization: Bearer {}\r\n", token("none", false, true)));
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let line = text.lines().find(|l| l.starts_with("pagesync_connections_total ")).expect("the counter");
+        line.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()).expect("a count")
+    };
+    let past_exp = (exp as u128 * 1000 + 500).saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(past_exp as u64)).await;
+    let before = connections();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let attempts = connections() - before - 1; // the first read of the counter was one
+    assert!(attempts <= 10, "{attempts} connections in 4 s after the token expired");
+    let why = doc.sync(Duration::ZERO).await.expect_err("an expired token syncs nothing").to_string();
+    assert!(why.contains("unauthorized") || why.contains("expired"), "{why}");
+}

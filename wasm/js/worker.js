@@ -177,7 +177,6 @@ function connect() {
   ws.onopen = () => {
     opened = true;
     redirectFailures = 0;
-    retryMs = 0;
     replica.connected(Date.now(), url);
     flush();
     schedule();
@@ -209,6 +208,9 @@ function connect() {
   ws.onclose = () => {
     if (socket !== ws) return;
     socket = null;
+    // A connection that was made starts the backoff over, unless the server refused it for
+    // what it is (a wrong or expired token): that would be refused again at once.
+    if (opened && !replica.refusedForGood()) retryMs = 0;
     replica.disconnected();
     clearTimeout(timer);
     lastVersion = -1;

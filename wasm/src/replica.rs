@@ -442,6 +442,13 @@ impl Replica {
         self.session.presence_changes() as f64
     }
 
+    /// The server refused the connection for what it is (a wrong or expired token, another
+    /// protocol version): the worker keeps backing off rather than reconnecting at once.
+    #[wasm_bindgen(js_name = refusedForGood)]
+    pub fn refused_for_good(&self) -> bool {
+        self.session.refused_for_good()
+    }
+
     /// The code of the server's last error for the document (`unavailable`, ...), if any.
     #[wasm_bindgen(js_name = errorCode)]
     pub fn error_code(&self) -> Option<String> {

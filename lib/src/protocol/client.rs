@@ -344,6 +344,15 @@ impl ClientSession {
         self.conn_error.as_ref()
     }
 
+    /// The server refused the connection for what it is (`unauthorized`: a token that is
+    /// wrong or expired; `version`): connecting again at once would be refused the same way,
+    /// so a driver keeps backing off.
+    pub fn refused_for_good(&self) -> bool {
+        self.conn_error
+            .as_ref()
+            .is_some_and(|(code, _)| code == super::codes::UNAUTHORIZED || code == super::codes::VERSION)
+    }
+
     /// The error shown for `id`: the document's, else the connection's.
     pub fn shown_error(&self, id: DocId) -> Option<&(String, String)> {
         self.errors(id).next()
