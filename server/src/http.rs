@@ -175,9 +175,10 @@ struct Request {
     /// that a bad one gets an answer saying what is wrong, not a closed socket.
     ws_key: bool,
     ws_version: Option<String>,
-    /// Its `Host` and `Origin` headers, as sent.
+    /// Its `Host` and `Origin` headers, as sent; `twice`: either came more than once.
     host: Option<String>,
     origin: Option<String>,
+    twice: bool,
 }
 
 /// Serves one connection. Until it said `Hello` (or, for plain HTTP, until it is answered) it
@@ -374,7 +375,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
     let (mut websocket, mut ws_key, mut ws_version) = (false, false, None);
-    let (mut host, mut origin) = (None, None);
+    let (mut host, mut origin, mut twice) = (None, None, false);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else { continue };
         let (name, value) = (name.trim(), value.trim());
@@ -391,16 +392,16 @@ fn parse_head(head: &[u8]) -> Option<Request> {
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
             ws_version = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("host") {
-            host = Some(value.to_owned());
+            twice |= host.replace(value.to_owned()).is_some();
         } else if name.eq_ignore_ascii_case("origin") {
-            origin = Some(value.to_owned());
+            twice |= origin.replace(value.to_owned()).is_some();
         }
     }
     if absolute_host.is_some() {
         host = absolute_host;
     }
     let (method, path, query) = (method.to_owned(), path.to_owned(), query.to_owned());
-    Some(Request { method, path, query, token, websocket, ws_key, ws_version, host, origin })
+    Some(Request { method, path, query, token, websocket, ws_key, ws_version, host, origin, twice })
 }
 
 /// Why a server without an auth secret refuses `req`, if it does. Such a server listens on
@@ -411,6 +412,9 @@ fn parse_head(head: &[u8]) -> Option<Request> {
 /// name that an attacker's DNS points at 127.0.0.1 would reach it as that page's own origin
 /// (DNS rebinding): hence the `Origin` and the `Host` are checked.
 fn off_loopback(req: &Request) -> Option<String> {
+    if req.twice {
+        return Some("a request with two Host or two Origin headers: which one counts is a guess".into());
+    }
     if let Some(host) = req.host.as_deref().filter(|h| !loopback_authority(h)) {
         return Some(format!(
             "this server has no auth secret and answers only requests addressed to a loopback name (localhost, 127.0.0.1, [::1]), not {:?}: give it --auth-secret-file to serve other names",
@@ -433,6 +437,10 @@ fn off_loopback(req: &Request) -> Option<String> {
 /// Whether `authority` (`host[:port]`) names this machine's loopback: `localhost` (or a name
 /// under it, RFC 6761), `127.0.0.0/8` or `[::1]`.
 fn loopback_authority(authority: &str) -> bool {
+    if authority.contains('@') {
+        // A user part: some parsers take what follows it for the host.
+        return false;
+    }
     let host = match authority.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
             Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,

@@ -990,6 +990,11 @@ async fn without_a_secret_only_loopback_names_and_origins_are_served() {
             ("localhost", "origin: http://attacker.example\r\n", "403"),
             ("localhost", "origin: http://localhost.attacker.example:80\r\n", "403"),
             ("localhost", "origin: null\r\n", "403"),
+            ("localhost:1@attacker.example", "", "403"),
+            ("localhost", "origin: http://localhost:80@attacker.example\r\n", "403"),
+            ("localhost\r\nhost: attacker.example", "", "403"),
+            ("attacker.example\r\nhost: localhost", "", "403"),
+            ("localhost", "origin: http://localhost\r\norigin: http://attacker.example\r\n", "403"),
         ] {
             let answer =
                 raw(port, format!("GET {route} HTTP/1.1\r\nhost: {host}\r\n{origin}\r\n").as_bytes());
