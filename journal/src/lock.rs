@@ -77,7 +77,8 @@ impl DirLock {
 }
 
 /// This process's command line, for `who`: `pagesync repl`, `pagesync-server --journal ...`.
-/// The value of a `--token` is left out: the lock file is on disk and shown to other processes.
+/// The value of a `--token`, and a password in a URL (`ws://user:password@host`), are left
+/// out: the lock file is on disk and shown to other processes.
 pub fn this_command() -> String {
     describe(&std::env::args().collect::<Vec<_>>())
 }
@@ -89,10 +90,14 @@ fn describe(args: &[String]) -> String {
         .unwrap_or_default();
     let mut secret_next = false;
     for a in args.iter().skip(1).take(12) {
+        let without_userinfo;
         let word = if secret_next {
             "***"
         } else if a.starts_with("--token=") {
             "--token=***"
+        } else if let Some(clean) = without_password(a) {
+            without_userinfo = clean;
+            &without_userinfo
         } else {
             a.as_str()
         };
@@ -101,6 +106,29 @@ fn describe(args: &[String]) -> String {
         out.push_str(word);
     }
     out
+}
+
+/// `a` with the user part of every URL in it (`scheme://user:password@host`) replaced by
+/// `***`, if it has one.
+fn without_password(a: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut rest = a;
+    let mut changed = false;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let authority_end = tail.find(['/', '?', '#', ',']).unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(user_end) => {
+                out.push_str("***");
+                rest = &tail[user_end..];
+                changed = true;
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    changed.then_some(out)
 }
 
 #[cfg(test)]
@@ -129,5 +157,9 @@ mod tests {
         let args = ["/usr/bin/pagesync", "--token", "s3cret", "--doc", "ab", "--token=t0ken", "repl"];
         let d = describe(&args.map(String::from));
         assert_eq!(d, "pagesync --token *** --doc ab --token=*** repl");
+        let args =
+            ["pagesync", "--server", "ws://a:pw@h/v1/sync,wss://b:pw2@k/", "--server=ws://u:p@h", "forget"];
+        let d = describe(&args.map(String::from));
+        assert_eq!(d, "pagesync --server ws://***@h/v1/sync,wss://***@k/ --server=ws://***@h forget");
     }
 }
