@@ -496,6 +496,25 @@ impl Client {
         self.open_with(doc, OpenOptions { create: true, wait }).await
     }
 
+    /// Uses `token` from now on: a token that replaces one about to expire, or one that did
+    /// (the server closes a connection `unauthorized` at its token's `exp`, and refuses it
+    /// after). Said to the server at once, on every connection, and used by every later
+    /// one. It must name the same subject (`sub`) as the token the client was made with:
+    /// this replica's pending mutator calls ran as that subject.
+    pub fn set_token(&self, token: &str) -> Result<()> {
+        let subject = pagesync::mutators::token_subject(token);
+        if subject != self.shared.subject {
+            return Err(ClientError::Refused(format!(
+                "the new token names subject {subject:?}, this client's {:?}: make a new client for another subject",
+                self.shared.subject
+            )));
+        }
+        self.shared.session().set_token(token);
+        self.shared.fetcher.lock().expect("BUG: lock poisoned").set_token(token);
+        self.shared.wake.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
     /// Closes `doc`'s replica and removes it, if it holds nothing: no entry from the server and
     /// no write of its own (a tool that opened a document the server turned out not to have).
     /// Done under the replica's lock, so no other process wrote to it meanwhile. Whether it

@@ -96,6 +96,12 @@ impl Fetcher {
         }
     }
 
+    /// Asks with `token` from now on, on a new connection.
+    pub(crate) fn set_token(&mut self, token: &str) {
+        self.token = token.to_owned();
+        self.ws = None;
+    }
+
     /// Where the last request's answer said `doc` is served, if it redirected it (taken).
     pub(crate) fn take_redirect(&mut self, doc: DocId) -> Option<String> {
         self.redirect.take().filter(|(of, _)| *of == doc).map(|(_, url)| url)

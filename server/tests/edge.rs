@@ -1075,7 +1075,8 @@ async fn a_token_expires_on_a_connection_already_open() {
 /// A client whose token expires while it is connected backs off: closed `unauthorized` at
 /// `exp`, it is refused at `Hello` on every attempt after, and it does not connect again at
 /// once each time (the backoff used to start over at every handshake the server took, which
-/// made about seven connections a second, forever); its document says why.
+/// made about seven connections a second, forever); its document says why, and
+/// `Client::set_token` takes it up again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_whose_token_expired_backs_off() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1109,4 +1110,13 @@ async fn a_client_whose_token_expired_backs_off() {
     assert!(attempts <= 10, "{attempts} connections in 4 s after the token expired");
     let why = doc.sync(Duration::ZERO).await.expect_err("an expired token syncs nothing").to_string();
     assert!(why.contains("unauthorized") || why.contains("expired"), "{why}");
+
+    // A new token for the same subject takes it up again, with the write made meanwhile.
+    let fresh = Claims { exp: exp + 3_600, ..claims.clone() };
+    let other = Claims { sub: Some("someone else".into()), ..fresh.clone() };
+    assert!(client.set_token(&mint(SECRET, &other)).is_err(), "a token for another subject was taken");
+    doc.execute("INSERT INTO t VALUES (1)", vec![]).expect("write while refused");
+    client.set_token(&mint(SECRET, &fresh)).expect("set_token");
+    doc.sync(Duration::from_secs(15)).await.expect("synced with the new token");
+    assert_eq!(doc.status().pending, 0);
 }

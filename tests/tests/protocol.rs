@@ -1344,3 +1344,22 @@ fn not_found_is_asked_again_at_once_only_by_a_subscription_that_would_create() {
     assert_eq!(subscribes(&mut c), vec![(not_asked, true)], "a write asks to create, once");
     assert_eq!(subscribes(&mut c), vec![]);
 }
+
+/// A new token is said at once on a connection already open (the server takes a second
+/// `Hello` as a new grant), and a refusal of the old one stops counting.
+#[test]
+fn a_new_token_is_said_at_once_on_an_open_connection() {
+    let doc = DocId::from_u128(0x70c);
+    let mut c = client(&[doc]);
+    c.connected(0);
+    while c.poll_transmit().is_some() {}
+    let refused = Message::Error { doc: None, code: codes::UNAUTHORIZED.into(), message: "expired".into() };
+    c.handle_frame(0, &refused.encode()).expect("error");
+    assert!(c.refused_for_good());
+    c.set_token("fresh");
+    assert!(!c.refused_for_good());
+    match c.poll_transmit() {
+        Some(Message::Hello { token, .. }) => assert_eq!(token, "fresh"),
+        other => panic!("expected a Hello with the new token, got {other:?}"),
+    }
+}

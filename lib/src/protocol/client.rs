@@ -344,6 +344,19 @@ impl ClientSession {
         self.conn_error.as_ref()
     }
 
+    /// Says `Hello` with `token` from now on, at once on every connection (the server takes
+    /// a second `Hello` on a connection as a new grant): a token that replaces one about to
+    /// expire, or one that did. A refusal of the old token is moot.
+    pub fn set_token(&mut self, token: impl Into<String>) {
+        self.token = token.into();
+        for conn in self.conns.values_mut() {
+            conn.hello_due = true;
+        }
+        if self.refused_for_good() {
+            self.conn_error = None;
+        }
+    }
+
     /// The server refused the connection for what it is (`unauthorized`: a token that is
     /// wrong or expired; `version`): connecting again at once would be refused the same way,
     /// so a driver keeps backing off.
