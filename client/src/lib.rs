@@ -521,10 +521,7 @@ impl Client {
     /// was removed; its `Document` handles fail from then on.
     pub fn discard_if_empty(&self, doc: DocId) -> Result<bool> {
         let mut session = self.shared.session();
-        let empty = session
-            .status(doc)
-            .is_some_and(|st| st.pending == 0 && st.storage_next == pagesync::journal::Lsn::FIRST);
-        if !empty {
+        if !session.status(doc).is_some_and(|st| st.holds_nothing()) {
             return Ok(false);
         }
         drop(session.remove_document(doc));

@@ -532,9 +532,7 @@ async fn command(
             settle(doc, done, offline, timeout).await
         }
         Command::Query { sql, params, json, json_rows, offline } => {
-            let st = doc.status();
-            let empty = st.storage_next == pagesync::journal::Lsn::FIRST && st.pending == 0;
-            if !offline && empty {
+            if !offline && doc.status().holds_nothing() {
                 // A replica that holds nothing yet: the query reads the server's state (pages
                 // fetched on demand) rather than waiting for the whole document to download.
                 if !wait_until(timeout, || client.is_connected()).await {
@@ -581,9 +579,7 @@ async fn command(
         }
         Command::Export { file } => {
             if let Err(e) = sync_shown(doc, timeout).await {
-                let st = doc.status();
-                if refused_for_good(&e) && st.storage_next == pagesync::journal::Lsn::FIRST && st.pending == 0
-                {
+                if refused_for_good(&e) && doc.status().holds_nothing() {
                     // Nothing here to write, and the server will not say more.
                     eprintln!("error: the server refused: {}", why_refused(&e));
                     return Ok(ExitCode::FAILURE);

@@ -188,6 +188,13 @@ pub struct DocStatus {
     pub confirms: crate::ConfirmStats,
 }
 
+impl DocStatus {
+    /// The replica holds nothing: no entry from the server, no write of its own.
+    pub fn holds_nothing(&self) -> bool {
+        self.pending == 0 && self.storage_next == Lsn::FIRST
+    }
+}
+
 pub struct ClientSession {
     token: String,
     links: BTreeMap<DocId, Link>,
