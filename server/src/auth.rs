@@ -63,11 +63,22 @@ pub fn load_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 }
 
 pub fn mint(secret: &[u8], claims: &Claims) -> String {
-    let body = serde_json::to_vec(claims).expect("BUG: claims serialize");
+    sign(secret, &serde_json::to_vec(claims).expect("BUG: claims serialize"))
+}
+
+/// A token of claims `body` (JSON), signed with `secret`.
+fn sign(secret: &[u8], body: &[u8]) -> String {
     let signing_input = format!("{}.{}", B64.encode(HEADER), B64.encode(body));
     let mut m = mac(secret);
     m.update(signing_input.as_bytes());
     format!("{signing_input}.{}", B64.encode(m.finalize().into_bytes()))
+}
+
+impl Claims {
+    /// When the token expires, in ms since the Unix epoch.
+    pub fn expires_ms(&self) -> i64 {
+        self.exp.saturating_mul(1000)
+    }
 }
 
 /// Checks a token's signature and expiry and turns its claims into a grant.
@@ -97,7 +108,7 @@ pub fn verify_claims(secret: &[u8], token: &str, now_ms: i64) -> Result<Claims, 
     m.verify_slice(&sig).map_err(|_| "invalid token signature (minted with another secret?)".to_owned())?;
     let body = B64.decode(b).map_err(|_| "malformed token claims".to_owned())?;
     let claims: Claims = serde_json::from_slice(&body).map_err(|e| format!("malformed token claims: {e}"))?;
-    if claims.exp.saturating_mul(1000) <= now_ms {
+    if claims.expires_ms() <= now_ms {
         return Err(format!("the token expired at {} (unix seconds); mint a new one", claims.exp));
     }
     let NotBefore { nbf } =
@@ -141,7 +152,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
             subject: Default::default(),
             admin,
             calls,
-            expires_ms: Some(claims.exp.saturating_mul(1000)),
+            expires_ms: Some(claims.expires_ms()),
         });
     }
     let doc_prefix = match claims.doc.strip_suffix('*') {
@@ -159,7 +170,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
         subject,
         admin: claims.admin,
         calls: claims.call.clone(),
-        expires_ms: Some(claims.exp.saturating_mul(1000)),
+        expires_ms: Some(claims.expires_ms()),
     })
 }
 
@@ -228,12 +239,7 @@ mod tests {
         assert!(verify(SECRET, "a.b", 0).is_err());
         assert!(verify(SECRET, "", 0).expect_err("empty").contains("requires a token"));
         // A `nbf` in the future (set by another minter) is honoured; one in the past is fine.
-        let signed = |body: &str| {
-            let input = format!("{}.{}", B64.encode(HEADER), B64.encode(body));
-            let mut m = mac(SECRET);
-            m.update(input.as_bytes());
-            format!("{input}.{}", B64.encode(m.finalize().into_bytes()))
-        };
+        let signed = |body: &str| sign(SECRET, body.as_bytes());
         let early = signed(r#"{"doc":"*","exp":4000000000,"nbf":3000000000}"#);
         assert!(verify(SECRET, &early, 2_000_000_000_000).expect_err("nbf").contains("not valid before"));
         assert!(verify(SECRET, &early, 3_000_000_000_000).is_ok());

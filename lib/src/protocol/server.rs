@@ -1582,12 +1582,14 @@ impl ServerSession {
     /// Closes the connections whose token has expired, after what they had queued.
     fn close_expired(&mut self) {
         let now = self.now_ms;
-        for (id, c) in self.conns.iter_mut().filter(|(_, c)| !c.closing) {
-            if c.grant.as_ref().is_some_and(|g| g.expired(now)) {
-                c.outbox.push_back(expired());
-                c.closing = true;
-                self.ready.insert(*id);
-            }
+        let expired_conns: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.closing && c.grant.as_ref().is_some_and(|g| g.expired(now)))
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in expired_conns {
+            self.fail(conn, expired());
         }
     }
 
