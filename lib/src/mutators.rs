@@ -70,6 +70,10 @@ impl Mutators {
             if m.statements.is_empty() {
                 return Err(format!("line {line}: mutator {} has no statements", m.name));
             }
+            if let Some(why) = m.statements.iter().find_map(|sql| crate::sandbox::unauthorized_statement(sql))
+            {
+                return Err(format!("line {line}: mutator {}: {why}", m.name));
+            }
             if defs.insert(m.name.clone(), m).is_some() {
                 return Err(format!("line {line}: a second mutator with this name"));
             }
@@ -331,6 +335,7 @@ mod tests {
             "-- mutator: add(a, a)\nSELECT 1",
             "-- mutator: add()\n",
             "-- mutator: a()\nSELECT 1\n-- mutator: a()\nSELECT 2",
+            "-- mutator: shrink()\nDELETE FROM t;\nVACUUM",
         ] {
             assert!(Mutators::parse(bad).is_err(), "{bad:?} parsed");
         }

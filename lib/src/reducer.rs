@@ -216,7 +216,7 @@ impl Reducer for SqlReducer {
         let m: SqlMutation = postcard::from_bytes(body)
             .map_err(|e| Rejection::new(RejectionCode::Malformed, format!("not a SQL mutation: {e}")))?;
         for st in &m.statements {
-            run_statement(conn, &st.sql, &st.params).map_err(|e| Rejection::of_sqlite(&e))?;
+            run_statement(conn, &st.sql, &st.params)?;
         }
         Ok(())
     }
@@ -265,6 +265,7 @@ fn run_call(
     let subject = crate::mutation::Value::Text(call.subject.clone());
     let now = crate::mutation::Value::Integer(time_ms);
     for sql in &m.statements {
+        refuse_unauthorized(sql)?;
         let run = || -> rusqlite::Result<()> {
             // App SQL: cached under keys of its own (see `run_statement`).
             let mut stmt = conn.prepare_cached(&format!("{sql}\n-- app"))?;
@@ -295,22 +296,35 @@ fn run_call(
 
 /// Runs one statement with parameters, or, without parameters, every statement in `sql`.
 /// Rows a statement returns are read and dropped.
-fn run_statement(conn: &Connection, sql: &str, params: &[crate::mutation::Value]) -> rusqlite::Result<()> {
+fn run_statement(conn: &Connection, sql: &str, params: &[crate::mutation::Value]) -> Result<(), Rejection> {
+    let sqlite = |e: rusqlite::Error| Rejection::of_sqlite(&e);
     if params.is_empty() {
         let mut batch = rusqlite::Batch::new(conn, sql);
-        while let Some(mut stmt) = batch.next()? {
-            let mut rows = stmt.query([])?;
-            while rows.next()?.is_some() {}
+        while let Some(mut stmt) = batch.next().map_err(sqlite)? {
+            refuse_unauthorized(stmt.expanded_sql().as_deref().unwrap_or(""))?;
+            let mut rows = stmt.query([]).map_err(sqlite)?;
+            while rows.next().map_err(sqlite)?.is_some() {}
         }
         return Ok(());
     }
+    // One statement with parameters: `sql` is that statement (the first, if there are more;
+    // SQLite ignores the rest).
+    refuse_unauthorized(sql)?;
     // The statement cache is the connection's, and a cached statement is not authorized
     // again: app SQL gets keys of its own, so it can never reuse a statement pagesync
     // prepared outside the sandbox (say, the one that writes `_pagesync_timelines`).
-    let mut stmt = conn.prepare_cached(&format!("{sql}\n-- app"))?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
-    while rows.next()?.is_some() {}
+    let mut stmt = conn.prepare_cached(&format!("{sql}\n-- app")).map_err(sqlite)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(params)).map_err(sqlite)?;
+    while rows.next().map_err(sqlite)?.is_some() {}
     Ok(())
+}
+
+/// Refuses a statement the authorizer never sees (`sandbox::unauthorized_statement`).
+fn refuse_unauthorized(sql: &str) -> Result<(), Rejection> {
+    match crate::sandbox::unauthorized_statement(sql) {
+        Some(why) => Err(Rejection::new(RejectionCode::Refused, why)),
+        None => Ok(()),
+    }
 }
 
 /// The keys of `once` mutations that have applied (migrations among them).

@@ -475,6 +475,32 @@ pub const REFUSED_TABLE_FUNCTIONS: &[&str] =
 pub const REFUSED_VTAB_MODULES: &[&str] =
     &["fts3", "fts3tokenize", "fts4", "fts4aux", "fts5vocab", "rtree_i32", "pragma_module_list"];
 
+/// Why app SQL may not run the statement `sql` begins with, for statements SQLite never shows
+/// the authorizer: VACUUM (and `VACUUM INTO`, which writes a file of the asker's choosing). The
+/// server compacts documents itself; every mutation runs inside a transaction, where SQLite
+/// could not vacuum anyway. Called on each statement as it is prepared.
+pub fn unauthorized_statement(sql: &str) -> Option<String> {
+    first_keyword(sql)
+        .eq_ignore_ascii_case("VACUUM")
+        .then(|| "VACUUM: the server compacts documents; app SQL may not (nor VACUUM INTO a file)".into())
+}
+
+/// The first word of `sql` after whitespace and comments (`-- ...` to the line's end,
+/// `/* ... */`), as SQLite's tokenizer skips them.
+fn first_keyword(mut sql: &str) -> &str {
+    loop {
+        sql = sql.trim_start();
+        if let Some(rest) = sql.strip_prefix("--") {
+            sql = rest.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(rest) = sql.strip_prefix("/*") {
+            sql = rest.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            let end = sql.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(sql.len());
+            return &sql[..end];
+        }
+    }
+}
+
 fn read(db: Option<&str>, table: &str) -> Option<String> {
     if named(REFUSED_TABLE_FUNCTIONS, table) {
         return Some(format!("{table}: it reads the connection or raw pages, not the document's rows"));
@@ -546,6 +572,17 @@ mod tests {
                 "{f}() is on {} of the lists",
                 if allowed { "both" } else { "neither" }
             );
+        }
+    }
+
+    #[test]
+    fn vacuum_is_refused_however_it_is_spelled() {
+        for sql in ["VACUUM", "vacuum main", " /* a */ -- b\n\tVacuum INTO 'x'", "VACUUM;", "/*x*/VACUUM"] {
+            assert!(unauthorized_statement(sql).is_some(), "{sql:?} passed");
+        }
+        for sql in ["SELECT 'VACUUM'", "INSERT INTO vacuum VALUES (1)", "vacuums", "-- VACUUM\nSELECT 1", ""]
+        {
+            assert_eq!(unauthorized_statement(sql), None, "{sql:?} refused");
         }
     }
 

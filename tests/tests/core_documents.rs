@@ -245,6 +245,7 @@ fn statements_that_cannot_replay_are_refused_with_a_reason() {
         ("SELECT load_extension('evil')", "load_extension"),
         ("INSERT INTO _pagesync_timelines VALUES (x'00', 1)", "_pagesync_timelines"),
         ("BEGIN", "transaction"),
+        ("VACUUM", "VACUUM"),
     ] {
         match client.mutate(sql(stmt, vec![]), T0, 1) {
             Err(Error::Refused(msg)) => {
