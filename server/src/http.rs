@@ -233,14 +233,12 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         respond(stream, "403 Forbidden", "text/plain", format!("{why}\n")).await;
         return None;
     }
-    // Each route's methods; the others get 405 naming them.
+    // Each route's methods (every GET route takes HEAD too); the others get 405 naming them.
     let allowed: &[&str] = match req.path.as_str() {
-        "/v1/sync" | "/metrics" => &["GET"],
-        "/healthz" => &["GET", "HEAD"],
-        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => &["GET", "OPTIONS"],
-        p if p.starts_with("/v1/docs/") && p.ends_with("/export") => &["GET"],
-        p if p.starts_with("/v1/docs/") => &["GET", "DELETE"],
-        _ => &["GET"],
+        p if p.starts_with("/v1/docs/") && p.ends_with("/history") => &["GET", "HEAD", "OPTIONS"],
+        p if p.starts_with("/v1/docs/") && p.ends_with("/export") => &["GET", "HEAD"],
+        p if p.starts_with("/v1/docs/") => &["GET", "HEAD", "DELETE"],
+        _ => &["GET", "HEAD"],
     };
     if !allowed.contains(&req.method.as_str()) {
         let allow = allowed.join(", ");
@@ -248,30 +246,42 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
         respond_with(stream, "405 Method Not Allowed", &[("allow", &allow)], "text/plain", why).await;
         return None;
     }
+    // The routes that take no parameter but a token refuse any other: one they would ignore
+    // is a request they would answer differently from what was asked.
+    let plain = match req.path.as_str() {
+        "/healthz" => Some("health takes none"),
+        "/metrics" => Some("metrics take none"),
+        "/v1/sync" => Some("a sync client says its document in messages, not the URL"),
+        _ => None,
+    };
+    if let Some(Err(why)) = plain.map(|instead| only_token(&req.query, instead)) {
+        respond(stream, "400 Bad Request", "text/plain", why).await;
+        return None;
+    }
+    // A websocket handshake is a GET (RFC 6455, 4.1); a HEAD is answered as the GET would be.
+    let upgrade = req.websocket && req.method == "GET";
+    let stream = Reply { stream, head_only: req.method == "HEAD" };
     match req.path.as_str() {
-        "/v1/sync" if req.websocket && req.ws_version.as_deref() != Some("13") => {
+        "/v1/sync" if upgrade && req.ws_version.as_deref() != Some("13") => {
             let why = "pagesync speaks websocket version 13 (Sec-WebSocket-Version: 13)\n";
             let headers = [("sec-websocket-version", "13"), ("upgrade", "websocket")];
             respond_with(stream, "426 Upgrade Required", &headers, "text/plain", why).await
         }
-        "/v1/sync" if req.websocket && !req.ws_key => {
+        "/v1/sync" if upgrade && !req.ws_key => {
             let why = "a websocket handshake needs a Sec-WebSocket-Key header\n";
             respond(stream, "400 Bad Request", "text/plain", why).await
         }
-        "/v1/sync" if req.websocket => {
+        "/v1/sync" if upgrade => {
             let guard = FrameGuard::after(head_end(&head).unwrap_or(head.len()), routes.metrics.clone());
             let took_bytes_at = Arc::new(AtomicI64::new(0));
-            return handshake(Prefixed { head, at: 0, inner: stream, guard, took_bytes_at }, routes).await;
+            let inner = stream.stream;
+            return handshake(Prefixed { head, at: 0, inner, guard, took_bytes_at }, routes).await;
         }
         // A browser or `curl` that found the endpoint: say what it is rather than hang up.
         "/v1/sync" => {
             let why = "this is pagesync's sync endpoint, a websocket: connect a pagesync client to ws:// (or \
                        wss://) on this path\n";
             respond_with(stream, "426 Upgrade Required", &[("upgrade", "websocket")], "text/plain", why).await
-        }
-        // The head a GET would have, with its length, and no body (RFC 9110, 9.3.2).
-        "/healthz" if req.method == "HEAD" => {
-            send(stream, &answer_head("200 OK", &[], "text/plain", HEALTHY.len()), b"").await
         }
         "/healthz" => respond(stream, "200 OK", "text/plain", HEALTHY).await,
         "/metrics" => match authorize_metrics(routes, &req) {
@@ -478,7 +488,7 @@ fn authorize_metrics(routes: &Routes, req: &Request) -> Result<(), Refusal> {
 
 /// Serves a file below `root` (`/` is `index.html`). Paths with `..` or hidden components are
 /// refused, so nothing outside `root` is reachable.
-async fn static_file(stream: TcpStream, root: &Path, path: &str) {
+async fn static_file(stream: Reply, root: &Path, path: &str) {
     let rel = if path.ends_with('/') { format!("{path}index.html") } else { path.to_owned() };
     let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
     if parts.iter().any(|p| p.starts_with('.') || p.contains('\\')) {
@@ -501,7 +511,7 @@ async fn static_file(stream: TcpStream, root: &Path, path: &str) {
     }
 }
 
-async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
+async fn export(stream: Reply, routes: &Routes, req: &Request) {
     let doc = match doc_of_path(&req.path, "/export", "export is GET /v1/docs/{id}/export\n") {
         Ok(d) => d,
         Err((status, why)) => return respond(stream, status, "text/plain", why).await,
@@ -556,7 +566,7 @@ async fn export(stream: TcpStream, routes: &Routes, req: &Request) {
 /// may pass, `500` when not. The client hears its kind (`Error::public`); the log gets the
 /// whole of it (paths, buckets, endpoints are not the client's to see).
 async fn store_failed(
-    stream: TcpStream,
+    stream: Reply,
     doing: &str,
     doc: pagesync::DocId,
     failure: Result<pagesync::Error, tokio::task::JoinError>,
@@ -594,7 +604,7 @@ pub const HISTORY_TIMEOUT: Duration = Duration::from_secs(30);
 /// asks (`Hello` with the request's token, then `ReadHistory`), so the same grant, bounds and
 /// cluster placement apply: a read grant for the document (an admin one with
 /// `--history-admin-only`); another server's document is a `307` there.
-async fn history(stream: TcpStream, routes: &Routes, req: &Request) {
+async fn history(stream: Reply, routes: &Routes, req: &Request) {
     let usage = "history is GET /v1/docs/{id}/history?since=TIME&after=CURSOR&limit=N\n";
     let doc = match doc_of_path(&req.path, "/history", usage) {
         Ok(d) => d,
@@ -730,7 +740,7 @@ fn history_query(query: &str) -> Result<pagesync::history::HistoryQuery, String>
 /// `DELETE /v1/docs/{id}`: deletes the document for everyone (a token with the `admin` claim
 /// for it, when the server has a secret). Its tombstone first, so nobody opens or creates it
 /// again; then its subscribers are told `deleted`; then its storage goes.
-async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
+async fn delete(stream: Reply, routes: &Routes, req: &Request) {
     let doc = match doc_of_path(&req.path, "", "delete is DELETE /v1/docs/{id}\n") {
         Ok(d) => d,
         Err((status, why)) => return respond(stream, status, "text/plain", why).await,
@@ -785,7 +795,7 @@ async fn delete(stream: TcpStream, routes: &Routes, req: &Request) {
 }
 
 /// Another server of the cluster holds `doc`: `307` to the same request there.
-async fn redirect(stream: TcpStream, owner: &str, req: &Request, doc: pagesync::DocId) {
+async fn redirect(stream: Reply, owner: &str, req: &Request, doc: pagesync::DocId) {
     let Some(base) = http_base(owner) else {
         let why = format!("document {doc} is served by {owner}\n");
         return respond(stream, "502 Bad Gateway", "text/plain", why).await;
@@ -810,13 +820,13 @@ fn http_base(sync_url: &str) -> Option<String> {
 }
 
 /// Answers and closes. The request head has been read already.
-async fn respond(stream: TcpStream, status: &str, content_type: &str, body: impl AsRef<[u8]>) {
+async fn respond(stream: impl Into<Reply>, status: &str, content_type: &str, body: impl AsRef<[u8]>) {
     respond_with(stream, status, &[], content_type, body).await
 }
 
 /// `respond`, with more header lines.
 async fn respond_with(
-    stream: TcpStream,
+    stream: impl Into<Reply>,
     status: &str,
     headers: &[(&str, &str)],
     content_type: &str,
@@ -837,8 +847,23 @@ fn answer_head(status: &str, headers: &[(&str, &str)], content_type: &str, len: 
     )
 }
 
+/// Where an answer goes: the connection, and whether the request was a `HEAD`, which gets the
+/// head a `GET` would have, with its length, and no body (RFC 9110, 9.3.2).
+struct Reply {
+    stream: TcpStream,
+    head_only: bool,
+}
+
+impl From<TcpStream> for Reply {
+    fn from(stream: TcpStream) -> Reply {
+        Reply { stream, head_only: false }
+    }
+}
+
 /// Writes an answer and closes, within a deadline.
-async fn send(mut stream: TcpStream, head: &str, body: &[u8]) {
+async fn send(reply: impl Into<Reply>, head: &str, body: &[u8]) {
+    let Reply { mut stream, head_only } = reply.into();
+    let body = if head_only { &[][..] } else { body };
     let write = async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body).await?;

@@ -881,12 +881,12 @@ async fn http_methods_heads_and_handshakes_get_answers() {
     let doc = "00000000000000000000000000000abc";
     for (method, path, allow) in [
         ("POST", "/healthz".to_owned(), "GET, HEAD"),
-        ("DELETE", "/metrics".to_owned(), "GET"),
-        ("PUT", format!("/v1/docs/{doc}/export"), "GET"),
-        ("DELETE", format!("/v1/docs/{doc}/export"), "GET"),
-        ("PUT", format!("/v1/docs/{doc}"), "GET, DELETE"),
-        ("POST", format!("/v1/docs/{doc}/history"), "GET, OPTIONS"),
-        ("POST", "/v1/sync".to_owned(), "GET"),
+        ("DELETE", "/metrics".to_owned(), "GET, HEAD"),
+        ("PUT", format!("/v1/docs/{doc}/export"), "GET, HEAD"),
+        ("DELETE", format!("/v1/docs/{doc}/export"), "GET, HEAD"),
+        ("PUT", format!("/v1/docs/{doc}"), "GET, HEAD, DELETE"),
+        ("POST", format!("/v1/docs/{doc}/history"), "GET, HEAD, OPTIONS"),
+        ("POST", "/v1/sync".to_owned(), "GET, HEAD"),
     ] {
         let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes());
         assert!(answer.starts_with("HTTP/1.1 405"), "{method} {path}: {answer}");
@@ -902,6 +902,10 @@ async fn http_methods_heads_and_handshakes_get_answers() {
         // Which of two would count is a guess: neither.
         ("GET", format!("/v1/docs/{doc}/history?limit=1&limit=2"), "\"limit\" is given twice"),
         ("GET", format!("/v1/docs/{doc}/export?token=a&token=b"), "token= is given twice"),
+        ("GET", "/healthz?verbose=1".to_owned(), "\"verbose\""),
+        ("HEAD", "/healthz?x".to_owned(), ""),
+        ("GET", "/metrics?format=json".to_owned(), "\"format\""),
+        ("GET", "/v1/sync?doc=1".to_owned(), "\"doc\""),
     ] {
         let answer = raw(port, format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes());
         assert!(answer.starts_with("HTTP/1.1 400") && answer.contains(what), "{method} {path}: {answer}");
@@ -910,6 +914,21 @@ async fn http_methods_heads_and_handshakes_get_answers() {
     let answer = raw(port, b"HEAD /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("\r\n\r\n"), "{answer}");
     assert!(answer.contains("content-length: 3\r\n"), "HEAD's length is not GET's: {answer}");
+    // Every GET route takes HEAD: GET's status and length, no body.
+    for path in ["/metrics".to_owned(), format!("/v1/docs/{doc}/export"), "/v1/sync".to_owned()] {
+        let get = raw(port, format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes());
+        let head = raw(port, format!("HEAD {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes());
+        let (get_head, body) = get.split_once("\r\n\r\n").expect("a head");
+        assert!(!body.is_empty(), "GET {path}: {get}");
+        assert!(head.ends_with("\r\n\r\n") && head.len() == get_head.len() + 4, "HEAD {path}: {head}");
+        let status = |a: &str| a.split("\r\n").next().map(str::to_owned);
+        assert_eq!(status(&head), status(&get), "HEAD {path}: {head}");
+        let length = |a: &str| a.lines().find(|l| l.starts_with("content-length:")).map(str::to_owned);
+        if path != "/metrics" {
+            // (The metrics change between two requests.)
+            assert_eq!(length(&head), length(&get), "HEAD {path}: {head}");
+        }
+    }
     let started = Instant::now();
     let answer = raw(port, b"GET /healthz HTTP/1.1\nhost: localhost\n\n");
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok\n"), "{answer}");
