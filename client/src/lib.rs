@@ -502,13 +502,7 @@ impl Client {
     /// one. It must name the same subject (`sub`) as the token the client was made with:
     /// this replica's pending mutator calls ran as that subject.
     pub fn set_token(&self, token: &str) -> Result<()> {
-        let subject = pagesync::mutators::token_subject(token);
-        if subject != self.shared.subject {
-            return Err(ClientError::Refused(format!(
-                "the new token names subject {subject:?}, this client's {:?}: make a new client for another subject",
-                self.shared.subject
-            )));
-        }
+        pagesync::mutators::same_subject(&self.shared.subject, token).map_err(ClientError::Refused)?;
         self.shared.session().set_token(token);
         self.shared.fetcher.lock().expect("BUG: lock poisoned").set_token(token);
         self.shared.wake.send_modify(|n| *n += 1);

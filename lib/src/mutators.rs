@@ -289,6 +289,19 @@ pub fn token_subject(token: &str) -> String {
     cut_subject(claims.get("sub").and_then(|s| s.as_str()).unwrap_or_default().to_owned())
 }
 
+/// Whether `token` may replace a token of subject `subject` on an open replica: it must name
+/// the same one, since the replica's pending mutator calls ran as that subject. The refusal
+/// says so.
+pub fn same_subject(subject: &str, token: &str) -> Result<(), String> {
+    let new = token_subject(token);
+    if new == subject {
+        return Ok(());
+    }
+    Err(format!(
+        "the new token names subject {new:?}, this replica's {subject:?}: open the document again for another subject"
+    ))
+}
+
 fn base64url(s: &str) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let (mut acc, mut bits) = (0u32, 0u32);

@@ -207,6 +207,18 @@ export class Database {
     return this.#call("state", id);
   }
 
+  /**
+   * Uses `token` from now on, in every tab of this document: one that replaces a token about to
+   * expire, or one that did (the server closes the connection at its token's `exp` and refuses
+   * it after; writes made meanwhile wait). Said to the server at once, reconnecting if the old
+   * token was refused. It must name the same subject (`sub`) the document was opened with;
+   * another is refused. Resolves once the document uses it.
+   */
+  setToken(token) {
+    if (typeof token !== "string") return Promise.reject(new TypeError("the token must be a string"));
+    return this.#call("setToken", token);
+  }
+
   /** Stops (false) or resumes (true) syncing; local reads and writes go on either way. */
   setOnline(online) {
     return this.#call("setOnline", online);
@@ -374,6 +386,9 @@ export class Database {
       for (const listener of this.#statusListeners) listener(msg.status);
     } else if (msg.event === "presence") {
       for (const listener of this.#presenceListeners) listener(msg.peers);
+    } else if (msg.event === "token") {
+      // The token a takeover opens the document with.
+      this.#options.token = msg.token;
     }
   }
 }

@@ -331,6 +331,21 @@ const ops = {
   setOnline(online) {
     setOnline(online);
   },
+  // A new token of the same subject: said at once on an open connection; a connection refused
+  // for the old one (expired) is made again now rather than after its backoff. Every tab keeps
+  // it, for when it takes over.
+  setToken(token) {
+    if (typeof token !== "string") throw new TypeError("the token must be a string");
+    replica.setToken(token);
+    config.token = token;
+    postMessage({ event: "token", token });
+    if (socket) flush();
+    else if (config.online) {
+      retryMs = 0;
+      connect();
+    }
+    queueMicrotask(changed);
+  },
   export() {
     return replica.export();
   },

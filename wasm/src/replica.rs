@@ -232,6 +232,18 @@ impl Replica {
         Ok(Replica { session, doc, storage_kind, subject, version: 0, mutators_file, mutators_seen: 0 })
     }
 
+    /// Uses `token` from now on (`Database.setToken`): said to the server at once on an open
+    /// connection, and used by every later one. It must name the subject the replica was
+    /// opened with (its pending mutator calls ran as that one).
+    #[wasm_bindgen(js_name = setToken)]
+    pub fn set_token(&mut self, token: String) -> Result<(), JsError> {
+        pagesync::mutators::same_subject(&self.subject, &token).map_err(|why| JsError::new(&why))?;
+        self.session.set_token(token);
+        // A refusal of the old token is moot: the status changed.
+        self.version = self.version.wrapping_add(1);
+        Ok(())
+    }
+
     /// `"opfs"` or `"memory"`.
     #[wasm_bindgen(js_name = storageKind)]
     pub fn storage_kind(&self) -> String {

@@ -250,6 +250,51 @@ test("a list deleted on the server shows as deleted, stays readable, and takes n
   await context.close();
 });
 
+test("a page renews its token: a write made after the old one expired reaches the server", async () => {
+  const dir = tempDir("token");
+  const secret = join(dir, "secret");
+  writeFileSync(secret, "a browser token renewal test secret of 32+ bytes");
+  const port2 = await freePort();
+  const server2 = await startServerWith(port2, join(dir, "server"), ["--auth-secret-file", secret]);
+  try {
+    const list = randomDoc();
+    const mint = (sub, ttl) => execFileSync(join(bin, "pagesync-server"), [
+      "--auth-secret-file", secret, "token", "--doc", list, "--write", "--sub", sub, "--ttl", ttl,
+    ], { encoding: "utf8" }).trim();
+    const tokens = { doc: list, short: mint("ann", "3s"), fresh: mint("ann", "1h"), other: mint("bob", "1h") };
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    logPage(page, "token");
+    await page.goto(`http://127.0.0.1:${port2}/healthz`);
+    const out = await page.evaluate(async ({ doc, short, fresh, other }) => {
+      const { Database } = await import("/pagesync.js");
+      const db = await Database.open(doc, { token: short, persist: false });
+      await db.exec("CREATE TABLE t(x)");
+      await db.sync({ timeoutMs: 10_000 });
+      // At the short token's exp the server closes the connection, and refuses it after.
+      let status = await db.status();
+      for (let i = 0; i < 300 && status.error?.code !== "unauthorized"; i++) {
+        await new Promise((r) => setTimeout(r, 50));
+        status = await db.status();
+      }
+      const expired = status.error;
+      const m = await db.exec("INSERT INTO t VALUES (1)");
+      const otherSubject = await db.setToken(other).then(() => "taken", (e) => e.message);
+      await db.setToken(fresh);
+      const synced = await db.sync({ timeoutMs: 15_000 }).then(() => "in sync", (e) => e.message);
+      return { expired, otherSubject, synced, settled: await m.settled, after: (await db.status()).error };
+    }, tokens);
+    await context.close();
+    assert.equal(out.expired?.code, "unauthorized", JSON.stringify(out));
+    assert.match(out.otherSubject, /subject "bob"/);
+    assert.equal(out.synced, "in sync", JSON.stringify(out));
+    assert.equal(out.settled.state, "confirmed", JSON.stringify(out));
+    assert.equal(out.after, null, "the old token's refusal still shows");
+  } finally {
+    await stopServer(server2);
+  }
+});
+
 test("with the server's mutators, each context writes as its own subject and deletes only its own todos", async () => {
   const dir = tempDir("mutators");
   const secret = join(dir, "secret");
