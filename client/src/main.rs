@@ -623,7 +623,23 @@ async fn command(
             }
             let mut peers = doc.subscribe_presence();
             loop {
-                let now = peers.next().await;
+                // A refusal while watching (the token's exp, the document deleted) ends the
+                // watch: the listing would otherwise stand still, looking current.
+                let refused = async {
+                    loop {
+                        if let Some(error) = doc.status().error.filter(|(code, _)| refused_code(code)) {
+                            return error;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                };
+                let now = tokio::select! {
+                    now = peers.next() => now,
+                    (code, message) = refused, if watch => {
+                        eprintln!("error: the server refused: {code}: {message}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
                 if json {
                     let list: Vec<serde_json::Value> = now
                         .iter()

@@ -335,3 +335,48 @@ fn a_mistyped_document_is_said_not_made() {
     assert_eq!(rows, "n\n0\n");
     server.stop();
 }
+
+/// `presence --watch` ends, failing with the server's reason, when the server refuses the
+/// document while it watches (here, deleted under it): a listing that stood still would look
+/// current.
+#[test]
+fn a_presence_watch_ends_when_the_server_refuses_the_document() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, addr) = Server::start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr"));
+    ok(&cli(addr, &dir.path().join("a"), &["exec", "CREATE TABLE t(x)"], None));
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_pagesync"))
+        .args(["--server", &format!("ws://{addr}/v1/sync"), "--doc", DOC, "--data"])
+        .arg(dir.path().join("b"))
+        .args(["presence", "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pagesync");
+    // Its first listing: it is watching.
+    let mut stdout = watch.stdout.take().expect("stdout");
+    let mut first = [0u8; 6];
+    stdout.read_exact(&mut first).expect("a first listing");
+    assert_eq!(&first, b"0 here");
+    let mut http = std::net::TcpStream::connect(addr).expect("connect");
+    write!(http, "DELETE /v1/docs/{DOC} HTTP/1.1\r\nhost: localhost\r\n\r\n").expect("delete");
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = watch.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = watch.kill();
+            panic!("presence --watch went on watching a deleted document");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    watch.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr");
+    assert!(!status.success(), "it succeeded: {stderr}");
+    assert!(stderr.contains("refused") && stderr.contains("deleted"), "{stderr}");
+    server.stop();
+}
