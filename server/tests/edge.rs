@@ -1022,7 +1022,7 @@ async fn without_a_secret_only_loopback_names_and_origins_are_served() {
     }
     // The absolute form is taken (RFC 9112), its authority standing for the Host.
     let absolute = |authority: &str| {
-        let request = format!("GET http://{authority}/healthz?x=1 HTTP/1.1\r\nhost: localhost\r\n\r\n");
+        let request = format!("GET http://{authority}/healthz?token=1 HTTP/1.1\r\nhost: localhost\r\n\r\n");
         status(&raw(port, request.as_bytes()))
     };
     assert_eq!(absolute("127.0.0.1:1"), "200");
