@@ -745,3 +745,52 @@ fn a_clients_own_run_is_bounded_in_cpu_time() {
     let rows = client.query("SELECT count(*) FROM notes", &[]).expect("query").rows;
     assert_eq!(rows, vec![vec![Value::Integer(0)]]);
 }
+
+/// The functions pagesync stands in for (the costly ones it charges for, `random`,
+/// `randomblob`) and its own `reject` can be used in a schema, as SQLite's built-ins can: a
+/// CHECK, a generated column, a partial index, an index on an expression, a view, a DEFAULT,
+/// a trigger. (They were not innocuous, so each such table refused every write.)
+#[test]
+fn the_functions_pagesync_provides_work_in_schemas_and_triggers() {
+    let (mut server, mut client) = setup();
+    for (i, ddl) in [
+        "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT CHECK (name NOT LIKE '%bad%' AND name NOT GLOB '*evil*'), \
+         tag TEXT DEFAULT (hex(randomblob(4))), r INTEGER DEFAULT (random()), \
+         short TEXT AS (replace(trim(name, ' '), 'o', '0')), \
+         j TEXT AS (json_patch('{\"a\":1}', '{\"b\":2}')))",
+        "CREATE INDEX t_o ON t(instr(name, 'o'))",
+        "CREATE INDEX t_a ON t(name) WHERE ltrim(name, 'x') LIKE 'a%'",
+        "CREATE VIEW v AS SELECT rtrim(name, 'z') AS n, instr(name, 'o') AS at FROM t",
+        "CREATE TRIGGER no_zed BEFORE INSERT ON t WHEN new.name LIKE 'z%' BEGIN SELECT reject('no names with z'); END",
+    ]
+    .iter()
+    .enumerate()
+    {
+        confirmed(&mut client, &mut server, ddl, 1 + i as u64);
+    }
+    confirmed(&mut client, &mut server, "INSERT INTO t(name) VALUES ('  good one ')", 10);
+    let rows = client.query("SELECT n, at FROM v", &[]).expect("the view reads").rows;
+    assert_eq!(rows, vec![vec![Value::Text("  good one ".into()), Value::Integer(4)]]);
+    let short = client.query("SELECT short, j FROM t", &[]).expect("query").rows;
+    assert_eq!(short, vec![vec![Value::Text("g00d 0ne".into()), Value::Text("{\"a\":1,\"b\":2}".into())]]);
+    // The CHECK and the trigger still hold: each write they refuse is rejected with its reason.
+    for (i, (name, code, needle)) in
+        [("bad apple", RejectionCode::Constraint, "CHECK"), ("zed", RejectionCode::Denied, "no names with z")]
+            .into_iter()
+            .enumerate()
+    {
+        let body = sql("INSERT INTO t(name) VALUES (?1)", vec![Value::Text(name.into())]);
+        let m = client.mutate(body, T0, 20 + i as u64).expect("queued");
+        push(&client, &mut server);
+        drain(&mut server, T0);
+        pull(&mut client, &server);
+        match client.state(m.lsn).expect("state") {
+            MutationState::Rejected(r) => {
+                assert_eq!(r.code, code, "{name}: {}", r.message);
+                assert!(r.message.contains(needle), "{name}: {}", r.message);
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert_eq!(pages_of(client.database()), pages_of(server.database()));
+}
