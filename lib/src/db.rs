@@ -81,6 +81,37 @@ const COSTLY: &[(&str, i32, u64)] = &[
     ("jsonb_patch", 2, JSON_BYTE_PAIRS_PER_STEP),
 ];
 
+/// What SQLite's `sqlite3_value_numeric_type` makes of a value for the math functions: a
+/// number as it is, text that is wholly a decimal number (spaces around it allowed) as that
+/// number, anything else (a blob, other text, NULL) `None`.
+fn numeric(v: rusqlite::types::ValueRef<'_>) -> Option<rusqlite::types::Value> {
+    use rusqlite::types::{Value as V, ValueRef as R};
+    match v {
+        R::Integer(i) => Some(V::Integer(i)),
+        R::Real(x) => Some(V::Real(x)),
+        R::Text(t) => {
+            let text = std::str::from_utf8(t).ok()?.trim_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
+            // Digits, a sign, a point, an exponent: not Rust's `inf`, `NaN` or `0x10`.
+            if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b)) {
+                return None;
+            }
+            match text.parse::<i64>() {
+                Ok(i) => Some(V::Integer(i)),
+                Err(_) => text.parse::<f64>().ok().map(V::Real),
+            }
+        }
+        R::Blob(_) | R::Null => None,
+    }
+}
+
+fn as_f64(v: &rusqlite::types::Value) -> f64 {
+    match *v {
+        rusqlite::types::Value::Integer(i) => i as f64,
+        rusqlite::types::Value::Real(x) => x,
+        _ => f64::NAN,
+    }
+}
+
 /// How many byte comparisons cost one VM instruction: about what the slowest kind of
 /// instruction takes (13 ns), at about 1.4 ns a comparison here.
 const BYTE_PAIRS_PER_STEP: u64 = 8;
@@ -548,6 +579,41 @@ impl Database {
             out.truncate(n as usize);
             Ok(out)
         })?;
+        self.install_math()
+    }
+
+    /// The exact functions of SQLite's math extension (`ceil`, `ceiling`, `floor`, `trunc`,
+    /// `sqrt`, `mod`, `pi`), as SQLite defines them, in Rust: the native build of SQLite has
+    /// no math extension and the browser's has, so without these a mutation using one ran in
+    /// the browser and failed on the server. Each is IEEE-exact, so every target agrees.
+    fn install_math(&self) -> Result<()> {
+        use rusqlite::types::Value as V;
+        let flags = FunctionFlags::SQLITE_UTF8
+            | FunctionFlags::SQLITE_INNOCUOUS
+            | FunctionFlags::SQLITE_DETERMINISTIC;
+        // An integer stays itself; a real is rounded; anything else is NULL.
+        let rounding: [(&str, fn(f64) -> f64); 4] =
+            [("ceil", f64::ceil), ("ceiling", f64::ceil), ("floor", f64::floor), ("trunc", f64::trunc)];
+        for (name, round) in rounding {
+            self.conn.create_scalar_function(name, 1, flags, move |ctx| {
+                Ok(match numeric(ctx.get_raw(0)) {
+                    Some(V::Real(x)) => V::Real(round(x)),
+                    other => other.unwrap_or(V::Null),
+                })
+            })?;
+        }
+        // NaN (the root of a negative, a remainder by zero) is NULL, as SQLite makes it.
+        let real = |x: f64| if x.is_nan() { V::Null } else { V::Real(x) };
+        self.conn.create_scalar_function("sqrt", 1, flags, move |ctx| {
+            Ok(numeric(ctx.get_raw(0)).map_or(V::Null, |x| real(as_f64(&x).sqrt())))
+        })?;
+        self.conn.create_scalar_function("mod", 2, flags, move |ctx| {
+            Ok(match (numeric(ctx.get_raw(0)), numeric(ctx.get_raw(1))) {
+                (Some(x), Some(y)) => real(as_f64(&x) % as_f64(&y)),
+                _ => V::Null,
+            })
+        })?;
+        self.conn.create_scalar_function("pi", 0, flags, |_| Ok(std::f64::consts::PI))?;
         Ok(())
     }
 

@@ -113,7 +113,6 @@ pub const ALLOWED_FUNCTIONS: &[&str] = &[
     "round",
     "rtrim",
     "sign",
-    "soundex",
     "substr",
     "substring",
     "trim",
@@ -125,7 +124,8 @@ pub const ALLOWED_FUNCTIONS: &[&str] = &[
     "unlikely",
     "upper",
     "zeroblob",
-    // Exact arithmetic from the math extension (IEEE-exact on every target).
+    // Exact arithmetic from the math extension (IEEE-exact on every target), pagesync's own
+    // implementations (`Database::install_math`): the native SQLite has no math extension.
     "ceil",
     "ceiling",
     "floor",
@@ -223,6 +223,7 @@ pub const REFUSED_FUNCTIONS: &[(&str, &str)] = &[
     ("sqlite_compileoption_used", BUILD),
     ("fts5_source_id", BUILD),
     ("load_extension", "extensions cannot be replayed on the server"),
+    ("soundex", "the browser's SQLite has no soundex()"),
     ("sqlite_log", "it writes to the host's log"),
     ("fts3_tokenizer", "it hands out native pointers"),
     ("fts5", "it hands out native pointers"),

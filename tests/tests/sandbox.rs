@@ -794,3 +794,37 @@ fn the_functions_pagesync_provides_work_in_schemas_and_triggers() {
     }
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
+
+/// The math functions on the allow-list run the same on every replica, as SQLite's math
+/// extension defines them (the native SQLite has none, the browser's has: pagesync brings its
+/// own), and may be used in a schema; `soundex`, which only the native SQLite has, is refused.
+#[test]
+fn math_functions_are_the_same_everywhere() {
+    let (mut server, mut client) = setup();
+    let ddl = "CREATE TABLE m(k INTEGER PRIMARY KEY, v, CHECK (floor(k) = k))";
+    confirmed(&mut client, &mut server, ddl, 1);
+    let insert = "INSERT INTO m(v) VALUES (sqrt(2)), (sqrt(-1)), (floor(-1.5)), (ceil(1.2)), (ceiling(7)), \
+                  (trunc(-2.7)), (mod(7.5, 2)), (mod(1, 0)), (pi()), (floor(' 2.5 ')), (ceil('x')), \
+                  (sqrt(x'00')), (floor('12')), (sqrt(NULL))";
+    confirmed(&mut client, &mut server, insert, 2);
+    let got = client.query("SELECT v FROM m ORDER BY k", &[]).expect("query").rows;
+    let want = [
+        Value::Real(std::f64::consts::SQRT_2),
+        Value::Null,
+        Value::Real(-2.0),
+        Value::Real(2.0),
+        Value::Integer(7),
+        Value::Real(-2.0),
+        Value::Real(1.5),
+        Value::Null,
+        Value::Real(std::f64::consts::PI),
+        Value::Real(2.0),
+        Value::Null,
+        Value::Null,
+        Value::Integer(12),
+        Value::Null,
+    ];
+    assert_eq!(got, want.into_iter().map(|v| vec![v]).collect::<Vec<_>>());
+    let local = client.mutate(sql("INSERT INTO m(v) VALUES (soundex('pagesync'))", vec![]), T0, 3);
+    assert!(matches!(local, Err(Error::Refused(ref why)) if why.contains("soundex")), "{local:?}");
+}
