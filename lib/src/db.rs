@@ -592,9 +592,9 @@ impl Database {
             | FunctionFlags::SQLITE_INNOCUOUS
             | FunctionFlags::SQLITE_DETERMINISTIC;
         // An integer stays itself; a real is rounded; anything else is NULL.
-        let rounding: [(&str, fn(f64) -> f64); 4] =
-            [("ceil", f64::ceil), ("ceiling", f64::ceil), ("floor", f64::floor), ("trunc", f64::trunc)];
-        for (name, round) in rounding {
+        let ceil = f64::ceil as fn(f64) -> f64;
+        for (name, round) in [("ceil", ceil), ("ceiling", ceil), ("floor", f64::floor), ("trunc", f64::trunc)]
+        {
             self.conn.create_scalar_function(name, 1, flags, move |ctx| {
                 Ok(match numeric(ctx.get_raw(0)) {
                     Some(V::Real(x)) => V::Real(round(x)),
@@ -638,6 +638,7 @@ impl Database {
         self.sandbox.max_steps.store(self.budget.max_vm_steps, Ordering::Relaxed);
         self.sandbox.ticks.store(0, Ordering::Relaxed);
         self.sandbox.set_mode(Mode::Mutation);
+        let local_time = crate::vfs::localtime::enter();
         // Where a thread's CPU clock can be read (not macOS: a server there has no CPU bound).
         #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
         let cpu = self.cpu_limit.and_then(|limit| {
@@ -669,6 +670,7 @@ impl Database {
                 pagesync_journal::release_free_memory();
             }
         }
+        drop(local_time);
         self.sandbox.set_mode(Mode::System);
         out
     }
@@ -736,6 +738,12 @@ impl Database {
     pub fn sandbox_verdict(&self, code: &RejectionCode) -> Option<Rejection> {
         if let Some(reason) = self.take_refusal() {
             return Some(Rejection::new(RejectionCode::Refused, reason));
+        }
+        if crate::vfs::localtime::take_asked() {
+            return Some(Rejection::new(
+                RejectionCode::Refused,
+                crate::vfs::localtime::LOCAL_TIME.to_owned(),
+            ));
         }
         if self.sandbox.exhausted.swap(false, Ordering::Relaxed) {
             let max = self.budget.max_vm_steps;

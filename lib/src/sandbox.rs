@@ -18,7 +18,8 @@
 //! replicated pages), ATTACH, `changes()`/`total_changes()` (connection history),
 //! `sqlite_version()` (the browser build may differ), floating-point library functions
 //! (`sin`, `exp`, `pow`, ...: libm differs between targets), ANALYZE (plans would depend on
-//! when a connection loaded statistics) and transaction control.
+//! when a connection loaded statistics), transaction control, VACUUM (which the authorizer
+//! never sees: [`unauthorized_statement`]) and local time (`vfs/localtime.rs`).
 //!
 //! Queries ([`Mode::Query`]) get the same lists; `ClientDocument::query` refuses any statement
 //! that writes (`sqlite3_stmt_readonly`).

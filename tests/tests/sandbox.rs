@@ -828,3 +828,43 @@ fn math_functions_are_the_same_everywhere() {
     let local = client.mutate(sql("INSERT INTO m(v) VALUES (soundex('pagesync'))", vec![]), T0, 3);
     assert!(matches!(local, Err(Error::Refused(ref why)) if why.contains("soundex")), "{local:?}");
 }
+
+/// `'localtime'` and `'utc'` read the host's time zone, which differs between replicas (a
+/// server's is not a browser's): a mutation that asks for either is refused, however it
+/// spells the modifier, on the client and on the server; a query may still show local time.
+#[test]
+fn local_time_is_refused_in_mutations_and_shown_in_queries() {
+    let (mut server, mut client) = setup();
+    confirmed(&mut client, &mut server, "CREATE TABLE z(v)", 1);
+    for (i, text) in [
+        "INSERT INTO z VALUES (datetime(0, 'unixepoch', 'localtime'))",
+        "INSERT INTO z VALUES (datetime('2020-01-01 00:00', 'UTC'))",
+        "INSERT INTO z SELECT strftime('%H', 'now', 'local' || 'time')",
+        "INSERT INTO z VALUES (unixepoch('now', 'LocalTime'))",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let local = client.mutate(sql(text, vec![]), T0, 10 + i as u64);
+        assert!(
+            matches!(local, Err(Error::Refused(ref why)) if why.contains("time zone")),
+            "{text}: {local:?}"
+        );
+        let (code, message) = raw_verdict(&mut server, 99, 1 + i as u64, sql(text, vec![]))
+            .unwrap_or_else(|| panic!("{text}: the server applied it"));
+        assert_eq!(code, "refused", "{text}: {message}");
+    }
+    // UTC needs no time zone; a local query shows local time, and the next mutation is held
+    // to UTC again.
+    confirmed(
+        &mut client,
+        &mut server,
+        "INSERT INTO z VALUES (datetime('now')), (datetime(0, 'unixepoch'))",
+        20,
+    );
+    let shown = client.query("SELECT datetime(v, 'localtime') FROM z", &[]).expect("a query may").rows;
+    assert_eq!(shown.len(), 2);
+    assert!(matches!(&shown[1][0], Value::Text(t) if t.starts_with("19")), "{shown:?}");
+    let again = client.mutate(sql("INSERT INTO z VALUES (date('now', 'localtime'))", vec![]), T0, 21);
+    assert!(matches!(again, Err(Error::Refused(_))), "{again:?}");
+}

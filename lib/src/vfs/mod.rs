@@ -26,6 +26,7 @@ use rusqlite::ffi;
 
 use crate::store::PageStore;
 
+pub mod localtime;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod meter;
 #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
