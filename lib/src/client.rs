@@ -261,6 +261,7 @@ impl<R: Reducer> ClientDocument<R> {
         store.set_read_ahead(read_ahead);
         let mut db = Database::open(store, crate::db::ConnMemory::Fast)?;
         db.set_cpu_limit(Some(crate::sandbox::CLIENT_MUTATION_CPU));
+        db.meter_memory(crate::sandbox::CLIENT_MEMORY_TIMES);
         let timeline_id = TimelineId(*timeline.id().as_bytes());
         let mut doc = ClientDocument {
             db,

@@ -236,8 +236,9 @@ pub struct Database {
     page_cap: Cell<u32>,
     /// CPU time one mutation may take (`set_cpu_limit`), if bounded.
     cpu_limit: Option<std::time::Duration>,
-    /// Whether mutations' memory is bounded (`meter_memory`).
-    metered: bool,
+    /// How many times `MAX_MUTATION_MEMORY_BYTES` a mutation may make SQLite hold
+    /// (`meter_memory`); 0: unbounded.
+    metered: u32,
     /// The schema's objects named with `SYSTEM_PREFIX` before the running mutation, if it may
     /// rename a table (`note_system_names`).
     system_names: std::cell::RefCell<Option<Vec<String>>>,
@@ -298,7 +299,7 @@ impl Database {
             max_doc_pages: None,
             page_cap: Cell::new(0),
             cpu_limit: None,
-            metered: false,
+            metered: 0,
             system_names: std::cell::RefCell::new(None),
         };
         db.configure()?;
@@ -479,18 +480,22 @@ impl Database {
         self.cpu_limit = limit;
     }
 
-    /// Bounds what every later mutation makes SQLite hold (`memory_bound`; `vfs::meter`): past
-    /// it, the mutation is rejected `too_big`. The server's, like `set_cpu_limit`: what a
-    /// mutation allocates depends a little on what the connection has cached.
-    pub fn meter_memory(&mut self, on: bool) {
-        self.metered = on;
+    /// Bounds what every later mutation makes SQLite hold (`memory_bound`; `vfs::meter`) at
+    /// `times` the server's bound (0: unbounded): past it, the mutation is stopped `too_big`.
+    /// What a mutation allocates depends a little on what the connection has cached, so the
+    /// server's verdict is the one kept (like `set_cpu_limit`); a client's bound is
+    /// `CLIENT_MEMORY_TIMES` the server's, so a planted trigger cannot exhaust an honest app's
+    /// memory, and what the server completes a client rarely stops.
+    pub fn meter_memory(&mut self, times: u32) {
+        self.metered = times;
     }
 
     /// Bytes one mutation may make SQLite hold above what it held before (`vfs::meter`):
-    /// `MAX_MUTATION_MEMORY_BYTES`, or eight of the largest values if that is more.
+    /// `MAX_MUTATION_MEMORY_BYTES`, or eight of the largest values if that is more, times
+    /// `meter_memory`'s.
     fn memory_bound(&self) -> i64 {
         let values = i64::from(self.budget.max_value_bytes).saturating_mul(8);
-        values.max(crate::sandbox::MAX_MUTATION_MEMORY_BYTES)
+        values.max(crate::sandbox::MAX_MUTATION_MEMORY_BYTES).saturating_mul(i64::from(self.metered.max(1)))
     }
 
     /// Caps the database at `max_pages` (`None`: no cap). No mutation can lift it: every
@@ -650,8 +655,14 @@ impl Database {
             crate::vfs::watchdog::watch(limit, on_expiry)
         });
         #[cfg(not(target_arch = "wasm32"))]
-        let memory = self.metered.then(|| crate::vfs::meter::Metered::start(self.memory_bound()));
+        let memory = (self.metered > 0).then(|| crate::vfs::meter::Metered::start(self.memory_bound()));
+        #[cfg(target_arch = "wasm32")]
+        let heap = (self.metered > 0).then(|| crate::vfs::heap::Limited::start(self.memory_bound()));
         let out = f(&self.conn);
+        #[cfg(target_arch = "wasm32")]
+        if heap.is_some_and(|heap| heap.refused()) {
+            self.sandbox.memory_exceeded.store(true, Ordering::Relaxed);
+        }
         #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
         drop(cpu);
         #[cfg(not(target_arch = "wasm32"))]

@@ -331,6 +331,13 @@ pub const DEFAULT_MAX_MUTATION_CPU: std::time::Duration = std::time::Duration::f
 /// (Linux, Android, FreeBSD); not in the browser.
 pub const CLIENT_MUTATION_CPU: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A client's bound on one mutation's memory, in times the server's
+/// (`MAX_MUTATION_MEMORY_BYTES`): a trigger someone planted cannot make an honest app's write
+/// hold gigabytes, and what the server completes a client rarely stops (stopped, the write
+/// stays pending and the server decides, as with `CLIENT_MUTATION_CPU`). Native clients and the
+/// browser alike.
+pub const CLIENT_MEMORY_TIMES: u32 = 2;
+
 /// How many VM instructions pass between two calls of the progress handler. Small enough that
 /// an over-budget mutation stops within a millisecond of its budget, large enough that the
 /// handler costs nothing measurable.

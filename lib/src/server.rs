@@ -418,7 +418,7 @@ impl<R: Reducer> ServerDocument<R> {
         let mut db = Database::open(PageStore::open(storage)?, crate::db::ConnMemory::Lean)?;
         db.set_budget(limits.budget)?;
         db.set_cpu_limit(limits.max_mutation_cpu);
-        db.meter_memory(true);
+        db.meter_memory(1);
         let page = PAGE_SIZE as u64;
         db.set_max_doc_pages(
             limits.max_doc_bytes.map(|max| u32::try_from((max / page).max(1)).unwrap_or(u32::MAX)),

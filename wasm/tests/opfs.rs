@@ -112,3 +112,37 @@ fn every_wire_codec_decodes_in_the_browser() {
         assert_eq!(wire.decompress().expect("decodes"), raw);
     }
 }
+
+/// The browser's replica runs the same sandbox as the native one, where its SQLite differs:
+/// a mutation that would make SQLite hold gigabytes is stopped at the client's bound (the
+/// wasm heap ends at 4 GiB, and a worker that reaches it is gone), `'localtime'` is refused (it
+/// would read the browser's time zone, not the server's) while a query may show it, and the
+/// exact math functions give what the server's give.
+#[wasm_bindgen_test]
+async fn the_sandbox_holds_in_the_browser() {
+    let mut r = Replica::open("0000000000000000000000000000abce".into(), String::new(), false, vec![4; 32])
+        .await
+        .expect("open");
+    r.exec("CREATE TABLE t(v)".into(), JsValue::NULL, 1.0, 1).expect("create");
+    let columns = (0..40).map(|i| format!("printf('%.*c', 16000000 + {i}, 'x')")).collect::<Vec<_>>();
+    let hostile = format!("INSERT INTO t SELECT length(concat({}))", columns.join(", "));
+    let out = r.exec(hostile, JsValue::NULL, 2.0, 2).expect("queued for the server");
+    let error = js_sys::Reflect::get(&out, &"localError".into()).expect("localError");
+    let text = |key: &str| js_sys::Reflect::get(&error, &key.into()).ok().and_then(|v| v.as_string());
+    assert_eq!(text("code").as_deref(), Some("too_big"), "{error:?}");
+    assert!(text("message").is_some_and(|m| m.contains("memory")), "{error:?}");
+
+    let local = r.exec("INSERT INTO t VALUES (datetime('now', 'localtime'))".into(), JsValue::NULL, 3.0, 3);
+    let why = format!("{:?}", JsValue::from(local.expect_err("local time is refused")));
+    assert!(why.contains("time zone"), "{why}");
+    let shown = r.query("SELECT datetime(0, 'unixepoch', 'localtime') AS t".into(), JsValue::NULL);
+    assert_eq!(shown.expect("a query may show local time").length(), 1);
+
+    r.exec("INSERT INTO t VALUES (sqrt(2)), (floor(-1.5)), (mod(7.5, 2))".into(), JsValue::NULL, 4.0, 4)
+        .expect("math");
+    let rows = r.query("SELECT v FROM t".into(), JsValue::NULL).expect("query");
+    let values: Vec<f64> = (0..rows.length())
+        .map(|i| js_sys::Reflect::get(&rows.get(i), &"v".into()).expect("v").as_f64().expect("a number"))
+        .collect();
+    assert_eq!(values, [std::f64::consts::SQRT_2, -2.0, 1.5]);
+}

@@ -12,8 +12,9 @@
 //!
 //! Other threads, and this one outside a mutation, pay one thread-local read per call. What a
 //! mutation allocates depends a little on what its connection has cached (a cold document
-//! reads pages a warm one has), so only the server meters (`Database::meter_memory`), and its
-//! verdict is the one every replica keeps.
+//! reads pages a warm one has), so the server's verdict is the one every replica keeps; clients
+//! meter at twice its bound (`Database::meter_memory`), so that a planted trigger cannot make
+//! an honest app's write hold gigabytes. (The browser uses `vfs/heap.rs`.)
 
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};

@@ -26,6 +26,8 @@ use rusqlite::ffi;
 
 use crate::store::PageStore;
 
+#[cfg(target_arch = "wasm32")]
+pub mod heap;
 pub mod localtime;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod meter;
