@@ -786,6 +786,17 @@ impl Database {
 
     /// `SQLITE_FULL` from `max_page_count`: the document's cap or the mutation's own.
     fn full_verdict(&self) -> Rejection {
+        // SQLite answers `SQLITE_FULL` too when an AUTOINCREMENT table has used its last rowid
+        // (it never reuses one): said as that, not as a cap the document is nowhere near.
+        let exhausted = self.conn.query_row(
+            "SELECT name FROM sqlite_sequence WHERE seq >= ?1 LIMIT 1",
+            [MAX_ROWID],
+            |r| r.get::<_, String>(0),
+        );
+        if let Ok(table) = exhausted {
+            let why = format!("table {table} has used every AUTOINCREMENT rowid (the last is {MAX_ROWID})");
+            return Rejection::new(RejectionCode::Range, why);
+        }
         match self.max_doc_pages {
             Some(doc) if self.page_cap.get() >= doc => {
                 let max = u64::from(doc) * PAGE_SIZE as u64;

@@ -408,7 +408,9 @@ pub fn apply_mutation(
         crate::db::run_cached(conn, RELEASE)?;
         return Ok(Ok(()));
     };
-    match db.store().take_last_error() {
+    // The store's lock is let go first: a verdict may read the database.
+    let store_error = db.store().take_last_error();
+    match store_error {
         Some(StoreError::StepFull { max_pages }) => {
             let _ = db.sandbox_verdict(&rejection.code);
             return Err(Error::StepFull { max_pages });

@@ -424,7 +424,21 @@ pub fn refusal(mode: Mode, ctx: &AuthContext<'_>) -> Option<String> {
         A::Select | A::Recursive => None,
         A::Read { table_name, .. } => read(db, table_name),
         A::Function { function_name } => function(function_name),
+        // `PRAGMA temp.user_version = 1` would set the connection's TEMP database.
+        A::Pragma { pragma_name, .. } if db.is_some() && !is_main(db) => Some(format!(
+            "PRAGMA {}.{pragma_name}: only the document's own (main) schema replicates",
+            db.unwrap_or_default()
+        )),
         A::Pragma { pragma_name, pragma_value } => pragma(mode, pragma_name, pragma_value),
+        // pagesync's names are its own, for every kind of object (a view or an index named
+        // like a table pagesync adds later would collide with it).
+        A::CreateIndex { index_name: name, .. }
+        | A::CreateTrigger { trigger_name: name, .. }
+        | A::CreateView { view_name: name }
+            if is_system(name) =>
+        {
+            Some(format!("{name}: names starting with {SYSTEM_PREFIX} are reserved for pagesync"))
+        }
         A::Insert { table_name }
         | A::Update { table_name, .. }
         | A::Delete { table_name }
