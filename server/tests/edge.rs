@@ -1091,6 +1091,47 @@ async fn a_token_expires_on_a_connection_already_open() {
     }
 }
 
+/// A second `Hello` takes the place of the connection's grant: a new token that does not
+/// grant a document the connection is subscribed to closes the connection `forbidden`, so a
+/// token for another document cannot carry on a subscription past the old token's `exp` (the
+/// subscription went on streaming while the server answered `forbidden` to its head asks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_token_does_not_carry_on_what_it_does_not_grant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_file(dir.path());
+    let (_server, port) = start_on_any_port(
+        &format!("file://{}", dir.path().join("store").display()),
+        &["--auth-secret-file", &secret],
+    );
+    let (a, b) = (DocId::from_u128(0xa1), DocId::from_u128(0xb1));
+    let mut ws = connect(port, &token(&a.to_string(), true, false)).await;
+    let subscribe = Message::Subscribe {
+        doc: a,
+        key: TimelineKey([5; 32]),
+        storage_next: Lsn::FIRST,
+        digests: false,
+        create: true,
+    };
+    send(&mut ws, subscribe).await;
+    assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })), "subscribed");
+    // A token for the same document, renewed: the subscription goes on.
+    send(&mut ws, Message::Hello { version: PROTOCOL_VERSION, token: token(&a.to_string(), false, false) })
+        .await;
+    send(&mut ws, Message::HeadAsk { doc: a, id: 7 }).await;
+    assert!(matches!(next_reply(&mut ws).await, Some(Message::Head { .. })), "the renewed token kept it");
+    // A token for another document only: the connection is closed, saying why.
+    send(&mut ws, Message::Hello { version: PROTOCOL_VERSION, token: token(&b.to_string(), true, false) })
+        .await;
+    match next_reply(&mut ws).await {
+        Some(Message::Error { doc: None, code, message }) => {
+            assert_eq!(code, codes::FORBIDDEN, "{message}");
+            assert!(message.contains(&a.to_string()), "{message}");
+        }
+        other => panic!("expected the connection closed forbidden, got {other:?}"),
+    }
+    assert!(next_reply(&mut ws).await.is_none(), "the connection stays open, subscribed to {a}");
+}
+
 /// A client whose token expires while it is connected backs off: closed `unauthorized` at
 /// `exp`, it is refused at `Hello` on every attempt after, and it does not connect again at
 /// once each time (the backoff used to start over at every handshake the server took, which

@@ -1061,7 +1061,21 @@ impl ServerSession {
         match msg {
             Message::Hello { version, token } if version == PROTOCOL_VERSION => {
                 let grant = self.auth.as_ref().map_or(Ok(Grant::all()), |auth| auth(&token, now_ms));
+                // A later `Hello` (a new token on an open connection) takes the place of the
+                // grant: a document it does not allow, which this connection is subscribed to or
+                // opening, would otherwise go on streaming to it past the old token's reach.
+                let lost = match &grant {
+                    Ok(g) => c.subs.keys().chain(&c.opening).find(|doc| !g.allows(**doc)).copied(),
+                    Err(_) => None,
+                };
                 match grant {
+                    Ok(_) if let Some(doc) = lost => {
+                        let why = format!(
+                            "the new token does not grant document {doc}, to which this connection is subscribed: \
+                             connect again to go on with what it grants"
+                        );
+                        self.fail(conn, error(None, codes::FORBIDDEN, why));
+                    }
                     Ok(g) => {
                         c.hello = true;
                         c.permit = Some(std::sync::Arc::new(g.permit()));
