@@ -71,6 +71,16 @@ struct Seen {
 /// keepalive needs a few.
 pub const MAX_CONTROL_FRAMES_PER_INTERVAL: u32 = 64;
 
+/// The largest first message, before a connection said `Hello` (which carries a token and
+/// nothing more): 64 KiB. A larger one closes the connection: without credentials, a socket
+/// cannot make the server hold a frame's worth of bytes.
+pub const MAX_HELLO_BYTES: u64 = 64 << 10;
+
+/// The longest one message may take to arrive, from its first frame to its last: a peer that
+/// starts a message and never ends it (sending pings meanwhile) would hold its bytes for as
+/// long as the connection lasts. At `MAX_FRAME_BYTES` this is about 45 KiB/s.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A fragment of a message this large or larger is not counted against
 /// `MAX_CONTROL_FRAMES_PER_INTERVAL`: it costs the peer about what it costs the server, as an
 /// unfragmented message does.
@@ -91,6 +101,13 @@ fn inbound_bytes_per_connection(max_frame_bytes: usize) -> usize {
 /// largest frame if that is more.
 pub fn inbound_bytes_total(max_frame_bytes: usize) -> usize {
     (256usize << 20).max(inbound_bytes_per_connection(max_frame_bytes))
+}
+
+/// Bytes of messages still arriving, across all connections (`Admission::arriving`): half of
+/// `inbound_bytes_total`, since the websocket holds about two bytes for each one counted (its
+/// read buffer and the message it builds), or one largest frame if that is more.
+pub fn arriving_bytes_total(max_frame_bytes: usize) -> usize {
+    (inbound_bytes_total(max_frame_bytes) / 2).max(max_frame_bytes)
 }
 
 /// Connections that have not yet said `Hello` (reading their head, handshaking), served at
@@ -149,6 +166,10 @@ pub struct Admission {
     pub connections: Arc<Semaphore>,
     /// Bytes of frames waiting for the hub, across all connections.
     pub inbound: Arc<Semaphore>,
+    /// Bytes of messages still arriving (read, held by the websocket until their last frame),
+    /// across all connections: `arriving_bytes_total`. A connection whose next bytes do not
+    /// fit is closed, so peers that start messages and never end them cannot exhaust memory.
+    pub arriving: Arc<Semaphore>,
 }
 
 /// What a connection may be routed to.
@@ -175,6 +196,10 @@ struct Request {
     /// that a bad one gets an answer saying what is wrong, not a closed socket.
     ws_key: bool,
     ws_version: Option<String>,
+    /// Its `Connection` header names `upgrade`, and its request line says HTTP/1.1 (a
+    /// websocket handshake needs both, RFC 6455 4.1).
+    ws_connection: bool,
+    http11: bool,
     /// Its `Host` and `Origin` headers, as sent; `twice`: either came more than once.
     host: Option<String>,
     origin: Option<String>,
@@ -271,8 +296,17 @@ async fn route(mut stream: TcpStream, routes: &Routes) -> Option<(Socket, Vec<u8
             let why = "a websocket handshake needs a Sec-WebSocket-Key header\n";
             respond(stream, "400 Bad Request", "text/plain", why).await
         }
+        "/v1/sync" if upgrade && !req.ws_connection => {
+            let why = "a websocket handshake needs a Connection: Upgrade header\n";
+            respond(stream, "400 Bad Request", "text/plain", why).await
+        }
+        "/v1/sync" if upgrade && !req.http11 => {
+            let why = "a websocket handshake is an HTTP/1.1 request\n";
+            respond(stream, "400 Bad Request", "text/plain", why).await
+        }
         "/v1/sync" if upgrade => {
-            let guard = FrameGuard::after(head_end(&head).unwrap_or(head.len()), routes.metrics.clone());
+            let skip = head_end(&head).unwrap_or(head.len());
+            let guard = FrameGuard::after(skip, routes.metrics.clone(), routes.admission.arriving.clone());
             let took_bytes_at = Arc::new(AtomicI64::new(0));
             let inner = stream.stream;
             return handshake(Prefixed { head, at: 0, inner, guard, took_bytes_at }, routes).await;
@@ -365,6 +399,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let mut parts = lines.next()?.split_whitespace();
     let (method, target) = (parts.next()?, parts.next()?);
+    let http11 = parts.next().is_some_and(|v| v.eq_ignore_ascii_case("HTTP/1.1"));
     // The absolute form (`GET http://host/path`), which a server must accept (RFC 9112,
     // 3.2.2): its authority stands for the `Host` header.
     let scheme = ["http://", "https://"]
@@ -384,7 +419,7 @@ fn parse_head(head: &[u8]) -> Option<Request> {
     };
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let mut token = query.split('&').find_map(|kv| kv.strip_prefix("token=")).map(str::to_owned);
-    let (mut websocket, mut ws_key, mut ws_version) = (false, false, None);
+    let (mut websocket, mut ws_key, mut ws_version, mut ws_connection) = (false, false, None, false);
     let (mut host, mut origin, mut twice) = (None, None, false);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else { continue };
@@ -397,6 +432,8 @@ fn parse_head(head: &[u8]) -> Option<Request> {
             token = Some(t.trim().to_owned());
         } else if name.eq_ignore_ascii_case("upgrade") {
             websocket |= value.split(',').any(|p| p.trim().eq_ignore_ascii_case("websocket"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            ws_connection |= value.split(',').any(|p| p.trim().eq_ignore_ascii_case("upgrade"));
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             ws_key = !value.is_empty();
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -411,7 +448,20 @@ fn parse_head(head: &[u8]) -> Option<Request> {
         host = absolute_host;
     }
     let (method, path, query) = (method.to_owned(), path.to_owned(), query.to_owned());
-    Some(Request { method, path, query, token, websocket, ws_key, ws_version, host, origin, twice })
+    Some(Request {
+        method,
+        path,
+        query,
+        token,
+        websocket,
+        ws_key,
+        ws_version,
+        ws_connection,
+        http11,
+        host,
+        origin,
+        twice,
+    })
 }
 
 /// Why a server without an auth secret refuses `req`, if it does. Such a server listens on
@@ -910,9 +960,23 @@ async fn handshake(stream: Prefixed, routes: &Routes) -> Option<(Socket, Vec<u8>
     };
     match tokio::time::timeout(HELLO_TIMEOUT, ws.next()).await {
         Ok(Some(Ok(WsMessage::Binary(b)))) if matches!(Message::decode(&b), Ok(Message::Hello { .. })) => {
+            // In: its messages may be as large as a frame may.
+            ws.get_mut().guard.max_message = routes.max_frame_bytes as u64;
             Some((ws, b.to_vec()))
         }
         Ok(Some(Ok(WsMessage::Close(_)) | Err(_)) | None) => None,
+        // A message that does not decode is said as that, not as one that is not a Hello.
+        Ok(Some(Ok(WsMessage::Binary(b)))) => {
+            let (code, why) = match Message::decode(&b) {
+                Err(e) => (
+                    codes::MALFORMED,
+                    format!("the first message must be Hello, and this one does not decode: {e}"),
+                ),
+                Ok(_) => (codes::NOT_HELLO, "the first message must be Hello".to_owned()),
+            };
+            refuse(ws, code, &why).await;
+            None
+        }
         Ok(Some(Ok(_))) => {
             refuse(ws, codes::NOT_HELLO, "the first message must be Hello").await;
             None
@@ -1109,22 +1173,60 @@ pub(crate) struct FrameGuard {
     tokens: f64,
     as_of: std::time::Instant,
     metrics: Arc<Metrics>,
+    /// The largest message: `MAX_HELLO_BYTES` until `Hello`, a frame's bound after.
+    max_message: u64,
+    /// The message arriving: its data frames' lengths so far, when its first frame came,
+    /// whether the frame passing is one of its data frames and whether that one ends it.
+    message: u64,
+    message_since: Option<std::time::Instant>,
+    data: bool,
+    ends: bool,
+    /// Its bytes read so far, held in `Admission::arriving` until its last frame has passed.
+    arriving: Arc<Semaphore>,
+    held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl FrameGuard {
-    fn after(head: usize, metrics: Arc<Metrics>) -> FrameGuard {
+    fn after(head: usize, metrics: Arc<Metrics>, arriving: Arc<Semaphore>) -> FrameGuard {
         let tokens = f64::from(MAX_CONTROL_FRAMES_PER_INTERVAL);
         let as_of = std::time::Instant::now();
-        FrameGuard { skip: head as u64, payload: 0, header: [0; 14], have: 0, tokens, as_of, metrics }
+        FrameGuard {
+            skip: head as u64,
+            payload: 0,
+            header: [0; 14],
+            have: 0,
+            tokens,
+            as_of,
+            metrics,
+            max_message: MAX_HELLO_BYTES,
+            message: 0,
+            message_since: None,
+            data: false,
+            ends: false,
+            arriving,
+            held: None,
+        }
     }
 
     fn scan(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
         while let Some(&byte) = bytes.first() {
-            let passing = if self.skip > 0 { &mut self.skip } else { &mut self.payload };
-            if *passing > 0 {
-                let n = (*passing).min(bytes.len() as u64);
-                *passing -= n;
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len() as u64);
+                self.skip -= n;
                 bytes = &bytes[n as usize..];
+                continue;
+            }
+            if self.payload > 0 {
+                let n = self.payload.min(bytes.len() as u64);
+                self.payload -= n;
+                bytes = &bytes[n as usize..];
+                if self.data {
+                    self.hold(n)?;
+                    self.in_time()?;
+                }
+                if self.payload == 0 {
+                    self.frame_passed();
+                }
                 continue;
             }
             self.header[self.have] = byte;
@@ -1151,8 +1253,61 @@ impl FrameGuard {
             if control || small_fragment {
                 self.spend()?;
             }
+            self.in_time()?;
+            (self.data, self.ends) = (!control, ends_message);
+            if self.data {
+                self.message = self.message.saturating_add(length);
+                self.message_since.get_or_insert_with(std::time::Instant::now);
+                if self.message > self.max_message {
+                    let why = format!("a message of over {} bytes, past this one's bound", self.max_message);
+                    return Err(self.refuse(why));
+                }
+            }
+            if length == 0 {
+                self.frame_passed();
+            }
         }
         Ok(())
+    }
+
+    /// Fails once the message arriving has taken longer than `MESSAGE_TIMEOUT` (looked at as
+    /// its bytes or the frames between them come: a peer silent for long is closed as dead).
+    fn in_time(&self) -> std::io::Result<()> {
+        match self.message_since {
+            Some(since) if since.elapsed() > MESSAGE_TIMEOUT => {
+                let why = format!("a message took longer than {} s to arrive", MESSAGE_TIMEOUT.as_secs());
+                Err(self.refuse(why))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Holds `n` more bytes of the message arriving, or fails when every connection's together
+    /// are at their bound.
+    fn hold(&mut self, n: u64) -> std::io::Result<()> {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        let Ok(more) = self.arriving.clone().try_acquire_many_owned(n) else {
+            let why = "the server holds as many bytes of unfinished messages as it may".to_owned();
+            return Err(self.refuse(why));
+        };
+        match &mut self.held {
+            Some(held) => held.merge(more),
+            None => self.held = Some(more),
+        }
+        Ok(())
+    }
+
+    /// A frame's payload has passed: if it ended its message, the message's bytes are let go
+    /// (the websocket hands the message on, where `inbound` counts it).
+    fn frame_passed(&mut self) {
+        if self.data && self.ends {
+            (self.message, self.message_since, self.held) = (0, None, None);
+        }
+    }
+
+    fn refuse(&self, why: String) -> std::io::Error {
+        tracing::debug!("closing a websocket: {why}");
+        std::io::Error::other(why)
     }
 
     /// Takes one small frame from the bucket, or fails when it is empty.

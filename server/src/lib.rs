@@ -1049,6 +1049,7 @@ pub async fn serve(
         pending: http::Pending::new(http::DEFAULT_MAX_PENDING_CONNECTIONS),
         connections: Arc::new(Semaphore::new(cfg.limits.max_connections)),
         inbound: Arc::new(Semaphore::new(http::inbound_bytes_total(cfg.limits.max_frame_bytes))),
+        arriving: Arc::new(Semaphore::new(http::arriving_bytes_total(cfg.limits.max_frame_bytes))),
     };
     let auth_secret = cfg.auth_secret.clone().map(Arc::new);
     tokio::pin!(shutdown);

@@ -949,6 +949,21 @@ async fn http_methods_heads_and_handshakes_get_answers() {
     assert!(answer.starts_with("HTTP/1.1 426") && answer.contains("sec-websocket-version: 13"), "{answer}");
     let answer = raw(port, format!("{ws}sec-websocket-version: 13\r\n\r\n").as_bytes());
     assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("Sec-WebSocket-Key"), "{answer}");
+    // Without `Connection: Upgrade`, or over HTTP/1.0, it is answered, not hung up on.
+    let key = "sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n";
+    for (head, needle) in [
+        (
+            "GET /v1/sync HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: keep-alive\r\n",
+            "Connection: Upgrade",
+        ),
+        (
+            "GET /v1/sync HTTP/1.0\r\nhost: localhost\r\nupgrade: websocket\r\nconnection: upgrade\r\n",
+            "HTTP/1.1",
+        ),
+    ] {
+        let answer = raw(port, format!("{head}{key}\r\n").as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains(needle), "{head}: {answer}");
+    }
     // A TLS client at this plain server is told at once, not after the head deadline.
     let started = Instant::now();
     let answer = raw(port, &[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03]);
@@ -1179,4 +1194,82 @@ async fn a_client_whose_token_expired_backs_off() {
     client.set_token(&mint(SECRET, &fresh)).expect("set_token");
     doc.sync(Duration::from_secs(15)).await.expect("synced with the new token");
     assert_eq!(doc.status().pending, 0);
+}
+
+/// Before `Hello`, a socket without credentials may send one small message: a first message
+/// past `MAX_HELLO_BYTES` closes the connection (the websocket would have held a whole frame's
+/// worth, about 1.3 MiB, for each of a thousand pending sockets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_message_larger_than_a_hello_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+    let big = vec![7u8; (pagesync_server::http::MAX_HELLO_BYTES + 1) as usize];
+    // It may be cut off while sending.
+    let _ = ws.send(Ws::Binary(big.into())).await;
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed in time");
+    assert!(
+        matches!(end, None | Some(Err(_)) | Some(Ok(Ws::Close(_)))),
+        "a first message past the Hello bound was taken: {end:?}"
+    );
+    // A first message that does not decode is said to be malformed.
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+    ws.send(Ws::Binary(vec![0xff; 9].into())).await.expect("send");
+    match next_reply(&mut ws).await {
+        Some(Message::Error { code, .. }) => assert_eq!(code, codes::MALFORMED),
+        other => panic!("expected malformed, got {other:?}"),
+    }
+    // A Hello of ordinary size still gets in.
+    let mut ws = connect(port, "").await;
+    send(&mut ws, Message::HeadAsk { doc: DocId::from_u128(1), id: 1 }).await;
+    assert!(matches!(next_reply(&mut ws).await, Some(Message::Error { .. })), "served after Hello");
+}
+
+/// Messages a peer starts and never ends are bounded across all connections: each holds what
+/// it sent until its last frame, and a connection whose next bytes do not fit
+/// (`arriving_bytes_total`, 128 MiB) is closed. 200 connections each leaving 1 MiB of a message
+/// unfinished took the server to 540 MB and kept it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_messages_are_bounded_across_connections() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, port) = start_on_any_port(&format!("file://{}", dir.path().display()), &[]);
+    let pid = server.0.id();
+    let base_kib = rss_kib(pid);
+    let fragment = vec![0x5a_u8; 1 << 20];
+    let mut open = Vec::new();
+    let mut closed = 0;
+    for _ in 0..200 {
+        let mut ws = connect(port, "").await;
+        let first = Frame::message(fragment.clone(), OpCode::Data(Data::Binary), false);
+        if ws.send(Ws::Frame(first)).await.is_err() {
+            closed += 1;
+            continue;
+        }
+        open.push(ws);
+    }
+    // Those the bound refused are closed; the rest stay, each holding its fragment.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut alive = Vec::new();
+    for mut ws in open {
+        match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Ok(None | Some(Err(_)) | Some(Ok(Ws::Close(_)))) => closed += 1,
+            _ => alive.push(ws),
+        }
+    }
+    let peak_kib = rss_kib(pid);
+    eprintln!(
+        "{closed} of 200 connections closed; server RSS {base_kib} KiB at rest, {peak_kib} KiB holding the rest"
+    );
+    assert!(closed >= 40, "only {closed} of 200 unfinished 1 MiB messages were refused");
+    assert!(peak_kib < base_kib + (400 << 10), "server RSS {peak_kib} KiB, at rest {base_kib}");
+    drop(alive);
+    // The server goes on serving.
+    let mut ws = connect(port, "").await;
+    send(&mut ws, Message::HeadAsk { doc: DocId::from_u128(1), id: 1 }).await;
+    assert!(matches!(next_reply(&mut ws).await, Some(Message::Error { .. })), "served after");
 }
