@@ -350,6 +350,8 @@ pub struct Limits {
     pub max_mutation_cpu: Option<std::time::Duration>,
     /// What one mutation may cost: VM instructions, bytes added, temp bytes, one value's size.
     pub budget: pagesync::Budget,
+    /// Documents open at once (`SessionOptions::max_open_docs`); more are answered `limit`.
+    pub max_open_docs: usize,
 }
 
 impl Default for Limits {
@@ -361,6 +363,7 @@ impl Default for Limits {
             max_doc_bytes: None,
             max_mutation_cpu: Some(pagesync::sandbox::DEFAULT_MAX_MUTATION_CPU),
             budget: pagesync::Budget::default(),
+            max_open_docs: usize::MAX,
         }
     }
 }
@@ -1003,6 +1006,7 @@ pub async fn serve(
         idle_shrink_ms: Some(DEFAULT_IDLE_SHRINK_MS),
         history_needs_admin: cfg.history_needs_admin,
         keep_history: cfg.keep_history,
+        max_open_docs: cfg.limits.max_open_docs,
         ..SessionOptions::default()
     };
     let started = std::time::Instant::now();

@@ -26,6 +26,11 @@ struct Args {
     /// Connections served at once; more are refused.
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
+    /// Documents open at once, over every client; a request that would open one more is
+    /// answered `limit` (each open document holds file descriptors). 0: what the open-file limit
+    /// leaves after --max-connections, two descriptors a document.
+    #[arg(long, default_value_t = 0)]
+    max_open_docs: usize,
     /// Largest websocket message accepted from a client; a larger one closes its connection.
     /// The default is the largest a client sends (a batch of mutations); what the server sends
     /// may be larger (up to a 64 MiB storage entry), and clients accept that.
@@ -349,6 +354,13 @@ fn http_reserve() -> usize {
     pagesync_server::http::DEFAULT_MAX_PENDING_CONNECTIONS + 256
 }
 
+/// The documents a server may hold open within `files` descriptors, after `connections` and
+/// the HTTP reserve: two descriptors a document (its storage journal's segment and its
+/// history's), at least 256.
+fn open_docs_within(files: usize, connections: usize) -> usize {
+    (files.saturating_sub(connections + http_reserve()) / 2).max(256)
+}
+
 /// Asks on the terminal before a deletion.
 fn confirm_delete(doc: pagesync::DocId) -> anyhow::Result<bool> {
     use std::io::BufRead;
@@ -532,6 +544,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.max_connections
         );
     }
+    let max_open_docs = match (args.max_open_docs, files) {
+        (0, Some(files)) => open_docs_within(files as usize, args.max_connections),
+        (0, None) => usize::MAX,
+        (n, _) => n,
+    };
+    if max_open_docs != usize::MAX {
+        tracing::info!("at most {max_open_docs} documents open at once (--max-open-docs)");
+    }
     let store = Store::parse(&args.journal, tokio::runtime::Handle::current())?;
     let cfg = ServerConfig {
         limits: Limits {
@@ -547,6 +567,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 max_temp_bytes: args.max_mutation_temp_bytes,
                 max_value_bytes: args.max_value_bytes,
             },
+            max_open_docs,
         },
         auth_secret: secret,
         commit_interval_ms: args.commit_interval_ms,

@@ -1273,3 +1273,38 @@ async fn unfinished_messages_are_bounded_across_connections() {
     send(&mut ws, Message::HeadAsk { doc: DocId::from_u128(1), id: 1 }).await;
     assert!(matches!(next_reply(&mut ws).await, Some(Message::Error { .. })), "served after");
 }
+
+/// The documents open at once are bounded over every connection (`--max-open-docs`; by default
+/// what the open-file limit leaves): past it, a subscription that would open one more is
+/// answered `limit`, and the documents already open go on. (Three connections opening 10,000
+/// documents each took every descriptor: the server could neither accept a connection nor
+/// append to the documents open.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documents_open_at_once_are_bounded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = format!("file://{}", dir.path().display());
+    let (_server, port) = start_on_any_port(&journal, &["--max-open-docs", "3"]);
+    let mut ws = connect(port, "").await;
+    let subscribe = |n: u128| Message::Subscribe {
+        doc: DocId::from_u128(0x0d0c + n),
+        key: TimelineKey([n as u8 + 1; 32]),
+        storage_next: Lsn::FIRST,
+        digests: false,
+        create: true,
+    };
+    for n in 0..3 {
+        send(&mut ws, subscribe(n)).await;
+        assert!(matches!(next_reply(&mut ws).await, Some(Message::MutationsAck { .. })), "document {n}");
+    }
+    let mut other = connect(port, "").await;
+    send(&mut other, subscribe(3)).await;
+    match next_reply(&mut other).await {
+        Some(Message::Error { code, message, .. }) => {
+            assert_eq!(code, codes::LIMIT, "{message}");
+            assert!(message.contains("--max-open-docs"), "{message}");
+        }
+        other => panic!("a fourth document was opened: {other:?}"),
+    }
+    // Those open go on taking writes.
+    write(port, "", DocId::from_u128(0x0d0c), 1, "CREATE TABLE t(x)").await;
+}

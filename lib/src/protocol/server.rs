@@ -514,6 +514,11 @@ pub struct SessionOptions {
     /// one message may be a 64 MiB storage entry: this bounds their sum, whatever the number
     /// of connections. `MAX_SEND_BACKLOG_TOTAL_BYTES` by default.
     pub max_send_backlog_bytes: usize,
+    /// Documents open at once, over every connection: a message that would open one more is
+    /// answered `limit`. Each open document holds a file descriptor and some memory, so without
+    /// it clients opening thousands each exhaust the server's descriptors (then it cannot
+    /// accept a connection, nor append to the documents already open). Unbounded by default.
+    pub max_open_docs: usize,
 }
 
 /// The default `SessionOptions::max_read_ahead_bytes`: 256 MiB, 64 documents' full read-ahead.
@@ -530,6 +535,7 @@ impl Default for SessionOptions {
             history_needs_admin: false,
             keep_history: true,
             max_send_backlog_bytes: MAX_SEND_BACKLOG_TOTAL_BYTES,
+            max_open_docs: usize::MAX,
         }
     }
 }
@@ -728,7 +734,14 @@ pub struct ServerSession {
     pressed_since_ms: Option<i64>,
     /// Documents being opened whose open job has not gone out yet.
     to_open: BTreeSet<DocId>,
+    /// Open jobs handed out since the last step job (`OPENS_PER_STEP`).
+    opens_in_a_row: u32,
 }
+
+/// Open jobs handed out, at most, while a step is due, before that step: opens go first (a
+/// client waits on each), but a client opening thousands of documents at once does not hold
+/// back the writes of every document already open.
+pub const OPENS_PER_STEP: u32 = 4;
 
 /// Messages for a document that is away (opening, or out on a job), handled when it is back.
 #[derive(Debug, Default)]
@@ -823,6 +836,7 @@ impl ServerSession {
             starved: BTreeSet::new(),
             pressed_since_ms: None,
             to_open: BTreeSet::new(),
+            opens_in_a_row: 0,
         }
     }
 
@@ -1289,6 +1303,13 @@ impl ServerSession {
         if c.subs.len() + c.opening.len() >= MAX_DOCS_PER_CONNECTION {
             let text =
                 format!("a connection may subscribe to or open at most {MAX_DOCS_PER_CONNECTION} documents");
+            return self.push(conn, error(Some(doc), codes::LIMIT, text));
+        }
+        if self.docs.len() >= self.options.max_open_docs {
+            let max = self.options.max_open_docs;
+            let text = format!(
+                "the server has {max} documents open, as many as it may (--max-open-docs): retry later"
+            );
             return self.push(conn, error(Some(doc), codes::LIMIT, text));
         }
         let held = Held::Opening { deferred: Deferred::default(), create, out: false };
@@ -1781,12 +1802,22 @@ impl ServerSession {
         if self.jobs_out >= self.options.step_threads {
             return None;
         }
-        // Opens first: a client waits on each, and they are cheap next to a step.
+        // Opens first: a client waits on each, and they are cheap next to a step; but after
+        // `OPENS_PER_STEP` of them, a due step.
+        let step = (self.opens_in_a_row >= OPENS_PER_STEP).then(|| self.due().next()).flatten();
+        if let Some(doc) = step {
+            self.opens_in_a_row = 0;
+            return Some(self.take_job(doc));
+        }
         let (to_open, docs) = (&mut self.to_open, &self.docs);
         let waiting =
             |d: &DocId| matches!(docs.get(d).map(|o| &o.held), Some(Held::Opening { out: false, .. }));
-        let opening = std::iter::from_fn(|| to_open.pop_first()).find(waiting);
-        let doc = opening.or_else(|| self.due().next())?;
+        if let Some(doc) = std::iter::from_fn(|| to_open.pop_first()).find(waiting) {
+            self.opens_in_a_row = self.opens_in_a_row.saturating_add(1);
+            return Some(self.take_job(doc));
+        }
+        self.opens_in_a_row = 0;
+        let doc = self.due().next()?;
         Some(self.take_job(doc))
     }
 
