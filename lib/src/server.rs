@@ -36,9 +36,15 @@ CREATE TABLE IF NOT EXISTS _pagesync_rejections(
     PRIMARY KEY (timeline, lsn)) WITHOUT ROWID;
 ";
 
-/// Bytes of received, not yet applied mutations one document holds; past it `receive` takes
-/// no more until steps make room (clients resend). 64 MiB: sixteen full steps.
+/// Bytes of received, not yet applied mutations one document holds, each counted with
+/// `QUEUED_ENTRY_COST`; past it `receive` takes no more until steps make room (clients
+/// resend). 64 MiB: sixteen full steps.
 pub const MAX_QUEUED_BYTES: usize = 64 << 20;
+
+/// What a queued entry costs besides its bytes (its LSN, its buffer and its origin, in the
+/// queue), counted against `MAX_QUEUED_BYTES`: a million empty entries in a few frames held
+/// 90 MB each and counted nothing.
+pub const QUEUED_ENTRY_COST: usize = 128;
 
 /// How far ahead of the server's clock a client's clock may run; later times are clamped.
 /// A minute covers ordinary clock drift without letting a client date rows into the future.
@@ -689,10 +695,11 @@ impl<R: Reducer> ServerDocument<R> {
             }
             // Flow control: a full queue takes nothing more (the client sends it again
             // later); an empty one always takes one, so any mutation can get in.
-            if self.queued_bytes > 0 && self.queued_bytes + entry.len() > MAX_QUEUED_BYTES {
+            let cost = entry.len() + QUEUED_ENTRY_COST;
+            if self.queued_bytes > 0 && self.queued_bytes + cost > MAX_QUEUED_BYTES {
                 break;
             }
-            self.queued_bytes += entry.len();
+            self.queued_bytes += cost;
             queue.push_back((lsn, entry, origin.clone()));
             expected = expected.next();
             accepted += 1;
@@ -776,7 +783,7 @@ impl<R: Reducer> ServerDocument<R> {
         for (tl, lsn, _) in &batch[..taken] {
             let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
             let (_, entry, _) = q.pop_front().expect("BUG: picked from this queue");
-            self.queued_bytes -= entry.len();
+            self.queued_bytes -= entry.len() + QUEUED_ENTRY_COST;
             if q.is_empty() {
                 self.queues.remove(tl);
             }

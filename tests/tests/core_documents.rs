@@ -654,3 +654,19 @@ fn rows_from_the_server_leave_sqlites_schema_and_statements_alone() {
     assert!(reprepared(&client) > before, "the schema change made SQLite prepare again");
     assert_eq!(pages_of(client.database()), pages_of(server.database()));
 }
+
+/// Each received entry counts against a document's queue bound with what it costs to hold,
+/// not only its bytes: a client sending empty entries (a million in a frame) gets no more
+/// queued than the bound allows. They held 90 MB per frame and counted nothing.
+#[test]
+fn empty_entries_count_against_the_queue_bound() {
+    use pagesync::server::{MAX_QUEUED_BYTES, QUEUED_ENTRY_COST};
+    let mut server = ServerDocument::open(memory_journal(1)).expect("server");
+    let timeline = pagesync::TimelineId::from_u128(5);
+    let most = MAX_QUEUED_BYTES / QUEUED_ENTRY_COST;
+    let received = server.receive(timeline, Lsn::FIRST, vec![Vec::new(); most + 1_000]);
+    assert_eq!(received.accepted as usize, most);
+    assert_eq!(server.queued(), most);
+    let more = server.receive(timeline, received.next_expected, vec![Vec::new(); 10]);
+    assert_eq!(more.accepted, 0, "a full queue took more");
+}
