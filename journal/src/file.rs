@@ -254,17 +254,22 @@ fn check_segment_header(h: &[u8], id: JournalId, first: Lsn) -> std::result::Res
 }
 
 impl FileJournal {
-    /// Creates a new, empty journal in `dir`, which must be missing or empty.
+    /// Creates a new, empty journal in `dir`, which must be missing or empty, or hold only the
+    /// temporary marker of a creation that a crash cut short (before its rename: no journal
+    /// was made, and the next creation replaces it).
     pub fn create(dir: impl AsRef<Path>, id: JournalId, opts: FileJournalOptions) -> Result<Self> {
         let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(io_err(id, "create directory", dir))?;
         if dir.join(MARKER_FILE).exists() {
             return Err(JournalError::AlreadyExists { path: dir.to_path_buf() });
         }
-        let mut entries = fs::read_dir(dir).map_err(io_err(id, "list directory", dir))?;
-        if entries.next().is_some() {
-            let reason = "the directory is not empty and has no JOURNAL marker".into();
-            return Err(JournalError::Foreign { path: dir.to_path_buf(), reason });
+        let entries = fs::read_dir(dir).map_err(io_err(id, "list directory", dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err(id, "list directory", dir))?;
+            if entry.file_name() != MARKER_TMP {
+                let reason = "the directory is not empty and has no JOURNAL marker".into();
+                return Err(JournalError::Foreign { path: dir.to_path_buf(), reason });
+            }
         }
         write_marker(id, dir, 0)?;
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {

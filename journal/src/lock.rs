@@ -37,12 +37,29 @@ impl DirLock {
     /// Takes the lock on `dir` (created if missing) without waiting. `who` describes this
     /// process to the next opener; the pid is added.
     pub fn try_lock(dir: &Path, who: &str) -> Result<DirLock, LockError> {
+        // A lock taken on a file that is no longer at the path (a `forget` moved the directory
+        // aside and removed it between this open and this lock) guards nothing: the next
+        // process makes a new file there and takes that. Then it is taken again, on the file
+        // that is there now.
+        for _ in 0..16 {
+            if let Some(lock) = Self::try_lock_once(dir, who)? {
+                return Ok(lock);
+            }
+        }
+        let path = dir.join(LOCK_FILE);
+        let error = std::io::Error::other("the lock file kept being replaced while it was taken");
+        Err(LockError::Io { path, error })
+    }
+
+    /// `try_lock`, once: `None` when the file locked is no longer the one at the path.
+    fn try_lock_once(dir: &Path, who: &str) -> Result<Option<DirLock>, LockError> {
         let path = dir.join(LOCK_FILE);
         let io = |error| LockError::Io { path: path.clone(), error };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut file =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
         match file.try_lock() {
+            Ok(()) if !still_at(&file, &path) => return Ok(None),
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 // The holder writes its name just after it takes the lock: a moment to read it.
@@ -67,13 +84,28 @@ impl DirLock {
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         file.write_all(me.as_bytes()).map_err(io)?;
-        Ok(DirLock { _file: file, path })
+        Ok(Some(DirLock { _file: file, path }))
     }
 
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Whether `file` is the file at `path` (the same inode on the same device).
+#[cfg(unix)]
+fn still_at(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(held), Ok(there)) => held.dev() == there.dev() && held.ino() == there.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn still_at(_: &std::fs::File, path: &Path) -> bool {
+    path.exists()
 }
 
 /// This process's command line, for `who`: `pagesync repl`, `pagesync-server --journal ...`.
@@ -150,6 +182,28 @@ mod tests {
         }
         drop(first);
         DirLock::try_lock(dir.path(), "third opener").expect("free again");
+    }
+
+    /// A lock on a file that was moved away (a `forget` set the directory aside) is not the
+    /// directory's: `try_lock` takes it again on the file now at the path, so two processes
+    /// never both hold a replica.
+    #[test]
+    fn a_lock_file_moved_away_is_not_the_lock() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("replica");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let path = dir.join(LOCK_FILE);
+        let opened = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path);
+        let opened = opened.expect("open");
+        assert!(still_at(&opened, &path));
+        std::fs::rename(&dir, root.path().join("aside")).expect("move aside");
+        assert!(!still_at(&opened, &path), "gone from the path");
+        std::fs::create_dir(&dir).expect("made again");
+        std::fs::write(&path, b"").expect("a new lock file");
+        assert!(!still_at(&opened, &path), "another file at the path");
+        let lock = DirLock::try_lock(&dir, "after").expect("lock");
+        assert!(matches!(DirLock::try_lock(&dir, "second"), Err(LockError::Held { .. })));
+        drop(lock);
     }
 
     #[test]

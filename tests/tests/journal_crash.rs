@@ -227,6 +227,38 @@ fn missing_and_foreign_directories_are_clear_errors() {
     assert!(err.to_string().contains("stray.bin"), "{err}");
 }
 
+/// A crash during a journal's creation, before its marker's rename, leaves the directory
+/// holding only `JOURNAL.tmp` (whole or torn): no journal was made, so creating it again (or
+/// `open_or_create`, as a replica and a server's document do) makes it, where it was refused
+/// as foreign for good (a SIGKILL at that moment broke one new replica in four, and a server's
+/// new document with a pending write for ever).
+#[test]
+fn a_creation_cut_short_is_made_again() {
+    let root = tempfile::tempdir().expect("tempdir");
+    for (i, leftover) in [&b""[..], b"PAGESYNC-JOUR", &[0xaa; 52]].into_iter().enumerate() {
+        let dir = root.path().join(format!("cut-{i}"));
+        fs::create_dir(&dir).expect("mkdir");
+        fs::write(dir.join("JOURNAL.tmp"), leftover).expect("write");
+        let mut j = if i == 0 {
+            FileJournal::create(&dir, ID, opts()).expect("created over the leftover")
+        } else {
+            FileJournal::open_or_create(&dir, ID, opts()).expect("created over the leftover")
+        };
+        j.append(b"after").expect("append");
+        drop(j);
+        let j = FileJournal::open(&dir, opts()).expect("open");
+        assert_eq!(j.read(lsn(1)).expect("read"), b"after");
+        assert!(!dir.join("JOURNAL.tmp").exists());
+    }
+    // Anything else in the directory is still someone else's.
+    let dir = root.path().join("other");
+    fs::create_dir(&dir).expect("mkdir");
+    fs::write(dir.join("JOURNAL.tmp"), b"").expect("write");
+    fs::write(dir.join("notes.txt"), b"hello").expect("write");
+    let err = FileJournal::create(&dir, ID, opts()).expect_err("not empty");
+    assert!(matches!(err, JournalError::Foreign { .. }), "{err}");
+}
+
 #[test]
 fn missing_middle_segments_are_reported() {
     let root = tempfile::tempdir().expect("tempdir");
