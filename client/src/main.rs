@@ -57,7 +57,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "pagesync", about = "Local SQLite that syncs with a pagesync server")]
+#[command(name = "pagesync", version, about = "Local SQLite that syncs with a pagesync server")]
 struct Args {
     /// Server websocket URL; several servers of one cluster may be given, separated by
     /// commas (the next is tried when one cannot be reached).
@@ -274,6 +274,17 @@ async fn settle(
     }
 }
 
+/// A replica that holds nothing yet would run a write on an empty database ("no such
+/// table"): it first takes what the server has, when the server answers within a second (the
+/// write goes in either way).
+async fn catch_up_if_empty(client: &Client, doc: &pagesync_client::Document, timeout: Duration) {
+    if doc.status().storage_next == pagesync::journal::Lsn::FIRST
+        && wait_until(timeout.min(Duration::from_secs(1)), || client.is_connected()).await
+    {
+        let _ = doc.sync(timeout).await;
+    }
+}
+
 async fn repl(doc: &pagesync_client::Document, timeout: Duration) -> anyhow::Result<ExitCode> {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -295,30 +306,37 @@ async fn repl(doc: &pagesync_client::Document, timeout: Duration) -> anyhow::Res
         }
         stmt.push_str(&line);
         stmt.push('\n');
-        if !trimmed.ends_with(';') {
-            continue;
+        if trimmed.ends_with(';') {
+            run_statement(doc, &std::mem::take(&mut stmt));
         }
-        let sql = std::mem::take(&mut stmt);
-        if is_read(&sql) {
-            match doc.query(&sql, &[]) {
-                Ok(rows) => print_rows(&rows),
-                Err(e) => println!("error: {e}"),
-            }
-        } else {
-            match doc.execute(&sql, vec![]) {
-                Ok(done) => match &done.local {
-                    Ok(()) => println!("mutation {}: applied locally, syncing", done.lsn),
-                    Err(r) => println!("mutation {}: failed locally ({r}); the server decides", done.lsn),
-                },
-                Err(e) => println!("error: {e}"),
-            }
-        }
+    }
+    // Input that ends without a last `;` (a pipe, a file): its statement runs too.
+    if !stmt.trim().is_empty() {
+        run_statement(doc, &stmt);
     }
     // Leave only once the writes reached the server, when it is reachable.
     if let Err(e) = doc.sync(timeout).await {
         eprintln!("leaving with writes pending: {e}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One statement of the repl: a read runs on the replica, anything else is a write.
+fn run_statement(doc: &pagesync_client::Document, sql: &str) {
+    if is_read(sql) {
+        match doc.query(sql, &[]) {
+            Ok(rows) => print_rows(&rows),
+            Err(e) => println!("error: {e}"),
+        }
+        return;
+    }
+    match doc.execute(sql, vec![]) {
+        Ok(done) => match &done.local {
+            Ok(()) => println!("mutation {}: applied locally, syncing", done.lsn),
+            Err(r) => println!("mutation {}: failed locally ({r}); the server decides", done.lsn),
+        },
+        Err(e) => println!("error: {e}"),
+    }
 }
 
 /// `doc.sync`, drawing a progress bar on stderr for a sync that takes a while: when stderr is a
@@ -512,13 +530,8 @@ async fn command(
 ) -> anyhow::Result<ExitCode> {
     match command {
         Command::Exec { sql, params, offline } => {
-            if !offline && doc.status().storage_next == pagesync::journal::Lsn::FIRST {
-                // A replica that holds nothing yet would run the write on an empty database
-                // ("no such table"): it first takes what the server has, when the server
-                // answers within a second (the write goes in either way).
-                if wait_until(timeout.min(Duration::from_secs(1)), || client.is_connected()).await {
-                    let _ = doc.sync(timeout).await;
-                }
+            if !offline {
+                catch_up_if_empty(client, doc, timeout).await;
             }
             let done = doc.execute(&sql, params.iter().map(|p| parse_param(p)).collect())?;
             settle(doc, done, offline, timeout).await
@@ -590,7 +603,10 @@ async fn command(
             println!("wrote {} ({bytes} bytes)", file.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Repl => repl(doc, timeout).await,
+        Command::Repl => {
+            catch_up_if_empty(client, doc, timeout).await;
+            repl(doc, timeout).await
+        }
         Command::Forget => unreachable!("BUG: handled before connecting"),
         Command::History { .. } => unreachable!("BUG: handled before opening"),
         Command::Broadcast { text, stay_ms } => {

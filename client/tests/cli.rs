@@ -128,6 +128,13 @@ fn two_cli_clients_converge_offline_writes_sync_and_rejections_are_explained() {
     assert!(out.contains("pending\t"), "{out}");
     let rows = ok(&cli(addr, &b, &["query", "SELECT x FROM t ORDER BY rowid"], None));
     assert_eq!(rows, "x\nfrom a\noffline\nfrom the repl\n");
+    // A repl on a new replica first takes what the server has (its first write ran on an
+    // empty database: "no such table"), and input that ends without a last `;` runs too.
+    let c = dir.path().join("c");
+    let out = ok(&cli(addr, &c, &["repl"], Some("INSERT INTO t VALUES ('no semicolon')")));
+    assert!(out.contains("applied locally"), "{out}");
+    let rows = ok(&cli(addr, &a, &["query", "SELECT count(*) AS n FROM t WHERE x = 'no semicolon'"], None));
+    assert_eq!(rows, "n\n1\n");
     server.stop();
 }
 

@@ -297,7 +297,15 @@ fn run_call(
 /// Runs one statement with parameters, or, without parameters, every statement in `sql`.
 /// Rows a statement returns are read and dropped.
 fn run_statement(conn: &Connection, sql: &str, params: &[crate::mutation::Value]) -> Result<(), Rejection> {
-    let sqlite = |e: rusqlite::Error| Rejection::of_sqlite(&e);
+    // A count of parameters the statement does not take fails the same way on every replica:
+    // refused, so a client says so at once rather than queueing it.
+    let sqlite = |e: rusqlite::Error| match e {
+        rusqlite::Error::InvalidParameterCount(given, takes) => Rejection::new(
+            RejectionCode::Refused,
+            format!("the statement takes {takes} parameters, and {given} were given"),
+        ),
+        e => Rejection::of_sqlite(&e),
+    };
     if params.is_empty() {
         let mut batch = rusqlite::Batch::new(conn, sql);
         while let Some(mut stmt) = batch.next().map_err(sqlite)? {

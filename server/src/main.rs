@@ -11,7 +11,11 @@ use pagesync_server::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "pagesync-server", about = "Serve pagesync documents over websockets (ws://HOST/v1/sync)")]
+#[command(
+    name = "pagesync-server",
+    version,
+    about = "Serve pagesync documents over websockets (ws://HOST/v1/sync)"
+)]
 struct Args {
     #[command(subcommand)]
     command: Option<Cmd>,

@@ -254,6 +254,13 @@ fn statements_that_cannot_replay_are_refused_with_a_reason() {
             other => panic!("{stmt}: expected a refusal, got {other:?}"),
         }
     }
+    // Parameters the statement does not take fail the same way everywhere: refused too.
+    for params in [vec![], vec![Value::Integer(1), Value::Integer(2)]] {
+        match client.mutate(sql("SELECT ?1 + 5", params.clone()), T0, 1) {
+            Err(Error::Refused(msg)) => assert!(msg.contains("takes 1 parameters"), "{params:?}: {msg}"),
+            other => panic!("{params:?}: expected a refusal, got {other:?}"),
+        }
+    }
     assert_eq!(client.pending_count(), 0, "refused mutations are not queued");
 
     // A client that skips the local check gets the same refusal from the server.
