@@ -387,3 +387,31 @@ fn a_presence_watch_ends_when_the_server_refuses_the_document() {
     assert!(stderr.contains("refused") && stderr.contains("deleted"), "{stderr}");
     server.stop();
 }
+
+/// `forget` waits `--wait-ms` for another process holding the replica, as every command that
+/// opens it does (it failed at once).
+#[test]
+fn forget_waits_for_the_holder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, addr) = Server::start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr"));
+    let data = dir.path().join("a");
+    ok(&cli(addr, &data, &["exec", "CREATE TABLE t(x)"], None));
+    let replica = data.join(DOC);
+    let held = pagesync::journal::DirLock::try_lock(&replica, "the test").expect("lock");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        drop(held);
+    });
+    let out = ok(&cli(addr, &data, &["--wait-ms", "10000", "forget"], None));
+    assert!(out.contains("forgot"), "{out}");
+    assert!(!replica.exists());
+    release.join().expect("released");
+    // With no wait, a held replica is said at once, naming its holder.
+    let _again = ok(&cli(addr, &data, &["exec", "CREATE TABLE u(x)"], None));
+    let held = pagesync::journal::DirLock::try_lock(&replica, "the test").expect("lock");
+    let out = cli(addr, &data, &["--wait-ms", "0", "forget"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the test"), "{out:?}");
+    drop(held);
+    server.stop();
+}
