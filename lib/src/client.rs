@@ -895,7 +895,7 @@ impl<R: Reducer> ClientDocument<R> {
                 Ok(Ok(())) => {}
                 // The server applied it: a replay that rejects it cannot give its pages.
                 Ok(Err(r)) | Err(Error::TransactionLost(r)) => {
-                    self.replay_stopped = crate::db::stopped_for_cpu_time(&r);
+                    self.replay_stopped = crate::db::stopped_locally(&r);
                     let _ = conn.execute_batch("ROLLBACK");
                     return Ok(false);
                 }

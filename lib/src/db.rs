@@ -751,10 +751,9 @@ impl Database {
             return Some(Rejection::new(RejectionCode::Refused, reason));
         }
         if crate::vfs::localtime::take_asked() {
-            return Some(Rejection::new(
-                RejectionCode::Refused,
-                crate::vfs::localtime::LOCAL_TIME.to_owned(),
-            ));
+            // Not `refused`: whether a mutation reaches local time depends on the data (a
+            // trigger's WHEN, an UPDATE's WHERE), so a client queues it and the server decides.
+            return Some(Rejection::new(RejectionCode::Error, crate::vfs::localtime::LOCAL_TIME.to_owned()));
         }
         if self.sandbox.exhausted.swap(false, Ordering::Relaxed) {
             let max = self.budget.max_vm_steps;
@@ -768,7 +767,7 @@ impl Database {
         }
         if self.sandbox.memory_exceeded.swap(false, Ordering::Relaxed) {
             let max = self.memory_bound();
-            let why = format!("the mutation needed SQLite to hold more than {max} bytes of memory at once");
+            let why = format!("the mutation needed SQLite to hold more than {max} {MEMORY_HELD}");
             return Some(Rejection::new(RejectionCode::TooBig, why));
         }
         if self.temp.take_exceeded() {
@@ -835,6 +834,9 @@ impl Database {
     }
 }
 
+/// How a rejection at the memory bound ends (`stopped_locally`).
+const MEMORY_HELD: &str = "bytes of memory at once";
+
 /// How a rejection at the CPU-time bound ends (`stopped_for_cpu_time`).
 const CPU_TIME: &str = "ms of CPU time";
 
@@ -842,6 +844,13 @@ const CPU_TIME: &str = "ms of CPU time";
 /// not of what the mutation does.
 pub fn stopped_for_cpu_time(r: &Rejection) -> bool {
     r.code == RejectionCode::TooExpensive && r.message.ends_with(CPU_TIME)
+}
+
+/// Whether a rejection is a stop at a bound that may differ between machines (CPU time, or
+/// the memory SQLite holds): a client that meets one where the server did not has not found
+/// nondeterminism.
+pub fn stopped_locally(r: &Rejection) -> bool {
+    stopped_for_cpu_time(r) || (r.code == RejectionCode::TooBig && r.message.contains(MEMORY_HELD))
 }
 
 /// Runs one of pagesync's own statements (no parameters, no rows: `BEGIN`, `SAVEPOINT`,

@@ -78,8 +78,10 @@ pub const MAX_HELLO_BYTES: u64 = 64 << 10;
 
 /// The longest one message may take to arrive, from its first frame to its last: a peer that
 /// starts a message and never ends it (sending pings meanwhile) would hold its bytes for as
-/// long as the connection lasts. At `MAX_FRAME_BYTES` this is about 45 KiB/s.
-pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// long as the connection lasts. At `MAX_UPLOAD_FRAME_BYTES` this is about 11 KiB/s; long
+/// enough too for the server's own backpressure (a message's first frame may be read while
+/// the one before waits for the hub).
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A fragment of a message this large or larger is not counted against
 /// `MAX_CONTROL_FRAMES_PER_INTERVAL`: it costs the peer about what it costs the server, as an

@@ -31,8 +31,8 @@ struct Args {
     #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// Documents open at once, over every client; a request that would open one more is
-    /// answered `limit` (each open document holds file descriptors). 0: what the open-file limit
-    /// leaves after --max-connections, two descriptors a document.
+    /// answered `limit` (each open document holds file descriptors). 0: half the open-file
+    /// limit less a reserve for HTTP, at least 1,000.
     #[arg(long, default_value_t = 0)]
     max_open_docs: usize,
     /// Largest websocket message accepted from a client; a larger one closes its connection.
@@ -358,12 +358,15 @@ fn http_reserve() -> usize {
     pagesync_server::http::DEFAULT_MAX_PENDING_CONNECTIONS + 256
 }
 
-/// The documents a server may hold open within `files` descriptors, after `connections` and
-/// the HTTP reserve: two descriptors a document (its storage journal's segment and its
-/// history's), at least 256.
-fn open_docs_within(files: usize, connections: usize) -> usize {
-    (files.saturating_sub(connections + http_reserve()) / 2).max(256)
+/// The documents a server may hold open within `files` descriptors: two descriptors a
+/// document (its storage journal's segment and its history's) of what the HTTP reserve leaves,
+/// and at least `MIN_OPEN_DOCS` (a low open-file limit is warned about at start).
+fn open_docs_within(files: usize) -> usize {
+    (files.saturating_sub(http_reserve()) / 2).max(MIN_OPEN_DOCS)
 }
+
+/// The least `--max-open-docs` defaults to, whatever the open-file limit.
+const MIN_OPEN_DOCS: usize = 1_000;
 
 /// Asks on the terminal before a deletion.
 fn confirm_delete(doc: pagesync::DocId) -> anyhow::Result<bool> {
@@ -549,7 +552,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let max_open_docs = match (args.max_open_docs, files) {
-        (0, Some(files)) => open_docs_within(files as usize, args.max_connections),
+        (0, Some(files)) => open_docs_within(files as usize),
         (0, None) => usize::MAX,
         (n, _) => n,
     };

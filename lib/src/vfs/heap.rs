@@ -12,6 +12,8 @@ use rusqlite::ffi;
 /// A running mutation's limit: lifted when dropped.
 pub struct Limited {
     limit: i64,
+    /// The soft heap limit before (a hard limit lowers it), restored after.
+    soft: i64,
 }
 
 impl Limited {
@@ -20,11 +22,12 @@ impl Limited {
         // own mutex.
         unsafe {
             let limit = ffi::sqlite3_memory_used().saturating_add(bound);
+            let soft = ffi::sqlite3_soft_heap_limit64(-1);
             // The high-water marks start over here: `refused` reads them.
             status(ffi::SQLITE_STATUS_MEMORY_USED, true);
             status(ffi::SQLITE_STATUS_MALLOC_SIZE, true);
             ffi::sqlite3_hard_heap_limit64(limit);
-            Limited { limit }
+            Limited { limit, soft }
         }
     }
 
@@ -44,6 +47,7 @@ impl Drop for Limited {
         // SAFETY: as in `start`; 0 lifts the limit.
         unsafe {
             ffi::sqlite3_hard_heap_limit64(0);
+            ffi::sqlite3_soft_heap_limit64(self.soft);
         }
     }
 }
