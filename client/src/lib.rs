@@ -40,6 +40,29 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// How often `open_wait` tries a busy replica again.
 const LOCK_RETRY: Duration = Duration::from_millis(50);
 
+/// Takes the lock of the replica in `dir`, for this process: `ReplicaBusy`, naming the holder,
+/// when another has it.
+fn lock_replica(dir: &Path) -> Result<pagesync::journal::DirLock> {
+    pagesync::journal::DirLock::try_lock(dir, &pagesync::journal::lock::this_command()).map_err(|e| match e {
+        pagesync::journal::LockError::Held { dir, holder } => ClientError::ReplicaBusy { dir, holder },
+        e => ClientError::Lock(e),
+    })
+}
+
+/// Runs `attempt` until it is not `ReplicaBusy`, or `wait` has passed (then its last answer),
+/// as SQLite's busy timeout does.
+async fn while_busy<T>(wait: Duration, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match attempt() {
+            Err(ClientError::ReplicaBusy { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(LOCK_RETRY).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// First reconnect delay; doubles per failure up to `MAX_BACKOFF`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest wait between reconnect attempts: a restarted server is found within seconds.
@@ -391,27 +414,13 @@ impl Client {
     /// is created there, until this replica writes to it. For a tool that reads, shows or
     /// exports a document, so that a mistyped id is said, not made.
     pub async fn open_with(&self, doc: DocId, options: OpenOptions) -> Result<Document> {
-        let deadline = Instant::now() + options.wait;
-        loop {
-            match self.open_as(doc, options.create) {
-                Err(ClientError::ReplicaBusy { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(LOCK_RETRY).await;
-                }
-                done => return done,
-            }
-        }
+        while_busy(options.wait, || self.open_as(doc, options.create)).await
     }
 
     fn open_as(&self, doc: DocId, create: bool) -> Result<Document> {
         if !self.shared.session().has_document(doc) {
             let dir = self.shared.data_dir.join(doc.to_string());
-            let lock = pagesync::journal::DirLock::try_lock(&dir, &pagesync::journal::lock::this_command())
-                .map_err(|e| match e {
-                pagesync::journal::LockError::Held { dir, holder } => {
-                    ClientError::ReplicaBusy { dir, holder }
-                }
-                e => ClientError::Lock(e),
-            })?;
+            let lock = lock_replica(&dir)?;
             // Read at every miss of SQLite's page cache: through a map, not a `pread` each.
             let storage = FileJournal::open_or_create(
                 dir.join("storage"),
@@ -1061,15 +1070,21 @@ const DELETED_FILE: &str = "DELETED";
 /// start over): refuses while a process has it open (`ReplicaBusy`). Its pending writes go
 /// with it.
 pub fn forget(data_dir: impl AsRef<Path>, doc: DocId) -> Result<bool> {
-    let dir = data_dir.as_ref().join(doc.to_string());
+    forget_replica(data_dir.as_ref(), doc)
+}
+
+/// `forget`, waiting up to `wait` while another process has the replica open, as `open_wait`
+/// does.
+pub async fn forget_wait(data_dir: impl AsRef<Path>, doc: DocId, wait: Duration) -> Result<bool> {
+    while_busy(wait, || forget_replica(data_dir.as_ref(), doc)).await
+}
+
+fn forget_replica(data_dir: &Path, doc: DocId) -> Result<bool> {
+    let dir = data_dir.join(doc.to_string());
     if !dir.exists() {
         return Ok(false);
     }
-    let _lock = pagesync::journal::DirLock::try_lock(&dir, &pagesync::journal::lock::this_command())
-        .map_err(|e| match e {
-            pagesync::journal::LockError::Held { dir, holder } => ClientError::ReplicaBusy { dir, holder },
-            e => ClientError::Lock(e),
-        })?;
+    let _lock = lock_replica(&dir)?;
     remove_replica_dir(&dir)?;
     Ok(true)
 }

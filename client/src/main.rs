@@ -475,16 +475,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map_err(|_| anyhow::anyhow!("--doc {doc_text:?} is not a document id (32 hex digits or a UUID)"))?;
     if let Command::Forget = args.command {
         // Like a command that opens the replica, it waits --wait-ms for another holder.
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(args.wait_ms);
-        let forgot = loop {
-            match pagesync_client::forget(&args.data, doc_id) {
-                Err(ClientError::ReplicaBusy { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                done => break done?,
-            }
-        };
-        return Ok(match forgot {
+        let wait = Duration::from_millis(args.wait_ms);
+        return Ok(match pagesync_client::forget_wait(&args.data, doc_id, wait).await? {
             true => {
                 println!("forgot {doc_id}: its local replica is gone");
                 ExitCode::SUCCESS
