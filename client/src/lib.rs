@@ -186,27 +186,35 @@ struct QueuedWrite {
 }
 
 /// Makes `writes` durable together: per document, one local transaction and one fsync for
-/// all of them, each answered on its own. When their shared append fails, each is tried
+/// all of them, each answered on its own. The fsyncs run with the session's lock let go
+/// (`ClientSession::mutate_group_detached`). When their shared append fails, each is tried
 /// alone, so each caller gets its own typed error.
-fn commit_group(session: &mut ClientSession, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<Submitted>)> {
+fn commit_group(shared: &Shared, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<Submitted>)> {
     let mut answered = Vec::with_capacity(writes.len());
     let mut by_doc: BTreeMap<DocId, Vec<QueuedWrite>> = BTreeMap::new();
     for w in writes {
         by_doc.entry(w.doc).or_default().push(w);
     }
+    let mut detached = Vec::new();
+    let mut session = shared.session();
     for (doc, writes) in by_doc {
+        let tickets: Vec<u64> = writes.iter().map(|w| w.ticket).collect();
         let mutations = writes.iter().map(|w| w.mutation.clone()).collect();
-        let answers: Vec<Result<Submitted>> = match session.mutate_group(doc, mutations) {
-            Ok(answers) => answers.into_iter().map(|a| a.map_err(ClientError::from)).collect(),
-            Err(_) => writes
-                .iter()
-                .map(|w| {
-                    let m = w.mutation.clone();
-                    session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
-                })
-                .collect(),
-        };
-        answered.extend(writes.iter().map(|w| w.ticket).zip(answers));
+        match session.mutate_group_detached(doc, mutations) {
+            Ok(group) => detached.push((tickets, group)),
+            Err(_) => answered.extend(tickets.into_iter().zip(writes.into_iter().map(|w| {
+                let m = w.mutation;
+                session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
+            }))),
+        }
+    }
+    drop(session);
+    // The fsyncs hold no lock: this replica's deliveries and rebases go on while they run.
+    let outcomes: Vec<std::io::Result<()>> = detached.iter().map(|(_, group)| group.run()).collect();
+    let mut session = shared.session();
+    for ((tickets, group), outcome) in detached.into_iter().zip(outcomes) {
+        let answers = session.finish_group(group, outcome).into_iter().map(|a| a.map_err(ClientError::from));
+        answered.extend(tickets.into_iter().zip(answers));
     }
     answered
 }
@@ -677,7 +685,7 @@ impl Document {
             queue.stats.writes += writes.len() as u64;
             queue.stats.commits += 1;
             drop(queue);
-            let answers = commit_group(&mut self.shared.session(), writes);
+            let answers = commit_group(&self.shared, writes);
             queue = self.shared.write_queue();
             queue.answers.extend(answers);
             queue.committing = false;
@@ -919,17 +927,18 @@ impl Document {
             if let Some((code, message)) = self.shared.session().sync_error(self.id).cloned() {
                 return Err(ClientError::Server { code, message });
             }
-            let now = SyncProgress {
-                entries: st.storage_next.get() - 1,
-                server_entries: st.server_storage_next.get().max(st.storage_next.get()) - 1,
-                pending: st.pending,
-            };
+            let now = SyncProgress::of(&st);
             if last != Some(now) {
                 progress(now);
                 deadline = Instant::now() + timeout;
                 last = Some(now);
             }
             if st.pending == 0 && self.shared.session().head_answered(self.id) >= ask && self.caught_up() {
+                // Entries may have arrived since `st`: the last report is the state synced.
+                let done = SyncProgress::of(&self.status());
+                if last != Some(done) {
+                    progress(done);
+                }
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -995,6 +1004,16 @@ pub struct SyncProgress {
     pub entries: u64,
     pub server_entries: u64,
     pub pending: usize,
+}
+
+impl SyncProgress {
+    fn of(st: &DocStatus) -> SyncProgress {
+        SyncProgress {
+            entries: st.storage_next.get() - 1,
+            server_entries: st.server_storage_next.get().max(st.storage_next.get()) - 1,
+            pending: st.pending,
+        }
+    }
 }
 
 /// Presence as it changes, from [`Document::subscribe_presence`].

@@ -119,6 +119,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// The stored state changed and the rebase on top of it failed part-way: the next
     /// `receive_*` finishes it.
     rebase_due: bool,
+    /// Inside `receive_wire`: a rebase settles what the server applied and leaves the re-run
+    /// of the pending mutations (and `rebase_due`) for the end of the message.
+    defer_replay: bool,
     /// A newer checkpoint arrived while the storage journal held entries not yet durable: the
     /// history before it goes at the next `trim_if_due` (`sync_storage`, and the session's
     /// `handle_timeout`).
@@ -136,6 +139,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// Set while `mutate_group_deferred` runs: a `Full` write's barrier is the caller's,
     /// right after it sent the write.
     defer_barrier: bool,
+    /// A group commit's barrier runs detached (`detach_barrier`): `sync_timeline` leaves the
+    /// writes it covers to it, whose caller answers once it ends.
+    barrier_detached: bool,
     /// The next LSN this replica gives a write: past the timeline's end when a failed
     /// barrier took entries back that may have been sent (the mark then stays where it is).
     assigned_next: Lsn,
@@ -273,12 +279,14 @@ impl<R: Reducer> ClientDocument<R> {
             applied: None,
             restarts: 0,
             rebase_due: false,
+            defer_replay: false,
             trim_due: false,
             durability: Durability::Full,
             synced_next: Lsn::FIRST,
             sent_mark: None,
             send_ahead: None,
             defer_barrier: false,
+            barrier_detached: false,
             assigned_next: Lsn::FIRST,
             outcomes,
             rejected: BTreeMap::new(),
@@ -348,7 +356,8 @@ impl<R: Reducer> ClientDocument<R> {
 
     /// Makes every local write durable (one fsync for all of them): a no-op under `Full`.
     pub fn sync_timeline(&mut self) -> Result<()> {
-        if self.needs_sync() {
+        // A group commit's detached barrier covers them, and its caller waits for it.
+        if self.needs_sync() && !self.barrier_detached {
             self.timeline.sync()?;
             self.synced_next = self.timeline.range().next();
         }
@@ -587,6 +596,28 @@ impl<R: Reducer> ClientDocument<R> {
     /// Runs a mutation locally, at once, and appends it durably to the timeline. `time_ms` and
     /// `seed` come from the caller (the core reads no clock and no randomness).
     pub fn mutate(&mut self, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
+        struct ProfM(std::time::Instant, std::time::Instant);
+        impl Drop for ProfM {
+            fn drop(&mut self) {
+                if std::env::var("PROF100").is_ok() {
+                    PROFM.with(|p| {
+                        let mut p = p.borrow_mut();
+                        p.0 += (self.1 - self.0).as_secs_f64();
+                        p.1 += self.1.elapsed().as_secs_f64();
+                        p.2 += 1;
+                        if p.2 % 500 == 0 {
+                            eprintln!(
+                                "mutate apply {:.1}us rest {:.1}us",
+                                p.0 / p.2 as f64 * 1e6,
+                                p.1 / p.2 as f64 * 1e6
+                            );
+                            *p = (0.0, 0.0, 0);
+                        }
+                    });
+                }
+            }
+        }
+        thread_local! { static PROFM: std::cell::RefCell<(f64,f64,u64)> = const { std::cell::RefCell::new((0.0,0.0,0)) }; }
         self.check_not_restarting()?;
         if body.is_empty() {
             return Err(empty_body());
@@ -594,8 +625,12 @@ impl<R: Reducer> ClientDocument<R> {
         let mutation = Mutation { client_time_ms: time_ms, seed, body };
         let bytes = mutation.encode()?;
         let conn = self.db.conn();
+        let t0 = std::time::Instant::now();
         crate::db::run_cached(conn, "BEGIN IMMEDIATE")?;
-        let local = match apply_mutation(&self.db, &mut self.reducer, &mutation, time_ms) {
+        let r = apply_mutation(&self.db, &mut self.reducer, &mutation, time_ms);
+        let t1 = std::time::Instant::now();
+        let _g = ProfM(t0, t1);
+        let local = match r {
             Ok(local) => local,
             Err(Error::TransactionLost(r)) => {
                 // Its own statement rolled the local transaction back: nothing of it stays
@@ -674,13 +709,62 @@ impl<R: Reducer> ClientDocument<R> {
         }
         let synced = self.sync_timeline();
         if synced.is_err() {
-            let next = self.timeline.range().next();
-            self.pending.retain(|(lsn, _)| *lsn < next);
-            self.db.store().discard_overlay();
-            self.rebase_due = true;
-            let _ = self.rebase();
+            self.forget_undurable();
         }
         synced
+    }
+
+    /// After a failed barrier: the journal kept only what was durable, and so does the
+    /// optimistic state.
+    fn forget_undurable(&mut self) {
+        let next = self.timeline.range().next();
+        self.pending.retain(|(lsn, _)| *lsn < next);
+        self.db.store().discard_overlay();
+        self.rebase_due = true;
+        let _ = self.rebase();
+    }
+
+    /// The barrier `mutate_group_deferred` left, as an fsync to run while nothing is held
+    /// (`DetachedSync::run`: the replica takes deliveries and rebases meanwhile), handed back
+    /// to `finish_detached_barrier`. `None` when there is nothing to wait for (`Durability::
+    /// Normal`, or a backend that made the writes durable here). The writes are not sent
+    /// before it ends: what goes up is what is durable (`sendable_range`).
+    pub(crate) fn detach_barrier(&mut self) -> Result<Option<DetachedSync>> {
+        if self.durability == Durability::Normal || !self.needs_sync() {
+            return Ok(None);
+        }
+        let detached = self.timeline.detach_sync();
+        match detached {
+            Ok(Some(sync)) => {
+                self.barrier_detached = true;
+                Ok(Some(sync))
+            }
+            Ok(None) => {
+                self.synced_next = self.timeline.range().next();
+                Ok(None)
+            }
+            Err(e) => {
+                self.forget_undurable();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The outcome of `detach_barrier`'s fsync: the writes durable, or, if it failed, gone
+    /// from the journal and the optimistic state as `deferred_barrier` says. Whatever the
+    /// barrier could not cover (the journal rolled to a new file meanwhile, say) is made
+    /// durable here.
+    pub(crate) fn finish_detached_barrier(
+        &mut self,
+        sync: DetachedSync,
+        outcome: std::io::Result<()>,
+    ) -> Result<()> {
+        self.barrier_detached = false;
+        if let Err(e) = self.timeline.finish_detached_sync(sync, outcome) {
+            self.forget_undurable();
+            return Err(e.into());
+        }
+        self.deferred_barrier()
     }
 
     /// `mutate_many` (`all_or_nothing`: a refusal fails every one) and `mutate_group` (it fails
@@ -790,7 +874,17 @@ impl<R: Reducer> ClientDocument<R> {
     /// A confirmation (`WireKind::Confirm`) is kept by replaying this replica's own mutations
     /// (`receive_confirm`); one that cannot be kept fails with `Error::ConfirmMismatch` after
     /// the entries before it are applied, and the entry must come again with its pages.
-    pub fn receive_wire(&mut self, first: Lsn, mut entries: Vec<WireEntry>) -> Result<()> {
+    pub fn receive_wire(&mut self, first: Lsn, entries: Vec<WireEntry>) -> Result<()> {
+        self.defer_replay = true;
+        let received = self.receive_wire_deferred(first, entries);
+        self.defer_replay = false;
+        let rebased = if self.rebase_due { self.rebase() } else { Ok(()) };
+        rebased.and(received)
+    }
+
+    /// `receive_wire` without the pending mutations' re-run (`defer_replay`), which it runs once
+    /// after.
+    fn receive_wire_deferred(&mut self, first: Lsn, mut entries: Vec<WireEntry>) -> Result<()> {
         let next = self.storage_range().next();
         if first > next && entries.first().is_some_and(WireEntry::needs_previous) {
             // A delta sent to a subscriber that was further along, whose earlier frames were
@@ -989,6 +1083,12 @@ impl<R: Reducer> ClientDocument<R> {
     /// what this replica holds counts (an entry that failed to append comes again), and it
     /// holds also for mutations whose entries are gone behind a checkpoint. Due after every
     /// change to the stored state; one that fails stays due.
+    ///
+    /// Inside `receive_wire` the re-run waits for the end of the message (`defer_replay`):
+    /// each confirmation or run of entries there settles what the server applied, and the
+    /// pending mutations left run once for all of them, not once each (a client behind its
+    /// confirmations would otherwise re-run its whole backlog per confirmation, and fall
+    /// further behind).
     fn rebase(&mut self) -> Result<()> {
         if let Some(a) = self.read_applied()?.filter(|a| Some(*a) > self.applied) {
             self.pending.retain(|(l, _)| *l > a);
@@ -996,6 +1096,9 @@ impl<R: Reducer> ClientDocument<R> {
             self.trim_timeline(false)?;
         }
         self.copy_outcomes()?;
+        if self.defer_replay {
+            return Ok(());
+        }
         if !self.db.store().is_restarting() {
             self.replay_pending()?;
         }

@@ -144,7 +144,92 @@ impl SqlMutation {
     }
 }
 
+/// A `SqlMutation` read in place: its SQL, text and blobs borrow the encoded body, so a
+/// replay (every pending mutation, on every rebase) decodes without copying or allocating
+/// them. The same encoding, field for field and variant for variant.
+#[derive(Debug, Deserialize)]
+pub(crate) struct SqlMutationView<'a> {
+    #[serde(borrow)]
+    pub statements: Vec<StatementView<'a>>,
+    pub once: Option<&'a str>,
+}
+
+impl<'a> SqlMutationView<'a> {
+    pub fn decode(body: &'a [u8]) -> postcard::Result<SqlMutationView<'a>> {
+        postcard::from_bytes(body)
+    }
+}
+
+/// A `Statement` read in place.
+#[derive(Debug, Deserialize)]
+pub(crate) struct StatementView<'a> {
+    pub sql: &'a str,
+    #[serde(borrow)]
+    pub params: Vec<ValueView<'a>>,
+}
+
+/// A `Value` read in place: the variants in `Value`'s order.
+#[derive(Debug, Deserialize)]
+pub(crate) enum ValueView<'a> {
+    Null,
+    Integer(i64),
+    Real(f64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl rusqlite::ToSql for ValueView<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput as O, ValueRef as V};
+        Ok(O::Borrowed(match *self {
+            ValueView::Null => V::Null,
+            ValueView::Integer(i) => V::Integer(i),
+            ValueView::Real(f) => V::Real(f),
+            ValueView::Text(t) => V::Text(t.as_bytes()),
+            ValueView::Blob(b) => V::Blob(b),
+        }))
+    }
+}
+
 /// The `once` key of migration `version`.
 pub fn migration_key(version: u32) -> String {
     format!("migration:{version}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_reads_what_the_owned_form_wrote() {
+        let params = vec![
+            Value::Null,
+            Value::Integer(-7),
+            Value::Real(2.5),
+            Value::Text("héllo".into()),
+            Value::Blob(vec![0, 1, 255]),
+        ];
+        let mut m = SqlMutation::one("INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5)", params.clone());
+        m.statements.push(Statement { sql: "SELECT 1".into(), params: Vec::new() });
+        m.once = Some("migration:3".into());
+        let body = m.encode();
+        let view = SqlMutationView::decode(&body).expect("decode");
+        assert_eq!(view.once, Some("migration:3"));
+        assert_eq!(view.statements.len(), 2);
+        assert_eq!(view.statements[0].sql, m.statements[0].sql);
+        assert_eq!(view.statements[1].sql, "SELECT 1");
+        assert!(view.statements[1].params.is_empty());
+        use rusqlite::ToSql;
+        for (v, owned) in view.statements[0].params.iter().zip(&params) {
+            let (a, b) = (v.to_sql().expect("view"), owned.to_sql().expect("owned"));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        }
+        // Without `once`, and cut short: the same answers as the owned form.
+        let plain = SqlMutation::one("SELECT 2", vec![]).encode();
+        assert_eq!(SqlMutationView::decode(&plain).expect("decode").once, None);
+        for cut in 0..body.len() {
+            let owned = postcard::from_bytes::<SqlMutation>(&body[..cut]).is_ok();
+            assert_eq!(SqlMutationView::decode(&body[..cut]).is_ok(), owned, "cut at {cut}");
+        }
+    }
 }

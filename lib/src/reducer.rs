@@ -10,7 +10,7 @@ use rusqlite::fallible_iterator::FallibleIterator;
 
 use crate::db::Database;
 use crate::error::Error;
-use crate::mutation::{Mutation, SqlMutation};
+use crate::mutation::{Mutation, SqlMutationView};
 use crate::mutators::{Call, Mutators};
 use crate::store::StoreError;
 
@@ -213,10 +213,10 @@ impl Reducer for SqlReducer {
             let call = call.map_err(|e| Rejection::new(RejectionCode::Malformed, e))?;
             return run_call(conn, self.mutators.as_deref(), &call, time_ms);
         }
-        let m: SqlMutation = postcard::from_bytes(body)
+        let m = SqlMutationView::decode(body)
             .map_err(|e| Rejection::new(RejectionCode::Malformed, format!("not a SQL mutation: {e}")))?;
         for st in &m.statements {
-            run_statement(conn, &st.sql, &st.params)?;
+            run_statement(conn, st.sql, &st.params)?;
         }
         Ok(())
     }
@@ -226,7 +226,7 @@ impl Reducer for SqlReducer {
     }
 
     fn once_key(&self, body: &[u8]) -> Option<String> {
-        postcard::from_bytes::<SqlMutation>(body).ok()?.once
+        SqlMutationView::decode(body).ok()?.once.map(str::to_owned)
     }
 }
 
@@ -296,7 +296,7 @@ fn run_call(
 
 /// Runs one statement with parameters, or, without parameters, every statement in `sql`.
 /// Rows a statement returns are read and dropped.
-fn run_statement(conn: &Connection, sql: &str, params: &[crate::mutation::Value]) -> Result<(), Rejection> {
+fn run_statement(conn: &Connection, sql: &str, params: &[impl rusqlite::ToSql]) -> Result<(), Rejection> {
     // A count of parameters the statement does not take fails the same way on every replica:
     // refused, so a client says so at once rather than queueing it.
     let sqlite = |e: rusqlite::Error| match e {

@@ -473,19 +473,45 @@ impl ClientSession {
             send(&route, message);
         }
         let doc = self.open_document(id)?;
-        if let Err(e) = doc.deferred_barrier() {
-            // Each caller gets the failure; a retry would run them twice.
-            let journal = doc.timeline_id().journal_id();
-            let message = format!("the write could not be made durable: {e}");
-            let failed = || {
-                crate::Error::Journal(pagesync_journal::JournalError::Backend {
-                    journal,
-                    message: message.clone(),
-                })
-            };
-            return Ok(answers.iter().map(|_| Err(failed())).collect());
+        let barrier = doc.deferred_barrier();
+        Ok(failed_barrier(doc, barrier, answers))
+    }
+
+    /// `mutate_group` with its barrier detached: the mutations run locally and are appended,
+    /// and the fsync that makes them durable comes back to run with the session's lock let go
+    /// (`DetachedGroup::run`), so deliveries and rebases go on meanwhile; its outcome goes to
+    /// `finish_group`, which gives the answers. Nothing of them is sent before it ends.
+    pub fn mutate_group_detached(
+        &mut self,
+        id: DocId,
+        mutations: Vec<crate::Mutation>,
+    ) -> Result<DetachedGroup> {
+        let doc = self.open_document(id)?;
+        let answers = doc.mutate_group_deferred(mutations)?;
+        match doc.detach_barrier() {
+            Ok(sync) => Ok(DetachedGroup { id, answers, sync }),
+            Err(e) => Ok(DetachedGroup { id, answers: failed_barrier(doc, Err(e), answers), sync: None }),
         }
-        Ok(answers)
+    }
+
+    /// The answers of a `mutate_group_detached` once its fsync ran (`outcome`): as they were
+    /// if the writes are durable; otherwise each is the failure (a retry would run them twice;
+    /// the server may still apply them, as after a crash).
+    pub fn finish_group(
+        &mut self,
+        group: DetachedGroup,
+        outcome: std::io::Result<()>,
+    ) -> Vec<Result<Submitted>> {
+        let DetachedGroup { id, answers, sync } = group;
+        let Some(sync) = sync else { return answers };
+        let Some(doc) = self.links.get_mut(&id).map(|l| &mut l.doc) else {
+            // Closed meanwhile: not acknowledged (closing syncs what it holds, or says it could not).
+            let gone =
+                || Error::Malformed(format!("document {id} was closed before its writes were durable"));
+            return answers.into_iter().map(|_| Err(gone())).collect();
+        };
+        let barrier = doc.finish_detached_barrier(sync, outcome);
+        failed_barrier(doc, barrier, answers)
     }
 
     /// Sets when `id`'s local writes are durable (see `Durability`).
@@ -1031,6 +1057,36 @@ pub const BROADCAST_PACE_MS: i64 = 2 * super::MIN_BROADCAST_MS;
 pub const MAX_ROUTES: usize = 64;
 
 /// The route of the server at `url`: home if the home connection uses that URL.
+/// A group commit whose fsync waits to run with no lock held (`ClientSession::
+/// mutate_group_detached`).
+#[derive(Debug)]
+pub struct DetachedGroup {
+    id: DocId,
+    answers: Vec<Result<Submitted>>,
+    sync: Option<DetachedSync>,
+}
+
+impl DetachedGroup {
+    /// Runs the fsync (blocking; holds nothing). `Ok` at once when there is none to run.
+    pub fn run(&self) -> std::io::Result<()> {
+        self.sync.as_ref().map_or(Ok(()), DetachedSync::run)
+    }
+}
+
+/// `answers` if `barrier` made them durable; otherwise each is its failure.
+fn failed_barrier(
+    doc: &ClientDocument,
+    barrier: Result<()>,
+    answers: Vec<Result<Submitted>>,
+) -> Vec<Result<Submitted>> {
+    let Err(e) = barrier else { return answers };
+    let journal = doc.timeline_id().journal_id();
+    let message = format!("the write could not be made durable: {e}");
+    let failed =
+        || Error::Journal(pagesync_journal::JournalError::Backend { journal, message: message.clone() });
+    answers.iter().map(|_| Err(failed())).collect()
+}
+
 fn route_for(home: Option<&str>, url: &str) -> Route {
     (home != Some(url)).then(|| url.to_owned())
 }
