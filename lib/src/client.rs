@@ -171,6 +171,9 @@ pub struct ConfirmStats {
     /// Confirmations whose replay gave other pages than the server's: a determinism failure
     /// (or a budget lower than the server's). Each fell back to the pages.
     pub mismatches: u64,
+    /// Pending mutations run again on newer stored state, by rebases and by the replays of
+    /// confirmations: what writing ahead of the server costs this replica.
+    pub replayed: u64,
 }
 
 /// Why a write with an empty body is refused: that body marks a fill (`Mutation::fill`).
@@ -875,15 +878,21 @@ impl<R: Reducer> ClientDocument<R> {
     /// (`receive_confirm`); one that cannot be kept fails with `Error::ConfirmMismatch` after
     /// the entries before it are applied, and the entry must come again with its pages.
     pub fn receive_wire(&mut self, first: Lsn, entries: Vec<WireEntry>) -> Result<()> {
-        self.defer_replay = true;
-        let received = self.receive_wire_deferred(first, entries);
-        self.defer_replay = false;
+        let received = self.receive_wire_held(first, entries);
         let rebased = if self.rebase_due { self.rebase() } else { Ok(()) };
         rebased.and(received)
     }
 
-    /// `receive_wire` without the pending mutations' re-run (`defer_replay`), which it runs once
-    /// after.
+    /// `receive_wire` without the re-run of the pending mutations (`defer_replay`): what the
+    /// server applied is settled, and the re-run stays due for the caller (`rebase_if_due`),
+    /// which runs it once after every message it handles together.
+    pub(crate) fn receive_wire_held(&mut self, first: Lsn, entries: Vec<WireEntry>) -> Result<()> {
+        self.defer_replay = true;
+        let received = self.receive_wire_deferred(first, entries);
+        self.defer_replay = false;
+        received
+    }
+
     fn receive_wire_deferred(&mut self, first: Lsn, mut entries: Vec<WireEntry>) -> Result<()> {
         let next = self.storage_range().next();
         if first > next && entries.first().is_some_and(WireEntry::needs_previous) {
@@ -985,6 +994,7 @@ impl<R: Reducer> ClientDocument<R> {
             if !replay {
                 continue;
             }
+            self.confirms.replayed += 1;
             match apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
                 Ok(Ok(())) => {}
                 // The server applied it: a replay that rejects it cannot give its pages.
@@ -1142,6 +1152,7 @@ impl<R: Reducer> ClientDocument<R> {
         let conn = self.db.conn();
         conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| (None, e.into()))?;
         for (i, (_, m)) in self.pending.iter().enumerate().filter(|(i, _)| !skip.contains(i)) {
+            self.confirms.replayed += 1;
             if let Err(e) = apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
                 let _ = conn.execute_batch("ROLLBACK");
                 return Err((Some(i), e));

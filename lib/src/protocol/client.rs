@@ -217,6 +217,9 @@ pub struct ClientSession {
     conn_error: Option<(String, String)>,
     /// Confirmations whose replay gave other pages (`digest_mismatches`).
     digest_mismatches: u64,
+    /// Documents that took storage in the messages being handled, whose pending mutations
+    /// re-run once after the last of them (`run_held_replays`).
+    replays_held: Vec<DocId>,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -243,6 +246,7 @@ impl ClientSession {
             now_ms: 0,
             conn_error: None,
             digest_mismatches: 0,
+            replays_held: Vec::new(),
         }
     }
 
@@ -751,6 +755,31 @@ impl ClientSession {
     /// Handles one message that came over `route`'s connection. Messages about a document
     /// that syncs elsewhere now are stale and dropped.
     pub fn handle_message_on(&mut self, route: &Route, now_ms: i64, msg: Message) -> Result<()> {
+        let handled = self.handle_message_held(route, now_ms, msg);
+        let replayed = self.run_held_replays();
+        handled.and(replayed)
+    }
+
+    /// Re-runs the pending mutations of the documents that took storage since the last call,
+    /// once each (`ClientDocument::receive_wire_held`). The first failure is returned after
+    /// every document was tried; a document whose re-run failed stays due (the timer tries
+    /// again).
+    fn run_held_replays(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        for id in std::mem::take(&mut self.replays_held) {
+            if let Some(link) = self.links.get_mut(&id)
+                && let Err(e) = link.doc.rebase_if_due()
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+
+    /// `handle_message_on`, leaving the re-run of pending mutations after storage to
+    /// `run_held_replays`.
+    fn handle_message_held(&mut self, route: &Route, now_ms: i64, msg: Message) -> Result<()> {
         self.now_ms = self.now_ms.max(now_ms);
         if let Message::Error { doc: None, code, message } = &msg {
             if code == super::codes::NOT_HELLO
@@ -831,10 +860,13 @@ impl ClientSession {
                 link.state = link.state.on(SubEvent::Acked);
                 link.server_storage_next = link.server_storage_next.max(storage_next);
             }
-            Message::Storage { first, entries, .. } => {
+            Message::Storage { doc: id, first, entries } => {
                 // Past what we hold, only a checkpoint's first part is taken (the replica
                 // restarts there); anything else is a gap.
-                match link.doc.receive_wire(first, entries) {
+                if !self.replays_held.contains(&id) {
+                    self.replays_held.push(id);
+                }
+                match link.doc.receive_wire_held(first, entries) {
                     Err(crate::Error::Gap { .. }) => {
                         link.state = link.state.on(SubEvent::Gap { now_ms });
                         return Ok(());
@@ -975,10 +1007,11 @@ impl ClientSession {
             }
             merged.push(msg);
         }
-        for msg in merged {
-            self.handle_message_on(route, now_ms, msg)?;
-        }
-        Ok(())
+        // Storage for a document in several of these messages (acknowledgements between them,
+        // say): its pending mutations re-run once, after the last.
+        let handled = merged.into_iter().try_for_each(|msg| self.handle_message_held(route, now_ms, msg));
+        let replayed = self.run_held_replays();
+        handled.and(replayed)
     }
 
     /// Runs what is due by `now_ms`. `true` when a document's state changed (a rebase that
