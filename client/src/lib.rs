@@ -436,7 +436,9 @@ impl Client {
                 FileJournalOptions { map_reads: true, ..FileJournalOptions::default() },
             )?;
             let tl_dir = dir.join("timeline");
-            let timeline = match FileJournal::open(&tl_dir, FileJournalOptions::default()) {
+            // A local write is an append and a barrier: written into space made ahead.
+            let tl_opts = FileJournalOptions { preallocate: true, ..FileJournalOptions::default() };
+            let timeline = match FileJournal::open(&tl_dir, tl_opts.clone()) {
                 Ok(j) => j,
                 Err(
                     pagesync::journal::JournalError::Missing { .. }
@@ -448,7 +450,7 @@ impl Client {
                     // Outcomes of an earlier timeline (whose directory is gone) mean nothing now;
                     // if they cannot be removed, opening them below says so.
                     let _ = std::fs::remove_dir_all(dir.join("outcomes"));
-                    FileJournal::create(&tl_dir, key.id().journal_id(), FileJournalOptions::default())?
+                    FileJournal::create(&tl_dir, key.id().journal_id(), tl_opts)?
                 }
                 Err(e) => return Err(e.into()),
             };

@@ -75,7 +75,20 @@ pub struct FileJournalOptions {
     /// through it, ends the process (SIGBUS) where a `pread` would fail. Ignored with
     /// `read_only` (its owner, another process, may cut what it has not synced).
     pub map_reads: bool,
+    /// Keep zeros written ahead of the last segment's end (`PREALLOCATE_MIN_BYTES` up to a
+    /// quarter of the segment, at most `PREALLOCATE_MAX_BYTES`), so that an append overwrites
+    /// blocks the file already has: its `fdatasync` then writes the data alone, not the file's
+    /// new size as well, which took about twice as long here. For journals that take a small
+    /// append and a barrier at a time (a replica's timeline, a server's storage and history);
+    /// a journal filled in bulk without barriers (a download) would write its bytes twice.
+    /// Recovery reads zeros after the last entry as unused space, not as a torn tail.
+    pub preallocate: bool,
 }
+
+/// The least a preallocating journal writes ahead (`FileJournalOptions::preallocate`).
+pub const PREALLOCATE_MIN_BYTES: u64 = 16 << 10;
+/// The most a preallocating journal writes ahead at once.
+pub const PREALLOCATE_MAX_BYTES: u64 = 1 << 20;
 
 impl Default for FileJournalOptions {
     fn default() -> Self {
@@ -84,6 +97,7 @@ impl Default for FileJournalOptions {
             read_only: false,
             close_files: false,
             map_reads: false,
+            preallocate: false,
         }
     }
 }
@@ -147,6 +161,9 @@ struct Segment {
     synced_bytes: u64,
     /// Where the kernel was last asked to start writing back (`WRITEBACK_BYTES`).
     writeback_from: u64,
+    /// The file's size: `len_bytes` and the zeros written ahead of it, if any
+    /// (`FileJournalOptions::preallocate`).
+    alloc_bytes: u64,
 }
 
 impl Segment {
@@ -345,6 +362,7 @@ impl FileJournal {
         let Some(seg) = self.segments.last_mut() else { return io_err(id, "fsync", &self.dir)(e) };
         let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(seg.synced_bytes));
         let synced = seg.synced_bytes;
+        seg.alloc_bytes = synced;
         seg.offsets.retain(|at| *at < synced);
         seg.len_bytes = synced;
         let err = io_err(id, "fsync", &seg.path)(e);
@@ -464,6 +482,9 @@ impl FileJournal {
         let mut offsets = Vec::new();
         let mut pos = SEGMENT_HEADER_BYTES;
         let mut lsn = first;
+        // Zeros at the end are space written ahead (`FileJournalOptions::preallocate`), in any
+        // segment; what comes before them is judged as the file's end would be.
+        let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1).max(SEGMENT_HEADER_BYTES);
         while pos < bytes.len() {
             match codec::decode_frame(&bytes[pos..], lsn) {
                 Ok(payload) => {
@@ -471,21 +492,32 @@ impl FileJournal {
                     pos += codec::frame_len(payload.len());
                     lsn = lsn.next();
                 }
-                Err(e) if is_last && codec::is_torn_tail(&bytes[pos..], &e) => break,
-                Err(e) => return Err(self.corrupt(path, lsn, e.to_string())),
+                Err(_) if pos >= end => break,
+                Err(e) => {
+                    let rest = &bytes[pos..end];
+                    let torn =
+                        codec::decode_frame(rest, lsn).err().is_some_and(|e| codec::is_torn_tail(rest, &e));
+                    if is_last && torn {
+                        break;
+                    }
+                    return Err(self.corrupt(path, lsn, e.to_string()));
+                }
             }
         }
+        // Bytes other than zeros after the last entry: a torn append, cut off. Zeros alone are
+        // space written ahead, and stay.
+        let torn = pos < end;
         let read_only = self.opts.read_only;
         let mut file = OpenOptions::new().read(true).write(!read_only).open(path).map_err(io_err(
             self.id,
             "open segment",
             path,
         ))?;
-        if pos < bytes.len() {
-            let cut = bytes.len() - pos;
+        if torn {
+            let cut = end - pos;
             self.repairs.push(format!("{}: a torn final entry at LSN {lsn} ({cut} bytes)", path.display()));
         }
-        if pos < bytes.len() && !read_only {
+        if torn && !read_only {
             file.set_len(pos as u64).map_err(io_err(self.id, "truncate torn tail", path))?;
             file.flush().map_err(io_err(self.id, "truncate torn tail", path))?;
             file.sync_all().map_err(io_err(self.id, "fsync", path))?;
@@ -496,6 +528,7 @@ impl FileJournal {
             file.sync_data().map_err(io_err(self.id, "fsync", path))?;
         }
         let len_bytes = pos as u64;
+        let alloc_bytes = if torn && !read_only { len_bytes } else { bytes.len() as u64 };
         let file = SegFile::new((!self.opts.close_files).then_some(file), !read_only);
         Ok(Some(Segment {
             first,
@@ -505,6 +538,7 @@ impl FileJournal {
             len_bytes,
             synced_bytes: len_bytes,
             writeback_from: len_bytes,
+            alloc_bytes,
         }))
     }
 
@@ -549,6 +583,13 @@ impl FileJournal {
     fn roll(&mut self, first: Lsn) -> Result<()> {
         // Entries are durable in order: the old segment's before any of the new one's.
         self.sync()?;
+        // A full segment keeps no space written ahead. Not made durable: zeros left by a
+        // crash are read as unused space.
+        if let Some(old) = self.segments.last_mut().filter(|s| s.alloc_bytes > s.len_bytes)
+            && old.file.get(&old.path).and_then(|f| f.set_len(old.len_bytes)).is_ok()
+        {
+            old.alloc_bytes = old.len_bytes;
+        }
         let path = self.dir.join(segment_name(first));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(
             self.id,
@@ -579,6 +620,7 @@ impl FileJournal {
             len_bytes,
             synced_bytes: len_bytes,
             writeback_from: len_bytes,
+            alloc_bytes: len_bytes,
         });
         Ok(())
     }
@@ -774,6 +816,7 @@ impl Journal for FileJournal {
             return Err(JournalError::Backend { journal: id, message });
         };
         seg.len_bytes = at;
+        seg.alloc_bytes = at;
         seg.synced_bytes = seg.synced_bytes.min(at);
         seg.writeback_from = seg.writeback_from.min(at);
         self.range = match last.prev().filter(|l| *l >= self.range.first()) {
@@ -815,12 +858,24 @@ impl Journal for FileJournal {
             self.roll(first)?;
         }
         let id = self.id;
+        let preallocate = self.opts.preallocate;
         let seg = self.segments.last_mut().expect("BUG: roll() guarantees a segment");
         let start = seg.len_bytes;
         if let Err(e) = seg.file.get(&seg.path).and_then(|f| write_frames(f, start, first, payloads)) {
             // Nothing was acknowledged; cut whatever part of the batch reached the file.
             let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(start));
+            seg.alloc_bytes = start;
             return Err(io_err(id, "append", &seg.path)(e));
+        }
+        let end = start + total as u64;
+        seg.alloc_bytes = seg.alloc_bytes.max(end);
+        if preallocate && seg.alloc_bytes == end {
+            // Zeros ahead, made durable by the barrier that follows (with this append's size).
+            // Best effort: without them, the next append grows the file as before.
+            let ahead = (end / 4).clamp(PREALLOCATE_MIN_BYTES, PREALLOCATE_MAX_BYTES);
+            if seg.file.get(&seg.path).and_then(|f| f.write_all_at(&vec![0; ahead as usize], end)).is_ok() {
+                seg.alloc_bytes = end + ahead;
+            }
         }
         let mut at = start;
         for p in payloads {

@@ -98,8 +98,10 @@ impl Store {
             Store::Files(root) => Box::new(FileJournal::open_or_create(
                 storage_dir(root, doc),
                 doc.journal_id(),
+                // A small append and a barrier per step: written into space made ahead.
                 FileJournalOptions {
                     max_segment_bytes: STORAGE_SEGMENT_BYTES,
+                    preallocate: true,
                     ..FileJournalOptions::default()
                 },
             )?),
@@ -119,6 +121,7 @@ impl Store {
                 FileJournalOptions {
                     max_segment_bytes: STORAGE_SEGMENT_BYTES,
                     close_files: true,
+                    preallocate: true,
                     ..FileJournalOptions::default()
                 },
             )?),

@@ -413,3 +413,127 @@ fn a_detached_sync_taken_before_a_roll_records_nothing_in_the_new_segment() {
     assert!(matches!(err, Err(JournalError::Io { op: "fsync", .. })), "{err:?}");
     assert!(matches!(j.append(&small_payload(1)), Err(JournalError::Poisoned { .. })));
 }
+
+fn prealloc_opts() -> FileJournalOptions {
+    FileJournalOptions { preallocate: true, ..opts() }
+}
+
+/// Like `build`, with space written ahead: the directory, the last segment, where its final
+/// entry starts and ends (the file goes on, in zeros).
+fn build_preallocated(root: &Path) -> (PathBuf, PathBuf, u64, u64) {
+    let dir = root.join("p");
+    let mut j = FileJournal::create(&dir, ID, prealloc_opts()).expect("create");
+    for n in 1..=ENTRIES {
+        j.append(&small_payload(n)).expect("append");
+    }
+    let seg = segments(&dir).pop().expect("a segment");
+    let bytes = fs::read(&seg).expect("read");
+    let end = bytes.iter().rposition(|&b| b != 0).expect("entries") as u64 + 1;
+    let frame = pagesync_journal::codec::frame_len(small_payload(ENTRIES).len()) as u64;
+    // The final payload ends in a byte that is not zero (see `small_payload`).
+    assert_ne!(*small_payload(ENTRIES).last().expect("byte"), 0);
+    (dir, seg, end - frame, end)
+}
+
+#[test]
+fn space_written_ahead_is_neither_a_repair_nor_kept_in_full_segments() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, last_seg, _, end) = build_preallocated(root.path());
+    let segs = segments(&dir);
+    assert!(segs.len() > 2, "the test needs several segments");
+    let size = fs::metadata(&last_seg).expect("stat").len();
+    assert!(
+        size >= end + pagesync_journal::file::PREALLOCATE_MIN_BYTES,
+        "zeros ahead: {size} bytes, entries end at {end}"
+    );
+    for full in &segs[..segs.len() - 1] {
+        let len = fs::metadata(full).expect("stat").len();
+        assert!(len <= 512 + 200, "a full segment keeps no space ahead: {} is {len} bytes", full.display());
+    }
+    for read_only in [true, false] {
+        let j = FileJournal::open(&dir, FileJournalOptions { read_only, ..prealloc_opts() }).expect("open");
+        assert!(j.repairs().is_empty(), "zeros ahead are no repair: {:?}", j.repairs());
+        assert_prefix(&j, ENTRIES);
+    }
+    assert_eq!(fs::metadata(&last_seg).expect("stat").len(), size, "opening keeps the space ahead");
+    // Appends go on in that space, and read back after a reopen.
+    let mut j = FileJournal::open(&dir, prealloc_opts()).expect("open");
+    assert_eq!(j.append(b"next").expect("append"), lsn(ENTRIES + 1));
+    drop(j);
+    let j = FileJournal::open(&dir, prealloc_opts()).expect("reopen");
+    assert_eq!(j.read(lsn(ENTRIES + 1)).expect("read"), b"next");
+    assert!(j.repairs().is_empty());
+    // A journal that does not preallocate reads it the same.
+    let plain = FileJournal::open(&dir, opts()).expect("open without preallocation");
+    assert_eq!(plain.range().last(), Some(lsn(ENTRIES + 1)));
+}
+
+#[test]
+fn a_torn_append_into_space_written_ahead_is_cut_at_every_byte() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, last_seg, start, end) = build_preallocated(root.path());
+    let size = fs::metadata(&last_seg).expect("stat").len();
+    // The final append reached the disk up to `cut` (its later blocks never written: zeros,
+    // as the space ahead was), the file's size unchanged.
+    for cut in start..end {
+        let case = root.path().join(format!("cut{cut}"));
+        copy_dir(&dir, &case);
+        let seg = case.join(last_seg.file_name().expect("name"));
+        let mut bytes = fs::read(&seg).expect("read");
+        bytes[cut as usize..end as usize].fill(0);
+        fs::write(&seg, &bytes).expect("write");
+        let mut j = FileJournal::open(&case, prealloc_opts()).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        assert_prefix(&j, ENTRIES - 1);
+        assert_eq!(j.repairs().is_empty(), cut == start, "cut {cut}: {:?}", j.repairs());
+        assert_eq!(j.append(b"again").expect("append"), lsn(ENTRIES));
+        drop(j);
+        let j = FileJournal::open(&case, prealloc_opts()).expect("reopen");
+        assert_eq!(j.read(lsn(ENTRIES)).expect("read"), b"again");
+        assert!(fs::metadata(&seg).expect("stat").len() <= size);
+        fs::remove_dir_all(&case).expect("cleanup");
+    }
+}
+
+#[test]
+fn bit_flips_before_space_written_ahead_are_still_caught() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, last_seg, _, end) = build_preallocated(root.path());
+    let (mut errors, mut truncations) = (0, 0);
+    // Every byte of the entries, and the first bytes of the zeros after them.
+    for pos in 0..end as usize + 64 {
+        let case = root.path().join("flip");
+        copy_dir(&dir, &case);
+        let seg = case.join(last_seg.file_name().expect("name"));
+        let mut bytes = fs::read(&seg).expect("read");
+        bytes[pos] ^= 1 << (pos % 8);
+        fs::write(&seg, &bytes).expect("write");
+        match FileJournal::open(&case, prealloc_opts()) {
+            Err(_) => errors += 1,
+            Ok(j) => {
+                let last = j.range().last().expect("non-empty").get();
+                assert!(last >= ENTRIES - 1, "flip at {pos} lost acknowledged entries");
+                for n in 1..=last {
+                    assert_eq!(
+                        j.read(lsn(n)).expect("read"),
+                        small_payload(n),
+                        "flip at {pos} gave wrong data"
+                    );
+                }
+                match pos < end as usize {
+                    // In an entry: that entry (the last) is cut, never kept changed.
+                    true => {
+                        assert_eq!(last, ENTRIES - 1, "flip at {pos} went unnoticed");
+                        truncations += 1;
+                    }
+                    // In the zeros: nothing is lost, and the garbage is cut as a torn tail.
+                    false => {
+                        assert_eq!(last, ENTRIES, "flip at {pos} in the zeros lost an entry");
+                        assert!(!j.repairs().is_empty(), "flip at {pos} in the zeros went unsaid");
+                    }
+                }
+            }
+        }
+        fs::remove_dir_all(&case).expect("cleanup");
+    }
+    assert!(errors > 0 && truncations > 0, "errors {errors}, truncations {truncations}");
+}
