@@ -105,7 +105,12 @@ fn raw_rate(payload: &[u8], batches: usize, per_batch: usize) -> f64 {
 fn raw_over_zeros_rate(payload: &[u8], appends: usize) -> f64 {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().expect("tempdir");
-    let f = OpenOptions::new().create(true).write(true).truncate(true).open(dir.path().join("raw")).expect("create");
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.path().join("raw"))
+        .expect("create");
     f.write_all_at(&vec![0; (appends + 1) * payload.len() + 4096], 0).expect("zeros");
     f.sync_all().expect("fsync");
     f.write_all_at(payload, 0).expect("write");
