@@ -496,7 +496,8 @@ impl FileJournal {
                 Err(e) => {
                     let rest = &bytes[pos..end];
                     let torn =
-                        codec::decode_frame(rest, lsn).err().is_some_and(|e| codec::is_torn_tail(rest, &e));
+                        codec::decode_frame(rest, lsn).err().is_some_and(|e| codec::is_torn_tail(rest, &e))
+                            || has_hole(&bytes[..end], pos);
                     if is_last && torn {
                         break;
                     }
@@ -639,6 +640,23 @@ impl FileJournal {
         let i = self.segments.partition_point(|s| s.first <= lsn);
         &self.segments[i.checked_sub(1).expect("BUG: caller checked the range")]
     }
+}
+
+/// Whether the bytes from `pos` on hold a hole an interrupted append left: a disk writes a
+/// file's blocks in any order, so a power cut during an append (into zeros written ahead, or
+/// past the file's old end) can leave its later blocks on disk and not its first. A sector
+/// (512 bytes, aligned) of zeros after `pos`, or zeros where the frame's header should be,
+/// is such a hole: no header is all zeros (LSN 0 does not exist), and corruption of what was
+/// on disk does not zero a sector. The price: a flipped bit just before a sector of zeros that
+/// an entry holds (a blob of zeros in a mutation) is taken for a torn append, not corruption.
+fn has_hole(bytes: &[u8], pos: usize) -> bool {
+    const SECTOR: usize = 512;
+    let header_zeros = bytes.get(pos..pos + FRAME_HEADER_BYTES).is_some_and(|h| h.iter().all(|&b| b == 0));
+    let first_sector = pos.div_ceil(SECTOR) * SECTOR;
+    header_zeros
+        || bytes
+            .get(first_sector..)
+            .is_some_and(|rest| rest.chunks_exact(SECTOR).any(|sector| sector.iter().all(|&b| b == 0)))
 }
 
 fn parse_segment_name(name: &str) -> Option<Lsn> {

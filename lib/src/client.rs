@@ -139,9 +139,9 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// Set while `mutate_group_deferred` runs: a `Full` write's barrier is the caller's,
     /// right after it sent the write.
     defer_barrier: bool,
-    /// A group commit's barrier runs detached (`detach_barrier`): `sync_timeline` leaves the
-    /// writes it covers to it, whose caller answers once it ends.
-    barrier_detached: bool,
+    /// While a group commit's barrier runs detached (`detach_barrier`): the timeline's end
+    /// when it was taken, which its writes must still be below when it ends.
+    detached_next: Option<Lsn>,
     /// The next LSN this replica gives a write: past the timeline's end when a failed
     /// barrier took entries back that may have been sent (the mark then stays where it is).
     assigned_next: Lsn,
@@ -289,7 +289,7 @@ impl<R: Reducer> ClientDocument<R> {
             sent_mark: None,
             send_ahead: None,
             defer_barrier: false,
-            barrier_detached: false,
+            detached_next: None,
             assigned_next: Lsn::FIRST,
             outcomes,
             rejected: BTreeMap::new(),
@@ -359,8 +359,7 @@ impl<R: Reducer> ClientDocument<R> {
 
     /// Makes every local write durable (one fsync for all of them): a no-op under `Full`.
     pub fn sync_timeline(&mut self) -> Result<()> {
-        // A group commit's detached barrier covers them, and its caller waits for it.
-        if self.needs_sync() && !self.barrier_detached {
+        if self.needs_sync() {
             self.timeline.sync()?;
             self.synced_next = self.timeline.range().next();
         }
@@ -599,28 +598,6 @@ impl<R: Reducer> ClientDocument<R> {
     /// Runs a mutation locally, at once, and appends it durably to the timeline. `time_ms` and
     /// `seed` come from the caller (the core reads no clock and no randomness).
     pub fn mutate(&mut self, body: Vec<u8>, time_ms: i64, seed: u64) -> Result<Submitted> {
-        struct ProfM(std::time::Instant, std::time::Instant);
-        impl Drop for ProfM {
-            fn drop(&mut self) {
-                if std::env::var("PROF100").is_ok() {
-                    PROFM.with(|p| {
-                        let mut p = p.borrow_mut();
-                        p.0 += (self.1 - self.0).as_secs_f64();
-                        p.1 += self.1.elapsed().as_secs_f64();
-                        p.2 += 1;
-                        if p.2 % 500 == 0 {
-                            eprintln!(
-                                "mutate apply {:.1}us rest {:.1}us",
-                                p.0 / p.2 as f64 * 1e6,
-                                p.1 / p.2 as f64 * 1e6
-                            );
-                            *p = (0.0, 0.0, 0);
-                        }
-                    });
-                }
-            }
-        }
-        thread_local! { static PROFM: std::cell::RefCell<(f64,f64,u64)> = const { std::cell::RefCell::new((0.0,0.0,0)) }; }
         self.check_not_restarting()?;
         if body.is_empty() {
             return Err(empty_body());
@@ -628,12 +605,8 @@ impl<R: Reducer> ClientDocument<R> {
         let mutation = Mutation { client_time_ms: time_ms, seed, body };
         let bytes = mutation.encode()?;
         let conn = self.db.conn();
-        let t0 = std::time::Instant::now();
         crate::db::run_cached(conn, "BEGIN IMMEDIATE")?;
-        let r = apply_mutation(&self.db, &mut self.reducer, &mutation, time_ms);
-        let t1 = std::time::Instant::now();
-        let _g = ProfM(t0, t1);
-        let local = match r {
+        let local = match apply_mutation(&self.db, &mut self.reducer, &mutation, time_ms) {
             Ok(local) => local,
             Err(Error::TransactionLost(r)) => {
                 // Its own statement rolled the local transaction back: nothing of it stays
@@ -739,7 +712,7 @@ impl<R: Reducer> ClientDocument<R> {
         let detached = self.timeline.detach_sync();
         match detached {
             Ok(Some(sync)) => {
-                self.barrier_detached = true;
+                self.detached_next = Some(self.timeline.range().next());
                 Ok(Some(sync))
             }
             Ok(None) => {
@@ -762,12 +735,27 @@ impl<R: Reducer> ClientDocument<R> {
         sync: DetachedSync,
         outcome: std::io::Result<()>,
     ) -> Result<()> {
-        self.barrier_detached = false;
+        let covers = self.detached_next.take();
         if let Err(e) = self.timeline.finish_detached_sync(sync, outcome) {
             self.forget_undurable();
             return Err(e.into());
         }
+        // Another write's barrier failed meanwhile (an `execute_many`, say): the journal was
+        // cut back to what was durable, these writes with it, whatever this fsync did.
+        if covers.is_some_and(|next| self.timeline.range().next() < next) {
+            self.forget_undurable();
+            let journal = self.timeline.id();
+            let message =
+                "another write's failed fsync cut the journal back before these were durable".into();
+            return Err(Error::Journal(pagesync_journal::JournalError::Backend { journal, message }));
+        }
         self.deferred_barrier()
+    }
+
+    /// Whether a group commit's barrier runs detached now (`detach_barrier`): its caller makes
+    /// the writes durable, and answers once they are.
+    pub fn barrier_detached(&self) -> bool {
+        self.detached_next.is_some()
     }
 
     /// `mutate_many` (`all_or_nothing`: a refusal fails every one) and `mutate_group` (it fails
@@ -1110,6 +1098,9 @@ impl<R: Reducer> ClientDocument<R> {
             return Ok(());
         }
         if !self.db.store().is_restarting() {
+            // On the stored state: whatever ran on top since it changed (a re-run under new
+            // mutators, a local write after a rebase failed) goes, and runs again here.
+            self.db.store().discard_overlay();
             self.replay_pending()?;
         }
         self.rebase_due = false;
@@ -1173,6 +1164,10 @@ impl<R: Reducer> ClientDocument<R> {
         self.mutators = mutators;
         if same || self.pending.is_empty() || self.db.store().is_restarting() {
             return Ok(());
+        }
+        if self.rebase_due {
+            // Storage came before, whose re-run waits (`receive_wire_held`): this is it.
+            return self.rebase();
         }
         self.db.store().discard_overlay();
         self.replay_pending()

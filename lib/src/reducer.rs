@@ -1,6 +1,6 @@
 //! Reducers turn a mutation into changes to the database, the same way on every replica.
 //!
-//! The built-in [`SqlReducer`] runs the statements of a [`SqlMutation`]. An app can supply its
+//! The built-in [`SqlReducer`] runs the statements of a [`SqlMutation`](crate::SqlMutation). An app can supply its
 //! own [`Reducer`] with typed mutations (`enum Mutation { AddTodo { .. } }`) and write SQL for
 //! each. Either way, `apply_mutation` runs it inside a SAVEPOINT, under the mutation's clock and
 //! seed and the authorizer: an error rolls back that mutation alone.
@@ -189,7 +189,7 @@ pub trait Reducer: Send {
     }
 
     /// A key that makes this mutation apply at most once per document (see
-    /// [`SqlMutation::once`]); `apply_mutation` keeps the keys in `_pagesync_once`.
+    /// [`SqlMutation::once`](crate::SqlMutation::once)); `apply_mutation` keeps the keys in `_pagesync_once`.
     fn once_key(&self, body: &[u8]) -> Option<String> {
         let _ = body;
         None

@@ -239,3 +239,36 @@ fn confirmations_that_arrive_together_rerun_the_pending_writes_once() {
     let rows = p.a.document(DOC).expect("doc").query("SELECT count(*) FROM t", &[]).expect("count");
     assert_eq!(rows.rows[0][0], Value::Integer(N as i64));
 }
+
+#[test]
+fn new_mutators_after_storage_in_one_batch_rerun_the_pending_writes_once() {
+    let mut p = Pair::new();
+    p.write(false, "CREATE TABLE c(n INTEGER)", vec![], 1);
+    p.write(false, "INSERT INTO c VALUES (0)", vec![], 2);
+    p.exchange(T0);
+    p.assert_converged();
+    // A's pending write, not sent; B's write reaches A as pages, held back.
+    p.write(false, "UPDATE c SET n = n + 1 WHERE n < 100", vec![], 3);
+    p.write(true, "INSERT INTO c VALUES (100)", vec![], 4);
+    while let Some(m) = p.b.poll_transmit() {
+        p.server.handle_frame(ConnId(2), T0 + 1, &m.encode());
+    }
+    p.server.handle_timeout(T0 + 1);
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    while let Some((conn, m)) = p.server.poll_transmit() {
+        match conn.0 {
+            1 => held.push(m.encode()),
+            _ => p.b.handle_frame(T0 + 1, &m.encode()).expect("B applies"),
+        }
+    }
+    assert!(held.iter().any(|f| matches!(Message::decode(f), Ok(Message::Storage { .. }))));
+    // New mutator definitions in the same batch, after the storage: they re-run the pending
+    // writes themselves, and the re-run the storage left due must not run them again on top.
+    let source = "-- mutator: bump()\nUPDATE c SET n = n + 1 WHERE n < 100;\n".to_owned();
+    held.push(Message::Mutators { doc: DOC, version: "v1".into(), source }.encode());
+    p.a.handle_frames(T0 + 2, &held).expect("A applies them together");
+    let a = p.a.document(DOC).expect("doc");
+    let rows = a.query("SELECT n FROM c ORDER BY n", &[]).expect("query").rows;
+    assert_eq!(rows, vec![vec![Value::Integer(1)], vec![Value::Integer(100)]], "the pending write ran once");
+    assert_eq!(a.pending_count(), 1);
+}

@@ -537,3 +537,43 @@ fn bit_flips_before_space_written_ahead_are_still_caught() {
     }
     assert!(errors > 0 && truncations > 0, "errors {errors}, truncations {truncations}");
 }
+
+#[test]
+fn an_append_whose_first_blocks_never_reached_the_disk_is_torn_not_corrupt() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("h");
+    let big =
+        FileJournalOptions { max_segment_bytes: 1 << 20, preallocate: true, ..FileJournalOptions::default() };
+    let mut j = FileJournal::create(&dir, ID, big.clone()).expect("create");
+    for n in 1..ENTRIES {
+        j.append(&small_payload(n)).expect("append");
+    }
+    let last: Vec<u8> = (0..4000u32).map(|i| (i % 251 + 1) as u8).collect();
+    j.append(&last).expect("append");
+    drop(j);
+    let seg = segments(&dir).pop().expect("a segment");
+    let bytes = fs::read(&seg).expect("read");
+    let end = bytes.iter().rposition(|&b| b != 0).expect("entries") + 1;
+    let start = end - pagesync_journal::codec::frame_len(last.len());
+    let open_with = |damage: &dyn Fn(&mut Vec<u8>)| {
+        let case = root.path().join("case");
+        copy_dir(&dir, &case);
+        let mut b = bytes.clone();
+        damage(&mut b);
+        fs::write(case.join(seg.file_name().expect("name")), &b).expect("write");
+        let opened = FileJournal::open(&case, big.clone()).map(|j| (j.range(), j.repairs().len())).ok();
+        fs::remove_dir_all(&case).expect("cleanup");
+        opened
+    };
+    let torn = Some((LsnRange::inclusive(lsn(1), lsn(ENTRIES - 1)), 1));
+    // Its header's block never written, the rest on disk.
+    assert_eq!(open_with(&|b| b[start..start + 20].fill(0)), torn);
+    // A sector in its middle never written.
+    let sector = (start / 512 + 2) * 512;
+    assert!(sector + 512 < end);
+    assert_eq!(open_with(&|b| b[sector..sector + 512].fill(0)), torn);
+    // A flipped bit in its header, nothing missing: corruption, said.
+    assert!(open_with(&|b| b[start + 5] ^= 0x04).is_none(), "a damaged header with its entry behind it");
+    // Nothing damaged: every entry, no repair.
+    assert_eq!(open_with(&|_| {}), Some((LsnRange::inclusive(lsn(1), lsn(ENTRIES)), 0)));
+}

@@ -509,7 +509,7 @@ impl ClientSession {
         let DetachedGroup { id, answers, sync } = group;
         let Some(sync) = sync else { return answers };
         let Some(doc) = self.links.get_mut(&id).map(|l| &mut l.doc) else {
-            // Closed meanwhile: not acknowledged (closing syncs what it holds, or says it could not).
+            // Closed meanwhile: not acknowledged, whatever reached the disk.
             let gone =
                 || Error::Malformed(format!("document {id} was closed before its writes were durable"));
             return answers.into_iter().map(|_| Err(gone())).collect();
@@ -529,9 +529,11 @@ impl ClientSession {
     }
 
     /// Makes every document's local writes durable (one fsync each that has new ones), so
-    /// they can be sent. The first error is returned after every document was tried.
+    /// they can be sent. The first error is returned after every document was tried. A
+    /// document whose group commit's fsync runs detached is left to it: its caller answers
+    /// once they are durable (`mutate_group_detached`), and they go up then.
     pub fn sync_timelines(&mut self) -> Result<()> {
-        self.on_every_replica(ClientDocument::sync_timeline)
+        self.on_every_replica(|d| if d.barrier_detached() { Ok(()) } else { d.sync_timeline() })
     }
 
     /// Lowers every replica's sent mark once its writes are durable (a clean close:
