@@ -642,21 +642,29 @@ impl FileJournal {
     }
 }
 
-/// Whether the bytes from `pos` on hold a hole an interrupted append left: a disk writes a
-/// file's blocks in any order, so a power cut during an append (into zeros written ahead, or
-/// past the file's old end) can leave its later blocks on disk and not its first. A sector
-/// (512 bytes, aligned) of zeros after `pos`, or zeros where the frame's header should be,
-/// is such a hole: no header is all zeros (LSN 0 does not exist), and corruption of what was
-/// on disk does not zero a sector. The price: a flipped bit just before a sector of zeros that
-/// an entry holds (a blob of zeros in a mutation) is taken for a torn append, not corruption.
+/// Whether the undecodable frame at `pos` has a hole an interrupted append left: a disk
+/// writes a file's blocks in any order, so a power cut during an append (into zeros written
+/// ahead, or past the file's old end) can keep its later blocks and not its first. Zeros from
+/// the frame's start, or from a sector boundary inside its header, to the header's end; or,
+/// its header whole, an aligned sector (512 bytes) of zeros inside the frame it declares. No
+/// header is all zeros (LSN 0 does not exist), and corruption of what was on disk does not
+/// zero a sector. Only this frame is looked at: a damaged entry followed by entries that hold
+/// zeros is corruption. The price: a flipped bit in an entry that itself holds a sector of
+/// zeros (a blob of zeros in a mutation), when it is the last segment's first bad frame, is
+/// taken for a torn append.
 fn has_hole(bytes: &[u8], pos: usize) -> bool {
     const SECTOR: usize = 512;
-    let header_zeros = bytes.get(pos..pos + FRAME_HEADER_BYTES).is_some_and(|h| h.iter().all(|&b| b == 0));
-    let first_sector = pos.div_ceil(SECTOR) * SECTOR;
-    header_zeros
-        || bytes
-            .get(first_sector..)
-            .is_some_and(|rest| rest.chunks_exact(SECTOR).any(|sector| sector.iter().all(|&b| b == 0)))
+    let zeros = |r: std::ops::Range<usize>| bytes.get(r).is_some_and(|b| b.iter().all(|&x| x == 0));
+    let header_end = pos + FRAME_HEADER_BYTES;
+    let boundary = pos.div_ceil(SECTOR) * SECTOR;
+    if zeros(pos..header_end) || (boundary > pos && boundary < header_end && zeros(boundary..header_end)) {
+        return true;
+    }
+    let Ok(header) = codec::decode_header(&bytes[pos..]) else { return false };
+    let frame_end = (pos + codec::frame_len(header.len)).min(bytes.len());
+    bytes
+        .get(boundary..frame_end.max(boundary))
+        .is_some_and(|frame| frame.chunks_exact(SECTOR).any(|sector| sector.iter().all(|&b| b == 0)))
 }
 
 fn parse_segment_name(name: &str) -> Option<Lsn> {

@@ -704,10 +704,15 @@ impl<R: Reducer> ClientDocument<R> {
     /// (`DetachedSync::run`: the replica takes deliveries and rebases meanwhile), handed back
     /// to `finish_detached_barrier`. `None` when there is nothing to wait for (`Durability::
     /// Normal`, or a backend that made the writes durable here). The writes are not sent
-    /// before it ends: what goes up is what is durable (`sendable_range`).
+    /// before it ends, unless a sent mark covers them (`sendable_range`).
     pub(crate) fn detach_barrier(&mut self) -> Result<Option<DetachedSync>> {
         if self.durability == Durability::Normal || !self.needs_sync() {
             return Ok(None);
+        }
+        if self.detached_next.is_some() {
+            // Another group's is out: this one's runs here (one detached at a time, so the
+            // check `finish_detached_barrier` makes is this group's).
+            return self.deferred_barrier().map(|()| None);
         }
         let detached = self.timeline.detach_sync();
         match detached {

@@ -545,9 +545,11 @@ fn an_append_whose_first_blocks_never_reached_the_disk_is_torn_not_corrupt() {
     let big =
         FileJournalOptions { max_segment_bytes: 1 << 20, preallocate: true, ..FileJournalOptions::default() };
     let mut j = FileJournal::create(&dir, ID, big.clone()).expect("create");
-    for n in 1..ENTRIES {
+    for n in 1..ENTRIES - 1 {
         j.append(&small_payload(n)).expect("append");
     }
+    // An entry that holds sectors of zeros (a blob of zeros), acknowledged like the rest.
+    j.append(&[0; 2000]).expect("append");
     let last: Vec<u8> = (0..4000u32).map(|i| (i % 251 + 1) as u8).collect();
     j.append(&last).expect("append");
     drop(j);
@@ -574,6 +576,12 @@ fn an_append_whose_first_blocks_never_reached_the_disk_is_torn_not_corrupt() {
     assert_eq!(open_with(&|b| b[sector..sector + 512].fill(0)), torn);
     // A flipped bit in its header, nothing missing: corruption, said.
     assert!(open_with(&|b| b[start + 5] ^= 0x04).is_none(), "a damaged header with its entry behind it");
+    // A flipped bit in an entry before the one of zeros: corruption, not a torn append (the
+    // zeros are another entry's).
+    let before: usize = SEGMENT_HEADER_BYTES
+        + (1..ENTRIES - 2).map(|n| pagesync_journal::codec::frame_len(small_payload(n).len())).sum::<usize>();
+    assert!(small_payload(ENTRIES - 2).len() > 2);
+    assert!(open_with(&|b| b[before + 22] ^= 0x01).is_none(), "a damaged entry before acknowledged zeros");
     // Nothing damaged: every entry, no repair.
     assert_eq!(open_with(&|_| {}), Some((LsnRange::inclusive(lsn(1), lsn(ENTRIES)), 0)));
 }

@@ -484,7 +484,8 @@ impl ClientSession {
     /// `mutate_group` with its barrier detached: the mutations run locally and are appended,
     /// and the fsync that makes them durable comes back to run with the session's lock let go
     /// (`DetachedGroup::run`), so deliveries and rebases go on meanwhile; its outcome goes to
-    /// `finish_group`, which gives the answers. Nothing of them is sent before it ends.
+    /// `finish_group`, which gives the answers. Nothing of them is sent before it ends, unless
+    /// the replica's sent mark covers them (`ClientDocument::send_before_durable`).
     pub fn mutate_group_detached(
         &mut self,
         id: DocId,
