@@ -119,8 +119,8 @@ pub struct ClientDocument<R: Reducer = SqlReducer> {
     /// The stored state changed and the rebase on top of it failed part-way: the next
     /// `receive_*` finishes it.
     rebase_due: bool,
-    /// Inside `receive_wire`: a rebase settles what the server applied and leaves the re-run
-    /// of the pending mutations (and `rebase_due`) for the end of the message.
+    /// Inside `receive_wire_held`: a rebase settles what the server applied and leaves the
+    /// re-run of the pending mutations (and `rebase_due`) to its caller.
     defer_replay: bool,
     /// A newer checkpoint arrived while the storage journal held entries not yet durable: the
     /// history before it goes at the next `trim_if_due` (`sync_storage`, and the session's
@@ -1087,11 +1087,11 @@ impl<R: Reducer> ClientDocument<R> {
     /// holds also for mutations whose entries are gone behind a checkpoint. Due after every
     /// change to the stored state; one that fails stays due.
     ///
-    /// Inside `receive_wire` the re-run waits for the end of the message (`defer_replay`):
-    /// each confirmation or run of entries there settles what the server applied, and the
-    /// pending mutations left run once for all of them, not once each (a client behind its
-    /// confirmations would otherwise re-run its whole backlog per confirmation, and fall
-    /// further behind).
+    /// Inside `receive_wire_held` the re-run waits for its caller (`defer_replay`): each
+    /// confirmation or run of entries settles what the server applied, and the pending
+    /// mutations left run once for all of them (`receive_wire`: per message; the session: per
+    /// batch of messages), not once each (a client behind its confirmations would otherwise
+    /// re-run its whole backlog per confirmation, and fall further behind).
     fn rebase(&mut self) -> Result<()> {
         if let Some(a) = self.read_applied()?.filter(|a| Some(*a) > self.applied) {
             self.pending.retain(|(l, _)| *l > a);
