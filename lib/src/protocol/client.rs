@@ -1092,7 +1092,6 @@ pub const BROADCAST_PACE_MS: i64 = 2 * super::MIN_BROADCAST_MS;
 /// Servers besides home that one client syncs with at most: a redirect to one more is refused.
 pub const MAX_ROUTES: usize = 64;
 
-/// The route of the server at `url`: home if the home connection uses that URL.
 /// A group commit whose fsync waits to run with no lock held (`ClientSession::
 /// mutate_group_detached`).
 #[derive(Debug)]
@@ -1123,6 +1122,7 @@ fn failed_barrier(
     answers.iter().map(|_| Err(failed())).collect()
 }
 
+/// The route of the server at `url`: home if the home connection uses that URL.
 fn route_for(home: Option<&str>, url: &str) -> Route {
     (home != Some(url)).then(|| url.to_owned())
 }
