@@ -79,6 +79,24 @@ impl Pair {
         panic!("the exchange did not settle");
     }
 
+    /// Sends one client's frames up (B's if `from_b`), lets the server step, and delivers what
+    /// it sends B; what it sends A is returned, held back.
+    fn step_holding_a(&mut self, from_b: bool, now: i64) -> Vec<Vec<u8>> {
+        let (s, conn) = if from_b { (&mut self.b, ConnId(2)) } else { (&mut self.a, ConnId(1)) };
+        while let Some(m) = s.poll_transmit() {
+            self.server.handle_frame(conn, now, &m.encode());
+        }
+        self.server.handle_timeout(now);
+        let mut held = Vec::new();
+        while let Some((conn, m)) = self.server.poll_transmit() {
+            match conn.0 {
+                1 => held.push(m.encode()),
+                _ => self.b.handle_frame(now, &m.encode()).expect("B applies"),
+            }
+        }
+        held
+    }
+
     fn write(&mut self, on_b: bool, q: &str, params: Vec<Value>, seed: u64) -> Lsn {
         let s = if on_b { &mut self.b } else { &mut self.a };
         s.mutate(DOC, sql(q, params), T0 + seed as i64, seed).expect("write").lsn
@@ -205,16 +223,7 @@ fn confirmations_that_arrive_together_rerun_the_pending_writes_once() {
     let mut held: Vec<Vec<u8>> = Vec::new();
     for i in 0..N {
         p.write(false, "INSERT INTO t(v) VALUES (?1)", vec![Value::Text(format!("row {i}"))], 10 + i as u64);
-        while let Some(m) = p.a.poll_transmit() {
-            p.server.handle_frame(ConnId(1), T0 + 1, &m.encode());
-        }
-        p.server.handle_timeout(T0 + 1);
-        while let Some((conn, m)) = p.server.poll_transmit() {
-            match conn.0 {
-                1 => held.push(m.encode()),
-                _ => p.b.handle_frame(T0 + 1, &m.encode()).expect("B applies"),
-            }
-        }
+        held.extend(p.step_holding_a(false, T0 + 1));
     }
     let confirms = held
         .iter()
@@ -250,17 +259,7 @@ fn new_mutators_after_storage_in_one_batch_rerun_the_pending_writes_once() {
     // A's pending write, not sent; B's write reaches A as pages, held back.
     p.write(false, "UPDATE c SET n = n + 1 WHERE n < 100", vec![], 3);
     p.write(true, "INSERT INTO c VALUES (100)", vec![], 4);
-    while let Some(m) = p.b.poll_transmit() {
-        p.server.handle_frame(ConnId(2), T0 + 1, &m.encode());
-    }
-    p.server.handle_timeout(T0 + 1);
-    let mut held: Vec<Vec<u8>> = Vec::new();
-    while let Some((conn, m)) = p.server.poll_transmit() {
-        match conn.0 {
-            1 => held.push(m.encode()),
-            _ => p.b.handle_frame(T0 + 1, &m.encode()).expect("B applies"),
-        }
-    }
+    let mut held = p.step_holding_a(true, T0 + 1);
     assert!(held.iter().any(|f| matches!(Message::decode(f), Ok(Message::Storage { .. }))));
     // New mutator definitions in the same batch, after the storage: they re-run the pending
     // writes themselves, and the re-run the storage left due must not run them again on top.
