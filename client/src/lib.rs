@@ -433,7 +433,11 @@ impl Client {
             let storage = FileJournal::open_or_create(
                 dir.join("storage"),
                 doc.journal_id(),
-                FileJournalOptions { map_reads: true, ..FileJournalOptions::default() },
+                FileJournalOptions {
+                    map_reads: true,
+                    roll_without_barrier: true,
+                    ..FileJournalOptions::default()
+                },
             )?;
             let tl_dir = dir.join("timeline");
             // A local write is an append and a barrier: written into space made ahead.

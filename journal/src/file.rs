@@ -13,6 +13,11 @@
 //!   with the journal, segment and LSN, and nothing is truncated.
 //! - A new segment's header is fsynced (file and directory) before any frame goes into it, so a
 //!   last segment with a torn header holds no acknowledged entry and is removed on open.
+//!   Except with `roll_without_barrier` (a replica's storage): a roll then waits for no disk,
+//!   the new header says so (`STARTED_UNSYNCED`), and `sync` makes every segment behind durable,
+//!   oldest first, then the directory. A crash before it may leave a segment torn with segments
+//!   after it, or a new segment without its header or its file: open cuts the torn one and
+//!   removes every segment after it (none of their entries was acknowledged).
 //! - `remove_prefix` records the trim point in `JOURNAL` before deleting any segment; segments
 //!   left behind by a crash in between are deleted on the next open.
 //! - After a failed `fdatasync` the journal refuses further appends until it is reopened: the
@@ -39,8 +44,11 @@ const MARKER_BYTES: usize = 16 + 4 + 4 + 16 + 8 + 4;
 const FORMAT_VERSION: u32 = 1;
 
 const SEGMENT_MAGIC: &[u8; 8] = b"PGSJSEG\x01";
-/// magic 8 | journal id 16 | first LSN 8 | reserved 4 | crc32c 4
+/// magic 8 | journal id 16 | first LSN 8 | flags 4 | crc32c 4
 pub const SEGMENT_HEADER_BYTES: usize = 40;
+/// Segment header flag: the segment was started before the one before it was durable
+/// (`FileJournalOptions::roll_without_barrier`), so a crash may have left that one torn.
+const STARTED_UNSYNCED: u32 = 1;
 const SEGMENT_SUFFIX: &str = ".seg";
 
 /// Bytes appended without a barrier after which the kernel is asked to start writing them to
@@ -83,6 +91,15 @@ pub struct FileJournalOptions {
     /// a journal filled in bulk without barriers (a download) would write its bytes twice.
     /// Recovery reads zeros after the last entry as unused space, not as a torn tail.
     pub preallocate: bool,
+    /// A roll starts the new segment without first making the old one durable (the next
+    /// `sync` or barrier does, oldest segment first), so that a journal filled in bulk without
+    /// barriers (a replica's download) does not wait for the disk at each roll, under its
+    /// replica's lock (an fsync of 64 MiB took 17 to 110 ms on the development VM). Only for
+    /// a journal whose entries can be fetched again (a replica's storage): a crash can then
+    /// leave a segment torn with segments after it, which open cuts off (the new segment's
+    /// header says it was started that way; entries in it were never acknowledged), and a
+    /// damaged final entry of such a segment reads as a torn one, cut with all that follows.
+    pub roll_without_barrier: bool,
 }
 
 /// The least a preallocating journal writes ahead (`FileJournalOptions::preallocate`).
@@ -98,6 +115,7 @@ impl Default for FileJournalOptions {
             close_files: false,
             map_reads: false,
             preallocate: false,
+            roll_without_barrier: false,
         }
     }
 }
@@ -157,7 +175,9 @@ struct Segment {
     offsets: Vec<u64>,
     len_bytes: u64,
     /// Bytes known to be on disk: below `len_bytes` after `append_batch_unsynced`, until the
-    /// next `sync`. Only the last segment is ever behind (a roll syncs the old one first).
+    /// next `sync`. Only the last segment is ever behind, unless segments rolled without a
+    /// barrier (`FileJournalOptions::roll_without_barrier`): then those after the first one
+    /// behind hold nothing on disk but their headers.
     synced_bytes: u64,
     /// Where the kernel was last asked to start writing back (`WRITEBACK_BYTES`).
     writeback_from: u64,
@@ -194,6 +214,12 @@ pub struct FileJournal {
     /// write-back error is reported to every file open when it happens, but to one opened
     /// later only if nobody has seen it yet.
     barrier: Option<(Lsn, File)>,
+    /// Barrier descriptors of segments rolled without a barrier (`roll_without_barrier`), kept
+    /// until they are synced: `barrier` moves here at such a roll.
+    rolled_barriers: Vec<(Lsn, File)>,
+    /// Segments rolled without a barrier whose directory entries no fsync of the directory
+    /// has covered yet (the next `sync` or barrier does).
+    dir_behind: u64,
     /// What opening found to repair (done, unless read-only): torn tails, leftover files.
     repairs: Vec<String>,
 }
@@ -245,17 +271,19 @@ fn decode_marker(bytes: &[u8]) -> std::result::Result<(JournalId, u64), String> 
     Ok((id, u64::from_le_bytes(body[40..48].try_into().expect("BUG: 8 bytes"))))
 }
 
-fn encode_segment_header(id: JournalId, first: Lsn) -> [u8; SEGMENT_HEADER_BYTES] {
+fn encode_segment_header(id: JournalId, first: Lsn, flags: u32) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut h = [0u8; SEGMENT_HEADER_BYTES];
     h[..8].copy_from_slice(SEGMENT_MAGIC);
     h[8..24].copy_from_slice(id.as_bytes());
     h[24..32].copy_from_slice(&first.get().to_le_bytes());
+    h[32..36].copy_from_slice(&flags.to_le_bytes());
     let crc = crc32c::crc32c(&h[..36]);
     h[36..].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
-fn check_segment_header(h: &[u8], id: JournalId, first: Lsn) -> std::result::Result<(), String> {
+/// Checks a segment's header and returns its flags (`STARTED_UNSYNCED`).
+fn check_segment_header(h: &[u8], id: JournalId, first: Lsn) -> std::result::Result<u32, String> {
     let h = h.get(..SEGMENT_HEADER_BYTES).ok_or("shorter than a segment header")?;
     if crc32c::crc32c(&h[..36]).to_le_bytes() != h[36..] || &h[..8] != SEGMENT_MAGIC {
         return Err("segment header fails its checksum".into());
@@ -267,7 +295,7 @@ fn check_segment_header(h: &[u8], id: JournalId, first: Lsn) -> std::result::Res
     if found != first.get() {
         return Err(format!("header says first LSN {found}, file name says {first}"));
     }
-    Ok(())
+    Ok(u32::from_le_bytes(h[32..36].try_into().expect("BUG: 4 bytes")))
 }
 
 impl FileJournal {
@@ -302,6 +330,8 @@ impl FileJournal {
             instance: next_instance(),
             cuts: 0,
             barrier: None,
+            rolled_barriers: Vec::new(),
+            dir_behind: 0,
             repairs: Vec::new(),
         })
     }
@@ -320,6 +350,8 @@ impl FileJournal {
             instance: next_instance(),
             cuts: 0,
             barrier: None,
+            rolled_barriers: Vec::new(),
+            dir_behind: 0,
             repairs: Vec::new(),
         };
         journal.load_segments(trimmed_through)?;
@@ -352,14 +384,27 @@ impl FileJournal {
         &self.repairs
     }
 
-    /// After a failed fsync of the last segment: cuts it to what is known to be on disk (a
-    /// reopen must not read what may not be; see the crash model), and refuses every later
-    /// call until the journal is reopened from what is.
+    /// After a failed fsync: cuts the first segment behind the disk (the last, unless segments
+    /// rolled without a barrier) to what is known to be on disk and removes the segments after
+    /// it, which hold nothing on disk but their headers (a reopen must not read what may not
+    /// be; see the crash model), and refuses every later call until the journal is reopened
+    /// from what is.
     fn failed_sync(&mut self, e: std::io::Error) -> JournalError {
         let id = self.id;
         self.poisoned = true;
         // A detached barrier's segment may have been trimmed away since: nothing to cut.
-        let Some(seg) = self.segments.last_mut() else { return io_err(id, "fsync", &self.dir)(e) };
+        let Some(i) = self.segments.iter().position(|s| s.synced_bytes < s.len_bytes) else {
+            return io_err(id, "fsync", &self.dir)(e);
+        };
+        let removed: Vec<Segment> = self.segments.drain(i + 1..).collect();
+        if !removed.is_empty() {
+            // Best effort: a reopen cuts them anyway (their headers say they were started
+            // before this one was durable).
+            removed.iter().for_each(|r| drop(fs::remove_file(&r.path)));
+            let _ = sync_dir(id, &self.dir);
+            self.rolled_barriers.retain(|(first, _)| *first < removed[0].first);
+        }
+        let seg = self.segments.last_mut().expect("BUG: segment i was kept");
         let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(seg.synced_bytes));
         let synced = seg.synced_bytes;
         seg.alloc_bytes = synced;
@@ -408,15 +453,38 @@ impl FileJournal {
         let mut firsts = self.list_segment_files()?;
         firsts.sort();
         let count = firsts.len();
-        for (i, first) in firsts.into_iter().enumerate() {
+        // Which segments were started before the one before them was durable: that one may
+        // end torn, its entries cut short, and then neither it nor any later one was
+        // acknowledged past the cut.
+        let starts: Vec<Start> = firsts.iter().map(|&f| self.start_of(f)).collect();
+        for (i, &first) in firsts.iter().enumerate() {
             let path = self.dir.join(segment_name(first));
+            if starts[i] == Start::Torn {
+                self.cut_rolled(&firsts[i..], "its header never reached the disk")?;
+                break;
+            }
             let next_first = self.segments.last().map(Segment::next);
             if let Some(expected) = next_first.filter(|&e| e != first) {
+                if starts[i] == Start::Unsynced && expected < first {
+                    let why = format!("entries from LSN {expected} on were lost with the segment before it");
+                    self.cut_rolled(&firsts[i..], &why)?;
+                    break;
+                }
                 let reason = format!("segment starts at LSN {first}, expected {expected}");
                 return Err(self.corrupt_segment(&path, reason));
             }
-            match self.load_segment(&path, first, i + 1 == count)? {
-                Some(seg) => self.segments.push(seg),
+            let is_last = i + 1 == count;
+            let may_be_behind = is_last || starts[i + 1] != Start::Synced;
+            match self.load_segment(&path, first, is_last, may_be_behind)? {
+                Some((seg, torn)) => {
+                    let next = seg.next();
+                    self.segments.push(seg);
+                    if torn && !is_last {
+                        let why = format!("the segment before it was torn at LSN {next}");
+                        self.cut_rolled(&firsts[i + 1..], &why)?;
+                        break;
+                    }
+                }
                 None => {
                     self.repairs.push(format!("{}: a torn, empty last segment", path.display()));
                     if !self.opts.read_only {
@@ -470,8 +538,52 @@ impl FileJournal {
         Ok(firsts)
     }
 
-    /// Reads and verifies one segment. `None` means "a torn, empty last segment: remove it".
-    fn load_segment(&mut self, path: &Path, first: Lsn, is_last: bool) -> Result<Option<Segment>> {
+    /// How the segment at `first` was started, as its header says. A header of zeros, or a
+    /// file shorter than one, is `Torn` only in a journal that rolls without a barrier (a
+    /// header never reaches the disk otherwise: it is synced before the segment is used); any
+    /// other header that does not check is `Synced`, left for `load_segment` to report.
+    fn start_of(&self, first: Lsn) -> Start {
+        let mut header = [0u8; SEGMENT_HEADER_BYTES];
+        let path = self.dir.join(segment_name(first));
+        let missing = match File::open(path).and_then(|f| f.read_exact_at(&mut header, 0)) {
+            Ok(()) => header.iter().all(|&b| b == 0),
+            // Shorter than a header; any other failure is for `load_segment` to report.
+            Err(e) => e.kind() == ErrorKind::UnexpectedEof,
+        };
+        match check_segment_header(&header, self.id, first) {
+            Ok(flags) if flags & STARTED_UNSYNCED != 0 => Start::Unsynced,
+            Err(_) if missing && self.opts.roll_without_barrier => Start::Torn,
+            _ => Start::Synced,
+        }
+    }
+
+    /// Removes the segments `firsts` (in order, the first of them started before the segment
+    /// before it was durable, which a crash cut short): nothing in them was acknowledged.
+    fn cut_rolled(&mut self, firsts: &[Lsn], why: &str) -> Result<()> {
+        for &first in firsts {
+            let path = self.dir.join(segment_name(first));
+            self.repairs
+                .push(format!("{}: started before the segment before it was durable; {why}", path.display()));
+            if !self.opts.read_only {
+                remove_file(self.id, &path)?;
+            }
+        }
+        if !self.opts.read_only {
+            sync_dir(self.id, &self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Reads and verifies one segment, and says whether it cut a torn tail off. `None` means
+    /// "a torn, empty last segment: remove it". `may_be_behind`: the last segment, or one
+    /// rolled without a barrier (`STARTED_UNSYNCED` on the next), may end torn.
+    fn load_segment(
+        &mut self,
+        path: &Path,
+        first: Lsn,
+        is_last: bool,
+        may_be_behind: bool,
+    ) -> Result<Option<(Segment, bool)>> {
         let bytes = fs::read(path).map_err(io_err(self.id, "read segment", path))?;
         if let Err(reason) = check_segment_header(&bytes, self.id, first) {
             if is_last && bytes.len() <= SEGMENT_HEADER_BYTES {
@@ -498,7 +610,7 @@ impl FileJournal {
                     let torn =
                         codec::decode_frame(rest, lsn).err().is_some_and(|e| codec::is_torn_tail(rest, &e))
                             || has_hole(&bytes[..end], pos);
-                    if is_last && torn {
+                    if may_be_behind && torn {
                         break;
                     }
                     return Err(self.corrupt(path, lsn, e.to_string()));
@@ -522,7 +634,7 @@ impl FileJournal {
             file.set_len(pos as u64).map_err(io_err(self.id, "truncate torn tail", path))?;
             file.flush().map_err(io_err(self.id, "truncate torn tail", path))?;
             file.sync_all().map_err(io_err(self.id, "fsync", path))?;
-        } else if is_last && !read_only && pos > SEGMENT_HEADER_BYTES {
+        } else if may_be_behind && !read_only && pos > SEGMENT_HEADER_BYTES {
             // What a process that crashed appended without a barrier is in the page cache,
             // not yet on disk: made durable now, since everything read here counts as synced
             // (and may be sent on: a power cut must not take it back afterwards).
@@ -531,7 +643,7 @@ impl FileJournal {
         let len_bytes = pos as u64;
         let alloc_bytes = if torn && !read_only { len_bytes } else { bytes.len() as u64 };
         let file = SegFile::new((!self.opts.close_files).then_some(file), !read_only);
-        Ok(Some(Segment {
+        let segment = Segment {
             first,
             path: path.to_path_buf(),
             file,
@@ -540,7 +652,8 @@ impl FileJournal {
             synced_bytes: len_bytes,
             writeback_from: len_bytes,
             alloc_bytes,
-        }))
+        };
+        Ok(Some((segment, torn)))
     }
 
     fn corrupt(&self, path: &Path, lsn: Lsn, reason: String) -> JournalError {
@@ -582,8 +695,15 @@ impl FileJournal {
 
     /// Starts a new segment at `first`, durable (file and directory entry) before it is used.
     fn roll(&mut self, first: Lsn) -> Result<()> {
-        // Entries are durable in order: the old segment's before any of the new one's.
-        self.sync()?;
+        // Entries are durable in order: the old segment's before any of the new one's. Without
+        // a barrier here, `sync` keeps that order, and the header says a crash may break it.
+        let behind = !self.is_synced();
+        let flags = if behind && self.opts.roll_without_barrier {
+            STARTED_UNSYNCED
+        } else {
+            self.sync()?;
+            0
+        };
         // A full segment keeps no space written ahead. Not made durable: zeros left by a
         // crash are read as unused space.
         if let Some(old) = self.segments.last_mut().filter(|s| s.alloc_bytes > s.len_bytes)
@@ -597,19 +717,30 @@ impl FileJournal {
             "create segment",
             &path,
         ))?;
-        let header = encode_segment_header(self.id, first);
-        let started = file
-            .write_all_at(&header, 0)
-            .map_err(io_err(self.id, "write segment header", &path))
-            .and_then(|()| file.sync_all().map_err(io_err(self.id, "fsync", &path)))
-            .and_then(|()| sync_dir(self.id, &self.dir));
+        let header = encode_segment_header(self.id, first, flags);
+        // Rolled without a barrier, the header and the directory entry wait for the next
+        // `sync` too: an fsync here would wait for the old segment's bytes all the same (a
+        // disk's cache is flushed whole). A crash before it may leave no file, or one without
+        // its header, which open removes with any segment after it.
+        let written = file.write_all_at(&header, 0).map_err(io_err(self.id, "write segment header", &path));
+        let started = written.and_then(|()| {
+            if flags != 0 {
+                return Ok(());
+            }
+            file.sync_all()
+                .map_err(io_err(self.id, "fsync", &path))
+                .and_then(|()| sync_dir(self.id, &self.dir))
+        });
         if let Err(e) = started {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
-        // Detached barriers are in use: theirs is opened before anything is written here.
+        self.dir_behind += u64::from(flags != 0);
+        // Detached barriers are in use: theirs is opened before anything is written here. The
+        // old segment's stays in use while it is behind the disk.
         if self.barrier.is_some() {
-            self.barrier = File::open(&path).ok().map(|f| (first, f));
+            let old = std::mem::replace(&mut self.barrier, File::open(&path).ok().map(|f| (first, f)));
+            self.rolled_barriers.extend(old.filter(|_| flags != 0));
         }
         let len_bytes = SEGMENT_HEADER_BYTES as u64;
         let file = SegFile::new(Some(file), true);
@@ -619,7 +750,7 @@ impl FileJournal {
             file,
             offsets: Vec::new(),
             len_bytes,
-            synced_bytes: len_bytes,
+            synced_bytes: if flags != 0 { 0 } else { len_bytes },
             writeback_from: len_bytes,
             alloc_bytes: len_bytes,
         });
@@ -640,6 +771,17 @@ impl FileJournal {
         let i = self.segments.partition_point(|s| s.first <= lsn);
         &self.segments[i.checked_sub(1).expect("BUG: caller checked the range")]
     }
+}
+
+/// How a segment was started (`FileJournal::start_of`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    /// After the segment before it was durable (its header synced before it was used).
+    Synced,
+    /// Before the segment before it was durable (`STARTED_UNSYNCED`): that one may end torn.
+    Unsynced,
+    /// Rolled without a barrier, and a crash came before its header reached the disk.
+    Torn,
 }
 
 /// Whether the undecodable frame at `pos` has a hole an interrupted append left: a disk
@@ -759,29 +901,61 @@ impl Journal for FileJournal {
 
     fn sync(&mut self) -> Result<()> {
         self.check_writable()?;
-        let Some(seg) = self.segments.last_mut().filter(|s| s.synced_bytes < s.len_bytes) else {
-            return Ok(());
-        };
-        if let Err(e) = seg.file.get(&seg.path).and_then(|f| f.sync_data()) {
-            return Err(self.failed_sync(e));
+        // Oldest first: a segment rolled without a barrier is durable before the next one.
+        for i in 0..self.segments.len() {
+            let seg = &mut self.segments[i];
+            if seg.synced_bytes == seg.len_bytes {
+                continue;
+            }
+            if let Err(e) = seg.file.get(&seg.path).and_then(|f| f.sync_data()) {
+                return Err(self.failed_sync(e));
+            }
+            seg.synced_bytes = seg.len_bytes;
         }
-        seg.synced_bytes = seg.len_bytes;
+        self.rolled_barriers.clear();
+        if self.dir_behind > 0 {
+            // The new segments' entries may not be durable: as after a failed fsync.
+            sync_dir(self.id, &self.dir).inspect_err(|_| self.poisoned = true)?;
+            self.dir_behind = 0;
+        }
         Ok(())
     }
 
     fn detach_sync(&mut self) -> Result<Option<DetachedSync>> {
         self.check_writable()?;
-        let Some(seg) = self.segments.last().filter(|s| s.synced_bytes < s.len_bytes) else {
+        let behind: Vec<(usize, Lsn, u64)> = (self.segments.iter().enumerate())
+            .filter(|(_, s)| s.synced_bytes < s.len_bytes)
+            .map(|(i, s)| (i, s.first, s.len_bytes))
+            .collect();
+        let mut parts = Vec::with_capacity(behind.len());
+        for (i, first, len_bytes) in behind {
+            let file = if i + 1 == self.segments.len() {
+                self.barrier_file()
+            } else {
+                // Rolled without a barrier: the descriptor kept for it, or (none was opened
+                // before the roll) a clone of the journal's own.
+                match self.rolled_barriers.iter().find(|(f, _)| *f == first) {
+                    Some((_, file)) => file.try_clone(),
+                    None => self.segments[i].file.get(&self.segments[i].path).and_then(File::try_clone),
+                }
+            };
+            match file {
+                Ok(file) => parts.push((file, first, len_bytes)),
+                // No descriptor to be had (out of them, say): the barrier runs here.
+                Err(_) => return self.sync().map(|()| None),
+            }
+        }
+        let dir = match self.dir_behind {
+            0 => None,
+            n => match File::open(&self.dir) {
+                Ok(dir) => Some((dir, n)),
+                Err(_) => return self.sync().map(|()| None),
+            },
+        };
+        if parts.is_empty() && dir.is_none() {
             return Ok(None);
-        };
-        let (first, len_bytes) = (seg.first, seg.len_bytes);
-        let file = match self.barrier_file() {
-            Ok(file) => file,
-            // No descriptor to be had (out of them, say): the barrier runs here.
-            Err(_) => return self.sync().map(|()| None),
-        };
-        let owner = (self.instance, self.cuts);
-        Ok(Some(DetachedSync { file, owner, segment: first, len_bytes }))
+        }
+        Ok(Some(DetachedSync { parts, dir, owner: (self.instance, self.cuts) }))
     }
 
     fn finish_detached_sync(&mut self, sync: DetachedSync, outcome: std::io::Result<()>) -> Result<()> {
@@ -802,21 +976,31 @@ impl Journal for FileJournal {
             // stand: had the failure come before one, it would have failed too.
             Err(e) => Err(self.failed_sync(e)),
             Ok(()) => {
-                // A roll synced the segment first; a cut may have put bytes after the fsync in
-                // place of those it covered; a trim of every entry left no segment.
-                let cuts = self.cuts;
-                let seg =
-                    self.segments.last_mut().filter(|s| s.first == sync.segment && sync.owner.1 == cuts);
-                if let Some(seg) = seg {
-                    seg.synced_bytes = seg.synced_bytes.max(sync.len_bytes.min(seg.len_bytes));
+                // A cut may have put bytes after the fsync in place of those it covered; a trim
+                // may have left none of its segments; a roll's sync or `sync` may have come
+                // first.
+                if sync.owner.1 != self.cuts {
+                    return Ok(());
                 }
+                if let Some((_, covered)) = &sync.dir {
+                    self.dir_behind = self.dir_behind.saturating_sub(*covered);
+                }
+                for (_, first, len_bytes) in &sync.parts {
+                    if let Some(seg) = self.segments.iter_mut().find(|s| s.first == *first) {
+                        seg.synced_bytes = seg.synced_bytes.max((*len_bytes).min(seg.len_bytes));
+                    }
+                }
+                let segments = &self.segments;
+                self.rolled_barriers.retain(|(first, _)| {
+                    segments.iter().any(|s| s.first == *first && s.synced_bytes < s.len_bytes)
+                });
                 Ok(())
             }
         }
     }
 
     fn is_synced(&self) -> bool {
-        self.segments.last().is_none_or(|s| s.synced_bytes == s.len_bytes)
+        self.dir_behind == 0 && self.segments.iter().all(|s| s.synced_bytes == s.len_bytes)
     }
 
     fn can_remove_last(&self) -> bool {

@@ -47,28 +47,32 @@ pub use object::{ObjectBackend, ObjectInfo, ObjectJournal, ObjectStats, StorePro
 #[cfg(unix)]
 pub use os::{map_large_allocations, release_free_memory};
 
-/// A journal's barrier taken out of it (`Journal::detach_sync`): an fsync of the file its
-/// newest entries are in, through a descriptor of the journal's barriers, opened apart from
-/// the journal's own: Linux reports a failed write-back to every file open when it happens
-/// (since 4.13), so neither the journal's own `sync` nor a barrier can take the other's
-/// error. A failed barrier fails its journal as a failed `sync` does.
+/// A journal's barrier taken out of it (`Journal::detach_sync`): an fsync of each file its
+/// unsynced entries are in, oldest first (one, unless segments rolled without a barrier:
+/// `FileJournalOptions::roll_without_barrier`), through descriptors kept for barriers, opened
+/// apart from the journal's own: Linux reports a failed write-back to every file open when it
+/// happens (since 4.13), so neither the journal's own `sync` nor a barrier can take the
+/// other's error. A failed barrier fails its journal as a failed `sync` does.
 #[derive(Debug)]
 pub struct DetachedSync {
-    file: std::fs::File,
-    /// Which journal (and how many entries it had taken back), which of its files, up to
-    /// which byte.
+    /// Each file, with the first LSN of its segment and the length it had then, in order.
+    #[cfg_attr(not(unix), allow(dead_code))]
+    parts: Vec<(std::fs::File, Lsn, u64)>,
+    /// The journal's directory, fsynced after them, with how many new segments' entries in
+    /// it that covers.
+    #[cfg_attr(not(unix), allow(dead_code))]
+    dir: Option<(std::fs::File, u64)>,
+    /// Which journal (and how many entries it had taken back).
     #[cfg_attr(not(unix), allow(dead_code))]
     owner: (u64, u64),
-    #[cfg_attr(not(unix), allow(dead_code))]
-    segment: Lsn,
-    #[cfg_attr(not(unix), allow(dead_code))]
-    len_bytes: u64,
 }
 
 impl DetachedSync {
-    /// Waits for the entries' bytes to be on disk. Blocking; needs no journal.
+    /// Waits for the entries' bytes to be on disk, oldest file first, stopping at the first
+    /// failure. Blocking; needs no journal.
     pub fn run(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        self.parts.iter().try_for_each(|(file, _, _)| file.sync_data())?;
+        self.dir.as_ref().map_or(Ok(()), |(dir, _)| dir.sync_all())
     }
 }
 

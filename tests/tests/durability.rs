@@ -19,20 +19,20 @@ const T0: i64 = 1_700_000_000_000;
 const DOC: DocId = DocId([7; 16]);
 
 fn replica(dir: &Path) -> ClientDocument {
-    let open = |name: &str, id: JournalId| {
+    replica_with(dir, FileJournalOptions::default())
+}
+
+/// A replica on files whose storage journal has `storage` options.
+fn replica_with(dir: &Path, storage: FileJournalOptions) -> ClientDocument {
+    let open = |name: &str, id: JournalId, opts: FileJournalOptions| {
         let path = dir.join(name);
-        let j = if path.exists() {
-            FileJournal::open(&path, FileJournalOptions::default())
-        } else {
-            FileJournal::create(&path, id, FileJournalOptions::default())
-        };
+        let j =
+            if path.exists() { FileJournal::open(&path, opts) } else { FileJournal::create(&path, id, opts) };
         Box::new(j.expect("journal"))
     };
-    let timeline = open("timeline", pagesync_tests::timeline_journal_id(2));
-    pagesync_tests::keyed(
-        ClientDocument::open(open("storage", JournalId::from_u128(1)), timeline).expect("replica"),
-        2,
-    )
+    let timeline = open("timeline", pagesync_tests::timeline_journal_id(2), FileJournalOptions::default());
+    let storage = open("storage", JournalId::from_u128(1), storage);
+    pagesync_tests::keyed(ClientDocument::open(storage, timeline).expect("replica"), 2)
 }
 
 /// The timeline's one segment file.
@@ -542,6 +542,85 @@ fn an_interrupted_cold_start_resumes_without_refetching_what_it_has() {
     let second = deliver(&mut s, C, &mut resumed, 2_000, None);
     let expected: Vec<Lsn> = (held.next().get()..end.get()).map(|n| Lsn::new(n).expect("lsn")).collect();
     assert_eq!(second, expected, "the rest, each entry once, none it had");
+    let replica = resumed.document(DOC).expect("open");
+    assert!(!replica.is_restarting());
+    assert_eq!(
+        pagesync_tests::pages_of(replica.database()),
+        pagesync_tests::pages_of(s.document(DOC).expect("open").database())
+    );
+}
+
+/// A new replica's download rolls its storage journal's segments without a barrier (as a
+/// client's does), and a power cut comes before any sync: the second segment ends torn in the
+/// middle of an entry while the segments after it were kept. Reopened, the replica cuts the
+/// torn segment, drops those after it, asks for the rest from the cut, and ends byte-identical
+/// to the server.
+#[test]
+fn a_download_torn_across_segments_rolled_without_a_barrier_resumes_from_the_cut() {
+    const C: ConnId = ConnId(1);
+    let mut s = pagesync_tests::checkpointing_server();
+    let mut writer = ClientSession::new("");
+    writer.add_document(DOC, pagesync_tests::client_doc(memory_journal(3), 4));
+    s.connect(C);
+    writer.connected(0);
+    let fill = "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
+                SELECT i + 1 FROM s WHERE i < 4000) INSERT INTO t SELECT randomblob(4000) FROM s";
+    let rewrite = "UPDATE t SET x = randomblob(4000)";
+    for (i, step) in [fill, rewrite, "INSERT INTO t VALUES (1)"].into_iter().enumerate() {
+        writer.mutate(DOC, sql(step, vec![]), T0, i as u64).expect("mutate");
+        deliver(&mut s, C, &mut writer, i as i64, None);
+    }
+    let (cold, end) = (
+        s.document(DOC).expect("open").newest_checkpoint().expect("a checkpoint").first,
+        s.document(DOC).expect("open").storage_range().next(),
+    );
+    s.disconnect(C);
+
+    // Segments of at most 5 MiB: about one checkpoint part (4 MiB) each.
+    let opts =
+        FileJournalOptions { roll_without_barrier: true, max_segment_bytes: 5 << 20, ..Default::default() };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fresh = ClientSession::new("");
+    fresh.add_document(DOC, replica_with(dir.path(), opts.clone()));
+    s.connect(C);
+    fresh.connected(100);
+    let all = deliver(&mut s, C, &mut fresh, 100, None);
+    assert_eq!(all.first(), Some(&cold));
+    drop(fresh);
+    s.disconnect(C);
+
+    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("storage"))
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    segs.sort();
+    assert!(segs.len() >= 4, "the download rolled several segments: {segs:?}");
+    let flagged = |p: &Path| std::fs::read(p).expect("read")[32] & 1 == 1;
+    assert!(segs[2..].iter().all(|p| flagged(p)), "rolled without a barrier");
+    // The power cut: the second segment's last blocks never reached the disk.
+    let torn_len = std::fs::metadata(&segs[1]).expect("stat").len() / 2;
+    std::fs::OpenOptions::new().write(true).open(&segs[1]).expect("open").set_len(torn_len).expect("tear");
+
+    let reopened = replica_with(dir.path(), opts);
+    let held = reopened.storage_range();
+    let second_first: u64 = segs[1].file_stem().expect("name").to_string_lossy().parse().expect("lsn");
+    assert!(
+        held.next().get() >= second_first && held.next().get() < end.get(),
+        "cut inside the second segment: {held:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("storage")).expect("list").count(),
+        1 + 2,
+        "JOURNAL and two segments"
+    );
+    let mut resumed = ClientSession::new("");
+    resumed.add_document(DOC, reopened);
+    s.connect(C);
+    resumed.connected(2_000);
+    let second = deliver(&mut s, C, &mut resumed, 2_000, None);
+    let expected: Vec<Lsn> = (held.next().get()..end.get()).map(|n| Lsn::new(n).expect("lsn")).collect();
+    assert_eq!(second, expected, "the rest from the cut, each entry once");
     let replica = resumed.document(DOC).expect("open");
     assert!(!replica.is_restarting());
     assert_eq!(

@@ -585,3 +585,205 @@ fn an_append_whose_first_blocks_never_reached_the_disk_is_torn_not_corrupt() {
     // Nothing damaged: every entry, no repair.
     assert_eq!(open_with(&|_| {}), Some((LsnRange::inclusive(lsn(1), lsn(ENTRIES)), 0)));
 }
+
+/// Small segments that roll without a barrier (a replica's storage journal).
+fn rolling_opts() -> FileJournalOptions {
+    FileJournalOptions { roll_without_barrier: true, ..opts() }
+}
+
+/// Entries 1..=`durable` appended with a barrier each, then up to `ENTRIES` without any, over
+/// several rolls; the journal is dropped as a killed process leaves it (everything in the page
+/// cache, nothing synced since entry `durable`). Returns the directory.
+fn build_rolled(root: &Path, durable: u64) -> PathBuf {
+    let dir = root.join("j");
+    let mut j = FileJournal::create(&dir, ID, rolling_opts()).expect("create");
+    for n in 1..=durable {
+        j.append(&small_payload(n)).expect("durable append");
+    }
+    for n in durable + 1..=ENTRIES {
+        j.append_batch_unsynced(&[&small_payload(n)]).expect("append");
+    }
+    assert!(!j.is_synced(), "nothing after entry {durable} is synced");
+    dir
+}
+
+/// A segment's first LSN (its name) and whether its header says it was started before the
+/// segment before it was durable.
+fn first_and_flag(seg: &Path) -> (u64, bool) {
+    let name = seg.file_stem().expect("name").to_string_lossy().into_owned();
+    let bytes = fs::read(seg).expect("read");
+    (name.parse().expect("a segment name"), bytes[32] & 1 == 1)
+}
+
+/// The entries wholly within the first `len` bytes of the segment starting at `first`.
+fn whole_entries(first: u64, len: u64) -> u64 {
+    let (mut pos, mut n) = (SEGMENT_HEADER_BYTES as u64, first);
+    while pos + pagesync_journal::codec::frame_len(small_payload(n).len()) as u64 <= len {
+        pos += pagesync_journal::codec::frame_len(small_payload(n).len()) as u64;
+        n += 1;
+    }
+    n - first
+}
+
+/// Rolled without a barrier, the old segment is left to the next sync, and the new one's
+/// header says so. A power cut before that sync can tear the old segment anywhere after its
+/// header (its last blocks not written), and keep the new ones or not: open cuts the torn
+/// segment at its first damaged entry and removes every segment after it (nothing in them was
+/// acknowledged), leaving a journal that appends at the cut. A killed process (everything in
+/// the page cache) loses nothing.
+#[test]
+fn a_segment_rolled_without_a_barrier_may_end_torn_and_is_cut_with_those_after_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = build_rolled(root.path(), 5);
+    let segs = segments(&dir);
+    assert!(segs.len() > 3, "the test needs several rolls");
+    let flags: Vec<(u64, bool)> = segs.iter().map(|s| first_and_flag(s)).collect();
+    assert!(!flags[0].1, "the first segment was started on an empty journal");
+    assert!(flags[2..].iter().all(|f| f.1), "every roll after entry 5 was without a barrier: {flags:?}");
+    assert_prefix(&FileJournal::open(&dir, rolling_opts()).expect("reopen after a kill"), ENTRIES);
+
+    // Every segment followed by one started without a barrier, torn at every byte after its
+    // header.
+    for k in (0..segs.len() - 1).filter(|&k| flags[k + 1].1) {
+        let full = fs::metadata(&segs[k]).expect("stat").len();
+        for len in SEGMENT_HEADER_BYTES as u64..full {
+            let case = root.path().join(format!("cut-{k}-{len}"));
+            copy_dir(&dir, &case);
+            let seg = case.join(segs[k].file_name().expect("name"));
+            fs::OpenOptions::new().write(true).open(&seg).expect("open").set_len(len).expect("tear");
+            let mut j = FileJournal::open(&case, rolling_opts())
+                .unwrap_or_else(|e| panic!("segment {k} torn at {len}: {e}"));
+            let last = flags[k].0 + whole_entries(flags[k].0, len) - 1;
+            if last == 0 {
+                assert_eq!(j.range(), LsnRange::empty_at(lsn(1)));
+            } else {
+                assert_prefix(&j, last);
+            }
+            assert_eq!(segments(&case).len(), k + 1, "the segments after the torn one are gone");
+            assert!(!j.repairs().is_empty(), "the cut is reported");
+            assert_eq!(j.append(b"next").expect("append"), lsn(last + 1));
+            drop(j);
+            fs::remove_dir_all(&case).expect("clean up");
+        }
+    }
+}
+
+/// The other crash states of a roll without a barrier: a new segment whose header never
+/// reached the disk (zeros, with or without entries after them; or a file shorter than a
+/// header), and a new segment's file lost while a later one was kept. Each is removed with
+/// every segment after it. A read-only open reports the same and changes nothing.
+#[test]
+fn a_segment_rolled_without_a_barrier_may_lose_its_header_or_its_file() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = build_rolled(root.path(), 5);
+    let segs = segments(&dir);
+    let flags: Vec<(u64, bool)> = segs.iter().map(|s| first_and_flag(s)).collect();
+    let k = flags.iter().position(|f| f.1).expect("a segment started without a barrier");
+    assert!(k + 2 < segs.len(), "the test needs segments after it");
+    let name = |i: usize| segs[i].file_name().expect("name").to_owned();
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage); 4] = [
+        ("header of zeros", |seg| {
+            let mut bytes = fs::read(seg).expect("read");
+            bytes[..SEGMENT_HEADER_BYTES].fill(0);
+            fs::write(seg, bytes).expect("write");
+        }),
+        ("no bytes at all", |seg| fs::write(seg, b"").expect("write")),
+        ("a partial header", |seg| fs::write(seg, b"PGSJSEG").expect("write")),
+        ("file lost, the next kept", |seg| fs::remove_file(seg).expect("remove")),
+    ];
+    for (what, damage) in cases {
+        for read_only in [true, false] {
+            let case = root.path().join(format!("{what}-{read_only}"));
+            copy_dir(&dir, &case);
+            damage(&case.join(name(k)));
+            let before: Vec<Vec<u8>> = segments(&case).iter().map(|s| fs::read(s).expect("read")).collect();
+            let o = FileJournalOptions { read_only, ..rolling_opts() };
+            let j = FileJournal::open(&case, o).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_prefix(&j, flags[k].0 - 1);
+            assert!(!j.repairs().is_empty(), "{what}: the cut is reported");
+            let after: Vec<Vec<u8>> = segments(&case).iter().map(|s| fs::read(s).expect("read")).collect();
+            if read_only {
+                assert_eq!(before, after, "{what}: a read-only open changes nothing");
+            } else {
+                assert_eq!(after.len(), k, "{what}: the segment and those after it are gone");
+                drop(j);
+                let mut j = FileJournal::open(&case, rolling_opts()).expect("reopen");
+                assert_prefix(&j, flags[k].0 - 1);
+                assert!(j.repairs().is_empty(), "{what}: nothing is left to repair");
+                assert_eq!(j.append(b"next").expect("append"), lsn(flags[k].0));
+            }
+        }
+    }
+
+    // Where rolls always sync first, a header of zeros is not a crash's: corruption.
+    let strict = root.path().join("strict");
+    let mut j = FileJournal::create(&strict, ID, opts()).expect("create");
+    for n in 1..=ENTRIES {
+        j.append(&small_payload(n)).expect("append");
+    }
+    drop(j);
+    let second = segments(&strict)[1].clone();
+    let mut bytes = fs::read(&second).expect("read");
+    bytes[..SEGMENT_HEADER_BYTES].fill(0);
+    fs::write(&second, bytes).expect("write");
+    let err = FileJournal::open(&strict, opts()).expect_err("a lost header is corruption");
+    assert!(matches!(err, JournalError::CorruptSegment { .. }), "{err:?}");
+}
+
+/// Rolled without a barrier, a damaged entry that is not a torn tail (a flipped bit in an
+/// entry with more after it) is still corruption, and nothing is cut.
+#[test]
+fn corruption_before_a_roll_without_a_barrier_is_still_reported() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = build_rolled(root.path(), 5);
+    let segs = segments(&dir);
+    let k = segs.iter().position(|s| first_and_flag(s).1).expect("a segment started without a barrier") - 1;
+    let (first, _) = first_and_flag(&segs[k]);
+    let mut bytes = fs::read(&segs[k]).expect("read");
+    let frame = pagesync_journal::codec::FRAME_HEADER_BYTES;
+    bytes[SEGMENT_HEADER_BYTES + frame + 1] ^= 0x10;
+    fs::write(&segs[k], &bytes).expect("write");
+    let err = FileJournal::open(&dir, rolling_opts()).expect_err("corruption must be reported");
+    assert!(matches!(err, JournalError::Corrupt { lsn: at, .. } if at == lsn(first)), "{err:?}");
+    assert_eq!(segments(&dir).len(), segs.len(), "nothing is removed");
+}
+
+/// The next `sync`, or a barrier taken out of the journal, makes every segment rolled
+/// without a barrier durable, oldest first, with the directory; a failed barrier keeps only
+/// what an fsync confirmed (the first segment behind, cut; those after it, removed), as a
+/// reopen finds.
+#[test]
+fn a_sync_or_a_barrier_covers_every_segment_rolled_without_one() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let dir = root.path().join("j");
+    let mut j = FileJournal::create(&dir, ID, rolling_opts()).expect("create");
+    let mut n = 0;
+    let mut fill = |j: &mut FileJournal, segs: usize| {
+        while segments(&dir).len() < segs {
+            n += 1;
+            j.append_batch_unsynced(&[&small_payload(n)]).expect("append");
+        }
+        n
+    };
+    fill(&mut j, 3);
+    j.sync().expect("sync");
+    assert!(j.is_synced());
+    let last = fill(&mut j, 6);
+    let barrier = j.detach_sync().expect("detach").expect("three segments wait");
+    run_barrier(&mut j, barrier);
+    assert!(j.is_synced(), "the barrier covered every segment and the directory");
+    assert_prefix(&j, last);
+
+    let synced = last;
+    let last = fill(&mut j, 9);
+    let failing = j.detach_sync().expect("detach").expect("three segments wait");
+    let err = j.finish_detached_sync(failing, Err(std::io::Error::other("injected: the disk failed")));
+    assert!(matches!(err, Err(JournalError::Io { op: "fsync", .. })), "{err:?}");
+    assert!(last > synced + 2);
+    assert_prefix(&j, synced);
+    assert_eq!(segments(&dir).len(), 6, "the segments after the first one behind are gone");
+    assert!(matches!(j.append(b"x"), Err(JournalError::Poisoned { .. })));
+    drop(j);
+    assert_prefix(&FileJournal::open(&dir, rolling_opts()).expect("reopen"), synced);
+}
