@@ -176,8 +176,8 @@ struct Segment {
     len_bytes: u64,
     /// Bytes known to be on disk: below `len_bytes` after `append_batch_unsynced`, until the
     /// next `sync`. Only the last segment is ever behind, unless segments rolled without a
-    /// barrier (`FileJournalOptions::roll_without_barrier`): then those after the first one
-    /// behind hold nothing on disk but their headers.
+    /// barrier (`FileJournalOptions::roll_without_barrier`): then every one after the first
+    /// behind is too, from byte 0 (its header is not known to be on disk either).
     synced_bytes: u64,
     /// Where the kernel was last asked to start writing back (`WRITEBACK_BYTES`).
     writeback_from: u64,
@@ -217,9 +217,12 @@ pub struct FileJournal {
     /// Barrier descriptors of segments rolled without a barrier (`roll_without_barrier`), kept
     /// until they are synced: `barrier` moves here at such a roll.
     rolled_barriers: Vec<(Lsn, File)>,
-    /// Segments rolled without a barrier whose directory entries no fsync of the directory
-    /// has covered yet (the next `sync` or barrier does).
-    dir_behind: u64,
+    /// Segments rolled without a barrier, counted, and how many of the first of them an fsync
+    /// of the directory has covered (their entries in it durable): the next `sync` or barrier
+    /// covers the rest. Marks, not a count of those behind: a barrier that finishes after a
+    /// `sync` and a later roll covers only the rolls before it was taken.
+    dir_rolls: u64,
+    dir_synced: u64,
     /// What opening found to repair (done, unless read-only): torn tails, leftover files.
     repairs: Vec<String>,
 }
@@ -295,7 +298,11 @@ fn check_segment_header(h: &[u8], id: JournalId, first: Lsn) -> std::result::Res
     if found != first.get() {
         return Err(format!("header says first LSN {found}, file name says {first}"));
     }
-    Ok(u32::from_le_bytes(h[32..36].try_into().expect("BUG: 4 bytes")))
+    let flags = u32::from_le_bytes(h[32..36].try_into().expect("BUG: 4 bytes"));
+    if flags & !STARTED_UNSYNCED != 0 {
+        return Err(format!("unknown segment flags {flags:#x}"));
+    }
+    Ok(flags)
 }
 
 impl FileJournal {
@@ -331,7 +338,8 @@ impl FileJournal {
             cuts: 0,
             barrier: None,
             rolled_barriers: Vec::new(),
-            dir_behind: 0,
+            dir_rolls: 0,
+            dir_synced: 0,
             repairs: Vec::new(),
         })
     }
@@ -351,7 +359,8 @@ impl FileJournal {
             cuts: 0,
             barrier: None,
             rolled_barriers: Vec::new(),
-            dir_behind: 0,
+            dir_rolls: 0,
+            dir_synced: 0,
             repairs: Vec::new(),
         };
         journal.load_segments(trimmed_through)?;
@@ -492,6 +501,12 @@ impl FileJournal {
                     }
                 }
             }
+        }
+        // Segments kept that were rolled without a barrier: their data was synced above, and
+        // their names in the directory may still be in memory only (a killed process).
+        let kept = self.segments.len();
+        if !self.opts.read_only && starts.iter().take(kept).any(|s| *s == Start::Unsynced) {
+            sync_dir(self.id, &self.dir)?;
         }
         if let Some(first) = self.segments.first().map(|s| s.first) {
             if first.get() > trimmed_through + 1 {
@@ -693,7 +708,8 @@ impl FileJournal {
         }
     }
 
-    /// Starts a new segment at `first`, durable (file and directory entry) before it is used.
+    /// Starts a new segment at `first`, durable (file and directory entry) before it is used;
+    /// or, rolled without a barrier, made durable by the next `sync` with the segments behind.
     fn roll(&mut self, first: Lsn) -> Result<()> {
         // Entries are durable in order: the old segment's before any of the new one's. Without
         // a barrier here, `sync` keeps that order, and the header says a crash may break it.
@@ -735,11 +751,14 @@ impl FileJournal {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
-        self.dir_behind += u64::from(flags != 0);
+        self.dir_rolls += u64::from(flags != 0);
         // Detached barriers are in use: theirs is opened before anything is written here. The
         // old segment's stays in use while it is behind the disk.
         if self.barrier.is_some() {
             let old = std::mem::replace(&mut self.barrier, File::open(&path).ok().map(|f| (first, f)));
+            if let Some((old_first, _)) = old.as_ref().filter(|_| flags != 0) {
+                self.rolled_barriers.retain(|(f, _)| f != old_first);
+            }
             self.rolled_barriers.extend(old.filter(|_| flags != 0));
         }
         let len_bytes = SEGMENT_HEADER_BYTES as u64;
@@ -913,10 +932,10 @@ impl Journal for FileJournal {
             seg.synced_bytes = seg.len_bytes;
         }
         self.rolled_barriers.clear();
-        if self.dir_behind > 0 {
+        if self.dir_synced < self.dir_rolls {
             // The new segments' entries may not be durable: as after a failed fsync.
             sync_dir(self.id, &self.dir).inspect_err(|_| self.poisoned = true)?;
-            self.dir_behind = 0;
+            self.dir_synced = self.dir_rolls;
         }
         Ok(())
     }
@@ -932,11 +951,12 @@ impl Journal for FileJournal {
             let file = if i + 1 == self.segments.len() {
                 self.barrier_file()
             } else {
-                // Rolled without a barrier: the descriptor kept for it, or (none was opened
-                // before the roll) a clone of the journal's own.
+                // Rolled without a barrier: the descriptor kept for it, or (none was open at
+                // the roll) one opened now, apart from the journal's own (an error nobody has
+                // seen yet is reported to it too).
                 match self.rolled_barriers.iter().find(|(f, _)| *f == first) {
                     Some((_, file)) => file.try_clone(),
-                    None => self.segments[i].file.get(&self.segments[i].path).and_then(File::try_clone),
+                    None => File::open(&self.segments[i].path),
                 }
             };
             match file {
@@ -945,10 +965,10 @@ impl Journal for FileJournal {
                 Err(_) => return self.sync().map(|()| None),
             }
         }
-        let dir = match self.dir_behind {
-            0 => None,
-            n => match File::open(&self.dir) {
-                Ok(dir) => Some((dir, n)),
+        let dir = match self.dir_synced < self.dir_rolls {
+            false => None,
+            true => match File::open(&self.dir) {
+                Ok(dir) => Some((dir, self.dir_rolls)),
                 Err(_) => return self.sync().map(|()| None),
             },
         };
@@ -982,8 +1002,8 @@ impl Journal for FileJournal {
                 if sync.owner.1 != self.cuts {
                     return Ok(());
                 }
-                if let Some((_, covered)) = &sync.dir {
-                    self.dir_behind = self.dir_behind.saturating_sub(*covered);
+                if let Some((_, through)) = &sync.dir {
+                    self.dir_synced = self.dir_synced.max(*through);
                 }
                 for (_, first, len_bytes) in &sync.parts {
                     if let Some(seg) = self.segments.iter_mut().find(|s| s.first == *first) {
@@ -1000,7 +1020,7 @@ impl Journal for FileJournal {
     }
 
     fn is_synced(&self) -> bool {
-        self.dir_behind == 0 && self.segments.iter().all(|s| s.synced_bytes == s.len_bytes)
+        self.dir_synced == self.dir_rolls && self.segments.iter().all(|s| s.synced_bytes == s.len_bytes)
     }
 
     fn can_remove_last(&self) -> bool {
@@ -1043,6 +1063,13 @@ impl Journal for FileJournal {
         // must not find a file of its name there.
         if seg.offsets.is_empty() && self.segments.len() > 1 {
             let seg = self.segments.pop().expect("BUG: just looked");
+            // No barrier may fsync the unlinked file for a segment made again under its name.
+            self.rolled_barriers.retain(|(f, _)| *f != seg.first);
+            if self.barrier.as_ref().is_some_and(|(f, _)| *f == seg.first) {
+                let last = self.segments.last().map(|s| s.first);
+                let kept = self.rolled_barriers.iter().position(|(f, _)| Some(*f) == last);
+                self.barrier = kept.map(|i| self.rolled_barriers.remove(i));
+            }
             remove_file(id, &seg.path)?;
             sync_dir(id, &self.dir)?;
         }
