@@ -501,24 +501,7 @@ fn a_storage_barrier_run_without_the_session_covers_what_was_received_before_it(
 #[test]
 fn an_interrupted_cold_start_resumes_without_refetching_what_it_has() {
     const C: ConnId = ConnId(1);
-    let mut s = pagesync_tests::checkpointing_server();
-    let mut writer = ClientSession::new("");
-    writer.add_document(DOC, pagesync_tests::client_doc(memory_journal(3), 4));
-    s.connect(C);
-    writer.connected(0);
-    // About 16 MiB, so a checkpoint has four parts; rewritten, so the history outgrows the
-    // document and the next write checkpoints it.
-    let fill = "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
-                SELECT i + 1 FROM s WHERE i < 4000) INSERT INTO t SELECT randomblob(4000) FROM s";
-    let rewrite = "UPDATE t SET x = randomblob(4000)";
-    for (i, step) in [fill, rewrite, "INSERT INTO t VALUES (1)"].into_iter().enumerate() {
-        writer.mutate(DOC, sql(step, vec![]), T0, i as u64).expect("mutate");
-        deliver(&mut s, C, &mut writer, i as i64, None);
-    }
-    let newest = s.document(DOC).expect("open").newest_checkpoint().expect("a checkpoint");
-    let (cold, end) = (newest.first, s.document(DOC).expect("open").storage_range().next());
-    assert!(newest.last.get() >= newest.first.get() + 3, "a checkpoint of several parts: {newest:?}");
-    s.disconnect(C);
+    let (mut s, cold, end) = server_with_a_checkpoint(C);
 
     // The new replica takes two entries (parts), then its process dies: nothing synced them.
     let dir = tempfile::tempdir().expect("tempdir");
@@ -535,19 +518,7 @@ fn an_interrupted_cold_start_resumes_without_refetching_what_it_has() {
     let held = reopened.storage_range();
     assert_eq!((held.first(), held.next().get()), (cold, cold.get() + 2), "what it wrote is still there");
     assert!(reopened.is_restarting(), "half a checkpoint is no state yet");
-    let mut resumed = ClientSession::new("");
-    resumed.add_document(DOC, reopened);
-    s.connect(C);
-    resumed.connected(2_000);
-    let second = deliver(&mut s, C, &mut resumed, 2_000, None);
-    let expected: Vec<Lsn> = (held.next().get()..end.get()).map(|n| Lsn::new(n).expect("lsn")).collect();
-    assert_eq!(second, expected, "the rest, each entry once, none it had");
-    let replica = resumed.document(DOC).expect("open");
-    assert!(!replica.is_restarting());
-    assert_eq!(
-        pagesync_tests::pages_of(replica.database()),
-        pagesync_tests::pages_of(s.document(DOC).expect("open").database())
-    );
+    resume(&mut s, C, reopened, end);
 }
 
 /// A new replica's download rolls its storage journal's segments without a barrier (as a
@@ -558,23 +529,7 @@ fn an_interrupted_cold_start_resumes_without_refetching_what_it_has() {
 #[test]
 fn a_download_torn_across_segments_rolled_without_a_barrier_resumes_from_the_cut() {
     const C: ConnId = ConnId(1);
-    let mut s = pagesync_tests::checkpointing_server();
-    let mut writer = ClientSession::new("");
-    writer.add_document(DOC, pagesync_tests::client_doc(memory_journal(3), 4));
-    s.connect(C);
-    writer.connected(0);
-    let fill = "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
-                SELECT i + 1 FROM s WHERE i < 4000) INSERT INTO t SELECT randomblob(4000) FROM s";
-    let rewrite = "UPDATE t SET x = randomblob(4000)";
-    for (i, step) in [fill, rewrite, "INSERT INTO t VALUES (1)"].into_iter().enumerate() {
-        writer.mutate(DOC, sql(step, vec![]), T0, i as u64).expect("mutate");
-        deliver(&mut s, C, &mut writer, i as i64, None);
-    }
-    let (cold, end) = (
-        s.document(DOC).expect("open").newest_checkpoint().expect("a checkpoint").first,
-        s.document(DOC).expect("open").storage_range().next(),
-    );
-    s.disconnect(C);
+    let (mut s, cold, end) = server_with_a_checkpoint(C);
 
     // Segments of at most 5 MiB: about one checkpoint part (4 MiB) each.
     let opts =
@@ -614,13 +569,44 @@ fn a_download_torn_across_segments_rolled_without_a_barrier_resumes_from_the_cut
         1 + 2,
         "JOURNAL and two segments"
     );
+    resume(&mut s, C, reopened, end);
+}
+
+/// A server holding about 16 MiB written by a client on `conn` (since gone), rewritten so the
+/// history outgrew the document and the next write checkpointed it: a checkpoint of several
+/// parts (4 MiB each). Returns it with the checkpoint's first LSN and the storage's next one.
+fn server_with_a_checkpoint(conn: ConnId) -> (ServerSession, Lsn, Lsn) {
+    let mut s = pagesync_tests::checkpointing_server();
+    let mut writer = ClientSession::new("");
+    writer.add_document(DOC, pagesync_tests::client_doc(memory_journal(3), 4));
+    s.connect(conn);
+    writer.connected(0);
+    let fill = "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
+                SELECT i + 1 FROM s WHERE i < 4000) INSERT INTO t SELECT randomblob(4000) FROM s";
+    let rewrite = "UPDATE t SET x = randomblob(4000)";
+    for (i, step) in [fill, rewrite, "INSERT INTO t VALUES (1)"].into_iter().enumerate() {
+        writer.mutate(DOC, sql(step, vec![]), T0, i as u64).expect("mutate");
+        deliver(&mut s, conn, &mut writer, i as i64, None);
+    }
+    let newest = s.document(DOC).expect("open").newest_checkpoint().expect("a checkpoint");
+    let end = s.document(DOC).expect("open").storage_range().next();
+    assert!(newest.last.get() >= newest.first.get() + 3, "a checkpoint of several parts: {newest:?}");
+    s.disconnect(conn);
+    (s, newest.first, end)
+}
+
+/// Connects `reopened` (a replica part-way through its download) to `s` on `conn` and checks
+/// that it is sent the rest, from what it holds up to `end`, each entry once, and ends
+/// byte-identical to the server.
+fn resume(s: &mut ServerSession, conn: ConnId, reopened: ClientDocument, end: Lsn) {
+    let held = reopened.storage_range();
     let mut resumed = ClientSession::new("");
     resumed.add_document(DOC, reopened);
-    s.connect(C);
+    s.connect(conn);
     resumed.connected(2_000);
-    let second = deliver(&mut s, C, &mut resumed, 2_000, None);
+    let second = deliver(s, conn, &mut resumed, 2_000, None);
     let expected: Vec<Lsn> = (held.next().get()..end.get()).map(|n| Lsn::new(n).expect("lsn")).collect();
-    assert_eq!(second, expected, "the rest from the cut, each entry once");
+    assert_eq!(second, expected, "the rest, each entry once, none it had");
     let replica = resumed.document(DOC).expect("open");
     assert!(!replica.is_restarting());
     assert_eq!(
