@@ -469,6 +469,11 @@ impl FileJournal {
         for (i, &first) in firsts.iter().enumerate() {
             let path = self.dir.join(segment_name(first));
             if starts[i] == Start::Torn {
+                // A later segment started after a sync (no flag): this header was on disk then.
+                if starts[i + 1..].contains(&Start::Synced) {
+                    let reason = "its header is gone, yet a segment after it was started once it was durable";
+                    return Err(self.corrupt_segment(&path, reason.into()));
+                }
                 self.cut_rolled(&firsts[i..], "its header never reached the disk")?;
                 break;
             }
@@ -1244,7 +1249,7 @@ mod tests {
         assert!(j.is_synced());
     }
 
-    /// Header flags this build does not know fail the check (and the open), as corruption.
+    /// Header flags this build does not know fail the header's check.
     #[test]
     fn unknown_header_flags_fail_the_check() {
         let (id, first) = (JournalId::from_bytes([7; 16]), Lsn::new(5).expect("lsn"));
@@ -1276,7 +1281,8 @@ mod tests {
             j.remove_last().expect("take back");
         }
         assert!(j.rolled_barriers.iter().all(|(f, _)| *f < second), "{:?}", j.rolled_barriers);
-        assert!(j.barrier.as_ref().is_none_or(|(f, _)| *f < second));
+        let first = j.segments[0].first;
+        assert!(j.barrier.as_ref().is_some_and(|(f, _)| *f == first), "the first segment's, handed back");
         fill_to(&mut j, 3);
         let barrier = j.detach_sync().expect("detach").expect("a barrier");
         let again = std::fs::metadata(&j.segments[1].path).expect("stat");

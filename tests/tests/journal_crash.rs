@@ -723,12 +723,19 @@ fn a_segment_rolled_without_a_barrier_may_lose_its_header_or_its_file() {
         j.append(&small_payload(n)).expect("append");
     }
     drop(j);
+    let segs_before = segments(&strict).len();
+    assert!(segs_before > 2, "a segment after the damaged one");
     let second = segments(&strict)[1].clone();
     let mut bytes = fs::read(&second).expect("read");
     bytes[..SEGMENT_HEADER_BYTES].fill(0);
     fs::write(&second, bytes).expect("write");
     let err = FileJournal::open(&strict, opts()).expect_err("a lost header is corruption");
     assert!(matches!(err, JournalError::CorruptSegment { .. }), "{err:?}");
+    // So it is with the option when a later segment was started after a sync (no flag): the
+    // lost header had been on disk.
+    let err = FileJournal::open(&strict, rolling_opts()).expect_err("a lost header is corruption");
+    assert!(matches!(err, JournalError::CorruptSegment { .. }), "{err:?}");
+    assert_eq!(segments(&strict).len(), segs_before, "nothing is removed");
 }
 
 /// Rolled without a barrier, a damaged entry that is not a torn tail (a flipped bit in an
