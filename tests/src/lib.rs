@@ -53,7 +53,6 @@ pub fn keyed<R: pagesync::Reducer>(mut doc: ClientDocument<R>, n: u128) -> Clien
     doc
 }
 
-/// An encoded SQL mutation body of one statement.
 /// A server session over memory journals (one per document) whose documents checkpoint as
 /// soon as their history outgrows them and keep every checkpoint.
 pub fn checkpointing_server() -> pagesync::protocol::ServerSession {
@@ -64,6 +63,32 @@ pub fn checkpointing_server() -> pagesync::protocol::ServerSession {
     }))
 }
 
+/// The SQL that makes a document of a `checkpointing_server` checkpoint, one mutation each, in
+/// order: `rows` rows of 4,000 random bytes in table `t`, all of them rewritten (so the history
+/// outgrows the document), then one more row (whose step writes the checkpoint).
+pub fn checkpoint_steps(rows: u32) -> [String; 3] {
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
+             SELECT i + 1 FROM s WHERE i < {rows}) INSERT INTO t SELECT randomblob(4000) FROM s"
+        ),
+        "UPDATE t SET x = randomblob(4000)".into(),
+        "INSERT INTO t VALUES (1)".into(),
+    ]
+}
+
+/// The segment files of the file journal in `dir`, in LSN order.
+pub fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// An encoded SQL mutation body of one statement.
 pub fn sql(s: &str, params: Vec<Value>) -> Vec<u8> {
     SqlMutation::one(s, params).encode()
 }

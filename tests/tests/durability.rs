@@ -544,12 +544,7 @@ fn a_download_torn_across_segments_rolled_without_a_barrier_resumes_from_the_cut
     drop(fresh);
     s.disconnect(C);
 
-    let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.path().join("storage"))
-        .expect("list")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segs.sort();
+    let segs = pagesync_tests::segment_files(&dir.path().join("storage"));
     assert!(segs.len() >= 4, "the download rolled several segments: {segs:?}");
     let flagged = |p: &Path| std::fs::read(p).expect("read")[32] & 1 == 1;
     assert!(segs[2..].iter().all(|p| flagged(p)), "rolled without a barrier");
@@ -581,10 +576,7 @@ fn server_with_a_checkpoint(conn: ConnId) -> (ServerSession, Lsn, Lsn) {
     writer.add_document(DOC, pagesync_tests::client_doc(memory_journal(3), 4));
     s.connect(conn);
     writer.connected(0);
-    let fill = "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
-                SELECT i + 1 FROM s WHERE i < 4000) INSERT INTO t SELECT randomblob(4000) FROM s";
-    let rewrite = "UPDATE t SET x = randomblob(4000)";
-    for (i, step) in [fill, rewrite, "INSERT INTO t VALUES (1)"].into_iter().enumerate() {
+    for (i, step) in pagesync_tests::checkpoint_steps(4000).iter().enumerate() {
         writer.mutate(DOC, sql(step, vec![]), T0, i as u64).expect("mutate");
         deliver(&mut s, conn, &mut writer, i as i64, None);
     }

@@ -8,6 +8,7 @@ use pagesync_journal::file::SEGMENT_HEADER_BYTES;
 use pagesync_journal::{
     DetachedSync, FileJournal, FileJournalOptions, Journal, JournalError, JournalId, Lsn, LsnRange,
 };
+use pagesync_tests::segment_files as segments;
 
 const ID: JournalId = JournalId::from_bytes([0xab; 16]);
 const ENTRIES: u64 = 30;
@@ -44,16 +45,6 @@ fn last_segment(dir: &Path) -> (usize, u64) {
     let segs = segments(dir);
     let len = segs.last().map_or(0, |p| fs::metadata(p).expect("stat").len());
     (segs.len(), len)
-}
-
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .expect("list")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    v.sort();
-    v
 }
 
 fn copy_dir(from: &Path, to: &Path) {

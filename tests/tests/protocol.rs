@@ -335,10 +335,7 @@ fn a_replica_cut_off_inside_a_checkpoint_gets_the_rest_of_it_whole() {
     writer.connected(0);
     // About 6 MiB, so a checkpoint has two parts; rewritten, so the history outgrows the
     // document and the next write checkpoints it.
-    let fill = "CREATE TABLE IF NOT EXISTS t(x); WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL \
-                SELECT i + 1 FROM s WHERE i < 1500) INSERT INTO t SELECT randomblob(4000) FROM s";
-    let rewrite = "UPDATE t SET x = randomblob(4000)";
-    for (i, step) in [fill, rewrite, "INSERT INTO t VALUES (1)"].into_iter().enumerate() {
+    for (i, step) in pagesync_tests::checkpoint_steps(1500).iter().enumerate() {
         writer.mutate(doc, sql(step, vec![]), T0, i as u64).expect("mutate");
         exchange(&mut s, &mut writer, i as i64, true);
     }
