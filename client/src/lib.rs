@@ -756,7 +756,10 @@ impl Document {
             let (code, message) = remote.refused.clone()?;
             Some(ClientError::Server { code, message })
         };
-        let empty;
+        let empty = |replica: &pagesync::ClientDocument| {
+            replica.storage_range().next() == pagesync::journal::Lsn::FIRST && replica.pending_count() == 0
+        };
+        let was_empty;
         {
             let s = self.shared.session();
             let replica = s.document(self.id).expect("BUG: open documents stay open");
@@ -764,19 +767,18 @@ impl Document {
             if remote.fresh && s.caught_up(self.id) {
                 remote.fresh = false;
             }
-            empty = replica.storage_range().next() == pagesync::journal::Lsn::FIRST
-                && replica.pending_count() == 0;
             let waiting = remote.failed_at.is_some_and(|t| t.elapsed() < remote::RETRY_AFTER);
             let ask = wants_remote(replica, remote.fresh, at)
                 && !waiting
                 && *self.shared.connected.lock().expect("BUG: lock poisoned");
             if !ask {
                 remote.snapshot = None;
-                if let Some(e) = refused(&remote).filter(|_| empty && waiting) {
+                if let Some(e) = refused(&remote).filter(|_| waiting && empty(replica)) {
                     return Err(e); // refused a moment ago: asked again after `RETRY_AFTER`
                 }
                 return Ok(replica.query(sql, params)?);
             }
+            was_empty = empty(replica);
         }
         if let Some(rows) = self.query_remote(&mut remote, sql, params)? {
             remote.refused = None;
@@ -786,7 +788,7 @@ impl Document {
         remote.snapshot = None;
         remote.failed_at = Some(Instant::now());
         remote.refused = self.shared.fetcher.lock().expect("BUG: lock poisoned").refusal(self.id);
-        if let Some(e) = refused(&remote).filter(|_| empty) {
+        if let Some(e) = refused(&remote).filter(|_| was_empty) {
             return Err(e);
         }
         let s = self.shared.session();

@@ -149,15 +149,14 @@ impl SegFile {
         Ok(self.open.get_or_init(|| f))
     }
 
-    /// Copies the bytes at `at..at + out.len()` (below the file's length) through the map,
-    /// made `map_len` bytes long at the first call; `false` when they lie past the map or the
-    /// file cannot be mapped.
-    fn copy_mapped(&self, path: &Path, map_len: u64, at: u64, out: &mut [u8]) -> bool {
+    /// The file's map, made `map_len` bytes long at the first call; `None` when the file
+    /// cannot be mapped. Only bytes below the file's length may be read through it.
+    fn mapped(&self, path: &Path, map_len: u64) -> Option<&Mapped> {
         let mapped = self.mapped.get_or_init(|| {
             let file = self.get(path).ok()?;
             Mapped::new(file, usize::try_from(map_len).ok()?).ok()
         });
-        mapped.as_ref().is_some_and(|m| m.copy(at, out))
+        mapped.as_ref()
     }
 
     fn close(&mut self) {
@@ -795,6 +794,29 @@ impl FileJournal {
         let i = self.segments.partition_point(|s| s.first <= lsn);
         &self.segments[i.checked_sub(1).expect("BUG: caller checked the range")]
     }
+
+    /// The segment holding `len` bytes of the entry at `lsn` from `offset` into its payload,
+    /// and where in its file they start; an error when they are not all in that entry.
+    fn part_at(&self, lsn: Lsn, offset: usize, len: usize) -> Result<(&Segment, u64)> {
+        if !self.range.contains(lsn) {
+            return Err(JournalError::OutOfRange { journal: self.id, lsn, range: self.range });
+        }
+        let seg = self.segment_of(lsn);
+        let i = (lsn.get() - seg.first.get()) as usize;
+        let frame = seg.offsets[i];
+        let end = seg.offsets.get(i + 1).copied().unwrap_or(seg.len_bytes);
+        let payload_len = (end - frame) as usize - FRAME_HEADER_BYTES;
+        if offset.checked_add(len).is_none_or(|e| e > payload_len) {
+            return Err(crate::part_out_of_bounds(self.id, lsn, payload_len));
+        }
+        Ok((seg, frame + (FRAME_HEADER_BYTES + offset) as u64))
+    }
+
+    /// How long a segment's map is made: as long as the segment may grow, so that appends
+    /// never outgrow it.
+    fn map_len(&self, seg: &Segment) -> u64 {
+        self.opts.max_segment_bytes.max(seg.len_bytes)
+    }
 }
 
 /// How a segment was started (`FileJournal::start_of`).
@@ -1167,27 +1189,25 @@ impl Journal for FileJournal {
     }
 
     fn read_part(&self, lsn: Lsn, offset: usize, buf: &mut [u8]) -> Result<()> {
-        if !self.range.contains(lsn) {
-            return Err(JournalError::OutOfRange { journal: self.id, lsn, range: self.range });
-        }
-        let seg = self.segment_of(lsn);
-        let i = (lsn.get() - seg.first.get()) as usize;
-        let frame = seg.offsets[i];
-        let end = seg.offsets.get(i + 1).copied().unwrap_or(seg.len_bytes);
-        let payload_len = (end - frame) as usize - FRAME_HEADER_BYTES;
-        if offset.checked_add(buf.len()).is_none_or(|e| e > payload_len) {
-            return Err(crate::part_out_of_bounds(self.id, lsn, payload_len));
-        }
-        let at = frame + (FRAME_HEADER_BYTES + offset) as u64;
-        // Mapped once as large as the segment may grow, so appends do not outgrow it.
-        let map_len = self.opts.max_segment_bytes.max(seg.len_bytes);
-        if self.reads_from_memory() && seg.file.copy_mapped(&seg.path, map_len, at, buf) {
+        let (seg, at) = self.part_at(lsn, offset, buf.len())?;
+        if self.reads_from_memory()
+            && let Some(mapped) = seg.file.mapped(&seg.path, self.map_len(seg))
+            && mapped.copy(at, buf)
+        {
             return Ok(());
         }
         seg.file
             .get(&seg.path)
             .and_then(|f| f.read_exact_at(buf, at))
             .map_err(io_err(self.id, "read", &seg.path))
+    }
+
+    fn mapped_part(&self, lsn: Lsn, offset: usize, len: usize) -> Option<&[u8]> {
+        if !self.reads_from_memory() {
+            return None;
+        }
+        let (seg, at) = self.part_at(lsn, offset, len).ok()?;
+        seg.file.mapped(&seg.path, self.map_len(seg))?.slice(at, len)
     }
 
     fn read_range(&self, range: LsnRange) -> Result<Vec<Vec<u8>>> {

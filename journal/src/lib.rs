@@ -146,6 +146,16 @@ pub trait Journal: MaybeSend {
         false
     }
 
+    /// `len` bytes of the entry at `lsn`, `offset` bytes into its payload, in place in the
+    /// backend's memory map (`reads_from_memory`), with no copy; `None` when the backend does
+    /// not map, or they are not all in that entry or in the map. Read as `read_part` reads
+    /// (no checksum). The bytes stay as they are for as long as the journal is borrowed:
+    /// only a change (`&mut self`: a removal, a failed barrier's cut) can take them away.
+    fn mapped_part(&self, lsn: Lsn, offset: usize, len: usize) -> Option<&[u8]> {
+        let _ = (lsn, offset, len);
+        None
+    }
+
     /// The payload of the entry at `lsn`.
     fn read(&self, lsn: Lsn) -> Result<Vec<u8>>;
 

@@ -5,12 +5,14 @@
 //! so a journal whose prefix was removed entirely stays addressable.
 
 use std::fmt;
+use std::num::NonZeroU64;
 
 /// A log sequence number: the position of one entry in one journal, starting at 1.
-/// Serialized as a plain `u64`; deserializing 0 is an error.
+/// Serialized as a plain `u64`; deserializing 0 is an error. Never 0, so an `Option<Lsn>` takes
+/// no more room than an `Lsn` (a replica's page index holds one per page).
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "u64", into = "u64")]
-pub struct Lsn(u64);
+pub struct Lsn(NonZeroU64);
 
 impl TryFrom<u64> for Lsn {
     type Error = &'static str;
@@ -21,21 +23,24 @@ impl TryFrom<u64> for Lsn {
 
 impl From<Lsn> for u64 {
     fn from(l: Lsn) -> u64 {
-        l.0
+        l.0.get()
     }
 }
 
 impl Lsn {
     /// The first LSN of every journal.
-    pub const FIRST: Lsn = Lsn(1);
+    pub const FIRST: Lsn = Lsn(NonZeroU64::MIN);
 
     /// `None` for 0, which is not a valid LSN.
     pub const fn new(n: u64) -> Option<Lsn> {
-        if n == 0 { None } else { Some(Lsn(n)) }
+        match NonZeroU64::new(n) {
+            Some(n) => Some(Lsn(n)),
+            None => None,
+        }
     }
 
     pub const fn get(self) -> u64 {
-        self.0
+        self.0.get()
     }
 
     /// The following LSN.
@@ -45,7 +50,7 @@ impl Lsn {
 
     /// The preceding LSN, or `None` for the first.
     pub fn prev(self) -> Option<Lsn> {
-        Lsn::new(self.0 - 1)
+        Lsn::new(self.0.get() - 1)
     }
 }
 
@@ -98,7 +103,7 @@ impl LsnRange {
     pub fn len(&self) -> u64 {
         match *self {
             LsnRange::Empty { .. } => 0,
-            LsnRange::Inclusive { first, last } => last.0 - first.0 + 1,
+            LsnRange::Inclusive { first, last } => last.get() - first.get() + 1,
         }
     }
 
@@ -172,8 +177,8 @@ impl LsnRange {
 
     /// Iterates the LSNs in order.
     pub fn iter(&self) -> impl Iterator<Item = Lsn> + use<> {
-        let (start, end) = (self.first().0, self.next().0);
-        (start..end).map(Lsn)
+        let (start, end) = (self.first().get(), self.next().get());
+        (start..end).map(|n| Lsn::new(n).expect("BUG: LSNs start at 1"))
     }
 }
 

@@ -59,15 +59,20 @@ impl Mapped {
     /// lie past the map. The caller guarantees they lie below the file's length (see the
     /// module docs).
     pub(crate) fn copy(&self, at: u64, out: &mut [u8]) -> bool {
-        let Ok(at) = usize::try_from(at) else { return false };
-        if at.checked_add(out.len()).is_none_or(|end| end > self.len) {
-            return false;
+        self.slice(at, out.len()).map(|bytes| out.copy_from_slice(bytes)).is_some()
+    }
+
+    /// The `len` bytes at `at`, in place; `None` when they lie past the map. The caller
+    /// guarantees they lie below the file's length (see the module docs).
+    pub(crate) fn slice(&self, at: u64, len: usize) -> Option<&[u8]> {
+        let at = usize::try_from(at).ok()?;
+        if at.checked_add(len).is_none_or(|end| end > self.len) {
+            return None;
         }
-        // SAFETY: `at..at + out.len()` lies within the mapping (checked above) and within the
-        // file (the caller), whose bytes there never change (module docs); `out` is a distinct
-        // buffer of that length.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(at), out.as_mut_ptr(), out.len()) };
-        true
+        // SAFETY: `at..at + len` lies within the mapping (checked above) and within the file
+        // (the caller), whose bytes there never change while the journal is borrowed (module
+        // docs); the map lives as long as `self`, which the slice borrows.
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(at), len) })
     }
 }
 

@@ -1309,11 +1309,18 @@ pub(crate) fn query_rows(conn: &rusqlite::Connection, sql: &str, params: &[Value
     }
     // Name by name: `column_names` would collect them into a vector of its own first.
     let n = stmt.column_count();
-    let columns = (0..n).map(|i| stmt.column_name(i).map(str::to_owned)).collect::<rusqlite::Result<_>>()?;
+    let mut columns = Vec::with_capacity(n);
+    for i in 0..n {
+        columns.push(stmt.column_name(i)?.to_owned());
+    }
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
-        out.push((0..n).map(|i| row.get_ref(i).map(Value::from)).collect::<rusqlite::Result<_>>()?);
+        let mut values = Vec::with_capacity(n);
+        for i in 0..n {
+            values.push(Value::from(row.get_ref(i)?));
+        }
+        out.push(values);
     }
     Ok(Rows { columns, rows: out })
 }

@@ -311,6 +311,11 @@ impl Database {
         self.conn.execute_batch(&format!(
             "PRAGMA page_size = 4096; PRAGMA journal_mode = MEMORY; PRAGMA cache_size = -{CACHE_KIB};"
         ))?;
+        if self.store().journal().reads_from_memory() {
+            // A replica's journal is mapped: SQLite reads its pages in place there (`xFetch`),
+            // not copied into its cache. Any size turns that on; ours is SQLite's largest.
+            self.conn.execute_batch("PRAGMA mmap_size = 2147418112;")?;
+        }
         let page_size: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         if page_size != PAGE_SIZE as i64 {
             return Err(Error::PageSize { found: page_size });

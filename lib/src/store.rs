@@ -178,6 +178,8 @@ pub enum StoreError {
     TrimWouldLosePages { first: Lsn, page: u32, lsn: Lsn },
     #[error("one step may change at most {max_pages} pages (one storage entry)")]
     StepFull { max_pages: usize },
+    #[error("SQLite still reads {pages} pages in place in the storage journal: it cannot change now")]
+    PagesInUse { pages: usize },
 }
 
 /// The database file of one document.
@@ -222,6 +224,9 @@ pub struct PageStore {
     last_read: u32,
     /// The pages the last sequential read took; dropped whenever the index changes.
     run: Option<Run>,
+    /// Pages SQLite reads in place in the journal's map (`fetch`) and has not given back (the
+    /// VFS counts them down); the journal is not changed while there are any (`journal_mut`).
+    fetched: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for PageStore {
@@ -292,6 +297,7 @@ impl PageStore {
             read_ahead: false,
             last_read: 0,
             run: None,
+            fetched: Arc::default(),
         }
     }
 
@@ -318,15 +324,64 @@ impl PageStore {
         &*self.journal
     }
 
+    /// The journal, to change: refused while SQLite reads pages in place in its map (`fetch`),
+    /// since a change may cut or unmap what they point into. SQLite gives every page back when
+    /// its statement ends, and the document changes the journal only between statements, so
+    /// a refusal would be a bug of ours, reported as an error rather than a read of freed
+    /// memory.
+    fn journal_mut(&mut self) -> Result<&mut dyn Journal, StoreError> {
+        let pages = self.pages_in_use();
+        if pages > 0 {
+            return Err(StoreError::PagesInUse { pages });
+        }
+        Ok(&mut *self.journal)
+    }
+
+    /// SQLite's `xFetch`: page `offset / PAGE_SIZE`, whole, in place in the journal's memory
+    /// map, for SQLite to read (never write) until it gives it back (`xUnfetch` counts down
+    /// `fetched_pages`). `None` (SQLite then reads a copy, `read`) for page 1 (its counters
+    /// are shown patched), a page SQLite wrote and has not committed (the overlay), one past
+    /// the committed state or that no entry holds, and whatever the journal does not map.
+    pub fn fetch(&mut self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
+        if len != PAGE_SIZE || !offset.is_multiple_of(PAGE_SIZE as u64) {
+            return None;
+        }
+        let idx = PageIdx::containing(offset).get();
+        let in_overlay = !self.overlay.is_empty() && self.overlay.contains_key(&idx);
+        if idx == 1 || idx > self.page_count || idx > self.overlay_page_count || in_overlay {
+            return None;
+        }
+        let loc = self.index[idx as usize - 1]?;
+        let page = self.journal.mapped_part(loc.lsn, loc.offset as usize, PAGE_SIZE)?;
+        let ptr = std::ptr::NonNull::from(page).cast::<u8>();
+        // A load and a store, not an atomic add: every change of the count happens in a call
+        // of the one SQLite connection over this store (`xFetch`, `xUnfetch`), one at a time.
+        let out = self.fetched.load(std::sync::atomic::Ordering::Relaxed);
+        self.fetched.store(out + 1, std::sync::atomic::Ordering::Relaxed);
+        Some(ptr)
+    }
+
+    /// Pages SQLite reads in place in the journal's map now (`fetch`): none between
+    /// statements.
+    pub fn pages_in_use(&self) -> usize {
+        self.fetched.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The count of pages `fetch` gave SQLite and it has not given back, for the VFS to count
+    /// down at each `xUnfetch` (without the store's lock).
+    pub(crate) fn fetched_pages(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.fetched.clone()
+    }
+
     /// Makes every entry appended so far durable (`apply_remote_batch` appends without a
     /// barrier); a no-op when they are.
     pub fn sync(&mut self) -> Result<(), StoreError> {
-        Ok(self.journal.sync()?)
+        Ok(self.journal_mut()?.sync()?)
     }
 
     /// `sync`, whose wait runs without the store (`Journal::detach_sync`).
     pub fn detach_sync(&mut self) -> Result<Option<crate::journal::DetachedSync>, StoreError> {
-        Ok(self.journal.detach_sync()?)
+        Ok(self.journal_mut()?.detach_sync()?)
     }
 
     /// The outcome of a barrier from `detach_sync` (`Journal::finish_detached_sync`).
@@ -335,7 +390,7 @@ impl PageStore {
         sync: crate::journal::DetachedSync,
         outcome: std::io::Result<()>,
     ) -> Result<(), StoreError> {
-        Ok(self.journal.finish_detached_sync(sync, outcome)?)
+        Ok(self.journal_mut()?.finish_detached_sync(sync, outcome)?)
     }
 
     /// Committed pages.
@@ -709,7 +764,7 @@ impl PageStore {
         let Some((payload, changed)) = self.take_overlay_entry(applied, forgotten, time_ms)? else {
             return Ok(None);
         };
-        let lsn = self.journal.append(&payload)?;
+        let lsn = self.journal_mut()?.append(&payload)?;
         Ok(Some(self.finish_staged(Staged { lsn, payload, changed })))
     }
 
@@ -721,6 +776,7 @@ impl PageStore {
         forgotten: &[(TimelineId, Lsn)],
         time_ms: i64,
     ) -> Result<Option<OverlayEntry>, StoreError> {
+        self.journal_mut()?; // refused before the overlay is taken, not after
         let changed = self.take_changed()?;
         let nothing = applied.is_empty() && forgotten.is_empty();
         if changed.is_empty() && nothing && self.overlay_page_count == self.page_count {
@@ -742,13 +798,13 @@ impl PageStore {
         let Some((payload, changed)) = self.take_overlay_entry(applied, forgotten, time_ms)? else {
             return Ok(None);
         };
-        let lsn = self.journal.append_batch_unsynced(&[&payload])?.first();
+        let lsn = self.journal_mut()?.append_batch_unsynced(&[&payload])?.first();
         Ok(Some(Staged { lsn, payload, changed }))
     }
 
     /// Makes what is staged durable (the journal's barrier).
     pub fn sync_journal(&mut self) -> Result<(), StoreError> {
-        Ok(self.journal.sync()?)
+        Ok(self.journal_mut()?.sync()?)
     }
 
     /// Whether a staged entry can be taken back (`unstage`).
@@ -773,7 +829,7 @@ impl PageStore {
     /// was (the overlay it was made of is gone; `rollback_failed_step` next).
     pub fn unstage(&mut self, staged: Staged) -> Result<(), StoreError> {
         debug_assert_eq!(self.journal.range().last(), Some(staged.lsn), "BUG: not the newest entry");
-        Ok(self.journal.remove_last()?)
+        Ok(self.journal_mut()?.remove_last()?)
     }
 
     /// Takes the overlay's pages that differ from their committed versions, in page order,
@@ -827,6 +883,7 @@ impl PageStore {
         time_ms: i64,
         digest: &[u8; crate::wire::DIGEST_BYTES],
     ) -> Result<bool, StoreError> {
+        self.journal_mut()?; // refused before the overlay is taken, not after
         // Kept or not, the overlay goes: with a schema change in it, SQLite parses again.
         let schema = self.overlay_changed_schema();
         let stored1 = self.previous_version(PageIdx::FIRST)?;
@@ -893,7 +950,7 @@ impl PageStore {
             return Err(StoreError::OutOfOrder { expected, got: first });
         }
         let payloads: Vec<&[u8]> = entries.iter().map(|(_, p)| p.as_ref()).collect();
-        let range = self.journal.append_batch_unsynced(&payloads)?;
+        let range = self.journal_mut()?.append_batch_unsynced(&payloads)?;
         for (lsn, (header, payload)) in range.iter().zip(entries) {
             self.index_entry(lsn, header, payload.as_ref().len());
         }
@@ -915,7 +972,7 @@ impl PageStore {
     /// Forgets every page and entry; the journal continues at `first`, where a checkpoint
     /// starts.
     fn restart_at(&mut self, first: Lsn) -> Result<(), StoreError> {
-        self.journal.remove_prefix(first.prev().expect("BUG: past the end of a journal is > 1"))?;
+        self.journal_mut()?.remove_prefix(first.prev().expect("BUG: past the end of a journal is > 1"))?;
         self.run = None;
         self.index.clear();
         self.cache.clear();
@@ -982,7 +1039,7 @@ impl PageStore {
             let pages = *range.start()..=(*range.end()).min(self.page_count);
             let part = storage::Part { index, count };
             let (payload, pages) = self.checkpoint_part(part, pages, time_ms)?;
-            let lsn = self.journal.append(&payload)?;
+            let lsn = self.journal_mut()?.append(&payload)?;
             let header = storage::decode(&payload).expect("BUG: we just encoded it");
             let olds: Vec<&Page> = pages.iter().map(|p| &**p).collect();
             let delta = crate::wire::xor_pages(&header, payload.clone(), &olds);
@@ -1034,14 +1091,14 @@ impl PageStore {
     /// The checkpoint is made durable first.
     pub fn trim_to(&mut self, checkpoint: Checkpoint) -> Result<(), StoreError> {
         let Some(up_to) = checkpoint.first.prev() else { return Ok(()) };
-        self.journal.sync()?;
+        self.journal_mut()?.sync()?;
         for (i, loc) in self.index.iter().enumerate() {
             if let Some(loc) = loc.filter(|l| l.lsn < checkpoint.first) {
                 let (first, page) = (checkpoint.first, i as u32 + 1);
                 return Err(StoreError::TrimWouldLosePages { first, page, lsn: loc.lsn });
             }
         }
-        self.journal.remove_prefix(up_to)?;
+        self.journal_mut()?.remove_prefix(up_to)?;
         self.checkpoints.retain(|c| c.first >= checkpoint.first);
         Ok(())
     }

@@ -31,6 +31,20 @@ pub fn memory_journal(n: u128) -> Box<dyn Journal> {
     Box::new(MemoryJournal::new(JournalId::from_u128(n)))
 }
 
+/// A storage journal in files under `dir`, as a client's replica keeps one (pages read through
+/// a map of each segment, in place by SQLite; rolls without a barrier), whose segments roll
+/// at `segment_bytes`.
+pub fn replica_storage(dir: &std::path::Path, n: u128, segment_bytes: u64) -> Box<dyn Journal> {
+    let opts = pagesync::journal::FileJournalOptions {
+        max_segment_bytes: segment_bytes,
+        map_reads: true,
+        roll_without_barrier: true,
+        ..pagesync::journal::FileJournalOptions::default()
+    };
+    let journal = pagesync::journal::FileJournal::create(dir, JournalId::from_u128(n), opts).expect("create");
+    Box::new(journal)
+}
+
 /// Test key `n` (`TimelineKey::insecure_from_u128`): the timeline a test's replica `n` writes.
 pub fn timeline_key(n: u128) -> TimelineKey {
     TimelineKey::insecure_from_u128(n)

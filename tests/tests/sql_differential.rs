@@ -1,6 +1,8 @@
 //! Differential SQL tests: every script in `tests/sql/` runs through pagesync (a client's
 //! optimistic state, then the server, then the client after sync) and through stock SQLite on
-//! a temporary file; every query must give the same rows everywhere.
+//! a temporary file; every query must give the same rows everywhere. The client keeps its
+//! storage in files as a replica does, so its SQLite reads committed pages in place in the
+//! journal's map (`xFetch`), across segments of 1 MiB.
 //!
 //! Script format: blocks introduced by `-- exec` (one mutation, may hold several statements),
 //! `-- reject` (a mutation that must fail in stock SQLite and be rejected by pagesync with the
@@ -9,7 +11,7 @@
 use std::path::Path;
 
 use pagesync::{ClientDocument, MutationState, ServerDocument, Value};
-use pagesync_tests::{drain, integrity_ok, memory_journal, pages_of, pull, push, sql};
+use pagesync_tests::{drain, integrity_ok, memory_journal, pages_of, pull, push, replica_storage, sql};
 use rusqlite::Connection;
 
 const T0: i64 = 1_700_000_000_000;
@@ -67,7 +69,8 @@ fn run_script(name: &str) {
     let stock = Connection::open(dir.path().join("stock.sqlite")).expect("open stock");
     stock.execute_batch(&format!("PRAGMA cache_size = {CACHE_PAGES};")).expect("pragma");
     let mut server = ServerDocument::open(memory_journal(1)).expect("server");
-    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    let storage = replica_storage(&dir.path().join("storage"), 2, 1 << 20);
+    let mut client = ClientDocument::open(storage, memory_journal(3)).expect("client");
     for db in [server.database(), client.database()] {
         db.conn().execute_batch(&format!("PRAGMA cache_size = {CACHE_PAGES};")).expect("pragma");
     }

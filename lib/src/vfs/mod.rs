@@ -42,6 +42,8 @@ const UNIX_EPOCH_JULIAN_MS: i64 = 210_866_760_000_000;
 /// Shared state of one registered VFS.
 pub(crate) struct VfsState {
     pub store: Arc<Mutex<PageStore>>,
+    /// The store's count of pages SQLite reads in place, given back without its lock.
+    fetched: Arc<AtomicUsize>,
     /// Milliseconds since the Unix epoch that SQLite's clock reports.
     pub clock_ms: Arc<AtomicI64>,
     temp: Arc<TempBudget>,
@@ -100,12 +102,10 @@ impl TempBudget {
 }
 
 enum FileKind {
-    Main(Arc<Mutex<PageStore>>),
+    /// The store, and its count of pages SQLite reads in place (`PageStore::fetched_pages`).
+    Main(Arc<Mutex<PageStore>>, Arc<AtomicUsize>),
     /// A file in memory; `named` ones outlive their handle (until `xDelete`).
-    Memory {
-        data: Arc<Mutex<Vec<u8>>>,
-        named: bool,
-    },
+    Memory { data: Arc<Mutex<Vec<u8>>>, named: bool },
 }
 
 struct Handle {
@@ -146,8 +146,10 @@ impl Registration {
         }
         let n = NEXT_VFS.fetch_add(1, Ordering::Relaxed);
         let name = CString::new(format!("pagesync-{n}")).expect("BUG: no NUL in the name");
+        let fetched = store.lock().expect("BUG: page store lock poisoned").fetched_pages();
         let state = Box::new(VfsState {
             store,
+            fetched,
             clock_ms,
             temp,
             named: Mutex::new(HashMap::new()),
@@ -289,8 +291,10 @@ unsafe fn name_of(name: *const c_char) -> Option<String> {
     (!name.is_null()).then(|| unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned())
 }
 
+/// Version 3, for `xFetch`: SQLite reads pages in place in a replica's journal map when its
+/// `mmap_size` is set (`Database`). No `xShm*` methods: SQLite then refuses WAL mode.
 static IO_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
-    iVersion: 1,
+    iVersion: 3,
     xClose: Some(x_close),
     xRead: Some(x_read),
     xWrite: Some(x_write),
@@ -307,8 +311,8 @@ static IO_METHODS: ffi::sqlite3_io_methods = ffi::sqlite3_io_methods {
     xShmLock: None,
     xShmBarrier: None,
     xShmUnmap: None,
-    xFetch: None,
-    xUnfetch: None,
+    xFetch: Some(x_fetch),
+    xUnfetch: Some(x_unfetch),
 };
 
 unsafe extern "C" fn x_open(
@@ -321,7 +325,7 @@ unsafe extern "C" fn x_open(
     // SAFETY: SQLite passes our VFS, a NUL-terminated name or null, and `szOsFile` bytes.
     let (st, name) = unsafe { (state(vfs), name_of(name)) };
     let kind = if flags & ffi::SQLITE_OPEN_MAIN_DB != 0 {
-        FileKind::Main(st.store.clone())
+        FileKind::Main(st.store.clone(), st.fetched.clone())
     } else {
         match name {
             Some(n) => {
@@ -521,7 +525,7 @@ unsafe extern "C" fn x_read(
     // SAFETY: an open file; `buf` has `amt` writable bytes.
     let (h, buf) = unsafe { (handle(file), std::slice::from_raw_parts_mut(buf.cast::<u8>(), amt as usize)) };
     match &h.kind {
-        FileKind::Main(store) => {
+        FileKind::Main(store, _) => {
             let full = on_store(store, ffi::SQLITE_IOERR_READ, |s| s.read(offset as u64, buf));
             full.map_or_else(|rc| rc, |full| if full { ffi::SQLITE_OK } else { ffi::SQLITE_IOERR_SHORT_READ })
         }
@@ -545,7 +549,7 @@ unsafe extern "C" fn x_write(
     // SAFETY: an open file; `buf` has `amt` readable bytes.
     let (h, buf) = unsafe { (handle(file), std::slice::from_raw_parts(buf.cast::<u8>(), amt as usize)) };
     match &h.kind {
-        FileKind::Main(store) => on_store(store, ffi::SQLITE_IOERR_WRITE, |s| s.write(offset as u64, buf))
+        FileKind::Main(store, _) => on_store(store, ffi::SQLITE_IOERR_WRITE, |s| s.write(offset as u64, buf))
             .map_or_else(|rc| rc, |()| ffi::SQLITE_OK),
         FileKind::Memory { data, .. } => {
             let mut data = data.lock().expect("BUG: lock poisoned");
@@ -566,7 +570,7 @@ unsafe extern "C" fn x_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_in
     // SAFETY: an open file.
     let h = unsafe { handle(file) };
     match &h.kind {
-        FileKind::Main(store) => on_store(store, ffi::SQLITE_IOERR_TRUNCATE, |s| s.truncate(size as u64))
+        FileKind::Main(store, _) => on_store(store, ffi::SQLITE_IOERR_TRUNCATE, |s| s.truncate(size as u64))
             .map_or_else(|rc| rc, |()| ffi::SQLITE_OK),
         FileKind::Memory { data, .. } => {
             let mut data = data.lock().expect("BUG: lock poisoned");
@@ -586,7 +590,7 @@ unsafe extern "C" fn x_file_size(file: *mut ffi::sqlite3_file, out: *mut i64) ->
     // SAFETY: an open file; `out` is a writable i64.
     let h = unsafe { handle(file) };
     let size = match &h.kind {
-        FileKind::Main(store) => store.lock().expect("BUG: page store lock poisoned").size_bytes(),
+        FileKind::Main(store, _) => store.lock().expect("BUG: page store lock poisoned").size_bytes(),
         FileKind::Memory { data, .. } => data.lock().expect("BUG: lock poisoned").len() as u64,
     };
     // SAFETY: see above.
@@ -616,6 +620,41 @@ unsafe extern "C" fn x_check_reserved_lock(file: *mut ffi::sqlite3_file, out: *m
 
 unsafe extern "C" fn x_file_control(_file: *mut ffi::sqlite3_file, _op: c_int, _arg: *mut c_void) -> c_int {
     ffi::SQLITE_NOTFOUND
+}
+
+/// A page in place in the store's journal map (`PageStore::fetch`), or null (SQLite then
+/// reads a copy with `xRead`). SQLite only reads through it, and gives it back (`xUnfetch`)
+/// before its statement ends; the store changes nothing the pointer reaches while any is out.
+unsafe extern "C" fn x_fetch(
+    file: *mut ffi::sqlite3_file,
+    offset: i64,
+    amt: c_int,
+    out: *mut *mut c_void,
+) -> c_int {
+    // SAFETY: an open file; `out` is a writable pointer.
+    let h = unsafe { handle(file) };
+    let page = match (&h.kind, u64::try_from(offset), usize::try_from(amt)) {
+        (FileKind::Main(store, _), Ok(offset), Ok(len)) => {
+            store.lock().expect("BUG: page store lock poisoned").fetch(offset, len)
+        }
+        _ => None,
+    };
+    // SAFETY: see above.
+    unsafe { *out = page.map_or(ptr::null_mut(), |p| p.as_ptr().cast()) };
+    ffi::SQLITE_OK
+}
+
+unsafe extern "C" fn x_unfetch(file: *mut ffi::sqlite3_file, _offset: i64, page: *mut c_void) -> c_int {
+    // SAFETY: an open file.
+    let h = unsafe { handle(file) };
+    if let (FileKind::Main(_, fetched), false) = (&h.kind, page.is_null()) {
+        // A load and a store: the count changes only in this connection's calls, one at a
+        // time (`PageStore::fetch`).
+        let out = fetched.load(Ordering::Relaxed);
+        debug_assert!(out > 0, "BUG: SQLite gave back a page it was not given");
+        fetched.store(out.saturating_sub(1), Ordering::Relaxed);
+    }
+    ffi::SQLITE_OK
 }
 
 unsafe extern "C" fn x_sector_size(_file: *mut ffi::sqlite3_file) -> c_int {
