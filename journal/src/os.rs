@@ -4,7 +4,10 @@
 //!
 //! `Mapped`, a read-only memory map of a segment file: a page read from a replica's storage
 //! journal (`FileJournalOptions::map_reads`) becomes one copy out of the page cache instead of
-//! a `pread` system call each. What makes reading the map sound:
+//! a `pread` system call each, or no copy at all (`slice`, `Journal::mapped_part`: SQLite reads
+//! the page in place; the slice borrows the journal, and `pagesync`'s store, which hands it to
+//! SQLite past that borrow, changes nothing in the journal until SQLite gives it back). What
+//! makes reading the map sound:
 //! - segment files are append-only: a byte below a file's length is never written again (a
 //!   torn tail is cut on open, before anything is mapped);
 //! - the journal reads only bytes below the file's length: frames it indexed. The cuts of a
