@@ -1,15 +1,21 @@
 //! The storage journal entry: one reducer step on the server.
 //!
 //! ```text
-//! version u8 = 3 | page_count u32 | n_applied u32 | n_pages u32 | n_forgotten u32
-//! time_ms i64 | part u32 | parts u32
+//! version u8 = 4 | page_count u32 | n_applied u32 | n_pages u32 | n_forgotten u32
+//! time_ms i64 | part u32 | parts u32 | pad [3] = 0
 //! applied:   n_applied x (timeline [16] | lsn u64 | time_ms i64)
 //! forgotten: n_forgotten x (timeline [16] | lsn u64)
 //! page_idx:  n_pages x u32, strictly ascending, each <= page_count
 //! pages:     n_pages x 4096 bytes
 //! ```
 //!
-//! Version 2 (still read) has no `n_forgotten` and no `forgotten` list. `forgotten` names the
+//! Version 3 (still read) has no `pad`; version 2 (still read) has no `pad`, no `n_forgotten`
+//! and no `forgotten` list. The pad makes the header 36 bytes, so every list and page starts at
+//! a multiple of 4 from the payload's start, and payloads are of a length divisible by 4: in
+//! a file journal whose frames are too (20-byte frame headers after a 40-byte segment header),
+//! every page lies at a 4-byte aligned offset, as SQLite needs of a page it reads in place
+//! (`PageStore::fetch`; version 3's 33-byte header put every other entry's pages at odd
+//! offsets). `forgotten` names the
 //! timelines whose rejection rows the step deleted, through which LSN (their clients had
 //! copied them: see `ServerDocument::forget_rejections`), so a replay deletes the same rows.
 //! `time_ms` is the server's clock when it wrote the entry (restore by time reads it). `part`
@@ -25,10 +31,12 @@ use pagesync_journal::Lsn;
 use crate::ids::TimelineId;
 use crate::page::{PAGE_SIZE, Page, PageIdx};
 
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 /// Version 2's header: no `n_forgotten`.
 const HEADER_BYTES_V2: usize = 29;
-const HEADER_BYTES: usize = 33;
+/// Version 3's header: no pad.
+const HEADER_BYTES_V3: usize = 33;
+const HEADER_BYTES: usize = 36;
 const APPLIED_BYTES: usize = 32;
 const FORGOTTEN_BYTES: usize = 24;
 
@@ -104,6 +112,7 @@ pub fn encode(
     let part = checkpoint.map_or((0, 0), |p| (p.index, p.count));
     out.extend_from_slice(&part.0.to_le_bytes());
     out.extend_from_slice(&part.1.to_le_bytes());
+    out.extend_from_slice(&[0; HEADER_BYTES - HEADER_BYTES_V3]);
     for a in applied {
         out.extend_from_slice(&a.timeline.0);
         out.extend_from_slice(&a.lsn.get().to_le_bytes());
@@ -155,6 +164,7 @@ pub fn read_applied(
     journal.read_part(lsn, 0, &mut head)?;
     let (header_bytes, time_at) = match head[0] {
         2 => (HEADER_BYTES_V2, 13),
+        3 => (HEADER_BYTES_V3, 17),
         VERSION => (HEADER_BYTES, 17),
         v => return Err(crate::Error::Malformed(format!("storage entry {lsn}: version {v}"))),
     };
@@ -186,19 +196,27 @@ pub fn read_applied(
 pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
     let mut r = Reader { bytes: payload, pos: 0 };
     let version = r.take(1)?[0];
-    if version != VERSION && version != 2 {
-        return Err(EntryError(format!("version {version}, this build reads 2 and {VERSION}")));
+    if !(2..=VERSION).contains(&version) {
+        return Err(EntryError(format!("version {version}, this build reads 2 to {VERSION}")));
     }
     let page_count = r.u32()?;
     let (n_applied, n_pages) = (r.u32()? as usize, r.u32()? as usize);
     let n_forgotten = if version == 2 { 0 } else { r.u32()? as usize };
-    let header_bytes = if version == 2 { HEADER_BYTES_V2 } else { HEADER_BYTES };
+    let header_bytes = match version {
+        2 => HEADER_BYTES_V2,
+        3 => HEADER_BYTES_V3,
+        _ => HEADER_BYTES,
+    };
     let time_ms = r.u64()? as i64;
     let checkpoint = match (r.u32()?, r.u32()?) {
         (0, 0) => None,
         (index, count) if (1..=count).contains(&index) => Some(Part { index, count }),
         (index, count) => return Err(EntryError(format!("checkpoint part {index} of {count}"))),
     };
+    // One encoding per entry: a digest of the payload names it.
+    if version == VERSION && r.take(HEADER_BYTES - HEADER_BYTES_V3)?.iter().any(|&b| b != 0) {
+        return Err(EntryError("the header's pad is not zeros".into()));
+    }
     // Bound the counts by the payload before allocating, so a corrupt count cannot.
     let need = n_applied
         .checked_mul(APPLIED_BYTES)
@@ -265,11 +283,55 @@ mod tests {
         let p1 = [1u8; PAGE_SIZE];
         let applied = [Applied { timeline: TimelineId([9; 16]), lsn: Lsn::FIRST, time_ms: 5 }];
         let mut bytes = encode(1, 77, None, &applied, &[], &[(PageIdx::new(1).expect("1"), &p1)]);
+        bytes.drain(HEADER_BYTES_V3..HEADER_BYTES);
         bytes.drain(13..17);
         bytes[0] = 2;
         let h = decode(&bytes).expect("decode");
         assert_eq!((h.applied.as_slice(), h.forgotten.len()), (&applied[..], 0));
         assert_eq!(&bytes[h.page_offset(0)..h.page_offset(1)], &p1[..]);
+    }
+
+    /// Entries written before the pad (version 3) still read, pages and all; `read_applied`
+    /// reads their header too.
+    #[test]
+    fn version_3_entries_still_decode() {
+        let p1 = [1u8; PAGE_SIZE];
+        let applied = [Applied { timeline: TimelineId([9; 16]), lsn: Lsn::FIRST, time_ms: 5 }];
+        let forgotten = [(TimelineId([8; 16]), Lsn::new(7).expect("7"))];
+        let mut bytes = encode(1, 77, None, &applied, &forgotten, &[(PageIdx::new(1).expect("1"), &p1)]);
+        bytes.drain(HEADER_BYTES_V3..HEADER_BYTES);
+        bytes[0] = 3;
+        let h = decode(&bytes).expect("decode");
+        assert_eq!((h.applied.as_slice(), h.forgotten.as_slice()), (&applied[..], &forgotten[..]));
+        assert_eq!(&bytes[h.page_offset(0)..h.page_offset(1)], &p1[..]);
+        let mut journal = pagesync_journal::MemoryJournal::new(pagesync_journal::JournalId::from_u128(1));
+        pagesync_journal::Journal::append(&mut journal, &bytes).expect("append");
+        assert_eq!(read_applied(&journal, Lsn::FIRST).expect("read_applied"), (77, applied.to_vec()));
+    }
+
+    /// Every page of an entry lies at a multiple of 4 from its payload's start, and the payload
+    /// is a multiple of 4 long; the pad is zeros, or the entry does not decode.
+    #[test]
+    fn pages_lie_four_byte_aligned_and_the_pad_is_zeros() {
+        let p = [5u8; PAGE_SIZE];
+        for (n_applied, n_forgotten, n_pages) in [(0, 0, 1), (1, 0, 1), (3, 2, 3), (0, 1, 2)] {
+            let applied: Vec<Applied> = (0..n_applied)
+                .map(|i| Applied { timeline: TimelineId([i; 16]), lsn: Lsn::FIRST, time_ms: 0 })
+                .collect();
+            let forgotten: Vec<(TimelineId, Lsn)> =
+                (0..n_forgotten).map(|i| (TimelineId([i; 16]), Lsn::FIRST)).collect();
+            let pages: Vec<(PageIdx, &Page)> =
+                (1..=n_pages).map(|i| (PageIdx::new(i).expect("i"), &p)).collect();
+            let bytes = encode(n_pages, 0, None, &applied, &forgotten, &pages);
+            assert!(bytes.len().is_multiple_of(4));
+            let h = decode(&bytes).expect("decode");
+            assert!((0..n_pages as usize).all(|i| h.page_offset(i).is_multiple_of(4)));
+            for at in HEADER_BYTES_V3..HEADER_BYTES {
+                let mut padded = bytes.clone();
+                padded[at] = 1;
+                assert!(decode(&padded).is_err(), "a pad byte at {at} that is not zero");
+            }
+        }
     }
 
     #[test]

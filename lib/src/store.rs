@@ -338,10 +338,11 @@ impl PageStore {
     }
 
     /// SQLite's `xFetch`: page `offset / PAGE_SIZE`, whole, in place in the journal's memory
-    /// map, for SQLite to read (never write) until it gives it back (`xUnfetch` counts down
-    /// `fetched_pages`). `None` (SQLite then reads a copy, `read`) for page 1 (its counters
+    /// map, for SQLite to read (never write) until it gives it back (`unfetch`; the VFS counts
+    /// down `fetched_pages` itself). Until then the journal does not change. `None` (SQLite then reads a copy, `read`) for page 1 (its counters
     /// are shown patched), a page SQLite wrote and has not committed (the overlay), one past
-    /// the committed state or that no entry holds, and whatever the journal does not map.
+    /// the committed state or that no entry holds, one not 4-byte aligned in the map (in an
+    /// entry older than storage version 4), and whatever the journal does not map.
     pub fn fetch(&mut self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
         if len != PAGE_SIZE || !offset.is_multiple_of(PAGE_SIZE as u64) {
             return None;
@@ -353,12 +354,20 @@ impl PageStore {
         }
         let loc = self.index[idx as usize - 1]?;
         let page = self.journal.mapped_part(loc.lsn, loc.offset as usize, PAGE_SIZE)?;
+        // SQLite reads a page's cell pointers as aligned 2-byte integers. Entries since
+        // storage version 4 put every page 4-byte aligned in a file journal; older ones may not.
+        if !(page.as_ptr() as usize).is_multiple_of(4) {
+            return None;
+        }
         let ptr = std::ptr::NonNull::from(page).cast::<u8>();
-        // A load and a store, not an atomic add: every change of the count happens in a call
-        // of the one SQLite connection over this store (`xFetch`, `xUnfetch`), one at a time.
-        let out = self.fetched.load(std::sync::atomic::Ordering::Relaxed);
-        self.fetched.store(out + 1, std::sync::atomic::Ordering::Relaxed);
+        self.fetched.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Some(ptr)
+    }
+
+    /// Gives back a page `fetch` handed out.
+    pub fn unfetch(&self) {
+        let before = self.fetched.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        debug_assert!(before > 0, "BUG: a page given back that was not handed out");
     }
 
     /// Pages SQLite reads in place in the journal's map now (`fetch`): none between
@@ -390,7 +399,11 @@ impl PageStore {
         sync: crate::journal::DetachedSync,
         outcome: std::io::Result<()>,
     ) -> Result<(), StoreError> {
-        Ok(self.journal_mut()?.finish_detached_sync(sync, outcome)?)
+        // A barrier that held changes nothing a page points into; a failed one cuts files.
+        if outcome.is_err() {
+            self.journal_mut()?;
+        }
+        Ok(self.journal.finish_detached_sync(sync, outcome)?)
     }
 
     /// Committed pages.

@@ -1,8 +1,8 @@
 //! Differential SQL tests: every script in `tests/sql/` runs through pagesync (a client's
 //! optimistic state, then the server, then the client after sync) and through stock SQLite on
-//! a temporary file; every query must give the same rows everywhere. The client keeps its
-//! storage in files as a replica does, so its SQLite reads committed pages in place in the
-//! journal's map (`xFetch`), across segments of 1 MiB.
+//! a temporary file; every query must give the same rows everywhere. Each script runs twice:
+//! with the client's storage in memory, and in files as a replica keeps it, where its SQLite
+//! reads committed pages in place in the journal's map (`xFetch`), across segments of 1 MiB.
 //!
 //! Script format: blocks introduced by `-- exec` (one mutation, may hold several statements),
 //! `-- reject` (a mutation that must fail in stock SQLite and be rejected by pagesync with the
@@ -63,13 +63,20 @@ fn stock_rows(conn: &Connection, sql: &str) -> Vec<Vec<Value>> {
 }
 
 fn run_script(name: &str) {
+    run_script_with(name, false);
+    run_script_with(name, true);
+}
+
+fn run_script_with(name: &str, files: bool) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("sql").join(name);
     let text = std::fs::read_to_string(&path).expect("read script");
+    let name = &format!("{name} (client storage in {})", if files { "files" } else { "memory" });
     let dir = tempfile::tempdir().expect("tempdir");
     let stock = Connection::open(dir.path().join("stock.sqlite")).expect("open stock");
     stock.execute_batch(&format!("PRAGMA cache_size = {CACHE_PAGES};")).expect("pragma");
     let mut server = ServerDocument::open(memory_journal(1)).expect("server");
-    let storage = replica_storage(&dir.path().join("storage"), 2, 1 << 20);
+    let storage =
+        if files { replica_storage(&dir.path().join("storage"), 2, 1 << 20) } else { memory_journal(2) };
     let mut client = ClientDocument::open(storage, memory_journal(3)).expect("client");
     for db in [server.database(), client.database()] {
         db.conn().execute_batch(&format!("PRAGMA cache_size = {CACHE_PAGES};")).expect("pragma");

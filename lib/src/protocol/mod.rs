@@ -29,7 +29,7 @@ use crate::ids::{DocId, TimelineId, TimelineKey};
 use crate::wire::WireEntry;
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 13;
+pub const PROTOCOL_VERSION: u32 = 14;
 
 /// The largest frame either side accepts: one maximal storage entry plus headroom.
 pub const MAX_FRAME_BYTES: usize = pagesync_journal::codec::MAX_ENTRY_BYTES + (1 << 20);
@@ -483,7 +483,7 @@ mod tests {
         let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(
             (PROTOCOL_VERSION, digest.as_str()),
-            (13, "bbfc340e602c77f4daed7aeae3b46fe0750479314378e48ea47c10ae8f4d40ad"),
+            (14, "7eb5e46011f19a5680b0a31f26780e55c5b6597828510e50d9f5f8ad77b2f662"),
             "the wire format changed: bump PROTOCOL_VERSION (and say why in docs/design.md's Hello row), \
              then pin the new version and digest here"
         );

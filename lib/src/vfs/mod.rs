@@ -648,11 +648,9 @@ unsafe extern "C" fn x_unfetch(file: *mut ffi::sqlite3_file, _offset: i64, page:
     // SAFETY: an open file.
     let h = unsafe { handle(file) };
     if let (FileKind::Main(_, fetched), false) = (&h.kind, page.is_null()) {
-        // A load and a store: the count changes only in this connection's calls, one at a
-        // time (`PageStore::fetch`).
-        let out = fetched.load(Ordering::Relaxed);
-        debug_assert!(out > 0, "BUG: SQLite gave back a page it was not given");
-        fetched.store(out.saturating_sub(1), Ordering::Relaxed);
+        // `PageStore::unfetch`, without the store's lock.
+        let before = fetched.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "BUG: SQLite gave back a page it was not given");
     }
     ffi::SQLITE_OK
 }
