@@ -12,10 +12,11 @@
 //! Version 3 (still read) has no `pad`; version 2 (still read) has no `pad`, no `n_forgotten`
 //! and no `forgotten` list. The pad makes the header 36 bytes, so every list and page starts at
 //! a multiple of 4 from the payload's start, and payloads are of a length divisible by 4: in
-//! a file journal whose frames are too (20-byte frame headers after a 40-byte segment header),
-//! every page lies at a 4-byte aligned offset, as SQLite needs of a page it reads in place
-//! (`PageStore::fetch`; version 3's 33-byte header put every other entry's pages at odd
-//! offsets). `forgotten` names the
+//! a file journal (20-byte frame headers after a 40-byte segment header), the pages of a
+//! segment of version 4 entries lie 4-byte aligned, as SQLite needs (2-byte) of a page it
+//! reads in place (`PageStore::fetch`). Version 3's 33-byte header put every other entry's
+//! pages at odd offsets, and an entry of it shifts the entries after it in its segment by one
+//! byte: such pages are read by copy. `forgotten` names the
 //! timelines whose rejection rows the step deleted, through which LSN (their clients had
 //! copied them: see `ServerDocument::forget_rejections`), so a replay deletes the same rows.
 //! `time_ms` is the server's clock when it wrote the entry (restore by time reads it). `part`

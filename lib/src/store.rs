@@ -240,6 +240,15 @@ impl std::fmt::Debug for PageStore {
     }
 }
 
+/// Counts one page given back (`PageStore::unfetch`, or the VFS without the store's lock); one
+/// that was not handed out leaves the count at 0 rather than wrap it (which would refuse every
+/// change of the journal from then on).
+pub(crate) fn give_back(fetched: &std::sync::atomic::AtomicUsize) {
+    use std::sync::atomic::Ordering::AcqRel;
+    let given = fetched.fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |n| n.checked_sub(1));
+    debug_assert!(given.is_ok(), "BUG: a page given back that was not handed out");
+}
+
 fn counter_of(page1: &Page) -> u32 {
     u32::from_be_bytes(page1[24..28].try_into().expect("BUG: 4 bytes"))
 }
@@ -339,10 +348,11 @@ impl PageStore {
 
     /// SQLite's `xFetch`: page `offset / PAGE_SIZE`, whole, in place in the journal's memory
     /// map, for SQLite to read (never write) until it gives it back (`unfetch`; the VFS counts
-    /// down `fetched_pages` itself). Until then the journal does not change. `None` (SQLite then reads a copy, `read`) for page 1 (its counters
-    /// are shown patched), a page SQLite wrote and has not committed (the overlay), one past
-    /// the committed state or that no entry holds, one not 4-byte aligned in the map (in an
-    /// entry older than storage version 4), and whatever the journal does not map.
+    /// down `fetched_pages` itself). Every page handed out must be given back: until then the
+    /// journal does not change. `None` (SQLite then reads a copy, `read`) for page 1 (its
+    /// counters are shown patched), a page SQLite wrote and has not committed (the overlay),
+    /// one past the committed state or that no entry holds, one at an odd address in the map
+    /// (see storage version 4), and whatever the journal does not map.
     pub fn fetch(&mut self, offset: u64, len: usize) -> Option<std::ptr::NonNull<u8>> {
         if len != PAGE_SIZE || !offset.is_multiple_of(PAGE_SIZE as u64) {
             return None;
@@ -354,9 +364,10 @@ impl PageStore {
         }
         let loc = self.index[idx as usize - 1]?;
         let page = self.journal.mapped_part(loc.lsn, loc.offset as usize, PAGE_SIZE)?;
-        // SQLite reads a page's cell pointers as aligned 2-byte integers. Entries since
-        // storage version 4 put every page 4-byte aligned in a file journal; older ones may not.
-        if !(page.as_ptr() as usize).is_multiple_of(4) {
+        // SQLite reads a page's cell pointers (at even offsets in the page) as aligned 2-byte
+        // integers. Storage version 4 entries lie 4-byte aligned in a segment of such entries;
+        // a version 3 entry (written before) puts its pages, and shifts those after it, by one.
+        if !(page.as_ptr() as usize).is_multiple_of(2) {
             return None;
         }
         let ptr = std::ptr::NonNull::from(page).cast::<u8>();
@@ -366,8 +377,7 @@ impl PageStore {
 
     /// Gives back a page `fetch` handed out.
     pub fn unfetch(&self) {
-        let before = self.fetched.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-        debug_assert!(before > 0, "BUG: a page given back that was not handed out");
+        give_back(&self.fetched);
     }
 
     /// Pages SQLite reads in place in the journal's map now (`fetch`): none between

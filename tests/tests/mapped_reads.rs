@@ -116,3 +116,41 @@ fn only_committed_pages_other_than_the_first_are_handed_out_in_place() {
     assert_eq!(store.pages_in_use(), 0);
     store.sync().expect("the journal changes again once every page is back");
 }
+
+/// A version 3 storage entry (written before the header's pad) in a mapped journal puts its
+/// pages at odd addresses, and shifts the version 4 entry after it: those pages are read by
+/// copy, never handed to SQLite unaligned, and read the same.
+#[test]
+fn pages_at_odd_addresses_of_older_entries_are_read_by_copy() {
+    use pagesync::journal::{Journal, JournalId};
+    use pagesync::page::{Page, PageIdx};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = FileJournalOptions { map_reads: true, ..FileJournalOptions::default() };
+    let mut journal = FileJournal::create(dir.path(), JournalId::from_u128(9), opts.clone()).expect("create");
+    let fill = |b: u8| -> Page { [b; PAGE_SIZE] };
+    let (p1, p2, p3, p4) = (fill(1), fill(2), fill(3), fill(4));
+    let idx = |i: u32| PageIdx::new(i).expect("page");
+    let mut v3 =
+        pagesync::storage::encode(3, 0, None, &[], &[], &[(idx(1), &p1), (idx(2), &p2), (idx(3), &p3)]);
+    v3.drain(33..36); // the pad
+    v3[0] = 3;
+    let v4 = pagesync::storage::encode(4, 0, None, &[], &[], &[(idx(4), &p4)]);
+    journal.append(&v3).expect("append");
+    journal.append(&v4).expect("append");
+    let mut store = pagesync::store::PageStore::open(Box::new(journal)).expect("open");
+    let at = |i: u64| (i - 1) * PAGE_SIZE as u64;
+    for (i, page) in [(2, &p2), (3, &p3), (4, &p4)] {
+        assert!(store.fetch(at(i), PAGE_SIZE).is_none(), "page {i} lies at an odd address: not in place");
+        let mut copy = [0u8; PAGE_SIZE];
+        assert!(store.read(at(i), &mut copy).expect("read"), "page {i}");
+        assert_eq!(&copy, page, "page {i}, read by copy");
+    }
+    assert_eq!(store.pages_in_use(), 0);
+    // In a segment of version 4 entries, the same pages lie aligned and are handed out.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut journal = FileJournal::create(dir.path(), JournalId::from_u128(10), opts).expect("create");
+    let v4 = pagesync::storage::encode(3, 0, None, &[], &[], &[(idx(1), &p1), (idx(2), &p2), (idx(3), &p3)]);
+    journal.append(&v4).expect("append");
+    let mut store = pagesync::store::PageStore::open(Box::new(journal)).expect("open");
+    assert!(store.fetch(at(2), PAGE_SIZE).is_some() && store.fetch(at(3), PAGE_SIZE).is_some());
+}

@@ -648,9 +648,7 @@ unsafe extern "C" fn x_unfetch(file: *mut ffi::sqlite3_file, _offset: i64, page:
     // SAFETY: an open file.
     let h = unsafe { handle(file) };
     if let (FileKind::Main(_, fetched), false) = (&h.kind, page.is_null()) {
-        // `PageStore::unfetch`, without the store's lock.
-        let before = fetched.fetch_sub(1, Ordering::AcqRel);
-        debug_assert!(before > 0, "BUG: SQLite gave back a page it was not given");
+        crate::store::give_back(fetched); // `PageStore::unfetch`, without the store's lock
     }
     ffi::SQLITE_OK
 }
