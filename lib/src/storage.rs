@@ -38,6 +38,16 @@ const HEADER_BYTES_V2: usize = 29;
 /// Version 3's header: no pad.
 const HEADER_BYTES_V3: usize = 33;
 const HEADER_BYTES: usize = 36;
+
+/// The header's length in an entry of `version`; `None` for a version this build does not read.
+fn header_bytes(version: u8) -> Option<usize> {
+    match version {
+        2 => Some(HEADER_BYTES_V2),
+        3 => Some(HEADER_BYTES_V3),
+        VERSION => Some(HEADER_BYTES),
+        _ => None,
+    }
+}
 const APPLIED_BYTES: usize = 32;
 const FORGOTTEN_BYTES: usize = 24;
 
@@ -163,12 +173,11 @@ pub fn read_applied(
 ) -> crate::error::Result<(i64, Vec<Applied>)> {
     let mut head = vec![0u8; HEADER_BYTES_V2];
     journal.read_part(lsn, 0, &mut head)?;
-    let (header_bytes, time_at) = match head[0] {
-        2 => (HEADER_BYTES_V2, 13),
-        3 => (HEADER_BYTES_V3, 17),
-        VERSION => (HEADER_BYTES, 17),
-        v => return Err(crate::Error::Malformed(format!("storage entry {lsn}: version {v}"))),
+    let version = head[0];
+    let Some(header_bytes) = header_bytes(version) else {
+        return Err(crate::Error::Malformed(format!("storage entry {lsn}: version {version}")));
     };
+    let time_at = if version == 2 { 13 } else { 17 }; // after `n_forgotten`, which version 2 lacks
     head.resize(header_bytes, 0);
     journal.read_part(lsn, HEADER_BYTES_V2, &mut head[HEADER_BYTES_V2..])?;
     let le32 = |at: usize| u32::from_le_bytes(head[at..at + 4].try_into().expect("BUG: 4 bytes")) as usize;
@@ -197,17 +206,12 @@ pub fn read_applied(
 pub fn decode(payload: &[u8]) -> Result<EntryHeader, EntryError> {
     let mut r = Reader { bytes: payload, pos: 0 };
     let version = r.take(1)?[0];
-    if !(2..=VERSION).contains(&version) {
+    let Some(header_bytes) = header_bytes(version) else {
         return Err(EntryError(format!("version {version}, this build reads 2 to {VERSION}")));
-    }
+    };
     let page_count = r.u32()?;
     let (n_applied, n_pages) = (r.u32()? as usize, r.u32()? as usize);
     let n_forgotten = if version == 2 { 0 } else { r.u32()? as usize };
-    let header_bytes = match version {
-        2 => HEADER_BYTES_V2,
-        3 => HEADER_BYTES_V3,
-        _ => HEADER_BYTES,
-    };
     let time_ms = r.u64()? as i64;
     let checkpoint = match (r.u32()?, r.u32()?) {
         (0, 0) => None,

@@ -35,14 +35,19 @@ pub fn memory_journal(n: u128) -> Box<dyn Journal> {
 /// a map of each segment, in place by SQLite; rolls without a barrier), whose segments roll
 /// at `segment_bytes`.
 pub fn replica_storage(dir: &std::path::Path, n: u128, segment_bytes: u64) -> Box<dyn Journal> {
-    let opts = pagesync::journal::FileJournalOptions {
+    let opts = replica_storage_options(segment_bytes);
+    let journal = pagesync::journal::FileJournal::create(dir, JournalId::from_u128(n), opts).expect("create");
+    Box::new(journal)
+}
+
+/// The options of `replica_storage`, to open it again.
+pub fn replica_storage_options(segment_bytes: u64) -> pagesync::journal::FileJournalOptions {
+    pagesync::journal::FileJournalOptions {
         max_segment_bytes: segment_bytes,
         map_reads: true,
         roll_without_barrier: true,
         ..pagesync::journal::FileJournalOptions::default()
-    };
-    let journal = pagesync::journal::FileJournal::create(dir, JournalId::from_u128(n), opts).expect("create");
-    Box::new(journal)
+    }
 }
 
 /// Test key `n` (`TimelineKey::insecure_from_u128`): the timeline a test's replica `n` writes.

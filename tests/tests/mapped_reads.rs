@@ -70,8 +70,7 @@ fn a_replicas_sqlite_reads_pages_in_place_and_the_journal_waits_until_it_gives_t
     assert_eq!(rows, vec![vec![Value::Integer(2_000), Value::Integer(4_000_000)]]);
     // Reopened over the same files, the replica reads them in place again.
     drop(client);
-    let opts =
-        FileJournalOptions { max_segment_bytes: 1 << 20, map_reads: true, ..FileJournalOptions::default() };
+    let opts = pagesync_tests::replica_storage_options(1 << 20);
     let storage = FileJournal::open(dir.path().join("storage"), opts).expect("reopen");
     let client = ClientDocument::open(Box::new(storage), memory_journal(3)).expect("client");
     mid_scan(&client, 2_000, |in_use| assert!(in_use > 0, "after a reopen, in place"));
