@@ -241,22 +241,48 @@ fn step_ran(started: &StepClock) -> std::time::Duration {
     }
 }
 
-/// Runs `write` on a thread of its own while `sync` runs on this one, and both results; `None`
-/// when no thread can be had (nothing ran then).
+/// Runs `write` on this thread's companion while `sync` runs here, and gives both results. The
+/// companion (`pagesync-history`) is started at the first call and then waits for the next:
+/// a thread started for each step cost about 100 us of its latency here. Without a companion
+/// (none could be started), `write` runs here first.
 #[cfg(not(target_arch = "wasm32"))]
-fn at_once<A: Send, B>(write: impl FnOnce() -> A + Send, sync: impl FnOnce() -> B) -> Option<(A, B)> {
-    std::thread::scope(|s| {
-        let thread = std::thread::Builder::new().name("pagesync-history".into());
-        let written = thread.spawn_scoped(s, write).ok()?;
-        let synced = sync();
-        Some((written.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), synced))
-    })
+fn at_once<A: Send + 'static, B>(
+    write: impl FnOnce() -> A + Send + 'static,
+    sync: impl FnOnce() -> B,
+) -> (A, B) {
+    use std::sync::mpsc;
+    type Job = Box<dyn FnOnce() + Send>;
+    thread_local! {
+        static COMPANION: Option<mpsc::Sender<Job>> = {
+            let (jobs, next) = mpsc::channel::<Job>();
+            let thread = std::thread::Builder::new().name("pagesync-history".into());
+            // Ends when this thread ends and its sender goes.
+            thread.spawn(move || next.into_iter().for_each(|job| job())).ok().map(|_| jobs)
+        };
+    }
+    let (reply, answer) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = reply.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(write)));
+    });
+    let unsent = COMPANION.with(|companion| match companion {
+        Some(jobs) => jobs.send(job).err().map(|e| e.0),
+        None => Some(job),
+    });
+    if let Some(job) = unsent {
+        job();
+    }
+    // Should `sync` panic, the companion's write still ends before this thread goes on: it
+    // holds the history journal, which must not be opened again while it writes.
+    let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(sync));
+    let written = answer.recv().expect("BUG: the companion drops no job unanswered");
+    let resume = std::panic::resume_unwind;
+    (written.unwrap_or_else(|panic| resume(panic)), synced.unwrap_or_else(|panic| resume(panic)))
 }
 
-/// No threads in the browser (which runs no server): never at once.
+/// No threads in the browser (which runs no server): one after the other.
 #[cfg(target_arch = "wasm32")]
-fn at_once<A, B>(_write: impl FnOnce() -> A, _sync: impl FnOnce() -> B) -> Option<(A, B)> {
-    None
+fn at_once<A, B>(write: impl FnOnce() -> A, sync: impl FnOnce() -> B) -> (A, B) {
+    (write(), sync())
 }
 
 /// Opens a document's history journal, creating it when asked (`true`: at the document's first
@@ -305,14 +331,15 @@ impl HistoryLog {
     /// decides which server owns the document.
     fn append(&mut self, entry: &[u8]) -> Result<()> {
         match self.journal()?.append(entry) {
-            Err(pagesync_journal::JournalError::Fenced { .. }) => {
-                self.journal = None;
-                self.journal()?.append(entry)?;
-            }
-            other => {
-                other?;
-            }
+            Err(pagesync_journal::JournalError::Fenced { .. }) => self.append_again(entry),
+            other => other.map(|_| ()).map_err(Error::from),
         }
+    }
+
+    /// `append` after another writer took the LSN: once more, on the journal opened again.
+    fn append_again(&mut self, entry: &[u8]) -> Result<()> {
+        self.journal = None;
+        self.journal()?.append(entry)?;
         Ok(())
     }
 }
@@ -1101,12 +1128,24 @@ impl<R: Reducer> ServerDocument<R> {
             (h.beside.as_mut().expect("BUG: just looked"))(from)?;
             h.marked = true;
         }
+        // Opened (when it must be) before the storage entry is staged, so that a failure to
+        // open leaves nothing to take back.
+        h.journal()?;
         let Some(staged) = store.stage_overlay(applied, forget, time_ms)? else {
             return Err(Error::Malformed("BUG: a step with mutations wrote no storage entry".into()));
         };
-        let beside = at_once(|| h.append(&entry), || store.sync_journal());
-        // No thread to be had: one after the other.
-        let (written, synced) = beside.unwrap_or_else(|| (h.append(&entry), store.sync_journal()));
+        // Written on another thread, and put back.
+        let mut journal = h.journal.take().expect("BUG: opened above");
+        let write = move || {
+            let written = journal.append(&entry);
+            (journal, entry, written)
+        };
+        let ((journal, entry, written), synced) = at_once(write, || store.sync_journal());
+        h.journal = Some(journal);
+        let written = match written {
+            Err(pagesync_journal::JournalError::Fenced { .. }) => h.append_again(&entry),
+            other => other.map(|_| ()).map_err(Error::from),
+        };
         match (synced, written) {
             (Ok(()), Ok(())) => Ok(Some(store.finish_staged(staged))),
             // The journal cut the entry off (and refuses writes until it is opened again).
@@ -1226,5 +1265,45 @@ impl<R: Reducer> ServerDocument<R> {
         let time_ms = time_of(m.client_time_ms);
         let result = apply_mutation(&self.db, &mut self.reducer, &m, time_ms)?;
         Ok((time_ms, result))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Every history entry written beside a step goes to the same companion thread: none is
+    /// started per step.
+    #[test]
+    fn history_entries_are_written_on_one_companion_thread() {
+        let here = std::thread::current().id();
+        let ran: Vec<_> =
+            (0..50).map(|i| at_once(move || (i, std::thread::current().id()), || i * 2)).collect();
+        let companion = ran[0].0.1;
+        assert_ne!(companion, here, "written beside this thread, not on it");
+        for (i, ((n, thread), synced)) in ran.into_iter().enumerate() {
+            assert_eq!((n, synced), (i, i * 2), "each call gets its own results");
+            assert_eq!(thread, companion, "call {i} ran on another thread");
+        }
+    }
+
+    /// A panic on either side reaches the caller only once the write has ended (it holds the
+    /// history journal), and the companion serves the next call.
+    #[test]
+    fn a_panic_on_either_side_waits_for_the_write() {
+        let done = Arc::new(AtomicBool::new(false));
+        let written = done.clone();
+        let slow_write = move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            written.store(true, Ordering::SeqCst);
+        };
+        let sync_panics = std::panic::catch_unwind(|| at_once(slow_write, || panic!("sync")));
+        assert!(sync_panics.is_err(), "the panic of `sync` reaches the caller");
+        assert!(done.load(Ordering::SeqCst), "it did so before the write had ended");
+        let write_panics = std::panic::catch_unwind(|| at_once(|| panic!("write"), || 1));
+        assert!(write_panics.is_err(), "the panic of `write` reaches the caller");
+        assert_eq!(at_once(|| 2, || 3), (2, 3), "the companion serves the next call");
     }
 }
