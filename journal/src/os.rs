@@ -135,8 +135,9 @@ const WRITEBACK_QUEUE: usize = 16;
 /// costs about half a millisecond per MiB, which the appending thread (a replica applying a
 /// download) does not wait for, and the fsync that later makes the bytes durable then waits
 /// for little. Only a hint: a failure is ignored (that fsync reports it), and other systems do
-/// nothing.
-pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+/// nothing. `false` when the hint was dropped (the queue is full), so that the next one covers
+/// these bytes too.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> bool {
     #[cfg(target_os = "linux")]
     {
         use std::sync::{Mutex, OnceLock, mpsc};
@@ -162,12 +163,19 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
         });
         // The descriptor is duplicated: the journal may close or delete the segment meanwhile.
         // A full queue (a disk slower than the appends) drops the hint: it only saves a wait.
-        if let (Some(writer), Ok(file)) = (writer, file.try_clone()) {
-            let _ = writer.lock().map(|tx| tx.try_send((file, offset, len)));
+        match (writer, file.try_clone()) {
+            (Some(writer), Ok(file)) => {
+                writer.lock().is_ok_and(|tx| tx.try_send((file, offset, len)).is_ok())
+            }
+            // No thread or no descriptor: there is nothing to try again.
+            _ => true,
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
+    {
+        let _ = (file, offset, len);
+        true
+    }
 }
 
 /// Makes the C allocator serve every allocation of `threshold` bytes or more from a mapping of

@@ -191,7 +191,8 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     forget: BTreeMap<TimelineId, Lsn>,
     /// Through which LSN each timeline's rejections were deleted already.
     forgotten: HashMap<TimelineId, Lsn>,
-    /// The history journal (`set_history`), written before every step's storage entry.
+    /// The history journal (`set_history`): every step's history entry is durable before its
+    /// storage entry is written, or with it (`write_history_beside`).
     history: Option<HistoryLog>,
     /// The mutator definitions in force, asked before every step (`set_mutators`).
     mutators: Option<MutatorSource>,
@@ -253,20 +254,24 @@ fn at_once<A: Send + 'static, B>(
     use std::sync::mpsc;
     type Job = Box<dyn FnOnce() + Send>;
     thread_local! {
-        static COMPANION: Option<mpsc::Sender<Job>> = {
-            let (jobs, next) = mpsc::channel::<Job>();
-            let thread = std::thread::Builder::new().name("pagesync-history".into());
-            // Ends when this thread ends and its sender goes.
-            thread.spawn(move || next.into_iter().for_each(|job| job())).ok().map(|_| jobs)
-        };
+        static COMPANION: std::cell::RefCell<Option<mpsc::Sender<Job>>> = const { std::cell::RefCell::new(None) };
     }
     let (reply, answer) = mpsc::sync_channel(1);
     let job: Job = Box::new(move || {
         let _ = reply.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(write)));
     });
-    let unsent = COMPANION.with(|companion| match companion {
-        Some(jobs) => jobs.send(job).err().map(|e| e.0),
-        None => Some(job),
+    let unsent = COMPANION.with_borrow_mut(|companion| {
+        if companion.is_none() {
+            // Started again at the next call if it cannot be now (a passing thread limit).
+            let (jobs, next) = mpsc::channel::<Job>();
+            let thread = std::thread::Builder::new().name("pagesync-history".into());
+            // Ends when this thread ends and its sender goes.
+            *companion = thread.spawn(move || next.into_iter().for_each(|job| job())).ok().map(|_| jobs);
+        }
+        match companion {
+            Some(jobs) => jobs.send(job).err().map(|e| e.0),
+            None => Some(job),
+        }
     });
     if let Some(job) = unsent {
         job();
@@ -1134,7 +1139,8 @@ impl<R: Reducer> ServerDocument<R> {
         let Some(staged) = store.stage_overlay(applied, forget, time_ms)? else {
             return Err(Error::Malformed("BUG: a step with mutations wrote no storage entry".into()));
         };
-        // Written on another thread, and put back.
+        // Written on another thread, and put back. Should either side panic, the journal goes
+        // with the panic (the step fails, and the next one opens the journal again).
         let mut journal = h.journal.take().expect("BUG: opened above");
         let write = move || {
             let written = journal.append(&entry);
@@ -1143,7 +1149,9 @@ impl<R: Reducer> ServerDocument<R> {
         let ((journal, entry, written), synced) = at_once(write, || store.sync_journal());
         h.journal = Some(journal);
         let written = match written {
-            Err(pagesync_journal::JournalError::Fenced { .. }) => h.append_again(&entry),
+            // Another writer took the LSN (a journal that can be raced; a file store cannot):
+            // once more, if the storage entry is durable.
+            Err(pagesync_journal::JournalError::Fenced { .. }) if synced.is_ok() => h.append_again(&entry),
             other => other.map(|_| ()).map_err(Error::from),
         };
         match (synced, written) {
@@ -1199,13 +1207,6 @@ impl<R: Reducer> ServerDocument<R> {
         self.history = Some(HistoryLog { open, journal: None, beside: None, marked: false });
     }
 
-    /// Steps write their history entry beside their storage entry, the two appends' barriers
-    /// at once (one fsync's wait rather than two), when the storage journal can take its newest
-    /// entry back: `mark` records from which storage LSN on (before the first such step), so
-    /// that opening the document again takes back a step whose storage entry became durable
-    /// while its history entry did not (`history::records_step`; a crash between the two).
-    /// Such a step was never acknowledged: its clients send its mutations again. Without this,
-    /// the history entry is durable before the storage entry is written.
     /// The history journal, opened already (`set_history` opens it at the first write).
     pub fn set_history_journal(&mut self, journal: Box<dyn Journal>) {
         if let Some(h) = &mut self.history {
@@ -1213,6 +1214,13 @@ impl<R: Reducer> ServerDocument<R> {
         }
     }
 
+    /// Steps write their history entry beside their storage entry, the two appends' barriers
+    /// at once (one fsync's wait rather than two), when the storage journal can take its newest
+    /// entry back: `mark` records from which storage LSN on (before the first such step), so
+    /// that opening the document again takes back a step whose storage entry became durable
+    /// while its history entry did not (`history::records_step`; a crash between the two).
+    /// Such a step was never acknowledged: its clients send its mutations again. Without this,
+    /// the history entry is durable before the storage entry is written.
     pub fn write_history_beside(&mut self, mark: PairingMark) {
         if let Some(h) = &mut self.history {
             h.beside = Some(mark);
