@@ -52,15 +52,21 @@ const STARTED_UNSYNCED: u32 = 1;
 const SEGMENT_SUFFIX: &str = ".seg";
 
 /// Bytes appended without a barrier after which the kernel is asked to start writing them to
-/// disk (`os::start_writeback`), without waiting: 128 KiB. A download appends hundreds of MiB
+/// disk (`os::start_writeback`), without waiting: 8 MiB. A download appends hundreds of MiB
 /// that way; left dirty, all of it would be written by the fsync that makes them durable (a
 /// segment's roll, `sync`), which a download then waits for (about 35 ms per 64 MiB here).
-/// A replica taking a hundred small steps a second appends about 1 MB of pages a second
-/// between its storage syncs; written all at once by that sync, they held up the durable
-/// writes of every other journal on the disk for 3 to 6 ms once a second, about 1% of them,
-/// which made the p99 of propagation latency. Written as they come, 128 KiB at a time, no
-/// write waits long (8 MiB before; 128 KiB did not slow a cold start).
-const WRITEBACK_BYTES: u64 = 128 << 10;
+const WRITEBACK_BYTES: u64 = 8 << 20;
+/// The same for a trickle of small appends (each under `SMALL_APPEND_BYTES`): 128 KiB. A
+/// replica taking a hundred small steps a second appends about 1 MB of pages a second between
+/// its storage syncs; written all at once by that sync, they held up the durable writes of
+/// every other journal on the disk for 3 to 6 ms once a second, about 1% of them, which made
+/// the p99 of propagation latency. A download's large appends keep the larger step: at 128 KiB
+/// a 102 MB cold start ran about 10% slower (medians of 5 `pagesync-bench bulk` runs each).
+const WRITEBACK_TRICKLE_BYTES: u64 = 128 << 10;
+/// An append smaller than this is part of a trickle (`WRITEBACK_TRICKLE_BYTES`).
+const SMALL_APPEND_BYTES: u64 = 64 << 10;
+/// The granule of a writeback hint: a page of the kernel's cache.
+const WRITEBACK_PAGE: u64 = 4096;
 
 /// Tunables of a file journal.
 #[derive(Clone, Debug)]
@@ -91,8 +97,8 @@ pub struct FileJournalOptions {
     /// Keep zeros written ahead of the last segment's end (`PREALLOCATE_MIN_BYTES` up to a
     /// quarter of the segment, at most `PREALLOCATE_MAX_BYTES`), so that an append overwrites
     /// blocks the file already has: its `fdatasync` then writes the data alone, not the file's
-    /// new size as well, which took about twice as long here. An append too large for two
-    /// like it to fit in that space writes none (the next would grow the file anyway). For journals that take a small
+    /// new size as well, which took about twice as long here. An append larger than that
+    /// space writes none (the next like it would grow the file anyway). For journals that take a small
     /// append and a barrier at a time (a replica's timeline, a server's storage and history);
     /// a journal filled in bulk without barriers (a download) would write its bytes twice.
     /// Recovery reads zeros after the last entry as unused space, not as a torn tail.
@@ -948,7 +954,8 @@ impl Journal for FileJournal {
     }
 
     fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
-        let batch = self.append_batch_unsynced(payloads)?;
+        // No writeback hint: the barrier writes these bytes now.
+        let batch = self.append_frames(payloads)?;
         self.sync()?;
         self.close_idle_files();
         Ok(batch)
@@ -1117,59 +1124,9 @@ impl Journal for FileJournal {
     }
 
     fn append_batch_unsynced(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
-        self.check_writable()?;
-        for p in payloads {
-            crate::check_entry_len(self.id, p)?;
-        }
-        let first = self.range.next();
-        let batch = LsnRange::from_count(first, payloads.len() as u64);
-        if payloads.is_empty() {
-            return Ok(batch);
-        }
-        let total: usize = payloads.iter().map(|p| codec::frame_len(p.len())).sum();
-        if self.needs_roll(total as u64) {
-            self.roll(first)?;
-        }
-        let id = self.id;
-        let preallocate = self.opts.preallocate;
-        let seg = self.segments.last_mut().expect("BUG: roll() guarantees a segment");
-        let start = seg.len_bytes;
-        if let Err(e) = seg.file.get(&seg.path).and_then(|f| write_frames(f, start, first, payloads)) {
-            // Nothing was acknowledged; cut whatever part of the batch reached the file.
-            let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(start));
-            seg.alloc_bytes = start;
-            return Err(io_err(id, "append", &seg.path)(e));
-        }
-        let end = start + total as u64;
-        seg.alloc_bytes = seg.alloc_bytes.max(end);
-        let ahead = (end / 4).clamp(PREALLOCATE_MIN_BYTES, PREALLOCATE_MAX_BYTES);
-        // Zeros that fewer than two appends of this size would fill would only add to what this
-        // one writes: the next would grow the file anyway.
-        if preallocate && seg.alloc_bytes == end && total as u64 * 2 <= ahead {
-            // Zeros ahead, made durable by the barrier that follows (with this append's size).
-            // Best effort: without them, the next append grows the file as before.
-            if seg.file.get(&seg.path).and_then(|f| f.write_all_at(&vec![0; ahead as usize], end)).is_ok() {
-                seg.alloc_bytes = end + ahead;
-            }
-        }
-        let mut at = start;
-        for p in payloads {
-            seg.offsets.push(at);
-            at += codec::frame_len(p.len()) as u64;
-        }
-        seg.len_bytes = at;
-        let from = seg.writeback_from.max(seg.synced_bytes);
-        if seg.len_bytes.saturating_sub(from) >= WRITEBACK_BYTES {
-            // A hint dropped (a full queue) is given again with the next.
-            let hinted = seg
-                .file
-                .get(&seg.path)
-                .map(|file| crate::os::start_writeback(file, from, seg.len_bytes - from));
-            if hinted.unwrap_or(true) {
-                seg.writeback_from = seg.len_bytes;
-            }
-        }
-        self.range = self.range.extend(payloads.len() as u64);
+        let batch = self.append_frames(payloads)?;
+        let bytes: usize = payloads.iter().map(|p| codec::frame_len(p.len())).sum();
+        self.hint_writeback(bytes as u64);
         Ok(batch)
     }
 
@@ -1245,6 +1202,73 @@ impl Journal for FileJournal {
     }
 }
 
+impl FileJournal {
+    /// Writes the frames of `payloads` after the last entry, without a barrier.
+    fn append_frames(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
+        self.check_writable()?;
+        for p in payloads {
+            crate::check_entry_len(self.id, p)?;
+        }
+        let first = self.range.next();
+        let batch = LsnRange::from_count(first, payloads.len() as u64);
+        if payloads.is_empty() {
+            return Ok(batch);
+        }
+        let total: usize = payloads.iter().map(|p| codec::frame_len(p.len())).sum();
+        if self.needs_roll(total as u64) {
+            self.roll(first)?;
+        }
+        let id = self.id;
+        let preallocate = self.opts.preallocate;
+        let seg = self.segments.last_mut().expect("BUG: roll() guarantees a segment");
+        let start = seg.len_bytes;
+        if let Err(e) = seg.file.get(&seg.path).and_then(|f| write_frames(f, start, first, payloads)) {
+            // Nothing was acknowledged; cut whatever part of the batch reached the file.
+            let _ = seg.file.get(&seg.path).and_then(|f| f.set_len(start));
+            seg.alloc_bytes = start;
+            return Err(io_err(id, "append", &seg.path)(e));
+        }
+        let end = start + total as u64;
+        seg.alloc_bytes = seg.alloc_bytes.max(end);
+        let ahead = (end / 4).clamp(PREALLOCATE_MIN_BYTES, PREALLOCATE_MAX_BYTES);
+        // Zeros that an append of this size would not fit in would only add to what this one
+        // writes: the next would grow the file anyway.
+        if preallocate && seg.alloc_bytes == end && total as u64 <= ahead {
+            // Zeros ahead, made durable by the barrier that follows (with this append's size).
+            // Best effort: without them, the next append grows the file as before.
+            if seg.file.get(&seg.path).and_then(|f| f.write_all_at(&vec![0; ahead as usize], end)).is_ok() {
+                seg.alloc_bytes = end + ahead;
+            }
+        }
+        let mut at = start;
+        for p in payloads {
+            seg.offsets.push(at);
+            at += codec::frame_len(p.len()) as u64;
+        }
+        seg.len_bytes = at;
+        self.range = self.range.extend(payloads.len() as u64);
+        Ok(batch)
+    }
+
+    /// Once `WRITEBACK_BYTES` of the last segment wait for a barrier (`WRITEBACK_TRICKLE_BYTES`
+    /// after an append of `appended` bytes that is small), asks the kernel to start writing them
+    /// (whole pages: the last one partly written would be written twice). A hint dropped (a
+    /// full queue) is given again with the next.
+    fn hint_writeback(&mut self, appended: u64) {
+        let Some(seg) = self.segments.last_mut() else { return };
+        let from = seg.writeback_from.max(seg.synced_bytes);
+        let to = seg.len_bytes & !(WRITEBACK_PAGE - 1);
+        let step = if appended < SMALL_APPEND_BYTES { WRITEBACK_TRICKLE_BYTES } else { WRITEBACK_BYTES };
+        if to.saturating_sub(from) < step {
+            return;
+        }
+        let hinted = seg.file.get(&seg.path).map(|file| crate::os::start_writeback(file, from, to - from));
+        if hinted.unwrap_or(true) {
+            seg.writeback_from = to;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1308,11 +1332,10 @@ mod tests {
         assert!(most <= 64 << 10, "{most} bytes ahead, over 64 KiB");
         assert!(most > PREALLOCATE_MIN_BYTES, "it grows past the least as the segment does: {most}");
         assert!(grew < 4 << 20 >> 15, "written ahead {grew} times for 4 MiB: not once per append");
-        // Appends too large for two to fit in the space ahead write none: the next would grow
-        // the file anyway.
+        // Appends larger than the space ahead write none: the next would grow the file anyway.
         let seg = &j.segments[0];
-        let (left, large) = (seg.alloc_bytes - seg.len_bytes, vec![9u8; 40 << 10]);
-        for _ in 0..=left / (40 << 10) + 1 {
+        let (left, large) = (seg.alloc_bytes - seg.len_bytes, vec![9u8; 80 << 10]);
+        for _ in 0..=left / (80 << 10) + 1 {
             j.append(&large).expect("append");
         }
         for _ in 0..3 {
@@ -1327,9 +1350,9 @@ mod tests {
         }
     }
 
-    /// Bytes appended without a barrier are handed to the kernel to write as they come, a
+    /// Small appends without a barrier are handed to the kernel to write as they come, a
     /// little at a time, rather than left for the next barrier to write all at once (which
-    /// holds up every durable write on the disk meanwhile).
+    /// holds up every durable write on the disk meanwhile); large ones in larger steps.
     #[test]
     fn bytes_appended_without_a_barrier_are_written_back_as_they_come() {
         let root = tempfile::tempdir().expect("tempdir");
@@ -1345,6 +1368,11 @@ mod tests {
             assert!(unhinted < 1 << 20, "{unhinted} bytes appended and not yet handed over");
         }
         assert!(j.segments[0].writeback_from > 1 << 20, "handed over as they came");
+        let (large, before) = (vec![5u8; 1 << 20], j.segments[0].writeback_from);
+        for _ in 0..4 {
+            j.append_batch_unsynced(&[&large]).expect("append");
+        }
+        assert_eq!(j.segments[0].writeback_from, before, "large appends are handed over 8 MiB at a time");
     }
 
     /// Header flags this build does not know fail the header's check.

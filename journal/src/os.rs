@@ -135,8 +135,8 @@ const WRITEBACK_QUEUE: usize = 16;
 /// costs about half a millisecond per MiB, which the appending thread (a replica applying a
 /// download) does not wait for, and the fsync that later makes the bytes durable then waits
 /// for little. Only a hint: a failure is ignored (that fsync reports it), and other systems do
-/// nothing. `false` when the hint was dropped (the queue is full), so that the next one covers
-/// these bytes too.
+/// nothing. `false` when the hint was dropped because the queue is full, so that the next one
+/// covers these bytes too.
 pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> bool {
     #[cfg(target_os = "linux")]
     {
@@ -164,9 +164,9 @@ pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> bool {
         // The descriptor is duplicated: the journal may close or delete the segment meanwhile.
         // A full queue (a disk slower than the appends) drops the hint: it only saves a wait.
         match (writer, file.try_clone()) {
-            (Some(writer), Ok(file)) => {
-                writer.lock().is_ok_and(|tx| tx.try_send((file, offset, len)).is_ok())
-            }
+            (Some(writer), Ok(file)) => writer.lock().map_or(true, |tx| {
+                !matches!(tx.try_send((file, offset, len)), Err(mpsc::TrySendError::Full(_)))
+            }),
             // No thread or no descriptor: there is nothing to try again.
             _ => true,
         }

@@ -254,7 +254,8 @@ fn at_once<A: Send + 'static, B>(
     use std::sync::mpsc;
     type Job = Box<dyn FnOnce() + Send>;
     thread_local! {
-        static COMPANION: std::cell::RefCell<Option<mpsc::Sender<Job>>> = const { std::cell::RefCell::new(None) };
+        static COMPANION: std::cell::RefCell<Option<mpsc::Sender<Job>>> =
+            const { std::cell::RefCell::new(None) };
     }
     let (reply, answer) = mpsc::sync_channel(1);
     let job: Job = Box::new(move || {
