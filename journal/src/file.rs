@@ -98,9 +98,10 @@ pub struct FileJournalOptions {
     /// quarter of the segment, at most `PREALLOCATE_MAX_BYTES`), so that an append overwrites
     /// blocks the file already has: its `fdatasync` then writes the data alone, not the file's
     /// new size as well, which took about twice as long here. An append larger than that
-    /// space writes none (the next like it would grow the file anyway). For journals that take a small
-    /// append and a barrier at a time (a replica's timeline, a server's storage and history);
-    /// a journal filled in bulk without barriers (a download) would write its bytes twice.
+    /// space writes none (the next like it would grow the file anyway). For journals that take
+    /// a small append and a barrier at a time (a replica's timeline, a server's storage and
+    /// history); a journal filled in bulk without barriers (a download) would write its bytes
+    /// twice.
     /// Recovery reads zeros after the last entry as unused space, not as a torn tail.
     pub preallocate: bool,
     /// A roll starts the new segment without first making the old one durable (the next
