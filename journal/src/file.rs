@@ -956,7 +956,7 @@ impl Journal for FileJournal {
 
     fn append_batch(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
         // No writeback hint: the barrier writes these bytes now.
-        let batch = self.append_frames(payloads)?;
+        let (batch, _) = self.append_frames(payloads)?;
         self.sync()?;
         self.close_idle_files();
         Ok(batch)
@@ -1125,9 +1125,8 @@ impl Journal for FileJournal {
     }
 
     fn append_batch_unsynced(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
-        let batch = self.append_frames(payloads)?;
-        let bytes: usize = payloads.iter().map(|p| codec::frame_len(p.len())).sum();
-        self.hint_writeback(bytes as u64);
+        let (batch, bytes) = self.append_frames(payloads)?;
+        self.hint_writeback(bytes);
         Ok(batch)
     }
 
@@ -1204,8 +1203,9 @@ impl Journal for FileJournal {
 }
 
 impl FileJournal {
-    /// Writes the frames of `payloads` after the last entry, without a barrier.
-    fn append_frames(&mut self, payloads: &[&[u8]]) -> Result<LsnRange> {
+    /// Writes the frames of `payloads` after the last entry, without a barrier; their LSNs and
+    /// bytes.
+    fn append_frames(&mut self, payloads: &[&[u8]]) -> Result<(LsnRange, u64)> {
         self.check_writable()?;
         for p in payloads {
             crate::check_entry_len(self.id, p)?;
@@ -1213,7 +1213,7 @@ impl FileJournal {
         let first = self.range.next();
         let batch = LsnRange::from_count(first, payloads.len() as u64);
         if payloads.is_empty() {
-            return Ok(batch);
+            return Ok((batch, 0));
         }
         let total: usize = payloads.iter().map(|p| codec::frame_len(p.len())).sum();
         if self.needs_roll(total as u64) {
@@ -1248,7 +1248,7 @@ impl FileJournal {
         }
         seg.len_bytes = at;
         self.range = self.range.extend(payloads.len() as u64);
-        Ok(batch)
+        Ok((batch, total as u64))
     }
 
     /// Once `WRITEBACK_BYTES` of the last segment wait for a barrier (`WRITEBACK_TRICKLE_BYTES`

@@ -336,17 +336,21 @@ impl HistoryLog {
     /// journal is opened again and the entry goes after it: the storage append that follows
     /// decides which server owns the document.
     fn append(&mut self, entry: &[u8]) -> Result<()> {
-        match self.journal()?.append(entry) {
-            Err(pagesync_journal::JournalError::Fenced { .. }) => self.append_again(entry),
-            other => other.map(|_| ()).map_err(Error::from),
-        }
+        let written = self.journal()?.append(entry);
+        self.settle(written, entry)
     }
 
-    /// `append` after another writer took the LSN: once more, on the journal opened again.
-    fn append_again(&mut self, entry: &[u8]) -> Result<()> {
-        self.journal = None;
-        self.journal()?.append(entry)?;
-        Ok(())
+    /// What an append of `entry` that gave `written` comes to: once more, on the journal
+    /// opened again, when another writer took the LSN.
+    fn settle(&mut self, written: pagesync_journal::Result<Lsn>, entry: &[u8]) -> Result<()> {
+        match written {
+            Err(pagesync_journal::JournalError::Fenced { .. }) => {
+                self.journal = None;
+                self.journal()?.append(entry)?;
+                Ok(())
+            }
+            other => other.map(|_| ()).map_err(Error::from),
+        }
     }
 }
 
@@ -1149,12 +1153,9 @@ impl<R: Reducer> ServerDocument<R> {
         };
         let ((journal, entry, written), synced) = at_once(write, || store.sync_journal());
         h.journal = Some(journal);
-        let written = match written {
-            // Another writer took the LSN (a journal that can be raced; a file store cannot):
-            // once more, if the storage entry is durable.
-            Err(pagesync_journal::JournalError::Fenced { .. }) if synced.is_ok() => h.append_again(&entry),
-            other => other.map(|_| ()).map_err(Error::from),
-        };
+        // Once the storage sync failed, the step fails whatever the history append gave: no
+        // second try then (a `Fenced` one would open the journal again).
+        let written = if synced.is_ok() { h.settle(written, &entry) } else { Ok(()) };
         match (synced, written) {
             (Ok(()), Ok(())) => Ok(Some(store.finish_staged(staged))),
             // The journal cut the entry off (and refuses writes until it is opened again).
