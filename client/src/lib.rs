@@ -209,6 +209,11 @@ fn commit_group(shared: &Shared, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<S
         }
     }
     drop(session);
+    // The writes go up while their fsyncs run (the sent marks cover them): the connections
+    // send what is due now, not once the disk has answered.
+    if !detached.is_empty() {
+        shared.wake.send_modify(|n| *n += 1);
+    }
     // The fsyncs hold no lock: this replica's deliveries and rebases go on while they run.
     let outcomes: Vec<std::io::Result<()>> = detached.iter().map(|(_, group)| group.run()).collect();
     let mut session = shared.session();
@@ -284,6 +289,10 @@ impl Drop for Client {
         // and so are the server's entries received since the last tick (or they are
         // downloaded again on the next open).
         sync_replicas(&mut session);
+        // Everything sent is durable now: a reopen has nothing to fill.
+        if let Err(e) = session.settle_sent_marks() {
+            tracing::warn!("lowering the sent marks failed (the next open fills what they cover): {e}");
+        }
         for id in ids {
             drop(session.remove_document(id));
         }
@@ -304,6 +313,10 @@ fn random_u64() -> u64 {
     h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     h.finish()
 }
+
+/// The directory beside a replica's `timeline/` of its sent mark: the durable bound on the
+/// LSNs it may have sent before they were durable (`ClientDocument::send_before_durable`).
+const SENT_MARK_DIR: &str = "sent";
 
 /// The file beside a replica's `timeline/` that holds its key (`pagesync::TimelineKey`).
 const TIMELINE_KEY_FILE: &str = "timeline.key";
@@ -454,6 +467,7 @@ impl Client {
                     // Outcomes of an earlier timeline (whose directory is gone) mean nothing now;
                     // if they cannot be removed, opening them below says so.
                     let _ = std::fs::remove_dir_all(dir.join("outcomes"));
+                    let _ = std::fs::remove_dir_all(dir.join(SENT_MARK_DIR));
                     FileJournal::create(&tl_dir, key.id().journal_id(), tl_opts)?
                 }
                 Err(e) => return Err(e.into()),
@@ -475,6 +489,21 @@ impl Client {
                 .set_timeline_key(key)
                 .map_err(|e| ClientError::TimelineKey { dir: dir.clone(), why: e.to_string() })?;
             replica.set_durability(*self.shared.durability.lock().expect("BUG: lock poisoned"))?;
+            // Writes go up while their fsync runs, under a bound kept durably beside the
+            // timeline (`ClientDocument::send_before_durable`): after a crash, the LSNs it covers
+            // past the timeline's end are filled before anything is written or sent.
+            let mark = FileJournal::open_or_create(
+                dir.join(SENT_MARK_DIR),
+                replica.timeline_id().journal_id(),
+                FileJournalOptions::default(),
+            )?;
+            let filled = replica.send_before_durable(Box::new(mark))?;
+            if filled > 0 {
+                tracing::info!(
+                    "{}: after a crash, filled {filled} timeline LSNs the sent mark covered past the timeline's end with no-ops (the server keeps any write it received there)",
+                    dir.display()
+                );
+            }
             // The server's mutators as last sent: pending calls run under them offline too.
             if let Ok(source) = std::fs::read_to_string(dir.join(MUTATORS_FILE)) {
                 match pagesync::mutators::Mutators::parse(&source) {

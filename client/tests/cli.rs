@@ -415,3 +415,70 @@ fn forget_waits_for_the_holder() {
     drop(held);
     server.stop();
 }
+
+/// A write goes up while its fsync runs, under the replica's sent mark. A power cut can then
+/// take from the timeline writes the server already holds: here a `repl` is killed once the
+/// server has its writes, and its timeline's newest two entries are cut off, as a power cut
+/// before their fsync would, with every entry the replica received (made durable once a
+/// second). The next open fills the LSNs the mark covers past the timeline's end, so the next
+/// write takes a new LSN, and every write is on the server exactly once. Without the fill,
+/// that write would take the LSN of a cut one, and the server would drop it as applied.
+#[test]
+fn a_write_after_a_crash_took_sent_writes_from_the_timeline_is_not_lost() {
+    use pagesync::journal::{FileJournal, FileJournalOptions, Journal};
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let (server, addr) = Server::start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr"));
+    // A clean close lowers the mark to the timeline's end: the next open has nothing to fill.
+    assert!(ok(&cli(addr, &a, &["exec", "CREATE TABLE t(x TEXT)"], None)).contains("confirmed"));
+    let timeline_dir = a.join(DOC).join("timeline");
+    let written = FileJournal::open(&timeline_dir, FileJournalOptions::default()).expect("timeline").range();
+    let mark = FileJournal::open(a.join(DOC).join("sent"), FileJournalOptions::default()).expect("mark");
+    let newest = mark.read(mark.range().last().expect("a mark")).expect("read the mark");
+    assert_eq!(newest, written.last().expect("the write").get().to_le_bytes(), "lowered on close");
+    drop(mark);
+
+    let mut repl = Command::new(env!("CARGO_BIN_EXE_pagesync"))
+        .args(["--server", &format!("ws://{addr}/v1/sync"), "--doc", DOC, "--data"])
+        .arg(&a)
+        .arg("repl")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pagesync");
+    let mut input = repl.stdin.take().expect("stdin");
+    let writes: String = (1..=5).map(|i| format!("INSERT INTO t VALUES ('w{i}');\n")).collect();
+    writeln!(input, "{writes}.sync").expect("write stdin");
+    let mut output = std::io::BufReader::new(repl.stdout.take().expect("stdout")).lines();
+    let synced = output.by_ref().map_while(Result::ok).any(|line| line == "synced");
+    assert!(synced, "the repl's writes reached the server");
+    // A crash: no clean close, so the sent mark stays where the writes left it.
+    repl.kill().expect("kill the repl");
+    repl.wait().expect("reap the repl");
+    drop(input);
+
+    let mut timeline = FileJournal::open(&timeline_dir, FileJournalOptions::default()).expect("timeline");
+    let before = timeline.range();
+    for _ in 0..2 {
+        timeline.remove_last().expect("cut the newest entry");
+    }
+    assert_eq!(timeline.range().next().get(), before.next().get() - 2);
+    drop(timeline);
+    let mut storage =
+        FileJournal::open(a.join(DOC).join("storage"), FileJournalOptions::default()).expect("storage");
+    while !storage.range().is_empty() {
+        storage.remove_last().expect("cut a received entry");
+    }
+    drop(storage);
+
+    let after = ok(&cli(addr, &a, &["exec", "INSERT INTO t VALUES ('after the crash')"], None));
+    assert!(after.contains("confirmed"), "{after}");
+    let rows = ok(&cli(addr, &b, &["query", "SELECT x FROM t ORDER BY rowid"], None));
+    assert_eq!(rows, "x\nw1\nw2\nw3\nw4\nw5\nafter the crash\n");
+    // The reopened replica holds the same, its cut writes brought back by the server's pages.
+    let rows = ok(&cli(addr, &a, &["query", "SELECT x FROM t ORDER BY rowid"], None));
+    assert_eq!(rows, "x\nw1\nw2\nw3\nw4\nw5\nafter the crash\n");
+    server.stop();
+}
