@@ -492,10 +492,17 @@ impl Client {
             // Writes go up while their fsync runs, under a bound kept durably beside the
             // timeline (`ClientDocument::send_before_durable`): after a crash, the LSNs it covers
             // past the timeline's end are filled before anything is written or sent.
+            // Written once per `SEND_AHEAD_LSNS` writes: no descriptor held between, and small
+            // segments, so the entries trimmed behind the newest free their space.
+            let mark_opts = FileJournalOptions {
+                close_files: true,
+                max_segment_bytes: 64 << 10,
+                ..FileJournalOptions::default()
+            };
             let mark = FileJournal::open_or_create(
                 dir.join(SENT_MARK_DIR),
                 replica.timeline_id().journal_id(),
-                FileJournalOptions::default(),
+                mark_opts,
             )?;
             let filled = replica.send_before_durable(Box::new(mark))?;
             if filled > 0 {

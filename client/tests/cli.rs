@@ -419,8 +419,8 @@ fn forget_waits_for_the_holder() {
 /// A write goes up while its fsync runs, under the replica's sent mark. A power cut can then
 /// take from the timeline writes the server already holds: here a `repl` is killed once the
 /// server has its writes, and its timeline's newest two entries are cut off, as a power cut
-/// before their fsync would, with every entry the replica received (made durable once a
-/// second). The next open fills the LSNs the mark covers past the timeline's end, so the next
+/// before their fsync would, with the entries the replica received meanwhile (made durable
+/// once a second). The next open fills the LSNs the mark covers past the timeline's end, so the next
 /// write takes a new LSN, and every write is on the server exactly once. Without the fill,
 /// that write would take the LSN of a cut one, and the server would drop it as applied.
 #[test]
@@ -434,6 +434,10 @@ fn a_write_after_a_crash_took_sent_writes_from_the_timeline_is_not_lost() {
     assert!(ok(&cli(addr, &a, &["exec", "CREATE TABLE t(x TEXT)"], None)).contains("confirmed"));
     let timeline_dir = a.join(DOC).join("timeline");
     let written = FileJournal::open(&timeline_dir, FileJournalOptions::default()).expect("timeline").range();
+    // What the clean close made durable of the server's entries (the later ones come with the
+    // repl, and are made durable once a second).
+    let storage_dir = a.join(DOC).join("storage");
+    let kept = FileJournal::open(&storage_dir, FileJournalOptions::default()).expect("storage").range();
     let mark = FileJournal::open(a.join(DOC).join("sent"), FileJournalOptions::default()).expect("mark");
     let newest = mark.read(mark.range().last().expect("a mark")).expect("read the mark");
     assert_eq!(newest, written.last().expect("the write").get().to_le_bytes(), "lowered on close");
@@ -452,8 +456,8 @@ fn a_write_after_a_crash_took_sent_writes_from_the_timeline_is_not_lost() {
     let writes: String = (1..=5).map(|i| format!("INSERT INTO t VALUES ('w{i}');\n")).collect();
     writeln!(input, "{writes}.sync").expect("write stdin");
     let mut output = std::io::BufReader::new(repl.stdout.take().expect("stdout")).lines();
-    let synced = output.by_ref().map_while(Result::ok).any(|line| line == "synced");
-    assert!(synced, "the repl's writes reached the server");
+    let answer = output.by_ref().map_while(Result::ok).find(|l| l == "synced" || l.starts_with("error"));
+    assert_eq!(answer.as_deref(), Some("synced"), "the repl's writes reached the server");
     // A crash: no clean close, so the sent mark stays where the writes left it.
     repl.kill().expect("kill the repl");
     repl.wait().expect("reap the repl");
@@ -466,9 +470,9 @@ fn a_write_after_a_crash_took_sent_writes_from_the_timeline_is_not_lost() {
     }
     assert_eq!(timeline.range().next().get(), before.next().get() - 2);
     drop(timeline);
-    let mut storage =
-        FileJournal::open(a.join(DOC).join("storage"), FileJournalOptions::default()).expect("storage");
-    while !storage.range().is_empty() {
+    let mut storage = FileJournal::open(&storage_dir, FileJournalOptions::default()).expect("storage");
+    assert!(storage.range().next() > kept.next(), "the repl received the server's entries");
+    while storage.range().next() > kept.next() {
         storage.remove_last().expect("cut a received entry");
     }
     drop(storage);

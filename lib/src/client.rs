@@ -422,8 +422,9 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Appends to the timeline, durably unless `Durability::Normal` or a deferred barrier
-    /// (`mutate_group_deferred`); entries appended without one are covered by the sent mark
-    /// if the replica has one.
+    /// (`mutate_group_deferred`). Entries whose barrier is deferred are covered by the sent mark
+    /// if the replica has one (they may go up while it runs); `Normal` ones are not: they go
+    /// up once durable, and their writer never waits for the mark's fsync.
     fn append_timeline(&mut self, entries: &[&[u8]]) -> Result<LsnRange> {
         let barrier = self.durability == Durability::Full && !self.defer_barrier;
         let range = match barrier {
@@ -434,7 +435,7 @@ impl<R: Reducer> ClientDocument<R> {
         if barrier {
             // Entries are durable in order: those before it are now durable too.
             self.synced_next = range.next();
-        } else {
+        } else if self.durability == Durability::Full {
             self.cover_sends();
         }
         Ok(range)

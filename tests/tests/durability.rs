@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use pagesync::journal::{FileJournal, FileJournalOptions, JournalId, Lsn};
+use pagesync::journal::{FileJournal, FileJournalOptions, Journal, JournalId, Lsn};
 use pagesync::protocol::{ClientSession, ConnId, Message, ServerSession};
 use pagesync::{ClientDocument, DocId, Durability, MutationState, ServerDocument, Value};
 use pagesync_tests::{memory_journal, sql};
@@ -68,10 +68,17 @@ fn rows(doc: &ClientDocument) -> Vec<Vec<Value>> {
     doc.query("SELECT x FROM t ORDER BY x", &[]).expect("query").rows
 }
 
+/// Also with a sent mark (as the native client opens for every replica): `Normal` writes are
+/// not covered by it, so their writer never waits for its fsync, and they go up once durable.
 #[test]
 fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut doc = replica(dir.path());
+    let mark = |dir: &Path| {
+        let id = pagesync_tests::timeline_journal_id(2);
+        FileJournal::open_or_create(dir.join("sent"), id, FileJournalOptions::default()).expect("mark")
+    };
+    assert_eq!(doc.send_before_durable(Box::new(mark(dir.path()))).expect("mark"), 0);
     doc.mutate(sql("CREATE TABLE t(x INTEGER)", vec![]), T0, 1).expect("ddl");
     doc.set_durability(Durability::Normal).expect("normal");
     doc.mutate(sql("INSERT INTO t VALUES (1)", vec![]), T0, 2).expect("write");
@@ -109,6 +116,7 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     }
     assert_eq!(sent, 2, "only durable writes may be sent");
     assert_eq!(session.status(DOC).expect("status").pending, 3);
+    assert!(mark(dir.path()).range().is_empty(), "no write waited for the sent mark");
 
     // Power cut: the unsynced tail is lost, its first frame torn half way.
     let doc = session.remove_document(DOC).expect("doc");
@@ -118,7 +126,8 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     assert!(len > synced_len + 16, "the unsynced writes reached the file ({len} bytes)");
     tear(&seg, synced_len, len, 5);
 
-    let doc = replica(dir.path());
+    let mut doc = replica(dir.path());
+    assert_eq!(doc.send_before_durable(Box::new(mark(dir.path()))).expect("mark"), 0, "nothing to fill");
     assert_eq!(rows(&doc), vec![vec![Value::Integer(1)]], "the synced write stays, the lost ones are gone");
     assert_eq!(doc.pending_count(), 0, "the server confirmed everything that survived");
     assert_eq!(
@@ -126,7 +135,6 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
         MutationState::Confirmed
     );
     // And the replica goes on: the next write takes the next free LSN.
-    let mut doc = doc;
     let w = doc.mutate(sql("INSERT INTO t VALUES (5)", vec![]), T0, 99).expect("write");
     assert_eq!(w.lsn.get(), 3);
 }
@@ -176,17 +184,14 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
     assert_eq!(session.status(DOC).expect("status").pending, 0);
     let synced_len = std::fs::metadata(segment(dir.path())).expect("stat").len();
 
-    // Two more go up before any fsync (the mark covers them) and the server applies them; the
-    // power cut comes before their fsync and before the server's answer arrives.
-    // (`Normal`: the group commit leaves them without a barrier, for the timer.)
-    session.set_durability(DOC, Durability::Normal).expect("normal");
+    // Two more go up before their fsync (the mark covers them) and the server applies them; the
+    // power cut comes before that fsync ends and before the server's answer arrives (the test
+    // cuts their bytes off the file below, as the power cut would).
     let mut frames = Vec::new();
-    session.mutate_group_sending(DOC, vec![write(2)], T0 + 1, &mut |_, m| frames.push(m)).expect("write");
-    assert!(session.needs_sync(), "under Normal the group commit leaves its barrier to the timer");
-    let w = write(3);
-    session.mutate(DOC, w.body, w.client_time_ms, w.seed).expect("write");
-    frames.extend(std::iter::from_fn(|| session.poll_transmit()));
-    assert!(session.needs_sync(), "not durable yet");
+    let answers = session
+        .mutate_group_sending(DOC, vec![write(2), write(3)], T0 + 1, &mut |_, m| frames.push(m))
+        .expect("write");
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
     let mut sent = 0;
     for m in frames {
         if let Message::Mutations { entries, .. } = &m {
@@ -201,7 +206,7 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
     std::mem::forget(doc);
     let seg = segment(dir.path());
     let len = std::fs::metadata(&seg).expect("stat").len();
-    assert!(len > synced_len + 16, "the unsent writes reached the file ({len} bytes)");
+    assert!(len > synced_len + 16, "the two writes reached the file ({len} bytes)");
     tear(&seg, synced_len, len, 3);
 
     let mut doc = replica(dir.path());

@@ -1206,7 +1206,8 @@ fn next_message(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
 
 /// The next `Mutations` message, within the upload window and the batch size.
 fn upload_batch(id: DocId, l: &mut Link, now_ms: i64) -> Option<Message> {
-    // Only durable entries: see `Durability::Normal`.
+    // Durable entries, and those whose barrier runs while they travel (the sent mark covers
+    // them): see `ClientDocument::sendable_range`.
     let pending = l.doc.sendable_range();
     let window = l.up.room(UPLOAD_WINDOW_BYTES);
     let first = l.up.next.max(pending.first());
