@@ -492,8 +492,8 @@ impl Client {
             // Writes go up while their fsync runs, under a bound kept durably beside the
             // timeline (`ClientDocument::send_before_durable`): after a crash, the LSNs it covers
             // past the timeline's end are filled before anything is written or sent.
-            // Written once per `SEND_AHEAD_LSNS` writes: no descriptor held between, and small
-            // segments, so the entries trimmed behind the newest free their space.
+            // Written once per `SEND_AHEAD_LSNS` writes: its file closed after each write, and
+            // small segments, so the entries trimmed behind the newest free their space.
             let mark_opts = FileJournalOptions {
                 close_files: true,
                 max_segment_bytes: 64 << 10,

@@ -412,11 +412,17 @@ impl<R: Reducer> ClientDocument<R> {
         self.synced_next < self.timeline.range().next()
     }
 
-    /// The pending entries that may be sent up: the durable ones, and those the sent mark
-    /// covers.
+    /// The pending entries that may be sent up: the durable ones, and under `Durability::Full`
+    /// those the sent mark covers (under `Normal` none goes up before it is durable, whatever
+    /// a mark raised before a switch to it covers).
     pub fn sendable_range(&self) -> LsnRange {
         let pending = self.pending_range();
-        let covered = self.send_ahead.map_or(Lsn::FIRST, Lsn::next).min(self.timeline.range().next());
+        let covered = match self.durability {
+            Durability::Full => {
+                self.send_ahead.map_or(Lsn::FIRST, Lsn::next).min(self.timeline.range().next())
+            }
+            Durability::Normal => Lsn::FIRST,
+        };
         let next = self.synced_next.max(covered).clamp(pending.first(), pending.next());
         LsnRange::from_count(pending.first(), next.get() - pending.first().get())
     }
@@ -441,10 +447,11 @@ impl<R: Reducer> ClientDocument<R> {
         Ok(range)
     }
 
-    /// Lets this replica's writes be sent before they are durable: the sync session sends
-    /// them at once, and the caller's barrier (`ClientSession::mutate_group_sending`, or the
-    /// driver's timer under `Durability::Normal`) runs while they travel, so a write reaches
-    /// the server one fsync sooner. `mark` is a journal of its own, named after the timeline,
+    /// Lets this replica's writes be sent before they are durable: under `Durability::Full`,
+    /// a group commit's writes go up at once, and its barrier (`ClientSession::
+    /// mutate_group_sending`, or `mutate_group_detached` with the fsync run by its caller)
+    /// runs while they travel, so a write reaches the server one fsync sooner. `Normal` writes
+    /// go up once durable, as without a mark. `mark` is a journal of its own, named after the timeline,
     /// whose newest entry (an LSN, 8 bytes little-endian) bounds every entry sent so far; it
     /// is made durable before an entry past the old bound goes (`SEND_AHEAD_LSNS` at a time).
     ///
@@ -662,8 +669,8 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// `mutate_group` without the barrier of `Durability::Full`, for the session, which sends
-    /// the mutations (the sent mark covers them) and then calls `sync_timeline` before it
-    /// answers (`ClientSession::mutate_group_sending`).
+    /// the mutations (under `Full` the sent mark covers them) and then calls `sync_timeline`
+    /// before it answers (`ClientSession::mutate_group_sending`).
     pub(crate) fn mutate_group_deferred(
         &mut self,
         mutations: Vec<Mutation>,

@@ -228,6 +228,43 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
     assert_eq!(doc.export().expect("export"), theirs, "the replica holds the server's pages");
 }
 
+/// A mark raised under `Durability::Full` covers LSNs past the timeline's end; after a switch
+/// to `Normal`, a write there still goes up only once durable.
+#[test]
+fn after_a_switch_to_normal_a_write_goes_up_only_once_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut doc = replica(dir.path());
+    let id = pagesync_tests::timeline_journal_id(2);
+    let mark = FileJournal::open_or_create(dir.path().join("sent"), id, FileJournalOptions::default());
+    doc.send_before_durable(Box::new(mark.expect("mark"))).expect("mark");
+    let (mut session, mut server) = connected(doc);
+    exchange(&mut session, &mut server, ConnId(1), T0);
+    let ddl =
+        pagesync::Mutation { client_time_ms: T0, seed: 0, body: sql("CREATE TABLE t(x INTEGER)", vec![]) };
+    let mut sent = Vec::new();
+    session.mutate_group_sending(DOC, vec![ddl], T0, &mut |_, m| sent.push(m)).expect("write");
+    assert!(sent.iter().any(|m| matches!(m, Message::Mutations { .. })), "under Full it went up early");
+    for m in sent {
+        server.handle_frame(ConnId(1), T0, &m.encode());
+    }
+    exchange(&mut session, &mut server, ConnId(1), T0);
+
+    session.set_durability(DOC, Durability::Normal).expect("normal");
+    let lsn = insert(&mut session, 1);
+    assert!(session.needs_sync(), "a Normal write waits for its fsync");
+    let early = std::iter::from_fn(|| session.poll_transmit());
+    let early = early.filter(|m| matches!(m, Message::Mutations { .. })).count();
+    assert_eq!(early, 0, "nothing goes up before it is durable, whatever the mark covers");
+    session.sync_timelines().expect("sync");
+    let mutations: Vec<Message> = std::iter::from_fn(|| session.poll_transmit())
+        .filter(|m| matches!(m, Message::Mutations { .. }))
+        .collect();
+    assert!(
+        matches!(mutations.as_slice(), [Message::Mutations { first, .. }] if *first == lsn),
+        "once durable it goes: {mutations:?}"
+    );
+}
+
 /// A file timeline whose next `sync` fails as a real one does: the journal then ends at what
 /// was durable and refuses writes (`FileJournal` cuts its file back and is poisoned); here the
 /// file keeps the bytes, which the test cuts itself, as the power cut would.
