@@ -209,8 +209,8 @@ fn commit_group(shared: &Shared, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<S
         }
     }
     drop(session);
-    // The writes go up while their fsyncs run (the sent marks cover them): the connections
-    // send what is due now, not once the disk has answered.
+    // The writes go up while their fsyncs run (under `Full` the sent marks cover them): the
+    // connections send what is due now, not once the disk has answered.
     if !detached.is_empty() {
         shared.wake.send_modify(|n| *n += 1);
     }

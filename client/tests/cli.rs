@@ -420,9 +420,9 @@ fn forget_waits_for_the_holder() {
 /// take from the timeline writes the server already holds: here a `repl` is killed once the
 /// server has its writes, and its timeline's newest two entries are cut off, as a power cut
 /// before their fsync would, with the entries the replica received meanwhile (made durable
-/// once a second). The next open fills the LSNs the mark covers past the timeline's end, so the next
-/// write takes a new LSN, and every write is on the server exactly once. Without the fill,
-/// that write would take the LSN of a cut one, and the server would drop it as applied.
+/// once a second). The next open fills the LSNs the mark covers past the timeline's end, so
+/// the next write takes a new LSN, and every write is on the server exactly once. Without the
+/// fill, that write would take the LSN of a cut one, and the server would drop it as applied.
 #[test]
 fn a_write_after_a_crash_took_sent_writes_from_the_timeline_is_not_lost() {
     use pagesync::journal::{FileJournal, FileJournalOptions, Journal};

@@ -451,9 +451,10 @@ impl<R: Reducer> ClientDocument<R> {
     /// a group commit's writes go up at once, and its barrier (`ClientSession::
     /// mutate_group_sending`, or `mutate_group_detached` with the fsync run by its caller)
     /// runs while they travel, so a write reaches the server one fsync sooner. `Normal` writes
-    /// go up once durable, as without a mark. `mark` is a journal of its own, named after the timeline,
-    /// whose newest entry (an LSN, 8 bytes little-endian) bounds every entry sent so far; it
-    /// is made durable before an entry past the old bound goes (`SEND_AHEAD_LSNS` at a time).
+    /// go up once durable, as without a mark. `mark` is a journal of its own, named after the
+    /// timeline, whose newest entry (an LSN, 8 bytes little-endian) bounds every entry sent so
+    /// far; it is made durable before an entry past the old bound goes (`SEND_AHEAD_LSNS` at a
+    /// time).
     ///
     /// A crash can take back timeline entries the server may hold. Opening with the mark fills
     /// the LSNs between the timeline's end and the bound with `Mutation::fill`s, durably, before
