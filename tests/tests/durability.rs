@@ -35,6 +35,13 @@ fn replica_with(dir: &Path, storage: FileJournalOptions) -> ClientDocument {
     pagesync_tests::keyed(ClientDocument::open(storage, timeline).expect("replica"), 2)
 }
 
+/// The sent mark of the replica in `dir` (its timeline's key is `timeline_key(2)`), opened or
+/// made.
+fn sent_mark(dir: &Path) -> Box<FileJournal> {
+    let id = pagesync_tests::timeline_journal_id(2);
+    Box::new(FileJournal::open_or_create(dir.join("sent"), id, FileJournalOptions::default()).expect("mark"))
+}
+
 /// The timeline's one segment file.
 fn segment(dir: &Path) -> PathBuf {
     segment_of(dir, "timeline")
@@ -74,11 +81,7 @@ fn rows(doc: &ClientDocument) -> Vec<Vec<Value>> {
 fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut doc = replica(dir.path());
-    let mark = |dir: &Path| {
-        let id = pagesync_tests::timeline_journal_id(2);
-        FileJournal::open_or_create(dir.join("sent"), id, FileJournalOptions::default()).expect("mark")
-    };
-    assert_eq!(doc.send_before_durable(Box::new(mark(dir.path()))).expect("mark"), 0);
+    assert_eq!(doc.send_before_durable(sent_mark(dir.path())).expect("mark"), 0);
     doc.mutate(sql("CREATE TABLE t(x INTEGER)", vec![]), T0, 1).expect("ddl");
     doc.set_durability(Durability::Normal).expect("normal");
     doc.mutate(sql("INSERT INTO t VALUES (1)", vec![]), T0, 2).expect("write");
@@ -116,7 +119,7 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     }
     assert_eq!(sent, 2, "only durable writes may be sent");
     assert_eq!(session.status(DOC).expect("status").pending, 3);
-    assert!(mark(dir.path()).range().is_empty(), "no write waited for the sent mark");
+    assert!(sent_mark(dir.path()).range().is_empty(), "no write waited for the sent mark");
 
     // Power cut: the unsynced tail is lost, its first frame torn half way.
     let doc = session.remove_document(DOC).expect("doc");
@@ -127,7 +130,7 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
     tear(&seg, synced_len, len, 5);
 
     let mut doc = replica(dir.path());
-    assert_eq!(doc.send_before_durable(Box::new(mark(dir.path()))).expect("mark"), 0, "nothing to fill");
+    assert_eq!(doc.send_before_durable(sent_mark(dir.path())).expect("mark"), 0, "nothing to fill");
     assert_eq!(rows(&doc), vec![vec![Value::Integer(1)]], "the synced write stays, the lost ones are gone");
     assert_eq!(doc.pending_count(), 0, "the server confirmed everything that survived");
     assert_eq!(
@@ -147,14 +150,12 @@ fn unsynced_writes_are_not_sent_and_a_power_cut_loses_them_whole() {
 #[test]
 fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mark = |dir: &Path| {
-        let id = pagesync_tests::timeline_journal_id(2);
-        Box::new(
-            FileJournal::open_or_create(dir.join("sent"), id, FileJournalOptions::default()).expect("mark"),
-        )
-    };
     let mut doc = replica(dir.path());
-    assert_eq!(doc.send_before_durable(mark(dir.path())).expect("mark"), 0, "a new replica fills nothing");
+    assert_eq!(
+        doc.send_before_durable(sent_mark(dir.path())).expect("mark"),
+        0,
+        "a new replica fills nothing"
+    );
     let (mut session, mut server) = connected(doc);
     let write = |x: i64| pagesync::Mutation {
         client_time_ms: T0,
@@ -211,7 +212,7 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
 
     let mut doc = replica(dir.path());
     assert_eq!(rows(&doc), vec![vec![Value::Integer(1)]], "the power cut took the two writes back");
-    let filled = doc.send_before_durable(mark(dir.path())).expect("mark");
+    let filled = doc.send_before_durable(sent_mark(dir.path())).expect("mark");
     assert_eq!(filled, pagesync::SEND_AHEAD_LSNS, "LSNs 3 up to the mark (2 + SEND_AHEAD_LSNS) filled");
     let w = doc.mutate(sql("INSERT INTO t VALUES (4)", vec![]), T0 + 2, 4).expect("write");
     assert_eq!(w.lsn.get(), 3 + pagesync::SEND_AHEAD_LSNS, "past every LSN the server may hold");
@@ -234,9 +235,7 @@ fn writes_sent_before_their_fsync_and_lost_in_a_power_cut_are_filled_never_reuse
 fn after_a_switch_to_normal_a_write_goes_up_only_once_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut doc = replica(dir.path());
-    let id = pagesync_tests::timeline_journal_id(2);
-    let mark = FileJournal::open_or_create(dir.path().join("sent"), id, FileJournalOptions::default());
-    doc.send_before_durable(Box::new(mark.expect("mark"))).expect("mark");
+    doc.send_before_durable(sent_mark(dir.path())).expect("mark");
     let (mut session, mut server) = connected(doc);
     exchange(&mut session, &mut server, ConnId(1), T0);
     let ddl =
@@ -331,11 +330,6 @@ fn a_failed_barrier_after_sending_keeps_the_mark_and_loses_no_later_write() {
     use pagesync::journal::Journal as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let id = pagesync_tests::timeline_journal_id(2);
-    let mark = |dir: &Path| {
-        Box::new(
-            FileJournal::open_or_create(dir.join("sent"), id, FileJournalOptions::default()).expect("mark"),
-        )
-    };
     let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let timeline =
         FileJournal::create(dir.path().join("timeline"), id, FileJournalOptions::default()).expect("tl");
@@ -347,7 +341,7 @@ fn a_failed_barrier_after_sending_keeps_the_mark_and_loses_no_later_write() {
     );
     let doc = ClientDocument::open(Box::new(storage.expect("storage")), Box::new(timeline)).expect("replica");
     let mut doc = pagesync_tests::keyed(doc, 2);
-    doc.send_before_durable(mark(dir.path())).expect("mark");
+    doc.send_before_durable(sent_mark(dir.path())).expect("mark");
     let (mut session, mut server) = connected(doc);
     exchange(&mut session, &mut server, ConnId(1), T0);
     let m = |x: i64, sql_text: &str| pagesync::Mutation {
@@ -397,7 +391,7 @@ fn a_failed_barrier_after_sending_keeps_the_mark_and_loses_no_later_write() {
     std::fs::OpenOptions::new().write(true).open(&seg).expect("open").set_len(synced_len).expect("cut");
 
     let mut doc = replica(dir.path());
-    assert!(doc.send_before_durable(mark(dir.path())).expect("mark") > 0, "LSN 3 and on filled");
+    assert!(doc.send_before_durable(sent_mark(dir.path())).expect("mark") > 0, "LSN 3 and on filled");
     let w = doc.mutate(sql("INSERT INTO t VALUES (3)", vec![]), T0 + 2, 3).expect("write");
     assert!(w.lsn.get() > 3, "not the LSN of the write the server holds: {}", w.lsn);
     let mut session = reconnected(&mut server, doc);
