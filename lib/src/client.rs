@@ -168,6 +168,9 @@ pub struct ConfirmStats {
     pub kept: u64,
     /// Of those, kept from the optimistic state as it was (no replay).
     pub kept_as_is: u64,
+    /// Of those, kept from the pages the local commits of the confirmed mutations left, while
+    /// later ones were pending (no replay).
+    pub kept_from_commits: u64,
     /// Confirmations whose replay gave other pages than the server's: a determinism failure
     /// (or a budget lower than the server's). Each fell back to the pages.
     pub mismatches: u64,
@@ -175,6 +178,12 @@ pub struct ConfirmStats {
     /// confirmations: what writing ahead of the server costs this replica.
     pub replayed: u64,
 }
+
+/// The most pending mutations a replay runs in a transaction each (`replay_pending`); more run
+/// in one. A client that writes ahead of the server's confirmations has a few pending at each
+/// rebase, and their commits are then recorded for the confirmations that follow; a backlog
+/// (a client that was offline) runs as one transaction, the cheapest.
+const REPLAY_COMMIT_EACH: usize = 64;
 
 /// Why a write with an empty body is refused: that body marks a fill (`Mutation::fill`).
 fn empty_body() -> Error {
@@ -265,6 +274,7 @@ impl<R: Reducer> ClientDocument<R> {
     ) -> Result<Self> {
         let mut store = PageStore::open(storage)?;
         store.enable_schema_epochs()?;
+        store.track_local_commits();
         // Reading ahead saves system calls; from a mapped journal it would only add a copy.
         let read_ahead = !store.journal().reads_from_memory();
         store.set_read_ahead(read_ahead);
@@ -641,6 +651,7 @@ impl<R: Reducer> ClientDocument<R> {
             }
         };
         crate::db::run_cached(self.db.conn(), "COMMIT").map_err(|e| self.db.explain(e))?;
+        self.db.store().mark_local_commit(lsn);
         self.pending.push_back((lsn, mutation));
         Ok(Submitted { lsn, local })
     }
@@ -835,6 +846,9 @@ impl<R: Reducer> ClientDocument<R> {
             }
         };
         crate::db::run_cached(self.db.conn(), "COMMIT").map_err(|e| self.db.explain(e))?;
+        if let Some(last) = range.last() {
+            self.db.store().mark_local_commit(last);
+        }
         let mut lsns = range.iter();
         let answers = mutations
             .into_iter()
@@ -938,7 +952,7 @@ impl<R: Reducer> ClientDocument<R> {
             let expected = self.applied.map_or(Lsn::FIRST, Lsn::next);
             expected == confirm.first && self.pending.get(n - 1).is_some_and(|(l, _)| *l == last)
         });
-        let Some((count, _)) = ours else {
+        let Some((count, last)) = ours else {
             return Err(mismatch(false, "it confirms mutations this replica does not hold pending"));
         };
         if self.pending.iter().take(count).any(|(_, m)| m.is_fill()) {
@@ -947,11 +961,18 @@ impl<R: Reducer> ClientDocument<R> {
         }
         // The optimistic state is the stored state plus exactly these mutations when they
         // are all that is pending (and no rebase is due): the step's pages are those plus its
-        // system rows. Otherwise they are replayed as the step ran them.
+        // system rows. When more are pending, the pages their local commits left make that
+        // state (`compose_local_commits`: recorded since the overlay was last empty, and
+        // the step's digest says whether they give its pages). Otherwise they are replayed
+        // as the step ran them.
         let all_pending = count == self.pending.len() && !self.rebase_due;
         self.rebase_due = true;
-        let mut kept = if all_pending { self.keep_confirmed(&confirm, false, count) } else { Ok(false) };
-        self.confirms.kept_as_is += u64::from(matches!(kept, Ok(true)));
+        let composed = !all_pending && self.db.store().compose_local_commits(last);
+        let as_is = all_pending || composed;
+        let mut kept = if as_is { self.keep_confirmed(&confirm, false, count) } else { Ok(false) };
+        let no_replay = u64::from(matches!(kept, Ok(true)));
+        self.confirms.kept_as_is += no_replay * u64::from(all_pending);
+        self.confirms.kept_from_commits += no_replay * u64::from(composed);
         if matches!(kept, Ok(false)) {
             kept = self.keep_confirmed(&confirm, true, count);
         }
@@ -985,8 +1006,10 @@ impl<R: Reducer> ClientDocument<R> {
     /// the server's. Returns whether it was kept.
     fn keep_confirmed(&mut self, confirm: &Confirm, replay: bool, count: usize) -> Result<bool> {
         self.replay_stopped = false;
+        let (last_lsn, last_ms) =
+            self.pending.get(count - 1).map(|(l, m)| (*l, m.client_time_ms)).expect("BUG: checked");
         if replay {
-            self.db.store().discard_overlay();
+            self.db.store().discard_overlay_for_replay(last_lsn);
         }
         let conn = self.db.conn();
         crate::db::run_cached(conn, "BEGIN IMMEDIATE")?;
@@ -1011,8 +1034,6 @@ impl<R: Reducer> ClientDocument<R> {
                 }
             }
         }
-        let (last_lsn, last_ms) =
-            self.pending.get(count - 1).map(|(l, m)| (*l, m.client_time_ms)).expect("BUG: checked");
         let last = BTreeMap::from([(self.timeline_id, last_lsn)]);
         let system = crate::server::delete_rejections(conn, &confirm.forgotten)
             .and_then(|()| crate::server::record_applied(conn, &last))
@@ -1133,8 +1154,11 @@ impl<R: Reducer> ClientDocument<R> {
         Ok(true)
     }
 
-    /// Re-runs every pending mutation on the current state, in one transaction. A mutation
-    /// that ends the transaction itself is left out and the replay restarts (at most once per
+    /// Re-runs every pending mutation on the stored state (the caller discarded the overlay),
+    /// in one transaction, or in one each while at most `REPLAY_COMMIT_EACH` are pending: each
+    /// commit's pages are then recorded (`PageStore::mark_local_commit`), and a confirmation
+    /// of the first few is kept from them, not by running them once more. A mutation that
+    /// ends its transaction itself is left out and the replay restarts (at most once per
     /// mutation).
     fn replay_pending(&mut self) -> Result<()> {
         let mut skip = std::collections::HashSet::new();
@@ -1154,16 +1178,35 @@ impl<R: Reducer> ClientDocument<R> {
         &mut self,
         skip: &std::collections::HashSet<usize>,
     ) -> std::result::Result<(), (Option<usize>, Error)> {
+        let each = self.pending.len() <= REPLAY_COMMIT_EACH;
         let conn = self.db.conn();
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| (None, e.into()))?;
-        for (i, (_, m)) in self.pending.iter().enumerate().filter(|(i, _)| !skip.contains(i)) {
+        // A failure leaves the stored state, as one transaction rolled back would.
+        let undo = |e: Error| {
+            let _ = conn.execute_batch("ROLLBACK");
+            self.db.store().discard_overlay();
+            e
+        };
+        let mut open: Option<Lsn> = None;
+        for (i, (lsn, m)) in self.pending.iter().enumerate().filter(|(i, _)| !skip.contains(i)) {
+            if open.is_none() {
+                crate::db::run_cached(conn, "BEGIN IMMEDIATE").map_err(|e| (None, undo(e.into())))?;
+            }
+            open = Some(*lsn);
             self.confirms.replayed += 1;
             if let Err(e) = apply_mutation(&self.db, &mut self.reducer, m, m.client_time_ms) {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err((Some(i), e));
+                return Err((Some(i), undo(e)));
+            }
+            if each {
+                crate::db::run_cached(conn, "COMMIT").map_err(|e| (None, undo(self.db.explain(e))))?;
+                self.db.store().mark_local_commit(*lsn);
+                open = None;
             }
         }
-        conn.execute_batch("COMMIT").map_err(|e| (None, self.db.explain(e)))
+        if let Some(last) = open {
+            crate::db::run_cached(conn, "COMMIT").map_err(|e| (None, undo(self.db.explain(e))))?;
+            self.db.store().mark_local_commit(last);
+        }
+        Ok(())
     }
 
     /// Puts the server's mutator definitions in force (`None`: none), and runs the pending

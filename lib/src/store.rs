@@ -231,6 +231,44 @@ pub struct PageStore {
     /// Pages SQLite reads in place in the journal's map (`fetch`) and has not given back (the
     /// VFS counts them down); the journal is not changed while there are any (`journal_mut`).
     fetched: Arc<std::sync::atomic::AtomicUsize>,
+    /// On a client (`track_local_commits`): what each local commit left in the overlay.
+    local_commits: Option<LocalCommits>,
+}
+
+/// The most page bytes a client keeps of its local commits (`LocalCommits`): past it they go,
+/// and its confirmations are kept by replaying the mutations, as without them.
+pub const LOCAL_COMMIT_BYTES: usize = 16 << 20;
+
+/// A client's local commits since its overlay was last empty, oldest first: the pages each
+/// left (its writes since the one before) and the file size it set. Together they give the
+/// overlay as each commit left it, so a confirmation of a prefix of the pending mutations is
+/// kept from their pages (`compose_local_commits`) instead of running them again.
+#[derive(Default)]
+struct LocalCommits {
+    done: std::collections::VecDeque<LocalCommit>,
+    bytes: usize,
+    /// Pages written since the last commit was marked.
+    written: std::collections::HashSet<u32>,
+    /// False once a commit could not be recorded (the file was cut, or the bytes bound was
+    /// reached): the commits after it do not give the overlay, until it is empty again.
+    intact: bool,
+    /// The commits that hold the mutations of the step being kept (`compose_local_commits`,
+    /// `discard_overlay_for_replay`): `commit_as_step` drops them when it keeps the entry,
+    /// and leaves those after.
+    in_step: usize,
+}
+
+struct LocalCommit {
+    /// The last mutation the commit holds.
+    through: Lsn,
+    pages: Vec<(u32, Box<Page>)>,
+    page_count: u32,
+}
+
+impl LocalCommits {
+    fn restart(&mut self) {
+        *self = LocalCommits { intact: true, ..LocalCommits::default() };
+    }
 }
 
 impl std::fmt::Debug for PageStore {
@@ -311,6 +349,7 @@ impl PageStore {
             last_read: 0,
             run: None,
             fetched: Arc::default(),
+            local_commits: None,
         }
     }
 
@@ -742,6 +781,9 @@ impl PageStore {
         }
         self.overlay.insert(idx.get(), page);
         self.overlay_page_count = self.overlay_page_count.max(idx.get());
+        if let Some(commits) = self.local_commits.as_mut() {
+            commits.written.insert(idx.get());
+        }
         Ok(())
     }
 
@@ -751,6 +793,12 @@ impl PageStore {
             return Err(StoreError::NotAPage { offset: size, len: 0 });
         }
         let pages = u32::try_from(size / PAGE_SIZE as u64).expect("BUG: SQLite files are < 2^32 pages");
+        if pages < self.overlay_page_count
+            && let Some(commits) = self.local_commits.as_mut()
+        {
+            // A page cut and written again later would not show the cut: not recorded.
+            commits.intact = false;
+        }
         self.overlay.retain(|&i, _| i <= pages);
         self.overlay_page_count = pages;
         Ok(())
@@ -888,10 +936,117 @@ impl PageStore {
     /// Drops the overlay: SQLite's uncommitted or optimistic writes are forgotten, and SQLite
     /// is shown a new change counter so it rereads its cache.
     pub fn discard_overlay(&mut self) {
+        self.clear_overlay();
+        if let Some(commits) = self.local_commits.as_mut() {
+            commits.restart();
+        }
+    }
+
+    fn clear_overlay(&mut self) {
         let schema = self.overlay_changed_schema();
         self.overlay.clear();
         self.overlay_page_count = self.page_count;
         self.bump_reported(schema);
+    }
+
+    /// For a client's replica: record what each local commit leaves in the overlay
+    /// (`mark_local_commit`), so that a confirmation can be kept from it
+    /// (`compose_local_commits`).
+    pub fn track_local_commits(&mut self) {
+        let mut commits = LocalCommits::default();
+        commits.restart();
+        commits.intact = !self.has_overlay();
+        self.local_commits = Some(commits);
+    }
+
+    /// A local transaction that holds the mutations through `through` committed: its pages are
+    /// recorded, while the commits since the overlay was last empty are all recorded and
+    /// within `LOCAL_COMMIT_BYTES`.
+    pub fn mark_local_commit(&mut self, through: Lsn) {
+        let Some(commits) = self.local_commits.as_mut() else { return };
+        let written = std::mem::take(&mut commits.written);
+        if !commits.intact {
+            return;
+        }
+        // A page missing from the overlay was cut off the file since it was written.
+        let pages: Vec<_> =
+            written.into_iter().filter_map(|i| Some((i, self.overlay.get(&i)?.clone()))).collect();
+        let bytes = pages.len() * PAGE_SIZE;
+        if commits.bytes + bytes > LOCAL_COMMIT_BYTES {
+            commits.done.clear();
+            commits.bytes = 0;
+            commits.intact = false;
+            return;
+        }
+        commits.bytes += bytes;
+        commits.done.push_back(LocalCommit { through, pages, page_count: self.overlay_page_count });
+    }
+
+    /// Makes the overlay what the recorded local commits through the one that holds mutation
+    /// `through` left (`mark_local_commit`), dropping what later ones wrote, for `commit_as_step`
+    /// to cut. `false`, with the overlay as it was, when no recorded commit ends there or the
+    /// overlay changed the schema.
+    pub fn compose_local_commits(&mut self, through: Lsn) -> bool {
+        let Some(at) = self.local_commit_through(through) else { return false };
+        if self.overlay_changed_schema() {
+            return false;
+        }
+        let Some(commits) = self.local_commits.as_ref() else { return false };
+        let used = at + 1;
+        let page_count = commits.done[at].page_count;
+        let mut overlay: HashMap<u32, Box<Page>> = HashMap::new();
+        for commit in commits.done.iter().take(used) {
+            for (i, page) in &commit.pages {
+                overlay.insert(*i, page.clone());
+            }
+        }
+        overlay.retain(|&i, _| i <= page_count);
+        self.clear_overlay();
+        self.overlay = overlay;
+        self.overlay_page_count = page_count;
+        self.overlay_shown_schema = self.reported_schema;
+        if let Some(commits) = self.local_commits.as_mut() {
+            commits.written.clear();
+            commits.in_step = used;
+        }
+        true
+    }
+
+    /// `discard_overlay` before a confirmation's mutations through `through` run again on the
+    /// stored state (`ClientDocument::receive_confirm`): the local commits recorded after them
+    /// stay, for the confirmations that follow, if one ends there.
+    pub fn discard_overlay_for_replay(&mut self, through: Lsn) {
+        let Some(at) = self.local_commit_through(through) else {
+            self.discard_overlay();
+            return;
+        };
+        self.clear_overlay();
+        if let Some(commits) = self.local_commits.as_mut() {
+            commits.written.clear();
+            commits.in_step = at + 1;
+        }
+    }
+
+    /// Where the recorded local commit that ends with mutation `through` is, if they are intact.
+    fn local_commit_through(&self, through: Lsn) -> Option<usize> {
+        let commits = self.local_commits.as_ref().filter(|c| c.intact)?;
+        commits.done.iter().position(|c| c.through == through)
+    }
+
+    /// After `commit_as_step`: the commits of the step's mutations go when it kept the entry
+    /// (the later ones stay, for the next confirmation: its digest says whether they still
+    /// give that step's pages); otherwise, or when they were not marked, all go.
+    fn settle_local_commits(&mut self, kept: bool) {
+        let Some(commits) = self.local_commits.as_mut() else { return };
+        let used = std::mem::take(&mut commits.in_step);
+        if !(kept && used > 0) {
+            commits.restart();
+            return;
+        }
+        for c in commits.done.drain(..used) {
+            commits.bytes -= c.pages.len() * PAGE_SIZE;
+        }
+        commits.written.clear();
     }
 
     /// Cuts the overlay (a client's own mutations over the committed state, and the system
@@ -929,8 +1084,11 @@ impl PageStore {
         let changed = self.take_changed();
         let page_count = std::mem::replace(&mut self.overlay_page_count, self.page_count);
         self.bump_reported(schema);
-        let payload = encode_changed(page_count, time_ms, applied, forgotten, &changed?);
-        if crate::wire::digest(&payload) != *digest {
+        let changed = changed.inspect_err(|_| self.settle_local_commits(false))?;
+        let payload = encode_changed(page_count, time_ms, applied, forgotten, &changed);
+        let kept = crate::wire::digest(&payload) == *digest;
+        self.settle_local_commits(kept);
+        if !kept {
             return Ok(false);
         }
         let header = storage::decode(&payload).expect("BUG: we just encoded it");

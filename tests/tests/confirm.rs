@@ -271,3 +271,75 @@ fn new_mutators_after_storage_in_one_batch_rerun_the_pending_writes_once() {
     assert_eq!(rows, vec![vec![Value::Integer(1)], vec![Value::Integer(100)]], "the pending write ran once");
     assert_eq!(a.pending_count(), 1);
 }
+
+/// A's writes, each its own step at the server, whose frames to A are held back until all are
+/// written: A is ahead of every confirmation. Returns how A's confirmation counters moved when
+/// it applied them together, and checks that every replica converged.
+fn confirm_while_ahead(p: &mut Pair, writes: &[(&str, Vec<Value>)], seed: u64) -> pagesync::ConfirmStats {
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    for (i, (q, params)) in writes.iter().enumerate() {
+        p.write(false, q, params.clone(), seed + i as u64);
+        held.extend(p.step_holding_a(false, T0 + 1));
+    }
+    let before = p.a.status(DOC).expect("status").confirms;
+    p.a.handle_frames(T0 + 2, &held).expect("A applies them together");
+    let after = p.a.status(DOC).expect("status").confirms;
+    p.exchange(T0 + 3);
+    p.assert_converged();
+    pagesync::ConfirmStats {
+        kept: after.kept - before.kept,
+        kept_as_is: after.kept_as_is - before.kept_as_is,
+        kept_from_commits: after.kept_from_commits - before.kept_from_commits,
+        mismatches: after.mismatches - before.mismatches,
+        replayed: after.replayed - before.replayed,
+    }
+}
+
+#[test]
+fn a_writer_ahead_of_its_confirmations_keeps_them_from_its_own_commits() {
+    let mut p = Pair::new();
+    p.write(false, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", vec![], 1);
+    p.exchange(T0);
+    // Rows that fill pages and split them, so later writes touch pages earlier ones wrote.
+    let row =
+        |i: usize| ("INSERT INTO t(v) VALUES (?1)", vec![Value::Text(format!("{i} {}", "x".repeat(900)))]);
+    let writes: Vec<_> = (0..12).map(row).collect();
+    let moved = confirm_while_ahead(&mut p, &writes, 10);
+    // Each confirmation is kept from the pages A's own commits left (the digest matched), and
+    // nothing is run again: not the confirmed writes, not the ones still pending after them.
+    assert_eq!(moved.kept, 12, "{moved:?}");
+    assert_eq!(moved.kept_from_commits, 12, "{moved:?}");
+    assert_eq!((moved.replayed, moved.mismatches), (0, 0), "{moved:?}");
+
+    // B's write reaches the server first; A, which has not seen it, writes four more. B's
+    // pages reach A alone first: A runs its four pending writes again on them, a commit each,
+    // and keeps the confirmations that follow from those commits.
+    p.write(true, "INSERT INTO t(v) VALUES ('from b')", vec![], 50);
+    let from_b = p.step_holding_a(true, T0 + 4);
+    let mut held = Vec::new();
+    for i in 0..4 {
+        p.write(false, "INSERT INTO t(v) VALUES (?1)", vec![Value::Integer(i)], 60 + i as u64);
+        held.extend(p.step_holding_a(false, T0 + 4));
+    }
+    let before = p.a.status(DOC).expect("status").confirms;
+    p.a.handle_frames(T0 + 5, &from_b).expect("A applies B's pages");
+    let rebased = p.a.status(DOC).expect("status").confirms;
+    assert_eq!(rebased.replayed - before.replayed, 4, "{rebased:?}");
+    p.a.handle_frames(T0 + 6, &held).expect("A applies its confirmations");
+    let after = p.a.status(DOC).expect("status").confirms;
+    assert_eq!(after.kept_from_commits - rebased.kept_from_commits, 4, "{after:?}");
+    assert_eq!((after.replayed, after.mismatches), (rebased.replayed, 0), "{after:?}");
+    p.exchange(T0 + 7);
+    p.assert_converged();
+
+    // A schema change among them: SQLite parses again, so the confirmations from it on are
+    // kept by running the writes again; all converge, none mismatches.
+    let mut mixed: Vec<_> = (0..3).map(row).collect();
+    mixed.push(("CREATE INDEX t_v ON t(v)", vec![]));
+    mixed.extend((3..6).map(row));
+    let moved = confirm_while_ahead(&mut p, &mixed, 100);
+    assert_eq!((moved.kept, moved.mismatches), (7, 0), "{moved:?}");
+    assert!(moved.kept_from_commits < 7 && moved.replayed > 0, "{moved:?}");
+    let n = p.a.document(DOC).expect("doc").query("SELECT count(*) FROM t", &[]).expect("count");
+    assert_eq!(n.rows[0][0], Value::Integer(12 + 1 + 4 + 6));
+}
