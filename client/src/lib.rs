@@ -189,13 +189,16 @@ struct QueuedWrite {
 /// all of them, each answered on its own. The fsyncs run with the session's lock let go
 /// (`ClientSession::mutate_group_detached`). When their shared append fails, each is tried
 /// alone, so each caller gets its own typed error.
-fn commit_group(shared: &Shared, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<Submitted>)> {
+fn commit_group(shared: &Shared, writes: Vec<QueuedWrite>) -> (Vec<(u64, Result<Submitted>)>, bool) {
     let mut answered = Vec::with_capacity(writes.len());
     let mut by_doc: BTreeMap<DocId, Vec<QueuedWrite>> = BTreeMap::new();
     for w in writes {
         by_doc.entry(w.doc).or_default().push(w);
     }
     let mut detached = Vec::new();
+    // Whether the connections must be woken once the fsyncs are done: some write only then
+    // became sendable, or went another way.
+    let mut wake_after = false;
     let mut session = shared.session();
     for (doc, writes) in by_doc {
         let tickets: Vec<u64> = writes.iter().map(|w| w.ticket).collect();
@@ -203,6 +206,7 @@ fn commit_group(shared: &Shared, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<S
         match session.mutate_group_detached(doc, mutations) {
             Ok(group) => detached.push((tickets, group)),
             Err(_) => answered.extend(tickets.into_iter().zip(writes.into_iter().map(|w| {
+                wake_after = true;
                 let m = w.mutation;
                 session.mutate(doc, m.body, m.client_time_ms, m.seed).map_err(ClientError::from)
             }))),
@@ -218,10 +222,11 @@ fn commit_group(shared: &Shared, writes: Vec<QueuedWrite>) -> Vec<(u64, Result<S
     let outcomes: Vec<std::io::Result<()>> = detached.iter().map(|(_, group)| group.run()).collect();
     let mut session = shared.session();
     for ((tickets, group), outcome) in detached.into_iter().zip(outcomes) {
+        wake_after |= outcome.is_err() || !group.sendable_before_fsync();
         let answers = session.finish_group(group, outcome).into_iter().map(|a| a.map_err(ClientError::from));
         answered.extend(tickets.into_iter().zip(answers));
     }
-    answered
+    (answered, wake_after)
 }
 
 impl Shared {
@@ -727,12 +732,14 @@ impl Document {
             queue.stats.writes += writes.len() as u64;
             queue.stats.commits += 1;
             drop(queue);
-            let answers = commit_group(&self.shared, writes);
+            let (answers, wake_after) = commit_group(&self.shared, writes);
             queue = self.shared.write_queue();
             queue.answers.extend(answers);
             queue.committing = false;
             self.shared.written.notify_all();
-            self.shared.wake.send_modify(|n| *n += 1);
+            if wake_after {
+                self.shared.wake.send_modify(|n| *n += 1);
+            }
             self.shared.bump();
         }
     }

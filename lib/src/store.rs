@@ -126,7 +126,7 @@ fn part_pages(page_count: u32, index: u32) -> std::ops::RangeInclusive<u32> {
 }
 
 /// A page the overlay changed: its number, its new bytes, its committed version.
-type Changed = (u32, Box<Page>, Arc<Page>);
+type Changed = (u32, Arc<Page>, Arc<Page>);
 
 /// A storage entry's payload and the pages it changes.
 type OverlayEntry = (Vec<u8>, Vec<Changed>);
@@ -192,7 +192,9 @@ pub struct PageStore {
     index: Vec<Option<Loc>>,
     page_count: u32,
     cache: LruCache<u32, Arc<Page>>,
-    overlay: HashMap<u32, Box<Page>>,
+    /// Pages are never changed in place (a write puts a new one), so a recorded local
+    /// commit shares them (`LocalCommit`).
+    overlay: HashMap<u32, Arc<Page>>,
     /// The file size in pages as SQLite last set it (overlay included).
     overlay_page_count: u32,
     /// The change counter SQLite is shown; see the module invariants.
@@ -261,7 +263,7 @@ struct LocalCommits {
 struct LocalCommit {
     /// The last mutation the commit holds.
     through: Lsn,
-    pages: Vec<(u32, Box<Page>)>,
+    pages: Vec<(u32, Arc<Page>)>,
     page_count: u32,
 }
 
@@ -768,7 +770,7 @@ impl PageStore {
         {
             return Err(StoreError::StepFull { max_pages });
         }
-        let page: Box<Page> = Box::new(data.try_into().expect("BUG: length checked"));
+        let page: Arc<Page> = Arc::new(data.try_into().expect("BUG: length checked"));
         if self.overlay.is_empty() {
             self.overlay_shown_schema = self.reported_schema;
         }
@@ -895,7 +897,7 @@ impl PageStore {
         let delta = crate::wire::xor_pages(&header, payload.clone(), &olds);
         self.index_entry(lsn, header, payload.len());
         for (i, page, _) in changed {
-            self.cache.put(i, Arc::from(page));
+            self.cache.put(i, page);
         }
         Committed { lsn, payload, delta }
     }
@@ -911,7 +913,7 @@ impl PageStore {
     /// each with that version.
     fn take_changed(&mut self) -> Result<Vec<Changed>, StoreError> {
         // Read in page order too, not the map's: the same reads in the same order every run.
-        let mut pages: Vec<(u32, Box<Page>)> = std::mem::take(&mut self.overlay).into_iter().collect();
+        let mut pages: Vec<(u32, Arc<Page>)> = std::mem::take(&mut self.overlay).into_iter().collect();
         pages.sort_unstable_by_key(|(i, _)| *i);
         let mut changed = Vec::with_capacity(pages.len());
         for (i, page) in pages {
@@ -994,7 +996,7 @@ impl PageStore {
         let Some(commits) = self.local_commits.as_ref() else { return false };
         let used = at + 1;
         let page_count = commits.done[at].page_count;
-        let mut overlay: HashMap<u32, Box<Page>> = HashMap::new();
+        let mut overlay: HashMap<u32, Arc<Page>> = HashMap::new();
         for commit in commits.done.iter().take(used) {
             for (i, page) in &commit.pages {
                 overlay.insert(*i, page.clone());
@@ -1069,7 +1071,7 @@ impl PageStore {
         // Kept or not, the overlay goes: with a schema change in it, SQLite parses again.
         let schema = self.overlay_changed_schema();
         let stored1 = self.previous_version(PageIdx::FIRST)?;
-        if let Some(page) = self.overlay.get_mut(&1) {
+        if let Some(page) = self.overlay.get_mut(&1).map(Arc::make_mut) {
             let field =
                 |p: &Page, at: usize| u32::from_be_bytes(p[at..at + 4].try_into().expect("BUG: 4 bytes"));
             let counter = field(&stored1, 24).wrapping_add(1);

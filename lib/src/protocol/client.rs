@@ -493,9 +493,15 @@ impl ClientSession {
     ) -> Result<DetachedGroup> {
         let doc = self.open_document(id)?;
         let answers = doc.mutate_group_deferred(mutations)?;
+        let sent_early = doc.sendable_range().next() == doc.pending_range().next();
         match doc.detach_barrier() {
-            Ok(sync) => Ok(DetachedGroup { id, answers, sync }),
-            Err(e) => Ok(DetachedGroup { id, answers: failed_barrier(doc, Err(e), answers), sync: None }),
+            Ok(sync) => Ok(DetachedGroup { id, answers, sync, sent_early }),
+            Err(e) => Ok(DetachedGroup {
+                id,
+                answers: failed_barrier(doc, Err(e), answers),
+                sync: None,
+                sent_early: false,
+            }),
         }
     }
 
@@ -507,7 +513,7 @@ impl ClientSession {
         group: DetachedGroup,
         outcome: std::io::Result<()>,
     ) -> Vec<Result<Submitted>> {
-        let DetachedGroup { id, answers, sync } = group;
+        let DetachedGroup { id, answers, sync, .. } = group;
         let Some(sync) = sync else { return answers };
         let Some(doc) = self.links.get_mut(&id).map(|l| &mut l.doc) else {
             // Closed meanwhile: not acknowledged, whatever reached the disk.
@@ -1099,12 +1105,21 @@ pub struct DetachedGroup {
     id: DocId,
     answers: Vec<Result<Submitted>>,
     sync: Option<DetachedSync>,
+    /// Every pending write of the document may be sent before the fsync ends (the sent mark
+    /// covers them): the fsync makes none sendable.
+    sent_early: bool,
 }
 
 impl DetachedGroup {
     /// Runs the fsync (blocking; holds nothing). `Ok` at once when there is none to run.
     pub fn run(&self) -> std::io::Result<()> {
         self.sync.as_ref().map_or(Ok(()), DetachedSync::run)
+    }
+
+    /// Whether the document's writes could all be sent before this group's fsync ran: a
+    /// connection woken then sent them, and one woken after it would find nothing new.
+    pub fn sendable_before_fsync(&self) -> bool {
+        self.sent_early
     }
 }
 
