@@ -890,7 +890,7 @@ impl<R: Reducer> ClientDocument<R> {
     /// against this replica's pages just before each entry). On a journal that appends them
     /// without a barrier (files), the history before a newer checkpoint stays until
     /// `trim_if_due`: a driver calls it from its timer (`ClientSession::handle_timeout` does).
-    /// A confirmation (`WireKind::Confirm`) is kept by replaying this replica's own mutations
+    /// A confirmation (`WireKind::Confirm`) is kept from this replica's own mutations
     /// (`receive_confirm`); one that cannot be kept fails with `Error::ConfirmMismatch` after
     /// the entries before it are applied, and the entry must come again with its pages.
     pub fn receive_wire(&mut self, first: Lsn, entries: Vec<WireEntry>) -> Result<()> {
@@ -933,11 +933,12 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Keeps storage entry `lsn`, which applied this replica's pending mutations
-    /// `confirm.first..=confirm.last()` and no others: replays them on the stored state as the
-    /// server's step did (one transaction, a savepoint each, then the same system rows), cuts
-    /// the entry as the server cut it and keeps it when the digests match. The pages never
-    /// crossed the wire. On a mismatch nothing is kept and the pending mutations are re-run
-    /// as before.
+    /// `confirm.first..=confirm.last()` and no others: makes the state they left (the
+    /// optimistic state when they are all that is pending, else the pages their local commits
+    /// left, else a replay on the stored state as the server's step ran them: one transaction,
+    /// a savepoint each), adds the step's system rows, cuts the entry as the server cut it and
+    /// keeps it when the digests match. The pages never crossed the wire. On a mismatch
+    /// nothing is kept and the pending mutations are re-run as before.
     pub fn receive_confirm(&mut self, lsn: Lsn, confirm: Confirm) -> Result<()> {
         let next = self.storage_range().next();
         if lsn < next {
@@ -962,14 +963,18 @@ impl<R: Reducer> ClientDocument<R> {
         // The optimistic state is the stored state plus exactly these mutations when they
         // are all that is pending (and no rebase is due): the step's pages are those plus its
         // system rows. When more are pending, the pages their local commits left make that
-        // state (`compose_local_commits`: recorded since the overlay was last empty, and
-        // the step's digest says whether they give its pages). Otherwise they are replayed
-        // as the step ran them.
+        // state (`compose_local_commits`; the step's digest says whether they give its
+        // pages). Otherwise they are replayed as the step ran them.
         let all_pending = count == self.pending.len() && !self.rebase_due;
         self.rebase_due = true;
         let composed = !all_pending && self.db.store().compose_local_commits(last);
         let as_is = all_pending || composed;
         let mut kept = if as_is { self.keep_confirmed(&confirm, false, count) } else { Ok(false) };
+        if composed && kept.is_err() {
+            // Commits recorded on an older stored state may not make a whole database on
+            // this one (SQLite said it is corrupt, say): the replay below decides.
+            kept = Ok(false);
+        }
         let no_replay = u64::from(matches!(kept, Ok(true)));
         self.confirms.kept_as_is += no_replay * u64::from(all_pending);
         self.confirms.kept_from_commits += no_replay * u64::from(composed);
@@ -1001,8 +1006,9 @@ impl<R: Reducer> ClientDocument<R> {
     }
 
     /// Makes the step `confirm` describes over the stored state (`replay`: the first `count`
-    /// pending mutations run again, in one transaction; else the optimistic state, which holds
-    /// them already), adds its system rows, and keeps the entry cut from it if its digest is
+    /// pending mutations run again, in one transaction; else the overlay as it is, which holds
+    /// them already: the optimistic state, or one composed of their local commits), adds its
+    /// system rows, and keeps the entry cut from it if its digest is
     /// the server's. Returns whether it was kept.
     fn keep_confirmed(&mut self, confirm: &Confirm, replay: bool, count: usize) -> Result<bool> {
         self.replay_stopped = false;

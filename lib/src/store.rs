@@ -202,8 +202,8 @@ pub struct PageStore {
     /// The schema cookie SQLite is shown, on clients only; see the module invariants.
     reported_schema: Option<u32>,
     /// The schema cookie SQLite was shown when it began writing the overlay (its first write
-    /// into an empty overlay), on clients: `commit_as_step` moves the stored cookie by as much
-    /// as SQLite moved this one.
+    /// into an empty overlay, or the overlay's composition, `compose_local_commits`), on
+    /// clients: `commit_as_step` moves the stored cookie by as much as SQLite moved this one.
     overlay_shown_schema: Option<u32>,
     /// The last I/O error, kept so the document can report it with its cause after SQLite
     /// turns it into a bare `SQLITE_IOERR`.
@@ -244,7 +244,10 @@ pub const LOCAL_COMMIT_BYTES: usize = 16 << 20;
 /// A client's local commits since its overlay was last empty, oldest first: the pages each
 /// left (its writes since the one before) and the file size it set. Together they give the
 /// overlay as each commit left it, so a confirmation of a prefix of the pending mutations is
-/// kept from their pages (`compose_local_commits`) instead of running them again.
+/// kept from their pages (`compose_local_commits`) instead of running them again. Those after
+/// a kept step stay while its system rows left the file's shape as it was
+/// (`settle_local_commits`): composed on the new stored state, their pages are then the
+/// step's next one, or the digest says they are not.
 #[derive(Default)]
 struct LocalCommits {
     done: std::collections::VecDeque<LocalCommit>,
@@ -265,6 +268,9 @@ struct LocalCommit {
     through: Lsn,
     pages: Vec<(u32, Arc<Page>)>,
     page_count: u32,
+    /// The overlay changed the schema by this commit (this one or one before it): SQLite's
+    /// parsed schema goes with it, so it is not composed (`compose_local_commits`).
+    schema_changed: bool,
 }
 
 impl LocalCommits {
@@ -965,6 +971,7 @@ impl PageStore {
     /// recorded, while the commits since the overlay was last empty are all recorded and
     /// within `LOCAL_COMMIT_BYTES`.
     pub fn mark_local_commit(&mut self, through: Lsn) {
+        let (page_count, schema_changed) = (self.overlay_page_count, self.overlay_changed_schema());
         let Some(commits) = self.local_commits.as_mut() else { return };
         let written = std::mem::take(&mut commits.written);
         if !commits.intact {
@@ -981,19 +988,20 @@ impl PageStore {
             return;
         }
         commits.bytes += bytes;
-        commits.done.push_back(LocalCommit { through, pages, page_count: self.overlay_page_count });
+        commits.done.push_back(LocalCommit { through, pages, page_count, schema_changed });
     }
 
     /// Makes the overlay what the recorded local commits through the one that holds mutation
     /// `through` left (`mark_local_commit`), dropping what later ones wrote, for `commit_as_step`
-    /// to cut. `false`, with the overlay as it was, when no recorded commit ends there or the
-    /// overlay changed the schema.
+    /// to cut. `false`, with the overlay as it was, when no recorded commit ends there, or the
+    /// commits through it or the overlay changed the schema (SQLite's parsed schema would not
+    /// be the composed state's).
     pub fn compose_local_commits(&mut self, through: Lsn) -> bool {
         let Some(at) = self.local_commit_through(through) else { return false };
-        if self.overlay_changed_schema() {
+        let Some(commits) = self.local_commits.as_ref() else { return false };
+        if commits.done[at].schema_changed || self.overlay_changed_schema() {
             return false;
         }
-        let Some(commits) = self.local_commits.as_ref() else { return false };
         let used = at + 1;
         let page_count = commits.done[at].page_count;
         let mut overlay: HashMap<u32, Arc<Page>> = HashMap::new();
@@ -1035,13 +1043,24 @@ impl PageStore {
         commits.done.iter().position(|c| c.through == through)
     }
 
-    /// After `commit_as_step`: the commits of the step's mutations go when it kept the entry
-    /// (the later ones stay, for the next confirmation: its digest says whether they still
-    /// give that step's pages); otherwise, or when they were not marked, all go.
-    fn settle_local_commits(&mut self, kept: bool) {
+    /// After `commit_as_step`, which cut `step` (its page 1 and page count; `None` when it
+    /// kept nothing): the commits of the step's mutations go. The later ones stay, for the next
+    /// confirmation, when the step's system rows left the file's shape as the last of those
+    /// commits left it (its size and freelist: they allocated no page, so every later commit's
+    /// page still means what it meant); the next confirmation's digest says whether they
+    /// give its pages. Otherwise, or when the step's commits were not recorded, all go.
+    fn settle_local_commits(&mut self, step: Option<(Option<&Page>, u32)>) {
         let Some(commits) = self.local_commits.as_mut() else { return };
         let used = std::mem::take(&mut commits.in_step);
-        if !(kept && used > 0) {
+        let last = used.checked_sub(1).and_then(|at| commits.done.get(at));
+        let page1 = commits.done.iter().take(used).rev().find_map(|c| c.pages.iter().find(|(i, _)| *i == 1));
+        let shape = |p: &Page| p[28..40].to_vec();
+        let same_shape = step.zip(last).zip(page1).is_some_and(|(((step1, count), last), (_, page1))| {
+            count == last.page_count
+                && !last.schema_changed
+                && step1.is_some_and(|s| shape(s) == shape(page1))
+        });
+        if !same_shape {
             commits.restart();
             return;
         }
@@ -1086,10 +1105,11 @@ impl PageStore {
         let changed = self.take_changed();
         let page_count = std::mem::replace(&mut self.overlay_page_count, self.page_count);
         self.bump_reported(schema);
-        let changed = changed.inspect_err(|_| self.settle_local_commits(false))?;
+        let changed = changed.inspect_err(|_| self.settle_local_commits(None))?;
         let payload = encode_changed(page_count, time_ms, applied, forgotten, &changed);
         let kept = crate::wire::digest(&payload) == *digest;
-        self.settle_local_commits(kept);
+        let step1 = changed.iter().find(|(i, ..)| *i == 1).map(|(_, p, _)| &**p);
+        self.settle_local_commits(kept.then_some((step1, page_count)));
         if !kept {
             return Ok(false);
         }

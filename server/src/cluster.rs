@@ -972,8 +972,12 @@ mod tests {
     fn one_lease_per_document_and_a_silent_server_is_buried_before_a_takeover() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let a = Cluster::join(backend(dir.path(), &rt), "ws://a:1", MIN_LEASE_MS).unwrap();
-        let b = Cluster::join(backend(dir.path(), &rt), "ws://b:1", MIN_LEASE_MS).unwrap();
+        // Three times the shortest lease: the steps between the sleeps below must fit in the
+        // margin a third of a lease leaves, and on a loaded 2-core machine a shortest lease's
+        // 250 ms was once not enough.
+        let lease = MIN_LEASE_MS * 3;
+        let a = Cluster::join(backend(dir.path(), &rt), "ws://a:1", lease).unwrap();
+        let b = Cluster::join(backend(dir.path(), &rt), "ws://b:1", lease).unwrap();
         a.refresh().unwrap();
         assert_eq!((a.live_members(), b.live_members()), (2, 2));
         // Every document is served by exactly one of them, and the other redirects there.
@@ -988,7 +992,7 @@ mod tests {
         // `a` stops renewing: it stops writing before `b` may take its documents.
         let generation = a.generation();
         let doc = docs().into_iter().find(|d| a.may_write(*d, generation)).unwrap();
-        std::thread::sleep(Duration::from_millis(MIN_LEASE_MS * 2 / 3 + 50));
+        std::thread::sleep(Duration::from_millis(lease * 2 / 3 + 50));
         assert!(!a.may_write(doc, generation), "a lapsed membership still writes");
         assert!(a.generation() > generation, "a lapse closes the open documents");
         assert!(matches!(a.place(doc), Err(pagesync::Error::Unavailable(_))));
@@ -999,7 +1003,7 @@ mod tests {
             matches!(b.place(doc), Err(pagesync::Error::Moved { .. })),
             "taken over before a lease passed"
         );
-        std::thread::sleep(Duration::from_millis(MIN_LEASE_MS / 3 + 50));
+        std::thread::sleep(Duration::from_millis(lease / 3 + 50));
         b.renew().unwrap();
         b.refresh().unwrap();
         b.state().moved.clear();

@@ -343,3 +343,31 @@ fn a_writer_ahead_of_its_confirmations_keeps_them_from_its_own_commits() {
     let n = p.a.document(DOC).expect("doc").query("SELECT count(*) FROM t", &[]).expect("count");
     assert_eq!(n.rows[0][0], Value::Integer(12 + 1 + 4 + 6));
 }
+
+#[test]
+fn schema_changes_among_confirmations_that_arrive_together_keep_replicas_identical() {
+    let mut p = Pair::new();
+    p.write(false, "CREATE TABLE t(x)", vec![], 1);
+    p.exchange(T0);
+    // A table, then (a step later) another table and a row in it: A holds both steps'
+    // confirmations back and applies them together, the second's commits recorded on the
+    // state before the first was kept.
+    let mut held = Vec::new();
+    p.write(false, "CREATE TABLE x(a)", vec![], 2);
+    held.extend(p.step_holding_a(false, T0 + 1));
+    p.write(false, "CREATE TABLE u(b)", vec![], 3);
+    p.write(false, "INSERT INTO u VALUES (7)", vec![], 4);
+    p.write(false, "INSERT INTO t VALUES (8)", vec![], 5);
+    held.extend(p.step_holding_a(false, T0 + 1));
+    p.write(false, "INSERT INTO u VALUES (9)", vec![], 6);
+    held.extend(p.step_holding_a(false, T0 + 1));
+    let before = p.a.status(DOC).expect("status").confirms;
+    p.a.handle_frames(T0 + 2, &held).expect("A applies them together");
+    let after = p.a.status(DOC).expect("status").confirms;
+    assert_eq!((after.kept - before.kept, after.mismatches), (3, 0), "{after:?}");
+    let doc = p.a.document(DOC).expect("doc");
+    let u = doc.query("SELECT group_concat(b) FROM u", &[]).expect("u");
+    assert_eq!(u.rows[0][0], Value::Text("7,9".into()));
+    p.exchange(T0 + 3);
+    p.assert_converged();
+}
