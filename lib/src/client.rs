@@ -970,9 +970,10 @@ impl<R: Reducer> ClientDocument<R> {
         let composed = !all_pending && self.db.store().compose_local_commits(last);
         let as_is = all_pending || composed;
         let mut kept = if as_is { self.keep_confirmed(&confirm, false, count) } else { Ok(false) };
-        if composed && kept.is_err() {
+        if composed && matches!(kept, Err(Error::Sqlite(_))) && !self.db.store().has_last_error() {
             // Commits recorded on an older stored state may not make a whole database on
-            // this one (SQLite said it is corrupt, say): the replay below decides.
+            // this one (SQLite said it is corrupt, say): the replay below decides. A failure
+            // of the storage itself is the caller's, as on every other path.
             kept = Ok(false);
         }
         let no_replay = u64::from(matches!(kept, Ok(true)));

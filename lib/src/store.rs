@@ -192,8 +192,9 @@ pub struct PageStore {
     index: Vec<Option<Loc>>,
     page_count: u32,
     cache: LruCache<u32, Arc<Page>>,
-    /// Pages are never changed in place (a write puts a new one), so a recorded local
-    /// commit shares them (`LocalCommit`).
+    /// A write puts a new page, never changes one in place, and the one edit in place
+    /// (page 1's counters in `commit_as_step`) goes through `Arc::make_mut`, which copies a
+    /// shared page: so a recorded local commit shares these pages (`LocalCommit`).
     overlay: HashMap<u32, Arc<Page>>,
     /// The file size in pages as SQLite last set it (overlay included).
     overlay_page_count: u32,
@@ -241,13 +242,15 @@ pub struct PageStore {
 /// and its confirmations are kept by replaying the mutations, as without them.
 pub const LOCAL_COMMIT_BYTES: usize = 16 << 20;
 
-/// A client's local commits since its overlay was last empty, oldest first: the pages each
-/// left (its writes since the one before) and the file size it set. Together they give the
-/// overlay as each commit left it, so a confirmation of a prefix of the pending mutations is
-/// kept from their pages (`compose_local_commits`) instead of running them again. Those after
-/// a kept step stay while its system rows left the file's shape as it was
-/// (`settle_local_commits`): composed on the new stored state, their pages are then the
-/// step's next one, or the digest says they are not.
+/// A client's local commits since the overlay was last discarded, oldest first: the pages
+/// each left (its writes since the one before) and the file size it set. Together they give
+/// the overlay as each commit left it, so a confirmation of a prefix of the pending mutations
+/// is kept from their pages (`compose_local_commits`) instead of running them again. Those
+/// after a kept step stay while its system rows left the file's shape as it was
+/// (`settle_local_commits`), for the next confirmation among the messages handled together
+/// (`ClientDocument::receive_wire_held`; a rebase discards the overlay and its replay records
+/// the pending mutations' commits afresh): composed on the new stored state, their pages may
+/// be that step's, and its digest says whether they are.
 #[derive(Default)]
 struct LocalCommits {
     done: std::collections::VecDeque<LocalCommit>,
@@ -255,7 +258,8 @@ struct LocalCommits {
     /// Pages written since the last commit was marked.
     written: std::collections::HashSet<u32>,
     /// False once a commit could not be recorded (the file was cut, or the bytes bound was
-    /// reached): the commits after it do not give the overlay, until it is empty again.
+    /// reached; `give_up`): the commits after it do not give the overlay, until the overlay
+    /// is discarded (`restart`).
     intact: bool,
     /// The commits that hold the mutations of the step being kept (`compose_local_commits`,
     /// `discard_overlay_for_replay`): `commit_as_step` drops them when it keeps the entry,
@@ -276,6 +280,11 @@ struct LocalCommit {
 impl LocalCommits {
     fn restart(&mut self) {
         *self = LocalCommits { intact: true, ..LocalCommits::default() };
+    }
+
+    /// No commit is recorded, nor kept, until the next `restart`.
+    fn give_up(&mut self) {
+        *self = LocalCommits { intact: false, ..LocalCommits::default() };
     }
 }
 
@@ -805,7 +814,7 @@ impl PageStore {
             && let Some(commits) = self.local_commits.as_mut()
         {
             // A page cut and written again later would not show the cut: not recorded.
-            commits.intact = false;
+            commits.give_up();
         }
         self.overlay.retain(|&i, _| i <= pages);
         self.overlay_page_count = pages;
@@ -982,9 +991,7 @@ impl PageStore {
             written.into_iter().filter_map(|i| Some((i, self.overlay.get(&i)?.clone()))).collect();
         let bytes = pages.len() * PAGE_SIZE;
         if commits.bytes + bytes > LOCAL_COMMIT_BYTES {
-            commits.done.clear();
-            commits.bytes = 0;
-            commits.intact = false;
+            commits.give_up();
             return;
         }
         commits.bytes += bytes;
@@ -1046,9 +1053,9 @@ impl PageStore {
     /// After `commit_as_step`, which cut `step` (its page 1 and page count; `None` when it
     /// kept nothing): the commits of the step's mutations go. The later ones stay, for the next
     /// confirmation, when the step's system rows left the file's shape as the last of those
-    /// commits left it (its size and freelist: they allocated no page, so every later commit's
-    /// page still means what it meant); the next confirmation's digest says whether they
-    /// give its pages. Otherwise, or when the step's commits were not recorded, all go.
+    /// commits left it (its size and page 1's freelist fields): a cheap sign, not a proof, that
+    /// every later commit's page still means what it meant; the next confirmation's digest is
+    /// the proof. Otherwise, or when the step's commits were not recorded, all go.
     fn settle_local_commits(&mut self, step: Option<(Option<&Page>, u32)>) {
         let Some(commits) = self.local_commits.as_mut() else { return };
         let used = std::mem::take(&mut commits.in_step);

@@ -345,6 +345,27 @@ fn a_writer_ahead_of_its_confirmations_keeps_them_from_its_own_commits() {
 }
 
 #[test]
+fn local_commits_past_their_bound_are_not_recorded_and_their_confirmations_replay() {
+    let mut p = Pair::new();
+    p.write(false, "CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)", vec![], 1);
+    p.exchange(T0);
+    // `randomblob` makes at most 1 MiB at once: a mutation of `mib` rows of 1 MiB.
+    let many = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+                INSERT INTO t(v) SELECT randomblob(1048576) FROM n";
+    let blob = |mib: i64| (many, vec![Value::Integer(mib)]);
+    // 12 MiB of commits ahead of their confirmations: within the bound, all recorded.
+    let within = confirm_while_ahead(&mut p, &vec![blob(3); 4], 10);
+    assert_eq!((within.kept, within.kept_from_commits, within.mismatches), (4, 4, 0), "{within:?}");
+    // 21 MiB: past `LOCAL_COMMIT_BYTES` (16 MiB) the store stops recording and forgets what it
+    // had, so every confirmation is kept by running its writes again, and all converge.
+    const { assert!(7 * (3 << 20) > pagesync::store::LOCAL_COMMIT_BYTES) };
+    let past = confirm_while_ahead(&mut p, &vec![blob(3); 7], 20);
+    assert_eq!((past.kept, past.mismatches), (7, 0), "{past:?}");
+    assert_eq!(past.kept_from_commits, 0, "{past:?}");
+    assert!(past.replayed > 0, "{past:?}");
+}
+
+#[test]
 fn schema_changes_among_confirmations_that_arrive_together_keep_replicas_identical() {
     let mut p = Pair::new();
     p.write(false, "CREATE TABLE t(x)", vec![], 1);
