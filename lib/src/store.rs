@@ -977,7 +977,7 @@ impl PageStore {
     }
 
     /// A local transaction that holds the mutations through `through` committed: its pages are
-    /// recorded, while the commits since the overlay was last empty are all recorded and
+    /// recorded, while the commits since the overlay was last discarded are all recorded and
     /// within `LOCAL_COMMIT_BYTES`.
     pub fn mark_local_commit(&mut self, through: Lsn) {
         let (page_count, schema_changed) = (self.overlay_page_count, self.overlay_changed_schema());
