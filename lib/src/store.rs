@@ -970,10 +970,7 @@ impl PageStore {
     /// (`mark_local_commit`), so that a confirmation can be kept from it
     /// (`compose_local_commits`).
     pub fn track_local_commits(&mut self) {
-        let mut commits = LocalCommits::default();
-        commits.restart();
-        commits.intact = !self.has_overlay();
-        self.local_commits = Some(commits);
+        self.local_commits = Some(LocalCommits { intact: !self.has_overlay(), ..LocalCommits::default() });
     }
 
     /// A local transaction that holds the mutations through `through` committed: its pages are
@@ -986,7 +983,8 @@ impl PageStore {
         if !commits.intact {
             return;
         }
-        // A page missing from the overlay was cut off the file since it was written.
+        // A page missing from the overlay was cut off the file since it was written (a cut
+        // gives up first, so none should be; left out rather than trusted).
         let pages: Vec<_> =
             written.into_iter().filter_map(|i| Some((i, self.overlay.get(&i)?.clone()))).collect();
         let bytes = pages.len() * PAGE_SIZE;
@@ -1061,11 +1059,10 @@ impl PageStore {
         let used = std::mem::take(&mut commits.in_step);
         let last = used.checked_sub(1).and_then(|at| commits.done.get(at));
         let page1 = commits.done.iter().take(used).rev().find_map(|c| c.pages.iter().find(|(i, _)| *i == 1));
-        let shape = |p: &Page| p[28..40].to_vec();
         let same_shape = step.zip(last).zip(page1).is_some_and(|(((step1, count), last), (_, page1))| {
             count == last.page_count
                 && !last.schema_changed
-                && step1.is_some_and(|s| shape(s) == shape(page1))
+                && step1.is_some_and(|s| s[28..40] == page1[28..40])
         });
         if !same_shape {
             commits.restart();
