@@ -937,7 +937,10 @@ fn write_frames(file: &File, offset: u64, first: Lsn, payloads: &[&[u8]]) -> std
 /// Atomically replaces `JOURNAL`: temp file, fsync, rename, fsync directory.
 fn write_marker(id: JournalId, dir: &Path, trimmed_through: u64) -> Result<()> {
     let tmp = dir.join(MARKER_TMP);
-    let mut f = File::create(&tmp).map_err(io_err(id, "create", &tmp))?;
+    // Made new, never opened through a link left at its name (it would write wherever it points).
+    let _ = fs::remove_file(&tmp);
+    let mut f =
+        OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err(id, "create", &tmp))?;
     f.write_all(&encode_marker(id, trimmed_through)).map_err(io_err(id, "write", &tmp))?;
     f.sync_all().map_err(io_err(id, "fsync", &tmp))?;
     let marker = dir.join(MARKER_FILE);

@@ -56,8 +56,7 @@ impl DirLock {
         let path = dir.join(LOCK_FILE);
         let io = |error| LockError::Io { path: path.clone(), error };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let mut file = open_lock_file(&path).map_err(io)?;
         match file.try_lock() {
             Ok(()) if !still_at(&file, &path) => return Ok(None),
             Ok(()) => {}
@@ -91,6 +90,31 @@ impl DirLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Opens (creating it if missing) the lock file at `path`, which must be a plain file of its
+/// own: not a symbolic link (not followed: the lock's holder writes its name into the file,
+/// and a link planted in a shared directory would have it overwrite any file it can write),
+/// and not a second name of another file.
+fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    let file = options.open(path).map_err(|e| match e.raw_os_error() {
+        #[cfg(unix)]
+        Some(libc::ELOOP) => std::io::Error::other("it is a symbolic link, which a lock file may not be"),
+        _ => e,
+    })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("it is not a plain file"));
+    }
+    #[cfg(unix)]
+    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
+        return Err(std::io::Error::other("it is a second name (hard link) of another file"));
+    }
+    Ok(file)
 }
 
 /// Whether `file` is the file at `path` (the same inode on the same device).
@@ -204,6 +228,35 @@ mod tests {
         let lock = DirLock::try_lock(&dir, "after").expect("lock");
         assert!(matches!(DirLock::try_lock(&dir, "second"), Err(LockError::Held { .. })));
         drop(lock);
+    }
+
+    /// A lock file planted as a link elsewhere is refused, and what it points at is untouched.
+    #[cfg(unix)]
+    #[test]
+    fn a_lock_file_that_is_a_link_is_refused_and_its_target_kept() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let victim = root.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("victim");
+        let (soft, hard) = (root.path().join("soft"), root.path().join("hard"));
+        for dir in [&soft, &hard] {
+            std::fs::create_dir(dir).expect("mkdir");
+        }
+        std::os::unix::fs::symlink(&victim, soft.join(LOCK_FILE)).expect("symlink");
+        std::fs::hard_link(&victim, hard.join(LOCK_FILE)).expect("hard link");
+        for (dir, why) in [(&soft, "symbolic link"), (&hard, "hard link")] {
+            match DirLock::try_lock(dir, "attacked") {
+                Err(LockError::Io { error, .. }) => assert!(error.to_string().contains(why), "{error}"),
+                other => panic!("a {why} taken as a lock file: {other:?}"),
+            }
+        }
+        let fifo = root.path().join("fifo");
+        std::fs::create_dir(&fifo).expect("mkdir");
+        let made = std::process::Command::new("mkfifo").arg(fifo.join(LOCK_FILE)).status();
+        if made.is_ok_and(|s| s.success()) {
+            let err = DirLock::try_lock(&fifo, "fifo").expect_err("a fifo is no lock file");
+            assert!(err.to_string().contains("not a plain file"), "{err}");
+        }
+        assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
     }
 
     #[test]

@@ -471,7 +471,8 @@ impl Database {
     fn names_with_system_prefix(&self) -> Result<Vec<String>> {
         let sql = format!(
             "SELECT type || ' ' || name || ' ' || tbl_name FROM sqlite_schema \
-             WHERE substr(name, 1, {n}) = '{SYSTEM_PREFIX}' OR substr(tbl_name, 1, {n}) = '{SYSTEM_PREFIX}' ORDER BY 1",
+             WHERE substr(name, 1, {n}) = '{SYSTEM_PREFIX}' COLLATE NOCASE \
+             OR substr(tbl_name, 1, {n}) = '{SYSTEM_PREFIX}' COLLATE NOCASE ORDER BY 1",
             n = SYSTEM_PREFIX.len()
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -550,9 +551,14 @@ impl Database {
                 let costly = costly.lock().expect("BUG: lock poisoned");
                 let mut stmt = costly.prepare_cached(&sql)?;
                 let values = (0..ctx.len()).map(|i| rusqlite::types::ToSqlOutput::Borrowed(ctx.get_raw(i)));
-                let value = stmt.query_row(rusqlite::params_from_iter(values), |r| {
-                    r.get::<_, rusqlite::types::Value>(0)
-                })?;
+                let value = stmt
+                    .query_row(rusqlite::params_from_iter(values), |r| r.get::<_, rusqlite::types::Value>(0))
+                    // Without its message: SQLite keeps a function's error code only when none
+                    // is set after it, and the code says what it was (`too_big`, not `error`).
+                    .map_err(|e| match e {
+                        rusqlite::Error::SqliteFailure(code, _) => rusqlite::Error::SqliteFailure(code, None),
+                        e => e,
+                    })?;
                 let subtype =
                     (json_text && matches!(value, rusqlite::types::Value::Text(_))).then_some(JSON_SUBTYPE);
                 Ok((value, subtype))

@@ -411,6 +411,12 @@ fn run(
             report_send_progress(&mut session, &conns);
         }
         session.handle_timeout(now_ms());
+        // What a document that came back from a job has for its subscribers goes before it is
+        // taken out again: while it is out nothing is sent from it, and a document with a
+        // backlog of steps (each up to a mutation's CPU time) would be out again at once, its
+        // subscribers (the authors of the mutations it applied among them) waiting for every
+        // step of the backlog.
+        flush_outgoing(&mut session, &mut conns, &metrics, &mut events);
         while let Some(job) = session.poll_job(now_ms()) {
             if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
                 // No workers left (only at exit): run it here.

@@ -172,8 +172,11 @@ impl Store {
         let tmp = path.with_extension("tmp");
         let io =
             |e: std::io::Error| pagesync::Error::Refused(format!("cannot write {}: {e}", path.display()));
-        std::fs::write(&tmp, format!("{from}\n")).map_err(io)?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        // Made new, never written through a link left at its name.
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io)?;
+        std::io::Write::write_all(&mut file, format!("{from}\n").as_bytes()).map_err(io)?;
+        file.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         sync_parent(&path).map_err(io)
     }

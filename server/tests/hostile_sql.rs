@@ -309,3 +309,25 @@ async fn cpu_bound_mutations_are_stopped_and_do_not_hold_a_shutdown() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(15), "the shutdown waited {took:?} for the queue");
 }
+
+/// A queue of mutations that each run to their CPU bound, sent by a client that then leaves,
+/// holds up no other writer of the same document: the document steps through them one bound at
+/// a time, and between two of its steps what it applied goes to its subscribers, so an honest
+/// write that arrives behind them is confirmed after a step or two, not after the whole queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_of_cpu_bound_mutations_holds_up_no_other_writer_of_the_document() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = format!("file://{}", dir.path().display());
+    let (_server, port) = start_on_any_port(&root, &["--max-mutation-cpu-ms", "200"]);
+    let honest = dir.path().join("honest");
+    ok(&cli(port, &honest, DOC_B, &["exec", "CREATE TABLE v(x)"]));
+    let slow = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c LIMIT 3000) \
+                SELECT count(*) FROM c WHERE length(printf('%.*c', 16000000 + n, 'x')) < 0";
+    // 40 of them: at least 8 s of steps.
+    send_raw(port, DOC_B, &vec![slow; 40]).await;
+    let started = Instant::now();
+    let out = ok(&cli(port, &honest, DOC_B, &["exec", "INSERT INTO v VALUES (1)"]));
+    let took = started.elapsed();
+    assert!(out.contains("confirmed"), "{out}");
+    assert!(took < Duration::from_secs(4), "the honest write waited {took:?} behind the queue");
+}

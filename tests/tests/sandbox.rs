@@ -242,6 +242,11 @@ fn oversized_values_temp_files_and_growth_are_too_big() {
     drain(&mut server, T0);
     let cases = [
         ("INSERT INTO big VALUES (zeroblob(80000000))", "string or blob"),
+        // Grown by `replace`, which runs on another connection (a costly built-in): the same code.
+        (
+            "INSERT INTO big VALUES (replace(replace(replace(printf('%.*c', 4000, 'x'), 'x', printf('%.*c', 4000, 'y')), 'y', 'zz'), 'z', 'ww'))",
+            "string or blob",
+        ),
         (
             "INSERT INTO big SELECT randomblob(1000) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000) SELECT x FROM c)",
             "add more than 2097152 bytes",
@@ -612,6 +617,43 @@ fn a_step_ends_at_one_mutations_cpu_time() {
     assert!(longest < Duration::from_secs(3), "a step took {longest:?}: {steps:?}");
 }
 
+/// One client's queue of mutations that each run to the CPU bound does not hold up another's:
+/// a mutation that arrives behind them runs in the next step or the one after, not after them all.
+#[test]
+fn a_queue_of_costly_mutations_does_not_hold_up_another_timeline() {
+    // The honest timeline sorts before the costly one, and after it.
+    for honest in [TimelineId([3; 16]), TimelineId([12; 16])] {
+        costly_queue_then(honest);
+    }
+}
+
+fn costly_queue_then(honest: TimelineId) {
+    let limits = StepLimits { max_mutation_cpu: Some(Duration::from_millis(150)), ..StepLimits::default() };
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
+    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    schema(&mut client, &mut server);
+    let heavy = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 3000) \
+                 SELECT sum(length(printf('%.*c', 16000000 - x, 'x'))) FROM c";
+    let batch: Vec<_> = (0..8)
+        .map(|_| Mutation { client_time_ms: T0, seed: 1, body: sql(heavy, vec![]) }.encode().expect("encode"))
+        .collect();
+    let attacker = TimelineId([9; 16]);
+    server.receive(attacker, Lsn::FIRST, batch);
+    // The first step has begun on them when the honest write arrives.
+    server.step(T0).expect("step").expect("a step");
+    let write = sql("INSERT INTO notes(body) VALUES ('honest')", vec![]);
+    let m = Mutation { client_time_ms: T0, seed: 2, body: write }.encode().expect("encode");
+    server.receive(honest, Lsn::FIRST, vec![m]);
+    let mut steps = 0;
+    while server.applied_lsn(honest).is_none() {
+        server.step(T0).expect("step").expect("a step");
+        steps += 1;
+        assert!(steps <= 2, "the honest write waited {steps} steps behind the costly ones");
+    }
+    assert!(server.queued() > 0, "the costly ones were not all run first");
+}
+
 /// SQLite reads the whole schema again whenever a schema change is rolled back, outside any
 /// budget (7 MB of schema made each tiny rejected `CREATE TABLE` cost the server 250 ms): the
 /// schema's SQL is bounded, and a mutation that would grow it past the bound is `too_big`.
@@ -642,6 +684,8 @@ fn a_table_cannot_be_renamed_into_pagesyncs_names() {
         "CREATE TABLE x(key TEXT PRIMARY KEY, applied_ms INT) WITHOUT ROWID; INSERT INTO x VALUES ('k', 1); \
          ALTER TABLE x RENAME TO _pagesync_once",
         "CREATE TABLE y(a); CREATE INDEX y_a ON y(a); ALTER TABLE y ReNaMe TO \"_pagesync_mine\"",
+        // SQLite's names are alike in any case: this one would be read-only to everyone after.
+        "CREATE TABLE w(a); ALTER TABLE \"w\" RENAME TO \"_PAGESYNC_Mine2\"",
     ];
     for (i, text) in hostile.iter().enumerate() {
         let (code, why) = raw_verdict(&mut server, 40 + i as u128, 1, sql(text, vec![])).expect("rejected");
@@ -653,7 +697,8 @@ fn a_table_cannot_be_renamed_into_pagesyncs_names() {
         .database()
         .conn()
         .query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE name IN ('x', 'y', 'y_a', '_pagesync_mine')",
+            "SELECT count(*) FROM sqlite_schema WHERE name IN ('x', 'y', 'y_a', 'w', '_pagesync_mine') \
+             OR name LIKE '\\_pagesync\\_mine%' ESCAPE '\\'",
             [],
             |r| r.get(0),
         )
