@@ -450,15 +450,37 @@ impl Client {
             let dir = self.shared.data_dir.join(doc.to_string());
             let lock = lock_replica(&dir)?;
             // Read at every miss of SQLite's page cache: through a map, not a `pread` each.
-            let storage = FileJournal::open_or_create(
+            let storage_opts = FileJournalOptions {
+                map_reads: true,
+                roll_without_barrier: true,
+                ..FileJournalOptions::default()
+            };
+            let storage = match FileJournal::open_or_create(
                 dir.join("storage"),
                 doc.journal_id(),
-                FileJournalOptions {
-                    map_reads: true,
-                    roll_without_barrier: true,
-                    ..FileJournalOptions::default()
-                },
-            )?;
+                storage_opts.clone(),
+            ) {
+                // The server's entries, damaged here: set aside (for whoever wants to look) and
+                // downloaded again. The replica's own writes are in its timeline, untouched.
+                Err(
+                    e @ (pagesync::journal::JournalError::Corrupt { .. }
+                    | pagesync::journal::JournalError::CorruptSegment { .. }),
+                ) => {
+                    let aside = dir.join(format!("storage.damaged-{}", now_ms()));
+                    tracing::warn!(
+                        "{}: the local copy of the server's entries is damaged ({e}); it is moved to {} and downloaded again",
+                        dir.display(),
+                        aside.display()
+                    );
+                    std::fs::rename(dir.join("storage"), &aside).map_err(|error| ClientError::Io {
+                        op: "set aside",
+                        path: dir.join("storage"),
+                        error,
+                    })?;
+                    FileJournal::open_or_create(dir.join("storage"), doc.journal_id(), storage_opts)?
+                }
+                opened => opened?,
+            };
             let tl_dir = dir.join("timeline");
             // A local write is an append and a barrier: written into space made ahead.
             let tl_opts = FileJournalOptions { preallocate: true, ..FileJournalOptions::default() };

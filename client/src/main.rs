@@ -325,10 +325,11 @@ async fn repl(doc: &pagesync_client::Document, timeout: Duration) -> anyhow::Res
 fn run_statement(doc: &pagesync_client::Document, sql: &str) {
     if is_read(sql) {
         match doc.query(sql, &[]) {
-            Ok(rows) => print_rows(&rows),
-            Err(e) => println!("error: {e}"),
+            Ok(rows) => return print_rows(&rows),
+            // `WITH ... INSERT` begins as a read does: SQLite says it writes, so it is a write.
+            Err(ClientError::Core(pagesync::Error::NotReadOnly { .. })) => {}
+            Err(e) => return println!("error: {e}"),
         }
-        return;
     }
     match doc.execute(sql, vec![]) {
         Ok(done) => match &done.local {
@@ -532,6 +533,9 @@ async fn command(
 ) -> anyhow::Result<ExitCode> {
     match command {
         Command::Exec { sql, params, offline } => {
+            if sql.split(';').all(|s| s.trim().is_empty()) {
+                anyhow::bail!("nothing to run: the SQL given holds no statement");
+            }
             if !offline {
                 catch_up_if_empty(client, doc, timeout).await;
             }

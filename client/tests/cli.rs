@@ -126,8 +126,16 @@ fn two_cli_clients_converge_offline_writes_sync_and_rejections_are_explained() {
     assert!(out.contains("applied locally"), "{out}");
     assert!(out.contains("n\n3\n"), "{out}");
     assert!(out.contains("pending\t"), "{out}");
+    // A statement that begins as a read does but writes (`WITH ... INSERT`) is a write.
+    let with = "WITH v(x) AS (VALUES ('with a cte')) INSERT INTO t SELECT x FROM v;\n";
+    let out = ok(&cli(addr, &a, &["repl"], Some(with)));
+    assert!(out.contains("applied locally"), "{out}");
+    // Nothing to run is said so, not queued as an empty mutation.
+    let out = cli(addr, &a, &["exec", " ; ;"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("holds no statement"), "{err}");
     let rows = ok(&cli(addr, &b, &["query", "SELECT x FROM t ORDER BY rowid"], None));
-    assert_eq!(rows, "x\nfrom a\noffline\nfrom the repl\n");
+    assert_eq!(rows, "x\nfrom a\noffline\nfrom the repl\nwith a cte\n");
     // A repl on a new replica first takes what the server has (its first write ran on an
     // empty database: "no such table"), and input that ends without a last `;` runs too.
     let c = dir.path().join("c");
@@ -484,5 +492,44 @@ fn a_write_after_a_crash_took_sent_writes_from_the_timeline_is_not_lost() {
     // The reopened replica holds the same, its cut writes brought back by the server's pages.
     let rows = ok(&cli(addr, &a, &["query", "SELECT x FROM t ORDER BY rowid"], None));
     assert_eq!(rows, "x\nw1\nw2\nw3\nw4\nw5\nafter the crash\n");
+    server.stop();
+}
+
+/// A replica whose copy of the server's entries is damaged (a flipped byte in a frame header)
+/// sets that copy aside and downloads it again: its own writes, made offline and still pending,
+/// are kept and reach the server, and the replica reads and writes as before. (Before, every
+/// command failed naming the corrupt entry, and only `forget`, which drops pending writes too,
+/// got out.)
+#[test]
+fn a_damaged_copy_of_the_servers_entries_is_downloaded_again_and_pending_writes_survive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a");
+    let (server, addr) = Server::start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr"));
+    assert!(ok(&cli(addr, &a, &["exec", "CREATE TABLE t(x TEXT)"], None)).contains("confirmed"));
+    assert!(ok(&cli(addr, &a, &["exec", "INSERT INTO t VALUES ('confirmed')"], None)).contains("confirmed"));
+    server.stop();
+    let offline = ok(&cli(addr, &a, &["exec", "--offline", "INSERT INTO t VALUES ('pending')"], None));
+    assert!(offline.contains("pending"), "{offline}");
+    // The first frame's header, just past the segment's 40-byte header.
+    let storage = a.join(DOC).join("storage");
+    let segment = std::fs::read_dir(&storage)
+        .expect("storage")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    bytes[44] ^= 0x5a;
+    std::fs::write(&segment, &bytes).expect("write");
+    let (server, _) = Server::start(&dir.path().join("server"), addr);
+    assert_eq!(ok(&cli(addr, &a, &["sync"], None)).trim(), "synced");
+    let rows = ok(&cli(addr, &a, &["query", "SELECT x FROM t ORDER BY rowid"], None));
+    assert_eq!(rows, "x\nconfirmed\npending\n");
+    let fresh = ok(&cli(addr, &dir.path().join("b"), &["query", "SELECT x FROM t ORDER BY rowid"], None));
+    assert_eq!(fresh, "x\nconfirmed\npending\n");
+    let aside = std::fs::read_dir(a.join(DOC)).expect("replica").filter_map(Result::ok);
+    assert!(
+        aside.into_iter().any(|e| e.file_name().to_string_lossy().starts_with("storage.damaged-")),
+        "the damaged copy was kept aside"
+    );
     server.stop();
 }

@@ -37,12 +37,23 @@ impl DirLock {
     /// Takes the lock on `dir` (created if missing) without waiting. `who` describes this
     /// process to the next opener; the pid is added.
     pub fn try_lock(dir: &Path, who: &str) -> Result<DirLock, LockError> {
+        Self::try_lock_as(dir, who, false)
+    }
+
+    /// `try_lock` shared: any number of shared holders at once, none beside an exclusive one
+    /// (servers of one `object+file://` cluster, which fence each other, and a `file://`
+    /// server, which shares its store with no one).
+    pub fn try_lock_shared(dir: &Path, who: &str) -> Result<DirLock, LockError> {
+        Self::try_lock_as(dir, who, true)
+    }
+
+    fn try_lock_as(dir: &Path, who: &str, shared: bool) -> Result<DirLock, LockError> {
         // A lock taken on a file that is no longer at the path (a `forget` moved the directory
         // aside and removed it between this open and this lock) guards nothing: the next
         // process makes a new file there and takes that. Then it is taken again, on the file
         // that is there now.
         for _ in 0..16 {
-            if let Some(lock) = Self::try_lock_once(dir, who)? {
+            if let Some(lock) = Self::try_lock_once(dir, who, shared)? {
                 return Ok(lock);
             }
         }
@@ -52,12 +63,13 @@ impl DirLock {
     }
 
     /// `try_lock`, once: `None` when the file locked is no longer the one at the path.
-    fn try_lock_once(dir: &Path, who: &str) -> Result<Option<DirLock>, LockError> {
+    fn try_lock_once(dir: &Path, who: &str, shared: bool) -> Result<Option<DirLock>, LockError> {
         let path = dir.join(LOCK_FILE);
         let io = |error| LockError::Io { path: path.clone(), error };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut file = open_lock_file(&path).map_err(io)?;
-        match file.try_lock() {
+        let locked = if shared { file.try_lock_shared() } else { file.try_lock() };
+        match locked {
             Ok(()) if !still_at(&file, &path) => return Ok(None),
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {

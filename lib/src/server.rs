@@ -56,6 +56,20 @@ pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
 /// commit.
 pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1 << 20)) / (PAGE_SIZE + 4);
 
+/// Rejections of one timeline that its client has not acknowledged yet, kept at most. A client
+/// acknowledges each as soon as it holds the entry that recorded it; one that never does (a
+/// hostile one sending mutations that each fail: 400,000 empty ones in a 0.8 MB frame grew a
+/// document by 45 MB) finds only its newest: past this many, its oldest half is deleted in the
+/// step, and the mutations they were about read as applied (their pages are the server's, as
+/// always; only the reason is gone).
+pub const MAX_TIMELINE_REJECTIONS: usize = 256;
+
+/// Unacknowledged rejections over every timeline of a document, kept at most: past it, the
+/// timeline holding the most loses its oldest half, until three quarters are left. With
+/// messages of at most `MAX_REJECTION_MESSAGE_BYTES`, they fit in the room a document at its
+/// size cap keeps for pagesync's own rows.
+pub const MAX_DOC_REJECTIONS: usize = 1_024;
+
 /// Of `MAX_STEP_PAGES`, the pages kept for pagesync's own rows after the mutations (applied
 /// LSNs, rejection messages): 1 MiB.
 const STEP_SYSTEM_PAGES: usize = 256;
@@ -215,6 +229,86 @@ struct Attempt<'a> {
     /// (`StepLimits::max_mutation_cpu`), over every attempt.
     time_budget: Option<(StepClock, std::time::Duration)>,
     origins: Option<&'a [Origin]>,
+}
+
+/// The unacknowledged rejections a step's attempt holds (`MAX_TIMELINE_REJECTIONS`,
+/// `MAX_DOC_REJECTIONS`), counted from the table when first needed, then kept as rows are
+/// added and deleted. Every count and every deletion follows from the table and the batch, so a
+/// replay deletes the same rows.
+#[derive(Debug, Default)]
+struct RejectionsHeld {
+    by_timeline: HashMap<TimelineId, usize>,
+    total: Option<usize>,
+}
+
+impl RejectionsHeld {
+    /// After `added` (0 or 1) rows of `tl`: deletes the oldest past either bound.
+    fn bound(&mut self, conn: &rusqlite::Connection, tl: TimelineId, added: usize) -> rusqlite::Result<()> {
+        use rusqlite::OptionalExtension;
+        let of_timeline = |tl: &TimelineId| {
+            conn.prepare_cached("SELECT count(*) FROM _pagesync_rejections WHERE timeline = ?1")?
+                .query_row([&tl.0[..]], |r| r.get::<_, i64>(0))
+                .map(|n| n as usize)
+        };
+        let held = match self.by_timeline.get(&tl) {
+            Some(n) => n + added,
+            None => of_timeline(&tl)?,
+        };
+        self.by_timeline.insert(tl, held);
+        let total = match self.total {
+            Some(n) => n + added,
+            None => conn.query_row("SELECT count(*) FROM _pagesync_rejections", [], |r| r.get::<_, i64>(0))?
+                as usize,
+        };
+        self.total = Some(total);
+        if held > MAX_TIMELINE_REJECTIONS {
+            self.keep_newest(conn, tl, held, MAX_TIMELINE_REJECTIONS / 2)?;
+        }
+        if total <= MAX_DOC_REJECTIONS {
+            return Ok(());
+        }
+        while self.total.is_some_and(|t| t > MAX_DOC_REJECTIONS * 3 / 4) {
+            // The timeline holding the most (the lowest id among equals) gives up its oldest half.
+            let most = conn
+                .prepare_cached(
+                    "SELECT timeline, count(*) AS n FROM _pagesync_rejections GROUP BY timeline \
+                     ORDER BY n DESC, timeline LIMIT 1",
+                )?
+                .query_row([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+                .optional()?;
+            let Some((Ok(most), n)) = most.map(|(tl, n)| (<[u8; 16]>::try_from(tl.as_slice()), n as usize))
+            else {
+                // Fewer than counted (a row replaced, not added): none left to give up.
+                self.total = Some(0);
+                break;
+            };
+            self.keep_newest(conn, TimelineId(most), n, n / 2)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `tl`'s oldest rejections (it holds `held`) but its newest `keep`.
+    fn keep_newest(
+        &mut self,
+        conn: &rusqlite::Connection,
+        tl: TimelineId,
+        held: usize,
+        keep: usize,
+    ) -> rusqlite::Result<()> {
+        let deleted = if keep == 0 {
+            conn.prepare_cached("DELETE FROM _pagesync_rejections WHERE timeline = ?1")?
+                .execute([&tl.0[..]])?
+        } else {
+            conn.prepare_cached(
+                "DELETE FROM _pagesync_rejections WHERE timeline = ?1 AND lsn < \
+                 (SELECT lsn FROM _pagesync_rejections WHERE timeline = ?1 ORDER BY lsn DESC LIMIT 1 OFFSET ?2)",
+            )?
+            .execute(rusqlite::params![&tl.0[..], (keep - 1) as i64])?
+        };
+        self.by_timeline.insert(tl, held.saturating_sub(deleted));
+        self.total = self.total.map(|t| t.saturating_sub(deleted));
+        Ok(())
+    }
 }
 
 /// When a live step began: a monotonic clock (read in a few nanoseconds; a thread's CPU clock
@@ -1019,16 +1113,23 @@ impl<R: Reducer> ServerDocument<R> {
         out
     }
 
-    /// Records a rejection in the replicated table.
-    fn record_rejection(&self, tl: TimelineId, lsn: Lsn, r: &Rejection) -> rusqlite::Result<()> {
+    /// Records a rejection in the replicated table, within `MAX_TIMELINE_REJECTIONS` and
+    /// `MAX_DOC_REJECTIONS` (`held` counts the rows as this attempt left them).
+    fn record_rejection(
+        &self,
+        tl: TimelineId,
+        lsn: Lsn,
+        r: &Rejection,
+        held: &mut RejectionsHeld,
+    ) -> rusqlite::Result<()> {
         self.with_system_room(|| {
-            self.db
-                .conn()
+            let conn = self.db.conn();
+            let added = conn
                 .prepare_cached(
                     "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
                 )?
-                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code.as_str(), r.message])
-                .map(|_| ())
+                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code.as_str(), r.message])?;
+            held.bound(conn, tl, added)
         })
     }
 
@@ -1042,6 +1143,7 @@ impl<R: Reducer> ServerDocument<R> {
         let Attempt { forget, lost, entry_time_ms, vm_budget, time_budget, origins } = attempt;
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
         crate::db::run_cached(self.db.conn(), "BEGIN IMMEDIATE").map_err(conn_err)?;
+        let mut held = RejectionsHeld::default();
         let mut applied = Vec::with_capacity(batch.len());
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
         let (mut rejections, mut vm_steps) = (Vec::new(), 0u64);
@@ -1070,7 +1172,7 @@ impl<R: Reducer> ServerDocument<R> {
                 }
             };
             if let Err(r) = result {
-                self.record_rejection(*tl, *lsn, &r).map_err(conn_err)?;
+                self.record_rejection(*tl, *lsn, &r, &mut held).map_err(conn_err)?;
                 rejections.push(Rejected { timeline: *tl, lsn: *lsn, rejection: r, isolated: false });
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });

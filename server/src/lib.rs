@@ -74,6 +74,8 @@ impl Store {
     pub fn describe(&self) -> String {
         match self {
             Store::Files(root) => format!("file://{}", root.display()),
+            // The object form of a directory is told apart from a `file://` store.
+            Store::Objects(b) if b.url().starts_with("file://") => format!("object+{}", b.url()),
             Store::Objects(b) => b.url().to_owned(),
         }
     }
@@ -815,8 +817,23 @@ pub fn history_key(doc: DocId) -> String {
 
 /// Takes the `file://` store's lock, or says which process holds it.
 pub fn lock_store(root: &std::path::Path) -> anyhow::Result<pagesync::journal::DirLock> {
+    lock_store_as(root, false)
+}
+
+/// The lock of an `object+file://` store: shared by the servers of its cluster (they fence each
+/// other), never held beside a `file://` server's (the two keep documents in different forms:
+/// one written in the other's was unreadable to both).
+pub fn lock_store_shared(root: &std::path::Path) -> anyhow::Result<pagesync::journal::DirLock> {
+    lock_store_as(root, true)
+}
+
+fn lock_store_as(root: &std::path::Path, shared: bool) -> anyhow::Result<pagesync::journal::DirLock> {
     use pagesync::journal::{DirLock, LockError, lock::this_command};
-    DirLock::try_lock(root, &this_command()).map_err(|e| match e {
+    let locked = match shared {
+        true => DirLock::try_lock_shared(root, &this_command()),
+        false => DirLock::try_lock(root, &this_command()),
+    };
+    locked.map_err(|e| match e {
         LockError::Held { dir, holder } => anyhow::anyhow!(
             "another pagesync-server is serving {} ({holder}); one store has one server at a time: stop it first",
             dir.display()
@@ -881,7 +898,9 @@ pub async fn serve(
     // is held until `serve` returns (the kernel drops it if the process dies).
     let _store_lock = match &cfg.store {
         Store::Files(root) => Some(lock_store(root)?),
-        Store::Objects(_) => None,
+        Store::Objects(b) => {
+            b.url().strip_prefix("file://").map(|dir| lock_store_shared(dir.as_ref())).transpose()?
+        }
     };
     if let Store::Objects(b) = &cfg.store {
         *metrics.objects.lock().expect("BUG: metrics lock poisoned") = Some(b.stats().clone());

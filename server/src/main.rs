@@ -271,10 +271,12 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                     RestoreTo::InPlace
                 }
             };
-            // In place rewrites a document a server may be serving: not while one runs.
-            let _lock = match (&to, &store) {
-                (RestoreTo::InPlace, Store::Files(root)) => Some(pagesync_server::lock_store(root)?),
-                _ => None,
+            // In place rewrites a document a server may be serving, and a new one is one a
+            // client of a running server may be creating at the same moment (both wrote it,
+            // and the document was left unreadable): on files, not while a server runs.
+            let _lock = match &store {
+                Store::Files(root) => Some(pagesync_server::lock_store(root)?),
+                Store::Objects(_) => None,
             };
             let r = ops::restore(&store, doc, at, to, now_ms()).map_err(anyhow::Error::msg)?;
             println!(

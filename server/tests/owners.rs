@@ -142,6 +142,36 @@ fn a_second_server_on_one_file_store_refuses_to_start() {
     let (_again, _) = start_on_any_port(&store, &[]);
 }
 
+/// A directory is either a `file://` store or an `object+file://` one: the two keep documents
+/// in different forms, and a server of one kind refuses to start while one of the other serves it.
+#[test]
+fn a_file_store_and_an_object_store_never_share_a_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (files, objects) =
+        (format!("file://{}", dir.path().display()), format!("object+file://{}", dir.path().display()));
+    for (first, second) in [(&files, &objects), (&objects, &files)] {
+        let (running, _) = start_on_any_port(first, &[]);
+        let out = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+            .args(["--listen", "127.0.0.1:0", "--journal", second])
+            .output()
+            .expect("second server");
+        assert!(!out.status.success(), "{second} started beside {first}");
+        let err = text(&out);
+        assert!(err.contains("another pagesync-server is serving") && err.contains("pid"), "{err}");
+        if first == &files {
+            // Nor does a restore write into a store a server is serving, even as a new document.
+            let out = Command::new(env!("CARGO_BIN_EXE_pagesync-server"))
+                .args(["restore", "--journal", first, "--doc", &"1".repeat(32), "--at", "lsn:1"])
+                .args(["--to", &"2".repeat(32)])
+                .output()
+                .expect("restore");
+            assert!(!out.status.success(), "a restore ran beside the server");
+            assert!(text(&out).contains("another pagesync-server is serving"), "{}", text(&out));
+        }
+        drop(running);
+    }
+}
+
 #[test]
 fn a_killed_owner_frees_its_replica_and_its_acknowledged_writes_survive() {
     let dir = tempfile::tempdir().expect("tempdir");

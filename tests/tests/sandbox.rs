@@ -654,6 +654,83 @@ fn costly_queue_then(honest: TimelineId) {
     assert!(server.queued() > 0, "the costly ones were not all run first");
 }
 
+/// A client that never acknowledges its rejections (a hostile one: each empty entry of a frame
+/// is one) cannot grow the document with them, nor wedge one at its size cap: each timeline
+/// keeps at most `MAX_TIMELINE_REJECTIONS` (its newest), the document `MAX_DOC_REJECTIONS`,
+/// the document still takes writes, and a replay of its steps gives the same pages.
+#[test]
+fn unacknowledged_rejections_are_bounded_per_timeline_and_per_document() {
+    use pagesync::journal::Journal;
+    use pagesync::server::{MAX_DOC_REJECTIONS, MAX_TIMELINE_REJECTIONS};
+    use pagesync_tests::SharedJournal;
+    let limits = || StepLimits { max_doc_bytes: Some(1 << 20), ..StepLimits::default() };
+    let storage = SharedJournal::new(1);
+    let mut server =
+        ServerDocument::with_reducer(storage.boxed(), SqlReducer::default(), limits()).expect("server");
+    let mut sent = std::collections::HashMap::new();
+    let mut send = |server: &mut ServerDocument, tl: TimelineId, first: u64, entries: Vec<Vec<u8>>| {
+        for (i, e) in entries.iter().enumerate() {
+            sent.insert((tl, first + i as u64), e.clone());
+        }
+        server.receive(tl, Lsn::new(first).expect("lsn"), entries);
+        drain(server, T0);
+    };
+    let owner = TimelineId([1; 16]);
+    let write =
+        |i: u64, text: &str| Mutation { client_time_ms: T0, seed: i, body: sql(text, vec![]) }.encode();
+    send(&mut server, owner, 1, vec![write(1, "CREATE TABLE t(b BLOB)").expect("encode")]);
+    // Filled to its cap.
+    let fills: Vec<_> =
+        (2..12).map(|i| write(i, "INSERT INTO t VALUES (zeroblob(200000))").expect("encode")).collect();
+    send(&mut server, owner, 2, fills);
+    let count = |server: &ServerDocument, sql: &str| -> i64 {
+        server.database().conn().query_row(sql, [], |r| r.get(0)).expect("count")
+    };
+    assert!(count(&server, "SELECT count(*) FROM _pagesync_rejections") > 0, "the cap was reached");
+    // Twelve timelines, 400 empty entries each, in frames of 100.
+    let hostile: Vec<TimelineId> = (0..12u8).map(|i| TimelineId([0x80 + i; 16])).collect();
+    for round in 0..4u64 {
+        for tl in &hostile {
+            send(&mut server, *tl, 1 + round * 100, vec![Vec::new(); 100]);
+        }
+    }
+    let per_timeline = count(
+        &server,
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM _pagesync_rejections GROUP BY timeline)",
+    );
+    assert!(per_timeline as usize <= MAX_TIMELINE_REJECTIONS, "{per_timeline} kept for one timeline");
+    let total = count(&server, "SELECT count(*) FROM _pagesync_rejections");
+    assert!(total as usize <= MAX_DOC_REJECTIONS, "{total} kept in all");
+    let last = hostile.last().expect("twelve");
+    let newest: i64 = server
+        .database()
+        .conn()
+        .query_row("SELECT max(lsn) FROM _pagesync_rejections WHERE timeline = ?1", [&last.0[..]], |r| {
+            r.get(0)
+        })
+        .expect("newest");
+    assert_eq!(newest, 400, "the newest rejection is kept");
+    for tl in &hostile {
+        assert_eq!(server.applied_lsn(*tl), Lsn::new(400), "every entry got its outcome");
+    }
+    // Still writable at its cap.
+    let rows = count(&server, "SELECT count(*) FROM t");
+    send(&mut server, owner, 12, vec![write(12, "DELETE FROM t WHERE rowid = 1").expect("encode")]);
+    assert_eq!(server.applied_lsn(owner), Lsn::new(12));
+    assert_eq!(count(&server, "SELECT count(*) FROM t"), rows - 1);
+    // The same pages again from the same mutations.
+    let mut replica =
+        ServerDocument::with_reducer(memory_journal(9), SqlReducer::default(), limits()).expect("replica");
+    let range = storage.range();
+    for lsn in range.iter().skip(1) {
+        let header = pagesync::storage::decode(&storage.read(lsn).expect("entry")).expect("decode");
+        let recorded: Vec<_> =
+            header.applied.iter().map(|a| (*a, sent[&(a.timeline, a.lsn.get())].clone())).collect();
+        replica.replay_step(&recorded, &header.forgotten, header.time_ms).expect("replay");
+    }
+    assert!(pages_of(replica.database()) == pages_of(server.database()), "the replay diverged");
+}
+
 /// SQLite reads the whole schema again whenever a schema change is rolled back, outside any
 /// budget (7 MB of schema made each tiny rejected `CREATE TABLE` cost the server 250 ms): the
 /// schema's SQL is bounded, and a mutation that would grow it past the bound is `too_big`.
