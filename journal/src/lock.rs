@@ -67,7 +67,7 @@ impl DirLock {
         let path = dir.join(LOCK_FILE);
         let io = |error| LockError::Io { path: path.clone(), error };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut file = open_lock_file(&path).map_err(io)?;
+        let (mut file, own_name) = open_lock_file(&path).map_err(io)?;
         let locked = if shared { file.try_lock_shared() } else { file.try_lock() };
         match locked {
             Ok(()) if !still_at(&file, &path) => return Ok(None),
@@ -90,7 +90,11 @@ impl DirLock {
             }
             Err(TryLockError::Error(e)) => return Err(io(e)),
         }
-        // Ours now: say who holds it.
+        // Ours now: say who holds it, unless the file has other names, which would be
+        // overwritten too (a backup made with hard links leaves the lock as good as before).
+        if !own_name {
+            return Ok(Some(DirLock { _file: file, path }));
+        }
         let me = format!("pid {}: {who}", std::process::id());
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -104,11 +108,11 @@ impl DirLock {
     }
 }
 
-/// Opens (creating it if missing) the lock file at `path`, which must be a plain file of its
-/// own: not a symbolic link (not followed: the lock's holder writes its name into the file,
-/// and a link planted in a shared directory would have it overwrite any file it can write),
-/// and not a second name of another file.
-fn open_lock_file(path: &Path) -> std::io::Result<File> {
+/// Opens (creating it if missing) the lock file at `path`, which must be a plain file, not a
+/// symbolic link (not followed: the lock's holder writes its name into the file, and a link
+/// planted in a shared directory would have it overwrite any file it can write). Says whether
+/// the file has no other name (a hard link to another file may be locked, not written).
+fn open_lock_file(path: &Path) -> std::io::Result<(File, bool)> {
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
@@ -123,10 +127,10 @@ fn open_lock_file(path: &Path) -> std::io::Result<File> {
         return Err(std::io::Error::other("it is not a plain file"));
     }
     #[cfg(unix)]
-    if std::os::unix::fs::MetadataExt::nlink(&meta) > 1 {
-        return Err(std::io::Error::other("it is a second name (hard link) of another file"));
-    }
-    Ok(file)
+    let own_name = std::os::unix::fs::MetadataExt::nlink(&meta) == 1;
+    #[cfg(not(unix))]
+    let own_name = true;
+    Ok((file, own_name))
 }
 
 /// Whether `file` is the file at `path` (the same inode on the same device).
@@ -242,7 +246,8 @@ mod tests {
         drop(lock);
     }
 
-    /// A lock file planted as a link elsewhere is refused, and what it points at is untouched.
+    /// A lock file planted as a link elsewhere is never written through: a symbolic link is
+    /// refused, a hard link locked as it is; what they point at is untouched.
     #[cfg(unix)]
     #[test]
     fn a_lock_file_that_is_a_link_is_refused_and_its_target_kept() {
@@ -255,12 +260,16 @@ mod tests {
         }
         std::os::unix::fs::symlink(&victim, soft.join(LOCK_FILE)).expect("symlink");
         std::fs::hard_link(&victim, hard.join(LOCK_FILE)).expect("hard link");
-        for (dir, why) in [(&soft, "symbolic link"), (&hard, "hard link")] {
-            match DirLock::try_lock(dir, "attacked") {
-                Err(LockError::Io { error, .. }) => assert!(error.to_string().contains(why), "{error}"),
-                other => panic!("a {why} taken as a lock file: {other:?}"),
+        match DirLock::try_lock(&soft, "attacked") {
+            Err(LockError::Io { error, .. }) => {
+                assert!(error.to_string().contains("symbolic link"), "{error}")
             }
+            other => panic!("a symbolic link taken as a lock file: {other:?}"),
         }
+        // A second name is locked (a backup made with hard links), but not written.
+        let lock = DirLock::try_lock(&hard, "attacked").expect("a hard link locks");
+        assert!(matches!(DirLock::try_lock(&hard, "second"), Err(LockError::Held { .. })));
+        drop(lock);
         let fifo = root.path().join("fifo");
         std::fs::create_dir(&fifo).expect("mkdir");
         let made = std::process::Command::new("mkfifo").arg(fifo.join(LOCK_FILE)).status();
