@@ -80,7 +80,7 @@ pub enum ClientError {
     Core(#[from] pagesync::Error),
     #[error(transparent)]
     Journal(#[from] pagesync::journal::JournalError),
-    #[error("timed out after {0:?} with {1} mutations still pending (is the server reachable?)")]
+    #[error("timed out after {ms} ms with {n} mutations still pending (is the server reachable?)", ms = .0.as_millis(), n = .1)]
     SyncTimeout(Duration, usize),
     /// The server could not be reached; says why (a refused TCP connection, no answer, ...).
     /// Trying again later may succeed.
@@ -466,6 +466,12 @@ impl Client {
                     e @ (pagesync::journal::JournalError::Corrupt { .. }
                     | pagesync::journal::JournalError::CorruptSegment { .. }),
                 ) => {
+                    // Only the newest is kept: a disk that keeps damaging it must not fill up.
+                    for old in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                        if old.file_name().to_string_lossy().starts_with("storage.damaged-") {
+                            let _ = std::fs::remove_dir_all(old.path());
+                        }
+                    }
                     let aside = dir.join(format!("storage.damaged-{}", now_ms()));
                     tracing::warn!(
                         "{}: the local copy of the server's entries is damaged ({e}); it is moved to {} and downloaded again",

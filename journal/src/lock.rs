@@ -67,7 +67,7 @@ impl DirLock {
         let path = dir.join(LOCK_FILE);
         let io = |error| LockError::Io { path: path.clone(), error };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let (mut file, own_name) = open_lock_file(&path).map_err(io)?;
+        let (mut file, own_name) = open_lock_file(&path, shared).map_err(io)?;
         let locked = if shared { file.try_lock_shared() } else { file.try_lock() };
         match locked {
             Ok(()) if !still_at(&file, &path) => return Ok(None),
@@ -111,15 +111,26 @@ impl DirLock {
 /// Opens (creating it if missing) the lock file at `path`, which must be a plain file, not a
 /// symbolic link (not followed: the lock's holder writes its name into the file, and a link
 /// planted in a shared directory would have it overwrite any file it can write). Says whether
-/// the file has no other name (a hard link to another file may be locked, not written).
-fn open_lock_file(path: &Path) -> std::io::Result<(File, bool)> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(true).create(true).truncate(false);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW | libc::O_NONBLOCK);
-    let file = options.open(path).map_err(|e| match e.raw_os_error() {
+/// the file may be written (it has no other name: a hard link to another file may be locked,
+/// not written). A `shared` lock may be taken on a file this process may only read (servers of
+/// one `object+file://` cluster running as different users), which is then not written.
+fn open_lock_file(path: &Path, shared: bool) -> std::io::Result<(File, bool)> {
+    let open = |write: bool| {
+        let mut options = OpenOptions::new();
+        options.read(true).write(write).create(write).truncate(false);
         #[cfg(unix)]
-        Some(libc::ELOOP) => std::io::Error::other("it is a symbolic link, which a lock file may not be"),
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        options.open(path)
+    };
+    let (file, writable) = match open(true) {
+        Err(e) if shared && e.kind() == std::io::ErrorKind::PermissionDenied => (open(false), false),
+        opened => (opened, true),
+    };
+    let file = file.map_err(|e| match e.raw_os_error() {
+        #[cfg(unix)]
+        Some(libc::ELOOP | libc::EMLINK) => {
+            std::io::Error::other("it is a symbolic link, which a lock file may not be")
+        }
         _ => e,
     })?;
     let meta = file.metadata()?;
@@ -130,7 +141,7 @@ fn open_lock_file(path: &Path) -> std::io::Result<(File, bool)> {
     let own_name = std::os::unix::fs::MetadataExt::nlink(&meta) == 1;
     #[cfg(not(unix))]
     let own_name = true;
-    Ok((file, own_name))
+    Ok((file, own_name && writable))
 }
 
 /// Whether `file` is the file at `path` (the same inode on the same device).

@@ -39,9 +39,8 @@ const CACHE_KIB: usize = 2_000;
 pub(crate) const CACHE_PAGES: usize = CACHE_KIB * 1024 / PAGE_SIZE + 16;
 
 /// Pages past the document's cap that pagesync's own rows (applied LSNs, rejections) may use:
-/// 2 MiB, thousands of timelines, and every rejection a document keeps (at most
-/// `server::MAX_DOC_REJECTIONS`, each with a message of at most 1 KiB) twice over.
-const SYSTEM_SLACK_PAGES: u32 = 512;
+/// 256 KiB, many thousands of rows.
+const SYSTEM_SLACK_PAGES: u32 = 64;
 
 /// Limits on what one statement may build, whoever wrote it (`sqlite3_limit`); the length of a
 /// value comes from the budget. Each is far above what an app's statement needs.

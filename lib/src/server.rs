@@ -56,18 +56,18 @@ pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
 /// commit.
 pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1 << 20)) / (PAGE_SIZE + 4);
 
-/// Rejections of one timeline that its client has not acknowledged yet, kept at most. A client
-/// acknowledges each as soon as it holds the entry that recorded it; one that never does (a
-/// hostile one sending mutations that each fail: 400,000 empty ones in a 0.8 MB frame grew a
-/// document by 45 MB) finds only its newest: past this many, its oldest half is deleted in the
-/// step, and the mutations they were about read as applied (their pages are the server's, as
-/// always; only the reason is gone).
+/// Rejections of one timeline its client has not acknowledged, past which the server takes no
+/// more of its mutations, and drops those it had queued (unapplied, so its client sends them
+/// again, told by a lower `next_expected`), until it acknowledges them. A client does as soon
+/// as it holds the entry that recorded them; one that never does (a hostile one: 400,000 empty
+/// entries in a 0.8 MB frame grew a document by 45 MB of rejections, and at its size cap every
+/// step failed for want of room for them) is held there. No rejection is deleted before its
+/// client acknowledged it: a client never reads a rejected mutation as applied.
 pub const MAX_TIMELINE_REJECTIONS: usize = 256;
 
-/// Unacknowledged rejections over every timeline of a document, kept at most: past it, the
-/// timeline holding the most loses its oldest half, until three quarters are left. With
-/// messages of at most `MAX_REJECTION_MESSAGE_BYTES`, they fit in the room a document at its
-/// size cap keeps for pagesync's own rows.
+/// Unacknowledged rejections over all of a document's timelines, past which every timeline that
+/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and each other timeline has one mutation
+/// taken per step (a new timeline adds at most one rejection a step).
 pub const MAX_DOC_REJECTIONS: usize = 1_024;
 
 /// Of `MAX_STEP_PAGES`, the pages kept for pagesync's own rows after the mutations (applied
@@ -167,6 +167,10 @@ pub struct StepOutcome {
     pub rejections: Vec<Rejected>,
     /// Timelines whose rejections the step deleted (their clients had copied them).
     pub forgotten: usize,
+    /// Timelines whose queued mutations the step dropped, unapplied: they have more
+    /// unacknowledged rejections than they may (`MAX_TIMELINE_REJECTIONS`). Their clients are
+    /// told where to send from again (`next_expected`).
+    pub held_back: Vec<TimelineId>,
 }
 
 /// A mutation a step rejected.
@@ -205,6 +209,9 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     forget: BTreeMap<TimelineId, Lsn>,
     /// Through which LSN each timeline's rejections were deleted already.
     forgotten: HashMap<TimelineId, Lsn>,
+    /// Rows of `_pagesync_rejections` per timeline as committed (`MAX_TIMELINE_REJECTIONS`,
+    /// `MAX_DOC_REJECTIONS`), counted again after a step that changed them; `None` until then.
+    unacknowledged: Option<BTreeMap<TimelineId, usize>>,
     /// The history journal (`set_history`): every step's history entry is durable before its
     /// storage entry is written, or with it (`write_history_beside`).
     history: Option<HistoryLog>,
@@ -229,86 +236,6 @@ struct Attempt<'a> {
     /// (`StepLimits::max_mutation_cpu`), over every attempt.
     time_budget: Option<(StepClock, std::time::Duration)>,
     origins: Option<&'a [Origin]>,
-}
-
-/// The unacknowledged rejections a step's attempt holds (`MAX_TIMELINE_REJECTIONS`,
-/// `MAX_DOC_REJECTIONS`), counted from the table when first needed, then kept as rows are
-/// added and deleted. Every count and every deletion follows from the table and the batch, so a
-/// replay deletes the same rows.
-#[derive(Debug, Default)]
-struct RejectionsHeld {
-    by_timeline: HashMap<TimelineId, usize>,
-    total: Option<usize>,
-}
-
-impl RejectionsHeld {
-    /// After `added` (0 or 1) rows of `tl`: deletes the oldest past either bound.
-    fn bound(&mut self, conn: &rusqlite::Connection, tl: TimelineId, added: usize) -> rusqlite::Result<()> {
-        use rusqlite::OptionalExtension;
-        let of_timeline = |tl: &TimelineId| {
-            conn.prepare_cached("SELECT count(*) FROM _pagesync_rejections WHERE timeline = ?1")?
-                .query_row([&tl.0[..]], |r| r.get::<_, i64>(0))
-                .map(|n| n as usize)
-        };
-        let held = match self.by_timeline.get(&tl) {
-            Some(n) => n + added,
-            None => of_timeline(&tl)?,
-        };
-        self.by_timeline.insert(tl, held);
-        let total = match self.total {
-            Some(n) => n + added,
-            None => conn.query_row("SELECT count(*) FROM _pagesync_rejections", [], |r| r.get::<_, i64>(0))?
-                as usize,
-        };
-        self.total = Some(total);
-        if held > MAX_TIMELINE_REJECTIONS {
-            self.keep_newest(conn, tl, held, MAX_TIMELINE_REJECTIONS / 2)?;
-        }
-        if total <= MAX_DOC_REJECTIONS {
-            return Ok(());
-        }
-        while self.total.is_some_and(|t| t > MAX_DOC_REJECTIONS * 3 / 4) {
-            // The timeline holding the most (the lowest id among equals) gives up its oldest half.
-            let most = conn
-                .prepare_cached(
-                    "SELECT timeline, count(*) AS n FROM _pagesync_rejections GROUP BY timeline \
-                     ORDER BY n DESC, timeline LIMIT 1",
-                )?
-                .query_row([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
-                .optional()?;
-            let Some((Ok(most), n)) = most.map(|(tl, n)| (<[u8; 16]>::try_from(tl.as_slice()), n as usize))
-            else {
-                // Fewer than counted (a row replaced, not added): none left to give up.
-                self.total = Some(0);
-                break;
-            };
-            self.keep_newest(conn, TimelineId(most), n, n / 2)?;
-        }
-        Ok(())
-    }
-
-    /// Deletes `tl`'s oldest rejections (it holds `held`) but its newest `keep`.
-    fn keep_newest(
-        &mut self,
-        conn: &rusqlite::Connection,
-        tl: TimelineId,
-        held: usize,
-        keep: usize,
-    ) -> rusqlite::Result<()> {
-        let deleted = if keep == 0 {
-            conn.prepare_cached("DELETE FROM _pagesync_rejections WHERE timeline = ?1")?
-                .execute([&tl.0[..]])?
-        } else {
-            conn.prepare_cached(
-                "DELETE FROM _pagesync_rejections WHERE timeline = ?1 AND lsn < \
-                 (SELECT lsn FROM _pagesync_rejections WHERE timeline = ?1 ORDER BY lsn DESC LIMIT 1 OFFSET ?2)",
-            )?
-            .execute(rusqlite::params![&tl.0[..], (keep - 1) as i64])?
-        };
-        self.by_timeline.insert(tl, held.saturating_sub(deleted));
-        self.total = self.total.map(|t| t.saturating_sub(deleted));
-        Ok(())
-    }
 }
 
 /// When a live step began: a monotonic clock (read in a few nanoseconds; a thread's CPU clock
@@ -581,6 +508,7 @@ impl<R: Reducer> ServerDocument<R> {
             applied_stale: true,
             forget: BTreeMap::new(),
             forgotten: HashMap::new(),
+            unacknowledged: None,
             queues: BTreeMap::new(),
             queued_bytes: 0,
             rr_cursor: None,
@@ -821,6 +749,10 @@ impl<R: Reducer> ServerDocument<R> {
             // client's acknowledged point beyond this one (the stale map is only ever behind).
             return Received { next_expected: first.min(self.next_expected(timeline)), accepted: 0 };
         }
+        if self.held_back(timeline) {
+            // Nothing taken until its client acknowledges its rejections: it sends these again.
+            return Received { next_expected: self.next_expected(timeline), accepted: 0 };
+        }
         let queue = self.queues.entry(timeline).or_default();
         let done = queue.back().map(|(l, _, _)| *l).or(self.applied.get(&timeline).copied());
         let mut expected = done.map_or(Lsn::FIRST, Lsn::next);
@@ -866,13 +798,21 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Picks the next batch round-robin across timelines, within the step limits.
     fn pick_batch(&mut self) -> (Vec<Picked>, Vec<Origin>) {
-        let order = crate::protocol::window::round_robin(self.queues.keys().copied(), self.rr_cursor);
+        let keys: Vec<TimelineId> = self.queues.keys().copied().collect();
+        let keys: Vec<TimelineId> = keys.into_iter().filter(|tl| !self.held_back(*tl)).collect();
+        // Past the document's bound, one mutation per timeline: a new timeline adds at most
+        // one rejection a step.
+        let crowded = self.unacknowledged().values().sum::<usize>() >= MAX_DOC_REJECTIONS;
+        let order = crate::protocol::window::round_robin(keys, self.rr_cursor);
         let mut taken: HashMap<TimelineId, usize> = HashMap::new();
         let (mut batch, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         'rounds: loop {
             let mut progressed = false;
             for tl in &order {
                 let n = taken.entry(*tl).or_default();
+                if crowded && *n > 0 {
+                    continue;
+                }
                 let Some((lsn, m, origin)) = self.queues.get(tl).and_then(|q| q.get(*n)) else { continue };
                 if batch.len() >= self.limits.max_mutations
                     || (bytes > 0 && bytes + m.len() > self.limits.max_bytes)
@@ -921,6 +861,9 @@ impl<R: Reducer> ServerDocument<R> {
         let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
         // On error `apply_batch` restored the last durable state and the batch stays queued.
         let (outcome, taken) = self.apply_batch(&batch, &forget, clamp, now_ms, Some(&origins))?;
+        if outcome.rejected > 0 || !forget.is_empty() {
+            self.unacknowledged = None;
+        }
         self.forget.clear();
         self.forgotten.extend(forget);
         for (tl, lsn, _) in &batch[..taken] {
@@ -931,6 +874,10 @@ impl<R: Reducer> ServerDocument<R> {
                 self.queues.remove(tl);
             }
             self.applied.insert(*tl, *lsn);
+        }
+        let mut outcome = outcome;
+        if outcome.rejected > 0 {
+            outcome.held_back = self.drop_held_back();
         }
         Ok(Some(outcome))
     }
@@ -1113,23 +1060,16 @@ impl<R: Reducer> ServerDocument<R> {
         out
     }
 
-    /// Records a rejection in the replicated table, within `MAX_TIMELINE_REJECTIONS` and
-    /// `MAX_DOC_REJECTIONS` (`held` counts the rows as this attempt left them).
-    fn record_rejection(
-        &self,
-        tl: TimelineId,
-        lsn: Lsn,
-        r: &Rejection,
-        held: &mut RejectionsHeld,
-    ) -> rusqlite::Result<()> {
+    /// Records a rejection in the replicated table.
+    fn record_rejection(&self, tl: TimelineId, lsn: Lsn, r: &Rejection) -> rusqlite::Result<()> {
         self.with_system_room(|| {
-            let conn = self.db.conn();
-            let added = conn
+            self.db
+                .conn()
                 .prepare_cached(
                     "INSERT OR REPLACE INTO _pagesync_rejections(timeline, lsn, code, message) VALUES (?1, ?2, ?3, ?4)",
                 )?
-                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code.as_str(), r.message])?;
-            held.bound(conn, tl, added)
+                .execute(rusqlite::params![&tl.0[..], lsn.get() as i64, r.code.as_str(), r.message])
+                .map(|_| ())
         })
     }
 
@@ -1143,7 +1083,6 @@ impl<R: Reducer> ServerDocument<R> {
         let Attempt { forget, lost, entry_time_ms, vm_budget, time_budget, origins } = attempt;
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
         crate::db::run_cached(self.db.conn(), "BEGIN IMMEDIATE").map_err(conn_err)?;
-        let mut held = RejectionsHeld::default();
         let mut applied = Vec::with_capacity(batch.len());
         let mut last: BTreeMap<TimelineId, Lsn> = BTreeMap::new();
         let (mut rejections, mut vm_steps) = (Vec::new(), 0u64);
@@ -1172,7 +1111,7 @@ impl<R: Reducer> ServerDocument<R> {
                 }
             };
             if let Err(r) = result {
-                self.record_rejection(*tl, *lsn, &r, &mut held).map_err(conn_err)?;
+                self.record_rejection(*tl, *lsn, &r).map_err(conn_err)?;
                 rejections.push(Rejected { timeline: *tl, lsn: *lsn, rejection: r, isolated: false });
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
@@ -1225,7 +1164,15 @@ impl<R: Reducer> ServerDocument<R> {
         remember(&mut self.recent, committed, confirm);
         let rejected = rejections.len();
         let forgotten = forget.len();
-        Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections, forgotten }, applied.len()))
+        let outcome = StepOutcome {
+            lsn,
+            applied: applied.len(),
+            rejected,
+            rejections,
+            forgotten,
+            held_back: Vec::new(),
+        };
+        Ok((outcome, applied.len()))
     }
 
     /// Commits a step: its storage entry, and its history entry (`entry`, if the document keeps
@@ -1362,6 +1309,61 @@ impl<R: Reducer> ServerDocument<R> {
         if done.is_none_or(|d| *d < through) {
             self.forget.insert(timeline, through);
         }
+    }
+
+    /// The committed rejections per timeline, counted when not known (a table of at most a
+    /// few thousand rows: `MAX_DOC_REJECTIONS` and what one step adds past it).
+    fn unacknowledged(&mut self) -> &BTreeMap<TimelineId, usize> {
+        if self.unacknowledged.is_none() {
+            let counted = (|| -> rusqlite::Result<BTreeMap<TimelineId, usize>> {
+                let conn = self.db.conn();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT timeline, count(*) FROM _pagesync_rejections GROUP BY timeline",
+                )?;
+                let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+                let mut counts = BTreeMap::new();
+                for row in rows {
+                    let (tl, n) = row?;
+                    if let Ok(tl) = <[u8; 16]>::try_from(tl.as_slice()) {
+                        counts.insert(TimelineId(tl), n as usize);
+                    }
+                }
+                Ok(counts)
+            })();
+            // Unreadable (a document before its first step has no table): nobody is held.
+            self.unacknowledged = Some(counted.unwrap_or_default());
+        }
+        self.unacknowledged.as_ref().expect("BUG: counted above")
+    }
+
+    /// Whether `timeline` has more unacknowledged rejections than it may
+    /// (`MAX_TIMELINE_REJECTIONS`, or any while the document is past `MAX_DOC_REJECTIONS`):
+    /// its mutations are not taken then, unless an acknowledgement of its is about to delete
+    /// some (it goes in the next step).
+    fn held_back(&mut self, timeline: TimelineId) -> bool {
+        if self.forget.contains_key(&timeline) {
+            return false;
+        }
+        let counts = self.unacknowledged();
+        let own = counts.get(&timeline).copied().unwrap_or(0);
+        own >= MAX_TIMELINE_REJECTIONS || (own > 0 && counts.values().sum::<usize>() >= MAX_DOC_REJECTIONS)
+    }
+
+    /// Drops the queued mutations of every timeline held back: none was applied, so their
+    /// clients send them again (told by `next_expected`), and meanwhile they hold no room in
+    /// the queue that others need.
+    fn drop_held_back(&mut self) -> Vec<TimelineId> {
+        let timelines: Vec<TimelineId> = self.queues.keys().copied().collect();
+        let mut dropped = Vec::new();
+        for tl in timelines {
+            if self.held_back(tl)
+                && let Some(q) = self.queues.remove(&tl)
+            {
+                self.queued_bytes -= q.iter().map(|(_, e, _)| e.len() + QUEUED_ENTRY_COST).sum::<usize>();
+                dropped.push(tl);
+            }
+        }
+        dropped
     }
 
     /// Decodes and applies one mutation; returns the time it ran with and its outcome.

@@ -358,7 +358,10 @@ fn run(
             Err(std_mpsc::RecvTimeoutError::Timeout) => None,
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
         };
+        // A job came back this turn: what its document has for its subscribers goes out first.
+        let mut came_back = false;
         for msg in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            came_back |= matches!(msg, HubMsg::JobDone(_));
             match msg {
                 HubMsg::Connect { conn, tx } => {
                     session.connect(conn);
@@ -416,7 +419,9 @@ fn run(
         // backlog of steps (each up to a mutation's CPU time) would be out again at once, its
         // subscribers (the authors of the mutations it applied among them) waiting for every
         // step of the backlog.
-        flush_outgoing(&mut session, &mut conns, &metrics, &mut events);
+        if came_back {
+            flush_outgoing(&mut session, &mut conns, &metrics, &mut events);
+        }
         while let Some(job) = session.poll_job(now_ms()) {
             if let Err(std_mpsc::SendError(job)) = jobs.send(job) {
                 // No workers left (only at exit): run it here.

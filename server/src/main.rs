@@ -274,10 +274,13 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
             // In place rewrites a document a server may be serving, and a new one is one a
             // client of a running server may be creating at the same moment (both wrote it,
             // and the document was left unreadable): on files, not while a server runs.
-            let _lock = match &store {
-                Store::Files(root) => Some(pagesync_server::lock_store(root)?),
-                Store::Objects(_) => None,
-            };
+            // A mistyped store is not created, with a lock in it.
+            if let Store::Files(root) = &store
+                && !root.is_dir()
+            {
+                anyhow::bail!("no store at {}: nothing to restore", store.describe());
+            }
+            let _lock = store_lock(&store)?;
             let r = ops::restore(&store, doc, at, to, now_ms()).map_err(anyhow::Error::msg)?;
             println!(
                 "restored {doc} as of entry {} into {}: {} pages, entries {}",
@@ -298,10 +301,7 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                 Ok(false) => anyhow::bail!("no document {doc} in {}", store.describe()),
                 Err(e) => return Err(e.into()),
             }
-            let _lock = match &store {
-                Store::Files(root) => Some(pagesync_server::lock_store(root)?),
-                Store::Objects(_) => None,
-            };
+            let _lock = store_lock(&store)?;
             if !yes && !confirm_delete(doc)? {
                 anyhow::bail!("not confirmed: nothing was deleted");
             }
@@ -616,4 +616,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("shutting down: applying what is queued");
     };
     serve(listener, cfg, Arc::new(Metrics::default()), shutdown).await
+}
+
+/// The lock a command that writes a store takes: a `file://` store's own (no server may run on
+/// it meanwhile), an `object+file://` directory's shared (no `file://` server may run on it);
+/// none for S3, whose writes are fenced.
+fn store_lock(store: &Store) -> anyhow::Result<Option<pagesync::journal::DirLock>> {
+    Ok(match store {
+        Store::Files(root) => Some(pagesync_server::lock_store(root)?),
+        Store::Objects(b) => match b.url().strip_prefix("file://") {
+            Some(dir) => Some(pagesync_server::lock_store_shared(dir.as_ref())?),
+            None => None,
+        },
+    })
 }

@@ -1402,3 +1402,61 @@ fn opens_do_not_hold_back_a_due_step() {
     exchange_with_jobs(&mut s, &mut c, 0);
     assert_eq!(c.document(doc).expect("open").state(w.lsn).expect("state"), MutationState::Confirmed);
 }
+
+/// A client with more unacknowledged rejections than `MAX_TIMELINE_REJECTIONS` has no more of
+/// its mutations taken until it acknowledges them; what the server had queued of it is dropped
+/// and sent again (a lower `next_expected`). An honest client acknowledges at once, so it only
+/// waits a moment: every write it made is applied exactly once, every rejection is reported,
+/// none is lost or read as applied.
+#[test]
+fn a_client_past_its_unacknowledged_rejections_waits_for_its_acknowledgement_and_loses_nothing() {
+    use pagesync::server::MAX_TIMELINE_REJECTIONS;
+    let doc = DocId::from_u128(23);
+    // Steps of 300 at most: the first takes only bad ones, and the rest stay queued.
+    let limits = pagesync::StepLimits { max_mutations: 300, ..pagesync::StepLimits::default() };
+    let mut s = ServerSession::new(Box::new(move |d: DocId| {
+        let journal = memory_journal(u128::from_be_bytes(d.0));
+        ServerDocument::with_reducer(journal, pagesync::SqlReducer::default(), limits)
+    }));
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    c.mutate(doc, sql("CREATE TABLE t(x INTEGER CHECK (x > 0))", vec![]), T0, 1).expect("mutate");
+    exchange(&mut s, &mut c, 0, true);
+    // More rejections than the bound in one upload, then good writes right behind them.
+    let bad = MAX_TIMELINE_REJECTIONS + 100;
+    let mut lsns = Vec::new();
+    for i in 0..bad {
+        let lsn =
+            c.mutate(doc, sql("INSERT INTO t VALUES (0)", vec![]), T0, 10 + i as u64).expect("mutate").lsn;
+        lsns.push(lsn);
+    }
+    for i in 0..20u64 {
+        let x = Value::Integer(i as i64 + 1);
+        c.mutate(doc, sql("INSERT INTO t VALUES (?1)", vec![x]), T0, 1_000 + i).expect("mutate");
+    }
+    upload(&mut c, &mut s, 0);
+    s.handle_timeout(0);
+    let queued = s.document(doc).expect("open").queued();
+    assert_eq!(queued, 0, "what the first step left of a timeline past its bound was dropped");
+    let mut now = 0;
+    for _ in 0..50 {
+        exchange(&mut s, &mut c, now, true);
+        if c.document(doc).expect("open").pending_count() == 0 {
+            break;
+        }
+        now += 1_000;
+        c.handle_timeout(now);
+    }
+    let replica = c.document(doc).expect("open");
+    assert_eq!(replica.pending_count(), 0, "every write was applied");
+    let rows = replica.query("SELECT count(*) FROM t", &[]).expect("count").rows;
+    assert_eq!(rows[0][0], Value::Integer(20), "each good write once");
+    let outcomes = replica.outcomes().expect("outcomes");
+    assert_eq!(outcomes.rejected.len(), bad, "every rejection reported, none read as applied");
+    for lsn in lsns {
+        let state = replica.state(lsn).expect("state");
+        assert!(matches!(state, MutationState::Rejected(_)), "{lsn}: {state:?}");
+    }
+    assert_same_pages(&c, &s, doc);
+}

@@ -654,12 +654,13 @@ fn costly_queue_then(honest: TimelineId) {
     assert!(server.queued() > 0, "the costly ones were not all run first");
 }
 
-/// A client that never acknowledges its rejections (a hostile one: each empty entry of a frame
-/// is one) cannot grow the document with them, nor wedge one at its size cap: each timeline
-/// keeps at most `MAX_TIMELINE_REJECTIONS` (its newest), the document `MAX_DOC_REJECTIONS`,
-/// the document still takes writes, and a replay of its steps gives the same pages.
+/// Clients that never acknowledge their rejections (hostile ones: each empty entry of a frame
+/// is one) cannot grow a document with them, nor wedge one at its size cap: a timeline past
+/// `MAX_TIMELINE_REJECTIONS` has no more mutations taken, nor does any timeline with one once
+/// the document is past `MAX_DOC_REJECTIONS`; no rejection is deleted before its client
+/// acknowledged it; a client that acknowledges goes on; and a replay gives the same pages.
 #[test]
-fn unacknowledged_rejections_are_bounded_per_timeline_and_per_document() {
+fn unacknowledged_rejections_hold_their_timeline_back_and_bound_the_document() {
     use pagesync::journal::Journal;
     use pagesync::server::{MAX_DOC_REJECTIONS, MAX_TIMELINE_REJECTIONS};
     use pagesync_tests::SharedJournal;
@@ -672,57 +673,62 @@ fn unacknowledged_rejections_are_bounded_per_timeline_and_per_document() {
         for (i, e) in entries.iter().enumerate() {
             sent.insert((tl, first + i as u64), e.clone());
         }
-        server.receive(tl, Lsn::new(first).expect("lsn"), entries);
+        let taken = server.receive(tl, Lsn::new(first).expect("lsn"), entries).accepted;
         drain(server, T0);
+        taken
     };
     let owner = TimelineId([1; 16]);
     let write =
         |i: u64, text: &str| Mutation { client_time_ms: T0, seed: i, body: sql(text, vec![]) }.encode();
     send(&mut server, owner, 1, vec![write(1, "CREATE TABLE t(b BLOB)").expect("encode")]);
-    // Filled to its cap.
+    // Filled to its cap: the last fill is rejected `doc_full`, a rejection of the owner's.
     let fills: Vec<_> =
         (2..12).map(|i| write(i, "INSERT INTO t VALUES (zeroblob(200000))").expect("encode")).collect();
     send(&mut server, owner, 2, fills);
-    let count = |server: &ServerDocument, sql: &str| -> i64 {
-        server.database().conn().query_row(sql, [], |r| r.get(0)).expect("count")
+    let count = |server: &ServerDocument, sql: &str, tl: &TimelineId| -> i64 {
+        let conn = server.database().conn();
+        let mut stmt = conn.prepare(sql).expect("prepare");
+        if stmt.parameter_count() == 1 {
+            stmt.query_row([&tl.0[..]], |r| r.get(0)).expect("count")
+        } else {
+            stmt.query_row([], |r| r.get(0)).expect("count")
+        }
     };
-    assert!(count(&server, "SELECT count(*) FROM _pagesync_rejections") > 0, "the cap was reached");
+    let of_timeline = "SELECT count(*) FROM _pagesync_rejections WHERE timeline = ?1";
+    assert!(count(&server, of_timeline, &owner) > 0, "the cap was reached");
     // Twelve timelines, 400 empty entries each, in frames of 100.
     let hostile: Vec<TimelineId> = (0..12u8).map(|i| TimelineId([0x80 + i; 16])).collect();
-    for round in 0..4u64 {
+    for _ in 0..4 {
         for tl in &hostile {
-            send(&mut server, *tl, 1 + round * 100, vec![Vec::new(); 100]);
+            let first = server.next_expected(*tl).get();
+            send(&mut server, *tl, first, vec![Vec::new(); 100]);
         }
     }
-    let per_timeline = count(
-        &server,
-        "SELECT max(n) FROM (SELECT count(*) AS n FROM _pagesync_rejections GROUP BY timeline)",
-    );
-    assert!(per_timeline as usize <= MAX_TIMELINE_REJECTIONS, "{per_timeline} kept for one timeline");
-    let total = count(&server, "SELECT count(*) FROM _pagesync_rejections");
-    assert!(total as usize <= MAX_DOC_REJECTIONS, "{total} kept in all");
-    let last = hostile.last().expect("twelve");
-    let newest: i64 = server
-        .database()
-        .conn()
-        .query_row("SELECT max(lsn) FROM _pagesync_rejections WHERE timeline = ?1", [&last.0[..]], |r| {
-            r.get(0)
-        })
-        .expect("newest");
-    assert_eq!(newest, 400, "the newest rejection is kept");
+    let total = count(&server, "SELECT count(*) FROM _pagesync_rejections", &owner) as usize;
+    assert!(total <= MAX_DOC_REJECTIONS + 400, "{total} rejections kept, of 4,800 sent");
     for tl in &hostile {
-        assert_eq!(server.applied_lsn(*tl), Lsn::new(400), "every entry got its outcome");
+        let held = count(&server, of_timeline, tl) as usize;
+        assert!(held <= MAX_TIMELINE_REJECTIONS + 100, "{held} for one timeline");
+        // None deleted: every mutation taken of it has its rejection.
+        let applied = server.applied_lsn(*tl).map_or(0, Lsn::get) as usize;
+        assert_eq!(held, applied, "a rejection was deleted unacknowledged");
+        // Held back: nothing more is taken.
+        let next = server.next_expected(*tl).get();
+        assert_eq!(send(&mut server, *tl, next, vec![Vec::new(); 10]), 0, "taken past its bound");
     }
-    // Still writable at its cap.
-    let rows = count(&server, "SELECT count(*) FROM t");
-    send(&mut server, owner, 12, vec![write(12, "DELETE FROM t WHERE rowid = 1").expect("encode")]);
+    // The owner is held back too (one unacknowledged rejection, on a crowded document) until
+    // it acknowledges it; then it writes as before, at the cap.
+    let rows = count(&server, "SELECT count(*) FROM t", &owner);
+    let delete = || vec![write(12, "DELETE FROM t WHERE rowid = 1").expect("encode")];
+    assert_eq!(send(&mut server, owner, 12, delete()), 0, "held back");
+    server.forget_rejections(owner, Lsn::new(11).expect("lsn"));
+    assert_eq!(send(&mut server, owner, 12, delete()), 1, "taken once acknowledged");
     assert_eq!(server.applied_lsn(owner), Lsn::new(12));
-    assert_eq!(count(&server, "SELECT count(*) FROM t"), rows - 1);
+    assert_eq!(count(&server, "SELECT count(*) FROM t", &owner), rows - 1);
     // The same pages again from the same mutations.
     let mut replica =
         ServerDocument::with_reducer(memory_journal(9), SqlReducer::default(), limits()).expect("replica");
-    let range = storage.range();
-    for lsn in range.iter().skip(1) {
+    for lsn in storage.range().iter().skip(1) {
         let header = pagesync::storage::decode(&storage.read(lsn).expect("entry")).expect("decode");
         let recorded: Vec<_> =
             header.applied.iter().map(|a| (*a, sent[&(a.timeline, a.lsn.get())].clone())).collect();
