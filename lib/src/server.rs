@@ -56,20 +56,6 @@ pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
 /// commit.
 pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1 << 20)) / (PAGE_SIZE + 4);
 
-/// Rejections of one timeline its client has not acknowledged, past which the server takes no
-/// more of its mutations, and drops those it had queued (unapplied, so its client sends them
-/// again, told by a lower `next_expected`), until it acknowledges them. A client does as soon
-/// as it holds the entry that recorded them; one that never does (a hostile one: 400,000 empty
-/// entries in a 0.8 MB frame grew a document by 45 MB of rejections, and at its size cap every
-/// step failed for want of room for them) is held there. No rejection is deleted before its
-/// client acknowledged it: a client never reads a rejected mutation as applied.
-pub const MAX_TIMELINE_REJECTIONS: usize = 256;
-
-/// Unacknowledged rejections over all of a document's timelines, past which every timeline that
-/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and each other timeline has one mutation
-/// taken per step (a new timeline adds at most one rejection a step).
-pub const MAX_DOC_REJECTIONS: usize = 1_024;
-
 /// Of `MAX_STEP_PAGES`, the pages kept for pagesync's own rows after the mutations (applied
 /// LSNs, rejection messages): 1 MiB.
 const STEP_SYSTEM_PAGES: usize = 256;
@@ -167,10 +153,6 @@ pub struct StepOutcome {
     pub rejections: Vec<Rejected>,
     /// Timelines whose rejections the step deleted (their clients had copied them).
     pub forgotten: usize,
-    /// Timelines whose queued mutations the step dropped, unapplied: they have more
-    /// unacknowledged rejections than they may (`MAX_TIMELINE_REJECTIONS`). Their clients are
-    /// told where to send from again (`next_expected`).
-    pub held_back: Vec<TimelineId>,
 }
 
 /// A mutation a step rejected.
@@ -209,9 +191,6 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     forget: BTreeMap<TimelineId, Lsn>,
     /// Through which LSN each timeline's rejections were deleted already.
     forgotten: HashMap<TimelineId, Lsn>,
-    /// Rows of `_pagesync_rejections` per timeline as committed (`MAX_TIMELINE_REJECTIONS`,
-    /// `MAX_DOC_REJECTIONS`), counted again after a step that changed them; `None` until then.
-    unacknowledged: Option<BTreeMap<TimelineId, usize>>,
     /// The history journal (`set_history`): every step's history entry is durable before its
     /// storage entry is written, or with it (`write_history_beside`).
     history: Option<HistoryLog>,
@@ -508,7 +487,6 @@ impl<R: Reducer> ServerDocument<R> {
             applied_stale: true,
             forget: BTreeMap::new(),
             forgotten: HashMap::new(),
-            unacknowledged: None,
             queues: BTreeMap::new(),
             queued_bytes: 0,
             rr_cursor: None,
@@ -749,10 +727,6 @@ impl<R: Reducer> ServerDocument<R> {
             // client's acknowledged point beyond this one (the stale map is only ever behind).
             return Received { next_expected: first.min(self.next_expected(timeline)), accepted: 0 };
         }
-        if self.held_back(timeline) {
-            // Nothing taken until its client acknowledges its rejections: it sends these again.
-            return Received { next_expected: self.next_expected(timeline), accepted: 0 };
-        }
         let queue = self.queues.entry(timeline).or_default();
         let done = queue.back().map(|(l, _, _)| *l).or(self.applied.get(&timeline).copied());
         let mut expected = done.map_or(Lsn::FIRST, Lsn::next);
@@ -798,21 +772,13 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Picks the next batch round-robin across timelines, within the step limits.
     fn pick_batch(&mut self) -> (Vec<Picked>, Vec<Origin>) {
-        let keys: Vec<TimelineId> = self.queues.keys().copied().collect();
-        let keys: Vec<TimelineId> = keys.into_iter().filter(|tl| !self.held_back(*tl)).collect();
-        // Past the document's bound, one mutation per timeline: a new timeline adds at most
-        // one rejection a step.
-        let crowded = self.unacknowledged().values().sum::<usize>() >= MAX_DOC_REJECTIONS;
-        let order = crate::protocol::window::round_robin(keys, self.rr_cursor);
+        let order = crate::protocol::window::round_robin(self.queues.keys().copied(), self.rr_cursor);
         let mut taken: HashMap<TimelineId, usize> = HashMap::new();
         let (mut batch, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         'rounds: loop {
             let mut progressed = false;
             for tl in &order {
                 let n = taken.entry(*tl).or_default();
-                if crowded && *n > 0 {
-                    continue;
-                }
                 let Some((lsn, m, origin)) = self.queues.get(tl).and_then(|q| q.get(*n)) else { continue };
                 if batch.len() >= self.limits.max_mutations
                     || (bytes > 0 && bytes + m.len() > self.limits.max_bytes)
@@ -861,9 +827,6 @@ impl<R: Reducer> ServerDocument<R> {
         let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
         // On error `apply_batch` restored the last durable state and the batch stays queued.
         let (outcome, taken) = self.apply_batch(&batch, &forget, clamp, now_ms, Some(&origins))?;
-        if outcome.rejected > 0 || !forget.is_empty() {
-            self.unacknowledged = None;
-        }
         self.forget.clear();
         self.forgotten.extend(forget);
         for (tl, lsn, _) in &batch[..taken] {
@@ -874,10 +837,6 @@ impl<R: Reducer> ServerDocument<R> {
                 self.queues.remove(tl);
             }
             self.applied.insert(*tl, *lsn);
-        }
-        let mut outcome = outcome;
-        if outcome.rejected > 0 {
-            outcome.held_back = self.drop_held_back();
         }
         Ok(Some(outcome))
     }
@@ -1164,15 +1123,7 @@ impl<R: Reducer> ServerDocument<R> {
         remember(&mut self.recent, committed, confirm);
         let rejected = rejections.len();
         let forgotten = forget.len();
-        let outcome = StepOutcome {
-            lsn,
-            applied: applied.len(),
-            rejected,
-            rejections,
-            forgotten,
-            held_back: Vec::new(),
-        };
-        Ok((outcome, applied.len()))
+        Ok((StepOutcome { lsn, applied: applied.len(), rejected, rejections, forgotten }, applied.len()))
     }
 
     /// Commits a step: its storage entry, and its history entry (`entry`, if the document keeps
@@ -1309,61 +1260,6 @@ impl<R: Reducer> ServerDocument<R> {
         if done.is_none_or(|d| *d < through) {
             self.forget.insert(timeline, through);
         }
-    }
-
-    /// The committed rejections per timeline, counted when not known (a table of at most a
-    /// few thousand rows: `MAX_DOC_REJECTIONS` and what one step adds past it).
-    fn unacknowledged(&mut self) -> &BTreeMap<TimelineId, usize> {
-        if self.unacknowledged.is_none() {
-            let counted = (|| -> rusqlite::Result<BTreeMap<TimelineId, usize>> {
-                let conn = self.db.conn();
-                let mut stmt = conn.prepare_cached(
-                    "SELECT timeline, count(*) FROM _pagesync_rejections GROUP BY timeline",
-                )?;
-                let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
-                let mut counts = BTreeMap::new();
-                for row in rows {
-                    let (tl, n) = row?;
-                    if let Ok(tl) = <[u8; 16]>::try_from(tl.as_slice()) {
-                        counts.insert(TimelineId(tl), n as usize);
-                    }
-                }
-                Ok(counts)
-            })();
-            // Unreadable (a document before its first step has no table): nobody is held.
-            self.unacknowledged = Some(counted.unwrap_or_default());
-        }
-        self.unacknowledged.as_ref().expect("BUG: counted above")
-    }
-
-    /// Whether `timeline` has more unacknowledged rejections than it may
-    /// (`MAX_TIMELINE_REJECTIONS`, or any while the document is past `MAX_DOC_REJECTIONS`):
-    /// its mutations are not taken then, unless an acknowledgement of its is about to delete
-    /// some (it goes in the next step).
-    fn held_back(&mut self, timeline: TimelineId) -> bool {
-        if self.forget.contains_key(&timeline) {
-            return false;
-        }
-        let counts = self.unacknowledged();
-        let own = counts.get(&timeline).copied().unwrap_or(0);
-        own >= MAX_TIMELINE_REJECTIONS || (own > 0 && counts.values().sum::<usize>() >= MAX_DOC_REJECTIONS)
-    }
-
-    /// Drops the queued mutations of every timeline held back: none was applied, so their
-    /// clients send them again (told by `next_expected`), and meanwhile they hold no room in
-    /// the queue that others need.
-    fn drop_held_back(&mut self) -> Vec<TimelineId> {
-        let timelines: Vec<TimelineId> = self.queues.keys().copied().collect();
-        let mut dropped = Vec::new();
-        for tl in timelines {
-            if self.held_back(tl)
-                && let Some(q) = self.queues.remove(&tl)
-            {
-                self.queued_bytes -= q.iter().map(|(_, e, _)| e.len() + QUEUED_ENTRY_COST).sum::<usize>();
-                dropped.push(tl);
-            }
-        }
-        dropped
     }
 
     /// Decodes and applies one mutation; returns the time it ran with and its outcome.

@@ -864,13 +864,6 @@ impl ClientSession {
                         link.up = SendWindow::new(link.doc.pending_range().first());
                         link.up.ack(next_expected);
                     }
-                    // Below what it said before: it dropped mutations it had queued and not
-                    // applied (a timeline held back for its unacknowledged rejections): they go
-                    // up again from there.
-                    SubState::Live { .. } if next_expected < link.up.acked => {
-                        let from = next_expected.max(link.doc.pending_range().first());
-                        link.up.taken_back(from, now_ms);
-                    }
                     SubState::Live { .. } => link.up.ack(next_expected),
                 }
                 link.state = link.state.on(SubEvent::Acked);

@@ -1766,26 +1766,6 @@ impl ServerSession {
                 self.event(Event::MutationIsolated { doc, step_lsn: outcome.lsn, timeline, lsn, rejection });
             }
         }
-        // The clients of timelines whose queued mutations a step dropped (held back for their
-        // unacknowledged rejections) are told where to send from again.
-        let held_back: Vec<TimelineId> =
-            steps.iter().flat_map(|(o, _)| o.held_back.iter().copied()).collect();
-        if !held_back.is_empty()
-            && let Some(open) = self.docs.get(&doc)
-            && let Some(d) = open.document()
-        {
-            let storage_next = d.storage_range().next();
-            for id in open.subscribers.iter() {
-                let Some(c) = self.conns.get_mut(id) else { continue };
-                let Some(timeline) = c.subs.get(&doc).map(|s| s.timeline).filter(|t| held_back.contains(t))
-                else {
-                    continue;
-                };
-                let next_expected = d.next_expected(timeline);
-                c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next });
-                self.ready.insert(*id);
-            }
-        }
         let Some(open) = self.docs.get_mut(&doc) else { return };
         open.retry_at = None;
         if let Some(d) = open.document() {
