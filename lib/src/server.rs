@@ -11,7 +11,7 @@
 //! - mutations of one timeline are applied in LSN order, without gaps;
 //! - a failed step (I/O) leaves the committed state and the queues as they were.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use pagesync_journal::{Journal, Lsn, LsnRange};
 
@@ -55,6 +55,24 @@ pub const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
 /// before it, or, alone in its step, is rejected with `too_big`: no step is ever too large to
 /// commit.
 pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1 << 20)) / (PAGE_SIZE + 4);
+
+/// Rejections of one timeline its client has not acknowledged, past which the server takes no
+/// more of its mutations, and drops those it had queued (unapplied, so its client sends them
+/// again, told by a lower `next_expected`), until it acknowledges them. A client does as soon
+/// as it holds the entry that recorded them; one that never does (a hostile one: 400,000 empty
+/// entries in a 0.8 MB frame grew a document by 45 MB of rejections, and at its size cap every
+/// step failed for want of room for them) is held there. No rejection is deleted before its
+/// client acknowledged it: a client never reads a rejected mutation as applied.
+pub const MAX_TIMELINE_REJECTIONS: usize = 256;
+
+/// Unacknowledged rejections over all of a document's timelines, past which every timeline that
+/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and each other timeline has one mutation
+/// taken per step (a new timeline adds at most one rejection a step).
+pub const MAX_DOC_REJECTIONS: usize = 1_024;
+
+/// Timelines one `step` call may hold back for want of room (`no_room`) before it gives up
+/// until the next call.
+const MAX_HELD_PER_STEP: usize = 8;
 
 /// Of `MAX_STEP_PAGES`, the pages kept for pagesync's own rows after the mutations (applied
 /// LSNs, rejection messages): 1 MiB.
@@ -191,6 +209,19 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     forget: BTreeMap<TimelineId, Lsn>,
     /// Through which LSN each timeline's rejections were deleted already.
     forgotten: HashMap<TimelineId, Lsn>,
+    /// Rows of `_pagesync_rejections` per timeline as committed (`MAX_TIMELINE_REJECTIONS`,
+    /// `MAX_DOC_REJECTIONS`), counted again after a step that changed them; `None` until then.
+    unacknowledged: Option<BTreeMap<TimelineId, usize>>,
+    /// Timelines whose queued mutations were dropped, unapplied, since `take_dropped`: held
+    /// back, their clients are to be told where to send from again.
+    dropped: BTreeSet<TimelineId>,
+    /// Timelines whose first mutation could not commit even as a rejection, for want of room
+    /// for pagesync's own rows (a document at its size cap whose slack is full): held back
+    /// until an acknowledgement deletes rejections, or the document is opened again; the
+    /// document goes on with the rest.
+    no_room: BTreeSet<TimelineId>,
+    /// Set by a live step's `apply_batch` that found `no_room`'s case.
+    starved: Option<TimelineId>,
     /// The history journal (`set_history`): every step's history entry is durable before its
     /// storage entry is written, or with it (`write_history_beside`).
     history: Option<HistoryLog>,
@@ -438,6 +469,15 @@ fn decoded_time(bytes: &[u8]) -> i64 {
     Mutation::decode(bytes).map_or(0, |m| m.client_time_ms)
 }
 
+/// Whether `e` says the document has no room left (its page cap, or a step's).
+fn is_full(e: &Error) -> bool {
+    match e {
+        Error::StepFull { .. } => true,
+        Error::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => f.code == rusqlite::ffi::ErrorCode::DiskFull,
+        _ => false,
+    }
+}
+
 /// A step's system rows, the first: deletes each timeline's rejections through the LSN given
 /// (its client copied them). A client confirming a step by digest writes them the same way.
 pub(crate) fn delete_rejections(
@@ -487,6 +527,10 @@ impl<R: Reducer> ServerDocument<R> {
             applied_stale: true,
             forget: BTreeMap::new(),
             forgotten: HashMap::new(),
+            unacknowledged: None,
+            dropped: BTreeSet::new(),
+            no_room: BTreeSet::new(),
+            starved: None,
             queues: BTreeMap::new(),
             queued_bytes: 0,
             rr_cursor: None,
@@ -714,7 +758,37 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// `receive`, recording who sent the entries and when they arrived (for the history).
+    /// Nothing is taken of a timeline held back for its unacknowledged rejections
+    /// (`MAX_TIMELINE_REJECTIONS`).
     pub fn receive_from(
+        &mut self,
+        timeline: TimelineId,
+        first: Lsn,
+        entries: Vec<Vec<u8>>,
+        origin: &Origin,
+    ) -> Received {
+        if self.held_back(timeline) {
+            // Nothing taken until its client acknowledges its rejections: it sends these again.
+            return Received { next_expected: first.min(self.next_expected(timeline)), accepted: 0 };
+        }
+        self.receive_unheld(timeline, first, entries, origin)
+    }
+
+    /// Takes what another handle of this document had queued and not applied (`take_queued`,
+    /// a reopen), with the acknowledgements it had not acted on: its clients will not send it
+    /// again. Nothing is refused for a hold here: the next step drops what is held and its
+    /// clients are told (`take_dropped`), as after any step.
+    pub fn carry_over(&mut self, from: &mut ServerDocument<R>) {
+        for (timeline, lsn, entry, origin) in from.take_queued() {
+            self.receive_unheld(timeline, lsn, vec![entry], &origin);
+        }
+        self.dropped.append(&mut from.dropped);
+        for (timeline, through) in std::mem::take(&mut from.forget) {
+            self.forget.entry(timeline).and_modify(|l| *l = (*l).max(through)).or_insert(through);
+        }
+    }
+
+    fn receive_unheld(
         &mut self,
         timeline: TimelineId,
         first: Lsn,
@@ -772,13 +846,29 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Picks the next batch round-robin across timelines, within the step limits.
     fn pick_batch(&mut self) -> (Vec<Picked>, Vec<Origin>) {
-        let order = crate::protocol::window::round_robin(self.queues.keys().copied(), self.rr_cursor);
+        // Each timeline's share: no more than would take it past its bound if all were
+        // rejected, and one while the document is past its own bound (a new timeline adds at
+        // most one rejection a step then). A held timeline has none.
+        let keys: Vec<TimelineId> = self.queues.keys().copied().collect();
+        let mut shares: HashMap<TimelineId, usize> = HashMap::new();
+        for tl in keys {
+            if !self.held_back(tl) {
+                shares.insert(tl, self.share(tl));
+            }
+        }
+        let order = crate::protocol::window::round_robin(
+            shares.keys().copied().collect::<BTreeSet<_>>(),
+            self.rr_cursor,
+        );
         let mut taken: HashMap<TimelineId, usize> = HashMap::new();
         let (mut batch, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         'rounds: loop {
             let mut progressed = false;
             for tl in &order {
                 let n = taken.entry(*tl).or_default();
+                if *n >= shares[tl] {
+                    continue;
+                }
                 let Some((lsn, m, origin)) = self.queues.get(tl).and_then(|q| q.get(*n)) else { continue };
                 if batch.len() >= self.limits.max_mutations
                     || (bytes > 0 && bytes + m.len() > self.limits.max_bytes)
@@ -800,9 +890,23 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// Applies one batch and appends it as one durable storage entry. `now_ms` is the server's
-    /// clock, passed in. `Ok(None)` when nothing was queued.
+    /// clock, passed in. `Ok(None)` when nothing was queued, or nothing that is not held back
+    /// (`MAX_TIMELINE_REJECTIONS`; `take_dropped` names whose clients are to be told).
     /// Compaction (`set_compaction`) runs first, when it is due.
     pub fn step(&mut self, now_ms: i64) -> Result<Option<StepOutcome>> {
+        // Each try that finds a timeline with no room holds that one back; a few per call, so
+        // one call's cost stays bounded (what is left is still queued, and steps next time).
+        for _ in 0..MAX_HELD_PER_STEP {
+            let holding = self.no_room.len();
+            let outcome = self.step_once(now_ms)?;
+            if outcome.is_some() || self.no_room.len() == holding {
+                return Ok(outcome);
+            }
+        }
+        Ok(None)
+    }
+
+    fn step_once(&mut self, now_ms: i64) -> Result<Option<StepOutcome>> {
         if self.queues.is_empty() {
             return Ok(None);
         }
@@ -819,6 +923,8 @@ impl<R: Reducer> ServerDocument<R> {
         if let Some(source) = &self.mutators {
             self.reducer.set_mutators(source());
         }
+        // What a reopen carried over of a timeline held back goes now (its client is told).
+        self.drop_held_back();
         let (batch, origins) = self.pick_batch();
         if batch.is_empty() {
             return Ok(None);
@@ -826,7 +932,24 @@ impl<R: Reducer> ServerDocument<R> {
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
         let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
         // On error `apply_batch` restored the last durable state and the batch stays queued.
-        let (outcome, taken) = self.apply_batch(&batch, &forget, clamp, now_ms, Some(&origins))?;
+        let (outcome, taken) = match self.apply_batch(&batch, &forget, clamp, now_ms, Some(&origins)) {
+            Ok(done) => done,
+            Err(e) => {
+                let Some(tl) = self.starved.take() else { return Err(e) };
+                // Not the document's fault but the room its rows need: that timeline waits
+                // (its client told), and the next step goes on without it.
+                self.no_room.insert(tl);
+                self.drop_held_back();
+                return Ok(None);
+            }
+        };
+        if !forget.is_empty() {
+            // Rows deleted: room for those that had none.
+            self.no_room.clear();
+        }
+        if outcome.rejected > 0 || !forget.is_empty() {
+            self.unacknowledged = None;
+        }
         self.forget.clear();
         self.forgotten.extend(forget);
         for (tl, lsn, _) in &batch[..taken] {
@@ -837,6 +960,12 @@ impl<R: Reducer> ServerDocument<R> {
                 self.queues.remove(tl);
             }
             self.applied.insert(*tl, *lsn);
+        }
+        if self.unacknowledged.is_none() {
+            // Counted here, on the step's thread, not at the next `receive`; what is held
+            // back now goes.
+            self.unacknowledged();
+            self.drop_held_back();
         }
         Ok(Some(outcome))
     }
@@ -864,6 +993,9 @@ impl<R: Reducer> ServerDocument<R> {
         }
         for (a, _) in recorded {
             self.applied.insert(a.timeline, a.lsn);
+        }
+        if outcome.rejected > 0 || !forgotten.is_empty() {
+            self.unacknowledged = None;
         }
         Ok(outcome)
     }
@@ -972,8 +1104,14 @@ impl<R: Reducer> ServerDocument<R> {
                         continue;
                     }
                     if lost.contains_key(&0) {
-                        // Not even its rejection commits: the document's own fault.
+                        // Not even its rejection commits. For want of room for pagesync's
+                        // rows (at the size cap, its slack full), a live step holds that
+                        // timeline back instead (`no_room`): every step would fail here, and
+                        // the document would never move again. Otherwise the document's fault.
                         self.load_applied()?;
+                        if may_end_early && is_full(&e) {
+                            self.starved = Some(batch[0].0);
+                        }
                         return Err(e);
                     }
                     let code = if matches!(e, Error::StepFull { .. }) {
@@ -1260,6 +1398,81 @@ impl<R: Reducer> ServerDocument<R> {
         if done.is_none_or(|d| *d < through) {
             self.forget.insert(timeline, through);
         }
+    }
+
+    /// The committed rejections per timeline, counted when not known (a table of at most a
+    /// few thousand rows: `MAX_DOC_REJECTIONS` and what one step adds past it).
+    fn unacknowledged(&mut self) -> &BTreeMap<TimelineId, usize> {
+        if self.unacknowledged.is_none() {
+            let counted = (|| -> rusqlite::Result<BTreeMap<TimelineId, usize>> {
+                let conn = self.db.conn();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT timeline, count(*) FROM _pagesync_rejections GROUP BY timeline",
+                )?;
+                let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+                let mut counts = BTreeMap::new();
+                for row in rows {
+                    let (tl, n) = row?;
+                    if let Ok(tl) = <[u8; 16]>::try_from(tl.as_slice()) {
+                        counts.insert(TimelineId(tl), n as usize);
+                    }
+                }
+                Ok(counts)
+            })();
+            // Unreadable (a document before its first step has no table): nobody is held.
+            self.unacknowledged = Some(counted.unwrap_or_default());
+        }
+        self.unacknowledged.as_ref().expect("BUG: counted above")
+    }
+
+    /// Whether `timeline` has more unacknowledged rejections than it may
+    /// (`MAX_TIMELINE_REJECTIONS`, or any while the document is past `MAX_DOC_REJECTIONS`):
+    /// its mutations are not taken then, unless an acknowledgement of its is about to delete
+    /// some (it goes in the next step).
+    fn held_back(&mut self, timeline: TimelineId) -> bool {
+        if self.forget.contains_key(&timeline) {
+            return false;
+        }
+        if self.no_room.contains(&timeline) {
+            return true;
+        }
+        let counts = self.unacknowledged();
+        let own = counts.get(&timeline).copied().unwrap_or(0);
+        own >= MAX_TIMELINE_REJECTIONS || (own > 0 && counts.values().sum::<usize>() >= MAX_DOC_REJECTIONS)
+    }
+
+    /// How many of `timeline`'s mutations one step may take: as many as could all be rejected
+    /// without taking it past `MAX_TIMELINE_REJECTIONS`, and one while the document is past
+    /// `MAX_DOC_REJECTIONS`; at least one (a timeline whose acknowledgement is due goes on).
+    fn share(&mut self, timeline: TimelineId) -> usize {
+        let counts = self.unacknowledged();
+        let own = counts.get(&timeline).copied().unwrap_or(0);
+        if counts.values().sum::<usize>() >= MAX_DOC_REJECTIONS {
+            return 1;
+        }
+        MAX_TIMELINE_REJECTIONS.saturating_sub(own).max(1)
+    }
+
+    /// Drops the queued mutations of every timeline held back: none was applied, so their
+    /// clients send them again (told by `next_expected`: `take_dropped` names them), and
+    /// meanwhile they hold no room in the queue that others need.
+    fn drop_held_back(&mut self) {
+        let timelines: Vec<TimelineId> = self.queues.keys().copied().collect();
+        for tl in timelines {
+            if self.held_back(tl)
+                && let Some(q) = self.queues.remove(&tl)
+            {
+                self.queued_bytes -= q.iter().map(|(_, e, _)| e.len() + QUEUED_ENTRY_COST).sum::<usize>();
+                self.dropped.insert(tl);
+            }
+        }
+    }
+
+    /// The timelines whose queued mutations were dropped since the last call (held back for
+    /// their unacknowledged rejections): their clients are to be told where to send from
+    /// again (`next_expected`), and to acknowledge what they hold.
+    pub fn take_dropped(&mut self) -> Vec<TimelineId> {
+        std::mem::take(&mut self.dropped).into_iter().collect()
     }
 
     /// Decodes and applies one mutation; returns the time it ran with and its outcome.

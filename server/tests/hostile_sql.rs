@@ -331,3 +331,71 @@ async fn a_queue_of_cpu_bound_mutations_holds_up_no_other_writer_of_the_document
     assert!(out.contains("confirmed"), "{out}");
     assert!(took < Duration::from_secs(4), "the honest write waited {took:?} behind the queue");
 }
+
+/// A client that never acknowledges its rejections (each empty entry of a frame is one:
+/// 100,000 of them in one 0.2 MB frame, where 400,000 once grew a document by 45 MB) leaves no
+/// more than `MAX_TIMELINE_REJECTIONS` of them in the document: what the server had queued of
+/// it is dropped, its client told to send it again, nothing more of it is taken, and an honest
+/// writer of the same document is confirmed as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_acknowledges_its_rejections_cannot_grow_the_document_with_them() {
+    use pagesync::server::MAX_TIMELINE_REJECTIONS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = format!("file://{}", dir.path().display());
+    let (_server, port) = start_on_any_port(&root, &[]);
+    let honest = dir.path().join("honest");
+    ok(&cli(port, &honest, DOC_C, &["exec", "CREATE TABLE v(x)"]));
+
+    let url = format!("ws://127.0.0.1:{port}/v1/sync");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("connect");
+    let doc = DOC_C.parse::<DocId>().expect("doc id");
+    let timeline = EVIL.id();
+    let flood = |first: u64, n: usize| Message::Mutations {
+        doc,
+        timeline,
+        first: Lsn::new(first).expect("lsn"),
+        entries: vec![Vec::new(); n],
+    };
+    for m in [
+        Message::Hello { version: PROTOCOL_VERSION, token: String::new() },
+        Message::Subscribe { doc, key: EVIL, storage_next: Lsn::FIRST, digests: false, create: false },
+        flood(1, 100_000),
+    ] {
+        ws.send(Ws::Binary(m.encode().into())).await.expect("send");
+    }
+    // The server takes the frame, then says where to send from again: below what it took.
+    let mut acks = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !acks.windows(2).any(|w: &[u64]| w[1] < w[0]) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let frame = tokio::time::timeout(left, ws.next()).await.expect("the server says it dropped them");
+        if let Some(Ok(Ws::Binary(b))) = frame
+            && let Ok(Message::MutationsAck { next_expected, .. }) = Message::decode(&b)
+        {
+            acks.push(next_expected.get());
+        }
+    }
+    let resume = *acks.last().expect("acks");
+    assert!(resume <= MAX_TIMELINE_REJECTIONS as u64 + 1, "{acks:?}");
+    // Sent again from there, unacknowledged: nothing is taken.
+    ws.send(Ws::Binary(flood(resume, 1_000).encode().into())).await.expect("send");
+    let refused = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an answer");
+        if let Some(Ok(Ws::Binary(b))) = frame
+            && let Ok(Message::MutationsAck { next_expected, .. }) = Message::decode(&b)
+        {
+            break next_expected.get();
+        }
+    };
+    assert_eq!(refused, resume, "taken while its rejections are unacknowledged");
+
+    // The honest writer: confirmed at once, and it sees the rejections the document holds.
+    let started = Instant::now();
+    let out = ok(&cli(port, &honest, DOC_C, &["exec", "INSERT INTO v VALUES (1)"]));
+    assert!(out.contains("confirmed"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(4), "the honest write waited {:?}", started.elapsed());
+    let kept = ok(&cli(port, &honest, DOC_C, &["query", "SELECT count(*) FROM _pagesync_rejections"]));
+    let kept: usize = kept.lines().nth(1).expect("a row").trim().parse().expect("a count");
+    assert!(kept > 0 && kept <= MAX_TIMELINE_REJECTIONS, "{kept} rejections kept of 100,000 sent");
+    drop(ws);
+}

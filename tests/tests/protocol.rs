@@ -1402,3 +1402,100 @@ fn opens_do_not_hold_back_a_due_step() {
     exchange_with_jobs(&mut s, &mut c, 0);
     assert_eq!(c.document(doc).expect("open").state(w.lsn).expect("state"), MutationState::Confirmed);
 }
+
+/// A client with more unacknowledged rejections than `MAX_TIMELINE_REJECTIONS` has no more of
+/// its mutations taken until it acknowledges them; what the server had queued of it is dropped
+/// and sent again (a lower `next_expected`). An honest client acknowledges at once, so it only
+/// waits a moment: every write it made is applied exactly once, every rejection is reported,
+/// none is lost or read as applied.
+#[test]
+fn a_client_past_its_unacknowledged_rejections_waits_for_its_acknowledgement_and_loses_nothing() {
+    held_back_client_loses_nothing(23, false);
+}
+
+/// The same when the server restarts while the client is held back, before the client heard
+/// of it: the new server knows nothing of acknowledgements (they are in memory), and the
+/// client, subscribing again, says what it holds; nothing waits forever.
+#[test]
+fn a_client_held_back_across_a_server_restart_goes_on_and_loses_nothing() {
+    held_back_client_loses_nothing(24, true);
+}
+
+fn held_back_client_loses_nothing(n: u128, restart: bool) {
+    use pagesync::server::MAX_TIMELINE_REJECTIONS;
+    let doc = DocId::from_u128(n);
+    let journal = pagesync_tests::SharedJournal::new(n);
+    // Steps of 300 at most: the first takes only bad ones, and the rest stay queued.
+    let limits = pagesync::StepLimits { max_mutations: 300, ..pagesync::StepLimits::default() };
+    let start = || {
+        let journal = journal.clone();
+        ServerSession::new(Box::new(move |_| {
+            ServerDocument::with_reducer(journal.boxed(), pagesync::SqlReducer::default(), limits)
+        }))
+    };
+    let mut s = start();
+    let mut c = client(&[doc]);
+    s.connect(C);
+    c.connected(0);
+    c.mutate(doc, sql("CREATE TABLE t(x INTEGER CHECK (x > 0))", vec![]), T0, 1).expect("mutate");
+    exchange(&mut s, &mut c, 0, true);
+    // More rejections than the bound in one upload, then good writes right behind them.
+    let bad = MAX_TIMELINE_REJECTIONS + 100;
+    let mut lsns = Vec::new();
+    for i in 0..bad {
+        let lsn =
+            c.mutate(doc, sql("INSERT INTO t VALUES (0)", vec![]), T0, 10 + i as u64).expect("mutate").lsn;
+        lsns.push(lsn);
+    }
+    for i in 0..20u64 {
+        let x = Value::Integer(i as i64 + 1);
+        c.mutate(doc, sql("INSERT INTO t VALUES (?1)", vec![x]), T0, 1_000 + i).expect("mutate");
+    }
+    upload(&mut c, &mut s, 0);
+    s.handle_timeout(0);
+    let queued = s.document(doc).expect("open").queued();
+    assert_eq!(queued, 0, "what the first step left of a timeline past its bound was dropped");
+    let rows = |s: &ServerSession| -> i64 {
+        let conn = s.document(doc).expect("open").database().conn();
+        conn.query_row("SELECT count(*) FROM _pagesync_rejections", [], |r| r.get(0)).expect("count")
+    };
+    assert_eq!(rows(&s), MAX_TIMELINE_REJECTIONS as i64, "no more than the bound kept");
+    if restart {
+        // The client hears all the server says and acknowledges the rejections it copied,
+        // but the server stops before it reads that, and starts again over its journal.
+        while let Some((_, m)) = s.poll_transmit() {
+            c.handle_frame(0, &m.encode()).expect("apply");
+        }
+        let said: Vec<Message> = std::iter::from_fn(|| c.poll_transmit()).collect();
+        assert!(
+            said.iter().any(|m| matches!(m, Message::StorageAck { outcomes_through: Some(_), .. })),
+            "{said:?}"
+        );
+        drop(s);
+        c.disconnected();
+        s = start();
+        s.connect(C);
+        c.connected(0);
+    }
+    let mut now = 0;
+    for _ in 0..50 {
+        exchange(&mut s, &mut c, now, true);
+        if c.document(doc).expect("open").pending_count() == 0 {
+            break;
+        }
+        now += 1_000;
+        c.handle_timeout(now);
+        s.handle_timeout(now);
+    }
+    let replica = c.document(doc).expect("open");
+    assert_eq!(replica.pending_count(), 0, "every write was applied");
+    let rows = replica.query("SELECT count(*) FROM t", &[]).expect("count").rows;
+    assert_eq!(rows[0][0], Value::Integer(20), "each good write once");
+    let outcomes = replica.outcomes().expect("outcomes");
+    assert_eq!(outcomes.rejected.len(), bad, "every rejection reported, none read as applied");
+    for lsn in lsns {
+        let state = replica.state(lsn).expect("state");
+        assert!(matches!(state, MutationState::Rejected(_)), "{lsn}: {state:?}");
+    }
+    assert_same_pages(&c, &s, doc);
+}

@@ -654,6 +654,176 @@ fn costly_queue_then(honest: TimelineId) {
     assert!(server.queued() > 0, "the costly ones were not all run first");
 }
 
+/// Clients that never acknowledge their rejections (hostile ones: each empty entry of a frame
+/// is one) cannot grow a document with them, nor wedge one at its size cap: a timeline past
+/// `MAX_TIMELINE_REJECTIONS` has no more mutations taken, nor does any timeline with one once
+/// the document is past `MAX_DOC_REJECTIONS`; no rejection is deleted before its client
+/// acknowledged it; a client that acknowledges goes on; and a replay gives the same pages.
+#[test]
+fn unacknowledged_rejections_hold_their_timeline_back_and_bound_the_document() {
+    use pagesync::journal::Journal;
+    use pagesync::server::{MAX_DOC_REJECTIONS, MAX_TIMELINE_REJECTIONS};
+    use pagesync_tests::SharedJournal;
+    let limits = || StepLimits { max_doc_bytes: Some(1 << 20), ..StepLimits::default() };
+    let storage = SharedJournal::new(1);
+    let mut server =
+        ServerDocument::with_reducer(storage.boxed(), SqlReducer::default(), limits()).expect("server");
+    let mut sent = std::collections::HashMap::new();
+    let mut send = |server: &mut ServerDocument, tl: TimelineId, first: u64, entries: Vec<Vec<u8>>| {
+        for (i, e) in entries.iter().enumerate() {
+            sent.insert((tl, first + i as u64), e.clone());
+        }
+        let taken = server.receive(tl, Lsn::new(first).expect("lsn"), entries).accepted;
+        drain(server, T0);
+        taken
+    };
+    let owner = TimelineId([1; 16]);
+    let write =
+        |i: u64, text: &str| Mutation { client_time_ms: T0, seed: i, body: sql(text, vec![]) }.encode();
+    send(&mut server, owner, 1, vec![write(1, "CREATE TABLE t(b BLOB)").expect("encode")]);
+    // Filled to its cap: the last fill is rejected `doc_full`, a rejection of the owner's.
+    let fills: Vec<_> =
+        (2..12).map(|i| write(i, "INSERT INTO t VALUES (zeroblob(200000))").expect("encode")).collect();
+    send(&mut server, owner, 2, fills);
+    let count = |server: &ServerDocument, sql: &str, tl: &TimelineId| -> i64 {
+        let conn = server.database().conn();
+        let mut stmt = conn.prepare(sql).expect("prepare");
+        if stmt.parameter_count() == 1 {
+            stmt.query_row([&tl.0[..]], |r| r.get(0)).expect("count")
+        } else {
+            stmt.query_row([], |r| r.get(0)).expect("count")
+        }
+    };
+    let of_timeline = "SELECT count(*) FROM _pagesync_rejections WHERE timeline = ?1";
+    assert!(count(&server, of_timeline, &owner) > 0, "the cap was reached");
+    // Twelve timelines, 400 empty entries each, in frames of 100.
+    let hostile: Vec<TimelineId> = (0..12u8).map(|i| TimelineId([0x80 + i; 16])).collect();
+    for _ in 0..4 {
+        for tl in &hostile {
+            let first = server.next_expected(*tl).get();
+            send(&mut server, *tl, first, vec![Vec::new(); 100]);
+        }
+    }
+    let total = count(&server, "SELECT count(*) FROM _pagesync_rejections", &owner) as usize;
+    assert!(total <= MAX_DOC_REJECTIONS + MAX_TIMELINE_REJECTIONS, "{total} rejections kept, of 4,800 sent");
+    for tl in &hostile {
+        let held = count(&server, of_timeline, tl) as usize;
+        assert!(held <= MAX_TIMELINE_REJECTIONS, "{held} for one timeline");
+        // None deleted: every mutation taken of it has its rejection.
+        let applied = server.applied_lsn(*tl).map_or(0, Lsn::get) as usize;
+        assert_eq!(held, applied, "a rejection was deleted unacknowledged");
+        // Held back: nothing more is taken.
+        let next = server.next_expected(*tl).get();
+        assert_eq!(send(&mut server, *tl, next, vec![Vec::new(); 10]), 0, "taken past its bound");
+    }
+    // The owner is held back too (one unacknowledged rejection, on a crowded document) until
+    // it acknowledges it; then it writes as before, at the cap.
+    let rows = count(&server, "SELECT count(*) FROM t", &owner);
+    let delete = || vec![write(12, "DELETE FROM t WHERE rowid = 1").expect("encode")];
+    assert_eq!(send(&mut server, owner, 12, delete()), 0, "held back");
+    server.forget_rejections(owner, Lsn::new(11).expect("lsn"));
+    assert_eq!(send(&mut server, owner, 12, delete()), 1, "taken once acknowledged");
+    assert_eq!(server.applied_lsn(owner), Lsn::new(12));
+    assert_eq!(count(&server, "SELECT count(*) FROM t", &owner), rows - 1);
+    // The same pages again from the same mutations.
+    let mut replica =
+        ServerDocument::with_reducer(memory_journal(9), SqlReducer::default(), limits()).expect("replica");
+    for lsn in storage.range().iter().skip(1) {
+        let header = pagesync::storage::decode(&storage.read(lsn).expect("entry")).expect("decode");
+        let recorded: Vec<_> =
+            header.applied.iter().map(|a| (*a, sent[&(a.timeline, a.lsn.get())].clone())).collect();
+        replica.replay_step(&recorded, &header.forgotten, header.time_ms).expect("replay");
+    }
+    assert!(pages_of(replica.database()) == pages_of(server.database()), "the replay diverged");
+
+    // An acknowledgement of part of a held timeline's rejections lets one more of its
+    // mutations in; rejected, it is held again, and what was queued of it is dropped (its
+    // client told): nothing is left queued that no step would take.
+    let tl = hostile[0];
+    server.take_dropped();
+    server.forget_rejections(tl, Lsn::FIRST);
+    let next = server.next_expected(tl);
+    assert_eq!(server.receive(tl, next, vec![Vec::new(); 10]).accepted, 10, "an acknowledgement is due");
+    drain(&mut server, T0);
+    assert_eq!(server.queued(), 0, "a held queue stays");
+    assert_eq!(server.take_dropped(), vec![tl]);
+    assert_eq!(server.next_expected(tl), next.next(), "one was taken");
+
+    // A reopen carries over what was queued and what was acknowledged; a held timeline's
+    // queue goes at the next step, its client told.
+    let owner_next = server.next_expected(owner);
+    server.forget_rejections(tl, next);
+    assert_eq!(server.receive(tl, next.next(), vec![Vec::new(); 3]).accepted, 3);
+    let late = write(13, "DELETE FROM t WHERE rowid = 2").expect("encode");
+    assert_eq!(server.receive(owner, owner_next, vec![late]).accepted, 1);
+    let mut reopened =
+        ServerDocument::with_reducer(storage.boxed(), SqlReducer::default(), limits()).expect("reopen");
+    reopened.carry_over(&mut server);
+    assert_eq!(reopened.queued(), 4, "what was queued came over");
+    drain(&mut reopened, T0);
+    assert_eq!(reopened.queued(), 0);
+    assert_eq!(reopened.applied_lsn(owner), Some(owner_next), "the owner's write was applied");
+    let after = count(&reopened, of_timeline, &tl) as usize;
+    assert!(after <= MAX_TIMELINE_REJECTIONS, "{after}: the acknowledgement came over");
+}
+
+/// Rejections of 1 KiB from thousands of timelines (each a new client, one rejection each)
+/// fill the room a document at its size cap keeps for pagesync's rows: the timelines that find
+/// none wait (their clients told), and the document goes on: no step fails, and a client
+/// whose rejections were acknowledged writes as before.
+#[test]
+fn rejections_of_many_timelines_never_wedge_a_document_at_its_size_cap() {
+    let limits = StepLimits { max_doc_bytes: Some(1 << 20), ..StepLimits::default() };
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(31), SqlReducer::default(), limits).expect("server");
+    let write = |i: u64, text: &str| {
+        Mutation { client_time_ms: T0, seed: i, body: sql(text, vec![]) }.encode().expect("encode")
+    };
+    // Steps until nothing is left that a step would take; none may fail.
+    let settle = |server: &mut ServerDocument| {
+        for _ in 0..10_000 {
+            server.step(T0).expect("a step failed");
+            if server.queued() == 0 {
+                return;
+            }
+        }
+        panic!("{} still queued", server.queued());
+    };
+    let owner = TimelineId([1; 16]);
+    let mut owner_writes = vec![write(1, "CREATE TABLE t(b BLOB)")];
+    owner_writes.extend((2..12).map(|i| write(i, "INSERT INTO t VALUES (zeroblob(200000))")));
+    assert_eq!(server.receive(owner, Lsn::FIRST, owner_writes).accepted, 11);
+    settle(&mut server);
+    server.forget_rejections(owner, Lsn::new(11).expect("lsn"));
+    let bad = "SELECT reject(replace(hex(zeroblob(500)), '0', 'x'))";
+    let mut waited = 0;
+    for i in 0..3_000u64 {
+        let mut id = [0x40; 16];
+        id[..8].copy_from_slice(&i.to_be_bytes());
+        server.receive(TimelineId(id), Lsn::FIRST, vec![write(i, bad)]);
+        if i % 100 == 99 {
+            settle(&mut server);
+            waited += server.take_dropped().len();
+        }
+    }
+    let kept: i64 = server
+        .database()
+        .conn()
+        .query_row("SELECT count(*) FROM _pagesync_rejections", [], |r| r.get(0))
+        .expect("count");
+    assert!(waited > 0, "the room never ran out: {kept} rejections kept");
+    // The owner goes on.
+    let rows = |server: &ServerDocument| -> i64 {
+        server.database().conn().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count")
+    };
+    let before = rows(&server);
+    let next = server.next_expected(owner);
+    assert_eq!(server.receive(owner, next, vec![write(99, "DELETE FROM t WHERE rowid = 1")]).accepted, 1);
+    settle(&mut server);
+    assert_eq!(server.applied_lsn(owner), Some(next));
+    assert_eq!(rows(&server), before - 1, "the owner's write was applied");
+}
+
 /// SQLite reads the whole schema again whenever a schema change is rolled back, outside any
 /// budget (7 MB of schema made each tiny rejected `CREATE TABLE` cost the server 250 ms): the
 /// schema's SQL is bounded, and a mutation that would grow it past the bound is `too_big`.

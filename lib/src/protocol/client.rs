@@ -860,11 +860,27 @@ impl ClientSession {
                         // A new subscription's answer: what the server held queued before it
                         // may be gone (it closed the document, say for a lapsed cluster lease,
                         // and dropped mutations it had acknowledged but not applied): upload
-                        // from what it says now, not from what it said then.
+                        // from what it says now, not from what it said then. The rejections
+                        // it was told we copied may be forgotten too (a restart): said again.
                         link.up = SendWindow::new(link.doc.pending_range().first());
                         link.up.ack(next_expected);
+                        link.ack_due |= link.doc.outcomes_through().is_some();
                     }
-                    SubState::Live { .. } => link.up.ack(next_expected),
+                    // Below what it said before: it dropped mutations it had queued and not
+                    // applied (a timeline held back for its unacknowledged rejections): they go
+                    // up again from there, and it hears which rejections we copied.
+                    SubState::Live { .. } if next_expected < link.up.acked => {
+                        let from = next_expected.max(link.doc.pending_range().first());
+                        link.up.taken_back(from, now_ms);
+                        link.ack_due |= link.doc.outcomes_through().is_some();
+                    }
+                    SubState::Live { .. } => {
+                        // Not all of what was sent taken (a full queue, or a hold whose
+                        // acknowledgement the server lost): it hears which rejections we
+                        // copied again; a few bytes per answer.
+                        link.ack_due |= next_expected < link.up.next && link.doc.outcomes_through().is_some();
+                        link.up.ack(next_expected);
+                    }
                 }
                 link.state = link.state.on(SubEvent::Acked);
                 link.server_storage_next = link.server_storage_next.max(storage_next);

@@ -289,9 +289,7 @@ fn reopen_journal(
         Ok(Err(e)) => return Err(OpenFailure::of(e)),
         Err(_) => return Ok(false),
     };
-    for (timeline, lsn, entry, origin) in document.take_queued() {
-        fresh.receive_from(timeline, lsn, vec![entry], &origin);
-    }
+    fresh.carry_over(document);
     **document = fresh;
     Ok(true)
 }

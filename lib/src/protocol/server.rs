@@ -1237,11 +1237,19 @@ impl ServerSession {
                 sub.rearm(&mut self.timers, conn, doc);
                 let timeline = sub.timeline;
                 self.drop_acked_ahead(doc);
-                // A document away misses this one; every acknowledgement says it again.
-                if let (Some(through), Some(d)) =
-                    (outcomes_through, self.docs.get_mut(&doc).and_then(OpenDoc::document_mut))
-                {
-                    d.forget_rejections(timeline, through);
+                // A document away hears it when it is back (a client held back for its
+                // unacknowledged rejections may have nothing more to acknowledge).
+                let Some(through) = outcomes_through else { return };
+                match self.docs.get_mut(&doc) {
+                    Some(open) if open.is_away() => {
+                        self.defer(conn, now_ms, Message::StorageAck { doc, next, outcomes_through })
+                    }
+                    Some(open) => {
+                        if let Some(d) = open.document_mut() {
+                            d.forget_rejections(timeline, through);
+                        }
+                    }
+                    None => {}
                 }
             }
             // After a `Subscribe` that waits for its document, in order.
@@ -1936,10 +1944,37 @@ impl ServerSession {
             self.exported.push_back((doc, e));
         }
         self.record_steps(doc, &steps, failure);
+        self.tell_dropped(doc);
         if let Some(owner) = moved {
             self.close_moved(doc, owner);
         }
         deferred
+    }
+
+    /// The clients of timelines whose queued mutations the document dropped, unapplied (held
+    /// back for their unacknowledged rejections), are told where to send from again: a
+    /// `MutationsAck` below what they were told before, which also has them acknowledge
+    /// what they hold.
+    fn tell_dropped(&mut self, doc: DocId) {
+        let Some(dropped) = self.docs.get_mut(&doc).and_then(OpenDoc::document_mut).map(|d| d.take_dropped())
+        else {
+            return;
+        };
+        if dropped.is_empty() {
+            return;
+        }
+        let Some(open) = self.docs.get(&doc) else { return };
+        let Some(d) = open.document() else { return };
+        let storage_next = d.storage_range().next();
+        for id in open.subscribers.iter() {
+            let Some(c) = self.conns.get_mut(id) else { continue };
+            let Some(timeline) = c.subs.get(&doc).map(|s| s.timeline).filter(|t| dropped.contains(t)) else {
+                continue;
+            };
+            let next_expected = d.next_expected(timeline);
+            c.outbox.push_back(Message::MutationsAck { doc, timeline, next_expected, storage_next });
+            self.ready.insert(*id);
+        }
     }
 
     /// An open failed: the document is dropped, and the messages that waited for it get the

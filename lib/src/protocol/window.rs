@@ -56,6 +56,18 @@ impl SendWindow {
         self.inflight.retain(|(end, _)| *end > acked);
     }
 
+    /// The peer holds only what is before `next` after all (it dropped what it had taken and
+    /// not yet used): that is sent again when a batch would be, after `RETRANSMIT_MS` and with
+    /// the same backoff, so a peer that keeps dropping costs a resend every few seconds.
+    pub(crate) fn taken_back(&mut self, next: Lsn, now_ms: i64) {
+        if next >= self.acked {
+            return self.ack(next);
+        }
+        self.acked = next;
+        self.inflight.push_back((self.next.max(next.next()), 0));
+        self.last_send_ms = now_ms;
+    }
+
     /// When unacknowledged batches are due to be sent again, if there are any.
     pub(crate) fn resend_at(&self) -> Option<i64> {
         let wait = RETRANSMIT_MS << self.rewinds.min(MAX_RETRANSMIT_BACKOFF);
@@ -94,6 +106,25 @@ mod tests {
         assert_eq!(round_robin([1, 2, 3, 4], Some(2)), [3, 4, 1, 2]);
         assert_eq!(round_robin([1, 3, 5], Some(4)), [5, 1, 3]);
         assert_eq!(round_robin([1, 3, 5], Some(9)), [1, 3, 5]);
+    }
+
+    #[test]
+    fn what_the_peer_took_back_is_sent_again_after_the_wait() {
+        let lsn = |n| Lsn::new(n).unwrap();
+        let mut w = SendWindow::new(lsn(1));
+        w.sent(lsn(9), 300, 10);
+        w.ack(lsn(9));
+        assert_eq!(w.resend_at(), None, "all acknowledged");
+        w.taken_back(lsn(4), 20);
+        assert_eq!(w.acked, lsn(4));
+        w.rewind_if_due(20 + RETRANSMIT_MS - 1);
+        assert_eq!(w.next, lsn(9), "not at once");
+        w.rewind_if_due(20 + RETRANSMIT_MS);
+        assert_eq!(w.next, lsn(4), "sent again from what the peer holds");
+        // Taken back again with nothing new: the wait doubles.
+        w.sent(lsn(9), 300, 300);
+        w.taken_back(lsn(4), 300);
+        assert_eq!(w.resend_at(), Some(300 + 2 * RETRANSMIT_MS));
     }
 
     #[test]
