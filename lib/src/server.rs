@@ -66,13 +66,24 @@ pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1
 pub const MAX_TIMELINE_REJECTIONS: usize = 256;
 
 /// Unacknowledged rejections over all of a document's timelines, past which every timeline that
-/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and each other timeline has one mutation
-/// taken per step (a new timeline adds at most one rejection a step).
-pub const MAX_DOC_REJECTIONS: usize = 1_024;
+/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and each other timeline has
+/// `CROWDED_SHARE` mutations taken per step (a new timeline adds at most that many before it is
+/// held). Sixteen clients that never acknowledge reach it; a message is at most 1 KiB, so the
+/// rows are at most about 4 MiB.
+pub const MAX_DOC_REJECTIONS: usize = 4_096;
+
+/// Mutations of a timeline with no unacknowledged rejections one step takes while its document
+/// is past `MAX_DOC_REJECTIONS`: an honest writer goes on at 16 a step.
+const CROWDED_SHARE: usize = 16;
 
 /// Timelines one `step` call may hold back for want of room (`no_room`) before it gives up
-/// until the next call.
-const MAX_HELD_PER_STEP: usize = 8;
+/// until the next call: each try may run a step's worth of mutations again.
+const MAX_HELD_PER_STEP: usize = 2;
+
+/// How long a timeline held back for want of room waits before its mutation is tried again,
+/// when no acknowledgement deleted rejections before (room may come from a delete of the
+/// app's rows too): one failing try per held timeline per 5 s.
+pub const NO_ROOM_RETRY_MS: i64 = 5_000;
 
 /// Of `MAX_STEP_PAGES`, the pages kept for pagesync's own rows after the mutations (applied
 /// LSNs, rejection messages): 1 MiB.
@@ -173,6 +184,13 @@ pub struct StepOutcome {
     pub forgotten: usize,
 }
 
+/// A document's committed, unacknowledged rejections.
+#[derive(Debug, Default)]
+struct Unacknowledged {
+    of: BTreeMap<TimelineId, usize>,
+    total: usize,
+}
+
 /// A mutation a step rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejected {
@@ -211,15 +229,18 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     forgotten: HashMap<TimelineId, Lsn>,
     /// Rows of `_pagesync_rejections` per timeline as committed (`MAX_TIMELINE_REJECTIONS`,
     /// `MAX_DOC_REJECTIONS`), counted again after a step that changed them; `None` until then.
-    unacknowledged: Option<BTreeMap<TimelineId, usize>>,
+    unacknowledged: Option<Unacknowledged>,
     /// Timelines whose queued mutations were dropped, unapplied, since `take_dropped`: held
     /// back, their clients are to be told where to send from again.
     dropped: BTreeSet<TimelineId>,
     /// Timelines whose first mutation could not commit even as a rejection, for want of room
-    /// for pagesync's own rows (a document at its size cap whose slack is full): held back
-    /// until an acknowledgement deletes rejections, or the document is opened again; the
-    /// document goes on with the rest.
-    no_room: BTreeSet<TimelineId>,
+    /// for pagesync's own rows (a document at its size cap whose slack is full), with when they
+    /// may be tried again (`NO_ROOM_RETRY_MS`): held back until then, or until a step deletes
+    /// rejections, or the document is opened again; the document goes on with the rest.
+    no_room: BTreeMap<TimelineId, i64>,
+    /// The latest time this document was told (a step's, a receive's): what `no_room` is
+    /// judged by.
+    clock_ms: i64,
     /// Set by a live step's `apply_batch` that found `no_room`'s case.
     starved: Option<TimelineId>,
     /// The history journal (`set_history`): every step's history entry is durable before its
@@ -529,7 +550,8 @@ impl<R: Reducer> ServerDocument<R> {
             forgotten: HashMap::new(),
             unacknowledged: None,
             dropped: BTreeSet::new(),
-            no_room: BTreeSet::new(),
+            no_room: BTreeMap::new(),
+            clock_ms: i64::MIN,
             starved: None,
             queues: BTreeMap::new(),
             queued_bytes: 0,
@@ -739,6 +761,16 @@ impl<R: Reducer> ServerDocument<R> {
         self.applied.get(&timeline).copied()
     }
 
+    /// Reads what `receive` needs (the applied LSNs, the unacknowledged rejections) now, on
+    /// the caller's thread (a job's: a reopen), rather than at the first `receive` (the
+    /// hub's). Not at every open: an open document that is only read from would hold the
+    /// schema and the statements (a thousand idle documents grew from 64 to 155 KiB each).
+    /// Best effort: what fails is read again when needed.
+    pub fn prepare(&mut self) {
+        let _ = self.applied_as_stored();
+        self.unacknowledged();
+    }
+
     /// The next LSN this document needs from `timeline`: everything before it is applied or
     /// queued. Never too high: while `applied` is stale it can only be behind.
     pub fn next_expected(&self, timeline: TimelineId) -> Lsn {
@@ -767,6 +799,9 @@ impl<R: Reducer> ServerDocument<R> {
         entries: Vec<Vec<u8>>,
         origin: &Origin,
     ) -> Received {
+        if let Some(at) = origin.received_ms {
+            self.clock_ms = self.clock_ms.max(at);
+        }
         if self.held_back(timeline) {
             // Nothing taken until its client acknowledges its rejections: it sends these again.
             return Received { next_expected: first.min(self.next_expected(timeline)), accepted: 0 };
@@ -780,7 +815,11 @@ impl<R: Reducer> ServerDocument<R> {
     /// clients are told (`take_dropped`), as after any step.
     pub fn carry_over(&mut self, from: &mut ServerDocument<R>) {
         for (timeline, lsn, entry, origin) in from.take_queued() {
-            self.receive_unheld(timeline, lsn, vec![entry], &origin);
+            if self.receive_unheld(timeline, lsn, vec![entry], &origin).accepted == 0 {
+                // Not taken (this handle cannot read what it applied yet, say): its client is
+                // told where to send from, rather than left to think it was queued.
+                self.dropped.insert(timeline);
+            }
         }
         self.dropped.append(&mut from.dropped);
         for (timeline, through) in std::mem::take(&mut from.forget) {
@@ -896,9 +935,12 @@ impl<R: Reducer> ServerDocument<R> {
     pub fn step(&mut self, now_ms: i64) -> Result<Option<StepOutcome>> {
         // Each try that finds a timeline with no room holds that one back; a few per call, so
         // one call's cost stays bounded (what is left is still queued, and steps next time).
-        for _ in 0..MAX_HELD_PER_STEP {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        let clock = self.clock_ms;
+        self.no_room.retain(|_, until| clock < *until);
+        for attempt in 0..MAX_HELD_PER_STEP {
             let holding = self.no_room.len();
-            let outcome = self.step_once(now_ms)?;
+            let outcome = self.step_once(now_ms, attempt == 0)?;
             if outcome.is_some() || self.no_room.len() == holding {
                 return Ok(outcome);
             }
@@ -906,8 +948,14 @@ impl<R: Reducer> ServerDocument<R> {
         Ok(None)
     }
 
-    fn step_once(&mut self, now_ms: i64) -> Result<Option<StepOutcome>> {
-        if self.queues.is_empty() {
+    /// Whether a step is due with no mutation to take: acknowledgements that may make room
+    /// for a timeline held back for want of it (a quiet document would never delete them).
+    pub fn forget_due(&self) -> bool {
+        !self.forget.is_empty() && !self.no_room.is_empty()
+    }
+
+    fn step_once(&mut self, now_ms: i64, compact: bool) -> Result<Option<StepOutcome>> {
+        if self.queues.is_empty() && !self.forget_due() {
             return Ok(None);
         }
         self.applied_as_stored()?;
@@ -919,7 +967,9 @@ impl<R: Reducer> ServerDocument<R> {
             Some(newest) if newest > now_ms && newest - now_ms <= MAX_CLOCK_AHEAD_MS => newest,
             _ => now_ms,
         };
-        self.compact(now_ms)?;
+        if compact {
+            self.compact(now_ms)?;
+        }
         if let Some(source) = &self.mutators {
             self.reducer.set_mutators(source());
         }
@@ -927,7 +977,17 @@ impl<R: Reducer> ServerDocument<R> {
         self.drop_held_back();
         let (batch, origins) = self.pick_batch();
         if batch.is_empty() {
-            return Ok(None);
+            // A step of acknowledgements alone: only those sure to delete rows (its entry must
+            // change a page).
+            let pending: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
+            for (tl, through) in pending {
+                if !self.rejections_exist(tl, through).unwrap_or(false) {
+                    self.forget.remove(&tl);
+                }
+            }
+            if !self.forget_due() {
+                return Ok(None);
+            }
         }
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
         let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
@@ -938,13 +998,14 @@ impl<R: Reducer> ServerDocument<R> {
                 let Some(tl) = self.starved.take() else { return Err(e) };
                 // Not the document's fault but the room its rows need: that timeline waits
                 // (its client told), and the next step goes on without it.
-                self.no_room.insert(tl);
+                self.no_room.insert(tl, self.clock_ms.saturating_add(NO_ROOM_RETRY_MS));
                 self.drop_held_back();
                 return Ok(None);
             }
         };
         if !forget.is_empty() {
-            // Rows deleted: room for those that had none.
+            // Rows deleted (an acknowledgement is kept only when it deletes some): room for
+            // those that had none.
             self.no_room.clear();
         }
         if outcome.rejected > 0 || !forget.is_empty() {
@@ -1395,26 +1456,40 @@ impl<R: Reducer> ServerDocument<R> {
         let Some(applied) = self.applied.get(&timeline) else { return };
         let through = through.min(*applied);
         let done = self.forget.get(&timeline).or(self.forgotten.get(&timeline));
-        if done.is_none_or(|d| *d < through) {
+        // Kept only when it deletes something: an acknowledgement lets a held timeline in
+        // (and a step run, `forget_due`), which one that deletes nothing must not.
+        // When the table cannot be read, kept: the step deletes what there is.
+        if done.is_none_or(|d| *d < through) && self.rejections_exist(timeline, through).unwrap_or(true) {
             self.forget.insert(timeline, through);
         }
     }
 
-    /// The committed rejections per timeline, counted when not known (a table of at most a
-    /// few thousand rows: `MAX_DOC_REJECTIONS` and what one step adds past it).
-    fn unacknowledged(&mut self) -> &BTreeMap<TimelineId, usize> {
+    /// Whether `timeline` has rejections at or below `through` in the table (a lookup by its
+    /// primary key).
+    fn rejections_exist(&self, timeline: TimelineId, through: Lsn) -> rusqlite::Result<bool> {
+        let exists = "SELECT EXISTS(SELECT 1 FROM _pagesync_rejections WHERE timeline = ?1 AND lsn <= ?2)";
+        self.db
+            .conn()
+            .prepare_cached(exists)?
+            .query_row(rusqlite::params![&timeline.0[..], through.get() as i64], |r| r.get::<_, bool>(0))
+    }
+
+    /// The committed rejections per timeline, counted when not known (a table of a few
+    /// thousand rows: `MAX_DOC_REJECTIONS` and what one step adds past it).
+    fn unacknowledged(&mut self) -> &Unacknowledged {
         if self.unacknowledged.is_none() {
-            let counted = (|| -> rusqlite::Result<BTreeMap<TimelineId, usize>> {
+            let counted = (|| -> rusqlite::Result<Unacknowledged> {
                 let conn = self.db.conn();
                 let mut stmt = conn.prepare_cached(
                     "SELECT timeline, count(*) FROM _pagesync_rejections GROUP BY timeline",
                 )?;
                 let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
-                let mut counts = BTreeMap::new();
+                let mut counts = Unacknowledged::default();
                 for row in rows {
                     let (tl, n) = row?;
                     if let Ok(tl) = <[u8; 16]>::try_from(tl.as_slice()) {
-                        counts.insert(TimelineId(tl), n as usize);
+                        counts.of.insert(TimelineId(tl), n as usize);
+                        counts.total += n as usize;
                     }
                 }
                 Ok(counts)
@@ -1430,27 +1505,29 @@ impl<R: Reducer> ServerDocument<R> {
     /// its mutations are not taken then, unless an acknowledgement of its is about to delete
     /// some (it goes in the next step).
     fn held_back(&mut self, timeline: TimelineId) -> bool {
+        // Before the acknowledgement: it is the step that applies it, with or without
+        // mutations (`forget_due`), that makes room, not the held mutation's own step.
+        if self.no_room.get(&timeline).is_some_and(|until| self.clock_ms < *until) {
+            return true;
+        }
         if self.forget.contains_key(&timeline) {
             return false;
         }
-        if self.no_room.contains(&timeline) {
-            return true;
-        }
         let counts = self.unacknowledged();
-        let own = counts.get(&timeline).copied().unwrap_or(0);
-        own >= MAX_TIMELINE_REJECTIONS || (own > 0 && counts.values().sum::<usize>() >= MAX_DOC_REJECTIONS)
+        let own = counts.of.get(&timeline).copied().unwrap_or(0);
+        own >= MAX_TIMELINE_REJECTIONS || (own > 0 && counts.total >= MAX_DOC_REJECTIONS)
     }
 
     /// How many of `timeline`'s mutations one step may take: as many as could all be rejected
-    /// without taking it past `MAX_TIMELINE_REJECTIONS`, and one while the document is past
-    /// `MAX_DOC_REJECTIONS`; at least one (a timeline whose acknowledgement is due goes on).
+    /// without taking it past `MAX_TIMELINE_REJECTIONS`, and `CROWDED_SHARE` at most while the
+    /// document is past `MAX_DOC_REJECTIONS`; at least one (a timeline whose acknowledgement is
+    /// due goes on).
     fn share(&mut self, timeline: TimelineId) -> usize {
         let counts = self.unacknowledged();
-        let own = counts.get(&timeline).copied().unwrap_or(0);
-        if counts.values().sum::<usize>() >= MAX_DOC_REJECTIONS {
-            return 1;
-        }
-        MAX_TIMELINE_REJECTIONS.saturating_sub(own).max(1)
+        let own = counts.of.get(&timeline).copied().unwrap_or(0);
+        let share = MAX_TIMELINE_REJECTIONS.saturating_sub(own);
+        let share = if counts.total >= MAX_DOC_REJECTIONS { share.min(CROWDED_SHARE) } else { share };
+        share.max(1)
     }
 
     /// Drops the queued mutations of every timeline held back: none was applied, so their

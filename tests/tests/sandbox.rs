@@ -655,16 +655,17 @@ fn costly_queue_then(honest: TimelineId) {
 }
 
 /// Clients that never acknowledge their rejections (hostile ones: each empty entry of a frame
-/// is one) cannot grow a document with them, nor wedge one at its size cap: a timeline past
-/// `MAX_TIMELINE_REJECTIONS` has no more mutations taken, nor does any timeline with one once
-/// the document is past `MAX_DOC_REJECTIONS`; no rejection is deleted before its client
-/// acknowledged it; a client that acknowledges goes on; and a replay gives the same pages.
+/// is one) cannot grow a document with them: a timeline past `MAX_TIMELINE_REJECTIONS` has no
+/// more mutations taken, nor does any timeline with one once the document is past
+/// `MAX_DOC_REJECTIONS`; no rejection is deleted before its client acknowledged it; a client
+/// that acknowledges goes on; and a replay gives the same pages. (At a size cap:
+/// `rejections_of_many_timelines_never_wedge_a_document_at_its_size_cap`.)
 #[test]
 fn unacknowledged_rejections_hold_their_timeline_back_and_bound_the_document() {
     use pagesync::journal::Journal;
     use pagesync::server::{MAX_DOC_REJECTIONS, MAX_TIMELINE_REJECTIONS};
     use pagesync_tests::SharedJournal;
-    let limits = || StepLimits { max_doc_bytes: Some(1 << 20), ..StepLimits::default() };
+    let limits = StepLimits::default;
     let storage = SharedJournal::new(1);
     let mut server =
         ServerDocument::with_reducer(storage.boxed(), SqlReducer::default(), limits()).expect("server");
@@ -681,9 +682,10 @@ fn unacknowledged_rejections_hold_their_timeline_back_and_bound_the_document() {
     let write =
         |i: u64, text: &str| Mutation { client_time_ms: T0, seed: i, body: sql(text, vec![]) }.encode();
     send(&mut server, owner, 1, vec![write(1, "CREATE TABLE t(b BLOB)").expect("encode")]);
-    // Filled to its cap: the last fill is rejected `doc_full`, a rejection of the owner's.
-    let fills: Vec<_> =
-        (2..12).map(|i| write(i, "INSERT INTO t VALUES (zeroblob(200000))").expect("encode")).collect();
+    // Nine rows, then a rejection of the owner's.
+    let mut fills: Vec<_> =
+        (2..11).map(|i| write(i, "INSERT INTO t VALUES (zeroblob(2000))").expect("encode")).collect();
+    fills.push(write(11, "SELECT reject('no')").expect("encode"));
     send(&mut server, owner, 2, fills);
     let count = |server: &ServerDocument, sql: &str, tl: &TimelineId| -> i64 {
         let conn = server.database().conn();
@@ -695,9 +697,9 @@ fn unacknowledged_rejections_hold_their_timeline_back_and_bound_the_document() {
         }
     };
     let of_timeline = "SELECT count(*) FROM _pagesync_rejections WHERE timeline = ?1";
-    assert!(count(&server, of_timeline, &owner) > 0, "the cap was reached");
-    // Twelve timelines, 400 empty entries each, in frames of 100.
-    let hostile: Vec<TimelineId> = (0..12u8).map(|i| TimelineId([0x80 + i; 16])).collect();
+    assert_eq!(count(&server, of_timeline, &owner), 1, "the owner's rejection");
+    // Twenty timelines, 400 empty entries each, in frames of 100.
+    let hostile: Vec<TimelineId> = (0..20u8).map(|i| TimelineId([0x80 + i; 16])).collect();
     for _ in 0..4 {
         for tl in &hostile {
             let first = server.next_expected(*tl).get();
@@ -705,7 +707,7 @@ fn unacknowledged_rejections_hold_their_timeline_back_and_bound_the_document() {
         }
     }
     let total = count(&server, "SELECT count(*) FROM _pagesync_rejections", &owner) as usize;
-    assert!(total <= MAX_DOC_REJECTIONS + MAX_TIMELINE_REJECTIONS, "{total} rejections kept, of 4,800 sent");
+    assert!(total <= MAX_DOC_REJECTIONS + MAX_TIMELINE_REJECTIONS, "{total} rejections kept, of 8,000 sent");
     for tl in &hostile {
         let held = count(&server, of_timeline, tl) as usize;
         assert!(held <= MAX_TIMELINE_REJECTIONS, "{held} for one timeline");
@@ -716,8 +718,17 @@ fn unacknowledged_rejections_hold_their_timeline_back_and_bound_the_document() {
         let next = server.next_expected(*tl).get();
         assert_eq!(send(&mut server, *tl, next, vec![Vec::new(); 10]), 0, "taken past its bound");
     }
+    // An acknowledgement that deletes nothing (below the rows) lets no held timeline in.
+    let sly = TimelineId([0x7f; 16]);
+    let fine: Vec<_> = (1..=10).map(|i| write(i, "SELECT 1").expect("encode")).collect();
+    assert_eq!(send(&mut server, sly, 1, fine), 10);
+    send(&mut server, sly, 11, vec![Vec::new(); 100]);
+    let next = server.next_expected(sly).get();
+    assert_eq!(send(&mut server, sly, next, vec![Vec::new(); 10]), 0, "held back");
+    server.forget_rejections(sly, Lsn::new(5).expect("lsn"));
+    assert_eq!(send(&mut server, sly, next, vec![Vec::new(); 10]), 0, "let in by an empty acknowledgement");
     // The owner is held back too (one unacknowledged rejection, on a crowded document) until
-    // it acknowledges it; then it writes as before, at the cap.
+    // it acknowledges it; then it writes as before.
     let rows = count(&server, "SELECT count(*) FROM t", &owner);
     let delete = || vec![write(12, "DELETE FROM t WHERE rowid = 1").expect("encode")];
     assert_eq!(send(&mut server, owner, 12, delete()), 0, "held back");
@@ -812,6 +823,41 @@ fn rejections_of_many_timelines_never_wedge_a_document_at_its_size_cap() {
         .query_row("SELECT count(*) FROM _pagesync_rejections", [], |r| r.get(0))
         .expect("count");
     assert!(waited > 0, "the room never ran out: {kept} rejections kept");
+    // A timeline with a rejection in the table acknowledges it, on a quiet document: a step of
+    // that alone deletes it, and a timeline held for want of room is let in again.
+    let sybil = |i: u64| {
+        let mut id = [0x40; 16];
+        id[..8].copy_from_slice(&i.to_be_bytes());
+        TimelineId(id)
+    };
+    let (recorded, starved): (Vec<u64>, Vec<u64>) =
+        (0..3_000).partition(|i| server.applied_lsn(sybil(*i)).is_some());
+    assert!(!recorded.is_empty() && !starved.is_empty());
+    let starved = sybil(starved[0]);
+    assert_eq!(server.receive(starved, Lsn::FIRST, vec![write(0, bad)]).accepted, 0, "held for want of room");
+    server.forget_rejections(sybil(recorded[0]), Lsn::FIRST);
+    assert!(server.forget_due(), "an acknowledgement that makes room is due on its own");
+    let freed = server.step(T0).expect("step").expect("a step of the acknowledgement alone");
+    assert_eq!((freed.applied, freed.forgotten), (0, 1));
+    assert_eq!(server.receive(starved, Lsn::FIRST, vec![write(0, bad)]).accepted, 1, "let in again");
+    settle(&mut server);
+    assert_eq!(server.applied_lsn(starved), Some(Lsn::FIRST), "its rejection found room");
+    // The room it took was the last: a new timeline finds none and is held; it is tried
+    // again after `NO_ROOM_RETRY_MS` (room may come from the app's deletes too).
+    server.take_dropped();
+    let later = (0..200u8)
+        .map(|k| TimelineId([0x41, k, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+        .find(|tl| {
+            assert_eq!(server.receive(*tl, Lsn::FIRST, vec![write(0, bad)]).accepted, 1);
+            settle(&mut server);
+            server.take_dropped() == vec![*tl]
+        })
+        .expect("a new timeline held for want of room");
+    let retry = pagesync::server::NO_ROOM_RETRY_MS;
+    let at = |ms: i64| pagesync::history::Origin { received_ms: Some(T0 + ms), ..Default::default() };
+    assert_eq!(server.receive_from(later, Lsn::FIRST, vec![write(0, bad)], &at(retry - 1)).accepted, 0);
+    assert_eq!(server.receive_from(later, Lsn::FIRST, vec![write(0, bad)], &at(retry + 1)).accepted, 1);
+    server.step(T0 + retry + 1).expect("the retry fails no step");
     // The owner goes on.
     let rows = |server: &ServerDocument| -> i64 {
         server.database().conn().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count")

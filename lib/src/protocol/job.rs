@@ -289,6 +289,7 @@ fn reopen_journal(
         Ok(Err(e)) => return Err(OpenFailure::of(e)),
         Err(_) => return Ok(false),
     };
+    fresh.prepare();
     fresh.carry_over(document);
     **document = fresh;
     Ok(true)

@@ -379,7 +379,7 @@ impl OpenDoc {
     /// When it should step: after the commit interval, or at once when a full step is queued,
     /// but not before a failed step's retry time. Never while it is away.
     fn step_due(&self, commit_interval_ms: i64, now_ms: i64) -> Option<i64> {
-        let d = self.document().filter(|d| d.queued() > 0)?;
+        let d = self.document().filter(|d| d.queued() > 0 || d.forget_due())?;
         let since = self.queued_since.unwrap_or(now_ms);
         let batch_ready = d.queued() >= d.limits().max_mutations;
         let due = if batch_ready { since } else { since + commit_interval_ms };
@@ -1247,6 +1247,11 @@ impl ServerSession {
                     Some(open) => {
                         if let Some(d) = open.document_mut() {
                             d.forget_rejections(timeline, through);
+                            if d.forget_due() {
+                                // It may make room for a timeline held back for want of it.
+                                open.queued_since.get_or_insert(now_ms);
+                                self.active.insert(doc);
+                            }
                         }
                     }
                     None => {}
