@@ -164,6 +164,7 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
             .to_string(),
     };
     let subject = pagesync::mutators::cut_subject(claims.sub.clone().unwrap_or_default());
+    check_subject(&subject)?;
     Ok(Grant {
         doc_prefix: Some(doc_prefix),
         write: claims.write,
@@ -172,6 +173,16 @@ pub fn grant_of(claims: &Claims) -> Result<Grant, String> {
         calls: claims.call.clone(),
         expires_ms: Some(claims.expires_ms()),
     })
+}
+
+/// A subject is written to the log and the history and bound by mutators as the caller: a
+/// control character in it (a line break that forges a log line, a terminal escape) is
+/// refused, in a token the server checks and in one it makes.
+pub fn check_subject(subject: &str) -> Result<(), String> {
+    match subject.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!("the token's sub claim holds a control character ({c:?}): refused")),
+        None => Ok(()),
+    }
 }
 
 /// Parses a TTL such as `90s`, `30m`, `1h`, `7d` into seconds.
@@ -244,6 +255,10 @@ mod tests {
         assert!(verify(SECRET, &early, 2_000_000_000_000).expect_err("nbf").contains("not valid before"));
         assert!(verify(SECRET, &early, 3_000_000_000_000).is_ok());
         assert!(verify(SECRET, &signed(r#"{"doc":"*","exp":4000000000,"nbf":"x"}"#), 0).is_err());
+        // A subject with a control character (a forged log line) is refused, however signed.
+        let newline = signed(r#"{"doc":"*","exp":4000000000,"sub":"ann\nINFO forged"}"#);
+        assert!(verify(SECRET, &newline, 0).expect_err("control").contains("control character"));
+        assert!(verify(SECRET, &signed(r#"{"doc":"*","exp":4000000000,"sub":"Änn Øst"}"#), 0).is_ok());
         let mut tampered = token.clone();
         tampered.replace_range(40..41, if &token[40..41] == "A" { "B" } else { "A" });
         assert!(verify(SECRET, &tampered, 0).is_err());

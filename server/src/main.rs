@@ -494,6 +494,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "--call needs --sub: mutators bind the caller's subject, and tokens without one would all be the same caller"
             );
         }
+        if let Some(sub) = sub {
+            auth::check_subject(sub).map_err(|e| anyhow::anyhow!("--sub: {e}"))?;
+        }
         if let Some(doc) = doc {
             // A token that could never open anything is a typo, not a token.
             auth::check_doc_claim(doc).map_err(|e| anyhow::anyhow!("--doc {doc:?}: {e}"))?;
