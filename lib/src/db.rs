@@ -39,8 +39,15 @@ const CACHE_KIB: usize = 2_000;
 pub(crate) const CACHE_PAGES: usize = CACHE_KIB * 1024 / PAGE_SIZE + 16;
 
 /// Pages past the document's cap that pagesync's own rows (applied LSNs, rejections) may use:
-/// 256 KiB, many thousands of rows.
-const SYSTEM_SLACK_PAGES: u32 = 64;
+/// 6 MiB, room for `server::MAX_DOC_REJECTIONS` rejections of the longest message (1 KiB) and
+/// what one step adds past it. With 256 KiB, one client's 256 unacknowledged rejections of
+/// 1 KiB filled it, and no other client's rejection had room.
+const SYSTEM_SLACK_PAGES: u32 = 1_536;
+
+/// Of `SYSTEM_SLACK_PAGES`, the pages rejections may not use: room for the applied LSNs of
+/// new timelines and for the deletes of acknowledged rejections (a delete can split a page),
+/// whatever rejections fill.
+pub(crate) const SYSTEM_RESERVE_PAGES: u32 = 64;
 
 /// Limits on what one statement may build, whoever wrote it (`sqlite3_limit`); the length of a
 /// value comes from the budget. Each is far above what an app's statement needs.
@@ -752,7 +759,14 @@ impl Database {
     /// Lifts the mutation's page cap to the document's (plus room for pagesync's own rows), so
     /// recording a step never fails for want of a page.
     pub fn lift_page_cap(&self) {
-        let cap = self.max_doc_pages.map_or(u32::MAX - 1, |doc| doc.saturating_add(SYSTEM_SLACK_PAGES));
+        self.lift_page_cap_leaving(0);
+    }
+
+    /// `lift_page_cap`, leaving the last `reserve` pages of the slack unused (what a rejection
+    /// may not take: `SYSTEM_RESERVE_PAGES`).
+    pub fn lift_page_cap_leaving(&self, reserve: u32) {
+        let slack = SYSTEM_SLACK_PAGES - reserve.min(SYSTEM_SLACK_PAGES);
+        let cap = self.max_doc_pages.map_or(u32::MAX - 1, |doc| doc.saturating_add(slack));
         self.set_page_cap(cap);
     }
 

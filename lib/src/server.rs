@@ -85,6 +85,11 @@ const MAX_HELD_PER_STEP: usize = 2;
 /// app's rows too): one failing try per held timeline per 5 s.
 pub const NO_ROOM_RETRY_MS: i64 = 5_000;
 
+/// How long a timeline held back for want of room waits at least, even when a step deleted
+/// rejections (which any client's acknowledgement does): one failing try per held timeline
+/// per second, however fast acknowledgements come.
+pub const NO_ROOM_MIN_MS: i64 = 1_000;
+
 /// Of `MAX_STEP_PAGES`, the pages kept for pagesync's own rows after the mutations (applied
 /// LSNs, rejection messages): 1 MiB.
 const STEP_SYSTEM_PAGES: usize = 256;
@@ -235,8 +240,8 @@ pub struct ServerDocument<R: Reducer = SqlReducer> {
     dropped: BTreeSet<TimelineId>,
     /// Timelines whose first mutation could not commit even as a rejection, for want of room
     /// for pagesync's own rows (a document at its size cap whose slack is full), with when they
-    /// may be tried again (`NO_ROOM_RETRY_MS`): held back until then, or until a step deletes
-    /// rejections, or the document is opened again; the document goes on with the rest.
+    /// were held: held back for `NO_ROOM_RETRY_MS`, or until a step deletes rejections (after
+    /// `NO_ROOM_MIN_MS`), or the document is opened again; the document goes on with the rest.
     no_room: BTreeMap<TimelineId, i64>,
     /// The latest time this document was told (a step's, a receive's): what `no_room` is
     /// judged by.
@@ -266,7 +271,17 @@ struct Attempt<'a> {
     /// A live step's time: when the batch began, and how long it may run
     /// (`StepLimits::max_mutation_cpu`), over every attempt.
     time_budget: Option<(StepClock, std::time::Duration)>,
-    origins: Option<&'a [Origin]>,
+    live: Option<Live<'a>>,
+}
+
+/// What a live step (not a replay) knows of its batch.
+#[derive(Clone, Copy)]
+struct Live<'a> {
+    /// Who sent each mutation.
+    origins: &'a [Origin],
+    /// The rejections of each timeline the step may record (`allowance`); it ends after the
+    /// one that reaches it.
+    allowance: &'a HashMap<TimelineId, usize>,
 }
 
 /// When a live step began: a monotonic clock (read in a few nanoseconds; a thread's CPU clock
@@ -884,15 +899,14 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// Picks the next batch round-robin across timelines, within the step limits.
-    fn pick_batch(&mut self) -> (Vec<Picked>, Vec<Origin>) {
-        // Each timeline's share: no more than would take it past its bound if all were
-        // rejected, and one while the document is past its own bound (a new timeline adds at
-        // most one rejection a step then). A held timeline has none.
+    /// Also each picked timeline's allowance: the rejections of it the step may record
+    /// (`allowance`). A held timeline is not picked.
+    fn pick_batch(&mut self) -> (Vec<Picked>, Vec<Origin>, HashMap<TimelineId, usize>) {
         let keys: Vec<TimelineId> = self.queues.keys().copied().collect();
         let mut shares: HashMap<TimelineId, usize> = HashMap::new();
         for tl in keys {
             if !self.held_back(tl) {
-                shares.insert(tl, self.share(tl));
+                shares.insert(tl, self.allowance(tl));
             }
         }
         let order = crate::protocol::window::round_robin(
@@ -905,9 +919,6 @@ impl<R: Reducer> ServerDocument<R> {
             let mut progressed = false;
             for tl in &order {
                 let n = taken.entry(*tl).or_default();
-                if *n >= shares[tl] {
-                    continue;
-                }
                 let Some((lsn, m, origin)) = self.queues.get(tl).and_then(|q| q.get(*n)) else { continue };
                 if batch.len() >= self.limits.max_mutations
                     || (bytes > 0 && bytes + m.len() > self.limits.max_bytes)
@@ -925,7 +936,7 @@ impl<R: Reducer> ServerDocument<R> {
             }
         }
         self.rr_cursor = batch.last().map(|(tl, _, _)| *tl);
-        (batch, origins)
+        (batch, origins, shares)
     }
 
     /// Applies one batch and appends it as one durable storage entry. `now_ms` is the server's
@@ -937,7 +948,7 @@ impl<R: Reducer> ServerDocument<R> {
         // one call's cost stays bounded (what is left is still queued, and steps next time).
         self.clock_ms = self.clock_ms.max(now_ms);
         let clock = self.clock_ms;
-        self.no_room.retain(|_, until| clock < *until);
+        self.no_room.retain(|_, held| clock < held.saturating_add(NO_ROOM_RETRY_MS));
         for attempt in 0..MAX_HELD_PER_STEP {
             let holding = self.no_room.len();
             let outcome = self.step_once(now_ms, attempt == 0)?;
@@ -975,7 +986,7 @@ impl<R: Reducer> ServerDocument<R> {
         }
         // What a reopen carried over of a timeline held back goes now (its client is told).
         self.drop_held_back();
-        let (batch, origins) = self.pick_batch();
+        let (batch, origins, allowance) = self.pick_batch();
         if batch.is_empty() {
             // A step of acknowledgements alone: only those sure to delete rows (its entry must
             // change a page).
@@ -992,21 +1003,23 @@ impl<R: Reducer> ServerDocument<R> {
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
         let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
         // On error `apply_batch` restored the last durable state and the batch stays queued.
-        let (outcome, taken) = match self.apply_batch(&batch, &forget, clamp, now_ms, Some(&origins)) {
+        let live = Live { origins: &origins, allowance: &allowance };
+        let (outcome, taken) = match self.apply_batch(&batch, &forget, clamp, now_ms, Some(live)) {
             Ok(done) => done,
             Err(e) => {
                 let Some(tl) = self.starved.take() else { return Err(e) };
                 // Not the document's fault but the room its rows need: that timeline waits
                 // (its client told), and the next step goes on without it.
-                self.no_room.insert(tl, self.clock_ms.saturating_add(NO_ROOM_RETRY_MS));
+                self.no_room.insert(tl, self.clock_ms);
                 self.drop_held_back();
                 return Ok(None);
             }
         };
         if !forget.is_empty() {
             // Rows deleted (an acknowledgement is kept only when it deletes some): room for
-            // those that had none.
-            self.no_room.clear();
+            // those that had none, tried again once they waited `NO_ROOM_MIN_MS`.
+            let clock = self.clock_ms;
+            self.no_room.retain(|_, held| clock < held.saturating_add(NO_ROOM_MIN_MS));
         }
         if outcome.rejected > 0 || !forget.is_empty() {
             self.unacknowledged = None;
@@ -1098,9 +1111,9 @@ impl<R: Reducer> ServerDocument<R> {
         forget: &[(TimelineId, Lsn)],
         time_of: impl Fn(i64, usize) -> i64,
         entry_time_ms: i64,
-        origins: Option<&[Origin]>,
+        live: Option<Live<'_>>,
     ) -> Result<(StepOutcome, usize)> {
-        let may_end_early = origins.is_some();
+        let may_end_early = live.is_some();
         let mut lost: HashMap<usize, Rejection> = HashMap::new();
         let mut isolated: Vec<usize> = Vec::new();
         let mut len = batch.len();
@@ -1118,7 +1131,7 @@ impl<R: Reducer> ServerDocument<R> {
         loop {
             let budget = may_end_early.then(|| self.limits.max_step_vm_steps.saturating_sub(burned));
             let attempt =
-                Attempt { forget, lost: &lost, entry_time_ms, vm_budget: budget, time_budget, origins };
+                Attempt { forget, lost: &lost, entry_time_ms, vm_budget: budget, time_budget, live };
             match self.try_apply_batch(&batch[..len], &time_of, attempt) {
                 Err((Some(i), Error::TransactionLost(r))) => {
                     burned += self.db.last_vm_steps();
@@ -1171,7 +1184,7 @@ impl<R: Reducer> ServerDocument<R> {
                         // the document would never move again. Otherwise the document's fault.
                         self.load_applied()?;
                         if may_end_early && is_full(&e) {
-                            self.starved = Some(batch[0].0);
+                            self.starved = batch.first().map(|(tl, _, _)| *tl);
                         }
                         return Err(e);
                     }
@@ -1211,7 +1224,12 @@ impl<R: Reducer> ServerDocument<R> {
     /// Runs `f` (pagesync's own writes) with the caps lifted: the page cap to the document's
     /// plus slack, the overlay to a whole step; then puts the mutations' overlay cap back.
     fn with_system_room<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.db.lift_page_cap();
+        self.with_system_room_leaving(0, f)
+    }
+
+    /// `with_system_room`, leaving `reserve` pages of the slack unused.
+    fn with_system_room_leaving<T>(&self, reserve: u32, f: impl FnOnce() -> T) -> T {
+        self.db.lift_page_cap_leaving(reserve);
         self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES));
         let out = f();
         self.db.store().set_max_overlay_pages(Some(MAX_STEP_PAGES - STEP_SYSTEM_PAGES));
@@ -1220,7 +1238,9 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Records a rejection in the replicated table.
     fn record_rejection(&self, tl: TimelineId, lsn: Lsn, r: &Rejection) -> rusqlite::Result<()> {
-        self.with_system_room(|| {
+        // Never the last of the slack: the applied LSNs and the deletes of acknowledged rows
+        // always have room, so only a rejection can find none (`no_room`).
+        self.with_system_room_leaving(crate::db::SYSTEM_RESERVE_PAGES, || {
             self.db
                 .conn()
                 .prepare_cached(
@@ -1238,7 +1258,11 @@ impl<R: Reducer> ServerDocument<R> {
         time_of: &impl Fn(i64, usize) -> i64,
         attempt: Attempt<'_>,
     ) -> std::result::Result<(StepOutcome, usize), (Option<usize>, Error)> {
-        let Attempt { forget, lost, entry_time_ms, vm_budget, time_budget, origins } = attempt;
+        let Attempt { forget, lost, entry_time_ms, vm_budget, time_budget, live } = attempt;
+        let origins = live.map(|l| l.origins);
+        let mut rejected_of: HashMap<TimelineId, usize> = HashMap::new();
+        // A timeline's rejections reached its allowance: the step ends there.
+        let mut capped = false;
         let conn_err = |e: rusqlite::Error| (None, Error::from(e));
         crate::db::run_cached(self.db.conn(), "BEGIN IMMEDIATE").map_err(conn_err)?;
         let mut applied = Vec::with_capacity(batch.len());
@@ -1271,6 +1295,11 @@ impl<R: Reducer> ServerDocument<R> {
             if let Err(r) = result {
                 self.record_rejection(*tl, *lsn, &r).map_err(conn_err)?;
                 rejections.push(Rejected { timeline: *tl, lsn: *lsn, rejection: r, isolated: false });
+                if let Some(live) = live {
+                    let n = rejected_of.entry(*tl).or_default();
+                    *n += 1;
+                    capped |= live.allowance.get(tl).is_some_and(|a| *n >= *a);
+                }
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
             last.insert(*tl, *lsn);
@@ -1280,7 +1309,7 @@ impl<R: Reducer> ServerDocument<R> {
             // run again in a later step.
             let spent = vm_budget.is_some_and(|max| vm_steps >= max)
                 || time_budget.as_ref().is_some_and(|(started, max)| step_ran(started) >= *max);
-            if spent && lost.keys().all(|&j| j <= i) {
+            if (spent || capped) && lost.keys().all(|&j| j <= i) {
                 break;
             }
         }
@@ -1458,8 +1487,16 @@ impl<R: Reducer> ServerDocument<R> {
         let done = self.forget.get(&timeline).or(self.forgotten.get(&timeline));
         // Kept only when it deletes something: an acknowledgement lets a held timeline in
         // (and a step run, `forget_due`), which one that deletes nothing must not.
+        if done.is_some_and(|d| *d >= through) {
+            return;
+        }
+        // Counted, with none of this timeline's: no lookup (every subscriber that ever wrote
+        // acknowledges every entry it gets).
+        if self.unacknowledged.as_ref().is_some_and(|u| !u.of.contains_key(&timeline)) {
+            return;
+        }
         // When the table cannot be read, kept: the step deletes what there is.
-        if done.is_none_or(|d| *d < through) && self.rejections_exist(timeline, through).unwrap_or(true) {
+        if self.rejections_exist(timeline, through).unwrap_or(true) {
             self.forget.insert(timeline, through);
         }
     }
@@ -1507,7 +1544,11 @@ impl<R: Reducer> ServerDocument<R> {
     fn held_back(&mut self, timeline: TimelineId) -> bool {
         // Before the acknowledgement: it is the step that applies it, with or without
         // mutations (`forget_due`), that makes room, not the held mutation's own step.
-        if self.no_room.get(&timeline).is_some_and(|until| self.clock_ms < *until) {
+        if self
+            .no_room
+            .get(&timeline)
+            .is_some_and(|held| self.clock_ms < held.saturating_add(NO_ROOM_RETRY_MS))
+        {
             return true;
         }
         if self.forget.contains_key(&timeline) {
@@ -1518,11 +1559,11 @@ impl<R: Reducer> ServerDocument<R> {
         own >= MAX_TIMELINE_REJECTIONS || (own > 0 && counts.total >= MAX_DOC_REJECTIONS)
     }
 
-    /// How many of `timeline`'s mutations one step may take: as many as could all be rejected
-    /// without taking it past `MAX_TIMELINE_REJECTIONS`, and `CROWDED_SHARE` at most while the
-    /// document is past `MAX_DOC_REJECTIONS`; at least one (a timeline whose acknowledgement is
-    /// due goes on).
-    fn share(&mut self, timeline: TimelineId) -> usize {
+    /// How many rejections of `timeline` one step may record before it ends: as many as take
+    /// it to `MAX_TIMELINE_REJECTIONS`, and `CROWDED_SHARE` at most while the document is past
+    /// `MAX_DOC_REJECTIONS`; at least one (a timeline whose acknowledgement is due goes on).
+    /// Mutations that are applied cost none: a burst of good writes is one step.
+    fn allowance(&mut self, timeline: TimelineId) -> usize {
         let counts = self.unacknowledged();
         let own = counts.of.get(&timeline).copied().unwrap_or(0);
         let share = MAX_TIMELINE_REJECTIONS.saturating_sub(own);

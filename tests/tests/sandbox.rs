@@ -808,7 +808,7 @@ fn rejections_of_many_timelines_never_wedge_a_document_at_its_size_cap() {
     server.forget_rejections(owner, Lsn::new(11).expect("lsn"));
     let bad = "SELECT reject(replace(hex(zeroblob(500)), '0', 'x'))";
     let mut waited = 0;
-    for i in 0..3_000u64 {
+    for i in 0..8_000u64 {
         let mut id = [0x40; 16];
         id[..8].copy_from_slice(&i.to_be_bytes());
         server.receive(TimelineId(id), Lsn::FIRST, vec![write(i, bad)]);
@@ -831,13 +831,14 @@ fn rejections_of_many_timelines_never_wedge_a_document_at_its_size_cap() {
         TimelineId(id)
     };
     let (recorded, starved): (Vec<u64>, Vec<u64>) =
-        (0..3_000).partition(|i| server.applied_lsn(sybil(*i)).is_some());
+        (0..8_000).partition(|i| server.applied_lsn(sybil(*i)).is_some());
     assert!(!recorded.is_empty() && !starved.is_empty());
     let starved = sybil(starved[0]);
     assert_eq!(server.receive(starved, Lsn::FIRST, vec![write(0, bad)]).accepted, 0, "held for want of room");
     server.forget_rejections(sybil(recorded[0]), Lsn::FIRST);
     assert!(server.forget_due(), "an acknowledgement that makes room is due on its own");
-    let freed = server.step(T0).expect("step").expect("a step of the acknowledgement alone");
+    let min = pagesync::server::NO_ROOM_MIN_MS;
+    let freed = server.step(T0 + min).expect("step").expect("a step of the acknowledgement alone");
     assert_eq!((freed.applied, freed.forgotten), (0, 1));
     assert_eq!(server.receive(starved, Lsn::FIRST, vec![write(0, bad)]).accepted, 1, "let in again");
     settle(&mut server);
@@ -854,10 +855,10 @@ fn rejections_of_many_timelines_never_wedge_a_document_at_its_size_cap() {
         })
         .expect("a new timeline held for want of room");
     let retry = pagesync::server::NO_ROOM_RETRY_MS;
-    let at = |ms: i64| pagesync::history::Origin { received_ms: Some(T0 + ms), ..Default::default() };
+    let at = |ms: i64| pagesync::history::Origin { received_ms: Some(T0 + min + ms), ..Default::default() };
     assert_eq!(server.receive_from(later, Lsn::FIRST, vec![write(0, bad)], &at(retry - 1)).accepted, 0);
     assert_eq!(server.receive_from(later, Lsn::FIRST, vec![write(0, bad)], &at(retry + 1)).accepted, 1);
-    server.step(T0 + retry + 1).expect("the retry fails no step");
+    server.step(T0 + min + retry + 1).expect("the retry fails no step");
     // The owner goes on.
     let rows = |server: &ServerDocument| -> i64 {
         server.database().conn().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count")

@@ -875,10 +875,12 @@ impl ClientSession {
                         link.ack_due |= link.doc.outcomes_through().is_some();
                     }
                     SubState::Live { .. } => {
-                        // Not all of what was sent taken (a full queue, or a hold whose
+                        // Nothing taken of what was sent (a full queue, or a hold whose
                         // acknowledgement the server lost): it hears which rejections we
-                        // copied again; a few bytes per answer.
-                        link.ack_due |= next_expected < link.up.next && link.doc.outcomes_through().is_some();
+                        // copied again. Not for an answer that took some: uploads in flight
+                        // are answered one by one.
+                        let stuck = next_expected <= link.up.acked && next_expected < link.up.next;
+                        link.ack_due |= stuck && link.doc.outcomes_through().is_some();
                         link.up.ack(next_expected);
                     }
                 }
