@@ -39,14 +39,16 @@ const CACHE_KIB: usize = 2_000;
 pub(crate) const CACHE_PAGES: usize = CACHE_KIB * 1024 / PAGE_SIZE + 16;
 
 /// Pages past the document's cap that pagesync's own rows (applied LSNs, rejections) may use:
-/// 6 MiB, room for `server::MAX_DOC_REJECTIONS` rejections of the longest message (1 KiB) and
-/// what one step adds past it. With 256 KiB, one client's 256 unacknowledged rejections of
-/// 1 KiB filled it, and no other client's rejection had room.
+/// 6 MiB, room for `server::MAX_DOC_REJECTIONS` rejections of the longest message (1 KiB, a
+/// row of about 4.6 KiB with its overflow page) and what one step adds past it. With 256 KiB,
+/// one client's 256 unacknowledged rejections of 1 KiB filled it, and no other client's
+/// rejection had room.
 const SYSTEM_SLACK_PAGES: u32 = 1_536;
 
-/// Of `SYSTEM_SLACK_PAGES`, the pages rejections may not use: room for the applied LSNs of
-/// new timelines and for the deletes of acknowledged rejections (a delete can split a page),
-/// whatever rejections fill.
+/// Of `SYSTEM_SLACK_PAGES`, the pages rejections may not use: room for the deletes of
+/// acknowledged rejections (a delete can split a page) and for the applied LSNs of new
+/// timelines (about 6,000 of them; rows that are never deleted, so thousands of new timelines
+/// on a document at its cap can fill it, and new timelines then wait for room).
 pub(crate) const SYSTEM_RESERVE_PAGES: u32 = 64;
 
 /// Limits on what one statement may build, whoever wrote it (`sqlite3_limit`); the length of a

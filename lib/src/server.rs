@@ -66,14 +66,16 @@ pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1
 pub const MAX_TIMELINE_REJECTIONS: usize = 256;
 
 /// Unacknowledged rejections over all of a document's timelines, past which every timeline that
-/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and each other timeline has
-/// `CROWDED_SHARE` mutations taken per step (a new timeline adds at most that many before it is
-/// held). Sixteen clients that never acknowledge reach it; a message is at most 1 KiB, so the
-/// rows are at most about 4 MiB.
-pub const MAX_DOC_REJECTIONS: usize = 4_096;
+/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and a step ends after `CROWDED_SHARE`
+/// rejections (a new timeline adds at most that many before it is held); short of it, a step
+/// ends once it recorded as many as are left below it. Four clients that never acknowledge
+/// reach it. A row with a message near 1 KiB takes an overflow page of its own (about 4.6 KiB
+/// in all), so the rows are at most about 4.7 MiB, within the slack kept past a document's
+/// size cap.
+pub const MAX_DOC_REJECTIONS: usize = 1_024;
 
-/// Mutations of a timeline with no unacknowledged rejections one step takes while its document
-/// is past `MAX_DOC_REJECTIONS`: an honest writer goes on at 16 a step.
+/// Rejections of a timeline with none unacknowledged after which a step ends, while its
+/// document is past `MAX_DOC_REJECTIONS` (its good writes cost nothing).
 const CROWDED_SHARE: usize = 16;
 
 /// Timelines one `step` call may hold back for want of room (`no_room`) before it gives up
@@ -196,6 +198,9 @@ struct Unacknowledged {
     total: usize,
 }
 
+/// The counts of a table that could not be read: nobody is held.
+static NONE_COUNTED: Unacknowledged = Unacknowledged { of: BTreeMap::new(), total: 0 };
+
 /// A mutation a step rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejected {
@@ -282,6 +287,9 @@ struct Live<'a> {
     /// The rejections of each timeline the step may record (`allowance`); it ends after the
     /// one that reaches it.
     allowance: &'a HashMap<TimelineId, usize>,
+    /// The rejections of all timelines the step may record: what is left below
+    /// `MAX_DOC_REJECTIONS`, or `CROWDED_SHARE` past it.
+    total: usize,
 }
 
 /// When a live step began: a monotonic clock (read in a few nanoseconds; a thread's CPU clock
@@ -1003,7 +1011,8 @@ impl<R: Reducer> ServerDocument<R> {
         let clamp = |client_ms: i64, _: usize| client_ms.min(now_ms.saturating_add(MAX_CLOCK_AHEAD_MS));
         let forget: Vec<(TimelineId, Lsn)> = self.forget.iter().map(|(t, l)| (*t, *l)).collect();
         // On error `apply_batch` restored the last durable state and the batch stays queued.
-        let live = Live { origins: &origins, allowance: &allowance };
+        let left = MAX_DOC_REJECTIONS.saturating_sub(self.unacknowledged().total);
+        let live = Live { origins: &origins, allowance: &allowance, total: left.max(CROWDED_SHARE) };
         let (outcome, taken) = match self.apply_batch(&batch, &forget, clamp, now_ms, Some(live)) {
             Ok(done) => done,
             Err(e) => {
@@ -1026,6 +1035,12 @@ impl<R: Reducer> ServerDocument<R> {
         }
         self.forget.clear();
         self.forgotten.extend(forget);
+        // The last served is the last taken: a step that ended early (a timeline's rejections
+        // reached its allowance) must not have the rest of its batch count as served, or a
+        // timeline that ends steps early would come first every time.
+        if let Some((tl, _, _)) = batch[..taken].last() {
+            self.rr_cursor = Some(*tl);
+        }
         for (tl, lsn, _) in &batch[..taken] {
             let q = self.queues.get_mut(tl).expect("BUG: picked from this queue");
             let (_, entry, _) = q.pop_front().expect("BUG: picked from this queue");
@@ -1299,6 +1314,7 @@ impl<R: Reducer> ServerDocument<R> {
                     let n = rejected_of.entry(*tl).or_default();
                     *n += 1;
                     capped |= live.allowance.get(tl).is_some_and(|a| *n >= *a);
+                    capped |= rejections.len() >= live.total;
                 }
             }
             applied.push(Applied { timeline: *tl, lsn: *lsn, time_ms });
@@ -1531,8 +1547,12 @@ impl<R: Reducer> ServerDocument<R> {
                 }
                 Ok(counts)
             })();
-            // Unreadable (a document before its first step has no table): nobody is held.
-            self.unacknowledged = Some(counted.unwrap_or_default());
+            match counted {
+                Ok(counted) => self.unacknowledged = Some(counted),
+                // Unreadable (a document before its first step has no table): nobody is held,
+                // and it is counted again when next asked.
+                Err(_) => return &NONE_COUNTED,
+            }
         }
         self.unacknowledged.as_ref().expect("BUG: counted above")
     }
@@ -1561,13 +1581,19 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// How many rejections of `timeline` one step may record before it ends: as many as take
     /// it to `MAX_TIMELINE_REJECTIONS`, and `CROWDED_SHARE` at most while the document is past
-    /// `MAX_DOC_REJECTIONS`; at least one (a timeline whose acknowledgement is due goes on).
+    /// `MAX_DOC_REJECTIONS` (one for a timeline that has any then); at least one (a timeline
+    /// whose acknowledgement is due goes on).
     /// Mutations that are applied cost none: a burst of good writes is one step.
     fn allowance(&mut self, timeline: TimelineId) -> usize {
         let counts = self.unacknowledged();
         let own = counts.of.get(&timeline).copied().unwrap_or(0);
         let share = MAX_TIMELINE_REJECTIONS.saturating_sub(own);
-        let share = if counts.total >= MAX_DOC_REJECTIONS { share.min(CROWDED_SHARE) } else { share };
+        let share = match (counts.total >= MAX_DOC_REJECTIONS, own) {
+            // Held back but for an acknowledgement about to be acted on: one.
+            (true, 1..) => 1,
+            (true, 0) => share.min(CROWDED_SHARE),
+            (false, _) => share,
+        };
         share.max(1)
     }
 
