@@ -40,9 +40,9 @@ pub(crate) const CACHE_PAGES: usize = CACHE_KIB * 1024 / PAGE_SIZE + 16;
 
 /// Pages past the document's cap that pagesync's own rows (applied LSNs, rejections) may use:
 /// 6 MiB, room for `server::MAX_DOC_REJECTIONS` rejections of the longest message (1 KiB, a
-/// row of about 4.6 KiB with its overflow page) and what one step adds past it. With 256 KiB,
-/// one client's 256 unacknowledged rejections of 1 KiB filled it, and no other client's
-/// rejection had room.
+/// row of about 4.6 KiB with its overflow page) and some 250 more (new timelines add one each
+/// past that bound; once they fill it, a rejection waits for room). With 256 KiB, one client's
+/// 256 unacknowledged rejections of 1 KiB filled it, and no other client's rejection had room.
 const SYSTEM_SLACK_PAGES: u32 = 1_536;
 
 /// Of `SYSTEM_SLACK_PAGES`, the pages rejections may not use: room for the deletes of

@@ -66,16 +66,17 @@ pub const MAX_STEP_PAGES: usize = (pagesync_journal::codec::MAX_ENTRY_BYTES - (1
 pub const MAX_TIMELINE_REJECTIONS: usize = 256;
 
 /// Unacknowledged rejections over all of a document's timelines, past which every timeline that
-/// has any is held as at `MAX_TIMELINE_REJECTIONS`, and a step ends after `CROWDED_SHARE`
-/// rejections (a new timeline adds at most that many before it is held); short of it, a step
-/// ends once it recorded as many as are left below it. Four clients that never acknowledge
+/// has any is held as at `MAX_TIMELINE_REJECTIONS`, a step ends after `CROWDED_SHARE`
+/// rejections, and after one of any timeline (a new timeline adds one before it is held);
+/// short of it, a step ends once it recorded as many as are left below it (at least
+/// `CROWDED_SHARE`). Four clients that never acknowledge
 /// reach it. A row with a message near 1 KiB takes an overflow page of its own (about 4.6 KiB
 /// in all), so the rows are at most about 4.7 MiB, within the slack kept past a document's
 /// size cap.
 pub const MAX_DOC_REJECTIONS: usize = 1_024;
 
-/// Rejections of a timeline with none unacknowledged after which a step ends, while its
-/// document is past `MAX_DOC_REJECTIONS` (its good writes cost nothing).
+/// Rejections after which a step ends while its document is past `MAX_DOC_REJECTIONS`, and the
+/// fewest a step may record short of it (good writes cost nothing).
 const CROWDED_SHARE: usize = 16;
 
 /// Timelines one `step` call may hold back for want of room (`no_room`) before it gives up
@@ -1580,20 +1581,16 @@ impl<R: Reducer> ServerDocument<R> {
     }
 
     /// How many rejections of `timeline` one step may record before it ends: as many as take
-    /// it to `MAX_TIMELINE_REJECTIONS`, and `CROWDED_SHARE` at most while the document is past
-    /// `MAX_DOC_REJECTIONS` (one for a timeline that has any then); at least one (a timeline
-    /// whose acknowledgement is due goes on).
+    /// it to `MAX_TIMELINE_REJECTIONS`, and one while the document is past
+    /// `MAX_DOC_REJECTIONS`; at least one (a timeline whose acknowledgement is due goes on).
     /// Mutations that are applied cost none: a burst of good writes is one step.
     fn allowance(&mut self, timeline: TimelineId) -> usize {
         let counts = self.unacknowledged();
         let own = counts.of.get(&timeline).copied().unwrap_or(0);
         let share = MAX_TIMELINE_REJECTIONS.saturating_sub(own);
-        let share = match (counts.total >= MAX_DOC_REJECTIONS, own) {
-            // Held back but for an acknowledgement about to be acted on: one.
-            (true, 1..) => 1,
-            (true, 0) => share.min(CROWDED_SHARE),
-            (false, _) => share,
-        };
+        // Past the document's bound, one: a timeline with none adds one before it is held, and
+        // one with some is in only for an acknowledgement about to be acted on.
+        let share = if counts.total >= MAX_DOC_REJECTIONS { 1 } else { share };
         share.max(1)
     }
 

@@ -1786,7 +1786,7 @@ impl ServerSession {
         }
         match failed {
             // A backlog stays due: it steps again on the next turn.
-            None if open.queued() > 0 => {}
+            None if open.queued() > 0 || open.document().is_some_and(ServerDocument::forget_due) => {}
             None => open.queued_since = None,
             Some(Failure::Panicked(why)) => self.close_broken(doc, why),
             Some(Failure::Error { why, reopen }) => {
