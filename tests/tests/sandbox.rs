@@ -20,6 +20,16 @@ fn setup() -> (ServerDocument, ClientDocument) {
     (server, client)
 }
 
+/// `setup` with the schema applied, and each mutation's CPU time on the server bounded to `ms`.
+fn with_schema_and_cpu_bound(ms: u64) -> (ServerDocument, ClientDocument) {
+    let limits = StepLimits { max_mutation_cpu: Some(Duration::from_millis(ms)), ..StepLimits::default() };
+    let mut server =
+        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
+    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
+    schema(&mut client, &mut server);
+    (server, client)
+}
+
 /// Sends `statements` to the server as a raw timeline entry, as a hostile client that skips
 /// its own local checks would, and returns the server's verdict.
 fn raw_verdict(
@@ -573,11 +583,7 @@ fn what_a_mutation_makes_sqlite_hold_is_bounded() {
 /// it, the mutation is interrupted and rejected `too_expensive`.
 #[test]
 fn the_server_bounds_a_mutations_cpu_time() {
-    let limits = StepLimits { max_mutation_cpu: Some(Duration::from_millis(300)), ..StepLimits::default() };
-    let mut server =
-        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
-    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
-    schema(&mut client, &mut server);
+    let (mut server, mut client) = with_schema_and_cpu_bound(300);
     let slow = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c LIMIT 3000) \
                 INSERT INTO notes(body) SELECT 'x' FROM c WHERE length(printf('%.*c', 16000000 + n, 'x')) < 0";
     let start = Instant::now();
@@ -628,11 +634,7 @@ fn a_queue_of_costly_mutations_does_not_hold_up_another_timeline() {
 }
 
 fn costly_queue_then(honest: TimelineId) {
-    let limits = StepLimits { max_mutation_cpu: Some(Duration::from_millis(150)), ..StepLimits::default() };
-    let mut server =
-        ServerDocument::with_reducer(memory_journal(1), SqlReducer::default(), limits).expect("server");
-    let mut client = ClientDocument::open(memory_journal(2), memory_journal(3)).expect("client");
-    schema(&mut client, &mut server);
+    let (mut server, _) = with_schema_and_cpu_bound(150);
     let heavy = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 3000) \
                  SELECT sum(length(printf('%.*c', 16000000 - x, 'x'))) FROM c";
     let batch: Vec<_> = (0..8)
