@@ -348,13 +348,7 @@ fn write_key(dir: &Path, key: &pagesync::TimelineKey) -> Result<()> {
     let fail =
         |e: std::io::Error| ClientError::TimelineKey { dir: dir.to_owned(), why: format!("writing it: {e}") };
     let tmp = dir.join(format!("{TIMELINE_KEY_FILE}.tmp"));
-    // Made new, never opened through a link left at its name (it would write wherever it points).
-    let _ = std::fs::remove_file(&tmp);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&tmp).map_err(fail)?;
+    let mut file = pagesync::journal::create_fresh(&tmp, 0o600).map_err(fail)?;
     std::io::Write::write_all(&mut file, &key.0).map_err(fail)?;
     file.sync_all().map_err(fail)?;
     std::fs::rename(&tmp, dir.join(TIMELINE_KEY_FILE)).map_err(fail)?;
@@ -966,8 +960,7 @@ impl Document {
         // Whole or not at all, and durable once this returns: written beside, synced, renamed
         // over, and the rename synced with its directory.
         let tmp = path.with_extension("sqlite.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut file = pagesync::journal::create_fresh(&tmp, 0o666)?;
         std::io::Write::write_all(&mut file, &bytes)?;
         file.sync_all()?;
         std::fs::rename(&tmp, path)?;

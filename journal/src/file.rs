@@ -934,13 +934,25 @@ fn write_frames(file: &File, offset: u64, first: Lsn, payloads: &[&[u8]]) -> std
     file.write_all_at(&buf, at)
 }
 
+/// Creates the file at `path` anew, for writing, with `mode` (Unix permissions, before the
+/// umask): whatever was at its name (a temporary file a crash left, or a link planted there)
+/// is removed first, and the file is never opened through a link, so nothing is written
+/// wherever a link points. For temporary files renamed over their target when complete.
+pub fn create_fresh(path: &Path, mode: u32) -> std::io::Result<File> {
+    let _ = fs::remove_file(path);
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    options.open(path)
+}
+
 /// Atomically replaces `JOURNAL`: temp file, fsync, rename, fsync directory.
 fn write_marker(id: JournalId, dir: &Path, trimmed_through: u64) -> Result<()> {
     let tmp = dir.join(MARKER_TMP);
-    // Made new, never opened through a link left at its name (it would write wherever it points).
-    let _ = fs::remove_file(&tmp);
-    let mut f =
-        OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err(id, "create", &tmp))?;
+    let mut f = create_fresh(&tmp, 0o666).map_err(io_err(id, "create", &tmp))?;
     f.write_all(&encode_marker(id, trimmed_through)).map_err(io_err(id, "write", &tmp))?;
     f.sync_all().map_err(io_err(id, "fsync", &tmp))?;
     let marker = dir.join(MARKER_FILE);

@@ -35,7 +35,7 @@ mod os;
 
 pub use error::{JournalError, Result};
 #[cfg(unix)]
-pub use file::{FileJournal, FileJournalOptions};
+pub use file::{FileJournal, FileJournalOptions, create_fresh};
 pub use handles::{HandleJournal, RandomAccess};
 pub use id::{JournalId, ParseIdError};
 #[cfg(unix)]

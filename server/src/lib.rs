@@ -174,9 +174,7 @@ impl Store {
         let tmp = path.with_extension("tmp");
         let io =
             |e: std::io::Error| pagesync::Error::Refused(format!("cannot write {}: {e}", path.display()));
-        // Made new, never written through a link left at its name.
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io)?;
+        let mut file = pagesync::journal::create_fresh(&tmp, 0o666).map_err(io)?;
         std::io::Write::write_all(&mut file, format!("{from}\n").as_bytes()).map_err(io)?;
         file.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
@@ -815,6 +813,18 @@ pub fn history_key(doc: DocId) -> String {
     doc_key(doc, "history")
 }
 
+/// The lock of a store's directory, for a server or a command that writes the store: a
+/// `file://` store's own (one process at a time), an `object+file://` directory's shared (no
+/// `file://` server beside it); none for S3, whose writes are fenced.
+pub fn store_lock(store: &Store) -> anyhow::Result<Option<pagesync::journal::DirLock>> {
+    Ok(match store {
+        Store::Files(root) => Some(lock_store(root)?),
+        Store::Objects(b) => {
+            b.url().strip_prefix("file://").map(|dir| lock_store_shared(dir.as_ref())).transpose()?
+        }
+    })
+}
+
 /// Takes the `file://` store's lock, or says which process holds it.
 pub fn lock_store(root: &std::path::Path) -> anyhow::Result<pagesync::journal::DirLock> {
     lock_store_as(root, false)
@@ -896,12 +906,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     // One server per `file://` store: a second one would write the same journals. The lock
     // is held until `serve` returns (the kernel drops it if the process dies).
-    let _store_lock = match &cfg.store {
-        Store::Files(root) => Some(lock_store(root)?),
-        Store::Objects(b) => {
-            b.url().strip_prefix("file://").map(|dir| lock_store_shared(dir.as_ref())).transpose()?
-        }
-    };
+    let _store_lock = store_lock(&cfg.store)?;
     if let Store::Objects(b) = &cfg.store {
         *metrics.objects.lock().expect("BUG: metrics lock poisoned") = Some(b.stats().clone());
         check_objects(b).await?;

@@ -280,7 +280,7 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
             {
                 anyhow::bail!("no store at {}: nothing to restore", store.describe());
             }
-            let _lock = store_lock(&store)?;
+            let _lock = pagesync_server::store_lock(&store)?;
             let r = ops::restore(&store, doc, at, to, now_ms()).map_err(anyhow::Error::msg)?;
             println!(
                 "restored {doc} as of entry {} into {}: {} pages, entries {}",
@@ -301,7 +301,7 @@ fn offline(journal: &str, cmd: &Cmd, rt: tokio::runtime::Handle) -> anyhow::Resu
                 Ok(false) => anyhow::bail!("no document {doc} in {}", store.describe()),
                 Err(e) => return Err(e.into()),
             }
-            let _lock = store_lock(&store)?;
+            let _lock = pagesync_server::store_lock(&store)?;
             if !yes && !confirm_delete(doc)? {
                 anyhow::bail!("not confirmed: nothing was deleted");
             }
@@ -619,17 +619,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("shutting down: applying what is queued");
     };
     serve(listener, cfg, Arc::new(Metrics::default()), shutdown).await
-}
-
-/// The lock a command that writes a store takes: a `file://` store's own (no server may run on
-/// it meanwhile), an `object+file://` directory's shared (no `file://` server may run on it);
-/// none for S3, whose writes are fenced.
-fn store_lock(store: &Store) -> anyhow::Result<Option<pagesync::journal::DirLock>> {
-    Ok(match store {
-        Store::Files(root) => Some(pagesync_server::lock_store(root)?),
-        Store::Objects(b) => match b.url().strip_prefix("file://") {
-            Some(dir) => Some(pagesync_server::lock_store_shared(dir.as_ref())?),
-            None => None,
-        },
-    })
 }
