@@ -604,11 +604,8 @@ impl<R: Reducer> ClientDocument<R> {
             return Ok(None);
         }
         let lsn: Option<i64> = conn
-            .query_row(
-                "SELECT applied_lsn FROM _pagesync_timelines WHERE timeline = ?1",
-                [&self.timeline_id.0[..]],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT applied_lsn FROM _pagesync_timelines WHERE timeline = ?1")?
+            .query_row([&self.timeline_id.0[..]], |r| r.get(0))
             .map(Some)
             .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })?;
         Ok(lsn.and_then(|l| Lsn::new(l as u64)))

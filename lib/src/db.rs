@@ -752,8 +752,12 @@ impl Database {
         }
         // Outside the sandbox (mode System). SQLite never sets it below the current size, and
         // caps it at 2^32 - 2; what was asked is kept, so the same ask is not repeated.
+        // Cached: a server's step asks for two caps in turn (its mutations' and its own rows'),
+        // and parsing each again cost a step tens of microseconds. A cap changes as the
+        // document grows, a page at a time, so the cache holds few of them.
         let sql = format!("PRAGMA max_page_count = {pages}");
-        if self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0)).is_ok() {
+        let set = self.conn.prepare_cached(&sql).and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)));
+        if set.is_ok() {
             self.page_cap.set(pages);
         }
     }
@@ -892,5 +896,6 @@ pub(crate) fn run_cached(conn: &Connection, sql: &'static str) -> rusqlite::Resu
 
 /// Whether the database has a table (or other schema object) named `name`.
 pub fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row("SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = ?1)", [name], |r| r.get(0))
+    let mut stmt = conn.prepare_cached("SELECT EXISTS(SELECT 1 FROM sqlite_schema WHERE name = ?1)")?;
+    stmt.query_row([name], |r| r.get(0))
 }
