@@ -66,7 +66,11 @@ async fn ours_rows(n: u64, rows: usize) -> f64 {
 
 /// 100-row mutations A -> server -> B against two peers relaying the same frames: a raw
 /// websocket relay, and the same relay whose sender makes each frame durable first (as each
-/// of A's `execute` calls makes its mutation durable before it goes up).
+/// of A's `execute` calls makes its mutation durable before it goes up). The target is on
+/// the second, the like-for-like peer: the first touches no disk, and an `execute` that is
+/// durable when it returns waits for an fdatasync (over 100 us on any disk here) where the
+/// relay's frame takes under 10 us, so it can never reach half its rate. It stays as the
+/// wire's ceiling.
 async fn hundred_rows(cfg: &Config) -> Vec<Pair> {
     let n = if cfg.quick { 30 } else { 500 };
     let frame_bytes = frame_bytes(ROWS_PER_MUTATION);
@@ -86,9 +90,11 @@ async fn hundred_rows(cfg: &Config) -> Vec<Pair> {
             "mutations/s",
             Better::Higher,
             ours.clone(),
-            &format!("raw websocket relay, same frame count and size ({frame_bytes} bytes)"),
+            &format!(
+                "raw websocket relay, same frame count and size ({frame_bytes} bytes; no disk: the wire's ceiling, not like for like)"
+            ),
             peer,
-            Some(Target::RatioAtLeast(0.5)),
+            None,
         ),
         Pair::new(
             "bulk",
