@@ -107,11 +107,19 @@ fn build(dir: &std::path::Path, n: u64) -> (ServerDocument, u64) {
         for _ in 0..PER_STEP.min(n - sent) {
             let who = (sent % 4) as usize;
             let origin = Origin { subject: SUBJECTS[who].into(), received_ms: Some(now), permit: None };
-            d.receive_from(timelines[who], next[who], vec![mutation(sent)], &origin);
+            let taken = d.receive_from(timelines[who], next[who], vec![mutation(sent)], &origin).accepted;
+            assert_eq!(taken, 1, "mutation {sent} not taken");
             next[who] = next[who].next();
             sent += 1;
         }
         d.step(now).expect("step").expect("a step");
+        // Each client acknowledges the rejections it has seen, as clients do: a timeline with
+        // 256 unacknowledged is held back (`MAX_TIMELINE_REJECTIONS`).
+        for (tl, next) in timelines.iter().zip(next) {
+            if let Some(through) = next.prev() {
+                d.forget_rejections(*tl, through);
+            }
+        }
     }
     (d, steps)
 }
