@@ -93,6 +93,11 @@ pub enum ClientError {
     Refused(String),
     #[error("the server reported: {code}: {message}")]
     Server { code: String, message: String },
+    /// This replica could not write what the server sent to its own disk (full, failing, or
+    /// refusing writes after a failed fsync): the message says which. Someone must act; the
+    /// replica takes the server's entries again once it can.
+    #[error("{0}")]
+    LocalStorage(String),
     /// Another process has this replica open; it is never written by two at once.
     #[error("the replica {dir} is open in another process ({holder}); close it, or wait for it to finish")]
     ReplicaBusy { dir: PathBuf, holder: String },
@@ -304,6 +309,15 @@ impl Drop for Client {
         drop(session);
         self.shared.locks.lock().expect("BUG: lock poisoned").clear();
     }
+}
+
+/// A document's error as a wait for it reports it: this replica's own storage failing
+/// (`codes::LOCAL_STORAGE`), or what the server said.
+fn document_error(code: String, message: String) -> ClientError {
+    if code == pagesync::protocol::codes::LOCAL_STORAGE {
+        return ClientError::LocalStorage(message);
+    }
+    ClientError::Server { code, message }
 }
 
 fn now_ms() -> i64 {
@@ -700,6 +714,7 @@ impl Document {
     /// durable, the calls that arrive meanwhile queue up, and the next of them commits them all
     /// with one fsync. Each is still its own mutation, answered, confirmed or rejected alone.
     pub fn execute(&self, sql: &str, params: Vec<Value>) -> Result<Submitted> {
+        pagesync::sandbox::require_statement(sql)?;
         self.submit(SqlMutation::one(sql, params).encode())
     }
 
@@ -772,6 +787,7 @@ impl Document {
     /// them all durable with one fsync. Each is confirmed or rejected on its own; a refused
     /// statement fails the call and none is kept. For apps that write many rows at once.
     pub fn execute_many(&self, writes: Vec<(&str, Vec<Value>)>) -> Result<Vec<Submitted>> {
+        writes.iter().try_for_each(|(sql, _)| pagesync::sandbox::require_statement(sql))?;
         let bodies = writes.into_iter().map(|(sql, params)| SqlMutation::one(sql, params).encode()).collect();
         let done = self.shared.session().mutate_many(self.id, bodies, now_ms(), random_u64())?;
         self.shared.wake.send_modify(|n| *n += 1);
@@ -1000,7 +1016,7 @@ impl Document {
             // An error that passes on its own (the server lost its cluster lease for a
             // moment) keeps the wait going: the client subscribes again by itself.
             if let Some((code, message)) = self.shared.session().sync_error(self.id).cloned() {
-                return Err(ClientError::Server { code, message });
+                return Err(document_error(code, message));
             }
             let now = SyncProgress::of(&st);
             if last != Some(now) {
@@ -1030,7 +1046,7 @@ impl Document {
                 }
                 if let Some((code, message)) = self.shared.session().shown_error(self.id).cloned() {
                     // Still shown after `timeout`: it did not pass.
-                    return Err(ClientError::Server { code, message });
+                    return Err(document_error(code, message));
                 }
                 return Err(ClientError::SyncTimeout(timeout, st.pending));
             }

@@ -199,7 +199,9 @@ fn print_status(doc: &pagesync_client::Document) -> anyhow::Result<()> {
     if st.deleted {
         println!("deleted\tthe server deleted this document; `pagesync forget` removes the local replica");
     } else if let Some((code, message)) = st.error {
-        println!("server error\t{code}\t{}", tsv_text(&message));
+        let whose =
+            if code == pagesync::protocol::codes::LOCAL_STORAGE { "local error" } else { "server error" };
+        println!("{whose}\t{code}\t{}", tsv_text(&message));
     }
     Ok(())
 }
@@ -257,6 +259,12 @@ async fn settle(
                 done.lsn,
                 why_refused(&e)
             );
+            return Ok(ExitCode::FAILURE);
+        }
+        if let pagesync_client::ClientError::LocalStorage(why) = &e {
+            // Durable here and queued, but this replica's disk stops it syncing: a script
+            // must hear that too.
+            eprintln!("mutation {} is queued locally, but the replica cannot sync: {why}", done.lsn);
             return Ok(ExitCode::FAILURE);
         }
         eprintln!("mutation {} is pending: {e}", done.lsn);
@@ -533,9 +541,7 @@ async fn command(
 ) -> anyhow::Result<ExitCode> {
     match command {
         Command::Exec { sql, params, offline } => {
-            if sql.split(';').all(|s| s.trim().is_empty()) {
-                anyhow::bail!("nothing to run: the SQL given holds no statement");
-            }
+            pagesync::sandbox::require_statement(&sql)?;
             if !offline {
                 catch_up_if_empty(client, doc, timeout).await;
             }

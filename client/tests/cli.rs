@@ -131,9 +131,11 @@ fn two_cli_clients_converge_offline_writes_sync_and_rejections_are_explained() {
     let out = ok(&cli(addr, &a, &["repl"], Some(with)));
     assert!(out.contains("applied locally"), "{out}");
     // Nothing to run is said so, not queued as an empty mutation.
-    let out = cli(addr, &a, &["exec", " ; ;"], None);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("holds no statement"), "{err}");
+    for nothing in [" ; ;", "-- INSERT INTO t VALUES ('commented out')", "/* x */ ;"] {
+        let out = cli(addr, &a, &["exec", "--", nothing], None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("holds no statement"), "{nothing:?}: {err}");
+    }
     let rows = ok(&cli(addr, &b, &["query", "SELECT x FROM t ORDER BY rowid"], None));
     assert_eq!(rows, "x\nfrom a\noffline\nfrom the repl\nwith a cte\n");
     // A repl on a new replica first takes what the server has (its first write ran on an
@@ -531,5 +533,41 @@ fn a_damaged_copy_of_the_servers_entries_is_downloaded_again_and_pending_writes_
         aside.into_iter().any(|e| e.file_name().to_string_lossy().starts_with("storage.damaged-")),
         "the damaged copy was kept aside"
     );
+    server.stop();
+}
+
+/// A replica whose own disk refuses the download (here a file size limit, as a full disk
+/// would: the write fails) says so, naming the failure, as soon as it happens; it used to wait
+/// out the whole timeout and blame the server ("is the server reachable?"). Without the limit
+/// the same replica then syncs.
+#[test]
+fn a_replica_whose_disk_refuses_the_download_says_so_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (server, addr) = Server::start(&dir.path().join("server"), "127.0.0.1:0".parse().expect("addr"));
+    let mut script = String::from("CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT);\n");
+    for k in 0..300 {
+        script.push_str(&format!("INSERT INTO t VALUES ({k}, hex(randomblob(2000)));\n"));
+    }
+    ok(&cli(addr, &dir.path().join("writer"), &["repl"], Some(&script)));
+
+    let reader = dir.path().join("reader");
+    let started = std::time::Instant::now();
+    // SIGXFSZ ignored, so a write past the limit fails (EFBIG) rather than killing the process;
+    // `ulimit -f` counts blocks of 512 or 1,024 bytes: at most 512 KiB of the 1.2 MB download.
+    let out = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; ulimit -f 512; exec \"$@\"", "sh", env!("CARGO_BIN_EXE_pagesync")])
+        .args(["--server", &format!("ws://{addr}/v1/sync"), "--doc", DOC, "--timeout-ms", "30000", "--data"])
+        .arg(&reader)
+        .arg("sync")
+        .output()
+        .expect("pagesync sync");
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "synced past the limit: {err}");
+    assert!(err.contains("could not keep what the server sent") && err.contains("too large"), "{err}");
+    assert!(!err.contains("timed out"), "{err}");
+    assert!(took < std::time::Duration::from_secs(20), "told after {took:?}, near the 30 s timeout");
+    let rows = ok(&cli(addr, &reader, &["query", "SELECT count(*) AS n FROM t"], None));
+    assert_eq!(rows, "n\n300\n");
     server.stop();
 }

@@ -660,7 +660,7 @@ impl Database {
         self.clock_ms.store(time_ms, Ordering::Relaxed);
         *self.rng.lock().expect("BUG: lock poisoned") = Rng(seed);
         self.reset_verdict();
-        self.set_page_cap(self.growth_cap());
+        self.set_page_cap(self.growth_cap(), false);
         crate::vfs::set_last_insert_rowid(&self.conn, 0);
         self.sandbox.max_steps.store(self.budget.max_vm_steps, Ordering::Relaxed);
         self.sandbox.ticks.store(0, Ordering::Relaxed);
@@ -746,17 +746,22 @@ impl Database {
         self.max_doc_pages.map_or(cap, |doc| cap.min(doc.max(1)))
     }
 
-    fn set_page_cap(&self, pages: u32) {
+    fn set_page_cap(&self, pages: u32, cached: bool) {
         if self.page_cap.get() == pages {
             return;
         }
         // Outside the sandbox (mode System). SQLite never sets it below the current size, and
         // caps it at 2^32 - 2; what was asked is kept, so the same ask is not repeated.
-        // Cached: a server's step asks for two caps in turn (its mutations' and its own rows'),
-        // and parsing each again cost a step tens of microseconds. A cap changes as the
-        // document grows, a page at a time, so the cache holds few of them.
         let sql = format!("PRAGMA max_page_count = {pages}");
-        let set = self.conn.prepare_cached(&sql).and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)));
+        // The lifted caps (two per document) are kept prepared: a server's step sets one after
+        // its mutations' every time, and parsing it again cost tens of microseconds. A
+        // mutation's cap changes as the document grows: cached, each would push a statement
+        // used every step out of the connection's cache.
+        let set = if cached {
+            self.conn.prepare_cached(&sql).and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+        } else {
+            self.conn.query_row(&sql, [], |r| r.get::<_, i64>(0))
+        };
         if set.is_ok() {
             self.page_cap.set(pages);
         }
@@ -773,7 +778,7 @@ impl Database {
     pub fn lift_page_cap_leaving(&self, reserve: u32) {
         let slack = SYSTEM_SLACK_PAGES - reserve.min(SYSTEM_SLACK_PAGES);
         let cap = self.max_doc_pages.map_or(u32::MAX - 1, |doc| doc.saturating_add(slack));
-        self.set_page_cap(cap);
+        self.set_page_cap(cap, true);
     }
 
     /// Why the sandbox stopped the last mutation or query, as a rejection, if it did: a

@@ -481,6 +481,12 @@ pub fn refusal(mode: Mode, ctx: &AuthContext<'_>) -> Option<String> {
         A::Savepoint { savepoint_name, .. } if is_system(savepoint_name) => {
             Some(format!("savepoint {savepoint_name}: names starting with {SYSTEM_PREFIX} are reserved"))
         }
+        // A query's SAVEPOINT passes `readonly()` (transaction control counts as reading) and
+        // would leave the replica's connection inside a transaction: every write after it
+        // failed to begin.
+        A::Savepoint { .. } if mode == Mode::Query => {
+            Some("SAVEPOINT/RELEASE: a query may not open or close a transaction".into())
+        }
         A::Savepoint { .. } => write("SAVEPOINT"),
         _ => Some("this statement is not on pagesync's allow-list for app SQL".into()),
     }
@@ -508,18 +514,39 @@ pub fn unauthorized_statement(sql: &str) -> Option<String> {
         .then(|| "VACUUM: the server compacts documents; app SQL may not (nor VACUUM INTO a file)".into())
 }
 
+/// Refuses app SQL that holds no statement: only whitespace, comments and `;`. Run, it would
+/// do nothing, yet it would go up as a mutation and be reported applied; a caller (a CLI
+/// `exec` of a line commented out, say) is told instead.
+pub fn require_statement(sql: &str) -> crate::Result<()> {
+    if skip_blank(sql, true).is_empty() {
+        return Err(crate::Error::Refused(
+            "the SQL holds no statement (only whitespace, comments or `;`): nothing to run".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The first word of `sql` after whitespace and comments (`-- ...` to the line's end,
 /// `/* ... */`), as SQLite's tokenizer skips them.
-fn first_keyword(mut sql: &str) -> &str {
+fn first_keyword(sql: &str) -> &str {
+    let sql = skip_blank(sql, false);
+    let end = sql.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(sql.len());
+    &sql[..end]
+}
+
+/// `sql` from its first token on: whitespace and comments skipped as SQLite's tokenizer skips
+/// them (an unterminated `/*` runs to the end), and empty statements (`;`) too if asked.
+fn skip_blank(sql: &str, semicolons: bool) -> &str {
+    // SQLite reads a statement's text up to its first NUL.
+    let mut sql = sql.split('\0').next().unwrap_or_default();
     loop {
-        sql = sql.trim_start();
+        sql = sql.trim_start_matches(|c: char| c.is_whitespace() || (semicolons && c == ';'));
         if let Some(rest) = sql.strip_prefix("--") {
             sql = rest.split_once('\n').map_or("", |(_, after)| after);
         } else if let Some(rest) = sql.strip_prefix("/*") {
             sql = rest.split_once("*/").map_or("", |(_, after)| after);
         } else {
-            let end = sql.find(|c: char| !c.is_ascii_alphanumeric() && c != '_').unwrap_or(sql.len());
-            return &sql[..end];
+            return sql;
         }
     }
 }
@@ -606,6 +633,26 @@ mod tests {
         for sql in ["SELECT 'VACUUM'", "INSERT INTO vacuum VALUES (1)", "vacuums", "-- VACUUM\nSELECT 1", ""]
         {
             assert_eq!(unauthorized_statement(sql), None, "{sql:?} refused");
+        }
+    }
+
+    #[test]
+    fn sql_of_comments_and_semicolons_alone_holds_no_statement() {
+        let nothing = [
+            "",
+            " ;\n; ",
+            "-- a line commented out",
+            "/* all */ ; -- of it\n",
+            "/* open; SELECT 1",
+            "\0SELECT 1",
+        ];
+        for sql in nothing {
+            assert!(require_statement(sql).is_err(), "{sql:?} passed");
+        }
+        for sql in
+            ["SELECT 1", "; -- x\n INSERT INTO t VALUES (1)", "/**/x", "'-- a string'", "-- c\nDELETE FROM t"]
+        {
+            assert!(require_statement(sql).is_ok(), "{sql:?} refused");
         }
     }
 

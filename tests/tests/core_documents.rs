@@ -644,7 +644,9 @@ fn rows_from_the_server_leave_sqlites_schema_and_statements_alone() {
     round(&mut client, &mut server, sql("CREATE TABLE t(x)", vec![]));
     let count = "SELECT count(*) FROM t";
     let reprepared = |client: &ClientDocument| {
-        let stmt = client.database().conn().prepare_cached(count).expect("cached");
+        // The key a query is cached under (`query_rows`: keys of their own).
+        let key = format!("{count}\n-- query");
+        let stmt = client.database().conn().prepare_cached(&key).expect("cached");
         stmt.get_status(rusqlite::StatementStatus::RePrepare)
     };
     client.query(count, &[]).expect("query");

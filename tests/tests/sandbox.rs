@@ -126,6 +126,26 @@ fn connection_pragmas_are_refused_everywhere() {
     assert!(integrity_ok(server.database()));
 }
 
+/// A query is authorized like any app SQL, whatever its wording: one worded as a statement
+/// pagesync keeps prepared (`SAVEPOINT _pagesync_mutation`, run outside the sandbox) was served
+/// from the connection's statement cache unauthorized, and any `SAVEPOINT` passed as a read:
+/// either left the replica inside a transaction, and every local write after it failed to
+/// begin.
+#[test]
+fn a_query_cannot_leave_the_replica_inside_a_transaction() {
+    let (mut server, mut client) = setup();
+    schema(&mut client, &mut server);
+    confirmed(&mut client, &mut server, "INSERT INTO notes(body) VALUES ('a')", 2);
+    let worded_as_pagesyncs = ["SAVEPOINT _pagesync_mutation", "SAVEPOINT pagesync_index_flush", "COMMIT"];
+    let transactions = ["BEGIN IMMEDIATE", "BEGIN", "SAVEPOINT s", "RELEASE s", "ROLLBACK"];
+    for text in worded_as_pagesyncs.into_iter().chain(transactions) {
+        assert!(client.query(text, &[]).is_err(), "{text}: a query ran it");
+    }
+    confirmed(&mut client, &mut server, "INSERT INTO notes(body) VALUES ('b')", 3);
+    let n = client.query("SELECT count(*) FROM notes", &[]).expect("count").rows;
+    assert_eq!(n, vec![vec![Value::Integer(2)]]);
+}
+
 #[test]
 fn temp_objects_and_connection_state_are_refused() {
     let (mut server, mut client) = setup();

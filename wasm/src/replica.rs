@@ -263,6 +263,7 @@ impl Replica {
     /// local state, the error the server will most likely give too.
     pub fn exec(&mut self, sql: String, params: JsValue, now_ms: f64, seed: u64) -> Result<JsValue, JsError> {
         let params = params_from_js(&params).map_err(|e| JsError::new(&e))?;
+        pagesync::sandbox::require_statement(&sql).map_err(js_error)?;
         let body = SqlMutation::one(sql, params).encode();
         let submitted = self.session.mutate(self.doc, body, now_ms as i64, seed).map_err(js_error)?;
         self.version = self.version.wrapping_add(1);

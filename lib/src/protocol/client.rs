@@ -910,14 +910,23 @@ impl ClientSession {
                         }
                         return Ok(());
                     }
+                    Err(e) if is_local_io(&e) => {
+                        // Not the server's doing, and no wait for the document to sync may
+                        // end as a timeout that blames the network: the status says why.
+                        let why = format!("this replica could not keep what the server sent: {e}");
+                        link.error = Some((super::codes::LOCAL_STORAGE.into(), why));
+                        return Err(e);
+                    }
                     result => result?,
                 }
                 link.ack_due = true;
                 // What the storage confirmed, the server holds.
                 link.up.ack(link.doc.pending_range().first());
-                // Storage arrived: a failed step or read the server was retrying went through,
-                // so its error no longer describes the document.
-                if link.error.as_ref().is_some_and(|(code, _)| code == super::codes::STORAGE) {
+                // Storage arrived: a failed step or read the server was retrying went through
+                // (or this replica's own write did), so its error no longer describes the
+                // document.
+                let passed = [super::codes::STORAGE, super::codes::LOCAL_STORAGE];
+                if link.error.as_ref().is_some_and(|(code, _)| passed.contains(&code.as_str())) {
                     link.error = None;
                 }
             }
@@ -1115,6 +1124,18 @@ pub const BROADCAST_PACE_MS: i64 = 2 * super::MIN_BROADCAST_MS;
 
 /// Servers besides home that one client syncs with at most: a redirect to one more is refused.
 pub const MAX_ROUTES: usize = 64;
+
+/// Whether `e` is this replica's own storage failing (a full disk, an I/O error, a journal
+/// that refuses writes after a failed fsync), not something the server sent.
+fn is_local_io(e: &Error) -> bool {
+    use crate::store::StoreError;
+    use pagesync_journal::JournalError;
+    let io = |j: &JournalError| matches!(j, JournalError::Io { .. } | JournalError::Poisoned { .. });
+    match e {
+        Error::Journal(j) | Error::Store(StoreError::Journal(j)) => io(j),
+        _ => false,
+    }
+}
 
 /// A group commit whose fsync waits to run with no lock held (`ClientSession::
 /// mutate_group_detached`).

@@ -96,6 +96,11 @@ pub mod codes {
     /// Client-side only, in a document's status: replaying a step confirmed by digest gave
     /// other pages than the server's (see `Error::ConfirmMismatch`).
     pub const NONDETERMINISM: &str = "nondeterminism";
+    /// Client-side only, in a document's status: this replica could not write what the
+    /// server sent to its own disk (full, failing, or refusing writes after a failed fsync;
+    /// the message says which). A wait for the document to sync ends with it at once, since
+    /// someone must act; it clears once the replica keeps the server's entries again.
+    pub const LOCAL_STORAGE: &str = "local_storage";
     /// This server cannot serve the document now (it is leaving its cluster, or lost its
     /// place in it, or its storage did not answer when it opened the document); the client
     /// tries again after a pause, at another server if it knows one.
