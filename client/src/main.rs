@@ -595,6 +595,10 @@ async fn command(
                     eprintln!("error: the server refused: {}", why_refused(&e));
                     Ok(ExitCode::FAILURE)
                 }
+                Err(pagesync_client::ClientError::LocalStorage(why)) => {
+                    eprintln!("error: this replica cannot sync: {why}");
+                    Ok(ExitCode::FAILURE)
+                }
                 Err(e) => {
                     eprintln!("warning: not synced with the server, showing this replica as it is: {e}");
                     Ok(ExitCode::SUCCESS)

@@ -1360,8 +1360,8 @@ impl<R: Reducer> ClientDocument<R> {
 /// Runs a read-only statement and collects its rows; anything that writes is refused.
 pub(crate) fn query_rows(conn: &rusqlite::Connection, sql: &str, params: &[Value]) -> Result<Rows> {
     // Keys of its own in the connection's statement cache, as a mutation's SQL has: a query
-    // worded as one of pagesync's statements (prepared outside the sandbox: `PRAGMA
-    // max_page_count = N`, say) must be authorized, not served from the cache.
+    // worded as one of pagesync's statements (prepared outside the sandbox: `SAVEPOINT
+    // _pagesync_mutation`, say) must be authorized, not served from the cache.
     let mut stmt = conn.prepare_cached(&format!("{sql}\n-- query"))?;
     if !stmt.readonly() {
         return Err(Error::NotReadOnly { sql: sql.to_owned() });

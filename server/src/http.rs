@@ -539,7 +539,8 @@ fn authorize_metrics(routes: &Routes, req: &Request) -> Result<(), Refusal> {
 }
 
 /// Serves a file below `root` (`/` is `index.html`). Paths with `..` or hidden components are
-/// refused, so nothing outside `root` is reachable.
+/// refused, and a link in the directory is not followed out of it, so nothing outside `root`
+/// is reachable.
 async fn static_file(stream: Reply, root: &Path, path: &str) {
     let rel = if path.ends_with('/') { format!("{path}index.html") } else { path.to_owned() };
     let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
@@ -557,10 +558,42 @@ async fn static_file(stream: Reply, root: &Path, path: &str) {
         Some("png") => "image/png",
         _ => "application/octet-stream",
     };
-    match tokio::fs::read(&file).await {
-        Ok(body) => respond(stream, "200 OK", content_type, body).await,
-        Err(_) => respond(stream, "404 Not Found", "text/plain", format!("no file {path}\n")).await,
+    let Some((opened, len)) = open_below(root, &file).await else {
+        return respond(stream, "404 Not Found", "text/plain", format!("no file {path}\n")).await;
+    };
+    let head = answer_head("200 OK", &[], content_type, usize::try_from(len).unwrap_or(usize::MAX));
+    send_file(stream, &head, opened, len).await
+}
+
+/// `file` opened, with its length, if it is a regular file whose real path lies below `root`'s:
+/// a link in the directory to elsewhere (a key, `/etc/passwd`) is not followed out of it, and
+/// a FIFO or a device is never opened (opening a FIFO waits for a writer, holding the request).
+async fn open_below(root: &Path, file: &Path) -> Option<(tokio::fs::File, u64)> {
+    let root = tokio::fs::canonicalize(root).await.ok()?;
+    let real = tokio::fs::canonicalize(file).await.ok()?;
+    let regular = tokio::fs::metadata(&real).await.ok()?.is_file();
+    if !regular || !real.starts_with(&root) {
+        return None;
     }
+    let opened = tokio::fs::File::open(&real).await.ok()?;
+    let len = opened.metadata().await.ok()?.len();
+    Some((opened, len))
+}
+
+/// `send` for a file: its bytes go out as they are read, never held whole, so many requests
+/// for a large file do not hold as many copies of it. A file that grew since `len` was taken
+/// is sent as it was then; one that shrank ends the answer early (the connection closes).
+async fn send_file(reply: Reply, head: &str, file: tokio::fs::File, len: u64) {
+    let Reply { mut stream, head_only } = reply;
+    let write = async {
+        stream.write_all(head.as_bytes()).await?;
+        if !head_only {
+            tokio::io::copy(&mut file.take(len), &mut stream).await?;
+        }
+        stream.shutdown().await
+    };
+    // As `send`: the body's size at a slow 64 KiB/s, plus the head deadline.
+    let _ = tokio::time::timeout(HEAD_TIMEOUT + Duration::from_secs(len >> 16), write).await;
 }
 
 async fn export(stream: Reply, routes: &Routes, req: &Request) {

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 
 fn get(port: u16, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
     write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read");
@@ -35,6 +36,26 @@ fn static_files_are_served_with_their_types_and_nothing_outside_the_root() {
         assert!(!out.contains("do not serve"), "{bad} escaped the root");
     }
     assert!(get(port, "/missing.js").starts_with("HTTP/1.1 404"));
+    // A link in the directory is not followed out of it (a link inside it is), and a FIFO is
+    // not opened: opening one waits for a writer, and held the request.
+    std::os::unix::fs::symlink(dir.path().join("secret.txt"), web.join("out.txt")).expect("symlink");
+    std::os::unix::fs::symlink(web.join("index.html"), web.join("in.html")).expect("symlink");
+    let fifo = std::process::Command::new("mkfifo").arg(web.join("pipe.js")).status().expect("mkfifo");
+    assert!(fifo.success());
+    let out = get(port, "/out.txt");
+    assert!(out.starts_with("HTTP/1.1 404") && !out.contains("do not serve"), "{out}");
+    assert!(get(port, "/in.html").ends_with("<h1>demo</h1>"));
+    assert!(get(port, "/pipe.js").starts_with("HTTP/1.1 404"));
+    // Large files are sent whole (as they are read, not held).
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(web.join("big.bin"), &big).expect("write");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(s, "GET /big.bin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("send");
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).expect("read");
+    let body_at = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    assert!(String::from_utf8_lossy(&answer[..body_at]).contains("content-length: 3000000"));
+    assert!(answer[body_at..] == big[..], "the body differs from the file");
     // The server's own routes still win.
     assert!(get(port, "/healthz").ends_with("ok\n"));
 }
