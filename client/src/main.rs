@@ -217,9 +217,12 @@ fn refused_for_good(e: &pagesync_client::ClientError) -> bool {
     }
 }
 
-/// Whether a server error's code is a refusal that waiting will not change.
+/// Whether a server error's code is a refusal that waiting will not change. This replica's
+/// own disk failing (`local_storage`) is not the server's refusal: the commands that sync say
+/// it as what it is (`ClientError::LocalStorage`).
 fn refused_code(code: &str) -> bool {
-    !pagesync::protocol::codes::passes(code) && code != pagesync::protocol::codes::LIMIT
+    use pagesync::protocol::codes;
+    !codes::passes(code) && code != codes::LIMIT && code != codes::LOCAL_STORAGE
 }
 
 /// Waits, looking every 5 ms, until `done` says so or `within` has passed; whether it did.

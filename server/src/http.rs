@@ -571,13 +571,19 @@ async fn static_file(stream: Reply, root: &Path, path: &str) {
 async fn open_below(root: &Path, file: &Path) -> Option<(tokio::fs::File, u64)> {
     let root = tokio::fs::canonicalize(root).await.ok()?;
     let real = tokio::fs::canonicalize(file).await.ok()?;
-    let regular = tokio::fs::metadata(&real).await.ok()?.is_file();
-    if !regular || !real.starts_with(&root) {
+    if !real.starts_with(&root) || !tokio::fs::metadata(&real).await.ok()?.is_file() {
         return None;
     }
-    let opened = tokio::fs::File::open(&real).await.ok()?;
-    let len = opened.metadata().await.ok()?.len();
-    Some((opened, len))
+    // Should it change between the looks above and the open: a link now at the last component
+    // is not followed, a FIFO now there is not waited on, and what was opened is looked at.
+    let opened = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(&real)
+        .await
+        .ok()?;
+    let meta = opened.metadata().await.ok()?;
+    meta.is_file().then_some((opened, meta.len()))
 }
 
 /// `send` for a file: its bytes go out as they are read, never held whole, so many requests
