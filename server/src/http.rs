@@ -588,7 +588,7 @@ async fn open_below(root: &Path, file: &Path) -> Option<(tokio::fs::File, u64)> 
 
 /// `send` for a file: its bytes go out as they are read, never held whole, so many requests
 /// for a large file do not hold as many copies of it. A file that grew since `len` was taken
-/// is sent as it was then; one that shrank ends the answer early (the connection closes).
+/// is cut at that length; one that shrank ends the answer early (the connection closes).
 async fn send_file(reply: Reply, head: &str, file: tokio::fs::File, len: u64) {
     let Reply { mut stream, head_only } = reply;
     let write = async {
