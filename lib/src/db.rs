@@ -767,14 +767,9 @@ impl Database {
         }
     }
 
-    /// Lifts the mutation's page cap to the document's (plus room for pagesync's own rows), so
-    /// recording a step never fails for want of a page.
-    pub fn lift_page_cap(&self) {
-        self.lift_page_cap_leaving(0);
-    }
-
-    /// `lift_page_cap`, leaving the last `reserve` pages of the slack unused (what a rejection
-    /// may not take: `SYSTEM_RESERVE_PAGES`).
+    /// Lifts the mutation's page cap to the document's plus room for pagesync's own rows, so
+    /// recording a step never fails for want of a page, leaving the last `reserve` pages of
+    /// that room unused (what a rejection may not take: `SYSTEM_RESERVE_PAGES`).
     pub fn lift_page_cap_leaving(&self, reserve: u32) {
         let slack = SYSTEM_SLACK_PAGES - reserve.min(SYSTEM_SLACK_PAGES);
         let cap = self.max_doc_pages.map_or(u32::MAX - 1, |doc| doc.saturating_add(slack));

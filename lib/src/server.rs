@@ -514,6 +514,12 @@ fn decoded_time(bytes: &[u8]) -> i64 {
     Mutation::decode(bytes).map_or(0, |m| m.client_time_ms)
 }
 
+/// Whether a timeline held for want of room at `held` (`ServerDocument::no_room`) is still held
+/// at `clock`, `for_ms` after.
+fn still_held(clock: i64, held: i64, for_ms: i64) -> bool {
+    clock < held.saturating_add(for_ms)
+}
+
 /// Whether `e` says the document has no room left (its page cap, or a step's).
 fn is_full(e: &Error) -> bool {
     match e {
@@ -909,19 +915,11 @@ impl<R: Reducer> ServerDocument<R> {
 
     /// Picks the next batch round-robin across timelines, within the step limits.
     /// Also each picked timeline's allowance: the rejections of it the step may record
-    /// (`allowance`). A held timeline is not picked.
+    /// (`allowance`). Called after `drop_held_back`, so no queue left is of a held timeline.
     fn pick_batch(&mut self) -> (Vec<Picked>, Vec<Origin>, HashMap<TimelineId, usize>) {
         let keys: Vec<TimelineId> = self.queues.keys().copied().collect();
-        let mut shares: HashMap<TimelineId, usize> = HashMap::new();
-        for tl in keys {
-            if !self.held_back(tl) {
-                shares.insert(tl, self.allowance(tl));
-            }
-        }
-        let order = crate::protocol::window::round_robin(
-            shares.keys().copied().collect::<BTreeSet<_>>(),
-            self.rr_cursor,
-        );
+        let shares: HashMap<TimelineId, usize> = keys.iter().map(|tl| (*tl, self.allowance(*tl))).collect();
+        let order = crate::protocol::window::round_robin(keys, self.rr_cursor);
         let mut taken: HashMap<TimelineId, usize> = HashMap::new();
         let (mut batch, mut origins, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         'rounds: loop {
@@ -957,7 +955,7 @@ impl<R: Reducer> ServerDocument<R> {
         // one call's cost stays bounded (what is left is still queued, and steps next time).
         self.clock_ms = self.clock_ms.max(now_ms);
         let clock = self.clock_ms;
-        self.no_room.retain(|_, held| clock < held.saturating_add(NO_ROOM_RETRY_MS));
+        self.no_room.retain(|_, held| still_held(clock, *held, NO_ROOM_RETRY_MS));
         for attempt in 0..MAX_HELD_PER_STEP {
             let holding = self.no_room.len();
             let outcome = self.step_once(now_ms, attempt == 0)?;
@@ -1029,7 +1027,7 @@ impl<R: Reducer> ServerDocument<R> {
             // Rows deleted (an acknowledgement is kept only when it deletes some): room for
             // those that had none, tried again once they waited `NO_ROOM_MIN_MS`.
             let clock = self.clock_ms;
-            self.no_room.retain(|_, held| clock < held.saturating_add(NO_ROOM_MIN_MS));
+            self.no_room.retain(|_, held| still_held(clock, *held, NO_ROOM_MIN_MS));
         }
         if outcome.rejected > 0 || !forget.is_empty() {
             self.unacknowledged = None;
@@ -1565,10 +1563,7 @@ impl<R: Reducer> ServerDocument<R> {
     fn held_back(&mut self, timeline: TimelineId) -> bool {
         // Before the acknowledgement: it is the step that applies it, with or without
         // mutations (`forget_due`), that makes room, not the held mutation's own step.
-        if self
-            .no_room
-            .get(&timeline)
-            .is_some_and(|held| self.clock_ms < held.saturating_add(NO_ROOM_RETRY_MS))
+        if self.no_room.get(&timeline).is_some_and(|held| still_held(self.clock_ms, *held, NO_ROOM_RETRY_MS))
         {
             return true;
         }

@@ -598,8 +598,7 @@ async fn send_file(reply: Reply, head: &str, file: tokio::fs::File, len: u64) {
         }
         stream.shutdown().await
     };
-    // As `send`: the body's size at a slow 64 KiB/s, plus the head deadline.
-    let _ = tokio::time::timeout(HEAD_TIMEOUT + Duration::from_secs(len >> 16), write).await;
+    let _ = tokio::time::timeout(answer_deadline(len), write).await;
 }
 
 async fn export(stream: Reply, routes: &Routes, req: &Request) {
@@ -960,10 +959,13 @@ async fn send(reply: impl Into<Reply>, head: &str, body: &[u8]) {
         stream.write_all(body).await?;
         stream.shutdown().await
     };
-    // A peer that does not read the answer does not hold the connection: the body's size at
-    // a slow 64 KiB/s, plus the head deadline.
-    let deadline = HEAD_TIMEOUT + Duration::from_secs((body.len() as u64) >> 16);
-    let _ = tokio::time::timeout(deadline, write).await;
+    let _ = tokio::time::timeout(answer_deadline(body.len() as u64), write).await;
+}
+
+/// How long an answer of `len` bytes may take to write: a peer that does not read it does not
+/// hold the connection. The body's size at a slow 64 KiB/s, plus the head deadline.
+fn answer_deadline(len: u64) -> Duration {
+    HEAD_TIMEOUT + Duration::from_secs(len >> 16)
 }
 
 /// The websocket's configuration: incoming messages up to `max_frame_bytes` (what the server
